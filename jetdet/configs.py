@@ -1,0 +1,102 @@
+"""Launch-parameter tables: ``autotune_configs/<op>/device_name=<NAME>[,dtype=<dt>].json``.
+
+Each file maps a problem-size key (an integer, as a string) to a config dict, e.g.
+``{"64": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}}``.
+The nearest key (by |log2 difference|) wins. Lookup order for the file:
+
+1. ``device_name=<NAME>,dtype=<dt>.json`` then ``device_name=<NAME>.json`` (NAME = CUDA device name with
+   spaces replaced by ``_``),
+2. the same for the architecture, ``device_name=sm_<major><minor>``,
+3. the op's built-in default, with a one-time warning.
+
+``$JETDET_CONFIG_DIR`` replaces the shipped folder. The Triton interpreter (``TRITON_INTERPRET=1`` on CPU)
+uses the ``sm_80`` tables, so CI exercises the shipped configs.
+
+Determinism rule: callers pass keys that never depend on the batch dimension (e.g. K, N, head_dim, row
+length), so a batch-1 call and a batch-8 call run the very same config.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import warnings
+
+import torch
+
+from . import _paths
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_warned: set[tuple[str, str]] = set()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def device_identity(device: torch.device | None) -> tuple[str, str]:
+    """``(device_name, arch)`` used for lookup; ``("interpreter", "sm_80")`` for CPU tensors."""
+    if device is None or torch.device(device).type != "cuda":
+        return "interpreter", "sm_80"
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev).replace(" ", "_")
+    major, minor = torch.cuda.get_device_capability(dev)
+    return name, f"sm_{major}{minor}"
+
+
+@functools.lru_cache(maxsize=256)
+def _load(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON object mapping size keys to configs")
+    return data
+
+
+def find_table(op: str, dtype: torch.dtype, device=None) -> tuple[dict | None, str | None]:
+    base = os.path.join(_paths.configs_dir(), op)
+    name, arch = device_identity(device)
+    for ident in (name, arch):
+        for suffix in (f",dtype={dtype_name(dtype)}", ""):
+            path = os.path.join(base, f"device_name={ident}{suffix}.json")
+            table = _load(path)
+            if table is not None:
+                return table, path
+    return None, None
+
+
+def nearest(table: dict, key: int) -> dict:
+    keys = [k for k in table if k != "default"]
+    if not keys:
+        return table["default"]
+    key = max(int(key), 1)
+    best = min(keys, key=lambda k: (abs(math.log2(max(int(k), 1)) - math.log2(key)), int(k)))
+    return table[best]
+
+
+def get_config(op: str, key: int, *, dtype: torch.dtype, device=None, default: dict) -> dict:
+    """Config for ``op`` at problem-size ``key`` (never a batch-dependent size)."""
+    table, _ = find_table(op, dtype, device)
+    if table is None:
+        name, arch = device_identity(device)
+        tag = (op, f"{name}/{dtype_name(dtype)}")
+        if tag not in _warned:
+            _warned.add(tag)
+            warnings.warn(
+                f"jetdet: no launch table for op {op!r} on {name} ({arch}, {dtype_name(dtype)}); "
+                f"using the built-in default {default}",
+                stacklevel=3,
+            )
+        return dict(default)
+    cfg = dict(default)
+    cfg.update(nearest(table, key))
+    return cfg
+
+
+def clear_cache() -> None:
+    _load.cache_clear()
+    _warned.clear()

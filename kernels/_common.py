@@ -1,0 +1,48 @@
+"""Shared pieces for the Triton kernels: compile specs for the static report, launch helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class CompileSpec:
+    """One kernel at one shipped config, for ``triton.compile(ASTSource(...))`` cross-compilation.
+
+    ``signature`` maps every non-constexpr argument name to a triton type string (``"*fp16"``, ``"i32"``,
+    ``"fp32"``); ``constexprs`` maps constexpr names to values. ``deterministic`` kernels must contain no
+    atomics (RED/ATOM) in SASS. ``options`` go to ``triton.compile`` (``num_warps``, ``num_stages``,
+    ``enable_fp_fusion``).
+    """
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    deterministic: bool = True
+    archs: tuple[int, ...] = (80, 89, 90)
+    # "no_fma" / "no_mufu" make the report fail the kernel if SASS contains FFMA / MUFU instructions
+    forbid: tuple[str, ...] = ()
+
+
+TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def tl_ptr(dtype) -> str:
+    """``torch.float16`` -> ``"*fp16"``."""
+    return "*" + TRITON_DTYPES[str(dtype).replace("torch.", "")]
+
+
+def empty(shape, dtype, device):
+    """``torch.empty`` that fills with NaN when ``JETDET_DEBUG_FILL_NAN=1`` (set by the test conftest), so an
+    element a kernel forgets to write fails the test instead of passing on leftover memory."""
+    import os
+
+    import torch
+
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("JETDET_DEBUG_FILL_NAN") == "1" and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
