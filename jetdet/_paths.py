@@ -28,6 +28,9 @@ def _alias(subname: str, folder: str) -> None:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[full] = mod
     spec.loader.exec_module(mod)
+    parent = sys.modules.get("jetdet")
+    if parent is not None:
+        setattr(parent, subname, mod)
 
 
 def install() -> None:
