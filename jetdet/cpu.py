@@ -1,0 +1,173 @@
+"""Batch-invariant torch implementations (the CPU path).
+
+Why this is needed: MKL's fp32 GEMM picks its blocking and thread split from the problem shape, so on this
+class of machine ``(x @ W)[:1]`` differs from ``x[:1] @ W`` at M=257 (~2e-5), and mkldnn's conv2d differs
+between batch 1 and batch 6 (~8e-7). Row *i* of a GEMM must not depend on how many rows there are.
+
+How: every GEMM is cut into row tiles of a fixed height ``ROW_TILE`` (the last one zero-padded) and run as
+one batched GEMM of identical ``[ROW_TILE, K] @ [K, N]`` problems. Each problem has the same shape whatever
+the batch, so MKL runs the same code path with the same K order for every row, and a row's result depends
+only on that row. Convolution is an exact im2col gather (``F.unfold``) followed by that GEMM. Attention is
+two such GEMMs around a row-wise softmax. Norms and softmax use torch's row-wise CPU kernels, which reduce
+each row serially in an order fixed by the row length; reductions are kept to >= 2 output rows, because
+torch splits a reduction across threads only when it has a single output.
+
+The tests (tests/test_ops_cpu.py) check all of this bitwise at batch 1..8, random slots, and 1 vs 2
+threads, with negative controls showing plain torch differing.
+
+fp16/bf16 inputs are computed in fp32 and rounded once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROW_TILE = 32
+# MKL switches to another kernel for narrow outputs (N < 16 measured here), and that kernel's result for a
+# row depends on where the row sits. Padding N to a multiple of COL_PAD with zero columns keeps every
+# problem on the wide-N path (a 150-shape random sweep: 10 failures unpadded, 0 padded to 8 or 16).
+COL_PAD = 16
+
+
+def _f32(t):
+    return None if t is None else t.to(torch.float32)
+
+
+def _row_tiles(a: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[..., M, K] -> ([..., nt, ROW_TILE, K], M), zero-padding M up to a multiple of ROW_TILE."""
+    m = a.shape[-2]
+    pad = (-m) % ROW_TILE
+    if pad:
+        a = F.pad(a, (0, 0, 0, pad))
+    return a.reshape(*a.shape[:-2], -1, ROW_TILE, a.shape[-1]), m
+
+
+def _pad_cols(b: torch.Tensor) -> torch.Tensor:
+    pad = (-b.shape[-1]) % COL_PAD
+    return F.pad(b, (0, pad)).contiguous() if pad else b.contiguous()
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, K] @ [K, N] with row-tile invariance."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0 or k == 0:
+        return a.new_zeros(m, n)
+    tiles, _ = _row_tiles(a.contiguous())  # [nt, T, K]
+    nt = tiles.shape[0]
+    bp = _pad_cols(b)
+    out = torch.bmm(tiles, bp.unsqueeze(0).expand(nt, k, bp.shape[1]))
+    return out.reshape(nt * ROW_TILE, bp.shape[1])[:m, :n]
+
+
+def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, M, K] @ [B, K, N] with row-tile invariance."""
+    bsz, m, k = a.shape
+    n = b.shape[2]
+    if bsz == 0 or m == 0 or n == 0 or k == 0:
+        return a.new_zeros(bsz, m, n)
+    tiles, _ = _row_tiles(a.contiguous())  # [B, nt, T, K]
+    nt = tiles.shape[1]
+    bp = _pad_cols(b)
+    npad = bp.shape[2]
+    bb = bp.unsqueeze(1).expand(bsz, nt, k, npad).reshape(bsz * nt, k, npad)
+    out = torch.bmm(tiles.reshape(bsz * nt, ROW_TILE, k), bb)
+    return out.reshape(bsz, nt * ROW_TILE, npad)[:, :m, :n]
+
+
+def matmul(a, b, bias=None):
+    out = mm_f32(_f32(a), _f32(b))
+    if bias is not None:
+        out = out + _f32(bias)
+    return out.to(a.dtype)
+
+
+def bmm(a, b):
+    return bmm_f32(_f32(a), _f32(b)).to(a.dtype)
+
+
+def conv2d(x, w, bias, stride, padding):
+    bsz, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    sh, sw = stride
+    ph, pw = padding
+    ho = (h + 2 * ph - kh) // sh + 1
+    wo = (wd + 2 * pw - kw) // sw + 1
+    xf = _f32(x)
+    if kh == 1 and kw == 1 and ph == 0 and pw == 0:
+        cols = xf[:, :, ::sh, ::sw].reshape(bsz, c, ho * wo)
+    else:
+        cols = F.unfold(xf, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # [B, C*kh*kw, L]
+    rows = cols.transpose(1, 2).reshape(bsz * ho * wo, c * kh * kw)
+    out = mm_f32(rows, _f32(w).reshape(o, -1).t())
+    if bias is not None:
+        out = out + _f32(bias)
+    return out.reshape(bsz, ho * wo, o).transpose(1, 2).reshape(bsz, o, ho, wo).to(x.dtype)
+
+
+def softmax_f32(x: torch.Tensor) -> torch.Tensor:
+    """Row softmax over the last dim; torch's CPU kernel handles each row on its own."""
+    return torch.softmax(x, dim=-1)
+
+
+def attention(q, k, v, mask=None, scale=None):
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    dv = v.shape[3]
+    if scale is None:
+        scale = d**-0.5
+    qf = _f32(q).reshape(b * h, nq, d)
+    kf = _f32(k).reshape(b * h, nk, d)
+    vf = _f32(v).reshape(b * h, nk, dv)
+    s = bmm_f32(qf, kf.transpose(1, 2)) * scale
+    if mask is not None:
+        s = (s.reshape(b, h, nq, nk) + _f32(mask)).reshape(b * h, nq, nk)
+    p = softmax_f32(s)
+    return bmm_f32(p, vf).reshape(b, h, nq, dv).to(q.dtype)
+
+
+def _at_least_two_rows(x2d: torch.Tensor):
+    """torch splits a reduction across threads only when there is a single output; keep >= 2 rows."""
+    if x2d.shape[0] == 1:
+        return torch.cat([x2d, x2d.new_zeros(1, x2d.shape[1])]), 1
+    return x2d, x2d.shape[0]
+
+
+def layer_norm(x, weight, bias, eps):
+    xf, r = _at_least_two_rows(_f32(x))
+    out = F.layer_norm(xf, (xf.shape[-1],), _f32(weight), _f32(bias), eps)[:r]
+    return out.to(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    xf, r = _at_least_two_rows(_f32(x))
+    ms = (xf * xf).mean(dim=-1, keepdim=True)
+    out = (xf * torch.rsqrt(ms + eps))[:r]
+    if weight is not None:
+        out = out * _f32(weight)
+    return out.to(x.dtype)
+
+
+def group_norm(x, num_groups, weight, bias, eps):
+    bsz, c = x.shape[:2]
+    xf = _f32(x).contiguous()
+    if bsz == 1:  # same single-output guard as the row reductions
+        xf2 = torch.cat([xf, xf.new_zeros(xf.shape)])
+        return F.group_norm(xf2, num_groups, _f32(weight), _f32(bias), eps)[:1].to(x.dtype)
+    return F.group_norm(xf, num_groups, _f32(weight), _f32(bias), eps).to(x.dtype)
+
+
+def softmax(x):
+    xf, r = _at_least_two_rows(_f32(x))
+    return softmax_f32(xf)[:r].to(x.dtype)
+
+
+def sum_rows(x):
+    xf, r = _at_least_two_rows(_f32(x))
+    return xf.sum(dim=-1)[:r].to(x.dtype)
+
+
+def mean_rows(x):
+    xf, r = _at_least_two_rows(_f32(x))
+    return xf.mean(dim=-1)[:r].to(x.dtype)

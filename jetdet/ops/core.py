@@ -1,0 +1,429 @@
+"""The deterministic ops as ``torch.library`` custom ops ``jetdet::<op>``, with public wrappers whose
+signatures follow ``torch.nn.functional``.
+
+Each wrapper validates its arguments (errors name the argument), normalises shapes, and calls
+``torch.ops.jetdet.<op>``. The op body dispatches on device via :func:`jetdet.backend.backend_for`:
+CUDA -> Triton kernel (``jetdet.kernels.<op>.launch``), CPU -> the batch-invariant torch path
+(:mod:`jetdet.cpu`). ``JETDET_BACKEND`` overrides that choice.
+
+Every op is batch invariant: item *i* of the output is bitwise the same whatever the batch size, the item's
+position in it, or (CPU) the thread count.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from .. import backend, cpu
+from ._checks import check_same, check_shape, check_tensor, pair
+
+__all__ = [
+    "linear",
+    "mm",
+    "addmm",
+    "bmm",
+    "conv2d",
+    "attention",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "softmax",
+    "sum",
+    "mean",
+]
+
+_launch_cache: dict[str, object] = {}
+
+
+def _kernel(op: str):
+    mod = _launch_cache.get(op)
+    if mod is None:
+        from .. import _paths
+
+        _paths.install()
+        mod = importlib.import_module(f"jetdet.kernels.{op}.launch")
+        _launch_cache[op] = mod
+    return mod
+
+
+def _impl(t: torch.Tensor, kernel_op: str, name: str):
+    if backend.backend_for(t) == "triton":
+        return getattr(_kernel(kernel_op), name)
+    return getattr(cpu, name)
+
+
+# ---------------------------------------------------------------------------------------------- matmul
+
+
+@torch.library.custom_op("jetdet::mm", mutates_args=())
+def _mm_op(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _impl(a, "matmul", "matmul")(a, b, bias)
+
+
+@_mm_op.register_fake
+def _(a, b, bias):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+@torch.library.custom_op("jetdet::bmm", mutates_args=())
+def _bmm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _impl(a, "matmul", "bmm")(a, b)
+
+
+@_bmm_op.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+
+
+def mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """``input @ mat2`` for 2-D ``[M, K] @ [K, N]``; batch invariant along M."""
+    check_tensor("input", input, ndim=2)
+    check_tensor("mat2", mat2, ndim=2)
+    check_same("mat2", mat2, "input", input)
+    if input.shape[1] != mat2.shape[0]:
+        raise ValueError(
+            f"mat2: expected {input.shape[1]} rows to match input's last dim, got shape {tuple(mat2.shape)}"
+        )
+    return _mm_op(input, mat2, None)
+
+
+def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
+    """``beta * input + alpha * (mat1 @ mat2)``; the product is batch invariant, the rest is elementwise."""
+    prod = mm(mat1, mat2)
+    check_tensor("input", input)
+    check_same("input", input, "mat1", mat1)
+    if beta == 1 and alpha == 1 and input.dim() == 1 and input.shape[0] == prod.shape[1]:
+        # a bias row: the same as linear's epilogue, kept in fp32 before the final rounding
+        return _mm_op(mat1, mat2, input)
+    out = prod if alpha == 1 else prod * alpha
+    if beta != 0:
+        out = out + (input if beta == 1 else input * beta)
+    return out
+
+
+def bmm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """Batched ``[B, M, K] @ [B, K, N]``; item b and row m are independent of B and M."""
+    check_tensor("input", input, ndim=3)
+    check_tensor("mat2", mat2, ndim=3)
+    check_same("mat2", mat2, "input", input)
+    if input.shape[0] != mat2.shape[0] or input.shape[2] != mat2.shape[1]:
+        raise ValueError(
+            f"mat2: expected shape ({input.shape[0]}, {input.shape[2]}, N) for input {tuple(input.shape)}, "
+            f"got {tuple(mat2.shape)}"
+        )
+    return _bmm_op(input, mat2)
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``input @ weight.T + bias`` like ``F.linear``; input ``[..., K]``, weight ``[N, K]``, bias ``[N]``."""
+    check_tensor("input", input, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_same("weight", weight, "input", input)
+    if weight.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"weight: expected shape (N, {input.shape[-1]}) to match input's last dim, "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same("bias", bias, "input", input)
+        check_shape("bias", bias, (weight.shape[0],), "one value per output feature")
+    lead = input.shape[:-1]
+    x2 = input.reshape(-1, input.shape[-1])
+    out = _mm_op(x2, weight.t(), bias)
+    return out.reshape(*lead, weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------- conv2d
+
+
+@torch.library.custom_op("jetdet::conv2d", mutates_args=())
+def _conv2d_op(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int]
+) -> torch.Tensor:
+    return _impl(x, "conv2d", "conv2d")(x, w, bias, tuple(stride), tuple(padding))
+
+
+def _conv_out(x, w, stride, padding):
+    ho = (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1
+    return ho, wo
+
+
+@_conv2d_op.register_fake
+def _(x, w, bias, stride, padding):
+    ho, wo = _conv_out(x, w, stride, padding)
+    return x.new_empty(x.shape[0], w.shape[0], ho, wo)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """Like ``F.conv2d`` for NCHW input, groups=1, dilation=1, zero padding (int, pair or ``"same"``/
+    ``"valid"``). Batch invariant: output item b depends only on input item b."""
+    check_tensor("input", input, ndim=(3, 4))
+    check_tensor("weight", weight, ndim=4)
+    check_same("weight", weight, "input", input)
+    if groups != 1:
+        raise ValueError(f"groups: jetdet.ops.conv2d supports groups=1 only, got {groups}")
+    if pair("dilation", dilation) != (1, 1):
+        raise ValueError(f"dilation: jetdet.ops.conv2d supports dilation=1 only, got {dilation}")
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight: expected {x.shape[1]} input channels (dim 1) to match input, got {tuple(weight.shape)}"
+        )
+    s = pair("stride", stride)
+    if min(s) < 1:
+        raise ValueError(f"stride: expected positive ints, got {stride}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            p = (0, 0)
+        elif padding == "same":
+            if s != (1, 1) or weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
+                raise ValueError("padding: 'same' is supported for stride 1 and odd kernel sizes only")
+            p = (weight.shape[2] // 2, weight.shape[3] // 2)
+        else:
+            raise ValueError(f"padding: expected an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        p = pair("padding", padding)
+        if min(p) < 0:
+            raise ValueError(f"padding: expected non-negative ints, got {padding}")
+    ho, wo = _conv_out(x, weight, s, p)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(
+            f"input: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])} "
+            f"with padding {p}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same("bias", bias, "input", input)
+        check_shape("bias", bias, (weight.shape[0],), "one value per output channel")
+    out = _conv2d_op(x, weight, bias, list(s), list(p))
+    return out.squeeze(0) if unbatched else out
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+@torch.library.custom_op("jetdet::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    return _impl(q, "attention", "attention")(q, k, v, mask, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def attention(q, k, v, attn_mask=None, scale=None) -> torch.Tensor:
+    """``softmax(q @ k.T * scale + mask) @ v`` with q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]``,
+    v ``[B, H, Nk, Dv]``. ``attn_mask`` is additive (float) or boolean (True = keep), broadcastable to
+    ``[B, H, Nq, Nk]``. KV is reduced in a fixed order with a fixed block size, so item b is independent
+    of B. A query row whose mask removes every key gives NaN, like the literal softmax."""
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    b, h, nq, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d:
+        raise ValueError(f"k: expected shape ({b}, {h}, Nk, {d}) to match q, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v: expected shape {tuple(k.shape[:3])} + (Dv,) to match k, got {tuple(v.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    scale = float(scale)
+    mask = None
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask, dtypes=(torch.bool, torch.float32, torch.float16, torch.bfloat16))
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask: expected device {q.device} (like q), got {attn_mask.device}")
+        target = (b, h, nq, k.shape[2])
+        try:
+            torch.broadcast_shapes(attn_mask.shape, target)
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask: expected a shape broadcastable to {target}, got {tuple(attn_mask.shape)}"
+            ) from None
+        if attn_mask.dtype == torch.bool:
+            mask = torch.zeros(attn_mask.shape, dtype=torch.float32, device=q.device)
+            mask.masked_fill_(~attn_mask, float("-inf"))
+        else:
+            mask = attn_mask.to(torch.float32)
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+    return _attention_op(q, k, v, mask, scale)
+
+
+# ----------------------------------------------------------------------------------------------- norms
+
+
+def _norm_shape(name, normalized_shape, x):
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    if len(normalized_shape) == 0 or tuple(x.shape[-len(normalized_shape) :]) != normalized_shape:
+        raise ValueError(
+            f"{name}: expected the trailing dims of input, got {normalized_shape} for input "
+            f"{tuple(x.shape)}"
+        )
+    return normalized_shape
+
+
+@torch.library.custom_op("jetdet::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    return _impl(x, "norms", "layer_norm")(x, weight, bias, eps)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("jetdet::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _impl(x, "norms", "rms_norm")(x, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("jetdet::group_norm", mutates_args=())
+def _group_norm_op(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    return _impl(x, "norms", "group_norm")(x, num_groups, weight, bias, eps)
+
+
+@_group_norm_op.register_fake
+def _(x, num_groups, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def _affine(name, t, shape, x):
+    if t is None:
+        return None
+    check_tensor(name, t)
+    check_same(name, t, "input", x, dtype=False)
+    check_shape(name, t, shape)
+    return t.reshape(-1)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
+    """Like ``F.layer_norm``; one row per program, fixed reduction order."""
+    check_tensor("input", input, min_ndim=1)
+    ns = _norm_shape("normalized_shape", normalized_shape, input)
+    w = _affine("weight", weight, ns, input)
+    b = _affine("bias", bias, ns, input)
+    c = math.prod(ns)
+    x2 = input.reshape(-1, c)
+    return _layer_norm_op(x2, w, b, float(eps)).reshape(input.shape)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
+    """Like ``F.rms_norm`` (eps defaults to the dtype's machine epsilon, as in torch)."""
+    check_tensor("input", input, min_ndim=1)
+    ns = _norm_shape("normalized_shape", normalized_shape, input)
+    w = _affine("weight", weight, ns, input)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    c = math.prod(ns)
+    return _rms_norm_op(input.reshape(-1, c), w, float(eps)).reshape(input.shape)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
+    """Like ``F.group_norm`` for ``[B, C, *]``; one program per (sample, group)."""
+    check_tensor("input", input, min_ndim=2)
+    c = input.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+        raise ValueError(f"num_groups: expected a positive divisor of the {c} channels, got {num_groups}")
+    w = _affine("weight", weight, (c,), input)
+    b = _affine("bias", bias, (c,), input)
+    x3 = input.reshape(input.shape[0], c, -1)
+    return _group_norm_op(x3, num_groups, w, b, float(eps)).reshape(input.shape)
+
+
+# ------------------------------------------------------------------------------- softmax and reductions
+
+
+@torch.library.custom_op("jetdet::softmax", mutates_args=())
+def _softmax_op(x: torch.Tensor) -> torch.Tensor:
+    return _impl(x, "reduce", "softmax")(x)
+
+
+@_softmax_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("jetdet::sum", mutates_args=())
+def _sum_op(x: torch.Tensor) -> torch.Tensor:
+    return _impl(x, "reduce", "sum_rows")(x)
+
+
+@_sum_op.register_fake
+def _(x):
+    return x.new_empty(x.shape[0])
+
+
+@torch.library.custom_op("jetdet::mean", mutates_args=())
+def _mean_op(x: torch.Tensor) -> torch.Tensor:
+    return _impl(x, "reduce", "mean_rows")(x)
+
+
+@_mean_op.register_fake
+def _(x):
+    return x.new_empty(x.shape[0])
+
+
+def _dim(name, dim, ndim):
+    if not isinstance(dim, int) or not -ndim <= dim < ndim:
+        raise ValueError(f"{name}: expected an int in [{-ndim}, {ndim - 1}], got {dim!r}")
+    return dim % ndim
+
+
+def softmax(input, dim=-1) -> torch.Tensor:
+    """Softmax along ``dim`` (computed along the last dim after a move), fp32 inside."""
+    check_tensor("input", input, min_ndim=1)
+    d = _dim("dim", dim, input.dim())
+    x = input.movedim(d, -1)
+    shape = x.shape
+    out = _softmax_op(x.reshape(-1, shape[-1]))
+    return out.reshape(shape).movedim(-1, d)
+
+
+def _reduce(op, input, dim, keepdim):
+    check_tensor("input", input, min_ndim=1)
+    if dim is None:
+        dims = list(range(1, input.dim())) if input.dim() > 1 else [0]
+    else:
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        dims = sorted({_dim("dim", d, input.dim()) for d in dims})
+    keep = [d for d in range(input.dim()) if d not in dims]
+    x = input.permute(*keep, *dims)
+    kept_shape = [input.shape[d] for d in keep]
+    x2 = x.reshape(math.prod(kept_shape), -1)
+    out = op(x2).reshape(kept_shape)
+    if keepdim:
+        for d in dims:
+            out = out.unsqueeze(d)
+    return out
+
+
+def sum(input, dim=None, keepdim=False) -> torch.Tensor:  # noqa: A001 - mirrors torch.sum
+    """Sum over ``dim`` (default: every dim but the batch dim 0), fp32 accumulation in a fixed order."""
+    return _reduce(_sum_op, input, dim, keepdim)
+
+
+def mean(input, dim=None, keepdim=False) -> torch.Tensor:  # noqa: A001 - mirrors torch.mean
+    """Mean over ``dim`` (default: every dim but the batch dim 0), fp32 accumulation in a fixed order."""
+    return _reduce(_mean_op, input, dim, keepdim)
