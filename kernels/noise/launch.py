@@ -1,0 +1,121 @@
+"""Host side of the noise kernel: allocation, grid, launch. Arguments are validated by ``jetdet.noise``."""
+
+from __future__ import annotations
+
+import torch
+
+from .._common import CompileSpec, empty
+from . import constants as K
+from .kernel import philox4x32_10_kernel, philox_randn_kernel
+
+# Philox counters per program (4 elements each). The output does not depend on it (tests check 2 values).
+BLOCK = 256
+# The interpreter pays per program, not per element: use bigger programs there.
+BLOCK_INTERPRETER = 2048
+NUM_WARPS = 4
+MAX_NUMEL_PER_ITEM = 2**31 - 1  # N is an i32 kernel argument
+MAX_GRID_X = 2**31 - 1  # CUDA grid limits: items on axis 0, the item's blocks strided over axis 1
+MAX_GRID_Y = 65535
+# No FMA contraction: the float ops must be the separately rounded ones the torch reference performs.
+LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+
+
+def _i32(v: int) -> int:
+    """uint32 value -> the int32 with the same bits (keeps every kernel argument an ``i32``)."""
+    v &= K.MASK32
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def _default_block(device: torch.device) -> int:
+    from jetdet.backend import interpreter_enabled
+
+    return BLOCK_INTERPRETER if (device.type == "cpu" and interpreter_enabled()) else BLOCK
+
+
+def philox_randn(
+    n_items: int,
+    numel_per_item: int,
+    seed: int,
+    *,
+    item_offset: int = 0,
+    step: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device="cuda",
+    block: int | None = None,
+) -> torch.Tensor:
+    """``[n_items, numel_per_item]`` noise from ``philox_randn_kernel``; bit-identical to
+    ``reference.randn_reference`` with the same arguments. ``device`` may be ``cpu`` under
+    ``TRITON_INTERPRET=1``. float64 output is the float32 result widened exactly."""
+    device = torch.device(device)
+    if numel_per_item > MAX_NUMEL_PER_ITEM:
+        raise ValueError(f"numel_per_item: at most {MAX_NUMEL_PER_ITEM}, got {numel_per_item}")
+    gen_dtype = torch.float32 if dtype == torch.float64 else dtype
+    bf16 = gen_dtype == torch.bfloat16
+    out = empty((n_items, numel_per_item), gen_dtype, device)
+    if out.numel() == 0:
+        return out.to(dtype)
+    block = block or _default_block(device)
+    blocks_per_item = triton_cdiv(triton_cdiv(numel_per_item, 4), block)
+    if n_items > MAX_GRID_X:
+        raise ValueError(f"n_items: at most {MAX_GRID_X} items per call, got {n_items}")
+    grid = (n_items, min(blocks_per_item, MAX_GRID_Y))
+    philox_randn_kernel[grid](
+        out.view(torch.int16) if bf16 else out,
+        numel_per_item,
+        blocks_per_item,
+        _i32(seed),
+        _i32(seed >> 32),
+        _i32(item_offset),
+        _i32(item_offset >> 32),
+        _i32(step),
+        BLOCK=block,
+        OUT_BF16_BITS=bf16,
+        **LAUNCH_OPTIONS,
+    )
+    return out.to(dtype)
+
+
+def philox4x32_10(ctr: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Raw Philox-4x32-10 through the Triton kernel, for known-answer tests.
+
+    ``ctr [n, 4]`` and ``key [n, 2]`` hold uint32 values in any integer dtype; returns ``[n, 4]`` int64 in
+    [0, 2^32)."""
+    n = ctr.shape[0]
+    c = torch.tensor([[_i32(int(v)) for v in row] for row in ctr.tolist()], dtype=torch.int32).to(ctr.device)
+    k = torch.tensor([[_i32(int(v)) for v in row] for row in key.tolist()], dtype=torch.int32).to(ctr.device)
+    out = torch.empty((n, 4), dtype=torch.int32, device=ctr.device)
+    blk = 64
+    philox4x32_10_kernel[(triton_cdiv(n, blk),)](c, k, out, n, BLOCK=blk)
+    return out.to(torch.int64) & K.MASK32
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """The shipped configs of ``philox_randn_kernel`` for the static SASS report. ``no_mufu``/``no_fma``:
+    the transform must contain no approximate special-function unit ops and no contracted FMAs."""
+    specs = []
+    for name, ptr, bf16 in (("fp32", "*fp32", False), ("fp16", "*fp16", False), ("bf16", "*i16", True)):
+        specs.append(
+            CompileSpec(
+                name=f"noise.philox_randn[{name}]",
+                fn=philox_randn_kernel,
+                signature={
+                    "out_ptr": ptr,
+                    "N": "i32",
+                    "blocks_per_item": "i32",
+                    "key0": "i32",
+                    "key1": "i32",
+                    "item_lo": "i32",
+                    "item_hi": "i32",
+                    "step": "i32",
+                },
+                constexprs={"BLOCK": BLOCK, "OUT_BF16_BITS": bf16},
+                options=dict(LAUNCH_OPTIONS),
+                deterministic=True,
+                forbid=("no_mufu", "no_fma"),
+            )
+        )
+    return specs
