@@ -7,7 +7,7 @@ between batch 1 and batch 6 (~8e-7). Row *i* of a GEMM must not depend on how ma
 How: every GEMM is cut into row tiles of a fixed height ``ROW_TILE`` (the last one zero-padded) and run as
 one batched GEMM of identical ``[ROW_TILE, K] @ [K, N]`` problems. Each problem has the same shape whatever
 the batch, so MKL runs the same code path with the same K order for every row, and a row's result depends
-only on that row. Convolution is an exact im2col gather (``F.unfold``) followed by that GEMM. Attention is
+only on that row. Convolution is an exact im2col gather (one strided copy) followed by that GEMM. Attention is
 two such GEMMs around a row-wise softmax. Norms and softmax use torch's row-wise CPU kernels, which reduce
 each row serially in an order fixed by the row length; reductions are kept to >= 2 output rows, because
 torch splits a reduction across threads only when it has a single output.
@@ -34,18 +34,34 @@ def _f32(t):
     return None if t is None else t.to(torch.float32)
 
 
-def _row_tiles(a: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """[..., M, K] -> ([..., nt, ROW_TILE, K], M), zero-padding M up to a multiple of ROW_TILE."""
-    m = a.shape[-2]
-    pad = (-m) % ROW_TILE
-    if pad:
-        a = F.pad(a, (0, 0, 0, pad))
-    return a.reshape(*a.shape[:-2], -1, ROW_TILE, a.shape[-1]), m
-
-
 def _pad_cols(b: torch.Tensor) -> torch.Tensor:
     pad = (-b.shape[-1]) % COL_PAD
     return F.pad(b, (0, pad)).contiguous() if pad else b.contiguous()
+
+
+def _tiled_bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out[g] = a[g] @ b[g] for groups g, computed as fixed [ROW_TILE, K] @ [K, N] problems.
+
+    a: [G, M, K] contiguous; b: [G, K, Np] (Np a multiple of COL_PAD; stride 0 over G allowed);
+    out: [G, Mp, Np] contiguous with Mp = M rounded up to ROW_TILE. Full tiles are views (no copy); the
+    last partial tile of each group is zero-padded.
+    """
+    g, m, k = a.shape
+    np_ = b.shape[2]
+    full = m // ROW_TILE
+    if full:
+        tiles = a[:, : full * ROW_TILE].reshape(g * full, ROW_TILE, k)
+        dst = out[:, : full * ROW_TILE].view(g * full, ROW_TILE, np_)
+        if g == 1:  # one weight for every tile: a stride-0 batch, no copy
+            bb = b.expand(full, k, np_)
+        else:
+            bb = b.unsqueeze(1).expand(g, full, k, np_).reshape(g * full, k, np_)
+        torch.bmm(tiles, bb, out=dst)
+    rest = m - full * ROW_TILE
+    if rest:
+        tail = a.new_zeros(g, ROW_TILE, k)
+        tail[:, :rest] = a[:, full * ROW_TILE :]
+        torch.bmm(tail, b, out=out[:, full * ROW_TILE :])
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -54,11 +70,12 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = b.shape[1]
     if m == 0 or n == 0 or k == 0:
         return a.new_zeros(m, n)
-    tiles, _ = _row_tiles(a.contiguous())  # [nt, T, K]
-    nt = tiles.shape[0]
     bp = _pad_cols(b)
-    out = torch.bmm(tiles, bp.unsqueeze(0).expand(nt, k, bp.shape[1]))
-    return out.reshape(nt * ROW_TILE, bp.shape[1])[:m, :n]
+    mp = -(-m // ROW_TILE) * ROW_TILE
+    out = a.new_empty(1, mp, bp.shape[1])
+    _tiled_bmm_into(out, a.contiguous().unsqueeze(0), bp.unsqueeze(0))
+    out = out[0, :m]
+    return out if bp.shape[1] == n else out[:, :n].contiguous()
 
 
 def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -67,13 +84,12 @@ def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = b.shape[2]
     if bsz == 0 or m == 0 or n == 0 or k == 0:
         return a.new_zeros(bsz, m, n)
-    tiles, _ = _row_tiles(a.contiguous())  # [B, nt, T, K]
-    nt = tiles.shape[1]
     bp = _pad_cols(b)
-    npad = bp.shape[2]
-    bb = bp.unsqueeze(1).expand(bsz, nt, k, npad).reshape(bsz * nt, k, npad)
-    out = torch.bmm(tiles.reshape(bsz * nt, ROW_TILE, k), bb)
-    return out.reshape(bsz, nt * ROW_TILE, npad)[:, :m, :n]
+    mp = -(-m // ROW_TILE) * ROW_TILE
+    out = a.new_empty(bsz, mp, bp.shape[2])
+    _tiled_bmm_into(out, a.contiguous(), bp)
+    out = out[:, :m, :n]
+    return out if (mp == m and bp.shape[2] == n) else out.contiguous()
 
 
 def matmul(a, b, bias=None):
@@ -88,22 +104,27 @@ def bmm(a, b):
 
 
 def conv2d(x, w, bias, stride, padding):
+    """im2col as one strided gather from a zero-padded channels-last copy, then the tiled GEMM."""
     bsz, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     sh, sw = stride
     ph, pw = padding
     ho = (h + 2 * ph - kh) // sh + 1
     wo = (wd + 2 * pw - kw) // sw + 1
-    xf = _f32(x)
-    if kh == 1 and kw == 1 and ph == 0 and pw == 0:
-        cols = xf[:, :, ::sh, ::sw].reshape(bsz, c, ho * wo)
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    xp = x.new_zeros((bsz, hp, wp, c), dtype=torch.float32) if (ph or pw) else None
+    if xp is None:
+        xp = x.permute(0, 2, 3, 1).to(torch.float32).contiguous()
     else:
-        cols = F.unfold(xf, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # [B, C*kh*kw, L]
-    rows = cols.transpose(1, 2).reshape(bsz * ho * wo, c * kh * kw)
-    out = mm_f32(rows, _f32(w).reshape(o, -1).t())
+        xp[:, ph : ph + h, pw : pw + wd] = x.permute(0, 2, 3, 1)
+    cols = xp.as_strided(
+        (bsz, ho, wo, kh, kw, c), (hp * wp * c, sh * wp * c, sw * c, wp * c, c, 1)
+    ).reshape(bsz * ho * wo, kh * kw * c)
+    wm = _f32(w).permute(2, 3, 1, 0).reshape(kh * kw * c, o)  # [(kh, kw, C), O]
+    out = mm_f32(cols, wm)
     if bias is not None:
         out = out + _f32(bias)
-    return out.reshape(bsz, ho * wo, o).transpose(1, 2).reshape(bsz, o, ho, wo).to(x.dtype)
+    return out.view(bsz, ho, wo, o).permute(0, 3, 1, 2).to(x.dtype).contiguous()
 
 
 def softmax_f32(x: torch.Tensor) -> torch.Tensor:

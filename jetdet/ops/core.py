@@ -49,6 +49,18 @@ def _kernel(op: str):
     return mod
 
 
+def _run(op, *args):
+    """Call a custom op. In plain eager mode the op body runs directly: going through the dispatcher costs
+    ~60 us per call on this CPU (measured: 94 vs 27 us for a tiny linear), more than the op itself for
+    the small layers of a diffusion model. Under torch.compile, export, or any tensor subclass (fake,
+    functional), the call goes through ``torch.ops.jetdet.*`` so tracing sees the registered op and fake."""
+    if torch.compiler.is_compiling() or any(
+        type(a) is not torch.Tensor for a in args if isinstance(a, torch.Tensor)
+    ):
+        return op(*args)
+    return op._init_fn(*args)
+
+
 def _impl(t: torch.Tensor, kernel_op: str, name: str):
     if backend.backend_for(t) == "triton":
         return getattr(_kernel(kernel_op), name)
@@ -87,7 +99,7 @@ def mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"mat2: expected {input.shape[1]} rows to match input's last dim, got shape {tuple(mat2.shape)}"
         )
-    return _mm_op(input, mat2, None)
+    return _run(_mm_op, input, mat2, None)
 
 
 def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
@@ -97,7 +109,7 @@ def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1
     check_same("input", input, "mat1", mat1)
     if beta == 1 and alpha == 1 and input.dim() == 1 and input.shape[0] == prod.shape[1]:
         # a bias row: the same as linear's epilogue, kept in fp32 before the final rounding
-        return _mm_op(mat1, mat2, input)
+        return _run(_mm_op, mat1, mat2, input)
     out = prod if alpha == 1 else prod * alpha
     if beta != 0:
         out = out + (input if beta == 1 else input * beta)
@@ -114,7 +126,7 @@ def bmm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
             f"mat2: expected shape ({input.shape[0]}, {input.shape[2]}, N) for input {tuple(input.shape)}, "
             f"got {tuple(mat2.shape)}"
         )
-    return _bmm_op(input, mat2)
+    return _run(_bmm_op, input, mat2)
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +145,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         check_shape("bias", bias, (weight.shape[0],), "one value per output feature")
     lead = input.shape[:-1]
     x2 = input.reshape(-1, input.shape[-1])
-    out = _mm_op(x2, weight.t(), bias)
+    out = _run(_mm_op, x2, weight.t(), bias)
     return out.reshape(*lead, weight.shape[0])
 
 
@@ -201,7 +213,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
         check_tensor("bias", bias, ndim=1)
         check_same("bias", bias, "input", input)
         check_shape("bias", bias, (weight.shape[0],), "one value per output channel")
-    out = _conv2d_op(x, weight, bias, list(s), list(p))
+    out = _run(_conv2d_op, x, weight, bias, list(s), list(p))
     return out.squeeze(0) if unbatched else out
 
 
@@ -257,7 +269,7 @@ def attention(q, k, v, attn_mask=None, scale=None) -> torch.Tensor:
             mask = attn_mask.to(torch.float32)
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
-    return _attention_op(q, k, v, mask, scale)
+    return _run(_attention_op, q, k, v, mask, scale)
 
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -326,7 +338,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> tor
     b = _affine("bias", bias, ns, input)
     c = math.prod(ns)
     x2 = input.reshape(-1, c)
-    return _layer_norm_op(x2, w, b, float(eps)).reshape(input.shape)
+    return _run(_layer_norm_op, x2, w, b, float(eps)).reshape(input.shape)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
@@ -337,7 +349,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     c = math.prod(ns)
-    return _rms_norm_op(input.reshape(-1, c), w, float(eps)).reshape(input.shape)
+    return _run(_rms_norm_op, input.reshape(-1, c), w, float(eps)).reshape(input.shape)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
@@ -349,7 +361,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Ten
     w = _affine("weight", weight, (c,), input)
     b = _affine("bias", bias, (c,), input)
     x3 = input.reshape(input.shape[0], c, -1)
-    return _group_norm_op(x3, num_groups, w, b, float(eps)).reshape(input.shape)
+    return _run(_group_norm_op, x3, num_groups, w, b, float(eps)).reshape(input.shape)
 
 
 # ------------------------------------------------------------------------------- softmax and reductions
@@ -397,7 +409,7 @@ def softmax(input, dim=-1) -> torch.Tensor:
     d = _dim("dim", dim, input.dim())
     x = input.movedim(d, -1)
     shape = x.shape
-    out = _softmax_op(x.reshape(-1, shape[-1]))
+    out = _run(_softmax_op, x.reshape(-1, shape[-1]))
     return out.reshape(shape).movedim(-1, d)
 
 
@@ -412,7 +424,7 @@ def _reduce(op, input, dim, keepdim):
     x = input.permute(*keep, *dims)
     kept_shape = [input.shape[d] for d in keep]
     x2 = x.reshape(math.prod(kept_shape), -1)
-    out = op(x2).reshape(kept_shape)
+    out = _run(op, x2).reshape(kept_shape)
     if keepdim:
         for d in dims:
             out = out.unsqueeze(d)

@@ -1,0 +1,174 @@
+"""The mode switch: nesting, exceptions, threads, asyncio tasks, flag restoration, routing."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jetdet
+from jetdet.mode import Mode, torch_flags
+
+
+def test_default_off_and_names():
+    assert jetdet.get_mode() is Mode.OFF
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        jetdet.mode("turbo")
+
+
+def test_nesting_restores_outer():
+    with jetdet.mode("fast"):
+        assert jetdet.get_mode() is Mode.FAST
+        with jetdet.mode("deterministic"):
+            assert jetdet.get_mode() is Mode.DETERMINISTIC
+            with jetdet.mode("off"):
+                assert jetdet.get_mode() is Mode.OFF
+            assert jetdet.get_mode() is Mode.DETERMINISTIC
+        assert jetdet.get_mode() is Mode.FAST
+    assert jetdet.get_mode() is Mode.OFF
+
+
+def test_exception_restores_everything():
+    before = torch_flags()
+    prec = torch.get_float32_matmul_precision()
+    stack = torch.overrides._get_current_function_mode_stack()
+    with pytest.raises(RuntimeError, match="boom"):
+        with jetdet.mode("deterministic"):
+            assert torch_flags() != before
+            with jetdet.mode("deterministic"):
+                raise RuntimeError("boom")
+    assert jetdet.get_mode() is Mode.OFF
+    assert torch_flags() == before
+    assert torch.get_float32_matmul_precision() == prec
+    assert torch.overrides._get_current_function_mode_stack() == stack
+
+
+def test_flags_set_inside_and_restored():
+    torch.backends.cudnn.benchmark = True  # a user setting that must come back
+    try:
+        before = torch_flags()
+        with jetdet.mode("deterministic"):
+            f = torch_flags()
+            assert f["use_deterministic_algorithms"] == (True, False)
+            assert f["cudnn.deterministic"] is True and f["cudnn.benchmark"] is False
+            assert f["cuda.matmul.allow_fp16_reduced_precision_reduction"] is False
+            if "cuda.matmul.fp32_precision" in f:
+                assert f["cuda.matmul.fp32_precision"] == "ieee"
+            else:
+                assert f["cuda.matmul.allow_tf32"] is False
+        assert torch_flags() == before
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+def test_set_mode_and_back():
+    before = torch_flags()
+    old = jetdet.set_mode("deterministic")
+    try:
+        assert old is Mode.OFF and jetdet.get_mode() is Mode.DETERMINISTIC
+        assert torch_flags()["use_deterministic_algorithms"][0]
+    finally:
+        jetdet.set_mode("off")
+    assert torch_flags() == before
+
+
+def _det_call_count(monkeypatch):
+    from jetdet.ops import core
+
+    calls = []
+    orig = core._mm_op
+
+    def spy(*a):
+        calls.append(1)
+        return orig(*a)
+
+    monkeypatch.setattr(core, "_mm_op", spy)
+    return calls
+
+
+def test_routing_only_inside(monkeypatch):
+    calls = _det_call_count(monkeypatch)
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    F.linear(x, w)
+    assert calls == []
+    with jetdet.mode("deterministic"):
+        F.linear(x, w)
+        x @ w.t()
+        with jetdet.mode("off"):
+            F.linear(x, w)
+    assert len(calls) == 2
+
+
+def test_threads_do_not_share_mode(monkeypatch):
+    calls = _det_call_count(monkeypatch)
+    seen = {}
+    ready = threading.Event()
+    done = threading.Event()
+
+    def other():
+        ready.wait()
+        seen["mode"] = jetdet.get_mode()
+        F.linear(torch.randn(2, 8), torch.randn(3, 8))
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with jetdet.mode("deterministic"):
+        ready.set()
+        done.wait(10)
+    t.join()
+    assert seen["mode"] is Mode.OFF
+    assert calls == []  # the other thread's linear was not routed
+
+
+def test_asyncio_tasks_do_not_share_mode(monkeypatch):
+    calls = _det_call_count(monkeypatch)
+    log = []
+
+    async def det_task(ev_in, ev_out):
+        with jetdet.mode("deterministic"):
+            ev_out.set()
+            await ev_in.wait()
+            F.linear(torch.randn(2, 8), torch.randn(3, 8))
+            log.append(("det", jetdet.get_mode()))
+
+    async def off_task(ev_in, ev_out):
+        await ev_in.wait()  # runs while det_task is inside its with-block, on the same thread
+        log.append(("off", jetdet.get_mode()))
+        F.linear(torch.randn(2, 8), torch.randn(3, 8))
+        ev_out.set()
+
+    async def main():
+        a, b = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(det_task(b, a), off_task(a, b))
+
+    asyncio.run(main())
+    assert ("off", Mode.OFF) in log and ("det", Mode.DETERMINISTIC) in log
+    assert len(calls) == 1
+    assert jetdet.get_mode() is Mode.OFF
+
+
+def test_fallback_warns_once_and_is_correct():
+    x = torch.randn(3, 4, 9, 9)
+    w = torch.randn(8, 2, 3, 3)  # groups=2: not a jetdet op
+    with jetdet.mode("deterministic"):
+        with pytest.warns(UserWarning, match="groups=2"):
+            y = F.conv2d(x, w, groups=2)
+    assert torch.equal(y, F.conv2d(x, w, groups=2))
+
+
+def test_routed_results_match_torch_closely():
+    x = torch.randn(2, 3, 10, 10)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    gn = torch.nn.GroupNorm(1, 5)
+    q = torch.randn(2, 2, 7, 8)
+    with torch.no_grad():
+        ref = (gn(conv(x)), F.scaled_dot_product_attention(q, q, q, is_causal=True), torch.baddbmm(
+            torch.ones(2, 7, 7), q[:, 0], q[:, 1].transpose(1, 2), alpha=0.5), torch.softmax(x, 1))
+        with jetdet.mode("deterministic"):
+            got = (gn(conv(x)), F.scaled_dot_product_attention(q, q, q, is_causal=True), torch.baddbmm(
+                torch.ones(2, 7, 7), q[:, 0], q[:, 1].transpose(1, 2), alpha=0.5), x.softmax(1))
+    for r, g in zip(ref, got):
+        assert torch.allclose(r, g, atol=1e-5, rtol=1e-5)
