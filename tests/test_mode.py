@@ -78,13 +78,13 @@ def _det_call_count(monkeypatch):
     from jetdet.ops import core
 
     calls = []
-    orig = core._mm_op
+    orig = core._mm_op._init_fn
 
     def spy(*a):
         calls.append(1)
         return orig(*a)
 
-    monkeypatch.setattr(core, "_mm_op", spy)
+    monkeypatch.setattr(core._mm_op, "_init_fn", spy)
     return calls
 
 

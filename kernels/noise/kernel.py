@@ -193,3 +193,12 @@ def philox4x32_10_kernel(ctr_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + i * 4 + 1, x1.to(tl.int32, bitcast=True), mask=m)
     tl.store(out_ptr + i * 4 + 2, x2.to(tl.int32, bitcast=True), mask=m)
     tl.store(out_ptr + i * 4 + 3, x3.to(tl.int32, bitcast=True), mask=m)
+
+
+@triton.jit
+def bits_to_normal_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """The transform alone, for tests on chosen words: x [n] int32 bit patterns -> out [n] float32."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    x = tl.load(x_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    tl.store(out_ptr + i, bits_to_normal(x), mask=m)

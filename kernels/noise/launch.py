@@ -6,7 +6,7 @@ import torch
 
 from .._common import CompileSpec, empty
 from . import constants as K
-from .kernel import philox4x32_10_kernel, philox_randn_kernel
+from .kernel import bits_to_normal_kernel, philox4x32_10_kernel, philox_randn_kernel
 
 # Philox counters per program (4 elements each). The output does not depend on it (tests check 2 values).
 BLOCK = 256
@@ -87,6 +87,21 @@ def philox4x32_10(ctr: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     blk = 64
     philox4x32_10_kernel[(triton_cdiv(n, blk),)](c, k, out, n, BLOCK=blk)
     return out.to(torch.int64) & K.MASK32
+
+
+def bits_to_normal(words: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """The kernel's uniform -> normal transform on given 32-bit words (any integer dtype holding the bit
+    pattern or the uint32 value), for tests. Returns float32 of the same shape."""
+    x = words
+    if x.dtype != torch.int32:
+        x = x.to(torch.int64) & K.MASK32
+        x = torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+    x = x.contiguous().reshape(-1)
+    out = empty(x.shape, torch.float32, x.device)
+    n = x.numel()
+    if n:
+        bits_to_normal_kernel[(triton_cdiv(n, block),)](x, out, n, BLOCK=block, **LAUNCH_OPTIONS)
+    return out.reshape(words.shape)
 
 
 def triton_cdiv(a: int, b: int) -> int:
