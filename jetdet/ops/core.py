@@ -16,6 +16,7 @@ import importlib
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .. import backend, cpu
 from ._checks import check_same, check_shape, check_tensor, pair
@@ -99,6 +100,8 @@ def mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"mat2: expected {input.shape[1]} rows to match input's last dim, got shape {tuple(mat2.shape)}"
         )
+    if input.numel() == 0 or mat2.numel() == 0:
+        return torch.mm(input, mat2)
     return _run(_mm_op, input, mat2, None)
 
 
@@ -126,6 +129,8 @@ def bmm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
             f"mat2: expected shape ({input.shape[0]}, {input.shape[2]}, N) for input {tuple(input.shape)}, "
             f"got {tuple(mat2.shape)}"
         )
+    if input.numel() == 0 or mat2.numel() == 0:
+        return torch.bmm(input, mat2)
     return _run(_bmm_op, input, mat2)
 
 
@@ -143,6 +148,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         check_tensor("bias", bias, ndim=1)
         check_same("bias", bias, "input", input)
         check_shape("bias", bias, (weight.shape[0],), "one value per output feature")
+    if input.numel() == 0 or weight.numel() == 0:  # nothing to reduce: torch's result is exact
+        return F.linear(input, weight, bias)
     lead = input.shape[:-1]
     x2 = input.reshape(-1, input.shape[-1])
     out = _run(_mm_op, x2, weight.t(), bias)
@@ -213,7 +220,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
         check_tensor("bias", bias, ndim=1)
         check_same("bias", bias, "input", input)
         check_shape("bias", bias, (weight.shape[0],), "one value per output channel")
-    out = _run(_conv2d_op, x, weight, bias, list(s), list(p))
+    if x.numel() == 0 or weight.numel() == 0:
+        out = F.conv2d(x, weight, bias, s, p)
+    else:
+        out = _run(_conv2d_op, x, weight, bias, list(s), list(p))
     return out.squeeze(0) if unbatched else out
 
 
@@ -269,6 +279,8 @@ def attention(q, k, v, attn_mask=None, scale=None) -> torch.Tensor:
             mask = attn_mask.to(torch.float32)
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return _run(_attention_op, q, k, v, mask, scale)
 
 
@@ -336,6 +348,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> tor
     ns = _norm_shape("normalized_shape", normalized_shape, input)
     w = _affine("weight", weight, ns, input)
     b = _affine("bias", bias, ns, input)
+    if input.numel() == 0:
+        return F.layer_norm(input, ns, weight, bias, eps)
     c = math.prod(ns)
     x2 = input.reshape(-1, c)
     return _run(_layer_norm_op, x2, w, b, float(eps)).reshape(input.shape)
@@ -348,6 +362,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
     w = _affine("weight", weight, ns, input)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
+    if input.numel() == 0:
+        return input.clone()
     c = math.prod(ns)
     return _run(_rms_norm_op, input.reshape(-1, c), w, float(eps)).reshape(input.shape)
 
@@ -360,6 +376,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Ten
         raise ValueError(f"num_groups: expected a positive divisor of the {c} channels, got {num_groups}")
     w = _affine("weight", weight, (c,), input)
     b = _affine("bias", bias, (c,), input)
+    if input.numel() == 0:
+        return F.group_norm(input, num_groups, weight, bias, eps)
     x3 = input.reshape(input.shape[0], c, -1)
     return _run(_group_norm_op, x3, num_groups, w, b, float(eps)).reshape(input.shape)
 
@@ -407,6 +425,8 @@ def softmax(input, dim=-1) -> torch.Tensor:
     """Softmax along ``dim`` (computed along the last dim after a move), fp32 inside."""
     check_tensor("input", input, min_ndim=1)
     d = _dim("dim", dim, input.dim())
+    if input.numel() == 0:
+        return torch.softmax(input, d)
     x = input.movedim(d, -1)
     shape = x.shape
     out = _run(_softmax_op, x.reshape(-1, shape[-1]))
@@ -423,6 +443,9 @@ def _reduce(op, input, dim, keepdim):
     keep = [d for d in range(input.dim()) if d not in dims]
     x = input.permute(*keep, *dims)
     kept_shape = [input.shape[d] for d in keep]
+    if input.numel() == 0:
+        fn = torch.sum if op is _sum_op else torch.mean
+        return fn(input.float(), dim=dims, keepdim=keepdim).to(input.dtype)
     x2 = x.reshape(math.prod(kept_shape), -1)
     out = _run(op, x2).reshape(kept_shape)
     if keepdim:

@@ -1,0 +1,166 @@
+"""Bad input: either the same result as the reference or a clear error naming the argument. Never silent
+wrong numbers. Both paths (CPU torch path and the Triton interpreter)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jetdet
+
+ops = jetdet.ops
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("JETDET_BACKEND", request.param)
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float64, torch.bool])
+def test_unsupported_dtypes_name_the_argument(dtype, backend):
+    x = torch.ones(3, 8).to(dtype)
+    w = torch.ones(4, 8)
+    with pytest.raises(TypeError, match="input: expected dtype float32/float16/bfloat16"):
+        ops.linear(x, w)
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        ops.linear(torch.ones(3, 8), w.to(dtype))
+    with pytest.raises(TypeError, match="q: expected dtype"):
+        ops.attention(torch.ones(1, 1, 2, 4).to(dtype), torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4))
+    with pytest.raises(TypeError, match="input: expected dtype"):
+        ops.layer_norm(torch.ones(2, 4).to(dtype), (4,))
+    with pytest.raises(TypeError, match="input: expected dtype"):
+        ops.conv2d(torch.ones(1, 2, 4, 4).to(dtype), torch.ones(3, 2, 3, 3))
+
+
+def test_mixed_dtypes_rejected(backend):
+    with pytest.raises(TypeError, match="weight: expected dtype torch.float32 \\(like input\\)"):
+        ops.linear(torch.ones(3, 8), torch.ones(4, 8, dtype=torch.float16))
+
+
+def test_float64_in_mode_falls_back_with_warning():
+    lin = torch.nn.Linear(8, 4).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        with pytest.warns(UserWarning, match="falls back to torch \\(dtype torch.float64\\)"):
+            y = lin(x)
+    assert torch.equal(y, lin(x).detach())
+
+
+# ---------------------------------------------------------------------------------------- shapes
+def test_mismatched_shapes(backend):
+    with pytest.raises(ValueError, match="weight: expected shape \\(N, 8\\)"):
+        ops.linear(torch.ones(3, 8), torch.ones(4, 7))
+    with pytest.raises(ValueError, match="bias: expected shape \\(4,\\)"):
+        ops.linear(torch.ones(3, 8), torch.ones(4, 8), torch.ones(5))
+    with pytest.raises(ValueError, match="mat2: expected 8 rows"):
+        ops.mm(torch.ones(3, 8), torch.ones(7, 2))
+    with pytest.raises(ValueError, match="mat2: expected shape \\(2, 8, N\\)"):
+        ops.bmm(torch.ones(2, 3, 8), torch.ones(3, 8, 2))
+    with pytest.raises(ValueError, match="k: expected shape \\(1, 2, Nk, 4\\)"):
+        ops.attention(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 5), torch.ones(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="v: expected shape"):
+        ops.attention(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), torch.ones(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="attn_mask: expected a shape broadcastable to \\(1, 2, 3, 3\\)"):
+        ops.attention(*(torch.ones(1, 2, 3, 4),) * 3, attn_mask=torch.ones(4, 4))
+    with pytest.raises(ValueError, match="weight: expected 2 input channels"):
+        ops.conv2d(torch.ones(1, 2, 5, 5), torch.ones(3, 4, 3, 3))
+    with pytest.raises(ValueError, match="groups: jetdet.ops.conv2d supports groups=1 only"):
+        ops.conv2d(torch.ones(1, 4, 5, 5), torch.ones(4, 2, 3, 3), groups=2)
+    with pytest.raises(ValueError, match="input: spatial size \\(2, 2\\) is too small"):
+        ops.conv2d(torch.ones(1, 2, 2, 2), torch.ones(3, 2, 3, 3))
+    with pytest.raises(ValueError, match="normalized_shape: expected the trailing dims"):
+        ops.layer_norm(torch.ones(2, 5), (4,))
+    with pytest.raises(ValueError, match="weight: expected shape \\(5,\\)"):
+        ops.layer_norm(torch.ones(2, 5), (5,), torch.ones(4))
+    with pytest.raises(ValueError, match="num_groups: expected a positive divisor of the 6 channels"):
+        ops.group_norm(torch.ones(2, 6, 3), 4)
+    with pytest.raises(ValueError, match="dim: expected an int in \\[-2, 1\\]"):
+        ops.softmax(torch.ones(2, 5), dim=2)
+
+
+def test_wrong_types():
+    with pytest.raises(TypeError, match="input: expected a torch.Tensor, got list"):
+        ops.linear([[1.0]], torch.ones(1, 1))
+
+
+# -------------------------------------------------------------------------- strided / non-contiguous
+def test_non_contiguous_inputs_equal_contiguous(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 6, 20, generator=g).transpose(0, 1)[:, ::2]  # [6, 5, 20], strided
+    w = torch.randn(20, 13, generator=g).t()  # [13, 20] non-contiguous weight
+    assert not x.is_contiguous() and not w.is_contiguous()
+    assert torch.equal(ops.linear(x, w), ops.linear(x.contiguous(), w.contiguous()))
+    img = torch.randn(3, 5, 12, 14, generator=g).permute(0, 1, 3, 2)  # [3, 5, 14, 12]
+    k = torch.randn(4, 5, 3, 3, generator=g)
+    assert torch.equal(ops.conv2d(img, k, padding=1), ops.conv2d(img.contiguous(), k, padding=1))
+    cl = img.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ops.conv2d(cl, k, padding=1), ops.conv2d(img.contiguous(), k, padding=1))
+    q = torch.randn(2, 7, 3, 8, generator=g).transpose(1, 2)  # [2, 3, 7, 8] strided
+    assert torch.equal(ops.attention(q, q, q), ops.attention(*(q.contiguous(),) * 3))
+    n = torch.randn(7, 4, 30, generator=g)[:, :, ::3]  # [7, 4, 10]
+    assert torch.equal(ops.layer_norm(n, (10,)), ops.layer_norm(n.contiguous(), (10,)))
+    assert torch.equal(ops.softmax(n, 1), ops.softmax(n.contiguous(), 1))
+    gn = torch.randn(3, 8, 6, 5, generator=g).transpose(2, 3)
+    assert torch.equal(ops.group_norm(gn, 4), ops.group_norm(gn.contiguous(), 4))
+
+
+def test_softmax_other_dims_and_reductions_match_reference(backend):
+    x = torch.randn(3, 5, 7)
+    for d in (0, 1, 2, -1):
+        assert torch.allclose(ops.softmax(x, d), torch.softmax(x, d), atol=1e-6)
+    assert torch.allclose(ops.sum(x, dim=(1, 2)), x.sum(dim=(1, 2)), atol=1e-5)
+    assert torch.allclose(ops.mean(x, dim=1, keepdim=True), x.mean(dim=1, keepdim=True), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- empty
+def test_empty_tensors(backend):
+    assert ops.linear(torch.ones(0, 8), torch.ones(4, 8)).shape == (0, 4)
+    out = ops.linear(torch.ones(3, 0), torch.ones(4, 0), torch.arange(4.0))
+    assert torch.equal(out, F.linear(torch.ones(3, 0), torch.ones(4, 0), torch.arange(4.0)))
+    assert ops.conv2d(torch.ones(0, 2, 5, 5), torch.ones(3, 2, 3, 3)).shape == (0, 3, 3, 3)
+    assert ops.attention(*(torch.ones(0, 2, 3, 4),) * 3).shape == (0, 2, 3, 4)
+    assert ops.layer_norm(torch.ones(0, 5), (5,)).shape == (0, 5)
+    assert ops.group_norm(torch.ones(0, 4, 3), 2).shape == (0, 4, 3)
+    assert ops.softmax(torch.ones(0, 5)).shape == (0, 5)
+    assert ops.sum(torch.ones(0, 5)).shape == (0,)
+    assert ops.mm(torch.ones(0, 3), torch.ones(3, 2)).shape == (0, 2)
+    assert ops.bmm(torch.ones(0, 3, 2), torch.ones(0, 2, 4)).shape == (0, 3, 4)
+
+
+# ---------------------------------------------------------------------------------------- NaN / Inf
+def test_nan_inf_propagate_like_reference_and_stay_in_their_row(backend):
+    x = torch.randn(4, 6, 16)
+    x[1, 2, 3] = float("nan")
+    x[2, 0, 5] = float("inf")
+    w = torch.randn(9, 16)
+    out = ops.linear(x, w)
+    ref = F.linear(x, w)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    assert torch.allclose(out[fin], ref[fin], atol=1e-5)
+    # rows without bad values are untouched and identical to running them alone
+    assert torch.equal(out[0], ops.linear(x[:1], w)[0]) and out[3].isfinite().all()
+    ln = ops.layer_norm(x, (16,))
+    assert ln[1, 2].isnan().all() and ln[0].isfinite().all()
+    sm = ops.softmax(x, -1)
+    assert torch.equal(sm.isnan(), torch.softmax(x, -1).isnan())
+    img = torch.randn(2, 3, 6, 6)
+    img[1, 0, 2, 2] = float("nan")
+    c = ops.conv2d(img, torch.randn(4, 3, 3, 3), padding=1)
+    assert c[0].isfinite().all() and c[1].isnan().any()
+    q = torch.randn(2, 1, 5, 8)
+    q[1, 0, 0, 0] = float("nan")
+    a = ops.attention(q, q.nan_to_num(), q.nan_to_num())
+    assert a[0].isfinite().all() and a[1, 0, 0].isnan().all() and a[1, 0, 1:].isfinite().all()
+
+
+def test_fully_masked_row_gives_nan_like_reference(backend):
+    q = torch.randn(1, 1, 3, 4)
+    m = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    m[0, 0, 1] = False
+    out = ops.attention(q, q, q, attn_mask=m)
+    ref = torch.softmax((q @ q.transpose(-1, -2)) / math.sqrt(4) + torch.where(m, 0.0, -math.inf), -1) @ q
+    assert torch.equal(out.isnan(), ref.isnan()) and out[0, 0, 1].isnan().all()
