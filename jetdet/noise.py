@@ -108,9 +108,7 @@ def randn(
     if backend.backend_for(probe) == "triton":
         from jetdet.kernels.noise.launch import philox_randn
 
-        out = philox_randn(
-            n_items, per_item, seed, item_offset=item_offset, step=step, dtype=dtype, device=dev
-        )
+        out = philox_randn(n_items, per_item, seed, item_offset=item_offset, step=step, dtype=dtype, device=dev)
     else:
         from jetdet.kernels.noise.reference import randn_reference
 

@@ -161,9 +161,7 @@ def philox_randn_kernel(
     for pb in range(tl.program_id(1), blocks_per_item, tl.num_programs(1)):
         blk = pb * BLOCK + tl.arange(0, BLOCK)  # Philox block index: elements 4*blk .. 4*blk+3 of the item
         x0, x1, x2, x3 = philox4x32_10(blk.to(tl.uint32), c1, c2, c3, k0, k1)
-        x = tl.where(
-            w == 0, x0[:, None], tl.where(w == 1, x1[:, None], tl.where(w == 2, x2[:, None], x3[:, None]))
-        )
+        x = tl.where(w == 0, x0[:, None], tl.where(w == 1, x1[:, None], tl.where(w == 2, x2[:, None], x3[:, None])))
         z = bits_to_normal(x)  # [BLOCK, 4] float32
         offs = blk.to(tl.int64)[:, None] * 4 + w
         mask = offs < N
