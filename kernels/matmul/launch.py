@@ -1,0 +1,216 @@
+"""Host side of the batch-invariant GEMM: config lookup, allocation, grid, launch.
+
+The caller (``jetdet.ops``) has validated dtypes, devices and shapes; the asserts here are cheap guards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton
+from jetdet.kernels._common import CompileSpec, empty, tl_ptr
+
+from jetdet import _paths, configs
+
+from .kernel import _matmul_kernel
+
+OP = "matmul"
+
+# Used when no table matches the device (e.g. sm_86, sm_120); fits 99 KiB of shared memory and compiles
+# without spills on sm_80/89/90 (see ``python -m jetdet.static_report --only matmul``).
+DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+DEFAULT_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3)
+
+_MAX_GRID_Y = 65535
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _default(dtype: torch.dtype) -> dict:
+    return DEFAULT_CONFIG_FP32 if dtype == torch.float32 else DEFAULT_CONFIG
+
+
+def get_config(n: int, dtype: torch.dtype, device=None) -> dict:
+    """Tile config for output width ``n``: never M or the batch size, which keeps it batch-invariant."""
+    return configs.get_config(OP, n, dtype=dtype, device=device, default=_default(dtype))
+
+
+def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
+    # fp32: IEEE dot, never TF32. bf16 under the interpreter: its bf16 dot gives wrong numbers, and the
+    # bf16 x bf16 products are exact in fp32, so the fp32 dot computes what the tensor cores do.
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor) -> None:
+    """a [B, M, K], b [B, K, N], c [B, M, N]."""
+    if c.dtype == torch.bfloat16 and c.device.type != "cuda":
+        # The interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): write fp32 and
+        # let torch round, which is what the GPU's cvt.rn.bf16.f32 does.
+        c32 = empty(c.shape, torch.float32, c.device)
+        _launch(a, b, bias, c32)
+        c.copy_(c32)
+        return
+    nb, m, k = a.shape
+    n = b.shape[2]
+    cfg = get_config(n, a.dtype, a.device)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    bias_arg = bias if bias is not None else c
+    for start in range(0, nb, _MAX_GRID_Y):
+        stop = min(nb, start + _MAX_GRID_Y)
+        a_, b_, c_ = a[start:stop], b[start:stop], c[start:stop]
+        # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
+        sb = (0, 0, 0) if nb == 1 else (a_.stride(0), b_.stride(0), c_.stride(0))
+        _matmul_kernel[(tiles, stop - start)](
+            a_, b_, bias_arg, c_,
+            m, n, k,
+            sb[0], a_.stride(1), a_.stride(2),
+            sb[1], b_.stride(1), b_.stride(2),
+            sb[2], c_.stride(1), c_.stride(2),
+            HAS_BIAS=bias is not None,
+            DOT_F32=_dot_f32(a.dtype, a.device),
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=cfg["BLOCK_K"],
+            GROUP_M=cfg["GROUP_M"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )  # fmt: skip
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b + bias``: a [M, K], b [K, N] (any strides, e.g. ``weight.t()``), bias [N] or None -> [M, N].
+
+    Output in ``a.dtype``; fp32 accumulation; the K loop runs in order inside one program (no split-K, no
+    atomics), with one tile config chosen by N, so row i of the result is bitwise the same for any M.
+    """
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0], (tuple(a.shape), tuple(b.shape))
+    assert a.dtype in _DTYPES and b.dtype == a.dtype and a.device == b.device
+    m, n = a.shape[0], b.shape[1]
+    if bias is not None:
+        assert bias.shape == (n,) and bias.device == a.device, tuple(bias.shape)
+    c = empty((m, n), a.dtype, a.device)
+    if m == 0 or n == 0:
+        return c
+    if a.shape[1] == 0:
+        c.zero_()
+        if bias is not None:
+            c += bias.to(c.dtype)
+        return c
+    _launch(a.unsqueeze(0), b.unsqueeze(0), bias, c.unsqueeze(0))
+    return c
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched ``a @ b``: a [B, M, K], b [B, K, N] (any strides) -> [B, M, N] in ``a.dtype``.
+
+    Each batch item runs the same fixed-tile, in-order K loop as :func:`matmul`, so ``bmm(a, b)[i]`` is
+    bitwise ``bmm(a[i:i+1], b[i:i+1])[0]``.
+    """
+    assert a.dim() == 3 and b.dim() == 3, (tuple(a.shape), tuple(b.shape))
+    assert a.shape[0] == b.shape[0] and a.shape[2] == b.shape[1], (tuple(a.shape), tuple(b.shape))
+    assert a.dtype in _DTYPES and b.dtype == a.dtype and a.device == b.device
+    nb, m, n = a.shape[0], a.shape[1], b.shape[2]
+    c = empty((nb, m, n), a.dtype, a.device)
+    if c.numel() == 0:
+        return c
+    if a.shape[2] == 0:
+        return c.zero_()
+    _launch(a, b, None, c)
+    return c
+
+
+# --------------------------------------------------------------------------------------------- static report
+
+
+# arch each shipped table is selected on (configs.find_table: device name first, then sm_<cc>)
+TABLE_ARCHS = {"NVIDIA_A100-SXM4-80GB": (80,), "NVIDIA_H100_80GB_HBM3": (90,)}
+ALL_ARCHS = (80, 89, 90)
+
+
+def _table_archs(ident: str) -> tuple[int, ...]:
+    if ident in TABLE_ARCHS:
+        return TABLE_ARCHS[ident]
+    if ident.startswith("sm_") and ident[3:].isdigit():
+        return (int(ident[3:]),)
+    return ALL_ARCHS
+
+
+def shipped_configs(op: str, dtypes, default_for) -> list[tuple[torch.dtype, dict, tuple[int, ...]]]:
+    """``(dtype, config, archs)`` for the built-in default (all archs) and every entry of every shipped
+    table of ``op``, each table paired with the dtypes ``configs.find_table`` picks it for and the arch it
+    is selected on; equal configs are merged (archs united)."""
+    base = os.path.join(_paths.configs_dir(), op)
+    tables: dict[str, dict] = {}
+    if os.path.isdir(base):
+        for fname in sorted(os.listdir(base)):
+            if fname.startswith("device_name=") and fname.endswith(".json"):
+                with open(os.path.join(base, fname)) as f:
+                    tables[fname[len("device_name=") : -len(".json")]] = json.load(f)
+    idents = sorted({name.split(",")[0] for name in tables})
+    merged: dict[tuple, tuple[torch.dtype, dict, set]] = {}
+    for dtype in dtypes:
+        cands = [(default_for(dtype), ALL_ARCHS)]
+        for ident in idents:
+            table = tables.get(f"{ident},dtype={configs.dtype_name(dtype)}", tables.get(ident))
+            if table is not None:
+                cands.extend(({**default_for(dtype), **cfg}, _table_archs(ident)) for cfg in table.values())
+        for cfg, archs in cands:
+            key = (dtype, tuple(sorted(cfg.items())))
+            merged.setdefault(key, (dtype, cfg, set()))[2].update(archs)
+    return [(dtype, cfg, tuple(sorted(archs))) for dtype, cfg, archs in merged.values()]
+
+
+def compile_specs() -> list[CompileSpec]:
+    """One spec per (shipped config, dtype) for ``jetdet.static_report``, with the bias epilogue (the
+    no-bias variant is the same kernel minus one load and add).
+
+    Modelled on the common launch: contiguous ``a`` (stride_ak == 1, which Triton specializes to a
+    constant) and ``b = weight.t()`` (stride_bk == 1), 16-byte aligned pointers, N and K multiples of 16.
+    """
+    specs = []
+    for dtype, cfg, archs in shipped_configs(OP, _DTYPES, _default):
+        ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
+        tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        name = f"matmul_{dt}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}"
+        specs.append(
+            CompileSpec(
+                name=name,
+                fn=_matmul_kernel,
+                signature={
+                    "a_ptr": ptr,
+                    "b_ptr": ptr,
+                    "bias_ptr": ptr,
+                    "c_ptr": ptr,
+                    "M": "i32",
+                    "N": "i32:16",
+                    "K": "i32:16",
+                    "stride_ab": "i32:16",
+                    "stride_am": "i32:16",
+                    "stride_ak": "constexpr",
+                    "stride_bb": "i32:16",
+                    "stride_bk": "constexpr",
+                    "stride_bn": "i32:16",
+                    "stride_cb": "i32:16",
+                    "stride_cm": "i32:16",
+                    "stride_cn": "constexpr",
+                },  # fmt: skip
+                constexprs={
+                    "stride_ak": 1,
+                    "stride_bk": 1,
+                    "stride_cn": 1,
+                    "HAS_BIAS": True,
+                    "DOT_F32": dt == "fp32",
+                    "BLOCK_M": cfg["BLOCK_M"],
+                    "BLOCK_N": cfg["BLOCK_N"],
+                    "BLOCK_K": cfg["BLOCK_K"],
+                    "GROUP_M": cfg["GROUP_M"],
+                },
+                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                deterministic=True,
+                archs=archs,
+                forbid=("no_tf32",) if dt == "fp32" else (),
+            )
+        )
+    return specs
