@@ -1,0 +1,182 @@
+"""Host side of the batch-invariant implicit-GEMM conv2d: config lookup, allocation, grid, launch.
+
+The caller (``jetdet.ops``) has validated dtypes, devices and shapes; the asserts here are cheap guards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from jetdet import configs
+from jetdet.kernels._common import CompileSpec, empty, tl_ptr
+from jetdet.kernels.matmul.launch import shipped_configs
+
+from .kernel import _conv2d_kernel
+
+OP = "conv2d"
+
+# Used when no table matches the device; no spills on sm_80/89/90, fits 99 KiB of shared memory.
+DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+DEFAULT_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3)
+
+_MAX_GRID_Y = 65535
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_I32 = 2**31 - 1
+
+
+def _default(dtype: torch.dtype) -> dict:
+    return DEFAULT_CONFIG_FP32 if dtype == torch.float32 else DEFAULT_CONFIG
+
+
+def get_config(out_channels: int, dtype: torch.dtype, device=None) -> dict:
+    """Tile config keyed by the number of output channels (never the batch size or the image size)."""
+    return configs.get_config(OP, out_channels, dtype=dtype, device=device, default=_default(dtype))
+
+
+def out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def conv2d(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> torch.Tensor:
+    """2-D convolution, NCHW: x [B, C, H, W] (any strides), w [O, C, kh, kw], bias [O] or None
+    -> [B, O, OH, OW] in ``x.dtype``, ``OH = (H + 2 * padding[0] - kh) // stride[0] + 1`` (same for W).
+
+    Zero padding, groups=1, dilation=1. fp32 accumulation; the reduction over ``C * kh * kw`` runs in a
+    fixed order inside one program, with a tile config chosen by O, so ``conv2d(x)[i]`` is bitwise
+    ``conv2d(x[i:i+1])[0]`` for any batch.
+    """
+    assert x.dim() == 4 and w.dim() == 4 and x.shape[1] == w.shape[1], (tuple(x.shape), tuple(w.shape))
+    assert x.dtype in _DTYPES and w.dtype == x.dtype and w.device == x.device
+    sh, sw = (int(v) for v in stride)
+    ph, pw = (int(v) for v in padding)
+    assert sh >= 1 and sw >= 1 and ph >= 0 and pw >= 0, (stride, padding)
+    nb, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oh, ow = out_size(h, kh, sh, ph), out_size(wd, kw, sw, pw)
+    assert oh >= 1 and ow >= 1, f"kernel {kh}x{kw} larger than padded input {h}x{wd}"
+    if bias is not None:
+        assert bias.shape == (o,) and bias.device == x.device, tuple(bias.shape)
+    y = empty((nb, o, oh, ow), x.dtype, x.device)
+    if y.numel() == 0:
+        return y
+    if c == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(y.dtype)[:, None, None]
+        return y
+    w2 = w.reshape(o, c * kh * kw)  # a view for contiguous weights; k = (c * kh + r) * kw + s
+    # 32-bit offsets inside one batch item (the batch offset is 64-bit)
+    span = (c - 1) * abs(x.stride(1)) + (h - 1) * abs(x.stride(2)) + (wd - 1) * abs(x.stride(3))
+    assert span < _I32, "one batch item of x spans 2**31 elements or more"
+    assert o * oh * ow < _I32 and w2.numel() < _I32
+
+    if x.dtype == torch.bfloat16 and x.device.type != "cuda":
+        # The interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): write fp32 and let
+        # torch round, as the GPU's cvt.rn.bf16.f32 does.
+        y32 = empty(y.shape, torch.float32, x.device)
+        _launch(x, w2, bias, y32, kh, kw, sh, sw, ph, pw, dot_f32=True)
+        y.copy_(y32)
+        return y
+    _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, dot_f32=x.dtype == torch.float32)
+    return y
+
+
+def _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
+    nb, c, h, wd = x.shape
+    _, o, oh, ow = y.shape
+    cfg = get_config(o, x.dtype, x.device)
+    tiles = triton.cdiv(oh * ow, cfg["BLOCK_M"]) * triton.cdiv(o, cfg["BLOCK_N"])
+    bias_arg = bias if bias is not None else y
+    for start in range(0, nb, _MAX_GRID_Y):
+        stop = min(nb, start + _MAX_GRID_Y)
+        x_, y_ = x[start:stop], y[start:stop]
+        # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
+        sxb, syb = (0, 0) if stop - start == 1 else (x_.stride(0), y_.stride(0))
+        _conv2d_kernel[(tiles, stop - start)](
+            x_, w2, bias_arg, y_,
+            c, h, wd, o, oh, ow,
+            sxb, x_.stride(1), x_.stride(2), x_.stride(3),
+            w2.stride(0), w2.stride(1),
+            syb,
+            sh, sw, ph, pw,
+            KH=kh,
+            KW=kw,
+            HAS_BIAS=bias is not None,
+            DOT_F32=dot_f32,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"],
+            GROUP_M=cfg["GROUP_M"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- static report
+
+# (kh, kw, stride, padding) compiled per config: the shapes diffusion UNets/VAEs use most
+_SPEC_SHAPES = ((3, 3, 1, 1), (1, 1, 1, 0))
+
+
+def compile_specs() -> list[CompileSpec]:
+    """One spec per (shipped config, dtype, kernel shape in ``_SPEC_SHAPES``) for ``jetdet.static_report``,
+    with bias. Modelled on the common launch: contiguous NCHW input with H*W and W multiples of 16,
+    contiguous weights (stride_wk == 1), stride/padding 1 specialized to constants as Triton does."""
+    specs = []
+    for dtype, cfg, archs in shipped_configs(OP, _DTYPES, _default):
+        ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
+        tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        for kh, kw, st, pad in _SPEC_SHAPES:
+            signature = {
+                "x_ptr": ptr,
+                "w_ptr": ptr,
+                "bias_ptr": ptr,
+                "y_ptr": ptr,
+                "C": "i32:16",
+                "H": "i32:16",
+                "W": "i32:16",
+                "O": "i32:16",
+                "OH": "i32:16",
+                "OW": "i32:16",
+                "stride_xb": "i32:16",
+                "stride_xc": "i32:16",
+                "stride_xh": "i32:16",
+                "stride_wo": "i32:16",
+                "stride_yb": "i32:16",
+            }
+            constexprs = {"stride_xw": 1, "stride_wk": 1}
+            for arg, val in (("SH", st), ("SW", st), ("PH", pad), ("PW", pad)):
+                if val == 1:
+                    constexprs[arg] = 1
+                else:
+                    signature[arg] = "i32:16" if val % 16 == 0 else "i32"
+            constexprs.update(
+                KH=kh,
+                KW=kw,
+                HAS_BIAS=True,
+                DOT_F32=dtype == torch.float32,
+                BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"],
+                GROUP_M=cfg["GROUP_M"],
+            )
+            specs.append(
+                CompileSpec(
+                    name=f"conv2d_{dt}_{kh}x{kw}s{st}p{pad}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}",
+                    fn=_conv2d_kernel,
+                    signature=signature,
+                    constexprs=constexprs,
+                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    deterministic=True,
+                    archs=archs,
+                    forbid=("no_tf32",) if dtype == torch.float32 else (),
+                )
+            )
+    return specs
