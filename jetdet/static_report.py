@@ -1,0 +1,498 @@
+"""Static report: cross-compile every shipped kernel config for sm_80/89/90 and read what the GPU would run.
+
+No GPU is needed. Each kernel module under ``KERNEL_MODULES`` exposes ``compile_specs() ->
+list[CompileSpec]`` (``jetdet.kernels._common``); each spec is compiled with
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``.
+The cubin is then read with ``cuobjdump --dump-resource-usage`` (registers, stack = spills, static shared
+memory) and ``cuobjdump -sass`` (instruction classes). Per (kernel, arch) the row holds:
+
+``regs``, ``stack`` (bytes of local-memory stack: register spills), ``shared`` (static + Triton's dynamic
+shared memory, bytes), ``hmma`` / ``hgmma`` (tensor-core MMA / Hopper warpgroup MMA), ``tf32`` (how many of
+those are ``.TF32``), ``atomics`` (RED/REDG/ATOM/ATOMG/ATOMS and TMA reductions), ``mufu`` (special-function
+unit approximations), ``ffma`` (fused multiply-adds), ``instructions`` (all SASS instructions).
+
+:func:`violations` fails: any atomic in a ``deterministic`` spec, any stack/spill bytes, shared memory over
+the arch's per-block limit, a compile error, and a class the spec forbids (``forbid``): ``no_fma`` (FFMA),
+``no_mufu`` (MUFU), ``no_tf32`` (any .TF32 tensor-core instruction).
+
+Spec conventions (matching what Triton's launcher specializes at run time):
+
+* ``signature`` names each non-constexpr argument's type (``"*fp16"``, ``"i32"``, ``"fp32"``). Constexpr
+  arguments may be listed as ``"constexpr"`` or simply left out; their values come from ``constexprs``
+  (or the Python default). To model Triton's ``== 1`` specialization, list an int argument as
+  ``"constexpr"`` with value 1.
+* Pointers are taken as 16-byte aligned (what the launcher sees for torch allocations). A type suffix
+  ``":16"`` marks an int argument divisible by 16 (``"i32:16"``); ``":1"`` on a pointer drops the alignment.
+
+Interpreter processes: with ``TRITON_INTERPRET=1`` set before triton was imported (the test suite),
+``@triton.jit`` returns an ``InterpretedFunction`` that ``ASTSource`` cannot compile. :func:`as_jit_function`
+rebuilds a real ``JITFunction`` from the same Python function, with a copy of its globals where every
+interpreted callee (also inside imported helper modules) is replaced the same way, and compilation runs
+with ``triton.knobs.runtime.interpret`` switched off for its duration. So the report works whether or not
+the interpreter is on, in the same process as the interpreter tests.
+
+Results are cached as JSON under ``$JETDET_STATIC_CACHE`` (default ``~/.cache/jetdet/static``), keyed by
+the kernel's source hash (Triton's ``cache_key``, which covers called ``@jit`` functions), the spec, the
+arch and the Triton version. ``JETDET_STATIC_CACHE=0`` disables it.
+
+Command line: ``python -m jetdet.static_report [--arch 80 --arch 90] [--only matmul] [--no-cache]
+[--json]`` prints the table and exits 1 when there are violations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from collections.abc import Iterable, Sequence
+
+from . import _paths
+
+_paths.install()
+
+KERNEL_MODULES = [
+    "jetdet.kernels.matmul.launch",
+    "jetdet.kernels.conv2d.launch",
+    "jetdet.kernels.attention.launch",
+    "jetdet.kernels.norms.launch",
+    "jetdet.kernels.reduce.launch",
+    "jetdet.kernels.noise.launch",
+    "jetdet.kernels.linear_attention.launch",
+    "jetdet.kernels.block_sparse.launch",
+    "jetdet.kernels.forecast.launch",
+]
+
+DEFAULT_ARCHS = (80, 89, 90)
+
+# Largest shared memory one block may use (opt-in maximum), bytes.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+_REPORT_VERSION = 1  # bump when the row format or the SASS classification changes
+
+_ATOMIC_OPS = {"ATOM", "ATOMG", "ATOMS", "RED", "REDG", "REDAS", "UTMAREDG", "UBLKRED"}
+_FORBID = {
+    "no_fma": ("ffma", "FFMA"),
+    "no_mufu": ("mufu", "MUFU"),
+    "no_tf32": ("tf32", "TF32 tensor-core"),
+}
+_SASS_RE = re.compile(
+    r"^\s*/\*[0-9a-fA-F]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)"
+)
+_RES_RE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+# ------------------------------------------------------------------------------------------ spec collection
+
+
+def collect_specs(modules: Iterable[str] | None = None) -> list:
+    """All ``compile_specs()`` of ``modules`` (default :data:`KERNEL_MODULES`).
+
+    A module that does not exist (yet), or has no ``compile_specs``, is skipped; one that exists but fails
+    to import raises, so a broken kernel module is never silently left out of the report.
+    """
+    specs = []
+    for name in KERNEL_MODULES if modules is None else modules:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            missing = e.name or ""
+            if missing and (name == missing or name.startswith(missing + ".")):
+                continue
+            raise
+        fn = getattr(mod, "compile_specs", None)
+        if fn is None:
+            continue
+        specs.extend(fn())
+    return specs
+
+
+# ---------------------------------------------------------------------------- interpreter -> JITFunction
+
+
+def _interp_types():
+    from triton.runtime.jit import JITFunction
+
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - very old/new triton
+        InterpretedFunction = ()
+    return JITFunction, InterpretedFunction
+
+
+def _contains_interpreted(mod: types.ModuleType, interp_cls) -> bool:
+    return any(isinstance(v, interp_cls) for v in vars(mod).values())
+
+
+def as_jit_function(fn, _memo: dict | None = None):
+    """A compilable ``JITFunction`` for ``fn`` (returned as is when it already is one).
+
+    For an ``InterpretedFunction`` the original Python function is re-created with a copy of its globals in
+    which interpreted callees, and modules holding them, are replaced by compilable equivalents.
+    """
+    JITFunction, interp_cls = _interp_types()
+    if isinstance(fn, JITFunction):
+        return fn
+    if not interp_cls or not isinstance(fn, interp_cls):
+        raise TypeError(f"expected a @triton.jit function, got {type(fn).__name__}")
+    memo = {} if _memo is None else _memo
+    if id(fn) in memo:
+        return memo[id(fn)]
+    raw = fn.fn
+    new_globals = dict(raw.__globals__)
+    new_fn = types.FunctionType(raw.__code__, new_globals, raw.__name__, raw.__defaults__, raw.__closure__)
+    new_fn.__module__ = raw.__module__
+    new_fn.__qualname__ = raw.__qualname__
+    new_fn.__kwdefaults__ = raw.__kwdefaults__
+    allowed = set(inspect.signature(JITFunction.__init__).parameters) - {"self", "fn"}
+    jit = JITFunction(new_fn, **{k: v for k, v in fn.kwargs.items() if k in allowed})
+    memo[id(fn)] = jit
+    for key, val in raw.__globals__.items():
+        new_globals[key] = _convert_value(val, memo, interp_cls)
+    return jit
+
+
+def _convert_value(val, memo: dict, interp_cls):
+    if isinstance(val, interp_cls):
+        return as_jit_function(val, memo)
+    if (
+        isinstance(val, types.ModuleType)
+        and not val.__name__.startswith("triton")
+        and _contains_interpreted(val, interp_cls)
+    ):
+        key = ("module", id(val))
+        if key not in memo:
+            proxy = types.ModuleType(val.__name__, val.__doc__)
+            memo[key] = proxy
+            for k, v in vars(val).items():
+                setattr(proxy, k, _convert_value(v, memo, interp_cls) if isinstance(v, interp_cls) else v)
+        return memo[key]
+    return val
+
+
+# ------------------------------------------------------------------------------------------- compilation
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    try:
+        path = getattr(triton.knobs.nvidia, name).path
+        if path and os.path.isfile(path):
+            return path
+    except Exception:  # fall back to the bundled binary
+        pass
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _resolve_signature(jit, spec) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``ASTSource``: every argument in order, constexprs typed
+    ``"constexpr"``, alignment hints as ``tt.divisibility`` attributes."""
+    params = inspect.signature(jit.fn).parameters
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (arg, param) in enumerate(params.items()):
+        if arg in spec.signature and spec.signature[arg] != "constexpr":
+            ty, _, hint = spec.signature[arg].partition(":")
+            signature[arg] = ty
+            div = int(hint) if hint else (16 if ty.startswith("*") else 1)
+            if div >= 16 and div % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            continue
+        if arg in spec.constexprs:
+            value = spec.constexprs[arg]
+        elif param.default is not inspect.Parameter.empty:
+            value = param.default
+        else:
+            raise ValueError(
+                f"{spec.name}: argument {arg!r} has neither a signature type nor a constexpr value"
+            )
+        signature[arg] = "constexpr"
+        constexprs[arg] = value
+    unknown = (set(spec.signature) | set(spec.constexprs)) - set(params)
+    if unknown:
+        raise ValueError(f"{spec.name}: {sorted(unknown)} are not arguments of {jit.fn.__name__}")
+    return signature, constexprs, attrs
+
+
+def _cache_dir() -> str | None:
+    env = os.environ.get("JETDET_STATIC_CACHE")
+    if env == "0":
+        return None
+    return env or os.path.join(os.path.expanduser("~"), ".cache", "jetdet", "static")
+
+
+def _cache_key(jit, spec, arch: int) -> str:
+    import triton
+
+    blob = json.dumps(
+        {
+            "v": _REPORT_VERSION,
+            "triton": triton.__version__,
+            "src": jit.cache_key,
+            "fn": jit.fn.__qualname__,
+            "signature": spec.signature,
+            "constexprs": {k: repr(v) for k, v in spec.constexprs.items()},
+            "options": {k: repr(v) for k, v in sorted(spec.options.items())},
+            "arch": arch,
+            "fp_fusion": os.environ.get("TRITON_DEFAULT_FP_FUSION", ""),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _compile(jit, spec, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = _resolve_signature(jit, spec)
+    src = ASTSource(jit, signature, constexprs, attrs)
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = False
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
+
+
+def _parse_resources(text: str) -> dict:
+    rows = _RES_RE.findall(text)
+    if not rows:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{text}")
+    _, reg, stack, shared, local = rows[0]
+    return {"regs": int(reg), "stack": int(stack), "static_shared": int(shared), "local": int(local)}
+
+
+def count_sass(sass: str) -> dict:
+    """Instruction-class counts of a ``cuobjdump -sass`` listing."""
+    counts = {"hmma": 0, "hgmma": 0, "tf32": 0, "atomics": 0, "mufu": 0, "ffma": 0, "instructions": 0}
+    for line in sass.splitlines():
+        m = _SASS_RE.match(line)
+        if not m:
+            continue
+        op, mods = m.group(1), m.group(2)
+        counts["instructions"] += 1
+        if op == "HMMA":
+            counts["hmma"] += 1
+        elif op == "HGMMA":
+            counts["hgmma"] += 1
+        if op in ("HMMA", "HGMMA") and ".TF32" in mods:
+            counts["tf32"] += 1
+        if op in _ATOMIC_OPS:
+            counts["atomics"] += 1
+        elif op == "MUFU":
+            counts["mufu"] += 1
+        elif op == "FFMA":
+            counts["ffma"] += 1
+    return counts
+
+
+def _measure(kernel, arch: int) -> dict:
+    cubin = kernel.asm["cubin"]
+    with tempfile.TemporaryDirectory(prefix="jetdet-static-") as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        cuobjdump = _tool("cuobjdump")
+        res = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    row = _parse_resources(res)
+    row.update(count_sass(sass))
+    row["dynamic_shared"] = int(getattr(kernel.metadata, "shared", 0) or 0)
+    row["shared"] = row["static_shared"] + row["dynamic_shared"]
+    return row
+
+
+def analyze(spec, arch: int, *, use_cache: bool = True) -> dict:
+    """Compile ``spec`` for ``sm_<arch>`` and return its report row (see the module docstring).
+
+    Raises on compile errors; :func:`report` turns those into rows with an ``error``.
+    """
+    jit = as_jit_function(spec.fn)
+    cache = _cache_dir() if use_cache else None
+    key = _cache_key(jit, spec, arch)
+    path = os.path.join(cache, f"{key}.json") if cache else None
+    measured = None
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                measured = json.load(f)
+        except (OSError, ValueError):
+            measured = None
+    cached = measured is not None
+    if measured is None:
+        measured = _measure(_compile(jit, spec, arch), arch)
+        if path:
+            try:
+                os.makedirs(cache, exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump(measured, f)
+                os.replace(tmp, path)
+            except OSError:
+                pass
+    return {
+        "kernel": spec.name,
+        "arch": arch,
+        **measured,
+        "deterministic": bool(spec.deterministic),
+        "forbid": list(spec.forbid),
+        "cached": cached,
+        "error": None,
+    }
+
+
+def report(
+    specs: Sequence | None = None,
+    archs: Iterable[int] = DEFAULT_ARCHS,
+    only: str | Iterable[str] | None = None,
+    *,
+    use_cache: bool = True,
+) -> list[dict]:
+    """Rows for every spec (default :func:`collect_specs`) and every arch in both ``archs`` and
+    ``spec.archs``. ``only``: keep specs whose name contains this substring (or any of these)."""
+    if specs is None:
+        specs = collect_specs()
+    if isinstance(only, str):
+        only = (only,)
+    archs = tuple(archs)
+    rows = []
+    for spec in specs:
+        if only is not None and not any(o in spec.name for o in only):
+            continue
+        for arch in archs:
+            if arch not in tuple(spec.archs):
+                continue
+            try:
+                rows.append(analyze(spec, arch, use_cache=use_cache))
+            except Exception as e:  # a failed compile is a reported violation
+                rows.append(
+                    {
+                        "kernel": spec.name,
+                        "arch": arch,
+                        "deterministic": bool(spec.deterministic),
+                        "forbid": list(spec.forbid),
+                        "cached": False,
+                        "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                    }
+                )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def row_violations(row: dict) -> list[str]:
+    where = f"{row['kernel']} @ sm_{row['arch']}"
+    if row.get("error"):
+        return [f"{where}: compile failed: {row['error']}"]
+    out = []
+    if row["deterministic"] and row["atomics"]:
+        out.append(f"{where}: {row['atomics']} atomic instruction(s) (RED/ATOM) in a deterministic kernel")
+    if row["stack"] or row["local"]:
+        out.append(f"{where}: spills ({row['stack']} B stack, {row['local']} B local memory)")
+    limit = SHARED_LIMIT.get(row["arch"])
+    if limit is not None and row["shared"] > limit:
+        out.append(f"{where}: {row['shared']} B shared memory > the {limit} B per-block limit")
+    for rule in row["forbid"]:
+        if rule not in _FORBID:
+            out.append(f"{where}: unknown forbid class {rule!r} (known: {', '.join(sorted(_FORBID))})")
+            continue
+        field, what = _FORBID[rule]
+        if row[field]:
+            out.append(f"{where}: {row[field]} {what} instruction(s), forbidden by {rule}")
+    return out
+
+
+def violations(rows: Iterable[dict]) -> list[str]:
+    """Human-readable violations (empty when every row is clean)."""
+    return [v for row in rows for v in row_violations(row)]
+
+
+_COLUMNS = [
+    ("kernel", "kernel"),
+    ("arch", "arch"),
+    ("regs", "regs"),
+    ("stack", "stack"),
+    ("shared", "smem"),
+    ("hmma", "hmma"),
+    ("hgmma", "hgmma"),
+    ("tf32", "tf32"),
+    ("atomics", "atom"),
+    ("mufu", "mufu"),
+    ("ffma", "ffma"),
+    ("instructions", "instr"),
+]
+
+
+def format_table(rows: Iterable[dict]) -> str:
+    """Fixed-width text table, one line per (kernel, arch), with an ``ok``/``FAIL`` column."""
+    rows = list(rows)
+    header = [title for _, title in _COLUMNS] + ["status"]
+    body = []
+    for row in rows:
+        if row.get("error"):
+            cells = [row["kernel"], f"sm_{row['arch']}"] + ["-"] * (len(_COLUMNS) - 2) + ["ERROR"]
+        else:
+            cells = [row["kernel"], f"sm_{row['arch']}"] + [str(row[k]) for k, _ in _COLUMNS[2:]]
+            cells.append("FAIL" if row_violations(row) else "ok")
+        body.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    lines = []
+    for i, cells in enumerate([header, *body]):
+        lines.append(
+            "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jetdet.static_report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--arch", type=int, action="append", help="compute capability (repeatable)")
+    parser.add_argument("--only", action="append", help="keep kernels whose name contains this (repeatable)")
+    parser.add_argument("--module", action="append", help="kernel module(s) instead of KERNEL_MODULES")
+    parser.add_argument("--no-cache", action="store_true", help="recompile instead of reading the cache")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
+    args = parser.parse_args(argv)
+    specs = collect_specs(args.module)
+    rows = report(specs, archs=args.arch or DEFAULT_ARCHS, only=args.only, use_cache=not args.no_cache)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+    bad = violations(rows)
+    if bad:
+        print(f"\n{len(bad)} violation(s):", file=sys.stderr)
+        for v in bad:
+            print(f"  {v}", file=sys.stderr)
+        return 1
+    print(f"\n{len(rows)} kernel/arch pairs, no violations.", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "KERNEL_MODULES",
+    "analyze",
+    "as_jit_function",
+    "collect_specs",
+    "count_sass",
+    "format_table",
+    "main",
+    "report",
+    "violations",
+]
