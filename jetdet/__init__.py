@@ -21,6 +21,10 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402
 from .mode import Mode, get_mode, mode, set_mode  # noqa: E402
 from .noise import randn  # noqa: E402
-# VERIFY from .verify import checksum, fingerprint, match  # noqa: E402
+from .patch import PatchHandle, patch, unpatch  # noqa: E402
+from .verify import checksum, fingerprint, match  # noqa: E402
 
-__all__ = ["Mode", "mode", "set_mode", "get_mode", "ops", "randn", "checksum", "fingerprint", "match"]
+__all__ = [
+    "Mode", "mode", "set_mode", "get_mode", "ops", "randn", "checksum", "fingerprint", "match",
+    "patch", "unpatch", "PatchHandle",
+]

@@ -1,0 +1,205 @@
+"""``jetdet.patch(model, mode=...)``: make a model deterministic or fast without editing its code.
+
+::
+
+    handle = jetdet.patch(model, mode="deterministic")   # or mode="fast", budget=..., ...
+    handle.stats()
+    handle.remove()                                       # or jetdet.unpatch(model)
+
+What patching changes, and what ``remove()`` puts back exactly:
+
+* ``mode="deterministic"``: every supported leaf layer (``nn.Linear``, ``nn.Conv2d`` with groups=1 and
+  dilation=1, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``) gets an instance-level ``forward`` that
+  calls the batch-invariant ``jetdet.ops``, and the model's own ``forward`` runs inside
+  ``jetdet.mode("deterministic")`` so functional calls in model code (``F.scaled_dot_product_attention``,
+  ``@``, ``softmax``) are routed as well. Determinism then holds without a ``with`` block.
+* ``mode="fast"``: the model's ``forward`` is wrapped by a step-cache controller
+  (:class:`jetdet.cache.StepCacheController`) that decides per batch row whether to run the model or forecast
+  its output, and runs the model only on the rows that need it.
+
+Patching never touches parameters, buffers, classes or hooks; it only sets instance ``forward`` attributes,
+and ``remove()`` deletes them again (or restores a ``forward`` attribute the user had set). Patching an
+already patched model raises; call ``remove()`` first.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import weakref
+from collections import Counter
+
+import torch.nn as nn
+
+from ..mode import mode as _mode
+from . import layers
+from .adapters import UnsupportedModelError, make_adapter
+from .call import ModelCall
+
+__all__ = ["patch", "unpatch", "PatchHandle", "UnsupportedModelError", "ModelCall"]
+
+_handles: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MISSING = object()
+MODES = ("deterministic", "fast")
+
+
+class PatchHandle:
+    """Returned by :func:`patch`. ``stats()`` reports what was patched (and the cache statistics in fast
+    mode); ``remove()`` restores the model exactly. Usable as a context manager that removes on exit."""
+
+    def __init__(self, model, mode, options):
+        self.model = model
+        self.mode = mode
+        self.options = dict(options)
+        self.controller = None
+        self.adapter = None
+        self._saved: list[tuple[nn.Module, object]] = []  # (module, previous instance forward or _MISSING)
+        self._layers: Counter = Counter()
+        self._skipped: Counter = Counter()
+        self.removed = False
+
+    # --------------------------------------------------------------------------------------------- api
+    def stats(self) -> dict:
+        s = {
+            "mode": self.mode,
+            "model": type(self.model).__name__,
+            "removed": self.removed,
+            "layers_patched": dict(self._layers),
+            "layers_left_to_router": dict(self._skipped),
+        }
+        if self.adapter is not None:
+            s["adapter"] = self.adapter.kind
+            s["latent_arg"] = self.adapter.latent
+            s["timestep_arg"] = self.adapter.timestep
+        if self.controller is not None:
+            s["cache"] = self.controller.stats()
+        return s
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        for module, prev in reversed(self._saved):
+            if prev is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = prev
+        self._saved.clear()
+        if self.controller is not None:
+            self.controller.clear()
+        if _handles.get(self.model) is self:
+            del _handles[self.model]
+        self.removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        state = "removed" if self.removed else "active"
+        return f"<jetdet PatchHandle {self.mode} on {type(self.model).__name__} ({state})>"
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def _set_forward(self, module: nn.Module, fn) -> None:
+        self._saved.append((module, module.__dict__.get("forward", _MISSING)))
+        module.__dict__["forward"] = fn
+
+
+def _check_model(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if type(model).__name__ == "ModelPatcher" or hasattr(model, "model_patches_to"):
+        raise UnsupportedModelError(
+            "model: a ComfyUI ModelPatcher is patched through the jetdet ComfyUI nodes, not jetdet.patch()"
+        )
+
+
+def _found_summary(model) -> str:
+    kinds = Counter(type(m).__name__ for m in model.modules())
+    return ", ".join(f"{k} x{v}" for k, v in kinds.most_common(12)) or "no submodules"
+
+
+def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool = False):
+    for module in model.modules():
+        fwd = layers.deterministic_forward(module)
+        if fwd is not None:
+            handle._set_forward(module, types.MethodType(fwd, module))
+            handle._layers[type(module).__name__] += 1
+        elif type(module).__name__ in layers.SUPPORTED:
+            handle._skipped[f"{type(module).__name__} ({layers.unsupported_reason(module)})"] += 1
+    if not handle._layers:
+        raise UnsupportedModelError(
+            f"jetdet.patch(mode='deterministic'): {type(model).__name__} has no supported layer "
+            f"({', '.join(layers.SUPPORTED)}); found: {_found_summary(model)}. For a model built from functional "
+            "calls only, use `with jetdet.mode('deterministic'):` instead."
+        )
+    inner = model.forward  # the (possibly user-overridden) bound forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        with _mode("deterministic", warn_only=warn_only):
+            return inner(*args, **kwargs)
+
+    handle._set_forward(model, forward)
+
+
+def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, **options):
+    from ..cache import StepCacheController
+
+    inner = model.forward
+    adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
+    controller = StepCacheController(**options)  # validates the options before anything is changed
+    handle.adapter, handle.controller = adapter, controller
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        call = adapter.bind(args, kwargs)
+        out = controller(call)
+        return adapter.pack(out, kwargs)
+
+    handle._set_forward(model, forward)
+
+
+def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHandle:
+    """Patch ``model`` in place for ``mode`` ("deterministic" or "fast") and return a :class:`PatchHandle`.
+
+    Options for ``"deterministic"``: ``warn_only`` (see :class:`jetdet.mode`).
+    Options for ``"fast"``: ``latent_arg``/``timestep_arg`` (names of the forward's latent and timestep
+    parameters, found automatically for common names) and every :class:`jetdet.cache.StepCacheController`
+    option (``budget``, ``start_percent``, ``end_percent``, ``max_consecutive_skips``, ``forecast``, ...).
+    """
+    _check_model(model)
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    existing = _handles.get(model)
+    if existing is not None and not existing.removed:
+        raise RuntimeError(
+            f"model: {type(model).__name__} is already patched by jetdet (mode={existing.mode!r}); call "
+            "handle.remove() or jetdet.unpatch(model) before patching it again"
+        )
+    handle = PatchHandle(model, mode, options)
+    try:
+        if mode == "deterministic":
+            unknown = set(options) - {"warn_only"}
+            if unknown:
+                raise TypeError(f"jetdet.patch(mode='deterministic'): unknown option(s) {sorted(unknown)}; "
+                                "accepted: warn_only")
+            _patch_deterministic(handle, model, **options)
+        else:
+            _patch_fast(handle, model, **options)
+    except BaseException:
+        handle.remove()  # nothing of the user's model stays changed after an error
+        raise
+    _handles[model] = handle
+    return handle
+
+
+def unpatch(model: nn.Module) -> bool:
+    """Remove jetdet's patch from ``model``; returns False when it was not patched."""
+    handle = _handles.get(model)
+    if handle is None:
+        return False
+    handle.remove()
+    return True

@@ -1,0 +1,164 @@
+"""Adapters: how jetdet finds the latent and timestep in a model's forward, runs it on a subset of rows,
+and packs an output back into the model's own return type.
+
+* :class:`TorchAdapter` for plain ``nn.Module`` denoisers ``forward(x, t, ...)``.
+* :class:`DiffusersAdapter` for diffusers ``ModelMixin`` models (``FluxTransformer2DModel``,
+  ``SD3Transformer2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``, ...), which return a
+  ``Transformer2DModelOutput``/``UNet2DConditionOutput`` or a tuple when ``return_dict=False``.
+
+A ComfyUI ``ModelPatcher`` adapter (a later issue) only has to produce the same :class:`ModelCall`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .call import ModelCall
+
+LATENT_NAMES = ("x", "sample", "hidden_states", "latent", "latents", "x_t", "noisy", "z")
+TIMESTEP_NAMES = ("t", "timestep", "timesteps", "sigma", "sigmas", "time")
+COND_NAMES = ("y", "class_labels", "labels", "pooled_projections", "encoder_hidden_states", "context", "cond")
+
+
+class UnsupportedModelError(TypeError):
+    """Raised by ``jetdet.patch`` when it cannot find what it needs in a model; the message lists what it found."""
+
+
+def _is_diffusers(model) -> bool:
+    return any(c.__module__.startswith("diffusers.") and c.__name__ == "ModelMixin" for c in type(model).__mro__)
+
+
+class TorchAdapter:
+    kind = "torch"
+    #: argument names that are never batch-aligned even if their first dim equals the batch size
+    no_batch: tuple[str, ...] = ()
+
+    def __init__(self, model, forward, latent_arg=None, timestep_arg=None):
+        self.model = model
+        self.forward = forward
+        self.sig = inspect.signature(forward)
+        params = [p for p in self.sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        names = [p.name for p in params]
+        self.latent = self._pick("latent_arg", latent_arg, names, LATENT_NAMES, default=names[0] if names else None)
+        self.timestep = self._pick("timestep_arg", timestep_arg, names, TIMESTEP_NAMES)
+        if self.latent is None or self.timestep is None:
+            raise UnsupportedModelError(
+                f"jetdet.patch(mode='fast'): cannot find the latent and timestep arguments of "
+                f"{type(model).__name__}.forward{self.sig}; found parameters {names}. Expected a latent named "
+                f"one of {LATENT_NAMES} (or the first parameter) and a timestep named one of {TIMESTEP_NAMES}; "
+                f"pass latent_arg=/timestep_arg= to name them."
+            )
+        self.cond_names = [n for n in COND_NAMES if n in names]
+        self._container = None
+
+    @staticmethod
+    def _pick(option, given, names, candidates, default=None):
+        if given is not None:
+            if given not in names:
+                raise ValueError(f"{option}: {given!r} is not a parameter of forward; parameters are {names}")
+            return given
+        for c in candidates:
+            if c in names:
+                return c
+        return default
+
+    # ----------------------------------------------------------------------------------- binding
+    def bind(self, args, kwargs) -> ModelCall:
+        ba = self.sig.bind(*args, **kwargs)
+        a = ba.arguments
+        x = a.get(self.latent)
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise TypeError(f"{self.latent}: expected the latent as a batch-first tensor, got {type(x).__name__}")
+        bsz = x.shape[0]
+        t = self._timestep_tensor(a.get(self.timestep), bsz, x.device)
+        cond = None
+        for n in self.cond_names:
+            c = a.get(n)
+            if isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == bsz:
+                cond = c
+                break
+
+        def run(rows):
+            sub = inspect.BoundArguments(self.sig, self._slice_arguments(dict(a), bsz, rows))
+            return self._unpack(self.forward(*sub.args, **sub.kwargs))
+
+        return ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond,
+                         extra={"latent_arg": self.latent, "timestep_arg": self.timestep})
+
+    def _timestep_tensor(self, t, bsz, device):
+        if isinstance(t, torch.Tensor):
+            t = t.to(device=device, dtype=torch.float32)
+            if t.dim() == 0 or t.numel() == 1:
+                return t.reshape(1).expand(bsz)
+            if t.shape[0] != bsz:
+                raise ValueError(f"{self.timestep}: expected a scalar or {bsz} values (one per row), "
+                                 f"got shape {tuple(t.shape)}")
+            return t.reshape(bsz)
+        if isinstance(t, (int, float)):
+            return torch.full((bsz,), float(t), device=device)
+        raise TypeError(f"{self.timestep}: expected a tensor or a number, got {type(t).__name__}")
+
+    def _slice_arguments(self, a, bsz, rows):
+        if rows is None:
+            return a
+        for k, v in a.items():
+            if k in self.no_batch:
+                continue
+            a[k] = _slice(v, bsz, rows)
+        return a
+
+    # ----------------------------------------------------------------------------------- outputs
+    def _unpack(self, out):
+        if isinstance(out, torch.Tensor):
+            self._container = ("tensor", None)
+            return out
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and not hasattr(out, "keys"):
+            self._container = ("tuple", len(out))
+            if len(out) != 1:
+                raise UnsupportedModelError(
+                    f"jetdet.patch(mode='fast'): forward returned a tuple of {len(out)} items; the step cache "
+                    "handles one output tensor"
+                )
+            return out[0]
+        sample = getattr(out, "sample", None)
+        if isinstance(sample, torch.Tensor):
+            self._container = ("output", type(out))
+            return sample
+        raise UnsupportedModelError(
+            f"jetdet.patch(mode='fast'): forward returned {type(out).__name__}; expected a tensor, a 1-tuple or "
+            "an output object with a .sample tensor"
+        )
+
+    def pack(self, tensor, call_kwargs):
+        kind, info = self._container or ("tensor", None)
+        if kind == "tensor":
+            return tensor
+        if kind == "tuple":
+            return (tensor,)
+        return info(sample=tensor)
+
+
+def _slice(v, bsz, rows):
+    if isinstance(v, torch.Tensor):
+        if v.dim() >= 1 and v.shape[0] == bsz:
+            return v.index_select(0, rows.to(v.device))
+        return v
+    if isinstance(v, (list, tuple)) and v and all(isinstance(e, torch.Tensor) for e in v):
+        return type(v)(_slice(e, bsz, rows) for e in v)
+    return v
+
+
+class DiffusersAdapter(TorchAdapter):
+    kind = "diffusers"
+    # positional ids shared by all rows ([N, 3] in current diffusers) are never sliced
+    no_batch = ("img_ids", "txt_ids", "attention_kwargs", "joint_attention_kwargs", "cross_attention_kwargs")
+
+    def __init__(self, model, forward, latent_arg=None, timestep_arg=None):
+        super().__init__(model, forward, latent_arg, timestep_arg)
+
+
+def make_adapter(model, forward, latent_arg=None, timestep_arg=None):
+    cls = DiffusersAdapter if _is_diffusers(model) else TorchAdapter
+    return cls(model, forward, latent_arg=latent_arg, timestep_arg=timestep_arg)

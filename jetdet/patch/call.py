@@ -1,0 +1,37 @@
+"""One model evaluation, as the step-cache controller sees it.
+
+The patcher's adapters (plain torch, diffusers, later ComfyUI) turn a ``forward(*args, **kwargs)`` call
+into a :class:`ModelCall`: the latent, the per-row timestep, and a ``run(rows)`` function that evaluates the
+original model on a subset of the batch rows (row compaction). The controller decides per row whether to
+run the model or forecast the output, calls ``run`` once with the rows that need it, and returns the full
+``[B, ...]`` output; the adapter packs it into the model's own return type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ModelCall:
+    x: torch.Tensor
+    """The latent / noisy sample, batch first ``[B, ...]``."""
+    t: torch.Tensor
+    """Per-row timestep or sigma, float ``[B]`` on ``x.device`` (a scalar timestep is broadcast)."""
+    run: Callable[[torch.Tensor | None], torch.Tensor]
+    """``run(rows)`` evaluates the original model on ``rows`` (a LongTensor of row indices, or None for
+    all rows) and returns its output tensor for those rows, ``[len(rows), ...]``."""
+    model_id: int = 0
+    """Identity of the model being evaluated (``id`` of the module): a change resets cached state."""
+    cond: torch.Tensor | None = None
+    """Optional per-row conditioning summary ``[B, ...]`` (e.g. class labels, or a pooled text embedding)
+    that lets the controller tell CFG branches apart when they share a batch. May be None."""
+    extra: dict = field(default_factory=dict)
+    """Adapter-specific facts for logs (e.g. which argument was the latent)."""
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]

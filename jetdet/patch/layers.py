@@ -1,0 +1,63 @@
+"""Deterministic forwards for the supported leaf layers, installed per instance by ``jetdet.patch``."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .. import ops
+
+
+def _linear(self, input):
+    return ops.linear(input, self.weight, self.bias)
+
+
+def _conv2d(self, input):
+    return ops.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _layer_norm(self, input):
+    return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _group_norm(self, input):
+    return ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _rms_norm(self, input):
+    return ops.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+def deterministic_forward(module: nn.Module):
+    """The jetdet forward for ``module``, or None when it is not a supported layer (the reason is then
+    given by :func:`unsupported_reason`)."""
+    if unsupported_reason(module) is not None:
+        return None
+    if type(module) is nn.Linear:
+        return _linear
+    if type(module) is nn.Conv2d:
+        return _conv2d
+    if type(module) is nn.LayerNorm:
+        return _layer_norm
+    if type(module) is nn.GroupNorm:
+        return _group_norm
+    if hasattr(nn, "RMSNorm") and type(module) is nn.RMSNorm:
+        return _rms_norm
+    return None
+
+
+SUPPORTED = ("Linear", "Conv2d", "LayerNorm", "GroupNorm", "RMSNorm")
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    if type(module) is nn.Conv2d:
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if tuple(module.dilation) != (1, 1):
+            return f"dilation={module.dilation}"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str) and module.padding == "same" and (
+            tuple(module.stride) != (1, 1) or any(k % 2 == 0 for k in module.kernel_size)
+        ):
+            return "padding='same' with stride > 1 or an even kernel"
+    return None
