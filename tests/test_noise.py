@@ -32,6 +32,13 @@ KAT = [
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Where the Triton kernels run: the GPU when there is one, else the interpreter on CPU.
+KDEV = "cuda" if (torch.cuda.is_available() and not _INTERPRET) else "cpu"
+triton_ok = pytest.mark.skipif(KDEV == "cpu" and not _INTERPRET, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Bit pattern of a float tensor, so comparisons are bitwise (and -0.0 != 0.0)."""
     if t.dtype == torch.float64:
@@ -40,10 +47,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def both_backends(monkeypatch, *args, **kwargs):
+    """(torch path on CPU, Triton kernel on KDEV) for the same arguments."""
     monkeypatch.setenv("JETDET_BACKEND", "torch")
     a = noise.randn(*args, **kwargs)
     monkeypatch.setenv("JETDET_BACKEND", "triton")
-    b = noise.randn(*args, **kwargs)
+    b = noise.randn(*args, device=KDEV, **kwargs).cpu()
     monkeypatch.delenv("JETDET_BACKEND")
     return a, b
 
@@ -57,10 +65,10 @@ def test_philox_kat_reference():
         assert tuple(int(w[0]) for w in got) == want
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs the interpreter")
+@triton_ok
 def test_philox_kat_triton():
-    ctr = torch.tensor([c for c, _, _ in KAT], dtype=torch.int64)
-    key = torch.tensor([k for _, k, _ in KAT], dtype=torch.int64)
+    ctr = torch.tensor([c for c, _, _ in KAT], dtype=torch.int64, device=KDEV)
+    key = torch.tensor([k for _, k, _ in KAT], dtype=torch.int64, device=KDEV)
     got = launch.philox4x32_10(ctr, key)
     assert [tuple(r) for r in got.tolist()] == [w for _, _, w in KAT]
 
@@ -75,12 +83,8 @@ def test_philox_reference_broadcasts_and_matches_scalar_calls():
 
 # ------------------------------------------------------------------------------- Triton == torch, bitwise
 
-interp = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="Triton on CPU needs TRITON_INTERPRET=1"
-)
 
-
-@interp
+@triton_ok
 @pytest.mark.parametrize(
     "shape,seed,item_offset,step",
     [
@@ -100,7 +104,7 @@ def test_triton_equals_torch(monkeypatch, shape, seed, item_offset, step, dtype)
     assert torch.isfinite(a).all()
 
 
-@interp
+@triton_ok
 def test_transform_triton_equals_torch_on_chosen_words():
     """Every branch and the extremes: k = 0 (smallest q, largest |z|), the central/tail split, q near 1/2,
     both signs, and a stride through all 2^23 values of k."""
@@ -114,20 +118,30 @@ def test_transform_triton_equals_torch_on_chosen_words():
     )
     low = torch.randint(0, 256, k.shape, dtype=torch.int64)  # bits 0..7 are ignored by the transform
     words = torch.cat([(k << 8) | low, (k << 8) | low | (1 << 31)])
-    a = launch.bits_to_normal(words)
+    a = launch.bits_to_normal(words.to(KDEV)).cpu()
     b = reference.bits_to_normal(words)
     assert torch.equal(bits(a), bits(b))
 
 
-@interp
+@triton_ok
 @pytest.mark.parametrize("block", [32, 256, 2048])
 def test_kernel_output_independent_of_block_and_grid(monkeypatch, block):
     want = reference.randn_reference(3, 1027, 77, 10, 5)
-    got = launch.philox_randn(3, 1027, 77, item_offset=10, step=5, device="cpu", block=block)
+    got = launch.philox_randn(3, 1027, 77, item_offset=10, step=5, device=KDEV, block=block).cpu()
     assert torch.equal(bits(got), bits(want))
     monkeypatch.setattr(launch, "MAX_GRID_Y", 2)  # force the strided loop over an item's blocks
-    got = launch.philox_randn(3, 1027, 77, item_offset=10, step=5, device="cpu", block=block)
+    got = launch.philox_randn(3, 1027, 77, item_offset=10, step=5, device=KDEV, block=block).cpu()
     assert torch.equal(bits(got), bits(want))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_equals_cpu(dtype):
+    """The default dispatch: CUDA -> compiled kernel, CPU -> torch path; the same bits."""
+    for shape, seed, off, step in [((4, 16, 64, 64), 2**64 - 1, 3, 7), ((3, 1000003), 1, 2**32 - 1, 0)]:
+        g = noise.randn(shape, seed, item_offset=off, step=step, dtype=dtype, device="cuda")
+        c = noise.randn(shape, seed, item_offset=off, step=step, dtype=dtype)
+        assert g.device.type == "cuda" and torch.equal(bits(g.cpu()), bits(c))
 
 
 def test_forced_triton_without_interpreter_raises(monkeypatch):
@@ -152,11 +166,11 @@ def test_item_depends_only_on_seed_item_step():
     assert torch.equal(bits(noise.randn((4, 3, 11), 1234, item_offset=2, step=4)), bits(full[2:6]))
 
 
-@interp
+@triton_ok
 def test_item_invariance_holds_on_the_kernel_too(monkeypatch):
     monkeypatch.setenv("JETDET_BACKEND", "triton")
-    full = noise.randn((6, 50), 9, step=2)
-    alone = noise.randn((1, 50), 9, item_offset=4, step=2)
+    full = noise.randn((6, 50), 9, step=2, device=KDEV)
+    alone = noise.randn((1, 50), 9, item_offset=4, step=2, device=KDEV)
     assert torch.equal(bits(full[4]), bits(alone[0]))
 
 
@@ -276,11 +290,11 @@ def test_zero_size_and_defaults():
     assert noise.randn((2, 3), np.uint64(2**64 - 1), step=np.int64(3)).shape == (2, 3)
 
 
-@interp
+@triton_ok
 def test_zero_size_on_the_kernel(monkeypatch):
     monkeypatch.setenv("JETDET_BACKEND", "triton")
-    assert noise.randn((0, 4), 1).shape == (0, 4)
-    assert noise.randn((2, 0), 1, dtype=torch.bfloat16).shape == (2, 0)
+    assert noise.randn((0, 4), 1, device=KDEV).shape == (0, 4)
+    assert noise.randn((2, 0), 1, dtype=torch.bfloat16, device=KDEV).shape == (2, 0)
 
 
 @pytest.mark.parametrize(
