@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._common import CompileSpec, empty
@@ -59,19 +61,22 @@ def philox_randn(
     if n_items > MAX_GRID_X:
         raise ValueError(f"n_items: at most {MAX_GRID_X} items per call, got {n_items}")
     grid = (n_items, min(blocks_per_item, MAX_GRID_Y))
-    philox_randn_kernel[grid](
-        out.view(torch.int16) if bf16 else out,
-        numel_per_item,
-        blocks_per_item,
-        _i32(seed),
-        _i32(seed >> 32),
-        _i32(item_offset),
-        _i32(item_offset >> 32),
-        _i32(step),
-        BLOCK=block,
-        OUT_BF16_BITS=bf16,
-        **LAUNCH_OPTIONS,
-    )
+    # launch on the output's GPU, not the current one (cuda:1 while cuda:0 is current)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        philox_randn_kernel[grid](
+            out.view(torch.int16) if bf16 else out,
+            numel_per_item,
+            blocks_per_item,
+            _i32(seed),
+            _i32(seed >> 32),
+            _i32(item_offset),
+            _i32(item_offset >> 32),
+            _i32(step),
+            BLOCK=block,
+            OUT_BF16_BITS=bf16,
+            **LAUNCH_OPTIONS,
+        )
     return out.to(dtype)
 
 
