@@ -49,6 +49,11 @@ def _tiled_bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
     g, m, k = a.shape
     np_ = b.shape[2]
     full = m // ROW_TILE
+    if g > 1 and m % ROW_TILE and full:
+        # several groups with a partial last tile: pad M once so every tile is a plain view of one buffer
+        ap = a.new_zeros(g, out.shape[1], k)
+        ap[:, :m] = a
+        a, m, full = ap, out.shape[1], out.shape[1] // ROW_TILE
     if full:
         tiles = a[:, : full * ROW_TILE].reshape(g * full, ROW_TILE, k)
         dst = out[:, : full * ROW_TILE].view(g * full, ROW_TILE, np_)

@@ -33,7 +33,7 @@ CASES = {
         lambda a, m: torch.mm(*_f(a, m)),
     ),
     "bmm": (
-        lambda b, dt: ([_r(b, 19, 33, dtype=dt), _r(b, 33, 21, dtype=dt, scale=0.2)], []),
+        lambda b, dt: ([_r(b, 70, 33, dtype=dt), _r(b, 33, 21, dtype=dt, scale=0.2)], []),
         lambda a, m: jetdet.ops.bmm(a, m),
         lambda a, m: torch.bmm(*_f(a, m)),
     ),
@@ -53,7 +53,9 @@ CASES = {
         lambda x, w, bias: F.conv2d(*_f(x, w, bias)),
     ),
     "attention": (
-        lambda b, dt: ([_r(b, 3, 37, 40, dtype=dt), _r(b, 3, 29, 40, dtype=dt), _r(b, 3, 29, 24, dtype=dt)], []),
+        lambda b, dt: (
+            [_r(b, 3, 77, 40, dtype=dt), _r(b, 3, 29, 40, dtype=dt), _r(b, 3, 29, 24, dtype=dt)], []
+        ),
         lambda q, k, v: jetdet.ops.attention(q, k, v),
         lambda q, k, v: F.scaled_dot_product_attention(*_f(q, k, v)),
     ),
