@@ -1,0 +1,38 @@
+"""``import jetdet`` on a CPU-only machine: no device probing, no triton import, no top-level `kernels`."""
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import sys, torch
+calls = []
+torch.cuda.is_available = lambda: calls.append("is_available") or False
+torch.cuda.device_count = lambda: calls.append("device_count") or 0
+torch.cuda.init = lambda: calls.append("init")
+import jetdet
+print("triton" in sys.modules, torch.cuda.is_initialized(), calls, jetdet.kernels.__name__,
+      "kernels" in sys.modules)
+"""
+
+
+def test_import_probes_no_device_and_loads_no_triton():
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                         env={"PATH": "", "PYTHONPATH": ":".join(sys.path)}).stdout.split()
+    assert out == ["False", "False", "[]", "jetdet.kernels", "False"], out
+
+
+def test_installed_distribution_has_no_top_level_kernels():
+    try:
+        dist = importlib.metadata.distribution("jetdet")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("jetdet is not pip-installed in this environment")
+    files = [str(f) for f in (dist.files or [])]
+    top = {f.split("/")[0] for f in files if f.endswith(".py")}
+    if any(".pth" in f or "__editable__" in f for f in files):
+        pytest.skip("editable install: files live in the checkout")
+    assert "kernels" not in top and "jetdet" in top, sorted(top)
+    assert any(f.startswith("jetdet/kernels/matmul/") for f in files)
+    assert any(f.startswith("jetdet/autotune_configs/matmul/") and f.endswith(".json") for f in files)
