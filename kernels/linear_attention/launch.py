@@ -1,0 +1,189 @@
+"""Host side of bidirectional linear attention: config lookup, allocation, grids, launches.
+
+Inputs are validated by ``jetdet.ops.fast`` before they get here. Shapes: ``q [B, H, N, D]``,
+``k [B, H, M, D]``, ``v [B, H, M, Dv]``; state ``kv [B, H, D, Dv]`` and ``k_sum [B, H, D]``, both fp32.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+import triton
+
+from jetdet import _paths
+from jetdet.configs import get_config
+
+from .._common import CompileSpec, empty, tl_ptr
+from . import kernel
+
+OP = "linear_attention"
+FEATURES = {"identity": 0, "relu": 1, "elu1": 2}
+MAX_D = 128
+
+# Untuned defaults (no GPU was available to tune); sized so the sm_80/89/90 cross-compile shows no spills.
+DEFAULT = {
+    "S_BLOCK_N": 16, "S_BLOCK_DV": 64, "CHUNK_N": 1024, "S_WARPS": 8, "S_STAGES": 1,
+    "A_BLOCK_N": 32, "A_BLOCK_DV": 64, "A_WARPS": 4,
+}
+SUM_BLOCK = 1024
+
+
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(int(d)))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 promises fp32 math: no TF32. fp16/bf16 values are exact in TF32 (see kernel.py).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def config(d: int, dtype: torch.dtype, device) -> dict:
+    cfg = get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
+    # a chunk holds whole token tiles
+    cfg["CHUNK_N"] = max(cfg["S_BLOCK_N"], cfg["CHUNK_N"] // cfg["S_BLOCK_N"] * cfg["S_BLOCK_N"])
+    return cfg
+
+
+def num_splits(m: int, cfg: dict) -> int:
+    """Token chunks reduced in parallel by pass 1; depends on the key length only, never on the batch."""
+    return triton.cdiv(max(int(m), 1), cfg["CHUNK_N"])
+
+
+def state(k: torch.Tensor, v: torch.Tensor, feature_map: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: ``(φ(K)ᵀV [B, H, D, Dv], φ(K)ᵀ1 [B, H, D])`` in fp32."""
+    B, H, M, D = k.shape
+    DV = v.shape[-1]
+    cfg = config(D, k.dtype, k.device)
+    d_pad, dv_pad = _pad(D), _pad(DV)
+    block_dv = min(cfg["S_BLOCK_DV"], dv_pad)
+    S = num_splits(M, cfg)
+    kv = empty((B, H, D, DV), torch.float32, k.device)
+    ks = empty((B, H, D), torch.float32, k.device)
+    if S == 1:
+        kv_part, ks_part = kv, ks
+        skv, sks = 0, 0
+    else:
+        kv_part = empty((B * H, S, D, DV), torch.float32, k.device)
+        ks_part = empty((B * H, S, D), torch.float32, k.device)
+        skv, sks = D * DV, D
+    if B * H > 0:
+        grid = (B * H, triton.cdiv(DV, block_dv), S)
+        kernel._la_state_kernel[grid](
+            k, v, kv_part, ks_part,
+            H, M, D, DV, cfg["CHUNK_N"],
+            *k.stride(), *v.stride(),
+            S * D * DV if S > 1 else D * DV, skv, S * D if S > 1 else D, sks,
+            FEATURE=FEATURES[feature_map], PREC=_prec(k.dtype),
+            BLOCK_N=cfg["S_BLOCK_N"], D_PAD=d_pad, BLOCK_DV=block_dv,
+            num_warps=cfg["S_WARPS"], num_stages=cfg["S_STAGES"],
+        )
+        if S > 1:
+            kernel._la_sum_splits_kernel[(B * H, triton.cdiv(D * DV, SUM_BLOCK))](
+                kv_part, kv, S, D * DV, BLOCK=SUM_BLOCK, num_warps=4
+            )
+            kernel._la_sum_splits_kernel[(B * H, triton.cdiv(D, SUM_BLOCK))](
+                ks_part, ks, S, D, BLOCK=SUM_BLOCK, num_warps=4
+            )
+    return kv, ks
+
+
+def apply(q: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor, feature_map: str, eps: float) -> torch.Tensor:
+    """Pass 2: ``φ(Q)·kv / (φ(Q)·k_sum + eps)`` written in ``q.dtype``. ``kv``/``ks`` must be contiguous."""
+    B, H, N, D = q.shape
+    DV = kv.shape[-1]
+    cfg = config(D, q.dtype, q.device)
+    d_pad, dv_pad = _pad(D), _pad(DV)
+    block_dv = min(cfg["A_BLOCK_DV"], dv_pad)
+    out = empty((B, H, N, DV), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(N, cfg["A_BLOCK_N"]), triton.cdiv(DV, block_dv), B * H)
+    kernel._la_apply_kernel[grid](
+        q, kv, ks, out,
+        H, N, D, DV, float(eps),
+        *q.stride(), *out.stride(),
+        FEATURE=FEATURES[feature_map], PREC=_prec(q.dtype),
+        BLOCK_N=cfg["A_BLOCK_N"], D_PAD=d_pad, BLOCK_DV=block_dv,
+        num_warps=cfg["A_WARPS"],
+    )
+    return out
+
+
+def _shipped_tables() -> list[tuple[str, dict]]:
+    """``(dtype name, table)`` for every shipped launch table of this op and every dtype that table
+    serves: a ``,dtype=`` file serves its dtype; a plain file serves the dtypes without their own file."""
+    found: dict[str, dict[str | None, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), OP, "device_name=*.json"))):
+        stem = os.path.basename(path)[len("device_name="): -len(".json")]
+        ident, _, dt = stem.partition(",dtype=")
+        with open(path) as f:
+            found.setdefault(ident, {})[dt or None] = json.load(f)
+    out = []
+    for per_dtype in found.values():
+        for dn in ("fp32", "fp16", "bf16"):
+            table = per_dtype.get(dn, per_dtype.get(None))
+            if table is not None:
+                out.append((dn, table))
+    return out
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every shipped config × fp32/fp16/bf16, for the static SASS report. The feature map is elu+1, whose
+    code is a superset of relu's and identity's (it adds the exp)."""
+    specs: list[CompileSpec] = []
+    seen = set()
+    tables = _shipped_tables() or [(dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]
+    for tdt, table in tables:
+        for key, entry in table.items():
+            d = 64 if key == "default" else int(key)
+            cfg = dict(DEFAULT)
+            cfg.update(entry)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                dn = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+                if tdt != dn:
+                    continue
+                d_pad = _pad(d)
+                s_dv = min(cfg["S_BLOCK_DV"], d_pad)
+                a_dv = min(cfg["A_BLOCK_DV"], d_pad)
+                sig_id = (d_pad, dn, cfg["S_BLOCK_N"], s_dv, cfg["S_WARPS"], cfg["S_STAGES"],
+                          cfg["A_BLOCK_N"], a_dv, cfg["A_WARPS"])
+                if sig_id in seen:
+                    continue
+                seen.add(sig_id)
+                p = tl_ptr(dtype)
+                specs.append(CompileSpec(
+                    name=f"la_state_d{d_pad}_{dn}_n{cfg['S_BLOCK_N']}_dv{s_dv}",
+                    fn=kernel._la_state_kernel,
+                    signature={
+                        "k_ptr": p, "v_ptr": p, "kv_ptr": "*fp32", "ks_ptr": "*fp32",
+                        **{a: "i32" for a in ("H", "M", "D", "DV", "CHUNK_N")},
+                        **{f"stride_{t}{s}": "i32" for t in "kv" for s in ("b", "h", "n", "d")},
+                        **{a: "i32" for a in ("stride_kv_bh", "stride_kv_s", "stride_ks_bh", "stride_ks_s")},
+                    },
+                    constexprs={"FEATURE": 2, "PREC": _prec(dtype), "BLOCK_N": cfg["S_BLOCK_N"],
+                                "D_PAD": d_pad, "BLOCK_DV": s_dv},
+                    options={"num_warps": cfg["S_WARPS"], "num_stages": cfg["S_STAGES"]},
+                ))
+                specs.append(CompileSpec(
+                    name=f"la_apply_d{d_pad}_{dn}_n{cfg['A_BLOCK_N']}_dv{a_dv}",
+                    fn=kernel._la_apply_kernel,
+                    signature={
+                        "q_ptr": p, "kv_ptr": "*fp32", "ks_ptr": "*fp32", "o_ptr": p,
+                        **{a: "i32" for a in ("H", "N", "D", "DV")}, "eps": "fp32",
+                        **{f"stride_{t}{s}": "i32" for t in "qo" for s in ("b", "h", "n", "d")},
+                    },
+                    constexprs={"FEATURE": 2, "PREC": _prec(dtype), "BLOCK_N": cfg["A_BLOCK_N"],
+                                "D_PAD": d_pad, "BLOCK_DV": a_dv},
+                    options={"num_warps": cfg["A_WARPS"]},
+                ))
+    specs.append(CompileSpec(
+        name="la_sum_splits",
+        fn=kernel._la_sum_splits_kernel,
+        signature={"src_ptr": "*fp32", "dst_ptr": "*fp32", "S": "i32", "C": "i32"},
+        constexprs={"BLOCK": SUM_BLOCK},
+        options={"num_warps": 4},
+    ))
+    return specs
