@@ -1,0 +1,129 @@
+"""Block-sparse attention and the block pooling behind its mask.
+
+``_bsa_fwd_kernel``: flash-style online-softmax attention in which the program for a query tile walks only
+the kept KV blocks of its query block, read from the index form of the mask (ascending kept block ids +
+count). The loop trip count is the kept count, so work is proportional to mask density: no program loops
+over all blocks to skip most of them. KV blocks are visited in ascending order, so the floating-point
+order is fixed. With ``COUNT_VISITS`` the program also writes how many KV tiles it visited (tests use this
+to check that work follows density; the flag compiles out otherwise).
+
+Dot precision: fp16 inputs use fp16 operands with fp32 accumulation (P is rounded to fp16 for P·V, as in
+flash attention). fp32 inputs use fp32 operands with ``input_precision="ieee"``; bf16 inputs use fp32
+operands with ``"tf32"`` (bf16 values are exact in TF32), which also keeps the Triton interpreter, whose
+bf16 dot is wrong, on a correct path.
+
+``_block_pool_kernel``: mean of each ``BLOCK_SIZE``-token block of ``x [B, H, N, D]`` in fp32, rows added
+in a fixed order; the tail block is divided by its true token count.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bsa_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, cnt_ptr, visits_ptr,
+    H, N, M, D, DV, qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    HALF_DOT: tl.constexpr, PREC: tl.constexpr, COUNT_VISITS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    qb = (pid_m * BLOCK_M) // BLOCK_SIZE
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < N
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if not HALF_DOT:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+
+    idx_base = idx_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + qb * stride_iq
+    count = tl.load(cnt_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + qb)
+    # one flat loop over (kept block, sub-tile) pairs: one trip per KV tile visited, which software
+    # pipelining can overlap, and no unrolled copies of the body
+    SUBS: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    visits = 0
+    for t in range(0, count * SUBS):
+        kb = tl.load(idx_base + t // SUBS)
+        n = kb * BLOCK_SIZE + (t % SUBS) * BLOCK_N + offs_n
+        n_ok = n < M
+        kt = tl.load(k_base + offs_d[:, None] * stride_kd + n[None, :] * stride_kn,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        vt = tl.load(v_base + n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        if not HALF_DOT:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a tile wholly past the end of the keys leaves m_new at -inf; shift by 0 then so exp2 gives 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HALF_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PREC)
+        m_i = m_new
+        visits += 1
+
+    # a query block with no kept KV block (possible only with a user-made mask) outputs zeros
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    if COUNT_VISITS:
+        tl.store(visits_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visits)
+
+
+@triton.jit
+def _block_pool_kernel(
+    x_ptr, out_ptr,
+    H, N, D, n_blocks,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr,
+):
+    pid_blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_d = tl.arange(0, D_PAD)
+    offs_r = tl.arange(0, ROWS)
+    d_ok = offs_d < D
+    base = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    start = pid_blk * BLOCK_SIZE
+    acc = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
+    for r0 in range(0, BLOCK_SIZE, ROWS):
+        n = start + r0 + offs_r
+        x = tl.load(base + n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                    mask=(n < N)[:, None] & d_ok[None, :], other=0.0)
+        acc += x.to(tl.float32)
+    cnt = tl.minimum(N - start, BLOCK_SIZE).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / cnt
+    tl.store(out_ptr + (pid_bh.to(tl.int64) * n_blocks + pid_blk) * D + offs_d, mean, mask=d_ok)

@@ -1,0 +1,166 @@
+"""Host side of block-sparse attention and of the block pooling behind ``attention_block_mask``.
+
+Inputs are validated by ``jetdet.ops.fast`` first. ``q [B, H, N, D]``, ``k [B, H, M, D]``,
+``v [B, H, M, Dv]``; the mask's index form is ``indices [Bm, H, nQB, nKB]`` int32 (kept KV block ids,
+ascending, then padding) and ``counts [Bm, H, nQB]`` int32, with ``Bm`` equal to ``B`` or 1 (one mask
+shared by the whole batch, e.g. both CFG branches).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import torch
+import triton
+
+from jetdet import _paths
+from jetdet.configs import get_config
+
+from .._common import CompileSpec, empty, tl_ptr
+from . import kernel
+
+OP = "block_sparse"
+BLOCK_SIZES = (16, 32, 64, 128)
+MAX_D = 128
+
+# Untuned defaults (no GPU was available to tune); sized so the sm_80/89/90 cross-compile shows no spills.
+# BLOCK_M / BLOCK_N are capped at the mask block size and must divide it (all are powers of two).
+DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "POOL_ROWS": 16}
+
+
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(int(d)))
+
+
+def config(d: int, block_size: int, dtype: torch.dtype, device) -> dict:
+    cfg = get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
+    cfg["POOL_ROWS"] = min(cfg["POOL_ROWS"], block_size)
+    return cfg
+
+
+def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
+    if dtype == torch.float16:
+        return True, "ieee"
+    return False, ("ieee" if dtype == torch.float32 else "tf32")
+
+
+def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: torch.Tensor | None = None):
+    """Block-sparse attention; ``indices``/``counts`` contiguous in their last dim. If ``visits`` (int32,
+    ``[B*H*programs_m]``) is given, each program writes the number of KV tiles it visited."""
+    B, H, N, D = q.shape
+    M, DV = k.shape[2], v.shape[-1]
+    cfg = config(D, block_size, q.dtype, q.device)
+    out = empty((B, H, N, DV), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    half, prec = _dot_mode(q.dtype)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+    sib = 0 if indices.shape[0] == 1 else indices.stride(0)
+    scb = 0 if counts.shape[0] == 1 else counts.stride(0)
+    count_visits = visits is not None
+    kernel._bsa_fwd_kernel[grid](
+        q, k, v, out, indices, counts, visits if count_visits else counts,
+        H, N, M, D, DV, float(scale) * math.log2(math.e),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        sib, indices.stride(1), indices.stride(2),
+        scb, counts.stride(1),
+        BLOCK_SIZE=block_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        D_PAD=_pad(D), DV_PAD=_pad(DV), HALF_DOT=half, PREC=prec, COUNT_VISITS=count_visits,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def programs_per_query_block(d: int, block_size: int, dtype: torch.dtype, device) -> tuple[int, int]:
+    """``(query programs per query block, KV tiles per kept KV block)`` at the config that would run."""
+    cfg = config(d, block_size, dtype, device)
+    return block_size // cfg["BLOCK_M"], block_size // cfg["BLOCK_N"]
+
+
+def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each ``block_size``-token block: ``[B, H, ceil(N / block_size), D]`` fp32."""
+    B, H, N, D = x.shape
+    cfg = config(D, block_size, x.dtype, x.device)
+    nb = triton.cdiv(N, block_size)
+    out = empty((B, H, nb, D), torch.float32, x.device)
+    if out.numel() == 0:
+        return out
+    kernel._block_pool_kernel[(nb, B * H)](
+        x, out, H, N, D, nb, *x.stride(),
+        BLOCK_SIZE=block_size, ROWS=cfg["POOL_ROWS"], D_PAD=_pad(D), num_warps=4,
+    )
+    return out
+
+
+def _shipped_tables() -> list[tuple[str, dict]]:
+    """``(dtype name, table)`` for every shipped launch table of this op and every dtype that table
+    serves: a ``,dtype=`` file serves its dtype; a plain file serves the dtypes without their own file."""
+    found: dict[str, dict[str | None, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), OP, "device_name=*.json"))):
+        stem = os.path.basename(path)[len("device_name="): -len(".json")]
+        ident, _, dt = stem.partition(",dtype=")
+        with open(path) as f:
+            found.setdefault(ident, {})[dt or None] = json.load(f)
+    out = []
+    for per_dtype in found.values():
+        for dn in ("fp32", "fp16", "bf16"):
+            table = per_dtype.get(dn, per_dtype.get(None))
+            if table is not None:
+                out.append((dn, table))
+    return out
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every shipped config × fp32/fp16/bf16 at mask block size 64 and 128 (the attention kernel) and the
+    pooling kernel, for the static SASS report."""
+    specs: list[CompileSpec] = []
+    seen = set()
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    i32 = "i32"
+    for tdt, table in _shipped_tables() or [(dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]:
+        for key, entry in table.items():
+            d = 64 if key == "default" else int(key)
+            for dtype, dn in names.items():
+                if tdt != dn:
+                    continue
+                for bs in (64, 128):
+                    cfg = dict(DEFAULT)
+                    cfg.update(entry)
+                    bm, bn, pr = min(cfg["BLOCK_M"], bs), min(cfg["BLOCK_N"], bs), min(cfg["POOL_ROWS"], bs)
+                    half, prec = _dot_mode(dtype)
+                    ident = (_pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"], pr)
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                    p = tl_ptr(dtype)
+                    sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "idx_ptr": "*i32", "cnt_ptr": "*i32",
+                           "visits_ptr": "*i32", "H": i32, "N": i32, "M": i32, "D": i32, "DV": i32,
+                           "qk_scale": "fp32"}
+                    for t in "qkvo":
+                        for s in "bhnd":
+                            sig[f"stride_{t}{s}"] = i32
+                    for s in ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch"):
+                        sig[s] = i32
+                    specs.append(CompileSpec(
+                        name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}",
+                        fn=kernel._bsa_fwd_kernel,
+                        signature=sig,
+                        constexprs={"BLOCK_SIZE": bs, "BLOCK_M": bm, "BLOCK_N": bn, "D_PAD": _pad(d),
+                                    "DV_PAD": _pad(d), "HALF_DOT": half, "PREC": prec, "COUNT_VISITS": False},
+                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    ))
+                    specs.append(CompileSpec(
+                        name=f"block_pool_d{_pad(d)}_{dn}_bs{bs}_r{pr}",
+                        fn=kernel._block_pool_kernel,
+                        signature={"x_ptr": p, "out_ptr": "*fp32", "H": i32, "N": i32, "D": i32,
+                                   "n_blocks": i32, "stride_xb": i32, "stride_xh": i32, "stride_xn": i32,
+                                   "stride_xd": i32},
+                        constexprs={"BLOCK_SIZE": bs, "ROWS": pr, "D_PAD": _pad(d)},
+                        options={"num_warps": 4},
+                    ))
+    return specs
