@@ -1,0 +1,212 @@
+"""Torch path of the fast-mode ops (CPU, or ``JETDET_BACKEND=torch``) and the small host-side math that
+both backends share: forecast weights, the block selection of ``attention_block_mask``, the mask's index
+form and the tile view of ``relative_change``.
+
+Everything here computes in fp32 and casts the result to the output dtype once, like the kernels. Inputs
+arrive validated from ``jetdet.ops.fast``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------- linear attention
+
+
+def phi(x: torch.Tensor, feature_map: str) -> torch.Tensor:
+    x = x.float()
+    if feature_map == "relu":
+        return torch.relu(x)
+    if feature_map == "elu1":
+        return F.elu(x) + 1.0
+    return x
+
+
+def linear_attention_state(k: torch.Tensor, v: torch.Tensor, feature_map: str):
+    pk = phi(k, feature_map)
+    return torch.matmul(pk.transpose(-1, -2), v.float()).contiguous(), pk.sum(dim=2)
+
+
+def linear_attention_apply(q, kv, k_sum, feature_map: str, eps: float) -> torch.Tensor:
+    pq = phi(q, feature_map)
+    num = torch.matmul(pq, kv.float())
+    den = torch.matmul(pq, k_sum.float().unsqueeze(-1)) + eps
+    return (num / den).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------- block-sparse attention
+
+
+def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each ``block_size``-token block of ``x [B, H, N, D]`` in fp32 (tail over its real tokens)."""
+    B, H, N, D = x.shape
+    nb = math.ceil(N / block_size)
+    xp = F.pad(x.float(), (0, 0, 0, nb * block_size - N))
+    sums = xp.view(B, H, nb, block_size, D).sum(dim=3)
+    sizes = block_sizes(N, block_size, x.device)
+    return sums / sizes[:, None]
+
+
+def block_sizes(n: int, block_size: int, device) -> torch.Tensor:
+    """Tokens in each block, fp32 ``[ceil(n / block_size)]``."""
+    starts = torch.arange(0, n, block_size, device=device)
+    return torch.clamp(n - starts, max=block_size).float()
+
+
+def select_blocks(pq: torch.Tensor, pk: torch.Tensor, m: int, block_size: int, mass: float, min_blocks: int,
+                  scale: float) -> torch.Tensor:
+    """Boolean block mask ``[B, H, nQB, nKB]`` from pooled queries/keys (fp32 ``[B, H, n, D]``).
+
+    Block probabilities are ``softmax_j(mean(q_i)·mean(k_j)·scale + log|k_j|)``: the pooled score of a block,
+    weighted by how many tokens it holds. Per query block the KV blocks are ranked by probability (ties:
+    lower index first) and kept while the mass of the blocks ranked above is below ``mass``, so the kept
+    set is the smallest prefix whose mass reaches ``mass``; at least ``min_blocks`` are kept, and the
+    diagonal block ``j = i * nKB // nQB`` always is."""
+    nqb, nkb = pq.shape[2], pk.shape[2]
+    logits = torch.matmul(pq, pk.transpose(-1, -2)) * scale + block_sizes(m, block_size, pq.device).log()
+    probs = logits.softmax(dim=-1)
+    if mass >= 1.0:
+        keep_sorted = torch.ones_like(probs, dtype=torch.bool)
+        order = torch.arange(nkb, device=probs.device).expand_as(probs)
+    else:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p
+        keep_sorted = before < mass
+        keep_sorted[..., : min(min_blocks, nkb)] = True
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    rows = torch.arange(nqb, device=mask.device)
+    mask[:, :, rows, (rows * nkb) // nqb] = True
+    return mask
+
+
+def mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index form of a boolean block mask ``[Bm, H, nQB, nKB]``: ``indices`` int32 ``[Bm, H, nQB, nKB]``
+    holding the kept KV block ids in ascending order, then ``-1``; ``counts`` int32 ``[Bm, H, nQB]``."""
+    counts = mask.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    slots = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.int32)
+    indices = torch.where(slots < counts[..., None], order, torch.full_like(order, -1))
+    return indices.contiguous(), counts.contiguous()
+
+
+def block_sparse_attention(q, k, v, indices, counts, block_size: int, scale: float,
+                           q_blocks_per_step: int = 16) -> torch.Tensor:
+    """Gathers, per query block, only its kept KV blocks (padded to the largest kept count of the step), so
+    memory and FLOPs follow the mask density. fp32 math, output in ``q.dtype``."""
+    B, H, N, D = q.shape
+    M, DV = k.shape[2], v.shape[-1]
+    bs = block_size
+    nqb, nkb = math.ceil(N / bs), math.ceil(M / bs)
+    out = torch.zeros(B, H, nqb * bs, DV, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or nkb == 0:
+        return out[:, :, :N].to(q.dtype).contiguous()
+    kp = F.pad(k.float(), (0, 0, 0, nkb * bs - M)).view(B, H, nkb, bs, D)
+    vp = F.pad(v.float(), (0, 0, 0, nkb * bs - M)).view(B, H, nkb, bs, DV)
+    qp = F.pad(q.float(), (0, 0, 0, nqb * bs - N)).view(B, H, nqb, bs, D)
+    tok_ok = (torch.arange(nkb * bs, device=q.device) < M).view(nkb, bs)
+    idx_all = indices.expand(B, H, nqb, nkb)
+    cnt_all = counts.expand(B, H, nqb).clamp(0, nkb)
+    bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    hi = torch.arange(H, device=q.device).view(1, H, 1, 1)
+    for g0 in range(0, nqb, q_blocks_per_step):
+        g1 = min(g0 + q_blocks_per_step, nqb)
+        cnt = cnt_all[:, :, g0:g1]
+        c_max = int(cnt.max()) if cnt.numel() else 0
+        if c_max == 0:
+            continue
+        idx = idx_all[:, :, g0:g1, :c_max].long()
+        slot_ok = torch.arange(c_max, device=q.device) < cnt[..., None]  # [B, H, G, C]
+        idx = torch.where(slot_ok & (idx >= 0) & (idx < nkb), idx, torch.zeros_like(idx))
+        kg = kp[bi, hi, idx]  # [B, H, G, C, bs, D]
+        vg = vp[bi, hi, idx]
+        s = torch.einsum("bhgid,bhgcjd->bhgicj", qp[:, :, g0:g1], kg) * scale
+        ok = (slot_ok[..., None] & tok_ok[idx])[:, :, :, None]  # [B, H, G, 1, C, bs]
+        s = s.masked_fill(~ok, float("-inf"))
+        G = g1 - g0
+        p = s.reshape(B, H, G, bs, c_max * bs).softmax(dim=-1).nan_to_num(0.0)
+        o = torch.einsum("bhgin,bhgne->bhgie", p, vg.reshape(B, H, G, c_max * bs, DV))
+        out[:, :, g0 * bs:g1 * bs] = o.reshape(B, H, G * bs, DV)
+    return out[:, :, :N].to(q.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------- timestep skipping
+
+
+def lagrange_weights(timesteps: list[float], t: float) -> list[float]:
+    """``w_i = Π_{j≠i} (t - t_j) / (t_i - t_j)``: the value at ``t`` of the polynomial through the points is
+    ``Σ_i w_i · h_i``. Float64 on the host."""
+    w = []
+    for i, ti in enumerate(timesteps):
+        p = 1.0
+        for j, tj in enumerate(timesteps):
+            if j != i:
+                p *= (t - tj) / (ti - tj)
+        w.append(p)
+    return w
+
+
+def forecast(history: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    acc = history[0].float() * weights[0]
+    for h, w in zip(history[1:], weights[1:]):
+        acc = acc + h.float() * w
+    return acc.to(history[0].dtype)
+
+
+def tile_view(shape: tuple[int, ...], tile: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], list[int]]:
+    """Map the per-item shape ``shape`` (non-batch dims) and a tile size per dim (``<= 0`` or ``>= size``: the
+    whole dim) onto a contiguous ``[S0, S1, S2, S3]`` view with box tiles ``[T0, T1, T2, T3]`` and the same
+    tiles in the same (row-major) order. A dim followed by whole dims merges with them (its tiles stay
+    contiguous), adjacent whole dims merge, and size-1 dims drop. Returns the view, the tile, and the tile
+    count per original dim. Raises if more than four groups remain."""
+    sizes = [int(s) for s in shape]
+    tiles = [s if (t <= 0 or t >= s) else int(t) for s, t in zip(sizes, tile)]
+    counts = [math.ceil(s / t) for s, t in zip(sizes, tiles)]
+    groups: list[list[int]] = []
+    for s, t in zip(sizes, tiles):
+        if s == 1:
+            continue
+        if groups and t == s:
+            groups[-1] = [groups[-1][0] * s, groups[-1][1] * s]
+        else:
+            groups.append([s, t])
+    if len(groups) > 4:
+        raise ValueError(
+            f"tile: {list(tile)} on item shape {tuple(shape)} leaves {len(groups)} dim groups after merging "
+            "whole dims into their left neighbour; at most 4 are supported (tile fewer dims)"
+        )
+    while len(groups) < 4:
+        groups.insert(0, [1, 1])
+    view = tuple(g[0] for g in groups)
+    box = tuple(g[1] for g in groups)
+    return view, box, counts  # type: ignore[return-value]
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    inf_or_zero = torch.where(num > 0, torch.full_like(num, float("inf")), torch.zeros_like(num))
+    return torch.where(den > 0, num / safe, inf_or_zero)
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor, view=None, box=None):
+    """Per-item (and, with ``view``/``box``, per-tile ``[B, n_tiles]``) ``Σ|a-b| / Σ|b|`` in fp32."""
+    B = a.shape[0]
+    af, bf = a.float(), b.float()
+    diff, mag = (af - bf).abs(), bf.abs()
+    if view is None:
+        return _ratio(diff.reshape(B, -1).sum(1), mag.reshape(B, -1).sum(1)), None
+    n = [math.ceil(s / t) for s, t in zip(view, box)]
+
+    def tiles(x):
+        x = x.reshape(B, *view)
+        pad = []
+        for s, t, c in reversed(list(zip(view, box, n))):
+            pad += [0, c * t - s]
+        x = F.pad(x, pad)
+        x = x.view(B, n[0], box[0], n[1], box[1], n[2], box[2], n[3], box[3])
+        return x.sum(dim=(2, 4, 6, 8)).reshape(B, -1)
+
+    num, den = tiles(diff), tiles(mag)
+    return _ratio(num.sum(1), den.sum(1)), _ratio(num, den)

@@ -1,0 +1,148 @@
+"""jetdet.ops.attention_block_mask / block_sparse_attention: Triton (interpreter on CPU) and torch paths
+against the fp32 references; work proportional to mask density, counted by the kernel itself."""
+
+import math
+
+import pytest
+import torch
+from _fast_util import assert_rel
+
+from jetdet.kernels.block_sparse import reference as ref
+from jetdet.ops import fast
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _qkv(B, H, N, M, D, DV, dtype):
+    return (torch.randn(B, H, N, D).to(dtype), torch.randn(B, H, M, D).to(dtype),
+            torch.randn(B, H, M, DV).to(dtype))
+
+
+def _random_mask(B, H, nqb, nkb, density, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, H, nqb, nkb, generator=g) < density
+    mask[..., torch.arange(nqb), torch.arange(nqb) * nkb // nqb] = True
+    return mask
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_mask_is_dense_attention(backend, dtype, monkeypatch):
+    monkeypatch.setenv("JETDET_BACKEND", backend)
+    bs = 16
+    q, k, v = _qkv(2, 2, 45, 37, 24, 40, dtype)  # odd sizes: tails in both N and M
+    full = torch.ones(2, 2, math.ceil(45 / bs), math.ceil(37 / bs), dtype=torch.bool)
+    out = fast.block_sparse_attention(q, k, v, full, block_size=bs)
+    assert out.dtype == dtype and out.shape == (2, 2, 45, 40)
+    assert_rel(out, ref.masked_attention(q, k, v, None), dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_mask_is_masked_dense(backend, dtype, monkeypatch):
+    monkeypatch.setenv("JETDET_BACKEND", backend)
+    bs = 32
+    q, k, v = _qkv(2, 2, 100, 130, 32, 32, dtype)
+    mask = _random_mask(2, 2, 4, 5, 0.4)
+    scale = 0.3
+    out = fast.block_sparse_attention(q, k, v, mask, block_size=bs, scale=scale)
+    assert_rel(out, ref.masked_attention(q, k, v, mask, bs, scale), dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_mask_shared_by_batch_and_empty_rows(backend, monkeypatch):
+    """A [1, H, ...] mask serves every batch item (e.g. both CFG branches); a query block with no kept KV
+    block outputs zeros."""
+    monkeypatch.setenv("JETDET_BACKEND", backend)
+    q, k, v = _qkv(3, 2, 70, 70, 16, 16, torch.float32)
+    mask = _random_mask(1, 2, 3, 3, 0.5)
+    mask[0, 1, 2] = False
+    out = fast.block_sparse_attention(q, k, v, fast.block_mask_from_bool(mask, 32), block_size=32)
+    assert_rel(out, ref.masked_attention(q, k, v, mask, 32), torch.float32)
+    assert torch.equal(out[:, 1, 64:], torch.zeros_like(out[:, 1, 64:]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mass", [0.5, 0.9, 1.0])
+def test_block_mask_matches_reference(backend, mass, monkeypatch):
+    monkeypatch.setenv("JETDET_BACKEND", backend)
+    q, k, _ = _qkv(2, 2, 150, 130, 32, 32, torch.float16)
+    bm = fast.attention_block_mask(q, k, block_size=32, mass=mass, min_blocks=2)
+    expect = ref.block_mask(q, k, 32, mass, 2)
+    assert torch.equal(bm.mask, expect)
+    assert bm.mask.shape == (2, 2, 5, 5) and bm.block_size == 32
+    assert (bm.mask.sum(-1) >= 2).all()
+    assert bm.mask[..., torch.arange(5), torch.arange(5)].all()  # diagonal always kept
+    if mass == 1.0:
+        assert bm.mask.all()
+    # index form: ascending kept ids, then -1
+    for row_m, row_i, c in zip(bm.mask.flatten(0, 2), bm.indices.flatten(0, 2), bm.counts.flatten()):
+        kept = row_m.nonzero().flatten().to(torch.int32)
+        assert int(c) == len(kept) and torch.equal(row_i[: int(c)], kept) and (row_i[int(c):] == -1).all()
+
+
+def test_block_pool_kernel_matches_reference(triton_backend):
+    from jetdet.kernels.block_sparse import launch
+
+    x = torch.randn(2, 3, 77, 40).half()
+    assert torch.allclose(launch.block_pool(x, 32), ref.block_pool(x, 32), atol=1e-6)
+
+
+def test_work_is_proportional_to_density(triton_backend):
+    """The kernel counts the KV tiles each program actually loops over: the total equals the kept block
+    pairs × tiles per pair, so it scales with density (no loop over all blocks with a skip)."""
+    from jetdet.kernels.block_sparse import launch
+
+    B, H, N, D, bs = 1, 2, 256, 16, 32
+    q, k, v = _qkv(B, H, N, N, D, D, torch.float16)
+    nb = N // bs
+    per_q, per_kv = launch.programs_per_query_block(D, bs, q.dtype, q.device)
+    visits = {}
+    for density in (0.125, 0.25, 0.5, 1.0):
+        # exactly density * nb kept blocks per query block
+        keep = int(density * nb)
+        mask = torch.zeros(B, H, nb, nb, dtype=torch.bool)
+        for i in range(nb):
+            mask[:, :, i, [(i + j) % nb for j in range(keep)]] = True
+        bm = fast.block_mask_from_bool(mask, bs)
+        counter = torch.zeros(B * H * nb * per_q, dtype=torch.int32)
+        launch.attention(q, k, v, bm.indices, bm.counts, bs, D ** -0.5, visits=counter)
+        work = fast.block_sparse_work(bm)
+        assert work["blocks_visited"] == B * H * nb * keep and work["density"] == pytest.approx(density)
+        assert int(counter.sum()) == work["blocks_visited"] * per_q * per_kv
+        visits[density] = int(counter.sum())
+    for density, n in visits.items():
+        assert n / visits[1.0] == pytest.approx(density)
+
+
+def test_custom_ops():
+    q, k, v = _qkv(1, 2, 40, 40, 16, 16, torch.float32)
+    torch.library.opcheck(torch.ops.jetdet.attention_block_mask.default, (q, k, 16, 0.9, 1))
+    bm = fast.attention_block_mask(q, k, 16, 0.9)
+    torch.library.opcheck(torch.ops.jetdet.block_sparse_attention.default,
+                          (q, k, v, bm.indices, bm.counts, 16, 0.25))
+
+
+def test_bad_inputs():
+    q, k, v = _qkv(2, 2, 40, 40, 16, 16, torch.float32)
+    bm = fast.attention_block_mask(q, k, 16)
+    with pytest.raises(ValueError, match=r"block_mask: expected shape \(2 or 1, 2, 3, 3\)"):
+        fast.block_sparse_attention(q, k, v, torch.ones(2, 2, 3, 4, dtype=torch.bool), block_size=16)
+    with pytest.raises(ValueError, match="block_mask: expected shape"):
+        fast.block_sparse_attention(q[:, :, :20], k, v, bm, block_size=16)
+    with pytest.raises(ValueError, match="block_mask: built with block_size=16"):
+        fast.block_sparse_attention(q, k, v, bm, block_size=32)
+    with pytest.raises(TypeError, match="block_mask: expected dtype bool"):
+        fast.block_sparse_attention(q, k, v, torch.ones(2, 2, 3, 3), block_size=16)
+    with pytest.raises(ValueError, match="block_size"):
+        fast.attention_block_mask(q, k, block_size=48)
+    with pytest.raises(ValueError, match="head dim 160"):
+        fast.attention_block_mask(torch.randn(1, 1, 8, 160), torch.randn(1, 1, 8, 160))
+    with pytest.raises(ValueError, match="mass"):
+        fast.attention_block_mask(q, k, mass=0.0)
+    with pytest.raises(ValueError, match="min_blocks"):
+        fast.attention_block_mask(q, k, min_blocks=0)
+    with pytest.raises(TypeError, match="k: expected dtype"):
+        fast.block_sparse_attention(q, k.half(), v, bm, block_size=16)
+    with pytest.raises(ValueError, match="v: expected shape"):
+        fast.block_sparse_attention(q, k, v[:, :, :30], bm, block_size=16)
