@@ -1,0 +1,653 @@
+"""The step-cache controller: per batch row and per CFG branch, run the model or forecast its output.
+
+The patcher turns each model evaluation into a :class:`~jetdet.patch.call.ModelCall` (latent ``x [B, ...]``,
+per-row timestep ``t [B]``, optional per-row conditioning summary ``cond``, and ``run(rows)``, which evaluates
+the original model on a subset of the rows). :class:`StepCacheController` is called with it and returns the
+full ``[B, ...]`` output: the rows it chose to compute come from one ``run(rows)`` call (row compaction; no
+call at all when every row is forecast), the others are forecast from that row's own cached history.
+
+Streams (which cached history a row belongs to)
+-----------------------------------------------
+A *stream* is one row of one CFG branch followed through one sampling trajectory. Its key is
+
+* with ``call.cond`` (per-row conditioning summary, e.g. class labels with a null label for the
+  unconditional branch, or pooled text embeddings): ``(cond value, k)``, where ``k`` counts the earlier rows
+  of the same call with the same cond value. The key does not depend on how the sampler lays the batch out,
+  so CFG as one ``[cond; uncond]`` batch and CFG as two forwards give the same streams, and a batch-size
+  change keeps every row whose key survives. (Up to 64 evenly spaced values of each row's cond are
+  compared exactly.) Two rows with identical x, t and cond have identical outputs, so a collision between
+  "different" rows with the same cond value at the same timestep is harmless.
+* without ``cond``: ``(branch, row)``, where ``branch`` is the position of the call among the calls at the
+  same timestep, modulo the number of calls seen at the trajectory's first timestep (learned, e.g. 2 for CFG
+  as two forwards, 1 for batched CFG). This assumes a fixed number of forwards per timestep; adapters that
+  can should pass ``cond``. A batch-size change then resets every stream (reason ``"batch"``).
+
+A stream's history is its last ``order + 1`` *computed* outputs, at distinct timesteps (a new output at an
+existing timestep, as in Heun's re-evaluation of ``t_{i+1}`` at the corrected ``x``, replaces the older one),
+plus host floats: the timesteps, the error-rate estimates, the count of consecutive skips. That is at most
+three latent-sized tensors per stream (``forecast="order2"``); nothing per layer.
+
+State resets by itself on:
+
+* a new trajectory: a row's timestep is larger than its stream's previous distinct timestep. That stream
+  restarts, and every stream that is not in the current call is dropped (with CFG as two forwards the other
+  branch then starts fresh on its next call). A trajectory that starts *below* where the previous one
+  stopped is not detectable this way: call :meth:`StepCacheController.new_trajectory` between runs then;
+* a change of model (``call.model_id``), of the per-item latent shape, dtype or device, or of the per-item
+  output shape: everything is dropped;
+* without ``cond``, a change of batch size (see above).
+
+The error rule
+--------------
+``budget`` is the largest *predicted relative L1 error* ``‖ŷ − y‖₁ / ‖y‖₁`` of a forecast output row ``ŷ``
+against the output ``y`` the model would have produced, per row. A row is forecast when its prediction is
+at most ``budget`` (and no guard forces it), else computed.
+
+The prediction comes from the forecast's own truncation error. A degree-``q`` polynomial through the last
+``q + 1`` computed outputs at ``t_k, t_{k-1}, ...`` misses the true output at ``t`` by
+``f[t, t_k, ..., t_{k-q}] · Π_j (t − t_{k-j})`` (the divided difference times the node polynomial). At every
+computed step the controller *back-tests* the same forecast: it predicts the output it just computed at
+``t_k`` from the nodes before it and measures the miss with ``jetdet.ops.relative_change``; dividing by that
+step's node polynomial gives the rate ``D_q ≈ ‖f[t_k, ..., t_{k-q-1}]‖₁ / ‖y_k‖₁``. The prediction at a later
+``t`` is then ``D_q · Π_{j=0..q} |t − t_{k-j}|``: for ``forecast="none"`` the output change rate per unit
+timestep times the timestep distance since the last compute; for the higher orders the growth is
+quadratic/cubic in the distance, as the actual error is. The estimate grows with the distance since the
+last computed step, so a run of skips ends by itself.
+
+A timestep that coincides with a history node (Heun's second evaluation of ``t_{i+1}``) is served with that
+node's output, the polynomial being exact there; the error then comes from the corrected ``x`` only.
+``same_t_scale`` weighs it (see :class:`StepCacheController`).
+
+Guards: rows are always computed while their stream has fewer than two computed points (no rate yet), in
+the first ``start_percent`` and last ``end_percent`` of the trajectory, and after ``max_consecutive_skips``
+forecasts in a row.
+
+Host syncs
+----------
+One per call, in steady state: the per-row timesteps, the sampled cond values and the pending error-rate
+estimates of the previous computed step are gathered into one small float64 vector and copied to the host
+together (nothing is copied when they already are on the CPU). The decisions, the row-compaction index and
+the forecast weights are then computed on the host; the index goes back with a non-blocking copy from
+pinned memory. Back-tests run on the device and are read at the next call's sync. The memory manager adds
+a sync per spill to disk (see :mod:`jetdet.cache.manager`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from .manager import CacheManager
+
+FORECASTS = {"none": 0, "order1": 1, "order2": 2}
+_RESET_REASONS = ("trajectory", "shape", "model", "batch", "output_shape", "evicted", "manual")
+
+
+def _parse_forecast(value) -> int:
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and value in (0, 1, 2):
+        return value
+    if isinstance(value, str) and value in FORECASTS:
+        return FORECASTS[value]
+    raise ValueError(f"forecast: expected one of 'none', 'order1', 'order2' (or 0, 1, 2), got {value!r}")
+
+
+def _check_float(name: str, value, lo: float, hi: float | None, hi_open: bool = False, what: str = "") -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        value = float(value)
+        ok = value >= lo and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name}: expected a finite number {rng}{what}, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value, lo: int, what: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}{what}, got {value!r}")
+    return value
+
+
+def _same_t(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-12)
+
+
+class _Stream:
+    __slots__ = ("key", "gen", "ts", "rates", "last_t", "t_start", "distinct", "skips")
+
+    def __init__(self, key, gen: int):
+        self.key = key
+        self.gen = gen
+        self.ts: list[float] = []  # timesteps of the cached computed outputs, oldest first
+        self.rates: dict[int, float] = {}  # back-tested error rate D_q per forecast order q
+        self.last_t: float | None = None  # last distinct timestep seen (computed or forecast)
+        self.t_start: float | None = None  # first timestep of this stream's trajectory
+        self.distinct = 0  # distinct timesteps seen since t_start
+        self.skips = 0  # consecutive forecasts
+
+
+class StepCacheController:
+    """Skip model evaluations per batch row by forecasting their outputs (see the module docstring).
+
+    Args:
+        budget: the largest predicted relative L1 error ``‖ŷ − y‖₁/‖y‖₁`` of a forecast output row, ``>= 0``.
+            ``0`` never skips: every call runs the whole batch and the output is the model's own, bit for bit.
+        start_percent: always compute in the first fraction ``[0, 1)`` of the trajectory.
+        end_percent: always compute in the last fraction ``[0, 1)`` of the trajectory.
+            The trajectory position of a timestep ``t`` is, in order of preference: its place in
+            ``timesteps`` (interpolated; ``0`` at the first entry, ``1`` at the last); else the number of
+            distinct timesteps the stream has seen divided by ``num_steps``; else
+            ``(t_start − t) / (t_start − t_end)`` with ``t_start`` the stream's first timestep (progress in
+            timestep units, assuming the trajectory ends at ``t_end``).
+        max_consecutive_skips: most forecasts in a row per stream (model evaluations, so a Heun step counts
+            two), ``>= 0``; ``0`` never skips.
+        forecast: ``"none"`` (reuse the last computed output), ``"order1"`` (linear extrapolation over the last
+            two computed outputs) or ``"order2"`` (quadratic over three), also ``0``/``1``/``2``. Needs order+1
+            cached outputs per stream; until a stream has order+2 computed points a lower order is used.
+        memory_budget_bytes: most bytes of cached outputs on the compute device (``None`` = unlimited); the
+            least recently used streams spill to ``cpu_budget_bytes`` of host memory, then to
+            ``disk_budget_bytes`` in a temporary directory, then are dropped (:class:`CacheManager`).
+        cpu_budget_bytes, disk_budget_bytes, spill: see :class:`~jetdet.cache.manager.CacheManager`.
+        num_steps: hint, the number of sampler steps (``>= 1``), for the guards.
+        timesteps: hint, the sampler's schedule (``>= 2`` strictly monotonic values, including the final one),
+            for the guards.
+        t_end: where the trajectory ends when neither hint is given (default 0: flow-matching sigma and
+            diffusion timesteps both end near 0).
+        same_t_scale: ``>= 0``; at a timestep equal to a cached one (Heun's second evaluation of a
+            timestep, at a corrected ``x``) the predicted error of reusing that output is
+            ``same_t_scale · D_0 · |Δt|`` with ``Δt`` the last timestep step of the stream (a bound on how
+            far the corrector moved ``x``, in output units). ``0`` always reuses (when the guards allow).
+        piggyback: in ``[0, 1]``; when the model runs anyway for some rows, also compute the rows whose
+            predicted error is above ``piggyback · budget``. ``1`` computes only the rows over budget; ``0``
+            computes the whole batch whenever any row needs it (one decision for the batch, per call).
+        log_limit: most entries kept in :attr:`decision_log` (oldest dropped), ``>= 0``.
+    """
+
+    def __init__(self, budget: float = 0.05, start_percent: float = 0.1, end_percent: float = 0.05,
+                 max_consecutive_skips: int = 4, forecast="order1", memory_budget_bytes: int | None = None,
+                 cpu_budget_bytes: int | None = None, disk_budget_bytes: int | None = None,
+                 spill=("cpu", "disk"), num_steps: int | None = None, timesteps=None, t_end: float = 0.0,
+                 same_t_scale: float = 0.0, piggyback: float = 1.0, log_limit: int = 10000):
+        self.budget = _check_float("budget", budget, 0.0, None,
+                                   what=" (the largest predicted relative L1 error of a forecast output row)")
+        self.start_percent = _check_float("start_percent", start_percent, 0.0, 1.0, hi_open=True)
+        self.end_percent = _check_float("end_percent", end_percent, 0.0, 1.0, hi_open=True)
+        if self.start_percent + self.end_percent > 1.0:
+            raise ValueError(f"start_percent + end_percent: expected at most 1, got "
+                             f"{self.start_percent} + {self.end_percent}")
+        self.max_consecutive_skips = _check_int("max_consecutive_skips", max_consecutive_skips, 0)
+        self.order = _parse_forecast(forecast)
+        if num_steps is not None:
+            num_steps = _check_int("num_steps", num_steps, 1, " or None")
+        self.num_steps = num_steps
+        self.timesteps = self._check_schedule(timesteps)
+        self.t_end = _check_float("t_end", t_end, -math.inf, None)
+        self.same_t_scale = _check_float("same_t_scale", same_t_scale, 0.0, None)
+        self.piggyback = _check_float("piggyback", piggyback, 0.0, 1.0)
+        self.log_limit = _check_int("log_limit", log_limit, 0)
+        self.manager = CacheManager(memory_budget_bytes=memory_budget_bytes, cpu_budget_bytes=cpu_budget_bytes,
+                                    disk_budget_bytes=disk_budget_bytes, spill=spill)
+        self._cond_index_cache: dict = {}
+        self.clear()
+
+    @staticmethod
+    def _check_schedule(timesteps):
+        if timesteps is None:
+            return None
+        if isinstance(timesteps, torch.Tensor):
+            timesteps = timesteps.detach().reshape(-1).tolist()
+        try:
+            vals = [float(v) for v in timesteps]
+        except (TypeError, ValueError):
+            raise ValueError(f"timesteps: expected None or a sequence of numbers, got {timesteps!r}") from None
+        steps = [b - a for a, b in zip(vals, vals[1:])]
+        if (len(vals) < 2 or not all(math.isfinite(v) for v in vals)
+                or not (all(s > 0 for s in steps) or all(s < 0 for s in steps))):
+            raise ValueError(f"timesteps: expected at least 2 finite, strictly monotonic values (the sampler's "
+                             f"schedule including its final value), got {vals}")
+        return vals
+
+    # ---------------------------------------------------------------------------------------- public API
+    def clear(self) -> None:
+        """Forget everything: cached streams (all tiers, the temporary directory too), statistics and the
+        decision log."""
+        self.manager.clear()
+        self._streams: dict = {}
+        self._pending: list = []
+        self._gen = 0
+        self._env = None
+        self._out_item = None
+        self._batch = None
+        self._prev_call_t = None
+        self._calls_at_t = 0
+        self._branches = None
+        self._n = {"calls": 0, "calls_run": 0, "calls_partial": 0, "calls_saved": 0, "rows": 0, "rows_run": 0,
+                   "rows_saved": 0, "syncs": 0}
+        self._resets = dict.fromkeys(_RESET_REASONS, 0)
+        self._reasons: dict[str, int] = {}
+        self._orders: dict[int, int] = {}
+        self._log: deque = deque(maxlen=self.log_limit) if self.log_limit else deque(maxlen=0)
+
+    close = clear
+
+    def new_trajectory(self) -> None:
+        """Drop the cached streams (statistics are kept): the next call starts a new trajectory."""
+        self._reset_all("manual")
+
+    @property
+    def decision_log(self) -> list[dict]:
+        """Per call: ``{"call", "t", "run", "forecast", "rows"}`` with ``rows`` a list of per-row dicts
+        ``{"stream", "t", "decision" ("run"/"forecast"), "reason", "est", "order"}``. ``est`` is the predicted
+        relative L1 error (None where none could be made); ``reason`` is why (``"budget"``: the
+        prediction decided; ``"new"``/``"warmup"``/``"start"``/``"end"``/``"max_skips"``/``"evicted"``:
+        a guard; ``"piggyback"``: computed because the model ran anyway)."""
+        return list(self._log)
+
+    def stats(self) -> dict:
+        """Counters since the last :meth:`clear`.
+
+        ``calls``: controller calls; ``calls_run``: calls that ran the model (``calls_partial`` of them on
+        a subset of rows); ``calls_saved``: calls fully served from the cache; ``rows``/``rows_run``/
+        ``rows_saved``: the same per batch row; ``hits``: rows served from the cache (= ``rows_saved``);
+        ``syncs``: device-to-host copies made by the controller; ``resets``: per reason; ``reasons``: per
+        decision reason; ``orders``: forecasts per order; ``streams``: live streams; ``bytes``: bytes held per
+        tier; ``manager``: the cache manager's counters."""
+        m = self.manager.stats()
+        n = dict(self._n)
+        n["hits"] = n["rows_saved"]
+        n["call_ratio"] = n["calls"] / n["calls_run"] if n["calls_run"] else math.inf if n["calls"] else 1.0
+        n["row_ratio"] = n["rows"] / n["rows_run"] if n["rows_run"] else math.inf if n["rows"] else 1.0
+        return {**n, "resets": dict(self._resets), "reasons": dict(self._reasons), "orders": dict(self._orders),
+                "streams": len(self._streams), "bytes": m["bytes"], "manager": m}
+
+    def __call__(self, call) -> torch.Tensor:
+        x = call.x
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise ValueError(f"call.x: expected a tensor with a batch dim, got {type(x).__name__}")
+        B = x.shape[0]
+        self._n["calls"] += 1
+        self._n["rows"] += B
+        if self.budget == 0.0 or self.max_consecutive_skips == 0 or B == 0:
+            y = call.run(None)
+            self._n["calls_run"] += 1
+            self._n["rows_run"] += B
+            self._count_reason("off", B)
+            return y
+        with torch.no_grad():
+            return self._step(call, x, B)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _count_reason(self, reason: str, n: int = 1) -> None:
+        self._reasons[reason] = self._reasons.get(reason, 0) + n
+
+    def _reset_all(self, reason: str) -> None:
+        if self._streams or reason == "manual":
+            self._resets[reason] += 1
+        self._streams = {}
+        self._pending = []
+        self.manager.clear()
+        self._prev_call_t = None
+        self._calls_at_t = 0
+        self._branches = None
+        if reason in ("shape", "model", "output_shape", "manual"):
+            self._out_item = None
+
+    def _drop_stream(self, key) -> None:
+        self._streams.pop(key, None)
+        self.manager.drop(key)
+
+    def _row_t(self, t, B: int, device) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t, dtype=torch.float64)
+        t = t.detach().reshape(-1)
+        if t.numel() == 1 and B != 1:
+            t = t.expand(B)
+        if t.numel() != B:
+            raise ValueError(f"call.t: expected a scalar or {B} per-row timesteps, got shape {tuple(t.shape)}")
+        return t
+
+    def _cond_index(self, n: int, device) -> torch.Tensor:
+        key = (n, str(device))
+        idx = self._cond_index_cache.get(key)
+        if idx is None:
+            idx = (torch.arange(64, dtype=torch.long) * n // 64).to(device)
+            self._cond_index_cache[key] = idx
+        return idx
+
+    def _fetch(self, call, B: int):
+        """The one host sync of a call: timesteps, sampled cond values, pending back-test rates."""
+        parts = [self._row_t(call.t, B, call.x.device).to(torch.float64)]
+        m = 0
+        if call.cond is not None:
+            c = call.cond
+            if not isinstance(c, torch.Tensor):
+                c = torch.as_tensor(c)
+            c = c.detach()
+            if c.dim() == 0 or c.shape[0] != B:
+                raise ValueError(f"call.cond: expected a per-row summary [B={B}, ...], got shape {tuple(c.shape)}")
+            c = c.reshape(B, -1)
+            if c.shape[1] > 64:
+                c = c.index_select(1, self._cond_index(c.shape[1], c.device))
+            m = c.shape[1]
+            parts.append(c.to(torch.float64).reshape(-1))
+        pending, self._pending = self._pending, []
+        parts += [p.reshape(-1).to(torch.float64) for p, _ in pending]
+        host: list = [None] * len(parts)
+        dev = [i for i, p in enumerate(parts) if p.device.type != "cpu"]
+        if dev:
+            flat = torch.cat([parts[i].to(parts[dev[0]].device) for i in dev]).tolist()
+            self._n["syncs"] += 1
+            o = 0
+            for i in dev:
+                k = parts[i].numel()
+                host[i] = flat[o:o + k]
+                o += k
+        for i, p in enumerate(parts):
+            if host[i] is None:
+                host[i] = p.tolist()
+        t_rows = [float(v) for v in host[0]]
+        sigs = None
+        if call.cond is not None:
+            vals = host[1]
+            sigs = [tuple(vals[i * m:(i + 1) * m]) for i in range(B)]
+        for (_, owners), vals in zip(pending, host[len(parts) - len(pending):]):
+            for (s, gen, q), v in zip(owners, vals):
+                if s.gen == gen:
+                    s.rates[q] = float(v)
+        return t_rows, sigs
+
+    def _branch(self, t_rows: list[float]) -> int:
+        """Call-order branch of a call without cond (see the module docstring)."""
+        prev = self._prev_call_t
+        if prev is not None and len(prev) == len(t_rows) and all(_same_t(a, b) for a, b in zip(prev, t_rows)):
+            self._calls_at_t += 1
+        else:
+            if prev is not None and max(t_rows) > max(prev) and not _same_t(max(t_rows), max(prev)):
+                self._branches = None  # a new trajectory: learn the branch count again
+            elif prev is not None and self._branches is None:
+                self._branches = self._calls_at_t + 1
+            self._calls_at_t = 0
+        self._prev_call_t = list(t_rows)
+        return self._calls_at_t % self._branches if self._branches else self._calls_at_t
+
+    def _progress(self, s: _Stream, t: float) -> float:
+        sched = self.timesteps
+        if sched is not None:
+            n = len(sched)
+            sign = 1.0 if sched[0] > sched[-1] else -1.0
+            if sign * t >= sign * sched[0]:
+                return 0.0
+            for i in range(n - 1):
+                a, b = sched[i], sched[i + 1]
+                if sign * t >= sign * b:
+                    return (i + (a - t) / (a - b)) / (n - 1)
+            return 1.0
+        if self.num_steps is not None:
+            return s.distinct / self.num_steps
+        span = s.t_start - self.t_end
+        return (s.t_start - t) / span if span != 0 else 0.0
+
+    def _keys(self, call, t_rows, sigs, B):
+        if sigs is not None:
+            seen: dict = {}
+            keys = []
+            for sig in sigs:
+                k = seen.get(sig, 0)
+                seen[sig] = k + 1
+                keys.append(("cond", sig, k))
+            return keys
+        if self._batch is not None and B != self._batch and self._streams:
+            self._reset_all("batch")
+        branch = self._branch(t_rows)
+        return [("branch", branch, i) for i in range(B)]
+
+    def _new_stream(self, key) -> _Stream:
+        self._gen += 1
+        s = _Stream(key, self._gen)
+        self._streams[key] = s
+        self.manager.drop(key)
+        return s
+
+    def _estimate(self, s: _Stream, t: float):
+        """(predicted relative L1 error, forecast order, index of a history node equal to t or None),
+        or (None, None, None) when no prediction can be made yet."""
+        n = len(s.ts)
+        for j, tj in enumerate(s.ts):
+            if _same_t(t, tj):
+                d0 = s.rates.get(0)
+                if d0 is None or n < 2:
+                    return (0.0, 0, j) if self.same_t_scale == 0.0 else (None, None, None)
+                return self.same_t_scale * d0 * abs(s.ts[-1] - s.ts[-2]), 0, j
+        q = min(self.order, n - 1)
+        while q >= 0 and s.rates.get(q) is None:  # not enough computed points yet for this order
+            q -= 1
+        if q < 0:
+            return None, None, None
+        d = s.rates[q]
+        prod = 1.0
+        for tj in s.ts[n - 1 - q:]:
+            prod *= abs(t - tj)
+        return d * prod, q, None
+
+    def _step(self, call, x: torch.Tensor, B: int) -> torch.Tensor:
+        env = (call.model_id, tuple(x.shape[1:]), x.dtype, x.device)
+        if self._env is not None and env != self._env:
+            old = self._env
+            reason = "model" if old[0] != env[0] else "shape"
+            self._reset_all(reason)
+        self._env = env
+        t_rows, sigs = self._fetch(call, B)
+        keys = self._keys(call, t_rows, sigs, B)
+        self._batch = B
+
+        # new trajectory: a row's timestep went up
+        went_up = [False] * B
+        for i, k in enumerate(keys):
+            s = self._streams.get(k)
+            if s is not None and s.last_t is not None and t_rows[i] > s.last_t and not _same_t(t_rows[i], s.last_t):
+                went_up[i] = True
+        if any(went_up):
+            self._resets["trajectory"] += 1
+            live = set(keys)
+            for k in list(self._streams):
+                if k not in live:
+                    self._drop_stream(k)
+            for i, k in enumerate(keys):
+                if went_up[i]:
+                    self._drop_stream(k)
+
+        streams: list[_Stream] = []
+        for i, k in enumerate(keys):
+            s = self._streams.get(k)
+            if s is None:
+                s = self._new_stream(k)
+            ti = t_rows[i]
+            if s.last_t is None:
+                s.t_start, s.distinct = ti, 0
+            elif not _same_t(ti, s.last_t):
+                s.distinct += 1
+            s.last_t = ti
+            if s.ts and k not in self.manager:  # evicted by the memory budget
+                self._resets["evicted"] += 1
+                s.ts, s.rates = [], {}
+            streams.append(s)
+
+        # decisions (host floats only)
+        decisions = []
+        for i, s in enumerate(streams):
+            ti = t_rows[i]
+            est, q, node = self._estimate(s, ti)
+            if not s.ts:
+                reason = "new"
+            elif est is None:
+                reason = "warmup"
+            else:
+                p = self._progress(s, ti)
+                if p < self.start_percent:
+                    reason = "start"
+                elif p > 1.0 - self.end_percent:
+                    reason = "end"
+                elif s.skips >= self.max_consecutive_skips:
+                    reason = "max_skips"
+                else:
+                    reason = "budget"
+            run = reason != "budget" or est > self.budget
+            tensors = None
+            if not run:
+                tensors = self.manager.get(s.key)
+                if tensors is None or len(tensors) != len(s.ts):  # dropped by the memory budget meanwhile
+                    self._resets["evicted"] += 1
+                    s.ts, s.rates = [], {}
+                    run, reason, est = True, "evicted", None
+            decisions.append([run, reason, est, q, node, tensors])
+        if any(d[0] for d in decisions) and self.piggyback < 1.0:
+            for d in decisions:
+                if not d[0] and d[2] > self.piggyback * self.budget:
+                    d[0], d[1] = True, "piggyback"
+        run_rows = [i for i, d in enumerate(decisions) if d[0]]
+        skip_rows = [i for i, d in enumerate(decisions) if not d[0]]
+
+        # forecasts (before the run: their histories are read now)
+        fc_parts = self._forecast_rows(skip_rows, streams, t_rows, decisions)
+
+        y = None
+        if run_rows:
+            if len(run_rows) == B:
+                y = call.run(None)
+            else:
+                y = call.run(self._index(run_rows, x.device))
+            if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != len(run_rows):
+                raise ValueError(f"call.run: expected a tensor with {len(run_rows)} rows, got "
+                                 f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+            item = (tuple(y.shape[1:]), y.dtype, y.device)
+            if self._out_item is not None and item != self._out_item:
+                # the output shape changed under an unchanged input shape: start over with the whole batch
+                self._reset_all("output_shape")
+                self._out_item = item
+                return self._rerun_all(call, B, t_rows, keys)
+            self._out_item = item
+
+        # assemble the output
+        if y is not None and len(run_rows) == B:
+            out = y
+            stored = y.detach().clone()  # the caller owns `out`; the cache keeps its own copy
+        else:
+            shape, dtype, device = self._out_item
+            out = torch.empty((B, *shape), dtype=dtype, device=device)
+            if y is not None:
+                out.index_copy_(0, self._index(run_rows, device), y)
+            stored = y.detach() if y is not None else None
+            for rows, val in fc_parts:
+                out.index_copy_(0, self._index(rows, device), val)
+
+        if y is not None:
+            self._update(run_rows, streams, t_rows, stored)
+        for i in skip_rows:
+            streams[i].skips += 1
+            self._orders[decisions[i][3]] = self._orders.get(decisions[i][3], 0) + 1
+
+        # counters and log
+        self._n["rows_run"] += len(run_rows)
+        self._n["rows_saved"] += len(skip_rows)
+        if run_rows:
+            self._n["calls_run"] += 1
+            if len(run_rows) < B:
+                self._n["calls_partial"] += 1
+        else:
+            self._n["calls_saved"] += 1
+        for d in decisions:
+            self._count_reason(d[1] if d[0] else "forecast")
+        if self.log_limit:
+            self._log.append({
+                "call": self._n["calls"], "t": t_rows, "run": run_rows, "forecast": skip_rows,
+                "rows": [{"stream": repr(k), "t": t_rows[i], "decision": "run" if d[0] else "forecast",
+                          "reason": d[1], "est": d[2], "order": d[3]} for i, (k, d) in enumerate(zip(keys, decisions))],
+            })
+        return out
+
+    def _rerun_all(self, call, B, t_rows, keys):
+        y = call.run(None)
+        streams = [self._new_stream(k) for k in keys]
+        for s, ti in zip(streams, t_rows):
+            s.t_start = s.last_t = ti
+        self._update(list(range(B)), streams, t_rows, y.detach().clone())
+        self._n["rows_run"] += B
+        self._n["calls_run"] += 1
+        self._count_reason("new", B)
+        return y
+
+    def _index(self, rows: list[int], device) -> torch.Tensor:
+        idx = torch.tensor(rows, dtype=torch.long)
+        if device.type == "cuda":
+            return idx.pin_memory().to(device, non_blocking=True)
+        return idx.to(device)
+
+    def _forecast_rows(self, rows, streams, t_rows, decisions):
+        """Forecast the skipped rows, grouped by (nodes, target t, order) so that rows with the same
+        history timesteps are forecast together. Returns ``[(rows, tensor [len(rows), ...])]``."""
+        from ..ops import forecast as _forecast
+
+        groups: dict = {}
+        hist: dict = {}
+        for i in rows:
+            s = streams[i]
+            q, node, tensors = decisions[i][3], decisions[i][4], decisions[i][5]
+            if node is not None:
+                gk = ("node", s.ts[node], t_rows[i])
+                hist[i] = [tensors[node]]
+            else:
+                nodes = tuple(s.ts[len(s.ts) - 1 - q:])
+                gk = ("fc", nodes, t_rows[i], q)
+                hist[i] = tensors[len(tensors) - 1 - q:]
+            groups.setdefault(gk, []).append(i)
+        out = []
+        for gk, members in groups.items():
+            k = len(hist[members[0]])
+            stacked = [torch.stack([hist[i][j] for i in members]) for j in range(k)]
+            if gk[0] == "node" or gk[3] == 0:
+                val = stacked[-1]
+            else:
+                _, nodes, t, q = gk
+                val = _forecast(stacked, list(nodes), t, order=q)
+            out.append((members, val))
+        return out
+
+    def _update(self, run_rows, streams, t_rows, stored) -> None:
+        """Push the computed outputs into their streams' histories and queue the back-tests."""
+        from ..ops import forecast as _forecast
+        from ..ops import relative_change as _relchange
+
+        jobs: dict = {}
+        for p, i in enumerate(run_rows):
+            s = streams[i]
+            ti = t_rows[i]
+            prev = self.manager.get(s.key) or []
+            ts = list(s.ts)
+            if len(prev) != len(ts):
+                prev, ts = [], []
+            keep = [j for j, tj in enumerate(ts) if not _same_t(ti, tj)]
+            prev = [prev[j] for j in keep]
+            ts = [ts[j] for j in keep]
+            yi = stored[p]
+            for q in range(0, min(self.order, len(ts) - 1) + 1):
+                if len(ts) < q + 1:
+                    break
+                nodes = tuple(ts[len(ts) - 1 - q:])
+                jobs.setdefault((nodes, ti, q), []).append((s, prev[len(prev) - 1 - q:], yi))
+            s.ts = (ts + [ti])[-(self.order + 1):]
+            s.rates = {}
+            s.skips = 0
+            self.manager.set(s.key, (prev + [yi])[-(self.order + 1):])
+        for (nodes, ti, q), members in jobs.items():
+            stacked = [torch.stack([m[1][j] for m in members]) for j in range(q + 1)]
+            truth = torch.stack([m[2] for m in members])
+            pred = stacked[-1] if q == 0 else _forecast(stacked, list(nodes), ti, order=q)
+            prod = 1.0
+            for tj in nodes:
+                prod *= abs(ti - tj)
+            rate = _relchange(pred, truth) / prod
+            self._pending.append((rate, [(m[0], m[0].gen, q) for m in members]))
