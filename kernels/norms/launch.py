@@ -1,0 +1,115 @@
+"""Host side of the norm kernels: config lookup (keyed by the normalised row length), allocation, launch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from jetdet import configs
+from jetdet.kernels._common import CompileSpec, empty
+from jetdet.kernels.reduce.tables import DTYPES, shipped_tables, signature
+
+from .kernel import norm_fwd_kernel
+
+OP = "norms"
+DEFAULT_CONFIG = {"BLOCK": 1024, "num_warps": 4}
+
+
+def _launch(x2, weight, bias, out2, n, eps, *, rms, num_groups=1, spatial=1, grouped=False):
+    rows = x2.shape[0]
+    if rows == 0:
+        return
+    cfg = configs.get_config(OP, n, dtype=x2.dtype, device=x2.device, default=DEFAULT_CONFIG)
+    norm_fwd_kernel[(rows,)](
+        x2, weight if weight is not None else x2, bias if bias is not None else x2, out2,
+        x2.stride(0), x2.stride(1), out2.stride(0), out2.stride(1),
+        n, num_groups, spatial, float(eps),
+        RMS=rms,
+        GROUPED=grouped,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def _affine(t):
+    return None if t is None else t.contiguous()
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
+    """Layer norm over the last dim of ``x [R, C]`` (any leading dims are flattened): ``(x - mean) /
+    sqrt(var + eps) * weight + bias`` with the biased variance; ``weight``/``bias`` ``[C]`` or None.
+    fp32 statistics; returns x.dtype, shape of x."""
+    x2 = _rows(x)
+    out = empty(x.shape, x.dtype, x.device)
+    _launch(x2, _affine(weight), _affine(bias), out.view(x2.shape), x.shape[-1], eps, rms=False)
+    return out
+
+
+def rms_norm(x, weight=None, eps=1e-6) -> torch.Tensor:
+    """RMS norm over the last dim of ``x [R, C]``: ``x / sqrt(mean(x^2) + eps) * weight``; ``weight``
+    ``[C]`` or None. fp32 statistics; returns x.dtype, shape of x."""
+    x2 = _rows(x)
+    out = empty(x.shape, x.dtype, x.device)
+    _launch(x2, _affine(weight), None, out.view(x2.shape), x.shape[-1], eps, rms=True)
+    return out
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
+    """Group norm of ``x [B, C, *spatial]``: each (sample, group) of ``C/G`` channels x spatial is
+    normalised by its own mean and biased variance, then the per-channel ``weight``/``bias`` ``[C]`` (or
+    None) apply. One program per (sample, group). Returns x.dtype, shape of x."""
+    bsz, chans = x.shape[0], x.shape[1]
+    if chans % num_groups:
+        raise ValueError(f"num_groups: expected a divisor of the {chans} channels, got {num_groups}")
+    xc = x.contiguous()
+    spatial = math.prod(x.shape[2:])
+    n = chans // num_groups * spatial
+    out = empty(x.shape, x.dtype, x.device)
+    _launch(
+        xc.view(bsz * num_groups, n), _affine(weight), _affine(bias), out.view(bsz * num_groups, n), n, eps,
+        rms=False, num_groups=num_groups, spatial=max(spatial, 1), grouped=True,
+    )  # fmt: skip
+    return out
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every shipped BLOCK/num_warps x dtype x {layer, rms, group} with weight and bias present."""
+    specs, seen = [], set()
+    default_tables = [("default", dt, {"1024": DEFAULT_CONFIG}) for dt in DTYPES]
+    for _dev, dt, table in [*shipped_tables(OP), *default_tables]:
+        for cfg in table.values():
+            cfg = {**DEFAULT_CONFIG, **cfg}
+            for kind in ("layer", "rms", "group"):
+                ident = (dt, kind, cfg["BLOCK"], cfg["num_warps"])
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                ptr = "*" + dt
+                sig = signature(norm_fwd_kernel, {"x_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr,
+                                                  "eps": "fp32"})  # fmt: skip
+                del sig["stride_xc"], sig["stride_oc"]  # contiguous rows: the JIT specialises stride 1
+                specs.append(
+                    CompileSpec(
+                        name=f"{kind}_norm[{dt},BLOCK{cfg['BLOCK']},w{cfg['num_warps']}]",
+                        fn=norm_fwd_kernel,
+                        signature=sig,
+                        constexprs={
+                            "stride_xc": 1,
+                            "stride_oc": 1,
+                            "RMS": kind == "rms",
+                            "GROUPED": kind == "group",
+                            "HAS_WEIGHT": True,
+                            "HAS_BIAS": kind != "rms",
+                            "BLOCK": cfg["BLOCK"],
+                        },
+                        options={"num_warps": cfg["num_warps"], "num_stages": 1},
+                    )
+                )
+    return specs
