@@ -1,0 +1,140 @@
+"""Flash-style scaled-dot-product attention forward, one program per (batch, head, query block).
+
+The KV sequence is visited in order 0..N_K in blocks of ``BLOCK_N`` inside a single program (never split),
+with an online softmax in fp32. Every query row therefore sees the same sequence of operations whatever
+the batch size, head count or its slot in the batch: the output is batch invariant, bit for bit.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attention_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    out_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    num_heads,
+    n_q,
+    n_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """``qk_scale`` is ``scale * log2(e)``: scores live in the log2 domain so the kernel uses ``exp2``.
+
+    ``DOT_FP32``: upcast q/k/v tiles and p to fp32 and use ``input_precision="ieee"`` (fp32 inputs, and
+    bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong); otherwise the dots run on the input dtype
+    (fp16/bf16 tensor cores) with fp32 accumulation.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_q, BLOCK_M)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    o_base = out_ptr + b * stride_ob + h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < n_q
+    # head dims are constexprs: with D == BLOCK_D the masks fold away and the loads vectorise
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    for start_n in range(0, n_k, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < n_k
+        # k is loaded transposed, [BLOCK_D, BLOCK_N], so the score tile is a plain dot
+        k = tl.load(
+            k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=d_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=n_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale
+        if HAS_MASK:
+            bias = tl.load(
+                mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
+                mask=m_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            s = s + bias * LOG2E
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with no finite score yet keeps m = -inf; subtract 0 there instead of -inf so that
+        # exp2(-inf - (-inf)) does not turn the (still zero) state into NaN. A row that stays fully masked
+        # ends with l = 0 and 0/0 = NaN, like softmax over all -inf in the reference.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DOT_FP32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(
+        o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & dv_ok[None, :],
+    )

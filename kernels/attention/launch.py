@@ -1,0 +1,138 @@
+"""Host side of the attention kernel: config lookup (keyed by head dim), allocation, grid, launch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from jetdet import configs
+from jetdet.kernels._common import CompileSpec, empty
+from jetdet.kernels.reduce.tables import DTYPES, shipped_tables, signature
+
+from .kernel import attention_fwd_kernel
+from .reference import additive_mask
+
+OP = "attention"
+MAX_HEAD_DIM = 256
+# Used (with a one-time warning) on a device with no shipped table. Small tiles, per head-dim range, that
+# compile without spills on sm_80/89/90 for fp32 (ieee dots, the heaviest), fp16 and bf16.
+DEFAULT_CONFIGS = {
+    64: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    128: {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+    256: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+}
+_LOG2E = 1.4426950408889634
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od")
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _default_config(d: int) -> dict:
+    return DEFAULT_CONFIGS[min(b for b in DEFAULT_CONFIGS if b >= min(_block_d(d), MAX_HEAD_DIM))]
+
+
+def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
+    # fp32 promises fp32 products (ieee, not TF32). bf16 dots are computed wrongly by the interpreter, so
+    # there the tiles are upcast too; on a GPU bf16 runs on the tensor cores with fp32 accumulation.
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
+
+
+def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
+    """``softmax(q @ k^T * scale + mask) @ v``.
+
+    q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]``, v ``[B, H, Nk, Dv]`` (same dtype fp32/fp16/bf16, any strides),
+    D, Dv <= 256. ``mask``: None, an additive float tensor or a boolean one (True = keep), broadcastable
+    to ``[B, H, Nq, Nk]`` (read through stride-0 views, never materialised); ``scale`` defaults to
+    ``1/sqrt(D)``. Returns ``[B, H, Nq, Dv]`` in q.dtype. A query row whose mask is -inf for every key is
+    NaN, like the literal softmax.
+    """
+    bsz, heads, n_q, d = q.shape
+    n_k, d_v = k.shape[2], v.shape[3]
+    if max(d, d_v) > MAX_HEAD_DIM:
+        raise ValueError(f"q/v: head dim must be <= {MAX_HEAD_DIM}, got D={d}, Dv={d_v}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    out = empty((bsz, heads, n_q, d_v), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    if n_k == 0:  # softmax over no keys times an empty V: the reference's matmul gives zeros
+        return out.zero_()
+
+    if mask is not None:
+        mask = additive_mask(mask)
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(bsz, heads, n_q, n_k)
+        m_arg, m_strides = mask, mask.stride()
+    else:
+        m_arg, m_strides = q, (0, 0, 0, 0)
+
+    key = max(d, d_v)
+    cfg = configs.get_config(OP, key, dtype=q.dtype, device=q.device, default=_default_config(key))
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid = (triton.cdiv(n_q, block_m) * bsz * heads,)
+    attention_fwd_kernel[grid](
+        q, k, v, m_arg, out,
+        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+        heads, n_q, n_k,
+        float(scale) * _LOG2E,
+        HEAD_DIM=d,
+        HEAD_DIM_V=d_v,
+        HAS_MASK=mask is not None,
+        DOT_FP32=_dot_fp32(q.dtype, q.device),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=_block_d(d),
+        BLOCK_DV=_block_d(d_v),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every shipped (config, head-dim key) x dtype x mask/no-mask, as compiled for a GPU."""
+    specs, seen = [], set()
+    default_tables = [("default", dt, {str(d): c for d, c in DEFAULT_CONFIGS.items()}) for dt in DTYPES]
+    for _dev, dt, table in [*shipped_tables(OP), *default_tables]:
+        for key, cfg in table.items():
+            head_dim = min(int(key), MAX_HEAD_DIM)
+            block_d = _block_d(head_dim)
+            cfg = {**_default_config(head_dim), **cfg}
+            for has_mask in (False, True):
+                ident = (dt, head_dim, has_mask, tuple(sorted(cfg.items())))
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                ptr = "*" + dt
+                sig = signature(
+                    attention_fwd_kernel,
+                    {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "out_ptr": ptr, "qk_scale": "fp32",
+                     "mask_ptr": "*fp32" if has_mask else ptr},
+                )  # fmt: skip
+                # the common, contiguous-last-dim case, which the JIT specialises at runtime (stride == 1)
+                for name in _UNIT_STRIDES:
+                    del sig[name]
+                specs.append(
+                    CompileSpec(
+                        name=f"attention[{dt},D={head_dim},mask={has_mask},"
+                        f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}]",
+                        fn=attention_fwd_kernel,
+                        signature=sig,
+                        constexprs={
+                            "HAS_MASK": has_mask,
+                            "DOT_FP32": dt == "fp32",
+                            "BLOCK_M": cfg["BLOCK_M"],
+                            "BLOCK_N": cfg["BLOCK_N"],
+                            "HEAD_DIM": head_dim,
+                            "HEAD_DIM_V": head_dim,
+                            "BLOCK_D": block_d,
+                            "BLOCK_DV": block_d,
+                            **dict.fromkeys(_UNIT_STRIDES, 1),
+                        },
+                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    )
+                )
+    return specs
