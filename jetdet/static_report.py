@@ -42,6 +42,7 @@ Command line: ``python -m jetdet.static_report [--arch 80 --arch 90] [--only mat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -83,35 +84,52 @@ _FORBID = {
     "no_mufu": ("mufu", "MUFU"),
     "no_tf32": ("tf32", "TF32 tensor-core"),
 }
-_SASS_RE = re.compile(
-    r"^\s*/\*[0-9a-fA-F]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)"
-)
+_SASS_RE = re.compile(r"^\s*/\*[0-9a-fA-F]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)")
 _RES_RE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 # ------------------------------------------------------------------------------------------ spec collection
 
 
-def collect_specs(modules: Iterable[str] | None = None) -> list:
+def collect_specs(modules: Iterable[str] | None = None, errors: list[dict] | None = None) -> list:
     """All ``compile_specs()`` of ``modules`` (default :data:`KERNEL_MODULES`).
 
-    A module that does not exist (yet), or has no ``compile_specs``, is skipped; one that exists but fails
-    to import raises, so a broken kernel module is never silently left out of the report.
+    A module that does not exist (yet), or has no ``compile_specs``, is skipped. One that exists but fails
+    to import or to build its specs raises, or, when ``errors`` is a list, is appended to it as an error
+    row (``{"kernel": <module>, "arch": None, "error": ...}``), so a broken kernel module is never
+    silently left out of the report.
     """
     specs = []
     for name in KERNEL_MODULES if modules is None else modules:
         try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            missing = e.name or ""
-            if missing and (name == missing or name.startswith(missing + ".")):
+            try:
+                mod = importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                missing = e.name or ""
+                if missing and (name == missing or name.startswith(missing + ".")):
+                    continue
+                raise
+            fn = getattr(mod, "compile_specs", None)
+            if fn is None:
                 continue
-            raise
-        fn = getattr(mod, "compile_specs", None)
-        if fn is None:
-            continue
-        specs.extend(fn())
+            specs.extend(fn())
+        except Exception as e:
+            if errors is None:
+                raise
+            errors.append(_error_row(name, None, e, deterministic=True, forbid=()))
     return specs
+
+
+def _error_row(kernel: str, arch, e: BaseException, *, deterministic: bool, forbid) -> dict:
+    text = str(e).strip()
+    return {
+        "kernel": kernel,
+        "arch": arch,
+        "deterministic": bool(deterministic),
+        "forbid": list(forbid),
+        "cached": False,
+        "error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}",
+    }
 
 
 # ---------------------------------------------------------------------------- interpreter -> JITFunction
@@ -210,9 +228,7 @@ def _resolve_signature(jit, spec) -> tuple[dict, dict, dict]:
         elif param.default is not inspect.Parameter.empty:
             value = param.default
         else:
-            raise ValueError(
-                f"{spec.name}: argument {arg!r} has neither a signature type nor a constexpr value"
-            )
+            raise ValueError(f"{spec.name}: argument {arg!r} has neither a signature type nor a constexpr value")
         signature[arg] = "constexpr"
         constexprs[arg] = value
     unknown = (set(spec.signature) | set(spec.constexprs)) - set(params)
@@ -248,6 +264,73 @@ def _cache_key(jit, spec, arch: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+_STATE: dict = {"depth": 0, "memo": None}
+
+
+def _wrapped_interpreted(val, interp_cls):
+    """The InterpretedFunction behind a ``tl.tensor`` member wrapper (``x.sum()``), else None."""
+    for cell in getattr(val, "__closure__", None) or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(content, interp_cls):
+            return content
+    return None
+
+
+@contextlib.contextmanager
+def compiling():
+    """Context in which Triton compiles for a GPU target even when the interpreter is on.
+
+    * ``triton.compiler.code_generator`` is imported first: importing it imports gluon, which asserts at
+      import time that ``triton.language``'s functions are JITFunctions unless the interpreter is on.
+    * With the interpreter on, every ``@jit`` function in the loaded ``triton.language`` modules
+      (``tl.cdiv``, ``tl.sum``, ``tl.randn``, ...), and the ``tl.tensor`` member wrappers that forward to them,
+      are swapped for JITFunctions, and restored on exit.
+    * ``triton.knobs.runtime.interpret`` is off inside, so ``constexpr_function`` results are constexprs.
+
+    Re-entrant; kernels converted with :func:`as_jit_function` inside share one memo.
+    """
+    import triton
+    import triton.compiler.code_generator  # noqa: F401 - see above
+
+    if _STATE["depth"]:
+        _STATE["depth"] += 1
+        try:
+            yield
+        finally:
+            _STATE["depth"] -= 1
+        return
+    _, interp_cls = _interp_types()
+    memo: dict = {}
+    patches = []
+    try:
+        if interp_cls:
+            for name in [m for m in list(sys.modules) if m == "triton.language" or m.startswith("triton.language.")]:
+                mod = sys.modules.get(name)
+                if mod is None:
+                    continue
+                for attr, val in list(vars(mod).items()):
+                    if isinstance(val, interp_cls):
+                        patches.append((mod, attr, val))
+                        setattr(mod, attr, as_jit_function(val, memo))
+            tensor = triton.language.core.tensor
+            for attr, val in list(vars(tensor).items()):
+                fn = _wrapped_interpreted(val, interp_cls)
+                if fn is not None:
+                    patches.append((tensor, attr, val))
+                    setattr(tensor, attr, as_jit_function(fn, memo))
+        _STATE.update(depth=1, memo=memo)
+        with triton.knobs.runtime.scope():
+            triton.knobs.runtime.interpret = False
+            yield
+    finally:
+        _STATE.update(depth=0, memo=None)
+        for obj, attr, val in reversed(patches):
+            setattr(obj, attr, val)
+
+
 def _compile(jit, spec, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -255,8 +338,7 @@ def _compile(jit, spec, arch: int):
 
     signature, constexprs, attrs = _resolve_signature(jit, spec)
     src = ASTSource(jit, signature, constexprs, attrs)
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = False
+    with compiling():
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
 
 
@@ -310,34 +392,18 @@ def _measure(kernel, arch: int) -> dict:
     return row
 
 
-def analyze(spec, arch: int, *, use_cache: bool = True) -> dict:
-    """Compile ``spec`` for ``sm_<arch>`` and return its report row (see the module docstring).
+def _store(path: str, measured: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(measured, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
-    Raises on compile errors; :func:`report` turns those into rows with an ``error``.
-    """
-    jit = as_jit_function(spec.fn)
-    cache = _cache_dir() if use_cache else None
-    key = _cache_key(jit, spec, arch)
-    path = os.path.join(cache, f"{key}.json") if cache else None
-    measured = None
-    if path and os.path.isfile(path):
-        try:
-            with open(path) as f:
-                measured = json.load(f)
-        except (OSError, ValueError):
-            measured = None
-    cached = measured is not None
-    if measured is None:
-        measured = _measure(_compile(jit, spec, arch), arch)
-        if path:
-            try:
-                os.makedirs(cache, exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    json.dump(measured, f)
-                os.replace(tmp, path)
-            except OSError:
-                pass
+
+def _row(spec, arch: int, measured: dict, cached: bool) -> dict:
     return {
         "kernel": spec.name,
         "arch": arch,
@@ -349,50 +415,151 @@ def analyze(spec, arch: int, *, use_cache: bool = True) -> dict:
     }
 
 
+def _cache_path(spec, arch: int, use_cache: bool) -> str | None:
+    cache = _cache_dir() if use_cache else None
+    if not cache:
+        return None
+    jit = as_jit_function(spec.fn, _STATE["memo"])
+    return os.path.join(cache, f"{_cache_key(jit, spec, arch)}.json")
+
+
+def _load_cached(path: str | None) -> dict | None:
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _measure_spec(spec, arch: int) -> dict:
+    return _measure(_compile(as_jit_function(spec.fn, _STATE["memo"]), spec, arch), arch)
+
+
+def analyze(spec, arch: int, *, use_cache: bool = True) -> dict:
+    """Compile ``spec`` for ``sm_<arch>`` and return its report row (see the module docstring).
+
+    Raises on compile errors; :func:`report` turns those into rows with an ``error``.
+    """
+    with compiling():
+        path = _cache_path(spec, arch, use_cache)
+        measured = _load_cached(path)
+        cached = measured is not None
+        if measured is None:
+            measured = _measure_spec(spec, arch)
+            if path:
+                _store(path, measured)
+    return _row(spec, arch, measured, cached)
+
+
+# Work list of a parallel report; forked workers inherit it (specs hold functions, which do not pickle).
+_FORK_TASKS: list = []
+
+
+def _fork_worker(index: int):
+    spec, arch = _FORK_TASKS[index]
+    try:
+        with compiling():
+            return index, _measure_spec(spec, arch), None
+    except Exception as e:
+        return index, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid)
+
+
+def default_jobs() -> int:
+    """``$JETDET_STATIC_JOBS``, else the CPU count (at most 8)."""
+    env = os.environ.get("JETDET_STATIC_JOBS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def report(
     specs: Sequence | None = None,
     archs: Iterable[int] = DEFAULT_ARCHS,
     only: str | Iterable[str] | None = None,
     *,
     use_cache: bool = True,
+    jobs: int | None = None,
 ) -> list[dict]:
-    """Rows for every spec (default :func:`collect_specs`) and every arch in both ``archs`` and
-    ``spec.archs``. ``only``: keep specs whose name contains this substring (or any of these)."""
+    """Rows for every spec and every arch in both ``archs`` and ``spec.archs``. ``only``: keep specs whose
+    name contains this substring (or any of these). With ``specs=None`` the specs of all
+    :data:`KERNEL_MODULES` are collected, and a module whose ``compile_specs()`` fails becomes an error
+    row (``arch`` None), which :func:`violations` reports.
+
+    Cache misses compile in ``jobs`` forked processes (default :func:`default_jobs`; 1 = in this process;
+    platforms without ``fork`` always compile here)."""
+    import multiprocessing
+
+    rows: list[dict] = []
     if specs is None:
-        specs = collect_specs()
+        specs = collect_specs(errors=rows)
     if isinstance(only, str):
         only = (only,)
     archs = tuple(archs)
-    rows = []
-    for spec in specs:
-        if only is not None and not any(o in spec.name for o in only):
-            continue
-        for arch in archs:
-            if arch not in tuple(spec.archs):
-                continue
+    tasks = [
+        (spec, arch)
+        for spec in specs
+        if only is None or any(o in spec.name for o in only)
+        for arch in archs
+        if arch in tuple(spec.archs)
+    ]
+    results: list[dict | None] = [None] * len(tasks)
+    with compiling():
+        misses = []
+        for i, (spec, arch) in enumerate(tasks):
             try:
-                rows.append(analyze(spec, arch, use_cache=use_cache))
-            except Exception as e:  # a failed compile is a reported violation
-                rows.append(
-                    {
-                        "kernel": spec.name,
-                        "arch": arch,
-                        "deterministic": bool(spec.deterministic),
-                        "forbid": list(spec.forbid),
-                        "cached": False,
-                        "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                    }
-                )
-    return rows
+                path = _cache_path(spec, arch, use_cache)
+            except Exception as e:  # e.g. not a @triton.jit function
+                results[i] = _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid)
+                continue
+            measured = _load_cached(path)
+            if measured is not None:
+                results[i] = _row(spec, arch, measured, True)
+            else:
+                misses.append((i, path))
+        jobs = default_jobs() if jobs is None else max(1, jobs)
+        fork_ok = "fork" in multiprocessing.get_all_start_methods()
+        if jobs > 1 and len(misses) > 1 and fork_ok:
+            import concurrent.futures
+
+            _FORK_TASKS[:] = [tasks[i] for i, _ in misses]
+            try:
+                ctx = multiprocessing.get_context("fork")
+                with concurrent.futures.ProcessPoolExecutor(min(jobs, len(misses)), mp_context=ctx) as pool:
+                    outcomes = list(pool.map(_fork_worker, range(len(misses))))
+            finally:
+                _FORK_TASKS.clear()
+        else:
+            outcomes = []
+            for k, (i, _) in enumerate(misses):
+                spec, arch = tasks[i]
+                try:
+                    outcomes.append((k, _measure_spec(spec, arch), None))
+                except Exception as e:  # a failed compile is a reported violation
+                    err = _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid)
+                    outcomes.append((k, None, err))
+        for k, measured, err in outcomes:
+            i, path = misses[k]
+            spec, arch = tasks[i]
+            if err is not None:
+                results[i] = err
+                continue
+            if path:
+                _store(path, measured)
+            results[i] = _row(spec, arch, measured, False)
+    return rows + [r for r in results if r is not None]
 
 
 # ------------------------------------------------------------------------------------------------ output
 
 
 def row_violations(row: dict) -> list[str]:
-    where = f"{row['kernel']} @ sm_{row['arch']}"
     if row.get("error"):
-        return [f"{where}: compile failed: {row['error']}"]
+        if row["arch"] is None:
+            return [f"{row['kernel']}: compile_specs() failed: {row['error']}"]
+        return [f"{row['kernel']} @ sm_{row['arch']}: compile failed: {row['error']}"]
+    where = f"{row['kernel']} @ sm_{row['arch']}"
     out = []
     if row["deterministic"] and row["atomics"]:
         out.append(f"{where}: {row['atomics']} atomic instruction(s) (RED/ATOM) in a deterministic kernel")
@@ -439,7 +606,8 @@ def format_table(rows: Iterable[dict]) -> str:
     body = []
     for row in rows:
         if row.get("error"):
-            cells = [row["kernel"], f"sm_{row['arch']}"] + ["-"] * (len(_COLUMNS) - 2) + ["ERROR"]
+            arch = "-" if row["arch"] is None else f"sm_{row['arch']}"
+            cells = [row["kernel"], arch] + ["-"] * (len(_COLUMNS) - 2) + ["ERROR"]
         else:
             cells = [row["kernel"], f"sm_{row['arch']}"] + [str(row[k]) for k, _ in _COLUMNS[2:]]
             cells.append("FAIL" if row_violations(row) else "ok")
@@ -447,26 +615,26 @@ def format_table(rows: Iterable[dict]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     lines = []
     for i, cells in enumerate([header, *body]):
-        lines.append(
-            "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
-        )
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jetdet.static_report", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m jetdet.static_report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability (repeatable)")
     parser.add_argument("--only", action="append", help="keep kernels whose name contains this (repeatable)")
     parser.add_argument("--module", action="append", help="kernel module(s) instead of KERNEL_MODULES")
     parser.add_argument("--no-cache", action="store_true", help="recompile instead of reading the cache")
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPUs)")
     args = parser.parse_args(argv)
-    specs = collect_specs(args.module)
-    rows = report(specs, archs=args.arch or DEFAULT_ARCHS, only=args.only, use_cache=not args.no_cache)
+    errors: list[dict] = []
+    specs = collect_specs(args.module, errors=errors)
+    rows = errors + report(
+        specs, archs=args.arch or DEFAULT_ARCHS, only=args.only, use_cache=not args.no_cache, jobs=args.jobs
+    )
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -1,0 +1,205 @@
+"""Static report: every collected kernel spec cross-compiles for sm_80/89/90 with no violations (no atomics in
+deterministic kernels, no spills, shared memory within limits, no forbidden instruction classes), the GEMM
+uses tensor cores for fp16 and never TF32 for fp32, and deliberately bad kernels are caught (negative
+controls). Runs with TRITON_INTERPRET=1 set, like the rest of the suite; results are cached on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import triton
+import triton.language as tl
+
+from jetdet import static_report as sr
+from jetdet.kernels._common import CompileSpec
+
+pytestmark = pytest.mark.slow
+
+ARCHS = (80, 89, 90)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return sr.report(archs=ARCHS)  # all KERNEL_MODULES; a module that fails to give specs is an error row
+
+
+def test_every_spec_compiles_without_violations(rows):
+    names = {r["kernel"] for r in rows}
+    assert any(n.startswith("matmul_") for n in names)
+    assert any(n.startswith("conv2d_") for n in names)
+    bad = sr.violations(rows)
+    assert not bad, "\n" + sr.format_table(r for r in rows if sr.row_violations(r)) + "\n" + "\n".join(bad)
+
+
+def test_matmul_and_conv_cover_all_dtypes_and_archs(rows):
+    for op in ("matmul", "conv2d"):
+        for dt in ("fp32", "fp16", "bf16"):
+            archs = {r["arch"] for r in rows if r["kernel"].startswith(f"{op}_{dt}_")}
+            assert archs == set(ARCHS), (op, dt, archs)
+
+
+def test_gemm_uses_tensor_cores_for_half(rows):
+    for r in rows:
+        if r["kernel"].startswith(("matmul_fp16_", "matmul_bf16_", "conv2d_fp16_", "conv2d_bf16_")):
+            if r["arch"] in (80, 89):
+                assert r["hmma"] > 0, r
+            else:  # sm_90: warpgroup MMA (or HMMA for tiles wgmma cannot take)
+                assert r["hgmma"] + r["hmma"] > 0, r
+            assert r["tf32"] == 0, r
+
+
+def test_fp32_kernels_never_use_tf32(rows):
+    fp32 = [r for r in rows if r["kernel"].startswith(("matmul_fp32_", "conv2d_fp32_"))]
+    assert fp32
+    for r in fp32:
+        assert r["tf32"] == 0 and r["hmma"] == 0 and r["hgmma"] == 0, r
+        assert r["ffma"] > 0, r  # the IEEE dot runs on FFMA
+
+
+def test_table_and_cli(rows, capsys):
+    table = sr.format_table(rows[:3])
+    assert table.splitlines()[0].split()[:3] == ["kernel", "arch", "regs"]
+    assert len(table.splitlines()) == 2 + 3
+    argv = ["--module", "jetdet.kernels.matmul.launch", "--only", "matmul_fp16_128x64x32_w4s3", "--arch", "80"]
+    assert sr.main(argv) == 0  # cached by the fixture
+    out = capsys.readouterr().out
+    assert "matmul_fp16_128x64x32_w4s3" in out and "sm_80" in out
+
+
+# ------------------------------------------------------------------------------------- negative controls
+
+
+@triton.jit
+def _twice(x):
+    return x * 2.0
+
+
+@triton.jit
+def _bad_atomic_sum(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """A float atomic-add reduction: its result depends on the order programs finish."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.atomic_add(out_ptr, tl.sum(_twice(x), axis=0))
+
+
+@triton.jit
+def _bad_big_tile(a_ptr, b_ptr, c_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One 256x256 fp32 accumulator over 4 warps: 512 registers per thread, so it must spill."""
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a = tl.load(a_ptr + rm[:, None] * BK + rk[None, :])
+    b = tl.load(b_ptr + rk[:, None] * BN + rn[None, :])
+    acc = tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+
+
+@triton.jit
+def _tf32_and_exp(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+    """fp32 tl.dot with the default precision (TF32 on the GPU) and an exp (MUFU.EX2)."""
+    r = tl.arange(0, N)
+    a = tl.load(a_ptr + r[:, None] * N + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * N + r[None, :])
+    tl.store(c_ptr + r[:, None] * N + r[None, :], tl.exp(tl.dot(a, b)))
+
+
+def _spec(name, fn, signature, constexprs, **kw):
+    return CompileSpec(name=name, fn=fn, signature=signature, constexprs=constexprs, **kw)
+
+
+def test_negative_control_atomics():
+    spec = _spec(
+        "bad_atomic_sum",
+        _bad_atomic_sum,
+        {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32"},
+        {"BLOCK": 256},
+        options={"num_warps": 4},
+    )
+    rows = sr.report([spec], archs=(80, 90))
+    assert all(r["error"] is None and r["atomics"] > 0 for r in rows), rows
+    bad = sr.violations(rows)
+    assert len(bad) == 2 and all("atomic" in v for v in bad), bad
+    # the same kernel is fine where atomics are allowed
+    allowed = dataclasses.replace(spec, deterministic=False)
+    assert sr.violations(sr.report([allowed], archs=(80,))) == []
+
+
+def test_negative_control_spills():
+    spec = _spec(
+        "bad_big_tile",
+        _bad_big_tile,
+        {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"},
+        {"BM": 256, "BN": 256, "BK": 32},
+        options={"num_warps": 4, "num_stages": 1},
+    )
+    rows = sr.report([spec], archs=(80,))
+    assert rows[0]["error"] is None and rows[0]["stack"] > 0, rows
+    bad = sr.violations(rows)
+    assert any("spills" in v for v in bad), bad
+
+
+def test_negative_control_forbidden_classes():
+    spec = _spec(
+        "bad_tf32_exp",
+        _tf32_and_exp,
+        {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"},
+        {"N": 32},
+        options={"num_warps": 4},
+        forbid=("no_tf32", "no_mufu"),
+    )
+    rows = sr.report([spec], archs=(80, 90))
+    for r in rows:
+        assert r["tf32"] > 0 and r["mufu"] > 0, r
+    bad = sr.violations(rows)
+    assert sum("TF32" in v for v in bad) == 2 and sum("MUFU" in v for v in bad) == 2, bad
+    typo = dataclasses.replace(spec, forbid=("no_fmaa",))
+    assert any("unknown forbid class" in v for v in sr.violations(sr.report([typo], archs=(80,))))
+
+
+def test_compile_error_is_a_violation():
+    spec = _spec("missing_constexpr", _tf32_and_exp, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}, {})
+    rows = sr.report([spec], archs=(80,))
+    assert rows[0]["error"] and "N" in rows[0]["error"]
+    assert sr.violations(rows) and "ERROR" in sr.format_table(rows)
+
+
+def test_interpreted_function_is_compiled():
+    """Under TRITON_INTERPRET=1 the kernels are InterpretedFunctions; as_jit_function rebuilds a JITFunction
+    (callees included) and the cache key follows the source."""
+    jit = sr.as_jit_function(_bad_atomic_sum)
+    assert isinstance(jit, triton.runtime.jit.JITFunction)
+    assert isinstance(jit.fn.__globals__["_twice"], triton.runtime.jit.JITFunction)
+    assert sr.as_jit_function(jit) is jit
+
+
+def test_count_sass():
+    sass = """
+        /*0060*/                   HFMA2.MMA R2, -RZ, RZ, 0, 0 ;
+        /*0070*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0080*/              @!P0 HMMA.1684.F32.TF32 R4, R8, R12, R4 ;
+        /*0090*/                   HGMMA.64x64x8.F32.TF32 R24, gdesc[UR4], R24 ;
+        /*00a0*/               @P1 REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R5 ;
+        /*00b0*/                   ATOMS.ADD RZ, [R3], R4 ;
+        /*00c0*/                   MUFU.EX2 R5, R5 ;
+        /*00d0*/                   FFMA R1, R2, R3, R4 ;
+        /*00e0*/                   REDUX.SUM UR4, R2 ;
+    """
+    c = sr.count_sass(sass)
+    assert c == {"hmma": 2, "hgmma": 1, "tf32": 2, "atomics": 2, "mufu": 1, "ffma": 1, "instructions": 9}
+
+
+def test_interpreter_still_works_after_compiling(rows):
+    """Compiling swaps triton.language's interpreted functions for JITFunctions only while it runs."""
+    import os
+
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("checks the interpreter")
+    from jetdet.kernels.matmul.launch import matmul
+
+    a = torch.randn(5, 20)
+    b = torch.randn(20, 3)
+    torch.testing.assert_close(matmul(a, b), a @ b, atol=1e-5, rtol=1e-5)
+    assert type(tl.cdiv).__name__ == "InterpretedFunction"
