@@ -27,16 +27,20 @@ Spec conventions (matching what Triton's launcher specializes at run time):
 Interpreter processes: with ``TRITON_INTERPRET=1`` set before triton was imported (the test suite),
 ``@triton.jit`` returns an ``InterpretedFunction`` that ``ASTSource`` cannot compile. :func:`as_jit_function`
 rebuilds a real ``JITFunction`` from the same Python function, with a copy of its globals where every
-interpreted callee (also inside imported helper modules) is replaced the same way, and compilation runs
-with ``triton.knobs.runtime.interpret`` switched off for its duration. So the report works whether or not
-the interpreter is on, in the same process as the interpreter tests.
+interpreted callee (also inside imported helper modules) is replaced the same way. :func:`compiling` then
+swaps ``triton.language``'s own interpreted functions (``tl.cdiv``, ``tl.sum``, ``tl.randn``, tensor member
+wrappers) for JITFunctions and switches ``triton.knobs.runtime.interpret`` off, restoring both on exit. So
+the report works whether or not the interpreter is on, in the same process as the interpreter tests, which
+keep working afterwards.
 
 Results are cached as JSON under ``$JETDET_STATIC_CACHE`` (default ``~/.cache/jetdet/static``), keyed by
 the kernel's source hash (Triton's ``cache_key``, which covers called ``@jit`` functions), the spec, the
-arch and the Triton version. ``JETDET_STATIC_CACHE=0`` disables it.
+arch and the Triton version. ``JETDET_STATIC_CACHE=0`` disables it. Cache misses compile in forked worker
+processes (``jobs``, ``$JETDET_STATIC_JOBS``, default: the CPU count up to 8).
 
-Command line: ``python -m jetdet.static_report [--arch 80 --arch 90] [--only matmul] [--no-cache]
-[--json]`` prints the table and exits 1 when there are violations.
+Command line: ``python -m jetdet.static_report [--module M] [--arch 80 --arch 90] [--only matmul]
+[--no-cache] [--jobs N] [--json]`` prints the table and exits 1 when there are violations (a module whose
+``compile_specs()`` fails counts as one).
 """
 
 from __future__ import annotations
