@@ -63,12 +63,12 @@ def test_mask_shared_by_batch_and_empty_rows(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("mass", [0.5, 0.9, 1.0])
-def test_block_mask_matches_reference(backend, mass, monkeypatch):
+@pytest.mark.parametrize("mass,pool_size", [(0.5, None), (0.9, None), (1.0, None), (0.9, 8)])
+def test_block_mask_matches_reference(backend, mass, pool_size, monkeypatch):
     monkeypatch.setenv("JETDET_BACKEND", backend)
     q, k, _ = _qkv(2, 2, 150, 130, 32, 32, torch.float16)
-    bm = fast.attention_block_mask(q, k, block_size=32, mass=mass, min_blocks=2)
-    expect = ref.block_mask(q, k, 32, mass, 2)
+    bm = fast.attention_block_mask(q, k, block_size=32, mass=mass, min_blocks=2, pool_size=pool_size)
+    expect = ref.block_mask(q, k, 32, mass, 2, pool_size)
     assert torch.equal(bm.mask, expect)
     assert bm.mask.shape == (2, 2, 5, 5) and bm.block_size == 32
     assert (bm.mask.sum(-1) >= 2).all()
@@ -117,7 +117,7 @@ def test_work_is_proportional_to_density(triton_backend):
 
 def test_custom_ops():
     q, k, v = _qkv(1, 2, 40, 40, 16, 16, torch.float32)
-    torch.library.opcheck(torch.ops.jetdet.attention_block_mask.default, (q, k, 16, 0.9, 1))
+    torch.library.opcheck(torch.ops.jetdet.attention_block_mask.default, (q, k, 16, 0.9, 1, 8))
     bm = fast.attention_block_mask(q, k, 16, 0.9)
     torch.library.opcheck(torch.ops.jetdet.block_sparse_attention.default,
                           (q, k, v, bm.indices, bm.counts, 16, 0.25))
@@ -142,7 +142,20 @@ def test_bad_inputs():
         fast.attention_block_mask(q, k, mass=0.0)
     with pytest.raises(ValueError, match="min_blocks"):
         fast.attention_block_mask(q, k, min_blocks=0)
+    with pytest.raises(ValueError, match="pool_size"):
+        fast.attention_block_mask(q, k, block_size=16, pool_size=32)
     with pytest.raises(TypeError, match="k: expected dtype"):
         fast.block_sparse_attention(q, k.half(), v, bm, block_size=16)
     with pytest.raises(ValueError, match="v: expected shape"):
         fast.block_sparse_attention(q, k, v[:, :, :30], bm, block_size=16)
+
+
+def test_spatial_block_order():
+    perm, inv = fast.spatial_block_order(6, 10, 16)  # 4x4 tiles, partial at the edges
+    assert torch.equal(torch.sort(perm).values, torch.arange(60)) and torch.equal(perm[inv], torch.arange(60))
+    # the first 16 tiled tokens are the top-left 4x4 tile of the raster grid
+    assert sorted(perm[:16].tolist()) == [r * 10 + c for r in range(4) for c in range(4)]
+    q, k, v = _qkv(1, 2, 60, 60, 16, 16, torch.float32)
+    full = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    out = fast.block_sparse_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], full, block_size=16)
+    assert_rel(out[:, :, inv], ref.masked_attention(q, k, v, None), torch.float32)

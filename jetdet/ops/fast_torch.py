@@ -56,18 +56,30 @@ def block_sizes(n: int, block_size: int, device) -> torch.Tensor:
     return torch.clamp(n - starts, max=block_size).float()
 
 
-def select_blocks(pq: torch.Tensor, pk: torch.Tensor, m: int, block_size: int, mass: float, min_blocks: int,
-                  scale: float) -> torch.Tensor:
-    """Boolean block mask ``[B, H, nQB, nKB]`` from pooled queries/keys (fp32 ``[B, H, n, D]``).
+def select_blocks(pq: torch.Tensor, pk: torch.Tensor, n: int, m: int, block_size: int, pool_size: int,
+                  mass: float, min_blocks: int, scale: float) -> torch.Tensor:
+    """Boolean block mask ``[B, H, nQB, nKB]`` from queries/keys mean-pooled per ``pool_size`` tokens (fp32
+    ``[B, H, ceil(n / pool_size), D]`` and ``[B, H, ceil(m / pool_size), D]``).
 
-    Block probabilities are ``softmax_j(mean(q_i)·mean(k_j)·scale + log|k_j|)``: the pooled score of a block,
-    weighted by how many tokens it holds. Per query block the KV blocks are ranked by probability (ties:
-    lower index first) and kept while the mass of the blocks ranked above is below ``mass``, so the kept
-    set is the smallest prefix whose mass reaches ``mass``; at least ``min_blocks`` are kept, and the
-    diagonal block ``j = i * nKB // nQB`` always is."""
-    nqb, nkb = pq.shape[2], pk.shape[2]
-    logits = torch.matmul(pq, pk.transpose(-1, -2)) * scale + block_sizes(m, block_size, pq.device).log()
-    probs = logits.softmax(dim=-1)
+    Pool-level probabilities are ``p_ab = softmax_b(mean(q_a)·mean(k_b)·scale + log|k_b|)``: the pooled score,
+    weighted by how many tokens the key pool holds. The mass of KV block ``j`` for query block ``i`` is
+    ``Σ_{b ∈ j} p_ab`` averaged over the query pools ``a ∈ i`` (weighted by their token counts); with
+    ``pool_size == block_size`` that is simply ``softmax_j`` of the block-pooled scores. Per query block the KV
+    blocks are ranked by mass (ties: lower index first) and kept while the mass of the blocks ranked above
+    is below ``mass``, so the kept set is the smallest prefix whose mass reaches ``mass``; at least
+    ``min_blocks`` are kept, and the diagonal block ``j = i * nKB // nQB`` always is."""
+    B, H = pq.shape[:2]
+    r = block_size // pool_size
+    nqb, nkb = -(-n // block_size), -(-m // block_size)
+    logits = torch.matmul(pq, pk.transpose(-1, -2)) * scale + block_sizes(m, pool_size, pq.device).log()
+    p = logits.softmax(dim=-1)  # [B, H, nq_pools, nk_pools]
+    if r > 1:
+        p = F.pad(p, (0, nkb * r - p.shape[-1])).view(B, H, -1, nkb, r).sum(dim=-1)
+        wq = block_sizes(n, pool_size, pq.device)
+        wq = F.pad(wq, (0, nqb * r - wq.shape[0])).view(nqb, r)
+        p = F.pad(p, (0, 0, 0, nqb * r - p.shape[2])).view(B, H, nqb, r, nkb)
+        p = (p * wq[:, :, None]).sum(dim=3) / wq.sum(dim=1)[:, None]
+    probs = p
     if mass >= 1.0:
         keep_sorted = torch.ones_like(probs, dtype=torch.bool)
         order = torch.arange(nkb, device=probs.device).expand_as(probs)

@@ -64,14 +64,38 @@ def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: t
     scb = 0 if counts.shape[0] == 1 else counts.stride(0)
     count_visits = visits is not None
     kernel._bsa_fwd_kernel[grid](
-        q, k, v, out, indices, counts, visits if count_visits else counts,
-        H, N, M, D, DV, float(scale) * math.log2(math.e),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        sib, indices.stride(1), indices.stride(2),
-        scb, counts.stride(1),
-        BLOCK_SIZE=block_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        D_PAD=_pad(D), DV_PAD=_pad(DV), HALF_DOT=half, PREC=prec, COUNT_VISITS=count_visits,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        k,
+        v,
+        out,
+        indices,
+        counts,
+        visits if count_visits else counts,
+        H,
+        N,
+        M,
+        D,
+        DV,
+        float(scale) * math.log2(math.e),
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        sib,
+        indices.stride(1),
+        indices.stride(2),
+        scb,
+        counts.stride(1),
+        BLOCK_SIZE=block_size,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        D_PAD=_pad(D),
+        DV_PAD=_pad(DV),
+        HALF_DOT=half,
+        PREC=prec,
+        COUNT_VISITS=count_visits,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -91,8 +115,17 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     if out.numel() == 0:
         return out
     kernel._block_pool_kernel[(nb, B * H)](
-        x, out, H, N, D, nb, *x.stride(),
-        BLOCK_SIZE=block_size, ROWS=cfg["POOL_ROWS"], D_PAD=_pad(D), num_warps=4,
+        x,
+        out,
+        H,
+        N,
+        D,
+        nb,
+        *x.stride(),
+        BLOCK_SIZE=block_size,
+        ROWS=cfg["POOL_ROWS"],
+        D_PAD=_pad(D),
+        num_warps=4,
     )
     return out
 
@@ -102,7 +135,7 @@ def _shipped_tables() -> list[tuple[str, dict]]:
     serves: a ``,dtype=`` file serves its dtype; a plain file serves the dtypes without their own file."""
     found: dict[str, dict[str | None, dict]] = {}
     for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), OP, "device_name=*.json"))):
-        stem = os.path.basename(path)[len("device_name="): -len(".json")]
+        stem = os.path.basename(path)[len("device_name=") : -len(".json")]
         ident, _, dt = stem.partition(",dtype=")
         with open(path) as f:
             found.setdefault(ident, {})[dt or None] = json.load(f)
@@ -117,7 +150,7 @@ def _shipped_tables() -> list[tuple[str, dict]]:
 
 def compile_specs() -> list[CompileSpec]:
     """Every shipped config × fp32/fp16/bf16 at mask block size 64 and 128 (the attention kernel) and the
-    pooling kernel, for the static SASS report."""
+    pooling kernel at pool sizes 4, 16, 64 and 128, for the static SASS report."""
     specs: list[CompileSpec] = []
     seen = set()
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -131,36 +164,74 @@ def compile_specs() -> list[CompileSpec]:
                 for bs in (64, 128):
                     cfg = dict(DEFAULT)
                     cfg.update(entry)
-                    bm, bn, pr = min(cfg["BLOCK_M"], bs), min(cfg["BLOCK_N"], bs), min(cfg["POOL_ROWS"], bs)
+                    bm, bn = min(cfg["BLOCK_M"], bs), min(cfg["BLOCK_N"], bs)
                     half, prec = _dot_mode(dtype)
-                    ident = (_pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"], pr)
+                    ident = (_pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"])
                     if ident in seen:
                         continue
                     seen.add(ident)
                     p = tl_ptr(dtype)
-                    sig = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "idx_ptr": "*i32", "cnt_ptr": "*i32",
-                           "visits_ptr": "*i32", "H": i32, "N": i32, "M": i32, "D": i32, "DV": i32,
-                           "qk_scale": "fp32"}
+                    sig = {
+                        "q_ptr": p,
+                        "k_ptr": p,
+                        "v_ptr": p,
+                        "o_ptr": p,
+                        "idx_ptr": "*i32",
+                        "cnt_ptr": "*i32",
+                        "visits_ptr": "*i32",
+                        "H": i32,
+                        "N": i32,
+                        "M": i32,
+                        "D": i32,
+                        "DV": i32,
+                        "qk_scale": "fp32",
+                    }
                     for t in "qkvo":
                         for s in "bhnd":
                             sig[f"stride_{t}{s}"] = i32
                     for s in ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch"):
                         sig[s] = i32
-                    specs.append(CompileSpec(
-                        name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}",
-                        fn=kernel._bsa_fwd_kernel,
-                        signature=sig,
-                        constexprs={"BLOCK_SIZE": bs, "BLOCK_M": bm, "BLOCK_N": bn, "D_PAD": _pad(d),
-                                    "DV_PAD": _pad(d), "HALF_DOT": half, "PREC": prec, "COUNT_VISITS": False},
-                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                    ))
-                    specs.append(CompileSpec(
-                        name=f"block_pool_d{_pad(d)}_{dn}_bs{bs}_r{pr}",
-                        fn=kernel._block_pool_kernel,
-                        signature={"x_ptr": p, "out_ptr": "*fp32", "H": i32, "N": i32, "D": i32,
-                                   "n_blocks": i32, "stride_xb": i32, "stride_xh": i32, "stride_xn": i32,
-                                   "stride_xd": i32},
-                        constexprs={"BLOCK_SIZE": bs, "ROWS": pr, "D_PAD": _pad(d)},
-                        options={"num_warps": 4},
-                    ))
+                    specs.append(
+                        CompileSpec(
+                            name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}",
+                            fn=kernel._bsa_fwd_kernel,
+                            signature=sig,
+                            constexprs={
+                                "BLOCK_SIZE": bs,
+                                "BLOCK_M": bm,
+                                "BLOCK_N": bn,
+                                "D_PAD": _pad(d),
+                                "DV_PAD": _pad(d),
+                                "HALF_DOT": half,
+                                "PREC": prec,
+                                "COUNT_VISITS": False,
+                            },
+                            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                        )
+                    )
+                    for ps in (4, 16, bs) if bs == 64 else (bs,):
+                        pr = min(cfg["POOL_ROWS"], ps)
+                        if ("pool", _pad(d), dn, ps, pr) in seen:
+                            continue
+                        seen.add(("pool", _pad(d), dn, ps, pr))
+                        specs.append(
+                            CompileSpec(
+                                name=f"block_pool_d{_pad(d)}_{dn}_ps{ps}_r{pr}",
+                                fn=kernel._block_pool_kernel,
+                                signature={
+                                    "x_ptr": p,
+                                    "out_ptr": "*fp32",
+                                    "H": i32,
+                                    "N": i32,
+                                    "D": i32,
+                                    "n_blocks": i32,
+                                    "stride_xb": i32,
+                                    "stride_xh": i32,
+                                    "stride_xn": i32,
+                                    "stride_xd": i32,
+                                },
+                                constexprs={"BLOCK_SIZE": ps, "ROWS": pr, "D_PAD": _pad(d)},
+                                options={"num_warps": 4},
+                            )
+                        )
     return specs

@@ -13,32 +13,43 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     nb = math.ceil(N / block_size)
     out = torch.zeros(B, H, nb, D, dtype=torch.float32)
     for i in range(nb):
-        out[:, :, i] = x[:, :, i * block_size:(i + 1) * block_size].float().mean(dim=2)
+        out[:, :, i] = x[:, :, i * block_size : (i + 1) * block_size].float().mean(dim=2)
     return out
 
 
-def block_mask(q, k, block_size=64, mass=0.95, min_blocks=1):
-    """Boolean mask ``[B, H, nQB, nKB]``: per query block, the fewest top-probability KV blocks whose
-    probabilities sum to at least ``mass`` (at least ``min_blocks``), plus the diagonal block. The
-    probabilities are the softmax over KV blocks of the pooled scores ``mean(q_blk)·mean(k_blk)/sqrt(D)
-    + log(tokens in k_blk)``."""
+def block_mask(q, k, block_size=64, mass=0.95, min_blocks=1, pool_size=None):
+    """Boolean mask ``[B, H, nQB, nKB]``: per query block, the fewest top-mass KV blocks whose estimated
+    masses sum to at least ``mass`` (at least ``min_blocks``), plus the diagonal block. The estimated mass
+    of KV block j for query block i is the token-weighted mean over query pools a in i of the sum over key
+    pools b in j of ``softmax_b(mean(q_a)·mean(k_b)/sqrt(D) + log(tokens in b))``, pools being
+    ``pool_size`` (default ``block_size``) tokens."""
     B, H, N, D = q.shape
     M = k.shape[2]
-    pq, pk = block_pool(q, block_size), block_pool(k, block_size)
-    nqb, nkb = pq.shape[2], pk.shape[2]
-    sizes = torch.tensor([min(block_size, M - j * block_size) for j in range(nkb)], dtype=torch.float32)
-    probs = (pq @ pk.transpose(-1, -2) / math.sqrt(D) + sizes.log()).softmax(dim=-1)
+    ps = block_size if pool_size is None else pool_size
+    pq, pk = block_pool(q, ps), block_pool(k, ps)
+    nqb, nkb = math.ceil(N / block_size), math.ceil(M / block_size)
+    ksz = torch.tensor([min(ps, M - j * ps) for j in range(pk.shape[2])], dtype=torch.float64)
+    qsz = [min(ps, N - a * ps) for a in range(pq.shape[2])]
+    probs = (pq.double() @ pk.double().transpose(-1, -2) / math.sqrt(D) + ksz.log()).softmax(dim=-1)
+    r = block_size // ps
+    mass_ij = torch.zeros(B, H, nqb, nkb, dtype=torch.float64)
+    for i in range(nqb):
+        pools = range(i * r, min((i + 1) * r, pq.shape[2]))
+        wsum = sum(qsz[a] for a in pools)
+        for j in range(nkb):
+            for a in pools:
+                mass_ij[:, :, i, j] += qsz[a] * probs[:, :, a, j * r : (j + 1) * r].sum(-1) / wsum
     mask = torch.zeros(B, H, nqb, nkb, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
             for i in range(nqb):
-                order = sorted(range(nkb), key=lambda j: (-probs[b, h, i, j].item(), j))
+                order = sorted(range(nkb), key=lambda j: (-mass_ij[b, h, i, j].item(), j))
                 total = 0.0
                 for rank, j in enumerate(order):
                     if rank >= min_blocks and mass < 1.0 and total >= mass:
                         break
                     mask[b, h, i, j] = True
-                    total += probs[b, h, i, j].item()
+                    total += mass_ij[b, h, i, j].item()
                 mask[b, h, i, (i * nkb) // nqb] = True
     return mask
 
