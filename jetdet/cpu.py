@@ -56,7 +56,8 @@ def _cached_pack(b: torch.Tensor, tag: str, make):
     ent = _packed.get(key)
     if ent is not None and ent[0]() is owner and ent[1] == sig:
         return ent[2]
-    packed = make()
+    with torch.no_grad():
+        packed = make()
     if len(_packed) > 1024:
         _packed.clear()
     _packed[key] = (weakref.ref(owner, lambda _r, k=key: _packed.pop(k, None)), sig, packed)

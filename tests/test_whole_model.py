@@ -50,3 +50,14 @@ def test_model_unchanged_by_mode(models):
         m(*make_toy_inputs(2))
     assert type(m).forward is fwd and "forward" not in m.__dict__
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_grad_mode_forward_works_and_matches_no_grad(models):
+    """Users often forget torch.no_grad(): the deterministic forward must still run and give the same bits."""
+    m = models["dit"]
+    x, t, y = make_toy_inputs(2)
+    with jetdet.mode("deterministic"):
+        out = m(x, t, y)
+        with torch.no_grad():
+            ref = m(x, t, y)
+    assert torch.equal(out.detach(), ref)
