@@ -14,7 +14,6 @@ import re
 from jetdet import _paths
 
 DTYPES = ("fp32", "fp16", "bf16")
-TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _FILE = re.compile(r"device_name=([^,]+?)(?:,dtype=(fp32|fp16|bf16))?\.json")
 
 
