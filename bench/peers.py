@@ -106,7 +106,7 @@ from jetdet.models import bundled, sampling  # noqa: E402
 #: Peer families, in table order.
 PEER_FAMILIES = ("FirstBlockCache", "TaylorSeer", "MagCache", "SeaCache", "FasterCache", "PyramidAttentionBroadcast")
 #: jetdet error budgets measured by default (0 = never skip: the patch's own overhead).
-DEFAULT_BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+DEFAULT_BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 PSNR_CAP = 100.0
 
 
@@ -312,6 +312,7 @@ class _Runner:
         self.images: list[torch.Tensor] = []
         self.per_sample: list[tuple] = []
         self.ctl0 = None
+        self.repeat_diff = 0.0
         self.eval_index = -1
         self.uses_context = method.family not in ("full", "jetdet")
 
@@ -456,7 +457,7 @@ def run_peers(*, seeds=range(8), classes=(0, 1, 2, 3), steps: int = 30, sampler:
               cfg: float | None = None, batch_cfg: bool = True, budgets=DEFAULT_BUDGETS,
               jetdet_options: dict | None = None, peers=PEER_FAMILIES, methods: list[Method] | None = None,
               weights=None, classifier_weights=None, device="cpu", threads: int | None = None,
-              warmup: bool = True, reset_check: bool = True, progress=None) -> dict:
+              warmup: bool = True, reset_check: bool = True, repeats: int = 1, progress=None) -> dict:
     """Run full compute, jetdet at ``budgets`` and the diffusers hooks of ``peers`` side by side.
 
     Args:
@@ -469,6 +470,8 @@ def run_peers(*, seeds=range(8), classes=(0, 1, 2, 3), steps: int = 30, sampler:
         weights, classifier_weights: safetensors paths (default: the bundled files).
         threads: ``torch.set_num_threads`` (default: leave as is).
         warmup: one untimed sample per method first; ``reset_check``: sample the first pair again at the end.
+        repeats: timed passes over all samples (wall = median over all of them; passes after the first must
+            reproduce the first bit for bit, reported as ``repeat_max_diff``).
         progress: ``print``-like callable for progress lines.
 
     Returns:
@@ -523,32 +526,38 @@ def run_peers(*, seeds=range(8), classes=(0, 1, 2, 3), steps: int = 30, sampler:
     for r in runners:
         r.counter.reset()
         if r.handle is not None:
-            r.ctl0 = dict(r.handle.controller.stats())
-
-    for j, (seed, cls) in enumerate(jobs):
-        k = j % len(runners)
-        for r in runners[k:] + runners[:k]:
-            c0 = r.counter.snapshot()
-            res = r.sample(plain, cls, seed, sampler, cfg, device)
-            if res is None:
-                continue
-            img, dt = res
-            c1 = r.counter.snapshot()
-            r.times.append(dt)
-            r.images.append(img)
-            r.per_sample.append(tuple(b - a for a, b in zip(c0, c1)))
-        say(f"  sample {j + 1}/{len(jobs)} (seed {seed}, class {cls}): full "
-            f"{1000 * runners[0].times[-1]:.0f} ms" if runners[0].times else f"  sample {j + 1}/{len(jobs)}")
+            r.ctl0 = copy.deepcopy(r.handle.controller.stats())
 
     ctl_stats = {}
-    for r in runners:
-        if r.handle is not None and r.ctl0 is not None:
-            s1 = r.handle.controller.stats()
-            ctl_stats[r.m.name] = {key: s1[key] - r.ctl0.get(key, 0) for key in
-                                   ("calls", "calls_run", "calls_partial", "calls_saved", "rows", "rows_run",
-                                    "rows_saved", "syncs")}
-            ctl_stats[r.m.name]["resets"] = {
-                key: s1["resets"][key] - r.ctl0["resets"].get(key, 0) for key in s1["resets"]}
+    for rep in range(repeats):
+        for j, (seed, cls) in enumerate(jobs):
+            k = (j + rep) % len(runners)  # rotate the order so that no method always runs right after another
+            for r in runners[k:] + runners[:k]:
+                c0 = r.counter.snapshot()
+                res = r.sample(plain, cls, seed, sampler, cfg, device)
+                if res is None:
+                    continue
+                img, dt = res
+                c1 = r.counter.snapshot()
+                r.times.append(dt)
+                if rep == 0:
+                    r.images.append(img)
+                    r.per_sample.append(tuple(b - a for a, b in zip(c0, c1)))
+                elif j < len(r.images):  # a repeat must reproduce the first pass bit for bit
+                    r.repeat_diff = max(r.repeat_diff, (img - r.images[j]).abs().max().item())
+            say(f"  pass {rep + 1}/{repeats}, sample {j + 1}/{len(jobs)} (seed {seed}, class {cls}): full "
+                f"{1000 * runners[0].times[-1]:.0f} ms, load {_loadavg()}" if runners[0].times else
+                f"  sample {j + 1}/{len(jobs)}")
+        if rep == 0:
+            for r in runners:
+                if r.handle is not None and r.ctl0 is not None:
+                    s1 = r.handle.controller.stats()
+                    st = {key: s1[key] - r.ctl0.get(key, 0) for key in
+                          ("calls", "calls_run", "calls_partial", "calls_saved", "rows", "rows_run", "rows_saved",
+                           "syncs")}
+                    st["resets"] = {key: v - r.ctl0["resets"].get(key, 0) for key, v in s1["resets"].items()}
+                    st["reasons"] = {key: v - r.ctl0["reasons"].get(key, 0) for key, v in s1["reasons"].items()}
+                    ctl_stats[r.m.name] = st
 
     reset_ok = {}
     if reset_check:
@@ -594,12 +603,15 @@ def run_peers(*, seeds=range(8), classes=(0, 1, 2, 3), steps: int = 30, sampler:
                 "wall_ms": 1000 * _median(r.times),
                 "wall_ms_all": [round(1000 * t, 3) for t in r.times],
                 "speedup": full_wall / _median(r.times),
+                # the same, paired: median over (pass, sample) of full's time / this method's time
+                "speedup_paired": _median([a / b for a, b in zip(full.times, r.times)]),
                 "psnr_mean": math.inf if identical else p.clamp(max=PSNR_CAP).mean().item(),
                 "psnr_min": p.min().item(),
                 "psnr_all": [round(v, 3) if math.isfinite(v) else None for v in p.tolist()],
                 "max_abs": (img - ref).abs().max().item(),
                 "accuracy": (classifier.predict(img) == labels).double().mean().item() if classifier else None,
                 "reset_max_diff": reset_ok.get(r.m.name),
+                "repeat_max_diff": r.repeat_diff if repeats > 1 else None,
             })
             if identical and r.m.family not in ("full",) and not (r.m.family == "jetdet" and r.m.build == 0):
                 row["notes"].append("output bit-identical to full compute")
@@ -610,7 +622,7 @@ def run_peers(*, seeds=range(8), classes=(0, 1, 2, 3), steps: int = 30, sampler:
         "config": {"seeds": seeds, "classes": classes, "steps": steps, "sampler": sampler, "cfg": cfg,
                    "batch_cfg": batch_cfg, "evaluations_per_sample": evals, "budgets": list(budgets),
                    "jetdet_options": dict(jetdet_options or {}), "device": str(device),
-                   "threads": torch.get_num_threads(), "warmup": warmup},
+                   "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats},
         "env": _env(),
         "mag_ratios": mag_ratios,
         "rows": rows,
@@ -621,6 +633,13 @@ def run_peers(*, seeds=range(8), classes=(0, 1, 2, 3), steps: int = 30, sampler:
     return result
 
 
+def _loadavg():
+    try:
+        return tuple(round(v, 2) for v in os.getloadavg())
+    except OSError:
+        return None
+
+
 def _env() -> dict:
     try:
         import diffusers
@@ -628,10 +647,7 @@ def _env() -> dict:
         dv = diffusers.__version__
     except ImportError:
         dv = None
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
+    load = _loadavg()
     return {"torch": torch.__version__, "diffusers": dv, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "loadavg": load,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "jetdet_backend": os.environ.get("JETDET_BACKEND")}
@@ -735,12 +751,17 @@ def format_table(result) -> str:
         if r.get("family") == "jetdet" and r.get("controller"):
             c = r["controller"]
             notes.append(f"partial calls {c['calls_partial']}, rows saved {c['rows_saved']}/{c['rows']}")
+            runs = {k: v for k, v in c.get("reasons", {}).items() if v and k != "forecast"}
+            if runs:
+                notes.append("rows run by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(runs.items())))
         if "calls" not in r:
             lines.append(f"| {r['family']} | {r['setting']} | " + " | ".join(["–"] * 12) + " | "
                          + "; ".join(notes).replace("|", "\\|") + " |")
             continue
         rd = r.get("reset_max_diff")
         reset = "–" if rd is None else ("ok" if rd == 0 else f"differs ({rd:.2g})")
+        if r.get("repeat_max_diff"):
+            notes.append(f"repeat pass differs (max {r['repeat_max_diff']:.2g})")
         acc = None if r["accuracy"] is None else 100 * r["accuracy"]
         lines.append(
             f"| {r['family']} | {r['setting']} | {_f(r['fwd'], '{:.1f}')} | {_f(r['full_fwd'], '{:.1f}')} | "
@@ -804,6 +825,22 @@ def format_acceptance(result) -> str:
     return "\n".join(lines)
 
 
+def format_header(res) -> str:
+    c, e = res["config"], res["env"]
+    return (f"{c['sampler']}, {c['steps']} steps, CFG {c['cfg']:g} ({'batched' if c['batch_cfg'] else 'separate'}), "
+            f"{len(c['seeds'])} seeds x {len(c['classes'])} classes, {c['evaluations_per_sample']} evaluations/sample, "
+            f"{c['repeats']} timed pass(es); torch {e['torch']}, diffusers {e['diffusers']}, {c['threads']} thread(s), "
+            f"load average {e['loadavg']} at the start")
+
+
+def format_markdown(res, command: str) -> str:
+    return "\n\n".join([
+        f"## Peers side by side: {format_header(res)}", f"`{command}`", format_table(res),
+        "### jetdet speed/quality curve", format_curve(res),
+        "### Matched PSNR (cheapest jetdet budget with mean PSNR >= the peer's)", format_matched(res),
+        "```\n" + format_acceptance(res) + "\n```"]) + "\n"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -822,7 +859,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on shared cores)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes over all samples (wall: median of all)")
     ap.add_argument("--json", default=None, help="write the full result as JSON here")
+    ap.add_argument("--markdown", default=None, help="write the tables as a markdown section here")
     args = ap.parse_args(argv)
     opts = {}
     for kv in args.jetdet_option:
@@ -835,13 +874,10 @@ def main(argv=None) -> dict:
     res = run_peers(seeds=range(args.seeds), classes=args.classes, steps=args.steps, sampler=args.sampler,
                     cfg=args.cfg, batch_cfg=not args.separate_cfg, budgets=args.budgets, jetdet_options=opts,
                     peers=args.peers, weights=args.weights, classifier_weights=args.classifier, device=args.device,
-                    threads=args.threads, warmup=not args.no_warmup, progress=lambda s: print(s, flush=True))
+                    threads=args.threads, warmup=not args.no_warmup, repeats=args.repeats,
+                    progress=lambda s: print(s, flush=True))
     res["env"]["total_s"] = time.perf_counter() - t0
-    c = res["config"]
-    print(f"\n## Peers: {c['sampler']}, {c['steps']} steps, CFG {c['cfg']:g} "
-          f"({'batched' if c['batch_cfg'] else 'separate'}), {len(c['seeds'])} seeds x {len(c['classes'])} classes, "
-          f"{c['evaluations_per_sample']} evaluations/sample; torch {res['env']['torch']}, diffusers "
-          f"{res['env']['diffusers']}, {c['threads']} thread(s), load {res['env']['loadavg']}\n")
+    print(f"\n## Peers: {format_header(res)}\n")
     print(format_table(res))
     print("\n### jetdet speed/quality curve\n")
     print(format_curve(res))
@@ -849,6 +885,11 @@ def main(argv=None) -> dict:
     print(format_matched(res))
     print()
     print(format_acceptance(res))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(res, " ".join(["python bench/peers.py", *(argv if argv is not None else
+                                                                                 sys.argv[1:])])))
+        print(f"wrote {args.markdown}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)
