@@ -624,6 +624,8 @@ def run_peers(*, seeds=range(8), classes=(0, 1, 2, 3), steps: int = 30, sampler:
                    "jetdet_options": dict(jetdet_options or {}), "device": str(device),
                    "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats},
         "env": _env(),
+        "weights": {"dit": str(weights or bundled.DIT_FILE), "dit_sha256": _sha(weights or bundled.DIT_FILE),
+                    "classifier": str(classifier_weights or bundled.CLASSIFIER_FILE) if classifier else None},
         "mag_ratios": mag_ratios,
         "rows": rows,
     }
@@ -631,6 +633,15 @@ def run_peers(*, seeds=range(8), classes=(0, 1, 2, 3), steps: int = 30, sampler:
     result["matched"] = matched_psnr(rows)
     result["acceptance"] = acceptance(rows, result["matched"])
     return result
+
+
+def _sha(path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def _loadavg():
@@ -648,8 +659,19 @@ def _env() -> dict:
     except ImportError:
         dv = None
     load = _loadavg()
-    return {"torch": torch.__version__, "diffusers": dv, "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "loadavg": load,
+    import subprocess
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--", "jetdet", "bench/peers.py")
+    return {"git_head": head, "git_dirty": dirty.splitlines() if dirty else [], "torch": torch.__version__,
+            "diffusers": dv, "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "loadavg": load,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "jetdet_backend": os.environ.get("JETDET_BACKEND")}
 
 
