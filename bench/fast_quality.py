@@ -204,7 +204,7 @@ def static_rows():
         return
     want = ("bsa_fwd_d64_fp16_bs64", "block_pool_d64_fp16_ps4_", "block_pool_d64_fp16_ps64", "la_state_d64_fp16",
             "la_apply_d64_fp16", "relchange_flat_fp16", "forecast_k4_fp16")
-    specs = [s for m in (bl, ll, fl) for s in m.compile_specs() if s.name.startswith(want)]
+    specs = [s for m in (bl, ll, fl) for s in m.compile_specs() if s.name.startswith(want) and 90 in s.archs]
     print()
     print("static report, sm_90 (what the GPU would run at these configs)")
     print(f"{'kernel':<40} {'regs':>5} {'spill B':>8} {'smem':>7} {'mma':>5} {'tf32':>5} {'mufu':>5}")

@@ -194,8 +194,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | 
 
     Pass 1 reduces ``φ(K)ᵀ[V | 1]`` over the tokens in fp32 in a fixed order (deterministic, independent of
     the batch size); pass 2 applies it to ``φ(Q)``. Linear attention is exact only for models trained with
-    it (e.g. SANA). **Used in place of softmax attention it is an approximation**, with an error measured by
-    ``bench/fast_quality.py``.
+    it (e.g. SANA). **Used in place of softmax attention it is an approximation**: ``bench/fast_quality.py``
+    measured a relative L2 error of 0.82 (relu) / 0.85 (elu1) against softmax attention on spatially smooth
+    inputs with mostly local heads, about that of uniform attention (0.87).
     """
     _check_feature_map(feature_map)
     if state is not None:

@@ -22,17 +22,48 @@ import triton.language as tl
 
 @triton.jit
 def _bsa_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, cnt_ptr, visits_ptr,
-    H, N, M, D, DV, qk_scale,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_ib, stride_ih, stride_iq,
-    stride_cb, stride_ch,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    HALF_DOT: tl.constexpr, PREC: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    idx_ptr,
+    cnt_ptr,
+    visits_ptr,
+    H,
+    N,
+    M,
+    D,
+    DV,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
+    stride_ib,
+    stride_ih,
+    stride_iq,
+    stride_cb,
+    stride_ch,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    HALF_DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    COUNT_VISITS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -49,8 +80,11 @@ def _bsa_fwd_kernel(
     dv_ok = offs_dv < DV
 
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     if not HALF_DOT:
         q = q.to(tl.float32)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -70,10 +104,14 @@ def _bsa_fwd_kernel(
         kb = tl.load(idx_base + t // SUBS)
         n = kb * BLOCK_SIZE + (t % SUBS) * BLOCK_N + offs_n
         n_ok = n < M
-        kt = tl.load(k_base + offs_d[:, None] * stride_kd + n[None, :] * stride_kn,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        vt = tl.load(v_base + n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        kt = tl.load(
+            k_base + offs_d[:, None] * stride_kd + n[None, :] * stride_kn, mask=d_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        vt = tl.load(
+            v_base + n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=n_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )
         if not HALF_DOT:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -96,18 +134,30 @@ def _bsa_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
-             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    tl.store(
+        o_base + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
+        out.to(o_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & dv_ok[None, :],
+    )
     if COUNT_VISITS:
         tl.store(visits_ptr + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visits)
 
 
 @triton.jit
 def _block_pool_kernel(
-    x_ptr, out_ptr,
-    H, N, D, n_blocks,
-    stride_xb, stride_xh, stride_xn, stride_xd,
-    BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    H,
+    N,
+    D,
+    n_blocks,
+    stride_xb,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    BLOCK_SIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -121,8 +171,11 @@ def _block_pool_kernel(
     acc = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
     for r0 in range(0, BLOCK_SIZE, ROWS):
         n = start + r0 + offs_r
-        x = tl.load(base + n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                    mask=(n < N)[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(
+            base + n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+            mask=(n < N)[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         acc += x.to(tl.float32)
     cnt = tl.minimum(N - start, BLOCK_SIZE).to(tl.float32)
     mean = tl.sum(acc, axis=0) / cnt

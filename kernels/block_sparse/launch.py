@@ -130,9 +130,11 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return out
 
 
-def _shipped_tables() -> list[tuple[str, dict]]:
-    """``(dtype name, table)`` for every shipped launch table of this op and every dtype that table
-    serves: a ``,dtype=`` file serves its dtype; a plain file serves the dtypes without their own file."""
+def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
+    """``(archs, dtype name, table)`` for every shipped launch table of this op and every dtype it serves:
+    a ``,dtype=`` file serves its dtype, a plain file the dtypes without their own file. A
+    ``device_name=sm_XY`` table is compiled for that arch only (no other arch runs it); a table named after a
+    device for all three."""
     found: dict[str, dict[str | None, dict]] = {}
     for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), OP, "device_name=*.json"))):
         stem = os.path.basename(path)[len("device_name=") : -len(".json")]
@@ -140,11 +142,13 @@ def _shipped_tables() -> list[tuple[str, dict]]:
         with open(path) as f:
             found.setdefault(ident, {})[dt or None] = json.load(f)
     out = []
-    for per_dtype in found.values():
+    for ident, per_dtype in found.items():
+        arch = ident[3:] if ident.startswith("sm_") else ""
+        archs = (int(arch),) if arch.isdigit() and int(arch) in (80, 89, 90) else (80, 89, 90)
         for dn in ("fp32", "fp16", "bf16"):
             table = per_dtype.get(dn, per_dtype.get(None))
             if table is not None:
-                out.append((dn, table))
+                out.append((archs, dn, table))
     return out
 
 
@@ -155,7 +159,8 @@ def compile_specs() -> list[CompileSpec]:
     seen = set()
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     i32 = "i32"
-    for tdt, table in _shipped_tables() or [(dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]:
+    tables = _shipped_tables() or [((80, 89, 90), dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]
+    for archs, tdt, table in tables:
         for key, entry in table.items():
             d = 64 if key == "default" else int(key)
             for dtype, dn in names.items():
@@ -166,7 +171,7 @@ def compile_specs() -> list[CompileSpec]:
                     cfg.update(entry)
                     bm, bn = min(cfg["BLOCK_M"], bs), min(cfg["BLOCK_N"], bs)
                     half, prec = _dot_mode(dtype)
-                    ident = (_pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"])
+                    ident = (archs, _pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"])
                     if ident in seen:
                         continue
                     seen.add(ident)
@@ -193,7 +198,7 @@ def compile_specs() -> list[CompileSpec]:
                         sig[s] = i32
                     specs.append(
                         CompileSpec(
-                            name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}",
+                            name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}_w{cfg['num_warps']}_s{cfg['num_stages']}",
                             fn=kernel._bsa_fwd_kernel,
                             signature=sig,
                             constexprs={
@@ -207,13 +212,14 @@ def compile_specs() -> list[CompileSpec]:
                                 "COUNT_VISITS": False,
                             },
                             options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                            archs=archs,
                         )
                     )
                     for ps in (4, 16, bs) if bs == 64 else (bs,):
                         pr = min(cfg["POOL_ROWS"], ps)
-                        if ("pool", _pad(d), dn, ps, pr) in seen:
+                        if ("pool", archs, _pad(d), dn, ps, pr) in seen:
                             continue
-                        seen.add(("pool", _pad(d), dn, ps, pr))
+                        seen.add(("pool", archs, _pad(d), dn, ps, pr))
                         specs.append(
                             CompileSpec(
                                 name=f"block_pool_d{_pad(d)}_{dn}_ps{ps}_r{pr}",
@@ -232,6 +238,7 @@ def compile_specs() -> list[CompileSpec]:
                                 },
                                 constexprs={"BLOCK_SIZE": ps, "ROWS": pr, "D_PAD": _pad(d)},
                                 options={"num_warps": 4},
+                                archs=archs,
                             )
                         )
     return specs

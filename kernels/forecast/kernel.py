@@ -17,9 +17,18 @@ import triton.language as tl
 
 @triton.jit
 def _forecast_kernel(
-    out_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr,
-    w0, w1, w2, w3, n_elements,
-    K: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr,
+    h0_ptr,
+    h1_ptr,
+    h2_ptr,
+    h3_ptr,
+    w0,
+    w1,
+    w2,
+    w3,
+    n_elements,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_elements
@@ -35,8 +44,13 @@ def _forecast_kernel(
 
 @triton.jit
 def _relchange_flat_kernel(
-    a_ptr, b_ptr, num_ptr, den_ptr,
-    item_size, chunk, n_chunks,
+    a_ptr,
+    b_ptr,
+    num_ptr,
+    den_ptr,
+    item_size,
+    chunk,
+    n_chunks,
     BLOCK: tl.constexpr,
 ):
     """Partial sums over elements ``[c*chunk, (c+1)*chunk)`` of item ``i`` (contiguous items)."""
@@ -62,9 +76,23 @@ def _relchange_flat_kernel(
 
 @triton.jit
 def _relchange_tile_kernel(
-    a_ptr, b_ptr, num_ptr, den_ptr,
-    S0, S1, S2, S3, T0, T1, T2, T3, n1, n2, n3,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    num_ptr,
+    den_ptr,
+    S0,
+    S1,
+    S2,
+    S3,
+    T0,
+    T1,
+    T2,
+    T3,
+    n1,
+    n2,
+    n3,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Partial sums over one box tile ``[T0, T1, T2, T3]`` (clipped at the edges) of item ``i``, seen as a
     contiguous ``[S0, S1, S2, S3]`` array. The box's rows (its first three axes, flattened) go down the
@@ -117,8 +145,13 @@ def _ratio(num, den):
 
 @triton.jit
 def _relchange_finish_kernel(
-    num_ptr, den_ptr, item_ptr, tile_ptr, n_tiles,
-    WRITE_TILES: tl.constexpr, BLOCK: tl.constexpr,
+    num_ptr,
+    den_ptr,
+    item_ptr,
+    tile_ptr,
+    n_tiles,
+    WRITE_TILES: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
     base = i.to(tl.int64) * n_tiles

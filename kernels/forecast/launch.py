@@ -26,8 +26,7 @@ MAX_HISTORY = 4
 # BLOCK: elements per forecast program; RC_BLOCK / RC_CHUNK: vector width and elements per program of the
 # untiled relative change; RC_ELEMS: elements per step of the tiled one; FIN_BLOCK: tiles per step of the
 # finishing kernel.
-DEFAULT = {"BLOCK": 1024, "num_warps": 4, "RC_BLOCK": 1024, "RC_CHUNK": 65536, "RC_ELEMS": 2048,
-           "FIN_BLOCK": 256}
+DEFAULT = {"BLOCK": 1024, "num_warps": 4, "RC_BLOCK": 1024, "RC_CHUNK": 65536, "RC_ELEMS": 1024, "FIN_BLOCK": 256}
 TILE_COLS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -48,7 +47,13 @@ def forecast(history: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     hs = list(history) + [h0] * (MAX_HISTORY - len(history))
     ws = [float(w) for w in weights] + [0.0] * (MAX_HISTORY - len(weights))
     kernel._forecast_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
-        out, *hs, *ws, n, K=len(history), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+        out,
+        *hs,
+        *ws,
+        n,
+        K=len(history),
+        BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
     )
     return out
 
@@ -58,8 +63,9 @@ def _tile_blocks(cols: int, elems: int) -> tuple[int, int]:
     return max(1, elems // block_c), block_c
 
 
-def relative_change(a: torch.Tensor, b: torch.Tensor, view: tuple[int, ...] | None = None,
-                    tile: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def relative_change(
+    a: torch.Tensor, b: torch.Tensor, view: tuple[int, ...] | None = None, tile: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-item ``Σ|a-b| / Σ|b|`` as fp32 ``[B]``; with ``view``/``tile`` (each item seen as a contiguous
     ``view = (S0, S1, S2, S3)`` array cut into ``tile = (T0, T1, T2, T3)`` boxes) also the per-tile ratios,
     fp32 ``[B, n0 * n1 * n2 * n3]`` in row-major tile order. ``a``/``b`` contiguous, same shape and dtype."""
@@ -74,7 +80,15 @@ def relative_change(a: torch.Tensor, b: torch.Tensor, view: tuple[int, ...] | No
         num = empty((B, n_tiles), torch.float32, a.device)
         den = empty((B, n_tiles), torch.float32, a.device)
         kernel._relchange_flat_kernel[(n_tiles, B)](
-            a, b, num, den, item, cfg["RC_CHUNK"], n_tiles, BLOCK=cfg["RC_BLOCK"], num_warps=cfg["num_warps"],
+            a,
+            b,
+            num,
+            den,
+            item,
+            cfg["RC_CHUNK"],
+            n_tiles,
+            BLOCK=cfg["RC_BLOCK"],
+            num_warps=cfg["num_warps"],
         )
         per_tile = None
     else:
@@ -84,32 +98,52 @@ def relative_change(a: torch.Tensor, b: torch.Tensor, view: tuple[int, ...] | No
         den = empty((B, n_tiles), torch.float32, a.device)
         block_r, block_c = _tile_blocks(min(tile[3], view[3]), cfg["RC_ELEMS"])
         kernel._relchange_tile_kernel[(n_tiles, B)](
-            a, b, num, den, *view, *tile, n1, n2, n3,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=cfg["num_warps"],
+            a,
+            b,
+            num,
+            den,
+            *view,
+            *tile,
+            n1,
+            n2,
+            n3,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=cfg["num_warps"],
         )
         per_tile = empty((B, n_tiles), torch.float32, a.device)
     kernel._relchange_finish_kernel[(B,)](
-        num, den, per_item, per_tile if per_tile is not None else per_item, n_tiles,
-        WRITE_TILES=per_tile is not None, BLOCK=cfg["FIN_BLOCK"], num_warps=4,
+        num,
+        den,
+        per_item,
+        per_tile if per_tile is not None else per_item,
+        n_tiles,
+        WRITE_TILES=per_tile is not None,
+        BLOCK=cfg["FIN_BLOCK"],
+        num_warps=4,
     )
     return per_item, per_tile
 
 
-def _shipped_tables() -> list[tuple[str, dict]]:
-    """``(dtype name, table)`` for every shipped launch table of this op and every dtype that table
-    serves: a ``,dtype=`` file serves its dtype; a plain file serves the dtypes without their own file."""
+def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
+    """``(archs, dtype name, table)`` for every shipped launch table of this op and every dtype it serves:
+    a ``,dtype=`` file serves its dtype, a plain file the dtypes without their own file. A
+    ``device_name=sm_XY`` table is compiled for that arch only (no other arch runs it); a table named after a
+    device for all three."""
     found: dict[str, dict[str | None, dict]] = {}
     for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), OP, "device_name=*.json"))):
-        stem = os.path.basename(path)[len("device_name="): -len(".json")]
+        stem = os.path.basename(path)[len("device_name=") : -len(".json")]
         ident, _, dt = stem.partition(",dtype=")
         with open(path) as f:
             found.setdefault(ident, {})[dt or None] = json.load(f)
     out = []
-    for per_dtype in found.values():
+    for ident, per_dtype in found.items():
+        arch = ident[3:] if ident.startswith("sm_") else ""
+        archs = (int(arch),) if arch.isdigit() and int(arch) in (80, 89, 90) else (80, 89, 90)
         for dn in ("fp32", "fp16", "bf16"):
             table = per_dtype.get(dn, per_dtype.get(None))
             if table is not None:
-                out.append((dn, table))
+                out.append((archs, dn, table))
     return out
 
 
@@ -121,50 +155,96 @@ def compile_specs() -> list[CompileSpec]:
     dts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
     def add(ident, spec):
+        ident = (spec.archs, *ident)
         if ident not in seen:
             seen.add(ident)
             specs.append(spec)
 
-    tables = _shipped_tables() or [(dn, {"default": DEFAULT}) for dn in dts]
-    for dn, table in tables:
+    tables = _shipped_tables() or [((80, 89, 90), dn, {"default": DEFAULT}) for dn in dts]
+    for archs, dn, table in tables:
         p = tl_ptr(dts[dn])
         for entry in table.values():
             cfg = dict(DEFAULT)
             cfg.update(entry)
             w = cfg["num_warps"]
-            add(("fc", dn, cfg["BLOCK"], w), CompileSpec(
-                name=f"forecast_k4_{dn}_b{cfg['BLOCK']}_w{w}",
-                fn=kernel._forecast_kernel,
-                signature={"out_ptr": p, "h0_ptr": p, "h1_ptr": p, "h2_ptr": p, "h3_ptr": p,
-                           "w0": "fp32", "w1": "fp32", "w2": "fp32", "w3": "fp32", "n_elements": "i32"},
-                constexprs={"K": 4, "BLOCK": cfg["BLOCK"]},
-                options={"num_warps": w},
-            ))
-            add(("flat", dn, cfg["RC_BLOCK"], w), CompileSpec(
-                name=f"relchange_flat_{dn}_b{cfg['RC_BLOCK']}_w{w}",
-                fn=kernel._relchange_flat_kernel,
-                signature={"a_ptr": p, "b_ptr": p, "num_ptr": "*fp32", "den_ptr": "*fp32",
-                           "item_size": "i32", "chunk": "i32", "n_chunks": "i32"},
-                constexprs={"BLOCK": cfg["RC_BLOCK"]},
-                options={"num_warps": w},
-            ))
+            add(
+                ("fc", dn, cfg["BLOCK"], w),
+                CompileSpec(
+                    name=f"forecast_k4_{dn}_b{cfg['BLOCK']}_w{w}",
+                    fn=kernel._forecast_kernel,
+                    signature={
+                        "out_ptr": p,
+                        "h0_ptr": p,
+                        "h1_ptr": p,
+                        "h2_ptr": p,
+                        "h3_ptr": p,
+                        "w0": "fp32",
+                        "w1": "fp32",
+                        "w2": "fp32",
+                        "w3": "fp32",
+                        "n_elements": "i32",
+                    },
+                    constexprs={"K": 4, "BLOCK": cfg["BLOCK"]},
+                    options={"num_warps": w},
+                    archs=archs,
+                ),
+            )
+            add(
+                ("flat", dn, cfg["RC_BLOCK"], w),
+                CompileSpec(
+                    name=f"relchange_flat_{dn}_b{cfg['RC_BLOCK']}_w{w}",
+                    fn=kernel._relchange_flat_kernel,
+                    signature={
+                        "a_ptr": p,
+                        "b_ptr": p,
+                        "num_ptr": "*fp32",
+                        "den_ptr": "*fp32",
+                        "item_size": "i32",
+                        "chunk": "i32",
+                        "n_chunks": "i32",
+                    },
+                    constexprs={"BLOCK": cfg["RC_BLOCK"]},
+                    options={"num_warps": w},
+                    archs=archs,
+                ),
+            )
             for cols in TILE_COLS:
                 br, bc = _tile_blocks(cols, cfg["RC_ELEMS"])
-                add(("tile", dn, br, bc, w), CompileSpec(
-                    name=f"relchange_tile_{dn}_r{br}_c{bc}_w{w}",
-                    fn=kernel._relchange_tile_kernel,
-                    signature={"a_ptr": p, "b_ptr": p, "num_ptr": "*fp32", "den_ptr": "*fp32",
-                               **{x: "i32" for x in ("S0", "S1", "S2", "S3", "T0", "T1", "T2", "T3")},
-                               "n1": "i32", "n2": "i32", "n3": "i32"},
-                    constexprs={"BLOCK_R": br, "BLOCK_C": bc},
-                    options={"num_warps": w},
-                ))
-            add(("fin", cfg["FIN_BLOCK"]), CompileSpec(
-                name=f"relchange_finish_b{cfg['FIN_BLOCK']}",
-                fn=kernel._relchange_finish_kernel,
-                signature={"num_ptr": "*fp32", "den_ptr": "*fp32", "item_ptr": "*fp32", "tile_ptr": "*fp32",
-                           "n_tiles": "i32"},
-                constexprs={"WRITE_TILES": True, "BLOCK": cfg["FIN_BLOCK"]},
-                options={"num_warps": 4},
-            ))
+                add(
+                    ("tile", dn, br, bc, w),
+                    CompileSpec(
+                        name=f"relchange_tile_{dn}_r{br}_c{bc}_w{w}",
+                        fn=kernel._relchange_tile_kernel,
+                        signature={
+                            "a_ptr": p,
+                            "b_ptr": p,
+                            "num_ptr": "*fp32",
+                            "den_ptr": "*fp32",
+                            **{x: "i32" for x in ("S0", "S1", "S2", "S3", "T0", "T1", "T2", "T3")},
+                            "n1": "i32",
+                            "n2": "i32",
+                            "n3": "i32",
+                        },
+                        constexprs={"BLOCK_R": br, "BLOCK_C": bc},
+                        options={"num_warps": w},
+                        archs=archs,
+                    ),
+                )
+            add(
+                ("fin", cfg["FIN_BLOCK"]),
+                CompileSpec(
+                    name=f"relchange_finish_b{cfg['FIN_BLOCK']}",
+                    fn=kernel._relchange_finish_kernel,
+                    signature={
+                        "num_ptr": "*fp32",
+                        "den_ptr": "*fp32",
+                        "item_ptr": "*fp32",
+                        "tile_ptr": "*fp32",
+                        "n_tiles": "i32",
+                    },
+                    constexprs={"WRITE_TILES": True, "BLOCK": cfg["FIN_BLOCK"]},
+                    options={"num_warps": 4},
+                    archs=archs,
+                ),
+            )
     return specs

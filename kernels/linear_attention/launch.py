@@ -25,8 +25,14 @@ MAX_D = 128
 
 # Untuned defaults (no GPU was available to tune); sized so the sm_80/89/90 cross-compile shows no spills.
 DEFAULT = {
-    "S_BLOCK_N": 16, "S_BLOCK_DV": 64, "CHUNK_N": 1024, "S_WARPS": 8, "S_STAGES": 1,
-    "A_BLOCK_N": 32, "A_BLOCK_DV": 64, "A_WARPS": 4,
+    "S_BLOCK_N": 16,
+    "S_BLOCK_DV": 64,
+    "CHUNK_N": 1024,
+    "S_WARPS": 8,
+    "S_STAGES": 1,
+    "A_BLOCK_N": 32,
+    "A_BLOCK_DV": 64,
+    "A_WARPS": 4,
 }
 SUM_BLOCK = 1024
 
@@ -72,13 +78,28 @@ def state(k: torch.Tensor, v: torch.Tensor, feature_map: str) -> tuple[torch.Ten
     if B * H > 0:
         grid = (B * H, triton.cdiv(DV, block_dv), S)
         kernel._la_state_kernel[grid](
-            k, v, kv_part, ks_part,
-            H, M, D, DV, cfg["CHUNK_N"],
-            *k.stride(), *v.stride(),
-            S * D * DV if S > 1 else D * DV, skv, S * D if S > 1 else D, sks,
-            FEATURE=FEATURES[feature_map], PREC=_prec(k.dtype),
-            BLOCK_N=cfg["S_BLOCK_N"], D_PAD=d_pad, BLOCK_DV=block_dv,
-            num_warps=cfg["S_WARPS"], num_stages=cfg["S_STAGES"],
+            k,
+            v,
+            kv_part,
+            ks_part,
+            H,
+            M,
+            D,
+            DV,
+            cfg["CHUNK_N"],
+            *k.stride(),
+            *v.stride(),
+            S * D * DV if S > 1 else D * DV,
+            skv,
+            S * D if S > 1 else D,
+            sks,
+            FEATURE=FEATURES[feature_map],
+            PREC=_prec(k.dtype),
+            BLOCK_N=cfg["S_BLOCK_N"],
+            D_PAD=d_pad,
+            BLOCK_DV=block_dv,
+            num_warps=cfg["S_WARPS"],
+            num_stages=cfg["S_STAGES"],
         )
         if S > 1:
             kernel._la_sum_splits_kernel[(B * H, triton.cdiv(D * DV, SUM_BLOCK))](
@@ -102,31 +123,46 @@ def apply(q: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor, feature_map: str,
         return out
     grid = (triton.cdiv(N, cfg["A_BLOCK_N"]), triton.cdiv(DV, block_dv), B * H)
     kernel._la_apply_kernel[grid](
-        q, kv, ks, out,
-        H, N, D, DV, float(eps),
-        *q.stride(), *out.stride(),
-        FEATURE=FEATURES[feature_map], PREC=_prec(q.dtype),
-        BLOCK_N=cfg["A_BLOCK_N"], D_PAD=d_pad, BLOCK_DV=block_dv,
+        q,
+        kv,
+        ks,
+        out,
+        H,
+        N,
+        D,
+        DV,
+        float(eps),
+        *q.stride(),
+        *out.stride(),
+        FEATURE=FEATURES[feature_map],
+        PREC=_prec(q.dtype),
+        BLOCK_N=cfg["A_BLOCK_N"],
+        D_PAD=d_pad,
+        BLOCK_DV=block_dv,
         num_warps=cfg["A_WARPS"],
     )
     return out
 
 
-def _shipped_tables() -> list[tuple[str, dict]]:
-    """``(dtype name, table)`` for every shipped launch table of this op and every dtype that table
-    serves: a ``,dtype=`` file serves its dtype; a plain file serves the dtypes without their own file."""
+def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
+    """``(archs, dtype name, table)`` for every shipped launch table of this op and every dtype it serves:
+    a ``,dtype=`` file serves its dtype, a plain file the dtypes without their own file. A
+    ``device_name=sm_XY`` table is compiled for that arch only (no other arch runs it); a table named after a
+    device for all three."""
     found: dict[str, dict[str | None, dict]] = {}
     for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), OP, "device_name=*.json"))):
-        stem = os.path.basename(path)[len("device_name="): -len(".json")]
+        stem = os.path.basename(path)[len("device_name=") : -len(".json")]
         ident, _, dt = stem.partition(",dtype=")
         with open(path) as f:
             found.setdefault(ident, {})[dt or None] = json.load(f)
     out = []
-    for per_dtype in found.values():
+    for ident, per_dtype in found.items():
+        arch = ident[3:] if ident.startswith("sm_") else ""
+        archs = (int(arch),) if arch.isdigit() and int(arch) in (80, 89, 90) else (80, 89, 90)
         for dn in ("fp32", "fp16", "bf16"):
             table = per_dtype.get(dn, per_dtype.get(None))
             if table is not None:
-                out.append((dn, table))
+                out.append((archs, dn, table))
     return out
 
 
@@ -135,8 +171,8 @@ def compile_specs() -> list[CompileSpec]:
     code is a superset of relu's and identity's (it adds the exp)."""
     specs: list[CompileSpec] = []
     seen = set()
-    tables = _shipped_tables() or [(dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]
-    for tdt, table in tables:
+    tables = _shipped_tables() or [((80, 89, 90), dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]
+    for archs, tdt, table in tables:
         for key, entry in table.items():
             d = 64 if key == "default" else int(key)
             cfg = dict(DEFAULT)
@@ -148,42 +184,77 @@ def compile_specs() -> list[CompileSpec]:
                 d_pad = _pad(d)
                 s_dv = min(cfg["S_BLOCK_DV"], d_pad)
                 a_dv = min(cfg["A_BLOCK_DV"], d_pad)
-                sig_id = (d_pad, dn, cfg["S_BLOCK_N"], s_dv, cfg["S_WARPS"], cfg["S_STAGES"],
-                          cfg["A_BLOCK_N"], a_dv, cfg["A_WARPS"])
+                sig_id = (
+                    archs,
+                    d_pad,
+                    dn,
+                    cfg["S_BLOCK_N"],
+                    s_dv,
+                    cfg["S_WARPS"],
+                    cfg["S_STAGES"],
+                    cfg["A_BLOCK_N"],
+                    a_dv,
+                    cfg["A_WARPS"],
+                )
                 if sig_id in seen:
                     continue
                 seen.add(sig_id)
                 p = tl_ptr(dtype)
-                specs.append(CompileSpec(
-                    name=f"la_state_d{d_pad}_{dn}_n{cfg['S_BLOCK_N']}_dv{s_dv}",
-                    fn=kernel._la_state_kernel,
-                    signature={
-                        "k_ptr": p, "v_ptr": p, "kv_ptr": "*fp32", "ks_ptr": "*fp32",
-                        **{a: "i32" for a in ("H", "M", "D", "DV", "CHUNK_N")},
-                        **{f"stride_{t}{s}": "i32" for t in "kv" for s in ("b", "h", "n", "d")},
-                        **{a: "i32" for a in ("stride_kv_bh", "stride_kv_s", "stride_ks_bh", "stride_ks_s")},
-                    },
-                    constexprs={"FEATURE": 2, "PREC": _prec(dtype), "BLOCK_N": cfg["S_BLOCK_N"],
-                                "D_PAD": d_pad, "BLOCK_DV": s_dv},
-                    options={"num_warps": cfg["S_WARPS"], "num_stages": cfg["S_STAGES"]},
-                ))
-                specs.append(CompileSpec(
-                    name=f"la_apply_d{d_pad}_{dn}_n{cfg['A_BLOCK_N']}_dv{a_dv}",
-                    fn=kernel._la_apply_kernel,
-                    signature={
-                        "q_ptr": p, "kv_ptr": "*fp32", "ks_ptr": "*fp32", "o_ptr": p,
-                        **{a: "i32" for a in ("H", "N", "D", "DV")}, "eps": "fp32",
-                        **{f"stride_{t}{s}": "i32" for t in "qo" for s in ("b", "h", "n", "d")},
-                    },
-                    constexprs={"FEATURE": 2, "PREC": _prec(dtype), "BLOCK_N": cfg["A_BLOCK_N"],
-                                "D_PAD": d_pad, "BLOCK_DV": a_dv},
-                    options={"num_warps": cfg["A_WARPS"]},
-                ))
-    specs.append(CompileSpec(
-        name="la_sum_splits",
-        fn=kernel._la_sum_splits_kernel,
-        signature={"src_ptr": "*fp32", "dst_ptr": "*fp32", "S": "i32", "C": "i32"},
-        constexprs={"BLOCK": SUM_BLOCK},
-        options={"num_warps": 4},
-    ))
+                specs.append(
+                    CompileSpec(
+                        name=f"la_state_d{d_pad}_{dn}_n{cfg['S_BLOCK_N']}_dv{s_dv}",
+                        fn=kernel._la_state_kernel,
+                        signature={
+                            "k_ptr": p,
+                            "v_ptr": p,
+                            "kv_ptr": "*fp32",
+                            "ks_ptr": "*fp32",
+                            **{a: "i32" for a in ("H", "M", "D", "DV", "CHUNK_N")},
+                            **{f"stride_{t}{s}": "i32" for t in "kv" for s in ("b", "h", "n", "d")},
+                            **{a: "i32" for a in ("stride_kv_bh", "stride_kv_s", "stride_ks_bh", "stride_ks_s")},
+                        },
+                        constexprs={
+                            "FEATURE": 2,
+                            "PREC": _prec(dtype),
+                            "BLOCK_N": cfg["S_BLOCK_N"],
+                            "D_PAD": d_pad,
+                            "BLOCK_DV": s_dv,
+                        },
+                        options={"num_warps": cfg["S_WARPS"], "num_stages": cfg["S_STAGES"]},
+                        archs=archs,
+                    )
+                )
+                specs.append(
+                    CompileSpec(
+                        name=f"la_apply_d{d_pad}_{dn}_n{cfg['A_BLOCK_N']}_dv{a_dv}",
+                        fn=kernel._la_apply_kernel,
+                        signature={
+                            "q_ptr": p,
+                            "kv_ptr": "*fp32",
+                            "ks_ptr": "*fp32",
+                            "o_ptr": p,
+                            **{a: "i32" for a in ("H", "N", "D", "DV")},
+                            "eps": "fp32",
+                            **{f"stride_{t}{s}": "i32" for t in "qo" for s in ("b", "h", "n", "d")},
+                        },
+                        constexprs={
+                            "FEATURE": 2,
+                            "PREC": _prec(dtype),
+                            "BLOCK_N": cfg["A_BLOCK_N"],
+                            "D_PAD": d_pad,
+                            "BLOCK_DV": a_dv,
+                        },
+                        options={"num_warps": cfg["A_WARPS"]},
+                        archs=archs,
+                    )
+                )
+    specs.append(
+        CompileSpec(
+            name="la_sum_splits",
+            fn=kernel._la_sum_splits_kernel,
+            signature={"src_ptr": "*fp32", "dst_ptr": "*fp32", "S": "i32", "C": "i32"},
+            constexprs={"BLOCK": SUM_BLOCK},
+            options={"num_warps": 4},
+        )
+    )
     return specs

@@ -22,8 +22,9 @@ def state(k: torch.Tensor, v: torch.Tensor, feature_map_name: str = "relu"):
     return torch.einsum("bhnd,bhne->bhde", pk, v.float()), pk.sum(dim=2)
 
 
-def apply(q: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, feature_map_name: str = "relu",
-          eps: float = 1e-6) -> torch.Tensor:
+def apply(
+    q: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, feature_map_name: str = "relu", eps: float = 1e-6
+) -> torch.Tensor:
     pq = feature_map(q, feature_map_name)
     num = torch.einsum("bhnd,bhde->bhne", pq, kv.float())
     den = torch.einsum("bhnd,bhd->bhn", pq, k_sum.float()) + eps
