@@ -46,3 +46,34 @@ def empty(shape, dtype, device):
     if os.environ.get("JETDET_DEBUG_FILL_NAN") == "1" and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def shipped_tables(op: str) -> list[tuple[str, tuple[int, ...], str, dict]]:
+    """Every shipped launch table of ``op`` per dtype it serves, as ``(device_ident, archs, dtype_name, table)``.
+
+    A ``,dtype=<dt>`` file serves its dtype and a plain file the dtypes without their own file (what
+    :func:`jetdet.configs.find_table` would pick). ``archs``: a ``device_name=sm_XY`` table runs only on that
+    arch (when it is one of 80/89/90); a table named after a device is compiled for all three.
+    """
+    import glob
+    import json
+    import os
+
+    from jetdet import _paths
+
+    found: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), op, "device_name=*.json"))):
+        stem = os.path.basename(path)[len("device_name=") : -len(".json")]
+        ident, _, dt = stem.partition(",dtype=")
+        with open(path) as f:
+            found.setdefault(ident, {})[dt or None] = json.load(f)
+    out = []
+    for ident in sorted(found):
+        per_dtype = found[ident]
+        arch = ident[3:] if ident.startswith("sm_") else ""
+        archs = (int(arch),) if arch.isdigit() and int(arch) in (80, 89, 90) else (80, 89, 90)
+        for dn in ("fp32", "fp16", "bf16"):
+            table = per_dtype.get(dn, per_dtype.get(None))
+            if table is not None:
+                out.append((ident, archs, dn, table))
+    return out

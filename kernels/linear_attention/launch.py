@@ -6,17 +6,12 @@ Inputs are validated by ``jetdet.ops.fast`` before they get here. Shapes: ``q [B
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-
 import torch
 import triton
 
-from jetdet import _paths
 from jetdet.configs import get_config
 
-from .._common import CompileSpec, empty, tl_ptr
+from .._common import CompileSpec, empty, shipped_tables, tl_ptr
 from . import kernel
 
 OP = "linear_attention"
@@ -145,25 +140,8 @@ def apply(q: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor, feature_map: str,
 
 
 def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
-    """``(archs, dtype name, table)`` for every shipped launch table of this op and every dtype it serves:
-    a ``,dtype=`` file serves its dtype, a plain file the dtypes without their own file. A
-    ``device_name=sm_XY`` table is compiled for that arch only (no other arch runs it); a table named after a
-    device for all three."""
-    found: dict[str, dict[str | None, dict]] = {}
-    for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), OP, "device_name=*.json"))):
-        stem = os.path.basename(path)[len("device_name=") : -len(".json")]
-        ident, _, dt = stem.partition(",dtype=")
-        with open(path) as f:
-            found.setdefault(ident, {})[dt or None] = json.load(f)
-    out = []
-    for ident, per_dtype in found.items():
-        arch = ident[3:] if ident.startswith("sm_") else ""
-        archs = (int(arch),) if arch.isdigit() and int(arch) in (80, 89, 90) else (80, 89, 90)
-        for dn in ("fp32", "fp16", "bf16"):
-            table = per_dtype.get(dn, per_dtype.get(None))
-            if table is not None:
-                out.append((archs, dn, table))
-    return out
+    """``(archs, dtype name, table)`` for every shipped table (see :func:`kernels._common.shipped_tables`)."""
+    return [(archs, dn, table) for _ident, archs, dn, table in shipped_tables(OP)]
 
 
 def compile_specs() -> list[CompileSpec]:
