@@ -122,24 +122,44 @@ def speed(repeats: int = 15) -> None:
           f"in deterministic mode {routed:.1f} us; an unrouted op (add) under the router {passthrough:.1f} us")
 
 
-def static(only=None) -> bool:
+FULL_TABLE_MODULES = ("jetdet.kernels.matmul.launch", "jetdet.kernels.attention.launch")
+
+
+def static() -> bool:
+    """Every kernel at its shipped configs for sm_80/89/90: the full table for matmul and attention, one
+    summary line per other kernel module (``python -m jetdet.static_report`` prints every row)."""
     try:
         from jetdet import static_report
     except ImportError as e:  # pragma: no cover
         print(f"  static report unavailable: {e}")
         return True
-    _section("static kernel report (cross-compiled, no GPU needed)")
-    try:
-        rows = static_report.report(only=only)
-    except Exception as e:  # noqa: BLE001 - report the reason, keep the rest of the bench
-        print(f"  static report failed: {type(e).__name__}: {e}")
-        return False
-    print(static_report.format_table(rows))
-    bad = static_report.violations(rows)
-    print(f"  violations: {len(bad)}")
-    for v in bad:
-        print(f"    {v}")
-    return not bad
+    _section("static kernel report (cross-compiled for sm_80/89/90, no GPU needed)")
+    ok = True
+    for module in static_report.KERNEL_MODULES:
+        errors: list = []
+        try:
+            specs = static_report.collect_specs([module], errors=errors)
+            rows = static_report.report(specs=specs) + errors
+        except Exception as e:  # noqa: BLE001 - report the reason, keep the rest of the bench
+            print(f"  {module}: static report failed: {type(e).__name__}: {e}")
+            ok = False
+            continue
+        bad = static_report.violations(rows)
+        ok &= not bad
+        name = module.split(".")[-2]
+        if module in FULL_TABLE_MODULES:
+            print(f"\n  {name}:")
+            print("\n".join("  " + line for line in static_report.format_table(rows).splitlines()))
+        good = [r for r in rows if not r.get("error")]
+        mx = lambda k, good=good: max((r.get(k) or 0 for r in good), default=0)  # noqa: E731
+        total = lambda k, good=good: sum(r.get(k) or 0 for r in good)  # noqa: E731
+        print(f"  {name:<17} {len(rows):>4} kernel/arch pairs  max regs {mx('regs'):>3}  max smem {mx('shared'):>6}  "
+              f"spill bytes {total('stack'):>3}  atomics {total('atomics'):>2}  mma {total('hmma') + total('hgmma'):>5}"
+              f"  mufu {total('mufu'):>4}  ffma {total('ffma'):>6}"
+              f"  violations {len(bad)}")
+        for v in bad:
+            print(f"    {v}")
+    return ok
 
 
 def main(argv=None) -> int:
