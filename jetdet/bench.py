@@ -72,12 +72,16 @@ def _median_ms(samples):
 
 
 def speed(repeats: int = 15) -> None:
+    import os
+
     import torch.nn.functional as F
 
     import jetdet
     from jetdet.models import TinyDiT, TinyUNet, make_toy_inputs
 
-    _section(f"CPU wall time at batch 4 ({torch.get_num_threads()} threads, median of {repeats} interleaved runs)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    _section(f"CPU wall time at batch 4 ({torch.get_num_threads()} threads, median of {repeats} interleaved runs, "
+             f"load average {load:.1f})")
     print(f"  {'model':<9} {'deterministic b4':>17} {'off b4':>9} {'4 x b1 (off)':>13} {'det/off':>8} "
           f"{'det/loop':>9}")
     for name, cls in (("TinyUNet", TinyUNet), ("TinyDiT", TinyDiT)):
@@ -167,13 +171,29 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer comparisons and repeats (smoke test)")
     p.add_argument("--skip-static", action="store_true", help="skip the cross-compiled kernel report")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per configuration (default 15)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the timings (default: torch's default; the determinism report always "
+                        "compares 2 threads against 1)")
+    p.add_argument("--only", choices=("determinism", "speed", "static"), default=None,
+                   help="run one section (after the environment)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats: expected a positive int")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads: expected a positive int")
     environment()
-    ok = determinism(quick=args.quick)
-    speed(repeats=3 if args.quick else args.repeats)
-    if not args.skip_static:
+    ok = True
+    if args.only in (None, "determinism"):
+        ok &= determinism(quick=args.quick)
+    if args.only in (None, "speed"):
+        saved = torch.get_num_threads()
+        try:
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
+            speed(repeats=3 if args.quick else args.repeats)
+        finally:
+            torch.set_num_threads(saved)
+    if args.only in (None, "static") and not args.skip_static:
         ok &= static()
     print(f"\njetdet.bench: {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
