@@ -161,11 +161,12 @@ def test_order2_is_not_exact_on_a_cubic_and_the_estimate_sees_it():
 
 
 def test_error_estimate_tracks_actual_error():
-    """On a smooth non-polynomial output the predicted error of each forecast is within 1.5x of the actual."""
+    """On a smooth non-polynomial output the predicted truncation error of each forecast is within 1.5x of the
+    actual."""
     model = Analytic({"s": lambda c, x, t: c[0] + math.exp(2 * t) * c[1]})
     for order in (0, 1, 2):
         ctl = StepCacheController(budget=0.3, forecast=order, max_consecutive_skips=4, start_percent=0.0,
-                                  end_percent=0.0)
+                                  end_percent=0.0, drift_gain=0.0)  # the output ignores x: no drift
         pairs = euler(ctl, model, ["s"])
         n = 0
         for entry, (out, ref) in zip(ctl.decision_log, pairs):
@@ -304,7 +305,7 @@ def test_heun_same_timestep_reevaluation():
     """Heun evaluates t_{i+1} twice (predictor x, then corrected x): the second is served from the first,
     the history keeps one output per timestep, and the result stays close to the exact Heun solution."""
     model = Analytic({"x": with_x, "l": linear})
-    ctl = StepCacheController(budget=0.02, max_consecutive_skips=4, forecast="order2")
+    ctl = StepCacheController(budget=0.02, max_consecutive_skips=4, forecast="order2", drift_gain=0.0)
     x, n = heun(ctl, model, ["x", "l"])
     ref = heun_exact(model, ["x", "l"])
     assert rel_l1(x, ref).max() < 1e-2
@@ -315,13 +316,27 @@ def test_heun_same_timestep_reevaluation():
     assert ctl.stats()["rows_saved"] >= n // 2
 
 
-def test_heun_same_t_scale_makes_reevaluations_pay():
+def test_drift_gain_prices_heun_reevaluations_and_late_skips():
+    """The drift term grows as 1/t: with it, a Heun re-evaluation and a late skip cost more than early."""
     model = Analytic({"x": with_x})
-    free = StepCacheController(budget=0.02, same_t_scale=0.0, max_consecutive_skips=4)
-    paid = StepCacheController(budget=0.02, same_t_scale=1e6, max_consecutive_skips=4)
+    free = StepCacheController(budget=0.02, drift_gain=0.0, max_consecutive_skips=4)
+    paid = StepCacheController(budget=0.02, drift_gain=1e3, max_consecutive_skips=4)
     heun(free, model, ["x"])
     heun(paid, model, ["x"])
     assert paid.stats()["rows_saved"] < free.stats()["rows_saved"]
+    fn = Analytic({"s": lambda c, x, t: c[0] + math.exp(2 * t) * c[1]})
+    ests = []
+    for g in (0.0, 1.0):  # same decisions (everything fits the budget), predictions with and without drift
+        ctl = StepCacheController(budget=10.0, drift_gain=g, max_consecutive_skips=3, start_percent=0.0,
+                                  end_percent=0.0)
+        euler(ctl, fn, ["s"])
+        ests.append([(e["rows"][0]["t"], e["rows"][0]["est"]) for e in ctl.decision_log
+                     if e["rows"][0]["decision"] == "forecast"])
+    drift = [(t, b - a) for (t, a), (_, b) in zip(*ests)]
+    # the third forecast of each run carries the drift of the two before it, divided by t
+    third = drift[2::3]
+    assert all(d > 0 for _, d in third)
+    assert third[-1][1] > 2 * third[0][1]  # late (small t) against early, although e_j is smaller late
 
 
 @pytest.mark.parametrize("with_cond", [True, False])
@@ -345,6 +360,40 @@ def test_cfg_batched_and_separate_agree(with_cond):
     assert a.stats()["rows_saved"] == b.stats()["rows_saved"] > 0
     ref = heun_exact(model, kinds)
     assert rel_l1(xa, ref).max() < 2e-2
+
+
+def test_separate_cfg_new_trajectory_with_new_labels():
+    """CFG as two forwards, trajectory after trajectory with a new class each time: the first forward of a
+    new trajectory brings only a new stream (the new label); it still starts a new trajectory, so the
+    unconditional stream does not carry the old one's history and the run equals the batched layout."""
+    model = Analytic({"c": with_x, "u": lambda c, x, t: 0.3 * x - c[2] + t * t * c[1]})
+    null = 10
+    batched = StepCacheController(budget=0.03, max_consecutive_skips=3)
+    separate = StepCacheController(budget=0.03, max_consecutive_skips=3)
+    for label in (1, 2, 3):
+        cond = torch.tensor([label, null])
+        xa, _ = heun(batched, model, ["c", "u"], cond=cond)
+        xb, _ = heun(separate, model, ["c", "u"], separate=[(["c"], cond[:1], [0]), (["u"], cond[1:], [1])])
+        assert torch.equal(xa, xb)
+    assert separate.stats()["resets"]["trajectory"] == 2
+    assert separate.stats()["rows_saved"] == batched.stats()["rows_saved"] > 0
+    assert separate.stats()["reasons"]["new"] == 6
+
+
+def test_piggyback_keeps_separate_forwards_in_step():
+    """With piggyback < 1, when the cond forward runs the model at a timestep, the uncond forward at the same
+    timestep runs too if its prediction is over piggyback * budget."""
+    model = Analytic({"a": rough, "b": lambda c, x, t: c[0] + math.exp(2 * t) * c[1]})
+    ctl = StepCacheController(budget=0.5, piggyback=0.0, max_consecutive_skips=8, start_percent=0.0,
+                              end_percent=0.0)
+    x = torch.zeros(1, *SHAPE)
+    for t in TS:
+        ctl(model.call(x, t, ["a"], cond=torch.tensor([0])))
+        ctl(model.call(x, t, ["b"], cond=torch.tensor([1])))
+    log = ctl.decision_log
+    pairs = list(zip(log[0::2], log[1::2]))
+    assert all(b["run"] == [0] for a, b in pairs if a["run"] == [0] and b["rows"][0]["reason"] != "new")
+    assert ctl.stats()["reasons"].get("piggyback", 0) > 0
 
 
 def test_separate_cfg_without_cond_keeps_branches_apart():
@@ -518,7 +567,7 @@ def test_half_precision_outputs(dtype):
     ({"timesteps": [1.0, 0.5, 0.7]}, "timesteps: expected at least 2 finite, strictly monotonic"),
     ({"timesteps": "abc"}, "timesteps: expected"),
     ({"t_end": float("inf")}, "t_end: expected a finite number"),
-    ({"same_t_scale": -1}, "same_t_scale: expected a finite number >= 0"),
+    ({"drift_gain": -1}, "drift_gain: expected a finite number >= 0"),
     ({"piggyback": 1.5}, r"piggyback: expected a finite number in \[0.0, 1.0\]"),
     ({"log_limit": -1}, "log_limit: expected an int >= 0"),
 ])
