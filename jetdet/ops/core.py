@@ -64,7 +64,10 @@ def _run(op, *args):
         type(a) not in _PLAIN or (grad and a.requires_grad) for a in args if isinstance(a, torch.Tensor)
     ):
         return op(*args)  # autograd then sees one opaque op (jetdet ops have no backward formula)
-    return op._init_fn(*args)
+    # The body's own torch calls must not meet the deterministic-mode router (a patched layer calls jetdet.ops
+    # directly while the router is on the stack): they are already the batch-invariant implementation.
+    with torch._C.DisableTorchFunction():
+        return op._init_fn(*args)
 
 
 def _impl(t: torch.Tensor, kernel_op: str, name: str):
