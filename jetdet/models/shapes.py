@@ -8,7 +8,7 @@ Per item, drawn from a ``torch.Generator`` seeded with ``seed`` (so a call is a 
 ``(n, seed, labels)``):
 
 * half-size ``s`` in [7.5, 11.5] px, centre jittered up to 3 px from the middle (less for big shapes, so they
-  stay inside the frame), strokes at least ``0.6 s`` wide. The ranges are deliberately moderate: a patch-4 DiT
+  stay inside the frame), strokes at least ``0.5 s`` wide. The ranges are deliberately moderate: a patch-4 DiT
   has no built-in translation equivariance, and with 10-22 px shapes anywhere in the frame and thinner strokes
   the 15-minute CPU budget learned colours and blobs first (66% recognised after 3000 steps);
 * a small rotation in [-8, 8] degrees (never enough to turn a plus into an X or a square into a diamond);
@@ -71,7 +71,7 @@ def _sdf(label: int, px, py, s):
     if name == "plus":
         return torch.minimum(_box(px, py, s, 0.38 * s), _box(px, py, 0.38 * s, s))
     if name == "ring":
-        return (torch.sqrt(px * px + py * py) - 0.7 * s).abs() - 0.3 * s
+        return (torch.sqrt(px * px + py * py) - 0.8 * s).abs() - 0.25 * s  # hole radius 0.55 s
     if name == "hbar":
         return _box(px, py, s, 0.35 * s)
     if name == "vbar":
