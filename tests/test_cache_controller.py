@@ -238,8 +238,8 @@ def test_model_change_resets():
 def test_output_shape_change_resets():
     ctl = StepCacheController(budget=0.02, start_percent=0.0)
     x = torch.zeros(1, *SHAPE)
-    for i in range(6):
-        ctl(ModelCall(x=x, t=torch.tensor([TS[i]]), run=lambda rows: torch.ones(1, 3)))
+    for i in range(6):  # rough outputs: the next call runs the model
+        ctl(ModelCall(x=x, t=torch.tensor([TS[i]]), run=lambda rows, i=i: torch.ones(1, 3) * (-3.0) ** i))
     out = ctl(ModelCall(x=x, t=torch.tensor([TS[6]]), run=lambda rows: torch.zeros(1, 5)))
     assert out.shape == (1, 5) and ctl.stats()["resets"]["output_shape"] == 1
 
@@ -587,3 +587,40 @@ def test_bad_calls():
         ctl(ModelCall(x=x, t=torch.ones(2), run=lambda rows: x[:1]))
     with pytest.raises(ValueError, match="call.x: expected a tensor"):
         ctl(ModelCall(x=None, t=torch.ones(2), run=lambda rows: x))
+
+
+# ------------------------------------------------------------------------------------- the bundled model
+
+
+def _bundled():
+    from jetdet.models import bundled
+
+    if not bundled.DIT_FILE.exists():
+        pytest.skip("the bundled weights (jetdet/data/bundled_dit.safetensors) are not there")
+    return bundled.load_bundled()
+
+
+@pytest.mark.parametrize("sampler,batch_cfg", [("euler", True), ("heun", False)])
+def test_bundled_model_sampler_integration(sampler, batch_cfg):
+    """The bundled DiT through its own sampler: the default controller saves most model calls and stays close
+    to full compute; budget 0 is full compute bit for bit; a second trajectory starts clean."""
+    from jetdet.cache.evaluate import cached_model_fn, psnr
+    from jetdet.models import sampling
+
+    model = _bundled()
+    labels = [1, 4]
+    ref = sampling.sample(model, labels, sampler=sampler, seed=3, batch_cfg=batch_cfg)
+    off = StepCacheController(budget=0.0)
+    assert torch.equal(sampling.sample(model, labels, sampler=sampler, seed=3, batch_cfg=batch_cfg,
+                                       model_fn=cached_model_fn(model, off)), ref)
+    ctl = StepCacheController(budget=0.07, num_steps=30)
+    fn = cached_model_fn(model, ctl)
+    for seed in (3, 3):  # twice: the second run must not see the first one's state
+        out = sampling.sample(model, labels, sampler=sampler, seed=seed, batch_cfg=batch_cfg, model_fn=fn)
+        assert psnr(out, ref).min() > 25.0, psnr(out, ref)  # the 8 x 4 mean at this budget: 33 dB (Euler)
+    st = ctl.stats()
+    evals = sampling.num_evaluations(30, sampler) * (1 if batch_cfg else 2)
+    assert st["calls_run"] / 2 <= 0.6 * evals, st
+    assert st["resets"]["trajectory"] == 1
+    first, second = ctl.decision_log[:evals], ctl.decision_log[evals:]
+    assert [e["run"] for e in first] == [e["run"] for e in second]
