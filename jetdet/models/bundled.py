@@ -277,6 +277,23 @@ def save_module(module: nn.Module, path, *, kind: str, dtype: torch.dtype = torc
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(sd, str(path), metadata=meta)
+    _canonical_header(path)
+
+
+def _canonical_header(path) -> None:
+    """Rewrite a safetensors header with sorted keys, in place. safetensors writes ``__metadata__`` in hash-map
+    order, which changes from run to run, so two identical trainings would otherwise differ in a few bytes. Same
+    length (the header is re-padded with spaces), so the tensor data is not moved."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > n:  # never: same content, no whitespace
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def read_metadata(path) -> dict:
