@@ -53,6 +53,7 @@ class PatchHandle:
         self.options = dict(options)
         self.controller = None
         self.adapter = None
+        self.linear_attention = None
         self._saved: list[tuple[nn.Module, object]] = []  # (module, previous instance forward or _MISSING)
         self._layers: Counter = Counter()
         self._skipped: Counter = Counter()
@@ -73,6 +74,8 @@ class PatchHandle:
             s["timestep_arg"] = self.adapter.timestep
         if self.controller is not None:
             s["cache"] = self.controller.stats()
+        if self.linear_attention is not None:
+            s["linear_attention"] = self.linear_attention.stats()
         return s
 
     def remove(self) -> None:
@@ -145,18 +148,27 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
     handle._set_forward(model, forward)
 
 
-def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, **options):
+def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,
+                linear_attention_check: int = 1, **options):
     from ..cache import StepCacheController
+    from .linattn import LinearAttentionSwap, parse_option
 
     inner = model.forward
     adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
     controller = StepCacheController(**options)  # validates the options before anything is changed
-    handle.adapter, handle.controller = adapter, controller
+    fmap = parse_option(linear_attention)
+    swap = LinearAttentionSwap(fmap, linear_attention_check) if fmap else None
+    handle.adapter, handle.controller, handle.linear_attention = adapter, controller, swap
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
         call = adapter.bind(args, kwargs)
-        out = controller(call)
+        if swap is None:
+            out = controller(call)
+        else:
+            with swap.mode():
+                out = controller(call)
+            swap.after_forward()
         return adapter.pack(out, kwargs)
 
     handle._set_forward(model, forward)
@@ -169,6 +181,10 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     Options for ``"fast"``: ``latent_arg``/``timestep_arg`` (names of the forward's latent and timestep
     parameters, found automatically for common names) and every :class:`jetdet.cache.StepCacheController`
     option (``budget``, ``start_percent``, ``end_percent``, ``max_consecutive_skips``, ``forecast``, ...).
+    ``linear_attention`` (opt-in, **approximate**: ``True``/``"relu"``, ``"elu1"`` or ``"identity"``) replaces the
+    model's softmax ``F.scaled_dot_product_attention`` calls by :func:`jetdet.ops.linear_attention`; during the
+    first ``linear_attention_check`` forwards (default 1) each replaced call is also computed exactly and the
+    relative error is recorded in ``stats()["linear_attention"]`` and printed once (:mod:`jetdet.patch.linattn`).
     """
     _check_model(model)
     if mode not in MODES:
