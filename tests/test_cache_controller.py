@@ -624,3 +624,28 @@ def test_bundled_model_sampler_integration(sampler, batch_cfg):
     assert st["resets"]["trajectory"] == 1
     first, second = ctl.decision_log[:evals], ctl.decision_log[evals:]
     assert [e["run"] for e in first] == [e["run"] for e in second]
+
+
+def test_separate_cfg_second_branch_follows_a_skipped_first_branch():
+    """CFG as two forwards: after the cond call at a timestep was served from the cache entirely, the uncond call at
+    the same timestep is served too unless a row's prediction exceeds budget / piggyback (reason "follow"), so the
+    two branches of an item stay in step."""
+    from jetdet.cache.evaluate import cached_model_fn
+    from jetdet.models import sampling
+
+    model = _bundled()
+    ctl = StepCacheController(budget=0.07, num_steps=30)
+    for seed in range(4):
+        sampling.sample(model, [0, 1, 2, 3], seed=seed, batch_cfg=False, model_fn=cached_model_fn(model, ctl))
+    log = ctl.decision_log
+    follows = 0
+    for prev, cur in zip(log, log[1:]):
+        if prev["t"][0] != cur["t"][0] or prev["run"]:
+            continue
+        follows += sum(r["reason"] == "follow" for r in cur["rows"])
+        running = [r for r in cur["rows"] if r["decision"] == "run"]
+        if running and all(r["reason"] == "budget" for r in running):  # no guard forced a row
+            # the call breaks ranks only for a row far over budget
+            assert any(r["est"] * ctl.piggyback > ctl.budget for r in running), cur
+    assert follows > 0
+    assert ctl.stats()["reasons"].get("forecast", 0) > 0

@@ -70,7 +70,11 @@ A timestep that coincides with a history node (Heun's second evaluation of ``t_{
 
 Rows of one timestep are kept in step: with ``piggyback < 1``, when the model runs for some rows at a
 timestep (in this call, or in the previous call at the same timestep, as with CFG as two forwards), the
-rows whose prediction exceeds ``piggyback · budget`` run with them. Without it the CFG branches of an item
+rows whose prediction exceeds ``piggyback · budget`` run with them; and when the previous call at the same
+timestep was served from the cache entirely, this call is too if no row's prediction exceeds
+``budget / piggyback`` (reason ``"follow"``). With CFG as two forwards on the bundled DiT (Euler, 4 seeds x 4
+classes) that second rule moved budget 0.07 from 2.16x fewer calls at 28.5 dB to 2.31x at 30.3 dB, and 0.1
+from 2.67x at 28.7 dB to 2.82x at 30.9 dB. Without it the CFG branches of an item
 can fall out of step, and then every computed output sees a latent moved by the other branch's forecast
 error multiplied by the guidance scale.
 
@@ -256,6 +260,7 @@ class StepCacheController:
         self._calls_at_t = 0
         self._branches = None
         self._run_t = None
+        self._skip_t = None
         self._prev_max_t = None
         self._n = {"calls": 0, "calls_run": 0, "calls_partial": 0, "calls_saved": 0, "rows": 0, "rows_run": 0,
                    "rows_saved": 0, "syncs": 0}
@@ -276,7 +281,8 @@ class StepCacheController:
         ``{"stream", "t", "decision" ("run"/"forecast"), "reason", "est", "order"}``. ``est`` is the predicted
         relative L1 error (None where none could be made); ``reason`` is why (``"budget"``: the
         prediction decided; ``"new"``/``"warmup"``/``"start"``/``"end"``/``"max_skips"``/``"evicted"``:
-        a guard; ``"piggyback"``: computed because the model ran anyway)."""
+        a guard; ``"piggyback"``: computed because the model ran anyway; ``"follow"``: forecast because the
+        previous call at this timestep was served from the cache entirely)."""
         return list(self._log)
 
     def stats(self) -> dict:
@@ -326,6 +332,7 @@ class StepCacheController:
         self._calls_at_t = 0
         self._branches = None
         self._run_t = None
+        self._skip_t = None
         if reason in ("shape", "model", "output_shape", "manual"):
             self._out_item = None
 
@@ -569,10 +576,24 @@ class StepCacheController:
                 if not d[0] and d[2] > self.piggyback * self.budget and (
                         here or (self._run_t is not None and _same_t(t_rows[i], self._run_t))):
                     d[0], d[1] = True, "piggyback"
+            # ... and the other way round: when the previous call at this timestep was served from the cache
+            # entirely, this call follows it if every row it would run is within budget / piggyback
+            running = [d for d in decisions if d[0]]
+            if (running and self._skip_t is not None and all(_same_t(t, self._skip_t) for t in t_rows)
+                    and not (self._run_t is not None and _same_t(t_rows[0], self._run_t))
+                    and all(d[1] == "budget" and d[2] * self.piggyback <= self.budget for d in running)):
+                for i, d in enumerate(decisions):
+                    if d[0]:
+                        tensors = self.manager.get(streams[i].key)
+                        if tensors is None or len(tensors) != len(streams[i].ts):
+                            break
+                        d[0], d[1], d[5] = False, "follow", tensors
         run_rows = [i for i, d in enumerate(decisions) if d[0]]
         skip_rows = [i for i, d in enumerate(decisions) if not d[0]]
         if run_rows:
             self._run_t = t_rows[run_rows[0]]
+        else:
+            self._skip_t = t_rows[0]
 
         # forecasts (before the run: their histories are read now)
         fc_parts = self._forecast_rows(skip_rows, streams, t_rows, decisions)
