@@ -452,6 +452,11 @@ class StepCacheController:
         self.manager.drop(key)
         return s
 
+    def _history(self, s: _Stream):
+        """The stream's cached outputs, or None when the memory budget dropped them (or some of them)."""
+        tensors = self.manager.get(s.key)
+        return tensors if tensors is not None and len(tensors) == len(s.ts) else None
+
     def _estimate(self, s: _Stream, t: float):
         """(predicted relative L1 error, forecast order, index of a history node equal to t or None),
         or (None, None, None) when no prediction can be made yet."""
@@ -562,8 +567,8 @@ class StepCacheController:
             run = reason != "budget" or est > self.budget
             tensors = None
             if not run:
-                tensors = self.manager.get(s.key)
-                if tensors is None or len(tensors) != len(s.ts):  # dropped by the memory budget meanwhile
+                tensors = self._history(s)
+                if tensors is None:  # dropped by the memory budget meanwhile
                     self._resets["evicted"] += 1
                     s.ts, s.rates = [], {}
                     run, reason, est = True, "evicted", None
@@ -584,8 +589,8 @@ class StepCacheController:
                     and all(d[1] == "budget" and d[2] * self.piggyback <= self.budget for d in running)):
                 for i, d in enumerate(decisions):
                     if d[0]:
-                        tensors = self.manager.get(streams[i].key)
-                        if tensors is None or len(tensors) != len(streams[i].ts):
+                        tensors = self._history(streams[i])
+                        if tensors is None:
                             break
                         d[0], d[1], d[5] = False, "follow", tensors
         run_rows = [i for i, d in enumerate(decisions) if d[0]]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..mode import _arg
+
 FEATURE_MAPS = ("relu", "elu1", "identity")
 
 
@@ -76,17 +78,14 @@ class LinearAttentionSwap:
 
 
 def _why_not(args, kwargs):
-    def arg(i, name, default=None):
-        return kwargs[name] if name in kwargs else (args[i] if len(args) > i else default)
-
-    q, k, v = arg(0, "query"), arg(1, "key"), arg(2, "value")
+    q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return "non-tensor inputs", None
-    if arg(3, "attn_mask") is not None:
+    if _arg(args, kwargs, 3, "attn_mask") is not None:
         return "attn_mask", None
-    if arg(4, "dropout_p", 0.0):
+    if _arg(args, kwargs, 4, "dropout_p", 0.0):
         return "dropout_p", None
-    if arg(5, "is_causal", False):
+    if _arg(args, kwargs, 5, "is_causal", False):
         return "is_causal", None
     if kwargs.get("enable_gqa", False) and k.shape[-3] != q.shape[-3]:
         return "grouped-query attention", None
