@@ -101,6 +101,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import jetdet  # noqa: E402
+from jetdet.cache.evaluate import psnr  # noqa: E402  (per item, images in [-1, 1], inf where identical)
 from jetdet.models import bundled, sampling  # noqa: E402
 
 #: Peer families, in table order.
@@ -438,12 +439,6 @@ def calibrate_mag_ratios(base, plain, label, seed, steps, sampler, cfg, batch_cf
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-item PSNR in dB, images in [-1, 1] (peak-to-peak 2); inf where identical."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(4.0 / mse)
 
 
 def _median(xs):
