@@ -15,10 +15,24 @@ import os
 import torch
 
 _VALID = ("auto", "triton", "torch")
+_NAME = "JETDET_BACKEND"
+# os.environ's own mapping, checked directly by overridden(): `name in os.environ` goes through
+# Mapping.__contains__ and a KeyError, ~3 us, on every op call. Both attributes exist on CPython >= 3.2.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_NAME) if hasattr(os.environ, "encodekey") else None
+
+
+def overridden() -> bool:
+    """Whether JETDET_BACKEND is set at all (the hot path only needs this)."""
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        return _ENV_KEY in _ENV_DATA
+    return _NAME in os.environ  # pragma: no cover - other Pythons
 
 
 def requested() -> str:
-    val = os.environ.get("JETDET_BACKEND", "auto").strip().lower() or "auto"
+    if not overridden():
+        return "auto"
+    val = os.environ.get(_NAME, "auto").strip().lower() or "auto"
     if val not in _VALID:
         raise ValueError(f"JETDET_BACKEND={val!r}: expected one of {', '.join(_VALID)}")
     return val

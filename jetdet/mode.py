@@ -226,6 +226,19 @@ def _ok(*ts) -> str | None:
     return None
 
 
+_ops_module = None
+
+
+def _ops():
+    """jetdet.ops, imported on first use (it imports this module)."""
+    global _ops_module
+    if _ops_module is None:
+        from . import ops
+
+        _ops_module = ops
+    return _ops_module
+
+
 def _arg(args, kwargs, i, name, default=None):
     if len(args) > i:
         return args[i]
@@ -237,7 +250,7 @@ def _pair(v):
 
 
 def _h_linear(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     why = _ok(x, w, b)
@@ -247,7 +260,7 @@ def _h_linear(func, args, kwargs):
 
 
 def _h_mm(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat2")
     why = _ok(a, b) or ("out= given" if "out" in kwargs else None)
@@ -257,7 +270,7 @@ def _h_mm(func, args, kwargs):
 
 
 def _h_addmm(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     c, a, b = (_arg(args, kwargs, i, n) for i, n in enumerate(("input", "mat1", "mat2")))
     why = _ok(c, a, b) or ("out= given" if "out" in kwargs else None)
@@ -267,7 +280,7 @@ def _h_addmm(func, args, kwargs):
 
 
 def _h_bmm(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat2")
     why = _ok(a, b) or ("out= given" if "out" in kwargs else None)
@@ -277,7 +290,7 @@ def _h_bmm(func, args, kwargs):
 
 
 def _h_baddbmm(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     c, a, b = (_arg(args, kwargs, i, n) for i, n in enumerate(("input", "batch1", "batch2")))
     why = _ok(c, a, b) or ("out= given" if "out" in kwargs else None)
@@ -292,7 +305,7 @@ def _h_baddbmm(func, args, kwargs):
 
 
 def _h_matmul(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
     why = _ok(a, b) or ("out= given" if "out" in kwargs else None)
@@ -313,7 +326,7 @@ def _h_matmul(func, args, kwargs):
 
 
 def _h_conv2d(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     vals = [_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, (None, None, None, 1, 0, 1, 1)))]
@@ -329,7 +342,7 @@ def _h_conv2d(func, args, kwargs):
 
 
 def _h_layer_norm(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     x, ns = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
     w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
@@ -341,7 +354,7 @@ def _h_layer_norm(func, args, kwargs):
 
 
 def _h_rms_norm(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     x, ns = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
     w, eps = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "eps")
@@ -352,7 +365,7 @@ def _h_rms_norm(func, args, kwargs):
 
 
 def _h_group_norm(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     x, g = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "num_groups")
     w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
@@ -364,7 +377,7 @@ def _h_group_norm(func, args, kwargs):
 
 
 def _h_softmax(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     x, dim = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "dim")
     dtype = kwargs.get("dtype", _arg(args, kwargs, 3 if func is F.softmax else 2, "dtype"))
@@ -379,7 +392,7 @@ def _h_softmax(func, args, kwargs):
 
 
 def _h_sdpa(func, args, kwargs):
-    from . import ops
+    ops = _ops()
 
     q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
     mask = _arg(args, kwargs, 3, "attn_mask")
@@ -395,14 +408,16 @@ def _h_sdpa(func, args, kwargs):
         why = "broadcast batch dims"
     if why:
         return _fallback(func, args, kwargs, why)
-    lead = q.shape[:-2]
-    q4, k4, v4 = (t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v))
     if causal:
         nq, nk = q.shape[-2], k.shape[-2]
         cm = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             return _fallback(func, args, kwargs, "attn_mask together with is_causal")
         mask = cm
+    if q.dim() == 4:  # [B, H, N, D] as is: no copies of strided q/k/v, the mask broadcasts in the op
+        return ops.attention(q, k, v, attn_mask=mask, scale=scale)
+    lead = q.shape[:-2]
+    q4, k4, v4 = (t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v))
     if mask is not None and mask.dim() > 2:
         mask = mask.expand(*lead, *mask.shape[-2:]).reshape(-1, 1, *mask.shape[-2:])
     out = ops.attention(q4, k4, v4, attn_mask=mask, scale=scale)

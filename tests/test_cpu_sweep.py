@@ -51,3 +51,26 @@ def test_bmm_sweep(restore_threads):
             if not torch.equal(cpu.bmm_f32(a[2:7], b[2:7]), ref[2:7]):
                 bad.append((m, k, n, th, "2:7"))
     assert not bad, bad
+
+
+def test_conv2d_sweep(restore_threads):
+    """One GEMM per item, [O, C*kh*kw] @ [C*kh*kw, Ho*Wo], O and Ho*Wo padded to 16: item b must not care
+    about the batch, its slot or the thread count, whatever the shape (odd sizes, strides, 1x1)."""
+    rng = random.Random(5)
+    bad = []
+    for _ in range(25):
+        c, o = rng.randint(1, 40), rng.randint(1, 70)
+        h, w = rng.randint(3, 19), rng.randint(3, 19)
+        k = rng.choice([1, 3, 3, 2])
+        stride, pad = rng.choice([1, 2]), rng.choice([0, 1]) if k > 1 else 0
+        x, wt, bias = torch.randn(8, c, h, w), torch.randn(o, c, k, k), torch.randn(o)
+        torch.set_num_threads(2)
+        ref = cpu.conv2d(x, wt, bias, (stride, stride), (pad, pad))
+        for th in (2, 1):
+            torch.set_num_threads(th)
+            for s in rng.sample(range(8), 2):
+                if not torch.equal(cpu.conv2d(x[s : s + 1], wt, bias, (stride, stride), (pad, pad))[0], ref[s]):
+                    bad.append((c, o, h, w, k, stride, pad, th, s))
+            if not torch.equal(cpu.conv2d(x[1:6], wt, bias, (stride, stride), (pad, pad)), ref[1:6]):
+                bad.append((c, o, h, w, k, stride, pad, th, "1:6"))
+    assert not bad, bad

@@ -1,0 +1,94 @@
+"""Details of the CPU path that the op-level prefix/needle tests do not reach: the fill flag around op bodies,
+scratch buffers never leaking into results, the per-item choice in attention, and short GEMMs."""
+
+import random
+
+import pytest
+import torch
+
+import jetdet
+from jetdet import cpu, ops
+from jetdet.ops import core
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _all_ops(g):
+    x = torch.randn(5, 7, 19, generator=g)
+    w = torch.randn(13, 19, generator=g)
+    img = torch.randn(3, 6, 11, 9, generator=g)
+    cw = torch.randn(5, 6, 3, 3, generator=g)
+    q = torch.randn(2, 3, 17, 8, generator=g)
+    return [
+        ops.linear(x, w, torch.randn(13, generator=g)),
+        ops.bmm(x, torch.randn(5, 19, 6, generator=g)),
+        ops.conv2d(img, cw, torch.randn(5, generator=g), stride=2, padding=1),
+        ops.conv2d(img, torch.randn(16, 6, 1, 1, generator=g)),
+        ops.attention(q, q, q),
+        ops.layer_norm(x, (19,)),
+        ops.group_norm(img, 3),
+        ops.softmax(x, -1),
+        ops.sum(x),
+    ]
+
+
+def test_op_bodies_restore_the_fill_flag_and_never_read_unwritten_memory(monkeypatch):
+    """Op bodies run with torch's NaN fill of new tensors off (it only costs time there). The flag must be
+    back on afterwards, and the results must equal those computed with the fill left on: a body that read
+    memory it had not written would see NaN in one run and garbage in the other."""
+    with jetdet.mode("deterministic"):
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        fast = _all_ops(torch.Generator().manual_seed(0))
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        monkeypatch.setattr(core, "_get_fill", lambda: False)  # never switch it off: every new tensor is NaN
+        filled = _all_ops(torch.Generator().manual_seed(0))
+    for a, b in zip(fast, filled):
+        assert torch.equal(a, b) and a.isfinite().all()
+
+
+def test_results_never_alias_scratch_buffers():
+    """conv2d and the GEMMs reuse per-thread scratch buffers; a later call must not change an earlier result."""
+    g = torch.Generator().manual_seed(1)
+    for o, size, k in ((5, 11, 3), (16, 8, 3), (16, 8, 1), (7, 4, 1)):  # padded and exact O / Ho*Wo
+        w = torch.randn(o, 6, k, k, generator=g)
+        x1, x2 = torch.randn(2, 6, size, size, generator=g), torch.randn(2, 6, size, size, generator=g)
+        first = ops.conv2d(x1, w, padding=k // 2)
+        keep = first.clone()
+        ops.conv2d(x2, w, padding=k // 2)
+        assert torch.equal(first, keep)
+        assert first.untyped_storage().data_ptr() != x1.untyped_storage().data_ptr()
+
+
+def test_negative_control_torch_flash_attention_is_not_batch_invariant(restore_threads):
+    """Why jetdet's CPU attention does not call torch's CPU flash-attention kernel."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(5, 2, 13, 8, generator=g) for _ in range(3))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    torch.set_num_threads(2)
+    alone = flash(q[:1], k[:1], v[:1], 0.0, False, scale=8**-0.5)[0]
+    in_batch = flash(q, k, v, 0.0, False, scale=8**-0.5)[0][:1]
+    assert not torch.equal(alone, in_batch)
+    assert torch.equal(ops.attention(q[:1], k[:1], v[:1]), ops.attention(q, k, v)[:1])
+
+
+def test_short_gemms_match_rows_of_long_ones(restore_threads):
+    """Rows past the last 32-row tile run in 8-row tiles: row i must not care which tile height it got."""
+    rng = random.Random(3)
+    bad = []
+    for _ in range(40):
+        k, n = rng.choice([1, 2, 3, 5, rng.randint(6, 300)]), rng.randint(1, 120)
+        a, b = torch.randn(70, k), torch.randn(k, n)
+        bias = torch.randn(n) if rng.random() < 0.5 else None
+        for th in (2, 1):
+            torch.set_num_threads(th)
+            ref = cpu.mm_f32(a, b, bias)  # 64 rows in 32-row tiles, 6 in the tail
+            for m in (1, 3, 4, 8, 9, 31, 33, 40):
+                s = rng.randrange(70 - m)
+                if not torch.equal(cpu.mm_f32(a[s : s + m], b, bias), ref[s : s + m]):
+                    bad.append((k, n, th, m, s))
+    assert not bad, bad
