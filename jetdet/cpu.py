@@ -64,7 +64,8 @@ def _cached_pack(b: torch.Tensor, tag: str, make):
         packed = make()
     if len(_packed) > 1024:
         _packed.clear()
-    _packed[key] = (weakref.ref(owner, lambda _r, k=key: _packed.pop(k, None)), sig, packed)
+    # the default argument keeps the dict reachable at interpreter exit, when module globals are None
+    _packed[key] = (weakref.ref(owner, lambda _r, k=key, d=_packed: d.pop(k, None)), sig, packed)
     return packed
 
 
