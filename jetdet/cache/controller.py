@@ -271,6 +271,11 @@ class StepCacheController:
 
     close = clear
 
+    def epoch(self) -> int:
+        """How many times cached state was dropped so far (any reset reason): state kept beside the
+        controller, such as the patcher's attention block masks, is stale when this changes."""
+        return sum(self._resets.values())
+
     def new_trajectory(self) -> None:
         """Drop the cached streams (statistics are kept): the next call starts a new trajectory."""
         self._reset_all("manual")

@@ -54,6 +54,7 @@ class PatchHandle:
         self.controller = None
         self.adapter = None
         self.linear_attention = None
+        self.attention_cache = None
         self._saved: list[tuple[nn.Module, object]] = []  # (module, previous instance forward or _MISSING)
         self._layers: Counter = Counter()
         self._skipped: Counter = Counter()
@@ -76,6 +77,8 @@ class PatchHandle:
             s["cache"] = self.controller.stats()
         if self.linear_attention is not None:
             s["linear_attention"] = self.linear_attention.stats()
+        if self.attention_cache is not None:
+            s["attention_cache"] = self.attention_cache.stats()
         return s
 
     def remove(self) -> None:
@@ -89,6 +92,8 @@ class PatchHandle:
         self._saved.clear()
         if self.controller is not None:
             self.controller.clear()
+        if self.attention_cache is not None:
+            self.attention_cache.clear()
         if _handles.get(self.model) is self:
             del _handles[self.model]
         self.removed = True
@@ -149,26 +154,37 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
 
 
 def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,
-                linear_attention_check: int = 1, **options):
+                linear_attention_check: int = 1, attention_cache=False, **options):
     from ..cache import StepCacheController
+    from . import attncache
     from .linattn import LinearAttentionSwap, parse_option
 
     inner = model.forward
     adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
     controller = StepCacheController(**options)  # validates the options before anything is changed
     fmap = parse_option(linear_attention)
+    ac = attncache.parse_option(attention_cache)
+    if fmap and ac:
+        raise ValueError("attention_cache, linear_attention: both replace the model's softmax attention; "
+                         "choose one")
     swap = LinearAttentionSwap(fmap, linear_attention_check) if fmap else None
+    cache = attncache.AttentionCache(ac, epoch_fn=controller.epoch) if ac else None
     handle.adapter, handle.controller, handle.linear_attention = adapter, controller, swap
+    handle.attention_cache = cache
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
         call = adapter.bind(args, kwargs)
-        if swap is None:
-            out = controller(call)
-        else:
+        if swap is not None:
             with swap.mode():
                 out = controller(call)
             swap.after_forward()
+        elif cache is not None:
+            with cache.mode(call.t) as m:
+                out = controller(call)
+            cache.after_forward(m)
+        else:
+            out = controller(call)
         return adapter.pack(out, kwargs)
 
     handle._set_forward(model, forward)
@@ -185,6 +201,11 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     model's softmax ``F.scaled_dot_product_attention`` calls by :func:`jetdet.ops.linear_attention`; during the
     first ``linear_attention_check`` forwards (default 1) each replaced call is also computed exactly and the
     relative error is recorded in ``stats()["linear_attention"]`` and printed once (:mod:`jetdet.patch.linattn`).
+    ``attention_cache`` (opt-in, **approximate**: ``True`` or a dict with ``mass``, ``block_size``, ``pool_size``,
+    ``refresh``, ``check``, ``max_sites``) computes attention block masks at refresh steps and runs the
+    attention calls in between as block-sparse attention over them, one mask for all rows and both CFG
+    branches; its counters and measured error are in ``stats()["attention_cache"]``
+    (:mod:`jetdet.patch.attncache`).
     """
     _check_model(model)
     if mode not in MODES:
