@@ -103,3 +103,49 @@ def test_bundled_model_every_attention_replaced_and_error_is_large():
     assert not torch.equal(out, ref)
     with torch.no_grad():
         assert torch.equal(model(x, t, y), ref)
+
+
+def test_kv_state_reused_across_steps_and_cfg_forwards_then_refreshed():
+    """linear_attention_state_refresh=2: the K/V state of step 0 serves the queries of step 1 (and the second
+    forward of each step), step 2 recomputes. Replayed by hand with the public op."""
+    m = OneAttention().eval()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 16, 8, generator=g) for _ in range(6)]
+    ts = [0.9, 0.9, 0.8, 0.8, 0.7, 0.7]  # two forwards (cond, uncond) per timestep
+    handle = jetdet.patch(m, mode="fast", budget=0.0, linear_attention="relu", linear_attention_state_refresh=2,
+                          linear_attention_check=0)
+    with torch.no_grad():
+        outs = [m(x, torch.full((2,), t)) for x, t in zip(xs, ts)]
+    st = handle.stats()["linear_attention"]
+    handle.remove()
+    assert (st["states_computed"], st["states_reused"]) == (2, 4)
+    la = jetdet.ops.linear_attention
+    state = None
+    for i, (x, t) in enumerate(zip(xs, ts)):
+        q, k, v = m.qkv(x)
+        if i in (0, 4):  # the first forward of steps 0 and 2 builds the state
+            want, state = la(q, k, v, feature_map="relu", return_state=True)
+        else:
+            want = la(q, None, None, feature_map="relu", state=state)
+        assert torch.allclose(outs[i], want[:, 0] + t, atol=1e-6), i
+    # negative control: without reuse the later forwards see their own keys, and differ
+    with torch.no_grad():
+        assert not torch.allclose(outs[1], la(*m.qkv(xs[1]), feature_map="relu")[:, 0] + ts[1], atol=1e-4)
+
+
+def test_kv_state_not_reused_across_batch_sizes_or_trajectories():
+    m = OneAttention().eval()
+    g = torch.Generator().manual_seed(4)
+    handle = jetdet.patch(m, mode="fast", budget=0.0, linear_attention="relu", linear_attention_state_refresh=5,
+                          linear_attention_check=0)
+    with torch.no_grad():
+        m(torch.randn(2, 16, 8, generator=g), torch.full((2,), 0.9))
+        m(torch.randn(3, 16, 8, generator=g), torch.full((3,), 0.8))  # other batch size: recomputed
+        m(torch.randn(3, 16, 8, generator=g), torch.full((3,), 0.7))  # reused
+        m(torch.randn(3, 16, 8, generator=g), torch.full((3,), 0.95))  # t went up: new trajectory
+    st = handle.stats()["linear_attention"]
+    handle.remove()
+    assert (st["states_computed"], st["states_reused"]) == (3, 1)
+    with pytest.raises(ValueError, match="linear_attention_state_refresh"):
+        jetdet.patch(m, mode="fast", linear_attention=True, linear_attention_state_refresh=0)
+    assert "forward" not in m.__dict__

@@ -94,6 +94,8 @@ class PatchHandle:
             self.controller.clear()
         if self.attention_cache is not None:
             self.attention_cache.clear()
+        if self.linear_attention is not None:
+            self.linear_attention.clear()
         if _handles.get(self.model) is self:
             del _handles[self.model]
         self.removed = True
@@ -154,7 +156,8 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
 
 
 def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,
-                linear_attention_check: int = 1, attention_cache=False, **options):
+                linear_attention_check: int = 1, linear_attention_state_refresh: int = 1, attention_cache=False,
+                **options):
     from ..cache import StepCacheController
     from . import attncache
     from .linattn import LinearAttentionSwap, parse_option
@@ -167,7 +170,8 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     if fmap and ac:
         raise ValueError("attention_cache, linear_attention: both replace the model's softmax attention; "
                          "choose one")
-    swap = LinearAttentionSwap(fmap, linear_attention_check) if fmap else None
+    swap = LinearAttentionSwap(fmap, linear_attention_check, linear_attention_state_refresh,
+                               epoch_fn=controller.epoch) if fmap else None
     cache = attncache.AttentionCache(ac, epoch_fn=controller.epoch) if ac else None
     handle.adapter, handle.controller, handle.linear_attention = adapter, controller, swap
     handle.attention_cache = cache
@@ -176,7 +180,7 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     def forward(*args, **kwargs):
         call = adapter.bind(args, kwargs)
         if swap is not None:
-            with swap.mode():
+            with swap.mode(call.t):
                 out = controller(call)
             swap.after_forward()
         elif cache is not None:
@@ -200,7 +204,8 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     ``linear_attention`` (opt-in, **approximate**: ``True``/``"relu"``, ``"elu1"`` or ``"identity"``) replaces the
     model's softmax ``F.scaled_dot_product_attention`` calls by :func:`jetdet.ops.linear_attention`; during the
     first ``linear_attention_check`` forwards (default 1) each replaced call is also computed exactly and the
-    relative error is recorded in ``stats()["linear_attention"]`` and printed once (:mod:`jetdet.patch.linattn`).
+    relative error is recorded in ``stats()["linear_attention"]`` and printed once (:mod:`jetdet.patch.linattn`);
+    ``linear_attention_state_refresh`` (default 1: off) reuses each call's K/V state for that many timesteps.
     ``attention_cache`` (opt-in, **approximate**: ``True`` or a dict with ``mass``, ``block_size``, ``pool_size``,
     ``refresh``, ``check``, ``max_sites``) computes attention block masks at refresh steps and runs the
     attention calls in between as block-sparse attention over them, one mask for all rows and both CFG

@@ -11,8 +11,8 @@ model's ``F.scaled_dot_product_attention`` calls while the patched forward runs:
   :func:`jetdet.ops.block_sparse_attention` over the cached mask, whose work is proportional to the mask's
   density. Attention calls are told apart by their order within a forward and their shapes; a step is a
   distinct timestep, so both forwards of a separate-CFG step count as one.
-* Masks are dropped when the step cache resets (a new trajectory, a shape or model change) and on
-  ``handle.stats()``-visible evictions; at most ``max_sites`` masks are kept.
+* Masks are dropped when the step cache resets (a new trajectory, a shape or model change, an eviction) and
+  when the timestep goes up (a new trajectory, also with ``budget=0``); at most ``max_sites`` masks are kept.
 
 Dropping blocks is an **approximation** of softmax attention (``mass=1.0`` keeps every block and is exact up
 to rounding), so it is never on by default, and during the first ``check`` reused forwards each reused call
@@ -78,6 +78,7 @@ class AttentionCache:
         self._epoch = None
         self._masks: dict[tuple, tuple] = {}  # site key -> (BlockMask shared by the batch, step index)
         self._step_t = None
+        self._prev_t = None
         self._step = -1
         self._site = 0
         self.forwards = 0
@@ -112,6 +113,9 @@ class AttentionCache:
         if step_t is None or step_t != self._step_t:
             self._step += 1
             self._step_t = step_t
+        if step_t is not None and self._prev_t is not None and step_t > self._prev_t:
+            self._masks.clear()  # the timestep went up: a new trajectory (the step cache's own rule)
+        self._prev_t = step_t
         self._site = 0
         checking = self._checked_forwards < self.s["check"]
         return _CacheMode(self, checking)

@@ -41,19 +41,44 @@ def parse_option(value):
 
 
 class LinearAttentionSwap:
-    """State of the swap for one patched model: the feature map, the error check and the counters."""
+    """State of the swap for one patched model: the feature map, the error check, the cached K/V states and
+    the counters.
 
-    def __init__(self, feature_map: str, check_forwards: int = 1):
+    ``state_refresh`` > 1 keeps each attention call's K/V state (``φ(K)ᵀV`` and ``Σφ(K)``, per item and head)
+    and applies it to the new queries until it is ``state_refresh`` timesteps old, skipping the K/V pass; a
+    step is a distinct timestep, so with CFG as two forwards the second forward reuses the first one's state
+    (the other branch's keys: a further approximation). A state is reused only for a call with the same
+    batch size it was built from (rows are not matched up, so a compacted call recomputes), and all states are
+    dropped when the step cache resets."""
+
+    def __init__(self, feature_map: str, check_forwards: int = 1, state_refresh: int = 1, epoch_fn=None):
         if isinstance(check_forwards, bool) or not isinstance(check_forwards, int) or check_forwards < 0:
             raise ValueError(f"linear_attention_check: expected an int >= 0 (forwards whose attention calls are "
                              f"also computed exactly to measure the error), got {check_forwards!r}")
+        if isinstance(state_refresh, bool) or not isinstance(state_refresh, int) or state_refresh < 1:
+            raise ValueError(f"linear_attention_state_refresh: expected an int >= 1 (timesteps a cached K/V "
+                             f"state is reused for; 1 = never reused), got {state_refresh!r}")
         self.feature_map = feature_map
         self.check_forwards = check_forwards
+        self.state_refresh = state_refresh
+        self._epoch_fn = epoch_fn or (lambda: 0)
+        self._epoch = None
+        self._states: dict[tuple, tuple] = {}  # site key -> (LinearAttentionState, step index)
+        self._step = -1
+        self._step_t = None
+        self._prev_t = None
+        self._site = 0
         self.forwards = 0
         self.replaced = 0
+        self.states_computed = 0
+        self.states_reused = 0
         self.left_exact: dict[str, int] = {}
         self.errors: list[float] = []
         self._warned = False
+
+    def clear(self) -> None:
+        self._states.clear()
+        self._step_t = None
 
     def stats(self) -> dict:
         errs = self.errors
@@ -61,11 +86,45 @@ class LinearAttentionSwap:
             "feature_map": self.feature_map, "approximate": True, "forwards": self.forwards,
             "replaced": self.replaced, "left_exact": dict(self.left_exact), "checked": len(errs),
             "rel_err_mean": sum(errs) / len(errs) if errs else None, "rel_err_max": max(errs) if errs else None,
+            "state_refresh": self.state_refresh, "states_computed": self.states_computed,
+            "states_reused": self.states_reused,
         }
 
-    def mode(self) -> _SwapMode:
+    def mode(self, t=None) -> _SwapMode:
         self.forwards += 1
+        if self.state_refresh > 1:
+            step_t = float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else None  # one host sync
+            if step_t is None or step_t != self._step_t:
+                self._step += 1
+                self._step_t = step_t
+            if step_t is not None and self._prev_t is not None and step_t > self._prev_t:
+                self._states.clear()  # the timestep went up: a new trajectory (the step cache's own rule)
+            self._prev_t = step_t
+            e = self._epoch_fn()
+            if e != self._epoch:
+                self._epoch = e
+                self._states.clear()
+        self._site = 0
         return _SwapMode(self, checking=self.forwards <= self.check_forwards)
+
+    def attend(self, q4, k4, v4):
+        """Linear attention for one call, through the cached K/V state when one is fresh enough."""
+        from ..ops import linear_attention
+
+        fmap = self.feature_map
+        if self.state_refresh == 1:
+            self.states_computed += 1
+            return linear_attention(q4, k4, v4, feature_map=fmap)
+        key = (self._site, *q4.shape[1:], *k4.shape[1:], v4.shape[-1], q4.dtype, q4.device)
+        self._site += 1
+        ent = self._states.get(key)
+        if ent is not None and ent[0].kv.shape[0] == q4.shape[0] and self._step - ent[1] < self.state_refresh:
+            self.states_reused += 1
+            return linear_attention(q4, None, None, feature_map=fmap, state=ent[0])
+        out, st = linear_attention(q4, k4, v4, feature_map=fmap, return_state=True)
+        self._states[key] = (st, self._step)
+        self.states_computed += 1
+        return out
 
     def after_forward(self) -> None:
         if self.errors and not self._warned:
@@ -110,13 +169,10 @@ class _SwapMode(TorchFunctionMode):
         if why:
             self.swap.left_exact[why] = self.swap.left_exact.get(why, 0) + 1
             return func(*args, **kwargs)
-        from ..ops import linear_attention
-
         q, k, v = qkv
         lead = q.shape[:-2]
         q4, k4, v4 = (t.reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v))
-        out = linear_attention(q4, k4, v4, feature_map=self.swap.feature_map)
-        out = out.reshape(*lead, q.shape[-2], v.shape[-1])
+        out = self.swap.attend(q4, k4, v4).reshape(*lead, q.shape[-2], v.shape[-1])
         self.swap.replaced += 1
         if self.checking:
             exact = func(*args, **kwargs).float()
