@@ -107,7 +107,8 @@ from jetdet.models import bundled, sampling  # noqa: E402
 #: Peer families, in table order.
 PEER_FAMILIES = ("FirstBlockCache", "TaylorSeer", "MagCache", "SeaCache", "FasterCache", "PyramidAttentionBroadcast")
 #: jetdet error budgets measured by default (0 = never skip: the patch's own overhead).
-DEFAULT_BUDGETS = (0.0, 0.02, 0.03, 0.04, 0.045, 0.05, 0.06, 0.07, 0.085, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4)
+DEFAULT_BUDGETS = (0.0, 0.02, 0.025, 0.03, 0.04, 0.045, 0.05, 0.06, 0.07, 0.085, 0.1, 0.12, 0.13, 0.14, 0.15, 0.2,
+                   0.21, 0.22, 0.25, 0.3, 0.32, 0.35, 0.4)
 PSNR_CAP = 100.0
 
 
@@ -850,6 +851,34 @@ def format_header(res) -> str:
             f"load average {e['loadavg']} at the start")
 
 
+def format_readme(res) -> str:
+    """The two tables the README quotes: jetdet's curve against full compute, and the matched-PSNR table."""
+    full = next(r for r in res["rows"] if r["family"] == "full")
+    lines = ["| method | calls | fewer calls | wall ms | speedup | PSNR mean / min dB | acc % |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in [full] + [r for r in res["rows"] if r["family"] == "jetdet" and "calls" in r]:
+        name = "full" if r is full else f"jetdet {r['setting']}"
+        acc = None if r["accuracy"] is None else 100 * r["accuracy"]
+        lines.append(f"| {name} | {r['calls']:.1f} | {_f(r['reduction'])}x | {r['wall_ms']:.0f} | "
+                     f"{_f(r['speedup'])}x | {_f(r['psnr_mean'])} / {_f(r['psnr_min'])} | {_f(acc, '{:.1f}')} |")
+    lines += ["", "| peer setting | peer PSNR | peer calls / wall ms | jetdet match | jetdet PSNR | "
+              "jetdet calls / wall ms | fewer calls | less wall |", "|---|---:|---:|---|---:|---:|---|---|"]
+    for m in res["matched"]:
+        if m.get("peer_error"):
+            lines.append(f"| {m['peer']} | error: {str(m['peer_error'])[:60]} | | | | | | |")
+            continue
+        head = f"| {m['peer']} | {_f(m['peer_psnr'])} | {m['peer_calls']:.1f} / {m['peer_wall_ms']:.0f} |"
+        if m.get("peer_saves_nothing"):
+            lines.append(head + " (saves nothing) | | | | |")
+        elif not m.get("jetdet"):
+            lines.append(head + f" {m['why']} | | | | |")
+        else:
+            lines.append(head + f" {m['jetdet']} | {_f(m['jetdet_psnr'])} | {m['jetdet_calls']:.1f} / "
+                         f"{m['jetdet_wall_ms']:.0f} | {'yes' if m['fewer_calls'] else '**no**'} | "
+                         f"{'yes' if m['less_wall'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(res, command: str) -> str:
     return "\n\n".join([
         f"## Peers side by side: {format_header(res)}", f"`{command}`", format_table(res),
@@ -879,6 +908,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=1, help="timed passes over all samples (wall: median of all)")
     ap.add_argument("--json", default=None, help="write the full result as JSON here")
     ap.add_argument("--markdown", default=None, help="write the tables as a markdown section here")
+    ap.add_argument("--readme", default=None, help="write the README's two condensed tables here")
     args = ap.parse_args(argv)
     opts = {}
     for kv in args.jetdet_option:
@@ -907,6 +937,10 @@ def main(argv=None) -> dict:
             f.write(format_markdown(res, " ".join(["python bench/peers.py", *(argv if argv is not None else
                                                                                  sys.argv[1:])])))
         print(f"wrote {args.markdown}")
+    if args.readme:
+        with open(args.readme, "w") as f:
+            f.write(format_readme(res))
+        print(f"wrote {args.readme}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)
