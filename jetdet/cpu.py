@@ -88,6 +88,8 @@ def _scratch_buffer(tag: str, shape: tuple, like: torch.Tensor, zero: bool = Fal
     if buf is None:
         make = torch.zeros if zero else torch.empty
         buf = make(shape, dtype=torch.float32, device=like.device)
+        if buf.numel() * 4 > SCRATCH_BYTES:  # too big to keep: a fresh buffer each call, nothing held
+            return buf
         total = sum(b.numel() for b in bufs.values()) * 4 + buf.numel() * 4
         while bufs and total > SCRATCH_BYTES:
             total -= bufs.pop(next(iter(bufs))).numel() * 4
@@ -215,7 +217,7 @@ def conv2d(x, w, bias, stride, padding):
     if (kh, kw, sh, sw) == (1, 1, 1, 1) and lp == ll:
         cols = xp.view(bsz, c, ll)
     else:  # columns ll..lp of this buffer stay zero as well
-        cols = _scratch_buffer("conv.cols", (bsz, k, lp), x, zero=True)
+        cols = _scratch_buffer(f"conv.cols{ll}", (bsz, k, lp), x, zero=True)
         cols[:, :, :ll].view(bsz, c, kh, kw, ho, wo).copy_(
             xp.as_strided((bsz, c, kh, kw, ho, wo), (c * hp * wp, hp * wp, wp, 1, sh * wp, sw))
         )

@@ -92,3 +92,14 @@ def test_short_gemms_match_rows_of_long_ones(restore_threads):
                 if not torch.equal(cpu.mm_f32(a[s : s + m], b, bias), ref[s : s + m]):
                     bad.append((k, n, th, m, s))
     assert not bad, bad
+
+
+def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
+    """A scratch buffer larger than SCRATCH_BYTES is allocated per call and not held; results are unchanged."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 6, 13, 11, generator=g), torch.randn(9, 6, 3, 3, generator=g)
+    ref = ops.conv2d(x, w, padding=1)
+    monkeypatch.setattr(cpu, "SCRATCH_BYTES", 1024)
+    cpu._scratch.bufs = {}
+    assert torch.equal(ops.conv2d(x, w, padding=1), ref)
+    assert all(b.numel() * 4 <= 1024 for b in cpu._scratch.bufs.values())
