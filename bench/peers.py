@@ -107,8 +107,8 @@ from jetdet.models import bundled, sampling  # noqa: E402
 #: Peer families, in table order.
 PEER_FAMILIES = ("FirstBlockCache", "TaylorSeer", "MagCache", "SeaCache", "FasterCache", "PyramidAttentionBroadcast")
 #: jetdet error budgets measured by default (0 = never skip: the patch's own overhead).
-DEFAULT_BUDGETS = (0.0, 0.02, 0.025, 0.026, 0.03, 0.04, 0.045, 0.05, 0.06, 0.07, 0.085, 0.1, 0.12, 0.13, 0.14, 0.15, 0.2,
-                   0.21, 0.22, 0.25, 0.3, 0.32, 0.35, 0.4)
+DEFAULT_BUDGETS = (0.0, 0.02, 0.025, 0.026, 0.03, 0.04, 0.045, 0.05, 0.06, 0.07, 0.085, 0.1, 0.12, 0.13, 0.14,
+                   0.15, 0.2, 0.21, 0.22, 0.25, 0.3, 0.32, 0.35, 0.4)
 PSNR_CAP = 100.0
 
 
