@@ -27,14 +27,12 @@ sizes of the bundled model; ``bench/attention_cache.py`` measures both the error
 
 from __future__ import annotations
 
-import math
 import warnings
 
-import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..mode import _arg
+from ._sdpa import StepClock, rel_l2, sdpa_qkv
 
 DEFAULTS = {"mass": 0.95, "block_size": 64, "pool_size": None, "refresh": 3, "check": 1, "max_sites": 256}
 
@@ -74,13 +72,8 @@ class AttentionCache:
 
     def __init__(self, settings: dict, epoch_fn=None):
         self.s = settings
-        self._epoch_fn = epoch_fn or (lambda: 0)
-        self._epoch = None
+        self._clock = StepClock(epoch_fn)
         self._masks: dict[tuple, tuple] = {}  # site key -> (BlockMask shared by the batch, step index)
-        self._step_t = None
-        self._prev_t = None
-        self._step = -1
-        self._site = 0
         self.forwards = 0
         self.refreshed = 0
         self.reused = 0
@@ -93,7 +86,7 @@ class AttentionCache:
 
     def clear(self) -> None:
         self._masks.clear()
-        self._step_t = None
+        self._clock.forget_step()
 
     def stats(self) -> dict:
         errs = self.errors
@@ -106,17 +99,11 @@ class AttentionCache:
             "rel_err_max": max(errs) if errs else None,
         }
 
-    def mode(self, t: torch.Tensor) -> _CacheMode:
+    def mode(self, t) -> _CacheMode:
         """The interception for one patched forward at timestep(s) ``t`` (one host sync to read it)."""
         self.forwards += 1
-        step_t = float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else None
-        if step_t is None or step_t != self._step_t:
-            self._step += 1
-            self._step_t = step_t
-        if step_t is not None and self._prev_t is not None and step_t > self._prev_t:
-            self._masks.clear()  # the timestep went up: a new trajectory (the step cache's own rule)
-        self._prev_t = step_t
-        self._site = 0
+        if self._clock.begin(t):
+            self._masks.clear()  # the timestep went up: a new trajectory
         checking = self._checked_forwards < self.s["check"]
         return _CacheMode(self, checking)
 
@@ -132,12 +119,6 @@ class AttentionCache:
                 f"{s['rel_err_mean']:.4f}, max {s['rel_err_max']:.4f} over {s['checked']} calls", stacklevel=3)
 
     # -------------------------------------------------------------------------------------- per call
-    def _sync_epoch(self) -> None:
-        e = self._epoch_fn()
-        if e != self._epoch:
-            self._epoch = e
-            self._masks.clear()
-
     def attend(self, func, args, kwargs, mode: _CacheMode):
         why, qkv = _why_not(args, kwargs)
         if why:
@@ -145,19 +126,20 @@ class AttentionCache:
             return func(*args, **kwargs)
         from ..ops import attention_block_mask, block_mask_from_bool, block_sparse_attention, block_sparse_work
 
-        self._sync_epoch()
+        if self._clock.epoch_changed():
+            self._masks.clear()
         q, k, v = qkv
-        key = (self._site, *q.shape[1:], k.shape[2], v.shape[3], q.dtype, q.device)
-        self._site += 1
+        key = (self._clock.site(), *q.shape[1:], k.shape[2], v.shape[3], q.dtype, q.device)
+        step = self._clock.step
         bs = self.s["block_size"]
         ent = self._masks.get(key)
-        if ent is None or self._step - ent[1] >= self.s["refresh"]:
+        if ent is None or step - ent[1] >= self.s["refresh"]:
             out = func(*args, **kwargs)
             bm = attention_block_mask(q, k, bs, self.s["mass"], pool_size=self.s["pool_size"])
             shared = block_mask_from_bool(bm.mask.any(dim=0, keepdim=True), bs)
             if key not in self._masks and len(self._masks) >= self.s["max_sites"]:
                 self._masks.pop(next(iter(self._masks)))
-            self._masks[key] = (shared, self._step)
+            self._masks[key] = (shared, step)
             self.refreshed += 1
             return out
         bm = ent[0]
@@ -169,23 +151,15 @@ class AttentionCache:
         self.reused += 1
         mode.reused_here = True
         if mode.checking:
-            exact = func(*args, **kwargs).float()
-            num = (out.float() - exact).norm().item()
-            den = exact.norm().item()
-            self.errors.append(num / den if den > 0 else (0.0 if num == 0 else math.inf))
+            self.errors.append(rel_l2(out, func(*args, **kwargs)))
         return out
 
 
 def _why_not(args, kwargs):
-    q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        return "non-tensor inputs", None
-    if _arg(args, kwargs, 3, "attn_mask") is not None:
-        return "attn_mask", None
-    if _arg(args, kwargs, 4, "dropout_p", 0.0):
-        return "dropout_p", None
-    if _arg(args, kwargs, 5, "is_causal", False):
-        return "is_causal", None
+    why, qkv = sdpa_qkv(args, kwargs)
+    if why:
+        return why, None
+    q, k, v = qkv
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
         return "not [B, H, N, D] with matching heads", None
     if q.shape[-1] != k.shape[-1] or q.shape[-1] > 128 or v.shape[-1] > 128:

@@ -17,14 +17,12 @@ The softmax ``scale`` has no counterpart in linear attention and is ignored.
 
 from __future__ import annotations
 
-import math
 import warnings
 
-import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..mode import _arg
+from ._sdpa import StepClock, rel_l2, sdpa_qkv
 
 FEATURE_MAPS = ("relu", "elu1", "identity")
 
@@ -61,13 +59,8 @@ class LinearAttentionSwap:
         self.feature_map = feature_map
         self.check_forwards = check_forwards
         self.state_refresh = state_refresh
-        self._epoch_fn = epoch_fn or (lambda: 0)
-        self._epoch = None
+        self._clock = StepClock(epoch_fn)
         self._states: dict[tuple, tuple] = {}  # site key -> (LinearAttentionState, step index)
-        self._step = -1
-        self._step_t = None
-        self._prev_t = None
-        self._site = 0
         self.forwards = 0
         self.replaced = 0
         self.states_computed = 0
@@ -78,7 +71,7 @@ class LinearAttentionSwap:
 
     def clear(self) -> None:
         self._states.clear()
-        self._step_t = None
+        self._clock.forget_step()
 
     def stats(self) -> dict:
         errs = self.errors
@@ -92,19 +85,8 @@ class LinearAttentionSwap:
 
     def mode(self, t=None) -> _SwapMode:
         self.forwards += 1
-        if self.state_refresh > 1:
-            step_t = float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else None  # one host sync
-            if step_t is None or step_t != self._step_t:
-                self._step += 1
-                self._step_t = step_t
-            if step_t is not None and self._prev_t is not None and step_t > self._prev_t:
-                self._states.clear()  # the timestep went up: a new trajectory (the step cache's own rule)
-            self._prev_t = step_t
-            e = self._epoch_fn()
-            if e != self._epoch:
-                self._epoch = e
-                self._states.clear()
-        self._site = 0
+        if self.state_refresh > 1 and self._clock.begin(t):  # one host sync, only when states are kept
+            self._states.clear()  # the timestep went up: a new trajectory
         return _SwapMode(self, checking=self.forwards <= self.check_forwards)
 
     def attend(self, q4, k4, v4):
@@ -115,14 +97,16 @@ class LinearAttentionSwap:
         if self.state_refresh == 1:
             self.states_computed += 1
             return linear_attention(q4, k4, v4, feature_map=fmap)
-        key = (self._site, *q4.shape[1:], *k4.shape[1:], v4.shape[-1], q4.dtype, q4.device)
-        self._site += 1
+        if self._clock.epoch_changed():  # the step cache reset (asked after it decided this call)
+            self._states.clear()
+        key = (self._clock.site(), *q4.shape[1:], *k4.shape[1:], v4.shape[-1], q4.dtype, q4.device)
+        step = self._clock.step
         ent = self._states.get(key)
-        if ent is not None and ent[0].kv.shape[0] == q4.shape[0] and self._step - ent[1] < self.state_refresh:
+        if ent is not None and ent[0].kv.shape[0] == q4.shape[0] and step - ent[1] < self.state_refresh:
             self.states_reused += 1
             return linear_attention(q4, None, None, feature_map=fmap, state=ent[0])
         out, st = linear_attention(q4, k4, v4, feature_map=fmap, return_state=True)
-        self._states[key] = (st, self._step)
+        self._states[key] = (st, step)
         self.states_computed += 1
         return out
 
@@ -137,15 +121,10 @@ class LinearAttentionSwap:
 
 
 def _why_not(args, kwargs):
-    q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        return "non-tensor inputs", None
-    if _arg(args, kwargs, 3, "attn_mask") is not None:
-        return "attn_mask", None
-    if _arg(args, kwargs, 4, "dropout_p", 0.0):
-        return "dropout_p", None
-    if _arg(args, kwargs, 5, "is_causal", False):
-        return "is_causal", None
+    why, qkv = sdpa_qkv(args, kwargs)
+    if why:
+        return why, None
+    q, k, v = qkv
     if kwargs.get("enable_gqa", False) and k.shape[-3] != q.shape[-3]:
         return "grouped-query attention", None
     if q.dim() < 3 or q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1]:
@@ -175,8 +154,5 @@ class _SwapMode(TorchFunctionMode):
         out = self.swap.attend(q4, k4, v4).reshape(*lead, q.shape[-2], v.shape[-1])
         self.swap.replaced += 1
         if self.checking:
-            exact = func(*args, **kwargs).float()
-            num = (out.float() - exact).norm().item()
-            den = exact.norm().item()
-            self.swap.errors.append(num / den if den > 0 else (0.0 if num == 0 else math.inf))
+            self.swap.errors.append(rel_l2(out, func(*args, **kwargs)))
         return out
