@@ -31,6 +31,14 @@ def torch_backend(monkeypatch):
     yield
 
 
+@pytest.fixture
+def restore_threads():
+    """For tests that change torch's thread count: it is put back afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

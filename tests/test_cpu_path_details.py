@@ -3,19 +3,11 @@ scratch buffers never leaking into results, the per-item choice in attention, an
 
 import random
 
-import pytest
 import torch
 
 import jetdet
 from jetdet import cpu, ops
 from jetdet.ops import core
-
-
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _all_ops(g):

@@ -4,17 +4,9 @@ mm without N padding 10 of 150 shapes: the sweep is what caught both.)"""
 
 import random
 
-import pytest
 import torch
 
 from jetdet import cpu
-
-
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def test_mm_sweep(restore_threads):

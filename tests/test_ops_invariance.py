@@ -17,13 +17,6 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _check_invariant(name, threads):
     make, call, _ = CASES[name]
     items, shared = make(8, torch.float32)
