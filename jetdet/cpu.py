@@ -40,6 +40,10 @@ def _f32(t):
     return t if t is None or t.dtype == torch.float32 else t.to(torch.float32)
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def _pad_cols(b: torch.Tensor) -> torch.Tensor:
     pad = (-b.shape[-1]) % COL_PAD
     return F.pad(b, (0, pad)).contiguous() if pad else b.contiguous()
@@ -105,7 +109,7 @@ def _tiled_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     g, m, k = a.shape
     np_ = b.shape[2]
-    mp = -(-m // ROW_TILE) * ROW_TILE
+    mp = _round_up(m, ROW_TILE)
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     t = mp // ROW_TILE
     bb = b.unsqueeze(1).expand(g, t, k, np_).reshape(g * t, k, np_)
@@ -127,23 +131,19 @@ def _mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
     if not rest:
         return full, 0, ROW_TILE
     if k * TAIL_TILE * np_ >= 800:
-        return full, -(-rest // TAIL_TILE) * TAIL_TILE, TAIL_TILE
+        return full, _round_up(rest, TAIL_TILE), TAIL_TILE
     return full, ROW_TILE, ROW_TILE
 
 
-def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scratch: bool = False):
-    """[M, K] @ [K, N] (+ bias) as a [Mp, Np] buffer (both padded); the caller slices [:M, :N].
-    ``scratch``: the buffer is a reused scratch buffer, which the caller must copy out of."""
+def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
+    """[M, K] @ [K, N] (+ bias) as a fresh [Mp, Np] tensor (both padded); the caller slices [:M, :N]."""
     bp = _cached_pack(b, "mm", lambda: _pad_cols(b.to(torch.float32)))
     m, k = a.shape
     np_ = bp.shape[1]
     full, tail, h = _mm_rows(m, k, np_)
     mp = full + tail
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
-    if scratch:
-        out = _scratch_buffer("mm", (mp, np_), a)
-    else:
-        out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
+    out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
     if not (full and tail):  # one tile height: one bmm, no slicing (each slice costs ~1 us of Python)
         h = h if tail else ROW_TILE
         t = mp // h
@@ -190,10 +190,6 @@ def bmm(a, b):
     return bmm_f32(_f32(a), _f32(b)).to(a.dtype)
 
 
-def _pad16(n: int) -> int:
-    return -(-n // COL_PAD) * COL_PAD
-
-
 def conv2d(x, w, bias, stride, padding):
     """Per item: ``out[b] = W [O, C*kh*kw] @ cols[b] [C*kh*kw, Ho*Wo]``, one batched GEMM of identical
     problems, one per item, so an item's result cannot depend on the batch. ``cols`` is one strided gather
@@ -209,7 +205,7 @@ def conv2d(x, w, bias, stride, padding):
     wo = (wd + 2 * pw - kw) // sw + 1
     hp, wp = h + 2 * ph, wd + 2 * pw
     k, ll = c * kh * kw, ho * wo
-    op, lp = -(-o // 8) * 8, _pad16(ll)
+    op, lp = _round_up(o, 8), _round_up(ll, COL_PAD)
     if ph or pw:  # the border of this buffer is zero from its creation and never written
         xp = _scratch_buffer(f"conv.pad{ph},{pw}", (bsz, c, hp, wp), x, zero=True)
         xp[:, :, ph : ph + h, pw : pw + wd].copy_(x)
