@@ -67,9 +67,6 @@ def _run(op, *args):
             return op(*args)  # autograd then sees one opaque op (jetdet ops have no backward formula)
     if torch.compiler.is_compiling():
         return op(*args)
-    # CPU tensors with the default backend: the CPU body directly, without the op's own device dispatch.
-    cpu_body = args[0].device.type == "cpu" and (not backend.overridden() or backend.requested() == "torch")
-    body = _CPU_BODY.get(op) if cpu_body else None
     # The body's own torch calls must not meet the deterministic-mode router (a patched layer calls jetdet.ops
     # directly while the router is on the stack): they are already the batch-invariant implementation.
     # Under torch.use_deterministic_algorithms (which deterministic mode turns on) every new tensor is first
@@ -81,7 +78,7 @@ def _run(op, *args):
         _set_fill(False)
     try:
         with torch._C.DisableTorchFunction():
-            return body(*args) if body is not None else op._init_fn(*args)
+            return op._init_fn(*args)
     finally:
         if fill:
             _set_fill(True)
@@ -488,17 +485,3 @@ def mean(input, dim=None, keepdim=False) -> torch.Tensor:  # noqa: A001 - mirror
     """Mean over ``dim`` (default: every dim but the batch dim 0), fp32 accumulation in a fixed order."""
     return _reduce(_mean_op, input, dim, keepdim)
 
-
-# The CPU body of each op, for _run's eager fast path (the same functions the op bodies pick on CPU).
-_CPU_BODY = {
-    _mm_op: cpu.matmul,
-    _bmm_op: cpu.bmm,
-    _conv2d_op: lambda x, w, bias, stride, padding: cpu.conv2d(x, w, bias, tuple(stride), tuple(padding)),
-    _attention_op: cpu.attention,
-    _layer_norm_op: cpu.layer_norm,
-    _rms_norm_op: cpu.rms_norm,
-    _group_norm_op: cpu.group_norm,
-    _softmax_op: cpu.softmax,
-    _sum_op: cpu.sum_rows,
-    _mean_op: cpu.mean_rows,
-}
