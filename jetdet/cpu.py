@@ -144,22 +144,28 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     mp = full + tail
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
-    if not (full and tail):  # one tile height: one bmm, no slicing (each slice costs ~1 us of Python)
+    if bias is None:
+        def gemm(x, y, o):
+            torch.bmm(x, y, out=o)
+    else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
+        bp_bias = _cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
+
+        def gemm(x, y, o):
+            torch.baddbmm(bp_bias, x, y, out=o)
+    if not (full and tail):  # one tile height: one GEMM call, no slicing (each slice costs ~1 us of Python)
         h = h if tail else ROW_TILE
         t = mp // h
-        torch.bmm(a.view(t, h, k), bp.expand(t, k, np_), out=out.view(t, h, np_))
+        gemm(a.view(t, h, k), bp.expand(t, k, np_), out.view(t, h, np_))
     else:
         t = full // ROW_TILE
-        torch.bmm(a[:full].view(t, ROW_TILE, k), bp.expand(t, k, np_), out=out[:full].view(t, ROW_TILE, np_))
+        gemm(a[:full].view(t, ROW_TILE, k), bp.expand(t, k, np_), out[:full].view(t, ROW_TILE, np_))
         t = tail // h
-        torch.bmm(a[full:].view(t, h, k), bp.expand(t, k, np_), out=out[full:].view(t, h, np_))
-    if bias is not None:
-        out.add_(_cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0]))))
+        gemm(a[full:].view(t, h, k), bp.expand(t, k, np_), out[full:].view(t, h, np_))
     return out
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 [M, K] @ [K, N] (+ bias [N], added after the product) with row-tile invariance."""
+    """fp32 [M, K] @ [K, N] (+ bias [N], the GEMM's C operand) with row-tile invariance."""
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0 or k == 0:
@@ -221,9 +227,11 @@ def conv2d(x, w, bias, stride, padding):
     wm = _cached_pack(w, "conv", lambda: F.pad(_f32(w).reshape(o, k), (0, 0, 0, op - o)).contiguous())
     exact = op == o and lp == ll and x.dtype == torch.float32
     out = torch.empty((bsz, op, lp), device=x.device) if exact else _scratch_buffer("conv.out", (bsz, op, lp), x)
-    torch.bmm(wm.expand(bsz, op, k), cols, out=out)
-    if bias is not None:
-        out.add_(_cached_pack(bias, "conv.bias", lambda: F.pad(_f32(bias), (0, op - o))).view(1, op, 1))
+    if bias is None:
+        torch.bmm(wm.expand(bsz, op, k), cols, out=out)
+    else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
+        bcol = _cached_pack(bias, "conv.bias", lambda: F.pad(_f32(bias), (0, op - o)).view(op, 1))
+        torch.baddbmm(bcol, wm.expand(bsz, op, k), cols, out=out)
     if exact:
         return out.view(bsz, o, ho, wo)
     res = torch.empty((bsz, o, ho, wo), dtype=x.dtype, device=x.device)  # fresh: never a scratch alias

@@ -95,3 +95,59 @@ def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
     cpu._scratch.bufs = {}
     assert torch.equal(ops.conv2d(x, w, padding=1), ref)
     assert all(b.numel() * 4 <= 1024 for b in cpu._scratch.bufs.values())
+
+
+def _routed_calls(g, grad=False):
+    """The four calls the router sends straight to the CPU path, on shapes with tails (and batch 1)."""
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 7, 19, generator=g)
+    w = torch.randn(13, 19, generator=g, requires_grad=grad)
+    b = torch.randn(13, generator=g)
+    img = torch.randn(1, 6, 5, 9, generator=g)
+    gw, gb = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (17, 11, 11))
+    return [
+        (F.linear(x, w, b), ops.linear(x, w, b)),
+        (F.linear(x[0, 0], w), ops.linear(x[0, 0], w)),
+        (F.layer_norm(x, (19,), None, None, 1e-6), ops.layer_norm(x, (19,), None, None, 1e-6)),
+        (F.layer_norm(x, 19, gw.new_ones(19), None, 1e-6), ops.layer_norm(x, 19, gw.new_ones(19), None, 1e-6)),
+        (F.group_norm(img, 3, gw, gb), ops.group_norm(img, 3, gw, gb)),
+        (F.scaled_dot_product_attention(q, k, v), ops.attention(q, k, v)),
+        (F.scaled_dot_product_attention(q, k, v, scale=0.3), ops.attention(q, k, v, scale=0.3)),
+    ]
+
+
+def test_router_direct_cpu_route_equals_the_public_ops(monkeypatch):
+    """In deterministic mode, plain fp32 CPU calls of linear, layer_norm, group_norm and 4-D SDPA go straight
+    to the CPU path (jetdet.mode._direct_cpu). They must give bit for bit what the public ops give, and the
+    calls the direct route declines (autograd recording) must still be routed through the ops."""
+    import importlib
+
+    mode_mod = importlib.import_module("jetdet.mode")  # the module (jetdet.mode is the context manager)
+    taken = []
+    orig = mode_mod._body
+    monkeypatch.setattr(mode_mod, "_body", lambda fn, *a: taken.append(fn) or orig(fn, *a))
+    with jetdet.mode("deterministic"):
+        pairs = _routed_calls(torch.Generator().manual_seed(0))
+    assert len(taken) == len(pairs)
+    for i, (routed, public) in enumerate(pairs):
+        assert torch.equal(routed, public), i
+    taken.clear()
+    with jetdet.mode("deterministic"):
+        routed, public = _routed_calls(torch.Generator().manual_seed(0), grad=True)[0]
+    assert cpu.mm_f32 not in taken and torch.equal(routed.detach(), public.detach())
+
+
+def test_router_direct_cpu_route_keeps_clear_errors():
+    """Bad shapes are not taken by the direct route: they reach the public op and its argument checks."""
+    import pytest
+    import torch.nn.functional as F
+
+    with jetdet.mode("deterministic"):
+        with pytest.raises(ValueError, match="weight"):
+            F.linear(torch.randn(4, 8), torch.randn(3, 7))
+        with pytest.raises(ValueError, match="num_groups"):
+            F.group_norm(torch.randn(2, 6, 4, 4), 4)
+        with pytest.raises(ValueError, match="normalized_shape"):
+            F.layer_norm(torch.randn(2, 6), (5,))

@@ -75,16 +75,17 @@ def test_set_mode_and_back():
 
 
 def _det_call_count(monkeypatch):
-    from jetdet.ops import core
+    """Counts GEMMs run by the CPU path: both the router's direct CPU route and the public ops end there."""
+    from jetdet import cpu
 
     calls = []
-    orig = core._mm_op._init_fn
+    orig = cpu.mm_f32
 
     def spy(*a):
         calls.append(1)
         return orig(*a)
 
-    monkeypatch.setattr(core._mm_op, "_init_fn", spy)
+    monkeypatch.setattr(cpu, "mm_f32", spy)
     return calls
 
 
