@@ -1,0 +1,45 @@
+"""bench/schedule_ceiling.py samples with fixed skip schedules; its sampler must be the library's sampler when
+nothing is skipped (else its PSNR figures would measure a different trajectory), and must differ when a step is
+skipped (negative control)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jetdet.models import bundled, sampling
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ceiling():
+    spec = importlib.util.spec_from_file_location("jetdet_bench_ceiling", ROOT / "bench" / "schedule_ceiling.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not bundled.DIT_FILE.exists(), reason="bundled weights not shipped")
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_full_schedule_is_the_library_sampler(ceiling, sampler):
+    smp = ceiling.Sampler(seeds=[3], classes=[2], steps=5, cfg=4.0, sampler=sampler)
+    full = list(range(smp.evals))
+    ref = sampling.sample(smp.model, [2], steps=5, cfg=4.0, sampler=sampler, seed=3)
+    for fc in ceiling.FORECASTS:
+        assert torch.equal(smp.run(full, fc), ref), fc
+    assert smp.model_calls == len(ceiling.FORECASTS) * smp.evals
+    skipped = [e for e in full if e != 2]
+    for fc in ceiling.FORECASTS:
+        assert not torch.equal(smp.run(skipped, fc), ref), fc
+
+
+def test_power_schedule(ceiling):
+    for p in (1.0, 1.5, 2.0):
+        s = ceiling.power_schedule(30, 10, p)
+        assert s[:2] == [0, 1] and s == sorted(set(s)) and s[-1] == 29 and len(s) <= 10
+    assert ceiling.power_schedule(30, 10, 1.0, last=25)[-1] == 25
+    assert ceiling.power_schedule(30, 10, 1.0) == [0, 1, 2, 6, 10, 14, 17, 21, 25, 29]
