@@ -43,3 +43,19 @@ def test_power_schedule(ceiling):
         assert s[:2] == [0, 1] and s == sorted(set(s)) and s[-1] == 29 and len(s) <= 10
     assert ceiling.power_schedule(30, 10, 1.0, last=25)[-1] == 25
     assert ceiling.power_schedule(30, 10, 1.0) == [0, 1, 2, 6, 10, 14, 17, 21, 25, 29]
+
+
+def test_cpu_costs_script_runs(tmp_path):
+    """bench/cpu_costs.py (the README's piece-by-piece figures) runs end to end and writes every section."""
+    spec = importlib.util.spec_from_file_location("jetdet_bench_cpu_costs", ROOT / "bench" / "cpu_costs.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--repeats", "1", "--markdown", str(tmp_path / "c.md")])
+    finally:
+        torch.set_num_threads(threads)
+    text = (tmp_path / "c.md").read_text()
+    for head in ("### Convolutions", "### Linears", "### Router", "NaN fill", "all 14 convs", "all 19 linears"):
+        assert head in text, head

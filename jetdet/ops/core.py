@@ -71,8 +71,10 @@ def _run(op, *args):
     # directly while the router is on the stack): they are already the batch-invariant implementation.
     # Under torch.use_deterministic_algorithms (which deterministic mode turns on) every new tensor is first
     # filled with NaN (torch.utils.deterministic.fill_uninitialized_memory). The op bodies write every
-    # element they read back, so that fill only costs time: ~20% of a TinyUNet forward (measured). It is
-    # turned off for the body alone, by the thread that found it on, and turned back on afterwards.
+    # element they read back, so that fill only costs time. It is turned off for the body alone, by the thread
+    # that found it on, and turned back on afterwards. (It cost ~20% of a TinyUNet forward when every call
+    # allocated fresh im2col buffers; with the per-thread scratch buffers of jetdet.cpu it is within noise,
+    # as `python bench/cpu_costs.py` shows, and it stays off because it buys nothing.)
     fill = _get_fill()
     if fill:
         _set_fill(False)
