@@ -260,9 +260,10 @@ _set_fill = torch._C._set_deterministic_fill_uninitialized_memory
 
 def _direct_cpu(*ts) -> bool:
     """Whether a routed call can go straight to the CPU path (:mod:`jetdet.cpu`): plain fp32 CPU tensors, no
-    autograd to record, no JETDET_BACKEND override. It then skips the public op's layers (argument checks that
-    the caller has already made, the custom-op entry), ~20 us of Python per linear on this CPU, 5% of a
-    TinyDiT forward at 1 thread (measured in-process, interleaved). Anything else takes the full path."""
+    autograd to record, no JETDET_BACKEND override. The handler then checks the shapes it needs itself and skips
+    the public op's layers (its argument checks, the custom-op entry): ~20 us of Python per linear on this CPU,
+    5% of a TinyDiT forward at 1 thread (measured in-process, interleaved). Anything else, bad shapes included,
+    takes the full path and its clear errors."""
     grad = torch.is_grad_enabled()
     for t in ts:
         if t is not None and (type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu"
@@ -282,6 +283,15 @@ def _body(fn, *args):
     finally:
         if fill:
             _set_fill(True)
+
+
+def _is_last_dim(normalized_shape, d: int) -> bool:
+    if isinstance(normalized_shape, int):
+        return normalized_shape == d
+    try:
+        return tuple(normalized_shape) == (d,)
+    except TypeError:
+        return False
 
 
 def _h_linear(func, args, kwargs):
@@ -387,7 +397,7 @@ def _h_layer_norm(func, args, kwargs):
     eps = _arg(args, kwargs, 4, "eps", 1e-5)
     if _direct_cpu(x, w, b) and x.dim() >= 1 and x.numel() and isinstance(eps, float):
         d = x.shape[-1]
-        if ((ns == d or tuple(ns) == (d,)) and (w is None or tuple(w.shape) == (d,))
+        if (_is_last_dim(ns, d) and (w is None or tuple(w.shape) == (d,))
                 and (b is None or tuple(b.shape) == (d,))):
             return _body(_cpu.layer_norm, x.reshape(-1, d), w, b, eps).reshape(x.shape)
     why = _ok(x, w, b)

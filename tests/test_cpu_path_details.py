@@ -151,3 +151,5 @@ def test_router_direct_cpu_route_keeps_clear_errors():
             F.group_norm(torch.randn(2, 6, 4, 4), 4)
         with pytest.raises(ValueError, match="normalized_shape"):
             F.layer_norm(torch.randn(2, 6), (5,))
+        with pytest.raises(ValueError, match="normalized_shape"):
+            F.layer_norm(torch.randn(2, 6), 5)
