@@ -15,6 +15,9 @@ Deterministic mode
   We chose a TorchFunctionMode over ``torch.library`` aten overrides because it is scoped (nothing global
   is replaced), sees ``F.linear``/``F.scaled_dot_product_attention`` before decomposition, and costs
   a few microseconds per routed call (``python -m jetdet.bench`` prints the measured overhead).
+  Plain fp32 CPU calls of linear, layer_norm, group_norm and 4-D SDPA with no autograd to record go
+  straight to the CPU path (:mod:`jetdet.cpu`, the same bodies the ops run) once the handler has checked
+  the shapes; everything else goes through ``jetdet.ops`` (``python bench/cpu_costs.py`` times both).
 * A call the jetdet ops cannot take (float64, grouped or dilated conv, dropout, ...) falls back to torch
   with a one-time warning naming the op and the reason: that call is then *not* covered by the guarantee.
 * Sets ``torch.use_deterministic_algorithms(True)``, cuDNN deterministic on and benchmark off, TF32 and
