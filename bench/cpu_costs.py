@@ -223,22 +223,19 @@ def router(repeats: int) -> list[str]:
 
 
 def _fill_pair(model, inputs):
-    import importlib
+    from jetdet import backend
 
-    from jetdet.ops import core
-
-    mode_mod = importlib.import_module("jetdet.mode")
-    saved = (core._get_fill, mode_mod._get_fill)
+    saved = backend._get_fill
 
     def shipped():
         model(*inputs)
 
     def filled():
-        core._get_fill = mode_mod._get_fill = lambda: False  # "off already": the bodies never switch it off
+        backend._get_fill = lambda: False  # "off already": backend.run_body never switches it off
         try:
             model(*inputs)
         finally:
-            core._get_fill, mode_mod._get_fill = saved
+            backend._get_fill = saved
 
     return shipped, filled
 

@@ -6,6 +6,9 @@
 * ``JETDET_BACKEND=torch`` forces the torch path everywhere.
 
 The variable is read on every call, so tests can switch it with ``monkeypatch.setenv``.
+
+:func:`run_body` is how every caller runs an op body (``jetdet.ops`` after its checks, the deterministic-mode
+router's direct CPU route).
 """
 
 from __future__ import annotations
@@ -13,6 +16,31 @@ from __future__ import annotations
 import os
 
 import torch
+
+#: Tensor types an op body may be handed directly: no subclass (fake, functional, ...) to dispatch through.
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+_get_fill = torch._C._get_deterministic_fill_uninitialized_memory
+_set_fill = torch._C._set_deterministic_fill_uninitialized_memory
+
+
+def run_body(fn, *args):
+    """Call an op body with torch's NaN fill of new tensors off.
+
+    Under ``torch.use_deterministic_algorithms`` (which deterministic mode turns on) every new tensor is first
+    filled with NaN (``torch.utils.deterministic.fill_uninitialized_memory``). The op bodies write every
+    element they read back, so that fill only costs time. It is turned off for the body alone, by the thread
+    that found it on, and turned back on afterwards. It cost ~20% of a TinyUNet forward when every call
+    allocated fresh im2col buffers; with the per-thread scratch buffers of ``jetdet.cpu`` the difference is
+    within noise (``python bench/cpu_costs.py``), and the switch is kept because it costs nothing."""
+    fill = _get_fill()
+    if fill:
+        _set_fill(False)
+    try:
+        return fn(*args)
+    finally:
+        if fill:
+            _set_fill(True)
+
 
 _VALID = ("auto", "triton", "torch")
 _NAME = "JETDET_BACKEND"

@@ -256,11 +256,6 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-_get_fill = torch._C._get_deterministic_fill_uninitialized_memory
-_set_fill = torch._C._set_deterministic_fill_uninitialized_memory
-
-
 def _direct_cpu(*ts) -> bool:
     """Whether a routed call can go straight to the CPU path (:mod:`jetdet.cpu`): plain fp32 CPU tensors, no
     autograd to record, no JETDET_BACKEND override. The handler then checks the shapes it needs itself and skips
@@ -269,23 +264,10 @@ def _direct_cpu(*ts) -> bool:
     takes the full path and its clear errors."""
     grad = torch.is_grad_enabled()
     for t in ts:
-        if t is not None and (type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu"
+        if t is not None and (type(t) not in _backend.PLAIN or t.dtype != torch.float32 or t.device.type != "cpu"
                               or (grad and t.requires_grad)):
             return False
     return not _backend.overridden()
-
-
-def _body(fn, *args):
-    """Run a CPU-path body with torch's NaN fill of new tensors off, as ``ops.core._run`` does: the bodies
-    write everything they read back, so the fill only costs time."""
-    fill = _get_fill()
-    if fill:
-        _set_fill(False)
-    try:
-        return fn(*args)
-    finally:
-        if fill:
-            _set_fill(True)
 
 
 def _is_last_dim(normalized_shape, d: int) -> bool:
@@ -303,7 +285,8 @@ def _h_linear(func, args, kwargs):
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if (_direct_cpu(x, w, b) and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.numel()
             and w.numel() and (b is None or (b.dim() == 1 and b.shape[0] == w.shape[0]))):
-        return _body(_cpu.mm_f32, x.reshape(-1, x.shape[-1]), w.t(), b).reshape(*x.shape[:-1], w.shape[0])
+        out = _backend.run_body(_cpu.mm_f32, x.reshape(-1, x.shape[-1]), w.t(), b)
+        return out.reshape(*x.shape[:-1], w.shape[0])
     why = _ok(x, w, b)
     if why:
         return _fallback(func, args, kwargs, why)
@@ -402,7 +385,7 @@ def _h_layer_norm(func, args, kwargs):
         d = x.shape[-1]
         if (_is_last_dim(ns, d) and (w is None or tuple(w.shape) == (d,))
                 and (b is None or tuple(b.shape) == (d,))):
-            return _body(_cpu.layer_norm, x.reshape(-1, d), w, b, eps).reshape(x.shape)
+            return _backend.run_body(_cpu.layer_norm, x.reshape(-1, d), w, b, eps).reshape(x.shape)
     why = _ok(x, w, b)
     if why:
         return _fallback(func, args, kwargs, why)
@@ -430,7 +413,8 @@ def _h_group_norm(func, args, kwargs):
             and type(g) is int and g >= 1 and x.shape[1] % g == 0):
         c = x.shape[1]
         if (w is None or tuple(w.shape) == (c,)) and (b is None or tuple(b.shape) == (c,)):
-            return _body(_cpu.group_norm, x.reshape(x.shape[0], c, -1), g, w, b, eps).reshape(x.shape)
+            out = _backend.run_body(_cpu.group_norm, x.reshape(x.shape[0], c, -1), g, w, b, eps)
+            return out.reshape(x.shape)
     why = _ok(x, w, b)
     if why:
         return _fallback(func, args, kwargs, why)
@@ -465,7 +449,7 @@ def _h_sdpa(func, args, kwargs):
             and q.shape[3] == k.shape[3] and k.shape[:3] == v.shape[:3]
             and (scale is None or isinstance(scale, float))):
         d = q.shape[3]
-        return _body(_cpu.attention, q, k, v, None, 1.0 / math.sqrt(d) if scale is None else scale)
+        return _backend.run_body(_cpu.attention, q, k, v, None, 1.0 / math.sqrt(d) if scale is None else scale)
     why = _ok(q, k, v, mask if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool else None)
     if not why and dropout:
         why = f"dropout_p={dropout}"

@@ -50,11 +50,6 @@ def _kernel(op: str):
     return mod
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-_get_fill = torch._C._get_deterministic_fill_uninitialized_memory
-_set_fill = torch._C._set_deterministic_fill_uninitialized_memory
-
-
 def _run(op, *args):
     """Call a custom op. In plain eager mode the op body runs directly: going through the dispatcher costs
     ~60 us per call on this CPU (measured: 94 vs 27 us for a tiny linear), more than the op itself for
@@ -63,27 +58,15 @@ def _run(op, *args):
     registered op and fake, and autograd sees one op."""
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad)):
+        if isinstance(a, torch.Tensor) and (type(a) not in backend.PLAIN or (grad and a.requires_grad)):
             return op(*args)  # autograd then sees one opaque op (jetdet ops have no backward formula)
     if torch.compiler.is_compiling():
         return op(*args)
     # The body's own torch calls must not meet the deterministic-mode router (a patched layer calls jetdet.ops
     # directly while the router is on the stack): they are already the batch-invariant implementation.
-    # Under torch.use_deterministic_algorithms (which deterministic mode turns on) every new tensor is first
-    # filled with NaN (torch.utils.deterministic.fill_uninitialized_memory). The op bodies write every
-    # element they read back, so that fill only costs time. It is turned off for the body alone, by the thread
-    # that found it on, and turned back on afterwards. (It cost ~20% of a TinyUNet forward when every call
-    # allocated fresh im2col buffers; with the per-thread scratch buffers of jetdet.cpu it is within noise,
-    # as `python bench/cpu_costs.py` shows, and it stays off because it buys nothing.)
-    fill = _get_fill()
-    if fill:
-        _set_fill(False)
-    try:
-        with torch._C.DisableTorchFunction():
-            return op._init_fn(*args)
-    finally:
-        if fill:
-            _set_fill(True)
+    # backend.run_body turns torch's NaN fill of new tensors off for the body.
+    with torch._C.DisableTorchFunction():
+        return backend.run_body(op._init_fn, *args)
 
 
 def _impl(t: torch.Tensor, kernel_op: str, name: str):
