@@ -74,9 +74,10 @@ def _cached_pack(b: torch.Tensor, tag: str, make):
 
 
 # Scratch buffers (im2col columns, padded inputs, GEMM outputs that are copied out again) are kept per thread
-# and reused. A fresh multi-MB tensor per call costs its page faults on first touch: in a TinyUNet forward the
-# im2col gather of a 64-channel 16x16 conv took 720 us into a new buffer and 170 us into a reused one
-# (measured, 1 thread). Nothing returned to the caller ever aliases a scratch buffer.
+# and reused, so a call does not pay a fresh multi-MB allocation and its first-touch page faults. How much that
+# saves depends on the allocator's state: `python bench/cpu_costs.py` times the TinyUNet gathers into a fresh
+# and a reused buffer (within ~10% of each other in the run in bench/results/). Nothing returned to the caller
+# ever aliases a scratch buffer.
 _scratch = threading.local()
 SCRATCH_BYTES = 64 << 20  # per thread; least recently used buffers are dropped past this
 
