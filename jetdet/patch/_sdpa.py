@@ -34,6 +34,12 @@ def rel_l2(out: torch.Tensor, exact: torch.Tensor) -> float:
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
+def error_summary(errors: list[float]) -> dict:
+    """``checked``, ``rel_err_mean``, ``rel_err_max`` (None when nothing was checked) of measured errors."""
+    return {"checked": len(errors), "rel_err_mean": sum(errors) / len(errors) if errors else None,
+            "rel_err_max": max(errors) if errors else None}
+
+
 class StepClock:
     """Sampler steps as the patched forward sees them, to age state cached per attention call.
 

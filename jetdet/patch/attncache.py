@@ -32,7 +32,7 @@ import warnings
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._sdpa import StepClock, rel_l2, sdpa_qkv
+from ._sdpa import StepClock, error_summary, rel_l2, sdpa_qkv
 
 DEFAULTS = {"mass": 0.95, "block_size": 64, "pool_size": None, "refresh": 3, "check": 1, "max_sites": 256}
 
@@ -89,14 +89,12 @@ class AttentionCache:
         self._clock.forget_step()
 
     def stats(self) -> dict:
-        errs = self.errors
         return {
             "approximate": True, "mass": self.s["mass"], "block_size": self.s["block_size"],
             "refresh": self.s["refresh"], "forwards": self.forwards, "masks": len(self._masks),
             "refreshed": self.refreshed, "reused": self.reused, "left_exact": dict(self.left_exact),
             "density_reused": self.blocks_visited / self.dense_blocks if self.dense_blocks else None,
-            "checked": len(errs), "rel_err_mean": sum(errs) / len(errs) if errs else None,
-            "rel_err_max": max(errs) if errs else None,
+            **error_summary(self.errors),
         }
 
     def mode(self, t) -> _CacheMode:

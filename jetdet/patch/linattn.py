@@ -22,7 +22,7 @@ import warnings
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._sdpa import StepClock, rel_l2, sdpa_qkv
+from ._sdpa import StepClock, error_summary, rel_l2, sdpa_qkv
 
 FEATURE_MAPS = ("relu", "elu1", "identity")
 
@@ -74,11 +74,9 @@ class LinearAttentionSwap:
         self._clock.forget_step()
 
     def stats(self) -> dict:
-        errs = self.errors
         return {
             "feature_map": self.feature_map, "approximate": True, "forwards": self.forwards,
-            "replaced": self.replaced, "left_exact": dict(self.left_exact), "checked": len(errs),
-            "rel_err_mean": sum(errs) / len(errs) if errs else None, "rel_err_max": max(errs) if errs else None,
+            "replaced": self.replaced, "left_exact": dict(self.left_exact), **error_summary(self.errors),
             "state_refresh": self.state_refresh, "states_computed": self.states_computed,
             "states_reused": self.states_reused,
         }
