@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jetdet import ops  # noqa: E402
 from jetdet.cache.evaluate import psnr  # noqa: E402
 from jetdet.models import bundled, sampling  # noqa: E402
 
@@ -66,18 +67,6 @@ class Sampler:
         v = self.model(torch.cat([x, x]), tt, torch.cat([self.labels, self.null]))
         return v[:n], v[n:]
 
-    @staticmethod
-    def _lagrange(nodes, t):
-        out = None
-        for j, (tj, val) in enumerate(nodes):
-            w = 1.0
-            for k, (tk, _) in enumerate(nodes):
-                if k != j:
-                    w *= (t - tk) / (tj - tk)
-            term = w * val
-            out = term if out is None else out + term
-        return out
-
     def _velocity(self, e, x, t, computed, forecast, hist):
         """Velocities (cond, uncond) of evaluation e at (x, t): computed, or forecast from hist."""
         noise_space = forecast == "order1-noise"
@@ -91,7 +80,11 @@ class Sampler:
             return vc, vu
         order = {"reuse": 0, "order1": 1, "order2": 2, "order1-noise": 1}[forecast]
         nodes = hist[-(min(order, len(hist) - 1) + 1):]
-        val = self._lagrange(nodes, t)
+        # the polynomial through the chosen nodes: the forecast op the step cache uses
+        if len(nodes) == 1:
+            val = nodes[0][1]
+        else:
+            val = ops.forecast([v for _, v in nodes], [tj for tj, _ in nodes], t, order="lagrange")
         if noise_space:
             val = (val - x) / (1.0 - t)
         return val[0], val[1]
