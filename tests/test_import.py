@@ -36,3 +36,26 @@ def test_installed_distribution_has_no_top_level_kernels():
     assert "kernels" not in top and "jetdet" in top, sorted(top)
     assert any(f.startswith("jetdet/kernels/matmul/") for f in files)
     assert any(f.startswith("jetdet/autotune_configs/matmul/") and f.endswith(".json") for f in files)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+SHADOW_PROBE = """
+import os, sys
+try:
+    import kernels
+except ImportError as e:
+    print("ImportError", e.name)
+else:
+    print("imported", os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__))) == os.getcwd())
+"""
+
+
+def test_checkout_kernels_folder_never_shadows_a_top_level_kernels():
+    # `python -m pytest` / `python -c` from a checkout put the repository root on sys.path; `import kernels` must
+    # then give Hugging Face's package (transformers depends on it, diffusers imports it) or fail as if absent,
+    # never jetdet's folder (that broke diffusers once ComfyUI's requirements pulled `kernels` in)
+    out = subprocess.run([sys.executable, "-c", SHADOW_PROBE], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.split()
+    installed = any(True for _ in importlib.metadata.distributions(name="kernels"))
+    assert out == (["imported", "False"] if installed else ["ImportError", "kernels"]), out
