@@ -375,6 +375,109 @@ def _h_conv2d(func, args, kwargs):
     return ops.conv2d(x, w, b, stride, padding)
 
 
+def _triple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+def _h_conv3d(func, args, kwargs):
+    """conv3d as a fixed-order sum over the kernel's time taps of batch-invariant conv2d calls on frames: a
+    ``(1, kh, kw)`` kernel (video DiTs' patch embedding, e.g. Wan's) is one conv2d over ``B·T`` frames."""
+    ops = _ops()
+
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    vals = [_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, (None, None, None, 1, 0, 1, 1)))]
+    x, w, b, stride, padding, dilation, groups = vals
+    why = _ok(x, w, b)
+    if not why and groups != 1:
+        why = f"groups={groups}"
+    if not why and _triple(dilation) != (1, 1, 1):
+        why = f"dilation={dilation}"
+    if not why and (isinstance(padding, str) or x.dim() != 5 or w.dim() != 5 or w.shape[1] != x.shape[1]):
+        why = "padding given as a string" if isinstance(padding, str) else "not a batched 5-D input"
+    if why:
+        return _fallback(func, args, kwargs, why)
+    st, sh, sw = _triple(stride)
+    pt, ph, pw = _triple(padding)
+    B, C, T, H, W = x.shape
+    kt = w.shape[2]
+    if pt:
+        x = F.pad(x, (0, 0, 0, 0, pt, pt))
+    t_out = (T + 2 * pt - kt) // st + 1
+    if t_out < 1:
+        return func(*args, **kwargs)  # let torch raise its own shape error
+    out = None
+    for j in range(kt):  # fixed tap order; each tap is one conv2d over every (item, output frame)
+        frames = x[:, :, j: j + (t_out - 1) * st + 1: st]  # [B, C, t_out, H, W]
+        f2 = frames.transpose(1, 2).reshape(B * t_out, C, H, W)
+        y = ops.conv2d(f2, w[:, :, j], None, (sh, sw), (ph, pw))
+        out = y if out is None else out + y
+    if b is not None:
+        out = out + b.reshape(1, -1, 1, 1)
+    return out.reshape(B, t_out, *out.shape[1:]).transpose(1, 2)
+
+
+def _h_fallback_named(why):
+    def handler(func, args, kwargs):
+        return _fallback(func, args, kwargs, why)
+
+    return handler
+
+
+def _einsum_operands(args):
+    if args and isinstance(args[0], str):
+        eq, ops_ = args[0], args[1:]
+        if len(ops_) == 1 and isinstance(ops_[0], (list, tuple)):
+            ops_ = tuple(ops_[0])
+        return eq, list(ops_)
+    return None, None
+
+
+def _h_einsum(func, args, kwargs):
+    """Einsums that sum over nothing (permutations, outer products: ``"nhwpqc->nchpwq"``, ``"m,d->md"``) are exact
+    per element and run as they are. A contraction of two operands (``"b i d, b j d -> b i j"`` in ComfyUI's
+    basic/split attention) is lowered to the batch-invariant ``bmm``; anything else falls back with the warning."""
+    eq, operands = _einsum_operands(args)
+    if eq is None or kwargs or not all(isinstance(t, torch.Tensor) for t in operands):
+        return _fallback(func, args, kwargs, "einsum call form not recognised")
+    eq = eq.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return _fallback(func, args, kwargs, f"einsum '{eq}' (ellipsis or implicit output)")
+    lhs, out_s = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(operands) or any(len(s) != t.dim() for s, t in zip(ins, operands)):
+        return func(*args, **kwargs)  # let torch raise its own error
+    if any(len(set(s)) != len(s) for s in ins) or len(set(out_s)) != len(out_s):
+        return _fallback(func, args, kwargs, f"einsum '{eq}' (repeated index: a diagonal or trace)")
+    summed = set("".join(ins)) - set(out_s)
+    if not summed:
+        return func(*args, **kwargs)  # no sum: every output element is one product, exact in any batch
+    why = _ok(*operands)
+    if why:
+        return _fallback(func, args, kwargs, why)
+    if len(operands) != 2:
+        return _fallback(func, args, kwargs, f"einsum '{eq}' ({len(operands)} operands with a contraction)")
+    (sa, sb), (a, b) = ins, operands
+    if any(c not in sa or c not in sb for c in summed):
+        return _fallback(func, args, kwargs, f"einsum '{eq}' (an index summed inside one operand)")
+    batch = [c for c in out_s if c in sa and c in sb]
+    a_free = [c for c in out_s if c in sa and c not in sb]
+    b_free = [c for c in out_s if c in sb and c not in sa]
+    k = [c for c in sa if c in summed]
+    size = {c: n for s, t in ((sa, a), (sb, b)) for c, n in zip(s, t.shape)}
+    for c in batch + k:
+        if a.shape[sa.index(c)] != b.shape[sb.index(c)]:
+            return func(*args, **kwargs)  # broadcasting or a shape error: torch's own behaviour
+    nb = math.prod(size[c] for c in batch)
+    m = math.prod(size[c] for c in a_free)
+    n = math.prod(size[c] for c in b_free)
+    kk = math.prod(size[c] for c in k)
+    a3 = a.permute(*[sa.index(c) for c in batch + a_free + k]).reshape(nb, m, kk)
+    b3 = b.permute(*[sb.index(c) for c in batch + k + b_free]).reshape(nb, kk, n)
+    y = _ops().bmm(a3, b3).reshape(*[size[c] for c in batch + a_free + b_free])
+    order = batch + a_free + b_free
+    return y.permute(*[order.index(c) for c in out_s])
+
+
 def _h_layer_norm(func, args, kwargs):
     ops = _ops()
 
@@ -490,6 +593,15 @@ _HANDLERS = {
     torch.Tensor.__matmul__: _h_matmul,
     torch.conv2d: _h_conv2d,
     F.conv2d: _h_conv2d,
+    torch.conv3d: _h_conv3d,
+    F.conv3d: _h_conv3d,
+    torch.einsum: _h_einsum,
+    torch.conv1d: _h_fallback_named("conv1d is not routed"),
+    F.conv1d: _h_fallback_named("conv1d is not routed"),
+    F.conv_transpose1d: _h_fallback_named("transposed convolution is not routed"),
+    F.conv_transpose2d: _h_fallback_named("transposed convolution is not routed"),
+    F.conv_transpose3d: _h_fallback_named("transposed convolution is not routed"),
+    torch.tensordot: _h_fallback_named("tensordot is not routed"),
     F.layer_norm: _h_layer_norm,
     torch.layer_norm: _h_layer_norm,
     F.group_norm: _h_group_norm,
