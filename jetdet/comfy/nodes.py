@@ -1,0 +1,813 @@
+"""jetdet's ComfyUI nodes (V3 schema). Loaded by ComfyUI through :func:`jetdet.comfy.comfy_entrypoint`.
+
+Every node is in category ``jetdet``, every input has a tooltip, and no node changes the MODEL it is given (they
+clone it). Errors are raised as exceptions with the argument named, which ComfyUI shows in its error dialog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+
+import torch
+from comfy_api.latest import ComfyExtension, io
+
+from . import sampling as smp
+from . import shapes_model as sm
+from . import wrappers as wr
+
+CATEGORY = "jetdet"
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+TOLERANCES = ("exact", "1e-6", "1e-4", "structural")
+MODES = ("off", "fast", "deterministic")
+FORECASTS = ("order1", "order2", "none")
+LINEAR_ATTENTION = ("off", "relu", "elu1", "identity")
+PASSES = ("coarse", "refine", "detail")
+
+
+def _samplers():
+    import comfy.samplers
+
+    return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
+
+
+def _ksampler_inputs() -> list:
+    samplers, schedulers = _samplers()
+    return [
+        io.Model.Input("model", tooltip="The model to sample (it is not changed)."),
+        io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                     tooltip="Seed of the noise. Item i's noise depends only on (seed, batch_offset + i, step)."),
+        io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampler steps."),
+        io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale."),
+        io.Combo.Input("sampler_name", options=samplers, default="euler", tooltip="ComfyUI's sampler."),
+        io.Combo.Input("scheduler", options=schedulers, default="simple", tooltip="ComfyUI's sigma schedule."),
+        io.Conditioning.Input("positive", tooltip="The conditioning to move towards."),
+        io.Conditioning.Input("negative", tooltip="The conditioning to move away from (the CFG uncond branch)."),
+        io.Latent.Input("latent_image", tooltip="The latent batch to denoise."),
+        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="How much of the schedule to run (1 = from pure noise)."),
+    ]
+
+
+def _callback(model, steps: int):
+    import latent_preview
+
+    return latent_preview.prepare_callback(model, steps)
+
+
+def _disable_pbar() -> bool:
+    import comfy.utils
+
+    return not comfy.utils.PROGRESS_BAR_ENABLED
+
+
+def _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise, batch_offset,
+                progress=True):
+    """One deterministic sampling run; returns a new LATENT dict."""
+    det = wr.with_deterministic(wr.check_model(model))
+    samples = smp.sample(det, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise,
+                         batch_offset, callback=_callback(det, steps) if progress else None,
+                         disable_pbar=_disable_pbar())
+    out = {k: v for k, v in latent.items() if k != "samples"}
+    out["samples"] = samples
+    return out
+
+
+def _item_checksums(t: torch.Tensor, first_id: int = 0) -> list[str]:
+    import jetdet
+
+    return [f"item {first_id + i}: {jetdet.checksum(t[i:i + 1])}" for i in range(t.shape[0])]
+
+
+def _fingerprint_json() -> str:
+    import jetdet
+
+    return json.dumps(jetdet.fingerprint(), sort_keys=True)
+
+
+def _latent_tensor(latent, name: str) -> torch.Tensor:
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise ValueError(f"{name}: expected a LATENT (a dict with a 'samples' tensor)")
+    return latent["samples"]
+
+
+# ------------------------------------------------------------------------------------------------- mode switch
+
+
+def _fast_options(budget, start_percent, end_percent, forecast, max_consecutive_skips, linear_attention="off",
+                  attention_cache=False) -> dict:
+    return dict(budget=budget, start_percent=start_percent, end_percent=end_percent, forecast=forecast,
+                max_consecutive_skips=max_consecutive_skips,
+                linear_attention=None if linear_attention == "off" else linear_attention,
+                attention_cache=bool(attention_cache))
+
+
+class JetDetModeSwitch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetModeSwitch", display_name="jetdet Mode Switch", category=CATEGORY,
+            description="Returns a clone of the model in jetdet's mode: off (plain ComfyUI), fast (step cache) or "
+                        "deterministic (batch-invariant ops and attention). The input model is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to switch (it is not changed; the output is a clone)."),
+                io.Combo.Input("mode", options=MODES, default="deterministic",
+                               tooltip="off: remove jetdet from the model. fast: skip model calls within the error "
+                                       "budget. deterministic: the same seed gives the same bits whatever the batch."),
+                io.Float.Input("budget", default=0.05, min=0.0, max=1.0, step=0.005, round=0.0001,
+                               tooltip="fast: largest predicted relative L1 error of a skipped model call "
+                                       "(0 = never skip)."),
+                io.Boolean.Input("strict", default=True,
+                                 tooltip="deterministic: raise on a torch op with no deterministic implementation "
+                                         "(off: warn instead)."),
+            ],
+            outputs=[io.Model.Output(tooltip="A clone of the model in the chosen mode.")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, budget, strict):
+        wr.check_model(model)
+        smp.check_choice("mode", mode, MODES)
+        if mode == "off":
+            return io.NodeOutput(wr.without_jetdet(model))
+        if mode == "deterministic":
+            return io.NodeOutput(wr.with_deterministic(model, warn_only=not strict))
+        m, _ = wr.with_fast(model, budget=budget)
+        return io.NodeOutput(m)
+
+
+class JetDetFastOptimizer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetFastOptimizer", display_name="jetdet Fast Optimizer", category=CATEGORY,
+            description="jetdet's step cache: per batch row and CFG branch, skip a model call when its output can be "
+                        "forecast within the error budget. State resets for every sampling run.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to speed up (it is not changed; the output is a clone)."),
+                io.Float.Input("budget", default=0.05, min=0.0, max=1.0, step=0.005, round=0.0001,
+                               tooltip="Largest predicted relative L1 error of a forecast model output "
+                                       "(0 = never skip, bit-identical to the model)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=0.99, step=0.01,
+                               tooltip="Always compute the first fraction of the schedule."),
+                io.Float.Input("end_percent", default=0.0, min=0.0, max=0.99, step=0.01,
+                               tooltip="Always compute the last fraction of the schedule."),
+                io.Combo.Input("forecast", options=FORECASTS, default="order1",
+                               tooltip="How a skipped output is forecast: linear (order1) or quadratic (order2) "
+                                       "extrapolation of the last computed outputs, or reuse of the last (none)."),
+                io.Int.Input("max_consecutive_skips", default=8, min=0, max=1000,
+                             tooltip="Most model calls in a row a stream may skip (0 = never skip)."),
+                io.Combo.Input("linear_attention", options=LINEAR_ATTENTION, default="off",
+                               tooltip="Opt-in, approximate: replace softmax attention by linear attention with this "
+                                       "feature map (exact only for models trained with it)."),
+                io.Boolean.Input("attention_cache", default=False,
+                                 tooltip="Opt-in, approximate: reuse attention block masks across steps and CFG "
+                                         "branches, running block-sparse attention between refreshes."),
+            ],
+            outputs=[io.Model.Output(tooltip="A clone of the model with the step cache.")],
+        )
+
+    @classmethod
+    def execute(cls, model, budget, start_percent, end_percent, forecast, max_consecutive_skips,
+                linear_attention="off", attention_cache=False):
+        wr.check_model(model)
+        smp.check_choice("forecast", forecast, FORECASTS)
+        smp.check_choice("linear_attention", linear_attention, LINEAR_ATTENTION)
+        m, _ = wr.with_fast(model, **_fast_options(budget, start_percent, end_percent, forecast,
+                                                   max_consecutive_skips, linear_attention, attention_cache))
+        return io.NodeOutput(m)
+
+
+# ---------------------------------------------------------------------------------------- deterministic sampler
+
+
+class JetDetDeterministicSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetDeterministicSampler", display_name="jetdet Deterministic Sampler", category=CATEGORY,
+            description="KSampler whose item i is bit-identical to a batch-1 run of that item with batch_offset=i: "
+                        "per-item noise (start and step noise), batch-invariant model ops and attention.",
+            inputs=_ksampler_inputs() + [
+                io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX,
+                             tooltip="Item id of the first latent in the batch (item i uses id batch_offset + i)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="The denoised latents."),
+                io.String.Output(display_name="checksums", tooltip="SHA-256 of every item's latent, one per line."),
+                io.String.Output(display_name="fingerprint", tooltip="What produced it (device, versions), JSON."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                batch_offset):
+        out = _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                          denoise, batch_offset)
+        ids = smp.item_ids(out["samples"].shape[0], batch_offset, latent_image.get("batch_index"))
+        import jetdet
+
+        lines = [f"item {i}: {jetdet.checksum(out['samples'][r:r + 1])}" for r, i in enumerate(ids)]
+        return io.NodeOutput(out, "\n".join(lines), _fingerprint_json())
+
+
+# ------------------------------------------------------------------------------------------- checksum, matcher
+
+
+def _one_input(latent, image, what: str) -> tuple[str, torch.Tensor]:
+    given = [(n, t) for n, t in (("latent", latent), ("image", image)) if t is not None]
+    if len(given) != 1:
+        raise ValueError(f"{what}: connect exactly one of latent or image (got {len(given)})")
+    name, v = given[0]
+    return name, (_latent_tensor(v, "latent") if name == "latent" else v)
+
+
+class JetDetChecksum(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetChecksum", display_name="jetdet Checksum", category=CATEGORY,
+            description="SHA-256 of every item (dtype, shape and bytes), the same for the same bits on any machine.",
+            inputs=[
+                io.Latent.Input("latent", optional=True, tooltip="A latent batch to checksum (or connect an image)."),
+                io.Image.Input("image", optional=True, tooltip="An image batch to checksum (or connect a latent)."),
+            ],
+            outputs=[io.String.Output(display_name="checksums", tooltip="One line per item: 'item i: sha256'.")],
+        )
+
+    @classmethod
+    def execute(cls, latent=None, image=None):
+        _, t = _one_input(latent, image, "JetDetChecksum")
+        return io.NodeOutput("\n".join(_item_checksums(t)))
+
+
+_CHECKSUM_LINE = re.compile(r"^\s*(?:item\s+(\d+)\s*:\s*)?([0-9a-fA-F]{64})\s*$")
+
+
+def parse_checksums(text: str) -> list[str]:
+    """Checksum lines (``item i: <sha256>`` or a bare hex digest per line) -> digests in item order."""
+    out = []
+    for n, line in enumerate(text.strip().splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _CHECKSUM_LINE.match(line)
+        if m is None:
+            raise ValueError(f"reference_checksums: line {n} is not 'item i: <64 hex digits>' or a bare digest: "
+                             f"{line.strip()[:80]!r}")
+        out.append(m.group(2).lower())
+    if not out:
+        raise ValueError("reference_checksums: no checksum given")
+    return out
+
+
+def _resolve_path(path: str) -> str:
+    p = os.path.expanduser(path.strip())
+    if not os.path.isabs(p):
+        import folder_paths
+
+        p = os.path.join(folder_paths.get_output_directory(), p)
+    return p
+
+
+def load_reference(path: str) -> tuple[str, torch.Tensor]:
+    """A reference saved as safetensors: a ``samples`` tensor (latent) or an ``image`` tensor."""
+    from safetensors import safe_open
+
+    p = _resolve_path(path)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"reference_file: no file at {p} (a path relative to ComfyUI's output folder, or "
+                                "absolute; a safetensors file with a 'samples' or 'image' tensor)")
+    try:
+        with safe_open(p, framework="pt") as f:
+            keys = list(f.keys())
+            key = next((k for k in ("samples", "image", "latent") if k in keys), None)
+            if key is None:
+                raise ValueError(f"reference_file: {p} holds {keys}; expected a 'samples' or 'image' tensor")
+            return ("image" if key == "image" else "latent"), f.get_tensor(key)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"reference_file: {p} is not a readable safetensors file ({e})") from e
+
+
+class JetDetOutputMatcher(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetOutputMatcher", display_name="jetdet Output Matcher", category=CATEGORY,
+            description="Compares a latent or image with a reference (checksums, a latent/image input, or a "
+                        "safetensors file) at a tolerance; can stop the workflow on a mismatch.",
+            is_output_node=True,
+            inputs=[
+                io.Latent.Input("latent", optional=True, tooltip="The latent to check (or connect an image)."),
+                io.Image.Input("image", optional=True, tooltip="The image to check (or connect a latent)."),
+                io.Combo.Input("tolerance", options=TOLERANCES, default="exact",
+                               tooltip="exact: same bits. 1e-6 / 1e-4: |a-b| <= tol*(1+|b|). structural: RMS "
+                                       "difference <= 1% of the reference's RMS. Checksums match exactly only."),
+                io.String.Input("reference_checksums", default="", multiline=True, optional=True,
+                                tooltip="Reference checksums, one per item ('item i: sha256' lines from "
+                                        "jetdet Checksum or the Deterministic Sampler)."),
+                io.Latent.Input("reference_latent", optional=True, tooltip="A reference latent."),
+                io.Image.Input("reference_image", optional=True, tooltip="A reference image."),
+                io.String.Input("reference_file", default="", optional=True,
+                                tooltip="A safetensors file with a 'samples' or 'image' tensor (absolute, or relative "
+                                        "to ComfyUI's output folder)."),
+                io.Boolean.Input("stop_on_mismatch", default=False,
+                                 tooltip="Raise an error (stopping the workflow) when the output does not match."),
+            ],
+            outputs=[
+                io.Boolean.Output(display_name="match", tooltip="True when every item matches."),
+                io.String.Output(display_name="report", tooltip="What was compared and how it differs."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, latent=None, image=None, tolerance="exact", reference_checksums="", reference_latent=None,
+                reference_image=None, reference_file="", stop_on_mismatch=False):
+        import jetdet
+
+        smp.check_choice("tolerance", tolerance, TOLERANCES)
+        kind, t = _one_input(latent, image, "JetDetOutputMatcher")
+        refs = [n for n, v in (("reference_checksums", (reference_checksums or "").strip()),
+                               ("reference_latent", reference_latent), ("reference_image", reference_image),
+                               ("reference_file", (reference_file or "").strip())) if v is not None and v != ""]
+        if len(refs) != 1:
+            raise ValueError(f"JetDetOutputMatcher: give exactly one reference (reference_checksums, reference_latent, "
+                             f"reference_image or reference_file); got {refs or 'none'}")
+        ref = refs[0]
+        if ref == "reference_checksums":
+            if tolerance != "exact":
+                raise ValueError(f"tolerance: a checksum reference can only be matched exactly, got {tolerance!r}")
+            want = parse_checksums(reference_checksums)
+            have = [jetdet.checksum(t[i:i + 1]) for i in range(t.shape[0])]
+            if len(want) != len(have):
+                ok, lines = False, [f"{len(have)} items against {len(want)} reference checksums"]
+            else:
+                bad = [i for i, (a, b) in enumerate(zip(have, want)) if a != b]
+                ok = not bad
+                lines = [f"item {i}: {'match' if a == b else 'MISMATCH'} {a[:16]}" + ("" if a == b else f" != {b[:16]}")
+                         for i, (a, b) in enumerate(zip(have, want))]
+            report = f"{'MATCH' if ok else 'MISMATCH'} exact against {len(want)} checksums\n" + "\n".join(lines)
+        else:
+            if ref == "reference_file":
+                rkind, r = load_reference(reference_file)
+                where = _resolve_path(reference_file)
+            else:
+                rkind = "latent" if ref == "reference_latent" else "image"
+                r = _latent_tensor(reference_latent, "reference_latent") if rkind == "latent" else reference_image
+                where = ref
+            if rkind != kind:
+                raise ValueError(f"{ref}: the reference is an {rkind}, the input an {kind}; compare like with like")
+            res = jetdet.match(t, r, tolerance)
+            ok = res.ok
+            per = []
+            if t.shape == r.shape:
+                per = [f"item {i}: {'match' if jetdet.match(t[i:i + 1], r[i:i + 1], tolerance) else 'MISMATCH'}"
+                       for i in range(t.shape[0])]
+            report = f"{res} (reference: {where})\n" + "\n".join(per)
+        if not ok and stop_on_mismatch:
+            raise RuntimeError(f"jetdet Output Matcher: output does not match the reference\n{report}")
+        return io.NodeOutput(ok, report.strip(), ui={"text": [report.strip()]})
+
+
+# -------------------------------------------------------------------------------------------- cache manager
+
+ACTIONS = ("stats", "set_budget", "clear", "store", "recall")
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def recall_dir(folder: str = "") -> str:
+    if folder and folder.strip():
+        return _resolve_path(folder)
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), "jetdet_recall")
+
+
+def _mb(name: str, v) -> int | None:
+    if v is None or v < 0:
+        return None
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected megabytes >= 0, or -1 for unlimited, got {v!r}")
+    return int(v * 1024 * 1024)
+
+
+def recall_store(key: str, kind: str, tensor: torch.Tensor, folder: str = "") -> str:
+    """Write ``tensor`` under ``key`` (atomically: temp file, fsync, rename); returns the path."""
+    from safetensors.torch import save_file
+
+    import jetdet
+
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ValueError(f"key: expected 1-128 characters of letters, digits, '.', '_' or '-' (starting with a letter "
+                         f"or digit), got {key!r}")
+    d = recall_dir(folder)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{key}.safetensors")
+    t = tensor.detach().to("cpu").contiguous()
+    meta = {"jetdet_recall": "1", "kind": kind, "checksum": jetdet.checksum(t), "fingerprint": _fingerprint_json()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({"samples" if kind == "latent" else "image": t}, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def recall_load(key: str, folder: str = "") -> tuple[str, torch.Tensor, dict]:
+    from safetensors import safe_open
+
+    import jetdet
+
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ValueError(f"key: expected 1-128 characters of letters, digits, '.', '_' or '-', got {key!r}")
+    path = os.path.join(recall_dir(folder), f"{key}.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"key: nothing stored under {key!r} ({path} does not exist); store it first")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        name = "samples" if meta.get("kind") == "latent" else "image"
+        t = f.get_tensor(name)
+    if jetdet.checksum(t) != meta.get("checksum"):
+        raise ValueError(f"key: {path} does not match the checksum it was stored with (the file changed)")
+    return meta.get("kind", "latent"), t, meta
+
+
+class JetDetCacheManager(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetCacheManager", display_name="jetdet Cache Manager", category=CATEGORY,
+            description="The step cache's memory: statistics (hits, bytes per tier), clear, and byte budgets for the "
+                        "tiers device -> CPU -> disk. Recall: store a latent/image under a key and get it back "
+                        "bit-exact in a later run.",
+            is_output_node=True,
+            inputs=[
+                io.Combo.Input("action", options=ACTIONS, default="stats",
+                               tooltip="stats: report the fast model's cache. set_budget: a clone with these byte "
+                                       "budgets. clear: drop its cached tensors. store / recall: the latent or image "
+                                       "under key."),
+                io.Model.Input("model", optional=True,
+                               tooltip="A model from jetdet Fast Optimizer / Mode Switch (fast)."),
+                io.Float.Input("device_budget_mb", default=-1.0, min=-1.0, max=1e7, step=1.0,
+                               tooltip="set_budget: MB of cached outputs on the model's device (-1 = unlimited)."),
+                io.Float.Input("cpu_budget_mb", default=-1.0, min=-1.0, max=1e7, step=1.0,
+                               tooltip="set_budget: MB in host memory once the device tier is full (-1 = unlimited)."),
+                io.Float.Input("disk_budget_mb", default=0.0, min=-1.0, max=1e7, step=1.0,
+                               tooltip="set_budget: MB on disk (safetensors) once the CPU tier is full "
+                                       "(-1 = unlimited, 0 = no disk tier)."),
+                io.String.Input("key", default="", optional=True,
+                                tooltip="store / recall: the name to store under (letters, digits, . _ -)."),
+                io.Latent.Input("latent", optional=True, tooltip="store: the latent to store."),
+                io.Image.Input("image", optional=True, tooltip="store: the image to store."),
+                io.String.Input("folder", default="", optional=True,
+                                tooltip="store / recall: folder of the store (default: output/jetdet_recall)."),
+                io.Latent.Input("after", optional=True,
+                                tooltip="Connect the sampler's output here so stats are read after sampling."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="set_budget: the clone with the new budgets; otherwise the input model."),
+                io.Latent.Output(tooltip="recall: the stored latent; store: the latent stored."),
+                io.Image.Output(tooltip="recall: the stored image; store: the image stored."),
+                io.String.Output(display_name="report", tooltip="What was done, with the statistics."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, action, model=None, device_budget_mb=-1.0, cpu_budget_mb=-1.0, disk_budget_mb=0.0, key="",
+                latent=None, image=None, folder="", after=None):
+        smp.check_choice("action", action, ACTIONS)
+        if action in ("store", "recall"):
+            if action == "store":
+                kind, t = _one_input(latent, image, "JetDetCacheManager store")
+                path = recall_store(key, kind, t, folder)
+                out_latent = {"samples": t} if kind == "latent" else None
+                out_image = t if kind == "image" else None
+                report = f"stored {kind} {tuple(t.shape)} under {key!r}: {path}"
+            else:
+                kind, t, meta = recall_load(key, folder)
+                out_latent = {"samples": t} if kind == "latent" else None
+                out_image = t if kind == "image" else None
+                report = (f"recalled {kind} {tuple(t.shape)} from {key!r}, checksum verified "
+                          f"{meta.get('checksum', '')[:16]}")
+            return io.NodeOutput(model, out_latent, out_image, report, ui={"text": [report]})
+        if model is None:
+            raise ValueError(f"model: action {action!r} needs a model from jetdet Fast Optimizer")
+        state = wr.fast_state(wr.check_model(model))
+        if state is None:
+            raise ValueError(f"model: {type(model.model).__name__} has no jetdet step cache; connect the output of "
+                             "jetdet Fast Optimizer (or Mode Switch in fast mode)")
+        out_model = model
+        if action == "set_budget":
+            budgets = dict(device=_mb("device_budget_mb", device_budget_mb), cpu=_mb("cpu_budget_mb", cpu_budget_mb),
+                           disk=_mb("disk_budget_mb", disk_budget_mb))
+            opts = dict(state.options, linear_attention=state.linear_attention, attention_cache=state.attention_cache)
+            out_model, new_state = wr.with_fast(model, **opts)
+            new_state.set_budgets(**budgets)
+            report = "budgets (bytes, None = unlimited): " + json.dumps(budgets)
+        elif action == "clear":
+            state.clear()
+            report = "cleared; last run: " + _stats_text(state.stats())
+        else:
+            report = _stats_text(state.stats())
+        return io.NodeOutput(out_model, None, None, report, ui={"text": [report]})
+
+
+def _stats_text(s: dict) -> str:
+    keys = ("runs", "calls", "calls_run", "calls_saved", "calls_partial", "rows", "rows_run", "rows_saved", "hits",
+            "call_ratio", "row_ratio", "syncs")
+    parts = [f"{k} {s[k]:.3g}" if isinstance(s.get(k), float) else f"{k} {s[k]}" for k in keys if k in s]
+    if "bytes" in s:
+        parts.append("bytes per tier " + json.dumps(s["bytes"]))
+    m = s.get("manager") or {}
+    for k in ("spilled_to_cpu", "spilled_to_disk", "evicted", "peak_device_bytes"):
+        if k in m:
+            parts.append(f"{k} {m[k]}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of ``a`` against the reference ``b``, peak-to-peak = the reference's range."""
+    a, b = a.double(), b.double()
+    mse = (a - b).pow(2).mean().item()
+    rng = (b.max() - b.min()).item() or 1.0
+    return math.inf if mse == 0 else 10 * math.log10(rng * rng / mse)
+
+
+def _plot(points: list[dict]) -> torch.Tensor:
+    """PSNR against speed-up as an IMAGE ``[1, H, W, 3]`` (matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError as e:
+        raise RuntimeError("JetDetBenchmark: the plot needs matplotlib (pip install matplotlib, or jetdet[bench])"
+                           ) from e
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+    for p in points:
+        y = p["psnr"] if math.isfinite(p["psnr"]) else 100.0
+        ax.scatter([p["speedup"]], [y], s=40)
+        ax.annotate(p["label"], (p["speedup"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("wall-time speed-up against off")
+    ax.set_ylabel("PSNR against off, dB (inf drawn at 100)")
+    ax.set_title("jetdet: quality against speed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    plt.close(fig)
+    return torch.from_numpy(rgba[..., :3].copy()).float().div(255.0)[None]
+
+
+class JetDetBenchmark(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetBenchmark", display_name="jetdet Benchmark", category=CATEGORY,
+            description="Samples the latent with the model in off, fast (each budget) and deterministic mode, from "
+                        "the same per-item noise; reports wall time, model calls, PSNR against off and checksums.",
+            is_output_node=True,
+            inputs=_ksampler_inputs() + [
+                io.String.Input("fast_budgets", default="0.05, 0.1",
+                                tooltip="Comma-separated step-cache budgets to run in fast mode."),
+            ],
+            outputs=[
+                io.String.Output(display_name="table", tooltip="One row per run: mode, wall, calls, PSNR, checksums."),
+                io.Image.Output(display_name="plot", tooltip="PSNR against speed-up (matplotlib)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                fast_budgets):
+        import comfy.utils
+
+        import jetdet
+
+        wr.check_model(model)
+        try:
+            budgets = [float(b) for b in str(fast_budgets).replace(";", ",").split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"fast_budgets: expected comma-separated numbers, got {fast_budgets!r}") from None
+        for b in budgets:
+            if not 0.0 <= b <= 1.0:
+                raise ValueError(f"fast_budgets: every budget must be in [0, 1], got {b}")
+        runs = [("off", wr.without_jetdet(model))]
+        for b in budgets:
+            runs.append((f"fast {b:g}", wr.with_fast(model, budget=b)[0]))
+        runs.append(("deterministic", wr.with_deterministic(model)))
+        pbar = comfy.utils.ProgressBar(len(runs))
+        rows, ref, points = [], None, []
+        for i, (label, m) in enumerate(runs):
+            counted, counter = wr.with_counter(m)
+            t0 = time.perf_counter()
+            samples = smp.sample(counted, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                                 denoise, 0, disable_pbar=True)
+            wall = time.perf_counter() - t0
+            ref = samples if ref is None else ref
+            p = psnr_db(samples, ref)
+            sums = [jetdet.checksum(samples[j:j + 1])[:16] for j in range(samples.shape[0])]
+            rows.append(dict(label=label, wall=wall, calls=counter.calls, rows=counter.rows, psnr=p, sums=sums))
+            pbar.update_absolute(i + 1, len(runs))
+        base = rows[0]
+        lines = [f"{'run':<16} {'wall s':>8} {'speed-up':>9} {'model calls':>11} {'rows':>6} {'PSNR dB':>8}  checksums"]
+        for r in rows:
+            r["speedup"] = base["wall"] / r["wall"] if r["wall"] else math.inf
+            points.append({"label": r["label"], "speedup": r["speedup"], "psnr": r["psnr"]})
+            lines.append(f"{r['label']:<16} {r['wall']:>8.3f} {r['speedup']:>8.2f}x {r['calls']:>11} {r['rows']:>6} "
+                         f"{r['psnr']:>8.2f}  {' '.join(r['sums'])}")
+        table = "\n".join(lines)
+        return io.NodeOutput(table, _plot(points), ui={"text": [table]})
+
+
+# ----------------------------------------------------------------------------------------- expert selector
+
+
+def stable_index(key: str, n: int) -> int:
+    """``int(SHA-256(key)) mod n``: the same on every machine and Python (never ``hash()``)."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % n
+
+
+def conditioning_checksum(cond) -> str:
+    import jetdet
+
+    if not isinstance(cond, list) or not cond:
+        raise ValueError("conditioning: expected a CONDITIONING (a list of [tensor, dict] entries)")
+    h = hashlib.sha256()
+    for entry in cond:
+        h.update(jetdet.checksum(entry[0]).encode())
+        for k in sorted(entry[1]) if len(entry) > 1 and isinstance(entry[1], dict) else []:
+            v = entry[1][k]
+            if isinstance(v, torch.Tensor):
+                h.update(f"{k}={jetdet.checksum(v)}".encode())
+    return h.hexdigest()
+
+
+class JetDetExpertSelector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetExpertSelector", display_name="jetdet Expert Selector", category=CATEGORY,
+            description="Chooses one of up to 4 models by SHA-256 of the prompt text (or of the conditioning's "
+                        "checksum): the same input picks the same expert on every machine.",
+            inputs=[
+                io.Model.Input("model_1", tooltip="Expert 1."),
+                io.Model.Input("model_2", optional=True, tooltip="Expert 2 (optional)."),
+                io.Model.Input("model_3", optional=True, tooltip="Expert 3 (optional)."),
+                io.Model.Input("model_4", optional=True, tooltip="Expert 4 (optional)."),
+                io.String.Input("prompt", default="", multiline=True, optional=True,
+                                tooltip="Text to hash (used when not empty)."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Conditioning whose checksum is hashed (used when the prompt is empty)."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The chosen expert."),
+                io.Int.Output(display_name="index", tooltip="Which input was chosen (1-4)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model_1, model_2=None, model_3=None, model_4=None, prompt="", conditioning=None):
+        slots = [(i + 1, m) for i, m in enumerate((model_1, model_2, model_3, model_4)) if m is not None]
+        if prompt and prompt.strip():
+            key = "text:" + prompt
+        elif conditioning is not None:
+            key = "cond:" + conditioning_checksum(conditioning)
+        else:
+            raise ValueError("prompt, conditioning: give a prompt text or connect a conditioning to choose by")
+        slot, model = slots[stable_index(key, len(slots))]
+        return io.NodeOutput(model, slot)
+
+
+# ---------------------------------------------------------------------------------------- multi-pass refiner
+
+
+def pass_seed(seed: int, name: str) -> int:
+    """The seed of pass ``name``: 64 bits of SHA-256 of (seed, pass)."""
+    return int.from_bytes(hashlib.sha256(f"jetdet.multipass|{seed}|{name}".encode()).digest()[:8], "little")
+
+
+class JetDetMultiPassRefiner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetMultiPassRefiner", display_name="jetdet Multi-Pass Refiner", category=CATEGORY,
+            description="coarse -> refine -> detail as chained partial denoising, each pass deterministic with a seed "
+                        "derived from (seed, pass); running one pass alone on its input reproduces it bit-exact.",
+            inputs=_ksampler_inputs()[:9] + [
+                io.Float.Input("coarse_denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoise of the coarse pass (1 = from noise)."),
+                io.Float.Input("refine_denoise", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoise of the refine pass."),
+                io.Float.Input("detail_denoise", default=0.25, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoise of the detail pass."),
+                io.Combo.Input("start_pass", options=PASSES, default="coarse",
+                               tooltip="First pass to run (its input is latent_image)."),
+                io.Combo.Input("end_pass", options=PASSES, default="detail", tooltip="Last pass to run."),
+                io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX,
+                             tooltip="Item id of the first latent in the batch."),
+            ],
+            outputs=[
+                io.Latent.Output(tooltip="The latent after end_pass."),
+                io.String.Output(display_name="report", tooltip="Per pass: seed, denoise and item checksums."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                coarse_denoise, refine_denoise, detail_denoise, start_pass, end_pass, batch_offset):
+        smp.check_choice("start_pass", start_pass, PASSES)
+        smp.check_choice("end_pass", end_pass, PASSES)
+        a, b = PASSES.index(start_pass), PASSES.index(end_pass)
+        if a > b:
+            raise ValueError(f"end_pass: {end_pass!r} comes before start_pass {start_pass!r}")
+        denoise = {"coarse": coarse_denoise, "refine": refine_denoise, "detail": detail_denoise}
+        latent, lines = latent_image, []
+        for name in PASSES[a:b + 1]:
+            s = pass_seed(seed, name)
+            latent = _det_sample(model, s, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                 denoise[name], batch_offset)
+            lines.append(f"{name}: seed {s}, denoise {denoise[name]:g}")
+            lines += ["  " + x for x in _item_checksums(latent["samples"], batch_offset)]
+        return io.NodeOutput(latent, "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------ the shapes model
+
+
+class JetDetShapesModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetShapesModelLoader", display_name="jetdet Shapes Model Loader", category=CATEGORY,
+            description="Loads jetdet's small trained SD3-architecture model (10 classes of shapes, 32x32) through "
+                        "ComfyUI's own model detection. The same file also loads with Load Diffusion Model.",
+            inputs=[io.String.Input("path", default="", optional=True,
+                                    tooltip="Another weights file (empty: the one shipped with jetdet).")],
+            outputs=[io.Model.Output(tooltip="The shapes model (ComfyUI detects it as SD3).")],
+        )
+
+    @classmethod
+    def execute(cls, path=""):
+        return io.NodeOutput(sm.load_model(path.strip() or None))
+
+
+class JetDetClassConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        names = ", ".join(f"{i}={n}" for i, n in enumerate(sm.CLASSES))
+        return io.Schema(
+            node_id="JetDetClassConditioning", display_name="jetdet Class Conditioning", category=CATEGORY,
+            description=f"Class index -> CONDITIONING for the shapes model ({names}); negative is the null class.",
+            inputs=[io.Int.Input("class_index", default=0, min=0, max=len(sm.CLASSES) - 1,
+                                 tooltip=f"Which shape: {names}.")],
+            outputs=[io.Conditioning.Output(display_name="positive", tooltip="The class."),
+                     io.Conditioning.Output(display_name="negative", tooltip="The null class (all zeros).")],
+        )
+
+    @classmethod
+    def execute(cls, class_index):
+        return io.NodeOutput(sm.class_conditioning(class_index), sm.null_conditioning())
+
+
+class JetDetShapesDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetShapesDecode", display_name="jetdet Shapes Decode", category=CATEGORY,
+            description="Shapes-model latent -> IMAGE (there is no VAE: the latent holds the pixels).",
+            inputs=[io.Latent.Input("samples", tooltip="A latent from the shapes model."),
+                    io.Int.Input("scale", default=4, min=1, max=32, tooltip="Nearest-neighbour upscale factor.")],
+            outputs=[io.Image.Output(tooltip="The images.")],
+        )
+
+    @classmethod
+    def execute(cls, samples, scale):
+        img = sm.latent_to_image(_latent_tensor(samples, "samples"))
+        if scale > 1:
+            img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        return io.NodeOutput(sm.to_comfy_image(img))
+
+
+NODES = [
+    JetDetModeSwitch, JetDetDeterministicSampler, JetDetChecksum, JetDetOutputMatcher, JetDetFastOptimizer,
+    JetDetCacheManager, JetDetBenchmark, JetDetExpertSelector, JetDetMultiPassRefiner, JetDetClassConditioning,
+    JetDetShapesModelLoader, JetDetShapesDecode,
+]
+
+
+class JetDetExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

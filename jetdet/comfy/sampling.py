@@ -1,0 +1,195 @@
+"""Per-item sampling for ComfyUI: item ``i`` of a batch depends only on (seed, item id, the model, the settings).
+
+ComfyUI's ``KSampler`` is not batch invariant even with invariant ops (``../shared/COMFYUI.md``):
+
+* ``comfy.sample.prepare_noise`` draws the whole batch's starting noise from one generator, so item ``k`` of a
+  batch is not a batch-1 run with any seed;
+* ancestral and SDE samplers draw their step noise for the whole batch (``default_noise_sampler``, or one
+  ``BrownianTreeNoiseSampler`` over the batch).
+
+Here the starting noise of item ``i`` is ``jetdet.randn`` at (seed, item id, step 0), and the step noise comes
+from :class:`ItemNoiseSampler`, passed to every sampler that takes a ``noise_sampler``. The item id of row ``r``
+is ``batch_offset + r``, or ``batch_offset + latent["batch_index"][r]`` when ComfyUI's batch nodes set one (so an
+item picked out of a batch with ``LatentFromBatch`` keeps its noise, as ComfyUI's own ``noise_inds`` intends).
+
+:class:`ItemNoiseSampler` is a Brownian motion ``W(σ)`` per item, revealed point by point, so samplers that query
+overlapping intervals (``dpmpp_sde`` asks for ``(σ_i, σ_s)`` and then ``(σ_i, σ_{i+1})``) get consistent
+increments, as from ComfyUI's ``BrownianTreeNoiseSampler``; each query returns
+``(W(σ_next) − W(σ)) / sqrt(|σ_next − σ|)``, a standard normal per element. A new point beyond the revealed ones
+is ``W(e) + sqrt(|σ − e|) z`` from the nearest revealed point ``e``; one between two revealed points ``a < σ < b``
+is the Brownian bridge ``W(a) + (σ − a)/(b − a) (W(b) − W(a)) + sqrt((σ − a)(b − σ)/(b − a)) z``. The ``k``-th
+point revealed draws ``z = jetdet.randn(..., seed, item id, step=k)``, ``k >= 1``; the sequence of queries is the
+same for every batch size, so every item gets the same bits alone or in any batch. For the samplers that query
+disjoint consecutive intervals (the ancestral ones) this is a fresh standard normal per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+import jetdet
+
+__all__ = ["ItemNoiseSampler", "item_ids", "item_noise", "make_sampler", "draws_noise", "sample"]
+
+
+def item_ids(batch: int, batch_offset: int, batch_index=None) -> list[int]:
+    """The item id of every row (see the module docstring)."""
+    if isinstance(batch_offset, bool) or not isinstance(batch_offset, int) or batch_offset < 0:
+        raise ValueError(f"batch_offset: expected an int >= 0 (the item id of the first row), got {batch_offset!r}")
+    if batch_index is None:
+        return [batch_offset + r for r in range(batch)]
+    idx = [int(i) for i in batch_index]
+    if len(idx) != batch or any(i < 0 for i in idx):
+        raise ValueError(f"latent batch_index: expected {batch} non-negative ints (one per row), got {idx}")
+    return [batch_offset + i for i in idx]
+
+
+def item_noise(shape, seed: int, ids: list[int], step: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """``[len(ids), *shape[1:]]`` standard normal noise, row ``r`` = ``jetdet.randn`` of item ``ids[r]`` at ``step``.
+    Consecutive ids are drawn in one call (the bits are the same either way)."""
+    per_item = tuple(shape[1:])
+    parts, start = [], 0
+    for r in range(1, len(ids) + 1):
+        if r == len(ids) or ids[r] != ids[r - 1] + 1:
+            parts.append(jetdet.randn((r - start, *per_item), seed, item_offset=ids[start], step=step, device=device))
+            start = r
+    if not parts:
+        return torch.empty((0, *per_item), dtype=dtype, device=device)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.to(dtype)
+
+
+class ItemNoiseSampler:
+    """``noise_sampler(sigma, sigma_next)`` for ComfyUI's samplers, per item (see the module docstring)."""
+
+    def __init__(self, x: torch.Tensor, seed: int, ids: list[int]):
+        self.shape, self.dtype, self.device = tuple(x.shape), x.dtype, x.device
+        self.seed, self.ids = seed, list(ids)
+        self.points: list[tuple[float, torch.Tensor]] = []  # (sigma, W) sorted by sigma
+        self.draws = 0
+
+    def _z(self) -> torch.Tensor:
+        self.draws += 1
+        return item_noise(self.shape, self.seed, self.ids, self.draws, torch.float32, self.device)
+
+    def _reveal(self, s: float) -> torch.Tensor:
+        pts = self.points
+        for t, w in pts:
+            if t == s:
+                return w
+        if not pts:
+            w = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        elif s < pts[0][0] or s > pts[-1][0]:
+            e, we = pts[0] if s < pts[0][0] else pts[-1]
+            w = we + math.sqrt(abs(s - e)) * self._z()
+        else:
+            i = next(j for j in range(1, len(pts)) if pts[j][0] > s)
+            (a, wa), (b, wb) = pts[i - 1], pts[i]
+            w = wa + ((s - a) / (b - a)) * (wb - wa) + math.sqrt((s - a) * (b - s) / (b - a)) * self._z()
+        pts.append((s, w))
+        pts.sort(key=lambda p: p[0])
+        return w
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        s0, s1 = float(sigma), float(sigma_next)
+        if s0 == s1:
+            raise ValueError(f"noise_sampler: sigma and sigma_next are equal ({s0}); no interval to draw noise for")
+        w0, w1 = self._reveal(s0), self._reveal(s1)
+        return ((w1 - w0) / math.sqrt(abs(s1 - s0))).to(self.dtype)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
+    """``samples`` if ``model`` can sample it, else a ValueError naming the model class and what it expects."""
+    fmt = model.get_model_object("latent_format")
+    name = type(model.model).__name__
+    dims = 2 + getattr(fmt, "latent_dimensions", 2)
+    if samples.dim() != dims or samples.shape[1] != fmt.latent_channels:
+        want = ", ".join(["B", str(fmt.latent_channels)] + ["..."] * (dims - 2))
+        raise ValueError(f"latent_image: {name} samples latents [{want}] ({dims}-D, {fmt.latent_channels} channels); "
+                         f"got shape {tuple(samples.shape)}")
+    dm = getattr(model.model, "diffusion_model", None)
+    limit, patch = getattr(dm, "pos_embed_max_size", None), getattr(getattr(dm, "x_embedder", None), "patch_size", None)
+    if limit and patch:  # MMDiT: a learned position table of limit x limit patches
+        p = patch[0] if isinstance(patch, (tuple, list)) else patch
+        if max((samples.shape[-2] + 1) // p, (samples.shape[-1] + 1) // p) > limit:
+            raise ValueError(f"latent_image: {name} samples latents up to {limit * p} x {limit * p} (its position "
+                             f"table); got {samples.shape[-2]} x {samples.shape[-1]}")
+    return samples
+
+
+def _sampler_function(name: str):
+    import comfy.k_diffusion.sampling as kds
+
+    return getattr(kds, f"sample_{name}", None)
+
+
+def draws_noise(name: str) -> bool:
+    """Whether ComfyUI's sampler ``name`` takes a ``noise_sampler`` (and so draws step noise with its defaults)."""
+    if name == "dpm_adaptive":
+        return True  # wrapped by comfy.samplers.ksampler, which passes noise_sampler through
+    fn = _sampler_function(name)
+    return fn is not None and "noise_sampler" in inspect.signature(fn).parameters
+
+
+def make_sampler(name: str, seed: int, ids: list[int], like: torch.Tensor):
+    """A ComfyUI ``KSAMPLER`` for ``name`` whose step noise is per item, for latents shaped like ``like`` (on its
+    device). ``ddim``'s inpainting noise (ComfyUI draws it from one generator for the whole batch) is the per-item
+    starting noise instead. Returns ``(sampler, noise_sampler or None)``."""
+    import comfy.samplers
+
+    check_choice("sampler_name", name, comfy.samplers.KSampler.SAMPLERS)
+    if name == "ddim":
+        return comfy.samplers.ksampler("euler"), None
+    if name == "dpm_fast" or not draws_noise(name):  # dpm_fast's wrapper takes no options (and eta is 0)
+        return comfy.samplers.sampler_object(name), None
+    ns = ItemNoiseSampler(like, seed, ids)
+    return comfy.samplers.ksampler(name, {"noise_sampler": ns}), ns
+
+
+def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+           latent: dict, denoise: float = 1.0, batch_offset: int = 0, callback=None, disable_pbar: bool = True,
+           noise_seed_step: int = 0) -> torch.Tensor:
+    """ComfyUI's ``KSampler`` with per-item noise: returns the sampled ``samples`` (see the module docstring).
+
+    ``model`` is sampled as given (wrap it with :func:`jetdet.comfy.wrappers.with_deterministic` for
+    batch-invariant model calls). ``noise_seed_step`` is the ``jetdet.randn`` step of the starting noise (0)."""
+    import comfy.sample
+    import comfy.samplers
+
+    from .wrappers import check_model
+
+    check_model(model)
+    check_choice("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS)
+    check_choice("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2^64), got {seed!r}")
+    if not isinstance(denoise, (int, float)) or not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise: expected a number in [0, 1], got {denoise!r}")
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise ValueError("latent_image: expected a LATENT (a dict with a 'samples' tensor)")
+    latent_image = latent["samples"]
+    if latent_image.dim() < 3 or latent_image.shape[0] < 1:
+        raise ValueError(f"latent_image: expected a batch of latents [B, C, ...] with B >= 1, got shape "
+                         f"{tuple(latent_image.shape)}")
+    latent_image = check_latent(model, comfy.sample.fix_empty_latent_channels(model, latent_image))
+    ids = item_ids(latent_image.shape[0], batch_offset, latent.get("batch_index"))
+    noise = item_noise(latent_image.shape, seed, ids, noise_seed_step, latent_image.dtype)
+    ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                 scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+    like = torch.empty(noise.shape, dtype=torch.float32, device=model.load_device)
+    sampler, _ = make_sampler(sampler_name, seed, ids, like)
+    samples = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler, ks.sigmas,
+                                    model_options=model.model_options, latent_image=latent_image,
+                                    denoise_mask=latent.get("noise_mask"), callback=callback,
+                                    disable_pbar=disable_pbar, seed=seed)
+    return samples.to(comfy.model_management.intermediate_device())

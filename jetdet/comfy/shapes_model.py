@@ -1,0 +1,123 @@
+"""The shapes model ComfyUI loads natively: an SD3-architecture MMDiT trained on :mod:`jetdet.models.shapes`.
+
+ComfyUI cannot load jetdet's bundled DiT, so fast-mode quality inside ComfyUI is measured on this second model.
+``comfy/model_detection.py`` detects it as SD3 (``joint_blocks``, hidden 128 = 2 blocks of 2 heads of 64), so
+ComfyUI's own ``Load Diffusion Model`` node loads it, ComfyUI's SD3 sampling settings apply (flow matching,
+shift 3), and ComfyUI's own wrappers, samplers and caching nodes act on it exactly as on a real SD3 checkpoint.
+Trained by ``bench/train_comfy_native.py``.
+
+Latent: ``[B, 16, 32, 32]`` (what ComfyUI's ``EmptySD3LatentImage`` gives for 256 x 256). In the model's space
+(after ComfyUI's ``process_latent_in``) channels 0-2 are the 32 x 32 RGB image in ``[-1, 1]`` and channels 3-15
+are zero; :func:`latent_to_image` and :func:`image_to_latent` convert (there is no VAE).
+
+Conditioning: a class index, not text. :func:`class_conditioning` gives ComfyUI's CONDITIONING for class ``k``:
+one context token ``[1, 1, 16]`` and a pooled vector ``[1, 16]``, both one-hot at ``k``; the unconditional
+branch is all zeros (what ComfyUI's ``ConditioningZeroOut`` makes of it), as the model was trained with 10 %
+of its labels dropped to zeros.
+
+Importing this module does not import ComfyUI; the functions that need it import it when called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models.shapes import NUM_CLASSES, SHAPE_CLASSES
+
+MODEL_FILE = Path(__file__).resolve().parent.parent / "data" / "comfy_shapes_sd3.safetensors"
+LATENT_CHANNELS = 16
+LATENT_SIZE = 32
+CONTEXT_DIM = 16
+CLASSES = SHAPE_CLASSES
+
+#: What ``comfy/model_detection.py`` reads back from the saved weights (checked by the tests).
+UNET_CONFIG = {
+    "depth": 2,
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "patch_size": 2,
+    "adm_in_channels": CONTEXT_DIM,
+    "context_embedder_config": {"target": "torch.nn.Linear",
+                                "params": {"in_features": CONTEXT_DIM, "out_features": 128}},
+    "num_patches": 256,
+    "pos_embed_max_size": 16,
+    "pos_embed_scaling_factor": None,
+}
+
+
+def check_label(label) -> int:
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_CLASSES:
+        names = ", ".join(f"{i}={n}" for i, n in enumerate(CLASSES))
+        raise ValueError(f"class_index: expected an int in [0, {NUM_CLASSES}) ({names}), got {label!r}")
+    return label
+
+
+def class_vectors(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels [B]`` (``-1`` = unconditional) -> (context ``[B, 1, 16]``, pooled ``[B, 16]``), one-hot / zeros."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    pooled = torch.zeros(labels.shape[0], CONTEXT_DIM)
+    keep = labels >= 0
+    pooled[keep, labels[keep]] = 1.0
+    return pooled[:, None, :].clone(), pooled
+
+
+def class_conditioning(label: int) -> list:
+    """ComfyUI CONDITIONING for class ``label`` (see the module docstring)."""
+    context, pooled = class_vectors(torch.tensor([check_label(label)]))
+    return [[context, {"pooled_output": pooled}]]
+
+
+def null_conditioning() -> list:
+    """The unconditional CONDITIONING (zeros), equal to ``ConditioningZeroOut`` of any class conditioning."""
+    context, pooled = class_vectors(torch.tensor([-1]))
+    return [[context, {"pooled_output": pooled}]]
+
+
+def _latent_format():
+    import comfy.latent_formats
+
+    return comfy.latent_formats.SD3()
+
+
+def latent_to_image(samples: torch.Tensor) -> torch.Tensor:
+    """A LATENT's ``samples [B, 16, 32, 32]`` (ComfyUI's space) -> images ``[B, 3, 32, 32]`` in ``[-1, 1]``."""
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 4 or tuple(samples.shape[1:]) != (
+            LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE):
+        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"samples: expected a shapes-model latent [B, {LATENT_CHANNELS}, {LATENT_SIZE}, "
+                         f"{LATENT_SIZE}], got {got}")
+    return _latent_format().process_in(samples.float())[:, :3]
+
+
+def image_to_latent(images: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, 3, 32, 32]`` in ``[-1, 1]`` -> LATENT ``samples [B, 16, 32, 32]`` in ComfyUI's space."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, LATENT_SIZE,
+                                                                                                LATENT_SIZE):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected [B, 3, {LATENT_SIZE}, {LATENT_SIZE}] in [-1, 1], got {got}")
+    model_space = torch.zeros(images.shape[0], LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
+    model_space[:, :3] = images.float()
+    return _latent_format().process_out(model_space)
+
+
+def to_comfy_image(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` in ``[-1, 1]`` -> ComfyUI IMAGE ``[B, H, W, 3]`` in ``[0, 1]``."""
+    return ((images.float().clamp(-1, 1) + 1) * 0.5).permute(0, 2, 3, 1).contiguous()
+
+
+def from_comfy_image(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B, H, W, C]`` in ``[0, 1]`` -> ``[B, C, H, W]`` in ``[-1, 1]``."""
+    return image.float().permute(0, 3, 1, 2) * 2 - 1
+
+
+def load_model(path=None):
+    """The shipped weights (or ``path``) as a ComfyUI ``ModelPatcher``, through ComfyUI's own detection."""
+    import comfy.sd
+    import comfy.utils
+
+    p = Path(path) if path is not None else MODEL_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"path: no shapes model at {p} (train it with bench/train_comfy_native.py)")
+    return comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(str(p), safe_load=True))

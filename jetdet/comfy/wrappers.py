@@ -1,0 +1,302 @@
+"""jetdet's modes on a ComfyUI ``ModelPatcher``: keyed wrappers on a clone, never changes to the model given.
+
+Everything here works on ``model.clone()`` and registers wrappers with ``add_wrapper_with_key`` under keys that
+start with ``jetdet.``; the input ``ModelPatcher``, its weights and its options are left as they are, so another
+branch of the graph that uses the original MODEL samples exactly as if jetdet were not there.
+
+* **Deterministic** (:func:`with_deterministic`): an ``APPLY_MODEL`` wrapper runs every model call inside
+  ``jetdet.mode("deterministic")`` (the batch-invariant ops) and :func:`jetdet.comfy.attention.sdpa_attention`
+  (ComfyUI's own SDPA attention, instead of the memory-dependent CPU attention or a non-invariant GPU one).
+  ``APPLY_MODEL`` is the one wrapper every model type of ComfyUI 0.3.64 calls; ``DIFFUSION_MODEL`` does not reach
+  SD3's MMDiT there.
+* **Fast** (:func:`with_fast`): an ``APPLY_MODEL`` wrapper puts jetdet's step cache
+  (:class:`jetdet.cache.StepCacheController`) in front of the model, per batch row and per CFG branch, and an
+  ``OUTER_SAMPLE`` wrapper gives every sampling run a fresh controller (so state never leaks from one run into
+  the next, whatever the sampler). See :class:`FastState`.
+* :func:`without_jetdet` removes both from a clone (mode "off").
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from ..patch.call import ModelCall
+from .attention import sdpa_attention
+
+PREFIX = "jetdet."
+KEY_DETERMINISTIC = "jetdet.deterministic"
+KEY_FAST = "jetdet.fast"
+KEY_COUNTER = "jetdet.counter"
+
+
+def _wrappers():
+    import comfy.patcher_extension as pe
+
+    return pe.WrappersMP
+
+
+def check_model(model, what: str = "model"):
+    """A ComfyUI ``ModelPatcher`` with a diffusion model, or a clear error naming what was given."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(model, "clone") or not hasattr(model, "add_wrapper_with_key"):
+        raise TypeError(f"{what}: expected a ComfyUI MODEL (a ModelPatcher), got {type(model).__name__}")
+    if not hasattr(inner, "apply_model") or not hasattr(inner, "model_sampling"):
+        raise TypeError(f"{what}: {type(inner).__name__} is not a diffusion model ComfyUI can sample (jetdet supports "
+                        "every model class derived from comfy.model_base.BaseModel)")
+    return model
+
+
+def jetdet_keys(model) -> dict[str, list[str]]:
+    """The jetdet wrapper keys on ``model``, per wrapper type."""
+    out = {}
+    for wtype, by_key in getattr(model, "wrappers", {}).items():
+        keys = [k for k in by_key if isinstance(k, str) and k.startswith(PREFIX)]
+        if keys:
+            out[wtype] = keys
+    return out
+
+
+def without_jetdet(model):
+    """A clone of ``model`` with every jetdet wrapper removed."""
+    m = check_model(model).clone()
+    for wtype, keys in jetdet_keys(m).items():
+        for k in keys:
+            m.remove_wrappers_with_key(wtype, k)
+    return m
+
+
+# --------------------------------------------------------------------------------------------- deterministic
+
+
+class DeterministicWrapper:
+    """``APPLY_MODEL`` wrapper: the call runs in ``jetdet.mode("deterministic")`` with ComfyUI's SDPA attention."""
+
+    def __init__(self, warn_only: bool = False):
+        self.warn_only = bool(warn_only)
+        self.calls = 0
+
+    def __call__(self, executor, *args, **kwargs):
+        import jetdet
+
+        self.calls += 1
+        with jetdet.mode("deterministic", warn_only=self.warn_only), sdpa_attention():
+            return executor(*args, **kwargs)
+
+
+def with_deterministic(model, warn_only: bool = False):
+    """A clone of ``model`` (with any other jetdet mode removed) whose model calls are deterministic."""
+    m = without_jetdet(model)
+    m.add_wrapper_with_key(_wrappers().APPLY_MODEL, KEY_DETERMINISTIC, DeterministicWrapper(warn_only))
+    return m
+
+
+def is_deterministic(model) -> bool:
+    return bool(model.get_wrappers(_wrappers().APPLY_MODEL, KEY_DETERMINISTIC))
+
+
+# ---------------------------------------------------------------------------------------------------- fast
+
+
+def _rows_of(v, bsz: int, rows: torch.Tensor):
+    if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == bsz:
+        return v.index_select(0, rows.to(v.device))
+    if isinstance(v, list) and v and all(isinstance(e, torch.Tensor) for e in v):
+        return [_rows_of(e, bsz, rows) for e in v]
+    return v
+
+
+class FastState:
+    """jetdet's step cache for one fast-mode MODEL (shared by its clones; one sampling run at a time).
+
+    The ``APPLY_MODEL`` wrapper sees ComfyUI's denoised prediction for a batch of rows ([cond; uncond] chunks, in
+    any layout ``calc_cond_batch`` chose). The controller caches and forecasts ``d = (x − denoised) / σ``, the
+    direction every k-diffusion sampler integrates (the velocity of a flow model, the noise of an ε model), per
+    row; a forecast row's denoised is ``x − d̂ σ`` at its own ``x``, a computed row's is the model's own, bit for
+    bit. Rows are keyed by their CFG branch (``cond_or_uncond``) and position, so batched and separate cond/uncond
+    calls form the same streams. Calls at ``σ = 0``, and calls with a ControlNet attached when only some rows would
+    run (its inputs are not row-sliceable), run the whole batch.
+
+    Each sampling run (``OUTER_SAMPLE``) gets a new controller with the run's sigma schedule as its
+    ``timesteps`` hint; its statistics stay readable until the next run (:meth:`stats`).
+    """
+
+    def __init__(self, linear_attention=None, attention_cache=None, **controller_options):
+        from ..cache import StepCacheController
+        from ..patch import attncache, linattn
+
+        StepCacheController(**controller_options)  # validate now, in the node, not at the first step
+        self.options = dict(controller_options)
+        self.linear_attention = linattn.parse_option(linear_attention)
+        self.attention_cache = attncache.parse_option(attention_cache)
+        if self.linear_attention and self.attention_cache:
+            raise ValueError("linear_attention, attention_cache: both replace the model's softmax attention; "
+                             "choose one")
+        self.controller = None
+        self.swap = None
+        self.cache = None
+        self.runs = 0
+        self.last_stats: dict | None = None
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------- budgets
+    def set_budgets(self, device=None, cpu=None, disk=None) -> None:
+        """Byte budgets of the cache tiers (``None`` = unlimited), from the next sampling run on."""
+        from ..cache import CacheManager
+
+        CacheManager(memory_budget_bytes=device, cpu_budget_bytes=cpu, disk_budget_bytes=disk)  # validates
+        self.options.update(memory_budget_bytes=device, cpu_budget_bytes=cpu, disk_budget_bytes=disk)
+
+    def clear(self) -> None:
+        """Drop the cached tensors of every tier now (the statistics of the last run are kept)."""
+        ctl = self.controller
+        if ctl is not None:
+            self.last_stats = self.stats()
+            ctl.clear()
+
+    def stats(self) -> dict:
+        if self.controller is None:
+            return dict(self.last_stats or {"runs": self.runs, "calls": 0})
+        s = self.controller.stats()
+        s["runs"] = self.runs
+        if self.swap is not None:
+            s["linear_attention"] = self.swap.stats()
+        if self.cache is not None:
+            s["attention_cache"] = self.cache.stats()
+        return s
+
+    # ---------------------------------------------------------------------------------------- wrappers
+    def outer_sample(self, executor, *args, **kwargs):
+        from ..cache import StepCacheController
+        from ..patch.attncache import AttentionCache
+        from ..patch.linattn import LinearAttentionSwap
+
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        opts = dict(self.options)
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= 2:
+            vals = [float(v) for v in sigmas.detach().reshape(-1).cpu()]
+            if all(b < a for a, b in zip(vals, vals[1:])):
+                opts.setdefault("timesteps", vals)
+        with self._lock:
+            if self.controller is not None:
+                self.controller.clear()
+            self.controller = ctl = StepCacheController(**opts)
+            self.swap = (LinearAttentionSwap(self.linear_attention, 1, 1, epoch_fn=ctl.epoch)
+                         if self.linear_attention else None)
+            self.cache = AttentionCache(self.attention_cache, epoch_fn=ctl.epoch) if self.attention_cache else None
+            self.runs += 1
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            with self._lock:
+                if self.controller is ctl:
+                    self.last_stats = self.stats()
+                    self.controller = self.swap = self.cache = None
+            ctl.clear()  # free the cached tensors; the statistics stay readable in last_stats
+
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                    **kwargs):
+        ctl = self.controller
+        if transformer_options is None:
+            transformer_options = {}
+        args = (c_concat, c_crossattn, control, transformer_options)
+        if ctl is None:  # called outside a sampling run (e.g. by another node's own loop): no cache
+            return executor(x, t, *args, **kwargs)
+        bsz = x.shape[0]
+        sig = t.reshape(-1).to(x.dtype)
+        if sig.numel() == 1 and bsz != 1:
+            sig = sig.expand(bsz)
+        if bool((sig == 0).any()):
+            return executor(x, t, *args, **kwargs)
+        chunks = transformer_options.get("cond_or_uncond") or [0]
+        per = bsz // len(chunks) if bsz % len(chunks) == 0 else bsz
+        cond = torch.tensor([float(chunks[min(r // per, len(chunks) - 1)]) for r in range(bsz)])
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        ran: dict = {}
+
+        def run(rows):
+            if rows is None or control is not None:
+                den = self._call(executor, x, t, args, kwargs)
+                xs, ss = x, sig
+                if rows is not None:
+                    den, xs, ss = den.index_select(0, rows), x.index_select(0, rows), sig.index_select(0, rows)
+            else:
+                a = [_rows_of(v, bsz, rows) for v in (x, t, c_concat, c_crossattn)]
+                kw = {k: _rows_of(v, bsz, rows) for k, v in kwargs.items()}
+                den = self._call(executor, a[0], a[1], (a[2], a[3], control, transformer_options), kw)
+                xs, ss = a[0], sig.index_select(0, rows)
+            ran["rows"], ran["den"] = rows, den
+            return (xs - den) / ss.reshape(shape)
+
+        d = ctl(ModelCall(x=x, t=sig, run=run, model_id=id(getattr(executor, "class_obj", None)), cond=cond))
+        if "den" in ran and ran["rows"] is None:
+            return ran["den"]  # the whole batch ran: the model's own output, bit for bit
+        out = x - d * sig.reshape(shape)
+        if "den" in ran:
+            out.index_copy_(0, ran["rows"].to(out.device), ran["den"].to(out.dtype))
+        return out
+
+    def _call(self, executor, x, t, args, kwargs):
+        if self.swap is None and self.cache is None:
+            return executor(x, t, *args, **kwargs)
+        with sdpa_attention():  # both intercept F.scaled_dot_product_attention, so the model must call it
+            if self.swap is not None:
+                with self.swap.mode(t):
+                    out = executor(x, t, *args, **kwargs)
+                self.swap.after_forward()
+                return out
+            with self.cache.mode(t) as m:
+                out = executor(x, t, *args, **kwargs)
+            self.cache.after_forward(m)
+            return out
+
+
+def with_fast(model, **options) -> tuple:
+    """A clone of ``model`` (with any other jetdet mode removed) with the step cache; returns ``(clone, state)``.
+    ``options``: every :class:`jetdet.cache.StepCacheController` option, plus ``linear_attention`` and
+    ``attention_cache`` as in :func:`jetdet.patch`."""
+    state = FastState(**options)
+    m = without_jetdet(model)
+    w = _wrappers()
+    m.add_wrapper_with_key(w.OUTER_SAMPLE, KEY_FAST, state.outer_sample)
+    m.add_wrapper_with_key(w.APPLY_MODEL, KEY_FAST, state.apply_model)
+    return m, state
+
+
+def fast_state(model) -> FastState | None:
+    """The :class:`FastState` of a fast-mode MODEL, or None."""
+    for fn in model.get_wrappers(_wrappers().APPLY_MODEL, KEY_FAST):
+        st = getattr(fn, "__self__", None)
+        if isinstance(st, FastState):
+            return st
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ counting
+
+
+class CallCounter:
+    """``APPLY_MODEL`` wrapper counting model calls and batch rows actually evaluated (innermost: register it
+    last, so it sees only the calls that reach the model)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, executor, *args, **kwargs):
+        self.calls += 1
+        self.rows += int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) else 0
+        return executor(*args, **kwargs)
+
+
+def with_counter(model) -> tuple:
+    m = check_model(model).clone()
+    counter = CallCounter()
+    m.add_wrapper_with_key(_wrappers().APPLY_MODEL, KEY_COUNTER, counter)
+    return m, counter
+
+
+def finite_or_none(v):
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None

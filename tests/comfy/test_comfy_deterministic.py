@@ -1,0 +1,118 @@
+"""JetDetDeterministicSampler in real ComfyUI: item i of a batch is bit-identical to a batch-1 run of that item
+with batch_offset=i, for every sampler that draws noise, under memory-driven cond/uncond batching and across
+thread counts; ComfyUI's own KSampler is not (negative control)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import require_comfyui
+
+require_comfyui()
+from _comfy_util import det_sample, items_equal_to_singles, no_free_memory, stock_ksampler, with_call_log
+
+ACCEPTANCE_SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "heun", "lms"]
+
+
+@pytest.mark.parametrize("sampler", ACCEPTANCE_SAMPLERS)
+def test_items_equal_their_batch1_runs(shapes_patcher, shapes_conds, sampler):
+    assert items_equal_to_singles(shapes_patcher, *shapes_conds, sampler, batch=4, steps=6) == [True] * 4
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m_sde"])
+def test_stock_ksampler_differs_negative_control(shapes_patcher, shapes_conds, sampler):
+    # the issue's measurement: batch 4 against batch-1 runs of each item with the same initial noise (noise_inds)
+    from _comfy_util import empty_latent
+
+    full = stock_ksampler(shapes_patcher, *shapes_conds, empty_latent(4), sampler, steps=6)
+    same = []
+    for i in range(4):
+        lat = empty_latent(1)
+        lat["batch_index"] = [i]
+        same.append(torch.equal(full[i], stock_ksampler(shapes_patcher, *shapes_conds, lat, sampler, steps=6)[0]))
+    assert not all(same), f"{sampler}: ComfyUI's KSampler happened to be batch invariant here: {same}"
+    if sampler != "euler":  # ancestral/SDE step noise is drawn for the whole batch: items 1-3 are other images
+        assert same[1:] == [False] * 3
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_sde"])
+def test_cond_uncond_run_separately_give_the_same_bits(shapes_patcher, shapes_conds, sampler):
+    logged, log = with_call_log(shapes_patcher)
+    together, _ = det_sample(logged, *shapes_conds, 3, sampler, steps=4)
+    assert set(log.sizes) == {6}  # [cond; uncond] of 3 items in one call
+    log.sizes.clear()
+    with no_free_memory():  # ComfyUI then runs cond and uncond as separate calls (and would chunk its attention)
+        apart, _ = det_sample(logged, *shapes_conds, 3, sampler, steps=4)
+        single, _ = det_sample(logged, *shapes_conds, 1, sampler, steps=4, offset=2)
+    assert set(log.sizes) == {3, 1}
+    assert torch.equal(together, apart)
+    assert torch.equal(together[2], single[0])
+
+
+def test_stock_sampling_under_memory_pressure_differs_negative_control(shapes_patcher, shapes_conds):
+    from _comfy_util import empty_latent
+
+    a = stock_ksampler(shapes_patcher, *shapes_conds, empty_latent(3), "euler", steps=4)
+    with no_free_memory():
+        b = stock_ksampler(shapes_patcher, *shapes_conds, empty_latent(3), "euler", steps=4)
+    assert not torch.equal(a, b)
+
+
+def test_one_and_two_threads_give_the_same_bits(shapes_patcher, shapes_conds, restore_threads):
+    torch.set_num_threads(1)
+    one, _ = det_sample(shapes_patcher, *shapes_conds, 4, "dpmpp_2m_sde", steps=4)
+    single, _ = det_sample(shapes_patcher, *shapes_conds, 1, "dpmpp_2m_sde", steps=4, offset=3)
+    torch.set_num_threads(2)
+    two, _ = det_sample(shapes_patcher, *shapes_conds, 4, "dpmpp_2m_sde", steps=4)
+    assert torch.equal(one, two)
+    assert torch.equal(one[3], single[0])
+
+
+def _noise_samplers():
+    import comfy.samplers
+
+    from jetdet.comfy.runtime import import_comfyui  # noqa: F401 - the fixture has imported ComfyUI by now
+    from jetdet.comfy.sampling import draws_noise
+
+    return [s for s in comfy.samplers.KSampler.SAMPLERS if draws_noise(s)]
+
+
+def test_every_noise_drawing_sampler_is_per_item(shapes_patcher, shapes_conds):
+    names = _noise_samplers()
+    assert {"euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "er_sde", "sa_solver", "lcm",
+            "ddpm", "seeds_2", "seeds_3"} <= set(names)
+    bad = {}
+    for s in names:
+        eq = items_equal_to_singles(shapes_patcher, *shapes_conds, s, batch=2, steps=3)
+        if eq != [True, True]:
+            bad[s] = eq
+    assert not bad, f"samplers whose items differ from their batch-1 runs: {bad}"
+
+
+def test_batch_index_keeps_an_items_noise(shapes_patcher, shapes_conds):
+    # an item picked out of a batch (LatentFromBatch sets batch_index) samples as it did inside the batch
+    from _comfy_util import empty_latent
+
+    from jetdet.comfy.nodes import JetDetDeterministicSampler
+
+    full, _ = det_sample(shapes_patcher, *shapes_conds, 3, "euler_ancestral", steps=4, offset=10)
+    lat = empty_latent(1)
+    lat["batch_index"] = [2]
+    out = JetDetDeterministicSampler.execute(shapes_patcher, 7, 4, 4.0, "euler_ancestral", "simple", *shapes_conds,
+                                             lat, 1.0, 10).args[0]
+    assert torch.equal(out["samples"][0], full[2])
+
+
+def test_checksums_and_fingerprint_outputs(shapes_patcher, shapes_conds):
+    import json
+
+    from _comfy_util import empty_latent
+
+    import jetdet
+    from jetdet.comfy.nodes import JetDetDeterministicSampler
+
+    out, sums, fp = JetDetDeterministicSampler.execute(shapes_patcher, 5, 3, 4.0, "euler", "simple", *shapes_conds,
+                                                       empty_latent(2), 1.0, 4).args
+    lines = sums.splitlines()
+    assert lines == [f"item {4 + i}: {jetdet.checksum(out['samples'][i:i + 1])}" for i in range(2)]
+    assert json.loads(fp)["torch"] == torch.__version__

@@ -1,0 +1,131 @@
+"""JetDetFastOptimizer / Mode Switch (fast) / Cache Manager in real ComfyUI: budget 0 is the model bit for bit,
+state resets per sampling run, cond/uncond layouts form the same streams, the byte budget holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import require_comfyui
+
+require_comfyui()
+from _comfy_util import empty_latent, no_free_memory, with_call_log
+
+from jetdet.comfy import wrappers as wr
+from jetdet.comfy.nodes import JetDetCacheManager, JetDetFastOptimizer, JetDetModeSwitch
+
+
+def _plain(model, pos, neg, batch=2, sampler="euler", steps=8, seed=3):
+    from jetdet.comfy.sampling import sample
+
+    return sample(model, seed, steps, 4.0, sampler, "simple", pos, neg, empty_latent(batch))
+
+
+def _fast(model, budget, **kw):
+    opts = dict(budget=budget, start_percent=0.0, end_percent=0.0, forecast="order1", max_consecutive_skips=8)
+    opts.update(kw)
+    return JetDetFastOptimizer.execute(model, **opts).args[0]
+
+
+def test_budget_zero_is_the_model_bit_for_bit(shapes_patcher, shapes_conds):
+    ref = _plain(shapes_patcher, *shapes_conds, sampler="heun", steps=5)
+    fast = _fast(shapes_patcher, 0.0)
+    assert torch.equal(_plain(fast, *shapes_conds, sampler="heun", steps=5), ref)
+    assert wr.fast_state(fast).stats()["calls_saved"] == 0
+
+
+def test_fast_skips_calls_and_stays_close(shapes_patcher, shapes_conds):
+    logged, plain_log = with_call_log(shapes_patcher)
+    ref = _plain(logged, *shapes_conds, steps=12)
+    fast = _fast(shapes_patcher, 0.2)
+    logged_fast, fast_log = with_call_log(fast)
+    out = _plain(logged_fast, *shapes_conds, steps=12)
+    s = wr.fast_state(fast).stats()
+    assert len(plain_log.sizes) == 12 and s["calls"] == 12
+    assert s["calls_run"] == len(fast_log.sizes) < 12  # skipped calls never reach the model
+    assert s["rows_run"] == sum(fast_log.sizes)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.2, rel
+
+
+def test_state_resets_for_every_sampling_run(shapes_patcher, shapes_conds):
+    fast = _fast(shapes_patcher, 0.2)
+    a = _plain(fast, *shapes_conds, steps=10)
+    s1 = wr.fast_state(fast).stats()
+    b = _plain(fast, *shapes_conds, steps=10)
+    s2 = wr.fast_state(fast).stats()
+    assert torch.equal(a, b)  # nothing of run 1 leaks into run 2
+    assert s2["runs"] == 2 and s2["calls"] == s1["calls"] and s2["calls_run"] == s1["calls_run"]
+    # a second-order sampler (two model calls per step, one at a repeated sigma) after a first-order one
+    c = _plain(fast, *shapes_conds, sampler="heun", steps=6)
+    d = _plain(_fast(shapes_patcher, 0.2), *shapes_conds, sampler="heun", steps=6)
+    assert torch.equal(c, d)
+
+
+def test_separate_cond_uncond_forms_the_same_streams(shapes_patcher, shapes_conds):
+    fast = _fast(shapes_patcher, 0.2)
+    together = _plain(fast, *shapes_conds, steps=10)
+    st = wr.fast_state(fast).stats()
+    with no_free_memory():
+        apart = _plain(fast, *shapes_conds, steps=10)
+    sa = wr.fast_state(fast).stats()
+    assert sa["calls"] == 2 * st["calls"]  # cond and uncond as two calls per step
+    assert sa["rows_saved"] == st["rows_saved"] > 0  # the same rows skipped at the same steps
+    assert ((together - apart).norm() / together.norm()).item() < 1e-3
+
+
+def test_byte_budget_holds_and_spills(shapes_patcher, shapes_conds):
+    fast = _fast(shapes_patcher, 0.2)
+    item = 16 * 32 * 32 * 4
+    limited = JetDetCacheManager.execute("set_budget", fast, device_budget_mb=3 * item / 2**20, cpu_budget_mb=-1,
+                                         disk_budget_mb=0).args[0]
+    assert limited is not fast
+    out = _plain(limited, *shapes_conds, batch=2, steps=10)
+    s = wr.fast_state(limited).stats()
+    m = s["manager"]
+    assert 0 < s["bytes"]["device"] <= 3 * item and m["spilled_to_cpu"] > 0  # held at the end of the run
+    assert torch.isfinite(out).all()
+    # the input model's own cache keeps its (unlimited) budget
+    assert wr.fast_state(fast).options.get("memory_budget_bytes") is None
+
+
+def test_cache_manager_stats_and_clear(shapes_patcher, shapes_conds):
+    fast = _fast(shapes_patcher, 0.2)
+    _plain(fast, *shapes_conds, steps=8)
+    report = JetDetCacheManager.execute("stats", fast).args[3]
+    assert "calls 8" in report and "hits" in report and "bytes per tier" in report
+    report = JetDetCacheManager.execute("clear", fast).args[3]
+    assert report.startswith("cleared")
+    with pytest.raises(ValueError, match="no jetdet step cache"):
+        JetDetCacheManager.execute("stats", shapes_patcher)
+
+
+def test_recall_is_bit_exact_and_detects_a_changed_file(tmp_path):
+    lat = {"samples": torch.randn(2, 16, 8, 8)}
+    folder = str(tmp_path)
+    out = JetDetCacheManager.execute("store", key="run-1.latent", latent=lat, folder=folder).args
+    assert torch.equal(out[1]["samples"], lat["samples"])
+    back = JetDetCacheManager.execute("recall", key="run-1.latent", folder=folder).args
+    assert torch.equal(back[1]["samples"], lat["samples"]) and back[2] is None
+    img = torch.rand(1, 8, 8, 3)
+    JetDetCacheManager.execute("store", key="pic", image=img, folder=folder)
+    assert torch.equal(JetDetCacheManager.execute("recall", key="pic", folder=folder).args[2], img)
+    path = tmp_path / "run-1.latent.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        JetDetCacheManager.execute("recall", key="run-1.latent", folder=folder)
+    with pytest.raises(ValueError, match="key:"):
+        JetDetCacheManager.execute("store", key="../escape", latent=lat, folder=folder)
+    with pytest.raises(FileNotFoundError, match="nothing stored"):
+        JetDetCacheManager.execute("recall", key="never", folder=folder)
+
+
+def test_mode_switch_modes(shapes_patcher, shapes_conds):
+    det = JetDetModeSwitch.execute(shapes_patcher, "deterministic", 0.05, True).args[0]
+    assert wr.is_deterministic(det) and wr.fast_state(det) is None
+    fast = JetDetModeSwitch.execute(det, "fast", 0.1, True).args[0]
+    assert wr.fast_state(fast) is not None and not wr.is_deterministic(fast)
+    off = JetDetModeSwitch.execute(fast, "off", 0.1, True).args[0]
+    assert wr.jetdet_keys(off) == {}
+    assert wr.jetdet_keys(shapes_patcher) == {}

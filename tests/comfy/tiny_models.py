@@ -1,0 +1,60 @@
+"""Tiny ComfyUI-native models with no downloads, for the node tests and the op audit.
+
+Each builder constructs the model from ComfyUI's own class, writes every tensor of its state dict (ComfyUI's
+layers leave memory unwritten) with small random weights so a forward stays finite, and the state dict is loaded
+back through ``comfy.sd.load_diffusion_model_state_dict``: ComfyUI's own detection decides the model type,
+exactly as for a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _ops():
+    import comfy.ops
+
+    return comfy.ops.disable_weight_init  # leaves weights unwritten: _finish writes every tensor
+
+
+def _finish(model, seed: int, scale: float = 0.5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            w = torch.randn(v.shape, generator=g) * (scale / max(1.0, v.shape[-1] ** 0.5) if v.dim() > 1 else 0.02)
+            if k.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "ln_q.weight",
+                           "ln_k.weight", "norm_q.weight", "norm_k.weight")) or ".norm" in k and k.endswith(".weight"):
+                w = 1.0 + 0.02 * torch.randn(v.shape, generator=g)
+            sd[k] = w.to(v.dtype)
+        else:
+            sd[k] = v.clone()
+    return sd
+
+
+def sd15_state_dict(seed: int = 0) -> dict:
+    """An SD1.5 UNet at the smallest size ComfyUI still detects as SD1.5: 320 channels, one level, one res block,
+    one transformer block, context 768."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    model = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+                      channel_mult=[1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
+                      transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
+                      context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
+                      use_temporal_attention=False, dtype=torch.float32, operations=_ops())
+    return _finish(model, seed)
+
+
+def wan21_state_dict(seed: int = 0) -> dict:
+    """A Wan 2.1 text-to-video DiT: dim 256 (2 heads of 128), 2 layers, ffn 512."""
+    from comfy.ldm.wan.model import WanModel
+
+    model = WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=256, ffn_dim=512, freq_dim=256,
+                     text_dim=4096, out_dim=16, num_heads=2, num_layers=2, dtype=torch.float32, operations=_ops())
+    return _finish(model, seed)
+
+
+def load(state_dict: dict):
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(state_dict)
