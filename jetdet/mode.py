@@ -440,10 +440,15 @@ def _h_einsum(func, args, kwargs):
     if eq is None or kwargs or not all(isinstance(t, torch.Tensor) for t in operands):
         return _fallback(func, args, kwargs, "einsum call form not recognised")
     eq = eq.replace(" ", "")
-    if "..." in eq or "->" not in eq:
-        return _fallback(func, args, kwargs, f"einsum '{eq}' (ellipsis or implicit output)")
+    if "->" not in eq:
+        return _fallback(func, args, kwargs, f"einsum '{eq}' (implicit output)")
     lhs, out_s = eq.split("->")
     ins = lhs.split(",")
+    if "..." in eq:  # broadcast dims: fine when nothing is summed ("...n,d->...nd", RoPE tables)
+        letters_in = set("".join(ins).replace(".", ""))
+        if ("..." in out_s or not any("..." in s for s in ins)) and letters_in <= set(out_s.replace(".", "")):
+            return func(*args, **kwargs)
+        return _fallback(func, args, kwargs, f"einsum '{eq}' (ellipsis with a sum)")
     if len(ins) != len(operands) or any(len(s) != t.dim() for s, t in zip(ins, operands)):
         return func(*args, **kwargs)  # let torch raise its own error
     if any(len(set(s)) != len(s) for s in ins) or len(set(out_s)) != len(out_s):

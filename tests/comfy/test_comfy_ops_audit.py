@@ -1,0 +1,112 @@
+"""Which torch functions ComfyUI's models call in deterministic mode, found by running them (SD3's MMDiT, Wan 2.1,
+the SD1.5 UNet): every one is routed to a batch-invariant op or is exact per element (elementwise math, views,
+shape and creation ops). A function outside both lists fails the test, so a ComfyUI update that brings in, say,
+an unrouted reduction is caught here instead of silently breaking the guarantee."""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+import pytest
+import torch
+from conftest import require_comfyui
+from torch.overrides import TorchFunctionMode
+
+require_comfyui()
+import comfy.sample
+import tiny_models as tm
+
+import jetdet.mode  # noqa: F401
+from jetdet.comfy import shapes_model as sm
+from jetdet.comfy import wrappers as wr
+
+ROUTER = sys.modules["jetdet.mode"]
+
+# exact per element whatever the batch: elementwise arithmetic and activations, views and layout, creation,
+# indexing, comparisons, dtype/device moves, and Python-level tensor protocol calls
+EXACT = {
+    "Tensor.__len__", "Tensor.__rsub__", "Tensor.__rdiv__", "Tensor.__rpow__", "Tensor.unflatten",
+    "TensorBase.__bool__", "TensorBase.__float__", "TensorBase.__getitem__", "TensorBase.__setitem__",
+    "TensorBase.add", "TensorBase.add_", "TensorBase.addcmul_", "TensorBase.sub", "TensorBase.mul", "TensorBase.div",
+    "TensorBase.div_", "TensorBase.neg", "TensorBase.pow", "TensorBase.abs", "TensorBase.log", "TensorBase.gt",
+    "TensorBase.argmin", "TensorBase.chunk", "TensorBase.unbind", "TensorBase.narrow", "TensorBase.contiguous",
+    "TensorBase.detach", "TensorBase.element_size", "TensorBase.flatten", "TensorBase.float", "TensorBase.type",
+    "TensorBase.type_as", "TensorBase.is_floating_point", "TensorBase.movedim", "TensorBase.new_ones",
+    "TensorBase.numel", "TensorBase.permute", "TensorBase.repeat", "TensorBase.reshape", "TensorBase.size",
+    "TensorBase.to", "TensorBase.transpose", "TensorBase.unsqueeze", "TensorBase.view",
+    "_VariableFunctionsClass._has_compatible_shallow_copy_type", "_VariableFunctionsClass.addcmul",
+    "_VariableFunctionsClass.arange", "_VariableFunctionsClass.cat", "_VariableFunctionsClass.stack",
+    "_VariableFunctionsClass.cos", "_VariableFunctionsClass.sin", "_VariableFunctionsClass.exp",
+    "_VariableFunctionsClass.sqrt", "_VariableFunctionsClass.pow", "_VariableFunctionsClass.outer",
+    "_VariableFunctionsClass.linspace", "_VariableFunctionsClass.count_nonzero", "_VariableFunctionsClass.empty",
+    "_VariableFunctionsClass.ones_like", "_VariableFunctionsClass.zeros", "_VariableFunctionsClass.zeros_like",
+    "_VariableFunctionsClass.randn", "_parse_to", "_set_grad_enabled", "device", "dropout", "gelu", "silu", "pad",
+    "getset_descriptor.__get__", "getset_descriptor.__set__",
+}
+
+
+class Spy(TorchFunctionMode):
+    """Records every torch function the router does not route (pushed inside the router, so it sees them first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in ROUTER._HANDLERS:
+            self.seen[getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class SpyWrapper:
+    def __init__(self):
+        self.spy = Spy()
+
+    def __call__(self, executor, *args, **kwargs):
+        with self.spy:
+            return executor(*args, **kwargs)
+
+
+def audit(model, shape, pos, neg) -> collections.Counter:
+    import comfy.patcher_extension as pe
+
+    m = wr.with_deterministic(model)
+    sw = SpyWrapper()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "jetdet.test.spy", sw)  # inside the deterministic wrapper
+    comfy.sample.sample(m, torch.randn(shape), 2, 4.0, "euler", "simple", pos, neg, torch.zeros(shape),
+                        disable_pbar=True, seed=1)
+    return sw.spy.seen
+
+
+CASES = {
+    "sd3": (lambda: sm.load_model(), (2, 16, 32, 32), lambda: (sm.class_conditioning(1), sm.null_conditioning())),
+    "wan21": (lambda: tm.load(tm.wan21_state_dict()), (1, 16, 1, 8, 8),
+              lambda: ([[torch.randn(1, 6, 4096) * 0.1, {}]], [[torch.zeros(1, 6, 4096), {}]])),
+    "sd15": (lambda: tm.load(tm.sd15_state_dict()), (1, 4, 8, 8),
+             lambda: ([[torch.randn(1, 77, 768) * 0.1, {}]], [[torch.zeros(1, 77, 768), {}]])),
+}
+
+
+@pytest.mark.filterwarnings("error:jetdet deterministic mode")  # a fallback is a failure here
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_call_is_routed_or_exact_per_element(comfy_dir, name):
+    make, shape, conds = CASES[name]
+    seen = audit(make(), shape, *conds())
+    unknown = {f: n for f, n in seen.items() if f not in EXACT}
+    assert not unknown, (f"{name}: torch functions neither routed by jetdet nor known to be exact per element: "
+                         f"{unknown}; route them (jetdet/mode.py) or, if exact per element, add them to EXACT")
+
+
+def test_the_audit_catches_an_unrouted_reduction(comfy_dir):
+    # negative control: a model call that takes a mean over a row is reported
+    spy = Spy()
+    with jetdet_det(), spy:
+        torch.randn(4, 8).mean(dim=-1)
+    assert "TensorBase.mean" in spy.seen and "TensorBase.mean" not in EXACT
+
+
+def jetdet_det():
+    import jetdet
+
+    return jetdet.mode("deterministic")

@@ -1,0 +1,97 @@
+"""Router coverage found by running ComfyUI's models: einsum and conv3d are routed, other convolution forms fall
+back with the named warning. Batch invariance is checked bitwise with prefix and needle comparisons; mode off is
+the negative control where torch's own kernels differ."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jetdet
+
+
+def _det(fn, *a, **k):
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        return fn(*a, **k)
+
+
+@pytest.mark.parametrize("eq,shapes", [
+    ("b i d, b j d -> b i j", [(5, 37, 24), (5, 29, 24)]),  # ComfyUI's basic/split attention scores
+    ("b i j, b j d -> b i d", [(5, 37, 29), (5, 29, 24)]),  # ... and their values
+    ("bhnd,bhmd->bhnm", [(3, 2, 17, 8), (3, 2, 11, 8)]),
+    ("nd,od->no", [(40, 24), (19, 24)]),                    # a linear layer written as an einsum
+])
+def test_contractions_match_torch_and_are_batch_invariant(eq, shapes):
+    a, b = (torch.randn(*s) for s in shapes)
+    out = _det(torch.einsum, eq, a, b)
+    ref = torch.einsum(eq, a.double(), b.double()).float()
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 2e-5 * max(1.0, ref.abs().max().item())
+    for k in (1, 2, a.shape[0] - 1):  # prefix: the first k items alone equal the first k items of the batch
+        assert torch.equal(_det(torch.einsum, eq, a[:k], b[:k] if b.shape[0] == a.shape[0] and eq[0] != "n" else b),
+                           out[:k])
+
+
+def test_einsum_without_a_sum_runs_unchanged():
+    x = torch.randn(2, 3, 4, 2, 2, 5)
+    assert torch.equal(_det(torch.einsum, "nhwpqc->nchpwq", x), torch.einsum("nhwpqc->nchpwq", x))
+    p, w = torch.arange(6.0), torch.randn(4)
+    assert torch.equal(_det(torch.einsum, "m,d->md", p, w), torch.outer(p, w))
+    pos = torch.randn(2, 7)  # Flux/Wan RoPE tables: "...n,d->...nd"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(_det(torch.einsum, "...n,d->...nd", pos, w), torch.einsum("...n,d->...nd", pos, w))
+
+
+def test_einsum_forms_it_cannot_take_fall_back_with_the_warning():
+    sys.modules["jetdet.mode"]._warned.clear()
+    x = torch.randn(3, 4, 4)
+    with pytest.warns(UserWarning, match="einsum falls back to torch .*repeated index"):
+        out = _det(torch.einsum, "bii->bi", x)
+    assert torch.equal(out, torch.einsum("bii->bi", x))
+    with pytest.warns(UserWarning, match="einsum falls back to torch .*ellipsis with a sum"):
+        _det(torch.einsum, "...ij,...jk->...ik", x, x)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [((1, 2, 2), (1, 2, 2), 0), ((3, 3, 3), (2, 1, 1), (1, 1, 0))])
+def test_conv3d_matches_torch_and_is_batch_invariant(kernel, stride, padding):
+    x = torch.randn(4, 3, 5, 8, 8)
+    w = torch.randn(6, 3, *kernel) * 0.3
+    b = torch.randn(6)
+    out = _det(F.conv3d, x, w, b, stride=stride, padding=padding)
+    ref = F.conv3d(x.double(), w.double(), b.double(), stride=stride, padding=padding).float()
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 2e-5 * max(1.0, ref.abs().max().item())
+    for k in (1, 2, 3):
+        assert torch.equal(_det(F.conv3d, x[:k], w, b, stride=stride, padding=padding), out[:k])
+    needle = _det(F.conv3d, x[2:3], w, b, stride=stride, padding=padding)
+    assert torch.equal(needle[0], out[2])
+
+
+def test_other_convolutions_warn_by_name():
+    sys.modules["jetdet.mode"]._warned.clear()
+    x, w = torch.randn(2, 3, 16), torch.randn(4, 3, 3)
+    with pytest.warns(UserWarning, match="conv1d falls back to torch"):
+        out = _det(F.conv1d, x, w)
+    assert torch.equal(out, F.conv1d(x, w))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _det(F.conv1d, x, w)  # one warning per op and reason
+    with pytest.warns(UserWarning, match="conv_transpose2d falls back to torch"):
+        _det(F.conv_transpose2d, torch.randn(1, 3, 4, 4), torch.randn(3, 2, 3, 3))
+
+
+def test_negative_control_torch_einsum_and_conv3d_depend_on_the_batch():
+    # what the routing buys: with the mode off, row 0 of a 257-row einsum linear and item 0 of a batch-8 conv3d
+    # differ from the same row/item computed alone (MKL / oneDNN pick other kernels for other sizes)
+    torch.manual_seed(0)
+    a, b = torch.randn(257, 96), torch.randn(88, 96)
+    assert not torch.equal(torch.einsum("nd,od->no", a[:1], b)[0], torch.einsum("nd,od->no", a, b)[0])
+    assert torch.equal(_det(torch.einsum, "nd,od->no", a[:1], b)[0], _det(torch.einsum, "nd,od->no", a, b)[0])
+    x, w = torch.randn(8, 3, 5, 8, 8), torch.randn(6, 3, 1, 2, 2)
+    assert not torch.equal(F.conv3d(x[:1], w, stride=(1, 2, 2))[0], F.conv3d(x, w, stride=(1, 2, 2))[0])
+    assert torch.equal(_det(F.conv3d, x[:1], w, stride=(1, 2, 2))[0], _det(F.conv3d, x, w, stride=(1, 2, 2))[0])
