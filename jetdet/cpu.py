@@ -50,17 +50,25 @@ def _pad_cols(b: torch.Tensor) -> torch.Tensor:
 
 
 # Packed right-hand sides of nn.Parameter weights (fp32, contiguous, N padded), keyed by the Parameter and
-# checked against its version counter, so an in-place update (optimizer step, load_state_dict) repacks.
-# Re-packing a DiT linear's weight on every call cost ~25 us of ~200 us (measured, 1 thread).
+# checked against its data pointer and version counter, so an in-place update (optimizer step, load_state_dict,
+# `param.copy_`) or new data (`param.data = t`) repacks. Re-packing a DiT linear's weight on every call cost
+# ~25 us of ~200 us (measured, 1 thread). Not cached: inference tensors (created under torch.inference_mode(), as
+# ComfyUI loads every model), which keep no version counter, so an in-place update could not be seen. A write
+# through `param.data.copy_()` bypasses the version counter too; call clear_weight_cache() after one.
 _packed: dict[int, tuple] = {}
+
+
+def clear_weight_cache() -> None:
+    """Drop every packed weight (needed only after in-place writes through ``param.data``)."""
+    _packed.clear()
 
 
 def _cached_pack(b: torch.Tensor, tag: str, make):
     owner = b._base if b._base is not None else b
-    if not isinstance(owner, torch.nn.Parameter):
+    if not isinstance(owner, torch.nn.Parameter) or owner.is_inference():
         return make()
     key = (id(owner), tag)
-    sig = (tuple(b.shape), b.stride(), b.storage_offset(), b.dtype, owner._version)
+    sig = (tuple(b.shape), b.stride(), b.storage_offset(), b.dtype, owner.data_ptr(), owner._version)
     ent = _packed.get(key)
     if ent is not None and ent[0]() is owner and ent[1] == sig:
         return ent[2]

@@ -150,3 +150,38 @@ def test_router_direct_cpu_route_keeps_clear_errors():
             F.layer_norm(torch.randn(2, 6), (5,))
         with pytest.raises(ValueError, match="normalized_shape"):
             F.layer_norm(torch.randn(2, 6), 5)
+
+
+def test_packed_weights_follow_every_kind_of_weight_update():
+    # jetdet.cpu caches the packed right-hand side of a Parameter; a stale pack would be silently wrong numbers
+    import jetdet.cpu
+
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(5, 24)
+
+    def det():
+        with torch.no_grad(), jetdet.mode("deterministic"):
+            return lin(x)
+
+    def ref():
+        return torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double()).float()
+
+    def close(a, b):
+        return (a - b).abs().max().item() < 1e-4
+
+    assert close(det(), ref())
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: the version counter moves
+    assert close(det(), ref())
+    lin.weight.data = torch.randn(40, 24)  # new data, same shape
+    assert close(det(), ref())
+    lin.weight.data.copy_(torch.randn(40, 24))  # bypasses the version counter (documented): clear the cache
+    jetdet.cpu.clear_weight_cache()
+    assert close(det(), ref())
+    with torch.inference_mode():  # ComfyUI loads models under inference mode: such weights are never cached
+        inf = torch.nn.Linear(24, 40)
+        y1 = jetdet.ops.linear(x, inf.weight, inf.bias)
+        inf.weight.add_(1.0)  # an in-place update with no version counter to see it by
+        y2 = jetdet.ops.linear(x, inf.weight, inf.bias)
+        assert close(y2, torch.nn.functional.linear(x, inf.weight, inf.bias))
+        assert not torch.equal(y1, y2)
