@@ -96,7 +96,9 @@ def _scratch_buffer(tag: str, shape: tuple, like: torch.Tensor, zero: bool = Fal
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
-    key = (tag, shape, like.device)
+    # a buffer made under torch.inference_mode() is an inference tensor that cannot be written outside it (and
+    # ComfyUI runs every node under inference mode): keep one per mode
+    key = (tag, shape, like.device, torch.is_inference_mode_enabled())
     buf = bufs.pop(key, None)
     if buf is None:
         make = torch.zeros if zero else torch.empty

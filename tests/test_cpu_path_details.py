@@ -185,3 +185,16 @@ def test_packed_weights_follow_every_kind_of_weight_update():
         y2 = jetdet.ops.linear(x, inf.weight, inf.bias)
         assert close(y2, torch.nn.functional.linear(x, inf.weight, inf.bias))
         assert not torch.equal(y1, y2)
+
+
+def test_scratch_buffers_work_in_and_out_of_inference_mode():
+    # ComfyUI runs nodes under torch.inference_mode(); a scratch buffer made there is an inference tensor that
+    # cannot be written outside it, so the same conv must work in either order
+    x, w = torch.randn(2, 3, 9, 9), torch.randn(5, 3, 3, 3)
+    with torch.inference_mode(), jetdet.mode("deterministic"):
+        a = torch.nn.functional.conv2d(x, w, padding=1)
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        b = torch.nn.functional.conv2d(x, w, padding=1)
+    with torch.inference_mode(), jetdet.mode("deterministic"):
+        c = torch.nn.functional.conv2d(x, w, padding=1)
+    assert torch.equal(a, b) and torch.equal(b, c)
