@@ -59,3 +59,10 @@ def test_checkout_kernels_folder_never_shadows_a_top_level_kernels():
                          cwd=ROOT).stdout.split()
     installed = any(True for _ in importlib.metadata.distributions(name="kernels"))
     assert out == (["imported", "False"] if installed else ["ImportError", "kernels"]), out
+
+
+def test_jetdet_and_jetdet_comfy_import_no_comfyui():
+    probe = ("import sys, jetdet, jetdet.comfy, jetdet.comfy.runtime, jetdet.comfy.shapes_model; print(sorted(m for m "
+             "in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'nodes', 'folder_paths')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

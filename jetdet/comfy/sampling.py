@@ -112,7 +112,7 @@ def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
     name = type(model.model).__name__
     dims = 2 + getattr(fmt, "latent_dimensions", 2)
     if samples.dim() != dims or samples.shape[1] != fmt.latent_channels:
-        want = ", ".join(["B", str(fmt.latent_channels)] + ["..."] * (dims - 2))
+        want = ", ".join(["B", str(fmt.latent_channels)] + ["T", "H", "W"][5 - dims:])
         raise ValueError(f"latent_image: {name} samples latents [{want}] ({dims}-D, {fmt.latent_channels} channels); "
                          f"got shape {tuple(samples.shape)}")
     dm = getattr(model.model, "diffusion_model", None)

@@ -70,3 +70,65 @@ def with_call_log(model):
     log = CallLog()
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.calllog", log)
     return m, log
+
+
+class FakeServer:
+    """What ComfyUI's PromptExecutor needs of its server when it runs in-process: it records the messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+_NODES_READY = False
+
+
+def load_node_packs(repo_root) -> None:
+    """ComfyUI's built-in extra nodes and jetdet loaded as a custom node (from the repository's root __init__.py),
+    once per session."""
+    global _NODES_READY
+    if _NODES_READY:
+        return
+    import asyncio
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(str(repo_root))), "ComfyUI failed to load jetdet as a custom node"
+    _NODES_READY = True
+
+
+def run_prompt(prompt: dict) -> dict:
+    """Validate and execute an API-format prompt with ComfyUI's own execution engine, in-process.
+
+    Returns ``{"valid", "error", "node_errors", "success", "messages", "outputs"}``; a failed validation is returned
+    the way the server's ``/prompt`` answers it (``error`` + ``node_errors``), a runtime failure as ComfyUI's
+    ``execution_error`` message."""
+    import asyncio
+    import uuid
+
+    import execution
+
+    pid = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
+    if not valid[0]:
+        return {"valid": False, "error": valid[1], "node_errors": valid[3], "success": False, "messages": [],
+                "outputs": {}}
+    server = FakeServer()
+    ex = execution.PromptExecutor(server)
+    ex.execute(prompt, pid, {}, valid[2])
+    msgs = ex.status_messages
+    return {"valid": True, "error": None, "node_errors": {}, "success": ex.success, "messages": msgs,
+            "outputs": getattr(ex, "history_result", {}).get("outputs", {})}
+
+
+def execution_error(result: dict) -> dict | None:
+    for event, data in result["messages"]:
+        if event == "execution_error":
+            return data
+    return None

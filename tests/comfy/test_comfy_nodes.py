@@ -1,0 +1,150 @@
+"""The other nodes, in-process: checksum and matcher, expert selector, multi-pass refiner, benchmark, the shapes
+model nodes; and the node schemas (ids, category, tooltips)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from conftest import require_comfyui
+
+require_comfyui()
+from _comfy_util import det_sample, empty_latent
+
+import jetdet
+from jetdet.comfy import NODE_IDS
+from jetdet.comfy import nodes as N
+from jetdet.comfy import shapes_model as sm
+
+
+def test_schemas_ids_category_and_tooltips(comfy_dir):
+    assert [c.define_schema().node_id for c in N.NODES] == list(NODE_IDS)
+    for cls in N.NODES:
+        s = cls.define_schema()
+        assert s.category == "jetdet", s.node_id
+        assert s.description, s.node_id
+        for i in s.inputs or []:
+            assert i.tooltip, f"{s.node_id}.{i.id} has no tooltip"
+        s.finalize()
+        s.validate()
+
+
+def test_checksum_node_matches_jetdet_checksum(comfy_dir):
+    lat = {"samples": torch.randn(3, 4, 5, 5)}
+    text = N.JetDetChecksum.execute(latent=lat).args[0]
+    assert text.splitlines() == [f"item {i}: {jetdet.checksum(lat['samples'][i:i + 1])}" for i in range(3)]
+    img = torch.rand(2, 6, 6, 3)
+    assert N.JetDetChecksum.execute(image=img).args[0].splitlines()[1].endswith(jetdet.checksum(img[1:2]))
+    with pytest.raises(ValueError, match="exactly one of latent or image"):
+        N.JetDetChecksum.execute()
+
+
+def test_matcher_against_checksums_latents_and_files(comfy_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    lat = {"samples": torch.randn(2, 4, 6, 6)}
+    sums = N.JetDetChecksum.execute(latent=lat).args[0]
+    ok, report = N.JetDetOutputMatcher.execute(latent=lat, reference_checksums=sums).args
+    assert ok and report.startswith("MATCH")
+    moved = {"samples": lat["samples"].clone()}
+    moved["samples"][1, 0, 0, 0] += 1e-7  # one element one ulp-ish off
+    ok, report = N.JetDetOutputMatcher.execute(latent=moved, reference_checksums=sums).args
+    assert not ok and "item 1: MISMATCH" in report and "item 0: match" in report
+    ok, _ = N.JetDetOutputMatcher.execute(latent=moved, tolerance="1e-6", reference_latent=lat).args
+    assert ok
+    ok, _ = N.JetDetOutputMatcher.execute(latent=moved, tolerance="exact", reference_latent=lat).args
+    assert not ok
+    path = tmp_path / "ref.safetensors"
+    save_file({"samples": lat["samples"]}, str(path))
+    ok, report = N.JetDetOutputMatcher.execute(latent=lat, reference_file=str(path)).args
+    assert ok and str(path) in report
+    with pytest.raises(RuntimeError, match="does not match the reference"):
+        N.JetDetOutputMatcher.execute(latent=moved, reference_file=str(path), stop_on_mismatch=True)
+    with pytest.raises(FileNotFoundError, match="reference_file: no file at"):
+        N.JetDetOutputMatcher.execute(latent=lat, reference_file=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="can only be matched exactly"):
+        N.JetDetOutputMatcher.execute(latent=lat, tolerance="1e-4", reference_checksums=sums)
+    with pytest.raises(ValueError, match="exactly one reference"):
+        N.JetDetOutputMatcher.execute(latent=lat)
+
+
+def test_structural_tolerance(comfy_dir):
+    ref = torch.rand(1, 8, 8, 3)
+    ok, _ = N.JetDetOutputMatcher.execute(image=ref + 0.001 * torch.randn_like(ref), tolerance="structural",
+                                          reference_image=ref).args
+    assert ok
+    ok, _ = N.JetDetOutputMatcher.execute(image=torch.rand(1, 8, 8, 3), tolerance="structural",
+                                          reference_image=ref).args
+    assert not ok
+
+
+def test_expert_selector_is_a_stable_sha256_choice(comfy_dir, shapes_patcher, shapes_conds):
+    models = [object(), object(), object()]
+    prompt = "a red circle on a blue background"
+    want = int(hashlib.sha256(("text:" + prompt).encode()).hexdigest(), 16) % 3
+    model, index = N.JetDetExpertSelector.execute(models[0], models[1], None, models[2], prompt=prompt).args
+    assert index == [1, 2, 4][want] and model is models[want]
+    # a pinned value: the choice must never change between versions or machines
+    assert N.stable_index("text:a red circle on a blue background", 3) == want == 2
+    m1, i1 = N.JetDetExpertSelector.execute(*models, conditioning=shapes_conds[0]).args
+    m2, i2 = N.JetDetExpertSelector.execute(*models, conditioning=sm.class_conditioning(3)).args
+    assert (m1, i1) == (m2, i2)
+    picks = {N.JetDetExpertSelector.execute(*models, conditioning=sm.class_conditioning(c)).args[1]
+             for c in range(10)}
+    assert len(picks) > 1
+    with pytest.raises(ValueError, match="give a prompt text or connect a conditioning"):
+        N.JetDetExpertSelector.execute(*models)
+
+
+def test_multipass_rerunning_one_pass_alone_is_bit_exact(shapes_patcher, shapes_conds):
+    args = dict(model=shapes_patcher, seed=11, steps=4, cfg=4.0, sampler_name="euler_ancestral", scheduler="simple",
+                positive=shapes_conds[0], negative=shapes_conds[1], coarse_denoise=1.0, refine_denoise=0.6,
+                detail_denoise=0.3, batch_offset=0)
+    full, report = N.JetDetMultiPassRefiner.execute(latent_image=empty_latent(2), start_pass="coarse",
+                                                    end_pass="detail", **args).args
+    coarse, _ = N.JetDetMultiPassRefiner.execute(latent_image=empty_latent(2), start_pass="coarse", end_pass="coarse",
+                                                 **args).args
+    refine, _ = N.JetDetMultiPassRefiner.execute(latent_image=coarse, start_pass="refine", end_pass="refine",
+                                                 **args).args
+    detail, rep = N.JetDetMultiPassRefiner.execute(latent_image=refine, start_pass="detail", end_pass="detail",
+                                                   **args).args
+    assert torch.equal(detail["samples"], full["samples"])
+    assert rep.splitlines()[1:] == report.splitlines()[-2:]  # the detail pass's item checksums
+    seeds = {line.split(",")[0] for line in report.splitlines() if not line.startswith(" ")}
+    assert len(seeds) == 3  # three different pass seeds
+    assert not torch.equal(coarse["samples"], refine["samples"])
+    with pytest.raises(ValueError, match="comes before start_pass"):
+        N.JetDetMultiPassRefiner.execute(latent_image=coarse, start_pass="detail", end_pass="coarse", **args)
+
+
+def test_benchmark_table_and_plot(shapes_patcher, shapes_conds):
+    table, plot = N.JetDetBenchmark.execute(shapes_patcher, 2, 6, 4.0, "euler", "simple", *shapes_conds,
+                                            empty_latent(2), 1.0, "0, 0.3").args
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["off", "fast", "fast", "deterministic"]
+    off, fast0, fast3 = lines[1].split(), lines[2].split(), lines[3].split()
+    # columns: run (one or two words), wall, speed-up, model calls, rows, PSNR, checksums
+    assert off[3] == "6" and fast0[4] == "6" and fast0[6] == "inf"  # budget 0: every call, identical output
+    assert fast0[7:] == off[6:]
+    assert int(fast3[4]) < 6  # budget 0.3 skipped calls
+    assert plot.dim() == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and 0 <= plot.min() <= plot.max() <= 1
+    with pytest.raises(ValueError, match="fast_budgets"):
+        N.JetDetBenchmark.execute(shapes_patcher, 2, 2, 4.0, "euler", "simple", *shapes_conds, empty_latent(1),
+                                  1.0, "fast")
+
+
+def test_shapes_nodes(shapes_patcher, comfy_dir):
+    pos, neg = N.JetDetClassConditioning.execute(7).args
+    assert pos[0][0].shape == (1, 1, 16) and pos[0][0][0, 0, 7] == 1 and pos[0][1]["pooled_output"][0, 7] == 1
+    assert neg[0][0].abs().sum() == 0 and neg[0][1]["pooled_output"].abs().sum() == 0
+    with pytest.raises(ValueError, match="class_index"):
+        N.JetDetClassConditioning.execute(10)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    lat = {"samples": sm.image_to_latent(img)}
+    out = N.JetDetShapesDecode.execute(lat, 2).args[0]
+    assert out.shape == (2, 64, 64, 3)
+    assert torch.allclose(out[:, ::2, ::2], sm.to_comfy_image(img), atol=1e-6)
+    model = N.JetDetShapesModelLoader.execute().args[0]
+    assert type(model.model).__name__ == "SD3"
+    assert det_sample(model, pos, neg, 1, steps=2)[0].shape == (1, 16, 32, 32)

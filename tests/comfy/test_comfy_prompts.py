@@ -1,0 +1,131 @@
+"""Whole API-format prompts through ComfyUI's own execution engine (validation + PromptExecutor), in-process:
+a workflow with the jetdet nodes, and bad input reported the way ComfyUI reports errors (node_errors from
+validation, execution_error messages at run time) with the user's model left as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ROOT, require_comfyui
+
+require_comfyui()
+from _comfy_util import det_sample, execution_error, load_node_packs, run_prompt
+
+from jetdet.comfy import nodes as N
+from jetdet.comfy import wrappers as wr
+
+
+@pytest.fixture(scope="module")
+def engine(comfy_dir):
+    load_node_packs(ROOT)
+
+
+def _base(batch=2, width=256, sampler="euler_ancestral"):
+    return {
+        "1": {"class_type": "JetDetShapesModelLoader", "inputs": {}},
+        "2": {"class_type": "JetDetClassConditioning", "inputs": {"class_index": 4}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": width, "batch_size": batch}},
+        "4": {"class_type": "JetDetDeterministicSampler", "inputs": {
+            "model": ["1", 0], "seed": 5, "steps": 3, "cfg": 4.0, "sampler_name": sampler, "scheduler": "simple",
+            "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["3", 0], "denoise": 1.0, "batch_offset": 0}},
+        "5": {"class_type": "JetDetChecksum", "inputs": {"latent": ["4", 0]}},
+        "6": {"class_type": "JetDetOutputMatcher", "inputs": {"latent": ["4", 0], "tolerance": "exact",
+                                                              "reference_checksums": ["4", 1],
+                                                              "stop_on_mismatch": True}},
+    }
+
+
+def test_a_workflow_runs_and_matches_its_own_checksums(engine, shapes_patcher, shapes_conds):
+    res = run_prompt(_base())
+    assert res["valid"] and res["success"], execution_error(res)
+    report = res["outputs"]["6"]["text"][0]
+    assert report.startswith("MATCH exact against 2 checksums")
+    # the same items sampled by the node outside the engine (batch-1, batch_offset 1) give the same bits
+    from jetdet.comfy import shapes_model as sm
+
+    single, sums = det_sample(shapes_patcher, sm.class_conditioning(4), sm.null_conditioning(), 1,
+                              "euler_ancestral", steps=3, seed=5, offset=1)
+    assert sums.split(": ")[1] in report.replace(" ", "") or sums.split(": ")[1][:16] in report
+
+
+def test_widget_ranges_are_enforced_by_validation(engine):
+    p = _base()
+    p["4"]["inputs"]["batch_offset"] = -1
+    res = run_prompt(p)
+    assert not res["valid"]
+    errs = res["node_errors"]["4"]["errors"]
+    assert any(e["type"] == "value_smaller_than_min" and "batch_offset" in e["details"] for e in errs), errs
+    p = _base()
+    p["7"] = {"class_type": "JetDetFastOptimizer", "inputs": {
+        "model": ["1", 0], "budget": 1.5, "start_percent": 0.0, "end_percent": 0.0, "forecast": "order1",
+        "max_consecutive_skips": 8, "linear_attention": "off", "attention_cache": False}}
+    p["4"]["inputs"]["model"] = ["7", 0]
+    res = run_prompt(p)
+    assert not res["valid"]
+    assert any(e["type"] == "value_bigger_than_max" and "budget" in e["details"]
+               for e in res["node_errors"]["7"]["errors"])
+
+
+def test_a_wrong_latent_shape_is_a_clear_execution_error(engine):
+    res = run_prompt(_base(width=512))  # 64 x 64 latents: past the model's 32 x 32 position table
+    err = execution_error(res)
+    assert not res["success"] and err["node_type"] == "JetDetDeterministicSampler"
+    assert "latent_image: SD3 samples latents up to 32 x 32" in err["exception_message"]
+    p = _base()
+    p["3"] = {"class_type": "EmptyHunyuanLatentVideo",
+              "inputs": {"width": 256, "height": 256, "length": 1, "batch_size": 1}}
+    err = execution_error(run_prompt(p))
+    assert ("latent_image: SD3 samples latents [B, 16, H, W] (4-D, 16 channels); got shape (1, 16, 1, 32, 32)"
+            in err["exception_message"])
+
+
+def test_a_missing_reference_file_is_a_clear_execution_error(engine, tmp_path):
+    p = _base()
+    p["6"]["inputs"] = {"latent": ["4", 0], "tolerance": "exact", "stop_on_mismatch": False,
+                        "reference_file": str(tmp_path / "nope.safetensors")}
+    err = execution_error(run_prompt(p))
+    assert err["node_type"] == "JetDetOutputMatcher"
+    assert f"reference_file: no file at {tmp_path / 'nope.safetensors'}" in err["exception_message"]
+
+
+def test_an_unsupported_model_is_a_clear_error_and_changes_nothing(comfy_dir, shapes_patcher, shapes_conds):
+    import comfy.model_patcher
+
+    not_diffusion = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(TypeError, match="model: Linear is not a diffusion model ComfyUI can sample"):
+        N.JetDetModeSwitch.execute(not_diffusion, "deterministic", 0.05, True)
+    with pytest.raises(TypeError, match="model: expected a ComfyUI MODEL"):
+        N.JetDetFastOptimizer.execute(object(), 0.05, 0.0, 0.0, "order1", 8)
+    # bad input on the user's real model: nothing of it changes
+    before = (copy.deepcopy(shapes_patcher.model_options), {k: {kk: list(vv) for kk, vv in v.items()}
+                                                             for k, v in shapes_patcher.wrappers.items()})
+    with pytest.raises(ValueError, match="budget"):
+        N.JetDetFastOptimizer.execute(shapes_patcher, -0.5, 0.0, 0.0, "order1", 8)
+    with pytest.raises(ValueError, match="batch_offset"):
+        N.JetDetDeterministicSampler.execute(shapes_patcher, 1, 2, 4.0, "euler", "simple", *shapes_conds,
+                                             {"samples": torch.zeros(1, 16, 32, 32)}, 1.0, -1)
+    with pytest.raises(ValueError, match="latent_image"):
+        N.JetDetDeterministicSampler.execute(shapes_patcher, 1, 2, 4.0, "euler", "simple", *shapes_conds,
+                                             {"samples": torch.ones(1, 4, 32, 32)}, 1.0, 0)
+    after = (shapes_patcher.model_options, shapes_patcher.wrappers)
+    assert str(before[0]) == str(after[0]) and before[1] == {k: {kk: list(vv) for kk, vv in v.items()}
+                                                             for k, v in after[1].items()}
+    assert wr.jetdet_keys(shapes_patcher) == {}
+
+
+def test_clone_safety_the_original_model_samples_as_if_jetdet_never_ran(comfy_dir, shapes_patcher, shapes_conds):
+    from _comfy_util import empty_latent, stock_ksampler
+
+    before = stock_ksampler(shapes_patcher, *shapes_conds, empty_latent(2), "euler_ancestral", steps=4)
+    det = N.JetDetModeSwitch.execute(shapes_patcher, "deterministic", 0.05, True).args[0]
+    fast = N.JetDetModeSwitch.execute(shapes_patcher, "fast", 0.2, True).args[0]
+    stock_ksampler(det, *shapes_conds, empty_latent(2), "euler_ancestral", steps=4)
+    stock_ksampler(fast, *shapes_conds, empty_latent(2), "euler_ancestral", steps=4)
+    det_sample(shapes_patcher, *shapes_conds, 2, "dpmpp_sde", steps=3)
+    after = stock_ksampler(shapes_patcher, *shapes_conds, empty_latent(2), "euler_ancestral", steps=4)
+    assert torch.equal(before, after)
+    assert wr.jetdet_keys(shapes_patcher) == {}
+    # and the deterministic clone really is different from the original (the test can fail)
+    assert not torch.equal(stock_ksampler(det, *shapes_conds, empty_latent(2), "euler_ancestral", steps=4), before)
