@@ -1,0 +1,196 @@
+"""Once through ComfyUI's HTTP server on loopback, the way the web UI and API clients drive it: jetdet cloned into
+custom_nodes, every node in /object_info, one API-format prompt that uses every node (plus ComfyUI's own
+Load Diffusion Model on the shipped weights and its stock KSampler on the fast model), /history for the results,
+and bad input answered in ComfyUI's error format."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import ROOT, comfyui_dir, require_comfyui
+
+require_comfyui()
+
+from jetdet.comfy import NODE_IDS
+from jetdet.comfy import shapes_model as sm
+
+STARTUP_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "jetdet").symlink_to(ROOT, target_is_directory=True)
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    shutil.copy(sm.MODEL_FILE, base / "models" / "diffusion_models" / "jetdet_shapes.safetensors")
+    port = _free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if "stubs" in p)  # torchvision stub, if one is used
+    log = open(base / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--base-directory", str(base), "--database-url", f"sqlite:///{base}/comfyui.db", "--disable-api-nodes"],
+        cwd=comfyui_dir(), env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + STARTUP_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {(base / 'server.log').read_text()[-3000:]}")
+            try:
+                _get(url + "/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.time() > deadline:
+                    raise RuntimeError(f"ComfyUI did not start: {(base / 'server.log').read_text()[-3000:]}") from None
+                time.sleep(1)
+        yield url, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _run(url: str, prompt: dict, timeout: float = 900) -> dict:
+    code, resp = _post(url + "/prompt", {"prompt": prompt, "client_id": "jetdet-test"})
+    assert code == 200, resp
+    pid = resp["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h = _get(f"{url}/history/{pid}")
+        if pid in h and h[pid].get("status", {}).get("completed") is not None:
+            if h[pid]["status"]["status_str"] in ("success", "error"):
+                return h[pid]
+        time.sleep(1)
+    raise TimeoutError(f"prompt {pid} did not finish")
+
+
+def _every_node_prompt() -> dict:
+    ks = dict(seed=3, steps=3, cfg=4.0, sampler_name="euler_ancestral", scheduler="simple")
+    return {
+        "1": {"class_type": "JetDetShapesModelLoader", "inputs": {}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "jetdet_shapes.safetensors",
+                                                     "weight_dtype": "default"}},
+        "3": {"class_type": "JetDetExpertSelector", "inputs": {"model_1": ["1", 0], "model_2": ["2", 0],
+                                                                "prompt": "a circle"}},
+        "4": {"class_type": "JetDetClassConditioning", "inputs": {"class_index": 0}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 2}},
+        "6": {"class_type": "JetDetModeSwitch", "inputs": {"model": ["3", 0], "mode": "deterministic",
+                                                            "budget": 0.05, "strict": True}},
+        "7": {"class_type": "JetDetDeterministicSampler", "inputs": {
+            "model": ["6", 0], **ks, "positive": ["4", 0], "negative": ["4", 1], "latent_image": ["5", 0],
+            "denoise": 1.0, "batch_offset": 0}},
+        "8": {"class_type": "JetDetChecksum", "inputs": {"latent": ["7", 0]}},
+        "9": {"class_type": "JetDetOutputMatcher", "inputs": {"latent": ["7", 0], "tolerance": "exact",
+                                                               "reference_checksums": ["8", 0],
+                                                               "stop_on_mismatch": True}},
+        "10": {"class_type": "JetDetFastOptimizer", "inputs": {
+            "model": ["2", 0], "budget": 0.2, "start_percent": 0.0, "end_percent": 0.0, "forecast": "order1",
+            "max_consecutive_skips": 8, "linear_attention": "off", "attention_cache": False}},
+        "11": {"class_type": "KSampler", "inputs": {"model": ["10", 0], **ks, "steps": 8, "positive": ["4", 0],
+                                                     "negative": ["4", 1], "latent_image": ["5", 0], "denoise": 1.0}},
+        "12": {"class_type": "JetDetCacheManager", "inputs": {"action": "stats", "model": ["10", 0],
+                                                               "after": ["11", 0], "device_budget_mb": -1.0,
+                                                               "cpu_budget_mb": -1.0, "disk_budget_mb": 0.0}},
+        "13": {"class_type": "JetDetMultiPassRefiner", "inputs": {
+            "model": ["1", 0], **ks, "steps": 2, "positive": ["4", 0], "negative": ["4", 1],
+            "latent_image": ["5", 0], "coarse_denoise": 1.0, "refine_denoise": 0.5, "detail_denoise": 0.25,
+            "start_pass": "coarse", "end_pass": "detail", "batch_offset": 0}},
+        "14": {"class_type": "JetDetShapesDecode", "inputs": {"samples": ["13", 0], "scale": 4}},
+        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "jetdet_test"}},
+        "16": {"class_type": "JetDetBenchmark", "inputs": {"model": ["1", 0], **ks, "positive": ["4", 0],
+                                                            "negative": ["4", 1], "latent_image": ["5", 0],
+                                                            "denoise": 1.0, "fast_budgets": "0.1"}},
+        "17": {"class_type": "SaveImage", "inputs": {"images": ["16", 1], "filename_prefix": "jetdet_plot"}},
+        "18": {"class_type": "JetDetCacheManager", "inputs": {"action": "store", "key": "wf-latent",
+                                                               "latent": ["7", 0], "device_budget_mb": -1.0,
+                                                               "cpu_budget_mb": -1.0, "disk_budget_mb": 0.0}},
+        "19": {"class_type": "JetDetCacheManager", "inputs": {"action": "recall", "key": "wf-latent",
+                                                               "after": ["18", 1], "device_budget_mb": -1.0,
+                                                               "cpu_budget_mb": -1.0, "disk_budget_mb": 0.0}},
+        "20": {"class_type": "JetDetOutputMatcher", "inputs": {"latent": ["19", 1], "tolerance": "exact",
+                                                                "reference_latent": ["7", 0],
+                                                                "stop_on_mismatch": True}},
+    }
+
+
+def test_object_info_lists_every_node(server):
+    url, _ = server
+    info = _get(url + "/object_info")
+    for node_id in NODE_IDS:
+        assert node_id in info, node_id
+        node = info[node_id]
+        assert node["category"] == "jetdet"
+        for group in ("required", "optional"):
+            for name, spec in node["input"].get(group, {}).items():
+                opts = spec[1] if len(spec) > 1 else {}
+                assert opts.get("tooltip"), f"{node_id}.{name}"
+
+
+def test_a_prompt_with_every_node_runs_through_the_server(server):
+    url, base = server
+    prompt = _every_node_prompt()
+    assert {v["class_type"] for v in prompt.values()} >= set(NODE_IDS)
+    h = _run(url, prompt)
+    assert h["status"]["status_str"] == "success", h["status"]
+    out = h["outputs"]
+    assert out["9"]["text"][0].startswith("MATCH exact against 2 checksums")
+    assert out["20"]["text"][0].startswith("MATCH exact")
+    assert "calls 8" in out["12"]["text"][0]
+    assert out["16"]["text"][0].splitlines()[0].startswith("run")
+    for node in ("15", "17"):
+        for img in out[node]["images"]:
+            assert (base / "output" / img["subfolder"] / img["filename"]).is_file()
+    assert (base / "output" / "jetdet_recall" / "wf-latent.safetensors").is_file()
+
+
+def test_bad_input_is_answered_in_comfyuis_error_format(server, tmp_path):
+    url, _ = server
+    p = _every_node_prompt()
+    p["7"]["inputs"]["batch_offset"] = -1
+    p = {k: p[k] for k in ("1", "2", "3", "4", "5", "6", "7", "8", "9")}  # every output depends on node 7
+    code, resp = _post(url + "/prompt", {"prompt": p})
+    assert code == 400
+    assert resp["error"]["type"] == "prompt_outputs_failed_validation"
+    assert any(e["type"] == "value_smaller_than_min" for e in resp["node_errors"]["7"]["errors"])
+    p = _every_node_prompt()
+    p["9"]["inputs"] = {"latent": ["7", 0], "tolerance": "exact", "stop_on_mismatch": False,
+                        "reference_file": str(tmp_path / "missing.safetensors")}
+    h = _run(url, {k: p[k] for k in ("1", "2", "3", "4", "5", "6", "7", "9")})
+    assert h["status"]["status_str"] == "error"
+    errs = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert errs and errs[0]["node_type"] == "JetDetOutputMatcher"
+    assert "reference_file: no file at" in errs[0]["exception_message"]
