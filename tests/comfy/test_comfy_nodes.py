@@ -4,6 +4,8 @@ model nodes; and the node schemas (ids, category, tooltips)."""
 from __future__ import annotations
 
 import hashlib
+import math
+import sys
 
 import pytest
 import torch
@@ -148,3 +150,16 @@ def test_shapes_nodes(shapes_patcher, comfy_dir):
     model = N.JetDetShapesModelLoader.execute().args[0]
     assert type(model.model).__name__ == "SD3"
     assert det_sample(model, pos, neg, 1, steps=2)[0].shape == (1, 16, 32, 32)
+
+
+def test_plot_without_matplotlib_falls_back_to_pil(comfy_dir, monkeypatch, caplog):
+    points = [{"label": "off", "speedup": 1.0, "psnr": math.inf}, {"label": "fast 0.1", "speedup": 2.1, "psnr": 35.0}]
+    with_mpl = N._plot(points)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(N, "_warned_plot", False)
+    with caplog.at_level("WARNING"):
+        img = N._plot(points)
+        N._plot(points)
+    assert img.shape[0] == 1 and img.shape[-1] == 3 and img.min() < 0.5 < img.max()
+    assert not torch.equal(img, with_mpl)  # the PIL drawing, not matplotlib's
+    assert sum("matplotlib is not installed" in r.message for r in caplog.records) == 1
