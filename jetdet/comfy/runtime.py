@@ -14,10 +14,12 @@ Nothing here is imported by ``import jetdet``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 
 ENV = "COMFYUI_DIR"
+STUBS_ENV = "JETDET_COMFYUI_STUBS"
 
 
 def find_comfyui(path: str | os.PathLike | None = None) -> str:
@@ -49,6 +51,13 @@ def import_comfyui(path: str | os.PathLike | None = None, *, cpu: bool = True, e
         return where
     if where not in sys.path:
         sys.path.insert(0, where)
+    if importlib.util.find_spec("torchvision") is None:  # comfy/sd.py imports it even for models that never use it
+        stubs = os.environ.get(STUBS_ENV)
+        if not stubs or not os.path.isdir(stubs):
+            raise ImportError(f"ComfyUI imports torchvision, which is not installed here: install it, or set "
+                              f"{STUBS_ENV} to a folder with an import-only torchvision stub (in this project's "
+                              "workspace: ../shared/comfyui/stubs)")
+        sys.path.append(stubs)
     cli_args = importlib.import_module("comfy.cli_args")
     cli_args.args.cpu = bool(cpu)
     for k, v in (extra_args or {}).items():

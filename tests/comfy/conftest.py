@@ -42,10 +42,11 @@ def _setup():
     d = comfyui_dir()
     if d is None:
         return None
-    if importlib.util.find_spec("torchvision") is None:
-        stub = _stub_dir()
-        if stub and stub not in sys.path:
-            sys.path.append(stub)
+    stub = _stub_dir()
+    if stub and importlib.util.find_spec("torchvision") is None:
+        os.environ.setdefault("JETDET_COMFYUI_STUBS", stub)
+        if stub not in sys.path:
+            sys.path.append(stub)  # also for the subprocesses the tests start (they pass sys.path's stub entry on)
     from jetdet.comfy.runtime import import_comfyui
 
     import_comfyui(d)

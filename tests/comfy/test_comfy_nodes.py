@@ -163,3 +163,20 @@ def test_plot_without_matplotlib_falls_back_to_pil(comfy_dir, monkeypatch, caplo
     assert img.shape[0] == 1 and img.shape[-1] == 3 and img.min() < 0.5 < img.max()
     assert not torch.equal(img, with_mpl)  # the PIL drawing, not matplotlib's
     assert sum("matplotlib is not installed" in r.message for r in caplog.records) == 1
+
+
+def test_sampling_nodes_report_progress_through_comfyuis_progress_bar(shapes_patcher, shapes_conds):
+    import comfy.utils
+
+    seen = []
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    try:
+        det_sample(shapes_patcher, *shapes_conds, 1, steps=3)
+        assert seen[-1] == (3, 3) and [v for v, _ in seen] == [1, 2, 3]
+        seen.clear()
+        N.JetDetBenchmark.execute(shapes_patcher, 2, 2, 4.0, "euler", "simple", *shapes_conds, empty_latent(1), 1.0,
+                                  "0.1")
+        assert seen[-1] == (3, 3)  # off, one fast budget, deterministic
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
