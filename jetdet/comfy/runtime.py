@@ -66,3 +66,61 @@ def import_comfyui(path: str | os.PathLike | None = None, *, cpu: bool = True, e
         setattr(cli_args.args, k, v)
     importlib.import_module("utils")  # ComfyUI's own utils package, imported first as main.py does
     return where
+
+
+def start_server(base_dir: str | os.PathLike, path: str | os.PathLike | None = None, port: int | None = None,
+                 timeout: float = 300.0, extra_args: tuple[str, ...] = ()) -> tuple:
+    """Start ComfyUI's HTTP server on loopback with ``base_dir`` for its models, custom nodes, input, output and
+    database (offline: no browser, no API nodes), and wait until it answers. Returns ``(process, url, log_path)``;
+    stop it with :func:`stop_server`. Raises ``RuntimeError`` with the end of its log if it exits or times out."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    where = find_comfyui(path)
+    base = os.path.abspath(os.fspath(base_dir))
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    env = dict(os.environ)
+    stubs = env.get(STUBS_ENV)
+    if stubs and importlib.util.find_spec("torchvision") is None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (stubs, env.get("PYTHONPATH")) if p)
+    log_path = os.path.join(base, "server.log")
+    log = open(log_path, "w")  # noqa: SIM115 - handed to the child; closed when it stops
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--base-directory", base, "--database-url", f"sqlite:///{os.path.join(base, 'comfyui.db')}",
+         "--disable-api-nodes", *extra_args], cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.jetdet_log = log
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            log.close()
+            raise RuntimeError(f"ComfyUI exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/system_stats", timeout=10):
+                return proc, url, log_path
+        except OSError:
+            if time.time() > deadline:
+                stop_server(proc)
+                raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n"
+                                   f"{open(log_path).read()[-3000:]}") from None
+            time.sleep(1)
+
+
+def stop_server(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log = getattr(proc, "jetdet_log", None)
+    if log is not None:
+        log.close()

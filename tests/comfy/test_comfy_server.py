@@ -6,11 +6,7 @@ and bad input answered in ComfyUI's error format."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,12 +20,6 @@ from jetdet.comfy import NODE_IDS
 from jetdet.comfy import shapes_model as sm
 
 STARTUP_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str):
@@ -48,40 +38,18 @@ def _post(url: str, body: dict):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from jetdet.comfy.runtime import start_server, stop_server
+
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "jetdet").symlink_to(ROOT, target_is_directory=True)
     (base / "models" / "diffusion_models").mkdir(parents=True)
     shutil.copy(sm.MODEL_FILE, base / "models" / "diffusion_models" / "jetdet_shapes.safetensors")
-    port = _free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if "stubs" in p)  # torchvision stub, if one is used
-    log = open(base / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--base-directory", str(base), "--database-url", f"sqlite:///{base}/comfyui.db", "--disable-api-nodes"],
-        cwd=comfyui_dir(), env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_S
+    proc, url, _ = start_server(base, comfyui_dir(), timeout=STARTUP_S)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited: {(base / 'server.log').read_text()[-3000:]}")
-            try:
-                _get(url + "/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.time() > deadline:
-                    raise RuntimeError(f"ComfyUI did not start: {(base / 'server.log').read_text()[-3000:]}") from None
-                time.sleep(1)
         yield url, base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_server(proc)
 
 
 def _run(url: str, prompt: dict, timeout: float = 900) -> dict:
