@@ -129,3 +129,21 @@ def test_mode_switch_modes(shapes_patcher, shapes_conds):
     off = JetDetModeSwitch.execute(fast, "off", 0.1, True).args[0]
     assert wr.jetdet_keys(off) == {}
     assert wr.jetdet_keys(shapes_patcher) == {}
+
+
+@pytest.mark.filterwarnings("ignore:jetdet fast mode")  # the measured-error notice of the approximations
+def test_opt_in_attention_replacements_reach_comfyuis_attention(shapes_patcher, shapes_conds):
+    # ComfyUI's CPU attention is its sub-quadratic path, not SDPA: the replacements run the model with ComfyUI's
+    # SDPA attention so they see every attention call (the MMDiT has 2 blocks: 2 joint attentions per forward)
+    ref = _plain(shapes_patcher, *shapes_conds, steps=4)
+    lin = _fast(shapes_patcher, 0.0, linear_attention="relu")
+    out = _plain(lin, *shapes_conds, steps=4)
+    s = wr.fast_state(lin).stats()["linear_attention"]
+    assert s["replaced"] == 2 * 4 and s["checked"] == 2 and s["rel_err_mean"] > 0
+    assert not torch.equal(out, ref)  # an approximation: it changes the output
+    ac = _fast(shapes_patcher, 0.0, attention_cache=True)
+    _plain(ac, *shapes_conds, steps=4)
+    s = wr.fast_state(ac).stats()["attention_cache"]
+    assert s["forwards"] == 4 and s["refreshed"] + s["reused"] > 0
+    with pytest.raises(ValueError, match="choose one"):
+        _fast(shapes_patcher, 0.1, linear_attention="relu", attention_cache=True)
