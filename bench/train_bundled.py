@@ -79,6 +79,29 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def make_optimizer(model, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay 0.01 on the matrices that are not embeddings, none on the rest."""
+    decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other_params = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay_params, "weight_decay": 0.01}, {"params": other_params, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.99),
+    )
+
+
+def optimizer_step(opt, model, ema, loss, step: int, ema_decay: float) -> None:
+    """Backward, clip at 1, step, then move the EMA copy (warm-up ``(1 + step) / (10 + step)``)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
 def train_classifier(args) -> ShapeClassifier:
     torch.manual_seed(args.seed + 1)
     clf = ShapeClassifier(DEFAULT_CLASSIFIER_CONFIG)
@@ -116,13 +139,7 @@ def train_dit(args):
     ema = copy.deepcopy(model).requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"DiT config {cfg}, {n_params / 1e6:.3f}M parameters")
-    decay_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other_params = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay_params, "weight_decay": 0.01}, {"params": other_params, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.99),
-    )
+    opt = make_optimizer(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed + 3)
     t0 = time.perf_counter()
     losses = []
@@ -139,14 +156,7 @@ def train_dit(args):
         e = torch.randn(x0.shape, generator=gen)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * e
         loss = F.mse_loss(model(xt, t, y), e - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(opt, model, ema, loss, step, args.ema)
         losses.append(loss.item())
         if step % 50 == 0 or step == args.dit_steps - 1:
             recent = statistics.fmean(losses[-50:])

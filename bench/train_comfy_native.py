@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.train_bundled import lr_at, make_optimizer, optimizer_step, save_png_grid  # noqa: E402
 from jetdet.comfy import shapes_model as sm  # noqa: E402
 from jetdet.comfy.runtime import import_comfyui  # noqa: E402
 from jetdet.models.bundled import load_classifier, save_module  # noqa: E402
@@ -52,13 +53,6 @@ DATA_SEED = 5_000_000  # batch k of the training stream is make_shapes(batch, DA
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -117,10 +111,7 @@ def train(args):
     ema = copy.deepcopy(model).requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"MMDiT {sm.UNET_CONFIG}, {n_params / 1e6:.3f}M parameters")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.99))
+    opt = make_optimizer(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed + 3)
     t0 = time.perf_counter()
     losses = []
@@ -139,14 +130,7 @@ def train(args):
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * e
         v = model(xt, t * 1000.0, context=context, y=pooled)
         loss = F.mse_loss(v, e - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        optimizer_step(opt, model, ema, loss, step, args.ema)
         losses.append(loss.item())
         if step % 50 == 0 or step == args.steps - 1:
             log(f"step {step:5d}  loss {loss.item():.4f}  mean50 {statistics.fmean(losses[-50:]):.4f}  lr {lr:.2e}  "
@@ -190,8 +174,6 @@ def evaluate(path, args) -> dict:
         log(f"sample accuracy {sampler}/{args.scheduler} {args.eval_steps} steps cfg {args.cfg}: {acc * 100:.2f}% of "
             f"{n} ({el:.0f}s); per class {per_class}")
         if args.grid:
-            from bench.train_bundled import save_png_grid
-
             order = torch.arange(n).reshape(args.eval_seeds, NUM_CLASSES)[:8].reshape(-1)
             gp = str(args.grid).replace(".png", f"_{sampler}.png")
             save_png_grid(images[order], gp, NUM_CLASSES)

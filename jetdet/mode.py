@@ -359,20 +359,24 @@ def _h_matmul(func, args, kwargs):
     return _fallback(func, args, kwargs, f"matmul of {a.dim()}-D by {b.dim()}-D")
 
 
-def _h_conv2d(func, args, kwargs):
-    ops = _ops()
-
+def _conv_args(args, kwargs, dims: int):
+    """(input, weight, bias, stride, padding, why-not) of a conv call; why-not names what jetdet cannot take."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     vals = [_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, (None, None, None, 1, 0, 1, 1)))]
     x, w, b, stride, padding, dilation, groups = vals
     why = _ok(x, w, b)
     if not why and groups != 1:
         why = f"groups={groups}"
-    if not why and _pair(dilation) != (1, 1):
+    if not why and (tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,) * dims) != (1,) * dims:
         why = f"dilation={dilation}"
+    return x, w, b, stride, padding, why
+
+
+def _h_conv2d(func, args, kwargs):
+    x, w, b, stride, padding, why = _conv_args(args, kwargs, 2)
     if why:
         return _fallback(func, args, kwargs, why)
-    return ops.conv2d(x, w, b, stride, padding)
+    return _ops().conv2d(x, w, b, stride, padding)
 
 
 def _triple(v):
@@ -383,15 +387,7 @@ def _h_conv3d(func, args, kwargs):
     """conv3d as a fixed-order sum over the kernel's time taps of batch-invariant conv2d calls on frames: a
     ``(1, kh, kw)`` kernel (video DiTs' patch embedding, e.g. Wan's) is one conv2d over ``B·T`` frames."""
     ops = _ops()
-
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    vals = [_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, (None, None, None, 1, 0, 1, 1)))]
-    x, w, b, stride, padding, dilation, groups = vals
-    why = _ok(x, w, b)
-    if not why and groups != 1:
-        why = f"groups={groups}"
-    if not why and _triple(dilation) != (1, 1, 1):
-        why = f"dilation={dilation}"
+    x, w, b, stride, padding, why = _conv_args(args, kwargs, 3)
     if not why and (isinstance(padding, str) or x.dim() != 5 or w.dim() != 5 or w.shape[1] != x.shape[1]):
         why = "padding given as a string" if isinstance(padding, str) else "not a batched 5-D input"
     if why:
