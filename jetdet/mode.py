@@ -252,10 +252,6 @@ def _arg(args, kwargs, i, name, default=None):
     return kwargs.get(name, default)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def _direct_cpu(*ts) -> bool:
     """Whether a routed call can go straight to the CPU path (:mod:`jetdet.cpu`): plain fp32 CPU tensors, no
     autograd to record, no JETDET_BACKEND override. The handler then checks the shapes it needs itself and skips
