@@ -102,9 +102,10 @@ def main(argv=None) -> int:
             print("\n".join(report.lines()))
             return 0 if report else 1
         from .run import render
+        from .spec import load_spec
 
-        spec, overrides = _spec_from_args(a)
-        render(spec, a.out, force=a.force, progress=not a.no_progress, threads=a.threads, **overrides)
+        base, overrides = _spec_from_args(a)
+        render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress, threads=a.threads)
         return 0
     except RenderError as e:
         if _is_rank0():  # every rank raises the same error; one message is enough

@@ -310,8 +310,10 @@ def _progress(total: int, initial: int, disable: bool):
         from tqdm import tqdm
     except ImportError:
         return _PlainProgress(total, initial, disable)
+    # rate_noinv_fmt: always items/s (tqdm's default flips to s/item below one item a second)
+    fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} items [{elapsed}<{remaining}, {rate_noinv_fmt}]"
     return tqdm(total=total, initial=initial, unit="item", desc="render", disable=disable, file=sys.stderr,
-                dynamic_ncols=True)
+                dynamic_ncols=True, bar_format=fmt)
 
 
 def _sample(job: _Job, batch: list[Item]) -> torch.Tensor:
@@ -370,8 +372,8 @@ def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifes
     return rendered
 
 
-def render(spec, out, *, force: bool = False, model=None, progress: bool = True, threads: int | None = None,
-           **overrides) -> RenderResult:
+def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
+           threads: int | None = None) -> RenderResult:
     """Render a job into the folder ``out``; resume it if ``out`` holds the same job.
 
     Args:
@@ -382,12 +384,11 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
             not moved; its dtype must be the spec's). Under ``torchrun`` each rank passes its own.
         progress: the progress line and the resume/summary lines on rank 0 (stderr).
         threads: ``torch.set_num_threads`` for the run (restored afterwards).
-        overrides: spec keys that replace the spec's values (``None`` ignored).
 
     Run under ``torchrun`` (or in an initialised process group) every rank calls this with the same arguments.
     Bad input raises :class:`RenderError` on every rank, with the folder unchanged.
     """
-    spec = load_spec(spec, **overrides)
+    spec = load_spec(spec)
     out = Path(out)
     saved_threads = torch.get_num_threads()
     group = None

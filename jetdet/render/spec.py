@@ -100,10 +100,13 @@ def _choice(name: str, v, options) -> str:
 
 
 def _model_name(v) -> str:
-    ok = isinstance(v, str) and (v == "bundled" or (v.count(":") == 1 and all(v.split(":"))))
-    if not ok:
+    if not isinstance(v, str) or not v:
         raise RenderError(f"model: expected 'bundled' or an entry point 'package.module:factory', got {v!r}")
     return v
+
+
+def _is_entry_point(name: str) -> bool:
+    return name.count(":") == 1 and all(name.split(":"))
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,9 @@ def load_model(name: str, device, dtype: torch.dtype):
         from ..models import BUNDLED_CLASSES, load_bundled
 
         return load_bundled(device=device, dtype=dtype), list(BUNDLED_CLASSES)
+    if not _is_entry_point(name):
+        raise RenderError(f"model: expected 'bundled' or an entry point 'package.module:factory', got {name!r} "
+                          "(any other name is only a label, for a model object passed to render(model=...))")
     factory = _resolve_entry_point(name)
     model = factory()
     check_model_contract(model, f"entry point {name!r}")
