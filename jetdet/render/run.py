@@ -75,7 +75,18 @@ class _Group:
         if dist.is_available() and dist.is_initialized():
             self.dist = True
         elif all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torchrun's agent keeps one TCPStore for every restart of the group, so after a restart a plain
+                # init_process_group finds the dead group's addresses under the same keys and gloo waits on them
+                # forever (torch 2.13: a 2-worker job hung in connectFullMesh after --max-restarts restarted it;
+                # pytorch/pytorch#135712). Keys under the restart count keep each attempt apart.
+                store, rank, world = next(dist.rendezvous("env://"))
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                store = dist.PrefixStore(f"jetdet.render/attempt_{attempt}", store)
+                dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+            else:
+                dist.init_process_group(backend)
             self.owned = self.dist = True
         else:
             self.dist = False
