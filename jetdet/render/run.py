@@ -127,9 +127,7 @@ def _device(name: str, model) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RenderError("device: 'cuda' requested, but torch.cuda.is_available() is False")
-        dev = torch.device("cuda", local % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
-        return dev
+        return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -206,6 +204,15 @@ def _missing_ancestors(path: Path) -> list[Path]:
     return out
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Undo the folders this run created (deepest first), if they are still empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
 def _plan(out: Path, job: _Job, force: bool) -> dict:
     """Rank 0: check the folder, decide what to render, write the manifest. Raises RenderError with the folder
     unchanged."""
@@ -268,19 +275,16 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
                            if fp in {e.get("fingerprint") for e in new["items"].values()}}
 
     if not out.exists():
-        created = list(reversed(_missing_ancestors(out)))
+        created = _missing_ancestors(out)  # deepest first
         try:
             out.mkdir(parents=True)
         except OSError as e:
+            _remove_empty(created)
             raise RenderError(f"out: cannot create the folder {str(out)!r}: {e.strerror or e}") from None
     try:
         store.save_manifest(out, new)
     except OSError as e:
-        for p in reversed(created):
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        _remove_empty(created)
         raise RenderError(f"out: cannot write in {str(out)!r}: {e.strerror or e}") from None
     removed = 0
     for name in temps + stale:
@@ -402,6 +406,7 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
     spec = load_spec(spec)
     out = Path(out)
     saved_threads = torch.get_num_threads()
+    saved_cuda = None
     group = None
     try:
         if threads is not None:
@@ -409,6 +414,9 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
                 raise RenderError(f"threads: expected an int >= 1, got {threads!r}")
             torch.set_num_threads(threads)
         device = _device(spec.device, model)
+        if device.type == "cuda":  # nccl's object collectives use the current device; put it back afterwards
+            saved_cuda = torch.cuda.current_device()
+            torch.cuda.set_device(device)
         group = _Group(device)
         job = _check_everywhere(group, spec, device, model)
         show = progress and group.rank == 0
@@ -470,6 +478,8 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
         torch.set_num_threads(saved_threads)
         if group is not None:
             group.close()
+        if saved_cuda is not None:
+            torch.cuda.set_device(saved_cuda)
 
 
 def _log_plan(out: Path, total: int, plan: dict) -> None:
