@@ -156,6 +156,28 @@ def test_verify_a_header_byte_and_an_incomplete_job(ref, tmp_path):
     assert "corrupt" in report.problems[0] and "not rendered yet" in report.problems[4]
 
 
+def test_manifest_names_never_leave_the_folder(ref, tmp_path):
+    """File names are derived from item indices, never read from the manifest: an entry pointing outside the folder
+    is neither checked nor deleted by --force. A damaged manifest is refused, not half-read."""
+    out = _copy(ref, tmp_path / "job")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    m = manifest(out)
+    m["items"]["3"]["file"] = "../victim.txt"
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert verify(out)
+    r = _render({**JOB, "items": 2}, out, force=True)  # another job: the old items 2..11 are removed
+    assert r.rendered == 2 and victim.read_text() == "keep me"
+    assert sorted(items(out)) == [item_name(0), item_name(1)]
+    m = manifest(out)
+    m["items"]["x"] = {}
+    (out / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(out)
+    with pytest.raises(RenderError, match="is damaged"):
+        _render({**JOB, "items": 2}, out)
+    assert snapshot(out) == before
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 

@@ -254,8 +254,7 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
             else:
                 why[idx] = problem
     elif manifest is not None:  # replaced with force: the old job's files that the new job will not overwrite go
-        stale = [entry.get("file", store.item_name(int(k))) for k, entry in manifest["items"].items()
-                 if int(k) not in wanted]
+        stale = [store.item_name(int(k)) for k in manifest["items"] if int(k) not in wanted]
     todo = [it.index for it in job.items if str(it.index) not in keep]
     for idx in todo:
         if idx not in why:

@@ -141,6 +141,10 @@ def load_manifest(folder) -> dict | None:
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("items"), dict):
         raise RenderError(f"out: {str(path)!r} is not a jetdet render manifest (format {MANIFEST_FORMAT!r}); "
                           "choose another folder")
+    bad = [k for k, v in m["items"].items() if not (k.isdigit() and isinstance(v, dict))]
+    if bad or not isinstance(m.get("spec"), dict):
+        raise RenderError(f"out: {str(path)!r} is damaged (item keys {bad[:3]} or its spec); move it away or "
+                          "choose another folder")
     return m
 
 
@@ -161,7 +165,7 @@ def check_item(folder, index: int, entry: dict) -> str | None:
     wrong with it."""
     from ..verify import checksum
 
-    path = Path(folder) / entry.get("file", item_name(index))
+    path = Path(folder) / item_name(index)  # never a name read from the manifest: it stays inside the folder
     try:
         data = path.read_bytes()
     except FileNotFoundError:
