@@ -16,7 +16,7 @@ from _render_util import checksums, files, items, manifest, snapshot
 import jetdet
 from jetdet.models import bundled
 from jetdet.models.sampling import sample
-from jetdet.render import RenderError, load_spec, render, verify
+from jetdet.render import RenderError, compare, load_spec, render, verify
 from jetdet.render.__main__ import main
 from jetdet.render.spec import Item, spec_hash
 from jetdet.render.store import item_name, read_item
@@ -181,7 +181,7 @@ def test_manifest_names_never_leave_the_folder(ref, tmp_path):
 # ------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("case", ["sampler", "items_zero", "items_empty", "class", "spec_key", "model"])
+@pytest.mark.parametrize("case", ["sampler", "items_zero", "items_empty", "class", "spec_key", "model", "device"])
 def test_bad_spec_is_refused_and_the_folder_left_alone(ref, tmp_path, case, capsys):
     out = _copy(ref, tmp_path / "job")
     before = snapshot(out)
@@ -192,7 +192,10 @@ def test_bad_spec_is_refused_and_the_folder_left_alone(ref, tmp_path, case, caps
         "class": ({**JOB, "items": {"count": 3, "classes": [1, "hexagon"]}}, "items.classes[1]: unknown class name"),
         "spec_key": ({**JOB, "stepz": 3}, "spec: unknown key(s) ['stepz']"),
         "model": ({**JOB, "model": "no_such_module_xyz:f"}, "model: cannot import module 'no_such_module_xyz'"),
+        "device": ({**JOB, "device": "cuda"}, "device: 'cuda' requested, but torch.cuda.is_available() is False"),
     }
+    if case == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     spec, message = bad[case]
     with pytest.raises(RenderError, match=None) as e:
         _render(spec, out)
@@ -234,6 +237,9 @@ def test_a_folder_of_another_spec_is_refused_unless_forced(ref, tmp_path, capsys
     assert r.rendered == 6 and r.kept == 0
     assert sorted(items(out)) == [item_name(i) for i in range(6)]
     assert verify(out) and manifest(out)["replaced"] == [manifest(ref)["spec_hash"]]
+    c = compare(out, ref)  # another job: the spec difference is named, the items compared where both have them
+    assert not c.ok and not c.same_spec and any(n.startswith("steps: 3") for n in c.spec_notes)
+    assert c.only_other == list(range(6, 12)) and c.differ == list(range(6)) and not c.equal
 
 
 @pytest.mark.parametrize("case", ["file", "under_a_file"])
