@@ -41,14 +41,6 @@ def is_temp_name(name: str) -> bool:
     return _TMP_RE.match(name) is not None
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fsync_dir(path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
