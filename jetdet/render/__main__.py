@@ -1,0 +1,117 @@
+"""``python -m jetdet.render run ...`` / ``torchrun ... -m jetdet.render run ...`` / ``python -m jetdet.render verify``.
+
+Exit status: 0 done (``verify``: everything checks out), 1 ``verify`` found a problem, 2 bad input (the message
+names the argument; the output folder is left as it was).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .spec import DEVICES, DTYPES, MODES, RenderError
+
+_EPILOG = """\
+items: --count N [--start S] [--classes 0,3,circle | all] [--seed S] give the range form (item i: class
+classes[i % len], noise jetdet.randn(seed, item_offset=i)); a spec file (--spec) can also list items one by one.
+Flags override the spec file's values. --model takes 'bundled' or an entry point 'package.module:factory' whose
+factory() returns a model with the bundled model's contract (see README, "Render farm").
+"""
+
+
+def _classes(text: str):
+    if text == "all":
+        return "all"
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise argparse.ArgumentTypeError(f"expected comma-separated class indices or names, got {text!r}")
+        out.append(int(part) if part.lstrip("-").isdigit() else part)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jetdet.render", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="render a job (or resume it) into a folder", epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--spec", help="job spec, a JSON file (keys: jetdet.render.spec)")
+    r.add_argument("--out", required=True, help="output folder (created if missing)")
+    r.add_argument("--model", help="'bundled' (default) or 'package.module:factory'")
+    r.add_argument("--count", type=int, help="number of items (range form)")
+    r.add_argument("--start", type=int, help="index of the first item (range form, default 0)")
+    r.add_argument("--classes", type=_classes, help="classes cycled over the items: 'all' or e.g. 0,3,circle")
+    r.add_argument("--seed", type=int, help="the items' seed (default 0)")
+    r.add_argument("--steps", type=int, help="sampler steps (default 30)")
+    r.add_argument("--sampler", help="euler (default) or heun")
+    r.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 4.0; 1 turns it off)")
+    r.add_argument("--shift", type=float, help="timestep-grid shift (default 1.0)")
+    r.add_argument("--mode", help=f"{' | '.join(MODES)} (default deterministic)")
+    r.add_argument("--budget", type=float, help="fast mode: the step cache's error budget (default 0.06)")
+    r.add_argument("--dtype", help=f"{' | '.join(DTYPES)} (default float32)")
+    r.add_argument("--batch-size", type=int, help="items per sampling call, per worker (default 4)")
+    r.add_argument("--device", help=f"{' | '.join(DEVICES)} (default auto: cuda:LOCAL_RANK when CUDA is there)")
+    r.add_argument("--threads", type=int, help="torch threads per worker (default: torch's; torchrun sets 1 with "
+                   "more than one worker)")
+    r.add_argument("--force", action="store_true", help="replace a job of another spec in the folder")
+    r.add_argument("--no-progress", action="store_true", help="no progress line and no resume/summary lines")
+
+    v = sub.add_parser("verify", help="recheck every item file against the folder's manifest")
+    v.add_argument("out", help="the job's output folder")
+    v.add_argument("--against", help="another job's folder or manifest.json: compare checksums item by item")
+    return p
+
+
+def _spec_from_args(a) -> tuple[object, dict]:
+    from .spec import read_spec_file
+
+    base = read_spec_file(a.spec) if a.spec else {}
+    overrides = {"model": a.model, "seed": a.seed, "steps": a.steps, "sampler": a.sampler, "cfg": a.cfg,
+                 "shift": a.shift, "mode": a.mode, "budget": a.budget, "dtype": a.dtype, "batch_size": a.batch_size,
+                 "device": a.device}
+    range_flags = {"count": a.count, "start": a.start, "classes": a.classes}
+    if any(v is not None for v in range_flags.values()):
+        items = base.get("items")
+        if isinstance(items, list):
+            raise RenderError("--count: the spec file lists its items one by one; --count/--start/--classes set the "
+                              "range form only")
+        items = dict(items or {})
+        items.update({k: v for k, v in range_flags.items() if v is not None})
+        if a.seed is not None:
+            items["seed"] = a.seed
+        base["items"] = items
+    elif a.seed is not None and isinstance(base.get("items"), dict):
+        base["items"] = {**base["items"], "seed": a.seed}
+    return base, overrides
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        if a.command == "verify":
+            from .check import verify
+
+            report = verify(a.out, against=a.against)
+            print("\n".join(report.lines()))
+            return 0 if report else 1
+        from .run import render
+        from .spec import load_spec
+
+        base, overrides = _spec_from_args(a)
+        render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress, threads=a.threads)
+        return 0
+    except RenderError as e:
+        if _is_rank0():  # every rank raises the same error; one message is enough
+            print(f"jetdet.render: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Verify a render folder against its manifest, and compare two manifests item by item."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import store
+from .spec import RenderError, spec_differences
+
+__all__ = ["verify", "compare", "VerifyReport", "Comparison"]
+
+
+def _indices(items) -> list[int]:
+    """The item indices of a stored spec's ``items`` (normalised form: a range object or a list)."""
+    if isinstance(items, dict):
+        return list(range(items["start"], items["start"] + items["count"]))
+    return list(range(len(items)))
+
+
+def _load(path, what: str) -> tuple[dict, Path | None]:
+    """A manifest from a folder or a manifest file; ``(manifest, folder or None)``."""
+    p = Path(path)
+    if p.is_dir():
+        m = store.load_manifest(p)
+        if m is None:
+            raise RenderError(f"{what}: {str(p)!r} holds no render manifest ({store.MANIFEST})")
+        return m, p
+    if p.is_file():
+        try:
+            m = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RenderError(f"{what}: {str(p)!r} is not a readable manifest ({e})") from None
+        if not isinstance(m, dict) or m.get("format") != store.MANIFEST_FORMAT:
+            raise RenderError(f"{what}: {str(p)!r} is not a jetdet render manifest")
+        return m, None
+    raise RenderError(f"{what}: {str(p)!r} is neither a render folder nor a manifest file")
+
+
+@dataclass
+class Comparison:
+    """Two manifests, item by item (by index): checksums equal, different, or the items themselves differ."""
+
+    here: str
+    other: str
+    same_spec: bool
+    spec_notes: list[str]
+    equal: list[int]
+    differ: list[int]
+    not_same_item: list[int]  # label, seed or stream differ: not the same item
+    only_here: list[int]
+    only_other: list[int]
+    fingerprint_notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.differ or self.not_same_item or self.only_here or self.only_other)
+
+    def lines(self) -> list[str]:
+        n = len(self.equal) + len(self.differ) + len(self.not_same_item)
+        head = (f"compare: {self.here} vs {self.other}: {n} items in both, {len(self.equal)} identical checksums, "
+                f"{len(self.differ)} differ")
+        out = [head]
+        out.append("  spec: the same job (same spec hash)" if self.same_spec else
+                   "  spec: different spec hashes" + (": " + "; ".join(self.spec_notes) if self.spec_notes else ""))
+        for i in self.differ:
+            out.append(f"  item {i}: checksum differs")
+        for i in self.not_same_item:
+            out.append(f"  item {i}: not the same item (label, seed or stream differ)")
+        if self.only_here:
+            out.append(f"  only in {self.here}: items {_ranges(self.only_here)}")
+        if self.only_other:
+            out.append(f"  only in {self.other}: items {_ranges(self.only_other)}")
+        out += [f"  workers: {s}" for s in self.fingerprint_notes]
+        return out
+
+
+@dataclass
+class VerifyReport:
+    """:func:`verify`'s findings. ``bool(report)``: every item of the job is there and matches the manifest (and
+    the comparison, if any, found no difference)."""
+
+    out: str
+    total: int
+    ok: list[int]
+    problems: dict[int, str]
+    temp_files: list[str] = field(default_factory=list)
+    comparison: Comparison | None = None
+
+    def __bool__(self) -> bool:
+        return not self.problems and (self.comparison is None or self.comparison.ok)
+
+    def lines(self) -> list[str]:
+        out = [f"verify: {self.out}: {self.total} items, {len(self.ok)} ok, {len(self.problems)} with problems"]
+        for i, p in sorted(self.problems.items()):
+            out.append(f"  item {i} ({store.item_name(i)}): {p}")
+        if self.temp_files:
+            out.append(f"  {len(self.temp_files)} temp file(s) of an interrupted run (ignored; the next run removes "
+                       "them)")
+        if self.comparison is not None:
+            out += self.comparison.lines()
+        out.append("verify: OK" if self else "verify: FAILED")
+        return out
+
+
+def _ranges(xs: list[int]) -> str:
+    xs = sorted(xs)
+    parts, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def _fingerprint_notes(a: dict, b: dict) -> list[str]:
+    fa, fb = list(a.get("fingerprints", {}).values()), list(b.get("fingerprints", {}).values())
+    out = [f"{len(fa)} fingerprint(s) here, {len(fb)} in the other"]
+    keys = sorted({k for f in fa + fb for k in f})
+    for k in keys:
+        va = sorted({json.dumps(f.get(k)) for f in fa})
+        vb = sorted({json.dumps(f.get(k)) for f in fb})
+        if va != vb:
+            out.append(f"{k}: {', '.join(va)} here, {', '.join(vb)} in the other")
+    return out
+
+
+def compare(here, other) -> Comparison:
+    """Compare the manifests of two folders (or manifest files) item by item."""
+    a, _ = _load(here, "out")
+    b, _ = _load(other, "against")
+    ia, ib = a["items"], b["items"]
+    both = sorted(set(ia) & set(ib), key=int)
+    equal, differ, not_same = [], [], []
+    for k in both:
+        ea, eb = ia[k], ib[k]
+        if any(ea.get(f) != eb.get(f) for f in ("label", "seed", "stream")):
+            not_same.append(int(k))
+        elif ea.get("checksum") == eb.get("checksum"):
+            equal.append(int(k))
+        else:
+            differ.append(int(k))
+    same_spec = a.get("spec_hash") == b.get("spec_hash")
+    return Comparison(
+        here=str(here), other=str(other), same_spec=same_spec,
+        spec_notes=[] if same_spec else spec_differences(a.get("spec", {}), b.get("spec", {})),
+        equal=equal, differ=differ, not_same_item=not_same,
+        only_here=sorted(int(k) for k in set(ia) - set(ib)), only_other=sorted(int(k) for k in set(ib) - set(ia)),
+        fingerprint_notes=_fingerprint_notes(a, b),
+    )
+
+
+def verify(out, against=None) -> VerifyReport:
+    """Recheck every item file of the folder ``out`` against its manifest (image checksum and file sha256), list
+    the items not rendered yet, and with ``against`` (another folder or manifest) compare item by item."""
+    manifest, folder = _load(out, "out")
+    if folder is None:
+        raise RenderError(f"out: expected a render folder, got the file {str(out)!r}")
+    temps, files, _ = store.scan_folder(folder)
+    ok, problems = [], {}
+    entries = manifest["items"]
+    for idx in _indices(manifest["spec"]["items"]):
+        entry = entries.get(str(idx))
+        if entry is None:
+            problems[idx] = ("not in the manifest (its file is there but was never reported: the job was "
+                             "interrupted; rerun it)" if idx in files else
+                             "not rendered yet (the job is incomplete: rerun it)")
+            continue
+        p = store.check_item(folder, idx, entry)
+        if p is None:
+            ok.append(idx)
+        else:
+            problems[idx] = p + " (a rerun of the job recomputes it)"
+    comparison = compare(out, against) if against is not None else None
+    return VerifyReport(out=str(out), total=len(ok) + len(problems), ok=ok, problems=problems, temp_files=temps,
+                        comparison=comparison)

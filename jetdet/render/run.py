@@ -1,0 +1,504 @@
+"""The job runner: one process per worker (``torchrun``), items split by a fixed rule, rank 0 keeps the manifest.
+
+How a run goes (every rank runs the same code):
+
+1. **Check.** Every rank validates the spec, loads the model and computes the spec hash. The outcomes are
+   all-gathered, so an error on any rank (a bad class, an entry point that does not import on one node, a model
+   whose weights differ between nodes: different hashes) stops every rank with the same message before anything
+   is written.
+2. **Plan (rank 0).** Rank 0 checks the output folder: a manifest of another spec is refused unless ``force``;
+   every item listed in the manifest is re-checked (image checksum and file sha256); items with no entry, a
+   missing or a corrupt file go back on the to-do list, and an item file with no manifest entry (written, then
+   killed before it was reported) is never trusted: it is recomputed. Temp files left by killed processes are
+   removed. The manifest is written before any item (so a folder this job created is recognisably its own),
+   and the to-do list is broadcast.
+3. **Render.** Rank ``r`` of ``W`` takes to-do items ``r, r + W, r + 2W, ...`` and samples them ``batch_size`` at a
+   time. After each round every rank has written its batch's files (temp, fsync, rename, folder fsync) and sends
+   their reports (index, checksums, its fingerprint) to rank 0 with ``gather_object``; rank 0 adds them to the
+   manifest and rewrites it atomically. Ranks with fewer items join the remaining rounds with empty reports.
+
+What a crash costs: a killed worker loses at most the batch it was rendering and, for the other ranks, the
+batch of that round that was written but not yet reported (those files are recomputed, not trusted). When any
+worker dies the others fail in the next collective; ``torchrun --max-restarts N`` then restarts the whole group
+(rank 0 included), and the restarted job resumes from the manifest exactly as a plain rerun does.
+
+Backends: gloo when the worker's device is the CPU, nccl on CUDA (device ``cuda:LOCAL_RANK``). A process group
+that is already initialised (a user's own ``torchrun`` script calling :func:`render`) is used and left as it is;
+with no ``torchrun`` environment the job runs in this process as a world of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import store
+from .spec import DTYPES, Item, JobSpec, RenderError, load_model, load_spec, model_digest, spec_differences, spec_hash
+
+__all__ = ["render", "RenderResult"]
+
+
+@dataclass
+class RenderResult:
+    """What :func:`render` did (the same on every rank)."""
+
+    out: str
+    spec_hash: str
+    total: int
+    complete: bool
+    rendered: int  # items sampled by this run, all ranks
+    kept: int  # items found done and verified at the start
+    recomputed: dict = field(default_factory=dict)  # index -> why an item found in the folder was redone
+    temp_removed: int = 0
+    seconds: float = 0.0  # the render phase: from the plan to the last report
+    items_per_s: float = 0.0
+    world_size: int = 1
+    batch_size: int = 1
+
+
+# ------------------------------------------------------------------------------------------------- group
+
+
+class _Group:
+    """This process's place in the job and the three collectives the runner uses."""
+
+    def __init__(self, device: torch.device):
+        self.owned = False
+        if dist.is_available() and dist.is_initialized():
+            self.dist = True
+        elif all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torchrun's agent keeps one TCPStore for every restart of the group, so after a restart a plain
+                # init_process_group finds the dead group's addresses under the same keys and gloo waits on them
+                # forever (torch 2.13: a 2-worker job hung in connectFullMesh after --max-restarts restarted it;
+                # pytorch/pytorch#135712). Keys under the restart count keep each attempt apart.
+                store, rank, world = next(dist.rendezvous("env://"))
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                store = dist.PrefixStore(f"jetdet.render/attempt_{attempt}", store)
+                dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+            else:
+                dist.init_process_group(backend)
+            self.owned = self.dist = True
+        else:
+            self.dist = False
+        self.rank = dist.get_rank() if self.dist else 0
+        self.world = dist.get_world_size() if self.dist else 1
+
+    def all_gather(self, obj) -> list:
+        if not self.dist:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather(self, obj) -> list | None:
+        """``obj`` of every rank, on rank 0 (``None`` elsewhere)."""
+        if not self.dist:
+            return [obj]
+        out = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        if not self.dist:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owned:
+            dist.destroy_process_group()
+
+
+def _device(name: str, model) -> torch.device:
+    if model is not None:
+        return next(model.parameters()).device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RenderError("device: 'cuda' requested, but torch.cuda.is_available() is False")
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------- job
+
+
+@dataclass
+class _Job:
+    spec: JobSpec
+    model: torch.nn.Module
+    items: list[Item]
+    hash: str
+    device: torch.device
+
+
+def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
+    if model is None:
+        model, class_names = load_model(spec.model, device, DTYPES[spec.dtype])
+    else:
+        from .spec import check_model_contract
+
+        check_model_contract(model, "the model passed to render()")
+        p = next(model.parameters())
+        if p.dtype != DTYPES[spec.dtype]:
+            raise RenderError(f"dtype: the spec says {spec.dtype}, the model passed to render() is "
+                              f"{str(p.dtype).replace('torch.', '')}")
+        class_names = getattr(model, "class_names", None)
+    items = spec.expand(class_names, model.config["num_classes"])
+    if spec.mode == "deterministic":
+        import jetdet
+
+        # The first deterministic context of a process pays torch's one-time imports behind
+        # torch.use_deterministic_algorithms (torch._dynamo/_inductor, about 3 s of CPU here): pay it now, so that
+        # the render phase's items/s measures sampling, not process start.
+        with jetdet.mode("deterministic"):
+            pass
+    return _Job(spec, model, items, spec_hash(spec, items, model_digest(model)), device)
+
+
+def _check_everywhere(group: _Group, spec: JobSpec, device, model) -> _Job:
+    """Load the job on every rank; any rank's error (or differing spec hashes) stops all of them."""
+    job, err, exc = None, None, None
+    try:
+        job = _load_job(spec, device, model)
+    except RenderError as e:
+        err = str(e)
+    except Exception as e:  # reported to the other ranks, then re-raised here
+        err, exc = f"{type(e).__name__}: {e}", e
+    outcomes = group.all_gather((err, job.hash if job else None))
+    if exc is not None:
+        raise exc
+    for r, (e, _) in enumerate(outcomes):
+        if e is not None:
+            raise RenderError(e if group.world == 1 else f"rank {r}: {e}")
+    hashes = {h for _, h in outcomes}
+    if len(hashes) > 1:
+        detail = ", ".join(f"rank {r}: {h[:12]}" for r, (_, h) in enumerate(outcomes))
+        raise RenderError(f"model: the workers do not agree on the job ({detail}); every worker must load the same "
+                          "model weights and spec")
+    return job
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    out = []
+    p = path
+    while not p.exists():
+        out.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Undo the folders this run created (deepest first), if they are still empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
+def _plan(out: Path, job: _Job, force: bool) -> dict:
+    """Rank 0: check the folder, decide what to render, write the manifest. Raises RenderError with the folder
+    unchanged."""
+    spec_dict = job.spec.to_dict()
+    if out.exists() and not out.is_dir():
+        raise RenderError(f"out: {str(out)!r} exists and is not a folder")
+    manifest, created = None, []
+    temps, files, other = [], {}, []
+    if out.is_dir():
+        manifest = store.load_manifest(out)
+        try:
+            temps, files, other = store.scan_folder(out)
+        except OSError as e:
+            raise RenderError(f"out: cannot list {str(out)!r}: {e.strerror or e}") from None
+        if manifest is None and (files or other):
+            raise RenderError(f"out: {str(out)!r} holds {len(files) + len(other)} file(s) but no jetdet render "
+                              f"manifest ({store.MANIFEST}); choose an empty or new folder, or a render job's folder")
+    replaced = manifest is not None and manifest.get("spec_hash") != job.hash
+    if replaced and not force:
+        diffs = spec_differences(manifest.get("spec", {}), spec_dict) or [
+            "the same spec text, but a different model (its weights) or item list"]
+        raise RenderError(
+            f"out: {str(out)!r} holds another job (spec hash {str(manifest.get('spec_hash'))[:12]}, this job "
+            f"{job.hash[:12]}): {'; '.join(diffs)}. Choose another folder, or pass --force (force=True) to replace "
+            "that job (its items are recomputed or removed)")
+
+    # what is done: listed in the manifest and the file checks out
+    keep, why = {}, {}
+    wanted = {it.index for it in job.items}
+    stale = []
+    if manifest is not None and not replaced:
+        for k, entry in manifest["items"].items():
+            idx = int(k)
+            if idx not in wanted:
+                continue
+            problem = store.check_item(out, idx, entry)
+            if problem is None:
+                keep[k] = entry
+            else:
+                why[idx] = problem
+    elif manifest is not None:  # replaced with force: the old job's files that the new job will not overwrite go
+        stale = [store.item_name(int(k)) for k in manifest["items"] if int(k) not in wanted]
+    todo = [it.index for it in job.items if str(it.index) not in keep]
+    for idx in todo:
+        if idx not in why:
+            why[idx] = "not rendered yet" if idx not in files else "file not in the manifest (unreported), recomputed"
+
+    if manifest is None or replaced:
+        new = store.new_manifest(spec_dict, job.hash, len(job.items))
+        if manifest is not None:
+            new["runs"] = manifest.get("runs", [])
+            new["replaced"] = manifest.get("replaced", []) + [manifest.get("spec_hash")]
+    else:
+        new = dict(manifest)
+        new["items"] = keep
+        new["spec"] = spec_dict  # batch_size/device may differ: the latest run's
+    new["complete"] = not todo
+    new["fingerprints"] = {fp: v for fp, v in new.get("fingerprints", {}).items()
+                           if fp in {e.get("fingerprint") for e in new["items"].values()}}
+
+    if not out.exists():
+        created = _missing_ancestors(out)  # deepest first
+        try:
+            out.mkdir(parents=True)
+        except OSError as e:
+            _remove_empty(created)
+            raise RenderError(f"out: cannot create the folder {str(out)!r}: {e.strerror or e}") from None
+    try:
+        store.save_manifest(out, new)
+    except OSError as e:
+        _remove_empty(created)
+        raise RenderError(f"out: cannot write in {str(out)!r}: {e.strerror or e}") from None
+    removed = 0
+    for name in temps + stale:
+        try:
+            os.unlink(out / name)
+            removed += name in temps
+        except FileNotFoundError:
+            pass
+    return {"todo": todo, "why": {i: why[i] for i in todo}, "kept": len(keep), "temp_removed": removed,
+            "manifest": new}
+
+
+# ------------------------------------------------------------------------------------------------ render
+
+
+class _PlainProgress:
+    """The progress line without tqdm: ``render: 5/12 items, 2.31 items/s`` at most once a second."""
+
+    def __init__(self, total: int, initial: int, disable: bool):
+        self.total, self.n, self.start_n, self.disable = total, initial, initial, disable
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, k: int) -> None:
+        self.n += k
+        now = time.perf_counter()
+        if not self.disable and (now - self.last >= 1.0 or self.n >= self.total):
+            self.last = now
+            rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+            sys.stderr.write(f"render: {self.n}/{self.total} items, {rate:.2f} items/s\n")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, disable: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(total, initial, disable)
+    # rate_noinv_fmt: always items/s (tqdm's default flips to s/item below one item a second)
+    fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} items [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+    return tqdm(total=total, initial=initial, unit="item", desc="render", disable=disable, file=sys.stderr,
+                dynamic_ncols=True, bar_format=fmt)
+
+
+def _sample(job: _Job, batch: list[Item]) -> torch.Tensor:
+    import jetdet
+
+    from ..models.sampling import sample
+
+    cfg = job.model.config
+    shape = (1, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
+    noise = torch.cat([jetdet.randn(shape, it.seed, item_offset=it.stream, device=job.device) for it in batch])
+    labels = torch.tensor([it.label for it in batch], dtype=torch.long, device=job.device)
+    s = job.spec
+    with jetdet.mode("deterministic" if s.mode == "deterministic" else "off"):
+        return sample(job.model, labels, steps=s.steps, cfg=s.cfg, sampler=s.sampler, shift=s.shift, noise=noise)
+
+
+def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifest: dict | None, bar) -> int:
+    from ..verify import checksum, fingerprint
+
+    by_index = {it.index: it for it in job.items}
+    bs = job.spec.batch_size
+    mine = todo[group.rank :: group.world]
+    rounds = math.ceil(math.ceil(len(todo) / group.world) / bs) if todo else 0
+    fp = fingerprint(job.device)
+    fp_id = store.fingerprint_id(fp)
+    rendered = 0
+    for r in range(rounds):
+        batch = [by_index[i] for i in mine[r * bs : (r + 1) * bs]]
+        reports = []
+        if batch:
+            images = _sample(job, batch)
+            for slot, (it, image) in enumerate(zip(batch, images)):
+                meta = {"index": it.index, "label": it.label, "seed": it.seed, "stream": it.stream,
+                        "spec_hash": job.hash}
+                data = store.item_bytes(image, meta)
+                name = store.item_name(it.index)
+                store.atomic_write(out / name, data, sync_dir=False)
+                reports.append({"index": it.index, "file": name, "label": it.label, "seed": it.seed,
+                                "stream": it.stream, "checksum": checksum(image),
+                                "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fp_id,
+                                "rank": group.rank, "world_size": group.world, "batch_size": bs, "slot": slot})
+            store.fsync_dir(out)
+        gathered = group.gather((fp_id, fp, reports))
+        if group.rank == 0:
+            n = 0
+            for rid, rfp, reps in gathered:
+                if reps:
+                    manifest["fingerprints"].setdefault(rid, rfp)
+                for rep in reps:
+                    manifest["items"][str(rep.pop("index"))] = rep
+                    n += 1
+            manifest["complete"] = len(manifest["items"]) == manifest["total"]
+            store.save_manifest(out, manifest)
+            rendered += n
+            bar.update(n)
+    return rendered
+
+
+def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
+           threads: int | None = None) -> RenderResult:
+    """Render a job into the folder ``out``; resume it if ``out`` holds the same job.
+
+    Args:
+        spec: a dict, a JSON file path or a :class:`JobSpec` (keys in :mod:`jetdet.render.spec`).
+        out: the output folder (created if missing).
+        force: replace a job of another spec in ``out`` instead of refusing.
+        model: a model object to use instead of loading ``spec["model"]`` (same contract; used on its own device,
+            not moved; its dtype must be the spec's). Under ``torchrun`` each rank passes its own.
+        progress: the progress line and the resume/summary lines on rank 0 (stderr).
+        threads: ``torch.set_num_threads`` for the run (restored afterwards).
+
+    Run under ``torchrun`` (or in an initialised process group) every rank calls this with the same arguments.
+    Bad input raises :class:`RenderError` on every rank, with the folder unchanged.
+    """
+    spec = load_spec(spec)
+    out = Path(out)
+    saved_threads = torch.get_num_threads()
+    saved_cuda = None
+    group = None
+    try:
+        if threads is not None:
+            if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+                raise RenderError(f"threads: expected an int >= 1, got {threads!r}")
+            torch.set_num_threads(threads)
+        device = _device(spec.device, model)
+        if device.type == "cuda":  # nccl's object collectives use the current device; put it back afterwards
+            saved_cuda = torch.cuda.current_device()
+            torch.cuda.set_device(device)
+        group = _Group(device)
+        job = _check_everywhere(group, spec, device, model)
+        show = progress and group.rank == 0
+
+        plan = None
+        if group.rank == 0:
+            try:
+                plan = _plan(out, job, force)
+            except RenderError as e:
+                plan = {"error": str(e)}
+        shared = group.broadcast({k: v for k, v in plan.items() if k != "manifest"} if plan else None)
+        if "error" in shared:
+            raise RenderError(shared["error"])
+        todo = shared["todo"]
+        if show:
+            _log_plan(out, len(job.items), shared)
+
+        bar = _progress(len(job.items), len(job.items) - len(todo), not show) if group.rank == 0 else None
+        manifest = plan["manifest"] if group.rank == 0 else None
+        t0 = time.perf_counter()
+        handle = None
+        try:
+            if spec.mode == "fast" and todo:
+                import jetdet
+
+                handle = jetdet.patch(job.model, mode="fast", budget=spec.budget, num_steps=spec.steps)
+            rendered = _render_rounds(group, job, out, todo, manifest, bar)
+        finally:
+            if handle is not None:
+                handle.remove()
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - t0
+
+        summary = None
+        if group.rank == 0:
+            manifest["runs"].append({
+                "world_size": group.world, "batch_size": spec.batch_size, "device": str(device),
+                "threads": torch.get_num_threads(), "kept": shared["kept"], "rendered": rendered,
+                "seconds": round(seconds, 4), "items_per_s": round(rendered / seconds, 4) if rendered else None,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            manifest["complete"] = len(manifest["items"]) == manifest["total"]
+            store.save_manifest(out, manifest)
+            summary = {"rendered": rendered, "complete": manifest["complete"]}
+        summary = group.broadcast(summary)
+        result = RenderResult(
+            out=str(out), spec_hash=job.hash, total=len(job.items), complete=summary["complete"],
+            rendered=summary["rendered"], kept=shared["kept"],
+            recomputed={i: w for i, w in shared["why"].items() if w != "not rendered yet"},
+            temp_removed=shared["temp_removed"], seconds=seconds,
+            items_per_s=summary["rendered"] / seconds if summary["rendered"] else 0.0, world_size=group.world,
+            batch_size=spec.batch_size,
+        )
+        if show:
+            _log_summary(result)
+        return result
+    finally:
+        torch.set_num_threads(saved_threads)
+        if group is not None:
+            group.close()
+        if saved_cuda is not None:
+            torch.cuda.set_device(saved_cuda)
+
+
+def _log_plan(out: Path, total: int, plan: dict) -> None:
+    todo, why = plan["todo"], plan["why"]
+    redo = {i: w for i, w in why.items() if w != "not rendered yet"}
+    lines = [f"render: {out}: {total} items, {plan['kept']} done and verified, {len(todo)} to render"]
+    if redo:
+        shown = "; ".join(f"item {i}: {w}" for i, w in list(redo.items())[:8])
+        more = f" (and {len(redo) - 8} more)" if len(redo) > 8 else ""
+        lines.append(f"render: recomputing {len(redo)}: {shown}{more}")
+    if plan["temp_removed"]:
+        lines.append(f"render: removed {plan['temp_removed']} temp file(s) left by an interrupted run")
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+
+
+def _log_summary(r: RenderResult) -> None:
+    rate = f"{r.items_per_s:.3f} items/s" if r.rendered else "nothing to render"
+    sys.stderr.write(
+        f"render: done: {r.kept + r.rendered}/{r.total} items in {r.out}; this run rendered {r.rendered} in "
+        f"{r.seconds:.2f} s: {rate} ({r.world_size} worker(s), batch {r.batch_size}; sampling and writing only, "
+        "process start and model load not counted)\n")
+    sys.stderr.flush()

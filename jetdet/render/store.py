@@ -1,0 +1,188 @@
+"""The output folder of a render job: item files, the manifest, atomic writes and the resume scan.
+
+Layout of ``OUT/``:
+
+* ``item-000017.safetensors``: one tensor ``image`` (``[C, S, S]``, the sampler's output in ``[-1, 1]``) and
+  metadata ``index``, ``label``, ``seed``, ``stream``, ``spec_hash`` (header keys sorted, so equal images give
+  equal files byte for byte);
+* ``manifest.json``: the spec and its hash, and per item its file, ``checksum`` (:func:`jetdet.checksum` of
+  the image), ``sha256`` (of the file's bytes), the worker's fingerprint id (the fingerprints themselves are
+  listed once under ``fingerprints``), rank, world size and batch size, and one record per run.
+
+Every file is written to ``NAME.tmp-<pid>-<random>``, fsynced, renamed over ``NAME`` and the folder fsynced, so
+a reader (or a resumed job) sees either the old file or the new one, never a partial one. Temp names left by a
+killed process are removed by the next run's scan and never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+
+import torch
+
+from .spec import RenderError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "jetdet.render.manifest/1"
+_ITEM_RE = re.compile(r"^item-(\d+)\.safetensors$")
+_TMP_RE = re.compile(r"^(item-\d+\.safetensors|manifest\.json)\.tmp-[0-9]+-[0-9a-f]+$")
+
+
+def item_name(index: int) -> str:
+    return f"item-{index:06d}.safetensors"
+
+
+def is_temp_name(name: str) -> bool:
+    return _TMP_RE.match(name) is not None
+
+
+def fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the renames are still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder: write, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """safetensors writes ``__metadata__`` in hash-map order, which changes from run to run; rewrite the header
+    with sorted keys (re-padded to the same length, so the tensor data does not move)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen: same content, no whitespace
+        raise RuntimeError("safetensors header grew when sorted")
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
+
+
+def item_bytes(image: torch.Tensor, meta: dict) -> bytes:
+    """The bytes of one item file (deterministic for equal ``image`` and ``meta``)."""
+    from safetensors.torch import save
+
+    data = save({"image": image.detach().to("cpu").contiguous()}, metadata={k: str(v) for k, v in meta.items()})
+    return _canonical_header(data)
+
+
+def parse_item(data: bytes) -> tuple[torch.Tensor, dict]:
+    """``(image, metadata)`` from an item file's bytes; ``ValueError`` if they cannot be parsed."""
+    from safetensors.torch import load
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if set(tensors) != {"image"}:
+        raise ValueError(f"expected one tensor 'image', found {sorted(tensors)}")
+    return tensors["image"], meta
+
+
+def read_item(path) -> tuple[torch.Tensor, dict]:
+    """``(image, metadata)`` of an item file; ``ValueError`` if it cannot be parsed."""
+    return parse_item(Path(path).read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def new_manifest(spec: dict, spec_hash: str, total: int) -> dict:
+    return {"format": MANIFEST_FORMAT, "spec_hash": spec_hash, "spec": spec, "total": total, "complete": False,
+            "fingerprints": {}, "items": {}, "runs": []}
+
+
+def load_manifest(folder) -> dict | None:
+    """The folder's manifest, ``None`` if it has none; :class:`RenderError` if it is not one of ours."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RenderError(f"out: {str(path)!r} cannot be read as a render manifest ({e}); move it away or choose "
+                          "another folder") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("items"), dict):
+        raise RenderError(f"out: {str(path)!r} is not a jetdet render manifest (format {MANIFEST_FORMAT!r}); "
+                          "choose another folder")
+    bad = [k for k, v in m["items"].items() if not (k.isdigit() and isinstance(v, dict))]
+    if bad or not isinstance(m.get("spec"), dict):
+        raise RenderError(f"out: {str(path)!r} is damaged (item keys {bad[:3]} or its spec); move it away or "
+                          "choose another folder")
+    return m
+
+
+def save_manifest(folder, manifest: dict) -> None:
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
+    atomic_write(Path(folder) / MANIFEST, data)
+
+
+def fingerprint_id(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_item(folder, index: int, entry: dict) -> str | None:
+    """``None`` if the item's file matches its manifest entry (image checksum and file sha256), else what is
+    wrong with it."""
+    from ..verify import checksum
+
+    path = Path(folder) / item_name(index)  # never a name read from the manifest: it stays inside the folder
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "file missing"
+    except OSError as e:
+        return f"file unreadable: {e.strerror or e}"
+    try:
+        image, _ = parse_item(data)
+    except ValueError as e:
+        return f"file corrupt: {e}"
+    if checksum(image) != entry.get("checksum"):
+        return "file corrupt: image checksum differs from the manifest"
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        return "file corrupt: bytes differ from the manifest (sha256) although the image checksum matches"
+    return None
+
+
+def scan_folder(folder) -> tuple[list[str], dict[int, str], list[str]]:
+    """``(temp files, {index: item file name}, other names)`` in ``folder`` (which must exist)."""
+    temps, items, other = [], {}, []
+    for name in sorted(os.listdir(folder)):
+        if is_temp_name(name):
+            temps.append(name)
+        elif (m := _ITEM_RE.match(name)) is not None:
+            items[int(m.group(1))] = name
+        elif name != MANIFEST:
+            other.append(name)
+    return temps, items, other

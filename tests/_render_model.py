@@ -1,0 +1,33 @@
+"""A user's own model for the render entry-point test (``--model _render_model:factory``): a small velocity model
+with the bundled model's contract, and factories that break the contract."""
+
+import torch
+import torch.nn as nn
+
+
+class TinyVelocity(nn.Module):
+    """``forward(x [B, 3, 8, 8], t [B], y [B]) -> v [B, 3, 8, 8]``; label 3 is the null (CFG) label."""
+
+    class_names = ["red", "green", "blue"]
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"in_channels": 3, "sample_size": 8, "num_classes": 3}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.out = nn.Conv2d(8, 3, 1)
+            self.emb = nn.Embedding(4, 8)
+            self.temb = nn.Linear(1, 8)
+
+    def forward(self, x, t, y):
+        h = self.conv(x) + self.emb(y)[:, :, None, None] + self.temb(t[:, None].to(x.dtype))[:, :, None, None]
+        return self.out(torch.tanh(h))
+
+
+def factory():
+    return TinyVelocity()
+
+
+def not_a_model():
+    return "a string"

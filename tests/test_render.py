@@ -1,0 +1,393 @@
+"""jetdet.render in one process: same bytes at any batch size, the noise rule, resume, verify/compare, bad input,
+--force, a user's model through the entry point, fast mode, the progress line, and nothing of the caller's left
+changed. The multi-process runs (1/2/3 workers, SIGKILL, torchrun restarts) are in test_render_dist.py."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _render_util import checksums, files, items, manifest, snapshot
+
+import jetdet
+from jetdet.models import bundled
+from jetdet.models.sampling import sample
+from jetdet.render import RenderError, compare, load_spec, render, verify
+from jetdet.render.__main__ import main
+from jetdet.render.spec import Item, spec_hash
+from jetdet.render.store import item_name, read_item
+
+STEPS = 2
+JOB = {"items": 12, "steps": STEPS, "seed": 3}
+
+pytestmark = pytest.mark.skipif(not bundled.DIT_FILE.exists(), reason="the bundled weights are not there")
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> Path:
+    """The 12-item deterministic job at batch 1 (one worker)."""
+    out = tmp_path_factory.mktemp("render") / "ref_b1"
+    r = _render({**JOB, "batch_size": 1}, out)
+    assert r.complete and r.rendered == 12 and r.kept == 0
+    return out
+
+
+def _render(spec, out, **kw):
+    """render() with one torch thread and no progress line by default: with 2 threads an op waits for the second
+    thread, and on a loaded 2-core machine that made these runs 8x slower (56 s against 7 s for the reference)."""
+    kw.setdefault("threads", 1)
+    kw.setdefault("progress", False)
+    return render(spec, out, **kw)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ same bytes
+
+
+def test_batch_sizes_give_the_same_bytes(ref, tmp_path):
+    """Deterministic mode, one worker, batch 1 / 4 / 5 (5 does not divide 12): every item file byte-identical and
+    every manifest checksum equal."""
+    ref_items = items(ref)
+    assert len(ref_items) == 12
+    for bs in (4, 5):
+        out = tmp_path / f"b{bs}"
+        _render({**JOB, "batch_size": bs}, out)
+        assert items(out) == ref_items, f"batch {bs}"
+        assert checksums(out) == checksums(ref)
+        assert {e["batch_size"] for e in manifest(out)["items"].values()} == {bs}
+        report = verify(out, against=ref)
+        assert report and report.comparison.equal == list(range(12)), "\n".join(report.lines())
+
+
+def test_items_are_what_sample_draws(ref):
+    """The noise rule: a range with one seed renders exactly sample(model, labels, seed=seed) of the whole list in
+    one batch (here batch 12), item i from jetdet.randn(seed, item_offset=i)."""
+    model = bundled.load_bundled()
+    labels = [i % 10 for i in range(12)]
+    with jetdet.mode("deterministic"):
+        want = sample(model, labels, steps=STEPS, seed=3)
+    m = manifest(ref)
+    for i in range(12):
+        image, meta = read_item(ref / item_name(i))
+        assert torch.equal(image, want[i]), i
+        assert (meta["index"], meta["label"], meta["seed"], meta["stream"]) == (str(i), str(labels[i]), "3", str(i))
+        assert m["items"][str(i)]["checksum"] == jetdet.checksum(want[i])
+
+
+def test_mode_off_differs_negative_control(tmp_path):
+    """Negative control: in mode off, plain torch kernels give batch-dependent bytes, and verify --against names
+    the items that differ."""
+    a, b = tmp_path / "off_b1", tmp_path / "off_b5"
+    _render({**JOB, "mode": "off", "batch_size": 1}, a)
+    _render({**JOB, "mode": "off", "batch_size": 5}, b)
+    differ = [k for k in items(a) if items(a)[k] != items(b)[k]]
+    assert differ, "mode off gave the same bytes at batch 1 and 5: the determinism test could not fail"
+    report = verify(a, against=b)
+    assert not report and report.comparison.differ
+    assert f"item {report.comparison.differ[0]}: checksum differs" in "\n".join(report.lines())
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_skips_done_and_recomputes_the_rest(ref, tmp_path):
+    out = _copy(ref, tmp_path / "job")
+    again = _render({**JOB, "batch_size": 4}, out)
+    assert (again.kept, again.rendered, again.recomputed) == (12, 0, {})
+
+    m = manifest(out)
+    (out / item_name(2)).unlink()  # missing
+    data = bytearray((out / item_name(5)).read_bytes())
+    data[-7] ^= 0x01  # a flipped bit in the image data
+    (out / item_name(5)).write_bytes(bytes(data))
+    del m["items"]["9"]  # written, then killed before it was reported: never trusted, even when it parses
+    (out / item_name(9)).write_bytes((out / item_name(8)).read_bytes())
+    (out / "manifest.json").write_text(json.dumps(m))
+    (out / (item_name(11) + ".tmp-123-abcd")).write_bytes(b"partial")  # a killed writer's temp file
+    r = _render({**JOB, "batch_size": 4}, out)
+    assert r.rendered == 3 and r.kept == 9 and r.temp_removed == 1
+    assert set(r.recomputed) == {2, 5, 9}
+    assert "missing" in r.recomputed[2] and "corrupt" in r.recomputed[5] and "not in the manifest" in r.recomputed[9]
+    assert files(out).keys() == files(ref).keys()  # the temp file is gone
+    assert items(out) == items(ref) and checksums(out) == checksums(ref)
+    assert manifest(out)["complete"]
+
+
+def test_verify_names_a_corrupt_item_and_a_rerun_fixes_it(ref, tmp_path, capsys):
+    out = _copy(ref, tmp_path / "job")
+    assert main(["verify", str(out)]) == 0  # control: an intact folder passes
+    path = out / item_name(7)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "item 7 (item-000007.safetensors): file corrupt" in text and "verify: FAILED" in text
+    assert [line.split(" (")[0] for line in text.splitlines() if line.startswith("  item")] == ["  item 7"]
+    report = verify(out)
+    assert list(report.problems) == [7] and len(report.ok) == 11
+
+    r = _render({**JOB, "batch_size": 4}, out)
+    assert r.rendered == 1 and list(r.recomputed) == [7]
+    assert verify(out) and items(out) == items(ref)
+
+
+def test_verify_a_header_byte_and_an_incomplete_job(ref, tmp_path):
+    out = _copy(ref, tmp_path / "job")
+    path = out / item_name(0)
+    data = bytearray(path.read_bytes())
+    data[12] ^= 0x20  # inside the JSON header: the tensor may still load, the file's sha256 changes
+    path.write_bytes(bytes(data))
+    m = manifest(out)
+    del m["items"]["4"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    (out / item_name(4)).unlink()
+    report = verify(out)
+    assert set(report.problems) == {0, 4}
+    assert "corrupt" in report.problems[0] and "not rendered yet" in report.problems[4]
+
+
+def test_manifest_names_never_leave_the_folder(ref, tmp_path):
+    """File names are derived from item indices, never read from the manifest: an entry pointing outside the folder
+    is neither checked nor deleted by --force. A damaged manifest is refused, not half-read."""
+    out = _copy(ref, tmp_path / "job")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    m = manifest(out)
+    m["items"]["3"]["file"] = "../victim.txt"
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert verify(out)
+    r = _render({**JOB, "items": 2}, out, force=True)  # another job: the old items 2..11 are removed
+    assert r.rendered == 2 and victim.read_text() == "keep me"
+    assert sorted(items(out)) == [item_name(0), item_name(1)]
+    m = manifest(out)
+    m["items"]["x"] = {}
+    (out / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(out)
+    with pytest.raises(RenderError, match="is damaged"):
+        _render({**JOB, "items": 2}, out)
+    assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case", ["sampler", "items_zero", "items_empty", "class", "spec_key", "model", "device"])
+def test_bad_spec_is_refused_and_the_folder_left_alone(ref, tmp_path, case, capsys):
+    out = _copy(ref, tmp_path / "job")
+    before = snapshot(out)
+    bad = {
+        "sampler": ({**JOB, "sampler": "dpm++"}, "sampler: expected one of 'euler', 'heun', got 'dpm++'"),
+        "items_zero": ({**JOB, "items": 0}, "items: expected at least one item, got count 0"),
+        "items_empty": ({**JOB, "items": []}, "items: expected at least one item, got an empty list"),
+        "class": ({**JOB, "items": {"count": 3, "classes": [1, "hexagon"]}}, "items.classes[1]: unknown class name"),
+        "spec_key": ({**JOB, "stepz": 3}, "spec: unknown key(s) ['stepz']"),
+        "model": ({**JOB, "model": "no_such_module_xyz:f"}, "model: cannot import module 'no_such_module_xyz'"),
+        "device": ({**JOB, "device": "cuda"}, "device: 'cuda' requested, but torch.cuda.is_available() is False"),
+    }
+    if case == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    spec, message = bad[case]
+    with pytest.raises(RenderError, match=None) as e:
+        _render(spec, out)
+    assert message in str(e.value)
+    assert snapshot(out) == before
+    # and through the command line: exit status 2 and the same message
+    if case == "sampler":
+        assert main(["run", "--out", str(out), "--count", "12", "--steps", "2", "--sampler", "dpm++"]) == 2
+    elif case == "items_zero":
+        assert main(["run", "--out", str(out), "--count", "0"]) == 2
+    else:
+        return
+    assert message in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_a_folder_of_another_spec_is_refused_unless_forced(ref, tmp_path, capsys):
+    out = _copy(ref, tmp_path / "job")
+    before = snapshot(out)
+    with pytest.raises(RenderError) as e:
+        _render({**JOB, "steps": 3}, out)
+    msg = str(e.value)
+    assert "holds another job" in msg and "steps: 2 in the folder, 3 now" in msg and "--force" in msg
+    assert snapshot(out) == before
+    assert main(["run", "--out", str(out), "--count", "12", "--seed", "3", "--steps", "2", "--cfg", "2"]) == 2
+    assert "cfg: 4.0 in the folder, 2.0 now" in capsys.readouterr().err
+    assert snapshot(out) == before
+    # a folder with files but no manifest is not ours to write into
+    other = tmp_path / "user_folder"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    before_other = snapshot(other)
+    with pytest.raises(RenderError, match="no jetdet render manifest"):
+        _render(JOB, other)
+    assert snapshot(other) == before_other
+
+    # --force replaces the job: 6 items now, the old job's items 6..11 removed, the rest recomputed
+    r = _render({**JOB, "items": 6, "steps": 3}, out, force=True)
+    assert r.rendered == 6 and r.kept == 0
+    assert sorted(items(out)) == [item_name(i) for i in range(6)]
+    assert verify(out) and manifest(out)["replaced"] == [manifest(ref)["spec_hash"]]
+    c = compare(out, ref)  # another job: the spec difference is named, the items compared where both have them
+    assert not c.ok and not c.same_spec and any(n.startswith("steps: 3") for n in c.spec_notes)
+    assert c.only_other == list(range(6, 12)) and c.differ == list(range(6)) and not c.equal
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file"])
+def test_an_unwritable_output_path_is_refused(tmp_path, case):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    out = f if case == "file" else f / "sub" / "out"
+    before = snapshot(tmp_path)
+    with pytest.raises(RenderError) as e:
+        _render(JOB, out)
+    assert str(e.value).startswith("out: ")
+    assert ("is not a folder" if case == "file" else "cannot create the folder") in str(e.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_read_only_folder_is_refused_and_left_as_it_was(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(RenderError, match="out: cannot"):
+            _render(JOB, ro / "job")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
+
+
+# -------------------------------------------------------------------------------------------- the spec
+
+
+def test_spec_forms_and_the_noise_rule():
+    a = load_spec({"items": {"count": 4, "start": 10, "classes": [2, "circle"]}, "seed": 9})
+    b = load_spec({"items": [{"class": 2}, {"prompt": "circle"}, {"class": 2, "seed": 9}, {"class": 0}],
+                   "seed": 9})
+    names = list(bundled.BUNDLED_CLASSES)
+    ea, eb = a.expand(names, 10), b.expand(names, 10)
+    assert ea == [Item(10, 2, 9, 10), Item(11, 0, 9, 11), Item(12, 2, 9, 12), Item(13, 0, 9, 13)]
+    assert eb == [Item(0, 2, 9, 0), Item(1, 0, 9, 1), Item(2, 2, 9, 2), Item(3, 0, 9, 3)]
+    # a range and the same list hash alike; what runs where (batch size, device) is not hashed
+    c = load_spec({"items": 4, "seed": 9, "batch_size": 1, "device": "cpu"})
+    d = load_spec({"items": [{"class": i} for i in range(4)], "seed": 9})
+    hc, hd = spec_hash(c, c.expand(names, 10), "m"), spec_hash(d, d.expand(names, 10), "m")
+    assert hc == hd
+    assert spec_hash(c, c.expand(names, 10), "other weights") != hc
+    e = load_spec({"items": 4, "seed": 9, "steps": 29})
+    assert spec_hash(e, e.expand(names, 10), "m") != hc
+    # an explicit stream pins an item's noise to its own (seed, stream), wherever it sits
+    f = load_spec({"items": [{"class": 1}, {"class": 1, "seed": 4, "stream": 0}]})
+    assert f.expand(names, 10)[1] == Item(1, 1, 4, 0)
+    with pytest.raises(RenderError, match=r"items\[0\]: expected exactly one of 'class'"):
+        load_spec({"items": [{"seed": 1}]})
+    with pytest.raises(RenderError, match="budget: only used with mode 'fast'"):
+        load_spec({"items": 1, "budget": 0.1})
+    with pytest.raises(RenderError, match=r"items.classes\[0\]: expected a class index in \[0, 10\), got 12"):
+        load_spec({"items": {"count": 1, "classes": [12]}}).expand(names, 10)
+
+
+def test_spec_file_and_flags(ref, tmp_path):
+    """A JSON spec file plus command-line flags (flags win) renders the same job as the API."""
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"items": {"count": 12, "seed": 0}, "steps": 5, "batch_size": 2}))
+    out = tmp_path / "job"
+    assert main(["run", "--spec", str(spec), "--out", str(out), "--seed", "3", "--steps", "2", "--batch-size", "5",
+                 "--threads", "1", "--no-progress"]) == 0
+    assert items(out) == items(ref)
+    assert manifest(out)["spec"]["batch_size"] == 5
+
+
+# ---------------------------------------------------------------------------------------- a user's model
+
+
+def test_user_model_entry_point(tmp_path, capsys):
+    """--model package.module:factory: a user's model with the bundled contract, class names as prompts."""
+    import _render_model
+
+    out = tmp_path / "user"
+    args = ["run", "--model", "_render_model:factory", "--out", str(out), "--count", "6", "--classes", "red,blue",
+            "--steps", "3", "--batch-size", "4", "--threads", "1", "--no-progress"]
+    assert main(args) == 0
+    with jetdet.mode("deterministic"):
+        want = sample(_render_model.factory(), [0, 2, 0, 2, 0, 2], steps=3, seed=0)
+    for i in range(6):
+        assert torch.equal(read_item(out / item_name(i))[0], want[i])
+    assert manifest(out)["spec"]["model"] == "_render_model:factory"
+    assert main(["run", "--model", "_render_model:not_a_model", "--out", str(tmp_path / "bad"), "--count", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "model: entry point '_render_model:not_a_model' gave a str; expected an nn.Module" in err
+    assert not (tmp_path / "bad").exists()
+    assert main(["run", "--model", "_render_model:factory", "--out", str(tmp_path / "bad"), "--count", "2",
+                 "--classes", "circle"]) == 2
+    assert "items.classes[0]: unknown class name 'circle'; expected one of ['red', 'green', 'blue']" in \
+        capsys.readouterr().err
+
+
+def test_model_object_and_the_callers_state_left_alone(tmp_path):
+    """render(model=...) uses the caller's model without changing it, restores the thread count and torch's
+    flags, and leaves no process group behind; also when it raises."""
+    import torch.distributed as dist
+
+    from jetdet.mode import torch_flags
+
+    model = bundled.load_bundled()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    threads, flags = torch.get_num_threads(), torch_flags()
+    r = _render({"items": 2, "steps": 1, "model": "my-dit"}, tmp_path / "a", model=model, threads=1)
+    assert r.complete
+    with pytest.raises(RenderError, match="dtype: the spec says float16"):
+        _render({"items": 2, "steps": 1, "dtype": "float16"}, tmp_path / "b", model=model, threads=1)
+    assert not (tmp_path / "b").exists()
+    assert torch.get_num_threads() == threads and torch_flags() == flags
+    assert not (dist.is_available() and dist.is_initialized())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert jetdet.get_mode().value == "off"
+
+
+def test_fast_mode_renders_and_unpatches(tmp_path):
+    model = bundled.load_bundled()
+    forward = model.forward
+    r = _render({"items": 3, "steps": 4, "mode": "fast", "budget": 0.5}, tmp_path / "fast", model=model,
+               progress=False)
+    assert r.complete and verify(tmp_path / "fast")
+    assert manifest(tmp_path / "fast")["spec"]["budget"] == 0.5
+    assert model.forward == forward and jetdet.unpatch(model) is False  # the step cache's patch was removed
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+def test_progress_line_tqdm_and_plain(tmp_path, capsys, monkeypatch):
+    _render({"items": 3, "steps": 1, "batch_size": 2}, tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert "3/3 items" in err and "item/s]" in err  # tqdm's line: items done, items per second
+    assert "render: done: 3/3 items" in err and "items/s" in err
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *a, **k):
+        if name == "tqdm":
+            raise ImportError("no tqdm here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    _render({"items": 3, "steps": 1, "batch_size": 2}, tmp_path / "b", progress=True)
+    err = capsys.readouterr().err
+    assert "render: 3/3 items, " in err and " items/s" in err
+    _render({"items": 3, "steps": 1, "batch_size": 2}, tmp_path / "c")
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,156 @@
+"""jetdet.render across real processes (``python -m torch.distributed.run``, gloo on CPU, a free port through
+``--standalone``): 1, 2 and 3 workers at batch 1, 4 and 5 give byte-identical files; a worker SIGKILLed mid-job
+loses nothing, whether a plain rerun or torchrun's own restart finishes the job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from _render_util import (
+    REPO,
+    TESTS,
+    checksums,
+    env,
+    files,
+    items,
+    manifest,
+    run,
+    torchrun,
+    wait_for_items,
+    worker_pids,
+)
+
+from jetdet.models import bundled
+from jetdet.render import render
+from jetdet.render.__main__ import main
+from jetdet.render.store import item_name
+
+STEPS = 2  # the determinism runs
+KILL_STEPS = 8  # the fault runs: slow enough per batch that a kill lands mid-job
+
+pytestmark = [
+    pytest.mark.skipif(not bundled.DIT_FILE.exists(), reason="the bundled weights are not there"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc"),
+]
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    """The 1-worker row, in this process: batch 1, 4 and 5."""
+    root = tmp_path_factory.mktemp("one_worker")
+    for bs in (1, 4, 5):
+        render({"items": 12, "steps": STEPS, "batch_size": bs}, root / f"b{bs}", threads=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def kill_ref(tmp_path_factory):
+    """The uninterrupted fault job, in this process (one worker, batch 4)."""
+    out = tmp_path_factory.mktemp("kill_ref") / "job"
+    render({"items": 12, "steps": KILL_STEPS, "batch_size": 4}, out, threads=1, progress=False)
+    return items(out)
+
+
+def test_worker_counts_and_batch_sizes_give_the_same_bytes(one_worker, tmp_path):
+    """12 items, deterministic mode: {1, 2, 3} workers x batch {1, 4, 5}; every file byte-identical, every
+    manifest checksum equal. 2 and 3 workers run tests/_render_worker.py under torchrun: one process group, the
+    three jobs through the Python API (a user's own torchrun script)."""
+    ref, ref_sums = items(one_worker / "b1"), checksums(one_worker / "b1")
+    assert len(ref) == 12
+    for bs in (4, 5):
+        assert items(one_worker / f"b{bs}") == ref, f"1 worker, batch {bs}"
+    for n in (2, 3):
+        root = tmp_path / f"w{n}"
+        p = run(torchrun(n, [str(TESTS / "_render_worker.py"), str(root), str(STEPS)], module=False))
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+        for bs in (1, 4, 5):
+            out = root / f"b{bs}"
+            assert items(out) == ref, f"{n} workers, batch {bs}"
+            assert checksums(out) == ref_sums
+            entries = manifest(out)["items"].values()
+            assert {e["world_size"] for e in entries} == {n} and {e["rank"] for e in entries} == set(range(n))
+            assert {e["batch_size"] for e in entries} == {bs}
+
+
+def _start_fault_job(out, max_restarts: int) -> subprocess.Popen:
+    args = ["run", "--out", str(out), "--count", "12", "--steps", str(KILL_STEPS), "--batch-size", "1",
+            "--no-progress"]
+    # a session of its own, so that a hung job can be killed with its workers (_finish)
+    return subprocess.Popen(torchrun(2, args, max_restarts=max_restarts), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(REPO), start_new_session=True)
+
+
+def _kill_mid_job(proc: subprocess.Popen, out, rank: int) -> int:
+    """SIGKILL worker ``rank`` once the manifest lists some items; returns how many it listed then."""
+    n = wait_for_items(out, 1, proc)
+    pids = worker_pids(proc.pid)
+    assert rank in pids, f"torchrun's workers: {pids}"
+    os.kill(pids[rank], signal.SIGKILL)
+    return n
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    """Wait for torchrun; past ``timeout`` kill its whole session (torchrun and its workers) and fail."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the job hung for {timeout} s:\n{stdout[-2000:]}\n{stderr[-4000:]}") from None
+
+
+def test_sigkill_a_worker_then_rerun(kill_ref, tmp_path):
+    """SIGKILL rank 1 mid-job (torchrun without restarts: the job fails). What the manifest lists is whole and
+    right; a torn file and a temp file left where items were not reported are not taken as done; a plain rerun
+    (one worker, the CLI in this process) finishes: no item lost or duplicated, the same bytes as the
+    uninterrupted run."""
+    out = tmp_path / "job"
+    proc = _start_fault_job(out, max_restarts=0)
+    try:
+        _kill_mid_job(proc, out, rank=1)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    _finish(proc)
+    assert proc.returncode != 0, "the job survived the kill"
+    done = sorted(int(k) for k in manifest(out)["items"])
+    assert 1 <= len(done) < 12, f"the kill did not land mid-job: {len(done)} items were done"
+    for i in done:
+        assert (out / item_name(i)).read_bytes() == kill_ref[item_name(i)]
+    missing = sorted(set(range(12)) - set(done))
+    # what a writer without rename would leave: a torn item file, and a temp file
+    (out / item_name(missing[0])).write_bytes(kill_ref[item_name(missing[0])][:1000])
+    (out / (item_name(missing[-1]) + ".tmp-99-beef")).write_bytes(b"half")
+
+    assert main(["run", "--out", str(out), "--count", "12", "--steps", str(KILL_STEPS), "--batch-size", "1",
+                 "--threads", "1", "--no-progress"]) == 0
+    assert files(out).keys() == set(kill_ref) | {"manifest.json"}  # no temp file, nothing extra
+    assert items(out) == kill_ref
+    m = manifest(out)
+    assert sorted(m["items"], key=int) == [str(i) for i in range(12)] and m["complete"]
+    assert (m["runs"][-1]["kept"], m["runs"][-1]["rendered"]) == (len(done), 12 - len(done))
+
+
+def test_sigkill_rank0_torchrun_restarts_and_finishes(kill_ref, tmp_path):
+    """SIGKILL rank 0 (the manifest writer) mid-job under torchrun --max-restarts=1: torchrun restarts the group,
+    the new group resumes from the manifest (it keeps what was reported) and the job ends with rc 0 and the
+    uninterrupted run's bytes."""
+    out = tmp_path / "job"
+    proc = _start_fault_job(out, max_restarts=1)
+    try:
+        _kill_mid_job(proc, out, rank=0)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    stdout, stderr = _finish(proc)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert items(out) == kill_ref
+    assert files(out).keys() == set(kill_ref) | {"manifest.json"}
+    m = manifest(out)
+    assert m["complete"] and len(m["runs"]) == 1  # the killed group never finished its run
+    kept, rendered = m["runs"][0]["kept"], m["runs"][0]["rendered"]
+    assert kept >= 1 and kept + rendered == 12, m["runs"]
