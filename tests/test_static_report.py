@@ -203,3 +203,84 @@ def test_interpreter_still_works_after_compiling(rows):
     b = torch.randn(20, 3)
     torch.testing.assert_close(matmul(a, b), a @ b, atol=1e-5, rtol=1e-5)
     assert type(tl.cdiv).__name__ == "InterpretedFunction"
+
+
+# ------------------------------------------------------------------------------------ JIT specialisation
+
+
+def test_jit_variants_cover_every_kernel_and_class(rows):
+    """Every kernel function the report covers is also compiled the way Triton's JIT specialises a launch:
+    every int argument 1 (compile-time constants), 0/16 (divisible by 16), and any other value (misaligned
+    pointers), on sm_90; the every-spec test above fails on any of their violations."""
+    declared = {r["kernel"] for r in rows if " jit[" not in r["kernel"]}
+    jit_rows = [r for r in rows if " jit[" in r["kernel"]]
+    assert jit_rows and all(r["arch"] == sr.JIT_ARCH for r in jit_rows)
+    groups: dict[str, set] = {}
+    for r in jit_rows:
+        base, _, cls = r["kernel"].partition(" jit[")
+        assert base in declared, r["kernel"]
+        groups.setdefault(base, set()).add(cls.rstrip("]"))
+    for base, classes in groups.items():
+        assert {"ints=1", "ints=17"} <= classes and any("16" in c for c in classes), (base, classes)
+    kernels = {s.fn.fn.__qualname__ if hasattr(s.fn, "fn") else s.fn.__qualname__ for s in sr.collect_specs(jit=False)}
+    jitted = {
+        s.fn.fn.__qualname__ if hasattr(s.fn, "fn") else s.fn.__qualname__
+        for s in sr.collect_specs()
+        if s.launch is not None
+    }
+    assert kernels == jitted
+
+
+def test_declared_specs_are_what_the_jit_binder_makes():
+    """The spec language ("i32:16", an int listed as constexpr 1, aligned pointers) means what Triton's own
+    binder makes of the corresponding values, for every shipped spec; negative control: a spec declaring an
+    int constant other than 1 is not a launch the JIT would compile, and is flagged."""
+    with sr.compiling():
+        specs = sr.collect_specs(jit=False)
+        assert specs
+        assert [d for s in specs for d in sr.declared_vs_jit(s)] == []
+        noise = next(s for s in specs if s.name.startswith("noise.philox_randn[fp32]"))
+        wrong = dataclasses.replace(
+            noise, signature={**noise.signature, "N": "constexpr"}, constexprs={**noise.constexprs, "N": 16}
+        )
+        diffs = sr.declared_vs_jit(wrong)
+    assert any("N type: declared 'constexpr', JIT 'i32'" in d for d in diffs), diffs
+
+
+def test_jit_specialization_follows_triton():
+    """Values decide the signature the way Triton 3.9's launcher does: 1 -> constant, 0 and multiples of 16 ->
+    divisible by 16, do_not_specialize arguments stay plain i32, pointer alignment decides divisibility."""
+    import torch
+
+    from jetdet.kernels.noise.kernel import philox_randn_kernel
+
+    args = dict(N=1, blocks_per_item=32, key0=1, key1=0, item_lo=16, item_hi=17, step=1, BLOCK=256, OUT_BF16_BITS=False)
+    sig, consts, attrs, opts = sr.jit_specialization(
+        philox_randn_kernel, (), {"out_ptr": sr.Pointer(torch.float32), **args, "num_warps": 4}
+    )
+    assert sig["N"] == "constexpr" and consts[(1,)] == 1  # N == 1: a constant
+    assert sig["blocks_per_item"] == "i32" and attrs[(2,)] == [["tt.divisibility", 16]]
+    for name in ("key0", "key1", "item_lo", "item_hi", "step"):  # do_not_specialize: never constants
+        assert sig[name] == "i32", name
+    assert attrs[(0,)] == [["tt.divisibility", 16]] and opts["num_warps"] == 4
+    _, _, attrs, _ = sr.jit_specialization(philox_randn_kernel, (), {"out_ptr": sr.Pointer(torch.float32, 4), **args})
+    assert not attrs.get((0,))  # a pointer 4 bytes past an aligned address is not divisible by 16
+
+
+def test_negative_control_specialised_seed_fails_on_cpu():
+    """The H200 failure, reproduced on CPU: the noise kernel without do_not_specialize, launched with a seed
+    word of 1, gets a Python int where it calls .to(); the JIT variant fails to compile and is a violation,
+    while the declared signature alone (what the report compiled before) compiles fine."""
+    from jetdet.kernels.noise import launch as noise_launch
+
+    spec = noise_launch.compile_specs()[0]
+    raw = triton.jit(spec.fn.fn)  # the same kernel without do_not_specialize
+    bad = dataclasses.replace(spec, name="noise_specialised", fn=raw)
+    ones = [v for v in sr.jit_variants([bad]) if v.jit_class == "ints=1"]
+    rows = sr.report(ones, archs=(sr.JIT_ARCH,), jobs=1)
+    assert len(rows) == 1 and rows[0]["error"], rows
+    assert "CompilationError" in rows[0]["error"] and "'int' object has no attribute 'to'" in rows[0]["error"]
+    assert any("compile failed" in v for v in sr.violations(rows))
+    # with the fix, the same launch compiles (the rows fixture compiled it; this reads the cache)
+    fixed = [v for v in sr.jit_variants([spec]) if v.jit_class == "ints=1"]
+    assert [r["error"] for r in sr.report(fixed, archs=(sr.JIT_ARCH,), jobs=1)] == [None]
