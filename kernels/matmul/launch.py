@@ -12,7 +12,7 @@ import torch
 import triton
 
 from jetdet import _paths, configs
-from jetdet.kernels._common import CompileSpec, empty, tl_ptr
+from jetdet.kernels._common import DEVICE_ARCHS, CompileSpec, empty, tl_ptr
 
 from .kernel import _matmul_kernel
 
@@ -129,7 +129,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # arch each shipped table is selected on (configs.find_table: device name first, then sm_<cc>)
-TABLE_ARCHS = {"NVIDIA_A100-SXM4-80GB": (80,), "NVIDIA_H100_80GB_HBM3": (90,)}
+TABLE_ARCHS = DEVICE_ARCHS
 ALL_ARCHS = (80, 89, 90)
 
 
