@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -584,6 +585,45 @@ def _wrapped_interpreted(val, interp_cls):
     return None
 
 
+def _made_by_interpreter(val, interp_module: str) -> bool:
+    fn = val.func if isinstance(val, functools.partial) else val
+    return isinstance(fn, types.FunctionType) and fn.__module__ == interp_module
+
+
+def _interpreter_leftovers() -> list[tuple[types.ModuleType, str, object]]:
+    """``(module, name, pristine value)`` for each ``triton.language`` module attribute that Triton's interpreter
+    replaced and never put back.
+
+    ``InterpretedFunction.__call__`` (a ``@jit`` helper called from a running kernel, e.g. ``tl.max`` or
+    ``tl.sum``, whose module sees ``triton.language.core``) patches the modules the helper sees and drops the
+    scope that would restore them (triton 3.9). After the interpreter has run such a kernel,
+    ``triton.language.core.reduce`` and the ``core`` builtins are the interpreter's versions, and compiling any
+    kernel that calls ``tl.max`` fails (``'value' object has no attribute 'dtype'``). The pristine value is the
+    builtin the interpreter wrapped, else the same name in the ``triton.language`` package (which the running
+    kernel's own scope did restore)."""
+    import builtins
+
+    import triton.language as tl
+
+    interp = "triton.runtime.interpreter"
+    if interp not in sys.modules:
+        return []
+    found = []
+    for mod_name in sorted(m for m in sys.modules if m == "triton.language" or m.startswith("triton.language.")):
+        mod = sys.modules.get(mod_name)
+        if mod is None:
+            continue
+        for name, val in list(vars(mod).items()):
+            if not (_made_by_interpreter(val, interp) or (name == "static_print" and val is builtins.print)):
+                continue
+            member = (getattr(val, "__kwdefaults__", None) or {}).get("member")
+            pristine = member if member is not None else getattr(tl, name, None)
+            if pristine is None or _made_by_interpreter(pristine, interp) or pristine is builtins.print:
+                continue
+            found.append((mod, name, pristine))
+    return found
+
+
 @contextlib.contextmanager
 def compiling():
     """Context in which Triton compiles for a GPU target even when the interpreter is on.
@@ -594,6 +634,9 @@ def compiling():
       (``tl.cdiv``, ``tl.sum``, ``tl.randn``, ...), and the ``tl.tensor`` member wrappers that forward to them,
       are swapped for JITFunctions, and restored on exit.
     * ``triton.knobs.runtime.interpret`` is off inside, so ``constexpr_function`` results are constexprs.
+    * ``triton.language`` attributes the interpreter patched and left patched (:func:`_interpreter_leftovers`)
+      are their pristine values inside, so a kernel compiles the same whether or not the interpreter has run
+      kernels in this process before (the test suite runs them first).
 
     Re-entrant; kernels converted with :func:`as_jit_function` inside share one memo.
     """
@@ -611,6 +654,9 @@ def compiling():
     memo: dict = {}
     patches = []
     try:
+        for mod, attr, pristine in _interpreter_leftovers():
+            patches.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, pristine)
         if interp_cls:
             for name in [m for m in list(sys.modules) if m == "triton.language" or m.startswith("triton.language.")]:
                 mod = sys.modules.get(name)

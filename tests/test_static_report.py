@@ -284,3 +284,53 @@ def test_negative_control_specialised_seed_fails_on_cpu():
     # with the fix, the same launch compiles (the rows fixture compiled it; this reads the cache)
     fixed = [v for v in sr.jit_variants([spec]) if v.jit_class == "ints=1"]
     assert [r["error"] for r in sr.report(fixed, archs=(sr.JIT_ARCH,), jobs=1)] == [None]
+
+
+# ------------------------------------------------------------------------------- interpreter independence
+
+
+def test_compiles_the_same_after_the_interpreter_ran_it(monkeypatch, tmp_path):
+    """The static report must not depend on TRITON_INTERPRET or on what the interpreter did before in the
+    process. Triton's interpreter leaves triton.language.core patched after running a kernel whose @jit helpers
+    it calls (tl.max, tl.sum): compiling such a kernel afterwards failed (cold cache, forked or not). Now the
+    row equals the one a fresh process without TRITON_INTERPRET computes; negative control: without undoing
+    the interpreter's leftovers the same compile fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from jetdet.kernels.reduce import launch as reduce_launch
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("checks a process that runs the interpreter")
+    from jetdet.kernels.reduce import softmax
+
+    softmax(torch.randn(3, 100))  # the interpreter runs tl.max / tl.sum
+    assert sr._interpreter_leftovers(), "the interpreter left nothing patched: this test no longer tests anything"
+    name = "softmax[fp32,BLOCK16,w1]"
+    spec = next(s for s in reduce_launch.compile_specs() if s.name == name)
+    monkeypatch.setenv("JETDET_STATIC_CACHE", str(tmp_path / "static"))  # cold: jetdet's cache and Triton's
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    rows = sr.report([spec, dataclasses.replace(spec, name="softmax copy")], archs=(90,), jobs=2)  # forked
+    assert [r["error"] for r in rows] == [None, None], rows
+    assert [r["error"] for r in sr.report([spec], archs=(90,), use_cache=False, jobs=1)] == [None]
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JETDET_STATIC_CACHE")}
+    env["JETDET_STATIC_CACHE"] = "0"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "jetdet.static_report", "--module", "jetdet.kernels.reduce.launch", "--only", name,
+           "--arch", "90", "--no-jit", "--json", "--jobs", "1"]  # fmt: skip
+    fresh = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    (other,) = [r for r in json.loads(fresh.stdout) if r["kernel"] == name]
+    fields = ("regs", "stack", "shared", "hmma", "hgmma", "tf32", "atomics", "mufu", "ffma", "instructions")
+    assert {f: rows[0][f] for f in fields} == {f: other[f] for f in fields}
+
+    monkeypatch.setattr(sr, "_interpreter_leftovers", lambda: [])
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton_control"))
+    (bad,) = sr.report([spec], archs=(90,), use_cache=False, jobs=1)
+    assert bad["error"] and "has no attribute 'dtype'" in bad["error"], bad
