@@ -875,6 +875,17 @@ def report(
                 misses.append((i, path))
         jobs = default_jobs() if jobs is None else max(1, jobs)
         fork_ok = "fork" in multiprocessing.get_all_start_methods()
+
+        def take(k, measured, err):  # stored as each compile finishes: an interrupted cold run keeps its work
+            i, path = misses[k]
+            spec, arch = tasks[i]
+            if err is not None:
+                results[i] = err
+                return
+            if path:
+                _store(path, measured)
+            results[i] = _row(spec, arch, measured, False)
+
         if jobs > 1 and len(misses) > 1 and fork_ok:
             import concurrent.futures
 
@@ -882,27 +893,17 @@ def report(
             try:
                 ctx = multiprocessing.get_context("fork")
                 with concurrent.futures.ProcessPoolExecutor(min(jobs, len(misses)), mp_context=ctx) as pool:
-                    outcomes = list(pool.map(_fork_worker, range(len(misses))))
+                    for outcome in pool.map(_fork_worker, range(len(misses))):
+                        take(*outcome)
             finally:
                 _FORK_TASKS.clear()
         else:
-            outcomes = []
             for k, (i, _) in enumerate(misses):
                 spec, arch = tasks[i]
                 try:
-                    outcomes.append((k, _measure_spec(spec, arch), None))
+                    take(k, _measure_spec(spec, arch), None)
                 except Exception as e:  # a failed compile is a reported violation
-                    err = _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid)
-                    outcomes.append((k, None, err))
-        for k, measured, err in outcomes:
-            i, path = misses[k]
-            spec, arch = tasks[i]
-            if err is not None:
-                results[i] = err
-                continue
-            if path:
-                _store(path, measured)
-            results[i] = _row(spec, arch, measured, False)
+                    take(k, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid))
     return rows + [r for r in results if r is not None]
 
 
