@@ -14,7 +14,9 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
 4. ``models``: the whole-model determinism report (TinyUNet, TinyDiT, a DiT-B-size TinyDiT; deterministic mode
    and mode "off" as the negative control).
 5. ``speed``: jetdet / torch time ratios (``triton.testing.do_bench`` medians) at the shapes of issue 13 and
-   at real-model shapes (SD1.5/SDXL UNet convs, Flux/SD3 linears and attention), with the config used.
+   at real-model shapes (SD1.5/SDXL UNet convs, Flux/SD3 linears and attention), with the config used; fp16/bf16
+   linears also with the persistent TMA GEMM (``JETDET_MATMUL_KERNEL=tma``, opt-in), an A/B in the same run.
+   The ``ops`` section checks that kernel too (``linear_tma``).
 6. ``model_speed``: whole models at batch 4: fp32 det vs off (TinyUNet, TinyDiT, DiT-B size) and bf16 off / det
    / per-item loop (DiT stacks of width 1152 and 1024, an SD-like UNet stage).
 7. ``fast_path``: the step cache on the bundled model (Euler 30 steps, 8 classes, batched CFG): wall time,
@@ -246,6 +248,8 @@ def _op_cases(dry: bool):
     cases = {
         "linear": (lambda b, g: ([r(g, b, 13 * s, 96 * s)], [r(g, 80 * s, 96 * s, scale=0.1), r(g, 80 * s)]),
                    lambda x, w, bias: ops.linear(x, w, bias), lambda x, w, bias: F.linear(x, w, bias)),
+        "linear_tma": (lambda b, g: ([r(g, b, 13 * s, 96 * s)], [r(g, 80 * s, 96 * s, scale=0.1), r(g, 80 * s)]),
+                       _linear_tma, lambda x, w, bias: F.linear(x, w, bias)),
         "bmm": (lambda b, g: ([r(g, b, 35 * s, 33), r(g, b, 33, 21 * s, scale=0.2)], []),
                 lambda a, m: ops.bmm(a, m), lambda a, m: torch.bmm(a, m)),
         "conv3x3": (lambda b, g: ([r(g, b, 16 * s, 13, 11)], [r(g, 24 * s, 16 * s, 3, 3, scale=0.1), r(g, 24 * s)]),
@@ -295,6 +299,29 @@ def _op_cases(dry: bool):
             lambda a, c: ((a - c).abs().flatten(1).sum(1) / c.abs().flatten(1).sum(1))),
     }
     return cases
+
+
+@contextlib.contextmanager
+def _tma_kernel():
+    """``JETDET_MATMUL_KERNEL=tma`` inside (the persistent TMA GEMM for eligible fp16/bf16 linears), restored."""
+    from jetdet.kernels.matmul.launch import KERNEL_ENV
+
+    saved = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = "tma"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = saved
+
+
+def _linear_tma(x, w, bias):
+    import jetdet
+
+    with _tma_kernel():
+        return jetdet.ops.linear(x, w, bias)
 
 
 def _with_diagonal(m):
@@ -561,6 +588,14 @@ def speed(run: Run, out: dict) -> None:
             rows.append({"label": label, "error": f"{type(e).__name__}: {e}"})
             print(f"  {label:<40} ERROR {type(e).__name__}: {e}")
             continue
+        tma = {}
+        if kind == "linear" and dtype != torch.float32 and run.left() > 20:
+            try:
+                with _tma_kernel():
+                    tma["jetdet_tma_ms"] = run.time_ms(jet_fn)
+                tma["tma_ratio"] = tma["jetdet_tma_ms"] / t_torch
+            except Exception as e:  # noqa: BLE001
+                tma["tma_error"] = f"{type(e).__name__}: {e}"
         cfg, table = None, None
         if op is not None:
             cfg = configs.get_config(op, key, dtype=dtype, device=run.dev, default={})
@@ -570,10 +605,11 @@ def speed(run: Run, out: dict) -> None:
         ratio = t_jet / t_torch
         row = {"label": label, "kind": kind, "dtype": _dn(dtype), "shape": list(a), "torch_ms": t_torch,
                "jetdet_ms": t_jet, "ratio": ratio, "target": target,
-               "meets_target": None if target is None else ratio <= target, "config": cfg, "table": table}
+               "meets_target": None if target is None else ratio <= target, "config": cfg, "table": table, **tma}
         rows.append(row)
         tgt = "" if target is None else f" (target {target:.2f}: {'met' if ratio <= target else 'not met'})"
-        print(f"  {label:<40} torch {t_torch:8.3f} ms  jetdet {t_jet:8.3f} ms  {ratio:5.2f}x{tgt}")
+        ab = f"  TMA kernel {tma['jetdet_tma_ms']:8.3f} ms {tma['tma_ratio']:5.2f}x" if "tma_ratio" in tma else ""
+        print(f"  {label:<40} torch {t_torch:8.3f} ms  jetdet {t_jet:8.3f} ms  {ratio:5.2f}x{tgt}{ab}")
     out["rows"] = rows
 
 
@@ -851,16 +887,17 @@ def markdown(res: dict) -> str:
         lines.append("")
     if s.get("speed", {}).get("rows"):
         lines += ["## Speed: jetdet / torch (do_bench medians)", "",
-                  "| shape | dtype | torch ms | jetdet ms | ratio | target | config (table) |",
-                  "|---|---|---:|---:|---:|---|---|"]
+                  "| shape | dtype | torch ms | jetdet ms | ratio | target | config (table) | TMA kernel ratio |",
+                  "|---|---|---:|---:|---:|---|---|---:|"]
         for r in s["speed"]["rows"]:
             if "error" in r:
-                lines.append(f"| {r['label']} | | | | error: {r['error'][:60]} | | |")
+                lines.append(f"| {r['label']} | | | | error: {r['error'][:60]} | | | |")
                 continue
             tgt = "" if r["target"] is None else f"{r['target']:.2f} {'met' if r['meets_target'] else 'not met'}"
             cfg = "" if not r["config"] else ",".join(str(v) for v in r["config"].values()) + f" ({r['table']})"
+            tma = f"{r['tma_ratio']:.2f}" if "tma_ratio" in r else r.get("tma_error", "")[:40]
             lines.append(f"| {r['label']} | {r['dtype']} | {r['torch_ms']:.3f} | {r['jetdet_ms']:.3f} | "
-                         f"{r['ratio']:.2f} | {tgt} | {cfg} |")
+                         f"{r['ratio']:.2f} | {tgt} | {cfg} | {tma} |")
         lines.append("")
     if s.get("model_speed", {}).get("rows"):
         lines += ["## Whole models, batch 4", "",

@@ -78,6 +78,7 @@ _paths.install()
 
 KERNEL_MODULES = [
     "jetdet.kernels.matmul.launch",
+    "jetdet.kernels.matmul.launch_tma",
     "jetdet.kernels.conv2d.launch",
     "jetdet.kernels.attention.launch",
     "jetdet.kernels.norms.launch",
@@ -312,6 +313,23 @@ def _pointer(ty: str, aligned: bool) -> Pointer:
     return Pointer(dtype, 0 if aligned else torch.empty((), dtype=dtype).element_size())
 
 
+_DESC_RE = re.compile(r"^tensordesc<(\w+)\[([\d, ]+)\]>$")
+
+
+def _descriptor(ty: str):
+    """A host tensor descriptor standing in for a ``"tensordesc<fp16[128, 64]>"`` argument: the JIT's
+    signature depends only on its dtype and block shape (the shape and strides are runtime values)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m = _DESC_RE.match(ty.replace(" ", "").replace(",", ", "))
+    if m is None:
+        raise ValueError(f"descriptor type {ty!r}: expected 'tensordesc<dtype[d0, d1, ...]>'")
+    block = [int(x) for x in m.group(2).split(",")]
+    base = _pointer("*" + m.group(1), True)
+    rank = len(block)
+    return TensorDescriptor(base, [16] * rank, [16] * (rank - 1) + [1], block)
+
+
 def _is_int_type(ty: str) -> bool:
     return ty[:1] in ("i", "u") and ty[1:].isdigit() and ty not in ("i1", "u1")
 
@@ -352,6 +370,8 @@ def launch_values(spec, ints: int | None = None) -> tuple[tuple, dict]:
         elif ty.startswith("*"):
             aligned = not other if ints is not None else hint != "1"
             kwargs[name] = _pointer(ty, aligned)
+        elif ty.startswith("tensordesc<"):
+            kwargs[name] = _descriptor(declared)  # always aligned: the host refuses to make a misaligned one
         elif _is_int_type(ty):
             if ints is not None:
                 kwargs[name] = ints
@@ -410,6 +430,9 @@ def _stand_in(value):
     same dtype and 16-byte alignment class; anything else is kept."""
     if hasattr(value, "data_ptr") and hasattr(value, "dtype") and not isinstance(value, Pointer):
         return Pointer(value.dtype, value.data_ptr() % 16)
+    base = getattr(value, "base", None)
+    if dataclasses.is_dataclass(value) and hasattr(base, "data_ptr") and not isinstance(base, Pointer):
+        return dataclasses.replace(value, base=_stand_in(base), shape=list(value.shape), strides=list(value.strides))
     return value
 
 
