@@ -150,7 +150,8 @@ def static() -> bool:
             continue
         bad = static_report.violations(rows)
         ok &= not bad
-        name = module.split(".")[-2]
+        parts = module.split(".")
+        name = parts[-2] if parts[-1] == "launch" else f"{parts[-2]}_{parts[-1].removeprefix('launch_')}"
         if module in FULL_TABLE_MODULES:
             print(f"\n  {name}:")
             print("\n".join("  " + line for line in static_report.format_table(rows).splitlines()))

@@ -5,7 +5,8 @@ Each file maps a problem-size key (an integer, as a string) to a config dict, e.
 The nearest key (by |log2 difference|) wins. Lookup order for the file:
 
 1. ``device_name=<NAME>,dtype=<dt>.json`` then ``device_name=<NAME>.json`` (NAME = CUDA device name with
-   spaces replaced by ``_``),
+   spaces replaced by ``_``: torch reports "NVIDIA H200", the file is ``device_name=NVIDIA_H200``), then the same
+   for the name's shorter ``_``-prefixes of at least two words ("NVIDIA_H200_NVL" -> "NVIDIA_H200"),
 2. the same for the architecture, ``device_name=sm_<major><minor>``,
 3. the op's built-in default, with a one-time warning.
 
@@ -57,10 +58,17 @@ def _load(path: str) -> dict | None:
     return data
 
 
+def name_candidates(name: str) -> list[str]:
+    """``"NVIDIA_H200_NVL"`` -> ``["NVIDIA_H200_NVL", "NVIDIA_H200"]``: the device name, then its shorter
+    ``_``-prefixes of at least two words (a variant of a device uses the device's tables)."""
+    parts = name.split("_")
+    return ["_".join(parts[:i]) for i in range(len(parts), 1, -1)] or [name]
+
+
 def find_table(op: str, dtype: torch.dtype, device=None) -> tuple[dict | None, str | None]:
     base = os.path.join(_paths.configs_dir(), op)
     name, arch = device_identity(device)
-    for ident in (name, arch):
+    for ident in (*name_candidates(name), arch):
         for suffix in (f",dtype={dtype_name(dtype)}", ""):
             path = os.path.join(base, f"device_name={ident}{suffix}.json")
             table = _load(path)

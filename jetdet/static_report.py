@@ -24,6 +24,17 @@ Spec conventions (matching what Triton's launcher specializes at run time):
 * Pointers are taken as 16-byte aligned (what the launcher sees for torch allocations). A type suffix
   ``":16"`` marks an int argument divisible by 16 (``"i32:16"``); ``":1"`` on a pointer drops the alignment.
 
+JIT specialisation: at a launch, Triton's JIT turns argument values into the signature it compiles (an int
+equal to 1 becomes a compile-time constant, 0 and multiples of 16 get a divisibility attribute, pointers an
+alignment one), which a hand-written signature can miss: a seed of 1 turned ``key0.to(...)`` into ``.to`` on a
+Python int and the noise kernel failed to compile on an H200 while this report passed. So by default
+:func:`collect_specs` adds :func:`jit_variants`: per kernel function and flag combination, the same spec
+launched with every int argument 0/16, 1, or 17 (with misaligned pointers), bound by Triton's own binder
+(:func:`jit_specialization`, the code ``JITFunction.run`` runs), compiled for sm_90 and checked like any other
+row (``"<name> jit[ints=1]"``). :func:`declared_vs_jit` checks that a spec's declared signature is what the
+binder makes of the values it stands for; :func:`capture_launches` and :func:`launch_spec` compile the
+launches a real call makes.
+
 Interpreter processes: with ``TRITON_INTERPRET=1`` set before triton was imported (the test suite),
 ``@triton.jit`` returns an ``InterpretedFunction`` that ``ASTSource`` cannot compile. :func:`as_jit_function`
 rebuilds a real ``JITFunction`` from the same Python function, with a copy of its globals where every
@@ -39,7 +50,7 @@ arch and the Triton version. ``JETDET_STATIC_CACHE=0`` disables it. Cache misses
 processes (``jobs``, ``$JETDET_STATIC_JOBS``, default: the CPU count up to 8).
 
 Command line: ``python -m jetdet.static_report [--module M] [--arch 80 --arch 90] [--only matmul]
-[--no-cache] [--jobs N] [--json]`` prints the table and exits 1 when there are violations (a module whose
+[--no-cache] [--no-jit] [--jobs N] [--json]`` prints the table and exits 1 when there are violations (a module whose
 ``compile_specs()`` fails counts as one).
 """
 
@@ -47,6 +58,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -65,6 +78,7 @@ _paths.install()
 
 KERNEL_MODULES = [
     "jetdet.kernels.matmul.launch",
+    "jetdet.kernels.matmul.launch_tma",
     "jetdet.kernels.conv2d.launch",
     "jetdet.kernels.attention.launch",
     "jetdet.kernels.norms.launch",
@@ -95,8 +109,9 @@ _RES_RE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED
 # ------------------------------------------------------------------------------------------ spec collection
 
 
-def collect_specs(modules: Iterable[str] | None = None, errors: list[dict] | None = None) -> list:
-    """All ``compile_specs()`` of ``modules`` (default :data:`KERNEL_MODULES`).
+def collect_specs(modules: Iterable[str] | None = None, errors: list[dict] | None = None, *, jit: bool = True) -> list:
+    """All ``compile_specs()`` of ``modules`` (default :data:`KERNEL_MODULES`), and with ``jit`` (default)
+    each module's :func:`jit_variants`: its kernels compiled the way Triton's JIT specialises launches.
 
     A module that does not exist (yet), or has no ``compile_specs``, is skipped. One that exists but fails
     to import or to build its specs raises, or, when ``errors`` is a list, is appended to it as an error
@@ -116,7 +131,11 @@ def collect_specs(modules: Iterable[str] | None = None, errors: list[dict] | Non
             fn = getattr(mod, "compile_specs", None)
             if fn is None:
                 continue
-            specs.extend(fn())
+            found = list(fn())
+            if jit:
+                with compiling():
+                    found += jit_variants(found)
+            specs.extend(found)
         except Exception as e:
             if errors is None:
                 raise
@@ -125,14 +144,17 @@ def collect_specs(modules: Iterable[str] | None = None, errors: list[dict] | Non
 
 
 def _error_row(kernel: str, arch, e: BaseException, *, deterministic: bool, forbid) -> dict:
-    text = str(e).strip()
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:  # a CompilationError starts with "at 23:16:" and ends with the cause
+        text = f"{text} ... {lines[-1]}"
     return {
         "kernel": kernel,
         "arch": arch,
         "deterministic": bool(deterministic),
         "forbid": list(forbid),
         "cached": False,
-        "error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}",
+        "error": f"{type(e).__name__}: {text}",
     }
 
 
@@ -173,6 +195,7 @@ def as_jit_function(fn, _memo: dict | None = None):
     new_fn.__module__ = raw.__module__
     new_fn.__qualname__ = raw.__qualname__
     new_fn.__kwdefaults__ = raw.__kwdefaults__
+    new_fn.__annotations__ = dict(raw.__annotations__)  # tl.constexpr parameters: the JIT's binder reads these
     allowed = set(inspect.signature(JITFunction.__init__).parameters) - {"self", "fn"}
     jit = JITFunction(new_fn, **{k: v for k, v in fn.kwargs.items() if k in allowed})
     memo[id(fn)] = jit
@@ -241,6 +264,302 @@ def _resolve_signature(jit, spec) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+# ------------------------------------------------------------------------------------- JIT specialisation
+
+#: Integer values a launch is modelled with. Triton's JIT turns an int argument equal to 1 into a compile-time
+#: constant and marks 0 and multiples of 16 as divisible by 16 (which changes vectorisation); 17 stands for
+#: every other value and goes with misaligned pointers.
+JIT_INT_VALUES = (0, 1, 16, 17)
+#: The arch the JIT variants are compiled for (the H100/H200 class, where a specialisation failure was seen).
+JIT_ARCH = 90
+
+_TORCH_DTYPES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp64": "float64",
+    "i8": "int8",
+    "i16": "int16",
+    "i32": "int32",
+    "i64": "int64",
+    "u8": "uint8",
+    "i1": "bool",
+    "u1": "bool",
+}
+
+
+class Pointer:
+    """A tensor argument as Triton's launcher sees it: ``dtype`` and ``data_ptr()``, ``offset`` bytes past a
+    256-byte aligned address (0: aligned like a fresh torch allocation; else a view into one)."""
+
+    def __init__(self, dtype, offset: int = 0):
+        self.dtype = dtype
+        self.offset = int(offset)
+
+    def data_ptr(self) -> int:
+        return (1 << 32) + self.offset
+
+    def __repr__(self) -> str:
+        return f"Pointer({self.dtype}, offset={self.offset})"
+
+
+def _pointer(ty: str, aligned: bool) -> Pointer:
+    import torch
+
+    name = _TORCH_DTYPES.get(ty[1:])
+    if name is None:
+        raise ValueError(f"pointer type {ty!r}: expected one of *{', *'.join(sorted(_TORCH_DTYPES))}")
+    dtype = getattr(torch, name)
+    return Pointer(dtype, 0 if aligned else torch.empty((), dtype=dtype).element_size())
+
+
+_DESC_RE = re.compile(r"^tensordesc<(\w+)\[([\d, ]+)\]>$")
+
+
+def _descriptor(ty: str):
+    """A host tensor descriptor standing in for a ``"tensordesc<fp16[128, 64]>"`` argument: the JIT's
+    signature depends only on its dtype and block shape (the shape and strides are runtime values)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m = _DESC_RE.match(ty.replace(" ", "").replace(",", ", "))
+    if m is None:
+        raise ValueError(f"descriptor type {ty!r}: expected 'tensordesc<dtype[d0, d1, ...]>'")
+    block = [int(x) for x in m.group(2).split(",")]
+    base = _pointer("*" + m.group(1), True)
+    rank = len(block)
+    return TensorDescriptor(base, [16] * rank, [16] * (rank - 1) + [1], block)
+
+
+def _is_int_type(ty: str) -> bool:
+    return ty[:1] in ("i", "u") and ty[1:].isdigit() and ty not in ("i1", "u1")
+
+
+def launch_values(spec, ints: int | None = None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a launch ``spec.fn[grid](*args, **kwargs)`` that ``spec`` stands for.
+
+    ``ints=None``: the spec's declared classes (``"i32:16"`` -> 16, ``"i32"`` -> 17, an int argument listed as
+    ``"constexpr"`` -> its value; pointers 16-byte aligned unless ``":1"``). ``ints=v``: every integer
+    argument is ``v``, also those the spec lists as ``"constexpr"``; pointers are misaligned when ``v`` is
+    none of 0, 1 or a multiple of 16 (the "any other value" class). Floats are 0.5, constexpr parameters
+    come from ``spec.constexprs`` (or their defaults), options (``num_warps``...) are passed as at a launch.
+    """
+    jit = as_jit_function(spec.fn, _STATE["memo"])
+    other = ints is not None and ints not in (0, 1) and ints % 16 != 0
+    kwargs = {}
+    for p in jit.params:
+        name = p.name
+        declared = spec.signature.get(name)
+        if p.is_constexpr:
+            if name in spec.constexprs:
+                kwargs[name] = spec.constexprs[name]
+            elif not p.has_default:
+                raise ValueError(f"{spec.name}: constexpr {name!r} has no value in constexprs")
+            continue
+        if declared is None:
+            if name in spec.constexprs:
+                declared = "constexpr"
+            elif p.has_default:
+                continue
+            else:
+                raise ValueError(f"{spec.name}: argument {name!r} has neither a signature type nor a constexpr value")
+        ty, _, hint = declared.partition(":")
+        if ty == "constexpr":  # an int the JIT specialises (== 1)
+            if name not in spec.constexprs:
+                raise ValueError(f"{spec.name}: {name!r} is listed as constexpr but has no value in constexprs")
+            kwargs[name] = spec.constexprs[name] if ints is None else ints
+        elif ty.startswith("*"):
+            aligned = not other if ints is not None else hint != "1"
+            kwargs[name] = _pointer(ty, aligned)
+        elif ty.startswith("tensordesc<"):
+            kwargs[name] = _descriptor(declared)  # always aligned: the host refuses to make a misaligned one
+        elif _is_int_type(ty):
+            if ints is not None:
+                kwargs[name] = ints
+            else:
+                div = int(hint) if hint else 1
+                base = 1 << 32 if ty.endswith("64") else 0
+                kwargs[name] = base + (16 if div % 16 == 0 else 17)
+        elif ty in ("fp16", "bf16", "fp32", "fp64"):
+            kwargs[name] = 0.5
+        elif ty in ("i1", "u1"):
+            kwargs[name] = True
+        else:
+            raise ValueError(f"{spec.name}: argument {name!r} has type {ty!r}, which launch_values cannot model")
+    unknown = (set(spec.signature) | set(spec.constexprs)) - {p.name for p in jit.params}
+    if unknown:
+        raise ValueError(f"{spec.name}: {sorted(unknown)} are not arguments of {jit.fn.__name__}")
+    kwargs.update(spec.options)
+    return (), kwargs
+
+
+def _bind(fn, args, kwargs, arch: int):
+    """Triton's own launch-time binding (what ``JITFunction.run`` does before it compiles), with the CUDA
+    backend of ``sm_<arch>``: ``(specialization, signature, constexprs, attrs, options)``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime import jit as triton_jit
+
+    jit = as_jit_function(fn, _STATE["memo"])
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = dict(kwargs)
+    kwargs.setdefault("debug", jit.debug or triton.knobs.runtime.debug)  # as JITFunction.run
+    binder = triton_jit.create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    return specialization, signature, constexprs, attrs, options
+
+
+def jit_specialization(fn, args=(), kwargs=None, arch: int = JIT_ARCH) -> tuple[dict, dict, dict, dict]:
+    """What Triton's JIT compiles for the launch ``fn[grid](*args, **kwargs)`` on ``sm_<arch>``:
+    ``(signature, constexprs, attrs, options)``, from Triton's own binder
+    (``triton.runtime.jit.create_function_from_signature`` and ``JITFunction._pack_args``, the code
+    ``JITFunction.run`` calls), so it follows the installed Triton's rules. No GPU is needed: the binder reads
+    only Python values and, of tensors, ``data_ptr()`` and ``dtype`` (see :class:`Pointer`)."""
+    _, signature, constexprs, attrs, options = _bind(fn, args, kwargs or {}, arch)
+    return signature, constexprs, attrs, dict(options.__dict__)
+
+
+def specialization_key(fn, args=(), kwargs=None, arch: int = JIT_ARCH) -> str:
+    """The part of the JIT's cache key that the argument values decide (types, constants, alignment)."""
+    return repr(_bind(fn, args, kwargs or {}, arch)[0])
+
+
+def _stand_in(value):
+    """A launch argument as the cache key and the binder need it: a tensor becomes a :class:`Pointer` with the
+    same dtype and 16-byte alignment class; anything else is kept."""
+    if hasattr(value, "data_ptr") and hasattr(value, "dtype") and not isinstance(value, Pointer):
+        return Pointer(value.dtype, value.data_ptr() % 16)
+    base = getattr(value, "base", None)
+    if dataclasses.is_dataclass(value) and hasattr(base, "data_ptr") and not isinstance(base, Pointer):
+        return dataclasses.replace(value, base=_stand_in(base), shape=list(value.shape), strides=list(value.strides))
+    return value
+
+
+def launch_spec(kernel, args, kwargs, *, name: str | None = None, arch: int = JIT_ARCH, deterministic=True, forbid=()):
+    """A spec for one real launch ``kernel[grid](*args, **kwargs)`` (e.g. recorded by
+    :func:`capture_launches`), compiled from Triton's binder on those values for ``sm_<arch>``."""
+    from jetdet.kernels._common import CompileSpec
+
+    args = tuple(_stand_in(a) for a in args)
+    kwargs = {k: _stand_in(v) for k, v in kwargs.items()}
+    fn = getattr(kernel, "fn", kernel)
+    return CompileSpec(
+        name=name or f"{fn.__name__} launch",
+        fn=kernel,
+        signature={},
+        constexprs={},
+        deterministic=deterministic,
+        archs=(arch,),
+        forbid=tuple(forbid),
+        launch=(args, kwargs),
+        jit_class="launch",
+    )
+
+
+def _loaded_kernels() -> list:
+    from triton.runtime.jit import KernelInterface
+
+    found = []
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name.startswith("jetdet.kernels.") and mod_name.endswith(".kernel")):
+            continue
+        found += [v for v in vars(mod).values() if isinstance(v, KernelInterface) and v not in found]
+    return found
+
+
+@contextlib.contextmanager
+def capture_launches(kernels: Iterable | None = None):
+    """Record every launch ``kernel[grid](*args, **kwargs)`` of ``kernels`` (default: every ``@triton.jit``
+    kernel of the loaded ``jetdet.kernels.*.kernel`` modules) made inside the block, as ``(kernel, args,
+    kwargs)`` in the yielded list. The launches still run (on a GPU, or in the interpreter)."""
+    log: list = []
+    patched = []
+    for kernel in list(kernels) if kernels is not None else _loaded_kernels():
+        if "run" in vars(kernel):
+            continue  # already recorded by an outer capture
+
+        def run(*args, _kernel=kernel, _orig=kernel.run, **kwargs):
+            launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            log.append((_kernel, args, launch_kwargs))
+            return _orig(*args, **kwargs)
+
+        kernel.run = run
+        patched.append(kernel)
+    try:
+        yield log
+    finally:
+        for kernel in patched:
+            vars(kernel).pop("run", None)
+
+
+def declared_vs_jit(spec, arch: int = JIT_ARCH) -> list[str]:
+    """Where ``spec``'s declared signature differs from what Triton's JIT binder makes of the launch it
+    stands for (:func:`launch_values`); empty when the spec language models that launch faithfully (e.g. an
+    argument declared ``"constexpr"`` with a value other than 1 is not what the JIT would compile)."""
+    jit = as_jit_function(spec.fn, _STATE["memo"])
+    sig, consts, attrs = _resolve_signature(jit, spec)
+    jsig, jconsts, jattrs, _ = jit_specialization(jit, *launch_values(spec), arch=arch)
+    names = [p.name for p in jit.params]
+
+    def by_name(d: dict, drop_empty: bool = False) -> dict:
+        out = {(names[k[0]] if isinstance(k, tuple) else k): v for k, v in d.items()}
+        return {k: v for k, v in out.items() if v or not drop_empty}
+
+    diffs = []
+    for what, mine, theirs in (
+        ("type", sig, jsig),
+        ("constexpr", by_name(consts), by_name(jconsts)),
+        ("attrs", by_name(attrs, True), by_name(jattrs, True)),
+    ):
+        for name in names:
+            if name in mine or name in theirs:
+                a, b = mine.get(name), theirs.get(name)
+                if a != b or type(a) is not type(b):
+                    diffs.append(f"{spec.name}: {name} {what}: declared {a!r}, JIT {b!r}")
+    return diffs
+
+
+def jit_variants(specs: Iterable, arch: int = JIT_ARCH, values: Sequence[int] = JIT_INT_VALUES) -> list:
+    """Specs compiled the way Triton's JIT specialises real launches, one per specialisation class.
+
+    ``specs`` are grouped by kernel function, pointer types, non-integer constexprs (flags such as
+    ``HAS_BIAS``) and options other than ``num_warps``/``num_stages``; tile sizes do not change which
+    arguments the JIT specialises. For one spec per group (the first that runs on ``arch``) a launch with
+    every integer argument equal to each of ``values`` is bound by Triton's binder (:func:`launch_values`,
+    :func:`specialization_key`). Every distinct specialisation that differs from the declared spec's becomes
+    a spec named ``"<name> jit[ints=<values>]"`` for ``arch`` only, compiled from the binder's signature, so
+    a kernel that only compiles with its declared types (a seed of 1 turned into a Python int, say) fails
+    the report here, on CPU."""
+    groups: dict = {}
+    for spec in specs:
+        if spec.launch is not None:
+            continue
+        ptrs = tuple(sorted((k, v) for k, v in spec.signature.items() if v.startswith("*")))
+        flags = tuple(
+            sorted((k, repr(v)) for k, v in spec.constexprs.items() if not isinstance(v, int) or isinstance(v, bool))
+        )
+        opts = tuple(sorted((k, repr(v)) for k, v in spec.options.items() if k not in ("num_warps", "num_stages")))
+        groups.setdefault((getattr(spec.fn, "fn", spec.fn), ptrs, flags, opts), []).append(spec)
+    out = []
+    for members in groups.values():
+        rep = next((s for s in members if arch in tuple(s.archs)), members[0])
+        target = arch if arch in tuple(rep.archs) else max(rep.archs)
+        seen = {specialization_key(rep.fn, *launch_values(rep), arch=target)}
+        classes: dict[str, tuple[list, tuple]] = {}
+        for v in values:
+            launch = launch_values(rep, v)
+            key = specialization_key(rep.fn, *launch, arch=target)
+            if key in seen and key not in classes:
+                continue
+            classes.setdefault(key, ([], launch))[0].append(v)
+        for vals, launch in classes.values():
+            label = "ints=" + ",".join(str(v) for v in vals)
+            name = f"{rep.name} jit[{label}]"
+            out.append(dataclasses.replace(rep, name=name, archs=(target,), launch=launch, jit_class=label))
+    return out
+
+
 def _cache_dir() -> str | None:
     env = os.environ.get("JETDET_STATIC_CACHE")
     if env == "0":
@@ -262,6 +581,12 @@ def _cache_key(jit, spec, arch: int) -> str:
             "options": {k: repr(v) for k, v in sorted(spec.options.items())},
             "arch": arch,
             "fp_fusion": os.environ.get("TRITON_DEFAULT_FP_FUSION", ""),
+            # a JIT variant: the binder's specialisation (it depends on do_not_specialize, not on the source)
+            **(
+                {"launch": repr(spec.launch), "jit": specialization_key(jit, *spec.launch, arch=arch)}
+                if spec.launch is not None
+                else {}
+            ),
         },
         sort_keys=True,
     )
@@ -283,6 +608,45 @@ def _wrapped_interpreted(val, interp_cls):
     return None
 
 
+def _made_by_interpreter(val, interp_module: str) -> bool:
+    fn = val.func if isinstance(val, functools.partial) else val
+    return isinstance(fn, types.FunctionType) and fn.__module__ == interp_module
+
+
+def _interpreter_leftovers() -> list[tuple[types.ModuleType, str, object]]:
+    """``(module, name, pristine value)`` for each ``triton.language`` module attribute that Triton's interpreter
+    replaced and never put back.
+
+    ``InterpretedFunction.__call__`` (a ``@jit`` helper called from a running kernel, e.g. ``tl.max`` or
+    ``tl.sum``, whose module sees ``triton.language.core``) patches the modules the helper sees and drops the
+    scope that would restore them (triton 3.9). After the interpreter has run such a kernel,
+    ``triton.language.core.reduce`` and the ``core`` builtins are the interpreter's versions, and compiling any
+    kernel that calls ``tl.max`` fails (``'value' object has no attribute 'dtype'``). The pristine value is the
+    builtin the interpreter wrapped, else the same name in the ``triton.language`` package (which the running
+    kernel's own scope did restore)."""
+    import builtins
+
+    import triton.language as tl
+
+    interp = "triton.runtime.interpreter"
+    if interp not in sys.modules:
+        return []
+    found = []
+    for mod_name in sorted(m for m in sys.modules if m == "triton.language" or m.startswith("triton.language.")):
+        mod = sys.modules.get(mod_name)
+        if mod is None:
+            continue
+        for name, val in list(vars(mod).items()):
+            if not (_made_by_interpreter(val, interp) or (name == "static_print" and val is builtins.print)):
+                continue
+            member = (getattr(val, "__kwdefaults__", None) or {}).get("member")
+            pristine = member if member is not None else getattr(tl, name, None)
+            if pristine is None or _made_by_interpreter(pristine, interp) or pristine is builtins.print:
+                continue
+            found.append((mod, name, pristine))
+    return found
+
+
 @contextlib.contextmanager
 def compiling():
     """Context in which Triton compiles for a GPU target even when the interpreter is on.
@@ -293,6 +657,9 @@ def compiling():
       (``tl.cdiv``, ``tl.sum``, ``tl.randn``, ...), and the ``tl.tensor`` member wrappers that forward to them,
       are swapped for JITFunctions, and restored on exit.
     * ``triton.knobs.runtime.interpret`` is off inside, so ``constexpr_function`` results are constexprs.
+    * ``triton.language`` attributes the interpreter patched and left patched (:func:`_interpreter_leftovers`)
+      are their pristine values inside, so a kernel compiles the same whether or not the interpreter has run
+      kernels in this process before (the test suite runs them first).
 
     Re-entrant; kernels converted with :func:`as_jit_function` inside share one memo.
     """
@@ -310,6 +677,9 @@ def compiling():
     memo: dict = {}
     patches = []
     try:
+        for mod, attr, pristine in _interpreter_leftovers():
+            patches.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, pristine)
         if interp_cls:
             for name in [m for m in list(sys.modules) if m == "triton.language" or m.startswith("triton.language.")]:
                 mod = sys.modules.get(name)
@@ -340,10 +710,14 @@ def _compile(jit, spec, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature, constexprs, attrs = _resolve_signature(jit, spec)
-    src = ASTSource(jit, signature, constexprs, attrs)
     with compiling():
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
+        if spec.launch is not None:
+            signature, constexprs, attrs, options = jit_specialization(jit, *spec.launch, arch=arch)
+        else:
+            signature, constexprs, attrs = _resolve_signature(jit, spec)
+            options = dict(spec.options)
+        src = ASTSource(jit, signature, constexprs, attrs)
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _parse_resources(text: str) -> dict:
@@ -524,6 +898,17 @@ def report(
                 misses.append((i, path))
         jobs = default_jobs() if jobs is None else max(1, jobs)
         fork_ok = "fork" in multiprocessing.get_all_start_methods()
+
+        def take(k, measured, err):  # stored as each compile finishes: an interrupted cold run keeps its work
+            i, path = misses[k]
+            spec, arch = tasks[i]
+            if err is not None:
+                results[i] = err
+                return
+            if path:
+                _store(path, measured)
+            results[i] = _row(spec, arch, measured, False)
+
         if jobs > 1 and len(misses) > 1 and fork_ok:
             import concurrent.futures
 
@@ -531,27 +916,17 @@ def report(
             try:
                 ctx = multiprocessing.get_context("fork")
                 with concurrent.futures.ProcessPoolExecutor(min(jobs, len(misses)), mp_context=ctx) as pool:
-                    outcomes = list(pool.map(_fork_worker, range(len(misses))))
+                    for outcome in pool.map(_fork_worker, range(len(misses))):
+                        take(*outcome)
             finally:
                 _FORK_TASKS.clear()
         else:
-            outcomes = []
             for k, (i, _) in enumerate(misses):
                 spec, arch = tasks[i]
                 try:
-                    outcomes.append((k, _measure_spec(spec, arch), None))
+                    take(k, _measure_spec(spec, arch), None)
                 except Exception as e:  # a failed compile is a reported violation
-                    err = _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid)
-                    outcomes.append((k, None, err))
-        for k, measured, err in outcomes:
-            i, path = misses[k]
-            spec, arch = tasks[i]
-            if err is not None:
-                results[i] = err
-                continue
-            if path:
-                _store(path, measured)
-            results[i] = _row(spec, arch, measured, False)
+                    take(k, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid))
     return rows + [r for r in results if r is not None]
 
 
@@ -633,9 +1008,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="recompile instead of reading the cache")
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPUs)")
+    parser.add_argument("--no-jit", action="store_true", help="only the declared specs, no JIT-specialised variants")
     args = parser.parse_args(argv)
     errors: list[dict] = []
-    specs = collect_specs(args.module, errors=errors)
+    specs = collect_specs(args.module, errors=errors, jit=not args.no_jit)
     rows = errors + report(
         specs, archs=args.arch or DEFAULT_ARCHS, only=args.only, use_cache=not args.no_cache, jobs=args.jobs
     )
@@ -658,13 +1034,23 @@ if __name__ == "__main__":
 
 
 __all__ = [
+    "JIT_ARCH",
+    "JIT_INT_VALUES",
     "KERNEL_MODULES",
+    "Pointer",
     "analyze",
     "as_jit_function",
+    "capture_launches",
     "collect_specs",
     "count_sass",
+    "declared_vs_jit",
     "format_table",
+    "jit_specialization",
+    "jit_variants",
+    "launch_spec",
+    "launch_values",
     "main",
     "report",
+    "specialization_key",
     "violations",
 ]

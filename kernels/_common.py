@@ -25,9 +25,17 @@ class CompileSpec:
     archs: tuple[int, ...] = (80, 89, 90)
     # "no_fma" / "no_mufu" make the report fail the kernel if SASS contains FFMA / MUFU instructions
     forbid: tuple[str, ...] = ()
+    # Set on the variants ``jetdet.static_report.jit_variants`` derives: ``(args, kwargs)`` of a launch
+    # ``fn[grid](*args, **kwargs)``, turned into a signature by Triton's own JIT binder instead of from
+    # ``signature``/``constexprs``. ``jit_class`` names the value class (``"ints=1"``).
+    launch: tuple[tuple, dict] | None = None
+    jit_class: str | None = None
 
 
 TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+#: The arch a table named after a device runs on (``configs.find_table`` picks it on that device only).
+DEVICE_ARCHS = {"NVIDIA_A100-SXM4-80GB": (80,), "NVIDIA_H100_80GB_HBM3": (90,), "NVIDIA_H200": (90,)}
 
 
 def tl_ptr(dtype) -> str:
@@ -53,7 +61,8 @@ def shipped_tables(op: str) -> list[tuple[str, tuple[int, ...], str, dict]]:
 
     A ``,dtype=<dt>`` file serves its dtype and a plain file the dtypes without their own file (what
     :func:`jetdet.configs.find_table` would pick). ``archs``: a ``device_name=sm_XY`` table runs only on that
-    arch (when it is one of 80/89/90); a table named after a device is compiled for all three.
+    arch (when it is one of 80/89/90), a table named after a device in :data:`DEVICE_ARCHS` on its arch; any
+    other is compiled for all three.
     """
     import glob
     import json
@@ -71,7 +80,7 @@ def shipped_tables(op: str) -> list[tuple[str, tuple[int, ...], str, dict]]:
     for ident in sorted(found):
         per_dtype = found[ident]
         arch = ident[3:] if ident.startswith("sm_") else ""
-        archs = (int(arch),) if arch.isdigit() and int(arch) in (80, 89, 90) else (80, 89, 90)
+        archs = (int(arch),) if arch.isdigit() and int(arch) in (80, 89, 90) else DEVICE_ARCHS.get(ident, (80, 89, 90))
         for dn in ("fp32", "fp16", "bf16"):
             table = per_dtype.get(dn, per_dtype.get(None))
             if table is not None:

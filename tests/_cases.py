@@ -1,6 +1,6 @@
 """Op cases shared by the batch-invariance and accuracy tests: (name, make_inputs(batch, dtype), call, ref).
 
-Shapes have tails on purpose (odd sizes, non-powers of two). ``make_inputs`` returns per-item tensors
+Shapes have tails on purpose (odd sizes, non-powers of two). ``make_inputs`` returns per-item CPU tensors
 (dim 0 = batch) and shared tensors; ``call(*items, *shared)`` runs the jetdet op; ``ref`` the fp32 torch
 reference.
 """
@@ -14,7 +14,8 @@ G = torch.Generator().manual_seed(1234)
 
 
 def _r(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=G) * scale).to(dtype)
+    # drawn on CPU (the generator is a CPU one): the same values whatever the test's default device
+    return (torch.randn(*shape, generator=G, device="cpu") * scale).to(dtype)
 
 
 def _f(*ts):
@@ -62,11 +63,13 @@ CASES = {
     "attention_mask": (
         lambda b, dt: (
             [_r(b, 2, 21, 16, dtype=dt), _r(b, 2, 33, 16, dtype=dt), _r(b, 2, 33, 16, dtype=dt)],
-            [torch.rand(1, 1, 21, 33, generator=G) > 0.3],
+            [torch.rand(1, 1, 21, 33, generator=G, device="cpu") > 0.3],
         ),
-        lambda q, k, v, m: jetdet.ops.attention(q, k, v, attn_mask=m | torch.eye(21, 33, dtype=torch.bool)),
+        lambda q, k, v, m: jetdet.ops.attention(
+            q, k, v, attn_mask=m | torch.eye(21, 33, dtype=torch.bool, device=m.device)
+        ),
         lambda q, k, v, m: F.scaled_dot_product_attention(
-            *_f(q, k, v), attn_mask=m | torch.eye(21, 33, dtype=torch.bool)
+            *_f(q, k, v), attn_mask=m | torch.eye(21, 33, dtype=torch.bool, device=m.device)
         ),
     ),
     "layer_norm": (

@@ -3,6 +3,9 @@
 * ``TRITON_INTERPRET=1`` when there is no CUDA device, so Triton kernels run on CPU;
 * ``JETDET_DEBUG_FILL_NAN=1`` so every buffer a kernel allocates starts as NaN and an element it forgets to
   write fails the test.
+
+With CUDA the kernel tests run the compiled kernels on CUDA tensors (see ``_devices.py``): the fixtures below
+make CUDA the default device for new tensors during such a test. CPU CI is unchanged.
 """
 
 import os
@@ -16,19 +19,41 @@ if "TRITON_INTERPRET" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _devices import KERNEL_DEVICE, on_backend, on_device  # noqa: E402
+
+
+@pytest.fixture
+def kernel_device():
+    """The device the kernel tests run on ("cuda" on a GPU, else "cpu"); new tensors default to it."""
+    with on_device(KERNEL_DEVICE) as dev:
+        yield dev
 
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    """Force the Triton kernels (the interpreter on CPU) for jetdet.ops calls inside the test."""
-    monkeypatch.setenv("JETDET_BACKEND", "triton")
-    yield
+    """Force the Triton kernels for jetdet.ops calls inside the test: the interpreter on CPU, the compiled
+    kernels on CUDA tensors on a GPU. Yields the device."""
+    with on_backend(monkeypatch, "triton") as dev:
+        yield dev
+
+
+@pytest.fixture(autouse=True)
+def _backend_param(request, monkeypatch):
+    """A test parametrised over ``backend`` ("torch" / "triton", directly or through a fixture's params) runs
+    inside ``on_backend``: the env var is set and, for "triton" on a GPU, new tensors are CUDA tensors."""
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("backend") if callspec is not None else None
+    if name not in ("torch", "triton"):
+        yield
+        return
+    with on_backend(monkeypatch, name):
+        yield
 
 
 @pytest.fixture
 def torch_backend(monkeypatch):
-    monkeypatch.setenv("JETDET_BACKEND", "torch")
-    yield
+    with on_backend(monkeypatch, "torch") as dev:
+        yield dev
 
 
 @pytest.fixture

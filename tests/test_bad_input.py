@@ -1,11 +1,12 @@
 """Bad input: either the same result as the reference or a clear error naming the argument. Never silent
-wrong numbers. Both paths (CPU torch path and the Triton interpreter)."""
+wrong numbers. Both paths (CPU torch path, and the Triton kernels: interpreter on CPU, compiled on a GPU)."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _devices import cpu_generator
 
 import jetdet
 
@@ -13,8 +14,8 @@ ops = jetdet.ops
 
 
 @pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("JETDET_BACKEND", request.param)
+def backend(request):
+    """JETDET_BACKEND and the device (CUDA for "triton" on a GPU) are set by conftest's ``_backend_param``."""
     return request.param
 
 
@@ -88,22 +89,26 @@ def test_wrong_types():
 
 # -------------------------------------------------------------------------- strided / non-contiguous
 def test_non_contiguous_inputs_equal_contiguous(backend):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 6, 20, generator=g).transpose(0, 1)[:, ::2]  # [6, 5, 20], strided
-    w = torch.randn(20, 13, generator=g).t()  # [13, 20] non-contiguous weight
+    g = cpu_generator(0)
+
+    def randn(*shape):  # drawn on CPU, then moved whole (views below are taken on the test's device)
+        return torch.randn(*shape, generator=g, device="cpu").to(torch.get_default_device())
+
+    x = randn(9, 6, 20).transpose(0, 1)[:, ::2]  # [6, 5, 20], strided
+    w = randn(20, 13).t()  # [13, 20] non-contiguous weight
     assert not x.is_contiguous() and not w.is_contiguous()
     assert torch.equal(ops.linear(x, w), ops.linear(x.contiguous(), w.contiguous()))
-    img = torch.randn(3, 5, 12, 14, generator=g).permute(0, 1, 3, 2)  # [3, 5, 14, 12]
-    k = torch.randn(4, 5, 3, 3, generator=g)
+    img = randn(3, 5, 12, 14).permute(0, 1, 3, 2)  # [3, 5, 14, 12]
+    k = randn(4, 5, 3, 3)
     assert torch.equal(ops.conv2d(img, k, padding=1), ops.conv2d(img.contiguous(), k, padding=1))
     cl = img.contiguous(memory_format=torch.channels_last)
     assert torch.equal(ops.conv2d(cl, k, padding=1), ops.conv2d(img.contiguous(), k, padding=1))
-    q = torch.randn(2, 7, 3, 8, generator=g).transpose(1, 2)  # [2, 3, 7, 8] strided
+    q = randn(2, 7, 3, 8).transpose(1, 2)  # [2, 3, 7, 8] strided
     assert torch.equal(ops.attention(q, q, q), ops.attention(*(q.contiguous(),) * 3))
-    n = torch.randn(7, 4, 30, generator=g)[:, :, ::3]  # [7, 4, 10]
+    n = randn(7, 4, 30)[:, :, ::3]  # [7, 4, 10]
     assert torch.equal(ops.layer_norm(n, (10,)), ops.layer_norm(n.contiguous(), (10,)))
     assert torch.equal(ops.softmax(n, 1), ops.softmax(n.contiguous(), 1))
-    gn = torch.randn(3, 8, 6, 5, generator=g).transpose(2, 3)
+    gn = randn(3, 8, 6, 5).transpose(2, 3)
     assert torch.equal(ops.group_norm(gn, 4), ops.group_norm(gn.contiguous(), 4))
 
 

@@ -1,6 +1,7 @@
 """Launch tables: nearest-key lookup, $JETDET_CONFIG_DIR override, default + one-time warning, shipped
 tables parse, and (deterministic rule) the config never depends on the batch dimension."""
 
+import copy
 import json
 import os
 import warnings
@@ -77,6 +78,90 @@ def test_shipped_tables_parse_and_cover_a100_h100():
                 assert isinstance(cfg, dict)
         names = " ".join(files)
         assert "sm_80" in names and "sm_90" in names, (op, files)
+
+
+def _as_gpu(monkeypatch, name, capability=(9, 0)):
+    """Make configs.device_identity see a CUDA device called ``name`` (as torch reports it)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability)
+    return torch.device("cuda")
+
+
+def test_h200_name_finds_the_h200_tables(monkeypatch):
+    """torch calls it "NVIDIA H200"; the tables are device_name=NVIDIA_H200 (the H200 run of issue 13 found none
+    and fell back to sm_90). Dtypes without an H200 file, and other names, still reach the sm_90 tables."""
+    dev = _as_gpu(monkeypatch, "NVIDIA H200")
+    _, path = configs.find_table("matmul", torch.bfloat16, dev)
+    assert path.endswith(os.path.join("matmul", "device_name=NVIDIA_H200,dtype=bf16.json")), path
+    cfg = configs.get_config("matmul", 3072, dtype=torch.bfloat16, device=dev, default={})
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]) == (128, 128, 64, 8, 3)
+    _, path = configs.find_table("matmul", torch.float16, dev)
+    assert path.endswith(os.path.join("matmul", "device_name=sm_90.json")), path
+    _, path = configs.find_table("conv2d", torch.bfloat16, _as_gpu(monkeypatch, "NVIDIA H200 NVL"))
+    assert path.endswith(os.path.join("conv2d", "device_name=NVIDIA_H200,dtype=bf16.json")), path
+    # negative control: a name with no table of its own (or of its prefix) uses the arch's
+    _, path = configs.find_table("matmul", torch.bfloat16, _as_gpu(monkeypatch, "NVIDIA H100 PCIe"))
+    assert path.endswith("device_name=sm_90.json"), path
+    assert configs.name_candidates("NVIDIA_H100_80GB_HBM3")[-1] == "NVIDIA_H100"
+
+
+def _provenance():
+    with open(os.path.join(_paths.configs_dir(), "PROVENANCE.json")) as f:
+        return json.load(f)["files"]
+
+
+def _provenance_errors(files: dict) -> list[str]:
+    """Problems of a PROVENANCE.json "files" mapping against the shipped tables (empty: all accounted for)."""
+    root = _paths.configs_dir()
+    on_disk = sorted(
+        f"{op}/{f}" for op in os.listdir(root) if os.path.isdir(os.path.join(root, op)) and not op.startswith("_")
+        for f in os.listdir(os.path.join(root, op)) if f.endswith(".json")
+    )  # fmt: skip
+    errors = [f"{rel}: no provenance" for rel in on_disk if rel not in files]
+    errors += [f"{rel}: provenance of a file that does not exist" for rel in files if rel not in on_disk]
+    for rel in sorted(set(on_disk) & set(files)):
+        with open(os.path.join(root, rel)) as f:
+            table = json.load(f)
+        errors += [f"{rel}: {k}: provenance of a key not in the table" for k in files[rel].get("entries", {})
+                   if k not in table]  # fmt: skip
+        for key, cfg in table.items():
+            src = files[rel].get("entries", {}).get(key, files[rel]["default"])
+            if src["status"] not in ("static report", "measured", "carried over"):
+                errors.append(f"{rel}: {key}: unknown status {src['status']!r}")
+            elif src["status"] == "measured" and not src.get("source"):
+                errors.append(f"{rel}: {key}: measured, but no source")
+            elif src["status"] == "carried over":
+                with open(os.path.join(root, src["from"])) as f:
+                    origin = json.load(f).get(src.get("key", key))
+                if origin != cfg:
+                    errors.append(f"{rel}: {key}: carried over from {src['from']}, but differs from {origin}")
+    return errors
+
+
+def test_every_table_entry_says_where_it_comes_from():
+    """autotune_configs/PROVENANCE.json names every table file; each entry is 'static report', 'measured' (with
+    the run it was timed on) or 'carried over', and a carried-over entry is identical to the one it copies."""
+    files = _provenance()
+    assert _provenance_errors(files) == []
+    measured = [
+        (rel, key)
+        for rel, info in files.items()
+        for key, src in info.get("entries", {}).items()
+        if src["status"] == "measured"
+    ]
+    assert len(measured) == 3 and all("NVIDIA_H200" in rel for rel, _ in measured), measured
+
+
+def test_provenance_check_catches_a_wrong_copy():
+    """Negative controls: a measured H200 entry relabelled as carried over from sm_90, and a table file left
+    out, are both reported."""
+    files = copy.deepcopy(_provenance())
+    rel = "matmul/device_name=NVIDIA_H200,dtype=bf16.json"
+    files[rel]["entries"]["3072"] = {"status": "carried over", "from": "matmul/device_name=sm_90.json", "key": "2048"}
+    del files["norms/device_name=sm_90.json"]
+    errors = _provenance_errors(files)
+    assert any(e.startswith(f"{rel}: 3072: carried over") for e in errors), errors
+    assert "norms/device_name=sm_90.json: no provenance" in errors
 
 
 @pytest.mark.parametrize("op_name", ["linear", "attention", "layer_norm", "conv2d", "softmax"])

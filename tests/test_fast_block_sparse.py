@@ -1,5 +1,5 @@
-"""jetdet.ops.attention_block_mask / block_sparse_attention: Triton (interpreter on CPU) and torch paths
-against the fp32 references; work proportional to mask density, counted by the kernel itself."""
+"""jetdet.ops.attention_block_mask / block_sparse_attention: Triton (interpreter on CPU, compiled on a GPU) and
+torch paths against the fp32 references; work proportional to mask density, counted by the kernel itself."""
 
 import math
 
@@ -19,8 +19,8 @@ def _qkv(B, H, N, M, D, DV, dtype):
 
 
 def _random_mask(B, H, nqb, nkb, density, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(B, H, nqb, nkb, generator=g) < density
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mask = (torch.rand(B, H, nqb, nkb, generator=g, device="cpu") < density).to(torch.get_default_device())
     mask[..., torch.arange(nqb), torch.arange(nqb) * nkb // nqb] = True
     return mask
 

@@ -1,5 +1,5 @@
-"""jetdet.ops.forecast / relative_change: Triton (interpreter on CPU) and torch paths against the
-references; polynomial exactness; batch invariance; bad inputs."""
+"""jetdet.ops.forecast / relative_change: Triton (interpreter on CPU, compiled on a GPU) and torch paths against
+the references; polynomial exactness; batch invariance; bad inputs."""
 
 import pytest
 import torch

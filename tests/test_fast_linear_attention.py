@@ -1,4 +1,5 @@
-"""jetdet.ops.linear_attention: Triton (interpreter on CPU) and torch paths against the fp32 reference."""
+"""jetdet.ops.linear_attention: Triton (interpreter on CPU, compiled on a GPU) and torch
+paths against the fp32 reference."""
 
 import pytest
 import torch

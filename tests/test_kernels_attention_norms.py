@@ -1,4 +1,6 @@
-"""Interpreter tests of the attention, norm and reduce kernels against their literal fp32 references.
+"""Tests of the attention, norm and reduce kernels against their literal fp32 references: in the interpreter on
+CPU, or compiled on CUDA tensors when there is a GPU (every test runs with the ``kernel_device`` fixture, which
+makes new tensors CUDA tensors there).
 
 Accuracy uses the per-dtype tolerances documented in each kernel's README (``TOL`` below); determinism
 tests are bitwise (``torch.equal``): a prefix of the batch, or one item at a random slot of a batch, gives
@@ -36,6 +38,8 @@ from jetdet.kernels.reduce import (
 )
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
 
 # (atol, rtol) against the fp32 reference; the same numbers as the READMEs' tolerance tables. bf16 rtol is
 # 2^-6: the interpreter converts fp32 -> bf16 by truncation (up to 1 ulp = 2^-7 relative, measured 7.7e-3)

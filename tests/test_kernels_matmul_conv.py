@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from _devices import KERNEL_DEVICE
 
 from jetdet import _paths
 from jetdet.kernels.conv2d import launch as conv_launch
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEV = KERNEL_DEVICE  # CUDA tensors through the compiled kernels on a GPU, else CPU tensors in the interpreter
 
 # (atol, rtol) against the fp32 reference, inputs scaled so outputs are O(1); see kernels/matmul/README.md.
 TOL = {

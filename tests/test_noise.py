@@ -144,6 +144,48 @@ def test_cuda_equals_cpu(dtype):
         assert g.device.type == "cuda" and torch.equal(bits(g.cpu()), bits(c))
 
 
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_equals_cpu_h200_case(dtype):
+    """The call that crashed on an H200 (seed 1 specialised to a constant): 8x4x128x128, item_offset 5, step 3."""
+    g = noise.randn((8, 4, 128, 128), 1, item_offset=5, step=3, dtype=dtype, device="cuda")
+    c = noise.randn((8, 4, 128, 128), 1, item_offset=5, step=3, dtype=dtype)
+    assert torch.equal(bits(g.cpu()), bits(c))
+    one = noise.randn((1, 4, 128, 128), 1, item_offset=5 + 6, step=3, dtype=dtype, device="cuda")
+    assert torch.equal(bits(one[0]), bits(g[6]))
+
+
+@pytest.mark.slow
+def test_real_launches_compile_as_the_jit_specialises_them():
+    """The launches philox_randn really makes (seed words 1 and 16, item word 1, N = 1, ...), recorded and bound
+    by Triton's JIT binder, compile for sm_90 without violations; the data words never become constants."""
+    from jetdet import static_report as sr
+
+    with sr.capture_launches([launch.philox_randn_kernel]) as log:
+        for n_items, numel, seed, off, step, dtype in [
+            (2, 37, 1, 5, 3, torch.float32),  # the H200 case's scalars
+            (2, 37, 1, 5, 3, torch.bfloat16),
+            (1, 1, 16, 1, 1, torch.float32),  # N == 1, seed 16, item 1, step 1
+        ]:
+            launch.philox_randn(n_items, numel, seed, item_offset=off, step=step, dtype=dtype, device=KDEV,
+                                block=launch.BLOCK)  # the GPU's block, also in the interpreter
+    assert len(log) == 3
+    specs = {}
+    for kernel, args, kwargs in log:
+        sig = sr.jit_specialization(kernel, args, kwargs)[0]
+        assert all(sig[k] == "i32" for k in ("key0", "key1", "item_lo", "item_hi", "step")), sig
+        key = sr.specialization_key(kernel, args, kwargs)
+        specs.setdefault(key, sr.launch_spec(kernel, args, kwargs, name=f"noise launch {len(specs)}",
+                                             forbid=("no_mufu", "no_fma")))
+    rows = sr.report(list(specs.values()), archs=(sr.JIT_ARCH,), jobs=1)
+    assert len(rows) == len(specs) >= 2 and sr.violations(rows) == [], sr.violations(rows)
+    # negative control: the same seed-1 launch of the kernel without do_not_specialize gets key0 as a constant
+    import triton
+
+    kernel, args, kwargs = log[0]
+    assert sr.jit_specialization(triton.jit(kernel.fn), args, kwargs)[0]["key0"] == "constexpr"
+
+
 def test_forced_triton_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("JETDET_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

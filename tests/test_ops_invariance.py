@@ -1,5 +1,6 @@
-"""Prefix and needle tests for every jetdet op on both paths (Triton interpreter and CPU torch path), plus
-accuracy against the fp32 references and the negative controls showing plain torch is not invariant."""
+"""Prefix and needle tests for every jetdet op on both paths (the Triton kernels: interpreter on CPU, compiled on
+a GPU; and the CPU torch path), plus accuracy against the fp32 references and the negative controls showing
+plain torch is not invariant."""
 
 import random
 
@@ -7,19 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _cases import CASES, TOLERANCE
+from _devices import ON_GPU, to_default_device
 
 BACKENDS = ["torch", "triton"]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("JETDET_BACKEND", request.param)
+def backend(request):
+    """JETDET_BACKEND and the device are set by conftest's ``_backend_param`` for this parameter."""
     return request.param
 
 
 def _check_invariant(name, threads):
     make, call, _ = CASES[name]
     items, shared = make(8, torch.float32)
+    items, shared = to_default_device(items), to_default_device(shared)
     rng = random.Random(name)
     outs = {}
     for t in threads:
@@ -47,8 +50,8 @@ def test_prefix_and_needle(name, backend, restore_threads):
 def test_accuracy(name, dtype, backend):
     make, call, ref = CASES[name]
     items, shared = make(3, dtype)
-    out = call(*items, *shared)
-    exp = ref(*items, *shared)
+    exp = ref(*items, *shared)  # fp32 on CPU: no TF32 in a cuDNN/cuBLAS reference on a GPU
+    out = call(*to_default_device(items), *to_default_device(shared)).cpu()
     assert out.dtype == items[0].dtype and out.shape == exp.shape
     err = (out.float() - exp).abs().max().item()
     scale = max(1.0, exp.abs().max().item())
@@ -65,6 +68,33 @@ def test_accuracy_bf16_cpu_path(name, torch_backend):
     assert out.dtype == torch.bfloat16
     err = (out.float() - exp).abs().max().item()
     assert err <= TOLERANCE[torch.bfloat16] * max(1.0, exp.abs().max().item())
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 kernels run compiled on a GPU only (the interpreter's bf16 is wrong)")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_accuracy_bf16_gpu(name, triton_backend):
+    make, call, ref = CASES[name]
+    items, shared = make(3, torch.bfloat16)
+    exp = ref(*items, *shared)
+    out = call(*to_default_device(items), *to_default_device(shared))
+    assert out.is_cuda and out.dtype == torch.bfloat16
+    err = (out.float().cpu() - exp).abs().max().item()
+    assert err <= TOLERANCE[torch.bfloat16] * max(1.0, exp.abs().max().item()), f"{name}: max err {err:.3g}"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs the compiled kernels on a GPU")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prefix_and_needle_bf16_gpu(name, triton_backend):
+    make, call, _ = CASES[name]
+    items, shared = make(8, torch.bfloat16)
+    items, shared = to_default_device(items), to_default_device(shared)
+    full = call(*items, *shared)
+    rng = random.Random(name)
+    for b in range(1, 9):
+        part = call(*[x[:b] for x in items], *shared)
+        assert torch.equal(part, full[:b]), f"{name}: prefix {b} differs"
+        s = rng.randrange(b)
+        assert torch.equal(call(*[x[s : s + 1] for x in items], *shared)[0], part[s]), f"{name}: needle {s}/{b}"
 
 
 # ------------------------------------------------------------------------------ negative controls

@@ -203,3 +203,134 @@ def test_interpreter_still_works_after_compiling(rows):
     b = torch.randn(20, 3)
     torch.testing.assert_close(matmul(a, b), a @ b, atol=1e-5, rtol=1e-5)
     assert type(tl.cdiv).__name__ == "InterpretedFunction"
+
+
+# ------------------------------------------------------------------------------------ JIT specialisation
+
+
+def test_jit_variants_cover_every_kernel_and_class(rows):
+    """Every kernel function the report covers is also compiled the way Triton's JIT specialises a launch:
+    every int argument 1 (compile-time constants), 0/16 (divisible by 16), and any other value (misaligned
+    pointers), on sm_90; the every-spec test above fails on any of their violations."""
+    declared = {r["kernel"] for r in rows if " jit[" not in r["kernel"]}
+    jit_rows = [r for r in rows if " jit[" in r["kernel"]]
+    assert jit_rows and all(r["arch"] == sr.JIT_ARCH for r in jit_rows)
+    groups: dict[str, set] = {}
+    for r in jit_rows:
+        base, _, cls = r["kernel"].partition(" jit[")
+        assert base in declared, r["kernel"]
+        groups.setdefault(base, set()).add(cls.rstrip("]"))
+    for base, classes in groups.items():
+        assert {"ints=1", "ints=17"} <= classes and any("16" in c for c in classes), (base, classes)
+    kernels = {s.fn.fn.__qualname__ if hasattr(s.fn, "fn") else s.fn.__qualname__ for s in sr.collect_specs(jit=False)}
+    jitted = {
+        s.fn.fn.__qualname__ if hasattr(s.fn, "fn") else s.fn.__qualname__
+        for s in sr.collect_specs()
+        if s.launch is not None
+    }
+    assert kernels == jitted
+
+
+def test_declared_specs_are_what_the_jit_binder_makes():
+    """The spec language ("i32:16", an int listed as constexpr 1, aligned pointers) means what Triton's own
+    binder makes of the corresponding values, for every shipped spec; negative control: a spec declaring an
+    int constant other than 1 is not a launch the JIT would compile, and is flagged."""
+    with sr.compiling():
+        specs = sr.collect_specs(jit=False)
+        assert specs
+        assert [d for s in specs for d in sr.declared_vs_jit(s)] == []
+        noise = next(s for s in specs if s.name.startswith("noise.philox_randn[fp32]"))
+        wrong = dataclasses.replace(
+            noise, signature={**noise.signature, "N": "constexpr"}, constexprs={**noise.constexprs, "N": 16}
+        )
+        diffs = sr.declared_vs_jit(wrong)
+    assert any("N type: declared 'constexpr', JIT 'i32'" in d for d in diffs), diffs
+
+
+def test_jit_specialization_follows_triton():
+    """Values decide the signature the way Triton 3.9's launcher does: 1 -> constant, 0 and multiples of 16 ->
+    divisible by 16, do_not_specialize arguments stay plain i32, pointer alignment decides divisibility."""
+    import torch
+
+    from jetdet.kernels.noise.kernel import philox_randn_kernel
+
+    args = dict(N=1, blocks_per_item=32, key0=1, key1=0, item_lo=16, item_hi=17, step=1, BLOCK=256, OUT_BF16_BITS=False)
+    sig, consts, attrs, opts = sr.jit_specialization(
+        philox_randn_kernel, (), {"out_ptr": sr.Pointer(torch.float32), **args, "num_warps": 4}
+    )
+    assert sig["N"] == "constexpr" and consts[(1,)] == 1  # N == 1: a constant
+    assert sig["blocks_per_item"] == "i32" and attrs[(2,)] == [["tt.divisibility", 16]]
+    for name in ("key0", "key1", "item_lo", "item_hi", "step"):  # do_not_specialize: never constants
+        assert sig[name] == "i32", name
+    assert attrs[(0,)] == [["tt.divisibility", 16]] and opts["num_warps"] == 4
+    _, _, attrs, _ = sr.jit_specialization(philox_randn_kernel, (), {"out_ptr": sr.Pointer(torch.float32, 4), **args})
+    assert not attrs.get((0,))  # a pointer 4 bytes past an aligned address is not divisible by 16
+
+
+def test_negative_control_specialised_seed_fails_on_cpu():
+    """The H200 failure, reproduced on CPU: the noise kernel without do_not_specialize, launched with a seed
+    word of 1, gets a Python int where it calls .to(); the JIT variant fails to compile and is a violation,
+    while the declared signature alone (what the report compiled before) compiles fine."""
+    from jetdet.kernels.noise import launch as noise_launch
+
+    spec = noise_launch.compile_specs()[0]
+    raw = triton.jit(spec.fn.fn)  # the same kernel without do_not_specialize
+    bad = dataclasses.replace(spec, name="noise_specialised", fn=raw)
+    ones = [v for v in sr.jit_variants([bad]) if v.jit_class == "ints=1"]
+    rows = sr.report(ones, archs=(sr.JIT_ARCH,), jobs=1)
+    assert len(rows) == 1 and rows[0]["error"], rows
+    assert "CompilationError" in rows[0]["error"] and "'int' object has no attribute 'to'" in rows[0]["error"]
+    assert any("compile failed" in v for v in sr.violations(rows))
+    # with the fix, the same launch compiles (the rows fixture compiled it; this reads the cache)
+    fixed = [v for v in sr.jit_variants([spec]) if v.jit_class == "ints=1"]
+    assert [r["error"] for r in sr.report(fixed, archs=(sr.JIT_ARCH,), jobs=1)] == [None]
+
+
+# ------------------------------------------------------------------------------- interpreter independence
+
+
+def test_compiles_the_same_after_the_interpreter_ran_it(monkeypatch, tmp_path):
+    """The static report must not depend on TRITON_INTERPRET or on what the interpreter did before in the
+    process. Triton's interpreter leaves triton.language.core patched after running a kernel whose @jit helpers
+    it calls (tl.max, tl.sum): compiling such a kernel afterwards failed (cold cache, forked or not). Now the
+    row equals the one a fresh process without TRITON_INTERPRET computes; negative control: without undoing
+    the interpreter's leftovers the same compile fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from jetdet.kernels.reduce import launch as reduce_launch
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("checks a process that runs the interpreter")
+    from jetdet.kernels.reduce import softmax
+
+    softmax(torch.randn(3, 100))  # the interpreter runs tl.max / tl.sum
+    assert sr._interpreter_leftovers(), "the interpreter left nothing patched: this test no longer tests anything"
+    name = "softmax[fp32,BLOCK16,w1]"
+    spec = next(s for s in reduce_launch.compile_specs() if s.name == name)
+    monkeypatch.setenv("JETDET_STATIC_CACHE", str(tmp_path / "static"))  # cold: jetdet's cache and Triton's
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    rows = sr.report([spec, dataclasses.replace(spec, name="softmax copy")], archs=(90,), jobs=2)  # forked
+    assert [r["error"] for r in rows] == [None, None], rows
+    assert [r["error"] for r in sr.report([spec], archs=(90,), use_cache=False, jobs=1)] == [None]
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JETDET_STATIC_CACHE")}
+    env["JETDET_STATIC_CACHE"] = "0"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "jetdet.static_report", "--module", "jetdet.kernels.reduce.launch", "--only", name,
+           "--arch", "90", "--no-jit", "--json", "--jobs", "1"]  # fmt: skip
+    fresh = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    (other,) = [r for r in json.loads(fresh.stdout) if r["kernel"] == name]
+    fields = ("regs", "stack", "shared", "hmma", "hgmma", "tf32", "atomics", "mufu", "ffma", "instructions")
+    assert {f: rows[0][f] for f in fields} == {f: other[f] for f in fields}
+
+    monkeypatch.setattr(sr, "_interpreter_leftovers", lambda: [])
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton_control"))
+    (bad,) = sr.report([spec], archs=(90,), use_cache=False, jobs=1)
+    assert bad["error"] and "has no attribute 'dtype'" in bad["error"], bad

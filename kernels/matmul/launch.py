@@ -12,7 +12,7 @@ import torch
 import triton
 
 from jetdet import _paths, configs
-from jetdet.kernels._common import CompileSpec, empty, tl_ptr
+from jetdet.kernels._common import DEVICE_ARCHS, CompileSpec, empty, tl_ptr
 
 from .kernel import _matmul_kernel
 
@@ -45,6 +45,18 @@ def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
 
 
+KERNEL_ENV = "JETDET_MATMUL_KERNEL"
+
+
+def kernel_choice() -> str:
+    """``$JETDET_MATMUL_KERNEL``: ``default`` (this kernel) or ``tma`` (the persistent TMA kernel of
+    ``launch_tma.py`` for eligible fp16/bf16 2-D problems; opt-in until a GPU has measured it)."""
+    val = os.environ.get(KERNEL_ENV, "default").strip().lower() or "default"
+    if val not in ("default", "tma"):
+        raise ValueError(f"{KERNEL_ENV}={val!r}: expected 'default' or 'tma'")
+    return val
+
+
 def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor) -> None:
     """a [B, M, K], b [B, K, N], c [B, M, N]."""
     if c.dtype == torch.bfloat16 and c.device.type != "cuda":
@@ -55,6 +67,13 @@ def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torc
         c.copy_(c32)
         return
     nb, m, k = a.shape
+    if nb == 1 and kernel_choice() == "tma":
+        from .launch_tma import eligible, matmul_tma
+
+        w = b[0].t()  # [N, K]: nn.Linear's weight when b = weight.t()
+        if eligible(a[0], w, c[0]):  # a choice that does not depend on M: the same kernel for every batch
+            matmul_tma(a[0], w, bias, out=c[0])
+            return
     n = b.shape[2]
     cfg = get_config(n, a.dtype, a.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -129,7 +148,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # arch each shipped table is selected on (configs.find_table: device name first, then sm_<cc>)
-TABLE_ARCHS = {"NVIDIA_A100-SXM4-80GB": (80,), "NVIDIA_H100_80GB_HBM3": (90,)}
+TABLE_ARCHS = DEVICE_ARCHS
 ALL_ARCHS = (80, 89, 90)
 
 

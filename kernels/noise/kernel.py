@@ -131,7 +131,10 @@ def bits_to_normal(x):
     return tl.where(neg, -g, g)
 
 
-@triton.jit
+# The seed, item and step words are data, not shapes: without do_not_specialize the JIT turns a value of 1 into
+# a Python int constant (``.to`` on it then fails to compile, as a seed of 1 did on an H200) and compiles a new
+# kernel for each divisibility class of a seed. N and blocks_per_item stay specialisable (sizes).
+@triton.jit(do_not_specialize=["key0", "key1", "item_lo", "item_hi", "step"])
 def philox_randn_kernel(
     out_ptr,  # [n_items, N] contiguous; fp32 / fp16, or int16 holding bf16 bits when OUT_BF16_BITS
     N,  # elements per item (i32)

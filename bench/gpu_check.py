@@ -1,0 +1,1002 @@
+"""Everything a GPU session has to measure, in one command of at most 5 minutes on one H100/H200:
+
+    PYTHONPATH=. python bench/gpu_check.py [--quick] [--budget-s 290] [--sweep] [--out-dir bench/results]
+                                           [--only SECTION ...] [--ops linear,conv3x3,...]
+
+Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sections, in this order:
+
+1. ``environment``: device, capability, driver, torch/triton versions, the launch tables the lookup picks.
+2. ``noise``: ``jetdet.randn`` on the GPU equals the CPU path bit for bit (fp32/fp16/bf16; seeds 1, 0, 16,
+   2^64-1 at 8x4x128x128, item_offset 5, step 3: the H200 crash case), per-item == batch; checksums.
+3. ``ops``: every op x dtype (fp32/fp16/bf16) against an fp32 CPU reference, and bitwise batch invariance:
+   every prefix 1..8 of a batch of 8 and one item alone against its slot (needle). Negative control: the
+   same prefix check on torch's own linear (cuBLAS), which is expected to differ somewhere.
+4. ``models``: the whole-model determinism report (TinyUNet, TinyDiT, a DiT-B-size TinyDiT; deterministic mode
+   and mode "off" as the negative control).
+5. ``speed``: jetdet / torch time ratios (``triton.testing.do_bench`` medians) at the shapes of issue 13 and
+   at real-model shapes (SD1.5/SDXL UNet convs, Flux/SD3 linears and attention), with the config used; fp16/bf16
+   linears also with the persistent TMA GEMM (``JETDET_MATMUL_KERNEL=tma``, opt-in), an A/B in the same run.
+   The ``ops`` section checks that kernel too (``linear_tma``).
+6. ``model_speed``: whole models at batch 4: fp32 det vs off (TinyUNet, TinyDiT, DiT-B size) and bf16 off / det
+   / per-item loop (DiT stacks of width 1152 and 1024, an SD-like UNet stage).
+7. ``fast_path``: the step cache on the bundled model (Euler 30 steps, 8 classes, batched CFG): wall time,
+   model calls, host syncs, PSNR against full compute, at budgets 0.05 / 0.07 / 0.1.
+8. ``sparse``: block_sparse_attention at densities 0.3-0.9 against jetdet's dense attention and SDPA;
+   linear_attention against SDPA.
+9. ``sweep`` (``--sweep`` only): a small tile sweep for linear / attention / conv per shape class, the best
+   fixed config per class, for the next session to put in the tables (with PROVENANCE.json).
+
+Writes ``<out-dir>/gpu_<device>.json`` and ``gpu_<device>.md`` and prints a summary. Exit status: 1 when any
+correctness or invariance check failed, 2 when a correctness section did not finish (error or time budget),
+else 0. Each section records its own errors and the run goes on. ``--budget-s`` stops starting new work
+when the budget is spent (the sections left are marked skipped).
+
+``--dry-run`` runs every section on CPU with tiny shapes (the torch path, CPU timers) so the script is tested
+without a GPU (``tests/test_gpu_check.py``); ``--inject-fault`` perturbs jetdet's outputs for batches above 1
+(a negative control: the run must then fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# max |out - ref| / max(1, max |ref|) per dtype against the fp32 reference (the README's "Accuracy")
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# issue 13's targets: jetdet time / torch time at most this
+TARGETS = {"linear": 1.10, "linear_m512": 1.25, "linear_fp32": 1.3, "attention": 1.15, "conv": 1.5}
+CORRECTNESS_SECTIONS = ("noise", "ops", "models")
+
+
+def _dn(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+class Run:
+    """Results, time budget, failures. ``dev`` is "cuda" on a GPU, "cpu" in a dry run."""
+
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick or args.dry_run
+        self.dry = args.dry_run
+        self.dev = torch.device("cpu" if args.dry_run else "cuda")
+        self.t0 = time.perf_counter()
+        self.budget = args.budget_s
+        self.failures: list[str] = []
+        self.incomplete: list[str] = []
+        self.result: dict = {"sections": {}, "failures": self.failures, "incomplete": self.incomplete}
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.t0)
+
+    def fail(self, what: str) -> None:
+        self.failures.append(what)
+        print(f"  FAIL {what}", flush=True)
+
+    def sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn) -> float:
+        """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on a GPU, a CPU timer in a dry run."""
+        if self.dev.type == "cuda":
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=10 if self.quick else 25, rep=40 if self.quick else 100,
+                                                 return_mode="median"))
+        fn()
+        samples = []
+        for _ in range(1 if self.dry else 3):
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(samples)
+
+    def wall_ms(self, fn, repeats: int = 3) -> float:
+        """Median wall milliseconds of ``fn()`` (host included: for whole samplers), synchronised."""
+        fn()
+        self.sync()
+        samples = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            samples.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(samples)
+
+    def section(self, name: str, fn, min_s: float = 5.0) -> None:
+        print(f"\n== {name} " + "=" * max(0, 90 - len(name)), flush=True)
+        if self.left() < min_s:
+            self.result["sections"][name] = {"skipped": f"time budget spent ({self.left():.0f} s left)"}
+            print(f"  skipped: time budget spent ({self.left():.0f} s left)")
+            if name in CORRECTNESS_SECTIONS:
+                self.incomplete.append(f"{name}: skipped (time budget)")
+            return
+        t = time.perf_counter()
+        out: dict = {}
+        self.result["sections"][name] = out
+        try:
+            fn(out)
+        except Exception as e:  # noqa: BLE001 - record it, run the other sections
+            out["error"] = f"{type(e).__name__}: {e}"
+            out["traceback"] = traceback.format_exc(limit=6)
+            print(f"  ERROR {type(e).__name__}: {e}", flush=True)
+            if name in CORRECTNESS_SECTIONS:
+                self.incomplete.append(f"{name}: {type(e).__name__}: {e}")
+        out["seconds"] = round(time.perf_counter() - t, 2)
+        print(f"  ({out['seconds']:.1f} s, {self.left():.0f} s of the budget left)", flush=True)
+
+
+@contextlib.contextmanager
+def _flags(**kw):
+    """Set torch.backends flags (``matmul_tf32``, ``cudnn_tf32``) and put them back."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        if "matmul_tf32" in kw:
+            torch.backends.cuda.matmul.allow_tf32 = kw["matmul_tf32"]
+        if "cudnn_tf32" in kw:
+            torch.backends.cudnn.allow_tf32 = kw["cudnn_tf32"]
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# --------------------------------------------------------------------------------------------- environment
+
+
+def environment(run: Run, out: dict) -> None:
+    import triton
+
+    import jetdet
+    from jetdet import configs
+
+    fp = jetdet.fingerprint()
+    out["fingerprint"] = {k: str(v) for k, v in fp.items()}
+    out["torch"], out["triton"] = torch.__version__, triton.__version__
+    if run.dev.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name()
+        out["capability"] = list(torch.cuda.get_device_capability())
+    else:
+        out["device_name"] = "dry-run (cpu)"
+    tables = {}
+    for op, dtype in (("matmul", torch.bfloat16), ("matmul", torch.float32), ("attention", torch.bfloat16),
+                      ("conv2d", torch.bfloat16), ("norms", torch.bfloat16)):
+        _, path = configs.find_table(op, dtype, run.dev)
+        tables[f"{op}/{_dn(dtype)}"] = os.path.basename(path) if path else None
+    out["tables"] = tables
+    for k in ("device_name", "capability", "torch", "triton"):
+        print(f"  {k:<12} {out.get(k)}")
+    for k, v in tables.items():
+        print(f"  table {k:<18} {v}")
+
+
+# ---------------------------------------------------------------------------------------------------- noise
+
+
+def noise(run: Run, out: dict) -> None:
+    import jetdet
+
+    shape = (2, 4, 16, 16) if run.dry else (8, 4, 128, 128)
+    seeds = (1, 0) if run.quick else (1, 0, 16, 2**64 - 1)
+    rows = []
+    for dtype in DTYPES:
+        for seed in seeds:
+            kw = dict(item_offset=5, step=3, dtype=dtype)
+            cpu = jetdet.randn(shape, seed, **kw)
+            dev = jetdet.randn(shape, seed, device=run.dev, **kw)
+            if run.args.inject_fault and shape[0] > 1:
+                dev = dev.clone()
+                dev.view(-1)[-1] += 1
+            same = torch.equal(dev.cpu().view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               cpu.view(torch.int16 if dtype != torch.float32 else torch.int32))
+            items = all(
+                torch.equal(jetdet.randn((1, *shape[1:]), seed, item_offset=5 + i, step=3, dtype=dtype,
+                                         device=run.dev)[0], dev[i])
+                for i in (0, shape[0] - 1)
+            )
+            row = {"dtype": _dn(dtype), "seed": seed, "gpu_equals_cpu": same, "items_equal_batch": items,
+                   "sha256_gpu": jetdet.checksum(dev.cpu()), "sha256_cpu": jetdet.checksum(cpu)}
+            rows.append(row)
+            print(f"  {_dn(dtype):<9} seed {seed:<20} GPU == CPU {same}  item == batch {items}  "
+                  f"sha256 {row['sha256_gpu'][:16]}")
+            if not same:
+                run.fail(f"noise {_dn(dtype)} seed {seed}: device output != CPU output")
+            if not items:
+                run.fail(f"noise {_dn(dtype)} seed {seed}: an item alone != its slot in the batch")
+    out["shape"], out["rows"] = list(shape), rows
+
+
+# ------------------------------------------------------------------------------------------------------ ops
+
+
+def _op_cases(dry: bool):
+    """name -> (make(batch, gen) -> (items, shared) on CPU in fp32, call(*items, *shared), ref(*...) fp32)."""
+    import jetdet
+    from jetdet.kernels.block_sparse import reference as bs_ref
+    from jetdet.kernels.linear_attention import reference as la_ref
+
+    s = 1 if dry else 2  # size multiplier: tails everywhere, small enough to compile and run quickly
+    ops = jetdet.ops
+
+    def r(gen, *shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    def bool_mask(nq, nk, bs, heads=2):
+        m = torch.ones(1, heads, -(-nq // bs), -(-nk // bs), dtype=torch.bool)
+        m[..., 0, -1] = False
+        return m
+
+    cases = {
+        "linear": (lambda b, g: ([r(g, b, 13 * s, 96 * s)], [r(g, 80 * s, 96 * s, scale=0.1), r(g, 80 * s)]),
+                   lambda x, w, bias: ops.linear(x, w, bias), lambda x, w, bias: F.linear(x, w, bias)),
+        "linear_tma": (lambda b, g: ([r(g, b, 13 * s, 96 * s)], [r(g, 80 * s, 96 * s, scale=0.1), r(g, 80 * s)]),
+                       _linear_tma, lambda x, w, bias: F.linear(x, w, bias)),
+        "bmm": (lambda b, g: ([r(g, b, 35 * s, 33), r(g, b, 33, 21 * s, scale=0.2)], []),
+                lambda a, m: ops.bmm(a, m), lambda a, m: torch.bmm(a, m)),
+        "conv3x3": (lambda b, g: ([r(g, b, 16 * s, 13, 11)], [r(g, 24 * s, 16 * s, 3, 3, scale=0.1), r(g, 24 * s)]),
+                    lambda x, w, bias: ops.conv2d(x, w, bias, padding=1),
+                    lambda x, w, bias: F.conv2d(x, w, bias, padding=1)),
+        "conv3x3_s2": (lambda b, g: ([r(g, b, 8, 13, 11)], [r(g, 12, 8, 3, 3, scale=0.2), None]),
+                       lambda x, w, bias: ops.conv2d(x, w, bias, stride=2, padding=1),
+                       lambda x, w, bias: F.conv2d(x, w, bias, stride=2, padding=1)),
+        "conv1x1": (lambda b, g: ([r(g, b, 19, 9, 7)], [r(g, 11, 19, 1, 1, scale=0.2), r(g, 11)]),
+                    lambda x, w, bias: ops.conv2d(x, w, bias), lambda x, w, bias: F.conv2d(x, w, bias)),
+        "attention_d64": (lambda b, g: ([r(g, b, 2, 77 * s, 64), r(g, b, 2, 61 * s, 64), r(g, b, 2, 61 * s, 64)], []),
+                          lambda q, k, v: ops.attention(q, k, v),
+                          lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+        "attention_d128_mask": (
+            lambda b, g: ([r(g, b, 2, 33, 128), r(g, b, 2, 45, 128), r(g, b, 2, 45, 128)],
+                          [torch.rand(1, 1, 33, 45, generator=g) > 0.3]),
+            lambda q, k, v, m: ops.attention(q, k, v, attn_mask=_with_diagonal(m)),
+            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=_with_diagonal(m))),
+        "layer_norm": (lambda b, g: ([r(g, b, 7, 320, scale=3)], [r(g, 320), r(g, 320)]),
+                       lambda x, w, bias: ops.layer_norm(x, (320,), w, bias, 1e-5),
+                       lambda x, w, bias: F.layer_norm(x, (320,), w, bias, 1e-5)),
+        "rms_norm": (lambda b, g: ([r(g, b, 7, 129, scale=2)], [r(g, 129)]),
+                     lambda x, w: ops.rms_norm(x, (129,), w, 1e-6), lambda x, w: F.rms_norm(x, (129,), w, 1e-6)),
+        "group_norm": (lambda b, g: ([r(g, b, 64, 9, 7, scale=2)], [r(g, 64), r(g, 64)]),
+                       lambda x, w, bias: ops.group_norm(x, 32, w, bias, 1e-5),
+                       lambda x, w, bias: F.group_norm(x, 32, w, bias, 1e-5)),
+        "softmax": (lambda b, g: ([r(g, b, 9, 333, scale=4)], []),
+                    lambda x: ops.softmax(x, -1), lambda x: torch.softmax(x, -1)),
+        "sum": (lambda b, g: ([r(g, b, 5, 333)], []), lambda x: ops.sum(x, dim=-1), lambda x: x.sum(-1)),
+        "mean": (lambda b, g: ([r(g, b, 5, 333)], []), lambda x: ops.mean(x, dim=-1, keepdim=True),
+                 lambda x: x.mean(-1, keepdim=True)),
+        "linear_attention": (
+            lambda b, g: ([r(g, b, 2, 70, 32), r(g, b, 2, 50, 32), r(g, b, 2, 50, 48)], []),
+            lambda q, k, v: ops.linear_attention(q, k, v, "relu"),
+            lambda q, k, v: la_ref.linear_attention(q, k, v, "relu")),
+        "block_sparse_attention": (
+            lambda b, g: ([r(g, b, 2, 100, 32), r(g, b, 2, 130, 32), r(g, b, 2, 130, 32)], [bool_mask(100, 130, 32)]),
+            lambda q, k, v, m: ops.block_sparse_attention(q, k, v, m, block_size=32),
+            lambda q, k, v, m: bs_ref.masked_attention(q, k, v, m, 32)),
+        "forecast": (
+            lambda b, g: ([r(g, b, 4, 9, 9), r(g, b, 4, 9, 9), r(g, b, 4, 9, 9)], []),
+            lambda h0, h1, h2: ops.forecast([h0, h1, h2], [0.9, 0.7, 0.5], 0.3, order=2),
+            lambda h0, h1, h2: _forecast_ref([h0, h1, h2], [0.9, 0.7, 0.5], 0.3)),
+        "relative_change": (
+            lambda b, g: ([r(g, b, 4, 17, 15), r(g, b, 4, 17, 15)], []),
+            lambda a, c: ops.relative_change(a, c),
+            lambda a, c: ((a - c).abs().flatten(1).sum(1) / c.abs().flatten(1).sum(1))),
+    }
+    return cases
+
+
+@contextlib.contextmanager
+def _tma_kernel():
+    """``JETDET_MATMUL_KERNEL=tma`` inside (the persistent TMA GEMM for eligible fp16/bf16 linears), restored."""
+    from jetdet.kernels.matmul.launch import KERNEL_ENV
+
+    saved = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = "tma"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = saved
+
+
+def _linear_tma(x, w, bias):
+    import jetdet
+
+    with _tma_kernel():
+        return jetdet.ops.linear(x, w, bias)
+
+
+def _with_diagonal(m):
+    """A bool mask with its diagonal kept, so no query row is fully masked."""
+    return m | torch.eye(m.shape[-2], m.shape[-1], dtype=torch.bool, device=m.device)
+
+
+def _forecast_ref(hist, ts, t):
+    from jetdet.kernels.forecast import reference
+
+    return reference.forecast(hist, ts, t, order=2).float()
+
+
+def _move(ts, dev, dtype=None):
+    out = []
+    for t in ts:
+        if isinstance(t, torch.Tensor):
+            t = t.to(dev)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+        out.append(t)
+    return out
+
+
+def _perturb(run: Run, out):
+    """``--inject-fault``: change jetdet's output for batches above 1 (the checks must catch it)."""
+    if run.args.inject_fault and isinstance(out, torch.Tensor) and out.dim() and out.shape[0] > 1:
+        out = out.clone()
+        out.view(-1)[-1] += 1
+    return out
+
+
+def ops_check(run: Run, out: dict) -> None:
+    cases = _op_cases(run.dry)
+    if run.args.ops:
+        cases = {k: v for k, v in cases.items() if k in run.args.ops.split(",")}
+    rows = []
+    for name, (make, call, ref) in cases.items():
+        for dtype in DTYPES:
+            if run.left() < 5:
+                run.incomplete.append(f"ops: {name} {_dn(dtype)} and later: time budget")
+                out["rows"] = rows
+                return
+            try:
+                row = _op_row(run, name, make, call, ref, dtype)
+            except Exception as e:  # noqa: BLE001 - record it, check the other ops
+                row = {"op": name, "dtype": _dn(dtype), "error": f"{type(e).__name__}: {e}"}
+                run.incomplete.append(f"ops {name} {_dn(dtype)}: {row['error']}")
+                print(f"  {name:<24} {_dn(dtype):<9} ERROR {row['error']}")
+            rows.append(row)
+    out["rows"] = rows
+    _torch_control(run, out)
+
+
+def _op_row(run: Run, name, make, call, ref, dtype) -> dict:
+    """Accuracy of ``name`` in ``dtype`` against the fp32 reference, and bitwise prefix / needle invariance."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    items32, shared32 = make(8, g)
+    # the inputs rounded to dtype first, so the fp32 reference sees exactly what the op sees
+    items = _move(items32, "cpu", dtype)
+    shared = _move(shared32, "cpu", dtype)
+    exp = ref(*[t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                for t in [x[:3] for x in items] + shared])
+    d_items, d_shared = _move(items, run.dev), _move(shared, run.dev)
+    got = _perturb(run, call(*[x[:3] for x in d_items], *d_shared))
+    err = (got.float().cpu() - exp).abs().max().item() if exp.numel() else 0.0
+    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
+    tol = TOLERANCE[dtype]
+    ok_acc = err <= tol * scale and got.dtype == (dtype if name != "relative_change" else torch.float32)
+    full = _perturb(run, call(*d_items, *d_shared))
+    rng = random.Random(name)
+    prefix_bad, needle_bad = [], []
+    for b in range(1, 9):
+        part = _perturb(run, call(*[x[:b] for x in d_items], *d_shared))
+        if not torch.equal(part, full[:b]):
+            prefix_bad.append(b)
+        s = rng.randrange(b)
+        one = call(*[x[s: s + 1] for x in d_items], *d_shared)
+        if not torch.equal(one[0], part[s]):
+            needle_bad.append(f"{s}/{b}")
+    row = {"op": name, "dtype": _dn(dtype), "max_err": err, "scale": scale, "tol": tol, "accurate": ok_acc,
+           "prefix_differs": prefix_bad, "needle_differs": needle_bad}
+    inv = "bitwise" if not prefix_bad and not needle_bad else f"DIFFERS prefix {prefix_bad} needle {needle_bad}"
+    print(f"  {name:<24} {_dn(dtype):<9} err {err:9.2e} / tol {tol * scale:8.1e} "
+          f"{'ok' if ok_acc else 'FAIL'}  batch 1..8 {inv}")
+    if not ok_acc:
+        run.fail(f"ops {name} {_dn(dtype)}: max err {err:.3g} > {tol * scale:.3g}")
+    if prefix_bad or needle_bad:
+        run.fail(f"ops {name} {_dn(dtype)}: not batch invariant (prefix {prefix_bad}, needle {needle_bad})")
+    return row
+
+
+def _torch_control(run: Run, out: dict) -> None:
+    """Negative control: torch's own GEMM, row 0 of ``x[:m] @ w.T`` for growing m against m = 1."""
+    ctrl = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(256 if run.dry else 2048, 1024 if not run.dry else 64, generator=g).to(run.dev, dtype)
+        w = torch.randn(1024 if not run.dry else 48, x.shape[1], generator=g).to(run.dev, dtype)
+        ms = [m for m in (1, 2, 8, 32, 128, 512, 2048) if m <= x.shape[0]]
+        row0 = F.linear(x[:1], w)[0]
+        ctrl[_dn(dtype)] = {"m": ms, "row0_equal": [bool(torch.equal(F.linear(x[:m], w)[0], row0)) for m in ms]}
+        print(f"  negative control: torch F.linear {_dn(dtype)} row 0 at M={ms} equals M=1: "
+              f"{ctrl[_dn(dtype)]['row0_equal']}")
+    out["torch_control"] = ctrl
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _dit_b(dry: bool):
+    from jetdet.models import TinyDiT
+
+    if dry:
+        return TinyDiT(d=64, depth=2, heads=4, size=16), 16
+    return TinyDiT(d=768, depth=12, heads=12, size=64, patch=2), 64  # DiT-B width/depth, 1024 tokens
+
+
+def models_check(run: Run, out: dict) -> None:
+    from jetdet.invariance import check_model
+    from jetdet.models import TinyDiT, TinyUNet, make_toy_inputs
+
+    rows = []
+    dit_b, size_b = _dit_b(run.dry)
+    max_batch = 4 if run.quick else 8
+    for name, model, size in (("TinyUNet", TinyUNet(), 16), ("TinyDiT", TinyDiT(), 16), ("DiT-B size", dit_b, size_b)):
+        model = model.eval().to(run.dev)
+        inputs = _move(make_toy_inputs(8, size=size), run.dev)
+        for mode in ("deterministic", "off"):
+            if run.left() < 5:
+                run.incomplete.append(f"models: {name} {mode}: time budget")
+                out["rows"] = rows
+                return
+            fwd = model
+            if run.args.inject_fault and mode == "deterministic":
+                def fwd(*a, _m=model):  # noqa: E306
+                    return _perturb(run, _m(*a))
+            comps, digest = check_model(fwd, inputs, mode, max_batch=max_batch, threads=(1,), repeats=2)
+            bad = [c for c in comps if not c.equal]
+            rows.append({"model": name, "mode": mode, "equal": len(comps) - len(bad), "comparisons": len(comps),
+                         "max_diff": max((c.max_abs_diff for c in bad), default=0.0), "sha256": digest,
+                         "differs": [c.label for c in bad[:5]]})
+            verdict = "PASS" if not bad else "DIFFERS"
+            print(f"  {name:<11} mode={mode:<13} {len(comps) - len(bad):>2}/{len(comps)} bitwise equal [{verdict}]")
+            if mode == "deterministic" and bad:
+                run.fail(f"models {name}: deterministic mode not bitwise ({bad[0].label})")
+    out["rows"] = rows
+
+
+# ----------------------------------------------------------------------------------------------- speed
+
+
+def _speed_shapes(dry: bool, quick: bool):
+    """(label, kind, dtype, args) with kind in linear/attention/conv/group_norm/layer_norm/softmax."""
+    bf = torch.bfloat16
+    if dry:
+        return [("linear 64x96->80", "linear", bf, (64, 96, 80)),
+                ("attention D64 B1 H2 N128", "attention", bf, (1, 2, 128, 64)),
+                ("conv3x3 B1 C16 16x16->16", "conv", bf, (1, 16, 16, 16)),
+                ("group_norm 2x32x8x8", "group_norm", bf, (2, 32, 8, 8)),
+                ("layer_norm 2x64x96", "layer_norm", bf, (2, 64, 96)),
+                ("softmax 2x64x96", "softmax", bf, (2, 64, 96)),
+                ("linear fp32 64x96->80", "linear", torch.float32, (64, 96, 80))]
+    issue = [
+        ("linear 8192x3072->3072", "linear", bf, (8192, 3072, 3072)),
+        ("linear 8192x3072->12288", "linear", bf, (8192, 3072, 12288)),
+        ("linear 512x3072->18432", "linear", bf, (512, 3072, 18432)),
+        ("linear 4096x1152->4608", "linear", bf, (4096, 1152, 4608)),
+        ("linear fp32 IEEE 8192x3072->3072", "linear", torch.float32, (8192, 3072, 3072)),
+        ("attention D128 B2 H24 N4096", "attention", bf, (2, 24, 4096, 128)),
+        ("attention D64 B2 H24 N4096", "attention", bf, (2, 24, 4096, 64)),
+        ("attention D64 B1 H16 N16384", "attention", bf, (1, 16, 16384, 64)),
+        ("conv3x3 B1 C512 128x128->512", "conv", bf, (1, 512, 128, 512)),
+        ("conv3x3 B4 C320 64x64->320", "conv", bf, (4, 320, 64, 320)),
+        ("conv3x3 B4 C640 32x32->640", "conv", bf, (4, 640, 32, 640)),
+        ("group_norm 4x512x128x128", "group_norm", bf, (4, 512, 128, 128)),
+        ("layer_norm 4x4096x3072", "layer_norm", bf, (4, 4096, 3072)),
+        ("softmax 4x4096x3072", "softmax", bf, (4, 4096, 3072)),
+    ]
+    if quick:
+        return issue
+    real = [
+        # SD1.5 (512x512: 64x64 latent, CFG batch 2) and SDXL (1024x1024: 128x128 latent) UNet 3x3 convs
+        ("SD1.5 conv 320 @64x64 B2", "conv", bf, (2, 320, 64, 320)),
+        ("SD1.5 conv 640 @32x32 B2", "conv", bf, (2, 640, 32, 640)),
+        ("SD1.5 conv 1280 @16x16 B2", "conv", bf, (2, 1280, 16, 1280)),
+        ("SDXL conv 320 @128x128 B2", "conv", bf, (2, 320, 128, 320)),
+        ("SDXL conv 640 @64x64 B2", "conv", bf, (2, 640, 64, 640)),
+        ("SDXL conv 1280 @32x32 B2", "conv", bf, (2, 1280, 32, 1280)),
+        # Flux (width 3072, 4096 image + 512 text tokens) and SD3-medium (width 1536, ~4429 tokens) linears
+        ("Flux qkv 4608x3072->9216", "linear", bf, (4608, 3072, 9216)),
+        ("Flux single fused 4608x3072->21504", "linear", bf, (4608, 3072, 21504)),
+        ("Flux mlp down 4096x12288->3072", "linear", bf, (4096, 12288, 3072)),
+        ("SD3 qkv 4429x1536->4608", "linear", bf, (4429, 1536, 4608)),
+        ("SD3 mlp up 4429x1536->6144", "linear", bf, (4429, 1536, 6144)),
+        # attention of real models
+        ("Flux attention D128 B1 H24 N4608", "attention", bf, (1, 24, 4608, 128)),
+        ("SD3 attention D64 B2 H24 N4429", "attention", bf, (2, 24, 4429, 64)),
+        ("SDXL attention D64 B2 H10 N4096", "attention", bf, (2, 10, 4096, 64)),
+        ("SD1.5 attention D40 B2 H8 N4096", "attention", bf, (2, 8, 4096, 40)),
+    ]
+    return issue + real
+
+
+def _speed_pair(kind, dtype, a, dev):
+    """(torch_fn, jetdet_fn, config key, op name for configs)."""
+    import jetdet
+
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
+
+    if kind == "linear":
+        m, k, n = a
+        x, w, b = rn(m, k), rn(n, k, scale=k**-0.5), rn(n)
+        return (lambda: F.linear(x, w, b)), (lambda: jetdet.ops.linear(x, w, b)), n, "matmul"
+    if kind == "attention":
+        bb, h, n, d = a
+        q, k, v = rn(bb, h, n, d), rn(bb, h, n, d), rn(bb, h, n, d)
+        return (lambda: F.scaled_dot_product_attention(q, k, v)), (lambda: jetdet.ops.attention(q, k, v)), d, \
+            "attention"
+    if kind == "conv":
+        bb, c, hw, o = a
+        x, w, b = rn(bb, c, hw, hw), rn(o, c, 3, 3, scale=(9 * c) ** -0.5), rn(o)
+        return (lambda: F.conv2d(x, w, b, padding=1)), (lambda: jetdet.ops.conv2d(x, w, b, padding=1)), o, "conv2d"
+    if kind == "group_norm":
+        x = rn(*a)
+        wt, b = rn(a[1]), rn(a[1])
+        return (lambda: F.group_norm(x, 32, wt, b)), (lambda: jetdet.ops.group_norm(x, 32, wt, b)), None, None
+    if kind == "layer_norm":
+        x = rn(*a)
+        wt, b = rn(a[-1]), rn(a[-1])
+        return ((lambda: F.layer_norm(x, (a[-1],), wt, b)), (lambda: jetdet.ops.layer_norm(x, (a[-1],), wt, b)),
+                None, None)
+    if kind == "softmax":
+        x = rn(*a)
+        return (lambda: torch.softmax(x, -1)), (lambda: jetdet.ops.softmax(x, -1)), None, None
+    raise ValueError(kind)
+
+
+def _target(kind, dtype, a):
+    if kind == "linear":
+        if dtype == torch.float32:
+            return TARGETS["linear_fp32"]
+        return TARGETS["linear_m512"] if a[0] <= 512 else TARGETS["linear"]
+    return {"attention": TARGETS["attention"], "conv": TARGETS["conv"]}.get(kind)
+
+
+def speed(run: Run, out: dict) -> None:
+    from jetdet import configs
+
+    rows = []
+    for label, kind, dtype, a in _speed_shapes(run.dry, run.quick):
+        if run.left() < 10:
+            out["stopped"] = f"time budget, before {label}"
+            break
+        try:
+            with _flags(matmul_tf32=False, cudnn_tf32=False):  # fp32 is IEEE on both sides
+                torch_fn, jet_fn, key, op = _speed_pair(kind, dtype, a, run.dev)
+                t_torch = run.time_ms(torch_fn)
+                t_jet = run.time_ms(jet_fn)
+        except Exception as e:  # noqa: BLE001
+            rows.append({"label": label, "error": f"{type(e).__name__}: {e}"})
+            print(f"  {label:<40} ERROR {type(e).__name__}: {e}")
+            continue
+        tma = {}
+        if kind == "linear" and dtype != torch.float32 and run.left() > 20:
+            try:
+                with _tma_kernel():
+                    tma["jetdet_tma_ms"] = run.time_ms(jet_fn)
+                tma["tma_ratio"] = tma["jetdet_tma_ms"] / t_torch
+            except Exception as e:  # noqa: BLE001
+                tma["tma_error"] = f"{type(e).__name__}: {e}"
+        cfg, table = None, None
+        if op is not None:
+            cfg = configs.get_config(op, key, dtype=dtype, device=run.dev, default={})
+            _, path = configs.find_table(op, dtype, run.dev)
+            table = os.path.basename(path) if path else "built-in default"
+        target = _target(kind, dtype, a)
+        ratio = t_jet / t_torch
+        row = {"label": label, "kind": kind, "dtype": _dn(dtype), "shape": list(a), "torch_ms": t_torch,
+               "jetdet_ms": t_jet, "ratio": ratio, "target": target,
+               "meets_target": None if target is None else ratio <= target, "config": cfg, "table": table, **tma}
+        rows.append(row)
+        tgt = "" if target is None else f" (target {target:.2f}: {'met' if ratio <= target else 'not met'})"
+        ab = f"  TMA kernel {tma['jetdet_tma_ms']:8.3f} ms {tma['tma_ratio']:5.2f}x" if "tma_ratio" in tma else ""
+        print(f"  {label:<40} torch {t_torch:8.3f} ms  jetdet {t_jet:8.3f} ms  {ratio:5.2f}x{tgt}{ab}")
+    out["rows"] = rows
+
+
+# ----------------------------------------------------------------------------------------- model speed
+
+
+class UNetStage(nn.Module):
+    """An SD-like UNet stage: ResBlocks of GroupNorm(32) + SiLU + 3x3 conv, twice, with a skip."""
+
+    def __init__(self, ch=320, blocks=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.GroupNorm(32, ch), nn.Conv2d(ch, ch, 3, padding=1), nn.GroupNorm(32, ch),
+                           nn.Conv2d(ch, ch, 3, padding=1)]) for _ in range(blocks)
+        )
+
+    def forward(self, x):
+        for n1, c1, n2, c2 in self.blocks:
+            x = x + c2(F.silu(n2(c1(F.silu(n1(x))))))
+        return x
+
+
+class DiTStack(nn.Module):
+    """``depth`` adaLN-Zero DiT blocks (jetdet.models.toy) on tokens ``[B, N, width]`` with a condition
+    ``[B, width]``: a DiT's transformer trunk without the patch embedding."""
+
+    def __init__(self, width, heads, depth):
+        super().__init__()
+        from jetdet.models.toy import _DiTBlock
+
+        self.blocks = nn.ModuleList(_DiTBlock(width, heads) for _ in range(depth))
+
+    def forward(self, h, c):
+        for blk in self.blocks:
+            h = blk(h, c)
+        return h
+
+
+def model_speed(run: Run, out: dict) -> None:
+    import jetdet
+    from jetdet.models import TinyDiT, TinyUNet, make_toy_inputs
+
+    rows = []
+    torch.manual_seed(0)
+    dit_b, size_b = _dit_b(run.dry)
+    fp32_models = [("TinyUNet", TinyUNet(), 16), ("TinyDiT", TinyDiT(), 16), ("DiT-B size", dit_b, size_b)]
+    tok = 64 if run.dry else 1024
+    bf16_models = [
+        ("DiT stack w1152 h16 d8 N1024" if not run.dry else "DiT stack (tiny)",
+         DiTStack(64, 4, 2) if run.dry else DiTStack(1152, 16, 8), "dit", 64 if run.dry else 1152),
+        ("DiT stack w1024 h16 d8 N1024 (head dim 64)" if not run.dry else "DiT stack 2 (tiny)",
+         DiTStack(64, 2, 2) if run.dry else DiTStack(1024, 16, 8), "dit", 64 if run.dry else 1024),
+        ("SD-like UNet stage 4 ResBlocks 320ch 64x64" if not run.dry else "UNet stage (tiny)",
+         UNetStage(32, 2) if run.dry else UNetStage(320, 4), "unet", 32 if run.dry else 320),
+    ]
+    plans = [(n, m, "fp32", make_toy_inputs(4, size=s)) for n, m, s in fp32_models]
+    for name, model, kind, width in bf16_models:
+        g = torch.Generator().manual_seed(0)
+        if kind == "dit":
+            inp = [torch.randn(4, tok, width, generator=g), torch.randn(4, width, generator=g)]
+        else:
+            hw = 8 if run.dry else 64
+            inp = [torch.randn(4, width, hw, hw, generator=g)]
+        plans.append((name, model, "bf16", inp))
+    for name, model, prec, inputs in plans:
+        if run.left() < 15:
+            out["stopped"] = f"time budget, before {name}"
+            break
+        dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+        model = model.eval().to(run.dev, dtype)
+        inp = [t.to(run.dev, dtype) if t.is_floating_point() else t.to(run.dev) for t in inputs]
+
+        def fwd(b=None, _m=model, _i=inp):
+            return _m(*(_i if b is None else [t[b] for t in _i]))
+
+        with torch.no_grad():
+            t_off = run.time_ms(fwd)
+            with jetdet.mode("deterministic"):
+                t_det = run.time_ms(fwd)
+            t_loop = run.time_ms(lambda: [fwd(slice(i, i + 1)) for i in range(4)])
+        row = {"model": name, "dtype": prec, "batch": 4, "off_ms": t_off, "det_ms": t_det, "loop_ms": t_loop,
+               "det_over_off": t_det / t_off, "det_over_loop": t_det / t_loop}
+        rows.append(row)
+        print(f"  {name:<44} {prec}  off {t_off:8.3f} ms  det {t_det:8.3f} ms  4 x b1 {t_loop:8.3f} ms  "
+              f"det/off {t_det / t_off:5.2f}x  det/loop {t_det / t_loop:5.2f}x")
+    out["rows"] = rows
+
+
+# ------------------------------------------------------------------------------------------- fast path
+
+
+def fast_path(run: Run, out: dict) -> None:
+    import jetdet
+    from jetdet.cache.evaluate import psnr
+    from jetdet.models import load_bundled
+    from jetdet.models.sampling import sample
+
+    steps = 3 if run.dry else 30
+    labels = list(range(2 if run.dry else 8))
+    dit = load_bundled(device=run.dev)
+
+    def full():
+        return sample(dit, labels, steps=steps, seed=1)
+
+    ref = full()
+    repeats = 1 if run.dry else 2 if run.quick else 3
+    t_off = run.wall_ms(full, repeats=repeats)
+    rows = [{"setting": "off", "wall_ms": t_off, "calls": steps, "calls_run": steps}]
+    print(f"  off            wall {t_off:8.1f} ms  calls {steps}")
+    for budget in (0.05, 0.07, 0.1):
+        if run.left() < 10:
+            out["stopped"] = f"time budget, before budget {budget}"
+            break
+        stats = {}
+
+        def cached(_b=budget, _s=stats):
+            with jetdet.patch(dit, mode="fast", budget=_b, num_steps=steps) as h:
+                img = sample(dit, labels, steps=steps, seed=1)
+                _s.update(h.stats()["cache"])
+            return img
+
+        img = cached()
+        q = psnr(img.float().cpu(), ref.float().cpu())
+        t = run.wall_ms(cached, repeats=repeats)
+        call_ratio = stats["calls"] / max(stats["calls_run"], 1)
+        rows.append({"setting": f"fast budget={budget}", "wall_ms": t, "calls": stats["calls"],
+                     "calls_run": stats["calls_run"], "calls_saved": stats["calls_saved"], "syncs": stats["syncs"],
+                     "call_ratio": call_ratio, "wall_ratio": t_off / t,
+                     "psnr_mean_db": float(q[torch.isfinite(q)].mean()) if torch.isfinite(q).any() else math.inf})
+        print(f"  fast {budget:<9} wall {t:8.1f} ms  calls run {stats['calls_run']}/{stats['calls']}  "
+              f"syncs {stats['syncs']}  wall ratio {t_off / t:4.2f}x (call ratio {call_ratio:4.2f}x)")
+    out["rows"] = rows
+
+
+# ---------------------------------------------------------------------------------------------- sparse
+
+
+def sparse(run: Run, out: dict) -> None:
+    import jetdet
+    from jetdet.ops import fast
+
+    dt = torch.bfloat16
+    b, h, n, d, bs = (1, 2, 256, 32, 64) if run.dry else (2, 24, 4096, 64, 64)
+    g = torch.Generator(device=run.dev).manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, device=run.dev).to(dt) for _ in range(3))
+    t_sdpa = run.time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    t_dense = run.time_ms(lambda: jetdet.ops.attention(q, k, v))
+    rows = []
+    nb = -(-n // bs)
+    for density in (0.3, 0.5, 0.7, 0.9):
+        if run.left() < 10:
+            out["stopped"] = f"time budget, before density {density}"
+            break
+        keep = max(1, round(density * nb))
+        mask = torch.zeros(1, h, nb, nb, dtype=torch.bool, device=run.dev)
+        for i in range(nb):
+            mask[:, :, i, [(i + j) % nb for j in range(keep)]] = True
+        bm = fast.block_mask_from_bool(mask, bs)
+        t = run.time_ms(lambda _bm=bm: jetdet.ops.block_sparse_attention(q, k, v, _bm, block_size=bs))
+        rows.append({"density": keep / nb, "block_sparse_ms": t, "dense_jetdet_ms": t_dense, "sdpa_ms": t_sdpa,
+                     "over_dense": t / t_dense})
+        print(f"  block_sparse density {keep / nb:4.2f}: {t:8.3f} ms  dense jetdet {t_dense:8.3f} ms  "
+              f"SDPA {t_sdpa:8.3f} ms  sparse/dense {t / t_dense:5.2f}x")
+    out["block_sparse"] = rows
+    la = []
+    for nn_ in ((256,) if run.dry else (4096, 16384)):
+        if run.left() < 10:
+            break
+        hh = 2 if run.dry else (24 if nn_ == 4096 else 16)
+        bb = 1 if nn_ != 4096 or run.dry else 2
+        q2, k2, v2 = (torch.randn(bb, hh, nn_, d, generator=g, device=run.dev).to(dt) for _ in range(3))
+        t_la = run.time_ms(lambda a=(q2, k2, v2): jetdet.ops.linear_attention(*a))
+        t_sd = run.time_ms(lambda a=(q2, k2, v2): F.scaled_dot_product_attention(*a))
+        la.append({"shape": [bb, hh, nn_, d], "linear_attention_ms": t_la, "sdpa_ms": t_sd})
+        print(f"  linear_attention B{bb} H{hh} N{nn_} D{d}: {t_la:8.3f} ms  SDPA {t_sd:8.3f} ms")
+    out["linear_attention"] = la
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+
+
+SWEEP = {
+    "matmul": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+                                        (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3))],
+    "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                  for bm, bn, w, s in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2),
+                                       (128, 128, 8, 2))],
+    "conv2d": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in ((128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+                                        (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))],
+}
+
+
+def sweep(run: Run, out: dict) -> None:
+    """Each candidate config is put in a temporary table for this device (``$JETDET_CONFIG_DIR``), the op is
+    timed, and the best fixed config per shape is kept. Configs that fail to compile or run are recorded."""
+    import tempfile
+
+    from jetdet import configs
+
+    name = "interpreter" if run.dev.type != "cuda" else torch.cuda.get_device_name(run.dev).replace(" ", "_")
+    shapes = [s for s in _speed_shapes(run.dry, True) if s[1] in ("linear", "attention", "conv")]
+    saved_env = os.environ.get("JETDET_CONFIG_DIR")
+    results = []
+    try:
+        for label, kind, dtype, a in shapes:
+            op = {"linear": "matmul", "attention": "attention", "conv": "conv2d"}[kind]
+            cands = SWEEP[op] if dtype != torch.float32 else [
+                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+                dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
+                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
+            timings = []
+            for cfg in cands[:2] if run.dry else cands:
+                if run.left() < 10:
+                    break
+                with tempfile.TemporaryDirectory(prefix="jetdet-sweep-") as tmp:
+                    os.makedirs(os.path.join(tmp, op))
+                    with open(os.path.join(tmp, op, f"device_name={name}.json"), "w") as f:
+                        json.dump({"1": cfg}, f)
+                    os.environ["JETDET_CONFIG_DIR"] = tmp
+                    configs.clear_cache()
+                    try:
+                        with _flags(matmul_tf32=False, cudnn_tf32=False):
+                            torch_fn, jet_fn, _, _ = _speed_pair(kind, dtype, a, run.dev)
+                            timings.append({"config": cfg, "ms": run.time_ms(jet_fn)})
+                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                        timings.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            ok = [t for t in timings if "ms" in t]
+            best = min(ok, key=lambda t: t["ms"]) if ok else None
+            results.append({"label": label, "op": op, "dtype": _dn(dtype), "timings": timings, "best": best})
+            if best:
+                print(f"  {label:<40} best {best['ms']:8.3f} ms with {best['config']}")
+    finally:
+        if saved_env is None:
+            os.environ.pop("JETDET_CONFIG_DIR", None)
+        else:
+            os.environ["JETDET_CONFIG_DIR"] = saved_env
+        configs.clear_cache()
+    out["rows"] = results
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def markdown(res: dict) -> str:
+    s = res["sections"]
+    env = s.get("environment", {})
+    lines = [f"# bench/gpu_check.py on {env.get('device_name')}", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, {res['when']}, {res['seconds']:.0f} s, "
+             f"arguments `{' '.join(res['argv'])}`", "",
+             f"**{'FAILED' if res['failures'] else 'incomplete' if res['incomplete'] else 'all checks passed'}**"
+             + (": " + "; ".join(res["failures"] + res["incomplete"]) if res["failures"] or res["incomplete"] else ""),
+             ""]
+    if env.get("tables"):
+        lines += ["Launch tables picked: " + ", ".join(f"{k} -> `{v}`" for k, v in env["tables"].items()), ""]
+    if s.get("noise", {}).get("rows"):
+        lines += ["## Noise: GPU == CPU", "", "| dtype | seed | GPU == CPU | item == batch | sha256 (first 16) |",
+                  "|---|---:|---|---|---|"]
+        lines += [f"| {r['dtype']} | {r['seed']} | {r['gpu_equals_cpu']} | {r['items_equal_batch']} | "
+                  f"{r['sha256_gpu'][:16]} |" for r in s["noise"]["rows"]]
+        lines.append("")
+    if s.get("ops", {}).get("rows"):
+        lines += ["## Ops: accuracy against fp32 and batch invariance (batch 1..8, needle)", "",
+                  "| op | dtype | max err | tolerance | invariant |", "|---|---|---:|---:|---|"]
+        for r in s["ops"]["rows"]:
+            inv = "bitwise" if not r["prefix_differs"] and not r["needle_differs"] else "**differs**"
+            lines.append(f"| {r['op']} | {r['dtype']} | {r['max_err']:.2e} | {r['tol'] * r['scale']:.1e} | {inv} |")
+        lines.append("")
+    if s.get("models", {}).get("rows"):
+        lines += ["## Whole-model determinism", "", "| model | mode | bitwise equal | max diff |",
+                  "|---|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['mode']} | {r['equal']}/{r['comparisons']} | {r['max_diff']:.2e} |"
+                  for r in s["models"]["rows"]]
+        lines.append("")
+    if s.get("speed", {}).get("rows"):
+        lines += ["## Speed: jetdet / torch (do_bench medians)", "",
+                  "| shape | dtype | torch ms | jetdet ms | ratio | target | config (table) | TMA kernel ratio |",
+                  "|---|---|---:|---:|---:|---|---|---:|"]
+        for r in s["speed"]["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['label']} | | | | error: {r['error'][:60]} | | | |")
+                continue
+            tgt = "" if r["target"] is None else f"{r['target']:.2f} {'met' if r['meets_target'] else 'not met'}"
+            cfg = "" if not r["config"] else ",".join(str(v) for v in r["config"].values()) + f" ({r['table']})"
+            tma = f"{r['tma_ratio']:.2f}" if "tma_ratio" in r else r.get("tma_error", "")[:40]
+            lines.append(f"| {r['label']} | {r['dtype']} | {r['torch_ms']:.3f} | {r['jetdet_ms']:.3f} | "
+                         f"{r['ratio']:.2f} | {tgt} | {cfg} | {tma} |")
+        lines.append("")
+    if s.get("model_speed", {}).get("rows"):
+        lines += ["## Whole models, batch 4", "",
+                  "| model | dtype | off ms | det ms | 4 x b1 ms | det/off | det/loop |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['dtype']} | {r['off_ms']:.3f} | {r['det_ms']:.3f} | {r['loop_ms']:.3f} | "
+                  f"{r['det_over_off']:.2f} | {r['det_over_loop']:.2f} |" for r in s["model_speed"]["rows"]]
+        lines.append("")
+    if s.get("fast_path", {}).get("rows"):
+        lines += ["## Fast path on the bundled model", "",
+                  "| setting | wall ms | calls run / calls | syncs | wall ratio | call ratio | PSNR dB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in s["fast_path"]["rows"]:
+            lines.append(f"| {r['setting']} | {r['wall_ms']:.1f} | {r.get('calls_run')} / {r.get('calls')} | "
+                         f"{r.get('syncs', '')} | {r.get('wall_ratio', 1.0):.2f} | {r.get('call_ratio', 1.0):.2f} | "
+                         f"{r.get('psnr_mean_db', '')} |")
+        lines.append("")
+    if s.get("sparse", {}).get("block_sparse"):
+        lines += ["## Block-sparse and linear attention", "", "| op | ms | dense jetdet ms | SDPA ms |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| block_sparse density {r['density']:.2f} | {r['block_sparse_ms']:.3f} | "
+                  f"{r['dense_jetdet_ms']:.3f} | {r['sdpa_ms']:.3f} |" for r in s["sparse"]["block_sparse"]]
+        lines += [f"| linear_attention {r['shape']} | {r['linear_attention_ms']:.3f} | | {r['sdpa_ms']:.3f} |"
+                  for r in s["sparse"].get("linear_attention", [])]
+        lines.append("")
+    if s.get("sweep", {}).get("rows"):
+        lines += ["## Tile sweep (best fixed config per shape)", "", "| shape | op | dtype | best ms | config |",
+                  "|---|---|---|---:|---|"]
+        for r in s["sweep"]["rows"]:
+            b = r["best"]
+            lines.append(f"| {r['label']} | {r['op']} | {r['dtype']} | {b['ms']:.3f} | {b['config']} |" if b else
+                         f"| {r['label']} | {r['op']} | {r['dtype']} | | none ran |")
+        lines.append("")
+    errs = [(k, v["error"]) for k, v in s.items() if isinstance(v, dict) and v.get("error")]
+    skipped = [(k, v["skipped"]) for k, v in s.items() if isinstance(v, dict) and v.get("skipped")]
+    if errs or skipped:
+        lines += ["## Errors and skipped sections", ""] + [f"- {k}: {v}" for k, v in errs + skipped] + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer seeds, shapes and repeats")
+    p.add_argument("--budget-s", type=float, default=290.0, help="stop starting new work after this (default 290)")
+    p.add_argument("--sweep", action="store_true", help="also sweep a few tiles per shape class")
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--only", action="append", help="run only these sections (repeatable)")
+    p.add_argument("--ops", default=None, help="ops section: only these ops (comma-separated names)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, torch path: tests the script itself")
+    p.add_argument("--inject-fault", action="store_true", help="negative control: perturb jetdet's outputs")
+    args = p.parse_args(argv)
+    if args.budget_s <= 0:
+        p.error("--budget-s: expected a positive number of seconds")
+    if not args.dry_run and not torch.cuda.is_available():
+        p.error("no CUDA device: run on a GPU, or pass --dry-run to exercise the script on CPU")
+    run = Run(args)
+    sections = [("environment", environment), ("noise", noise), ("ops", ops_check), ("models", models_check),
+                ("speed", speed), ("model_speed", model_speed), ("fast_path", fast_path), ("sparse", sparse)]
+    if args.sweep:
+        sections.append(("sweep", sweep))
+    names = [n for n, _ in sections]
+    for name in args.only or ():
+        if name not in names:
+            p.error(f"--only: unknown section {name!r} (expected one of {', '.join(names)})")
+    if args.ops:
+        known = list(_op_cases(args.dry_run))
+        unknown = sorted(set(args.ops.split(",")) - set(known))
+        if unknown:
+            p.error(f"--ops: unknown op(s) {unknown} (expected some of {', '.join(known)})")
+    saved_threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for name, fn in sections:
+                if args.only and name not in args.only:
+                    continue
+                run.section(name, lambda out, _fn=fn: _fn(run, out))
+    finally:
+        torch.set_num_threads(saved_threads)
+    res = run.result
+    res["argv"] = list(argv if argv is not None else sys.argv[1:])
+    res["seconds"] = time.perf_counter() - run.t0
+    res["when"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    dev = "dry-run_cpu" if args.dry_run else torch.cuda.get_device_name().replace(" ", "_")
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, f"gpu_{dev}")
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(res))
+    print(f"\nwrote {base}.json and {base}.md ({res['seconds']:.0f} s)")
+    if run.failures:
+        print(f"FAILED: {len(run.failures)} check(s):\n  " + "\n  ".join(run.failures))
+        return 1
+    if run.incomplete:
+        print("INCOMPLETE (a correctness section did not finish):\n  " + "\n  ".join(run.incomplete))
+        return 2
+    print("all correctness and invariance checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

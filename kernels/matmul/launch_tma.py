@@ -1,0 +1,131 @@
+"""Host side of the persistent TMA GEMM (``kernel_tma.py``): eligibility, config, grid, launch.
+
+Opt-in and not the default: ``JETDET_MATMUL_KERNEL=tma`` makes ``matmul/launch.py`` send eligible fp16/bf16
+linears here (one 2-D problem, row-major operands with 16-byte aligned rows), so ``bench/gpu_check.py`` can time
+it against the default kernel. It becomes the default only after a GPU has measured it.
+
+The tile is fixed per (dtype, N class, arch) and never chosen by M; the K loop is whole and in order; no split-K,
+no atomics. On sm_90 the loads are TMA (``UTMALDG``) and the dot is warpgroup MMA (``HGMMA``); the static report
+checks both, and that it does not spill (``compile_specs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from jetdet.kernels._common import CompileSpec, empty, tl_ptr
+
+from .kernel_tma import _matmul_tma_kernel
+
+# one tile per N class: never a function of M or the batch size
+CONFIGS = {
+    "n<1024": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    "n>=1024": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+}
+# programs of the persistent grid under the interpreter (a GPU uses its SM count): fewer than the tiles of
+# most test shapes, so the tests walk the persistent loop
+INTERPRETER_PROGRAMS = 3
+H100_SMS = 132  # the static report compiles for this many programs (H100 SXM / H200)
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def get_config(n: int) -> dict:
+    return CONFIGS["n>=1024" if n >= 1024 else "n<1024"]
+
+
+def _aligned_rows(t: torch.Tensor) -> bool:
+    return (
+        t.dim() == 2
+        and t.stride(1) == 1
+        and t.stride(0) == t.shape[1]
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
+
+
+def eligible(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether ``a [M, K] @ w[N, K].T -> c [M, N]`` can run on the TMA kernel: fp16/bf16, row-major operands
+    whose rows are 16-byte aligned (what a tensor descriptor needs). Independent of M."""
+    return (
+        a.dtype in _DTYPES
+        and w.dtype == a.dtype
+        and c.dtype == a.dtype
+        and all(_aligned_rows(t) for t in (a, w, c))
+    )
+
+
+def _programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ w.T + bias``: a [M, K], w [N, K], bias [N] or None -> [M, N] in ``a.dtype`` (see :func:`eligible`)."""
+    m, k = a.shape
+    n = w.shape[0]
+    c = empty((m, n), a.dtype, a.device) if out is None else out
+    if not eligible(a, w, c):
+        raise ValueError("matmul_tma: expected fp16/bf16 row-major a [M, K], w [N, K], out [M, N] with 16-byte "
+                         f"aligned rows; got a {tuple(a.shape)} {a.dtype} strides {a.stride()}, w {tuple(w.shape)} "
+                         f"strides {w.stride()}")
+    if m == 0 or n == 0:
+        return c
+    cfg = get_config(n)
+    programs = _programs(a.device)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    guard = torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _matmul_tma_kernel[(min(programs, tiles),)](
+            TensorDescriptor.from_tensor(a, [bm, bk]),
+            TensorDescriptor.from_tensor(w, [bn, bk]),
+            TensorDescriptor.from_tensor(c, [bm, bn]),
+            bias if bias is not None else c,
+            m, n, k,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"],
+            GROUP_M=cfg["GROUP_M"],
+            NUM_PROGRAMS=programs,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )  # fmt: skip
+    return c
+
+
+def _desc(dtype, rows: int, cols: int) -> str:
+    """The JIT's signature type of a host tensor descriptor."""
+    return f"tensordesc<{tl_ptr(dtype)[1:]}[{rows}, {cols}]>"
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every config x fp16/bf16 for sm_90 only (TMA and warpgroup MMA are sm_90 features), with bias, K and N
+    multiples of 16 and 132 persistent programs (H100 SXM / H200)."""
+    specs = []
+    for dtype in _DTYPES:
+        ptr = tl_ptr(dtype)
+        for cls, cfg in CONFIGS.items():
+            tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            specs.append(
+                CompileSpec(
+                    name=f"matmul_tma_{str(dtype)[6:]}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}[{cls}]",
+                    fn=_matmul_tma_kernel,
+                    signature={"a_desc": _desc(dtype, cfg["BLOCK_M"], cfg["BLOCK_K"]),
+                               "w_desc": _desc(dtype, cfg["BLOCK_N"], cfg["BLOCK_K"]),
+                               "c_desc": _desc(dtype, cfg["BLOCK_M"], cfg["BLOCK_N"]),
+                               "bias_ptr": ptr, "M": "i32", "N": "i32:16", "K": "i32:16"},
+                    constexprs={"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                                "BLOCK_K": cfg["BLOCK_K"], "GROUP_M": cfg["GROUP_M"], "NUM_PROGRAMS": H100_SMS},
+                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    deterministic=True,
+                    archs=(90,),
+                )
+            )
+    return specs

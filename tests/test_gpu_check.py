@@ -1,0 +1,81 @@
+"""bench/gpu_check.py, the one command a GPU session runs, cannot rot: its dry run (CPU, tiny shapes, the torch
+path) goes through every section and writes the JSON and Markdown; an injected fault makes it fail (negative
+control); bad arguments are clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+SECTIONS = ("environment", "noise", "ops", "models", "speed", "model_speed", "fast_path", "sparse")
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path, *args, timeout=1200):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out-dir", str(tmp_path), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
+
+
+def test_dry_run_goes_through_every_section(tmp_path):
+    out = _run(tmp_path, "--budget-s", "1000")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_dry-run_cpu.json").read_text())
+    for name in SECTIONS:
+        sec = res["sections"][name]
+        assert "error" not in sec and "skipped" not in sec, (name, sec.get("error") or sec.get("skipped"))
+    assert res["failures"] == [] and res["incomplete"] == []
+    ops = res["sections"]["ops"]["rows"]
+    assert len(ops) == 18 * 3
+    assert all(r["accurate"] and not r["prefix_differs"] and not r["needle_differs"] for r in ops)
+    assert {"linear", "conv3x3", "attention_d128_mask", "group_norm", "forecast"} <= {r["op"] for r in ops}
+    models = res["sections"]["models"]["rows"]
+    assert all(r["equal"] == r["comparisons"] for r in models if r["mode"] == "deterministic")
+    assert any(r["equal"] < r["comparisons"] for r in models if r["mode"] == "off")  # the negative control fired
+    noise = res["sections"]["noise"]["rows"]
+    assert noise and all(r["gpu_equals_cpu"] and r["items_equal_batch"] for r in noise)
+    assert {r["dtype"] for r in noise} == {"float32", "float16", "bfloat16"} and 1 in {r["seed"] for r in noise}
+    for name in ("speed", "model_speed", "fast_path"):
+        assert res["sections"][name]["rows"], name
+    assert all("ratio" in r for r in res["sections"]["speed"]["rows"])
+    fast = res["sections"]["fast_path"]["rows"]
+    assert [r["setting"] for r in fast] == ["off", "fast budget=0.05", "fast budget=0.07", "fast budget=0.1"]
+    assert all("syncs" in r and r["calls"] > 0 for r in fast[1:])
+    md = (tmp_path / "gpu_dry-run_cpu.md").read_text()
+    for title in ("## Noise", "## Ops", "## Whole-model determinism", "## Speed", "## Whole models, batch 4",
+                  "## Fast path", "## Block-sparse"):
+        assert title in md, title
+    assert "all checks passed" in md
+
+
+def test_injected_fault_fails_the_run(tmp_path):
+    """Negative control: jetdet's outputs perturbed for batches above 1 -> noise and invariance failures, exit 1."""
+    out = _run(tmp_path, "--inject-fault", "--only", "noise", "--only", "ops", "--ops", "linear,softmax")
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_dry-run_cpu.json").read_text())
+    assert any(f.startswith("noise") and "!= CPU" in f for f in res["failures"]), res["failures"]
+    assert any(f.startswith("ops linear") and "not batch invariant" in f for f in res["failures"]), res["failures"]
+    assert "FAILED" in out.stdout and "**FAILED**" in (tmp_path / "gpu_dry-run_cpu.md").read_text()
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    out = _run(tmp_path, "--budget-s", "0")
+    assert out.returncode == 2 and "--budget-s: expected a positive number" in out.stderr
+    out = _run(tmp_path, "--only", "nonsense")
+    assert out.returncode == 2 and "--only: unknown section 'nonsense'" in out.stderr
+    out = _run(tmp_path, "--only", "ops", "--ops", "nonsense")
+    assert out.returncode == 2 and "--ops: unknown op(s) ['nonsense']" in out.stderr
+    if not torch.cuda.is_available():
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        real = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=300)
+        assert real.returncode == 2 and "no CUDA device" in real.stderr
