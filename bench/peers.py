@@ -101,8 +101,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import jetdet  # noqa: E402
-from jetdet.cache.evaluate import psnr  # noqa: E402  (per item, images in [-1, 1], inf where identical)
 from jetdet.models import bundled, sampling  # noqa: E402
+from jetdet.models.evaluate import psnr  # noqa: E402  (per item, images in [-1, 1], inf where identical)
 
 #: Peer families, in table order.
 PEER_FAMILIES = ("FirstBlockCache", "TaylorSeer", "MagCache", "SeaCache", "FasterCache", "PyramidAttentionBroadcast")
