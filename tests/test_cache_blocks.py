@@ -209,9 +209,10 @@ def test_token_reuse_skips_modules_that_are_not_token_wise():
     assert _max_rel_err(model, pairs) < EXACT
 
 
-@pytest.mark.parametrize("options", [{}, {"quality": "high"}, {"quality": "fast"}, {"token_budget": 0.5},
-                                     {"cfg_reuse": True}, {"block_signal": "decide", "skip_whole": 0.0},
-                                     {"block_reuse": False}])
+@pytest.mark.parametrize("options", [{}, {"quality": "high"}, {"quality": "fast"},
+                                     {"block_reuse": True, "token_budget": 0.5}, {"cfg_reuse": True},
+                                     {"block_reuse": True, "block_signal": "decide", "skip_whole": 0.0},
+                                     {"block_reuse": True, "block_signal": "veto", "cfg_reuse": True}])
 def test_budget_zero_is_bitwise_the_model_in_every_mode(options):
     model = ChainModel(deg=2, kind="tok")
     x0 = torch.randn(3, N, D)
@@ -226,8 +227,8 @@ def test_budget_zero_is_bitwise_the_model_in_every_mode(options):
     assert st["rows_saved"] == 0 and st["fme_ratio"] == 1.0
 
 
-PARTIAL = dict(budget=10.0, skip_whole=0.0, block_signal="off", max_consecutive_skips=5, drift_gain=0.0,
-               piggyback=1.0)
+PARTIAL = dict(budget=10.0, block_reuse=True, skip_whole=0.0, block_signal="off", max_consecutive_skips=5,
+               drift_gain=0.0, piggyback=1.0)
 
 
 def test_state_resets_between_runs_and_on_shape_change():
@@ -258,8 +259,8 @@ def test_memory_budget_holds_with_partial_rows():
     # one stream's output history + body nodes + token anchors at order 1
     per_stream = 4 * N * D * (2 + 2 * 2 + 3 * 2 * 2)
     budget = 2 * per_stream
-    opts = dict(budget=10.0, skip_whole=0.0, block_signal="off", max_consecutive_skips=3, drift_gain=0.0,
-                memory_budget_bytes=budget, spill=(), token_budget=1e-4, token_tile=2)
+    opts = dict(budget=10.0, block_reuse=True, skip_whole=0.0, block_signal="off", max_consecutive_skips=3,
+                drift_gain=0.0, memory_budget_bytes=budget, spill=(), token_budget=1e-4, token_tile=2)
     with jetdet.patch(model, mode="fast", **opts) as h:
         pairs = _trajectory(model, x0)
         st = h.stats()["cache"]
@@ -358,7 +359,7 @@ def test_patch_block_options_errors_leave_the_model_untouched():
     with pytest.raises(ValueError, match="quality"):
         jetdet.patch(model, mode="fast", quality="best")
     assert all("forward" not in m.__dict__ for m in model.modules())
-    with jetdet.patch(model, mode="fast", blocks="blocks") as h:
+    with jetdet.patch(model, mode="fast", blocks="blocks", block_reuse=True) as h:
         assert all("forward" in b.__dict__ for b in model.blocks)
         with torch.no_grad():
             model(torch.randn(2, N, D), torch.ones(2))
@@ -376,9 +377,15 @@ def test_no_block_list_falls_back_to_whole_call_and_says_so():
             model(x, t, y)
         st = h.stats()["cache"]
     assert st["blocks"].startswith("not used: no recognisable block list"), st["blocks"]
-    with jetdet.patch(ChainModel(), mode="fast", blocks=None) as h:
+    with jetdet.patch(ChainModel(), mode="fast", blocks=None, block_reuse=True) as h:
         pass
     assert "blocks=None" in h.adapter.blocks_reason
+    model = ChainModel()
+    with jetdet.patch(model, mode="fast") as h:  # the presets skip whole calls: no hooks on the blocks
+        assert all("forward" not in b.__dict__ for b in model.blocks)
+        with torch.no_grad():
+            model(torch.randn(2, N, D), torch.ones(2))
+        assert h.stats()["cache"]["blocks"] == "not used: block_reuse=False: whole-call skipping only"
 
 
 def test_full_model_equivalents_count_partial_rows_as_work():

@@ -82,7 +82,62 @@ Guards: rows are always computed while their stream has fewer than two computed 
 the first ``start_percent`` and last ``end_percent`` of the trajectory, and after ``max_consecutive_skips``
 forecasts in a row.
 
-Defaults (``budget=0.05``, ``forecast="order1"``, ``max_consecutive_skips=8``, ``drift_gain=1``,
+Partial rows: block-level, token-level and CFG reuse
+----------------------------------------------------
+Besides "run" and "forecast", a row can run *partly*, under the same budget:
+
+* **Block level** (``block_reuse=True`` and a call that carries ``blocks``, see :mod:`jetdet.patch.blocks` for the
+  interface an adapter provides). A row the rule above would forecast, whose prediction is above
+  ``skip_whole · budget``, runs the model's first ``head`` block(s) and its ``tail`` instead; the blocks between
+  (the body) are forecast: their residual ``h_out − h_in`` (or, for U-Nets, the body output) from the row's own
+  body history, the last ``order + 1`` computed nodes (``(head output, body target)`` pairs, full order only:
+  a stream with fewer nodes is computed, reason ``"warmup"``). So the x-dependent head and tail are exact and
+  only the body is extrapolated in t. ``block_signal`` decides what the first-block output says: ``"off"``
+  (the time-based prediction alone decides), ``"veto"`` (the body is computed after all when
+  ``kappa · delta > budget``, with ``delta`` the relative L1 miss of the head output against its own forecast
+  and ``kappa`` the ratio of the body forecast's miss, relative to the body output, to ``delta``, back-tested at
+  the stream's last computed body), or ``"decide"`` (also forecast the body of rows the time rule would run when
+  ``kappa · delta <= budget``). Rows of one call stay in step: when some body is computed, forecast bodies
+  predicted above ``piggyback · budget`` are computed too. The decision at the split costs one more host sync.
+* **Token level** (``token_budget``, a float): inside a computed body block, a token-wise module (a feed-forward
+  network) recomputes only the ``token_tile``-token tiles whose input moved by more than ``token_budget``
+  (relative L1, :func:`jetdet.ops.relative_change` per tile) from its forecast out of the module's last
+  ``order + 1`` full computations (anchors), and forecasts the output of the others from the same anchors; a
+  row with more than half its tiles changed is computed in full and becomes a new anchor. The first use of each
+  module checks that a token subset gives what the full call gives (else that module is left alone). The token
+  selection costs host syncs per module call.
+* **CFG reuse** (``cfg_reuse=True``): rows with the same latent at the same timestep (sampled values compared
+  exactly at the per-call sync; in one call, or in the previous call when CFG runs as two forwards) are CFG
+  partners; the later one is served as the first one's output plus their difference, forecast from the
+  difference's own history, when that forecast's back-tested error (the same rate times node-distance rule as
+  outputs) plus the drift term is within budget and the partner is computed.
+
+Measured on the bundled DiT (Euler and Heun, 30 steps, CFG 4, 2 seeds x 4 classes, ``python -m
+jetdet.models.evaluate``): none of the three moved the speed/quality curve of whole-call skipping. At budget
+0.06 (Euler), whole calls gave 1.73x fewer full-model equivalents at 37.6 dB; partial rows for predictions in
+(0.5, 1] of the budget 1.64x at 37.2 dB; with the first-block veto 1.42x at 35.7 dB; at 0.08 and 0.1 the same
+order. Heun at 0.06: whole calls 2.74x at 34.8 dB, partial rows 2.68x at 34.5 dB. The body's residual is no
+easier to extrapolate in t than the model output on this model, and the exact head (the x-dependent part) does
+not remove the error. Token reuse of whole blocks at a 5 % input change already cost 30 dB for 1.3x, and CFG
+reuse (the uncond row as the cond row plus the last difference, every second step) 35.7 dB for 1.28x: the
+guidance scale multiplies the difference's error. So the presets skip whole calls, and the partial modes are
+opt-in.
+
+Quality presets
+---------------
+``quality="high" | "balanced" | "fast"`` (default ``"balanced"``) sets ``budget`` to 0.04 / 0.06 / 0.1 with
+whole-call skipping; any option passed explicitly wins. They were chosen on the bundled DiT before any other
+model was tried (``bench/peers.py``, 8 seeds x 4 classes, see the README): Euler 39.8 / 33.9 / 31.0 dB mean PSNR
+at 1.45x / 1.98x / 2.74x fewer model calls, Heun 39.8 / 34.3 / 28.6 dB at 2.49x / 3.38x / 5.10x. "balanced" is the
+highest budget that kept the bundled model's Euler samples above 33 dB.
+
+Counting work
+-------------
+``stats()["model_equivalents"]`` counts each row in full-model equivalents: 1 for a computed row, ``(head +
+tail) / num_blocks`` for a partial row (a call that runs 2 of 12 blocks is 2/12 of a call, not a skipped call),
+0 for a forecast row. Token-level savings are not subtracted there (``stats()["tokens"]`` counts them).
+
+Defaults of the rule (``forecast="order1"``, ``max_consecutive_skips=8``, ``drift_gain=1``,
 ``piggyback=0.5``, no start/end guard) were chosen on the bundled DiT (30 steps, CFG 4, batched CFG, 4 seeds x
 4 classes, ``python -m jetdet.models.evaluate``). Measured there (mean PSNR against full compute, model-call
 reduction): at budgets 0.05/0.07/0.1, ``piggyback=0`` gave 36.5/33.5/31.5 dB at 1.68/2.10/2.70x and ``0.5``
@@ -115,15 +170,14 @@ FORECASTS = {"none": 0, "order1": 1, "order2": 2}
 _RESET_REASONS = ("trajectory", "shape", "model", "batch", "output_shape", "evicted", "manual")
 SIGNALS = ("off", "veto", "decide")
 
-#: ``quality`` presets: the settings a person picks by name (see the module docstring for how they were measured).
-#: Every entry can be overridden by passing the option itself.
+#: ``quality`` presets: the settings a person picks by name. Each is whole-call skipping at a budget chosen on the
+#: bundled DiT (module docstring, "Quality presets"); any entry is overridden by passing the option itself.
+_PRESET_BASE = {"block_reuse": False, "block_signal": "off", "skip_whole": 0.9, "token_budget": None,
+                "cfg_reuse": False}
 QUALITY = {
-    "high": {"budget": 0.04, "block_reuse": True, "block_signal": "veto", "skip_whole": 0.5, "token_budget": None,
-             "cfg_reuse": False},
-    "balanced": {"budget": 0.07, "block_reuse": True, "block_signal": "veto", "skip_whole": 0.5,
-                 "token_budget": None, "cfg_reuse": False},
-    "fast": {"budget": 0.12, "block_reuse": True, "block_signal": "veto", "skip_whole": 0.5, "token_budget": None,
-             "cfg_reuse": False},
+    "high": {**_PRESET_BASE, "budget": 0.04},
+    "balanced": {**_PRESET_BASE, "budget": 0.06},
+    "fast": {**_PRESET_BASE, "budget": 0.1},
 }
 DEFAULT_QUALITY = "balanced"
 
@@ -191,7 +245,8 @@ class StepCacheController:
     """Skip model evaluations per batch row by forecasting their outputs (see the module docstring).
 
     Args:
-        budget: the largest predicted relative L1 error ``‖ŷ − y‖₁/‖y‖₁`` of a forecast output row, ``>= 0``.
+        budget: the largest predicted relative L1 error ``‖ŷ − y‖₁/‖y‖₁`` of a forecast output row, ``>= 0``;
+            default: the ``quality`` preset's.
             ``0`` never skips: every call runs the whole batch and the output is the model's own, bit for bit.
         start_percent: always compute in the first fraction ``[0, 1)`` of the trajectory.
         end_percent: always compute in the last fraction ``[0, 1)`` of the trajectory.
@@ -222,6 +277,18 @@ class StepCacheController:
             ``piggyback · budget``. ``1`` computes only the rows over budget; ``0`` computes the whole batch
             whenever any row needs it (one decision per call).
         log_limit: most entries kept in :attr:`decision_log` (oldest dropped), ``>= 0``.
+        quality: ``"high"``, ``"balanced"`` (default) or ``"fast"``: the preset that sets ``budget`` and the
+            options below unless they are passed (:data:`QUALITY`; module docstring, "Quality presets").
+        block_reuse: run rows partly through ``call.blocks`` when the call has one (block-level reuse).
+        block_signal: ``"off"``, ``"veto"`` or ``"decide"``: what the first-block output decides (module
+            docstring, "Partial rows").
+        skip_whole: in ``[0, 1]``; with block reuse, a row predicted at most ``skip_whole · budget`` is forecast
+            whole (no head), one predicted above it runs partly.
+        token_budget: ``None`` (off) or the largest relative L1 change of a token tile's input for its output to be
+            forecast inside a computed block (token-level reuse), ``>= 0``.
+        token_tile: tokens per tile for token-level reuse, ``>= 1``.
+        cfg_reuse: serve a row as its CFG partner's output plus their forecast difference when that is within
+            budget.
     """
 
     def __init__(self, budget: float | None = None, start_percent: float = 0.0, end_percent: float = 0.0,
