@@ -6,8 +6,10 @@ The interface (what an adapter gives the controller)
 A :class:`~jetdet.patch.call.ModelCall` may carry ``blocks``, an object with
 
 * ``num_blocks`` (``L``), ``head`` and ``tail``: the split, in blocks (for the work count);
-* ``run(rows, plan) -> Tensor``: evaluate the model on ``rows`` (as ``ModelCall.run``) while ``plan`` steers
-  the body. During that forward the runner calls
+* ``residual`` (forecast the body's residual where shapes allow) and ``describe`` (a string for ``stats()``);
+* ``run(rows, plan) -> (output, split_done)``: evaluate the model on ``rows`` (as ``ModelCall.run``) while
+  ``plan`` steers the body; ``split_done`` says whether the split point was reached. During that forward the
+  runner calls
 
   - ``plan.split(state) -> (body_rows, forecast)`` once, when the last head block has returned. ``state``
     is that block's output flattened to a list of leaves (tensors ``[R, ...]`` or ``None``; ``R`` = rows of
@@ -36,7 +38,10 @@ in list order, by setting instance ``forward`` attributes on the blocks (restore
   then take the shapes the block returned the last time it ran.
 
 So the model's own loop, its code between blocks (ControlNet residuals, U-Net skip lists) and its tail run as
-written. The requirement is that the tail reads only the head's outputs and the last body block's output: true
+written, and so do wrappers that call the block modules themselves (ComfyUI's ``patches_replace`` block hooks
+call the original block, so a ComfyUI adapter can build a :class:`BlockSplit` on ``diffusion_model.joint_blocks``
+or ``double_blocks`` + ``single_blocks`` and hand ``BlockHooks(...).runner(run)`` to its ``ModelCall``).
+The requirement is that the tail reads only the head's outputs and the last body block's output: true
 for chains of transformer blocks and, with ``tail = 1``, for U-Nets (the last up block reads the skip
 connections of ``conv_in`` and the first down block, both in the head, as DeepCache uses them).
 
