@@ -932,10 +932,19 @@ def plot(res, path) -> str | None:
         if pts:
             ax.plot(*zip(*pts), "-" if fam == "jetdet" else "--", marker=".", label=fam, zorder=3,
                     color="black" if fam == "jetdet" else "gray")
+    from jetdet.cache.controller import QUALITY
+
+    preset_of = {f"budget={v['budget']:g}": f"quality={q} (budget={v['budget']:g})" for q, v in QUALITY.items()}
+    quality_rows = any(r["family"] == "jetdet" and r["setting"].startswith("quality") for r in rows)
     for r in rows:
+        label = None
         if r["family"] == "jetdet" and r["setting"].startswith("quality"):
+            label = r["setting"]
+        elif r["family"] == "jetdet" and not quality_rows and r["setting"] in preset_of:
+            label = preset_of[r["setting"]]  # a run from before the presets: the preset's budget, the same outputs
+        if label:
             ax.scatter([r["speedup"]], [min(r["psnr_mean"], 60.0)], marker="*", s=140, color="crimson", zorder=4)
-            ax.annotate(r["setting"], (r["speedup"], min(r["psnr_mean"], 60.0)), textcoords="offset points",
+            ax.annotate(label, (r["speedup"], min(r["psnr_mean"], 60.0)), textcoords="offset points",
                         xytext=(5, 5), fontsize=8, color="crimson")
     for fam in PEER_FAMILIES:
         pts = [(r["speedup"], min(r["psnr_mean"], 60.0)) for r in rows if r["family"] == fam]
@@ -980,6 +989,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--whole-call", type=float, nargs="*", default=[], metavar="BUDGET",
                     help="also measure the whole-call controller (block_reuse=False) at these budgets")
     ap.add_argument("--plot", default=None, help="write a PNG of PSNR against wall speedup here")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="measure nothing: read a --json result, write --plot from it and print its acceptance "
+                         "against the current bar")
     ap.add_argument("--jetdet-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra StepCacheController option (value parsed as a Python literal), repeatable")
     ap.add_argument("--peers", nargs="*", default=list(PEER_FAMILIES), help="diffusers hook families to run")
@@ -993,6 +1005,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--markdown", default=None, help="write the tables as a markdown section here")
     ap.add_argument("--readme", default=None, help="write the README's two condensed tables here")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            res = json.load(f)
+        res["matched"] = matched_psnr(res["rows"])
+        res["acceptance"] = acceptance(res["rows"], res["matched"])
+        print(f"{args.replot}: {format_header(res)}; git {res['env'].get('git_head')}")
+        print(format_acceptance(res))
+        if args.plot:
+            where = plot(res, args.plot)
+            print(f"plot: {where}" if where else "plot: matplotlib is not installed (pip install '.[bench]')")
+        return res
     opts = {}
     for kv in args.jetdet_option:
         k, _, v = kv.partition("=")
