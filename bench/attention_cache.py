@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     import torch
 
     import jetdet
-    from jetdet.cache.evaluate import psnr
     from jetdet.models import bundled
+    from jetdet.models.evaluate import psnr
     from jetdet.models.sampling import sample
 
     torch.set_num_threads(1)

@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jetdet import ops  # noqa: E402
-from jetdet.cache.evaluate import psnr  # noqa: E402
 from jetdet.models import bundled, sampling  # noqa: E402
+from jetdet.models.evaluate import psnr  # noqa: E402
 
 FORECASTS = ("reuse", "order1", "order2", "order1-noise")
 

@@ -6,7 +6,10 @@
 3. CPU wall times at batch 4 (median of interleaved runs): deterministic, off, and 4 separate batch-1 runs
    (what existing "deterministic" node packs do), plus the router's per-call overhead;
 4. the static kernel report: every Triton kernel cross-compiled for sm_80/89/90 at its shipped configs,
-   with registers, spills, shared memory, tensor-core and atomic instruction counts.
+   with registers, spills, shared memory, tensor-core and atomic instruction counts;
+5. fast mode on the bundled model: ``jetdet.patch(model, mode="fast")`` at the default quality and at
+   ``quality="fast"`` against full compute (model calls, full-model equivalents, wall time, PSNR, class
+   accuracy), and a PNG of PSNR against wall speedup (its path is printed; needs matplotlib).
 
 Every number printed here is measured by this command; the README quotes its output.
 """
@@ -126,6 +129,72 @@ def speed(repeats: int = 15) -> None:
           f"in deterministic mode {routed:.1f} us; an unrouted op (add) under the router {passthrough:.1f} us")
 
 
+def fast_mode(seeds: int = 8, plot: str | None = "jetdet_fast_mode.png", steps: int = 30) -> list[dict]:
+    """Fast mode on the bundled model: what ``jetdet.patch(model, mode="fast")`` gives without tuning, and the
+    faster preset, against full compute of the same seeds (Euler, 30 steps, CFG 4, the 4 classes of a seed in
+    one batch, 1 thread, interleaved). Returns the measured rows (full compute first)."""
+    from jetdet.models import bundled
+    from jetdet.models.evaluate import evaluate_fast_mode
+
+    if not bundled.DIT_FILE.exists() or not bundled.CLASSIFIER_FILE.exists():
+        print("  fast mode: the bundled model files are missing (python bench/train_bundled.py writes them)")
+        return []
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        rows = evaluate_fast_mode(settings=[{}, {"quality": "fast"}], seeds=range(seeds), batch_classes=True,
+                                  steps=steps)
+    finally:
+        torch.set_num_threads(saved)
+    took = time.perf_counter() - t0
+    _section(f"fast mode on the bundled DiT ({seeds} seeds x 4 classes, Euler {steps} steps, CFG 4, 1 thread, "
+             f"load average {load:.1f}, {took:.0f} s)")
+    names = {None: "full compute", "defaults": 'jetdet.patch(model, mode="fast")', "quality=fast": 'quality="fast"'}
+    short = {"defaults": "default (quality=balanced)", "quality=fast": "quality=fast"}
+    print(f"  {'':<34} {'calls':>6} {'FME':>6} {'FME x':>6} {'wall s':>7} {'speedup':>8} {'PSNR dB':>8} "
+          f"{'min dB':>7} {'acc %':>6}")
+    for r in rows:
+        name = names.get(r["name"] if r["setting"] is not None else None, r["name"])
+        print(f"  {name:<34} {r['calls']:>6.1f} {r['fme']:>6.1f} {r['fme_reduction']:>5.2f}x {r['wall_s']:>7.2f} "
+              f"{r['speedup']:>7.2f}x {min(r['psnr_mean'], 100.0):>8.2f} {min(r['psnr_min'], 100.0):>7.2f} "
+              f"{100 * r['accuracy']:>6.1f}")
+    d = rows[1]["stats"]
+    print(f"  calls: model forwards per sample (cond + uncond batched); FME: full-model equivalents per sample "
+          f"(block evaluations run / blocks per evaluation; {d['blocks']}); PSNR against full compute of the "
+          f"same seed; acc: the bundled classifier on the requested class")
+    if plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("  plot: matplotlib is not installed (pip install 'jetdet[bench]'); no PNG written")
+            return rows
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        pts = [(r["speedup"], min(r["psnr_mean"], 100.0)) for r in rows[1:]]
+        for r, (x, y) in zip(rows[1:], pts):
+            ax.scatter([x], [y], s=40)
+            ax.annotate(f"{short.get(r['name'], r['name'])}\n{r['fme_reduction']:.2f}x fewer FME, {x:.2f}x wall",
+                        (x, y), textcoords="offset points", xytext=(-10, -26), fontsize=8)
+        ax.set_xlabel("wall-clock speedup over full compute (x)")
+        ax.set_ylabel("mean PSNR against full compute (dB)")
+        ax.set_title(f"jetdet fast mode, bundled DiT (Euler {steps} steps, CFG 4, {seeds} seeds x 4 classes)",
+                     fontsize=9)
+        ax.set_xlim(1.0, max(x for x, _ in pts) * 1.25 + 0.1)
+        ax.set_ylim(min(y for _, y in pts) - 4.0, max(y for _, y in pts) + 2.0)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+        print(f"  plot: {os.path.abspath(plot)}")
+    return rows
+
+
 FULL_TABLE_MODULES = ("jetdet.kernels.matmul.launch", "jetdet.kernels.attention.launch")
 
 
@@ -175,8 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the timings (default: torch's default; the determinism report always "
                         "compares 2 threads against 1)")
-    p.add_argument("--only", choices=("determinism", "speed", "static"), default=None,
+    p.add_argument("--only", choices=("determinism", "speed", "static", "fast"), default=None,
                    help="run one section (after the environment)")
+    p.add_argument("--plot", default="jetdet_fast_mode.png",
+                   help="PNG of the fast-mode section's PSNR against speedup ('' for none)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats: expected a positive int")
@@ -196,6 +267,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(saved)
     if args.only in (None, "static") and not args.skip_static:
         ok &= static()
+    if args.only in (None, "fast"):
+        fast_mode(seeds=2 if args.quick else 8, plot=args.plot or None)
     print(f"\njetdet.bench: {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 

@@ -89,7 +89,7 @@ def test_fast_patch_on_bundled_model_and_exact_remove(model, sampler):
         st = handle.stats()["cache"]
     finally:
         handle.remove()
-    from jetdet.cache.evaluate import psnr
+    from jetdet.models.evaluate import psnr
 
     evals = sampling.num_evaluations(30, sampler)
     assert st["calls"] == evals

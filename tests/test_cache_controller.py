@@ -604,8 +604,8 @@ def _bundled():
 def test_bundled_model_sampler_integration(sampler, batch_cfg):
     """The bundled DiT through its own sampler: the default controller saves most model calls and stays close
     to full compute; budget 0 is full compute bit for bit; a second trajectory starts clean."""
-    from jetdet.cache.evaluate import cached_model_fn, psnr
     from jetdet.models import sampling
+    from jetdet.models.evaluate import cached_model_fn, psnr
 
     model = _bundled()
     labels = [1, 4]
@@ -630,8 +630,8 @@ def test_separate_cfg_second_branch_follows_a_skipped_first_branch():
     """CFG as two forwards: after the cond call at a timestep was served from the cache entirely, the uncond call at
     the same timestep is served too unless a row's prediction exceeds budget / piggyback (reason "follow"), so the
     two branches of an item stay in step."""
-    from jetdet.cache.evaluate import cached_model_fn
     from jetdet.models import sampling
+    from jetdet.models.evaluate import cached_model_fn
 
     model = _bundled()
     ctl = StepCacheController(budget=0.07, num_steps=30)

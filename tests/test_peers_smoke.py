@@ -49,15 +49,20 @@ def weights(tmp_path_factory):
     return str(path)
 
 
-def test_peers_smoke(peers, weights):
+def test_peers_smoke(peers, weights, tmp_path):
     from diffusers.hooks import FirstBlockCacheConfig
 
     fbc = peers.Method("FirstBlockCache", "threshold=0.2", lambda c: FirstBlockCacheConfig(threshold=0.2))
-    res = peers.run_peers(seeds=[0], classes=[1], steps=6, sampler="euler", budgets=[0.0, 0.2],
-                          methods=[fbc], weights=weights, threads=1)
+    # every skipped row runs partly (the first transformer block), to check the work count of partial rows
+    part = peers.Method("jetdet", "partial rows", {"budget": 10.0, "block_reuse": True, "skip_whole": 0.0,
+                                                   "block_signal": "off", "drift_gain": 0.0})
+    res = peers.run_peers(seeds=[0], classes=[1], steps=8, sampler="euler", budgets=[0.0, 0.2],
+                          qualities=["fast"], whole_call_budgets=[0.2], methods=[part, fbc], weights=weights,
+                          threads=1)
     rows = {r["method"]: r for r in res["rows"]}
-    assert list(rows) == ["full", "jetdet budget=0", "jetdet budget=0.2", "FirstBlockCache threshold=0.2"]
-    assert res["config"]["evaluations_per_sample"] == 6
+    assert list(rows) == ["full", "jetdet quality=fast", "jetdet budget=0", "jetdet budget=0.2",
+                          "jetdet whole-call budget=0.2", "jetdet partial rows", "FirstBlockCache threshold=0.2"]
+    assert res["config"]["evaluations_per_sample"] == 8
     for r in rows.values():
         assert r["error"] is None, r
         assert r["samples"] == 1
@@ -67,35 +72,44 @@ def test_peers_smoke(peers, weights):
     full = rows["full"]
     assert full["psnr_mean"] == math.inf and full["psnr_min"] == math.inf and full["max_abs"] == 0.0
     # batched CFG: one forward of 2 rows per evaluation, every sublayer computed
-    assert (full["fwd"], full["full_fwd"], full["rows"]) == (6, 6, 12)
-    assert full["calls"] == pytest.approx(6.0) and full["reduction"] == pytest.approx(1.0)
+    assert (full["fwd"], full["full_fwd"], full["rows"]) == (8, 8, 16)
+    assert full["calls"] == pytest.approx(8.0) and full["reduction"] == pytest.approx(1.0)
     assert full["speedup"] == pytest.approx(1.0)
 
     off = rows["jetdet budget=0"]
     assert off["psnr_mean"] == math.inf and off["max_abs"] == 0.0  # budget 0: the model's own output
-    assert (off["fwd"], off["rows"]) == (6, 12) and off["calls"] == pytest.approx(6.0)
+    assert (off["fwd"], off["rows"]) == (8, 16) and off["calls"] == pytest.approx(8.0)
     assert off["controller"]["rows_saved"] == 0
 
-    jet = rows["jetdet budget=0.2"]
-    assert 0 < jet["fwd"] <= 6 and 0 < jet["rows"] <= 12 and 0 < jet["calls"] <= 6.0 + 1e-9
-    assert jet["controller"]["rows_run"] + jet["controller"]["rows_saved"] == jet["controller"]["rows"] == 12
-    assert jet["rows"] == jet["controller"]["rows_run"]  # rows counted at the model == rows the controller ran
-    assert jet["psnr_mean"] > 0 and jet["max_abs"] <= 2.0
+    for name in ("jetdet budget=0.2", "jetdet whole-call budget=0.2", "jetdet partial rows"):
+        jet = rows[name]
+        c = jet["controller"]
+        assert 0 < jet["fwd"] <= 8 and 0 < jet["rows"] <= 16 and 0 < jet["calls"] <= 8.0 + 1e-9
+        assert c["rows_run"] + c["rows_saved"] == c["rows"] == 16
+        assert jet["psnr_mean"] > 0 and jet["max_abs"] <= 2.0
+        # the controller's full-model equivalents are the FLOP-weighted work the hooks counted (equal blocks)
+        assert c["model_equivalents"] / 2 == pytest.approx(jet["calls"], rel=1e-6), name
+    assert rows["jetdet whole-call budget=0.2"]["controller"]["rows_partial"] == 0
+    part = rows["jetdet partial rows"]["controller"]
+    assert part["rows_partial"] >= 4 and part["blocks"].startswith("used: transformer_blocks")
 
     hook = rows["FirstBlockCache threshold=0.2"]
     from jetdet.models import bundled
 
     depth = bundled.read_metadata(weights or bundled.DIT_FILE)["config"]["depth"]
     assert hook["hooked_modules"] == depth  # one hook per transformer block
-    assert hook["fwd"] == 6  # a block cache enters the model every evaluation
-    assert hook["full_fwd"] <= 6 and 0 < hook["calls"] <= 6.0 + 1e-9
+    assert hook["fwd"] == 8  # a block cache enters the model every evaluation
+    assert hook["full_fwd"] <= 8 and 0 < hook["calls"] <= 8.0 + 1e-9
     assert hook["psnr_mean"] > 0 and hook["max_abs"] <= 2.0
 
-    assert [m["peer"] for m in res["matched"]] == ["FirstBlockCache threshold=0.2"]
+    assert [m["peer"] for m in res["matched"]] == ["jetdet whole-call budget=0.2", "FirstBlockCache threshold=0.2"]
     assert "psnr_bar" in res["acceptance"]
     for text in (peers.format_table(res), peers.format_curve(res), peers.format_matched(res),
-                 peers.format_acceptance(res)):
+                 peers.format_acceptance(res), peers.format_readme(res), peers.format_markdown(res, "cmd")):
         assert isinstance(text, str) and text
+    pytest.importorskip("matplotlib")
+    png = peers.plot(res, tmp_path / "peers.png")
+    assert png and (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_peer_configs_build(peers):

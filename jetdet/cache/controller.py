@@ -82,9 +82,64 @@ Guards: rows are always computed while their stream has fewer than two computed 
 the first ``start_percent`` and last ``end_percent`` of the trajectory, and after ``max_consecutive_skips``
 forecasts in a row.
 
-Defaults (``budget=0.05``, ``forecast="order1"``, ``max_consecutive_skips=8``, ``drift_gain=1``,
+Partial rows: block-level, token-level and CFG reuse
+----------------------------------------------------
+Besides "run" and "forecast", a row can run *partly*, under the same budget:
+
+* **Block level** (``block_reuse=True`` and a call that carries ``blocks``, see :mod:`jetdet.patch.blocks` for the
+  interface an adapter provides). A row the rule above would forecast, whose prediction is above
+  ``skip_whole · budget``, runs the model's first ``head`` block(s) and its ``tail`` instead; the blocks between
+  (the body) are forecast: their residual ``h_out − h_in`` (or, for U-Nets, the body output) from the row's own
+  body history, the last ``order + 1`` computed nodes (``(head output, body target)`` pairs, full order only:
+  a stream with fewer nodes is computed, reason ``"warmup"``). So the x-dependent head and tail are exact and
+  only the body is extrapolated in t. ``block_signal`` decides what the first-block output says: ``"off"``
+  (the time-based prediction alone decides), ``"veto"`` (the body is computed after all when
+  ``kappa · delta > budget``, with ``delta`` the relative L1 miss of the head output against its own forecast
+  and ``kappa`` the ratio of the body forecast's miss, relative to the body output, to ``delta``, back-tested at
+  the stream's last computed body), or ``"decide"`` (also forecast the body of rows the time rule would run when
+  ``kappa · delta <= budget``). Rows of one call stay in step: when some body is computed, forecast bodies
+  predicted above ``piggyback · budget`` are computed too. The decision at the split costs one more host sync.
+* **Token level** (``token_budget``, a float): inside a computed body block, a token-wise module (a feed-forward
+  network) recomputes only the ``token_tile``-token tiles whose input moved by more than ``token_budget``
+  (relative L1, :func:`jetdet.ops.relative_change` per tile) from its forecast out of the module's last
+  ``order + 1`` full computations (anchors), and forecasts the output of the others from the same anchors; a
+  row with more than half its tiles changed is computed in full and becomes a new anchor. The first use of each
+  module checks that a token subset gives what the full call gives (else that module is left alone). The token
+  selection costs host syncs per module call.
+* **CFG reuse** (``cfg_reuse=True``): rows with the same latent at the same timestep (sampled values compared
+  exactly at the per-call sync; in one call, or in the previous call when CFG runs as two forwards) are CFG
+  partners; the later one is served as the first one's output plus their difference, forecast from the
+  difference's own history, when that forecast's back-tested error (the same rate times node-distance rule as
+  outputs) plus the drift term is within budget and the partner is computed.
+
+Measured on the bundled DiT (Euler and Heun, 30 steps, CFG 4, 2 seeds x 4 classes, ``python -m
+jetdet.models.evaluate``): none of the three moved the speed/quality curve of whole-call skipping. At budget
+0.06 (Euler), whole calls gave 1.73x fewer full-model equivalents at 37.6 dB; partial rows for predictions in
+(0.5, 1] of the budget 1.64x at 37.2 dB; with the first-block veto 1.42x at 35.7 dB; at 0.08 and 0.1 the same
+order. Heun at 0.06: whole calls 2.74x at 34.8 dB, partial rows 2.68x at 34.5 dB. The body's residual is no
+easier to extrapolate in t than the model output on this model, and the exact head (the x-dependent part) does
+not remove the error. Token reuse of whole blocks at a 5 % input change already cost 30 dB for 1.3x, and CFG
+reuse (the uncond row as the cond row plus the last difference, every second step) 35.7 dB for 1.28x: the
+guidance scale multiplies the difference's error. So the presets skip whole calls, and the partial modes are
+opt-in.
+
+Quality presets
+---------------
+``quality="high" | "balanced" | "fast"`` (default ``"balanced"``) sets ``budget`` to 0.04 / 0.06 / 0.1 with
+whole-call skipping; any option passed explicitly wins. They were chosen on the bundled DiT before any other
+model was tried (``bench/peers.py``, 8 seeds x 4 classes, see the README): Euler 39.8 / 33.9 / 31.0 dB mean PSNR
+at 1.45x / 1.98x / 2.74x fewer model calls, Heun 39.8 / 34.3 / 28.6 dB at 2.49x / 3.38x / 5.10x. "balanced" is the
+highest budget that kept the bundled model's Euler samples above 33 dB.
+
+Counting work
+-------------
+``stats()["model_equivalents"]`` counts each row in full-model equivalents: 1 for a computed row, ``(head +
+tail) / num_blocks`` for a partial row (a call that runs 2 of 12 blocks is 2/12 of a call, not a skipped call),
+0 for a forecast row. Token-level savings are not subtracted there (``stats()["tokens"]`` counts them).
+
+Defaults of the rule (``forecast="order1"``, ``max_consecutive_skips=8``, ``drift_gain=1``,
 ``piggyback=0.5``, no start/end guard) were chosen on the bundled DiT (30 steps, CFG 4, batched CFG, 4 seeds x
-4 classes, ``python -m jetdet.cache.evaluate``). Measured there (mean PSNR against full compute, model-call
+4 classes, ``python -m jetdet.models.evaluate``). Measured there (mean PSNR against full compute, model-call
 reduction): at budgets 0.05/0.07/0.1, ``piggyback=0`` gave 36.5/33.5/31.5 dB at 1.68/2.10/2.70x and ``0.5``
 about the same, while ``piggyback=1`` (rows decided alone) lost 5 dB at the same budget, its CFG branches out
 of step. ``drift_gain`` 0.3 and 3 moved points along the same curve. ``forecast="none"`` gave 35.9 dB at 1.61x and
@@ -113,6 +168,18 @@ from .manager import CacheManager
 
 FORECASTS = {"none": 0, "order1": 1, "order2": 2}
 _RESET_REASONS = ("trajectory", "shape", "model", "batch", "output_shape", "evicted", "manual")
+SIGNALS = ("off", "veto", "decide")
+
+#: ``quality`` presets: the settings a person picks by name. Each is whole-call skipping at a budget chosen on the
+#: bundled DiT (module docstring, "Quality presets"); any entry is overridden by passing the option itself.
+_PRESET_BASE = {"block_reuse": False, "block_signal": "off", "skip_whole": 0.9, "token_budget": None,
+                "cfg_reuse": False}
+QUALITY = {
+    "high": {**_PRESET_BASE, "budget": 0.04},
+    "balanced": {**_PRESET_BASE, "budget": 0.06},
+    "fast": {**_PRESET_BASE, "budget": 0.1},
+}
+DEFAULT_QUALITY = "balanced"
 
 
 def _parse_forecast(value) -> int:
@@ -136,6 +203,12 @@ def _check_float(name: str, value, lo: float, hi: float | None, hi_open: bool = 
     return value
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
 def _check_int(name: str, value, lo: int, what: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name}: expected an int >= {lo}{what}, got {value!r}")
@@ -148,7 +221,7 @@ def _same_t(a: float, b: float) -> bool:
 
 class _Stream:
     __slots__ = ("key", "gen", "ts", "rates", "last_t", "prev_t", "t_start", "distinct", "skips", "drift",
-                 "last_skip")
+                 "last_skip", "bts", "blay", "cts", "tok")
 
     def __init__(self, key, gen: int):
         self.key = key
@@ -162,13 +235,18 @@ class _Stream:
         self.prev_t: float | None = None  # the distinct timestep before last_t
         self.drift = 0.0  # Σ |Δt| · predicted error of the forecasts since the last compute (x drift / ‖y‖)
         self.last_skip: tuple[float, float] | None = None  # (t, predicted error) of the latest forecast
+        self.bts: list[float] = []  # timesteps of the cached body nodes (head output, body target), oldest first
+        self.blay = None  # body node layout: (head leaf is a tensor, body leaf is a tensor, body leaf is residual)
+        self.cts: list[float] = []  # timesteps of the cached CFG differences (this row minus its CFG partner)
+        self.tok: dict[str, list[float]] = {}  # token-wise module key -> timesteps of its cached anchors
 
 
 class StepCacheController:
     """Skip model evaluations per batch row by forecasting their outputs (see the module docstring).
 
     Args:
-        budget: the largest predicted relative L1 error ``‖ŷ − y‖₁/‖y‖₁`` of a forecast output row, ``>= 0``.
+        budget: the largest predicted relative L1 error ``‖ŷ − y‖₁/‖y‖₁`` of a forecast output row, ``>= 0``;
+            default: the ``quality`` preset's.
             ``0`` never skips: every call runs the whole batch and the output is the model's own, bit for bit.
         start_percent: always compute in the first fraction ``[0, 1)`` of the trajectory.
         end_percent: always compute in the last fraction ``[0, 1)`` of the trajectory.
@@ -199,15 +277,50 @@ class StepCacheController:
             ``piggyback · budget``. ``1`` computes only the rows over budget; ``0`` computes the whole batch
             whenever any row needs it (one decision per call).
         log_limit: most entries kept in :attr:`decision_log` (oldest dropped), ``>= 0``.
+        quality: ``"high"``, ``"balanced"`` (default) or ``"fast"``: the preset that sets ``budget`` and the
+            options below unless they are passed (:data:`QUALITY`; module docstring, "Quality presets").
+        block_reuse: run rows partly through ``call.blocks`` when the call has one (block-level reuse).
+        block_signal: ``"off"``, ``"veto"`` or ``"decide"``: what the first-block output decides (module
+            docstring, "Partial rows").
+        skip_whole: in ``[0, 1]``; with block reuse, a row predicted at most ``skip_whole · budget`` is forecast
+            whole (no head), one predicted above it runs partly.
+        token_budget: ``None`` (off) or the largest relative L1 change of a token tile's input for its output to be
+            forecast inside a computed block (token-level reuse), ``>= 0``.
+        token_tile: tokens per tile for token-level reuse, ``>= 1``.
+        cfg_reuse: serve a row as its CFG partner's output plus their forecast difference when that is within
+            budget.
     """
 
-    def __init__(self, budget: float = 0.05, start_percent: float = 0.0, end_percent: float = 0.0,
+    def __init__(self, budget: float | None = None, start_percent: float = 0.0, end_percent: float = 0.0,
                  max_consecutive_skips: int = 8, forecast="order1", memory_budget_bytes: int | None = None,
                  cpu_budget_bytes: int | None = None, disk_budget_bytes: int | None = None,
                  spill=("cpu", "disk"), num_steps: int | None = None, timesteps=None, t_end: float = 0.0,
-                 drift_gain: float = 1.0, piggyback: float = 0.5, log_limit: int = 10000):
+                 drift_gain: float = 1.0, piggyback: float = 0.5, log_limit: int = 10000,
+                 quality: str | None = None, block_reuse: bool | None = None, block_signal: str | None = None,
+                 skip_whole: float | None = None, token_budget: float | None = None, token_tile: int = 16,
+                 cfg_reuse: bool | None = None):
+        if quality is None:
+            quality = DEFAULT_QUALITY
+        if not isinstance(quality, str) or quality not in QUALITY:
+            raise ValueError(f"quality: expected one of {tuple(QUALITY)}, got {quality!r}")
+        self.quality = quality
+        preset = QUALITY[quality]
+        if budget is None:
+            budget = preset["budget"]
         self.budget = _check_float("budget", budget, 0.0, None,
                                    what=" (the largest predicted relative L1 error of a forecast output row)")
+        self.block_reuse = _check_bool("block_reuse", preset["block_reuse"] if block_reuse is None else block_reuse)
+        sig = preset["block_signal"] if block_signal is None else block_signal
+        if sig not in SIGNALS:
+            raise ValueError(f"block_signal: expected one of {SIGNALS}, got {sig!r}")
+        self.block_signal = sig
+        self.skip_whole = _check_float("skip_whole", preset["skip_whole"] if skip_whole is None else skip_whole,
+                                       0.0, 1.0)
+        tb = preset["token_budget"] if token_budget is None else token_budget
+        self.token_budget = None if tb is None or tb is False else _check_float(
+            "token_budget", tb, 0.0, None, what=" (the largest relative L1 change of a token tile's input), or None")
+        self.token_tile = _check_int("token_tile", token_tile, 1)
+        self.cfg_reuse = _check_bool("cfg_reuse", preset["cfg_reuse"] if cfg_reuse is None else cfg_reuse)
         self.start_percent = _check_float("start_percent", start_percent, 0.0, 1.0, hi_open=True)
         self.end_percent = _check_float("end_percent", end_percent, 0.0, 1.0, hi_open=True)
         if self.start_percent + self.end_percent > 1.0:
@@ -263,7 +376,12 @@ class StepCacheController:
         self._skip_t = None
         self._prev_max_t = None
         self._n = {"calls": 0, "calls_run": 0, "calls_partial": 0, "calls_saved": 0, "rows": 0, "rows_run": 0,
-                   "rows_saved": 0, "syncs": 0}
+                   "rows_saved": 0, "rows_partial": 0, "rows_cfg": 0, "model_equivalents": 0.0, "syncs": 0}
+        self._tok_n = {"calls": 0, "tokens": 0, "tokens_run": 0, "anchors": 0}
+        self._tok_checked: dict[str, str] = {}  # module key -> "ok" or why token reuse is off for it
+        self._cfg_prev: dict = {}  # (t, x signature) -> (stream, output row, computed) of the previous call
+        self._xsig = None
+        self._blocks_state = None  # None: not seen yet; ("on", description) or ("off", reason)
         self._resets = dict.fromkeys(_RESET_REASONS, 0)
         self._reasons: dict[str, int] = {}
         self._orders: dict[int, int] = {}
@@ -298,14 +416,30 @@ class StepCacheController:
         ``rows_saved``: the same per batch row; ``hits``: rows served from the cache (= ``rows_saved``);
         ``syncs``: device-to-host copies made by the controller; ``resets``: per reason; ``reasons``: per
         decision reason; ``orders``: forecasts per order; ``streams``: live streams; ``bytes``: bytes held per
-        tier; ``manager``: the cache manager's counters."""
+        tier; ``manager``: the cache manager's counters.
+
+        Partial rows count as saved rows (``rows_saved``) *and* as work: ``rows_partial`` rows ran the head and
+        tail blocks only, ``rows_cfg`` rows were their CFG partner's output plus a forecast difference.
+        ``model_equivalents`` is the work done in full-model evaluations of one row (block evaluations run /
+        blocks per row: a row that runs 2 of 12 blocks counts 2/12; a token-level saving inside a computed block
+        is not counted, see ``tokens``), ``fme_ratio`` = ``rows / model_equivalents`` (the reduction in
+        full-model equivalents). ``blocks``: whether block-level reuse is used and on which block list, or why
+        not. ``tokens``: token-wise module calls in computed body blocks, tokens in them and tokens recomputed,
+        anchors stored, and per module whether token reuse applies."""
         m = self.manager.stats()
         n = dict(self._n)
         n["hits"] = n["rows_saved"]
         n["call_ratio"] = n["calls"] / n["calls_run"] if n["calls_run"] else math.inf if n["calls"] else 1.0
         n["row_ratio"] = n["rows"] / n["rows_run"] if n["rows_run"] else math.inf if n["rows"] else 1.0
+        me = n["model_equivalents"]
+        n["fme_ratio"] = n["rows"] / me if me else math.inf if n["rows"] else 1.0
+        st = self._blocks_state
+        blocks = "not used yet" if st is None else (f"used: {st[1]}" if st[0] == "on" else f"not used: {st[1]}")
+        tokens = {**self._tok_n, "modules": dict(self._tok_checked),
+                  "token_budget": self.token_budget}
         return {**n, "resets": dict(self._resets), "reasons": dict(self._reasons), "orders": dict(self._orders),
-                "streams": len(self._streams), "bytes": m["bytes"], "manager": m}
+                "streams": len(self._streams), "bytes": m["bytes"], "manager": m, "quality": self.quality,
+                "budget": self.budget, "blocks": blocks, "tokens": tokens}
 
     def __call__(self, call) -> torch.Tensor:
         x = call.x
@@ -318,6 +452,7 @@ class StepCacheController:
             y = call.run(None)
             self._n["calls_run"] += 1
             self._n["rows_run"] += B
+            self._n["model_equivalents"] += B
             self._count_reason("off", B)
             return y
         with torch.no_grad():
@@ -338,12 +473,20 @@ class StepCacheController:
         self._branches = None
         self._run_t = None
         self._skip_t = None
+        self._cfg_prev = {}
         if reason in ("shape", "model", "output_shape", "manual"):
             self._out_item = None
+        if reason == "model":
+            self._blocks_state = None
 
     def _drop_stream(self, key) -> None:
-        self._streams.pop(key, None)
+        s = self._streams.pop(key, None)
         self.manager.drop(key)
+        self.manager.drop((key, "body"))
+        self.manager.drop((key, "cfg"))
+        if s is not None:
+            for k in s.tok:
+                self.manager.drop((key, "tok", k))
 
     def _row_t(self, t, B: int, device) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
@@ -379,6 +522,13 @@ class StepCacheController:
                 c = c.index_select(1, self._cond_index(c.shape[1], c.device))
             m = c.shape[1]
             parts.append(c.to(torch.float64).reshape(-1))
+        nx = 0
+        if self.cfg_reuse:  # rows with the same latent at the same timestep are CFG partners
+            xr = call.x.detach().reshape(B, -1)
+            if xr.shape[1] > 64:
+                xr = xr.index_select(1, self._cond_index(xr.shape[1], xr.device))
+            nx = xr.shape[1]
+            parts.append(xr.to(torch.float64).reshape(-1))
         pending, self._pending = self._pending, []
         parts += [p.reshape(-1).to(torch.float64) for p, _ in pending]
         host: list = [None] * len(parts)
@@ -399,6 +549,10 @@ class StepCacheController:
         if call.cond is not None:
             vals = host[1]
             sigs = [tuple(vals[i * m:(i + 1) * m]) for i in range(B)]
+        self._xsig = None
+        if nx:
+            vals = host[2 if call.cond is not None else 1]
+            self._xsig = [tuple(vals[i * nx:(i + 1) * nx]) for i in range(B)]
         for (_, owners), vals in zip(pending, host[len(parts) - len(pending):]):
             for (s, gen, q), v in zip(owners, vals):
                 if s.gen == gen:
@@ -452,9 +606,14 @@ class StepCacheController:
 
     def _new_stream(self, key) -> _Stream:
         self._gen += 1
+        old = self._streams.get(key)
+        if old is not None:
+            self._drop_stream(key)
         s = _Stream(key, self._gen)
         self._streams[key] = s
         self.manager.drop(key)
+        self.manager.drop((key, "body"))
+        self.manager.drop((key, "cfg"))
         return s
 
     def _history(self, s: _Stream):
@@ -548,6 +707,12 @@ class StepCacheController:
             if s.ts and k not in self.manager:  # evicted by the memory budget
                 self._resets["evicted"] += 1
                 s.ts, s.rates = [], {}
+            if s.bts and (k, "body") not in self.manager:
+                s.bts, s.blay = [], None
+                s.rates.pop("kappa", None)
+            if s.cts and (k, "cfg") not in self.manager:
+                s.cts = []
+                s.rates.pop("cfg", None)
             streams.append(s)
 
         # decisions (host floats only)
@@ -600,22 +765,56 @@ class StepCacheController:
                         d[0], d[1], d[5] = False, "follow", tensors
         run_rows = [i for i, d in enumerate(decisions) if d[0]]
         skip_rows = [i for i, d in enumerate(decisions) if not d[0]]
-        if run_rows:
-            self._run_t = t_rows[run_rows[0]]
-        else:
-            self._skip_t = t_rows[0]
+
+        # block level: a skipped row with a body history runs the head instead (the first block(s) and the
+        # tail), and its body is forecast unless the first-block signal says otherwise (see _Plan.split)
+        runner = call.blocks if self._blocks_usable(call) else None
+        partial: list[int] = []
+        if runner is not None:
+            warm = []
+            for i in skip_rows:
+                d = decisions[i]
+                if d[2] is None or d[2] <= self.skip_whole * self.budget:
+                    continue
+                # the body is forecast at the full order only (order + 1 nodes: exact on polynomials of that
+                # degree); until a stream has them, such a row is computed
+                if len(streams[i].bts) > self.order:
+                    partial.append(i)
+                else:
+                    warm.append(i)
+                    d[0], d[1] = True, "warmup"
+            if partial or warm:
+                moved = set(partial) | set(warm)
+                skip_rows = [i for i in skip_rows if i not in moved]
+                run_rows = sorted(run_rows + warm)
+        # CFG reuse: a row whose CFG partner runs is its partner's output plus their cached difference
+        cfg_rows: dict[int, tuple] = {}
+        if self.cfg_reuse:
+            cfg_rows = self._cfg_candidates(call, run_rows, streams, t_rows, decisions, B)
+            if cfg_rows:
+                run_rows = [i for i in run_rows if i not in cfg_rows]
+        for i in cfg_rows:
+            decisions[i][0] = False
+        model_rows = sorted(run_rows + partial)
 
         # forecasts (before the run: their histories are read now)
         fc_parts = self._forecast_rows(skip_rows, streams, t_rows, decisions)
 
         y = None
-        if run_rows:
-            if len(run_rows) == B:
-                y = call.run(None)
+        plan = None
+        if model_rows:
+            idx = None if len(model_rows) == B else self._index(model_rows, x.device)
+            if runner is not None:
+                plan = _Plan(self, model_rows, streams, t_rows, decisions, set(partial), runner)
+                y, split_done = runner.run(idx, plan)
+                if not split_done:
+                    self._blocks_state = ("off", f"the model's forward never returned from its last head block "
+                                                 f"({runner.describe}): whole-call skipping only")
+                    plan = None
             else:
-                y = call.run(self._index(run_rows, x.device))
-            if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != len(run_rows):
-                raise ValueError(f"call.run: expected a tensor with {len(run_rows)} rows, got "
+                y = call.run(idx)
+            if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != len(model_rows):
+                raise ValueError(f"call.run: expected a tensor with {len(model_rows)} rows, got "
                                  f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
             item = (tuple(y.shape[1:]), y.dtype, y.device)
             if self._out_item is not None and item != self._out_item:
@@ -624,47 +823,96 @@ class StepCacheController:
                 self._out_item = item
                 return self._rerun_all(call, B, t_rows, keys)
             self._out_item = item
+        if plan is not None:
+            approx = [model_rows[p] for p in range(len(model_rows)) if p not in plan.body_set]
+        else:
+            approx = []
+        aset = set(approx)
+        computed = [i for i in model_rows if i not in aset]
+        if computed:
+            self._run_t = t_rows[computed[0]]
+        else:
+            self._skip_t = t_rows[0]
+        if plan is not None:  # a run row whose body was forecast is a forecast row; a partial row computed in full
+            for i in approx:
+                d = decisions[i]
+                if d[0]:
+                    d[0], d[1] = False, "signal"
+            for i in partial:
+                if i not in aset:
+                    decisions[i][0], decisions[i][1] = True, "signal"
 
         # assemble the output
-        if y is not None and len(run_rows) == B:
+        if y is not None and len(model_rows) == B:
             out = y
-            stored = y.detach().clone()  # the caller owns `out`; the cache keeps its own copy
         else:
             shape, dtype, device = self._out_item
             out = torch.empty((B, *shape), dtype=dtype, device=device)
             if y is not None:
-                out.index_copy_(0, self._index(run_rows, device), y)
-            stored = y.detach() if y is not None else None
+                out.index_copy_(0, self._index(model_rows, device), y)
             for rows, val in fc_parts:
                 out.index_copy_(0, self._index(rows, device), val)
+        if cfg_rows:
+            self._cfg_assemble(out, cfg_rows, streams, t_rows)
 
-        if y is not None:
-            self._update(run_rows, streams, t_rows, stored)
-        for i in skip_rows:
+        if computed:
+            if len(computed) == B:
+                stored = y.detach().clone()  # the caller owns `out`; the cache keeps its own copy
+            elif len(computed) == len(model_rows):
+                stored = y.detach()
+            else:
+                pos = {r: p for p, r in enumerate(model_rows)}
+                stored = y.detach().index_select(0, self._index([pos[i] for i in computed], y.device))
+            self._update(computed, streams, t_rows, stored)
+            if plan is not None:
+                self._update_body(plan, computed, streams, t_rows)
+        if self.cfg_reuse:
+            self._cfg_record(call, out, computed, streams, t_rows, keys, B)
+        forecast_rows = skip_rows + approx + list(cfg_rows)
+        for i in forecast_rows:
             s = streams[i]
             s.skips += 1
             e = decisions[i][2]
+            if i in cfg_rows:
+                e = cfg_rows[i][2]
+            elif i in aset and plan is not None and plan.est.get(i) is not None:
+                e = plan.est[i]
+            e = 0.0 if e is None else e
             if s.last_skip is not None and _same_t(s.last_skip[0], t_rows[i]):
                 e = max(e, s.last_skip[1])
             s.last_skip = (t_rows[i], e)
-            self._orders[decisions[i][3]] = self._orders.get(decisions[i][3], 0) + 1
+            o = decisions[i][3]
+            self._orders[o] = self._orders.get(o, 0) + 1
 
         # counters and log
-        self._n["rows_run"] += len(run_rows)
-        self._n["rows_saved"] += len(skip_rows)
-        if run_rows:
+        L = runner.num_blocks if runner is not None else 1
+        part = (runner.head + runner.tail) / L if runner is not None else 0.0
+        self._n["rows_run"] += len(computed)
+        self._n["rows_saved"] += len(forecast_rows)
+        self._n["rows_partial"] += len(approx)
+        self._n["rows_cfg"] += len(cfg_rows)
+        self._n["model_equivalents"] += len(computed) + part * len(approx)
+        if model_rows:
             self._n["calls_run"] += 1
-            if len(run_rows) < B:
+            if len(model_rows) < B:
                 self._n["calls_partial"] += 1
         else:
             self._n["calls_saved"] += 1
-        for d in decisions:
-            self._count_reason(d[1] if d[0] else "forecast")
+        kinds = {}
+        for i in approx:
+            kinds[i] = "partial"
+        for i in cfg_rows:
+            kinds[i] = "cfg"
+        for i, d in enumerate(decisions):
+            self._count_reason(d[1] if d[0] else kinds.get(i, "forecast"))
         if self.log_limit:
             self._log.append({
-                "call": self._n["calls"], "t": t_rows, "run": run_rows, "forecast": skip_rows,
-                "rows": [{"stream": repr(k), "t": t_rows[i], "decision": "run" if d[0] else "forecast",
-                          "reason": d[1], "est": d[2], "order": d[3]} for i, (k, d) in enumerate(zip(keys, decisions))],
+                "call": self._n["calls"], "t": t_rows, "run": computed, "forecast": sorted(forecast_rows),
+                "partial": approx, "cfg": sorted(cfg_rows),
+                "rows": [{"stream": repr(k), "t": t_rows[i], "decision": "run" if d[0] else kinds.get(i, "forecast"),
+                          "reason": d[1], "est": d[2], "order": d[3],
+                          "signal": plan.est.get(i) if plan is not None else None}
+                         for i, (k, d) in enumerate(zip(keys, decisions))],
             })
         return out
 
@@ -675,6 +923,7 @@ class StepCacheController:
             s.t_start = s.last_t = ti
         self._update(list(range(B)), streams, t_rows, y.detach().clone())
         self._n["rows_run"] += B
+        self._n["model_equivalents"] += B
         self._n["calls_run"] += 1
         self._count_reason("new", B)
         return y
@@ -751,3 +1000,413 @@ class StepCacheController:
                 prod *= abs(ti - tj)
             rate = _relchange(pred, truth) / prod
             self._pending.append((rate, [(m[0], m[0].gen, q) for m in members]))
+
+    # ------------------------------------------------------------------------------------- block level
+    def _blocks_usable(self, call) -> bool:
+        runner = getattr(call, "blocks", None)
+        if runner is None:
+            reason = (call.extra or {}).get("blocks") if hasattr(call, "extra") else None
+            if self._blocks_state is None or self._blocks_state[0] == "on":
+                self._blocks_state = ("off", reason or "the call has no block runner: whole-call skipping only")
+            return False
+        if not self.block_reuse:
+            self._blocks_state = ("off", "block_reuse=False: whole-call skipping only")
+            return False
+        if self._blocks_state is not None and self._blocks_state[0] == "off" and self._blocks_state[1].startswith(
+                "the model's forward never"):
+            return False
+        self._blocks_state = ("on", runner.describe)
+        return True
+
+    def _body_nodes(self, s: _Stream):
+        """The stream's body nodes as ``[(head tensors, target tensors)]`` (oldest first), or None."""
+        if not s.bts or s.blay is None:
+            return None
+        flat = self.manager.get((s.key, "body"))
+        nh, nb = sum(s.blay[0]), sum(s.blay[1])
+        if flat is None or len(flat) != len(s.bts) * (nh + nb):
+            return None
+        w = nh + nb
+        return [(flat[j * w:j * w + nh], flat[j * w + nh:(j + 1) * w]) for j in range(len(s.bts))]
+
+    def _node_forecast(self, ts: list[float], values: list[list[torch.Tensor]], t: float) -> list[torch.Tensor]:
+        """Per tensor slot, the order-``self.order`` polynomial through the last nodes at ``t`` (a node at ``t``
+        itself is returned as is)."""
+        from ..ops import forecast as _forecast
+
+        for j, tj in enumerate(ts):
+            if _same_t(t, tj):
+                return list(values[j])
+        q = min(self.order, len(ts) - 1)
+        if q == 0:
+            return list(values[-1])
+        nodes = ts[len(ts) - 1 - q:]
+        vals = values[len(values) - 1 - q:]
+        return [_forecast([v[k] for v in vals], nodes, t, order=q) for k in range(len(vals[0]))]
+
+    def _update_body(self, plan, computed, streams, t_rows) -> None:
+        """Push the head output and the body target of every row whose body ran into its body history, and
+        back-test the signal: ``kappa = (miss of the body forecast / ‖body output‖₁) / (miss of the head
+        forecast / ‖head output‖₁)``, read at the next call's sync."""
+        if plan.head is None or plan.body is None:
+            return
+        body_pos = sorted(plan.body_set)
+        bpos = {p: k for k, p in enumerate(body_pos)}
+        pos = {r: p for p, r in enumerate(plan.rows)}
+        head_mask = tuple(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in plan.head)
+        body_mask = tuple(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in plan.body)
+        resid = tuple(bool(plan.residual and body_mask[j] and j < len(head_mask) and head_mask[j]
+                           and plan.head[j].shape[1:] == plan.body[j].shape[1:]) for j in range(len(body_mask)))
+        lay = (head_mask, body_mask, resid)
+        kap_vals, owners = [], []
+        for i in computed:
+            p = pos.get(i)
+            if p is None or p not in bpos:
+                continue
+            s = streams[i]
+            k = bpos[p]
+            heads = [v[p] for v, m in zip(plan.head, head_mask) if m]
+            targets = []
+            for j, m in enumerate(body_mask):
+                if m:
+                    b = plan.body[j][k]
+                    targets.append((b - plan.head[j][p]) if resid[j] else b.detach().clone())
+            nodes = self._body_nodes(s) if s.blay == lay else None
+            ti = t_rows[i]
+            if nodes:
+                ts = list(s.bts)
+                h_hat = self._node_forecast(ts, [n[0] for n in nodes], ti)
+                r_hat = self._node_forecast(ts, [n[1] for n in nodes], ti)
+                num_h = sum((a - b).abs().sum() for a, b in zip(heads, h_hat))
+                den_h = sum(b.abs().sum() for b in h_hat)
+                num_r = sum((a - b).abs().sum() for a, b in zip(targets, r_hat))
+                bodies = [plan.body[j][k] for j, m in enumerate(body_mask) if m]
+                den_r = sum(b.abs().sum() for b in bodies)
+                miss = num_r / den_r.clamp_min(1e-30)
+                delta = num_h / den_h.clamp_min(1e-30)
+                kap_vals.append((miss / delta.clamp_min(1e-12)).float())
+                owners.append((s, s.gen, "kappa"))
+            else:
+                nodes = []
+                ts = []
+            keep = [j for j, tj in enumerate(ts) if not _same_t(ti, tj)]
+            new_nodes = [nodes[j] for j in keep] + [(heads, targets)]
+            new_ts = [ts[j] for j in keep] + [ti]
+            new_nodes, new_ts = new_nodes[-(self.order + 1):], new_ts[-(self.order + 1):]
+            s.bts, s.blay = new_ts, lay
+            self.manager.set((s.key, "body"), [v for hn, tn in new_nodes for v in (*hn, *tn)])
+        if kap_vals:
+            self._pending.append((torch.stack(kap_vals), owners))
+
+    # ------------------------------------------------------------------------------------- token level
+    def _tokens(self, plan, key: str, x: torch.Tensor, fn) -> torch.Tensor:
+        """Token-level reuse in a token-wise module of a computed body block (see the module docstring)."""
+        if self.token_budget is None:
+            return fn(x)
+        state = self._tok_checked.get(key)
+        if state is None:  # evaluating a token subset must give what the full call gives, bit for bit or nearly
+            full = fn(x)
+            n = x.shape[1]
+            sub_idx = torch.arange(0, n, 3, device=x.device)
+            sub = fn(x[:1].index_select(1, sub_idx))
+            ref = full[:1].index_select(1, sub_idx)
+            ok = (isinstance(full, torch.Tensor) and full.dim() == 3 and full.shape[:2] == x.shape[:2]
+                  and sub.shape == ref.shape and torch.allclose(sub.float(), ref.float(), rtol=1e-4, atol=1e-5))
+            self._tok_checked[key] = "ok" if ok else "not token-wise (a token subset gave other values)"
+            if not ok:
+                return full
+            return self._tok_store(plan, key, x, full)
+        if state != "ok":
+            return fn(x)
+        return self._tok_reuse(plan, key, x, fn)
+
+    def _tok_rows(self, plan):
+        body_pos = sorted(plan.body_set)
+        return [plan.rows[p] for p in body_pos]
+
+    def _tok_store(self, plan, key, x, full):
+        """Every token computed: make this the newest anchor of every row."""
+        rows = self._tok_rows(plan)
+        self._tok_n["calls"] += 1
+        self._tok_n["tokens"] += x.shape[0] * x.shape[1]
+        self._tok_n["tokens_run"] += x.shape[0] * x.shape[1]
+        for k, i in enumerate(rows):
+            self._tok_push(plan.streams[i], key, plan.t_rows[i], x[k], full[k])
+        return full
+
+    def _tok_push(self, s: _Stream, key, t, xin, xout) -> None:
+        mk = (s.key, "tok", key)
+        ts = s.tok.get(key, [])
+        flat = self.manager.get(mk) if ts else None
+        if flat is None or len(flat) != 2 * len(ts):
+            flat, ts = [], []
+        keep = [j for j, tj in enumerate(ts) if not _same_t(t, tj)]
+        nodes = [(flat[2 * j], flat[2 * j + 1]) for j in keep] + [(xin.detach().clone(), xout.detach().clone())]
+        ts = [ts[j] for j in keep] + [t]
+        nodes, ts = nodes[-(self.order + 1):], ts[-(self.order + 1):]
+        s.tok[key] = ts
+        self._tok_n["anchors"] += 1
+        self.manager.set(mk, [v for pair in nodes for v in pair])
+
+    def _tok_reuse(self, plan, key, x, fn):
+        from ..ops import relative_change
+
+        rows = self._tok_rows(plan)
+        R, N = x.shape[0], x.shape[1]
+        tile = min(self.token_tile, N)
+        fc_in, fc_out, have = [], [], []
+        for k, i in enumerate(rows):
+            s = plan.streams[i]
+            ts = s.tok.get(key, [])
+            flat = self.manager.get((s.key, "tok", key)) if ts else None
+            if flat is None or len(flat) != 2 * len(ts):
+                continue
+            vals = [[flat[2 * j], flat[2 * j + 1]] for j in range(len(ts))]
+            xin, xout = self._node_forecast(ts, vals, plan.t_rows[i])
+            have.append(k)
+            fc_in.append(xin)
+            fc_out.append(xout)
+        if not have:
+            return self._tok_store(plan, key, x, fn(x))
+        hidx = torch.tensor(have, dtype=torch.long, device=x.device)
+        xs = x.index_select(0, hidx)
+        _, per_tile = relative_change(xs, torch.stack(fc_in), tile=(tile, None))
+        sel = (per_tile.reshape(len(have), -1) > self.token_budget)  # [rows, tiles]
+        self._n["syncs"] += 1 if x.device.type != "cpu" else 0
+        counts = sel.sum(1).tolist()
+        ntiles = sel.shape[1]
+        out = torch.empty((R, N, fc_out[0].shape[-1]), dtype=fc_out[0].dtype, device=x.device)
+        full_rows = [k for k in range(R) if k not in set(have)]
+        partial = []
+        for h, k in enumerate(have):
+            if counts[h] * 2 > ntiles:  # most tiles changed: compute the row and make it a new anchor
+                full_rows.append(k)
+            else:
+                partial.append((h, k))
+        if full_rows:
+            full_rows.sort()
+            fidx = torch.tensor(full_rows, dtype=torch.long, device=x.device)
+            yf = fn(x.index_select(0, fidx))
+            out.index_copy_(0, fidx, yf)
+            for j, k in enumerate(full_rows):
+                i = rows[k]
+                self._tok_push(plan.streams[i], key, plan.t_rows[i], x[k], yf[j])
+        run_tok = len(full_rows) * N
+        if partial:
+            token_ids = []
+            for h, k in partial:
+                out[k] = fc_out[h]
+                if counts[h]:
+                    tiles = sel[h].nonzero().reshape(-1)
+                    tok = (tiles[:, None] * tile + torch.arange(tile, device=x.device)[None]).reshape(-1)
+                    tok = tok[tok < N]
+                    token_ids.append((k, tok))
+            if token_ids:
+                gathered = torch.cat([x[k].index_select(0, tok) for k, tok in token_ids])[None]
+                yg = fn(gathered)[0]
+                o = 0
+                for k, tok in token_ids:
+                    n = tok.numel()
+                    out[k].index_copy_(0, tok, yg[o:o + n])
+                    o += n
+                run_tok += o
+        self._tok_n["calls"] += 1
+        self._tok_n["tokens"] += R * N
+        self._tok_n["tokens_run"] += run_tok
+        return out
+
+    # --------------------------------------------------------------------------------------- CFG reuse
+    def _cfg_candidates(self, call, run_rows, streams, t_rows, decisions, B) -> dict:
+        """Rows that become their CFG partner's output plus the forecast difference:
+        ``{row: (("row", j) or ("prev", tensor), difference forecast, predicted error)}``."""
+        xsig = self._xsig
+        if xsig is None:
+            return {}
+        groups: dict = {}
+        for i in range(B):
+            groups.setdefault((round(t_rows[i], 9), xsig[i]), []).append(i)
+        run_set = set(run_rows)
+        out = {}
+        for gk, members in groups.items():
+            prev = self._cfg_prev.get(gk)
+            if prev is not None and prev[2]:
+                anchor, deps = ("prev", prev[1]), members
+            elif len(members) > 1 and members[0] in run_set:
+                anchor, deps = ("row", members[0]), members[1:]
+            else:
+                continue
+            for i in deps:
+                d = decisions[i]
+                s = streams[i]
+                if i not in run_set or d[1] not in ("budget", "piggyback") or not s.cts:
+                    continue
+                rate = s.rates.get("cfg")
+                flat = self.manager.get((s.key, "cfg"))
+                if rate is None or flat is None or len(flat) != len(s.cts):
+                    continue
+                ti = t_rows[i]
+                q = min(self.order, len(s.cts) - 1)
+                prod = 1.0
+                for tj in s.cts[len(s.cts) - 1 - q:]:
+                    prod *= abs(ti - tj)
+                to_end = abs(ti - self.t_end)
+                drift = self.drift_gain * s.drift / to_end if self.drift_gain and to_end else 0.0
+                e = rate * prod + drift
+                if e <= self.budget:
+                    delta = self._node_forecast(list(s.cts), [[v] for v in flat], ti)[0]
+                    out[i] = (anchor, delta, e)
+        return out
+
+    def _cfg_assemble(self, out, cfg_rows, streams, t_rows) -> None:
+        for i, (anchor, delta, _) in cfg_rows.items():
+            base = out[anchor[1]] if anchor[0] == "row" else anchor[1]
+            out[i] = base + delta.to(out.dtype)
+
+    def _cfg_record(self, call, out, computed, streams, t_rows, keys, B) -> None:
+        """Push ``y_row - y_partner`` of every CFG pair computed at this timestep and back-test its forecast;
+        keep this call's outputs for a CFG partner in the next call (CFG as two forwards)."""
+        xsig = self._xsig
+        if xsig is None:
+            return
+        comp = set(computed)
+        groups: dict = {}
+        for i in range(B):
+            groups.setdefault((round(t_rows[i], 9), xsig[i]), []).append(i)
+        rates, owners = [], []
+        new_prev = {}
+        for gk, members in groups.items():
+            prev = self._cfg_prev.get(gk)
+            if prev is not None:
+                anchor_y, anchor_ok, deps = prev[1], prev[2], members
+            else:
+                a = members[0]
+                anchor_y, anchor_ok, deps = out[a], a in comp, members[1:]
+                new_prev[gk] = (keys[a], out[a].detach().clone(), a in comp)
+            if not anchor_ok:
+                continue
+            for i in deps:
+                if i not in comp:
+                    continue
+                s = streams[i]
+                ti = t_rows[i]
+                delta = (out[i] - anchor_y).detach()
+                flat = self.manager.get((s.key, "cfg")) if s.cts else None
+                if flat is None or len(flat) != len(s.cts):
+                    flat, s.cts = [], []
+                if flat:
+                    pred = self._node_forecast(list(s.cts), [[v] for v in flat], ti)[0]
+                    prod = 1.0
+                    q = min(self.order, len(s.cts) - 1)
+                    for tj in s.cts[len(s.cts) - 1 - q:]:
+                        prod *= abs(ti - tj) if not _same_t(ti, tj) else 1.0
+                    num = (pred - delta).abs().sum()
+                    den = out[i].abs().sum().clamp_min(1e-30)
+                    rates.append((num / den / prod).float())
+                    owners.append((s, s.gen, "cfg"))
+                keep = [j for j, tj in enumerate(s.cts) if not _same_t(ti, tj)]
+                vals = [flat[j] for j in keep] + [delta.clone()]
+                ts = [s.cts[j] for j in keep] + [ti]
+                s.cts = ts[-(self.order + 1):]
+                self.manager.set((s.key, "cfg"), vals[-(self.order + 1):])
+        self._cfg_prev = new_prev
+        if rates:
+            self._pending.append((torch.stack(rates), owners))
+
+
+class _Plan:
+    """The controller's side of one block-level run (:mod:`jetdet.patch.blocks` calls it)."""
+
+    def __init__(self, ctl: StepCacheController, rows, streams, t_rows, decisions, partial: set, runner):
+        self.ctl = ctl
+        self.rows = rows  # batch rows of this run, in run order
+        self.streams, self.t_rows, self.decisions = streams, t_rows, decisions
+        self.partial = partial
+        self.residual = bool(getattr(runner, "residual", True))
+        self.body_set = set(range(len(rows)))  # run positions whose body is computed
+        self.est: dict[int, float] = {}  # batch row -> the signal's prediction
+        self.head = None
+        self.body = None
+
+    def split(self, leaves):
+        ctl = self.ctl
+        # copies: a model may update its hidden states in place after this block
+        self.head = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in leaves]
+        head_mask = tuple(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in leaves)
+        cands = []
+        for p, i in enumerate(self.rows):
+            s = self.streams[i]
+            d = self.decisions[i]
+            if s.blay is None or s.blay[0] != head_mask:
+                continue
+            if i in self.partial or (ctl.block_signal == "decide" and d[1] in ("budget", "piggyback")
+                                     and "kappa" in s.rates and len(s.bts) > ctl.order):
+                nodes = ctl._body_nodes(s)
+                if nodes:
+                    cands.append((p, i, s, nodes))
+        if not cands:
+            return sorted(self.body_set), None
+        sig: dict[int, float] = {}
+        if ctl.block_signal != "off":
+            vals = []
+            for p, i, s, nodes in cands:
+                kap = s.rates.get("kappa")
+                if kap is None:
+                    continue
+                h_hat = ctl._node_forecast(list(s.bts), [n[0] for n in nodes], self.t_rows[i])
+                heads = [v[p] for v, m in zip(leaves, head_mask) if m]
+                num = sum((a - b).abs().sum() for a, b in zip(heads, h_hat))
+                den = sum(b.abs().sum() for b in h_hat)
+                vals.append((i, kap, (num / den.clamp_min(1e-30)).double()))
+            if vals:
+                t = torch.stack([v[2] for v in vals])
+                if t.device.type != "cpu":
+                    ctl._n["syncs"] += 1
+                for (i, kap, _), dv in zip(vals, t.tolist()):
+                    sig[i] = kap * dv
+        budget = ctl.budget
+        fc = []
+        for p, i, s, nodes in cands:
+            e = sig.get(i)
+            if i in self.partial:
+                ok = e is None or e <= budget
+            else:
+                ok = e is not None and e <= budget
+            if ok:
+                fc.append((p, i, s, nodes, e))
+        if fc and ctl.piggyback < 1.0 and len(fc) < len(self.rows):  # keep the rows of this timestep in step
+            kept = []
+            for item in fc:
+                e = item[4] if item[4] is not None else self.decisions[item[1]][2]
+                if e is None or e <= ctl.piggyback * budget:
+                    kept.append(item)
+            fc = kept
+        if not fc:
+            return sorted(self.body_set), None
+        per_leaf: list[list] = []
+        lay = fc[0][2].blay
+        body_mask, resid = lay[1], lay[2]
+        for p, i, s, nodes, e in fc:
+            self.est[i] = e if e is not None else self.decisions[i][2]
+            r_hat = ctl._node_forecast(list(s.bts), [n[1] for n in nodes], self.t_rows[i])
+            vals = []
+            k = 0
+            for j, m in enumerate(body_mask):
+                if not m:
+                    vals.append(None)
+                    continue
+                v = r_hat[k]
+                k += 1
+                if resid[j]:
+                    v = leaves[j][p] + v
+                vals.append(v)
+            per_leaf.append(vals)
+        forecast = [None if per_leaf[0][j] is None else torch.stack([r[j] for r in per_leaf])
+                    for j in range(len(body_mask))]
+        self.body_set -= {p for p, *_ in fc}
+        return sorted(self.body_set), forecast
+
+    def body_done(self, leaves):
+        self.body = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in leaves]
+
+    def token(self, key, x, fn):
+        return self.ctl._tokens(self, key, x, fn)

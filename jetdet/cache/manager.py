@@ -9,6 +9,9 @@ private temporary directory), and past ``disk_budget_bytes`` they are dropped. A
 no history: the controller recomputes it. :meth:`CacheManager.get` brings a stream back to its device,
 bit for bit (raw bytes are copied, never converted).
 
+``peak_device_bytes`` is the most bytes held on the device tier after a ``set``/``get`` has enforced the
+budgets (the tensors being stored exist anyway; the budget bounds what the cache keeps alive).
+
 Host syncs: none on the device tier. Moving to the host tier issues an asynchronous copy into pinned memory
 (no sync); moving a stream from the host tier to disk waits for the copies in flight first
 (``torch.cuda.synchronize``), so over-budget configurations with a disk tier pay a sync per spill to disk.
@@ -108,8 +111,8 @@ class CacheManager:
         self._entries[key] = e
         self._bytes["device"] += e.nbytes
         self._counts["sets"] += 1
-        self._counts["peak_device_bytes"] = max(self._counts["peak_device_bytes"], self._bytes["device"])
         self._enforce()
+        self._counts["peak_device_bytes"] = max(self._counts["peak_device_bytes"], self._bytes["device"])
 
     def get(self, key) -> list[torch.Tensor] | None:
         """Stream ``key``'s tensors on their device, or None if it has none (never set, dropped or
@@ -133,6 +136,7 @@ class CacheManager:
             self._counts["reloaded_from_disk"] += 1
         self._move(e, "device", out)
         self._enforce(protect=key)
+        self._counts["peak_device_bytes"] = max(self._counts["peak_device_bytes"], self._bytes["device"])
         return list(out)
 
     def tier(self, key) -> str | None:
@@ -210,8 +214,6 @@ class CacheManager:
                 os.remove(old_path)
             except OSError:
                 pass
-        if tier == "device":
-            self._counts["peak_device_bytes"] = max(self._counts["peak_device_bytes"], self._bytes["device"])
 
     def _budget(self, tier: str) -> int | None:
         return {"device": self.memory_budget_bytes, "cpu": self.cpu_budget_bytes,

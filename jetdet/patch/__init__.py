@@ -157,14 +157,16 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
 
 def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,
                 linear_attention_check: int = 1, linear_attention_state_refresh: int = 1, attention_cache=False,
-                **options):
+                blocks="auto", head_blocks: int = 1, tail_blocks: int | None = None, **options):
     from ..cache import StepCacheController
     from . import attncache
+    from .blocks import BlockHooks, find_blocks
     from .linattn import LinearAttentionSwap, parse_option
 
     inner = model.forward
     adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
     controller = StepCacheController(**options)  # validates the options before anything is changed
+    split, reason = find_blocks(model, blocks, head_blocks, tail_blocks)
     fmap = parse_option(linear_attention)
     ac = attncache.parse_option(attention_cache)
     if fmap and ac:
@@ -175,6 +177,12 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     cache = attncache.AttentionCache(ac, epoch_fn=controller.epoch) if ac else None
     handle.adapter, handle.controller, handle.linear_attention = adapter, controller, swap
     handle.attention_cache = cache
+    if split is not None and controller.block_reuse:
+        adapter.hooks = BlockHooks(split, handle._set_forward)
+        reason = "ok"
+    elif split is not None:
+        reason = "block_reuse=False: whole-call skipping only"
+    adapter.blocks_reason = reason
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
@@ -200,7 +208,11 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     Options for ``"deterministic"``: ``warn_only`` (see :class:`jetdet.mode`).
     Options for ``"fast"``: ``latent_arg``/``timestep_arg`` (names of the forward's latent and timestep
     parameters, found automatically for common names) and every :class:`jetdet.cache.StepCacheController`
-    option (``budget``, ``start_percent``, ``end_percent``, ``max_consecutive_skips``, ``forecast``, ...).
+    option (``quality``, ``budget``, ``start_percent``, ``end_percent``, ``max_consecutive_skips``, ``forecast``,
+    ``block_reuse``, ``token_budget``, ``cfg_reuse``, ...). ``blocks`` (``"auto"``, ``None``, or the name or names
+    of the model's ``nn.ModuleList`` of blocks), ``head_blocks`` (default 1) and ``tail_blocks`` (default 0, 1 for
+    U-Nets) say where the controller may run rows partly (:mod:`jetdet.patch.blocks`);
+    ``handle.stats()["cache"]["blocks"]`` says which list was found, or why none was.
     ``linear_attention`` (opt-in, **approximate**: ``True``/``"relu"``, ``"elu1"`` or ``"identity"``) replaces the
     model's softmax ``F.scaled_dot_product_attention`` calls by :func:`jetdet.ops.linear_attention`; during the
     first ``linear_attention_check`` forwards (default 1) each replaced call is also computed exactly and the

@@ -6,7 +6,10 @@ and packs an output back into the model's own return type.
   ``SD3Transformer2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``, ...), which return a
   ``Transformer2DModelOutput``/``UNet2DConditionOutput`` or a tuple when ``return_dict=False``.
 
-A ComfyUI ``ModelPatcher`` adapter (a later issue) only has to produce the same :class:`ModelCall`.
+A ComfyUI ``ModelPatcher`` adapter (a later issue) only has to produce the same :class:`ModelCall`. For
+block-level reuse it sets ``ModelCall.blocks`` from a :class:`jetdet.patch.blocks.BlockHooks` built on the
+model's block list (``BlockSplit`` takes any list of modules in execution order, e.g. ComfyUI's
+``joint_blocks`` or ``double_blocks`` + ``single_blocks``); without it the controller skips whole calls only.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class TorchAdapter:
             )
         self.cond_names = [n for n in COND_NAMES if n in names]
         self._container = None
+        self.hooks = None  # jetdet.patch.blocks.BlockHooks when block-level reuse is on
+        self.blocks_reason = "no block list"
 
     @staticmethod
     def _pick(option, given, names, candidates, default=None):
@@ -85,7 +90,8 @@ class TorchAdapter:
             return self._unpack(self.forward(*sub.args, **sub.kwargs))
 
         return ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond,
-                         extra={"latent_arg": self.latent, "timestep_arg": self.timestep})
+                         extra={"latent_arg": self.latent, "timestep_arg": self.timestep, "blocks": self.blocks_reason},
+                         blocks=self.hooks.runner(run) if self.hooks is not None else None)
 
     def _timestep_tensor(self, t, bsz, device):
         if isinstance(t, torch.Tensor):

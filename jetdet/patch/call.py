@@ -4,7 +4,9 @@ The patcher's adapters (plain torch, diffusers, later ComfyUI) turn a ``forward(
 into a :class:`ModelCall`: the latent, the per-row timestep, and a ``run(rows)`` function that evaluates the
 original model on a subset of the batch rows (row compaction). The controller decides per row whether to
 run the model or forecast the output, calls ``run`` once with the rows that need it, and returns the full
-``[B, ...]`` output; the adapter packs it into the model's own return type.
+``[B, ...]`` output; the adapter packs it into the model's own return type. An adapter that knows the model's
+block list also passes ``blocks`` (:mod:`jetdet.patch.blocks`), through which the controller runs rows *partly*:
+the first block(s) and the tail for every row it runs, the rest only where its forecast would miss.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ class ModelCall:
     """Optional per-row conditioning summary ``[B, ...]`` (e.g. class labels, or a pooled text embedding)
     that lets the controller tell CFG branches apart when they share a batch. May be None."""
     extra: dict = field(default_factory=dict)
-    """Adapter-specific facts for logs (e.g. which argument was the latent)."""
+    """Adapter-specific facts for logs (e.g. which argument was the latent; ``"blocks"``: why there is no block
+    runner)."""
+    blocks: object | None = None
+    """Optional block-level access for partial rows (block-level and token-level reuse): an object with
+    ``num_blocks``, ``head``, ``tail``, ``residual``, ``describe`` and ``run(rows, plan) -> (output, split_done)``;
+    :mod:`jetdet.patch.blocks` documents the protocol and implements it for any model whose forward calls a
+    list of block modules (``jetdet.patch.blocks.BlockHooks``). ``None``: the controller skips whole calls
+    only."""
 
     @property
     def batch(self) -> int:
