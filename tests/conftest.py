@@ -2,7 +2,13 @@
 
 * ``TRITON_INTERPRET=1`` when there is no CUDA device, so Triton kernels run on CPU;
 * ``JETDET_DEBUG_FILL_NAN=1`` so every buffer a kernel allocates starts as NaN and an element it forgets to
-  write fails the test.
+  write fails the test;
+* in the interpreter, ``tl.dot`` as an unblocked ``numpy.einsum`` instead of ``numpy.matmul``. With numpy 2.4's
+  OpenBLAS (0.3.31) a row's result in ``A @ B`` depends on its position in ``A`` (the microkernel's edge rows
+  round differently: in a sweep of [16..128, 16..64] @ [.., 16..64] fp32 blocks, 60-340 of every 50-320 moved
+  rows differed), which a GPU's MMA does not do; the interpreter then reported the matmul kernel as not batch
+  invariant for a row in another tile position. ``einsum`` computes every output element with the same loop, so
+  the interpreter models the kernel, not the BLAS. Accuracy is unchanged (both sum fp32 products in fp32).
 
 With CUDA the kernel tests run the compiled kernels on CUDA tensors (see ``_devices.py``): the fixtures below
 make CUDA the default device for new tensors during such a test. CPU CI is unchanged.
@@ -27,6 +33,29 @@ def kernel_device():
     """The device the kernel tests run on ("cuda" on a GPU, else "cpu"); new tensors default to it."""
     with on_device(KERNEL_DEVICE) as dev:
         yield dev
+
+
+def _position_invariant_interpreter_dot() -> None:
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+    if getattr(original, "jetdet_einsum", False):
+        return
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or b.data.dtype != np.float32:
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        prod = np.einsum("...ik,...kj->...ij", a.data, b.data, optimize=False).astype(d.data.dtype)
+        return interpreter.TensorHandle(prod + d.data, d.dtype.scalar)
+
+    create_dot.jetdet_einsum = True
+    builder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _position_invariant_interpreter_dot()
 
 
 @pytest.fixture
