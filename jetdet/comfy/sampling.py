@@ -21,6 +21,9 @@ is the Brownian bridge ``W(a) + (σ − a)/(b − a) (W(b) − W(a)) + sqrt((σ 
 point revealed draws ``z = jetdet.randn(..., seed, item id, step=k)``, ``k >= 1``; the sequence of queries is the
 same for every batch size, so every item gets the same bits alone or in any batch. For the samplers that query
 disjoint consecutive intervals (the ancestral ones) this is a fresh standard normal per step.
+
+``dpm_adaptive`` picks its steps by an error norm over the whole batch, so an item's steps depend on its
+neighbours; :func:`sample` runs the items of such a sampler (:data:`BATCH_COUPLED`) one at a time.
 """
 
 from __future__ import annotations
@@ -125,6 +128,11 @@ def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
     return samples
 
 
+#: Samplers whose steps depend on the whole batch (``dpm_adaptive`` accepts or rejects a step by the error norm
+#: over the batch): :func:`sample` runs their items one at a time.
+BATCH_COUPLED = frozenset({"dpm_adaptive"})
+
+
 def _sampler_function(name: str):
     import comfy.k_diffusion.sampling as kds
 
@@ -183,6 +191,18 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
                          f"{tuple(latent_image.shape)}")
     latent_image = check_latent(model, comfy.sample.fix_empty_latent_channels(model, latent_image))
     ids = item_ids(latent_image.shape[0], batch_offset, latent.get("batch_index"))
+    if sampler_name in BATCH_COUPLED and len(ids) > 1:
+        # its step-size control measures the error over the whole batch, so the steps an item gets depend on the
+        # other items: only a batch-1 run is per item
+        mask = latent.get("noise_mask")
+        outs = []
+        for i, item in enumerate(ids):
+            one = {"samples": latent["samples"][i:i + 1]}
+            if isinstance(mask, torch.Tensor):
+                one["noise_mask"] = mask[i:i + 1] if mask.shape[0] == len(ids) else mask
+            outs.append(sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, one, denoise,
+                               item, callback, disable_pbar, noise_seed_step))
+        return torch.cat(outs)
     noise = item_noise(latent_image.shape, seed, ids, noise_seed_step, latent_image.dtype)
     ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                  scheduler=scheduler, denoise=denoise, model_options=model.model_options)
