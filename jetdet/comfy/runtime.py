@@ -86,7 +86,9 @@ def start_server(base_dir: str | os.PathLike, path: str | os.PathLike | None = N
             port = s.getsockname()[1]
     env = dict(os.environ)
     stubs = env.get(STUBS_ENV)
-    if stubs and importlib.util.find_spec("torchvision") is None:
+    spec = importlib.util.find_spec("torchvision")
+    found = os.path.realpath(spec.origin) if spec is not None and spec.origin else None
+    if stubs and (found is None or found.startswith(os.path.realpath(stubs) + os.sep)):  # none, or only the stub
         env["PYTHONPATH"] = os.pathsep.join(p for p in (stubs, env.get("PYTHONPATH")) if p)
     log_path = os.path.join(base, "server.log")
     log = open(log_path, "w")  # noqa: SIM115 - handed to the child; closed when it stops
