@@ -703,7 +703,7 @@ def model_speed(run: Run, out: dict) -> None:
 
 def fast_path(run: Run, out: dict) -> None:
     import jetdet
-    from jetdet.cache.evaluate import psnr
+    from jetdet.models.evaluate import psnr
     from jetdet.models import load_bundled
     from jetdet.models.sampling import sample
 

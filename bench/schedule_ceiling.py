@@ -3,7 +3,7 @@
 The step cache (``jetdet.cache.StepCacheController``) picks per row and per step which evaluations to skip and
 forecasts their outputs. This script takes the decision rule out of the picture: it samples with *fixed*
 schedules (the same set of computed steps for every sample, everything else forecast from the computed
-outputs) and reports mean PSNR against full compute of the same seed, as ``jetdet.cache.evaluate`` does. So it
+outputs) and reports mean PSNR against full compute of the same seed, as ``jetdet.models.evaluate`` does. So it
 answers "what is the best quality any schedule of N computes reaches with these forecasts", and shows which
 steps cannot be skipped at all.
 
