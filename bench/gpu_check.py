@@ -703,8 +703,8 @@ def model_speed(run: Run, out: dict) -> None:
 
 def fast_path(run: Run, out: dict) -> None:
     import jetdet
-    from jetdet.models.evaluate import psnr
     from jetdet.models import load_bundled
+    from jetdet.models.evaluate import psnr
     from jetdet.models.sampling import sample
 
     steps = 3 if run.dry else 30
