@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from jetdet.comfy.runtime import import_comfyui  # noqa: E402
+from jetdet.models.evaluate import psnr  # noqa: E402  (per item, peak-to-peak 2, inf where identical)
 
 DEFAULT_BUDGETS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -51,12 +52,6 @@ class ForwardCounter:
     def _hook(self, _module, args):
         self.calls += 1
         self.rows += int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) else 0
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-item PSNR in dB of images in [-1, 1] (peak-to-peak 2), inf where identical."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(4.0 / mse)
 
 
 def build_methods(base, budgets, thresholds) -> list[dict]:
