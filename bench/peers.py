@@ -108,7 +108,7 @@ if str(ROOT) not in sys.path:
 
 import jetdet  # noqa: E402
 from jetdet.models import bundled, sampling  # noqa: E402
-from jetdet.models.evaluate import psnr  # noqa: E402  (per item, images in [-1, 1], inf where identical)
+from jetdet.models.evaluate import parse_options, psnr  # noqa: E402  (per item, images in [-1, 1], inf where identical)
 
 #: Peer families, in table order.
 PEER_FAMILIES = ("FirstBlockCache", "TaylorSeer", "MagCache", "SeaCache", "FasterCache", "PyramidAttentionBroadcast")
@@ -1016,13 +1016,7 @@ def main(argv=None) -> dict:
             where = plot(res, args.plot)
             print(f"plot: {where}" if where else "plot: matplotlib is not installed (pip install '.[bench]')")
         return res
-    opts = {}
-    for kv in args.jetdet_option:
-        k, _, v = kv.partition("=")
-        try:
-            opts[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            opts[k] = v
+    opts = parse_options(args.jetdet_option)
     t0 = time.perf_counter()
     res = run_peers(seeds=range(args.seeds), classes=args.classes, steps=args.steps, sampler=args.sampler,
                     cfg=args.cfg, batch_cfg=not args.separate_cfg, budgets=args.budgets, qualities=args.qualities,

@@ -18,6 +18,7 @@ From a checkout: ``python -m jetdet.models.evaluate --quality high balanced fast
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import math
 import time
@@ -218,8 +219,20 @@ def format_row(r: dict) -> str:
             f"acc {100 * r['accuracy']:5.1f}% (full {100 * r['accuracy_full']:5.1f}%)")
 
 
+def parse_options(pairs) -> dict:
+    """``["key=value", ...]`` from the command line -> options; a value is a Python literal where it parses as one,
+    else the string."""
+    opts = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        try:
+            opts[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            opts[k] = v
+    return opts
+
+
 def main(argv=None) -> list[dict]:
-    import ast
 
     from . import bundled
 
@@ -240,13 +253,7 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = {}
-    for kv in args.option:
-        k, _, v = kv.partition("=")
-        try:
-            opts[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            opts[k] = v
+    opts = parse_options(args.option)
     quality = args.quality
     if quality is None and args.budgets is None:
         quality = ["high", "balanced", "fast"]
