@@ -57,6 +57,14 @@ def import_comfyui(path: str | os.PathLike | None = None, *, cpu: bool = True, e
             raise ImportError(f"ComfyUI imports torchvision, which is not installed here: install it, or set "
                               f"{STUBS_ENV} to a folder with an import-only torchvision stub (in this project's "
                               "workspace: ../shared/comfyui/stubs)")
+        # diffusers and transformers decide once, at import, whether torchvision is installed; after the stub goes
+        # on sys.path they would take it for the real one and fail importing torchvision.transforms.* (diffusers'
+        # peft loader does). Let them see the truth first.
+        for name in ("transformers.utils.import_utils", "diffusers.utils.import_utils"):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
         sys.path.append(stubs)
     cli_args = importlib.import_module("comfy.cli_args")
     cli_args.args.cpu = bool(cpu)

@@ -44,17 +44,7 @@ def _setup():
         return None
     stub = _stub_dir()
     if stub and importlib.util.find_spec("torchvision") is None:
-        # diffusers and transformers decide once, at import, whether torchvision is installed; with the stub on
-        # sys.path first they take it for the real one and the diffusers tests later in this session fail
-        # importing torchvision.transforms.* through diffusers.loaders.peft. Let them see the truth first.
-        for name in ("transformers.utils.import_utils", "diffusers.utils.import_utils"):
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass
-        os.environ.setdefault("JETDET_COMFYUI_STUBS", stub)
-        if stub not in sys.path:
-            sys.path.append(stub)  # also for the subprocesses the tests start (they pass sys.path's stub entry on)
+        os.environ.setdefault("JETDET_COMFYUI_STUBS", stub)  # import_comfyui puts it on sys.path
     from jetdet.comfy.runtime import import_comfyui
 
     import_comfyui(d)
