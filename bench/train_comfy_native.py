@@ -108,11 +108,16 @@ def to_model_space(images: torch.Tensor) -> torch.Tensor:
 
 def train(args):
     model = build_model(args.seed)
+    if args.init:  # continue from earlier weights (the saved EMA) with a fresh optimiser and schedule
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
+        log(f"initialised from {args.init}; data stream from batch {args.data_offset}")
     ema = copy.deepcopy(model).requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"MMDiT {sm.UNET_CONFIG}, {n_params / 1e6:.3f}M parameters")
     opt = make_optimizer(model, args.lr)
-    gen = torch.Generator().manual_seed(args.seed + 3)
+    gen = torch.Generator().manual_seed(args.seed + 3 + args.data_offset)
     t0 = time.perf_counter()
     losses = []
     model.train()
@@ -120,7 +125,7 @@ def train(args):
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        images, labels = make_shapes(args.batch, DATA_SEED + step)
+        images, labels = make_shapes(args.batch, DATA_SEED + args.data_offset + step)
         b = images.shape[0]
         drop = torch.rand(b, generator=gen) < args.cfg_dropout
         context, pooled = sm.class_vectors(torch.where(drop, torch.full_like(labels, -1), labels))
@@ -139,7 +144,8 @@ def train(args):
     final = statistics.fmean(losses[-100:])
     log(f"trained {args.steps} steps x {args.batch} in {el:.0f}s, final loss (mean of last 100) {final:.4f}")
     return ema.eval(), {"steps": args.steps, "batch": args.batch, "final_loss": round(final, 5), "lr": args.lr,
-                        "ema": args.ema, "cfg_dropout": args.cfg_dropout, "seed": args.seed}
+                        "ema": args.ema, "cfg_dropout": args.cfg_dropout, "seed": args.seed,
+                        "init": Path(args.init).name if args.init else None, "data_offset": args.data_offset}
 
 
 def evaluate(path, args) -> dict:
@@ -193,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--cfg-dropout", type=float, default=0.1)
+    ap.add_argument("--init", default=None, help="start from these weights (a file this script wrote)")
+    ap.add_argument("--data-offset", type=int, default=0, help="first training batch index (to continue a run)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--eval-seeds", type=int, default=10, help="samples per class in the evaluation")
     ap.add_argument("--eval-seed", type=int, default=0)
