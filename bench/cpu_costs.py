@@ -4,7 +4,7 @@
 splits it, timing each piece against what plain torch does in its place (median of ``--repeats`` runs, the
 variants interleaved; microseconds):
 
-1. **Convolutions of TinyUNet:** ``F.conv2d`` (oneDNN), ``jetdet.cpu.conv2d`` (the whole deterministic conv),
+1. **Convolutions of TinyUNet:** ``F.conv2d`` (oneDNN), the conv2d torch path (the whole deterministic conv),
    and its two parts: the im2col gather into a reused buffer, and the batched GEMM alone on those columns.
    Also the same gather into a freshly allocated buffer, the page-fault cost the per-thread scratch buffers
    avoid.
@@ -34,7 +34,8 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jetdet  # noqa: E402
-from jetdet import cpu  # noqa: E402
+from jetdet.kernels.conv2d import torch_path as conv_torch  # noqa: E402
+from jetdet.kernels.matmul import torch_path as mm_torch  # noqa: E402
 from jetdet.models import TinyDiT, TinyUNet, make_toy_inputs  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def _conv_parts(x, w, b, stride, padding):
     ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
     hp, wp = h + 2 * ph, wd + 2 * pw
     k, ll = c * kh * kw, ho * wo
-    lp = -(-ll // cpu.COL_PAD) * cpu.COL_PAD
+    lp = -(-ll // mm_torch.COL_PAD) * mm_torch.COL_PAD
     op = -(-o // 8) * 8
     xp = torch.zeros(bsz, c, hp, wp)
     xp[:, :, ph:ph + h, pw:pw + wd] = x
@@ -113,7 +114,7 @@ def _conv_parts(x, w, b, stride, padding):
 
 def convs(repeats: int) -> list[str]:
     _, _, rec = _record(TinyUNet)
-    lines = ["| conv (batch 4) | F.conv2d | jetdet.cpu.conv2d | gather (reused buffer) | gather (fresh buffer) "
+    lines = ["| conv (batch 4) | F.conv2d | jetdet conv2d torch path | gather (reused buffer) | gather (fresh buffer) "
              "| GEMM alone | jetdet / F |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     tot_f = tot_j = 0.0
@@ -129,7 +130,7 @@ def convs(repeats: int) -> list[str]:
             g_reused, g_fresh, gemm = _conv_parts(x, w, b, stride, padding)
             r = timed({
                 "F": lambda x=x, w=w, b=b, s=stride, p=padding: F.conv2d(x, w, b, s, p),
-                "jetdet": lambda x=x, w=w, b=b, s=stride, p=padding: cpu.conv2d(x, w, b, s, p),
+                "jetdet": lambda x=x, w=w, b=b, s=stride, p=padding: conv_torch.conv2d(x, w, b, s, p),
                 "reused": g_reused, "fresh": g_fresh, "gemm": gemm,
             }, repeats)
             tot_f += r["F"]
@@ -164,12 +165,12 @@ def linears(repeats: int) -> list[str]:
             x2 = x.reshape(-1, x.shape[-1])
             m, k = x2.shape
             n = w.shape[0]
-            full, tail, h = cpu._mm_rows(m, k, -(-n // cpu.COL_PAD) * cpu.COL_PAD)
+            full, tail, h = mm_torch.mm_rows(m, k, -(-n // mm_torch.COL_PAD) * mm_torch.COL_PAD)
             mp = full + tail
-            hh = h if tail and not full else cpu.ROW_TILE
+            hh = h if tail and not full else mm_torch.ROW_TILE
             tiles = mp // hh
             a3 = F.pad(x2, (0, 0, 0, mp - m)).view(tiles, hh, k)
-            np_ = -(-n // cpu.COL_PAD) * cpu.COL_PAD
+            np_ = -(-n // mm_torch.COL_PAD) * mm_torch.COL_PAD
             bp = F.pad(w.t(), (0, np_ - n)).contiguous()
             bias = F.pad(b, (0, np_ - n)) if b is not None else torch.zeros(np_)
             out = torch.empty(tiles, hh, np_)

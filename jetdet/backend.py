@@ -30,7 +30,7 @@ def run_body(fn, *args):
     filled with NaN (``torch.utils.deterministic.fill_uninitialized_memory``). The op bodies write every
     element they read back, so that fill only costs time. It is turned off for the body alone, by the thread
     that found it on, and turned back on afterwards. It cost ~20% of a TinyUNet forward when every call
-    allocated fresh im2col buffers; with the per-thread scratch buffers of ``jetdet.cpu`` the difference is
+    allocated fresh im2col buffers; with the per-thread scratch buffers of the torch paths the difference is
     within noise (``python bench/cpu_costs.py``), and the switch is kept because it costs nothing."""
     fill = _get_fill()
     if fill:

@@ -16,8 +16,9 @@ Deterministic mode
   is replaced), sees ``F.linear``/``F.scaled_dot_product_attention`` before decomposition, and costs
   a few microseconds per routed call (``python -m jetdet.bench`` prints the measured overhead).
   Plain fp32 CPU calls of linear, layer_norm, group_norm and 4-D SDPA with no autograd to record go
-  straight to the CPU path (:mod:`jetdet.cpu`, the same bodies the ops run) once the handler has checked
-  the shapes; everything else goes through ``jetdet.ops`` (``python bench/cpu_costs.py`` times both).
+  straight to the CPU path (the kernel folders' ``torch_path`` modules, the same bodies the ops run) once
+  the handler has checked the shapes; everything else goes through ``jetdet.ops`` (``python
+  bench/cpu_costs.py`` times both).
 * A call the jetdet ops cannot take (float64, grouped or dilated conv, dropout, ...) falls back to torch
   with a one-time warning naming the op and the reason: that call is then *not* covered by the guarantee.
 * Sets ``torch.use_deterministic_algorithms(True)``, cuDNN deterministic on and benchmark off, TF32 and
@@ -39,7 +40,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import backend as _backend
-from . import cpu as _cpu
+from .kernels.attention import torch_path as _attention_torch
+from .kernels.matmul import torch_path as _matmul_torch
+from .kernels.norms import torch_path as _norms_torch
 
 
 class Mode(str, enum.Enum):
@@ -253,7 +256,7 @@ def _arg(args, kwargs, i, name, default=None):
 
 
 def _direct_cpu(*ts) -> bool:
-    """Whether a routed call can go straight to the CPU path (:mod:`jetdet.cpu`): plain fp32 CPU tensors, no
+    """Whether a routed call can go straight to the CPU path (the folders' ``torch_path``): plain fp32 CPU tensors, no
     autograd to record, no JETDET_BACKEND override. The handler then checks the shapes it needs itself and skips
     the public op's layers (its argument checks, the custom-op entry): ~20 us of Python per linear on this CPU,
     5% of a TinyDiT forward at 1 thread (measured in-process, interleaved). Anything else, bad shapes included,
@@ -281,7 +284,7 @@ def _h_linear(func, args, kwargs):
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if (_direct_cpu(x, w, b) and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.numel()
             and w.numel() and (b is None or (b.dim() == 1 and b.shape[0] == w.shape[0]))):
-        out = _backend.run_body(_cpu.mm_f32, x.reshape(-1, x.shape[-1]), w.t(), b)
+        out = _backend.run_body(_matmul_torch.mm_f32, x.reshape(-1, x.shape[-1]), w.t(), b)
         return out.reshape(*x.shape[:-1], w.shape[0])
     why = _ok(x, w, b)
     if why:
@@ -485,7 +488,7 @@ def _h_layer_norm(func, args, kwargs):
         d = x.shape[-1]
         if (_is_last_dim(ns, d) and (w is None or tuple(w.shape) == (d,))
                 and (b is None or tuple(b.shape) == (d,))):
-            return _backend.run_body(_cpu.layer_norm, x.reshape(-1, d), w, b, eps).reshape(x.shape)
+            return _backend.run_body(_norms_torch.layer_norm, x.reshape(-1, d), w, b, eps).reshape(x.shape)
     why = _ok(x, w, b)
     if why:
         return _fallback(func, args, kwargs, why)
@@ -513,7 +516,7 @@ def _h_group_norm(func, args, kwargs):
             and type(g) is int and g >= 1 and x.shape[1] % g == 0):
         c = x.shape[1]
         if (w is None or tuple(w.shape) == (c,)) and (b is None or tuple(b.shape) == (c,)):
-            out = _backend.run_body(_cpu.group_norm, x.reshape(x.shape[0], c, -1), g, w, b, eps)
+            out = _backend.run_body(_norms_torch.group_norm, x.reshape(x.shape[0], c, -1), g, w, b, eps)
             return out.reshape(x.shape)
     why = _ok(x, w, b)
     if why:
@@ -549,7 +552,8 @@ def _h_sdpa(func, args, kwargs):
             and q.shape[3] == k.shape[3] and k.shape[:3] == v.shape[:3]
             and (scale is None or isinstance(scale, float))):
         d = q.shape[3]
-        return _backend.run_body(_cpu.attention, q, k, v, None, 1.0 / math.sqrt(d) if scale is None else scale)
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        return _backend.run_body(_attention_torch.attention, q, k, v, None, scale)
     why = _ok(q, k, v, mask if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool else None)
     if not why and dropout:
         why = f"dropout_p={dropout}"

@@ -6,7 +6,10 @@ import random
 import torch
 
 import jetdet
-from jetdet import backend, cpu, ops
+from jetdet import backend, ops
+from jetdet.kernels.attention import torch_path as attention_torch
+from jetdet.kernels.matmul import torch_path as mm_torch
+from jetdet.kernels.norms import torch_path as norms_torch
 
 
 def _all_ops(g):
@@ -77,10 +80,10 @@ def test_short_gemms_match_rows_of_long_ones(restore_threads):
         bias = torch.randn(n) if rng.random() < 0.5 else None
         for th in (2, 1):
             torch.set_num_threads(th)
-            ref = cpu.mm_f32(a, b, bias)  # 64 rows in 32-row tiles, 6 in the tail
+            ref = mm_torch.mm_f32(a, b, bias)  # 64 rows in 32-row tiles, 6 in the tail
             for m in (1, 3, 4, 8, 9, 31, 33, 40):
                 s = rng.randrange(70 - m)
-                if not torch.equal(cpu.mm_f32(a[s : s + m], b, bias), ref[s : s + m]):
+                if not torch.equal(mm_torch.mm_f32(a[s : s + m], b, bias), ref[s : s + m]):
                     bad.append((k, n, th, m, s))
     assert not bad, bad
 
@@ -90,10 +93,10 @@ def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(3, 6, 13, 11, generator=g), torch.randn(9, 6, 3, 3, generator=g)
     ref = ops.conv2d(x, w, padding=1)
-    monkeypatch.setattr(cpu, "SCRATCH_BYTES", 1024)
-    cpu._scratch.bufs = {}
+    monkeypatch.setattr(mm_torch, "SCRATCH_BYTES", 1024)
+    mm_torch._scratch.bufs = {}
     assert torch.equal(ops.conv2d(x, w, padding=1), ref)
-    assert all(b.numel() * 4 <= 1024 for b in cpu._scratch.bufs.values())
+    assert all(b.numel() * 4 <= 1024 for b in mm_torch._scratch.bufs.values())
 
 
 def _routed_calls(g, grad=False):
@@ -121,7 +124,8 @@ def test_router_direct_cpu_route_equals_the_public_ops(monkeypatch):
     """In deterministic mode, plain fp32 CPU calls of linear, layer_norm, group_norm and 4-D SDPA go straight
     to the CPU path (jetdet.mode._direct_cpu). They must give bit for bit what the public ops give, and the
     calls the direct route declines (autograd recording) must still be routed through the ops."""
-    direct = (cpu.mm_f32, cpu.layer_norm, cpu.group_norm, cpu.attention)  # the direct route's bodies
+    # the direct route's bodies
+    direct = (mm_torch.mm_f32, norms_torch.layer_norm, norms_torch.group_norm, attention_torch.attention)
     taken = []
     orig = backend.run_body
     monkeypatch.setattr(backend, "run_body", lambda fn, *a: (fn in direct and taken.append(fn)) or orig(fn, *a))
@@ -133,7 +137,7 @@ def test_router_direct_cpu_route_equals_the_public_ops(monkeypatch):
     taken.clear()
     with jetdet.mode("deterministic"):
         routed, public = _routed_calls(torch.Generator().manual_seed(0), grad=True)[0]
-    assert cpu.mm_f32 not in taken and torch.equal(routed.detach(), public.detach())
+    assert mm_torch.mm_f32 not in taken and torch.equal(routed.detach(), public.detach())
 
 
 def test_router_direct_cpu_route_keeps_clear_errors():
@@ -153,8 +157,8 @@ def test_router_direct_cpu_route_keeps_clear_errors():
 
 
 def test_packed_weights_follow_every_kind_of_weight_update():
-    # jetdet.cpu caches the packed right-hand side of a Parameter; a stale pack would be silently wrong numbers
-    import jetdet.cpu
+    # the matmul torch path caches the packed right-hand side of a Parameter; a stale pack would be silently
+    # wrong numbers
 
     lin = torch.nn.Linear(24, 40)
     x = torch.randn(5, 24)
@@ -176,7 +180,7 @@ def test_packed_weights_follow_every_kind_of_weight_update():
     lin.weight.data = torch.randn(40, 24)  # new data, same shape
     assert close(det(), ref())
     lin.weight.data.copy_(torch.randn(40, 24))  # bypasses the version counter (documented): clear the cache
-    jetdet.cpu.clear_weight_cache()
+    mm_torch.clear_weight_cache()
     assert close(det(), ref())
     with torch.inference_mode():  # ComfyUI loads models under inference mode: such weights are never cached
         inf = torch.nn.Linear(24, 40)

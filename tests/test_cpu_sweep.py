@@ -6,7 +6,8 @@ import random
 
 import torch
 
-from jetdet import cpu
+from jetdet.kernels.conv2d import torch_path as conv_torch
+from jetdet.kernels.matmul import torch_path as mm_torch
 
 
 def test_mm_sweep(restore_threads):
@@ -16,13 +17,13 @@ def test_mm_sweep(restore_threads):
         m, k, n = rng.randint(33, 300), rng.randint(1, 300), rng.randint(1, 100)
         a, b = torch.randn(m, k), torch.randn(k, n)
         torch.set_num_threads(2)
-        ref = cpu.mm_f32(a, b)
+        ref = mm_torch.mm_f32(a, b)
         for th in (2, 1):
             torch.set_num_threads(th)
             for s in rng.sample(range(m), 3):
-                if not torch.equal(cpu.mm_f32(a[s : s + 1], b)[0], ref[s]):
+                if not torch.equal(mm_torch.mm_f32(a[s : s + 1], b)[0], ref[s]):
                     bad.append((m, k, n, th, s))
-            if not torch.equal(cpu.mm_f32(a[5:40], b), ref[5:40]):
+            if not torch.equal(mm_torch.mm_f32(a[5:40], b), ref[5:40]):
                 bad.append((m, k, n, th, "5:40"))
     assert not bad, bad
 
@@ -34,13 +35,13 @@ def test_bmm_sweep(restore_threads):
         m, k, n = rng.randint(1, 150), rng.randint(1, 200), rng.randint(1, 150)
         a, b = torch.randn(8, m, k), torch.randn(8, k, n)
         torch.set_num_threads(2)
-        ref = cpu.bmm_f32(a, b)
+        ref = mm_torch.bmm_f32(a, b)
         for th in (2, 1):
             torch.set_num_threads(th)
             for s in rng.sample(range(8), 3):
-                if not torch.equal(cpu.bmm_f32(a[s : s + 1], b[s : s + 1])[0], ref[s]):
+                if not torch.equal(mm_torch.bmm_f32(a[s : s + 1], b[s : s + 1])[0], ref[s]):
                     bad.append((m, k, n, th, s))
-            if not torch.equal(cpu.bmm_f32(a[2:7], b[2:7]), ref[2:7]):
+            if not torch.equal(mm_torch.bmm_f32(a[2:7], b[2:7]), ref[2:7]):
                 bad.append((m, k, n, th, "2:7"))
     assert not bad, bad
 
@@ -57,12 +58,12 @@ def test_conv2d_sweep(restore_threads):
         stride, pad = rng.choice([1, 2]), rng.choice([0, 1]) if k > 1 else 0
         x, wt, bias = torch.randn(8, c, h, w), torch.randn(o, c, k, k), torch.randn(o)
         torch.set_num_threads(2)
-        ref = cpu.conv2d(x, wt, bias, (stride, stride), (pad, pad))
+        ref = conv_torch.conv2d(x, wt, bias, (stride, stride), (pad, pad))
         for th in (2, 1):
             torch.set_num_threads(th)
             for s in rng.sample(range(8), 2):
-                if not torch.equal(cpu.conv2d(x[s : s + 1], wt, bias, (stride, stride), (pad, pad))[0], ref[s]):
+                if not torch.equal(conv_torch.conv2d(x[s : s + 1], wt, bias, (stride, stride), (pad, pad))[0], ref[s]):
                     bad.append((c, o, h, w, k, stride, pad, th, s))
-            if not torch.equal(cpu.conv2d(x[1:6], wt, bias, (stride, stride), (pad, pad)), ref[1:6]):
+            if not torch.equal(conv_torch.conv2d(x[1:6], wt, bias, (stride, stride), (pad, pad)), ref[1:6]):
                 bad.append((c, o, h, w, k, stride, pad, th, "1:6"))
     assert not bad, bad

@@ -17,25 +17,15 @@ import torch
 
 import jetdet  # noqa: F401  (registers jetdet.kernels)
 from jetdet import configs
-from jetdet.kernels import attention as attn_mod
-from jetdet.kernels import norms, reduce
-from jetdet.kernels.attention import attention, attention_reference
-from jetdet.kernels.norms import (
-    group_norm,
-    group_norm_reference,
-    layer_norm,
-    layer_norm_reference,
-    rms_norm,
-    rms_norm_reference,
-)
-from jetdet.kernels.reduce import (
-    mean_rows,
-    mean_rows_reference,
-    softmax,
-    softmax_reference,
-    sum_rows,
-    sum_rows_reference,
-)
+from jetdet.kernels.attention import launch as attn_mod
+from jetdet.kernels.attention.launch import attention
+from jetdet.kernels.attention.reference import attention_reference
+from jetdet.kernels.norms import launch as norms
+from jetdet.kernels.norms.launch import group_norm, layer_norm, rms_norm
+from jetdet.kernels.norms.reference import group_norm_reference, layer_norm_reference, rms_norm_reference
+from jetdet.kernels.reduce import launch as reduce
+from jetdet.kernels.reduce.launch import mean_rows, softmax, sum_rows
+from jetdet.kernels.reduce.reference import mean_rows_reference, softmax_reference, sum_rows_reference
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

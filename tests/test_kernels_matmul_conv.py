@@ -13,9 +13,9 @@ from _devices import KERNEL_DEVICE
 
 from jetdet import _paths
 from jetdet.kernels.conv2d import launch as conv_launch
-from jetdet.kernels.conv2d.reference import conv2d_ref
+from jetdet.kernels.conv2d.reference import conv2d_reference
 from jetdet.kernels.matmul import launch as mm_launch
-from jetdet.kernels.matmul.reference import bmm_ref, matmul_ref
+from jetdet.kernels.matmul.reference import bmm_reference, matmul_reference
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
@@ -69,7 +69,7 @@ def test_matmul_accuracy(dtype, m, k, n, bias):
     w = rand(n, k, dtype=dtype, scale=k**-0.5)  # nn.Linear layout: b = w.t() is strided
     b_ = rand(n, dtype=dtype) if bias else None
     out = mm_launch.matmul(a, w.t(), b_)
-    close(out, matmul_ref(a, w.t(), b_), dtype)
+    close(out, matmul_reference(a, w.t(), b_), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
@@ -78,7 +78,7 @@ def test_matmul_any_strides(dtype):
     a = rand(m, k, dtype=dtype)
     b = rand(k, n, dtype=dtype, scale=k**-0.5)
     bias = rand(n, dtype=dtype)
-    ref = matmul_ref(a, b, bias)
+    ref = matmul_reference(a, b, bias)
     close(mm_launch.matmul(a, b, bias), ref, dtype)  # both contiguous
     close(mm_launch.matmul(a.t().contiguous().t(), b.t().contiguous().t(), bias), ref, dtype)  # column-major
     big = rand(m, 2 * k, dtype=dtype)
@@ -121,7 +121,7 @@ def test_bmm_accuracy_and_needle(dtype):
     a = rand(nb, m, k, dtype=dtype)
     b = rand(nb, n, k, dtype=dtype, scale=k**-0.5).transpose(1, 2)  # strided b
     out = mm_launch.bmm(a, b)
-    close(out, bmm_ref(a, b), dtype)
+    close(out, bmm_reference(a, b), dtype)
     rng = random.Random(1)
     for size in range(1, 6):
         i = rng.randrange(size)
@@ -163,7 +163,7 @@ def test_conv2d_accuracy(dtype, case):
     w = rand(o, c, kh, kw, dtype=dtype, scale=(c * kh * kw) ** -0.5)
     bias = rand(o, dtype=dtype) if has_bias else None
     out = conv_launch.conv2d(x, w, bias, stride, padding)
-    close(out, conv2d_ref(x, w, bias, stride, padding), dtype)
+    close(out, conv2d_reference(x, w, bias, stride, padding), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
@@ -172,7 +172,7 @@ def test_conv2d_strided_input(dtype):
     x = rand(2, 6, 9, 9, dtype=dtype)
     w = rand(7, 6, 3, 3, dtype=dtype, scale=(6 * 9) ** -0.5)
     bias = rand(7, dtype=dtype)
-    ref = conv2d_ref(x, w, bias, (1, 1), (1, 1))
+    ref = conv2d_reference(x, w, bias, (1, 1), (1, 1))
     close(conv_launch.conv2d(x.to(memory_format=torch.channels_last), w, bias, (1, 1), (1, 1)), ref, dtype)
     wide = rand(2, 6, 9, 18, dtype=dtype)
     wide[..., ::2] = x

@@ -76,7 +76,7 @@ def test_set_mode_and_back():
 
 def _det_call_count(monkeypatch):
     """Counts GEMMs run by the CPU path: both the router's direct CPU route and the public ops end there."""
-    from jetdet import cpu
+    from jetdet.kernels.matmul import torch_path as cpu
 
     calls = []
     orig = cpu.mm_f32

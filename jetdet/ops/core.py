@@ -2,9 +2,10 @@
 signatures follow ``torch.nn.functional``.
 
 Each wrapper validates its arguments (errors name the argument), normalises shapes, and calls
-``torch.ops.jetdet.<op>``. The op body dispatches on device via :func:`jetdet.backend.backend_for`:
-CUDA -> Triton kernel (``jetdet.kernels.<op>.launch``), CPU -> the batch-invariant torch path
-(:mod:`jetdet.cpu`). ``JETDET_BACKEND`` overrides that choice.
+the registered op ``torch.ops.jetdet.<op>`` (:mod:`jetdet.ops.registry`, eagerly when nothing needs the
+dispatcher). The op body dispatches on device via :func:`jetdet.backend.backend_for`: CUDA -> Triton kernel
+(``jetdet.kernels.<folder>.launch``), CPU -> the batch-invariant torch path (``jetdet.kernels.<folder>.
+torch_path``). ``JETDET_BACKEND`` overrides that choice.
 
 Every op is batch invariant: item *i* of the output is bitwise the same whatever the batch size, the item's
 position in it, or (CPU) the thread count.
@@ -12,13 +13,13 @@ position in it, or (CPU) the thread count.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .. import backend, cpu
+from ..kernels.conv2d.op import out_size
+from . import registry
 from ._checks import check_same, check_shape, check_tensor, pair
 
 __all__ = [
@@ -36,70 +37,13 @@ __all__ = [
     "mean",
 ]
 
-_launch_cache: dict[str, object] = {}
-
-
-def _kernel(op: str):
-    mod = _launch_cache.get(op)
-    if mod is None:
-        from .. import _paths
-
-        _paths.install()
-        mod = importlib.import_module(f"jetdet.kernels.{op}.launch")
-        _launch_cache[op] = mod
-    return mod
-
-
-def _run(op, *args):
-    """Call a custom op. In plain eager mode the op body runs directly: going through the dispatcher costs
-    ~60 us per call on this CPU (measured: 94 vs 27 us for a tiny linear), more than the op itself for
-    the small layers of a diffusion model. Under torch.compile, export, any tensor subclass (fake,
-    functional), or with autograd recording, the call goes through ``torch.ops.jetdet.*`` so tracing sees the
-    registered op and fake, and autograd sees one op."""
-    grad = torch.is_grad_enabled()
-    for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in backend.PLAIN or (grad and a.requires_grad)):
-            return op(*args)  # autograd then sees one opaque op (jetdet ops have no backward formula)
-    if torch.compiler.is_compiling():
-        return op(*args)
-    # The body's own torch calls must not meet the deterministic-mode router (a patched layer calls jetdet.ops
-    # directly while the router is on the stack): they are already the batch-invariant implementation.
-    # backend.run_body turns torch's NaN fill of new tensors off for the body.
-    with torch._C.DisableTorchFunction():
-        return backend.run_body(op._init_fn, *args)
-
-
-def _impl(t: torch.Tensor, kernel_op: str, name: str):
-    if backend.backend_for(t) == "triton":
-        return getattr(_kernel(kernel_op), name)
-    return getattr(cpu, name)
-
-
 # ---------------------------------------------------------------------------------------------- matmul
 
 
-@torch.library.custom_op("jetdet::mm", mutates_args=())
-def _mm_op(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _impl(a, "matmul", "matmul")(a, b, bias)
+_OPS = {op.spec.name: op for op in registry.ops()}
 
 
-@_mm_op.register_fake
-def _(a, b, bias):
-    return a.new_empty(a.shape[0], b.shape[1])
-
-
-@torch.library.custom_op("jetdet::bmm", mutates_args=())
-def _bmm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _impl(a, "matmul", "bmm")(a, b)
-
-
-@_bmm_op.register_fake
-def _(a, b):
-    return a.new_empty(a.shape[0], a.shape[1], b.shape[2])
-
-
-def mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
-    """``input @ mat2`` for 2-D ``[M, K] @ [K, N]``; batch invariant along M."""
+def _check_mm(input, mat2):
     check_tensor("input", input, ndim=2)
     check_tensor("mat2", mat2, ndim=2)
     check_same("mat2", mat2, "input", input)
@@ -107,23 +51,31 @@ def mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"mat2: expected {input.shape[1]} rows to match input's last dim, got shape {tuple(mat2.shape)}"
         )
+
+
+def mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """``input @ mat2`` for 2-D ``[M, K] @ [K, N]``; batch invariant along M."""
+    _check_mm(input, mat2)
     if input.numel() == 0 or mat2.numel() == 0:
         return torch.mm(input, mat2)
-    return _run(_mm_op, input, mat2, None)
+    return _OPS["mm"](input, mat2, None)
 
 
 def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
     """``beta * input + alpha * (mat1 @ mat2)``; the product is batch invariant, the rest is elementwise."""
-    prod = mm(mat1, mat2)
+    _check_mm(mat1, mat2)
     check_tensor("input", input)
     check_same("input", input, "mat1", mat1)
-    if beta == 1 and alpha == 1 and input.dim() == 1 and input.shape[0] == prod.shape[1]:
-        # a bias row: the same as linear's epilogue, kept in fp32 before the final rounding
-        return _run(_mm_op, mat1, mat2, input)
-    out = prod if alpha == 1 else prod * alpha
-    if beta != 0:
-        out = out + (input if beta == 1 else input * beta)
-    return out
+    out_shape = (mat1.shape[0], mat2.shape[1])
+    try:
+        torch.broadcast_shapes(input.shape, out_shape)
+    except RuntimeError:
+        raise ValueError(f"input: expected a shape broadcastable to {out_shape}, got {tuple(input.shape)}") from None
+    if mat1.numel() == 0 or mat2.numel() == 0:
+        return torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha)
+    # a 1-D input of N values with beta = alpha = 1 is a bias row: linear's epilogue, kept in fp32 before the
+    # final rounding; anything else is the batch-invariant product, then elementwise
+    return _OPS["addmm"](input, mat1, mat2, float(beta), float(alpha))
 
 
 def bmm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
@@ -138,7 +90,7 @@ def bmm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
         )
     if input.numel() == 0 or mat2.numel() == 0:
         return torch.bmm(input, mat2)
-    return _run(_bmm_op, input, mat2)
+    return _OPS["bmm"](input, mat2)
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,32 +109,12 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         check_shape("bias", bias, (weight.shape[0],), "one value per output feature")
     if input.numel() == 0 or weight.numel() == 0:  # nothing to reduce: torch's result is exact
         return F.linear(input, weight, bias)
-    lead = input.shape[:-1]
-    x2 = input.reshape(-1, input.shape[-1])
-    out = _run(_mm_op, x2, weight.t(), bias)
-    return out.reshape(*lead, weight.shape[0])
+    return _OPS["linear"](input, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------- conv2d
 
 
-@torch.library.custom_op("jetdet::conv2d", mutates_args=())
-def _conv2d_op(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int]
-) -> torch.Tensor:
-    return _impl(x, "conv2d", "conv2d")(x, w, bias, tuple(stride), tuple(padding))
-
-
-def _conv_out(x, w, stride, padding):
-    ho = (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1
-    return ho, wo
-
-
-@_conv2d_op.register_fake
-def _(x, w, bias, stride, padding):
-    ho, wo = _conv_out(x, w, stride, padding)
-    return x.new_empty(x.shape[0], w.shape[0], ho, wo)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
@@ -217,7 +149,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
         p = pair("padding", padding)
         if min(p) < 0:
             raise ValueError(f"padding: expected non-negative ints, got {padding}")
-    ho, wo = _conv_out(x, weight, s, p)
+    ho, wo = out_size(x, weight, s, p)
     if ho <= 0 or wo <= 0:
         raise ValueError(
             f"input: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])} "
@@ -230,23 +162,13 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) 
     if x.numel() == 0 or weight.numel() == 0:
         out = F.conv2d(x, weight, bias, s, p)
     else:
-        out = _run(_conv2d_op, x, weight, bias, list(s), list(p))
+        out = _OPS["conv2d"](x, weight, bias, list(s), list(p))
     return out.squeeze(0) if unbatched else out
 
 
 # ------------------------------------------------------------------------------------------- attention
 
 
-@torch.library.custom_op("jetdet::attention", mutates_args=())
-def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    return _impl(q, "attention", "attention")(q, k, v, mask, scale)
-
-
-@_attention_op.register_fake
-def _(q, k, v, mask, scale):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 def attention(q, k, v, attn_mask=None, scale=None) -> torch.Tensor:
@@ -288,7 +210,7 @@ def attention(q, k, v, attn_mask=None, scale=None) -> torch.Tensor:
             mask = mask.unsqueeze(0)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return _run(_attention_op, q, k, v, mask, scale)
+    return _OPS["attention"](q, k, v, mask, scale)
 
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -306,38 +228,10 @@ def _norm_shape(name, normalized_shape, x):
     return normalized_shape
 
 
-@torch.library.custom_op("jetdet::layer_norm", mutates_args=())
-def _layer_norm_op(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    return _impl(x, "norms", "layer_norm")(x, weight, bias, eps)
 
 
-@_layer_norm_op.register_fake
-def _(x, weight, bias, eps):
-    return torch.empty_like(x)
 
 
-@torch.library.custom_op("jetdet::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return _impl(x, "norms", "rms_norm")(x, weight, eps)
-
-
-@_rms_norm_op.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("jetdet::group_norm", mutates_args=())
-def _group_norm_op(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    return _impl(x, "norms", "group_norm")(x, num_groups, weight, bias, eps)
-
-
-@_group_norm_op.register_fake
-def _(x, num_groups, weight, bias, eps):
-    return torch.empty_like(x)
 
 
 def _affine(name, t, shape, x):
@@ -359,7 +253,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> tor
         return F.layer_norm(input, ns, weight, bias, eps)
     c = math.prod(ns)
     x2 = input.reshape(-1, c)
-    return _run(_layer_norm_op, x2, w, b, float(eps)).reshape(input.shape)
+    return _OPS["layer_norm"](x2, w, b, float(eps)).reshape(input.shape)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
@@ -372,7 +266,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
     if input.numel() == 0:
         return input.clone()
     c = math.prod(ns)
-    return _run(_rms_norm_op, input.reshape(-1, c), w, float(eps)).reshape(input.shape)
+    return _OPS["rms_norm"](input.reshape(-1, c), w, float(eps)).reshape(input.shape)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
@@ -386,40 +280,16 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Ten
     if input.numel() == 0:
         return F.group_norm(input, num_groups, weight, bias, eps)
     x3 = input.reshape(input.shape[0], c, -1)
-    return _run(_group_norm_op, x3, num_groups, w, b, float(eps)).reshape(input.shape)
+    return _OPS["group_norm"](x3, num_groups, w, b, float(eps)).reshape(input.shape)
 
 
 # ------------------------------------------------------------------------------- softmax and reductions
 
 
-@torch.library.custom_op("jetdet::softmax", mutates_args=())
-def _softmax_op(x: torch.Tensor) -> torch.Tensor:
-    return _impl(x, "reduce", "softmax")(x)
 
 
-@_softmax_op.register_fake
-def _(x):
-    return torch.empty_like(x)
 
 
-@torch.library.custom_op("jetdet::sum", mutates_args=())
-def _sum_op(x: torch.Tensor) -> torch.Tensor:
-    return _impl(x, "reduce", "sum_rows")(x)
-
-
-@_sum_op.register_fake
-def _(x):
-    return x.new_empty(x.shape[0])
-
-
-@torch.library.custom_op("jetdet::mean", mutates_args=())
-def _mean_op(x: torch.Tensor) -> torch.Tensor:
-    return _impl(x, "reduce", "mean_rows")(x)
-
-
-@_mean_op.register_fake
-def _(x):
-    return x.new_empty(x.shape[0])
 
 
 def _dim(name, dim, ndim):
@@ -436,7 +306,7 @@ def softmax(input, dim=-1) -> torch.Tensor:
         return torch.softmax(input, d)
     x = input.movedim(d, -1)
     shape = x.shape
-    out = _run(_softmax_op, x.reshape(-1, shape[-1]))
+    out = _OPS["softmax"](x.reshape(-1, shape[-1]))
     return out.reshape(shape).movedim(-1, d)
 
 
@@ -451,10 +321,10 @@ def _reduce(op, input, dim, keepdim):
     x = input.permute(*keep, *dims)
     kept_shape = [input.shape[d] for d in keep]
     if input.numel() == 0:
-        fn = torch.sum if op is _sum_op else torch.mean
+        fn = torch.sum if op == "sum" else torch.mean
         return fn(input.float(), dim=dims, keepdim=keepdim).to(input.dtype)
     x2 = x.reshape(math.prod(kept_shape), -1)
-    out = _run(op, x2).reshape(kept_shape)
+    out = _OPS[op](x2).reshape(kept_shape)
     if keepdim:
         for d in dims:
             out = out.unsqueeze(d)
@@ -463,10 +333,10 @@ def _reduce(op, input, dim, keepdim):
 
 def sum(input, dim=None, keepdim=False) -> torch.Tensor:  # noqa: A001 - mirrors torch.sum
     """Sum over ``dim`` (default: every dim but the batch dim 0), fp32 accumulation in a fixed order."""
-    return _reduce(_sum_op, input, dim, keepdim)
+    return _reduce("sum", input, dim, keepdim)
 
 
 def mean(input, dim=None, keepdim=False) -> torch.Tensor:  # noqa: A001 - mirrors torch.mean
     """Mean over ``dim`` (default: every dim but the batch dim 0), fp32 accumulation in a fixed order."""
-    return _reduce(_mean_op, input, dim, keepdim)
+    return _reduce("mean", input, dim, keepdim)
 

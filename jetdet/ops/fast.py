@@ -1,11 +1,11 @@
 """Fast-mode ops: bidirectional linear attention, block-sparse attention over a cached block mask, and the
 timestep-skip pair ``relative_change`` / ``forecast``.
 
-Each op is a ``torch.library`` custom op (``torch.ops.jetdet.<name>``, with a fake impl for tracing) behind
-a Python wrapper that takes friendlier arguments. The op validates its inputs (every error names the
-argument) and dispatches with :func:`jetdet.backend.backend_for` to the Triton kernels in
-``jetdet.kernels.{linear_attention,block_sparse,forecast}`` or to the torch path in
-:mod:`jetdet.ops.fast_torch`.
+Each op is a ``torch.library`` custom op (``torch.ops.jetdet.<name>``, with a fake impl for tracing), built
+by :mod:`jetdet.ops.registry` from the spec in ``jetdet.kernels.{linear_attention,block_sparse,forecast}.op``,
+behind a Python wrapper here that takes friendlier arguments and validates them (every error names the
+argument). The op body dispatches with :func:`jetdet.backend.backend_for` to the folder's Triton launcher or
+its torch path, eagerly when nothing needs the dispatcher (like the core ops).
 
 Linear attention and block-sparse attention with a partial mask are **approximations** of softmax
 attention when they replace it in a model trained with softmax attention; ``bench/fast_quality.py``
@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from .. import backend
-from . import _checks
-from . import fast_torch as _T
+from ..kernels.block_sparse import torch_path as _BT
+from ..kernels.forecast import torch_path as _FT
+from . import _checks, registry
 
 __all__ = [
     "LinearAttentionState",
@@ -38,15 +38,12 @@ __all__ = [
     "forecast_weights",
 ]
 
+_OPS = {op.spec.name: op for op in registry.ops()}
 FEATURE_MAPS = ("relu", "elu1", "identity")
 BLOCK_SIZES = (16, 32, 64, 128)
 POOL_SIZES = (4, 8, 16, 32, 64, 128)
 MAX_HEAD_DIM = 128
 MAX_HISTORY = 4
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return backend.backend_for(t) == "triton"
 
 
 def _check_head_dim(name: str, t: torch.Tensor) -> None:
@@ -112,66 +109,6 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
 
 
-def _la_state_impl(k, v, feature_map):
-    if _use_triton(k):
-        from ..kernels.linear_attention import launch
-
-        return launch.state(k, v, feature_map)
-    return _T.linear_attention_state(k, v, feature_map)
-
-
-def _la_apply_impl(q, kv, k_sum, feature_map, eps):
-    if _use_triton(q):
-        from ..kernels.linear_attention import launch
-
-        return launch.apply(q, kv.contiguous(), k_sum.contiguous(), feature_map, eps)
-    return _T.linear_attention_apply(q, kv, k_sum, feature_map, eps)
-
-
-@torch.library.custom_op("jetdet::linear_attention", mutates_args=())
-def _linear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str,
-                         eps: float) -> torch.Tensor:
-    _check_feature_map(feature_map)
-    _check_eps(eps)
-    _check_la_qkv(q, k, v)
-    kv, ks = _la_state_impl(k, v, feature_map)
-    return _la_apply_impl(q, kv, ks, feature_map, eps)
-
-
-@_linear_attention_op.register_fake
-def _(q, k, v, feature_map, eps):
-    return q.new_empty((*q.shape[:3], v.shape[-1]))
-
-
-@torch.library.custom_op("jetdet::linear_attention_state", mutates_args=())
-def _linear_attention_state_op(k: torch.Tensor, v: torch.Tensor,
-                               feature_map: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_feature_map(feature_map)
-    _check_la_qkv(k, k, v)
-    return _la_state_impl(k, v, feature_map)
-
-
-@_linear_attention_state_op.register_fake
-def _(k, v, feature_map):
-    B, H, _, D = k.shape
-    return (k.new_empty((B, H, D, v.shape[-1]), dtype=torch.float32),
-            k.new_empty((B, H, D), dtype=torch.float32))
-
-
-@torch.library.custom_op("jetdet::linear_attention_apply", mutates_args=())
-def _linear_attention_apply_op(q: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, feature_map: str,
-                               eps: float) -> torch.Tensor:
-    _check_feature_map(feature_map)
-    _check_eps(eps)
-    _check_la_state(q, kv, k_sum)
-    return _la_apply_impl(q, kv, k_sum, feature_map, eps)
-
-
-@_linear_attention_apply_op.register_fake
-def _(q, kv, k_sum, feature_map, eps):
-    return q.new_empty((*q.shape[:3], kv.shape[-1]))
-
-
 def linear_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, feature_map: str = "relu",
                      eps: float = 1e-6, state: LinearAttentionState | Sequence[torch.Tensor] | None = None,
                      return_state: bool = False):
@@ -209,15 +146,18 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | 
             if len(state) != 2:
                 raise ValueError("state: expected a LinearAttentionState or a (kv, k_sum) pair")
             kv, k_sum = state
-        out = torch.ops.jetdet.linear_attention_apply(q, kv, k_sum, feature_map, float(eps))
+        _check_eps(eps)
+        _check_la_state(q, kv, k_sum)
+        out = _OPS["linear_attention_apply"](q, kv, k_sum, feature_map, float(eps))
         return (out, LinearAttentionState(kv, k_sum, feature_map)) if return_state else out
     if k is None or v is None:
         raise ValueError("k, v: required when no state is given")
-    if not return_state:
-        return torch.ops.jetdet.linear_attention(q, k, v, feature_map, float(eps))
+    _check_eps(eps)
     _check_la_qkv(q, k, v)
-    kv, k_sum = torch.ops.jetdet.linear_attention_state(k, v, feature_map)
-    out = torch.ops.jetdet.linear_attention_apply(q, kv, k_sum, feature_map, float(eps))
+    if not return_state:
+        return _OPS["linear_attention"](q, k, v, feature_map, float(eps))
+    kv, k_sum = _OPS["linear_attention_state"](k, v, feature_map)
+    out = _OPS["linear_attention_apply"](q, kv, k_sum, feature_map, float(eps))
     return out, LinearAttentionState(kv, k_sum, feature_map)
 
 
@@ -252,9 +192,7 @@ def _check_block_size(block_size) -> None:
         raise ValueError(f"block_size: expected one of {BLOCK_SIZES}, got {block_size!r}")
 
 
-@torch.library.custom_op("jetdet::attention_block_mask", mutates_args=())
-def _attention_block_mask_op(q: torch.Tensor, k: torch.Tensor, block_size: int, mass: float, min_blocks: int,
-                             pool_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_block_mask_args(q, k, block_size, mass, min_blocks, pool_size) -> None:
     _checks.check_tensor("q", q, ndim=4)
     _checks.check_tensor("k", k, ndim=4)
     _checks.check_same("k", k, "q", q)
@@ -272,23 +210,6 @@ def _attention_block_mask_op(q: torch.Tensor, k: torch.Tensor, block_size: int, 
         raise ValueError(f"k: expected shape ({B}, {H}, M, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if N == 0 or k.shape[2] == 0:
         raise ValueError(f"q, k: need at least one token each, got N={N}, M={k.shape[2]}")
-    if _use_triton(q):
-        from ..kernels.block_sparse import launch
-
-        pq, pk = launch.block_pool(q, pool_size), launch.block_pool(k, pool_size)
-    else:
-        pq, pk = _T.block_pool(q, pool_size), _T.block_pool(k, pool_size)
-    mask = _T.select_blocks(pq, pk, N, k.shape[2], block_size, pool_size, mass, min_blocks, D ** -0.5)
-    indices, counts = _T.mask_to_index(mask)
-    return mask, indices, counts
-
-
-@_attention_block_mask_op.register_fake
-def _(q, k, block_size, mass, min_blocks, pool_size):
-    B, H, N, _ = q.shape
-    nqb, nkb = -(-N // block_size), -(-k.shape[2] // block_size)
-    return (q.new_empty((B, H, nqb, nkb), dtype=torch.bool), q.new_empty((B, H, nqb, nkb), dtype=torch.int32),
-            q.new_empty((B, H, nqb), dtype=torch.int32))
 
 
 def attention_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: int = 64, mass: float = 0.95,
@@ -319,8 +240,9 @@ def attention_block_mask(q: torch.Tensor, k: torch.Tensor, block_size: int = 64,
         steps and across CFG branches.
     """
     pool = block_size if pool_size is None else pool_size
-    mask, indices, counts = torch.ops.jetdet.attention_block_mask(q, k, int(block_size), float(mass),
-                                                                  int(min_blocks), int(pool))
+    _check_block_mask_args(q, k, block_size, mass, min_blocks, pool)
+    mask, indices, counts = _OPS["attention_block_mask"](q, k, int(block_size), float(mass), int(min_blocks),
+                                                         int(pool))
     return BlockMask(mask, indices, counts, int(block_size))
 
 
@@ -328,13 +250,11 @@ def block_mask_from_bool(mask: torch.Tensor, block_size: int = 64) -> BlockMask:
     """A :class:`BlockMask` from a bool ``[Bm, H, nQB, nKB]`` block mask (any source)."""
     _checks.check_tensor("block_mask", mask, ndim=4, dtypes=(torch.bool,))
     _check_block_size(block_size)
-    indices, counts = _T.mask_to_index(mask)
+    indices, counts = _BT.mask_to_index(mask)
     return BlockMask(mask, indices, counts, int(block_size))
 
 
-@torch.library.custom_op("jetdet::block_sparse_attention", mutates_args=())
-def _block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
-                               counts: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+def _check_block_sparse_args(q, k, v, indices, counts, block_size, scale) -> None:
     _check_la_qkv(q, k, v)
     _check_block_size(block_size)
     B, H, N, _ = q.shape
@@ -351,16 +271,6 @@ def _block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _checks.check_shape("block_mask.counts", counts, (indices.shape[0], H, nqb), "[Bm, H, nQB] like indices")
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")
-    if _use_triton(q):
-        from ..kernels.block_sparse import launch
-
-        return launch.attention(q, k, v, indices.contiguous(), counts.contiguous(), block_size, scale)
-    return _T.block_sparse_attention(q, k, v, indices, counts, block_size, scale)
-
-
-@_block_sparse_attention_op.register_fake
-def _(q, k, v, indices, counts, block_size, scale):
-    return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
 def _as_block_mask(block_mask, block_size) -> BlockMask:
@@ -398,7 +308,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     if scale is None:
         _checks.check_tensor("q", q, ndim=4)
         scale = q.shape[-1] ** -0.5
-    return torch.ops.jetdet.block_sparse_attention(q, k, v, bm.indices, bm.counts, int(block_size), float(scale))
+    _check_block_sparse_args(q, k, v, bm.indices, bm.counts, block_size, scale)
+    return _OPS["block_sparse_attention"](q, k, v, bm.indices, bm.counts, int(block_size), float(scale))
 
 
 def block_sparse_work(block_mask: BlockMask | torch.Tensor, batch: int | None = None) -> dict:
@@ -488,37 +399,6 @@ def _norm_tile(tile, shape) -> list[int]:
     return out
 
 
-@torch.library.custom_op("jetdet::relative_change", mutates_args=())
-def _relative_change_op(a: torch.Tensor, b: torch.Tensor, tile: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_pair(a, b)
-    B = a.shape[0]
-    view = box = None
-    counts: list[int] = []
-    if tile:
-        if len(tile) != a.dim() - 1:
-            raise ValueError(f"tile: expected {a.dim() - 1} entries for shape {tuple(a.shape)}, got {tile}")
-        view, box, counts = _T.tile_view(tuple(a.shape[1:]), tile)
-    a, b = a.contiguous(), b.contiguous()
-    if _use_triton(a):
-        from ..kernels.forecast import launch
-
-        per_item, per_tile = launch.relative_change(a, b, view, box)
-    else:
-        per_item, per_tile = _T.relative_change(a, b, view, box)
-    if per_tile is None:
-        return per_item, per_item.new_empty((B, 0))
-    return per_item, per_tile.view(B, *counts)
-
-
-@_relative_change_op.register_fake
-def _(a, b, tile):
-    B = a.shape[0]
-    if not tile:
-        return a.new_empty((B,), dtype=torch.float32), a.new_empty((B, 0), dtype=torch.float32)
-    counts = [-(-s // t) if 0 < t < s else 1 for s, t in zip(a.shape[1:], tile)]
-    return a.new_empty((B,), dtype=torch.float32), a.new_empty((B, *counts), dtype=torch.float32)
-
-
 def relative_change(a: torch.Tensor, b: torch.Tensor, tile: int | Sequence[int | None] | None = None):
     """``‖a − b‖₁ / ‖b‖₁`` per batch item (dim 0), and optionally per tile, in one pass on the device.
 
@@ -538,10 +418,11 @@ def relative_change(a: torch.Tensor, b: torch.Tensor, tile: int | Sequence[int |
         there, else ``inf``. Sums are fp32 in a fixed order: deterministic and independent of the batch
         size. No host sync.
     """
+    _check_pair(a, b)
     if tile is None:
-        return torch.ops.jetdet.relative_change(a, b, [])[0]
+        return _OPS["relative_change"](a, b, [])[0]
     _checks.check_tensor("a", a, min_ndim=2)
-    return torch.ops.jetdet.relative_change(a, b, _norm_tile(tile, a.shape))
+    return _OPS["relative_change"](a, b, _norm_tile(tile, a.shape))
 
 
 def _as_floats(name: str, x) -> list[float]:
@@ -577,15 +458,6 @@ def _method_points(order) -> int | None:
     raise ValueError(f"order: expected 1, 2, 3 or 'lagrange', got {order!r}")
 
 
-def _parse_order(order: str) -> int | str:
-    if order == "lagrange":
-        return order
-    try:
-        return int(order)
-    except ValueError:
-        raise ValueError(f"order: expected 1, 2, 3 or 'lagrange', got {order!r}") from None
-
-
 def forecast_weights(timesteps: Sequence[float], t: float, order: int | str = 1) -> list[float]:
     """The weights ``w`` with ``forecast(...) = Σ_i w_i · history[i]`` (0 for unused entries)."""
     ts = _as_floats("timesteps", timesteps)
@@ -598,11 +470,10 @@ def forecast_weights(timesteps: Sequence[float], t: float, order: int | str = 1)
     if use > k:
         raise ValueError(f"history: order={order!r} needs at least {use} outputs, got {k}")
     _check_timesteps(ts, t, k)
-    return [0.0] * (k - use) + _T.lagrange_weights(ts[k - use:], t)
+    return _FT.weights(ts, t, str(order))
 
 
-@torch.library.custom_op("jetdet::forecast", mutates_args=())
-def _forecast_op(history: list[torch.Tensor], timesteps: list[float], t: float, order: str) -> torch.Tensor:
+def _check_history(history: list, timesteps: list) -> None:
     if len(history) == 0:
         raise ValueError("history: expected 1 to 4 tensors, got an empty history")
     if len(history) > MAX_HISTORY:
@@ -615,19 +486,6 @@ def _forecast_op(history: list[torch.Tensor], timesteps: list[float], t: float, 
             raise ValueError(f"history[{i}]: expected shape {tuple(h0.shape)} like history[0], got {tuple(h.shape)}")
     if len(timesteps) != len(history):
         raise ValueError(f"timesteps: expected {len(history)} values (one per history entry), got {len(timesteps)}")
-    weights = forecast_weights(timesteps, t, _parse_order(order))
-    used = [(h.contiguous(), w) for h, w in zip(history, weights) if w != 0.0] or [(h0.contiguous(), 0.0)]
-    hs, ws = [h for h, _ in used], [w for _, w in used]
-    if _use_triton(h0):
-        from ..kernels.forecast import launch
-
-        return launch.forecast(hs, ws)
-    return _T.forecast(hs, ws)
-
-
-@_forecast_op.register_fake
-def _(history, timesteps, t, order):
-    return torch.empty_like(history[0])
 
 
 def forecast(history: Sequence[torch.Tensor] | torch.Tensor, timesteps: Sequence[float] | torch.Tensor,
@@ -657,5 +515,7 @@ def forecast(history: Sequence[torch.Tensor] | torch.Tensor, timesteps: Sequence
         raise ValueError("history: expected 1 to 4 tensors, got an empty history")
     if isinstance(t, torch.Tensor):
         t = float(t.item())
-    _method_points(order)
-    return torch.ops.jetdet.forecast(history, _as_floats("timesteps", timesteps), float(t), str(order))
+    ts = _as_floats("timesteps", timesteps)
+    _check_history(history, ts)
+    forecast_weights(ts, float(t), order)  # checks the order, the timesteps and t
+    return _OPS["forecast"](history, ts, float(t), str(order))

@@ -1,6 +1,2 @@
-"""Deterministic flash-style attention forward: ``attention(q, k, v, mask=None, scale=None)``."""
-
-from .launch import attention, compile_specs
-from .reference import attention_reference
-
-__all__ = ["attention", "attention_reference", "compile_specs"]
+"""Deterministic flash-style attention forward (``launch.attention``), its fp32 reference and torch path; ``op.py``
+registers ``jetdet::attention``. Importing this package imports no triton: ``launch`` does."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def conv2d_ref(
+def conv2d_reference(
     x: torch.Tensor,
     w: torch.Tensor,
     bias: torch.Tensor | None,

@@ -1,14 +1,3 @@
-"""Deterministic layer norm, RMS norm and group norm (one program per row / per (sample, group))."""
-
-from .launch import compile_specs, group_norm, layer_norm, rms_norm
-from .reference import group_norm_reference, layer_norm_reference, rms_norm_reference
-
-__all__ = [
-    "compile_specs",
-    "group_norm",
-    "group_norm_reference",
-    "layer_norm",
-    "layer_norm_reference",
-    "rms_norm",
-    "rms_norm_reference",
-]
+"""Deterministic layer norm, RMS norm and group norm (one program per row / per (sample, group)): ``launch``,
+``reference``, ``torch_path``; ``op.py`` registers the ops. Importing this package imports no triton: ``launch``
+does."""

@@ -1,14 +1,3 @@
-"""Deterministic row softmax, row sum and row mean (one program per row, fixed reduction order)."""
-
-from .launch import compile_specs, mean_rows, softmax, sum_rows
-from .reference import mean_rows_reference, softmax_reference, sum_rows_reference
-
-__all__ = [
-    "compile_specs",
-    "mean_rows",
-    "mean_rows_reference",
-    "softmax",
-    "softmax_reference",
-    "sum_rows",
-    "sum_rows_reference",
-]
+"""Deterministic row softmax, row sum and row mean (one program per row, fixed reduction order): ``launch``,
+``reference``, ``torch_path``; ``op.py`` registers the ops. Importing this package imports no triton: ``launch``
+does."""

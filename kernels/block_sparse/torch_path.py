@@ -1,10 +1,5 @@
-"""Torch path of the fast-mode ops (CPU, or ``JETDET_BACKEND=torch``) and the small host-side math that
-both backends share: forecast weights, the block selection of ``attention_block_mask``, the mask's index
-form and the tile view of ``relative_change``.
-
-Everything here computes in fp32 and casts the result to the output dtype once, like the kernels. Inputs
-arrive validated from ``jetdet.ops.fast``.
-"""
+"""The torch path of block-sparse attention, and the host-side block selection and index form that both
+backends share. fp32 math, one cast at the end."""
 
 from __future__ import annotations
 
@@ -12,32 +7,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-# ----------------------------------------------------------------------------------------- linear attention
-
-
-def phi(x: torch.Tensor, feature_map: str) -> torch.Tensor:
-    x = x.float()
-    if feature_map == "relu":
-        return torch.relu(x)
-    if feature_map == "elu1":
-        return F.elu(x) + 1.0
-    return x
-
-
-def linear_attention_state(k: torch.Tensor, v: torch.Tensor, feature_map: str):
-    pk = phi(k, feature_map)
-    return torch.matmul(pk.transpose(-1, -2), v.float()).contiguous(), pk.sum(dim=2)
-
-
-def linear_attention_apply(q, kv, k_sum, feature_map: str, eps: float) -> torch.Tensor:
-    pq = phi(q, feature_map)
-    num = torch.matmul(pq, kv.float())
-    den = torch.matmul(pq, k_sum.float().unsqueeze(-1)) + eps
-    return (num / den).to(q.dtype)
-
-
-# ------------------------------------------------------------------------------------- block-sparse attention
 
 
 def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -142,83 +111,3 @@ def block_sparse_attention(q, k, v, indices, counts, block_size: int, scale: flo
         o = torch.einsum("bhgin,bhgne->bhgie", p, vg.reshape(B, H, G, c_max * bs, DV))
         out[:, :, g0 * bs:g1 * bs] = o.reshape(B, H, G * bs, DV)
     return out[:, :, :N].to(q.dtype).contiguous()
-
-
-# --------------------------------------------------------------------------------------- timestep skipping
-
-
-def lagrange_weights(timesteps: list[float], t: float) -> list[float]:
-    """``w_i = Π_{j≠i} (t - t_j) / (t_i - t_j)``: the value at ``t`` of the polynomial through the points is
-    ``Σ_i w_i · h_i``. Float64 on the host."""
-    w = []
-    for i, ti in enumerate(timesteps):
-        p = 1.0
-        for j, tj in enumerate(timesteps):
-            if j != i:
-                p *= (t - tj) / (ti - tj)
-        w.append(p)
-    return w
-
-
-def forecast(history: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    acc = history[0].float() * weights[0]
-    for h, w in zip(history[1:], weights[1:]):
-        acc = acc + h.float() * w
-    return acc.to(history[0].dtype)
-
-
-def tile_view(shape: tuple[int, ...], tile: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], list[int]]:
-    """Map the per-item shape ``shape`` (non-batch dims) and a tile size per dim (``<= 0`` or ``>= size``: the
-    whole dim) onto a contiguous ``[S0, S1, S2, S3]`` view with box tiles ``[T0, T1, T2, T3]`` and the same
-    tiles in the same (row-major) order. A dim followed by whole dims merges with them (its tiles stay
-    contiguous), adjacent whole dims merge, and size-1 dims drop. Returns the view, the tile, and the tile
-    count per original dim. Raises if more than four groups remain."""
-    sizes = [int(s) for s in shape]
-    tiles = [s if (t <= 0 or t >= s) else int(t) for s, t in zip(sizes, tile)]
-    counts = [math.ceil(s / t) for s, t in zip(sizes, tiles)]
-    groups: list[list[int]] = []
-    for s, t in zip(sizes, tiles):
-        if s == 1:
-            continue
-        if groups and t == s:
-            groups[-1] = [groups[-1][0] * s, groups[-1][1] * s]
-        else:
-            groups.append([s, t])
-    if len(groups) > 4:
-        raise ValueError(
-            f"tile: {list(tile)} on item shape {tuple(shape)} leaves {len(groups)} dim groups after merging "
-            "whole dims into their left neighbour; at most 4 are supported (tile fewer dims)"
-        )
-    while len(groups) < 4:
-        groups.insert(0, [1, 1])
-    view = tuple(g[0] for g in groups)
-    box = tuple(g[1] for g in groups)
-    return view, box, counts  # type: ignore[return-value]
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    safe = torch.where(den > 0, den, torch.ones_like(den))
-    inf_or_zero = torch.where(num > 0, torch.full_like(num, float("inf")), torch.zeros_like(num))
-    return torch.where(den > 0, num / safe, inf_or_zero)
-
-
-def relative_change(a: torch.Tensor, b: torch.Tensor, view=None, box=None):
-    """Per-item (and, with ``view``/``box``, per-tile ``[B, n_tiles]``) ``Σ|a-b| / Σ|b|`` in fp32."""
-    B = a.shape[0]
-    af, bf = a.float(), b.float()
-    diff, mag = (af - bf).abs(), bf.abs()
-    if view is None:
-        return _ratio(diff.reshape(B, -1).sum(1), mag.reshape(B, -1).sum(1)), None
-    n = [math.ceil(s / t) for s, t in zip(view, box)]
-
-    def tiles(x):
-        x = x.reshape(B, *view)
-        pad = []
-        for s, t, c in reversed(list(zip(view, box, n))):
-            pad += [0, c * t - s]
-        x = F.pad(x, pad)
-        x = x.view(B, n[0], box[0], n[1], box[1], n[2], box[2], n[3], box[3])
-        return x.sum(dim=(2, 4, 6, 8)).reshape(B, -1)
-
-    num, den = tiles(diff), tiles(mag)
-    return _ratio(num.sum(1), den.sum(1)), _ratio(num, den)

@@ -1,4 +1,5 @@
-"""Batch-invariant torch implementations (the CPU path).
+"""The batch-invariant torch path of the GEMMs (``mm``, ``bmm``), and the pieces the other torch paths
+share: row-tiled GEMMs, packed-weight cache, per-thread scratch buffers. The notes below cover all of them.
 
 Why this is needed: MKL's fp32 GEMM picks its blocking and thread split from the problem shape, so on this
 class of machine ``(x @ W)[:1]`` differs from ``x[:1] @ W`` at M=257 (~2e-5), and mkldnn's conv2d differs
@@ -14,9 +15,9 @@ torch's row-wise CPU kernels, which reduce each row serially in an order fixed b
 are kept to >= 2 output rows, because torch splits a reduction across threads only when it has a single
 output.
 
-The tests (tests/test_ops_invariance.py, tests/test_cpu_sweep.py, tests/test_cpu_path_details.py) check
-all of this bitwise at batch 1..8, random slots, and 1 vs 2 threads, with negative controls showing plain
-torch differing.
+The tests (tests/test_ops_invariance.py, tests/test_cpu_sweep.py, tests/test_cpu_path_details.py,
+tests/test_registry.py) check all of this bitwise at batch 1..8, random slots, and 1 vs 2 threads, with
+negative controls showing plain torch differing.
 
 fp16/bf16 inputs are computed in fp32 and rounded once at the end.
 """
@@ -36,15 +37,15 @@ ROW_TILE = 32
 COL_PAD = 16
 
 
-def _f32(t):
+def f32(t):
     return t if t is None or t.dtype == torch.float32 else t.to(torch.float32)
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _pad_cols(b: torch.Tensor) -> torch.Tensor:
+def pad_cols(b: torch.Tensor) -> torch.Tensor:
     pad = (-b.shape[-1]) % COL_PAD
     return F.pad(b, (0, pad)).contiguous() if pad else b.contiguous()
 
@@ -63,7 +64,7 @@ def clear_weight_cache() -> None:
     _packed.clear()
 
 
-def _cached_pack(b: torch.Tensor, tag: str, make):
+def cached_pack(b: torch.Tensor, tag: str, make):
     owner = b._base if b._base is not None else b
     if not isinstance(owner, torch.nn.Parameter) or owner.is_inference():
         return make()
@@ -90,7 +91,7 @@ _scratch = threading.local()
 SCRATCH_BYTES = 64 << 20  # per thread; least recently used buffers are dropped past this
 
 
-def _scratch_buffer(tag: str, shape: tuple, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
+def scratch_buffer(tag: str, shape: tuple, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
     """A per-thread float32 buffer of ``shape`` on ``like``'s device, reused across calls. ``zero``: created
     zero-filled; callers relying on that only ever write the same interior region of it."""
     bufs = getattr(_scratch, "bufs", None)
@@ -120,7 +121,7 @@ def _tiled_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     g, m, k = a.shape
     np_ = b.shape[2]
-    mp = _round_up(m, ROW_TILE)
+    mp = round_up(m, ROW_TILE)
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     t = mp // ROW_TILE
     bb = b.unsqueeze(1).expand(g, t, k, np_).reshape(g * t, k, np_)
@@ -135,23 +136,23 @@ def _tiled_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 TAIL_TILE = 8
 
 
-def _mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
+def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
     """(rows in full ROW_TILE tiles, padded tail rows, tail tile height) for an [m, k] @ [k, np_] GEMM."""
     full = m // ROW_TILE * ROW_TILE
     rest = m - full
     if not rest:
         return full, 0, ROW_TILE
     if k * TAIL_TILE * np_ >= 800:
-        return full, _round_up(rest, TAIL_TILE), TAIL_TILE
+        return full, round_up(rest, TAIL_TILE), TAIL_TILE
     return full, ROW_TILE, ROW_TILE
 
 
 def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     """[M, K] @ [K, N] (+ bias) as a fresh [Mp, Np] tensor (both padded); the caller slices [:M, :N]."""
-    bp = _cached_pack(b, "mm", lambda: _pad_cols(b.to(torch.float32)))
+    bp = cached_pack(b, "mm", lambda: pad_cols(b.to(torch.float32)))
     m, k = a.shape
     np_ = bp.shape[1]
-    full, tail, h = _mm_rows(m, k, np_)
+    full, tail, h = mm_rows(m, k, np_)
     mp = full + tail
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
@@ -159,7 +160,7 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
         def gemm(x, y, o):
             torch.bmm(x, y, out=o)
     else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
-        bp_bias = _cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
+        bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
 
         def gemm(x, y, o):
             torch.baddbmm(bp_bias, x, y, out=o)
@@ -194,130 +195,14 @@ def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = b.shape[2]
     if bsz == 0 or m == 0 or n == 0 or k == 0:
         return a.new_zeros(bsz, m, n)
-    bp = _pad_cols(b)
+    bp = pad_cols(b)
     out = _tiled_bmm(a, bp)
     return out if out.shape[1:] == (m, n) else out[:, :m, :n].contiguous()
 
 
 def matmul(a, b, bias=None):
-    return mm_f32(_f32(a), b, bias).to(a.dtype)
+    return mm_f32(f32(a), b, bias).to(a.dtype)
 
 
 def bmm(a, b):
-    return bmm_f32(_f32(a), _f32(b)).to(a.dtype)
-
-
-def conv2d(x, w, bias, stride, padding):
-    """Per item: ``out[b] = W [O, C*kh*kw] @ cols[b] [C*kh*kw, Ho*Wo]``, one batched GEMM of identical
-    problems, one per item, so an item's result cannot depend on the batch. ``cols`` is one strided gather
-    (im2col) from a zero-padded NCHW copy; the product is NCHW already, so no layout change on either side.
-    O is padded to a multiple of 8 and Ho*Wo to a multiple of 16: batched GEMMs of such shapes were batch and
-    thread invariant in every sweep here (tests/test_cpu_sweep.py; 0 of 480 checks each for 4..56 rows in
-    steps of 4 with 16-multiple columns), while odd row counts (7, 9) were not."""
-    bsz, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    sh, sw = stride
-    ph, pw = padding
-    ho = (h + 2 * ph - kh) // sh + 1
-    wo = (wd + 2 * pw - kw) // sw + 1
-    hp, wp = h + 2 * ph, wd + 2 * pw
-    k, ll = c * kh * kw, ho * wo
-    op, lp = _round_up(o, 8), _round_up(ll, COL_PAD)
-    if ph or pw:  # the border of this buffer is zero from its creation and never written
-        xp = _scratch_buffer(f"conv.pad{ph},{pw}", (bsz, c, hp, wp), x, zero=True)
-        xp[:, :, ph : ph + h, pw : pw + wd].copy_(x)
-    else:
-        xp = x.to(torch.float32).contiguous()
-    if (kh, kw, sh, sw) == (1, 1, 1, 1) and lp == ll:
-        cols = xp.view(bsz, c, ll)
-    else:  # columns ll..lp of this buffer stay zero as well
-        cols = _scratch_buffer(f"conv.cols{ll}", (bsz, k, lp), x, zero=True)
-        cols[:, :, :ll].view(bsz, c, kh, kw, ho, wo).copy_(
-            xp.as_strided((bsz, c, kh, kw, ho, wo), (c * hp * wp, hp * wp, wp, 1, sh * wp, sw))
-        )
-    wm = _cached_pack(w, "conv", lambda: F.pad(_f32(w).reshape(o, k), (0, 0, 0, op - o)).contiguous())
-    exact = op == o and lp == ll and x.dtype == torch.float32
-    out = torch.empty((bsz, op, lp), device=x.device) if exact else _scratch_buffer("conv.out", (bsz, op, lp), x)
-    if bias is None:
-        torch.bmm(wm.expand(bsz, op, k), cols, out=out)
-    else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
-        bcol = _cached_pack(bias, "conv.bias", lambda: F.pad(_f32(bias), (0, op - o)).view(op, 1))
-        torch.baddbmm(bcol, wm.expand(bsz, op, k), cols, out=out)
-    if exact:
-        return out.view(bsz, o, ho, wo)
-    res = torch.empty((bsz, o, ho, wo), dtype=x.dtype, device=x.device)  # fresh: never a scratch alias
-    res.copy_(out[:, :o, :ll].view(bsz, o, ho, wo))
-    return res
-
-
-def softmax_f32(x: torch.Tensor) -> torch.Tensor:
-    """Row softmax over the last dim; torch's CPU kernel handles each row on its own."""
-    return torch.softmax(x, dim=-1)
-
-
-def attention(q, k, v, mask=None, scale=None):
-    """softmax(q k^T * scale + mask) v per (item, head): two row-tiled GEMMs around a row softmax, fp32.
-
-    torch's own CPU flash-attention kernel is not used: it is not batch invariant here (q/k/v
-    [B, 2, 13, 8]: item 0 alone differs from item 0 in a batch of 2..5, and between 1 and 2 threads)."""
-    b, h, nq, d = q.shape
-    nk, dv = k.shape[2], v.shape[3]
-    if scale is None:
-        scale = d**-0.5
-    s = bmm_f32(_f32(q).reshape(b * h, nq, d), _f32(k).reshape(b * h, nk, d).transpose(1, 2)) * scale
-    if mask is not None:
-        s = (s.reshape(b, h, nq, nk) + _f32(mask)).reshape(b * h, nq, nk)
-    return bmm_f32(softmax_f32(s), _f32(v).reshape(b * h, nk, dv)).reshape(b, h, nq, dv).to(q.dtype)
-
-
-def _at_least_two_rows(x2d: torch.Tensor):
-    """torch splits a reduction across threads only when there is a single output; keep >= 2 rows."""
-    if x2d.shape[0] == 1:
-        return torch.cat([x2d, x2d.new_zeros(1, x2d.shape[1])]), 1
-    return x2d, x2d.shape[0]
-
-
-def _rows_back(out: torch.Tensor, r: int, dtype) -> torch.Tensor:
-    """The first r rows (when a guard row was added), in the caller's dtype."""
-    if out.shape[0] != r:
-        out = out[:r]
-    return out if out.dtype == dtype else out.to(dtype)
-
-
-def layer_norm(x, weight, bias, eps):
-    xf, r = _at_least_two_rows(_f32(x))
-    # torch.layer_norm, not F.layer_norm: the same kernel without F's Python checks (~2 us a call)
-    return _rows_back(torch.layer_norm(xf, (xf.shape[-1],), _f32(weight), _f32(bias), eps), r, x.dtype)
-
-
-def rms_norm(x, weight, eps):
-    xf, r = _at_least_two_rows(_f32(x))
-    ms = (xf * xf).mean(dim=-1, keepdim=True)
-    out = (xf * torch.rsqrt(ms + eps))[:r]
-    if weight is not None:
-        out = out * _f32(weight)
-    return out.to(x.dtype)
-
-
-def group_norm(x, num_groups, weight, bias, eps):
-    xf = _f32(x).contiguous()
-    w, b = _f32(weight), _f32(bias)
-    if x.shape[0] == 1:  # same single-output guard as the row reductions
-        xf2 = torch.cat([xf, xf.new_zeros(xf.shape)])
-        return _rows_back(torch.group_norm(xf2, num_groups, w, b, eps), 1, x.dtype)
-    return _rows_back(torch.group_norm(xf, num_groups, w, b, eps), x.shape[0], x.dtype)
-
-
-def softmax(x):
-    xf, r = _at_least_two_rows(_f32(x))
-    return _rows_back(softmax_f32(xf), r, x.dtype)
-
-
-def sum_rows(x):
-    xf, r = _at_least_two_rows(_f32(x))
-    return _rows_back(xf.sum(dim=-1), r, x.dtype)
-
-
-def mean_rows(x):
-    xf, r = _at_least_two_rows(_f32(x))
-    return _rows_back(xf.mean(dim=-1), r, x.dtype)
+    return bmm_f32(f32(a), f32(b)).to(a.dtype)

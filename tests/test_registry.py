@@ -1,0 +1,190 @@
+"""The op registry: every registered op is complete (compile specs, reference, invariance), registered as
+``torch.ops.jetdet.<name>``, bitwise the same through the eager shortcut and the dispatcher, batch invariant on
+both paths and close to its fp32 reference. The tests enumerate :func:`jetdet.ops.registry.specs`, so a new op
+is covered by adding it, and an op that lacks a piece fails here."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+
+import pytest
+import torch
+from _devices import to_default_device
+
+import jetdet
+from jetdet import mode
+from jetdet.ops import registry
+
+SPECS = {s.name: s for s in registry.specs()}
+NAMES = sorted(SPECS)
+#: Public names in ``jetdet.ops`` that are helpers, not ops (no tensor computation of their own to register).
+HELPERS = {"LinearAttentionState", "BlockMask", "block_mask_from_bool", "block_sparse_work", "spatial_block_order",
+           "forecast_weights"}
+#: fp32 tolerance (atol, rtol) against the reference, per op where the default (1e-5, 1e-5) does not fit.
+TOL = {"attention_block_mask": (0, 0), "forecast": (1e-5, 1e-4), "relative_change": (1e-6, 1e-5)}
+
+
+def _sample(spec, batch, seed=0, dtype=torch.float32):
+    args = spec.sample(batch, dtype, torch.Generator().manual_seed(seed))
+    return [to_default_device(a) if isinstance(a, list) else to_default_device([a])[0] for a in args]
+
+
+def _slice(spec, args, sl):
+    out = []
+    for i, a in enumerate(args):
+        if i in spec.batched:
+            a = [t[sl] for t in a] if isinstance(a, list) else a[sl]
+        out.append(a)
+    return out
+
+
+def _outs(res):
+    return list(res) if isinstance(res, (tuple, list)) else [res]
+
+
+def _with_batch(spec, res) -> list:
+    """The outputs that carry the batch in dim 0 (all of them, for every op registered today)."""
+    return [o for o in _outs(res) if isinstance(o, torch.Tensor)]
+
+
+def check_invariant(fn, spec, batch=6, seed=0):
+    """Prefix and needle: every prefix of the batch and every item alone give bitwise what the full batch gives
+    for those items."""
+    args = _sample(spec, batch, seed)
+    full = _with_batch(spec, fn(*args))
+    rng = random.Random(spec.name)
+    for b in range(1, batch + 1):
+        part = _with_batch(spec, fn(*_slice(spec, args, slice(0, b))))
+        for p, f in zip(part, full):
+            assert torch.equal(p, f[:b]), f"{spec.name}: prefix {b} differs from the full batch"
+        s = rng.randrange(b)
+        needle = _with_batch(spec, fn(*_slice(spec, args, slice(s, s + 1))))
+        for n, p in zip(needle, part):
+            assert torch.equal(n[0], p[s]), f"{spec.name}: item {s} alone differs from slot {s} of batch {b}"
+
+
+# ------------------------------------------------------------------------------------------------- completeness
+
+
+def test_every_folder_registers_ops():
+    folders = {s.folder for s in registry.specs()}
+    assert folders == set(registry.FOLDERS)
+    assert len(NAMES) == len(registry.specs())  # no name twice
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_op_has_every_piece(name):
+    spec = SPECS[name]
+    for piece in ("schema", "fake", "torch_path", "launcher", "reference", "sample"):
+        assert getattr(spec, piece), f"{name}: no {piece}"
+    # the static report compiles the folder's kernels: it needs compile specs that come from that folder
+    cs = importlib.import_module(f"jetdet.kernels.{spec.folder}.specs").compile_specs()
+    assert cs, f"{name}: kernels/{spec.folder}/specs.py gives no compile specs"
+    assert all(inspect.getmodule(getattr(c.fn, "fn", c.fn)).__name__.startswith(f"jetdet.kernels.{spec.folder}.")
+               for c in cs)
+    if isinstance(spec.launcher, str):
+        launch = importlib.import_module(f"jetdet.kernels.{spec.folder}.launch")
+        assert callable(getattr(launch, spec.launcher)), f"{name}: launch.{spec.launcher} does not exist"
+    if spec.table is not None:
+        import glob
+        import os
+
+        from jetdet import _paths
+
+        files = glob.glob(os.path.join(_paths.configs_dir(), spec.table, "device_name=*.json"))
+        assert files, f"{name}: no shipped launch table autotune_configs/{spec.table}/"
+
+
+def test_static_report_covers_every_registered_folder():
+    from jetdet import static_report
+
+    modules = set(static_report.KERNEL_MODULES)
+    for folder in registry.FOLDERS:
+        assert f"jetdet.kernels.{folder}.specs" in modules, folder
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_as_torch_op(name):
+    assert hasattr(torch.ops.jetdet, name)
+    assert registry.get(name).overload is getattr(torch.ops.jetdet, name).default
+
+
+def test_every_public_op_is_a_torch_op():
+    """The README: every public op is registered as ``jetdet::<op>`` (``linear`` and ``addmm`` were not)."""
+    public = [n for n in jetdet.ops.__all__ if n not in HELPERS]
+    assert {"linear", "addmm", "gelu_gate"} <= set(public)
+    for n in public:
+        assert hasattr(torch.ops.jetdet, n), f"jetdet.ops.{n} has no torch.ops.jetdet.{n}"
+    assert set(public) == {s.public for s in registry.specs()}
+
+
+def test_unknown_op_is_a_clear_error():
+    with pytest.raises(KeyError, match="no jetdet op 'nope'"):
+        registry.get("nope")
+
+
+def test_routed_functions_have_router_handlers():
+    """What a spec says the router may send it is what the router handles (by name)."""
+    routed = {getattr(f, "__name__", str(f)) for s in registry.specs() for f in s.routed}
+    assert routed and routed <= set(mode.ROUTED)
+
+
+# ---------------------------------------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eager_shortcut_equals_dispatcher(name, torch_backend):
+    spec, op = SPECS[name], registry.get(name)
+    args = _sample(spec, 3)
+    for a, b in zip(_outs(op(*args)), _outs(op.overload(*args))):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck(name, torch_backend):
+    args = _sample(SPECS[name], 2)
+    torch.library.opcheck(registry.get(name).overload, tuple(args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_invariant(name, backend):
+    check_invariant(registry.get(name), SPECS[name], batch=4 if backend == "triton" else 6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", NAMES)
+def test_close_to_reference(name, backend):
+    spec = SPECS[name]
+    args = _sample(spec, 3, seed=1)
+    atol, rtol = TOL.get(name, (1e-5, 1e-5))
+    got, want = _outs(registry.get(name)(*args)), _outs(spec.reference(*args))
+    for g, w in zip(got, want):
+        if w is None:
+            continue
+        if g.dtype in (torch.bool, torch.int32, torch.int64):
+            assert torch.equal(g.cpu(), w.cpu()), name
+        else:
+            torch.testing.assert_close(g.double().cpu(), w.double().cpu(), atol=atol, rtol=rtol, equal_nan=True)
+
+
+def test_invariance_check_fails_on_a_batch_dependent_op():
+    """Negative control: the same check rejects an op whose items depend on the batch."""
+    spec = SPECS["softmax"]
+
+    def leaky(x):
+        return torch.softmax(x, -1) + x.sum() * 1e-3
+
+    with pytest.raises(AssertionError, match="differs"):
+        check_invariant(leaky, spec)
+
+
+def test_reference_check_fails_on_a_wrong_body():
+    spec = SPECS["gelu_gate"]
+    args = _sample(spec, 3, seed=1)
+    wrong = spec.reference(args[0], "none")  # the erf form where the tanh form was asked for
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(wrong, spec.reference(*args), atol=1e-5, rtol=1e-5)
