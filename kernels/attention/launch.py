@@ -8,8 +8,7 @@ import torch
 import triton
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, empty
-from jetdet.kernels.reduce.tables import DTYPES, shipped_tables, signature
+from jetdet.kernels._common import CompileSpec, empty, signature
 
 from .kernel import attention_fwd_kernel
 from .reference import additive_mask
@@ -33,6 +32,11 @@ def _block_d(d: int) -> int:
 
 def _default_config(d: int) -> dict:
     return DEFAULT_CONFIGS[min(b for b in DEFAULT_CONFIGS if b >= min(_block_d(d), MAX_HEAD_DIM))]
+
+
+def config(head_dim: int, dtype: torch.dtype, device=None) -> dict:
+    """Tile config keyed by the head dim (``max(D, Dv)``), never the batch or the sequence length."""
+    return configs.get_config(OP, head_dim, dtype=dtype, device=device, default=_default_config(head_dim))
 
 
 def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -69,8 +73,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     else:
         m_arg, m_strides = q, (0, 0, 0, 0)
 
-    key = max(d, d_v)
-    cfg = configs.get_config(OP, key, dtype=q.dtype, device=q.device, default=_default_config(key))
+    cfg = config(max(d, d_v), q.dtype, q.device)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(n_q, block_m) * bsz * heads,)
     attention_fwd_kernel[grid](
@@ -95,8 +98,8 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
 def compile_specs() -> list[CompileSpec]:
     """Every shipped (config, head-dim key) x dtype x mask/no-mask, as compiled for a GPU."""
     specs, seen = [], set()
-    default_tables = [("default", dt, {str(d): c for d, c in DEFAULT_CONFIGS.items()}) for dt in DTYPES]
-    for _dev, dt, table in [*shipped_tables(OP), *default_tables]:
+    default_tables = [(dt, {str(d): c for d, c in DEFAULT_CONFIGS.items()}) for dt in configs.DTYPES]
+    for dt, table in [*((dt, t) for _dev, _archs, dt, t in configs.shipped_tables(OP)), *default_tables]:
         for key, cfg in table.items():
             head_dim = min(int(key), MAX_HEAD_DIM)
             block_d = _block_d(head_dim)

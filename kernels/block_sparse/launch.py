@@ -13,9 +13,9 @@ import math
 import torch
 import triton
 
-from jetdet.configs import get_config
+from jetdet import configs
 
-from .._common import CompileSpec, empty, shipped_tables, tl_ptr
+from .._common import CompileSpec, empty, tl_ptr
 from . import kernel
 
 OP = "block_sparse"
@@ -32,7 +32,7 @@ def _pad(d: int) -> int:
 
 
 def config(d: int, block_size: int, dtype: torch.dtype, device) -> dict:
-    cfg = get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
+    cfg = configs.get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
     cfg["POOL_ROWS"] = min(cfg["POOL_ROWS"], block_size)
@@ -126,23 +126,18 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return out
 
 
-def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
-    """``(archs, dtype name, table)`` for every shipped table (see :func:`kernels._common.shipped_tables`)."""
-    return [(archs, dn, table) for _ident, archs, dn, table in shipped_tables(OP)]
-
-
 def compile_specs() -> list[CompileSpec]:
     """Every shipped config × fp32/fp16/bf16 at mask block size 64 and 128 (the attention kernel) and the
     pooling kernel at pool sizes 4, 16, 64 and 128, for the static SASS report."""
     specs: list[CompileSpec] = []
     seen = set()
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     i32 = "i32"
-    tables = _shipped_tables() or [((80, 89, 90), dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]
+    tables = [(archs, dn, table) for _ident, archs, dn, table in configs.shipped_tables(OP)]
+    tables = tables or [(configs.ARCHS, dn, {"64": DEFAULT}) for dn in configs.DTYPES]
     for archs, tdt, table in tables:
         for key, entry in table.items():
             d = 64 if key == "default" else int(key)
-            for dtype, dn in names.items():
+            for dtype, dn in configs.DTYPE_NAMES.items():
                 if tdt != dn:
                     continue
                 for bs in (64, 128):

@@ -10,7 +10,6 @@ import triton
 
 from jetdet import configs
 from jetdet.kernels._common import CompileSpec, empty, tl_ptr
-from jetdet.kernels.matmul.launch import shipped_configs
 
 from .kernel import _conv2d_kernel
 
@@ -32,7 +31,7 @@ def _default(dtype: torch.dtype) -> dict:
     return DEFAULT_CONFIG_FP32 if dtype == torch.float32 else DEFAULT_CONFIG
 
 
-def get_config(out_channels: int, dtype: torch.dtype, device=None) -> dict:
+def config(out_channels: int, dtype: torch.dtype, device=None) -> dict:
     """Tile config keyed by the number of output channels (never the batch size or the image size)."""
     return configs.get_config(OP, out_channels, dtype=dtype, device=device, default=_default(dtype))
 
@@ -94,7 +93,7 @@ def conv2d(
 def _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
     nb, c, h, wd = x.shape
     _, o, oh, ow = y.shape
-    cfg = get_config(o, x.dtype, x.device)
+    cfg = config(o, x.dtype, x.device)
     tiles = triton.cdiv(oh * ow, cfg["BLOCK_M"]) * triton.cdiv(o, cfg["BLOCK_N"])
     bias_arg = bias if bias is not None else y
     for start in range(0, nb, _MAX_GRID_Y):
@@ -134,7 +133,7 @@ def compile_specs() -> list[CompileSpec]:
     with bias. Modelled on the common launch: contiguous NCHW input with H*W and W multiples of 16,
     contiguous weights (stride_wk == 1), stride/padding 1 specialized to constants as Triton does."""
     specs = []
-    for dtype, cfg, archs in shipped_configs(OP, _DTYPES, _default):
+    for dtype, cfg, archs in configs.shipped_configs(OP, _DTYPES, _default):
         ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
         tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         for kh, kw, st, pad in _SPEC_SHAPES:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from jetdet.configs import get_config
+from jetdet import configs
 
-from .._common import CompileSpec, empty, shipped_tables, tl_ptr
+from .._common import CompileSpec, empty, tl_ptr
 from . import kernel
 
 OP = "forecast"
@@ -26,7 +26,7 @@ TILE_COLS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def config(key: int, dtype: torch.dtype, device) -> dict:
-    cfg = get_config(OP, key, dtype=dtype, device=device, default=DEFAULT)
+    cfg = configs.get_config(OP, key, dtype=dtype, device=device, default=DEFAULT)
     cfg["RC_CHUNK"] = max(cfg["RC_BLOCK"], cfg["RC_CHUNK"] // cfg["RC_BLOCK"] * cfg["RC_BLOCK"])
     return cfg
 
@@ -120,17 +120,12 @@ def relative_change(
     return per_item, per_tile
 
 
-def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
-    """``(archs, dtype name, table)`` for every shipped table (see :func:`kernels._common.shipped_tables`)."""
-    return [(archs, dn, table) for _ident, archs, dn, table in shipped_tables(OP)]
-
-
 def compile_specs() -> list[CompileSpec]:
     """Every shipped config × fp32/fp16/bf16: the forecast kernel at K = 4 (K < 4 drops loads), the untiled
     and every tiled block shape of the relative change, and the finishing kernel."""
     specs: list[CompileSpec] = []
     seen = set()
-    dts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dts = {dn: dtype for dtype, dn in configs.DTYPE_NAMES.items()}
 
     def add(ident, spec):
         ident = (spec.archs, *ident)
@@ -138,7 +133,8 @@ def compile_specs() -> list[CompileSpec]:
             seen.add(ident)
             specs.append(spec)
 
-    tables = _shipped_tables() or [((80, 89, 90), dn, {"default": DEFAULT}) for dn in dts]
+    tables = [(archs, dn, table) for _ident, archs, dn, table in configs.shipped_tables(OP)]
+    tables = tables or [(configs.ARCHS, dn, {"default": DEFAULT}) for dn in configs.DTYPES]
     for archs, dn, table in tables:
         p = tl_ptr(dts[dn])
         for entry in table.values():

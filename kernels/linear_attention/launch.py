@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from jetdet.configs import get_config
+from jetdet import configs
 
-from .._common import CompileSpec, empty, shipped_tables, tl_ptr
+from .._common import CompileSpec, empty, tl_ptr
 from . import kernel
 
 OP = "linear_attention"
@@ -42,7 +42,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def config(d: int, dtype: torch.dtype, device) -> dict:
-    cfg = get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
+    cfg = configs.get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
     # a chunk holds whole token tiles
     cfg["CHUNK_N"] = max(cfg["S_BLOCK_N"], cfg["CHUNK_N"] // cfg["S_BLOCK_N"] * cfg["S_BLOCK_N"])
     return cfg
@@ -139,24 +139,19 @@ def apply(q: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor, feature_map: str,
     return out
 
 
-def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
-    """``(archs, dtype name, table)`` for every shipped table (see :func:`kernels._common.shipped_tables`)."""
-    return [(archs, dn, table) for _ident, archs, dn, table in shipped_tables(OP)]
-
-
 def compile_specs() -> list[CompileSpec]:
     """Every shipped config × fp32/fp16/bf16, for the static SASS report. The feature map is elu+1, whose
     code is a superset of relu's and identity's (it adds the exp)."""
     specs: list[CompileSpec] = []
     seen = set()
-    tables = _shipped_tables() or [((80, 89, 90), dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]
+    tables = [(archs, dn, table) for _ident, archs, dn, table in configs.shipped_tables(OP)]
+    tables = tables or [(configs.ARCHS, dn, {"64": DEFAULT}) for dn in configs.DTYPES]
     for archs, tdt, table in tables:
         for key, entry in table.items():
             d = 64 if key == "default" else int(key)
             cfg = dict(DEFAULT)
             cfg.update(entry)
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                dn = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+            for dtype, dn in configs.DTYPE_NAMES.items():
                 if tdt != dn:
                     continue
                 d_pad = _pad(d)

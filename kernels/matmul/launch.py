@@ -5,14 +5,13 @@ The caller (``jetdet.ops``) has validated dtypes, devices and shapes; the assert
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 import triton
 
-from jetdet import _paths, configs
-from jetdet.kernels._common import DEVICE_ARCHS, CompileSpec, empty, tl_ptr
+from jetdet import configs
+from jetdet.kernels._common import CompileSpec, empty, tl_ptr
 
 from .kernel import _matmul_kernel
 
@@ -34,7 +33,7 @@ def _default(dtype: torch.dtype) -> dict:
     return DEFAULT_CONFIG_FP32 if dtype == torch.float32 else DEFAULT_CONFIG
 
 
-def get_config(n: int, dtype: torch.dtype, device=None) -> dict:
+def config(n: int, dtype: torch.dtype, device=None) -> dict:
     """Tile config for output width ``n``: never M or the batch size, which keeps it batch-invariant."""
     return configs.get_config(OP, n, dtype=dtype, device=device, default=_default(dtype))
 
@@ -75,7 +74,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torc
             matmul_tma(a[0], w, bias, out=c[0])
             return
     n = b.shape[2]
-    cfg = get_config(n, a.dtype, a.device)
+    cfg = config(n, a.dtype, a.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     bias_arg = bias if bias is not None else c
@@ -147,44 +146,6 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- static report
 
 
-# arch each shipped table is selected on (configs.find_table: device name first, then sm_<cc>)
-TABLE_ARCHS = DEVICE_ARCHS
-ALL_ARCHS = (80, 89, 90)
-
-
-def _table_archs(ident: str) -> tuple[int, ...]:
-    if ident in TABLE_ARCHS:
-        return TABLE_ARCHS[ident]
-    if ident.startswith("sm_") and ident[3:].isdigit():
-        return (int(ident[3:]),)
-    return ALL_ARCHS
-
-
-def shipped_configs(op: str, dtypes, default_for) -> list[tuple[torch.dtype, dict, tuple[int, ...]]]:
-    """``(dtype, config, archs)`` for the built-in default (all archs) and every entry of every shipped
-    table of ``op``, each table paired with the dtypes ``configs.find_table`` picks it for and the arch it
-    is selected on; equal configs are merged (archs united)."""
-    base = os.path.join(_paths.configs_dir(), op)
-    tables: dict[str, dict] = {}
-    if os.path.isdir(base):
-        for fname in sorted(os.listdir(base)):
-            if fname.startswith("device_name=") and fname.endswith(".json"):
-                with open(os.path.join(base, fname)) as f:
-                    tables[fname[len("device_name=") : -len(".json")]] = json.load(f)
-    idents = sorted({name.split(",")[0] for name in tables})
-    merged: dict[tuple, tuple[torch.dtype, dict, set]] = {}
-    for dtype in dtypes:
-        cands = [(default_for(dtype), ALL_ARCHS)]
-        for ident in idents:
-            table = tables.get(f"{ident},dtype={configs.dtype_name(dtype)}", tables.get(ident))
-            if table is not None:
-                cands.extend(({**default_for(dtype), **cfg}, _table_archs(ident)) for cfg in table.values())
-        for cfg, archs in cands:
-            key = (dtype, tuple(sorted(cfg.items())))
-            merged.setdefault(key, (dtype, cfg, set()))[2].update(archs)
-    return [(dtype, cfg, tuple(sorted(archs))) for dtype, cfg, archs in merged.values()]
-
-
 def compile_specs() -> list[CompileSpec]:
     """One spec per (shipped config, dtype) for ``jetdet.static_report``, with the bias epilogue (the
     no-bias variant is the same kernel minus one load and add).
@@ -193,7 +154,7 @@ def compile_specs() -> list[CompileSpec]:
     constant) and ``b = weight.t()`` (stride_bk == 1), 16-byte aligned pointers, N and K multiples of 16.
     """
     specs = []
-    for dtype, cfg, archs in shipped_configs(OP, _DTYPES, _default):
+    for dtype, cfg, archs in configs.shipped_configs(OP, _DTYPES, _default):
         ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
         tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         name = f"matmul_{dt}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}"

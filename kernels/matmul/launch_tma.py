@@ -33,7 +33,7 @@ H100_SMS = 132  # the static report compiles for this many programs (H100 SXM / 
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def get_config(n: int) -> dict:
+def config(n: int) -> dict:
     return CONFIGS["n>=1024" if n >= 1024 else "n<1024"]
 
 
@@ -76,7 +76,7 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
                          f"strides {w.stride()}")
     if m == 0 or n == 0:
         return c
-    cfg = get_config(n)
+    cfg = config(n)
     programs = _programs(a.device)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]

@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, empty
+from jetdet.kernels._common import CompileSpec, empty, signature
 
 from .kernel import softmax_kernel, sum_rows_kernel
-from .tables import DTYPES, shipped_tables, signature
 
 OP = "reduce"
 DEFAULT_CONFIG = {"BLOCK": 1024, "num_warps": 4}
 
 
-def _config(x: torch.Tensor, n: int) -> dict:
-    return configs.get_config(OP, n, dtype=x.dtype, device=x.device, default=DEFAULT_CONFIG)
+def config(n: int, dtype: torch.dtype, device=None) -> dict:
+    """Config keyed by the row length, never the number of rows."""
+    return configs.get_config(OP, n, dtype=dtype, device=device, default=DEFAULT_CONFIG)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ def softmax(x) -> torch.Tensor:
     out = empty(x.shape, x.dtype, x.device)
     o2 = out.view(x2.shape)
     if x2.shape[0]:
-        cfg = _config(x, x2.shape[1])
+        cfg = config(x2.shape[1], x.dtype, x.device)
         softmax_kernel[(x2.shape[0],)](
             x2, o2, *x2.stride(), *o2.stride(), x2.shape[1], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]
         )
@@ -40,7 +40,7 @@ def _sum(x, mean: bool) -> torch.Tensor:
     x2 = _rows(x)
     out = empty(x.shape[:-1], x.dtype, x.device)
     if x2.shape[0]:
-        cfg = _config(x, x2.shape[1])
+        cfg = config(x2.shape[1], x.dtype, x.device)
         sum_rows_kernel[(x2.shape[0],)](
             x2, out, *x2.stride(), x2.shape[1], MEAN=mean, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]
         )
@@ -60,8 +60,8 @@ def mean_rows(x) -> torch.Tensor:
 def compile_specs() -> list[CompileSpec]:
     """Every shipped BLOCK/num_warps x dtype for softmax, sum and mean (contiguous rows)."""
     specs, seen = [], set()
-    default_tables = [("default", dt, {"1024": DEFAULT_CONFIG}) for dt in DTYPES]
-    for _dev, dt, table in [*shipped_tables(OP), *default_tables]:
+    default_tables = [(dt, {"1024": DEFAULT_CONFIG}) for dt in configs.DTYPES]
+    for dt, table in [*((dt, t) for _dev, _archs, dt, t in configs.shipped_tables(OP)), *default_tables]:
         for cfg in table.values():
             cfg = {**DEFAULT_CONFIG, **cfg}
             ptr = "*" + dt
