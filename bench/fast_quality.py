@@ -196,9 +196,9 @@ def static_rows():
     """Registers, spills and tensor-core use of the kernels at the representative config on sm_90."""
     try:
         from jetdet import static_report
-        from jetdet.kernels.block_sparse import launch as bl
-        from jetdet.kernels.forecast import launch as fl
-        from jetdet.kernels.linear_attention import launch as ll
+        from jetdet.kernels.block_sparse import specs as bl
+        from jetdet.kernels.forecast import specs as fl
+        from jetdet.kernels.linear_attention import specs as ll
     except Exception as e:  # noqa: BLE001 - the cost model stands without it
         print(f"(static report unavailable: {e})")
         return

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, empty, tl_ptr
+from jetdet.kernels._common import empty
 
 from .kernel import _matmul_kernel
 
@@ -141,64 +141,3 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return c.zero_()
     _launch(a, b, None, c)
     return c
-
-
-# --------------------------------------------------------------------------------------------- static report
-
-
-def compile_specs() -> list[CompileSpec]:
-    """One spec per (shipped config, dtype) for ``jetdet.static_report``, with the bias epilogue (the
-    no-bias variant is the same kernel minus one load and add).
-
-    Modelled on the common launch: contiguous ``a`` (stride_ak == 1, which Triton specializes to a
-    constant) and ``b = weight.t()`` (stride_bk == 1), 16-byte aligned pointers, N and K multiples of 16.
-    """
-    specs = []
-    for dtype, cfg, archs in configs.shipped_configs(OP, _DTYPES, _default):
-        ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
-        tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        name = f"matmul_{dt}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}"
-        specs.append(
-            CompileSpec(
-                name=name,
-                fn=_matmul_kernel,
-                signature={
-                    "a_ptr": ptr,
-                    "b_ptr": ptr,
-                    "bias_ptr": ptr,
-                    "c_ptr": ptr,
-                    "M": "i32",
-                    "N": "i32:16",
-                    "K": "i32:16",
-                    "stride_ab": "i32:16",
-                    "stride_am": "i32:16",
-                    "stride_ak": "constexpr",
-                    "stride_bb": "i32:16",
-                    "stride_bk": "constexpr",
-                    "stride_bn": "i32:16",
-                    "stride_cb": "i32:16",
-                    "stride_cm": "i32:16",
-                    "stride_cn": "constexpr",
-                },  # fmt: skip
-                constexprs={
-                    "stride_ak": 1,
-                    "stride_bk": 1,
-                    "stride_cn": 1,
-                    "HAS_BIAS": True,
-                    "DOT_F32": dt == "fp32",
-                    "BLOCK_M": cfg["BLOCK_M"],
-                    "BLOCK_N": cfg["BLOCK_N"],
-                    "BLOCK_K": cfg["BLOCK_K"],
-                    "GROUP_M": cfg["GROUP_M"],
-                },
-                options={
-                    "num_warps": cfg["num_warps"],
-                    "num_stages": cfg["num_stages"],
-                    "enable_fp_fusion": FP_FUSION,
-                },
-                deterministic=True,
-                archs=archs,
-                forbid=("no_tf32",) if dt == "fp32" else (),
-            )
-        )
-    return specs

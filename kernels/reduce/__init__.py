@@ -1,7 +1,8 @@
 """Deterministic row softmax, row sum and row mean (one program per row, fixed reduction order)."""
 
-from .launch import compile_specs, mean_rows, softmax, sum_rows
+from .launch import mean_rows, softmax, sum_rows
 from .reference import mean_rows_reference, softmax_reference, sum_rows_reference
+from .specs import compile_specs
 
 __all__ = [
     "compile_specs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, empty, signature
+from jetdet.kernels._common import empty
 
 from .kernel import softmax_kernel, sum_rows_kernel
 
@@ -55,36 +55,3 @@ def sum_rows(x) -> torch.Tensor:
 def mean_rows(x) -> torch.Tensor:
     """Mean over the last dim of ``x [R, C]`` -> ``[R]`` in x.dtype (fp32 sum divided by C; NaN for C = 0)."""
     return _sum(x, mean=True)
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every shipped BLOCK/num_warps x dtype for softmax, sum and mean (contiguous rows)."""
-    specs, seen = [], set()
-    default_tables = [(dt, {"1024": DEFAULT_CONFIG}) for dt in configs.DTYPES]
-    for dt, table in [*((dt, t) for _dev, _archs, dt, t in configs.shipped_tables(OP)), *default_tables]:
-        for cfg in table.values():
-            cfg = {**DEFAULT_CONFIG, **cfg}
-            ptr = "*" + dt
-            for kind, fn, extra in (
-                ("softmax", softmax_kernel, {}),
-                ("sum_rows", sum_rows_kernel, {"MEAN": False}),
-                ("mean_rows", sum_rows_kernel, {"MEAN": True}),
-            ):
-                ident = (dt, kind, cfg["BLOCK"], cfg["num_warps"])
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                sig = signature(fn, {"x_ptr": ptr, "out_ptr": ptr})
-                unit = [s for s in ("stride_xc", "stride_oc") if s in sig]
-                for s in unit:  # contiguous rows: the JIT specialises stride 1
-                    del sig[s]
-                specs.append(
-                    CompileSpec(
-                        name=f"{kind}[{dt},BLOCK{cfg['BLOCK']},w{cfg['num_warps']}]",
-                        fn=fn,
-                        signature=sig,
-                        constexprs={**dict.fromkeys(unit, 1), **extra, "BLOCK": cfg["BLOCK"]},
-                        options={"num_warps": cfg["num_warps"], "num_stages": 1},
-                    )
-                )
-    return specs
