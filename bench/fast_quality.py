@@ -83,11 +83,12 @@ def attention_stats(q, k):
 def quality(args):
     import torch
 
+    from jetdet import configs
     from jetdet.kernels.block_sparse import reference as bref
     from jetdet.ops import fast
 
     q, k, v = smooth_attention_inputs(args.side, args.heads, args.dim, args.seed)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {name: dt for dt, name in configs.DTYPE_NAMES.items()}[args.dtype]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     dense = bref.masked_attention(q, k, v, None)
     H = args.heads

@@ -130,9 +130,10 @@ def table_archs(ident: str) -> tuple[int, ...]:
     return ARCHS
 
 
-def shipped_tables(op: str) -> list[tuple[str, tuple[int, ...], str, dict]]:
+def shipped_tables(op: str, default: dict | None = None) -> list[tuple[str, tuple[int, ...], str, dict]]:
     """Every shipped launch table of ``op`` per dtype it serves, as ``(device_ident, archs, dtype_name, table)``,
-    sorted by ident, then in :data:`DTYPES` order.
+    sorted by ident, then in :data:`DTYPES` order; with ``default`` (a table of the op's built-in configs) also
+    ``("default", ARCHS, dtype_name, default)`` for every dtype, last.
 
     A ``,dtype=<dt>`` file serves its dtype and a plain file the dtypes without their own file (what
     :func:`find_table` would pick); ``archs`` is :func:`table_archs` of the ident.
@@ -150,6 +151,8 @@ def shipped_tables(op: str) -> list[tuple[str, tuple[int, ...], str, dict]]:
             table = per_dtype.get(dn, per_dtype.get(None))
             if table is not None:
                 out.append((ident, table_archs(ident), dn, table))
+    if default is not None:
+        out.extend(("default", ARCHS, dn, default) for dn in DTYPES)
     return out
 
 

@@ -118,6 +118,8 @@ def test_shipped_tables_pick_what_find_table_picks(tmp_path, monkeypatch):
         (torch.float16, {**DEFAULT, "BLOCK": 32}, (80,)),
     ]
     assert configs.shipped_tables("nothing") == []
+    assert configs.shipped_tables("nothing", default=DEFAULT) == [("default", (80, 89, 90), dn, DEFAULT) for dn in
+                                                                  ("fp32", "fp16", "bf16")]  # fmt: skip
 
 
 def _as_gpu(monkeypatch, name, capability=(9, 0)):

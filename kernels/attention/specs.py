@@ -15,8 +15,8 @@ _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od"
 def compile_specs() -> list[CompileSpec]:
     """Every shipped (config, head-dim key) x dtype x mask/no-mask, as compiled for a GPU."""
     specs, seen = [], set()
-    default_tables = [(dt, {str(d): c for d, c in DEFAULT_CONFIGS.items()}) for dt in configs.DTYPES]
-    for dt, table in [*((dt, t) for _dev, _archs, dt, t in configs.shipped_tables(OP)), *default_tables]:
+    default = {str(d): c for d, c in DEFAULT_CONFIGS.items()}
+    for _dev, _archs, dt, table in configs.shipped_tables(OP, default=default):
         for key, cfg in table.items():
             head_dim = min(int(key), MAX_HEAD_DIM)
             block_d = _block_d(head_dim)

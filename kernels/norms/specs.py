@@ -12,8 +12,7 @@ from .launch import DEFAULT_CONFIG, OP
 def compile_specs() -> list[CompileSpec]:
     """Every shipped BLOCK/num_warps x dtype x {layer, rms, group} with weight and bias present."""
     specs, seen = [], set()
-    default_tables = [(dt, {"1024": DEFAULT_CONFIG}) for dt in configs.DTYPES]
-    for dt, table in [*((dt, t) for _dev, _archs, dt, t in configs.shipped_tables(OP)), *default_tables]:
+    for _dev, _archs, dt, table in configs.shipped_tables(OP, default={"1024": DEFAULT_CONFIG}):
         for cfg in table.values():
             cfg = {**DEFAULT_CONFIG, **cfg}
             for kind in ("layer", "rms", "group"):
