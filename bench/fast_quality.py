@@ -83,11 +83,12 @@ def attention_stats(q, k):
 def quality(args):
     import torch
 
+    from jetdet import configs
     from jetdet.kernels.block_sparse import reference as bref
     from jetdet.ops import fast
 
     q, k, v = smooth_attention_inputs(args.side, args.heads, args.dim, args.seed)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {name: dt for dt, name in configs.DTYPE_NAMES.items()}[args.dtype]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     dense = bref.masked_attention(q, k, v, None)
     H = args.heads
@@ -196,9 +197,9 @@ def static_rows():
     """Registers, spills and tensor-core use of the kernels at the representative config on sm_90."""
     try:
         from jetdet import static_report
-        from jetdet.kernels.block_sparse import launch as bl
-        from jetdet.kernels.forecast import launch as fl
-        from jetdet.kernels.linear_attention import launch as ll
+        from jetdet.kernels.block_sparse import specs as bl
+        from jetdet.kernels.forecast import specs as fl
+        from jetdet.kernels.linear_attention import specs as ll
     except Exception as e:  # noqa: BLE001 - the cost model stands without it
         print(f"(static report unavailable: {e})")
         return

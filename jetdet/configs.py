@@ -15,11 +15,16 @@ uses the ``sm_80`` tables, so CI exercises the shipped configs.
 
 Determinism rule: callers pass keys that never depend on the batch dimension (e.g. K, N, head_dim, row
 length), so a batch-1 call and a batch-8 call run the very same config.
+
+This is the one table module: besides the lookup it owns the dtype names (:data:`DTYPE_NAMES`), the arch each
+shipped table runs on (:func:`table_archs`) and the enumeration of the shipped tables for the static report
+(:func:`shipped_tables`, :func:`shipped_configs`). Every kernel folder reads its tables through it.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import math
 import os
@@ -29,12 +34,19 @@ import torch
 
 from . import _paths
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: The dtypes the kernels serve and their names in table files (``,dtype=<name>``) and Triton types (``*<name>``).
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = tuple(DTYPE_NAMES.values())
+#: The archs the shipped tables are compiled for by the static report.
+ARCHS = (80, 89, 90)
+#: The arch a table named after a device runs on (:func:`find_table` picks it on that device, or a variant of
+#: it, only).
+DEVICE_ARCHS = {"NVIDIA_A100-SXM4-80GB": (80,), "NVIDIA_H100_80GB_HBM3": (90,), "NVIDIA_H200": (90,)}
 _warned: set[tuple[str, str]] = set()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def device_identity(device: torch.device | None) -> tuple[str, str]:
@@ -103,6 +115,63 @@ def get_config(op: str, key: int, *, dtype: torch.dtype, device=None, default: d
     cfg = dict(default)
     cfg.update(nearest(table, key))
     return cfg
+
+
+def table_archs(ident: str) -> tuple[int, ...]:
+    """The archs (of :data:`ARCHS`) a table ``device_name=<ident>`` runs on: a table named after a device in
+    :data:`DEVICE_ARCHS` on that device's arch, ``sm_XY`` on sm_XY. Any other (an unknown device, or an arch
+    the report does not compile for, such as sm_86) is checked on all of :data:`ARCHS`, so no shipped table
+    goes unchecked."""
+    if ident in DEVICE_ARCHS:
+        return DEVICE_ARCHS[ident]
+    arch = ident[3:] if ident.startswith("sm_") else ""
+    if arch.isdigit() and int(arch) in ARCHS:
+        return (int(arch),)
+    return ARCHS
+
+
+def shipped_tables(op: str, default: dict | None = None) -> list[tuple[str, tuple[int, ...], str, dict]]:
+    """Every shipped launch table of ``op`` per dtype it serves, as ``(device_ident, archs, dtype_name, table)``,
+    sorted by ident, then in :data:`DTYPES` order; with ``default`` (a table of the op's built-in configs) also
+    ``("default", ARCHS, dtype_name, default)`` for every dtype, last.
+
+    A ``,dtype=<dt>`` file serves its dtype and a plain file the dtypes without their own file (what
+    :func:`find_table` would pick); ``archs`` is :func:`table_archs` of the ident.
+    """
+    found: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(_paths.configs_dir(), op, "device_name=*.json"))):
+        stem = os.path.basename(path)[len("device_name=") : -len(".json")]
+        ident, _, dt = stem.partition(",dtype=")
+        with open(path) as f:
+            found.setdefault(ident, {})[dt or None] = json.load(f)
+    out = []
+    for ident in sorted(found):
+        per_dtype = found[ident]
+        for dn in DTYPES:
+            table = per_dtype.get(dn, per_dtype.get(None))
+            if table is not None:
+                out.append((ident, table_archs(ident), dn, table))
+    if default is not None:
+        out.extend(("default", ARCHS, dn, default) for dn in DTYPES)
+    return out
+
+
+def shipped_configs(op: str, dtypes, default_for) -> list[tuple[torch.dtype, dict, tuple[int, ...]]]:
+    """``(dtype, config, archs)`` for the built-in default ``default_for(dtype)`` (all :data:`ARCHS`) and every
+    entry of every :func:`shipped_tables` table of ``op`` serving ``dtype``, on the table's archs (each entry
+    completed by the default); equal configs are merged, their archs united."""
+    tables = shipped_tables(op)
+    merged: dict[tuple, tuple[torch.dtype, dict, set]] = {}
+    for dtype in dtypes:
+        dn = dtype_name(dtype)
+        cands = [(default_for(dtype), ARCHS)]
+        for _ident, archs, tdn, table in tables:
+            if tdn == dn:
+                cands.extend(({**default_for(dtype), **cfg}, archs) for cfg in table.values())
+        for cfg, archs in cands:
+            key = (dtype, tuple(sorted(cfg.items())))
+            merged.setdefault(key, (dtype, cfg, set()))[2].update(archs)
+    return [(dtype, cfg, tuple(sorted(archs))) for dtype, cfg, archs in merged.values()]
 
 
 def clear_cache() -> None:

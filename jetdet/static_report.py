@@ -76,17 +76,17 @@ from . import _paths
 
 _paths.install()
 
+# one ``specs`` module per kernel folder: ``kernels/<op>/specs.py`` with ``compile_specs()``
 KERNEL_MODULES = [
-    "jetdet.kernels.matmul.launch",
-    "jetdet.kernels.matmul.launch_tma",
-    "jetdet.kernels.conv2d.launch",
-    "jetdet.kernels.attention.launch",
-    "jetdet.kernels.norms.launch",
-    "jetdet.kernels.reduce.launch",
-    "jetdet.kernels.noise.launch",
-    "jetdet.kernels.linear_attention.launch",
-    "jetdet.kernels.block_sparse.launch",
-    "jetdet.kernels.forecast.launch",
+    "jetdet.kernels.matmul.specs",
+    "jetdet.kernels.conv2d.specs",
+    "jetdet.kernels.attention.specs",
+    "jetdet.kernels.norms.specs",
+    "jetdet.kernels.reduce.specs",
+    "jetdet.kernels.noise.specs",
+    "jetdet.kernels.linear_attention.specs",
+    "jetdet.kernels.block_sparse.specs",
+    "jetdet.kernels.forecast.specs",
 ]
 
 DEFAULT_ARCHS = (80, 89, 90)
@@ -113,25 +113,21 @@ def collect_specs(modules: Iterable[str] | None = None, errors: list[dict] | Non
     """All ``compile_specs()`` of ``modules`` (default :data:`KERNEL_MODULES`), and with ``jit`` (default)
     each module's :func:`jit_variants`: its kernels compiled the way Triton's JIT specialises launches.
 
-    A module that does not exist (yet), or has no ``compile_specs``, is skipped. One that exists but fails
-    to import or to build its specs raises, or, when ``errors`` is a list, is appended to it as an error
-    row (``{"kernel": <module>, "arch": None, "error": ...}``), so a broken kernel module is never
-    silently left out of the report.
+    Nothing is skipped: a module that cannot be imported (a renamed or missing kernel folder), has no
+    ``compile_specs``, or whose ``compile_specs()`` fails or returns no spec raises, or, when ``errors`` is a
+    list, is appended to it as an error row (``{"kernel": <module>, "arch": None, "error": ...}``), so a
+    kernel module never silently leaves the report.
     """
     specs = []
     for name in KERNEL_MODULES if modules is None else modules:
         try:
-            try:
-                mod = importlib.import_module(name)
-            except ModuleNotFoundError as e:
-                missing = e.name or ""
-                if missing and (name == missing or name.startswith(missing + ".")):
-                    continue
-                raise
+            mod = importlib.import_module(name)
             fn = getattr(mod, "compile_specs", None)
             if fn is None:
-                continue
+                raise AttributeError(f"{name} has no compile_specs()")
             found = list(fn())
+            if not found:
+                raise ValueError(f"{name}.compile_specs() returned no spec")
             if jit:
                 with compiling():
                     found += jit_variants(found)

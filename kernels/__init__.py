@@ -1,9 +1,10 @@
 """Triton kernels (imported as ``jetdet.kernels``). Only this package holds ``@triton.jit`` code.
 
 Each op lives in ``kernels/<op>/``: ``kernel.py`` (``@triton.jit`` only), ``launch.py`` (checks the
-already-validated inputs, allocates, picks the config, launches) and ``reference.py`` (literal fp32
-torch math). Importing a kernel module imports triton; set ``TRITON_INTERPRET=1`` before that to run
-kernels on CPU.
+already-validated inputs, allocates, picks the config with ``config(...)``, launches), ``specs.py``
+(``compile_specs()`` for ``jetdet.static_report``) and ``reference.py`` (literal fp32 torch math). Launch
+tables are read through ``jetdet.configs``. Importing a kernel module imports triton; set
+``TRITON_INTERPRET=1`` before that to run kernels on CPU.
 
 This folder is never a top-level ``kernels`` package. When the repository root is on ``sys.path`` (``python -m
 pytest`` or ``python -c`` run from a checkout puts the current directory there), ``import kernels`` would find

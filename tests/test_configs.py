@@ -80,6 +80,48 @@ def test_shipped_tables_parse_and_cover_a100_h100():
         assert "sm_80" in names and "sm_90" in names, (op, files)
 
 
+def test_table_archs_one_rule():
+    """One rule for where a shipped table runs (what the static report compiles it for): a table named after a
+    known device on that device's arch, ``sm_XY`` on sm_XY, any other on all three; every shipped device-named
+    table is a known device, so none is compiled for an arch it never runs on."""
+    assert configs.table_archs("NVIDIA_A100-SXM4-80GB") == (80,)
+    assert configs.table_archs("NVIDIA_H100_80GB_HBM3") == configs.table_archs("NVIDIA_H200") == (90,)
+    assert configs.table_archs("sm_89") == (89,)
+    assert configs.table_archs("sm_86") == configs.table_archs("NVIDIA_RTX_A6000") == configs.ARCHS == (80, 89, 90)
+    root = _paths.configs_dir()
+    for op in (d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("_")):
+        tables = configs.shipped_tables(op)
+        assert tables, op
+        for ident, archs, dn, _table in tables:
+            assert ident.startswith("sm_") or ident in configs.DEVICE_ARCHS, (op, ident)
+            assert archs == configs.table_archs(ident) and dn in configs.DTYPES
+
+
+def test_shipped_tables_pick_what_find_table_picks(tmp_path, monkeypatch):
+    """A ``,dtype=`` file serves its dtype, the plain file the others; shipped_configs adds the default on every
+    arch and merges equal configs across tables."""
+    _write(tmp_path, "toy", "sm_80", {"1": {"BLOCK": 8}})
+    _write(tmp_path, "toy", "sm_80,dtype=fp16", {"1": {"BLOCK": 32}})
+    _write(tmp_path, "toy", "NVIDIA_H200", {"1": {"BLOCK": 8}})
+    monkeypatch.setenv("JETDET_CONFIG_DIR", str(tmp_path))
+    got = [(ident, archs, dn, table["1"]["BLOCK"]) for ident, archs, dn, table in configs.shipped_tables("toy")]
+    assert got == [
+        ("NVIDIA_H200", (90,), "fp32", 8), ("NVIDIA_H200", (90,), "fp16", 8), ("NVIDIA_H200", (90,), "bf16", 8),
+        ("sm_80", (80,), "fp32", 8), ("sm_80", (80,), "fp16", 32), ("sm_80", (80,), "bf16", 8),
+    ]  # fmt: skip
+    merged = configs.shipped_configs("toy", (torch.float32, torch.float16), lambda dt: dict(DEFAULT))
+    assert merged == [
+        (torch.float32, DEFAULT, (80, 89, 90)),
+        (torch.float32, {**DEFAULT, "BLOCK": 8}, (80, 90)),
+        (torch.float16, DEFAULT, (80, 89, 90)),
+        (torch.float16, {**DEFAULT, "BLOCK": 8}, (90,)),
+        (torch.float16, {**DEFAULT, "BLOCK": 32}, (80,)),
+    ]
+    assert configs.shipped_tables("nothing") == []
+    assert configs.shipped_tables("nothing", default=DEFAULT) == [("default", (80, 89, 90), dn, DEFAULT) for dn in
+                                                                  ("fp32", "fp16", "bf16")]  # fmt: skip
+
+
 def _as_gpu(monkeypatch, name, capability=(9, 0)):
     """Make configs.device_identity see a CUDA device called ``name`` (as torch reports it)."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: name)

@@ -17,6 +17,7 @@ from _devices import INTERPRETER, KERNEL_DEVICE, ON_GPU
 import jetdet
 from jetdet import static_report as sr
 from jetdet.kernels.matmul import launch, launch_tma
+from jetdet.kernels.matmul import specs as mm_specs
 
 pytestmark = pytest.mark.skipif(not (ON_GPU or INTERPRETER), reason="needs CUDA or TRITON_INTERPRET=1")
 DEV = KERNEL_DEVICE
@@ -94,12 +95,12 @@ def _sass(spec) -> str:
 def test_sm90_sass_is_tma_and_wgmma_without_spills_or_atomics():
     """Every shipped TMA config on sm_90: HGMMA and UTMALDG in the SASS, no spills, no atomics (the report's
     rows); negative control: the default GEMM kernel at a similar tile has no UTMALDG."""
-    specs = launch_tma.compile_specs()
+    specs = mm_specs.tma_specs()
     rows = sr.report(specs, archs=(90,))
     assert sr.violations(rows) == []
     assert all(r["hgmma"] > 0 and r["atomics"] == 0 and r["stack"] == 0 for r in rows), rows
     with sr.compiling():
         tma = _sass(specs[-1])
-        plain = _sass(next(s for s in launch.compile_specs() if s.name.startswith("matmul_bf16_128x128x64")))
+        plain = _sass(next(s for s in mm_specs.gemm_specs() if s.name.startswith("matmul_bf16_128x128x64")))
     assert re.search(r"\bUTMALDG\b", tma) and re.search(r"\bHGMMA\b", tma)
     assert not re.search(r"\bUTMALDG\b", plain)

@@ -15,6 +15,7 @@ import torch
 import jetdet.noise as noise
 from jetdet.kernels.noise import constants as K
 from jetdet.kernels.noise import launch, reference
+from jetdet.kernels.noise import specs as noise_specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -372,7 +373,7 @@ def test_bad_arguments(kwargs, exc, match):
 
 
 def test_compile_specs_forbid_mufu_and_fma():
-    specs = launch.compile_specs()
+    specs = noise_specs.compile_specs()
     assert {s.name for s in specs} == {f"noise.philox_randn[{d}]" for d in ("fp32", "fp16", "bf16")}
     for s in specs:
         assert set(s.forbid) == {"no_mufu", "no_fma"}
@@ -390,7 +391,7 @@ import collections, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 import jetdet
-from jetdet.kernels.noise.launch import compile_specs
+from jetdet.kernels.noise.specs import compile_specs
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 spec = compile_specs()[0]
 for fusion in (False, True):

@@ -61,10 +61,31 @@ def test_table_and_cli(rows, capsys):
     table = sr.format_table(rows[:3])
     assert table.splitlines()[0].split()[:3] == ["kernel", "arch", "regs"]
     assert len(table.splitlines()) == 2 + 3
-    argv = ["--module", "jetdet.kernels.matmul.launch", "--only", "matmul_fp16_128x64x32_w4s3", "--arch", "80"]
+    argv = ["--module", "jetdet.kernels.matmul.specs", "--only", "matmul_fp16_128x64x32_w4s3", "--arch", "80"]
     assert sr.main(argv) == 0  # cached by the fixture
     out = capsys.readouterr().out
     assert "matmul_fp16_128x64x32_w4s3" in out and "sm_80" in out
+
+
+def test_every_kernel_folder_is_collected_and_none_is_skipped(monkeypatch):
+    """Every kernel folder with a launch.py has its specs module in KERNEL_MODULES; a module that is missing (a
+    renamed folder), has no compile_specs or gives no spec is an error, never silently left out."""
+    import os
+    import sys
+    import types
+
+    import jetdet.kernels
+
+    root = os.path.dirname(os.path.abspath(jetdet.kernels.__file__))
+    folders = {d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "launch.py"))}
+    assert {f"jetdet.kernels.{d}.specs" for d in folders} == set(sr.KERNEL_MODULES)
+    monkeypatch.setitem(sys.modules, "empty_specs", types.SimpleNamespace(compile_specs=list))
+    for bad in ("jetdet.kernels.no_such_op.specs", "jetdet.kernels.reduce.launch", "empty_specs"):
+        with pytest.raises((ImportError, AttributeError, ValueError)):
+            sr.collect_specs([bad], jit=False)
+        errors: list = []
+        assert sr.collect_specs([bad, "jetdet.kernels.noise.specs"], errors, jit=False)  # the rest still come
+        assert [e["kernel"] for e in errors] == [bad] and errors[0]["error"], errors
 
 
 # ------------------------------------------------------------------------------------- negative controls
@@ -271,9 +292,9 @@ def test_negative_control_specialised_seed_fails_on_cpu():
     """The H200 failure, reproduced on CPU: the noise kernel without do_not_specialize, launched with a seed
     word of 1, gets a Python int where it calls .to(); the JIT variant fails to compile and is a violation,
     while the declared signature alone (what the report compiled before) compiles fine."""
-    from jetdet.kernels.noise import launch as noise_launch
+    from jetdet.kernels.noise import specs as noise_specs
 
-    spec = noise_launch.compile_specs()[0]
+    spec = noise_specs.compile_specs()[0]
     raw = triton.jit(spec.fn.fn)  # the same kernel without do_not_specialize
     bad = dataclasses.replace(spec, name="noise_specialised", fn=raw)
     ones = [v for v in sr.jit_variants([bad]) if v.jit_class == "ints=1"]
@@ -302,7 +323,7 @@ def test_compiles_the_same_after_the_interpreter_ran_it(monkeypatch, tmp_path):
 
     import torch
 
-    from jetdet.kernels.reduce import launch as reduce_launch
+    from jetdet.kernels.reduce import specs as reduce_specs
 
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("checks a process that runs the interpreter")
@@ -311,7 +332,7 @@ def test_compiles_the_same_after_the_interpreter_ran_it(monkeypatch, tmp_path):
     softmax(torch.randn(3, 100))  # the interpreter runs tl.max / tl.sum
     assert sr._interpreter_leftovers(), "the interpreter left nothing patched: this test no longer tests anything"
     name = "softmax[fp32,BLOCK16,w1]"
-    spec = next(s for s in reduce_launch.compile_specs() if s.name == name)
+    spec = next(s for s in reduce_specs.compile_specs() if s.name == name)
     monkeypatch.setenv("JETDET_STATIC_CACHE", str(tmp_path / "static"))  # cold: jetdet's cache and Triton's
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     rows = sr.report([spec, dataclasses.replace(spec, name="softmax copy")], archs=(90,), jobs=2)  # forked
@@ -322,7 +343,7 @@ def test_compiles_the_same_after_the_interpreter_ran_it(monkeypatch, tmp_path):
     env["JETDET_STATIC_CACHE"] = "0"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "jetdet.static_report", "--module", "jetdet.kernels.reduce.launch", "--only", name,
+    cmd = [sys.executable, "-m", "jetdet.static_report", "--module", "jetdet.kernels.reduce.specs", "--only", name,
            "--arch", "90", "--no-jit", "--json", "--jobs", "1"]  # fmt: skip
     fresh = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-2000:]

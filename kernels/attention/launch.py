@@ -8,8 +8,7 @@ import torch
 import triton
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, empty
-from jetdet.kernels.reduce.tables import DTYPES, shipped_tables, signature
+from jetdet.kernels._common import empty
 
 from .kernel import attention_fwd_kernel
 from .reference import additive_mask
@@ -24,7 +23,6 @@ DEFAULT_CONFIGS = {
     256: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
 }
 _LOG2E = 1.4426950408889634
-_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od")
 
 
 def _block_d(d: int) -> int:
@@ -33,6 +31,11 @@ def _block_d(d: int) -> int:
 
 def _default_config(d: int) -> dict:
     return DEFAULT_CONFIGS[min(b for b in DEFAULT_CONFIGS if b >= min(_block_d(d), MAX_HEAD_DIM))]
+
+
+def config(head_dim: int, dtype: torch.dtype, device=None) -> dict:
+    """Tile config keyed by the head dim (``max(D, Dv)``), never the batch or the sequence length."""
+    return configs.get_config(OP, head_dim, dtype=dtype, device=device, default=_default_config(head_dim))
 
 
 def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -69,8 +72,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     else:
         m_arg, m_strides = q, (0, 0, 0, 0)
 
-    key = max(d, d_v)
-    cfg = configs.get_config(OP, key, dtype=q.dtype, device=q.device, default=_default_config(key))
+    cfg = config(max(d, d_v), q.dtype, q.device)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(n_q, block_m) * bsz * heads,)
     attention_fwd_kernel[grid](
@@ -90,49 +92,3 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
         num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every shipped (config, head-dim key) x dtype x mask/no-mask, as compiled for a GPU."""
-    specs, seen = [], set()
-    default_tables = [("default", dt, {str(d): c for d, c in DEFAULT_CONFIGS.items()}) for dt in DTYPES]
-    for _dev, dt, table in [*shipped_tables(OP), *default_tables]:
-        for key, cfg in table.items():
-            head_dim = min(int(key), MAX_HEAD_DIM)
-            block_d = _block_d(head_dim)
-            cfg = {**_default_config(head_dim), **cfg}
-            for has_mask in (False, True):
-                ident = (dt, head_dim, has_mask, tuple(sorted(cfg.items())))
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                ptr = "*" + dt
-                sig = signature(
-                    attention_fwd_kernel,
-                    {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "out_ptr": ptr, "qk_scale": "fp32",
-                     "mask_ptr": "*fp32" if has_mask else ptr},
-                )  # fmt: skip
-                # the common, contiguous-last-dim case, which the JIT specialises at runtime (stride == 1)
-                for name in _UNIT_STRIDES:
-                    del sig[name]
-                specs.append(
-                    CompileSpec(
-                        name=f"attention[{dt},D={head_dim},mask={has_mask},"
-                        f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}]",
-                        fn=attention_fwd_kernel,
-                        signature=sig,
-                        constexprs={
-                            "HAS_MASK": has_mask,
-                            "DOT_FP32": dt == "fp32",
-                            "BLOCK_M": cfg["BLOCK_M"],
-                            "BLOCK_N": cfg["BLOCK_N"],
-                            "HEAD_DIM": head_dim,
-                            "HEAD_DIM_V": head_dim,
-                            "BLOCK_D": block_d,
-                            "BLOCK_DV": block_d,
-                            **dict.fromkeys(_UNIT_STRIDES, 1),
-                        },
-                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                    )
-                )
-    return specs

@@ -13,9 +13,9 @@ import math
 import torch
 import triton
 
-from jetdet.configs import get_config
+from jetdet import configs
 
-from .._common import CompileSpec, empty, shipped_tables, tl_ptr
+from .._common import empty
 from . import kernel
 
 OP = "block_sparse"
@@ -32,7 +32,7 @@ def _pad(d: int) -> int:
 
 
 def config(d: int, block_size: int, dtype: torch.dtype, device) -> dict:
-    cfg = get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
+    cfg = configs.get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], block_size)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
     cfg["POOL_ROWS"] = min(cfg["POOL_ROWS"], block_size)
@@ -124,100 +124,3 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
         num_warps=4,
     )
     return out
-
-
-def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
-    """``(archs, dtype name, table)`` for every shipped table (see :func:`kernels._common.shipped_tables`)."""
-    return [(archs, dn, table) for _ident, archs, dn, table in shipped_tables(OP)]
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every shipped config × fp32/fp16/bf16 at mask block size 64 and 128 (the attention kernel) and the
-    pooling kernel at pool sizes 4, 16, 64 and 128, for the static SASS report."""
-    specs: list[CompileSpec] = []
-    seen = set()
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    i32 = "i32"
-    tables = _shipped_tables() or [((80, 89, 90), dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]
-    for archs, tdt, table in tables:
-        for key, entry in table.items():
-            d = 64 if key == "default" else int(key)
-            for dtype, dn in names.items():
-                if tdt != dn:
-                    continue
-                for bs in (64, 128):
-                    cfg = dict(DEFAULT)
-                    cfg.update(entry)
-                    bm, bn = min(cfg["BLOCK_M"], bs), min(cfg["BLOCK_N"], bs)
-                    half, prec = _dot_mode(dtype)
-                    ident = (archs, _pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"])
-                    if ident in seen:
-                        continue
-                    seen.add(ident)
-                    p = tl_ptr(dtype)
-                    sig = {
-                        "q_ptr": p,
-                        "k_ptr": p,
-                        "v_ptr": p,
-                        "o_ptr": p,
-                        "idx_ptr": "*i32",
-                        "cnt_ptr": "*i32",
-                        "visits_ptr": "*i32",
-                        "H": i32,
-                        "N": i32,
-                        "M": i32,
-                        "D": i32,
-                        "DV": i32,
-                        "qk_scale": "fp32",
-                    }
-                    for t in "qkvo":
-                        for s in "bhnd":
-                            sig[f"stride_{t}{s}"] = i32
-                    for s in ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch"):
-                        sig[s] = i32
-                    specs.append(
-                        CompileSpec(
-                            name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}_w{cfg['num_warps']}_s{cfg['num_stages']}",
-                            fn=kernel._bsa_fwd_kernel,
-                            signature=sig,
-                            constexprs={
-                                "BLOCK_SIZE": bs,
-                                "BLOCK_M": bm,
-                                "BLOCK_N": bn,
-                                "D_PAD": _pad(d),
-                                "DV_PAD": _pad(d),
-                                "HALF_DOT": half,
-                                "PREC": prec,
-                                "COUNT_VISITS": False,
-                            },
-                            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                            archs=archs,
-                        )
-                    )
-                    for ps in (4, 16, bs) if bs == 64 else (bs,):
-                        pr = min(cfg["POOL_ROWS"], ps)
-                        if ("pool", archs, _pad(d), dn, ps, pr) in seen:
-                            continue
-                        seen.add(("pool", archs, _pad(d), dn, ps, pr))
-                        specs.append(
-                            CompileSpec(
-                                name=f"block_pool_d{_pad(d)}_{dn}_ps{ps}_r{pr}",
-                                fn=kernel._block_pool_kernel,
-                                signature={
-                                    "x_ptr": p,
-                                    "out_ptr": "*fp32",
-                                    "H": i32,
-                                    "N": i32,
-                                    "D": i32,
-                                    "n_blocks": i32,
-                                    "stride_xb": i32,
-                                    "stride_xh": i32,
-                                    "stride_xn": i32,
-                                    "stride_xd": i32,
-                                },
-                                constexprs={"BLOCK_SIZE": ps, "ROWS": pr, "D_PAD": _pad(d)},
-                                options={"num_warps": 4},
-                                archs=archs,
-                            )
-                        )
-    return specs

@@ -9,8 +9,7 @@ import torch
 import triton
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, empty, tl_ptr
-from jetdet.kernels.matmul.launch import shipped_configs
+from jetdet.kernels._common import empty
 
 from .kernel import _conv2d_kernel
 
@@ -32,7 +31,7 @@ def _default(dtype: torch.dtype) -> dict:
     return DEFAULT_CONFIG_FP32 if dtype == torch.float32 else DEFAULT_CONFIG
 
 
-def get_config(out_channels: int, dtype: torch.dtype, device=None) -> dict:
+def config(out_channels: int, dtype: torch.dtype, device=None) -> dict:
     """Tile config keyed by the number of output channels (never the batch size or the image size)."""
     return configs.get_config(OP, out_channels, dtype=dtype, device=device, default=_default(dtype))
 
@@ -94,7 +93,7 @@ def conv2d(
 def _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
     nb, c, h, wd = x.shape
     _, o, oh, ow = y.shape
-    cfg = get_config(o, x.dtype, x.device)
+    cfg = config(o, x.dtype, x.device)
     tiles = triton.cdiv(oh * ow, cfg["BLOCK_M"]) * triton.cdiv(o, cfg["BLOCK_N"])
     bias_arg = bias if bias is not None else y
     for start in range(0, nb, _MAX_GRID_Y):
@@ -121,70 +120,3 @@ def _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
             num_stages=cfg["num_stages"],
             enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------- static report
-
-# (kh, kw, stride, padding) compiled per config: the shapes diffusion UNets/VAEs use most
-_SPEC_SHAPES = ((3, 3, 1, 1), (1, 1, 1, 0))
-
-
-def compile_specs() -> list[CompileSpec]:
-    """One spec per (shipped config, dtype, kernel shape in ``_SPEC_SHAPES``) for ``jetdet.static_report``,
-    with bias. Modelled on the common launch: contiguous NCHW input with H*W and W multiples of 16,
-    contiguous weights (stride_wk == 1), stride/padding 1 specialized to constants as Triton does."""
-    specs = []
-    for dtype, cfg, archs in shipped_configs(OP, _DTYPES, _default):
-        ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
-        tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        for kh, kw, st, pad in _SPEC_SHAPES:
-            signature = {
-                "x_ptr": ptr,
-                "w_ptr": ptr,
-                "bias_ptr": ptr,
-                "y_ptr": ptr,
-                "C": "i32:16",
-                "H": "i32:16",
-                "W": "i32:16",
-                "O": "i32:16",
-                "OH": "i32:16",
-                "OW": "i32:16",
-                "stride_xb": "i32:16",
-                "stride_xc": "i32:16",
-                "stride_xh": "i32:16",
-                "stride_wo": "i32:16",
-                "stride_yb": "i32:16",
-            }
-            constexprs = {"stride_xw": 1, "stride_wk": 1}
-            for arg, val in (("SH", st), ("SW", st), ("PH", pad), ("PW", pad)):
-                if val == 1:
-                    constexprs[arg] = 1
-                else:
-                    signature[arg] = "i32:16" if val % 16 == 0 else "i32"
-            constexprs.update(
-                KH=kh,
-                KW=kw,
-                HAS_BIAS=True,
-                DOT_F32=dtype == torch.float32,
-                BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_K=cfg["BLOCK_K"],
-                GROUP_M=cfg["GROUP_M"],
-            )
-            specs.append(
-                CompileSpec(
-                    name=f"conv2d_{dt}_{kh}x{kw}s{st}p{pad}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}",
-                    fn=_conv2d_kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    options={
-                        "num_warps": cfg["num_warps"],
-                        "num_stages": cfg["num_stages"],
-                        "enable_fp_fusion": FP_FUSION,
-                    },
-                    deterministic=True,
-                    archs=archs,
-                    forbid=("no_tf32",) if dtype == torch.float32 else (),
-                )
-            )
-    return specs

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from jetdet.configs import get_config
+from jetdet import configs
 
-from .._common import CompileSpec, empty, shipped_tables, tl_ptr
+from .._common import empty
 from . import kernel
 
 OP = "forecast"
@@ -26,7 +26,7 @@ TILE_COLS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def config(key: int, dtype: torch.dtype, device) -> dict:
-    cfg = get_config(OP, key, dtype=dtype, device=device, default=DEFAULT)
+    cfg = configs.get_config(OP, key, dtype=dtype, device=device, default=DEFAULT)
     cfg["RC_CHUNK"] = max(cfg["RC_BLOCK"], cfg["RC_CHUNK"] // cfg["RC_BLOCK"] * cfg["RC_BLOCK"])
     return cfg
 
@@ -118,111 +118,3 @@ def relative_change(
         num_warps=4,
     )
     return per_item, per_tile
-
-
-def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
-    """``(archs, dtype name, table)`` for every shipped table (see :func:`kernels._common.shipped_tables`)."""
-    return [(archs, dn, table) for _ident, archs, dn, table in shipped_tables(OP)]
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every shipped config × fp32/fp16/bf16: the forecast kernel at K = 4 (K < 4 drops loads), the untiled
-    and every tiled block shape of the relative change, and the finishing kernel."""
-    specs: list[CompileSpec] = []
-    seen = set()
-    dts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-    def add(ident, spec):
-        ident = (spec.archs, *ident)
-        if ident not in seen:
-            seen.add(ident)
-            specs.append(spec)
-
-    tables = _shipped_tables() or [((80, 89, 90), dn, {"default": DEFAULT}) for dn in dts]
-    for archs, dn, table in tables:
-        p = tl_ptr(dts[dn])
-        for entry in table.values():
-            cfg = dict(DEFAULT)
-            cfg.update(entry)
-            w = cfg["num_warps"]
-            add(
-                ("fc", dn, cfg["BLOCK"], w),
-                CompileSpec(
-                    name=f"forecast_k4_{dn}_b{cfg['BLOCK']}_w{w}",
-                    fn=kernel._forecast_kernel,
-                    signature={
-                        "out_ptr": p,
-                        "h0_ptr": p,
-                        "h1_ptr": p,
-                        "h2_ptr": p,
-                        "h3_ptr": p,
-                        "w0": "fp32",
-                        "w1": "fp32",
-                        "w2": "fp32",
-                        "w3": "fp32",
-                        "n_elements": "i32",
-                    },
-                    constexprs={"K": 4, "BLOCK": cfg["BLOCK"]},
-                    options={"num_warps": w},
-                    archs=archs,
-                ),
-            )
-            add(
-                ("flat", dn, cfg["RC_BLOCK"], w),
-                CompileSpec(
-                    name=f"relchange_flat_{dn}_b{cfg['RC_BLOCK']}_w{w}",
-                    fn=kernel._relchange_flat_kernel,
-                    signature={
-                        "a_ptr": p,
-                        "b_ptr": p,
-                        "num_ptr": "*fp32",
-                        "den_ptr": "*fp32",
-                        "item_size": "i32",
-                        "chunk": "i32",
-                        "n_chunks": "i32",
-                    },
-                    constexprs={"BLOCK": cfg["RC_BLOCK"]},
-                    options={"num_warps": w},
-                    archs=archs,
-                ),
-            )
-            for cols in TILE_COLS:
-                br, bc = _tile_blocks(cols, cfg["RC_ELEMS"])
-                add(
-                    ("tile", dn, br, bc, w),
-                    CompileSpec(
-                        name=f"relchange_tile_{dn}_r{br}_c{bc}_w{w}",
-                        fn=kernel._relchange_tile_kernel,
-                        signature={
-                            "a_ptr": p,
-                            "b_ptr": p,
-                            "num_ptr": "*fp32",
-                            "den_ptr": "*fp32",
-                            **{x: "i32" for x in ("S0", "S1", "S2", "S3", "T0", "T1", "T2", "T3")},
-                            "n1": "i32",
-                            "n2": "i32",
-                            "n3": "i32",
-                        },
-                        constexprs={"BLOCK_R": br, "BLOCK_C": bc},
-                        options={"num_warps": w},
-                        archs=archs,
-                    ),
-                )
-            add(
-                ("fin", cfg["FIN_BLOCK"]),
-                CompileSpec(
-                    name=f"relchange_finish_b{cfg['FIN_BLOCK']}",
-                    fn=kernel._relchange_finish_kernel,
-                    signature={
-                        "num_ptr": "*fp32",
-                        "den_ptr": "*fp32",
-                        "item_ptr": "*fp32",
-                        "tile_ptr": "*fp32",
-                        "n_tiles": "i32",
-                    },
-                    constexprs={"WRITE_TILES": True, "BLOCK": cfg["FIN_BLOCK"]},
-                    options={"num_warps": 4},
-                    archs=archs,
-                ),
-            )
-    return specs

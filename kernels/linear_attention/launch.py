@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from jetdet.configs import get_config
+from jetdet import configs
 
-from .._common import CompileSpec, empty, shipped_tables, tl_ptr
+from .._common import empty
 from . import kernel
 
 OP = "linear_attention"
@@ -42,7 +42,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def config(d: int, dtype: torch.dtype, device) -> dict:
-    cfg = get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
+    cfg = configs.get_config(OP, d, dtype=dtype, device=device, default=DEFAULT)
     # a chunk holds whole token tiles
     cfg["CHUNK_N"] = max(cfg["S_BLOCK_N"], cfg["CHUNK_N"] // cfg["S_BLOCK_N"] * cfg["S_BLOCK_N"])
     return cfg
@@ -137,102 +137,3 @@ def apply(q: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor, feature_map: str,
         num_warps=cfg["A_WARPS"],
     )
     return out
-
-
-def _shipped_tables() -> list[tuple[tuple[int, ...], str, dict]]:
-    """``(archs, dtype name, table)`` for every shipped table (see :func:`kernels._common.shipped_tables`)."""
-    return [(archs, dn, table) for _ident, archs, dn, table in shipped_tables(OP)]
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every shipped config × fp32/fp16/bf16, for the static SASS report. The feature map is elu+1, whose
-    code is a superset of relu's and identity's (it adds the exp)."""
-    specs: list[CompileSpec] = []
-    seen = set()
-    tables = _shipped_tables() or [((80, 89, 90), dn, {"64": DEFAULT}) for dn in ("fp32", "fp16", "bf16")]
-    for archs, tdt, table in tables:
-        for key, entry in table.items():
-            d = 64 if key == "default" else int(key)
-            cfg = dict(DEFAULT)
-            cfg.update(entry)
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                dn = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-                if tdt != dn:
-                    continue
-                d_pad = _pad(d)
-                s_dv = min(cfg["S_BLOCK_DV"], d_pad)
-                a_dv = min(cfg["A_BLOCK_DV"], d_pad)
-                sig_id = (
-                    archs,
-                    d_pad,
-                    dn,
-                    cfg["S_BLOCK_N"],
-                    s_dv,
-                    cfg["S_WARPS"],
-                    cfg["S_STAGES"],
-                    cfg["A_BLOCK_N"],
-                    a_dv,
-                    cfg["A_WARPS"],
-                )
-                if sig_id in seen:
-                    continue
-                seen.add(sig_id)
-                p = tl_ptr(dtype)
-                specs.append(
-                    CompileSpec(
-                        name=f"la_state_d{d_pad}_{dn}_n{cfg['S_BLOCK_N']}_dv{s_dv}",
-                        fn=kernel._la_state_kernel,
-                        signature={
-                            "k_ptr": p,
-                            "v_ptr": p,
-                            "kv_ptr": "*fp32",
-                            "ks_ptr": "*fp32",
-                            **{a: "i32" for a in ("H", "M", "D", "DV", "CHUNK_N")},
-                            **{f"stride_{t}{s}": "i32" for t in "kv" for s in ("b", "h", "n", "d")},
-                            **{a: "i32" for a in ("stride_kv_bh", "stride_kv_s", "stride_ks_bh", "stride_ks_s")},
-                        },
-                        constexprs={
-                            "FEATURE": 2,
-                            "PREC": _prec(dtype),
-                            "BLOCK_N": cfg["S_BLOCK_N"],
-                            "D_PAD": d_pad,
-                            "BLOCK_DV": s_dv,
-                        },
-                        options={"num_warps": cfg["S_WARPS"], "num_stages": cfg["S_STAGES"]},
-                        archs=archs,
-                    )
-                )
-                specs.append(
-                    CompileSpec(
-                        name=f"la_apply_d{d_pad}_{dn}_n{cfg['A_BLOCK_N']}_dv{a_dv}",
-                        fn=kernel._la_apply_kernel,
-                        signature={
-                            "q_ptr": p,
-                            "kv_ptr": "*fp32",
-                            "ks_ptr": "*fp32",
-                            "o_ptr": p,
-                            **{a: "i32" for a in ("H", "N", "D", "DV")},
-                            "eps": "fp32",
-                            **{f"stride_{t}{s}": "i32" for t in "qo" for s in ("b", "h", "n", "d")},
-                        },
-                        constexprs={
-                            "FEATURE": 2,
-                            "PREC": _prec(dtype),
-                            "BLOCK_N": cfg["A_BLOCK_N"],
-                            "D_PAD": d_pad,
-                            "BLOCK_DV": a_dv,
-                        },
-                        options={"num_warps": cfg["A_WARPS"]},
-                        archs=archs,
-                    )
-                )
-    specs.append(
-        CompileSpec(
-            name="la_sum_splits",
-            fn=kernel._la_sum_splits_kernel,
-            signature={"src_ptr": "*fp32", "dst_ptr": "*fp32", "S": "i32", "C": "i32"},
-            constexprs={"BLOCK": SUM_BLOCK},
-            options={"num_warps": 4},
-        )
-    )
-    return specs

@@ -5,14 +5,13 @@ The caller (``jetdet.ops``) has validated dtypes, devices and shapes; the assert
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 import triton
 
-from jetdet import _paths, configs
-from jetdet.kernels._common import DEVICE_ARCHS, CompileSpec, empty, tl_ptr
+from jetdet import configs
+from jetdet.kernels._common import empty
 
 from .kernel import _matmul_kernel
 
@@ -34,7 +33,7 @@ def _default(dtype: torch.dtype) -> dict:
     return DEFAULT_CONFIG_FP32 if dtype == torch.float32 else DEFAULT_CONFIG
 
 
-def get_config(n: int, dtype: torch.dtype, device=None) -> dict:
+def config(n: int, dtype: torch.dtype, device=None) -> dict:
     """Tile config for output width ``n``: never M or the batch size, which keeps it batch-invariant."""
     return configs.get_config(OP, n, dtype=dtype, device=device, default=_default(dtype))
 
@@ -75,7 +74,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torc
             matmul_tma(a[0], w, bias, out=c[0])
             return
     n = b.shape[2]
-    cfg = get_config(n, a.dtype, a.device)
+    cfg = config(n, a.dtype, a.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     bias_arg = bias if bias is not None else c
@@ -142,102 +141,3 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return c.zero_()
     _launch(a, b, None, c)
     return c
-
-
-# --------------------------------------------------------------------------------------------- static report
-
-
-# arch each shipped table is selected on (configs.find_table: device name first, then sm_<cc>)
-TABLE_ARCHS = DEVICE_ARCHS
-ALL_ARCHS = (80, 89, 90)
-
-
-def _table_archs(ident: str) -> tuple[int, ...]:
-    if ident in TABLE_ARCHS:
-        return TABLE_ARCHS[ident]
-    if ident.startswith("sm_") and ident[3:].isdigit():
-        return (int(ident[3:]),)
-    return ALL_ARCHS
-
-
-def shipped_configs(op: str, dtypes, default_for) -> list[tuple[torch.dtype, dict, tuple[int, ...]]]:
-    """``(dtype, config, archs)`` for the built-in default (all archs) and every entry of every shipped
-    table of ``op``, each table paired with the dtypes ``configs.find_table`` picks it for and the arch it
-    is selected on; equal configs are merged (archs united)."""
-    base = os.path.join(_paths.configs_dir(), op)
-    tables: dict[str, dict] = {}
-    if os.path.isdir(base):
-        for fname in sorted(os.listdir(base)):
-            if fname.startswith("device_name=") and fname.endswith(".json"):
-                with open(os.path.join(base, fname)) as f:
-                    tables[fname[len("device_name=") : -len(".json")]] = json.load(f)
-    idents = sorted({name.split(",")[0] for name in tables})
-    merged: dict[tuple, tuple[torch.dtype, dict, set]] = {}
-    for dtype in dtypes:
-        cands = [(default_for(dtype), ALL_ARCHS)]
-        for ident in idents:
-            table = tables.get(f"{ident},dtype={configs.dtype_name(dtype)}", tables.get(ident))
-            if table is not None:
-                cands.extend(({**default_for(dtype), **cfg}, _table_archs(ident)) for cfg in table.values())
-        for cfg, archs in cands:
-            key = (dtype, tuple(sorted(cfg.items())))
-            merged.setdefault(key, (dtype, cfg, set()))[2].update(archs)
-    return [(dtype, cfg, tuple(sorted(archs))) for dtype, cfg, archs in merged.values()]
-
-
-def compile_specs() -> list[CompileSpec]:
-    """One spec per (shipped config, dtype) for ``jetdet.static_report``, with the bias epilogue (the
-    no-bias variant is the same kernel minus one load and add).
-
-    Modelled on the common launch: contiguous ``a`` (stride_ak == 1, which Triton specializes to a
-    constant) and ``b = weight.t()`` (stride_bk == 1), 16-byte aligned pointers, N and K multiples of 16.
-    """
-    specs = []
-    for dtype, cfg, archs in shipped_configs(OP, _DTYPES, _default):
-        ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
-        tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        name = f"matmul_{dt}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}"
-        specs.append(
-            CompileSpec(
-                name=name,
-                fn=_matmul_kernel,
-                signature={
-                    "a_ptr": ptr,
-                    "b_ptr": ptr,
-                    "bias_ptr": ptr,
-                    "c_ptr": ptr,
-                    "M": "i32",
-                    "N": "i32:16",
-                    "K": "i32:16",
-                    "stride_ab": "i32:16",
-                    "stride_am": "i32:16",
-                    "stride_ak": "constexpr",
-                    "stride_bb": "i32:16",
-                    "stride_bk": "constexpr",
-                    "stride_bn": "i32:16",
-                    "stride_cb": "i32:16",
-                    "stride_cm": "i32:16",
-                    "stride_cn": "constexpr",
-                },  # fmt: skip
-                constexprs={
-                    "stride_ak": 1,
-                    "stride_bk": 1,
-                    "stride_cn": 1,
-                    "HAS_BIAS": True,
-                    "DOT_F32": dt == "fp32",
-                    "BLOCK_M": cfg["BLOCK_M"],
-                    "BLOCK_N": cfg["BLOCK_N"],
-                    "BLOCK_K": cfg["BLOCK_K"],
-                    "GROUP_M": cfg["GROUP_M"],
-                },
-                options={
-                    "num_warps": cfg["num_warps"],
-                    "num_stages": cfg["num_stages"],
-                    "enable_fp_fusion": FP_FUSION,
-                },
-                deterministic=True,
-                archs=archs,
-                forbid=("no_tf32",) if dt == "fp32" else (),
-            )
-        )
-    return specs

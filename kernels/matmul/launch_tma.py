@@ -6,7 +6,7 @@ it against the default kernel. It becomes the default only after a GPU has measu
 
 The tile is fixed per (dtype, N class, arch) and never chosen by M; the K loop is whole and in order; no split-K,
 no atomics. On sm_90 the loads are TMA (``UTMALDG``) and the dot is warpgroup MMA (``HGMMA``); the static report
-checks both, and that it does not spill (``compile_specs``).
+checks both, and that it does not spill (``specs.tma_specs``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from jetdet.kernels._common import CompileSpec, empty, tl_ptr
+from jetdet.kernels._common import empty
 
 from .kernel_tma import _matmul_tma_kernel
 
@@ -29,11 +29,10 @@ CONFIGS = {
 # programs of the persistent grid under the interpreter (a GPU uses its SM count): fewer than the tiles of
 # most test shapes, so the tests walk the persistent loop
 INTERPRETER_PROGRAMS = 3
-H100_SMS = 132  # the static report compiles for this many programs (H100 SXM / H200)
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def get_config(n: int) -> dict:
+def config(n: int) -> dict:
     return CONFIGS["n>=1024" if n >= 1024 else "n<1024"]
 
 
@@ -76,7 +75,7 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
                          f"strides {w.stride()}")
     if m == 0 or n == 0:
         return c
-    cfg = get_config(n)
+    cfg = config(n)
     programs = _programs(a.device)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -98,34 +97,3 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
             num_stages=cfg["num_stages"],
         )  # fmt: skip
     return c
-
-
-def _desc(dtype, rows: int, cols: int) -> str:
-    """The JIT's signature type of a host tensor descriptor."""
-    return f"tensordesc<{tl_ptr(dtype)[1:]}[{rows}, {cols}]>"
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every config x fp16/bf16 for sm_90 only (TMA and warpgroup MMA are sm_90 features), with bias, K and N
-    multiples of 16 and 132 persistent programs (H100 SXM / H200)."""
-    specs = []
-    for dtype in _DTYPES:
-        ptr = tl_ptr(dtype)
-        for cls, cfg in CONFIGS.items():
-            tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            specs.append(
-                CompileSpec(
-                    name=f"matmul_tma_{str(dtype)[6:]}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}[{cls}]",
-                    fn=_matmul_tma_kernel,
-                    signature={"a_desc": _desc(dtype, cfg["BLOCK_M"], cfg["BLOCK_K"]),
-                               "w_desc": _desc(dtype, cfg["BLOCK_N"], cfg["BLOCK_K"]),
-                               "c_desc": _desc(dtype, cfg["BLOCK_M"], cfg["BLOCK_N"]),
-                               "bias_ptr": ptr, "M": "i32", "N": "i32:16", "K": "i32:16"},
-                    constexprs={"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                "BLOCK_K": cfg["BLOCK_K"], "GROUP_M": cfg["GROUP_M"], "NUM_PROGRAMS": H100_SMS},
-                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                    deterministic=True,
-                    archs=(90,),
-                )
-            )
-    return specs

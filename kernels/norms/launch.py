@@ -7,8 +7,7 @@ import math
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, empty
-from jetdet.kernels.reduce.tables import DTYPES, shipped_tables, signature
+from jetdet.kernels._common import empty
 
 from .kernel import norm_fwd_kernel
 
@@ -16,11 +15,16 @@ OP = "norms"
 DEFAULT_CONFIG = {"BLOCK": 1024, "num_warps": 4}
 
 
+def config(n: int, dtype: torch.dtype, device=None) -> dict:
+    """Config keyed by the normalised length (row length, or ``C/G * spatial``), never the batch size."""
+    return configs.get_config(OP, n, dtype=dtype, device=device, default=DEFAULT_CONFIG)
+
+
 def _launch(x2, weight, bias, out2, n, eps, *, rms, num_groups=1, spatial=1, grouped=False):
     rows = x2.shape[0]
     if rows == 0:
         return
-    cfg = configs.get_config(OP, n, dtype=x2.dtype, device=x2.device, default=DEFAULT_CONFIG)
+    cfg = config(n, x2.dtype, x2.device)
     norm_fwd_kernel[(rows,)](
         x2, weight if weight is not None else x2, bias if bias is not None else x2, out2,
         x2.stride(0), x2.stride(1), out2.stride(0), out2.stride(1),
@@ -77,39 +81,3 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
         rms=False, num_groups=num_groups, spatial=max(spatial, 1), grouped=True,
     )  # fmt: skip
     return out
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every shipped BLOCK/num_warps x dtype x {layer, rms, group} with weight and bias present."""
-    specs, seen = [], set()
-    default_tables = [("default", dt, {"1024": DEFAULT_CONFIG}) for dt in DTYPES]
-    for _dev, dt, table in [*shipped_tables(OP), *default_tables]:
-        for cfg in table.values():
-            cfg = {**DEFAULT_CONFIG, **cfg}
-            for kind in ("layer", "rms", "group"):
-                ident = (dt, kind, cfg["BLOCK"], cfg["num_warps"])
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                ptr = "*" + dt
-                sig = signature(norm_fwd_kernel, {"x_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr,
-                                                  "eps": "fp32"})  # fmt: skip
-                del sig["stride_xc"], sig["stride_oc"]  # contiguous rows: the JIT specialises stride 1
-                specs.append(
-                    CompileSpec(
-                        name=f"{kind}_norm[{dt},BLOCK{cfg['BLOCK']},w{cfg['num_warps']}]",
-                        fn=norm_fwd_kernel,
-                        signature=sig,
-                        constexprs={
-                            "stride_xc": 1,
-                            "stride_oc": 1,
-                            "RMS": kind == "rms",
-                            "GROUPED": kind == "group",
-                            "HAS_WEIGHT": True,
-                            "HAS_BIAS": kind != "rms",
-                            "BLOCK": cfg["BLOCK"],
-                        },
-                        options={"num_warps": cfg["num_warps"], "num_stages": 1},
-                    )
-                )
-    return specs

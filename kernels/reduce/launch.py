@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, empty
+from jetdet.kernels._common import empty
 
 from .kernel import softmax_kernel, sum_rows_kernel
-from .tables import DTYPES, shipped_tables, signature
 
 OP = "reduce"
 DEFAULT_CONFIG = {"BLOCK": 1024, "num_warps": 4}
 
 
-def _config(x: torch.Tensor, n: int) -> dict:
-    return configs.get_config(OP, n, dtype=x.dtype, device=x.device, default=DEFAULT_CONFIG)
+def config(n: int, dtype: torch.dtype, device=None) -> dict:
+    """Config keyed by the row length, never the number of rows."""
+    return configs.get_config(OP, n, dtype=dtype, device=device, default=DEFAULT_CONFIG)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ def softmax(x) -> torch.Tensor:
     out = empty(x.shape, x.dtype, x.device)
     o2 = out.view(x2.shape)
     if x2.shape[0]:
-        cfg = _config(x, x2.shape[1])
+        cfg = config(x2.shape[1], x.dtype, x.device)
         softmax_kernel[(x2.shape[0],)](
             x2, o2, *x2.stride(), *o2.stride(), x2.shape[1], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]
         )
@@ -40,7 +40,7 @@ def _sum(x, mean: bool) -> torch.Tensor:
     x2 = _rows(x)
     out = empty(x.shape[:-1], x.dtype, x.device)
     if x2.shape[0]:
-        cfg = _config(x, x2.shape[1])
+        cfg = config(x2.shape[1], x.dtype, x.device)
         sum_rows_kernel[(x2.shape[0],)](
             x2, out, *x2.stride(), x2.shape[1], MEAN=mean, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]
         )
@@ -55,36 +55,3 @@ def sum_rows(x) -> torch.Tensor:
 def mean_rows(x) -> torch.Tensor:
     """Mean over the last dim of ``x [R, C]`` -> ``[R]`` in x.dtype (fp32 sum divided by C; NaN for C = 0)."""
     return _sum(x, mean=True)
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every shipped BLOCK/num_warps x dtype for softmax, sum and mean (contiguous rows)."""
-    specs, seen = [], set()
-    default_tables = [("default", dt, {"1024": DEFAULT_CONFIG}) for dt in DTYPES]
-    for _dev, dt, table in [*shipped_tables(OP), *default_tables]:
-        for cfg in table.values():
-            cfg = {**DEFAULT_CONFIG, **cfg}
-            ptr = "*" + dt
-            for kind, fn, extra in (
-                ("softmax", softmax_kernel, {}),
-                ("sum_rows", sum_rows_kernel, {"MEAN": False}),
-                ("mean_rows", sum_rows_kernel, {"MEAN": True}),
-            ):
-                ident = (dt, kind, cfg["BLOCK"], cfg["num_warps"])
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                sig = signature(fn, {"x_ptr": ptr, "out_ptr": ptr})
-                unit = [s for s in ("stride_xc", "stride_oc") if s in sig]
-                for s in unit:  # contiguous rows: the JIT specialises stride 1
-                    del sig[s]
-                specs.append(
-                    CompileSpec(
-                        name=f"{kind}[{dt},BLOCK{cfg['BLOCK']},w{cfg['num_warps']}]",
-                        fn=fn,
-                        signature=sig,
-                        constexprs={**dict.fromkeys(unit, 1), **extra, "BLOCK": cfg["BLOCK"]},
-                        options={"num_warps": cfg["num_warps"], "num_stages": 1},
-                    )
-                )
-    return specs

@@ -1,0 +1,58 @@
+"""Static-report compile specs of the attention kernel (``launch.py``), for ``jetdet.static_report``."""
+
+from __future__ import annotations
+
+from jetdet import configs
+from jetdet.kernels._common import CompileSpec, signature
+
+from .kernel import attention_fwd_kernel
+from .launch import DEFAULT_CONFIGS, MAX_HEAD_DIM, OP, _block_d, _default_config
+
+# the innermost strides, 1 in the common contiguous case (the JIT specialises them to constants)
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od")
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every shipped (config, head-dim key) x dtype x mask/no-mask, as compiled for a GPU."""
+    specs, seen = [], set()
+    default = {str(d): c for d, c in DEFAULT_CONFIGS.items()}
+    for _dev, _archs, dt, table in configs.shipped_tables(OP, default=default):
+        for key, cfg in table.items():
+            head_dim = min(int(key), MAX_HEAD_DIM)
+            block_d = _block_d(head_dim)
+            cfg = {**_default_config(head_dim), **cfg}
+            for has_mask in (False, True):
+                ident = (dt, head_dim, has_mask, tuple(sorted(cfg.items())))
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                ptr = "*" + dt
+                sig = signature(
+                    attention_fwd_kernel,
+                    {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "out_ptr": ptr, "qk_scale": "fp32",
+                     "mask_ptr": "*fp32" if has_mask else ptr},
+                )  # fmt: skip
+                # the common, contiguous-last-dim case, which the JIT specialises at runtime (stride == 1)
+                for name in _UNIT_STRIDES:
+                    del sig[name]
+                specs.append(
+                    CompileSpec(
+                        name=f"attention[{dt},D={head_dim},mask={has_mask},"
+                        f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}]",
+                        fn=attention_fwd_kernel,
+                        signature=sig,
+                        constexprs={
+                            "HAS_MASK": has_mask,
+                            "DOT_FP32": dt == "fp32",
+                            "BLOCK_M": cfg["BLOCK_M"],
+                            "BLOCK_N": cfg["BLOCK_N"],
+                            "HEAD_DIM": head_dim,
+                            "HEAD_DIM_V": head_dim,
+                            "BLOCK_D": block_d,
+                            "BLOCK_DV": block_d,
+                            **dict.fromkeys(_UNIT_STRIDES, 1),
+                        },
+                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    )
+                )
+    return specs
