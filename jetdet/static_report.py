@@ -73,21 +73,15 @@ import types
 from collections.abc import Iterable, Sequence
 
 from . import _paths
+from .ops import registry as _registry
 
 _paths.install()
 
 # one ``specs`` module per kernel folder: ``kernels/<op>/specs.py`` with ``compile_specs()``
-KERNEL_MODULES = [
-    "jetdet.kernels.matmul.specs",
-    "jetdet.kernels.conv2d.specs",
-    "jetdet.kernels.attention.specs",
-    "jetdet.kernels.norms.specs",
-    "jetdet.kernels.reduce.specs",
-    "jetdet.kernels.noise.specs",
-    "jetdet.kernels.linear_attention.specs",
-    "jetdet.kernels.block_sparse.specs",
-    "jetdet.kernels.forecast.specs",
-]
+#: Kernel folders that are not registered ops: ``noise`` is the generator behind ``jetdet.randn``.
+UNREGISTERED_FOLDERS = ("noise",)
+#: Every registered op folder (:data:`jetdet.ops.registry.FOLDERS`) and the unregistered ones.
+KERNEL_MODULES = [f"jetdet.kernels.{f}.specs" for f in (*_registry.FOLDERS, *UNREGISTERED_FOLDERS)]
 
 DEFAULT_ARCHS = (80, 89, 90)
 
