@@ -47,7 +47,8 @@ keep working afterwards.
 Results are cached as JSON under ``$JETDET_STATIC_CACHE`` (default ``~/.cache/jetdet/static``), keyed by
 the kernel's source hash (Triton's ``cache_key``, which covers called ``@jit`` functions), the spec, the
 arch and the Triton version. ``JETDET_STATIC_CACHE=0`` disables it. Cache misses compile in forked worker
-processes (``jobs``, ``$JETDET_STATIC_JOBS``, default: the CPU count up to 8).
+processes (``jobs``, ``$JETDET_STATIC_JOBS``, default: the CPU count up to 8). Every compile passes
+``enable_fp_fusion`` explicitly (:func:`fp_fusion_default`).
 
 Command line: ``python -m jetdet.static_report [--module M] [--arch 80 --arch 90] [--only matmul]
 [--no-cache] [--no-jit] [--jobs N] [--json]`` prints the table and exits 1 when there are violations (a module whose
@@ -404,6 +405,7 @@ def _bind(fn, args, kwargs, arch: int):
     backend = make_backend(GPUTarget("cuda", arch, 32))
     kwargs = dict(kwargs)
     kwargs.setdefault("debug", jit.debug or triton.knobs.runtime.debug)  # as JITFunction.run
+    kwargs.setdefault("enable_fp_fusion", fp_fusion_default())  # explicit: see fp_fusion_default
     binder = triton_jit.create_function_from_signature(jit.signature, jit.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
@@ -581,6 +583,11 @@ def _cache_key(jit, spec, arch: int) -> str:
             "options": {k: repr(v) for k, v in sorted(spec.options.items())},
             "arch": arch,
             "fp_fusion": os.environ.get("TRITON_DEFAULT_FP_FUSION", ""),
+            **(
+                {"force_no_fp_fusion": os.environ["TRITON_FORCE_DISABLE_FP_FUSION"]}
+                if os.environ.get("TRITON_FORCE_DISABLE_FP_FUSION")
+                else {}
+            ),
             # a JIT variant: the binder's specialisation (it depends on do_not_specialize, not on the source)
             **(
                 {"launch": repr(spec.launch), "jit": specialization_key(jit, *spec.launch, arch=arch)}
@@ -705,6 +712,21 @@ def compiling():
             setattr(obj, attr, val)
 
 
+def fp_fusion_default() -> bool:
+    """``enable_fp_fusion`` for a kernel whose spec or launch does not name it: what Triton itself would use
+    (``$TRITON_DEFAULT_FP_FUSION``, else Triton's default: enabled in 3.9), so the report compiles what such
+    a launch runs. Every compile here passes the value explicitly: Triton 3.9 warns once per process when a
+    compile leaves it to the default (``TRITON_DEFAULT_FP_FUSION is unset ...``), and the report's forked
+    workers each printed that warning. ``$TRITON_FORCE_DISABLE_FP_FUSION`` still wins inside Triton."""
+    import triton
+
+    language = getattr(getattr(triton, "knobs", None), "language", None)
+    value = getattr(language, "default_fp_fusion", None)
+    if value is None:  # a Triton without knobs.language: its default, from the environment
+        return os.environ.get("TRITON_DEFAULT_FP_FUSION", "1").strip().lower() in ("1", "true", "on", "yes")
+    return bool(value)
+
+
 def _compile(jit, spec, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -716,6 +738,7 @@ def _compile(jit, spec, arch: int):
         else:
             signature, constexprs, attrs = _resolve_signature(jit, spec)
             options = dict(spec.options)
+            options.setdefault("enable_fp_fusion", fp_fusion_default())  # explicit: see fp_fusion_default
         src = ASTSource(jit, signature, constexprs, attrs)
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -1045,6 +1068,7 @@ __all__ = [
     "count_sass",
     "declared_vs_jit",
     "format_table",
+    "fp_fusion_default",
     "jit_specialization",
     "jit_variants",
     "launch_spec",
