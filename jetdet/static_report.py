@@ -47,8 +47,8 @@ keep working afterwards.
 Results are cached as JSON under ``$JETDET_STATIC_CACHE`` (default ``~/.cache/jetdet/static``), keyed by
 the kernel's source hash (Triton's ``cache_key``, which covers called ``@jit`` functions), the spec, the
 arch and the Triton version. ``JETDET_STATIC_CACHE=0`` disables it. Cache misses compile in forked worker
-processes (``jobs``, ``$JETDET_STATIC_JOBS``, default: the CPU count up to 8). Every compile passes
-``enable_fp_fusion`` explicitly (:func:`fp_fusion_default`).
+processes (``jobs``, ``$JETDET_STATIC_JOBS``, default: the CPU count up to 8); :class:`Progress` counts them
+on stderr. Every compile passes ``enable_fp_fusion`` explicitly (:func:`fp_fusion_default`).
 
 Command line: ``python -m jetdet.static_report [--module M] [--arch 80 --arch 90] [--only matmul]
 [--no-cache] [--no-jit] [--jobs N] [--json]`` prints the table and exits 1 when there are violations (a module whose
@@ -522,6 +522,42 @@ def declared_vs_jit(spec, arch: int = JIT_ARCH) -> list[str]:
     return diffs
 
 
+def _group_key(spec) -> tuple:
+    """Kernel function, pointer types, non-integer constexprs (flags such as ``HAS_BIAS``) and options other
+    than ``num_warps``/``num_stages``: specs that differ only in tile sizes and warps share a key."""
+    ptrs = tuple(sorted((k, v) for k, v in spec.signature.items() if v.startswith("*")))
+    flags = tuple(
+        sorted((k, repr(v)) for k, v in spec.constexprs.items() if not isinstance(v, int) or isinstance(v, bool))
+    )
+    opts = tuple(sorted((k, repr(v)) for k, v in spec.options.items() if k not in ("num_warps", "num_stages")))
+    return (getattr(spec.fn, "fn", spec.fn), ptrs, flags, opts)
+
+
+def quick_specs(specs: Iterable, arch: int = JIT_ARCH, *, jit: bool = False) -> list:
+    """A representative subset of ``specs`` for a fast report (``python -m jetdet.bench`` by default): per
+    kernel function, pointer types, flag combination and non-tile options (the grouping of
+    :func:`jit_variants`), the first declared spec that runs on ``arch``, restricted to ``arch`` (a group with
+    no spec for ``arch``: its first spec, on its newest arch); with ``jit`` also every JIT variant in ``specs``
+    (each is compiled for one arch already). Every kernel function and dtype is compiled once, so a kernel
+    that no longer compiles, gains an atomic, or uses a forbidden class fails here too; tile-size effects
+    (spills, shared memory) and the other archs need the full report. The cache keys are the full report's,
+    so the subset's results serve it too."""
+    groups: dict = {}
+    variants = []
+    for spec in specs:
+        if spec.launch is not None:
+            variants.append(spec)
+        else:
+            groups.setdefault(_group_key(spec), []).append(spec)
+    out = []
+    for members in groups.values():
+        rep = next((s for s in members if arch in tuple(s.archs)), None)
+        if rep is None:  # a group shipped for other archs only: its first spec on the newest of them
+            rep = members[0]
+        out.append(dataclasses.replace(rep, archs=(arch if arch in tuple(rep.archs) else max(rep.archs),)))
+    return out + (variants if jit else [])
+
+
 def jit_variants(specs: Iterable, arch: int = JIT_ARCH, values: Sequence[int] = JIT_INT_VALUES) -> list:
     """Specs compiled the way Triton's JIT specialises real launches, one per specialisation class.
 
@@ -535,14 +571,8 @@ def jit_variants(specs: Iterable, arch: int = JIT_ARCH, values: Sequence[int] = 
     the report here, on CPU."""
     groups: dict = {}
     for spec in specs:
-        if spec.launch is not None:
-            continue
-        ptrs = tuple(sorted((k, v) for k, v in spec.signature.items() if v.startswith("*")))
-        flags = tuple(
-            sorted((k, repr(v)) for k, v in spec.constexprs.items() if not isinstance(v, int) or isinstance(v, bool))
-        )
-        opts = tuple(sorted((k, repr(v)) for k, v in spec.options.items() if k not in ("num_warps", "num_stages")))
-        groups.setdefault((getattr(spec.fn, "fn", spec.fn), ptrs, flags, opts), []).append(spec)
+        if spec.launch is None:
+            groups.setdefault(_group_key(spec), []).append(spec)
     out = []
     for members in groups.values():
         rep = next((s for s in members if arch in tuple(s.archs)), members[0])
@@ -875,6 +905,67 @@ def default_jobs() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def pairs(specs: Iterable, archs: Iterable[int] = DEFAULT_ARCHS, only: str | Iterable[str] | None = None) -> list:
+    """The ``(spec, arch)`` pairs :func:`report` compiles, in the order of its rows (after any module error
+    rows): every spec whose name contains ``only`` (a substring, or any of several), for every arch in both
+    ``archs`` and ``spec.archs``."""
+    if isinstance(only, str):
+        only = (only,)
+    archs = tuple(archs)
+    return [
+        (spec, arch)
+        for spec in specs
+        if only is None or any(o in spec.name for o in only)
+        for arch in archs
+        if arch in tuple(spec.archs)
+    ]
+
+
+class Progress:
+    """A progress counter for :func:`report` on ``stream`` (default stderr): ``label: 12/67 compiled, 3
+    cached, 0:41``. On a terminal the line is rewritten after every compile; elsewhere (CI logs, a pipe) a
+    line is printed at every tenth of the work, so a long report is never silent. Nothing is printed when
+    everything was cached."""
+
+    def __init__(self, label: str = "static report", stream=None):
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = self.done = self.cached = 0
+        self._start = 0.0
+        self._printed = -1
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def start(self, total: int, cached: int = 0) -> None:
+        import time
+
+        self.total, self.done, self.cached = total, 0, cached
+        self._start = time.monotonic()
+        self._printed = -1
+        self._show()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        self._show()
+
+    def _show(self) -> None:
+        import time
+
+        if not self.total:
+            return
+        tenth = self.done * 10 // self.total
+        if not self._tty and tenth == self._printed:
+            return
+        self._printed = tenth
+        took = int(time.monotonic() - self._start)
+        text = (
+            f"{self.label}: {self.done}/{self.total} compiled"
+            f"{f', {self.cached} cached' if self.cached else ''}, {took // 60}:{took % 60:02d}"
+        )
+        end = "\n" if not self._tty or self.done >= self.total else ""
+        self.stream.write(("\r" if self._tty else "") + text + end)
+        self.stream.flush()
+
+
 def report(
     specs: Sequence | None = None,
     archs: Iterable[int] = DEFAULT_ARCHS,
@@ -882,29 +973,22 @@ def report(
     *,
     use_cache: bool = True,
     jobs: int | None = None,
+    progress: Progress | None = None,
 ) -> list[dict]:
-    """Rows for every spec and every arch in both ``archs`` and ``spec.archs``. ``only``: keep specs whose
-    name contains this substring (or any of these). With ``specs=None`` the specs of all
+    """Rows for every spec and every arch in both ``archs`` and ``spec.archs`` (:func:`pairs`). ``only``: keep
+    specs whose name contains this substring (or any of these). With ``specs=None`` the specs of all
     :data:`KERNEL_MODULES` are collected, and a module whose ``compile_specs()`` fails becomes an error
     row (``arch`` None), which :func:`violations` reports.
 
     Cache misses compile in ``jobs`` forked processes (default :func:`default_jobs`; 1 = in this process;
-    platforms without ``fork`` always compile here)."""
+    platforms without ``fork`` always compile here). ``progress`` (a :class:`Progress`) counts the misses as
+    they finish."""
     import multiprocessing
 
     rows: list[dict] = []
     if specs is None:
         specs = collect_specs(errors=rows)
-    if isinstance(only, str):
-        only = (only,)
-    archs = tuple(archs)
-    tasks = [
-        (spec, arch)
-        for spec in specs
-        if only is None or any(o in spec.name for o in only)
-        for arch in archs
-        if arch in tuple(spec.archs)
-    ]
+    tasks = pairs(specs, archs, only)
     results: list[dict | None] = [None] * len(tasks)
     with compiling():
         misses = []
@@ -921,10 +1005,14 @@ def report(
                 misses.append((i, path))
         jobs = default_jobs() if jobs is None else max(1, jobs)
         fork_ok = "fork" in multiprocessing.get_all_start_methods()
+        if progress is not None:
+            progress.start(len(misses), cached=len(tasks) - len(misses))
 
         def take(k, measured, err):  # stored as each compile finishes: an interrupted cold run keeps its work
             i, path = misses[k]
             spec, arch = tasks[i]
+            if progress is not None:
+                progress.step()
             if err is not None:
                 results[i] = err
                 return
@@ -939,8 +1027,9 @@ def report(
             try:
                 ctx = multiprocessing.get_context("fork")
                 with concurrent.futures.ProcessPoolExecutor(min(jobs, len(misses)), mp_context=ctx) as pool:
-                    for outcome in pool.map(_fork_worker, range(len(misses))):
-                        take(*outcome)
+                    futures = [pool.submit(_fork_worker, k) for k in range(len(misses))]
+                    for done in concurrent.futures.as_completed(futures):
+                        take(*done.result())
             finally:
                 _FORK_TASKS.clear()
         else:
@@ -1036,7 +1125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: list[dict] = []
     specs = collect_specs(args.module, errors=errors, jit=not args.no_jit)
     rows = errors + report(
-        specs, archs=args.arch or DEFAULT_ARCHS, only=args.only, use_cache=not args.no_cache, jobs=args.jobs
+        specs,
+        archs=args.arch or DEFAULT_ARCHS,
+        only=args.only,
+        use_cache=not args.no_cache,
+        jobs=args.jobs,
+        progress=Progress(),
     )
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -1061,6 +1155,7 @@ __all__ = [
     "JIT_INT_VALUES",
     "KERNEL_MODULES",
     "Pointer",
+    "Progress",
     "analyze",
     "as_jit_function",
     "capture_launches",
@@ -1074,6 +1169,8 @@ __all__ = [
     "launch_spec",
     "launch_values",
     "main",
+    "pairs",
+    "quick_specs",
     "report",
     "specialization_key",
     "violations",
