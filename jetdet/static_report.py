@@ -805,22 +805,95 @@ def count_sass(sass: str) -> dict:
     return counts
 
 
-def _measure(kernel, arch: int) -> dict:
-    cubin = kernel.asm["cubin"]
+def _text_sections(cubin: bytes) -> bytes:
+    """The instruction bytes of a cubin: its ``.text.<function>`` sections (64-bit little-endian ELF), in
+    section order, which is what ``cuobjdump -sass`` disassembles."""
+    import struct
+
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF")
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names_at = sections[shstrndx][4]
+    out = b""
+    for name, _type, _flags, _addr, offset, size in sections:
+        start = names_at + name
+        if cubin[start : cubin.index(b"\0", start)].startswith(b".text."):
+            if size % 16:
+                raise ValueError(f"a .text section of {size} bytes is not whole 128-bit instructions")
+            out += cubin[offset : offset + size]
+    if not out:
+        raise ValueError("no .text section")
+    return out
+
+
+_ADDR_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/")
+
+
+def _sass_batch(cubins: Sequence[bytes], arch: int) -> list[str]:
+    """SASS listings of several cubins for ``sm_<arch>`` from one ``nvdisasm`` run over their concatenated
+    instructions, split back by address. Starting the disassembler costs ~0.7 s of CPU whatever the size, as
+    much as compiling a small kernel, so the report disassembles its compiles in batches instead of running
+    ``cuobjdump -sass`` once per kernel; the listing lines (and so :func:`count_sass`) are the same."""
+    texts = [_text_sections(c) for c in cubins]
+    bounds, at = [], 0
+    for t in texts:
+        bounds.append(at + len(t))
+        at += len(t)
     with tempfile.TemporaryDirectory(prefix="jetdet-static-") as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
+        path = os.path.join(tmp, "text.bin")
         with open(path, "wb") as f:
-            f.write(cubin)
-        cuobjdump = _tool("cuobjdump")
-        res = subprocess.run(
-            [cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            f.write(b"".join(texts))
+        sm = f"SM{arch}{'a' if arch >= 90 else ''}"  # Triton compiles sm_90 and newer as sm_XXa
+        listing = subprocess.run(
+            [_tool("nvdisasm"), "--binary", sm, path], capture_output=True, text=True, check=True
         ).stdout
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
-    row = _parse_resources(res)
-    row.update(count_sass(sass))
-    row["dynamic_shared"] = int(getattr(kernel.metadata, "shared", 0) or 0)
-    row["shared"] = row["static_shared"] + row["dynamic_shared"]
-    return row
+    out: list[list[str]] = [[] for _ in texts]
+    k = 0
+    for line in listing.splitlines():
+        m = _ADDR_RE.match(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        while k < len(bounds) and addr >= bounds[k]:
+            k += 1
+        if k == len(bounds):
+            raise RuntimeError(f"nvdisasm listed address {addr:#x} past the {at} bytes it was given")
+        out[k].append(line)
+    return ["\n".join(lines) for lines in out]
+
+
+def _measure_many(kernels: Sequence, arch: int) -> list[dict]:
+    """:func:`_measure` for several kernels of one arch, disassembled together (:func:`_sass_batch`); if the
+    batch cannot be read that way, each kernel gets its own ``cuobjdump -sass``."""
+    cubins = [k.asm["cubin"] for k in kernels]
+    try:
+        listings = _sass_batch(cubins, arch)
+    except (ValueError, RuntimeError, OSError, subprocess.CalledProcessError):
+        listings = [None] * len(cubins)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="jetdet-static-") as tmp:
+        cuobjdump = _tool("cuobjdump")
+        for i, (kernel, cubin, sass) in enumerate(zip(kernels, cubins, listings)):
+            path = os.path.join(tmp, f"kernel{i}.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            res = subprocess.run(
+                [cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            ).stdout
+            if sass is None:
+                sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+            row = _parse_resources(res)
+            row.update(count_sass(sass))
+            row["dynamic_shared"] = int(getattr(kernel.metadata, "shared", 0) or 0)
+            row["shared"] = row["static_shared"] + row["dynamic_shared"]
+            rows.append(row)
+    return rows
+
+
+def _measure(kernel, arch: int) -> dict:
+    return _measure_many([kernel], arch)[0]
 
 
 def _store(path: str, measured: dict) -> None:
@@ -886,15 +959,34 @@ def analyze(spec, arch: int, *, use_cache: bool = True) -> dict:
 
 # Work list of a parallel report; forked workers inherit it (specs hold functions, which do not pickle).
 _FORK_TASKS: list = []
+#: Compiles per work item: one item is disassembled in one batch (:func:`_sass_batch`).
+CHUNK = 8
 
 
-def _fork_worker(index: int):
-    spec, arch = _FORK_TASKS[index]
-    try:
-        with compiling():
-            return index, _measure_spec(spec, arch), None
-    except Exception as e:
-        return index, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid)
+def _run_chunk(tasks: Sequence[tuple[int, object, int]]) -> list[tuple[int, dict | None, dict | None]]:
+    """Compile ``(index, spec, arch)`` tasks (one arch), measure them together: ``(index, measured, error
+    row)`` each."""
+    out, compiled = [], []
+    with compiling():
+        for index, spec, arch in tasks:
+            try:
+                compiled.append((index, spec, arch, _compile(as_jit_function(spec.fn, _STATE["memo"]), spec, arch)))
+            except Exception as e:  # a failed compile is a reported violation
+                out.append((index, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic,
+                                                    forbid=spec.forbid)))  # fmt: skip
+        if compiled:
+            try:
+                measured = _measure_many([c[3] for c in compiled], compiled[0][2])
+            except Exception as e:
+                out += [(i, None, _error_row(s.name, a, e, deterministic=s.deterministic, forbid=s.forbid))
+                        for i, s, a, _ in compiled]  # fmt: skip
+            else:
+                out += [(i, m, None) for (i, _, _, _), m in zip(compiled, measured)]
+    return out
+
+
+def _fork_worker(chunk: int):
+    return _run_chunk(_FORK_TASKS[chunk])
 
 
 def default_jobs() -> int:
@@ -1008,7 +1100,7 @@ def report(
         if progress is not None:
             progress.start(len(misses), cached=len(tasks) - len(misses))
 
-        def take(k, measured, err):  # stored as each compile finishes: an interrupted cold run keeps its work
+        def take(k, measured, err):  # stored as each batch finishes: an interrupted cold run keeps its work
             i, path = misses[k]
             spec, arch = tasks[i]
             if progress is not None:
@@ -1020,25 +1112,31 @@ def report(
                 _store(path, measured)
             results[i] = _row(spec, arch, measured, False)
 
+        by_arch: dict[int, list] = {}
+        for k, (i, _) in enumerate(misses):
+            spec, arch = tasks[i]
+            by_arch.setdefault(arch, []).append((k, spec, arch))
+        chunks = [group[c : c + CHUNK] for group in by_arch.values() for c in range(0, len(group), CHUNK)]
         if jobs > 1 and len(misses) > 1 and fork_ok:
             import concurrent.futures
 
-            _FORK_TASKS[:] = [tasks[i] for i, _ in misses]
+            if len(chunks) < jobs:  # few compiles: smaller batches, so every worker gets some
+                size = -(-len(misses) // jobs)
+                chunks = [g[c : c + size] for g in by_arch.values() for c in range(0, len(g), size)]
+            _FORK_TASKS[:] = chunks
             try:
                 ctx = multiprocessing.get_context("fork")
-                with concurrent.futures.ProcessPoolExecutor(min(jobs, len(misses)), mp_context=ctx) as pool:
-                    futures = [pool.submit(_fork_worker, k) for k in range(len(misses))]
+                with concurrent.futures.ProcessPoolExecutor(min(jobs, len(chunks)), mp_context=ctx) as pool:
+                    futures = [pool.submit(_fork_worker, c) for c in range(len(chunks))]
                     for done in concurrent.futures.as_completed(futures):
-                        take(*done.result())
+                        for outcome in done.result():
+                            take(*outcome)
             finally:
                 _FORK_TASKS.clear()
         else:
-            for k, (i, _) in enumerate(misses):
-                spec, arch = tasks[i]
-                try:
-                    take(k, _measure_spec(spec, arch), None)
-                except Exception as e:  # a failed compile is a reported violation
-                    take(k, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid))
+            for chunk in chunks:
+                for outcome in _run_chunk(chunk):
+                    take(*outcome)
     return rows + [r for r in results if r is not None]
 
 

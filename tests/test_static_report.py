@@ -394,3 +394,34 @@ def test_compiles_never_leave_fp_fusion_to_triton(tmp_path):
     assert "--- control ---" in run.stderr
     assert "FP_FUSION" not in report_err, report_err[-3000:]
     assert "TRITON_DEFAULT_FP_FUSION is unset" in control_err, control_err[-3000:]
+
+
+def test_batched_disassembly_reads_what_cuobjdump_reads(tmp_path):
+    """The report disassembles its compiles in batches (one nvdisasm run over several kernels' instructions,
+    split by address) instead of one cuobjdump -sass per kernel; per kernel the instruction classes are
+    cuobjdump's, for several kernels and archs in one batch (kernels whose counts differ, so a wrong split
+    fails)."""
+    import subprocess
+
+    specs = [
+        _spec("a", _bad_atomic_sum, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32"}, {"BLOCK": 256}),
+        _spec("b", _tf32_and_exp, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}, {"N": 32}),
+        _spec("c", _bad_atomic_sum, {"x_ptr": "*fp16", "out_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128}),
+    ]
+    cuobjdump = sr._tool("cuobjdump")
+    for arch in (80, 90):
+        with sr.compiling():
+            kernels = [sr._compile(sr.as_jit_function(s.fn), s, arch) for s in specs]
+        cubins = [k.asm["cubin"] for k in kernels]
+        expected = []
+        for i, cubin in enumerate(cubins):
+            path = tmp_path / f"k{arch}_{i}.cubin"
+            path.write_bytes(cubin)
+            sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+            expected.append(sr.count_sass(sass))
+        assert [sr.count_sass(s) for s in sr._sass_batch(cubins, arch)] == expected
+        assert [{k: v for k, v in m.items() if k in expected[0]} for m in sr._measure_many(kernels, arch)] == expected
+        # the kernels' counts all differ, so instructions attributed to the wrong kernel would not match
+        assert len({tuple(sorted(e.items())) for e in expected}) == len(expected)
+        whole = sr.count_sass("\n".join(sr._sass_batch(cubins, arch)))
+        assert whole == {k: sum(e[k] for e in expected) for k in whole}  # nothing lost or listed twice
