@@ -47,7 +47,8 @@ keep working afterwards.
 Results are cached as JSON under ``$JETDET_STATIC_CACHE`` (default ``~/.cache/jetdet/static``), keyed by
 the kernel's source hash (Triton's ``cache_key``, which covers called ``@jit`` functions), the spec, the
 arch and the Triton version. ``JETDET_STATIC_CACHE=0`` disables it. Cache misses compile in forked worker
-processes (``jobs``, ``$JETDET_STATIC_JOBS``, default: the CPU count up to 8).
+processes (``jobs``, ``$JETDET_STATIC_JOBS``, default: the CPU count up to 8); :class:`Progress` counts them
+on stderr. Every compile passes ``enable_fp_fusion`` explicitly (:func:`fp_fusion_default`).
 
 Command line: ``python -m jetdet.static_report [--module M] [--arch 80 --arch 90] [--only matmul]
 [--no-cache] [--no-jit] [--jobs N] [--json]`` prints the table and exits 1 when there are violations (a module whose
@@ -394,6 +395,7 @@ def _bind(fn, args, kwargs, arch: int):
     backend = make_backend(GPUTarget("cuda", arch, 32))
     kwargs = dict(kwargs)
     kwargs.setdefault("debug", jit.debug or triton.knobs.runtime.debug)  # as JITFunction.run
+    kwargs.setdefault("enable_fp_fusion", fp_fusion_default())  # explicit: see fp_fusion_default
     binder = triton_jit.create_function_from_signature(jit.signature, jit.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
@@ -510,6 +512,42 @@ def declared_vs_jit(spec, arch: int = JIT_ARCH) -> list[str]:
     return diffs
 
 
+def _group_key(spec) -> tuple:
+    """Kernel function, pointer types, non-integer constexprs (flags such as ``HAS_BIAS``) and options other
+    than ``num_warps``/``num_stages``: specs that differ only in tile sizes and warps share a key."""
+    ptrs = tuple(sorted((k, v) for k, v in spec.signature.items() if v.startswith("*")))
+    flags = tuple(
+        sorted((k, repr(v)) for k, v in spec.constexprs.items() if not isinstance(v, int) or isinstance(v, bool))
+    )
+    opts = tuple(sorted((k, repr(v)) for k, v in spec.options.items() if k not in ("num_warps", "num_stages")))
+    return (getattr(spec.fn, "fn", spec.fn), ptrs, flags, opts)
+
+
+def quick_specs(specs: Iterable, arch: int = JIT_ARCH, *, jit: bool = False) -> list:
+    """A representative subset of ``specs`` for a fast report (``python -m jetdet.bench`` by default): per
+    kernel function, pointer types, flag combination and non-tile options (the grouping of
+    :func:`jit_variants`), the first declared spec that runs on ``arch``, restricted to ``arch`` (a group with
+    no spec for ``arch``: its first spec, on its newest arch); with ``jit`` also every JIT variant in ``specs``
+    (each is compiled for one arch already). Every kernel function and dtype is compiled once, so a kernel
+    that no longer compiles, gains an atomic, or uses a forbidden class fails here too; tile-size effects
+    (spills, shared memory) and the other archs need the full report. The cache keys are the full report's,
+    so the subset's results serve it too."""
+    groups: dict = {}
+    variants = []
+    for spec in specs:
+        if spec.launch is not None:
+            variants.append(spec)
+        else:
+            groups.setdefault(_group_key(spec), []).append(spec)
+    out = []
+    for members in groups.values():
+        rep = next((s for s in members if arch in tuple(s.archs)), None)
+        if rep is None:  # a group shipped for other archs only: its first spec on the newest of them
+            rep = members[0]
+        out.append(dataclasses.replace(rep, archs=(arch if arch in tuple(rep.archs) else max(rep.archs),)))
+    return out + (variants if jit else [])
+
+
 def jit_variants(specs: Iterable, arch: int = JIT_ARCH, values: Sequence[int] = JIT_INT_VALUES) -> list:
     """Specs compiled the way Triton's JIT specialises real launches, one per specialisation class.
 
@@ -523,14 +561,8 @@ def jit_variants(specs: Iterable, arch: int = JIT_ARCH, values: Sequence[int] = 
     the report here, on CPU."""
     groups: dict = {}
     for spec in specs:
-        if spec.launch is not None:
-            continue
-        ptrs = tuple(sorted((k, v) for k, v in spec.signature.items() if v.startswith("*")))
-        flags = tuple(
-            sorted((k, repr(v)) for k, v in spec.constexprs.items() if not isinstance(v, int) or isinstance(v, bool))
-        )
-        opts = tuple(sorted((k, repr(v)) for k, v in spec.options.items() if k not in ("num_warps", "num_stages")))
-        groups.setdefault((getattr(spec.fn, "fn", spec.fn), ptrs, flags, opts), []).append(spec)
+        if spec.launch is None:
+            groups.setdefault(_group_key(spec), []).append(spec)
     out = []
     for members in groups.values():
         rep = next((s for s in members if arch in tuple(s.archs)), members[0])
@@ -571,6 +603,11 @@ def _cache_key(jit, spec, arch: int) -> str:
             "options": {k: repr(v) for k, v in sorted(spec.options.items())},
             "arch": arch,
             "fp_fusion": os.environ.get("TRITON_DEFAULT_FP_FUSION", ""),
+            **(
+                {"force_no_fp_fusion": os.environ["TRITON_FORCE_DISABLE_FP_FUSION"]}
+                if os.environ.get("TRITON_FORCE_DISABLE_FP_FUSION")
+                else {}
+            ),
             # a JIT variant: the binder's specialisation (it depends on do_not_specialize, not on the source)
             **(
                 {"launch": repr(spec.launch), "jit": specialization_key(jit, *spec.launch, arch=arch)}
@@ -695,6 +732,21 @@ def compiling():
             setattr(obj, attr, val)
 
 
+def fp_fusion_default() -> bool:
+    """``enable_fp_fusion`` for a kernel whose spec or launch does not name it: what Triton itself would use
+    (``$TRITON_DEFAULT_FP_FUSION``, else Triton's default: enabled in 3.9), so the report compiles what such
+    a launch runs. Every compile here passes the value explicitly: Triton 3.9 warns once per process when a
+    compile leaves it to the default (``TRITON_DEFAULT_FP_FUSION is unset ...``), and the report's forked
+    workers each printed that warning. ``$TRITON_FORCE_DISABLE_FP_FUSION`` still wins inside Triton."""
+    import triton
+
+    language = getattr(getattr(triton, "knobs", None), "language", None)
+    value = getattr(language, "default_fp_fusion", None)
+    if value is None:  # a Triton without knobs.language: its default, from the environment
+        return os.environ.get("TRITON_DEFAULT_FP_FUSION", "1").strip().lower() in ("1", "true", "on", "yes")
+    return bool(value)
+
+
 def _compile(jit, spec, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -706,6 +758,7 @@ def _compile(jit, spec, arch: int):
         else:
             signature, constexprs, attrs = _resolve_signature(jit, spec)
             options = dict(spec.options)
+            options.setdefault("enable_fp_fusion", fp_fusion_default())  # explicit: see fp_fusion_default
         src = ASTSource(jit, signature, constexprs, attrs)
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
@@ -742,22 +795,95 @@ def count_sass(sass: str) -> dict:
     return counts
 
 
-def _measure(kernel, arch: int) -> dict:
-    cubin = kernel.asm["cubin"]
+def _text_sections(cubin: bytes) -> bytes:
+    """The instruction bytes of a cubin: its ``.text.<function>`` sections (64-bit little-endian ELF), in
+    section order, which is what ``cuobjdump -sass`` disassembles."""
+    import struct
+
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF")
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names_at = sections[shstrndx][4]
+    out = b""
+    for name, _type, _flags, _addr, offset, size in sections:
+        start = names_at + name
+        if cubin[start : cubin.index(b"\0", start)].startswith(b".text."):
+            if size % 16:
+                raise ValueError(f"a .text section of {size} bytes is not whole 128-bit instructions")
+            out += cubin[offset : offset + size]
+    if not out:
+        raise ValueError("no .text section")
+    return out
+
+
+_ADDR_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/")
+
+
+def _sass_batch(cubins: Sequence[bytes], arch: int) -> list[str]:
+    """SASS listings of several cubins for ``sm_<arch>`` from one ``nvdisasm`` run over their concatenated
+    instructions, split back by address. Starting the disassembler costs ~0.7 s of CPU whatever the size, as
+    much as compiling a small kernel, so the report disassembles its compiles in batches instead of running
+    ``cuobjdump -sass`` once per kernel; the listing lines (and so :func:`count_sass`) are the same."""
+    texts = [_text_sections(c) for c in cubins]
+    bounds, at = [], 0
+    for t in texts:
+        bounds.append(at + len(t))
+        at += len(t)
     with tempfile.TemporaryDirectory(prefix="jetdet-static-") as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
+        path = os.path.join(tmp, "text.bin")
         with open(path, "wb") as f:
-            f.write(cubin)
-        cuobjdump = _tool("cuobjdump")
-        res = subprocess.run(
-            [cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            f.write(b"".join(texts))
+        sm = f"SM{arch}{'a' if arch >= 90 else ''}"  # Triton compiles sm_90 and newer as sm_XXa
+        listing = subprocess.run(
+            [_tool("nvdisasm"), "--binary", sm, path], capture_output=True, text=True, check=True
         ).stdout
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
-    row = _parse_resources(res)
-    row.update(count_sass(sass))
-    row["dynamic_shared"] = int(getattr(kernel.metadata, "shared", 0) or 0)
-    row["shared"] = row["static_shared"] + row["dynamic_shared"]
-    return row
+    out: list[list[str]] = [[] for _ in texts]
+    k = 0
+    for line in listing.splitlines():
+        m = _ADDR_RE.match(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        while k < len(bounds) and addr >= bounds[k]:
+            k += 1
+        if k == len(bounds):
+            raise RuntimeError(f"nvdisasm listed address {addr:#x} past the {at} bytes it was given")
+        out[k].append(line)
+    return ["\n".join(lines) for lines in out]
+
+
+def _measure_many(kernels: Sequence, arch: int) -> list[dict]:
+    """:func:`_measure` for several kernels of one arch, disassembled together (:func:`_sass_batch`); if the
+    batch cannot be read that way, each kernel gets its own ``cuobjdump -sass``."""
+    cubins = [k.asm["cubin"] for k in kernels]
+    try:
+        listings = _sass_batch(cubins, arch)
+    except (ValueError, RuntimeError, OSError, subprocess.CalledProcessError):
+        listings = [None] * len(cubins)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="jetdet-static-") as tmp:
+        cuobjdump = _tool("cuobjdump")
+        for i, (kernel, cubin, sass) in enumerate(zip(kernels, cubins, listings)):
+            path = os.path.join(tmp, f"kernel{i}.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            res = subprocess.run(
+                [cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            ).stdout
+            if sass is None:
+                sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+            row = _parse_resources(res)
+            row.update(count_sass(sass))
+            row["dynamic_shared"] = int(getattr(kernel.metadata, "shared", 0) or 0)
+            row["shared"] = row["static_shared"] + row["dynamic_shared"]
+            rows.append(row)
+    return rows
+
+
+def _measure(kernel, arch: int) -> dict:
+    return _measure_many([kernel], arch)[0]
 
 
 def _store(path: str, measured: dict) -> None:
@@ -823,15 +949,34 @@ def analyze(spec, arch: int, *, use_cache: bool = True) -> dict:
 
 # Work list of a parallel report; forked workers inherit it (specs hold functions, which do not pickle).
 _FORK_TASKS: list = []
+#: Compiles per work item: one item is disassembled in one batch (:func:`_sass_batch`).
+CHUNK = 8
 
 
-def _fork_worker(index: int):
-    spec, arch = _FORK_TASKS[index]
-    try:
-        with compiling():
-            return index, _measure_spec(spec, arch), None
-    except Exception as e:
-        return index, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid)
+def _run_chunk(tasks: Sequence[tuple[int, object, int]]) -> list[tuple[int, dict | None, dict | None]]:
+    """Compile ``(index, spec, arch)`` tasks (one arch), measure them together: ``(index, measured, error
+    row)`` each."""
+    out, compiled = [], []
+    with compiling():
+        for index, spec, arch in tasks:
+            try:
+                compiled.append((index, spec, arch, _compile(as_jit_function(spec.fn, _STATE["memo"]), spec, arch)))
+            except Exception as e:  # a failed compile is a reported violation
+                out.append((index, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic,
+                                                    forbid=spec.forbid)))  # fmt: skip
+        if compiled:
+            try:
+                measured = _measure_many([c[3] for c in compiled], compiled[0][2])
+            except Exception as e:
+                out += [(i, None, _error_row(s.name, a, e, deterministic=s.deterministic, forbid=s.forbid))
+                        for i, s, a, _ in compiled]  # fmt: skip
+            else:
+                out += [(i, m, None) for (i, _, _, _), m in zip(compiled, measured)]
+    return out
+
+
+def _fork_worker(chunk: int):
+    return _run_chunk(_FORK_TASKS[chunk])
 
 
 def default_jobs() -> int:
@@ -842,6 +987,67 @@ def default_jobs() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def pairs(specs: Iterable, archs: Iterable[int] = DEFAULT_ARCHS, only: str | Iterable[str] | None = None) -> list:
+    """The ``(spec, arch)`` pairs :func:`report` compiles, in the order of its rows (after any module error
+    rows): every spec whose name contains ``only`` (a substring, or any of several), for every arch in both
+    ``archs`` and ``spec.archs``."""
+    if isinstance(only, str):
+        only = (only,)
+    archs = tuple(archs)
+    return [
+        (spec, arch)
+        for spec in specs
+        if only is None or any(o in spec.name for o in only)
+        for arch in archs
+        if arch in tuple(spec.archs)
+    ]
+
+
+class Progress:
+    """A progress counter for :func:`report` on ``stream`` (default stderr): ``label: 12/67 compiled, 3
+    cached, 0:41``. On a terminal the line is rewritten after every compile; elsewhere (CI logs, a pipe) a
+    line is printed at every tenth of the work, so a long report is never silent. Nothing is printed when
+    everything was cached."""
+
+    def __init__(self, label: str = "static report", stream=None):
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = self.done = self.cached = 0
+        self._start = 0.0
+        self._printed = -1
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def start(self, total: int, cached: int = 0) -> None:
+        import time
+
+        self.total, self.done, self.cached = total, 0, cached
+        self._start = time.monotonic()
+        self._printed = -1
+        self._show()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        self._show()
+
+    def _show(self) -> None:
+        import time
+
+        if not self.total:
+            return
+        tenth = self.done * 10 // self.total
+        if not self._tty and tenth == self._printed:
+            return
+        self._printed = tenth
+        took = int(time.monotonic() - self._start)
+        text = (
+            f"{self.label}: {self.done}/{self.total} compiled"
+            f"{f', {self.cached} cached' if self.cached else ''}, {took // 60}:{took % 60:02d}"
+        )
+        end = "\n" if not self._tty or self.done >= self.total else ""
+        self.stream.write(("\r" if self._tty else "") + text + end)
+        self.stream.flush()
+
+
 def report(
     specs: Sequence | None = None,
     archs: Iterable[int] = DEFAULT_ARCHS,
@@ -849,29 +1055,22 @@ def report(
     *,
     use_cache: bool = True,
     jobs: int | None = None,
+    progress: Progress | None = None,
 ) -> list[dict]:
-    """Rows for every spec and every arch in both ``archs`` and ``spec.archs``. ``only``: keep specs whose
-    name contains this substring (or any of these). With ``specs=None`` the specs of all
+    """Rows for every spec and every arch in both ``archs`` and ``spec.archs`` (:func:`pairs`). ``only``: keep
+    specs whose name contains this substring (or any of these). With ``specs=None`` the specs of all
     :data:`KERNEL_MODULES` are collected, and a module whose ``compile_specs()`` fails becomes an error
     row (``arch`` None), which :func:`violations` reports.
 
     Cache misses compile in ``jobs`` forked processes (default :func:`default_jobs`; 1 = in this process;
-    platforms without ``fork`` always compile here)."""
+    platforms without ``fork`` always compile here). ``progress`` (a :class:`Progress`) counts the misses as
+    they finish."""
     import multiprocessing
 
     rows: list[dict] = []
     if specs is None:
         specs = collect_specs(errors=rows)
-    if isinstance(only, str):
-        only = (only,)
-    archs = tuple(archs)
-    tasks = [
-        (spec, arch)
-        for spec in specs
-        if only is None or any(o in spec.name for o in only)
-        for arch in archs
-        if arch in tuple(spec.archs)
-    ]
+    tasks = pairs(specs, archs, only)
     results: list[dict | None] = [None] * len(tasks)
     with compiling():
         misses = []
@@ -888,10 +1087,14 @@ def report(
                 misses.append((i, path))
         jobs = default_jobs() if jobs is None else max(1, jobs)
         fork_ok = "fork" in multiprocessing.get_all_start_methods()
+        if progress is not None:
+            progress.start(len(misses), cached=len(tasks) - len(misses))
 
-        def take(k, measured, err):  # stored as each compile finishes: an interrupted cold run keeps its work
+        def take(k, measured, err):  # stored as each batch finishes: an interrupted cold run keeps its work
             i, path = misses[k]
             spec, arch = tasks[i]
+            if progress is not None:
+                progress.step()
             if err is not None:
                 results[i] = err
                 return
@@ -899,24 +1102,31 @@ def report(
                 _store(path, measured)
             results[i] = _row(spec, arch, measured, False)
 
+        by_arch: dict[int, list] = {}
+        for k, (i, _) in enumerate(misses):
+            spec, arch = tasks[i]
+            by_arch.setdefault(arch, []).append((k, spec, arch))
+        chunks = [group[c : c + CHUNK] for group in by_arch.values() for c in range(0, len(group), CHUNK)]
         if jobs > 1 and len(misses) > 1 and fork_ok:
             import concurrent.futures
 
-            _FORK_TASKS[:] = [tasks[i] for i, _ in misses]
+            if len(chunks) < jobs:  # few compiles: smaller batches, so every worker gets some
+                size = -(-len(misses) // jobs)
+                chunks = [g[c : c + size] for g in by_arch.values() for c in range(0, len(g), size)]
+            _FORK_TASKS[:] = chunks
             try:
                 ctx = multiprocessing.get_context("fork")
-                with concurrent.futures.ProcessPoolExecutor(min(jobs, len(misses)), mp_context=ctx) as pool:
-                    for outcome in pool.map(_fork_worker, range(len(misses))):
-                        take(*outcome)
+                with concurrent.futures.ProcessPoolExecutor(min(jobs, len(chunks)), mp_context=ctx) as pool:
+                    futures = [pool.submit(_fork_worker, c) for c in range(len(chunks))]
+                    for done in concurrent.futures.as_completed(futures):
+                        for outcome in done.result():
+                            take(*outcome)
             finally:
                 _FORK_TASKS.clear()
         else:
-            for k, (i, _) in enumerate(misses):
-                spec, arch = tasks[i]
-                try:
-                    take(k, _measure_spec(spec, arch), None)
-                except Exception as e:  # a failed compile is a reported violation
-                    take(k, None, _error_row(spec.name, arch, e, deterministic=spec.deterministic, forbid=spec.forbid))
+            for chunk in chunks:
+                for outcome in _run_chunk(chunk):
+                    take(*outcome)
     return rows + [r for r in results if r is not None]
 
 
@@ -1003,7 +1213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: list[dict] = []
     specs = collect_specs(args.module, errors=errors, jit=not args.no_jit)
     rows = errors + report(
-        specs, archs=args.arch or DEFAULT_ARCHS, only=args.only, use_cache=not args.no_cache, jobs=args.jobs
+        specs,
+        archs=args.arch or DEFAULT_ARCHS,
+        only=args.only,
+        use_cache=not args.no_cache,
+        jobs=args.jobs,
+        progress=Progress(),
     )
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -1028,6 +1243,7 @@ __all__ = [
     "JIT_INT_VALUES",
     "KERNEL_MODULES",
     "Pointer",
+    "Progress",
     "analyze",
     "as_jit_function",
     "capture_launches",
@@ -1035,11 +1251,14 @@ __all__ = [
     "count_sass",
     "declared_vs_jit",
     "format_table",
+    "fp_fusion_default",
     "jit_specialization",
     "jit_variants",
     "launch_spec",
     "launch_values",
     "main",
+    "pairs",
+    "quick_specs",
     "report",
     "specialization_key",
     "violations",

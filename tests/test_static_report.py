@@ -355,3 +355,94 @@ def test_compiles_the_same_after_the_interpreter_ran_it(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton_control"))
     (bad,) = sr.report([spec], archs=(90,), use_cache=False, jobs=1)
     assert bad["error"] and "has no attribute 'dtype'" in bad["error"], bad
+
+
+# ------------------------------------------------------------------------------------------ FP fusion
+
+
+_FUSION_SCRIPT = r"""
+import sys, warnings
+warnings.simplefilter("default")
+from jetdet import static_report as sr
+from jetdet.kernels.reduce import launch as reduce_launch
+
+spec = next(s for s in reduce_launch.compile_specs() if s.name == "softmax[fp32,BLOCK16,w1]")
+jit = [v for v in sr.jit_variants([spec]) if v.jit_class == "ints=1"]
+rows = sr.report([spec] + jit, archs=(90,), jobs=2)  # cold: forked workers compile
+rows += sr.report([spec], archs=(80,), use_cache=False, jobs=1)  # and this process
+assert [r["error"] for r in rows] == [None] * len(rows), rows
+print("fusion:", sr.fp_fusion_default())
+sys.stderr.write("--- control ---\n"); sys.stderr.flush()
+import triton
+from triton.backends.compiler import GPUTarget
+with sr.compiling():
+    jf = sr.as_jit_function(spec.fn)
+    sig, consts, attrs = sr._resolve_signature(jf, spec)
+    k = triton.compile(triton.compiler.ASTSource(jf, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(spec.options))  # no enable_fp_fusion: Triton's default, with its warning
+# the explicit value is the one Triton picks: the same SASS as the default's
+fields = ("regs", "ffma", "mufu", "instructions")
+assert {f: sr._measure(k, 90)[f] for f in fields} == {f: rows[0][f] for f in fields}, rows[0]
+"""
+
+
+def test_compiles_never_leave_fp_fusion_to_triton(tmp_path):
+    """Triton 3.9 warns once per process ("TRITON_DEFAULT_FP_FUSION is unset ...") when a compile leaves
+    enable_fp_fusion to its default; the report's forked workers each printed it. Every compile of the report
+    (declared specs and the JIT binder's variants, forked and in-process) now passes it explicitly, with the
+    value Triton itself would pick (the same SASS as a compile that leaves it out), so a cold report prints no
+    such warning; negative control: a plain triton.compile of the same kernel without the option, in the same
+    process, does warn."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRITON_DEFAULT_FP_FUSION", "TRITON_FORCE_DISABLE_FP_FUSION", "PYTHONWARNINGS")
+    }
+    env["JETDET_STATIC_CACHE"] = str(tmp_path / "static")  # cold: jetdet's cache and Triton's
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run(
+        [sys.executable, "-c", _FUSION_SCRIPT], capture_output=True, text=True, env=env, timeout=600, cwd=repo
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fusion: " in run.stdout
+    report_err, _, control_err = run.stderr.partition("--- control ---")
+    assert "--- control ---" in run.stderr
+    assert "FP_FUSION" not in report_err, report_err[-3000:]
+    assert "TRITON_DEFAULT_FP_FUSION is unset" in control_err, control_err[-3000:]
+
+
+def test_batched_disassembly_reads_what_cuobjdump_reads(tmp_path):
+    """The report disassembles its compiles in batches (one nvdisasm run over several kernels' instructions,
+    split by address) instead of one cuobjdump -sass per kernel; per kernel the instruction classes are
+    cuobjdump's, for several kernels and archs in one batch (kernels whose counts differ, so a wrong split
+    fails)."""
+    import subprocess
+
+    specs = [
+        _spec("a", _bad_atomic_sum, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32"}, {"BLOCK": 256}),
+        _spec("b", _tf32_and_exp, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}, {"N": 32}),
+        _spec("c", _bad_atomic_sum, {"x_ptr": "*fp16", "out_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128}),
+    ]
+    cuobjdump = sr._tool("cuobjdump")
+    for arch in (80, 90):
+        with sr.compiling():
+            kernels = [sr._compile(sr.as_jit_function(s.fn), s, arch) for s in specs]
+        cubins = [k.asm["cubin"] for k in kernels]
+        expected = []
+        for i, cubin in enumerate(cubins):
+            path = tmp_path / f"k{arch}_{i}.cubin"
+            path.write_bytes(cubin)
+            sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+            expected.append(sr.count_sass(sass))
+        assert [sr.count_sass(s) for s in sr._sass_batch(cubins, arch)] == expected
+        assert [{k: v for k, v in m.items() if k in expected[0]} for m in sr._measure_many(kernels, arch)] == expected
+        # the kernels' counts all differ, so instructions attributed to the wrong kernel would not match
+        assert len({tuple(sorted(e.items())) for e in expected}) == len(expected)
+        whole = sr.count_sass("\n".join(sr._sass_batch(cubins, arch)))
+        assert whole == {k: sum(e[k] for e in expected) for k in whole}  # nothing lost or listed twice

@@ -1,0 +1,104 @@
+"""``python -m jetdet.bench``'s command line and its static section: ``--help`` prints the whole description,
+the default static report is the representative sm_90 subset (every kernel function, dtype and flag
+combination once) and ``--full-static`` the full one, with progress on stderr."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from jetdet import bench
+from jetdet import static_report as sr
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_help_prints_the_whole_description(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    description = bench.__doc__.replace("``", "")
+    # every word of the module docstring, in order (argparse used to print only its first line, which stops
+    # mid-sentence at "Prints, for this machine:")
+    assert " ".join(_words(description)) in " ".join(_words(out))
+    assert "5. fast mode on the bundled model" in out  # the numbered list keeps its line breaks
+    assert "--full-static" in out
+
+
+def test_quick_specs_cover_every_kernel_function_and_dtype_on_one_arch():
+    specs = sr.collect_specs()
+    declared = [s for s in specs if s.launch is None]
+    quick = sr.quick_specs(specs)
+    assert quick and all(s.launch is None for s in quick)  # jit=False: no JIT-specialisation rows
+    assert all(s.archs == (sr.JIT_ARCH,) for s in quick), [(s.name, s.archs) for s in quick if s.archs != (90,)]
+
+    def fn_and_pointers(s):
+        return getattr(s.fn, "fn", s.fn), tuple(sorted(v for v in s.signature.values() if v.startswith("*")))
+
+    assert {fn_and_pointers(s) for s in quick} == {fn_and_pointers(s) for s in declared}
+    names = {s.name for s in declared}
+    assert all(s.name in names for s in quick)  # shipped configs, not new ones
+    assert 4 * len(quick) < len(sr.pairs(specs))  # the point: far fewer compiles than the full report
+    with_jit = sr.quick_specs(specs, jit=True)
+    assert [s for s in with_jit if s.launch is None] == quick
+    assert [s for s in with_jit if s.launch is not None] == [s for s in specs if s.launch is not None]
+
+
+def _fake_report(calls):
+    def report(specs, archs, progress=None, **_):
+        calls.append((list(specs), tuple(archs)))
+        rows = []
+        for spec, arch in sr.pairs(specs, archs):
+            rows.append(
+                {"kernel": spec.name, "arch": arch, "regs": 32, "stack": 0, "local": 0, "shared": 0, "hmma": 0,
+                 "hgmma": 0, "tf32": 0, "atomics": 0, "mufu": 0, "ffma": 0, "instructions": 10,
+                 "deterministic": spec.deterministic, "forbid": [], "cached": False, "error": None}
+            )  # fmt: skip
+        return rows
+
+    return report
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_static_section_compiles_the_subset_by_default(monkeypatch, capsys, full):
+    """The section's bookkeeping without compiling: one report() call, the subset for sm_90 by default and
+    every pair for sm_80/89/90 with --full-static, rows attributed to their module."""
+    calls: list = []
+    monkeypatch.setattr(sr, "report", _fake_report(calls))
+    assert bench.static(full=full)
+    out = capsys.readouterr().out
+    ((specs, archs),) = calls
+    every = sr.collect_specs()
+    if full:
+        assert archs == sr.DEFAULT_ARCHS and len(sr.pairs(specs, archs)) == len(sr.pairs(every))
+        assert re.search(r"^  matmul\s+\d+ kernel/arch pairs", out, re.M)
+    else:
+        assert archs == (sr.JIT_ARCH,)
+        assert len(sr.pairs(specs, archs)) < len(sr.pairs(every)) // 4
+        assert "--full-static" in out
+        noise = [s.name for s in specs if s.name.startswith("noise.") and " jit[" in s.name]
+        assert noise and not [s.name for s in specs if " jit[" in s.name and not s.name.startswith("noise.")]
+    # one summary line per module, and the counts add up to the rows the report returned
+    counts = [int(m.group(1)) for m in re.finditer(r"^  \w+\s+(\d+)(?: of +\d+)? kernel/arch pairs", out, re.M)]
+    assert len(counts) == len(sr.KERNEL_MODULES) and sum(counts) == len(sr.pairs(specs, archs))
+
+
+def test_progress_counts_every_compile_without_a_terminal():
+    stream = io.StringIO()
+    bar = sr.Progress("static report", stream=stream)
+    bar.start(20, cached=3)
+    for _ in range(20):
+        bar.step()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("static report: 0/20 compiled, 3 cached, 0:0")
+    assert lines[-1].startswith("static report: 20/20 compiled")
+    assert len(lines) == 11  # not a terminal: one line per tenth, no carriage returns
+    assert "\r" not in stream.getvalue()
+    quiet = io.StringIO()
+    sr.Progress(stream=quiet).start(0, cached=12)  # everything cached: nothing to show
+    assert quiet.getvalue() == ""
