@@ -198,15 +198,14 @@ def fast_mode(seeds: int = 8, plot: str | None = "jetdet_fast_mode.png", steps: 
     return rows
 
 
-FULL_TABLE_MODULES = ("jetdet.kernels.matmul.launch", "jetdet.kernels.attention.launch")
+FULL_TABLE_MODULES = ("jetdet.kernels.matmul.specs", "jetdet.kernels.attention.specs")
 #: Modules whose JIT-specialisation rows the default (quick) static report compiles: the noise kernel, where a
 #: launch-time specialisation once failed on an H200 while the declared signature compiled.
-QUICK_JIT_MODULES = ("jetdet.kernels.noise.launch",)
+QUICK_JIT_MODULES = ("jetdet.kernels.noise.specs",)
 
 
 def _module_label(module: str) -> str:
-    parts = module.split(".")
-    return parts[-2] if parts[-1] == "launch" else f"{parts[-2]}_{parts[-1].removeprefix('launch_')}"
+    return module.split(".")[-2]  # jetdet.kernels.<folder>.specs
 
 
 def static(full: bool = False) -> bool:
