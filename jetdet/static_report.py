@@ -733,18 +733,16 @@ def compiling():
 
 
 def fp_fusion_default() -> bool:
-    """``enable_fp_fusion`` for a kernel whose spec or launch does not name it: what Triton itself would use
-    (``$TRITON_DEFAULT_FP_FUSION``, else Triton's default: enabled in 3.9), so the report compiles what such
-    a launch runs. Every compile here passes the value explicitly: Triton 3.9 warns once per process when a
-    compile leaves it to the default (``TRITON_DEFAULT_FP_FUSION is unset ...``), and the report's forked
-    workers each printed that warning. ``$TRITON_FORCE_DISABLE_FP_FUSION`` still wins inside Triton."""
-    import triton
+    """``enable_fp_fusion`` for a spec that does not name it: ``jetdet.kernels._common.FP_FUSION``, the value
+    every such kernel's launch passes explicitly, so the report compiles what the launches run whatever Triton's
+    own default (on in 3.9, off from 3.10). Every compile here passes the value explicitly: Triton 3.9 warns once
+    per process when a compile leaves it to the default (``TRITON_DEFAULT_FP_FUSION is unset ...``), and the
+    report's forked workers each printed that warning. ``$TRITON_FORCE_DISABLE_FP_FUSION`` still wins inside
+    Triton."""
+    _paths.install()
+    from jetdet.kernels._common import FP_FUSION
 
-    language = getattr(getattr(triton, "knobs", None), "language", None)
-    value = getattr(language, "default_fp_fusion", None)
-    if value is None:  # a Triton without knobs.language: its default, from the environment
-        return os.environ.get("TRITON_DEFAULT_FP_FUSION", "1").strip().lower() in ("1", "true", "on", "yes")
-    return bool(value)
+    return FP_FUSION
 
 
 def _compile(jit, spec, arch: int):

@@ -10,6 +10,11 @@ from typing import Any
 
 from jetdet.configs import DTYPE_NAMES
 
+#: ``enable_fp_fusion`` for the kernels that do not choose it themselves (matmul, conv2d and noise turn it off),
+#: passed explicitly at every launch and by the static report: Triton 3.9's default (on), which the H200 runs
+#: were measured with, kept when Triton's own default changes (3.10: off).
+FP_FUSION = True
+
 
 @dataclass
 class CompileSpec:

@@ -364,9 +364,9 @@ _FUSION_SCRIPT = r"""
 import sys, warnings
 warnings.simplefilter("default")
 from jetdet import static_report as sr
-from jetdet.kernels.reduce import launch as reduce_launch
+from jetdet.kernels.reduce import specs as reduce_specs
 
-spec = next(s for s in reduce_launch.compile_specs() if s.name == "softmax[fp32,BLOCK16,w1]")
+spec = next(s for s in reduce_specs.compile_specs() if s.name == "softmax[fp32,BLOCK16,w1]")
 jit = [v for v in sr.jit_variants([spec]) if v.jit_class == "ints=1"]
 rows = sr.report([spec] + jit, archs=(90,), jobs=2)  # cold: forked workers compile
 rows += sr.report([spec], archs=(80,), use_cache=False, jobs=1)  # and this process
@@ -380,7 +380,7 @@ with sr.compiling():
     sig, consts, attrs = sr._resolve_signature(jf, spec)
     k = triton.compile(triton.compiler.ASTSource(jf, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(spec.options))  # no enable_fp_fusion: Triton's default, with its warning
-# the explicit value is the one Triton picks: the same SASS as the default's
+# the explicit value (jetdet.kernels._common.FP_FUSION) is the one Triton 3.9 picks: the same SASS as the default's
 fields = ("regs", "ffma", "mufu", "instructions")
 assert {f: sr._measure(k, 90)[f] for f in fields} == {f: rows[0][f] for f in fields}, rows[0]
 """
@@ -390,7 +390,8 @@ def test_compiles_never_leave_fp_fusion_to_triton(tmp_path):
     """Triton 3.9 warns once per process ("TRITON_DEFAULT_FP_FUSION is unset ...") when a compile leaves
     enable_fp_fusion to its default; the report's forked workers each printed it. Every compile of the report
     (declared specs and the JIT binder's variants, forked and in-process) now passes it explicitly, with the
-    value Triton itself would pick (the same SASS as a compile that leaves it out), so a cold report prints no
+    value every launch passes (Triton 3.9's default: the same SASS as a compile that leaves it out), so a cold
+    report prints no
     such warning; negative control: a plain triton.compile of the same kernel without the option, in the same
     process, does warn."""
     import os

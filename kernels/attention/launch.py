@@ -8,7 +8,7 @@ import torch
 import triton
 
 from jetdet import configs
-from jetdet.kernels._common import empty
+from jetdet.kernels._common import FP_FUSION, empty
 
 from .kernel import attention_fwd_kernel
 from .reference import additive_mask
@@ -89,6 +89,6 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
         BLOCK_D=_block_d(d),
         BLOCK_DV=_block_d(d_v),
         num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out

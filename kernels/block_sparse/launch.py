@@ -15,7 +15,7 @@ import triton
 
 from jetdet import configs
 
-from .._common import empty
+from .._common import FP_FUSION, empty
 from . import kernel
 
 OP = "block_sparse"
@@ -91,7 +91,7 @@ def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: t
         PREC=prec,
         COUNT_VISITS=count_visits,
         num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )
     return out
 
@@ -121,6 +121,6 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
         BLOCK_SIZE=block_size,
         ROWS=cfg["POOL_ROWS"],
         D_PAD=_pad(D),
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=FP_FUSION,
     )
     return out

@@ -12,7 +12,7 @@ import triton
 
 from jetdet import configs
 
-from .._common import empty
+from .._common import FP_FUSION, empty
 from . import kernel
 
 OP = "forecast"
@@ -83,7 +83,7 @@ def relative_change(
             cfg["RC_CHUNK"],
             n_tiles,
             BLOCK=cfg["RC_BLOCK"],
-            num_warps=cfg["num_warps"],
+            num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION,
         )
         per_tile = None
     else:
@@ -104,7 +104,7 @@ def relative_change(
             n3,
             BLOCK_R=block_r,
             BLOCK_C=block_c,
-            num_warps=cfg["num_warps"],
+            num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION,
         )
         per_tile = empty((B, n_tiles), torch.float32, a.device)
     kernel._relchange_finish_kernel[(B,)](
@@ -115,6 +115,6 @@ def relative_change(
         n_tiles,
         WRITE_TILES=per_tile is not None,
         BLOCK=cfg["FIN_BLOCK"],
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=FP_FUSION,
     )
     return per_item, per_tile

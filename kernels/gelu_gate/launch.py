@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from jetdet.kernels._common import empty
+from jetdet.kernels._common import FP_FUSION, empty
 
 from .kernel import gelu_gate_kernel
 
@@ -24,5 +24,5 @@ def gelu_gate(h: torch.Tensor, approximate: str) -> torch.Tensor:
     if rows.shape[0] and n:
         grid = (rows.shape[0], triton.cdiv(n, BLOCK))
         gelu_gate_kernel[grid](rows, out, rows.stride(0), out.stride(0), n, APPROX_TANH=approximate == "tanh",
-                               BLOCK=BLOCK, num_warps=NUM_WARPS)
+                               BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
     return out.reshape(*h.shape[:-1], n)

@@ -11,7 +11,7 @@ import triton
 
 from jetdet import configs
 
-from .._common import empty
+from .._common import FP_FUSION, empty
 from . import kernel
 
 OP = "linear_attention"
@@ -94,14 +94,14 @@ def state(k: torch.Tensor, v: torch.Tensor, feature_map: str) -> tuple[torch.Ten
             D_PAD=d_pad,
             BLOCK_DV=block_dv,
             num_warps=cfg["S_WARPS"],
-            num_stages=cfg["S_STAGES"],
+            num_stages=cfg["S_STAGES"], enable_fp_fusion=FP_FUSION,
         )
         if S > 1:
             kernel._la_sum_splits_kernel[(B * H, triton.cdiv(D * DV, SUM_BLOCK))](
-                kv_part, kv, S, D * DV, BLOCK=SUM_BLOCK, num_warps=4
+                kv_part, kv, S, D * DV, BLOCK=SUM_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION
             )
             kernel._la_sum_splits_kernel[(B * H, triton.cdiv(D, SUM_BLOCK))](
-                ks_part, ks, S, D, BLOCK=SUM_BLOCK, num_warps=4
+                ks_part, ks, S, D, BLOCK=SUM_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION
             )
     return kv, ks
 
@@ -134,6 +134,6 @@ def apply(q: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor, feature_map: str,
         BLOCK_N=cfg["A_BLOCK_N"],
         D_PAD=d_pad,
         BLOCK_DV=block_dv,
-        num_warps=cfg["A_WARPS"],
+        num_warps=cfg["A_WARPS"], enable_fp_fusion=FP_FUSION,
     )
     return out

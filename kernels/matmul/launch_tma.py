@@ -17,7 +17,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from jetdet.kernels._common import empty
+from jetdet.kernels._common import FP_FUSION, empty
 
 from .kernel_tma import _matmul_tma_kernel
 
@@ -94,6 +94,6 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
             GROUP_M=cfg["GROUP_M"],
             NUM_PROGRAMS=programs,
             num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return c

@@ -7,7 +7,7 @@ import math
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import empty
+from jetdet.kernels._common import FP_FUSION, empty
 
 from .kernel import norm_fwd_kernel
 
@@ -34,7 +34,7 @@ def _launch(x2, weight, bias, out2, n, eps, *, rms, num_groups=1, spatial=1, gro
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         BLOCK=cfg["BLOCK"],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 

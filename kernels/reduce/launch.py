@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import empty
+from jetdet.kernels._common import FP_FUSION, empty
 
 from .kernel import softmax_kernel, sum_rows_kernel
 
@@ -31,7 +31,8 @@ def softmax(x) -> torch.Tensor:
     if x2.shape[0]:
         cfg = config(x2.shape[1], x.dtype, x.device)
         softmax_kernel[(x2.shape[0],)](
-            x2, o2, *x2.stride(), *o2.stride(), x2.shape[1], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]
+            x2, o2, *x2.stride(), *o2.stride(), x2.shape[1], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+            enable_fp_fusion=FP_FUSION,
         )
     return out
 
@@ -42,7 +43,8 @@ def _sum(x, mean: bool) -> torch.Tensor:
     if x2.shape[0]:
         cfg = config(x2.shape[1], x.dtype, x.device)
         sum_rows_kernel[(x2.shape[0],)](
-            x2, out, *x2.stride(), x2.shape[1], MEAN=mean, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]
+            x2, out, *x2.stride(), x2.shape[1], MEAN=mean, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+            enable_fp_fusion=FP_FUSION,
         )
     return out
 
