@@ -20,7 +20,8 @@ def gelu_gate_kernel(h_ptr, out_ptr, stride_hr, stride_or, n, APPROX_TANH: tl.co
     g = tl.load(h_ptr + row * stride_hr + n + cols, mask=ok, other=0.0).to(tl.float32)
     if APPROX_TANH:
         y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        # tanh(y) = 1 - 2 / (exp(2y) + 1): +-1 at the ends, no inf / inf
+        # tanh(y) = 1 - 2 / (exp(2y) + 1); |y| <= 20 already rounds to +-1 in fp32 and keeps exp finite
+        y = tl.minimum(tl.maximum(y, -20.0), 20.0)
         t = 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
         act = 0.5 * g * (1.0 + t)
     else:
