@@ -112,6 +112,11 @@ def _conv_parts(x, w, b, stride, padding):
     return gather_reused, gather_fresh, gemm
 
 
+def _pair(v) -> tuple[int, int]:
+    """conv2d's int-or-pair argument as a pair."""
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def convs(repeats: int) -> list[str]:
     _, _, rec = _record(TinyUNet)
     lines = ["| conv (batch 4) | F.conv2d | jetdet conv2d torch path | gather (reused buffer) | gather (fresh buffer) "
@@ -125,7 +130,7 @@ def convs(repeats: int) -> list[str]:
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             stride = args[3] if len(args) > 3 else kwargs.get("stride", 1)
             padding = args[4] if len(args) > 4 else kwargs.get("padding", 0)
-            stride, padding = F._pair(stride), F._pair(padding)
+            stride, padding = _pair(stride), _pair(padding)
             key = (tuple(x.shape), tuple(w.shape), stride, padding)
             g_reused, g_fresh, gemm = _conv_parts(x, w, b, stride, padding)
             r = timed({
@@ -148,9 +153,9 @@ def convs(repeats: int) -> list[str]:
 
 
 def linears(repeats: int) -> list[str]:
-    import importlib
+    from jetdet.mode import handler_for  # jetdet.mode, the attribute, is the context manager
 
-    handler = importlib.import_module("jetdet.mode")._HANDLERS[F.linear]
+    handler = handler_for(F.linear)
     _, _, rec = _record(TinyDiT)
     lines = ["| linear (batch 4) | F.linear | router's handler (direct CPU route) | jetdet.ops.linear "
              "| tiled GEMM alone "
@@ -205,9 +210,8 @@ def linears(repeats: int) -> list[str]:
 
 
 def router(repeats: int) -> list[str]:
-    import importlib
+    from jetdet.mode import handler_for  # jetdet.mode, the attribute, is the context manager
 
-    handlers = importlib.import_module("jetdet.mode")._HANDLERS  # the module (jetdet.mode is the context manager)
     lines = []
     a = torch.randn(4, 8)
     plain = timed({"add": lambda: a + a}, repeats, inner=200)["add"]
@@ -215,7 +219,7 @@ def router(repeats: int) -> list[str]:
         routed = timed({"add": lambda: a + a}, repeats, inner=200)["add"]
     for cls in (TinyUNet, TinyDiT):
         _, _, rec = _record(cls)
-        n_routed = sum(1 for f in rec.calls if f in handlers)
+        n_routed = sum(1 for f in rec.calls if handler_for(f) is not None)
         n_other = len(rec.calls) - n_routed
         lines.append(f"- {cls.__name__}: {len(rec.calls)} torch calls per forward, {n_routed} routed, {n_other} "
                      f"passed through: about {n_other * (routed - plain) / 1000:.2f} ms of router per forward")
@@ -226,17 +230,12 @@ def router(repeats: int) -> list[str]:
 def _fill_pair(model, inputs):
     from jetdet import backend
 
-    saved = backend._get_fill
-
     def shipped():
         model(*inputs)
 
     def filled():
-        backend._get_fill = lambda: False  # "off already": backend.run_body never switches it off
-        try:
+        with backend.fill_left_on():
             model(*inputs)
-        finally:
-            backend._get_fill = saved
 
     return shipped, filled
 

@@ -638,9 +638,9 @@ class DiTStack(nn.Module):
 
     def __init__(self, width, heads, depth):
         super().__init__()
-        from jetdet.models.toy import _DiTBlock
+        from jetdet.models.toy import TinyDiTBlock
 
-        self.blocks = nn.ModuleList(_DiTBlock(width, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(TinyDiTBlock(width, heads) for _ in range(depth))
 
     def forward(self, h, c):
         for blk in self.blocks:

@@ -13,6 +13,7 @@ router's direct CPU route).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -40,6 +41,20 @@ def run_body(fn, *args):
     finally:
         if fill:
             _set_fill(True)
+
+
+@contextlib.contextmanager
+def fill_left_on():
+    """Inside, :func:`run_body` leaves torch's NaN fill of new tensors as it finds it (on, under deterministic
+    mode), for measuring what switching it off saves (``bench/cpu_costs.py``). Process-wide: not for threads
+    running ops meanwhile."""
+    global _get_fill
+    saved = _get_fill
+    _get_fill = lambda: False  # "off already": run_body then never switches it off
+    try:
+        yield
+    finally:
+        _get_fill = saved
 
 
 _VALID = ("auto", "triton", "torch")

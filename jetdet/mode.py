@@ -34,6 +34,7 @@ import enum
 import math
 import threading
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -249,10 +250,34 @@ def _ops():
     return _ops_module
 
 
-def _arg(args, kwargs, i, name, default=None):
+def call_arg(args, kwargs, i: int, name: str, default=None):
+    """Argument ``name`` of a torch call as a ``__torch_function__`` handler receives it: positional ``i`` if
+    that many were passed, else the keyword, else ``default``."""
     if len(args) > i:
         return args[i]
     return kwargs.get(name, default)
+
+
+class SdpaArgs(NamedTuple):
+    """The arguments of an ``F.scaled_dot_product_attention`` call (:func:`sdpa_args`)."""
+
+    query: object
+    key: object
+    value: object
+    attn_mask: object
+    dropout_p: float
+    is_causal: bool
+    scale: object
+
+
+_SDPA_PARAMS = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
+                ("is_causal", False), ("scale", None))
+
+
+def sdpa_args(args, kwargs) -> SdpaArgs:
+    """An ``F.scaled_dot_product_attention`` call's arguments by name, with torch's defaults (one reading for
+    the router and the fast patch's attention replacements)."""
+    return SdpaArgs(*[args[i] if len(args) > i else kwargs.get(n, d) for i, (n, d) in enumerate(_SDPA_PARAMS)])
 
 
 def _direct_cpu(*ts) -> bool:
@@ -281,7 +306,8 @@ def _is_last_dim(normalized_shape, d: int) -> bool:
 def _h_linear(func, args, kwargs):
     ops = _ops()
 
-    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    x, w = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "weight")
+    b = call_arg(args, kwargs, 2, "bias")
     if (_direct_cpu(x, w, b) and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.numel()
             and w.numel() and (b is None or (b.dim() == 1 and b.shape[0] == w.shape[0]))):
         out = _backend.run_body(_matmul_torch.mm_f32, x.reshape(-1, x.shape[-1]), w.t(), b)
@@ -295,7 +321,7 @@ def _h_linear(func, args, kwargs):
 def _h_mm(func, args, kwargs):
     ops = _ops()
 
-    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat2")
+    a, b = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "mat2")
     why = _ok(a, b) or ("out= given" if "out" in kwargs else None)
     if why or a.dim() != 2 or b.dim() != 2:
         return _fallback(func, args, kwargs, why or "not 2-D")
@@ -305,7 +331,7 @@ def _h_mm(func, args, kwargs):
 def _h_addmm(func, args, kwargs):
     ops = _ops()
 
-    c, a, b = (_arg(args, kwargs, i, n) for i, n in enumerate(("input", "mat1", "mat2")))
+    c, a, b = (call_arg(args, kwargs, i, n) for i, n in enumerate(("input", "mat1", "mat2")))
     why = _ok(c, a, b) or ("out= given" if "out" in kwargs else None)
     if why or a.dim() != 2 or b.dim() != 2:
         return _fallback(func, args, kwargs, why or "not 2-D")
@@ -315,7 +341,7 @@ def _h_addmm(func, args, kwargs):
 def _h_bmm(func, args, kwargs):
     ops = _ops()
 
-    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat2")
+    a, b = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "mat2")
     why = _ok(a, b) or ("out= given" if "out" in kwargs else None)
     if why or a.dim() != 3 or b.dim() != 3:
         return _fallback(func, args, kwargs, why or "not 3-D")
@@ -325,7 +351,7 @@ def _h_bmm(func, args, kwargs):
 def _h_baddbmm(func, args, kwargs):
     ops = _ops()
 
-    c, a, b = (_arg(args, kwargs, i, n) for i, n in enumerate(("input", "batch1", "batch2")))
+    c, a, b = (call_arg(args, kwargs, i, n) for i, n in enumerate(("input", "batch1", "batch2")))
     why = _ok(c, a, b) or ("out= given" if "out" in kwargs else None)
     if why or a.dim() != 3 or b.dim() != 3:
         return _fallback(func, args, kwargs, why or "not 3-D")
@@ -340,7 +366,7 @@ def _h_baddbmm(func, args, kwargs):
 def _h_matmul(func, args, kwargs):
     ops = _ops()
 
-    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+    a, b = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "other")
     why = _ok(a, b) or ("out= given" if "out" in kwargs else None)
     if why:
         return _fallback(func, args, kwargs, why)
@@ -361,7 +387,7 @@ def _h_matmul(func, args, kwargs):
 def _conv_args(args, kwargs, dims: int):
     """(input, weight, bias, stride, padding, why-not) of a conv call; why-not names what jetdet cannot take."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    vals = [_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, (None, None, None, 1, 0, 1, 1)))]
+    vals = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, (None, None, None, 1, 0, 1, 1)))]
     x, w, b, stride, padding, dilation, groups = vals
     why = _ok(x, w, b)
     if not why and groups != 1:
@@ -481,9 +507,9 @@ def _h_einsum(func, args, kwargs):
 def _h_layer_norm(func, args, kwargs):
     ops = _ops()
 
-    x, ns = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
-    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
-    eps = _arg(args, kwargs, 4, "eps", 1e-5)
+    x, ns = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "normalized_shape")
+    w, b = call_arg(args, kwargs, 2, "weight"), call_arg(args, kwargs, 3, "bias")
+    eps = call_arg(args, kwargs, 4, "eps", 1e-5)
     if _direct_cpu(x, w, b) and x.dim() >= 1 and x.numel() and isinstance(eps, float):
         d = x.shape[-1]
         if (_is_last_dim(ns, d) and (w is None or tuple(w.shape) == (d,))
@@ -498,8 +524,8 @@ def _h_layer_norm(func, args, kwargs):
 def _h_rms_norm(func, args, kwargs):
     ops = _ops()
 
-    x, ns = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
-    w, eps = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "eps")
+    x, ns = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "normalized_shape")
+    w, eps = call_arg(args, kwargs, 2, "weight"), call_arg(args, kwargs, 3, "eps")
     why = _ok(x, w)
     if why:
         return _fallback(func, args, kwargs, why)
@@ -509,9 +535,9 @@ def _h_rms_norm(func, args, kwargs):
 def _h_group_norm(func, args, kwargs):
     ops = _ops()
 
-    x, g = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "num_groups")
-    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
-    eps = _arg(args, kwargs, 4, "eps", 1e-5)
+    x, g = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "num_groups")
+    w, b = call_arg(args, kwargs, 2, "weight"), call_arg(args, kwargs, 3, "bias")
+    eps = call_arg(args, kwargs, 4, "eps", 1e-5)
     if (_direct_cpu(x, w, b) and x.dim() >= 2 and x.numel() and isinstance(eps, float)
             and type(g) is int and g >= 1 and x.shape[1] % g == 0):
         c = x.shape[1]
@@ -527,8 +553,8 @@ def _h_group_norm(func, args, kwargs):
 def _h_softmax(func, args, kwargs):
     ops = _ops()
 
-    x, dim = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "dim")
-    dtype = kwargs.get("dtype", _arg(args, kwargs, 3 if func is F.softmax else 2, "dtype"))
+    x, dim = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "dim")
+    dtype = kwargs.get("dtype", call_arg(args, kwargs, 3 if func is F.softmax else 2, "dtype"))
     why = _ok(x) or ("dim=None" if dim is None else None)
     if why:
         return _fallback(func, args, kwargs, why)
@@ -542,11 +568,7 @@ def _h_softmax(func, args, kwargs):
 def _h_sdpa(func, args, kwargs):
     ops = _ops()
 
-    q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
-    mask = _arg(args, kwargs, 3, "attn_mask")
-    dropout = _arg(args, kwargs, 4, "dropout_p", 0.0)
-    causal = _arg(args, kwargs, 5, "is_causal", False)
-    scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
+    q, k, v, mask, dropout, causal, scale = sdpa_args(args, kwargs)
     if (mask is None and not dropout and not causal and _direct_cpu(q, k, v) and q.dim() == 4 and k.dim() == 4
             and v.dim() == 4 and q.numel() and k.numel() and v.numel() and q.shape[:2] == k.shape[:2]
             and q.shape[3] == k.shape[3] and k.shape[:3] == v.shape[:3]
@@ -618,6 +640,12 @@ if hasattr(F, "rms_norm"):
         _HANDLERS[torch.rms_norm] = _h_rms_norm
 
 ROUTED = sorted({getattr(f, "__name__", str(f)) for f in _HANDLERS})
+
+
+def handler_for(func):
+    """The handler deterministic mode runs for the torch function ``func`` (called as ``handler(func, args,
+    kwargs)``), or None when ``func`` passes through unrouted; for benchmarks and audits of the router."""
+    return _HANDLERS.get(func)
 
 
 class _Router(TorchFunctionMode):

@@ -5,6 +5,7 @@ mm without N padding 10 of 150 shapes: the sweep is what caught both.)"""
 import random
 
 import torch
+from _invariance import batch_mismatches
 
 from jetdet.kernels.conv2d import torch_path as conv_torch
 from jetdet.kernels.matmul import torch_path as mm_torch
@@ -20,11 +21,9 @@ def test_mm_sweep(restore_threads):
         ref = mm_torch.mm_f32(a, b)
         for th in (2, 1):
             torch.set_num_threads(th)
-            for s in rng.sample(range(m), 3):
-                if not torch.equal(mm_torch.mm_f32(a[s : s + 1], b)[0], ref[s]):
-                    bad.append((m, k, n, th, s))
-            if not torch.equal(mm_torch.mm_f32(a[5:40], b), ref[5:40]):
-                bad.append((m, k, n, th, "5:40"))
+            diff = batch_mismatches(mm_torch.mm_f32, [a], [b], slots=rng.sample(range(m), 3), windows=[(5, 40)],
+                                    full=ref)
+            bad += [(m, k, n, th, w) for w in diff]
     assert not bad, bad
 
 
@@ -38,11 +37,8 @@ def test_bmm_sweep(restore_threads):
         ref = mm_torch.bmm_f32(a, b)
         for th in (2, 1):
             torch.set_num_threads(th)
-            for s in rng.sample(range(8), 3):
-                if not torch.equal(mm_torch.bmm_f32(a[s : s + 1], b[s : s + 1])[0], ref[s]):
-                    bad.append((m, k, n, th, s))
-            if not torch.equal(mm_torch.bmm_f32(a[2:7], b[2:7]), ref[2:7]):
-                bad.append((m, k, n, th, "2:7"))
+            diff = batch_mismatches(mm_torch.bmm_f32, [a, b], slots=rng.sample(range(8), 3), windows=[(2, 7)], full=ref)
+            bad += [(m, k, n, th, w) for w in diff]
     assert not bad, bad
 
 
@@ -61,9 +57,7 @@ def test_conv2d_sweep(restore_threads):
         ref = conv_torch.conv2d(x, wt, bias, (stride, stride), (pad, pad))
         for th in (2, 1):
             torch.set_num_threads(th)
-            for s in rng.sample(range(8), 2):
-                if not torch.equal(conv_torch.conv2d(x[s : s + 1], wt, bias, (stride, stride), (pad, pad))[0], ref[s]):
-                    bad.append((c, o, h, w, k, stride, pad, th, s))
-            if not torch.equal(conv_torch.conv2d(x[1:6], wt, bias, (stride, stride), (pad, pad)), ref[1:6]):
-                bad.append((c, o, h, w, k, stride, pad, th, "1:6"))
+            diff = batch_mismatches(conv_torch.conv2d, [x], [wt, bias, (stride, stride), (pad, pad)],
+                                    slots=rng.sample(range(8), 2), windows=[(1, 6)], full=ref)
+            bad += [(c, o, h, w, k, stride, pad, th, win) for win in diff]
     assert not bad, bad

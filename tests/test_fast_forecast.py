@@ -3,6 +3,7 @@ the references; polynomial exactness; batch invariance; bad inputs."""
 
 import pytest
 import torch
+from _tolerances import FORECAST_REL
 
 from jetdet.kernels.forecast import reference as ref
 from jetdet.ops import fast
@@ -55,7 +56,7 @@ def test_matches_reference_and_writes_the_history_dtype(backend, dtype, monkeypa
         out = fast.forecast(hist, ts, 19.0, order=order)
         assert out.dtype == dtype and out.shape == hist.shape[1:]
         expect = ref.forecast(list(hist), ts.tolist(), 19.0, order)
-        tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        tol = FORECAST_REL[dtype]
         assert torch.allclose(out.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
 
 

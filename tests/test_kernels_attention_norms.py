@@ -2,7 +2,7 @@
 CPU, or compiled on CUDA tensors when there is a GPU (every test runs with the ``kernel_device`` fixture, which
 makes new tensors CUDA tensors there).
 
-Accuracy uses the per-dtype tolerances documented in each kernel's README (``TOL`` below); determinism
+Accuracy uses the per-dtype tolerances documented in each kernel's README (``_tolerances.py``); determinism
 tests are bitwise (``torch.equal``): a prefix of the batch, or one item at a random slot of a batch, gives
 the very same bits as the item alone. Shapes are small and odd on purpose: the interpreter is slow, and
 non-power-of-two sizes exercise the masked tails.
@@ -14,6 +14,8 @@ import random
 
 import pytest
 import torch
+from _invariance import assert_batch_invariant, assert_planted_invariant, random_slots
+from _tolerances import KERNEL_ATOL_RTOL
 
 import jetdet  # noqa: F401  (registers jetdet.kernels)
 from jetdet import configs
@@ -31,20 +33,10 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 pytestmark = pytest.mark.usefixtures("kernel_device")
 
-# (atol, rtol) against the fp32 reference; the same numbers as the READMEs' tolerance tables. bf16 rtol is
-# 2^-6: the interpreter converts fp32 -> bf16 by truncation (up to 1 ulp = 2^-7 relative, measured 7.7e-3)
-# where a GPU rounds to nearest (half an ulp).
-TOL = {
-    "attention": {F32: (2e-5, 2e-5), F16: (2e-3, 2e-3), BF16: (2e-2, 2e-2)},
-    "norms": {F32: (1e-5, 1e-5), F16: (2e-3, 1e-3), BF16: (2e-2, 1.6e-2)},
-    "softmax": {F32: (1e-6, 1e-5), F16: (1e-5, 1e-3), BF16: (1e-4, 1.6e-2)},
-    "sum": {F32: (1e-4, 1e-5), F16: (1e-3, 1e-3), BF16: (1e-2, 1.6e-2)},
-}
-
 
 def close(out, ref, dtype, kind):
     assert out.dtype == dtype, (out.dtype, dtype)
-    atol, rtol = TOL[kind][dtype]
+    atol, rtol = KERNEL_ATOL_RTOL[kind][dtype]
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol, equal_nan=True)
 
 
@@ -134,20 +126,14 @@ def test_attention_batch_prefix_and_needle_bitwise(dtype):
     q, k, v = qkv(8, h, nq, nk, d, dtype)
     mask = torch.randn(8, h, nq, nk)
     mask[..., ::4] = float("-inf")
-    full, full_m = attention(q, k, v), attention(q, k, v, mask)
-    for bsz in range(1, 9):
-        assert torch.equal(attention(q[:bsz], k[:bsz], v[:bsz]), full[:bsz])
-    for i in range(8):
-        assert torch.equal(attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask[i : i + 1]), full_m[i : i + 1])
+    assert_batch_invariant(attention, [q, k, v], prefixes=range(1, 9), label="attention")
+    assert_batch_invariant(attention, [q, k, v, mask], slots=range(8), label="attention with a per-item mask")
     # needle: one item alone vs at a random slot of a random batch of 2..8
-    rng = random.Random(0)
-    alone = attention(q[:1], k[:1], v[:1], mask[:1])
-    for bsz in range(2, 9):
-        slot = rng.randrange(bsz)
-        hq, hk, hv = qkv(bsz, h, nq, nk, d, dtype)
-        hm = torch.randn(bsz, h, nq, nk)
-        hq[slot], hk[slot], hv[slot], hm[slot] = q[0], k[0], v[0], mask[0]
-        assert torch.equal(attention(hq, hk, hv, hm)[slot : slot + 1], alone)
+    assert_planted_invariant(
+        attention, [q[:1], k[:1], v[:1], mask[:1]],
+        lambda bsz: [*qkv(bsz, h, nq, nk, d, dtype), torch.randn(bsz, h, nq, nk)],
+        random_slots(random.Random(0), range(2, 9)), label="attention",
+    )
 
 
 # -------------------------------------------------------------------------------------------------- norms
@@ -195,21 +181,14 @@ def test_group_norm_matches_reference(dtype, shape, groups):
 def test_norms_prefix_and_needle_bitwise():
     x = torch.randn(8, 77, dtype=F16)
     w, b = _affine(77, F16)
-    ln, rn = layer_norm(x, w, b, 1e-5), rms_norm(x, w, 1e-6)
-    for i in range(8):
-        assert torch.equal(layer_norm(x[i : i + 1], w, b, 1e-5), ln[i : i + 1])
-        assert torch.equal(rms_norm(x[i : i + 1], w, 1e-6), rn[i : i + 1])
+    assert_batch_invariant(lambda x: layer_norm(x, w, b, 1e-5), [x], slots=range(8), label="layer_norm")
+    assert_batch_invariant(lambda x: rms_norm(x, w, 1e-6), [x], slots=range(8), label="rms_norm")
     g = torch.randn(8, 12, 7, 5, dtype=F16)
     gw, gb = _affine(12, F16)
-    gn = group_norm(g, 4, gw, gb, 1e-5)
-    for bsz in range(1, 9):
-        assert torch.equal(group_norm(g[:bsz], 4, gw, gb, 1e-5), gn[:bsz])
-    rng = random.Random(1)
-    for bsz in (2, 5, 8):
-        slot = rng.randrange(bsz)
-        hay = torch.randn(bsz, 12, 7, 5, dtype=F16)
-        hay[slot] = g[3]
-        assert torch.equal(group_norm(hay, 4, gw, gb, 1e-5)[slot], gn[3])
+    gn = lambda g: group_norm(g, 4, gw, gb, 1e-5)
+    assert_batch_invariant(gn, [g], prefixes=range(1, 9), label="group_norm")
+    assert_planted_invariant(gn, [g[3:4]], lambda bsz: [torch.randn(bsz, 12, 7, 5, dtype=F16)],
+                             random_slots(random.Random(1), (2, 5, 8)), label="group_norm")
 
 
 def test_norms_nan_inf_propagate_like_reference():
@@ -270,17 +249,12 @@ def test_reduce_nonfinite_like_reference():
 
 def test_reduce_prefix_and_needle_bitwise():
     x = torch.randn(8, 1300, dtype=F16)
-    sm, s, m = softmax(x), sum_rows(x), mean_rows(x)
-    for bsz in range(1, 9):
-        assert torch.equal(softmax(x[:bsz]), sm[:bsz])
-        assert torch.equal(sum_rows(x[:bsz]), s[:bsz])
-    rng = random.Random(2)
-    for bsz in (2, 5, 8):
-        slot = rng.randrange(bsz)
-        hay = torch.randn(bsz, 1300, dtype=F16)
-        hay[slot] = x[6]
-        assert torch.equal(softmax(hay)[slot], sm[6])
-        assert torch.equal(mean_rows(hay)[slot], m[6])
+    for fn in (softmax, sum_rows):
+        assert_batch_invariant(fn, [x], prefixes=range(1, 9), label=fn.__name__)
+    plants = random_slots(random.Random(2), (2, 5, 8))
+    for fn in (softmax, mean_rows):
+        assert_planted_invariant(fn, [x[6:7]], lambda bsz: [torch.randn(bsz, 1300, dtype=F16)], plants,
+                                 label=fn.__name__)
 
 
 # ----------------------------------------------------------------------------------- tables and specs

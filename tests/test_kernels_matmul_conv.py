@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 from _devices import KERNEL_DEVICE
+from _invariance import assert_batch_invariant, assert_planted_invariant, random_slots
+from _tolerances import KERNEL_ATOL_RTOL
 
 from jetdet import _paths
 from jetdet.kernels.conv2d import launch as conv_launch
@@ -24,31 +26,13 @@ pytestmark = pytest.mark.skipif(
 
 DEV = KERNEL_DEVICE  # CUDA tensors through the compiled kernels on a GPU, else CPU tensors in the interpreter
 
-# (atol, rtol) against the fp32 reference, inputs scaled so outputs are O(1); see kernels/matmul/README.md.
-TOL = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.5e-2, 1e-2),
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit pattern, so comparisons are bitwise (NaN == NaN, -0.0 != 0.0)."""
-    return t.contiguous().view(_INT_VIEW[t.dtype])
-
-
-def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype
-    diff = (bits(a) != bits(b)).sum().item()
-    assert diff == 0, f"{diff} of {a.numel()} elements differ"
 
 
 def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     assert out.dtype == dtype and out.shape == ref.shape
     assert not out.isnan().any(), "NaN in the output (an element was never written?)"
-    atol, rtol = TOL[dtype]
+    atol, rtol = KERNEL_ATOL_RTOL["matmul"][dtype]
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
 
 
@@ -102,17 +86,11 @@ def test_matmul_prefix_and_needle(dtype):
     w = rand(n, k, dtype=dtype, scale=k**-0.5)
     bias = rand(n, dtype=dtype)
     x = rand(8, k, dtype=dtype)
-    full = mm_launch.matmul(x, w.t(), bias)
+    mm = lambda x: mm_launch.matmul(x, w.t(), bias)
     rng = random.Random(0)
-    for j in range(1, 9):
-        assert_bitwise(mm_launch.matmul(x[:j], w.t(), bias), full[:j])
-        i = rng.randrange(j)
-        assert_bitwise(mm_launch.matmul(x[i : i + 1], w.t(), bias), full[i : i + 1])
+    assert_batch_invariant(mm, [x], prefixes=range(1, 9), slots=[rng.randrange(j) for j in range(1, 9)])
     # a row that lands in a later M tile (and a different position inside it) of a bigger matrix
-    big = rand(200, k, dtype=dtype)
-    slot = 151
-    big[slot] = x[3]
-    assert_bitwise(mm_launch.matmul(big, w.t(), bias)[slot], full[3])
+    assert_planted_invariant(mm, [x[3:4]], lambda n: [rand(n, k, dtype=dtype)], [(200, 151)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -123,10 +101,8 @@ def test_bmm_accuracy_and_needle(dtype):
     out = mm_launch.bmm(a, b)
     close(out, bmm_reference(a, b), dtype)
     rng = random.Random(1)
-    for size in range(1, 6):
-        i = rng.randrange(size)
-        assert_bitwise(mm_launch.bmm(a[i : i + 1], b[i : i + 1])[0], out[i])
-        assert_bitwise(mm_launch.bmm(a[:size], b[:size]), out[:size])
+    assert_batch_invariant(mm_launch.bmm, [a, b], prefixes=range(1, 6), slots=[rng.randrange(n) for n in range(1, 6)],
+                           full=out)
 
 
 # ------------------------------------------------------------------------------------------------ conv2d
@@ -184,22 +160,14 @@ def test_conv2d_strided_input(dtype):
 )
 @pytest.mark.parametrize("k,stride,padding", [(3, (1, 1), (1, 1)), (1, (2, 2), (0, 0))], ids=["3x3s1p1", "1x1s2p0"])
 def test_conv2d_needle(dtype, k, stride, padding):
-    """One image alone == the same image at a random slot of a batch of 1..8, bitwise."""
+    """One image alone == the same image at a random slot of a batch of 1..8, bitwise; and prefixes."""
     c, o, h = 5, 7, 7
     w = rand(o, c, k, k, dtype=dtype, scale=(c * k * k) ** -0.5)
     bias = rand(o, dtype=dtype)
-    needle = rand(1, c, h, h, dtype=dtype)
-    alone = conv_launch.conv2d(needle, w, bias, stride, padding)
-    rng = random.Random(2)
-    for size in range(1, 9):
-        batch = rand(size, c, h, h, dtype=dtype)
-        slot = rng.randrange(size)
-        batch[slot] = needle[0]
-        out = conv_launch.conv2d(batch, w, bias, stride, padding)
-        assert_bitwise(out[slot : slot + 1], alone)
-        if size == 8:  # prefix: the first j images of the batch alone
-            for j in (1, 3, 5):
-                assert_bitwise(conv_launch.conv2d(batch[:j], w, bias, stride, padding), out[:j])
+    conv = lambda x: conv_launch.conv2d(x, w, bias, stride, padding)
+    hay = lambda n: [rand(n, c, h, h, dtype=dtype)]
+    assert_planted_invariant(conv, hay(1), hay, random_slots(random.Random(2), range(1, 9)))
+    assert_batch_invariant(conv, hay(8), prefixes=(1, 3, 5))  # prefix: the first j images of a batch alone
 
 
 def test_conv2d_zero_channels():

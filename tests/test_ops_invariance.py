@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from _cases import CASES, TOLERANCE
+from _cases import CASES
 from _devices import ON_GPU, to_default_device
+from _invariance import assert_batch_invariant
+from _tolerances import OPS_MAX_ERR, assert_max_err
 
 BACKENDS = ["torch", "triton"]
 
@@ -19,22 +21,19 @@ def backend(request):
     return request.param
 
 
-def _check_invariant(name, threads):
+def _check_invariant(name, threads, dtype=torch.float32):
+    """Every prefix 1..8 and one random slot per batch size, per thread count; the same bits at every count."""
     make, call, _ = CASES[name]
-    items, shared = make(8, torch.float32)
+    items, shared = make(8, dtype)
     items, shared = to_default_device(items), to_default_device(shared)
     rng = random.Random(name)
     outs = {}
     for t in threads:
         torch.set_num_threads(t)
-        full = call(*items, *shared)
-        outs[t] = full
-        for b in range(1, 9):
-            part = call(*[x[:b] for x in items], *shared)
-            assert torch.equal(part, full[:b]), f"{name}: prefix {b} differs (threads={t})"
-            s = rng.randrange(b)
-            needle = call(*[x[s : s + 1] for x in items], *shared)
-            assert torch.equal(needle[0], part[s]), f"{name}: item {s} alone != slot {s} of batch {b}"
+        outs[t] = call(*items, *shared)
+        assert_batch_invariant(call, items, shared, prefixes=range(1, 9),
+                               slots=[rng.randrange(b) for b in range(1, 9)], full=outs[t],
+                               label=f"{name} {dtype} threads={t}")
     first = outs[threads[0]]
     for t in threads[1:]:
         assert torch.equal(outs[t], first), f"{name}: threads {threads[0]} vs {t} differ"
@@ -53,9 +52,7 @@ def test_accuracy(name, dtype, backend):
     exp = ref(*items, *shared)  # fp32 on CPU: no TF32 in a cuDNN/cuBLAS reference on a GPU
     out = call(*to_default_device(items), *to_default_device(shared)).cpu()
     assert out.dtype == items[0].dtype and out.shape == exp.shape
-    err = (out.float() - exp).abs().max().item()
-    scale = max(1.0, exp.abs().max().item())
-    assert err <= TOLERANCE[dtype] * scale, f"{name} {dtype}: max err {err:.3g} (scale {scale:.3g})"
+    assert_max_err(out, exp, OPS_MAX_ERR[dtype], f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("name", ["linear", "conv3x3_s1", "layer_norm", "attention"])
@@ -66,8 +63,7 @@ def test_accuracy_bf16_cpu_path(name, torch_backend):
     out = call(*items, *shared)
     exp = ref(*items, *shared)
     assert out.dtype == torch.bfloat16
-    err = (out.float() - exp).abs().max().item()
-    assert err <= TOLERANCE[torch.bfloat16] * max(1.0, exp.abs().max().item())
+    assert_max_err(out, exp, OPS_MAX_ERR[torch.bfloat16], name)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 kernels run compiled on a GPU only (the interpreter's bf16 is wrong)")
@@ -78,23 +74,13 @@ def test_accuracy_bf16_gpu(name, triton_backend):
     exp = ref(*items, *shared)
     out = call(*to_default_device(items), *to_default_device(shared))
     assert out.is_cuda and out.dtype == torch.bfloat16
-    err = (out.float().cpu() - exp).abs().max().item()
-    assert err <= TOLERANCE[torch.bfloat16] * max(1.0, exp.abs().max().item()), f"{name}: max err {err:.3g}"
+    assert_max_err(out, exp, OPS_MAX_ERR[torch.bfloat16], name)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs the compiled kernels on a GPU")
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_prefix_and_needle_bf16_gpu(name, triton_backend):
-    make, call, _ = CASES[name]
-    items, shared = make(8, torch.bfloat16)
-    items, shared = to_default_device(items), to_default_device(shared)
-    full = call(*items, *shared)
-    rng = random.Random(name)
-    for b in range(1, 9):
-        part = call(*[x[:b] for x in items], *shared)
-        assert torch.equal(part, full[:b]), f"{name}: prefix {b} differs"
-        s = rng.randrange(b)
-        assert torch.equal(call(*[x[s : s + 1] for x in items], *shared)[0], part[s]), f"{name}: needle {s}/{b}"
+    _check_invariant(name, (torch.get_num_threads(),), torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------ negative controls

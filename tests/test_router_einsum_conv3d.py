@@ -10,6 +10,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _invariance import assert_batch_invariant
+from _tolerances import OPS_MAX_ERR, assert_max_err
 
 import jetdet
 
@@ -30,10 +32,12 @@ def test_contractions_match_torch_and_are_batch_invariant(eq, shapes):
     out = _det(torch.einsum, eq, a, b)
     ref = torch.einsum(eq, a.double(), b.double()).float()
     assert out.shape == ref.shape
-    assert (out - ref).abs().max().item() <= 2e-5 * max(1.0, ref.abs().max().item())
-    for k in (1, 2, a.shape[0] - 1):  # prefix: the first k items alone equal the first k items of the batch
-        assert torch.equal(_det(torch.einsum, eq, a[:k], b[:k] if b.shape[0] == a.shape[0] and eq[0] != "n" else b),
-                           out[:k])
+    assert_max_err(out, ref, OPS_MAX_ERR[torch.float32])
+    # prefix: the first k items alone equal the first k items of the batch ("nd,od": b is a weight, not batched)
+    batched = b.shape[0] == a.shape[0] and eq[0] != "n"
+    einsum = lambda *ab: _det(torch.einsum, eq, *ab)
+    assert_batch_invariant(einsum, [a, b] if batched else [a], [] if batched else [b],
+                           prefixes=(1, 2, a.shape[0] - 1), full=out, label=eq)
 
 
 def test_einsum_without_a_sum_runs_unchanged():
@@ -65,11 +69,9 @@ def test_conv3d_matches_torch_and_is_batch_invariant(kernel, stride, padding):
     out = _det(F.conv3d, x, w, b, stride=stride, padding=padding)
     ref = F.conv3d(x.double(), w.double(), b.double(), stride=stride, padding=padding).float()
     assert out.shape == ref.shape
-    assert (out - ref).abs().max().item() <= 2e-5 * max(1.0, ref.abs().max().item())
-    for k in (1, 2, 3):
-        assert torch.equal(_det(F.conv3d, x[:k], w, b, stride=stride, padding=padding), out[:k])
-    needle = _det(F.conv3d, x[2:3], w, b, stride=stride, padding=padding)
-    assert torch.equal(needle[0], out[2])
+    assert_max_err(out, ref, OPS_MAX_ERR[torch.float32])
+    assert_batch_invariant(lambda x: _det(F.conv3d, x, w, b, stride=stride, padding=padding), [x],
+                           prefixes=(1, 2, 3), slots=(2,), full=out)
 
 
 def test_other_convolutions_warn_by_name():

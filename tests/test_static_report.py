@@ -391,8 +391,8 @@ def test_compiles_never_leave_fp_fusion_to_triton(tmp_path):
     enable_fp_fusion to its default; the report's forked workers each printed it. Every compile of the report
     (declared specs and the JIT binder's variants, forked and in-process) now passes it explicitly, with the
     value every launch passes (Triton 3.9's default: the same SASS as a compile that leaves it out), so a cold
-    report prints no such warning; negative control: a plain triton.compile of the same kernel without the option, in the same
-    process, does warn."""
+    report prints no such warning; negative control: a plain triton.compile of the same kernel without the
+    option, in the same process, does warn."""
     import os
     import subprocess
     import sys

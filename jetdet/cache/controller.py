@@ -161,6 +161,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -239,6 +240,19 @@ class _Stream:
         self.blay = None  # body node layout: (head leaf is a tensor, body leaf is a tensor, body leaf is residual)
         self.cts: list[float] = []  # timesteps of the cached CFG differences (this row minus its CFG partner)
         self.tok: dict[str, list[float]] = {}  # token-wise module key -> timesteps of its cached anchors
+
+
+@dataclass(slots=True)
+class _Decision:
+    """What the controller does with one row of a call, and why (the decision log's ``reason``, ``est``,
+    ``order``); later steps of the call (piggyback, block level, CFG reuse, the first-block signal) revise it."""
+
+    run: bool  # the model computes the row (else it is forecast, or served by its CFG partner)
+    reason: str  # why it runs ("new", "warmup", "piggyback", ...) or may be forecast ("budget", "follow")
+    est: float | None  # the predicted relative L1 error of a forecast; None when none can be made yet
+    order: int | None  # the forecast order the prediction is for
+    node: int | None  # index of a history node at this very timestep (served as is), else None
+    history: list | None = None  # the stream's cached outputs, read when the row is forecast
 
 
 class StepCacheController:
@@ -651,20 +665,78 @@ class StepCacheController:
         return d * prod + drift, q, None
 
     def _step(self, call, x: torch.Tensor, B: int) -> torch.Tensor:
+        """One call: streams, per-row decisions, the model run on the rows that need it, forecasts for the rest,
+        then the caches, counters and log."""
+        self._check_env(call, x)
+        t_rows, sigs = self._fetch(call, B)
+        keys = self._keys(call, t_rows, sigs, B)
+        self._batch = B
+        self._start_trajectory(keys, t_rows)
+        streams = self._advance_streams(keys, t_rows)
+        decisions = [self._decide(s, ti) for s, ti in zip(streams, t_rows)]
+        if self.piggyback < 1.0:
+            self._piggyback(decisions, streams, t_rows)
+        run_rows = [i for i, d in enumerate(decisions) if d.run]
+        skip_rows = [i for i, d in enumerate(decisions) if not d.run]
+        runner = call.blocks if self._blocks_usable(call) else None
+        partial: list[int] = []
+        if runner is not None:
+            run_rows, skip_rows, partial = self._partial_rows(decisions, streams, run_rows, skip_rows)
+        # CFG reuse: a row whose CFG partner runs is its partner's output plus their cached difference
+        cfg_rows: dict[int, tuple] = {}
+        if self.cfg_reuse:
+            cfg_rows = self._cfg_candidates(call, run_rows, streams, t_rows, decisions, B)
+            if cfg_rows:
+                run_rows = [i for i in run_rows if i not in cfg_rows]
+        for i in cfg_rows:
+            decisions[i].run = False
+        model_rows = sorted(run_rows + partial)
+
+        # forecasts (before the run: their histories are read now)
+        fc_parts = self._forecast_rows(skip_rows, streams, t_rows, decisions)
+
+        y, plan = None, None
+        if model_rows:
+            y, plan = self._run_model(call, runner, model_rows, streams, t_rows, decisions, partial, B)
+            if y is None:  # the output shape changed under an unchanged input shape: start over
+                return self._rerun_all(call, B, t_rows, keys)
+        approx = [model_rows[p] for p in range(len(model_rows)) if p not in plan.body_set] if plan is not None else []
+        aset = set(approx)
+        computed = [i for i in model_rows if i not in aset]
+        if computed:
+            self._run_t = t_rows[computed[0]]
+        else:
+            self._skip_t = t_rows[0]
+        if plan is not None:
+            self._apply_signal(decisions, approx, aset, partial)
+
+        out = self._assemble(y, model_rows, fc_parts, B)
+        if cfg_rows:
+            self._cfg_assemble(out, cfg_rows, streams, t_rows)
+        if computed:
+            self._store(y, computed, model_rows, streams, t_rows, plan, B)
+        if self.cfg_reuse:
+            self._cfg_record(call, out, computed, streams, t_rows, keys, B)
+        forecast_rows = skip_rows + approx + list(cfg_rows)
+        self._note_forecasts(forecast_rows, streams, t_rows, decisions, cfg_rows, aset, plan)
+        self._count_call(runner, B, model_rows, computed, approx, forecast_rows, cfg_rows)
+        self._record_call(t_rows, keys, decisions, computed, forecast_rows, approx, cfg_rows, plan)
+        return out
+
+    def _check_env(self, call, x: torch.Tensor) -> None:
+        """Start over when the model or the per-row input shape, dtype or device changed."""
         env = (call.model_id, tuple(x.shape[1:]), x.dtype, x.device)
         if self._env is not None and env != self._env:
             old = self._env
             reason = "model" if old[0] != env[0] else "shape"
             self._reset_all(reason)
         self._env = env
-        t_rows, sigs = self._fetch(call, B)
-        keys = self._keys(call, t_rows, sigs, B)
-        self._batch = B
 
-        # new trajectory: a row's timestep went up against its stream's, or a new stream starts above the
-        # previous call's timesteps (CFG as two forwards: the first forward of a new trajectory may bring only
-        # new streams, e.g. a new class label)
-        went_up = [False] * B
+    def _start_trajectory(self, keys, t_rows) -> None:
+        """New trajectory: a row's timestep went up against its stream's, or a new stream starts above the
+        previous call's timesteps (CFG as two forwards: the first forward of a new trajectory may bring only
+        new streams, e.g. a new class label)."""
+        went_up = [False] * len(keys)
         t_new = None
         prev_max = self._prev_max_t
         for i, k in enumerate(keys):
@@ -689,6 +761,9 @@ class StepCacheController:
                     self._drop_stream(k)
         self._prev_max_t = max(t_rows)
 
+    def _advance_streams(self, keys, t_rows) -> list[_Stream]:
+        """Each row's stream (new ones created), moved to the row's timestep; caches the memory budget dropped
+        are forgotten."""
         streams: list[_Stream] = []
         for i, k in enumerate(keys):
             s = self._streams.get(k)
@@ -714,165 +789,145 @@ class StepCacheController:
                 s.cts = []
                 s.rates.pop("cfg", None)
             streams.append(s)
+        return streams
 
-        # decisions (host floats only)
-        decisions = []
-        for i, s in enumerate(streams):
-            ti = t_rows[i]
-            est, q, node = self._estimate(s, ti)
-            if not s.ts:
-                reason = "new"
-            elif est is None:
-                reason = "warmup"
+    def _decide(self, s: _Stream, ti: float) -> _Decision:
+        """A row's own decision (host floats only): run, or forecast from the history within budget."""
+        est, q, node = self._estimate(s, ti)
+        if not s.ts:
+            reason = "new"
+        elif est is None:
+            reason = "warmup"
+        else:
+            p = self._progress(s, ti)
+            if p < self.start_percent:
+                reason = "start"
+            elif p > 1.0 - self.end_percent:
+                reason = "end"
+            elif s.skips >= self.max_consecutive_skips:
+                reason = "max_skips"
             else:
-                p = self._progress(s, ti)
-                if p < self.start_percent:
-                    reason = "start"
-                elif p > 1.0 - self.end_percent:
-                    reason = "end"
-                elif s.skips >= self.max_consecutive_skips:
-                    reason = "max_skips"
-                else:
-                    reason = "budget"
-            run = reason != "budget" or est > self.budget
-            tensors = None
-            if not run:
-                tensors = self._history(s)
-                if tensors is None:  # dropped by the memory budget meanwhile
-                    self._resets["evicted"] += 1
-                    s.ts, s.rates = [], {}
-                    run, reason, est = True, "evicted", None
-            decisions.append([run, reason, est, q, node, tensors])
-        if self.piggyback < 1.0:
-            # rows over piggyback * budget run too when the model runs anyway at this timestep: in this call,
-            # or in the previous call at the same timestep (CFG as two forwards), so branches stay in step
-            here = any(d[0] for d in decisions)
+                reason = "budget"
+        d = _Decision(run=reason != "budget" or est > self.budget, reason=reason, est=est, order=q, node=node)
+        if not d.run:
+            d.history = self._history(s)
+            if d.history is None:  # dropped by the memory budget meanwhile
+                self._resets["evicted"] += 1
+                s.ts, s.rates = [], {}
+                d.run, d.reason, d.est = True, "evicted", None
+        return d
+
+    def _piggyback(self, decisions: list[_Decision], streams, t_rows) -> None:
+        """Rows over piggyback * budget run too when the model runs anyway at this timestep: in this call, or in
+        the previous call at the same timestep (CFG as two forwards), so branches stay in step."""
+        here = any(d.run for d in decisions)
+        for i, d in enumerate(decisions):
+            if not d.run and d.est > self.piggyback * self.budget and (
+                    here or (self._run_t is not None and _same_t(t_rows[i], self._run_t))):
+                d.run, d.reason = True, "piggyback"
+        # ... and the other way round: when the previous call at this timestep was served from the cache
+        # entirely, this call follows it if every row it would run is within budget / piggyback
+        running = [d for d in decisions if d.run]
+        if (running and self._skip_t is not None and all(_same_t(t, self._skip_t) for t in t_rows)
+                and not (self._run_t is not None and _same_t(t_rows[0], self._run_t))
+                and all(d.reason == "budget" and d.est * self.piggyback <= self.budget for d in running)):
             for i, d in enumerate(decisions):
-                if not d[0] and d[2] > self.piggyback * self.budget and (
-                        here or (self._run_t is not None and _same_t(t_rows[i], self._run_t))):
-                    d[0], d[1] = True, "piggyback"
-            # ... and the other way round: when the previous call at this timestep was served from the cache
-            # entirely, this call follows it if every row it would run is within budget / piggyback
-            running = [d for d in decisions if d[0]]
-            if (running and self._skip_t is not None and all(_same_t(t, self._skip_t) for t in t_rows)
-                    and not (self._run_t is not None and _same_t(t_rows[0], self._run_t))
-                    and all(d[1] == "budget" and d[2] * self.piggyback <= self.budget for d in running)):
-                for i, d in enumerate(decisions):
-                    if d[0]:
-                        tensors = self._history(streams[i])
-                        if tensors is None:
-                            break
-                        d[0], d[1], d[5] = False, "follow", tensors
-        run_rows = [i for i, d in enumerate(decisions) if d[0]]
-        skip_rows = [i for i, d in enumerate(decisions) if not d[0]]
+                if d.run:
+                    tensors = self._history(streams[i])
+                    if tensors is None:
+                        break
+                    d.run, d.reason, d.history = False, "follow", tensors
 
-        # block level: a skipped row with a body history runs the head instead (the first block(s) and the
-        # tail), and its body is forecast unless the first-block signal says otherwise (see _Plan.split)
-        runner = call.blocks if self._blocks_usable(call) else None
-        partial: list[int] = []
-        if runner is not None:
-            warm = []
-            for i in skip_rows:
-                d = decisions[i]
-                if d[2] is None or d[2] <= self.skip_whole * self.budget:
-                    continue
-                # the body is forecast at the full order only (order + 1 nodes: exact on polynomials of that
-                # degree); until a stream has them, such a row is computed
-                if len(streams[i].bts) > self.order:
-                    partial.append(i)
-                else:
-                    warm.append(i)
-                    d[0], d[1] = True, "warmup"
-            if partial or warm:
-                moved = set(partial) | set(warm)
-                skip_rows = [i for i in skip_rows if i not in moved]
-                run_rows = sorted(run_rows + warm)
-        # CFG reuse: a row whose CFG partner runs is its partner's output plus their cached difference
-        cfg_rows: dict[int, tuple] = {}
-        if self.cfg_reuse:
-            cfg_rows = self._cfg_candidates(call, run_rows, streams, t_rows, decisions, B)
-            if cfg_rows:
-                run_rows = [i for i in run_rows if i not in cfg_rows]
-        for i in cfg_rows:
-            decisions[i][0] = False
-        model_rows = sorted(run_rows + partial)
+    def _partial_rows(self, decisions: list[_Decision], streams, run_rows, skip_rows):
+        """Block level: a skipped row with a body history runs the head instead (the first block(s) and the
+        tail), and its body is forecast unless the first-block signal says otherwise (see _Plan.split).
+        Returns the new ``(run_rows, skip_rows, partial)``."""
+        partial, warm = [], []
+        for i in skip_rows:
+            d = decisions[i]
+            if d.est is None or d.est <= self.skip_whole * self.budget:
+                continue
+            # the body is forecast at the full order only (order + 1 nodes: exact on polynomials of that
+            # degree); until a stream has them, such a row is computed
+            if len(streams[i].bts) > self.order:
+                partial.append(i)
+            else:
+                warm.append(i)
+                d.run, d.reason = True, "warmup"
+        if partial or warm:
+            moved = set(partial) | set(warm)
+            skip_rows = [i for i in skip_rows if i not in moved]
+            run_rows = sorted(run_rows + warm)
+        return run_rows, skip_rows, partial
 
-        # forecasts (before the run: their histories are read now)
-        fc_parts = self._forecast_rows(skip_rows, streams, t_rows, decisions)
-
-        y = None
+    def _run_model(self, call, runner, model_rows, streams, t_rows, decisions, partial, B):
+        """Run the model on ``model_rows`` (through the block runner when there is one): ``(y, plan)``, with
+        ``plan`` None unless rows ran partly; ``(None, None)`` after a reset for a changed output shape."""
+        x = call.x
+        idx = None if len(model_rows) == B else self._index(model_rows, x.device)
         plan = None
-        if model_rows:
-            idx = None if len(model_rows) == B else self._index(model_rows, x.device)
-            if runner is not None:
-                plan = _Plan(self, model_rows, streams, t_rows, decisions, set(partial), runner)
-                y, split_done = runner.run(idx, plan)
-                if not split_done:
-                    self._blocks_state = ("off", f"the model's forward never returned from its last head block "
-                                                 f"({runner.describe}): whole-call skipping only")
-                    plan = None
-            else:
-                y = call.run(idx)
-            if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != len(model_rows):
-                raise ValueError(f"call.run: expected a tensor with {len(model_rows)} rows, got "
-                                 f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-            item = (tuple(y.shape[1:]), y.dtype, y.device)
-            if self._out_item is not None and item != self._out_item:
-                # the output shape changed under an unchanged input shape: start over with the whole batch
-                self._reset_all("output_shape")
-                self._out_item = item
-                return self._rerun_all(call, B, t_rows, keys)
+        if runner is not None:
+            plan = _Plan(self, model_rows, streams, t_rows, decisions, set(partial), runner)
+            y, split_done = runner.run(idx, plan)
+            if not split_done:
+                self._blocks_state = ("off", f"the model's forward never returned from its last head block "
+                                             f"({runner.describe}): whole-call skipping only")
+                plan = None
+        else:
+            y = call.run(idx)
+        if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != len(model_rows):
+            raise ValueError(f"call.run: expected a tensor with {len(model_rows)} rows, got "
+                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        item = (tuple(y.shape[1:]), y.dtype, y.device)
+        if self._out_item is not None and item != self._out_item:
+            self._reset_all("output_shape")
             self._out_item = item
-        if plan is not None:
-            approx = [model_rows[p] for p in range(len(model_rows)) if p not in plan.body_set]
-        else:
-            approx = []
-        aset = set(approx)
-        computed = [i for i in model_rows if i not in aset]
-        if computed:
-            self._run_t = t_rows[computed[0]]
-        else:
-            self._skip_t = t_rows[0]
-        if plan is not None:  # a run row whose body was forecast is a forecast row; a partial row computed in full
-            for i in approx:
-                d = decisions[i]
-                if d[0]:
-                    d[0], d[1] = False, "signal"
-            for i in partial:
-                if i not in aset:
-                    decisions[i][0], decisions[i][1] = True, "signal"
+            return None, None
+        self._out_item = item
+        return y, plan
 
-        # assemble the output
+    @staticmethod
+    def _apply_signal(decisions: list[_Decision], approx, aset, partial) -> None:
+        """A run row whose body was forecast is a forecast row; a partial row computed in full is a run row."""
+        for i in approx:
+            d = decisions[i]
+            if d.run:
+                d.run, d.reason = False, "signal"
+        for i in partial:
+            if i not in aset:
+                decisions[i].run, decisions[i].reason = True, "signal"
+
+    def _assemble(self, y, model_rows, fc_parts, B: int) -> torch.Tensor:
+        """The ``[B, ...]`` output: the model's rows and the forecast ones in place."""
         if y is not None and len(model_rows) == B:
-            out = y
-        else:
-            shape, dtype, device = self._out_item
-            out = torch.empty((B, *shape), dtype=dtype, device=device)
-            if y is not None:
-                out.index_copy_(0, self._index(model_rows, device), y)
-            for rows, val in fc_parts:
-                out.index_copy_(0, self._index(rows, device), val)
-        if cfg_rows:
-            self._cfg_assemble(out, cfg_rows, streams, t_rows)
+            return y
+        shape, dtype, device = self._out_item
+        out = torch.empty((B, *shape), dtype=dtype, device=device)
+        if y is not None:
+            out.index_copy_(0, self._index(model_rows, device), y)
+        for rows, val in fc_parts:
+            out.index_copy_(0, self._index(rows, device), val)
+        return out
 
-        if computed:
-            if len(computed) == B:
-                stored = y.detach().clone()  # the caller owns `out`; the cache keeps its own copy
-            elif len(computed) == len(model_rows):
-                stored = y.detach()
-            else:
-                pos = {r: p for p, r in enumerate(model_rows)}
-                stored = y.detach().index_select(0, self._index([pos[i] for i in computed], y.device))
-            self._update(computed, streams, t_rows, stored)
-            if plan is not None:
-                self._update_body(plan, computed, streams, t_rows)
-        if self.cfg_reuse:
-            self._cfg_record(call, out, computed, streams, t_rows, keys, B)
-        forecast_rows = skip_rows + approx + list(cfg_rows)
+    def _store(self, y, computed, model_rows, streams, t_rows, plan, B: int) -> None:
+        """Push the computed rows' outputs (and body nodes) into their streams' caches."""
+        if len(computed) == B:
+            stored = y.detach().clone()  # the caller owns `out`; the cache keeps its own copy
+        elif len(computed) == len(model_rows):
+            stored = y.detach()
+        else:
+            pos = {r: p for p, r in enumerate(model_rows)}
+            stored = y.detach().index_select(0, self._index([pos[i] for i in computed], y.device))
+        self._update(computed, streams, t_rows, stored)
+        if plan is not None:
+            self._update_body(plan, computed, streams, t_rows)
+
+    def _note_forecasts(self, forecast_rows, streams, t_rows, decisions, cfg_rows, aset, plan) -> None:
+        """Per forecast row: one more consecutive skip, its predicted error for the drift term, its order."""
         for i in forecast_rows:
             s = streams[i]
             s.skips += 1
-            e = decisions[i][2]
+            e = decisions[i].est
             if i in cfg_rows:
                 e = cfg_rows[i][2]
             elif i in aset and plan is not None and plan.est.get(i) is not None:
@@ -881,10 +936,10 @@ class StepCacheController:
             if s.last_skip is not None and _same_t(s.last_skip[0], t_rows[i]):
                 e = max(e, s.last_skip[1])
             s.last_skip = (t_rows[i], e)
-            o = decisions[i][3]
+            o = decisions[i].order
             self._orders[o] = self._orders.get(o, 0) + 1
 
-        # counters and log
+    def _count_call(self, runner, B, model_rows, computed, approx, forecast_rows, cfg_rows) -> None:
         L = runner.num_blocks if runner is not None else 1
         part = (runner.head + runner.tail) / L if runner is not None else 0.0
         self._n["rows_run"] += len(computed)
@@ -898,23 +953,25 @@ class StepCacheController:
                 self._n["calls_partial"] += 1
         else:
             self._n["calls_saved"] += 1
+
+    def _record_call(self, t_rows, keys, decisions, computed, forecast_rows, approx, cfg_rows, plan) -> None:
+        """Per-reason counts and the decision log entry of this call."""
         kinds = {}
         for i in approx:
             kinds[i] = "partial"
         for i in cfg_rows:
             kinds[i] = "cfg"
         for i, d in enumerate(decisions):
-            self._count_reason(d[1] if d[0] else kinds.get(i, "forecast"))
+            self._count_reason(d.reason if d.run else kinds.get(i, "forecast"))
         if self.log_limit:
             self._log.append({
                 "call": self._n["calls"], "t": t_rows, "run": computed, "forecast": sorted(forecast_rows),
                 "partial": approx, "cfg": sorted(cfg_rows),
-                "rows": [{"stream": repr(k), "t": t_rows[i], "decision": "run" if d[0] else kinds.get(i, "forecast"),
-                          "reason": d[1], "est": d[2], "order": d[3],
+                "rows": [{"stream": repr(k), "t": t_rows[i], "decision": "run" if d.run else kinds.get(i, "forecast"),
+                          "reason": d.reason, "est": d.est, "order": d.order,
                           "signal": plan.est.get(i) if plan is not None else None}
                          for i, (k, d) in enumerate(zip(keys, decisions))],
             })
-        return out
 
     def _rerun_all(self, call, B, t_rows, keys):
         y = call.run(None)
@@ -943,7 +1000,7 @@ class StepCacheController:
         hist: dict = {}
         for i in rows:
             s = streams[i]
-            q, node, tensors = decisions[i][3], decisions[i][4], decisions[i][5]
+            q, node, tensors = decisions[i].order, decisions[i].node, decisions[i].history
             if node is not None:
                 gk = ("node", s.ts[node], t_rows[i])
                 hist[i] = [tensors[node]]
@@ -1238,7 +1295,7 @@ class StepCacheController:
             for i in deps:
                 d = decisions[i]
                 s = streams[i]
-                if i not in run_set or d[1] not in ("budget", "piggyback") or not s.cts:
+                if i not in run_set or d.reason not in ("budget", "piggyback") or not s.cts:
                     continue
                 rate = s.rates.get("cfg")
                 flat = self.manager.get((s.key, "cfg"))
@@ -1338,7 +1395,7 @@ class _Plan:
             d = self.decisions[i]
             if s.blay is None or s.blay[0] != head_mask:
                 continue
-            if i in self.partial or (ctl.block_signal == "decide" and d[1] in ("budget", "piggyback")
+            if i in self.partial or (ctl.block_signal == "decide" and d.reason in ("budget", "piggyback")
                                      and "kappa" in s.rates and len(s.bts) > ctl.order):
                 nodes = ctl._body_nodes(s)
                 if nodes:
@@ -1376,7 +1433,7 @@ class _Plan:
         if fc and ctl.piggyback < 1.0 and len(fc) < len(self.rows):  # keep the rows of this timestep in step
             kept = []
             for item in fc:
-                e = item[4] if item[4] is not None else self.decisions[item[1]][2]
+                e = item[4] if item[4] is not None else self.decisions[item[1]].est
                 if e is None or e <= ctl.piggyback * budget:
                     kept.append(item)
             fc = kept
@@ -1386,7 +1443,7 @@ class _Plan:
         lay = fc[0][2].blay
         body_mask, resid = lay[1], lay[2]
         for p, i, s, nodes, e in fc:
-            self.est[i] = e if e is not None else self.decisions[i][2]
+            self.est[i] = e if e is not None else self.decisions[i].est
             r_hat = ctl._node_forecast(list(s.bts), [n[1] for n in nodes], self.t_rows[i])
             vals = []
             k = 0

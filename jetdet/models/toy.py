@@ -93,7 +93,10 @@ def _modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-class _DiTBlock(nn.Module):
+class TinyDiTBlock(nn.Module):
+    """One adaLN-Zero DiT block of :class:`TinyDiT` (width ``d``, ``heads`` attention heads): ``forward(x, c)`` on
+    tokens ``[B, N, d]`` with a condition ``[B, d]``; public for benches that stack it on their own."""
+
     def __init__(self, d, heads):
         super().__init__()
         self.heads = heads
@@ -123,7 +126,7 @@ class TinyDiT(nn.Module):
             self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2, d) * 0.02)
             self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
             self.y_emb = nn.Embedding(classes + 1, d)
-            self.blocks = nn.ModuleList([_DiTBlock(d, heads) for _ in range(depth)])
+            self.blocks = nn.ModuleList([TinyDiTBlock(d, heads) for _ in range(depth)])
             self.n_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
             self.ada_out = nn.Linear(d, 2 * d)
             self.out = nn.Linear(d, patch * patch * in_ch)

@@ -122,7 +122,9 @@ def _check_model(model):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if type(model).__name__ == "ModelPatcher" or hasattr(model, "model_patches_to"):
         raise UnsupportedModelError(
-            "model: a ComfyUI ModelPatcher is patched through the jetdet ComfyUI nodes, not jetdet.patch()"
+            "model: a ComfyUI ModelPatcher is patched through the jetdet ComfyUI nodes (jetdet.comfy: 'jetdet Mode "
+            "Switch', 'jetdet Fast Optimizer'; in Python jetdet.comfy.wrappers.with_deterministic/with_fast), not "
+            "jetdet.patch()"
         )
 
 

@@ -8,20 +8,25 @@ import math
 
 import torch
 
-from ..mode import _arg
+from ..mode import sdpa_args
+from ..ops.fast import MAX_HEAD_DIM
+
+__all__ = ["MAX_HEAD_DIM", "StepClock", "error_summary", "rel_l2", "sdpa_args", "sdpa_qkv"]
 
 
 def sdpa_qkv(args, kwargs):
     """``(why_not, (q, k, v))`` for an SDPA call: ``why_not`` names what keeps the call exact (non-tensor
-    inputs, a mask, dropout, ``is_causal``), else None. Callers add their own shape checks."""
-    q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+    inputs, a mask, dropout, ``is_causal``), else None. Callers add their own shape checks; a head dim over
+    :data:`MAX_HEAD_DIM` (the fast attention ops' limit) is one."""
+    a = sdpa_args(args, kwargs)
+    q, k, v = a.query, a.key, a.value
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return "non-tensor inputs", None
-    if _arg(args, kwargs, 3, "attn_mask") is not None:
+    if a.attn_mask is not None:
         return "attn_mask", None
-    if _arg(args, kwargs, 4, "dropout_p", 0.0):
+    if a.dropout_p:
         return "dropout_p", None
-    if _arg(args, kwargs, 5, "is_causal", False):
+    if a.is_causal:
         return "is_causal", None
     return None, (q, k, v)
 

@@ -6,10 +6,11 @@ and packs an output back into the model's own return type.
   ``SD3Transformer2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``, ...), which return a
   ``Transformer2DModelOutput``/``UNet2DConditionOutput`` or a tuple when ``return_dict=False``.
 
-A ComfyUI ``ModelPatcher`` adapter (a later issue) only has to produce the same :class:`ModelCall`. For
-block-level reuse it sets ``ModelCall.blocks`` from a :class:`jetdet.patch.blocks.BlockHooks` built on the
-model's block list (``BlockSplit`` takes any list of modules in execution order, e.g. ComfyUI's
-``joint_blocks`` or ``double_blocks`` + ``single_blocks``); without it the controller skips whole calls only.
+ComfyUI models are not patched here: the jetdet ComfyUI nodes wrap a ``ModelPatcher``'s ``apply_model``
+(:meth:`jetdet.comfy.wrappers.FastState.apply_model`), which produces the same :class:`ModelCall`. It sets no
+``ModelCall.blocks``, so the controller skips whole calls only there; block-level reuse would need a
+:class:`jetdet.patch.blocks.BlockHooks` built on the model's block list (``BlockSplit`` takes any list of modules
+in execution order, e.g. ComfyUI's ``joint_blocks`` or ``double_blocks`` + ``single_blocks``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Dropping blocks is an **approximation** of softmax attention (``mass=1.0`` keeps
 to rounding), so it is never on by default, and during the first ``check`` reused forwards each reused call
 is also computed exactly: the relative L2 error is recorded (``handle.stats()["attention_cache"]``) and
 printed once. Calls it cannot take (an attention mask, dropout, ``is_causal``, grouped-query attention, not
-``[B, H, N, D]``, head dims over 128) run unchanged and are counted as ``left_exact``.
+``[B, H, N, D]``, head dims over ``jetdet.ops.fast.MAX_HEAD_DIM``, 128) run unchanged and are counted as ``left_exact``.
 
 Where the time goes: the block-sparse kernel is the Triton one on CUDA. On CPU the torch path of
 ``block_sparse_attention`` runs a gather per query block and is *slower* than torch's dense attention at the
@@ -32,7 +32,7 @@ import warnings
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._sdpa import StepClock, error_summary, rel_l2, sdpa_qkv
+from ._sdpa import MAX_HEAD_DIM, StepClock, error_summary, rel_l2, sdpa_args, sdpa_qkv
 
 DEFAULTS = {"mass": 0.95, "block_size": 64, "pool_size": None, "refresh": 3, "check": 1, "max_sites": 256}
 
@@ -141,8 +141,7 @@ class AttentionCache:
             self.refreshed += 1
             return out
         bm = ent[0]
-        scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
-        out = block_sparse_attention(q, k, v, bm, bs, scale=scale)
+        out = block_sparse_attention(q, k, v, bm, bs, scale=sdpa_args(args, kwargs).scale)
         work = block_sparse_work(bm, batch=q.shape[0])
         self.blocks_visited += work["blocks_visited"]
         self.dense_blocks += work["dense_blocks"]
@@ -160,7 +159,7 @@ def _why_not(args, kwargs):
     q, k, v = qkv
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
         return "not [B, H, N, D] with matching heads", None
-    if q.shape[-1] != k.shape[-1] or q.shape[-1] > 128 or v.shape[-1] > 128:
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return "head dim", None
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0:
         return "empty", None

@@ -1,8 +1,9 @@
 """One model evaluation, as the step-cache controller sees it.
 
-The patcher's adapters (plain torch, diffusers, later ComfyUI) turn a ``forward(*args, **kwargs)`` call
-into a :class:`ModelCall`: the latent, the per-row timestep, and a ``run(rows)`` function that evaluates the
-original model on a subset of the batch rows (row compaction). The controller decides per row whether to
+The patcher's adapters (plain torch, diffusers) turn a ``forward(*args, **kwargs)`` call, and the ComfyUI
+nodes' wrapper (:mod:`jetdet.comfy.wrappers`) an ``apply_model`` call, into a :class:`ModelCall`: the latent,
+the per-row timestep, and a ``run(rows)`` function that evaluates the original model on a subset of the batch
+rows (row compaction). The controller decides per row whether to
 run the model or forecast the output, calls ``run`` once with the rows that need it, and returns the full
 ``[B, ...]`` output; the adapter packs it into the model's own return type. An adapter that knows the model's
 block list also passes ``blocks`` (:mod:`jetdet.patch.blocks`), through which the controller runs rows *partly*:

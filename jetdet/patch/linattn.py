@@ -10,7 +10,8 @@ models trained with it (e.g. SANA). For a model trained with softmax attention i
   relative L2 error ``‖linear − softmax‖ / ‖softmax‖`` is recorded (``handle.stats()["linear_attention"]``)
   and printed once as a warning;
 * calls it cannot replace exactly in form (an attention mask, dropout, ``is_causal``, grouped-query attention,
-  fewer than 3 dims, head dims over 128) run unchanged and are counted as ``left_exact``.
+  fewer than 3 dims, head dims over ``jetdet.ops.fast.MAX_HEAD_DIM``, 128) run unchanged and are counted as
+  ``left_exact``.
 
 The softmax ``scale`` has no counterpart in linear attention and is ignored.
 """
@@ -22,7 +23,7 @@ import warnings
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._sdpa import StepClock, error_summary, rel_l2, sdpa_qkv
+from ._sdpa import MAX_HEAD_DIM, StepClock, error_summary, rel_l2, sdpa_qkv
 
 FEATURE_MAPS = ("relu", "elu1", "identity")
 
@@ -127,8 +128,8 @@ def _why_not(args, kwargs):
         return "grouped-query attention", None
     if q.dim() < 3 or q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1]:
         return "shape", None
-    if q.shape[-1] > 128 or v.shape[-1] > 128:
-        return "head dim > 128", None
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim > {MAX_HEAD_DIM}", None
     return None, (q, k, v)
 
 
