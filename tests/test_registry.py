@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from _devices import to_default_device
+from _invariance import assert_batch_invariant, random_slots
 
 import jetdet
 from jetdet.ops import registry
@@ -30,38 +31,42 @@ def _sample(spec, batch, seed=0, dtype=torch.float32):
     return [to_default_device(a) if isinstance(a, list) else to_default_device([a])[0] for a in args]
 
 
-def _slice(spec, args, sl):
-    out = []
-    for i, a in enumerate(args):
-        if i in spec.batched:
-            a = [t[sl] for t in a] if isinstance(a, list) else a[sl]
-        out.append(a)
-    return out
-
-
 def _outs(res):
     return list(res) if isinstance(res, (tuple, list)) else [res]
 
 
-def _with_batch(spec, res) -> list:
-    """The outputs that carry the batch in dim 0 (all of them, for every op registered today)."""
-    return [o for o in _outs(res) if isinstance(o, torch.Tensor)]
+def _as_items(fn, spec, args):
+    """``(call, items)`` for the shared prefix/needle helper: ``items`` are the batched tensors (a list argument
+    counts each of its tensors), ``call(*items)`` rebuilds the op's arguments and returns its outputs as one
+    ``[B, ...]`` float64 tensor (every output, bool and int ones included, converts exactly), so a mismatch in any
+    output is a mismatch of that tensor."""
+    slots, items = [], []
+    for i in spec.batched:
+        a = args[i]
+        n = len(a) if isinstance(a, list) else None
+        slots.append((i, n))
+        items += a if n is not None else [a]
+
+    def call(*batched):
+        full, at = list(args), 0
+        for i, n in slots:
+            if n is None:
+                full[i], at = batched[at], at + 1
+            else:
+                full[i], at = list(batched[at : at + n]), at + n
+        outs = [o for o in _outs(fn(*full)) if isinstance(o, torch.Tensor)]
+        return torch.cat([o.reshape(o.shape[0], -1).double() for o in outs], dim=1)
+
+    return call, items
 
 
 def check_invariant(fn, spec, batch=6, seed=0):
-    """Prefix and needle: every prefix of the batch and every item alone give bitwise what the full batch gives
-    for those items."""
-    args = _sample(spec, batch, seed)
-    full = _with_batch(spec, fn(*args))
+    """Prefix and needle (tests/_invariance.py): every prefix of the batch and one random item per prefix, run
+    alone, give bitwise what the full batch gives for those items."""
+    call, items = _as_items(fn, spec, _sample(spec, batch, seed))
     rng = random.Random(spec.name)
-    for b in range(1, batch + 1):
-        part = _with_batch(spec, fn(*_slice(spec, args, slice(0, b))))
-        for p, f in zip(part, full):
-            assert torch.equal(p, f[:b]), f"{spec.name}: prefix {b} differs from the full batch"
-        s = rng.randrange(b)
-        needle = _with_batch(spec, fn(*_slice(spec, args, slice(s, s + 1))))
-        for n, p in zip(needle, part):
-            assert torch.equal(n[0], p[s]), f"{spec.name}: item {s} alone differs from slot {s} of batch {b}"
+    assert_batch_invariant(call, items, prefixes=range(1, batch + 1),
+                           slots=[s for _, s in random_slots(rng, range(1, batch + 1))], label=spec.name)
 
 
 # ------------------------------------------------------------------------------------------------- completeness
@@ -178,7 +183,7 @@ def test_invariance_check_fails_on_a_batch_dependent_op():
     def leaky(x):
         return torch.softmax(x, -1) + x.sum() * 1e-3
 
-    with pytest.raises(AssertionError, match="differs"):
+    with pytest.raises(AssertionError, match="run alone differ"):
         check_invariant(leaky, spec)
 
 
