@@ -1,0 +1,134 @@
+"""Tests of the attention kernel (``jetdet.kernels.attention``) against its literal fp32 reference: in the
+interpreter on CPU, or compiled on CUDA tensors when there is a GPU (every test runs with the ``kernel_device``
+fixture, which makes new tensors CUDA tensors there).
+
+Accuracy uses the per-dtype tolerances documented in the kernel's README (``_tolerances.py``); determinism
+tests are bitwise (``torch.equal``): a prefix of the batch, or one item at a random slot of a batch, gives
+the very same bits as the item alone. Shapes are small and odd on purpose: the interpreter is slow, and
+non-power-of-two sizes exercise the masked tails. The interpreter's config lookup for the attention, norm and
+reduce tables is checked here too (one test, kept with the op it checks most).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _invariance import assert_batch_invariant, assert_planted_invariant, random_slots
+from _kernel_util import check_compile_specs, close, same_nonfinite
+
+import jetdet  # noqa: F401  (registers jetdet.kernels)
+from jetdet import configs
+from jetdet.kernels.attention import launch as attn_mod
+from jetdet.kernels.attention.launch import attention
+from jetdet.kernels.attention.reference import attention_reference
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
+
+def qkv(b, h, nq, nk, d, dtype, dv=None):
+    q = torch.randn(b, h, nq, d).to(dtype)
+    k = torch.randn(b, h, nk, d).to(dtype)
+    v = torch.randn(b, h, nk, dv or d).to(dtype)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize(
+    "b,h,nq,nk,d",
+    [(2, 2, 37, 77, 40), (1, 3, 16, 33, 72), (1, 1, 70, 20, 64), (1, 1, 9, 130, 128)],
+)
+def test_attention_matches_reference(dtype, b, h, nq, nk, d):
+    q, k, v = qkv(b, h, nq, nk, d, dtype)
+    close(attention(q, k, v), attention_reference(q, k, v), dtype, "attention")
+
+
+def test_attention_explicit_scale_value_dim_and_strides():
+    # v with its own head dim; q/k/v as [B, N, H, D] tensors viewed as [B, H, N, D] (non-contiguous)
+    q = torch.randn(2, 21, 3, 40, dtype=F16).transpose(1, 2)
+    k = torch.randn(2, 45, 3, 40, dtype=F16).transpose(1, 2)
+    v = torch.randn(2, 45, 3, 24, dtype=F16).transpose(1, 2)
+    out = attention(q, k, v, scale=0.3)
+    assert out.shape == (2, 3, 21, 24)
+    close(out, attention_reference(q, k, v, scale=0.3), F16, "attention")
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_attention_masks(dtype):
+    b, h, nq, nk, d = 2, 2, 19, 37, 40
+    q, k, v = qkv(b, h, nq, nk, d, dtype)
+    # broadcast [1, 1, Nq, Nk]: random values, scattered -inf, one row fully masked -> NaN as in the reference
+    bmask = torch.randn(1, 1, nq, nk)
+    bmask[..., ::3] = float("-inf")
+    bmask[0, 0, 5, :] = float("-inf")
+    # full [B, H, Nq, Nk], -inf on the first 33 keys so the first KV block of some rows is all -inf
+    fmask = torch.randn(b, h, nq, nk)
+    fmask[1, 0, :, :33] = float("-inf")
+    # key padding [B, 1, 1, Nk] and a boolean mask (True = keep)
+    pmask = torch.zeros(b, 1, 1, nk)
+    pmask[0, ..., 30:] = float("-inf")
+    boolmask = torch.rand(nq, nk) > 0.3
+    for mask in (bmask, fmask, pmask, boolmask):
+        out, ref = attention(q, k, v, mask), attention_reference(q, k, v, mask)
+        same_nonfinite(out, ref)
+        close(out, ref, dtype, "attention")
+    assert attention(q, k, v, bmask)[:, :, 5].isnan().all()
+
+
+def test_attention_nan_inf_propagate_like_reference():
+    q, k, v = qkv(1, 2, 9, 40, 40, F32)
+    q[0, 0, 3, 7] = float("nan")  # one query row
+    k[0, 1, 38, 0] = float("nan")  # every row of head 1 (it sees key 38)
+    v[0, 0, 10, 5] = float("inf")  # column 5 of every row of head 0
+    out, ref = attention(q, k, v), attention_reference(q, k, v)
+    same_nonfinite(out, ref)
+    assert out[0, 1].isnan().all() and out[0, 0, :, 5].isinf().sum() == 8
+    close(out, ref, F32, "attention")
+
+
+def test_attention_empty_sizes():
+    q, k, v = qkv(1, 2, 5, 0, 40, F16)
+    assert torch.equal(attention(q, k, v), torch.zeros(1, 2, 5, 40, dtype=F16))  # like the reference's matmul
+    q, k, v = qkv(1, 2, 0, 7, 40, F16)
+    assert attention(q, k, v).shape == (1, 2, 0, 40)
+    with pytest.raises(ValueError, match="head dim"):
+        attention(*qkv(1, 1, 4, 4, 264, F16))
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_attention_batch_prefix_and_needle_bitwise(dtype):
+    h, nq, nk, d = 2, 21, 37, 40
+    q, k, v = qkv(8, h, nq, nk, d, dtype)
+    mask = torch.randn(8, h, nq, nk)
+    mask[..., ::4] = float("-inf")
+    assert_batch_invariant(attention, [q, k, v], prefixes=range(1, 9), label="attention")
+    assert_batch_invariant(attention, [q, k, v, mask], slots=range(8), label="attention with a per-item mask")
+    # needle: one item alone vs at a random slot of a random batch of 2..8
+    assert_planted_invariant(
+        attention, [q[:1], k[:1], v[:1], mask[:1]],
+        lambda bsz: [*qkv(bsz, h, nq, nk, d, dtype), torch.randn(bsz, h, nq, nk)],
+        random_slots(random.Random(0), range(2, 9)), label="attention",
+    )
+
+
+# ----------------------------------------------------------------------------------- tables and specs
+
+
+def test_interpreter_uses_sm80_tables_keyed_by_size():
+    cfg = configs.get_config("attention", 40, dtype=F16, device=torch.device("cpu"), default={})
+    assert cfg == {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+    cfg32 = configs.get_config("attention", 128, dtype=F32, device=torch.device("cpu"), default={})
+    assert cfg32["BLOCK_N"] == 16  # the fp32 table (ieee dots need smaller tiles)
+    assert configs.get_config("norms", 1300, dtype=F16, device=None, default={})["BLOCK"] == 1024
+    assert configs.get_config("reduce", 90, dtype=F16, device=None, default={})["BLOCK"] == 64
+
+
+@pytest.mark.parametrize("mod", [attn_mod], ids=["attention"])
+def test_compile_specs_cover_every_parameter(mod):
+    check_compile_specs(mod)

@@ -1,0 +1,95 @@
+"""Batch-invariant conv2d kernel (``jetdet.kernels.conv2d``; Triton interpreter on CPU) against its fp32
+reference: accuracy with tails, strides, padding, strided input, bias, and bitwise prefix / needle invariance
+over the batch; the shipped tile tables."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _invariance import assert_batch_invariant, assert_planted_invariant, random_slots
+from _kernel_util import DEV, DTYPES, check_shipped_tables, close_gemm, needs_kernels, rand
+
+from jetdet.kernels.conv2d import launch as conv_launch
+from jetdet.kernels.conv2d.reference import conv2d_reference
+
+pytestmark = needs_kernels
+
+CONV_CASES = [
+    # C, O, H, W, kh, kw, stride, padding, bias
+    (3, 7, 9, 9, 3, 3, (1, 1), (1, 1), True),
+    (5, 33, 13, 13, 3, 3, (2, 2), (1, 1), False),
+    (19, 7, 9, 9, 1, 1, (1, 1), (0, 0), True),
+    (5, 33, 13, 13, 1, 1, (2, 2), (0, 0), True),
+    (19, 33, 13, 9, 3, 3, (1, 1), (0, 0), True),
+    (5, 7, 11, 10, 1, 3, (1, 2), (0, 1), False),
+]
+
+
+def _conv_id(c):
+    pair = lambda v: str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+    return "C{}O{}H{}W{}k{}x{}".format(*c[:6]) + f"s{pair(c[6])}p{pair(c[7])}" + ("b" if c[8] else "")
+
+
+# bf16 runs the fp16 kernel with bf16 operands (and fp32 math in the interpreter): two cases suffice
+CONV_PARAMS = [
+    pytest.param(dt, case, id=f"{_conv_id(case)}-{str(dt).replace('torch.', '')}")
+    for case in CONV_CASES
+    for dt in DTYPES
+    if dt != torch.bfloat16 or case in CONV_CASES[:2]
+]
+
+
+@pytest.mark.parametrize("dtype,case", CONV_PARAMS)
+def test_conv2d_accuracy(dtype, case):
+    c, o, h, w_, kh, kw, stride, padding, has_bias = case
+    x = rand(2, c, h, w_, dtype=dtype)
+    w = rand(o, c, kh, kw, dtype=dtype, scale=(c * kh * kw) ** -0.5)
+    bias = rand(o, dtype=dtype) if has_bias else None
+    out = conv_launch.conv2d(x, w, bias, stride, padding)
+    close_gemm(out, conv2d_reference(x, w, bias, stride, padding), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_conv2d_strided_input(dtype):
+    """channels_last input and a non-contiguous slice give the same numbers as the contiguous input."""
+    x = rand(2, 6, 9, 9, dtype=dtype)
+    w = rand(7, 6, 3, 3, dtype=dtype, scale=(6 * 9) ** -0.5)
+    bias = rand(7, dtype=dtype)
+    ref = conv2d_reference(x, w, bias, (1, 1), (1, 1))
+    close_gemm(conv_launch.conv2d(x.to(memory_format=torch.channels_last), w, bias, (1, 1), (1, 1)), ref, dtype)
+    wide = rand(2, 6, 9, 18, dtype=dtype)
+    wide[..., ::2] = x
+    close_gemm(conv_launch.conv2d(wide[..., ::2], w, bias, (1, 1), (1, 1)), ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
+)
+@pytest.mark.parametrize("k,stride,padding", [(3, (1, 1), (1, 1)), (1, (2, 2), (0, 0))], ids=["3x3s1p1", "1x1s2p0"])
+def test_conv2d_needle(dtype, k, stride, padding):
+    """One image alone == the same image at a random slot of a batch of 1..8, bitwise; and prefixes."""
+    c, o, h = 5, 7, 7
+    w = rand(o, c, k, k, dtype=dtype, scale=(c * k * k) ** -0.5)
+    bias = rand(o, dtype=dtype)
+    conv = lambda x: conv_launch.conv2d(x, w, bias, stride, padding)
+    hay = lambda n: [rand(n, c, h, h, dtype=dtype)]
+    assert_planted_invariant(conv, hay(1), hay, random_slots(random.Random(2), range(1, 9)))
+    assert_batch_invariant(conv, hay(8), prefixes=(1, 3, 5))  # prefix: the first j images of a batch alone
+
+
+def test_conv2d_zero_channels():
+    x = torch.zeros(2, 0, 5, 5, device=DEV)
+    w = torch.zeros(3, 0, 3, 3, device=DEV)
+    bias = torch.tensor([1.0, 2.0, 3.0], device=DEV)
+    out = conv_launch.conv2d(x, w, bias, (1, 1), (1, 1))
+    assert torch.equal(out, bias[None, :, None, None].expand(2, 3, 5, 5))
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+@pytest.mark.parametrize("op", ["conv2d"])
+def test_shipped_tables(op):
+    check_shipped_tables(op)
