@@ -33,7 +33,7 @@ def same_nonfinite(out, ref):
 
 
 def check_compile_specs(mod):
-    """``mod.compile_specs()`` (a kernel folder's ``launch`` module) names every kernel parameter, once."""
+    """``mod.compile_specs()`` (a kernel folder's ``specs`` module) names every kernel parameter, once."""
     specs = mod.compile_specs()
     assert len({s.name for s in specs}) == len(specs)
     dtypes = {d for s in specs for d in ("fp32", "fp16", "bf16") if f"{d}," in s.name}

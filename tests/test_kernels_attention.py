@@ -20,7 +20,7 @@ from _kernel_util import check_compile_specs, close, same_nonfinite
 
 import jetdet  # noqa: F401  (registers jetdet.kernels)
 from jetdet import configs
-from jetdet.kernels.attention import launch as attn_mod
+from jetdet.kernels.attention import specs as attn_specs
 from jetdet.kernels.attention.launch import attention
 from jetdet.kernels.attention.reference import attention_reference
 
@@ -129,6 +129,6 @@ def test_interpreter_uses_sm80_tables_keyed_by_size():
     assert configs.get_config("reduce", 90, dtype=F16, device=None, default={})["BLOCK"] == 64
 
 
-@pytest.mark.parametrize("mod", [attn_mod], ids=["attention"])
+@pytest.mark.parametrize("mod", [attn_specs], ids=["attention"])
 def test_compile_specs_cover_every_parameter(mod):
     check_compile_specs(mod)

@@ -18,7 +18,7 @@ from _invariance import assert_batch_invariant, assert_planted_invariant, random
 from _kernel_util import check_compile_specs, close, same_nonfinite
 
 import jetdet  # noqa: F401  (registers jetdet.kernels)
-from jetdet.kernels.norms import launch as norms
+from jetdet.kernels.norms import specs as norms_specs
 from jetdet.kernels.norms.launch import group_norm, layer_norm, rms_norm
 from jetdet.kernels.norms.reference import group_norm_reference, layer_norm_reference, rms_norm_reference
 
@@ -97,6 +97,6 @@ def test_norms_nan_inf_propagate_like_reference():
     assert out[1, 3:6].isnan().all() and out[0].isfinite().all()
 
 
-@pytest.mark.parametrize("mod", [norms], ids=["norms"])
+@pytest.mark.parametrize("mod", [norms_specs], ids=["norms"])
 def test_compile_specs_cover_every_parameter(mod):
     check_compile_specs(mod)
