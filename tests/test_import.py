@@ -66,3 +66,25 @@ def test_jetdet_and_jetdet_comfy_import_no_comfyui():
              "in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'nodes', 'folder_paths')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_pyproject_lists_every_package():
+    """setuptools gets an explicit package list (kernels/ is mapped under jetdet): a package missing there is
+    missing from every pip install (jetdet.comfy and a new kernel folder once were), so the list must be every
+    folder with an __init__.py under jetdet/, kernels/ and autotune_configs/."""
+    import os
+
+    import tomllib
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    roots = (("jetdet", "jetdet"), ("kernels", "jetdet.kernels"), ("autotune_configs", "jetdet.autotune_configs"))
+    for top, name in roots:
+        for root, dirs, files in os.walk(os.path.join(repo, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            if "__init__.py" in files:
+                rel = os.path.relpath(root, os.path.join(repo, top))
+                found.add(name if rel == "." else name + "." + rel.replace(os.sep, "."))
+    assert found == listed, {"not in pyproject": sorted(found - listed), "listed, no package": sorted(listed - found)}

@@ -3,8 +3,8 @@
 A kernel folder ``kernels/<folder>/`` is one self-describing unit: the Triton kernel (``kernel.py``), its launch
 code (``launch.py``), its static-report compile specs (``specs.py``), the batch-invariant torch path
 (``torch_path.py``), the plain fp32 reference (``reference.py``), and ``op.py``, which exports ``SPECS``: one
-:class:`~jetdet.ops.spec.OpSpec` per op the folder serves. :data:`FOLDERS` lists the folders; adding an op
-is a folder plus one line there (and its test file).
+:class:`~jetdet.ops.spec.OpSpec` per op the folder serves. :data:`FOLDERS` is every folder with an ``op.py``;
+adding an op is a folder, its package line in ``pyproject.toml`` and its test file.
 
 :func:`register` turns a spec into:
 
@@ -25,6 +25,7 @@ the registered op takes the wrapper's normalised arguments.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,18 +33,27 @@ import torch
 from .. import backend
 from .spec import OpSpec
 
-#: The kernel folders whose ``op.py`` exports ``SPECS``. One line per folder.
-FOLDERS = (
-    "matmul",
-    "conv2d",
-    "attention",
-    "norms",
-    "reduce",
-    "linear_attention",
-    "block_sparse",
-    "forecast",
-    "gelu_gate",
-)
+
+def _discover() -> tuple[str, ...]:
+    """Every kernel folder with an ``op.py``, in name order."""
+    from .. import _paths
+
+    _paths.install()
+    import jetdet.kernels as kernels
+
+    found = set()
+    for root in kernels.__path__:
+        for name in os.listdir(root):
+            if os.path.isfile(os.path.join(root, name, "op.py")) and os.path.isfile(
+                    os.path.join(root, name, "__init__.py")):
+                found.add(name)
+    return tuple(sorted(found))
+
+
+#: The kernel folders whose ``op.py`` exports ``SPECS``: found on disk, so a new folder registers itself; the one
+#: line to add is its package name in ``pyproject.toml`` (so a pip install ships it; ``tests/test_import.py``
+#: fails when a package is missing there).
+FOLDERS = _discover()
 
 
 class Op:
