@@ -40,7 +40,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- matmul
 
 
-_OPS = {op.spec.name: op for op in registry.ops()}
+_OPS = registry.OPS
 
 
 def _check_mm(input, mat2):

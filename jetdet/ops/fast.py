@@ -38,7 +38,7 @@ __all__ = [
     "forecast_weights",
 ]
 
-_OPS = {op.spec.name: op for op in registry.ops()}
+_OPS = registry.OPS
 FEATURE_MAPS = ("relu", "elu1", "identity")
 BLOCK_SIZES = (16, 32, 64, 128)
 POOL_SIZES = (4, 8, 16, 32, 64, 128)

@@ -110,17 +110,18 @@ class Op:
         return f"<jetdet op {self.spec.name} ({self.spec.folder})>"
 
 
-_OPS: dict[str, Op] = {}
+#: Every registered op by name (what :func:`get` reads; the wrappers index it directly on their hot path).
+OPS: dict[str, Op] = {}
 
 
 def register(spec: OpSpec) -> Op:
     """Build the custom op, its fake, the device dispatch and the eager shortcut from ``spec``."""
     if not isinstance(spec, OpSpec):
         raise TypeError(f"spec: expected an OpSpec, got {type(spec).__name__}")
-    if spec.name in _OPS:
-        raise ValueError(f"spec: an op named {spec.name!r} is already registered ({_OPS[spec.name].spec.folder})")
+    if spec.name in OPS:
+        raise ValueError(f"spec: an op named {spec.name!r} is already registered ({OPS[spec.name].spec.folder})")
     op = Op(spec)
-    _OPS[spec.name] = op
+    OPS[spec.name] = op
     return op
 
 
@@ -142,18 +143,18 @@ def _load(folders: Sequence[str]) -> None:
 def get(name: str) -> Op:
     """The registered op ``name`` (``"mm"``, ``"linear"``, ...)."""
     try:
-        return _OPS[name]
+        return OPS[name]
     except KeyError:
-        raise KeyError(f"name: no jetdet op {name!r}; registered: {', '.join(sorted(_OPS))}") from None
+        raise KeyError(f"name: no jetdet op {name!r}; registered: {', '.join(sorted(OPS))}") from None
 
 
 def ops() -> list[Op]:
     """Every registered op, in registration order."""
-    return list(_OPS.values())
+    return list(OPS.values())
 
 
 def specs() -> list[OpSpec]:
-    return [op.spec for op in _OPS.values()]
+    return [op.spec for op in OPS.values()]
 
 
 _load(FOLDERS)
