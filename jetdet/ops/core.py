@@ -115,8 +115,6 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 # ---------------------------------------------------------------------------------------------- conv2d
 
 
-
-
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """Like ``F.conv2d`` for NCHW input, groups=1, dilation=1, zero padding (int, pair or ``"same"``/
     ``"valid"``). Batch invariant: output item b depends only on input item b."""

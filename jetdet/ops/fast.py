@@ -462,6 +462,13 @@ def forecast_weights(timesteps: Sequence[float], t: float, order: int | str = 1)
     """The weights ``w`` with ``forecast(...) = Σ_i w_i · history[i]`` (0 for unused entries)."""
     ts = _as_floats("timesteps", timesteps)
     t = float(t)
+    _check_forecast_args(ts, t, order)
+    return _FT.weights(ts, t, str(order))
+
+
+def _check_forecast_args(ts: list[float], t: float, order: int | str) -> None:
+    """The order, the timesteps and ``t`` of a forecast (what :func:`forecast_weights` and :func:`forecast`
+    accept), without computing the weights."""
     pts = _method_points(order)
     k = len(ts)
     if k < 1 or k > MAX_HISTORY:
@@ -470,7 +477,6 @@ def forecast_weights(timesteps: Sequence[float], t: float, order: int | str = 1)
     if use > k:
         raise ValueError(f"history: order={order!r} needs at least {use} outputs, got {k}")
     _check_timesteps(ts, t, k)
-    return _FT.weights(ts, t, str(order))
 
 
 def _check_history(history: list, timesteps: list) -> None:
@@ -517,5 +523,5 @@ def forecast(history: Sequence[torch.Tensor] | torch.Tensor, timesteps: Sequence
         t = float(t.item())
     ts = _as_floats("timesteps", timesteps)
     _check_history(history, ts)
-    forecast_weights(ts, float(t), order)  # checks the order, the timesteps and t
+    _check_forecast_args(ts, float(t), order)
     return _OPS["forecast"](history, ts, float(t), str(order))

@@ -62,6 +62,8 @@ class Op:
     def __init__(self, spec: OpSpec):
         self.spec = spec
         self._launcher = None
+        # Only ops whose schema takes a tensor list pay for looking inside list arguments on the eager path.
+        self._lists = "Tensor[]" in spec.schema
         self.body = self._body  # the plain Python body, dispatching on the device
         self.custom_op = torch.library.custom_op(f"jetdet::{spec.name}", self._body, mutates_args=(),
                                                  schema=spec.schema)
@@ -82,7 +84,7 @@ class Op:
 
     def _body(self, *args):
         t = args[self.spec.device_arg]
-        if isinstance(t, (list, tuple)):
+        if self._lists and isinstance(t, (list, tuple)):
             t = t[0]
         if backend.backend_for(t) == "triton":
             return self.launcher()(*args)
@@ -94,7 +96,7 @@ class Op:
             if isinstance(a, torch.Tensor):
                 if type(a) not in backend.PLAIN or (grad and a.requires_grad):
                     return self.overload(*args)  # autograd then sees one opaque op (no backward formula)
-            elif isinstance(a, (list, tuple)):
+            elif self._lists and isinstance(a, (list, tuple)):
                 for t in a:
                     if isinstance(t, torch.Tensor) and (type(t) not in backend.PLAIN or (grad and t.requires_grad)):
                         return self.overload(*args)
