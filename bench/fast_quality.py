@@ -90,7 +90,7 @@ def quality(args):
     q, k, v = smooth_attention_inputs(args.side, args.heads, args.dim, args.seed)
     dtype = {name: dt for dt, name in configs.DTYPE_NAMES.items()}[args.dtype]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    dense = bref.masked_attention(q, k, v, None)
+    dense = bref.block_sparse_attention_reference(q, k, v, None)
     H = args.heads
     print(f"inputs: 1 x {H} heads x N={q.shape[2]} tokens ({args.side}x{args.side} grid) x D={args.dim}, "
           f"{args.dtype}, backend={os.environ.get('JETDET_BACKEND', 'auto')}")

@@ -284,11 +284,11 @@ def _op_cases(dry: bool):
         "linear_attention": (
             lambda b, g: ([r(g, b, 2, 70, 32), r(g, b, 2, 50, 32), r(g, b, 2, 50, 48)], []),
             lambda q, k, v: ops.linear_attention(q, k, v, "relu"),
-            lambda q, k, v: la_ref.linear_attention(q, k, v, "relu")),
+            lambda q, k, v: la_ref.linear_attention_reference(q, k, v, "relu")),
         "block_sparse_attention": (
             lambda b, g: ([r(g, b, 2, 100, 32), r(g, b, 2, 130, 32), r(g, b, 2, 130, 32)], [bool_mask(100, 130, 32)]),
             lambda q, k, v, m: ops.block_sparse_attention(q, k, v, m, block_size=32),
-            lambda q, k, v, m: bs_ref.masked_attention(q, k, v, m, 32)),
+            lambda q, k, v, m: bs_ref.block_sparse_attention_reference(q, k, v, m, 32)),
         "forecast": (
             lambda b, g: ([r(g, b, 4, 9, 9), r(g, b, 4, 9, 9), r(g, b, 4, 9, 9)], []),
             lambda h0, h1, h2: ops.forecast([h0, h1, h2], [0.9, 0.7, 0.5], 0.3, order=2),
@@ -332,7 +332,7 @@ def _with_diagonal(m):
 def _forecast_ref(hist, ts, t):
     from jetdet.kernels.forecast import reference
 
-    return reference.forecast(hist, ts, t, order=2).float()
+    return reference.forecast_reference(hist, ts, t, order=2).float()
 
 
 def _move(ts, dev, dtype=None):

@@ -34,7 +34,7 @@ def test_full_mask_is_dense_attention(backend, dtype, monkeypatch):
     full = torch.ones(2, 2, math.ceil(45 / bs), math.ceil(37 / bs), dtype=torch.bool)
     out = fast.block_sparse_attention(q, k, v, full, block_size=bs)
     assert out.dtype == dtype and out.shape == (2, 2, 45, 40)
-    assert_rel(out, ref.masked_attention(q, k, v, None), dtype)
+    assert_rel(out, ref.block_sparse_attention_reference(q, k, v, None), dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -46,7 +46,7 @@ def test_sparse_mask_is_masked_dense(backend, dtype, monkeypatch):
     mask = _random_mask(2, 2, 4, 5, 0.4)
     scale = 0.3
     out = fast.block_sparse_attention(q, k, v, mask, block_size=bs, scale=scale)
-    assert_rel(out, ref.masked_attention(q, k, v, mask, bs, scale), dtype)
+    assert_rel(out, ref.block_sparse_attention_reference(q, k, v, mask, bs, scale), dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -58,7 +58,7 @@ def test_mask_shared_by_batch_and_empty_rows(backend, monkeypatch):
     mask = _random_mask(1, 2, 3, 3, 0.5)
     mask[0, 1, 2] = False
     out = fast.block_sparse_attention(q, k, v, fast.block_mask_from_bool(mask, 32), block_size=32)
-    assert_rel(out, ref.masked_attention(q, k, v, mask, 32), torch.float32)
+    assert_rel(out, ref.block_sparse_attention_reference(q, k, v, mask, 32), torch.float32)
     assert torch.equal(out[:, 1, 64:], torch.zeros_like(out[:, 1, 64:]))
 
 
@@ -68,7 +68,7 @@ def test_block_mask_matches_reference(backend, mass, pool_size, monkeypatch):
     monkeypatch.setenv("JETDET_BACKEND", backend)
     q, k, _ = _qkv(2, 2, 150, 130, 32, 32, torch.float16)
     bm = fast.attention_block_mask(q, k, block_size=32, mass=mass, min_blocks=2, pool_size=pool_size)
-    expect = ref.block_mask(q, k, 32, mass, 2, pool_size)
+    expect = ref.attention_block_mask_reference(q, k, 32, mass, 2, pool_size)
     assert torch.equal(bm.mask, expect)
     assert bm.mask.shape == (2, 2, 5, 5) and bm.block_size == 32
     assert (bm.mask.sum(-1) >= 2).all()
@@ -158,4 +158,4 @@ def test_spatial_block_order():
     q, k, v = _qkv(1, 2, 60, 60, 16, 16, torch.float32)
     full = torch.ones(1, 2, 4, 4, dtype=torch.bool)
     out = fast.block_sparse_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], full, block_size=16)
-    assert_rel(out[:, :, inv], ref.masked_attention(q, k, v, None), torch.float32)
+    assert_rel(out[:, :, inv], ref.block_sparse_attention_reference(q, k, v, None), torch.float32)

@@ -26,7 +26,7 @@ def test_matches_reference(backend, dtype, feature_map, monkeypatch):
     q, k, v = _inputs(2, 3, 37, 45, 24, 40, dtype, feature_map)
     out = fast.linear_attention(q, k, v, feature_map=feature_map)
     assert out.dtype == dtype and out.shape == (2, 3, 37, 40)
-    assert_rel(out, ref.linear_attention(q, k, v, feature_map), dtype)
+    assert_rel(out, ref.linear_attention_reference(q, k, v, feature_map), dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -37,14 +37,14 @@ def test_state_round_trip(backend, monkeypatch):
     q, k, v = _inputs(2, 2, 33, 50, 32, 32, torch.float16, "relu")
     out, st = fast.linear_attention(q, k, v, return_state=True)
     assert st.kv.dtype == torch.float32 and st.kv.shape == (2, 2, 32, 32) and st.k_sum.shape == (2, 2, 32)
-    rkv, rks = ref.state(k, v, "relu")
+    rkv, rks = ref.linear_attention_state_reference(k, v, "relu")
     assert torch.allclose(st.kv, rkv, rtol=1e-5, atol=1e-4) and torch.allclose(st.k_sum, rks, rtol=1e-5, atol=1e-4)
     again = fast.linear_attention(q, None, None, state=st)
     assert torch.equal(again, out)
     assert torch.equal(fast.linear_attention(q, k, v), out)
     q2 = torch.randn_like(q)
     assert_rel(fast.linear_attention(q2, None, None, state=(st.kv, st.k_sum)),
-               ref.apply(q2, rkv, rks, "relu"), torch.float16)
+               ref.linear_attention_apply_reference(q2, rkv, rks, "relu"), torch.float16)
 
 
 def test_chunked_state_is_exact_and_batch_invariant(triton_backend):
@@ -52,7 +52,7 @@ def test_chunked_state_is_exact_and_batch_invariant(triton_backend):
     an item's state does not depend on the batch it is in."""
     q, k, v = _inputs(2, 1, 5, 2100, 16, 16, torch.float32, "elu1")
     out, st = fast.linear_attention(q, k, v, feature_map="elu1", return_state=True)
-    assert_rel(out, ref.linear_attention(q, k, v, "elu1"), torch.float32)
+    assert_rel(out, ref.linear_attention_reference(q, k, v, "elu1"), torch.float32)
     _, st1 = fast.linear_attention(q[1:], k[1:], v[1:], feature_map="elu1", return_state=True)
     assert torch.equal(st1.kv[0], st.kv[1]) and torch.equal(st1.k_sum[0], st.k_sum[1])
 
@@ -64,14 +64,14 @@ def test_strided_inputs(backend, monkeypatch):
     x = torch.randn(3, 2, 19, 3, 16)  # (qkv, B, N, H, D)
     q, k, v = (t.transpose(1, 2) for t in x)
     assert not q.is_contiguous()
-    assert_rel(fast.linear_attention(q, k, v), ref.linear_attention(q, k, v), torch.float32)
+    assert_rel(fast.linear_attention(q, k, v), ref.linear_attention_reference(q, k, v), torch.float32)
 
 
 def test_custom_op_and_fake():
     q, k, v = _inputs(1, 2, 9, 11, 8, 8, torch.float32, "relu")
     torch.library.opcheck(torch.ops.jetdet.linear_attention.default, (q, k, v, "relu", 1e-6))
     torch.library.opcheck(torch.ops.jetdet.linear_attention_state.default, (k, v, "elu1"))
-    kv, ks = ref.state(k, v, "relu")
+    kv, ks = ref.linear_attention_state_reference(k, v, "relu")
     torch.library.opcheck(torch.ops.jetdet.linear_attention_apply.default, (q, kv, ks, "relu", 1e-6))
 
 

@@ -12,7 +12,7 @@ from _invariance import assert_batch_invariant, assert_planted_invariant
 from _kernel_util import DEV, DTYPES, check_shipped_tables, close_gemm, needs_kernels, rand
 
 from jetdet.kernels.matmul import launch as mm_launch
-from jetdet.kernels.matmul.reference import bmm_reference, matmul_reference
+from jetdet.kernels.matmul.reference import bmm_reference, mm_reference
 
 pytestmark = needs_kernels
 
@@ -27,7 +27,7 @@ def test_matmul_accuracy(dtype, m, k, n, bias):
     w = rand(n, k, dtype=dtype, scale=k**-0.5)  # nn.Linear layout: b = w.t() is strided
     b_ = rand(n, dtype=dtype) if bias else None
     out = mm_launch.matmul(a, w.t(), b_)
-    close_gemm(out, matmul_reference(a, w.t(), b_), dtype)
+    close_gemm(out, mm_reference(a, w.t(), b_), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
@@ -36,7 +36,7 @@ def test_matmul_any_strides(dtype):
     a = rand(m, k, dtype=dtype)
     b = rand(k, n, dtype=dtype, scale=k**-0.5)
     bias = rand(n, dtype=dtype)
-    ref = matmul_reference(a, b, bias)
+    ref = mm_reference(a, b, bias)
     close_gemm(mm_launch.matmul(a, b, bias), ref, dtype)  # both contiguous
     close_gemm(mm_launch.matmul(a.t().contiguous().t(), b.t().contiguous().t(), bias), ref, dtype)  # column-major
     big = rand(m, 2 * k, dtype=dtype)

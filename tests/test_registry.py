@@ -101,6 +101,48 @@ def test_op_has_every_piece(name):
         assert files, f"{name}: no shipped launch table autotune_configs/{spec.table}/"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_is_named_after_the_op(name):
+    """One naming rule in every folder: the op ``name``'s fp32 reference is ``reference.<name>_reference``."""
+    spec = SPECS[name]
+    ref = importlib.import_module(f"jetdet.kernels.{spec.folder}.reference")
+    assert callable(getattr(ref, f"{name}_reference", None)), \
+        f"{name}: kernels/{spec.folder}/reference.py has no {name}_reference"
+
+
+def _jit_functions(folder):
+    import glob
+    import os
+
+    import triton
+
+    found = {}
+    root = os.path.dirname(importlib.import_module(f"jetdet.kernels.{folder}").__file__)
+    for path in sorted(glob.glob(os.path.join(root, "kernel*.py"))):
+        mod = importlib.import_module(f"jetdet.kernels.{folder}.{os.path.basename(path)[:-3]}")
+        found.update({k: v for k, v in vars(mod).items() if isinstance(v, triton.runtime.KernelInterface)
+                      and inspect.getmodule(v.fn) is mod})
+    launch_src = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(root, "launch*.py"))))
+    return found, launch_src
+
+
+@pytest.mark.parametrize("folder", sorted(set(registry.FOLDERS) | {"noise"}))
+def test_kernel_names_follow_one_rule(folder):
+    """A Triton function that the folder's launch code launches (``name[grid](...)``) is public and named
+    ``*_kernel``; one it does not launch (a ``@triton.jit`` helper called inside a kernel) is not named so."""
+    import re
+
+    found, launch_src = _jit_functions(folder)
+    assert found, f"kernels/{folder}: no Triton functions found"
+    launched = {n for n in found if re.search(rf"\b{re.escape(n)}\[", launch_src)}
+    assert launched, f"kernels/{folder}: launch*.py launches none of {sorted(found)}"
+    for n in found:
+        if n in launched:
+            assert n.endswith("_kernel") and not n.startswith("_"), f"kernels/{folder}: launched kernel {n}"
+        else:
+            assert not n.endswith("_kernel"), f"kernels/{folder}: {n} is named a kernel but never launched"
+
+
 def test_static_report_covers_every_registered_folder():
     from jetdet import static_report
 

@@ -1,6 +1,6 @@
 """Block-sparse attention and the block pooling behind its mask.
 
-``_bsa_fwd_kernel``: flash-style online-softmax attention in which the program for a query tile walks only
+``block_sparse_fwd_kernel``: flash-style online-softmax attention in which the program for a query tile walks only
 the kept KV blocks of its query block, read from the index form of the mask (ascending kept block ids +
 count). The loop trip count is the kept count, so work is proportional to mask density: no program loops
 over all blocks to skip most of them. KV blocks are visited in ascending order, so the floating-point
@@ -12,7 +12,7 @@ flash attention). fp32 inputs use fp32 operands with ``input_precision="ieee"``;
 operands with ``"tf32"`` (bf16 values are exact in TF32), which also keeps the Triton interpreter, whose
 bf16 dot is wrong, on a correct path.
 
-``_block_pool_kernel``: mean of each ``BLOCK_SIZE``-token block of ``x [B, H, N, D]`` in fp32, rows added
+``block_pool_kernel``: mean of each ``BLOCK_SIZE``-token block of ``x [B, H, N, D]`` in fp32, rows added
 in a fixed order; the tail block is divided by its true token count.
 """
 
@@ -21,7 +21,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _bsa_fwd_kernel(
+def block_sparse_fwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -144,7 +144,7 @@ def _bsa_fwd_kernel(
 
 
 @triton.jit
-def _block_pool_kernel(
+def block_pool_kernel(
     x_ptr,
     out_ptr,
     H,

@@ -59,7 +59,7 @@ def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: t
     sib = 0 if indices.shape[0] == 1 else indices.stride(0)
     scb = 0 if counts.shape[0] == 1 else counts.stride(0)
     count_visits = visits is not None
-    kernel._bsa_fwd_kernel[grid](
+    kernel.block_sparse_fwd_kernel[grid](
         q,
         k,
         v,
@@ -110,7 +110,7 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     out = empty((B, H, nb, D), torch.float32, x.device)
     if out.numel() == 0:
         return out
-    kernel._block_pool_kernel[(nb, B * H)](
+    kernel.block_pool_kernel[(nb, B * H)](
         x,
         out,
         H,

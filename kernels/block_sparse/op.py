@@ -35,7 +35,7 @@ def _mask_fake(q, k, block_size, mass, min_blocks, pool_size):
 
 
 def _mask_reference(q, k, block_size, mass, min_blocks, pool_size):
-    mask = R.block_mask(q, k, block_size, mass, min_blocks, pool_size)
+    mask = R.attention_block_mask_reference(q, k, block_size, mass, min_blocks, pool_size)
     return (mask, *T.mask_to_index(mask))
 
 
@@ -54,7 +54,8 @@ def _attn_reference(q, k, v, indices, counts, block_size, scale):
     nkb = indices.shape[-1]
     keep = torch.zeros(*indices.shape[:3], nkb + 1, dtype=torch.bool)
     keep.scatter_(3, torch.where(indices < 0, nkb, indices).long(), True)
-    return R.masked_attention(q, k, v, keep[..., :nkb].expand(q.shape[0], -1, -1, -1), block_size, scale)
+    mask = keep[..., :nkb].expand(q.shape[0], -1, -1, -1)
+    return R.block_sparse_attention_reference(q, k, v, mask, block_size, scale)
 
 
 def _attn_sample(batch, dtype, gen):

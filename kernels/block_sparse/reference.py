@@ -17,7 +17,7 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return out
 
 
-def block_mask(q, k, block_size=64, mass=0.95, min_blocks=1, pool_size=None):
+def attention_block_mask_reference(q, k, block_size=64, mass=0.95, min_blocks=1, pool_size=None):
     """Boolean mask ``[B, H, nQB, nKB]``: per query block, the fewest top-mass KV blocks whose estimated
     masses sum to at least ``mass`` (at least ``min_blocks``), plus the diagonal block. The estimated mass
     of KV block j for query block i is the token-weighted mean over query pools a in i of the sum over key
@@ -60,7 +60,7 @@ def token_mask(block_mask: torch.Tensor, n: int, m: int, block_size: int) -> tor
     return t[:, :, :n, :m]
 
 
-def masked_attention(q, k, v, block_mask=None, block_size=64, scale=None):
+def block_sparse_attention_reference(q, k, v, block_mask=None, block_size=64, scale=None):
     """Dense fp32 softmax attention with KV blocks outside ``block_mask`` removed (rows with no kept
     block give zeros). ``block_mask=None`` is plain dense attention."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale

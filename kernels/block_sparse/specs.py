@@ -57,7 +57,7 @@ def compile_specs() -> list[CompileSpec]:
                     specs.append(
                         CompileSpec(
                             name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}_w{cfg['num_warps']}_s{cfg['num_stages']}",
-                            fn=kernel._bsa_fwd_kernel,
+                            fn=kernel.block_sparse_fwd_kernel,
                             signature=sig,
                             constexprs={
                                 "BLOCK_SIZE": bs,
@@ -81,7 +81,7 @@ def compile_specs() -> list[CompileSpec]:
                         specs.append(
                             CompileSpec(
                                 name=f"block_pool_d{_pad(d)}_{dn}_ps{ps}_r{pr}",
-                                fn=kernel._block_pool_kernel,
+                                fn=kernel.block_pool_kernel,
                                 signature={
                                     "x_ptr": p,
                                     "out_ptr": "*fp32",

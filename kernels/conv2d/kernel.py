@@ -12,7 +12,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv2d_kernel(
+def conv2d_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,

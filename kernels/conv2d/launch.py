@@ -11,7 +11,7 @@ import triton
 from jetdet import configs
 from jetdet.kernels._common import empty
 
-from .kernel import _conv2d_kernel
+from .kernel import conv2d_kernel
 
 OP = "conv2d"
 
@@ -101,7 +101,7 @@ def _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
         x_, y_ = x[start:stop], y[start:stop]
         # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
         sxb, syb = (0, 0) if stop - start == 1 else (x_.stride(0), y_.stride(0))
-        _conv2d_kernel[(tiles, stop - start)](
+        conv2d_kernel[(tiles, stop - start)](
             x_, w2, bias_arg, y_,
             c, h, wd, o, oh, ow,
             sxb, x_.stride(1), x_.stride(2), x_.stride(3),

@@ -7,7 +7,7 @@ import torch
 from jetdet import configs
 from jetdet.kernels._common import CompileSpec, tl_ptr
 
-from .kernel import _conv2d_kernel
+from .kernel import conv2d_kernel
 from .launch import _DTYPES, FP_FUSION, OP, _default
 
 # (kh, kw, stride, padding) compiled per config: the shapes diffusion UNets/VAEs use most
@@ -59,7 +59,7 @@ def compile_specs() -> list[CompileSpec]:
             specs.append(
                 CompileSpec(
                     name=f"conv2d_{dt}_{kh}x{kw}s{st}p{pad}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}",
-                    fn=_conv2d_kernel,
+                    fn=conv2d_kernel,
                     signature=signature,
                     constexprs=constexprs,
                     options={

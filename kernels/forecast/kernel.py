@@ -1,12 +1,12 @@
 """Timestep-skip kernels: a fused forecast of a skipped model output and the relative change between two
 outputs. Both are memory-bound single passes; neither needs a host sync.
 
-``_forecast_kernel``: ``out = Σ_i w_i · h_i`` over ``K ≤ 4`` history tensors, in fp32, terms added in
+``forecast_kernel``: ``out = Σ_i w_i · h_i`` over ``K ≤ 4`` history tensors, in fp32, terms added in
 history order, written in the output dtype. The weights are finite-difference / Lagrange extrapolation
 weights computed on the host from the timesteps.
 
-``_relchange_flat_kernel`` / ``_relchange_tile_kernel``: per (item, chunk or tile) partial sums of
-``|a - b|`` and ``|b|`` in fp32. ``_relchange_finish_kernel``: per-tile ratios and per-item ratios
+``relative_change_flat_kernel`` / ``relative_change_tile_kernel``: per (item, chunk or tile) partial sums of
+``|a - b|`` and ``|b|`` in fp32. ``relative_change_finish_kernel``: per-tile ratios and per-item ratios
 ``Σ|a-b| / Σ|b|`` from the partials, adding them in tile order. No atomics: the order of every addition is
 fixed by the shapes and the launch config, never by scheduling, and never by the batch size.
 """
@@ -16,7 +16,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _forecast_kernel(
+def forecast_kernel(
     out_ptr,
     h0_ptr,
     h1_ptr,
@@ -43,7 +43,7 @@ def _forecast_kernel(
 
 
 @triton.jit
-def _relchange_flat_kernel(
+def relative_change_flat_kernel(
     a_ptr,
     b_ptr,
     num_ptr,
@@ -75,7 +75,7 @@ def _relchange_flat_kernel(
 
 
 @triton.jit
-def _relchange_tile_kernel(
+def relative_change_tile_kernel(
     a_ptr,
     b_ptr,
     num_ptr,
@@ -144,7 +144,7 @@ def _ratio(num, den):
 
 
 @triton.jit
-def _relchange_finish_kernel(
+def relative_change_finish_kernel(
     num_ptr,
     den_ptr,
     item_ptr,

@@ -41,7 +41,7 @@ def forecast(history: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     cfg = config(len(history), h0.dtype, h0.device)
     hs = list(history) + [h0] * (MAX_HISTORY - len(history))
     ws = [float(w) for w in weights] + [0.0] * (MAX_HISTORY - len(weights))
-    kernel._forecast_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
+    kernel.forecast_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
         out,
         *hs,
         *ws,
@@ -74,7 +74,7 @@ def relative_change(
         n_tiles = max(1, triton.cdiv(item, cfg["RC_CHUNK"]))
         num = empty((B, n_tiles), torch.float32, a.device)
         den = empty((B, n_tiles), torch.float32, a.device)
-        kernel._relchange_flat_kernel[(n_tiles, B)](
+        kernel.relative_change_flat_kernel[(n_tiles, B)](
             a,
             b,
             num,
@@ -92,7 +92,7 @@ def relative_change(
         num = empty((B, n_tiles), torch.float32, a.device)
         den = empty((B, n_tiles), torch.float32, a.device)
         block_r, block_c = _tile_blocks(min(tile[3], view[3]), cfg["RC_ELEMS"])
-        kernel._relchange_tile_kernel[(n_tiles, B)](
+        kernel.relative_change_tile_kernel[(n_tiles, B)](
             a,
             b,
             num,
@@ -107,7 +107,7 @@ def relative_change(
             num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION,
         )
         per_tile = empty((B, n_tiles), torch.float32, a.device)
-    kernel._relchange_finish_kernel[(B,)](
+    kernel.relative_change_finish_kernel[(B,)](
         num,
         den,
         per_item,

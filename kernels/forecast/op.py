@@ -21,7 +21,7 @@ def _forecast_triton(history, timesteps, t, order):
 
 
 def _forecast_reference(history, timesteps, t, order):
-    return R.forecast(history, timesteps, t, order if order == "lagrange" else int(order))
+    return R.forecast_reference(history, timesteps, t, order if order == "lagrange" else int(order))
 
 
 def _forecast_sample(batch, dtype, gen):
@@ -54,8 +54,8 @@ def _rc_fake(a, b, tile):
 
 def _rc_reference(a, b, tile):
     if not tile:
-        return R.relative_change(a, b), None
-    return R.relative_change(a, b), R.relative_change_tiles(a, b, tile)
+        return R.relative_change_reference(a, b), None
+    return R.relative_change_reference(a, b), R.relative_change_tiles(a, b, tile)
 
 
 def _rc_sample(batch, dtype, gen):

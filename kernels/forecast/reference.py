@@ -23,14 +23,14 @@ def newton_extrapolate(history, timesteps, t: float) -> torch.Tensor:
     return out
 
 
-def forecast(history, timesteps, t: float, order=1) -> torch.Tensor:
+def forecast_reference(history, timesteps, t: float, order=1) -> torch.Tensor:
     """``order`` p in {1, 2, 3}: the degree-p polynomial through the last p + 1 points; ``"lagrange"``:
     the polynomial through all of them. Returned in float64."""
     k = len(history) if order == "lagrange" else int(order) + 1
     return newton_extrapolate(list(history)[-k:], list(timesteps)[-k:], t)
 
 
-def relative_change(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def relative_change_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``Σ|a-b| / Σ|b|`` per item (dim 0), float64."""
     d = (a.double() - b.double()).abs().flatten(1).sum(1)
     n = b.double().abs().flatten(1).sum(1)
@@ -48,5 +48,5 @@ def relative_change_tiles(a: torch.Tensor, b: torch.Tensor, tile) -> torch.Tenso
         sl = tuple(slice(i * t, (i + 1) * t) for i, t in zip(idx, tile))
         aa = a[(slice(None), *sl)]
         bb = b[(slice(None), *sl)]
-        out[(slice(None), *idx)] = relative_change(aa, bb)
+        out[(slice(None), *idx)] = relative_change_reference(aa, bb)
     return out

@@ -35,7 +35,7 @@ def compile_specs() -> list[CompileSpec]:
                 ("fc", dn, cfg["BLOCK"], w),
                 CompileSpec(
                     name=f"forecast_k4_{dn}_b{cfg['BLOCK']}_w{w}",
-                    fn=kernel._forecast_kernel,
+                    fn=kernel.forecast_kernel,
                     signature={
                         "out_ptr": p,
                         "h0_ptr": p,
@@ -57,7 +57,7 @@ def compile_specs() -> list[CompileSpec]:
                 ("flat", dn, cfg["RC_BLOCK"], w),
                 CompileSpec(
                     name=f"relchange_flat_{dn}_b{cfg['RC_BLOCK']}_w{w}",
-                    fn=kernel._relchange_flat_kernel,
+                    fn=kernel.relative_change_flat_kernel,
                     signature={
                         "a_ptr": p,
                         "b_ptr": p,
@@ -78,7 +78,7 @@ def compile_specs() -> list[CompileSpec]:
                     ("tile", dn, br, bc, w),
                     CompileSpec(
                         name=f"relchange_tile_{dn}_r{br}_c{bc}_w{w}",
-                        fn=kernel._relchange_tile_kernel,
+                        fn=kernel.relative_change_tile_kernel,
                         signature={
                             "a_ptr": p,
                             "b_ptr": p,
@@ -98,7 +98,7 @@ def compile_specs() -> list[CompileSpec]:
                 ("fin", cfg["FIN_BLOCK"]),
                 CompileSpec(
                     name=f"relchange_finish_b{cfg['FIN_BLOCK']}",
-                    fn=kernel._relchange_finish_kernel,
+                    fn=kernel.relative_change_finish_kernel,
                     signature={
                         "num_ptr": "*fp32",
                         "den_ptr": "*fp32",

@@ -1,9 +1,9 @@
 """Bidirectional linear attention: ``out = φ(Q)·(φ(K)ᵀV) / (φ(Q)·(φ(K)ᵀ1) + eps)``.
 
-Two passes. Pass 1 (``_la_state_kernel``) reduces ``φ(K)ᵀV`` and ``φ(K)ᵀ1`` over the tokens in fp32, each
+Two passes. Pass 1 (``linear_attention_state_kernel``) reduces ``φ(K)ᵀV`` and ``φ(K)ᵀ1`` over the tokens in fp32, each
 program owning one (batch·head, Dv block, token chunk) and walking its chunk in a fixed order; when there is
-more than one chunk, ``_la_sum_splits_kernel`` adds the chunk partials in chunk order. Pass 2
-(``_la_apply_kernel``) applies the state to ``φ(Q)``. No atomics anywhere: the result depends only on the
+more than one chunk, ``linear_attention_sum_splits_kernel`` adds the chunk partials in chunk order. Pass 2
+(``linear_attention_apply_kernel``) applies the state to ``φ(Q)``. No atomics anywhere: the result depends only on the
 shapes and the launch config, never on scheduling or on the batch size.
 
 Feature maps (``FEATURE``): 0 identity, 1 relu, 2 elu+1. Padded rows/columns are zeroed *after* φ, since
@@ -30,7 +30,7 @@ def _phi(x, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _la_state_kernel(
+def linear_attention_state_kernel(
     k_ptr,
     v_ptr,
     kv_ptr,
@@ -102,7 +102,7 @@ def _la_state_kernel(
 
 
 @triton.jit
-def _la_sum_splits_kernel(src_ptr, dst_ptr, S, C, BLOCK: tl.constexpr):
+def linear_attention_sum_splits_kernel(src_ptr, dst_ptr, S, C, BLOCK: tl.constexpr):
     """``dst[r, c] = Σ_s src[r, s, c]``, s in increasing order (fixed, so deterministic)."""
     r = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -115,7 +115,7 @@ def _la_sum_splits_kernel(src_ptr, dst_ptr, S, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _la_apply_kernel(
+def linear_attention_apply_kernel(
     q_ptr,
     kv_ptr,
     ks_ptr,

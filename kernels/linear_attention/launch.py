@@ -72,7 +72,7 @@ def state(k: torch.Tensor, v: torch.Tensor, feature_map: str) -> tuple[torch.Ten
         skv, sks = D * DV, D
     if B * H > 0:
         grid = (B * H, triton.cdiv(DV, block_dv), S)
-        kernel._la_state_kernel[grid](
+        kernel.linear_attention_state_kernel[grid](
             k,
             v,
             kv_part,
@@ -97,10 +97,10 @@ def state(k: torch.Tensor, v: torch.Tensor, feature_map: str) -> tuple[torch.Ten
             num_stages=cfg["S_STAGES"], enable_fp_fusion=FP_FUSION,
         )
         if S > 1:
-            kernel._la_sum_splits_kernel[(B * H, triton.cdiv(D * DV, SUM_BLOCK))](
+            kernel.linear_attention_sum_splits_kernel[(B * H, triton.cdiv(D * DV, SUM_BLOCK))](
                 kv_part, kv, S, D * DV, BLOCK=SUM_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION
             )
-            kernel._la_sum_splits_kernel[(B * H, triton.cdiv(D, SUM_BLOCK))](
+            kernel.linear_attention_sum_splits_kernel[(B * H, triton.cdiv(D, SUM_BLOCK))](
                 ks_part, ks, S, D, BLOCK=SUM_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION
             )
     return kv, ks
@@ -117,7 +117,7 @@ def apply(q: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor, feature_map: str,
     if out.numel() == 0:
         return out
     grid = (triton.cdiv(N, cfg["A_BLOCK_N"]), triton.cdiv(DV, block_dv), B * H)
-    kernel._la_apply_kernel[grid](
+    kernel.linear_attention_apply_kernel[grid](
         q,
         kv,
         ks,

@@ -40,24 +40,25 @@ def _state_fake(k, v, feature_map):
 
 def _apply_sample(batch, dtype, gen):
     q, k, v = _qkv(batch, dtype, gen)
-    kv, ks = R.state(k, v, "elu1")
+    kv, ks = R.linear_attention_state_reference(k, v, "elu1")
     return q, kv, ks, "elu1", 1e-6
 
 
 SPECS = (
     OpSpec(name="linear_attention", schema="(Tensor q, Tensor k, Tensor v, str feature_map, float eps) -> Tensor",
            fake=lambda q, k, v, feature_map, eps: q.new_empty((*q.shape[:3], v.shape[-1])), torch_path=_la_torch,
-           launcher=_la_triton, reference=R.linear_attention, folder="linear_attention",
+           launcher=_la_triton, reference=R.linear_attention_reference, folder="linear_attention",
            sample=lambda b, dt, g: (*_qkv(b, dt, g), "relu", 1e-6), batched=(0, 1, 2), table="linear_attention",
            public="linear_attention"),
     OpSpec(name="linear_attention_state", schema="(Tensor k, Tensor v, str feature_map) -> (Tensor, Tensor)",
-           fake=_state_fake, torch_path=T.linear_attention_state, launcher="state", reference=R.state,
+           fake=_state_fake, torch_path=T.linear_attention_state, launcher="state",
+           reference=R.linear_attention_state_reference,
            folder="linear_attention", sample=lambda b, dt, g: (*_qkv(b, dt, g)[1:], "elu1"), batched=(0, 1),
            table="linear_attention", public="linear_attention"),
     OpSpec(name="linear_attention_apply",
            schema="(Tensor q, Tensor kv, Tensor k_sum, str feature_map, float eps) -> Tensor",
            fake=lambda q, kv, k_sum, feature_map, eps: q.new_empty((*q.shape[:3], kv.shape[-1])),
-           torch_path=T.linear_attention_apply, launcher=_apply_triton, reference=R.apply,
+           torch_path=T.linear_attention_apply, launcher=_apply_triton, reference=R.linear_attention_apply_reference,
            folder="linear_attention", sample=_apply_sample, batched=(0, 1, 2), table="linear_attention",
            public="linear_attention"),
 )

@@ -16,13 +16,13 @@ def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(name)
 
 
-def state(k: torch.Tensor, v: torch.Tensor, feature_map_name: str = "relu"):
+def linear_attention_state_reference(k: torch.Tensor, v: torch.Tensor, feature_map_name: str = "relu"):
     """``(φ(K)ᵀV [B, H, D, Dv], φ(K)ᵀ1 [B, H, D])``, fp32."""
     pk = feature_map(k, feature_map_name)
     return torch.einsum("bhnd,bhne->bhde", pk, v.float()), pk.sum(dim=2)
 
 
-def apply(
+def linear_attention_apply_reference(
     q: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor, feature_map_name: str = "relu", eps: float = 1e-6
 ) -> torch.Tensor:
     pq = feature_map(q, feature_map_name)
@@ -31,11 +31,11 @@ def apply(
     return num / den[..., None]
 
 
-def linear_attention(q, k, v, feature_map_name: str = "relu", eps: float = 1e-6) -> torch.Tensor:
+def linear_attention_reference(q, k, v, feature_map_name: str = "relu", eps: float = 1e-6) -> torch.Tensor:
     """fp32 ``φ(Q)·(φ(K)ᵀV) / (φ(Q)·(φ(K)ᵀ1) + eps)``, q ``[B, H, N, D]``, k ``[B, H, M, D]``,
     v ``[B, H, M, Dv]``."""
-    kv, ks = state(k, v, feature_map_name)
-    return apply(q, kv, ks, feature_map_name, eps)
+    kv, ks = linear_attention_state_reference(k, v, feature_map_name)
+    return linear_attention_apply_reference(q, kv, ks, feature_map_name, eps)
 
 
 def softmax_attention(q, k, v, scale: float | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ def compile_specs() -> list[CompileSpec]:
                 specs.append(
                     CompileSpec(
                         name=f"la_state_d{d_pad}_{dn}_n{cfg['S_BLOCK_N']}_dv{s_dv}",
-                        fn=kernel._la_state_kernel,
+                        fn=kernel.linear_attention_state_kernel,
                         signature={
                             "k_ptr": p,
                             "v_ptr": p,
@@ -70,7 +70,7 @@ def compile_specs() -> list[CompileSpec]:
                 specs.append(
                     CompileSpec(
                         name=f"la_apply_d{d_pad}_{dn}_n{cfg['A_BLOCK_N']}_dv{a_dv}",
-                        fn=kernel._la_apply_kernel,
+                        fn=kernel.linear_attention_apply_kernel,
                         signature={
                             "q_ptr": p,
                             "kv_ptr": "*fp32",
@@ -94,7 +94,7 @@ def compile_specs() -> list[CompileSpec]:
     specs.append(
         CompileSpec(
             name="la_sum_splits",
-            fn=kernel._la_sum_splits_kernel,
+            fn=kernel.linear_attention_sum_splits_kernel,
             signature={"src_ptr": "*fp32", "dst_ptr": "*fp32", "S": "i32", "C": "i32"},
             constexprs={"BLOCK": SUM_BLOCK},
             options={"num_warps": 4},

@@ -10,7 +10,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _matmul_kernel(
+def matmul_kernel(
     a_ptr,
     b_ptr,
     bias_ptr,

@@ -25,7 +25,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tma_kernel(
+def matmul_tma_kernel(
     a_desc,
     w_desc,
     c_desc,

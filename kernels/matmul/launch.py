@@ -13,7 +13,7 @@ import triton
 from jetdet import configs
 from jetdet.kernels._common import empty
 
-from .kernel import _matmul_kernel
+from .kernel import matmul_kernel
 
 OP = "matmul"
 
@@ -83,7 +83,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torc
         a_, b_, c_ = a[start:stop], b[start:stop], c[start:stop]
         # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
         sb = (0, 0, 0) if nb == 1 else (a_.stride(0), b_.stride(0), c_.stride(0))
-        _matmul_kernel[(tiles, stop - start)](
+        matmul_kernel[(tiles, stop - start)](
             a_, b_, bias_arg, c_,
             m, n, k,
             sb[0], a_.stride(1), a_.stride(2),

@@ -19,7 +19,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from jetdet.kernels._common import FP_FUSION, empty
 
-from .kernel_tma import _matmul_tma_kernel
+from .kernel_tma import matmul_tma_kernel
 
 # one tile per N class: never a function of M or the batch size
 CONFIGS = {
@@ -81,7 +81,7 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     guard = torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        _matmul_tma_kernel[(min(programs, tiles),)](
+        matmul_tma_kernel[(min(programs, tiles),)](
             TensorDescriptor.from_tensor(a, [bm, bk]),
             TensorDescriptor.from_tensor(w, [bn, bk]),
             TensorDescriptor.from_tensor(c, [bm, bn]),

@@ -69,7 +69,7 @@ def _addmm_fake(c, a, b, beta, alpha):
 SPECS = (
     OpSpec(name="mm", schema="(Tensor a, Tensor b, Tensor? bias) -> Tensor",
            fake=lambda a, b, bias: a.new_empty(a.shape[0], b.shape[1]),
-           torch_path=T.matmul, launcher="matmul", reference=R.matmul_reference, folder="matmul",
+           torch_path=T.matmul, launcher="matmul", reference=R.mm_reference, folder="matmul",
            sample=_mm_sample, table="matmul", routed=(torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul,
                                                       torch.Tensor.__matmul__, torch.einsum),
            public="mm"),

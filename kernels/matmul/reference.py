@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def matmul_reference(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def mm_reference(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K], b [K, N], bias [N] or None -> fp32 [M, N] = a @ b + bias, computed in fp32."""
     out = a.float() @ b.float()
     if bias is not None:

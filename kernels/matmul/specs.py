@@ -6,8 +6,8 @@ from __future__ import annotations
 from jetdet import configs
 from jetdet.kernels._common import CompileSpec, tl_ptr
 
-from .kernel import _matmul_kernel
-from .kernel_tma import _matmul_tma_kernel
+from .kernel import matmul_kernel
+from .kernel_tma import matmul_tma_kernel
 from .launch import _DTYPES, FP_FUSION, OP, _default
 from .launch_tma import _DTYPES as TMA_DTYPES
 from .launch_tma import CONFIGS as TMA_CONFIGS
@@ -35,7 +35,7 @@ def gemm_specs() -> list[CompileSpec]:
         specs.append(
             CompileSpec(
                 name=name,
-                fn=_matmul_kernel,
+                fn=matmul_kernel,
                 signature={
                     "a_ptr": ptr,
                     "b_ptr": ptr,
@@ -94,7 +94,7 @@ def tma_specs() -> list[CompileSpec]:
             specs.append(
                 CompileSpec(
                     name=f"matmul_tma_{str(dtype)[6:]}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}[{cls}]",
-                    fn=_matmul_tma_kernel,
+                    fn=matmul_tma_kernel,
                     signature={
                         "a_desc": _desc(dtype, cfg["BLOCK_M"], cfg["BLOCK_K"]),
                         "w_desc": _desc(dtype, cfg["BLOCK_N"], cfg["BLOCK_K"]),

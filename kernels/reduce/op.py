@@ -22,9 +22,9 @@ SPECS = (
            sample=_sample, table="reduce", routed=(F.softmax, torch.softmax, torch.Tensor.softmax),
            public="softmax"),
     OpSpec(name="sum", schema="(Tensor x) -> Tensor", fake=lambda x: x.new_empty(x.shape[0]),
-           torch_path=T.sum_rows, launcher="sum_rows", reference=R.sum_rows_reference, folder="reduce",
+           torch_path=T.sum_rows, launcher="sum_rows", reference=R.sum_reference, folder="reduce",
            sample=_sample, table="reduce", public="sum"),
     OpSpec(name="mean", schema="(Tensor x) -> Tensor", fake=lambda x: x.new_empty(x.shape[0]),
-           torch_path=T.mean_rows, launcher="mean_rows", reference=R.mean_rows_reference, folder="reduce",
+           torch_path=T.mean_rows, launcher="mean_rows", reference=R.mean_reference, folder="reduce",
            sample=_sample, table="reduce", public="mean"),
 )

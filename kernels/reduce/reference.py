@@ -9,9 +9,9 @@ def softmax_reference(x) -> torch.Tensor:
     return torch.softmax(x.float(), dim=-1)
 
 
-def sum_rows_reference(x) -> torch.Tensor:
+def sum_reference(x) -> torch.Tensor:
     return x.float().sum(dim=-1)
 
 
-def mean_rows_reference(x) -> torch.Tensor:
+def mean_reference(x) -> torch.Tensor:
     return x.float().mean(dim=-1)
