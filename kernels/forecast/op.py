@@ -65,7 +65,7 @@ def _rc_sample(batch, dtype, gen):
 
 SPECS = (
     OpSpec(name="forecast", schema="(Tensor[] history, float[] timesteps, float t, str order) -> Tensor",
-           fake=lambda history, timesteps, t, order: torch.empty_like(history[0]), torch_path=_forecast_torch,
+           fake=lambda history, timesteps, t, order: history[0].new_empty(history[0].shape), torch_path=_forecast_torch,
            launcher=_forecast_triton, reference=_forecast_reference, folder="forecast", sample=_forecast_sample,
            table="forecast", public="forecast"),
     OpSpec(name="relative_change", schema="(Tensor a, Tensor b, int[] tile) -> (Tensor, Tensor)", fake=_rc_fake,

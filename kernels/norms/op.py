@@ -36,16 +36,16 @@ _RMS = tuple(f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm"
 
 SPECS = (
     OpSpec(name="layer_norm", schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor",
-           fake=lambda x, weight, bias, eps: torch.empty_like(x), torch_path=T.layer_norm, launcher="layer_norm",
+           fake=lambda x, weight, bias, eps: x.new_empty(x.shape), torch_path=T.layer_norm, launcher="layer_norm",
            reference=R.layer_norm_reference, folder="norms", sample=_ln_sample, table="norms", routed=_LN,
            public="layer_norm"),
     OpSpec(name="rms_norm", schema="(Tensor x, Tensor? weight, float eps) -> Tensor",
-           fake=lambda x, weight, eps: torch.empty_like(x), torch_path=T.rms_norm, launcher="rms_norm",
+           fake=lambda x, weight, eps: x.new_empty(x.shape), torch_path=T.rms_norm, launcher="rms_norm",
            reference=R.rms_norm_reference, folder="norms", sample=_rms_sample, table="norms", routed=_RMS,
            public="rms_norm"),
     OpSpec(name="group_norm",
            schema="(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) -> Tensor",
-           fake=lambda x, num_groups, weight, bias, eps: torch.empty_like(x), torch_path=T.group_norm,
+           fake=lambda x, num_groups, weight, bias, eps: x.new_empty(x.shape), torch_path=T.group_norm,
            launcher="group_norm", reference=R.group_norm_reference, folder="norms", sample=_gn_sample,
            table="norms", routed=(F.group_norm, torch.group_norm), public="group_norm"),
 )

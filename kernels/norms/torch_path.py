@@ -21,7 +21,7 @@ def rms_norm(x, weight, eps):
     out = (xf * torch.rsqrt(ms + eps))[:r]
     if weight is not None:
         out = out * f32(weight)
-    return out.to(x.dtype)
+    return out.to(x.dtype).contiguous()  # the layout the fake (and the Triton path) gives
 
 
 def group_norm(x, num_groups, weight, bias, eps):

@@ -17,7 +17,7 @@ def _sample(batch, dtype, gen):
 
 
 SPECS = (
-    OpSpec(name="softmax", schema="(Tensor x) -> Tensor", fake=lambda x: torch.empty_like(x),
+    OpSpec(name="softmax", schema="(Tensor x) -> Tensor", fake=lambda x: x.new_empty(x.shape),
            torch_path=T.softmax, launcher="softmax", reference=R.softmax_reference, folder="reduce",
            sample=_sample, table="reduce", routed=(F.softmax, torch.softmax, torch.Tensor.softmax),
            public="softmax"),
