@@ -698,6 +698,58 @@ def model_speed(run: Run, out: dict) -> None:
     out["rows"] = rows
 
 
+# ------------------------------------------------------------------------------------------- compiled
+
+
+def compiled(run: Run, out: dict) -> None:
+    """The deterministic DiT stack under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs on a GPU), the
+    answer to the per-call host cost that eager deterministic mode pays (issue 13): bitwise batch invariance
+    (item 0 alone and item 2 alone against the batch of 4, a rerun) and wall time per forward against eager off,
+    compiled off and eager deterministic. Each batch size is its own compile (static shapes, as CUDA graphs need),
+    so the checks use batch 4 and batch 1 only."""
+    import jetdet
+
+    torch.manual_seed(0)
+    width, heads, depth, tok = (64, 2, 2, 64) if run.dry else (1024, 16, 8, 1024)
+    dtype = torch.float32 if run.dry else torch.bfloat16
+    cmode = "default" if run.dry else "reduce-overhead"
+    name = f"DiT stack w{width} h{heads} d{depth} N{tok} {_dn(dtype)}, torch.compile(mode={cmode!r})"
+    print(f"  {name}")
+    model = DiTStack(width, heads, depth).eval().to(run.dev, dtype)
+    g = torch.Generator().manual_seed(0)
+    inp = [torch.randn(4, tok, width, generator=g).to(run.dev, dtype),
+           torch.randn(4, width, generator=g).to(run.dev, dtype)]
+    torch._dynamo.reset()
+    t = time.perf_counter()
+    off_c = torch.compile(model, mode=cmode, fullgraph=True)
+    t_off_c = run.time_ms(lambda: off_c(*inp))
+    compile_s = {"off": time.perf_counter() - t}
+    t_off = run.time_ms(lambda: model(*inp))
+    with jetdet.patch(model, mode="deterministic"):
+        t_det = run.time_ms(lambda: model(*inp))
+        torch._dynamo.reset()
+        det_c = torch.compile(model, mode=cmode, fullgraph=True)
+        t = time.perf_counter()
+        full = det_c(*inp).clone()  # CUDA-graph outputs are overwritten by the next replay: keep copies
+        compile_s["deterministic"] = time.perf_counter() - t
+        again = det_c(*inp).clone()
+        t_det_c = run.time_ms(lambda: det_c(*inp))
+        one = [det_c(*[x[i : i + 1] for x in inp]).clone() for i in (0, 2)]
+    checks = {"rerun": torch.equal(again, full), "item 0 alone": torch.equal(one[0], full[0:1]),
+              "item 2 alone": torch.equal(one[1], full[2:3])}
+    for what, ok in checks.items():
+        if not ok:
+            run.fail(f"compiled deterministic DiT stack: {what} differs from the batch of 4")
+    out.update({"model": name, "off_ms": t_off, "off_compiled_ms": t_off_c, "det_ms": t_det,
+                "det_compiled_ms": t_det_c, "det_compiled_over_off": t_det_c / t_off,
+                "det_compiled_over_off_compiled": t_det_c / t_off_c, "checks": checks,
+                "compile_s": {k: round(v, 1) for k, v in compile_s.items()}})
+    print(f"  off {t_off:8.3f} ms  off compiled {t_off_c:8.3f} ms  det {t_det:8.3f} ms  det compiled "
+          f"{t_det_c:8.3f} ms  det compiled / off {t_det_c / t_off:5.2f}x  / off compiled "
+          f"{t_det_c / t_off_c:5.2f}x  bitwise: {', '.join(f'{k} {v}' for k, v in checks.items())}  "
+          f"compile s: {out['compile_s']}")
+
+
 # ------------------------------------------------------------------------------------------- fast path
 
 
@@ -906,6 +958,14 @@ def markdown(res: dict) -> str:
         lines += [f"| {r['model']} | {r['dtype']} | {r['off_ms']:.3f} | {r['det_ms']:.3f} | {r['loop_ms']:.3f} | "
                   f"{r['det_over_off']:.2f} | {r['det_over_loop']:.2f} |" for r in s["model_speed"]["rows"]]
         lines.append("")
+    c = s.get("compiled", {})
+    if c.get("det_compiled_ms") is not None:
+        lines += ["## Deterministic mode under torch.compile", "", f"{c['model']}, batch 4", "",
+                  "| off ms | off compiled ms | det ms | det compiled ms | det compiled / off | / off compiled | "
+                  "bitwise (rerun, item 0, item 2) |", "|---:|---:|---:|---:|---:|---:|---|",
+                  f"| {c['off_ms']:.3f} | {c['off_compiled_ms']:.3f} | {c['det_ms']:.3f} | {c['det_compiled_ms']:.3f} "
+                  f"| {c['det_compiled_over_off']:.2f} | {c['det_compiled_over_off_compiled']:.2f} | "
+                  f"{', '.join(str(v) for v in c['checks'].values())} |", ""]
     if s.get("fast_path", {}).get("rows"):
         lines += ["## Fast path on the bundled model", "",
                   "| setting | wall ms | calls run / calls | syncs | wall ratio | call ratio | PSNR dB |",
@@ -955,7 +1015,8 @@ def main(argv=None) -> int:
         p.error("no CUDA device: run on a GPU, or pass --dry-run to exercise the script on CPU")
     run = Run(args)
     sections = [("environment", environment), ("noise", noise), ("ops", ops_check), ("models", models_check),
-                ("speed", speed), ("model_speed", model_speed), ("fast_path", fast_path), ("sparse", sparse)]
+                ("speed", speed), ("model_speed", model_speed), ("compiled", compiled), ("fast_path", fast_path),
+                ("sparse", sparse)]
     if args.sweep:
         sections.append(("sweep", sweep))
     names = [n for n, _ in sections]

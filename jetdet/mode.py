@@ -285,7 +285,9 @@ def _direct_cpu(*ts) -> bool:
     autograd to record, no JETDET_BACKEND override. The handler then checks the shapes it needs itself and skips
     the public op's layers (its argument checks, the custom-op entry): ~20 us of Python per linear on this CPU,
     5% of a TinyDiT forward at 1 thread (measured in-process, interleaved). Anything else, bad shapes included,
-    takes the full path and its clear errors."""
+    takes the full path and its clear errors. Never under ``torch.compile``, which must see the custom op."""
+    if torch.compiler.is_compiling():
+        return False
     grad = torch.is_grad_enabled()
     for t in ts:
         if t is not None and (type(t) not in _backend.PLAIN or t.dtype != torch.float32 or t.device.type != "cpu"
@@ -655,4 +657,20 @@ class _Router(TorchFunctionMode):
             handler = _HANDLERS.get(func)
             if handler is not None:
                 return handler(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class compiled_router(TorchFunctionMode):  # noqa: N801 - a context manager, like ``mode``
+    """The router alone, for code that ``torch.compile`` traces (a deterministic patch's forward under
+    compilation): every routed torch function goes to its jetdet handler, so the traced graph holds the
+    ``torch.ops.jetdet.*`` custom ops (opaque to the compiler, with their fake implementations) in place of
+    torch's reductions. Unlike :class:`mode` it reads no context variable and sets no torch flag, neither of
+    which Dynamo can trace; the compiled graph's own kernels (elementwise work between the custom ops) are the
+    compiler's. ``tests/test_compile.py`` checks the compiled model for batch invariance."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
         return func(*args, **kwargs)

@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.py"
-SECTIONS = ("environment", "noise", "ops", "models", "speed", "model_speed", "fast_path", "sparse")
+SECTIONS = ("environment", "noise", "ops", "models", "speed", "model_speed", "compiled", "fast_path", "sparse")
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +51,11 @@ def test_dry_run_goes_through_every_section(tmp_path):
     fast = res["sections"]["fast_path"]["rows"]
     assert [r["setting"] for r in fast] == ["off", "fast budget=0.05", "fast budget=0.07", "fast budget=0.1"]
     assert all("syncs" in r and r["calls"] > 0 for r in fast[1:])
+    comp = res["sections"]["compiled"]
+    assert all(comp["checks"].values()) and comp["det_compiled_ms"] > 0, comp
     md = (tmp_path / "gpu_dry-run_cpu.md").read_text()
     for title in ("## Noise", "## Ops", "## Whole-model determinism", "## Speed", "## Whole models, batch 4",
-                  "## Fast path", "## Block-sparse"):
+                  "## Deterministic mode under torch.compile", "## Fast path", "## Block-sparse"):
         assert title in md, title
     assert "all checks passed" in md
 

@@ -29,8 +29,10 @@ import types
 import weakref
 from collections import Counter
 
+import torch
 import torch.nn as nn
 
+from ..mode import compiled_router
 from ..mode import mode as _mode
 from . import layers
 from .adapters import UnsupportedModelError, make_adapter
@@ -151,6 +153,9 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced by torch.compile: the router alone (mode.compiled_router)
+            with compiled_router():
+                return inner(*args, **kwargs)
         with _mode("deterministic", warn_only=warn_only):
             return inner(*args, **kwargs)
 
