@@ -649,3 +649,25 @@ def test_separate_cfg_second_branch_follows_a_skipped_first_branch():
             assert any(r["est"] * ctl.piggyback > ctl.budget for r in running), cur
     assert follows > 0
     assert ctl.stats()["reasons"].get("forecast", 0) > 0
+
+
+@pytest.mark.parametrize("stop", [24, 27])
+def test_no_state_leaks_into_the_next_trajectory(stop):
+    """A trajectory gives bitwise what a fresh controller gives it, whatever ran before on the same controller.
+    Here the first trajectory (linear rows, mostly served from the cache) stops at TS[stop - 1] after a call
+    served from the cache entirely; the second one (rows whose predictions sit between the budget and
+    budget / piggyback, so every call runs) reaches that timestep. The 'follow' rule (a call follows the
+    previous call at the same timestep into the cache) once took the first trajectory's call for that previous
+    call: found by bench/peers.py's resample check on a second model, reproduced here."""
+    model = Analytic({"l": linear, "e": lambda c, x, t: math.exp(7.0 * t) * c[0]})
+    opts = dict(budget=0.05, max_consecutive_skips=6, start_percent=0.0, end_percent=0.0, piggyback=0.5)
+    shared = StepCacheController(**opts)
+    x0 = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    euler(shared, model, ["l", "l"], x0=x0, ts=TS[:stop])
+    assert shared.stats()["calls_saved"] > 0
+    got = [a for a, _ in euler(shared, model, ["e", "e"], x0=x0)]
+    fresh_ctl = StepCacheController(**opts)
+    fresh = [a for a, _ in euler(fresh_ctl, model, ["e", "e"], x0=x0)]
+    assert fresh_ctl.stats()["reasons"].get("follow", 0) == 0
+    assert shared.stats()["reasons"].get("follow", 0) == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, fresh))

@@ -751,6 +751,13 @@ class StepCacheController:
                 t_new = ti if t_new is None else max(t_new, ti)
         if t_new is not None:
             self._resets["trajectory"] += 1
+            # the last call that ran / was served from the cache belongs to the earlier trajectory unless it was at
+            # this trajectory's first timestep (the other forward of CFG as two forwards): the piggyback and
+            # follow rules must not pair a call with it
+            if self._run_t is not None and not _same_t(self._run_t, t_new):
+                self._run_t = None
+            if self._skip_t is not None and not _same_t(self._skip_t, t_new):
+                self._skip_t = None
             live = set(keys)
             for k, s in list(self._streams.items()):
                 # streams of the earlier trajectory go; those started at this trajectory's timesteps stay
