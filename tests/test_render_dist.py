@@ -66,7 +66,7 @@ def test_worker_counts_and_batch_sizes_give_the_same_bytes(one_worker, tmp_path)
     for n in (2, 3):
         root = tmp_path / f"w{n}"
         p = run(torchrun(n, [str(TESTS / "_render_worker.py"), str(root), str(STEPS)], module=False))
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+        assert p.returncode == 0, _job_output(p.stdout, p.stderr)
         for bs in (1, 4, 5):
             out = root / f"b{bs}"
             assert items(out) == ref, f"{n} workers, batch {bs}"
@@ -74,6 +74,21 @@ def test_worker_counts_and_batch_sizes_give_the_same_bytes(one_worker, tmp_path)
             entries = manifest(out)["items"].values()
             assert {e["world_size"] for e in entries} == {n} and {e["rank"] for e in entries} == set(range(n))
             assert {e["batch_size"] for e in entries} == {bs}
+
+
+def _job_output(stdout: str, stderr: str) -> str:
+    """What a failed torchrun job printed, for the assertion message: the workers' own Python tracebacks first
+    (torchrun's error summary at the end of stderr would push them out of a plain tail), then the tails."""
+    tracebacks = []
+    at = stderr.find("Traceback (most recent call last)")
+    while at >= 0 and len(tracebacks) < 4:
+        end = stderr.find("Traceback (most recent call last)", at + 1)
+        block = stderr[at : end if end >= 0 else len(stderr)]
+        if "torch/distributed/run.py" not in block:  # torchrun's own ChildFailedError says nothing new
+            tracebacks.append(block[:3000])
+        at = end
+    head = "\n--- worker tracebacks ---\n" + "\n".join(tracebacks) if tracebacks else ""
+    return f"{head}\n--- stdout (tail) ---\n{stdout[-2000:]}\n--- stderr (tail) ---\n{stderr[-4000:]}"
 
 
 def _start_fault_job(out, max_restarts: int) -> subprocess.Popen:
@@ -100,7 +115,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"the job hung for {timeout} s:\n{stdout[-2000:]}\n{stderr[-4000:]}") from None
+        raise AssertionError(f"the job hung for {timeout} s:\n{_job_output(stdout, stderr)}") from None
 
 
 def test_sigkill_a_worker_then_rerun(kill_ref, tmp_path):
@@ -147,7 +162,7 @@ def test_sigkill_rank0_torchrun_restarts_and_finishes(kill_ref, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     stdout, stderr = _finish(proc)
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert proc.returncode == 0, _job_output(stdout, stderr)
     assert items(out) == kill_ref
     assert files(out).keys() == set(kill_ref) | {"manifest.json"}
     m = manifest(out)
