@@ -17,6 +17,7 @@ def env(**extra) -> dict:
     """The environment for a child process: this checkout's jetdet (and the test helpers) first on the path."""
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+    e.setdefault("PYTHONFAULTHANDLER", "1")  # a worker that dies of a signal prints where its threads were
     e.update(extra)
     return e
 
