@@ -111,18 +111,18 @@ def test_reference_is_named_after_the_op(name):
 
 
 def _jit_functions(folder):
-    import glob
-    import os
+    """The folder's Triton functions defined in its ``kernel*.py`` (name -> function), and its launch code's text."""
+    from pathlib import Path
 
     import triton
 
     found = {}
-    root = os.path.dirname(importlib.import_module(f"jetdet.kernels.{folder}").__file__)
-    for path in sorted(glob.glob(os.path.join(root, "kernel*.py"))):
-        mod = importlib.import_module(f"jetdet.kernels.{folder}.{os.path.basename(path)[:-3]}")
+    root = Path(importlib.import_module(f"jetdet.kernels.{folder}").__file__).parent
+    for path in sorted(root.glob("kernel*.py")):
+        mod = importlib.import_module(f"jetdet.kernels.{folder}.{path.stem}")
         found.update({k: v for k, v in vars(mod).items() if isinstance(v, triton.runtime.KernelInterface)
                       and inspect.getmodule(v.fn) is mod})
-    launch_src = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(root, "launch*.py"))))
+    launch_src = "".join(p.read_text() for p in sorted(root.glob("launch*.py")))
     return found, launch_src
 
 
