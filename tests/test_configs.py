@@ -147,6 +147,28 @@ def test_h200_name_finds_the_h200_tables(monkeypatch):
     assert configs.name_candidates("NVIDIA_H100_80GB_HBM3")[-1] == "NVIDIA_H100"
 
 
+def test_attention_masked_subentry(monkeypatch):
+    """The H200 bf16 attention table gives calls without a mask the measured tile (M64 N64, 4 warps, 3 stages) and
+    masked calls the sm_90 tile (the measured one spills with a mask); other dtypes and devices have one tile for
+    both. A malformed 'masked' sub-entry is an error naming it."""
+    from jetdet.kernels.attention import launch
+
+    dev = _as_gpu(monkeypatch, "NVIDIA H200")
+    tile = lambda c: (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])  # noqa: E731
+    assert tile(launch.config(128, torch.bfloat16, dev)) == (64, 64, 4, 3)
+    assert tile(launch.config(128, torch.bfloat16, dev, masked=True)) == (64, 32, 8, 3)
+    assert tile(launch.config(64, torch.bfloat16, dev)) == (64, 64, 4, 3)
+    assert tile(launch.config(64, torch.bfloat16, dev, masked=True)) == (128, 32, 8, 3)
+    for masked in (False, True):
+        assert "masked" not in launch.config(128, torch.bfloat16, dev, masked=masked)
+        # negative control: fp16 on the H200 and bf16 on an H100 have no masked tile of their own
+        assert tile(launch.config(128, torch.float16, dev, masked=masked)) == (64, 32, 8, 3)
+        assert tile(launch.config(128, torch.bfloat16, _as_gpu(monkeypatch, "NVIDIA H100 PCIe"), masked=masked)) == (
+            64, 32, 8, 3)
+    with pytest.raises(ValueError, match="'masked'"):
+        launch.resolve({"BLOCK_M": 64, "masked": {"BLOCK_K": 3}}, True)
+
+
 def _provenance():
     with open(os.path.join(_paths.configs_dir(), "PROVENANCE.json")) as f:
         return json.load(f)["files"]
@@ -191,7 +213,7 @@ def test_every_table_entry_says_where_it_comes_from():
         for key, src in info.get("entries", {}).items()
         if src["status"] == "measured"
     ]
-    assert len(measured) == 3 and all("NVIDIA_H200" in rel for rel, _ in measured), measured
+    assert len(measured) == 5 and all("NVIDIA_H200" in rel for rel, _ in measured), measured
 
 
 def test_provenance_check_catches_a_wrong_copy():

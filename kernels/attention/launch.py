@@ -33,9 +33,31 @@ def _default_config(d: int) -> dict:
     return DEFAULT_CONFIGS[min(b for b in DEFAULT_CONFIGS if b >= min(_block_d(d), MAX_HEAD_DIM))]
 
 
-def config(head_dim: int, dtype: torch.dtype, device=None) -> dict:
-    """Tile config keyed by the head dim (``max(D, Dv)``), never the batch or the sequence length."""
-    return configs.get_config(OP, head_dim, dtype=dtype, device=device, default=_default_config(head_dim))
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def resolve(entry: dict, masked: bool) -> dict:
+    """A table entry as launched: its ``"masked"`` sub-entry, if any, overrides the tile of calls with a mask.
+
+    A tile that is fastest without a mask can spill with one (the mask tile and its loads need registers), so a
+    table may give masked calls their own tile. Whether a call has a mask is the same for every item of it, so
+    this never depends on the batch."""
+    cfg = {k: v for k, v in entry.items() if k != "masked"}
+    over = entry.get("masked")
+    if over is not None:
+        bad = sorted(set(over) - set(TILE_KEYS)) if isinstance(over, dict) else [repr(over)]
+        if bad:
+            raise ValueError(f"attention launch table: 'masked' must map some of {TILE_KEYS} to values, got {bad}")
+        if masked:
+            cfg.update(over)
+    return cfg
+
+
+def config(head_dim: int, dtype: torch.dtype, device=None, masked: bool = False) -> dict:
+    """Tile config keyed by the head dim (``max(D, Dv)``) and whether the call has a mask, never the batch or the
+    sequence length."""
+    entry = configs.get_config(OP, head_dim, dtype=dtype, device=device, default=_default_config(head_dim))
+    return resolve(entry, masked)
 
 
 def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -72,7 +94,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     else:
         m_arg, m_strides = q, (0, 0, 0, 0)
 
-    cfg = config(max(d, d_v), q.dtype, q.device)
+    cfg = config(max(d, d_v), q.dtype, q.device, masked=mask is not None)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(n_q, block_m) * bsz * heads,)
     attention_fwd_kernel[grid](

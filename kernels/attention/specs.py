@@ -6,22 +6,24 @@ from jetdet import configs
 from jetdet.kernels._common import CompileSpec, signature
 
 from .kernel import attention_fwd_kernel
-from .launch import DEFAULT_CONFIGS, MAX_HEAD_DIM, OP, _block_d, _default_config
+from .launch import DEFAULT_CONFIGS, MAX_HEAD_DIM, OP, _block_d, _default_config, resolve
 
 # the innermost strides, 1 in the common contiguous case (the JIT specialises them to constants)
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od")
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every shipped (config, head-dim key) x dtype x mask/no-mask, as compiled for a GPU."""
+    """Every shipped (config, head-dim key) x dtype x mask/no-mask (with the entry's ``"masked"`` tile for the
+    masked variant), as compiled for a GPU."""
     specs, seen = [], set()
     default = {str(d): c for d, c in DEFAULT_CONFIGS.items()}
     for _dev, _archs, dt, table in configs.shipped_tables(OP, default=default):
         for key, cfg in table.items():
             head_dim = min(int(key), MAX_HEAD_DIM)
             block_d = _block_d(head_dim)
-            cfg = {**_default_config(head_dim), **cfg}
+            entry = {**_default_config(head_dim), **cfg}
             for has_mask in (False, True):
+                cfg = resolve(entry, has_mask)
                 ident = (dt, head_dim, has_mask, tuple(sorted(cfg.items())))
                 if ident in seen:
                     continue
