@@ -481,6 +481,7 @@ def _speed_shapes(dry: bool, quick: bool):
         return [("linear 64x96->80", "linear", bf, (64, 96, 80)),
                 ("attention D64 B1 H2 N128", "attention", bf, (1, 2, 128, 64)),
                 ("conv3x3 B1 C16 16x16->16", "conv", bf, (1, 16, 16, 16)),
+                ("conv3x3 channels-last B1 C16 16x16->16", "conv_cl", bf, (1, 16, 16, 16)),
                 ("group_norm 2x32x8x8", "group_norm", bf, (2, 32, 8, 8)),
                 ("layer_norm 2x64x96", "layer_norm", bf, (2, 64, 96)),
                 ("softmax 2x64x96", "softmax", bf, (2, 64, 96)),
@@ -497,6 +498,10 @@ def _speed_shapes(dry: bool, quick: bool):
         ("conv3x3 B1 C512 128x128->512", "conv", bf, (1, 512, 128, 512)),
         ("conv3x3 B4 C320 64x64->320", "conv", bf, (4, 320, 64, 320)),
         ("conv3x3 B4 C640 32x32->640", "conv", bf, (4, 640, 32, 640)),
+        # the same, channels-last on both sides (the kernel's own layout; NCHW input pays a copy to it)
+        ("conv3x3 channels-last B1 C512 128x128->512", "conv_cl", bf, (1, 512, 128, 512)),
+        ("conv3x3 channels-last B4 C320 64x64->320", "conv_cl", bf, (4, 320, 64, 320)),
+        ("conv3x3 channels-last B4 C640 32x32->640", "conv_cl", bf, (4, 640, 32, 640)),
         ("group_norm 4x512x128x128", "group_norm", bf, (4, 512, 128, 128)),
         ("layer_norm 4x4096x3072", "layer_norm", bf, (4, 4096, 3072)),
         ("softmax 4x4096x3072", "softmax", bf, (4, 4096, 3072)),
@@ -544,9 +549,13 @@ def _speed_pair(kind, dtype, a, dev):
         q, k, v = rn(bb, h, n, d), rn(bb, h, n, d), rn(bb, h, n, d)
         return (lambda: F.scaled_dot_product_attention(q, k, v)), (lambda: jetdet.ops.attention(q, k, v)), d, \
             "attention"
-    if kind == "conv":
+    if kind in ("conv", "conv_cl"):
         bb, c, hw, o = a
-        x, w, b = rn(bb, c, hw, hw), rn(o, c, 3, 3, scale=(9 * c) ** -0.5), rn(o)
+        x, b = rn(bb, c, hw, hw), rn(o)
+        if kind == "conv_cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+        # a Parameter, as in a model: jetdet packs its weight once per Parameter, not per call
+        w = nn.Parameter(rn(o, c, 3, 3, scale=(9 * c) ** -0.5), requires_grad=False)
         return (lambda: F.conv2d(x, w, b, padding=1)), (lambda: jetdet.ops.conv2d(x, w, b, padding=1)), o, "conv2d"
     if kind == "group_norm":
         x = rn(*a)
@@ -568,7 +577,7 @@ def _target(kind, dtype, a):
         if dtype == torch.float32:
             return TARGETS["linear_fp32"]
         return TARGETS["linear_m512"] if a[0] <= 512 else TARGETS["linear"]
-    return {"attention": TARGETS["attention"], "conv": TARGETS["conv"]}.get(kind)
+    return {"attention": TARGETS["attention"], "conv": TARGETS["conv"], "conv_cl": TARGETS["conv"]}.get(kind)
 
 
 def speed(run: Run, out: dict) -> None:

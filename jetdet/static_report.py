@@ -9,11 +9,14 @@ memory) and ``cuobjdump -sass`` (instruction classes). Per (kernel, arch) the ro
 ``regs``, ``stack`` (bytes of local-memory stack: register spills), ``shared`` (static + Triton's dynamic
 shared memory, bytes), ``hmma`` / ``hgmma`` (tensor-core MMA / Hopper warpgroup MMA), ``tf32`` (how many of
 those are ``.TF32``), ``atomics`` (RED/REDG/ATOM/ATOMG/ATOMS and TMA reductions), ``mufu`` (special-function
-unit approximations), ``ffma`` (fused multiply-adds), ``instructions`` (all SASS instructions).
+unit approximations), ``ffma`` (fused multiply-adds), ``narrow_loads`` (global loads of 8 or 16 bits:
+``LDG.*.U16`` and the like, the element-wise gather of a 16-bit tensor), ``instructions`` (all SASS
+instructions). ``narrow_loads`` counts only loads inside a loop, so an epilogue's bias load is not one.
 
 :func:`violations` fails: any atomic in a ``deterministic`` spec, any stack/spill bytes, shared memory over
 the arch's per-block limit, a compile error, and a class the spec forbids (``forbid``): ``no_fma`` (FFMA),
-``no_mufu`` (MUFU), ``no_tf32`` (any .TF32 tensor-core instruction).
+``no_mufu`` (MUFU), ``no_tf32`` (any .TF32 tensor-core instruction), ``no_gather`` (any 8/16-bit global load:
+a kernel whose 16-bit operands must arrive in vector loads).
 
 Spec conventions (matching what Triton's launcher specializes at run time):
 
@@ -89,14 +92,19 @@ DEFAULT_ARCHS = (80, 89, 90)
 # Largest shared memory one block may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 
-_REPORT_VERSION = 1  # bump when the row format or the SASS classification changes
+_REPORT_VERSION = 3  # bump when the row format or the SASS classification changes
 
 _ATOMIC_OPS = {"ATOM", "ATOMG", "ATOMS", "RED", "REDG", "REDAS", "UTMAREDG", "UBLKRED"}
 _FORBID = {
     "no_fma": ("ffma", "FFMA"),
     "no_mufu": ("mufu", "MUFU"),
     "no_tf32": ("tf32", "TF32 tensor-core"),
+    "no_gather": ("narrow_loads", "8/16-bit global load"),
 }
+_NARROW = {".U8", ".S8", ".U16", ".S16"}
+_ADDR_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/")
+_BRA_RE = re.compile(r"\bBRA\b[^;]*?0x([0-9a-fA-F]+)")
+_LAYOUT_RULES = {"no_gather"}  # depend on the strides a spec declares: not checked on JIT variants
 _SASS_RE = re.compile(r"^\s*/\*[0-9a-fA-F]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)")
 _RES_RE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
@@ -578,7 +586,11 @@ def jit_variants(specs: Iterable, arch: int = JIT_ARCH, values: Sequence[int] = 
         for vals, launch in classes.values():
             label = "ints=" + ",".join(str(v) for v in vals)
             name = f"{rep.name} jit[{label}]"
-            out.append(dataclasses.replace(rep, name=name, archs=(target,), launch=launch, jit_class=label))
+            # every int argument at one value is no real layout (all strides 16, say), so the rules about how
+            # a layout is read do not apply; compiling, atomics and spills do
+            forbid = tuple(f for f in rep.forbid if f not in _LAYOUT_RULES)
+            out.append(dataclasses.replace(rep, name=name, archs=(target,), launch=launch, jit_class=label,
+                                           forbid=forbid))
     return out
 
 
@@ -770,14 +782,25 @@ def _parse_resources(text: str) -> dict:
 
 
 def count_sass(sass: str) -> dict:
-    """Instruction-class counts of a ``cuobjdump -sass`` listing."""
-    counts = {"hmma": 0, "hgmma": 0, "tf32": 0, "atomics": 0, "mufu": 0, "ffma": 0, "instructions": 0}
+    """Instruction-class counts of a ``cuobjdump -sass`` listing. ``narrow_loads`` counts the 8/16-bit global
+    loads inside a loop (between a backward branch and its target): an epilogue's one load per thread (a bias, say)
+    is not a gather."""
+    counts = {"hmma": 0, "hgmma": 0, "tf32": 0, "atomics": 0, "mufu": 0, "ffma": 0, "narrow_loads": 0,
+              "instructions": 0}
+    narrow, loops = [], []
     for line in sass.splitlines():
         m = _SASS_RE.match(line)
         if not m:
             continue
         op, mods = m.group(1), m.group(2)
+        addr = int(_ADDR_RE.match(line).group(1), 16)
         counts["instructions"] += 1
+        if op == "BRA":
+            b = _BRA_RE.search(line)
+            if b and int(b.group(1), 16) < addr:
+                loops.append((int(b.group(1), 16), addr))
+        elif op == "LDG" and not _NARROW.isdisjoint("." + m for m in mods.split(".") if m):
+            narrow.append(addr)
         if op == "HMMA":
             counts["hmma"] += 1
         elif op == "HGMMA":
@@ -790,6 +813,7 @@ def count_sass(sass: str) -> dict:
             counts["mufu"] += 1
         elif op == "FFMA":
             counts["ffma"] += 1
+    counts["narrow_loads"] = sum(any(lo <= a <= hi for lo, hi in loops) for a in narrow)
     return counts
 
 
@@ -1172,6 +1196,7 @@ _COLUMNS = [
     ("atomics", "atom"),
     ("mufu", "mufu"),
     ("ffma", "ffma"),
+    ("narrow_loads", "ldg16"),
     ("instructions", "instr"),
 ]
 

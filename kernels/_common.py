@@ -54,14 +54,15 @@ def signature(kernel, types: dict[str, str]) -> dict[str, str]:
     return {p.name: types.get(p.name, "i32") for p in params if "constexpr" not in str(p.annotation)}
 
 
-def empty(shape, dtype, device):
+def empty(shape, dtype, device, memory_format=None):
     """``torch.empty`` that fills with NaN when ``JETDET_DEBUG_FILL_NAN=1`` (set by the test conftest), so an
     element a kernel forgets to write fails the test instead of passing on leftover memory."""
     import os
 
     import torch
 
-    out = torch.empty(shape, dtype=dtype, device=device)
+    fmt = torch.contiguous_format if memory_format is None else memory_format
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
     if os.environ.get("JETDET_DEBUG_FILL_NAN") == "1" and out.is_floating_point():
         out.fill_(float("nan"))
     return out

@@ -79,6 +79,43 @@ def test_conv2d_needle(dtype, k, stride, padding):
     assert_batch_invariant(conv, hay(8), prefixes=(1, 3, 5))  # prefix: the first j images of a batch alone
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
+)
+def test_conv2d_layouts_give_the_same_bits(dtype):
+    """The kernel reads channels-last: NCHW input is copied to channels-last first, so both layouts give the
+    same bits. The output is channels-last for channels-last input and NCHW otherwise, as torch's conv."""
+    x = rand(3, 20, 7, 9, dtype=dtype)
+    w = rand(24, 20, 3, 3, dtype=dtype, scale=(20 * 9) ** -0.5)
+    bias = rand(24, dtype=dtype)
+    nchw = conv_launch.conv2d(x, w, bias, (1, 1), (1, 1))
+    cl = conv_launch.conv2d(x.to(memory_format=torch.channels_last), w, bias, (1, 1), (1, 1))
+    assert nchw.is_contiguous()
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert torch.equal(nchw, cl)
+    close_gemm(cl, conv2d_reference(x, w, bias, (1, 1), (1, 1)), dtype)
+    # channels-last batch: one image alone == the same image in the batch, bitwise
+    xs = x.to(memory_format=torch.channels_last)
+    for i in range(3):
+        alone = conv_launch.conv2d(xs[i : i + 1], w, bias, (1, 1), (1, 1))
+        assert torch.equal(alone, cl[i : i + 1]), i
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_conv2d_op_fake_follows_the_layout(backend):
+    """The registered op's fake gives the real output's strides for NCHW and channels-last input (torch.compile
+    trusts them), on the Triton path and the torch path."""
+    from jetdet.ops import registry
+
+    op = registry.get("conv2d").overload
+    x = rand(2, 6, 5, 5, dtype=torch.float32)
+    w = rand(8, 6, 3, 3, dtype=torch.float32)
+    for xin in (x, x.to(memory_format=torch.channels_last)):
+        torch.library.opcheck(op, (xin, w, None, [1, 1], [1, 1]), test_utils=("test_faketensor",))
+        want = torch.channels_last if xin is not x else torch.contiguous_format
+        assert op(xin, w, None, [1, 1], [1, 1]).is_contiguous(memory_format=want)
+
+
 def test_conv2d_zero_channels():
     x = torch.zeros(2, 0, 5, 5, device=DEV)
     w = torch.zeros(3, 0, 3, 3, device=DEV)

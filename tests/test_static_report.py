@@ -178,6 +178,23 @@ def test_negative_control_forbidden_classes():
     assert any("unknown forbid class" in v for v in sr.violations(sr.report([typo], archs=(80,))))
 
 
+def test_conv_reads_channels_last_in_vector_loads_and_the_rule_can_fail():
+    """The 16-bit conv specs forbid 8/16-bit global loads (``no_gather``): the channels-last kernel reads a pixel's
+    channel block in 16-byte loads. Negative control: the same kernel declared for an NCHW read (channel stride
+    not 1: the element-wise gather the kernel replaced) breaks the rule."""
+    from jetdet.kernels.conv2d import specs as conv_specs
+
+    spec = next(s for s in conv_specs.compile_specs() if s.name.startswith("conv2d_bf16_3x3s1p1_cl_"))
+    assert "no_gather" in spec.forbid
+    constexprs = {k: v for k, v in spec.constexprs.items() if k != "stride_xc"}
+    nchw = dataclasses.replace(spec, name=spec.name + "_nchw_read", constexprs=constexprs,
+                               signature={**spec.signature, "stride_xc": "i32:16"})  # fmt: skip
+    rows = sr.report([spec, nchw], archs=(90,))
+    assert rows[0]["narrow_loads"] == 0 and not sr.row_violations(rows[0]), rows[0]
+    assert rows[1]["narrow_loads"] > 0, rows[1]
+    assert any("forbidden by no_gather" in v for v in sr.row_violations(rows[1]))
+
+
 def test_compile_error_is_a_violation():
     spec = _spec("missing_constexpr", _tf32_and_exp, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}, {})
     rows = sr.report([spec], archs=(80,))
@@ -205,9 +222,17 @@ def test_count_sass():
         /*00c0*/                   MUFU.EX2 R5, R5 ;
         /*00d0*/                   FFMA R1, R2, R3, R4 ;
         /*00e0*/                   REDUX.SUM UR4, R2 ;
+        /*00f0*/              @!P2 LDG.E.U16 R6, desc[UR4][R2.64] ;
+        /*0100*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0110*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;
+        /*0120*/               @P0 BRA 0xf0 ;
+        /*0130*/                   LDG.E.S8 R6, desc[UR4][R2.64] ;
+        /*0140*/                   BRA 0x140;
     """
     c = sr.count_sass(sass)
-    assert c == {"hmma": 2, "hgmma": 1, "tf32": 2, "atomics": 2, "mufu": 1, "ffma": 1, "instructions": 9}
+    # narrow loads: the U16 inside the loop 0xf0..0x120 counts, the S8 after it (an epilogue) does not
+    assert c == {"hmma": 2, "hgmma": 1, "tf32": 2, "atomics": 2, "mufu": 1, "ffma": 1, "narrow_loads": 1,
+                 "instructions": 15}
 
 
 def test_interpreter_still_works_after_compiling(rows):

@@ -1,10 +1,15 @@
-"""Batch-invariant implicit-GEMM conv2d (NCHW, groups=1, dilation=1, zero padding).
+"""Batch-invariant implicit-GEMM conv2d that reads channels-last input (groups=1, dilation=1, zero padding).
 
-GEMM view per batch item: ``y[o, p] = sum_k w[o, k] * im2col(x)[k, p]`` with ``p = oh * OW + ow`` the
-output pixel and ``k = (c * KH + r) * KW + s`` the flattened reduction index. Each program owns
-``BLOCK_M`` output pixels of one batch item x ``BLOCK_N`` output channels and runs the whole K loop in
-order, ``BLOCK_K`` at a time, into an fp32 accumulator; the im2col tile is gathered on the fly (never
-materialized). Nothing depends on the batch size, so a pixel's result is the same in any batch.
+GEMM view per batch item: ``y[p, o] = sum_k X[p, k] * wt[k, o]`` with ``p = oh * OW + ow`` the output pixel and
+``k = (r * KW + s) * C + c`` the flattened reduction index (filter tap ``(r, s)`` outer, channel ``c`` inner).
+For one tap, the ``BLOCK_K`` channels a pixel needs are contiguous in a channels-last (NHWC) image, so the A tile
+is ``BLOCK_M`` row loads of ``BLOCK_K`` consecutive elements: vector loads, no element-wise im2col gather. The
+weight is read as ``wt[k, o]`` from a channels-last ``[O, C, KH, KW]`` weight, whose ``k`` is contiguous too.
+
+Each program owns ``BLOCK_M`` output pixels of one batch item x ``BLOCK_N`` output channels and runs the whole K
+loop (every tap, every channel block) in order into an fp32 accumulator: no split-K, no atomics. The loop is one
+flat loop over (tap, channel block), so it is software-pipelined across taps. Nothing depends on the batch size,
+so a pixel's result is the same in any batch.
 """
 
 import triton
@@ -24,12 +29,15 @@ def conv2d_kernel(
     OH,
     OW,
     stride_xb,
-    stride_xc,
     stride_xh,
     stride_xw,
-    stride_wo,
+    stride_xc,
     stride_wk,
+    stride_wo,
     stride_yb,
+    stride_yo,
+    stride_yh,
+    stride_yw,
     SH,
     SW,
     PH,
@@ -43,16 +51,16 @@ def conv2d_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """x [B, C, H, W] (any strides), w [O, C*KH*KW] (``stride_wk`` between k), bias [O],
-    y [B, O, OH, OW] contiguous per batch item; grid (cdiv(OH*OW, BLOCK_M) * cdiv(O, BLOCK_N), B).
+    """x [B, C, H, W] with any strides (``stride_xc == 1``, channels-last, is the fast case), wt [KH*KW*C, O]
+    with any strides (``stride_wk == 1``, a channels-last weight, is the fast case), bias [O], y [B, O, OH, OW]
+    with any strides; grid (cdiv(OH*OW, BLOCK_M) * cdiv(O, BLOCK_N), B).
 
-    ``DOT_F32``: upcast to fp32 after the load and use an IEEE fp32 dot (fp32 inputs: never TF32; bf16
-    under the interpreter, whose bf16 dot is wrong).
+    ``DOT_F32``: upcast to fp32 after the load and use an IEEE fp32 dot (fp32 inputs: never TF32; bf16 under the
+    interpreter, whose bf16 dot is wrong).
     """
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     P = OH * OW
-    KTOT = C * (KH * KW)
 
     # grouped tile order (L2 reuse of the weight tile); it never changes a tile's math
     num_pid_m = tl.cdiv(P, BLOCK_M)
@@ -66,6 +74,7 @@ def conv2d_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
+    rk = tl.arange(0, BLOCK_K)
     mask_m = rm < P
     mask_n = rn < O
     oh = rm // OW
@@ -74,23 +83,24 @@ def conv2d_kernel(
     iw0 = ow * SW - PW
 
     x_base = x_ptr + pid_b * stride_xb
-    w_offs_n = rn[None, :] * stride_wo
+    w_cols = w_ptr + rn[None, :] * stride_wo
+    n_cblk = tl.cdiv(C, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(KTOT, BLOCK_K)):
-        rk = k0 * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = rk < KTOT
-        c = rk // (KH * KW)
-        rs = rk % (KH * KW)
-        r = rs // KW
-        s = rs % KW
-        ih = ih0[:, None] + r[None, :]
-        iw = iw0[:, None] + s[None, :]
-        in_img = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_offs = c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw
-        a = tl.load(x_base + x_offs, mask=mask_m[:, None] & mask_k[None, :] & in_img, other=0.0)
-        w_offs = rk[:, None] * stride_wk + w_offs_n
-        b = tl.load(w_ptr + w_offs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    for it in range(0, KH * KW * n_cblk):
+        tap = it // n_cblk
+        c0 = (it - tap * n_cblk) * BLOCK_K
+        r = tap // KW
+        s = tap - r * KW
+        ih = ih0 + r
+        iw = iw0 + s
+        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c = c0 + rk
+        mask_c = c < C
+        x_rows = x_base + ih * stride_xh + iw * stride_xw
+        a = tl.load(x_rows[:, None] + c[None, :] * stride_xc, mask=row_ok[:, None] & mask_c[None, :], other=0.0)
+        k = tap * C + c
+        b = tl.load(w_cols + k[:, None] * stride_wk, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -100,6 +110,6 @@ def conv2d_kernel(
         bias = tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
 
-    y_offs = rn[None, :] * P + rm[:, None]
+    y_offs = rn[None, :] * stride_yo + (oh * stride_yh + ow * stride_yw)[:, None]
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + pid_b * stride_yb + y_offs, y, mask=mask_m[:, None] & mask_n[None, :])

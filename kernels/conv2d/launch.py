@@ -1,4 +1,4 @@
-"""Host side of the batch-invariant implicit-GEMM conv2d: config lookup, allocation, grid, launch.
+"""Host side of the batch-invariant implicit-GEMM conv2d: layout, config lookup, allocation, grid, launch.
 
 The caller (``jetdet.ops``) has validated dtypes, devices and shapes; the asserts here are cheap guards.
 """
@@ -11,7 +11,9 @@ import triton
 from jetdet import configs
 from jetdet.kernels._common import empty
 
+from ..matmul.torch_path import cached_pack
 from .kernel import conv2d_kernel
+from .op import out_memory_format
 
 OP = "conv2d"
 
@@ -47,12 +49,14 @@ def conv2d(
     stride: tuple[int, int],
     padding: tuple[int, int],
 ) -> torch.Tensor:
-    """2-D convolution, NCHW: x [B, C, H, W] (any strides), w [O, C, kh, kw], bias [O] or None
-    -> [B, O, OH, OW] in ``x.dtype``, ``OH = (H + 2 * padding[0] - kh) // stride[0] + 1`` (same for W).
+    """2-D convolution: x [B, C, H, W] (NCHW or channels-last, any strides), w [O, C, kh, kw], bias [O] or None
+    -> [B, O, OH, OW] in ``x.dtype``, ``OH = (H + 2 * padding[0] - kh) // stride[0] + 1`` (same for W),
+    channels-last when ``x`` is (:func:`.op.out_memory_format`), contiguous otherwise.
 
-    Zero padding, groups=1, dilation=1. fp32 accumulation; the reduction over ``C * kh * kw`` runs in a
-    fixed order inside one program, with a tile config chosen by O, so ``conv2d(x)[i]`` is bitwise
-    ``conv2d(x[i:i+1])[0]`` for any batch.
+    The kernel reads channels-last input; any other layout is copied to channels-last first (an element-wise
+    copy, the same for every item). Zero padding, groups=1, dilation=1. fp32 accumulation; the reduction over
+    ``kh * kw * C`` runs in a fixed order inside one program, with a tile config chosen by O, so
+    ``conv2d(x)[i]`` is bitwise ``conv2d(x[i:i+1])[0]`` for any batch.
     """
     assert x.dim() == 4 and w.dim() == 4 and x.shape[1] == w.shape[1], (tuple(x.shape), tuple(w.shape))
     assert x.dtype in _DTYPES and w.dtype == x.dtype and w.device == x.device
@@ -65,7 +69,8 @@ def conv2d(
     assert oh >= 1 and ow >= 1, f"kernel {kh}x{kw} larger than padded input {h}x{wd}"
     if bias is not None:
         assert bias.shape == (o,) and bias.device == x.device, tuple(bias.shape)
-    y = empty((nb, o, oh, ow), x.dtype, x.device)
+    fmt = out_memory_format(x)
+    y = empty((nb, o, oh, ow), x.dtype, x.device, fmt)
     if y.numel() == 0:
         return y
     if c == 0:
@@ -73,24 +78,31 @@ def conv2d(
         if bias is not None:
             y += bias.to(y.dtype)[:, None, None]
         return y
-    w2 = w.reshape(o, c * kh * kw)  # a view for contiguous weights; k = (c * kh + r) * kw + s
+    if x.stride(1) != 1 and c > 1:  # the kernel reads channels-last: a C-block of one pixel is contiguous
+        x = x.contiguous(memory_format=torch.channels_last)
+    # the weight as wk[o, k], k = (r * kw + s) * C + c contiguous: a view of a channels-last weight (as
+    # model.to(memory_format=torch.channels_last) makes); any other is copied to channels-last, once per weight
+    # Parameter until it changes (a second copy of the weight in memory)
+    if not w.is_contiguous(memory_format=torch.channels_last):
+        w = cached_pack(w, "conv2d.cl", lambda: w.detach().contiguous(memory_format=torch.channels_last))
+    wt = w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
     # 32-bit offsets inside one batch item (the batch offset is 64-bit)
     span = (c - 1) * abs(x.stride(1)) + (h - 1) * abs(x.stride(2)) + (wd - 1) * abs(x.stride(3))
     assert span < _I32, "one batch item of x spans 2**31 elements or more"
-    assert o * oh * ow < _I32 and w2.numel() < _I32
+    assert o * oh * ow < _I32 and wt.numel() < _I32
 
     if x.dtype == torch.bfloat16 and x.device.type != "cuda":
         # The interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): write fp32 and let
         # torch round, as the GPU's cvt.rn.bf16.f32 does.
-        y32 = empty(y.shape, torch.float32, x.device)
-        _launch(x, w2, bias, y32, kh, kw, sh, sw, ph, pw, dot_f32=True)
+        y32 = empty(y.shape, torch.float32, x.device, fmt)
+        _launch(x, wt, bias, y32, kh, kw, sh, sw, ph, pw, dot_f32=True)
         y.copy_(y32)
         return y
-    _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, dot_f32=x.dtype == torch.float32)
+    _launch(x, wt, bias, y, kh, kw, sh, sw, ph, pw, dot_f32=x.dtype == torch.float32)
     return y
 
 
-def _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
+def _launch(x, wt, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
     nb, c, h, wd = x.shape
     _, o, oh, ow = y.shape
     cfg = config(o, x.dtype, x.device)
@@ -102,11 +114,11 @@ def _launch(x, w2, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
         # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
         sxb, syb = (0, 0) if stop - start == 1 else (x_.stride(0), y_.stride(0))
         conv2d_kernel[(tiles, stop - start)](
-            x_, w2, bias_arg, y_,
+            x_, wt, bias_arg, y_,
             c, h, wd, o, oh, ow,
-            sxb, x_.stride(1), x_.stride(2), x_.stride(3),
-            w2.stride(0), w2.stride(1),
-            syb,
+            sxb, x_.stride(2), x_.stride(3), x_.stride(1),
+            wt.stride(1), wt.stride(0),
+            syb, y_.stride(1), y_.stride(2), y_.stride(3),
             sh, sw, ph, pw,
             KH=kh,
             KW=kw,

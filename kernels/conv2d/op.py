@@ -18,12 +18,22 @@ def out_size(x, w, stride, padding) -> tuple[int, int]:
     return ho, wo
 
 
+def out_memory_format(x) -> torch.memory_format:
+    """Channels-last output for a channels-last ``x`` (one that is not also plain contiguous), as torch's conv
+    gives; contiguous NCHW otherwise. Both backends and the fake follow it."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def _fake(x, w, bias, stride, padding):
-    return x.new_empty(x.shape[0], w.shape[0], *out_size(x, w, stride, padding))
+    shape = (x.shape[0], w.shape[0], *out_size(x, w, stride, padding))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
 
 
 def _torch(x, w, bias, stride, padding):
-    return T.conv2d(x, w, bias, tuple(stride), tuple(padding))
+    out = T.conv2d(x, w, bias, tuple(stride), tuple(padding))
+    fmt = out_memory_format(x)
+    return out if fmt == torch.contiguous_format else out.contiguous(memory_format=fmt)
 
 
 def _triton(x, w, bias, stride, padding):

@@ -10,19 +10,21 @@ from jetdet.kernels._common import CompileSpec, tl_ptr
 from .kernel import conv2d_kernel
 from .launch import _DTYPES, FP_FUSION, OP, _default
 
-# (kh, kw, stride, padding) compiled per config: the shapes diffusion UNets/VAEs use most
-_SPEC_SHAPES = ((3, 3, 1, 1), (1, 1, 1, 0))
+# (kh, kw, stride, padding, output layout) compiled per config: the shapes diffusion UNets/VAEs use most; the
+# output is channels-last for channels-last input ("cl") and NCHW for NCHW input ("nchw", read as channels-last)
+_SPEC_SHAPES = ((3, 3, 1, 1, "cl"), (3, 3, 1, 1, "nchw"), (1, 1, 1, 0, "cl"))
 
 
 def compile_specs() -> list[CompileSpec]:
-    """One spec per (shipped config, dtype, kernel shape in ``_SPEC_SHAPES``) for ``jetdet.static_report``,
-    with bias. Modelled on the common launch: contiguous NCHW input with H*W and W multiples of 16,
-    contiguous weights (stride_wk == 1), stride/padding 1 specialized to constants as Triton does."""
+    """One spec per (shipped config, dtype, kernel shape and output layout in ``_SPEC_SHAPES``) for
+    ``jetdet.static_report``, with bias. Modelled on the common launch: channels-last input (``stride_xc == 1``)
+    with C, W*C multiples of 16, a channels-last weight (``stride_wk == 1``), stride/padding 1
+    specialized to constants as Triton does."""
     specs = []
     for dtype, cfg, archs in configs.shipped_configs(OP, _DTYPES, _default):
         ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
         tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        for kh, kw, st, pad in _SPEC_SHAPES:
+        for kh, kw, st, pad, out in _SPEC_SHAPES:
             signature = {
                 "x_ptr": ptr,
                 "w_ptr": ptr,
@@ -35,12 +37,18 @@ def compile_specs() -> list[CompileSpec]:
                 "OH": "i32:16",
                 "OW": "i32:16",
                 "stride_xb": "i32:16",
-                "stride_xc": "i32:16",
                 "stride_xh": "i32:16",
+                "stride_xw": "i32:16",
                 "stride_wo": "i32:16",
                 "stride_yb": "i32:16",
             }
-            constexprs = {"stride_xw": 1, "stride_wk": 1}
+            constexprs = {"stride_xc": 1, "stride_wk": 1}
+            if out == "cl":  # y[b, o, h, w] at b*OH*OW*O + (h*OW + w)*O + o
+                signature.update(stride_yh="i32:16", stride_yw="i32:16")
+                constexprs["stride_yo"] = 1
+            else:  # y[b, o, h, w] at b*O*OH*OW + o*OH*OW + h*OW + w
+                signature.update(stride_yo="i32:16", stride_yh="i32:16")
+                constexprs["stride_yw"] = 1
             for arg, val in (("SH", st), ("SW", st), ("PH", pad), ("PW", pad)):
                 if val == 1:
                     constexprs[arg] = 1
@@ -58,7 +66,7 @@ def compile_specs() -> list[CompileSpec]:
             )
             specs.append(
                 CompileSpec(
-                    name=f"conv2d_{dt}_{kh}x{kw}s{st}p{pad}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}",
+                    name=f"conv2d_{dt}_{kh}x{kw}s{st}p{pad}_{out}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}",
                     fn=conv2d_kernel,
                     signature=signature,
                     constexprs=constexprs,
@@ -69,7 +77,8 @@ def compile_specs() -> list[CompileSpec]:
                     },
                     deterministic=True,
                     archs=archs,
-                    forbid=("no_tf32",) if dtype == torch.float32 else (),
+                    # fp32: never TF32; 16-bit: the activations arrive in vector loads, never element by element
+                    forbid=("no_tf32",) if dtype == torch.float32 else ("no_gather",),
                 )
             )
     return specs
