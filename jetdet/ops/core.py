@@ -116,8 +116,9 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
-    """Like ``F.conv2d`` for NCHW input, groups=1, dilation=1, zero padding (int, pair or ``"same"``/
-    ``"valid"``). Batch invariant: output item b depends only on input item b."""
+    """Like ``F.conv2d`` for NCHW or channels-last input (the output keeps the input's layout), groups=1,
+    dilation=1, zero padding (int, pair or ``"same"``/``"valid"``). Batch invariant: output item b depends only on
+    input item b."""
     check_tensor("input", input, ndim=(3, 4))
     check_tensor("weight", weight, ndim=4)
     check_same("weight", weight, "input", input)
