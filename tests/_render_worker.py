@@ -7,6 +7,7 @@ the Python API, as a user's own torchrun script would call it.
 import sys
 from pathlib import Path
 
+import torch._dynamo  # noqa: F401  - before the group exists (README, "Your own process group")
 import torch.distributed as dist
 
 from jetdet.render import render

@@ -76,6 +76,12 @@ class _Group:
             self.dist = True
         elif all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
             backend = "nccl" if device.type == "cuda" else "gloo"
+            # torch._dynamo (which deterministic mode and the step cache import) keeps references to the process
+            # group that exists when it is first imported (torch 2.13: 10 of them). destroy_process_group() then
+            # leaves the group alive, gloo's worker threads run on into interpreter exit, and one still releasing
+            # a collective's tensors there aborts the process ("terminate called without an active exception":
+            # 1 in ~20 torchrun restarts in tests/test_render_dist.py). Imported before the group, it holds none.
+            import torch._dynamo  # noqa: F401
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
                 # torchrun's agent keeps one TCPStore for every restart of the group, so after a restart a plain
                 # init_process_group finds the dead group's addresses under the same keys and gloo waits on them
