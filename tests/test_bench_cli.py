@@ -56,7 +56,7 @@ def _fake_report(calls):
         for spec, arch in sr.pairs(specs, archs):
             rows.append(
                 {"kernel": spec.name, "arch": arch, "regs": 32, "stack": 0, "local": 0, "shared": 0, "hmma": 0,
-                 "hgmma": 0, "tf32": 0, "atomics": 0, "mufu": 0, "ffma": 0, "instructions": 10,
+                 "hgmma": 0, "tf32": 0, "atomics": 0, "mufu": 0, "ffma": 0, "narrow_loads": 0, "instructions": 10,
                  "deterministic": spec.deterministic, "forbid": [], "cached": False, "error": None}
             )  # fmt: skip
         return rows
