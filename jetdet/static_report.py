@@ -15,8 +15,8 @@ instructions). ``narrow_loads`` counts only loads inside a loop, so an epilogue'
 
 :func:`violations` fails: any atomic in a ``deterministic`` spec, any stack/spill bytes, shared memory over
 the arch's per-block limit, a compile error, and a class the spec forbids (``forbid``): ``no_fma`` (FFMA),
-``no_mufu`` (MUFU), ``no_tf32`` (any .TF32 tensor-core instruction), ``no_gather`` (any 8/16-bit global load:
-a kernel whose 16-bit operands must arrive in vector loads).
+``no_mufu`` (MUFU), ``no_tf32`` (any .TF32 tensor-core instruction), ``no_gather`` (any 8/16-bit global load
+inside a loop: a kernel whose 16-bit operands must arrive in vector loads).
 
 Spec conventions (matching what Triton's launcher specializes at run time):
 
@@ -799,7 +799,7 @@ def count_sass(sass: str) -> dict:
             b = _BRA_RE.search(line)
             if b and int(b.group(1), 16) < addr:
                 loops.append((int(b.group(1), 16), addr))
-        elif op == "LDG" and not _NARROW.isdisjoint("." + m for m in mods.split(".") if m):
+        elif op == "LDG" and not _NARROW.isdisjoint(mods.replace(".", " .").split()):
             narrow.append(addr)
         if op == "HMMA":
             counts["hmma"] += 1
