@@ -30,4 +30,6 @@ if __name__ == "__main__":
         assert r.complete and r.world_size == 2 and not dist.is_initialized(), r
     names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
     gloo = sum("gloo" in n for n in names)  # gloo_tcp_loop, pt_gloo_runloop
-    print(f"THREADS rank={os.environ['RANK']} before={before} after={len(names)} gloo={gloo}", flush=True)
+    # one write() per line, so the two workers' lines cannot interleave mid-line on torchrun's shared stdout
+    sys.stdout.write(f"THREADS rank={os.environ['RANK']} before={before} after={len(names)} gloo={gloo}\n")
+    sys.stdout.flush()
