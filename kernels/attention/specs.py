@@ -14,47 +14,48 @@ _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od"
 
 def compile_specs() -> list[CompileSpec]:
     """Every shipped (config, head-dim key) x dtype x mask/no-mask (with the entry's ``"masked"`` tile for the
-    masked variant), as compiled for a GPU."""
-    specs, seen = [], set()
+    masked variant), as compiled for a GPU, on the archs of the tables that ship it (a device table's arch only)."""
+    found: dict = {}  # (dtype, head dim, mask, tile) -> archs
     default = {str(d): c for d, c in DEFAULT_CONFIGS.items()}
-    for _dev, _archs, dt, table in configs.shipped_tables(OP, default=default):
+    for _dev, archs, dt, table in configs.shipped_tables(OP, default=default):
         for key, cfg in table.items():
             head_dim = min(int(key), MAX_HEAD_DIM)
-            block_d = _block_d(head_dim)
             entry = {**_default_config(head_dim), **cfg}
             for has_mask in (False, True):
-                cfg = resolve(entry, has_mask)
-                ident = (dt, head_dim, has_mask, tuple(sorted(cfg.items())))
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                ptr = "*" + dt
-                sig = signature(
-                    attention_fwd_kernel,
-                    {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "out_ptr": ptr, "qk_scale": "fp32",
-                     "mask_ptr": "*fp32" if has_mask else ptr},
-                )  # fmt: skip
-                # the common, contiguous-last-dim case, which the JIT specialises at runtime (stride == 1)
-                for name in _UNIT_STRIDES:
-                    del sig[name]
-                specs.append(
-                    CompileSpec(
-                        name=f"attention[{dt},D={head_dim},mask={has_mask},"
-                        f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}]",
-                        fn=attention_fwd_kernel,
-                        signature=sig,
-                        constexprs={
-                            "HAS_MASK": has_mask,
-                            "DOT_FP32": dt == "fp32",
-                            "BLOCK_M": cfg["BLOCK_M"],
-                            "BLOCK_N": cfg["BLOCK_N"],
-                            "HEAD_DIM": head_dim,
-                            "HEAD_DIM_V": head_dim,
-                            "BLOCK_D": block_d,
-                            "BLOCK_DV": block_d,
-                            **dict.fromkeys(_UNIT_STRIDES, 1),
-                        },
-                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                    )
-                )
+                tile = tuple(sorted(resolve(entry, has_mask).items()))
+                found.setdefault((dt, head_dim, has_mask, tile), set()).update(archs)
+    specs = []
+    for (dt, head_dim, has_mask, tile), archs in found.items():
+        cfg = dict(tile)
+        block_d = _block_d(head_dim)
+        ptr = "*" + dt
+        sig = signature(
+            attention_fwd_kernel,
+            {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "out_ptr": ptr, "qk_scale": "fp32",
+             "mask_ptr": "*fp32" if has_mask else ptr},
+        )  # fmt: skip
+        # the common, contiguous-last-dim case, which the JIT specialises at runtime (stride == 1)
+        for name in _UNIT_STRIDES:
+            del sig[name]
+        specs.append(
+            CompileSpec(
+                name=f"attention[{dt},D={head_dim},mask={has_mask},"
+                f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}]",
+                fn=attention_fwd_kernel,
+                signature=sig,
+                constexprs={
+                    "HAS_MASK": has_mask,
+                    "DOT_FP32": dt == "fp32",
+                    "BLOCK_M": cfg["BLOCK_M"],
+                    "BLOCK_N": cfg["BLOCK_N"],
+                    "HEAD_DIM": head_dim,
+                    "HEAD_DIM_V": head_dim,
+                    "BLOCK_D": block_d,
+                    "BLOCK_DV": block_d,
+                    **dict.fromkeys(_UNIT_STRIDES, 1),
+                },
+                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                archs=tuple(sorted(archs)),
+            )
+        )
     return specs
