@@ -102,10 +102,11 @@ _FORBID = {
     "no_gather": ("narrow_loads", "8/16-bit global load"),
 }
 _NARROW = {".U8", ".S8", ".U16", ".S16"}
-_ADDR_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/")
 _BRA_RE = re.compile(r"\bBRA\b[^;]*?0x([0-9a-fA-F]+)")
 _LAYOUT_RULES = {"no_gather"}  # depend on the strides a spec declares: not checked on JIT variants
-_SASS_RE = re.compile(r"^\s*/\*[0-9a-fA-F]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)")
+_SASS_RE = re.compile(
+    r"^\s*/\*(?P<addr>[0-9a-fA-F]{4,})\*/\s+(?:@!?U?P[0-9T]+\s+)?(?P<op>[A-Z][A-Z0-9_]*)(?P<mods>(?:\.[A-Za-z0-9_]+)*)"
+)
 _RES_RE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -792,8 +793,7 @@ def count_sass(sass: str) -> dict:
         m = _SASS_RE.match(line)
         if not m:
             continue
-        op, mods = m.group(1), m.group(2)
-        addr = int(_ADDR_RE.match(line).group(1), 16)
+        op, mods, addr = m["op"], m["mods"], int(m["addr"], 16)
         counts["instructions"] += 1
         if op == "BRA":
             b = _BRA_RE.search(line)
