@@ -82,27 +82,28 @@ def conv2d(
         x = x.contiguous(memory_format=torch.channels_last)
     # the weight as wk[o, k], k = (r * kw + s) * C + c contiguous: a view of a channels-last weight (as
     # model.to(memory_format=torch.channels_last) makes); any other is copied to channels-last, once per weight
-    # Parameter until it changes (a second copy of the weight in memory)
+    # Parameter until it changes (a second copy of the weight in memory). The kernel reads it as its wt[k, o]
+    # through the strides.
     if not w.is_contiguous(memory_format=torch.channels_last):
         w = cached_pack(w, "conv2d.cl", lambda: w.detach().contiguous(memory_format=torch.channels_last))
-    wt = w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
+    wk = w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
     # 32-bit offsets inside one batch item (the batch offset is 64-bit)
     span = (c - 1) * abs(x.stride(1)) + (h - 1) * abs(x.stride(2)) + (wd - 1) * abs(x.stride(3))
     assert span < _I32, "one batch item of x spans 2**31 elements or more"
-    assert o * oh * ow < _I32 and wt.numel() < _I32
+    assert o * oh * ow < _I32 and wk.numel() < _I32
 
     if x.dtype == torch.bfloat16 and x.device.type != "cuda":
         # The interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): write fp32 and let
         # torch round, as the GPU's cvt.rn.bf16.f32 does.
         y32 = empty(y.shape, torch.float32, x.device, fmt)
-        _launch(x, wt, bias, y32, kh, kw, sh, sw, ph, pw, dot_f32=True)
+        _launch(x, wk, bias, y32, kh, kw, sh, sw, ph, pw, dot_f32=True)
         y.copy_(y32)
         return y
-    _launch(x, wt, bias, y, kh, kw, sh, sw, ph, pw, dot_f32=x.dtype == torch.float32)
+    _launch(x, wk, bias, y, kh, kw, sh, sw, ph, pw, dot_f32=x.dtype == torch.float32)
     return y
 
 
-def _launch(x, wt, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
+def _launch(x, wk, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
     nb, c, h, wd = x.shape
     _, o, oh, ow = y.shape
     cfg = config(o, x.dtype, x.device)
@@ -114,10 +115,10 @@ def _launch(x, wt, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
         # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
         sxb, syb = (0, 0) if stop - start == 1 else (x_.stride(0), y_.stride(0))
         conv2d_kernel[(tiles, stop - start)](
-            x_, wt, bias_arg, y_,
+            x_, wk, bias_arg, y_,
             c, h, wd, o, oh, ow,
             sxb, x_.stride(2), x_.stride(3), x_.stride(1),
-            wt.stride(1), wt.stride(0),
+            wk.stride(1), wk.stride(0),  # stride_wk, stride_wo
             syb, y_.stride(1), y_.stride(2), y_.stride(3),
             sh, sw, ph, pw,
             KH=kh,

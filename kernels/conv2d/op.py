@@ -31,9 +31,8 @@ def _fake(x, w, bias, stride, padding):
 
 
 def _torch(x, w, bias, stride, padding):
-    out = T.conv2d(x, w, bias, tuple(stride), tuple(padding))
-    fmt = out_memory_format(x)
-    return out if fmt == torch.contiguous_format else out.contiguous(memory_format=fmt)
+    # the torch path's output is contiguous NCHW; to contiguous_format this is a no-op
+    return T.conv2d(x, w, bias, tuple(stride), tuple(padding)).contiguous(memory_format=out_memory_format(x))
 
 
 def _triton(x, w, bias, stride, padding):
