@@ -49,14 +49,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
+_INTERPRETER = ("interpreter", "sm_80")
+#: device index -> identity; a process's devices do not change name
+_identities: dict[int, tuple[str, str]] = {}
+
+
 def device_identity(device: torch.device | None) -> tuple[str, str]:
     """``(device_name, arch)`` used for lookup; ``("interpreter", "sm_80")`` for CPU tensors."""
-    if device is None or torch.device(device).type != "cuda":
-        return "interpreter", "sm_80"
-    dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev).replace(" ", "_")
-    major, minor = torch.cuda.get_device_capability(dev)
-    return name, f"sm_{major}{minor}"
+    if device is None:
+        return _INTERPRETER
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if dev.type != "cuda":
+        return _INTERPRETER
+    ident = _identities.get(dev.index) if dev.index is not None else None
+    if ident is None:
+        name = torch.cuda.get_device_name(dev).replace(" ", "_")
+        major, minor = torch.cuda.get_device_capability(dev)
+        ident = (name, f"sm_{major}{minor}")
+        if dev.index is not None:
+            _identities[dev.index] = ident
+    return ident
 
 
 @functools.lru_cache(maxsize=256)
@@ -98,22 +110,38 @@ def nearest(table: dict, key: int) -> dict:
     return table[best]
 
 
+#: (op, key, dtype, device identity, table folder) -> the table entry ``key`` resolves to, or None (no table):
+#: a kernel launch looks its config up on every call, and reading the table path and the nearest key cost ~10 us
+#: of the ~60 us of Python a linear paid before its launch (``python bench/host_cost.py``)
+_entries: dict[tuple, dict | None] = {}
+_MAX_ENTRIES = 4096
+
+
 def get_config(op: str, key: int, *, dtype: torch.dtype, device=None, default: dict) -> dict:
-    """Config for ``op`` at problem-size ``key`` (never a batch-dependent size)."""
-    table, _ = find_table(op, dtype, device)
-    if table is None:
-        name, arch = device_identity(device)
-        tag = (op, f"{name}/{dtype_name(dtype)}")
+    """Config for ``op`` at problem-size ``key`` (never a batch-dependent size): ``default`` updated by the
+    table entry, a new dict on every call."""
+    ident = device_identity(device)
+    ck = (op, key, dtype, ident, _paths.configs_dir())
+    try:
+        entry = _entries[ck]
+    except KeyError:
+        table, _ = find_table(op, dtype, device)
+        entry = None if table is None else nearest(table, key)
+        if len(_entries) >= _MAX_ENTRIES:
+            _entries.clear()
+        _entries[ck] = entry
+    if entry is None:
+        tag = (op, f"{ident[0]}/{dtype_name(dtype)}")
         if tag not in _warned:
             _warned.add(tag)
             warnings.warn(
-                f"jetdet: no launch table for op {op!r} on {name} ({arch}, {dtype_name(dtype)}); "
+                f"jetdet: no launch table for op {op!r} on {ident[0]} ({ident[1]}, {dtype_name(dtype)}); "
                 f"using the built-in default {default}",
                 stacklevel=3,
             )
         return dict(default)
     cfg = dict(default)
-    cfg.update(nearest(table, key))
+    cfg.update(entry)
     return cfg
 
 
@@ -175,5 +203,8 @@ def shipped_configs(op: str, dtypes, default_for) -> list[tuple[torch.dtype, dic
 
 
 def clear_cache() -> None:
+    """Forget what was read: the table files, the resolved entries, device names and the warnings given."""
     _load.cache_clear()
+    _entries.clear()
+    _identities.clear()
     _warned.clear()

@@ -8,6 +8,9 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from jetdet._paths import getenv
 from jetdet.configs import DTYPE_NAMES
 
 #: ``enable_fp_fusion`` for the kernels that do not choose it themselves (matmul, conv2d and noise turn it off),
@@ -57,12 +60,8 @@ def signature(kernel, types: dict[str, str]) -> dict[str, str]:
 def empty(shape, dtype, device, memory_format=None):
     """``torch.empty`` that fills with NaN when ``JETDET_DEBUG_FILL_NAN=1`` (set by the test conftest), so an
     element a kernel forgets to write fails the test instead of passing on leftover memory."""
-    import os
-
-    import torch
-
     fmt = torch.contiguous_format if memory_format is None else memory_format
     out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
-    if os.environ.get("JETDET_DEBUG_FILL_NAN") == "1" and out.is_floating_point():
+    if getenv("JETDET_DEBUG_FILL_NAN") == "1" and out.is_floating_point():
         out.fill_(float("nan"))
     return out

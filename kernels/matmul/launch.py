@@ -5,12 +5,11 @@ The caller (``jetdet.ops``) has validated dtypes, devices and shapes; the assert
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from jetdet import configs
+from jetdet._paths import getenv
 from jetdet.kernels._common import empty
 
 from .kernel import matmul_kernel
@@ -50,14 +49,14 @@ KERNEL_ENV = "JETDET_MATMUL_KERNEL"
 def kernel_choice() -> str:
     """``$JETDET_MATMUL_KERNEL``: ``default`` (this kernel) or ``tma`` (the persistent TMA kernel of
     ``launch_tma.py`` for eligible fp16/bf16 2-D problems; opt-in until a GPU has measured it)."""
-    val = os.environ.get(KERNEL_ENV, "default").strip().lower() or "default"
+    val = (getenv(KERNEL_ENV) or "default").strip().lower() or "default"
     if val not in ("default", "tma"):
         raise ValueError(f"{KERNEL_ENV}={val!r}: expected 'default' or 'tma'")
     return val
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor) -> None:
-    """a [B, M, K], b [B, K, N], c [B, M, N]."""
+    """a [M, K], b [K, N], c [M, N] (one problem), or a [B, M, K], b [B, K, N], c [B, M, N]."""
     if c.dtype == torch.bfloat16 and c.device.type != "cuda":
         # The interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): write fp32 and
         # let torch round, which is what the GPU's cvt.rn.bf16.f32 does.
@@ -65,40 +64,46 @@ def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torc
         _launch(a, b, bias, c32)
         c.copy_(c32)
         return
-    nb, m, k = a.shape
-    if nb == 1 and kernel_choice() == "tma":
-        from .launch_tma import eligible, matmul_tma
+    if a.dim() == 2:
+        if kernel_choice() == "tma":
+            from .launch_tma import eligible, matmul_tma
 
-        w = b[0].t()  # [N, K]: nn.Linear's weight when b = weight.t()
-        if eligible(a[0], w, c[0]):  # a choice that does not depend on M: the same kernel for every batch
-            matmul_tma(a[0], w, bias, out=c[0])
-            return
-    n = b.shape[2]
-    cfg = config(n, a.dtype, a.device)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    bias_arg = bias if bias is not None else c
+            w = b.t()  # [N, K]: nn.Linear's weight when b = weight.t()
+            if eligible(a, w, c):  # a choice that does not depend on M: the same kernel for every batch
+                matmul_tma(a, w, bias, out=c)
+                return
+        # a single problem never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
+        _run(a, b, bias, c, 1, (0, *a.stride(), 0, *b.stride(), 0, *c.stride()))
+        return
+    nb = a.shape[0]
     for start in range(0, nb, _MAX_GRID_Y):
         stop = min(nb, start + _MAX_GRID_Y)
-        a_, b_, c_ = a[start:stop], b[start:stop], c[start:stop]
-        # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
-        sb = (0, 0, 0) if nb == 1 else (a_.stride(0), b_.stride(0), c_.stride(0))
-        matmul_kernel[(tiles, stop - start)](
-            a_, b_, bias_arg, c_,
-            m, n, k,
-            sb[0], a_.stride(1), a_.stride(2),
-            sb[1], b_.stride(1), b_.stride(2),
-            sb[2], c_.stride(1), c_.stride(2),
-            HAS_BIAS=bias is not None,
-            DOT_F32=_dot_f32(a.dtype, a.device),
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            BLOCK_K=cfg["BLOCK_K"],
-            GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-            enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+        a_, b_, c_ = (a, b, c) if nb <= _MAX_GRID_Y else (a[start:stop], b[start:stop], c[start:stop])
+        strides = (*a_.stride(), *b_.stride(), *c_.stride())
+        if nb == 1:
+            strides = (0, *strides[1:3], 0, *strides[4:6], 0, *strides[7:])
+        _run(a_, b_, bias, c_, stop - start, strides)
+
+
+def _run(a, b, bias, c, nb: int, strides: tuple) -> None:
+    """One launch over ``nb`` problems; ``strides`` are a's, b's and c's (batch, row, column)."""
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    cfg = config(n, a.dtype, a.device)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    matmul_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), nb)](
+        a, b, bias if bias is not None else c, c,
+        m, n, k,
+        *strides,
+        HAS_BIAS=bias is not None,
+        DOT_F32=_dot_f32(a.dtype, a.device),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,7 +125,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -
         if bias is not None:
             c += bias.to(c.dtype)
         return c
-    _launch(a.unsqueeze(0), b.unsqueeze(0), bias, c.unsqueeze(0))
+    _launch(a, b, bias, c)
     return c
 
 

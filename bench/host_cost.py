@@ -1,0 +1,141 @@
+"""Host time of jetdet's GPU (Triton) path per call, measured on any machine: every kernel launch is replaced by a
+no-op, so what is timed is the Python from the torch call to the launch, which a GPU run pays on the CPU.
+
+On an H200 a mid-sized model in deterministic mode was host-bound (issue 13: ~56 routed calls per forward at about
+90 us each, the GPU idle most of the time). A GPU adds Triton's own launch cost to the figures here; this script
+measures the part jetdet owns, on CPU, where CI can watch it.
+
+It prints, median of ``--repeats`` (microseconds):
+
+1. **Per op**, under ``torch.no_grad()`` in deterministic mode (the router's path: ``F.linear`` -> checks ->
+   registered op -> launcher -> launch): linear, layer_norm, group_norm, conv2d, scaled_dot_product_attention,
+   softmax, sum.
+2. **Per forward** of TinyDiT and TinyUNet at batch 4: host time, routed calls, and time per routed call.
+
+    TRITON_INTERPRET=1 python bench/host_cost.py
+
+``TRITON_INTERPRET=1`` lets Triton import without a GPU; no kernel runs, interpreted or not. The outputs are
+uninitialised memory, so nothing is checked here: this script only times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["JETDET_BACKEND"] = "triton"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jetdet  # noqa: E402
+from jetdet import static_report  # noqa: E402
+from jetdet.models import TinyDiT, TinyUNet, make_toy_inputs  # noqa: E402
+
+
+@contextlib.contextmanager
+def launches_stubbed():
+    """Every ``jetdet.kernels.*`` kernel's launch does nothing inside; counts the launches."""
+    for folder in ("matmul", "norms", "attention", "conv2d", "reduce", "gelu_gate"):
+        __import__(f"jetdet.kernels.{folder}.kernel")
+    count = [0]
+
+    def run(*args, **kwargs):
+        count[0] += 1
+
+    kernels = static_report._loaded_kernels()
+    for k in kernels:
+        k.run = run
+    try:
+        yield count
+    finally:
+        for k in kernels:
+            vars(k).pop("run", None)
+
+
+def per_call_us(fn, repeats: int, inner: int) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner * 1e6)
+    return statistics.median(times)
+
+
+def op_cases():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 256, 512, generator=g)
+    w = torch.randn(512, 512, generator=g)
+    b = torch.randn(512, generator=g)
+    # channels-last input and a Parameter weight, as in a model: no layout copy is timed (on this CPU a copy is real
+    # work, on a GPU a kernel of its own)
+    img = torch.randn(4, 64, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    cw = torch.nn.Parameter(torch.randn(64, 64, 3, 3, generator=g).contiguous(memory_format=torch.channels_last),
+                            requires_grad=False)
+    img_nchw = img.contiguous()
+    q = torch.randn(4, 8, 256, 64, generator=g)
+    ln = torch.nn.LayerNorm(512)
+    gn = torch.nn.GroupNorm(32, 64)
+    return {
+        "linear": lambda: F.linear(x, w, b),
+        "layer_norm": lambda: ln(x),
+        "group_norm": lambda: gn(img_nchw),
+        "conv2d 3x3": lambda: F.conv2d(img, cw, None, 1, 1),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, q, q),
+        "softmax": lambda: torch.softmax(x, -1),
+        "sum": lambda: x.sum(-1),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=200, help="calls per timed repeat (per op)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = {"ops_us": {}, "models": {}}
+    with torch.no_grad(), launches_stubbed() as launches, jetdet.mode("deterministic"):
+        for name, fn in op_cases().items():
+            out["ops_us"][name] = round(per_call_us(fn, args.repeats, args.inner), 1)
+    for model_cls in (TinyDiT, TinyUNet):
+        model = model_cls().eval()
+        x, t, y = make_toy_inputs(1)
+        fwd = (lambda m=model: m(x, t, y)) if model_cls is TinyDiT else (lambda m=model: m(x, t))
+        inner = max(1, args.inner // 10)
+        with torch.no_grad():
+            off = per_call_us(fwd, args.repeats, inner)
+            with launches_stubbed() as launches, jetdet.mode("deterministic"):
+                fwd()
+                before = launches[0]
+                fwd()
+                n = launches[0] - before
+                det = per_call_us(fwd, args.repeats, inner)
+        out["models"][model_cls.__name__] = {"off_us": round(off), "deterministic_us": round(det), "launches": n,
+                                             "added_us_per_launch": round((det - off) / n, 1)}
+    print("host time per call, launches stubbed (us, median):")
+    for name, us in out["ops_us"].items():
+        print(f"  {name:12s} {us:8.1f}")
+    for name, r in out["models"].items():
+        print(f"  {name} forward at batch 1: off {r['off_us']} us (computed), deterministic {r['deterministic_us']} us "
+              f"({r['launches']} launches, stubbed): {r['added_us_per_launch']} us added per launch")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
