@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from . import _paths
+
 #: Tensor types an op body may be handed directly: no subclass (fake, functional, ...) to dispatch through.
 PLAIN = (torch.Tensor, torch.nn.Parameter)
 _get_fill = torch._C._get_deterministic_fill_uninitialized_memory
@@ -75,14 +77,14 @@ def overridden() -> bool:
 def requested() -> str:
     if not overridden():
         return "auto"
-    val = os.environ.get(_NAME, "auto").strip().lower() or "auto"
+    val = (_paths.getenv(_NAME) or "auto").strip().lower() or "auto"
     if val not in _VALID:
         raise ValueError(f"JETDET_BACKEND={val!r}: expected one of {', '.join(_VALID)}")
     return val
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return (_paths.getenv("TRITON_INTERPRET") or "0") not in ("", "0")
 
 
 def backend_for(t: torch.Tensor) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from jetdet import configs
-from jetdet.kernels._common import FP_FUSION, empty
+from jetdet.kernels._common import FP_FUSION, cdiv, empty, next_pow2
 
 from .kernel import attention_fwd_kernel
 from .reference import additive_mask
@@ -26,7 +25,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def _default_config(d: int) -> dict:
@@ -96,7 +95,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
 
     cfg = config(max(d, d_v), q.dtype, q.device, masked=mask is not None)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(n_q, block_m) * bsz * heads,)
+    grid = (cdiv(n_q, block_m) * bsz * heads,)
     attention_fwd_kernel[grid](
         q, k, v, m_arg, out,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),

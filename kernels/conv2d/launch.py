@@ -6,10 +6,9 @@ The caller (``jetdet.ops``) has validated dtypes, devices and shapes; the assert
 from __future__ import annotations
 
 import torch
-import triton
 
 from jetdet import configs
-from jetdet.kernels._common import empty
+from jetdet.kernels._common import cdiv, empty
 
 from ..matmul.torch_path import cached_pack
 from .kernel import conv2d_kernel
@@ -107,7 +106,7 @@ def _launch(x, wk, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
     nb, c, h, wd = x.shape
     _, o, oh, ow = y.shape
     cfg = config(o, x.dtype, x.device)
-    tiles = triton.cdiv(oh * ow, cfg["BLOCK_M"]) * triton.cdiv(o, cfg["BLOCK_N"])
+    tiles = cdiv(oh * ow, cfg["BLOCK_M"]) * cdiv(o, cfg["BLOCK_N"])
     bias_arg = bias if bias is not None else y
     for start in range(0, nb, _MAX_GRID_Y):
         stop = min(nb, start + _MAX_GRID_Y)

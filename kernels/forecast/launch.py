@@ -8,11 +8,10 @@ computed there, on the host, from the timestep floats.
 from __future__ import annotations
 
 import torch
-import triton
 
 from jetdet import configs
 
-from .._common import FP_FUSION, empty
+from .._common import FP_FUSION, cdiv, empty, next_pow2
 from . import kernel
 
 OP = "forecast"
@@ -41,7 +40,7 @@ def forecast(history: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     cfg = config(len(history), h0.dtype, h0.device)
     hs = list(history) + [h0] * (MAX_HISTORY - len(history))
     ws = [float(w) for w in weights] + [0.0] * (MAX_HISTORY - len(weights))
-    kernel.forecast_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
+    kernel.forecast_kernel[(cdiv(n, cfg["BLOCK"]),)](
         out,
         *hs,
         *ws,
@@ -54,7 +53,7 @@ def forecast(history: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 
 def _tile_blocks(cols: int, elems: int) -> tuple[int, int]:
-    block_c = min(max(triton.next_power_of_2(max(int(cols), 1)), TILE_COLS[0]), elems, TILE_COLS[-1])
+    block_c = min(max(next_pow2(max(int(cols), 1)), TILE_COLS[0]), elems, TILE_COLS[-1])
     return max(1, elems // block_c), block_c
 
 
@@ -71,7 +70,7 @@ def relative_change(
     if B == 0:
         return per_item, (None if tile is None else empty((0, 0), torch.float32, a.device))
     if tile is None:
-        n_tiles = max(1, triton.cdiv(item, cfg["RC_CHUNK"]))
+        n_tiles = max(1, cdiv(item, cfg["RC_CHUNK"]))
         num = empty((B, n_tiles), torch.float32, a.device)
         den = empty((B, n_tiles), torch.float32, a.device)
         kernel.relative_change_flat_kernel[(n_tiles, B)](
@@ -87,7 +86,7 @@ def relative_change(
         )
         per_tile = None
     else:
-        n0, n1, n2, n3 = (triton.cdiv(s, t) for s, t in zip(view, tile))
+        n0, n1, n2, n3 = (cdiv(s, t) for s, t in zip(view, tile))
         n_tiles = n0 * n1 * n2 * n3
         num = empty((B, n_tiles), torch.float32, a.device)
         den = empty((B, n_tiles), torch.float32, a.device)

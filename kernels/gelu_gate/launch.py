@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import triton
 
-from jetdet.kernels._common import FP_FUSION, empty
+from jetdet.kernels._common import FP_FUSION, cdiv, empty
 
 from .kernel import gelu_gate_kernel
 
@@ -22,7 +21,7 @@ def gelu_gate(h: torch.Tensor, approximate: str) -> torch.Tensor:
         rows = rows.contiguous()
     out = empty((rows.shape[0], n), h.dtype, h.device)
     if rows.shape[0] and n:
-        grid = (rows.shape[0], triton.cdiv(n, BLOCK))
+        grid = (rows.shape[0], cdiv(n, BLOCK))
         gelu_gate_kernel[grid](rows, out, rows.stride(0), out.stride(0), n, APPROX_TANH=approximate == "tanh",
                                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
     return out.reshape(*h.shape[:-1], n)

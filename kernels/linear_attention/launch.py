@@ -7,11 +7,10 @@ Inputs are validated by ``jetdet.ops.fast`` before they get here. Shapes: ``q [B
 from __future__ import annotations
 
 import torch
-import triton
 
 from jetdet import configs
 
-from .._common import FP_FUSION, empty
+from .._common import FP_FUSION, cdiv, empty, next_pow2
 from . import kernel
 
 OP = "linear_attention"
@@ -33,7 +32,7 @@ SUM_BLOCK = 1024
 
 
 def _pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(int(d)))
+    return max(16, next_pow2(int(d)))
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -50,7 +49,7 @@ def config(d: int, dtype: torch.dtype, device) -> dict:
 
 def num_splits(m: int, cfg: dict) -> int:
     """Token chunks reduced in parallel by pass 1; depends on the key length only, never on the batch."""
-    return triton.cdiv(max(int(m), 1), cfg["CHUNK_N"])
+    return cdiv(max(int(m), 1), cfg["CHUNK_N"])
 
 
 def state(k: torch.Tensor, v: torch.Tensor, feature_map: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +70,7 @@ def state(k: torch.Tensor, v: torch.Tensor, feature_map: str) -> tuple[torch.Ten
         ks_part = empty((B * H, S, D), torch.float32, k.device)
         skv, sks = D * DV, D
     if B * H > 0:
-        grid = (B * H, triton.cdiv(DV, block_dv), S)
+        grid = (B * H, cdiv(DV, block_dv), S)
         kernel.linear_attention_state_kernel[grid](
             k,
             v,
@@ -97,10 +96,10 @@ def state(k: torch.Tensor, v: torch.Tensor, feature_map: str) -> tuple[torch.Ten
             num_stages=cfg["S_STAGES"], enable_fp_fusion=FP_FUSION,
         )
         if S > 1:
-            kernel.linear_attention_sum_splits_kernel[(B * H, triton.cdiv(D * DV, SUM_BLOCK))](
+            kernel.linear_attention_sum_splits_kernel[(B * H, cdiv(D * DV, SUM_BLOCK))](
                 kv_part, kv, S, D * DV, BLOCK=SUM_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION
             )
-            kernel.linear_attention_sum_splits_kernel[(B * H, triton.cdiv(D, SUM_BLOCK))](
+            kernel.linear_attention_sum_splits_kernel[(B * H, cdiv(D, SUM_BLOCK))](
                 ks_part, ks, S, D, BLOCK=SUM_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION
             )
     return kv, ks
@@ -116,7 +115,7 @@ def apply(q: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor, feature_map: str,
     out = empty((B, H, N, DV), q.dtype, q.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(N, cfg["A_BLOCK_N"]), triton.cdiv(DV, block_dv), B * H)
+    grid = (cdiv(N, cfg["A_BLOCK_N"]), cdiv(DV, block_dv), B * H)
     kernel.linear_attention_apply_kernel[grid](
         q,
         kv,

@@ -6,11 +6,10 @@ The caller (``jetdet.ops``) has validated dtypes, devices and shapes; the assert
 from __future__ import annotations
 
 import torch
-import triton
 
 from jetdet import configs
 from jetdet._paths import getenv
-from jetdet.kernels._common import empty
+from jetdet.kernels._common import cdiv, empty
 
 from .kernel import matmul_kernel
 
@@ -90,7 +89,7 @@ def _run(a, b, bias, c, nb: int, strides: tuple) -> None:
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     cfg = config(n, a.dtype, a.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    matmul_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), nb)](
+    matmul_kernel[(cdiv(m, bm) * cdiv(n, bn), nb)](
         a, b, bias if bias is not None else c, c,
         m, n, k,
         *strides,

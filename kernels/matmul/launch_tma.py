@@ -14,10 +14,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from jetdet.kernels._common import FP_FUSION, empty
+from jetdet.kernels._common import FP_FUSION, cdiv, empty
 
 from .kernel_tma import matmul_tma_kernel
 
@@ -77,7 +76,7 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         return c
     cfg = config(n)
     programs = _programs(a.device)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     guard = torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext()
     with guard:

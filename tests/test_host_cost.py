@@ -1,0 +1,99 @@
+"""The Python a routed call runs before its kernel launch (the host cost of the GPU path, which a mid-sized model
+cannot hide on a GPU: issue 13 found a width-1024 DiT's forward host-bound at ~90 us per routed call).
+
+The launches are stubbed, and what is counted is Python function calls (``sys.setprofile`` "call" events) from
+the torch call to the launch: a count, unlike a time, is the same on every machine. The bounds are today's counts
+with a little room; ``python bench/host_cost.py`` gives the times. The negative control re-runs the linear with
+the launch-config cache defeated (what every call paid before it existed) and sees the bound broken."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jetdet
+from jetdet import configs, static_report
+
+#: op -> most Python calls from the torch call to the (stubbed) launch, routed in deterministic mode: the counts of
+#: 2026-12-05 (linear 53, sdpa 63, layer_norm 73 with nn.Module's own calls, conv2d 73, softmax 38) plus ~10%
+BOUNDS = {"linear": 58, "sdpa": 69, "layer_norm": 80, "conv2d": 80, "softmax": 42}
+
+
+@contextlib.contextmanager
+def _stubbed():
+    for folder in ("matmul", "norms", "attention", "conv2d", "reduce"):
+        __import__(f"jetdet.kernels.{folder}.kernel")
+    kernels = static_report._loaded_kernels()
+    launched = []
+    for k in kernels:
+        k.run = lambda *a, _k=k, **kw: launched.append(_k)
+    try:
+        yield launched
+    finally:
+        for k in kernels:
+            vars(k).pop("run", None)
+
+
+def _calls(fn) -> int:
+    n = 0
+
+    def prof(frame, event, arg):
+        nonlocal n
+        if event == "call":
+            n += 1
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return n
+
+
+def _cases(dev):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 64, generator=g).to(dev)
+    w = torch.randn(32, 64, generator=g).to(dev)
+    q = torch.randn(2, 2, 16, 32, generator=g).to(dev)
+    img = torch.randn(2, 16, 8, 8, generator=g).to(dev).contiguous(memory_format=torch.channels_last)
+    cw = torch.nn.Parameter(torch.randn(16, 16, 3, 3, generator=g).to(dev).contiguous(
+        memory_format=torch.channels_last), requires_grad=False)
+    ln = torch.nn.LayerNorm(64).to(dev)
+    return {
+        "linear": lambda: F.linear(x, w),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, q, q),
+        "layer_norm": lambda: ln(x),
+        "conv2d": lambda: F.conv2d(img, cw, None, 1, 1),
+        "softmax": lambda: torch.softmax(x, -1),
+    }
+
+
+def _count(dev, name) -> int:
+    fn = _cases(dev)[name]
+    with torch.no_grad(), _stubbed() as launched, jetdet.mode("deterministic"):
+        fn()  # first call: tables read, caches filled
+        launched.clear()
+        n = _calls(fn)
+    assert launched, f"{name}: no kernel was launched"
+    return n
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_python_calls_per_routed_call(triton_backend, name):
+    n = _count(triton_backend, name)
+    assert n <= BOUNDS[name], f"{name}: {n} Python calls before the launch, bound {BOUNDS[name]}"
+
+
+class _NoStore(dict):
+    def __setitem__(self, key, value):
+        pass
+
+
+def test_negative_control_without_config_cache(triton_backend, monkeypatch):
+    monkeypatch.setattr(configs, "_entries", _NoStore())
+    n = _count(triton_backend, "linear")
+    assert n > BOUNDS["linear"], n  # 74 on 2026-12-05
