@@ -195,6 +195,22 @@ def test_conv_reads_channels_last_in_vector_loads_and_the_rule_can_fail():
     assert any("forbidden by no_gather" in v for v in sr.row_violations(rows[1]))
 
 
+def test_block_sparse_runs_16_bit_dots_on_a_gpu_and_the_rule_can_fail():
+    """bf16 block-sparse attention compiles to bf16 tensor-core dots for a GPU (``no_tf32``), as fp16 does.
+    Negative control: the same spec with the interpreter's fp32 operands and TF32 dots (what GPUs ran before
+    2026-12-05) breaks the rule."""
+    from jetdet.kernels.block_sparse import specs as bsa_specs
+
+    spec = next(s for s in bsa_specs.compile_specs() if s.name.startswith("bsa_fwd_d128_bf16_bs64_") and 90 in s.archs)
+    assert "no_tf32" in spec.forbid and spec.constexprs["HALF_DOT"]
+    tf32 = dataclasses.replace(spec, name=spec.name + "_tf32",
+                               constexprs={**spec.constexprs, "HALF_DOT": False, "PREC": "tf32"})
+    rows = sr.report([spec, tf32], archs=(90,))
+    assert rows[0]["tf32"] == 0 and rows[0]["hgmma"] > 0 and not sr.row_violations(rows[0]), rows[0]
+    assert rows[1]["tf32"] > 0, rows[1]
+    assert any("forbidden by no_tf32" in v for v in sr.row_violations(rows[1]))
+
+
 def test_compile_error_is_a_violation():
     spec = _spec("missing_constexpr", _tf32_and_exp, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}, {})
     rows = sr.report([spec], archs=(80,))

@@ -7,10 +7,10 @@ over all blocks to skip most of them. KV blocks are visited in ascending order, 
 order is fixed. With ``COUNT_VISITS`` the program also writes how many KV tiles it visited (tests use this
 to check that work follows density; the flag compiles out otherwise).
 
-Dot precision: fp16 inputs use fp16 operands with fp32 accumulation (P is rounded to fp16 for P·V, as in
-flash attention). fp32 inputs use fp32 operands with ``input_precision="ieee"``; bf16 inputs use fp32
-operands with ``"tf32"`` (bf16 values are exact in TF32), which also keeps the Triton interpreter, whose
-bf16 dot is wrong, on a correct path.
+Dot precision: fp16 inputs, and bf16 inputs on a GPU, use 16-bit operands with fp32 accumulation (P is rounded to
+the input dtype for P·V, as in flash attention). fp32 inputs use fp32 operands with ``input_precision="ieee"``.
+bf16 inputs under the Triton interpreter, whose bf16 dot is wrong, use fp32 operands with ``"tf32"`` (bf16 values
+are exact in TF32).
 
 ``block_pool_kernel``: mean of each ``BLOCK_SIZE``-token block of ``x [B, H, N, D]`` in fp32, rows added
 in a fixed order; the tail block is divided by its true token count.

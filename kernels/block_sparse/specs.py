@@ -28,7 +28,7 @@ def compile_specs() -> list[CompileSpec]:
                     cfg = dict(DEFAULT)
                     cfg.update(entry)
                     bm, bn = min(cfg["BLOCK_M"], bs), min(cfg["BLOCK_N"], bs)
-                    half, prec = _dot_mode(dtype)
+                    half, prec = _dot_mode(dtype, "cuda")
                     ident = (archs, _pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"])
                     if ident in seen:
                         continue
@@ -71,6 +71,9 @@ def compile_specs() -> list[CompileSpec]:
                             },
                             options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
                             archs=archs,
+                            # 16-bit inputs run 16-bit dots on a GPU: a TF32 instruction is the interpreter's
+                            # fp32 path compiled by mistake (half rate, twice the shared memory)
+                            forbid=("no_tf32",) if half else (),
                         )
                     )
                     for ps in (4, 16, bs) if bs == 64 else (bs,):
