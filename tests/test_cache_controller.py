@@ -671,3 +671,33 @@ def test_no_state_leaks_into_the_next_trajectory(stop):
     assert fresh_ctl.stats()["reasons"].get("follow", 0) == 0
     assert shared.stats()["reasons"].get("follow", 0) == 0
     assert all(torch.equal(a, b) for a, b in zip(got, fresh))
+
+
+class _Slow(Analytic):
+    """Analytic outputs that take ``delay`` seconds per run, like a model."""
+
+    def __init__(self, fns, delay):
+        super().__init__(fns)
+        self.delay = delay
+
+    def outputs(self, x, t, kinds):
+        import time
+
+        time.sleep(self.delay)
+        return super().outputs(x, t, kinds)
+
+
+def test_host_time_excludes_the_model_and_the_sync():
+    """``stats()["host_ms"]`` is the controller's own work per call: a model that sleeps 20 ms per run adds nothing
+    to it. The negative control is the same count with the model's time in it: at least runs x 20 ms."""
+    model = _Slow({0: linear, 1: quadratic}, delay=0.02)
+    ctl = StepCacheController(budget=0.05, num_steps=len(TS))
+    euler(ctl, model, [0, 1, 0, 1])
+    st = ctl.stats()
+    assert st["calls"] == len(TS) and 0 < st["calls_run"] < st["calls"], st
+    model_ms = 20.0 * st["calls_run"]
+    assert 0 < st["host_ms"] < 0.25 * model_ms, (st["host_ms"], model_ms)
+    assert st["sync_wait_ms"] == 0.0  # CPU tensors: nothing to copy
+    assert st["host_ms"] + ctl._secs["model"] * 1e3 >= model_ms  # negative control: with the model counted
+    ctl.clear()
+    assert ctl.stats()["host_ms"] == 0.0

@@ -160,6 +160,7 @@ a sync per spill to disk (see :mod:`jetdet.cache.manager`).
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -392,6 +393,7 @@ class StepCacheController:
         self._n = {"calls": 0, "calls_run": 0, "calls_partial": 0, "calls_saved": 0, "rows": 0, "rows_run": 0,
                    "rows_saved": 0, "rows_partial": 0, "rows_cfg": 0, "model_equivalents": 0.0, "syncs": 0}
         self._tok_n = {"calls": 0, "tokens": 0, "tokens_run": 0, "anchors": 0}
+        self._secs = {"step": 0.0, "model": 0.0, "sync": 0.0}  # time in _step, in the model's run, at the sync
         self._tok_checked: dict[str, str] = {}  # module key -> "ok" or why token reuse is off for it
         self._cfg_prev: dict = {}  # (t, x signature) -> (stream, output row, computed) of the previous call
         self._xsig = None
@@ -439,7 +441,12 @@ class StepCacheController:
         is not counted, see ``tokens``), ``fme_ratio`` = ``rows / model_equivalents`` (the reduction in
         full-model equivalents). ``blocks``: whether block-level reuse is used and on which block list, or why
         not. ``tokens``: token-wise module calls in computed body blocks, tokens in them and tokens recomputed,
-        anchors stored, and per module whether token reuse applies."""
+        anchors stored, and per module whether token reuse applies.
+
+        ``host_ms``: wall time the controller spent on its own work (decisions, forecasts, caches, bookkeeping:
+        everything in a call except the model's run and the wait at the sync), summed over calls; divided by
+        ``calls`` it is the host cost per call that a GPU cannot overlap. ``sync_wait_ms``: time spent in the
+        one device-to-host copy per call, which on a GPU includes waiting for the queued work before it."""
         m = self.manager.stats()
         n = dict(self._n)
         n["hits"] = n["rows_saved"]
@@ -453,7 +460,9 @@ class StepCacheController:
                   "token_budget": self.token_budget}
         return {**n, "resets": dict(self._resets), "reasons": dict(self._reasons), "orders": dict(self._orders),
                 "streams": len(self._streams), "bytes": m["bytes"], "manager": m, "quality": self.quality,
-                "budget": self.budget, "blocks": blocks, "tokens": tokens}
+                "budget": self.budget, "blocks": blocks, "tokens": tokens,
+                "host_ms": (self._secs["step"] - self._secs["model"] - self._secs["sync"]) * 1e3,
+                "sync_wait_ms": self._secs["sync"] * 1e3}
 
     def __call__(self, call) -> torch.Tensor:
         x = call.x
@@ -469,8 +478,12 @@ class StepCacheController:
             self._n["model_equivalents"] += B
             self._count_reason("off", B)
             return y
-        with torch.no_grad():
-            return self._step(call, x, B)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                return self._step(call, x, B)
+        finally:
+            self._secs["step"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------ internals
     def _count_reason(self, reason: str, n: int = 1) -> None:
@@ -548,7 +561,9 @@ class StepCacheController:
         host: list = [None] * len(parts)
         dev = [i for i, p in enumerate(parts) if p.device.type != "cpu"]
         if dev:
+            t0 = time.perf_counter()
             flat = torch.cat([parts[i].to(parts[dev[0]].device) for i in dev]).tolist()
+            self._secs["sync"] += time.perf_counter() - t0
             self._n["syncs"] += 1
             o = 0
             for i in dev:
@@ -873,6 +888,7 @@ class StepCacheController:
         x = call.x
         idx = None if len(model_rows) == B else self._index(model_rows, x.device)
         plan = None
+        t0 = time.perf_counter()
         if runner is not None:
             plan = _Plan(self, model_rows, streams, t_rows, decisions, set(partial), runner)
             y, split_done = runner.run(idx, plan)
@@ -882,6 +898,7 @@ class StepCacheController:
                 plan = None
         else:
             y = call.run(idx)
+        self._secs["model"] += time.perf_counter() - t0
         if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != len(model_rows):
             raise ValueError(f"call.run: expected a tensor with {len(model_rows)} rows, got "
                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
@@ -981,7 +998,9 @@ class StepCacheController:
             })
 
     def _rerun_all(self, call, B, t_rows, keys):
+        t0 = time.perf_counter()
         y = call.run(None)
+        self._secs["model"] += time.perf_counter() - t0
         streams = [self._new_stream(k) for k in keys]
         for s, ti in zip(streams, t_rows):
             s.t_start = s.last_t = ti
