@@ -21,7 +21,7 @@ from _kernel_util import check_compile_specs, close, same_nonfinite
 import jetdet  # noqa: F401  (registers jetdet.kernels)
 from jetdet import configs
 from jetdet.kernels.attention import specs as attn_specs
-from jetdet.kernels.attention.launch import attention
+from jetdet.kernels.attention.launch import attention, split_head_dim
 from jetdet.kernels.attention.reference import attention_reference
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -47,6 +47,30 @@ def qkv(b, h, nq, nk, d, dtype, dv=None):
 def test_attention_matches_reference(dtype, b, h, nq, nk, d):
     q, k, v = qkv(b, h, nq, nk, d, dtype)
     close(attention(q, k, v), attention_reference(q, k, v), dtype, "attention")
+
+
+def test_split_head_dim():
+    """A head dim that is not a power of two is read as a power-of-two block plus a masked tail when that is
+    narrower than one padded block (and at most 128 wide)."""
+    got = {d: split_head_dim(d) for d in (8, 16, 24, 32, 40, 48, 64, 72, 80, 96, 112, 128, 160, 256)}
+    assert got == {8: (16, 0), 16: (16, 0), 24: (32, 0), 32: (32, 0), 40: (32, 16), 48: (32, 16), 64: (64, 0),
+                   72: (64, 16), 80: (64, 16), 96: (64, 32), 112: (128, 0), 128: (128, 0), 160: (256, 0),
+                   256: (256, 0)}
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("d,dv", [(72, 72), (96, 40), (64, 80), (80, 24), (48, 128)])
+def test_attention_split_head_dims(dtype, d, dv):
+    """Split q/k head dims and split v head dims, alone and together, with and without a mask, against the
+    reference; and batch invariance at a split head dim."""
+    q, k, v = qkv(2, 2, 19, 45, d, dtype, dv=dv)
+    close(attention(q, k, v), attention_reference(q, k, v), dtype, "attention")
+    mask = torch.randn(2, 1, 19, 45)
+    mask[..., ::5] = float("-inf")
+    close(attention(q, k, v, mask), attention_reference(q, k, v, mask), dtype, "attention")
+    if (d, dv) == (72, 72):
+        q, k, v = qkv(4, 2, 19, 45, d, dtype, dv=dv)
+        assert_batch_invariant(attention, [q, k, v], prefixes=range(1, 5), label="attention D=72")
 
 
 def test_attention_explicit_scale_value_dim_and_strides():

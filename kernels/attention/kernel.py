@@ -48,12 +48,19 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr = 0,
+    BLOCK_DV2: tl.constexpr = 0,
 ):
     """``qk_scale`` is ``scale * log2(e)``: scores live in the log2 domain so the kernel uses ``exp2``.
 
     ``DOT_FP32``: upcast q/k/v tiles and p to fp32 and use ``input_precision="ieee"`` (fp32 inputs, and
     bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong); otherwise the dots run on the input dtype
     (fp16/bf16 tensor cores) with fp32 accumulation.
+
+    ``BLOCK_D2`` / ``BLOCK_DV2`` (0: none): a head dim that is not a power of two is read as two column blocks,
+    ``BLOCK_D`` columns and a masked tail of ``BLOCK_D2``, instead of one block padded to the next power of two:
+    head dim 72 (DiT-XL, PixArt) computes 64 + 16 columns per dot instead of 128. The scores are the first block's
+    dot with the tail's accumulated into it, and the output has an accumulator per block: a fixed order either way.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
@@ -84,10 +91,24 @@ def attention_fwd_kernel(
     )
     if DOT_FP32:
         q = q.to(tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d2_ok = offs_d2 < HEAD_DIM
+        q2 = tl.load(
+            q_base + offs_m[:, None] * stride_qm + offs_d2[None, :] * stride_qd,
+            mask=m_ok[:, None] & d2_ok[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            q2 = q2.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        dv2_ok = offs_dv2 < HEAD_DIM_V
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], tl.float32)
 
     for start_n in range(0, n_k, BLOCK_N):
         cols = start_n + offs_n
@@ -107,6 +128,16 @@ def attention_fwd_kernel(
             s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, k)
+        if BLOCK_D2 > 0:
+            k2 = tl.load(
+                k_base + cols[None, :] * stride_kn + offs_d2[:, None] * stride_kd,
+                mask=d2_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                s = tl.dot(q2, k2.to(tl.float32), acc=s, input_precision="ieee")
+            else:
+                s = tl.dot(q2, k2, acc=s)
         s = s * qk_scale
         if HAS_MASK:
             bias = tl.load(
@@ -130,6 +161,17 @@ def attention_fwd_kernel(
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
+        if BLOCK_DV2 > 0:
+            v2 = tl.load(
+                v_base + cols[:, None] * stride_vn + offs_dv2[None, :] * stride_vd,
+                mask=n_ok[:, None] & dv2_ok[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                pv2 = tl.dot(p, v2.to(tl.float32), input_precision="ieee")
+            else:
+                pv2 = tl.dot(p.to(v2.dtype), v2)
+            acc2 = acc2 * alpha[:, None] + pv2
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -138,3 +180,10 @@ def attention_fwd_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & dv_ok[None, :],
     )
+    if BLOCK_DV2 > 0:
+        out2 = acc2 / l_i[:, None]
+        tl.store(
+            o_base + offs_m[:, None] * stride_om + offs_dv2[None, :] * stride_od,
+            out2.to(out_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & dv2_ok[None, :],
+        )

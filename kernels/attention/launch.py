@@ -28,6 +28,21 @@ def _block_d(d: int) -> int:
     return max(16, next_pow2(d))
 
 
+def split_head_dim(d: int) -> tuple[int, int]:
+    """``(BLOCK_D, BLOCK_D2)``: the column blocks a head dim ``d`` is read in. A power of two (or 16 and less) is one
+    block; otherwise the largest power of two below ``d`` plus a masked tail (at least 16 wide), when the two are
+    narrower than one padded block: 72 -> (64, 16) instead of 128, 96 -> (64, 32), 40 -> (32, 16); 112 stays
+    (128, 0), as 64 + 64 is no narrower. Above 128 the padded block stays: at 160 the split's two blocks spill on
+    sm_80/89 with the shipped tiles (the static report), and 160 is only SD1.5's lowest-resolution level. Depends on
+    ``d`` alone, never on the batch."""
+    full = _block_d(d)
+    if d <= 16 or full == d or d > 128:
+        return full, 0
+    main = 1 << (int(d).bit_length() - 1)
+    tail = max(16, next_pow2(d - main))
+    return (main, tail) if main + tail < full else (full, 0)
+
+
 def _default_config(d: int) -> dict:
     return DEFAULT_CONFIGS[min(b for b in DEFAULT_CONFIGS if b >= min(_block_d(d), MAX_HEAD_DIM))]
 
@@ -96,6 +111,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     cfg = config(max(d, d_v), q.dtype, q.device, masked=mask is not None)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (cdiv(n_q, block_m) * bsz * heads,)
+    (bd, bd2), (bdv, bdv2) = split_head_dim(d), split_head_dim(d_v)
     attention_fwd_kernel[grid](
         q, k, v, m_arg, out,
         *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
@@ -107,8 +123,10 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
         DOT_FP32=_dot_fp32(q.dtype, q.device),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_D=_block_d(d),
-        BLOCK_DV=_block_d(d_v),
+        BLOCK_D=bd,
+        BLOCK_DV=bdv,
+        BLOCK_D2=bd2,
+        BLOCK_DV2=bdv2,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip

@@ -6,7 +6,7 @@ from jetdet import configs
 from jetdet.kernels._common import CompileSpec, signature
 
 from .kernel import attention_fwd_kernel
-from .launch import DEFAULT_CONFIGS, MAX_HEAD_DIM, OP, _block_d, _default_config, resolve
+from .launch import DEFAULT_CONFIGS, MAX_HEAD_DIM, OP, _default_config, resolve, split_head_dim
 
 # the innermost strides, 1 in the common contiguous case (the JIT specialises them to constants)
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od")
@@ -27,7 +27,7 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for (dt, head_dim, has_mask, tile), archs in found.items():
         cfg = dict(tile)
-        block_d = _block_d(head_dim)
+        block_d, block_d2 = split_head_dim(head_dim)
         ptr = "*" + dt
         sig = signature(
             attention_fwd_kernel,
@@ -52,6 +52,8 @@ def compile_specs() -> list[CompileSpec]:
                     "HEAD_DIM_V": head_dim,
                     "BLOCK_D": block_d,
                     "BLOCK_DV": block_d,
+                    "BLOCK_D2": block_d2,
+                    "BLOCK_DV2": block_d2,
                     **dict.fromkeys(_UNIT_STRIDES, 1),
                 },
                 options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
