@@ -21,7 +21,7 @@ from _kernel_util import check_compile_specs, close, same_nonfinite
 import jetdet  # noqa: F401  (registers jetdet.kernels)
 from jetdet import configs
 from jetdet.kernels.attention import specs as attn_specs
-from jetdet.kernels.attention.launch import attention, split_head_dim
+from jetdet.kernels.attention.launch import attention, split_head_dim, unit_strides
 from jetdet.kernels.attention.reference import attention_reference
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -71,6 +71,31 @@ def test_attention_split_head_dims(dtype, d, dv):
     if (d, dv) == (72, 72):
         q, k, v = qkv(4, 2, 19, 45, d, dtype, dv=dv)
         assert_batch_invariant(attention, [q, k, v], prefixes=range(1, 5), label="attention D=72")
+
+
+def test_unit_strides():
+    """The kernel gets batch/head/row strides in units of the largest power of two (up to 16 bytes) dividing them
+    all, 0 for a size-1 dim; the last-dim stride as it is."""
+    x = torch.empty(2, 3, 5, 72, dtype=F16)
+    assert unit_strides([x], 8) == (8, [3 * 5 * 9, 5 * 9, 9, 1])
+    assert unit_strides([x[:1]], 8) == (8, [0, 5 * 9, 9, 1])  # a batch of one is never stepped
+    assert unit_strides([torch.empty(2, 3, 5, 20, dtype=F16)], 8)[0] == 4  # 20 = 4 x 5: 8-byte loads
+    assert unit_strides([x, torch.empty(2, 3, 5, 75, dtype=F16)], 8)[0] == 1
+    t = torch.empty(2, 5, 3, 64).transpose(1, 2)  # [B, H, N, D] view of [B, N, H, D]
+    assert unit_strides([t], 4) == (4, [5 * 3 * 16, 16, 3 * 16, 1])
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_attention_row_strides_any_unit(dtype):
+    """Rows whose strides are multiples of 8, of 4 and of nothing (a view into a wider buffer) give the reference's
+    values and the same bits as the same values in a fresh contiguous tensor."""
+    for width in (72, 76, 75):
+        buf = torch.randn(2, 2, 23, width).to(dtype)
+        q = buf[..., :72]
+        k, v = torch.randn(2, 2, 31, 72).to(dtype), torch.randn(2, 2, 31, 72).to(dtype)
+        out = attention(q, k, v)
+        close(out, attention_reference(q, k, v), dtype, "attention")
+        assert torch.equal(out, attention(q.contiguous(), k, v)), width
 
 
 def test_attention_explicit_scale_value_dim_and_strides():

@@ -211,6 +211,23 @@ def test_block_sparse_runs_16_bit_dots_on_a_gpu_and_the_rule_can_fail():
     assert any("forbidden by no_tf32" in v for v in sr.row_violations(rows[1]))
 
 
+def test_attention_reads_aligned_rows_in_vector_loads_and_the_rule_can_fail():
+    """Attention at head dim 72 (rows of 144 bytes, not a multiple of 16 elements) reads its q/k/v rows in 16-byte
+    loads when the launch passes strides in units of 8 elements (``STRIDE_UNIT``), and the aligned 16-bit specs
+    forbid element-wise reads. Negative control: the same spec with unit 1, what every head dim 72 launch compiled
+    to before, breaks the rule."""
+    from jetdet.kernels.attention import specs as attn_specs
+
+    spec = next(s for s in attn_specs.compile_specs()
+                if s.name.startswith("attention[bf16,D=72,mask=False,") and "unaligned" not in s.name)
+    assert "no_gather" in spec.forbid and spec.constexprs["STRIDE_UNIT"] == 8
+    unit1 = dataclasses.replace(spec, name=spec.name + "_unit1", constexprs={**spec.constexprs, "STRIDE_UNIT": 1})
+    rows = sr.report([dataclasses.replace(spec, archs=(90,)), dataclasses.replace(unit1, archs=(90,))], archs=(90,))
+    assert rows[0]["narrow_loads"] == 0 and not sr.row_violations(rows[0]), rows[0]
+    assert rows[1]["narrow_loads"] > 0, rows[1]
+    assert any("forbidden by no_gather" in v for v in sr.row_violations(rows[1]))
+
+
 def test_compile_error_is_a_violation():
     spec = _spec("missing_constexpr", _tf32_and_exp, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}, {})
     rows = sr.report([spec], archs=(80,))

@@ -50,6 +50,7 @@ def attention_fwd_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_D2: tl.constexpr = 0,
     BLOCK_DV2: tl.constexpr = 0,
+    STRIDE_UNIT: tl.constexpr = 1,
 ):
     """``qk_scale`` is ``scale * log2(e)``: scores live in the log2 domain so the kernel uses ``exp2``.
 
@@ -63,6 +64,21 @@ def attention_fwd_kernel(
     dot with the tail's accumulated into it, and the output has an accumulator per block: a fixed order either way.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
+    # q/k/v/out batch, head and row strides arrive in units of STRIDE_UNIT elements (launch.py): multiplied by a
+    # constant here, the compiler knows every row starts on a 16-byte boundary and reads rows in 16-byte loads. A
+    # row stride of 72 elements (head dim 72) is not a multiple of 16, so Triton's own specialisation cannot tell.
+    stride_qb = stride_qb * STRIDE_UNIT
+    stride_qh = stride_qh * STRIDE_UNIT
+    stride_qm = stride_qm * STRIDE_UNIT
+    stride_kb = stride_kb * STRIDE_UNIT
+    stride_kh = stride_kh * STRIDE_UNIT
+    stride_kn = stride_kn * STRIDE_UNIT
+    stride_vb = stride_vb * STRIDE_UNIT
+    stride_vh = stride_vh * STRIDE_UNIT
+    stride_vn = stride_vn * STRIDE_UNIT
+    stride_ob = stride_ob * STRIDE_UNIT
+    stride_oh = stride_oh * STRIDE_UNIT
+    stride_om = stride_om * STRIDE_UNIT
     pid = tl.program_id(0)
     num_m = tl.cdiv(n_q, BLOCK_M)
     pid_m = pid % num_m

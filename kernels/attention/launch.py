@@ -21,6 +21,10 @@ DEFAULT_CONFIGS = {
     128: {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
     256: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
 }
+#: fp32 at head dim 128: M64 N16 w8 spills 32 B on sm_80 with a mask once rows are read in 16-byte loads
+#: (``STRIDE_UNIT``), and M32 N16 w4, clean in fp32, spills with 16-bit inputs on sm_90; so the default depends on
+#: the dtype there
+DEFAULT_CONFIGS_FP32 = {**DEFAULT_CONFIGS, 128: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}}
 _LOG2E = 1.4426950408889634
 
 
@@ -43,8 +47,14 @@ def split_head_dim(d: int) -> tuple[int, int]:
     return (main, tail) if main + tail < full else (full, 0)
 
 
-def _default_config(d: int) -> dict:
-    return DEFAULT_CONFIGS[min(b for b in DEFAULT_CONFIGS if b >= min(_block_d(d), MAX_HEAD_DIM))]
+def default_configs(dtype: torch.dtype) -> dict:
+    """The built-in tiles by head-dim bound for ``dtype`` (used where no table matches the device)."""
+    return DEFAULT_CONFIGS_FP32 if dtype == torch.float32 else DEFAULT_CONFIGS
+
+
+def _default_config(d: int, dtype: torch.dtype) -> dict:
+    table = default_configs(dtype)
+    return table[min(b for b in table if b >= min(_block_d(d), MAX_HEAD_DIM))]
 
 
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
@@ -70,7 +80,7 @@ def resolve(entry: dict, masked: bool) -> dict:
 def config(head_dim: int, dtype: torch.dtype, device=None, masked: bool = False) -> dict:
     """Tile config keyed by the head dim (``max(D, Dv)``) and whether the call has a mask, never the batch or the
     sequence length."""
-    entry = configs.get_config(OP, head_dim, dtype=dtype, device=device, default=_default_config(head_dim))
+    entry = configs.get_config(OP, head_dim, dtype=dtype, device=device, default=_default_config(head_dim, dtype))
     return resolve(entry, masked)
 
 
@@ -78,6 +88,21 @@ def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     # fp32 promises fp32 products (ieee, not TF32). bf16 dots are computed wrongly by the interpreter, so
     # there the tiles are upcast too; on a GPU bf16 runs on the tensor cores with fp32 accumulation.
     return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
+
+
+def unit_strides(tensors, unit_max: int) -> tuple[int, list[int]]:
+    """``(unit, strides)`` for the kernel's ``STRIDE_UNIT``: the batch, head and row strides of each ``[B, H, N, D]``
+    tensor (0 for a size-1 dim, which is never stepped, so a batch of one reads like any other batch) divided by
+    ``unit``, the largest power of two up to ``unit_max`` (16 bytes of the dtype) that divides all of them, and
+    each last-dim stride as it is. Which unit a call gets changes only the width of its loads, never a number."""
+    raw = []
+    for t in tensors:
+        st, sh = t.stride(), t.shape
+        raw.append((0 if sh[0] == 1 else st[0], 0 if sh[1] == 1 else st[1], 0 if sh[2] == 1 else st[2], st[3]))
+    unit = unit_max
+    while unit > 1 and any(r[i] % unit for r in raw for i in range(3)):
+        unit //= 2
+    return unit, [x for r in raw for x in (r[0] // unit, r[1] // unit, r[2] // unit, r[3])]
 
 
 def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
@@ -112,9 +137,10 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (cdiv(n_q, block_m) * bsz * heads,)
     (bd, bd2), (bdv, bdv2) = split_head_dim(d), split_head_dim(d_v)
+    unit, st = unit_strides((q, k, v, out), 16 // q.element_size())
     attention_fwd_kernel[grid](
         q, k, v, m_arg, out,
-        *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+        *st[:12], *m_strides, *st[12:],
         heads, n_q, n_k,
         float(scale) * _LOG2E,
         HEAD_DIM=d,
@@ -127,6 +153,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
         BLOCK_DV=bdv,
         BLOCK_D2=bd2,
         BLOCK_DV2=bdv2,
+        STRIDE_UNIT=unit,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip

@@ -6,7 +6,7 @@ from jetdet import configs
 from jetdet.kernels._common import CompileSpec, signature
 
 from .kernel import attention_fwd_kernel
-from .launch import DEFAULT_CONFIGS, MAX_HEAD_DIM, OP, _default_config, resolve, split_head_dim
+from .launch import MAX_HEAD_DIM, OP, _default_config, default_configs, resolve, split_head_dim
 
 # the innermost strides, 1 in the common contiguous case (the JIT specialises them to constants)
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od")
@@ -14,13 +14,18 @@ _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od"
 
 def compile_specs() -> list[CompileSpec]:
     """Every shipped (config, head-dim key) x dtype x mask/no-mask (with the entry's ``"masked"`` tile for the
-    masked variant), as compiled for a GPU, on the archs of the tables that ship it (a device table's arch only)."""
+    masked variant) x rows on 16-byte boundaries or not (``STRIDE_UNIT``), as compiled for a GPU, on the archs of
+    the tables that ship it (a device table's arch only)."""
     found: dict = {}  # (dtype, head dim, mask, tile) -> archs
-    default = {str(d): c for d, c in DEFAULT_CONFIGS.items()}
-    for _dev, archs, dt, table in configs.shipped_tables(OP, default=default):
+    dtypes = {name: dtype for dtype, name in configs.DTYPE_NAMES.items()}
+    tables = configs.shipped_tables(OP) + [
+        ("default", configs.ARCHS, dn, {str(d): c for d, c in default_configs(dtype).items()})
+        for dtype, dn in configs.DTYPE_NAMES.items()
+    ]
+    for _dev, archs, dt, table in tables:
         for key, cfg in table.items():
             head_dim = min(int(key), MAX_HEAD_DIM)
-            entry = {**_default_config(head_dim), **cfg}
+            entry = {**_default_config(head_dim, dtypes[dt]), **cfg}
             for has_mask in (False, True):
                 tile = tuple(sorted(resolve(entry, has_mask).items()))
                 found.setdefault((dt, head_dim, has_mask, tile), set()).update(archs)
@@ -37,27 +42,35 @@ def compile_specs() -> list[CompileSpec]:
         # the common, contiguous-last-dim case, which the JIT specialises at runtime (stride == 1)
         for name in _UNIT_STRIDES:
             del sig[name]
-        specs.append(
-            CompileSpec(
-                name=f"attention[{dt},D={head_dim},mask={has_mask},"
-                f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}]",
-                fn=attention_fwd_kernel,
-                signature=sig,
-                constexprs={
-                    "HAS_MASK": has_mask,
-                    "DOT_FP32": dt == "fp32",
-                    "BLOCK_M": cfg["BLOCK_M"],
-                    "BLOCK_N": cfg["BLOCK_N"],
-                    "HEAD_DIM": head_dim,
-                    "HEAD_DIM_V": head_dim,
-                    "BLOCK_D": block_d,
-                    "BLOCK_DV": block_d,
-                    "BLOCK_D2": block_d2,
-                    "BLOCK_DV2": block_d2,
-                    **dict.fromkeys(_UNIT_STRIDES, 1),
-                },
-                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                archs=tuple(sorted(archs)),
+        # STRIDE_UNIT: rows on 16-byte boundaries (the common case: a head dim that is a multiple of 8, or of 4 in
+        # fp32), and 1 for any other strides (launch.unit_strides)
+        for unit in (4 if dt == "fp32" else 8, 1):
+            specs.append(
+                CompileSpec(
+                    name=f"attention[{dt},D={head_dim},mask={has_mask},"
+                    f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+                    f"{',unaligned' if unit == 1 else ''}]",
+                    fn=attention_fwd_kernel,
+                    signature=sig,
+                    constexprs={
+                        "HAS_MASK": has_mask,
+                        "DOT_FP32": dt == "fp32",
+                        "BLOCK_M": cfg["BLOCK_M"],
+                        "BLOCK_N": cfg["BLOCK_N"],
+                        "HEAD_DIM": head_dim,
+                        "HEAD_DIM_V": head_dim,
+                        "BLOCK_D": block_d,
+                        "BLOCK_DV": block_d,
+                        "BLOCK_D2": block_d2,
+                        "BLOCK_DV2": block_d2,
+                        "STRIDE_UNIT": unit,
+                        **dict.fromkeys(_UNIT_STRIDES, 1),
+                    },
+                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    archs=tuple(sorted(archs)),
+                    # aligned 16-bit rows are read in 16-byte loads: an element-wise read in the KV loop is the
+                    # head-dim-72 gather the stride unit removed
+                    forbid=("no_gather",) if unit > 1 and dt != "fp32" else (),
+                )
             )
-        )
     return specs
