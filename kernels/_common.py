@@ -76,3 +76,12 @@ def empty(shape, dtype, device, memory_format=None):
     if getenv("JETDET_DEBUG_FILL_NAN") == "1" and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def out_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout of an op's output for input ``x``, as torch's conv2d and group_norm give it: channels-last for
+    a channels-last 4-D ``x`` (one that is not also plain contiguous, as with C == 1 or H * W == 1, where both
+    layouts are the same memory), contiguous otherwise. The Triton path, the torch path and the fake of an op
+    that keeps its input's layout all follow it."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format

@@ -8,11 +8,10 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import cdiv, empty
+from jetdet.kernels._common import cdiv, empty, out_memory_format
 
 from ..matmul.torch_path import cached_pack
 from .kernel import conv2d_kernel
-from .op import out_memory_format
 
 OP = "conv2d"
 
@@ -50,7 +49,7 @@ def conv2d(
 ) -> torch.Tensor:
     """2-D convolution: x [B, C, H, W] (NCHW or channels-last, any strides), w [O, C, kh, kw], bias [O] or None
     -> [B, O, OH, OW] in ``x.dtype``, ``OH = (H + 2 * padding[0] - kh) // stride[0] + 1`` (same for W),
-    channels-last when ``x`` is (:func:`.op.out_memory_format`), contiguous otherwise.
+    channels-last when ``x`` is (:func:`jetdet.kernels._common.out_memory_format`), contiguous otherwise.
 
     The kernel reads channels-last input; any other layout is copied to channels-last first (an element-wise
     copy, the same for every item). Zero padding, groups=1, dilation=1. fp32 accumulation; the reduction over

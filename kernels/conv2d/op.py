@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from jetdet.kernels._common import out_memory_format
 from jetdet.ops.spec import OpSpec
 
 from . import reference as R
@@ -16,13 +17,6 @@ def out_size(x, w, stride, padding) -> tuple[int, int]:
     ho = (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1
     wo = (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1
     return ho, wo
-
-
-def out_memory_format(x) -> torch.memory_format:
-    """Channels-last output for a channels-last ``x`` (one that is not also plain contiguous), as torch's conv
-    gives; contiguous NCHW otherwise. Both backends and the fake follow it."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _fake(x, w, bias, stride, padding):
