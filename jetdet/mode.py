@@ -544,8 +544,8 @@ def _h_group_norm(func, args, kwargs):
             and type(g) is int and g >= 1 and x.shape[1] % g == 0):
         c = x.shape[1]
         if (w is None or tuple(w.shape) == (c,)) and (b is None or tuple(b.shape) == (c,)):
-            out = _backend.run_body(_norms_torch.group_norm, x.reshape(x.shape[0], c, -1), g, w, b, eps)
-            return out.reshape(x.shape)
+            # x as it is (not a [B, C, H*W] view): the output keeps a channels-last x's layout
+            return _backend.run_body(_norms_torch.group_norm, x, g, w, b, eps)
     why = _ok(x, w, b)
     if why:
         return _fallback(func, args, kwargs, why)

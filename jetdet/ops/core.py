@@ -269,7 +269,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
-    """Like ``F.group_norm`` for ``[B, C, *]``; one program per (sample, group)."""
+    """Like ``F.group_norm`` for ``[B, C, *]``; one program per (sample, group). The output keeps a
+    channels-last 4-D input's layout (read in place, no copy), as torch's group_norm; any other input gives
+    contiguous output."""
     check_tensor("input", input, min_ndim=2)
     c = input.shape[1]
     if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
@@ -278,8 +280,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Ten
     b = _affine("bias", bias, (c,), input)
     if input.numel() == 0:
         return F.group_norm(input, num_groups, weight, bias, eps)
-    x3 = input.reshape(input.shape[0], c, -1)
-    return _OPS["group_norm"](x3, num_groups, w, b, float(eps)).reshape(input.shape)
+    # the op takes [B, C, *spatial] as it is: a [B, C, H*W] view of channels-last input would be neither layout
+    return _OPS["group_norm"](input, num_groups, w, b, float(eps))
 
 
 # ------------------------------------------------------------------------------- softmax and reductions

@@ -5,14 +5,19 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from jetdet import configs
-from jetdet.kernels._common import FP_FUSION, empty
+from jetdet.kernels._common import FP_FUSION, empty, out_memory_format
 
-from .kernel import norm_fwd_kernel
+from .kernel import group_norm_cl_kernel, norm_fwd_kernel
 
 OP = "norms"
 DEFAULT_CONFIG = {"BLOCK": 1024, "num_warps": 4}
+#: The channels-last group norm's tile is [BLOCK // BLOCK_C pixels, BLOCK_C channels], BLOCK_C the group's channel
+#: count rounded up to a power of two, at most this (wider groups take several channel blocks per pixel block)
+MAX_BLOCK_C = 64
+_I32 = 2**31 - 1
 
 
 def config(n: int, dtype: torch.dtype, device=None) -> dict:
@@ -65,19 +70,54 @@ def rms_norm(x, weight=None, eps=1e-6) -> torch.Tensor:
     return out
 
 
+def block_c(cpg: int, block: int) -> int:
+    """The channel width of the channels-last group norm's tile for ``cpg`` channels per group and a config's
+    ``BLOCK``: ``cpg`` rounded up to a power of two, at most ``MAX_BLOCK_C`` and ``BLOCK``."""
+    return min(triton.next_power_of_2(max(cpg, 1)), MAX_BLOCK_C, block)
+
+
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
     """Group norm of ``x [B, C, *spatial]``: each (sample, group) of ``C/G`` channels x spatial is
     normalised by its own mean and biased variance, then the per-channel ``weight``/``bias`` ``[C]`` (or
-    None) apply. One program per (sample, group). Returns x.dtype, shape of x."""
+    None) apply. One program per (sample, group). Returns x.dtype, shape of x, in x's layout
+    (:func:`~jetdet.kernels._common.out_memory_format`): a channels-last 4-D ``x`` is read as it is by
+    ``group_norm_cl_kernel`` and gives channels-last output; any other ``x`` is made contiguous and gives
+    contiguous output."""
     bsz, chans = x.shape[0], x.shape[1]
     if chans % num_groups:
         raise ValueError(f"num_groups: expected a divisor of the {chans} channels, got {num_groups}")
-    xc = x.contiguous()
     spatial = math.prod(x.shape[2:])
     n = chans // num_groups * spatial
+    if out_memory_format(x) == torch.channels_last:
+        return _group_norm_cl(x, num_groups, _affine(weight), _affine(bias), eps, n)
+    xc = x.contiguous()
     out = empty(x.shape, x.dtype, x.device)
     _launch(
         xc.view(bsz * num_groups, n), _affine(weight), _affine(bias), out.view(bsz * num_groups, n), n, eps,
         rms=False, num_groups=num_groups, spatial=max(spatial, 1), grouped=True,
+    )  # fmt: skip
+    return out
+
+
+def _group_norm_cl(x, num_groups, weight, bias, eps, n):
+    bsz, chans, h, w = x.shape
+    out = empty(x.shape, x.dtype, x.device, torch.channels_last)
+    if bsz == 0 or n == 0:
+        return out
+    assert chans * h * w < _I32, "one sample of x spans 2**31 elements or more"  # 32-bit offsets in a sample
+    cpg = chans // num_groups
+    # keyed by the (sample, group) size as the NCHW path, so both layouts take the same table entry
+    cfg = config(n, x.dtype, x.device)
+    bc = block_c(cpg, cfg["BLOCK"])
+    # bf16 on a CPU (the interpreter) stores by truncation, as the NCHW path does: the norms' bf16 tolerance
+    # allows for it (README)
+    group_norm_cl_kernel[(bsz * num_groups,)](
+        x, weight if weight is not None else x, bias if bias is not None else x, out,
+        chans, cpg, h * w, num_groups, float(eps),
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_P=cfg["BLOCK"] // bc,
+        BLOCK_C=bc,
+        num_warps=cfg["num_warps"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out

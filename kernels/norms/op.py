@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from jetdet.kernels._common import out_memory_format
 from jetdet.ops.spec import OpSpec
 
 from . import reference as R
@@ -31,6 +32,11 @@ def _gn_sample(batch, dtype, gen):
     return x, 3, torch.randn(6, generator=gen).to(dtype), torch.randn(6, generator=gen).to(dtype), 1e-5
 
 
+def _gn_fake(x, num_groups, weight, bias, eps):
+    # both paths return x's layout: channels-last for channels-last 4-D input (torch.compile trusts these strides)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
+
+
 _LN = (F.layer_norm, torch.layer_norm)
 _RMS = tuple(f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None)) if f is not None)
 
@@ -45,7 +51,7 @@ SPECS = (
            public="rms_norm"),
     OpSpec(name="group_norm",
            schema="(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps) -> Tensor",
-           fake=lambda x, num_groups, weight, bias, eps: x.new_empty(x.shape), torch_path=T.group_norm,
+           fake=_gn_fake, torch_path=T.group_norm,
            launcher="group_norm", reference=R.group_norm_reference, folder="norms", sample=_gn_sample,
            table="norms", routed=(F.group_norm, torch.group_norm), public="group_norm"),
 )

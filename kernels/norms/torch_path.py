@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import out_memory_format
 from ..matmul.torch_path import f32
 from ..reduce.torch_path import at_least_two_rows, rows_back
 
@@ -25,9 +26,17 @@ def rms_norm(x, weight, eps):
 
 
 def group_norm(x, num_groups, weight, bias, eps):
+    """torch's group norm on a contiguous fp32 copy of ``x [B, C, *spatial]`` (its NCHW kernel: one
+    (sample, group) is one contiguous row; torch's channels-last kernel is not used), returned in x's layout
+    (:func:`~jetdet.kernels._common.out_memory_format`: channels-last for channels-last 4-D input) and dtype
+    with one copy."""
     xf = f32(x).contiguous()
     w, b = f32(weight), f32(bias)
-    if x.shape[0] == 1:  # same single-output guard as the row reductions
-        xf2 = torch.cat([xf, xf.new_zeros(xf.shape)])
-        return rows_back(torch.group_norm(xf2, num_groups, w, b, eps), 1, x.dtype)
-    return rows_back(torch.group_norm(xf, num_groups, w, b, eps), x.shape[0], x.dtype)
+    r = x.shape[0]
+    if r == 1:  # same single-output guard as the row reductions
+        xf = torch.cat([xf, xf.new_zeros(xf.shape)])
+    out = torch.group_norm(xf, num_groups, w, b, eps)
+    if out.shape[0] != r:
+        out = out[:r]
+    # a no-op for contiguous output in x's dtype (the NCHW fp32 case)
+    return out.to(x.dtype, memory_format=out_memory_format(x))
