@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from jetdet import configs
-from jetdet.kernels._common import FP_FUSION, empty, out_memory_format
+from jetdet.kernels._common import FP_FUSION, empty, next_pow2, out_memory_format
 
 from .kernel import group_norm_cl_kernel, norm_fwd_kernel
 
@@ -73,7 +72,7 @@ def rms_norm(x, weight=None, eps=1e-6) -> torch.Tensor:
 def block_c(cpg: int, block: int) -> int:
     """The channel width of the channels-last group norm's tile for ``cpg`` channels per group and a config's
     ``BLOCK``: ``cpg`` rounded up to a power of two, at most ``MAX_BLOCK_C`` and ``BLOCK``."""
-    return min(triton.next_power_of_2(max(cpg, 1)), MAX_BLOCK_C, block)
+    return min(next_pow2(max(cpg, 1)), MAX_BLOCK_C, block)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
