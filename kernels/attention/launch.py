@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,6 +33,7 @@ def _block_d(d: int) -> int:
     return max(16, next_pow2(d))
 
 
+@functools.cache
 def split_head_dim(d: int) -> tuple[int, int]:
     """``(BLOCK_D, BLOCK_D2)``: the column blocks a head dim ``d`` is read in. A power of two (or 16 and less) is one
     block; otherwise the largest power of two below ``d`` plus a masked tail (at least 16 wide), when the two are
@@ -52,7 +54,9 @@ def default_configs(dtype: torch.dtype) -> dict:
     return DEFAULT_CONFIGS_FP32 if dtype == torch.float32 else DEFAULT_CONFIGS
 
 
+@functools.cache
 def _default_config(d: int, dtype: torch.dtype) -> dict:
+    """The built-in tile for head dim ``d`` (cached: the launch reads it on every call; callers copy it)."""
     table = default_configs(dtype)
     return table[min(b for b in table if b >= min(_block_d(d), MAX_HEAD_DIM))]
 
@@ -96,13 +100,16 @@ def unit_strides(tensors, unit_max: int) -> tuple[int, list[int]]:
     ``unit``, the largest power of two up to ``unit_max`` (16 bytes of the dtype) that divides all of them, and
     each last-dim stride as it is. Which unit a call gets changes only the width of its loads, never a number."""
     raw = []
+    bits = 0  # the OR of all the strides: its lowest set bit is the largest power of two dividing them all
     for t in tensors:
         st, sh = t.stride(), t.shape
-        raw.append((0 if sh[0] == 1 else st[0], 0 if sh[1] == 1 else st[1], 0 if sh[2] == 1 else st[2], st[3]))
-    unit = unit_max
-    while unit > 1 and any(r[i] % unit for r in raw for i in range(3)):
-        unit //= 2
-    return unit, [x for r in raw for x in (r[0] // unit, r[1] // unit, r[2] // unit, r[3])]
+        sb, shd, sn = (0 if sh[0] == 1 else st[0]), (0 if sh[1] == 1 else st[1]), (0 if sh[2] == 1 else st[2])
+        bits |= sb | shd | sn
+        raw += (sb, shd, sn, st[3])
+    unit = min(unit_max, bits & -bits) if bits else unit_max
+    if unit > 1:
+        raw = [x if i % 4 == 3 else x // unit for i, x in enumerate(raw)]
+    return unit, raw
 
 
 def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
