@@ -9,7 +9,7 @@
    memory, tensor-core and atomic instruction counts. By default a representative subset for sm_90 (every
    kernel function, dtype and flag combination once, plus the noise kernel's JIT-specialisation rows), well
    under a minute with empty caches; --full-static compiles every kernel at every shipped config for
-   sm_80/89/90 (about 1,900 compiles: several minutes with empty caches, seconds once cached);
+   sm_80/89/90 (about 2,150 compiles: several minutes with empty caches, seconds once cached);
 5. fast mode on the bundled model: ``jetdet.patch(model, mode="fast")`` at the default quality and at
    ``quality="fast"`` against full compute (model calls, full-model equivalents, wall time, PSNR, class
    accuracy), and a PNG of PSNR against wall speedup (its path is printed; needs matplotlib).
@@ -213,7 +213,7 @@ def static(full: bool = False) -> bool:
     (:func:`jetdet.static_report.quick_specs`: every kernel function, dtype and flag combination once, at its
     first shipped config, plus the noise kernel's JIT-specialisation rows): well under a minute with empty
     caches. ``full``: every kernel at every shipped config for sm_80/89/90 plus every JIT-specialisation row
-    (about 1,900 compiles; minutes with empty caches, seconds once cached; what ``tests/test_static_report.py``
+    (about 2,150 compiles; minutes with empty caches, seconds once cached; what ``tests/test_static_report.py``
     checks). A table for matmul and attention, one summary line per kernel module (``python -m
     jetdet.static_report`` prints every row); compile progress goes to stderr."""
     try:
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-static", action="store_true", help="skip the cross-compiled kernel report")
     p.add_argument("--full-static", action="store_true",
                    help="the full static report: every kernel config for sm_80/89/90 and every JIT-specialisation "
-                        "row (about 1,900 compiles; minutes with empty caches) instead of the sm_90 subset")
+                        "row (about 2,150 compiles; minutes with empty caches) instead of the sm_90 subset")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per configuration (default 15)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the timings (default: torch's default; the determinism report always "
