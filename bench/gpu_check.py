@@ -268,6 +268,12 @@ def _op_cases(dry: bool):
                           [torch.rand(1, 1, 33, 45, generator=g) > 0.3]),
             lambda q, k, v, m: ops.attention(q, k, v, attn_mask=_with_diagonal(m)),
             lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=_with_diagonal(m))),
+        # head dim 72 (64 + a 16-wide tail) read in 16-byte loads (STRIDE_UNIT 8), with a mask
+        "attention_d72_mask": (
+            lambda b, g: ([r(g, b, 2, 33, 72), r(g, b, 2, 45, 72), r(g, b, 2, 45, 72)],
+                          [torch.rand(1, 1, 33, 45, generator=g) > 0.3]),
+            lambda q, k, v, m: ops.attention(q, k, v, attn_mask=_with_diagonal(m)),
+            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=_with_diagonal(m))),
         "layer_norm": (lambda b, g: ([r(g, b, 7, 320, scale=3)], [r(g, 320), r(g, 320)]),
                        lambda x, w, bias: ops.layer_norm(x, (320,), w, bias, 1e-5),
                        lambda x, w, bias: F.layer_norm(x, (320,), w, bias, 1e-5)),
@@ -276,6 +282,10 @@ def _op_cases(dry: bool):
         "group_norm": (lambda b, g: ([r(g, b, 64, 9, 7, scale=2)], [r(g, 64), r(g, 64)]),
                        lambda x, w, bias: ops.group_norm(x, 32, w, bias, 1e-5),
                        lambda x, w, bias: F.group_norm(x, 32, w, bias, 1e-5)),
+        "group_norm_channels_last": (
+            lambda b, g: ([r(g, b, 64, 9, 7, scale=2)], [r(g, 64), r(g, 64)]),
+            lambda x, w, bias: ops.group_norm(x.contiguous(memory_format=torch.channels_last), 32, w, bias, 1e-5),
+            lambda x, w, bias: F.group_norm(x, 32, w, bias, 1e-5)),
         "softmax": (lambda b, g: ([r(g, b, 9, 333, scale=4)], []),
                     lambda x: ops.softmax(x, -1), lambda x: torch.softmax(x, -1)),
         "sum": (lambda b, g: ([r(g, b, 5, 333)], []), lambda x: ops.sum(x, dim=-1), lambda x: x.sum(-1)),
@@ -480,6 +490,7 @@ def _speed_shapes(dry: bool, quick: bool):
     if dry:
         return [("linear 64x96->80", "linear", bf, (64, 96, 80)),
                 ("attention D64 B1 H2 N128", "attention", bf, (1, 2, 128, 64)),
+                ("attention D72 B1 H2 N128", "attention", bf, (1, 2, 128, 72)),
                 ("conv3x3 B1 C16 16x16->16", "conv", bf, (1, 16, 16, 16)),
                 ("conv3x3 channels-last B1 C16 16x16->16", "conv_cl", bf, (1, 16, 16, 16)),
                 ("group_norm 2x32x8x8", "group_norm", bf, (2, 32, 8, 8)),
@@ -495,6 +506,8 @@ def _speed_shapes(dry: bool, quick: bool):
         ("attention D128 B2 H24 N4096", "attention", bf, (2, 24, 4096, 128)),
         ("attention D64 B2 H24 N4096", "attention", bf, (2, 24, 4096, 64)),
         ("attention D64 B1 H16 N16384", "attention", bf, (1, 16, 16384, 64)),
+        # head dim 72 (DiT-XL/2, PixArt): 7.5x cuDNN flash in the H200 run, before the head-dim split and stride unit
+        ("attention D72 B2 H16 N4096", "attention", bf, (2, 16, 4096, 72)),
         ("conv3x3 B1 C512 128x128->512", "conv", bf, (1, 512, 128, 512)),
         ("conv3x3 B4 C320 64x64->320", "conv", bf, (4, 320, 64, 320)),
         ("conv3x3 B4 C640 32x32->640", "conv", bf, (4, 640, 32, 640)),
