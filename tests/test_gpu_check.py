@@ -36,9 +36,10 @@ def test_dry_run_goes_through_every_section(tmp_path):
         assert "error" not in sec and "skipped" not in sec, (name, sec.get("error") or sec.get("skipped"))
     assert res["failures"] == [] and res["incomplete"] == []
     ops = res["sections"]["ops"]["rows"]
-    assert len(ops) == 18 * 3
+    assert len(ops) == 20 * 3
     assert all(r["accurate"] and not r["prefix_differs"] and not r["needle_differs"] for r in ops)
-    assert {"linear", "conv3x3", "attention_d128_mask", "group_norm", "forecast"} <= {r["op"] for r in ops}
+    assert {"linear", "conv3x3", "attention_d128_mask", "attention_d72_mask", "group_norm", "group_norm_channels_last",
+            "forecast"} <= {r["op"] for r in ops}
     models = res["sections"]["models"]["rows"]
     assert all(r["equal"] == r["comparisons"] for r in models if r["mode"] == "deterministic")
     assert any(r["equal"] < r["comparisons"] for r in models if r["mode"] == "off")  # the negative control fired
