@@ -1053,6 +1053,7 @@ class StepCacheController:
         from ..ops import relative_change as _relchange
 
         jobs: dict = {}
+        rows = stored.unbind(0)  # one op for every row's view (indexing row by row is one op per row)
         for p, i in enumerate(run_rows):
             s = streams[i]
             ti = t_rows[i]
@@ -1063,12 +1064,12 @@ class StepCacheController:
             keep = [j for j, tj in enumerate(ts) if not _same_t(ti, tj)]
             prev = [prev[j] for j in keep]
             ts = [ts[j] for j in keep]
-            yi = stored[p]
+            yi = rows[p]
             for q in range(0, min(self.order, len(ts) - 1) + 1):
                 if len(ts) < q + 1:
                     break
                 nodes = tuple(ts[len(ts) - 1 - q:])
-                jobs.setdefault((nodes, ti, q), []).append((s, prev[len(prev) - 1 - q:], yi))
+                jobs.setdefault((nodes, ti, q), []).append((s, prev[len(prev) - 1 - q:], yi, p))
             s.ts = (ts + [ti])[-(self.order + 1):]
             s.rates = {}
             s.skips = 0
@@ -1076,7 +1077,11 @@ class StepCacheController:
             self.manager.set(s.key, (prev + [yi])[-(self.order + 1):])
         for (nodes, ti, q), members in jobs.items():
             stacked = [torch.stack([m[1][j] for m in members]) for j in range(q + 1)]
-            truth = torch.stack([m[2] for m in members])
+            first = members[0][3]
+            if all(m[3] == first + n for n, m in enumerate(members)):  # consecutive rows: a view, no copy
+                truth = stored[first:first + len(members)]
+            else:
+                truth = torch.stack([m[2] for m in members])
             pred = stacked[-1] if q == 0 else _forecast(stacked, list(nodes), ti, order=q)
             prod = 1.0
             for tj in nodes:
