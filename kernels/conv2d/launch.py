@@ -109,7 +109,7 @@ def _launch(x, wk, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
     bias_arg = bias if bias is not None else y
     for start in range(0, nb, _MAX_GRID_Y):
         stop = min(nb, start + _MAX_GRID_Y)
-        x_, y_ = x[start:stop], y[start:stop]
+        x_, y_ = (x, y) if nb <= _MAX_GRID_Y else (x[start:stop], y[start:stop])  # one launch: no views
         # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
         sxb, syb = (0, 0) if stop - start == 1 else (x_.stride(0), y_.stride(0))
         conv2d_kernel[(tiles, stop - start)](
