@@ -14,6 +14,7 @@ router's direct CPU route).
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -82,6 +83,48 @@ def interpreter_enabled() -> bool:
     return (_paths.getenv("TRITON_INTERPRET") or "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple[int, int]:
+    """``"3.6.0+git1a2b"`` -> ``(3, 6)``."""
+    parts = re.findall(r"\d+", version)[:2]
+    return tuple(int(p) for p in parts) + (0,) * (2 - len(parts))
+
+
+def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why the installed Triton interpreter cannot run jetdet's kernels here, or None.
+
+    Triton's interpreter up to 3.6 turns a loop bound into a Python int with ``int()`` of a one-element array,
+    which numpy 2.4 made an error, so every kernel with a loop over a runtime bound (nearly all of them) stops
+    with "only 0-dimensional arrays can be converted to Python scalars". Triton 3.7 fixed it. torch 2.11 pins
+    Triton 3.6, so that pair with a current numpy is a real install."""
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    if numpy_version is None:
+        import numpy
+
+        numpy_version = numpy.__version__
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (
+            f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton_version} cannot run with numpy "
+            f"{numpy_version}: its loop bounds call int() on a one-element array, an error since numpy 2.4 (fixed in "
+            "triton 3.7). Install 'numpy<2.4' or triton>=3.7 to run the Triton kernels on CPU; the default CPU "
+            "path (JETDET_BACKEND unset or torch) does not use the interpreter"
+        )
+    return None
+
+
+_interpreter_ok = False
+
+
+def _check_interpreter() -> None:
+    global _interpreter_ok
+    problem = interpreter_problem()
+    if problem:
+        raise RuntimeError(f"JETDET_BACKEND=triton with CPU tensors: {problem}")
+    _interpreter_ok = True
+
+
 def backend_for(t: torch.Tensor) -> str:
     """Return ``"triton"`` or ``"torch"`` for an op whose main input is ``t``."""
     req = requested()
@@ -91,10 +134,13 @@ def backend_for(t: torch.Tensor) -> str:
     if req == "auto":
         return "triton" if dev == "cuda" else "torch"
     # forced triton
-    if dev == "cpu" and not interpreter_enabled():
-        raise RuntimeError(
-            "JETDET_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1, set before triton is imported"
-        )
+    if dev == "cpu":
+        if not interpreter_enabled():
+            raise RuntimeError(
+                "JETDET_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1, set before triton is imported"
+            )
+        if not _interpreter_ok:
+            _check_interpreter()
     if dev not in ("cpu", "cuda"):
         raise RuntimeError(f"JETDET_BACKEND=triton: device {dev!r} is not supported (expected cuda or cpu)")
     return "triton"

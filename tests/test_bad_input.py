@@ -169,3 +169,29 @@ def test_fully_masked_row_gives_nan_like_reference(backend):
     out = ops.attention(q, q, q, attn_mask=m)
     ref = torch.softmax((q @ q.transpose(-1, -2)) / math.sqrt(4) + torch.where(m, 0.0, -math.inf), -1) @ q
     assert torch.equal(out.isnan(), ref.isnan()) and out[0, 0, 1].isnan().all()
+
+
+def test_an_interpreter_that_cannot_run_says_why_before_the_first_kernel(monkeypatch):
+    """Triton's interpreter up to 3.6 with numpy 2.4 or later fails inside every kernel with a loop ("only
+    0-dimensional arrays can be converted to Python scalars"); torch 2.11 pins triton 3.6. A forced Triton run on
+    CPU tensors then stops before the first launch with the versions and the fix. The rule is checked on the
+    version pairs either side of both boundaries; the installed pair here must pass it (else this suite could
+    not run the kernels at all)."""
+    from jetdet import backend
+
+    bad = backend.interpreter_problem("3.6.0", "2.4.0")
+    assert "triton 3.6.0" in bad and "numpy 2.4.0" in bad and "numpy<2.4" in bad and "triton>=3.7" in bad
+    assert backend.interpreter_problem("3.6.0+git1234", "2.5.2")
+    for ok in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.0"), ("3.9.0", "2.5.2"), ("4.0.0", "2.4.6")):
+        assert backend.interpreter_problem(*ok) is None, ok
+    assert backend.interpreter_problem() is None
+
+    monkeypatch.setenv("JETDET_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "_interpreter_ok", False)
+    monkeypatch.setattr(backend, "interpreter_problem", lambda: "the reason")
+    with pytest.raises(RuntimeError, match="JETDET_BACKEND=triton with CPU tensors: the reason"):
+        backend.backend_for(torch.zeros(2))
+    # negative control: a found-good interpreter is not asked again (the check costs nothing per call)
+    monkeypatch.setattr(backend, "_interpreter_ok", True)
+    assert backend.backend_for(torch.zeros(2)) == "triton"
