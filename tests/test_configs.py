@@ -214,7 +214,7 @@ def test_every_table_entry_says_where_it_comes_from():
         for key, src in info.get("entries", {}).items()
         if src["status"] == "measured"
     ]
-    assert len(measured) == 5 and all("NVIDIA_H200" in rel for rel, _ in measured), measured
+    assert len(measured) == 4 and all("NVIDIA_H200" in rel for rel, _ in measured), measured
 
 
 def test_provenance_check_catches_a_wrong_copy():

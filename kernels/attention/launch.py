@@ -24,8 +24,13 @@ DEFAULT_CONFIGS = {
 }
 #: fp32 at head dim 128: M64 N16 w8 spills 32 B on sm_80 with a mask once rows are read in 16-byte loads
 #: (``STRIDE_UNIT``), and M32 N16 w4, clean in fp32, spills with 16-bit inputs on sm_90; so the default depends on
-#: the dtype there
-DEFAULT_CONFIGS_FP32 = {**DEFAULT_CONFIGS, 128: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}}
+#: the dtype there. fp32 at 64: M32 N32 w4 spills 8-24 B on sm_89/90 under triton 3.6 (torch 2.11's pin); M64 N16
+#: w8 is clean on sm_80/89/90 under 3.6 and 3.9, with and without a mask, rows aligned or not
+DEFAULT_CONFIGS_FP32 = {
+    **DEFAULT_CONFIGS,
+    64: {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
+    128: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},
+}
 _LOG2E = 1.4426950408889634
 
 
