@@ -1232,7 +1232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print rows as JSON instead of a table")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPUs)")
     parser.add_argument("--no-jit", action="store_true", help="only the declared specs, no JIT-specialised variants")
+    parser.add_argument("--quiet", action="store_true", help="print only the rows that break a rule, and the summary")
     args = parser.parse_args(argv)
+    import triton
+
     errors: list[dict] = []
     specs = collect_specs(args.module, errors=errors, jit=not args.no_jit)
     rows = errors + report(
@@ -1243,17 +1246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs=args.jobs,
         progress=Progress(),
     )
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(format_table(rows))
     bad = violations(rows)
+    shown = [r for r in rows if row_violations(r)] if args.quiet else rows
+    if args.json:
+        print(json.dumps(shown, indent=1))
+    elif shown:
+        print(format_table(shown))
     if bad:
-        print(f"\n{len(bad)} violation(s):", file=sys.stderr)
+        print(f"\n{len(bad)} violation(s) (triton {triton.__version__}):", file=sys.stderr)
         for v in bad:
             print(f"  {v}", file=sys.stderr)
         return 1
-    print(f"\n{len(rows)} kernel/arch pairs, no violations.", file=sys.stderr)
+    print(f"\n{len(rows)} kernel/arch pairs, no violations (triton {triton.__version__}).", file=sys.stderr)
     return 0
 
 
