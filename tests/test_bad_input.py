@@ -192,6 +192,6 @@ def test_an_interpreter_that_cannot_run_says_why_before_the_first_kernel(monkeyp
     monkeypatch.setattr(backend, "interpreter_problem", lambda: "the reason")
     with pytest.raises(RuntimeError, match="JETDET_BACKEND=triton with CPU tensors: the reason"):
         backend.backend_for(torch.zeros(2))
-    # negative control: a found-good interpreter is not asked again (the check costs nothing per call)
+    # a found-good interpreter is not asked again (the check costs one flag test per call)
     monkeypatch.setattr(backend, "_interpreter_ok", True)
     assert backend.backend_for(torch.zeros(2)) == "triton"
