@@ -221,6 +221,11 @@ def static(full: bool = False) -> bool:
     except ImportError as e:  # pragma: no cover
         print(f"  static report unavailable: {e}")
         return True
+    why = static_report.unsupported()
+    if why:  # a dev tool: the rest of the bench runs, and says what it skipped
+        _section("static kernel report")
+        print(f"  skipped: {why}")
+        return True
     archs = static_report.DEFAULT_ARCHS if full else (static_report.JIT_ARCH,)
     if full:
         _section("static kernel report, full (cross-compiled for sm_80/89/90, no GPU needed)")

@@ -88,6 +88,25 @@ UNREGISTERED_FOLDERS = ("noise",)
 KERNEL_MODULES = [f"jetdet.kernels.{f}.specs" for f in (*_registry.FOLDERS, *UNREGISTERED_FOLDERS)]
 
 DEFAULT_ARCHS = (80, 89, 90)
+#: The oldest Triton whose internals the report uses (the JIT binder's ``_pack_args``, ``triton.knobs``); the
+#: kernels themselves also run on 3.3 and 3.4 (interpreter-checked), only this report needs 3.5.
+MIN_TRITON = (3, 5)
+
+
+def unsupported(version: str | None = None) -> str | None:
+    """Why the report cannot run with the installed (or the given) Triton version, or None."""
+    from .backend import _release
+
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    if _release(version) < MIN_TRITON:
+        return (
+            f"the static report needs triton >= {'.'.join(map(str, MIN_TRITON))} (installed: {version}); "
+            "the kernels themselves run on older versions"
+        )
+    return None
 
 # Largest shared memory one block may use (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
@@ -1236,6 +1255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import triton
 
+    why = unsupported()
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     errors: list[dict] = []
     specs = collect_specs(args.module, errors=errors, jit=not args.no_jit)
     rows = errors + report(
@@ -1269,6 +1292,7 @@ __all__ = [
     "JIT_ARCH",
     "JIT_INT_VALUES",
     "KERNEL_MODULES",
+    "MIN_TRITON",
     "Pointer",
     "Progress",
     "analyze",
@@ -1289,4 +1313,5 @@ __all__ = [
     "report",
     "specialization_key",
     "violations",
+    "unsupported",
 ]
