@@ -16,10 +16,13 @@ def at_least_two_rows(x2d: torch.Tensor):
     return x2d, x2d.shape[0]
 
 
-def rows_back(out: torch.Tensor, r: int, dtype) -> torch.Tensor:
-    """The first r rows (when a guard row was added), in the caller's dtype."""
+def rows_back(out: torch.Tensor, r: int, dtype, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """The first r rows (when a guard row was added), in the caller's dtype, and in ``memory_format`` when given
+    (dtype and layout in one copy, none when both already match)."""
     if out.shape[0] != r:
         out = out[:r]
+    if memory_format is not None:
+        return out.to(dtype, memory_format=memory_format)
     return out if out.dtype == dtype else out.to(dtype)
 
 
