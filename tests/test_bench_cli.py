@@ -35,7 +35,16 @@ def test_quick_specs_cover_every_kernel_function_and_dtype_on_one_arch():
     declared = [s for s in specs if s.launch is None]
     quick = sr.quick_specs(specs)
     assert quick and all(s.launch is None for s in quick)  # jit=False: no JIT-specialisation rows
-    assert all(s.archs == (sr.JIT_ARCH,) for s in quick), [(s.name, s.archs) for s in quick if s.archs != (90,)]
+    # on sm_90, except a group no spec of which runs there (attention's one-loop variants: sm_90 runs the split
+    # loops), which compiles its first spec on that spec's newest arch
+    groups: dict = {}
+    for s in declared:
+        groups.setdefault(sr._group_key(s), []).append(s)
+    for s in quick:
+        members = groups[sr._group_key(s)]
+        on_jit_arch = any(sr.JIT_ARCH in m.archs for m in members)
+        assert s.archs == ((sr.JIT_ARCH,) if on_jit_arch else (max(members[0].archs),)), (s.name, s.archs)
+    assert sum(s.archs == (sr.JIT_ARCH,) for s in quick) > len(quick) // 2
 
     def fn_and_pointers(s):
         return getattr(s.fn, "fn", s.fn), tuple(sorted(v for v in s.signature.values() if v.startswith("*")))

@@ -98,6 +98,29 @@ def test_attention_row_strides_any_unit(dtype):
         assert torch.equal(out, attention(q.contiguous(), k, v)), width
 
 
+
+def test_split_loops_rule_and_row_copies():
+    """``SPLIT_TAIL`` (whole KV blocks unmasked, the partial one apart) depends on the dtype, the GPU generation and
+    the head dims only: 16-bit dots on sm_90-sm_11x and in the interpreter, head dims of whole 16-byte rows. With it,
+    rows off 16-byte boundaries are read from contiguous copies (same values); without it, views are read as
+    they are."""
+    from jetdet.kernels.attention.launch import plan_loads, split_tail
+
+    assert [split_tail(False, a) for a in (None, 80, 86, 89, 90, 100, 120)] == [True, False, False, False, True,
+                                                                                 True, False]
+    assert not split_tail(True, 90) and not split_tail(True, None)  # fp32 FMA dots: one masked loop
+    cpu = torch.device("cpu")
+    q = torch.randn(2, 2, 23, 76, dtype=F16)[..., :72]  # rows 152 bytes apart: 8-byte loads at best
+    k, v, out = (torch.randn(2, 2, 31, 72, dtype=F16) for _ in range(3))
+    split, (q2, k2, v2, o2), unit, _ = plan_loads(False, cpu, (72, 72), (q, k, v, out))
+    assert split and unit == 8 and q2.is_contiguous() and torch.equal(q2, q) and k2 is k and o2 is out
+    qf = torch.randn(2, 2, 23, 75)[..., :72]
+    split, (q2, *_), unit, _ = plan_loads(True, cpu, (72, 72), (qf, k.float(), v.float(), out.float()))
+    assert not split and unit == 1 and q2 is qf
+    q36 = torch.randn(2, 2, 23, 36, dtype=F16)
+    split, (q2, *_), unit, _ = plan_loads(False, cpu, (36, 36), (q36, q36, q36, q36))
+    assert not split and unit == 4 and q2 is q36  # 72-byte rows: 8-byte loads at best, copy or not
+
 def test_attention_explicit_scale_value_dim_and_strides():
     # v with its own head dim; q/k/v as [B, N, H, D] tensors viewed as [B, H, N, D] (non-contiguous)
     q = torch.randn(2, 21, 3, 40, dtype=F16).transpose(1, 2)
@@ -107,6 +130,23 @@ def test_attention_explicit_scale_value_dim_and_strides():
     assert out.shape == (2, 3, 21, 24)
     close(out, attention_reference(q, k, v, scale=0.3), F16, "attention")
 
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_attention_any_scale_sign_and_whole_blocks(dtype):
+    """The kernel scales after the row maximum, which holds only for a scale >= 0: a negative scale (the launcher
+    negates q, exactly) and a zero scale (uniform weights) give the reference's values, with and without a mask.
+    Key counts that are whole multiples of every shipped BLOCK_N (64, 128) take the loop with no partial block."""
+    for nk in (64, 128, 45):
+        q, k, v = qkv(2, 2, 19, nk, 40, dtype)
+        mask = torch.randn(2, 1, 19, nk)
+        # at -6 a wrong row maximum overflows exp2 (bf16; fp32's tolerance is too tight for scores that sharp)
+        for scale in (-1.5 if dtype == F32 else -6.0, -0.4, 0.0, 0.7):
+            for m in (None, mask):
+                out, ref = attention(q, k, v, m, scale=scale), attention_reference(q, k, v, m, scale=scale)
+                close(out, ref, dtype, "attention")
+    ref = attention_reference(q, k, v, scale=0.0)
+    assert torch.allclose(ref, v.float().mean(2, keepdim=True).expand_as(ref), atol=1e-5)  # the reference too
 
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_attention_masks(dtype):

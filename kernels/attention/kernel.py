@@ -10,6 +10,119 @@ import triton.language as tl
 
 
 @triton.jit
+def kv_block(
+    q,
+    q2,
+    k_base,
+    v_base,
+    b_base,
+    n0,
+    offs_n,
+    offs_m,
+    offs_d,
+    offs_d2,
+    offs_dv,
+    offs_dv2,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mm,
+    stride_mn,
+    n_k,
+    m_ok,
+    d_ok,
+    d2_ok,
+    dv_ok,
+    dv2_ok,
+    qk_scale,
+    m_i,
+    l_i,
+    acc,
+    acc2,
+    TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    HAS_D2: tl.constexpr,
+    HAS_DV2: tl.constexpr,
+):
+    """One KV block of the online softmax: returns the new ``(m_i, l_i, acc, acc2)``.
+
+    The block is keys ``n0 .. n0 + BLOCK_N`` (``offs_n``). ``TAIL``: it may run past ``n_k``, so the key loads are
+    masked and the missing keys get no weight; a whole block has no key mask at all. In a whole block with no mask
+    the row maximum is taken on the raw scores and scaled after (``qk_scale >= 0``, so ``max(s) * c == max(s * c)``
+    exactly), and ``s * c - m`` is one fused multiply-add per score. ``p @ v`` accumulates onto the rescaled
+    accumulator inside the dot. Shared by dense and block-sparse attention.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    cols = n0 + offs_n
+    n_ok = cols < n_k
+    # pointers are formed here from the bases, not carried in as tiles: a tile of 64-bit pointers held live across
+    # the whole-block loop into the tail block costs registers (fp32 tiles spilled)
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k transposed: [BLOCK_D, BLOCK_N]
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if TAIL:
+        k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+    if DOT_FP32:
+        s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    if HAS_D2:
+        k2_ptrs = k_base + cols[None, :] * stride_kn + offs_d2[:, None] * stride_kd
+        if TAIL:
+            k2 = tl.load(k2_ptrs, mask=d2_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            k2 = tl.load(k2_ptrs, mask=d2_ok[:, None], other=0.0)
+        if DOT_FP32:
+            s = tl.dot(q2, k2.to(tl.float32), acc=s, input_precision="ieee")
+        else:
+            s = tl.dot(q2, k2, acc=s)
+    if HAS_MASK or TAIL:
+        s = s * qk_scale
+        if HAS_MASK:
+            b_ptrs = b_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn
+            if TAIL:
+                bias = tl.load(b_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            else:
+                bias = tl.load(b_ptrs, mask=m_ok[:, None], other=0.0)
+            s = s + bias * LOG2E
+        if TAIL:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    # a row with no finite score yet keeps m = -inf; subtract 0 there instead of -inf so that exp2(-inf - (-inf))
+    # does not turn the (still zero) state into NaN. A row that stays fully masked ends with l = 0 and 0/0 = NaN,
+    # like softmax over all -inf in the reference.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if HAS_MASK or TAIL:
+        p = tl.exp2(s - m_sub[:, None])
+    else:
+        p = tl.exp2(s * qk_scale - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_FP32:
+        acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    if HAS_DV2:
+        v2_ptrs = v_base + cols[:, None] * stride_vn + offs_dv2[None, :] * stride_vd
+        if TAIL:
+            v2 = tl.load(v2_ptrs, mask=n_ok[:, None] & dv2_ok[None, :], other=0.0)
+        else:
+            v2 = tl.load(v2_ptrs, mask=dv2_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc2 = tl.dot(p, v2.to(tl.float32), acc2 * alpha[:, None], input_precision="ieee")
+        else:
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None])
+    return m_new, l_i, acc, acc2
+
+
+@triton.jit
 def attention_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -51,6 +164,7 @@ def attention_fwd_kernel(
     BLOCK_D2: tl.constexpr = 0,
     BLOCK_DV2: tl.constexpr = 0,
     STRIDE_UNIT: tl.constexpr = 1,
+    SPLIT_TAIL: tl.constexpr = False,
 ):
     """``qk_scale`` is ``scale * log2(e)``: scores live in the log2 domain so the kernel uses ``exp2``.
 
@@ -62,8 +176,13 @@ def attention_fwd_kernel(
     ``BLOCK_D`` columns and a masked tail of ``BLOCK_D2``, instead of one block padded to the next power of two:
     head dim 72 (DiT-XL, PixArt) computes 64 + 16 columns per dot instead of 128. The scores are the first block's
     dot with the tail's accumulated into it, and the output has an accumulator per block: a fixed order either way.
+
+    ``SPLIT_TAIL`` (the launcher's choice, per dtype and GPU generation: ``launch.split_tail``): visit the whole KV
+    blocks in a loop with no key mask and the partial one in a second loop, instead of one loop that masks every
+    block. It saves a select per score and lets the row maximum be scaled once per row (``kv_block``), but the second
+    loop costs registers that Ampere's register-operand MMA and the fp32 FMA dots do not have: there the static
+    report showed spills of up to 2 KB, so those keep the one masked loop.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     # q/k/v/out batch, head and row strides arrive in units of STRIDE_UNIT elements (launch.py): multiplied by a
     # constant here, the compiler knows every row starts on a 16-byte boundary and reads rows in 16-byte loads. A
     # row stride of 72 elements (head dim 72) is not a multiple of 16, so Triton's own specialisation cannot tell.
@@ -107,6 +226,10 @@ def attention_fwd_kernel(
     )
     if DOT_FP32:
         q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     if BLOCK_D2 > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         d2_ok = offs_d2 < HEAD_DIM
@@ -117,78 +240,35 @@ def attention_fwd_kernel(
         )
         if DOT_FP32:
             q2 = q2.to(tl.float32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    else:  # unused stand-ins, so that kv_block has one signature
+        offs_d2, d2_ok, q2 = offs_d, d_ok, q
     if BLOCK_DV2 > 0:
         offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
         dv2_ok = offs_dv2 < HEAD_DIM_V
         acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], tl.float32)
+    else:
+        offs_dv2, dv2_ok, acc2 = offs_dv, dv_ok, acc
 
-    for start_n in range(0, n_k, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < n_k
-        # k is loaded transposed, [BLOCK_D, BLOCK_N], so the score tile is a plain dot
-        k = tl.load(
-            k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=d_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=n_ok[:, None] & dv_ok[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            s = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        if BLOCK_D2 > 0:
-            k2 = tl.load(
-                k_base + cols[None, :] * stride_kn + offs_d2[:, None] * stride_kd,
-                mask=d2_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                s = tl.dot(q2, k2.to(tl.float32), acc=s, input_precision="ieee")
-            else:
-                s = tl.dot(q2, k2, acc=s)
-        s = s * qk_scale
-        if HAS_MASK:
-            bias = tl.load(
-                mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
-                mask=m_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            s = s + bias * LOG2E
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with no finite score yet keeps m = -inf; subtract 0 there instead of -inf so that
-        # exp2(-inf - (-inf)) does not turn the (still zero) state into NaN. A row that stays fully masked
-        # ends with l = 0 and 0/0 = NaN, like softmax over all -inf in the reference.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT_FP32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        if BLOCK_DV2 > 0:
-            v2 = tl.load(
-                v_base + cols[:, None] * stride_vn + offs_dv2[None, :] * stride_vd,
-                mask=n_ok[:, None] & dv2_ok[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                pv2 = tl.dot(p, v2.to(tl.float32), input_precision="ieee")
-            else:
-                pv2 = tl.dot(p.to(v2.dtype), v2)
-            acc2 = acc2 * alpha[:, None] + pv2
-        m_i = m_new
+    b_base = mask_ptr + b * stride_mb + h * stride_mh
+    # SPLIT_TAIL: the whole blocks first, with no key mask at all, then the one partial block (if any), in a loop of
+    # its own. Otherwise one loop masks every block. Either way the same blocks in the same order for every query row,
+    # whatever the batch.
+    if SPLIT_TAIL:
+        n_whole = n_k - n_k % BLOCK_N
+    else:
+        n_whole = 0
+    for start_n in range(0, n_whole, BLOCK_N):
+        m_i, l_i, acc, acc2 = kv_block(
+            q, q2, k_base, v_base, b_base, start_n, offs_n, offs_m, offs_d, offs_d2, offs_dv, offs_dv2,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, n_k, m_ok, d_ok, d2_ok, dv_ok, dv2_ok,
+            qk_scale, m_i, l_i, acc, acc2, False, HAS_MASK, DOT_FP32, BLOCK_D2 > 0, BLOCK_DV2 > 0,
+        )  # fmt: skip
+    for start_n in range(n_whole, n_k, BLOCK_N):
+        m_i, l_i, acc, acc2 = kv_block(
+            q, q2, k_base, v_base, b_base, start_n, offs_n, offs_m, offs_d, offs_d2, offs_dv, offs_dv2,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, n_k, m_ok, d_ok, d2_ok, dv_ok, dv2_ok,
+            qk_scale, m_i, l_i, acc, acc2, True, HAS_MASK, DOT_FP32, BLOCK_D2 > 0, BLOCK_DV2 > 0,
+        )  # fmt: skip
 
     out = acc / l_i[:, None]
     tl.store(

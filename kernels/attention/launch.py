@@ -25,11 +25,14 @@ DEFAULT_CONFIGS = {
 #: fp32 at head dim 128: M64 N16 w8 spills 32 B on sm_80 with a mask once rows are read in 16-byte loads
 #: (``STRIDE_UNIT``), and M32 N16 w4, clean in fp32, spills with 16-bit inputs on sm_90; so the default depends on
 #: the dtype there. fp32 at 64: M32 N32 w4 spills 8-24 B on sm_89/90 under triton 3.6 (torch 2.11's pin); M64 N16
-#: w8 is clean on sm_80/89/90 under 3.6 and 3.9, with and without a mask, rows aligned or not
+#: w8 is clean on sm_80/89/90 under 3.6 and 3.9, with and without a mask, rows aligned or not. fp32 above 128 with a
+#: mask: M32 N16 w8 spilled 24-32 B on sm_80 once the KV step became ``kernel.kv_block``; M16 N16 w4 is clean on
+#: sm_80/89/90 under both
 DEFAULT_CONFIGS_FP32 = {
     **DEFAULT_CONFIGS,
     64: {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2},
     128: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},
+    256: {**DEFAULT_CONFIGS[256], "masked": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}},
 }
 _LOG2E = 1.4426950408889634
 
@@ -99,6 +102,37 @@ def _dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
 
 
+def split_tail(dot_fp32: bool, arch: int | None) -> bool:
+    """The kernel's ``SPLIT_TAIL``: whole KV blocks in an unmasked loop, the partial one in a second loop. For 16-bit
+    dots on Hopper and Blackwell datacenter GPUs (sm_90-sm_11x: MMA operands from shared memory) and under the
+    interpreter (``arch`` None), which tests that path; not for the fp32 FMA dots or register-operand MMA (sm_80-89,
+    sm_12x), where the second loop spilled (static report). Fixed per dtype and device: never depends on the batch."""
+    return not dot_fp32 and (arch is None or 90 <= arch < 120)
+
+
+def _arch(device: torch.device) -> int | None:
+    """``90`` for sm_90; None off CUDA (the interpreter)."""
+    return int(configs.device_identity(device)[1][3:]) if device.type == "cuda" else None
+
+
+def plan_loads(dot_fp32: bool, device: torch.device, head_dims, tensors):
+    """``(split, tensors, unit, strides)`` for a launch of dense or block-sparse attention over ``tensors`` (q, k, v,
+    out, each ``[B, H, N, D]``): ``SPLIT_TAIL`` (:func:`split_tail`, and only for head dims that are whole 16-byte
+    rows), the tensors to read, and their ``STRIDE_UNIT`` and strides (:func:`unit_strides`).
+
+    With the split loops, rows that are not on 16-byte boundaries (a strided view into a wider buffer) are read from
+    contiguous copies, whose rows are: read element by element, the split kernel spilled (static report). The copy
+    holds the same values, so the same bits come out; and ``split`` depends on the dtype, device and head dims
+    alone, never on the strides or the batch."""
+    unit_max = 16 // tensors[0].element_size()
+    split = split_tail(dot_fp32, _arch(device)) and all(hd % unit_max == 0 for hd in head_dims)
+    unit, st = unit_strides(tensors, unit_max)
+    if split and unit < unit_max:
+        tensors = tuple(t.contiguous() for t in tensors)
+        unit, st = unit_strides(tensors, unit_max)
+    return split, tensors, unit, st
+
+
 def unit_strides(tensors, unit_max: int) -> tuple[int, list[int]]:
     """``(unit, strides)`` for the kernel's ``STRIDE_UNIT``: the batch, head and row strides of each ``[B, H, N, D]``
     tensor (0 for a size-1 dim, which is never stepped, so a batch of one reads like any other batch) divided by
@@ -132,6 +166,11 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
         raise ValueError(f"q/v: head dim must be <= {MAX_HEAD_DIM}, got D={d}, Dv={d_v}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    scale = float(scale)
+    if scale < 0:
+        # the kernel takes the row maximum before scaling, which needs a scale >= 0: q @ k^T * scale is
+        # (-q) @ k^T * -scale exactly (negation is exact and commutes with every rounding), at one copy of q
+        q, scale = -q, -scale
     out = empty((bsz, heads, n_q, d_v), q.dtype, q.device)
     if out.numel() == 0:
         return out
@@ -149,16 +188,17 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (cdiv(n_q, block_m) * bsz * heads,)
     (bd, bd2), (bdv, bdv2) = split_head_dim(d), split_head_dim(d_v)
-    unit, st = unit_strides((q, k, v, out), 16 // q.element_size())
+    dot_fp32 = _dot_fp32(q.dtype, q.device)
+    split, (q, k, v, out), unit, st = plan_loads(dot_fp32, q.device, (d, d_v), (q, k, v, out))
     attention_fwd_kernel[grid](
         q, k, v, m_arg, out,
         *st[:12], *m_strides, *st[12:],
         heads, n_q, n_k,
-        float(scale) * _LOG2E,
+        scale * _LOG2E,
         HEAD_DIM=d,
         HEAD_DIM_V=d_v,
         HAS_MASK=mask is not None,
-        DOT_FP32=_dot_fp32(q.dtype, q.device),
+        DOT_FP32=dot_fp32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=bd,
@@ -166,6 +206,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
         BLOCK_D2=bd2,
         BLOCK_DV2=bdv2,
         STRIDE_UNIT=unit,
+        SPLIT_TAIL=split,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
