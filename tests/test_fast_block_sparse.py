@@ -159,3 +159,32 @@ def test_spatial_block_order():
     full = torch.ones(1, 2, 4, 4, dtype=torch.bool)
     out = fast.block_sparse_attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], full, block_size=16)
     assert_rel(out[:, :, inv], ref.block_sparse_attention_reference(q, k, v, None), torch.float32)
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 128), (torch.float32, 32)])
+@pytest.mark.parametrize("m_keys", [168, 148, 128])
+def test_partial_last_block_with_sub_tiles(triton_backend, dtype, d, m_keys):
+    """A mask block wider than the kernel's KV tile (two tiles per block here): the keys' last block may be partial,
+    with a whole tile and a partial one (168 = 2 * 64 + 32 + 8), only a partial one and one wholly past the keys
+    (148), or whole (128). Whole tiles run unmasked, the partial tile masked, a tile past the keys not at all: the
+    values are the reference's, at a negative scale too, and the kernel counts exactly the tiles that hold keys."""
+    from jetdet.kernels.block_sparse import launch
+
+    bs, n = 64, 100
+    q, k, v = _qkv(2, 2, n, m_keys, d, d, dtype)
+    per_q, per_kv = launch.programs_per_query_block(d, bs, dtype, q.device)
+    assert per_kv == 2, "the shipped tile no longer splits a 64-token block in two; pick another head dim"
+    nqb, nkb = math.ceil(n / bs), math.ceil(m_keys / bs)
+    mask = _random_mask(2, 2, nqb, nkb, 0.5, seed=3)
+    mask[..., -1] = True  # every query block keeps the last key block
+    mask[1, 1, 0] = False
+    mask[1, 1, 0, -1] = True  # only the last (partial) block
+    bm = fast.block_mask_from_bool(mask, bs)
+    keys_in = [min(bs, m_keys - kb * bs) for kb in range(nkb)]
+    tiles_in = [math.ceil(keys_in[kb] / (bs // per_kv)) for kb in range(nkb)]
+    want = per_q * sum(tiles_in[kb] * int(mask[..., kb].sum()) for kb in range(nkb))
+    for scale in (0.2, -0.5):
+        counter = torch.zeros(2 * 2 * nqb * per_q, dtype=torch.int32)
+        out = launch.attention(q, k, v, bm.indices, bm.counts, bs, scale, visits=counter)
+        assert_rel(out, ref.block_sparse_attention_reference(q, k, v, mask, bs, scale), dtype)
+        assert int(counter.sum()) == want

@@ -7,10 +7,10 @@ over all blocks to skip most of them. KV blocks are visited in ascending order, 
 order is fixed. With ``COUNT_VISITS`` the program also writes how many KV tiles it visited (tests use this
 to check that work follows density; the flag compiles out otherwise).
 
-Dot precision: fp16 inputs, and bf16 inputs on a GPU, use 16-bit operands with fp32 accumulation (P is rounded to
-the input dtype for P·V, as in flash attention). fp32 inputs use fp32 operands with ``input_precision="ieee"``.
-bf16 inputs under the Triton interpreter, whose bf16 dot is wrong, use fp32 operands with ``"tf32"`` (bf16 values
-are exact in TF32).
+Each KV tile is one step of dense attention's online softmax (``attention/kernel.py: kv_block``), the whole
+tiles with no key mask. Dot precision: fp16 inputs, and bf16 inputs on a GPU, use 16-bit operands with fp32
+accumulation (P is rounded to the input dtype for P·V, as in flash attention). fp32 inputs, and bf16 under the Triton
+interpreter (whose bf16 dot is wrong), use fp32 operands with ``input_precision="ieee"``.
 
 ``block_pool_kernel``: mean of each ``BLOCK_SIZE``-token block of ``x [B, H, N, D]`` in fp32, rows added
 in a fixed order; the tail block is divided by its true token count.
@@ -18,6 +18,8 @@ in a fixed order; the tail block is divided by its true token count.
 
 import triton
 import triton.language as tl
+
+from ..attention.kernel import kv_block
 
 
 @triton.jit
@@ -32,8 +34,6 @@ def block_sparse_fwd_kernel(
     H,
     N,
     M,
-    D,
-    DV,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -56,15 +56,34 @@ def block_sparse_fwd_kernel(
     stride_iq,
     stride_cb,
     stride_ch,
+    D: tl.constexpr,
+    DV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
     DV_PAD: tl.constexpr,
     HALF_DOT: tl.constexpr,
-    PREC: tl.constexpr,
     COUNT_VISITS: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr = 1,
+    SPLIT_TAIL: tl.constexpr = False,
 ):
+    """``D``/``DV`` are constexprs, so at a power-of-two head dim the column masks fold away and K/V rows are read
+    in 16-byte vector loads; q/k/v/o batch, head and row strides arrive in units of ``STRIDE_UNIT`` elements, as in
+    dense attention (``attention/launch.py: unit_strides``). ``SPLIT_TAIL``: as in dense attention
+    (``attention/launch.py: split_tail``)."""
+    stride_qb = stride_qb * STRIDE_UNIT
+    stride_qh = stride_qh * STRIDE_UNIT
+    stride_qn = stride_qn * STRIDE_UNIT
+    stride_kb = stride_kb * STRIDE_UNIT
+    stride_kh = stride_kh * STRIDE_UNIT
+    stride_kn = stride_kn * STRIDE_UNIT
+    stride_vb = stride_vb * STRIDE_UNIT
+    stride_vh = stride_vh * STRIDE_UNIT
+    stride_vn = stride_vn * STRIDE_UNIT
+    stride_ob = stride_ob * STRIDE_UNIT
+    stride_oh = stride_oh * STRIDE_UNIT
+    stride_on = stride_on * STRIDE_UNIT
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -96,38 +115,37 @@ def block_sparse_fwd_kernel(
 
     idx_base = idx_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + qb * stride_iq
     count = tl.load(cnt_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + qb)
-    # one flat loop over (kept block, sub-tile) pairs: one trip per KV tile visited, which software
-    # pipelining can overlap, and no unrolled copies of the body
+    # Kept block ids ascend, and only the keys' last block can be partial (M not a multiple of BLOCK_SIZE), so if it
+    # is kept it is the last kept one. Tiles are numbered t = 0, 1, ... over (kept block, sub-tile) pairs; a sub-tile
+    # wholly past the keys would add nothing and is not visited. With SPLIT_TAIL every whole tile is visited first
+    # with no key mask at all (the partial block's whole sub-tiles included), then the partial tile, if any, in a
+    # loop of its own; otherwise one loop masks every tile.
+    last = tl.load(idx_base + tl.maximum(count - 1, 0))
+    rem = M - last * BLOCK_SIZE  # keys from the last kept block on: >= BLOCK_SIZE unless that block is partial
+    partial = (count > 0) & (rem < BLOCK_SIZE)
     SUBS: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    n_whole = tl.where(partial, (count - 1) * SUBS + rem // BLOCK_N, count * SUBS)
+    n_tiles = n_whole + (partial & (rem % BLOCK_N != 0)).to(tl.int32)
+    if not SPLIT_TAIL:
+        n_whole = 0
+    # flat loops over the tiles: one trip per KV tile visited, which software pipelining can overlap, and no
+    # unrolled copies of the body
     visits = 0
-    for t in range(0, count * SUBS):
-        kb = tl.load(idx_base + t // SUBS)
-        n = kb * BLOCK_SIZE + (t % SUBS) * BLOCK_N + offs_n
-        n_ok = n < M
-        kt = tl.load(
-            k_base + offs_d[:, None] * stride_kd + n[None, :] * stride_kn, mask=d_ok[:, None] & n_ok[None, :], other=0.0
-        )
-        vt = tl.load(
-            v_base + n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=n_ok[:, None] & dv_ok[None, :],
-            other=0.0,
-        )
-        if not HALF_DOT:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a tile wholly past the end of the keys leaves m_new at -inf; shift by 0 then so exp2 gives 0
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HALF_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PREC)
-        m_i = m_new
+    for t in range(0, n_whole):
+        n0 = tl.load(idx_base + t // SUBS) * BLOCK_SIZE + (t % SUBS) * BLOCK_N
+        m_i, l_i, acc, _acc2 = kv_block(
+            q, q, k_base, v_base, k_base, n0, offs_n, offs_m, offs_d, offs_d, offs_dv, offs_dv,
+            stride_kn, stride_kd, stride_vn, stride_vd, 0, 0, M, m_ok, d_ok, d_ok, dv_ok, dv_ok,
+            qk_scale, m_i, l_i, acc, acc, False, False, not HALF_DOT, False, False,
+        )  # fmt: skip
+        visits += 1
+    for t in range(n_whole, n_tiles):
+        n0 = tl.load(idx_base + t // SUBS) * BLOCK_SIZE + (t % SUBS) * BLOCK_N
+        m_i, l_i, acc, _acc2 = kv_block(
+            q, q, k_base, v_base, k_base, n0, offs_n, offs_m, offs_d, offs_d, offs_dv, offs_dv,
+            stride_kn, stride_kd, stride_vn, stride_vd, 0, 0, M, m_ok, d_ok, d_ok, dv_ok, dv_ok,
+            qk_scale, m_i, l_i, acc, acc, True, False, not HALF_DOT, False, False,
+        )  # fmt: skip
         visits += 1
 
     # a query block with no kept KV block (possible only with a user-made mask) outputs zeros

@@ -15,6 +15,7 @@ import torch
 from jetdet import configs
 
 from .._common import FP_FUSION, cdiv, empty, next_pow2
+from ..attention.launch import plan_loads
 from . import kernel
 
 OP = "block_sparse"
@@ -38,15 +39,12 @@ def config(d: int, block_size: int, dtype: torch.dtype, device) -> dict:
     return cfg
 
 
-def _dot_mode(dtype: torch.dtype, device_type: str) -> tuple[bool, str]:
-    """``(HALF_DOT, PREC)``. fp16, and bf16 on a GPU: 16-bit operands on the tensor cores, fp32 accumulation.
-    bf16 elsewhere (the interpreter, whose bf16 dot is wrong): fp32 operands with TF32 dots, exact for bf16
-    values. On a GPU that TF32 path would run at half the bf16 rate with twice the shared memory per tile (sm_90:
-    36 TF32 HGMMA and 66 KB at D=128, against 18 bf16 HGMMA and 33 KB), which is why it is the interpreter's only.
-    fp32: IEEE fp32 dots."""
-    if dtype == torch.float16 or (dtype == torch.bfloat16 and device_type == "cuda"):
-        return True, "ieee"
-    return False, ("ieee" if dtype == torch.float32 else "tf32")
+def _half_dot(dtype: torch.dtype, device_type: str) -> bool:
+    """fp16, and bf16 on a GPU: 16-bit operands on the tensor cores, fp32 accumulation. bf16 elsewhere (the
+    interpreter, whose bf16 dot is wrong) and fp32: fp32 operands, IEEE fp32 dots. On a GPU bf16 upcast to fp32 would
+    run at a fraction of the bf16 rate with twice the shared memory per tile, which is why it is the interpreter's
+    only."""
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and device_type == "cuda")
 
 
 def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: torch.Tensor | None = None):
@@ -58,45 +56,34 @@ def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: t
     out = empty((B, H, N, DV), q.dtype, q.device)
     if out.numel() == 0:
         return out
-    half, prec = _dot_mode(q.dtype, q.device.type)
+    if scale < 0:  # the kernel needs a scale >= 0 (dense attention's launcher does the same, exactly)
+        q, scale = -q, -scale
     grid = (cdiv(N, cfg["BLOCK_M"]), B * H)
     sib = 0 if indices.shape[0] == 1 else indices.stride(0)
     scb = 0 if counts.shape[0] == 1 else counts.stride(0)
     count_visits = visits is not None
+    half = _half_dot(q.dtype, q.device.type)
+    split, (q, k, v, out), unit, st = plan_loads(not half, q.device, (D, DV), (q, k, v, out))
     kernel.block_sparse_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        indices,
-        counts,
-        visits if count_visits else counts,
-        H,
-        N,
-        M,
-        D,
-        DV,
+        q, k, v, out, indices, counts, visits if count_visits else counts,
+        H, N, M,
         float(scale) * math.log2(math.e),
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        sib,
-        indices.stride(1),
-        indices.stride(2),
-        scb,
-        counts.stride(1),
+        *st,
+        sib, indices.stride(1), indices.stride(2), scb, counts.stride(1),
+        D=D,
+        DV=DV,
         BLOCK_SIZE=block_size,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         D_PAD=_pad(D),
         DV_PAD=_pad(DV),
         HALF_DOT=half,
-        PREC=prec,
         COUNT_VISITS=count_visits,
+        STRIDE_UNIT=unit,
+        SPLIT_TAIL=split,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-    )
+    )  # fmt: skip
     return out
 
 

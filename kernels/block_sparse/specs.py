@@ -6,8 +6,9 @@ from __future__ import annotations
 from jetdet import configs
 
 from .._common import CompileSpec, tl_ptr
+from ..attention.launch import split_tail
 from . import kernel
-from .launch import DEFAULT, OP, _dot_mode, _pad
+from .launch import DEFAULT, OP, _half_dot, _pad
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -28,7 +29,7 @@ def compile_specs() -> list[CompileSpec]:
                     cfg = dict(DEFAULT)
                     cfg.update(entry)
                     bm, bn = min(cfg["BLOCK_M"], bs), min(cfg["BLOCK_N"], bs)
-                    half, prec = _dot_mode(dtype, "cuda")
+                    half = _half_dot(dtype, "cuda")
                     ident = (archs, _pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"])
                     if ident in seen:
                         continue
@@ -45,37 +46,51 @@ def compile_specs() -> list[CompileSpec]:
                         "H": i32,
                         "N": i32,
                         "M": i32,
-                        "D": i32,
-                        "DV": i32,
                         "qk_scale": "fp32",
                     }
                     for t in "qkvo":
-                        for s in "bhnd":
+                        for s in "bhn":
                             sig[f"stride_{t}{s}"] = i32
                     for s in ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch"):
                         sig[s] = i32
-                    specs.append(
-                        CompileSpec(
-                            name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}_w{cfg['num_warps']}_s{cfg['num_stages']}",
-                            fn=kernel.block_sparse_fwd_kernel,
-                            signature=sig,
-                            constexprs={
-                                "BLOCK_SIZE": bs,
-                                "BLOCK_M": bm,
-                                "BLOCK_N": bn,
-                                "D_PAD": _pad(d),
-                                "DV_PAD": _pad(d),
-                                "HALF_DOT": half,
-                                "PREC": prec,
-                                "COUNT_VISITS": False,
-                            },
-                            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                            archs=archs,
-                            # 16-bit inputs run 16-bit dots on a GPU: a TF32 instruction is the interpreter's
-                            # fp32 path compiled by mistake (half rate, twice the shared memory)
-                            forbid=("no_tf32",) if half else (),
-                        )
-                    )
+                    # STRIDE_UNIT: rows on 16-byte boundaries (a head dim that is a multiple of 8, or 4 in fp32) and 1
+                    # for any other strides; the last-dim strides are 1, as the JIT specialises contiguous rows
+                    # SPLIT_TAIL depends on the arch (attention/launch.py: split_tail): a spec per value
+                    groups: dict[bool, list[int]] = {}
+                    for arch in archs:
+                        groups.setdefault(split_tail(not half, arch), []).append(arch)
+                    for split, split_archs in groups.items():
+                        # split loops read only 16-byte rows (attention/launch.py: plan_loads)
+                        for unit in (4 if dn == "fp32" else 8,) + (() if split else (1,)):
+                            specs.append(
+                                CompileSpec(
+                                    name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}_w{cfg['num_warps']}"
+                                    f"_s{cfg['num_stages']}{'_unaligned' if unit == 1 else ''}"
+                                    f"{'_split' if split else ''}",
+                                    fn=kernel.block_sparse_fwd_kernel,
+                                    signature=dict(sig),
+                                    constexprs={
+                                        "D": _pad(d),
+                                        "DV": _pad(d),
+                                        "BLOCK_SIZE": bs,
+                                        "BLOCK_M": bm,
+                                        "BLOCK_N": bn,
+                                        "D_PAD": _pad(d),
+                                        "DV_PAD": _pad(d),
+                                        "HALF_DOT": half,
+                                        "COUNT_VISITS": False,
+                                        "STRIDE_UNIT": unit,
+                                        "SPLIT_TAIL": split,
+                                        **{f"stride_{t}d": 1 for t in "qkvo"},
+                                    },
+                                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                                    archs=tuple(split_archs),
+                                    # 16-bit inputs run 16-bit dots on a GPU: a TF32 instruction is the interpreter's
+                                    # fp32 path compiled by mistake (half rate, twice the shared memory); aligned 16-bit
+                                    # rows are read in 16-byte loads, never element by element in the KV loop
+                                    forbid=(("no_tf32",) + (("no_gather",) if unit > 1 else ())) if half else (),
+                                )
+                            )
                     for ps in (4, 16, bs) if bs == 64 else (bs,):
                         pr = min(cfg["POOL_ROWS"], ps)
                         if ("pool", archs, _pad(d), dn, ps, pr) in seen:
