@@ -16,7 +16,9 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
 5. ``speed``: jetdet / torch time ratios (``triton.testing.do_bench`` medians) at the shapes of issue 13 and
    at real-model shapes (SD1.5/SDXL UNet convs, Flux/SD3 linears and attention), with the config used; fp16/bf16
    linears also with the persistent TMA GEMM (``JETDET_MATMUL_KERNEL=tma``, opt-in), an A/B in the same run.
-   The ``ops`` section checks that kernel too (``linear_tma``).
+   The ``ops`` section checks that kernel too (``linear_tma``). Attention also with the other KV-loop structure
+   than the device runs (``kernels/attention/launch.py: split_tail``: an unmasked loop over the whole blocks and
+   the partial block apart, or one masked loop), the same way.
 6. ``model_speed``: whole models at batch 4: fp32 det vs off (TinyUNet, TinyDiT, DiT-B size) and bf16 off / det
    / per-item loop (DiT stacks of width 1152 and 1024, an SD-like UNet stage).
 7. ``fast_path``: the step cache on the bundled model (Euler 30 steps, 8 classes, batched CFG): wall time,
@@ -327,6 +329,20 @@ def _tma_kernel():
             os.environ[KERNEL_ENV] = saved
 
 
+@contextlib.contextmanager
+def _attention_loops(split: bool):
+    """Dense attention with ``SPLIT_TAIL`` forced to ``split`` (16-bit dots only) inside, restored: the A/B of the
+    unmasked whole-block loop against one masked loop (``kernels/attention/launch.py: split_tail``)."""
+    from jetdet.kernels.attention import launch
+
+    saved = launch.split_tail
+    launch.split_tail = lambda dot_fp32, arch: split and not dot_fp32
+    try:
+        yield
+    finally:
+        launch.split_tail = saved
+
+
 def _linear_tma(x, w, bias):
     import jetdet
 
@@ -618,6 +634,17 @@ def speed(run: Run, out: dict) -> None:
                 tma["tma_ratio"] = tma["jetdet_tma_ms"] / t_torch
             except Exception as e:  # noqa: BLE001
                 tma["tma_error"] = f"{type(e).__name__}: {e}"
+        if kind == "attention" and run.left() > 20:
+            from jetdet.kernels.attention.launch import _arch, split_tail
+
+            try:
+                # the other loop structure than this device runs (launch.split_tail), timed in the same process
+                other = not split_tail(False, _arch(run.dev))
+                with _attention_loops(other):
+                    tma["jetdet_other_loops_ms"] = run.time_ms(jet_fn)
+                tma["other_loops"] = "split" if other else "one masked loop"
+            except Exception as e:  # noqa: BLE001
+                tma["other_loops_error"] = f"{type(e).__name__}: {e}"
         cfg, table = None, None
         if op is not None:
             cfg = configs.get_config(op, key, dtype=dtype, device=run.dev, default={})
@@ -631,6 +658,8 @@ def speed(run: Run, out: dict) -> None:
         rows.append(row)
         tgt = "" if target is None else f" (target {target:.2f}: {'met' if ratio <= target else 'not met'})"
         ab = f"  TMA kernel {tma['jetdet_tma_ms']:8.3f} ms {tma['tma_ratio']:5.2f}x" if "tma_ratio" in tma else ""
+        if "jetdet_other_loops_ms" in tma:
+            ab = f"  {tma['other_loops']}: {tma['jetdet_other_loops_ms']:8.3f} ms"
         print(f"  {label:<40} torch {t_torch:8.3f} ms  jetdet {t_jet:8.3f} ms  {ratio:5.2f}x{tgt}{ab}")
     out["rows"] = rows
 
@@ -973,7 +1002,7 @@ def markdown(res: dict) -> str:
         lines.append("")
     if s.get("speed", {}).get("rows"):
         lines += ["## Speed: jetdet / torch (do_bench medians)", "",
-                  "| shape | dtype | torch ms | jetdet ms | ratio | target | config (table) | TMA kernel ratio |",
+                  "| shape | dtype | torch ms | jetdet ms | ratio | target | config (table) | A/B in the same run |",
                   "|---|---|---:|---:|---:|---|---|---:|"]
         for r in s["speed"]["rows"]:
             if "error" in r:
@@ -981,7 +1010,10 @@ def markdown(res: dict) -> str:
                 continue
             tgt = "" if r["target"] is None else f"{r['target']:.2f} {'met' if r['meets_target'] else 'not met'}"
             cfg = "" if not r["config"] else ",".join(str(v) for v in r["config"].values()) + f" ({r['table']})"
-            tma = f"{r['tma_ratio']:.2f}" if "tma_ratio" in r else r.get("tma_error", "")[:40]
+            tma = f"TMA kernel {r['tma_ratio']:.2f}x" if "tma_ratio" in r else r.get("tma_error", "")[:40]
+            if "jetdet_other_loops_ms" in r:
+                tma = f"{r['other_loops']}: {r['jetdet_other_loops_ms'] / r['torch_ms']:.2f}x"
+            tma = tma or r.get("other_loops_error", "")[:40]
             lines.append(f"| {r['label']} | {r['dtype']} | {r['torch_ms']:.3f} | {r['jetdet_ms']:.3f} | "
                          f"{r['ratio']:.2f} | {tgt} | {cfg} | {tma} |")
         lines.append("")
