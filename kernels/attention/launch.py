@@ -110,6 +110,16 @@ def split_tail(dot_fp32: bool, arch: int | None) -> bool:
     return not dot_fp32 and (arch is None or 90 <= arch < 120)
 
 
+def spec_variants(dot_fp32: bool, archs, unit_max: int) -> list[tuple[bool, tuple[int, ...], int]]:
+    """``(split, archs, unit)`` for the static report's specs of a tile shipped to ``archs``: ``SPLIT_TAIL`` as each
+    arch launches it (:func:`split_tail`), with rows on 16-byte boundaries (``unit_max``) and, for the one-loop
+    kernel only, rows that are not (unit 1; :func:`plan_loads` copies those to contiguous rows for the split one)."""
+    groups: dict[bool, list[int]] = {}
+    for arch in sorted(archs):
+        groups.setdefault(split_tail(dot_fp32, arch), []).append(arch)
+    return [(s, tuple(a), unit) for s, a in groups.items() for unit in ((unit_max,) if s else (unit_max, 1))]
+
+
 def _arch(device: torch.device) -> int | None:
     """``90`` for sm_90; None off CUDA (the interpreter)."""
     return int(configs.device_identity(device)[1][3:]) if device.type == "cuda" else None

@@ -6,7 +6,7 @@ from jetdet import configs
 from jetdet.kernels._common import CompileSpec, signature
 
 from .kernel import attention_fwd_kernel
-from .launch import MAX_HEAD_DIM, OP, _default_config, default_configs, resolve, split_head_dim, split_tail
+from .launch import MAX_HEAD_DIM, OP, _default_config, default_configs, resolve, spec_variants, split_head_dim
 
 # the innermost strides, 1 in the common contiguous case (the JIT specialises them to constants)
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mn", "stride_od")
@@ -42,42 +42,36 @@ def compile_specs() -> list[CompileSpec]:
         # the common, contiguous-last-dim case, which the JIT specialises at runtime (stride == 1)
         for name in _UNIT_STRIDES:
             del sig[name]
-        # SPLIT_TAIL depends on the arch (launch.split_tail): one spec per value, over the archs that launch it
-        groups: dict[bool, list[int]] = {}
-        for arch in sorted(archs):
-            groups.setdefault(split_tail(dt == "fp32", arch), []).append(arch)
-        for split, split_archs in groups.items():
-            # STRIDE_UNIT: rows on 16-byte boundaries (the common case: a head dim that is a multiple of 8, or of 4
-            # in fp32), and 1 for any other strides (launch.unit_strides); split loops read only the former
-            # (launch.plan_loads copies other rows to contiguous ones)
-            for unit in (4 if dt == "fp32" else 8,) + (() if split else (1,)):
-                specs.append(
-                    CompileSpec(
-                        name=f"attention[{dt},D={head_dim},mask={has_mask},"
-                        f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
-                        f"{',unaligned' if unit == 1 else ''}{',split' if split else ''}]",
-                        fn=attention_fwd_kernel,
-                        signature=sig,
-                        constexprs={
-                            "HAS_MASK": has_mask,
-                            "DOT_FP32": dt == "fp32",
-                            "BLOCK_M": cfg["BLOCK_M"],
-                            "BLOCK_N": cfg["BLOCK_N"],
-                            "HEAD_DIM": head_dim,
-                            "HEAD_DIM_V": head_dim,
-                            "BLOCK_D": block_d,
-                            "BLOCK_DV": block_d,
-                            "BLOCK_D2": block_d2,
-                            "BLOCK_DV2": block_d2,
-                            "STRIDE_UNIT": unit,
-                            "SPLIT_TAIL": split,
-                            **dict.fromkeys(_UNIT_STRIDES, 1),
-                        },
-                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                        archs=tuple(split_archs),
-                        # aligned 16-bit rows are read in 16-byte loads: an element-wise read in the KV loop is the
-                        # head-dim-72 gather the stride unit removed
-                        forbid=("no_gather",) if unit > 1 and dt != "fp32" else (),
-                    )
+        # SPLIT_TAIL as each arch launches it; STRIDE_UNIT: rows on 16-byte boundaries (the common case: a head dim
+        # that is a multiple of 8, or of 4 in fp32), and 1 for any other strides, which only the one-loop kernel reads
+        for split, split_archs, unit in spec_variants(dt == "fp32", archs, 4 if dt == "fp32" else 8):
+            specs.append(
+                CompileSpec(
+                    name=f"attention[{dt},D={head_dim},mask={has_mask},"
+                    f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+                    f"{',unaligned' if unit == 1 else ''}{',split' if split else ''}]",
+                    fn=attention_fwd_kernel,
+                    signature=sig,
+                    constexprs={
+                        "HAS_MASK": has_mask,
+                        "DOT_FP32": dt == "fp32",
+                        "BLOCK_M": cfg["BLOCK_M"],
+                        "BLOCK_N": cfg["BLOCK_N"],
+                        "HEAD_DIM": head_dim,
+                        "HEAD_DIM_V": head_dim,
+                        "BLOCK_D": block_d,
+                        "BLOCK_DV": block_d,
+                        "BLOCK_D2": block_d2,
+                        "BLOCK_DV2": block_d2,
+                        "STRIDE_UNIT": unit,
+                        "SPLIT_TAIL": split,
+                        **dict.fromkeys(_UNIT_STRIDES, 1),
+                    },
+                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    archs=tuple(split_archs),
+                    # aligned 16-bit rows are read in 16-byte loads: an element-wise read in the KV loop is the
+                    # head-dim-72 gather the stride unit removed
+                    forbid=("no_gather",) if unit > 1 and dt != "fp32" else (),
                 )
+            )
     return specs

@@ -6,7 +6,7 @@ from __future__ import annotations
 from jetdet import configs
 
 from .._common import CompileSpec, tl_ptr
-from ..attention.launch import split_tail
+from ..attention.launch import spec_variants
 from . import kernel
 from .launch import DEFAULT, OP, _half_dot, _pad
 
@@ -53,44 +53,39 @@ def compile_specs() -> list[CompileSpec]:
                             sig[f"stride_{t}{s}"] = i32
                     for s in ("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch"):
                         sig[s] = i32
-                    # STRIDE_UNIT: rows on 16-byte boundaries (a head dim that is a multiple of 8, or 4 in fp32) and 1
-                    # for any other strides; the last-dim strides are 1, as the JIT specialises contiguous rows
-                    # SPLIT_TAIL depends on the arch (attention/launch.py: split_tail): a spec per value
-                    groups: dict[bool, list[int]] = {}
-                    for arch in archs:
-                        groups.setdefault(split_tail(not half, arch), []).append(arch)
-                    for split, split_archs in groups.items():
-                        # split loops read only 16-byte rows (attention/launch.py: plan_loads)
-                        for unit in (4 if dn == "fp32" else 8,) + (() if split else (1,)):
-                            specs.append(
-                                CompileSpec(
-                                    name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}_w{cfg['num_warps']}"
-                                    f"_s{cfg['num_stages']}{'_unaligned' if unit == 1 else ''}"
-                                    f"{'_split' if split else ''}",
-                                    fn=kernel.block_sparse_fwd_kernel,
-                                    signature=dict(sig),
-                                    constexprs={
-                                        "D": _pad(d),
-                                        "DV": _pad(d),
-                                        "BLOCK_SIZE": bs,
-                                        "BLOCK_M": bm,
-                                        "BLOCK_N": bn,
-                                        "D_PAD": _pad(d),
-                                        "DV_PAD": _pad(d),
-                                        "HALF_DOT": half,
-                                        "COUNT_VISITS": False,
-                                        "STRIDE_UNIT": unit,
-                                        "SPLIT_TAIL": split,
-                                        **{f"stride_{t}d": 1 for t in "qkvo"},
-                                    },
-                                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                                    archs=tuple(split_archs),
-                                    # 16-bit inputs run 16-bit dots on a GPU: a TF32 instruction is the interpreter's
-                                    # fp32 path compiled by mistake (half rate, twice the shared memory); aligned 16-bit
-                                    # rows are read in 16-byte loads, never element by element in the KV loop
-                                    forbid=(("no_tf32",) + (("no_gather",) if unit > 1 else ())) if half else (),
-                                )
+                    # SPLIT_TAIL as each arch launches it; STRIDE_UNIT: rows on 16-byte boundaries (a head dim that is
+                    # a multiple of 8, or 4 in fp32) and 1 for any other strides (the one-loop kernel only; see
+                    # attention/launch.py: spec_variants); the last-dim strides are 1, as the JIT specialises them
+                    for split, split_archs, unit in spec_variants(not half, archs, 4 if dn == "fp32" else 8):
+                        specs.append(
+                            CompileSpec(
+                                name=f"bsa_fwd_d{_pad(d)}_{dn}_bs{bs}_m{bm}_n{bn}_w{cfg['num_warps']}"
+                                f"_s{cfg['num_stages']}{'_unaligned' if unit == 1 else ''}"
+                                f"{'_split' if split else ''}",
+                                fn=kernel.block_sparse_fwd_kernel,
+                                signature=dict(sig),
+                                constexprs={
+                                    "D": _pad(d),
+                                    "DV": _pad(d),
+                                    "BLOCK_SIZE": bs,
+                                    "BLOCK_M": bm,
+                                    "BLOCK_N": bn,
+                                    "D_PAD": _pad(d),
+                                    "DV_PAD": _pad(d),
+                                    "HALF_DOT": half,
+                                    "COUNT_VISITS": False,
+                                    "STRIDE_UNIT": unit,
+                                    "SPLIT_TAIL": split,
+                                    **{f"stride_{t}d": 1 for t in "qkvo"},
+                                },
+                                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                                archs=tuple(split_archs),
+                                # 16-bit inputs run 16-bit dots on a GPU: a TF32 instruction is the interpreter's
+                                # fp32 path compiled by mistake (half rate, twice the shared memory); aligned 16-bit
+                                # rows are read in 16-byte loads, never element by element in the KV loop
+                                forbid=(("no_tf32",) + (("no_gather",) if unit > 1 else ())) if half else (),
                             )
+                        )
                     for ps in (4, 16, bs) if bs == 64 else (bs,):
                         pr = min(cfg["POOL_ROWS"], ps)
                         if ("pool", archs, _pad(d), dn, ps, pr) in seen:
