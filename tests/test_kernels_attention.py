@@ -121,6 +121,23 @@ def test_split_loops_rule_and_row_copies():
     split, (q2, *_), unit, _ = plan_loads(False, cpu, (36, 36), (q36, q36, q36, q36))
     assert not split and unit == 4 and q2 is q36  # 72-byte rows: 8-byte loads at best, copy or not
 
+
+@pytest.mark.parametrize("split", [False, True])
+def test_both_loop_structures_with_16_bit_dots(monkeypatch, split):
+    """The loop structure a device does not run here: 16-bit dots in one masked loop (what sm_80-89 run; the
+    interpreter runs the split loops) and split (forced on, as on sm_90; what the interpreter runs anyway), each
+    against the reference, with and without a mask, and bitwise batch invariant."""
+    from jetdet.kernels.attention import launch
+
+    monkeypatch.setattr(launch, "split_tail", lambda dot_fp32, arch: split and not dot_fp32)
+    for nk in (64, 77):
+        q, k, v = qkv(3, 2, 19, nk, 72, F16)
+        mask = torch.randn(3, 2, 19, nk)
+        for m in (None, mask):
+            out = attention(q, k, v, m)
+            close(out, attention_reference(q, k, v, m), F16, "attention")
+            assert torch.equal(out[1:2], attention(q[1:2], k[1:2], v[1:2], None if m is None else m[1:2]))
+
 def test_attention_explicit_scale_value_dim_and_strides():
     # v with its own head dim; q/k/v as [B, N, H, D] tensors viewed as [B, H, N, D] (non-contiguous)
     q = torch.randn(2, 21, 3, 40, dtype=F16).transpose(1, 2)
