@@ -50,7 +50,8 @@ def test_dry_run_goes_through_every_section(tmp_path):
         assert res["sections"][name]["rows"], name
     assert all("ratio" in r for r in res["sections"]["speed"]["rows"])
     fast = res["sections"]["fast_path"]["rows"]
-    assert [r["setting"] for r in fast] == ["off", "fast budget=0.05", "fast budget=0.07", "fast budget=0.1"]
+    assert [r["setting"] for r in fast] == ["off", "fast default", "fast budget=0.05", "fast budget=0.07",
+                                            "fast budget=0.1", "fast budget=0.07 piggyback=0"]
     assert all("syncs" in r and r["calls"] > 0 for r in fast[1:])
     comp = res["sections"]["compiled"]
     assert all(comp["checks"].values()) and comp["det_compiled_ms"] > 0, comp
