@@ -180,8 +180,8 @@ def attention_fwd_kernel(
     ``SPLIT_TAIL`` (the launcher's choice, per dtype and GPU generation: ``launch.split_tail``): visit the whole KV
     blocks in a loop with no key mask and the partial one in a second loop, instead of one loop that masks every
     block. It saves a select per score and lets the row maximum be scaled once per row (``kv_block``), but the second
-    loop costs registers that Ampere's register-operand MMA and the fp32 FMA dots do not have: there the static
-    report showed spills of up to 2 KB, so those keep the one masked loop.
+    loop costs registers that the fp32 FMA dots do not have (the static report showed spills of up to 2 KB), so fp32
+    keeps the one masked loop.
     """
     # q/k/v/out batch, head and row strides arrive in units of STRIDE_UNIT elements (launch.py): multiplied by a
     # constant here, the compiler knows every row starts on a 16-byte boundary and reads rows in 16-byte loads. A
