@@ -120,6 +120,14 @@ def spec_variants(dot_fp32: bool, archs, unit_max: int) -> list[tuple[bool, tupl
     return [(s, tuple(a), unit) for s, a in groups.items() for unit in ((unit_max,) if s else (unit_max, 1))]
 
 
+def nonnegative_scale(q: torch.Tensor, scale) -> tuple[torch.Tensor, float]:
+    """``(q, scale)`` with ``scale >= 0`` for the kernels' KV step (``kernel.kv_block``), which takes the row maximum
+    before scaling: ``q @ k^T * scale`` is ``(-q) @ k^T * -scale`` exactly (negation is exact and commutes with every
+    rounding), at one copy of q when the scale is negative."""
+    scale = float(scale)
+    return (-q, -scale) if scale < 0 else (q, scale)
+
+
 def _arch(device: torch.device) -> int | None:
     """``90`` for sm_90; None off CUDA (the interpreter)."""
     return int(configs.device_identity(device)[1][3:]) if device.type == "cuda" else None
@@ -176,11 +184,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
         raise ValueError(f"q/v: head dim must be <= {MAX_HEAD_DIM}, got D={d}, Dv={d_v}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    scale = float(scale)
-    if scale < 0:
-        # the kernel takes the row maximum before scaling, which needs a scale >= 0: q @ k^T * scale is
-        # (-q) @ k^T * -scale exactly (negation is exact and commutes with every rounding), at one copy of q
-        q, scale = -q, -scale
+    q, scale = nonnegative_scale(q, scale)
     out = empty((bsz, heads, n_q, d_v), q.dtype, q.device)
     if out.numel() == 0:
         return out

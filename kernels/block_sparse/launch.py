@@ -15,7 +15,7 @@ import torch
 from jetdet import configs
 
 from .._common import FP_FUSION, cdiv, empty, next_pow2
-from ..attention.launch import plan_loads
+from ..attention.launch import _dot_fp32, nonnegative_scale, plan_loads
 from . import kernel
 
 OP = "block_sparse"
@@ -39,14 +39,6 @@ def config(d: int, block_size: int, dtype: torch.dtype, device) -> dict:
     return cfg
 
 
-def _half_dot(dtype: torch.dtype, device_type: str) -> bool:
-    """fp16, and bf16 on a GPU: 16-bit operands on the tensor cores, fp32 accumulation. bf16 elsewhere (the
-    interpreter, whose bf16 dot is wrong) and fp32: fp32 operands, IEEE fp32 dots. On a GPU bf16 upcast to fp32 would
-    run at a fraction of the bf16 rate with twice the shared memory per tile, which is why it is the interpreter's
-    only."""
-    return dtype == torch.float16 or (dtype == torch.bfloat16 and device_type == "cuda")
-
-
 def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: torch.Tensor | None = None):
     """Block-sparse attention; ``indices``/``counts`` contiguous in their last dim. If ``visits`` (int32,
     ``[B*H*programs_m]``) is given, each program writes the number of KV tiles it visited."""
@@ -56,18 +48,19 @@ def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: t
     out = empty((B, H, N, DV), q.dtype, q.device)
     if out.numel() == 0:
         return out
-    if scale < 0:  # the kernel needs a scale >= 0 (dense attention's launcher does the same, exactly)
-        q, scale = -q, -scale
+    q, scale = nonnegative_scale(q, scale)
     grid = (cdiv(N, cfg["BLOCK_M"]), B * H)
     sib = 0 if indices.shape[0] == 1 else indices.stride(0)
     scb = 0 if counts.shape[0] == 1 else counts.stride(0)
     count_visits = visits is not None
-    half = _half_dot(q.dtype, q.device.type)
-    split, (q, k, v, out), unit, st = plan_loads(not half, q.device, (D, DV), (q, k, v, out))
+    # fp16, and bf16 on a GPU: 16-bit operands on the tensor cores (HALF_DOT); fp32, and bf16 in the interpreter
+    # (whose bf16 dot is wrong): IEEE fp32 dots, the same rule as dense attention's
+    dot_fp32 = _dot_fp32(q.dtype, q.device)
+    split, (q, k, v, out), unit, st = plan_loads(dot_fp32, q.device, (D, DV), (q, k, v, out))
     kernel.block_sparse_fwd_kernel[grid](
         q, k, v, out, indices, counts, visits if count_visits else counts,
         H, N, M,
-        float(scale) * math.log2(math.e),
+        scale * math.log2(math.e),
         *st,
         sib, indices.stride(1), indices.stride(2), scb, counts.stride(1),
         D=D,
@@ -77,7 +70,7 @@ def attention(q, k, v, indices, counts, block_size: int, scale: float, visits: t
         BLOCK_N=cfg["BLOCK_N"],
         D_PAD=_pad(D),
         DV_PAD=_pad(DV),
-        HALF_DOT=half,
+        HALF_DOT=not dot_fp32,
         COUNT_VISITS=count_visits,
         STRIDE_UNIT=unit,
         SPLIT_TAIL=split,

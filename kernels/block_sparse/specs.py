@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import torch
+
 from jetdet import configs
 
 from .._common import CompileSpec, tl_ptr
-from ..attention.launch import spec_variants
+from ..attention.launch import _dot_fp32, spec_variants
 from . import kernel
-from .launch import DEFAULT, OP, _half_dot, _pad
+from .launch import DEFAULT, OP, _pad
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -29,7 +31,7 @@ def compile_specs() -> list[CompileSpec]:
                     cfg = dict(DEFAULT)
                     cfg.update(entry)
                     bm, bn = min(cfg["BLOCK_M"], bs), min(cfg["BLOCK_N"], bs)
-                    half = _half_dot(dtype, "cuda")
+                    half = not _dot_fp32(dtype, torch.device("cuda"))
                     ident = (archs, _pad(d), dn, bs, bm, bn, cfg["num_warps"], cfg["num_stages"])
                     if ident in seen:
                         continue
