@@ -627,14 +627,14 @@ def speed(run: Run, out: dict) -> None:
             rows.append({"label": label, "error": f"{type(e).__name__}: {e}"})
             print(f"  {label:<40} ERROR {type(e).__name__}: {e}")
             continue
-        tma = {}
+        ab_cols = {}  # the A/B timings in the same run: the TMA GEMM, attention's other loops
         if kind == "linear" and dtype != torch.float32 and run.left() > 20:
             try:
                 with _tma_kernel():
-                    tma["jetdet_tma_ms"] = run.time_ms(jet_fn)
-                tma["tma_ratio"] = tma["jetdet_tma_ms"] / t_torch
+                    ab_cols["jetdet_tma_ms"] = run.time_ms(jet_fn)
+                ab_cols["tma_ratio"] = ab_cols["jetdet_tma_ms"] / t_torch
             except Exception as e:  # noqa: BLE001
-                tma["tma_error"] = f"{type(e).__name__}: {e}"
+                ab_cols["tma_error"] = f"{type(e).__name__}: {e}"
         if kind == "attention" and run.left() > 20:
             from jetdet.kernels.attention.launch import _arch, split_tail
 
@@ -642,10 +642,10 @@ def speed(run: Run, out: dict) -> None:
                 # the other loop structure than this device runs (launch.split_tail), timed in the same process
                 other = not split_tail(False, _arch(run.dev))
                 with _attention_loops(other):
-                    tma["jetdet_other_loops_ms"] = run.time_ms(jet_fn)
-                tma["other_loops"] = "split" if other else "one masked loop"
+                    ab_cols["jetdet_other_loops_ms"] = run.time_ms(jet_fn)
+                ab_cols["other_loops"] = "split" if other else "one masked loop"
             except Exception as e:  # noqa: BLE001
-                tma["other_loops_error"] = f"{type(e).__name__}: {e}"
+                ab_cols["other_loops_error"] = f"{type(e).__name__}: {e}"
         cfg, table = None, None
         if op is not None:
             cfg = configs.get_config(op, key, dtype=dtype, device=run.dev, default={})
@@ -655,12 +655,14 @@ def speed(run: Run, out: dict) -> None:
         ratio = t_jet / t_torch
         row = {"label": label, "kind": kind, "dtype": _dn(dtype), "shape": list(a), "torch_ms": t_torch,
                "jetdet_ms": t_jet, "ratio": ratio, "target": target,
-               "meets_target": None if target is None else ratio <= target, "config": cfg, "table": table, **tma}
+               "meets_target": None if target is None else ratio <= target, "config": cfg, "table": table, **ab_cols}
         rows.append(row)
         tgt = "" if target is None else f" (target {target:.2f}: {'met' if ratio <= target else 'not met'})"
-        ab = f"  TMA kernel {tma['jetdet_tma_ms']:8.3f} ms {tma['tma_ratio']:5.2f}x" if "tma_ratio" in tma else ""
-        if "jetdet_other_loops_ms" in tma:
-            ab = f"  {tma['other_loops']}: {tma['jetdet_other_loops_ms']:8.3f} ms"
+        ab = ""
+        if "tma_ratio" in ab_cols:
+            ab = f"  TMA kernel {ab_cols['jetdet_tma_ms']:8.3f} ms {ab_cols['tma_ratio']:5.2f}x"
+        if "jetdet_other_loops_ms" in ab_cols:
+            ab = f"  {ab_cols['other_loops']}: {ab_cols['jetdet_other_loops_ms']:8.3f} ms"
         print(f"  {label:<40} torch {t_torch:8.3f} ms  jetdet {t_jet:8.3f} ms  {ratio:5.2f}x{tgt}{ab}")
     out["rows"] = rows
 
@@ -1017,12 +1019,12 @@ def markdown(res: dict) -> str:
                 continue
             tgt = "" if r["target"] is None else f"{r['target']:.2f} {'met' if r['meets_target'] else 'not met'}"
             cfg = "" if not r["config"] else ",".join(str(v) for v in r["config"].values()) + f" ({r['table']})"
-            tma = f"TMA kernel {r['tma_ratio']:.2f}x" if "tma_ratio" in r else r.get("tma_error", "")[:40]
+            ab = f"TMA kernel {r['tma_ratio']:.2f}x" if "tma_ratio" in r else r.get("tma_error", "")[:40]
             if "jetdet_other_loops_ms" in r:
-                tma = f"{r['other_loops']}: {r['jetdet_other_loops_ms'] / r['torch_ms']:.2f}x"
-            tma = tma or r.get("other_loops_error", "")[:40]
+                ab = f"{r['other_loops']}: {r['jetdet_other_loops_ms'] / r['torch_ms']:.2f}x"
+            ab = ab or r.get("other_loops_error", "")[:40]
             lines.append(f"| {r['label']} | {r['dtype']} | {r['torch_ms']:.3f} | {r['jetdet_ms']:.3f} | "
-                         f"{r['ratio']:.2f} | {tgt} | {cfg} | {tma} |")
+                         f"{r['ratio']:.2f} | {tgt} | {cfg} | {ab} |")
         lines.append("")
     if s.get("model_speed", {}).get("rows"):
         lines += ["## Whole models, batch 4", "",
