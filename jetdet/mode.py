@@ -17,8 +17,9 @@ Deterministic mode
   a few microseconds per routed call (``python -m jetdet.bench`` prints the measured overhead).
   Plain fp32 CPU calls of linear, layer_norm, group_norm and 4-D SDPA with no autograd to record go
   straight to the CPU path (the kernel folders' ``torch_path`` modules, the same bodies the ops run) once
-  the handler has checked the shapes; everything else goes through ``jetdet.ops`` (``python
-  bench/cpu_costs.py`` times both).
+  the handler has checked the shapes (``python bench/cpu_costs.py`` times both); plain CUDA calls of those
+  and of conv2d and softmax go straight to the op's Triton launcher the same way (``python
+  bench/host_cost.py``); everything else goes through ``jetdet.ops``.
 * A call the jetdet ops cannot take (float64, grouped or dilated conv, dropout, ...) falls back to torch
   with a one-time warning naming the op and the reason: that call is then *not* covered by the guarantee.
 * Sets ``torch.use_deterministic_algorithms(True)``, cuDNN deterministic on and benchmark off, TF32 and
@@ -42,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import backend as _backend
 from .kernels.attention import torch_path as _attention_torch
+from .kernels.conv2d.op import out_size as _conv_out_size
 from .kernels.matmul import torch_path as _matmul_torch
 from .kernels.norms import torch_path as _norms_torch
 
@@ -280,20 +282,52 @@ def sdpa_args(args, kwargs) -> SdpaArgs:
     return SdpaArgs(*[args[i] if len(args) > i else kwargs.get(n, d) for i, (n, d) in enumerate(_SDPA_PARAMS)])
 
 
-def _direct_cpu(*ts) -> bool:
-    """Whether a routed call can go straight to the CPU path (the folders' ``torch_path``): plain fp32 CPU tensors, no
-    autograd to record, no JETDET_BACKEND override. The handler then checks the shapes it needs itself and skips
-    the public op's layers (its argument checks, the custom-op entry): ~20 us of Python per linear on this CPU,
-    5% of a TinyDiT forward at 1 thread (measured in-process, interleaved). Anything else, bad shapes included,
-    takes the full path and its clear errors. Never under ``torch.compile``, which must see the custom op."""
+def _direct(*ts) -> str | None:
+    """The body a routed call can go straight to, skipping the public op's layers (its argument checks, the
+    custom-op entry): ``"torch"`` (the folder's CPU path) for plain fp32 CPU tensors, ``"triton"`` (the op's
+    launcher) for plain CUDA tensors of one float dtype on one device, or for CPU tensors of one float dtype
+    under ``JETDET_BACKEND=triton`` (the interpreter); None otherwise. Plain means: no tensor subclass, no autograd
+    to record, not under ``torch.compile`` (which must see the custom op). The handler then checks the shapes it
+    needs itself; anything else, bad shapes included, takes the full path and its clear errors.
+
+    What it saves, launches stubbed (``python bench/host_cost.py``, this 2-core CPU): on the CPU path ~20 us per
+    linear (5% of a TinyDiT forward at 1 thread); on the Triton path the layers between the router and the
+    launcher, which a GPU pays on the host per routed call before Triton's own launch."""
     if torch.compiler.is_compiling():
-        return False
+        return None
+    x = ts[0]
+    dtype, device = x.dtype, x.device
     grad = torch.is_grad_enabled()
     for t in ts:
-        if t is not None and (type(t) not in _backend.PLAIN or t.dtype != torch.float32 or t.device.type != "cpu"
+        if t is not None and (type(t) not in _backend.PLAIN or t.dtype != dtype or t.device != device
                               or (grad and t.requires_grad)):
-            return False
-    return not _backend.overridden()
+            return None
+    if dtype not in _FLOATS:
+        return None
+    if not _backend.overridden():
+        if device.type == "cuda":
+            return "triton"
+        return "torch" if device.type == "cpu" and dtype == torch.float32 else None
+    # JETDET_BACKEND set: the Triton route when it names Triton (its checks and errors as the full path's)
+    return "triton" if _backend.requested() == "triton" and _backend.backend_for(x) == "triton" else None
+
+
+_launchers: dict = {}
+
+
+def _launcher(name: str):
+    """The registered op ``name``'s Triton launcher (what its body calls on the Triton backend)."""
+    fn = _launchers.get(name)
+    if fn is None:
+        fn = _launchers[name] = _ops().registry.OPS[name].launcher()
+    return fn
+
+
+def _run_triton(name: str, *args):
+    """The op's launcher as the registered op's body runs it: torch functions off (the launcher's own torch calls
+    are the implementation), torch's NaN fill of new tensors off (:func:`jetdet.backend.run_body`)."""
+    with torch._C.DisableTorchFunction():
+        return _backend.run_body(_launcher(name), *args)
 
 
 def _is_last_dim(normalized_shape, d: int) -> bool:
@@ -310,8 +344,11 @@ def _h_linear(func, args, kwargs):
 
     x, w = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "weight")
     b = call_arg(args, kwargs, 2, "bias")
-    if (_direct_cpu(x, w, b) and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.numel()
+    route = _direct(x, w, b) if isinstance(x, torch.Tensor) else None
+    if (route and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.numel()
             and w.numel() and (b is None or (b.dim() == 1 and b.shape[0] == w.shape[0]))):
+        if route == "triton":
+            return _run_triton("linear", x, w, b)
         out = _backend.run_body(_matmul_torch.mm_f32, x.reshape(-1, x.shape[-1]), w.t(), b)
         return out.reshape(*x.shape[:-1], w.shape[0])
     why = _ok(x, w, b)
@@ -399,10 +436,26 @@ def _conv_args(args, kwargs, dims: int):
     return x, w, b, stride, padding, why
 
 
+def _int_pair(v):
+    """``v`` as a pair of ints when it is an int or a 2-sequence of ints, else None."""
+    if type(v) is int:
+        return v, v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v[0], v[1]
+    return None
+
+
 def _h_conv2d(func, args, kwargs):
     x, w, b, stride, padding, why = _conv_args(args, kwargs, 2)
     if why:
         return _fallback(func, args, kwargs, why)
+    s, p = _int_pair(stride), _int_pair(padding)
+    if (s and p and x.dim() == 4 and w.dim() == 4 and _direct(x, w, b) == "triton" and w.shape[1] == x.shape[1]
+            and min(s) >= 1 and min(p) >= 0 and x.numel() and w.numel()
+            and (b is None or (b.dim() == 1 and b.shape[0] == w.shape[0]))):
+        ho, wo = _conv_out_size(x, w, s, p)
+        if ho > 0 and wo > 0:
+            return _run_triton("conv2d", x, w, b, s, p)
     return _ops().conv2d(x, w, b, stride, padding)
 
 
@@ -512,10 +565,13 @@ def _h_layer_norm(func, args, kwargs):
     x, ns = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "normalized_shape")
     w, b = call_arg(args, kwargs, 2, "weight"), call_arg(args, kwargs, 3, "bias")
     eps = call_arg(args, kwargs, 4, "eps", 1e-5)
-    if _direct_cpu(x, w, b) and x.dim() >= 1 and x.numel() and isinstance(eps, float):
+    route = _direct(x, w, b) if isinstance(x, torch.Tensor) else None
+    if route and x.dim() >= 1 and x.numel() and isinstance(eps, float):
         d = x.shape[-1]
         if (_is_last_dim(ns, d) and (w is None or tuple(w.shape) == (d,))
                 and (b is None or tuple(b.shape) == (d,))):
+            if route == "triton":
+                return _run_triton("layer_norm", x.reshape(-1, d), w, b, eps).reshape(x.shape)
             return _backend.run_body(_norms_torch.layer_norm, x.reshape(-1, d), w, b, eps).reshape(x.shape)
     why = _ok(x, w, b)
     if why:
@@ -540,11 +596,14 @@ def _h_group_norm(func, args, kwargs):
     x, g = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "num_groups")
     w, b = call_arg(args, kwargs, 2, "weight"), call_arg(args, kwargs, 3, "bias")
     eps = call_arg(args, kwargs, 4, "eps", 1e-5)
-    if (_direct_cpu(x, w, b) and x.dim() >= 2 and x.numel() and isinstance(eps, float)
+    route = _direct(x, w, b) if isinstance(x, torch.Tensor) else None
+    if (route and x.dim() >= 2 and x.numel() and isinstance(eps, float)
             and type(g) is int and g >= 1 and x.shape[1] % g == 0):
         c = x.shape[1]
         if (w is None or tuple(w.shape) == (c,)) and (b is None or tuple(b.shape) == (c,)):
             # x as it is (not a [B, C, H*W] view): the output keeps a channels-last x's layout
+            if route == "triton":
+                return _run_triton("group_norm", x, g, w, b, eps)
             return _backend.run_body(_norms_torch.group_norm, x, g, w, b, eps)
     why = _ok(x, w, b)
     if why:
@@ -557,6 +616,13 @@ def _h_softmax(func, args, kwargs):
 
     x, dim = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "dim")
     dtype = kwargs.get("dtype", call_arg(args, kwargs, 3 if func is F.softmax else 2, "dtype"))
+    if (dtype is None and type(dim) is int and isinstance(x, torch.Tensor) and x.dim() >= 1
+            and -x.dim() <= dim < x.dim() and x.numel() and _direct(x) == "triton"):
+        d = dim % x.dim()
+        xm = x.movedim(d, -1) if d != x.dim() - 1 else x
+        shape = xm.shape
+        out = _run_triton("softmax", xm.reshape(-1, shape[-1])).reshape(shape)
+        return out.movedim(-1, d) if d != x.dim() - 1 else out
     why = _ok(x) or ("dim=None" if dim is None else None)
     if why:
         return _fallback(func, args, kwargs, why)
@@ -571,12 +637,14 @@ def _h_sdpa(func, args, kwargs):
     ops = _ops()
 
     q, k, v, mask, dropout, causal, scale = sdpa_args(args, kwargs)
-    if (mask is None and not dropout and not causal and _direct_cpu(q, k, v) and q.dim() == 4 and k.dim() == 4
-            and v.dim() == 4 and q.numel() and k.numel() and v.numel() and q.shape[:2] == k.shape[:2]
-            and q.shape[3] == k.shape[3] and k.shape[:3] == v.shape[:3]
+    route = _direct(q, k, v) if mask is None and not dropout and not causal and isinstance(q, torch.Tensor) else None
+    if (route and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.numel() and k.numel() and v.numel()
+            and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3] and k.shape[:3] == v.shape[:3]
             and (scale is None or isinstance(scale, float))):
         d = q.shape[3]
         scale = 1.0 / math.sqrt(d) if scale is None else scale
+        if route == "triton":
+            return _run_triton("attention", q, k, v, None, scale)
         return _backend.run_body(_attention_torch.attention, q, k, v, None, scale)
     why = _ok(q, k, v, mask if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool else None)
     if not why and dropout:
