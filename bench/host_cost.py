@@ -11,6 +11,10 @@ It prints, median of ``--repeats`` (microseconds):
    registered op -> launcher -> launch): linear, layer_norm, group_norm, conv2d, scaled_dot_product_attention,
    softmax.
 2. **Per forward** of TinyDiT and TinyUNet at batch 4: host time, routed calls, and time per routed call.
+3. **Triton's binder and cache key** for each op's launch: what ``JITFunction.run`` does with the launch's
+   arguments before it looks up the compiled kernel and calls the driver (Triton's own host cost, which the stubbed
+   launches above leave out; the driver launch after it needs a GPU). Timed on the recorded argument lists with the
+   installed Triton's own binder for sm_90.
 
     TRITON_INTERPRET=1 python bench/host_cost.py
 
@@ -43,18 +47,24 @@ from jetdet.models import TinyDiT, TinyUNet, make_toy_inputs  # noqa: E402
 
 
 @contextlib.contextmanager
-def launches_stubbed():
-    """Every ``jetdet.kernels.*`` kernel's launch does nothing inside; counts the launches."""
+def launches_stubbed(log: list | None = None):
+    """Every ``jetdet.kernels.*`` kernel's launch does nothing inside; counts the launches (and appends
+    ``(kernel, args, kwargs)`` of each to ``log`` when given)."""
     for folder in ("matmul", "norms", "attention", "conv2d", "reduce", "gelu_gate"):
         __import__(f"jetdet.kernels.{folder}.kernel")
     count = [0]
 
-    def run(*args, **kwargs):
-        count[0] += 1
+    def stub(kernel):
+        def run(*args, **kwargs):
+            count[0] += 1
+            if log is not None:
+                log.append((kernel, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
+
+        return run
 
     kernels = static_report._loaded_kernels()
     for k in kernels:
-        k.run = run
+        k.run = stub(k)
     try:
         yield count
     finally:
@@ -98,6 +108,47 @@ def op_cases():
     }
 
 
+def binder_us(kernel, args, kwargs, repeats: int, inner: int) -> float:
+    """Triton's launch-time binding plus its cache-key step for one recorded launch, per call (us)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime import jit as triton_jit
+
+    jit = static_report.as_jit_function(kernel)
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = triton_jit.create_function_from_signature(jit.signature, jit.params, backend)
+    kwargs = {**kwargs, "debug": False}
+    mode = getattr(getattr(triton.knobs, "compilation", None), "instrumentation_mode", None)
+    if mode is not None:  # JITFunction.run adds it on the triton versions that have it
+        kwargs["instrumentation_mode"] = mode
+    keys: dict = {}
+
+    def bind():
+        _, spec, options = binder(*args, **kwargs)
+        triton_jit.compute_cache_key(keys, spec, options)
+
+    return per_call_us(bind, repeats, inner)
+
+
+def binder_costs(repeats: int, inner: int) -> dict:
+    """Per op of :func:`op_cases`: (kernel name, argument count, binder + cache key us) of its launches."""
+    out = {}
+    log: list = []
+    spans = {}
+    with torch.no_grad(), launches_stubbed(log), jetdet.mode("deterministic"):
+        for name, fn in op_cases().items():
+            n0 = len(log)
+            fn()
+            spans[name] = (n0, len(log))
+    # timed outside the router, as the launchers call Triton: with torch functions off
+    with torch._C.DisableTorchFunction():
+        for name, (lo, hi) in spans.items():
+            out[name] = [(getattr(k, "fn", k).__name__, len(a) + len(kw), round(binder_us(k, a, kw, repeats, inner), 1))
+                         for k, a, kw in log[lo:hi]]
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -126,12 +177,26 @@ def main(argv=None) -> int:
                 det = per_call_us(fwd, args.repeats, inner)
         out["models"][model_cls.__name__] = {"off_us": round(off), "deterministic_us": round(det), "launches": n,
                                              "added_us_per_launch": round((det - off) / n, 1)}
+    try:
+        out["triton_binder_us"] = binder_costs(args.repeats, args.inner)
+    except (ImportError, AttributeError) as e:  # Triton internals this version does not have
+        out["triton_binder_us"] = f"not measured: {type(e).__name__}: {e}"
     print("host time per call, launches stubbed (us, median):")
     for name, us in out["ops_us"].items():
         print(f"  {name:12s} {us:8.1f}")
     for name, r in out["models"].items():
         print(f"  {name} forward at batch 1: off {r['off_us']} us (computed), deterministic {r['deterministic_us']} us "
               f"({r['launches']} launches, stubbed): {r['added_us_per_launch']} us added per launch")
+    binder = out["triton_binder_us"]
+    if isinstance(binder, str):
+        print(f"triton's binder and cache key: {binder}")
+    else:
+        import triton
+
+        print(f"triton {triton.__version__}'s binder and cache key per launch (us, median; the driver launch "
+              "comes on top):")
+        for name, rows in binder.items():
+            print(f"  {name:12s} " + "; ".join(f"{k} ({n} args) {us}" for k, n, us in rows))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -99,3 +99,24 @@ def test_negative_control_without_config_cache(triton_backend, monkeypatch):
     n = _count(triton_backend, "linear")
     assert n > BOUNDS["linear"], n  # 74 on 2026-12-05, through the public op
 
+
+def test_host_cost_script_runs(tmp_path):
+    """``bench/host_cost.py`` runs end to end (tiny repeats) and reports every op, both models and Triton's binder
+    cost per op launch."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "host.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, str(root / "bench" / "host_cost.py"), "--repeats", "1", "--inner", "20",
+                    "--json", str(out)], check=True, env=env, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert set(res["ops_us"]) == {"linear", "layer_norm", "group_norm", "conv2d 3x3", "sdpa", "softmax"}
+    assert all(v > 0 for v in res["ops_us"].values())
+    assert set(res["models"]) == {"TinyDiT", "TinyUNet"}
+    binder = res["triton_binder_us"]
+    assert set(binder) == set(res["ops_us"]), binder
+    assert all(rows and all(n > 0 and us > 0 for _, n, us in rows) for rows in binder.values()), binder
