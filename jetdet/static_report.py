@@ -482,7 +482,9 @@ def _loaded_kernels() -> list:
 
     found = []
     for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not (mod_name.startswith("jetdet.kernels.") and mod_name.endswith(".kernel")):
+        # kernel.py, and kernel_tma.py (matmul's persistent TMA kernel)
+        leaf = mod_name.rsplit(".", 1)[-1]
+        if mod is None or not (mod_name.startswith("jetdet.kernels.") and leaf.startswith("kernel")):
             continue
         found += [v for v in vars(mod).values() if isinstance(v, KernelInterface) and v not in found]
     return found

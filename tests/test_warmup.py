@@ -1,0 +1,129 @@
+"""``jetdet.warmup.compile_ahead``: launches inside compile their variants in a thread pool and run nothing; after
+the block, the same launches find their variants in Triton's cache and compile nothing.
+
+There is no GPU here, so the test stands a fake CUDA driver behind Triton (current device 0, target sm_90): the
+JIT binds the real arguments of recorded jetdet launches exactly as on a GPU and cross-compiles for sm_90, as the
+static report does. A launch that tried to run would need the real driver and fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jetdet
+from jetdet import static_report, warmup
+
+
+class _FakeDriver:
+    """What ``JITFunction.run`` asks of the driver before a launch; nothing to launch with."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _recorded_launches():
+    """(kernel, args, kwargs, grid) of the launches of a routed linear, layer_norm and softmax, in the interpreter
+    with the launches recorded instead of run."""
+    for folder in ("matmul", "norms", "reduce"):
+        __import__(f"jetdet.kernels.{folder}.kernel")
+    log = []
+    kernels = static_report._loaded_kernels()
+    for k in kernels:
+        k.run = lambda *a, _k=k, grid=None, warmup=False, **kw: log.append((_k, a, kw, grid))
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(3, 5, 64, generator=g).half(), torch.randn(48, 64, generator=g).half()
+        with torch.no_grad(), jetdet.mode("deterministic"):
+            F.linear(x, w)
+            F.linear(x[0], w)  # M = 5 again (in rows): the same variant
+            F.layer_norm(x, (64,))
+            torch.softmax(x, -1)
+    finally:
+        for k in kernels:
+            vars(k).pop("run", None)
+    return log
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    from triton.runtime import driver
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    monkeypatch.setenv("JETDET_BACKEND", "triton")
+    launches = _recorded_launches()  # with the interpreter, as the rest of the suite
+    saved = driver._active  # None here: no GPU, so no driver is active
+    driver.set_active(_FakeDriver(90))
+    try:
+        # entered with the interpreter on (see its docstring); inside, TRITON_INTERPRET reads 0, so compile_ahead
+        # compiles
+        with static_report.compiling():
+            memo: dict = {}
+            yield [(static_report.as_jit_function(k, memo), a, kw, grid) for k, a, kw, grid in launches]
+    finally:
+        driver._active = saved
+
+
+def test_compile_ahead_then_no_compile(fake_gpu):
+    jits = list({id(j): j for j, *_ in fake_gpu}.values())
+    assert len(fake_gpu) == 4 and len(jits) == 3
+    with warmup.compile_ahead(kernels=jits, workers=2) as stats:
+        for jit, args, kwargs, grid in fake_gpu:
+            jit[grid](*args, **kwargs)  # the launch as the launchers make it
+    assert stats["skipped"] is None
+    assert stats["launches"] == 4
+    assert stats["compiles"] == 3, stats  # the two linears share one variant
+    assert warmup.cached_variants(jits) == 3
+    assert all("run" not in vars(j) for j in jits)  # the launch path is back
+    # the same launches now find their variants: a compile would raise
+    for jit in jits:
+        jit.compile = _no_compile
+    for jit, args, kwargs, grid in fake_gpu:
+        kernel = jit.run(*args, grid=grid, warmup=True, **kwargs)
+        assert kernel is not None and kernel.asm.get("cubin")
+    # negative control: a launch with another specialisation (M = 1 is a compile-time constant) is not cached
+    jit, args, kwargs, grid = fake_gpu[0]
+    m_at = next(i for i, a in enumerate(args) if isinstance(a, int) and a == 15)  # M of the [15, 64] linear
+    args = (*args[:m_at], 1, *args[m_at + 1:])
+    with pytest.raises(AssertionError, match="compiled again"):
+        jit.run(*args, grid=grid, warmup=True, **kwargs)
+
+
+def _no_compile(*args, **kwargs):
+    raise AssertionError("compiled again")
+
+
+def test_compile_ahead_is_a_no_op_under_the_interpreter():
+    """With the interpreter on (this suite), launches inside run as usual and nothing is compiled."""
+    assert warmup.unavailable() and "interpreter" in warmup.unavailable()
+    x = torch.randn(4, 32)
+    with warmup.compile_ahead() as stats, torch.no_grad(), jetdet.mode("deterministic"):
+        y = torch.softmax(x, -1)
+    assert stats["skipped"] and stats["launches"] == 0
+    assert torch.allclose(y, torch.softmax(x, -1), atol=1e-6)
+
+
+def test_compile_threads_script(capsys):
+    """``bench/compile_threads.py`` (the figures behind the thread pool) runs: two specs, both ways."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "compile_threads.py"
+    spec = importlib.util.spec_from_file_location("compile_threads", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--only", "softmax[fp16", "--count", "2", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "one after another" in out and "2 threads" in out and "speed-up" in out
+    assert mod.main(["--only", "no such kernel"]) == 2
