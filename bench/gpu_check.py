@@ -6,6 +6,11 @@
 Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sections, in this order:
 
 1. ``environment``: device, capability, driver, torch/triton versions, the launch tables the lookup picks.
+   Then ``precompile`` (on a GPU; ``--no-precompile`` skips it, ``--precompile`` runs it in a dry run): the
+   sections below run once with nothing computed and every jetdet kernel launch turned into a compile in a thread
+   pool (``jetdet.warmup.compile_ahead``), so the kernel variants they need compile side by side instead of one
+   at a time at their first launch; each section then reports ``new_variants``, the variants it still had to
+   compile (or load) itself.
 2. ``noise``: ``jetdet.randn`` on the GPU equals the CPU path bit for bit (fp32/fp16/bf16; seeds 1, 0, 16,
    2^64-1 at 8x4x128x128, item_offset 5, step 3: the H200 crash case), per-item == batch; checksums.
 3. ``ops``: every op x dtype (fp32/fp16/bf16) against an fp32 CPU reference, and bitwise batch invariance:
@@ -137,6 +142,7 @@ class Run:
         t = time.perf_counter()
         out: dict = {}
         self.result["sections"][name] = out
+        before = _variants()
         try:
             fn(out)
         except Exception as e:  # noqa: BLE001 - record it, run the other sections
@@ -146,7 +152,35 @@ class Run:
             if name in CORRECTNESS_SECTIONS:
                 self.incomplete.append(f"{name}: {type(e).__name__}: {e}")
         out["seconds"] = round(time.perf_counter() - t, 2)
-        print(f"  ({out['seconds']:.1f} s, {self.left():.0f} s of the budget left)", flush=True)
+        out["new_variants"] = _variants() - before
+        print(f"  ({out['seconds']:.1f} s, {out['new_variants']} kernel variants compiled or loaded, "
+              f"{self.left():.0f} s of the budget left)", flush=True)
+
+
+def _variants() -> int:
+    """Compiled jetdet kernel variants in Triton's in-memory caches (0 in the interpreter)."""
+    from jetdet import warmup
+
+    return warmup.cached_variants()
+
+
+class _Record(Run):
+    """The record pass of ``precompile``: the same sections with nothing timed or judged, on its own budget."""
+
+    def __init__(self, args, budget: float):
+        super().__init__(args)
+        self.budget = budget
+
+    def fail(self, what: str) -> None:
+        pass
+
+    def time_ms(self, fn) -> float:
+        fn()
+        return 1.0
+
+    def wall_ms(self, fn, repeats: int = 3) -> float:
+        fn()
+        return 1.0
 
 
 @contextlib.contextmanager
@@ -190,6 +224,50 @@ def environment(run: Run, out: dict) -> None:
         print(f"  {k:<12} {out.get(k)}")
     for k, v in tables.items():
         print(f"  table {k:<18} {v}")
+
+
+# ----------------------------------------------------------------------------------------------- precompile
+
+#: the sections the record pass runs (``compiled`` is torch.compile's own compile; ``environment`` launches nothing)
+RECORDED = ("noise", "ops", "models", "speed", "model_speed", "fast_path", "sparse", "sweep")
+
+
+def precompile(run: Run, out: dict, sections) -> None:
+    """Run ``sections`` once with every jetdet kernel launch turned into a compile in a thread pool
+    (:func:`jetdet.warmup.compile_ahead`): their outputs are uninitialised, their checks and timings are thrown
+    away, their prints are silenced. The record pass stops starting sections after 40% of what is left of the
+    budget; the compiles it started finish before this returns."""
+    from jetdet import warmup
+
+    why = warmup.unavailable()
+    if why:  # the record pass would run every launch for real: twice the work for nothing
+        out["unavailable"] = why
+        print(f"  not done: {why}")
+        return
+    for module in ("matmul.kernel", "matmul.kernel_tma", "attention.kernel", "conv2d.kernel", "norms.kernel",
+                   "reduce.kernel", "forecast.kernel", "noise.kernel", "block_sparse.kernel", "linear_attention.kernel",
+                   "gelu_gate.kernel"):
+        __import__(f"jetdet.kernels.{module}")  # compile_ahead wraps the kernels of the loaded kernel modules
+    before = warmup.cached_variants()
+    rec = _Record(run.args, budget=0.4 * run.left())
+    errors = {}
+    with warmup.compile_ahead() as stats:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            for name, fn in sections:
+                if rec.left() < 5:
+                    errors[name] = "not recorded: record budget spent"
+                    continue
+                try:
+                    fn(rec, {})
+                except Exception as e:  # noqa: BLE001 - garbage in, anything out: the real pass will tell
+                    errors[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    out.update({k: stats[k] for k in ("launches", "compiles", "seconds")})
+    out["variants"] = warmup.cached_variants() - before
+    out["record_stopped"] = errors
+    print(f"  {stats['launches']} launches recorded, {stats['compiles']} variants compiled ahead "
+          f"({out['variants']} in the caches now) in {stats['seconds']:.1f} s")
+    for name, why in errors.items():
+        print(f"  record pass, {name}: {why}")
 
 
 # ---------------------------------------------------------------------------------------------------- noise
@@ -990,6 +1068,15 @@ def markdown(res: dict) -> str:
              ""]
     if env.get("tables"):
         lines += ["Launch tables picked: " + ", ".join(f"{k} -> `{v}`" for k, v in env["tables"].items()), ""]
+    pre = s.get("precompile")
+    if pre and ("launches" in pre or "unavailable" in pre):
+        done = (f"not done: {pre['unavailable']}" if "unavailable" in pre else
+                f"{pre['launches']} launches recorded, {pre['compiles']} kernel variants compiled ahead in "
+                f"{pre['seconds']:.1f} s")
+        later = {k: v["new_variants"] for k, v in s.items() if isinstance(v, dict) and v.get("new_variants")
+                 and k != "precompile"}
+        lines += [f"Precompile: {done}. Variants compiled or loaded later, per section: "
+                  + (", ".join(f"{k} {v}" for k, v in later.items()) or "none"), ""]
     if s.get("noise", {}).get("rows"):
         lines += ["## Noise: GPU == CPU", "", "| dtype | seed | GPU == CPU | item == batch | sha256 (first 16) |",
                   "|---|---:|---|---|---|"]
@@ -1080,6 +1167,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer seeds, shapes and repeats")
     p.add_argument("--budget-s", type=float, default=290.0, help="stop starting new work after this (default 290)")
     p.add_argument("--sweep", action="store_true", help="also sweep a few tiles per shape class")
+    pre = p.add_mutually_exclusive_group()
+    pre.add_argument("--precompile", dest="precompile", action="store_true", default=None,
+                     help="compile the kernel variants ahead in a thread pool (default on a GPU)")
+    pre.add_argument("--no-precompile", dest="precompile", action="store_false",
+                     help="compile each variant at its first launch")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--only", action="append", help="run only these sections (repeatable)")
     p.add_argument("--ops", default=None, help="ops section: only these ops (comma-separated names)")
@@ -1105,12 +1197,17 @@ def main(argv=None) -> int:
         unknown = sorted(set(args.ops.split(",")) - set(known))
         if unknown:
             p.error(f"--ops: unknown op(s) {unknown} (expected some of {', '.join(known)})")
+    if args.precompile is None:
+        args.precompile = not args.dry_run
     saved_threads = torch.get_num_threads()
     try:
         with torch.no_grad():
+            todo = [(n, f) for n, f in sections if n in RECORDED and (not args.only or n in args.only)]
             for name, fn in sections:
                 if args.only and name not in args.only:
                     continue
+                if args.precompile and todo and name == todo[0][0]:  # before the first section it records
+                    run.section("precompile", lambda out, _t=todo: precompile(run, out, _t))
                 run.section(name, lambda out, _fn=fn: _fn(run, out))
     finally:
         torch.set_num_threads(saved_threads)

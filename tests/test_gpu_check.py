@@ -20,8 +20,10 @@ SECTIONS = ("environment", "noise", "ops", "models", "speed", "model_speed", "co
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, *args, timeout=1200):
+def _run(tmp_path, *args, timeout=1200, interpreter=True):
     env = dict(os.environ)
+    if not interpreter:
+        env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out-dir", str(tmp_path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
@@ -83,3 +85,23 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         real = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=300)
         assert real.returncode == 2 and "no CUDA device" in real.stderr
+
+
+def test_precompile_record_pass(tmp_path):
+    """``--precompile`` (the default on a GPU) runs the chosen sections once as a record pass before the first of
+    them, silenced and judged by nothing, then the real pass. In a dry run the ops take the torch path, so nothing
+    is launched or compiled; what is checked is the plumbing: the record pass ran every chosen section without an
+    error, printed nothing of theirs, and every section reports its new kernel variants. (With the interpreter on,
+    as in the rest of this file, there is nothing to compile and the record pass is not made.)"""
+    args = ("--precompile", "--only", "noise", "--only", "ops", "--ops", "linear,softmax")
+    skipped = _run(tmp_path, *args)
+    assert skipped.returncode == 0 and "not done: the Triton interpreter is on" in skipped.stdout, skipped.stdout
+    out = _run(tmp_path, *args, interpreter=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_dry-run_cpu.json").read_text())
+    assert list(res["sections"]) == ["precompile", "noise", "ops"]
+    pre = res["sections"]["precompile"]
+    assert pre["record_stopped"] == {} and pre["launches"] == 0 and "error" not in pre, pre
+    assert all(sec["new_variants"] == 0 for sec in res["sections"].values())
+    assert out.stdout.count("GPU == CPU") == len(res["sections"]["noise"]["rows"])  # the record pass printed none
+    assert "Precompile: 0 launches recorded" in (tmp_path / "gpu_dry-run_cpu.md").read_text()
