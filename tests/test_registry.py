@@ -253,3 +253,20 @@ def test_reference_check_fails_on_a_wrong_body():
     wrong = spec.reference(args[0], "none")  # the erf form where the tanh form was asked for
     with pytest.raises(AssertionError):
         torch.testing.assert_close(wrong, spec.reference(*args), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_launch_chooses_fp_fusion(name, triton_backend):
+    """Every kernel launch passes ``enable_fp_fusion`` explicitly (``jetdet.kernels._common.FP_FUSION`` or the
+    kernel's own choice): the launch then compiles what the static report compiles, on every Triton, whatever
+    Triton's own default (on in 3.9, off from 3.10: an FMA contracted or not is a different bit)."""
+    from jetdet import static_report
+
+    registry.OPS[name].launcher()  # sets up the jetdet.kernels alias
+    # the folder's kernels, imported before the capture so that it sees them (some launchers import lazily)
+    importlib.import_module(f"jetdet.kernels.{SPECS[name].folder}.launch")
+    with static_report.capture_launches() as log:
+        registry.get(name)(*_sample(SPECS[name], 2))
+    assert log, f"{name}: no kernel launched"
+    left = sorted({getattr(k, "fn", k).__name__ for k, _, kw in log if "enable_fp_fusion" not in kw})
+    assert not left, f"{name}: launches that leave enable_fp_fusion to Triton's default: {left}"

@@ -48,6 +48,7 @@ def forecast(history: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         K=len(history),
         BLOCK=cfg["BLOCK"],
         num_warps=cfg["num_warps"],
+        enable_fp_fusion=FP_FUSION,
     )
     return out
 
