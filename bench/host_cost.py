@@ -15,6 +15,11 @@ It prints, median of ``--repeats`` (microseconds):
    arguments before it looks up the compiled kernel and calls the driver (Triton's own host cost, which the stubbed
    launches above leave out; the driver launch after it needs a GPU). Timed on the recorded argument lists with the
    installed Triton's own binder for sm_90.
+4. **The step cache per model call** on the bundled DiT (8 classes, batched CFG, 30 Euler steps, the defaults), with
+   the torch path and the garbage collector off during each sample: ``stats()["host_ms"]`` per call, the part of
+   it inside the bodies of ``relative_change`` and ``forecast`` (CPU compute here, three Triton launches per call on
+   a GPU), and the rest: the controller's Python and its small tensor ops, which a GPU pays as host time and
+   launches.
 
     TRITON_INTERPRET=1 python bench/host_cost.py
 
@@ -149,6 +154,66 @@ def binder_costs(repeats: int, inner: int) -> dict:
     return out
 
 
+def step_cache_ms(samples: int) -> dict:
+    """Medians over ``samples`` samples of the step cache's host time per model call (see the module docstring,
+    4.), ms. The garbage collector is off during each sample: a full collection of the objects torch and triton keep
+    tracked (``tracked_objects``) lands in whichever call it interrupts."""
+    import gc
+
+    from jetdet import ops
+    from jetdet.models import load_bundled
+    from jetdet.models.sampling import sample
+
+    dit = load_bundled(device="cpu")
+    inside = [0.0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside[0] += time.perf_counter() - t0
+
+        return wrapper
+
+    saved = {name: getattr(ops, name) for name in ("relative_change", "forecast")}
+    saved_env, was_on = os.environ.get("JETDET_BACKEND"), gc.isenabled()
+    rows = []
+    try:
+        os.environ["JETDET_BACKEND"] = "torch"
+        for name, fn in saved.items():
+            setattr(ops, name, timed(fn))
+        for _ in range(samples + 1):  # the first one warms up
+            inside[0] = 0.0
+            gc.collect()
+            gc.disable()
+            try:
+                with jetdet.patch(dit, mode="fast", num_steps=30) as handle:
+                    sample(dit, list(range(8)), steps=30, seed=1)
+                    st = handle.stats()["cache"]
+            finally:
+                if was_on:
+                    gc.enable()
+            calls = st["calls"]
+            rows.append({"host": st["host_ms"] / calls, "ops": inside[0] * 1e3 / calls, "calls": calls,
+                         "calls_run": st["calls_run"]})
+    finally:
+        for name, fn in saved.items():
+            setattr(ops, name, fn)
+        if saved_env is None:
+            os.environ.pop("JETDET_BACKEND", None)
+        else:
+            os.environ["JETDET_BACKEND"] = saved_env
+    rows = rows[1:]
+    host = statistics.median(r["host"] for r in rows)
+    op_ms = statistics.median(r["ops"] for r in rows)
+    return {"host_ms_per_call": round(host, 3), "op_bodies_ms_per_call": round(op_ms, 3),
+            "rest_ms_per_call": round(statistics.median(r["host"] - r["ops"] for r in rows), 3),
+            "calls": rows[-1]["calls"], "calls_run": rows[-1]["calls_run"], "samples": len(rows),
+            "tracked_objects": len(gc.get_objects())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -181,6 +246,7 @@ def main(argv=None) -> int:
         out["triton_binder_us"] = binder_costs(args.repeats, args.inner)
     except (ImportError, AttributeError) as e:  # Triton internals this version does not have
         out["triton_binder_us"] = f"not measured: {type(e).__name__}: {e}"
+    out["step_cache"] = step_cache_ms(max(1, min(3, args.repeats)))
     print("host time per call, launches stubbed (us, median):")
     for name, us in out["ops_us"].items():
         print(f"  {name:12s} {us:8.1f}")
@@ -197,6 +263,11 @@ def main(argv=None) -> int:
               "comes on top):")
         for name, rows in binder.items():
             print(f"  {name:12s} " + "; ".join(f"{k} ({n} args) {us}" for k, n, us in rows))
+    sc = out["step_cache"]
+    print(f"step cache on the bundled DiT ({sc['calls_run']} of {sc['calls']} calls run, median of {sc['samples']} "
+          f"samples, ms per model call): host {sc['host_ms_per_call']}, of which relative_change/forecast bodies "
+          f"{sc['op_bodies_ms_per_call']}, the rest (Python, small tensor ops) {sc['rest_ms_per_call']}; "
+          f"{sc['tracked_objects']} objects tracked by the garbage collector")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -101,8 +101,8 @@ def test_negative_control_without_config_cache(triton_backend, monkeypatch):
 
 
 def test_host_cost_script_runs(tmp_path):
-    """``bench/host_cost.py`` runs end to end (tiny repeats) and reports every op, both models and Triton's binder
-    cost per op launch."""
+    """``bench/host_cost.py`` runs end to end (tiny repeats) and reports every op, both models, Triton's binder
+    cost per op launch and the step cache's host time per call."""
     import json
     import os
     import subprocess
@@ -120,3 +120,6 @@ def test_host_cost_script_runs(tmp_path):
     binder = res["triton_binder_us"]
     assert set(binder) == set(res["ops_us"]), binder
     assert all(rows and all(n > 0 and us > 0 for _, n, us in rows) for rows in binder.values()), binder
+    sc = res["step_cache"]
+    assert sc["calls"] == 30 and 0 < sc["calls_run"] < 30, sc  # the defaults skip some calls of the bundled DiT
+    assert 0 < sc["op_bodies_ms_per_call"] < sc["host_ms_per_call"], sc
