@@ -5,7 +5,8 @@ cold process waits for every new variant before its first result (about 0.5 s ea
 on a 2-core CPU; a GPU check that touches every op, dtype and shape class needs many). :func:`compile_ahead` runs
 a workload once with every launch of a jetdet kernel turned into Triton's own warm-up call
 (``JITFunction.run(..., warmup=True)``: the arguments are bound and the variant is compiled, nothing runs on the
-GPU) inside Triton's ``AsyncCompileMode``, which hands each new variant's compile to a thread pool. Triton's
+GPU) inside Triton's ``AsyncCompileMode`` (made for warming kernels up in parallel on a thread pool,
+triton-lang/triton#7306; present in 3.5.1, 3.6 and 3.9), which hands each new variant's compile to the pool. Triton's
 compiler releases the GIL for nearly all of its work (``PYTHONPATH=. python bench/compile_threads.py`` on a 2-core
 CPU, sm_90: 8 attention specs 4.6 s one after another, 2.4 s on two threads; 8 GEMM specs 4.0 s and 2.0 s), so
 the variants compile side by side. Leaving the block waits for them; they are then in each kernel's in-memory
