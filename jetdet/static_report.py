@@ -73,6 +73,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 from collections.abc import Iterable, Sequence
 
@@ -655,6 +656,7 @@ def _cache_key(jit, spec, arch: int) -> str:
 
 
 _STATE: dict = {"depth": 0, "memo": None}
+_DEPTH_LOCK = threading.Lock()
 
 
 def _wrapped_interpreted(val, interp_cls):
@@ -722,17 +724,23 @@ def compiling():
       are their pristine values inside, so a kernel compiles the same whether or not the interpreter has run
       kernels in this process before (the test suite runs them first).
 
-    Re-entrant; kernels converted with :func:`as_jit_function` inside share one memo.
+    Re-entrant; kernels converted with :func:`as_jit_function` inside share one memo. Threads may enter it while
+    one thread holds it (the outermost entry does the swaps and undoes them, its environment included): compiles
+    on a thread pool run inside a ``compiling()`` of the thread that waits for them (``bench/compile_threads.py``).
     """
     import triton
     import triton.compiler.code_generator  # noqa: F401 - see above
 
-    if _STATE["depth"]:
-        _STATE["depth"] += 1
+    with _DEPTH_LOCK:
+        nested = _STATE["depth"] > 0
+        if nested:
+            _STATE["depth"] += 1
+    if nested:
         try:
             yield
         finally:
-            _STATE["depth"] -= 1
+            with _DEPTH_LOCK:
+                _STATE["depth"] -= 1
         return
     _, interp_cls = _interp_types()
     memo: dict = {}
