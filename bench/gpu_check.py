@@ -244,10 +244,6 @@ def precompile(run: Run, out: dict, sections) -> None:
         out["unavailable"] = why
         print(f"  not done: {why}")
         return
-    for module in ("matmul.kernel", "matmul.kernel_tma", "attention.kernel", "conv2d.kernel", "norms.kernel",
-                   "reduce.kernel", "forecast.kernel", "noise.kernel", "block_sparse.kernel", "linear_attention.kernel",
-                   "gelu_gate.kernel"):
-        __import__(f"jetdet.kernels.{module}")  # compile_ahead wraps the kernels of the loaded kernel modules
     before = warmup.cached_variants()
     rec = _Record(run.args, budget=0.4 * run.left())
     errors = {}

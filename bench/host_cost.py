@@ -55,26 +55,15 @@ from jetdet.models import TinyDiT, TinyUNet, make_toy_inputs  # noqa: E402
 def launches_stubbed(log: list | None = None):
     """Every ``jetdet.kernels.*`` kernel's launch does nothing inside; counts the launches (and appends
     ``(kernel, args, kwargs)`` of each to ``log`` when given)."""
-    for folder in ("matmul", "norms", "attention", "conv2d", "reduce", "gelu_gate"):
-        __import__(f"jetdet.kernels.{folder}.kernel")
     count = [0]
 
-    def stub(kernel):
-        def run(*args, **kwargs):
-            count[0] += 1
-            if log is not None:
-                log.append((kernel, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
+    def on_launch(kernel, args, kwargs, grid):
+        count[0] += 1
+        if log is not None:
+            log.append((kernel, args, kwargs))
 
-        return run
-
-    kernels = static_report._loaded_kernels()
-    for k in kernels:
-        k.run = stub(k)
-    try:
+    with static_report.stub_launches(on_launch):
         yield count
-    finally:
-        for k in kernels:
-            vars(k).pop("run", None)
 
 
 def per_call_us(fn, repeats: int, inner: int) -> float:

@@ -293,9 +293,9 @@ def _direct(*ts) -> str | None:
     What it saves, launches stubbed (``python bench/host_cost.py``, this 2-core CPU): on the CPU path ~20 us per
     linear (5% of a TinyDiT forward at 1 thread); on the Triton path the layers between the router and the
     launcher, which a GPU pays on the host per routed call before Triton's own launch."""
-    if torch.compiler.is_compiling():
-        return None
     x = ts[0]
+    if type(x) not in _backend.PLAIN or torch.compiler.is_compiling():
+        return None
     dtype, device = x.dtype, x.device
     grad = torch.is_grad_enabled()
     for t in ts:
@@ -312,22 +312,12 @@ def _direct(*ts) -> str | None:
     return "triton" if _backend.requested() == "triton" and _backend.backend_for(x) == "triton" else None
 
 
-_launchers: dict = {}
-
-
-def _launcher(name: str):
-    """The registered op ``name``'s Triton launcher (what its body calls on the Triton backend)."""
-    fn = _launchers.get(name)
-    if fn is None:
-        fn = _launchers[name] = _ops().registry.OPS[name].launcher()
-    return fn
-
-
 def _run_triton(name: str, *args):
-    """The op's launcher as the registered op's body runs it: torch functions off (the launcher's own torch calls
-    are the implementation), torch's NaN fill of new tensors off (:func:`jetdet.backend.run_body`)."""
+    """The registered op ``name``'s Triton launcher, run as the op's body runs it: torch functions off (the
+    launcher's own torch calls are the implementation), torch's NaN fill of new tensors off
+    (:func:`jetdet.backend.run_body`)."""
     with torch._C.DisableTorchFunction():
-        return _backend.run_body(_launcher(name), *args)
+        return _backend.run_body(_ops().registry.OPS[name].launcher(), *args)
 
 
 def _is_last_dim(normalized_shape, d: int) -> bool:
@@ -344,7 +334,7 @@ def _h_linear(func, args, kwargs):
 
     x, w = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "weight")
     b = call_arg(args, kwargs, 2, "bias")
-    route = _direct(x, w, b) if isinstance(x, torch.Tensor) else None
+    route = _direct(x, w, b)
     if (route and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.numel()
             and w.numel() and (b is None or (b.dim() == 1 and b.shape[0] == w.shape[0]))):
         if route == "triton":
@@ -565,7 +555,7 @@ def _h_layer_norm(func, args, kwargs):
     x, ns = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "normalized_shape")
     w, b = call_arg(args, kwargs, 2, "weight"), call_arg(args, kwargs, 3, "bias")
     eps = call_arg(args, kwargs, 4, "eps", 1e-5)
-    route = _direct(x, w, b) if isinstance(x, torch.Tensor) else None
+    route = _direct(x, w, b)
     if route and x.dim() >= 1 and x.numel() and isinstance(eps, float):
         d = x.shape[-1]
         if (_is_last_dim(ns, d) and (w is None or tuple(w.shape) == (d,))
@@ -596,7 +586,7 @@ def _h_group_norm(func, args, kwargs):
     x, g = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "num_groups")
     w, b = call_arg(args, kwargs, 2, "weight"), call_arg(args, kwargs, 3, "bias")
     eps = call_arg(args, kwargs, 4, "eps", 1e-5)
-    route = _direct(x, w, b) if isinstance(x, torch.Tensor) else None
+    route = _direct(x, w, b)
     if (route and x.dim() >= 2 and x.numel() and isinstance(eps, float)
             and type(g) is int and g >= 1 and x.shape[1] % g == 0):
         c = x.shape[1]
@@ -616,8 +606,8 @@ def _h_softmax(func, args, kwargs):
 
     x, dim = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "dim")
     dtype = kwargs.get("dtype", call_arg(args, kwargs, 3 if func is F.softmax else 2, "dtype"))
-    if (dtype is None and type(dim) is int and isinstance(x, torch.Tensor) and x.dim() >= 1
-            and -x.dim() <= dim < x.dim() and x.numel() and _direct(x) == "triton"):
+    if (dtype is None and type(dim) is int and _direct(x) == "triton" and x.dim() >= 1
+            and -x.dim() <= dim < x.dim() and x.numel()):
         d = dim % x.dim()
         xm = x.movedim(d, -1) if d != x.dim() - 1 else x
         shape = xm.shape
@@ -637,7 +627,7 @@ def _h_sdpa(func, args, kwargs):
     ops = _ops()
 
     q, k, v, mask, dropout, causal, scale = sdpa_args(args, kwargs)
-    route = _direct(q, k, v) if mask is None and not dropout and not causal and isinstance(q, torch.Tensor) else None
+    route = _direct(q, k, v) if mask is None and not dropout and not causal else None
     if (route and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.numel() and k.numel() and v.numel()
             and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3] and k.shape[:3] == v.shape[:3]
             and (scale is None or isinstance(scale, float))):

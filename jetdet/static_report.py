@@ -478,6 +478,13 @@ def launch_spec(kernel, args, kwargs, *, name: str | None = None, arch: int = JI
     )
 
 
+def all_kernels() -> list:
+    """Every ``@triton.jit`` kernel of jetdet: the kernel modules of :data:`KERNEL_MODULES` are imported first."""
+    for name in KERNEL_MODULES:
+        importlib.import_module(name)
+    return _loaded_kernels()
+
+
 def _loaded_kernels() -> list:
     from triton.runtime.jit import KernelInterface
 
@@ -489,6 +496,24 @@ def _loaded_kernels() -> list:
             continue
         found += [v for v in vars(mod).values() if isinstance(v, KernelInterface) and v not in found]
     return found
+
+
+@contextlib.contextmanager
+def stub_launches(on_launch):
+    """Inside, no jetdet kernel (:func:`all_kernels`) runs: each launch ``kernel[grid](*args, **kwargs)`` calls
+    ``on_launch(kernel, args, kwargs, grid)`` instead (``kwargs`` without ``grid`` and ``warmup``). Outputs are
+    left as allocated. For timing the host side of a call and for recording launch arguments."""
+    kernels = all_kernels()
+    for k in kernels:
+        def run(*args, _k=k, grid=None, warmup=False, **kwargs):
+            on_launch(_k, args, kwargs, grid)
+
+        k.run = run
+    try:
+        yield
+    finally:
+        for k in kernels:
+            vars(k).pop("run", None)
 
 
 @contextlib.contextmanager

@@ -34,13 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 def _kernels(kernels):
     if kernels is not None:
         return list(kernels)
-    from .static_report import _loaded_kernels
+    from .static_report import all_kernels
 
-    return _loaded_kernels()
+    return all_kernels()
 
 
 def cached_variants(kernels=None) -> int:
-    """How many compiled variants the given (default: every loaded jetdet) kernels hold in Triton's in-memory
+    """How many compiled variants the given (default: every jetdet) kernels hold in Triton's in-memory
     caches, over all devices. A count taken before and after some work says how many variants it compiled or
     loaded."""
     n = 0
@@ -65,8 +65,8 @@ def unavailable() -> str | None:
 
 @contextlib.contextmanager
 def compile_ahead(kernels=None, workers: int | None = None):
-    """Inside, each launch of ``kernels`` (default: every ``@triton.jit`` kernel of the loaded
-    ``jetdet.kernels.*.kernel`` modules) compiles its variant in a pool of ``workers`` threads (default: the
+    """Inside, each launch of ``kernels`` (default: every jetdet ``@triton.jit`` kernel,
+    :func:`jetdet.static_report.all_kernels`) compiles its variant in a pool of ``workers`` threads (default: the
     CPU count) instead of running; leaving waits for the compiles. Yields a dict: ``launches`` (recorded),
     ``compiles`` (distinct variants handed to the pool; a variant in Triton's disk cache is loaded, not
     compiled), ``seconds`` (filled on exit) and ``skipped`` (why nothing was compiled ahead, or None: with the

@@ -19,24 +19,16 @@ import jetdet
 from jetdet import configs, static_report
 
 #: op -> most Python calls from the torch call to the (stubbed) launch, routed in deterministic mode: the counts
-#: with the router's direct route to the launcher (linear 48, sdpa 47, layer_norm 60 with nn.Module's own calls,
-#: conv2d 62, softmax 38; through the public ops they were 53, 54, 73, 71, 36) plus ~10%
+#: with the router's direct route to the launcher (linear 50, sdpa 49, layer_norm 62 with nn.Module's own calls,
+#: conv2d 64, softmax 40; through the public ops they were 53, 54, 73, 71, 36) plus ~10%
 BOUNDS = {"linear": 53, "sdpa": 52, "layer_norm": 66, "conv2d": 68, "softmax": 42}
 
 
 @contextlib.contextmanager
 def _stubbed():
-    for folder in ("matmul", "norms", "attention", "conv2d", "reduce"):
-        __import__(f"jetdet.kernels.{folder}.kernel")
-    kernels = static_report._loaded_kernels()
     launched = []
-    for k in kernels:
-        k.run = lambda *a, _k=k, **kw: launched.append(_k)
-    try:
+    with static_report.stub_launches(lambda kernel, *_: launched.append(kernel)):
         yield launched
-    finally:
-        for k in kernels:
-            vars(k).pop("run", None)
 
 
 def _calls(fn) -> int:
