@@ -15,7 +15,8 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
    2^64-1 at 8x4x128x128, item_offset 5, step 3: the H200 crash case), per-item == batch; checksums.
 3. ``ops``: every op x dtype (fp32/fp16/bf16) against an fp32 CPU reference, and bitwise batch invariance:
    every prefix 1..8 of a batch of 8 and one item alone against its slot (needle). Negative control: the
-   same prefix check on torch's own linear (cuBLAS), which is expected to differ somewhere.
+   same prefix check on torch's own linear (cuBLAS), which is expected to differ somewhere. ``linear_tf32x3`` and
+   ``conv3x3_tf32x3`` check fp32 under ``JETDET_FP32_DOT=tf32x3`` (opt-in) at fp32's tolerance.
 4. ``models``: the whole-model determinism report (TinyUNet, TinyDiT, a DiT-B-size TinyDiT; deterministic mode
    and mode "off" as the negative control).
 5. ``speed``: jetdet / torch time ratios (``triton.testing.do_bench`` medians) at the shapes of issue 13 and
@@ -23,7 +24,8 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
    linears also with the persistent TMA GEMM (``JETDET_MATMUL_KERNEL=tma``, opt-in), an A/B in the same run.
    The ``ops`` section checks that kernel too (``linear_tma``). Attention also with the other KV-loop structure
    than the device runs (``kernels/attention/launch.py: split_tail``: an unmasked loop over the whole blocks and
-   the partial block apart, or one masked loop), the same way.
+   the partial block apart, or one masked loop), the same way. fp32 linears and convs also with
+   ``JETDET_FP32_DOT=tf32x3``: its time, and its and the IEEE kernel's max error relative to torch's IEEE result.
 6. ``model_speed``: whole models at batch 4: fp32 det vs off (TinyUNet, TinyDiT, DiT-B size) and bf16 off / det
    / per-item loop (DiT stacks of width 1152 and 1024, an SD-like UNet stage).
 7. ``fast_path``: the step cache on the bundled model (Euler 30 steps, 8 classes, batched CFG): wall time,
@@ -67,6 +69,8 @@ import torch.nn.functional as F  # noqa: E402
 # max |out - ref| / max(1, max |ref|) per dtype against the fp32 reference (the README's "Accuracy")
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# op cases that only mean something in some dtypes (every other case runs in DTYPES)
+CASE_DTYPES = {"linear_tf32x3": (torch.float32,), "conv3x3_tf32x3": (torch.float32,)}
 # issue 13's targets: jetdet time / torch time at most this
 TARGETS = {"linear": 1.10, "linear_m512": 1.25, "linear_fp32": 1.3, "attention": 1.15, "conv": 1.5}
 CORRECTNESS_SECTIONS = ("noise", "ops", "models")
@@ -327,6 +331,12 @@ def _op_cases(dry: bool):
                    lambda x, w, bias: ops.linear(x, w, bias), lambda x, w, bias: F.linear(x, w, bias)),
         "linear_tma": (lambda b, g: ([r(g, b, 13 * s, 96 * s)], [r(g, 80 * s, 96 * s, scale=0.1), r(g, 80 * s)]),
                        _linear_tma, lambda x, w, bias: F.linear(x, w, bias)),
+        # JETDET_FP32_DOT=tf32x3 (opt-in): fp32 only (CASE_DTYPES), at fp32's tolerance
+        "linear_tf32x3": (lambda b, g: ([r(g, b, 13 * s, 96 * s)], [r(g, 80 * s, 96 * s, scale=0.1), r(g, 80 * s)]),
+                          _linear_tf32x3, lambda x, w, bias: F.linear(x, w, bias)),
+        "conv3x3_tf32x3": (lambda b, g: ([r(g, b, 16 * s, 13, 11)], [r(g, 24 * s, 16 * s, 3, 3, scale=0.1),
+                                                                    r(g, 24 * s)]),
+                           _conv_tf32x3, lambda x, w, bias: F.conv2d(x, w, bias, padding=1)),
         "bmm": (lambda b, g: ([r(g, b, 35 * s, 33), r(g, b, 33, 21 * s, scale=0.2)], []),
                 lambda a, m: ops.bmm(a, m), lambda a, m: torch.bmm(a, m)),
         "conv3x3": (lambda b, g: ([r(g, b, 16 * s, 13, 11)], [r(g, 24 * s, 16 * s, 3, 3, scale=0.1), r(g, 24 * s)]),
@@ -389,19 +399,31 @@ def _op_cases(dry: bool):
 
 
 @contextlib.contextmanager
-def _tma_kernel():
-    """``JETDET_MATMUL_KERNEL=tma`` inside (the persistent TMA GEMM for eligible fp16/bf16 linears), restored."""
-    from jetdet.kernels.matmul.launch import KERNEL_ENV
-
-    saved = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = "tma"
+def _env(name: str, value: str):
+    """``$name=value`` inside, restored."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop(KERNEL_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[KERNEL_ENV] = saved
+            os.environ[name] = saved
+
+
+def _tma_kernel():
+    """``JETDET_MATMUL_KERNEL=tma`` inside (the persistent TMA GEMM for eligible fp16/bf16 linears), restored."""
+    from jetdet.kernels.matmul.launch import KERNEL_ENV
+
+    return _env(KERNEL_ENV, "tma")
+
+
+def _tf32x3():
+    """``JETDET_FP32_DOT=tf32x3`` inside (fp32 GEMM and conv2d on the tensor cores, split precision), restored."""
+    from jetdet.kernels._common import FP32_DOT_ENV
+
+    return _env(FP32_DOT_ENV, "tf32x3")
 
 
 @contextlib.contextmanager
@@ -423,6 +445,20 @@ def _linear_tma(x, w, bias):
 
     with _tma_kernel():
         return jetdet.ops.linear(x, w, bias)
+
+
+def _linear_tf32x3(x, w, bias):
+    import jetdet
+
+    with _tf32x3():
+        return jetdet.ops.linear(x, w, bias)
+
+
+def _conv_tf32x3(x, w, bias):
+    import jetdet
+
+    with _tf32x3():
+        return jetdet.ops.conv2d(x, w, bias, padding=1)
 
 
 def _with_diagonal(m):
@@ -461,7 +497,7 @@ def ops_check(run: Run, out: dict) -> None:
         cases = {k: v for k, v in cases.items() if k in run.args.ops.split(",")}
     rows = []
     for name, (make, call, ref) in cases.items():
-        for dtype in DTYPES:
+        for dtype in CASE_DTYPES.get(name, DTYPES):
             if run.left() < 5:
                 run.incomplete.append(f"ops: {name} {_dn(dtype)} and later: time budget")
                 out["rows"] = rows
@@ -587,7 +623,8 @@ def _speed_shapes(dry: bool, quick: bool):
                 ("group_norm 2x32x8x8", "group_norm", bf, (2, 32, 8, 8)),
                 ("layer_norm 2x64x96", "layer_norm", bf, (2, 64, 96)),
                 ("softmax 2x64x96", "softmax", bf, (2, 64, 96)),
-                ("linear fp32 64x96->80", "linear", torch.float32, (64, 96, 80))]
+                ("linear fp32 64x96->80", "linear", torch.float32, (64, 96, 80)),
+                ("conv3x3 fp32 B1 C16 16x16->16", "conv", torch.float32, (1, 16, 16, 16))]
     issue = [
         ("linear 8192x3072->3072", "linear", bf, (8192, 3072, 3072)),
         ("linear 8192x3072->12288", "linear", bf, (8192, 3072, 12288)),
@@ -602,6 +639,8 @@ def _speed_shapes(dry: bool, quick: bool):
         ("conv3x3 B1 C512 128x128->512", "conv", bf, (1, 512, 128, 512)),
         ("conv3x3 B4 C320 64x64->320", "conv", bf, (4, 320, 64, 320)),
         ("conv3x3 B4 C640 32x32->640", "conv", bf, (4, 640, 32, 640)),
+        # fp32 (VAEs run in it): cuDNN with TF32 off against the IEEE kernel, and JETDET_FP32_DOT=tf32x3 beside
+        ("conv3x3 fp32 IEEE B4 C320 64x64->320", "conv", torch.float32, (4, 320, 64, 320)),
         # the same, channels-last on both sides (the kernel's own layout; NCHW input pays a copy to it)
         ("conv3x3 channels-last B1 C512 128x128->512", "conv_cl", bf, (1, 512, 128, 512)),
         ("conv3x3 channels-last B4 C320 64x64->320", "conv_cl", bf, (4, 320, 64, 320)),
@@ -681,6 +720,8 @@ def _target(kind, dtype, a):
         if dtype == torch.float32:
             return TARGETS["linear_fp32"]
         return TARGETS["linear_m512"] if a[0] <= 512 else TARGETS["linear"]
+    if dtype == torch.float32:
+        return None  # the conv target is for 16-bit
     return {"attention": TARGETS["attention"], "conv": TARGETS["conv"], "conv_cl": TARGETS["conv"]}.get(kind)
 
 
@@ -709,6 +750,19 @@ def speed(run: Run, out: dict) -> None:
                 ab_cols["tma_ratio"] = ab_cols["jetdet_tma_ms"] / t_torch
             except Exception as e:  # noqa: BLE001
                 ab_cols["tma_error"] = f"{type(e).__name__}: {e}"
+        if kind in ("linear", "conv", "conv_cl") and dtype == torch.float32 and run.left() > 20:
+            try:  # the split-precision tensor-core dot, timed, and its distance from torch's IEEE result
+                with _tf32x3():
+                    ab_cols["jetdet_tf32x3_ms"] = run.time_ms(jet_fn)
+                    y = jet_fn()
+                with _flags(matmul_tf32=False, cudnn_tf32=False):
+                    ref = torch_fn()
+                ab_cols["tf32x3_ratio"] = ab_cols["jetdet_tf32x3_ms"] / t_torch
+                scale = ref.abs().max().item() or 1.0
+                ab_cols["tf32x3_rel_err"] = (y - ref).abs().max().item() / scale
+                ab_cols["ieee_rel_err"] = (jet_fn() - ref).abs().max().item() / scale
+            except Exception as e:  # noqa: BLE001
+                ab_cols["tf32x3_error"] = f"{type(e).__name__}: {e}"
         if kind == "attention" and run.left() > 20:
             from jetdet.kernels.attention.launch import _arch, split_tail
 
@@ -737,6 +791,9 @@ def speed(run: Run, out: dict) -> None:
             ab = f"  TMA kernel {ab_cols['jetdet_tma_ms']:8.3f} ms {ab_cols['tma_ratio']:5.2f}x"
         if "jetdet_other_loops_ms" in ab_cols:
             ab = f"  {ab_cols['other_loops']}: {ab_cols['jetdet_other_loops_ms']:8.3f} ms"
+        if "tf32x3_ratio" in ab_cols:
+            ab = (f"  tf32x3 {ab_cols['jetdet_tf32x3_ms']:8.3f} ms {ab_cols['tf32x3_ratio']:5.2f}x, max rel err "
+                  f"{ab_cols['tf32x3_rel_err']:.1e} (IEEE {ab_cols['ieee_rel_err']:.1e})")
         print(f"  {label:<40} torch {t_torch:8.3f} ms  jetdet {t_jet:8.3f} ms  {ratio:5.2f}x{tgt}{ab}")
     out["rows"] = rows
 
@@ -1105,7 +1162,9 @@ def markdown(res: dict) -> str:
             ab = f"TMA kernel {r['tma_ratio']:.2f}x" if "tma_ratio" in r else r.get("tma_error", "")[:40]
             if "jetdet_other_loops_ms" in r:
                 ab = f"{r['other_loops']}: {r['jetdet_other_loops_ms'] / r['torch_ms']:.2f}x"
-            ab = ab or r.get("other_loops_error", "")[:40]
+            if "tf32x3_ratio" in r:
+                ab = f"tf32x3 {r['tf32x3_ratio']:.2f}x, err {r['tf32x3_rel_err']:.1e} (IEEE {r['ieee_rel_err']:.1e})"
+            ab = ab or r.get("other_loops_error", "")[:40] or r.get("tf32x3_error", "")[:40]
             lines.append(f"| {r['label']} | {r['dtype']} | {r['torch_ms']:.3f} | {r['jetdet_ms']:.3f} | "
                          f"{r['ratio']:.2f} | {tgt} | {cfg} | {ab} |")
         lines.append("")

@@ -19,6 +19,54 @@ from jetdet.configs import DTYPE_NAMES
 FP_FUSION = True
 
 
+#: ``$JETDET_FP32_DOT``: how the GEMM and conv2d kernels multiply fp32 operands.
+#:
+#: - ``ieee`` (the default): an IEEE fp32 dot, FFMA on CUDA cores, never TF32.
+#: - ``tf32x3``: Triton's split-precision dot on the tensor cores. Each operand is split as ``big = tf32(x)``,
+#:   ``small = x - big``, and three TF32 products are summed: ``small_a*big_b + big_a*small_b``, then
+#:   ``+ big_a*big_b``. The ``small*small`` term is dropped.
+#:   Opt-in until a GPU has timed it and measured its error (``bench/gpu_check.py`` does both).
+#:   ``bench/fp32_dot_accuracy.py`` emulates it on the CPU.
+#:
+#: Either way the tile is fixed per op, size class, dtype and device, and the K loop runs in order, so batch
+#: invariance holds as before. The interpreter ignores the dot precision: on CPU both give the IEEE result.
+FP32_DOT_ENV = "JETDET_FP32_DOT"
+FP32_DOTS = ("ieee", "tf32x3")
+
+#: The tile of a ``tf32x3`` GEMM or conv2d, per arch, for every N (one tile: nothing depends on M or the batch).
+#: Chosen from the static report, not from timings: the widest tile tried that compiles without spills on triton
+#: 3.6 and 3.9, JIT variants included. sm_90: warpgroup MMA, up to 248 registers, 65 KiB of shared memory; at
+#: BLOCK_K 32 the same tile spilled 56 B with odd sizes. sm_80/89: HMMA, up to 181 registers, 48 KiB; 128x128
+#: tiles spilled there: the split operands double the MMA fragments a thread holds.
+TF32X3_CONFIGS = {
+    "sm_90": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=4),
+}
+TF32X3_DEFAULT = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def fp32_dot() -> str:
+    """``$JETDET_FP32_DOT``, one of :data:`FP32_DOTS` (unset or empty: ``"ieee"``)."""
+    val = getenv(FP32_DOT_ENV)
+    if not val:
+        return "ieee"
+    val = val.strip().lower() or "ieee"
+    if val not in FP32_DOTS:
+        raise ValueError(f"{FP32_DOT_ENV}={val!r}: expected 'ieee' or 'tf32x3'")
+    return val
+
+
+def tf32x3_config(arch: str) -> dict:
+    """The fixed ``tf32x3`` tile for ``arch`` (``"sm_90"``; the interpreter's is ``"sm_80"``)."""
+    return TF32X3_CONFIGS.get(arch, TF32X3_DEFAULT)
+
+
+def tf32x3_tiles() -> list[tuple[dict, tuple[int, ...]]]:
+    """``(tile, archs)`` of the fixed ``tf32x3`` tiles over the static report's archs, for the compile specs."""
+    own = {int(arch[3:]): cfg for arch, cfg in TF32X3_CONFIGS.items()}
+    rest = tuple(a for a in (80, 89, 90) if a not in own)
+    return [(cfg, (arch,)) for arch, cfg in own.items()] + ([(TF32X3_DEFAULT, rest)] if rest else [])
+
+
 @dataclass
 class CompileSpec:
     """One kernel at one shipped config, for ``triton.compile(ASTSource(...))`` cross-compilation.

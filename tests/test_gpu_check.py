@@ -38,7 +38,9 @@ def test_dry_run_goes_through_every_section(tmp_path):
         assert "error" not in sec and "skipped" not in sec, (name, sec.get("error") or sec.get("skipped"))
     assert res["failures"] == [] and res["incomplete"] == []
     ops = res["sections"]["ops"]["rows"]
-    assert len(ops) == 20 * 3
+    assert len(ops) == 20 * 3 + 2  # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only
+    assert {(r["op"], r["dtype"]) for r in ops if "tf32x3" in r["op"]} == {("linear_tf32x3", "float32"),
+                                                                          ("conv3x3_tf32x3", "float32")}
     assert all(r["accurate"] and not r["prefix_differs"] and not r["needle_differs"] for r in ops)
     assert {"linear", "conv3x3", "attention_d128_mask", "attention_d72_mask", "group_norm", "group_norm_channels_last",
             "forecast"} <= {r["op"] for r in ops}
@@ -51,6 +53,9 @@ def test_dry_run_goes_through_every_section(tmp_path):
     for name in ("speed", "model_speed", "fast_path"):
         assert res["sections"][name]["rows"], name
     assert all("ratio" in r for r in res["sections"]["speed"]["rows"])
+    fp32 = [r for r in res["sections"]["speed"]["rows"] if r["dtype"] == "float32"]
+    assert {r["kind"] for r in fp32} == {"linear", "conv"}
+    assert all("tf32x3_ratio" in r and r["tf32x3_rel_err"] < 1e-5 for r in fp32), fp32  # the A/B column ran
     fast = res["sections"]["fast_path"]["rows"]
     assert [r["setting"] for r in fast] == ["off", "fast default", "fast budget=0.05", "fast budget=0.07",
                                             "fast budget=0.1", "fast budget=0.07 piggyback=0"]

@@ -50,11 +50,19 @@ def test_gemm_uses_tensor_cores_for_half(rows):
 
 
 def test_fp32_kernels_never_use_tf32(rows):
+    """The fp32 GEMM and conv2d run IEEE FFMA dots, no TF32; the opt-in ``JETDET_FP32_DOT=tf32x3`` variants run
+    the TF32 tensor cores only (three MMAs per dot, no FFMA fallback)."""
     fp32 = [r for r in rows if r["kernel"].startswith(("matmul_fp32_", "conv2d_fp32_"))]
-    assert fp32
+    split = [r for r in fp32 if "_tf32x3_" in r["kernel"]]
+    assert fp32 and split
     for r in fp32:
-        assert r["tf32"] == 0 and r["hmma"] == 0 and r["hgmma"] == 0, r
-        assert r["ffma"] > 0, r  # the IEEE dot runs on FFMA
+        if r in split:
+            assert r["tf32"] > 0 and r["tf32"] == r["hmma"] + r["hgmma"] and r["ffma"] == 0, r
+            assert r["tf32"] % 3 == 0, r  # small*big + big*small + big*big
+        else:
+            assert r["tf32"] == 0 and r["hmma"] == 0 and r["hgmma"] == 0, r
+            assert r["ffma"] > 0, r  # the IEEE dot runs on FFMA
+    assert {r["arch"] for r in split} == {80, 89, 90}
 
 
 def test_table_and_cli(rows, capsys):

@@ -46,6 +46,7 @@ def conv2d_kernel(
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr,
+    F32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -56,7 +57,8 @@ def conv2d_kernel(
     with any strides; grid (cdiv(OH*OW, BLOCK_M) * cdiv(O, BLOCK_N), B).
 
     ``DOT_F32``: upcast to fp32 after the load and use an IEEE fp32 dot (fp32 inputs: never TF32; bf16 under the
-    interpreter, whose bf16 dot is wrong).
+    interpreter, whose bf16 dot is wrong). ``F32_DOT``: that dot's ``input_precision``, ``"ieee"`` or ``"tf32x3"``
+    (fp32 inputs under ``JETDET_FP32_DOT=tf32x3``, ``kernels/_common.py``).
     """
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -102,7 +104,7 @@ def conv2d_kernel(
         k = tap * C + c
         b = tl.load(w_cols + k[:, None] * stride_wk, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=F32_DOT)
         else:
             acc = tl.dot(a, b, acc)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import cdiv, empty, out_memory_format
+from jetdet.kernels._common import cdiv, empty, fp32_dot, out_memory_format, tf32x3_config
 
 from ..matmul.torch_path import cached_pack
 from .kernel import conv2d_kernel
@@ -32,8 +32,12 @@ def _default(dtype: torch.dtype) -> dict:
     return DEFAULT_CONFIG_FP32 if dtype == torch.float32 else DEFAULT_CONFIG
 
 
-def config(out_channels: int, dtype: torch.dtype, device=None) -> dict:
-    """Tile config keyed by the number of output channels (never the batch size or the image size)."""
+def config(out_channels: int, dtype: torch.dtype, device=None, f32_dot: str | None = None) -> dict:
+    """Tile config keyed by the number of output channels (never the batch size or the image size); fp32 under
+    ``JETDET_FP32_DOT=tf32x3`` (or ``f32_dot="tf32x3"``, the launch's reading of it): the fixed tensor-core tile
+    of ``kernels/_common.py``."""
+    if dtype == torch.float32 and (f32_dot or fp32_dot()) == "tf32x3":
+        return tf32x3_config(configs.device_identity(device)[1])
     return configs.get_config(OP, out_channels, dtype=dtype, device=device, default=_default(dtype))
 
 
@@ -105,7 +109,8 @@ def conv2d(
 def _launch(x, wk, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
     nb, c, h, wd = x.shape
     _, o, oh, ow = y.shape
-    cfg = config(o, x.dtype, x.device)
+    prec = fp32_dot() if x.dtype == torch.float32 else "ieee"  # bf16 under the interpreter: exact products
+    cfg = config(o, x.dtype, x.device, prec)
     tiles = cdiv(oh * ow, cfg["BLOCK_M"]) * cdiv(o, cfg["BLOCK_N"])
     bias_arg = bias if bias is not None else y
     for start in range(0, nb, _MAX_GRID_Y):
@@ -124,6 +129,7 @@ def _launch(x, wk, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
             KW=kw,
             HAS_BIAS=bias is not None,
             DOT_F32=dot_f32,
+            F32_DOT=prec,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"],

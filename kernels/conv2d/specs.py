@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, tl_ptr
+from jetdet.kernels._common import CompileSpec, tf32x3_tiles, tl_ptr
 
 from .kernel import conv2d_kernel
 from .launch import _DTYPES, FP_FUSION, OP, _default
@@ -21,8 +21,12 @@ def compile_specs() -> list[CompileSpec]:
     with C, W*C multiples of 16, a channels-last weight (``stride_wk == 1``), stride/padding 1
     specialized to constants as Triton does."""
     specs = []
-    for dtype, cfg, archs in configs.shipped_configs(OP, _DTYPES, _default):
+    # the shipped tables' tiles, then the fixed tiles of fp32 under JETDET_FP32_DOT=tf32x3 (tensor cores only)
+    tiles = [(dtype, cfg, archs, "ieee") for dtype, cfg, archs in configs.shipped_configs(OP, _DTYPES, _default)]
+    tiles += [(torch.float32, cfg, archs, "tf32x3") for cfg, archs in tf32x3_tiles()]
+    for dtype, cfg, archs, prec in tiles:
         ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
+        dt += "_tf32x3" if prec == "tf32x3" else ""
         tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         for kh, kw, st, pad, out in _SPEC_SHAPES:
             signature = {
@@ -59,6 +63,7 @@ def compile_specs() -> list[CompileSpec]:
                 KW=kw,
                 HAS_BIAS=True,
                 DOT_F32=dtype == torch.float32,
+                F32_DOT=prec,
                 BLOCK_M=cfg["BLOCK_M"],
                 BLOCK_N=cfg["BLOCK_N"],
                 BLOCK_K=cfg["BLOCK_K"],
@@ -77,8 +82,10 @@ def compile_specs() -> list[CompileSpec]:
                     },
                     deterministic=True,
                     archs=archs,
-                    # fp32: never TF32; 16-bit: the activations arrive in vector loads, never element by element
-                    forbid=("no_tf32",) if dtype == torch.float32 else ("no_gather",),
+                    # fp32: never TF32 (tf32x3: tensor cores only); 16-bit: the activations arrive in vector loads,
+                    # never element by element
+                    forbid=(("no_fma",) if prec == "tf32x3" else ("no_tf32",)) if dtype == torch.float32
+                    else ("no_gather",),
                 )
             )
     return specs

@@ -29,6 +29,7 @@ def matmul_kernel(
     stride_cn,
     HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr,
+    F32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -38,6 +39,8 @@ def matmul_kernel(
 
     ``DOT_F32``: upcast both operands to fp32 right after the load and use an IEEE fp32 dot. Set for fp32
     inputs (so the GPU never uses TF32) and for bf16 under the interpreter (whose bf16 dot is wrong).
+    ``F32_DOT``: that dot's ``input_precision``: ``"ieee"``, or ``"tf32x3"`` for fp32 inputs under
+    ``JETDET_FP32_DOT=tf32x3`` (``kernels/_common.py``).
     """
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -71,7 +74,7 @@ def matmul_kernel(
         a = tl.load(a_base + a_offs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
         b = tl.load(b_base + b_offs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
         if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=F32_DOT)
         else:
             acc = tl.dot(a, b, acc)
         a_base += BLOCK_K * stride_ak

@@ -9,7 +9,7 @@ import torch
 
 from jetdet import configs
 from jetdet._paths import getenv
-from jetdet.kernels._common import cdiv, empty
+from jetdet.kernels._common import cdiv, empty, fp32_dot, tf32x3_config
 
 from .kernel import matmul_kernel
 
@@ -31,14 +31,19 @@ def _default(dtype: torch.dtype) -> dict:
     return DEFAULT_CONFIG_FP32 if dtype == torch.float32 else DEFAULT_CONFIG
 
 
-def config(n: int, dtype: torch.dtype, device=None) -> dict:
-    """Tile config for output width ``n``: never M or the batch size, which keeps it batch-invariant."""
+def config(n: int, dtype: torch.dtype, device=None, f32_dot: str | None = None) -> dict:
+    """Tile config for output width ``n``: never M or the batch size, which keeps it batch-invariant. fp32 under
+    ``JETDET_FP32_DOT=tf32x3`` (or ``f32_dot="tf32x3"``, the launch's reading of it): the fixed tensor-core tile
+    of ``kernels/_common.py``."""
+    if dtype == torch.float32 and (f32_dot or fp32_dot()) == "tf32x3":
+        return tf32x3_config(configs.device_identity(device)[1])
     return configs.get_config(OP, n, dtype=dtype, device=device, default=_default(dtype))
 
 
 def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
-    # fp32: IEEE dot, never TF32. bf16 under the interpreter: its bf16 dot gives wrong numbers, and the
-    # bf16 x bf16 products are exact in fp32, so the fp32 dot computes what the tensor cores do.
+    # fp32: IEEE dot, never TF32 (unless JETDET_FP32_DOT=tf32x3 asks for the split-precision one). bf16 under the
+    # interpreter: its bf16 dot gives wrong numbers, and the bf16 x bf16 products are exact in fp32, so the fp32 dot
+    # computes what the tensor cores do.
     return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
 
 
@@ -87,7 +92,8 @@ def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torc
 def _run(a, b, bias, c, nb: int, strides: tuple) -> None:
     """One launch over ``nb`` problems; ``strides`` are a's, b's and c's (batch, row, column)."""
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    cfg = config(n, a.dtype, a.device)
+    prec = fp32_dot() if a.dtype == torch.float32 else "ieee"  # bf16 under the interpreter: exact products
+    cfg = config(n, a.dtype, a.device, prec)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     matmul_kernel[(cdiv(m, bm) * cdiv(n, bn), nb)](
         a, b, bias if bias is not None else c, c,
@@ -95,6 +101,7 @@ def _run(a, b, bias, c, nb: int, strides: tuple) -> None:
         *strides,
         HAS_BIAS=bias is not None,
         DOT_F32=_dot_f32(a.dtype, a.device),
+        F32_DOT=prec,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=cfg["BLOCK_K"],

@@ -4,7 +4,7 @@ config, and the persistent TMA GEMM (``launch_tma.py``) at its fixed tiles, for 
 from __future__ import annotations
 
 from jetdet import configs
-from jetdet.kernels._common import CompileSpec, tl_ptr
+from jetdet.kernels._common import CompileSpec, tf32x3_tiles, tl_ptr
 
 from .kernel import matmul_kernel
 from .kernel_tma import matmul_tma_kernel
@@ -16,8 +16,25 @@ H100_SMS = 132  # the TMA kernel is compiled for this many persistent programs (
 
 
 def compile_specs() -> list[CompileSpec]:
-    """:func:`gemm_specs` and :func:`tma_specs`."""
-    return gemm_specs() + tma_specs()
+    """:func:`gemm_specs`, :func:`tf32x3_specs` and :func:`tma_specs`."""
+    return gemm_specs() + tf32x3_specs() + tma_specs()
+
+
+def tf32x3_specs() -> list[CompileSpec]:
+    """The GEMM at each fixed ``tf32x3`` tile, fp32 operands, as :func:`gemm_specs` models the launch. Tensor
+    cores only: ``no_fma`` fails a variant that fell back to FFMA."""
+    specs = []
+    proto = next(s for s in gemm_specs() if s.constexprs["DOT_F32"])
+    for cfg, archs in tf32x3_tiles():
+        tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        constexprs = dict(proto.constexprs, F32_DOT="tf32x3",
+                          **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
+        specs.append(CompileSpec(
+            name=f"matmul_fp32_tf32x3_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}",
+            fn=matmul_kernel, signature=dict(proto.signature), constexprs=constexprs,
+            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": FP_FUSION},
+            deterministic=True, archs=archs, forbid=("no_fma",)))
+    return specs
 
 
 def gemm_specs() -> list[CompileSpec]:
@@ -60,6 +77,7 @@ def gemm_specs() -> list[CompileSpec]:
                     "stride_cn": 1,
                     "HAS_BIAS": True,
                     "DOT_F32": dt == "fp32",
+                    "F32_DOT": "ieee",
                     "BLOCK_M": cfg["BLOCK_M"],
                     "BLOCK_N": cfg["BLOCK_N"],
                     "BLOCK_K": cfg["BLOCK_K"],
