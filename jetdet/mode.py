@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from . import backend as _backend
 from .kernels.attention import torch_path as _attention_torch
@@ -137,10 +137,18 @@ def _acquire(warn_only: bool) -> None:
         _global_users += 1
     depth = getattr(_tls, "depth", 0)
     if depth == 0:
-        router = _Router()
-        router.__enter__()
-        _tls.router = router
+        router = getattr(_tls, "router", None)
+        if router is None or not any(m is router for m in _function_modes()):
+            router = _Router()
+            router.__enter__()
+            _tls.router = router
+        # else: the router a nested mode("off") left under the user's own torch function mode (see _release)
     _tls.depth = depth + 1
+
+
+def _function_modes() -> list:
+    """This thread's torch function mode stack, bottom first."""
+    return _get_current_function_mode_stack()
 
 
 def _release() -> None:
@@ -148,8 +156,16 @@ def _release() -> None:
     _tls.depth -= 1
     if _tls.depth == 0:
         router = _tls.router
-        _tls.router = None
-        router.__exit__(None, None, None)
+        modes = _function_modes()
+        if modes and modes[-1] is router:
+            _tls.router = None
+            router.__exit__(None, None, None)
+        elif not any(m is router for m in modes):
+            _tls.router = None
+        # else: a torch function mode the user entered inside the deterministic context (torch.device("meta"), a
+        # counter) sits above the router, as with mode("off") nested in it. Exiting the router would pop that mode
+        # instead: the router stays, passing every call through while the mode is not deterministic, and the next
+        # deterministic context on this thread takes it up again (_acquire).
     with _lock:
         _global_users -= 1
         if _global_users == 0 and _saved_flags is not None:

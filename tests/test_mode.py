@@ -173,3 +173,55 @@ def test_routed_results_match_torch_closely():
                 torch.ones(2, 7, 7), q[:, 0], q[:, 1].transpose(1, 2), alpha=0.5), x.softmax(1))
     for r, g in zip(ref, got):
         assert torch.allclose(r, g, atol=1e-5, rtol=1e-5)
+
+
+def test_nested_off_leaves_the_users_torch_function_modes_alone():
+    """``mode("off")`` nested inside deterministic mode, under a torch function mode the user entered in between
+    (a counter, ``torch.device("meta")``): that mode keeps seeing every call inside and after the nested "off", and
+    each ``with`` leaves the stack as it found it. Negative control (run by hand): with ``_release`` exiting the
+    router unconditionally, as before, the nested "off" popped the user's mode (the counter saw nothing, zeros came
+    out on the CPU) and its exit pushed a second router."""
+    from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+
+    class Counter(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def stack():
+        return [type(m).__name__ for m in _get_current_function_mode_stack()]
+
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    before = stack()
+    counter = Counter()
+    with jetdet.mode("deterministic"):
+        with counter:
+            inside = stack()
+            with jetdet.mode("off"):
+                n = counter.n
+                F.linear(x, w)
+                assert counter.n > n and stack() == inside
+            assert stack() == inside
+            n = counter.n
+            assert torch.equal(F.linear(x, w), F.linear(x, w))
+            assert counter.n > n
+        with torch.device("meta"):
+            with jetdet.mode("off"):
+                assert torch.zeros(1).device.type == "meta"
+            assert torch.zeros(1).device.type == "meta"
+    assert stack() == before and jetdet.get_mode() is Mode.OFF
+
+    # the deterministic context exits while the user's mode is still entered: the router stays under it (passing
+    # calls through), the user's exit pops the user's mode, and the next deterministic context takes the router up
+    counter = Counter()
+    with jetdet.mode("deterministic"):
+        counter.__enter__()
+    assert stack()[-1] == "Counter"
+    counter.__exit__(None, None, None)
+    with jetdet.mode("deterministic"):
+        assert stack().count("_Router") == 1
+    assert stack() == before
