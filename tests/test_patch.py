@@ -99,3 +99,70 @@ def test_grouped_conv_left_to_router_and_reported():
     assert st["layers_patched"] == {"Conv2d": 1}
     assert st["layers_left_to_router"] == {"Conv2d (groups=2)": 1}
     h.remove()
+
+
+def test_deepcopy_of_a_deterministic_model_runs_its_own_weights():
+    """``copy.deepcopy`` of a patched model: the copy's forwards are bound to the copy, so it runs its own weights
+    (never the original's) and is deterministic; ``jetdet.patch(copy)`` refuses until ``jetdet.unpatch(copy)`` has
+    removed what it inherited, and the original's patch is untouched throughout. Negative control (run by hand):
+    with the model's forward a closure over the original's bound forward, as before, the copy with zeroed weights
+    gave the original's output."""
+    import copy
+
+    model = TinyDiT().eval()
+    x, t, y = make_toy_inputs(8)
+    handle = jetdet.patch(model, mode="deterministic")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        mine, ref = twin(x, t, y), model(x, t, y)
+        jetdet.unpatch(twin)  # the plain copy, for the reference below
+        plain = twin(x, t, y)
+    assert not torch.equal(mine, ref)
+    torch.testing.assert_close(mine, plain, atol=1e-4, rtol=1e-4)  # the copy's weights, not the original's
+    twin = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match=r"copied from a patched model.*jetdet.unpatch"):
+        jetdet.patch(twin, mode="deterministic")
+    comps, _ = check_model(twin, (x, t, y), max_batch=4, threads=(1,), repeats=2)
+    assert all(c.equal for c in comps), [c for c in comps if not c.equal]  # deterministic as copied
+    assert jetdet.unpatch(twin) and not jetdet.unpatch(twin)
+    assert all("forward" not in m.__dict__ for m in twin.modules())
+    jetdet.patch(twin, mode="deterministic").remove()
+    assert not handle.removed and "forward" in model.__dict__
+
+
+def test_deepcopy_of_a_fast_model_runs_without_the_originals_cache():
+    import copy
+
+    model = TinyUNet().eval()
+    x, t, y = make_toy_inputs(2)
+    handle = jetdet.patch(model, mode="fast", budget=0.0)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        with pytest.warns(UserWarning, match=r"copy \(copy.deepcopy\).*runs without the step cache"):
+            out = twin(x, t, y)
+    assert out.abs().max() < 1e-6  # its own (zeroed) weights
+    assert handle.stats()["cache"]["calls"] == 0  # and not the original's cache
+    with torch.no_grad():
+        model(x, t, y)
+    assert handle.stats()["cache"]["calls"] == 1
+    assert jetdet.unpatch(twin)
+    jetdet.patch(twin, mode="fast").remove()
+
+
+def test_overlapping_patches_refused():
+    """A submodule of a patched model, or a model containing a patched submodule, is refused: removing two
+    overlapping patches in the wrong order would leave jetdet forwards installed for good."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    h_sub = jetdet.patch(model[1], mode="deterministic")
+    with pytest.raises(RuntimeError, match="its submodule '1' is already patched"):
+        jetdet.patch(model, mode="deterministic")
+    h_sub.remove()
+    h_all = jetdet.patch(model, mode="deterministic")
+    with pytest.raises(RuntimeError, match="submodule of a Sequential already patched"):
+        jetdet.patch(model[1], mode="deterministic")
+    h_all.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -19,13 +19,20 @@ What patching changes, and what ``remove()`` puts back exactly:
 
 Patching never touches parameters, buffers, classes or hooks; it only sets instance ``forward`` attributes,
 and ``remove()`` deletes them again (or restores a ``forward`` attribute the user had set). Patching an
-already patched model raises; call ``remove()`` first.
+already patched model raises; call ``remove()`` first. So does patching a model that contains a patched
+submodule, or a submodule of a patched model.
+
+Each installed ``forward`` is a method bound to its module, so ``copy.deepcopy`` of a patched model binds the copy's
+to the copy: it runs on the copy's own weights. A copy of a deterministic model is deterministic too. A copy of a
+fast model runs without the step cache (the cache and its statistics belong to the original), with a one-time
+warning. ``jetdet.unpatch(copy)`` removes what the copy inherited; then it can be patched itself.
 """
 
 from __future__ import annotations
 
 import functools
 import types
+import warnings
 import weakref
 from collections import Counter
 
@@ -114,9 +121,62 @@ class PatchHandle:
         return f"<jetdet PatchHandle {self.mode} on {type(self.model).__name__} ({state})>"
 
     # ----------------------------------------------------------------------------------------- helpers
-    def _set_forward(self, module: nn.Module, fn) -> None:
-        self._saved.append((module, module.__dict__.get("forward", _MISSING)))
-        module.__dict__["forward"] = fn
+    def _set_forward(self, module: nn.Module, body) -> None:
+        """Install ``body(this, inner, *args, **kwargs)`` as ``module``'s instance ``forward``, reversibly.
+
+        ``this`` is the module the call is on and ``inner`` its forward from before the patch. The forward is bound
+        to ``module``, so ``copy.deepcopy`` binds a copy's to the copy: ``this`` is then the copy, and ``inner`` the
+        copy's own previous forward, so nothing of the copy reaches the original's weights."""
+        prev = module.__dict__.get("forward", _MISSING)
+        self._saved.append((module, prev))
+        inner = module.forward
+
+        def forward(this, *args, **kwargs):
+            if this is module:
+                return body(this, inner, *args, **kwargs)
+            return body(this, _previous_forward(this, module, prev), *args, **kwargs)
+
+        wrapped = inner.__func__ if isinstance(inner, types.MethodType) else None
+        if wrapped is not None:  # inspect.signature(model.forward) keeps the model's own signature
+            functools.update_wrapper(forward, wrapped)
+        setattr(forward, _JETDET_ATTR, (module, prev))
+        module.__dict__["forward"] = types.MethodType(forward, module)
+
+
+_JETDET_ATTR = "__jetdet_forward__"  # (module it was installed on, that module's previous instance forward)
+
+
+def _previous_forward(this: nn.Module, orig: nn.Module, prev):
+    """The forward ``this`` (a copy of ``orig``) had before ``orig`` was patched: ``prev`` rebound to ``this`` when
+    it was a method of ``orig``, the class's forward when there was none."""
+    if prev is _MISSING:
+        return types.MethodType(type(this).forward, this)
+    if isinstance(prev, types.MethodType) and prev.__self__ is orig:
+        return types.MethodType(prev.__func__, this)
+    return prev
+
+
+def _jetdet_forward(module: nn.Module):
+    """``(module it was installed on, previous forward)`` when ``module`` carries a jetdet instance forward."""
+    fwd = module.__dict__.get("forward")
+    return getattr(fwd, _JETDET_ATTR, None) if fwd is not None else None
+
+
+def _inherited(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that carry a jetdet forward installed on another module (``copy.deepcopy`` of a
+    patched model)."""
+    return [m for m in model.modules() if (meta := _jetdet_forward(m)) is not None and meta[0] is not m]
+
+
+def _strip(module: nn.Module) -> None:
+    """Put back ``module``'s forward from before the patch it inherited."""
+    orig, prev = _jetdet_forward(module)
+    if prev is _MISSING:
+        module.__dict__.pop("forward", None)
+    elif isinstance(prev, types.MethodType) and prev.__self__ is orig:
+        module.__dict__["forward"] = types.MethodType(prev.__func__, module)
+    else:
+        module.__dict__["forward"] = prev
 
 
 def _check_model(model):
@@ -139,7 +199,7 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
     for module in model.modules():
         fwd = layers.deterministic_forward(module)
         if fwd is not None:
-            handle._set_forward(module, types.MethodType(fwd, module))
+            handle._set_forward(module, lambda this, inner, *args, _f=fwd, **kwargs: _f(this, *args, **kwargs))
             handle._layers[type(module).__name__] += 1
         elif type(module).__name__ in layers.SUPPORTED:
             handle._skipped[f"{type(module).__name__} ({layers.unsupported_reason(module)})"] += 1
@@ -149,10 +209,8 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
             f"({', '.join(layers.SUPPORTED)}); found: {_found_summary(model)}. For a model built from functional "
             "calls only, use `with jetdet.mode('deterministic'):` instead."
         )
-    inner = model.forward  # the (possibly user-overridden) bound forward
 
-    @functools.wraps(inner)
-    def forward(*args, **kwargs):
+    def forward(this, inner, *args, **kwargs):  # inner: the (possibly user-overridden) forward from before
         if torch.compiler.is_compiling():  # traced by torch.compile: the router alone (mode.compiled_router)
             with compiled_router():
                 return inner(*args, **kwargs)
@@ -191,8 +249,10 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         reason = "block_reuse=False: whole-call skipping only"
     adapter.blocks_reason = reason
 
-    @functools.wraps(inner)
-    def forward(*args, **kwargs):
+    def forward(this, inner, *args, **kwargs):
+        if this is not model:  # a copy.deepcopy of the model: the cache is the original's
+            _warn_fast_copy(model)
+            return inner(*args, **kwargs)
         call = adapter.bind(args, kwargs)
         if swap is not None:
             with swap.mode(call.t):
@@ -207,6 +267,21 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         return adapter.pack(out, kwargs)
 
     handle._set_forward(model, forward)
+
+
+_warned_copies: set = set()
+
+
+def _warn_fast_copy(model: nn.Module) -> None:
+    key = id(model)
+    if key not in _warned_copies:
+        _warned_copies.add(key)
+        warnings.warn(
+            f"jetdet: a copy (copy.deepcopy) of a {type(model).__name__} patched with mode='fast' runs without the "
+            "step cache, which belongs to the original; call jetdet.unpatch(copy), then jetdet.patch(copy, "
+            "mode='fast') for a cache of its own",
+            stacklevel=4,
+        )
 
 
 def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHandle:
@@ -240,6 +315,21 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
             f"model: {type(model).__name__} is already patched by jetdet (mode={existing.mode!r}); call "
             "handle.remove() or jetdet.unpatch(model) before patching it again"
         )
+    if _inherited(model):
+        raise RuntimeError(
+            f"model: {type(model).__name__} carries jetdet forwards copied from a patched model (copy.deepcopy); "
+            "call jetdet.unpatch(model) to remove them before patching it"
+        )
+    names = {m: n for n, m in model.named_modules()}
+    for m, h in list(_handles.items()):
+        if h.removed or m is model:
+            continue
+        if m in names:
+            raise RuntimeError(f"model: its submodule {names[m] or type(m).__name__!r} is already patched by jetdet "
+                               f"(mode={h.mode!r}); remove that patch first, or patch only one of them")
+        if any(sub is model for sub in m.modules()):
+            raise RuntimeError(f"model: it is a submodule of a {type(m).__name__} already patched by jetdet "
+                               f"(mode={h.mode!r}); remove that patch first, or patch only one of them")
     handle = PatchHandle(model, mode, options)
     try:
         if mode == "deterministic":
@@ -258,9 +348,13 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
 
 
 def unpatch(model: nn.Module) -> bool:
-    """Remove jetdet's patch from ``model``; returns False when it was not patched."""
+    """Remove jetdet's patch from ``model``, or the jetdet forwards a copy (``copy.deepcopy``) of a patched model
+    inherited; returns False when there was neither."""
     handle = _handles.get(model)
-    if handle is None:
-        return False
-    handle.remove()
-    return True
+    if handle is not None:
+        handle.remove()
+        return True
+    inherited = _inherited(model)
+    for m in inherited:
+        _strip(m)
+    return bool(inherited)

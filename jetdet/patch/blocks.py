@@ -251,17 +251,18 @@ def _slice(v, R, idx, name=None):
 # ------------------------------------------------------------------------------------------- hooks
 class BlockHooks:
     """Instance-level ``forward`` wrappers on a :class:`BlockSplit`'s blocks (and their token-wise modules),
-    inert unless a run is active. ``set_forward(module, fn)`` installs one reversibly (the patch handle's)."""
+    inert unless a run is active. ``set_forward(module, body)`` installs one reversibly (the patch handle's
+    ``_set_forward``: ``body(this, inner, *args, **kwargs)``)."""
 
     def __init__(self, split: BlockSplit, set_forward):
         self.split = split
         self._active: _Run | None = None
         self._templates: dict[int, tuple] = {}  # block index -> (structure, [_Meta or non-tensor leaf])
         for i, mod in enumerate(split.modules):
-            set_forward(mod, self._wrap(i, mod.forward))
+            set_forward(mod, self._wrap(i, mod))
         for i, mods in split.token_modules.items():
             for key, mod in mods:
-                set_forward(mod, self._wrap_token(i, key, mod.forward))
+                set_forward(mod, self._wrap_token(i, key, mod))
 
     @property
     def num_blocks(self) -> int:
@@ -272,26 +273,26 @@ class BlockHooks:
         forward)."""
         return BlockRunner(self, run)
 
-    def _wrap(self, i, inner):
-        def forward(*args, **kwargs):
+    # the bodies ``set_forward`` installs: ``this`` is the module called, ``inner`` its forward from before; a copy of
+    # the model (copy.deepcopy) calls its own blocks' ``inner``, never a run of the original's
+    def _wrap(self, i, mod):
+        def forward(this, inner, *args, **kwargs):
             act = self._active
-            if act is None:
+            if act is None or this is not mod:
                 return inner(*args, **kwargs)
             return act.block(i, inner, args, kwargs)
 
-        forward.__wrapped__ = inner
         return forward
 
-    def _wrap_token(self, i, key, inner):
-        def forward(*args, **kwargs):
+    def _wrap_token(self, i, key, mod):
+        def forward(this, inner, *args, **kwargs):
             act = self._active
             x = args[0] if args else None
-            if (act is None or act.in_body != i or len(args) != 1 or kwargs or not isinstance(x, torch.Tensor)
-                    or x.dim() != 3):
+            if (act is None or this is not mod or act.in_body != i or len(args) != 1 or kwargs
+                    or not isinstance(x, torch.Tensor) or x.dim() != 3):
                 return inner(*args, **kwargs)
             return act.plan.token(key, x, inner)
 
-        forward.__wrapped__ = inner
         return forward
 
 
