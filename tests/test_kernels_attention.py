@@ -169,7 +169,8 @@ def test_attention_any_scale_sign_and_whole_blocks(dtype):
 def test_attention_masks(dtype):
     b, h, nq, nk, d = 2, 2, 19, 37, 40
     q, k, v = qkv(b, h, nq, nk, d, dtype)
-    # broadcast [1, 1, Nq, Nk]: random values, scattered -inf, one row fully masked -> NaN as in the reference
+    # broadcast [1, 1, Nq, Nk]: random values, scattered -inf, one row fully masked -> 0 as in the reference (and
+    # torch's SDPA)
     bmask = torch.randn(1, 1, nq, nk)
     bmask[..., ::3] = float("-inf")
     bmask[0, 0, 5, :] = float("-inf")
@@ -184,7 +185,7 @@ def test_attention_masks(dtype):
         out, ref = attention(q, k, v, mask), attention_reference(q, k, v, mask)
         same_nonfinite(out, ref)
         close(out, ref, dtype, "attention")
-    assert attention(q, k, v, bmask)[:, :, 5].isnan().all()
+    assert torch.equal(attention(q, k, v, bmask)[:, :, 5], torch.zeros_like(q[:, :, 5, :]))
 
 
 def test_attention_nan_inf_propagate_like_reference():
@@ -238,3 +239,27 @@ def test_interpreter_uses_sm80_tables_keyed_by_size():
 @pytest.mark.parametrize("mod", [attn_specs], ids=["attention"])
 def test_compile_specs_cover_every_parameter(mod):
     check_compile_specs(mod)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fully_masked_rows_match_torch_sdpa(backend):
+    """``F.scaled_dot_product_attention`` routed in deterministic mode gives what torch gives for a query row with no
+    key to attend to: 0 (torch >= 2.5), for a boolean key-padding mask that drops one item's every key and for a
+    float mask with one row of -inf; the other rows agree to fp32 accuracy. Both backends (the torch path and the
+    kernel). Negative control (run by hand): with the kernel dividing by ``l`` as before, the triton case is NaN."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 16, generator=g) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keep[1] = False
+    k, v = torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    fmask = torch.zeros(2, 1, 5, 7)
+    fmask[0, 0, 3] = float("-inf")
+    for mask in (keep, fmask):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with jetdet.mode("deterministic"):
+            got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(want[0, :, 3], torch.zeros(2, 16)) and torch.equal(got[0, :, 3], want[0, :, 3])

@@ -96,8 +96,8 @@ def kv_block(
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # a row with no finite score yet keeps m = -inf; subtract 0 there instead of -inf so that exp2(-inf - (-inf))
-    # does not turn the (still zero) state into NaN. A row that stays fully masked ends with l = 0 and 0/0 = NaN,
-    # like softmax over all -inf in the reference.
+    # does not turn the (still zero) state into NaN. A row that stays fully masked ends with l = 0 and acc = 0, and
+    # outputs 0 (the kernel's end), as torch's SDPA does.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     if HAS_MASK or TAIL:
         p = tl.exp2(s - m_sub[:, None])
@@ -270,14 +270,18 @@ def attention_fwd_kernel(
             qk_scale, m_i, l_i, acc, acc2, True, HAS_MASK, DOT_FP32, BLOCK_D2 > 0, BLOCK_DV2 > 0,
         )  # fmt: skip
 
-    out = acc / l_i[:, None]
+    # a row with a finite score has l of about 1 or more (its maximum adds exp2(~0)), which the floor leaves alone; a
+    # row whose every score was -inf (fully masked) has l = 0 and acc = 0 and outputs 0, as torch's SDPA does; a NaN
+    # state stays NaN through acc. (A select here instead spilled 8 B on sm_80 at head dim 40 with a mask.)
+    l_safe = tl.maximum(l_i, 1e-30)
+    out = acc / l_safe[:, None]
     tl.store(
         o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & dv_ok[None, :],
     )
     if BLOCK_DV2 > 0:
-        out2 = acc2 / l_i[:, None]
+        out2 = acc2 / l_safe[:, None]
         tl.store(
             o_base + offs_m[:, None] * stride_om + offs_dv2[None, :] * stride_od,
             out2.to(out_ptr.dtype.element_ty),

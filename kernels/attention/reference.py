@@ -18,11 +18,15 @@ def attention_reference(q, k, v, mask=None, scale=None) -> torch.Tensor:
     """``softmax(q @ k^T * scale + mask) @ v`` in fp32 (inputs upcast); returns fp32 ``[B, H, Nq, Dv]``.
 
     ``mask``: None, an additive float tensor or a boolean one (True = keep), broadcastable to
-    ``[B, H, Nq, Nk]``. A row masked to all -inf is NaN (softmax of all -inf).
+    ``[B, H, Nq, Nk]``. A row masked to all -inf is 0, as torch's SDPA gives (since 2.5) and not the NaN of a
+    literal softmax of all -inf.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores + additive_mask(mask)
-    return torch.matmul(torch.softmax(scores, dim=-1), v.float())
+    p = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        p = p.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
+    return torch.matmul(p, v.float())

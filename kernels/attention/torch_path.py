@@ -12,6 +12,14 @@ def softmax_f32(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=-1)
 
 
+def masked_softmax_f32(x: torch.Tensor) -> torch.Tensor:
+    """:func:`softmax_f32` with a row whose every score is -inf (fully masked) giving 0 instead of NaN, as torch's
+    SDPA does since 2.5 and as the kernel does. Element-wise per row, so batch invariant."""
+    out = torch.softmax(x, dim=-1)
+    dead = (x == float("-inf")).all(dim=-1, keepdim=True)
+    return out.masked_fill(dead, 0.0)
+
+
 def attention(q, k, v, mask=None, scale=None):
     """softmax(q k^T * scale + mask) v per (item, head): two row-tiled GEMMs around a row softmax, fp32.
 
@@ -24,4 +32,7 @@ def attention(q, k, v, mask=None, scale=None):
     s = bmm_f32(f32(q).reshape(b * h, nq, d), f32(k).reshape(b * h, nk, d).transpose(1, 2)) * scale
     if mask is not None:
         s = (s.reshape(b, h, nq, nk) + f32(mask)).reshape(b * h, nq, nk)
-    return bmm_f32(softmax_f32(s), f32(v).reshape(b * h, nk, dv)).reshape(b, h, nq, dv).to(q.dtype)
+        p = masked_softmax_f32(s)
+    else:
+        p = softmax_f32(s)
+    return bmm_f32(p, f32(v).reshape(b * h, nk, dv)).reshape(b, h, nq, dv).to(q.dtype)
