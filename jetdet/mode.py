@@ -724,12 +724,55 @@ def handler_for(func):
     return _HANDLERS.get(func)
 
 
+# torch.autocast's policy for the routed functions: the matmul family, convolutions, einsum and SDPA run in the
+# autocast dtype (CPU and CUDA); on CUDA, layer_norm, group_norm and softmax run in fp32 (torch's "autocast to
+# float32" list; on CPU they keep their inputs' dtype, as torch's CPU autocast does)
+_AUTOCAST_LOW = frozenset({
+    F.linear, torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
+    torch.Tensor.baddbmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.conv2d, F.conv2d,
+    torch.conv3d, F.conv3d, torch.einsum, F.scaled_dot_product_attention,
+})
+_AUTOCAST_FP32_CUDA = frozenset({F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax,
+                                 torch.softmax, torch.Tensor.softmax})
+
+
+def _autocast_cast(a, to):
+    if isinstance(a, torch.Tensor):
+        # autocast casts floating tensors other than fp64 (fp64 stays, and takes the fallback)
+        return a.to(to) if a.is_floating_point() and a.dtype != to and a.dtype != torch.float64 else a
+    if isinstance(a, (list, tuple)) and a and any(isinstance(t, torch.Tensor) for t in a):
+        return type(a)(_autocast_cast(t, to) for t in a)
+    return a
+
+
+def _autocast_route(func, handler, args, kwargs):
+    """A routed call under ``torch.autocast``: its inputs cast as autocast would cast them for ``func``, then the
+    handler with autocast off, so that jetdet's bodies (whose torch calls are the implementation) are not recast
+    op by op. Without this the router's call ran in the inputs' dtype (autocast acts below ``__torch_function__``)
+    and its body's inner matmuls were recast."""
+    dev = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if dev is None or not torch.is_autocast_enabled(dev):
+        return handler(func, args, kwargs)
+    to = None
+    if func in _AUTOCAST_LOW:
+        to = torch.get_autocast_dtype(dev)
+    elif dev == "cuda" and func in _AUTOCAST_FP32_CUDA and kwargs.get("dtype") is None:
+        to = torch.float32
+    if to is not None:
+        args = tuple(_autocast_cast(a, to) for a in args)
+        kwargs = {k: _autocast_cast(v, to) for k, v in kwargs.items()}
+    with torch.autocast(dev, enabled=False):
+        return handler(func, args, kwargs)
+
+
 class _Router(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _current.get() is Mode.DETERMINISTIC:
             handler = _HANDLERS.get(func)
             if handler is not None:
+                if torch._C._is_any_autocast_enabled():
+                    return _autocast_route(func, handler, args, kwargs)
                 return handler(func, args, kwargs)
         return func(*args, **kwargs)
 

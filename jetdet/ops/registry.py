@@ -68,6 +68,8 @@ class Op:
         self.custom_op = torch.library.custom_op(f"jetdet::{spec.name}", self._body, mutates_args=(),
                                                  schema=spec.schema)
         self.custom_op.register_fake(spec.fake)
+        if spec.schema.rstrip().endswith("-> Tensor") and "Tensor[]" not in spec.schema:
+            self.custom_op.register_autograd(self._backward, setup_context=_setup_context)
         self.overload = getattr(torch.ops.jetdet, spec.name).default
 
     def launcher(self) -> Callable:
@@ -90,12 +92,33 @@ class Op:
             return self.launcher()(*args)
         return self.spec.torch_path(*args)
 
+    def _backward(self, ctx, grad):
+        """Gradients through the op: the vector-Jacobian product of the spec's fp32 ``reference`` (the same
+        arguments), recomputed from the saved inputs, cast back to each input's dtype. torch's own backward ops, so
+        the batch-invariance guarantee covers the forward only. Torch functions are off while it runs: the
+        reference's calls must not be routed back into jetdet's ops (and their backward) by deterministic mode."""
+        args = list(ctx.others)
+        wants = []
+        with torch._C.DisableTorchFunction(), torch.enable_grad():
+            for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
+                if ctx.needs_input_grad[i] and t.is_floating_point():
+                    t = t.detach().requires_grad_(True)
+                    wants.append((i, t))
+                args[i] = t
+            grads = [None] * len(args)
+            if wants:
+                out = self.spec.reference(*args)
+                found = torch.autograd.grad(out, [t for _, t in wants], grad.to(out.dtype), allow_unused=True)
+                for (i, t), g in zip(wants, found):
+                    grads[i] = None if g is None else g.to(t.dtype)
+        return tuple(grads)
+
     def __call__(self, *args):
         grad = torch.is_grad_enabled()
         for a in args:
             if isinstance(a, torch.Tensor):
                 if type(a) not in backend.PLAIN or (grad and a.requires_grad):
-                    return self.overload(*args)  # autograd then sees one opaque op (no backward formula)
+                    return self.overload(*args)  # autograd sees one op, its backward _backward's
             elif self._lists and isinstance(a, (list, tuple)):
                 for t in a:
                     if isinstance(t, torch.Tensor) and (type(t) not in backend.PLAIN or (grad and t.requires_grad)):
@@ -110,6 +133,12 @@ class Op:
 
     def __repr__(self) -> str:
         return f"<jetdet op {self.spec.name} ({self.spec.folder})>"
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.tensor_pos = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+    ctx.others = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+    ctx.save_for_backward(*[inputs[i] for i in ctx.tensor_pos])
 
 
 #: Every registered op by name (what :func:`get` reads; the wrappers index it directly on their hot path).

@@ -2,28 +2,48 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import ops
 
 
+def _autocast(func, *args):
+    """Under ``torch.autocast``: the call as deterministic mode's router takes it (inputs cast by autocast's policy
+    for ``func``, jetdet's body with autocast off); a patched layer calls jetdet's ops directly, past the router."""
+    from ..mode import _HANDLERS, _autocast_route
+
+    return _autocast_route(func, _HANDLERS[func], args, {})
+
+
 def _linear(self, input):
+    if torch._C._is_any_autocast_enabled():
+        return _autocast(F.linear, input, self.weight, self.bias)
     return ops.linear(input, self.weight, self.bias)
 
 
 def _conv2d(self, input):
+    if torch._C._is_any_autocast_enabled():
+        return _autocast(F.conv2d, input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
     return ops.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def _layer_norm(self, input):
+    if torch._C._is_any_autocast_enabled():
+        return _autocast(F.layer_norm, input, self.normalized_shape, self.weight, self.bias, self.eps)
     return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def _group_norm(self, input):
+    if torch._C._is_any_autocast_enabled():
+        return _autocast(F.group_norm, input, self.num_groups, self.weight, self.bias, self.eps)
     return ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def _rms_norm(self, input):
+    if torch._C._is_any_autocast_enabled():
+        return _autocast(F.rms_norm, input, self.normalized_shape, self.weight, self.eps)
     return ops.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
