@@ -102,6 +102,8 @@ def randn(
     if per_item > _MAX_NUMEL_PER_ITEM:
         raise ValueError(f"shape: at most {_MAX_NUMEL_PER_ITEM} elements per item, got {per_item}")
 
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asks for CUDA, which this torch build or machine does not have")
     probe = torch.empty(0, device=dev)
     if n_items * per_item == 0:
         return torch.empty(shape, dtype=dtype, device=dev)

@@ -162,13 +162,35 @@ def test_nan_inf_propagate_like_reference_and_stay_in_their_row(backend):
     assert a[0].isfinite().all() and a[1, 0, 0].isnan().all() and a[1, 0, 1:].isfinite().all()
 
 
-def test_fully_masked_row_gives_nan_like_reference(backend):
+def test_fully_masked_row_gives_zeros_like_torch_sdpa(backend):
+    """A query row with no key to attend to outputs 0, as torch's SDPA does (2.5 and later), not the NaN of a
+    literal softmax over all -inf; the other rows match the literal formula."""
     q = torch.randn(1, 1, 3, 4)
     m = torch.ones(1, 1, 3, 3, dtype=torch.bool)
     m[0, 0, 1] = False
     out = ops.attention(q, q, q, attn_mask=m)
     ref = torch.softmax((q @ q.transpose(-1, -2)) / math.sqrt(4) + torch.where(m, 0.0, -math.inf), -1) @ q
-    assert torch.equal(out.isnan(), ref.isnan()) and out[0, 0, 1].isnan().all()
+    assert torch.equal(out[0, 0, 1], torch.zeros(4)) and ref[0, 0, 1].isnan().all()
+    torch.testing.assert_close(out[0, 0, ::2], ref[0, 0, ::2])
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=m))
+
+
+def test_small_input_mistakes_get_clear_answers():
+    """numpy scalars are numbers; the mode name is case-insensitive in patch as in mode(); an unknown fast option
+    names jetdet.patch and lists the accepted ones; CUDA asked of a machine without it names the argument."""
+    import numpy as np
+
+    from jetdet.models import TinyUNet
+
+    model = TinyUNet()
+    jetdet.patch(model, mode="fast", budget=np.float32(0.05)).remove()
+    jetdet.patch(model, mode="Deterministic").remove()
+    with pytest.raises(TypeError, match=r"patch\(mode='fast'\): unknown option\(s\) \['bogus'\]; accepted: .*budget"):
+        jetdet.patch(model, mode="fast", bogus=1)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device: 'cuda' asks for CUDA"):
+            jetdet.randn((2, 3), seed=1, device="cuda")
 
 
 def test_an_interpreter_that_cannot_run_says_why_before_the_first_kernel(monkeypatch):

@@ -160,6 +160,7 @@ a sync per spill to disk (see :mod:`jetdet.cache.manager`).
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ def _parse_forecast(value) -> int:
 
 
 def _check_float(name: str, value, lo: float, hi: float | None, hi_open: bool = False, what: str = "") -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)  # numpy scalars too
     if ok:
         value = float(value)
         ok = value >= lo and (hi is None or (value < hi if hi_open else value <= hi))

@@ -265,7 +265,8 @@ def _check_block_sparse_args(q, k, v, indices, counts, block_size, scale) -> Non
     _checks.check_same("block_mask.counts", counts, "q", q, dtype=False)
     if indices.shape[0] not in (1, B) or tuple(indices.shape[1:]) != (H, nqb, nkb):
         raise ValueError(
-            f"block_mask: expected shape ({B} or 1, {H}, {nqb}, {nkb}) = (B, H, ceil(N/{block_size}), "
+            f"block_mask: expected shape ({B if B == 1 else f'{B} or 1'}, {H}, {nqb}, {nkb}) = (B, H, "
+            f"ceil(N/{block_size}), "
             f"ceil(M/{block_size})) for q {tuple(q.shape)}, k {tuple(k.shape)}, got {tuple(indices.shape)}"
         )
     _checks.check_shape("block_mask.counts", counts, (indices.shape[0], H, nqb), "[Bm, H, nQB] like indices")

@@ -31,6 +31,7 @@ warning. ``jetdet.unpatch(copy)`` removes what the copy inherited; then it can b
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 import warnings
 import weakref
@@ -230,6 +231,12 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
 
     inner = model.forward
     adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
+    accepted = [n for n in inspect.signature(StepCacheController).parameters if n != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"jetdet.patch(mode='fast'): unknown option(s) {unknown}; accepted: latent_arg, timestep_arg, "
+                        "linear_attention, linear_attention_check, linear_attention_state_refresh, attention_cache, "
+                        f"blocks, head_blocks, tail_blocks, {', '.join(accepted)}")
     controller = StepCacheController(**options)  # validates the options before anything is changed
     split, reason = find_blocks(model, blocks, head_blocks, tail_blocks)
     fmap = parse_option(linear_attention)
@@ -307,6 +314,8 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     (:mod:`jetdet.patch.attncache`).
     """
     _check_model(model)
+    if isinstance(mode, str):
+        mode = mode.lower()  # as jetdet.mode() reads it
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     existing = _handles.get(model)
