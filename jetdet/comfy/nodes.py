@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 
 import torch
@@ -78,10 +79,18 @@ def _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, nega
     return out
 
 
-def _item_checksums(t: torch.Tensor, first_id: int = 0) -> list[str]:
+def _item_checksums(t: torch.Tensor, ids: list[int]) -> list[str]:
+    """``item <id>: <sha256>`` for every row of ``t``, row ``r`` labelled ``ids[r]``."""
     import jetdet
 
-    return [f"item {first_id + i}: {jetdet.checksum(t[i:i + 1])}" for i in range(t.shape[0])]
+    return [f"item {i}: {jetdet.checksum(t[r:r + 1])}" for r, i in enumerate(ids)]
+
+
+def _ids_of(t: torch.Tensor, batch_offset: int, latent=None) -> list[int]:
+    """The item id of every row of ``t``: ``batch_offset + batch_index[r]`` for a LATENT with a ``batch_index``
+    (set by ComfyUI's batch nodes), else ``batch_offset + r``; the rule of the Deterministic Sampler's labels."""
+    index = latent.get("batch_index") if isinstance(latent, dict) else None
+    return smp.item_ids(t.shape[0], batch_offset, index)
 
 
 def _fingerprint_json() -> str:
@@ -209,10 +218,7 @@ class JetDetDeterministicSampler(io.ComfyNode):
                 batch_offset):
         out = _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                           denoise, batch_offset)
-        ids = smp.item_ids(out["samples"].shape[0], batch_offset, latent_image.get("batch_index"))
-        import jetdet
-
-        lines = [f"item {i}: {jetdet.checksum(out['samples'][r:r + 1])}" for r, i in enumerate(ids)]
+        lines = _item_checksums(out["samples"], _ids_of(out["samples"], batch_offset, latent_image))
         return io.NodeOutput(out, "\n".join(lines), _fingerprint_json())
 
 
@@ -227,6 +233,10 @@ def _one_input(latent, image, what: str) -> tuple[str, torch.Tensor]:
     return name, (_latent_tensor(v, "latent") if name == "latent" else v)
 
 
+ITEM_IDS = ("row i is item batch_offset + i (batch_offset + batch_index[i] for a latent from ComfyUI's batch nodes), "
+            "the ids the Deterministic Sampler labels its checksums with")
+
+
 class JetDetChecksum(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -236,22 +246,27 @@ class JetDetChecksum(io.ComfyNode):
             inputs=[
                 io.Latent.Input("latent", optional=True, tooltip="A latent batch to checksum (or connect an image)."),
                 io.Image.Input("image", optional=True, tooltip="An image batch to checksum (or connect a latent)."),
+                io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX, optional=True,
+                             tooltip=f"Item id of the first row, for the labels: {ITEM_IDS}."),
             ],
             outputs=[io.String.Output(display_name="checksums", tooltip="One line per item: 'item i: sha256'.")],
         )
 
     @classmethod
-    def execute(cls, latent=None, image=None):
-        _, t = _one_input(latent, image, "JetDetChecksum")
-        return io.NodeOutput("\n".join(_item_checksums(t)))
+    def execute(cls, latent=None, image=None, batch_offset=0):
+        name, t = _one_input(latent, image, "JetDetChecksum")
+        return io.NodeOutput("\n".join(_item_checksums(t, _ids_of(t, batch_offset, latent if name == "latent"
+                                                                                else None))))
 
 
 _CHECKSUM_LINE = re.compile(r"^\s*(?:item\s+(\d+)\s*:\s*)?([0-9a-fA-F]{64})\s*$")
 
 
-def parse_checksums(text: str) -> list[str]:
-    """Checksum lines (``item i: <sha256>`` or a bare hex digest per line) -> digests in item order."""
-    out = []
+def parse_checksums(text: str) -> dict[int, str]:
+    """Checksum lines -> ``{item id: digest}``. An ``item i: <sha256>`` line is item ``i``; bare hex digests (one
+    per line) are items 0, 1, ... in line order. Labelled and bare lines cannot be mixed, nor an item repeated."""
+    out: dict[int, str] = {}
+    labelled = bare = 0
     for n, line in enumerate(text.strip().splitlines(), 1):
         if not line.strip():
             continue
@@ -259,10 +274,51 @@ def parse_checksums(text: str) -> list[str]:
         if m is None:
             raise ValueError(f"reference_checksums: line {n} is not 'item i: <64 hex digits>' or a bare digest: "
                              f"{line.strip()[:80]!r}")
-        out.append(m.group(2).lower())
+        if m.group(1) is None:
+            item, bare = bare, bare + 1
+        else:
+            item, labelled = int(m.group(1)), labelled + 1
+        if labelled and bare:
+            raise ValueError(f"reference_checksums: line {n} mixes 'item i:' lines with bare digests; label every "
+                             "line or none (bare digests are items 0, 1, ... in line order)")
+        if item in out:
+            raise ValueError(f"reference_checksums: item {item} is given twice (line {n})")
+        out[item] = m.group(2).lower()
     if not out:
         raise ValueError("reference_checksums: no checksum given")
     return out
+
+
+def _id_list(ids, limit: int = 12) -> str:
+    ids = sorted(ids)
+    return ", ".join(map(str, ids[:limit])) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def match_checksums(t: torch.Tensor, ids: list[int], want: dict[int, str]) -> tuple[bool, list[str]]:
+    """Row ``r`` of ``t`` (item ``ids[r]``) against the reference digest of the same item. Reference items the
+    input does not hold are listed, not compared. Returns (every row matches, report lines)."""
+    import jetdet
+
+    ok, lines, missing = bool(ids), [], []
+    owner = {d: j for j, d in sorted(want.items(), reverse=True)}
+    for r, i in enumerate(ids):
+        a, b = jetdet.checksum(t[r:r + 1]), want.get(i)
+        if b is None:
+            missing.append(i)
+            lines.append(f"item {i}: MISMATCH {a[:16]}, no reference checksum for item {i}")
+        else:
+            lines.append(f"item {i}: match {a[:16]}" if a == b else f"item {i}: MISMATCH {a[:16]} != {b[:16]}")
+        if a != b and a in owner:
+            lines[-1] += f" (it is the reference's item {owner[a]}: is batch_offset right?)"
+        ok = ok and b is not None and a == b
+    if not ids:
+        lines.append("no items to compare")
+    if missing:
+        lines.append(f"the reference has items {_id_list(want)}; batch_offset sets the input's item ids ({ITEM_IDS})")
+    rest = set(want) - set(ids)
+    if rest:
+        lines.append(f"reference items not in the input (not compared): {_id_list(rest)}")
+    return ok, lines
 
 
 def _resolve_path(path: str) -> str:
@@ -272,6 +328,38 @@ def _resolve_path(path: str) -> str:
 
         p = os.path.join(folder_paths.get_output_directory(), p)
     return p
+
+
+_FILE_STATES: dict = {}
+
+
+def file_state(path: str) -> str:
+    """A file's path and the SHA-256 of its bytes (or why there is none): what ``fingerprint_inputs`` returns for
+    a node that reads the file, so ComfyUI reruns the node whenever the file's content changes. The digest is
+    reused while the file's inode, size, mtime and ctime stay the same and were already 2 s old when it was taken
+    (so a rewrite within the file system's timestamp granularity is never missed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}: missing"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path}: not a file"
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _FILE_STATES:
+        return _FILE_STATES[key]
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        return f"{path}: unreadable ({e.strerror or e})"
+    out = f"{path}: {st.st_size} bytes, sha256 {h.hexdigest()}"
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > 2_000_000_000:
+        if len(_FILE_STATES) > 256:
+            _FILE_STATES.clear()
+        _FILE_STATES[key] = out
+    return out
 
 
 def load_reference(path: str) -> tuple[str, torch.Tensor]:
@@ -286,11 +374,14 @@ def load_reference(path: str) -> tuple[str, torch.Tensor]:
         with safe_open(p, framework="pt") as f:
             keys = list(f.keys())
             key = next((k for k in ("samples", "image", "latent") if k in keys), None)
-            if key is None:
-                raise ValueError(f"reference_file: {p} holds {keys}; expected a 'samples' or 'image' tensor")
-            return ("image" if key == "image" else "latent"), f.get_tensor(key)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"reference_file: {p} is not a readable safetensors file ({e})") from e
+            t = f.get_tensor(key) if key is not None else None
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a file that is not one
+        raise ValueError(f"reference_file: {p} is not a readable safetensors file ({type(e).__name__}: "
+                         f"{str(e).strip()[:200]}); expected a safetensors file with a 'samples' (latent) or 'image' "
+                         "tensor") from e
+    if key is None:
+        raise ValueError(f"reference_file: {p} holds {keys}; expected a 'samples' or 'image' tensor")
+    return ("image" if key == "image" else "latent"), t
 
 
 class JetDetOutputMatcher(io.ComfyNode):
@@ -305,18 +396,27 @@ class JetDetOutputMatcher(io.ComfyNode):
                 io.Latent.Input("latent", optional=True, tooltip="The latent to check (or connect an image)."),
                 io.Image.Input("image", optional=True, tooltip="The image to check (or connect a latent)."),
                 io.Combo.Input("tolerance", options=TOLERANCES, default="exact",
-                               tooltip="exact: same bits. 1e-6 / 1e-4: |a-b| <= tol*(1+|b|). structural: RMS "
-                                       "difference <= 1% of the reference's RMS. Checksums match exactly only."),
+                               tooltip="exact: same dtype and bits. 1e-6 / 1e-4: |a-b| <= tol*(1+|b|) per element "
+                                       "(the dtypes may differ). structural: the same dtype and NaN/Inf positions, "
+                                       "and RMS difference <= 1% of the reference's RMS, so stricter than 1e-4 "
+                                       "about dtype (a float16 output against a float32 reference fails "
+                                       "structural). Checksums match exactly only."),
                 io.String.Input("reference_checksums", default="", multiline=True, optional=True,
-                                tooltip="Reference checksums, one per item ('item i: sha256' lines from "
-                                        "jetdet Checksum or the Deterministic Sampler)."),
+                                tooltip="Reference checksums ('item i: sha256' lines from jetdet Checksum or the "
+                                        "Deterministic Sampler): each row is compared with the line labelled with "
+                                        "its item id (see batch_offset); bare digests are items 0, 1, ... in line "
+                                        "order. Reference items the input does not hold are listed, not compared."),
                 io.Latent.Input("reference_latent", optional=True, tooltip="A reference latent."),
                 io.Image.Input("reference_image", optional=True, tooltip="A reference image."),
                 io.String.Input("reference_file", default="", optional=True,
                                 tooltip="A safetensors file with a 'samples' or 'image' tensor (absolute, or relative "
-                                        "to ComfyUI's output folder)."),
+                                        "to ComfyUI's output folder). Read again whenever its content changes."),
                 io.Boolean.Input("stop_on_mismatch", default=False,
                                  tooltip="Raise an error (stopping the workflow) when the output does not match."),
+                io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX, optional=True,
+                             tooltip=f"reference_checksums: item id of the input's first row, the batch_offset it "
+                                     f"was sampled with ({ITEM_IDS}). A batch-1 run of item 3 with batch_offset 3 "
+                                     "is checked here with batch_offset 3 against the batch's checksums."),
             ],
             outputs=[
                 io.Boolean.Output(display_name="match", tooltip="True when every item matches."),
@@ -325,8 +425,15 @@ class JetDetOutputMatcher(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, reference_file="", **kwargs):
+        """ComfyUI reruns the node when this changes: with a reference file, the file's content."""
+        if reference_file is None:  # wired from another node: known only at run time
+            return float("nan")
+        return file_state(_resolve_path(reference_file)) if reference_file.strip() else ""
+
+    @classmethod
     def execute(cls, latent=None, image=None, tolerance="exact", reference_checksums="", reference_latent=None,
-                reference_image=None, reference_file="", stop_on_mismatch=False):
+                reference_image=None, reference_file="", stop_on_mismatch=False, batch_offset=0):
         import jetdet
 
         smp.check_choice("tolerance", tolerance, TOLERANCES)
@@ -342,14 +449,7 @@ class JetDetOutputMatcher(io.ComfyNode):
             if tolerance != "exact":
                 raise ValueError(f"tolerance: a checksum reference can only be matched exactly, got {tolerance!r}")
             want = parse_checksums(reference_checksums)
-            have = [jetdet.checksum(t[i:i + 1]) for i in range(t.shape[0])]
-            if len(want) != len(have):
-                ok, lines = False, [f"{len(have)} items against {len(want)} reference checksums"]
-            else:
-                bad = [i for i, (a, b) in enumerate(zip(have, want)) if a != b]
-                ok = not bad
-                lines = [f"item {i}: {'match' if a == b else 'MISMATCH'} {a[:16]}" + ("" if a == b else f" != {b[:16]}")
-                         for i, (a, b) in enumerate(zip(have, want))]
+            ok, lines = match_checksums(t, _ids_of(t, batch_offset, latent if kind == "latent" else None), want)
             report = f"{'MATCH' if ok else 'MISMATCH'} exact against {len(want)} checksums\n" + "\n".join(lines)
         else:
             if ref == "reference_file":
@@ -387,6 +487,14 @@ def recall_dir(folder: str = "") -> str:
     return os.path.join(folder_paths.get_output_directory(), "jetdet_recall")
 
 
+def recall_path(key: str, folder: str = "") -> str:
+    """The file ``key`` is stored in."""
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ValueError(f"key: expected 1-128 characters of letters, digits, '.', '_' or '-' (starting with a letter "
+                         f"or digit), got {key!r}")
+    return os.path.join(recall_dir(folder), f"{key}.safetensors")
+
+
 def _mb(name: str, v) -> int | None:
     if v is None or v < 0:
         return None
@@ -401,12 +509,15 @@ def recall_store(key: str, kind: str, tensor: torch.Tensor, folder: str = "") ->
 
     import jetdet
 
-    if not isinstance(key, str) or not _KEY.match(key):
-        raise ValueError(f"key: expected 1-128 characters of letters, digits, '.', '_' or '-' (starting with a letter "
-                         f"or digit), got {key!r}")
-    d = recall_dir(folder)
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"{key}.safetensors")
+    path = recall_path(key, folder)
+    d = os.path.dirname(path)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"folder: {d} is a file, not a folder; give the folder to store in (empty: "
+                         "output/jetdet_recall)")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"folder: cannot create the folder {d} to store in ({e.strerror or e})") from e
     t = tensor.detach().to("cpu").contiguous()
     meta = {"jetdet_recall": "1", "kind": kind, "checksum": jetdet.checksum(t), "fingerprint": _fingerprint_json()}
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -415,6 +526,8 @@ def recall_store(key: str, kind: str, tensor: torch.Tensor, folder: str = "") ->
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise ValueError(f"folder: cannot write {path} ({e.strerror or e})") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -426,18 +539,51 @@ def recall_load(key: str, folder: str = "") -> tuple[str, torch.Tensor, dict]:
 
     import jetdet
 
-    if not isinstance(key, str) or not _KEY.match(key):
-        raise ValueError(f"key: expected 1-128 characters of letters, digits, '.', '_' or '-', got {key!r}")
-    path = os.path.join(recall_dir(folder), f"{key}.safetensors")
+    path = recall_path(key, folder)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"key: nothing stored under {key!r} ({path} does not exist); store it first")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        name = "samples" if meta.get("kind") == "latent" else "image"
-        t = f.get_tensor(name)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            name = "samples" if meta.get("kind") == "latent" else "image"
+            t = f.get_tensor(name)
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
+        raise ValueError(f"key: {path}, stored under {key!r}, is no longer a readable jetdet recall file "
+                         f"({type(e).__name__}: {str(e).strip()[:200]}); it was changed or damaged after it was "
+                         "stored: store it again") from e
     if jetdet.checksum(t) != meta.get("checksum"):
         raise ValueError(f"key: {path} does not match the checksum it was stored with (the file changed)")
     return meta.get("kind", "latent"), t, meta
+
+
+def _linked_outputs(hidden) -> dict[int, list[str]]:
+    """``{output index: ids of the nodes that take it}`` for the running node, from the prompt ComfyUI runs,
+    counting only nodes that run (whose results reach an output node); empty when the node is called outside
+    ComfyUI's executor."""
+    uid, dyn = getattr(hidden, "unique_id", None), getattr(hidden, "dynprompt", None)
+    if uid is None or dyn is None:
+        return {}
+    import nodes
+
+    graph = {str(n): dyn.get_node(n) for n in dyn.all_node_ids()}
+    links = [(str(v[0]), v[1], n) for n, node in graph.items() for v in (node.get("inputs") or {}).values()
+             if isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[1], int)]
+    users: dict[str, set] = {}
+    for src, _, n in links:
+        users.setdefault(src, set()).add(n)
+
+    def runs(n, seen):
+        if n in seen:
+            return False
+        seen.add(n)
+        cls = nodes.NODE_CLASS_MAPPINGS.get(graph[n].get("class_type"))
+        return getattr(cls, "OUTPUT_NODE", False) is True or any(runs(u, seen) for u in users.get(n, ()))
+
+    out: dict[int, list[str]] = {}
+    for src, i, n in sorted(links):
+        if src == str(uid) and runs(n, set()):
+            out.setdefault(i, []).append(n)
+    return out
 
 
 class JetDetCacheManager(io.ComfyNode):
@@ -447,22 +593,25 @@ class JetDetCacheManager(io.ComfyNode):
             node_id="JetDetCacheManager", display_name="jetdet Cache Manager", category=CATEGORY,
             description="The step cache's memory: statistics (hits, bytes per tier), clear, and byte budgets for the "
                         "tiers device -> CPU -> disk. Recall: store a latent/image under a key and get it back "
-                        "bit-exact in a later run.",
+                        "bit-exact in a later run. An output with nothing to give (the LATENT of an image key, the "
+                        "MODEL with no model connected, ...) is an error naming it when connected.",
             is_output_node=True,
             inputs=[
                 io.Combo.Input("action", options=ACTIONS, default="stats",
                                tooltip="stats: report the fast model's cache. set_budget: a clone with these byte "
                                        "budgets. clear: drop its cached tensors. store / recall: the latent or image "
-                                       "under key."),
+                                       "under key (the stored file is read again whenever it changes)."),
                 io.Model.Input("model", optional=True,
                                tooltip="A model from jetdet Fast Optimizer / Mode Switch (fast)."),
                 io.Float.Input("device_budget_mb", default=-1.0, min=-1.0, max=1e7, step=1.0,
                                tooltip="set_budget: MB of cached outputs on the model's device (-1 = unlimited)."),
                 io.Float.Input("cpu_budget_mb", default=-1.0, min=-1.0, max=1e7, step=1.0,
-                               tooltip="set_budget: MB in host memory once the device tier is full (-1 = unlimited)."),
+                               tooltip="set_budget: MB in host memory once the device tier is full (-1 = unlimited, "
+                                       "0 = no CPU tier)."),
                 io.Float.Input("disk_budget_mb", default=0.0, min=-1.0, max=1e7, step=1.0,
                                tooltip="set_budget: MB on disk (safetensors) once the CPU tier is full "
-                                       "(-1 = unlimited, 0 = no disk tier)."),
+                                       "(-1 = unlimited, 0 = no disk tier: nothing is written, streams past the CPU "
+                                       "tier are dropped)."),
                 io.String.Input("key", default="", optional=True,
                                 tooltip="store / recall: the name to store under (letters, digits, . _ -)."),
                 io.Latent.Input("latent", optional=True, tooltip="store: the latent to store."),
@@ -478,7 +627,48 @@ class JetDetCacheManager(io.ComfyNode):
                 io.Image.Output(tooltip="recall: the stored image; store: the image stored."),
                 io.String.Output(display_name="report", tooltip="What was done, with the statistics."),
             ],
+            hidden=[io.Hidden.unique_id, io.Hidden.dynprompt],  # which outputs are connected (_linked_outputs)
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, action="stats", key="", folder="", **kwargs):
+        """ComfyUI reruns the node when this changes. store / recall: the stored file's content, so a changed
+        file is never served from ComfyUI's cache, and a store runs again once another prompt overwrote its
+        key."""
+        if action not in ("store", "recall"):
+            return float("nan") if action is None else ""
+        if key is None or folder is None:  # wired from another node: known only at run time
+            return float("nan")
+        try:
+            return file_state(recall_path(key, folder))
+        except ValueError:  # a bad key: run, and raise the node's error
+            return float("nan")
+
+    @classmethod
+    def _outputs(cls, action, key, model, latent, image, kind=None, shape=None):
+        """The MODEL, LATENT and IMAGE outputs. One with nothing to give is a ValueError naming it when another
+        node takes it, else ComfyUI's ExecutionBlocker with that message (so a node connected to it later, while
+        this result is served from ComfyUI's cache, is blocked with the message, never handed None)."""
+        from comfy_execution.graph_utils import ExecutionBlocker
+
+        held = f"key {key!r} holds {'an' if kind == 'image' else 'a'} {kind} {shape}" if kind else ""
+        why = {
+            0: "no model is connected to the model input (store and recall pass it through)",
+            1: (f"{held}, not a latent; take the IMAGE output" if action == "recall" else
+                f"store got an image {shape}, not a latent; take the IMAGE output" if action == "store" else
+                f"action {action!r} gives no latent (store and recall do)"),
+            2: (f"{held}, not an image; take the LATENT output" if action == "recall" else
+                f"store got a latent {shape}, not an image; take the LATENT output" if action == "store" else
+                f"action {action!r} gives no image (store and recall do)"),
+        }
+        out, linked = [model, latent, image], _linked_outputs(cls.hidden)
+        for i, name in enumerate(("MODEL", "LATENT", "IMAGE")):
+            if out[i] is None:
+                msg = f"jetdet Cache Manager: {name} output is empty: {why[i]}"
+                if i in linked:
+                    raise ValueError(f"{msg} (connected to node {', '.join(linked[i])})")
+                out[i] = ExecutionBlocker(msg)
+        return out
 
     @classmethod
     def execute(cls, action, model=None, device_budget_mb=-1.0, cpu_budget_mb=-1.0, disk_budget_mb=0.0, key="",
@@ -488,16 +678,14 @@ class JetDetCacheManager(io.ComfyNode):
             if action == "store":
                 kind, t = _one_input(latent, image, "JetDetCacheManager store")
                 path = recall_store(key, kind, t, folder)
-                out_latent = {"samples": t} if kind == "latent" else None
-                out_image = t if kind == "image" else None
                 report = f"stored {kind} {tuple(t.shape)} under {key!r}: {path}"
             else:
                 kind, t, meta = recall_load(key, folder)
-                out_latent = {"samples": t} if kind == "latent" else None
-                out_image = t if kind == "image" else None
                 report = (f"recalled {kind} {tuple(t.shape)} from {key!r}, checksum verified "
                           f"{meta.get('checksum', '')[:16]}")
-            return io.NodeOutput(model, out_latent, out_image, report, ui={"text": [report]})
+            outs = cls._outputs(action, key, model, {"samples": t} if kind == "latent" else None,
+                                t if kind == "image" else None, kind, tuple(t.shape))
+            return io.NodeOutput(*outs, report, ui={"text": [report]})
         if model is None:
             raise ValueError(f"model: action {action!r} needs a model from jetdet Fast Optimizer")
         state = wr.fast_state(wr.check_model(model))
@@ -517,7 +705,7 @@ class JetDetCacheManager(io.ComfyNode):
             report = "cleared; last run: " + _stats_text(state.stats())
         else:
             report = _stats_text(state.stats())
-        return io.NodeOutput(out_model, None, None, report, ui={"text": [report]})
+        return io.NodeOutput(*cls._outputs(action, key, out_model, None, None), report, ui={"text": [report]})
 
 
 def _stats_text(s: dict) -> str:
@@ -547,6 +735,15 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
 _warned_plot = False
 
 
+def _plot_ys(points: list[dict]) -> tuple[list[float], float]:
+    """The height of every point, and where PSNR inf (bit-identical to off) is drawn: at 100 dB, or on a round
+    number at least 10 dB above the highest finite PSNR when that is above 90 dB (a deterministic run can be at
+    130 dB), so bit-identical runs are always drawn on top."""
+    finite = [p["psnr"] for p in points if math.isfinite(p["psnr"])]
+    top = max(100.0, 10.0 * math.ceil((max(finite) + 10.0) / 10.0)) if finite else 100.0
+    return [p["psnr"] if math.isfinite(p["psnr"]) else top for p in points], top
+
+
 def _plot_pil(points: list[dict]) -> torch.Tensor:
     """The same scatter drawn with PIL (ComfyUI always has it), when matplotlib is not installed."""
     import numpy as np
@@ -556,7 +753,7 @@ def _plot_pil(points: list[dict]) -> torch.Tensor:
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     xs = [p["speedup"] for p in points]
-    ys = [p["psnr"] if math.isfinite(p["psnr"]) else 100.0 for p in points]
+    ys, top = _plot_ys(points)
     x0, x1 = min(0.0, min(xs)), max(xs) * 1.1 or 1.0
     y0, y1 = min(ys) - 5, max(ys) + 5
 
@@ -565,7 +762,7 @@ def _plot_pil(points: list[dict]) -> torch.Tensor:
 
     d.rectangle([m, m, w - m, h - m], outline="black")
     d.text((m, h - m + 15), f"wall-time speed-up against off ({x0:.2g}..{x1:.2g})", fill="black")
-    d.text((5, 5), f"PSNR against off, dB ({y0:.3g}..{y1:.3g}; inf drawn at 100)", fill="black")
+    d.text((5, 5), f"PSNR against off, dB ({y0:.3g}..{y1:.3g}; inf drawn at {top:g})", fill="black")
     for p, x, y in zip(points, xs, ys):
         cx, cy = px(x, y)
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(31, 119, 180))
@@ -591,12 +788,12 @@ def _plot(points: list[dict]) -> torch.Tensor:
                             "(pip install matplotlib for the full plot)")
         return _plot_pil(points)
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
-    for p in points:
-        y = p["psnr"] if math.isfinite(p["psnr"]) else 100.0
+    ys, top = _plot_ys(points)
+    for p, y in zip(points, ys):
         ax.scatter([p["speedup"]], [y], s=40)
         ax.annotate(p["label"], (p["speedup"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("wall-time speed-up against off")
-    ax.set_ylabel("PSNR against off, dB (inf drawn at 100)")
+    ax.set_ylabel(f"PSNR against off, dB (inf drawn at {top:g})")
     ax.set_title("jetdet: quality against speed")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -612,7 +809,9 @@ class JetDetBenchmark(io.ComfyNode):
         return io.Schema(
             node_id="JetDetBenchmark", display_name="jetdet Benchmark", category=CATEGORY,
             description="Samples the latent with the model in off, fast (each budget) and deterministic mode, from "
-                        "the same per-item noise; reports wall time, model calls, PSNR against off and checksums.",
+                        "the same per-item noise; reports wall time, model calls, PSNR against off and checksums. "
+                        "Every setting first runs once untimed (2 steps), so model loading and first-call costs are "
+                        "in no timed run.",
             is_output_node=True,
             inputs=_ksampler_inputs() + [
                 io.String.Input("fast_budgets", default="0.05, 0.1",
@@ -643,6 +842,12 @@ class JetDetBenchmark(io.ComfyNode):
         for b in budgets:
             runs.append((f"fast {b:g}", wr.with_fast(model, budget=b)[0]))
         runs.append(("deterministic", wr.with_deterministic(model)))
+        # an untimed warm-up of every setting before any timed run: ComfyUI loads the model on the first sampling
+        # call (and a GPU compiles kernels on the first call of each op), which would otherwise land in the first
+        # timed run and make the others look faster
+        for _, m in runs:
+            smp.sample(m, seed, min(steps, 2), cfg, sampler_name, scheduler, positive, negative, latent_image,
+                       denoise, 0, disable_pbar=True)
         pbar = comfy.utils.ProgressBar(len(runs))
         rows, ref, points = [], None, []
         for i, (label, m) in enumerate(runs):
@@ -775,7 +980,8 @@ class JetDetMultiPassRefiner(io.ComfyNode):
             latent = _det_sample(model, s, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                  denoise[name], batch_offset)
             lines.append(f"{name}: seed {s}, denoise {denoise[name]:g}")
-            lines += ["  " + x for x in _item_checksums(latent["samples"], batch_offset)]
+            lines += ["  " + x for x in _item_checksums(latent["samples"], _ids_of(latent["samples"], batch_offset,
+                                                                                     latent))]
         return io.NodeOutput(latent, "\n".join(lines))
 
 
@@ -790,7 +996,9 @@ class JetDetShapesModelLoader(io.ComfyNode):
             description="Loads jetdet's small trained SD3-architecture model (10 classes of shapes, 32x32) through "
                         "ComfyUI's own model detection. The same file also loads with Load Diffusion Model.",
             inputs=[io.String.Input("path", default="", optional=True,
-                                    tooltip="Another weights file (empty: the one shipped with jetdet).")],
+                                    tooltip="Another weights file of the same model, e.g. from "
+                                            "bench/train_comfy_native.py (empty: the one shipped with jetdet); "
+                                            "checked to be this architecture before it is loaded.")],
             outputs=[io.Model.Output(tooltip="The shapes model (ComfyUI detects it as SD3).")],
         )
 

@@ -43,11 +43,18 @@ def item_ids(batch: int, batch_offset: int, batch_index=None) -> list[int]:
     if isinstance(batch_offset, bool) or not isinstance(batch_offset, int) or batch_offset < 0:
         raise ValueError(f"batch_offset: expected an int >= 0 (the item id of the first row), got {batch_offset!r}")
     if batch_index is None:
-        return [batch_offset + r for r in range(batch)]
-    idx = [int(i) for i in batch_index]
-    if len(idx) != batch or any(i < 0 for i in idx):
-        raise ValueError(f"latent batch_index: expected {batch} non-negative ints (one per row), got {idx}")
-    return [batch_offset + i for i in idx]
+        ids = [batch_offset + r for r in range(batch)]
+    else:
+        idx = [int(i) for i in batch_index]
+        if len(idx) != batch or any(i < 0 for i in idx):
+            raise ValueError(f"latent batch_index: expected {batch} non-negative ints (one per row), got {idx}")
+        ids = [batch_offset + i for i in idx]
+    if ids and max(ids) >= 2**64:  # jetdet.randn's item ids are 64-bit
+        last = max(ids) - batch_offset
+        raise ValueError(f"batch_offset: item ids (batch_offset + {'batch_index' if batch_index is not None else 'row'}"
+                         f") must stay below 2^64; batch_offset {batch_offset} + {last} is past it (largest "
+                         f"batch_offset for this batch: {2**64 - 1 - last})")
+    return ids
 
 
 def item_noise(shape, seed: int, ids: list[int], step: int, dtype=torch.float32, device=None) -> torch.Tensor:

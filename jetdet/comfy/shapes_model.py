@@ -112,6 +112,29 @@ def from_comfy_image(image: torch.Tensor) -> torch.Tensor:
     return image.float().permute(0, 3, 1, 2) * 2 - 1
 
 
+def check_state_dict(sd: dict, where) -> None:
+    """A ValueError naming ``path`` unless ``comfy/model_detection.py`` reads ``sd`` as this model
+    (:data:`UNET_CONFIG`), checked from the keys and shapes before any model is built."""
+    import comfy.model_detection
+    import comfy.utils
+
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) or sd
+    try:
+        config = comfy.model_detection.model_config_from_unet(sd, "")
+    except Exception:  # detection indexes keys it expects; a state dict of something else can break it
+        config = None
+    unet = getattr(config, "unet_config", None) or {}
+    wrong = {k: unet.get(k) for k, v in UNET_CONFIG.items() if unet.get(k) != v}
+    if config is None or wrong:
+        what = ("not a diffusion model ComfyUI recognises" if config is None else
+                f"ComfyUI detects it as {type(config).__name__}"
+                + "".join(f", {k} {v}" for k, v in wrong.items() if v is not None and k != "context_embedder_config"))
+        want = ", ".join(f"{k} {UNET_CONFIG[k]}" for k in ("depth", "in_channels", "patch_size", "adm_in_channels"))
+        raise ValueError(f"path: {where} is not jetdet's shapes model: {what}; expected its SD3-architecture MMDiT "
+                         f"({want}, written by bench/train_comfy_native.py)")
+
+
 def load_model(path=None):
     """The shipped weights (or ``path``) as a ComfyUI ``ModelPatcher``, through ComfyUI's own detection."""
     import comfy.sd
@@ -120,4 +143,13 @@ def load_model(path=None):
     p = Path(path) if path is not None else MODEL_FILE
     if not p.is_file():
         raise FileNotFoundError(f"path: no shapes model at {p} (train it with bench/train_comfy_native.py)")
-    return comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(str(p), safe_load=True))
+    try:
+        sd = comfy.utils.load_torch_file(str(p), safe_load=True)
+    except Exception as e:  # safetensors' own error, or torch.load's (long, unpickling) error for another format
+        why = (f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+               if p.suffix == ".safetensors" else f"not safetensors, nor a checkpoint torch.load reads safely: "
+                                                  f"{type(e).__name__}")
+        raise ValueError(f"path: {p} is not a readable weights file ({why}); expected jetdet's shapes model as "
+                         "safetensors") from e
+    check_state_dict(sd, p)
+    return comfy.sd.load_diffusion_model_state_dict(sd)

@@ -86,8 +86,19 @@ class DeterministicWrapper:
             return executor(*args, **kwargs)
 
 
-def with_deterministic(model, warn_only: bool = False):
-    """A clone of ``model`` (with any other jetdet mode removed) whose model calls are deterministic."""
+def deterministic_warn_only(model) -> bool:
+    """Whether ``model``'s deterministic wrapper only warns on a torch op with no deterministic implementation
+    (Mode Switch with ``strict`` off); False (strict) when it has none."""
+    return any(getattr(fn, "warn_only", False) for fn in model.get_wrappers(_wrappers().APPLY_MODEL,
+                                                                            KEY_DETERMINISTIC))
+
+
+def with_deterministic(model, warn_only: bool | None = None):
+    """A clone of ``model`` (with any other jetdet mode removed) whose model calls are deterministic.
+    ``warn_only`` None keeps the setting of the model's own deterministic wrapper (the Mode Switch's ``strict``),
+    strict when it has none."""
+    if warn_only is None:
+        warn_only = deterministic_warn_only(check_model(model))
     m = without_jetdet(model)
     m.add_wrapper_with_key(_wrappers().APPLY_MODEL, KEY_DETERMINISTIC, DeterministicWrapper(warn_only))
     return m
@@ -143,11 +154,14 @@ class FastState:
 
     # ----------------------------------------------------------------------------------------- budgets
     def set_budgets(self, device=None, cpu=None, disk=None) -> None:
-        """Byte budgets of the cache tiers (``None`` = unlimited), from the next sampling run on."""
+        """Byte budgets of the cache tiers (``None`` = unlimited), from the next sampling run on. A CPU or disk
+        budget of 0 means no such tier: streams skip it (nothing is written to disk with ``disk=0``) and go on to
+        the next tier, or are dropped."""
         from ..cache import CacheManager
 
-        CacheManager(memory_budget_bytes=device, cpu_budget_bytes=cpu, disk_budget_bytes=disk)  # validates
-        self.options.update(memory_budget_bytes=device, cpu_budget_bytes=cpu, disk_budget_bytes=disk)
+        spill = tuple(t for t, b in (("cpu", cpu), ("disk", disk)) if b != 0)
+        CacheManager(memory_budget_bytes=device, cpu_budget_bytes=cpu, disk_budget_bytes=disk, spill=spill)
+        self.options.update(memory_budget_bytes=device, cpu_budget_bytes=cpu, disk_budget_bytes=disk, spill=spill)
 
     def clear(self) -> None:
         """Drop the cached tensors of every tier now (the statistics of the last run are kept)."""

@@ -103,28 +103,50 @@ def load_node_packs(repo_root) -> None:
     _NODES_READY = True
 
 
+class Engine:
+    """ComfyUI's execution engine in-process, with one ``PromptExecutor`` kept across prompts (its output cache
+    included, as the server keeps one): ``cache_type`` ``execution.CacheType.LRU`` with ``cache_size`` is the
+    server's ``--cache-lru``."""
+
+    def __init__(self, cache_type=False, cache_size=None):
+        import execution
+
+        self.server = FakeServer()
+        self.executor = execution.PromptExecutor(self.server, cache_type=cache_type, cache_size=cache_size)
+
+    def run(self, prompt: dict) -> dict:
+        """Validate and execute an API-format prompt (a copy: ComfyUI writes into the prompt it runs).
+
+        Returns ``{"valid", "error", "node_errors", "success", "messages", "outputs", "cached", "sent"}``; a failed
+        validation is returned the way the server's ``/prompt`` answers it (``error`` + ``node_errors``), a runtime
+        failure as ComfyUI's ``execution_error`` message. ``cached``: the nodes served from the cache; ``sent``:
+        what went to the browser only (such as a node blocked by an ``ExecutionBlocker``)."""
+        import asyncio
+        import copy
+        import uuid
+
+        import execution
+
+        prompt = copy.deepcopy(prompt)
+        pid = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
+        if not valid[0]:
+            return {"valid": False, "error": valid[1], "node_errors": valid[3], "success": False, "messages": [],
+                    "outputs": {}, "cached": [], "sent": []}
+        ex, start = self.executor, len(self.server.messages)
+        ex.success = True
+        ex.execute(prompt, pid, {}, valid[2])
+        msgs = ex.status_messages
+        cached = [n for event, data in msgs if event == "execution_cached" for n in data["nodes"]]
+        return {"valid": True, "error": None, "node_errors": {}, "success": ex.success, "messages": msgs,
+                "outputs": getattr(ex, "history_result", {}).get("outputs", {}), "cached": cached,
+                "sent": self.server.messages[start:]}
+
+
 def run_prompt(prompt: dict) -> dict:
-    """Validate and execute an API-format prompt with ComfyUI's own execution engine, in-process.
-
-    Returns ``{"valid", "error", "node_errors", "success", "messages", "outputs"}``; a failed validation is returned
-    the way the server's ``/prompt`` answers it (``error`` + ``node_errors``), a runtime failure as ComfyUI's
-    ``execution_error`` message."""
-    import asyncio
-    import uuid
-
-    import execution
-
-    pid = str(uuid.uuid4())
-    valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
-    if not valid[0]:
-        return {"valid": False, "error": valid[1], "node_errors": valid[3], "success": False, "messages": [],
-                "outputs": {}}
-    server = FakeServer()
-    ex = execution.PromptExecutor(server)
-    ex.execute(prompt, pid, {}, valid[2])
-    msgs = ex.status_messages
-    return {"valid": True, "error": None, "node_errors": {}, "success": ex.success, "messages": msgs,
-            "outputs": getattr(ex, "history_result", {}).get("outputs", {})}
+    """Validate and execute an API-format prompt with ComfyUI's own execution engine, in-process, with a fresh
+    cache (see :meth:`Engine.run`)."""
+    return Engine().run(prompt)
 
 
 def execution_error(result: dict) -> dict | None:

@@ -105,7 +105,12 @@ def test_recall_is_bit_exact_and_detects_a_changed_file(tmp_path):
     out = JetDetCacheManager.execute("store", key="run-1.latent", latent=lat, folder=folder).args
     assert torch.equal(out[1]["samples"], lat["samples"])
     back = JetDetCacheManager.execute("recall", key="run-1.latent", folder=folder).args
-    assert torch.equal(back[1]["samples"], lat["samples"]) and back[2] is None
+    assert torch.equal(back[1]["samples"], lat["samples"])
+    # the IMAGE output has nothing to give: ComfyUI's ExecutionBlocker with why, never None
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    assert isinstance(back[2], ExecutionBlocker) and isinstance(back[0], ExecutionBlocker)
+    assert "IMAGE output is empty: key 'run-1.latent' holds a latent (2, 16, 8, 8)" in back[2].message
     img = torch.rand(1, 8, 8, 3)
     JetDetCacheManager.execute("store", key="pic", image=img, folder=folder)
     assert torch.equal(JetDetCacheManager.execute("recall", key="pic", folder=folder).args[2], img)
@@ -147,3 +152,38 @@ def test_opt_in_attention_replacements_reach_comfyuis_attention(shapes_patcher, 
     assert s["forwards"] == 4 and s["refreshed"] + s["reused"] > 0
     with pytest.raises(ValueError, match="choose one"):
         _fast(shapes_patcher, 0.1, linear_attention="relu", attention_cache=True)
+
+
+def test_a_damaged_store_or_a_file_for_a_folder_is_a_clear_error(tmp_path):
+    folder = str(tmp_path)
+    JetDetCacheManager.execute("store", key="k", latent={"samples": torch.zeros(1, 4, 4, 4)}, folder=folder)
+    (tmp_path / "k.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="key: .*k.safetensors, stored under 'k', is no longer a readable jetdet "
+                                         "recall file"):
+        JetDetCacheManager.execute("recall", key="k", folder=folder)
+    a_file = tmp_path / "hostname"
+    a_file.write_text("somehost\n")
+    with pytest.raises(ValueError, match=f"folder: {a_file} is a file, not a folder"):
+        JetDetCacheManager.execute("store", key="k", latent={"samples": torch.zeros(1)}, folder=str(a_file))
+    with pytest.raises(ValueError, match="folder: cannot create the folder"):
+        JetDetCacheManager.execute("store", key="k", latent={"samples": torch.zeros(1)},
+                                   folder=str(a_file / "below"))
+
+
+def test_a_tier_with_budget_zero_is_skipped_and_the_stats_say_so(shapes_patcher, shapes_conds):
+    fast = _fast(shapes_patcher, 0.2)
+    item = 16 * 32 * 32 * 4
+
+    def run(device, cpu, disk):
+        m = JetDetCacheManager.execute("set_budget", fast, device_budget_mb=device, cpu_budget_mb=cpu,
+                                       disk_budget_mb=disk).args[0]
+        _plain(m, *shapes_conds, batch=2, steps=8)
+        return wr.fast_state(m).stats()["manager"], JetDetCacheManager.execute("stats", m).args[3]
+
+    # no CPU and no disk tier: what leaves the device is dropped, nothing is written anywhere
+    m, report = run(2 * item / 2**20, 0, 0)
+    assert m["evicted"] > 0 and m["spilled_to_cpu"] == 0 and m["spilled_to_disk"] == 0, m
+    assert "spilled_to_disk 0" in report and f"evicted {m['evicted']}" in report
+    # no CPU tier, a disk tier: straight from the device to disk
+    m, _ = run(2 * item / 2**20, 0, -1)
+    assert m["spilled_to_disk"] > 0 and m["spilled_to_cpu"] == 0 and m["evicted"] == 0, m

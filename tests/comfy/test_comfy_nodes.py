@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -180,3 +181,172 @@ def test_sampling_nodes_report_progress_through_comfyuis_progress_bar(shapes_pat
         assert seen[-1] == (3, 3)  # off, one fast budget, deterministic
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
+
+
+# ------------------------------------------------------------------------------------------- checksum labels
+
+
+def test_matcher_compares_each_item_with_the_line_labelled_with_its_id(shapes_patcher, shapes_conds):
+    batch, batch_sums = det_sample(shapes_patcher, *shapes_conds, 2, steps=2, seed=3)
+    one, one_sums = det_sample(shapes_patcher, *shapes_conds, 1, steps=2, seed=3, offset=1)
+    assert one_sums.startswith("item 1: ") and one_sums in batch_sums.splitlines()
+
+    def check(samples, ref, **kw):
+        return N.JetDetOutputMatcher.execute(latent={"samples": samples}, reference_checksums=ref, **kw).args
+
+    # the batch-1 run of item 1 against the batch's checksums: compared with the line labelled 1
+    ok, report = check(one, batch_sums, batch_offset=1)
+    assert ok and "item 1: match" in report and "not in the input (not compared): 0" in report
+    ok, report = check(one, batch_sums)  # batch_offset 0: it is item 0, which it is not
+    assert not ok and "item 0: MISMATCH" in report and "it is the reference's item 1" in report
+    # the order of the lines does not matter, the labels do
+    ok, _ = check(batch, "\n".join(reversed(batch_sums.splitlines())))
+    assert ok
+    # a line labelled with the wrong item is not accepted
+    ok, report = check(one, one_sums.replace("item 1", "item 0"), batch_offset=1)
+    assert not ok and "no reference checksum for item 1" in report
+    # bare digests are items 0, 1, ... in line order
+    bare = "\n".join(line.split(": ")[1] for line in batch_sums.splitlines())
+    assert check(batch, bare)[0] and not check(batch, "\n".join(reversed(bare.splitlines())))[0]
+    assert check(one, bare, batch_offset=1)[0]
+    with pytest.raises(ValueError, match="reference_checksums: line 2 mixes"):
+        check(batch, batch_sums.splitlines()[0] + "\n" + bare.splitlines()[1])
+    with pytest.raises(ValueError, match="reference_checksums: item 1 is given twice"):
+        check(batch, batch_sums + "\n" + batch_sums.splitlines()[1])
+
+
+def test_checksum_labels_follow_the_samplers_item_ids(comfy_dir):
+    lat = {"samples": torch.randn(2, 4, 5, 5), "batch_index": [3, 5]}
+    text = N.JetDetChecksum.execute(latent=lat).args[0]
+    assert [line.split(":")[0] for line in text.splitlines()] == ["item 3", "item 5"]
+    text = N.JetDetChecksum.execute(latent={"samples": lat["samples"]}, batch_offset=7).args[0]
+    assert [line.split(":")[0] for line in text.splitlines()] == ["item 7", "item 8"]
+    ok, _ = N.JetDetOutputMatcher.execute(latent={"samples": lat["samples"]}, reference_checksums=text,
+                                          batch_offset=7).args
+    assert ok
+
+
+def test_batch_offset_past_the_item_id_range_names_batch_offset(shapes_patcher, shapes_conds):
+    top = 2**64 - 1
+    with pytest.raises(ValueError, match=r"^batch_offset: .*largest batch_offset for this batch: "
+                                         f"{top - 1}") as e:
+        det_sample(shapes_patcher, *shapes_conds, 2, steps=1, offset=top)
+    assert "item_offset" not in str(e.value)
+    _, sums = det_sample(shapes_patcher, *shapes_conds, 2, steps=1, offset=top - 1)  # the largest that fits
+    assert sums.splitlines()[1].startswith(f"item {top}: ")
+    with pytest.raises(ValueError, match="^batch_offset: "):
+        N.JetDetMultiPassRefiner.execute(shapes_patcher, 1, 1, 4.0, "euler", "simple", *shapes_conds,
+                                         empty_latent(2), 1.0, 0.5, 0.25, "coarse", "coarse", top)
+
+
+def test_structural_tolerance_is_strict_about_dtype_and_says_so(comfy_dir):
+    ref = torch.rand(1, 8, 8, 3).half().float()  # values a float16 holds exactly
+    half = ref.half()
+    assert N.JetDetOutputMatcher.execute(image=half, tolerance="1e-4", reference_image=ref).args[0]
+    assert N.JetDetOutputMatcher.execute(image=half, tolerance="structural", reference_image=ref).args[0] is False
+    assert N.JetDetOutputMatcher.execute(image=half.float(), tolerance="structural", reference_image=ref).args[0]
+    tip = next(i for i in N.JetDetOutputMatcher.define_schema().inputs if i.id == "tolerance").tooltip
+    assert "structural: the same dtype" in tip and "stricter than 1e-4 about dtype" in tip
+
+
+# --------------------------------------------------------------------------------- strict from the Mode Switch
+
+
+def test_sampling_nodes_keep_the_mode_switchs_strict_setting(shapes_patcher, shapes_conds):
+    seen = []
+    hook = shapes_patcher.model.diffusion_model.register_forward_pre_hook(
+        lambda mod, a: seen.append((torch.are_deterministic_algorithms_enabled(),
+                                    torch.is_deterministic_algorithms_warn_only_enabled())))
+    ks = dict(seed=1, steps=1, cfg=4.0, sampler_name="euler", scheduler="simple", positive=shapes_conds[0],
+              negative=shapes_conds[1])
+    try:
+        for strict in (False, True):
+            m = N.JetDetModeSwitch.execute(shapes_patcher, "deterministic", 0.05, strict).args[0]
+            seen.clear()
+            N.JetDetDeterministicSampler.execute(m, **ks, latent_image=empty_latent(1), denoise=1.0, batch_offset=0)
+            assert set(seen) == {(True, not strict)}, (strict, seen)
+            seen.clear()
+            N.JetDetMultiPassRefiner.execute(m, **ks, latent_image=empty_latent(1), coarse_denoise=1.0,
+                                             refine_denoise=0.5, detail_denoise=0.25, start_pass="coarse",
+                                             end_pass="coarse", batch_offset=0)
+            assert set(seen) == {(True, not strict)}, (strict, seen)
+            seen.clear()
+            N.JetDetBenchmark.execute(m, **ks, latent_image=empty_latent(1), denoise=1.0, fast_budgets="0.1")
+            assert (True, not strict) in seen and (True, strict) not in seen, (strict, seen)
+        seen.clear()  # no Mode Switch: strict
+        N.JetDetDeterministicSampler.execute(shapes_patcher, **ks, latent_image=empty_latent(1), denoise=1.0,
+                                             batch_offset=0)
+        assert set(seen) == {(True, False)}
+    finally:
+        hook.remove()
+
+
+# ------------------------------------------------------------------------------------------- benchmark timing
+
+
+def test_benchmark_times_every_setting_warm(shapes_patcher, shapes_conds, monkeypatch):
+    import comfy.model_management as mm
+
+    cold = 3.0
+    load, loads = mm.load_models_gpu, []
+
+    def slow_first_load(*a, **kw):  # a model that is not loaded yet: the first sampling call pays for it
+        if not loads:
+            time.sleep(cold)
+        loads.append(1)
+        return load(*a, **kw)
+
+    monkeypatch.setattr(mm, "load_models_gpu", slow_first_load)
+    table, _ = N.JetDetBenchmark.execute(shapes_patcher, 2, 2, 4.0, "euler", "simple", *shapes_conds,
+                                         empty_latent(1), 1.0, "0.1").args
+    walls = {line.split()[0]: float(line.split()[-6]) for line in table.splitlines()[1:]}
+    assert loads and all(w < cold for w in walls.values()), table
+
+
+def _dot_heights(img: torch.Tensor) -> list[float]:
+    """Mean pixel row of the PIL plot's blue dots, left to right (one dot per column band)."""
+    blue = torch.tensor([31, 119, 180], dtype=torch.float32) / 255.0
+    mask = (img[0] - blue).abs().max(-1).values < 1e-3
+    ys, xs = mask.nonzero(as_tuple=True)
+    dots, order = [], xs.argsort()
+    ys, xs = ys[order], xs[order]
+    start = 0
+    for k in range(1, len(xs) + 1):
+        if k == len(xs) or xs[k] - xs[k - 1] > 3:
+            dots.append(ys[start:k].float().mean().item())
+            start = k
+    return dots
+
+
+def test_plot_draws_bit_identical_runs_above_every_finite_psnr(comfy_dir, monkeypatch):
+    points = [{"label": "off", "speedup": 1.0, "psnr": math.inf},
+              {"label": "deterministic", "speedup": 2.0, "psnr": 137.0},
+              {"label": "fast 0.1", "speedup": 3.0, "psnr": 30.0}]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the PIL drawing: its dots can be found by colour
+    monkeypatch.setattr(N, "_warned_plot", True)
+    off, det, fast = _dot_heights(N._plot(points))
+    assert off < det < fast  # pixel rows grow downwards: inf on top, then 137 dB, then 30 dB
+    ys, top = N._plot_ys(points)
+    assert top > 137 and ys == [top, 137.0, 30.0]
+    assert N._plot_ys(points[:1] + points[2:])[1] == 100.0  # "inf drawn at 100" while every PSNR is below 90
+
+
+# ------------------------------------------------------------------------------------- files that are not ours
+
+
+def test_files_of_the_wrong_kind_are_clear_errors_naming_the_input(comfy_dir, tmp_path):
+    text = tmp_path / "hostname"
+    text.write_text("somehost\n")
+    lat = {"samples": torch.zeros(1, 4, 4, 4)}
+    with pytest.raises(ValueError, match=f"reference_file: {text} is not a readable safetensors file"):
+        N.JetDetOutputMatcher.execute(latent=lat, reference_file=str(text))
+    with pytest.raises(ValueError, match=f"path: {text} is not a readable weights file \\(not safetensors"):
+        N.JetDetShapesModelLoader.execute(str(text))
+    import tiny_models
+    from safetensors.torch import save_file
+
+    sd15 = tmp_path / "sd15.safetensors"
+    save_file(tiny_models.sd15_state_dict(0), str(sd15))
+    with pytest.raises(ValueError, match=f"path: {sd15} is not jetdet's shapes model: ComfyUI detects it as SD15, "
+                                         "in_channels 4"):
+        N.JetDetShapesModelLoader.execute(str(sd15))

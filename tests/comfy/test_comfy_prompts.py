@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, require_comfyui
 
 require_comfyui()
-from _comfy_util import det_sample, execution_error, load_node_packs, run_prompt
+from _comfy_util import Engine, det_sample, execution_error, load_node_packs, run_prompt
 
 from jetdet.comfy import nodes as N
 from jetdet.comfy import wrappers as wr
@@ -129,3 +129,114 @@ def test_clone_safety_the_original_model_samples_as_if_jetdet_never_ran(comfy_di
     assert wr.jetdet_keys(shapes_patcher) == {}
     # and the deterministic clone really is different from the original (the test can fail)
     assert not torch.equal(stock_ksampler(det, *shapes_conds, empty_latent(2), "euler_ancestral", steps=4), before)
+
+
+# ------------------------------------------------------------------ files read by nodes, and ComfyUI's output cache
+
+
+def _recall_prompt(folder, ref):
+    return {
+        "1": {"class_type": "JetDetCacheManager", "inputs": {"action": "recall", "key": "k", "folder": folder,
+                                                             "device_budget_mb": -1.0, "cpu_budget_mb": -1.0,
+                                                             "disk_budget_mb": 0.0}},
+        "2": {"class_type": "JetDetOutputMatcher", "inputs": {"latent": ["1", 1], "tolerance": "exact",
+                                                              "reference_file": ref, "stop_on_mismatch": False}},
+    }
+
+
+def test_a_changed_file_is_read_again_not_served_from_comfyuis_cache(engine, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import jetdet
+
+    folder, ref = str(tmp_path / "store"), str(tmp_path / "ref.safetensors")
+    a, b, c = (torch.full((1, 16, 8, 8), v) for v in (1.0, 2.0, 3.0))  # the same file size
+    N.recall_store("k", "latent", a, folder)
+    save_file({"samples": a}, ref)
+    eng = Engine()  # one executor, as the server keeps: its cache lives from prompt to prompt
+    res = eng.run(_recall_prompt(folder, ref))
+    assert res["success"], execution_error(res)
+    assert jetdet.checksum(a)[:16] in res["outputs"]["1"]["text"][0]
+    assert res["outputs"]["2"]["text"][0].startswith("MATCH")
+    res = eng.run(_recall_prompt(folder, ref))
+    assert set(res["cached"]) == {"1", "2"}  # nothing changed: both served from the cache
+    # another prompt stores new data under the key, and the reference file is rewritten
+    N.recall_store("k", "latent", b, folder)
+    save_file({"samples": b}, ref)
+    res = eng.run(_recall_prompt(folder, ref))
+    assert res["cached"] == [] and jetdet.checksum(b)[:16] in res["outputs"]["1"]["text"][0]
+    assert res["outputs"]["2"]["text"][0].startswith("MATCH")
+    # only the reference changes: the matcher runs again, the recall stays cached
+    save_file({"samples": c}, ref)
+    res = eng.run(_recall_prompt(folder, ref))
+    assert res["cached"] == ["1"] and res["outputs"]["2"]["text"][0].startswith("MISMATCH")
+    # the stored file is tampered with (same size, its old metadata): the checksum check runs and fails
+    path = N.recall_path("k", folder)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    save_file({"samples": c}, path, metadata=meta)
+    err = execution_error(eng.run(_recall_prompt(folder, ref)))
+    assert err and err["node_type"] == "JetDetCacheManager" and "does not match the checksum" in err[
+        "exception_message"]
+
+
+def test_store_and_recall_under_the_lru_cache(engine, tmp_path):
+    import execution
+
+    folder = str(tmp_path)
+
+    def store(width):
+        return {"1": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": width,
+                                                                      "batch_size": 1}},
+                "2": {"class_type": "JetDetCacheManager", "inputs": {
+                    "action": "store", "key": "k", "folder": folder, "latent": ["1", 0], "device_budget_mb": -1.0,
+                    "cpu_budget_mb": -1.0, "disk_budget_mb": 0.0}}}
+
+    recall = {"1": {"class_type": "JetDetCacheManager", "inputs": {
+        "action": "recall", "key": "k", "folder": folder, "device_budget_mb": -1.0, "cpu_budget_mb": -1.0,
+        "disk_budget_mb": 0.0}}}
+    eng = Engine(execution.CacheType.LRU, 10)  # the server's --cache-lru 10: keeps results of earlier prompts
+    for width, shape in ((256, "(1, 16, 32, 32)"), (128, "(1, 16, 16, 16)"), (256, "(1, 16, 32, 32)")):
+        res = eng.run(store(width))  # the third store must write again: another prompt overwrote the key
+        assert res["success"], execution_error(res)
+        res = eng.run(recall)
+        assert res["success"] and f"recalled latent {shape}" in res["outputs"]["1"]["text"][0], res["outputs"]
+
+
+def test_a_cache_manager_output_with_nothing_to_give_is_a_clear_error(engine, tmp_path):
+    folder = str(tmp_path)
+    N.recall_store("img", "image", torch.rand(1, 32, 32, 3), folder)
+    cm = {"class_type": "JetDetCacheManager", "inputs": {"action": "recall", "key": "img", "folder": folder,
+                                                         "device_budget_mb": -1.0, "cpu_budget_mb": -1.0,
+                                                         "disk_budget_mb": 0.0}}
+    p = _base(batch=1)
+    p["4"]["inputs"]["latent_image"] = ["7", 1]  # the LATENT output of an image key
+    p["7"] = cm
+    err = execution_error(run_prompt(p))
+    assert err["node_type"] == "JetDetCacheManager", err
+    assert ("LATENT output is empty: key 'img' holds an image (1, 32, 32, 3), not a latent; take the IMAGE output "
+            "(connected to node 4)") in err["exception_message"]
+    p = _base(batch=1)
+    p["7"] = cm  # no model input: its MODEL output has nothing to pass through
+    p["8"] = {"class_type": "JetDetModeSwitch", "inputs": {"model": ["7", 0], "mode": "deterministic",
+                                                            "budget": 0.05, "strict": True}}
+    p["4"]["inputs"]["model"] = ["8", 0]
+    err = execution_error(run_prompt(p))
+    assert err["node_type"] == "JetDetCacheManager"
+    assert "MODEL output is empty: no model is connected to the model input" in err["exception_message"]
+    # served from ComfyUI's cache to a node connected later: the node is blocked with the message, never given None
+    eng = Engine()
+    first = {"7": cm, "9": {"class_type": "JetDetChecksum", "inputs": {"image": ["7", 2]}},
+             "10": {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}}}
+    assert eng.run(first)["success"]
+    dangling = dict(first, **{"11": {"class_type": "JetDetChecksum", "inputs": {"latent": ["7", 1]}}})
+    res = run_prompt(dangling)  # a node taking the empty output that never runs (its result reaches no output)
+    assert res["success"] and not [d for e, d in res["sent"] if e == "execution_error"], execution_error(res)
+    second = dict(first, **{"11": {"class_type": "JetDetChecksum", "inputs": {"latent": ["7", 1]}},
+                            "12": {"class_type": "PreviewAny", "inputs": {"source": ["11", 0]}}})
+    res = eng.run(second)
+    assert "7" in res["cached"] and execution_error(res) is None
+    blocked = [d for e, d in res["sent"] if e == "execution_error"]
+    assert blocked and blocked[0]["node_id"] == "11"
+    assert "LATENT output is empty: key 'img' holds an image" in blocked[0]["exception_message"]
