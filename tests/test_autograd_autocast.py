@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _devices import to_default_device
 
 import jetdet
 
@@ -46,7 +47,7 @@ CASES = {
     "softmax": (lambda g: [torch.randn(3, 11, generator=g) * 3], lambda x: torch.softmax(x, -1)),
     "sdpa_mask": (lambda g: [torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g),
                              torch.randn(2, 2, 9, 8, generator=g)],
-                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_MASK)),
+                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_MASK.to(q.device))),
 }
 
 
@@ -58,8 +59,10 @@ def test_gradients_match_torch(backend, name):
     hand): without ``register_autograd``, ``.backward()`` raised "no autograd formula was registered"."""
     make, fn = CASES[name]
     g = torch.Generator().manual_seed(0)
-    xs = make(g)
-    w = torch.randn(fn(*xs).shape, generator=g)
+    with torch.device("cpu"):  # CPU draws (the triton case runs on CUDA tensors on a GPU), then moved
+        xs = make(g)
+        w = torch.randn(fn(*xs).shape, generator=g)
+    xs, w = to_default_device(xs), w.to(torch.get_default_device())
 
     def grads(det: bool):
         leaves = [x.clone().requires_grad_(True) for x in xs]
@@ -71,7 +74,12 @@ def test_gradients_match_torch(backend, name):
         (out * w).sum().backward()
         return out.detach(), [leaf.grad for leaf in leaves]
 
-    ref_out, ref = grads(False)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 on both sides on a GPU
+    try:
+        ref_out, ref = grads(False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     out, got = grads(True)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for i, (a, b) in enumerate(zip(got, ref)):

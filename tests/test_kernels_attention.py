@@ -250,16 +250,19 @@ def test_fully_masked_rows_match_torch_sdpa(backend):
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 2, 5, 16, generator=g) for _ in range(3))
-    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
-    keep[1] = False
-    k, v = torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
-    fmask = torch.zeros(2, 1, 5, 7)
-    fmask[0, 0, 3] = float("-inf")
+    with torch.device("cpu"):  # CPU draws (the triton case runs on CUDA tensors on a GPU), then moved
+        q = torch.randn(2, 2, 5, 16, generator=g)
+        k, v = torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+        keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        keep[1] = False
+        fmask = torch.zeros(2, 1, 5, 7)
+        fmask[0, 0, 3] = float("-inf")
+    dev = torch.get_default_device()
+    q, k, v, keep, fmask = (t.to(dev) for t in (q, k, v, keep, fmask))
     for mask in (keep, fmask):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         with jetdet.mode("deterministic"):
             got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(want[0, :, 3], torch.zeros(2, 16)) and torch.equal(got[0, :, 3], want[0, :, 3])
+    assert torch.equal(want[0, :, 3], torch.zeros(2, 16, device=dev)) and torch.equal(got[0, :, 3], want[0, :, 3])
