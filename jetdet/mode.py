@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 
 from . import backend as _backend
 from .kernels.attention import torch_path as _attention_torch
@@ -137,35 +137,42 @@ def _acquire(warn_only: bool) -> None:
         _global_users += 1
     depth = getattr(_tls, "depth", 0)
     if depth == 0:
-        router = getattr(_tls, "router", None)
-        if router is None or not any(m is router for m in _function_modes()):
-            router = _Router()
-            router.__enter__()
-            _tls.router = router
-        # else: the router a nested mode("off") left under the user's own torch function mode (see _release)
+        router = _Router()
+        _insert_at_bottom(router)
+        _tls.router = router
     _tls.depth = depth + 1
 
 
-def _function_modes() -> list:
-    """This thread's torch function mode stack, bottom first."""
-    return _get_current_function_mode_stack()
+def _insert_at_bottom(router) -> None:
+    """Push ``router`` under this thread's torch function modes, not on top of them. A mode the user has entered
+    (``torch.device("meta")``, a counter) pops the top of the stack when it exits; with the router below every such
+    mode that top is always the user's own, however the user's ``with`` blocks interleave with jetdet's contexts
+    and ``set_mode`` calls. The user's modes see each torch call first and pass it down to the router."""
+    above = [_pop_mode() for _ in range(torch._C._len_torch_function_stack())]
+    _push_mode(router)
+    for m in reversed(above):
+        _push_mode(m)
+
+
+def _remove(router) -> None:
+    """Take ``router`` out of this thread's torch function mode stack, wherever it is, and leave every other mode
+    where it was (nothing when it is not there)."""
+    above = []
+    while torch._C._len_torch_function_stack():
+        m = _pop_mode()
+        if m is router:
+            break
+        above.append(m)
+    for m in reversed(above):
+        _push_mode(m)
 
 
 def _release() -> None:
     global _global_users, _saved_flags
     _tls.depth -= 1
     if _tls.depth == 0:
-        router = _tls.router
-        modes = _function_modes()
-        if modes and modes[-1] is router:
-            _tls.router = None
-            router.__exit__(None, None, None)
-        elif not any(m is router for m in modes):
-            _tls.router = None
-        # else: a torch function mode the user entered inside the deterministic context (torch.device("meta"), a
-        # counter) sits above the router, as with mode("off") nested in it. Exiting the router would pop that mode
-        # instead: the router stays, passing every call through while the mode is not deterministic, and the next
-        # deterministic context on this thread takes it up again (_acquire).
+        router, _tls.router = _tls.router, None
+        _remove(router)
     with _lock:
         _global_users -= 1
         if _global_users == 0 and _saved_flags is not None:

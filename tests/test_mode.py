@@ -175,12 +175,14 @@ def test_routed_results_match_torch_closely():
         assert torch.allclose(r, g, atol=1e-5, rtol=1e-5)
 
 
-def test_nested_off_leaves_the_users_torch_function_modes_alone():
-    """``mode("off")`` nested inside deterministic mode, under a torch function mode the user entered in between
-    (a counter, ``torch.device("meta")``): that mode keeps seeing every call inside and after the nested "off", and
-    each ``with`` leaves the stack as it found it. Negative control (run by hand): with ``_release`` exiting the
-    router unconditionally, as before, the nested "off" popped the user's mode (the counter saw nothing, zeros came
-    out on the CPU) and its exit pushed a second router."""
+def test_the_users_torch_function_modes_keep_working_across_jetdet_contexts():
+    """Torch function modes the user enters (a counter, ``torch.device("meta")``) interleaved with deterministic mode,
+    a nested ``mode("off")`` and ``set_mode``: each user mode keeps seeing every call while it is entered, its exit
+    pops itself, and the stack ends as it started with no router left behind. The router sits under the user's
+    modes (``mode._insert_at_bottom``). Negative controls (run by hand): with the router pushed on top and exited
+    unconditionally, as before, the nested "off" popped the user's mode (the counter saw nothing, zeros came out on
+    the CPU) and its exit pushed a second router; ``set_mode`` inside ``torch.device("meta")`` left meta on for good
+    and deterministic mode without a router."""
     from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
     class Counter(TorchFunctionMode):
@@ -200,28 +202,35 @@ def test_nested_off_leaves_the_users_torch_function_modes_alone():
     counter = Counter()
     with jetdet.mode("deterministic"):
         with counter:
-            inside = stack()
             with jetdet.mode("off"):
                 n = counter.n
                 F.linear(x, w)
-                assert counter.n > n and stack() == inside
-            assert stack() == inside
+                assert counter.n > n and "_Router" not in stack()
             n = counter.n
-            assert torch.equal(F.linear(x, w), F.linear(x, w))
-            assert counter.n > n
+            assert torch.equal(F.linear(x, w), F.linear(x, w))  # routed (the router is under the counter)
+            assert counter.n > n and stack().count("_Router") == 1
         with torch.device("meta"):
             with jetdet.mode("off"):
                 assert torch.zeros(1).device.type == "meta"
             assert torch.zeros(1).device.type == "meta"
     assert stack() == before and jetdet.get_mode() is Mode.OFF
 
-    # the deterministic context exits while the user's mode is still entered: the router stays under it (passing
-    # calls through), the user's exit pops the user's mode, and the next deterministic context takes the router up
+    # the deterministic context exits while the user's mode is still entered: the router leaves, the mode stays
     counter = Counter()
     with jetdet.mode("deterministic"):
         counter.__enter__()
-    assert stack()[-1] == "Counter"
+    assert stack() == [*before, "Counter"]
     counter.__exit__(None, None, None)
-    with jetdet.mode("deterministic"):
-        assert stack().count("_Router") == 1
+    assert stack() == before
+
+    # set_mode (no with block) inside a user's torch.device context: leaving the context pops the device mode, and
+    # deterministic mode keeps its router until set_mode("off")
+    with torch.device("meta"):
+        jetdet.set_mode("deterministic")
+    try:
+        assert torch.zeros(1).device.type == "cpu" and stack() == [*before, "_Router"]
+        with jetdet.mode("deterministic"):
+            assert stack().count("_Router") == 1
+    finally:
+        jetdet.set_mode("off")
     assert stack() == before
