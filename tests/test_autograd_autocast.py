@@ -143,3 +143,39 @@ def test_autocast_reaches_routed_calls_and_patched_layers():
     assert got.dtype == want.dtype == torch.bfloat16
     assert torch.equal(one, got[:1])
     assert (got.float() - want.float()).abs().max() < 0.1
+
+
+def test_second_derivatives_and_fully_masked_rows():
+    """``create_graph=True`` gives the same second derivatives as torch (the op's gradient stays connected to its
+    inputs), an input passed twice gets each argument's share, and a query row with every key masked has finite
+    gradients (0, as torch's). Negative controls (run by hand): with the recomputation on detached inputs, the
+    second derivative's norm was 76.2 against torch's 95.2 with no error; with the reference's softmax over all
+    -inf, q's and k's gradients were NaN."""
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(4, 6, generator=g), torch.randn(5, 6, generator=g)
+
+    def second(det: bool):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with jetdet.mode("deterministic" if det else "off"):
+            z = (F.linear(x, w) * x[:, :5]).sum()
+            (gx,) = torch.autograd.grad(z, x, create_graph=True)
+            return torch.autograd.grad(gx.square().sum(), (x, w))
+
+    for a, b in zip(second(True), second(False)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    q0 = torch.randn(2, 2, 4, 8, generator=g)
+    keep = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    keep[1] = False  # item 1 has no key to attend to
+    kv0 = torch.randn(2, 2, 5, 8, generator=g)
+
+    def masked(det: bool):
+        q, kv = q0.clone().requires_grad_(True), kv0.clone().requires_grad_(True)
+        with jetdet.mode("deterministic" if det else "off"):
+            F.scaled_dot_product_attention(q, kv, kv, attn_mask=keep).square().sum().backward()
+        return q.grad, kv.grad
+
+    got, want = masked(True), masked(False)
+    for a, b in zip(got, want):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

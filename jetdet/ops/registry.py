@@ -96,19 +96,25 @@ class Op:
         """Gradients through the op: the vector-Jacobian product of the spec's fp32 ``reference`` (the same
         arguments), recomputed from the saved inputs, cast back to each input's dtype. torch's own backward ops, so
         the batch-invariance guarantee covers the forward only. Torch functions are off while it runs: the
-        reference's calls must not be routed back into jetdet's ops (and their backward) by deterministic mode."""
+        reference's calls must not be routed back into jetdet's ops (and their backward) by deterministic mode.
+
+        Each differentiable argument enters the recomputation as its own view of the saved input: an input passed
+        twice (``attention(q, q, q)``) gets one gradient per argument, and under ``create_graph=True`` (grad mode on
+        here) the gradients stay connected to the inputs, so second derivatives are right."""
+        create = torch.is_grad_enabled()
         args = list(ctx.others)
         wants = []
         with torch._C.DisableTorchFunction(), torch.enable_grad():
             for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
                 if ctx.needs_input_grad[i] and t.is_floating_point():
-                    t = t.detach().requires_grad_(True)
+                    t = t.view_as(t) if (create and t.requires_grad) else t.detach().requires_grad_(True)
                     wants.append((i, t))
                 args[i] = t
             grads = [None] * len(args)
             if wants:
                 out = self.spec.reference(*args)
-                found = torch.autograd.grad(out, [t for _, t in wants], grad.to(out.dtype), allow_unused=True)
+                found = torch.autograd.grad(out, [t for _, t in wants], grad.to(out.dtype), allow_unused=True,
+                                            create_graph=create)
                 for (i, t), g in zip(wants, found):
                     grads[i] = None if g is None else g.to(t.dtype)
         return tuple(grads)

@@ -24,9 +24,10 @@ def attention_reference(q, k, v, mask=None, scale=None) -> torch.Tensor:
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores + additive_mask(mask)
-    p = torch.softmax(scores, dim=-1)
-    if mask is not None:
-        p = p.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
+    if mask is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v.float())
+    scores = scores + additive_mask(mask)
+    # rows with no finite score: softmax over zeros instead (no NaN, not even in a gradient), then zeroed
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    p = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     return torch.matmul(p, v.float())
