@@ -154,15 +154,54 @@ def test_deepcopy_of_a_fast_model_runs_without_the_originals_cache():
 
 
 def test_overlapping_patches_refused():
-    """A submodule of a patched model, or a model containing a patched submodule, is refused: removing two
-    overlapping patches in the wrong order would leave jetdet forwards installed for good."""
+    """A submodule of a patched model, a model containing a patched submodule, and a model sharing a layer with a
+    patched model are refused: removing two overlapping patches in the wrong order would leave jetdet forwards
+    installed for good."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
     h_sub = jetdet.patch(model[1], mode="deterministic")
-    with pytest.raises(RuntimeError, match="its submodule '1' is already patched"):
+    with pytest.raises(RuntimeError, match="its submodule '1' already carries a forward of another jetdet patch"):
         jetdet.patch(model, mode="deterministic")
     h_sub.remove()
     h_all = jetdet.patch(model, mode="deterministic")
     with pytest.raises(RuntimeError, match="submodule of a Sequential already patched"):
         jetdet.patch(model[1], mode="deterministic")
+    other = nn.Sequential(model[0], nn.ReLU())  # shares model's first Linear
+    with pytest.raises(RuntimeError, match="its submodule '0' already carries a forward of another jetdet patch"):
+        jetdet.patch(other, mode="deterministic")
     h_all.remove()
     assert all("forward" not in m.__dict__ for m in model.modules())
+    jetdet.patch(other, mode="deterministic").remove()
+
+
+def test_a_patched_model_dropped_without_remove_is_freed():
+    """The registry of patches holds models and handles weakly: a patched model the user lets go of is collected
+    (with its handle), and ``unpatch`` of a live one still finds its handle when the user dropped it. Negative
+    control (run by hand): with the registry's value the handle itself, the model was never freed."""
+    import gc
+    import weakref
+
+    model = TinyDiT().eval()
+    jetdet.patch(model, mode="deterministic")  # the handle is not kept
+    gc.collect()
+    assert jetdet.unpatch(model) and "forward" not in model.__dict__
+    jetdet.patch(model, mode="fast")
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_copy_runs_a_user_forward_made_with_partial_on_itself():
+    import copy
+    import functools
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.forward = functools.partial(nn.Sequential.forward, model)
+    handle = jetdet.patch(model, mode="deterministic")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        assert torch.equal(twin(torch.ones(2, 4)), torch.zeros(2, 4))
+    assert jetdet.unpatch(twin) and twin.forward.args[0] is twin
+    handle.remove()

@@ -48,7 +48,14 @@ from .call import ModelCall
 
 __all__ = ["patch", "unpatch", "PatchHandle", "UnsupportedModelError", "ModelCall"]
 
+# model -> weakref to its live PatchHandle. The handle is kept alive by the model's installed forward (see patch()),
+# so a patched model that the user drops without remove() is freed with its handle.
 _handles: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _handle_of(model):
+    ref = _handles.get(model)
+    return ref() if ref is not None else None
 _MISSING = object()
 MODES = ("deterministic", "fast")
 
@@ -106,7 +113,7 @@ class PatchHandle:
             self.attention_cache.clear()
         if self.linear_attention is not None:
             self.linear_attention.clear()
-        if _handles.get(self.model) is self:
+        if _handle_of(self.model) is self:
             del _handles[self.model]
         self.removed = True
 
@@ -149,11 +156,14 @@ _JETDET_ATTR = "__jetdet_forward__"  # (module it was installed on, that module'
 
 def _previous_forward(this: nn.Module, orig: nn.Module, prev):
     """The forward ``this`` (a copy of ``orig``) had before ``orig`` was patched: ``prev`` rebound to ``this`` when
-    it was a method of ``orig``, the class's forward when there was none."""
+    it was a method of ``orig`` (or a ``functools.partial`` over it), the class's forward when there was none.
+    Partials rather than new bound methods, which ``torch.compile(fullgraph=True)`` cannot trace."""
     if prev is _MISSING:
-        return types.MethodType(type(this).forward, this)
+        return functools.partial(type(this).forward, this)
     if isinstance(prev, types.MethodType) and prev.__self__ is orig:
-        return types.MethodType(prev.__func__, this)
+        return functools.partial(prev.__func__, this)
+    if isinstance(prev, functools.partial) and prev.args and prev.args[0] is orig:
+        return functools.partial(prev.func, this, *prev.args[1:], **prev.keywords)
     return prev
 
 
@@ -176,6 +186,8 @@ def _strip(module: nn.Module) -> None:
         module.__dict__.pop("forward", None)
     elif isinstance(prev, types.MethodType) and prev.__self__ is orig:
         module.__dict__["forward"] = types.MethodType(prev.__func__, module)
+    elif isinstance(prev, functools.partial) and prev.args and prev.args[0] is orig:
+        module.__dict__["forward"] = functools.partial(prev.func, module, *prev.args[1:], **prev.keywords)
     else:
         module.__dict__["forward"] = prev
 
@@ -318,7 +330,7 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
         mode = mode.lower()  # as jetdet.mode() reads it
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    existing = _handles.get(model)
+    existing = _handle_of(model)
     if existing is not None and not existing.removed:
         raise RuntimeError(
             f"model: {type(model).__name__} is already patched by jetdet (mode={existing.mode!r}); call "
@@ -329,16 +341,18 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
             f"model: {type(model).__name__} carries jetdet forwards copied from a patched model (copy.deepcopy); "
             "call jetdet.unpatch(model) to remove them before patching it"
         )
-    names = {m: n for n, m in model.named_modules()}
-    for m, h in list(_handles.items()):
-        if h.removed or m is model:
+    for m, ref in list(_handles.items()):
+        h = ref()
+        if h is None or h.removed or m is model:
             continue
-        if m in names:
-            raise RuntimeError(f"model: its submodule {names[m] or type(m).__name__!r} is already patched by jetdet "
-                               f"(mode={h.mode!r}); remove that patch first, or patch only one of them")
         if any(sub is model for sub in m.modules()):
             raise RuntimeError(f"model: it is a submodule of a {type(m).__name__} already patched by jetdet "
                                f"(mode={h.mode!r}); remove that patch first, or patch only one of them")
+    for name, m in model.named_modules():  # a submodule patched on its own, or shared with another patched model
+        if _jetdet_forward(m) is not None:
+            raise RuntimeError(f"model: its submodule {name or type(m).__name__!r} already carries a forward of "
+                               "another jetdet patch (patched on its own, or shared with a patched model); remove "
+                               "that patch first, or patch only one of them")
     handle = PatchHandle(model, mode, options)
     try:
         if mode == "deterministic":
@@ -352,14 +366,16 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     except BaseException:
         handle.remove()  # nothing of the user's model stays changed after an error
         raise
-    _handles[model] = handle
+    # the handle lives as long as the model's patched forward (a cycle the collector frees with the model)
+    model.__dict__["forward"].__func__.__jetdet_handle__ = handle
+    _handles[model] = weakref.ref(handle)
     return handle
 
 
 def unpatch(model: nn.Module) -> bool:
     """Remove jetdet's patch from ``model``, or the jetdet forwards a copy (``copy.deepcopy``) of a patched model
     inherited; returns False when there was neither."""
-    handle = _handles.get(model)
+    handle = _handle_of(model)
     if handle is not None:
         handle.remove()
         return True
