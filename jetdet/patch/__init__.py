@@ -154,17 +154,23 @@ class PatchHandle:
 _JETDET_ATTR = "__jetdet_forward__"  # (module it was installed on, that module's previous instance forward)
 
 
-def _previous_forward(this: nn.Module, orig: nn.Module, prev):
-    """The forward ``this`` (a copy of ``orig``) had before ``orig`` was patched: ``prev`` rebound to ``this`` when
-    it was a method of ``orig`` (or a ``functools.partial`` over it), the class's forward when there was none.
-    Partials rather than new bound methods, which ``torch.compile(fullgraph=True)`` cannot trace."""
-    if prev is _MISSING:
-        return functools.partial(type(this).forward, this)
+def _rebound(prev, orig: nn.Module, this: nn.Module, bind):
+    """``prev`` (a forward ``orig`` had before it was patched) for ``this``, a copy of ``orig``: a method of ``orig``
+    is rebound to ``this`` with ``bind(func, this)``, a ``functools.partial`` over ``orig`` is remade over ``this``,
+    anything else is kept as it is."""
     if isinstance(prev, types.MethodType) and prev.__self__ is orig:
-        return functools.partial(prev.__func__, this)
+        return bind(prev.__func__, this)
     if isinstance(prev, functools.partial) and prev.args and prev.args[0] is orig:
         return functools.partial(prev.func, this, *prev.args[1:], **prev.keywords)
     return prev
+
+
+def _previous_forward(this: nn.Module, orig: nn.Module, prev):
+    """The forward ``this`` (a copy of ``orig``) had before ``orig`` was patched, the class's forward when there was
+    none. Partials rather than new bound methods, which ``torch.compile(fullgraph=True)`` cannot trace."""
+    if prev is _MISSING:
+        return functools.partial(type(this).forward, this)
+    return _rebound(prev, orig, this, functools.partial)
 
 
 def _jetdet_forward(module: nn.Module):
@@ -184,12 +190,8 @@ def _strip(module: nn.Module) -> None:
     orig, prev = _jetdet_forward(module)
     if prev is _MISSING:
         module.__dict__.pop("forward", None)
-    elif isinstance(prev, types.MethodType) and prev.__self__ is orig:
-        module.__dict__["forward"] = types.MethodType(prev.__func__, module)
-    elif isinstance(prev, functools.partial) and prev.args and prev.args[0] is orig:
-        module.__dict__["forward"] = functools.partial(prev.func, module, *prev.args[1:], **prev.keywords)
-    else:
-        module.__dict__["forward"] = prev
+    else:  # the user's own instance forward, of the same kind it was (a bound method stays a bound method)
+        module.__dict__["forward"] = _rebound(prev, orig, module, types.MethodType)
 
 
 def _check_model(model):
@@ -336,11 +338,6 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
             f"model: {type(model).__name__} is already patched by jetdet (mode={existing.mode!r}); call "
             "handle.remove() or jetdet.unpatch(model) before patching it again"
         )
-    if _inherited(model):
-        raise RuntimeError(
-            f"model: {type(model).__name__} carries jetdet forwards copied from a patched model (copy.deepcopy); "
-            "call jetdet.unpatch(model) to remove them before patching it"
-        )
     for m, ref in list(_handles.items()):
         h = ref()
         if h is None or h.removed or m is model:
@@ -348,11 +345,19 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
         if any(sub is model for sub in m.modules()):
             raise RuntimeError(f"model: it is a submodule of a {type(m).__name__} already patched by jetdet "
                                f"(mode={h.mode!r}); remove that patch first, or patch only one of them")
-    for name, m in model.named_modules():  # a submodule patched on its own, or shared with another patched model
-        if _jetdet_forward(m) is not None:
-            raise RuntimeError(f"model: its submodule {name or type(m).__name__!r} already carries a forward of "
-                               "another jetdet patch (patched on its own, or shared with a patched model); remove "
-                               "that patch first, or patch only one of them")
+    for name, m in model.named_modules():
+        meta = _jetdet_forward(m)
+        if meta is None:
+            continue
+        if meta[0] is not m:  # installed on another module: this one is a copy.deepcopy of a patched model's
+            raise RuntimeError(
+                f"model: {type(model).__name__} carries jetdet forwards copied from a patched model (copy.deepcopy); "
+                "call jetdet.unpatch(model) to remove them before patching it"
+            )
+        # a submodule patched on its own, or shared with another patched model
+        raise RuntimeError(f"model: its submodule {name or type(m).__name__!r} already carries a forward of "
+                           "another jetdet patch (patched on its own, or shared with a patched model); remove "
+                           "that patch first, or patch only one of them")
     handle = PatchHandle(model, mode, options)
     try:
         if mode == "deterministic":

@@ -9,42 +9,36 @@ import torch.nn.functional as F
 from .. import ops
 
 
-def _autocast(func, *args):
-    """Under ``torch.autocast``: the call as deterministic mode's router takes it (inputs cast by autocast's policy
-    for ``func``, jetdet's body with autocast off); a patched layer calls jetdet's ops directly, past the router."""
-    from ..mode import _HANDLERS, _autocast_route
+def _call(func, op, *args):
+    """``op(*args)``, jetdet's op for the torch function ``func`` (the same arguments). Under ``torch.autocast``: the
+    call as deterministic mode's router takes it (inputs cast by autocast's policy for ``func``, jetdet's body with
+    autocast off); a patched layer calls jetdet's ops directly, past the router."""
+    if torch._C._is_any_autocast_enabled():
+        from ..mode import _HANDLERS, _autocast_route
 
-    return _autocast_route(func, _HANDLERS[func], args, {})
+        return _autocast_route(func, _HANDLERS[func], args, {})
+    return op(*args)
 
 
 def _linear(self, input):
-    if torch._C._is_any_autocast_enabled():
-        return _autocast(F.linear, input, self.weight, self.bias)
-    return ops.linear(input, self.weight, self.bias)
+    return _call(F.linear, ops.linear, input, self.weight, self.bias)
 
 
 def _conv2d(self, input):
-    if torch._C._is_any_autocast_enabled():
-        return _autocast(F.conv2d, input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-    return ops.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    return _call(F.conv2d, ops.conv2d, input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                 self.groups)
 
 
 def _layer_norm(self, input):
-    if torch._C._is_any_autocast_enabled():
-        return _autocast(F.layer_norm, input, self.normalized_shape, self.weight, self.bias, self.eps)
-    return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+    return _call(F.layer_norm, ops.layer_norm, input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def _group_norm(self, input):
-    if torch._C._is_any_autocast_enabled():
-        return _autocast(F.group_norm, input, self.num_groups, self.weight, self.bias, self.eps)
-    return ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+    return _call(F.group_norm, ops.group_norm, input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def _rms_norm(self, input):
-    if torch._C._is_any_autocast_enabled():
-        return _autocast(F.rms_norm, input, self.normalized_shape, self.weight, self.eps)
-    return ops.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    return _call(F.rms_norm, ops.rms_norm, input, self.normalized_shape, self.weight, self.eps)
 
 
 def deterministic_forward(module: nn.Module):
