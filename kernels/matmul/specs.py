@@ -3,6 +3,8 @@ config, and the persistent TMA GEMM (``launch_tma.py``) at its fixed tiles, for 
 
 from __future__ import annotations
 
+import torch
+
 from jetdet import configs
 from jetdet.kernels._common import CompileSpec, tf32x3_tiles, tl_ptr
 
@@ -16,39 +18,25 @@ H100_SMS = 132  # the TMA kernel is compiled for this many persistent programs (
 
 
 def compile_specs() -> list[CompileSpec]:
-    """:func:`gemm_specs`, :func:`tf32x3_specs` and :func:`tma_specs`."""
-    return gemm_specs() + tf32x3_specs() + tma_specs()
-
-
-def tf32x3_specs() -> list[CompileSpec]:
-    """The GEMM at each fixed ``tf32x3`` tile, fp32 operands, as :func:`gemm_specs` models the launch. Tensor
-    cores only: ``no_fma`` fails a variant that fell back to FFMA."""
-    specs = []
-    proto = next(s for s in gemm_specs() if s.constexprs["DOT_F32"])
-    for cfg, archs in tf32x3_tiles():
-        tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        constexprs = dict(proto.constexprs, F32_DOT="tf32x3",
-                          **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
-        specs.append(CompileSpec(
-            name=f"matmul_fp32_tf32x3_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}",
-            fn=matmul_kernel, signature=dict(proto.signature), constexprs=constexprs,
-            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "enable_fp_fusion": FP_FUSION},
-            deterministic=True, archs=archs, forbid=("no_fma",)))
-    return specs
+    """:func:`gemm_specs` and :func:`tma_specs`."""
+    return gemm_specs() + tma_specs()
 
 
 def gemm_specs() -> list[CompileSpec]:
     """One spec per (shipped config, dtype) for ``jetdet.static_report``, with the bias epilogue (the
-    no-bias variant is the same kernel minus one load and add).
+    no-bias variant is the same kernel minus one load and add), and one per fixed tile of fp32 under
+    ``JETDET_FP32_DOT=tf32x3`` (tensor cores only: ``no_fma`` fails a variant that fell back to FFMA).
 
     Modelled on the common launch: contiguous ``a`` (stride_ak == 1, which Triton specializes to a
     constant) and ``b = weight.t()`` (stride_bk == 1), 16-byte aligned pointers, N and K multiples of 16.
     """
     specs = []
-    for dtype, cfg, archs in configs.shipped_configs(OP, _DTYPES, _default):
+    tiles = [(dtype, cfg, archs, "ieee") for dtype, cfg, archs in configs.shipped_configs(OP, _DTYPES, _default)]
+    tiles += [(torch.float32, cfg, archs, "tf32x3") for cfg, archs in tf32x3_tiles()]
+    for dtype, cfg, archs, prec in tiles:
         ptr, dt = tl_ptr(dtype), configs.dtype_name(dtype)
         tag = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        name = f"matmul_{dt}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}"
+        name = f"matmul_{dt}{'_tf32x3' if prec == 'tf32x3' else ''}_{tag}_w{cfg['num_warps']}s{cfg['num_stages']}"
         specs.append(
             CompileSpec(
                 name=name,
@@ -77,7 +65,7 @@ def gemm_specs() -> list[CompileSpec]:
                     "stride_cn": 1,
                     "HAS_BIAS": True,
                     "DOT_F32": dt == "fp32",
-                    "F32_DOT": "ieee",
+                    "F32_DOT": prec,
                     "BLOCK_M": cfg["BLOCK_M"],
                     "BLOCK_N": cfg["BLOCK_N"],
                     "BLOCK_K": cfg["BLOCK_K"],
@@ -90,7 +78,7 @@ def gemm_specs() -> list[CompileSpec]:
                 },
                 deterministic=True,
                 archs=archs,
-                forbid=("no_tf32",) if dt == "fp32" else (),
+                forbid=(("no_fma",) if prec == "tf32x3" else ("no_tf32",)) if dt == "fp32" else (),
             )
         )
     return specs
