@@ -218,6 +218,11 @@ def _check_int(name: str, value, lo: int, what: str = "") -> int:
     return value
 
 
+def _floats(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when floating point (its ``tolist()`` values are exact), else as float64."""
+    return t if t.is_floating_point() else t.to(torch.float64)
+
+
 def _same_t(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-12)
 
@@ -536,7 +541,10 @@ class StepCacheController:
 
     def _fetch(self, call, B: int):
         """The one host sync of a call: timesteps, sampled cond values, pending back-test rates."""
-        parts = [self._row_t(call.t, B, call.x.device).to(torch.float64)]
+        # float parts go as they are (their values are exact as Python floats, and one cat promotes them); only
+        # integer parts are converted, so a GPU call launches a cat (and a conversion for integer conds) instead of
+        # a conversion per part
+        parts = [_floats(self._row_t(call.t, B, call.x.device))]
         m = 0
         if call.cond is not None:
             c = call.cond
@@ -549,16 +557,16 @@ class StepCacheController:
             if c.shape[1] > 64:
                 c = c.index_select(1, self._cond_index(c.shape[1], c.device))
             m = c.shape[1]
-            parts.append(c.to(torch.float64).reshape(-1))
+            parts.append(_floats(c).reshape(-1))
         nx = 0
         if self.cfg_reuse:  # rows with the same latent at the same timestep are CFG partners
             xr = call.x.detach().reshape(B, -1)
             if xr.shape[1] > 64:
                 xr = xr.index_select(1, self._cond_index(xr.shape[1], xr.device))
             nx = xr.shape[1]
-            parts.append(xr.to(torch.float64).reshape(-1))
+            parts.append(_floats(xr).reshape(-1))
         pending, self._pending = self._pending, []
-        parts += [p.reshape(-1).to(torch.float64) for p, _ in pending]
+        parts += [_floats(p).reshape(-1) for p, _ in pending]
         host: list = [None] * len(parts)
         dev = [i for i, p in enumerate(parts) if p.device.type != "cpu"]
         if dev:
