@@ -27,7 +27,9 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
    the partial block apart, or one masked loop), the same way. fp32 linears and convs also with
    ``JETDET_FP32_DOT=tf32x3``: its time, and its and the IEEE kernel's max error relative to torch's IEEE result.
 6. ``model_speed``: whole models at batch 4: fp32 det vs off (TinyUNet, TinyDiT, DiT-B size) and bf16 off / det
-   / per-item loop (DiT stacks of width 1152 and 1024, an SD-like UNet stage).
+   / per-item loop (DiT stacks of width 1152 and 1024, an SD-like UNet stage); the bf16 ones also with the
+   deterministic forward captured in a CUDA graph (``torch.cuda.graph``): replay time, replay == eager bitwise,
+   and a graph of one item equal to the batch graph's row.
 7. ``fast_path``: the step cache on the bundled model (Euler 30 steps, 8 classes, batched CFG): wall time,
    model calls, host syncs, PSNR against full compute, with the defaults, at budgets 0.05 / 0.07 / 0.1, and at 0.07
    with ``piggyback=0`` (no row compaction: the whole batch runs whenever the model runs).
@@ -135,6 +137,22 @@ class Run:
             samples.append((time.perf_counter() - t) * 1e3)
         return statistics.median(samples)
 
+    def graphed(self, fn):
+        """``(replay, output)``: ``fn()`` captured in a CUDA graph (after a warm-up call on a side stream, as
+        ``torch.cuda.graph`` wants) and the graph's static output, which every replay overwrites. A dry run has no
+        graphs: ``(fn, fn())``."""
+        if self.dev.type != "cuda":
+            return fn, fn()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph.replay, out
+
     def section(self, name: str, fn, min_s: float = 5.0) -> None:
         print(f"\n== {name} " + "=" * max(0, 90 - len(name)), flush=True)
         if self.left() < min_s:
@@ -185,6 +203,9 @@ class _Record(Run):
     def wall_ms(self, fn, repeats: int = 3) -> float:
         fn()
         return 1.0
+
+    def graphed(self, fn):
+        return fn, fn()  # nothing is captured while the launches only compile
 
 
 @contextlib.contextmanager
@@ -877,10 +898,40 @@ def model_speed(run: Run, out: dict) -> None:
             t_loop = run.time_ms(lambda: [fwd(slice(i, i + 1)) for i in range(4)])
         row = {"model": name, "dtype": prec, "batch": 4, "off_ms": t_off, "det_ms": t_det, "loop_ms": t_loop,
                "det_over_off": t_det / t_off, "det_over_loop": t_det / t_loop}
+        if prec == "bf16":
+            row.update(_graph_row(run, name, fwd, t_off))
         rows.append(row)
+        graph = (f"  det CUDA graph {row['det_graph_ms']:8.3f} ms ({row['det_graph_over_off']:5.2f}x off)"
+                 if "det_graph_ms" in row else f"  {row['det_graph_error']}" if "det_graph_error" in row else "")
         print(f"  {name:<44} {prec}  off {t_off:8.3f} ms  det {t_det:8.3f} ms  4 x b1 {t_loop:8.3f} ms  "
-              f"det/off {t_det / t_off:5.2f}x  det/loop {t_det / t_loop:5.2f}x")
+              f"det/off {t_det / t_off:5.2f}x  det/loop {t_det / t_loop:5.2f}x{graph}")
     out["rows"] = rows
+
+
+def _graph_row(run: Run, name: str, fwd, t_off: float) -> dict:
+    """The deterministic forward captured in a CUDA graph (what takes away eager mode's per-call host cost without
+    a compiler; ``tests/test_capture_safe.py`` checks on CPU that the routed path can be captured): replay time,
+    and bitwise checks: the replay equals the eager deterministic forward, and a graph of item 2 alone equals the
+    batch graph's item 2. An error (a capture that fails) is recorded, and the section goes on."""
+    import jetdet
+
+    try:
+        with torch.no_grad(), jetdet.mode("deterministic"):
+            eager = fwd().clone()
+            replay, batch_out = run.graphed(fwd)
+            replay_one, one_out = run.graphed(lambda: fwd(slice(2, 3)))
+        replay()
+        replay_one()
+        run.sync()
+        checks = {"replay == eager": torch.equal(batch_out, eager), "item 2 alone": torch.equal(one_out,
+                                                                                                batch_out[2:3])}
+        for what, ok in checks.items():
+            if not ok:
+                run.fail(f"model_speed {name}: deterministic forward in a CUDA graph: {what} is false")
+        t = run.time_ms(replay)
+    except Exception as e:  # noqa: BLE001 - a capture that fails is a finding; the other models still run
+        return {"det_graph_error": f"CUDA graph capture failed: {type(e).__name__}: {e}"}
+    return {"det_graph_ms": t, "det_graph_over_off": t / t_off, "det_graph_checks": checks}
 
 
 # ------------------------------------------------------------------------------------------- compiled
@@ -1170,10 +1221,12 @@ def markdown(res: dict) -> str:
         lines.append("")
     if s.get("model_speed", {}).get("rows"):
         lines += ["## Whole models, batch 4", "",
-                  "| model | dtype | off ms | det ms | 4 x b1 ms | det/off | det/loop |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| model | dtype | off ms | det ms | 4 x b1 ms | det/off | det/loop | graph ms | graph/off |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['model']} | {r['dtype']} | {r['off_ms']:.3f} | {r['det_ms']:.3f} | {r['loop_ms']:.3f} | "
-                  f"{r['det_over_off']:.2f} | {r['det_over_loop']:.2f} |" for r in s["model_speed"]["rows"]]
+                  f"{r['det_over_off']:.2f} | {r['det_over_loop']:.2f} | "
+                  + (f"{r['det_graph_ms']:.3f} | {r['det_graph_over_off']:.2f} |" if "det_graph_ms" in r else
+                     f"{r.get('det_graph_error', '')[:60]} | |") for r in s["model_speed"]["rows"]]
         lines.append("")
     c = s.get("compiled", {})
     if c.get("det_compiled_ms") is not None:
