@@ -271,6 +271,65 @@ def test_a_read_only_folder_is_refused_and_left_as_it_was(tmp_path):
         ro.chmod(0o700)
 
 
+def test_manifest_saves_are_spaced_out(ref, tmp_path, monkeypatch):
+    """The whole manifest is rewritten at each save, which grows with the job: by default it is saved at the plan and
+    at the end (and at most every 10 s between), with ``manifest_every_s=0`` after every round as well. Items
+    reported after the last save are recomputed by a rerun, and the bytes are the same either way."""
+    from jetdet.render import store
+
+    saves = []
+    real = store.save_manifest
+
+    def counted(folder, m):
+        saves.append(len(m["items"]))
+        real(folder, m)
+
+    monkeypatch.setattr(store, "save_manifest", counted)
+    _render({**JOB, "batch_size": 4}, tmp_path / "spaced")
+    assert saves == [0, 12], saves  # the plan, the end: not one per round
+    saves.clear()
+    _render({**JOB, "batch_size": 4}, tmp_path / "every", manifest_every_s=0)
+    assert saves == [0, 4, 8, 12, 12], saves
+    assert items(tmp_path / "spaced") == items(tmp_path / "every") == items(ref)
+    for bad in (-1, float("nan"), float("inf"), "10", True):
+        with pytest.raises(RenderError, match="manifest_every_s: expected a finite number of seconds >= 0"):
+            _render(JOB, tmp_path / "bad", manifest_every_s=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_and_folder_mistakes_are_named(ref, tmp_path, capsys):
+    """A spec file's count with --count, a missing count, an empty --out, an item name taken by a folder and a
+    damaged --against manifest: exit 2 with the argument named, nothing written."""
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"items": 12, "steps": STEPS, "seed": 3}))
+    out = tmp_path / "count"
+    assert main(["run", "--spec", str(spec), "--count", "3", "--out", str(out), "--threads", "1",
+                 "--no-progress"]) == 0
+    ref_sums = checksums(ref)  # the files carry their job's spec hash: the images are compared
+    assert checksums(out) == {str(i): ref_sums[str(i)] for i in range(3)}
+    capsys.readouterr()
+    assert main(["run", "--out", str(tmp_path / "none"), "--steps", "2"]) == 2
+    assert "--count: required" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert main(["run", "--out", "", "--count", "1"]) == 2
+    assert "out: expected a folder path, got ''" in capsys.readouterr().err
+    blocked = _copy(ref, tmp_path / "blocked")
+    (blocked / item_name(1)).unlink()
+    (blocked / item_name(1)).mkdir()
+    before = snapshot(blocked)
+    with pytest.raises(RenderError, match=r"out: .*item-000001.safetensors' is not a file"):
+        _render({**JOB, "batch_size": 1}, blocked)
+    assert snapshot(blocked) == before
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "manifest.json").write_text((ref / "manifest.json").read_text()[:200])
+    no_items = tmp_path / "no_items.json"
+    no_items.write_text(json.dumps({"format": "jetdet.render.manifest/1"}))
+    for against, want in ((damaged, "cannot be read as a render manifest"), (no_items, "is damaged")):
+        assert main(["verify", str(ref), "--against", str(against)]) == 2
+        err = capsys.readouterr().err
+        assert f"against: {str(against / 'manifest.json') if against.is_dir() else str(against)!r} {want}" in err, err
+
+
 # -------------------------------------------------------------------------------------------- the spec
 
 

@@ -111,8 +111,9 @@ def _job_output(stdout: str, stderr: str) -> str:
 
 
 def _start_fault_job(out, max_restarts: int) -> subprocess.Popen:
+    # the manifest saved after every round, so that the kill lands while it lists some items and not others
     args = ["run", "--out", str(out), "--count", "12", "--steps", str(KILL_STEPS), "--batch-size", "1",
-            "--no-progress"]
+            "--no-progress", "--manifest-every", "0"]
     # a session of its own, so that a hung job can be killed with its workers (_finish)
     return subprocess.Popen(torchrun(2, args, max_restarts=max_restarts), env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=str(REPO), start_new_session=True)

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help=f"{' | '.join(DEVICES)} (default auto: cuda:LOCAL_RANK when CUDA is there)")
     r.add_argument("--threads", type=int, help="torch threads per worker (default: torch's; torchrun sets 1 with "
                    "more than one worker)")
+    r.add_argument("--manifest-every", type=float, default=10.0, metavar="SECONDS",
+                   help="save the manifest at most once per SECONDS while rendering, and at the end (default 10; "
+                        "after a crash the items since the last save are rendered again; 0: after every round)")
     r.add_argument("--force", action="store_true", help="replace a job of another spec in the folder")
     r.add_argument("--no-progress", action="store_true", help="no progress line and no resume/summary lines")
 
@@ -78,6 +81,10 @@ def _spec_from_args(a) -> tuple[object, dict]:
         if isinstance(items, list):
             raise RenderError("--count: the spec file lists its items one by one; --count/--start/--classes set the "
                               "range form only")
+        if _is_count(items):  # "items": 12 is the range form's count
+            items = {"count": items}
+        elif items is not None and not isinstance(items, dict):
+            raise RenderError(f"--spec: items: expected a count, a range object or a list of items, got {items!r}")
         items = dict(items or {})
         items.update({k: v for k, v in range_flags.items() if v is not None})
         if a.seed is not None:
@@ -86,6 +93,10 @@ def _spec_from_args(a) -> tuple[object, dict]:
     elif a.seed is not None and isinstance(base.get("items"), dict):
         base["items"] = {**base["items"], "seed": a.seed}
     return base, overrides
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_rank0() -> bool:
@@ -105,7 +116,11 @@ def main(argv=None) -> int:
         from .spec import load_spec
 
         base, overrides = _spec_from_args(a)
-        render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress, threads=a.threads)
+        if "items" not in base:
+            raise RenderError("--count: required, or a --spec file with 'items' (a count, a range object or a list "
+                              "of items)")
+        render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress, threads=a.threads,
+               manifest_every_s=a.manifest_every)
         return 0
     except RenderError as e:
         if _is_rank0():  # every rank raises the same error; one message is enough

@@ -23,18 +23,12 @@ def _load(path, what: str) -> tuple[dict, Path | None]:
     """A manifest from a folder or a manifest file; ``(manifest, folder or None)``."""
     p = Path(path)
     if p.is_dir():
-        m = store.load_manifest(p)
+        m = store.load_manifest(p, what)
         if m is None:
             raise RenderError(f"{what}: {str(p)!r} holds no render manifest ({store.MANIFEST})")
         return m, p
     if p.is_file():
-        try:
-            m = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RenderError(f"{what}: {str(p)!r} is not a readable manifest ({e})") from None
-        if not isinstance(m, dict) or m.get("format") != store.MANIFEST_FORMAT:
-            raise RenderError(f"{what}: {str(p)!r} is not a jetdet render manifest")
-        return m, None
+        return store.read_manifest(p, what), None
     raise RenderError(f"{what}: {str(p)!r} is neither a render folder nor a manifest file")
 
 

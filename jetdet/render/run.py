@@ -236,6 +236,10 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
         if manifest is None and (files or other):
             raise RenderError(f"out: {str(out)!r} holds {len(files) + len(other)} file(s) but no jetdet render "
                               f"manifest ({store.MANIFEST}); choose an empty or new folder, or a render job's folder")
+        not_files = [name for name in files.values() if not (out / name).is_file()]
+        if not_files:  # an item's file is written over by a rename, which a folder (or a device) would refuse midway
+            raise RenderError(f"out: {str(out / not_files[0])!r} is not a file (an item's name, which this job "
+                              "writes); move it away")
     replaced = manifest is not None and manifest.get("spec_hash") != job.hash
     if replaced and not force:
         diffs = spec_differences(manifest.get("spec", {}), spec_dict) or [
@@ -336,6 +340,10 @@ def _progress(total: int, initial: int, disable: bool):
                 dynamic_ncols=True, bar_format=fmt)
 
 
+#: default least time between two saves of the manifest while a job renders (see ``_render_rounds``)
+MANIFEST_EVERY_S = 10.0
+
+
 def _sample(job: _Job, batch: list[Item]) -> torch.Tensor:
     import jetdet
 
@@ -350,7 +358,8 @@ def _sample(job: _Job, batch: list[Item]) -> torch.Tensor:
         return sample(job.model, labels, steps=s.steps, cfg=s.cfg, sampler=s.sampler, shift=s.shift, noise=noise)
 
 
-def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifest: dict | None, bar) -> int:
+def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifest: dict | None, bar,
+                   manifest_every_s: float) -> int:
     from ..verify import checksum, fingerprint
 
     by_index = {it.index: it for it in job.items}
@@ -360,6 +369,7 @@ def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifes
     fp = fingerprint(job.device)
     fp_id = store.fingerprint_id(fp)
     rendered = 0
+    last_save, save_s = time.perf_counter(), 0.0
     for r in range(rounds):
         batch = [by_index[i] for i in mine[r * bs : (r + 1) * bs]]
         reports = []
@@ -386,14 +396,22 @@ def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifes
                     manifest["items"][str(rep.pop("index"))] = rep
                     n += 1
             manifest["complete"] = len(manifest["items"]) == manifest["total"]
-            store.save_manifest(out, manifest)
+            # the whole manifest is rewritten (and fsynced) at each save, which grows with the job (1.7 s at 100k
+            # items): at most one save per manifest_every_s, or per 20 saves' time when that is longer, so that
+            # saving stays a small part of a large job; the caller saves at the end. A crash loses the reports
+            # since the last save, and the next run recomputes those items (their files are there, unreported).
+            now = time.perf_counter()
+            if now - last_save >= max(manifest_every_s, 20 * save_s):
+                store.save_manifest(out, manifest)
+                last_save = time.perf_counter()
+                save_s = last_save - now
             rendered += n
             bar.update(n)
     return rendered
 
 
 def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
-           threads: int | None = None) -> RenderResult:
+           threads: int | None = None, manifest_every_s: float = MANIFEST_EVERY_S) -> RenderResult:
     """Render a job into the folder ``out``; resume it if ``out`` holds the same job.
 
     Args:
@@ -404,11 +422,19 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
             not moved; its dtype must be the spec's). Under ``torchrun`` each rank passes its own.
         progress: the progress line and the resume/summary lines on rank 0 (stderr).
         threads: ``torch.set_num_threads`` for the run (restored afterwards).
+        manifest_every_s: while rendering, the manifest is saved at most once per this many seconds (and at the
+            end). After a crash the items finished since the last save are rendered again; 0 saves after every
+            round, which costs a rewrite of the whole manifest per round.
 
     Run under ``torchrun`` (or in an initialised process group) every rank calls this with the same arguments.
     Bad input raises :class:`RenderError` on every rank, with the folder unchanged.
     """
     spec = load_spec(spec)
+    if (isinstance(manifest_every_s, bool) or not isinstance(manifest_every_s, (int, float))
+            or not 0 <= manifest_every_s < math.inf):
+        raise RenderError(f"manifest_every_s: expected a finite number of seconds >= 0, got {manifest_every_s!r}")
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise RenderError(f"out: expected a folder path, got {out!r}")
     out = Path(out)
     saved_threads = torch.get_num_threads()
     saved_cuda = None
@@ -448,7 +474,7 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
                 import jetdet
 
                 handle = jetdet.patch(job.model, mode="fast", budget=spec.budget, num_steps=spec.steps)
-            rendered = _render_rounds(group, job, out, todo, manifest, bar)
+            rendered = _render_rounds(group, job, out, todo, manifest, bar, manifest_every_s)
         finally:
             if handle is not None:
                 handle.remove()

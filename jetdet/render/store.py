@@ -120,23 +120,32 @@ def new_manifest(spec: dict, spec_hash: str, total: int) -> dict:
             "fingerprints": {}, "items": {}, "runs": []}
 
 
-def load_manifest(folder) -> dict | None:
-    """The folder's manifest, ``None`` if it has none; :class:`RenderError` if it is not one of ours."""
+def load_manifest(folder, what: str = "out") -> dict | None:
+    """The folder's manifest, ``None`` if it has none; :class:`RenderError` naming the argument ``what`` if it is
+    not one of ours."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
+    return read_manifest(path, what, "move it away or choose another folder" if what == "out" else "")
+
+
+def read_manifest(path, what: str, advice: str = "") -> dict:
+    """The manifest in the file ``path``; :class:`RenderError` naming the argument ``what`` if it cannot be read, is
+    not a render manifest or is damaged."""
+    advice = f"; {advice}" if advice else ""
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
+        m = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RenderError(f"out: {str(path)!r} cannot be read as a render manifest ({e}); move it away or choose "
-                          "another folder") from None
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("items"), dict):
-        raise RenderError(f"out: {str(path)!r} is not a jetdet render manifest (format {MANIFEST_FORMAT!r}); "
-                          "choose another folder")
-    bad = [k for k, v in m["items"].items() if not (k.isdigit() and isinstance(v, dict))]
-    if bad or not isinstance(m.get("spec"), dict):
-        raise RenderError(f"out: {str(path)!r} is damaged (item keys {bad[:3]} or its spec); move it away or "
-                          "choose another folder")
+        raise RenderError(f"{what}: {str(path)!r} cannot be read as a render manifest ({e}){advice}") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise RenderError(f"{what}: {str(path)!r} is not a jetdet render manifest (format "
+                          f"{MANIFEST_FORMAT!r}){advice}")
+    items = m.get("items")
+    bad = [k for k, v in items.items() if not (k.isdigit() and isinstance(v, dict))] if isinstance(items, dict) else []
+    if not isinstance(items, dict) or not isinstance(m.get("spec"), dict):
+        raise RenderError(f"{what}: {str(path)!r} is damaged (no item table or no spec){advice}")
+    if bad:
+        raise RenderError(f"{what}: {str(path)!r} is damaged (item keys {bad[:3]}){advice}")
     return m
 
 
