@@ -1288,6 +1288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-jit", action="store_true", help="only the declared specs, no JIT-specialised variants")
     parser.add_argument("--quiet", action="store_true", help="print only the rows that break a rule, and the summary")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs: expected a number of processes >= 1, got {args.jobs}")
     import triton
 
     why = unsupported()
@@ -1296,9 +1298,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     errors: list[dict] = []
     specs = collect_specs(args.module, errors=errors, jit=not args.no_jit)
+    known = sorted({a for spec in specs for a in spec.archs})
+    archs = list(dict.fromkeys(args.arch or DEFAULT_ARCHS))  # a repeated --arch once
+    unknown = [a for a in archs if a not in known]
+    if unknown and specs:
+        parser.error(f"--arch: no kernel is built for compute capability {unknown}; expected some of {known}")
+    if not errors and not pairs(specs, archs, args.only):
+        parser.error(f"--only: no kernel name contains any of {args.only} for arch {archs}; the report without "
+                     "--only lists the names")
     rows = errors + report(
         specs,
-        archs=args.arch or DEFAULT_ARCHS,
+        archs=archs,
         only=args.only,
         use_cache=not args.no_cache,
         jobs=args.jobs,

@@ -30,6 +30,19 @@ def test_help_prints_the_whole_description(capsys):
     assert "--full-static" in out
 
 
+@pytest.mark.parametrize("argv, want", [
+    (["--only", "static", "--skip-static"], "--skip-static: contradicts --only static"),
+    (["--only", "determinism", "--full-static"], "--full-static: the static section does not run with --only"),
+    (["--plot", "/nonexistent/dir/p.png"], "--plot: cannot write into the folder"),
+    (["--only", "fast", "--plot", "p.xyz"], "--plot: expected a .png file name"),
+])
+def test_flags_that_would_run_nothing_or_fail_late_are_refused(argv, want, capsys):
+    """Checked before any section runs (a bad --plot used to fail after the fast section's minute of sampling)."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and want in capsys.readouterr().err
+
+
 def test_quick_specs_cover_every_kernel_function_and_dtype_on_one_arch():
     specs = sr.collect_specs()
     declared = [s for s in specs if s.launch is None]

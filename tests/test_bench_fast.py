@@ -23,6 +23,8 @@ def test_fast_mode_section(tmp_path, capsys, restore_threads):
         assert 0.0 <= r["accuracy"] <= 1.0
     assert fast["fme"] <= default["fme"]  # the faster preset does less work
     assert 'jetdet.patch(model, mode="fast")' in out and 'quality="fast"' in out
+    assert "100.00" not in out  # full compute's PSNR is the reference, not a measured 100 dB
+    assert next(line for line in out.splitlines() if "full compute" in line).split()[-3:-1] == ["ref", "ref"]
     pytest.importorskip("matplotlib")
     assert f"plot: {png}" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -77,6 +77,15 @@ def test_table_and_cli(rows, capsys):
     assert sr.main([*argv, "--quiet"]) == 0
     cap = capsys.readouterr()
     assert cap.out == "" and f"1 kernel/arch pairs, no violations (triton {triton.__version__})" in cap.err
+    assert sr.main([*argv, "--arch", "80", "--quiet"]) == 0  # a repeated --arch is one arch, one row
+    assert "1 kernel/arch pairs" in capsys.readouterr().err
+    # a report that would check nothing is an error, never "0 kernel/arch pairs, no violations"
+    for bad, want in (([*argv[:4], "--arch", "100"], "--arch: no kernel is built for compute capability [100]"),
+                      ([*argv[:2], "--only", "no_such_kernel"], "--only: no kernel name contains"),
+                      ([*argv, "--jobs", "0"], "--jobs: expected a number of processes >= 1")):
+        with pytest.raises(SystemExit) as e:
+            sr.main(bad)
+        assert e.value.code == 2 and want in capsys.readouterr().err, bad
 
 
 def test_every_kernel_folder_is_collected_and_none_is_skipped(monkeypatch):
