@@ -11,6 +11,7 @@ Nothing here probes a device at import time.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ def _check_tensor(name: str, t) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
         raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+    if t.is_meta:
+        raise ValueError(f"{name}: a meta tensor has no values to hash or compare")
+    if t.is_quantized:  # its bytes leave out the scale and zero point
+        raise ValueError(f"{name}: expected a tensor of values, got a quantized one ({_dname(t.dtype)}); pass "
+                         f"{name}.dequantize() (the values) or {name}.int_repr() (the stored integers)")
     return t
 
 
@@ -101,6 +107,8 @@ def fingerprint(device=None) -> dict:
         dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     else:
         dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {str(dev)!r}, but CUDA is not available on this machine")
     info = {
         "device": cpu,
         "device_type": dev.type,
@@ -175,7 +183,9 @@ class MatchResult:
         s = f"{head}: {self.mismatches} of {self.numel} elements differ"
         if self.numel:
             s += f", max abs {self.max_abs_err:.3g}, max rel {self.max_rel_err:.3g}"
-        if self.tolerance == "structural":
+        if self.tolerance == "structural" and math.isinf(self.rel_rms) and self.mismatches == 0:
+            s += f", the reference is all zeros and the RMS difference is above {STRUCTURAL_ABS_RMS:g}"
+        elif self.tolerance == "structural":
             s += f", rel-RMS {self.rel_rms:.3g} (limit {STRUCTURAL_REL_RMS:g})"
         if self.first_mismatch is not None:
             s += f", first at {self.first_mismatch}"
@@ -238,10 +248,17 @@ def match(a: torch.Tensor, b: torch.Tensor, tolerance: str = "exact") -> MatchRe
     inf_x, inf_y = torch.isinf(x), torch.isinf(y)
     finite = ~(nan_x | nan_y | inf_x | inf_y)
     diff = (x - y).abs()
+    exact_ints = None
+    if not (ca.is_floating_point() or ca.is_complex() or cb.is_floating_point() or cb.is_complex()):
+        # integers past 2^53 are not exact in float64: differences come from the integers themselves
+        exact_ints = (ca.reshape(-1).to(torch.int64) - cb.reshape(-1).to(torch.int64)).abs()
+        diff = torch.where(exact_ints != 0, diff.clamp_min(1.0), diff)  # a difference never rounds to 0
     ref = y.abs()
     # statistics over elements where both are finite
     d_f, r_f = diff[finite], ref[finite]
     max_abs = d_f.max().item() if d_f.numel() else 0.0
+    if exact_ints is not None and exact_ints.numel():
+        max_abs = float(exact_ints.max().item())
     nz = r_f != 0
     max_rel = (d_f[nz] / r_f[nz]).max().item() if bool(nz.any()) else 0.0
     rms_d = d_f.pow(2).mean().sqrt().item() if d_f.numel() else 0.0

@@ -78,11 +78,19 @@ def test_checksum_bf16_is_its_bits():
     assert checksum(x) == hashlib.sha256(b"jetdet.checksum.v1|bfloat16|(8,)|" + raw).hexdigest()
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_checksum_errors():
     with pytest.raises(TypeError, match="tensor"):
         checksum([1.0, 2.0])
     with pytest.raises(ValueError, match="tensor"):
         checksum(torch.eye(3).to_sparse())
+    with pytest.raises(ValueError, match="^tensor: a meta tensor has no values"):
+        checksum(torch.empty(3, device="meta"))
+    q = torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)
+    with pytest.raises(ValueError, match=r"^tensor: expected a tensor of values, got a quantized one"):
+        checksum(q)  # its bytes leave out the scale: two scales would hash alike
+    with pytest.raises(ValueError, match=r"^a: expected a tensor of values, got a quantized one"):
+        match(q, q)
 
 
 # ------------------------------------------------------------------------------------------- fingerprint
@@ -102,6 +110,9 @@ def test_fingerprint_contents():
         assert fp["device_type"] == "cpu" and fp["device"] == fp["cpu"] and fp["cuda_driver"] is None
     json.dumps(fp)  # plain values only
     assert fingerprint("cpu")["device_type"] == "cpu"
+    if not torch.cuda.is_available():  # never a CPU's fingerprint labelled cuda
+        with pytest.raises(ValueError, match="^device: 'cuda', but CUDA is not available"):
+            fingerprint("cuda")
 
 
 def test_fingerprint_follows_thread_count():
@@ -227,7 +238,8 @@ def test_structural():
     assert not match(b.double(), b, "structural").ok  # dtype must match
     z = torch.zeros(10)
     assert match(z + 1e-9, z, "structural").ok  # absolute shortcut for an all-zero reference
-    assert not match(z + 1e-3, z, "structural").ok
+    r = match(z + 1e-3, z, "structural")
+    assert not r.ok and "the reference is all zeros and the RMS difference is above 1e-06" in str(r)
 
 
 def test_shape_mismatch_is_a_result_not_an_exception():
@@ -235,6 +247,16 @@ def test_shape_mismatch_is_a_result_not_an_exception():
         r = match(torch.zeros(2, 3), torch.zeros(3, 2), tol)
         assert not r.ok and r.shape_a == (2, 3) and r.shape_b == (3, 2)
         assert str(r) == f"MISMATCH {tol}: shape (2, 3) vs (3, 2)"
+
+
+def test_large_integers_are_compared_exactly():
+    """Integers past 2^53 are not exact in float64: the differences come from the integers."""
+    a, b = torch.tensor([2**62, 5]), torch.tensor([2**62 + 1, 5])
+    r = match(a, b)
+    assert not r.ok and r.mismatches == 1 and r.max_abs_err == 1.0 and r.first_mismatch == (0,)
+    r = match(a, b, "1e-6")  # within the relative rule, and the difference is still reported
+    assert r.ok and r.max_abs_err == 1.0 and 0 < r.max_rel_err < 1e-18
+    assert match(torch.tensor([3], dtype=torch.uint8), torch.tensor([250], dtype=torch.uint8)).max_abs_err == 247
 
 
 def test_edge_shapes_and_layouts():
