@@ -31,3 +31,7 @@ def factory():
 
 def not_a_model():
     return "a string"
+
+
+def raises():
+    raise RuntimeError("weights not found")

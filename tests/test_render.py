@@ -235,10 +235,11 @@ def test_a_folder_of_another_spec_is_refused_unless_forced(ref, tmp_path, capsys
     # --force replaces the job: 6 items now, the old job's items 6..11 removed, the rest recomputed
     r = _render({**JOB, "items": 6, "steps": 3}, out, force=True)
     assert r.rendered == 6 and r.kept == 0
+    assert set(r.recomputed.values()) == {"a file of the replaced job, recomputed"}
     assert sorted(items(out)) == [item_name(i) for i in range(6)]
     assert verify(out) and manifest(out)["replaced"] == [manifest(ref)["spec_hash"]]
     c = compare(out, ref)  # another job: the spec difference is named, the items compared where both have them
-    assert not c.ok and not c.same_spec and any(n.startswith("steps: 3") for n in c.spec_notes)
+    assert not c.ok and not c.same_spec and "steps: 3 here, 2 in the other" in c.spec_notes
     assert c.only_other == list(range(6, 12)) and c.differ == list(range(6)) and not c.equal
 
 
@@ -295,6 +296,33 @@ def test_manifest_saves_are_spaced_out(ref, tmp_path, monkeypatch):
         with pytest.raises(RenderError, match="manifest_every_s: expected a finite number of seconds >= 0"):
             _render(JOB, tmp_path / "bad", manifest_every_s=bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_model_that_breaks_the_contract_is_refused_before_anything_is_written(tmp_path):
+    """A factory that raises, a model whose embedding has no row for the unconditional label, and one whose config
+    does not match its layers: RenderError naming the model, and no folder (so a fixed model is not refused as
+    another job)."""
+    import torch.nn as nn
+
+    class Velocity(nn.Module):
+        def __init__(self, channels=3, labels=3):
+            super().__init__()
+            self.config = {"in_channels": channels, "sample_size": 8, "num_classes": 2}
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.emb = nn.Embedding(labels, 3)
+
+        def forward(self, x, t, y):
+            return self.conv(x) + self.emb(y)[:, :, None, None]
+
+    for model, want in ((Velocity(labels=2), "labels 0 and the unconditional 2): IndexError"),
+                        (Velocity(channels=4), "x [2, 4, 8, 8] from its config")):
+        out = tmp_path / "job"
+        with pytest.raises(RenderError, match=r"^model: the model passed to render\(\): a trial forward failed"
+                           ) as e:
+            _render({"items": 2, "steps": 1}, out, model=model)
+        assert want in str(e.value) and not out.exists()
+    r = _render({"items": 2, "steps": 1}, tmp_path / "job", model=Velocity())
+    assert r.complete and r.rendered == 2
 
 
 def test_cli_and_folder_mistakes_are_named(ref, tmp_path, capsys):
@@ -390,6 +418,10 @@ def test_user_model_entry_point(tmp_path, capsys):
     assert main(["run", "--model", "_render_model:not_a_model", "--out", str(tmp_path / "bad"), "--count", "2"]) == 2
     err = capsys.readouterr().err
     assert "model: entry point '_render_model:not_a_model' gave a str; expected an nn.Module" in err
+    assert not (tmp_path / "bad").exists()
+    assert main(["run", "--model", "_render_model:raises", "--out", str(tmp_path / "bad"), "--count", "2"]) == 2
+    assert "model: entry point '_render_model:raises' raised RuntimeError: weights not found" in \
+        capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert main(["run", "--model", "_render_model:factory", "--out", str(tmp_path / "bad"), "--count", "2",
                  "--classes", "circle"]) == 2

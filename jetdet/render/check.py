@@ -140,7 +140,8 @@ def compare(here, other) -> Comparison:
     same_spec = a.get("spec_hash") == b.get("spec_hash")
     return Comparison(
         here=str(here), other=str(other), same_spec=same_spec,
-        spec_notes=[] if same_spec else spec_differences(a.get("spec", {}), b.get("spec", {})),
+        spec_notes=[] if same_spec else spec_differences(a.get("spec", {}), b.get("spec", {}),
+                                                         ("here", "in the other")),
         equal=equal, differ=differ, not_same_item=not_same,
         only_here=sorted(int(k) for k in set(ia) - set(ib)), only_other=sorted(int(k) for k in set(ib) - set(ia)),
         fingerprint_notes=_fingerprint_notes(a, b),

@@ -153,13 +153,14 @@ def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
     if model is None:
         model, class_names = load_model(spec.model, device, DTYPES[spec.dtype])
     else:
-        from .spec import check_model_contract
+        from .spec import check_model_contract, probe_model
 
         check_model_contract(model, "the model passed to render()")
         p = next(model.parameters())
         if p.dtype != DTYPES[spec.dtype]:
             raise RenderError(f"dtype: the spec says {spec.dtype}, the model passed to render() is "
                               f"{str(p.dtype).replace('torch.', '')}")
+        probe_model(model, "the model passed to render()")
         class_names = getattr(model, "class_names", None)
     items = spec.expand(class_names, model.config["num_classes"])
     if spec.mode == "deterministic":
@@ -268,7 +269,9 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
     todo = [it.index for it in job.items if str(it.index) not in keep]
     for idx in todo:
         if idx not in why:
-            why[idx] = "not rendered yet" if idx not in files else "file not in the manifest (unreported), recomputed"
+            why[idx] = ("not rendered yet" if idx not in files else
+                        "a file of the replaced job, recomputed" if replaced else
+                        "file not in the manifest (unreported), recomputed")
 
     if manifest is None or replaced:
         new = store.new_manifest(spec_dict, job.hash, len(job.items))

@@ -338,6 +338,29 @@ def check_model_contract(model, name: str) -> None:
                           "from them); expected " + what)
 
 
+def probe_model(model, name: str) -> None:
+    """One forward of two rows, a class and the unconditional label, as the sampler calls it: a model that breaks
+    the contract (channels, label range, output shape) fails here, before the job writes anything."""
+    cfg = model.config
+    p = next(model.parameters())
+    null = getattr(model, "null_label", None)
+    null = cfg["num_classes"] if null is None else null
+    s, c = cfg["sample_size"], cfg["in_channels"]
+    x = torch.zeros(2, c, s, s, device=p.device, dtype=p.dtype)
+    t = torch.full((2,), 0.5, device=p.device)
+    y = torch.tensor([0, null], dtype=torch.long, device=p.device)
+    try:
+        with torch.no_grad():
+            v = model(x, t, y)
+    except Exception as e:  # noqa: BLE001 - the user's model: its failure is named, not a traceback of ours
+        raise RenderError(f"model: {name}: a trial forward failed (x [2, {c}, {s}, {s}] from its config, labels 0 and "
+                          f"the unconditional {null}): {type(e).__name__}: {e}") from e
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x.shape):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise RenderError(f"model: {name}: a trial forward on x [2, {c}, {s}, {s}] returned {got}; expected a "
+                          "velocity of the latent's shape")
+
+
 def load_model(name: str, device, dtype: torch.dtype):
     """``(model, class_names)`` for a spec's ``model``.
 
@@ -357,9 +380,13 @@ def load_model(name: str, device, dtype: torch.dtype):
         raise RenderError(f"model: expected 'bundled' or an entry point 'package.module:factory', got {name!r} "
                           "(any other name is only a label, for a model object passed to render(model=...))")
     factory = _resolve_entry_point(name)
-    model = factory()
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory: its failure is named, not a traceback of ours
+        raise RenderError(f"model: entry point {name!r} raised {type(e).__name__}: {e}") from e
     check_model_contract(model, f"entry point {name!r}")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    probe_model(model, f"entry point {name!r}")
     names = getattr(model, "class_names", None)
     return model, (list(names) if names is not None else None)
 
@@ -384,8 +411,9 @@ def spec_hash(spec: JobSpec, items: list[Item], digest: str) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def spec_differences(old: dict, new: dict) -> list[str]:
-    """Human-readable ``key: old vs new`` lines between two stored specs (batch size and device left out)."""
+def spec_differences(old: dict, new: dict, where: tuple[str, str] = ("in the folder", "now")) -> list[str]:
+    """Human-readable ``key: old vs new`` lines between two stored specs (batch size and device left out), each
+    value followed by its label in ``where``."""
     out = []
     for k in SPEC_KEYS:
         if k in ("batch_size", "device"):
@@ -397,5 +425,5 @@ def spec_differences(old: dict, new: dict) -> list[str]:
                 sa = sa[:57] + "..."
             if len(sb) > 60:
                 sb = sb[:57] + "..."
-            out.append(f"{k}: {sa} in the folder, {sb} now")
+            out.append(f"{k}: {sa} {where[0]}, {sb} {where[1]}")
     return out

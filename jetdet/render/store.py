@@ -3,8 +3,8 @@
 Layout of ``OUT/``:
 
 * ``item-000017.safetensors``: one tensor ``image`` (``[C, S, S]``, the sampler's output in ``[-1, 1]``) and
-  metadata ``index``, ``label``, ``seed``, ``stream``, ``spec_hash`` (header keys sorted, so equal images give
-  equal files byte for byte);
+  metadata ``index``, ``label``, ``seed``, ``stream``, ``spec_hash`` (header keys sorted, so equal images of one
+  job give equal files byte for byte; another job's header has its own spec hash);
 * ``manifest.json``: the spec and its hash, and per item its file, ``checksum`` (:func:`jetdet.checksum` of
   the image), ``sha256`` (of the file's bytes), the worker's fingerprint id (the fingerprints themselves are
   listed once under ``fingerprints``), rank, world size and batch size, and one record per run.
