@@ -119,6 +119,16 @@ def _rows_of(v, bsz: int, rows: torch.Tensor):
     return v
 
 
+def _patch_signature(transformer_options: dict) -> tuple:
+    """What kind of call this is: the names and keys of its block replacements (``patches_replace``, e.g. Skip Layer
+    Guidance's ``("dit", ("double_block", 1))``, PAG's ``("attn1", ("attn1", "middle", 0))``) and the names and
+    counts of its patches. The functions themselves are left out: nodes make new ones per call."""
+    rep = transformer_options.get("patches_replace") or {}
+    pat = transformer_options.get("patches") or {}
+    return (tuple(sorted((str(k), tuple(sorted(repr(b) for b in v))) for k, v in rep.items() if isinstance(v, dict))),
+            tuple(sorted((str(k), len(v) if isinstance(v, (list, tuple)) else 1) for k, v in pat.items())))
+
+
 class FastState:
     """jetdet's step cache for one fast-mode MODEL (shared by its clones; one sampling run at a time).
 
@@ -126,9 +136,10 @@ class FastState:
     any layout ``calc_cond_batch`` chose). The controller caches and forecasts ``d = (x − denoised) / σ``, the
     direction every k-diffusion sampler integrates (the velocity of a flow model, the noise of an ε model), per
     row; a forecast row's denoised is ``x − d̂ σ`` at its own ``x``, a computed row's is the model's own, bit for
-    bit. Rows are keyed by their CFG branch (``cond_or_uncond``) and position, so batched and separate cond/uncond
-    calls form the same streams. Calls at ``σ = 0``, and calls with a ControlNet attached when only some rows would
-    run (its inputs are not row-sliceable), run the whole batch.
+    bit. Rows are keyed by their CFG branch (``cond_or_uncond``), the kind of call (its block replacements and
+    patches: Skip Layer Guidance's or PAG's extra call is another function than the sampler's own) and position,
+    so batched and separate cond/uncond calls form the same streams. Calls at ``σ = 0``, and calls with a
+    ControlNet attached when only some rows would run (its inputs are not row-sliceable), run the whole batch.
 
     Each sampling run (``OUTER_SAMPLE``) gets a new controller with the run's sigma schedule as its
     ``timesteps`` hint; its statistics stay readable until the next run (:meth:`stats`).
@@ -150,6 +161,7 @@ class FastState:
         self.cache = None
         self.runs = 0
         self.last_stats: dict | None = None
+        self._kinds: dict = {}  # call kind (block replacements and patches, see _patch_signature) -> its number
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------------- budgets
@@ -197,6 +209,7 @@ class FastState:
             if self.controller is not None:
                 self.controller.clear()
             self.controller = ctl = StepCacheController(**opts)
+            self._kinds = {}
             self.swap = (LinearAttentionSwap(self.linear_attention, 1, 1, epoch_fn=ctl.epoch)
                          if self.linear_attention else None)
             self.cache = AttentionCache(self.attention_cache, epoch_fn=ctl.epoch) if self.attention_cache else None
@@ -226,7 +239,11 @@ class FastState:
             return executor(x, t, *args, **kwargs)
         chunks = transformer_options.get("cond_or_uncond") or [0]
         per = bsz // len(chunks) if bsz % len(chunks) == 0 else bsz
-        cond = torch.tensor([float(chunks[min(r // per, len(chunks) - 1)]) for r in range(bsz)])
+        # a row's stream is its CFG branch and the kind of call: Skip Layer Guidance and Perturbed-Attention
+        # Guidance make an extra call per step on the cond branch with some blocks replaced, whose output is
+        # another function than the sampler's own call; filed under the same stream, each forecast its mix
+        kind = self._kinds.setdefault(_patch_signature(transformer_options), len(self._kinds))
+        cond = torch.tensor([[float(chunks[min(r // per, len(chunks) - 1)]), float(kind)] for r in range(bsz)])
         shape = (-1,) + (1,) * (x.dim() - 1)
         ran: dict = {}
 
