@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -67,9 +68,16 @@ def _disable_pbar() -> bool:
     return not comfy.utils.PROGRESS_BAR_ENABLED
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise, batch_offset,
                 progress=True):
     """One deterministic sampling run; returns a new LATENT dict."""
+    if wr.fast_state(wr.check_model(model)) is not None:
+        logging.warning("jetdet: the model given to a deterministic sampling node is in fast mode; this node runs "
+                        "every model call deterministically (no step cache), so fast mode has no effect here")
     det = wr.with_deterministic(wr.check_model(model))
     samples = smp.sample(det, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise,
                          batch_offset, callback=_callback(det, steps) if progress else None,
@@ -116,6 +124,18 @@ def _fast_options(budget, start_percent, end_percent, forecast, max_consecutive_
                 attention_cache=bool(attention_cache))
 
 
+def _combos_valid(cls, **values) -> bool | str:
+    """A node's ``validate_inputs`` for its combo inputs: ComfyUI 0.3.64 checks a V3 combo's options only when the
+    node runs, after everything upstream; this runs when the prompt is queued. A linked input (None here) is
+    checked when the node runs. Declaring these inputs skips ComfyUI's own checks for them only (its range checks
+    of the other inputs stay)."""
+    options = {i.id: list(i.options) for i in cls.define_schema().inputs if isinstance(i, io.Combo.Input)}
+    for name, value in values.items():
+        if value is not None and value not in options[name]:
+            return f"{name}: expected one of {options[name]}, got {value!r}"
+    return True
+
+
 class JetDetModeSwitch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -127,7 +147,10 @@ class JetDetModeSwitch(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to switch (it is not changed; the output is a clone)."),
                 io.Combo.Input("mode", options=MODES, default="deterministic",
                                tooltip="off: remove jetdet from the model. fast: skip model calls within the error "
-                                       "budget. deterministic: the same seed gives the same bits whatever the batch."),
+                                       "budget. deterministic: model calls whose bits do not depend on the batch. "
+                                       "With ComfyUI's KSampler, ancestral and SDE samplers still draw their step "
+                                       "noise for the whole batch: for the same bits per item whatever the batch, "
+                                       "sample with the jetdet Deterministic Sampler."),
                 io.Float.Input("budget", default=0.05, min=0.0, max=1.0, step=0.005, round=0.0001,
                                tooltip="fast: largest predicted relative L1 error of a skipped model call "
                                        "(0 = never skip)."),
@@ -137,6 +160,10 @@ class JetDetModeSwitch(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="A clone of the model in the chosen mode.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, mode=None):
+        return _combos_valid(cls, mode=mode)
 
     @classmethod
     def execute(cls, model, mode, budget, strict):
@@ -182,6 +209,10 @@ class JetDetFastOptimizer(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, forecast=None, linear_attention=None):
+        return _combos_valid(cls, forecast=forecast, linear_attention=linear_attention)
+
+    @classmethod
     def execute(cls, model, budget, start_percent, end_percent, forecast, max_consecutive_skips,
                 linear_attention="off", attention_cache=False):
         wr.check_model(model)
@@ -212,6 +243,10 @@ class JetDetDeterministicSampler(io.ComfyNode):
                 io.String.Output(display_name="fingerprint", tooltip="What produced it (device, versions), JSON."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None):
+        return _combos_valid(cls, sampler_name=sampler_name, scheduler=scheduler)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
@@ -363,24 +398,30 @@ def file_state(path: str) -> str:
 
 
 def load_reference(path: str) -> tuple[str, torch.Tensor]:
-    """A reference saved as safetensors: a ``samples`` tensor (latent) or an ``image`` tensor."""
+    """A reference saved as safetensors: a ``samples`` tensor (latent; the Cache Manager's ``store``), a
+    ``latent_tensor`` (ComfyUI's Save Latent, as saved: bit for bit) or an ``image`` tensor."""
     from safetensors import safe_open
 
     p = _resolve_path(path)
     if not os.path.isfile(p):
         raise FileNotFoundError(f"reference_file: no file at {p} (a path relative to ComfyUI's output folder, or "
-                                "absolute; a safetensors file with a 'samples' or 'image' tensor)")
+                                "absolute; a safetensors file with a 'samples' or 'latent_tensor' or 'image' tensor)")
     try:
         with safe_open(p, framework="pt") as f:
             keys = list(f.keys())
-            key = next((k for k in ("samples", "image", "latent") if k in keys), None)
+            key = next((k for k in ("samples", "image", "latent", "latent_tensor") if k in keys), None)
             t = f.get_tensor(key) if key is not None else None
     except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for a file that is not one
         raise ValueError(f"reference_file: {p} is not a readable safetensors file ({type(e).__name__}: "
                          f"{str(e).strip()[:200]}); expected a safetensors file with a 'samples' (latent) or 'image' "
                          "tensor") from e
     if key is None:
-        raise ValueError(f"reference_file: {p} holds {keys}; expected a 'samples' or 'image' tensor")
+        raise ValueError(f"reference_file: {p} holds {keys}; expected a 'samples' or 'latent_tensor' (latent) or "
+                         "'image' tensor")
+    if key == "latent_tensor" and "latent_format_version_0" not in keys:
+        raise ValueError(f"reference_file: {p} is a latent in ComfyUI's old format (no 'latent_format_version_0'), "
+                         "which Load Latent rescales by 1/0.18215; save the reference again with Save Latent or the "
+                         "Cache Manager's store")
     return ("image" if key == "image" else "latent"), t
 
 
@@ -432,6 +473,10 @@ class JetDetOutputMatcher(io.ComfyNode):
         return file_state(_resolve_path(reference_file)) if reference_file.strip() else ""
 
     @classmethod
+    def validate_inputs(cls, tolerance=None):
+        return _combos_valid(cls, tolerance=tolerance)
+
+    @classmethod
     def execute(cls, latent=None, image=None, tolerance="exact", reference_checksums="", reference_latent=None,
                 reference_image=None, reference_file="", stop_on_mismatch=False, batch_offset=0):
         import jetdet
@@ -460,7 +505,7 @@ class JetDetOutputMatcher(io.ComfyNode):
                 r = _latent_tensor(reference_latent, "reference_latent") if rkind == "latent" else reference_image
                 where = ref
             if rkind != kind:
-                raise ValueError(f"{ref}: the reference is an {rkind}, the input an {kind}; compare like with like")
+                raise ValueError(f"{ref}: the reference is {_a(rkind)}, the input {_a(kind)}; compare like with like")
             res = jetdet.match(t, r, tolerance)
             ok = res.ok
             per = []
@@ -671,6 +716,10 @@ class JetDetCacheManager(io.ComfyNode):
         return out
 
     @classmethod
+    def validate_inputs(cls, action=None):
+        return _combos_valid(cls, action=action)
+
+    @classmethod
     def execute(cls, action, model=None, device_budget_mb=-1.0, cpu_budget_mb=-1.0, disk_budget_mb=0.0, key="",
                 latent=None, image=None, folder="", after=None):
         smp.check_choice("action", action, ACTIONS)
@@ -803,6 +852,24 @@ def _plot(points: list[dict]) -> torch.Tensor:
     return torch.from_numpy(rgba[..., :3].copy()).float().div(255.0)[None]
 
 
+class _StepBar:
+    """One progress bar over every sampling run of a node, moved by the samplers' per-step callback. The callback
+    also checks ComfyUI's interrupt flag: a run with no callback could be cancelled only between runs."""
+
+    def __init__(self, total: int):
+        import comfy.utils
+
+        self.total, self.done = total, 0
+        self.pbar = comfy.utils.ProgressBar(total)
+
+    def step(self, *_) -> None:
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.done = min(self.done + 1, self.total)
+        self.pbar.update_absolute(self.done, self.total)
+
+
 class JetDetBenchmark(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -824,9 +891,12 @@ class JetDetBenchmark(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None):
+        return _combos_valid(cls, sampler_name=sampler_name, scheduler=scheduler)
+
+    @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 fast_budgets):
-        import comfy.utils
 
         import jetdet
 
@@ -845,22 +915,21 @@ class JetDetBenchmark(io.ComfyNode):
         # an untimed warm-up of every setting before any timed run: ComfyUI loads the model on the first sampling
         # call (and a GPU compiles kernels on the first call of each op), which would otherwise land in the first
         # timed run and make the others look faster
+        bar = _StepBar(len(runs) * (min(steps, 2) + steps))
         for _, m in runs:
             smp.sample(m, seed, min(steps, 2), cfg, sampler_name, scheduler, positive, negative, latent_image,
-                       denoise, 0, disable_pbar=True)
-        pbar = comfy.utils.ProgressBar(len(runs))
+                       denoise, 0, callback=bar.step, disable_pbar=True)
         rows, ref, points = [], None, []
-        for i, (label, m) in enumerate(runs):
+        for label, m in runs:
             counted, counter = wr.with_counter(m)
             t0 = time.perf_counter()
             samples = smp.sample(counted, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                                 denoise, 0, disable_pbar=True)
+                                 denoise, 0, callback=bar.step, disable_pbar=True)
             wall = time.perf_counter() - t0
             ref = samples if ref is None else ref
             p = psnr_db(samples, ref)
             sums = [jetdet.checksum(samples[j:j + 1])[:16] for j in range(samples.shape[0])]
             rows.append(dict(label=label, wall=wall, calls=counter.calls, rows=counter.rows, psnr=p, sums=sums))
-            pbar.update_absolute(i + 1, len(runs))
         base = rows[0]
         lines = [f"{'run':<16} {'wall s':>8} {'speed-up':>9} {'model calls':>11} {'rows':>6} {'PSNR dB':>8}  checksums"]
         for r in rows:
@@ -964,6 +1033,11 @@ class JetDetMultiPassRefiner(io.ComfyNode):
                 io.String.Output(display_name="report", tooltip="Per pass: seed, denoise and item checksums."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None, start_pass=None, end_pass=None):
+        return _combos_valid(cls, sampler_name=sampler_name, scheduler=scheduler, start_pass=start_pass,
+                             end_pass=end_pass)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,

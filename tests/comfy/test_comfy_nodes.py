@@ -13,7 +13,7 @@ import torch
 from conftest import require_comfyui
 
 require_comfyui()
-from _comfy_util import det_sample, empty_latent
+from _comfy_util import det_sample, empty_latent, with_call_log
 
 import jetdet
 from jetdet.comfy import NODE_IDS
@@ -70,6 +70,37 @@ def test_matcher_against_checksums_latents_and_files(comfy_dir, tmp_path):
         N.JetDetOutputMatcher.execute(latent=lat, tolerance="1e-4", reference_checksums=sums)
     with pytest.raises(ValueError, match="exactly one reference"):
         N.JetDetOutputMatcher.execute(latent=lat)
+
+
+def test_matcher_reads_comfyuis_save_latent_files(comfy_dir, tmp_path):
+    """The obvious way for an artist to keep a reference is ComfyUI's own Save Latent node: its file is matched bit
+    for bit ('latent_tensor' as saved); one of ComfyUI's old format, which Load Latent rescales, is refused."""
+    import folder_paths
+    import nodes
+    from safetensors.torch import save_file
+
+    lat = {"samples": torch.randn(2, 4, 8, 8)}
+    saved_dir = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    try:
+        node = nodes.SaveLatent()
+        ui = node.save(lat, filename_prefix="refs/run1")
+    finally:
+        folder_paths.set_output_directory(saved_dir)
+    f = ui["ui"]["latents"][0]
+    path = tmp_path / f["subfolder"] / f["filename"]
+    ok, report = N.JetDetOutputMatcher.execute(latent=lat, reference_file=str(path)).args
+    assert ok and report.startswith("MATCH"), report
+    moved = {"samples": lat["samples"].clone()}
+    moved["samples"][1, 2, 3, 4] += 1e-6
+    ok, report = N.JetDetOutputMatcher.execute(latent=moved, reference_file=str(path)).args
+    assert not ok and "item 1" in report, report
+    with pytest.raises(ValueError, match="the reference is a latent, the input an image; compare like with like"):
+        N.JetDetOutputMatcher.execute(image=torch.rand(1, 8, 8, 3), reference_file=str(path))
+    old = tmp_path / "old.latent"
+    save_file({"latent_tensor": lat["samples"]}, str(old))
+    with pytest.raises(ValueError, match="reference_file: .* ComfyUI's old format"):
+        N.JetDetOutputMatcher.execute(latent=lat, reference_file=str(old))
 
 
 def test_structural_tolerance(comfy_dir):
@@ -137,6 +168,48 @@ def test_benchmark_table_and_plot(shapes_patcher, shapes_conds):
                                   1.0, "fast")
 
 
+def test_benchmark_stops_at_cancel_within_a_step(shapes_patcher, shapes_conds):
+    """ComfyUI's Cancel sets a flag that the samplers' step callback checks; the Benchmark ran without one, so an
+    acceptance run saw it go on for 15-23 s after Cancel. Cancel during the first run's 5th model call: the next
+    step stops it, and no later run starts."""
+    import comfy.model_management as mm
+
+    logged, log = with_call_log(shapes_patcher)
+    steps = 30
+
+    class CancelAt:
+        def __call__(self, executor, *args, **kwargs):
+            if len(log.sizes) == 5:
+                mm.interrupt_current_processing(True)
+            return executor(*args, **kwargs)
+
+    import comfy.patcher_extension as pe
+
+    logged.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.cancel", CancelAt())
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            N.JetDetBenchmark.execute(logged, 2, steps, 4.0, "euler", "simple", *shapes_conds, empty_latent(1),
+                                      1.0, "0.1")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert 5 <= len(log.sizes) <= 6, len(log.sizes)  # one step's call at most after the flag, of 4 x 32 calls
+
+
+def test_a_fast_model_given_to_the_deterministic_sampler_is_named_in_the_log(shapes_patcher, shapes_conds, caplog):
+    """The sampler runs every call deterministically, so fast mode has no effect there: the log says so (before, the
+    artist's fast setting vanished without a word)."""
+    fast = N.JetDetModeSwitch.execute(shapes_patcher, "fast", 0.1, True).args[0]
+    with caplog.at_level("WARNING"):
+        N.JetDetDeterministicSampler.execute(fast, 1, 2, 4.0, "euler", "simple", *shapes_conds, empty_latent(1), 1.0,
+                                             0)
+    assert "is in fast mode" in caplog.text and "fast mode has no effect here" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        N.JetDetDeterministicSampler.execute(shapes_patcher, 1, 2, 4.0, "euler", "simple", *shapes_conds,
+                                             empty_latent(1), 1.0, 0)
+    assert "fast mode" not in caplog.text
+
+
 def test_shapes_nodes(shapes_patcher, comfy_dir):
     pos, neg = N.JetDetClassConditioning.execute(7).args
     assert pos[0][0].shape == (1, 1, 16) and pos[0][0][0, 0, 7] == 1 and pos[0][1]["pooled_output"][0, 7] == 1
@@ -178,7 +251,8 @@ def test_sampling_nodes_report_progress_through_comfyuis_progress_bar(shapes_pat
         seen.clear()
         N.JetDetBenchmark.execute(shapes_patcher, 2, 2, 4.0, "euler", "simple", *shapes_conds, empty_latent(1), 1.0,
                                   "0.1")
-        assert seen[-1] == (3, 3)  # off, one fast budget, deterministic
+        # per step: off, one fast budget and deterministic, each a 2-step warm-up and a 2-step timed run
+        assert [v for v, _ in seen] == list(range(1, 13)) and seen[-1] == (12, 12)
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
 

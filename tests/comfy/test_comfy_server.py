@@ -154,6 +154,18 @@ def test_bad_input_is_answered_in_comfyuis_error_format(server, tmp_path):
     assert code == 400
     assert resp["error"]["type"] == "prompt_outputs_failed_validation"
     assert any(e["type"] == "value_smaller_than_min" for e in resp["node_errors"]["7"]["errors"])
+    # a combo value not in its list is refused when queued (ComfyUI 0.3.64 checks V3 combos only when the node runs,
+    # after everything upstream); the other inputs keep ComfyUI's own range checks
+    p = _every_node_prompt()
+    p["6"]["inputs"]["mode"] = "turbo"
+    p["7"]["inputs"]["sampler_name"] = "turbo"
+    p["7"]["inputs"]["steps"] = 0
+    code, resp = _post(url + "/prompt", {"prompt": {k: p[k] for k in ("1", "2", "3", "4", "5", "6", "7", "8", "9")}})
+    assert code == 400, resp
+    details = {n: [e.get("details", "") for e in v["errors"]] for n, v in resp["node_errors"].items()}
+    assert any("mode: expected one of ['off', 'fast', 'deterministic'], got 'turbo'" in d for d in details["6"])
+    assert any("sampler_name: expected one of" in d and "got 'turbo'" in d for d in details["7"]), details
+    assert any(e["type"] == "value_smaller_than_min" for e in resp["node_errors"]["7"]["errors"])  # steps
     p = _every_node_prompt()
     p["9"]["inputs"] = {"latent": ["7", 0], "tolerance": "exact", "stop_on_mismatch": False,
                         "reference_file": str(tmp_path / "missing.safetensors")}
