@@ -204,7 +204,7 @@ def step_cache_ms(samples: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=200, help="calls per timed repeat (per op)")
     parser.add_argument("--threads", type=int, default=1)

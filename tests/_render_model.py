@@ -35,3 +35,14 @@ def not_a_model():
 
 def raises():
     raise RuntimeError("weights not found")
+
+
+def rank1_differs():
+    """The factory's model with one bias nudged on rank 1: workers whose weights differ."""
+    import os
+
+    model = TinyVelocity()
+    if os.environ.get("RANK") == "1":
+        with torch.no_grad():
+            model.out.bias.add_(1e-3)
+    return model

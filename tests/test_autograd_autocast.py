@@ -109,8 +109,8 @@ def test_patched_model_backward_and_half_precision():
 def test_autocast_reaches_routed_calls_and_patched_layers():
     """Under ``torch.autocast("cpu", bfloat16)`` deterministic mode gives the dtype torch gives (the matmul family,
     convs and SDPA in bf16; norms and softmax in their inputs' dtype on CPU), close to torch's values, and stays
-    batch invariant; a patched model the same. Negative control (run by hand): without the router's autocast step
-    every output came out fp32."""
+    batch invariant; a patched model the same. Negative control: the next test, without the router's autocast
+    step."""
     from jetdet.models import TinyDiT, make_toy_inputs
 
     g = torch.Generator().manual_seed(0)
@@ -143,6 +143,22 @@ def test_autocast_reaches_routed_calls_and_patched_layers():
     assert got.dtype == want.dtype == torch.bfloat16
     assert torch.equal(one, got[:1])
     assert (got.float() - want.float()).abs().max() < 0.1
+
+
+def test_negative_control_without_the_routers_autocast_step(monkeypatch):
+    """The check above fails when the router ignores autocast (as it did before): the routed linear then comes out
+    fp32 where torch gives bf16."""
+    import importlib
+
+    jm = importlib.import_module("jetdet.mode")  # the module (jetdet.mode is also the context manager's name)
+    monkeypatch.setattr(jm, "_autocast_route", lambda func, handler, args, kwargs: handler(func, args, kwargs))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 16, generator=g), torch.randn(12, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w)
+        with jetdet.mode("deterministic"):
+            got = F.linear(x, w)
+    assert want.dtype == torch.bfloat16 and got.dtype == torch.float32
 
 
 def test_second_derivatives_and_fully_masked_rows():

@@ -205,3 +205,29 @@ def test_a_copy_runs_a_user_forward_made_with_partial_on_itself():
         assert torch.equal(twin(torch.ones(2, 4)), torch.zeros(2, 4))
     assert jetdet.unpatch(twin) and twin.forward.args[0] is twin
     handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "fast"])
+def test_torch_save_of_a_patched_model_loads_unpatched(mode):
+    """The README's Limits: ``torch.save`` of a patched model saves it unpatched (the loaded model runs its plain
+    forwards; patch it after loading). Deterministic mode's output differs from plain torch here, so a loaded model
+    that kept the patch would fail the first check."""
+    import io
+
+    torch.manual_seed(0)
+    model = TinyDiT().eval()
+    x = make_toy_inputs(2)
+    with torch.no_grad():
+        plain = model(*x)
+        with jetdet.patch(model, mode=mode):
+            patched = model(*x)
+            buf = io.BytesIO()
+            torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(*x), plain)
+        if mode == "deterministic":
+            assert not torch.equal(patched, plain)
+            with jetdet.patch(loaded, mode=mode):
+                assert torch.equal(loaded(*x), patched)

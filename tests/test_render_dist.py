@@ -189,3 +189,18 @@ def test_sigkill_rank0_torchrun_restarts_and_finishes(kill_ref, tmp_path):
     assert m["complete"] and len(m["runs"]) == 1  # the killed group never finished its run
     kept, rendered = m["runs"][0]["kept"], m["runs"][0]["rendered"]
     assert kept >= 1 and kept + rendered == 12, m["runs"]
+
+
+def test_workers_with_other_weights_are_stopped_before_anything_is_written(tmp_path):
+    """The README: every rank computes the spec hash (model weights included) and the ranks must agree, so a node
+    with other weights stops the job before it starts. Rank 1's model has one bias nudged by 1e-3."""
+    out = tmp_path / "job"
+    p = run(torchrun(2, ["run", "--model", "_render_model:rank1_differs", "--out", str(out), "--count", "4",
+                         "--steps", "1", "--no-progress"]))
+    assert p.returncode != 0, _job_output(p.stdout, p.stderr)
+    assert "the workers do not agree on the job" in p.stderr, _job_output(p.stdout, p.stderr)
+    assert not out.exists()
+    p = run(torchrun(2, ["run", "--model", "_render_model:factory", "--out", str(out), "--count", "4", "--steps", "1",
+                         "--no-progress"]))  # the same factory without the nudge: the job runs
+    assert p.returncode == 0, _job_output(p.stdout, p.stderr)
+    assert len(items(out)) == 4
