@@ -149,3 +149,22 @@ def test_kv_state_not_reused_across_batch_sizes_or_trajectories():
     with pytest.raises(ValueError, match="linear_attention_state_refresh"):
         jetdet.patch(m, mode="fast", linear_attention=True, linear_attention_state_refresh=0)
     assert "forward" not in m.__dict__
+
+
+def test_the_readme_script_runs():
+    """``bench/linear_attention_bundled.py`` (the README's linear-attention figures) end to end, tiny settings."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from jetdet.models import bundled
+
+    if not bundled.DIT_FILE.exists():
+        pytest.skip("the bundled model is not trained in this checkout")
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, str(root / "bench" / "linear_attention_bundled.py"), "--steps", "2",
+                        "--classes", "0", "--reuse-samples", "1", "--refresh", "2"],
+                       capture_output=True, text=True, timeout=300, cwd=str(root))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| relu | " in p.stdout and "| elu1 | " in p.stdout and "| 2 timesteps | " in p.stdout
