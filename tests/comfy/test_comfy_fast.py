@@ -215,3 +215,24 @@ def test_skip_layer_guidance_calls_get_streams_of_their_own(shapes_patcher, shap
     s = wr.fast_state(fast).stats()
     assert s["calls"] == 2 * steps and s["calls_saved"] > 0, s  # [cond; uncond] batched, and the SLG call
     assert _psnr(out, ref) > 30, (_psnr(out, ref), _psnr(out, ref_plain), s)
+
+
+def test_call_kinds_from_comfyuis_own_patch_helpers(comfy_dir):
+    """The kind of a call (its own streams) comes from the names and keys of its block replacements and patches,
+    as ComfyUI's helpers set them: PAG's perturbed attn1 and SLG's skipped blocks are kinds of their own, the same
+    replacement made with a new function (nodes make one per call) is the same kind."""
+    import comfy.model_patcher as mp
+
+    def fn(*a, **k):
+        return a
+
+    base = {"transformer_options": {}}
+    pag = mp.set_model_options_patch_replace(dict(base), fn, "attn1", "middle", 0)
+    pag_again = mp.set_model_options_patch_replace(dict(base), lambda *a, **k: a, "attn1", "middle", 0)
+    slg = mp.set_model_options_patch_replace(dict(base), fn, "dit", "double_block", 1)
+    slg2 = mp.set_model_options_patch_replace(dict(base), fn, "dit", "double_block", 2)
+    kinds = [wr._patch_signature(o["transformer_options"]) for o in (base, pag, pag_again, slg, slg2)]
+    assert kinds[1] == kinds[2]
+    assert len({kinds[0], kinds[1], kinds[3], kinds[4]}) == 4
+    patched = mp.set_model_options_post_cfg_function(dict(pag), fn)  # not a model call's option: same kind
+    assert wr._patch_signature(patched["transformer_options"]) == kinds[1]
