@@ -326,6 +326,16 @@ def main(argv=None) -> int:
             p.error(f"--plot: expected a .png file name ('' for none), got {args.plot!r}")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             p.error(f"--plot: cannot write into the folder {folder!r} (missing or not writable)")
+        if os.path.isdir(args.plot):
+            p.error(f"--plot: {args.plot!r} is a folder; expected a .png file name")
+        existed = os.path.exists(args.plot)
+        try:  # what the end of the run will do, tried now (os.access says yes to root, and to /proc)
+            with open(args.plot, "ab"):
+                pass
+        except OSError as e:
+            p.error(f"--plot: cannot write {args.plot!r}: {e.strerror or e}")
+        if not existed:
+            os.unlink(args.plot)
     environment()
     ok = True
     if args.only in (None, "determinism"):

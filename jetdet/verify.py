@@ -107,8 +107,10 @@ def fingerprint(device=None) -> dict:
         dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     else:
         dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {str(dev)!r}, but CUDA is not available on this machine")
+        backend = getattr(torch, dev.type, None)
+        if dev.type == "meta" or (dev.type != "cpu" and not (backend is not None and backend.is_available())):
+            raise ValueError(f"device: {str(dev)!r}, which this machine does not have (its fingerprint would be the "
+                             "CPU's under that name)")
     info = {
         "device": cpu,
         "device_type": dev.type,
@@ -184,7 +186,8 @@ class MatchResult:
         if self.numel:
             s += f", max abs {self.max_abs_err:.3g}, max rel {self.max_rel_err:.3g}"
         if self.tolerance == "structural" and math.isinf(self.rel_rms) and self.mismatches == 0:
-            s += f", the reference is all zeros and the RMS difference is above {STRUCTURAL_ABS_RMS:g}"
+            s += (f", the reference is all zeros and the RMS difference is "
+                  f"{'within' if self.ok else 'above'} {STRUCTURAL_ABS_RMS:g}")
         elif self.tolerance == "structural":
             s += f", rel-RMS {self.rel_rms:.3g} (limit {STRUCTURAL_REL_RMS:g})"
         if self.first_mismatch is not None:
@@ -204,6 +207,16 @@ def _as_f64(t: torch.Tensor) -> torch.Tensor:
     if t.is_complex():
         return t.to(torch.complex128)
     return t.to(torch.float64)
+
+
+def _int_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a - b|`` of two integer (or bool) tensors, exact, as float64 (rounded only past 2^53, never to 0 for a
+    difference: see the caller). Integers past 2^53 are not exact in float64, and a 64-bit difference can overflow
+    int64, so 64-bit inputs are subtracted as Python integers."""
+    if max(a.element_size(), b.element_size()) < 8:
+        return (a.reshape(-1).to(torch.int64) - b.reshape(-1).to(torch.int64)).abs().to(torch.float64)
+    return torch.tensor([float(abs(p - q)) for p, q in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist())],
+                        dtype=torch.float64)
 
 
 def match(a: torch.Tensor, b: torch.Tensor, tolerance: str = "exact") -> MatchResult:
@@ -250,8 +263,7 @@ def match(a: torch.Tensor, b: torch.Tensor, tolerance: str = "exact") -> MatchRe
     diff = (x - y).abs()
     exact_ints = None
     if not (ca.is_floating_point() or ca.is_complex() or cb.is_floating_point() or cb.is_complex()):
-        # integers past 2^53 are not exact in float64: differences come from the integers themselves
-        exact_ints = (ca.reshape(-1).to(torch.int64) - cb.reshape(-1).to(torch.int64)).abs()
+        exact_ints = _int_differences(ca, cb)
         diff = torch.where(exact_ints != 0, diff.clamp_min(1.0), diff)  # a difference never rounds to 0
     ref = y.abs()
     # statistics over elements where both are finite

@@ -35,12 +35,32 @@ def test_help_prints_the_whole_description(capsys):
     (["--only", "determinism", "--full-static"], "--full-static: the static section does not run with --only"),
     (["--plot", "/nonexistent/dir/p.png"], "--plot: cannot write into the folder"),
     (["--only", "fast", "--plot", "p.xyz"], "--plot: expected a .png file name"),
+    (["--only", "fast", "--plot", "/proc/jetdet.png"], "--plot: cannot write '/proc/jetdet.png'"),
 ])
 def test_flags_that_would_run_nothing_or_fail_late_are_refused(argv, want, capsys):
     """Checked before any section runs (a bad --plot used to fail after the fast section's minute of sampling)."""
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert e.value.code == 2 and want in capsys.readouterr().err
+
+
+def test_a_plot_name_taken_by_a_folder_is_refused_and_a_free_one_left_alone(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "d.png"
+    folder.mkdir()
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "fast", "--plot", str(folder)])
+    assert "is a folder; expected a .png file name" in capsys.readouterr().err
+
+    class Checked(Exception):
+        pass
+
+    def stop():
+        raise Checked  # the flags passed their checks; nothing runs
+
+    monkeypatch.setattr(bench, "environment", stop)
+    with pytest.raises(Checked):
+        bench.main(["--only", "fast", "--plot", str(tmp_path / "p.png")])
+    assert not (tmp_path / "p.png").exists()  # the up-front write test leaves no empty file behind
 
 
 def test_quick_specs_cover_every_kernel_function_and_dtype_on_one_arch():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -283,15 +284,36 @@ def test_manifest_saves_are_spaced_out(ref, tmp_path, monkeypatch):
 
     def counted(folder, m):
         saves.append(len(m["items"]))
+        time.sleep(0.05)  # a slow save: 0 still means every round (not gated by the save's own time)
         real(folder, m)
 
     monkeypatch.setattr(store, "save_manifest", counted)
     _render({**JOB, "batch_size": 4}, tmp_path / "spaced")
     assert saves == [0, 12], saves  # the plan, the end: not one per round
     saves.clear()
-    _render({**JOB, "batch_size": 4}, tmp_path / "every", manifest_every_s=0)
-    assert saves == [0, 4, 8, 12, 12], saves
+    _render({**JOB, "batch_size": 1}, tmp_path / "every", manifest_every_s=0)
+    assert saves == [0, *range(1, 13), 12], saves
     assert items(tmp_path / "spaced") == items(tmp_path / "every") == items(ref)
+
+    # interrupted (Ctrl-C) between saves: the reports gathered so far are saved on the way out
+    from jetdet.render import run as render_run
+
+    real_sample, calls = render_run._sample, []
+
+    def interrupted(job, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_sample(job, batch)
+
+    monkeypatch.setattr(render_run, "_sample", interrupted)
+    saves.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _render({**JOB, "batch_size": 1}, tmp_path / "ctrl_c")
+    assert saves == [0, 3] and len(manifest(tmp_path / "ctrl_c")["items"]) == 3, saves
+    monkeypatch.setattr(render_run, "_sample", real_sample)
+    r = _render({**JOB, "batch_size": 1}, tmp_path / "ctrl_c")
+    assert r.kept == 3 and r.rendered == 9 and items(tmp_path / "ctrl_c") == items(ref)
     for bad in (-1, float("nan"), float("inf"), "10", True):
         with pytest.raises(RenderError, match="manifest_every_s: expected a finite number of seconds >= 0"):
             _render(JOB, tmp_path / "bad", manifest_every_s=bad)
@@ -314,13 +336,21 @@ def test_a_model_that_breaks_the_contract_is_refused_before_anything_is_written(
         def forward(self, x, t, y):
             return self.conv(x) + self.emb(y)[:, :, None, None]
 
-    for model, want in ((Velocity(labels=2), "labels 0 and the unconditional 2): IndexError"),
-                        (Velocity(channels=4), "x [2, 4, 8, 8] from its config")):
+    class OtherDtype(Velocity):
+        def forward(self, x, t, y):
+            return super().forward(x, t, y).double()
+
+    for model, want in ((Velocity(labels=2), "(the unconditional label is 2)): IndexError"),
+                        (Velocity(channels=4), "x [2, 4, 8, 8] float32 from its config"),
+                        (OtherDtype(), "returned (2, 3, 8, 8) float64; expected a velocity of the latent's shape "
+                                       "and dtype")):
         out = tmp_path / "job"
-        with pytest.raises(RenderError, match=r"^model: the model passed to render\(\): a trial forward failed"
-                           ) as e:
+        with pytest.raises(RenderError, match=r"^model: the model passed to render\(\): a trial forward") as e:
             _render({"items": 2, "steps": 1}, out, model=model)
         assert want in str(e.value) and not out.exists()
+    # without guidance (cfg 1) the sampler never passes the unconditional label: such a model is fine there
+    r = _render({"items": 2, "steps": 1, "cfg": 1.0}, tmp_path / "unguided", model=Velocity(labels=2))
+    assert r.complete and r.rendered == 2
     r = _render({"items": 2, "steps": 1}, tmp_path / "job", model=Velocity())
     assert r.complete and r.rendered == 2
 
@@ -340,6 +370,12 @@ def test_cli_and_folder_mistakes_are_named(ref, tmp_path, capsys):
     assert "--count: required" in capsys.readouterr().err and not (tmp_path / "none").exists()
     assert main(["run", "--out", "", "--count", "1"]) == 2
     assert "out: expected a folder path, got ''" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "none"), "--start", "2"]) == 2
+    assert "--count: required" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "none"), "--count", "1", "--manifest-every", "nan"]) == 2
+    assert "--manifest-every: expected a finite number of seconds >= 0" in capsys.readouterr().err
+    assert main(["verify", ""]) == 2 and "out: expected a render folder, got ''" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
     blocked = _copy(ref, tmp_path / "blocked")
     (blocked / item_name(1)).unlink()
     (blocked / item_name(1)).mkdir()
@@ -352,7 +388,12 @@ def test_cli_and_folder_mistakes_are_named(ref, tmp_path, capsys):
     (damaged / "manifest.json").write_text((ref / "manifest.json").read_text()[:200])
     no_items = tmp_path / "no_items.json"
     no_items.write_text(json.dumps({"format": "jetdet.render.manifest/1"}))
-    for against, want in ((damaged, "cannot be read as a render manifest"), (no_items, "is damaged")):
+    good = json.loads((ref / "manifest.json").read_text())
+    bad_fps, bad_key = tmp_path / "bad_fps.json", tmp_path / "bad_key.json"
+    bad_fps.write_text(json.dumps({**good, "fingerprints": [1]}))
+    bad_key.write_text(json.dumps({**good, "items": {"\u00b2": good["items"]["0"]}}))  # isdigit(), not int()
+    for against, want in ((damaged, "cannot be read as a render manifest"), (no_items, "is damaged"),
+                          (bad_fps, "is damaged (its fingerprints or runs)"), (bad_key, "is damaged (item keys")):
         assert main(["verify", str(ref), "--against", str(against)]) == 2
         err = capsys.readouterr().err
         assert f"against: {str(against / 'manifest.json') if against.is_dir() else str(against)!r} {want}" in err, err

@@ -110,9 +110,9 @@ def test_fingerprint_contents():
         assert fp["device_type"] == "cpu" and fp["device"] == fp["cpu"] and fp["cuda_driver"] is None
     json.dumps(fp)  # plain values only
     assert fingerprint("cpu")["device_type"] == "cpu"
-    if not torch.cuda.is_available():  # never a CPU's fingerprint labelled cuda
-        with pytest.raises(ValueError, match="^device: 'cuda', but CUDA is not available"):
-            fingerprint("cuda")
+    for dev in ("meta", *(d for d in ("cuda", "mps", "xpu") if not getattr(torch, d).is_available())):
+        with pytest.raises(ValueError, match=f"^device: '{dev}', which this machine does not have"):
+            fingerprint(dev)  # never the CPU's fingerprint under another device's name
 
 
 def test_fingerprint_follows_thread_count():
@@ -240,6 +240,8 @@ def test_structural():
     assert match(z + 1e-9, z, "structural").ok  # absolute shortcut for an all-zero reference
     r = match(z + 1e-3, z, "structural")
     assert not r.ok and "the reference is all zeros and the RMS difference is above 1e-06" in str(r)
+    r = match(z + 1e-7, z, "structural")
+    assert r.ok and "the reference is all zeros and the RMS difference is within 1e-06" in str(r)
 
 
 def test_shape_mismatch_is_a_result_not_an_exception():
@@ -257,6 +259,12 @@ def test_large_integers_are_compared_exactly():
     r = match(a, b, "1e-6")  # within the relative rule, and the difference is still reported
     assert r.ok and r.max_abs_err == 1.0 and 0 < r.max_rel_err < 1e-18
     assert match(torch.tensor([3], dtype=torch.uint8), torch.tensor([250], dtype=torch.uint8)).max_abs_err == 247
+    lo, hi = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+    assert match(torch.tensor([hi]), torch.tensor([lo])).max_abs_err == float(2**64 - 1)  # no int64 overflow
+    assert match(torch.tensor([lo]), torch.tensor([0])).max_abs_err == float(2**63)
+    u = torch.tensor([2**64 - 1], dtype=torch.uint64)
+    r = match(u, torch.tensor([-1]), "1e-6")  # values, across dtypes: 2^64 apart
+    assert not r.ok and r.max_abs_err == float(2**64)
 
 
 def test_edge_shapes_and_layouts():

@@ -73,9 +73,9 @@ def _a(noun: str) -> str:
 
 
 def _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise, batch_offset,
-                progress=True):
+                progress=True, note_fast=True):
     """One deterministic sampling run; returns a new LATENT dict."""
-    if wr.fast_state(wr.check_model(model)) is not None:
+    if wr.fast_state(wr.check_model(model)) is not None and note_fast:
         logging.warning("jetdet: the model given to a deterministic sampling node is in fast mode; this node runs "
                         "every model call deterministically (no step cache), so fast mode has no effect here")
     det = wr.with_deterministic(wr.check_model(model))
@@ -450,8 +450,9 @@ class JetDetOutputMatcher(io.ComfyNode):
                 io.Latent.Input("reference_latent", optional=True, tooltip="A reference latent."),
                 io.Image.Input("reference_image", optional=True, tooltip="A reference image."),
                 io.String.Input("reference_file", default="", optional=True,
-                                tooltip="A safetensors file with a 'samples' or 'image' tensor (absolute, or relative "
-                                        "to ComfyUI's output folder). Read again whenever its content changes."),
+                                tooltip="A safetensors file with a 'samples' or 'image' tensor (the Cache Manager's "
+                                        "store), or a Save Latent .latent file; absolute, or relative to ComfyUI's "
+                                        "output folder. Read again whenever its content changes."),
                 io.Boolean.Input("stop_on_mismatch", default=False,
                                  tooltip="Raise an error (stopping the workflow) when the output does not match."),
                 io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX, optional=True,
@@ -1052,7 +1053,7 @@ class JetDetMultiPassRefiner(io.ComfyNode):
         for name in PASSES[a:b + 1]:
             s = pass_seed(seed, name)
             latent = _det_sample(model, s, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                 denoise[name], batch_offset)
+                                 denoise[name], batch_offset, note_fast=name == PASSES[a])
             lines.append(f"{name}: seed {s}, denoise {denoise[name]:g}")
             lines += ["  " + x for x in _item_checksums(latent["samples"], _ids_of(latent["samples"], batch_offset,
                                                                                      latent))]

@@ -109,14 +109,22 @@ def main(argv=None) -> int:
         if a.command == "verify":
             from .check import verify
 
+            if not a.out:
+                raise RenderError("out: expected a render folder, got ''")
+            if a.against == "":
+                raise RenderError("--against: expected a render folder or manifest file, got ''")
+
             report = verify(a.out, against=a.against)
             print("\n".join(report.lines()))
             return 0 if report else 1
         from .run import render
         from .spec import load_spec
 
+        if a.manifest_every is not None and not 0 <= a.manifest_every < float("inf"):
+            raise RenderError(f"--manifest-every: expected a finite number of seconds >= 0, got {a.manifest_every}")
         base, overrides = _spec_from_args(a)
-        if "items" not in base:
+        items = base.get("items")
+        if "items" not in base or (isinstance(items, dict) and "count" not in items):
             raise RenderError("--count: required, or a --spec file with 'items' (a count, a range object or a list "
                               "of items)")
         render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress, threads=a.threads,

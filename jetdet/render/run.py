@@ -151,7 +151,7 @@ class _Job:
 
 def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
     if model is None:
-        model, class_names = load_model(spec.model, device, DTYPES[spec.dtype])
+        model, class_names = load_model(spec.model, device, DTYPES[spec.dtype], guided=spec.cfg != 1.0)
     else:
         from .spec import check_model_contract, probe_model
 
@@ -160,7 +160,7 @@ def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
         if p.dtype != DTYPES[spec.dtype]:
             raise RenderError(f"dtype: the spec says {spec.dtype}, the model passed to render() is "
                               f"{str(p.dtype).replace('torch.', '')}")
-        probe_model(model, "the model passed to render()")
+        probe_model(model, "the model passed to render()", guided=spec.cfg != 1.0)
         class_names = getattr(model, "class_names", None)
     items = spec.expand(class_names, model.config["num_classes"])
     if spec.mode == "deterministic":
@@ -372,44 +372,56 @@ def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifes
     fp = fingerprint(job.device)
     fp_id = store.fingerprint_id(fp)
     rendered = 0
-    last_save, save_s = time.perf_counter(), 0.0
-    for r in range(rounds):
-        batch = [by_index[i] for i in mine[r * bs : (r + 1) * bs]]
-        reports = []
-        if batch:
-            images = _sample(job, batch)
-            for slot, (it, image) in enumerate(zip(batch, images)):
-                meta = {"index": it.index, "label": it.label, "seed": it.seed, "stream": it.stream,
-                        "spec_hash": job.hash}
-                data = store.item_bytes(image, meta)
-                name = store.item_name(it.index)
-                store.atomic_write(out / name, data, sync_dir=False)
-                reports.append({"index": it.index, "file": name, "label": it.label, "seed": it.seed,
-                                "stream": it.stream, "checksum": checksum(image),
-                                "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fp_id,
-                                "rank": group.rank, "world_size": group.world, "batch_size": bs, "slot": slot})
-            store.fsync_dir(out)
-        gathered = group.gather((fp_id, fp, reports))
-        if group.rank == 0:
-            n = 0
-            for rid, rfp, reps in gathered:
-                if reps:
-                    manifest["fingerprints"].setdefault(rid, rfp)
-                for rep in reps:
-                    manifest["items"][str(rep.pop("index"))] = rep
-                    n += 1
-            manifest["complete"] = len(manifest["items"]) == manifest["total"]
-            # the whole manifest is rewritten (and fsynced) at each save, which grows with the job (1.7 s at 100k
-            # items): at most one save per manifest_every_s, or per 20 saves' time when that is longer, so that
-            # saving stays a small part of a large job; the caller saves at the end. A crash loses the reports
-            # since the last save, and the next run recomputes those items (their files are there, unreported).
-            now = time.perf_counter()
-            if now - last_save >= max(manifest_every_s, 20 * save_s):
+    last_save, save_s, unsaved = time.perf_counter(), 0.0, 0
+    try:
+        for r in range(rounds):
+            batch = [by_index[i] for i in mine[r * bs : (r + 1) * bs]]
+            reports = []
+            if batch:
+                images = _sample(job, batch)
+                for slot, (it, image) in enumerate(zip(batch, images)):
+                    meta = {"index": it.index, "label": it.label, "seed": it.seed, "stream": it.stream,
+                            "spec_hash": job.hash}
+                    data = store.item_bytes(image, meta)
+                    name = store.item_name(it.index)
+                    store.atomic_write(out / name, data, sync_dir=False)
+                    reports.append({"index": it.index, "file": name, "label": it.label, "seed": it.seed,
+                                    "stream": it.stream, "checksum": checksum(image),
+                                    "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fp_id,
+                                    "rank": group.rank, "world_size": group.world, "batch_size": bs, "slot": slot})
+                store.fsync_dir(out)
+            gathered = group.gather((fp_id, fp, reports))
+            if group.rank == 0:
+                n = 0
+                for rid, rfp, reps in gathered:
+                    if reps:
+                        manifest["fingerprints"].setdefault(rid, rfp)
+                    for rep in reps:
+                        manifest["items"][str(rep.pop("index"))] = rep
+                        n += 1
+                manifest["complete"] = len(manifest["items"]) == manifest["total"]
+                # the whole manifest is rewritten (and fsynced) at each save, which grows with the job (1.7 s at
+                # 100k items): at most one save per manifest_every_s (0: every round), or per 20 saves' time when that
+                # is longer, so that saving stays a small part of a large job; the caller saves at the end. A killed
+                # job loses the reports since the last save, and the next run recomputes those items (their files
+                # are there, unreported); an interrupted one saves them below.
+                now = time.perf_counter()
+                if manifest_every_s == 0 or now - last_save >= max(manifest_every_s, 20 * save_s):
+                    store.save_manifest(out, manifest)
+                    last_save = time.perf_counter()
+                    save_s, unsaved = last_save - now, 0
+                else:
+                    unsaved += n
+                rendered += n
+                bar.update(n)
+    finally:
+        # an interrupted job (Ctrl-C, a dead worker) keeps the reports gathered since the last save; the caller saves
+        # the finished job itself
+        if unsaved and sys.exc_info()[0] is not None:
+            try:
                 store.save_manifest(out, manifest)
-                last_save = time.perf_counter()
-                save_s = last_save - now
-            rendered += n
-            bar.update(n)
+            except OSError:  # the error that interrupted the job is the one to report
+                pass
     return rendered
 
 

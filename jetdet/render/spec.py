@@ -338,30 +338,34 @@ def check_model_contract(model, name: str) -> None:
                           "from them); expected " + what)
 
 
-def probe_model(model, name: str) -> None:
-    """One forward of two rows, a class and the unconditional label, as the sampler calls it: a model that breaks
-    the contract (channels, label range, output shape) fails here, before the job writes anything."""
+def probe_model(model, name: str, guided: bool = True) -> None:
+    """One forward as the sampler calls it: a class row, and with ``guided`` (cfg != 1) an unconditional-label row
+    too. A model that breaks the contract (channels, label range, output shape or dtype) fails here, before the
+    job writes anything."""
     cfg = model.config
     p = next(model.parameters())
     null = getattr(model, "null_label", None)
     null = cfg["num_classes"] if null is None else null
-    s, c = cfg["sample_size"], cfg["in_channels"]
-    x = torch.zeros(2, c, s, s, device=p.device, dtype=p.dtype)
-    t = torch.full((2,), 0.5, device=p.device)
-    y = torch.tensor([0, null], dtype=torch.long, device=p.device)
+    labels = [0, null] if guided else [0]
+    s, c, n = cfg["sample_size"], cfg["in_channels"], len(labels)
+    what = f"x [{n}, {c}, {s}, {s}] {str(p.dtype).replace('torch.', '')} from its config, labels {labels}" + (
+        f" (the unconditional label is {null})" if guided else "")
+    x = torch.zeros(n, c, s, s, device=p.device, dtype=p.dtype)
+    t = torch.full((n,), 0.5, device=p.device)
+    y = torch.tensor(labels, dtype=torch.long, device=p.device)
     try:
         with torch.no_grad():
             v = model(x, t, y)
     except Exception as e:  # noqa: BLE001 - the user's model: its failure is named, not a traceback of ours
-        raise RenderError(f"model: {name}: a trial forward failed (x [2, {c}, {s}, {s}] from its config, labels 0 and "
-                          f"the unconditional {null}): {type(e).__name__}: {e}") from e
-    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x.shape):
-        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise RenderError(f"model: {name}: a trial forward on x [2, {c}, {s}, {s}] returned {got}; expected a "
-                          "velocity of the latent's shape")
+        raise RenderError(f"model: {name}: a trial forward failed ({what}): {type(e).__name__}: {e}") from e
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x.shape) or v.dtype != x.dtype:
+        got = (f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor) else
+               type(v).__name__)
+        raise RenderError(f"model: {name}: a trial forward ({what}) returned {got}; expected a velocity of the "
+                          "latent's shape and dtype")
 
 
-def load_model(name: str, device, dtype: torch.dtype):
+def load_model(name: str, device, dtype: torch.dtype, guided: bool = True):
     """``(model, class_names)`` for a spec's ``model``.
 
     ``"bundled"``: :func:`jetdet.models.load_bundled`, classes :data:`jetdet.models.BUNDLED_CLASSES`.
@@ -386,7 +390,7 @@ def load_model(name: str, device, dtype: torch.dtype):
         raise RenderError(f"model: entry point {name!r} raised {type(e).__name__}: {e}") from e
     check_model_contract(model, f"entry point {name!r}")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    probe_model(model, f"entry point {name!r}")
+    probe_model(model, f"entry point {name!r}", guided)
     names = getattr(model, "class_names", None)
     return model, (list(names) if names is not None else None)
 

@@ -141,11 +141,14 @@ def read_manifest(path, what: str, advice: str = "") -> dict:
         raise RenderError(f"{what}: {str(path)!r} is not a jetdet render manifest (format "
                           f"{MANIFEST_FORMAT!r}){advice}")
     items = m.get("items")
-    bad = [k for k, v in items.items() if not (k.isdigit() and isinstance(v, dict))] if isinstance(items, dict) else []
     if not isinstance(items, dict) or not isinstance(m.get("spec"), dict):
         raise RenderError(f"{what}: {str(path)!r} is damaged (no item table or no spec){advice}")
+    bad = [k for k, v in items.items() if not (k.isascii() and k.isdigit() and isinstance(v, dict))]
     if bad:
         raise RenderError(f"{what}: {str(path)!r} is damaged (item keys {bad[:3]}){advice}")
+    fps, runs = m.setdefault("fingerprints", {}), m.setdefault("runs", [])
+    if not (isinstance(fps, dict) and all(isinstance(v, dict) for v in fps.values())) or not isinstance(runs, list):
+        raise RenderError(f"{what}: {str(path)!r} is damaged (its fingerprints or runs){advice}")
     return m
 
 
