@@ -192,7 +192,7 @@ def test_benchmark_stops_at_cancel_within_a_step(shapes_patcher, shapes_conds):
                                       1.0, "0.1")
     finally:
         mm.interrupt_current_processing(False)
-    assert 5 <= len(log.sizes) <= 6, len(log.sizes)  # one step's call at most after the flag, of 4 x 32 calls
+    assert 5 <= len(log.sizes) <= 6, len(log.sizes)  # one step's call at most after the flag, of 3 x (2 + 30) calls
 
 
 def test_a_fast_model_given_to_the_deterministic_sampler_is_named_in_the_log(shapes_patcher, shapes_conds, caplog):
