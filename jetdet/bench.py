@@ -79,7 +79,6 @@ def _median_ms(samples):
 
 
 def speed(repeats: int = 15) -> None:
-
     import torch.nn.functional as F
 
     import jetdet

@@ -210,9 +210,9 @@ def _as_f64(t: torch.Tensor) -> torch.Tensor:
 
 
 def _int_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``|a - b|`` of two integer (or bool) tensors, exact, as float64 (rounded only past 2^53, never to 0 for a
-    difference: see the caller). Integers past 2^53 are not exact in float64, and a 64-bit difference can overflow
-    int64, so 64-bit inputs are subtracted as Python integers."""
+    """``|a - b|`` of two integer (or bool) tensors, flattened, as float64: the exact difference, rounded only past
+    2^53 (so never to 0 where the values differ, as ``float64(a) - float64(b)`` can be). A 64-bit difference can
+    overflow int64, so 64-bit inputs are subtracted as Python integers."""
     if max(a.element_size(), b.element_size()) < 8:
         return (a.reshape(-1).to(torch.int64) - b.reshape(-1).to(torch.int64)).abs().to(torch.float64)
     return torch.tensor([float(abs(p - q)) for p, q in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist())],
@@ -260,17 +260,12 @@ def match(a: torch.Tensor, b: torch.Tensor, tolerance: str = "exact") -> MatchRe
     nan_x, nan_y = torch.isnan(x), torch.isnan(y)
     inf_x, inf_y = torch.isinf(x), torch.isinf(y)
     finite = ~(nan_x | nan_y | inf_x | inf_y)
-    diff = (x - y).abs()
-    exact_ints = None
-    if not (ca.is_floating_point() or ca.is_complex() or cb.is_floating_point() or cb.is_complex()):
-        exact_ints = _int_differences(ca, cb)
-        diff = torch.where(exact_ints != 0, diff.clamp_min(1.0), diff)  # a difference never rounds to 0
+    integers = not (ca.is_floating_point() or ca.is_complex() or cb.is_floating_point() or cb.is_complex())
+    diff = _int_differences(ca, cb) if integers else (x - y).abs()
     ref = y.abs()
     # statistics over elements where both are finite
     d_f, r_f = diff[finite], ref[finite]
     max_abs = d_f.max().item() if d_f.numel() else 0.0
-    if exact_ints is not None and exact_ints.numel():
-        max_abs = float(exact_ints.max().item())
     nz = r_f != 0
     max_rel = (d_f[nz] / r_f[nz]).max().item() if bool(nz.any()) else 0.0
     rms_d = d_f.pow(2).mean().sqrt().item() if d_f.numel() else 0.0

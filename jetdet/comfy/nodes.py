@@ -75,10 +75,11 @@ def _a(noun: str) -> str:
 def _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise, batch_offset,
                 progress=True, note_fast=True):
     """One deterministic sampling run; returns a new LATENT dict."""
-    if wr.fast_state(wr.check_model(model)) is not None and note_fast:
+    model = wr.check_model(model)
+    if note_fast and wr.fast_state(model) is not None:
         logging.warning("jetdet: the model given to a deterministic sampling node is in fast mode; this node runs "
                         "every model call deterministically (no step cache), so fast mode has no effect here")
-    det = wr.with_deterministic(wr.check_model(model))
+    det = wr.with_deterministic(model)
     samples = smp.sample(det, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise,
                          batch_offset, callback=_callback(det, steps) if progress else None,
                          disable_pbar=_disable_pbar())
@@ -898,7 +899,6 @@ class JetDetBenchmark(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 fast_budgets):
-
         import jetdet
 
         wr.check_model(model)

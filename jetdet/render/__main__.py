@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from .spec import DEVICES, DTYPES, MODES, RenderError
+from .spec import DEVICES, DTYPES, MODES, RenderError, _is_int
+from .store import MANIFEST_EVERY_S
 
 _EPILOG = """\
 items: --count N [--start S] [--classes 0,3,circle | all] [--seed S] give the range form (item i: class
@@ -56,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help=f"{' | '.join(DEVICES)} (default auto: cuda:LOCAL_RANK when CUDA is there)")
     r.add_argument("--threads", type=int, help="torch threads per worker (default: torch's; torchrun sets 1 with "
                    "more than one worker)")
-    r.add_argument("--manifest-every", type=float, default=10.0, metavar="SECONDS",
-                   help="save the manifest at most once per SECONDS while rendering, and at the end (default 10; "
+    r.add_argument("--manifest-every", type=float, default=MANIFEST_EVERY_S, metavar="SECONDS",
+                   help=f"save the manifest at most once per SECONDS while rendering, and at the end (default "
+                        f"{MANIFEST_EVERY_S:g}; "
                         "after a crash the items since the last save are rendered again; 0: after every round)")
     r.add_argument("--force", action="store_true", help="replace a job of another spec in the folder")
     r.add_argument("--no-progress", action="store_true", help="no progress line and no resume/summary lines")
@@ -81,7 +83,7 @@ def _spec_from_args(a) -> tuple[object, dict]:
         if isinstance(items, list):
             raise RenderError("--count: the spec file lists its items one by one; --count/--start/--classes set the "
                               "range form only")
-        if _is_count(items):  # "items": 12 is the range form's count
+        if _is_int(items):  # "items": 12 is the range form's count
             items = {"count": items}
         elif items is not None and not isinstance(items, dict):
             raise RenderError(f"--spec: items: expected a count, a range object or a list of items, got {items!r}")
@@ -93,10 +95,6 @@ def _spec_from_args(a) -> tuple[object, dict]:
     elif a.seed is not None and isinstance(base.get("items"), dict):
         base["items"] = {**base["items"], "seed": a.seed}
     return base, overrides
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_rank0() -> bool:
@@ -120,7 +118,7 @@ def main(argv=None) -> int:
         from .run import render
         from .spec import load_spec
 
-        if a.manifest_every is not None and not 0 <= a.manifest_every < float("inf"):
+        if not 0 <= a.manifest_every < float("inf"):
             raise RenderError(f"--manifest-every: expected a finite number of seconds >= 0, got {a.manifest_every}")
         base, overrides = _spec_from_args(a)
         items = base.get("items")

@@ -113,9 +113,9 @@ def _ranges(xs: list[int]) -> str:
 def _fingerprint_notes(a: dict, b: dict) -> list[str]:
     fa, fb = list(a.get("fingerprints", {}).values()), list(b.get("fingerprints", {}).values())
     out = [f"{len(fa)} fingerprint(s) here, {len(fb)} in the other"]
-    keys = sorted({k for f in fa + fb for k in f})
     if not fa or not fb:  # a manifest with no rendered item lists no fingerprint: nothing to compare
         return out
+    keys = sorted({k for f in fa + fb for k in f})
     for k in keys:
         va = sorted({json.dumps(f.get(k)) for f in fa})
         vb = sorted({json.dumps(f.get(k)) for f in fb})

@@ -343,10 +343,6 @@ def _progress(total: int, initial: int, disable: bool):
                 dynamic_ncols=True, bar_format=fmt)
 
 
-#: default least time between two saves of the manifest while a job renders (see ``_render_rounds``)
-MANIFEST_EVERY_S = 10.0
-
-
 def _sample(job: _Job, batch: list[Item]) -> torch.Tensor:
     import jetdet
 
@@ -426,7 +422,7 @@ def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifes
 
 
 def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
-           threads: int | None = None, manifest_every_s: float = MANIFEST_EVERY_S) -> RenderResult:
+           threads: int | None = None, manifest_every_s: float = store.MANIFEST_EVERY_S) -> RenderResult:
     """Render a job into the folder ``out``; resume it if ``out`` holds the same job.
 
     Args:

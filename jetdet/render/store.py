@@ -28,6 +28,8 @@ import torch
 from .spec import RenderError
 
 MANIFEST = "manifest.json"
+#: default least time between two saves of the manifest while a job renders (``jetdet.render.run._render_rounds``)
+MANIFEST_EVERY_S = 10.0
 MANIFEST_FORMAT = "jetdet.render.manifest/1"
 _ITEM_RE = re.compile(r"^item-(\d+)\.safetensors$")
 _TMP_RE = re.compile(r"^(item-\d+\.safetensors|manifest\.json)\.tmp-[0-9]+-[0-9a-f]+$")
