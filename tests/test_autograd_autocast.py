@@ -106,6 +106,28 @@ def test_patched_model_backward_and_half_precision():
     torch.testing.assert_close(xh.grad.float(), wh.float().sum(0).expand(4, 8), atol=2e-3, rtol=2e-3)
 
 
+
+def test_in_place_change_of_an_op_output_under_autograd():
+    """A routed op's output may be changed in place while autograd records (ComfyUI's Flux and Chroma blocks do
+    ``img.addcmul_(gate, proj(x))`` and ``txt += ...``): it was a view of the op's 2-D GEMM result, which autograd
+    refuses to change in place inside a custom Function. Gradients equal mode off's."""
+    lin = nn.Linear(8, 6)
+    ref = nn.Linear(8, 6)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    g = torch.randn(6)
+    with jetdet.mode("deterministic"):
+        y = lin(x)
+        y.addcmul_(g, y.detach())
+        y.square().sum().backward()
+    yr = ref(xr)
+    yr.addcmul_(g, yr.detach())
+    yr.square().sum().backward()
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-4)
+
 def test_autocast_reaches_routed_calls_and_patched_layers():
     """Under ``torch.autocast("cpu", bfloat16)`` deterministic mode gives the dtype torch gives (the matmul family,
     convs and SDPA in bf16; norms and softmax in their inputs' dtype on CPU), close to torch's values, and stays

@@ -65,7 +65,7 @@ class Op:
         # Only ops whose schema takes a tensor list pay for looking inside list arguments on the eager path.
         self._lists = "Tensor[]" in spec.schema
         self.body = self._body  # the plain Python body, dispatching on the device
-        self.custom_op = torch.library.custom_op(f"jetdet::{spec.name}", self._body, mutates_args=(),
+        self.custom_op = torch.library.custom_op(f"jetdet::{spec.name}", self._op_body, mutates_args=(),
                                                  schema=spec.schema)
         self.custom_op.register_fake(spec.fake)
         if spec.schema.rstrip().endswith("-> Tensor") and "Tensor[]" not in spec.schema:
@@ -91,6 +91,16 @@ class Op:
         if backend.backend_for(t) == "triton":
             return self.launcher()(*args)
         return self.spec.torch_path(*args)
+
+    def _op_body(self, *args):
+        """The custom op's body: :meth:`_body`, its result never a view. A body that reshapes its result (linear's
+        ``[M, N]`` GEMM output seen as ``[..., N]``) returns a view of that intermediate, and autograd then refuses an
+        in-place change of the op's output (``y.addcmul_(...)`` after a linear, as ComfyUI's Flux and Chroma blocks
+        do) as a view created inside a custom Function. ``detach`` gives the same storage as a tensor of its own."""
+        out = self._body(*args)
+        if isinstance(out, torch.Tensor) and out._is_view():
+            return out.detach()
+        return out
 
     def _backward(self, ctx, grad):
         """Gradients through the op: the vector-Jacobian product of the spec's fp32 ``reference`` (the same
