@@ -624,6 +624,58 @@ def _h_group_norm(func, args, kwargs):
     return ops.group_norm(x, g, w, b, eps)
 
 
+def _reduce_dims(dim, ndim: int):
+    """``dim`` of a reduction as a sorted tuple of distinct dims, or None when it is not one or more int dims."""
+    dims = (dim,) if type(dim) is int else tuple(dim) if isinstance(dim, (tuple, list)) and dim else None
+    if dims is None or not all(type(d) is int and -ndim <= d < ndim for d in dims):
+        return None
+    found = sorted({d % ndim for d in dims})
+    return tuple(found) if len(found) == len(dims) else None
+
+
+#: The parameters of the routed reductions, in order, with their defaults.
+_REDUCE_PARAMS = {
+    "sum": (("input", None), ("dim", None), ("keepdim", False)),
+    "mean": (("input", None), ("dim", None), ("keepdim", False)),
+    "norm": (("input", None), ("p", "fro"), ("dim", None), ("keepdim", False)),
+    "vector_norm": (("x", None), ("ord", 2), ("dim", None), ("keepdim", False)),
+}
+
+
+def _h_reduce(kind: str):
+    """``sum``, ``mean`` or the 2-norm over given dims of a float tensor: jetdet's fixed-order row reductions
+    (:func:`jetdet.ops.sum` / :func:`jetdet.ops.mean`; the norm as the square root of the fp32 sum of squares).
+    torch's own reduction kernels choose how to split a reduction by how many outputs there are, so on a GPU the
+    result for an item can depend on the batch (HunyuanVideo and Mochi pool their text tokens with ``sum``, Stable
+    Cascade's GlobalResponseNorm takes ``torch.norm`` and ``mean``). Calls of other forms run as they are, as they
+    did before these were routed, without a warning: a reduction over every dim (its result is a function of the
+    whole batch anyway), integer and float64 inputs, ``dtype=`` (other than the input's) or ``out=`` given, norms
+    other than the 2-norm."""
+    params = _REDUCE_PARAMS[kind]
+    names = {n for n, _ in params}
+
+    def handler(func, args, kwargs):
+        vals = {n: call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(params)}
+        x, dim, keepdim, p = vals[params[0][0]], vals["dim"], vals["keepdim"], vals.get("p", vals.get("ord", 2))
+        if (not isinstance(x, torch.Tensor) or len(args) > len(params) or type(keepdim) is not bool
+                or not (p == "fro" or (type(p) in (int, float) and p == 2)) or _ok(x) or not x.numel()
+                or any(k not in names and v is not None and not (k == "dtype" and v == x.dtype)
+                       for k, v in kwargs.items())):
+            return func(*args, **kwargs)
+        dims = _reduce_dims(dim, x.dim())
+        if dims is None:
+            return func(*args, **kwargs)
+        ops = _ops()
+        if kind == "sum":
+            return ops.sum(x, dims, keepdim)
+        if kind == "mean":
+            return ops.mean(x, dims, keepdim)
+        xf = x.float()
+        return ops.sum(xf * xf, dims, keepdim).sqrt().to(x.dtype)
+
+    return handler
+
+
 def _h_softmax(func, args, kwargs):
     ops = _ops()
 
@@ -716,6 +768,13 @@ _HANDLERS = {
     torch.softmax: _h_softmax,
     torch.Tensor.softmax: _h_softmax,
     F.scaled_dot_product_attention: _h_sdpa,
+    torch.sum: _h_reduce("sum"),
+    torch.Tensor.sum: _h_reduce("sum"),
+    torch.mean: _h_reduce("mean"),
+    torch.Tensor.mean: _h_reduce("mean"),
+    torch.norm: _h_reduce("norm"),
+    torch.Tensor.norm: _h_reduce("norm"),
+    torch.linalg.vector_norm: _h_reduce("vector_norm"),
 }
 if hasattr(F, "rms_norm"):
     _HANDLERS[F.rms_norm] = _h_rms_norm
@@ -740,7 +799,8 @@ _AUTOCAST_LOW = frozenset({
     torch.conv3d, F.conv3d, torch.einsum, F.scaled_dot_product_attention,
 })
 _AUTOCAST_FP32_CUDA = frozenset({F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax,
-                                 torch.softmax, torch.Tensor.softmax})
+                                 torch.softmax, torch.Tensor.softmax, torch.sum, torch.Tensor.sum, torch.norm,
+                                 torch.Tensor.norm, torch.linalg.vector_norm})
 
 
 def _autocast_cast(a, to):

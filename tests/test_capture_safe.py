@@ -96,6 +96,9 @@ def _cases(dev, dtype):
         "sdpa float mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask),
         "sdpa causal": lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True),
         "sdpa 3-d": lambda: F.scaled_dot_product_attention(q[0], k[0], v[0]),
+        "sum dim 1": lambda: x.sum(1),
+        "mean dims (1, 2)": lambda: torch.mean(x, (1, 2)),
+        "vector_norm": lambda: torch.linalg.vector_norm(x, dim=-1, keepdim=True),
     }
     if hasattr(F, "rms_norm"):
         cases["rms_norm"] = lambda: F.rms_norm(x, (64,), r(64))

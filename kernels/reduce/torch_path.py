@@ -10,7 +10,11 @@ from ..matmul.torch_path import f32
 
 
 def at_least_two_rows(x2d: torch.Tensor):
-    """torch splits a reduction across threads only when there is a single output; keep >= 2 rows."""
+    """torch splits a reduction across threads only when there is a single output; keep >= 2 rows. And rows
+    contiguous: torch reduces a strided row in another order than a contiguous one, and the ``[B * K, N]`` view of
+    a permuted input (a sum over dim 1, an rms_norm of a transposed tensor) is strided at one batch size and a
+    contiguous copy at another."""
+    x2d = x2d.contiguous()
     if x2d.shape[0] == 1:
         return torch.cat([x2d, x2d.new_zeros(1, x2d.shape[1])]), 1
     return x2d, x2d.shape[0]

@@ -1,0 +1,165 @@
+"""Reductions in deterministic mode: ``sum``, ``mean`` and 2-norms over given dims are routed to jetdet's fixed-order
+row reductions (ComfyUI's HunyuanVideo and Mochi pool text tokens with ``sum``; Stable Cascade's GlobalResponseNorm
+takes ``torch.norm`` and ``mean``; Cosmos normalises a position table with ``linalg.vector_norm``), every other form
+runs as it is without a warning, and the row ops' torch path is batch invariant for strided rows too."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _invariance import assert_batch_invariant
+from _tolerances import OPS_MAX_ERR, assert_max_err
+
+import jetdet
+from jetdet.ops import registry
+
+ROUTER = sys.modules["jetdet.mode"]
+
+
+def _det(fn, *a, **k):
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        return fn(*a, **k)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Names of the jetdet row-reduction ops run (their bodies, whatever the entry)."""
+    seen = []
+    for name in ("sum", "mean"):
+        op = registry.OPS[name]
+        orig = op._body
+
+        def spy(*args, _orig=orig, _name=name):
+            seen.append(_name)
+            return _orig(*args)
+
+        monkeypatch.setattr(op, "_body", spy)
+    return seen
+
+
+ROUTED = [
+    ("Tensor.sum dim 1", lambda t: t.sum(1)),
+    ("torch.sum dims (1, 2) keepdim", lambda t: torch.sum(t, dim=(1, 2), keepdim=True)),
+    ("Tensor.sum dim=-1 dtype=same", lambda t: t.sum(dim=-1, dtype=t.dtype)),
+    ("Tensor.mean dim -1", lambda t: t.mean(-1)),
+    ("torch.mean dims [2, 1]", lambda t: torch.mean(t, [2, 1])),
+    ("torch.norm p=2 dims (1, 2) keepdim", lambda t: torch.norm(t, p=2, dim=(1, 2), keepdim=True)),
+    ("Tensor.norm dim 1", lambda t: t.norm(dim=1)),
+    ("Tensor.norm fro dims (1, 2)", lambda t: t.norm("fro", (1, 2))),
+    ("linalg.vector_norm dim -1 keepdim", lambda t: torch.linalg.vector_norm(t, dim=-1, keepdim=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,fn", ROUTED, ids=[n for n, _ in ROUTED])
+def test_routed_reductions_reach_jetdet_match_torch_and_are_batch_invariant(name, fn, dtype, op_calls):
+    x = torch.randn(5, 37, 24).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _det(fn, x)
+    assert op_calls, f"{name}: no jetdet reduction ran"
+    ref = fn(x.double())
+    assert out.shape == ref.shape and out.dtype == fn(x).dtype
+    assert_max_err(out, ref, OPS_MAX_ERR[dtype], name)
+    assert_batch_invariant(lambda t: _det(fn, t), [x], prefixes=(1, 2, 4), slots=(3,), full=out, label=name)
+
+
+PASSED_THROUGH = [
+    ("sum of everything", lambda t: t.sum()),
+    ("mean of everything", lambda t: torch.mean(t)),
+    ("sum with another dtype", lambda t: t.sum(1, dtype=torch.float64)),
+    ("1-norm", lambda t: t.norm(p=1, dim=1)),
+    ("inf vector norm", lambda t: torch.linalg.vector_norm(t, ord=float("inf"), dim=-1)),
+    ("float64 input", lambda t: t.double().sum(1)),
+    ("integer input", lambda t: (t > 0).long().sum(1)),
+    ("sum with out=", lambda t: torch.sum(t, 1, out=torch.empty(5, 24))),
+    ("empty tensor", lambda t: t[:0].mean(1)),
+    ("dim given twice", lambda t: t.sum((1, -2))),
+]
+
+
+@pytest.mark.parametrize("name,fn", PASSED_THROUGH, ids=[n for n, _ in PASSED_THROUGH])
+def test_other_forms_run_as_they_are_without_a_warning(name, fn, op_calls):
+    x = torch.randn(5, 37, 24)
+    ref = None
+    try:
+        ref = fn(x)
+    except RuntimeError as e:  # torch refuses some forms itself (a dim twice): so must deterministic mode
+        with pytest.raises(RuntimeError, match=str(e).split("\n")[0][:40]):
+            _det(fn, x)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning, and strict mode does not raise
+        out = _det(fn, x)
+    assert torch.equal(out, ref) and out.dtype == ref.dtype, name
+    assert op_calls == [], f"{name}: routed to jetdet's {op_calls}"
+
+
+def test_reductions_keep_autograd_and_autocast():
+    x = torch.randn(3, 9, 8, requires_grad=True)
+    with jetdet.mode("deterministic"):
+        y = torch.linalg.vector_norm(x, dim=-1).sum(1) + x.mean((1, 2))
+    y.sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    (torch.linalg.vector_norm(xr, dim=-1).sum(1) + xr.mean((1, 2))).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    # CPU autocast keeps a bf16 input's dtype for these (torch's CPU policy), as the router does
+    xb = torch.randn(3, 9, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = xb.sum(1)
+        with jetdet.mode("deterministic"):
+            out = xb.sum(1)
+    assert out.dtype == ref.dtype
+
+
+def test_mode_off_leaves_torch_reductions_alone(op_calls):
+    x = torch.randn(4, 6, 5)
+    assert torch.equal(x.sum(1), torch.sum(x, 1)) and op_calls == []
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("ops.sum over dim 1", lambda t: jetdet.ops.sum(t, 1)),
+    ("ops.mean over dims (1, 2) of a transposed input", lambda t: jetdet.ops.mean(t.transpose(1, 2), (1, 2))),
+    ("ops.softmax over dim 1", lambda t: jetdet.ops.softmax(t, 1)),
+    ("rms_norm of a transposed input", lambda t: jetdet.ops.rms_norm(t.transpose(1, 2), (t.shape[1],))),
+    ("layer_norm of a transposed input", lambda t: jetdet.ops.layer_norm(t.transpose(1, 2), (t.shape[1],))),
+])
+def test_row_ops_are_batch_invariant_on_strided_rows(name, fn, restore_threads):
+    """The torch path reduces contiguous rows: ``[B * K, N]`` views of permuted inputs are strided rows at batch 1
+    (a view) and contiguous at batch 8 (a copy), and torch reduces the two in different orders (negative control
+    below). ops.sum over dim 1 and rms_norm of a transposed input differed between batch 1 and 8 before."""
+    torch.set_num_threads(2)
+    x = torch.randn(8, 1024, 64)
+    assert_batch_invariant(fn, [x], prefixes=(1, 2), slots=(5,), label=name)
+
+
+def test_negative_control_strided_rows_reduce_in_another_order():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4096, 64)
+    strided = x.permute(0, 2, 1).reshape(64, 4096)  # a view: rows of stride 64
+    assert strided.stride() == (1, 64)
+    assert not torch.equal(strided.sum(-1), strided.contiguous().sum(-1))
+    # and the routed call on the same input
+    assert torch.equal(_det(lambda t: t.sum(1), x)[0], _det(lambda t: t.sum(1), torch.cat([x, x]))[0])
+
+
+def test_an_sd_like_group_response_norm_is_batch_invariant(restore_threads):
+    """Stable Cascade's GlobalResponseNorm as ComfyUI writes it: ``torch.norm`` over (H, W), then ``mean`` over
+    channels."""
+    torch.set_num_threads(2)
+    x = torch.randn(4, 12, 12, 96)
+    g, b = torch.randn(1, 1, 1, 96), torch.randn(1, 1, 1, 96)
+
+    def grn(t):
+        agg = torch.norm(t, p=2, dim=(1, 2), keepdim=True)
+        stand = agg / (agg.mean(dim=-1, keepdim=True) + 1e-6)
+        return g * (t * stand) + b + t
+
+    out = _det(grn, x)
+    assert_max_err(out, grn(x.double()), OPS_MAX_ERR[torch.float32])
+    assert_batch_invariant(lambda t: _det(grn, t), [x], prefixes=(1, 3), slots=(2,), full=out)
+    assert ROUTER.handler_for(torch.norm) is not None and ROUTER.handler_for(torch.Tensor.mean) is not None
