@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _invariance import assert_batch_invariant
 from _tolerances import OPS_MAX_ERR, assert_max_err
 

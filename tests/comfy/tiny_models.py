@@ -54,6 +54,19 @@ def wan21_state_dict(seed: int = 0) -> dict:
     return _finish(model, seed)
 
 
+def hunyuan_video_state_dict(seed: int = 0) -> dict:
+    """A HunyuanVideo DiT: hidden 128 (one head, rotary axes 16/56/56), one double and one single block, text dim 32,
+    pooled CLIP 768, guidance embedding. It pools its text tokens with ``sum`` (a reduction inside one item)."""
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+
+    model = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
+                         context_in_dim=32, hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=1,
+                         depth_single_blocks=1, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2],
+                         qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, dtype=torch.float32,
+                         operations=_ops())
+    return _finish(model, seed)
+
+
 def load(state_dict: dict):
     import comfy.sd
 
