@@ -11,6 +11,11 @@ CFG 4 with cond and uncond batched (ComfyUI's default when memory allows). Inter
 method samples the same batch in turn, so host speed drift hits all methods alike. Without torchvision (torch
 2.13.0+cpu has none), set ``JETDET_COMFYUI_STUBS=../shared/comfyui/stubs``.
 
+``--sampling eps`` / ``edm`` samples the same model in the sigma space of eps models (SD1.5/SDXL's table, sigma
+0.029-14.6) or EDM models (0.002-80) instead of its own flow sigma (:func:`jetdet.comfy.shapes_model.
+as_variance_exploding`: the same probability-flow ODE), with ``--scheduler`` (``karras`` is what such models
+usually run with).
+
 Measured per method: model forwards (a forward hook on the diffusion model: what really ran, whatever level a
 cache skips at), rows computed (jetdet may run a forward on some rows only: ``rows`` / full rows is the
 full-model equivalents), wall time, PSNR of the decoded 32 x 32 images against full compute (peak-to-peak 2),
@@ -40,6 +45,8 @@ from jetdet.models.evaluate import psnr  # noqa: E402  (per item, peak-to-peak 2
 DEFAULT_BUDGETS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 PSNR_CAP = 100.0
+SAMPLINGS = {"flow": "flow sigma (SD3, shift 3)", "eps": "eps sigma (SD1.5 table, 0.029-14.6)",
+             "edm": "EDM sigma (0.002-80)"}
 
 
 class ForwardCounter:
@@ -71,12 +78,14 @@ def build_methods(base, budgets, thresholds) -> list[dict]:
 
 
 def run(items=8, seed=0, classes=(0, 1, 2, 3), steps=30, sampler="euler", scheduler="simple", cfg=4.0,
-        budgets=DEFAULT_BUDGETS, thresholds=DEFAULT_THRESHOLDS, weights=None) -> dict:
+        budgets=DEFAULT_BUDGETS, thresholds=DEFAULT_THRESHOLDS, weights=None, sampling="flow") -> dict:
     from jetdet.comfy import shapes_model as sm
     from jetdet.comfy.sampling import sample
     from jetdet.models.bundled import load_classifier
 
     base = sm.load_model(weights)
+    if sampling != "flow":  # the same ODE in variance-exploding sigma (eps/EDM models' sigma space)
+        base = sm.as_variance_exploding(base, sampling)
     counter = ForwardCounter(base.model.diffusion_model)
     clf = load_classifier()
     methods = build_methods(base, budgets, thresholds)
@@ -123,7 +132,7 @@ def run(items=8, seed=0, classes=(0, 1, 2, 3), steps=30, sampler="euler", schedu
             row["note"] = "output bit-identical to full compute"
         rows.append(row)
     return {"config": {"items": items, "seed": seed, "classes": list(classes), "steps": steps, "sampler": sampler,
-                       "scheduler": scheduler, "cfg": cfg, "threads": torch.get_num_threads(),
+                       "scheduler": scheduler, "sampling": sampling, "cfg": cfg, "threads": torch.get_num_threads(),
                        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
             "rows": rows, "matched": matched(rows)}
 
@@ -161,7 +170,8 @@ def format_markdown(res: dict, command: str) -> str:
     c = res["config"]
     lines = [f"`{command}`", "",
              f"Per class {c['classes']}: one batch of {c['items']} items (seed {c['seed']}: {c['items']} different "
-             f"noises), {c['steps']} steps, {c['sampler']}/{c['scheduler']}, CFG {c['cfg']} (cond and uncond batched: "
+             f"noises), {c['steps']} steps, {c['sampler']}/{c['scheduler']}, {SAMPLINGS[c.get('sampling', 'flow')]}, "
+             f"CFG {c['cfg']} (cond and uncond batched: "
              f"{2 * c['items']} rows per forward), {c['threads']} threads, load average at the end "
              f"{c['load_average']}. Forwards and wall time are per batch run.", "",
              "| method | forwards per run | full-model equivalents | fewer forwards | wall ms per run | speedup | "
@@ -195,6 +205,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--classes", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--scheduler", default="simple")
+    ap.add_argument("--sampling", choices=tuple(SAMPLINGS), default="flow",
+                    help="flow: the model as trained (SD3 sigma); eps/edm: the same ODE sampled in an eps model's "
+                         "(SD1.5 table) or an EDM model's (0.002-80) variance-exploding sigma")
     ap.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS))
     ap.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
     ap.add_argument("--threads", type=int, default=None)
@@ -209,7 +223,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     res = run(items=args.items, seed=args.seed, classes=tuple(args.classes), steps=args.steps, sampler=args.sampler,
-              budgets=args.budgets, thresholds=args.thresholds, weights=args.weights)
+              scheduler=args.scheduler, budgets=args.budgets, thresholds=args.thresholds, weights=args.weights,
+              sampling=args.sampling)
     command = "python bench/comfy_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = format_markdown(res, command.strip())
     print(md)

@@ -153,3 +153,42 @@ def load_model(path=None):
                          "safetensors") from e
     check_state_dict(sd, p)
     return comfy.sd.load_diffusion_model_state_dict(sd)
+
+
+#: :func:`as_variance_exploding`'s sigma tables.
+VE_SAMPLINGS = ("eps", "edm")
+
+
+def as_variance_exploding(model, sampling: str = "eps"):
+    """A clone of the shapes model that ComfyUI samples as a variance-exploding model (``x = x0 + sigma * noise``,
+    the sigma space of eps, v and EDM models), with the same probability-flow ODE: the flow model inside sees
+    ``x / (1 + sigma)`` at flow time ``sigma / (1 + sigma)``, and its denoised output is returned as is.
+
+    ``sampling``: ``"eps"`` (SD1.5/SDXL's discrete table, sigma 0.029-14.6) or ``"edm"`` (continuous, 0.002-80,
+    log-uniform, as EDM and Cosmos models). ComfyUI's samplers and schedulers then step through those sigmas, so
+    fast mode can be measured on a trained model in the sigma space most checkpoints use (jetdet ships no trained
+    eps model). The input model is not changed.
+    """
+    import comfy.model_sampling as cms
+
+    if sampling not in VE_SAMPLINGS:
+        raise ValueError(f"sampling: expected one of {VE_SAMPLINGS}, got {sampling!r}")
+    base = cms.ModelSamplingDiscrete if sampling == "eps" else cms.ModelSamplingContinuousEDM
+
+    class FlowInside(base, cms.EPS):
+        def calculate_input(self, sigma, noise):
+            return noise / (1.0 + sigma.reshape(sigma.shape[:1] + (1,) * (noise.ndim - 1)))
+
+        def timestep(self, sigma):  # the SD3 MMDiT's timestep input: flow time x 1000
+            return sigma / (1.0 + sigma) * 1000.0
+
+        def calculate_denoised(self, sigma, model_output, model_input):
+            s = sigma.reshape(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+            return (model_input - model_output * s) / (1.0 + s)
+
+    ms = FlowInside(None)  # ModelSamplingDiscrete(None): SD1.5's scaled-linear betas
+    if sampling == "edm":
+        ms.set_parameters(0.002, 80.0, 1.0)
+    m = model.clone()
+    m.add_object_patch("model_sampling", ms)
+    return m
