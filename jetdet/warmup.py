@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+_PARSE_LOCK = threading.Lock()
 
 
 def _kernels(kernels):
@@ -64,6 +67,35 @@ def unavailable() -> str | None:
 
 
 @contextlib.contextmanager
+def serial_parse():
+    """Inside, Triton parses one kernel source at a time (``JITFunction.parse``, the ``ast.parse`` behind a
+    kernel's cache key in the launching thread and behind code generation in each compile thread). CPython 3.11
+    before 3.11.8 can fail an ``ast.parse`` that runs while another thread's is under way with ``SystemError: AST
+    constructor recursion depth mismatch`` (python/cpython#106905): it did once in this project's test suite (3.11.7,
+    triton 3.9), in the launching thread while the pool compiled. Parsing is milliseconds; the compiles still run
+    side by side."""
+    owner = _parse_owner()
+    orig = owner.__dict__["parse"]
+
+    def parse(self):
+        with _PARSE_LOCK:
+            return orig(self)
+
+    owner.parse = parse
+    try:
+        yield
+    finally:
+        owner.parse = orig
+
+
+def _parse_owner():
+    """The Triton class that defines ``parse`` (``JITFunction`` in 3.6, its base ``JITCallable`` in 3.9)."""
+    from triton.runtime.jit import JITFunction
+
+    return next(c for c in JITFunction.__mro__ if "parse" in c.__dict__)
+
+
+@contextlib.contextmanager
 def compile_ahead(kernels=None, workers: int | None = None):
     """Inside, each launch of ``kernels`` (default: every jetdet ``@triton.jit`` kernel,
     :func:`jetdet.static_report.all_kernels`) compiles its variant in a pool of ``workers`` threads (default: the
@@ -80,7 +112,7 @@ def compile_ahead(kernels=None, workers: int | None = None):
     t0 = time.perf_counter()
     patched = []
     workers = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jetdet-compile") as pool:
+    with serial_parse(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jetdet-compile") as pool:
         mode = AsyncCompileMode(pool, ignore_errors=True)
         try:
             for kernel in _kernels(kernels):

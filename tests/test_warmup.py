@@ -126,3 +126,61 @@ def test_compile_threads_script(capsys):
     out = capsys.readouterr().out
     assert "one after another" in out and "2 threads" in out and "speed-up" in out
     assert mod.main(["--only", "no such kernel"]) == 2
+
+
+def test_kernel_sources_are_parsed_one_at_a_time_while_compiling_ahead():
+    """CPython 3.11 before 3.11.8 can fail concurrent ``ast.parse`` calls (python/cpython#106905; seen once in this
+    suite): inside :func:`warmup.serial_parse` (which compile_ahead enters) two threads' parses never overlap, and
+    Triton's own method is back afterwards. Negative control: without it they do overlap."""
+    import threading
+
+    from triton.runtime.jit import JITFunction
+
+    kernels = [JITFunction(_source_a), JITFunction(_source_b)]  # compiled-mode objects, whatever TRITON_INTERPRET
+    owner = warmup._parse_owner()
+    orig = owner.__dict__["parse"]
+    state = {"inside": 0, "most": 0}
+    lock = threading.Lock()
+    barrier = threading.Barrier(2, timeout=5)
+
+    def slow_parse(self):
+        with lock:
+            state["inside"] += 1
+            state["most"] = max(state["most"], state["inside"])
+        try:
+            threading.Event().wait(0.2)  # long enough for the other thread to arrive
+            return orig(self)
+        finally:
+            with lock:
+                state["inside"] -= 1
+
+    def overlap() -> int:
+        state["most"] = 0
+
+        def work(k):
+            barrier.wait()
+            k.parse()
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in kernels]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return state["most"]
+
+    owner.parse = slow_parse
+    try:
+        assert overlap() == 2  # negative control: Triton's own parse lets two threads in at once
+        with warmup.serial_parse():
+            assert overlap() == 1
+        assert owner.__dict__["parse"] is slow_parse
+    finally:
+        owner.parse = orig
+
+
+def _source_a(x):
+    return x + 1
+
+
+def _source_b(x):
+    return x * 2
