@@ -663,7 +663,7 @@ def _h_reduce(kind: str):
                        for k, v in kwargs.items())):
             return func(*args, **kwargs)
         dims = _reduce_dims(dim, x.dim())
-        if dims is None:
+        if dims is None or (p == "fro" and len(dims) > 2):  # torch's Frobenius norm takes 1 or 2 dims (else raises)
             return func(*args, **kwargs)
         ops = _ops()
         if kind == "sum":
@@ -671,7 +671,10 @@ def _h_reduce(kind: str):
         if kind == "mean":
             return ops.mean(x, dims, keepdim)
         xf = x.float()
-        return ops.sum(xf * xf, dims, keepdim).sqrt().to(x.dtype)
+        ss = ops.sum(xf * xf, dims, keepdim)
+        # sqrt(ss), with a zero gradient (torch's choice) where ss = 0 instead of inf * 0 = NaN: the same forward bits
+        nz = ss > 0
+        return (torch.where(nz, ss, 1.0).sqrt() * nz).to(x.dtype)
 
     return handler
 

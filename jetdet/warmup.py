@@ -31,7 +31,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-_PARSE_LOCK = threading.Lock()
+_PARSE_LOCK = threading.RLock()  # held by Triton's parse while serial_parse is active
+_PATCH_LOCK = threading.Lock()  # guards the patch's use count
+_patch = {"users": 0, "owner": None, "orig": None}
 
 
 def _kernels(kernels):
@@ -73,19 +75,28 @@ def serial_parse():
     before 3.11.8 can fail an ``ast.parse`` that runs while another thread's is under way with ``SystemError: AST
     constructor recursion depth mismatch`` (python/cpython#106905): it did once in this project's test suite (3.11.7,
     triton 3.9), in the launching thread while the pool compiled. Parsing is milliseconds; the compiles still run
-    side by side."""
-    owner = _parse_owner()
-    orig = owner.__dict__["parse"]
+    side by side. Blocks may overlap, in one thread or several: Triton's method is patched by the first to enter and
+    put back by the last to leave."""
+    with _PATCH_LOCK:
+        if _patch["users"] == 0:
+            owner = _parse_owner()
+            orig = owner.__dict__["parse"]
 
-    def parse(self):
-        with _PARSE_LOCK:
-            return orig(self)
+            def parse(self):
+                with _PARSE_LOCK:
+                    return orig(self)
 
-    owner.parse = parse
+            owner.parse = parse
+            _patch.update(owner=owner, orig=orig)
+        _patch["users"] += 1
     try:
         yield
     finally:
-        owner.parse = orig
+        with _PATCH_LOCK:
+            _patch["users"] -= 1
+            if _patch["users"] == 0:
+                _patch["owner"].parse = _patch["orig"]
+                _patch.update(owner=None, orig=None)
 
 
 def _parse_owner():

@@ -178,6 +178,51 @@ def test_kernel_sources_are_parsed_one_at_a_time_while_compiling_ahead():
         owner.parse = orig
 
 
+def test_overlapping_serial_parse_blocks_never_hang_and_restore_triton():
+    """Blocks that overlap (nested in one thread, or open in two threads and left in either order) parse without
+    deadlocking, and Triton's own method is back once the last one is left."""
+    import threading
+
+    from triton.runtime.jit import JITFunction
+
+    owner = warmup._parse_owner()
+    orig = owner.__dict__["parse"]
+    k = JITFunction(_source_a)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    errors = []
+
+    def a():
+        try:
+            with warmup.serial_parse():
+                a_in.set()
+                b_in.wait(5)
+                k.parse()
+            a_out.set()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def b():
+        try:
+            a_in.wait(5)
+            with warmup.serial_parse():
+                b_in.set()
+                with warmup.serial_parse():  # nested in one thread too
+                    k.parse()
+                a_out.wait(5)  # A leaves first
+                k.parse()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=a, daemon=True), threading.Thread(target=b, daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads), "a parse deadlocked"
+    assert not errors, errors
+    assert owner.__dict__["parse"] is orig
+
+
 def _source_a(x):
     return x + 1
 
