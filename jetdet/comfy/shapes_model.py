@@ -167,7 +167,10 @@ def as_variance_exploding(model, sampling: str = "eps"):
     ``sampling``: ``"eps"`` (SD1.5/SDXL's discrete table, sigma 0.029-14.6) or ``"edm"`` (continuous, 0.002-80,
     log-uniform, as EDM and Cosmos models). ComfyUI's samplers and schedulers then step through those sigmas, so
     fast mode can be measured on a trained model in the sigma space most checkpoints use (jetdet ships no trained
-    eps model). The input model is not changed.
+    eps model). ``karras``, ``exponential`` and ``simple`` give those models' own schedules; the schedulers that go
+    through the model's timestep (``normal``, ``sgm_uniform``, ``ddim_uniform``) space the same sigma range evenly
+    in flow time instead of in SD1.5's table index, as this model's timestep is its flow time. The input model is
+    not changed.
     """
     import comfy.model_sampling as cms
 
@@ -181,6 +184,10 @@ def as_variance_exploding(model, sampling: str = "eps"):
 
         def timestep(self, sigma):  # the SD3 MMDiT's timestep input: flow time x 1000
             return sigma / (1.0 + sigma) * 1000.0
+
+        def sigma(self, timestep):  # its inverse (ComfyUI's normal, sgm_uniform and ddim_uniform schedulers)
+            f = timestep / 1000.0
+            return f / (1.0 - f)
 
         def calculate_denoised(self, sigma, model_output, model_input):
             s = sigma.reshape(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
