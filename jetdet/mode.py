@@ -9,7 +9,9 @@ Deterministic mode
 ------------------
 * Routes ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``matmul``/``@``, ``linear``, ``conv2d``,
   ``layer_norm``, ``rms_norm``, ``group_norm``, ``softmax`` and ``scaled_dot_product_attention`` through
-  the batch-invariant ``jetdet.ops``. The router is a ``TorchFunctionMode`` pushed on the thread's mode
+  the batch-invariant ``jetdet.ops``; ``conv3d`` as a fixed-order sum of conv2d calls, ``einsum`` as itself
+  (no sum) or as ``bmm`` (a two-operand contraction); ``sum``, ``mean`` and 2-norms over given dims through the
+  row reductions (:func:`_h_reduce`). The router is a ``TorchFunctionMode`` pushed on the thread's mode
   stack while at least one deterministic context is active on that thread; it consults the context's mode
   on every call, so a task or nested ``mode("off")`` on the same thread passes straight through.
   We chose a TorchFunctionMode over ``torch.library`` aten overrides because it is scoped (nothing global
@@ -22,6 +24,8 @@ Deterministic mode
   bench/host_cost.py``); everything else goes through ``jetdet.ops``.
 * A call the jetdet ops cannot take (float64, grouped or dilated conv, dropout, ...) falls back to torch
   with a one-time warning naming the op and the reason: that call is then *not* covered by the guarantee.
+  Reductions are the exception: their other forms (over every dim, integer or float64 input, ``dtype=``,
+  ``out=``, other norms) run as torch's own call without a warning, as before they were routed.
 * Sets ``torch.use_deterministic_algorithms(True)``, cuDNN deterministic on and benchmark off, TF32 and
   reduced-precision fp16/bf16 reductions off. These are process-wide torch flags: they are saved when the
   first deterministic context in the process starts and restored exactly when the last one ends (also on
@@ -673,7 +677,7 @@ def _h_reduce(kind: str):
         xf = x.float()
         ss = ops.sum(xf * xf, dims, keepdim)
         # sqrt(ss), with a zero gradient (torch's choice) where ss = 0 instead of inf * 0 = NaN: the same forward bits
-        nz = ss > 0
+        nz = ss != 0  # NaN and inf pass through as torch's norm gives them
         return (torch.where(nz, ss, 1.0).sqrt() * nz).to(x.dtype)
 
     return handler
@@ -794,8 +798,8 @@ def handler_for(func):
 
 
 # torch.autocast's policy for the routed functions: the matmul family, convolutions, einsum and SDPA run in the
-# autocast dtype (CPU and CUDA); on CUDA, layer_norm, group_norm and softmax run in fp32 (torch's "autocast to
-# float32" list; on CPU they keep their inputs' dtype, as torch's CPU autocast does)
+# autocast dtype (CPU and CUDA); on CUDA, layer_norm, group_norm, softmax, sum and the norms run in fp32 (torch's
+# "autocast to float32" list; mean is not on it; on CPU they keep their inputs' dtype, as torch's CPU autocast does)
 _AUTOCAST_LOW = frozenset({
     F.linear, torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
     torch.Tensor.baddbmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.conv2d, F.conv2d,

@@ -77,9 +77,12 @@ def serial_parse():
     triton 3.9), in the launching thread while the pool compiled. Parsing is milliseconds; the compiles still run
     side by side. Blocks may overlap, in one thread or several: Triton's method is patched by the first to enter and
     put back by the last to leave."""
+    owner = _parse_owner()
+    if owner is None:  # a Triton without the method: nothing to serialise here
+        yield
+        return
     with _PATCH_LOCK:
         if _patch["users"] == 0:
-            owner = _parse_owner()
             orig = owner.__dict__["parse"]
 
             def parse(self):
@@ -100,10 +103,10 @@ def serial_parse():
 
 
 def _parse_owner():
-    """The Triton class that defines ``parse`` (``JITFunction`` in 3.6, its base ``JITCallable`` in 3.9)."""
+    """The Triton class that defines ``parse`` (``JITFunction`` in 3.6, its base ``JITCallable`` in 3.9), or None."""
     from triton.runtime.jit import JITFunction
 
-    return next(c for c in JITFunction.__mro__ if "parse" in c.__dict__)
+    return next((c for c in JITFunction.__mro__ if "parse" in c.__dict__), None)
 
 
 @contextlib.contextmanager

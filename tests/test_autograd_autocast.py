@@ -106,7 +106,6 @@ def test_patched_model_backward_and_half_precision():
     torch.testing.assert_close(xh.grad.float(), wh.float().sum(0).expand(4, 8), atol=2e-3, rtol=2e-3)
 
 
-
 def test_in_place_change_of_an_op_output_under_autograd():
     """A routed op's output may be changed in place while autograd records (ComfyUI's Flux and Chroma blocks do
     ``img.addcmul_(gate, proj(x))`` and ``txt += ...``): it was a view of the op's 2-D GEMM result, which autograd
@@ -127,6 +126,7 @@ def test_in_place_change_of_an_op_output_under_autograd():
     torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lin.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-4)
+
 
 def test_autocast_reaches_routed_calls_and_patched_layers():
     """Under ``torch.autocast("cpu", bfloat16)`` deterministic mode gives the dtype torch gives (the matmul family,

@@ -117,6 +117,10 @@ def test_reductions_keep_autograd_and_autocast():
 
 
 def test_a_norm_of_a_zero_row_has_torch_s_zero_gradient():
+    y = torch.randn(4, 4, 5)
+    y[1, 0, 0], y[2, 1, 1] = float("nan"), float("inf")  # NaN and inf rows give NaN and inf, as torch's
+    for fn in (lambda t: torch.linalg.vector_norm(t, dim=-1), lambda t: t.norm(dim=(1, 2))):
+        assert torch.equal(_det(fn, y).isnan(), fn(y).isnan()) and torch.equal(_det(fn, y).isinf(), fn(y).isinf())
     x = torch.zeros(3, 4, 5)
     x[0] = torch.randn(4, 5)
     for fn in (lambda t: torch.linalg.vector_norm(t, dim=-1), lambda t: torch.norm(t, p=2, dim=(1, 2)),

@@ -167,9 +167,10 @@ def as_variance_exploding(model, sampling: str = "eps"):
     ``sampling``: ``"eps"`` (SD1.5/SDXL's discrete table, sigma 0.029-14.6) or ``"edm"`` (continuous, 0.002-80,
     log-uniform, as EDM and Cosmos models). ComfyUI's samplers and schedulers then step through those sigmas, so
     fast mode can be measured on a trained model in the sigma space most checkpoints use (jetdet ships no trained
-    eps model). ``karras``, ``exponential`` and ``simple`` give those models' own schedules; the schedulers that go
-    through the model's timestep (``normal``, ``sgm_uniform``, ``ddim_uniform``) space the same sigma range evenly
-    in flow time instead of in SD1.5's table index, as this model's timestep is its flow time. The input model is
+    eps model). ``karras``, ``exponential``, ``simple``, ``ddim_uniform`` and ``beta`` give those models' own
+    schedules; ``normal`` and ``sgm_uniform``, which go through the model's timestep, space the same sigma range
+    evenly in flow time instead of in SD1.5's table index, as this model's timestep is its flow time (so does the
+    discrete table's ``percent_to_sigma``, which ControlNet and conditioning timestep ranges use). The input model is
     not changed.
     """
     import comfy.model_sampling as cms
@@ -180,7 +181,7 @@ def as_variance_exploding(model, sampling: str = "eps"):
 
     class FlowInside(base, cms.EPS):
         def calculate_input(self, sigma, noise):
-            return noise / (1.0 + sigma.reshape(sigma.shape[:1] + (1,) * (noise.ndim - 1)))
+            return noise / (1.0 + cms.reshape_sigma(sigma, noise.ndim))
 
         def timestep(self, sigma):  # the SD3 MMDiT's timestep input: flow time x 1000
             return sigma / (1.0 + sigma) * 1000.0
@@ -190,7 +191,7 @@ def as_variance_exploding(model, sampling: str = "eps"):
             return f / (1.0 - f)
 
         def calculate_denoised(self, sigma, model_output, model_input):
-            s = sigma.reshape(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+            s = cms.reshape_sigma(sigma, model_output.ndim)
             return (model_input - model_output * s) / (1.0 + s)
 
     ms = FlowInside(None)  # ModelSamplingDiscrete(None): SD1.5's scaled-linear betas

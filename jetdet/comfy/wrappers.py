@@ -138,19 +138,21 @@ class FastState:
     flow time: for a flow model (``CONST`` sampling, σ in [0, 1]) ``v = (x − denoised) / σ`` at time σ; for a
     model with variance-exploding σ (eps, v and EDM models: ``x = x0 + σ · noise``, σ up to 14.6 for SD1.5's table
     or 80 for EDM) the velocity of the flow model it is equivalent to, ``v = (x − (1 + σ) · denoised) / σ`` at
-    flow time ``σ / (1 + σ)`` (latent ``x / (1 + σ)``). So the budget means the same for every model: it was
-    chosen on flow models, and the noise prediction ``(x − denoised) / σ`` of a variance-exploding model, which
-    this wrapper forecast in σ before, hides most of the change of the denoised image at high σ and is far from
-    linear in σ at low σ (measured: 16 of 20 calls skipped at 29.7 dB against 13 at 39.9 dB now, on the shapes
-    model sampled in SD1.5's sigmas; ``tests/comfy/test_comfy_fast.py``). A forecast row's denoised is the inverse
-    map at its own ``x``; a computed row's is the model's own, bit for bit. Rows are keyed by their CFG branch
+    flow time ``σ / (1 + σ)`` (latent ``x / (1 + σ)``). So the budget means the same for every model (it was
+    chosen on flow models). Forecast in σ, the noise prediction ``(x − denoised) / σ`` of a variance-exploding model
+    hides most of the change of the denoised image at high σ and is far from linear in σ at low σ: on the shapes
+    model sampled in SD1.5's sigmas it skipped 16 of 20 calls at 29.7 dB, the flow view 13 at 39.9 dB
+    (``tests/comfy/test_comfy_fast.py``). A forecast row's denoised is the inverse map at its own ``x``; a computed
+    row's is the model's own, bit for bit. With a sampler that replaces the whole latent with new noise every step
+    (lcm), every call runs (a warning says so). Rows are keyed by their CFG branch
     (``cond_or_uncond``), the kind of call (its block replacements and patches: Skip Layer Guidance's or PAG's extra
     call is another function than the sampler's own) and position, so batched and separate cond/uncond calls form
     the same streams. Calls at ``σ = 0``, and calls with a ControlNet attached when only some rows would run (its
     inputs are not row-sliceable), run the whole batch.
 
-    Each sampling run (``OUTER_SAMPLE``) gets a new controller with the run's sigma schedule as its
-    ``timesteps`` hint; its statistics stay readable until the next run (:meth:`stats`).
+    Each sampling run (``OUTER_SAMPLE``) gets a new controller with the run's sigma schedule (in the controller's
+    time) as its ``timesteps`` hint unless the options give one (taken as is); its statistics stay readable until
+    the next run (:meth:`stats`).
     """
 
     def __init__(self, linear_attention=None, attention_cache=None, **controller_options):
@@ -210,22 +212,21 @@ class FastState:
 
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         opts = dict(self.options)
+        ve = _variance_exploding(executor)
         if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= 2:
             vals = [float(v) for v in sigmas.detach().reshape(-1).cpu()]
             if all(b < a for a, b in zip(vals, vals[1:])) and all(math.isfinite(v) for v in vals):
-                opts.setdefault("timesteps", vals)  # a hint: a schedule it cannot take is left out, not an error
+                # a hint, in the controller's time (apply_model's tc); a schedule it cannot take is left out
+                opts.setdefault("timesteps", [_flow_time(v) for v in vals] if ve else vals)
         sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
         if _renoises(sampler) and opts.get("budget") != 0.0:
             _warn_renoising(sampler)
-            opts["budget"] = 0.0  # every call runs: the model's own output, bit for bit
-        ve = _variance_exploding(executor)
-        if ve and opts.get("timesteps") is not None:  # the schedule in flow time, as apply_model's t
-            opts["timesteps"] = [float(v) / (1.0 + float(v)) for v in opts["timesteps"]]
+            opts["budget"] = 0.0  # every call runs
         with self._lock:
             if self.controller is not None:
                 self.controller.clear()
             self.controller = ctl = StepCacheController(**opts)
-            self._ve = ve
+            self._ve = ve  # set with its run's controller, under the lock
             self._kinds = {}
             self.swap = (LinearAttentionSwap(self.linear_attention, 1, 1, epoch_fn=ctl.epoch)
                          if self.linear_attention else None)
@@ -255,9 +256,11 @@ class FastState:
         if bool((sig == 0).any()):
             return executor(x, t, *args, **kwargs)
         # the controller sees every model as a flow model: variance-exploding sigma (eps, v, EDM models) maps to
-        # flow time s = sigma / (1 + sigma) and latent x / (1 + sigma), d to the flow velocity
-        scale = 1.0 + sig if self._ve else None
-        tc = sig / scale if self._ve else sig
+        # flow time sigma / (1 + sigma), latent x / (1 + sigma), and its velocity (see the class docstring)
+        scale, tc = None, sig
+        if self._ve:
+            scale = 1.0 + sig
+            tc = _flow_time(sig)
         chunks = transformer_options.get("cond_or_uncond") or [0]
         per = bsz // len(chunks) if bsz % len(chunks) == 0 else bsz
         # a row's stream is its CFG branch and the kind of call: Skip Layer Guidance and Perturbed-Attention
@@ -282,7 +285,7 @@ class FastState:
             ran["rows"], ran["den"] = rows, den
             if scale is None:
                 return (xs - den) / ss.reshape(shape)
-            return (xs - den * (1.0 + ss).reshape(shape)) / ss.reshape(shape)
+            return (xs - den * (1.0 + ss).reshape(shape)) / ss.reshape(shape)  # v = (x - (1 + sigma) den) / sigma
 
         d = ctl(ModelCall(x=x, t=tc, run=run, model_id=id(getattr(executor, "class_obj", None)), cond=cond))
         if "den" in ran and ran["rows"] is None:
@@ -312,7 +315,7 @@ class FastState:
 #: Sampler functions whose every step replaces the whole latent with the denoised image plus new noise: a model
 #: call's output there is not a smooth function of the earlier calls' (a break-it run: lcm, 12 steps, one forecast
 #: call at a predicted 3 % error cost the image 24 dB), so fast mode computes every call with them.
-_RENOISING = frozenset({"sample_lcm"})
+_RENOISING = frozenset({"sample_lcm", "sample_lcm_upscale"})
 _warned_renoising: set = set()
 
 
@@ -333,6 +336,11 @@ def _warn_renoising(sampler) -> None:
         warnings.warn(f"jetdet fast mode: the {name.removeprefix('sample_')} sampler replaces the whole latent with "
                       "new noise at every step, so a model call cannot be forecast from the earlier ones; fast mode "
                       "computes every call with it", stacklevel=2)
+
+
+def _flow_time(sigma):
+    """The flow time of a variance-exploding sigma (a float or a tensor): ``sigma / (1 + sigma)``."""
+    return sigma / (1.0 + sigma)
 
 
 def _variance_exploding(executor) -> bool:

@@ -306,3 +306,33 @@ def test_timestep_schedulers_on_the_variance_exploding_shapes_model(shapes_patch
         assert torch.isclose(sig[-2], ms.sigma_min.to(sig.dtype), rtol=1e-3) or sched == "sgm_uniform"
     out = _plain(_fast(ve, 0.05), *shapes_conds, batch=2, steps=8, scheduler="normal")
     assert torch.isfinite(out).all()
+
+
+def test_the_schedule_hint_is_in_the_controllers_time_and_only_a_finite_one(comfy_dir):
+    """OUTER_SAMPLE hands the run's sigmas to the controller as its ``timesteps`` hint: in flow time for a model with
+    variance-exploding sigma (as apply_model's t), as they are for a flow model, not at all when not finite (an
+    error before), and a hint given in the options is taken as is."""
+    import comfy.model_sampling as cms
+
+    class Exec:  # what ComfyUI's OUTER_SAMPLE executor gives the wrapper: the guider, its ModelPatcher
+        def __init__(self, state, ms):
+            self.state, self.seen = state, "not called"
+            patcher = type("P", (), {"get_model_object": lambda _self, name: ms})()
+            self.class_obj = type("G", (), {"model_patcher": patcher})()
+
+        def __call__(self, *args, **kwargs):
+            self.seen = self.state.controller.timesteps
+
+    eps = type("Eps", (cms.ModelSamplingDiscrete, cms.EPS), {})(None)
+    flow = type("Flow", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})(None)
+
+    def hint(ms, sigmas, **options):
+        state = wr.FastState(budget=0.05, **options)
+        ex = Exec(state, ms)
+        state.outer_sample(ex, None, None, None, torch.tensor(sigmas, dtype=torch.float64))
+        return ex.seen
+
+    assert hint(eps, [14.6, 3.0, 1.0, 0.0]) == pytest.approx([14.6 / 15.6, 0.75, 0.5, 0.0])
+    assert hint(flow, [1.0, 0.5, 0.0]) == [1.0, 0.5, 0.0]
+    assert hint(eps, [math.inf, 1.0, 0.0]) is None and hint(flow, [1.0, math.nan, 0.0]) is None
+    assert hint(eps, [14.6, 1.0, 0.0], timesteps=[0.9, 0.2, 0.0]) == [0.9, 0.2, 0.0]
