@@ -175,6 +175,8 @@ def as_variance_exploding(model, sampling: str = "eps"):
     """
     import comfy.model_sampling as cms
 
+    from .wrappers import _flow_time
+
     if sampling not in VE_SAMPLINGS:
         raise ValueError(f"sampling: expected one of {VE_SAMPLINGS}, got {sampling!r}")
     base = cms.ModelSamplingDiscrete if sampling == "eps" else cms.ModelSamplingContinuousEDM
@@ -184,9 +186,9 @@ def as_variance_exploding(model, sampling: str = "eps"):
             return noise / (1.0 + cms.reshape_sigma(sigma, noise.ndim))
 
         def timestep(self, sigma):  # the SD3 MMDiT's timestep input: flow time x 1000
-            return sigma / (1.0 + sigma) * 1000.0
+            return _flow_time(sigma) * 1000.0
 
-        def sigma(self, timestep):  # its inverse (ComfyUI's normal, sgm_uniform and ddim_uniform schedulers)
+        def sigma(self, timestep):  # its inverse (ComfyUI's normal and sgm_uniform schedulers)
             f = timestep / 1000.0
             return f / (1.0 - f)
 

@@ -13,7 +13,7 @@ require_comfyui()
 from _comfy_util import empty_latent, no_free_memory, with_call_log
 
 from jetdet.comfy import wrappers as wr
-from jetdet.comfy.nodes import JetDetCacheManager, JetDetFastOptimizer, JetDetModeSwitch
+from jetdet.comfy.nodes import JetDetCacheManager, JetDetFastOptimizer, JetDetModeSwitch, psnr_db
 
 
 def _plain(model, pos, neg, batch=2, sampler="euler", steps=8, seed=3, scheduler="simple"):
@@ -191,12 +191,6 @@ def test_a_tier_with_budget_zero_is_skipped_and_the_stats_say_so(shapes_patcher,
     assert m["spilled_to_disk"] > 0 and m["spilled_to_cpu"] == 0 and m["evicted"] == 0, m
 
 
-def _psnr(a, b) -> float:
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    rng = (b.max() - b.min()).item()
-    return float("inf") if mse == 0 else 10 * math.log10(rng * rng / mse)
-
-
 def test_skip_layer_guidance_calls_get_streams_of_their_own(shapes_patcher, shapes_conds):
     """Skip Layer Guidance makes an extra cond-branch call per step with blocks replaced: another function of x than
     the sampler's own call. Filed under the cond rows' streams, the forecasts mixed the two and the guidance was
@@ -209,12 +203,12 @@ def test_skip_layer_guidance_calls_get_streams_of_their_own(shapes_patcher, shap
     steps = 20
     ref_plain = _plain(shapes_patcher, *shapes_conds, batch=3, steps=steps)
     ref = _plain(slg, *shapes_conds, batch=3, steps=steps)
-    assert _psnr(ref, ref_plain) < 35  # SLG changes the image: the check below can tell its loss
+    assert psnr_db(ref, ref_plain) < 35  # SLG changes the image: the check below can tell its loss
     fast = _fast(slg, 0.05)
     out = _plain(fast, *shapes_conds, batch=3, steps=steps)
     s = wr.fast_state(fast).stats()
     assert s["calls"] == 2 * steps and s["calls_saved"] > 0, s  # [cond; uncond] batched, and the SLG call
-    assert _psnr(out, ref) > 30, (_psnr(out, ref), _psnr(out, ref_plain), s)
+    assert psnr_db(out, ref) > 30, (psnr_db(out, ref), psnr_db(out, ref_plain), s)
 
 
 def test_call_kinds_from_comfyuis_own_patch_helpers(comfy_dir):
@@ -254,11 +248,11 @@ def test_variance_exploding_sigma_keeps_the_flow_models_quality(shapes_patcher, 
     fast = _fast(ve, 0.05)
     out = _plain(fast, *shapes_conds, **kw)
     s = wr.fast_state(fast).stats()
-    assert s["calls_saved"] >= 5 and _psnr(out, ref) > 37, (_psnr(out, ref), s)
+    assert s["calls_saved"] >= 5 and psnr_db(out, ref) > 37, (psnr_db(out, ref), s)
     monkeypatch.setattr(wr, "_variance_exploding", lambda executor: False)  # the noise prediction in sigma
     old = _fast(ve, 0.05)
     out_old = _plain(old, *shapes_conds, **kw)
-    assert _psnr(out_old, ref) < 33, (_psnr(out_old, ref), wr.fast_state(old).stats())
+    assert psnr_db(out_old, ref) < 33, (psnr_db(out_old, ref), wr.fast_state(old).stats())
 
 
 def test_lcm_sampler_computes_every_call_with_a_warning(shapes_patcher, monkeypatch):
@@ -285,7 +279,7 @@ def test_lcm_sampler_computes_every_call_with_a_warning(shapes_patcher, monkeypa
     monkeypatch.setattr(wr, "_RENOISING", frozenset())  # negative control: forecast as any other sampler
     old = _fast(eps, 0.05)
     out_old = run(old)
-    assert wr.fast_state(old).stats()["calls_saved"] > 0 and _psnr(out_old, ref) < 30, _psnr(out_old, ref)
+    assert wr.fast_state(old).stats()["calls_saved"] > 0 and psnr_db(out_old, ref) < 30, psnr_db(out_old, ref)
 
 
 @pytest.mark.parametrize("sampling", ["eps", "edm"])
