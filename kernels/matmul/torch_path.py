@@ -147,6 +147,13 @@ def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
     return full, ROW_TILE, ROW_TILE
 
 
+# BIAS_AFTER_K1: with K = 1, torch's baddbmm fuses the bias into the product (one FMA, one rounding) for a batch of
+# one problem and rounds the product before adding it for a batch of two or more (seen on an Intel Xeon with
+# AVX-512; not on the AMD EPYC these paths were first measured on). A row's result then depended on how many tiles
+# its GEMM had. For K = 1 the bias is added after the product, one rounding each, whatever the tile count (as the
+# Triton kernel does: its epilogue adds the bias to the finished accumulator). K >= 2 was tile-count invariant.
+
+
 def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     """[M, K] @ [K, N] (+ bias) as a fresh [Mp, Np] tensor (both padded); the caller slices [:M, :N]."""
     bp = cached_pack(b, "mm", lambda: pad_cols(b.to(torch.float32)))
@@ -156,12 +163,15 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     mp = full + tail
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
-    if bias is None:
+    bp_bias = None
+    if bias is not None:
+        bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
+    if bias is None or k == 1:
         def gemm(x, y, o):
             torch.bmm(x, y, out=o)
+            if bp_bias is not None:  # K = 1: after the product (BIAS_AFTER_K1)
+                o += bp_bias
     else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
-        bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
-
         def gemm(x, y, o):
             torch.baddbmm(bp_bias, x, y, out=o)
     if not (full and tail):  # one tile height: one GEMM call, no slicing (each slice costs ~1 us of Python)
