@@ -133,9 +133,10 @@ def _out(o):
     return o if isinstance(o, torch.Tensor) else (o.sample if hasattr(o, "sample") else o[0])
 
 
-def _run(make, shift_node=False):
+def _run(make, shift_node=False, **extra):
     """Three calls: t1 (computed), t2 (computed), t2 again at the same latent plus one new row (partial + new), and
-    the model's own outputs for the same inputs. Returns (patched third output, reference, stats)."""
+    the model's own outputs for the same inputs. Returns (patched third output, reference, stats). ``extra``:
+    more patch options (the output's parametrization: ``prediction="flow"`` by default)."""
     torch.manual_seed(0)
     model, inputs, t_name, _, tscale = make()
     model = model.eval()
@@ -145,6 +146,7 @@ def _run(make, shift_node=False):
     third = {k: (torch.cat([v, new[k]]) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v)
              for k, v in a.items()}
     opts = dict(budget=1e6, block_reuse=True, skip_whole=0.0, block_signal="off", forecast="none", num_steps=10)
+    opts.update(extra or {"prediction": "flow"})
     calls = [(a, 0.9), (a, 0.8), (third, 0.8)]
     with torch.no_grad():
         with jetdet.patch(model, mode="fast", **opts) as h:
@@ -183,9 +185,22 @@ def test_block_list_found_and_partial_rows_exact_at_a_cached_node(name):
     assert err < 1e-5, err
 
 
-@pytest.mark.parametrize("name", ["dit", "flux", "unet"])
+def test_unet_as_eps_model_partial_rows_exact_at_a_cached_node():
+    """The same through the eps map (scheduler=): rows that ran partly are the model's output as it computed them."""
+    diffusers = pytest.importorskip("diffusers")
+    out, ref, st = _run(MODELS["unet"], scheduler=diffusers.DDIMScheduler(prediction_type="epsilon"))
+    assert st["rows_partial"] == B, st
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("name", ["dit", "flux", "unet", "unet-eps"])
 def test_partial_rows_negative_control_wrong_node(name):
-    out, ref, st = _run(MODELS[name], shift_node=True)
+    extra = {}
+    if name == "unet-eps":
+        diffusers = pytest.importorskip("diffusers")
+        name, extra = "unet", {"scheduler": diffusers.DDIMScheduler(prediction_type="epsilon")}
+    out, ref, st = _run(MODELS[name], shift_node=True, **extra)
     assert st["rows_partial"] == B
     err = ((out[:B] - ref[:B]).abs().max() / ref.abs().max()).item()
     assert err > 1e-3, err

@@ -90,6 +90,7 @@ class PatchHandle:
             s["adapter"] = self.adapter.kind
             s["latent_arg"] = self.adapter.latent
             s["timestep_arg"] = self.adapter.timestep
+            s["prediction"] = self.adapter.param.describe() if self.adapter.param is not None else "as is"
         if self.controller is not None:
             s["cache"] = self.controller.stats()
         if self.linear_attention is not None:
@@ -196,6 +197,10 @@ def _strip(module: nn.Module) -> None:
 
 def _check_model(model):
     if not isinstance(model, nn.Module):
+        den = next((n for n in ("unet", "transformer") if isinstance(getattr(model, n, None), nn.Module)), None)
+        if den is not None and hasattr(model, "scheduler"):  # a diffusers pipeline: name its denoiser
+            raise TypeError(f"model: got a {type(model).__name__} (a pipeline); patch its denoiser: "
+                            f"jetdet.patch(pipe.{den}, mode='fast', scheduler=pipe.scheduler), or mode='deterministic'")
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if type(model).__name__ == "ModelPatcher" or hasattr(model, "model_patches_to"):
         raise UnsupportedModelError(
@@ -237,9 +242,11 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
 
 def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,
                 linear_attention_check: int = 1, linear_attention_state_refresh: int = 1, attention_cache=False,
-                blocks="auto", head_blocks: int = 1, tail_blocks: int | None = None, **options):
+                blocks="auto", head_blocks: int = 1, tail_blocks: int | None = None, scheduler=None,
+                prediction=None, **options):
     from ..cache import StepCacheController
     from . import attncache
+    from . import prediction as pred_map
     from .blocks import BlockHooks, find_blocks
     from .linattn import LinearAttentionSwap, parse_option
 
@@ -250,8 +257,23 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     if unknown:
         raise TypeError(f"jetdet.patch(mode='fast'): unknown option(s) {unknown}; accepted: latent_arg, timestep_arg, "
                         "linear_attention, linear_attention_check, linear_attention_state_refresh, attention_cache, "
-                        f"blocks, head_blocks, tail_blocks, {', '.join(accepted)}")
+                        f"blocks, head_blocks, tail_blocks, scheduler, prediction, {', '.join(accepted)}")
+    param = pred_map.from_options(scheduler, prediction)
+    if param is not None:  # the controller works in flow time: map the schedule hints given in model timesteps
+        if options.get("timesteps") is not None:
+            hint = StepCacheController._check_schedule(options["timesteps"])
+            options["timesteps"] = [param.flow_time(v) for v in hint]
+        if options.get("t_end") not in (None, 0, 0.0):
+            options["t_end"] = param.flow_time(options["t_end"])
     controller = StepCacheController(**options)  # validates the options before anything is changed
+    if scheduler is None and prediction is None:
+        _warn_unmapped_unet(model)
+    if type(scheduler).__name__ == "PNDMScheduler" and "PNDM" not in _warned_unmapped:
+        _warned_unmapped.add("PNDM")
+        warnings.warn("jetdet.patch(mode='fast'): with PNDM, one forecast output is reused by the next four steps' "
+                      "multistep formula, and the budget does not bound the result (measured: one image at 20.8 dB at "
+                      "the default quality, README 'eps and v models in diffusers'); use Euler, DPM++ 2M, DDIM or "
+                      "UniPC with fast mode", stacklevel=3)
     split, reason = find_blocks(model, blocks, head_blocks, tail_blocks)
     fmap = parse_option(linear_attention)
     ac = attncache.parse_option(attention_cache)
@@ -261,6 +283,7 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     swap = LinearAttentionSwap(fmap, linear_attention_check, linear_attention_state_refresh,
                                epoch_fn=controller.epoch) if fmap else None
     cache = attncache.AttentionCache(ac, epoch_fn=controller.epoch) if ac else None
+    adapter.param = param
     handle.adapter, handle.controller, handle.linear_attention = adapter, controller, swap
     handle.attention_cache = cache
     if split is not None and controller.block_reuse:
@@ -274,7 +297,7 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         if this is not model:  # a copy.deepcopy of the model: the cache is the original's
             _warn_fast_copy(model)
             return inner(*args, **kwargs)
-        call = adapter.bind(args, kwargs)
+        call, finish = adapter.bind(args, kwargs)
         if swap is not None:
             with swap.mode(call.t):
                 out = controller(call)
@@ -285,12 +308,29 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
             cache.after_forward(m)
         else:
             out = controller(call)
-        return adapter.pack(out, kwargs)
+        return adapter.pack(finish(out), kwargs)
 
     handle._set_forward(model, forward)
 
 
 _warned_copies: set = set()
+_warned_unmapped: set = set()
+
+
+def _warn_unmapped_unet(model: nn.Module) -> None:
+    """One warning per model class: a diffusers U-Net is nearly always a VP (eps or v) model, whose output the step
+    cache forecasts badly as it is (:mod:`jetdet.patch.prediction`), and nothing in the model says which."""
+    name = type(model).__name__
+    if not (name.startswith("UNet") and any(c.__module__.startswith("diffusers.") for c in type(model).__mro__)):
+        return
+    if name not in _warned_unmapped:
+        _warned_unmapped.add(name)
+        warnings.warn(
+            f"jetdet.patch(mode='fast'): {name} is patched without scheduler=; its output (for SD1.5/SDXL/SD2, the "
+            "noise or v prediction) is forecast as it is, which keeps far less quality at the same budget. Pass "
+            "scheduler=pipe.scheduler (or prediction='flow' if the model is a flow-matching one)",
+            stacklevel=4,
+        )
 
 
 def _warn_fast_copy(model: nn.Module) -> None:
@@ -316,6 +356,12 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     of the model's ``nn.ModuleList`` of blocks), ``head_blocks`` (default 1) and ``tail_blocks`` (default 0, 1 for
     U-Nets) say where the controller may run rows partly (:mod:`jetdet.patch.blocks`);
     ``handle.stats()["cache"]["blocks"]`` says which list was found, or why none was.
+    ``scheduler`` (a diffusers scheduler: ``pipe.scheduler``) and ``prediction`` (``"flow"``, ``"epsilon"``,
+    ``"v_prediction"``, ``"sample"``; default: the scheduler's ``prediction_type``) say what the model outputs. For
+    an eps/v/sample (VP) model, SD1.5, SDXL or SD2 say, the controller then sees the flow model it is equivalent to
+    (:mod:`jetdet.patch.prediction`), so the budget means what it means on flow models; without ``scheduler`` the
+    output is forecast as it is (right for flow models: SD3, Flux, the bundled DiT), and a diffusers U-Net warns once.
+    ``timesteps=`` and ``t_end=`` hints are given in the model's timesteps and mapped too.
     ``linear_attention`` (opt-in, **approximate**: ``True``/``"relu"``, ``"elu1"`` or ``"identity"``) replaces the
     model's softmax ``F.scaled_dot_product_attention`` calls by :func:`jetdet.ops.linear_attention`; during the
     first ``linear_attention_check`` forwards (default 1) each replaced call is also computed exactly and the

@@ -57,6 +57,7 @@ class TorchAdapter:
         self.cond_names = [n for n in COND_NAMES if n in names]
         self._container = None
         self.hooks = None  # jetdet.patch.blocks.BlockHooks when block-level reuse is on
+        self.param = None  # jetdet.patch.prediction.VPParametrization for a VP (eps/v/sample) model
         self.blocks_reason = "no block list"
 
     @staticmethod
@@ -71,7 +72,9 @@ class TorchAdapter:
         return default
 
     # ----------------------------------------------------------------------------------- binding
-    def bind(self, args, kwargs) -> ModelCall:
+    def bind(self, args, kwargs):
+        """``(call, finish)``: the :class:`ModelCall` of one forward, and ``finish(output)``, which turns the
+        controller's ``[B, ...]`` output into the model's (the identity unless :attr:`param` maps it)."""
         ba = self.sig.bind(*args, **kwargs)
         a = ba.arguments
         x = a.get(self.latent)
@@ -90,9 +93,13 @@ class TorchAdapter:
             sub = inspect.BoundArguments(self.sig, self._slice_arguments(dict(a), bsz, rows))
             return self._unpack(self.forward(*sub.args, **sub.kwargs))
 
-        return ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond,
+        finish = _identity
+        if self.param is not None:  # a VP model: the controller sees the flow model it is equivalent to
+            x, t, run, finish = self.param.wrap(x, t, run)
+        call = ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond,
                          extra={"latent_arg": self.latent, "timestep_arg": self.timestep, "blocks": self.blocks_reason},
                          blocks=self.hooks.runner(run) if self.hooks is not None else None)
+        return call, finish
 
     def _timestep_tensor(self, t, bsz, device):
         if isinstance(t, torch.Tensor):
@@ -145,6 +152,10 @@ class TorchAdapter:
         if kind == "tuple":
             return (tensor,)
         return info(sample=tensor)
+
+
+def _identity(out):
+    return out
 
 
 def _slice(v, bsz, rows):
