@@ -165,6 +165,8 @@ def _slice(v, bsz, rows):
         return v
     if isinstance(v, (list, tuple)) and v and all(isinstance(e, torch.Tensor) for e in v):
         return type(v)(_slice(e, bsz, rows) for e in v)
+    if isinstance(v, dict):  # e.g. SDXL's added_cond_kwargs {"text_embeds": [B, D], "time_ids": [B, 6]}
+        return {k: _slice(e, bsz, rows) for k, e in v.items()}
     return v
 
 
