@@ -308,3 +308,47 @@ def test_sdxl_unet_samples_with_cfg_and_partial_calls():
         st = h.stats()["cache"]
     assert st["calls_partial"] > 0, st  # some calls ran some rows only
     assert torch.isfinite(out).all() and out.shape == ref.shape
+
+
+def test_a_real_stable_diffusion_pipeline_runs_with_its_scheduler():
+    """diffusers' own StableDiffusionPipeline loop (tiny random U-Net, VAE and CLIP text encoder; prompt embeddings
+    given, so no tokenizer): budget 0 gives the pipeline's latents bit for bit, the default budget saves calls, and
+    the pipeline itself is refused with the call that works."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from jetdet.models.vp import SD_SCHEDULE
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  latent_channels=4, norm_num_groups=4, sample_size=32)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, eos_token_id=2, bos_token_id=1, pad_token_id=1))
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=None, unet=unet,
+        scheduler=diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULE, steps_offset=1), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    embeds = {"prompt_embeds": torch.randn(2, 7, 16, generator=g), "negative_prompt_embeds": torch.zeros(2, 7, 16)}
+
+    def latents():
+        return pipe(**embeds, num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(1),
+                    output_type="latent", height=32, width=32).images
+
+    ref = latents()
+    with pytest.raises(TypeError, match=r"pipe.unet, mode='fast', scheduler=pipe.scheduler"):
+        jetdet.patch(pipe, mode="fast")
+    with jetdet.patch(pipe.unet, mode="fast", scheduler=pipe.scheduler, budget=0.0):
+        assert torch.equal(latents(), ref)
+    with jetdet.patch(pipe.unet, mode="fast", scheduler=pipe.scheduler) as h:
+        out = latents()
+        st = h.stats()
+    assert st["prediction"].startswith("epsilon") and st["cache"]["calls_saved"] > 0, st
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert "forward" not in pipe.unet.__dict__  # removed
