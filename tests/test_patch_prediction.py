@@ -98,6 +98,7 @@ def test_budget_zero_is_the_model_bit_for_bit(flow):
 def _sample(model, scheduler, seed, steps=20, cfg=4.0, labels=(0, 1, 2, 3)):
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # ancestral schedulers draw their noise from the global generator
     b = len(labels)
     lat = torch.randn(b, 3, 32, 32, generator=g) * scheduler.init_noise_sigma
     y = torch.tensor(list(labels) + [bundled.NULL_LABEL] * b)
@@ -196,7 +197,7 @@ def test_bad_options_name_the_argument():
     with pytest.raises(ValueError, match="prediction type"):
         pm.from_options(_Sched("mystery"))
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        pm.from_options(_Sched("epsilon", torch.tensor([0.5, 0.0])))
+        pm.from_options(_Sched("epsilon", torch.tensor([1.0, 0.5])))
     model = VPModel(bundled.BundledDiT())
     with pytest.raises(ValueError, match="prediction"):
         jetdet.patch(model, mode="fast", prediction="noise")
@@ -237,14 +238,94 @@ def test_pndm_warns_once():
     diffusers = pytest.importorskip("diffusers")
     from jetdet.patch import _warned_unmapped
 
-    _warned_unmapped.discard("PNDM")
     model = VPModel(bundled.BundledDiT())
-    with pytest.warns(UserWarning, match="PNDM"):
-        jetdet.patch(model, mode="fast", scheduler=diffusers.PNDMScheduler()).remove()
+    for cls in (diffusers.PNDMScheduler, diffusers.LMSDiscreteScheduler):
+        _warned_unmapped.discard(cls.__name__)
+        with pytest.warns(UserWarning, match=cls.__name__):
+            jetdet.patch(model, mode="fast", scheduler=cls()).remove()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jetdet.patch(model, mode="fast", scheduler=diffusers.PNDMScheduler()).remove()
         jetdet.patch(model, mode="fast", scheduler=diffusers.DDIMScheduler()).remove()
+
+
+def test_kdpm2_ancestral_computes_every_call(flow):
+    """KDPM2 ancestral calls the model at 749.2504 and then 749.25 with new noise between: a forecast there cost 17 dB
+    at any budget (break-it run), so with it fast mode runs every call, and says so once."""
+    diffusers = pytest.importorskip("diffusers")
+    from jetdet.models.vp import SD_SCHEDULE
+    from jetdet.patch import _warned_unmapped
+
+    _warned_unmapped.discard("KDPM2AncestralDiscreteScheduler:renoise")
+
+    def make():
+        return diffusers.KDPM2AncestralDiscreteScheduler(**SD_SCHEDULE)
+
+    with pytest.warns(UserWarning, match="computes every call"):
+        p, rows, _ = _fast(flow, "epsilon", make, scheduler=make())
+    assert p == float("inf") and rows == 8 * 39, (p, rows)
+
+
+def _unet_channels(cin, cout):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=cin, out_channels=cout, layers_per_block=1,
+                                 block_out_channels=(8, 8), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+
+@pytest.mark.parametrize("cin,cout", [(9, 4), (8, 4), (4, 8)], ids=["inpaint", "pix2pix", "learned-variance"])
+def test_output_channels_other_than_the_latents(cin, cout):
+    """An inpainting/pix2pix U-Net takes extra channels beside the noisy latent and a learned-variance model returns
+    twice the channels: the map acts on the first min(C_in, C_out) channels (the rest of the output passes as it is);
+    budget 0 is the model bit for bit, and a forecast row goes back to the model's output (the exact flow velocity
+    standing in for the forecast)."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = _unet_channels(cin, cout)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(3, cin, 8, 8, generator=g), torch.tensor([900.0, 400.0, 30.0])
+    with torch.no_grad():
+        ref = unet(x, t).sample
+        with jetdet.patch(unet, mode="fast", budget=0.0, scheduler=diffusers.DDIMScheduler()):
+            assert torch.equal(unet(x, t).sample, ref)
+        param = pm.from_options(diffusers.DDIMScheduler())
+        _, _, run, finish = param.wrap(x, t, lambda rows: unet(x if rows is None else x[rows], t if rows is None
+                                                                else t[rows]).sample)
+        v = run(None)
+        assert v.shape == ref.shape
+        _, _, run2, finish2 = param.wrap(x, t, lambda rows: pytest.fail("no row runs"))
+        torch.testing.assert_close(finish2(v), ref, rtol=1e-4, atol=1e-4)
+        c = min(cin, cout)
+        assert torch.equal(finish2(v)[:, c:], ref[:, c:])  # the variance half passes as it is
+
+
+def test_zero_terminal_snr_schedules_are_mapped(flow):
+    """rescale_betas_zero_snr=True leaves alphas_cumprod[-1] = 0 in DDIM (sigma = inf, flow time 1); a v model
+    samples there, budget 0 bit for bit, and the default budget keeps the image."""
+    diffusers = pytest.importorskip("diffusers")
+    from jetdet.models.vp import SD_SCHEDULE
+
+    def make():
+        return diffusers.DDIMScheduler(**SD_SCHEDULE, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                       timestep_spacing="trailing", clip_sample=False)
+
+    assert float(make().alphas_cumprod[-1]) == 0.0
+    param = pm.from_options(make())
+    assert param.flow_time(999) == 1.0 and param.flow_time(0) < 0.05
+    p0, rows0, _ = _fast(flow, "v_prediction", make, scheduler=make(), budget=0.0)
+    assert p0 == float("inf") and rows0 == 160
+    p, rows, _ = _fast(flow, "v_prediction", make, scheduler=make())
+    assert rows < 160 and p > 33.0, (p, rows)
+
+
+def test_schedulers_jetdet_cannot_map_are_named():
+    diffusers = pytest.importorskip("diffusers")
+    with pytest.raises(TypeError, match="EDM"):
+        pm.from_options(diffusers.EDMEulerScheduler())
+    with pytest.raises(TypeError, match="prediction='flow'"):
+        pm.from_options(diffusers.IPNDMScheduler())
+    assert pm.from_options(diffusers.IPNDMScheduler(), "flow") is None
 
 
 def _sdxl_unet():

@@ -259,6 +259,9 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
                         "linear_attention, linear_attention_check, linear_attention_state_refresh, attention_cache, "
                         f"blocks, head_blocks, tail_blocks, scheduler, prediction, {', '.join(accepted)}")
     param = pred_map.from_options(scheduler, prediction)
+    if type(scheduler).__name__ in pred_map.RENOISE_SAME_T and options.get("budget") != 0.0:
+        _warn_renoise(type(scheduler).__name__)
+        options["budget"] = 0.0  # every call runs
     if param is not None:  # the controller works in flow time: map the schedule hints given in model timesteps
         if options.get("timesteps") is not None:
             hint = StepCacheController._check_schedule(options["timesteps"])
@@ -268,12 +271,13 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     controller = StepCacheController(**options)  # validates the options before anything is changed
     if scheduler is None and prediction is None:
         _warn_unmapped_unet(model)
-    if type(scheduler).__name__ == "PNDMScheduler" and "PNDM" not in _warned_unmapped:
-        _warned_unmapped.add("PNDM")
-        warnings.warn("jetdet.patch(mode='fast'): with PNDM, one forecast output is reused by the next four steps' "
-                      "multistep formula, and the budget does not bound the result (measured: one image at 20.8 dB at "
-                      "the default quality, README 'eps and v models in diffusers'); use Euler, DPM++ 2M, DDIM or "
-                      "UniPC with fast mode", stacklevel=3)
+    sname = type(scheduler).__name__
+    if sname in pred_map.MULTISTEP_WARN and sname not in _warned_unmapped:
+        _warned_unmapped.add(sname)
+        warnings.warn(f"jetdet.patch(mode='fast'): {sname} reuses each model output in the next steps' 4th-order "
+                      "multistep formula, and the budget does not bound the result (measured at the default quality: "
+                      "PNDM one image at 20.8 dB, LMS 23.6 dB mean; README 'eps and v models in diffusers'); use "
+                      "Euler, DPM++ 2M, DDIM or UniPC with fast mode", stacklevel=3)
     split, reason = find_blocks(model, blocks, head_blocks, tail_blocks)
     fmap = parse_option(linear_attention)
     ac = attncache.parse_option(attention_cache)
@@ -315,6 +319,15 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
 
 _warned_copies: set = set()
 _warned_unmapped: set = set()
+
+
+def _warn_renoise(name: str) -> None:
+    if name + ":renoise" not in _warned_unmapped:
+        _warned_unmapped.add(name + ":renoise")
+        warnings.warn(f"jetdet.patch(mode='fast'): {name} calls the model twice at nearly the same timestep with new "
+                      "noise added between the calls, so the second output cannot be forecast from the first "
+                      "(measured: 17 dB at any budget); fast mode computes every call with it (budget 0)",
+                      stacklevel=4)
 
 
 def _warn_unmapped_unet(model: nn.Module) -> None:
@@ -361,7 +374,9 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     an eps/v/sample (VP) model, SD1.5, SDXL or SD2 say, the controller then sees the flow model it is equivalent to
     (:mod:`jetdet.patch.prediction`), so the budget means what it means on flow models; without ``scheduler`` the
     output is forecast as it is (right for flow models: SD3, Flux, the bundled DiT), and a diffusers U-Net warns once.
-    ``timesteps=`` and ``t_end=`` hints are given in the model's timesteps and mapped too.
+    ``timesteps=`` and ``t_end=`` hints are given in the model's timesteps and mapped too (``t_end=0``, the default,
+    stays the flow trajectory's end); without a hint, ``start_percent``/``end_percent`` count flow-time progress, so
+    pass ``num_steps=`` for step-based guards. PNDM and LMS warn once; KDPM2 ancestral runs every call (warned).
     ``linear_attention`` (opt-in, **approximate**: ``True``/``"relu"``, ``"elu1"`` or ``"identity"``) replaces the
     model's softmax ``F.scaled_dot_product_attention`` calls by :func:`jetdet.ops.linear_attention`; during the
     first ``linear_attention_check`` forwards (default 1) each replaced call is also computed exactly and the

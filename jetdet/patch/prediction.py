@@ -19,8 +19,10 @@ schedulers do):
   ``((σ − 1) x + (1 + σ) v) / sqrt(1 + σ²)`` for ``v_prediction``, ``(x sqrt(1 + σ²) − (1 + σ) x0) / σ`` for
   ``sample``; a forecast velocity goes back through the inverse.
 
-The map runs in fp32. Rows the model computed are returned as the model's own output, bit for bit; only forecast
-rows go through the inverse map.
+The map runs in fp32 (in ``sqrt(ᾱ)``, ``sqrt(1 − ᾱ)``, so that ``ᾱ = 0``, zero terminal SNR, is flow time 1), and
+the controller keeps fp32 velocities. Rows the model computed are returned as the model's own output, bit for bit;
+only forecast rows go through the inverse map. Output channels beyond the latent's (a learned variance) pass as they
+are; latent channels beyond the output's (an inpainting U-Net's mask and image) are not mapped.
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ def _config(scheduler, key, default=None):
     return getattr(cfg, key, default)
 
 
+#: diffusers schedulers that reuse each model output in the next steps' multistep formula with large weights (PNDM,
+#: LMS: 4th order). A forecast output inside the budget can cost an image far more there (README, "eps and v models in
+#: diffusers"): jetdet warns once.
+MULTISTEP_WARN = frozenset({"PNDMScheduler", "LMSDiscreteScheduler", "IPNDMScheduler"})
+#: diffusers schedulers that call the model twice at (nearly) the same timestep with fresh noise added between the
+#: calls: the second output is not a smooth function of the first, so fast mode computes every call with them
+RENOISE_SAME_T = frozenset({"KDPM2AncestralDiscreteScheduler"})
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """A flow-matching scheduler: its model's output is forecast as it is."""
+    return (_prediction_of(scheduler) in _FLOW_TYPES or bool(_config(scheduler, "use_flow_sigmas", False))
+            or "FlowMatch" in type(scheduler).__name__)
+
+
 def from_options(scheduler=None, prediction=None):
     """The parametrization ``jetdet.patch(mode="fast", scheduler=..., prediction=...)`` asks for: ``None`` (forecast
     the output as it is) or a :class:`VPParametrization`. Raises ``ValueError``/``TypeError`` naming the argument."""
@@ -61,12 +78,16 @@ def from_options(scheduler=None, prediction=None):
             return None
         raise ValueError(f"prediction={prediction!r}: a VP model's map needs its noise schedule; pass the "
                          "scheduler too (scheduler=pipe.scheduler, or any object with alphas_cumprod)")
+    name = type(scheduler).__name__
     pred = prediction
     if pred is None:
-        pred = _prediction_of(scheduler)
-        use_flow = bool(_config(scheduler, "use_flow_sigmas", False))
-        if pred in _FLOW_TYPES or use_flow or (pred is None and not hasattr(scheduler, "alphas_cumprod")):
+        if is_flow_scheduler(scheduler):
             return None  # a flow-matching scheduler (FlowMatchEulerDiscreteScheduler has no prediction type)
+        pred = _prediction_of(scheduler)
+        if pred is None:
+            raise TypeError(f"scheduler: {name} says neither a prediction type nor that it is flow matching; jetdet "
+                            f"maps VP schedulers ({PREDICTIONS[1:]}, with alphas_cumprod) and leaves flow-matching "
+                            "ones as they are. Pass prediction= to say what the model outputs (prediction='flow': as it is)")
         if pred not in PREDICTIONS:
             raise ValueError(f"scheduler: its prediction type is {pred!r}; jetdet maps {PREDICTIONS[1:]} (or "
                              "forecasts flow models as they are); pass prediction= to say what the model outputs")
@@ -79,9 +100,9 @@ def from_options(scheduler=None, prediction=None):
         return VPParametrization(pred, None, continuous=True)
     ac = getattr(scheduler, "alphas_cumprod", None)
     if ac is None:
-        raise TypeError(f"scheduler: expected a diffusers scheduler (or an object) with alphas_cumprod for "
-                        f"prediction {pred!r}; {type(scheduler).__name__} has none. For a flow-matching model "
-                        "leave scheduler and prediction out")
+        raise TypeError(f"scheduler: {name} has no alphas_cumprod, so its timesteps cannot be mapped to noise levels "
+                        f"for prediction {pred!r} (EDM-preconditioned schedulers such as EDMEulerScheduler are not "
+                        "mapped). Pass prediction='flow' to forecast the output as it is")
     return VPParametrization(pred, ac)
 
 
@@ -97,17 +118,18 @@ class VPParametrization:
             self._sig = None
             return
         ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).reshape(-1)
-        if ac.numel() < 2 or not bool(torch.isfinite(ac).all()) or bool((ac <= 0).any()) or bool((ac > 1).any()):
-            raise ValueError(f"scheduler.alphas_cumprod: expected at least 2 values in (0, 1], got "
+        if ac.numel() < 2 or not bool(torch.isfinite(ac).all()) or bool((ac < 0).any()) or bool((ac >= 1).any()):
+            raise ValueError(f"scheduler.alphas_cumprod: expected at least 2 values in [0, 1), got "
                              f"{ac.numel()} values in [{float(ac.min()):g}, {float(ac.max()):g}]")
-        self._sig = ((1 - ac) / ac).sqrt().to(torch.float32)
+        # sigma = sqrt((1 - abar) / abar); a zero-terminal-SNR schedule (abar = 0 at its last timestep) gives inf there
+        self._sig = torch.where(ac > 0, ((1 - ac) / ac.clamp_min(1e-300)).sqrt(), torch.inf).to(torch.float32)
 
     def describe(self) -> str:
         return f"{self.prediction} (VP, {'continuous' if self.continuous else len(self._sig)} timesteps)"
 
     # ---------------------------------------------------------------------------------------- sigma
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """``σ`` at timesteps ``t`` (a float tensor on any device; no host sync)."""
+        """``σ`` at timesteps ``t`` (a float tensor on any device; no host sync); ``inf`` at zero SNR."""
         t = t.to(torch.float32)
         if self.continuous:
             return torch.exp(4.0 * t)
@@ -119,53 +141,90 @@ class VPParametrization:
         lo = tc.floor().clamp(max=n - 2)
         w = tc - lo
         lo = lo.long()
-        return table[lo] * (1 - w) + table[lo + 1] * w
+        lo_v, hi_v = table[lo], table[lo + 1]
+        # linear in sigma between integer timesteps; the ends alone where the weight is 0 (inf * 0 would be NaN)
+        mid = torch.where(w > 0, lo_v * (1 - w) + hi_v * w, lo_v)
+        return torch.where(w < 1, mid, hi_v)
+
+    @staticmethod
+    def _ab(sig: torch.Tensor):
+        """``(sqrt(ᾱ), sqrt(1 − ᾱ))`` of ``σ``, exact at ``σ = 0`` and ``σ = inf``."""
+        a = torch.rsqrt(1 + sig * sig)
+        b = torch.rsqrt(1 + 1 / (sig * sig))
+        return a, b
 
     def flow_time(self, t: float) -> float:
         """The flow time of one model timestep (for the controller's schedule hints)."""
-        s = float(self.sigma(torch.tensor([float(t)]))[0])
-        return 1.0 if math.isinf(s) else s / (1.0 + s)
+        a, b = self._ab(self.sigma(torch.tensor([float(t)])))
+        return float(b[0] / (a[0] + b[0]))
 
     # ---------------------------------------------------------------------------------------- the map
     def wrap(self, x: torch.Tensor, t: torch.Tensor, run):
         """``(x_flow, t_flow, run_flow, finish)``: the call as the controller sees it, and ``finish(v)`` that turns
-        the controller's ``[B, ...]`` velocity into the model's output (the model's own rows where it ran)."""
+        the controller's ``[B, ...]`` velocity into the model's output (the model's own rows where it ran).
+
+        The map acts on the output channels that match the latent's (dim 1): ``min(C_in, C_out)`` of them, so an
+        inpainting or pix2pix U-Net (latent plus mask or image channels in, 4 out) maps its 4, and a learned-variance
+        model (DiT, PixArt, DeepFloyd IF: 2 C out) maps its prediction and passes the variance half as it is."""
         shape = (-1,) + (1,) * (x.dim() - 1)
-        sig = self.sigma(t)
-        s = sig.reshape(shape)
-        root = torch.sqrt(1 + s * s)  # 1 / sqrt(alpha_bar)
+        a, b = self._ab(self.sigma(t))
+        a, b = a.reshape(shape), b.reshape(shape)
+        if self.prediction == "epsilon":
+            a = a.clamp_min(2.0 ** -12)  # no noise prediction at zero SNR: treated as sigma 4096 there
+        elif self.prediction == "sample":
+            b = b.clamp_min(2.0 ** -12)
+        ab = a + b
         xf32 = x.to(torch.float32)
         ran: dict = {}
 
         def rows_of(v, rows):
             return v if rows is None else v.index_select(0, rows.to(v.device))
 
+        def to_flow(o, xr, ar, br):
+            if self.prediction == "epsilon":
+                return ((ar + br) * o - xr) / ar
+            if self.prediction == "v_prediction":
+                return (br - ar) * xr + (ar + br) * o
+            return (xr - (ar + br) * o) / br  # sample
+
+        def from_flow(v, xr):
+            if self.prediction == "epsilon":
+                return (a * v + xr) / ab
+            if self.prediction == "v_prediction":
+                return (v - (b - a) * xr) / ab
+            return (xr - b * v) / ab
+
         def run_flow(rows):
             out = run(rows)
             ran["rows"], ran["out"] = rows, out
             self._out_dtype = out.dtype
-            o, xr = out.to(torch.float32), rows_of(xf32, rows)
-            sr, rr = rows_of(s, rows), rows_of(root, rows)
-            if self.prediction == "epsilon":
-                return (1 + sr) * o - xr * rr
-            if self.prediction == "v_prediction":
-                return ((sr - 1) * xr + (1 + sr) * o) / rr
-            return (xr * rr - (1 + sr) * o) / sr.clamp_min(1e-12)  # sample
+            o = out.to(torch.float32)
+            c = _channels(x, o)
+            xr = rows_of(xf32, rows)[:, :c]
+            v = to_flow(o[:, :c], xr, rows_of(a, rows), rows_of(b, rows))
+            return v if c == o.shape[1] else torch.cat([v, o[:, c:]], dim=1)
 
         def finish(v: torch.Tensor) -> torch.Tensor:
             if "out" in ran and ran["rows"] is None:
                 return ran["out"]  # the whole batch ran: the model's own output, bit for bit
             v = v.to(torch.float32)
-            if self.prediction == "epsilon":
-                o = (v + xf32 * root) / (1 + s)
-            elif self.prediction == "v_prediction":
-                o = (v * root - (s - 1) * xf32) / (1 + s)
-            else:
-                o = (xf32 * root - s * v) / (1 + s)
+            c = _channels(x, v)
+            o = from_flow(v[:, :c], xf32[:, :c])
+            if c != v.shape[1]:
+                o = torch.cat([o, v[:, c:]], dim=1)
             o = o.to(ran["out"].dtype if "out" in ran else (self._out_dtype or x.dtype))
             if "out" in ran:
                 o.index_copy_(0, ran["rows"].to(o.device), ran["out"].to(o.dtype))
             return o
 
-        x_flow = xf32 * (root / (1 + s))
-        return x_flow, sig / (1 + sig), run_flow, finish
+        x_flow = xf32 / ab
+        return x_flow, b.reshape(-1) / ab.reshape(-1), run_flow, finish
+
+
+def _channels(x: torch.Tensor, out: torch.Tensor) -> int:
+    """How many leading channels (dim 1) of ``out`` the map acts on; raises when the shapes cannot be matched."""
+    if out.dim() == x.dim() and out.dim() >= 2 and out.shape[2:] == x.shape[2:]:
+        return min(out.shape[1], x.shape[1])
+    raise ValueError(f"scheduler=: the model's output {tuple(out.shape[1:])} does not match its latent "
+                     f"{tuple(x.shape[1:])} outside the channel dim (1), so jetdet cannot map it as a VP output; "
+                     "pass prediction='flow' to forecast it as it is")
