@@ -27,8 +27,6 @@ are; latent channels beyond the output's (an inpainting U-Net's mask and image) 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 #: accepted ``prediction=`` values: ``"flow"`` forecasts the output as it is (flow-matching models, and any model
@@ -87,7 +85,8 @@ def from_options(scheduler=None, prediction=None):
         if pred is None:
             raise TypeError(f"scheduler: {name} says neither a prediction type nor that it is flow matching; jetdet "
                             f"maps VP schedulers ({PREDICTIONS[1:]}, with alphas_cumprod) and leaves flow-matching "
-                            "ones as they are. Pass prediction= to say what the model outputs (prediction='flow': as it is)")
+                            "ones as they are. Pass prediction= to say what the model outputs "
+                            "(prediction='flow': as it is)")
         if pred not in PREDICTIONS:
             raise ValueError(f"scheduler: its prediction type is {pred!r}; jetdet maps {PREDICTIONS[1:]} (or "
                              "forecasts flow models as they are); pass prediction= to say what the model outputs")
