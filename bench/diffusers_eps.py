@@ -36,6 +36,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SCHEDULERS = ("euler", "euler_karras", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "pndm", "heun")
+#: run only when named: LMS (4th-order multistep, warned), KDPM2 ancestral (computes every call with scheduler=),
+#: DDIM on a zero-terminal-SNR schedule (use --prediction v_prediction)
+MORE = ("lms", "kdpm2_a", "ddim_zsnr")
 
 
 def make_scheduler(name: str, prediction: str):
@@ -53,9 +56,13 @@ def make_scheduler(name: str, prediction: str):
         "unipc": lambda: diffusers.UniPCMultistepScheduler(**kw),
         "pndm": lambda: diffusers.PNDMScheduler(**kw, skip_prk_steps=True, steps_offset=1),
         "heun": lambda: diffusers.HeunDiscreteScheduler(**kw),
+        "lms": lambda: diffusers.LMSDiscreteScheduler(**kw),
+        "kdpm2_a": lambda: diffusers.KDPM2AncestralDiscreteScheduler(**kw),
+        "ddim_zsnr": lambda: diffusers.DDIMScheduler(**kw, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                                     clip_sample=False),
     }
     if name not in table:
-        raise SystemExit(f"--schedulers: unknown {name!r}; expected some of {SCHEDULERS}")
+        raise SystemExit(f"--schedulers: unknown {name!r}; expected some of {SCHEDULERS + MORE}")
     return table[name]()
 
 
@@ -65,6 +72,7 @@ def sample(model, scheduler, labels, seed: int, null_label: int, steps: int = 30
 
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # ancestral schedulers draw their noise from the global generator
     b = len(labels)
     lat = torch.randn(b, 3, 32, 32, generator=g) * scheduler.init_noise_sigma
     y = torch.tensor(list(labels) + [null_label] * b)
@@ -143,7 +151,7 @@ def markdown(rows, argv) -> str:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), help=f"some of {SCHEDULERS}")
+    ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), help=f"some of {SCHEDULERS + MORE}")
     ap.add_argument("--prediction", default="epsilon", choices=("epsilon", "v_prediction", "sample"))
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
@@ -151,8 +159,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--markdown", default=None, help="also write the table here (appended when it exists)")
     args = ap.parse_args(argv)
     for s in args.schedulers:
-        if s not in SCHEDULERS:
-            ap.error(f"--schedulers: unknown {s!r}; expected some of {SCHEDULERS}")
+        if s not in SCHEDULERS + MORE:
+            ap.error(f"--schedulers: unknown {s!r}; expected some of {SCHEDULERS + MORE}")
     if args.seeds < 1 or args.steps < 2:
         ap.error("--seeds: at least 1; --steps: at least 2")
     rows = run(args.schedulers, args.prediction, args.seeds, args.steps, quality=args.quality)

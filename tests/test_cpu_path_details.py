@@ -111,6 +111,50 @@ def test_k1_bias_is_added_after_the_product(m, restore_threads):
         assert torch.equal(ops.conv2d(x, w, cb), x * w.reshape(1, 24, 1, 1) + cb.reshape(1, 24, 1, 1))
 
 
+def _gemm_cases():
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return [  # (op, batched inputs, item-alone slice): K > 768, where the one-problem SGEMM splits K at 2 threads
+        ("conv2d", lambda n: ops.conv2d(cx[:n], cw, cb, padding=1), (cx := r(3, 128, 6, 6), cw := r(16, 128, 3, 3) / 34,
+                                                                    cb := r(16))),
+        ("linear", lambda n: ops.linear(lx[:n], lw, lb), (lx := r(20, 902), lw := r(129, 902) / 30, lb := r(129))),
+        ("attention", lambda n: ops.attention(q[:n], k[:n], v[:n]), (q := r(3, 1, 16, 64), k := r(3, 1, 1024, 64),
+                                                                      v := r(3, 1, 1024, 64))),
+    ]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["conv2d", "linear", "attention"])
+def test_no_gemm_is_issued_as_one_problem(case, monkeypatch, restore_threads):
+    """torch runs a one-problem bmm through MKL's plain SGEMM, which splits K at 2 threads for K >= 769 on an Intel
+    Xeon, and two or more problems through SGEMM_BATCH (one thread per problem): an item alone differed from the same
+    item in a batch (ONE_PROBLEM in kernels/matmul/torch_path.py). Every GEMM of the CPU path must be a batch of at
+    least two problems (checked on any CPU), and the item alone must equal its row of the batch at 1 and 2 threads."""
+    name, fn, _ = _gemm_cases()[case]
+    sizes = []
+    real_bmm, real_baddbmm = torch.bmm, torch.baddbmm
+
+    def bmm(a, b, **kw):
+        sizes.append(a.shape[0])
+        return real_bmm(a, b, **kw)
+
+    def baddbmm(c, a, b, **kw):
+        sizes.append(a.shape[0])
+        return real_baddbmm(c, a, b, **kw)
+
+    monkeypatch.setattr(torch, "bmm", bmm)
+    monkeypatch.setattr(torch, "baddbmm", baddbmm)
+    alone = fn(1)
+    assert sizes and min(sizes) >= 2, (name, sizes)
+    monkeypatch.undo()
+    for th in (1, 2):
+        torch.set_num_threads(th)
+        assert torch.equal(fn(1), fn(3)[:1]), (name, th)
+        assert torch.equal(fn(1), alone)
+
+
 def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
     """A scratch buffer larger than SCRATCH_BYTES is allocated per call and not held; results are unchanged."""
     g = torch.Generator().manual_seed(5)

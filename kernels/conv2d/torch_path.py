@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..matmul.torch_path import COL_PAD, cached_pack, f32, round_up, scratch_buffer
+from ..matmul.torch_path import COL_PAD, cached_pack, f32, gemm, round_up, scratch_buffer
 
 
 def conv2d(x, w, bias, stride, padding):
@@ -39,13 +39,13 @@ def conv2d(x, w, bias, stride, padding):
     wm = cached_pack(w, "conv", lambda: F.pad(f32(w).reshape(o, k), (0, 0, 0, op - o)).contiguous())
     exact = op == o and lp == ll and x.dtype == torch.float32
     out = torch.empty((bsz, op, lp), device=x.device) if exact else scratch_buffer("conv.out", (bsz, op, lp), x)
-    if bias is None or k == 1:
-        torch.bmm(wm.expand(bsz, op, k), cols, out=out)
+    if bias is None or k == 1:  # gemm: never one problem alone (ONE_PROBLEM in the matmul torch path)
+        gemm(wm.expand(bsz, op, k), cols, out)
         if bias is not None:  # K = 1: see BIAS_AFTER_K1 in the matmul torch path
             out += F.pad(f32(bias), (0, op - o)).view(op, 1)
     else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
         bcol = cached_pack(bias, "conv.bias", lambda: F.pad(f32(bias), (0, op - o)).view(op, 1))
-        torch.baddbmm(bcol, wm.expand(bsz, op, k), cols, out=out)
+        gemm(wm.expand(bsz, op, k), cols, out, bcol)
     if exact:
         return out.view(bsz, o, ho, wo)
     res = torch.empty((bsz, o, ho, wo), dtype=x.dtype, device=x.device)  # fresh: never a scratch alias

@@ -113,6 +113,33 @@ def scratch_buffer(tag: str, shape: tuple, like: torch.Tensor, zero: bool = Fals
     return buf
 
 
+# ONE_PROBLEM: torch runs a bmm/baddbmm of one problem through MKL's plain SGEMM and one of two or more through
+# SGEMM_BATCH. On an Intel Xeon (AVX-512) the plain SGEMM at 2 threads splits K for K >= 769 (its result equals the
+# sum of two half-K products, bit for bit), while the batched call computes each problem on one thread. So an item
+# alone (one problem) differed from the same item in a batch: conv2d with C*kh*kw > 768 at batch 1, an [M <= 32, K]
+# GEMM, one (batch, head) of attention over more than 768 keys (a helper's sweep: 203 of 15,728 cases, every one with
+# K >= 770, at 2 threads only; not seen on the AMD EPYC these paths were first measured on). gemm() never issues a
+# single problem: it computes the problem twice in one batched call and keeps the first, so every problem of every
+# call takes the batched path. That doubles the work of exactly those calls (TinyUNet at batch 1, 2 threads: 7.7 ms
+# -> 9.8 ms per forward; batch 4 unchanged).
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[g] = a[g] @ b[g] (+ bias)``, a ``[G, M, K]``, b ``[G, K, N]``, out ``[G, M, N]`` fp32 (operands may be
+    expanded views), always as a batched call of two or more problems (ONE_PROBLEM)."""
+    if a.shape[0] == 1:
+        a2, b2 = a.expand(2, *a.shape[1:]), b.expand(2, *b.shape[1:])
+        pair = torch.empty((2, *out.shape[1:]), dtype=out.dtype, device=out.device)
+        gemm(a2, b2, pair, bias)
+        out.copy_(pair[:1])
+        return out
+    if bias is None:
+        torch.bmm(a, b, out=out)
+    else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
+        torch.baddbmm(bias, a, b, out=out)
+    return out
+
+
 def _tiled_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out[g] = a[g] @ b[g] for groups g, computed as fixed [ROW_TILE, K] @ [K, Np] problems.
 
@@ -125,7 +152,8 @@ def _tiled_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     t = mp // ROW_TILE
     bb = b.unsqueeze(1).expand(g, t, k, np_).reshape(g * t, k, np_)
-    return torch.bmm(a.view(g * t, ROW_TILE, k), bb).view(g, mp, np_)
+    out = torch.empty((g * t, ROW_TILE, np_), dtype=torch.float32, device=a.device)
+    return gemm(a.view(g * t, ROW_TILE, k), bb, out).view(g, mp, np_)
 
 
 # Rows past the last full ROW_TILE tile of a plain GEMM go into tiles of TAIL_TILE rows: a batch-4 timestep or
@@ -167,22 +195,22 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     if bias is not None:
         bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
     if bias is None or k == 1:
-        def gemm(x, y, o):
-            torch.bmm(x, y, out=o)
+        def tile_gemm(x, y, o):
+            gemm(x, y, o)
             if bp_bias is not None:  # K = 1: after the product (BIAS_AFTER_K1)
                 o += bp_bias
-    else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
-        def gemm(x, y, o):
-            torch.baddbmm(bp_bias, x, y, out=o)
+    else:
+        def tile_gemm(x, y, o):
+            gemm(x, y, o, bp_bias)
     if not (full and tail):  # one tile height: one GEMM call, no slicing (each slice costs ~1 us of Python)
         h = h if tail else ROW_TILE
         t = mp // h
-        gemm(a.view(t, h, k), bp.expand(t, k, np_), out.view(t, h, np_))
+        tile_gemm(a.view(t, h, k), bp.expand(t, k, np_), out.view(t, h, np_))
     else:
         t = full // ROW_TILE
-        gemm(a[:full].view(t, ROW_TILE, k), bp.expand(t, k, np_), out[:full].view(t, ROW_TILE, np_))
+        tile_gemm(a[:full].view(t, ROW_TILE, k), bp.expand(t, k, np_), out[:full].view(t, ROW_TILE, np_))
         t = tail // h
-        gemm(a[full:].view(t, h, k), bp.expand(t, k, np_), out[full:].view(t, h, np_))
+        tile_gemm(a[full:].view(t, h, k), bp.expand(t, k, np_), out[full:].view(t, h, np_))
     return out
 
 
