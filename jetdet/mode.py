@@ -743,7 +743,72 @@ def _h_sdpa(func, args, kwargs):
     return out.reshape(*lead, q.shape[-2], v.shape[-1])
 
 
+# Elementwise activations on CPU. torch's vectorized CPU kernels compute a tensor's last elements (the loop's scalar
+# tail) with another implementation than the body, so an element's bits depended on where it sat in the tensor: on
+# an Intel Xeon with AVX-512, silu, gelu (both), sigmoid, elu, softplus and mish of an item alone differed from the
+# same item in a batch whenever the item's size was not a multiple of the vector width (e.g. 888 or 24 elements).
+# exp, expm1, tanh, erf and log1p were exact per element there (1,422 checks each: sizes 1-70001, fp32/fp16/bf16,
+# 1 and 2 threads), so deterministic mode computes the activations from them, in fp32, rounded once. CUDA's
+# elementwise kernels apply one function to every element: CUDA tensors pass through.
+_SQRT_HALF = 0.7071067811865476
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def _act_math(kind: str, x: torch.Tensor, p: dict) -> torch.Tensor:
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + torch.exp(-x))
+    if kind == "silu":
+        return x / (1.0 + torch.exp(-x))
+    if kind == "gelu":
+        if p["approximate"] == "tanh":
+            return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+        return 0.5 * x * (1.0 + torch.erf(x * _SQRT_HALF))
+    if kind == "elu":
+        return torch.where(x > 0, x, p["alpha"] * torch.expm1(x))
+    bx = x * p["beta"] if kind == "softplus" else x
+    sp = torch.where(bx > p.get("threshold", 20.0), x, torch.log1p(torch.exp(bx)) / p.get("beta", 1.0))
+    return sp if kind == "softplus" else x * torch.tanh(sp)  # mish = x tanh(softplus(x))
+
+
+_ACT_PARAMS = {  # kind -> (positional names after the input, defaults); "inplace" is handled by the handler
+    "silu": (("inplace",), {"inplace": False}),
+    "sigmoid": ((), {}),
+    "gelu": (("approximate",), {"approximate": "none"}),
+    "elu": (("alpha", "inplace"), {"alpha": 1.0, "inplace": False}),
+    "softplus": (("beta", "threshold"), {"beta": 1.0, "threshold": 20.0}),
+    "mish": (("inplace",), {"inplace": False}),
+}
+
+
+def _h_act(kind: str):
+    names, defaults = _ACT_PARAMS[kind]
+
+    def handler(func, args, kwargs):
+        x = call_arg(args, kwargs, 0, "input", kwargs.get("self"))
+        if (not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype not in _FLOATS or "out" in kwargs
+                or len(args) > 1 + len(names) or set(kwargs) - set(names) - {"input", "self"}):
+            return func(*args, **kwargs)
+        p = dict(defaults)
+        p.update(zip(names, args[1:]))
+        p.update({k: v for k, v in kwargs.items() if k in names})
+        if kind == "gelu" and p["approximate"] not in ("none", "tanh"):
+            return func(*args, **kwargs)  # torch's own error
+        out = _act_math(kind, x.to(torch.float32), p).to(x.dtype)  # differentiable as it is
+        if p.get("inplace"):
+            return x.copy_(out)
+        return out
+
+    return handler
+
+
 _HANDLERS = {
+    F.silu: _h_act("silu"),
+    F.gelu: _h_act("gelu"),
+    torch.sigmoid: _h_act("sigmoid"),
+    torch.Tensor.sigmoid: _h_act("sigmoid"),
+    F.elu: _h_act("elu"),
+    F.softplus: _h_act("softplus"),
+    F.mish: _h_act("mish"),
     F.linear: _h_linear,
     torch.mm: _h_mm,
     torch.Tensor.mm: _h_mm,

@@ -155,6 +155,22 @@ def test_no_gemm_is_issued_as_one_problem(case, monkeypatch, restore_threads):
         assert torch.equal(fn(1), alone)
 
 
+@pytest.mark.parametrize("shape", [(9, 8, 1, 1), (9, 1, 5, 45)])
+def test_group_norm_of_a_layout_ambiguous_batch(shape, restore_threads):
+    """With C = 1 or H = W = 1 a channels-last tensor counts as contiguous, so .contiguous() kept its strides, and
+    torch.group_norm took its channels-last kernel for the batch but the NCHW one for an item alone (a sweep found
+    1.4e-6). The torch path normalises a [B, C, L] view, which has one kernel."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    groups = 2 if shape[1] % 2 == 0 else 1
+    for th in (1, 2):
+        torch.set_num_threads(th)
+        full = ops.group_norm(x, groups, w, b)
+        for i in (0, 4, 8):
+            assert torch.equal(ops.group_norm(x[i:i + 1], groups, w, b), full[i:i + 1]), (shape, th, i)
+
+
 def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
     """A scratch buffer larger than SCRATCH_BYTES is allocated per call and not held; results are unchanged."""
     g = torch.Generator().manual_seed(5)

@@ -35,5 +35,9 @@ def group_norm(x, num_groups, weight, bias, eps):
     r = x.shape[0]
     if r == 1:  # same single-output guard as the row reductions
         xf = torch.cat([xf, xf.new_zeros(xf.shape)])
+    # as [B, C, L]: a 4-D tensor with C = 1 or H = W = 1 counts as contiguous in both layouts, and torch would pick
+    # its channels-last kernel for channels-last strides (a batch) but not for a fresh copy (an item alone: the
+    # torch.cat above), which round differently; a 3-D view always takes the NCHW kernel, the same one as before
+    y = torch.group_norm(xf.reshape(xf.shape[0], xf.shape[1], -1), num_groups, w, b, eps).reshape(xf.shape)
     # no copy for contiguous output in x's dtype (the NCHW fp32 case)
-    return rows_back(torch.group_norm(xf, num_groups, w, b, eps), r, x.dtype, out_memory_format(x))
+    return rows_back(y, r, x.dtype, out_memory_format(x))
