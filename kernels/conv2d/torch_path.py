@@ -39,13 +39,8 @@ def conv2d(x, w, bias, stride, padding):
     wm = cached_pack(w, "conv", lambda: F.pad(f32(w).reshape(o, k), (0, 0, 0, op - o)).contiguous())
     exact = op == o and lp == ll and x.dtype == torch.float32
     out = torch.empty((bsz, op, lp), device=x.device) if exact else scratch_buffer("conv.out", (bsz, op, lp), x)
-    if bias is None or k == 1:  # gemm: never one problem alone (ONE_PROBLEM in the matmul torch path)
-        gemm(wm.expand(bsz, op, k), cols, out)
-        if bias is not None:  # K = 1: see BIAS_AFTER_K1 in the matmul torch path
-            out += F.pad(f32(bias), (0, op - o)).view(op, 1)
-    else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
-        bcol = cached_pack(bias, "conv.bias", lambda: F.pad(f32(bias), (0, op - o)).view(op, 1))
-        gemm(wm.expand(bsz, op, k), cols, out, bcol)
+    bcol = None if bias is None else cached_pack(bias, "conv.bias", lambda: F.pad(f32(bias), (0, op - o)).view(op, 1))
+    gemm(wm.expand(bsz, op, k), cols, out, bcol)  # never one problem alone; the bias as gemm() adds it
     if exact:
         return out.view(bsz, o, ho, wo)
     res = torch.empty((bsz, o, ho, wo), dtype=x.dtype, device=x.device)  # fresh: never a scratch alias

@@ -126,16 +126,20 @@ def scratch_buffer(tag: str, shape: tuple, like: torch.Tensor, zero: bool = Fals
 
 def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``out[g] = a[g] @ b[g] (+ bias)``, a ``[G, M, K]``, b ``[G, K, N]``, out ``[G, M, N]`` fp32 (operands may be
-    expanded views), always as a batched call of two or more problems (ONE_PROBLEM)."""
+    expanded views; ``bias`` broadcasts against ``[M, N]``), always as a batched call of two or more problems
+    (ONE_PROBLEM). The bias is the GEMM's C operand (beta = 1: no separate pass over the output), except for K = 1,
+    where it is added after the product (BIAS_AFTER_K1)."""
     if a.shape[0] == 1:
         a2, b2 = a.expand(2, *a.shape[1:]), b.expand(2, *b.shape[1:])
         pair = torch.empty((2, *out.shape[1:]), dtype=out.dtype, device=out.device)
         gemm(a2, b2, pair, bias)
         out.copy_(pair[:1])
         return out
-    if bias is None:
+    if bias is None or a.shape[2] == 1:
         torch.bmm(a, b, out=out)
-    else:  # the bias is the GEMM's C operand (beta = 1): no separate pass over the output
+        if bias is not None:
+            out += bias
+    else:
         torch.baddbmm(bias, a, b, out=out)
     return out
 
@@ -194,23 +198,15 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     bp_bias = None
     if bias is not None:
         bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
-    if bias is None or k == 1:
-        def tile_gemm(x, y, o):
-            gemm(x, y, o)
-            if bp_bias is not None:  # K = 1: after the product (BIAS_AFTER_K1)
-                o += bp_bias
-    else:
-        def tile_gemm(x, y, o):
-            gemm(x, y, o, bp_bias)
     if not (full and tail):  # one tile height: one GEMM call, no slicing (each slice costs ~1 us of Python)
         h = h if tail else ROW_TILE
         t = mp // h
-        tile_gemm(a.view(t, h, k), bp.expand(t, k, np_), out.view(t, h, np_))
+        gemm(a.view(t, h, k), bp.expand(t, k, np_), out.view(t, h, np_), bp_bias)
     else:
         t = full // ROW_TILE
-        tile_gemm(a[:full].view(t, ROW_TILE, k), bp.expand(t, k, np_), out[:full].view(t, ROW_TILE, np_))
+        gemm(a[:full].view(t, ROW_TILE, k), bp.expand(t, k, np_), out[:full].view(t, ROW_TILE, np_), bp_bias)
         t = tail // h
-        tile_gemm(a[full:].view(t, h, k), bp.expand(t, k, np_), out[full:].view(t, h, np_))
+        gemm(a[full:].view(t, h, k), bp.expand(t, k, np_), out[full:].view(t, h, np_), bp_bias)
     return out
 
 
