@@ -66,23 +66,6 @@ def make_scheduler(name: str, prediction: str):
     return table[name]()
 
 
-def sample(model, scheduler, labels, seed: int, null_label: int, steps: int = 30, cfg: float = 4.0):
-    """A StableDiffusionPipeline-style loop over ``scheduler`` with batched CFG; returns images in ``[-1, 1]``."""
-    import torch
-
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # ancestral schedulers draw their noise from the global generator
-    b = len(labels)
-    lat = torch.randn(b, 3, 32, 32, generator=g) * scheduler.init_noise_sigma
-    y = torch.tensor(list(labels) + [null_label] * b)
-    for t in scheduler.timesteps:
-        out = model(scheduler.scale_model_input(torch.cat([lat, lat]), t), t, y)
-        c, u = out[:b], out[b:]
-        lat = scheduler.step(u + cfg * (c - u), t, lat).prev_sample
-    return lat.clamp(-1, 1)
-
-
 def run(schedulers=SCHEDULERS, prediction="epsilon", seeds=8, steps=30, cfg=4.0, classes=(0, 1, 2, 3),
         quality=None) -> list[dict]:
     import torch
@@ -90,7 +73,7 @@ def run(schedulers=SCHEDULERS, prediction="epsilon", seeds=8, steps=30, cfg=4.0,
     import jetdet
     from jetdet.models import bundled
     from jetdet.models.evaluate import psnr
-    from jetdet.models.vp import VPModel
+    from jetdet.models.vp import VPModel, sample
 
     torch.set_num_threads(1)
     flow = bundled.load_bundled()

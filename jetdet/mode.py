@@ -754,6 +754,11 @@ _SQRT_HALF = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 
+def _softplus(x: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
+    bx = x * beta
+    return torch.where(bx > threshold, x, torch.log1p(torch.exp(bx)) / beta)
+
+
 def _act_math(kind: str, x: torch.Tensor, p: dict) -> torch.Tensor:
     if kind == "sigmoid":
         return 1.0 / (1.0 + torch.exp(-x))
@@ -765,9 +770,9 @@ def _act_math(kind: str, x: torch.Tensor, p: dict) -> torch.Tensor:
         return 0.5 * x * (1.0 + torch.erf(x * _SQRT_HALF))
     if kind == "elu":
         return torch.where(x > 0, x, p["alpha"] * torch.expm1(x))
-    bx = x * p["beta"] if kind == "softplus" else x
-    sp = torch.where(bx > p.get("threshold", 20.0), x, torch.log1p(torch.exp(bx)) / p.get("beta", 1.0))
-    return sp if kind == "softplus" else x * torch.tanh(sp)  # mish = x tanh(softplus(x))
+    if kind == "softplus":
+        return _softplus(x, p["beta"], p["threshold"])
+    return x * torch.tanh(_softplus(x, 1.0, 20.0))  # mish = x tanh(softplus(x)), torch's threshold
 
 
 _ACT_PARAMS = {  # kind -> (positional names after the input, defaults); "inplace" is handled by the handler

@@ -16,6 +16,7 @@ import jetdet
 from jetdet.models import bundled
 from jetdet.models.evaluate import psnr
 from jetdet.models.vp import VPModel, sd_alphas_cumprod
+from jetdet.models.vp import sample as vp_sample
 from jetdet.patch import prediction as pm
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -96,17 +97,8 @@ def test_budget_zero_is_the_model_bit_for_bit(flow):
 
 
 def _sample(model, scheduler, seed, steps=20, cfg=4.0, labels=(0, 1, 2, 3)):
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # ancestral schedulers draw their noise from the global generator
-    b = len(labels)
-    lat = torch.randn(b, 3, 32, 32, generator=g) * scheduler.init_noise_sigma
-    y = torch.tensor(list(labels) + [bundled.NULL_LABEL] * b)
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = model(scheduler.scale_model_input(torch.cat([lat, lat]), t), t, y)
-            lat = scheduler.step(out[b:] + cfg * (out[:b] - out[b:]), t, lat).prev_sample
-    return lat.clamp(-1, 1)
+        return vp_sample(model, scheduler, labels, seed, bundled.NULL_LABEL, steps, cfg)
 
 
 def _fast(flow, pred, make_sched, **opts):

@@ -1,6 +1,7 @@
 """The bundled flow model as a variance-preserving (VP) model, so that diffusers' DDPM-family schedulers can sample
 it as they sample SD1.5: the measurement model for ``jetdet.patch(mode="fast", scheduler=...)`` on eps/v models
-(``bench/diffusers_eps.py``, ``tests/test_patch_prediction.py``). jetdet ships no trained eps model.
+(``bench/diffusers_eps.py``, ``tests/test_patch_prediction.py``), and :func:`sample`, the loop both run it in.
+jetdet ships no trained eps model.
 
 A VP latent at a discrete timestep with ``ᾱ = alphas_cumprod(timestep)`` is ``x = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) noise``;
 the flow model's latent is ``(1 − s) x0 + s noise`` at time ``s``. Both describe the same noisy image when
@@ -70,3 +71,23 @@ class VPModel(nn.Module):
         else:
             out = x0
         return out.to(sample.dtype)
+
+
+def sample(model, scheduler, labels, seed: int, null_label: int, steps: int = 30, cfg: float = 4.0) -> torch.Tensor:
+    """Images in ``[-1, 1]`` from ``model(sample, timestep, class_labels)`` (a :class:`VPModel`, patched or not) and a
+    diffusers ``scheduler``, in a StableDiffusionPipeline-style loop: ``scale_model_input``, one batched CFG call per
+    step (``labels`` then ``null_label`` rows), ``step``. The starting noise comes from ``seed``, and so does the global
+    generator, from which ancestral schedulers draw."""
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    b = len(labels)
+    cfgd = model.config
+    lat = torch.randn(b, cfgd["in_channels"], cfgd["sample_size"], cfgd["sample_size"], generator=g)
+    lat = lat * scheduler.init_noise_sigma
+    y = torch.tensor(list(labels) + [null_label] * b)
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(torch.cat([lat, lat]), t), t, y)
+        c, u = out[:b], out[b:]
+        lat = scheduler.step(u + cfg * (c - u), t, lat).prev_sample
+    return lat.clamp(-1, 1)

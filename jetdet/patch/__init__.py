@@ -259,8 +259,11 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
                         "linear_attention, linear_attention_check, linear_attention_state_refresh, attention_cache, "
                         f"blocks, head_blocks, tail_blocks, scheduler, prediction, {', '.join(accepted)}")
     param = pred_map.from_options(scheduler, prediction)
-    if type(scheduler).__name__ in pred_map.RENOISE_SAME_T and options.get("budget") != 0.0:
-        _warn_renoise(type(scheduler).__name__)
+    sname = type(scheduler).__name__
+    if sname in pred_map.RENOISE_SAME_T and options.get("budget") != 0.0:
+        _warn_once(sname + ":renoise", f"{sname} calls the model twice at nearly the same timestep with new noise "
+                   "added between the calls, so the second output cannot be forecast from the first (measured: 17 dB "
+                   "at any budget); fast mode computes every call with it (budget 0)")
         options["budget"] = 0.0  # every call runs
     if param is not None:  # the controller works in flow time: map the schedule hints given in model timesteps
         if options.get("timesteps") is not None:
@@ -269,15 +272,17 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         if options.get("t_end") not in (None, 0, 0.0):
             options["t_end"] = param.flow_time(options["t_end"])
     controller = StepCacheController(**options)  # validates the options before anything is changed
-    if scheduler is None and prediction is None:
-        _warn_unmapped_unet(model)
-    sname = type(scheduler).__name__
-    if sname in pred_map.MULTISTEP_WARN and sname not in _warned_unmapped:
-        _warned_unmapped.add(sname)
-        warnings.warn(f"jetdet.patch(mode='fast'): {sname} reuses each model output in the next steps' 4th-order "
-                      "multistep formula, and the budget does not bound the result (measured at the default quality: "
-                      "PNDM one image at 20.8 dB, LMS 23.6 dB mean; README 'eps and v models in diffusers'); use "
-                      "Euler, DPM++ 2M, DDIM or UniPC with fast mode", stacklevel=3)
+    name = type(model).__name__
+    if scheduler is None and prediction is None and adapter.kind == "diffusers" and name.startswith("UNet"):
+        # a diffusers U-Net is nearly always a VP (eps or v) model, and nothing in the model says which
+        _warn_once(name, f"{name} is patched without scheduler=; its output (for SD1.5/SDXL/SD2, the noise or v "
+                   "prediction) is forecast as it is, which keeps far less quality at the same budget. Pass "
+                   "scheduler=pipe.scheduler (or prediction='flow' if the model is a flow-matching one)")
+    if sname in pred_map.MULTISTEP_WARN:
+        _warn_once(sname, f"{sname} reuses each model output in the next steps' 4th-order multistep formula, and the "
+                   "budget does not bound the result (measured at the default quality: PNDM one image at 20.8 dB, "
+                   "LMS 23.6 dB mean; README 'eps and v models in diffusers'); use Euler, DPM++ 2M, DDIM or UniPC "
+                   "with fast mode")
     split, reason = find_blocks(model, blocks, head_blocks, tail_blocks)
     fmap = parse_option(linear_attention)
     ac = attncache.parse_option(attention_cache)
@@ -321,29 +326,12 @@ _warned_copies: set = set()
 _warned_unmapped: set = set()
 
 
-def _warn_renoise(name: str) -> None:
-    if name + ":renoise" not in _warned_unmapped:
-        _warned_unmapped.add(name + ":renoise")
-        warnings.warn(f"jetdet.patch(mode='fast'): {name} calls the model twice at nearly the same timestep with new "
-                      "noise added between the calls, so the second output cannot be forecast from the first "
-                      "(measured: 17 dB at any budget); fast mode computes every call with it (budget 0)",
-                      stacklevel=4)
-
-
-def _warn_unmapped_unet(model: nn.Module) -> None:
-    """One warning per model class: a diffusers U-Net is nearly always a VP (eps or v) model, whose output the step
-    cache forecasts badly as it is (:mod:`jetdet.patch.prediction`), and nothing in the model says which."""
-    name = type(model).__name__
-    if not (name.startswith("UNet") and any(c.__module__.startswith("diffusers.") for c in type(model).__mro__)):
-        return
-    if name not in _warned_unmapped:
-        _warned_unmapped.add(name)
-        warnings.warn(
-            f"jetdet.patch(mode='fast'): {name} is patched without scheduler=; its output (for SD1.5/SDXL/SD2, the "
-            "noise or v prediction) is forecast as it is, which keeps far less quality at the same budget. Pass "
-            "scheduler=pipe.scheduler (or prediction='flow' if the model is a flow-matching one)",
-            stacklevel=4,
-        )
+def _warn_once(key: str, message: str) -> None:
+    """A fast-mode patch warning about the model or its scheduler, once per ``key`` (a class name) per process; called
+    from :func:`_patch_fast`, so it points at the caller of :func:`patch`."""
+    if key not in _warned_unmapped:
+        _warned_unmapped.add(key)
+        warnings.warn(f"jetdet.patch(mode='fast'): {message}", stacklevel=4)
 
 
 def _warn_fast_copy(model: nn.Module) -> None:

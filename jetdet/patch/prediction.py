@@ -36,19 +36,16 @@ PREDICTIONS = ("flow", "epsilon", "v_prediction", "sample")
 _FLOW_TYPES = ("flow", "flow_prediction")
 
 
-def _prediction_of(scheduler) -> str | None:
-    cfg = getattr(scheduler, "config", None)
-    pred = cfg.get("prediction_type") if hasattr(cfg, "get") else getattr(cfg, "prediction_type", None)
-    if pred is None:
-        pred = getattr(scheduler, "prediction_type", None)
-    return pred
-
-
 def _config(scheduler, key, default=None):
     cfg = getattr(scheduler, "config", None)
     if hasattr(cfg, "get"):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
+
+
+def _prediction_of(scheduler) -> str | None:
+    pred = _config(scheduler, "prediction_type")
+    return getattr(scheduler, "prediction_type", None) if pred is None else pred
 
 
 #: diffusers schedulers that reuse each model output in the next steps' multistep formula with large weights (PNDM,
@@ -179,12 +176,12 @@ class VPParametrization:
         def rows_of(v, rows):
             return v if rows is None else v.index_select(0, rows.to(v.device))
 
-        def to_flow(o, xr, ar, br):
+        def to_flow(o, xr, ar, br, abr):
             if self.prediction == "epsilon":
-                return ((ar + br) * o - xr) / ar
+                return (abr * o - xr) / ar
             if self.prediction == "v_prediction":
-                return (br - ar) * xr + (ar + br) * o
-            return (xr - (ar + br) * o) / br  # sample
+                return (br - ar) * xr + abr * o
+            return (xr - abr * o) / br  # sample
 
         def from_flow(v, xr):
             if self.prediction == "epsilon":
@@ -200,7 +197,7 @@ class VPParametrization:
             o = out.to(torch.float32)
             c = _channels(x, o)
             xr = rows_of(xf32, rows)[:, :c]
-            v = to_flow(o[:, :c], xr, rows_of(a, rows), rows_of(b, rows))
+            v = to_flow(o[:, :c], xr, rows_of(a, rows), rows_of(b, rows), rows_of(ab, rows))
             return v if c == o.shape[1] else torch.cat([v, o[:, c:]], dim=1)
 
         def finish(v: torch.Tensor) -> torch.Tensor:
