@@ -909,12 +909,37 @@ def _autocast_route(func, handler, args, kwargs):
         return handler(func, args, kwargs)
 
 
+def _route(func, args, kwargs):
+    """A torch call under the router: its handler (under ``torch.autocast``, with autocast's casts first) when
+    ``func`` is routed, else ``func`` itself."""
+    handler = _HANDLERS.get(func)
+    if handler is None:
+        return func(*args, **kwargs)
+    if torch._C._is_any_autocast_enabled():
+        return _autocast_route(func, handler, args, kwargs)
+    return handler(func, args, kwargs)
+
+
 class _Router(TorchFunctionMode):
+    """The deterministic router of one thread: on its torch function mode stack while a deterministic context is
+    active on the thread (:func:`_acquire`). Eager calls consult the context's mode, so an asyncio task in
+    another mode on the same thread passes through.
+
+    Code that ``torch.compile`` traces cannot read the mode's ``ContextVar`` (Dynamo breaks the graph at every
+    call, and the model then runs eagerly frame by frame), so a traced call is routed whenever the router is on
+    the stack: the compiled graph holds the ``torch.ops.jetdet.*`` custom ops. Dynamo guards a compiled graph on
+    the torch function mode stack, so outside every deterministic context (the router off the stack, a nested
+    ``mode("off")`` included) the same function recompiles without them. The one case this reads differently
+    from eager code: a compiled function called from an asyncio task (or a generator) in another mode while a
+    deterministic context is active on the same thread is routed."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # first: Dynamo cannot read the ContextVar below
+            return _route(func, args, kwargs)
         if _current.get() is Mode.DETERMINISTIC:
             handler = _HANDLERS.get(func)
-            if handler is not None:
+            if handler is not None:  # _route's body, inlined: one Python call less on every routed call
                 if torch._C._is_any_autocast_enabled():
                     return _autocast_route(func, handler, args, kwargs)
                 return handler(func, args, kwargs)
@@ -927,11 +952,8 @@ class compiled_router(TorchFunctionMode):  # noqa: N801 - a context manager, lik
     ``torch.ops.jetdet.*`` custom ops (opaque to the compiler, with their fake implementations) in place of
     torch's reductions. Unlike :class:`mode` it reads no context variable and sets no torch flag, neither of
     which Dynamo can trace; the compiled graph's own kernels (elementwise work between the custom ops) are the
-    compiler's. ``tests/test_compile.py`` checks the compiled model for batch invariance."""
+    compiler's. Under ``torch.autocast`` routed calls take autocast's casts, as in eager deterministic mode.
+    ``tests/test_compile.py`` checks the compiled model for batch invariance."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        handler = _HANDLERS.get(func)
-        if handler is not None:
-            return handler(func, args, kwargs)
-        return func(*args, **kwargs)
+        return _route(func, args, kwargs or {})
