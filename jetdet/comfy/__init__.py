@@ -19,7 +19,8 @@ __all__ = ["comfy_entrypoint", "NODE_IDS"]
 NODE_IDS = (
     "JetDetModeSwitch", "JetDetDeterministicSampler", "JetDetChecksum", "JetDetOutputMatcher", "JetDetFastOptimizer",
     "JetDetCacheManager", "JetDetBenchmark", "JetDetExpertSelector", "JetDetMultiPassRefiner",
-    "JetDetClassConditioning", "JetDetShapesModelLoader", "JetDetShapesDecode",
+    "JetDetClassConditioning", "JetDetShapesModelLoader", "JetDetShapesDecode", "JetDetDeterministicVAEDecode",
+    "JetDetDeterministicVAEEncode",
 )
 
 

@@ -20,6 +20,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import sampling as smp
 from . import shapes_model as sm
+from . import vae as dvae
 from . import wrappers as wr
 
 CATEGORY = "jetdet"
@@ -239,7 +240,9 @@ class JetDetDeterministicSampler(io.ComfyNode):
                              tooltip="Item id of the first latent in the batch (item i uses id batch_offset + i)."),
             ],
             outputs=[
-                io.Latent.Output(display_name="LATENT", tooltip="The denoised latents."),
+                io.Latent.Output(display_name="LATENT",
+                                 tooltip="The denoised latents (decode them with the jetdet Deterministic VAE Decode "
+                                         "for pixels that do not depend on the batch either)."),
                 io.String.Output(display_name="checksums", tooltip="SHA-256 of every item's latent, one per line."),
                 io.String.Output(display_name="fingerprint", tooltip="What produced it (device, versions), JSON."),
             ],
@@ -1119,10 +1122,58 @@ class JetDetShapesDecode(io.ComfyNode):
         return io.NodeOutput(sm.to_comfy_image(img))
 
 
+# ---------------------------------------------------------------------------------------------- VAE decode, encode
+
+_STRICT_TIP = "Raise on a torch op with no deterministic implementation (off: warn instead)."
+
+
+class JetDetDeterministicVAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetDeterministicVAEDecode", display_name="jetdet Deterministic VAE Decode", category=CATEGORY,
+            description="VAE Decode whose item i is bit-identical to decoding that item alone: batch-invariant ops and "
+                        "attention, whatever the batch size or free memory. It stops with an error rather than fall "
+                        "back to tiled decoding (which changes the pixels) when memory runs out.",
+            inputs=[io.Latent.Input("samples", tooltip="The latent to decode (e.g. the Deterministic Sampler's)."),
+                    io.Vae.Input("vae", tooltip="The VAE to decode with (it is not changed)."),
+                    io.Boolean.Input("strict", default=True, tooltip=_STRICT_TIP)],
+            outputs=[io.Image.Output(tooltip="The decoded images, each independent of the batch around it.")],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae, strict):
+        dvae.check_vae(vae)
+        return io.NodeOutput(dvae.decode(vae, _latent_tensor(samples, "samples"), warn_only=not strict))
+
+
+class JetDetDeterministicVAEEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetDeterministicVAEEncode", display_name="jetdet Deterministic VAE Encode", category=CATEGORY,
+            description="VAE Encode whose item i is bit-identical to encoding that image alone (for img2img with "
+                        "the Deterministic Sampler). It stops with an error rather than fall back to tiled encoding "
+                        "when memory runs out.",
+            inputs=[io.Image.Input("pixels", tooltip="The images to encode (an alpha channel is dropped)."),
+                    io.Vae.Input("vae", tooltip="The VAE to encode with (it is not changed)."),
+                    io.Boolean.Input("strict", default=True, tooltip=_STRICT_TIP)],
+            outputs=[io.Latent.Output(tooltip="The latents, each independent of the batch around it.")],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, strict):
+        dvae.check_vae(vae)
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[-1] < 3:
+            got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"pixels: expected an IMAGE (a [batch, height, width, channels >= 3] tensor), got {got}")
+        return io.NodeOutput({"samples": dvae.encode(vae, pixels, warn_only=not strict)})
+
+
 NODES = [
     JetDetModeSwitch, JetDetDeterministicSampler, JetDetChecksum, JetDetOutputMatcher, JetDetFastOptimizer,
     JetDetCacheManager, JetDetBenchmark, JetDetExpertSelector, JetDetMultiPassRefiner, JetDetClassConditioning,
-    JetDetShapesModelLoader, JetDetShapesDecode,
+    JetDetShapesModelLoader, JetDetShapesDecode, JetDetDeterministicVAEDecode, JetDetDeterministicVAEEncode,
 ]
 
 

@@ -16,8 +16,11 @@ from conftest import ROOT, comfyui_dir, require_comfyui
 
 require_comfyui()
 
-from jetdet.comfy import NODE_IDS
-from jetdet.comfy import shapes_model as sm
+import tiny_models as tm  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from jetdet.comfy import NODE_IDS  # noqa: E402
+from jetdet.comfy import shapes_model as sm  # noqa: E402
 
 STARTUP_S = 300
 
@@ -45,6 +48,9 @@ def server(tmp_path_factory):
     (base / "custom_nodes" / "jetdet").symlink_to(ROOT, target_is_directory=True)
     (base / "models" / "diffusion_models").mkdir(parents=True)
     shutil.copy(sm.MODEL_FILE, base / "models" / "diffusion_models" / "jetdet_shapes.safetensors")
+    (base / "models" / "vae_approx").mkdir()
+    for name, sd in tm.taesd3_files(0).items():  # a TAESD3 with random weights: VAELoader lists it as "taesd3"
+        save_file(sd, str(base / "models" / "vae_approx" / name))
     proc, url, _ = start_server(base, comfyui_dir(), timeout=STARTUP_S)
     try:
         yield url, base
@@ -112,6 +118,15 @@ def _every_node_prompt() -> dict:
         "20": {"class_type": "JetDetOutputMatcher", "inputs": {"latent": ["19", 1], "tolerance": "exact",
                                                                 "reference_latent": ["7", 0],
                                                                 "stop_on_mismatch": True}},
+        "21": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd3"}},
+        "22": {"class_type": "JetDetDeterministicVAEDecode", "inputs": {"samples": ["7", 0], "vae": ["21", 0],
+                                                                         "strict": True}},
+        "23": {"class_type": "JetDetDeterministicVAEEncode", "inputs": {"pixels": ["22", 0], "vae": ["21", 0],
+                                                                         "strict": True}},
+        "24": {"class_type": "JetDetChecksum", "inputs": {"latent": ["23", 0]}},
+        "25": {"class_type": "JetDetOutputMatcher", "inputs": {"latent": ["23", 0], "tolerance": "exact",
+                                                                "reference_checksums": ["24", 0],
+                                                                "stop_on_mismatch": True}},
     }
 
 
@@ -137,6 +152,7 @@ def test_a_prompt_with_every_node_runs_through_the_server(server):
     out = h["outputs"]
     assert out["9"]["text"][0].startswith("MATCH exact against 2 checksums")
     assert out["20"]["text"][0].startswith("MATCH exact")
+    assert out["25"]["text"][0].startswith("MATCH exact against 2 checksums")  # the VAE nodes ran on both items
     assert "calls 8" in out["12"]["text"][0]
     assert out["16"]["text"][0].splitlines()[0].startswith("run")
     for node in ("15", "17"):

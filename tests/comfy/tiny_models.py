@@ -71,3 +71,29 @@ def load(state_dict: dict):
     import comfy.sd
 
     return comfy.sd.load_diffusion_model_state_dict(state_dict)
+
+
+#: A small SD-type AutoencoderKL (ComfyUI's Encoder/Decoder: 4 latent channels, 8x, group norms, the mid block's
+#: attention); ComfyUI's default VAE config is 128-512 channels wide, too slow for the tests.
+VAE_CONFIG = {"params": {"embed_dim": 4, "ddconfig": {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
+
+
+def sd_vae(seed: int = 0):
+    """A ``comfy.sd.VAE`` built by ComfyUI from a state dict and :data:`VAE_CONFIG`, as VAELoader builds one."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    sd = _finish(AutoencoderKL(**VAE_CONFIG["params"]), seed)
+    return comfy.sd.VAE(sd=sd, config=VAE_CONFIG)
+
+
+def taesd3_files(seed: int = 0) -> dict:
+    """``{file name: state dict}`` of a TAESD3 encoder and decoder (16 latent channels), random weights, for
+    ComfyUI's VAELoader (``models/vae_approx``, listed as ``taesd3``)."""
+    from comfy.taesd.taesd import TAESD
+
+    sd = _finish(TAESD(latent_channels=16), seed)
+    return {f"taesd3_{part}.safetensors": {k[len(f"taesd_{part}."):]: v for k, v in sd.items()
+                                          if k.startswith(f"taesd_{part}.")} for part in ("encoder", "decoder")}

@@ -1,0 +1,111 @@
+"""Deterministic VAE decode and encode in ComfyUI: an image's pixels that do not depend on the batch around it.
+
+The Deterministic Sampler makes each item's *latent* independent of the batch. ComfyUI's own VAE Decode then
+turns the batch into pixels with torch's convolutions, group norms and attention, whose bits depend on the batch
+size (on this CPU every item of a batch of 5 differed from its batch-1 decode; on a GPU cuDNN picks its
+algorithm by shape). It also splits the batch into chunks sized from the *free memory*, and on running out of
+memory retries with tiled decoding, whose tiles change the pixels. :func:`decode` and :func:`encode` run
+ComfyUI's own ``VAE.decode`` / ``VAE.encode`` with:
+
+* every model op inside ``jetdet.mode("deterministic")`` (batch-invariant convolutions, norms, matmuls; the
+  chunking then no longer matters);
+* attention through ComfyUI's ``pytorch_attention`` (SDPA, which the router sends to the batch-invariant
+  attention): the VAE's attention blocks bind their attention function when they are built (``vae_attention()``:
+  xformers, SDPA or the split attention, whose slices follow the free memory), so the binding of each block is
+  swapped for the call and put back afterwards, as are the module-level bindings
+  (:func:`jetdet.comfy.attention.sdpa_attention`);
+* the tiled fallback refused: if ComfyUI runs out of memory and turns to tiled decoding or encoding, the call
+  raises an error that says so instead of returning pixels that depend on the free memory.
+
+Nothing of the VAE stays changed after the call returns or raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from .attention import sdpa_attention
+
+#: The VAE methods ComfyUI falls back to when a whole decode or encode runs out of memory.
+_TILED = ("decode_tiled_", "decode_tiled_1d", "decode_tiled_3d", "encode_tiled_", "encode_tiled_1d",
+          "encode_tiled_3d")
+
+
+class TiledFallbackError(RuntimeError):
+    """ComfyUI ran out of memory in a deterministic VAE call and would have retried tiled."""
+
+
+def check_vae(vae, what: str = "vae"):
+    """A ComfyUI ``VAE`` (``comfy.sd.VAE``), or a clear error naming what was given."""
+    if not all(hasattr(vae, a) for a in ("decode", "encode", "first_stage_model")):
+        raise TypeError(f"{what}: expected a ComfyUI VAE (comfy.sd.VAE), got {type(vae).__name__}")
+    return vae
+
+
+@contextlib.contextmanager
+def _no_tiled_fallback(vae, verb: str, tiled_node: str):
+    def refuse(*args, **kwargs):
+        raise TiledFallbackError(
+            f"jetdet deterministic VAE {verb}: ComfyUI ran out of memory and would retry with tiled {verb}, whose "
+            f"tiles change the pixels (they would then depend on the free memory), so jetdet stops instead. Free "
+            f"memory or pass fewer items at once and run it again; ComfyUI's {tiled_node} node tiles on purpose, "
+            "with tile settings you choose.")
+
+    own = vars(vae)
+    saved = {n: own[n] for n in _TILED if n in own}
+    try:
+        for n in _TILED:
+            if hasattr(vae, n):
+                setattr(vae, n, refuse)
+        yield
+    finally:
+        for n in _TILED:
+            own.pop(n, None)
+        own.update(saved)
+
+
+@contextlib.contextmanager
+def _blocks_on_sdpa(vae):
+    """Each attention block of the VAE built by ComfyUI's ``diffusionmodules.model`` (SD/SDXL/SD3/Flux-type VAEs) on
+    that module's ``pytorch_attention`` while the call runs; the blocks' own bindings are put back afterwards."""
+    from comfy.ldm.modules.diffusionmodules import model as dm
+
+    target = dm.pytorch_attention
+    swapped = []
+    try:
+        for m in vae.first_stage_model.modules():
+            f = vars(m).get("optimized_attention")
+            if callable(f) and f is not target and getattr(f, "__module__", None) == dm.__name__:
+                swapped.append((m, f))
+                m.optimized_attention = target
+        yield
+    finally:
+        for m, f in reversed(swapped):
+            m.optimized_attention = f
+
+
+@contextlib.contextmanager
+def _deterministic(vae, verb: str, tiled_node: str, warn_only: bool):
+    import jetdet
+
+    check_vae(vae)
+    with (jetdet.mode("deterministic", warn_only=warn_only), sdpa_attention(), _blocks_on_sdpa(vae),
+          _no_tiled_fallback(vae, verb, tiled_node)):
+        yield
+
+
+def decode(vae, samples, warn_only: bool = False):
+    """``vae.decode(samples)`` with batch-invariant ops (see the module docstring); the images as ComfyUI's VAE
+    Decode node returns them (a video's frames as one batch of images). ``warn_only``: warn instead of raising on a
+    torch op with no deterministic implementation."""
+    with _deterministic(vae, "decoding", "VAE Decode (Tiled)", warn_only):
+        images = vae.decode(samples)
+    if images.dim() == 5:  # a video VAE: frames of all items as one image batch, as VAE Decode does
+        images = images.reshape(-1, *images.shape[-3:])
+    return images
+
+
+def encode(vae, pixels, warn_only: bool = False):
+    """``vae.encode(pixels[..., :3])`` with batch-invariant ops, as ComfyUI's VAE Encode node calls it."""
+    with _deterministic(vae, "encoding", "VAE Encode (Tiled)", warn_only):
+        return vae.encode(pixels[:, :, :, :3])

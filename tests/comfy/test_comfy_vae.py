@@ -1,0 +1,132 @@
+"""The Deterministic VAE Decode and Encode nodes on ComfyUI's own VAE class: an item's pixels (or latent) equal
+those of the item decoded (encoded) alone, bit for bit, whatever the batch size and free memory; the tiled
+fallback is refused; nothing of the VAE stays changed. Negative control: ComfyUI's own decode and encode of the
+same batch are not batch invariant on this CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _comfy_util import no_free_memory
+from conftest import require_comfyui
+
+require_comfyui()
+
+import tiny_models as tm  # noqa: E402
+
+from jetdet.comfy import nodes as N  # noqa: E402
+from jetdet.comfy import vae as dvae  # noqa: E402
+from jetdet.mode import torch_flags  # noqa: E402
+
+BATCH = 5
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tm.sd_vae(0)
+
+
+@pytest.fixture(scope="module")
+def latents():
+    return torch.randn(BATCH, 4, 12, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _decode(vae, x):
+    return N.JetDetDeterministicVAEDecode.execute({"samples": x}, vae, True).args[0]
+
+
+def _encode(vae, px):
+    return N.JetDetDeterministicVAEEncode.execute(px, vae, True).args[0]["samples"]
+
+
+def _rows_alone_differ(fn, x) -> list[int]:
+    full = fn(x)
+    return [i for i in range(x.shape[0]) if not torch.equal(fn(x[i:i + 1])[0], full[i])]
+
+
+def _state(vae):
+    blocks = [(m, vars(m)["optimized_attention"]) for m in vae.first_stage_model.modules()
+              if "optimized_attention" in vars(m)]
+    return dict(vars(vae)), blocks, torch_flags()
+
+
+def test_decode_items_equal_the_item_decoded_alone(vae, latents):
+    full = _decode(vae, latents)
+    assert full.shape == (BATCH, 96, 128, 3) and full.dtype == torch.float32
+    for i in range(BATCH):
+        assert torch.equal(_decode(vae, latents[i:i + 1])[0], full[i]), f"item {i}"
+    assert torch.equal(_decode(vae, latents[2:5]), full[2:5])  # a window: the items' positions move
+    assert torch.equal(_decode(vae, latents), full)  # a rerun
+    with no_free_memory():  # ComfyUI decodes one item at a time, and its split attention would slice by memory
+        assert torch.equal(_decode(vae, latents), full)
+    # the same decode as ComfyUI's, up to the rounding of other kernels
+    torch.testing.assert_close(full, vae.decode(latents), atol=2e-3, rtol=0)
+
+
+def test_encode_items_equal_the_image_encoded_alone(vae, latents):
+    px = torch.rand(BATCH, 64, 96, 4, generator=torch.Generator().manual_seed(2))  # an alpha channel, dropped
+    full = _encode(vae, px)
+    assert full.shape == (BATCH, 4, 8, 12)
+    for i in range(BATCH):
+        assert torch.equal(_encode(vae, px[i:i + 1])[0], full[i]), f"item {i}"
+    with no_free_memory():
+        assert torch.equal(_encode(vae, px), full)
+    torch.testing.assert_close(full, vae.encode(px[..., :3]), atol=2e-3, rtol=0)
+
+
+def test_negative_control_comfyuis_own_vae_calls_are_not_batch_invariant_here(vae, latents):
+    """If ComfyUI's own decode and encode were batch invariant on this CPU, the tests above could not fail for the
+    reason they are there (on another CPU they may be: then this skips)."""
+    bad_dec = _rows_alone_differ(vae.decode, latents)
+    px = torch.rand(BATCH, 64, 96, 3, generator=torch.Generator().manual_seed(2))
+    bad_enc = _rows_alone_differ(vae.encode, px)
+    if not bad_dec and not bad_enc:
+        pytest.skip("ComfyUI's VAE decode and encode happen to be batch invariant on this CPU")
+    assert bad_dec or bad_enc
+
+
+def test_attention_blocks_run_sdpa_and_are_put_back(vae, latents, monkeypatch):
+    """The VAE's attention blocks bound the process's VAE attention when they were built (the split attention on
+    this CPU, whose slices follow the free memory); during the call they run ComfyUI's pytorch_attention, and
+    afterwards they hold their own binding again."""
+    from comfy.ldm.modules.diffusionmodules import model as dm
+
+    before = _state(vae)
+    assert before[1] and all(f is not dm.pytorch_attention for _, f in before[1]), "no split-attention block here"
+    calls = []
+    orig = dm.pytorch_attention
+    monkeypatch.setattr(dm, "pytorch_attention", lambda q, k, v: calls.append(q.shape) or orig(q, k, v))
+    _decode(vae, latents[:2])
+    assert calls, "the attention blocks did not run ComfyUI's pytorch_attention"
+    assert _state(vae) == before
+
+
+def test_tiled_fallback_is_refused_and_nothing_stays_changed(vae, latents, monkeypatch):
+    import comfy.model_management as mm
+
+    def oom(*args, **kwargs):
+        raise mm.OOM_EXCEPTION("out of memory (test)")
+
+    before = _state(vae)
+    monkeypatch.setattr(vae.first_stage_model, "decode", oom)
+    monkeypatch.setattr(vae.first_stage_model, "encode", oom)
+    with pytest.raises(dvae.TiledFallbackError, match="would retry with tiled decoding"):
+        _decode(vae, latents)
+    with pytest.raises(dvae.TiledFallbackError, match="VAE Encode \\(Tiled\\)"):
+        _encode(vae, torch.rand(2, 64, 64, 3))
+    monkeypatch.undo()
+    assert _state(vae) == before
+    assert torch.equal(_decode(vae, latents[:1]), _decode(vae, latents[:1]))
+
+
+@pytest.mark.parametrize("node,args,match", [
+    ("decode", ({"samples": torch.zeros(1, 4, 8, 8)}, None, True), "vae: expected a ComfyUI VAE"),
+    ("decode", (torch.zeros(1, 4, 8, 8), "vae", True), "samples: expected a LATENT"),
+    ("encode", (torch.zeros(1, 64, 64, 3), object(), True), "vae: expected a ComfyUI VAE"),
+    ("encode", (torch.zeros(64, 64, 3), "vae", True), r"pixels: expected an IMAGE .* got \(64, 64, 3\)"),
+])
+def test_bad_input_names_the_argument(vae, node, args, match):
+    cls = N.JetDetDeterministicVAEDecode if node == "decode" else N.JetDetDeterministicVAEEncode
+    args = tuple(vae if a == "vae" else a for a in args)
+    with pytest.raises((TypeError, ValueError), match=match):
+        cls.execute(*args)
