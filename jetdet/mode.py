@@ -10,10 +10,11 @@ Deterministic mode
 * Routes ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``matmul``/``@``, ``linear``, ``conv2d``,
   ``layer_norm``, ``rms_norm``, ``group_norm``, ``softmax`` and ``scaled_dot_product_attention`` through
   the batch-invariant ``jetdet.ops``; ``conv3d`` as a fixed-order sum of conv2d calls, ``einsum`` as itself
-  (no sum) or as ``bmm`` (a two-operand contraction); ``sum``, ``mean`` and 2-norms over given dims through the
-  row reductions (:func:`_h_reduce`). The router is a ``TorchFunctionMode`` pushed on the thread's mode
-  stack while at least one deterministic context is active on that thread; it consults the context's mode
-  on every call, so a task or nested ``mode("off")`` on the same thread passes straight through.
+  (no sum) or as ``bmm`` (a two-operand contraction); ``sum``, ``mean``, 2-norms, ``var``/``std`` and
+  ``var_mean``/``std_mean`` over given dims through the row reductions (:func:`_h_reduce`, :func:`_h_var`).
+  The router is a ``TorchFunctionMode`` pushed on the thread's mode stack while at least one deterministic
+  context is active on that thread; it consults the context's mode on every call, so a task or nested
+  ``mode("off")`` on the same thread passes straight through.
   We chose a TorchFunctionMode over ``torch.library`` aten overrides because it is scoped (nothing global
   is replaced), sees ``F.linear``/``F.scaled_dot_product_attention`` before decomposition, and costs
   a few microseconds per routed call (``python -m jetdet.bench`` prints the measured overhead).
@@ -683,6 +684,47 @@ def _h_reduce(kind: str):
     return handler
 
 
+_VAR_KWARGS = frozenset({"dim", "unbiased", "correction", "keepdim"})
+
+
+def _h_var(kind: str):
+    """``var``, ``std``, ``var_mean`` or ``std_mean`` over given dims of a float tensor, from jetdet's fixed-order
+    row reductions in fp32: the mean, then the sum of squared deviations from it, divided by ``max(0, n -
+    correction)`` as torch divides (``unbiased``/``correction`` as torch reads them). torch's own kernels choose how
+    to split a reduction by how many outputs there are, so on a GPU an item's result can depend on the batch
+    (ComfyUI's RescaleCFG takes ``torch.std`` over each item, ACE-Step's ControlNet ``std`` and ``mean``). The forms
+    :func:`_h_reduce` passes through (every dim, non-float input, unknown arguments) run as they are, without a
+    warning; so do a positional ``unbiased`` given in place of ``dim``."""
+
+    def handler(func, args, kwargs):
+        x = call_arg(args, kwargs, 0, "input")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        unbiased = args[2] if len(args) > 2 else kwargs.get("unbiased")
+        keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+        correction = kwargs.get("correction")
+        if (not isinstance(x, torch.Tensor) or len(args) > 4 or not set(kwargs) <= _VAR_KWARGS
+                or type(keepdim) is not bool or (unbiased is not None and type(unbiased) is not bool)
+                or (unbiased is not None and correction is not None)
+                or (correction is not None and type(correction) not in (int, float)) or _ok(x) or not x.numel()):
+            return func(*args, **kwargs)
+        dims = _reduce_dims(dim, x.dim())
+        if dims is None:
+            return func(*args, **kwargs)
+        corr = correction if correction is not None else (0 if unbiased is False else 1)
+        n = math.prod(x.shape[d] for d in dims)
+        ops = _ops()
+        xf = x.float()
+        m = ops.mean(xf, dims, True)
+        dev = xf - m
+        var = ops.sum(dev * dev, dims, keepdim) / max(0.0, n - corr)
+        out = var.sqrt() if kind.startswith("std") else var
+        if not kind.endswith("_mean"):
+            return out.to(x.dtype)
+        return out.to(x.dtype), (m if keepdim else m.squeeze(dims)).to(x.dtype)
+
+    return handler
+
+
 def _h_softmax(func, args, kwargs):
     ops = _ops()
 
@@ -852,6 +894,12 @@ _HANDLERS = {
     torch.norm: _h_reduce("norm"),
     torch.Tensor.norm: _h_reduce("norm"),
     torch.linalg.vector_norm: _h_reduce("vector_norm"),
+    torch.var: _h_var("var"),
+    torch.Tensor.var: _h_var("var"),
+    torch.std: _h_var("std"),
+    torch.Tensor.std: _h_var("std"),
+    torch.var_mean: _h_var("var_mean"),
+    torch.std_mean: _h_var("std_mean"),
 }
 if hasattr(F, "rms_norm"):
     _HANDLERS[F.rms_norm] = _h_rms_norm
@@ -877,7 +925,7 @@ _AUTOCAST_LOW = frozenset({
 })
 _AUTOCAST_FP32_CUDA = frozenset({F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax,
                                  torch.softmax, torch.Tensor.softmax, torch.sum, torch.Tensor.sum, torch.norm,
-                                 torch.Tensor.norm, torch.linalg.vector_norm})
+                                 torch.Tensor.norm, torch.linalg.vector_norm})  # var/std: not on torch's list
 
 
 def _autocast_cast(a, to):

@@ -1,10 +1,12 @@
-"""Reductions in deterministic mode: ``sum``, ``mean`` and 2-norms over given dims are routed to jetdet's fixed-order
-row reductions (ComfyUI's HunyuanVideo and Mochi pool text tokens with ``sum``; Stable Cascade's GlobalResponseNorm
-takes ``torch.norm`` and ``mean``; Cosmos normalises a position table with ``linalg.vector_norm``), every other form
+"""Reductions in deterministic mode: ``sum``, ``mean``, 2-norms, ``var``/``std`` (and ``var_mean``/``std_mean``) over
+given dims are routed to jetdet's fixed-order row reductions (ComfyUI's HunyuanVideo and Mochi pool text tokens with
+``sum``; Stable Cascade's GlobalResponseNorm takes ``torch.norm`` and ``mean``; Cosmos normalises a position table
+with ``linalg.vector_norm``; RescaleCFG and ACE-Step's ControlNet take ``std`` per item), every other form
 runs as it is without a warning, and the row ops' torch path is batch invariant for strided rows too."""
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 
@@ -50,6 +52,11 @@ ROUTED = [
     ("Tensor.norm dim 1", lambda t: t.norm(dim=1)),
     ("Tensor.norm fro dims (1, 2)", lambda t: t.norm("fro", (1, 2))),
     ("linalg.vector_norm dim -1 keepdim", lambda t: torch.linalg.vector_norm(t, dim=-1, keepdim=True)),
+    ("Tensor.var dim 1", lambda t: t.var(1)),
+    ("torch.var dims (1, 2) unbiased=False keepdim", lambda t: torch.var(t, (1, 2), False, True)),
+    ("torch.std dims (1, 2) keepdim (RescaleCFG)", lambda t: torch.std(t, dim=(1, 2), keepdim=True)),
+    ("Tensor.std dim -1 correction=0", lambda t: t.std(dim=-1, correction=0)),
+    ("torch.var dim 1 correction=2.5", lambda t: torch.var(t, 1, correction=2.5)),
 ]
 
 
@@ -79,6 +86,10 @@ PASSED_THROUGH = [
     ("empty tensor", lambda t: t[:0].mean(1)),
     ("dim given twice", lambda t: t.sum((1, -2))),
     ("Frobenius over 3 dims", lambda t: t.norm(dim=(0, 1, 2))),  # torch raises: a matrix norm takes 2 dims
+    ("var of everything", lambda t: t.var()),
+    ("std with a positional unbiased", lambda t: t.std(False)),
+    ("var with unbiased and correction", lambda t: torch.var(t, 1, unbiased=True, correction=0)),  # torch raises
+    ("var of float64", lambda t: t.double().var(1)),
 ]
 
 
@@ -88,8 +99,8 @@ def test_other_forms_run_as_they_are_without_a_warning(name, fn, op_calls):
     ref = None
     try:
         ref = fn(x)
-    except RuntimeError as e:  # torch refuses some forms itself (a dim twice): so must deterministic mode
-        with pytest.raises(RuntimeError, match=str(e).split("\n")[0][:40]):
+    except (RuntimeError, TypeError) as e:  # torch refuses some forms itself (a dim twice): so must deterministic mode
+        with pytest.raises(type(e), match=re.escape(str(e).split("\n")[0][:40])):
             _det(fn, x)
         return
     with warnings.catch_warnings():
@@ -97,6 +108,39 @@ def test_other_forms_run_as_they_are_without_a_warning(name, fn, op_calls):
         out = _det(fn, x)
     assert torch.equal(out, ref) and out.dtype == ref.dtype, name
     assert op_calls == [], f"{name}: routed to jetdet's {op_calls}"
+
+
+TUPLES = [
+    ("torch.var_mean dim -1", lambda t: torch.var_mean(t, -1)),
+    ("torch.std_mean dims (1, 2) correction=0 keepdim", lambda t: torch.std_mean(t, (1, 2), correction=0,
+                                                                                 keepdim=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,fn", TUPLES, ids=[n for n, _ in TUPLES])
+def test_var_mean_and_std_mean_reach_jetdet_match_torch_and_are_batch_invariant(name, fn, dtype, op_calls):
+    x = torch.randn(5, 37, 24).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _det(fn, x)
+    assert op_calls, f"{name}: no jetdet reduction ran"
+    ref, plain = fn(x.double()), fn(x)
+    for i, part in enumerate(("var/std", "mean")):
+        assert out[i].shape == ref[i].shape and out[i].dtype == plain[i].dtype
+        assert_max_err(out[i], ref[i], OPS_MAX_ERR[dtype], f"{name} {part}")
+        assert_batch_invariant(lambda t, i=i: _det(fn, t)[i], [x], prefixes=(1, 2, 4), slots=(3,), full=out[i],
+                               label=f"{name} {part}")
+
+
+def test_var_with_no_degrees_of_freedom_is_nan_as_torch_s():
+    x = torch.randn(4, 1, 6)
+    for fn in (lambda t: t.var(1), lambda t: t.std(1), lambda t: t.var(1, correction=3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the degrees of freedom
+            out, ref = _det(fn, x), fn(x)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    torch.testing.assert_close(_det(lambda t: t.var(1, correction=0), x), torch.zeros(4, 6))
 
 
 def test_reductions_keep_autograd_and_autocast():
