@@ -8,7 +8,7 @@ branch of the graph that uses the original MODEL samples exactly as if jetdet we
   ``jetdet.mode("deterministic")`` (the batch-invariant ops) and :func:`jetdet.comfy.attention.sdpa_attention`
   (ComfyUI's own SDPA attention, instead of the memory-dependent CPU attention or a non-invariant GPU one).
   ``APPLY_MODEL`` is the one wrapper every model type of ComfyUI 0.3.64 calls; ``DIFFUSION_MODEL`` does not reach
-  SD3's MMDiT there.
+  SD3's MMDiT there. A ``PREDICT_NOISE`` wrapper does the same for the CFG combination around the model calls.
 * **Fast** (:func:`with_fast`): an ``APPLY_MODEL`` wrapper puts jetdet's step cache
   (:class:`jetdet.cache.StepCacheController`) in front of the model, per batch row and per CFG branch, and an
   ``OUTER_SAMPLE`` wrapper gives every sampling run a fresh controller (so state never leaks from one run into
@@ -97,11 +97,17 @@ def deterministic_warn_only(model) -> bool:
 def with_deterministic(model, warn_only: bool | None = None):
     """A clone of ``model`` (with any other jetdet mode removed) whose model calls are deterministic.
     ``warn_only`` None keeps the setting of the model's own deterministic wrapper (the Mode Switch's ``strict``),
-    strict when it has none."""
+    strict when it has none.
+
+    Two wrappers: ``APPLY_MODEL`` (every model call, whatever calls it) and ``PREDICT_NOISE`` (one sampler step's
+    prediction: the model calls and the CFG combination around them, where a ``sampler_cfg_function`` such as
+    RescaleCFG's takes ``torch.std`` per item, a reduction whose bits on a GPU can depend on the batch)."""
     if warn_only is None:
         warn_only = deterministic_warn_only(check_model(model))
     m = without_jetdet(model)
-    m.add_wrapper_with_key(_wrappers().APPLY_MODEL, KEY_DETERMINISTIC, DeterministicWrapper(warn_only))
+    w = _wrappers()
+    m.add_wrapper_with_key(w.APPLY_MODEL, KEY_DETERMINISTIC, DeterministicWrapper(warn_only))
+    m.add_wrapper_with_key(w.PREDICT_NOISE, KEY_DETERMINISTIC, DeterministicWrapper(warn_only))
     return m
 
 

@@ -116,3 +116,37 @@ def test_checksums_and_fingerprint_outputs(shapes_patcher, shapes_conds):
     lines = sums.splitlines()
     assert lines == [f"item {4 + i}: {jetdet.checksum(out['samples'][i:i + 1])}" for i in range(2)]
     assert json.loads(fp)["torch"] == torch.__version__
+
+
+def test_a_cfg_function_runs_in_deterministic_mode_and_rescale_cfg_items_equal_singles(shapes_patcher, shapes_conds,
+                                                                                       monkeypatch):
+    """The CFG combination around the model calls runs in deterministic mode too (a ``PREDICT_NOISE`` wrapper):
+    ComfyUI's RescaleCFG takes ``torch.std`` over each item there, which jetdet now routes (on a GPU torch's own
+    reduction may depend on the batch; on this CPU it happens not to, so the spy below is what can fail). Items of a
+    RescaleCFG run equal their batch-1 runs. Negative control: the stock KSampler's CFG function runs in mode off."""
+    import sys
+
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    import jetdet
+
+    router = sys.modules["jetdet.mode"]
+    routed = []
+    for f in (torch.std, torch.Tensor.std):
+        h = router._HANDLERS[f]
+        monkeypatch.setitem(router._HANDLERS, f, lambda func, a, k, _h=h: routed.append(func) or _h(func, a, k))
+    rescaled = RescaleCFG().patch(shapes_patcher, 0.7)[0]
+    assert items_equal_to_singles(rescaled, *shapes_conds, "euler_ancestral", batch=3, steps=4) == [True] * 3
+    assert routed, "RescaleCFG's torch.std did not reach jetdet's router"
+
+    modes = []
+    probe = shapes_patcher.clone()
+    probe.set_model_sampler_cfg_function(lambda args: modes.append(jetdet.get_mode().value)
+                                         or args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"])
+    det_sample(probe, *shapes_conds, 2, "euler", steps=2)
+    assert modes and set(modes) == {"deterministic"}
+    modes.clear()
+    from _comfy_util import empty_latent
+
+    stock_ksampler(probe, *shapes_conds, empty_latent(2), "euler", steps=2)
+    assert modes and set(modes) == {"off"}
