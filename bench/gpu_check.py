@@ -584,7 +584,35 @@ def _torch_control(run: Run, out: dict) -> None:
         ctrl[_dn(dtype)] = {"m": ms, "row0_equal": [bool(torch.equal(F.linear(x[:m], w)[0], row0)) for m in ms]}
         print(f"  negative control: torch F.linear {_dn(dtype)} row 0 at M={ms} equals M=1: "
               f"{ctrl[_dn(dtype)]['row0_equal']}")
+    _std_control(run, ctrl)
     out["torch_control"] = ctrl
+
+
+def _std_control(run: Run, ctrl: dict) -> None:
+    """Per-item ``torch.std`` over (C, H, W), as ComfyUI's RescaleCFG takes it, item 0 at batch B against B = 1:
+    torch's own (whether its reduction depends on the batch here is what this measures; on the CPU it did not) and
+    in deterministic mode (routed to jetdet's row reductions: must be equal at every B)."""
+    import jetdet
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8 if run.dry else 64, 4, 16 if run.dry else 128, 16 if run.dry else 128, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(run.dev, dtype)
+        bs = [b for b in (1, 2, 8, 32, 64) if b <= xd.shape[0]]
+
+        def std(t):
+            return torch.std(t, dim=(1, 2, 3), keepdim=True)
+
+        row0 = std(xd[:1])[0]
+        torch_eq = [bool(torch.equal(std(xd[:b])[0], row0)) for b in bs]
+        with jetdet.mode("deterministic"):
+            row0 = std(xd[:1])[0]
+            jet_eq = [bool(torch.equal(std(xd[:b])[0], row0)) for b in bs]
+        ctrl[f"std {_dn(dtype)}"] = {"batch": bs, "torch_row0_equal": torch_eq, "jetdet_row0_equal": jet_eq}
+        print(f"  std over (C, H, W) {_dn(dtype)}, item 0 at B={bs} equals B=1: torch {torch_eq}, "
+              f"deterministic mode {jet_eq}")
+        if not all(jet_eq):
+            run.fail(f"ops: torch.std in deterministic mode {_dn(dtype)} depends on the batch: {jet_eq}")
 
 
 # ---------------------------------------------------------------------------------------------- models
