@@ -684,7 +684,9 @@ def _h_reduce(kind: str):
     return handler
 
 
-_VAR_KWARGS = frozenset({"dim", "unbiased", "correction", "keepdim"})
+#: ``var``/``std`` and their ``_mean`` forms: these in order (``correction`` is keyword-only), with their defaults
+_VAR_PARAMS = (("input", None), ("dim", None), ("unbiased", None), ("keepdim", False))
+_VAR_KWARGS = frozenset({n for n, _ in _VAR_PARAMS} | {"correction"})
 
 
 def _h_var(kind: str):
@@ -697,12 +699,9 @@ def _h_var(kind: str):
     warning; so do a positional ``unbiased`` given in place of ``dim``."""
 
     def handler(func, args, kwargs):
-        x = call_arg(args, kwargs, 0, "input")
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        unbiased = args[2] if len(args) > 2 else kwargs.get("unbiased")
-        keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+        x, dim, unbiased, keepdim = (call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_VAR_PARAMS))
         correction = kwargs.get("correction")
-        if (not isinstance(x, torch.Tensor) or len(args) > 4 or not set(kwargs) <= _VAR_KWARGS
+        if (not isinstance(x, torch.Tensor) or len(args) > len(_VAR_PARAMS) or not set(kwargs) <= _VAR_KWARGS
                 or type(keepdim) is not bool or (unbiased is not None and type(unbiased) is not bool)
                 or (unbiased is not None and correction is not None)
                 or (correction is not None and type(correction) not in (int, float)) or _ok(x) or not x.numel()):
