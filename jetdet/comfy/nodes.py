@@ -1124,7 +1124,11 @@ class JetDetShapesDecode(io.ComfyNode):
 
 # ---------------------------------------------------------------------------------------------- VAE decode, encode
 
-_STRICT_TIP = "Raise on a torch op with no deterministic implementation (off: warn instead)."
+def _vae_inputs(verb: str) -> list:
+    """The VAE and ``strict`` inputs of the Deterministic VAE Decode and Encode nodes."""
+    return [io.Vae.Input("vae", tooltip=f"The VAE to {verb} with (it is not changed)."),
+            io.Boolean.Input("strict", default=True,
+                             tooltip="Raise on a torch op with no deterministic implementation (off: warn instead).")]
 
 
 class JetDetDeterministicVAEDecode(io.ComfyNode):
@@ -1136,14 +1140,12 @@ class JetDetDeterministicVAEDecode(io.ComfyNode):
                         "attention, whatever the batch size or free memory. It stops with an error rather than fall "
                         "back to tiled decoding (which changes the pixels) when memory runs out.",
             inputs=[io.Latent.Input("samples", tooltip="The latent to decode (e.g. the Deterministic Sampler's)."),
-                    io.Vae.Input("vae", tooltip="The VAE to decode with (it is not changed)."),
-                    io.Boolean.Input("strict", default=True, tooltip=_STRICT_TIP)],
+                    *_vae_inputs("decode")],
             outputs=[io.Image.Output(tooltip="The decoded images, each independent of the batch around it.")],
         )
 
     @classmethod
     def execute(cls, samples, vae, strict):
-        dvae.check_vae(vae)
         return io.NodeOutput(dvae.decode(vae, _latent_tensor(samples, "samples"), warn_only=not strict))
 
 
@@ -1156,14 +1158,12 @@ class JetDetDeterministicVAEEncode(io.ComfyNode):
                         "the Deterministic Sampler). It stops with an error rather than fall back to tiled encoding "
                         "when memory runs out.",
             inputs=[io.Image.Input("pixels", tooltip="The images to encode (an alpha channel is dropped)."),
-                    io.Vae.Input("vae", tooltip="The VAE to encode with (it is not changed)."),
-                    io.Boolean.Input("strict", default=True, tooltip=_STRICT_TIP)],
+                    *_vae_inputs("encode")],
             outputs=[io.Latent.Output(tooltip="The latents, each independent of the batch around it.")],
         )
 
     @classmethod
     def execute(cls, pixels, vae, strict):
-        dvae.check_vae(vae)
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[-1] < 3:
             got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"pixels: expected an IMAGE (a [batch, height, width, channels >= 3] tensor), got {got}")
