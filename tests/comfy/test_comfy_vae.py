@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _comfy_util import no_free_memory
+from _invariance import batch_mismatches
 from conftest import require_comfyui
 
 require_comfyui()
@@ -37,11 +38,6 @@ def _decode(vae, x):
 
 def _encode(vae, px):
     return N.JetDetDeterministicVAEEncode.execute(px, vae, True).args[0]["samples"]
-
-
-def _rows_alone_differ(fn, x) -> list[int]:
-    full = fn(x)
-    return [i for i in range(x.shape[0]) if not torch.equal(fn(x[i:i + 1])[0], full[i])]
 
 
 def _state(vae):
@@ -77,9 +73,9 @@ def test_encode_items_equal_the_image_encoded_alone(vae, latents):
 def test_negative_control_comfyuis_own_vae_calls_are_not_batch_invariant_here(vae, latents):
     """If ComfyUI's own decode and encode were batch invariant on this CPU, the tests above could not fail for the
     reason they are there (on another CPU they may be: then this skips)."""
-    bad_dec = _rows_alone_differ(vae.decode, latents)
+    bad_dec = batch_mismatches(vae.decode, [latents], slots=range(BATCH))
     px = torch.rand(BATCH, 64, 96, 3, generator=torch.Generator().manual_seed(2))
-    bad_enc = _rows_alone_differ(vae.encode, px)
+    bad_enc = batch_mismatches(vae.encode, [px], slots=range(BATCH))
     if not bad_dec and not bad_enc:
         pytest.skip("ComfyUI's VAE decode and encode happen to be batch invariant on this CPU")
     assert bad_dec or bad_enc
