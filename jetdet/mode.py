@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 
 from . import backend as _backend
+from . import conv_forms as _conv_forms
 from .kernels.attention import torch_path as _attention_torch
 from .kernels.conv2d.op import out_size as _conv_out_size
 from .kernels.matmul import torch_path as _matmul_torch
@@ -441,17 +442,10 @@ def _h_matmul(func, args, kwargs):
     return _fallback(func, args, kwargs, f"matmul of {a.dim()}-D by {b.dim()}-D")
 
 
-def _conv_args(args, kwargs, dims: int):
-    """(input, weight, bias, stride, padding, why-not) of a conv call; why-not names what jetdet cannot take."""
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    vals = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, (None, None, None, 1, 0, 1, 1)))]
-    x, w, b, stride, padding, dilation, groups = vals
-    why = _ok(x, w, b)
-    if not why and groups != 1:
-        why = f"groups={groups}"
-    if not why and (tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,) * dims) != (1,) * dims:
-        why = f"dilation={dilation}"
-    return x, w, b, stride, padding, why
+_CONV_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+                ("groups", 1))
+_CONV_T_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
+                  ("output_padding", 0), ("groups", 1), ("dilation", 1))
 
 
 def _int_pair(v):
@@ -463,10 +457,9 @@ def _int_pair(v):
     return None
 
 
-def _h_conv2d(func, args, kwargs):
-    x, w, b, stride, padding, why = _conv_args(args, kwargs, 2)
-    if why:
-        return _fallback(func, args, kwargs, why)
+def _conv2d_basic(x, w, b, stride, padding):
+    """conv2d with groups 1 and dilation 1: the Triton launcher straight away when it can take the call (see
+    :func:`_direct`), else :func:`jetdet.ops.conv2d` (its checks and clear errors)."""
     s, p = _int_pair(stride), _int_pair(padding)
     if (s and p and x.dim() == 4 and w.dim() == 4 and _direct(x, w, b) == "triton" and w.shape[1] == x.shape[1]
             and min(s) >= 1 and min(p) >= 0 and x.numel() and w.numel()
@@ -477,37 +470,73 @@ def _h_conv2d(func, args, kwargs):
     return _ops().conv2d(x, w, b, stride, padding)
 
 
-def _triple(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+_CONV_NAMES = frozenset(n for n, _ in _CONV_PARAMS)
+_CONV_T_NAMES = frozenset(n for n, _ in _CONV_T_PARAMS)
 
 
-def _h_conv3d(func, args, kwargs):
-    """conv3d as a fixed-order sum over the kernel's time taps of batch-invariant conv2d calls on frames: a
-    ``(1, kh, kw)`` kernel (video DiTs' patch embedding, e.g. Wan's) is one conv2d over ``B·T`` frames."""
-    ops = _ops()
-    x, w, b, stride, padding, why = _conv_args(args, kwargs, 3)
-    if not why and (isinstance(padding, str) or x.dim() != 5 or w.dim() != 5 or w.shape[1] != x.shape[1]):
-        why = "padding given as a string" if isinstance(padding, str) else "not a batched 5-D input"
-    if why:
-        return _fallback(func, args, kwargs, why)
-    st, sh, sw = _triple(stride)
-    pt, ph, pw = _triple(padding)
-    B, C, T, H, W = x.shape
-    kt = w.shape[2]
-    if pt:
-        x = F.pad(x, (0, 0, 0, 0, pt, pt))
-    t_out = (T + 2 * pt - kt) // st + 1
-    if t_out < 1:
-        return func(*args, **kwargs)  # let torch raise its own shape error
-    out = None
-    for j in range(kt):  # fixed tap order; each tap is one conv2d over every (item, output frame)
-        frames = x[:, :, j: j + (t_out - 1) * st + 1: st]  # [B, C, t_out, H, W]
-        f2 = frames.transpose(1, 2).reshape(B * t_out, C, H, W)
-        y = ops.conv2d(f2, w[:, :, j], None, (sh, sw), (ph, pw))
-        out = y if out is None else out + y
-    if b is not None:
-        out = out + b.reshape(1, -1, 1, 1)
-    return out.reshape(B, t_out, *out.shape[1:]).transpose(1, 2)
+def _same_dtype(x, w, b) -> bool:
+    return w.dtype == x.dtype and (b is None or b.dtype == x.dtype)
+
+
+def _h_conv(n: int):
+    """``conv{n}d``. conv2d with groups 1 and dilation 1 is jetdet's conv2d op; every other form (1-D and 3-D,
+    dilation, groups, depthwise, ``padding="same"`` with any kernel) is rebuilt from batch-invariant calls by
+    :mod:`jetdet.conv_forms`. Calls torch would refuse (bad shapes or arguments) go to torch for its error."""
+
+    def handler(func, args, kwargs):
+        if len(args) > len(_CONV_PARAMS) or not _CONV_NAMES.issuperset(kwargs):
+            return func(*args, **kwargs)
+        x, w, b, stride, padding, dilation, groups = [call_arg(args, kwargs, i, k, d)
+                                                      for i, (k, d) in enumerate(_CONV_PARAMS)]
+        why = _ok(x, w, b)
+        if why:
+            return _fallback(func, args, kwargs, why)
+        if n == 2 and groups == 1 and dilation in (1, (1, 1), [1, 1]) and not isinstance(padding, str):
+            return _conv2d_basic(x, w, b, stride, padding)  # jetdet's own op, with its own errors
+        st, dil = _conv_forms.tuple_of(stride, n), _conv_forms.tuple_of(dilation, n)
+        if (st is None or dil is None or min(st) < 1 or min(dil) < 1 or type(groups) is not int or groups < 1
+                or x.dim() not in (n + 1, n + 2) or w.dim() != n + 2 or not _same_dtype(x, w, b)
+                or x.shape[-n - 1] != w.shape[1] * groups or w.shape[0] % groups
+                or (b is not None and tuple(b.shape) != (w.shape[0],)) or not x.numel() or not w.numel()):
+            return func(*args, **kwargs)
+        pads = _conv_forms.explicit_padding(padding, st, dil, w.shape[2:])
+        if pads is None or any(i + p0 + p1 - d * (k - 1) < 1
+                               for i, (p0, p1), d, k in zip(x.shape[-n:], pads, dil, w.shape[2:])):
+            return func(*args, **kwargs)
+        batched = x.dim() == n + 2
+        y = _conv_forms.CONV[n](x if batched else x.unsqueeze(0), w, b, st, pads, dil, groups, _conv2d_basic)
+        return y if batched else y.squeeze(0)
+
+    return handler
+
+
+def _h_conv_transpose(n: int):
+    """``conv_transpose{n}d``: one stride-1 convolution per output phase (:func:`jetdet.conv_forms.
+    conv_transpose`). Calls torch would refuse go to torch for its error."""
+
+    def handler(func, args, kwargs):
+        if len(args) > len(_CONV_T_PARAMS) or not _CONV_T_NAMES.issuperset(kwargs):
+            return func(*args, **kwargs)
+        x, w, b, stride, padding, out_pad, groups, dilation = [call_arg(args, kwargs, i, k, d)
+                                                               for i, (k, d) in enumerate(_CONV_T_PARAMS)]
+        why = _ok(x, w, b)
+        if why:
+            return _fallback(func, args, kwargs, why)
+        st, pd, op, dil = (_conv_forms.tuple_of(v, n) for v in (stride, padding, out_pad, dilation))
+        if (st is None or pd is None or op is None or dil is None or min(st) < 1 or min(dil) < 1 or min(pd) < 0
+                or min(op) < 0 or any(o >= max(s, d) for o, s, d in zip(op, st, dil))
+                or type(groups) is not int or groups < 1 or x.dim() not in (n + 1, n + 2) or w.dim() != n + 2
+                or not _same_dtype(x, w, b) or x.shape[-n - 1] != w.shape[0] or w.shape[0] % groups
+                or (b is not None and tuple(b.shape) != (w.shape[1] * groups,)) or not x.numel() or not w.numel()
+                or any((i - 1) * s - 2 * p + d * (k - 1) + o < 0
+                       for i, s, p, d, k, o in zip(x.shape[-n:], st, pd, dil, w.shape[2:], op))):
+            return func(*args, **kwargs)
+        batched = x.dim() == n + 2
+        y = _conv_forms.conv_transpose(x if batched else x.unsqueeze(0), w, b, st, pd, op, groups, dil,
+                                       _conv2d_basic)
+        return y if batched else y.squeeze(0)
+
+    return handler
 
 
 def _h_fallback_named(why):
@@ -867,16 +896,16 @@ _HANDLERS = {
     torch.matmul: _h_matmul,
     torch.Tensor.matmul: _h_matmul,
     torch.Tensor.__matmul__: _h_matmul,
-    torch.conv2d: _h_conv2d,
-    F.conv2d: _h_conv2d,
-    torch.conv3d: _h_conv3d,
-    F.conv3d: _h_conv3d,
+    torch.conv1d: _h_conv(1),
+    F.conv1d: _h_conv(1),
+    torch.conv2d: _h_conv(2),
+    F.conv2d: _h_conv(2),
+    torch.conv3d: _h_conv(3),
+    F.conv3d: _h_conv(3),
+    F.conv_transpose1d: _h_conv_transpose(1),
+    F.conv_transpose2d: _h_conv_transpose(2),
+    F.conv_transpose3d: _h_conv_transpose(3),
     torch.einsum: _h_einsum,
-    torch.conv1d: _h_fallback_named("conv1d is not routed"),
-    F.conv1d: _h_fallback_named("conv1d is not routed"),
-    F.conv_transpose1d: _h_fallback_named("transposed convolution is not routed"),
-    F.conv_transpose2d: _h_fallback_named("transposed convolution is not routed"),
-    F.conv_transpose3d: _h_fallback_named("transposed convolution is not routed"),
     torch.tensordot: _h_fallback_named("tensordot is not routed"),
     F.layer_norm: _h_layer_norm,
     torch.layer_norm: _h_layer_norm,
@@ -919,8 +948,9 @@ def handler_for(func):
 # "autocast to float32" list; mean is not on it; on CPU they keep their inputs' dtype, as torch's CPU autocast does)
 _AUTOCAST_LOW = frozenset({
     F.linear, torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
-    torch.Tensor.baddbmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.conv2d, F.conv2d,
-    torch.conv3d, F.conv3d, torch.einsum, F.scaled_dot_product_attention,
+    torch.Tensor.baddbmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.conv1d, torch.conv2d,
+    torch.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.einsum,
+    F.scaled_dot_product_attention,
 })
 _AUTOCAST_FP32_CUDA = frozenset({F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax,
                                  torch.softmax, torch.Tensor.softmax, torch.sum, torch.Tensor.sum, torch.norm,

@@ -38,7 +38,7 @@ def test_dry_run_goes_through_every_section(tmp_path):
         assert "error" not in sec and "skipped" not in sec, (name, sec.get("error") or sec.get("skipped"))
     assert res["failures"] == [] and res["incomplete"] == []
     ops = res["sections"]["ops"]["rows"]
-    assert len(ops) == 20 * 3 + 2  # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only
+    assert len(ops) == 24 * 3 + 2  # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only
     assert {(r["op"], r["dtype"]) for r in ops if "tf32x3" in r["op"]} == {("linear_tf32x3", "float32"),
                                                                           ("conv3x3_tf32x3", "float32")}
     assert all(r["accurate"] and not r["prefix_differs"] and not r["needle_differs"] for r in ops)

@@ -152,10 +152,10 @@ def test_asyncio_tasks_do_not_share_mode(monkeypatch):
 
 
 def test_fallback_warns_once_and_is_correct():
-    x = torch.randn(3, 4, 9, 9)
-    w = torch.randn(8, 2, 3, 3)  # groups=2: not a jetdet op
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
+    w = torch.randn(8, 2, 3, 3, dtype=torch.float64)  # float64: not a jetdet dtype
     with jetdet.mode("deterministic"):
-        with pytest.warns(UserWarning, match="groups=2"):
+        with pytest.warns(UserWarning, match="dtype torch.float64"):
             y = F.conv2d(x, w, groups=2)
     assert torch.equal(y, F.conv2d(x, w, groups=2))
 

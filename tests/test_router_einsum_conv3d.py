@@ -1,6 +1,7 @@
-"""Router coverage found by running ComfyUI's models: einsum and conv3d are routed, other convolution forms fall
-back with the named warning. Batch invariance is checked bitwise with prefix and needle comparisons; mode off is
-the negative control where torch's own kernels differ."""
+"""Router coverage found by running ComfyUI's models: einsum and conv3d are routed (the other convolution forms:
+tests/test_router_conv_forms.py), what is not routed falls back with the named warning. Batch invariance is
+checked bitwise with prefix and needle comparisons; mode off is the negative control where torch's own kernels
+differ."""
 
 from __future__ import annotations
 
@@ -74,17 +75,17 @@ def test_conv3d_matches_torch_and_is_batch_invariant(kernel, stride, padding):
                            prefixes=(1, 2, 3), slots=(2,), full=out)
 
 
-def test_other_convolutions_warn_by_name():
+def test_what_is_not_routed_warns_by_name():
     sys.modules["jetdet.mode"]._warned.clear()
-    x, w = torch.randn(2, 3, 16), torch.randn(4, 3, 3)
-    with pytest.warns(UserWarning, match="conv1d falls back to torch"):
-        out = _det(F.conv1d, x, w)
-    assert torch.equal(out, F.conv1d(x, w))
+    a, b = torch.randn(2, 3, 4), torch.randn(3, 4, 5)
+    with pytest.warns(UserWarning, match="tensordot falls back to torch"):
+        out = _det(torch.tensordot, a, b, dims=2)
+    assert torch.equal(out, torch.tensordot(a, b, dims=2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _det(F.conv1d, x, w)  # one warning per op and reason
-    with pytest.warns(UserWarning, match="conv_transpose2d falls back to torch"):
-        _det(F.conv_transpose2d, torch.randn(1, 3, 4, 4), torch.randn(3, 2, 3, 3))
+        _det(torch.tensordot, a, b, dims=2)  # one warning per op and reason
+    with pytest.warns(UserWarning, match="conv3d falls back to torch .*float64"):
+        _det(F.conv3d, torch.randn(1, 3, 2, 4, 4, dtype=torch.float64), torch.randn(2, 3, 1, 3, 3, dtype=torch.float64))
 
 
 def test_negative_control_torch_einsum_and_conv3d_depend_on_the_batch():
