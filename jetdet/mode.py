@@ -704,13 +704,38 @@ def _h_reduce(kind: str):
             return ops.sum(x, dims, keepdim)
         if kind == "mean":
             return ops.mean(x, dims, keepdim)
-        xf = x.float()
-        ss = ops.sum(xf * xf, dims, keepdim)
-        # sqrt(ss), with a zero gradient (torch's choice) where ss = 0 instead of inf * 0 = NaN: the same forward bits
-        nz = ss != 0  # NaN and inf pass through as torch's norm gives them
-        return (torch.where(nz, ss, 1.0).sqrt() * nz).to(x.dtype)
+        return _norm2(x, dims, keepdim)
 
     return handler
+
+
+def _norm2(x: torch.Tensor, dims: tuple, keepdim: bool) -> torch.Tensor:
+    """The 2-norm of ``x`` over ``dims``: the square root of jetdet's fixed-order fp32 sum of squares, in
+    ``x``'s dtype."""
+    xf = x.float()
+    ss = _ops().sum(xf * xf, dims, keepdim)
+    # sqrt(ss), with a zero gradient (torch's choice) where ss = 0 instead of inf * 0 = NaN: the same forward bits
+    nz = ss != 0  # NaN and inf pass through as torch's norm gives them
+    return (torch.where(nz, ss, 1.0).sqrt() * nz).to(x.dtype)
+
+
+_NORMALIZE_PARAMS = (("input", None), ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None))
+
+
+def _h_normalize(func, args, kwargs):
+    """``F.normalize`` with ``p=2`` over given dims: ``x / max(‖x‖, eps)`` with the norm from jetdet's row
+    reductions (Wan's and HunyuanVideo's VAEs normalise every feature map over its channels this way). torch's
+    ``normalize`` takes the norm inside its own Python code, where the router does not see it. Other forms
+    (other ``p``, ``out=``, non-float input) run as they are, as :func:`_h_reduce` leaves its own."""
+    x, p, dim, eps, out = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_NORMALIZE_PARAMS)]
+    if (not isinstance(x, torch.Tensor) or len(args) > len(_NORMALIZE_PARAMS) or out is not None
+            or type(p) not in (int, float) or p != 2 or type(eps) not in (int, float) or _ok(x) or not x.numel()
+            or not {n for n, _ in _NORMALIZE_PARAMS}.issuperset(kwargs)):
+        return func(*args, **kwargs)
+    dims = _reduce_dims(dim, x.dim())
+    if dims is None:
+        return func(*args, **kwargs)
+    return x / _norm2(x, dims, True).clamp_min(eps).expand_as(x)
 
 
 #: ``var``/``std`` and their ``_mean`` forms: these in order (``correction`` is keyword-only), with their defaults
@@ -922,6 +947,7 @@ _HANDLERS = {
     torch.norm: _h_reduce("norm"),
     torch.Tensor.norm: _h_reduce("norm"),
     torch.linalg.vector_norm: _h_reduce("vector_norm"),
+    F.normalize: _h_normalize,
     torch.var: _h_var("var"),
     torch.Tensor.var: _h_var("var"),
     torch.std: _h_var("std"),
@@ -954,7 +980,8 @@ _AUTOCAST_LOW = frozenset({
 })
 _AUTOCAST_FP32_CUDA = frozenset({F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax,
                                  torch.softmax, torch.Tensor.softmax, torch.sum, torch.Tensor.sum, torch.norm,
-                                 torch.Tensor.norm, torch.linalg.vector_norm})  # var/std: not on torch's list
+                                 torch.Tensor.norm, torch.linalg.vector_norm,
+                                 F.normalize})  # var/std: not on torch's list
 
 
 def _autocast_cast(a, to):

@@ -1,7 +1,8 @@
 """Reductions in deterministic mode: ``sum``, ``mean``, 2-norms, ``var``/``std`` (and ``var_mean``/``std_mean``) over
 given dims are routed to jetdet's fixed-order row reductions (ComfyUI's HunyuanVideo and Mochi pool text tokens with
 ``sum``; Stable Cascade's GlobalResponseNorm takes ``torch.norm`` and ``mean``; Cosmos normalises a position table
-with ``linalg.vector_norm``; RescaleCFG and ACE-Step's ControlNet take ``std`` per item), every other form
+with ``linalg.vector_norm``; RescaleCFG and ACE-Step's ControlNet take ``std`` per item; Wan's and HunyuanVideo's
+VAEs ``F.normalize`` every feature map over its channels), every other form
 runs as it is without a warning, and the row ops' torch path is batch invariant for strided rows too."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _invariance import assert_batch_invariant
 from _tolerances import OPS_MAX_ERR, assert_max_err
 
@@ -52,6 +54,8 @@ ROUTED = [
     ("Tensor.norm dim 1", lambda t: t.norm(dim=1)),
     ("Tensor.norm fro dims (1, 2)", lambda t: t.norm("fro", (1, 2))),
     ("linalg.vector_norm dim -1 keepdim", lambda t: torch.linalg.vector_norm(t, dim=-1, keepdim=True)),
+    ("F.normalize dim 1 (Wan's VAE RMS_norm)", lambda t: F.normalize(t, dim=1)),
+    ("F.normalize p=2 dims (1, 2) eps=1e-3", lambda t: F.normalize(t, 2, (1, 2), 1e-3)),
     ("Tensor.var dim 1", lambda t: t.var(1)),
     ("torch.var dims (1, 2) unbiased=False keepdim", lambda t: torch.var(t, (1, 2), False, True)),
     ("torch.std dims (1, 2) keepdim (RescaleCFG)", lambda t: torch.std(t, dim=(1, 2), keepdim=True)),
@@ -101,6 +105,8 @@ PASSED_THROUGH = [
     ("std with a positional unbiased", lambda t: t.std(False)),
     ("var with unbiased and correction", lambda t: torch.var(t, 1, unbiased=True, correction=0)),  # torch raises
     ("var of float64", lambda t: t.double().var(1)),
+    ("F.normalize p=1", lambda t: F.normalize(t, p=1, dim=1)),
+    ("F.normalize with out=", lambda t: F.normalize(t, dim=1, out=torch.empty(5, 37, 24))),
 ]
 
 
