@@ -1164,16 +1164,31 @@ class JetDetDeterministicVAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, pixels, vae, strict):
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[-1] < 3:
-            got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise ValueError(f"pixels: expected an IMAGE (a [batch, height, width, channels >= 3] tensor), got {got}")
         return io.NodeOutput({"samples": dvae.encode(vae, pixels, warn_only=not strict)})
+
+
+class JetDetDeterministicVAEDecodeAudio(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="JetDetDeterministicVAEDecodeAudio", display_name="jetdet Deterministic VAE Decode (Audio)",
+            category=CATEGORY,
+            description="VAE Decode Audio whose item i is bit-identical to decoding that item alone (Stable Audio, "
+                        "ACE-Step): batch-invariant convolutions, whatever the batch size or free memory.",
+            inputs=[io.Latent.Input("samples", tooltip="The audio latent to decode."), *_vae_inputs("decode")],
+            outputs=[io.Audio.Output(tooltip="The decoded audio, each item independent of the batch around it.")],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae, strict):
+        return io.NodeOutput(dvae.decode_audio(vae, _latent_tensor(samples, "samples"), warn_only=not strict))
 
 
 NODES = [
     JetDetModeSwitch, JetDetDeterministicSampler, JetDetChecksum, JetDetOutputMatcher, JetDetFastOptimizer,
     JetDetCacheManager, JetDetBenchmark, JetDetExpertSelector, JetDetMultiPassRefiner, JetDetClassConditioning,
     JetDetShapesModelLoader, JetDetShapesDecode, JetDetDeterministicVAEDecode, JetDetDeterministicVAEEncode,
+    JetDetDeterministicVAEDecodeAudio,
 ]
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from .attention import sdpa_attention
 
 #: The VAE methods ComfyUI falls back to when a whole decode or encode runs out of memory.
@@ -94,10 +96,26 @@ def _deterministic(vae, verb: str, tiled_node: str, warn_only: bool):
         yield
 
 
+def _is_audio(vae) -> bool:
+    """ComfyUI's audio VAEs (Stable Audio's Oobleck, ACE-Step's) have one latent dim; image VAEs two, video three."""
+    return getattr(vae, "latent_dim", 2) == 1
+
+
+def _check_kind(vae, audio: bool):
+    check_vae(vae)
+    if _is_audio(vae) != audio:
+        raise ValueError(
+            "vae: an audio VAE; decode its latents with jetdet Deterministic VAE Decode (Audio) "
+            "(jetdet.comfy.vae.decode_audio)" if not audio else
+            "vae: an image or video VAE; decode its latents with jetdet Deterministic VAE Decode "
+            "(jetdet.comfy.vae.decode)")
+
+
 def decode(vae, samples, warn_only: bool = False):
     """``vae.decode(samples)`` with batch-invariant ops (see the module docstring); the images as ComfyUI's VAE
     Decode node returns them (a video's frames as one batch of images). ``warn_only``: warn instead of raising on a
     torch op with no deterministic implementation."""
+    _check_kind(vae, audio=False)
     with _deterministic(vae, "decoding", "VAE Decode (Tiled)", warn_only):
         images = vae.decode(samples)
     if images.dim() == 5:  # a video VAE: frames of all items as one image batch, as VAE Decode does
@@ -105,7 +123,27 @@ def decode(vae, samples, warn_only: bool = False):
     return images
 
 
+def decode_audio(vae, samples, warn_only: bool = False) -> dict:
+    """An audio VAE's ``vae.decode(samples)`` with batch-invariant ops, as ComfyUI's VAE Decode Audio node makes
+    its AUDIO: ``[batch, channels, samples]`` at 44.1 kHz, each item divided by ``max(1, 5 * its std)`` (that std
+    in deterministic mode too, so it is the item's own whatever the batch)."""
+    _check_kind(vae, audio=True)
+    with _deterministic(vae, "decoding", "VAE Decode Audio (Tiled)", warn_only):
+        audio = vae.decode(samples).movedim(-1, 1)
+        audio = audio / (torch.std(audio, dim=[1, 2], keepdim=True) * 5.0).clamp_min(1.0)
+    return {"waveform": audio, "sample_rate": 44100}
+
+
 def encode(vae, pixels, warn_only: bool = False):
-    """``vae.encode(pixels[..., :3])`` with batch-invariant ops, as ComfyUI's VAE Encode node calls it."""
+    """``vae.encode(pixels[..., :3])`` with batch-invariant ops, as ComfyUI's VAE Encode node calls it: ``pixels``
+    an IMAGE, ``[batch, height, width, channels >= 3]`` (a video's frames are a batch of images; ComfyUI encodes
+    them as one video)."""
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[-1] < 3:
+        got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"pixels: expected an IMAGE (a [batch, height, width, channels >= 3] tensor), got {got}")
+    check_vae(vae)
+    if _is_audio(vae):
+        raise ValueError("vae: an audio VAE; jetdet's Deterministic VAE Encode takes image and video VAEs "
+                         "(Stable Audio's encoder draws noise from the global random generator for the whole batch)")
     with _deterministic(vae, "encoding", "VAE Encode (Tiled)", warn_only):
         return vae.encode(pixels[:, :, :, :3])

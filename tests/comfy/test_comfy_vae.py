@@ -115,6 +115,63 @@ def test_tiled_fallback_is_refused_and_nothing_stays_changed(vae, latents, monke
     assert torch.equal(_decode(vae, latents[:1]), _decode(vae, latents[:1]))
 
 
+@pytest.mark.parametrize("build,latent,frames", [
+    ("hunyuan_video_vae", (3, 16, 2, 4, 4), 5),  # conv3d and the mid block's attention: it crashed before
+    ("wan21_vae", (3, 16, 2, 4, 4), 5),          # causal conv3d and F.normalize RMS norms
+])
+def test_video_vae_decode_items_equal_the_item_decoded_alone(build, latent, frames):
+    """ComfyUI's video VAEs through the same node: each item's frames equal those of the item decoded alone, bit
+    for bit. HunyuanVideo's VAE raised under the mode before (its attention views the 3-D conv's output, which
+    the routed conv3d returned non-contiguous). Negative control: ComfyUI's own decode of the batch."""
+    vae = getattr(tm, build)(0)
+    z = torch.randn(*latent, generator=torch.Generator().manual_seed(3))
+    full = _decode(vae, z)
+    assert full.shape == (latent[0] * frames, 32, 32, 3)
+    for i in range(latent[0]):
+        assert torch.equal(_decode(vae, z[i:i + 1]), full[i * frames:(i + 1) * frames]), f"{build} item {i}"
+    own = vae.decode(z).reshape(full.shape)
+    torch.testing.assert_close(full, own, atol=1e-3, rtol=0)
+    own_alone = [vae.decode(z[i:i + 1]).reshape(frames, 32, 32, 3) for i in range(latent[0])]
+    assert not all(torch.equal(a, own[i * frames:(i + 1) * frames]) for i, a in enumerate(own_alone)), \
+        f"{build}: ComfyUI's own decode was batch invariant here: this test shows nothing"
+
+
+def test_audio_decode_items_equal_the_item_decoded_alone():
+    """Stable Audio's Oobleck VAE (dilated conv1d, conv_transpose1d up to stride 8) through the audio node: each
+    item's waveform equals the item decoded alone, bit for bit, and ComfyUI's VAE Decode Audio up to rounding
+    (its loudness step written out here: ComfyUI's audio nodes import torchaudio, which this test does not
+    need). Negative control: ComfyUI's own decode of the batch."""
+    vae = tm.oobleck_vae(0)
+    z = torch.randn(3, 64, 4, generator=torch.Generator().manual_seed(4))
+
+    def decode(z):
+        return N.JetDetDeterministicVAEDecodeAudio.execute({"samples": z}, vae, True).args[0]
+
+    out = decode(z)
+    full = out["waveform"]
+    assert out["sample_rate"] == 44100 and full.shape == (3, 2, 8192)
+    for i in range(3):
+        assert torch.equal(decode(z[i:i + 1])["waveform"][0], full[i]), f"item {i}"
+    own = vae.decode(z).movedim(-1, 1)
+    std = torch.std(own, dim=[1, 2], keepdim=True) * 5.0
+    std[std < 1.0] = 1.0
+    torch.testing.assert_close(full, own / std, atol=1e-6, rtol=1e-4)
+    assert batch_mismatches(lambda z: vae.decode(z), [z], slots=range(3)), \
+        "ComfyUI's own audio decode was batch invariant here: this test shows nothing"
+
+
+def test_each_node_refuses_the_other_kind_of_vae(vae):
+    audio = tm.oobleck_vae(0)
+    with pytest.raises(ValueError, match=r"vae: an audio VAE; .*Decode \(Audio\)"):
+        N.JetDetDeterministicVAEDecode.execute({"samples": torch.zeros(1, 64, 4)}, audio, True)
+    with pytest.raises(ValueError, match="vae: an audio VAE"):
+        N.JetDetDeterministicVAEEncode.execute(torch.zeros(1, 64, 64, 3), audio, True)
+    with pytest.raises(ValueError, match="vae: an image or video VAE; .*jetdet Deterministic VAE Decode"):
+        N.JetDetDeterministicVAEDecodeAudio.execute({"samples": torch.zeros(1, 4, 8, 8)}, vae, True)
+    with pytest.raises(ValueError, match=r"pixels: expected an IMAGE .* got \(1, 3, 2, 32, 32\)"):
+        dvae.encode(vae, torch.zeros(1, 3, 2, 32, 32))  # a 5-D video batch: the function checks too
+
+
 @pytest.mark.parametrize("node,args,match", [
     ("decode", ({"samples": torch.zeros(1, 4, 8, 8)}, None, True), "vae: expected a ComfyUI VAE"),
     ("decode", (torch.zeros(1, 4, 8, 8), "vae", True), "samples: expected a LATENT"),

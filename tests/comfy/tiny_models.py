@@ -97,3 +97,49 @@ def taesd3_files(seed: int = 0) -> dict:
     sd = _finish(TAESD(latent_channels=16), seed)
     return {f"taesd3_{part}.safetensors": {k[len(f"taesd_{part}."):]: v for k, v in sd.items()
                                           if k.startswith(f"taesd_{part}.")} for part in ("encoder", "decoder")}
+
+
+def _vae_built_small(owner, name: str, build, seed: int):
+    """``comfy.sd.VAE(sd=...)`` of the state dict of ``build()``, with ``owner.name`` (the constructor ComfyUI's
+    VAE detection calls, at its full size) building ``build()`` instead while the VAE is built: ComfyUI's own
+    key-based detection still picks the family and its latent format."""
+    from unittest import mock
+
+    import comfy.sd
+
+    sd = _finish(build(), seed)
+    with mock.patch.object(owner, name, lambda *a, **k: build()):
+        return comfy.sd.VAE(sd=sd)
+
+
+def hunyuan_video_vae(seed: int = 0):
+    """A HunyuanVideo-type video VAE (ComfyUI's AutoencoderKL with 3-D convs, 4x time compression, the mid block's
+    attention from 1x1x1 convs), 32-256 channels, 16 latent channels."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    dd = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0, "conv3d": True,
+          "time_compress": 4}
+    return _vae_built_small(comfy.sd, "AutoencoderKL", lambda: AutoencoderKL(ddconfig=dd, embed_dim=16), seed)
+
+
+def wan21_vae(seed: int = 0):
+    """A Wan 2.1 video VAE (causal 3-D convs, RMS norms by ``F.normalize``), 8-32 channels, 16 latent channels."""
+    import comfy.ldm.wan.vae as wan
+
+    cfg = dict(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+               temperal_downsample=[False, True, True], dropout=0.0)
+    cls = wan.WanVAE
+    return _vae_built_small(wan, "WanVAE", lambda: cls(**cfg), seed)
+
+
+def oobleck_vae(seed: int = 0):
+    """Stable Audio's Oobleck audio VAE (dilated conv1d, conv_transpose1d up to stride 8, snake activations),
+    4-64 channels, 64 latent channels, 2048x."""
+    import comfy.sd
+    from comfy.ldm.audio.autoencoder import AudioOobleckVAE
+
+    cfg = dict(in_channels=2, channels=4, latent_dim=64, c_mults=[1, 2, 4, 8, 16], strides=[2, 4, 4, 8, 8],
+               use_snake=True, antialias_activation=False, use_nearest_upsample=False, final_tanh=False)
+    return _vae_built_small(comfy.sd, "AudioOobleckVAE", lambda: AudioOobleckVAE(**cfg), seed)
