@@ -23,6 +23,10 @@ from jetdet.comfy import NODE_IDS  # noqa: E402
 from jetdet.comfy import shapes_model as sm  # noqa: E402
 
 STARTUP_S = 300
+#: Nodes the server prompt leaves out, and why. The audio decode node needs an audio VAE, and ComfyUI's VAELoader
+#: builds those (Stable Audio's, ACE-Step's) at full size only, hundreds of MB of weights; it runs in-process on a
+#: tiny Oobleck VAE in test_comfy_vae.py, and test_object_info_lists_every_node checks the server lists it.
+NOT_IN_THE_PROMPT = {"JetDetDeterministicVAEDecodeAudio"}
 
 
 def _get(url: str):
@@ -146,7 +150,7 @@ def test_object_info_lists_every_node(server):
 def test_a_prompt_with_every_node_runs_through_the_server(server):
     url, base = server
     prompt = _every_node_prompt()
-    assert {v["class_type"] for v in prompt.values()} >= set(NODE_IDS)
+    assert {v["class_type"] for v in prompt.values()} >= set(NODE_IDS) - NOT_IN_THE_PROMPT
     h = _run(url, prompt)
     assert h["status"]["status_str"] == "success", h["status"]
     out = h["outputs"]
