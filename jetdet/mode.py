@@ -479,9 +479,10 @@ def _same_dtype(x, w, b) -> bool:
 
 
 def _h_conv(n: int):
-    """``conv{n}d``. conv2d with groups 1 and dilation 1 is jetdet's conv2d op; every other form (1-D and 3-D,
-    dilation, groups, depthwise, ``padding="same"`` with any kernel) is rebuilt from batch-invariant calls by
-    :mod:`jetdet.conv_forms`. Calls torch would refuse (bad shapes or arguments) go to torch for its error."""
+    """``conv{n}d``. conv2d with groups 1 and dilation 1 is jetdet's conv2d op (``padding="same"`` with an even
+    kernel aside); every other form (1-D and 3-D, dilation, groups, depthwise, ``"same"`` with any kernel) is
+    rebuilt from batch-invariant calls by :mod:`jetdet.conv_forms`. Calls torch would refuse (bad shapes or
+    arguments) go to torch for its error."""
 
     def handler(func, args, kwargs):
         if len(args) > len(_CONV_PARAMS) or not _CONV_NAMES.issuperset(kwargs):
@@ -491,7 +492,8 @@ def _h_conv(n: int):
         why = _ok(x, w, b)
         if why:
             return _fallback(func, args, kwargs, why)
-        if n == 2 and groups == 1 and dilation in (1, (1, 1), [1, 1]) and not isinstance(padding, str):
+        if (n == 2 and groups == 1 and dilation in (1, (1, 1), [1, 1])
+                and (padding != "same" or w.dim() != 4 or (w.shape[2] % 2 and w.shape[3] % 2))):
             return _conv2d_basic(x, w, b, stride, padding)  # jetdet's own op, with its own errors
         st, dil = _conv_forms.tuple_of(stride, n), _conv_forms.tuple_of(dilation, n)
         if (st is None or dil is None or min(st) < 1 or min(dil) < 1 or type(groups) is not int or groups < 1
