@@ -780,6 +780,109 @@ def _h_var(kind: str):
     return handler
 
 
+_LSE_PARAMS = (("input", None), ("dim", None), ("keepdim", False))
+
+
+def _h_logsumexp(func, args, kwargs):
+    """``logsumexp`` over given dims of a float tensor: ``m + log(sum(exp(x - m)))`` with ``m`` the max (a
+    selection, the same in any order; an infinite max is not subtracted, as torch's) and the sum jetdet's
+    fixed-order row reduction, in fp32. Other forms run as they are (see :func:`_h_reduce`)."""
+    x, dim, keepdim = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_LSE_PARAMS)]
+    if (not isinstance(x, torch.Tensor) or len(args) > len(_LSE_PARAMS) or type(keepdim) is not bool or _ok(x)
+            or not x.numel() or not {n for n, _ in _LSE_PARAMS}.issuperset(kwargs)):
+        return func(*args, **kwargs)
+    dims = _reduce_dims(dim, x.dim())
+    if dims is None:
+        return func(*args, **kwargs)
+    xf = x.float()
+    m = xf.amax(dims, keepdim=True)
+    m = torch.where(m.isinf(), 0.0, m)
+    out = _ops().sum((xf - m).exp(), dims, True).log() + m
+    return (out if keepdim else out.squeeze(dims)).to(x.dtype)
+
+
+_SCAN_PARAMS = (("input", None), ("dim", None), ("dtype", None))
+
+
+def _h_scan(kind: str):
+    """``cumsum``/``cumprod`` along a dim of a float tensor as a fixed-order doubling scan in fp32: after the
+    pass with offset ``k`` (1, 2, 4, ...) each element holds the sum (product) of the ``2k`` elements ending at it,
+    so every element's result is a fixed expression of its own row whatever the batch (torch's scans choose their
+    blocking by shape). Integer inputs (exact), float64, ``out=`` and other dtypes run as they are."""
+    def handler(func, args, kwargs):
+        x, dim, dtype = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_SCAN_PARAMS)]
+        if (not isinstance(x, torch.Tensor) or len(args) > 2 or _ok(x) or not x.numel() or type(dim) is not int
+                or not -x.dim() <= dim < max(1, x.dim()) or (dtype is not None and dtype != x.dtype)
+                or not {n for n, _ in _SCAN_PARAMS}.issuperset(kwargs)):
+            return func(*args, **kwargs)
+        if x.dim() == 0:
+            return x.clone()
+        y = x.float().movedim(dim, -1)
+        n, k = y.shape[-1], 1
+        while k < n:
+            step = y[..., k:] + y[..., :-k] if kind == "cumsum" else y[..., k:] * y[..., :-k]
+            y = torch.cat([y[..., :k], step], dim=-1)
+            k *= 2
+        return y.movedim(-1, dim).to(x.dtype)
+
+    return handler
+
+
+_PROD_PARAMS = (("input", None), ("dim", None), ("keepdim", False), ("dtype", None))
+
+
+def _h_prod(func, args, kwargs):
+    """``prod`` along a dim of a float tensor as a fixed pairwise tree (padded with ones, exact factors) in fp32.
+    The product of everything, integer inputs, float64, ``out=`` and other dtypes run as they are."""
+    x, dim, keepdim, dtype = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_PROD_PARAMS)]
+    if (not isinstance(x, torch.Tensor) or len(args) > 3 or _ok(x) or not x.numel() or type(dim) is not int
+            or x.dim() == 0 or not -x.dim() <= dim < x.dim() or type(keepdim) is not bool
+            or (dtype is not None and dtype != x.dtype) or not {n for n, _ in _PROD_PARAMS}.issuperset(kwargs)):
+        return func(*args, **kwargs)
+    y = x.float().movedim(dim, -1)
+    while y.shape[-1] > 1:
+        if y.shape[-1] % 2:
+            y = torch.cat([y, y.new_ones(*y.shape[:-1], 1)], dim=-1)
+        h = y.shape[-1] // 2
+        y = y[..., :h] * y[..., h:]
+    out = y.movedim(-1, dim) if keepdim else y.squeeze(-1)
+    return out.to(x.dtype)
+
+
+_IN_PARAMS = (("input", None), ("running_mean", None), ("running_var", None), ("weight", None), ("bias", None),
+              ("use_input_stats", True), ("momentum", 0.1), ("eps", 1e-5))
+
+
+def _h_instance_norm(func, args, kwargs):
+    """``F.instance_norm`` from each item's own statistics is a group norm with one group per channel (jetdet's
+    group_norm). With running statistics to update it falls back, with the warning; from running statistics alone
+    (``use_input_stats=False``) it is elementwise and runs as it is."""
+    x, rm, rv, w, b, use_input, _, eps = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_IN_PARAMS)]
+    if not use_input:
+        return func(*args, **kwargs)
+    if rm is not None or rv is not None:
+        return _fallback(func, args, kwargs, "running statistics to update")
+    if (not isinstance(x, torch.Tensor) or x.dim() < 3 or len(args) > len(_IN_PARAMS)
+            or not {n for n, _ in _IN_PARAMS}.issuperset(kwargs) or type(eps) not in (int, float)):
+        return func(*args, **kwargs)
+    why = _ok(x, w, b)
+    if why:
+        return _fallback(func, args, kwargs, why)
+    return _h_group_norm(F.group_norm, (x, x.shape[1], w, b, float(eps)), {})
+
+
+def _h_unrouted(why: str):
+    """A reduction jetdet does not route: the named fallback warning for float inputs (where torch's kernels may
+    sum in another order for another batch), silence for the exact integer and boolean ones."""
+    def handler(func, args, kwargs):
+        t = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if t is not None and t.is_floating_point():
+            return _fallback(func, args, kwargs, why)
+        return func(*args, **kwargs)
+
+    return handler
+
+
 def _h_softmax(func, args, kwargs):
     ops = _ops()
 
@@ -950,6 +1053,20 @@ _HANDLERS = {
     torch.Tensor.norm: _h_reduce("norm"),
     torch.linalg.vector_norm: _h_reduce("vector_norm"),
     F.normalize: _h_normalize,
+    torch.logsumexp: _h_logsumexp,
+    torch.Tensor.logsumexp: _h_logsumexp,
+    torch.cumsum: _h_scan("cumsum"),
+    torch.Tensor.cumsum: _h_scan("cumsum"),
+    torch.cumprod: _h_scan("cumprod"),
+    torch.Tensor.cumprod: _h_scan("cumprod"),
+    torch.prod: _h_prod,
+    torch.Tensor.prod: _h_prod,
+    F.instance_norm: _h_instance_norm,
+    **{f: _h_unrouted(f"{getattr(f, '__name__', f)} is a reduction jetdet does not route") for f in (
+        torch.cosine_similarity, torch.cdist, torch.pdist, torch.pairwise_distance, torch.mv, torch.Tensor.mv,
+        torch.dot, torch.Tensor.dot, torch.vdot, torch.inner, torch.addmv, torch.addbmm, torch.nansum,
+        torch.Tensor.nansum, torch.nanmean, torch.Tensor.nanmean, torch.logcumsumexp, torch.Tensor.logcumsumexp,
+        F.local_response_norm)},
     torch.var: _h_var("var"),
     torch.Tensor.var: _h_var("var"),
     torch.std: _h_var("std"),

@@ -218,3 +218,85 @@ def test_an_sd_like_group_response_norm_is_batch_invariant(restore_threads):
     assert_max_err(out, grn(x.double()), OPS_MAX_ERR[torch.float32])
     assert_batch_invariant(lambda t: _det(grn, t), [x], prefixes=(1, 3), slots=(2,), full=out)
     assert ROUTER.handler_for(torch.norm) is not None and ROUTER.handler_for(torch.Tensor.mean) is not None
+
+
+SCANS_AND_PRODUCTS = [
+    ("Tensor.logsumexp dim 1", lambda t: t.logsumexp(1)),
+    ("torch.logsumexp dims (1, 2) keepdim", lambda t: torch.logsumexp(t, (1, 2), keepdim=True)),
+    ("Tensor.cumsum dim 1", lambda t: t.cumsum(1)),
+    ("torch.cumsum dim -1", lambda t: torch.cumsum(t, dim=-1)),
+    ("Tensor.cumprod dim 2", lambda t: (1 + 0.05 * t).cumprod(2)),
+    ("Tensor.prod dim 1", lambda t: (1 + 0.05 * t).prod(1)),
+    ("torch.prod dim -1 keepdim", lambda t: torch.prod(1 + 0.05 * t, -1, keepdim=True)),
+    ("F.instance_norm with weight and bias", lambda t: F.instance_norm(
+        t, weight=torch.linspace(0.5, 1.5, 37).to(t.dtype), bias=torch.linspace(-1, 1, 37).to(t.dtype))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,fn", SCANS_AND_PRODUCTS, ids=[n for n, _ in SCANS_AND_PRODUCTS])
+def test_scans_products_and_instance_norm_match_torch_and_are_batch_invariant(name, fn, dtype):
+    """logsumexp (its sum jetdet's row reduction), cumsum/cumprod (a fixed doubling scan), prod (a fixed pairwise
+    tree) and instance_norm (jetdet's group_norm, one group per channel) in deterministic mode."""
+    assert ROUTER.handler_for(torch.cumsum) is not None
+    x = torch.randn(5, 37, 24).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _det(fn, x)
+    ref, plain = fn(x.double()), fn(x)
+    assert out.shape == ref.shape and out.dtype == plain.dtype
+    # the running products and sums grow along the row: the error is relative to the largest value
+    assert_max_err(out, ref, OPS_MAX_ERR[dtype] * (4 if "cum" in name else 1), name)
+    assert_batch_invariant(lambda t: _det(fn, t), [x], prefixes=(1, 2, 4), slots=(3,), full=out, label=name)
+
+
+def test_logsumexp_keeps_torch_s_infinities_and_nans():
+    inf, nan = float("inf"), float("nan")
+    y = torch.tensor([[0.0, -inf, inf], [-inf, -inf, -inf], [nan, 1.0, 2.0], [1e30, 1e30, -1e30]])
+    out, ref = _det(torch.logsumexp, y, 1), torch.logsumexp(y, 1)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    torch.testing.assert_close(out[3], ref[3])
+
+
+def test_scan_and_product_forms_jetdet_leaves_run_as_they_are():
+    x = torch.randn(4, 9, 6)
+    i = (x > 0).long()
+    for fn in (lambda: i.cumsum(1), lambda: x.double().cumsum(1), lambda: x.cumsum(1, dtype=torch.float64),
+               lambda: x.prod(), lambda: i.prod(1), lambda: torch.logsumexp(x.double(), 1),
+               lambda: F.instance_norm(x, torch.zeros(9), torch.ones(9), use_input_stats=False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = _det(fn)
+        assert torch.equal(out, fn())
+
+
+def test_instance_norm_with_running_statistics_to_update_falls_back_with_the_warning():
+    ROUTER._warned.clear()
+    m = torch.nn.InstanceNorm2d(4, track_running_stats=True)
+    x = torch.randn(3, 4, 5, 5)
+    ref = torch.nn.InstanceNorm2d(4, track_running_stats=True)
+    with pytest.warns(UserWarning, match="instance_norm falls back to torch .*running statistics"):
+        out = _det(m, x)
+    assert torch.equal(out, ref(x)) and torch.equal(m.running_mean, ref.running_mean)
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("cosine_similarity", lambda a, b: F.cosine_similarity(a, b)),
+    ("cdist", lambda a, b: torch.cdist(a, b)),
+    ("mv", lambda a, b: torch.mv(a, b[0])),
+    ("dot", lambda a, b: torch.dot(a[0], b[0])),
+    ("nansum", lambda a, b: torch.nansum(a, 1)),
+    ("logcumsumexp", lambda a, b: torch.logcumsumexp(a, 1)),
+])
+def test_reductions_jetdet_does_not_route_warn_by_name(name, fn):
+    """No longer silent: a float reduction deterministic mode cannot vouch for names itself (integer ones are exact
+    and stay quiet)."""
+    ROUTER._warned.clear()
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.warns(UserWarning, match=f"{name} falls back to torch .*does not route"):
+        out = _det(fn, a, b)
+    assert torch.equal(out, fn(a, b))
+    if name in ("dot", "mv"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _det(fn, a.long(), b.long())
