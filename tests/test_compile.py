@@ -203,3 +203,36 @@ def test_compiled_deterministic_forward_under_autocast_takes_autocasts_dtypes(us
     assert full.dtype == eager.dtype
     assert not bad, f"items run alone differ from the batch's rows: {bad}"
     torch.testing.assert_close(full, eager, atol=0, rtol=0)
+
+
+class _ConvFormsModel(torch.nn.Module):
+    """The rebuilt forms (jetdet/conv_forms.py) and the scans/normalisations routed beside them, in one model."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1 = nn.Conv1d(8, 8, 7, dilation=3, padding=9)
+        self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.up = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        a = self.c1(x.flatten(2)).view(b, c, h, w)
+        a = self.g(torch.nn.functional.instance_norm(self.dw(a)))
+        a = a + torch.logsumexp(a, 1, keepdim=True) + a.cumsum(-1) * 0.01
+        return self.up(a)
+
+
+def test_conv_forms_and_scans_compile_in_the_mode_as_one_batch_invariant_graph():
+    torch.manual_seed(0)
+    model = _ConvFormsModel().eval()
+    x = torch.randn(5, 8, 9, 11)
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        eager = model(x)
+        exp = torch._dynamo.explain(model)(x)
+        assert exp.graph_break_count == 0 and exp.graph_count == 1, exp.break_reasons
+        compiled = torch.compile(model)
+        full = compiled(x)
+        torch.testing.assert_close(full, eager, atol=1e-5, rtol=0)
+        assert batch_mismatches(compiled, [x], prefixes=(1, 2), slots=(3,), full=full) == []
