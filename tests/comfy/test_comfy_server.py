@@ -21,6 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from jetdet.comfy import NODE_IDS  # noqa: E402
 from jetdet.comfy import shapes_model as sm  # noqa: E402
+from jetdet.comfy.workflows import EXAMPLES, api_to_ui, ui_to_api  # noqa: E402
 
 STARTUP_S = 300
 #: Nodes the server prompt leaves out, and why. The audio decode node needs an audio VAE, and ComfyUI's VAELoader
@@ -64,7 +65,7 @@ def server(tmp_path_factory):
 
 def _run(url: str, prompt: dict, timeout: float = 900) -> dict:
     code, resp = _post(url + "/prompt", {"prompt": prompt, "client_id": "jetdet-test"})
-    assert code == 200, resp
+    assert code == 200 and not resp.get("node_errors"), resp  # else ComfyUI runs only the outputs that validate
     pid = resp["prompt_id"]
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -194,3 +195,59 @@ def test_bad_input_is_answered_in_comfyuis_error_format(server, tmp_path):
     errs = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert errs and errs[0]["node_type"] == "JetDetOutputMatcher"
     assert "reference_file: no file at" in errs[0]["exception_message"]
+
+
+def _example(name: str) -> dict:
+    return json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+
+
+def test_example_workflows_are_what_the_generator_writes(server):
+    """``example_workflows/`` holds ``bench/comfy_workflows.py``'s output for this ComfyUI's node definitions, and
+    reading each file back as the page queues it gives every input of its definition."""
+    url, _ = server
+    info = _get(url + "/object_info")
+    assert sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json")) == sorted(EXAMPLES)
+    # ComfyUI lists them under Browse Templates for the custom node folder, and serves them
+    assert sorted(_get(url + "/workflow_templates")["jetdet"]) == sorted(EXAMPLES)
+    assert _get(url + "/api/workflow_templates/jetdet/jetdet_shapes_fast.json") == _example("jetdet_shapes_fast")
+    for name, (prompt, titles) in EXAMPLES.items():
+        shipped = _example(name)
+        assert shipped == json.loads(json.dumps(api_to_ui(prompt, info, titles))), \
+            f"{name}: out of date, run bench/comfy_workflows.py"
+        back = ui_to_api(shipped, info)
+        assert back.keys() == prompt.keys()
+        for nid, node in prompt.items():
+            assert back[nid]["class_type"] == node["class_type"]
+            assert {k: back[nid]["inputs"][k] for k in node["inputs"]} == node["inputs"], (name, nid)
+
+
+def test_the_shapes_examples_run_as_the_page_queues_them(server):
+    """The two examples that need no download, read as ComfyUI's page reads them, run through the server; in the
+    deterministic one the matcher finds item 2 sampled alone equal to item 2 of the batch of 4."""
+    url, base = server
+    info = _get(url + "/object_info")
+    h = _run(url, ui_to_api(_example("jetdet_shapes_deterministic"), info))
+    assert h["status"]["status_str"] == "success", h["status"]
+    report = h["outputs"]["12"]["text"][0]
+    assert report.startswith("MATCH exact") and "item 2: match" in report, report
+    assert len(h["outputs"]["8"]["text"][0].splitlines()) == 4
+    h = _run(url, ui_to_api(_example("jetdet_shapes_fast"), info))
+    assert h["status"]["status_str"] == "success", h["status"]
+    assert "calls_saved" in h["outputs"]["9"]["text"][0] and h["outputs"]["11"]["text"][0].startswith("run")
+    assert h["outputs"]["12"]["images"]
+
+
+def test_the_checkpoint_example_is_valid_but_for_the_checkpoint_it_names(server):
+    """The txt2img example needs the user's SD checkpoint. The server's own validation of it, where there is
+    none, finds nothing wrong but the checkpoint name; with the seed's control value dropped from the widget
+    values (every later value shifted by one place) it refuses the sampler: the negative control."""
+    url, _ = server
+    info = _get(url + "/object_info")
+    code, resp = _post(url + "/prompt", {"prompt": ui_to_api(_example("jetdet_deterministic_txt2img"), info)})
+    assert code == 400 and set(resp["node_errors"]) == {"1"}, resp
+    assert all("ckpt_name" in (e.get("details", "") + e.get("message", "")) for e in resp["node_errors"]["1"]["errors"])
+    wf = _example("jetdet_shapes_deterministic")
+    node = next(n for n in wf["nodes"] if n["id"] == 5)
+    node["widgets_values"] = node["widgets_values"][:1] + node["widgets_values"][2:] + [0]  # the seed's "fixed" out
+    code, resp = _post(url + "/prompt", {"prompt": ui_to_api(wf, info)})
+    assert code == 400 and "5" in resp["node_errors"], resp
