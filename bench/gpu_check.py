@@ -697,7 +697,8 @@ def _speed_shapes(dry: bool, quick: bool):
                 ("layer_norm 2x64x96", "layer_norm", bf, (2, 64, 96)),
                 ("softmax 2x64x96", "softmax", bf, (2, 64, 96)),
                 ("linear fp32 64x96->80", "linear", torch.float32, (64, 96, 80)),
-                ("conv3x3 fp32 B1 C16 16x16->16", "conv", torch.float32, (1, 16, 16, 16))]
+                ("conv3x3 fp32 B1 C16 16x16->16", "conv", torch.float32, (1, 16, 16, 16)),
+                ("depthwise 7x7 channels-last B1 C16 16x16", "depthwise_cl", bf, (1, 16, 16, 7))]
     issue = [
         ("linear 8192x3072->3072", "linear", bf, (8192, 3072, 3072)),
         ("linear 8192x3072->12288", "linear", bf, (8192, 3072, 12288)),
@@ -719,6 +720,9 @@ def _speed_shapes(dry: bool, quick: bool):
         ("conv3x3 channels-last B4 C320 64x64->320", "conv_cl", bf, (4, 320, 64, 320)),
         ("conv3x3 channels-last B4 C640 32x32->640", "conv_cl", bf, (4, 640, 32, 640)),
         ("group_norm 4x512x128x128", "group_norm", bf, (4, 512, 128, 128)),
+        # depthwise (ConvNeXt-type blocks, Stable Cascade, ACE-Step): jetdet's own kernel, never timed on a GPU
+        ("depthwise 7x7 channels-last B4 C512 64x64", "depthwise_cl", bf, (4, 512, 64, 7)),
+        ("depthwise 3x3 B4 C512 64x64", "depthwise", bf, (4, 512, 64, 3)),
         ("layer_norm 4x4096x3072", "layer_norm", bf, (4, 4096, 3072)),
         ("softmax 4x4096x3072", "softmax", bf, (4, 4096, 3072)),
     ]
@@ -773,6 +777,13 @@ def _speed_pair(kind, dtype, a, dev):
         # a Parameter, as in a model: jetdet packs its weight once per Parameter, not per call
         w = nn.Parameter(rn(o, c, 3, 3, scale=(9 * c) ** -0.5), requires_grad=False)
         return (lambda: F.conv2d(x, w, b, padding=1)), (lambda: jetdet.ops.conv2d(x, w, b, padding=1)), o, "conv2d"
+    if kind in ("depthwise", "depthwise_cl"):
+        bb, c, hw, k = a
+        x, b, w = rn(bb, c, hw, hw), rn(c), rn(c, 1, k, k, scale=1 / k)
+        if kind == "depthwise_cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return ((lambda: F.conv2d(x, w, b, padding=k // 2, groups=c)),
+                (lambda: jetdet.ops.depthwise_conv2d(x, w, b, 1, k // 2)), None, None)
     if kind == "group_norm":
         x = rn(*a)
         wt, b = rn(a[1]), rn(a[1])

@@ -7,14 +7,14 @@
   kernel, the phases folded into the batch of one conv2d call (an input's phases never meet another item's), the
   results interleaved; with a stride as well, the stride-1 result is subsampled (``stride**2`` times the work);
 * **groups**: one conv2d call per group on its channel slice; a **depthwise** convolution (one input channel per
-  group) is a fixed-order sum over the kernel's taps of elementwise products, in fp32;
+  group) is jetdet's depthwise op (``kernels/depthwise_conv2d``: a fixed-order sum over the filter's taps);
 * **transposed** convolutions are one stride-1 convolution per output phase (``(o + padding) mod stride`` in
   each dim) with the kernel taps of that phase, flipped, each written to its strided slice of the output: the
   multiply-adds of torch's. With a dilation as well, the direct convolution of the zero-stuffed input
   (``stride**ndim`` times the work, the stuffed products exactly zero for finite weights).
 
-Every step is either a batch-invariant conv2d call (``basic``, the router's own) or elementwise arithmetic that
-treats every element alike, so an item's output does not depend on the batch around it. The results agree with
+Every step is either a batch-invariant conv call (``basic``, the router's conv2d, or the depthwise op) or data
+movement, so an item's output does not depend on the batch around it. The results agree with
 torch's within the rounding of a different summation order.
 """
 
@@ -67,23 +67,10 @@ def _pad(x: torch.Tensor, pads) -> torch.Tensor:
 
 
 def _depthwise(x: torch.Tensor, w: torch.Tensor, b, stride: tuple[int, int]) -> torch.Tensor:
-    """Depthwise conv2d of an already padded ``x``: output channel ``o`` is input channel ``o // m`` (``m``
-    outputs per input) correlated with ``w[o, 0]``, summed over the taps in a fixed order in fp32."""
-    B, C, H, W = x.shape
-    co, _, kh, kw = w.shape
-    sh, sw = stride
-    ho, wo = (H - kh) // sh + 1, (W - kw) // sw + 1
-    xs = (x if co == C else x.repeat_interleave(co // C, dim=1)).float()
-    wf = w.float()
-    acc = None
-    for r in range(kh):
-        for s in range(kw):
-            tap = xs[:, :, r: r + (ho - 1) * sh + 1: sh, s: s + (wo - 1) * sw + 1: sw]
-            term = tap * wf[:, 0, r, s].reshape(1, co, 1, 1)
-            acc = term if acc is None else acc.add_(term)  # a mul, then an add: never a fused multiply-add
-    if b is not None:
-        acc = acc + b.float().reshape(1, co, 1, 1)
-    return acc.to(x.dtype)
+    """Depthwise conv2d of an already padded ``x`` (``w [M*C, 1, kh, kw]``): jetdet's depthwise op."""
+    from . import ops
+
+    return ops.depthwise_conv2d(x, w, b, stride, 0)
 
 
 def _grouped(x, w, b, stride, groups: int, basic: Basic) -> torch.Tensor:

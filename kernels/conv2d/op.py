@@ -45,6 +45,8 @@ SPECS = (
     OpSpec(name="conv2d",
            schema="(Tensor x, Tensor w, Tensor? bias, int[] stride, int[] padding) -> Tensor",
            fake=_fake, torch_path=_torch, launcher=_triton, reference=R.conv2d_reference, folder="conv2d",
-           sample=_sample, table="conv2d", routed=(torch.conv2d, F.conv2d, torch.conv3d, F.conv3d),
+           sample=_sample, table="conv2d",
+           routed=(torch.conv1d, F.conv1d, torch.conv2d, F.conv2d, torch.conv3d, F.conv3d, F.conv_transpose1d,
+                   F.conv_transpose2d, F.conv_transpose3d),
            public="conv2d"),
 )
