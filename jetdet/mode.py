@@ -232,8 +232,8 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
 # ---------------------------------------------------------------------------------------------- router
 
 
-def _fallback(func, args, kwargs, why: str):
-    name = getattr(func, "__name__", str(func))
+def _fallback(func, args, kwargs, why: str, name: str | None = None):
+    name = name or getattr(func, "__name__", str(func))
     key = f"{name}: {why}"
     if key not in _warned:
         _warned.add(key)
@@ -243,6 +243,14 @@ def _fallback(func, args, kwargs, why: str):
             stacklevel=4,
         )
     return func(*args, **kwargs)
+
+
+def _torch_or_fallback(func, args, kwargs, why: str):
+    """``func`` itself, for a call the handler does not take: torch's own error where torch refuses it, else its
+    result with the named fallback warning (:func:`_fallback`), since that call is not covered."""
+    out = func(*args, **kwargs)
+    _fallback(lambda *a, **k: None, args, kwargs, why, name=getattr(func, "__name__", str(func)))
+    return out
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -482,11 +490,12 @@ def _h_conv(n: int):
     """``conv{n}d``. conv2d with groups 1 and dilation 1 is jetdet's conv2d op (``padding="same"`` with an even
     kernel aside); every other form (1-D and 3-D, dilation, groups, depthwise, ``"same"`` with any kernel) is
     rebuilt from batch-invariant calls by :mod:`jetdet.conv_forms`. Calls torch would refuse (bad shapes or
-    arguments) go to torch for its error."""
+    arguments) go to torch for its error; a call torch takes and this does not (numpy ints as strides, say) runs
+    as torch's, with the fallback warning."""
 
     def handler(func, args, kwargs):
         if len(args) > len(_CONV_PARAMS) or not _CONV_NAMES.issuperset(kwargs):
-            return func(*args, **kwargs)
+            return _torch_or_fallback(func, args, kwargs, "arguments it does not know")
         x, w, b, stride, padding, dilation, groups = [call_arg(args, kwargs, i, k, d)
                                                       for i, (k, d) in enumerate(_CONV_PARAMS)]
         why = _ok(x, w, b)
@@ -500,11 +509,11 @@ def _h_conv(n: int):
                 or x.dim() not in (n + 1, n + 2) or w.dim() != n + 2 or not _same_dtype(x, w, b)
                 or x.shape[-n - 1] != w.shape[1] * groups or w.shape[0] % groups
                 or (b is not None and tuple(b.shape) != (w.shape[0],)) or not x.numel() or not w.numel()):
-            return func(*args, **kwargs)
+            return _torch_or_fallback(func, args, kwargs, "arguments or shapes it does not take")
         pads = _conv_forms.explicit_padding(padding, st, dil, w.shape[2:])
         if pads is None or any(i + p0 + p1 - d * (k - 1) < 1
                                for i, (p0, p1), d, k in zip(x.shape[-n:], pads, dil, w.shape[2:])):
-            return func(*args, **kwargs)
+            return _torch_or_fallback(func, args, kwargs, "a padding it does not take")
         batched = x.dim() == n + 2
         y = _conv_forms.CONV[n](x if batched else x.unsqueeze(0), w, b, st, pads, dil, groups, _conv2d_basic)
         return y if batched else y.squeeze(0)
@@ -514,11 +523,12 @@ def _h_conv(n: int):
 
 def _h_conv_transpose(n: int):
     """``conv_transpose{n}d``: one stride-1 convolution per output phase (:func:`jetdet.conv_forms.
-    conv_transpose`). Calls torch would refuse go to torch for its error."""
+    conv_transpose`). Calls torch would refuse go to torch for its error, others this does not take run as
+    torch's with the fallback warning."""
 
     def handler(func, args, kwargs):
         if len(args) > len(_CONV_T_PARAMS) or not _CONV_T_NAMES.issuperset(kwargs):
-            return func(*args, **kwargs)
+            return _torch_or_fallback(func, args, kwargs, "arguments it does not know")
         x, w, b, stride, padding, out_pad, groups, dilation = [call_arg(args, kwargs, i, k, d)
                                                                for i, (k, d) in enumerate(_CONV_T_PARAMS)]
         why = _ok(x, w, b)
@@ -532,7 +542,7 @@ def _h_conv_transpose(n: int):
                 or (b is not None and tuple(b.shape) != (w.shape[1] * groups,)) or not x.numel() or not w.numel()
                 or any((i - 1) * s - 2 * p + d * (k - 1) + o < 0
                        for i, s, p, d, k, o in zip(x.shape[-n:], st, pd, dil, w.shape[2:], op))):
-            return func(*args, **kwargs)
+            return _torch_or_fallback(func, args, kwargs, "arguments or shapes it does not take")
         batched = x.dim() == n + 2
         y = _conv_forms.conv_transpose(x if batched else x.unsqueeze(0), w, b, st, pd, op, groups, dil,
                                        _conv2d_basic)

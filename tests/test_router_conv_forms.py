@@ -136,6 +136,23 @@ def test_calls_torch_refuses_raise_torch_errors():
         assert str(routed.value) == str(plain.value)
 
 
+def test_calls_torch_refuses_give_no_jetdet_warning_and_calls_it_takes_warn():
+    """Bad calls raise torch's error and nothing else; a call torch takes in a form the router does not (a numpy
+    int as the stride) runs as torch's, and says that it is not covered."""
+    import numpy as np
+
+    sys.modules["jetdet.mode"]._warned.clear()
+    x, w = torch.randn(2, 6, 10), torch.randn(4, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):
+            _det(F.conv1d, x, w, groups=4)
+    w3 = torch.randn(6, 2, 3)
+    with pytest.warns(UserWarning, match="conv1d falls back to torch .*does not take"):
+        out = _det(F.conv1d, x, w3, None, np.int64(2), 1, 1, 3)
+    assert torch.equal(out, F.conv1d(x, w3, None, np.int64(2), 1, 1, 3))
+
+
 def test_float64_falls_back_with_the_named_warning():
     sys.modules["jetdet.mode"]._warned.clear()
     x, w = torch.randn(2, 4, 16, dtype=torch.float64), torch.randn(4, 1, 3, dtype=torch.float64)
