@@ -232,16 +232,22 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
 # ---------------------------------------------------------------------------------------------- router
 
 
-def _fallback(func, args, kwargs, why: str, name: str | None = None):
-    name = name or getattr(func, "__name__", str(func))
+def _warn_fallback(func, why: str) -> None:
+    """The fallback warning for ``func`` and ``why``, once per pair. Called from a handler's helper: the warning
+    points at the frame that made the torch call's router frame (the stack depth is the same for both callers)."""
+    name = getattr(func, "__name__", str(func))
     key = f"{name}: {why}"
     if key not in _warned:
         _warned.add(key)
         warnings.warn(
             f"jetdet deterministic mode: {name} falls back to torch ({why}); this call is not covered by "
             "the batch-invariance guarantee",
-            stacklevel=4,
+            stacklevel=5,
         )
+
+
+def _fallback(func, args, kwargs, why: str):
+    _warn_fallback(func, why)
     return func(*args, **kwargs)
 
 
@@ -249,7 +255,7 @@ def _torch_or_fallback(func, args, kwargs, why: str):
     """``func`` itself, for a call the handler does not take: torch's own error where torch refuses it, else its
     result with the named fallback warning (:func:`_fallback`), since that call is not covered."""
     out = func(*args, **kwargs)
-    _fallback(lambda *a, **k: None, args, kwargs, why, name=getattr(func, "__name__", str(func)))
+    _warn_fallback(func, why)
     return out
 
 
@@ -295,6 +301,30 @@ def call_arg(args, kwargs, i: int, name: str, default=None):
     if len(args) > i:
         return args[i]
     return kwargs.get(name, default)
+
+
+class _Signature(NamedTuple):
+    """A torch function's parameters as a handler reads them (:func:`_read`): ``(name, default)`` in order, how
+    many may be given positionally (the rest are keyword-only), and their names."""
+
+    params: tuple
+    positional: int
+    names: frozenset
+
+
+def _signature(*params, positional: int | None = None) -> _Signature:
+    return _Signature(params, len(params) if positional is None else positional, frozenset(n for n, _ in params))
+
+
+def _read(sig: _Signature, args, kwargs) -> list | None:
+    """A call's arguments in ``sig``'s order, defaults filled in (:func:`call_arg`); None when the call passes more
+    positional arguments or other keywords than ``sig`` knows (the handler then leaves it to torch)."""
+    if len(args) > sig.positional or not sig.names.issuperset(kwargs):
+        return None
+    vals = []
+    for i, (n, d) in enumerate(sig.params):  # a loop, not a comprehension: one Python call less per routed call
+        vals.append(call_arg(args, kwargs, i, n, d))
+    return vals
 
 
 class SdpaArgs(NamedTuple):
@@ -450,10 +480,10 @@ def _h_matmul(func, args, kwargs):
     return _fallback(func, args, kwargs, f"matmul of {a.dim()}-D by {b.dim()}-D")
 
 
-_CONV_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
-                ("groups", 1))
-_CONV_T_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
-                  ("output_padding", 0), ("groups", 1), ("dilation", 1))
+_CONV = _signature(("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
+                   ("dilation", 1), ("groups", 1))
+_CONV_T = _signature(("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0),
+                     ("output_padding", 0), ("groups", 1), ("dilation", 1))
 
 
 def _int_pair(v):
@@ -478,10 +508,6 @@ def _conv2d_basic(x, w, b, stride, padding):
     return _ops().conv2d(x, w, b, stride, padding)
 
 
-_CONV_NAMES = frozenset(n for n, _ in _CONV_PARAMS)
-_CONV_T_NAMES = frozenset(n for n, _ in _CONV_T_PARAMS)
-
-
 def _same_dtype(x, w, b) -> bool:
     return w.dtype == x.dtype and (b is None or b.dtype == x.dtype)
 
@@ -494,10 +520,10 @@ def _h_conv(n: int):
     as torch's, with the fallback warning."""
 
     def handler(func, args, kwargs):
-        if len(args) > len(_CONV_PARAMS) or not _CONV_NAMES.issuperset(kwargs):
+        vals = _read(_CONV, args, kwargs)
+        if vals is None:
             return _torch_or_fallback(func, args, kwargs, "arguments it does not know")
-        x, w, b, stride, padding, dilation, groups = [call_arg(args, kwargs, i, k, d)
-                                                      for i, (k, d) in enumerate(_CONV_PARAMS)]
+        x, w, b, stride, padding, dilation, groups = vals
         why = _ok(x, w, b)
         if why:
             return _fallback(func, args, kwargs, why)
@@ -527,10 +553,10 @@ def _h_conv_transpose(n: int):
     torch's with the fallback warning."""
 
     def handler(func, args, kwargs):
-        if len(args) > len(_CONV_T_PARAMS) or not _CONV_T_NAMES.issuperset(kwargs):
+        vals = _read(_CONV_T, args, kwargs)
+        if vals is None:
             return _torch_or_fallback(func, args, kwargs, "arguments it does not know")
-        x, w, b, stride, padding, out_pad, groups, dilation = [call_arg(args, kwargs, i, k, d)
-                                                               for i, (k, d) in enumerate(_CONV_T_PARAMS)]
+        x, w, b, stride, padding, out_pad, groups, dilation = vals
         why = _ok(x, w, b)
         if why:
             return _fallback(func, args, kwargs, why)
@@ -731,7 +757,7 @@ def _norm2(x: torch.Tensor, dims: tuple, keepdim: bool) -> torch.Tensor:
     return (torch.where(nz, ss, 1.0).sqrt() * nz).to(x.dtype)
 
 
-_NORMALIZE_PARAMS = (("input", None), ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None))
+_NORMALIZE = _signature(("input", None), ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None))
 
 
 def _h_normalize(func, args, kwargs):
@@ -739,10 +765,12 @@ def _h_normalize(func, args, kwargs):
     reductions (Wan's and HunyuanVideo's VAEs normalise every feature map over its channels this way). torch's
     ``normalize`` takes the norm inside its own Python code, where the router does not see it. Other forms
     (other ``p``, ``out=``, non-float input) run as they are, as :func:`_h_reduce` leaves its own."""
-    x, p, dim, eps, out = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_NORMALIZE_PARAMS)]
-    if (not isinstance(x, torch.Tensor) or len(args) > len(_NORMALIZE_PARAMS) or out is not None
-            or type(p) not in (int, float) or p != 2 or type(eps) not in (int, float) or _ok(x) or not x.numel()
-            or not {n for n, _ in _NORMALIZE_PARAMS}.issuperset(kwargs)):
+    vals = _read(_NORMALIZE, args, kwargs)
+    if vals is None:
+        return func(*args, **kwargs)
+    x, p, dim, eps, out = vals
+    if (not isinstance(x, torch.Tensor) or out is not None or type(p) not in (int, float) or p != 2
+            or type(eps) not in (int, float) or _ok(x) or not x.numel()):
         return func(*args, **kwargs)
     dims = _reduce_dims(dim, x.dim())
     if dims is None:
@@ -751,8 +779,8 @@ def _h_normalize(func, args, kwargs):
 
 
 #: ``var``/``std`` and their ``_mean`` forms: these in order (``correction`` is keyword-only), with their defaults
-_VAR_PARAMS = (("input", None), ("dim", None), ("unbiased", None), ("keepdim", False))
-_VAR_KWARGS = frozenset({n for n, _ in _VAR_PARAMS} | {"correction"})
+_VAR = _signature(("input", None), ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None),
+                  positional=4)
 
 
 def _h_var(kind: str):
@@ -765,10 +793,12 @@ def _h_var(kind: str):
     warning; so do a positional ``unbiased`` given in place of ``dim``."""
 
     def handler(func, args, kwargs):
-        x, dim, unbiased, keepdim = (call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_VAR_PARAMS))
-        correction = kwargs.get("correction")
-        if (not isinstance(x, torch.Tensor) or len(args) > len(_VAR_PARAMS) or not set(kwargs) <= _VAR_KWARGS
-                or type(keepdim) is not bool or (unbiased is not None and type(unbiased) is not bool)
+        vals = _read(_VAR, args, kwargs)
+        if vals is None:
+            return func(*args, **kwargs)
+        x, dim, unbiased, keepdim, correction = vals
+        if (not isinstance(x, torch.Tensor) or type(keepdim) is not bool
+                or (unbiased is not None and type(unbiased) is not bool)
                 or (unbiased is not None and correction is not None)
                 or (correction is not None and type(correction) not in (int, float)) or _ok(x) or not x.numel()):
             return func(*args, **kwargs)
@@ -790,16 +820,18 @@ def _h_var(kind: str):
     return handler
 
 
-_LSE_PARAMS = (("input", None), ("dim", None), ("keepdim", False))
+_LSE = _signature(("input", None), ("dim", None), ("keepdim", False))
 
 
 def _h_logsumexp(func, args, kwargs):
     """``logsumexp`` over given dims of a float tensor: ``m + log(sum(exp(x - m)))`` with ``m`` the max (a
     selection, the same in any order; an infinite max is not subtracted, as torch's) and the sum jetdet's
     fixed-order row reduction, in fp32. Other forms run as they are (see :func:`_h_reduce`)."""
-    x, dim, keepdim = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_LSE_PARAMS)]
-    if (not isinstance(x, torch.Tensor) or len(args) > len(_LSE_PARAMS) or type(keepdim) is not bool or _ok(x)
-            or not x.numel() or not {n for n, _ in _LSE_PARAMS}.issuperset(kwargs)):
+    vals = _read(_LSE, args, kwargs)
+    if vals is None:
+        return func(*args, **kwargs)
+    x, dim, keepdim = vals
+    if not isinstance(x, torch.Tensor) or type(keepdim) is not bool or _ok(x) or not x.numel():
         return func(*args, **kwargs)
     dims = _reduce_dims(dim, x.dim())
     if dims is None:
@@ -811,7 +843,7 @@ def _h_logsumexp(func, args, kwargs):
     return (out if keepdim else out.squeeze(dims)).to(x.dtype)
 
 
-_SCAN_PARAMS = (("input", None), ("dim", None), ("dtype", None))
+_SCAN = _signature(("input", None), ("dim", None), ("dtype", None), positional=2)
 
 
 def _h_scan(kind: str):
@@ -820,10 +852,12 @@ def _h_scan(kind: str):
     so every element's result is a fixed expression of its own row whatever the batch (torch's scans choose their
     blocking by shape). Integer inputs (exact), float64, ``out=`` and other dtypes run as they are."""
     def handler(func, args, kwargs):
-        x, dim, dtype = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_SCAN_PARAMS)]
-        if (not isinstance(x, torch.Tensor) or len(args) > 2 or _ok(x) or not x.numel() or type(dim) is not int
-                or not -x.dim() <= dim < max(1, x.dim()) or (dtype is not None and dtype != x.dtype)
-                or not {n for n, _ in _SCAN_PARAMS}.issuperset(kwargs)):
+        vals = _read(_SCAN, args, kwargs)
+        if vals is None:
+            return func(*args, **kwargs)
+        x, dim, dtype = vals
+        if (not isinstance(x, torch.Tensor) or _ok(x) or not x.numel() or type(dim) is not int
+                or not -x.dim() <= dim < max(1, x.dim()) or (dtype is not None and dtype != x.dtype)):
             return func(*args, **kwargs)
         if x.dim() == 0:
             return x.clone()
@@ -838,16 +872,18 @@ def _h_scan(kind: str):
     return handler
 
 
-_PROD_PARAMS = (("input", None), ("dim", None), ("keepdim", False), ("dtype", None))
+_PROD = _signature(("input", None), ("dim", None), ("keepdim", False), ("dtype", None), positional=3)
 
 
 def _h_prod(func, args, kwargs):
     """``prod`` along a dim of a float tensor as a fixed pairwise tree (padded with ones, exact factors) in fp32.
     The product of everything, integer inputs, float64, ``out=`` and other dtypes run as they are."""
-    x, dim, keepdim, dtype = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_PROD_PARAMS)]
-    if (not isinstance(x, torch.Tensor) or len(args) > 3 or _ok(x) or not x.numel() or type(dim) is not int
-            or x.dim() == 0 or not -x.dim() <= dim < x.dim() or type(keepdim) is not bool
-            or (dtype is not None and dtype != x.dtype) or not {n for n, _ in _PROD_PARAMS}.issuperset(kwargs)):
+    vals = _read(_PROD, args, kwargs)
+    if vals is None:
+        return func(*args, **kwargs)
+    x, dim, keepdim, dtype = vals
+    if (not isinstance(x, torch.Tensor) or _ok(x) or not x.numel() or type(dim) is not int or x.dim() == 0
+            or not -x.dim() <= dim < x.dim() or type(keepdim) is not bool or (dtype is not None and dtype != x.dtype)):
         return func(*args, **kwargs)
     y = x.float().movedim(dim, -1)
     while y.shape[-1] > 1:
@@ -859,21 +895,21 @@ def _h_prod(func, args, kwargs):
     return out.to(x.dtype)
 
 
-_IN_PARAMS = (("input", None), ("running_mean", None), ("running_var", None), ("weight", None), ("bias", None),
-              ("use_input_stats", True), ("momentum", 0.1), ("eps", 1e-5))
+_INSTANCE_NORM = _signature(("input", None), ("running_mean", None), ("running_var", None), ("weight", None),
+                            ("bias", None), ("use_input_stats", True), ("momentum", 0.1), ("eps", 1e-5))
 
 
 def _h_instance_norm(func, args, kwargs):
     """``F.instance_norm`` from each item's own statistics is a group norm with one group per channel (jetdet's
     group_norm). With running statistics to update it falls back, with the warning; from running statistics alone
     (``use_input_stats=False``) it is elementwise and runs as it is."""
-    x, rm, rv, w, b, use_input, _, eps = [call_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_IN_PARAMS)]
-    if not use_input:
+    vals = _read(_INSTANCE_NORM, args, kwargs)
+    if vals is None or not vals[5]:  # unknown arguments (torch's error), or only running statistics: elementwise
         return func(*args, **kwargs)
+    x, rm, rv, w, b, _, _, eps = vals
     if rm is not None or rv is not None:
         return _fallback(func, args, kwargs, "running statistics to update")
-    if (not isinstance(x, torch.Tensor) or x.dim() < 3 or len(args) > len(_IN_PARAMS)
-            or not {n for n, _ in _IN_PARAMS}.issuperset(kwargs) or type(eps) not in (int, float)):
+    if not isinstance(x, torch.Tensor) or x.dim() < 3 or type(eps) not in (int, float):
         return func(*args, **kwargs)
     why = _ok(x, w, b)
     if why:
