@@ -6,6 +6,7 @@ import torch
 
 from jetdet.kernels._common import cdiv, empty, out_memory_format
 
+from ..conv2d.op import out_size
 from .kernel import depthwise_conv2d_kernel
 
 BLOCK_P = 64
@@ -24,7 +25,7 @@ def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     co, _, kh, kw = w.shape
     sh, sw = (int(v) for v in stride)
     ph, pw = (int(v) for v in padding)
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    ho, wo = out_size(x, w, (sh, sw), (ph, pw))
     assert co % c == 0 and ho >= 1 and wo >= 1, (tuple(x.shape), tuple(w.shape), stride, padding)
     y = empty((nb, co, ho, wo), x.dtype, x.device, out_memory_format(x))
     if y.numel() == 0:

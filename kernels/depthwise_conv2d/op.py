@@ -9,6 +9,7 @@ from jetdet.kernels._common import out_memory_format
 from jetdet.ops._checks import check_same, check_shape, check_tensor
 from jetdet.ops.spec import OpSpec
 
+from ..conv2d.op import out_size
 from . import reference as R
 from . import torch_path as T
 
@@ -40,9 +41,7 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     s, p = _pair("stride", stride), _pair("padding", padding)
     if min(s) < 1 or min(p) < 0:
         raise ValueError(f"stride, padding: expected stride >= 1 and padding >= 0, got {stride}, {padding}")
-    ho = (input.shape[2] + 2 * p[0] - weight.shape[2]) // s[0] + 1
-    wo = (input.shape[3] + 2 * p[1] - weight.shape[3]) // s[1] + 1
-    if ho < 1 or wo < 1:
+    if min(out_size(input, weight, s, p)) < 1:
         raise ValueError(f"input: spatial size {tuple(input.shape[2:])} is too small for kernel "
                          f"{tuple(weight.shape[2:])} with padding {p}")
     if input.numel() == 0 or weight.numel() == 0:
@@ -57,9 +56,7 @@ def _op():
 
 
 def _fake(x, w, bias, stride, padding):
-    ho = (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1
-    return torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device,
+    return torch.empty((x.shape[0], w.shape[0], *out_size(x, w, stride, padding)), dtype=x.dtype, device=x.device,
                        memory_format=out_memory_format(x))
 
 
