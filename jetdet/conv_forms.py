@@ -183,11 +183,9 @@ def conv_transpose(x, w, b, stride, padding, output_padding, groups: int, dilati
             stuffed = x.new_zeros(*x.shape[:2], *[(i - 1) * s + 1 for i, s in zip(x.shape[2:], stride)])
             stuffed[(slice(None), slice(None), *[slice(None, None, s) for s in stride])] = x
             x = stuffed
-        pads = tuple((d * (k - 1) - p, d * (k - 1) - p + op)
-                     for k, p, op, d in zip(ksize, padding, output_padding, dilation))
-        x = _pad(x, tuple((min(a, 0), min(c, 0)) for a, c in pads))  # crops first
-        pads = tuple((max(a, 0), max(c, 0)) for a, c in pads)
-        return conv(x, wc.flip(list(range(2, 2 + n))), b, (1,) * n, pads, dilation, groups, basic)
+        x = _pad(x, tuple((d * (k - 1) - p, d * (k - 1) - p + op)  # a negative amount crops
+                          for k, p, op, d in zip(ksize, padding, output_padding, dilation)))
+        return conv(x, wc.flip(list(range(2, 2 + n))), b, (1,) * n, ((0, 0),) * n, dilation, groups, basic)
     n_out = [(i - 1) * s - 2 * p + k + op
              for i, s, p, k, op in zip(x.shape[2:], stride, padding, ksize, output_padding)]
     out = x.new_empty(x.shape[0], wc.shape[0], *n_out)
