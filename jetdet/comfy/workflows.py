@@ -61,10 +61,9 @@ def _depths(prompt: dict) -> dict:
 
 def api_to_ui(prompt: dict, object_info: dict, titles: dict | None = None) -> dict:
     """The UI-format workflow of an API-format ``prompt``: a column per depth in the graph (the page sizes the
-    nodes itself when it opens the workflow), every widget value
-    from the prompt (a widget the prompt leaves out takes its default), seeds ``fixed``. ``titles`` names nodes
-    (``{node id: title}``). Raises ``ValueError`` for a node type ``object_info`` does not list, an input it does not
-    have, or a link to a missing node."""
+    nodes itself when it opens the workflow), every widget value from the prompt (a widget the prompt leaves out
+    takes its default), seeds ``fixed``. ``titles`` names nodes (``{node id: title}``). Raises ``ValueError`` for
+    a node type ``object_info`` does not list, an input it does not have, or a link to a missing node."""
     titles = titles or {}
     depths = _depths(prompt)
     order = sorted(prompt, key=lambda n: (depths[n], int(n)))
@@ -76,12 +75,12 @@ def api_to_ui(prompt: dict, object_info: dict, titles: dict | None = None) -> di
         info = object_info.get(node["class_type"])
         if info is None:
             raise ValueError(f"prompt: node {nid}: unknown node type {node['class_type']!r}")
-        known = dict(_inputs(info))
-        unknown = set(node["inputs"]) - set(known)
+        inputs = _inputs(info)
+        unknown = set(node["inputs"]) - {name for name, _ in inputs}
         if unknown:
             raise ValueError(f"prompt: node {nid} ({node['class_type']}): no input(s) {sorted(unknown)}")
         sockets, widgets = [], []
-        for name, spec in _inputs(info):
+        for name, spec in inputs:
             v = node["inputs"].get(name)
             if _is_link(v):
                 src, slot = v
