@@ -399,19 +399,16 @@ def _op_cases(dry: bool):
         "sum": (lambda b, g: ([r(g, b, 5, 333)], []), lambda x: ops.sum(x, dim=-1), lambda x: x.sum(-1)),
         "mean": (lambda b, g: ([r(g, b, 5, 333)], []), lambda x: ops.mean(x, dim=-1, keepdim=True),
                  lambda x: x.mean(-1, keepdim=True)),
-        # the convolution forms deterministic mode rebuilds from conv2d calls (jetdet/conv_forms.py)
-        "mode_conv1d_dilated": (lambda b, g: ([r(g, b, 16, 57 * s)], [r(g, 24, 16, 7, scale=0.1), r(g, 24)]),
-                                _in_mode(lambda x, w, bias: F.conv1d(x, w, bias, padding=9, dilation=3)),
-                                lambda x, w, bias: F.conv1d(x, w, bias, padding=9, dilation=3)),
-        "mode_conv_transpose2d": (lambda b, g: ([r(g, b, 16, 9, 7)], [r(g, 16, 12, 4, 4, scale=0.1), r(g, 12)]),
-                                  _in_mode(lambda x, w, bias: F.conv_transpose2d(x, w, bias, stride=2, padding=1)),
-                                  lambda x, w, bias: F.conv_transpose2d(x, w, bias, stride=2, padding=1)),
-        "mode_conv_grouped": (lambda b, g: ([r(g, b, 32, 9, 7)], [r(g, 32, 8, 3, 3, scale=0.1), r(g, 32)]),
-                              _in_mode(lambda x, w, bias: F.conv2d(x, w, bias, padding=1, groups=4)),
-                              lambda x, w, bias: F.conv2d(x, w, bias, padding=1, groups=4)),
-        "mode_conv_depthwise": (lambda b, g: ([r(g, b, 32, 9, 7)], [r(g, 32, 1, 7, 7, scale=0.1), r(g, 32)]),
-                                _in_mode(lambda x, w, bias: F.conv2d(x, w, bias, padding=3, groups=32)),
-                                lambda x, w, bias: F.conv2d(x, w, bias, padding=3, groups=32)),
+        # the convolution forms deterministic mode rebuilds from conv2d calls (jetdet/conv_forms.py): torch's own
+        # call in the mode against the same call on the fp32 reference
+        "mode_conv1d_dilated": _in_mode(lambda b, g: ([r(g, b, 16, 57 * s)], [r(g, 24, 16, 7, scale=0.1), r(g, 24)]),
+                                        lambda x, w, bias: F.conv1d(x, w, bias, padding=9, dilation=3)),
+        "mode_conv_transpose2d": _in_mode(lambda b, g: ([r(g, b, 16, 9, 7)], [r(g, 16, 12, 4, 4, scale=0.1), r(g, 12)]),
+                                          lambda x, w, bias: F.conv_transpose2d(x, w, bias, stride=2, padding=1)),
+        "mode_conv_grouped": _in_mode(lambda b, g: ([r(g, b, 32, 9, 7)], [r(g, 32, 8, 3, 3, scale=0.1), r(g, 32)]),
+                                      lambda x, w, bias: F.conv2d(x, w, bias, padding=1, groups=4)),
+        "mode_conv_depthwise": _in_mode(lambda b, g: ([r(g, b, 32, 9, 7)], [r(g, 32, 1, 7, 7, scale=0.1), r(g, 32)]),
+                                        lambda x, w, bias: F.conv2d(x, w, bias, padding=3, groups=32)),
         "linear_attention": (
             lambda b, g: ([r(g, b, 2, 70, 32), r(g, b, 2, 50, 32), r(g, b, 2, 50, 48)], []),
             lambda q, k, v: ops.linear_attention(q, k, v, "relu"),
@@ -495,15 +492,16 @@ def _conv_tf32x3(x, w, bias):
         return jetdet.ops.conv2d(x, w, bias, padding=1)
 
 
-def _in_mode(fn):
-    """``fn`` called in ``jetdet.mode("deterministic")``, for the forms the router rebuilds."""
+def _in_mode(make, fn):
+    """An op case for a form the router rebuilds: ``fn`` (a plain torch call) in ``jetdet.mode("deterministic")``
+    is the call checked, ``fn`` itself on the fp32 inputs the reference."""
     def call(*a):
         import jetdet
 
         with jetdet.mode("deterministic"):
             return fn(*a)
 
-    return call
+    return make, call, fn
 
 
 def _with_diagonal(m):
