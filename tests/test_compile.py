@@ -40,6 +40,17 @@ def _targets(gm) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
 
 
+def _assert_one_graph_of_jetdet_reductions(exp) -> None:
+    """``torch._dynamo.explain``'s result: one graph, no break, jetdet custom ops in it and no reduction left to
+    the compiler."""
+    assert exp.graph_break_count == 0, exp.break_reasons
+    assert exp.graph_count == 1
+    targets = [n for g in exp.graphs for n in _targets(g)]
+    assert any(n.startswith("jetdet.") for n in targets), "no jetdet custom op in the traced graph"
+    left = [n for n in targets if not n.startswith("jetdet.") and any(r in n.split(".")[-1] for r in _REDUCING)]
+    assert not left, f"reductions left to the compiler: {left}"
+
+
 @pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
 def test_patched_model_is_one_graph_of_jetdet_reductions(cls):
     torch.manual_seed(0)
@@ -47,13 +58,7 @@ def test_patched_model_is_one_graph_of_jetdet_reductions(cls):
     x, t, y = make_toy_inputs(BATCH)
     with jetdet.patch(model, mode="deterministic"), torch.no_grad():
         exp = torch._dynamo.explain(model)(x, t, y)
-    assert exp.graph_break_count == 0, exp.break_reasons
-    assert exp.graph_count == 1
-    targets = [n for g in exp.graphs for n in _targets(g)]
-    jet = [n for n in targets if n.startswith("jetdet.")]
-    assert jet, "no jetdet custom op in the traced graph"
-    left = [n for n in targets if not n.startswith("jetdet.") and any(r in n.split(".")[-1] for r in _REDUCING)]
-    assert not left, f"reductions left to the compiler: {left}"
+    _assert_one_graph_of_jetdet_reductions(exp)
 
 
 def _compiled_calls(model, dynamic):
@@ -137,12 +142,7 @@ def test_functional_use_compiles_inside_the_mode_as_one_graph_of_jetdet_reductio
     x, t, y = make_toy_inputs(BATCH)
     with jetdet.mode("deterministic"), torch.no_grad():
         exp = torch._dynamo.explain(model)(x, t, y)
-    assert exp.graph_break_count == 0, exp.break_reasons
-    assert exp.graph_count == 1
-    targets = [n for g in exp.graphs for n in _targets(g)]
-    assert any(n.startswith("jetdet.") for n in targets), "no jetdet custom op in the traced graph"
-    left = [n for n in targets if not n.startswith("jetdet.") and any(r in n.split(".")[-1] for r in _REDUCING)]
-    assert not left, f"reductions left to the compiler: {left}"
+    _assert_one_graph_of_jetdet_reductions(exp)
 
 
 def test_functional_use_compiled_inside_the_mode_is_batch_invariant():
@@ -231,7 +231,7 @@ def test_conv_forms_and_scans_compile_in_the_mode_as_one_batch_invariant_graph()
     with torch.no_grad(), jetdet.mode("deterministic"):
         eager = model(x)
         exp = torch._dynamo.explain(model)(x)
-        assert exp.graph_break_count == 0 and exp.graph_count == 1, exp.break_reasons
+        _assert_one_graph_of_jetdet_reductions(exp)
         compiled = torch.compile(model)
         full = compiled(x)
         torch.testing.assert_close(full, eager, atol=1e-5, rtol=0)
