@@ -1,0 +1,126 @@
+"""Host side of the TMA-fed attention kernel (``kernel_tma.py``): the switch, eligibility, config, descriptors, launch.
+
+Opt-in and not the default: ``JETDET_ATTENTION_KERNEL=tma`` makes ``launch.attention`` send eligible calls here, so
+that ``bench/gpu_check.py`` can time it beside the default kernel. It becomes the default only after a GPU has
+measured it.
+
+Eligible: fp16/bf16 q, k, v with no mask and head dims that are multiples of 8 (16-byte rows, which a descriptor
+needs) up to 128. That depends on the dtype, the head dims and whether there is a mask, never on the batch or the
+strides: a tensor whose strides a descriptor cannot take is read from a contiguous copy (same values, same bits).
+The tile is fixed per head-dim class (never chosen by the sequence length or the batch); the KV loop is whole and in
+order; no split, no atomics. On sm_90 the loads are TMA (``UTMALDG``) and the dots warpgroup MMA (``HGMMA``); the
+static report checks both, and that it does not spill (``specs.tma_specs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from jetdet._paths import getenv
+from jetdet.kernels._common import FP_FUSION, cdiv, empty
+
+from .kernel_tma import attention_tma_kernel
+
+KERNEL_ENV = "JETDET_ATTENTION_KERNEL"
+MAX_HEAD_DIM = 128
+# one tile per head-dim class (max(D, Dv) up to the key): never a function of the sequence length or the batch
+CONFIGS = {
+    64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+}
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def kernel_choice() -> str:
+    """``$JETDET_ATTENTION_KERNEL``: ``default`` (``kernel.py``) or ``tma`` (this kernel, for eligible calls)."""
+    val = (getenv(KERNEL_ENV) or "default").strip().lower() or "default"
+    if val not in ("default", "tma"):
+        raise ValueError(f"{KERNEL_ENV}={val!r}: expected 'default' or 'tma'")
+    return val
+
+
+def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
+    """Whether a call can run on the TMA kernel (see the module docstring). Independent of the batch and strides."""
+    d, d_v = q.shape[-1], v.shape[-1]
+    return (
+        mask is None
+        and q.dtype in _DTYPES
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and d % 8 == 0
+        and d_v % 8 == 0
+        and max(d, d_v) <= MAX_HEAD_DIM
+    )
+
+
+def config(head_dim: int) -> dict:
+    return CONFIGS[64 if head_dim <= 64 else 128]
+
+
+def _descriptor_strides(t: torch.Tensor) -> list[int] | None:
+    """Strides a descriptor can take for ``t`` (16-byte aligned base and strides, last dim contiguous), or None. A
+    size-1 dim is never stepped: it gets the stride a contiguous layout would have."""
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return None
+    strides = list(t.stride())
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+        if (strides[i] * size) % 16:
+            return None
+    return strides
+
+
+def _descriptors(t: torch.Tensor, rows: int, cols: int, cols2: int):
+    """A ``[1, 1, rows, cols]`` descriptor of ``t`` and, when ``cols2``, its ``[1, 1, rows, cols2]`` twin (else the
+    same one again). ``t`` must pass :func:`_descriptor_strides`."""
+    strides, shape = _descriptor_strides(t), list(t.shape)
+    main = TensorDescriptor(t, shape, strides, [1, 1, rows, cols])
+    return main, (TensorDescriptor(t, shape, strides, [1, 1, rows, cols2]) if cols2 else main)
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    return t if _descriptor_strides(t) is not None else t.contiguous()
+
+
+def attention_tma(q, k, v, qk_scale: float, out: torch.Tensor, blocks: tuple, dot_fp32: bool) -> torch.Tensor:
+    """``softmax(q @ k^T * scale) @ v`` into ``out`` (``[B, H, Nq, Dv]``, contiguous): q ``[B, H, Nq, D]``, k, v
+    with ``Nk >= 1`` (:func:`eligible`); ``qk_scale = scale * log2(e) >= 0``. ``blocks``: ``((BLOCK_D, BLOCK_D2),
+    (BLOCK_DV, BLOCK_DV2))`` (``launch.split_head_dim``). ``dot_fp32``: fp32 operands with IEEE dots (bf16 under
+    the interpreter)."""
+    bsz, heads, n_q, _ = q.shape
+    n_k = k.shape[2]
+    (bd, bd2), (bdv, bdv2) = blocks
+    cfg = config(max(q.shape[-1], v.shape[-1]))
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    # the interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest even): it writes fp32, torch rounds
+    o = out
+    if out.dtype == torch.bfloat16 and out.device.type != "cuda":
+        o = empty(out.shape, torch.float32, out.device)
+    q, k, v = _readable(q), _readable(k), _readable(v)
+    qd, qd2 = _descriptors(q, bm, bd, bd2)
+    kd, kd2 = _descriptors(k, bn, bd, bd2)
+    vd, vd2 = _descriptors(v, bn, bdv, bdv2)
+    od, od2 = _descriptors(o, bm, bdv, bdv2)
+    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        attention_tma_kernel[(cdiv(n_q, bm) * bsz * heads,)](
+            qd, kd, vd, od, qd2, kd2, vd2, od2,
+            heads, n_q, n_k, qk_scale,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_D=bd,
+            BLOCK_DV=bdv,
+            BLOCK_D2=bd2,
+            BLOCK_DV2=bdv2,
+            DOT_FP32=dot_fp32,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+    if o is not out:
+        out.copy_(o)
+    return out
