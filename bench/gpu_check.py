@@ -22,10 +22,12 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
 5. ``speed``: jetdet / torch time ratios (``triton.testing.do_bench`` medians) at the shapes of issue 13 and
    at real-model shapes (SD1.5/SDXL UNet convs, Flux/SD3 linears and attention), with the config used; fp16/bf16
    linears also with the persistent TMA GEMM (``JETDET_MATMUL_KERNEL=tma``, opt-in), an A/B in the same run.
-   The ``ops`` section checks that kernel too (``linear_tma``). Attention also with the other KV-loop structure
-   than the device runs (``kernels/attention/launch.py: split_tail``: an unmasked loop over the whole blocks and
-   the partial block apart, or one masked loop), the same way. fp32 linears and convs also with
-   ``JETDET_FP32_DOT=tf32x3``: its time, and its and the IEEE kernel's max error relative to torch's IEEE result.
+   The ``ops`` section checks that kernel too (``linear_tma``). 16-bit attention also with the TMA-fed kernel
+   (``JETDET_ATTENTION_KERNEL=tma``, opt-in; checked in ``ops`` as ``attention_tma_d72``), and all attention
+   with the other KV-loop structure than the device runs (``kernels/attention/launch.py: split_tail``: an
+   unmasked loop over the whole blocks and the partial block apart, or one masked loop), the same way. fp32
+   linears and convs also with ``JETDET_FP32_DOT=tf32x3``: its time, and its and the IEEE kernel's max error
+   relative to torch's IEEE result.
 6. ``model_speed``: whole models at batch 4: fp32 det vs off (TinyUNet, TinyDiT, DiT-B size) and bf16 off / det
    / per-item loop (DiT stacks of width 1152 and 1024, an SD-like UNet stage); the bf16 ones also with the
    deterministic forward captured in a CUDA graph (``torch.cuda.graph``): replay time, replay == eager bitwise,
@@ -72,7 +74,8 @@ import torch.nn.functional as F  # noqa: E402
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # op cases that only mean something in some dtypes (every other case runs in DTYPES)
-CASE_DTYPES = {"linear_tf32x3": (torch.float32,), "conv3x3_tf32x3": (torch.float32,)}
+CASE_DTYPES = {"linear_tf32x3": (torch.float32,), "conv3x3_tf32x3": (torch.float32,),
+               "attention_tma_d72": (torch.float16, torch.bfloat16)}
 # issue 13's targets: jetdet time / torch time at most this
 TARGETS = {"linear": 1.10, "linear_m512": 1.25, "linear_fp32": 1.3, "attention": 1.15, "conv": 1.5}
 CORRECTNESS_SECTIONS = ("noise", "ops", "models")
@@ -371,6 +374,11 @@ def _op_cases(dry: bool):
         "attention_d64": (lambda b, g: ([r(g, b, 2, 77 * s, 64), r(g, b, 2, 61 * s, 64), r(g, b, 2, 61 * s, 64)], []),
                           lambda q, k, v: ops.attention(q, k, v),
                           lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+        # JETDET_ATTENTION_KERNEL=tma (opt-in): 16-bit only (CASE_DTYPES); head dim 72 (64 + a 16-wide tail), q as
+        # a strided view of a [B, N, H, D] projection
+        "attention_tma_d72": (
+            lambda b, g: ([r(g, b, 77 * s, 2, 72).transpose(1, 2), r(g, b, 2, 61 * s, 72), r(g, b, 2, 61 * s, 72)], []),
+            _attention_tma, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
         "attention_d128_mask": (
             lambda b, g: ([r(g, b, 2, 33, 128), r(g, b, 2, 45, 128), r(g, b, 2, 45, 128)],
                           [torch.rand(1, 1, 33, 45, generator=g) > 0.3]),
@@ -448,6 +456,20 @@ def _tma_kernel():
     from jetdet.kernels.matmul.launch import KERNEL_ENV
 
     return _env(KERNEL_ENV, "tma")
+
+
+def _attention_tma_kernel():
+    """``JETDET_ATTENTION_KERNEL=tma`` inside (the TMA-fed attention for eligible unmasked 16-bit calls), restored."""
+    from jetdet.kernels.attention.launch_tma import KERNEL_ENV
+
+    return _env(KERNEL_ENV, "tma")
+
+
+def _attention_tma(q, k, v):
+    import jetdet
+
+    with _attention_tma_kernel():
+        return jetdet.ops.attention(q, k, v)
 
 
 def _tf32x3():
@@ -845,6 +867,13 @@ def speed(run: Run, out: dict) -> None:
                 ab_cols["ieee_rel_err"] = (jet_fn() - ref).abs().max().item() / scale
             except Exception as e:  # noqa: BLE001
                 ab_cols["tf32x3_error"] = f"{type(e).__name__}: {e}"
+        if kind == "attention" and dtype != torch.float32 and run.left() > 20:
+            try:  # the TMA-fed kernel (opt-in), timed in the same process
+                with _attention_tma_kernel():
+                    ab_cols["jetdet_tma_ms"] = run.time_ms(jet_fn)
+                ab_cols["tma_ratio"] = ab_cols["jetdet_tma_ms"] / t_torch
+            except Exception as e:  # noqa: BLE001
+                ab_cols["tma_error"] = f"{type(e).__name__}: {e}"
         if kind == "attention" and run.left() > 20:
             from jetdet.kernels.attention.launch import _arch, split_tail
 
@@ -872,7 +901,7 @@ def speed(run: Run, out: dict) -> None:
         if "tma_ratio" in ab_cols:
             ab = f"  TMA kernel {ab_cols['jetdet_tma_ms']:8.3f} ms {ab_cols['tma_ratio']:5.2f}x"
         if "jetdet_other_loops_ms" in ab_cols:
-            ab = f"  {ab_cols['other_loops']}: {ab_cols['jetdet_other_loops_ms']:8.3f} ms"
+            ab += f"  {ab_cols['other_loops']}: {ab_cols['jetdet_other_loops_ms']:8.3f} ms"
         if "tf32x3_ratio" in ab_cols:
             ab = (f"  tf32x3 {ab_cols['jetdet_tf32x3_ms']:8.3f} ms {ab_cols['tf32x3_ratio']:5.2f}x, max rel err "
                   f"{ab_cols['tf32x3_rel_err']:.1e} (IEEE {ab_cols['ieee_rel_err']:.1e})")
@@ -1169,6 +1198,38 @@ SWEEP = {
 }
 
 
+#: tiles of the TMA-fed attention (``kernels/attention/launch_tma.py: CONFIGS``, one per head-dim class)
+SWEEP_ATTENTION_TMA = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                       for bm, bn, w, s in ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                                            (128, 128, 8, 2), (128, 32, 4, 4))]  # fmt: skip
+
+
+def _sweep_attention_tma(run: Run, label: str, dtype, a) -> dict:
+    """The TMA-fed attention at each of ``SWEEP_ATTENTION_TMA`` (its tile is ``launch_tma.CONFIGS``, not a table):
+    a sweep row like the table ones."""
+    from jetdet.kernels.attention import launch_tma
+
+    saved, timings = launch_tma.CONFIGS, []
+    try:
+        for cfg in SWEEP_ATTENTION_TMA[:2] if run.dry else SWEEP_ATTENTION_TMA:
+            if run.left() < 10:
+                break
+            launch_tma.CONFIGS = {64: cfg, 128: cfg}
+            try:
+                with _attention_tma_kernel():
+                    _, jet_fn, _, _ = _speed_pair("attention", dtype, a, run.dev)
+                    timings.append({"config": cfg, "ms": run.time_ms(jet_fn)})
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                timings.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    finally:
+        launch_tma.CONFIGS = saved
+    ok = [t for t in timings if "ms" in t]
+    best = min(ok, key=lambda t: t["ms"]) if ok else None
+    if best:
+        print(f"  {label + ' (TMA kernel)':<40} best {best['ms']:8.3f} ms with {best['config']}")
+    return {"label": label, "op": "attention_tma", "dtype": _dn(dtype), "timings": timings, "best": best}
+
+
 def sweep(run: Run, out: dict) -> None:
     """Each candidate config is put in a temporary table for this device (``$JETDET_CONFIG_DIR``), the op is
     timed, and the best fixed config per shape is kept. Configs that fail to compile or run are recorded."""
@@ -1210,6 +1271,8 @@ def sweep(run: Run, out: dict) -> None:
             results.append({"label": label, "op": op, "dtype": _dn(dtype), "timings": timings, "best": best})
             if best:
                 print(f"  {label:<40} best {best['ms']:8.3f} ms with {best['config']}")
+            if kind == "attention" and dtype != torch.float32:
+                results.append(_sweep_attention_tma(run, label, dtype, a))
     finally:
         if saved_env is None:
             os.environ.pop("JETDET_CONFIG_DIR", None)
@@ -1273,7 +1336,8 @@ def markdown(res: dict) -> str:
             cfg = "" if not r["config"] else ",".join(str(v) for v in r["config"].values()) + f" ({r['table']})"
             ab = f"TMA kernel {r['tma_ratio']:.2f}x" if "tma_ratio" in r else r.get("tma_error", "")[:40]
             if "jetdet_other_loops_ms" in r:
-                ab = f"{r['other_loops']}: {r['jetdet_other_loops_ms'] / r['torch_ms']:.2f}x"
+                other = f"{r['other_loops']}: {r['jetdet_other_loops_ms'] / r['torch_ms']:.2f}x"
+                ab = f"{ab}; {other}" if ab else other
             if "tf32x3_ratio" in r:
                 ab = f"tf32x3 {r['tf32x3_ratio']:.2f}x, err {r['tf32x3_rel_err']:.1e} (IEEE {r['ieee_rel_err']:.1e})"
             ab = ab or r.get("other_loops_error", "")[:40] or r.get("tf32x3_error", "")[:40]

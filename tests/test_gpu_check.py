@@ -30,7 +30,7 @@ def _run(tmp_path, *args, timeout=1200, interpreter=True):
 
 
 def test_dry_run_goes_through_every_section(tmp_path):
-    out = _run(tmp_path, "--budget-s", "1000")
+    out = _run(tmp_path, "--budget-s", "1000", "--sweep")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_dry-run_cpu.json").read_text())
     for name in SECTIONS:
@@ -38,9 +38,11 @@ def test_dry_run_goes_through_every_section(tmp_path):
         assert "error" not in sec and "skipped" not in sec, (name, sec.get("error") or sec.get("skipped"))
     assert res["failures"] == [] and res["incomplete"] == []
     ops = res["sections"]["ops"]["rows"]
-    assert len(ops) == 24 * 3 + 2  # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only
+    # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only, the JETDET_ATTENTION_KERNEL=tma one in 16 bits only
+    assert len(ops) == 24 * 3 + 2 + 2
     assert {(r["op"], r["dtype"]) for r in ops if "tf32x3" in r["op"]} == {("linear_tf32x3", "float32"),
                                                                           ("conv3x3_tf32x3", "float32")}
+    assert {r["dtype"] for r in ops if r["op"] == "attention_tma_d72"} == {"float16", "bfloat16"}
     assert all(r["accurate"] and not r["prefix_differs"] and not r["needle_differs"] for r in ops)
     assert {"linear", "conv3x3", "attention_d128_mask", "attention_d72_mask", "group_norm", "group_norm_channels_last",
             "forecast"} <= {r["op"] for r in ops}
@@ -58,15 +60,20 @@ def test_dry_run_goes_through_every_section(tmp_path):
     fp32 = [r for r in res["sections"]["speed"]["rows"] if r["dtype"] == "float32"]
     assert {r["kind"] for r in fp32} == {"linear", "conv"}
     assert all("tf32x3_ratio" in r and r["tf32x3_rel_err"] < 1e-5 for r in fp32), fp32  # the A/B column ran
+    attention = [r for r in res["sections"]["speed"]["rows"] if r["kind"] == "attention"]
+    assert attention and all("tma_ratio" in r and "jetdet_other_loops_ms" in r for r in attention), attention
     fast = res["sections"]["fast_path"]["rows"]
     assert [r["setting"] for r in fast] == ["off", "fast default", "fast budget=0.05", "fast budget=0.07",
                                             "fast budget=0.1", "fast budget=0.07 piggyback=0"]
     assert all("syncs" in r and r["calls"] > 0 for r in fast[1:])
     comp = res["sections"]["compiled"]
     assert all(comp["checks"].values()) and comp["det_compiled_ms"] > 0, comp
+    swept = res["sections"]["sweep"]["rows"]
+    assert {r["op"] for r in swept} == {"matmul", "attention", "attention_tma", "conv2d"}
+    assert all(r["best"] for r in swept), swept
     md = (tmp_path / "gpu_dry-run_cpu.md").read_text()
     for title in ("## Noise", "## Ops", "## Whole-model determinism", "## Speed", "## Whole models, batch 4",
-                  "## Deterministic mode under torch.compile", "## Fast path", "## Block-sparse"):
+                  "## Deterministic mode under torch.compile", "## Fast path", "## Block-sparse", "## Tile sweep"):
         assert title in md, title
     assert "all checks passed" in md
 
