@@ -126,6 +126,21 @@ def empty(shape, dtype, device, memory_format=None):
     return out
 
 
+def descriptor_strides(t: torch.Tensor) -> list[int] | None:
+    """Strides a tensor descriptor (TMA) can take for ``t``, or None: a 16-byte aligned base, 16-byte aligned
+    strides and a contiguous last dim. A size-1 dim is never stepped: it gets the stride a contiguous layout would
+    have."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return None
+    size, strides = t.element_size(), list(t.stride())
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+        if (strides[i] * size) % 16:
+            return None
+    return strides
+
+
 def out_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout of an op's output for input ``x``, as torch's conv2d and group_norm give it: channels-last for
     a channels-last 4-D ``x`` (one that is not also plain contiguous, as with C == 1 or H * W == 1, where both

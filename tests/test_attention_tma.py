@@ -19,6 +19,7 @@ from test_matmul_tma import _sass
 
 import jetdet
 from jetdet import static_report as sr
+from jetdet.kernels._common import descriptor_strides
 from jetdet.kernels.attention import launch, launch_tma
 from jetdet.kernels.attention import specs as attn_specs
 
@@ -114,7 +115,7 @@ def test_strides_a_descriptor_cannot_take_are_read_from_copies(tma, monkeypatch)
     wide = torch.zeros(2, 2, 40, 65, dtype=q.dtype, device=q.device)
     wide[..., 1:] = q
     k_t = k.transpose(-1, -2).contiguous().transpose(-1, -2)
-    assert launch_tma._descriptor_strides(wide[..., 1:]) is None and launch_tma._descriptor_strides(k_t) is None
+    assert descriptor_strides(wide[..., 1:]) is None and descriptor_strides(k_t) is None
     assert same_bits(launch.attention(wide[..., 1:], k_t, v), base)
     assert same_bits(launch.attention(q[:1], k[:1], v[:1]), base[:1])
     assert calls == [1, 1, 1]

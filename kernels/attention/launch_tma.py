@@ -20,7 +20,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from jetdet._paths import getenv
-from jetdet.kernels._common import FP_FUSION, cdiv, empty
+from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty
 
 from .kernel_tma import attention_tma_kernel
 
@@ -60,31 +60,16 @@ def config(head_dim: int) -> dict:
     return CONFIGS[64 if head_dim <= 64 else 128]
 
 
-def _descriptor_strides(t: torch.Tensor) -> list[int] | None:
-    """Strides a descriptor can take for ``t`` (16-byte aligned base and strides, last dim contiguous), or None. A
-    size-1 dim is never stepped: it gets the stride a contiguous layout would have."""
-    size = t.element_size()
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
-        return None
-    strides = list(t.stride())
-    for i in range(t.dim() - 2, -1, -1):
-        if t.shape[i] == 1:
-            strides[i] = strides[i + 1] * t.shape[i + 1]
-        if (strides[i] * size) % 16:
-            return None
-    return strides
-
-
 def _descriptors(t: torch.Tensor, rows: int, cols: int, cols2: int):
     """A ``[1, 1, rows, cols]`` descriptor of ``t`` and, when ``cols2``, its ``[1, 1, rows, cols2]`` twin (else the
-    same one again). ``t`` must pass :func:`_descriptor_strides`."""
-    strides, shape = _descriptor_strides(t), list(t.shape)
+    same one again). ``t`` must pass ``descriptor_strides``."""
+    strides, shape = descriptor_strides(t), list(t.shape)
     main = TensorDescriptor(t, shape, strides, [1, 1, rows, cols])
     return main, (TensorDescriptor(t, shape, strides, [1, 1, rows, cols2]) if cols2 else main)
 
 
 def _readable(t: torch.Tensor) -> torch.Tensor:
-    return t if _descriptor_strides(t) is not None else t.contiguous()
+    return t if descriptor_strides(t) is not None else t.contiguous()
 
 
 def attention_tma(q, k, v, qk_scale: float, out: torch.Tensor, blocks: tuple, dot_fp32: bool) -> torch.Tensor:
