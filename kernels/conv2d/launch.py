@@ -11,6 +11,7 @@ from jetdet import configs
 from jetdet.kernels._common import cdiv, empty, fp32_dot, out_memory_format, tf32x3_config
 
 from ..matmul.torch_path import cached_pack
+from . import launch_tma
 from .kernel import conv2d_kernel
 
 OP = "conv2d"
@@ -90,6 +91,11 @@ def conv2d(
     if not w.is_contiguous(memory_format=torch.channels_last):
         w = cached_pack(w, "conv2d.cl", lambda: w.detach().contiguous(memory_format=torch.channels_last))
     wk = w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
+    tma = x.dtype != torch.float32 and launch_tma.kernel_choice() == "tma"
+    if tma and launch_tma.eligible(x.dtype, c, o, (sh, sw)):
+        # the opt-in TMA-fed kernel (launch_tma.py): bf16 under the interpreter upcasts (its bf16 dot is wrong)
+        interp_bf16 = x.dtype == torch.bfloat16 and x.device.type != "cuda"
+        return launch_tma.conv2d_tma(x, w, bias, y, (ph, pw), dot_f32=interp_bf16)
     # 32-bit offsets inside one batch item (the batch offset is 64-bit)
     span = (c - 1) * abs(x.stride(1)) + (h - 1) * abs(x.stride(2)) + (wd - 1) * abs(x.stride(3))
     assert span < _I32, "one batch item of x spans 2**31 elements or more"

@@ -7,7 +7,9 @@ import torch
 from jetdet import configs
 from jetdet.kernels._common import CompileSpec, tf32x3_tiles, tl_ptr
 
+from . import launch_tma
 from .kernel import conv2d_kernel
+from .kernel_tma import conv2d_tma_kernel
 from .launch import _DTYPES, FP_FUSION, OP, _default
 
 # (kh, kw, stride, padding, output layout) compiled per config: the shapes diffusion UNets/VAEs use most; the
@@ -16,6 +18,11 @@ _SPEC_SHAPES = ((3, 3, 1, 1, "cl"), (3, 3, 1, 1, "nchw"), (1, 1, 1, 0, "cl"))
 
 
 def compile_specs() -> list[CompileSpec]:
+    """:func:`table_specs` and :func:`tma_specs`."""
+    return table_specs() + tma_specs()
+
+
+def table_specs() -> list[CompileSpec]:
     """One spec per (shipped config, dtype, kernel shape and output layout in ``_SPEC_SHAPES``) for
     ``jetdet.static_report``, with bias. Modelled on the common launch: channels-last input (``stride_xc == 1``)
     with C, W*C multiples of 16, a channels-last weight (``stride_wk == 1``), stride/padding 1
@@ -88,4 +95,44 @@ def compile_specs() -> list[CompileSpec]:
                     else ("no_gather",),
                 )
             )
+    return specs
+
+
+def tma_specs() -> list[CompileSpec]:
+    """The TMA-fed conv (``kernel_tma.py``, opt-in) for sm_90 only (TMA and warpgroup MMA are sm_90 features): fp16
+    and bf16 x each tile of ``launch_tma.CONFIGS`` x 3x3 with padding 1 and 1x1, with bias; C, O and the output's
+    height and width multiples of 16, as in a UNet."""
+    specs = []
+    for dtype in launch_tma._DTYPES:
+        dt = configs.dtype_name(dtype)
+        for cls, cfg in launch_tma.CONFIGS.items():
+            bh, bw, bn, bk = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            for k, pad in ((3, 1), (1, 0)):
+                signature = {
+                    "x_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bk}]>",
+                    "w_desc": f"tensordesc<{dt}[{bn}, 1, 1, {bk}]>",
+                    "y_desc": f"tensordesc<{dt}[1, {bh}, {bw}, {bn}]>",
+                    "bias_ptr": tl_ptr(dtype),
+                    **dict.fromkeys(("C", "O", "OH", "OW"), "i32:16"),
+                }
+                constexprs = {"KH": k, "KW": k, "HAS_BIAS": True, "DOT_F32": False, "BLOCK_H": bh, "BLOCK_W": bw,
+                              "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+                for arg in ("PH", "PW"):  # as the JIT specialises them: 1 a constant, 0 divisible by 16
+                    if pad == 1:
+                        constexprs[arg] = 1
+                    else:
+                        signature[arg] = "i32:16"
+                specs.append(
+                    CompileSpec(
+                        name=f"conv2d_tma_{dt}_{k}x{k}s1p{pad}_{bh}x{bw}x{bn}x{bk}_w{cfg['num_warps']}s"
+                        f"{cfg['num_stages']}[{cls}]",
+                        fn=conv2d_tma_kernel,
+                        signature=signature,
+                        constexprs=constexprs,
+                        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                 "enable_fp_fusion": launch_tma.FP_FUSION},  # fmt: skip
+                        deterministic=True,
+                        archs=(90,),
+                    )
+                )
     return specs
