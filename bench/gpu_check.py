@@ -23,7 +23,8 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
    at real-model shapes (SD1.5/SDXL UNet convs, Flux/SD3 linears and attention), with the config used; fp16/bf16
    linears also with the persistent TMA GEMM (``JETDET_MATMUL_KERNEL=tma``, opt-in), an A/B in the same run.
    The ``ops`` section checks that kernel too (``linear_tma``). 16-bit attention also with the TMA-fed kernel
-   (``JETDET_ATTENTION_KERNEL=tma``, opt-in; checked in ``ops`` as ``attention_tma_d72``), and all attention
+   (``JETDET_ATTENTION_KERNEL=tma``, opt-in; checked in ``ops`` as ``attention_tma_d72``), 16-bit convs with
+   the TMA-fed conv (``JETDET_CONV_KERNEL=tma``, ``conv3x3_tma``), and all attention
    with the other KV-loop structure than the device runs (``kernels/attention/launch.py: split_tail``: an
    unmasked loop over the whole blocks and the partial block apart, or one masked loop), the same way. fp32
    linears and convs also with ``JETDET_FP32_DOT=tf32x3``: its time, and its and the IEEE kernel's max error
@@ -75,7 +76,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # op cases that only mean something in some dtypes (every other case runs in DTYPES)
 CASE_DTYPES = {"linear_tf32x3": (torch.float32,), "conv3x3_tf32x3": (torch.float32,),
-               "attention_tma_d72": (torch.float16, torch.bfloat16)}
+               "attention_tma_d72": (torch.float16, torch.bfloat16), "conv3x3_tma": (torch.float16, torch.bfloat16)}
 # issue 13's targets: jetdet time / torch time at most this
 TARGETS = {"linear": 1.10, "linear_m512": 1.25, "linear_fp32": 1.3, "attention": 1.15, "conv": 1.5}
 CORRECTNESS_SECTIONS = ("noise", "ops", "models")
@@ -366,6 +367,10 @@ def _op_cases(dry: bool):
         "conv3x3": (lambda b, g: ([r(g, b, 16 * s, 13, 11)], [r(g, 24 * s, 16 * s, 3, 3, scale=0.1), r(g, 24 * s)]),
                     lambda x, w, bias: ops.conv2d(x, w, bias, padding=1),
                     lambda x, w, bias: F.conv2d(x, w, bias, padding=1)),
+        # JETDET_CONV_KERNEL=tma (opt-in): 16-bit only (CASE_DTYPES); an image of 13 x 11, under one 8 x 16 tile
+        "conv3x3_tma": (lambda b, g: ([r(g, b, 16 * s, 13, 11)], [r(g, 24 * s, 16 * s, 3, 3, scale=0.1),
+                                                                 r(g, 24 * s)]),
+                        _conv_tma, lambda x, w, bias: F.conv2d(x, w, bias, padding=1)),
         "conv3x3_s2": (lambda b, g: ([r(g, b, 8, 13, 11)], [r(g, 12, 8, 3, 3, scale=0.2), None]),
                        lambda x, w, bias: ops.conv2d(x, w, bias, stride=2, padding=1),
                        lambda x, w, bias: F.conv2d(x, w, bias, stride=2, padding=1)),
@@ -463,6 +468,20 @@ def _attention_tma_kernel():
     from jetdet.kernels.attention.launch_tma import KERNEL_ENV
 
     return _env(KERNEL_ENV, "tma")
+
+
+def _conv_tma_kernel():
+    """``JETDET_CONV_KERNEL=tma`` inside (the TMA-fed conv for eligible stride-1 16-bit calls), restored."""
+    from jetdet.kernels.conv2d.launch_tma import KERNEL_ENV
+
+    return _env(KERNEL_ENV, "tma")
+
+
+def _conv_tma(x, w, bias):
+    import jetdet
+
+    with _conv_tma_kernel():
+        return jetdet.ops.conv2d(x, w, bias, padding=1)
 
 
 def _attention_tma(q, k, v):
@@ -867,9 +886,9 @@ def speed(run: Run, out: dict) -> None:
                 ab_cols["ieee_rel_err"] = (jet_fn() - ref).abs().max().item() / scale
             except Exception as e:  # noqa: BLE001
                 ab_cols["tf32x3_error"] = f"{type(e).__name__}: {e}"
-        if kind == "attention" and dtype != torch.float32 and run.left() > 20:
+        if kind in ("attention", "conv", "conv_cl") and dtype != torch.float32 and run.left() > 20:
             try:  # the TMA-fed kernel (opt-in), timed in the same process
-                with _attention_tma_kernel():
+                with _attention_tma_kernel() if kind == "attention" else _conv_tma_kernel():
                     ab_cols["jetdet_tma_ms"] = run.time_ms(jet_fn)
                 ab_cols["tma_ratio"] = ab_cols["jetdet_tma_ms"] / t_torch
             except Exception as e:  # noqa: BLE001
@@ -1198,26 +1217,38 @@ SWEEP = {
 }
 
 
-#: tiles of the TMA-fed attention (``kernels/attention/launch_tma.py: CONFIGS``, one per head-dim class)
-SWEEP_ATTENTION_TMA = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-                       for bm, bn, w, s in ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                                            (128, 128, 8, 2), (128, 32, 4, 4))]  # fmt: skip
+#: tiles of the TMA-fed kernels (``kernels/attention/launch_tma.py`` and ``kernels/conv2d/launch_tma.py``:
+#: ``CONFIGS``, one per head-dim or output-channel class)
+SWEEP_TMA = {
+    "attention": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                  for bm, bn, w, s in ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                                       (128, 128, 8, 2), (128, 32, 4, 4))],
+    "conv": [dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+             for bh, bw, bn, bk, w, s in ((8, 16, 128, 64, 8, 3), (8, 16, 64, 64, 4, 4), (16, 16, 128, 64, 8, 3),
+                                          (8, 16, 256, 64, 8, 3), (8, 8, 128, 64, 4, 4), (8, 16, 128, 32, 8, 4))],
+}  # fmt: skip
 
 
-def _sweep_attention_tma(run: Run, label: str, dtype, a) -> dict:
-    """The TMA-fed attention at each of ``SWEEP_ATTENTION_TMA`` (its tile is ``launch_tma.CONFIGS``, not a table):
-    a sweep row like the table ones."""
-    from jetdet.kernels.attention import launch_tma
+def _sweep_tma(run: Run, label: str, kind: str, dtype, a) -> dict:
+    """The TMA-fed attention or conv at each of its ``SWEEP_TMA`` tiles (its tile is its launcher's ``CONFIGS``,
+    not a table): a sweep row like the table ones."""
+    if kind == "attention":
+        from jetdet.kernels.attention import launch_tma
 
+        env = _attention_tma_kernel
+    else:
+        from jetdet.kernels.conv2d import launch_tma
+
+        env = _conv_tma_kernel
     saved, timings = launch_tma.CONFIGS, []
     try:
-        for cfg in SWEEP_ATTENTION_TMA[:2] if run.dry else SWEEP_ATTENTION_TMA:
+        for cfg in SWEEP_TMA[kind][:2] if run.dry else SWEEP_TMA[kind]:
             if run.left() < 10:
                 break
-            launch_tma.CONFIGS = {64: cfg, 128: cfg}
+            launch_tma.CONFIGS = dict.fromkeys(saved, cfg)
             try:
-                with _attention_tma_kernel():
-                    _, jet_fn, _, _ = _speed_pair("attention", dtype, a, run.dev)
+                with env():
+                    _, jet_fn, _, _ = _speed_pair(kind, dtype, a, run.dev)
                     timings.append({"config": cfg, "ms": run.time_ms(jet_fn)})
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                 timings.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
@@ -1227,7 +1258,8 @@ def _sweep_attention_tma(run: Run, label: str, dtype, a) -> dict:
     best = min(ok, key=lambda t: t["ms"]) if ok else None
     if best:
         print(f"  {label + ' (TMA kernel)':<40} best {best['ms']:8.3f} ms with {best['config']}")
-    return {"label": label, "op": "attention_tma", "dtype": _dn(dtype), "timings": timings, "best": best}
+    op = "attention_tma" if kind == "attention" else "conv2d_tma"
+    return {"label": label, "op": op, "dtype": _dn(dtype), "timings": timings, "best": best}
 
 
 def sweep(run: Run, out: dict) -> None:
@@ -1271,8 +1303,8 @@ def sweep(run: Run, out: dict) -> None:
             results.append({"label": label, "op": op, "dtype": _dn(dtype), "timings": timings, "best": best})
             if best:
                 print(f"  {label:<40} best {best['ms']:8.3f} ms with {best['config']}")
-            if kind == "attention" and dtype != torch.float32:
-                results.append(_sweep_attention_tma(run, label, dtype, a))
+            if kind in ("attention", "conv") and dtype != torch.float32:
+                results.append(_sweep_tma(run, label, kind, dtype, a))
     finally:
         if saved_env is None:
             os.environ.pop("JETDET_CONFIG_DIR", None)

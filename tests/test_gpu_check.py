@@ -38,11 +38,12 @@ def test_dry_run_goes_through_every_section(tmp_path):
         assert "error" not in sec and "skipped" not in sec, (name, sec.get("error") or sec.get("skipped"))
     assert res["failures"] == [] and res["incomplete"] == []
     ops = res["sections"]["ops"]["rows"]
-    # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only, the JETDET_ATTENTION_KERNEL=tma one in 16 bits only
-    assert len(ops) == 24 * 3 + 2 + 2
+    # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only, the two TMA ones (attention, conv) in 16 bits only
+    assert len(ops) == 24 * 3 + 2 + 2 * 2
     assert {(r["op"], r["dtype"]) for r in ops if "tf32x3" in r["op"]} == {("linear_tf32x3", "float32"),
                                                                           ("conv3x3_tf32x3", "float32")}
-    assert {r["dtype"] for r in ops if r["op"] == "attention_tma_d72"} == {"float16", "bfloat16"}
+    for name in ("attention_tma_d72", "conv3x3_tma"):
+        assert {r["dtype"] for r in ops if r["op"] == name} == {"float16", "bfloat16"}, name
     assert all(r["accurate"] and not r["prefix_differs"] and not r["needle_differs"] for r in ops)
     assert {"linear", "conv3x3", "attention_d128_mask", "attention_d72_mask", "group_norm", "group_norm_channels_last",
             "forecast"} <= {r["op"] for r in ops}
@@ -62,6 +63,9 @@ def test_dry_run_goes_through_every_section(tmp_path):
     assert all("tf32x3_ratio" in r and r["tf32x3_rel_err"] < 1e-5 for r in fp32), fp32  # the A/B column ran
     attention = [r for r in res["sections"]["speed"]["rows"] if r["kind"] == "attention"]
     assert attention and all("tma_ratio" in r and "jetdet_other_loops_ms" in r for r in attention), attention
+    speed = res["sections"]["speed"]["rows"]
+    conv16 = [r for r in speed if r["kind"] in ("conv", "conv_cl") and r["dtype"] != "float32"]
+    assert conv16 and all("tma_ratio" in r for r in conv16), conv16
     fast = res["sections"]["fast_path"]["rows"]
     assert [r["setting"] for r in fast] == ["off", "fast default", "fast budget=0.05", "fast budget=0.07",
                                             "fast budget=0.1", "fast budget=0.07 piggyback=0"]
@@ -69,7 +73,7 @@ def test_dry_run_goes_through_every_section(tmp_path):
     comp = res["sections"]["compiled"]
     assert all(comp["checks"].values()) and comp["det_compiled_ms"] > 0, comp
     swept = res["sections"]["sweep"]["rows"]
-    assert {r["op"] for r in swept} == {"matmul", "attention", "attention_tma", "conv2d"}
+    assert {r["op"] for r in swept} == {"matmul", "attention", "attention_tma", "conv2d", "conv2d_tma"}
     assert all(r["best"] for r in swept), swept
     md = (tmp_path / "gpu_dry-run_cpu.md").read_text()
     for title in ("## Noise", "## Ops", "## Whole-model determinism", "## Speed", "## Whole models, batch 4",
