@@ -126,6 +126,15 @@ def empty(shape, dtype, device, memory_format=None):
     return out
 
 
+def kernel_choice(env: str) -> str:
+    """``$env`` (``JETDET_MATMUL_KERNEL``, ``JETDET_ATTENTION_KERNEL``, ``JETDET_CONV_KERNEL``): ``default`` (the op's
+    default kernel) or ``tma`` (its opt-in TMA-fed twin, for the calls that twin takes); read at each launch."""
+    val = (getenv(env) or "default").strip().lower() or "default"
+    if val not in ("default", "tma"):
+        raise ValueError(f"{env}={val!r}: expected 'default' or 'tma'")
+    return val
+
+
 def descriptor_strides(t: torch.Tensor) -> list[int] | None:
     """Strides a tensor descriptor (TMA) can take for ``t``, or None: a 16-byte aligned base, 16-byte aligned
     strides and a contiguous last dim. A size-1 dim is never stepped: it gets the stride a contiguous layout would

@@ -8,7 +8,7 @@ import math
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import FP_FUSION, cdiv, empty, next_pow2
+from jetdet.kernels._common import FP_FUSION, cdiv, empty, kernel_choice, next_pow2
 
 from . import launch_tma
 from .kernel import attention_fwd_kernel
@@ -201,9 +201,8 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
 
     blocks = (bd, bd2), (bdv, bdv2) = split_head_dim(d), split_head_dim(d_v)
     dot_fp32 = _dot_fp32(q.dtype, q.device)
-    if mask is None and q.dtype != torch.float32 and launch_tma.kernel_choice() == "tma" and launch_tma.eligible(
-        q, k, v, mask
-    ):
+    tma = mask is None and q.dtype != torch.float32 and kernel_choice(launch_tma.KERNEL_ENV) == "tma"
+    if tma and launch_tma.eligible(q, k, v, mask):
         return launch_tma.attention_tma(q, k, v, scale * _LOG2E, out, blocks, dot_fp32)
     cfg = config(max(d, d_v), q.dtype, q.device, masked=mask is not None)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]

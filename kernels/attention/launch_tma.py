@@ -19,11 +19,11 @@ import contextlib
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from jetdet._paths import getenv
 from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty
 
 from .kernel_tma import attention_tma_kernel
 
+#: ``default`` or ``tma`` (this kernel, for eligible calls; ``kernels._common.kernel_choice``)
 KERNEL_ENV = "JETDET_ATTENTION_KERNEL"
 MAX_HEAD_DIM = 128
 # one tile per head-dim class (max(D, Dv) up to the key): never a function of the sequence length or the batch
@@ -34,12 +34,6 @@ CONFIGS = {
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def kernel_choice() -> str:
-    """``$JETDET_ATTENTION_KERNEL``: ``default`` (``kernel.py``) or ``tma`` (this kernel, for eligible calls)."""
-    val = (getenv(KERNEL_ENV) or "default").strip().lower() or "default"
-    if val not in ("default", "tma"):
-        raise ValueError(f"{KERNEL_ENV}={val!r}: expected 'default' or 'tma'")
-    return val
 
 
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import cdiv, empty, fp32_dot, out_memory_format, tf32x3_config
+from jetdet.kernels._common import cdiv, empty, fp32_dot, kernel_choice, out_memory_format, tf32x3_config
 
 from ..matmul.torch_path import cached_pack
 from . import launch_tma
@@ -91,7 +91,7 @@ def conv2d(
     if not w.is_contiguous(memory_format=torch.channels_last):
         w = cached_pack(w, "conv2d.cl", lambda: w.detach().contiguous(memory_format=torch.channels_last))
     wk = w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
-    tma = x.dtype != torch.float32 and launch_tma.kernel_choice() == "tma"
+    tma = x.dtype != torch.float32 and kernel_choice(launch_tma.KERNEL_ENV) == "tma"
     if tma and launch_tma.eligible(x.dtype, c, o, (sh, sw)):
         # the opt-in TMA-fed kernel (launch_tma.py): bf16 under the interpreter upcasts (its bf16 dot is wrong)
         interp_bf16 = x.dtype == torch.bfloat16 and x.device.type != "cuda"

@@ -19,11 +19,11 @@ import contextlib
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from jetdet._paths import getenv
 from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty
 
 from .kernel_tma import conv2d_tma_kernel
 
+#: ``default`` or ``tma`` (this kernel, for eligible calls; ``kernels._common.kernel_choice``)
 KERNEL_ENV = "JETDET_CONV_KERNEL"
 # one tile per output-channel class: never a function of the image size or the batch. 8 x 16 output pixels per
 # program (a patch of one image), BLOCK_N output channels, BLOCK_K input channels per step
@@ -35,12 +35,6 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535
 
 
-def kernel_choice() -> str:
-    """``$JETDET_CONV_KERNEL``: ``default`` (``kernel.py``) or ``tma`` (this kernel, for eligible calls)."""
-    val = (getenv(KERNEL_ENV) or "default").strip().lower() or "default"
-    if val not in ("default", "tma"):
-        raise ValueError(f"{KERNEL_ENV}={val!r}: expected 'default' or 'tma'")
-    return val
 
 
 def eligible(dtype: torch.dtype, in_channels: int, out_channels: int, stride: tuple[int, int]) -> bool:

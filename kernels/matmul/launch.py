@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet._paths import getenv
-from jetdet.kernels._common import cdiv, empty, fp32_dot, tf32x3_config
+from jetdet.kernels._common import cdiv, empty, fp32_dot, kernel_choice, tf32x3_config
 
 from .kernel import matmul_kernel
 
@@ -47,16 +46,9 @@ def _dot_f32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type != "cuda")
 
 
+#: ``default`` or ``tma``: the persistent TMA kernel of ``launch_tma.py`` for eligible fp16/bf16 2-D problems (opt-in
+#: until a GPU has measured it; ``kernels._common.kernel_choice``)
 KERNEL_ENV = "JETDET_MATMUL_KERNEL"
-
-
-def kernel_choice() -> str:
-    """``$JETDET_MATMUL_KERNEL``: ``default`` (this kernel) or ``tma`` (the persistent TMA kernel of
-    ``launch_tma.py`` for eligible fp16/bf16 2-D problems; opt-in until a GPU has measured it)."""
-    val = (getenv(KERNEL_ENV) or "default").strip().lower() or "default"
-    if val not in ("default", "tma"):
-        raise ValueError(f"{KERNEL_ENV}={val!r}: expected 'default' or 'tma'")
-    return val
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor) -> None:
@@ -69,7 +61,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torc
         c.copy_(c32)
         return
     if a.dim() == 2:
-        if kernel_choice() == "tma":
+        if kernel_choice(KERNEL_ENV) == "tma":
             from .launch_tma import eligible, matmul_tma
 
             w = b.t()  # [N, K]: nn.Linear's weight when b = weight.t()
