@@ -15,6 +15,16 @@ from _tolerances import KERNEL_ATOL_RTOL
 
 from jetdet import _paths
 
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """A list that gets one entry per call of ``module.name`` (replaced by a counting wrapper through
+    ``monkeypatch``): which launcher a call reached."""
+    calls = []
+    orig = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    return calls
+
+
 # ------------------------------------------------------------------------------- attention, norms, reduce
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from _devices import INTERPRETER, KERNEL_DEVICE, ON_GPU
 from _invariance import assert_batch_invariant, same_bits
+from _kernel_util import count_calls
 from _tolerances import KERNEL_ATOL_RTOL
 from test_matmul_tma import _sass
 
@@ -49,13 +50,6 @@ def _ref(q, k, v, scale=None):
     return torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, -1) @ v.float()
 
 
-def _counting(monkeypatch) -> list:
-    calls = []
-    orig = launch_tma.attention_tma
-    monkeypatch.setattr(launch_tma, "attention_tma", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
-    return calls
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize(
     "b,h,nq,nk,d,dv",
@@ -65,7 +59,7 @@ def _counting(monkeypatch) -> list:
 def test_matches_fp32_reference(tma, monkeypatch, dtype, b, h, nq, nk, d, dv):
     """Head dims that are one block and those read as a block plus a tail (72 = 64 + 16), Nk below, at and past the
     tile, one key, and D != Dv; all of them through the TMA kernel."""
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, launch_tma, "attention_tma")
     q, k, v = _qkv(b, h, nq, nk, d, dv, dtype)
     out = launch.attention(q, k, v)
     assert calls == [1] and out.dtype == dtype and out.shape == (b, h, nq, dv)
@@ -87,7 +81,7 @@ def test_same_bits_as_the_default_kernel_at_the_same_tile(monkeypatch, d, dv):
     tile = launch.config(max(d, dv), torch.float16, q.device)
     monkeypatch.setattr(launch_tma, "CONFIGS", {64: tile, 128: tile})
     monkeypatch.setenv(launch_tma.KERNEL_ENV, "tma")
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, launch_tma, "attention_tma")
     assert same_bits(launch.attention(q, k, v), default) and calls == [1]
     # negative control: at its own tile (another KV block size) the online softmax rounds differently
     monkeypatch.undo()
@@ -109,7 +103,7 @@ def test_strides_a_descriptor_cannot_take_are_read_from_copies(tma, monkeypatch)
     """A q whose rows start off a 16-byte boundary (a slice of a wider buffer) and a k with a non-unit last stride
     are read from contiguous copies: the same bits as contiguous inputs. A batch of one has its unused batch stride
     replaced, and gives the batch's first item."""
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, launch_tma, "attention_tma")
     q, k, v = _qkv(2, 2, 40, 50, 64, 64, torch.float16, permuted=False)
     base = launch.attention(q, k, v)
     wide = torch.zeros(2, 2, 40, 65, dtype=q.dtype, device=q.device)
@@ -122,7 +116,7 @@ def test_strides_a_descriptor_cannot_take_are_read_from_copies(tma, monkeypatch)
 
 
 def test_env_switch_routes_eligible_calls_only(monkeypatch):
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, launch_tma, "attention_tma")
     q, k, v = _qkv(1, 2, 33, 40, 64, 64, torch.float16)
     default = launch.attention(q, k, v)
     assert calls == []  # not the default

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from _devices import INTERPRETER, KERNEL_DEVICE, ON_GPU
 from _invariance import assert_batch_invariant, same_bits
+from _kernel_util import count_calls
 from _tolerances import KERNEL_ATOL_RTOL
 from test_matmul_tma import _sass
 
@@ -42,13 +43,6 @@ def _operands(b, c, h, w, o, k, dtype, channels_last=True, seed=0):
     return x.to(DEV), wt.to(DEV), bias.to(DEV)
 
 
-def _counting(monkeypatch) -> list:
-    calls = []
-    orig = launch_tma.conv2d_tma
-    monkeypatch.setattr(launch_tma, "conv2d_tma", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
-    return calls
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize(
     "b,c,h,w,o,k,pad,cl",
@@ -58,7 +52,7 @@ def _counting(monkeypatch) -> list:
 def test_matches_fp32_reference(tma, monkeypatch, dtype, b, c, h, w, o, k, pad, cl):
     """3x3, 1x1 and 5x5 filters, with and without padding, images smaller than a tile and not a multiple of it, both
     tiles (O <= 64 and above), NCHW and channels-last input: the output in the default kernel's layout."""
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, launch_tma, "conv2d_tma")
     x, wt, bias = _operands(b, c, h, w, o, k, dtype, cl)
     out = launch.conv2d(x, wt, bias, (1, 1), (pad, pad))
     assert calls == [1] and out.dtype == dtype
@@ -83,7 +77,7 @@ def test_same_bits_as_the_default_kernel_with_the_same_channel_block(monkeypatch
     same_k = {n: {**cfg, "BLOCK_K": block_k} for n, cfg in launch_tma.CONFIGS.items()}
     monkeypatch.setattr(launch_tma, "CONFIGS", same_k)
     monkeypatch.setenv(launch_tma.KERNEL_ENV, "tma")
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, launch_tma, "conv2d_tma")
     assert same_bits(launch.conv2d(x, wt, bias, (1, 1), (pad, pad)), default) and calls == [1]
     if c > block_k:  # negative control: with its own channel block (64) the sums are grouped otherwise
         monkeypatch.undo()
@@ -100,7 +94,7 @@ def test_prefix_and_needle_bitwise(tma, dtype):
 
 
 def test_env_switch_routes_eligible_calls_only(monkeypatch):
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, launch_tma, "conv2d_tma")
     x, wt, bias = _operands(1, 16, 9, 10, 24, 3, torch.float16)
     default = launch.conv2d(x, wt, bias, (1, 1), (1, 1))
     assert calls == []  # not the default

@@ -14,6 +14,7 @@ import pytest
 import torch
 from _devices import INTERPRETER, KERNEL_DEVICE, ON_GPU
 from _invariance import assert_batch_invariant
+from _kernel_util import count_calls
 from _tolerances import KERNEL_ATOL_RTOL
 
 import jetdet
@@ -60,9 +61,7 @@ def test_prefix_and_needle_bitwise_through_the_persistent_loop(dtype):
 
 
 def test_env_switch_routes_eligible_linears_only(monkeypatch):
-    calls = []
-    orig = launch_tma.matmul_tma
-    monkeypatch.setattr(launch_tma, "matmul_tma", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    calls = count_calls(monkeypatch, launch_tma, "matmul_tma")
     monkeypatch.setenv("JETDET_BACKEND", "triton")
     a, w, b = _operands(33, 64, 48, torch.float16)
     default = jetdet.ops.linear(a, w, b)
