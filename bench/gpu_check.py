@@ -456,38 +456,28 @@ def _env(name: str, value: str):
             os.environ[name] = saved
 
 
-def _tma_kernel():
-    """``JETDET_MATMUL_KERNEL=tma`` inside (the persistent TMA GEMM for eligible fp16/bf16 linears), restored."""
-    from jetdet.kernels.matmul.launch import KERNEL_ENV
+def _tma_kernel(kind: str = "linear"):
+    """The opt-in TMA-fed kernel of the speed kind ``kind`` inside (``kernels._common.kernel_choice``: the persistent
+    TMA GEMM for eligible fp16/bf16 linears, the attention for eligible unmasked 16-bit calls, the conv for eligible
+    stride-1 16-bit calls), restored."""
+    from jetdet.kernels.attention.launch_tma import KERNEL_ENV as attention
+    from jetdet.kernels.conv2d.launch_tma import KERNEL_ENV as conv
+    from jetdet.kernels.matmul.launch import KERNEL_ENV as linear
 
-    return _env(KERNEL_ENV, "tma")
-
-
-def _attention_tma_kernel():
-    """``JETDET_ATTENTION_KERNEL=tma`` inside (the TMA-fed attention for eligible unmasked 16-bit calls), restored."""
-    from jetdet.kernels.attention.launch_tma import KERNEL_ENV
-
-    return _env(KERNEL_ENV, "tma")
-
-
-def _conv_tma_kernel():
-    """``JETDET_CONV_KERNEL=tma`` inside (the TMA-fed conv for eligible stride-1 16-bit calls), restored."""
-    from jetdet.kernels.conv2d.launch_tma import KERNEL_ENV
-
-    return _env(KERNEL_ENV, "tma")
+    return _env({"linear": linear, "attention": attention, "conv": conv, "conv_cl": conv}[kind], "tma")
 
 
 def _conv_tma(x, w, bias):
     import jetdet
 
-    with _conv_tma_kernel():
+    with _tma_kernel("conv"):
         return jetdet.ops.conv2d(x, w, bias, padding=1)
 
 
 def _attention_tma(q, k, v):
     import jetdet
 
-    with _attention_tma_kernel():
+    with _tma_kernel("attention"):
         return jetdet.ops.attention(q, k, v)
 
 
@@ -848,6 +838,29 @@ def _target(kind, dtype, a):
     return {"attention": TARGETS["attention"], "conv": TARGETS["conv"], "conv_cl": TARGETS["conv"]}.get(kind)
 
 
+#: the speed section's A/B columns: (label, time key, which rows)
+AB_COLUMNS = (
+    ("TMA GEMM (JETDET_MATMUL_KERNEL=tma)", "jetdet_tma_ms", ("linear",)),
+    ("TMA attention (JETDET_ATTENTION_KERNEL=tma)", "jetdet_tma_ms", ("attention",)),
+    ("TMA conv (JETDET_CONV_KERNEL=tma)", "jetdet_tma_ms", ("conv", "conv_cl")),
+    ("attention's other KV-loop structure", "jetdet_other_loops_ms", ("attention",)),
+    ("fp32 as tf32x3 (JETDET_FP32_DOT=tf32x3)", "jetdet_tf32x3_ms", ("linear", "conv", "conv_cl")),
+)
+
+
+def ab_summary(rows: list[dict]) -> list[str]:
+    """One line per A/B column of the speed rows: on how many shapes the alternative beat jetdet's default, and the
+    median of alternative / default time, for deciding whether an opt-in kernel becomes the default."""
+    out = []
+    for label, key, kinds in AB_COLUMNS:
+        ratios = sorted(r[key] / r["jetdet_ms"] for r in rows if r.get("kind") in kinds and key in r and r["jetdet_ms"])
+        if ratios:
+            faster = sum(x < 1 for x in ratios)
+            out.append(f"A/B {label}: faster than the default on {faster} of {len(ratios)} shapes; alternative / "
+                       f"default time: median {statistics.median(ratios):.2f}x, {ratios[0]:.2f}-{ratios[-1]:.2f}x")
+    return out
+
+
 def speed(run: Run, out: dict) -> None:
     from jetdet import configs
 
@@ -888,7 +901,7 @@ def speed(run: Run, out: dict) -> None:
                 ab_cols["tf32x3_error"] = f"{type(e).__name__}: {e}"
         if kind in ("attention", "conv", "conv_cl") and dtype != torch.float32 and run.left() > 20:
             try:  # the TMA-fed kernel (opt-in), timed in the same process
-                with _attention_tma_kernel() if kind == "attention" else _conv_tma_kernel():
+                with _tma_kernel(kind):
                     ab_cols["jetdet_tma_ms"] = run.time_ms(jet_fn)
                 ab_cols["tma_ratio"] = ab_cols["jetdet_tma_ms"] / t_torch
             except Exception as e:  # noqa: BLE001
@@ -926,6 +939,9 @@ def speed(run: Run, out: dict) -> None:
                   f"{ab_cols['tf32x3_rel_err']:.1e} (IEEE {ab_cols['ieee_rel_err']:.1e})")
         print(f"  {label:<40} torch {t_torch:8.3f} ms  jetdet {t_jet:8.3f} ms  {ratio:5.2f}x{tgt}{ab}")
     out["rows"] = rows
+    out["ab_summary"] = ab_summary(rows)
+    for line in out["ab_summary"]:
+        print(f"  {line}")
 
 
 # ----------------------------------------------------------------------------------------- model speed
@@ -1234,12 +1250,8 @@ def _sweep_tma(run: Run, label: str, kind: str, dtype, a) -> dict:
     not a table): a sweep row like the table ones."""
     if kind == "attention":
         from jetdet.kernels.attention import launch_tma
-
-        env = _attention_tma_kernel
     else:
         from jetdet.kernels.conv2d import launch_tma
-
-        env = _conv_tma_kernel
     saved, timings = launch_tma.CONFIGS, []
     try:
         for cfg in SWEEP_TMA[kind][:2] if run.dry else SWEEP_TMA[kind]:
@@ -1247,7 +1259,7 @@ def _sweep_tma(run: Run, label: str, kind: str, dtype, a) -> dict:
                 break
             launch_tma.CONFIGS = dict.fromkeys(saved, cfg)
             try:
-                with env():
+                with _tma_kernel(kind):
                     _, jet_fn, _, _ = _speed_pair(kind, dtype, a, run.dev)
                     timings.append({"config": cfg, "ms": run.time_ms(jet_fn)})
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
@@ -1376,6 +1388,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['label']} | {r['dtype']} | {r['torch_ms']:.3f} | {r['jetdet_ms']:.3f} | "
                          f"{r['ratio']:.2f} | {tgt} | {cfg} | {ab} |")
         lines.append("")
+    if s.get("speed", {}).get("ab_summary"):
+        lines += [f"- {line}" for line in s["speed"]["ab_summary"]] + [""]
     if s.get("model_speed", {}).get("rows"):
         lines += ["## Whole models, batch 4", "",
                   "| model | dtype | off ms | det ms | 4 x b1 ms | det/off | det/loop | graph ms | graph/off |",

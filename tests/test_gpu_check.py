@@ -66,6 +66,12 @@ def test_dry_run_goes_through_every_section(tmp_path):
     speed = res["sections"]["speed"]["rows"]
     conv16 = [r for r in speed if r["kind"] in ("conv", "conv_cl") and r["dtype"] != "float32"]
     assert conv16 and all("tma_ratio" in r for r in conv16), conv16
+    summary = res["sections"]["speed"]["ab_summary"]  # one line per A/B column, for deciding the defaults
+    assert [line.split(":")[0] for line in summary] == [
+        "A/B TMA GEMM (JETDET_MATMUL_KERNEL=tma)", "A/B TMA attention (JETDET_ATTENTION_KERNEL=tma)",
+        "A/B TMA conv (JETDET_CONV_KERNEL=tma)", "A/B attention's other KV-loop structure",
+        "A/B fp32 as tf32x3 (JETDET_FP32_DOT=tf32x3)"], summary  # fmt: skip
+    assert all("faster than the default on" in line for line in summary), summary
     fast = res["sections"]["fast_path"]["rows"]
     assert [r["setting"] for r in fast] == ["off", "fast default", "fast budget=0.05", "fast budget=0.07",
                                             "fast budget=0.1", "fast budget=0.07 piggyback=0"]
