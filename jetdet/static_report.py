@@ -1025,8 +1025,9 @@ def analyze(spec, arch: int, *, use_cache: bool = True) -> dict:
 
 # Work list of a parallel report; forked workers inherit it (specs hold functions, which do not pickle).
 _FORK_TASKS: list = []
-#: Compiles per work item: one item is disassembled in one batch (:func:`_sass_batch`).
-CHUNK = 8
+#: Compiles per work item: one item is disassembled in one batch (:func:`_sass_batch`); one nvdisasm start per 32
+#: kernels (0.020 s per kernel to read, against 0.043 s in batches of 8; README, "Static kernel report").
+CHUNK = 32
 
 
 def _run_chunk(tasks: Sequence[tuple[int, object, int]]) -> list[tuple[int, dict | None, dict | None]]:
