@@ -32,7 +32,8 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
 6. ``model_speed``: whole models at batch 4: fp32 det vs off (TinyUNet, TinyDiT, DiT-B size) and bf16 off / det
    / per-item loop (DiT stacks of width 1152 and 1024, an SD-like UNet stage); the bf16 ones also with the
    deterministic forward captured in a CUDA graph (``torch.cuda.graph``): replay time, replay == eager bitwise,
-   and a graph of one item equal to the batch graph's row.
+   and a graph of one item equal to the batch graph's row; and with the three opt-in TMA kernels on (time, and an
+   item alone equal to its row).
 7. ``fast_path``: the step cache on the bundled model (Euler 30 steps, 8 classes, batched CFG): wall time,
    model calls, host syncs, PSNR against full compute, with the defaults, at budgets 0.05 / 0.07 / 0.1, and at 0.07
    with ``piggyback=0`` (no row compaction: the whole batch runs whenever the model runs).
@@ -1025,12 +1026,34 @@ def model_speed(run: Run, out: dict) -> None:
                "det_over_off": t_det / t_off, "det_over_loop": t_det / t_loop}
         if prec == "bf16":
             row.update(_graph_row(run, name, fwd, t_off))
+            row.update(_tma_row(run, name, fwd, t_off))
         rows.append(row)
         graph = (f"  det CUDA graph {row['det_graph_ms']:8.3f} ms ({row['det_graph_over_off']:5.2f}x off)"
                  if "det_graph_ms" in row else f"  {row['det_graph_error']}" if "det_graph_error" in row else "")
+        if "det_tma_ms" in row:
+            graph += f"  det with the TMA kernels {row['det_tma_ms']:8.3f} ms ({row['det_tma_over_off']:5.2f}x off)"
         print(f"  {name:<44} {prec}  off {t_off:8.3f} ms  det {t_det:8.3f} ms  4 x b1 {t_loop:8.3f} ms  "
               f"det/off {t_det / t_off:5.2f}x  det/loop {t_det / t_loop:5.2f}x{graph}")
     out["rows"] = rows
+
+
+def _tma_row(run: Run, name: str, fwd, t_off: float) -> dict:
+    """The deterministic forward with all three opt-in TMA kernels on (GEMM, attention, conv: what a user gets from
+    the switches together): its time, and item 2 alone against the batch's item 2, bitwise. An error is recorded."""
+    import jetdet
+
+    try:
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for kind in ("linear", "attention", "conv"):
+                stack.enter_context(_tma_kernel(kind))
+            stack.enter_context(jetdet.mode("deterministic"))
+            t = run.time_ms(fwd)
+            same = torch.equal(fwd(slice(2, 3))[0], fwd()[2])
+    except Exception as e:  # noqa: BLE001 - a failing kernel is a finding; the other models still run
+        return {"det_tma_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    if not same:
+        run.fail(f"model_speed {name}: with the TMA kernels, item 2 alone differs from the batch's item 2")
+    return {"det_tma_ms": t, "det_tma_over_off": t / t_off, "det_tma_item_equals_batch": same}
 
 
 def _graph_row(run: Run, name: str, fwd, t_off: float) -> dict:
@@ -1392,12 +1415,15 @@ def markdown(res: dict) -> str:
         lines += [f"- {line}" for line in s["speed"]["ab_summary"]] + [""]
     if s.get("model_speed", {}).get("rows"):
         lines += ["## Whole models, batch 4", "",
-                  "| model | dtype | off ms | det ms | 4 x b1 ms | det/off | det/loop | graph ms | graph/off |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| model | dtype | off ms | det ms | 4 x b1 ms | det/off | det/loop | graph ms | graph/off | "
+                  "det, TMA kernels ms | its /off |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['model']} | {r['dtype']} | {r['off_ms']:.3f} | {r['det_ms']:.3f} | {r['loop_ms']:.3f} | "
                   f"{r['det_over_off']:.2f} | {r['det_over_loop']:.2f} | "
                   + (f"{r['det_graph_ms']:.3f} | {r['det_graph_over_off']:.2f} |" if "det_graph_ms" in r else
-                     f"{r.get('det_graph_error', '')[:60]} | |") for r in s["model_speed"]["rows"]]
+                     f"{r.get('det_graph_error', '')[:60]} | |")
+                  + (f" {r['det_tma_ms']:.3f} | {r['det_tma_over_off']:.2f} |" if "det_tma_ms" in r else
+                     f" {r.get('det_tma_error', '')[:60]} | |") for r in s["model_speed"]["rows"]]
         lines.append("")
     c = s.get("compiled", {})
     if c.get("det_compiled_ms") is not None:

@@ -58,6 +58,7 @@ def test_dry_run_goes_through_every_section(tmp_path):
     assert all("ratio" in r for r in res["sections"]["speed"]["rows"])
     graphs = [r for r in res["sections"]["model_speed"]["rows"] if r["dtype"] == "bf16"]
     assert len(graphs) == 3 and all(r["det_graph_ms"] > 0 and all(r["det_graph_checks"].values()) for r in graphs)
+    assert all(r["det_tma_ms"] > 0 and r["det_tma_item_equals_batch"] for r in graphs), graphs
     fp32 = [r for r in res["sections"]["speed"]["rows"] if r["dtype"] == "float32"]
     assert {r["kind"] for r in fp32} == {"linear", "conv"}
     assert all("tf32x3_ratio" in r and r["tf32x3_rel_err"] < 1e-5 for r in fp32), fp32  # the A/B column ran
