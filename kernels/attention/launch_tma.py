@@ -55,15 +55,15 @@ def config(head_dim: int) -> dict:
 
 
 def _descriptors(t: torch.Tensor, rows: int, cols: int, cols2: int):
-    """A ``[1, 1, rows, cols]`` descriptor of ``t`` and, when ``cols2``, its ``[1, 1, rows, cols2]`` twin (else the
-    same one again). ``t`` must pass ``descriptor_strides``."""
-    strides, shape = descriptor_strides(t), list(t.shape)
+    """A ``[1, 1, rows, cols]`` descriptor of ``t`` (of a contiguous copy when a descriptor cannot take its strides:
+    the same values) and, when ``cols2``, its ``[1, 1, rows, cols2]`` twin (else the same one again)."""
+    strides = descriptor_strides(t)
+    if strides is None:
+        t = t.contiguous()
+        strides = descriptor_strides(t)
+    shape = list(t.shape)
     main = TensorDescriptor(t, shape, strides, [1, 1, rows, cols])
     return main, (TensorDescriptor(t, shape, strides, [1, 1, rows, cols2]) if cols2 else main)
-
-
-def _readable(t: torch.Tensor) -> torch.Tensor:
-    return t if descriptor_strides(t) is not None else t.contiguous()
 
 
 def attention_tma(q, k, v, qk_scale: float, out: torch.Tensor, blocks: tuple, dot_fp32: bool) -> torch.Tensor:
@@ -80,11 +80,10 @@ def attention_tma(q, k, v, qk_scale: float, out: torch.Tensor, blocks: tuple, do
     o = out
     if out.dtype == torch.bfloat16 and out.device.type != "cuda":
         o = empty(out.shape, torch.float32, out.device)
-    q, k, v = _readable(q), _readable(k), _readable(v)
     qd, qd2 = _descriptors(q, bm, bd, bd2)
     kd, kd2 = _descriptors(k, bn, bd, bd2)
     vd, vd2 = _descriptors(v, bn, bdv, bdv2)
-    od, od2 = _descriptors(o, bm, bdv, bdv2)
+    od, od2 = _descriptors(o, bm, bdv, bdv2)  # o is a fresh contiguous tensor: written in place, never copied
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         attention_tma_kernel[(cdiv(n_q, bm) * bsz * heads,)](

@@ -46,16 +46,19 @@ def config(out_channels: int) -> dict:
     return CONFIGS["o<=64" if out_channels <= 64 else "o>64"]
 
 
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` as the ``[N, H, W, C]`` view a descriptor reads, from a channels-last copy when needed."""
+def _nhwc(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``[N, C, H, W]`` as the ``[N, H, W, C]`` view a descriptor reads (of a channels-last copy when needed: the same
+    values), and its descriptor strides."""
     v = t.permute(0, 2, 3, 1)
-    if descriptor_strides(v) is None:
+    strides = descriptor_strides(v)
+    if strides is None:
         v = t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-    return v
+        strides = descriptor_strides(v)
+    return v, strides
 
 
-def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    return TensorDescriptor(t, list(t.shape), descriptor_strides(t), block)
+def _desc(t: torch.Tensor, strides: list[int], block: list[int]) -> TensorDescriptor:
+    return TensorDescriptor(t, list(t.shape), strides, block)
 
 
 def conv2d_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, padding: tuple[int, int],
@@ -70,19 +73,23 @@ def conv2d_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: t
     # to y after (fp32 under the interpreter, which truncates fp32 -> bf16 where a GPU rounds to nearest)
     interp_bf16 = y.dtype == torch.bfloat16 and y.device.type != "cuda"
     y4 = y.permute(0, 2, 3, 1)
-    direct = not interp_bf16 and descriptor_strides(y4) is not None
+    y_strides = None if interp_bf16 else descriptor_strides(y4)
+    direct = y_strides is not None
     if not direct:
         dt = torch.float32 if interp_bf16 else y.dtype
         y4 = empty((nb, o, oh, ow), dt, y.device, torch.channels_last).permute(0, 2, 3, 1)
-    x4, w4 = _nhwc(x), _nhwc(w)
-    wd = _desc(w4, [bn, 1, 1, bk])
+        y_strides = descriptor_strides(y4)
+    (x4, x_strides), (w4, w_strides) = _nhwc(x), _nhwc(w)
+    wd = _desc(w4, w_strides, [bn, 1, 1, bk])
     tiles = cdiv(oh, bh) * cdiv(ow, bw) * cdiv(o, bn)
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         for start in range(0, nb, _MAX_GRID_Y):  # the grid's item axis is at most 65535: the same programs per item
             stop = min(nb, start + _MAX_GRID_Y)
             conv2d_tma_kernel[(tiles, stop - start)](
-                _desc(x4[start:stop], [1, bh, bw, bk]), wd, _desc(y4[start:stop], [1, bh, bw, bn]),
+                # a slice of the batch keeps the tensor's strides (a size-1 batch's stride is never stepped)
+                _desc(x4[start:stop], x_strides, [1, bh, bw, bk]), wd,
+                _desc(y4[start:stop], y_strides, [1, bh, bw, bn]),
                 bias if bias is not None else y4,
                 x.shape[1], o, oh, ow, int(padding[0]), int(padding[1]),
                 KH=kh,
