@@ -135,6 +135,20 @@ def kernel_choice(env: str) -> str:
     return val
 
 
+def tensor_descriptor(env: str):
+    """Triton's host ``TensorDescriptor`` class, for the opt-in TMA kernels (``$env=tma``). Imported when one runs:
+    Triton before 3.4 has none, and the default kernels must still import and run there. On such a Triton an opt-in
+    call is an error naming the variable."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError as e:
+        import triton
+
+        raise RuntimeError(f"{env}=tma needs triton >= 3.4 (tensor descriptors); installed: triton "
+                           f"{triton.__version__}. Unset {env} to use the default kernel.") from e  # fmt: skip
+    return TensorDescriptor
+
+
 def descriptor_strides(t: torch.Tensor) -> list[int] | None:
     """Strides a tensor descriptor (TMA) can take for ``t``, or None: a 16-byte aligned base, 16-byte aligned
     strides and a contiguous last dim. A size-1 dim is never stepped: it gets the stride a contiguous layout would

@@ -155,3 +155,24 @@ def test_sm90_sass_is_tma_and_wgmma_without_spills_or_atomics():
                            if s.name.startswith("attention[bf16,D=72,mask=False") and 90 in s.archs))  # fmt: skip
     assert re.search(r"\bUTMALDG\b", tma) and re.search(r"\bHGMMA\b", tma)
     assert not re.search(r"\bUTMALDG\b", plain)
+
+
+def test_a_triton_without_descriptors_keeps_the_default_kernels_and_says_why(monkeypatch):
+    """Triton before 3.4 has no ``triton.tools.tensor_descriptor``: the launchers still import (in a fresh process
+    where that module cannot be imported), and an opt-in call is an error naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton.tools.tensor_descriptor'] = None\n"
+            "import jetdet.kernels.attention.launch, jetdet.kernels.conv2d.launch, jetdet.kernels.matmul.launch\n"
+            "import jetdet.kernels.attention.specs, jetdet.kernels.conv2d.specs")
+    # without the interpreter, which imports the descriptor module itself in this Triton
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "triton.tools.tensor_descriptor", None)
+    monkeypatch.setenv(launch_tma.KERNEL_ENV, "tma")
+    q, k, v = _qkv(1, 1, 9, 9, 16, 16, torch.float16)
+    with pytest.raises(RuntimeError, match=r"JETDET_ATTENTION_KERNEL=tma needs triton >= 3.4"):
+        launch.attention(q, k, v)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty
+from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty, tensor_descriptor
 
 from .kernel_tma import attention_tma_kernel
 
@@ -61,7 +60,7 @@ def _descriptors(t: torch.Tensor, rows: int, cols: int, cols2: int):
     if strides is None:
         t = t.contiguous()
         strides = descriptor_strides(t)
-    shape = list(t.shape)
+    shape, TensorDescriptor = list(t.shape), tensor_descriptor(KERNEL_ENV)  # noqa: N806 - a class
     main = TensorDescriptor(t, shape, strides, [1, 1, rows, cols])
     return main, (TensorDescriptor(t, shape, strides, [1, 1, rows, cols2]) if cols2 else main)
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty
+from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty, tensor_descriptor
 
 from .kernel_tma import conv2d_tma_kernel
 
@@ -57,8 +56,8 @@ def _nhwc(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return v, strides
 
 
-def _desc(t: torch.Tensor, strides: list[int], block: list[int]) -> TensorDescriptor:
-    return TensorDescriptor(t, list(t.shape), strides, block)
+def _desc(t: torch.Tensor, strides: list[int], block: list[int]):
+    return tensor_descriptor(KERNEL_ENV)(t, list(t.shape), strides, block)
 
 
 def conv2d_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, padding: tuple[int, int],
