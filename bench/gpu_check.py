@@ -230,6 +230,18 @@ def _flags(**kw):
 # --------------------------------------------------------------------------------------------- environment
 
 
+def _commit() -> str | None:
+    """The jetdet checkout's commit (``git rev-parse --short HEAD``), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def environment(run: Run, out: dict) -> None:
     import triton
 
@@ -239,6 +251,7 @@ def environment(run: Run, out: dict) -> None:
     fp = jetdet.fingerprint()
     out["fingerprint"] = {k: str(v) for k, v in fp.items()}
     out["torch"], out["triton"] = torch.__version__, triton.__version__
+    out["commit"] = _commit()
     if run.dev.type == "cuda":
         out["device_name"] = torch.cuda.get_device_name()
         out["capability"] = list(torch.cuda.get_device_capability())
@@ -250,7 +263,7 @@ def environment(run: Run, out: dict) -> None:
         _, path = configs.find_table(op, dtype, run.dev)
         tables[f"{op}/{_dn(dtype)}"] = os.path.basename(path) if path else None
     out["tables"] = tables
-    for k in ("device_name", "capability", "torch", "triton"):
+    for k in ("device_name", "capability", "torch", "triton", "commit"):
         print(f"  {k:<12} {out.get(k)}")
     for k, v in tables.items():
         print(f"  table {k:<18} {v}")
@@ -1317,7 +1330,7 @@ def sweep(run: Run, out: dict) -> None:
                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
                 dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
                 dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
-            timings = []
+            timings, key = [], None
             for cfg in cands[:2] if run.dry else cands:
                 if run.left() < 10:
                     break
@@ -1329,13 +1342,16 @@ def sweep(run: Run, out: dict) -> None:
                     configs.clear_cache()
                     try:
                         with _flags(matmul_tf32=False, cudnn_tf32=False):
-                            torch_fn, jet_fn, _, _ = _speed_pair(kind, dtype, a, run.dev)
+                            torch_fn, jet_fn, key, _ = _speed_pair(kind, dtype, a, run.dev)
                             timings.append({"config": cfg, "ms": run.time_ms(jet_fn)})
                     except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                         timings.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             ok = [t for t in timings if "ms" in t]
             best = min(ok, key=lambda t: t["ms"]) if ok else None
-            results.append({"label": label, "op": op, "dtype": _dn(dtype), "timings": timings, "best": best})
+            # key: the table key the shape looks up (N, head dim, output channels); bench/apply_sweep.py files the
+            # best config under it
+            results.append({"label": label, "op": op, "dtype": _dn(dtype), "key": key, "timings": timings,
+                            "best": best})
             if best:
                 print(f"  {label:<40} best {best['ms']:8.3f} ms with {best['config']}")
             if kind in ("attention", "conv") and dtype != torch.float32:

@@ -82,6 +82,8 @@ def test_dry_run_goes_through_every_section(tmp_path):
     swept = res["sections"]["sweep"]["rows"]
     assert {r["op"] for r in swept} == {"matmul", "attention", "attention_tma", "conv2d", "conv2d_tma"}
     assert all(r["best"] for r in swept), swept
+    assert all(isinstance(r["key"], int) for r in swept if r["op"] in ("matmul", "attention", "conv2d")), swept
+    assert res["sections"]["environment"]["commit"]  # bench/apply_sweep.py names the run by it
     md = (tmp_path / "gpu_dry-run_cpu.md").read_text()
     for title in ("## Noise", "## Ops", "## Whole-model determinism", "## Speed", "## Whole models, batch 4",
                   "## Deterministic mode under torch.compile", "## Fast path", "## Block-sparse", "## Tile sweep"):
