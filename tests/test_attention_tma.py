@@ -166,7 +166,7 @@ def test_a_triton_without_descriptors_keeps_the_default_kernels_and_says_why(mon
 
     code = ("import sys; sys.modules['triton.tools.tensor_descriptor'] = None\n"
             "import jetdet.kernels.attention.launch, jetdet.kernels.conv2d.launch, jetdet.kernels.matmul.launch\n"
-            "import jetdet.kernels.attention.specs, jetdet.kernels.conv2d.specs")
+            "import jetdet.kernels.attention.specs, jetdet.kernels.conv2d.specs, jetdet.kernels.matmul.specs")
     # without the interpreter, which imports the descriptor module itself in this Triton
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -176,3 +176,7 @@ def test_a_triton_without_descriptors_keeps_the_default_kernels_and_says_why(mon
     q, k, v = _qkv(1, 1, 9, 9, 16, 16, torch.float16)
     with pytest.raises(RuntimeError, match=r"JETDET_ATTENTION_KERNEL=tma needs triton >= 3.4"):
         launch.attention(q, k, v)
+    from jetdet.kernels.matmul import launch_tma as mm_tma
+
+    with pytest.raises(RuntimeError, match=r"JETDET_MATMUL_KERNEL=tma needs triton >= 3.4"):
+        mm_tma.matmul_tma(q[0, 0].contiguous(), torch.ones(16, 16, dtype=torch.float16, device=q.device))

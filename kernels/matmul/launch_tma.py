@@ -14,9 +14,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from jetdet.kernels._common import FP_FUSION, cdiv, empty
+from jetdet.kernels._common import FP_FUSION, cdiv, empty, tensor_descriptor
 
 from .kernel_tma import matmul_tma_kernel
 
@@ -78,12 +77,13 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     programs = _programs(a.device)
     tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    desc = tensor_descriptor("JETDET_MATMUL_KERNEL")
     guard = torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         matmul_tma_kernel[(min(programs, tiles),)](
-            TensorDescriptor.from_tensor(a, [bm, bk]),
-            TensorDescriptor.from_tensor(w, [bn, bk]),
-            TensorDescriptor.from_tensor(c, [bm, bn]),
+            desc.from_tensor(a, [bm, bk]),
+            desc.from_tensor(w, [bn, bk]),
+            desc.from_tensor(c, [bm, bn]),
             bias if bias is not None else c,
             m, n, k,
             HAS_BIAS=bias is not None,
