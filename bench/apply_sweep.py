@@ -21,7 +21,6 @@ written: their tiles are code (``launch_tma.CONFIGS``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -118,21 +117,6 @@ def apply(entries: list[dict], config_dir: str) -> None:
     _write_json(prov_path, prov)
 
 
-@contextlib.contextmanager
-def _config_dir(path: str):
-    saved = os.environ.get("JETDET_CONFIG_DIR")
-    os.environ["JETDET_CONFIG_DIR"] = path
-    configs.clear_cache()
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("JETDET_CONFIG_DIR", None)
-        else:
-            os.environ["JETDET_CONFIG_DIR"] = saved
-        configs.clear_cache()
-
-
 def static_check(entry: dict, config_dir: str) -> list[str]:
     """The static report's violations for the op's tables with ``entry`` applied to a copy of ``config_dir`` (the
     shipped tables have none, CI checks that), on the archs the entry's file runs on."""
@@ -142,7 +126,7 @@ def static_check(entry: dict, config_dir: str) -> list[str]:
         trial = os.path.join(tmp, "configs")
         shutil.copytree(config_dir, trial)
         apply([entry], trial)
-        with _config_dir(trial):
+        with configs.tables_from(trial):
             specs = sr.collect_specs([f"jetdet.kernels.{entry['op']}.specs"], jit=False)
             archs = configs.table_archs(entry["ident"])
             rows = sr.report(specs, archs=archs)

@@ -23,6 +23,7 @@ shipped table runs on (:func:`table_archs`) and the enumeration of the shipped t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -208,3 +209,20 @@ def clear_cache() -> None:
     _entries.clear()
     _identities.clear()
     _warned.clear()
+
+
+@contextlib.contextmanager
+def tables_from(path: str):
+    """Launch tables read from the folder ``path`` inside (``$JETDET_CONFIG_DIR``, what was read forgotten on entry
+    and exit); the previous setting comes back after. For tools that time or check candidate tables."""
+    saved = os.environ.get("JETDET_CONFIG_DIR")
+    os.environ["JETDET_CONFIG_DIR"] = path
+    clear_cache()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("JETDET_CONFIG_DIR", None)
+        else:
+            os.environ["JETDET_CONFIG_DIR"] = saved
+        clear_cache()
