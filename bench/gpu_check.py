@@ -1281,87 +1281,82 @@ SWEEP_TMA = {
 }  # fmt: skip
 
 
-def _sweep_tma(run: Run, label: str, kind: str, dtype, a) -> dict:
-    """The TMA-fed attention or conv at each of its ``SWEEP_TMA`` tiles (its tile is its launcher's ``CONFIGS``,
-    not a table): a sweep row like the table ones."""
+def _time_tiles(run: Run, kind: str, dtype, a, cands, use) -> tuple[list[dict], dict | None, int | None]:
+    """``(timings, best, table key)``: jetdet's time at shape ``a`` with each tile of ``cands`` in place (``use(cfg)``,
+    a context), the fastest, and the table key the shape looks up. Tiles that fail to compile or run are recorded."""
+    timings, key = [], None
+    for cfg in cands[:2] if run.dry else cands:
+        if run.left() < 10:
+            break
+        try:
+            with use(cfg), _flags(matmul_tf32=False, cudnn_tf32=False):
+                _, jet_fn, key, _ = _speed_pair(kind, dtype, a, run.dev)
+                timings.append({"config": cfg, "ms": run.time_ms(jet_fn)})
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+            timings.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    ok = [t for t in timings if "ms" in t]
+    return timings, (min(ok, key=lambda t: t["ms"]) if ok else None), key
+
+
+@contextlib.contextmanager
+def _table_tile(op: str, device_name: str, cfg: dict):
+    """``cfg`` as the only entry of a temporary launch table of ``op`` for this device, inside."""
+    import tempfile
+
+    from jetdet import configs
+
+    with tempfile.TemporaryDirectory(prefix="jetdet-sweep-") as tmp:
+        os.makedirs(os.path.join(tmp, op))
+        with open(os.path.join(tmp, op, f"device_name={device_name}.json"), "w") as f:
+            json.dump({"1": cfg}, f)
+        with configs.tables_from(tmp):
+            yield
+
+
+@contextlib.contextmanager
+def _tma_tile(kind: str, cfg: dict):
+    """The TMA-fed kernel of ``kind`` on, with ``cfg`` as its tile for every class (``launch_tma.CONFIGS``), inside."""
     if kind == "attention":
         from jetdet.kernels.attention import launch_tma
     else:
         from jetdet.kernels.conv2d import launch_tma
-    saved, timings = launch_tma.CONFIGS, []
+    saved = launch_tma.CONFIGS
+    launch_tma.CONFIGS = dict.fromkeys(saved, cfg)
     try:
-        for cfg in SWEEP_TMA[kind][:2] if run.dry else SWEEP_TMA[kind]:
-            if run.left() < 10:
-                break
-            launch_tma.CONFIGS = dict.fromkeys(saved, cfg)
-            try:
-                with _tma_kernel(kind):
-                    _, jet_fn, _, _ = _speed_pair(kind, dtype, a, run.dev)
-                    timings.append({"config": cfg, "ms": run.time_ms(jet_fn)})
-            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                timings.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        with _tma_kernel(kind):
+            yield
     finally:
         launch_tma.CONFIGS = saved
-    ok = [t for t in timings if "ms" in t]
-    best = min(ok, key=lambda t: t["ms"]) if ok else None
-    if best:
-        print(f"  {label + ' (TMA kernel)':<40} best {best['ms']:8.3f} ms with {best['config']}")
-    op = "attention_tma" if kind == "attention" else "conv2d_tma"
-    return {"label": label, "op": op, "dtype": _dn(dtype), "timings": timings, "best": best}
 
 
 def sweep(run: Run, out: dict) -> None:
     """Each candidate config is put in a temporary table for this device (``$JETDET_CONFIG_DIR``), the op is
     timed, and the best fixed config per shape is kept. Configs that fail to compile or run are recorded."""
-    import tempfile
-
-    from jetdet import configs
-
     name = "interpreter" if run.dev.type != "cuda" else torch.cuda.get_device_name(run.dev).replace(" ", "_")
     shapes = [s for s in _speed_shapes(run.dry, True) if s[1] in ("linear", "attention", "conv")]
-    saved_env = os.environ.get("JETDET_CONFIG_DIR")
     results = []
-    try:
-        for label, kind, dtype, a in shapes:
-            op = {"linear": "matmul", "attention": "attention", "conv": "conv2d"}[kind]
-            cands = SWEEP[op] if dtype != torch.float32 else [
-                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-                # the H200 table's entry since the 4-warp tile above spilled under triton 3.6: time both
-                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-                dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
-                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
-            timings, key = [], None
-            for cfg in cands[:2] if run.dry else cands:
-                if run.left() < 10:
-                    break
-                with tempfile.TemporaryDirectory(prefix="jetdet-sweep-") as tmp:
-                    os.makedirs(os.path.join(tmp, op))
-                    with open(os.path.join(tmp, op, f"device_name={name}.json"), "w") as f:
-                        json.dump({"1": cfg}, f)
-                    os.environ["JETDET_CONFIG_DIR"] = tmp
-                    configs.clear_cache()
-                    try:
-                        with _flags(matmul_tf32=False, cudnn_tf32=False):
-                            torch_fn, jet_fn, key, _ = _speed_pair(kind, dtype, a, run.dev)
-                            timings.append({"config": cfg, "ms": run.time_ms(jet_fn)})
-                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                        timings.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            ok = [t for t in timings if "ms" in t]
-            best = min(ok, key=lambda t: t["ms"]) if ok else None
-            # key: the table key the shape looks up (N, head dim, output channels); bench/apply_sweep.py files the
-            # best config under it
-            results.append({"label": label, "op": op, "dtype": _dn(dtype), "key": key, "timings": timings,
-                            "best": best})
+    for label, kind, dtype, a in shapes:
+        op = {"linear": "matmul", "attention": "attention", "conv": "conv2d"}[kind]
+        cands = SWEEP[op] if dtype != torch.float32 else [
+            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+            # the H200 table's entry since the 4-warp tile above spilled under triton 3.6: time both
+            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
+        timings, best, key = _time_tiles(run, kind, dtype, a, cands, lambda cfg, op=op: _table_tile(op, name, cfg))
+        # key: the table key the shape looks up (N, head dim, output channels); bench/apply_sweep.py files the best
+        # config under it
+        results.append({"label": label, "op": op, "dtype": _dn(dtype), "key": key, "timings": timings, "best": best})
+        if best:
+            print(f"  {label:<40} best {best['ms']:8.3f} ms with {best['config']}")
+        if kind in ("attention", "conv") and dtype != torch.float32:
+            # the TMA-fed kernels' tiles (their launch_tma.CONFIGS, code rather than a table)
+            timings, best, key = _time_tiles(run, kind, dtype, a, SWEEP_TMA[kind],
+                                             lambda cfg, kind=kind: _tma_tile(kind, cfg))  # fmt: skip
+            results.append({"label": label, "op": f"{op}_tma", "dtype": _dn(dtype), "key": key, "timings": timings,
+                            "best": best})  # fmt: skip
             if best:
-                print(f"  {label:<40} best {best['ms']:8.3f} ms with {best['config']}")
-            if kind in ("attention", "conv") and dtype != torch.float32:
-                results.append(_sweep_tma(run, label, kind, dtype, a))
-    finally:
-        if saved_env is None:
-            os.environ.pop("JETDET_CONFIG_DIR", None)
-        else:
-            os.environ["JETDET_CONFIG_DIR"] = saved_env
-        configs.clear_cache()
+                print(f"  {label + ' (TMA kernel)':<40} best {best['ms']:8.3f} ms with {best['config']}")
     out["rows"] = results
 
 
