@@ -17,6 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
+def k_step(it, n_cblk, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``it`` of the flat K loop over (filter tap, channel block), the order both conv kernels reduce in (tap
+    outer, channel block inner; ``n_cblk`` channel blocks per tap): ``(tap, r, s, c0)``, the tap, its filter row and
+    column, and the block's first channel."""
+    tap = it // n_cblk
+    c0 = (it - tap * n_cblk) * BLOCK_K
+    r = tap // KW
+    return tap, r, tap - r * KW, c0
+
+
+@triton.jit
 def conv2d_kernel(
     x_ptr,
     w_ptr,
@@ -90,10 +101,7 @@ def conv2d_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, KH * KW * n_cblk):
-        tap = it // n_cblk
-        c0 = (it - tap * n_cblk) * BLOCK_K
-        r = tap // KW
-        s = tap - r * KW
+        tap, r, s, c0 = k_step(it, n_cblk, KW, BLOCK_K)
         ih = ih0 + r
         iw = iw0 + s
         row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)

@@ -13,6 +13,8 @@ through a ``[B, OH, OW, O]`` one (parts outside are not written).
 import triton
 import triton.language as tl
 
+from .kernel import k_step
+
 
 @triton.jit
 def conv2d_tma_kernel(
@@ -53,10 +55,7 @@ def conv2d_tma_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, KH * KW * n_cblk):
-        tap = it // n_cblk
-        c0 = (it - tap * n_cblk) * BLOCK_K
-        r = tap // KW
-        s = tap - r * KW
+        _, r, s, c0 = k_step(it, n_cblk, KW, BLOCK_K)  # the default kernel's K order
         a = x_desc.load([b, oh0 - PH + r, ow0 - PW + s, c0]).reshape(BLOCK_M, BLOCK_K)
         w = w_desc.load([o0, r, s, c0]).reshape(BLOCK_N, BLOCK_K)
         if DOT_F32:
