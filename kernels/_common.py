@@ -105,6 +105,11 @@ def signature(kernel, types: dict[str, str]) -> dict[str, str]:
     return {p.name: types.get(p.name, "i32") for p in params if "constexpr" not in str(p.annotation)}
 
 
+#: CUDA's limit on a grid's y and z dims (x goes to 2**31 - 1): launchers with the batch on one of them launch big
+#: batches in chunks of this many items, each item's programs the same
+MAX_GRID_YZ = 65535
+
+
 def cdiv(a: int, b: int) -> int:
     """``triton.cdiv`` for host ints. Triton's is a constexpr function, and a Python call of it costs ~2 us; a
     launch computes a few of these on every call."""

@@ -8,7 +8,15 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import cdiv, empty, fp32_dot, kernel_choice, out_memory_format, tf32x3_config
+from jetdet.kernels._common import (
+    MAX_GRID_YZ,
+    cdiv,
+    empty,
+    fp32_dot,
+    kernel_choice,
+    out_memory_format,
+    tf32x3_config,
+)
 
 from ..matmul.torch_path import cached_pack
 from . import launch_tma
@@ -21,7 +29,6 @@ DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=
 # fp32 at 4 warps spilled 16 B on sm_80 under triton 3.6 (torch 2.11's pin); 8 warps is clean under 3.6 and 3.9
 DEFAULT_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
 
-_MAX_GRID_Y = 65535
 # Explicit, so the numbers do not change when Triton flips its default (3.10). Nothing here contracts:
 # the dot's FMAs are explicit and the epilogue only adds; the static report shows identical SASS either way.
 FP_FUSION = False
@@ -119,9 +126,9 @@ def _launch(x, wk, bias, y, kh, kw, sh, sw, ph, pw, *, dot_f32: bool) -> None:
     cfg = config(o, x.dtype, x.device, prec)
     tiles = cdiv(oh * ow, cfg["BLOCK_M"]) * cdiv(o, cfg["BLOCK_N"])
     bias_arg = bias if bias is not None else y
-    for start in range(0, nb, _MAX_GRID_Y):
-        stop = min(nb, start + _MAX_GRID_Y)
-        x_, y_ = (x, y) if nb <= _MAX_GRID_Y else (x[start:stop], y[start:stop])  # one launch: no views
+    for start in range(0, nb, MAX_GRID_YZ):
+        stop = min(nb, start + MAX_GRID_YZ)
+        x_, y_ = (x, y) if nb <= MAX_GRID_YZ else (x[start:stop], y[start:stop])  # one launch: no views
         # a single batch item never steps its batch stride; 0 keeps Triton's divisibility-16 specialization
         sxb, syb = (0, 0) if stop - start == 1 else (x_.stride(0), y_.stride(0))
         conv2d_kernel[(tiles, stop - start)](

@@ -18,7 +18,7 @@ import contextlib
 
 import torch
 
-from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty, tensor_descriptor
+from jetdet.kernels._common import FP_FUSION, MAX_GRID_YZ, cdiv, descriptor_strides, empty, tensor_descriptor
 
 from .kernel_tma import conv2d_tma_kernel
 
@@ -31,9 +31,6 @@ CONFIGS = {
     "o>64": dict(BLOCK_H=8, BLOCK_W=16, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
 }
 _DTYPES = (torch.float16, torch.bfloat16)
-_MAX_GRID_Y = 65535
-
-
 
 
 def eligible(dtype: torch.dtype, in_channels: int, out_channels: int, stride: tuple[int, int]) -> bool:
@@ -56,10 +53,6 @@ def _nhwc(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return v, strides
 
 
-def _desc(t: torch.Tensor, strides: list[int], block: list[int]):
-    return tensor_descriptor(KERNEL_ENV)(t, list(t.shape), strides, block)
-
-
 def conv2d_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, padding: tuple[int, int],
                dot_f32: bool) -> torch.Tensor:  # fmt: skip
     """Stride-1 conv of x ``[B, C, H, W]`` with w ``[O, C, KH, KW]`` (+ bias ``[O]``) into y ``[B, O, OH, OW]``
@@ -79,16 +72,18 @@ def conv2d_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: t
         y4 = empty((nb, o, oh, ow), dt, y.device, torch.channels_last).permute(0, 2, 3, 1)
         y_strides = descriptor_strides(y4)
     (x4, x_strides), (w4, w_strides) = _nhwc(x), _nhwc(w)
-    wd = _desc(w4, w_strides, [bn, 1, 1, bk])
+    desc = tensor_descriptor(KERNEL_ENV)
+    wd = desc(w4, list(w4.shape), w_strides, [bn, 1, 1, bk])
     tiles = cdiv(oh, bh) * cdiv(ow, bw) * cdiv(o, bn)
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        for start in range(0, nb, _MAX_GRID_Y):  # the grid's item axis is at most 65535: the same programs per item
-            stop = min(nb, start + _MAX_GRID_Y)
+        for start in range(0, nb, MAX_GRID_YZ):  # the grid's item axis is at most 65535: the same programs per item
+            stop = min(nb, start + MAX_GRID_YZ)
+            xs, ys = x4[start:stop], y4[start:stop]
             conv2d_tma_kernel[(tiles, stop - start)](
                 # a slice of the batch keeps the tensor's strides (a size-1 batch's stride is never stepped)
-                _desc(x4[start:stop], x_strides, [1, bh, bw, bk]), wd,
-                _desc(y4[start:stop], y_strides, [1, bh, bw, bn]),
+                desc(xs, list(xs.shape), x_strides, [1, bh, bw, bk]), wd,
+                desc(ys, list(ys.shape), y_strides, [1, bh, bw, bn]),
                 bias if bias is not None else y4,
                 x.shape[1], o, oh, ow, int(padding[0]), int(padding[1]),
                 KH=kh,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from jetdet.kernels._common import cdiv, empty, out_memory_format
+from jetdet.kernels._common import MAX_GRID_YZ, cdiv, empty, out_memory_format
 
 from ..conv2d.op import out_size
 from .kernel import depthwise_conv2d_kernel
@@ -14,7 +14,6 @@ BLOCK_C = 32
 NUM_WARPS = 8
 # Explicit: the accumulation ``acc += x * w`` contracts to one FMA per tap, the same instruction for every item
 FP_FUSION = True
-_MAX_GRID_Z = 65535
 
 
 def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
@@ -32,8 +31,8 @@ def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
         return y
     wc = w.reshape(co, kh * kw).contiguous()
     b = bias.contiguous() if bias is not None else wc  # a valid pointer, never read without HAS_BIAS
-    for b0 in range(0, nb, _MAX_GRID_Z):  # the grid's item axis is at most 65535: the same programs per item
-        xb, yb = x[b0:b0 + _MAX_GRID_Z], y[b0:b0 + _MAX_GRID_Z]
+    for b0 in range(0, nb, MAX_GRID_YZ):  # the grid's item axis is at most 65535: the same programs per item
+        xb, yb = x[b0:b0 + MAX_GRID_YZ], y[b0:b0 + MAX_GRID_YZ]
         grid = (cdiv(ho * wo, BLOCK_P), cdiv(co, BLOCK_C), xb.shape[0])
         depthwise_conv2d_kernel[grid](
             xb, wc, b, yb, h, wd, ho, wo, co, *xb.stride(), *yb.stride(), sh, sw, ph, pw,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from jetdet import configs
-from jetdet.kernels._common import cdiv, empty, fp32_dot, kernel_choice, tf32x3_config
+from jetdet.kernels._common import MAX_GRID_YZ, cdiv, empty, fp32_dot, kernel_choice, tf32x3_config
 
 from .kernel import matmul_kernel
 
@@ -19,7 +19,6 @@ OP = "matmul"
 DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
 DEFAULT_CONFIG_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3)
 
-_MAX_GRID_Y = 65535
 # Explicit, so the numbers do not change when Triton flips its default (3.10). Nothing here contracts:
 # the dot's FMAs are explicit and the epilogue only adds; the static report shows identical SASS either way.
 FP_FUSION = False
@@ -72,9 +71,9 @@ def _launch(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torc
         _run(a, b, bias, c, 1, (0, *a.stride(), 0, *b.stride(), 0, *c.stride()))
         return
     nb = a.shape[0]
-    for start in range(0, nb, _MAX_GRID_Y):
-        stop = min(nb, start + _MAX_GRID_Y)
-        a_, b_, c_ = (a, b, c) if nb <= _MAX_GRID_Y else (a[start:stop], b[start:stop], c[start:stop])
+    for start in range(0, nb, MAX_GRID_YZ):
+        stop = min(nb, start + MAX_GRID_YZ)
+        a_, b_, c_ = (a, b, c) if nb <= MAX_GRID_YZ else (a[start:stop], b[start:stop], c[start:stop])
         strides = (*a_.stride(), *b_.stride(), *c_.stride())
         if nb == 1:
             strides = (0, *strides[1:3], 0, *strides[4:6], 0, *strides[7:])
