@@ -33,8 +33,6 @@ CONFIGS = {
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-
-
 def eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
     """Whether a call can run on the TMA kernel (see the module docstring). Independent of the batch and strides."""
     d, d_v = q.shape[-1], v.shape[-1]
@@ -53,16 +51,17 @@ def config(head_dim: int) -> dict:
     return CONFIGS[64 if head_dim <= 64 else 128]
 
 
-def _descriptors(t: torch.Tensor, rows: int, cols: int, cols2: int):
-    """A ``[1, 1, rows, cols]`` descriptor of ``t`` (of a contiguous copy when a descriptor cannot take its strides:
-    the same values) and, when ``cols2``, its ``[1, 1, rows, cols2]`` twin (else the same one again)."""
+def _descriptors(desc, t: torch.Tensor, rows: int, cols: int, cols2: int):
+    """A ``[1, 1, rows, cols]`` descriptor (Triton's class ``desc``) of ``t`` (of a contiguous copy when a descriptor
+    cannot take its strides: the same values) and, when ``cols2``, its ``[1, 1, rows, cols2]`` twin (else the same
+    one again)."""
     strides = descriptor_strides(t)
     if strides is None:
         t = t.contiguous()
         strides = descriptor_strides(t)
-    shape, TensorDescriptor = list(t.shape), tensor_descriptor(KERNEL_ENV)  # noqa: N806 - a class
-    main = TensorDescriptor(t, shape, strides, [1, 1, rows, cols])
-    return main, (TensorDescriptor(t, shape, strides, [1, 1, rows, cols2]) if cols2 else main)
+    shape = list(t.shape)
+    main = desc(t, shape, strides, [1, 1, rows, cols])
+    return main, (desc(t, shape, strides, [1, 1, rows, cols2]) if cols2 else main)
 
 
 def attention_tma(q, k, v, qk_scale: float, out: torch.Tensor, blocks: tuple, dot_fp32: bool) -> torch.Tensor:
@@ -79,10 +78,11 @@ def attention_tma(q, k, v, qk_scale: float, out: torch.Tensor, blocks: tuple, do
     o = out
     if out.dtype == torch.bfloat16 and out.device.type != "cuda":
         o = empty(out.shape, torch.float32, out.device)
-    qd, qd2 = _descriptors(q, bm, bd, bd2)
-    kd, kd2 = _descriptors(k, bn, bd, bd2)
-    vd, vd2 = _descriptors(v, bn, bdv, bdv2)
-    od, od2 = _descriptors(o, bm, bdv, bdv2)  # o is a fresh contiguous tensor: written in place, never copied
+    desc = tensor_descriptor(KERNEL_ENV)
+    qd, qd2 = _descriptors(desc, q, bm, bd, bd2)
+    kd, kd2 = _descriptors(desc, k, bn, bd, bd2)
+    vd, vd2 = _descriptors(desc, v, bn, bdv, bdv2)
+    od, od2 = _descriptors(desc, o, bm, bdv, bdv2)  # o is a fresh contiguous tensor: written in place, never copied
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         attention_tma_kernel[(cdiv(n_q, bm) * bsz * heads,)](
