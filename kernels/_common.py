@@ -4,6 +4,7 @@ Launch tables, dtype names and the shipped-table enumeration live in :mod:`jetde
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,24 @@ import torch
 
 from jetdet._paths import getenv
 from jetdet.configs import DTYPE_NAMES
+
+#: What :func:`on_device` returns when the launch needs no device switch (a reusable, do-nothing context).
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def on_device(device: torch.device):
+    """A context for launching kernels on ``device``'s tensors.
+
+    Triton launches on torch's *current* CUDA device and that device's current stream
+    (``triton/backends/driver.py``: ``get_current_device = torch.cuda.current_device``), whatever device the
+    arguments live on. For a model on ``cuda:1`` while ``cuda:0`` is current, that is a kernel on one GPU handed
+    another GPU's pointers (a fault, or a race with the other GPU's stream). When ``device`` is a CUDA device
+    other than the current one, this is ``torch.cuda.device(device)``; otherwise a context that does nothing, so the
+    common case costs one comparison."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _SAME_DEVICE
+
 
 #: ``enable_fp_fusion`` for the kernels that do not choose it themselves (matmul, conv2d and noise turn it off),
 #: passed explicitly at every launch and by the static report: Triton 3.9's default (on), which the H200 runs

@@ -24,6 +24,7 @@ the registered op takes the wrapper's normalised arguments.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable, Sequence
@@ -56,6 +57,24 @@ def _discover() -> tuple[str, ...]:
 FOLDERS = _discover()
 
 
+def on_arg_device(fn: Callable, pos: int, lists: bool = False) -> Callable:
+    """``fn`` (a Triton launcher), run with the GPU of its argument ``pos`` (the first tensor of a list there, when
+    ``lists``) as torch's current device: Triton launches on the current device, not on the tensors' one
+    (``jetdet.kernels._common.on_device``). A model on ``cuda:1`` while ``cuda:0`` is current then runs on
+    ``cuda:1``; on the current device (or the CPU) the launch costs one comparison more."""
+    from jetdet.kernels._common import on_device
+
+    @functools.wraps(fn)
+    def launch(*args):
+        t = args[pos]
+        if lists and isinstance(t, (list, tuple)):
+            t = t[0]
+        with on_device(t.device):
+            return fn(*args)
+
+    return launch
+
+
 class Op:
     """A registered op: ``op(*args)`` runs it (eagerly when it can), ``op.custom_op`` is the torch op."""
 
@@ -73,15 +92,16 @@ class Op:
         self.overload = getattr(torch.ops.jetdet, spec.name).default
 
     def launcher(self) -> Callable:
+        """The spec's Triton launcher, run on the GPU its ``device_arg`` tensor is on (:func:`on_arg_device`)."""
         fn = self._launcher
         if fn is None:
+            from .. import _paths
+
+            _paths.install()
             fn = self.spec.launcher
             if isinstance(fn, str):
-                from .. import _paths
-
-                _paths.install()
                 fn = getattr(importlib.import_module(f"jetdet.kernels.{self.spec.folder}.launch"), fn)
-            self._launcher = fn
+            fn = self._launcher = on_arg_device(fn, self.spec.device_arg, self._lists)
         return fn
 
     def _body(self, *args):

@@ -14,11 +14,9 @@ static report checks both, and that it does not spill (``specs.tma_specs``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty, tensor_descriptor
+from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty, on_device, tensor_descriptor
 
 from .kernel_tma import attention_tma_kernel
 
@@ -83,8 +81,7 @@ def attention_tma(q, k, v, qk_scale: float, out: torch.Tensor, blocks: tuple, do
     kd, kd2 = _descriptors(desc, k, bn, bd, bd2)
     vd, vd2 = _descriptors(desc, v, bn, bdv, bdv2)
     od, od2 = _descriptors(desc, o, bm, bdv, bdv2)  # o is a fresh contiguous tensor: written in place, never copied
-    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with on_device(q.device):
         attention_tma_kernel[(cdiv(n_q, bm) * bsz * heads,)](
             qd, kd, vd, od, qd2, kd2, vd2, od2,
             heads, n_q, n_k, qk_scale,

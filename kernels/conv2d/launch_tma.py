@@ -14,11 +14,9 @@ warpgroup MMA (``HGMMA``); the static report checks both, and that it does not s
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from jetdet.kernels._common import FP_FUSION, MAX_GRID_YZ, cdiv, descriptor_strides, empty, tensor_descriptor
+from jetdet.kernels._common import FP_FUSION, MAX_GRID_YZ, cdiv, descriptor_strides, empty, on_device, tensor_descriptor
 
 from .kernel_tma import conv2d_tma_kernel
 
@@ -75,8 +73,7 @@ def conv2d_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: t
     desc = tensor_descriptor(KERNEL_ENV)
     wd = desc(w4, list(w4.shape), w_strides, [bn, 1, 1, bk])
     tiles = cdiv(oh, bh) * cdiv(ow, bw) * cdiv(o, bn)
-    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with on_device(x.device):
         for start in range(0, nb, MAX_GRID_YZ):  # the grid's item axis is at most 65535: the same programs per item
             stop = min(nb, start + MAX_GRID_YZ)
             xs, ys = x4[start:stop], y4[start:stop]

@@ -11,11 +11,9 @@ checks both, and that it does not spill (``specs.tma_specs``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from jetdet.kernels._common import FP_FUSION, cdiv, empty, tensor_descriptor
+from jetdet.kernels._common import FP_FUSION, cdiv, empty, on_device, tensor_descriptor
 
 from .kernel_tma import matmul_tma_kernel
 
@@ -78,8 +76,7 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     desc = tensor_descriptor("JETDET_MATMUL_KERNEL")
-    guard = torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with on_device(a.device):
         matmul_tma_kernel[(min(programs, tiles),)](
             desc.from_tensor(a, [bm, bk]),
             desc.from_tensor(w, [bn, bk]),

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .._common import empty
+from .._common import empty, on_device
 from . import constants as K
 from .kernel import bits_to_normal_kernel, philox4x32_10_kernel, philox_randn_kernel
 
@@ -62,8 +60,7 @@ def philox_randn(
         raise ValueError(f"n_items: at most {MAX_GRID_X} items per call, got {n_items}")
     grid = (n_items, min(blocks_per_item, MAX_GRID_Y))
     # launch on the output's GPU, not the current one (cuda:1 while cuda:0 is current)
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with on_device(device):
         philox_randn_kernel[grid](
             out.view(torch.int16) if bf16 else out,
             numel_per_item,
