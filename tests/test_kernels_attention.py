@@ -21,7 +21,7 @@ from _kernel_util import check_compile_specs, close, same_nonfinite
 import jetdet  # noqa: F401  (registers jetdet.kernels)
 from jetdet import configs
 from jetdet.kernels.attention import specs as attn_specs
-from jetdet.kernels.attention.launch import attention, split_head_dim, unit_strides
+from jetdet.kernels.attention.launch import MAX_HEAD_DIM, attention, split_head_dim, unit_strides
 from jetdet.kernels.attention.reference import attention_reference
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -204,8 +204,49 @@ def test_attention_empty_sizes():
     assert torch.equal(attention(q, k, v), torch.zeros(1, 2, 5, 40, dtype=F16))  # like the reference's matmul
     q, k, v = qkv(1, 2, 0, 7, 40, F16)
     assert attention(q, k, v).shape == (1, 2, 0, 40)
-    with pytest.raises(ValueError, match="head dim"):
-        attention(*qkv(1, 1, 4, 4, 264, F16))
+    q, k, v = qkv(1, 2, 5, 0, 264, F16)  # the same past the kernel's widest head dim
+    assert torch.equal(attention(q, k, v), torch.zeros(1, 2, 5, 264, dtype=F16))
+    assert attention(*qkv(1, 2, 0, 7, 264, F16)).shape == (1, 2, 0, 264)
+
+
+# ------------------------------------------------------------- head dims past the kernel's (attention_wide)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the fully masked row (then 0)
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("d,dv", [(512, 512), (264, 40), (40, 320)])
+def test_wide_head_dims_match_reference(dtype, d, dv):
+    """Head dims past ``MAX_HEAD_DIM`` (a VAE mid block's single head over 512 channels) run as jetdet's GEMMs around
+    its row softmax. Before, they raised on the Triton backend, so deterministic mode failed there on every SD-type
+    VAE while the CPU path took them."""
+    q, k, v = qkv(2, 1, 19, 23, d, dtype, dv)
+    assert max(d, dv) > MAX_HEAD_DIM
+    close(attention(q, k, v), attention_reference(q, k, v), dtype, "attention")
+    close(attention(q, k, v, scale=-0.3), attention_reference(q, k, v, scale=-0.3), dtype, "attention")
+    bmask = torch.rand(19, 23) > 0.3
+    bmask[4] = False  # a row with no key: 0, as the kernel and torch's SDPA give
+    fmask = torch.randn(2, 1, 1, 23)
+    for mask in (bmask, fmask):
+        out, ref = attention(q, k, v, mask), attention_reference(q, k, v, mask)
+        same_nonfinite(out, ref)
+        close(out, ref, dtype, "attention")
+    assert torch.equal(attention(q, k, v, bmask)[:, :, 4], torch.zeros(2, 1, dv, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_wide_head_dims_batch_and_row_blocks_bitwise(monkeypatch, dtype):
+    """Bitwise: an item alone or in any batch, and whatever number of query rows one step takes (the step size
+    follows the batch: its scores are capped at ``WIDE_SCORE_BYTES``)."""
+    from jetdet.kernels.attention import launch
+
+    q, k, v = qkv(3, 2, 9, 11, 264, dtype)
+    mask = torch.randn(3, 2, 9, 11)
+    mask[..., ::4] = float("-inf")
+    whole = attention(q, k, v, mask)
+    assert_batch_invariant(attention, [q, k, v, mask], prefixes=range(1, 4), slots=range(3), label="wide attention")
+    for rows in (1, 4):  # 9 query rows in steps of 1, and of 4 (a partial last step)
+        monkeypatch.setattr(launch, "WIDE_SCORE_BYTES", 4 * 3 * 2 * 11 * rows)
+        assert torch.equal(attention(q, k, v, mask), whole), rows
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])

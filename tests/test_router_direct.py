@@ -31,6 +31,7 @@ def _calls(dtype):
     img_cl = img.contiguous(memory_format=torch.channels_last)
     cw, cb, pw = r(5, 6, 3, 3, scale=0.2), r(5), r(4, 6, 1, 1, scale=0.4)
     q, k, v = r(2, 3, 17, 8), r(2, 3, 11, 8), r(2, 3, 11, 8)
+    vq = r(2, 1, 6, 512)  # a VAE mid block's attention: one head over 512 channels, past the kernel's head dims
     lw, lb = r(19), r(19)
     return [
         ("linear", lambda: F.linear(x, w, b), lambda: ops.linear(x, w, b)),
@@ -42,6 +43,7 @@ def _calls(dtype):
         ("sdpa", lambda: F.scaled_dot_product_attention(q, k, v), lambda: ops.attention(q, k, v)),
         ("sdpa scale", lambda: F.scaled_dot_product_attention(q, k, v, scale=0.3),
          lambda: ops.attention(q, k, v, scale=0.3)),
+        ("sdpa head dim 512", lambda: F.scaled_dot_product_attention(vq, vq, vq), lambda: ops.attention(vq, vq, vq)),
         ("conv2d 3x3", lambda: F.conv2d(img, cw, cb, 1, 1), lambda: ops.conv2d(img, cw, cb, 1, 1)),
         ("conv2d channels-last stride (2, 1)", lambda: F.conv2d(img_cl, cw, None, (2, 1), (1, 0)),
          lambda: ops.conv2d(img_cl, cw, None, (2, 1), (1, 0))),

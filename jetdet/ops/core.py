@@ -174,7 +174,7 @@ def attention(q, k, v, attn_mask=None, scale=None) -> torch.Tensor:
     """``softmax(q @ k.T * scale + mask) @ v`` with q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]``,
     v ``[B, H, Nk, Dv]``. ``attn_mask`` is additive (float) or boolean (True = keep), broadcastable to
     ``[B, H, Nq, Nk]``. KV is reduced in a fixed order with a fixed block size, so item b is independent
-    of B. A query row whose mask removes every key gives NaN, like the literal softmax."""
+    of B. A query row whose mask removes every key gives 0, as torch's SDPA does (since 2.5)."""
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
     check_tensor("v", v, ndim=4)

@@ -174,17 +174,17 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     """``softmax(q @ k^T * scale + mask) @ v``.
 
     q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]``, v ``[B, H, Nk, Dv]`` (same dtype fp32/fp16/bf16, any strides),
-    D, Dv <= 256. ``mask``: None, an additive float tensor or a boolean one (True = keep), broadcastable
-    to ``[B, H, Nq, Nk]`` (read through stride-0 views, never materialised); ``scale`` defaults to
-    ``1/sqrt(D)``. Returns ``[B, H, Nq, Dv]`` in q.dtype. A query row whose mask is -inf for every key is
-    NaN, like the literal softmax.
+    any D and Dv (past :data:`MAX_HEAD_DIM`: :func:`attention_wide`). ``mask``: None, an additive float tensor or a
+    boolean one (True = keep), broadcastable to ``[B, H, Nq, Nk]`` (read through stride-0 views, never
+    materialised); ``scale`` defaults to ``1/sqrt(D)``. Returns ``[B, H, Nq, Dv]`` in q.dtype. A query row whose
+    mask is -inf for every key is 0, as torch's SDPA gives (since 2.5).
     """
     bsz, heads, n_q, d = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
-    if max(d, d_v) > MAX_HEAD_DIM:
-        raise ValueError(f"q/v: head dim must be <= {MAX_HEAD_DIM}, got D={d}, Dv={d_v}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    if max(d, d_v) > MAX_HEAD_DIM:
+        return attention_wide(q, k, v, mask, scale)
     q, scale = nonnegative_scale(q, scale)
     out = empty((bsz, heads, n_q, d_v), q.dtype, q.device)
     if out.numel() == 0:
@@ -228,4 +228,50 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
+    return out
+
+
+#: Bytes of fp32 scores one step of :func:`attention_wide` holds: it takes as many query rows per step as fit.
+WIDE_SCORE_BYTES = 1 << 28
+
+
+def attention_wide(q, k, v, mask, scale: float) -> torch.Tensor:
+    """Attention whose head dim is past :data:`MAX_HEAD_DIM`, where the kernel's ``[BLOCK_M, D]`` accumulator no
+    longer fits: the single-head attention over 512 channels in the mid blocks of SD, SDXL and Flux-type VAEs.
+
+    ``softmax(q @ k^T * scale + mask) @ v`` as two GEMMs around a row softmax, each jetdet's own batch-invariant
+    kernel (``matmul.launch.bmm``, ``reduce.launch.softmax``), over a block of query rows at a time so that the
+    scores stay under :data:`WIDE_SCORE_BYTES`. A query row's result depends only on its own rows of the scores and
+    of ``p``, and the GEMM's rows do not depend on how many rows it is given, so neither the batch nor the row
+    blocks change a bit. fp32 inside (q, k, v upcast; an IEEE dot): exact products, slower than the tensor cores.
+    A row whose mask is -inf for every key gives 0, as the kernel does."""
+    from ..matmul.launch import bmm
+    from ..reduce.launch import softmax
+
+    bsz, heads, n_q, d = q.shape
+    n_k, d_v = k.shape[2], v.shape[3]
+    out = empty((bsz, heads, n_q, d_v), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    if n_k == 0:
+        return out.zero_()
+    bh = bsz * heads
+    q32 = q.reshape(bh, n_q, d).to(torch.float32)
+    k_t = k.reshape(bh, n_k, d).to(torch.float32).transpose(1, 2)
+    v32 = v.reshape(bh, n_k, d_v).to(torch.float32)
+    if mask is not None:
+        mask = additive_mask(mask)
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(bsz, heads, n_q, n_k)
+    out3 = out.view(bh, n_q, d_v)
+    rows = max(1, min(n_q, WIDE_SCORE_BYTES // (4 * bh * n_k)))
+    for r0 in range(0, n_q, rows):
+        r1 = min(n_q, r0 + rows)
+        s = bmm(q32[:, r0:r1], k_t)
+        s.mul_(scale)
+        if mask is not None:
+            s.view(bsz, heads, r1 - r0, n_k).add_(mask[:, :, r0:r1])
+        p = softmax(s)
+        if mask is not None:
+            p.masked_fill_((s == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+        out3[:, r0:r1] = bmm(p, v32)
     return out
