@@ -39,14 +39,14 @@ def test_dry_run_goes_through_every_section(tmp_path):
     assert res["failures"] == [] and res["incomplete"] == []
     ops = res["sections"]["ops"]["rows"]
     # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only, the two TMA ones (attention, conv) in 16 bits only
-    assert len(ops) == 24 * 3 + 2 + 2 * 2
+    assert len(ops) == 25 * 3 + 2 + 2 * 2
     assert {(r["op"], r["dtype"]) for r in ops if "tf32x3" in r["op"]} == {("linear_tf32x3", "float32"),
                                                                           ("conv3x3_tf32x3", "float32")}
     for name in ("attention_tma_d72", "conv3x3_tma"):
         assert {r["dtype"] for r in ops if r["op"] == name} == {"float16", "bfloat16"}, name
     assert all(r["accurate"] and not r["prefix_differs"] and not r["needle_differs"] for r in ops)
-    assert {"linear", "conv3x3", "attention_d128_mask", "attention_d72_mask", "group_norm", "group_norm_channels_last",
-            "forecast"} <= {r["op"] for r in ops}
+    assert {"linear", "conv3x3", "attention_d128_mask", "attention_d72_mask", "attention_d512", "group_norm",
+            "group_norm_channels_last", "forecast"} <= {r["op"] for r in ops}
     models = res["sections"]["models"]["rows"]
     assert all(r["equal"] == r["comparisons"] for r in models if r["mode"] == "deterministic")
     assert any(r["equal"] < r["comparisons"] for r in models if r["mode"] == "off")  # the negative control fired
@@ -132,3 +132,21 @@ def test_precompile_record_pass(tmp_path):
     assert all(sec["new_variants"] == 0 for sec in res["sections"].values())
     assert out.stdout.count("GPU == CPU") == len(res["sections"]["noise"]["rows"])  # the record pass printed none
     assert "Precompile: 0 launches recorded" in (tmp_path / "gpu_dry-run_cpu.md").read_text()
+
+
+def test_markdown_reports_an_op_that_raised(tmp_path):
+    """An op that raised on the GPU leaves a row with only its name, dtype and error. The Markdown report shows it,
+    instead of failing on the missing accuracy keys (and hiding the run's verdict). The dry run cannot raise there."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    ok = {"op": "linear", "dtype": "float16", "max_err": 1e-4, "tol": 4e-3, "scale": 1.0, "prefix_differs": [],
+          "needle_differs": []}
+    bad = {"op": "attention_d512", "dtype": "bfloat16", "error": "OutOfResources: shared memory"}
+    res = {"sections": {"environment": {"device_name": "X"}, "ops": {"rows": [ok, bad]}}, "when": "now",
+           "seconds": 1.0, "argv": [], "failures": [], "incomplete": ["ops attention_d512 bfloat16: OutOfResources"]}
+    text = gpu_check.markdown(res)
+    assert "| attention_d512 | bfloat16 | | | error: OutOfResources: shared memory |" in text
+    assert "| linear | float16 | 1.00e-04 |" in text and "**incomplete**" in text
