@@ -10,8 +10,11 @@ Feature maps (``FEATURE``): 0 identity, 1 relu, 2 elu+1. Padded rows/columns are
 elu+1 maps the masked-load fill 0 to 1.
 
 Dot precision (``PREC``): ``"ieee"`` for fp32 inputs (exact fp32 FMA, no TF32), ``"tf32"`` for fp16/bf16
-inputs on fp32 operands: fp16 and bf16 values are exact in TF32, so relu/identity products are exact, and TF32
-keeps fp32's exponent range, so the fp32 state never overflows the way an fp16 operand could.
+inputs on fp32 operands. TF32 keeps fp32's exponent range, so the fp32 state never overflows the way an fp16 operand
+could. In pass 1 the operands are fp16/bf16 values, exact in TF32, so relu/identity products are exact (elu+1's
+``exp`` values are not). In pass 2 the state ``φ(K)ᵀV`` is an fp32 sum, which the dot rounds to TF32's 10-bit
+mantissa: about the precision of an fp16 output, and more error than the exact denominator. The interpreter
+ignores the precision, so the CPU tests see exact fp32 dots; a GPU sees these roundings.
 """
 
 import triton

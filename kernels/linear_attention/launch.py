@@ -36,7 +36,7 @@ def _pad(d: int) -> int:
 
 
 def _prec(dtype: torch.dtype) -> str:
-    # fp32 promises fp32 math: no TF32. fp16/bf16 values are exact in TF32 (see kernel.py).
+    # fp32 promises fp32 math: no TF32. fp16/bf16: TF32 dots (kernel.py says which products that rounds).
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
