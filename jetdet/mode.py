@@ -60,12 +60,40 @@ class Mode(str, enum.Enum):
     DETERMINISTIC = "deterministic"
 
 
-_current: contextvars.ContextVar[Mode] = contextvars.ContextVar("jetdet_mode", default=Mode.OFF)
+class _Frame:
+    """One link of the chain of modes a context sees: the mode, the thread that set it, and the frame it replaced
+    (``parent``). The deterministic router and the thread's depth count belong to the thread that set the mode, so
+    a frame counts only on that thread (:func:`_effective`): a thread that inherits the context (``asyncio.to_thread``,
+    ``contextvars.copy_context().run``) starts ``off``, as every new thread does, and its own ``mode(...)`` works
+    there. ``parent`` is rewritten when a context exits out of order (:meth:`mode.__exit__`)."""
+
+    __slots__ = ("mode", "thread", "parent", "warn_only")
+
+    def __init__(self, m: Mode, thread: int, parent: _Frame | None, warn_only: bool = False):
+        self.mode, self.thread, self.parent, self.warn_only = m, thread, parent, warn_only
+
+
+_ROOT = _Frame(Mode.OFF, 0, None)
+_current: contextvars.ContextVar[_Frame] = contextvars.ContextVar("jetdet_mode", default=_ROOT)
 _tls = threading.local()
+_get_ident = threading.get_ident
+
+
+def _effective(frame: _Frame) -> Mode:
+    """``frame``'s mode on the calling thread: its own, on the thread that set it; ``off`` on any other."""
+    return frame.mode if frame.thread == _get_ident() else Mode.OFF
 _lock = threading.Lock()
 _global_users = 0
 _saved_flags: list | None = None
 _warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """``message`` as a warning, once per process for ``key`` (a misuse of the mode contexts, not a routed call)."""
+    key = f"mode: {key}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"jetdet: {message}", stacklevel=4)
 
 
 def _as_mode(m) -> Mode:
@@ -78,8 +106,9 @@ def _as_mode(m) -> Mode:
 
 
 def get_mode() -> Mode:
-    """The mode of the current thread / asyncio task."""
-    return _current.get()
+    """The mode of the current thread / asyncio task (``off`` in a thread that inherited another thread's context:
+    nothing is routed there until that thread enters a mode itself)."""
+    return _effective(_current.get())
 
 
 # ----------------------------------------------------------------------------------------- torch flags
@@ -126,9 +155,20 @@ def torch_flags() -> dict:
     return {name: get() for name, get, _, _ in _flag_specs()}
 
 
+def _warn_kept_warn_only(warn_only: bool) -> None:
+    _warn_once(
+        f"warn_only={warn_only}",
+        f"jetdet.mode('deterministic', warn_only={warn_only}) inside another deterministic context keeps that "
+        f"context's warn_only={not warn_only}: torch.use_deterministic_algorithms is one process-wide flag, set by "
+        "the first deterministic context and restored by the last",
+    )
+
+
 def _acquire(warn_only: bool) -> None:
     global _global_users, _saved_flags
     with _lock:
+        if _global_users and warn_only != torch.is_deterministic_algorithms_warn_only_enabled():
+            _warn_kept_warn_only(warn_only)  # another thread's context set it
         if _global_users == 0:
             specs = _flag_specs()
             _saved_flags = [(set_, get()) for _, get, set_, _ in specs]
@@ -197,9 +237,12 @@ def _transition(old: Mode, new: Mode, warn_only: bool = False) -> None:
 def set_mode(m, *, warn_only: bool = False) -> Mode:
     """Set the mode of the current context until changed again; returns the previous mode."""
     new = _as_mode(m)
-    old = _current.get()
+    cur = _current.get()
+    old = _effective(cur)
+    if new is old is Mode.DETERMINISTIC and warn_only != cur.warn_only:
+        _warn_kept_warn_only(warn_only)
     _transition(old, new, warn_only)
-    _current.set(new)
+    _current.set(_Frame(new, _get_ident(), cur, cur.warn_only if new is old else warn_only))
     return old
 
 
@@ -211,18 +254,39 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
     def __init__(self, m="deterministic", *, warn_only: bool = False):
         self.mode = _as_mode(m)
         self.warn_only = warn_only
-        self._tokens: list = []
+        self._frames: list[_Frame] = []
 
     def __enter__(self):
-        old = _current.get()
+        cur = _current.get()
+        old = _effective(cur)
+        if self.mode is old is Mode.DETERMINISTIC and self.warn_only != cur.warn_only:
+            _warn_kept_warn_only(self.warn_only)
         _transition(old, self.mode, self.warn_only)
-        self._tokens.append(_current.set(self.mode))
+        # a frame that keeps its parent's mode keeps its warn_only too: that is what holds meanwhile
+        frame = _Frame(self.mode, _get_ident(), cur, cur.warn_only if self.mode is old else self.warn_only)
+        _current.set(frame)
+        self._frames.append(frame)
         return self
 
     def __exit__(self, *exc):
+        frame = self._frames.pop()
         cur = _current.get()
-        _current.reset(self._tokens.pop())
-        _transition(cur, _current.get())
+        if cur is frame:  # the usual, nested exit
+            _current.set(frame.parent)
+            _transition(_effective(frame), _effective(frame.parent), frame.parent.warn_only)
+            return False
+        # Out of order: a context entered after this one is still open (interleaved generators, a manual
+        # __exit__). The current mode stays that context's; this frame leaves the chain, so the later context
+        # restores what this one replaced when it exits. The transitions made and still to come then walk from
+        # this context's outer mode back to it, so the router and torch's flags end as they started.
+        child = cur
+        while child is not None and child.parent is not frame:
+            child = child.parent
+        if child is not None:
+            child.parent = frame.parent
+        else:
+            _warn_once("exit elsewhere", "a jetdet.mode context exited in a context (thread or task) where it was not "
+                       "entered: the mode there is left as it is")
         return False
 
     def __repr__(self):
@@ -1206,7 +1270,8 @@ class _Router(TorchFunctionMode):
         kwargs = kwargs or {}
         if torch.compiler.is_compiling():  # first: Dynamo cannot read the ContextVar below
             return _route(func, args, kwargs)
-        if _current.get() is Mode.DETERMINISTIC:
+        frame = _current.get()
+        if frame.mode is Mode.DETERMINISTIC and frame.thread == _get_ident():
             handler = _HANDLERS.get(func)
             if handler is not None:  # _route's body, inlined: one Python call less on every routed call
                 if torch._C._is_any_autocast_enabled():

@@ -1,6 +1,8 @@
 """The mode switch: nesting, exceptions, threads, asyncio tasks, flag restoration, routing."""
 
 import asyncio
+import contextvars
+import importlib
 import threading
 
 import pytest
@@ -149,6 +151,99 @@ def test_asyncio_tasks_do_not_share_mode(monkeypatch):
     assert ("off", Mode.OFF) in log and ("det", Mode.DETERMINISTIC) in log
     assert len(calls) == 1
     assert jetdet.get_mode() is Mode.OFF
+
+
+def test_a_thread_that_inherits_the_context_starts_off(monkeypatch):
+    """``asyncio.to_thread`` and ``copy_context().run`` copy the caller's context into another thread, where jetdet's
+    router is not on the torch function stack. That thread reads ``off`` (as every new thread does) and is not
+    routed; a ``mode(...)`` of its own works there, nested ``off`` included. Before, it read ``deterministic`` while
+    nothing was routed, its own ``mode("deterministic")`` did nothing, and a nested ``mode("off")`` raised
+    AttributeError."""
+    calls = _det_call_count(monkeypatch)
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+
+    def in_thread():
+        seen = [jetdet.get_mode()]
+        F.linear(x, w)  # not routed
+        with jetdet.mode("deterministic"):
+            seen.append(jetdet.get_mode())
+            F.linear(x, w)  # routed
+            with jetdet.mode("off"):
+                seen.append(jetdet.get_mode())
+                F.linear(x, w)  # not routed
+        seen.append(jetdet.get_mode())
+        return seen
+
+    async def main():
+        with jetdet.mode("deterministic"):
+            return await asyncio.to_thread(in_thread)
+
+    before = torch_flags()
+    seen = asyncio.run(main())
+    assert seen == [Mode.OFF, Mode.DETERMINISTIC, Mode.OFF, Mode.OFF]
+    assert len(calls) == 1
+    with jetdet.mode("deterministic"):
+        ctx = contextvars.copy_context()
+    t = threading.Thread(target=ctx.run, args=(lambda: calls.append(jetdet.get_mode()),))
+    t.start()
+    t.join()
+    assert calls[-1] is Mode.OFF
+    assert jetdet.get_mode() is Mode.OFF and torch_flags() == before
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def _hold(m, **kw):
+    with jetdet.mode(m, **kw):
+        yield jetdet.get_mode()
+        yield jetdet.get_mode()
+
+
+@pytest.mark.parametrize("first,second", [("deterministic", "off"), ("off", "deterministic"),
+                                          ("deterministic", "deterministic"), ("fast", "deterministic")])
+def test_contexts_exited_out_of_order_restore_everything(first, second):
+    """Two contexts left in the order they were entered (interleaved generators): after both, the mode, torch's
+    flags and the torch function stack are as before. Before, the second one's exit set the first one's mode
+    again, leaving deterministic mode and its flags on."""
+    before = torch_flags()
+    a, b = _hold(first), _hold(second)
+    next(a)
+    assert next(b) is Mode(second)
+    for _ in a:  # a ends first: b's mode holds until b ends
+        pass
+    assert jetdet.get_mode() is Mode(second)
+    for _ in b:
+        pass
+    assert jetdet.get_mode() is Mode.OFF
+    assert torch_flags() == before
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_three_contexts_exited_out_of_order():
+    before = torch_flags()
+    gens = [_hold("deterministic"), _hold("off"), _hold("deterministic")]
+    for g in gens:
+        next(g)
+    for order in ([1], [0], [2]):
+        for i in order:
+            for _ in gens[i]:
+                pass
+        if order == [1]:
+            assert jetdet.get_mode() is Mode.DETERMINISTIC and torch.are_deterministic_algorithms_enabled()
+    assert jetdet.get_mode() is Mode.OFF and torch_flags() == before
+
+
+def test_warn_only_outlives_a_nested_off_and_a_strict_inner_context_says_it_is_not_strict():
+    before = torch_flags()
+    with jetdet.mode("deterministic", warn_only=True):
+        with jetdet.mode("off"):
+            assert not torch.are_deterministic_algorithms_enabled()
+        # back in the outer context: its warn_only again (before, the re-entry turned it strict)
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        importlib.import_module("jetdet.mode")._warned.discard("mode: warn_only=False")  # once per process
+        with pytest.warns(UserWarning, match="keeps that context's warn_only=True"):
+            with jetdet.mode("deterministic"):
+                assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch_flags() == before
 
 
 def test_fallback_warns_once_and_is_correct():
