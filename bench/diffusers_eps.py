@@ -37,8 +37,9 @@ if str(ROOT) not in sys.path:
 
 SCHEDULERS = ("euler", "euler_karras", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "pndm", "heun")
 #: run only when named: LMS (4th-order multistep, warned), KDPM2 ancestral (computes every call with scheduler=),
-#: DDIM on a zero-terminal-SNR schedule (use --prediction v_prediction)
-MORE = ("lms", "kdpm2_a", "ddim_zsnr")
+#: DDIM on a zero-terminal-SNR schedule (use --prediction v_prediction), DEIS (multistep, warned), DPM-Solver
+#: single-step and KDPM2 (not measured with fast mode: jetdet.patch warns once)
+MORE = ("lms", "kdpm2_a", "ddim_zsnr", "deis", "dpm_single", "kdpm2")
 
 
 def make_scheduler(name: str, prediction: str):
@@ -58,6 +59,9 @@ def make_scheduler(name: str, prediction: str):
         "heun": lambda: diffusers.HeunDiscreteScheduler(**kw),
         "lms": lambda: diffusers.LMSDiscreteScheduler(**kw),
         "kdpm2_a": lambda: diffusers.KDPM2AncestralDiscreteScheduler(**kw),
+        "deis": lambda: diffusers.DEISMultistepScheduler(**kw),
+        "dpm_single": lambda: diffusers.DPMSolverSinglestepScheduler(**kw),
+        "kdpm2": lambda: diffusers.KDPM2DiscreteScheduler(**kw),
         "ddim_zsnr": lambda: diffusers.DDIMScheduler(**kw, rescale_betas_zero_snr=True, timestep_spacing="trailing",
                                                      clip_sample=False),
     }

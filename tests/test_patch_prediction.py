@@ -241,6 +241,26 @@ def test_pndm_warns_once():
         jetdet.patch(model, mode="fast", scheduler=diffusers.DDIMScheduler()).remove()
 
 
+def test_an_unmeasured_scheduler_warns_once():
+    """A diffusers scheduler fast mode has not been measured with (the README's table lists those it has) gets one
+    warning naming it; measured ones and the warned multistep ones get no second warning."""
+    diffusers = pytest.importorskip("diffusers")
+    from jetdet.patch import _warned_unmapped
+    from jetdet.patch.prediction import MEASURED
+
+    model = VPModel(bundled.BundledDiT())
+    _warned_unmapped.discard("FlowMatchHeunDiscreteScheduler:unmeasured")
+    with pytest.warns(UserWarning, match="not been measured with FlowMatchHeunDiscreteScheduler"):
+        jetdet.patch(model, mode="fast", scheduler=diffusers.FlowMatchHeunDiscreteScheduler()).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (diffusers' KDPM2 raises a numpy DeprecationWarning itself)
+        jetdet.patch(model, mode="fast", scheduler=diffusers.FlowMatchHeunDiscreteScheduler()).remove()  # once
+        for name in ("DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
+                     "UniPCMultistepScheduler"):
+            assert name in MEASURED
+            jetdet.patch(model, mode="fast", scheduler=getattr(diffusers, name)()).remove()
+
+
 def test_kdpm2_ancestral_computes_every_call(flow):
     """KDPM2 ancestral calls the model at 749.2504 and then 749.25 with new noise between: a forecast there cost 17 dB
     at any budget (break-it run), so with it fast mode runs every call, and says so once."""

@@ -278,6 +278,11 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         _warn_once(name, f"{name} is patched without scheduler=; its output (for SD1.5/SDXL/SD2, the noise or v "
                    "prediction) is forecast as it is, which keeps far less quality at the same budget. Pass "
                    "scheduler=pipe.scheduler (or prediction='flow' if the model is a flow-matching one)")
+    if scheduler is not None and sname not in (pred_map.MEASURED | pred_map.MULTISTEP_WARN | pred_map.RENOISE_SAME_T):
+        _warn_once(sname + ":unmeasured", f"fast mode has not been measured with {sname}: the error budget bounds "
+                   "each forecast, not the image, and how a scheduler's formula carries a forecast's error differs "
+                   "(README 'eps and v models in diffusers'). Compare a few images with mode off (jetdet.match), "
+                   "or use quality='high'")
     if sname in pred_map.MULTISTEP_WARN:
         _warn_once(sname, f"{sname} reuses each model output in the next steps' 4th-order multistep formula, and the "
                    "budget does not bound the result (measured at the default quality: PNDM one image at 20.8 dB, "

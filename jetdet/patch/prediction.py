@@ -52,6 +52,16 @@ def _prediction_of(scheduler) -> str | None:
 #: LMS: 4th order). A forecast output inside the budget can cost an image far more there (README, "eps and v models in
 #: diffusers"): jetdet warns once.
 MULTISTEP_WARN = frozenset({"PNDMScheduler", "LMSDiscreteScheduler", "IPNDMScheduler"})
+#: diffusers schedulers fast mode has been measured with (README, "eps and v models in diffusers": ``python
+#: bench/diffusers_eps.py``; the flow-matching Euler on SD3/Flux-type models; and those that add noise every step,
+#: with which the back-test computes every call by itself). With any other scheduler ``jetdet.patch`` warns once
+#: that the budget's result is unmeasured there.
+MEASURED = frozenset({
+    "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler", "UniPCMultistepScheduler",
+    "HeunDiscreteScheduler", "DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverSDEScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler",
+})
 #: diffusers schedulers that call the model twice at (nearly) the same timestep with fresh noise added between the
 #: calls: the second output is not a smooth function of the first, so fast mode computes every call with them
 RENOISE_SAME_T = frozenset({"KDPM2AncestralDiscreteScheduler"})
