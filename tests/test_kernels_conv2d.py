@@ -101,6 +101,40 @@ def test_conv2d_layouts_give_the_same_bits(dtype):
         assert torch.equal(alone, cl[i : i + 1]), i
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("k,stride,padding", [(3, (1, 1), (1, 1)), (3, (2, 2), (1, 1)), (5, (2, 1), (2, 0))],
+                         ids=["3x3s1p1", "3x3s2p1", "5x5s2x1p2x0"])
+def test_items_past_32_bit_offsets_run_in_bands_with_the_same_bits(monkeypatch, dtype, k, stride, padding):
+    """An item whose input or output passes 2**31 elements (a VAE decoder's full-resolution conv at 4K) runs in
+    bands of output rows; before, the launcher asserted. Forced here on small images by lowering the limit: every
+    band size (1 output row, several, a partial last band) gives the bits of one launch, NCHW and channels-last.
+    Negative control (by hand): without the band's own top padding (``ph + top - r * sh``) the bits differ."""
+    c, o, h, w_ = 6, 8, 11, 9
+    x = rand(2, c, h, w_, dtype=dtype)
+    w = rand(o, c, k, k, dtype=dtype, scale=(c * k * k) ** -0.5)
+    bias = rand(o, dtype=dtype)
+    whole = conv_launch.conv2d(x, w, bias, stride, padding)
+    oh, ow = whole.shape[2:]
+    launches = []
+    orig = conv_launch._launch
+    monkeypatch.setattr(conv_launch, "_launch", lambda *a, **kw: launches.append(a[3].shape[2]) or orig(*a, **kw))
+    for rows_per_band in (1, 2, 4):  # 4: a partial last band for the stride-1 case (11 rows)
+        # the limit a band of that many output rows fits: its input rows and its output elements
+        in_rows = (rows_per_band - 1) * stride[0] + k
+        if in_rows >= h:
+            continue  # the whole image would fit
+        monkeypatch.setattr(conv_launch, "_I32", max(rows_per_band * ow * o, in_rows * w_ * c) + 1)
+        for xin in (x, x.to(memory_format=torch.channels_last)):
+            launches.clear()
+            got = conv_launch.conv2d(xin, w, bias, stride, padding)
+            assert len(launches) > 1 and sum(launches) == oh, launches  # bands that cover the image once
+            assert got.is_contiguous(memory_format=conv_launch.out_memory_format(xin))
+            assert torch.equal(got, whole), rows_per_band
+    monkeypatch.setattr(conv_launch, "_I32", w_ * c)  # not even one output row's input fits
+    with pytest.raises(ValueError, match="passes 2\\*\\*31 elements"):
+        conv_launch.conv2d(x, w, bias, stride, padding)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_conv2d_op_fake_follows_the_layout(backend):
     """The registered op's fake gives the real output's strides for NCHW and channels-last input (torch.compile

@@ -103,10 +103,13 @@ def conv2d(
         # the opt-in TMA-fed kernel (launch_tma.py): bf16 under the interpreter upcasts (its bf16 dot is wrong)
         interp_bf16 = x.dtype == torch.bfloat16 and x.device.type != "cuda"
         return launch_tma.conv2d_tma(x, w, bias, y, (ph, pw), dot_f32=interp_bf16)
-    # 32-bit offsets inside one batch item (the batch offset is 64-bit)
+    if wk.numel() >= 2**31 - 1:
+        raise ValueError(f"w: at most 2**31 - 1 elements, got {wk.numel()}")
+    # 32-bit offsets inside one batch item (the batch offset is 64-bit): an item that passes them (a VAE decoder's
+    # full-resolution convs at 4K: 128 channels x 4096 x 4096 = 2**31) runs in bands of output rows
     span = (c - 1) * abs(x.stride(1)) + (h - 1) * abs(x.stride(2)) + (wd - 1) * abs(x.stride(3))
-    assert span < _I32, "one batch item of x spans 2**31 elements or more"
-    assert o * oh * ow < _I32 and wk.numel() < _I32
+    if span >= _I32 or o * oh * ow >= _I32:
+        return _conv_in_bands(x, wk, bias, y, (kh, kw), (sh, sw), (ph, pw))
 
     if x.dtype == torch.bfloat16 and x.device.type != "cuda":
         # The interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): write fp32 and let
@@ -116,6 +119,30 @@ def conv2d(
         y.copy_(y32)
         return y
     _launch(x, wk, bias, y, kh, kw, sh, sw, ph, pw, dot_f32=x.dtype == torch.float32)
+    return y
+
+
+def _conv_in_bands(x, wk, bias, y, kernel, stride, padding) -> torch.Tensor:
+    """``y`` for a channels-last ``x`` whose items pass 32-bit offsets, a band of output rows at a time: each band
+    reads a view of the input rows it needs (its own top padding only at the image's top) and writes a channels-last
+    buffer of its own, copied into ``y``. A pixel's sum does not depend on which tile or band computes it, so the
+    bits are those of one launch (``tests/test_kernels_conv2d.py`` forces bands on small images)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    nb, c, h, wd = x.shape
+    _, o, oh, ow = y.shape
+    rows = min(oh, (_I32 // (wd * c) - kh) // sh + 1, _I32 // (ow * o))
+    if rows < 1:
+        raise ValueError(f"x: one output row of this conv ({wd} x {c} input or {ow} x {o} output elements per row, "
+                         f"{kh} filter rows) passes 2**31 elements; split the image")
+    interp_bf16 = x.dtype == torch.bfloat16 and x.device.type != "cuda"
+    for r in range(0, oh, rows):
+        r_end = min(oh, r + rows)
+        top = max(0, r * sh - ph)  # the band's first input row, and its share of the top padding
+        xb = x[:, :, top:min(h, (r_end - 1) * sh - ph + kh)]
+        yb = empty((nb, o, r_end - r, ow), torch.float32 if interp_bf16 else y.dtype, x.device, torch.channels_last)
+        dot_f32 = interp_bf16 or x.dtype == torch.float32
+        _launch(xb, wk, bias, yb, kh, kw, sh, sw, ph + top - r * sh, pw, dot_f32=dot_f32)
+        y[:, :, r:r_end].copy_(yb)
     return y
 
 
