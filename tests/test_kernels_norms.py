@@ -133,6 +133,22 @@ def test_group_norm_channels_last_matches_reference(dtype, shape, groups):
         torch.testing.assert_close(out, torch.nn.functional.group_norm(x, groups, None, None, 1e-5))
 
 
+def test_group_norm_channels_last_sample_past_32_bit_offsets(monkeypatch):
+    """A channels-last sample of 2**31 elements or more (a VAE decoder's group norms at 4K) takes the NCHW kernel,
+    whose rows are one group each, and still returns channels-last; before, the launcher asserted. Forced on a small
+    image by lowering the limit: the bits are the NCHW path's, every item equal to it alone."""
+    from jetdet.kernels.norms import launch as norms_launch
+
+    x = _cl(torch.randn(3, 8, 5, 7) * 2 - 1)
+    w, b = _affine(8, F32)
+    nchw = group_norm(x.contiguous(), 4, w, b, 1e-5)
+    monkeypatch.setattr(norms_launch, "_I32", 8 * 5 * 7)
+    out = group_norm(x, 4, w, b, 1e-5)
+    assert _is_cl(out) and torch.equal(out, nchw)
+    assert all(torch.equal(group_norm(x[i : i + 1], 4, w, b, 1e-5), out[i : i + 1]) for i in range(3))
+    close(out, group_norm_reference(x, 4, w, b, 1e-5), F32, "norms")
+
+
 def test_group_norm_channels_last_ambiguous_and_nan():
     """C == 1 or H*W == 1: channels-last and NCHW are the same memory (the tensor is contiguous too), so the
     NCHW kernel runs and the output is contiguous, as for any contiguous input. A NaN stays in its group."""

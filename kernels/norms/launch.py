@@ -88,7 +88,12 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
     spatial = math.prod(x.shape[2:])
     n = chans // num_groups * spatial
     if out_memory_format(x) == torch.channels_last:
-        return _group_norm_cl(x, num_groups, _affine(weight), _affine(bias), eps, n)
+        if chans * spatial < _I32:
+            return _group_norm_cl(x, num_groups, _affine(weight), _affine(bias), eps, n)
+        # a sample past the channels-last kernel's 32-bit offsets (a VAE decoder's full-resolution group norms at
+        # 4K: 128 channels x 4096 x 4096): the NCHW kernel, whose rows are one (sample, group) each
+        out = group_norm(x.contiguous(), num_groups, weight, bias, eps)
+        return out.contiguous(memory_format=torch.channels_last)
     xc = x.contiguous()
     out = empty(x.shape, x.dtype, x.device)
     _launch(
