@@ -982,10 +982,12 @@ def _h_instance_norm(func, args, kwargs):
 
 
 def _h_unrouted(why: str):
-    """A reduction jetdet does not route: the named fallback warning for float inputs (where torch's kernels may
-    sum in another order for another batch), silence for the exact integer and boolean ones."""
+    """A reduction or contraction jetdet does not route: the named fallback warning for float inputs (where torch's
+    kernels may sum in another order for another batch), silence for the exact integer and boolean ones. The first
+    tensor argument decides, also inside a list (``torch.linalg.multi_dot``)."""
     def handler(func, args, kwargs):
-        t = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        flat = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else (a,))]
+        t = next((a for a in flat if isinstance(a, torch.Tensor)), None)
         if t is not None and t.is_floating_point():
             return _fallback(func, args, kwargs, why)
         return func(*args, **kwargs)
@@ -1134,6 +1136,7 @@ _HANDLERS = {
     torch.baddbmm: _h_baddbmm,
     torch.Tensor.baddbmm: _h_baddbmm,
     torch.matmul: _h_matmul,
+    torch.linalg.matmul: _h_matmul,  # an alias, but a function object of its own
     torch.Tensor.matmul: _h_matmul,
     torch.Tensor.__matmul__: _h_matmul,
     torch.conv1d: _h_conv(1),
@@ -1176,7 +1179,12 @@ _HANDLERS = {
         torch.cosine_similarity, torch.cdist, torch.pdist, torch.pairwise_distance, torch.mv, torch.Tensor.mv,
         torch.dot, torch.Tensor.dot, torch.vdot, torch.inner, torch.addmv, torch.addbmm, torch.nansum,
         torch.Tensor.nansum, torch.nanmean, torch.Tensor.nanmean, torch.logcumsumexp, torch.Tensor.logcumsumexp,
-        F.local_response_norm)},
+        F.local_response_norm, torch.linalg.norm, torch.cov, torch.corrcoef)},
+    # contractions jetdet does not route: warned, as the reductions (ComfyUI's fp8 matmul, --fast
+    # fp8_matrix_mult, is torch._scaled_mm)
+    **{f: _h_unrouted(f"{getattr(f, '__name__', f)} is a contraction jetdet does not route") for f in (
+        torch._scaled_mm, torch.linalg.multi_dot, torch.chain_matmul, torch.linalg.vecdot, F.bilinear,
+        F.embedding_bag)},
     torch.var: _h_var("var"),
     torch.Tensor.var: _h_var("var"),
     torch.std: _h_var("std"),
@@ -1203,7 +1211,8 @@ def handler_for(func):
 # "autocast to float32" list; mean is not on it; on CPU they keep their inputs' dtype, as torch's CPU autocast does)
 _AUTOCAST_LOW = frozenset({
     F.linear, torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
-    torch.Tensor.baddbmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.conv1d, torch.conv2d,
+    torch.Tensor.baddbmm, torch.matmul, torch.linalg.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.conv1d,
+    torch.conv2d,
     torch.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.einsum,
     F.scaled_dot_product_attention,
 })

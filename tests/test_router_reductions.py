@@ -270,6 +270,15 @@ def test_scan_and_product_forms_jetdet_leaves_run_as_they_are():
         assert torch.equal(out, fn())
 
 
+def test_linalg_matmul_is_routed_as_matmul():
+    """``torch.linalg.matmul`` is torch.matmul's alias but a function object of its own: it went through unrouted."""
+    a, b = torch.randn(3, 4, 5), torch.randn(5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(_det(torch.linalg.matmul, a, b), _det(torch.matmul, a, b))
+    assert ROUTER.handler_for(torch.linalg.matmul) is ROUTER.handler_for(torch.matmul)
+
+
 def test_instance_norm_with_running_statistics_to_update_falls_back_with_the_warning():
     ROUTER._warned.clear()
     m = torch.nn.InstanceNorm2d(4, track_running_stats=True)
@@ -287,6 +296,10 @@ def test_instance_norm_with_running_statistics_to_update_falls_back_with_the_war
     ("dot", lambda a, b: torch.dot(a[0], b[0])),
     ("nansum", lambda a, b: torch.nansum(a, 1)),
     ("logcumsumexp", lambda a, b: torch.logcumsumexp(a, 1)),
+    ("linalg_norm", lambda a, b: torch.linalg.norm(a, dim=1)),
+    ("linalg_multi_dot", lambda a, b: torch.linalg.multi_dot([a, b.t(), a])),
+    ("bilinear", lambda a, b: F.bilinear(a, b, torch.ones(3, 8, 8))),
+    ("linalg_vecdot", lambda a, b: torch.linalg.vecdot(a, b)),
 ])
 def test_reductions_jetdet_does_not_route_warn_by_name(name, fn):
     """No longer silent: a float reduction deterministic mode cannot vouch for names itself (integer ones are exact
