@@ -13,6 +13,7 @@ import math
 import os
 import re
 import stat
+import statistics
 import time
 
 import torch
@@ -211,8 +212,19 @@ class JetDetFastOptimizer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, forecast=None, linear_attention=None):
-        return _combos_valid(cls, forecast=forecast, linear_attention=linear_attention)
+    def validate_inputs(cls, forecast=None, linear_attention=None, start_percent=None, end_percent=None):
+        """The combos, and the two percents together (each is checked alone by ComfyUI's range checks, which
+        declaring them here turns off for them, so their ranges are checked here too): a prompt whose guards
+        cover more than the whole schedule is refused when it is queued, not when the node runs."""
+        ok = _combos_valid(cls, forecast=forecast, linear_attention=linear_attention)
+        if ok is not True:
+            return ok
+        for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+            if value is not None and not 0.0 <= value <= 0.99:
+                return f"{name}: expected a value in [0, 0.99], got {value}"
+        if start_percent is not None and end_percent is not None and start_percent + end_percent > 1.0:
+            return f"start_percent + end_percent: expected at most 1, got {start_percent} + {end_percent}"
+        return True
 
     @classmethod
     def execute(cls, model, budget, start_percent, end_percent, forecast, max_consecutive_skips,
@@ -887,7 +899,12 @@ class JetDetBenchmark(io.ComfyNode):
             is_output_node=True,
             inputs=_ksampler_inputs() + [
                 io.String.Input("fast_budgets", default="0.05, 0.1",
-                                tooltip="Comma-separated step-cache budgets to run in fast mode."),
+                                tooltip="Comma-separated step-cache budgets to run in fast mode (empty: only off "
+                                        "and deterministic)."),
+                io.Int.Input("repeats", default=1, min=1, max=20, optional=True,
+                             tooltip="Timed runs per setting, interleaved (off, fast..., deterministic, then again); "
+                                     "the table gives the median wall time. One run's wall time moves with the "
+                                     "machine's load; the model-call counts do not."),
             ],
             outputs=[
                 io.String.Output(display_name="table", tooltip="One row per run: mode, wall, calls, PSNR, checksums."),
@@ -901,7 +918,7 @@ class JetDetBenchmark(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                fast_budgets):
+                fast_budgets, repeats=1):
         import jetdet
 
         wr.check_model(model)
@@ -919,28 +936,40 @@ class JetDetBenchmark(io.ComfyNode):
         # an untimed warm-up of every setting before any timed run: ComfyUI loads the model on the first sampling
         # call (and a GPU compiles kernels on the first call of each op), which would otherwise land in the first
         # timed run and make the others look faster
-        bar = _StepBar(len(runs) * (min(steps, 2) + steps))
+        repeats = int(repeats)
+        if repeats < 1:
+            raise ValueError(f"repeats: expected at least 1, got {repeats}")
+        bar = _StepBar(len(runs) * (min(steps, 2) + repeats * steps))
         for _, m in runs:
             smp.sample(m, seed, min(steps, 2), cfg, sampler_name, scheduler, positive, negative, latent_image,
                        denoise, 0, callback=bar.step, disable_pbar=True)
-        rows, ref, points = [], None, []
-        for label, m in runs:
-            counted, counter = wr.with_counter(m)
-            t0 = time.perf_counter()
-            samples = smp.sample(counted, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                                 denoise, 0, callback=bar.step, disable_pbar=True)
-            wall = time.perf_counter() - t0
-            ref = samples if ref is None else ref
-            p = psnr_db(samples, ref)
-            sums = [jetdet.checksum(samples[j:j + 1])[:16] for j in range(samples.shape[0])]
-            rows.append(dict(label=label, wall=wall, calls=counter.calls, rows=counter.rows, psnr=p, sums=sums))
+        rows = [dict(label=label, walls=[]) for label, _ in runs]
+        for rep in range(repeats):  # interleaved: a slow spell of the machine lands on every setting alike
+            for row, (_, m) in zip(rows, runs):
+                counted, counter = wr.with_counter(m)
+                t0 = time.perf_counter()
+                samples = smp.sample(counted, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                     latent_image, denoise, 0, callback=bar.step, disable_pbar=True)
+                row["walls"].append(time.perf_counter() - t0)
+                if rep == 0:
+                    row.update(samples=samples, calls=counter.calls, rows=counter.rows)
+        ref, points = rows[0]["samples"], []
+        for r in rows:
+            r["wall"] = statistics.median(r["walls"])
+            r["psnr"] = psnr_db(r["samples"], ref)
+            r["sums"] = [jetdet.checksum(r["samples"][j:j + 1])[:16] for j in range(r["samples"].shape[0])]
         base = rows[0]
-        lines = [f"{'run':<16} {'wall s':>8} {'speed-up':>9} {'model calls':>11} {'rows':>6} {'PSNR dB':>8}  checksums"]
+        lines = [f"{'run':<16} {'wall s':>8} {'speed-up':>9} {'fewer calls':>11} {'model calls':>11} {'rows':>6} "
+                 f"{'PSNR dB':>8}  checksums"]
         for r in rows:
             r["speedup"] = base["wall"] / r["wall"] if r["wall"] else math.inf
+            fewer = base["calls"] / r["calls"] if r["calls"] else math.inf
             points.append({"label": r["label"], "speedup": r["speedup"], "psnr": r["psnr"]})
-            lines.append(f"{r['label']:<16} {r['wall']:>8.3f} {r['speedup']:>8.2f}x {r['calls']:>11} {r['rows']:>6} "
-                         f"{r['psnr']:>8.2f}  {' '.join(r['sums'])}")
+            lines.append(f"{r['label']:<16} {r['wall']:>8.3f} {r['speedup']:>8.2f}x {fewer:>10.2f}x {r['calls']:>11} "
+                         f"{r['rows']:>6} {r['psnr']:>8.2f}  {' '.join(r['sums'])}")
+        how = (f"the median of {repeats} interleaved runs per setting" if repeats > 1 else
+               "one run per setting; it moves with the machine's load (raise repeats), the model calls do not")
+        lines.append(f"wall s: {how}" + ("" if budgets else ". No fast budgets given (fast_budgets is empty)"))
         table = "\n".join(lines)
         return io.NodeOutput(table, _plot(points), ui={"text": [table]})
 

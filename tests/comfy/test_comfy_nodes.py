@@ -156,16 +156,49 @@ def test_benchmark_table_and_plot(shapes_patcher, shapes_conds):
     table, plot = N.JetDetBenchmark.execute(shapes_patcher, 2, 6, 4.0, "euler", "simple", *shapes_conds,
                                             empty_latent(2), 1.0, "0, 0.3").args
     lines = table.splitlines()
-    assert [line.split()[0] for line in lines[1:]] == ["off", "fast", "fast", "deterministic"]
+    assert [line.split()[0] for line in lines[1:-1]] == ["off", "fast", "fast", "deterministic"]
+    assert lines[-1].startswith("wall s: one run per setting")  # the caveat of one timing
     off, fast0, fast3 = lines[1].split(), lines[2].split(), lines[3].split()
-    # columns: run (one or two words), wall, speed-up, model calls, rows, PSNR, checksums
-    assert off[3] == "6" and fast0[4] == "6" and fast0[6] == "inf"  # budget 0: every call, identical output
-    assert fast0[7:] == off[6:]
-    assert int(fast3[4]) < 6  # budget 0.3 skipped calls
+    # columns: run (one or two words), wall, speed-up, fewer calls, model calls, rows, PSNR, checksums
+    assert off[3] == "1.00x" and off[4] == "6"
+    assert fast0[5] == "6" and fast0[7] == "inf"  # budget 0: every call, identical output
+    assert fast0[8:] == off[7:]
+    assert int(fast3[5]) < 6 and fast3[4] == f"{6 / int(fast3[5]):.2f}x"  # budget 0.3 skipped calls
     assert plot.dim() == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and 0 <= plot.min() <= plot.max() <= 1
     with pytest.raises(ValueError, match="fast_budgets"):
         N.JetDetBenchmark.execute(shapes_patcher, 2, 2, 4.0, "euler", "simple", *shapes_conds, empty_latent(1),
                                   1.0, "fast")
+
+
+def test_benchmark_repeats_interleaved_runs_and_says_so(shapes_patcher, shapes_conds, monkeypatch):
+    """An acceptance run saw one timing per setting read as 8.6x on a busy machine: ``repeats`` times every setting
+    that many times, interleaved, and the table gives the median; calls, PSNR and checksums are the first round's
+    (every round gives the same bits). An empty ``fast_budgets`` is said in the table."""
+    order = []
+    sample = N.smp.sample
+    monkeypatch.setattr(N.smp, "sample", lambda m, *a, **kw: order.append(a[1]) or sample(m, *a, **kw))
+    one = N.JetDetBenchmark.execute(shapes_patcher, 2, 3, 4.0, "euler", "simple", *shapes_conds, empty_latent(1),
+                                    1.0, "0.3").args[0].splitlines()
+    order.clear()
+    three = N.JetDetBenchmark.execute(shapes_patcher, 2, 3, 4.0, "euler", "simple", *shapes_conds, empty_latent(1),
+                                      1.0, "0.3", 3).args[0].splitlines()
+    assert order == [2, 2, 2] + [3, 3, 3] * 3  # warm-ups, then three rounds of (off, fast 0.3, deterministic)
+    assert three[-1] == "wall s: the median of 3 interleaved runs per setting"
+    for a, b in zip(one[1:-1], three[1:-1]):
+        assert a.split()[-5:] == b.split()[-5:]  # calls, rows, PSNR, checksum: the same; only the timings differ
+    empty = N.JetDetBenchmark.execute(shapes_patcher, 2, 2, 4.0, "euler", "simple", *shapes_conds, empty_latent(1),
+                                      1.0, " ").args[0].splitlines()
+    assert [line.split()[0] for line in empty[1:-1]] == ["off", "deterministic"]
+    assert empty[-1].endswith("No fast budgets given (fast_budgets is empty)")
+
+
+def test_fast_optimizer_refuses_guards_past_the_schedule_when_queued():
+    v = N.JetDetFastOptimizer.validate_inputs
+    assert v(forecast="order1", linear_attention="off", start_percent=0.3, end_percent=0.5) is True
+    assert v(start_percent=0.7, end_percent=0.6) == "start_percent + end_percent: expected at most 1, got 0.7 + 0.6"
+    assert v(start_percent=1.2) == "start_percent: expected a value in [0, 0.99], got 1.2"  # ComfyUI's check is off
+    assert v(start_percent=None, end_percent=0.9) is True  # a linked input: checked when the node runs
+    assert "forecast" in v(forecast="order3")
 
 
 def test_benchmark_stops_at_cancel_within_a_step(shapes_patcher, shapes_conds):
@@ -373,7 +406,7 @@ def test_benchmark_times_every_setting_warm(shapes_patcher, shapes_conds, monkey
     monkeypatch.setattr(mm, "load_models_gpu", slow_first_load)
     table, _ = N.JetDetBenchmark.execute(shapes_patcher, 2, 2, 4.0, "euler", "simple", *shapes_conds,
                                          empty_latent(1), 1.0, "0.1").args
-    walls = {line.split()[0]: float(line.split()[-6]) for line in table.splitlines()[1:]}
+    walls = {line.split()[0]: float(line.split()[-7]) for line in table.splitlines()[1:-1]}
     assert loads and all(w < cold for w in walls.values()), table
 
 
