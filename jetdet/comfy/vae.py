@@ -66,13 +66,29 @@ def _no_tiled_fallback(vae, verb: str, tiled_node: str):
         own.update(saved)
 
 
+def vae_sdpa(q, k, v):
+    """ComfyUI's ``diffusionmodules.model.pytorch_attention`` (a VAE block's ``[B, C, H, W]`` q/k/v as one head over C
+    channels) without its out-of-memory retry. That retry runs ``slice_attention``, whose slices follow the free
+    memory and which on a GPU rounds differently from jetdet's attention, so a decode that ran out of memory inside
+    attention would have returned pixels that depend on the free memory, with only a log line. Here the error goes
+    up to ComfyUI's VAE call, whose tiled retry jetdet refuses by name (:func:`_no_tiled_fallback`)."""
+    import comfy.ops
+    import torch.nn.functional as F
+
+    sdpa = getattr(comfy.ops, "scaled_dot_product_attention", F.scaled_dot_product_attention)
+    shape = q.shape
+    b, c = shape[0], shape[1]
+    q, k, v = (t.view(b, 1, c, -1).transpose(2, 3).contiguous() for t in (q, k, v))
+    return sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False).transpose(2, 3).reshape(shape)
+
+
 @contextlib.contextmanager
 def _blocks_on_sdpa(vae):
     """Each attention block of the VAE built by ComfyUI's ``diffusionmodules.model`` (SD/SDXL/SD3/Flux-type VAEs) on
-    that module's ``pytorch_attention`` while the call runs; the blocks' own bindings are put back afterwards."""
+    :func:`vae_sdpa` while the call runs; the blocks' own bindings are put back afterwards."""
     from comfy.ldm.modules.diffusionmodules import model as dm
 
-    target = dm.pytorch_attention
+    target = vae_sdpa
     swapped = []
     try:
         for m in vae.first_stage_model.modules():

@@ -83,18 +83,40 @@ def test_negative_control_comfyuis_own_vae_calls_are_not_batch_invariant_here(va
 
 def test_attention_blocks_run_sdpa_and_are_put_back(vae, latents, monkeypatch):
     """The VAE's attention blocks bound the process's VAE attention when they were built (the split attention on
-    this CPU, whose slices follow the free memory); during the call they run ComfyUI's pytorch_attention, and
-    afterwards they hold their own binding again."""
+    this CPU, whose slices follow the free memory); during the call they run jetdet's vae_sdpa (ComfyUI's
+    pytorch_attention without its out-of-memory retry), with ComfyUI's pixels, and afterwards they hold their own
+    binding again."""
     from comfy.ldm.modules.diffusionmodules import model as dm
 
     before = _state(vae)
-    assert before[1] and all(f is not dm.pytorch_attention for _, f in before[1]), "no split-attention block here"
+    assert before[1] and all(f is not dvae.vae_sdpa for _, f in before[1]), "no split-attention block here"
     calls = []
-    orig = dm.pytorch_attention
-    monkeypatch.setattr(dm, "pytorch_attention", lambda q, k, v: calls.append(q.shape) or orig(q, k, v))
+    orig = dvae.vae_sdpa
+    monkeypatch.setattr(dvae, "vae_sdpa", lambda q, k, v: calls.append(q.shape) or orig(q, k, v))
     _decode(vae, latents[:2])
-    assert calls, "the attention blocks did not run ComfyUI's pytorch_attention"
+    assert calls, "the attention blocks did not run vae_sdpa"
     assert _state(vae) == before
+    q, k, v = torch.randn(3, 2, 8, 64, 5, generator=torch.Generator().manual_seed(0)).unbind(0)
+    assert torch.equal(orig(q, k, v), dm.pytorch_attention(q, k, v))  # the same function, less the retry
+
+
+def test_running_out_of_memory_inside_attention_is_refused_not_sliced(vae, latents, monkeypatch):
+    """ComfyUI's pytorch_attention catches an out-of-memory error and retries with slice_attention, whose slices
+    follow the free memory: a deterministic decode then silently depended on it (only on a GPU, where that error
+    occurs and where the two attentions round differently). Now the error reaches ComfyUI's VAE call, whose tiled
+    retry is refused by name. Negative control: with ComfyUI's pytorch_attention bound, the decode returns."""
+    import comfy.model_management as mm
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules import model as dm
+
+    def oom(*args, **kwargs):
+        raise mm.OOM_EXCEPTION("out of memory (test)")
+
+    monkeypatch.setattr(comfy.ops, "scaled_dot_product_attention", oom)
+    with pytest.raises(dvae.TiledFallbackError, match="would retry with tiled decoding"):
+        _decode(vae, latents[:2])
+    monkeypatch.setattr(dvae, "vae_sdpa", dm.pytorch_attention)  # the old binding: sliced, silently
+    assert _decode(vae, latents[:2]).shape[0] == 2
 
 
 def test_tiled_fallback_is_refused_and_nothing_stays_changed(vae, latents, monkeypatch):
