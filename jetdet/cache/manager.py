@@ -281,7 +281,10 @@ class CacheManager:
         else:
             host = e.tensors
         if any(t.is_pinned() for t in host) and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the host copies above may still be in flight
+            # the host copies (these, or an earlier spill to the CPU tier) may still be in flight on the stream of
+            # the GPU the tensors were on, which need not be the current one (a model on cuda:1): wait for every GPU
+            for d in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(d)
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="jetdet-stepcache-")
         self._file_no += 1
