@@ -526,3 +526,20 @@ def test_progress_line_tqdm_and_plain(tmp_path, capsys, monkeypatch):
     assert "render: 3/3 items, " in err and " items/s" in err
     _render({"items": 3, "steps": 1, "batch_size": 2}, tmp_path / "c")
     assert capsys.readouterr().err == ""
+
+
+def test_each_worker_gets_a_gpu_of_its_own(monkeypatch):
+    """``torchrun`` workers take GPU ``LOCAL_RANK``; more workers than GPUs on a machine is a clear error (before,
+    two workers shared a GPU and NCCL refused the group at its first collective). No GPU here: torch's count is
+    faked."""
+    from jetdet.render import run as render_run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert render_run._device("cuda", None) == torch.device("cuda", 1)
+    assert render_run._device("auto", None) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(render_run.RenderError, match="LOCAL_RANK=2 has no GPU of its own"):
+        render_run._device("cuda", None)
+    assert render_run._device("cpu", None) == torch.device("cpu")

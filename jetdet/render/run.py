@@ -133,7 +133,11 @@ def _device(name: str, model) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RenderError("device: 'cuda' requested, but torch.cuda.is_available() is False")
-        return torch.device("cuda", local % torch.cuda.device_count())
+        if local >= torch.cuda.device_count():  # two workers on one GPU: nccl refuses that group obscurely
+            raise RenderError(f"device: worker LOCAL_RANK={local} has no GPU of its own (this machine has "
+                              f"{torch.cuda.device_count()}); start at most that many workers per machine "
+                              "(torchrun --nproc-per-node)")
+        return torch.device("cuda", local)
     return torch.device("cpu")
 
 

@@ -34,8 +34,12 @@ sampler contract does not take.
 
 The spec hash covers what decides the bytes of an item: the model (name and a digest of its state dict), the
 expanded items, steps, sampler, cfg, shift, mode (and budget) and dtype. Batch size, device and worker count are
-how the job runs, not what it makes: they are recorded per item in the manifest but not hashed (in deterministic
-mode they do not change the bytes; in mode ``off`` they do, and the manifest shows which batch size made what).
+how the job runs, not what it makes: they are recorded per item in the manifest but not hashed. In deterministic
+mode batch size and worker count do not change the bytes (in mode ``off`` they do, and the manifest shows which
+batch size made what). The machine can: the CPU path and the GPU kernels round differently, and two GPU models may
+take different launch tables (the H100 and H200 tables tile attention differently), so each item's manifest entry
+names the fingerprint (device, driver, software) of the worker that made it, and items from different
+fingerprints are not expected to match bit for bit.
 """
 
 from __future__ import annotations
