@@ -950,6 +950,8 @@ class JetDetBenchmark(io.ComfyNode):
                 t0 = time.perf_counter()
                 samples = smp.sample(counted, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                      latent_image, denoise, 0, callback=bar.step, disable_pbar=True)
+                if samples.is_cuda:  # ComfyUI --gpu-only keeps the result on the GPU: its work may still be queued
+                    torch.cuda.synchronize(samples.device)
                 row["walls"].append(time.perf_counter() - t0)
                 if rep == 0:
                     row.update(samples=samples, calls=counter.calls, rows=counter.rows)

@@ -87,7 +87,8 @@ def philox4x32_10(ctr: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     k = torch.tensor([[_i32(int(v)) for v in row] for row in key.tolist()], dtype=torch.int32).to(ctr.device)
     out = torch.empty((n, 4), dtype=torch.int32, device=ctr.device)
     blk = 64
-    philox4x32_10_kernel[(triton_cdiv(n, blk),)](c, k, out, n, BLOCK=blk)
+    with on_device(ctr.device):
+        philox4x32_10_kernel[(triton_cdiv(n, blk),)](c, k, out, n, BLOCK=blk)
     return out.to(torch.int64) & K.MASK32
 
 
@@ -102,7 +103,8 @@ def bits_to_normal(words: torch.Tensor, block: int = 4096) -> torch.Tensor:
     out = empty(x.shape, torch.float32, x.device)
     n = x.numel()
     if n:
-        bits_to_normal_kernel[(triton_cdiv(n, block),)](x, out, n, BLOCK=block, **LAUNCH_OPTIONS)
+        with on_device(x.device):
+            bits_to_normal_kernel[(triton_cdiv(n, block),)](x, out, n, BLOCK=block, **LAUNCH_OPTIONS)
     return out.reshape(words.shape)
 
 
