@@ -83,8 +83,28 @@ class DeterministicWrapper:
         import jetdet
 
         self.calls += 1
+        _check_full_load(getattr(executor, "class_obj", None))
         with jetdet.mode("deterministic", warn_only=self.warn_only), sdpa_attention():
             return executor(*args, **kwargs)
+
+
+_warned_partial_load = [False]
+
+
+def _check_full_load(base_model) -> None:
+    """Warn once when ComfyUI has loaded the model only partly (low VRAM) with weight patches (a LoRA) applied per
+    call. A full load adds each patch in fp32 when it loads the weights; a partial load adds it in the weight's dtype
+    at every call. Whether ComfyUI loads fully depends on the free memory it expects the batch to need, so an item
+    sampled in a large batch could get other weights than the same item alone. Only on a GPU: on a CPU ComfyUI
+    always loads fully."""
+    if (not _warned_partial_load[0] and getattr(base_model, "model_lowvram", False)
+            and getattr(base_model, "lowvram_patch_counter", 0)):
+        _warned_partial_load[0] = True
+        warnings.warn("jetdet deterministic mode: ComfyUI loaded this model partially (low VRAM) with weight patches "
+                      "(a LoRA) applied at every call; they round differently from a full load, and whether ComfyUI "
+                      "loads fully depends on the batch size and free memory, so an item may not match its run "
+                      "alone. Free VRAM (fewer models loaded, a smaller batch) or start ComfyUI with --highvram",
+                      stacklevel=2)
 
 
 def deterministic_warn_only(model) -> bool:

@@ -4,6 +4,8 @@ thread counts; ComfyUI's own KSampler is not (negative control)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import require_comfyui
@@ -150,3 +152,30 @@ def test_a_cfg_function_runs_in_deterministic_mode_and_rescale_cfg_items_equal_s
 
     stock_ksampler(probe, *shapes_conds, empty_latent(2), "euler", steps=2)
     assert modes and set(modes) == {"off"}
+
+
+def test_a_partial_load_with_weight_patches_is_named_once(monkeypatch):
+    """On a GPU, ComfyUI may load a model only partly (low VRAM), and then adds weight patches (a LoRA) in the
+    weight's dtype at every call instead of in fp32 at load; whether it loads fully depends on the batch size and
+    free memory, so an item could differ from its run alone. The deterministic wrapper says so, once. A CPU always
+    loads fully, so the state is faked here on the executor's model."""
+    from jetdet.comfy import wrappers as wr
+
+    class Executor:
+        def __init__(self, lowvram, patches):
+            self.class_obj = type("BaseModel", (), {"model_lowvram": lowvram, "lowvram_patch_counter": patches})()
+
+        def __call__(self, x):
+            return x + 1
+
+    monkeypatch.setattr(wr, "_warned_partial_load", [False])
+    w = wr.DeterministicWrapper()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert w(Executor(True, 0), torch.zeros(1)) == 1  # partial load, no patches: nothing to say
+        assert w(Executor(False, 3), torch.zeros(1)) == 1  # full load
+    with pytest.warns(UserWarning, match="loaded this model partially .* --highvram"):
+        w(Executor(True, 3), torch.zeros(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w(Executor(True, 3), torch.zeros(1))  # once
