@@ -100,6 +100,27 @@ def test_views_are_compacted_on_spill():
     assert torch.equal(m.get("row3")[0], big[3])
 
 
+def test_a_device_budget_counts_what_the_stored_rows_hold():
+    """The controller stores each row of a batch output as a view of the whole output. Under a device budget a
+    view is copied to its own storage, so the bytes counted are the bytes held and a spill frees them: before, 8
+    rows of one output counted 8 rows and held the batch until every row was gone. Without a budget, views are
+    kept as given (no copy)."""
+    out = torch.randn(8, 4, 8, 8)
+    m = CacheManager(memory_budget_bytes=10**9)
+    for i, row in enumerate(out.unbind(0)):
+        m.set(i, [row])
+    held = {m._entries[i].tensors[0].untyped_storage().data_ptr() for i in range(8)}
+    assert len(held) == 8 and out.untyped_storage().data_ptr() not in held
+    assert all(m._entries[i].tensors[0].untyped_storage().nbytes() == 4 * 8 * 8 * 4 for i in range(8))
+    assert all(torch.equal(m.get(i)[0], out[i]) for i in range(8))
+    compact = m._entries[0].tensors[0]
+    m.set(0, [compact])  # a tensor that owns its storage is not copied again
+    assert m._entries[0].tensors[0] is compact
+    free = CacheManager()
+    free.set(0, [out[3]])
+    assert free._entries[0].tensors[0].untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+
+
 def test_disk_budget_drops_and_clear_deletes_the_directory():
     one = nbytes(tensors(0))
     m = CacheManager(memory_budget_bytes=0, disk_budget_bytes=2 * one, spill=("disk",))

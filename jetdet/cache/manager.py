@@ -101,13 +101,20 @@ class CacheManager:
     # ------------------------------------------------------------------------------------------ public
     def set(self, key, tensors) -> None:
         """Store ``tensors`` (a list, all on one device) as stream ``key``'s cache, replacing what it had,
-        then enforce the budgets. The tensors are kept as given (no copy) while on the device tier."""
+        then enforce the budgets. The tensors are kept as given (no copy) while on the device tier, except views of a
+        larger storage under a device budget, which are copied so that the budget counts what they hold."""
         # detach only what autograd tracks: the controller stores detached outputs already, and a detach per
         # history tensor per stream was ~24 of the ~110 tensor ops it dispatched per call (each a launch-sized
         # host cost on a GPU)
         tensors = [t.detach() if t.requires_grad else t for t in tensors]
         if not tensors:
             raise ValueError("tensors: expected at least one tensor")
+        if self.memory_budget_bytes is not None:
+            # Under a device budget, keep only what is counted: a row of a whole batch's output (the controller's
+            # history) is a view that holds the whole batch's storage, which spilling this stream would not free, so
+            # the budget did not bound the device's memory. Such views are copied to their own storage.
+            tensors = [t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+                       for t in tensors]
         device = tensors[0].device
         self.drop(key)
         e = _Entry(tensors=tensors, device=device, tier="device", nbytes=_nbytes(tensors))
