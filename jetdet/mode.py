@@ -448,7 +448,7 @@ def _run_triton(name: str, *args):
     launcher's own torch calls are the implementation), torch's NaN fill of new tensors off
     (:func:`jetdet.backend.run_body`)."""
     with torch._C.DisableTorchFunction():
-        return _backend.run_body(_ops().registry.OPS[name].launcher(), *args)
+        return _backend.run_body(_ops().registry.OPS[name].launch, *args)
 
 
 def _is_last_dim(normalized_shape, d: int) -> bool:

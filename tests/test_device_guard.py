@@ -56,42 +56,66 @@ def test_on_device_switches_only_to_another_gpu(fake_cuda):
     assert fake_cuda["current"] == 0 and fake_cuda["switches"] == 1
 
 
-@pytest.mark.parametrize("lists", [False, True])
-def test_launcher_runs_on_its_tensors_gpu(fake_cuda, lists):
+def _recorded(monkeypatch, name):
+    """Op ``name`` with its launcher replaced by one that records torch's current device when it runs."""
+    op = registry.OPS[name]
     seen = []
+    monkeypatch.setattr(op, "_launcher", lambda *args: seen.append(torch.cuda.current_device()) or "out")
+    return op, seen
 
-    def body(*args):
-        seen.append(torch.cuda.current_device())
-        return "out"
 
-    launch = registry.on_arg_device(body, 1, lists)
-    x = [on("cuda:1"), on("cuda:1")] if lists else on("cuda:1")
-    assert launch(None, x) == "out"
-    assert launch(None, [on("cuda:0")] if lists else on("cuda:0")) == "out"
-    assert launch(None, [on("cpu")] if lists else on("cpu")) == "out"
-    assert seen == [1, 0, 0]
+def test_launch_runs_on_its_tensors_gpu(fake_cuda, monkeypatch):
+    op, seen = _recorded(monkeypatch, "softmax")  # device_arg 0
+    assert op.spec.device_arg == 0
+    assert op.launch(on("cuda:1")) == "out"
+    assert op.launch(on("cuda:0")) == "out"
+    assert op.launch(on("cuda")) == "out"
+    assert op.launch(on("cpu")) == "out"
+    assert seen == [1, 0, 0, 0]
     assert fake_cuda["current"] == 0 and fake_cuda["switches"] == 1  # restored; switched only for cuda:1
-    # negative control: the launcher called as Triton would call it, without the wrapper, runs on cuda:0
+    # negative control: the launcher called as Triton would call it, without Op.launch, runs on cuda:0
     seen.clear()
-    body(None, x)
+    op._launcher(on("cuda:1"))
     assert seen == [0]
 
 
-def test_launcher_restores_the_device_when_it_raises(fake_cuda):
+def test_launch_takes_the_device_of_a_list_argument(fake_cuda, monkeypatch):
+    names = [n for n, o in registry.OPS.items() if o._lists]
+    if not names:
+        pytest.skip("no registered op takes a tensor list")
+    op, seen = _recorded(monkeypatch, names[0])
+    args = [None] * (op.spec.device_arg + 1)
+    args[op.spec.device_arg] = [on("cuda:1"), on("cuda:1")]
+    op.launch(*args)
+    assert seen == [1] and fake_cuda["current"] == 0
+
+
+def test_launch_restores_the_device_when_it_raises(fake_cuda, monkeypatch):
+    op = registry.OPS["softmax"]
+
     def body(x):
         raise RuntimeError("launch failed")
 
+    monkeypatch.setattr(op, "_launcher", body)
     with pytest.raises(RuntimeError, match="launch failed"):
-        registry.on_arg_device(body, 0)(on("cuda:1"))
+        op.launch(on("cuda:1"))
     assert fake_cuda["current"] == 0
 
 
-@pytest.mark.parametrize("name", sorted(registry.OPS))
-def test_every_registered_launcher_is_guarded(name):
-    op = registry.OPS[name]
-    fn = op.launcher()
-    assert getattr(fn, "__wrapped__", None) is not None, f"{name}: its launcher runs on the current GPU"
-    assert fn is op.launcher()  # wrapped once, then cached
+def test_both_routes_to_a_launcher_go_through_launch(monkeypatch):
+    """The op's body on the Triton backend and deterministic mode's direct route both call ``Op.launch``."""
+    import importlib
+
+    mode_mod = importlib.import_module("jetdet.mode")
+    op = registry.OPS["softmax"]
+    calls = []
+    monkeypatch.setattr(registry.Op, "launch", lambda self, *a: calls.append(self.spec.name) or a[0])
+    monkeypatch.setenv("JETDET_BACKEND", "triton")
+    monkeypatch.setattr(registry.backend, "backend_for", lambda t: "triton")
+    x = torch.randn(2, 3)
+    op.body(x)
+    mode_mod._run_triton("softmax", x)
+    assert calls == ["softmax", "softmax"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -24,7 +24,6 @@ the registered op takes the wrapper's normalised arguments.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from collections.abc import Callable, Sequence
@@ -57,24 +56,6 @@ def _discover() -> tuple[str, ...]:
 FOLDERS = _discover()
 
 
-def on_arg_device(fn: Callable, pos: int, lists: bool = False) -> Callable:
-    """``fn`` (a Triton launcher), run with the GPU of its argument ``pos`` (the first tensor of a list there, when
-    ``lists``) as torch's current device: Triton launches on the current device, not on the tensors' one
-    (``jetdet.kernels._common.on_device``). A model on ``cuda:1`` while ``cuda:0`` is current then runs on
-    ``cuda:1``; on the current device (or the CPU) the launch costs one comparison more."""
-    from jetdet.kernels._common import on_device
-
-    @functools.wraps(fn)
-    def launch(*args):
-        t = args[pos]
-        if lists and isinstance(t, (list, tuple)):
-            t = t[0]
-        with on_device(t.device):
-            return fn(*args)
-
-    return launch
-
-
 class Op:
     """A registered op: ``op(*args)`` runs it (eagerly when it can), ``op.custom_op`` is the torch op."""
 
@@ -92,24 +73,41 @@ class Op:
         self.overload = getattr(torch.ops.jetdet, spec.name).default
 
     def launcher(self) -> Callable:
-        """The spec's Triton launcher, run on the GPU its ``device_arg`` tensor is on (:func:`on_arg_device`)."""
         fn = self._launcher
         if fn is None:
-            from .. import _paths
-
-            _paths.install()
             fn = self.spec.launcher
             if isinstance(fn, str):
+                from .. import _paths
+
+                _paths.install()
                 fn = getattr(importlib.import_module(f"jetdet.kernels.{self.spec.folder}.launch"), fn)
-            fn = self._launcher = on_arg_device(fn, self.spec.device_arg, self._lists)
+            self._launcher = fn
         return fn
+
+    def launch(self, *args):
+        """The Triton launcher on ``args``, with the GPU of the ``device_arg`` tensor as torch's current device.
+
+        Triton launches on torch's *current* CUDA device and its stream (``triton/backends/driver.py``:
+        ``get_current_device = torch.cuda.current_device``), whatever device the arguments live on: a model on
+        ``cuda:1`` while ``cuda:0`` is current would hand one GPU the other's pointers. The check is inline (no
+        context manager, no helper) because every routed call pays it on the host: one comparison on the current
+        GPU, nothing on the CPU."""
+        fn = self._launcher or self.launcher()
+        t = args[self.spec.device_arg]
+        if self._lists and isinstance(t, (list, tuple)):
+            t = t[0]
+        dev = t.device
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(*args)
+        return fn(*args)
 
     def _body(self, *args):
         t = args[self.spec.device_arg]
         if self._lists and isinstance(t, (list, tuple)):
             t = t[0]
         if backend.backend_for(t) == "triton":
-            return self.launcher()(*args)
+            return self.launch(*args)
         return self.spec.torch_path(*args)
 
     def _op_body(self, *args):
