@@ -65,12 +65,14 @@ class _Frame:
     (``parent``). The deterministic router and the thread's depth count belong to the thread that set the mode, so
     a frame counts only on that thread (:func:`_effective`): a thread that inherits the context (``asyncio.to_thread``,
     ``contextvars.copy_context().run``) starts ``off``, as every new thread does, and its own ``mode(...)`` works
-    there. ``parent`` is rewritten when a context exits out of order (:meth:`mode.__exit__`)."""
+    there. ``parent`` is rewritten when a context exits out of order (:meth:`mode.__exit__`). ``ctx``: made by a
+    ``mode`` context (else by :func:`set_mode`, whose frame a later ``set_mode`` replaces and a context's exit
+    discards, as a ``ContextVar`` reset would)."""
 
-    __slots__ = ("mode", "thread", "parent", "warn_only")
+    __slots__ = ("mode", "thread", "parent", "warn_only", "ctx")
 
-    def __init__(self, m: Mode, thread: int, parent: _Frame | None, warn_only: bool = False):
-        self.mode, self.thread, self.parent, self.warn_only = m, thread, parent, warn_only
+    def __init__(self, m: Mode, thread: int, parent: _Frame | None, warn_only: bool = False, ctx: bool = False):
+        self.mode, self.thread, self.parent, self.warn_only, self.ctx = m, thread, parent, warn_only, ctx
 
 
 _ROOT = _Frame(Mode.OFF, 0, None)
@@ -242,7 +244,8 @@ def set_mode(m, *, warn_only: bool = False) -> Mode:
     if new is old is Mode.DETERMINISTIC and warn_only != cur.warn_only:
         _warn_kept_warn_only(warn_only)
     _transition(old, new, warn_only)
-    _current.set(_Frame(new, _get_ident(), cur, cur.warn_only if new is old else warn_only))
+    parent = cur if cur.ctx or cur.parent is None else cur.parent  # replaces an earlier set_mode: no chain grows
+    _current.set(_Frame(new, _get_ident(), parent, cur.warn_only if new is old else warn_only))
     return old
 
 
@@ -263,7 +266,7 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
             _warn_kept_warn_only(self.warn_only)
         _transition(old, self.mode, self.warn_only)
         # a frame that keeps its parent's mode keeps its warn_only too: that is what holds meanwhile
-        frame = _Frame(self.mode, _get_ident(), cur, cur.warn_only if self.mode is old else self.warn_only)
+        frame = _Frame(self.mode, _get_ident(), cur, cur.warn_only if self.mode is old else self.warn_only, ctx=True)
         _current.set(frame)
         self._frames.append(frame)
         return self
@@ -271,19 +274,22 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
     def __exit__(self, *exc):
         frame = self._frames.pop()
         cur = _current.get()
-        if cur is frame:  # the usual, nested exit
+        f, lowest_open = cur, None  # walk down to this frame; the open context nearest above it, if any
+        while f is not None and f is not frame:
+            if f.ctx:
+                lowest_open = f
+            f = f.parent
+        if f is not None and lowest_open is None:
+            # the usual, nested exit (set_mode calls made inside are discarded with it, as a ContextVar reset did)
             _current.set(frame.parent)
-            _transition(_effective(frame), _effective(frame.parent), frame.parent.warn_only)
-            return False
-        # Out of order: a context entered after this one is still open (interleaved generators, a manual
-        # __exit__). The current mode stays that context's; this frame leaves the chain, so the later context
-        # restores what this one replaced when it exits. The transitions made and still to come then walk from
-        # this context's outer mode back to it, so the router and torch's flags end as they started.
-        child = cur
-        while child is not None and child.parent is not frame:
-            child = child.parent
-        if child is not None:
-            child.parent = frame.parent
+            _transition(_effective(cur), _effective(frame.parent), frame.parent.warn_only)
+        elif f is not None:
+            # Out of order: a context entered after this one is still open (interleaved generators, a manual
+            # __exit__). The current mode stays that context's; this frame (and set_mode frames made inside it)
+            # leaves the chain, so the later context restores what this one replaced when it exits. The transitions
+            # made and still to come then walk from this context's outer mode back to it, so the router and torch's
+            # flags end as they started.
+            lowest_open.parent = frame.parent
         else:
             _warn_once("exit elsewhere", "a jetdet.mode context exited in a context (thread or task) where it was not "
                        "entered: the mode there is left as it is")

@@ -218,6 +218,49 @@ def test_contexts_exited_out_of_order_restore_everything(first, second):
     assert torch._C._len_torch_function_stack() == 0
 
 
+def test_set_mode_inside_a_context_ends_with_it_and_set_mode_does_not_pile_up():
+    """A set_mode inside a ``with`` block lasts until the block ends, as a ContextVar reset gave (the first version
+    of the frame chain kept it past the block); repeated set_mode calls replace each other instead of growing the
+    chain of frames."""
+    mode_mod = importlib.import_module("jetdet.mode")
+    before = torch_flags()
+    with jetdet.mode("off"):
+        jetdet.set_mode("deterministic")
+        assert torch.are_deterministic_algorithms_enabled()
+    assert jetdet.get_mode() is Mode.OFF and torch_flags() == before
+    with jetdet.mode("deterministic"):
+        jetdet.set_mode("off")
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert jetdet.get_mode() is Mode.OFF and torch_flags() == before
+    for _ in range(100):
+        jetdet.set_mode("deterministic")
+        jetdet.set_mode("off")
+    depth, f = 0, mode_mod._current.get()
+    while f is not None:
+        depth, f = depth + 1, f.parent
+    assert depth <= 2 and torch_flags() == before and torch._C._len_torch_function_stack() == 0
+
+
+def test_out_of_order_exit_drops_the_set_mode_made_inside():
+    def held(m, then):
+        with jetdet.mode(m):
+            jetdet.set_mode(then)
+            yield
+            yield
+
+    before = torch_flags()
+    a, b = held("off", "deterministic"), _hold("off")
+    next(a)
+    next(b)
+    for _ in a:
+        pass
+    assert jetdet.get_mode() is Mode.OFF and not torch.are_deterministic_algorithms_enabled()
+    for _ in b:
+        pass
+    assert jetdet.get_mode() is Mode.OFF and torch_flags() == before
+    assert torch._C._len_torch_function_stack() == 0
+
+
 def test_three_contexts_exited_out_of_order():
     before = torch_flags()
     gens = [_hold("deterministic"), _hold("off"), _hold("deterministic")]
