@@ -247,3 +247,21 @@ def test_compile_specs_cover_every_channels_last_tile():
             for cpg in range(1, 300):
                 bc = block_c(cpg, cfg["BLOCK"])
                 assert f"group_norm_cl[{dt},BLOCK{cfg['BLOCK']},C{bc},w{cfg['num_warps']}]" in names
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"])
+def test_rms_norm_default_eps_is_torchs(dtype):
+    """``eps=None`` is torch's default: the machine epsilon of the compute type, fp32 for fp16/bf16 inputs (it was
+    the input dtype's, 2**-7 for bf16: on rows of size 0.01 the result moved by about 2 against torch's). Compared
+    with torch's own ``F.rms_norm`` and with the explicit value, in and out of deterministic mode."""
+    import torch.nn.functional as F
+
+    from jetdet import ops
+
+    x = (torch.randn(6, 64, generator=torch.Generator().manual_seed(0)) * 0.01).to(dtype)
+    want_eps = torch.finfo(F32 if dtype != F32 else dtype).eps
+    assert torch.equal(ops.rms_norm(x, (64,)), ops.rms_norm(x, (64,), eps=want_eps))
+    with jetdet.mode("deterministic"):
+        routed = F.rms_norm(x, (64,))
+    assert torch.equal(routed, ops.rms_norm(x, (64,), eps=want_eps))
+    close(ops.rms_norm(x, (64,)), F.rms_norm(x.float(), (64,), eps=want_eps), dtype, "norms")

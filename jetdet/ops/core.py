@@ -256,12 +256,14 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> tor
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
-    """Like ``F.rms_norm`` (eps defaults to the dtype's machine epsilon, as in torch)."""
+    """Like ``F.rms_norm``. ``eps`` defaults as in torch: the machine epsilon of the type the op computes in, which
+    for fp16 and bf16 inputs is fp32 (torch's ``opmath_t``), not the input's own (bf16's is 2**-7: on small rows that
+    was a visible difference from torch)."""
     check_tensor("input", input, min_ndim=1)
     ns = _norm_shape("normalized_shape", normalized_shape, input)
     w = _affine("weight", weight, ns, input)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = torch.finfo(torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype).eps
     if input.numel() == 0:
         return input.clone()
     c = math.prod(ns)
