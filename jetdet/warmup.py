@@ -121,6 +121,7 @@ def compile_ahead(kernels=None, workers: int | None = None):
     if stats["skipped"]:
         yield stats
         return
+    from triton.runtime import _async_compile
     from triton.runtime._async_compile import AsyncCompileMode
 
     t0 = time.perf_counter()
@@ -134,6 +135,11 @@ def compile_ahead(kernels=None, workers: int | None = None):
                     continue  # already wrapped (e.g. by static_report.capture_launches)
 
                 def run(*args, _orig=kernel.run, grid=None, warmup=False, **kwargs):
+                    # Triton's AsyncCompileMode is per context (a ContextVar); the kernels are shared. A launch
+                    # from another thread (or a context outside this block) runs as it would have, instead of
+                    # compiling and skipping its launch (uninitialised outputs, no error)
+                    if _async_compile.active_mode.get() is not mode:
+                        return _orig(*args, grid=grid, warmup=warmup, **kwargs)
                     stats["launches"] += 1
                     return _orig(*args, grid=grid, warmup=True, **kwargs)
 

@@ -98,6 +98,29 @@ def test_compile_ahead_then_no_compile(fake_gpu):
         jit.run(*args, grid=grid, warmup=True, **kwargs)
 
 
+@needs_interpreter
+def test_a_launch_from_another_thread_runs_as_usual_inside_compile_ahead(fake_gpu):
+    """Triton's AsyncCompileMode is per context, but compile_ahead patches the shared kernel objects: a launch from
+    another thread during the block compiled and skipped its launch (uninitialised outputs, no error). It now runs
+    as it would have; only this context's launches are turned into compiles."""
+    import threading
+
+    seen = []
+
+    class Kernel:  # what compile_ahead patches: a kernel object with its own ``run``
+        def run(self, *args, grid=None, warmup=False, **kwargs):
+            seen.append((threading.current_thread().name, warmup))
+
+    k = Kernel()
+    with warmup.compile_ahead(kernels=[k], workers=1) as stats:
+        k.run(1, grid=(1,))
+        t = threading.Thread(target=lambda: k.run(1, grid=(1,)), name="other")
+        t.start()
+        t.join()
+    assert seen == [("MainThread", True), ("other", False)]
+    assert stats["launches"] == 1 and "run" not in vars(k)
+
+
 def _no_compile(*args, **kwargs):
     raise AssertionError("compiled again")
 
