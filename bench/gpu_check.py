@@ -1,7 +1,8 @@
 """Everything a GPU session has to measure, in one command of at most 5 minutes on one H100/H200:
 
     PYTHONPATH=. python bench/gpu_check.py [--quick] [--budget-s 290] [--sweep] [--out-dir bench/results]
-                                           [--only SECTION ...] [--ops linear,conv3x3,...] [--no-precompile]
+                                           [--only SECTION [--only SECTION ...]] [--ops linear,conv3x3,...]
+                                           [--no-precompile]
 
 Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sections, in this order:
 
