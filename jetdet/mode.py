@@ -75,15 +75,23 @@ class _Frame:
         self.mode, self.thread, self.parent, self.warn_only, self.ctx = m, thread, parent, warn_only, ctx
 
 
-_ROOT = _Frame(Mode.OFF, 0, None)
+_ROOT = _Frame(Mode.OFF, None, None)
 _current: contextvars.ContextVar[_Frame] = contextvars.ContextVar("jetdet_mode", default=_ROOT)
 _tls = threading.local()
-_get_ident = threading.get_ident
+
+
+def _me() -> object:
+    """This thread's identity for frames: an object of its own (``threading.get_ident()`` values are reused once a
+    thread ends, so a later thread could take an ended thread's frames for its own)."""
+    me = getattr(_tls, "me", None)
+    if me is None:
+        me = _tls.me = object()
+    return me
 
 
 def _effective(frame: _Frame) -> Mode:
     """``frame``'s mode on the calling thread: its own, on the thread that set it; ``off`` on any other."""
-    return frame.mode if frame.thread == _get_ident() else Mode.OFF
+    return frame.mode if frame.thread is _me() else Mode.OFF
 _lock = threading.Lock()
 _global_users = 0
 _saved_flags: list | None = None
@@ -245,7 +253,7 @@ def set_mode(m, *, warn_only: bool = False) -> Mode:
         _warn_kept_warn_only(warn_only)
     _transition(old, new, warn_only)
     parent = cur if cur.ctx or cur.parent is None else cur.parent  # replaces an earlier set_mode: no chain grows
-    _current.set(_Frame(new, _get_ident(), parent, cur.warn_only if new is old else warn_only))
+    _current.set(_Frame(new, _me(), parent, cur.warn_only if new is old else warn_only))
     return old
 
 
@@ -266,19 +274,22 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
             _warn_kept_warn_only(self.warn_only)
         _transition(old, self.mode, self.warn_only)
         # a frame that keeps its parent's mode keeps its warn_only too: that is what holds meanwhile
-        frame = _Frame(self.mode, _get_ident(), cur, cur.warn_only if self.mode is old else self.warn_only, ctx=True)
+        frame = _Frame(self.mode, _me(), cur, cur.warn_only if self.mode is old else self.warn_only, ctx=True)
         _current.set(frame)
         self._frames.append(frame)
         return self
 
     def __exit__(self, *exc):
-        frame = self._frames.pop()
         cur = _current.get()
-        f, lowest_open = cur, None  # walk down to this frame; the open context nearest above it, if any
-        while f is not None and f is not frame:
+        # this object's frame in the current chain: one mode object may be open in several tasks at once
+        # (``DET = jetdet.mode(...)`` shared like ``torch.no_grad()``), so not simply the last one it entered
+        f, lowest_open = cur, None  # walk down to that frame; the open context nearest above it, if any
+        while f is not None and not any(f is mine for mine in self._frames):
             if f.ctx:
                 lowest_open = f
             f = f.parent
+        frame = f if f is not None else self._frames[-1]
+        self._frames = [x for x in self._frames if x is not frame]
         if f is not None and lowest_open is None:
             # the usual, nested exit (set_mode calls made inside are discarded with it, as a ContextVar reset did)
             _current.set(frame.parent)
@@ -1286,7 +1297,7 @@ class _Router(TorchFunctionMode):
         if torch.compiler.is_compiling():  # first: Dynamo cannot read the ContextVar below
             return _route(func, args, kwargs)
         frame = _current.get()
-        if frame.mode is Mode.DETERMINISTIC and frame.thread == _get_ident():
+        if frame.mode is Mode.DETERMINISTIC and frame.thread is getattr(_tls, "me", None):
             handler = _HANDLERS.get(func)
             if handler is not None:  # _route's body, inlined: one Python call less on every routed call
                 if torch._C._is_any_autocast_enabled():

@@ -261,6 +261,55 @@ def test_out_of_order_exit_drops_the_set_mode_made_inside():
     assert torch._C._len_torch_function_stack() == 0
 
 
+def test_one_mode_object_shared_by_overlapping_tasks():
+    """One ``jetdet.mode`` object used by two tasks at once (``DET = jetdet.mode("deterministic")`` shared like
+    ``torch.no_grad()``): each exit takes its own task's frame, and everything ends as it started. Before, each
+    exit took the other task's frame and restored nothing: the router and torch's flags stayed on."""
+    det = jetdet.mode("deterministic")
+    before = torch_flags()
+
+    async def job(delay):
+        with det:
+            await asyncio.sleep(delay)
+            return jetdet.get_mode()
+
+    async def main():
+        return await asyncio.gather(job(0.01), job(0.02))
+
+    assert asyncio.run(main()) == [Mode.DETERMINISTIC, Mode.DETERMINISTIC]
+    assert jetdet.get_mode() is Mode.OFF and torch_flags() == before
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_reused_thread_ident_does_not_take_an_ended_threads_frames():
+    """Thread idents are reused once a thread ends: a later thread running a context copied in an ended thread's
+    deterministic block reads ``off`` (frames name their thread by an object of its own, not by its ident)."""
+    box = {}
+
+    def first():
+        box["ident"] = threading.get_ident()
+        with jetdet.mode("deterministic"):
+            box["ctx"] = contextvars.copy_context()
+
+    t = threading.Thread(target=first)
+    t.start()
+    t.join()
+    seen = []
+
+    def later():
+        seen.append((threading.get_ident() == box["ident"], jetdet.get_mode()))
+        with jetdet.mode("off"):  # raised AttributeError when the frame was taken for this thread's
+            pass
+
+    for _ in range(20):
+        t = threading.Thread(target=box["ctx"].run, args=(later,))
+        t.start()
+        t.join()
+        if seen[-1][0]:
+            break
+    assert all(m is Mode.OFF for _, m in seen)
+
+
 def test_three_contexts_exited_out_of_order():
     before = torch_flags()
     gens = [_hold("deterministic"), _hold("off"), _hold("deterministic")]
