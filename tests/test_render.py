@@ -529,8 +529,9 @@ def test_progress_line_tqdm_and_plain(tmp_path, capsys, monkeypatch):
 
 
 def test_each_worker_gets_a_gpu_of_its_own(monkeypatch):
-    """``torchrun`` workers take GPU ``LOCAL_RANK``; more workers than GPUs on a machine is a clear error (before,
-    two workers shared a GPU and NCCL refused the group at its first collective). No GPU here: torch's count is
+    """``torchrun`` workers take GPU ``LOCAL_RANK``; more workers than the GPUs a machine shows is a clear error
+    (before, two workers shared a GPU and NCCL refused the group at its first collective). A worker that sees one GPU
+    (one GPU per task through CUDA_VISIBLE_DEVICES) takes it whatever its LOCAL_RANK. No GPU here: torch's count is
     faked."""
     from jetdet.render import run as render_run
 
@@ -543,3 +544,6 @@ def test_each_worker_gets_a_gpu_of_its_own(monkeypatch):
     with pytest.raises(render_run.RenderError, match="LOCAL_RANK=2 has no GPU of its own"):
         render_run._device("cuda", None)
     assert render_run._device("cpu", None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per task (CUDA_VISIBLE_DEVICES)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert render_run._device("cuda", None) == torch.device("cuda", 0)

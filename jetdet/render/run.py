@@ -133,11 +133,13 @@ def _device(name: str, model) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RenderError("device: 'cuda' requested, but torch.cuda.is_available() is False")
-        if local >= torch.cuda.device_count():  # two workers on one GPU: nccl refuses that group obscurely
-            raise RenderError(f"device: worker LOCAL_RANK={local} has no GPU of its own (this machine has "
-                              f"{torch.cuda.device_count()}); start at most that many workers per machine "
-                              "(torchrun --nproc-per-node)")
-        return torch.device("cuda", local)
+        count = torch.cuda.device_count()
+        # several GPUs visible and more workers than GPUs: two workers would share one, which nccl refuses
+        # obscurely. One visible GPU is the one-GPU-per-task setup (CUDA_VISIBLE_DEVICES, SLURM --gpus-per-task=1)
+        if count > 1 and local >= count:
+            raise RenderError(f"device: worker LOCAL_RANK={local} has no GPU of its own (this machine shows "
+                              f"{count}); start at most that many workers per machine (torchrun --nproc-per-node)")
+        return torch.device("cuda", local % count)
     return torch.device("cpu")
 
 
