@@ -117,14 +117,26 @@ def test_items_past_32_bit_offsets_run_in_bands_with_the_same_bits(monkeypatch, 
     oh, ow = whole.shape[2:]
     launches = []
     orig = conv_launch._launch
-    monkeypatch.setattr(conv_launch, "_launch", lambda *a, **kw: launches.append(a[3].shape[2]) or orig(*a, **kw))
+
+    def spy(xb, *a, **kw):
+        span = sum((n - 1) * abs(st) for n, st in zip(xb.shape[1:], xb.stride()[1:]))
+        assert span < conv_launch._I32, (span, conv_launch._I32)  # the band's own 32-bit offsets
+        launches.append(a[2].shape[2])
+        return orig(xb, *a, **kw)
+
+    monkeypatch.setattr(conv_launch, "_launch", spy)
+    wide_cl = rand(2, 2 * c, h, w_, dtype=dtype).to(memory_format=torch.channels_last)
+    wide_cl[:, :c] = x  # a channel slice of a channels-last tensor: each row steps over 2 * c channels
     for rows_per_band in (1, 2, 4):  # 4: a partial last band for the stride-1 case (11 rows)
-        # the limit a band of that many output rows fits: its input rows and its output elements
         in_rows = (rows_per_band - 1) * stride[0] + k
         if in_rows >= h:
             continue  # the whole image would fit
-        monkeypatch.setattr(conv_launch, "_I32", max(rows_per_band * ow * o, in_rows * w_ * c) + 1)
-        for xin in (x, x.to(memory_format=torch.channels_last)):
+        for xin in (x, x.to(memory_format=torch.channels_last), wide_cl[:, :c]):
+            # the limit a band of that many output rows fits: the span of its input rows (by the strides the kernel
+            # reads: NCHW input is copied to channels-last first) and its output elements
+            xs = xin if xin.stride(1) == 1 else xin.contiguous(memory_format=torch.channels_last)
+            span = (c - 1) * xs.stride(1) + (w_ - 1) * xs.stride(3) + (in_rows - 1) * xs.stride(2)
+            monkeypatch.setattr(conv_launch, "_I32", max(rows_per_band * ow * o, span + 1))
             launches.clear()
             got = conv_launch.conv2d(xin, w, bias, stride, padding)
             assert len(launches) > 1 and sum(launches) == oh, launches  # bands that cover the image once

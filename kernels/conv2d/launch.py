@@ -130,7 +130,11 @@ def _conv_in_bands(x, wk, bias, y, kernel, stride, padding) -> torch.Tensor:
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     nb, c, h, wd = x.shape
     _, o, oh, ow = y.shape
-    rows = min(oh, (_I32 // (wd * c) - kh) // sh + 1, _I32 // (ow * o))
+    # a band reads (rows - 1) * sh + kh input rows: their span, by x's own strides (a channel slice of a channels-last
+    # tensor steps further per row than its size says), must stay below the limit, as its output rows' must
+    row_span = (c - 1) * abs(x.stride(1)) + (wd - 1) * abs(x.stride(3))
+    in_rows = (_I32 - 1 - row_span) // max(abs(x.stride(2)), 1) + 1
+    rows = min(oh, (in_rows - kh) // sh + 1, _I32 // (ow * o))
     if rows < 1:
         raise ValueError(f"x: one output row of this conv ({wd} x {c} input or {ow} x {o} output elements per row, "
                          f"{kh} filter rows) passes 2**31 elements; split the image")
