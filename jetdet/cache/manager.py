@@ -287,11 +287,10 @@ class CacheManager:
             host = [self._to_host(t) for t in e.tensors]
         else:
             host = e.tensors
-        if any(t.is_pinned() for t in host) and torch.cuda.is_available():
+        if any(t.is_pinned() for t in host) and e.device.type == "cuda":
             # the host copies (these, or an earlier spill to the CPU tier) may still be in flight on the stream of
-            # the GPU the tensors were on, which need not be the current one (a model on cuda:1): wait for every GPU
-            for d in range(torch.cuda.device_count()):
-                torch.cuda.synchronize(d)
+            # the entry's GPU, which need not be the current one (a model on cuda:1)
+            torch.cuda.synchronize(e.device)
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="jetdet-stepcache-")
         self._file_no += 1
