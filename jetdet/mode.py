@@ -999,13 +999,13 @@ def _h_instance_norm(func, args, kwargs):
 
 
 def _h_unrouted(why: str):
-    """A reduction or contraction jetdet does not route: the named fallback warning for float inputs (where torch's
-    kernels may sum in another order for another batch), silence for the exact integer and boolean ones. The first
-    tensor argument decides, also inside a list (``torch.linalg.multi_dot``)."""
+    """A reduction or contraction jetdet does not route: the named fallback warning when a tensor argument is floating
+    point (where torch's kernels may sum in another order for another batch; also inside a list, as
+    ``torch.linalg.multi_dot`` takes them, and when the first tensor is integer indices, as ``embedding_bag``'s),
+    silence when every one is integer or boolean (exact)."""
     def handler(func, args, kwargs):
         flat = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else (a,))]
-        t = next((a for a in flat if isinstance(a, torch.Tensor)), None)
-        if t is not None and t.is_floating_point():
+        if any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in flat):
             return _fallback(func, args, kwargs, why)
         return func(*args, **kwargs)
 

@@ -300,6 +300,7 @@ def test_instance_norm_with_running_statistics_to_update_falls_back_with_the_war
     ("linalg_multi_dot", lambda a, b: torch.linalg.multi_dot([a, b.t(), a])),
     ("bilinear", lambda a, b: F.bilinear(a, b, torch.ones(3, 8, 8))),
     ("linalg_vecdot", lambda a, b: torch.linalg.vecdot(a, b)),
+    ("embedding_bag", lambda a, b: F.embedding_bag(torch.tensor([1, 2, 3, 0]), a, torch.tensor([0, 2]), mode="sum")),
 ])
 def test_reductions_jetdet_does_not_route_warn_by_name(name, fn):
     """No longer silent: a float reduction deterministic mode cannot vouch for names itself (integer ones are exact
