@@ -38,6 +38,7 @@ def fake_cuda(monkeypatch):
             return False
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: state["current"], raising=False)  # CUDA builds only
     monkeypatch.setattr(torch.cuda, "device", FakeDevice)
     return state
 

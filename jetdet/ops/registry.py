@@ -90,14 +90,16 @@ class Op:
         Triton launches on torch's *current* CUDA device and its stream (``triton/backends/driver.py``:
         ``get_current_device = torch.cuda.current_device``), whatever device the arguments live on: a model on
         ``cuda:1`` while ``cuda:0`` is current would hand one GPU the other's pointers. The check is inline (no
-        context manager, no helper) because every routed call pays it on the host: one comparison on the current
-        GPU, nothing on the CPU."""
+        context manager, no helper) because every routed call pays it on the host: one C call and a comparison on
+        the current GPU, nothing on the CPU."""
         fn = self._launcher or self.launcher()
         t = args[self.spec.device_arg]
         if self._lists and isinstance(t, (list, tuple)):
             t = t[0]
         dev = t.device
-        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        # torch._C._cuda_getDevice: torch.cuda.current_device() without its Python layers (CUDA is initialised: the
+        # tensor is on a GPU)
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch._C._cuda_getDevice():
             with torch.cuda.device(dev):
                 return fn(*args)
         return fn(*args)
