@@ -37,8 +37,8 @@ if str(ROOT) not in sys.path:
 
 SCHEDULERS = ("euler", "euler_karras", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "pndm", "heun")
 #: run only when named: LMS (4th-order multistep, warned), KDPM2 ancestral (computes every call with scheduler=),
-#: DDIM on a zero-terminal-SNR schedule (use --prediction v_prediction), DEIS (multistep, warned), DPM-Solver
-#: single-step and KDPM2 (not measured with fast mode: jetdet.patch warns once)
+#: DDIM on a zero-terminal-SNR schedule (use --prediction v_prediction), and DEIS, DPM-Solver single-step and KDPM2
+#: (the README's last three rows; jetdet.patch warns once for a scheduler outside prediction.MEASURED)
 MORE = ("lms", "kdpm2_a", "ddim_zsnr", "deis", "dpm_single", "kdpm2")
 
 
