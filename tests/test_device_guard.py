@@ -27,7 +27,7 @@ def fake_cuda(monkeypatch):
 
     class FakeDevice:
         def __init__(self, device):
-            self.idx = torch.device(device).index
+            self.idx = device if isinstance(device, int) else torch.device(device).index
 
         def __enter__(self):
             state["switches"] += 1
@@ -44,8 +44,11 @@ def fake_cuda(monkeypatch):
 
 
 def on(device: str):
-    """A stand-in for a tensor on ``device`` (this machine cannot make CUDA tensors)."""
-    return types.SimpleNamespace(device=torch.device(device))
+    """A stand-in for a tensor on ``device`` (this machine cannot make CUDA tensors): what ``Op.launch`` reads."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    index = (0 if dev.index is None else dev.index) if cuda else -1  # get_device(): a CUDA tensor's is never None
+    return types.SimpleNamespace(device=dev, is_cuda=cuda, get_device=lambda: index)
 
 
 def test_on_device_switches_only_to_another_gpu(fake_cuda):

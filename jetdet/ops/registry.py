@@ -96,12 +96,13 @@ class Op:
         t = args[self.spec.device_arg]
         if self._lists and isinstance(t, (list, tuple)):
             t = t[0]
-        dev = t.device
-        # torch._C._cuda_getDevice: torch.cuda.current_device() without its Python layers (CUDA is initialised: the
-        # tensor is on a GPU)
-        if dev.type == "cuda" and dev.index is not None and dev.index != torch._C._cuda_getDevice():
-            with torch.cuda.device(dev):
-                return fn(*args)
+        # is_cuda and get_device(): no torch.device object built per call. torch._C._cuda_getDevice:
+        # torch.cuda.current_device() without its Python layers (CUDA is initialised: the tensor is on a GPU)
+        if t.is_cuda:
+            index = t.get_device()
+            if index != torch._C._cuda_getDevice():
+                with torch.cuda.device(index):
+                    return fn(*args)
         return fn(*args)
 
     def _body(self, *args):
