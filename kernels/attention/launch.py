@@ -183,21 +183,19 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     n_k, d_v = k.shape[2], v.shape[3]
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    if max(d, d_v) > MAX_HEAD_DIM:
-        return attention_wide(q, k, v, mask, scale)
-    q, scale = nonnegative_scale(q, scale)
     out = empty((bsz, heads, n_q, d_v), q.dtype, q.device)
     if out.numel() == 0:
         return out
     if n_k == 0:  # softmax over no keys times an empty V: the reference's matmul gives zeros
         return out.zero_()
-
     if mask is not None:
         mask = additive_mask(mask)
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(bsz, heads, n_q, n_k)
-        m_arg, m_strides = mask, mask.stride()
-    else:
-        m_arg, m_strides = q, (0, 0, 0, 0)
+    if max(d, d_v) > MAX_HEAD_DIM:
+        return attention_wide(q, k, v, mask, float(scale), out)
+
+    q, scale = nonnegative_scale(q, scale)
+    m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
 
     blocks = (bd, bd2), (bdv, bdv2) = split_head_dim(d), split_head_dim(d_v)
     dot_fp32 = _dot_fp32(q.dtype, q.device)
@@ -235,7 +233,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
 WIDE_SCORE_BYTES = 1 << 28
 
 
-def attention_wide(q, k, v, mask, scale: float) -> torch.Tensor:
+def attention_wide(q, k, v, mask, scale: float, out: torch.Tensor) -> torch.Tensor:
     """Attention whose head dim is past :data:`MAX_HEAD_DIM`, where the kernel's ``[BLOCK_M, D]`` accumulator no
     longer fits: the single-head attention over 512 channels in the mid blocks of SD, SDXL and Flux-type VAEs.
 
@@ -244,24 +242,19 @@ def attention_wide(q, k, v, mask, scale: float) -> torch.Tensor:
     scores stay under :data:`WIDE_SCORE_BYTES`. A query row's result depends only on its own rows of the scores and
     of ``p``, and the GEMM's rows do not depend on how many rows it is given, so neither the batch nor the row
     blocks change a bit. fp32 inside (q, k, v upcast; an IEEE dot): exact products, slower than the tensor cores.
-    A row whose mask is -inf for every key gives 0, as the kernel does."""
+    A row whose mask is -inf for every key gives 0, as the kernel does.
+
+    Called by :func:`attention` with its output ``out`` (non-empty, ``Nk > 0``) and ``mask`` already additive and
+    expanded to ``[B, H, Nq, Nk]`` (or None)."""
     from ..matmul.launch import bmm
     from ..reduce.launch import softmax
 
     bsz, heads, n_q, d = q.shape
     n_k, d_v = k.shape[2], v.shape[3]
-    out = empty((bsz, heads, n_q, d_v), q.dtype, q.device)
-    if out.numel() == 0:
-        return out
-    if n_k == 0:
-        return out.zero_()
     bh = bsz * heads
     q32 = q.reshape(bh, n_q, d).to(torch.float32)
     k_t = k.reshape(bh, n_k, d).to(torch.float32).transpose(1, 2)
     v32 = v.reshape(bh, n_k, d_v).to(torch.float32)
-    if mask is not None:
-        mask = additive_mask(mask)
-        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(bsz, heads, n_q, n_k)
     out3 = out.view(bh, n_q, d_v)
     rows = max(1, min(n_q, WIDE_SCORE_BYTES // (4 * bh * n_k)))
     for r0 in range(0, n_q, rows):
