@@ -25,8 +25,10 @@ def on_device(device: torch.device):
     (``triton/backends/driver.py``: ``get_current_device = torch.cuda.current_device``), whatever device the
     arguments live on. For a model on ``cuda:1`` while ``cuda:0`` is current, that is a kernel on one GPU handed
     another GPU's pointers (a fault, or a race with the other GPU's stream). When ``device`` is a CUDA device
-    other than the current one, this is ``torch.cuda.device(device)``; otherwise a context that does nothing, so the
-    common case costs one comparison."""
+    other than the current one, this is ``torch.cuda.device(device)``; otherwise a context that does nothing.
+
+    Registered ops switch once, in ``jetdet.ops.registry.Op.launch``, around their whole launcher (TMA launchers
+    included); this is for launchers called outside the registry (the noise kernel's)."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return _SAME_DEVICE

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty, on_device, tensor_descriptor
+from jetdet.kernels._common import FP_FUSION, cdiv, descriptor_strides, empty, tensor_descriptor
 
 from .kernel_tma import attention_tma_kernel
 
@@ -81,20 +81,19 @@ def attention_tma(q, k, v, qk_scale: float, out: torch.Tensor, blocks: tuple, do
     kd, kd2 = _descriptors(desc, k, bn, bd, bd2)
     vd, vd2 = _descriptors(desc, v, bn, bdv, bdv2)
     od, od2 = _descriptors(desc, o, bm, bdv, bdv2)  # o is a fresh contiguous tensor: written in place, never copied
-    with on_device(q.device):
-        attention_tma_kernel[(cdiv(n_q, bm) * bsz * heads,)](
-            qd, kd, vd, od, qd2, kd2, vd2, od2,
-            heads, n_q, n_k, qk_scale,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            BLOCK_D=bd,
-            BLOCK_DV=bdv,
-            BLOCK_D2=bd2,
-            BLOCK_DV2=bdv2,
-            DOT_FP32=dot_fp32,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+    attention_tma_kernel[(cdiv(n_q, bm) * bsz * heads,)](
+        qd, kd, vd, od, qd2, kd2, vd2, od2,
+        heads, n_q, n_k, qk_scale,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        BLOCK_DV=bdv,
+        BLOCK_D2=bd2,
+        BLOCK_DV2=bdv2,
+        DOT_FP32=dot_fp32,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
     if o is not out:
         out.copy_(o)
     return out

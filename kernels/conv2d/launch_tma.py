@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from jetdet.kernels._common import FP_FUSION, MAX_GRID_YZ, cdiv, descriptor_strides, empty, on_device, tensor_descriptor
+from jetdet.kernels._common import FP_FUSION, MAX_GRID_YZ, cdiv, descriptor_strides, empty, tensor_descriptor
 
 from .kernel_tma import conv2d_tma_kernel
 
@@ -73,27 +73,26 @@ def conv2d_tma(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: t
     desc = tensor_descriptor(KERNEL_ENV)
     wd = desc(w4, list(w4.shape), w_strides, [bn, 1, 1, bk])
     tiles = cdiv(oh, bh) * cdiv(ow, bw) * cdiv(o, bn)
-    with on_device(x.device):
-        for start in range(0, nb, MAX_GRID_YZ):  # the grid's item axis is at most 65535: the same programs per item
-            stop = min(nb, start + MAX_GRID_YZ)
-            xs, ys = x4[start:stop], y4[start:stop]
-            conv2d_tma_kernel[(tiles, stop - start)](
-                # a slice of the batch keeps the tensor's strides (a size-1 batch's stride is never stepped)
-                desc(xs, list(xs.shape), x_strides, [1, bh, bw, bk]), wd,
-                desc(ys, list(ys.shape), y_strides, [1, bh, bw, bn]),
-                bias if bias is not None else y4,
-                x.shape[1], o, oh, ow, int(padding[0]), int(padding[1]),
-                KH=kh,
-                KW=kw,
-                HAS_BIAS=bias is not None,
-                DOT_F32=dot_f32,
-                BLOCK_H=bh,
-                BLOCK_W=bw,
-                BLOCK_N=bn,
-                BLOCK_K=bk,
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-            )  # fmt: skip
+    for start in range(0, nb, MAX_GRID_YZ):  # the grid's item axis is at most 65535: the same programs per item
+        stop = min(nb, start + MAX_GRID_YZ)
+        xs, ys = x4[start:stop], y4[start:stop]
+        conv2d_tma_kernel[(tiles, stop - start)](
+            # a slice of the batch keeps the tensor's strides (a size-1 batch's stride is never stepped)
+            desc(xs, list(xs.shape), x_strides, [1, bh, bw, bk]), wd,
+            desc(ys, list(ys.shape), y_strides, [1, bh, bw, bn]),
+            bias if bias is not None else y4,
+            x.shape[1], o, oh, ow, int(padding[0]), int(padding[1]),
+            KH=kh,
+            KW=kw,
+            HAS_BIAS=bias is not None,
+            DOT_F32=dot_f32,
+            BLOCK_H=bh,
+            BLOCK_W=bw,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
     if not direct:
         y.copy_(y4.permute(0, 3, 1, 2))
     return y

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from jetdet.kernels._common import FP_FUSION, cdiv, empty, on_device, tensor_descriptor
+from jetdet.kernels._common import FP_FUSION, cdiv, empty, tensor_descriptor
 
 from .kernel_tma import matmul_tma_kernel
 
@@ -76,20 +76,19 @@ def matmul_tma(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     desc = tensor_descriptor("JETDET_MATMUL_KERNEL")
-    with on_device(a.device):
-        matmul_tma_kernel[(min(programs, tiles),)](
-            desc.from_tensor(a, [bm, bk]),
-            desc.from_tensor(w, [bn, bk]),
-            desc.from_tensor(c, [bm, bn]),
-            bias if bias is not None else c,
-            m, n, k,
-            HAS_BIAS=bias is not None,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"],
-            GROUP_M=cfg["GROUP_M"],
-            NUM_PROGRAMS=programs,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+    matmul_tma_kernel[(min(programs, tiles),)](
+        desc.from_tensor(a, [bm, bk]),
+        desc.from_tensor(w, [bn, bk]),
+        desc.from_tensor(c, [bm, bn]),
+        bias if bias is not None else c,
+        m, n, k,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        NUM_PROGRAMS=programs,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
     return c
