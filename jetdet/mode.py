@@ -71,7 +71,7 @@ class _Frame:
 
     __slots__ = ("mode", "thread", "parent", "warn_only", "ctx")
 
-    def __init__(self, m: Mode, thread: int, parent: _Frame | None, warn_only: bool = False, ctx: bool = False):
+    def __init__(self, m: Mode, thread: object, parent: _Frame | None, warn_only: bool = False, ctx: bool = False):
         self.mode, self.thread, self.parent, self.warn_only, self.ctx = m, thread, parent, warn_only, ctx
 
 
@@ -98,12 +98,12 @@ _saved_flags: list | None = None
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def _warn_once(key: str, message: str, stacklevel: int = 4) -> None:
     """``message`` as a warning, once per process for ``key`` (a misuse of the mode contexts, not a routed call)."""
     key = f"mode: {key}"
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"jetdet: {message}", stacklevel=4)
+        warnings.warn(f"jetdet: {message}", stacklevel=stacklevel)
 
 
 def _as_mode(m) -> Mode:
@@ -171,6 +171,7 @@ def _warn_kept_warn_only(warn_only: bool) -> None:
         f"jetdet.mode('deterministic', warn_only={warn_only}) inside another deterministic context keeps that "
         f"context's warn_only={not warn_only}: torch.use_deterministic_algorithms is one process-wide flag, set by "
         "the first deterministic context and restored by the last",
+        stacklevel=5,  # the user's with-statement or set_mode call, through _switch
     )
 
 
@@ -244,17 +245,26 @@ def _transition(old: Mode, new: Mode, warn_only: bool = False) -> None:
         _release()
 
 
-def set_mode(m, *, warn_only: bool = False) -> Mode:
-    """Set the mode of the current context until changed again; returns the previous mode."""
-    new = _as_mode(m)
+def _switch(new: Mode, warn_only: bool, ctx: bool) -> tuple[_Frame, Mode]:
+    """Make ``new`` the current context's mode on this thread (``ctx``: for a ``mode`` context, else for
+    :func:`set_mode`): the router and torch's flags follow, and a new frame goes on the chain. Returns the frame
+    and the mode it replaced."""
     cur = _current.get()
     old = _effective(cur)
     if new is old is Mode.DETERMINISTIC and warn_only != cur.warn_only:
         _warn_kept_warn_only(warn_only)
     _transition(old, new, warn_only)
-    parent = cur if cur.ctx or cur.parent is None else cur.parent  # replaces an earlier set_mode: no chain grows
-    _current.set(_Frame(new, _me(), parent, cur.warn_only if new is old else warn_only))
-    return old
+    # a set_mode frame replaces an earlier set_mode frame (no chain grows); a frame that keeps its parent's mode keeps
+    # its warn_only too: that is what holds meanwhile
+    parent = cur if ctx or cur.ctx or cur.parent is None else cur.parent
+    frame = _Frame(new, _me(), parent, cur.warn_only if new is old else warn_only, ctx)
+    _current.set(frame)
+    return frame, old
+
+
+def set_mode(m, *, warn_only: bool = False) -> Mode:
+    """Set the mode of the current context until changed again; returns the previous mode."""
+    return _switch(_as_mode(m), warn_only, ctx=False)[1]
 
 
 class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("deterministic"):``
@@ -268,15 +278,7 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
         self._frames: list[_Frame] = []
 
     def __enter__(self):
-        cur = _current.get()
-        old = _effective(cur)
-        if self.mode is old is Mode.DETERMINISTIC and self.warn_only != cur.warn_only:
-            _warn_kept_warn_only(self.warn_only)
-        _transition(old, self.mode, self.warn_only)
-        # a frame that keeps its parent's mode keeps its warn_only too: that is what holds meanwhile
-        frame = _Frame(self.mode, _me(), cur, cur.warn_only if self.mode is old else self.warn_only, ctx=True)
-        _current.set(frame)
-        self._frames.append(frame)
+        self._frames.append(_switch(self.mode, self.warn_only, ctx=True)[0])
         return self
 
     def __exit__(self, *exc):
