@@ -139,12 +139,12 @@ def _conv_in_bands(x, wk, bias, y, kernel, stride, padding) -> torch.Tensor:
         raise ValueError(f"x: one output row of this conv ({wd} x {c} input or {ow} x {o} output elements per row, "
                          f"{kh} filter rows) passes 2**31 elements; split the image")
     interp_bf16 = x.dtype == torch.bfloat16 and x.device.type != "cuda"
+    dot_f32 = interp_bf16 or x.dtype == torch.float32
     for r in range(0, oh, rows):
         r_end = min(oh, r + rows)
         top = max(0, r * sh - ph)  # the band's first input row, and its share of the top padding
         xb = x[:, :, top:min(h, (r_end - 1) * sh - ph + kh)]
         yb = empty((nb, o, r_end - r, ow), torch.float32 if interp_bf16 else y.dtype, x.device, torch.channels_last)
-        dot_f32 = interp_bf16 or x.dtype == torch.float32
         _launch(xb, wk, bias, yb, kh, kw, sh, sw, ph + top - r * sh, pw, dot_f32=dot_f32)
         y[:, :, r:r_end].copy_(yb)
     return y
