@@ -147,9 +147,18 @@ class Run:
     def graphed(self, fn):
         """``(replay, output)``: ``fn()`` captured in a CUDA graph (after a warm-up call on a side stream, as
         ``torch.cuda.graph`` wants) and the graph's static output, which every replay overwrites. A dry run has no
-        graphs: ``(fn, fn())``."""
+        graphs: a replay that writes ``fn()``, run in the jetdet mode of the "capture", into the output it returned
+        first, as a graph's replay would."""
         if self.dev.type != "cuda":
-            return fn, fn()
+            import jetdet
+
+            captured_in, static = jetdet.get_mode(), fn()
+
+            def replay():
+                with torch.no_grad(), jetdet.mode(captured_in):
+                    static.copy_(fn())
+
+            return replay, static
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -1053,7 +1062,7 @@ def model_speed(run: Run, out: dict) -> None:
         row = {"model": name, "dtype": prec, "batch": 4, "off_ms": t_off, "det_ms": t_det, "loop_ms": t_loop,
                "det_over_off": t_det / t_off, "det_over_loop": t_det / t_loop}
         if prec == "bf16":
-            row.update(_graph_row(run, name, fwd, t_off))
+            row.update(_graph_row(run, name, fwd, t_off, model))
             row.update(_tma_row(run, name, fwd, t_off))
         rows.append(row)
         graph = (f"  det CUDA graph {row['det_graph_ms']:8.3f} ms ({row['det_graph_over_off']:5.2f}x off)"
@@ -1084,13 +1093,18 @@ def _tma_row(run: Run, name: str, fwd, t_off: float) -> dict:
     return {"det_tma_ms": t, "det_tma_over_off": t / t_off, "det_tma_item_equals_batch": same}
 
 
-def _graph_row(run: Run, name: str, fwd, t_off: float) -> dict:
+def _graph_row(run: Run, name: str, fwd, t_off: float, model: nn.Module | None = None) -> dict:
     """The deterministic forward captured in a CUDA graph (what takes away eager mode's per-call host cost without
     a compiler; ``tests/test_capture_safe.py`` checks on CPU that the routed path can be captured): replay time,
     and bitwise checks: the replay equals the eager deterministic forward, and a graph of item 2 alone equals the
-    batch graph's item 2. An error (a capture that fails) is recorded, and the section goes on."""
+    batch graph's item 2. For a model with a 3x3 conv, also: after an in-place change of that conv's weight (what
+    applying a LoRA does) the replay equals the eager forward again, so the graph does not read a stale packed
+    copy of the weight (``tests/test_pack_graphs.py``). An error (a capture that fails) is recorded, and the
+    section goes on."""
     import jetdet
 
+    conv = next((m for m in (model.modules() if model is not None else ()) if isinstance(m, nn.Conv2d)
+                 and m.kernel_size != (1, 1)), None)
     try:
         with torch.no_grad(), jetdet.mode("deterministic"):
             eager = fwd().clone()
@@ -1101,6 +1115,16 @@ def _graph_row(run: Run, name: str, fwd, t_off: float) -> dict:
         run.sync()
         checks = {"replay == eager": torch.equal(batch_out, eager), "item 2 alone": torch.equal(one_out,
                                                                                                 batch_out[2:3])}
+        if conv is not None:
+            with torch.no_grad(), jetdet.mode("deterministic"):
+                saved = conv.weight.clone()
+                conv.weight.mul_(1.5)
+                replay()
+                changed = fwd().clone()
+                run.sync()
+                checks["replay == eager after a conv weight changed in place"] = torch.equal(batch_out, changed)
+                conv.weight.copy_(saved)
+                replay()  # the static output back to the unchanged weight's, for the timing below
         for what, ok in checks.items():
             if not ok:
                 run.fail(f"model_speed {name}: deterministic forward in a CUDA graph: {what} is false")
@@ -1165,6 +1189,64 @@ def compiled(run: Run, out: dict) -> None:
           f"{t_det_c:8.3f} ms  det compiled / off {t_det_c / t_off:5.2f}x  / off compiled "
           f"{t_det_c / t_off_c:5.2f}x  bitwise: {', '.join(f'{k} {v}' for k, v in checks.items())}  "
           f"compile s: {out['compile_s']}")
+    if run.left() < 40:
+        out["unet"] = {"skipped": f"time budget ({run.left():.0f} s left)"}
+        print(f"  UNet stage skipped: time budget ({run.left():.0f} s left)")
+        return
+    out["unet"] = _compiled_unet(run, cmode, first_call=first_call)
+
+
+def _compiled_unet(run: Run, cmode: str, first_call) -> dict:
+    """A UNet stage (3x3 convs) compiled in deterministic mode with **no eager call before it**, so the conv
+    weights' packed copies are first made inside the compiled function's first call, which CUDA-graph trees run
+    with the thread's allocations routed into their pool and then check that pool (``tests/test_pack_graphs.py``:
+    the copy is made on a thread of its own). Checks: a rerun and item 2 alone against the batch of 4, bitwise;
+    after an in-place change of a conv weight the compiled output follows it (not bitwise: Inductor fuses the
+    elementwise ops between the convs, so compiled and eager may differ by rounding; a stale copy would leave the
+    output exactly as before the change)."""
+    import jetdet
+
+    ch, hw, blocks = (32, 8, 1) if run.dry else (320, 64, 2)
+    dtype = torch.float32 if run.dry else torch.bfloat16
+    name = f"UNet stage {blocks} ResBlocks {ch}ch {hw}x{hw} {_dn(dtype)}, torch.compile(mode={cmode!r})"
+    print(f"  {name}")
+    torch.manual_seed(1)
+    model = UNetStage(ch, blocks).eval().to(run.dev, dtype)
+    x = torch.randn(4, ch, hw, hw, generator=torch.Generator().manual_seed(1)).to(run.dev, dtype)
+    res: dict = {"model": name}
+    with torch.no_grad():
+        with jetdet.patch(model, mode="deterministic"):
+            torch._dynamo.reset()
+            det_c = torch.compile(model, mode=cmode, fullgraph=True)
+            full, res["compile_s"] = first_call(lambda *_: det_c(x))
+            again = det_c(x).clone()
+            one = det_c(x[2:3]).clone()
+            eager = model(x).clone()
+            conv = model.blocks[0][1]
+            saved = conv.weight.clone()
+            conv.weight.mul_(1.5)
+            changed = det_c(x).clone()
+            eager_changed = model(x).clone()
+            conv.weight.copy_(saved)
+            t_det_c = run.time_ms(lambda: det_c(x))
+        t_off = run.time_ms(lambda: model(x))
+
+    def rel(a, b):
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+    err_before, err_after = rel(full, eager), rel(changed, eager_changed)
+    checks = {"rerun": torch.equal(again, full), "item 2 alone": torch.equal(one, full[2:3]),
+              "follows an in-place weight change": not torch.equal(changed, full) and err_after <= max(
+                  2 * err_before, 1e-2)}
+    for what, ok in checks.items():
+        if not ok:
+            run.fail(f"compiled deterministic UNet stage: {what} is false (max rel. difference to eager "
+                     f"{err_before:.2e} before the change, {err_after:.2e} after)")
+    res.update({"off_ms": t_off, "det_compiled_ms": t_det_c, "det_compiled_over_off": t_det_c / t_off,
+                "checks": checks, "rel_diff_to_eager": [err_before, err_after]})
+    print(f"  off {t_off:8.3f} ms  det compiled {t_det_c:8.3f} ms  det compiled / off {t_det_c / t_off:5.2f}x  "
+          f"checks: {', '.join(f'{k} {v}' for k, v in checks.items())}  compile s: {res['compile_s']:.1f}")
+    return res
 
 
 # ------------------------------------------------------------------------------------------- fast path
@@ -1462,6 +1544,13 @@ def markdown(res: dict) -> str:
                   f"| {c['off_ms']:.3f} | {c['off_compiled_ms']:.3f} | {c['det_ms']:.3f} | {c['det_compiled_ms']:.3f} "
                   f"| {c['det_compiled_over_off']:.2f} | {c['det_compiled_over_off_compiled']:.2f} | "
                   f"{', '.join(str(v) for v in c['checks'].values())} |", ""]
+    u = c.get("unet", {})
+    if u.get("det_compiled_ms") is not None:
+        lines += [f"{u['model']}, batch 4, compiled with no eager deterministic call before it: off {u['off_ms']:.3f} "
+                  f"ms, det compiled {u['det_compiled_ms']:.3f} ms ({u['det_compiled_over_off']:.2f}x); "
+                  + ", ".join(f"{k}: {v}" for k, v in u["checks"].items()), ""]
+    elif u:
+        lines += [f"UNet stage under torch.compile: {u.get('skipped') or u.get('error')}", ""]
     if s.get("fast_path", {}).get("rows"):
         lines += ["## Fast path on the bundled model", "",
                   "| setting | wall ms | calls run / calls | syncs | controller host ms/call | sync wait ms/call | "

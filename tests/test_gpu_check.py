@@ -79,6 +79,9 @@ def test_dry_run_goes_through_every_section(tmp_path):
     assert all("syncs" in r and r["calls"] > 0 for r in fast[1:])
     comp = res["sections"]["compiled"]
     assert all(comp["checks"].values()) and comp["det_compiled_ms"] > 0, comp
+    assert all(comp["unet"]["checks"].values()) and comp["unet"]["det_compiled_ms"] > 0, comp["unet"]
+    unet_graph = next(r for r in graphs if "UNet" in r["model"])  # a model with a 3x3 conv: the weight-change check
+    assert unet_graph["det_graph_checks"]["replay == eager after a conv weight changed in place"], unet_graph
     swept = res["sections"]["sweep"]["rows"]
     assert {r["op"] for r in swept} == {"matmul", "attention", "attention_tma", "conv2d", "conv2d_tma"}
     assert all(r["best"] for r in swept), swept
@@ -150,3 +153,43 @@ def test_markdown_reports_an_op_that_raised(tmp_path):
     text = gpu_check.markdown(res)
     assert "| attention_d512 | bfloat16 | | | error: OutOfResources: shared memory |" in text
     assert "| linear | float16 | 1.00e-04 |" in text and "**incomplete**" in text
+
+
+def test_a_graph_that_reads_a_stale_conv_weight_fails_the_run():
+    """The weight-change check of ``_graph_row`` (a captured deterministic forward must follow an in-place change of
+    a conv weight) can fail: a "graph" whose replay keeps its first output, as one reading a stale packed copy of
+    the weight would, is reported. The dry run's replays recompute, so they cannot show this."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    class StaleRun:
+        dev = torch.device("cpu")
+        failures: list = []
+
+        def fail(self, what):
+            self.failures.append(what)
+
+        def sync(self):
+            pass
+
+        def time_ms(self, fn):
+            fn()
+            return 1.0
+
+        def graphed(self, fn):
+            return (lambda: None), fn()
+
+    model = gpu_check.UNetStage(32, 1).eval()
+    x = torch.randn(4, 32, 6, 6)
+
+    def fwd(b=None):
+        return model(x if b is None else x[b])
+
+    run = StaleRun()
+    row = gpu_check._graph_row(run, "stale", fwd, 1.0, model)
+    assert row["det_graph_checks"] == {"replay == eager": True, "item 2 alone": True,
+                                       "replay == eager after a conv weight changed in place": False}, row
+    assert any("after a conv weight changed in place is false" in f for f in run.failures), run.failures

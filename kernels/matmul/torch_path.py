@@ -64,17 +64,78 @@ def clear_weight_cache() -> None:
     _packed.clear()
 
 
+# On a GPU two more things matter (the conv launcher packs CUDA weights here), both from CUDA graphs:
+# - Inside a capture (torch.cuda.graph, or torch.compile(mode="reduce-overhead") recording) the copy is made by
+#   the captured graph, at every replay, and nothing is cached: a replay then reads the weight as it is at that
+#   replay, as a graph of torch's own conv does (a cached copy would be stale after an in-place change such as
+#   a LoRA being applied), and nothing made inside the capture outlives the call in the graph's memory pool.
+# - Outside a capture, a new copy is made on a short-lived thread of its own. torch.compile's CUDA-graph trees
+#   run a compiled function's first call (its warm-up, not a capture) with every allocation of the calling
+#   thread routed into the graph pool, and then refuse any tensor left in that pool that is not an output; a
+#   cached copy made there would be one. Allocations of other threads are not routed (a pool is entered per
+#   thread), and a thread per new copy costs ~0.1 ms once per weight.
+
+
+def _graph_aware(b: torch.Tensor) -> bool:
+    return b.is_cuda
+
+
+def _capturing(b: torch.Tensor) -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _make_on_own_thread(b: torch.Tensor, make):
+    """``make()`` run on a new thread, ordered after the work queued so far on the caller's stream, and the
+    caller's stream ordered after it."""
+    cuda = b.is_cuda
+    if cuda:
+        caller = torch.cuda.current_stream(b.device)
+        ready = caller.record_event()
+    res: dict = {}
+
+    def run():
+        try:
+            with torch.no_grad():
+                if not cuda:
+                    res["out"] = make()
+                    return
+                with torch.cuda.device(b.device):
+                    stream = torch.cuda.current_stream(b.device)
+                    stream.wait_event(ready)
+                    res["out"] = make()
+                    res["done"] = stream.record_event()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            res["err"] = e
+
+    t = threading.Thread(target=run, name="jetdet-pack", daemon=True)
+    t.start()
+    t.join()
+    if "err" in res:
+        raise res["err"]
+    out = res["out"]
+    if cuda:
+        caller.wait_event(res["done"])
+        out.record_stream(caller)
+    return out
+
+
 def cached_pack(b: torch.Tensor, tag: str, make):
     owner = b._base if b._base is not None else b
     if not isinstance(owner, torch.nn.Parameter) or owner.is_inference():
+        return make()
+    graph_aware = _graph_aware(b)
+    if graph_aware and _capturing(b):
         return make()
     key = (id(owner), tag)
     sig = (tuple(b.shape), b.stride(), b.storage_offset(), b.dtype, owner.data_ptr(), owner._version)
     ent = _packed.get(key)
     if ent is not None and ent[0]() is owner and ent[1] == sig:
         return ent[2]
-    with torch.no_grad():
-        packed = make()
+    if graph_aware:
+        packed = _make_on_own_thread(b, make)
+    else:
+        with torch.no_grad():
+            packed = make()
     if len(_packed) > 1024:
         _packed.clear()
     # the default argument keeps the dict reachable at interpreter exit, when module globals are None
