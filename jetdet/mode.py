@@ -1227,7 +1227,8 @@ def handler_for(func):
 
 # torch.autocast's policy for the routed functions: the matmul family, convolutions, einsum and SDPA run in the
 # autocast dtype (CPU and CUDA); on CUDA, layer_norm, group_norm, softmax, sum and the norms run in fp32 (torch's
-# "autocast to float32" list; mean is not on it; on CPU they keep their inputs' dtype, as torch's CPU autocast does)
+# "autocast to float32" list, rms_norm too where torch puts it there; mean is not on it; on CPU they keep their
+# inputs' dtype, as torch's CPU autocast does)
 _AUTOCAST_LOW = frozenset({
     F.linear, torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
     torch.Tensor.baddbmm, torch.matmul, torch.linalg.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.conv1d,
@@ -1239,6 +1240,20 @@ _AUTOCAST_FP32_CUDA = frozenset({F.layer_norm, torch.layer_norm, F.group_norm, t
                                  torch.softmax, torch.Tensor.softmax, torch.sum, torch.Tensor.sum, torch.norm,
                                  torch.Tensor.norm, torch.linalg.vector_norm,
                                  F.normalize})  # var/std: not on torch's list
+
+
+def _torch_autocasts_rms_norm_on_cuda() -> bool:
+    """Whether this torch registers a CUDA autocast kernel for ``aten::rms_norm``: torch 2.12 put it on the
+    "autocast to float32" list (2.11 and earlier: on no list, so the output keeps the input's dtype). Read from the
+    dispatcher's table, which CPU builds have too."""
+    try:
+        return "AutocastCUDA:" in torch._C._dispatch_dump("aten::rms_norm")
+    except Exception:  # noqa: BLE001 - no such op (torch < 2.4) or no dump: torch's older behaviour
+        return False
+
+
+if hasattr(F, "rms_norm") and _torch_autocasts_rms_norm_on_cuda():
+    _AUTOCAST_FP32_CUDA = _AUTOCAST_FP32_CUDA | {F.rms_norm, *((torch.rms_norm,) if hasattr(torch, "rms_norm") else ())}
 
 
 def _autocast_cast(a, to):

@@ -217,3 +217,22 @@ def test_second_derivatives_and_fully_masked_rows():
     for a, b in zip(got, want):
         assert a.isfinite().all()
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_rms_norm_takes_cuda_autocasts_fp32_policy_where_torch_has_it(monkeypatch):
+    """torch 2.12 put ``rms_norm`` on CUDA autocast's "float32" list (its ``autocast_mode.h``); torch 2.11 has it on
+    no list. The router follows the torch it runs on, read from the dispatcher (which CPU builds have as well), and
+    the probe can tell both answers apart."""
+    import importlib
+
+    jm = importlib.import_module("jetdet.mode")  # the module, not the context manager
+    if not hasattr(F, "rms_norm"):
+        pytest.skip("torch without F.rms_norm")
+    registered = "AutocastCUDA:" in torch._C._dispatch_dump("aten::rms_norm")
+    assert jm._torch_autocasts_rms_norm_on_cuda() is registered
+    assert (F.rms_norm in jm._AUTOCAST_FP32_CUDA) is registered
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    if (major, minor) >= (2, 12):
+        assert registered  # the version the policy came in
+    monkeypatch.setattr(torch._C, "_dispatch_dump", lambda name: "CPU: registered at x.cpp:1\n")
+    assert jm._torch_autocasts_rms_norm_on_cuda() is False  # negative control: a torch without the kernel
