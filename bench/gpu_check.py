@@ -1110,27 +1110,34 @@ def _graph_row(run: Run, name: str, fwd, t_off: float, model: nn.Module | None =
             eager = fwd().clone()
             replay, batch_out = run.graphed(fwd)
             replay_one, one_out = run.graphed(lambda: fwd(slice(2, 3)))
+    except Exception as e:  # noqa: BLE001 - a capture that fails is a finding; the other models still run
+        return {"det_graph_error": f"CUDA graph capture failed: {type(e).__name__}: {e}"}
+    try:
         replay()
         replay_one()
         run.sync()
         checks = {"replay == eager": torch.equal(batch_out, eager), "item 2 alone": torch.equal(one_out,
                                                                                                 batch_out[2:3])}
         if conv is not None:
-            with torch.no_grad(), jetdet.mode("deterministic"):
-                saved = conv.weight.clone()
-                conv.weight.mul_(1.5)
-                replay()
-                changed = fwd().clone()
-                run.sync()
-                checks["replay == eager after a conv weight changed in place"] = torch.equal(batch_out, changed)
-                conv.weight.copy_(saved)
-                replay()  # the static output back to the unchanged weight's, for the timing below
+            saved = conv.weight.detach().clone()
+            try:
+                with torch.no_grad(), jetdet.mode("deterministic"):
+                    conv.weight.mul_(1.5)
+                    replay()
+                    changed = fwd().clone()
+                    run.sync()
+                    checks["replay == eager after a conv weight changed in place"] = torch.equal(batch_out,
+                                                                                                 changed)
+            finally:
+                with torch.no_grad():
+                    conv.weight.copy_(saved)
+            replay()  # the static output back to the unchanged weight's, for the timing below
         for what, ok in checks.items():
             if not ok:
                 run.fail(f"model_speed {name}: deterministic forward in a CUDA graph: {what} is false")
         t = run.time_ms(replay)
-    except Exception as e:  # noqa: BLE001 - a capture that fails is a finding; the other models still run
-        return {"det_graph_error": f"CUDA graph capture failed: {type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - a replay that fails is a finding; the other models still run
+        return {"det_graph_error": f"CUDA graph replay failed: {type(e).__name__}: {e}"}
     return {"det_graph_ms": t, "det_graph_over_off": t / t_off, "det_graph_checks": checks}
 
 
@@ -1193,7 +1200,12 @@ def compiled(run: Run, out: dict) -> None:
         out["unet"] = {"skipped": f"time budget ({run.left():.0f} s left)"}
         print(f"  UNet stage skipped: time budget ({run.left():.0f} s left)")
         return
-    out["unet"] = _compiled_unet(run, cmode, first_call=first_call)
+    try:
+        out["unet"] = _compiled_unet(run, cmode, first_call=first_call)
+    except Exception as e:  # noqa: BLE001 - the finding this part exists for (a refused graph pool) is an error
+        out["unet"] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "traceback": traceback.format_exc(limit=6)}
+        run.fail(f"compiled deterministic UNet stage: {type(e).__name__}: {str(e)[:200]}")
+        print(f"  UNet stage ERROR {type(e).__name__}: {e}", flush=True)
 
 
 def _compiled_unet(run: Run, cmode: str, first_call) -> dict:
@@ -1203,7 +1215,8 @@ def _compiled_unet(run: Run, cmode: str, first_call) -> dict:
     the copy is made on a thread of its own). Checks: a rerun and item 2 alone against the batch of 4, bitwise;
     after an in-place change of a conv weight the compiled output follows it (not bitwise: Inductor fuses the
     elementwise ops between the convs, so compiled and eager may differ by rounding; a stale copy would leave the
-    output exactly as before the change)."""
+    output as before the change, so the compiled output must be at least 10x closer to the eager output after the
+    change than the output before the change is). An error fails the run."""
     import jetdet
 
     ch, hw, blocks = (32, 8, 1) if run.dry else (320, 64, 2)
@@ -1234,16 +1247,15 @@ def _compiled_unet(run: Run, cmode: str, first_call) -> dict:
     def rel(a, b):
         return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
-    err_before, err_after = rel(full, eager), rel(changed, eager_changed)
+    err_before, err_after, stale = rel(full, eager), rel(changed, eager_changed), rel(full, eager_changed)
     checks = {"rerun": torch.equal(again, full), "item 2 alone": torch.equal(one, full[2:3]),
-              "follows an in-place weight change": not torch.equal(changed, full) and err_after <= max(
-                  2 * err_before, 1e-2)}
+              "follows an in-place weight change": err_after <= 0.1 * stale}
     for what, ok in checks.items():
         if not ok:
-            run.fail(f"compiled deterministic UNet stage: {what} is false (max rel. difference to eager "
-                     f"{err_before:.2e} before the change, {err_after:.2e} after)")
+            run.fail(f"compiled deterministic UNet stage: {what} is false (max rel. difference to eager: "
+                     f"{err_before:.2e} before the change, {err_after:.2e} after it; a stale output: {stale:.2e})")
     res.update({"off_ms": t_off, "det_compiled_ms": t_det_c, "det_compiled_over_off": t_det_c / t_off,
-                "checks": checks, "rel_diff_to_eager": [err_before, err_after]})
+                "checks": checks, "rel_diff_to_eager": [err_before, err_after], "stale_rel_diff": stale})
     print(f"  off {t_off:8.3f} ms  det compiled {t_det_c:8.3f} ms  det compiled / off {t_det_c / t_off:5.2f}x  "
           f"checks: {', '.join(f'{k} {v}' for k, v in checks.items())}  compile s: {res['compile_s']:.1f}")
     return res

@@ -193,3 +193,27 @@ def test_a_graph_that_reads_a_stale_conv_weight_fails_the_run():
     assert row["det_graph_checks"] == {"replay == eager": True, "item 2 alone": True,
                                        "replay == eager after a conv weight changed in place": False}, row
     assert any("after a conv weight changed in place is false" in f for f in run.failures), run.failures
+
+
+def test_an_error_in_the_compiled_unet_stage_fails_the_run(monkeypatch):
+    """What the compiled UNet stage is there to catch on a GPU (torch.compile's CUDA-graph pool refusing a tensor
+    left in it) arrives as an exception: it must fail the run, not only fill in an error field of a section that is
+    not a correctness section."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def refused(*a, **k):
+        raise RuntimeError("These live storage data ptrs are in the cudagraph pool but not accounted for")
+
+    monkeypatch.setattr(gpu_check, "_compiled_unet", refused)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # the DiT part as it is, quickly
+    run = gpu_check.Run(argparse.Namespace(quick=True, dry_run=True, budget_s=1000))
+    out: dict = {}
+    gpu_check.compiled(run, out)
+    assert "cudagraph pool" in out["unet"]["error"]
+    assert any("compiled deterministic UNet stage: RuntimeError" in f for f in run.failures), run.failures

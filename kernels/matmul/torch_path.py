@@ -73,7 +73,9 @@ def clear_weight_cache() -> None:
 #   run a compiled function's first call (its warm-up, not a capture) with every allocation of the calling
 #   thread routed into the graph pool, and then refuse any tensor left in that pool that is not an output; a
 #   cached copy made there would be one. Allocations of other threads are not routed (a pool is entered per
-#   thread), and a thread per new copy costs ~0.1 ms once per weight.
+#   thread), and a thread per new copy costs ~0.1 ms once per weight. Each stream that uses a copy first waits for
+#   the event after it, and is recorded on it (record_stream), so a copy is neither read before it is made nor
+#   freed (when the weight changes) while another stream's queued work still reads it.
 
 
 def _graph_aware(b: torch.Tensor) -> bool:
@@ -85,8 +87,8 @@ def _capturing(b: torch.Tensor) -> bool:
 
 
 def _make_on_own_thread(b: torch.Tensor, make):
-    """``make()`` run on a new thread, ordered after the work queued so far on the caller's stream, and the
-    caller's stream ordered after it."""
+    """``(make(), done)``: ``make()`` run on a new thread, ordered after the work queued so far on the caller's
+    stream; ``done`` is the event after it on CUDA (None on CPU), which the caller's stream waits for."""
     cuda = b.is_cuda
     if cuda:
         caller = torch.cuda.current_stream(b.device)
@@ -112,11 +114,20 @@ def _make_on_own_thread(b: torch.Tensor, make):
     t.join()
     if "err" in res:
         raise res["err"]
-    out = res["out"]
-    if cuda:
-        caller.wait_event(res["done"])
-        out.record_stream(caller)
-    return out
+    return res["out"], res.get("done")
+
+
+def _use_on_stream(b: torch.Tensor, packed: torch.Tensor, done, streams: set) -> None:
+    """A CUDA copy used on the current stream: the first time on a stream, that stream waits for the copy to be made
+    and the allocator is told the stream uses it (so freeing the copy waits for that stream's work)."""
+    if done is None:
+        return
+    stream = torch.cuda.current_stream(b.device)
+    if stream.cuda_stream in streams:
+        return
+    stream.wait_event(done)
+    packed.record_stream(stream)
+    streams.add(stream.cuda_stream)
 
 
 def cached_pack(b: torch.Tensor, tag: str, make):
@@ -130,16 +141,20 @@ def cached_pack(b: torch.Tensor, tag: str, make):
     sig = (tuple(b.shape), b.stride(), b.storage_offset(), b.dtype, owner.data_ptr(), owner._version)
     ent = _packed.get(key)
     if ent is not None and ent[0]() is owner and ent[1] == sig:
+        if graph_aware:
+            _use_on_stream(b, ent[2], ent[3], ent[4])
         return ent[2]
+    done, streams = None, set()
     if graph_aware:
-        packed = _make_on_own_thread(b, make)
+        packed, done = _make_on_own_thread(b, make)
+        _use_on_stream(b, packed, done, streams)
     else:
         with torch.no_grad():
             packed = make()
     if len(_packed) > 1024:
         _packed.clear()
     # the default argument keeps the dict reachable at interpreter exit, when module globals are None
-    _packed[key] = (weakref.ref(owner, lambda _r, k=key, d=_packed: d.pop(k, None)), sig, packed)
+    _packed[key] = (weakref.ref(owner, lambda _r, k=key, d=_packed: d.pop(k, None)), sig, packed, done, streams)
     return packed
 
 
