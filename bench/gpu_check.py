@@ -1258,7 +1258,37 @@ def _compiled_unet(run: Run, cmode: str, first_call) -> dict:
                 "checks": checks, "rel_diff_to_eager": [err_before, err_after], "stale_rel_diff": stale})
     print(f"  off {t_off:8.3f} ms  det compiled {t_det_c:8.3f} ms  det compiled / off {t_det_c / t_off:5.2f}x  "
           f"checks: {', '.join(f'{k} {v}' for k, v in checks.items())}  compile s: {res['compile_s']:.1f}")
+    if not run.dry and run.left() > 60:
+        res["negative_control"] = _pack_on_calling_thread(model, x)
+        print(f"  negative control, weight copies made on the calling thread as before: {res['negative_control']}")
     return res
+
+
+def _pack_on_calling_thread(model: nn.Module, x: torch.Tensor) -> str:
+    """The negative control of the compiled UNet stage: the same model compiled again with the conv weights' copies
+    made on the calling thread and cached, as before (``cached_pack`` without its GPU branch). torch's CUDA-graph
+    trees are expected to refuse the copy left in their pool; a run where they do not says the premise of the fix
+    does not hold on this torch (recorded, not a failure)."""
+    import jetdet
+    from jetdet.kernels.matmul import torch_path as tp
+
+    saved = tp._graph_aware
+    tp._graph_aware = lambda b: False
+    tp.clear_weight_cache()
+    try:
+        with torch.no_grad(), jetdet.patch(model, mode="deterministic"):
+            torch._dynamo.reset()
+            c = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+            for _ in range(3):  # warm-up, recording, replay
+                c(x)
+            torch.cuda.synchronize()
+        return "not refused (the premise of the fix did not show on this torch)"
+    except Exception as e:  # noqa: BLE001 - the refusal is the expected outcome
+        return f"refused as expected: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    finally:
+        tp._graph_aware = saved
+        tp.clear_weight_cache()
+        torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------- fast path

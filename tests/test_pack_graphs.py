@@ -124,3 +124,32 @@ def test_the_conv_launcher_packs_per_call_under_capture_and_once_outside(gpu_bra
         for _ in range(2):
             F.conv2d(x, conv.weight, conv.bias, 1, 1)
     assert [t for t, _ in made] == ["conv2d.cl"] * 3 and made[1][1] == made[2][1] == threading.get_ident()
+
+
+def test_each_stream_waits_for_a_copy_and_is_recorded_on_it_once(monkeypatch):
+    """A cached CUDA copy was made after an event on one stream: any stream that uses it first waits for that event
+    (else it could read the copy before it is made) and is recorded on it (else freeing the copy, when the weight
+    changes, would not wait for that stream's queued work). Streams and the copy are stand-ins (no CUDA here)."""
+    calls = []
+
+    class Stream:
+        def __init__(self, handle):
+            self.cuda_stream = handle
+
+        def wait_event(self, ev):
+            calls.append(("wait", self.cuda_stream, ev))
+
+    class Copy:
+        def record_stream(self, s):
+            calls.append(("record", s.cuda_stream))
+
+    current = {"s": Stream(1)}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["s"])
+    b, copy, streams = torch.zeros(1), Copy(), set()
+    tp._use_on_stream(b, copy, "done", streams)
+    tp._use_on_stream(b, copy, "done", streams)  # the same stream again: nothing more
+    current["s"] = Stream(2)
+    tp._use_on_stream(b, copy, "done", streams)
+    assert calls == [("wait", 1, "done"), ("record", 1), ("wait", 2, "done"), ("record", 2)]
+    tp._use_on_stream(b, copy, None, set())  # a CPU copy (no event): nothing to order
+    assert len(calls) == 4
