@@ -285,3 +285,30 @@ def test_scratch_buffers_work_in_and_out_of_inference_mode():
     with torch.inference_mode(), jetdet.mode("deterministic"):
         c = torch.nn.functional.conv2d(x, w, padding=1)
     assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("mask", [None, "additive", "rows fully masked", "broadcast over items and queries"])
+def test_large_attention_in_chunks_gives_the_whole_calls_bits(monkeypatch, mask):
+    """Attention with a large score matrix runs in chunks of heads and query rows (SCORE_CHUNK_ELEMS): the same
+    GEMM problems and row softmaxes, so the same bits as one call over everything, with every mask form, and
+    still batch invariant. The chunk size is lowered here so that small inputs take several chunks of each kind
+    (query rows of one head; several heads; whole items)."""
+    g = torch.Generator().manual_seed(5)
+    b, h, nq, nk, d = 3, 4, 150, 70, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for n in (nq, nk, nk))
+    m = None
+    if mask == "additive":
+        m = torch.randn(b, h, nq, nk, generator=g)
+    elif mask == "rows fully masked":
+        m = torch.zeros(1, 1, nq, nk).masked_fill(torch.rand(nq, nk, generator=g) > 0.6, float("-inf"))
+        m[..., :5, :] = float("-inf")
+    elif mask == "broadcast over items and queries":
+        m = torch.randn(1, h, 1, nk, generator=g)
+    whole = attention_torch.attention(q, k, v, m)  # 126,000 scores: one call at the shipped chunk size
+    assert b * h * nq * nk <= attention_torch.SCORE_CHUNK_ELEMS
+    for elems in (64 * nk, 2 * nq * nk, 2 * h * nq * nk):  # row chunks of one head; two heads; two whole items
+        monkeypatch.setattr(attention_torch, "SCORE_CHUNK_ELEMS", elems)
+        chunked = attention_torch.attention(q, k, v, m)
+        assert torch.equal(torch.nan_to_num(chunked), torch.nan_to_num(whole)), elems
+        assert not batch_mismatches(lambda qq, kk, vv: attention_torch.attention(qq, kk, vv, m if m is None or
+                                    m.shape[0] == 1 else m[: qq.shape[0]]), [q, k, v], windows=[(0, 1)], full=chunked)

@@ -61,3 +61,20 @@ def test_conv2d_sweep(restore_threads):
                                     slots=rng.sample(range(8), 2), windows=[(1, 6)], full=ref)
             bad += [(c, o, h, w, k, stride, pad, th, win) for win in diff]
     assert not bad, bad
+
+
+def test_bmm_group_loop_gives_the_single_calls_bits(restore_threads, monkeypatch):
+    """Large grouped GEMMs (attention's) run one batched call per group instead of one call over every (group,
+    tile) with a copy of b per tile. Same problems, so the same bits: both ways over random shapes, and still
+    batch invariant over groups and threads when every call takes the loop."""
+    rng = random.Random(3)
+    for _ in range(25):
+        g, m, k, n = rng.randint(2, 6), rng.randint(33, 200), rng.randint(1, 300), rng.randint(1, 160)
+        a, b = torch.randn(g, m, k), torch.randn(g, k, n)
+        monkeypatch.setattr(mm_torch, "GROUP_LOOP_ELEMS", 1 << 62)
+        single = mm_torch.bmm_f32(a, b)
+        monkeypatch.setattr(mm_torch, "GROUP_LOOP_ELEMS", 0)
+        assert torch.equal(mm_torch.bmm_f32(a, b), single), (g, m, k, n)
+        for th in (2, 1):
+            torch.set_num_threads(th)
+            assert not batch_mismatches(mm_torch.bmm_f32, [a, b], slots=[0, g - 1], windows=[(1, g)], full=single)
