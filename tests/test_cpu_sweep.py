@@ -78,3 +78,27 @@ def test_bmm_group_loop_gives_the_single_calls_bits(restore_threads, monkeypatch
         for th in (2, 1):
             torch.set_num_threads(th)
             assert not batch_mismatches(mm_torch.bmm_f32, [a, b], slots=[0, g - 1], windows=[(1, g)], full=single)
+
+
+def test_mm_with_128_row_tiles_is_batch_invariant(restore_threads, monkeypatch):
+    """Large GEMMs put their rows in 128-row tiles first (BIG_TILE), then 32-row tiles and an 8-row tail, so which
+    height a row gets depends on M. Rows must not change with that: the threshold lowered so that small shapes take
+    all three heights, rows alone and in windows against the whole, at 2 and 1 threads, and against the same GEMM
+    in 32-row tiles only. bench/tile_heights.py checks the heights over larger K and N."""
+    rng = random.Random(11)
+    bad = []
+    for _ in range(12):
+        m, k, n = rng.randint(256, 700), rng.randint(2, 400), rng.randint(1, 200)
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(mm_torch, "BIG_TILE_MIN_KN", 1 << 62)
+        small_only = mm_torch.mm_f32(a, b)
+        monkeypatch.setattr(mm_torch, "BIG_TILE_MIN_KN", 0)
+        ref = mm_torch.mm_f32(a, b)
+        assert torch.equal(ref, small_only), (m, k, n)
+        for th in (2, 1):
+            torch.set_num_threads(th)
+            diff = batch_mismatches(mm_torch.mm_f32, [a], [b], slots=rng.sample(range(m), 3),
+                                    windows=[(3, 300), (0, 256), (100, m)], full=ref)
+            bad += [(m, k, n, th, w) for w in diff]
+    assert not bad, bad

@@ -259,6 +259,17 @@ GROUP_LOOP_ELEMS = 1 << 20
 TAIL_TILE = 8
 
 
+# A GEMM with K x N of at least BIG_TILE_MIN_KN and at least two BIG_TILE-row tiles' worth of rows runs those
+# tiles BIG_TILE rows high, and the rest as below. MKL's batched GEMM repacks b for every problem, so at DiT sizes
+# 32-row problems spend most of their time doing that: [1024, 3072] @ [3072, 12288] took 565 ms in 32-row tiles,
+# 346 ms in 128-row ones, 250 ms as F.linear (2 threads, this CPU). A row's bits are the same in an 8-, 32- or
+# 128-row problem (measured: bench/tile_heights.py, heights 8..128 at 1 and 2 threads), so which rows go into
+# which height, which depends on M, changes no row; 256-row problems change MKL's K blocking for some K (1100, 1428
+# at N 640) and are not used.
+BIG_TILE = 128
+BIG_TILE_MIN_KN = 1 << 20
+
+
 def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
     """(rows in full ROW_TILE tiles, padded tail rows, tail tile height) for an [m, k] @ [k, np_] GEMM."""
     full = m // ROW_TILE * ROW_TILE
@@ -282,22 +293,26 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     bp = cached_pack(b, "mm", lambda: pad_cols(b.to(torch.float32)))
     m, k = a.shape
     np_ = bp.shape[1]
-    full, tail, h = mm_rows(m, k, np_)
-    mp = full + tail
+    big = m // BIG_TILE * BIG_TILE if m >= 2 * BIG_TILE and k * np_ >= BIG_TILE_MIN_KN else 0
+    full, tail, h = mm_rows(m - big, k, np_)
+    mp = big + full + tail
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
     bp_bias = None
     if bias is not None:
         bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
-    if not (full and tail):  # one tile height: one GEMM call, no slicing (each slice costs ~1 us of Python)
+    if not big and not (full and tail):  # one tile height: one GEMM call, no slicing (a slice costs ~1 us)
         h = h if tail else ROW_TILE
         t = mp // h
         gemm(a.view(t, h, k), bp.expand(t, k, np_), out.view(t, h, np_), bp_bias)
-    else:
-        t = full // ROW_TILE
-        gemm(a[:full].view(t, ROW_TILE, k), bp.expand(t, k, np_), out[:full].view(t, ROW_TILE, np_), bp_bias)
-        t = tail // h
-        gemm(a[full:].view(t, h, k), bp.expand(t, k, np_), out[full:].view(t, h, np_), bp_bias)
+        return out
+    r0 = 0
+    for rows, height in ((big, BIG_TILE), (full, ROW_TILE), (tail, h)):
+        if rows:
+            t = rows // height
+            gemm(a[r0 : r0 + rows].view(t, height, k), bp.expand(t, k, np_), out[r0 : r0 + rows].view(t, height, np_),
+                 bp_bias)
+            r0 += rows
     return out
 
 

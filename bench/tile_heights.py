@@ -1,0 +1,109 @@
+"""Row-tile heights on the CPU path: does a row's result depend on how many rows its GEMM problem has, and what
+do taller tiles save?
+
+The CPU path of deterministic mode runs every GEMM as a batch of identical ``[height, K] @ [K, N]`` problems
+(``jetdet/kernels/matmul/torch_path.py``). Which height a row lands in depends on M (full tiles, then a padded
+tail), so the path needs a row's bits to be the same at every height it uses (8, 32 and 128). This checks that on
+the machine it runs on, over random K and N, at 1 and 2 threads, for the heights the path uses and a few it does
+not (4, 16, 64, 256), and times one DiT-size linear at heights 32 and 128 against ``F.linear``.
+
+    python bench/tile_heights.py [--shapes 60] [--seed 0]
+
+Prints one line per height: shapes whose rows differ from the 8-row problem's (at either thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+from jetdet.kernels.matmul import torch_path as tp  # noqa: E402
+
+HEIGHTS = (4, 8, 16, 32, 64, 128, 256)
+ROWS = 256
+
+
+def _shape(rng: random.Random) -> tuple[int, int]:
+    k = rng.choice([rng.randint(1, 64), rng.randint(65, 800), rng.randint(769, 5000), rng.randint(5000, 12288),
+                    1100, 1152, 1280, 1428, 3072, 4096, 5120])  # fmt: skip
+    n = rng.choice([16, 64, 128, 320, 640, 1152, 1280, 3072, 4608, rng.randint(1, 400) * 16])
+    if k * n > 40_000_000:
+        n = max(16, 40_000_000 // k // 16 * 16)
+    return k, n
+
+
+def _rows(a: torch.Tensor, b: torch.Tensor, height: int) -> torch.Tensor:
+    t = ROWS // height
+    out = torch.empty(t, height, b.shape[1])
+    tp.gemm(a.view(t, height, a.shape[1]), b.expand(t, *b.shape), out)
+    return out.view(ROWS, -1)
+
+
+def _ms(fn, repeats=3) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    threads = torch.get_num_threads()
+    differs = {h: [] for h in HEIGHTS}
+    try:
+        for _ in range(args.shapes):
+            k, n = _shape(rng)
+            a, b = torch.randn(ROWS, k), torch.randn(k, n)
+            for th in (1, 2):
+                torch.set_num_threads(th)
+                ref = _rows(a, b, 8)
+                for h in HEIGHTS:
+                    if not torch.equal(_rows(a, b, h), ref) and (k, n) not in differs[h]:
+                        differs[h].append((k, n))
+        torch.set_num_threads(threads)
+        print(f"{args.shapes} random [{ROWS}, K] @ [K, N] (seed {args.seed}), 1 and 2 threads; rows against the 8-row "
+              f"problems' (the CPU path uses 8, {tp.ROW_TILE} and {tp.BIG_TILE}):")
+        for h, bad in differs.items():
+            used = " (used)" if h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) else ""
+            print(f"  height {h:>3}{used:<7} shapes that differ: {len(bad):>3}  {bad[:4]}")
+        m, k, n = 1024, 3072, 12288
+        x = torch.randn(m, k)
+        w = torch.nn.Parameter(torch.randn(n, k) * k**-0.5, requires_grad=False)  # a layer's: its pack is cached
+        wt = w.t()
+        saved = tp.BIG_TILE_MIN_KN
+        try:
+            tp.BIG_TILE_MIN_KN = 1 << 62
+            t32 = _ms(lambda: tp.mm_f32(x, wt))
+            tp.BIG_TILE_MIN_KN = saved
+            t128 = _ms(lambda: tp.mm_f32(x, wt))
+        finally:
+            tp.BIG_TILE_MIN_KN = saved
+        t_f = _ms(lambda: F.linear(x, w))
+        print(f"[{m}, {k}] @ [{k}, {n}], {threads} threads, median of 3: F.linear {t_f:.0f} ms, "
+              f"CPU path in {tp.ROW_TILE}-row tiles {t32:.0f} ms, with {tp.BIG_TILE}-row tiles {t128:.0f} ms")
+    finally:
+        torch.set_num_threads(threads)
+    used_bad = [h for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if differs[h]]
+    if used_bad:
+        print(f"FAIL: rows differ between heights the CPU path uses ({used_bad}): it is not batch invariant here")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
