@@ -145,6 +145,7 @@ def test_each_stream_waits_for_a_copy_and_is_recorded_on_it_once(monkeypatch):
 
     current = {"s": Stream(1)}
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["s"])
+    monkeypatch.setattr(tp, "_current_raw_stream", lambda device: current["s"].cuda_stream)
     b, copy, streams = torch.zeros(1), Copy(), set()
     tp._use_on_stream(b, copy, "done", streams)
     tp._use_on_stream(b, copy, "done", streams)  # the same stream again: nothing more
