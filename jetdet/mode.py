@@ -1245,7 +1245,8 @@ _AUTOCAST_FP32_CUDA = frozenset({F.layer_norm, torch.layer_norm, F.group_norm, t
 def _torch_autocasts_rms_norm_on_cuda() -> bool:
     """Whether this torch registers a CUDA autocast kernel for ``aten::rms_norm``: torch 2.12 put it on the
     "autocast to float32" list (2.11 and earlier: on no list, so the output keeps the input's dtype). Read from the
-    dispatcher's table, which CPU builds have too."""
+    dispatcher's table, which CPU builds have too. The table says that a CUDA autocast kernel exists, not which
+    policy it has (every registration names the same source line): fp32, the policy of 2.12 and 2.13, is assumed."""
     try:
         return "AutocastCUDA:" in torch._C._dispatch_dump("aten::rms_norm")
     except Exception:  # noqa: BLE001 - no such op (torch < 2.4) or no dump: torch's older behaviour

@@ -312,3 +312,22 @@ def test_large_attention_in_chunks_gives_the_whole_calls_bits(monkeypatch, mask)
         assert torch.equal(torch.nan_to_num(chunked), torch.nan_to_num(whole)), elems
         assert not batch_mismatches(lambda qq, kk, vv: attention_torch.attention(qq, kk, vv, m if m is None or
                                     m.shape[0] == 1 else m[: qq.shape[0]]), [q, k, v], windows=[(0, 1)], full=chunked)
+
+
+def test_large_attention_in_chunks_takes_strided_and_16_bit_inputs(monkeypatch):
+    """Chunked attention on q/k/v as models pass them (heads split from a packed qkv by a transpose, so no
+    dimension is contiguous in the [b, h, n, d] view; fp16), with the grouped GEMM's per-group loop forced on:
+    the bits of the one-call path."""
+    g = torch.Generator().manual_seed(9)
+    b, h, n, d = 2, 3, 90, 8
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(torch.float16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, h, n, d], strided
+    assert not q.is_contiguous()
+    whole = attention_torch.attention(q, k, v)
+    monkeypatch.setattr(attention_torch, "SCORE_CHUNK_ELEMS", 2 * n * n)  # chunks of two heads: groups of 2
+    from jetdet.kernels.matmul import torch_path as mm
+
+    for loop in (1 << 62, 0):
+        monkeypatch.setattr(mm, "GROUP_LOOP_ELEMS", loop)
+        out = attention_torch.attention(q, k, v)
+        assert out.dtype == torch.float16 and torch.equal(out, whole), loop

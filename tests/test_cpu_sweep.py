@@ -4,6 +4,7 @@ mm without N padding 10 of 150 shapes: the sweep is what caught both.)"""
 
 import random
 
+import pytest
 import torch
 from _invariance import batch_mismatches
 
@@ -102,3 +103,36 @@ def test_mm_with_128_row_tiles_is_batch_invariant(restore_threads, monkeypatch):
                                     windows=[(3, 300), (0, 256), (100, m)], full=ref)
             bad += [(m, k, n, th, w) for w in diff]
     assert not bad, bad
+
+
+#: K x N where 256-row problems gave other bits than 8-row ones on this Xeon (bench/tile_heights.py)
+_LARGE_K = [(1100, 4368), (1280, 2592), (2585, 3072)]
+
+
+def _big_tile_mismatches(rng, m=520):
+    bad = []
+    for k, n in _LARGE_K:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        ref = mm_torch.mm_f32(a, b)
+        diff = batch_mismatches(mm_torch.mm_f32, [a], [b], slots=rng.sample(range(m), 2), windows=[(7, 270)], full=ref)
+        bad += [(k, n, w) for w in diff]
+    return bad
+
+
+def test_mm_with_128_row_tiles_at_large_k(restore_threads):
+    """The 128-row tiles at the K and N where MKL's blocking depends on the problem's rows (found at 256 rows): rows
+    alone and in windows against the whole, at the shipped threshold (these shapes pass it), 2 and 1 threads."""
+    rng = random.Random(5)
+    assert all(k * -(-n // 16) * 16 >= mm_torch.BIG_TILE_MIN_KN for k, n in _LARGE_K)
+    for th in (2, 1):
+        torch.set_num_threads(th)
+        assert not _big_tile_mismatches(rng)
+
+
+def test_negative_control_256_row_tiles_at_large_k(restore_threads, monkeypatch):
+    """The test above can fail: with 256-row tiles (which bench/tile_heights.py finds differ from 8-row ones here)
+    the same check sees rows change with the batch. Skips on a CPU where 256-row problems happen to agree."""
+    monkeypatch.setattr(mm_torch, "BIG_TILE", 256)
+    torch.set_num_threads(2)
+    if not _big_tile_mismatches(random.Random(5)):
+        pytest.skip("256-row problems give the 8-row problems' bits on this CPU")

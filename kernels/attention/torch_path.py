@@ -9,8 +9,7 @@ from ..matmul.torch_path import ROW_TILE, _tiled_bmm, bmm_f32, f32, pad_cols
 #: Attention whose score matrix (items x heads x queries x keys) has more elements than this (8 MB of fp32) runs
 #: in chunks of about this many scores (heads, and query rows in multiples of ROW_TILE), each chunk's scores made,
 #: softmaxed and multiplied by v while they are in cache. The same GEMM problems and row softmaxes, so the same
-#: bits (tests/test_cpu_path_details.py). On this 2-core CPU: [2, 8, 4096, 40] (an SD1.5 64x64 self-attention)
-#: 1006 -> 330 ms, [1, 24, 1024, 128] 129 -> 63 ms; torch's SDPA: 196 and 46 ms.
+#: bits (tests/test_cpu_path_details.py). `python bench/cpu_large.py --parts` times both ways beside torch's SDPA.
 SCORE_CHUNK_ELEMS = 1 << 21
 
 

@@ -5,10 +5,12 @@ Why this is needed: MKL's fp32 GEMM picks its blocking and thread split from the
 class of machine ``(x @ W)[:1]`` differs from ``x[:1] @ W`` at M=257 (~2e-5), and mkldnn's conv2d differs
 between batch 1 and batch 6 (~8e-7). Row *i* of a GEMM must not depend on how many rows there are.
 
-How: every GEMM is cut into row tiles of a fixed height ``ROW_TILE`` (rows past the last full tile go into
-zero-padded tiles of ``TAIL_TILE`` rows) and run as batched GEMMs of identical ``[tile, K] @ [K, N]``
-problems. Each problem has the same shape whatever the batch, so MKL runs the same code path with the same K
-order for every row, and a row's result depends only on that row. Convolution is one strided im2col gather
+How: every GEMM is cut into row tiles of a fixed height ``ROW_TILE`` (large GEMMs put their rows in
+``BIG_TILE``-row tiles first; rows past the last full tile go into zero-padded tiles of ``TAIL_TILE`` rows) and
+run as batched GEMMs of identical ``[tile, K] @ [K, N]`` problems, so MKL runs the same code path with the same K
+order for every row of a problem. Which height a row gets depends on M, so the path rests on one measured premise:
+a row's bits are the same in an 8-, 32- and 128-row problem (``bench/tile_heights.py`` checks it on the machine it
+runs on; it held for 4..128 and failed at 256 on the CPUs measured). Convolution is one strided im2col gather
 per item followed by one GEMM per item, ``W [O, C*kh*kw] @ cols [C*kh*kw, Ho*Wo]``, all items' problems
 identical and batched. Attention is two row-tiled GEMMs around a row-wise softmax. Norms and softmax use
 torch's row-wise CPU kernels, which reduce each row serially in an order fixed by the row length; reductions
@@ -251,9 +253,9 @@ def _tiled_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # A grouped GEMM whose per-tile copies of b would pass this many elements (4 MB of fp32) runs one call per group
-# instead. Attention's products at a Flux-like size ([24 heads, 1024 rows, 1024 keys] @ [1024, 128]) took 131 ms
-# with the copies and 21 ms without them (torch.bmm: 20 ms) on this 2-core CPU; a loop over many tiny groups
-# (64 x [77, 40] @ [40, 77]) costs more in Python than the copy (0.86 against 0.54 ms), hence the threshold.
+# instead (`python bench/cpu_large.py --parts` times attention's product at a Flux-like size both ways); a loop
+# over many tiny groups (64 x [77, 40] @ [40, 77]) cost more in Python than the copy (0.86 against 0.54 ms in a
+# one-off run), hence the threshold.
 GROUP_LOOP_ELEMS = 1 << 20
 
 
@@ -267,8 +269,8 @@ TAIL_TILE = 8
 
 # A GEMM with K x N of at least BIG_TILE_MIN_KN and at least two BIG_TILE-row tiles' worth of rows runs those
 # tiles BIG_TILE rows high, and the rest as below. MKL's batched GEMM repacks b for every problem, so at DiT sizes
-# 32-row problems spend most of their time doing that: [1024, 3072] @ [3072, 12288] took 565 ms in 32-row tiles,
-# 346 ms in 128-row ones, 250 ms as F.linear (2 threads, this CPU). A row's bits are the same in an 8-, 32- or
+# 32-row problems spend most of their time doing that (`python bench/cpu_large.py --parts` times a
+# [1024, 3072] @ [3072, 12288] GEMM both ways beside F.linear). A row's bits are the same in an 8-, 32- or
 # 128-row problem (measured: bench/tile_heights.py, heights 8..128 at 1 and 2 threads), so which rows go into
 # which height, which depends on M, changes no row; 256-row problems change MKL's K blocking for some K (1100, 1428
 # at N 640) and are not used.
