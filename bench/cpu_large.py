@@ -7,14 +7,23 @@ Three forwards at batch 2, mode off against ``jetdet.mode("deterministic")``, in
 - two adaLN-Zero DiT blocks (``jetdet.models.toy.TinyDiTBlock``) at width 1152, 16 heads (DiT-XL, PixArt), 1024
   tokens;
 - the same at width 3072, 24 heads (Flux's width), 1280 tokens (1024 image + 256 text);
-- an SD1.5-type self-attention over a 64x64 latent: 4096 tokens, 8 heads of 40, with its q/k/v/out linears.
+- an SD1.5-type self-attention over a 64x64 latent: 4096 tokens, 8 heads of 40, with its q/k/v/out linears;
+- the width-3072 DiT blocks at 24 tokens per item, batch 4 (96 rows per GEMM: a tiny test latent, where the
+  CPU path's 32-row problems each repack the whole weight).
 
-    python bench/cpu_large.py [--repeats 3] [--threads N]
+``--parts`` times the pieces that decide those figures, each with the CPU path's setting on and off (module
+attributes of ``jetdet/kernels/*/torch_path.py``) beside torch's own op: a large GEMM in 32- and 128-row tiles
+(``BIG_TILE_MIN_KN``), attention's grouped GEMM with and without its per-group loop (``GROUP_LOOP_ELEMS``), and
+attention whole and in chunks (``SCORE_CHUNK_ELEMS``). Same bits either way (tests/test_cpu_sweep.py,
+tests/test_cpu_path_details.py).
+
+    python bench/cpu_large.py [--repeats 3] [--threads N] [--parts]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -57,10 +66,62 @@ class SelfAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, n, d))
 
 
+def _ms(fn, repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+@contextlib.contextmanager
+def _setting(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def parts(repeats: int) -> int:
+    from jetdet.kernels.attention import torch_path as at
+    from jetdet.kernels.matmul import torch_path as mm
+
+    g = torch.Generator().manual_seed(0)
+    off = 1 << 62
+    print(f"{torch.get_num_threads()} threads, median of {repeats}; ms")
+    x = torch.randn(1024, 3072, generator=g)
+    w = nn.Parameter(torch.randn(12288, 3072, generator=g) * 3072**-0.5, requires_grad=False)  # its pack is cached
+    with _setting(mm, "BIG_TILE_MIN_KN", off):
+        t32 = _ms(lambda: mm.mm_f32(x, w.t()), repeats)
+    t128 = _ms(lambda: mm.mm_f32(x, w.t()), repeats)
+    print(f"  [1024, 3072] @ [3072, 12288]: F.linear {_ms(lambda: F.linear(x, w), repeats):7.1f}   CPU path, 32-row "
+          f"tiles only {t32:7.1f}   with 128-row tiles {t128:7.1f}")
+    a, b = torch.randn(24, 1024, 1024, generator=g), torch.randn(24, 1024, 128, generator=g)
+    with _setting(mm, "GROUP_LOOP_ELEMS", off):
+        t_copy = _ms(lambda: mm.bmm_f32(a, b), repeats)
+    t_loop = _ms(lambda: mm.bmm_f32(a, b), repeats)
+    print(f"  [24, 1024, 1024] @ [24, 1024, 128]: torch.bmm {_ms(lambda: torch.bmm(a, b), repeats):7.1f}   CPU path, "
+          f"b copied per tile {t_copy:7.1f}   one call per group {t_loop:7.1f}")
+    for shape in ((2, 8, 4096, 40), (1, 24, 1024, 128)):
+        qkv = [torch.randn(*shape, generator=g) for _ in range(3)]
+        with _setting(at, "SCORE_CHUNK_ELEMS", off):
+            t_whole = _ms(lambda qkv=qkv: at.attention(*qkv), repeats)
+        t_chunks = _ms(lambda qkv=qkv: at.attention(*qkv), repeats)
+        t_sdpa = _ms(lambda qkv=qkv: F.scaled_dot_product_attention(*qkv), repeats)
+        print(f"  attention {list(shape)}: SDPA {t_sdpa:7.1f}   CPU path, whole score matrix {t_whole:7.1f}   in "
+              f"chunks {t_chunks:7.1f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--parts", action="store_true", help="time the CPU path's pieces with each setting on and off")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,9 +134,13 @@ def main(argv=None) -> int:
          (torch.randn(2, 1280, 3072, generator=g), torch.randn(2, 3072, generator=g))),
         ("SD1.5 self-attention, 4096 tokens, 8 heads of 40", SelfAttention(),
          (torch.randn(2, 4096, 320, generator=g),)),
+        ("DiT blocks x2, width 3072, 24 tokens, batch 4", DiT(3072, 24),
+         (torch.randn(4, 24, 3072, generator=g), torch.randn(4, 3072, generator=g))),
     ]
-    print(f"batch 2, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats} "
-          "interleaved runs")
+    if args.parts:
+        return parts(args.repeats)
+    print(f"batch 2 unless named, {torch.get_num_threads()} threads, torch {torch.__version__}, median of "
+          f"{args.repeats} interleaved runs")
     print(f"{'model':<52} {'off ms':>9} {'det ms':>9} {'det/off':>8}")
     for name, model, inp in cases:
         model.eval()

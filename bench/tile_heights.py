@@ -1,11 +1,10 @@
-"""Row-tile heights on the CPU path: does a row's result depend on how many rows its GEMM problem has, and what
-do taller tiles save?
+"""Row-tile heights on the CPU path: does a row's result depend on how many rows its GEMM problem has?
 
 The CPU path of deterministic mode runs every GEMM as a batch of identical ``[height, K] @ [K, N]`` problems
 (``jetdet/kernels/matmul/torch_path.py``). Which height a row lands in depends on M (full tiles, then a padded
 tail), so the path needs a row's bits to be the same at every height it uses (8, 32 and 128). This checks that on
 the machine it runs on, over random K and N, at 1 and 2 threads, for the heights the path uses and a few it does
-not (4, 16, 64, 256), and times one DiT-size linear at heights 32 and 128 against ``F.linear``.
+not (4, 16, 64, 256). (``python bench/cpu_large.py --parts`` times what the taller tiles save.)
 
     python bench/tile_heights.py [--shapes 60] [--seed 0]
 
@@ -16,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 from jetdet.kernels.matmul import torch_path as tp  # noqa: E402
@@ -44,16 +40,6 @@ def _rows(a: torch.Tensor, b: torch.Tensor, height: int) -> torch.Tensor:
     out = torch.empty(t, height, b.shape[1])
     tp.gemm(a.view(t, height, a.shape[1]), b.expand(t, *b.shape), out)
     return out.view(ROWS, -1)
-
-
-def _ms(fn, repeats=3) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
 
 
 def main(argv=None) -> int:
@@ -81,21 +67,6 @@ def main(argv=None) -> int:
         for h, bad in differs.items():
             used = " (used)" if h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) else ""
             print(f"  height {h:>3}{used:<7} shapes that differ: {len(bad):>3}  {bad[:4]}")
-        m, k, n = 1024, 3072, 12288
-        x = torch.randn(m, k)
-        w = torch.nn.Parameter(torch.randn(n, k) * k**-0.5, requires_grad=False)  # a layer's: its pack is cached
-        wt = w.t()
-        saved = tp.BIG_TILE_MIN_KN
-        try:
-            tp.BIG_TILE_MIN_KN = 1 << 62
-            t32 = _ms(lambda: tp.mm_f32(x, wt))
-            tp.BIG_TILE_MIN_KN = saved
-            t128 = _ms(lambda: tp.mm_f32(x, wt))
-        finally:
-            tp.BIG_TILE_MIN_KN = saved
-        t_f = _ms(lambda: F.linear(x, w))
-        print(f"[{m}, {k}] @ [{k}, {n}], {threads} threads, median of 3: F.linear {t_f:.0f} ms, "
-              f"CPU path in {tp.ROW_TILE}-row tiles {t32:.0f} ms, with {tp.BIG_TILE}-row tiles {t128:.0f} ms")
     finally:
         torch.set_num_threads(threads)
     used_bad = [h for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if differs[h]]
