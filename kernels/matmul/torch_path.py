@@ -10,8 +10,8 @@ How: every GEMM is cut into row tiles of a fixed height ``ROW_TILE`` (large GEMM
 run as batched GEMMs of identical ``[tile, K] @ [K, N]`` problems, so MKL runs the same code path with the same K
 order for every row of a problem. Which height a row gets depends on M, so the path rests on one measured premise:
 a row's bits are the same in an 8-, 32- and 128-row problem (``bench/tile_heights.py`` checks it on the machine it
-runs on; it held for 4..128 and failed at 256 on the CPUs measured). Convolution is one strided im2col gather
-per item followed by one GEMM per item, ``W [O, C*kh*kw] @ cols [C*kh*kw, Ho*Wo]``, all items' problems
+runs on; on the Intel Xeon it was measured on it held for 4..128 and failed at 256). Convolution is one strided
+im2col gather per item followed by one GEMM per item, ``W [O, C*kh*kw] @ cols [C*kh*kw, Ho*Wo]``, all items' problems
 identical and batched. Attention is two row-tiled GEMMs around a row-wise softmax. Norms and softmax use
 torch's row-wise CPU kernels, which reduce each row serially in an order fixed by the row length; reductions
 are kept to >= 2 output rows, because torch splits a reduction across threads only when it has a single
