@@ -4,7 +4,7 @@ what grows with width: GEMM size and attention's score matrix).
 Three forwards at batch 2, mode off against ``jetdet.mode("deterministic")``, interleaved, median of
 ``--repeats``:
 
-- two adaLN-Zero DiT blocks (``jetdet.models.toy.TinyDiTBlock``) at width 1152, 16 heads (DiT-XL, PixArt), 1024
+- two adaLN-Zero DiT blocks (``jetdet.models.toy.DiTStack``) at width 1152, 16 heads (DiT-XL, PixArt), 1024
   tokens;
 - the same at width 3072, 24 heads (Flux's width), 1280 tokens (1024 image + 256 text);
 - an SD1.5-type self-attention over a 64x64 latent: 4096 tokens, 8 heads of 40, with its q/k/v/out linears;
@@ -34,18 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 import jetdet  # noqa: E402
-from jetdet.models.toy import TinyDiTBlock  # noqa: E402
-
-
-class DiT(nn.Module):
-    def __init__(self, width, heads, depth=2):
-        super().__init__()
-        self.blocks = nn.ModuleList(TinyDiTBlock(width, heads) for _ in range(depth))
-
-    def forward(self, x, c):
-        for blk in self.blocks:
-            x = blk(x, c)
-        return x
+from jetdet.models.toy import DiTStack  # noqa: E402
 
 
 class SelfAttention(nn.Module):
@@ -128,13 +117,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     cases = [
-        ("DiT blocks x2, width 1152, 16 heads, 1024 tokens", DiT(1152, 16),
+        ("DiT blocks x2, width 1152, 16 heads, 1024 tokens", DiTStack(1152, 16, 2),
          (torch.randn(2, 1024, 1152, generator=g), torch.randn(2, 1152, generator=g))),
-        ("DiT blocks x2, width 3072, 24 heads, 1280 tokens", DiT(3072, 24),
+        ("DiT blocks x2, width 3072, 24 heads, 1280 tokens", DiTStack(3072, 24, 2),
          (torch.randn(2, 1280, 3072, generator=g), torch.randn(2, 3072, generator=g))),
         ("SD1.5 self-attention, 4096 tokens, 8 heads of 40", SelfAttention(),
          (torch.randn(2, 4096, 320, generator=g),)),
-        ("DiT blocks x2, width 3072, 24 tokens, batch 4", DiT(3072, 24),
+        ("DiT blocks x2, width 3072, 24 tokens, batch 4", DiTStack(3072, 24, 2),
          (torch.randn(4, 24, 3072, generator=g), torch.randn(4, 3072, generator=g))),
     ]
     if args.parts:

@@ -1001,25 +1001,10 @@ class UNetStage(nn.Module):
         return x
 
 
-class DiTStack(nn.Module):
-    """``depth`` adaLN-Zero DiT blocks (jetdet.models.toy) on tokens ``[B, N, width]`` with a condition
-    ``[B, width]``: a DiT's transformer trunk without the patch embedding."""
-
-    def __init__(self, width, heads, depth):
-        super().__init__()
-        from jetdet.models.toy import TinyDiTBlock
-
-        self.blocks = nn.ModuleList(TinyDiTBlock(width, heads) for _ in range(depth))
-
-    def forward(self, h, c):
-        for blk in self.blocks:
-            h = blk(h, c)
-        return h
-
-
 def model_speed(run: Run, out: dict) -> None:
     import jetdet
     from jetdet.models import TinyDiT, TinyUNet, make_toy_inputs
+    from jetdet.models.toy import DiTStack
 
     rows = []
     torch.manual_seed(0)
@@ -1151,6 +1136,7 @@ def compiled(run: Run, out: dict) -> None:
     compiled off and eager deterministic. Each batch size is its own compile (static shapes, as CUDA graphs need),
     so the checks use batch 4 and batch 1 only."""
     import jetdet
+    from jetdet.models.toy import DiTStack
 
     torch.manual_seed(0)
     width, heads, depth, tok = (64, 2, 2, 64) if run.dry else (1024, 16, 8, 1024)

@@ -117,6 +117,20 @@ class TinyDiTBlock(nn.Module):
         return x + g2[:, None] * self.mlp(_modulate(self.n2(x), sh2, sc2))
 
 
+class DiTStack(nn.Module):
+    """``depth`` :class:`TinyDiTBlock` blocks on tokens ``[B, N, width]`` with a condition ``[B, width]``: a DiT's
+    transformer trunk without the patch embedding, at any width (the benches' real-width models)."""
+
+    def __init__(self, width, heads, depth):
+        super().__init__()
+        self.blocks = nn.ModuleList(TinyDiTBlock(width, heads) for _ in range(depth))
+
+    def forward(self, h, c):
+        for blk in self.blocks:
+            h = blk(h, c)
+        return h
+
+
 class TinyDiT(nn.Module):
     def __init__(self, in_ch=4, size=16, patch=2, d=96, depth=3, heads=4, classes=10, seed=0):
         super().__init__()
