@@ -1078,18 +1078,40 @@ def _tma_row(run: Run, name: str, fwd, t_off: float) -> dict:
     return {"det_tma_ms": t, "det_tma_over_off": t / t_off, "det_tma_item_equals_batch": same}
 
 
+def _last_spatial_conv(model: nn.Module) -> nn.Conv2d | None:
+    """The model's last conv with a filter wider than 1x1 (one whose weight the conv kernel reads from a packed copy).
+    The last: in a ResBlock its output reaches the residual sum with no norm after it, so a change of its weight is
+    not normalised away."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    return convs[-1] if convs else None
+
+
+@contextlib.contextmanager
+def _conv_weight_scaled(conv: nn.Conv2d, factor: float = 1.5):
+    """``conv``'s weight multiplied by ``factor`` in place (as applying a LoRA changes it) inside the block, put back
+    bit for bit afterwards, also on an error."""
+    saved = conv.weight.detach().clone()
+    with torch.no_grad():
+        conv.weight.mul_(factor)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            conv.weight.copy_(saved)
+
+
 def _graph_row(run: Run, name: str, fwd, t_off: float, model: nn.Module | None = None) -> dict:
     """The deterministic forward captured in a CUDA graph (what takes away eager mode's per-call host cost without
     a compiler; ``tests/test_capture_safe.py`` checks on CPU that the routed path can be captured): replay time,
     and bitwise checks: the replay equals the eager deterministic forward, and a graph of item 2 alone equals the
-    batch graph's item 2. For a model with a 3x3 conv, also: after an in-place change of that conv's weight (what
-    applying a LoRA does) the replay equals the eager forward again, so the graph does not read a stale packed
-    copy of the weight (``tests/test_pack_graphs.py``). An error (a capture that fails) is recorded, and the
+    batch graph's item 2. For a model with a 3x3 conv, also: after an in-place change of its last such conv's
+    weight (:func:`_conv_weight_scaled`, what applying a LoRA does) the replay equals the eager forward again, so
+    the graph does not read a stale packed copy of the weight (``tests/test_pack_graphs.py``). An error (a capture
+    that fails) is recorded, and the
     section goes on."""
     import jetdet
 
-    conv = next((m for m in (model.modules() if model is not None else ()) if isinstance(m, nn.Conv2d)
-                 and m.kernel_size != (1, 1)), None)
+    conv = _last_spatial_conv(model) if model is not None else None
     try:
         with torch.no_grad(), jetdet.mode("deterministic"):
             eager = fwd().clone()
@@ -1104,18 +1126,11 @@ def _graph_row(run: Run, name: str, fwd, t_off: float, model: nn.Module | None =
         checks = {"replay == eager": torch.equal(batch_out, eager), "item 2 alone": torch.equal(one_out,
                                                                                                 batch_out[2:3])}
         if conv is not None:
-            saved = conv.weight.detach().clone()
-            try:
-                with torch.no_grad(), jetdet.mode("deterministic"):
-                    conv.weight.mul_(1.5)
-                    replay()
-                    changed = fwd().clone()
-                    run.sync()
-                    checks["replay == eager after a conv weight changed in place"] = torch.equal(batch_out,
-                                                                                                 changed)
-            finally:
-                with torch.no_grad():
-                    conv.weight.copy_(saved)
+            with _conv_weight_scaled(conv), torch.no_grad(), jetdet.mode("deterministic"):
+                replay()
+                changed = fwd().clone()
+                run.sync()
+                checks["replay == eager after a conv weight changed in place"] = torch.equal(batch_out, changed)
             replay()  # the static output back to the unchanged weight's, for the timing below
         for what, ok in checks.items():
             if not ok:
@@ -1221,12 +1236,9 @@ def _compiled_unet(run: Run, cmode: str, first_call) -> dict:
             again = det_c(x).clone()
             one = det_c(x[2:3]).clone()
             eager = model(x).clone()
-            conv = model.blocks[-1][3]  # the last conv, whose output reaches the residual sum with no norm after it
-            saved = conv.weight.clone()
-            conv.weight.mul_(1.5)
-            changed = det_c(x).clone()
-            eager_changed = model(x).clone()
-            conv.weight.copy_(saved)
+            with _conv_weight_scaled(_last_spatial_conv(model)):
+                changed = det_c(x).clone()
+                eager_changed = model(x).clone()
             t_det_c = run.time_ms(lambda: det_c(x))
         t_off = run.time_ms(lambda: model(x))
 

@@ -29,6 +29,16 @@ def _run(tmp_path, *args, timeout=1200, interpreter=True):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
 
 
+def _gpu_check():
+    """bench/gpu_check.py as a module (it is a script, not in a package)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return gpu_check
+
+
 def test_dry_run_goes_through_every_section(tmp_path):
     out = _run(tmp_path, "--budget-s", "1000", "--sweep")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -140,11 +150,7 @@ def test_precompile_record_pass(tmp_path):
 def test_markdown_reports_an_op_that_raised(tmp_path):
     """An op that raised on the GPU leaves a row with only its name, dtype and error. The Markdown report shows it,
     instead of failing on the missing accuracy keys (and hiding the run's verdict). The dry run cannot raise there."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_check = _gpu_check()
     ok = {"op": "linear", "dtype": "float16", "max_err": 1e-4, "tol": 4e-3, "scale": 1.0, "prefix_differs": [],
           "needle_differs": []}
     bad = {"op": "attention_d512", "dtype": "bfloat16", "error": "OutOfResources: shared memory"}
@@ -159,11 +165,7 @@ def test_a_graph_that_reads_a_stale_conv_weight_fails_the_run():
     """The weight-change check of ``_graph_row`` (a captured deterministic forward must follow an in-place change of
     a conv weight) can fail: a "graph" whose replay keeps its first output, as one reading a stale packed copy of
     the weight would, is reported. The dry run's replays recompute, so they cannot show this."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_check = _gpu_check()
 
     class StaleRun:
         dev = torch.device("cpu")
@@ -201,11 +203,7 @@ def test_an_error_in_the_compiled_unet_stage_fails_the_run(monkeypatch):
     not a correctness section."""
     import argparse
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_check = _gpu_check()
 
     def refused(*a, **k):
         raise RuntimeError("These live storage data ptrs are in the cudagraph pool but not accounted for")
