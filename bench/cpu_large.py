@@ -9,11 +9,12 @@ Three forwards at batch 2, mode off against ``jetdet.mode("deterministic")``, in
 - the same at width 3072, 24 heads (Flux's width), 1280 tokens (1024 image + 256 text);
 - an SD1.5-type self-attention over a 64x64 latent: 4096 tokens, 8 heads of 40, with its q/k/v/out linears;
 - the width-3072 DiT blocks at 24 tokens per item, batch 4 (96 rows per GEMM: a tiny test latent, where the
-  CPU path's 32-row problems each repack the whole weight).
+  CPU path's 32-row problems each repacked the whole weight before its GEMMs ran in column chunks).
 
 ``--parts`` times the pieces that decide those figures, each with the CPU path's setting on and off (module
 attributes of ``jetdet/kernels/*/torch_path.py``) beside torch's own op: a large GEMM in 32- and 128-row tiles
-(``BIG_TILE_MIN_KN``), attention's grouped GEMM with and without its per-group loop (``GROUP_LOOP_ELEMS``), and
+(``BIG_TILE_MIN_KN``), GEMMs of 24, 96 and 200 rows against the same weight in whole-width problems and in column
+chunks (``CHUNK_BELOW_ROWS``), attention's grouped GEMM with and without its per-group loop (``GROUP_LOOP_ELEMS``), and
 attention whole and in chunks (``SCORE_CHUNK_ELEMS``). Same bits either way (tests/test_cpu_sweep.py,
 tests/test_cpu_path_details.py).
 
@@ -89,6 +90,13 @@ def parts(repeats: int) -> int:
     t128 = _ms(lambda: mm.mm_f32(x, w.t()), repeats)
     print(f"  [1024, 3072] @ [3072, 12288]: F.linear {_ms(lambda: F.linear(x, w), repeats):7.1f}   CPU path, 32-row "
           f"tiles only {t32:7.1f}   with 128-row tiles {t128:7.1f}")
+    for rows in (24, 96, 200):
+        xs = torch.randn(rows, 3072, generator=g)
+        with _setting(mm, "CHUNK_BELOW_ROWS", 0):
+            t_tiles = _ms(lambda xs=xs: mm.mm_f32(xs, w.t()), repeats)
+        t_chunks = _ms(lambda xs=xs: mm.mm_f32(xs, w.t()), repeats)
+        print(f"  [{rows}, 3072] @ [3072, 12288]: F.linear {_ms(lambda xs=xs: F.linear(xs, w), repeats):7.1f}   "
+              f"CPU path, whole-width problems {t_tiles:7.1f}   in column chunks {t_chunks:7.1f}")
     a, b = torch.randn(24, 1024, 1024, generator=g), torch.randn(24, 1024, 128, generator=g)
     with _setting(mm, "GROUP_LOOP_ELEMS", off):
         t_copy = _ms(lambda: mm.bmm_f32(a, b), repeats)

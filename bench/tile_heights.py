@@ -1,14 +1,19 @@
-"""Row-tile heights on the CPU path: does a row's result depend on how many rows its GEMM problem has?
+"""Row-tile heights and column chunks on the CPU path: does a row's result depend on how many rows its GEMM problem
+has, or on whether the problem spans the weight's whole width or one column chunk of it?
 
 The CPU path of deterministic mode runs every GEMM as a batch of identical ``[height, K] @ [K, N]`` problems
 (``jetdet/kernels/matmul/torch_path.py``). Which height a row lands in depends on M (full tiles, then a padded
 tail), so the path needs a row's bits to be the same at every height it uses (8, 32 and 128). This checks that on
 the machine it runs on, over random K and N, at 1 and 2 threads, for the heights the path uses and a few it does
-not (4, 16, 64, 256). (``python bench/cpu_large.py --parts`` times what the taller tiles save.)
+not (4, 16, 64, 256). GEMMs of fewer than ``CHUNK_BELOW_ROWS`` rows against a large weight run their row tiles in
+column chunks (``chunk_cols(N)`` wide), so for every N with such a width it also checks the chunks' rows against the
+whole-width problem's at heights 8, 32 and 128. (``python bench/cpu_large.py --parts`` times what the taller tiles
+and the chunks save.)
 
     python bench/tile_heights.py [--shapes 60] [--seed 0]
 
-Prints one line per height: shapes whose rows differ from the 8-row problem's (at either thread count).
+Prints one line per height: shapes whose rows differ from the 8-row problem's (at either thread count), and one
+for the column chunks. Exits 1 where a height or chunking the path uses differs.
 """
 
 from __future__ import annotations
@@ -42,6 +47,17 @@ def _rows(a: torch.Tensor, b: torch.Tensor, height: int) -> torch.Tensor:
     return out.view(ROWS, -1)
 
 
+def _chunked_rows(a: torch.Tensor, b: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    k, n = b.shape
+    c = n // width
+    out = torch.empty(ROWS, n)
+    for r0 in range(0, ROWS, height):
+        part = torch.empty(c, height, width)
+        tp.gemm(a[r0 : r0 + height].unsqueeze(0).expand(c, height, k), b.view(k, c, width).transpose(0, 1), part)
+        out[r0 : r0 + height].view(height, c, width).copy_(part.transpose(0, 1))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", type=int, default=60)
@@ -51,29 +67,40 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     threads = torch.get_num_threads()
     differs = {h: [] for h in HEIGHTS}
+    chunk_bad, chunked = [], 0
     try:
         for _ in range(args.shapes):
             k, n = _shape(rng)
             a, b = torch.randn(ROWS, k), torch.randn(k, n)
+            width = tp.chunk_cols(n)
+            chunked += bool(width)
             for th in (1, 2):
                 torch.set_num_threads(th)
                 ref = _rows(a, b, 8)
                 for h in HEIGHTS:
                     if not torch.equal(_rows(a, b, h), ref) and (k, n) not in differs[h]:
                         differs[h].append((k, n))
+                for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if width else ():
+                    if not torch.equal(_chunked_rows(a, b, h, width), ref) and (k, n, h) not in chunk_bad:
+                        chunk_bad.append((k, n, h))
         torch.set_num_threads(threads)
         print(f"{args.shapes} random [{ROWS}, K] @ [K, N] (seed {args.seed}), 1 and 2 threads; rows against the 8-row "
               f"problems' (the CPU path uses 8, {tp.ROW_TILE} and {tp.BIG_TILE}):")
         for h, bad in differs.items():
             used = " (used)" if h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) else ""
             print(f"  height {h:>3}{used:<7} shapes that differ: {len(bad):>3}  {bad[:4]}")
+        print(f"  column chunks of chunk_cols(N) (the {chunked} shapes with one), heights {tp.TAIL_TILE}/{tp.ROW_TILE}/"
+              f"{tp.BIG_TILE}, against the 8-row whole-width problems: shapes that differ: {len(chunk_bad):>3}  "
+              f"{chunk_bad[:4]}")
     finally:
         torch.set_num_threads(threads)
     used_bad = [h for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if differs[h]]
     if used_bad:
         print(f"FAIL: rows differ between heights the CPU path uses ({used_bad}): it is not batch invariant here")
-        return 1
-    return 0
+    if chunk_bad:
+        print("FAIL: rows differ between column chunks and whole-width problems: the CPU path is not batch invariant "
+              "here")
+    return 1 if used_bad or chunk_bad else 0
 
 
 if __name__ == "__main__":

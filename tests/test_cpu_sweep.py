@@ -105,6 +105,92 @@ def test_mm_with_128_row_tiles_is_batch_invariant(restore_threads, monkeypatch):
     assert not bad, bad
 
 
+#: [K, N] of weights large enough for column chunks (K x N >= BIG_TILE_MIN_KN), chunk widths 512, 320, 576, 336
+_CHUNKED = [(1152, 1024), (3072, 640), (1000, 1152), (1300, 1000)]
+
+
+def test_chunk_heights():
+    assert mm_torch.chunk_heights(3) == [8] and mm_torch.chunk_heights(24) == [32]
+    assert mm_torch.chunk_heights(64) == [32, 32] and mm_torch.chunk_heights(65) == [128]
+    assert mm_torch.chunk_heights(170) == [128, 32, 32] and mm_torch.chunk_heights(200) == [128, 128]
+
+
+def test_chunk_widths():
+    """chunk_cols: a divisor of the padded width, at least MIN_CHUNK_COLS, two chunks or more, nearest CHUNK_COLS;
+    0 where no such divisor exists."""
+    assert [mm_torch.chunk_cols(n) for n in (3072, 12288, 1152, 640, 1008, 4608)] == [512, 512, 576, 320, 336, 512]
+    assert mm_torch.chunk_cols(320) == 0 and mm_torch.chunk_cols(16 * 67) == 0  # too narrow; a prime count of units
+    for n in range(16, 20000, 16):
+        w = mm_torch.chunk_cols(n)
+        assert w == 0 or (n % w == 0 and w % 16 == 0 and w >= mm_torch.MIN_CHUNK_COLS and n // w >= 2), n
+
+
+def _chunk_mismatches(rng) -> list:
+    """Rows of GEMMs against the _CHUNKED weights (bias or none) that differ between column chunks and whole-width
+    problems at 2 and 1 threads, at row counts that take every tile height."""
+    bad = []
+    for (k, n), m in zip(_CHUNKED, (3, 45, 170, 255)):
+        a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n) if m % 2 else None
+        for th in (2, 1):
+            torch.set_num_threads(th)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(mm_torch, "CHUNK_BELOW_ROWS", 0)
+                whole = mm_torch.mm_f32(a, b, bias)
+            if not torch.equal(mm_torch.mm_f32(a, b, bias), whole):
+                bad.append((m, k, n, th))
+    return bad
+
+
+def test_column_chunks_give_the_whole_width_problems_bits(restore_threads, monkeypatch):
+    """Small-row GEMMs against large weights run in column chunks (CHUNK_BELOW_ROWS); which calls do depends on M, so
+    a row must get the same bits either way (bench/tile_heights.py checks this over more K and N)."""
+    calls = []
+    chunked = mm_torch._mm_chunked
+    monkeypatch.setattr(mm_torch, "_mm_chunked", lambda *a: calls.append(a[3]) or chunked(*a))
+    assert not _chunk_mismatches(random.Random(2))
+    assert sorted(set(calls)) == [320, 336, 512, 576]  # every case took the chunks
+
+
+def test_negative_control_chunks_written_into_the_strided_output(restore_threads, monkeypatch):
+    """The check above can fail: the same chunked problems with torch.bmm writing straight into the output's strided
+    view (no scratch output and copy) take another path in torch, whose rows differ here at 2 threads."""
+
+    def strided(a, bp, bias, width):
+        m, k = a.shape
+        heights = mm_torch.chunk_heights(m)
+        a = torch.nn.functional.pad(a, (0, 0, 0, sum(heights) - m))
+        c = bp.shape[1] // width
+        out = torch.empty(sum(heights), bp.shape[1])
+        r0 = 0
+        for h in heights:
+            mm_torch.gemm(a[r0 : r0 + h].unsqueeze(0).expand(c, h, k), bp.view(k, c, width).transpose(0, 1),
+                          out[r0 : r0 + h].view(h, c, width).transpose(0, 1),
+                          bias.view(c, 1, width) if bias is not None else None)  # fmt: skip
+            r0 += h
+        return out
+
+    monkeypatch.setattr(mm_torch, "_mm_chunked", strided)
+    if not _chunk_mismatches(random.Random(2)):
+        pytest.skip("torch's strided-output bmm gives the batched path's bits on this CPU")
+
+
+def test_mm_across_the_chunk_threshold_is_batch_invariant(restore_threads):
+    """The whole batch (256 rows or more: whole-width 128-row problems) against items and windows of fewer rows
+    (column chunks), at 2 and 1 threads."""
+    rng = random.Random(4)
+    bad = []
+    for (k, n), m in zip(_CHUNKED[:2], (300, 410)):
+        a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+        torch.set_num_threads(2)
+        ref = mm_torch.mm_f32(a, b, bias)
+        for th in (2, 1):
+            torch.set_num_threads(th)
+            diff = batch_mismatches(mm_torch.mm_f32, [a], [b, bias], slots=rng.sample(range(m), 2),
+                                    windows=[(0, 24), (37, 133), (5, 260), (m - 255, m)], full=ref)
+            bad += [(m, k, n, th, w) for w in diff]
+    assert not bad, bad
+
+
 #: K x N where 256-row problems gave other bits than 8-row ones on this Xeon (bench/tile_heights.py)
 _LARGE_K = [(1100, 4368), (1280, 2592), (2585, 3072)]
 

@@ -8,9 +8,11 @@ between batch 1 and batch 6 (~8e-7). Row *i* of a GEMM must not depend on how ma
 How: every GEMM is cut into row tiles of a fixed height ``ROW_TILE`` (large GEMMs put their rows in
 ``BIG_TILE``-row tiles first; rows past the last full tile go into zero-padded tiles of ``TAIL_TILE`` rows) and
 run as batched GEMMs of identical ``[tile, K] @ [K, N]`` problems, so MKL runs the same code path with the same K
-order for every row of a problem. Which height a row gets depends on M, so the path rests on one measured premise:
-a row's bits are the same in an 8-, 32- and 128-row problem (``bench/tile_heights.py`` checks it on the machine it
-runs on; on the Intel Xeon it was measured on it held for 4..128 and failed at 256). Convolution is one strided
+order for every row of a problem; GEMMs of few rows against a large weight run each row tile over column chunks of
+the weight instead (``CHUNK_BELOW_ROWS``). Which height a row gets, and whether its GEMM is chunked, depends on M, so
+the path rests on one measured premise: a row's bits are the same in an 8-, 32- and 128-row problem, over the whole
+width or a column chunk (``bench/tile_heights.py`` checks it on the machine it runs on; on the Intel Xeon it was
+measured on heights 4..128 and chunks held, 256 rows failed). Convolution is one strided
 im2col gather per item followed by one GEMM per item, ``W [O, C*kh*kw] @ cols [C*kh*kw, Ho*Wo]``, all items' problems
 identical and batched. Attention is two row-tiled GEMMs around a row-wise softmax. Norms and softmax use
 torch's row-wise CPU kernels, which reduce each row serially in an order fixed by the row length; reductions
@@ -26,6 +28,7 @@ fp16/bf16 inputs are computed in fp32 and rounded once at the end.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
@@ -278,6 +281,72 @@ BIG_TILE = 128
 BIG_TILE_MIN_KN = 1 << 20
 
 
+# Column chunks: a GEMM against a large weight (K x N >= BIG_TILE_MIN_KN) with fewer than CHUNK_BELOW_ROWS rows runs
+# each row tile as one batched call of [height, K] @ [K, chunk] problems over column chunks of the weight. MKL's
+# batched GEMM packs b per problem and runs each problem on one thread, so the 32-row problems of a small batch
+# (a batch-4 call of 24 text tokens: 96 rows, three problems) each packed the whole weight, on at most as many
+# threads as there were problems, and a call of one problem ran it twice (ONE_PROBLEM). Chunks pack each part of the
+# weight once per row tile, spread over every thread; `python bench/cpu_large.py --parts` times both. A row's bits
+# are the same in a column chunk as in the whole-width problem (measured: bench/tile_heights.py checks chunks of
+# every width chunk_cols() picks at heights 8, 32 and 128, at 1 and 2 threads), so where a call is chunked, which
+# depends on M, changes no row. Calls of 2 * BIG_TILE rows or more keep the problems above: their tiles already give
+# every thread work.
+CHUNK_COLS = 512
+MIN_CHUNK_COLS = 256
+CHUNK_BELOW_ROWS = 2 * BIG_TILE
+
+
+@functools.lru_cache(maxsize=256)
+def chunk_cols(np_: int) -> int:
+    """The column-chunk width for a padded width ``np_``: the divisor of ``np_`` (a multiple of COL_PAD) nearest
+    CHUNK_COLS that gives at least two chunks of at least MIN_CHUNK_COLS columns; 0 when there is none."""
+    units, best = np_ // COL_PAD, 0
+    for c in range(2, units + 1):
+        width = np_ // c
+        if width < MIN_CHUNK_COLS:
+            break
+        if units % c == 0 and (not best or abs(width - CHUNK_COLS) < abs(best - CHUNK_COLS)):
+            best = width
+    return best
+
+
+def chunk_heights(m: int) -> list[int]:
+    """Row-tile heights of a column-chunked GEMM of ``m`` rows: BIG_TILE-row tiles while that many rows are left; a
+    rest of more than two ROW_TILEs is one more BIG_TILE-row tile, any other rest ROW_TILE-row tiles, the last of them
+    TAIL_TILE rows high if it has no more rows than that. Every tile packs the whole weight again, so fewer, taller
+    tiles win over zero padding: a 96-row rest in one 128-row tile rather than three 32-row ones took two DiT blocks
+    at width 3072 (batch 4 x 24 tokens, 2 threads) from 436 to 358 ms, while a 64-row rest stays in two (a scratch
+    A/B; `python bench/cpu_large.py --parts` times the 96-row GEMM). A tail is one tile, not TAIL_TILE-row tiles as
+    :func:`mm_rows` cuts it."""
+    big, rest = divmod(m, BIG_TILE)
+    if rest > 2 * ROW_TILE:
+        return [BIG_TILE] * (big + 1)
+    full, tail = divmod(rest, ROW_TILE)
+    return [BIG_TILE] * big + [ROW_TILE] * full + ([TAIL_TILE if tail <= TAIL_TILE else ROW_TILE] if tail else [])
+
+
+def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, width: int) -> torch.Tensor:
+    """[M, K] @ [K, Np] (+ bias) in column chunks of ``width`` (see CHUNK_COLS); a fresh [Mp, Np] tensor."""
+    m, k = a.shape
+    np_ = bp.shape[1]
+    c = np_ // width
+    heights = chunk_heights(m)
+    mp = sum(heights)
+    a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
+    out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
+    chunks = bp.view(k, c, width).transpose(0, 1)  # [c, K, width], rows Np apart
+    bias_c = bias.view(c, 1, width) if bias is not None else None
+    r0 = 0
+    for h in heights:
+        # the problems' own output, then one copy into place: bmm into the strided view of `out` takes another
+        # path in torch, whose rows differ (tests/test_cpu_sweep.py's negative control)
+        part = scratch_buffer("mm_chunk", (c, h, width), a)
+        gemm(a[r0 : r0 + h].unsqueeze(0).expand(c, h, k), chunks, part, bias_c)
+        out[r0 : r0 + h].view(h, c, width).copy_(part.transpose(0, 1))
+        r0 += h
+    return out
+
+
 def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
     """(rows in full ROW_TILE tiles, padded tail rows, tail tile height) for an [m, k] @ [k, np_] GEMM."""
     full = m // ROW_TILE * ROW_TILE
@@ -301,14 +370,18 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     bp = cached_pack(b, "mm", lambda: pad_cols(b.to(torch.float32)))
     m, k = a.shape
     np_ = bp.shape[1]
-    big = m // BIG_TILE * BIG_TILE if m >= 2 * BIG_TILE and k * np_ >= BIG_TILE_MIN_KN else 0
+    bp_bias = None
+    if bias is not None:
+        bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
+    large = k * np_ >= BIG_TILE_MIN_KN
+    width = chunk_cols(np_) if large and m < CHUNK_BELOW_ROWS else 0
+    if width:
+        return _mm_chunked(a, bp, bp_bias, width)
+    big = m // BIG_TILE * BIG_TILE if m >= 2 * BIG_TILE and large else 0
     full, tail, h = mm_rows(m - big, k, np_)
     mp = big + full + tail
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
-    bp_bias = None
-    if bias is not None:
-        bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
     if not big and not (full and tail):  # one tile height: one GEMM call, no slicing (a slice costs ~1 us)
         h = h if tail else ROW_TILE
         t = mp // h
