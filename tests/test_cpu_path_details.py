@@ -331,3 +331,23 @@ def test_large_attention_in_chunks_takes_strided_and_16_bit_inputs(monkeypatch):
         monkeypatch.setattr(mm, "GROUP_LOOP_ELEMS", loop)
         out = attention_torch.attention(q, k, v)
         assert out.dtype == torch.float16 and torch.equal(out, whole), loop
+
+
+def test_conv_weights_are_read_in_place_where_a_copy_would_equal_them(monkeypatch):
+    """A contiguous fp32 conv weight whose channel count needs no padding is the GEMM's operand as it is (an inference
+    tensor, as every ComfyUI weight, was copied at every call); the result equals the copied weight's bit for bit
+    (a channels-last weight still takes the copy)."""
+    from jetdet.kernels.conv2d import torch_path as conv_torch
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, 9, 9, generator=g)
+    packs = []
+    real = conv_torch.cached_pack
+    monkeypatch.setattr(conv_torch, "cached_pack", lambda b, tag, make: packs.append(tag) or real(b, tag, make))
+    for o in (16, 12):  # 12 output channels pad to 16: that weight is copied
+        with torch.inference_mode():
+            w = torch.randn(o, 6, 3, 3, generator=g)
+            in_place = ops.conv2d(x, w, padding=1)
+            copied = ops.conv2d(x, w.contiguous(memory_format=torch.channels_last), padding=1)
+        assert torch.equal(in_place, copied), o
+    assert packs == ["conv", "conv", "conv"]  # the channels-last 16, then both 12s: never the contiguous 16

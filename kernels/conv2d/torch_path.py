@@ -36,7 +36,11 @@ def conv2d(x, w, bias, stride, padding):
         cols[:, :, :ll].view(bsz, c, kh, kw, ho, wo).copy_(
             xp.as_strided((bsz, c, kh, kw, ho, wo), (c * hp * wp, hp * wp, wp, 1, sh * wp, sw))
         )
-    wm = cached_pack(w, "conv", lambda: F.pad(f32(w).reshape(o, k), (0, 0, 0, op - o)).contiguous())
+    if op == o and w.dtype == torch.float32 and w.is_contiguous():
+        wm = w.view(o, k)  # read in place: the copy would hold the same values in the same layout (and a weight that
+        # is not cached, as every ComfyUI weight, would be copied at every call)
+    else:
+        wm = cached_pack(w, "conv", lambda: F.pad(f32(w).reshape(o, k), (0, 0, 0, op - o)).contiguous())
     exact = op == o and lp == ll and x.dtype == torch.float32
     out = torch.empty((bsz, op, lp), device=x.device) if exact else scratch_buffer("conv.out", (bsz, op, lp), x)
     bcol = None if bias is None else cached_pack(bias, "conv.bias", lambda: F.pad(f32(bias), (0, op - o)).view(op, 1))
