@@ -14,11 +14,9 @@ Three forwards at batch 2, mode off against ``jetdet.mode("deterministic")``, in
 ``--parts`` times the pieces that decide those figures, each with the CPU path's setting on and off (module
 attributes of ``jetdet/kernels/*/torch_path.py``) beside torch's own op: a large GEMM in 32- and 128-row tiles
 (``BIG_TILE_MIN_KN``), GEMMs of 24, 96 and 200 rows against the same weight in whole-width problems and in column
-chunks (``CHUNK_BELOW_ROWS``), GEMMs against an inference-mode weight (as ComfyUI's, never cached) through a row-major
-copy made per call and read in place as ``weight.t()`` (``is_col_major``), attention's grouped GEMM with and
-without its per-group loop (``GROUP_LOOP_ELEMS``), and attention whole and in chunks (``SCORE_CHUNK_ELEMS``). Same
-bits either way (tests/test_cpu_sweep.py, tests/test_cpu_path_details.py), except the in-place read: its layout
-takes other bits in small tiles, so it is a change of layout, with its own tail height, not a switch.
+chunks (``CHUNK_BELOW_ROWS``), attention's grouped GEMM with and without its per-group loop (``GROUP_LOOP_ELEMS``), and
+attention whole and in chunks (``SCORE_CHUNK_ELEMS``). Same bits either way (tests/test_cpu_sweep.py,
+tests/test_cpu_path_details.py).
 
     python bench/cpu_large.py [--repeats 3] [--threads N] [--parts]
 """
@@ -99,16 +97,6 @@ def parts(repeats: int) -> int:
         t_chunks = _ms(lambda xs=xs: mm.mm_f32(xs, w.t()), repeats)
         print(f"  [{rows}, 3072] @ [3072, 12288]: F.linear {_ms(lambda xs=xs: F.linear(xs, w), repeats):7.1f}   "
               f"CPU path, whole-width problems {t_tiles:7.1f}   in column chunks {t_chunks:7.1f}")
-    with torch.inference_mode():  # ComfyUI loads every model so: its weights are never cached
-        wi = torch.randn(21504, 3072, generator=g) * 3072**-0.5
-    for rows in (4, 96):
-        xs = torch.randn(rows, 3072, generator=g)
-        with _setting(mm, "is_col_major", lambda b: False):
-            t_copy = _ms(lambda xs=xs: mm.mm_f32(xs, wi.t()), repeats)
-        t_view = _ms(lambda xs=xs: mm.mm_f32(xs, wi.t()), repeats)
-        print(f"  [{rows}, 3072] @ inference-mode [21504, 3072].t(): F.linear "
-              f"{_ms(lambda xs=xs: F.linear(xs, wi), repeats):7.1f}   CPU path, row-major copy per call {t_copy:7.1f}"
-              f"   read in place {t_view:7.1f}")
     a, b = torch.randn(24, 1024, 1024, generator=g), torch.randn(24, 1024, 128, generator=g)
     with _setting(mm, "GROUP_LOOP_ELEMS", off):
         t_copy = _ms(lambda: mm.bmm_f32(a, b), repeats)

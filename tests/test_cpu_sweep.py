@@ -125,15 +125,12 @@ def test_chunk_widths():
         assert w == 0 or (n % w == 0 and w % 16 == 0 and w >= mm_torch.MIN_CHUNK_COLS and n // w >= 2), n
 
 
-def _chunk_mismatches(rng, col_major: bool = False) -> list:
-    """Rows of GEMMs against the _CHUNKED weights (bias or none; row-major [K, N], or column-major as F.linear's
-    weight.t() where N allows) that differ between column chunks and whole-width problems at 2 and 1 threads, at row
-    counts that take every tile height."""
+def _chunk_mismatches(rng) -> list:
+    """Rows of GEMMs against the _CHUNKED weights (bias or none) that differ between column chunks and whole-width
+    problems at 2 and 1 threads, at row counts that take every tile height."""
     bad = []
     for (k, n), m in zip(_CHUNKED, (3, 45, 170, 255)):
         a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n) if m % 2 else None
-        if col_major:
-            b = b.t().contiguous().t()
         for th in (2, 1):
             torch.set_num_threads(th)
             with pytest.MonkeyPatch.context() as mp:
@@ -150,87 +147,31 @@ def test_column_chunks_give_the_whole_width_problems_bits(restore_threads, monke
     calls = []
     chunked = mm_torch._mm_chunked
     monkeypatch.setattr(mm_torch, "_mm_chunked", lambda *a: calls.append(a[3]) or chunked(*a))
-    for col_major in (False, True):
-        assert not _chunk_mismatches(random.Random(2), col_major), col_major
+    assert not _chunk_mismatches(random.Random(2))
     assert sorted(set(calls)) == [320, 336, 512, 576]  # every case took the chunks
-    assert len(calls) == 4 * 2 * 2  # 4 weights, 2 thread counts, 2 layouts (1000 columns: row-major in both)
 
 
 def test_negative_control_chunks_written_into_the_strided_output(restore_threads, monkeypatch):
     """The check above can fail: the same chunked problems with torch.bmm writing straight into the output's strided
     view (no scratch output and copy) take another path in torch, whose rows differ here at 2 threads."""
 
-    def strided(a, bp, bias, width, tail_tile):
+    def strided(a, bp, bias, width):
         m, k = a.shape
-        heights = mm_torch.chunk_heights(m, tail_tile)
+        heights = mm_torch.chunk_heights(m)
         a = torch.nn.functional.pad(a, (0, 0, 0, sum(heights) - m))
         c = bp.shape[1] // width
         out = torch.empty(sum(heights), bp.shape[1])
         r0 = 0
         for h in heights:
-            mm_torch.gemm(a[r0 : r0 + h].unsqueeze(0).expand(c, h, k), bp.unflatten(1, (c, width)).transpose(0, 1),
+            mm_torch.gemm(a[r0 : r0 + h].unsqueeze(0).expand(c, h, k), bp.view(k, c, width).transpose(0, 1),
                           out[r0 : r0 + h].view(h, c, width).transpose(0, 1),
                           bias.view(c, 1, width) if bias is not None else None)  # fmt: skip
             r0 += h
         return out
 
     monkeypatch.setattr(mm_torch, "_mm_chunked", strided)
-    if not _chunk_mismatches(random.Random(2)) and not _chunk_mismatches(random.Random(2), col_major=True):
+    if not _chunk_mismatches(random.Random(2)):
         pytest.skip("torch's strided-output bmm gives the batched path's bits on this CPU")
-
-
-def _col_major_mismatches(rng, shapes: int = 25) -> list:
-    """Windows of GEMMs against column-major b (F.linear's weight.t()) whose rows differ from the whole call's, at 2 and
-    1 threads (the whole computed at 2): windows of 1 to 33 rows, so every tail and tile height is met."""
-    bad = []
-    for _ in range(shapes):
-        k = rng.choice([rng.randint(2, 64), rng.randint(65, 800), rng.randint(769, 3000), 1152])
-        n, m = rng.choice([16, 32, 64, 320, rng.randint(1, 80) * 16]), rng.randint(40, 300)
-        a, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n) if rng.random() < 0.5 else None
-        assert mm_torch.is_col_major(w.t())
-        torch.set_num_threads(2)
-        ref = mm_torch.mm_f32(a, w.t(), bias)
-        for th in (2, 1):
-            torch.set_num_threads(th)
-            windows = [(s, s + size) for size in (1, 3, 8, 9, 16, 17, 33) for s in [rng.randrange(m - size)]]
-            diff = batch_mismatches(mm_torch.mm_f32, [a], [w.t(), bias], windows=windows, full=ref)
-            bad += [(m, k, n, th, win) for win in diff]
-    return bad
-
-
-def test_column_major_weights_are_read_in_place_and_batch_invariant(restore_threads):
-    """F.linear's weight.t() (columns contiguous, N a multiple of 16) is the GEMMs' operand as it is: no copy of the
-    weight per call (which every ComfyUI weight paid: inference tensors are never cached), tails of 16 rows."""
-    w = torch.randn(64, 40)
-    bp, tail = mm_torch.rhs(w.t())
-    assert bp.data_ptr() == w.data_ptr() and tail == mm_torch.COL_MAJOR_TAIL_TILE == 16
-    assert mm_torch.rhs(torch.randn(40, 64))[1] == 8 and mm_torch.rhs(torch.randn(60, 40).t())[1] == 8  # others
-    assert not _col_major_mismatches(random.Random(6))
-
-
-def test_negative_control_column_major_weights_with_8_row_tails(restore_threads, monkeypatch):
-    """The sweep above can fail: with 8-row tails (the row-major layout's) column-major rows change with the batch,
-    as 4- and 8-row problems over that layout take other bits (bench/tile_heights.py). Skips on a CPU where they
-    happen to agree."""
-    monkeypatch.setattr(mm_torch, "COL_MAJOR_TAIL_TILE", 8)
-    if not _col_major_mismatches(random.Random(6), shapes=8):
-        pytest.skip("8-row problems over column-major b give the 16-row problems' bits on this CPU")
-
-
-def test_a_parameter_and_an_inference_weight_give_the_same_bits():
-    """ComfyUI's weights are inference tensors, a PyTorch model's are Parameters (whose fp16 casts are cached): the
-    same layout and so the same bits, in fp32 and fp16."""
-    for dtype in (torch.float32, torch.float16):
-        lin = torch.nn.Linear(300, 96).to(dtype)
-        x = torch.randn(70, 300)
-        with torch.no_grad():
-            as_param = mm_torch.mm_f32(x, lin.weight.t(), lin.bias)
-            again = mm_torch.mm_f32(x, lin.weight.t(), lin.bias)  # from the cache
-        with torch.inference_mode():
-            w, b = lin.weight.clone(), lin.bias.clone()
-            assert w.is_inference()
-            as_inference = mm_torch.mm_f32(x, w.t(), b)
-        assert torch.equal(as_param, as_inference) and torch.equal(again, as_param), dtype
 
 
 def test_mm_across_the_chunk_threshold_is_batch_invariant(restore_threads):
@@ -238,9 +179,8 @@ def test_mm_across_the_chunk_threshold_is_batch_invariant(restore_threads):
     (column chunks), at 2 and 1 threads."""
     rng = random.Random(4)
     bad = []
-    for (k, n), m, col_major in zip(_CHUNKED[:2] * 2, (300, 410) * 2, (False, False, True, True)):
+    for (k, n), m in zip(_CHUNKED[:2], (300, 410)):
         a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
-        b = b.t().contiguous().t() if col_major else b
         torch.set_num_threads(2)
         ref = mm_torch.mm_f32(a, b, bias)
         for th in (2, 1):

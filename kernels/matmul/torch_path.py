@@ -9,12 +9,10 @@ How: every GEMM is cut into row tiles of a fixed height ``ROW_TILE`` (large GEMM
 ``BIG_TILE``-row tiles first; rows past the last full tile go into zero-padded tiles of ``TAIL_TILE`` rows) and
 run as batched GEMMs of identical ``[tile, K] @ [K, N]`` problems, so MKL runs the same code path with the same K
 order for every row of a problem; GEMMs of few rows against a large weight run each row tile over column chunks of
-the weight instead (``CHUNK_BELOW_ROWS``). The right-hand side is read row-major (a padded copy) or, for
-``F.linear``'s ``weight.t()``, column-major in place (``rhs``). Which height a row gets, and whether its GEMM is
-chunked, depends on M, so the path rests on one measured premise: a row's bits are the same in an 8-, 32- and 128-row
-problem over a row-major b, a 16-, 32- and 128-row problem over a column-major one, over the whole width or a column
-chunk (``bench/tile_heights.py`` checks it on the machine it runs on; on the Intel Xeon it was measured on, row-major
-held for 4..128 rows and failed at 256, column-major held for 16..256 and failed at 4 and 8). Convolution is one strided
+the weight instead (``CHUNK_BELOW_ROWS``). Which height a row gets, and whether its GEMM is chunked, depends on M, so
+the path rests on one measured premise: a row's bits are the same in an 8-, 32- and 128-row problem, over the whole
+width or a column chunk (``bench/tile_heights.py`` checks it on the machine it runs on; on the Intel Xeon it was
+measured on heights 4..128 and chunks held, 256 rows failed). Convolution is one strided
 im2col gather per item followed by one GEMM per item, ``W [O, C*kh*kw] @ cols [C*kh*kw, Ho*Wo]``, all items' problems
 identical and batched. Attention is two row-tiled GEMMs around a row-wise softmax. Norms and softmax use
 torch's row-wise CPU kernels, which reduce each row serially in an order fixed by the row length; reductions
@@ -312,33 +310,31 @@ def chunk_cols(np_: int) -> int:
     return best
 
 
-def chunk_heights(m: int, tail_tile: int = TAIL_TILE) -> list[int]:
+def chunk_heights(m: int) -> list[int]:
     """Row-tile heights of a column-chunked GEMM of ``m`` rows: BIG_TILE-row tiles while that many rows are left; a
     rest of more than two ROW_TILEs is one more BIG_TILE-row tile, any other rest ROW_TILE-row tiles, the last of them
-    ``tail_tile`` rows high if it has no more rows than that. Every tile packs the whole weight again, so fewer, taller
+    TAIL_TILE rows high if it has no more rows than that. Every tile packs the whole weight again, so fewer, taller
     tiles win over zero padding: a 96-row rest in one 128-row tile rather than three 32-row ones took two DiT blocks
     at width 3072 (batch 4 x 24 tokens, 2 threads) from 436 to 358 ms, while a 64-row rest stays in two (a scratch
-    A/B; `python bench/cpu_large.py --parts` times the 96-row GEMM). A tail is one tile, not several tail-height
-    tiles as :func:`mm_rows` cuts it."""
+    A/B; `python bench/cpu_large.py --parts` times the 96-row GEMM). A tail is one tile, not TAIL_TILE-row tiles as
+    :func:`mm_rows` cuts it."""
     big, rest = divmod(m, BIG_TILE)
     if rest > 2 * ROW_TILE:
         return [BIG_TILE] * (big + 1)
     full, tail = divmod(rest, ROW_TILE)
-    return [BIG_TILE] * big + [ROW_TILE] * full + ([tail_tile if tail <= tail_tile else ROW_TILE] if tail else [])
+    return [BIG_TILE] * big + [ROW_TILE] * full + ([TAIL_TILE if tail <= TAIL_TILE else ROW_TILE] if tail else [])
 
 
-def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, width: int,
-                tail_tile: int = TAIL_TILE) -> torch.Tensor:
-    """[M, K] @ [K, Np] (+ bias) in column chunks of ``width`` (see CHUNK_COLS), ``bp`` in either layout of
-    :func:`rhs`; a fresh [Mp, Np] tensor."""
+def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, width: int) -> torch.Tensor:
+    """[M, K] @ [K, Np] (+ bias) in column chunks of ``width`` (see CHUNK_COLS); a fresh [Mp, Np] tensor."""
     m, k = a.shape
     np_ = bp.shape[1]
     c = np_ // width
-    heights = chunk_heights(m, tail_tile)
+    heights = chunk_heights(m)
     mp = sum(heights)
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
-    chunks = bp.unflatten(1, (c, width)).transpose(0, 1)  # [c, K, width] views, in bp's layout
+    chunks = bp.view(k, c, width).transpose(0, 1)  # [c, K, width], rows Np apart
     bias_c = bias.view(c, 1, width) if bias is not None else None
     r0 = 0
     for h in heights:
@@ -351,15 +347,14 @@ def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, wi
     return out
 
 
-def mm_rows(m: int, k: int, np_: int, tail_tile: int = TAIL_TILE) -> tuple[int, int, int]:
-    """(rows in full ROW_TILE tiles, padded tail rows, tail tile height) for an [m, k] @ [k, np_] GEMM whose
-    right-hand side's layout takes ``tail_tile``-row tails (:func:`rhs`)."""
+def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
+    """(rows in full ROW_TILE tiles, padded tail rows, tail tile height) for an [m, k] @ [k, np_] GEMM."""
     full = m // ROW_TILE * ROW_TILE
     rest = m - full
     if not rest:
         return full, 0, ROW_TILE
-    if k * tail_tile * np_ >= 800:
-        return full, round_up(rest, tail_tile), tail_tile
+    if k * TAIL_TILE * np_ >= 800:
+        return full, round_up(rest, TAIL_TILE), TAIL_TILE
     return full, ROW_TILE, ROW_TILE
 
 
@@ -370,37 +365,9 @@ def mm_rows(m: int, k: int, np_: int, tail_tile: int = TAIL_TILE) -> tuple[int, 
 # Triton kernel does: its epilogue adds the bias to the finished accumulator). K >= 2 was tile-count invariant.
 
 
-# Column-major right-hand sides: F.linear's b is weight.t(), [K, N] with each column contiguous. MKL reads that layout
-# directly (as a transposed operand) and packs it per problem as it packs a row-major one, so such a b with N a
-# multiple of COL_PAD is used as it is, with no row-major copy. That copy, of the whole weight at every call, is what
-# weights that cannot be cached paid (inference tensors: every weight in ComfyUI): 187 of 285 ms of a [96, 3072] @
-# [3072, 21504] call, measured; `python bench/cpu_large.py --parts` times both. The layout has a premise of its own:
-# a row's bits are the same in 16-, 32- and 128-row problems and column chunks, but 4- and 8-row problems take other
-# bits for most K and N (measured on this Xeon; bench/tile_heights.py checks both layouts), so its tail tiles are
-# COL_MAJOR_TAIL_TILE rows high. A Parameter's weight and an inference tensor take the same layout, so the same bits.
-COL_MAJOR_TAIL_TILE = 16
-
-
-def is_col_major(b: torch.Tensor) -> bool:
-    """``b`` [K, N] with contiguous columns (``weight.t()``), K >= 2 and N a multiple of COL_PAD."""
-    k, n = b.shape
-    return k >= 2 and n % COL_PAD == 0 and b.stride(0) == 1 and b.stride(1) == k
-
-
-def rhs(b: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The fp32 [K, Np] operand the GEMMs read for ``b`` [K, N], and its layout's tail tile height: a column-major
-    ``b`` as it is (cast to fp32 in that layout, cached for a Parameter), any other a row-major copy with N padded
-    to COL_PAD (cached for a Parameter)."""
-    if is_col_major(b):
-        if b.dtype == torch.float32:
-            return b, COL_MAJOR_TAIL_TILE
-        return cached_pack(b, "mm_cm", lambda: b.t().to(torch.float32).t()), COL_MAJOR_TAIL_TILE
-    return cached_pack(b, "mm", lambda: pad_cols(b.to(torch.float32))), TAIL_TILE
-
-
 def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     """[M, K] @ [K, N] (+ bias) as a fresh [Mp, Np] tensor (both padded); the caller slices [:M, :N]."""
-    bp, tail_tile = rhs(b)
+    bp = cached_pack(b, "mm", lambda: pad_cols(b.to(torch.float32)))
     m, k = a.shape
     np_ = bp.shape[1]
     bp_bias = None
@@ -409,9 +376,9 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     large = k * np_ >= BIG_TILE_MIN_KN
     width = chunk_cols(np_) if large and m < CHUNK_BELOW_ROWS else 0
     if width:
-        return _mm_chunked(a, bp, bp_bias, width, tail_tile)
+        return _mm_chunked(a, bp, bp_bias, width)
     big = m // BIG_TILE * BIG_TILE if m >= 2 * BIG_TILE and large else 0
-    full, tail, h = mm_rows(m - big, k, np_, tail_tile)
+    full, tail, h = mm_rows(m - big, k, np_)
     mp = big + full + tail
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
