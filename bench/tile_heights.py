@@ -4,7 +4,8 @@ has, or on whether the problem spans the weight's whole width or one column chun
 The CPU path of deterministic mode runs every GEMM as a batch of identical ``[height, K] @ [K, N]`` problems
 (``jetdet/kernels/matmul/torch_path.py``). Which height a row lands in depends on M (full tiles, then a padded
 tail), so the path needs a row's bits to be the same at every height it uses (8, 32 and 128). This checks that on
-the machine it runs on, over random K and N, at 1 and 2 threads, for the heights the path uses and a few it does
+the machine it runs on, over random K and N, at 1, 2 and 4 threads (against the 8-row problems at 1 thread, so a
+row that changes with the thread count counts too), for the heights the path uses and a few it does
 not (4, 16, 64, 256). GEMMs of fewer than ``CHUNK_BELOW_ROWS`` rows against a large weight run their row tiles in
 column chunks (``chunk_cols(N)`` wide), so for every N with such a width it also checks the chunks' rows against the
 whole-width problem's at heights 8, 32 and 128. (``python bench/cpu_large.py --parts`` times what the taller tiles
@@ -28,6 +29,7 @@ sys.path.insert(0, ".")
 from jetdet.kernels.matmul import torch_path as tp  # noqa: E402
 
 HEIGHTS = (4, 8, 16, 32, 64, 128, 256)
+THREADS = (1, 2, 4)  # 4: more threads than some calls have problems (oversubscribed on a 2-core machine)
 ROWS = 256
 
 
@@ -74,9 +76,10 @@ def main(argv=None) -> int:
             a, b = torch.randn(ROWS, k), torch.randn(k, n)
             width = tp.chunk_cols(n)
             chunked += bool(width)
-            for th in (1, 2):
+            torch.set_num_threads(1)
+            ref = _rows(a, b, 8)
+            for th in THREADS:
                 torch.set_num_threads(th)
-                ref = _rows(a, b, 8)
                 for h in HEIGHTS:
                     if not torch.equal(_rows(a, b, h), ref) and (k, n) not in differs[h]:
                         differs[h].append((k, n))
@@ -84,13 +87,14 @@ def main(argv=None) -> int:
                     if not torch.equal(_chunked_rows(a, b, h, width), ref) and (k, n, h) not in chunk_bad:
                         chunk_bad.append((k, n, h))
         torch.set_num_threads(threads)
-        print(f"{args.shapes} random [{ROWS}, K] @ [K, N] (seed {args.seed}), 1 and 2 threads; rows against the 8-row "
-              f"problems' (the CPU path uses 8, {tp.ROW_TILE} and {tp.BIG_TILE}):")
+        ths = "/".join(map(str, THREADS))
+        print(f"{args.shapes} random [{ROWS}, K] @ [K, N] (seed {args.seed}), {ths} threads; rows against the 8-row "
+              f"problems' at 1 thread (the CPU path uses 8, {tp.ROW_TILE} and {tp.BIG_TILE}):")
         for h, bad in differs.items():
             used = " (used)" if h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) else ""
             print(f"  height {h:>3}{used:<7} shapes that differ: {len(bad):>3}  {bad[:4]}")
         print(f"  column chunks of chunk_cols(N) (the {chunked} shapes with one), heights {tp.TAIL_TILE}/{tp.ROW_TILE}/"
-              f"{tp.BIG_TILE}, against the 8-row whole-width problems: shapes that differ: {len(chunk_bad):>3}  "
+              f"{tp.BIG_TILE}, against the same reference: shapes that differ: {len(chunk_bad):>3}  "
               f"{chunk_bad[:4]}")
     finally:
         torch.set_num_threads(threads)

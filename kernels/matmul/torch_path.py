@@ -274,7 +274,7 @@ TAIL_TILE = 8
 # tiles BIG_TILE rows high, and the rest as below. MKL's batched GEMM repacks b for every problem, so at DiT sizes
 # 32-row problems spend most of their time doing that (`python bench/cpu_large.py --parts` times a
 # [1024, 3072] @ [3072, 12288] GEMM both ways beside F.linear). A row's bits are the same in an 8-, 32- or
-# 128-row problem (measured: bench/tile_heights.py, heights 8..128 at 1 and 2 threads), so which rows go into
+# 128-row problem (measured: bench/tile_heights.py, heights 8..128 at 1, 2 and 4 threads), so which rows go into
 # which height, which depends on M, changes no row; 256-row problems change MKL's K blocking for some K (1100, 1428
 # at N 640) and are not used.
 BIG_TILE = 128
@@ -288,12 +288,15 @@ BIG_TILE_MIN_KN = 1 << 20
 # threads as there were problems, and a call of one problem ran it twice (ONE_PROBLEM). Chunks pack each part of the
 # weight once per row tile, spread over every thread; `python bench/cpu_large.py --parts` times both. A row's bits
 # are the same in a column chunk as in the whole-width problem (measured: bench/tile_heights.py checks chunks of
-# every width chunk_cols() picks at heights 8, 32 and 128, at 1 and 2 threads), so where a call is chunked, which
+# every width chunk_cols() picks at heights 8, 32 and 128, at 1, 2 and 4 threads), so where a call is chunked, which
 # depends on M, changes no row. Calls of 2 * BIG_TILE rows or more keep the problems above: their tiles already give
 # every thread work.
 CHUNK_COLS = 512
 MIN_CHUNK_COLS = 256
 CHUNK_BELOW_ROWS = 2 * BIG_TILE
+# ... and K of at least this: a thin weight ([64, 16384]) packs cheaply, and its 32 chunks cost more than they save
+# (a review probe, 1 thread: [200, 64] @ [64, 16384] 3.5 ms whole-width, 5.5 ms in chunks)
+CHUNK_MIN_K = 512
 
 
 @functools.lru_cache(maxsize=256)
@@ -374,7 +377,7 @@ def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     if bias is not None:
         bp_bias = cached_pack(bias, "bias", lambda: F.pad(bias.to(torch.float32), (0, np_ - bias.shape[0])))
     large = k * np_ >= BIG_TILE_MIN_KN
-    width = chunk_cols(np_) if large and m < CHUNK_BELOW_ROWS else 0
+    width = chunk_cols(np_) if large and m < CHUNK_BELOW_ROWS and k >= CHUNK_MIN_K else 0
     if width:
         return _mm_chunked(a, bp, bp_bias, width)
     big = m // BIG_TILE * BIG_TILE if m >= 2 * BIG_TILE and large else 0
