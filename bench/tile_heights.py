@@ -50,14 +50,8 @@ def _rows(a: torch.Tensor, b: torch.Tensor, height: int) -> torch.Tensor:
 
 
 def _chunked_rows(a: torch.Tensor, b: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    k, n = b.shape
-    c = n // width
-    out = torch.empty(ROWS, n)
-    for r0 in range(0, ROWS, height):
-        part = torch.empty(c, height, width)
-        tp.gemm(a[r0 : r0 + height].unsqueeze(0).expand(c, height, k), b.view(k, c, width).transpose(0, 1), part)
-        out[r0 : r0 + height].view(height, c, width).copy_(part.transpose(0, 1))
-    return out
+    """The CPU path's own column-chunked GEMM, in row tiles of ``height`` only."""
+    return tp._mm_chunked(a, b, None, width, [height] * (ROWS // height))
 
 
 def main(argv=None) -> int:

@@ -328,12 +328,14 @@ def chunk_heights(m: int) -> list[int]:
     return [BIG_TILE] * big + [ROW_TILE] * full + ([TAIL_TILE if tail <= TAIL_TILE else ROW_TILE] if tail else [])
 
 
-def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, width: int) -> torch.Tensor:
-    """[M, K] @ [K, Np] (+ bias) in column chunks of ``width`` (see CHUNK_COLS); a fresh [Mp, Np] tensor."""
+def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, width: int,
+                heights: list[int] | None = None) -> torch.Tensor:
+    """[M, K] @ [K, Np] (+ bias) in column chunks of ``width`` (see CHUNK_COLS), row tiles of ``heights`` (default
+    :func:`chunk_heights`; bench/tile_heights.py passes its own); a fresh [Mp, Np] tensor."""
     m, k = a.shape
     np_ = bp.shape[1]
     c = np_ // width
-    heights = chunk_heights(m)
+    heights = chunk_heights(m) if heights is None else heights
     mp = sum(heights)
     a = F.pad(a, (0, 0, 0, mp - m)) if mp != m else a.contiguous()
     out = torch.empty((mp, np_), dtype=torch.float32, device=a.device)
