@@ -9,14 +9,19 @@ Three forwards at batch 2, mode off against ``jetdet.mode("deterministic")``, in
 - the same at width 3072, 24 heads (Flux's width), 1280 tokens (1024 image + 256 text);
 - an SD1.5-type self-attention over a 64x64 latent: 4096 tokens, 8 heads of 40, with its q/k/v/out linears;
 - the width-3072 DiT blocks at 24 tokens per item, batch 4 (96 rows per GEMM: a tiny test latent, where the
-  CPU path's 32-row problems each repacked the whole weight before its GEMMs ran in column chunks).
+  CPU path's 32-row problems each repacked the whole weight before its GEMMs ran in column chunks);
+- the width-1152 and the 24-token width-3072 cases again with the weights as inference tensors, as ComfyUI loads
+  every model (made and run under ``torch.inference_mode()``): the CPU path cannot cache a copy of those, and reads
+  a large one in place as ``w @ x^T`` (``WEIGHT_MAJOR``).
 
 ``--parts`` times the pieces that decide those figures, each with the CPU path's setting on and off (module
 attributes of ``jetdet/kernels/*/torch_path.py``) beside torch's own op: a large GEMM in 32- and 128-row tiles
 (``BIG_TILE_MIN_KN``), GEMMs of 24, 96 and 200 rows against the same weight in whole-width problems and in column
-chunks (``CHUNK_BELOW_ROWS``), attention's grouped GEMM with and without its per-group loop (``GROUP_LOOP_ELEMS``), and
-attention whole and in chunks (``SCORE_CHUNK_ELEMS``). Same bits either way (tests/test_cpu_sweep.py,
-tests/test_cpu_path_details.py).
+chunks (``CHUNK_BELOW_ROWS``), GEMMs of 24 to 1024 rows against an inference-tensor weight copied at every call and
+read in place (``WEIGHT_MAJOR_MIN_KN``), attention's grouped GEMM with and without its per-group loop
+(``GROUP_LOOP_ELEMS``), and attention whole and in chunks (``SCORE_CHUNK_ELEMS``). Same bits either way
+(tests/test_cpu_sweep.py, tests/test_cpu_path_details.py), except the weight read in place, a computation of its
+own that is batch invariant by itself (tests/test_cpu_sweep.py).
 
     python bench/cpu_large.py [--repeats 3] [--threads N] [--parts]
 """
@@ -97,6 +102,16 @@ def parts(repeats: int) -> int:
         t_chunks = _ms(lambda xs=xs: mm.mm_f32(xs, w.t()), repeats)
         print(f"  [{rows}, 3072] @ [3072, 12288]: F.linear {_ms(lambda xs=xs: F.linear(xs, w), repeats):7.1f}   "
               f"CPU path, whole-width problems {t_tiles:7.1f}   in column chunks {t_chunks:7.1f}")
+    with torch.inference_mode():  # as ComfyUI loads a model: no cached copy of an inference tensor
+        wi = torch.randn(12288, 3072, generator=g) * 3072**-0.5
+        for rows in (24, 96, 200, 1024):
+            xs = torch.randn(rows, 3072, generator=g)
+            with _setting(mm, "WEIGHT_MAJOR_MIN_KN", off):
+                t_copy = _ms(lambda xs=xs: mm.mm_f32(xs, wi.t()), repeats)
+            t_major = _ms(lambda xs=xs: mm.mm_f32(xs, wi.t()), repeats)
+            t_lin = _ms(lambda xs=xs: F.linear(xs, wi), repeats)
+            print(f"  [{rows}, 3072] @ [3072, 12288], inference-tensor weight: F.linear {t_lin:7.1f}   CPU path, "
+                  f"weight copied per call {t_copy:7.1f}   read in place (w @ x^T) {t_major:7.1f}")
     a, b = torch.randn(24, 1024, 1024, generator=g), torch.randn(24, 1024, 128, generator=g)
     with _setting(mm, "GROUP_LOOP_ELEMS", off):
         t_copy = _ms(lambda: mm.bmm_f32(a, b), repeats)
@@ -134,6 +149,11 @@ def main(argv=None) -> int:
         ("DiT blocks x2, width 3072, 24 tokens, batch 4", DiTStack(3072, 24, 2),
          (torch.randn(4, 24, 3072, generator=g), torch.randn(4, 3072, generator=g))),
     ]
+    with torch.inference_mode():  # the same models with inference-tensor weights, as ComfyUI loads them
+        cases += [
+            ("  the width-1152 case, inference-tensor weights", DiTStack(1152, 16, 2), cases[0][2]),
+            ("  the 24-token case, inference-tensor weights", DiTStack(3072, 24, 2), cases[3][2]),
+        ]
     if args.parts:
         return parts(args.repeats)
     print(f"batch 2 unless named, {torch.get_num_threads()} threads, torch {torch.__version__}, median of "
@@ -142,7 +162,8 @@ def main(argv=None) -> int:
     for name, model, inp in cases:
         model.eval()
         times = {"off": [], "det": []}
-        with torch.no_grad():
+        inference = next(model.parameters()).is_inference()
+        with torch.inference_mode() if inference else torch.no_grad():
             model(*inp)
             with jetdet.mode("deterministic"):
                 model(*inp)

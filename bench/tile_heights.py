@@ -8,13 +8,17 @@ the machine it runs on, over random K and N, at 1, 2 and 4 threads (against the 
 row that changes with the thread count counts too), for the heights the path uses and a few it does
 not (4, 16, 64, 256). GEMMs of fewer than ``CHUNK_BELOW_ROWS`` rows against a large weight run their row tiles in
 column chunks (``chunk_cols(N)`` wide), so for every N with such a width it also checks the chunks' rows against the
-whole-width problem's at heights 8, 32 and 128. (``python bench/cpu_large.py --parts`` times what the taller tiles
-and the chunks save.)
+whole-width problem's at heights 8, 32 and 128. GEMMs against the transpose of a large weight that is not cached
+(``x @ w.t()``, WEIGHT_MAJOR: every ComfyUI model's linear) run as ``w @ x^T``, where x's rows are the problems'
+columns, so it also checks that their rows are the same at 8, 32 and 128 columns, with one tile per call or many
+(the path batches a call's problems over chunks of w's rows or over tiles of x, whichever has more). (``python
+bench/cpu_large.py --parts`` times what the taller tiles, the chunks and the weight-major form save.)
 
     python bench/tile_heights.py [--shapes 60] [--seed 0]
 
 Prints one line per height: shapes whose rows differ from the 8-row problem's (at either thread count), and one
-for the column chunks. Exits 1 where a height or chunking the path uses differs.
+for the column chunks and one for the weight-major form. Exits 1 where a height, chunking or form the path uses
+differs.
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ def _chunked_rows(a: torch.Tensor, b: torch.Tensor, height: int, width: int) -> 
     return tp._mm_chunked(a, b, None, width, [height] * (ROWS // height))
 
 
+def _weight_major_rows(a: torch.Tensor, w: torch.Tensor, height: int, one_tile: bool) -> torch.Tensor:
+    """The CPU path's own weight-major GEMM ``a @ w.t()`` in tiles of ``height`` rows only: all ROWS rows, or the
+    first ``height`` rows as a call of one tile."""
+    if one_tile:
+        return tp._mm_weight_major(a[:height], w, None, [height])
+    return tp._mm_weight_major(a, w, None, [height] * (ROWS // height))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", type=int, default=60)
@@ -64,14 +76,18 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     differs = {h: [] for h in HEIGHTS}
     chunk_bad, chunked = [], 0
+    wm_bad, wm_shapes = [], 0
     try:
         for _ in range(args.shapes):
             k, n = _shape(rng)
             a, b = torch.randn(ROWS, k), torch.randn(k, n)
             width = tp.chunk_cols(n)
             chunked += bool(width)
+            w = b.t().contiguous() if n >= 2 * tp.COL_PAD else None
+            wm_shapes += w is not None
             torch.set_num_threads(1)
             ref = _rows(a, b, 8)
+            wm_ref = _weight_major_rows(a, w, 8, False) if w is not None else None
             for th in THREADS:
                 torch.set_num_threads(th)
                 for h in HEIGHTS:
@@ -80,6 +96,11 @@ def main(argv=None) -> int:
                 for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if width else ():
                     if not torch.equal(_chunked_rows(a, b, h, width), ref) and (k, n, h) not in chunk_bad:
                         chunk_bad.append((k, n, h))
+                for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if w is not None else ():
+                    for one in (False, True):
+                        got = _weight_major_rows(a, w, h, one)
+                        if not torch.equal(got, wm_ref[: len(got)]) and (k, n, h) not in wm_bad:
+                            wm_bad.append((k, n, h))
         torch.set_num_threads(threads)
         ths = "/".join(map(str, THREADS))
         print(f"{args.shapes} random [{ROWS}, K] @ [K, N] (seed {args.seed}), {ths} threads; rows against the 8-row "
@@ -90,6 +111,9 @@ def main(argv=None) -> int:
         print(f"  column chunks of chunk_cols(N) (the {chunked} shapes with one), heights {tp.TAIL_TILE}/{tp.ROW_TILE}/"
               f"{tp.BIG_TILE}, against the same reference: shapes that differ: {len(chunk_bad):>3}  "
               f"{chunk_bad[:4]}")
+        print(f"  weight-major a @ w.t() (the {wm_shapes} shapes with N >= {2 * tp.COL_PAD}), heights {tp.TAIL_TILE}/"
+              f"{tp.ROW_TILE}/{tp.BIG_TILE}, one tile and many, against its own 8-row result at 1 thread: shapes that "
+              f"differ: {len(wm_bad):>3}  {wm_bad[:4]}")
     finally:
         torch.set_num_threads(threads)
     used_bad = [h for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if differs[h]]
@@ -98,7 +122,9 @@ def main(argv=None) -> int:
     if chunk_bad:
         print("FAIL: rows differ between column chunks and whole-width problems: the CPU path is not batch invariant "
               "here")
-    return 1 if used_bad or chunk_bad else 0
+    if wm_bad:
+        print("FAIL: weight-major rows differ between tile heights: the CPU path is not batch invariant here")
+    return 1 if used_bad or chunk_bad or wm_bad else 0
 
 
 if __name__ == "__main__":

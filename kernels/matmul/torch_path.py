@@ -141,10 +141,16 @@ def _use_on_stream(b: torch.Tensor, packed: torch.Tensor, done, streams: set) ->
     streams.add(raw)
 
 
-def cached_pack(b: torch.Tensor, tag: str, make):
+def cacheable(b: torch.Tensor) -> bool:
+    """Whether :func:`cached_pack` keeps copies of ``b``: a view of an nn.Parameter that is not an inference tensor."""
     owner = b._base if b._base is not None else b
-    if not isinstance(owner, torch.nn.Parameter) or owner.is_inference():
+    return isinstance(owner, torch.nn.Parameter) and not owner.is_inference()
+
+
+def cached_pack(b: torch.Tensor, tag: str, make):
+    if not cacheable(b):
         return make()
+    owner = b._base if b._base is not None else b
     graph_aware = _graph_aware(b)
     if graph_aware and _capturing(b):
         return make()
@@ -352,6 +358,121 @@ def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, wi
     return out
 
 
+# WEIGHT_MAJOR: a GEMM against the transpose of a large row-major weight that the cache cannot hold (``x @ w.t()``, w
+# [N, K], K x N >= WEIGHT_MAJOR_MIN_KN, how F.linear reads nn.Linear's weight; not cacheable: inference tensors, which
+# is every ComfyUI model's weight, and weights that are not Parameters, such as ones cast per call) is computed as
+# ``out^T = w @ x^T``: problems ``[rows, K] @ [K, height]`` over row chunks of w read where it lies (about WEIGHT_ROWS
+# rows each) and row tiles of x (heights as chunk_heights) transposed into a scratch copy. The weight is never copied.
+# The other path needs b row-major, so it transposed w into a new [K, N] copy at every such call: 187 of 285 ms for
+# [96, 3072] @ [3072, 21504] here. Reading w.t() in place as a column-major operand instead is not batch invariant at
+# 3 threads and more (tests/test_cpu_sweep.py); here both operands are row-major.
+# - Same bits: x's rows are the problems' columns, so the measured premise is that a column's bits depend neither on
+#   how many columns its problem has (8 to 128, as for rows) nor on the thread count, nor on whether a call batches
+#   its problems over chunks or over tiles. bench/tile_heights.py checks it; on the Intel Xeon 0 of 200 random shapes
+#   differed (K 16-5000, 16-1100 rows per chunk, odd counts too, heights 8-128 at several positions, 1-6 threads);
+#   256 columns differed, as 256 rows do.
+# - Which path a GEMM takes depends on b's layout, size and cacheability, never on M.
+# - Cost (2 threads, fp32, ms, the copy path -> this one; F.linear in brackets): [96, 3072] @ [3072, 21504] 280 -> 61
+#   (55); [2, 3072] @ [3072, 18432] 179 -> 16 (8); [1024, 3072] @ [3072, 3072] 113 -> 68 (62); [2048, 1152] @
+#   [1152, 1152] 19.7 -> 21.2 (15.9). Many rows against a narrow weight lose ~5-15% to the transposes of x and of the
+#   output, hence the size threshold, and cacheable Parameters keep their cached copy (at many rows it is faster:
+#   [4096, 1280] @ [1280, 320] 10.6 cached, 14.8 here). ``python bench/cpu_large.py --parts`` times it.
+WEIGHT_ROWS = 512
+WEIGHT_MAJOR_MIN_KN = BIG_TILE_MIN_KN
+
+
+def weight_rows(b: torch.Tensor) -> torch.Tensor | None:
+    """w [N, K] when b [K, N] is its transpose with w row-major and K x N >= WEIGHT_MAJOR_MIN_KN (WEIGHT_MAJOR);
+    else None."""
+    if b.dim() != 2:
+        return None
+    k, n = b.shape
+    if k < 2 or n < 2 * COL_PAD or k * n < WEIGHT_MAJOR_MIN_KN or b.stride() != (1, k):
+        return None
+    return b.t()
+
+
+@functools.lru_cache(maxsize=256)
+def weight_row_chunks(n: int) -> tuple[tuple[int, int], ...]:
+    """How w's ``n`` rows are cut into problems: ``(first row, rows)`` per chunk, ``max(2, round(n / WEIGHT_ROWS))``
+    chunks whose row counts differ by at most one. Two chunks at least, so that a call over one tile of x still has
+    two problems (ONE_PROBLEM would compute a single one twice)."""
+    c = max(2, round(n / WEIGHT_ROWS))
+    q, r = divmod(n, c)
+    sizes = [q + 1] * r + [q] * (c - r)
+    starts = [sum(sizes[:i]) for i in range(c)]
+    return tuple(zip(starts, sizes))
+
+
+def _runs(heights: list[int]):
+    """(height, count) of each run of equal consecutive heights."""
+    runs: list[list[int]] = []
+    for h in heights:
+        if runs and runs[-1][0] == h:
+            runs[-1][1] += 1
+        else:
+            runs.append([h, 1])
+    return runs
+
+
+def _mm_weight_major(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                     heights: list[int] | None = None) -> torch.Tensor:
+    """[M, K] @ w.t() (+ bias) for w [N, K] fp32 row-major (WEIGHT_MAJOR), row tiles of ``heights`` (default
+    :func:`chunk_heights`; bench/tile_heights.py passes its own); a fresh [Mp, N] tensor.
+
+    Every problem is ``w[chunk] @ x_tile^T``, [rows, K] @ [K, height]. A run of t equal-height tiles is one call per
+    chunk over its t tiles when there are at least as many tiles as chunks (many rows), else one call per tile over
+    its chunks: the same problems either way, batched the way that makes fewer calls."""
+    m, k = a.shape
+    n = w.shape[0]
+    heights = chunk_heights(m) if heights is None else heights
+    out = torch.empty((sum(heights), n), dtype=torch.float32, device=a.device)
+    chunks = weight_row_chunks(n)
+    r0 = 0
+    for h, t in _runs(heights):
+        # the tiles of x, transposed: [t, K, h], rows past M zero (a scratch buffer: every element written each call)
+        xt = scratch_buffer("wm_x", (t, k, h), a)
+        xv = xt.transpose(1, 2)
+        full = max(0, min(t, (m - r0) // h))
+        if full:
+            xv[:full].copy_(a[r0 : r0 + full * h].reshape(full, h, k))
+        for i in range(full, t):
+            rows = max(0, min(h, m - r0 - i * h))
+            if rows:
+                xv[i, :rows].copy_(a[r0 + i * h : r0 + i * h + rows])
+            xv[i, rows:].zero_()
+        dst = out[r0 : r0 + t * h].view(t, h, n)
+        if t >= len(chunks):
+            for n0, rows in chunks:
+                # the problems' own output, then one copy into place (as _mm_chunked)
+                part = scratch_buffer("wm_out", (t, rows, h), a)
+                gemm(w[n0 : n0 + rows].unsqueeze(0).expand(t, rows, k), xt, part,
+                     bias[n0 : n0 + rows].view(rows, 1) if bias is not None else None)
+                dst[:, :, n0 : n0 + rows].copy_(part.transpose(1, 2))
+        else:
+            for i in range(t):
+                for n0, span, c, rows in _chunk_groups(chunks):
+                    part = scratch_buffer("wm_out", (c, rows, h), a)
+                    gemm(w[n0 : n0 + span].view(c, rows, k), xt[i].unsqueeze(0).expand(c, k, h), part,
+                         bias[n0 : n0 + span].view(c, rows, 1) if bias is not None else None)
+                    dst[i, :, n0 : n0 + span].copy_(part.view(span, h).t())
+        r0 += t * h
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_groups(chunks: tuple) -> tuple[tuple[int, int, int, int], ...]:
+    """Consecutive chunks of equal rows as (first row, rows in all, count, rows each): one batched call each."""
+    groups: list[list[int]] = []
+    for n0, rows in chunks:
+        if groups and groups[-1][3] == rows:
+            groups[-1][1] += rows
+            groups[-1][2] += 1
+        else:
+            groups.append([n0, rows, 1, rows])
+    return tuple(tuple(g) for g in groups)
+
+
 def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
     """(rows in full ROW_TILE tiles, padded tail rows, tail tile height) for an [m, k] @ [k, np_] GEMM."""
     full = m // ROW_TILE * ROW_TILE
@@ -372,6 +493,12 @@ def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
 
 def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     """[M, K] @ [K, N] (+ bias) as a fresh [Mp, Np] tensor (both padded); the caller slices [:M, :N]."""
+    w = None if cacheable(b) else weight_rows(b)
+    if w is not None:
+        w = f32(w)
+        if bias is not None:
+            bias = bias.to(torch.float32).contiguous()
+        return _mm_weight_major(a, w, bias)
     bp = cached_pack(b, "mm", lambda: pad_cols(b.to(torch.float32)))
     m, k = a.shape
     np_ = bp.shape[1]
