@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     differs = {h: [] for h in HEIGHTS}
     chunk_bad, chunked = [], 0
-    wm_bad, wm_shapes = [], 0
+    wm_bad, wm_shapes, wm_same = [], 0, 0
     try:
         for _ in range(args.shapes):
             k, n = _shape(rng)
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(1)
             ref = _rows(a, b, 8)
             wm_ref = _weight_major_rows(a, w, 8, False) if w is not None else None
+            wm_same += w is not None and torch.equal(wm_ref, ref)
             for th in THREADS:
                 torch.set_num_threads(th)
                 for h in HEIGHTS:
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
         print(f"  weight-major a @ w.t() (the {wm_shapes} shapes with N >= {2 * tp.COL_PAD}), heights {tp.TAIL_TILE}/"
               f"{tp.ROW_TILE}/{tp.BIG_TILE}, one tile and many, against its own 8-row result at 1 thread: shapes that "
               f"differ: {len(wm_bad):>3}  {wm_bad[:4]}")
+        print(f"  (for information, not needed: weight-major rows equal to the row-major 8-row problems' in {wm_same} "
+              f"of {wm_shapes} shapes)")
     finally:
         torch.set_num_threads(threads)
     used_bad = [h for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if differs[h]]
