@@ -214,8 +214,30 @@ def test_negative_control_column_major_b_at_more_threads_than_problems(restore_t
 
 
 #: [K, N] of weights that take the weight-major form when they are not cached: 6 chunks of w's rows; 2 chunks; 9
-#: chunks of two sizes (492 and 491 rows); a thin K; the two K where 256-column problems differ (negative control)
-_WEIGHT_MAJOR = [(3072, 3072), (1152, 1152), (1024, 4423), (64, 16384), (1970, 1152), (2137, 4480)]
+#: chunks of two sizes (492 and 491 rows); the thinnest K and the narrowest N it takes; the two K where 256-column
+#: problems differ (negative control)
+_WEIGHT_MAJOR = [(3072, 3072), (1152, 1152), (1024, 4423), (256, 16384), (2048, 1537), (1970, 1152), (2137, 4480)]
+
+
+def test_weight_row_chunks():
+    """w's rows cut into consecutive chunks of about WEIGHT_ROWS rows, sizes differing by at most one, at least two
+    chunks, and no size that a single chunk has where another size exists (ONE_PROBLEM would compute it twice)."""
+    from collections import Counter
+
+    assert mm_torch.weight_row_chunks(3072) == tuple((i * 512, 512) for i in range(6))
+    assert mm_torch.weight_row_chunks(1537) == ((0, 308), (308, 308), (616, 307), (923, 307), (1230, 307))
+    lone = []
+    for n in range(mm_torch.WEIGHT_MAJOR_MIN_N, 30000):
+        chunks = mm_torch.weight_row_chunks(n)
+        assert chunks[0][0] == 0 and sum(r for _, r in chunks) == n and len(chunks) >= 2, n
+        assert all(a + r == b for (a, r), (b, _) in zip(chunks, chunks[1:])), n
+        sizes = Counter(r for _, r in chunks)
+        assert max(sizes) - min(sizes) <= 1, n
+        if len(sizes) > 1 and min(sizes.values()) < 2:
+            lone.append(n)
+    # a few awkward N (38 here, the largest 2591; 559 = 13 x 43) find no split without a lone size: wasted work, not
+    # other bits
+    assert len(lone) <= 40 and max(lone) < 3000, lone
 
 
 def _weight_major_mismatches(rng, weights=None) -> list:
@@ -268,7 +290,7 @@ def test_weight_major_takes_uncached_weights_only_and_copies_none(monkeypatch):
     seen = []
     major = mm_torch._mm_weight_major
     monkeypatch.setattr(mm_torch, "_mm_weight_major", lambda a, w, *r: seen.append(w) or major(a, w, *r))
-    x = torch.randn(40, 1024)
+    xs = {k: torch.randn(40, k) for k in (128, 1024, 4096)}
     with torch.inference_mode():
         w_inf = torch.randn(1100, 1024) / 32
         p_inf = torch.nn.Parameter(torch.randn(1100, 1024) / 32, requires_grad=False)
@@ -277,10 +299,11 @@ def test_weight_major_takes_uncached_weights_only_and_copies_none(monkeypatch):
         (w_inf, True), (p_inf, True), (torch.randn(1100, 1024) / 32, True), (w_half, True),
         (torch.nn.Parameter(torch.randn(1100, 1024) / 32, requires_grad=False), False),
         (torch.randn(1000, 1024) / 32, False),  # K x N below WEIGHT_MAJOR_MIN_KN
+        (torch.randn(16384, 128) / 32, False), (torch.randn(384, 4096) / 32, False),  # K, N below the minimums
     ]  # fmt: skip
     for w, expect in cases:
         seen.clear()
-        bias = torch.randn(w.shape[0])
+        bias, x = torch.randn(w.shape[0]), xs[w.shape[1]]
         out = mm_torch.matmul(x, w.t(), bias)
         ref = x.double() @ w.double().t() + bias.double()
         assert out.shape == (40, w.shape[0]) and torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-4)
@@ -289,7 +312,7 @@ def test_weight_major_takes_uncached_weights_only_and_copies_none(monkeypatch):
             assert seen[0].data_ptr() == w.data_ptr()  # read in place, no copy
     row_major = torch.randn(1024, 1100)  # b itself row-major: packed as it is
     seen.clear()
-    mm_torch.matmul(x, row_major)
+    mm_torch.matmul(xs[1024], row_major)
     assert not seen
 
 

@@ -359,8 +359,9 @@ def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, wi
 
 
 # WEIGHT_MAJOR: a GEMM against the transpose of a large row-major weight that the cache cannot hold (``x @ w.t()``, w
-# [N, K], K x N >= WEIGHT_MAJOR_MIN_KN, how F.linear reads nn.Linear's weight; not cacheable: inference tensors, which
-# is every ComfyUI model's weight, and weights that are not Parameters, such as ones cast per call) is computed as
+# [N, K], K x N >= WEIGHT_MAJOR_MIN_KN, K and N not thin (below), how F.linear reads nn.Linear's weight; not
+# cacheable: inference tensors, which is every ComfyUI model's weight, and weights that are not Parameters, such as
+# ones cast per call, or any weight inside torch.compile, where the op sees a plain tensor) is computed as
 # ``out^T = w @ x^T``: problems ``[rows, K] @ [K, height]`` over row chunks of w read where it lies (about WEIGHT_ROWS
 # rows each) and row tiles of x (heights as chunk_heights) transposed into a scratch copy. The weight is never copied.
 # The other path needs b row-major, so it transposed w into a new [K, N] copy at every such call: 187 of 285 ms for
@@ -374,30 +375,43 @@ def _mm_chunked(a: torch.Tensor, bp: torch.Tensor, bias: torch.Tensor | None, wi
 # - Which path a GEMM takes depends on b's layout, size and cacheability, never on M.
 # - Cost (2 threads, fp32, ms, the copy path -> this one; F.linear in brackets): [96, 3072] @ [3072, 21504] 280 -> 61
 #   (55); [2, 3072] @ [3072, 18432] 179 -> 16 (8); [1024, 3072] @ [3072, 3072] 113 -> 68 (62); [2048, 1152] @
-#   [1152, 1152] 19.7 -> 21.2 (15.9). Many rows against a narrow weight lose ~5-15% to the transposes of x and of the
-#   output, hence the size threshold, and cacheable Parameters keep their cached copy (at many rows it is faster:
-#   [4096, 1280] @ [1280, 320] 10.6 cached, 14.8 here). ``python bench/cpu_large.py --parts`` times it.
+#   [1152, 1152] 19.7 -> 21.2 (15.9). Many rows against a narrow weight lose to the transposes of x and of the output
+#   (5-15% at these widths, more for thinner weights), hence the thresholds, and cacheable Parameters keep their
+#   cached copy (at many rows it is faster: [4096, 1280] @ [1280, 320] 10.6 cached, 14.8 here). ``python
+#   bench/cpu_large.py --parts`` times it.
 WEIGHT_ROWS = 512
 WEIGHT_MAJOR_MIN_KN = BIG_TILE_MIN_KN
+# ... and K and N of at least these: the form transposes x (M x K) and the output (M x N) where the copy transposes the
+# weight (K x N), so a thin or narrow weight at many rows lost up to 4x (a review's sweep, 2 threads: [4096, 31776] @
+# [31776, 33] 257 against 64 ms; [1024, 16] @ [16, 65536] 1.9x). No diffusion model's large linear is that thin.
+WEIGHT_MAJOR_MIN_K = 256
+WEIGHT_MAJOR_MIN_N = 512
 
 
 def weight_rows(b: torch.Tensor) -> torch.Tensor | None:
-    """w [N, K] when b [K, N] is its transpose with w row-major and K x N >= WEIGHT_MAJOR_MIN_KN (WEIGHT_MAJOR);
-    else None."""
+    """w [N, K] when b [K, N] is its transpose with w row-major, K x N >= WEIGHT_MAJOR_MIN_KN, K >= WEIGHT_MAJOR_MIN_K
+    and N >= WEIGHT_MAJOR_MIN_N (WEIGHT_MAJOR); else None."""
     if b.dim() != 2:
         return None
     k, n = b.shape
-    if k < 2 or n < 2 * COL_PAD or k * n < WEIGHT_MAJOR_MIN_KN or b.stride() != (1, k):
+    if k < WEIGHT_MAJOR_MIN_K or n < WEIGHT_MAJOR_MIN_N or k * n < WEIGHT_MAJOR_MIN_KN or b.stride() != (1, k):
         return None
     return b.t()
 
 
 @functools.lru_cache(maxsize=256)
 def weight_row_chunks(n: int) -> tuple[tuple[int, int], ...]:
-    """How w's ``n`` rows are cut into problems: ``(first row, rows)`` per chunk, ``max(2, round(n / WEIGHT_ROWS))``
-    chunks whose row counts differ by at most one. Two chunks at least, so that a call over one tile of x still has
-    two problems (ONE_PROBLEM would compute a single one twice)."""
-    c = max(2, round(n / WEIGHT_ROWS))
+    """How w's ``n`` rows are cut into problems: ``(first row, rows)`` per chunk, about WEIGHT_ROWS rows each, row
+    counts differing by at most one. At least two chunks, and never a row count that only one chunk has, so that
+    every call over one tile of x has two problems or more (ONE_PROBLEM would compute a lone one twice): the chunk
+    count nearest ``n / WEIGHT_ROWS`` that allows it (n = 1537: 5 chunks of 308 and 307 rows, not 513, 512, 512)."""
+    want = max(2, round(n / WEIGHT_ROWS))
+    for c in sorted(range(2, max(want * 2, 8) + 1), key=lambda c: (abs(c - want), c)):
+        q, r = divmod(n, c)
+        if q and (r == 0 or (r >= 2 and c - r >= 2)):
+            break
+    else:
+        c = want
     q, r = divmod(n, c)
     sizes = [q + 1] * r + [q] * (c - r)
     starts = [sum(sizes[:i]) for i in range(c)]
