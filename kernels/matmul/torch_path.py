@@ -9,12 +9,14 @@ How: every GEMM is cut into row tiles of a fixed height ``ROW_TILE`` (large GEMM
 ``BIG_TILE``-row tiles first; rows past the last full tile go into zero-padded tiles of ``TAIL_TILE`` rows) and
 run as batched GEMMs of identical ``[tile, K] @ [K, N]`` problems, so MKL runs the same code path with the same K
 order for every row of a problem; GEMMs of few rows against a large weight run each row tile over column chunks of
-the weight instead (``CHUNK_BELOW_ROWS``). Which height a row gets, and whether its GEMM is chunked, depends on M, so
-the path rests on one measured premise: a row's bits are the same in an 8-, 32- and 128-row problem, over the whole
-width or a column chunk (``bench/tile_heights.py`` checks it on the machine it runs on; on the Intel Xeon it was
-measured on heights 4..128 and chunks held, 256 rows failed). Convolution is one strided
-im2col gather per item followed by one GEMM per item, ``W [O, C*kh*kw] @ cols [C*kh*kw, Ho*Wo]``, all items' problems
-identical and batched. Attention is two row-tiled GEMMs around a row-wise softmax. Norms and softmax use
+the weight instead (``CHUNK_BELOW_ROWS``), and GEMMs against the transpose of a large weight that cannot be cached
+(ComfyUI's inference tensors) run as ``w @ x^T`` with x's row tiles as the columns (``WEIGHT_MAJOR``). Which
+height a row gets, and whether its GEMM is chunked, depends on M, so the path rests on one measured premise: a
+row's bits are the same in an 8-, 32- and 128-row problem, over the whole width or a column chunk, and as 8, 32 or
+128 columns of a weight-major problem (``bench/tile_heights.py`` checks it on the machine it runs on; on the Intel
+Xeon it was measured on heights 4..128, chunks and the weight-major form held, 256 rows failed). Convolution is one
+strided im2col gather per item followed by one GEMM per item, ``W [O, C*kh*kw] @ cols [C*kh*kw, Ho*Wo]``, all
+items' problems identical and batched. Attention is two row-tiled GEMMs around a row-wise softmax. Norms and softmax use
 torch's row-wise CPU kernels, which reduce each row serially in an order fixed by the row length; reductions
 are kept to >= 2 output rows, because torch splits a reduction across threads only when it has a single
 output.
