@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -105,7 +106,6 @@ def measure(kind: str, repeats: int) -> tuple[dict, list[bool]]:
     model = build(kind)
     pos, neg = conditioning(kind)
     cfg = CFG[kind]
-    wm = mm.WEIGHT_MAJOR_MIN_KN
 
     def stock(batch=4, offset=0):
         return nodes.KSampler().sample(model, 7, 5, cfg, "euler", "simple", pos, neg, latent(kind, batch), 1.0)[0]
@@ -115,11 +115,8 @@ def measure(kind: str, repeats: int) -> tuple[dict, list[bool]]:
                                                   1.0, offset).args[0]  # fmt: skip
 
     def copy(batch=4, offset=0):
-        mm.WEIGHT_MAJOR_MIN_KN = 1 << 62
-        try:
+        with mock.patch.object(mm, "WEIGHT_MAJOR_MIN_KN", 1 << 62):
             return det(batch, offset)
-        finally:
-            mm.WEIGHT_MAJOR_MIN_KN = wm
 
     runs = {"stock": stock, "det": det, "copy": copy}
     times = {k: [] for k in runs}

@@ -33,6 +33,7 @@ sys.path.insert(0, ".")
 from jetdet.kernels.matmul import torch_path as tp  # noqa: E402
 
 HEIGHTS = (4, 8, 16, 32, 64, 128, 256)
+USED = (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE)  # the heights the CPU path uses
 THREADS = (1, 2, 4)  # 4: more threads than some calls have problems (oversubscribed on a 2-core machine)
 ROWS = 256
 
@@ -94,10 +95,10 @@ def main(argv=None) -> int:
                 for h in HEIGHTS:
                     if not torch.equal(_rows(a, b, h), ref) and (k, n) not in differs[h]:
                         differs[h].append((k, n))
-                for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if width else ():
+                for h in USED if width else ():
                     if not torch.equal(_chunked_rows(a, b, h, width), ref) and (k, n, h) not in chunk_bad:
                         chunk_bad.append((k, n, h))
-                for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if w is not None else ():
+                for h in USED if w is not None else ():
                     for one in (False, True):
                         got = _weight_major_rows(a, w, h, one)
                         if not torch.equal(got, wm_ref[: len(got)]) and (k, n, h) not in wm_bad:
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         print(f"{args.shapes} random [{ROWS}, K] @ [K, N] (seed {args.seed}), {ths} threads; rows against the 8-row "
               f"problems' at 1 thread (the CPU path uses 8, {tp.ROW_TILE} and {tp.BIG_TILE}):")
         for h, bad in differs.items():
-            used = " (used)" if h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) else ""
+            used = " (used)" if h in USED else ""
             print(f"  height {h:>3}{used:<7} shapes that differ: {len(bad):>3}  {bad[:4]}")
         print(f"  column chunks of chunk_cols(N) (the {chunked} shapes with one), heights {tp.TAIL_TILE}/{tp.ROW_TILE}/"
               f"{tp.BIG_TILE}, against the same reference: shapes that differ: {len(chunk_bad):>3}  "
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
               f"of {wm_shapes} shapes)")
     finally:
         torch.set_num_threads(threads)
-    used_bad = [h for h in (tp.TAIL_TILE, tp.ROW_TILE, tp.BIG_TILE) if differs[h]]
+    used_bad = [h for h in USED if differs[h]]
     if used_bad:
         print(f"FAIL: rows differ between heights the CPU path uses ({used_bad}): it is not batch invariant here")
     if chunk_bad:

@@ -31,6 +31,7 @@ fp16/bf16 inputs are computed in fp32 and rounded once at the end.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import weakref
 
@@ -143,16 +144,20 @@ def _use_on_stream(b: torch.Tensor, packed: torch.Tensor, done, streams: set) ->
     streams.add(raw)
 
 
+def _owner(b: torch.Tensor) -> torch.Tensor:
+    return b._base if b._base is not None else b
+
+
 def cacheable(b: torch.Tensor) -> bool:
     """Whether :func:`cached_pack` keeps copies of ``b``: a view of an nn.Parameter that is not an inference tensor."""
-    owner = b._base if b._base is not None else b
+    owner = _owner(b)
     return isinstance(owner, torch.nn.Parameter) and not owner.is_inference()
 
 
 def cached_pack(b: torch.Tensor, tag: str, make):
     if not cacheable(b):
         return make()
-    owner = b._base if b._base is not None else b
+    owner = _owner(b)
     graph_aware = _graph_aware(b)
     if graph_aware and _capturing(b):
         return make()
@@ -416,19 +421,7 @@ def weight_row_chunks(n: int) -> tuple[tuple[int, int], ...]:
         c = want
     q, r = divmod(n, c)
     sizes = [q + 1] * r + [q] * (c - r)
-    starts = [sum(sizes[:i]) for i in range(c)]
-    return tuple(zip(starts, sizes))
-
-
-def _runs(heights: list[int]):
-    """(height, count) of each run of equal consecutive heights."""
-    runs: list[list[int]] = []
-    for h in heights:
-        if runs and runs[-1][0] == h:
-            runs[-1][1] += 1
-        else:
-            runs.append([h, 1])
-    return runs
+    return tuple(zip(itertools.accumulate(sizes, initial=0), sizes))
 
 
 def _mm_weight_major(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -445,7 +438,7 @@ def _mm_weight_major(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty((sum(heights), n), dtype=torch.float32, device=a.device)
     chunks = weight_row_chunks(n)
     r0 = 0
-    for h, t in _runs(heights):
+    for h, t in ((h, len(list(run))) for h, run in itertools.groupby(heights)):
         # the tiles of x, transposed: [t, K, h], rows past M zero (a scratch buffer: every element written each call)
         xt = scratch_buffer("wm_x", (t, k, h), a)
         xv = xt.transpose(1, 2)
@@ -479,14 +472,8 @@ def _mm_weight_major(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
 @functools.lru_cache(maxsize=256)
 def _chunk_groups(chunks: tuple) -> tuple[tuple[int, int, int, int], ...]:
     """Consecutive chunks of equal rows as (first row, rows in all, count, rows each): one batched call each."""
-    groups: list[list[int]] = []
-    for n0, rows in chunks:
-        if groups and groups[-1][3] == rows:
-            groups[-1][1] += rows
-            groups[-1][2] += 1
-        else:
-            groups.append([n0, rows, 1, rows])
-    return tuple(tuple(g) for g in groups)
+    groups = [list(run) for _, run in itertools.groupby(chunks, key=lambda chunk: chunk[1])]
+    return tuple((g[0][0], len(g) * g[0][1], len(g), g[0][1]) for g in groups)
 
 
 def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
@@ -509,8 +496,8 @@ def mm_rows(m: int, k: int, np_: int) -> tuple[int, int, int]:
 
 def _mm_padded(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
     """[M, K] @ [K, N] (+ bias) as a fresh [Mp, Np] tensor (both padded); the caller slices [:M, :N]."""
-    w = None if cacheable(b) else weight_rows(b)
-    if w is not None:
+    w = weight_rows(b)
+    if w is not None and not cacheable(b):
         w = f32(w)
         if bias is not None:
             bias = bias.to(torch.float32).contiguous()
