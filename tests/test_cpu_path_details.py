@@ -351,3 +351,36 @@ def test_conv_weights_are_read_in_place_where_a_copy_would_equal_them(monkeypatc
             copied = ops.conv2d(x, w.contiguous(memory_format=torch.channels_last), padding=1)
         assert torch.equal(in_place, copied), o
     assert packs == ["conv", "conv", "conv"]  # the channels-last 16, then both 12s: never the contiguous 16
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_in_item_groups_gives_the_whole_batchs_bits(monkeypatch, restore_threads, threads):
+    """Past COLS_GROUP_BYTES a conv pads its input and gathers its columns a group of items at a time, in buffers
+    of one group, and the groups' GEMMs give the bits of one GEMM over the batch (each item is its own problem
+    either way): groups forced down to two items here, odd batches (5, 7: a group of three, never a lone item)
+    included, with padding and stride 2 and without; the 1x1 conv whose input is its columns takes no groups.
+    Negative control: ``item_groups`` really split these batches, and the buffers held only one group."""
+    from jetdet.kernels.conv2d import torch_path as conv_torch
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(6)
+    cases = [(torch.randn(7, 6, 13, 11, generator=g), torch.randn(9, 6, 3, 3, generator=g), 1, 1),
+             (torch.randn(7, 5, 9, 9, generator=g), torch.randn(16, 5, 3, 3, generator=g), 2, 1),
+             (torch.randn(7, 4, 8, 8, generator=g), torch.randn(8, 4, 2, 2, generator=g), 2, 0),
+             (torch.randn(7, 6, 8, 8, generator=g), torch.randn(12, 6, 1, 1, generator=g), 1, 0)]
+    bias = torch.randn(16, generator=g)
+    whole = [[ops.conv2d(x[:n], w, bias[: w.shape[0]], stride=s, padding=p) for n in (7, 5, 2)] for x, w, s, p in cases]
+    assert conv_torch.item_groups(7, 1000) == [7]
+    monkeypatch.setattr(conv_torch, "COLS_GROUP_BYTES", 1)
+    assert conv_torch.item_groups(7, 1000) == [3, 2, 2]  # at least max(2, torch's threads) items a group
+    assert conv_torch.item_groups(5, 1000) == [3, 2] and conv_torch.item_groups(1, 1000) == [1]
+    seen = []
+    real = conv_torch.scratch_buffer
+    monkeypatch.setattr(conv_torch, "scratch_buffer", lambda tag, shape, *a, **k: seen.append((tag, shape))
+                        or real(tag, shape, *a, **k))
+    for (x, w, s, p), ref in zip(cases, whole):
+        for n, r in zip((7, 5, 2), ref):
+            assert torch.equal(ops.conv2d(x[:n], w, bias[: w.shape[0]], stride=s, padding=p), r), (w.shape, s, p, n)
+            assert torch.equal(ops.conv2d(x[n - 1 : n], w, bias[: w.shape[0]], stride=s, padding=p)[0], r[-1])
+    held = {shape[0] for tag, shape in seen if tag.startswith(("conv.cols", "conv.pad"))}
+    assert max(held) == 3, seen  # 7 and 5 items: a first group of 3 (2 items: one group; 1 item alone)
