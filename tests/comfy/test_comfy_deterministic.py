@@ -154,6 +154,39 @@ def test_a_cfg_function_runs_in_deterministic_mode_and_rescale_cfg_items_equal_s
     assert modes and set(modes) == {"off"}
 
 
+@pytest.mark.parametrize("weights, compute", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                              (torch.float8_e4m3fn, torch.bfloat16)], ids=["bf16", "fp16", "fp8-bf16"])
+def test_half_precision_models_items_equal_singles(shapes_conds, weights, compute, monkeypatch):
+    """On a GPU ComfyUI runs models in 16 bits: fp16 or bf16 weights computed in their own dtype, or fp8 weights
+    cast per layer to bf16 ("manual cast"). A CPU computes in fp32, so ComfyUI's choice of compute dtype is
+    replaced here by the GPU's, and the shapes model is loaded with 16- or 8-bit weights. Items equal their batch-1
+    runs; the model did compute in the 16-bit dtype. Negative control: the stock KSampler's ancestral steps draw
+    noise for the whole batch, so its items differ from their batch-1 runs with the same starting noise."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    from _comfy_util import empty_latent
+
+    from jetdet.comfy import shapes_model as sm
+
+    monkeypatch.setattr(comfy.model_management, "unet_manual_cast",
+                        lambda *a, **k: None if compute == weights else compute)
+    sd = comfy.utils.load_torch_file(str(sm.MODEL_FILE), safe_load=True)
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": weights})
+    dm = model.model.diffusion_model
+    assert next(dm.parameters()).dtype == weights
+    seen = set()
+    dm.register_forward_pre_hook(lambda m, a, k: seen.add((a[0] if a else k["x"]).dtype), with_kwargs=True)
+    assert items_equal_to_singles(model, *shapes_conds, "euler_ancestral", batch=3, steps=5) == [True] * 3
+    assert seen == {compute}
+
+    full = stock_ksampler(model, *shapes_conds, empty_latent(3), "euler_ancestral", steps=5)
+    lat = empty_latent(1)
+    lat["batch_index"] = [1]
+    assert not torch.equal(full[1], stock_ksampler(model, *shapes_conds, lat, "euler_ancestral", steps=5)[0])
+
+
 def test_a_partial_load_with_weight_patches_is_named_once(monkeypatch):
     """On a GPU, ComfyUI may load a model only partly (low VRAM), and then adds weight patches (a LoRA) in the
     weight's dtype at every call instead of in fp32 at load; whether it loads fully depends on the batch size and
