@@ -8,7 +8,9 @@ and batch size; on a GPU it may be sage, xformers or flash attention, none of th
 ``F.scaled_dot_product_attention`` path ComfyUI uses by default on NVIDIA GPUs) while a deterministic model call
 runs, so jetdet's router sends attention to the batch-invariant :func:`jetdet.ops.attention`; the bindings are
 put back when the outermost call returns or raises. It is process-wide while active (ComfyUI runs one prompt at
-a time), reentrant, and safe to nest.
+a time), reentrant, and safe to nest. Other modules' globals of those names that hold one of ComfyUI's attention
+functions (a custom node's ``from comfy.ldm.modules.attention import optimized_attention``) are swapped too; an
+attention function a custom node holds under another name, or calls through a reference of its own, is not seen.
 """
 
 from __future__ import annotations
@@ -23,17 +25,34 @@ _depth = 0
 _saved: list = []
 
 
+_binders: list = []  # the modules that have one of _NAMES, as of the last scan
+_scanned = [-1]  # len(sys.modules) at that scan
+
+
+def _modules_with_bindings() -> list:
+    """Every loaded module with a global named as in ``_NAMES``; scanned again when modules were imported since."""
+    if len(sys.modules) != _scanned[0]:
+        mods = [(n, m) for n, m in list(sys.modules.items()) if m is not None]
+        _binders[:] = [(n, m) for n, m in mods if any(g in getattr(m, "__dict__", ()) for g in _NAMES)]
+        _scanned[0] = len(sys.modules)
+    return _binders
+
+
 def _swap_in() -> None:
     import comfy.ldm.modules.attention as attn
 
     target = attn.attention_pytorch
-    for name, mod in list(sys.modules.items()):
-        if mod is None or not (name == "comfy.ldm" or name.startswith("comfy.ldm.")):
-            continue
+    # ComfyUI's attention functions (and what it bound at start-up): a custom node that imported one of them under
+    # ComfyUI's name (``from comfy.ldm.modules.attention import optimized_attention``, as IPAdapter's attention patch
+    # does) holds its own binding, which a swap of ComfyUI's modules alone would leave on xformers or sage
+    names = ("attention_", "optimized_attention")
+    comfy_fns = [f for k, f in vars(attn).items() if callable(f) and k.startswith(names)]
+    for name, mod in _modules_with_bindings():
+        ours = name == "comfy.ldm" or name.startswith("comfy.ldm.")
         d = getattr(mod, "__dict__", {})
         for g in _NAMES:
             f = d.get(g)
-            if callable(f) and f is not target:
+            if callable(f) and f is not target and (ours or any(f is c for c in comfy_fns)):
                 _saved.append((mod, g, f))
                 setattr(mod, g, target)
 

@@ -84,11 +84,35 @@ class DeterministicWrapper:
 
         self.calls += 1
         _check_full_load(getattr(executor, "class_obj", None))
+        args, kwargs = _without_attention_override(args, kwargs)
         with jetdet.mode("deterministic", warn_only=self.warn_only), sdpa_attention():
             return executor(*args, **kwargs)
 
 
 _warned_partial_load = [False]
+_warned_override = [False]
+OVERRIDE = "optimized_attention_override"
+_TO_ARG = 5  # BaseModel.apply_model passes (x, t, c_concat, c_crossattn, control, transformer_options) on
+
+
+def _without_attention_override(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``APPLY_MODEL``'s arguments with ``transformer_options["optimized_attention_override"]`` left out (a copy of
+    the options; the caller's stay as they are), with a warning the first time. ComfyUI hands every attention call
+    to that function when a node has set it (Sage Attention patches do): it runs in place of the attention ComfyUI
+    was given, outside jetdet's batch-invariant ops, and no torch function jetdet sees."""
+    where = _TO_ARG if len(args) > _TO_ARG else None
+    to = args[where] if where is not None else kwargs.get("transformer_options")
+    if not isinstance(to, dict) or OVERRIDE not in to:
+        return args, kwargs
+    if not _warned_override[0]:
+        _warned_override[0] = True
+        warnings.warn(f"jetdet deterministic mode: transformer_options['{OVERRIDE}'] (set by a node such as a Sage "
+                      "Attention patch) is not used in deterministic model calls: it would run attention outside "
+                      "jetdet's batch-invariant ops. ComfyUI's own attention runs there instead", stacklevel=3)
+    to = {k: v for k, v in to.items() if k != OVERRIDE}
+    if where is not None:
+        return args[:where] + (to,) + args[where + 1:], kwargs
+    return args, {**kwargs, "transformer_options": to}
 
 
 def _check_full_load(base_model) -> None:
@@ -107,6 +131,51 @@ def _check_full_load(base_model) -> None:
                       stacklevel=2)
 
 
+class EqualTextLengths:
+    """``CALC_COND_BATCH`` wrapper: every cross-attention conditioning of a step (``CONDCrossAttn``: the text of SD1.5,
+    SDXL and other UNet models) repeated along its tokens to one length per key and width, the least common multiple
+    of the lengths, before ComfyUI batches them.
+
+    ComfyUI runs cond and uncond in one model call when it expects enough free memory, and then repeats the shorter
+    text to the common multiple (a 154-token prompt with a 77-token negative: the negative twice); apart, each sees
+    its own length. Attention over repeated keys is the same in exact arithmetic, not in floats, and free VRAM
+    depends on the batch, so a batch could pair them where the item alone ran them apart: the item's bits changed.
+    With the lengths equal up front both ways see the same tokens, the ones a batched call sees. Texts whose lengths
+    are more than 4x apart, which ComfyUI never batches, are repeated as well: consistent, at some cost in
+    cross-attention."""
+
+    def __call__(self, executor, model, conds, *args, **kwargs):
+        return executor(model, equal_text_lengths(conds), *args, **kwargs)
+
+
+def equal_text_lengths(conds: list) -> list:
+    """``conds`` (a step's list of per-branch condition lists) with every ``CONDCrossAttn`` repeated to the least
+    common multiple of the token counts of its key and width; new lists and dicts, the given ones unchanged."""
+    import comfy.conds
+
+    def cross(x):
+        return [(k, v) for k, v in (x.get("model_conds") or {}).items()
+                if isinstance(v, comfy.conds.CONDCrossAttn) and v.cond.dim() == 3]
+
+    lengths = {}
+    for cond in conds:
+        for x in cond or ():
+            for k, v in cross(x):
+                lengths.setdefault((k, v.cond.shape[2]), set()).add(v.cond.shape[1])
+    target = {kw: math.lcm(*n) for kw, n in lengths.items() if len(n) > 1}
+    if not target:
+        return conds
+    out = []
+    for cond in conds:
+        new = None if cond is None else []
+        for x in cond or ():
+            grow = {k: v._copy_with(v.cond.repeat(1, target[k, v.cond.shape[2]] // v.cond.shape[1], 1))
+                    for k, v in cross(x) if target.get((k, v.cond.shape[2]), v.cond.shape[1]) != v.cond.shape[1]}
+            new.append({**x, "model_conds": {**x["model_conds"], **grow}} if grow else x)
+        out.append(new)
+    return out
+
+
 def deterministic_warn_only(model) -> bool:
     """Whether ``model``'s deterministic wrapper only warns on a torch op with no deterministic implementation
     (Mode Switch with ``strict`` off); False (strict) when it has none."""
@@ -119,15 +188,17 @@ def with_deterministic(model, warn_only: bool | None = None):
     ``warn_only`` None keeps the setting of the model's own deterministic wrapper (the Mode Switch's ``strict``),
     strict when it has none.
 
-    Two wrappers: ``APPLY_MODEL`` (every model call, whatever calls it) and ``PREDICT_NOISE`` (one sampler step's
+    Three wrappers: ``APPLY_MODEL`` (every model call, whatever calls it), ``PREDICT_NOISE`` (one sampler step's
     prediction: the model calls and the CFG combination around them, where a ``sampler_cfg_function`` such as
-    RescaleCFG's takes ``torch.std`` per item, a reduction whose bits on a GPU can depend on the batch)."""
+    RescaleCFG's takes ``torch.std`` per item, a reduction whose bits on a GPU can depend on the batch) and
+    ``CALC_COND_BATCH`` (:class:`EqualTextLengths`: texts of one length, however ComfyUI batches the branches)."""
     if warn_only is None:
         warn_only = deterministic_warn_only(check_model(model))
     m = without_jetdet(model)
     w = _wrappers()
     m.add_wrapper_with_key(w.APPLY_MODEL, KEY_DETERMINISTIC, DeterministicWrapper(warn_only))
     m.add_wrapper_with_key(w.PREDICT_NOISE, KEY_DETERMINISTIC, DeterministicWrapper(warn_only))
+    m.add_wrapper_with_key(w.CALC_COND_BATCH, KEY_DETERMINISTIC, EqualTextLengths())
     return m
 
 

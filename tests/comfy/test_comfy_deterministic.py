@@ -51,6 +51,99 @@ def test_cond_uncond_run_separately_give_the_same_bits(shapes_patcher, shapes_co
     assert torch.equal(together[2], single[0])
 
 
+def test_texts_of_different_lengths_give_the_same_bits_batched_or_apart(comfy_dir, monkeypatch):
+    """A 154-token prompt with a 77-token negative on an SD1.5 UNet: ComfyUI batches cond and uncond when it expects
+    the free memory for it, repeating the shorter text to 154 tokens, and runs them apart (each at its own length)
+    when not; on a GPU a batch of items may not fit where one item does. The deterministic wrapper gives every text
+    the common length first, so item 1 of a batch sampled with the memory (cond and uncond in one call) equals item 1
+    sampled alone with none free (apart). Negative control: without that step the two differ."""
+    import tiny_models as tm
+
+    from jetdet.comfy import wrappers as wr
+    from jetdet.comfy.nodes import JetDetDeterministicSampler
+
+    logged, log = with_call_log(tm.load(tm.sd15_state_dict()))
+    g = torch.Generator().manual_seed(0)
+    pos = [[torch.randn(1, 154, 768, generator=g), {}]]
+    neg = [[torch.randn(1, 77, 768, generator=g), {}]]
+
+    def sample(batch, offset):
+        latent = {"samples": torch.zeros(batch, 4, 8, 8)}
+        out = JetDetDeterministicSampler.execute(logged, 3, 2, 5.0, "euler", "simple", pos, neg, latent, 1.0, offset)
+        return out.args[0]["samples"]
+
+    def batched_and_alone():
+        log.sizes.clear()
+        full = sample(2, 0)
+        with no_free_memory():
+            alone = sample(1, 1)
+        assert log.sizes == [4, 4, 1, 1, 1, 1]  # two steps of [cond; uncond] together, then apart
+        return full[1], alone[0]
+
+    full, alone = batched_and_alone()
+    assert torch.equal(full, alone)
+    assert pos[0][0].shape == (1, 154, 768) and neg[0][0].shape == (1, 77, 768)  # the user's conditioning unchanged
+    monkeypatch.setattr(wr, "equal_text_lengths", lambda conds: conds)
+    full, alone = batched_and_alone()
+    assert not torch.equal(full, alone)
+
+
+def test_an_attention_override_set_by_another_node_is_not_used_in_deterministic_calls(shapes_patcher, shapes_conds,
+                                                                                     monkeypatch):
+    """A node may set ``transformer_options["optimized_attention_override"]`` (Sage Attention patches do); ComfyUI
+    then hands every attention call to it, in place of the attention jetdet swapped in. Deterministic calls leave it
+    out, with a warning once, and the model's options keep it. Negative control: the stock KSampler calls it."""
+    from _comfy_util import empty_latent
+
+    from jetdet.comfy import wrappers as wr
+
+    calls = []
+
+    def override(func, *args, **kwargs):
+        calls.append(func.__name__)
+        return func(*args, **kwargs)
+
+    m = shapes_patcher.clone()
+    m.model_options.setdefault("transformer_options", {})[wr.OVERRIDE] = override
+    monkeypatch.setattr(wr, "_warned_override", [False])
+    with pytest.warns(UserWarning, match="optimized_attention_override.* not used in deterministic model calls"):
+        det, _ = det_sample(m, *shapes_conds, 2, "euler", steps=2)
+    assert calls == []
+    assert m.model_options["transformer_options"][wr.OVERRIDE] is override
+    plain, _ = det_sample(shapes_patcher, *shapes_conds, 2, "euler", steps=2)
+    assert torch.equal(det, plain)
+    stock_ksampler(m, *shapes_conds, empty_latent(1), "euler", steps=1)
+    assert calls  # without jetdet, ComfyUI uses it
+
+
+def test_custom_nodes_bindings_of_comfyuis_attention_are_swapped_and_put_back(comfy_dir):
+    """While a deterministic call runs, ComfyUI's attention bindings are its SDPA path, and so is a custom node's own
+    import of ``optimized_attention`` (IPAdapter's attention patch calls it); a function of the node's own under that
+    name is left alone. Everything is put back afterwards."""
+    import sys
+    import types
+
+    import comfy.ldm.modules.attention as attn
+
+    from jetdet.comfy.attention import sdpa_attention
+
+    before = attn.optimized_attention
+    node = types.ModuleType("custom_nodes.jetdet_test_ipadapter")
+    exec("from comfy.ldm.modules.attention import optimized_attention", node.__dict__)
+    own = types.ModuleType("custom_nodes.jetdet_test_own")
+    exec("def optimized_attention(q, k, v, heads):\n    return q", own.__dict__)
+    own_fn = own.optimized_attention
+    sys.modules[node.__name__], sys.modules[own.__name__] = node, own
+    try:
+        with sdpa_attention():
+            assert attn.optimized_attention is attn.attention_pytorch
+            assert node.optimized_attention is attn.attention_pytorch
+            assert own.optimized_attention is own_fn
+        assert attn.optimized_attention is before and node.optimized_attention is before
+    finally:
+        del sys.modules[node.__name__], sys.modules[own.__name__]
+
+
 def test_stock_sampling_under_memory_pressure_differs_negative_control(shapes_patcher, shapes_conds):
     from _comfy_util import empty_latent
 
