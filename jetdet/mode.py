@@ -145,6 +145,14 @@ def _flag_specs():
          lambda: b.cuda.matmul.allow_bf16_reduced_precision_reduction,
          lambda v: setattr(b.cuda.matmul, "allow_bf16_reduced_precision_reduction", v), False),
     ]
+    # fp16 accumulation in cuBLAS (ComfyUI's --fast fp16_accumulation sets it) and reduced-precision reductions in
+    # the math SDPA kernel (ComfyUI sets that one on any torch >= 2.5): only fallbacks reach either
+    if hasattr(b.cuda.matmul, "allow_fp16_accumulation"):
+        specs.append(("cuda.matmul.allow_fp16_accumulation", lambda: b.cuda.matmul.allow_fp16_accumulation,
+                      lambda v: setattr(b.cuda.matmul, "allow_fp16_accumulation", v), False))
+    if hasattr(b.cuda, "fp16_bf16_reduction_math_sdp_allowed"):
+        specs.append(("cuda.fp16_bf16_reduction_math_sdp", b.cuda.fp16_bf16_reduction_math_sdp_allowed,
+                      b.cuda.allow_fp16_bf16_reduction_math_sdp, False))
     if hasattr(b, "fp32_precision"):  # torch >= 2.9: the fp32_precision API replaces allow_tf32
         for name, obj in (("cuda.matmul", b.cuda.matmul), ("cudnn.conv", b.cudnn.conv),
                           ("cudnn.rnn", b.cudnn.rnn)):

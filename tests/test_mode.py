@@ -65,6 +65,26 @@ def test_flags_set_inside_and_restored():
         torch.backends.cudnn.benchmark = False
 
 
+def test_flags_comfyui_sets_are_off_inside_and_restored():
+    """ComfyUI turns on fp16 accumulation in cuBLAS (``--fast fp16_accumulation``) and reduced-precision reductions in
+    the math SDPA kernel (on every torch >= 2.5). Off inside deterministic mode (a fallback may reach either), back on
+    afterwards."""
+    b = torch.backends
+    if not hasattr(b.cuda.matmul, "allow_fp16_accumulation"):
+        pytest.skip("this torch has no fp16 accumulation flag")
+    b.cuda.matmul.allow_fp16_accumulation = True
+    b.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with jetdet.mode("deterministic"):
+            assert b.cuda.matmul.allow_fp16_accumulation is False
+            assert b.cuda.fp16_bf16_reduction_math_sdp_allowed() is False
+        assert b.cuda.matmul.allow_fp16_accumulation is True
+        assert b.cuda.fp16_bf16_reduction_math_sdp_allowed() is True
+    finally:
+        b.cuda.matmul.allow_fp16_accumulation = False
+        b.cuda.allow_fp16_bf16_reduction_math_sdp(False)
+
+
 def test_set_mode_and_back():
     before = torch_flags()
     old = jetdet.set_mode("deterministic")
