@@ -14,6 +14,7 @@ router's direct CPU route).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 
 import torch
@@ -123,6 +124,21 @@ def _check_interpreter() -> None:
     if problem:
         raise RuntimeError(f"JETDET_BACKEND=triton with CPU tensors: {problem}")
     _interpreter_ok = True
+
+
+NO_TRITON = ("jetdet runs CUDA tensors through its Triton kernels, and this Python cannot import triton (ComfyUI's "
+             "Windows portable and desktop builds ship without it): install it into the Python that runs this (Linux: "
+             "pip install triton; Windows: pip install triton-windows) and restart")
+
+
+def import_launcher(module: str):
+    """``import_module(module)`` for a Triton launcher module, with a clear error when triton is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "triton":
+            raise RuntimeError(NO_TRITON) from e
+        raise
 
 
 def backend_for(t: torch.Tensor) -> str:

@@ -108,8 +108,7 @@ def randn(
     if n_items * per_item == 0:
         return torch.empty(shape, dtype=dtype, device=dev)
     if backend.backend_for(probe) == "triton":
-        from jetdet.kernels.noise.launch import philox_randn
-
+        philox_randn = backend.import_launcher("jetdet.kernels.noise.launch").philox_randn
         out = philox_randn(n_items, per_item, seed, item_offset=item_offset, step=step, dtype=dtype, device=dev)
     else:
         from jetdet.kernels.noise.reference import randn_reference

@@ -217,3 +217,35 @@ def test_an_interpreter_that_cannot_run_says_why_before_the_first_kernel(monkeyp
     # a found-good interpreter is not asked again (the check costs one flag test per call)
     monkeypatch.setattr(backend, "_interpreter_ok", True)
     assert backend.backend_for(torch.zeros(2)) == "triton"
+
+
+_NO_TRITON_SCRIPT = r"""
+import os, sys
+sys.modules["triton"] = None  # as a Python with no triton installed
+import torch, torch.nn.functional as F, jetdet
+from jetdet import backend
+backend._interpreter_ok = True  # the route a CUDA tensor takes (the CPU interpreter's own check imports triton)
+for what, fn in [("randn", lambda: jetdet.randn((1, 4, 8, 8), 1, step=1)), ("linear", lambda: F.linear(
+        torch.randn(2, 8), torch.randn(4, 8)))]:
+    try:
+        with jetdet.mode("deterministic"):
+            fn()
+        print(what, "ran")
+    except RuntimeError as e:
+        print(what, "RuntimeError", "cannot import triton" in str(e) and "triton-windows" in str(e))
+"""
+
+
+def test_triton_kernels_without_triton_installed_are_a_clear_error():
+    """ComfyUI's Windows portable and desktop builds have CUDA torch and no triton. jetdet imports without it (its
+    kernels load on first use); a CUDA tensor's first Triton launch, or noise drawn on the GPU, is then an error that
+    says to install triton, not a bare ModuleNotFoundError from deep in a kernel module. The CUDA route is taken here
+    on CPU tensors with ``JETDET_BACKEND=triton``, in a fresh process where triton cannot be imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JETDET_BACKEND": "triton", "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _NO_TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["randn RuntimeError True", "linear RuntimeError True"], r.stdout + r.stderr

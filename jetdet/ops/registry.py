@@ -92,18 +92,23 @@ class Op:
         ``cuda:1`` while ``cuda:0`` is current would hand one GPU the other's pointers. The check is inline (no
         context manager, no helper) because every routed call pays it on the host: one C call and a comparison on
         the current GPU, nothing on the CPU."""
-        fn = self._launcher or self.launcher()
-        t = args[self.spec.device_arg]
-        if self._lists and isinstance(t, (list, tuple)):
-            t = t[0]
-        # is_cuda and get_device(): no torch.device object built per call. torch._C._cuda_getDevice:
-        # torch.cuda.current_device() without its Python layers (CUDA is initialised: the tensor is on a GPU)
-        if t.is_cuda:
-            index = t.get_device()
-            if index != torch._C._cuda_getDevice():
-                with torch.cuda.device(index):
-                    return fn(*args)
-        return fn(*args)
+        try:  # no cost unless raised; the launchers import triton when first called
+            fn = self._launcher or self.launcher()
+            t = args[self.spec.device_arg]
+            if self._lists and isinstance(t, (list, tuple)):
+                t = t[0]
+            # is_cuda and get_device(): no torch.device object built per call. torch._C._cuda_getDevice:
+            # torch.cuda.current_device() without its Python layers (CUDA is initialised: the tensor is on a GPU)
+            if t.is_cuda:
+                index = t.get_device()
+                if index != torch._C._cuda_getDevice():
+                    with torch.cuda.device(index):
+                        return fn(*args)
+            return fn(*args)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] == "triton":
+                raise RuntimeError(backend.NO_TRITON) from e
+            raise
 
     def _body(self, *args):
         t = args[self.spec.device_arg]
