@@ -3,6 +3,7 @@ model nodes; and the node schemas (ids, category, tooltips)."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import sys
@@ -408,6 +409,26 @@ def test_benchmark_times_every_setting_warm(shapes_patcher, shapes_conds, monkey
                                          empty_latent(1), 1.0, "0.1").args
     walls = {line.split()[0]: float(line.split()[-7]) for line in table.splitlines()[1:-1]}
     assert loads and all(w < cold for w in walls.values()), table
+
+
+def test_benchmark_warm_up_launches_the_step_caches_kernels(shapes_patcher, shapes_conds, monkeypatch):
+    """The step cache launches its own kernels (forecast, relative change: compiled at their first launch on a GPU)
+    only after a few model calls, so a two-step warm-up never reached them and their compile landed in the first timed
+    fast run. The first fast setting now warms up with all its steps: by the first timed run both have run."""
+    from jetdet.comfy import wrappers as wr
+    from jetdet.ops import registry
+
+    counts = collections.Counter()
+    for name in ("forecast", "relative_change"):
+        body = registry.OPS[name]._body
+        monkeypatch.setattr(registry.OPS[name], "_body", lambda *a, _b=body, _n=name: counts.update([_n]) or _b(*a))
+    at_first_timed_run = []
+    with_counter = wr.with_counter
+    monkeypatch.setattr(wr, "with_counter", lambda m: at_first_timed_run.append(dict(counts)) or with_counter(m))
+    N.JetDetBenchmark.execute(shapes_patcher, 2, 12, 4.0, "euler", "simple", *shapes_conds, empty_latent(1), 1.0,
+                              "0.1")
+    assert counts["forecast"] and counts["relative_change"]  # the timed fast run uses them
+    assert at_first_timed_run[0].get("forecast") and at_first_timed_run[0].get("relative_change"), at_first_timed_run
 
 
 def _dot_heights(img: torch.Tensor) -> list[float]:
