@@ -104,10 +104,12 @@ def _ids_of(t: torch.Tensor, batch_offset: int, latent=None) -> list[int]:
     return smp.item_ids(t.shape[0], batch_offset, index)
 
 
-def _fingerprint_json() -> str:
+def _fingerprint_json(device=None) -> str:
+    """``jetdet.fingerprint`` of ``device`` (the model's: ``--cpu`` on a CUDA machine, or a model on ``cuda:1``, is
+    not the current CUDA device), as JSON."""
     import jetdet
 
-    return json.dumps(jetdet.fingerprint(), sort_keys=True)
+    return json.dumps(jetdet.fingerprint(device), sort_keys=True)
 
 
 def _latent_tensor(latent, name: str) -> torch.Tensor:
@@ -270,7 +272,7 @@ class JetDetDeterministicSampler(io.ComfyNode):
         out = _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                           denoise, batch_offset)
         lines = _item_checksums(out["samples"], _ids_of(out["samples"], batch_offset, latent_image))
-        return io.NodeOutput(out, "\n".join(lines), _fingerprint_json())
+        return io.NodeOutput(out, "\n".join(lines), _fingerprint_json(model.load_device))
 
 
 # ------------------------------------------------------------------------------------------- checksum, matcher

@@ -198,7 +198,9 @@ def test_batch_index_keeps_an_items_noise(shapes_patcher, shapes_conds):
     assert torch.equal(out["samples"][0], full[2])
 
 
-def test_checksums_and_fingerprint_outputs(shapes_patcher, shapes_conds):
+def test_checksums_and_fingerprint_outputs(shapes_patcher, shapes_conds, monkeypatch):
+    """The fingerprint describes the model's device (ComfyUI's ``--cpu`` on a CUDA machine, or a model on
+    ``cuda:1``, is not the current CUDA device, which ``jetdet.fingerprint()`` reports by default)."""
     import json
 
     from _comfy_util import empty_latent
@@ -206,11 +208,15 @@ def test_checksums_and_fingerprint_outputs(shapes_patcher, shapes_conds):
     import jetdet
     from jetdet.comfy.nodes import JetDetDeterministicSampler
 
+    asked = []
+    real = jetdet.fingerprint
+    monkeypatch.setattr(jetdet, "fingerprint", lambda device=None: asked.append(device) or real(device))
     out, sums, fp = JetDetDeterministicSampler.execute(shapes_patcher, 5, 3, 4.0, "euler", "simple", *shapes_conds,
                                                        empty_latent(2), 1.0, 4).args
     lines = sums.splitlines()
     assert lines == [f"item {4 + i}: {jetdet.checksum(out['samples'][i:i + 1])}" for i in range(2)]
     assert json.loads(fp)["torch"] == torch.__version__
+    assert asked == [shapes_patcher.load_device] and json.loads(fp)["device_type"] == shapes_patcher.load_device.type
 
 
 def test_a_cfg_function_runs_in_deterministic_mode_and_rescale_cfg_items_equal_singles(shapes_patcher, shapes_conds,
