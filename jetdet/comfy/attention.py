@@ -11,6 +11,8 @@ put back when the outermost call returns or raises. It is process-wide while act
 a time), reentrant, and safe to nest. Other modules' globals of those names that hold one of ComfyUI's attention
 functions (a custom node's ``from comfy.ldm.modules.attention import optimized_attention``) are swapped too; an
 attention function a custom node holds under another name, or calls through a reference of its own, is not seen.
+For the same span ComfyUI's fp8 matrix multiply (``comfy.ops.fp8_linear``: ``torch._scaled_mm``, which jetdet does not
+route) is off, so its fp8 layers cast their weights and call ``F.linear``, which it does.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def _swap_in() -> None:
     # does) holds its own binding, which a swap of ComfyUI's modules alone would leave on xformers or sage
     names = ("attention_", "optimized_attention")
     comfy_fns = [f for k, f in vars(attn).items() if callable(f) and k.startswith(names)]
+    import comfy.ops
+
+    # fp8 linears under --fast fp8_matrix_mult (or an fp8-optimised checkpoint) multiply through torch._scaled_mm,
+    # which jetdet does not route (a fallback: cuBLASLt's own tiling). Without it ComfyUI casts the weight and calls
+    # F.linear, which it routes
+    if callable(getattr(comfy.ops, "fp8_linear", None)) and comfy.ops.fp8_linear is not _no_fp8_linear:
+        _saved.append((comfy.ops, "fp8_linear", comfy.ops.fp8_linear))
+        comfy.ops.fp8_linear = _no_fp8_linear
     for name, mod in _modules_with_bindings():
         ours = name == "comfy.ldm" or name.startswith("comfy.ldm.")
         d = getattr(mod, "__dict__", {})
@@ -55,6 +65,10 @@ def _swap_in() -> None:
             if callable(f) and f is not target and (ours or any(f is c for c in comfy_fns)):
                 _saved.append((mod, g, f))
                 setattr(mod, g, target)
+
+
+def _no_fp8_linear(layer, input):
+    return None  # ComfyUI's fp8 layers then take their cast-weight F.linear path
 
 
 def _swap_out() -> None:

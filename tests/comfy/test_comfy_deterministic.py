@@ -144,6 +144,34 @@ def test_custom_nodes_bindings_of_comfyuis_attention_are_swapped_and_put_back(co
         del sys.modules[node.__name__], sys.modules[own.__name__]
 
 
+def test_comfyuis_fp8_matrix_multiply_is_off_in_deterministic_calls(comfy_dir, monkeypatch):
+    """ComfyUI's fp8 layers (``--fast fp8_matrix_mult``, fp8-optimised checkpoints) multiply through
+    ``torch._scaled_mm``, which jetdet does not route. While a deterministic call runs they take ComfyUI's own
+    cast-weight ``F.linear`` path instead, which it routes; afterwards ``_scaled_mm`` again. Negative control: outside
+    the call the layer does call ``_scaled_mm`` (it runs on this CPU)."""
+    import comfy.ops
+
+    from jetdet.comfy.attention import sdpa_attention
+
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = comfy.ops.fp8_ops.Linear(32, 16, bias=True, dtype=torch.float8_e4m3fn).eval()
+    with torch.no_grad():
+        layer.weight.copy_((torch.randn(16, 32) * 0.1).to(torch.float8_e4m3fn))
+        layer.bias = torch.nn.Parameter(torch.randn(16, dtype=torch.bfloat16) * 0.1, requires_grad=False)
+    x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    before = comfy.ops.fp8_linear
+    layer(x.clone())
+    assert calls  # ComfyUI's fp8 path
+    calls.clear()
+    with sdpa_attention():
+        out = layer(x.clone())
+    assert calls == [] and comfy.ops.fp8_linear is before
+    w = layer.weight.to(torch.bfloat16)
+    assert torch.equal(out, torch.nn.functional.linear(x, w, layer.bias))
+
+
 def test_stock_sampling_under_memory_pressure_differs_negative_control(shapes_patcher, shapes_conds):
     from _comfy_util import empty_latent
 
