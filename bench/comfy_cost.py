@@ -2,17 +2,19 @@
 
     JETDET_COMFYUI_STUBS=../shared/comfyui/stubs python bench/comfy_cost.py --comfyui /path/to/ComfyUI
 
-Two models built from ComfyUI's own classes with random weights, at real width and few blocks, and loaded the way
+Three models built from ComfyUI's own classes with random weights, at real width and few blocks, and loaded the way
 ComfyUI's diffusion-model loader loads them (``comfy.sd.load_diffusion_model_state_dict`` under
 ``torch.inference_mode()``, as ComfyUI runs every node, so every weight is an inference tensor):
 
 * a Flux-architecture DiT: hidden 3072, 24 heads, one double and one single block, guidance embedding; 8 text tokens
   of 4096 and a 64x64-pixel SD3 latent (16 image tokens): 24 tokens per item;
 * PixArt Sigma: hidden 1152, 16 heads, 2 blocks; 8 text tokens of 4096, a 576x64-pixel SD latent (144 image
-  tokens; PixArt's position embedding needs (height + width) / 2 >= 32 latent pixels).
+  tokens; PixArt's position embedding needs (height + width) / 2 >= 32 latent pixels);
+* an SD1.5 UNet: SD1.5's widths (320/640/1280/1280 channels, 8 heads, context 768) and layout, with one ResBlock per
+  level instead of two (579 M parameters instead of 860 M); 77 text tokens and a 256x256-pixel latent (32x32).
 
 For each, in one process and interleaved (the order rotated every round), median of ``--repeats`` after one warm-up,
-a batch of 4, euler, 5 steps, CFG 1 (Flux) or 4 (PixArt), under ``torch.inference_mode()``:
+a batch of 4, euler, 5 steps, CFG 1 (Flux) or 4 (PixArt, SD1.5), under ``torch.inference_mode()``:
 
 * ComfyUI's stock ``KSampler``;
 * jetdet's ``JetDetDeterministicSampler``;
@@ -46,20 +48,29 @@ MODELS = {
                  axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True),
     "pixart": dict(image_model="pixart_sigma", num_heads=16, patch_size=2, hidden_size=1152, in_channels=4, depth=2,
                    micro_condition=False),
+    "sd15": dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                 adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[1, 1, 1, 1],
+                 transformer_depth=[1, 1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0],
+                 channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+                 use_linear_in_transformer=False, context_dim=768, num_heads=8, use_temporal_attention=False,
+                 use_temporal_resblock=False),
 }  # fmt: skip
-CFG = {"flux": 1.0, "pixart": 4.0}
+CFG = {"flux": 1.0, "pixart": 4.0, "sd15": 4.0}
+TEXT = {"flux": (8, 4096), "pixart": (8, 4096), "sd15": (77, 768)}  # text tokens, width
+LATENT = {"flux": (16, 8, 8), "pixart": (4, 8, 72), "sd15": (4, 32, 32)}
 
 
 def _random_state_dict(model: torch.nn.Module, seed: int) -> dict:
-    """Every floating tensor drawn afresh (ComfyUI builds layers in uninitialised memory): matrices scaled by their
-    fan-in, norm weights near 1, the rest small."""
+    """Every floating tensor drawn afresh (ComfyUI builds layers in uninitialised memory): matrices and conv kernels
+    scaled by their fan-in (all dimensions but the first: a 3x3 conv's is 9 x its input channels), norm weights near
+    1, the rest small."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, t in model.state_dict().items():
         if not t.is_floating_point():
             out[name] = t.clone()
         elif t.dim() > 1:
-            out[name] = torch.randn(t.shape, generator=g) * (0.5 / max(1.0, t.shape[-1] ** 0.5))
+            out[name] = torch.randn(t.shape, generator=g) * (0.5 / max(1.0, t[0].numel() ** 0.5))
         elif "norm" in name and name.endswith(("weight", "scale")):
             out[name] = 1.0 + 0.02 * torch.randn(t.shape, generator=g)
         else:
@@ -86,13 +97,14 @@ def build(kind: str, seed: int = 1):
 def conditioning(kind: str):
     g = torch.Generator().manual_seed(1)
     extra = {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5} if kind == "flux" else {}
-    pos = [[torch.randn(1, 8, 4096, generator=g), extra]]
-    neg = [[torch.zeros(1, 8, 4096), {k: torch.zeros_like(v) if torch.is_tensor(v) else v for k, v in extra.items()}]]
+    pos = [[torch.randn(1, *TEXT[kind], generator=g), extra]]
+    neg = [[torch.zeros(1, *TEXT[kind]), {k: torch.zeros_like(v) if torch.is_tensor(v) else v
+                                          for k, v in extra.items()}]]
     return pos, neg
 
 
 def latent(kind: str, batch: int) -> dict:
-    return {"samples": torch.zeros(batch, 16, 8, 8) if kind == "flux" else torch.zeros(batch, 4, 8, 72)}
+    return {"samples": torch.zeros(batch, *LATENT[kind])}
 
 
 def measure(kind: str, repeats: int) -> tuple[dict, list[bool]]:
