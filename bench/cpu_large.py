@@ -118,6 +118,18 @@ def parts(repeats: int) -> int:
     t_loop = _ms(lambda: mm.bmm_f32(a, b), repeats)
     print(f"  [24, 1024, 1024] @ [24, 1024, 128]: torch.bmm {_ms(lambda: torch.bmm(a, b), repeats):7.1f}   CPU path, "
           f"b copied per tile {t_copy:7.1f}   one call per group {t_loop:7.1f}")
+    from jetdet.kernels.conv2d import torch_path as cv
+
+    x, w = torch.randn(8, 960, 64, 64, generator=g), torch.randn(320, 960, 3, 3, generator=g) * (960 * 9) ** -0.5
+    with torch.inference_mode():  # an SD1.5 up-block conv at a 64x64 latent, batch 8 (4 items with CFG)
+        with _setting(cv, "COLS_GROUP_BYTES", off):
+            t_whole = _ms(lambda: cv.conv2d(x, w, None, (1, 1), (1, 1)), repeats)
+        t_groups = _ms(lambda: cv.conv2d(x, w, None, (1, 1), (1, 1)), repeats)
+        t_conv = _ms(lambda: F.conv2d(x, w, None, 1, 1), repeats)
+    cols = 960 * 9 * 64 * 64 * 4 / 2**20  # MB of columns per item
+    g_items = cv.item_groups(8, int(cols * 2**20))[0]
+    print(f"  conv2d [8, 960, 64, 64] -> 320, 3x3: F.conv2d {t_conv:7.1f}   CPU path, the batch's columns at once "
+          f"{t_whole:7.1f} ({8 * cols:.0f} MB)   {g_items} items at a time {t_groups:7.1f} ({g_items * cols:.0f} MB)")
     for shape in ((2, 8, 4096, 40), (1, 24, 1024, 128)):
         qkv = [torch.randn(*shape, generator=g) for _ in range(3)]
         with _setting(at, "SCORE_CHUNK_ELEMS", off):
