@@ -12,7 +12,9 @@ a time), reentrant, and safe to nest. Other modules' globals of those names that
 functions (a custom node's ``from comfy.ldm.modules.attention import optimized_attention``) are swapped too; an
 attention function a custom node holds under another name, or calls through a reference of its own, is not seen.
 For the same span ComfyUI's fp8 matrix multiply (``comfy.ops.fp8_linear``: ``torch._scaled_mm``, which jetdet does not
-route) is off, so its fp8 layers cast their weights and call ``F.linear``, which it does.
+route) is off, so its fp8 layers cast their weights and call ``F.linear``, which it does; and the linears of scaled fp8
+checkpoints always scale their weight (they scale the weight or the input, whichever has fewer elements, which
+depends on the batch).
 """
 
 from __future__ import annotations
@@ -57,6 +59,13 @@ def _swap_in() -> None:
     if callable(getattr(comfy.ops, "fp8_linear", None)) and comfy.ops.fp8_linear is not _no_fp8_linear:
         _saved.append((comfy.ops, "fp8_linear", comfy.ops.fp8_linear))
         comfy.ops.fp8_linear = _no_fp8_linear
+    # scaled fp8 checkpoints' linears (``*_fp8_scaled``) apply their scale to the weight or to the input, whichever
+    # has fewer elements: the input's count includes the batch, so an item alone and in a batch were rounded
+    # differently. For the span they always scale the weight (ComfyUI's choice for large inputs)
+    for cls in comfy.ops.manual_cast.Linear.__subclasses__():
+        if ".scaled_fp8_op." in cls.__qualname__ and "forward_comfy_cast_weights" in vars(cls):
+            _saved.append((cls, "forward_comfy_cast_weights", vars(cls)["forward_comfy_cast_weights"]))
+            cls.forward_comfy_cast_weights = _scaled_fp8_forward
     for name, mod in _modules_with_bindings():
         ours = name == "comfy.ldm" or name.startswith("comfy.ldm.")
         d = getattr(mod, "__dict__", {})
@@ -69,6 +78,15 @@ def _swap_in() -> None:
 
 def _no_fp8_linear(layer, input):
     return None  # ComfyUI's fp8 layers then take their cast-weight F.linear path
+
+
+def _scaled_fp8_forward(self, input):
+    import comfy.ops
+    import torch
+
+    weight, bias = comfy.ops.cast_bias_weight(self, input)
+    return torch.nn.functional.linear(input, weight * self.scale_weight.to(device=weight.device, dtype=weight.dtype),
+                                      bias)
 
 
 def _swap_out() -> None:

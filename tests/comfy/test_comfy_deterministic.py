@@ -172,6 +172,35 @@ def test_comfyuis_fp8_matrix_multiply_is_off_in_deterministic_calls(comfy_dir, m
     assert torch.equal(out, torch.nn.functional.linear(x, w, layer.bias))
 
 
+@pytest.mark.parametrize("fp8_matrix_mult", [False, True])
+def test_scaled_fp8_linears_round_the_same_alone_and_in_a_batch(comfy_dir, fp8_matrix_mult):
+    """The linears of scaled fp8 checkpoints (``*_fp8_scaled``) multiply the scale into the weight or into the input,
+    whichever has fewer elements, and the input's count includes the batch: an item alone and in a batch of 8 were
+    rounded differently (a review measured 9.8e-4). During deterministic calls they always scale the weight.
+    Negative control: the same layer in deterministic mode without the swap differs (without fp8 matrix multiply);
+    afterwards the layer is ComfyUI's again."""
+    import comfy.ops
+
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    layer = comfy.ops.scaled_fp8_ops(fp8_matrix_mult=fp8_matrix_mult).Linear(32, 16, dtype=torch.float8_e4m3fn).eval()
+    own = vars(type(layer))["forward_comfy_cast_weights"]
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(16, 32, generator=g).to(torch.float8_e4m3fn))
+        layer.scale_weight.fill_(0.0123)
+        layer.bias = torch.nn.Parameter(torch.randn(16, generator=g).to(torch.bfloat16) * 0.1, requires_grad=False)
+    x = torch.randn(8, 3, 32, generator=g).to(torch.bfloat16)  # one item: 96 elements < 512 weights < 768: batch
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        with sdpa_attention():
+            alone, batch = layer(x[:1].clone()), layer(x.clone())
+        assert torch.equal(alone[0], batch[0])
+        if not fp8_matrix_mult:  # (with it, ComfyUI's own path is torch._scaled_mm, for both, on this CPU)
+            assert not torch.equal(layer(x[:1].clone())[0], layer(x.clone())[0])
+    assert vars(type(layer))["forward_comfy_cast_weights"] is own
+
+
 def test_stock_sampling_under_memory_pressure_differs_negative_control(shapes_patcher, shapes_conds):
     from _comfy_util import empty_latent
 
