@@ -132,47 +132,78 @@ def _check_full_load(base_model) -> None:
 
 
 class EqualTextLengths:
-    """``CALC_COND_BATCH`` wrapper: every cross-attention conditioning of a step (``CONDCrossAttn``: the text of SD1.5,
-    SDXL and other UNet models) repeated along its tokens to one length per key and width, the least common multiple
-    of the lengths, before ComfyUI batches them.
+    """``CALC_COND_BATCH`` wrapper: the cross-attention conditionings (``CONDCrossAttn``: the text of SD1.5, SDXL and
+    other UNet models) of the conds that ComfyUI could batch together at this step repeated along their tokens to one
+    length, the least common multiple of theirs, before ComfyUI batches them.
 
     ComfyUI runs cond and uncond in one model call when it expects enough free memory, and then repeats the shorter
     text to the common multiple (a 154-token prompt with a 77-token negative: the negative twice); apart, each sees
     its own length. Attention over repeated keys is the same in exact arithmetic, not in floats, and free VRAM
     depends on the batch, so a batch could pair them where the item alone ran them apart: the item's bits changed.
-    With the lengths equal up front both ways see the same tokens, the ones a batched call sees. Texts whose lengths
-    are more than 4x apart, which ComfyUI never batches, are repeated as well: consistent, at some cost in
-    cross-attention."""
+    With the lengths equal up front both ways see the same tokens, the ones a batched call sees.
 
-    def __call__(self, executor, model, conds, *args, **kwargs):
-        return executor(model, equal_text_lengths(conds), *args, **kwargs)
+    "Could batch": ComfyUI's own tests, among the conds active at this step (``get_area_and_mult``), with the same
+    hooks: ``can_concat_cond`` (the same area, ControlNet and patches, and texts within 4x of their common multiple)
+    for some chain of them. Conds that can never share a call keep their lengths (77 and 78 tokens: 6006 each)."""
+
+    def __call__(self, executor, model, conds, x_in, timestep, *args, **kwargs):
+        return executor(model, equal_text_lengths(conds, x_in, timestep), x_in, timestep, *args, **kwargs)
 
 
-def equal_text_lengths(conds: list) -> list:
-    """``conds`` (a step's list of per-branch condition lists) with every ``CONDCrossAttn`` repeated to the least
-    common multiple of the token counts of its key and width; new lists and dicts, the given ones unchanged."""
+def _cross(x: dict) -> list:
     import comfy.conds
 
-    def cross(x):
-        return [(k, v) for k, v in (x.get("model_conds") or {}).items()
-                if isinstance(v, comfy.conds.CONDCrossAttn) and v.cond.dim() == 3]
+    return [(k, v) for k, v in (x.get("model_conds") or {}).items()
+            if isinstance(v, comfy.conds.CONDCrossAttn) and v.cond.dim() == 3]
 
+
+def equal_text_lengths(conds: list, x_in: torch.Tensor, timestep: torch.Tensor) -> list:
+    """``conds`` (a step's list of per-branch condition lists) with the ``CONDCrossAttn`` of every group of conds
+    ComfyUI could batch together (see :class:`EqualTextLengths`) repeated to the group's least common multiple of
+    token counts, per key and width; new lists and dicts, the given ones unchanged."""
+    import comfy.samplers
+
+    spots = [(i, j) for i, cond in enumerate(conds) for j, x in enumerate(cond or ())]
     lengths = {}
-    for cond in conds:
-        for x in cond or ():
-            for k, v in cross(x):
-                lengths.setdefault((k, v.cond.shape[2]), set()).add(v.cond.shape[1])
-    target = {kw: math.lcm(*n) for kw, n in lengths.items() if len(n) > 1}
-    if not target:
-        return conds
-    out = []
-    for cond in conds:
-        new = None if cond is None else []
-        for x in cond or ():
+    for i, j in spots:
+        for k, v in _cross(conds[i][j]):
+            lengths.setdefault((k, v.cond.shape[2]), set()).add(v.cond.shape[1])
+    if all(len(n) == 1 for n in lengths.values()):
+        return conds  # one length per key: nothing to equalise (every SD3/Flux-type model, most UNet prompts)
+    active = []
+    for i, j in spots:
+        p = comfy.samplers.get_area_and_mult(conds[i][j], x_in, timestep)
+        if p is not None:
+            active.append(((i, j), p))
+    parent = list(range(len(active)))
+
+    def root(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a in range(len(active)):
+        for b in range(a + 1, len(active)):
+            pa, pb = active[a][1], active[b][1]
+            if pa.hooks == pb.hooks and comfy.samplers.can_concat_cond(pa, pb):
+                parent[root(b)] = root(a)
+    groups = {}
+    for a, (spot, _) in enumerate(active):
+        groups.setdefault(root(a), []).append(spot)
+    out = [None if cond is None else list(cond) for cond in conds]
+    for spots_of in groups.values():
+        target = {}
+        for i, j in spots_of:
+            for k, v in _cross(conds[i][j]):
+                target.setdefault((k, v.cond.shape[2]), set()).add(v.cond.shape[1])
+        target = {kw: math.lcm(*n) for kw, n in target.items() if len(n) > 1}
+        for i, j in spots_of if target else ():
+            x = conds[i][j]
             grow = {k: v._copy_with(v.cond.repeat(1, target[k, v.cond.shape[2]] // v.cond.shape[1], 1))
-                    for k, v in cross(x) if target.get((k, v.cond.shape[2]), v.cond.shape[1]) != v.cond.shape[1]}
-            new.append({**x, "model_conds": {**x["model_conds"], **grow}} if grow else x)
-        out.append(new)
+                    for k, v in _cross(x) if target.get((k, v.cond.shape[2]), v.cond.shape[1]) != v.cond.shape[1]}
+            if grow:
+                out[i][j] = {**x, "model_conds": {**x["model_conds"], **grow}}
     return out
 
 

@@ -83,7 +83,18 @@ def test_texts_of_different_lengths_give_the_same_bits_batched_or_apart(comfy_di
     full, alone = batched_and_alone()
     assert torch.equal(full, alone)
     assert pos[0][0].shape == (1, 154, 768) and neg[0][0].shape == (1, 77, 768)  # the user's conditioning unchanged
-    monkeypatch.setattr(wr, "equal_text_lengths", lambda conds: conds)
+
+    texts = []  # texts that ComfyUI never batches (common multiple past 4x: 77 and 78 tokens) keep their lengths
+    real = wr.equal_text_lengths
+    monkeypatch.setattr(wr, "equal_text_lengths", lambda *a: texts.extend(
+        {v.cond.shape[1] for c in real(*a) for x in c or () for v in x["model_conds"].values()
+         if type(v).__name__ == "CONDCrossAttn"}) or real(*a))
+    pos[0][0] = pos[0][0][:, :78]
+    sample(1, 0)
+    assert sorted(set(texts)) == [77, 78] and log.sizes[-2:] == [1, 1]
+    pos[0][0] = torch.randn(1, 154, 768, generator=g)
+
+    monkeypatch.setattr(wr, "equal_text_lengths", lambda conds, *a: conds)
     full, alone = batched_and_alone()
     assert not torch.equal(full, alone)
 
