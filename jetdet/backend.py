@@ -136,7 +136,7 @@ def import_launcher(module: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] == "triton":
+        if e.name == "triton":
             raise RuntimeError(NO_TRITON) from e
         raise
 

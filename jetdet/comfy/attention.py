@@ -34,8 +34,9 @@ _scanned = [-1]  # len(sys.modules) at that scan
 
 
 def _modules_with_bindings() -> list:
-    """Every loaded module with a global named as in ``_NAMES``; scanned again when modules were imported since."""
-    if len(sys.modules) != _scanned[0]:
+    """Every loaded module with a global named as in ``_NAMES``; scanned again when the number of modules changed or
+    one of those was replaced (a reload). A module that gains such a global after a scan is not seen until the next."""
+    if len(sys.modules) != _scanned[0] or any(sys.modules.get(n) is not m for n, m in _binders):
         mods = [(n, m) for n, m in list(sys.modules.items()) if m is not None]
         _binders[:] = [(n, m) for n, m in mods if any(g in getattr(m, "__dict__", ()) for g in _NAMES)]
         _scanned[0] = len(sys.modules)

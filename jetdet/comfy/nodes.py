@@ -109,7 +109,11 @@ def _fingerprint_json(device=None) -> str:
     not the current CUDA device), as JSON."""
     import jetdet
 
-    return json.dumps(jetdet.fingerprint(device), sort_keys=True)
+    try:
+        fp = jetdet.fingerprint(device)
+    except ValueError:  # a device jetdet.fingerprint cannot describe (DirectML's privateuseone): the default's
+        fp = jetdet.fingerprint()
+    return json.dumps(fp, sort_keys=True)
 
 
 def _latent_tensor(latent, name: str) -> torch.Tensor:
@@ -583,7 +587,8 @@ def recall_store(key: str, kind: str, tensor: torch.Tensor, folder: str = "") ->
     except OSError as e:
         raise ValueError(f"folder: cannot create the folder {d} to store in ({e.strerror or e})") from e
     t = tensor.detach().to("cpu").contiguous()
-    meta = {"jetdet_recall": "1", "kind": kind, "checksum": jetdet.checksum(t), "fingerprint": _fingerprint_json()}
+    meta = {"jetdet_recall": "1", "kind": kind, "checksum": jetdet.checksum(t),
+            "fingerprint": _fingerprint_json(tensor.device)}
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file({"samples" if kind == "latent" else "image": t}, tmp, metadata=meta)
@@ -937,12 +942,14 @@ class JetDetBenchmark(io.ComfyNode):
         runs.append(("deterministic", wr.with_deterministic(model)))
         # an untimed warm-up of every setting before any timed run: ComfyUI loads the model on the first sampling
         # call (and a GPU compiles kernels on the first call of each op), which would otherwise land in the first
-        # timed run and make the others look faster. Two steps each, but the first fast setting runs all its steps:
-        # the step cache launches its own kernels (forecast, relative change) only after a few calls
+        # timed run and make the others look faster. Two steps each, but the fast setting with the largest budget runs
+        # all its steps: the step cache launches its own kernels (forecast, relative change) only after a few calls,
+        # and at budget 0 never
         repeats = int(repeats)
         if repeats < 1:
             raise ValueError(f"repeats: expected at least 1, got {repeats}")
-        warm = [steps if i == 1 and budgets else min(steps, 2) for i in range(len(runs))]  # runs[1]: the first fast one
+        full = 1 + budgets.index(max(budgets)) if budgets else -1  # runs[1 + b]: budget b's setting
+        warm = [steps if i == full else min(steps, 2) for i in range(len(runs))]
         bar = _StepBar(sum(warm) + len(runs) * repeats * steps)
         for (_, m), n in zip(runs, warm):
             smp.sample(m, seed, n, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, 0,

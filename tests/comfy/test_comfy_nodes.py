@@ -415,7 +415,8 @@ def test_benchmark_times_every_setting_warm(shapes_patcher, shapes_conds, monkey
 def test_benchmark_warm_up_launches_the_step_caches_kernels(shapes_patcher, shapes_conds, monkeypatch):
     """The step cache launches its own kernels (forecast, relative change: compiled at their first launch on a GPU)
     only after a few model calls, so a two-step warm-up never reached them and their compile landed in the first timed
-    fast run. The first fast setting now warms up with all its steps: by the first timed run both have run."""
+    fast run. The fast setting with the largest budget now warms up with all its steps: by the first timed run
+    both have run."""
     from jetdet.comfy import wrappers as wr
     from jetdet.ops import registry
 
@@ -427,7 +428,7 @@ def test_benchmark_warm_up_launches_the_step_caches_kernels(shapes_patcher, shap
     with_counter = wr.with_counter
     monkeypatch.setattr(wr, "with_counter", lambda m: at_first_timed_run.append(dict(counts)) or with_counter(m))
     N.JetDetBenchmark.execute(shapes_patcher, 2, 12, 4.0, "euler", "simple", *shapes_conds, empty_latent(1), 1.0,
-                              "0.1")
+                              "0, 0.1")  # budget 0 first: it never forecasts, so the warm-up must run 0.1's setting
     assert counts["forecast"] and counts["relative_change"]  # the timed fast run uses them
     assert at_first_timed_run[0].get("forecast") and at_first_timed_run[0].get("relative_change"), at_first_timed_run
 
