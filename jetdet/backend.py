@@ -131,13 +131,19 @@ NO_TRITON = ("jetdet runs CUDA tensors through its Triton kernels, and this Pyth
              "pip install triton; Windows: pip install triton-windows) and restart")
 
 
+def raise_if_no_triton(e: ModuleNotFoundError) -> None:
+    """The clear error (:data:`NO_TRITON`) in place of ``e`` when ``e`` is triton itself missing (a missing submodule
+    of an installed triton is not this); otherwise nothing: the caller re-raises ``e``."""
+    if e.name == "triton":
+        raise RuntimeError(NO_TRITON) from e
+
+
 def import_launcher(module: str):
     """``import_module(module)`` for a Triton launcher module, with a clear error when triton is not installed."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name == "triton":
-            raise RuntimeError(NO_TRITON) from e
+        raise_if_no_triton(e)
         raise
 
 

@@ -23,6 +23,8 @@ import contextlib
 import sys
 import threading
 
+import torch
+
 _NAMES = ("optimized_attention", "optimized_attention_masked")
 _lock = threading.RLock()
 _depth = 0
@@ -45,6 +47,7 @@ def _modules_with_bindings() -> list:
 
 def _swap_in() -> None:
     import comfy.ldm.modules.attention as attn
+    import comfy.ops
 
     target = attn.attention_pytorch
     # ComfyUI's attention functions (and what it bound at start-up): a custom node that imported one of them under
@@ -52,8 +55,6 @@ def _swap_in() -> None:
     # does) holds its own binding, which a swap of ComfyUI's modules alone would leave on xformers or sage
     names = ("attention_", "optimized_attention")
     comfy_fns = [f for k, f in vars(attn).items() if callable(f) and k.startswith(names)]
-    import comfy.ops
-
     # fp8 linears under --fast fp8_matrix_mult (or an fp8-optimised checkpoint) multiply through torch._scaled_mm,
     # which jetdet does not route (a fallback: cuBLASLt's own tiling). Without it ComfyUI casts the weight and calls
     # F.linear, which it routes
@@ -83,7 +84,6 @@ def _no_fp8_linear(layer, input):
 
 def _scaled_fp8_forward(self, input):
     import comfy.ops
-    import torch
 
     weight, bias = comfy.ops.cast_bias_weight(self, input)
     return torch.nn.functional.linear(input, weight * self.scale_weight.to(device=weight.device, dtype=weight.dtype),

@@ -157,6 +157,15 @@ def _cross(x: dict) -> list:
             if isinstance(v, comfy.conds.CONDCrossAttn) and v.cond.dim() == 3]
 
 
+def _text_lengths(xs) -> dict:
+    """``(key, width) -> {token counts}`` of the ``CONDCrossAttn`` of the conds ``xs``."""
+    lengths = {}
+    for x in xs:
+        for k, v in _cross(x):
+            lengths.setdefault((k, v.cond.shape[2]), set()).add(v.cond.shape[1])
+    return lengths
+
+
 def equal_text_lengths(conds: list, x_in: torch.Tensor, timestep: torch.Tensor) -> list:
     """``conds`` (a step's list of per-branch condition lists) with the ``CONDCrossAttn`` of every group of conds
     ComfyUI could batch together (see :class:`EqualTextLengths`) repeated to the group's least common multiple of
@@ -164,11 +173,7 @@ def equal_text_lengths(conds: list, x_in: torch.Tensor, timestep: torch.Tensor) 
     import comfy.samplers
 
     spots = [(i, j) for i, cond in enumerate(conds) for j, x in enumerate(cond or ())]
-    lengths = {}
-    for i, j in spots:
-        for k, v in _cross(conds[i][j]):
-            lengths.setdefault((k, v.cond.shape[2]), set()).add(v.cond.shape[1])
-    if all(len(n) == 1 for n in lengths.values()):
+    if all(len(n) == 1 for n in _text_lengths(conds[i][j] for i, j in spots).values()):
         return conds  # one length per key: nothing to equalise (every SD3/Flux-type model, most UNet prompts)
     active = []
     for i, j in spots:
@@ -193,11 +198,8 @@ def equal_text_lengths(conds: list, x_in: torch.Tensor, timestep: torch.Tensor) 
         groups.setdefault(root(a), []).append(spot)
     out = [None if cond is None else list(cond) for cond in conds]
     for spots_of in groups.values():
-        target = {}
-        for i, j in spots_of:
-            for k, v in _cross(conds[i][j]):
-                target.setdefault((k, v.cond.shape[2]), set()).add(v.cond.shape[1])
-        target = {kw: math.lcm(*n) for kw, n in target.items() if len(n) > 1}
+        lengths = _text_lengths(conds[i][j] for i, j in spots_of)
+        target = {kw: math.lcm(*n) for kw, n in lengths.items() if len(n) > 1}
         for i, j in spots_of if target else ():
             x = conds[i][j]
             grow = {k: v._copy_with(v.cond.repeat(1, target[k, v.cond.shape[2]] // v.cond.shape[1], 1))

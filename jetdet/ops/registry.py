@@ -106,8 +106,7 @@ class Op:
                         return fn(*args)
             return fn(*args)
         except ModuleNotFoundError as e:
-            if e.name == "triton":  # triton itself missing (a missing submodule of an installed triton is not this)
-                raise RuntimeError(backend.NO_TRITON) from e
+            backend.raise_if_no_triton(e)
             raise
 
     def _body(self, *args):

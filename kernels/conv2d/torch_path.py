@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..matmul.torch_path import COL_PAD, cached_pack, f32, gemm, round_up, scratch_buffer
+from ..matmul.torch_path import COL_PAD, cached_pack, even_sizes, f32, gemm, round_up, scratch_buffer
 
 
 def conv2d(x, w, bias, stride, padding):
@@ -76,6 +76,4 @@ def item_groups(bsz: int, item_bytes: int) -> list[int]:
     """Sizes of the item groups of a batch of ``bsz`` whose columns take ``item_bytes`` each: as equal as can be,
     the largest first, none below the group size (so no lone item's problem is computed twice, ``gemm``)."""
     g = max(2, torch.get_num_threads(), COLS_GROUP_BYTES // max(1, item_bytes))
-    n = max(1, bsz // g)
-    q, r = divmod(bsz, n)
-    return [q + 1] * r + [q] * (n - r)
+    return even_sizes(bsz, max(1, bsz // g))

@@ -419,9 +419,14 @@ def weight_row_chunks(n: int) -> tuple[tuple[int, int], ...]:
             break
     else:
         c = want
-    q, r = divmod(n, c)
-    sizes = [q + 1] * r + [q] * (c - r)
+    sizes = even_sizes(n, c)
     return tuple(zip(itertools.accumulate(sizes, initial=0), sizes))
+
+
+def even_sizes(n: int, parts: int) -> list[int]:
+    """``n`` cut into ``parts`` sizes that differ by at most one, the larger first."""
+    q, r = divmod(n, parts)
+    return [q + 1] * r + [q] * (parts - r)
 
 
 def _mm_weight_major(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
