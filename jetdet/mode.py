@@ -270,9 +270,17 @@ def _switch(new: Mode, warn_only: bool, ctx: bool) -> tuple[_Frame, Mode]:
     return frame, old
 
 
+def check_warn_only(warn_only) -> bool:
+    """``warn_only`` if it is a bool, else a TypeError naming it (torch's own error came only at the first
+    deterministic call, and named torch's argument)."""
+    if not isinstance(warn_only, bool):
+        raise TypeError(f"warn_only: expected True or False, got {warn_only!r}")
+    return warn_only
+
+
 def set_mode(m, *, warn_only: bool = False) -> Mode:
     """Set the mode of the current context until changed again; returns the previous mode."""
-    return _switch(_as_mode(m), warn_only, ctx=False)[1]
+    return _switch(_as_mode(m), check_warn_only(warn_only), ctx=False)[1]
 
 
 class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("deterministic"):``
@@ -282,7 +290,7 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
 
     def __init__(self, m="deterministic", *, warn_only: bool = False):
         self.mode = _as_mode(m)
-        self.warn_only = warn_only
+        self.warn_only = check_warn_only(warn_only)
         self._frames: list[_Frame] = []
 
     def __enter__(self):
@@ -298,8 +306,9 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
             if f.ctx:
                 lowest_open = f
             f = f.parent
-        frame = f if f is not None else self._frames[-1]
-        self._frames = [x for x in self._frames if x is not frame]
+        if f is not None:  # an exit elsewhere removes nothing: the entering thread's own exit still finds its frame
+            self._frames = [x for x in self._frames if x is not f]
+        frame = f
         if f is not None and lowest_open is None:
             # the usual, nested exit (set_mode calls made inside are discarded with it, as a ContextVar reset did)
             _current.set(frame.parent)
@@ -313,7 +322,8 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
             lowest_open.parent = frame.parent
         else:
             _warn_once("exit elsewhere", "a jetdet.mode context exited in a context (thread or task) where it was not "
-                       "entered: the mode there is left as it is")
+                       "entered: the mode there is left as it is, and the context stays open where it was entered "
+                       "until it exits there")
         return False
 
     def __repr__(self):
@@ -1303,6 +1313,12 @@ def _route(func, args, kwargs):
     if torch._C._is_any_autocast_enabled():
         return _autocast_route(func, handler, args, kwargs)
     return handler(func, args, kwargs)
+
+
+def _routes_here() -> bool:
+    """Whether this thread's router routes an eager torch call made now (a deterministic context is current)."""
+    frame = _current.get()
+    return frame.mode is Mode.DETERMINISTIC and frame.thread is getattr(_tls, "me", None)
 
 
 class _Router(TorchFunctionMode):

@@ -162,6 +162,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -170,7 +171,7 @@ import torch
 from .manager import CacheManager
 
 FORECASTS = {"none": 0, "order1": 1, "order2": 2}
-_RESET_REASONS = ("trajectory", "shape", "model", "batch", "output_shape", "evicted", "manual")
+_RESET_REASONS = ("trajectory", "shape", "model", "batch", "output_shape", "evicted", "manual", "error")
 SIGNALS = ("off", "veto", "decide")
 
 #: ``quality`` presets: the settings a person picks by name. Each is whole-call skipping at a budget chosen on the
@@ -405,6 +406,7 @@ class StepCacheController:
         self._xsig = None
         self._blocks_state = None  # None: not seen yet; ("on", description) or ("off", reason)
         self._resets = dict.fromkeys(_RESET_REASONS, 0)
+        self._warned_grad = False
         self._reasons: dict[str, int] = {}
         self._orders: dict[int, int] = {}
         self._log: deque = deque(maxlen=self.log_limit) if self.log_limit else deque(maxlen=0)
@@ -477,17 +479,29 @@ class StepCacheController:
         B = x.shape[0]
         self._n["calls"] += 1
         self._n["rows"] += B
-        if self.budget == 0.0 or self.max_consecutive_skips == 0 or B == 0:
+        grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in (x, call.cond))
+        if self.budget == 0.0 or self.max_consecutive_skips == 0 or B == 0 or grad:
+            if grad and self.budget != 0.0 and not self._warned_grad:
+                self._warned_grad = True
+                warnings.warn("jetdet fast mode: the model's input requires grad (with gradients on), and a forecast "
+                              "output has no gradient, so the step cache runs such calls in full with the model's "
+                              "graph and leaves them out of its history; sample under torch.no_grad() to skip calls",
+                              stacklevel=3)
             y = call.run(None)
             self._n["calls_run"] += 1
             self._n["rows_run"] += B
             self._n["model_equivalents"] += B
-            self._count_reason("off", B)
+            self._count_reason("grad" if grad else "off", B)
             return y
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 return self._step(call, x, B)
+        except BaseException:
+            # a call stopped midway (an error in the model, a KeyboardInterrupt) may leave the streams half updated,
+            # and the next call may belong to another run that starts below this one: begin afresh
+            self._reset_all("error")
+            raise
         finally:
             self._secs["step"] += time.perf_counter() - t0
 

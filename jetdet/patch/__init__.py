@@ -22,6 +22,14 @@ and ``remove()`` deletes them again (or restores a ``forward`` attribute the use
 already patched model raises; call ``remove()`` first. So does patching a model that contains a patched
 submodule, or a submodule of a patched model.
 
+A module with an accelerate hook (diffusers' ``enable_model_cpu_offload`` and ``enable_sequential_cpu_offload``,
+``device_map``) keeps the forward the hook wraps in ``_old_forward``, and the hook puts that back as ``forward``
+when it is removed: a diffusers pipeline removes and re-adds its offload hooks after every call. jetdet's forward
+then goes in ``_old_forward``, under the hook, so it survives that and the hook keeps running around it. A hook
+added after the patch wraps jetdet's forward; ``remove()`` takes jetdet's forward out of ``forward`` or
+``_old_forward``, wherever it is then, and leaves the hook. A jetdet forward that something else captured (another
+library's wrapper) passes calls straight to the forward from before once its handle is removed.
+
 Each installed ``forward`` is a method bound to its module, so ``copy.deepcopy`` of a patched model binds the copy's
 to the copy: it runs on the copy's own weights. A copy of a deterministic model is deterministic too. A copy of a
 fast model runs without the step cache (the cache and its statistics belong to the original), with a one-time
@@ -40,7 +48,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from ..mode import compiled_router
+from ..mode import check_warn_only, compiled_router
 from ..mode import mode as _mode
 from . import layers
 from .adapters import UnsupportedModelError, make_adapter
@@ -72,7 +80,8 @@ class PatchHandle:
         self.adapter = None
         self.linear_attention = None
         self.attention_cache = None
-        self._saved: list[tuple[nn.Module, object]] = []  # (module, previous instance forward or _MISSING)
+        # (module, the installed function, the slot's value before it or _MISSING)
+        self._saved: list[tuple[nn.Module, object, object]] = []
         self._layers: Counter = Counter()
         self._skipped: Counter = Counter()
         self.removed = False
@@ -102,11 +111,12 @@ class PatchHandle:
     def remove(self) -> None:
         if self.removed:
             return
-        for module, prev in reversed(self._saved):
-            if prev is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = prev
+        self.removed = True  # first: a jetdet forward held where remove() cannot reach now passes calls through
+        for module, fn, prev in reversed(self._saved):
+            for slot in _SLOTS:
+                if getattr(module.__dict__.get(slot), "__func__", None) is fn:
+                    _put_back(module, slot, prev)
+                    break
         self._saved.clear()
         if self.controller is not None:
             self.controller.clear()
@@ -116,7 +126,16 @@ class PatchHandle:
             self.linear_attention.clear()
         if _handle_of(self.model) is self:
             del _handles[self.model]
-        self.removed = True
+
+    def new_trajectory(self) -> None:
+        """Fast mode: the next call starts a new sampling run, with nothing of the cache's history. Needed between
+        runs only where the next run starts at or below the timestep where the last one stopped (a run stopped
+        early, then img2img) and no ``scheduler=`` was given; with one, a diffusers pipeline's ``set_timesteps`` at
+        the start of each run is seen. A run starting higher is seen by itself, and a call that raises resets too."""
+        if self.controller is None:
+            raise RuntimeError(f"new_trajectory: this handle patched mode={self.mode!r}; only a fast-mode patch has "
+                               "a step cache")
+        self.controller.new_trajectory()
 
     def __enter__(self):
         return self
@@ -131,17 +150,22 @@ class PatchHandle:
 
     # ----------------------------------------------------------------------------------------- helpers
     def _set_forward(self, module: nn.Module, body) -> None:
-        """Install ``body(this, inner, *args, **kwargs)`` as ``module``'s instance ``forward``, reversibly.
+        """Install ``body(this, inner, *args, **kwargs)`` as ``module``'s instance ``forward`` (in ``_old_forward``
+        under an accelerate hook: :func:`_slot`), reversibly.
 
         ``this`` is the module the call is on and ``inner`` its forward from before the patch. The forward is bound
         to ``module``, so ``copy.deepcopy`` binds a copy's to the copy: ``this`` is then the copy, and ``inner`` the
-        copy's own previous forward, so nothing of the copy reaches the original's weights."""
-        prev = module.__dict__.get("forward", _MISSING)
-        self._saved.append((module, prev))
-        inner = module.forward
+        copy's own previous forward, so nothing of the copy reaches the original's weights. Once the handle is
+        removed, a call that still reaches it on ``module`` goes to ``inner``."""
+        slot = _slot(module)
+        prev = module.__dict__.get(slot, _MISSING)
+        inner = _inner(module)
+        handle = self
 
         def forward(this, *args, **kwargs):
             if this is module:
+                if handle.removed:
+                    return inner(*args, **kwargs)
                 return body(this, inner, *args, **kwargs)
             return body(this, _previous_forward(this, module, prev), *args, **kwargs)
 
@@ -149,10 +173,37 @@ class PatchHandle:
         if wrapped is not None:  # inspect.signature(model.forward) keeps the model's own signature
             functools.update_wrapper(forward, wrapped)
         setattr(forward, _JETDET_ATTR, (module, prev))
-        module.__dict__["forward"] = types.MethodType(forward, module)
+        self._saved.append((module, forward, prev))
+        module.__dict__[slot] = types.MethodType(forward, module)
 
 
-_JETDET_ATTR = "__jetdet_forward__"  # (module it was installed on, that module's previous instance forward)
+_JETDET_ATTR = "__jetdet_forward__"  # (module it was installed on, that module's previous value of the slot)
+# where a jetdet forward can be: the instance forward, or under an accelerate hook the forward the hook wraps
+_SLOTS = ("forward", "_old_forward")
+
+
+def _slot(module: nn.Module) -> str:
+    """Where jetdet installs ``module``'s forward: ``"_old_forward"`` under an accelerate hook (``_hf_hook``), whose
+    own forward calls ``module._old_forward`` and which puts it back as ``forward`` when it is removed; else
+    ``"forward"``."""
+    d = module.__dict__
+    return "_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"
+
+
+def _inner(module: nn.Module):
+    """The forward a jetdet forward installed now on ``module`` wraps (see :func:`_slot`)."""
+    return module.__dict__["_old_forward"] if _slot(module) == "_old_forward" else module.forward
+
+
+def _put_back(module: nn.Module, slot: str, prev) -> None:
+    """``module``'s ``slot`` as it was before jetdet: ``prev``, or for ``_MISSING`` no instance forward (the
+    class's forward, bound, where an accelerate hook took jetdet's forward into ``_old_forward`` after the patch)."""
+    if prev is not _MISSING:
+        module.__dict__[slot] = prev
+    elif slot == "forward":
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__[slot] = types.MethodType(type(module).forward, module)
 
 
 def _rebound(prev, orig: nn.Module, this: nn.Module, bind):
@@ -175,9 +226,13 @@ def _previous_forward(this: nn.Module, orig: nn.Module, prev):
 
 
 def _jetdet_forward(module: nn.Module):
-    """``(module it was installed on, previous forward)`` when ``module`` carries a jetdet instance forward."""
-    fwd = module.__dict__.get("forward")
-    return getattr(fwd, _JETDET_ATTR, None) if fwd is not None else None
+    """``(module it was installed on, previous value of the slot, slot)`` when ``module`` carries a jetdet forward
+    (in ``forward``, or in ``_old_forward`` under an accelerate hook)."""
+    for slot in _SLOTS:
+        meta = getattr(module.__dict__.get(slot), _JETDET_ATTR, None)
+        if meta is not None:
+            return (*meta, slot)
+    return None
 
 
 def _inherited(model: nn.Module) -> list[nn.Module]:
@@ -188,11 +243,9 @@ def _inherited(model: nn.Module) -> list[nn.Module]:
 
 def _strip(module: nn.Module) -> None:
     """Put back ``module``'s forward from before the patch it inherited."""
-    orig, prev = _jetdet_forward(module)
-    if prev is _MISSING:
-        module.__dict__.pop("forward", None)
-    else:  # the user's own instance forward, of the same kind it was (a bound method stays a bound method)
-        module.__dict__["forward"] = _rebound(prev, orig, module, types.MethodType)
+    orig, prev, slot = _jetdet_forward(module)
+    # the user's own forward, of the same kind it was (a bound method stays a bound method)
+    _put_back(module, slot, prev if prev is _MISSING else _rebound(prev, orig, module, types.MethodType))
 
 
 def _check_model(model):
@@ -216,6 +269,7 @@ def _found_summary(model) -> str:
 
 
 def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool = False):
+    check_warn_only(warn_only)
     for module in model.modules():
         fwd = layers.deterministic_forward(module)
         if fwd is not None:
@@ -250,7 +304,7 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     from .blocks import BlockHooks, find_blocks
     from .linattn import LinearAttentionSwap, parse_option
 
-    inner = model.forward
+    inner = _inner(model)  # the forward the installed one wraps, not an accelerate hook's around it
     adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
     accepted = [n for n in inspect.signature(StepCacheController).parameters if n != "self"]
     unknown = sorted(set(options) - set(accepted))
@@ -307,10 +361,20 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         reason = "block_reuse=False: whole-call skipping only"
     adapter.blocks_reason = reason
 
+    seen = [getattr(scheduler, "timesteps", None)]  # the schedule the last call saw
+
     def forward(this, inner, *args, **kwargs):
         if this is not model:  # a copy.deepcopy of the model: the cache is the original's
             _warn_fast_copy(model)
             return inner(*args, **kwargs)
+        if scheduler is not None:
+            # a diffusers pipeline calls scheduler.set_timesteps, which makes a new timesteps tensor, at the start of
+            # every run: a new run even where it starts below where the last one stopped (an interrupted txt2img,
+            # then img2img), which the controller cannot tell from the timesteps alone
+            ts = getattr(scheduler, "timesteps", None)
+            if ts is not seen[0]:
+                seen[0] = ts
+                controller._reset_all("trajectory")
         call, finish = adapter.bind(args, kwargs)
         if swap is not None:
             with swap.mode(call.t):
@@ -426,7 +490,7 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
         handle.remove()  # nothing of the user's model stays changed after an error
         raise
     # the handle lives as long as the model's patched forward (a cycle the collector frees with the model)
-    model.__dict__["forward"].__func__.__jetdet_handle__ = handle
+    next(fn for m, fn, _ in reversed(handle._saved) if m is model).__jetdet_handle__ = handle
     _handles[model] = weakref.ref(handle)
     return handle
 

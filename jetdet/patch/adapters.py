@@ -56,6 +56,7 @@ class TorchAdapter:
             )
         self.cond_names = [n for n in COND_NAMES if n in names]
         self._container = None
+        self._output_cls = None  # the output class of the last call that returned one (diffusers' return_dict=True)
         self.hooks = None  # jetdet.patch.blocks.BlockHooks when block-level reuse is on
         self.param = None  # jetdet.patch.prediction.VPParametrization for a VP (eps/v/sample) model
         self.blocks_reason = "no block list"
@@ -139,6 +140,7 @@ class TorchAdapter:
         sample = getattr(out, "sample", None)
         if isinstance(sample, torch.Tensor):
             self._container = ("output", type(out))
+            self._output_cls = type(out)
             return sample
         raise UnsupportedModelError(
             f"jetdet.patch(mode='fast'): forward returned {type(out).__name__}; expected a tensor, a 1-tuple or "
@@ -146,7 +148,16 @@ class TorchAdapter:
         )
 
     def pack(self, tensor, call_kwargs):
+        """The model's own return type for this call: what its last computed call returned, except that a forward
+        with ``return_dict`` (diffusers) returns what this call's ``return_dict`` asks for, also when every row was
+        forecast."""
         kind, info = self._container or ("tensor", None)
+        p = self.sig.parameters.get("return_dict")
+        if p is not None and kind != "tensor":
+            if not call_kwargs.get("return_dict", p.default is not False):
+                return (tensor,)
+            if self._output_cls is not None:
+                return self._output_cls(sample=tensor)
         if kind == "tensor":
             return tensor
         if kind == "tuple":

@@ -6,39 +6,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 
+def _call(func, *args):
+    """The torch call ``func(*args)`` as deterministic mode's router takes it: jetdet's op where it takes the
+    arguments, else torch's ``func`` with the router's one-time fallback warning (a float64 model, say); under
+    ``torch.autocast``, the inputs cast by autocast's policy for ``func`` first. A patched layer calls it directly,
+    inside or outside a deterministic context. Inside one, the call goes through this thread's router, so that the
+    body's own torch calls run below it, as for the model's functional calls."""
+    from ..mode import _route, _routes_here
 
-def _call(func, op, *args):
-    """``op(*args)``, jetdet's op for the torch function ``func`` (the same arguments). Under ``torch.autocast``: the
-    call as deterministic mode's router takes it (inputs cast by autocast's policy for ``func``, jetdet's body with
-    autocast off); a patched layer calls jetdet's ops directly, past the router."""
-    if torch._C._is_any_autocast_enabled():
-        from ..mode import _HANDLERS, _autocast_route
-
-        return _autocast_route(func, _HANDLERS[func], args, {})
-    return op(*args)
+    if not torch.compiler.is_compiling() and _routes_here():
+        return func(*args)
+    return _route(func, args, {})
 
 
 def _linear(self, input):
-    return _call(F.linear, ops.linear, input, self.weight, self.bias)
+    return _call(F.linear, input, self.weight, self.bias)
 
 
 def _conv2d(self, input):
-    return _call(F.conv2d, ops.conv2d, input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+    return _call(F.conv2d, input, self.weight, self.bias, self.stride, self.padding, self.dilation,
                  self.groups)
 
 
 def _layer_norm(self, input):
-    return _call(F.layer_norm, ops.layer_norm, input, self.normalized_shape, self.weight, self.bias, self.eps)
+    return _call(F.layer_norm, input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def _group_norm(self, input):
-    return _call(F.group_norm, ops.group_norm, input, self.num_groups, self.weight, self.bias, self.eps)
+    return _call(F.group_norm, input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def _rms_norm(self, input):
-    return _call(F.rms_norm, ops.rms_norm, input, self.normalized_shape, self.weight, self.eps)
+    return _call(F.rms_norm, input, self.normalized_shape, self.weight, self.eps)
 
 
 def deterministic_forward(module: nn.Module):
