@@ -135,6 +135,18 @@ def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
     return samples
 
 
+def item_mask(mask: torch.Tensor, latent_dims: int, row: int) -> torch.Tensor:
+    """The noise mask of batch row ``row`` alone, as ComfyUI gives that row in the batch: ``comfy.utils.reshape_mask``
+    reads an image latent's mask as ``[n, 1, H, W]`` and a video latent's 5-D mask as ``[n, ...]`` (any other as one
+    mask for all rows), resizes each mask alone, and repeats the n masks over the batch (row r gets mask r mod n)."""
+    if latent_dims == 4:
+        mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    elif mask.dim() != latent_dims:
+        return mask
+    n = mask.shape[0]
+    return mask[row % n:row % n + 1]
+
+
 #: Samplers whose steps depend on the whole batch (``dpm_adaptive`` accepts or rejects a step by the error norm
 #: over the batch): :func:`sample` runs their items one at a time.
 BATCH_COUPLED = frozenset({"dpm_adaptive"})
@@ -206,7 +218,7 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
         for i, item in enumerate(ids):
             one = {"samples": latent["samples"][i:i + 1]}
             if isinstance(mask, torch.Tensor):
-                one["noise_mask"] = mask[i:i + 1] if mask.shape[0] == len(ids) else mask
+                one["noise_mask"] = item_mask(mask, latent_image.dim(), i)
             outs.append(sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, one, denoise,
                                item, callback, disable_pbar, noise_seed_step))
         return torch.cat(outs)

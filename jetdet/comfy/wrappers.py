@@ -302,6 +302,7 @@ class FastState:
         self.runs = 0
         self.last_stats: dict | None = None
         self._kinds: dict = {}  # call kind (block replacements and patches, see _patch_signature) -> its number
+        self._conds: dict = {}  # a cond's uuid (ComfyUI's, one per cond per sampling run) -> its number
         self._ve = False  # this run's model has variance-exploding sigma (see apply_model)
         self._lock = threading.Lock()
 
@@ -358,6 +359,7 @@ class FastState:
             self.controller = ctl = StepCacheController(**opts)
             self._ve = ve  # set with its run's controller, under the lock
             self._kinds = {}
+            self._conds = {}
             self.swap = (LinearAttentionSwap(self.linear_attention, 1, 1, epoch_fn=ctl.epoch)
                          if self.linear_attention else None)
             self.cache = AttentionCache(self.attention_cache, epoch_fn=ctl.epoch) if self.attention_cache else None
@@ -397,7 +399,15 @@ class FastState:
         # Guidance make an extra call per step on the cond branch with some blocks replaced, whose output is
         # another function than the sampler's own call; filed under the same stream, each forecast its mix
         kind = self._kinds.setdefault(_patch_signature(transformer_options), len(self._kinds))
-        cond = torch.tensor([[float(chunks[min(r // per, len(chunks) - 1)]), float(kind)] for r in range(bsz)])
+        # and which cond it is: two prompts on the positive side (Conditioning Combine) are both cond_or_uncond 0,
+        # and so is Perp-Neg's empty prompt; when ComfyUI runs them in separate calls, each needs a history of its
+        # own (sharing one, the second was served the first one's output at the same step)
+        uuids = transformer_options.get("uuids")
+        if not isinstance(uuids, (list, tuple)) or len(uuids) != len(chunks):
+            uuids = [None] * len(chunks)
+        ids = [self._conds.setdefault(u, len(self._conds)) for u in uuids]
+        cond = torch.tensor([[float(chunks[c]), float(kind), float(ids[c])]
+                             for c in (min(r // per, len(chunks) - 1) for r in range(bsz))])
         shape = (-1,) + (1,) * (x.dim() - 1)
         ran: dict = {}
 

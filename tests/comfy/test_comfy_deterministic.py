@@ -273,6 +273,33 @@ def test_batch_index_keeps_an_items_noise(shapes_patcher, shapes_conds):
     assert torch.equal(out["samples"][0], full[2])
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpm_adaptive"])
+def test_inpainting_with_fewer_masks_than_latents_items_equal_singles(shapes_patcher, shapes_conds, sampler):
+    """2 masks for 3 latents: ComfyUI repeats the masks over the batch (item 2 gets mask 0). dpm_adaptive, which the
+    Deterministic Sampler runs item by item, gave every item mask 0 (a review's find); euler runs the batch."""
+    import nodes
+
+    from jetdet.comfy import shapes_model as sm
+    from jetdet.comfy.nodes import JetDetDeterministicSampler
+
+    size = sm.LATENT_SIZE * 8
+    mask = torch.zeros(2, size, size)
+    mask[0, :, : size // 2] = 1
+    mask[1, :, size // 2:] = 1
+    src = {"samples": torch.randn(3, sm.LATENT_CHANNELS, sm.LATENT_SIZE, sm.LATENT_SIZE,
+                                  generator=torch.Generator().manual_seed(3))}
+    lat = nodes.SetLatentNoiseMask().set_mask(src, mask)[0]
+
+    def run(latent):
+        return JetDetDeterministicSampler.execute(shapes_patcher, 7, 4, 4.0, sampler, "simple", *shapes_conds, latent,
+                                                  0.7, 0).args[0]["samples"]
+
+    full = run(lat)
+    for i in range(3):
+        alone = run(nodes.LatentFromBatch().frombatch(lat, i, 1)[0])
+        assert torch.equal(full[i], alone[0]), i
+
+
 def test_checksums_and_fingerprint_outputs(shapes_patcher, shapes_conds, monkeypatch):
     """The fingerprint describes the model's device (ComfyUI's ``--cpu`` on a CUDA machine, or a model on
     ``cuda:1``, is not the current CUDA device, which ``jetdet.fingerprint()`` reports by default)."""
