@@ -547,3 +547,72 @@ def test_each_worker_gets_a_gpu_of_its_own(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per task (CUDA_VISIBLE_DEVICES)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert render_run._device("cuda", None) == torch.device("cuda", 0)
+
+
+# ------------------------------------------------------------------------------- a review's finds, 2026-12-06
+
+
+def test_force_removes_a_killed_runs_unreported_files_and_replaces_a_damaged_manifest(ref, tmp_path, capsys):
+    """--force took out only the replaced job's listed items, so files a killed run had written but not reported
+    stayed (and verify passed on the folder); a damaged manifest could not be replaced at all."""
+    from jetdet.render import store
+
+    out = _copy(ref, tmp_path / "job")
+    m = manifest(out)
+    for k in range(6, 12):  # written by a killed run but not yet reported
+        del m["items"][str(k)]
+    (out / "manifest.json").write_text(json.dumps(m))
+    r = _render({**JOB, "items": 2, "steps": 3}, out, force=True)
+    assert r.complete and sorted(items(out)) == [item_name(0), item_name(1)]
+
+    (out / "manifest.json").write_text(json.dumps(m)[:200])  # torn
+    with pytest.raises(RenderError, match=r"cannot be read as a render manifest.*--force"):
+        _render({**JOB, "items": 2}, out)
+    r = _render({**JOB, "items": 2}, out, force=True)
+    assert r.complete and r.rendered == 2 and verify(out)
+
+    for damaged in ({k: v for k, v in m.items() if k != "total"}, {**m, "spec": {**m["spec"], "items": None}}):
+        (out / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(RenderError, match="is damaged"):
+            store.load_manifest(out)  # was a KeyError from run and verify
+        assert main(["verify", str(out)]) == 2
+
+    (out / "manifest.json").unlink()  # item files and no manifest: refused, unless forced
+    with pytest.raises(RenderError, match="--force replaces the item files"):
+        _render({**JOB, "items": 1}, out)
+    r = _render({**JOB, "items": 1}, out, force=True)
+    assert r.complete and sorted(items(out)) == [item_name(0)]
+
+
+def test_a_model_in_training_mode_is_refused_and_the_callers_rng_left_alone(tmp_path):
+    model = bundled.load_bundled().train()
+    with pytest.raises(RenderError, match=r"model: .* training mode .* model.eval\(\)"):
+        _render({"items": 1, "steps": 1, "model": "mine"}, tmp_path / "a", model=model)
+    assert not (tmp_path / "a").exists()
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    _render({"items": 1, "steps": 1}, tmp_path / "b")  # loads the bundled model, whose init drew random numbers
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_an_out_path_the_os_refuses_is_a_render_error(tmp_path, capsys):
+    from jetdet.render import store
+
+    long = tmp_path / ("x" * 300)
+    assert main(["run", "--out", str(long), "--count", "1", "--steps", "1", "--no-progress"]) == 2
+    assert main(["verify", str(long)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("out: ") >= 2, err
+
+    def no_folder_open(path, flags, *a, **k):  # Windows: os.open refuses a folder
+        if Path(path).is_dir():
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a, **k)
+
+    real_open = store.os.open
+    store.os.open = no_folder_open
+    try:
+        assert _render({"items": 1, "steps": 1}, tmp_path / "c").complete
+    finally:
+        store.os.open = real_open

@@ -204,3 +204,19 @@ def test_workers_with_other_weights_are_stopped_before_anything_is_written(tmp_p
                          "--no-progress"]))  # the same factory without the nudge: the job runs
     assert p.returncode == 0, _job_output(p.stdout, p.stderr)
     assert len(items(out)) == 4
+
+
+@pytest.mark.parametrize("what", ["out", "batch"])
+def test_workers_given_their_own_folder_or_batch_size_stop_with_an_error(tmp_path, what):
+    """A review's finds: ranks writing node-local folders each reported the job complete while rank 0's folder held
+    half the items; ranks given different batch sizes hung until the process group's timeout (30 min). Both are now
+    an error on every rank, before anything is rendered."""
+    p = run(torchrun(2, [str(TESTS / "_render_mismatch.py"), what, str(tmp_path)], module=False), timeout=240)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("rank ")]
+    assert p.returncode == 0 and len(lines) == 2, _job_output(p.stdout, p.stderr)
+    want = "does not see rank 0's folder" if what == "out" else "batch_size: the workers were given different"
+    assert all("RenderError" in ln and want in ln for ln in lines), lines
+    if what == "out":
+        assert not items(tmp_path / "node0") and not items(tmp_path / "node1")
+    else:
+        assert not (tmp_path / "job").exists()

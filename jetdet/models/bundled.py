@@ -316,7 +316,8 @@ def _load(cls, path, kind: str, device, dtype):
     meta = read_metadata(path)
     if meta.get("kind") != kind:
         raise ValueError(f"{path} holds a {meta.get('kind')!r}, expected {kind!r}")
-    model = cls(meta["config"])
+    with torch.random.fork_rng(devices=[]):  # the random init, overwritten below, leaves the caller's RNG alone
+        model = cls(meta["config"])
     sd = load_file(str(path))
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -162,6 +163,10 @@ def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
         from .spec import check_model_contract, probe_model
 
         check_model_contract(model, "the model passed to render()")
+        if model.training:
+            raise RenderError("model: the model passed to render() is in training mode (model.training is True: "
+                              "dropout and batch-norm statistics would change its output from call to call); call "
+                              "model.eval() first")
         p = next(model.parameters())
         if p.dtype != DTYPES[spec.dtype]:
             raise RenderError(f"dtype: the spec says {spec.dtype}, the model passed to render() is "
@@ -189,17 +194,22 @@ def _check_everywhere(group: _Group, spec: JobSpec, device, model) -> _Job:
         err = str(e)
     except Exception as e:  # reported to the other ranks, then re-raised here
         err, exc = f"{type(e).__name__}: {e}", e
-    outcomes = group.all_gather((err, job.hash if job else None))
+    outcomes = group.all_gather((err, job.hash if job else None, spec.batch_size))
     if exc is not None:
         raise exc
-    for r, (e, _) in enumerate(outcomes):
+    for r, (e, _, _) in enumerate(outcomes):
         if e is not None:
             raise RenderError(e if group.world == 1 else f"rank {r}: {e}")
-    hashes = {h for _, h in outcomes}
+    hashes = {h for _, h, _ in outcomes}
     if len(hashes) > 1:
-        detail = ", ".join(f"rank {r}: {h[:12]}" for r, (_, h) in enumerate(outcomes))
+        detail = ", ".join(f"rank {r}: {h[:12]}" for r, (_, h, _) in enumerate(outcomes))
         raise RenderError(f"model: the workers do not agree on the job ({detail}); every worker must load the same "
                           "model weights and spec")
+    sizes = [b for _, _, b in outcomes]
+    if len(set(sizes)) > 1:  # the spec hash leaves it out (it does not change an item's bytes), the rounds do not
+        detail = ", ".join(f"rank {r}: {b}" for r, b in enumerate(sizes))
+        raise RenderError(f"batch_size: the workers were given different batch sizes ({detail}); every worker must "
+                          "pass the same")
     return job
 
 
@@ -235,14 +245,20 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
     manifest, created = None, []
     temps, files, other = [], {}, []
     if out.is_dir():
-        manifest = store.load_manifest(out)
+        try:
+            manifest = store.load_manifest(out)
+        except RenderError as e:
+            if not force:
+                raise RenderError(f"{e}, or pass --force (force=True) to replace it and the job it was for") from None
+            manifest = {"spec_hash": None, "items": {}, "spec": {}}  # damaged: replaced, as another job's would be
         try:
             temps, files, other = store.scan_folder(out)
         except OSError as e:
             raise RenderError(f"out: cannot list {str(out)!r}: {e.strerror or e}") from None
-        if manifest is None and (files or other):
+        if manifest is None and (other or (files and not force)):
             raise RenderError(f"out: {str(out)!r} holds {len(files) + len(other)} file(s) but no jetdet render "
-                              f"manifest ({store.MANIFEST}); choose an empty or new folder, or a render job's folder")
+                              f"manifest ({store.MANIFEST}); choose an empty or new folder, or a render job's folder"
+                              + ("" if other else " (--force replaces the item files it holds)"))
         not_files = [name for name in files.values() if not (out / name).is_file()]
         if not_files:  # an item's file is written over by a rename, which a folder (or a device) would refuse midway
             raise RenderError(f"out: {str(out / not_files[0])!r} is not a file (an item's name, which this job "
@@ -270,8 +286,11 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
                 keep[k] = entry
             else:
                 why[idx] = problem
-    elif manifest is not None:  # replaced with force: the old job's files that the new job will not overwrite go
-        stale = [store.item_name(int(k)) for k in manifest["items"] if int(k) not in wanted]
+    elif force:  # replacing another job (or item files with no manifest): its files that the new job will not
+        # overwrite go, those its manifest lists and those it wrote without reporting them yet (a killed run)
+        listed = manifest["items"] if manifest is not None else {}
+        stale = sorted({store.item_name(int(k)) for k in listed if int(k) not in wanted}
+                       | {name for idx, name in files.items() if idx not in wanted})
     todo = [it.index for it in job.items if str(it.index) not in keep]
     for idx in todo:
         if idx not in why:
@@ -289,6 +308,7 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
         new["items"] = keep
         new["spec"] = spec_dict  # batch_size/device may differ: the latest run's
     new["complete"] = not todo
+    new["run_token"] = secrets.token_hex(8)  # every rank reads it back: one folder, shared (see render())
     new["fingerprints"] = {fp: v for fp, v in new.get("fingerprints", {}).items()
                            if fp in {e.get("fingerprint") for e in new["items"].values()}}
 
@@ -312,7 +332,26 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
         except FileNotFoundError:
             pass
     return {"todo": todo, "why": {i: why[i] for i in todo}, "kept": len(keep), "temp_removed": removed,
-            "manifest": new}
+            "manifest": new, "token": new["run_token"]}
+
+
+def _check_shared_folder(group: _Group, out: Path, token: str) -> None:
+    """Every rank sees the manifest rank 0 just wrote in ``out`` (its run token): the ranks write one folder. Ranks
+    given node-local folders would each write their share apart, and rank 0 would list items it does not hold."""
+    if group.world == 1:
+        return
+    problem = None
+    if group.rank != 0:
+        try:
+            m = store.load_manifest(out)
+            if m is None or m.get("run_token") != token:
+                problem = "it does not hold the manifest rank 0 wrote for this run"
+        except (RenderError, OSError) as e:
+            problem = str(e)
+    for r, p in enumerate(group.all_gather(problem)):
+        if p is not None:
+            raise RenderError(f"out: rank {r} does not see rank 0's folder at {str(out)!r} ({p}); every worker must "
+                              "write into one folder on a file system they share")
 
 
 # ------------------------------------------------------------------------------------------------ render
@@ -475,9 +514,12 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
                 plan = _plan(out, job, force)
             except RenderError as e:
                 plan = {"error": str(e)}
+            except OSError as e:  # the path itself (a name too long, a folder that cannot be searched)
+                plan = {"error": f"out: {str(out)!r}: {e.strerror or e}"}
         shared = group.broadcast({k: v for k, v in plan.items() if k != "manifest"} if plan else None)
         if "error" in shared:
             raise RenderError(shared["error"])
+        _check_shared_folder(group, out, shared["token"])
         todo = shared["todo"]
         if show:
             _log_plan(out, len(job.items), shared)

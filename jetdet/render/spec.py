@@ -389,7 +389,8 @@ def load_model(name: str, device, dtype: torch.dtype, guided: bool = True):
                           "(any other name is only a label, for a model object passed to render(model=...))")
     factory = _resolve_entry_point(name)
     try:
-        model = factory()
+        with torch.random.fork_rng(devices=[]):  # a factory's random init leaves the caller's RNG alone
+            model = factory()
     except Exception as e:  # noqa: BLE001 - the user's factory: its failure is named, not a traceback of ours
         raise RenderError(f"model: entry point {name!r} raised {type(e).__name__}: {e}") from e
     check_model_contract(model, f"entry point {name!r}")

@@ -44,7 +44,10 @@ def is_temp_name(name: str) -> bool:
 
 
 def fsync_dir(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder at all: nothing to sync there; the renames are still atomic
+        return
     try:
         os.fsync(fd)
     except OSError:  # some file systems refuse fsync on a directory; the renames are still atomic
@@ -122,6 +125,10 @@ def new_manifest(spec: dict, spec_hash: str, total: int) -> dict:
             "fingerprints": {}, "items": {}, "runs": []}
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def load_manifest(folder, what: str = "out") -> dict | None:
     """The folder's manifest, ``None`` if it has none; :class:`RenderError` naming the argument ``what`` if it is
     not one of ours."""
@@ -148,6 +155,11 @@ def read_manifest(path, what: str, advice: str = "") -> dict:
     bad = [k for k, v in items.items() if not (k.isascii() and k.isdigit() and isinstance(v, dict))]
     if bad:
         raise RenderError(f"{what}: {str(path)!r} is damaged (item keys {bad[:3]}){advice}")
+    listed = m["spec"].get("items")
+    if not (_count(m.get("total")) and isinstance(m.get("spec_hash"), str)
+            and (isinstance(listed, list) or isinstance(listed, dict) and _count(listed.get("start"))
+                 and _count(listed.get("count")))):
+        raise RenderError(f"{what}: {str(path)!r} is damaged (its total, spec hash or item list){advice}")
     fps, runs = m.setdefault("fingerprints", {}), m.setdefault("runs", [])
     if not (isinstance(fps, dict) and all(isinstance(v, dict) for v in fps.values())) or not isinstance(runs, list):
         raise RenderError(f"{what}: {str(path)!r} is damaged (its fingerprints or runs){advice}")

@@ -1,0 +1,31 @@
+"""Run under torchrun by tests/test_render_dist.py: every rank calls render() with one argument of its own, which
+the ranks must agree on; each prints the error it got.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/_render_mismatch.py out|batch ROOT
+"""
+
+import sys
+from pathlib import Path
+
+import torch._dynamo  # noqa: F401  - before the group exists (README, "Your own process group")
+import torch.distributed as dist
+
+from jetdet.render import RenderError, render
+
+if __name__ == "__main__":
+    what, root = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    try:
+        out, bs = root / "job", 2
+        if what == "out":  # node-local folders, as on nodes without a shared file system
+            out = root / f"node{rank}"
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            bs = 1 + rank
+        render({"items": 6, "steps": 1, "batch_size": bs}, out, progress=False)
+        print(f"rank {rank}: no error", flush=True)
+    except RenderError as e:
+        print(f"rank {rank}: RenderError: {e}", flush=True)
+    finally:
+        dist.destroy_process_group()
