@@ -340,18 +340,18 @@ def test_a_model_that_breaks_the_contract_is_refused_before_anything_is_written(
         def forward(self, x, t, y):
             return super().forward(x, t, y).double()
 
-    for model, want in ((Velocity(labels=2), "(the unconditional label is 2)): IndexError"),
-                        (Velocity(channels=4), "x [2, 4, 8, 8] float32 from its config"),
-                        (OtherDtype(), "returned (2, 3, 8, 8) float64; expected a velocity of the latent's shape "
-                                       "and dtype")):
+    for model, want in ((Velocity(labels=2).eval(), "(the unconditional label is 2)): IndexError"),
+                        (Velocity(channels=4).eval(), "x [2, 4, 8, 8] float32 from its config"),
+                        (OtherDtype().eval(), "returned (2, 3, 8, 8) float64; expected a velocity of the latent's "
+                                              "shape and dtype")):
         out = tmp_path / "job"
         with pytest.raises(RenderError, match=r"^model: the model passed to render\(\): a trial forward") as e:
             _render({"items": 2, "steps": 1}, out, model=model)
         assert want in str(e.value) and not out.exists()
     # without guidance (cfg 1) the sampler never passes the unconditional label: such a model is fine there
-    r = _render({"items": 2, "steps": 1, "cfg": 1.0}, tmp_path / "unguided", model=Velocity(labels=2))
+    r = _render({"items": 2, "steps": 1, "cfg": 1.0}, tmp_path / "unguided", model=Velocity(labels=2).eval())
     assert r.complete and r.rendered == 2
-    r = _render({"items": 2, "steps": 1}, tmp_path / "job", model=Velocity())
+    r = _render({"items": 2, "steps": 1}, tmp_path / "job", model=Velocity().eval())
     assert r.complete and r.rendered == 2
 
 
