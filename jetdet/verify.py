@@ -284,8 +284,8 @@ def match(a: torch.Tensor, b: torch.Tensor, tolerance: str = "exact") -> MatchRe
     else:  # structural
         bad = ~same_class | (finite & ~(diff <= STRUCTURAL_REL_RMS * (1.0 + ref)))
         ok = bool(same_class.all()) and (rms_d <= STRUCTURAL_REL_RMS * rms_b or rms_d <= STRUCTURAL_ABS_RMS)
-    if not bool(same_class.all()):
-        max_abs = max_rel = inf
+    if not bool(same_class.all()):  # NaN or inf where the other side has none: no statistic reads 0 (an all-NaN
+        max_abs = max_rel = rel_rms = inf  # output showed rel-RMS 0 beside its MISMATCH verdict)
     count = int(bad.sum().item())
     first = _unravel(int(bad.nonzero()[0, 0].item()), sa) if count else None
     return MatchResult(

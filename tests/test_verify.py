@@ -230,6 +230,8 @@ def test_structural():
     assert match(nan_b.clone(), nan_b, "structural").ok
     r = match(b, nan_b, "structural")  # NaN pattern differs
     assert not r.ok and r.first_mismatch == (3, 4)
+    r = match(torch.full_like(b, float("nan")), b, "structural")  # all NaN: no statistic may read 0 (it said rel-RMS 0)
+    assert not r.ok and r.rel_rms == r.max_abs_err == float("inf") and "rel-RMS inf" in str(r)
     inf_b = b.clone()
     inf_b[0, 0] = float("inf")
     a = inf_b.clone()

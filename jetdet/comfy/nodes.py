@@ -319,10 +319,12 @@ class JetDetChecksum(io.ComfyNode):
 _CHECKSUM_LINE = re.compile(r"^\s*(?:item\s+(\d+)\s*:\s*)?([0-9a-fA-F]{64})\s*$")
 
 
-def parse_checksums(text: str) -> dict[int, str]:
-    """Checksum lines -> ``{item id: digest}``. An ``item i: <sha256>`` line is item ``i``; bare hex digests (one
-    per line) are items 0, 1, ... in line order. Labelled and bare lines cannot be mixed, nor an item repeated."""
-    out: dict[int, str] = {}
+def parse_checksums(text: str) -> dict[int, list[str]]:
+    """Checksum lines -> ``{item id: [digest, ...]}``. An ``item i: <sha256>`` line is item ``i``; bare hex digests
+    (one per line) are items 0, 1, ... in line order. Labelled and bare lines cannot be mixed. An id may repeat: a
+    batch from ComfyUI's Latent Batch node holds two items of each batch_index, and the sampler labels both alike;
+    the digests of an id are kept in line order."""
+    out: dict[int, list[str]] = {}
     labelled = bare = 0
     for n, line in enumerate(text.strip().splitlines(), 1):
         if not line.strip():
@@ -338,9 +340,7 @@ def parse_checksums(text: str) -> dict[int, str]:
         if labelled and bare:
             raise ValueError(f"reference_checksums: line {n} mixes 'item i:' lines with bare digests; label every "
                              "line or none (bare digests are items 0, 1, ... in line order)")
-        if item in out:
-            raise ValueError(f"reference_checksums: item {item} is given twice (line {n})")
-        out[item] = m.group(2).lower()
+        out.setdefault(item, []).append(m.group(2).lower())
     if not out:
         raise ValueError("reference_checksums: no checksum given")
     return out
@@ -351,20 +351,28 @@ def _id_list(ids, limit: int = 12) -> str:
     return ", ".join(map(str, ids[:limit])) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
-def match_checksums(t: torch.Tensor, ids: list[int], want: dict[int, str]) -> tuple[bool, list[str]]:
-    """Row ``r`` of ``t`` (item ``ids[r]``) against the reference digest of the same item. Reference items the
-    input does not hold are listed, not compared. Returns (every row matches, report lines)."""
+def match_checksums(t: torch.Tensor, ids: list[int], want: dict[int, list[str]]) -> tuple[bool, list[str]]:
+    """Row ``r`` of ``t`` (item ``ids[r]``) against the reference digest of the same item; where an id repeats, the
+    k-th row with that id against the k-th line with it. Reference items the input does not hold are listed, not
+    compared. Returns (every row matches, report lines)."""
     import jetdet
 
     ok, lines, missing = bool(ids), [], []
-    owner = {d: j for j, d in sorted(want.items(), reverse=True)}
+    owner = {d: j for j, ds in sorted(want.items(), reverse=True) for d in ds}
+    seen: dict[int, int] = {}
     for r, i in enumerate(ids):
-        a, b = jetdet.checksum(t[r:r + 1]), want.get(i)
+        k = seen.get(i, 0)
+        seen[i] = k + 1
+        refs = want.get(i, [])
+        a, b = jetdet.checksum(t[r:r + 1]), refs[k] if k < len(refs) else None
+        which = f" (line {k + 1} of {len(refs)} for item {i})" if len(refs) > 1 else ""
         if b is None:
             missing.append(i)
-            lines.append(f"item {i}: MISMATCH {a[:16]}, no reference checksum for item {i}")
+            lines.append(f"item {i}: MISMATCH {a[:16]}, no reference checksum for item {i}"
+                         + (f" (the reference has {len(refs)} for it, the input more)" if refs else ""))
         else:
-            lines.append(f"item {i}: match {a[:16]}" if a == b else f"item {i}: MISMATCH {a[:16]} != {b[:16]}")
+            lines.append(f"item {i}: match {a[:16]}{which}" if a == b else
+                         f"item {i}: MISMATCH {a[:16]} != {b[:16]}{which}")
         if a != b and a in owner:
             lines[-1] += f" (it is the reference's item {owner[a]}: is batch_offset right?)"
         ok = ok and b is not None and a == b

@@ -300,6 +300,35 @@ def test_inpainting_with_fewer_masks_than_latents_items_equal_singles(shapes_pat
         assert torch.equal(full[i], alone[0]), i
 
 
+@pytest.mark.parametrize("patch", ["LazyCache", "PerpNeg"])
+def test_patches_that_couple_the_batch_are_sampled_one_item_at_a_time(shapes_patcher, shapes_conds, patch, caplog,
+                                                                      monkeypatch):
+    """ComfyUI's LazyCache decides a skip from the whole batch's change and Perp-Neg takes a sum and a norm over the
+    whole batch, so an item's result depended on its batch-mates (a review: up to 0.46 and 1.8, with no warning).
+    The Deterministic Sampler now samples such a model's items one at a time, and says so once."""
+    import logging
+
+    from comfy_extras.nodes_easycache import LazyCacheNode
+    from comfy_extras.nodes_perpneg import PerpNeg
+
+    from jetdet.comfy import sampling as smp
+    from jetdet.comfy import shapes_model as sm
+
+    conds = (shapes_conds[0], sm.class_conditioning(5))  # a negative prompt other than Perp-Neg's empty one
+    if patch == "LazyCache":
+        model = LazyCacheNode.execute(shapes_patcher, 0.2, 0.15, 0.95, False).args[0]
+    else:
+        model = PerpNeg.execute(shapes_patcher, shapes_conds[1], 1.0).args[0]
+    assert smp.batch_coupled_patches(model) == [patch.replace("PerpNeg", "Perp-Neg")]
+    assert smp.batch_coupled_patches(shapes_patcher) == []
+    smp._warned_coupled.clear()
+    with caplog.at_level(logging.WARNING):
+        assert items_equal_to_singles(model, *conds, "euler", batch=4, steps=12) == [True] * 4
+    assert sum("couples the items of a batch" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(smp, "batch_coupled_patches", lambda m: [])  # the negative control: sampled as one batch
+    assert items_equal_to_singles(model, *conds, "euler", batch=4, steps=12) != [True] * 4
+
+
 def test_checksums_and_fingerprint_outputs(shapes_patcher, shapes_conds, monkeypatch):
     """The fingerprint describes the model's device (ComfyUI's ``--cpu`` on a CUDA machine, or a model on
     ``cuda:1``, is not the current CUDA device, which ``jetdet.fingerprint()`` reports by default)."""

@@ -320,8 +320,17 @@ def test_matcher_compares_each_item_with_the_line_labelled_with_its_id(shapes_pa
     assert check(one, bare, batch_offset=1)[0]
     with pytest.raises(ValueError, match="reference_checksums: line 2 mixes"):
         check(batch, batch_sums.splitlines()[0] + "\n" + bare.splitlines()[1])
-    with pytest.raises(ValueError, match="reference_checksums: item 1 is given twice"):
-        check(batch, batch_sums + "\n" + batch_sums.splitlines()[1])
+    # ids that repeat (Latent Batch of two batches: batch_index [0, 1, 0, 1]): the sampler's own labels are accepted
+    # (they were refused as "item 0 is given twice"), the k-th row of an id against the k-th line of it
+    twice = torch.cat([batch, batch.flip(0)])
+    ids = [0, 1, 0, 1]
+    sums = "\n".join(f"item {i}: {jetdet.checksum(twice[r:r + 1])}" for r, i in enumerate(ids))
+    ok, report = N.JetDetOutputMatcher.execute(latent={"samples": twice, "batch_index": ids},
+                                               reference_checksums=sums).args
+    assert ok and "line 2 of 2 for item 0" in report, report
+    ok, report = N.JetDetOutputMatcher.execute(latent={"samples": twice[[2, 1, 0, 3]], "batch_index": ids},
+                                               reference_checksums=sums).args
+    assert not ok and "item 0: MISMATCH" in report  # the two rows of item 0 swapped
 
 
 def test_checksum_labels_follow_the_samplers_item_ids(comfy_dir):
