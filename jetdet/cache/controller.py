@@ -389,7 +389,9 @@ class StepCacheController:
         self._pending: list = []
         self._gen = 0
         self._env = None
-        self._out_item = None
+        self._out_item = None  # the output row (shape, dtype, device) of the current call's input shape
+        self._out_items: dict = {}  # per-row input shape -> its output row
+        self._shape = None
         self._batch = None
         self._prev_call_t = None
         self._calls_at_t = 0
@@ -523,6 +525,7 @@ class StepCacheController:
         self._cfg_prev = {}
         if reason in ("shape", "model", "output_shape", "manual"):
             self._out_item = None
+            self._out_items = {}
         if reason == "model":
             self._blocks_state = None
 
@@ -649,7 +652,7 @@ class StepCacheController:
             for sig in sigs:
                 k = seen.get(sig, 0)
                 seen[sig] = k + 1
-                keys.append(("cond", sig, k))
+                keys.append(("cond", sig, k, self._shape))
             return keys
         if self._batch is not None and B != self._batch and self._streams:
             self._reset_all("batch")
@@ -762,13 +765,19 @@ class StepCacheController:
         return out
 
     def _check_env(self, call, x: torch.Tensor) -> None:
-        """Start over when the model or the per-row input shape, dtype or device changed."""
-        env = (call.model_id, tuple(x.shape[1:]), x.dtype, x.device)
+        """Start over when the model or the per-row input dtype or device changed, or the per-row shape of a call
+        without ``cond``. With ``cond`` a stream's key holds the per-row shape (:meth:`_keys`), so calls of several
+        shapes keep their streams side by side: ComfyUI runs an area prompt's rows on a crop of the latent, in calls
+        of their own between the full-size ones (each change reset everything before, and nothing was skipped)."""
+        shape = tuple(x.shape[1:])
+        env = (call.model_id, None if call.cond is not None else shape, x.dtype, x.device)
         if self._env is not None and env != self._env:
             old = self._env
             reason = "model" if old[0] != env[0] else "shape"
             self._reset_all(reason)
         self._env = env
+        self._shape = shape
+        self._out_item = self._out_items.get(shape)
 
     def _start_trajectory(self, keys, t_rows) -> None:
         """New trajectory: a row's timestep went up against its stream's, or a new stream starts above the
@@ -928,9 +937,9 @@ class StepCacheController:
         item = (tuple(y.shape[1:]), y.dtype, y.device)
         if self._out_item is not None and item != self._out_item:
             self._reset_all("output_shape")
-            self._out_item = item
+            self._out_item = self._out_items[self._shape] = item
             return None, None
-        self._out_item = item
+        self._out_item = self._out_items[self._shape] = item
         return y, plan
 
     @staticmethod

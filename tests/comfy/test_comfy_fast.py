@@ -238,6 +238,25 @@ def test_two_prompts_on_one_side_run_apart_keep_histories_of_their_own(shapes_pa
                                                                                      psnr_db(out, only_a), s)
 
 
+def test_an_area_prompts_calls_on_a_crop_are_skipped_too(shapes_patcher, shapes_conds):
+    """ConditioningSetArea: ComfyUI runs the area prompt's rows on a crop of the latent, in calls of their own between
+    the full-size ones. Each shape change reset the whole cache, so nothing was ever skipped (a review: 40 of 40
+    calls, 39 resets); streams keyed by cond now keep a shape each."""
+    import nodes
+
+    from jetdet.comfy import shapes_model as sm
+
+    size = sm.LATENT_SIZE * 8 // 2
+    area = nodes.ConditioningSetArea().append(sm.class_conditioning(7), size, size, 0, 0, 1.0)[0]
+    pos = nodes.ConditioningCombine().combine(shapes_conds[0], area)[0]
+    ref = _plain(shapes_patcher, pos, shapes_conds[1], steps=20)
+    fast = _fast(shapes_patcher, 0.05)
+    out = _plain(fast, pos, shapes_conds[1], steps=20)
+    s = wr.fast_state(fast).stats()
+    assert s["calls"] == 40 and s["calls_saved"] > 0 and s["resets"]["shape"] == 0, s
+    assert psnr_db(out, ref) > 35, psnr_db(out, ref)
+
+
 def test_perp_negs_empty_prompt_call_has_a_history_of_its_own(shapes_patcher, shapes_conds):
     """ComfyUI's Perp-Neg node calls the model once more per step for the empty prompt, also as cond_or_uncond 0.
     Sharing the positive rows' streams, it was served their output at the same sigma, Perp-Neg divided 0 by 0 and the
