@@ -31,6 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 
 import torch
 
@@ -148,21 +149,51 @@ def item_mask(mask: torch.Tensor, latent_dims: int, row: int) -> torch.Tensor:
     return mask[row % n:row % n + 1]
 
 
+def _origin(f) -> str:
+    """The base name of the module that defined ``f``: ComfyUI loads ``comfy_extras`` by file path, so a node's
+    function there has the path as its ``__module__`` (``.../comfy_extras/nodes_perpneg``), not the dotted name."""
+    return re.split(r"[\\/.]", getattr(f, "__module__", None) or "")[-1]
+
+
+def _closure_value(f, name: str):
+    code, cells = getattr(f, "__code__", None), getattr(f, "__closure__", None)
+    if code is None or not cells or name not in code.co_freevars:
+        return None
+    try:
+        return cells[code.co_freevars.index(name)].cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
 def batch_coupled_patches(model) -> list[str]:
     """The model patches on ``model`` known to couple the items of a batch in their own math, which jetdet's
-    deterministic mode cannot make per item: ComfyUI's Perp-Neg (a sum and a norm over the whole batch), EasyCache
-    and LazyCache (one skip decision from the change of the whole batch). Measured: item != alone by up to 1.8 and
-    0.46 on the shapes model."""
+    deterministic mode cannot make per item (each measured on the shapes model, item != alone by up to): ComfyUI's
+    Perp-Neg (a sum and a norm over the whole batch, 1.7), Mahiro (one cosine similarity for the batch, 0.96), Skip
+    Layer Guidance DiT with a rescaling_scale (one std for the batch, 0.37), EasyCache and LazyCache (a skip decided
+    from the whole batch's change, 2.2). Other patches of ComfyUI 0.3.64's own nodes were measured per item."""
     opts = getattr(model, "model_options", None) or {}
+    cfg = opts.get("sampler_cfg_function")
+    post = list(opts.get("sampler_post_cfg_function", []))
     found = []
-    fns = [opts.get("sampler_cfg_function"), *opts.get("sampler_pre_cfg_function", []),
-           *opts.get("sampler_post_cfg_function", [])]
-    if any(getattr(f, "__module__", "") == "comfy_extras.nodes_perpneg" for f in fns if f is not None):
+    if _origin(cfg) == "nodes_perpneg":
         found.append("Perp-Neg")
+    if any(_origin(f) == "nodes_mahiro" for f in post):
+        found.append("Mahiro")
+    if any(_origin(f) == "nodes_slg" and _closure_value(f, "rescaling_scale") not in (None, 0, 0.0) for f in post):
+        found.append("Skip Layer Guidance DiT (rescaling_scale)")
     holder = (opts.get("transformer_options") or {}).get("easycache")
     if holder is not None:
         found.append("LazyCache" if "Lazy" in type(holder).__name__ else "EasyCache")
     return found
+
+
+def batch_position_patches(model) -> list[str]:
+    """Patches whose output depends on the item's position in the batch by design: ComfyUI's Video Linear / Triangle
+    CFG Guidance give each frame of a video (a batch row) its own cfg. Sampling items alone would change what they do,
+    so they are only named."""
+    opts = getattr(model, "model_options", None) or {}
+    return ["Video Linear/Triangle CFG Guidance"] if _origin(opts.get("sampler_cfg_function")) == "nodes_video_model" \
+        else []
 
 
 _warned_coupled: set = set()
@@ -237,6 +268,11 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
             _warned_coupled.add(name)
             logging.warning("jetdet: the model carries %s, whose math couples the items of a batch; the deterministic "
                             "sampler samples the items one at a time so that each is what it is alone (slower)", name)
+    for name in batch_position_patches(model) if len(ids) > 1 else []:
+        if name not in _warned_coupled:
+            _warned_coupled.add(name)
+            logging.warning("jetdet: the model carries %s, which gives each batch row (a video frame) a cfg of its "
+                            "own: an item sampled in this batch is not what it is alone, whatever the sampler", name)
     if (sampler_name in BATCH_COUPLED or coupled) and len(ids) > 1:
         # dpm_adaptive's step-size control measures the error over the whole batch, so the steps an item gets depend
         # on the other items, and so does a coupled patch's output: only a batch-1 run is per item

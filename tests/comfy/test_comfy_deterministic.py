@@ -300,33 +300,66 @@ def test_inpainting_with_fewer_masks_than_latents_items_equal_singles(shapes_pat
         assert torch.equal(full[i], alone[0]), i
 
 
-@pytest.mark.parametrize("patch", ["LazyCache", "PerpNeg"])
-def test_patches_that_couple_the_batch_are_sampled_one_item_at_a_time(shapes_patcher, shapes_conds, patch, caplog,
-                                                                      monkeypatch):
-    """ComfyUI's LazyCache decides a skip from the whole batch's change and Perp-Neg takes a sum and a norm over the
-    whole batch, so an item's result depended on its batch-mates (a review: up to 0.46 and 1.8, with no warning).
-    The Deterministic Sampler now samples such a model's items one at a time, and says so once."""
-    import logging
+def _extras_as_comfyui_loads(comfy_dir, name: str):
+    """A ``comfy_extras`` module loaded as ComfyUI loads it, by file path (its functions' ``__module__`` is then the
+    path, not ``comfy_extras.<name>``)."""
+    import importlib.util
+    import os
 
-    from comfy_extras.nodes_easycache import LazyCacheNode
-    from comfy_extras.nodes_perpneg import PerpNeg
+    path = os.path.join(str(comfy_dir), "comfy_extras", name + ".py")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(path)[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("patch, steps", [("LazyCache", 12), ("Perp-Neg", 6), ("Mahiro", 6)])
+def test_patches_that_couple_the_batch_are_sampled_one_item_at_a_time(comfy_dir, shapes_patcher, shapes_conds, patch,
+                                                                      steps, caplog, monkeypatch):
+    """ComfyUI's LazyCache decides a skip from the whole batch's change, Perp-Neg takes a sum and a norm over the
+    whole batch, Mahiro one cosine similarity for it: an item's result depended on its batch-mates (reviews: up to 2.2,
+    1.7 and 0.96, with no warning). The Deterministic Sampler now samples such a model's items one at a time, and says
+    so once. The nodes are loaded by file path, as ComfyUI loads them (a first check read the dotted module name,
+    which only a direct import gives)."""
+    import logging
 
     from jetdet.comfy import sampling as smp
     from jetdet.comfy import shapes_model as sm
 
     conds = (shapes_conds[0], sm.class_conditioning(5))  # a negative prompt other than Perp-Neg's empty one
     if patch == "LazyCache":
-        model = LazyCacheNode.execute(shapes_patcher, 0.2, 0.15, 0.95, False).args[0]
+        node = _extras_as_comfyui_loads(comfy_dir, "nodes_easycache").LazyCacheNode
+        model = node.execute(shapes_patcher, 0.2, 0.15, 0.95, False).args[0]
+    elif patch == "Perp-Neg":
+        node = _extras_as_comfyui_loads(comfy_dir, "nodes_perpneg").PerpNeg
+        model = node.execute(shapes_patcher, shapes_conds[1], 1.0).args[0]
     else:
-        model = PerpNeg.execute(shapes_patcher, shapes_conds[1], 1.0).args[0]
-    assert smp.batch_coupled_patches(model) == [patch.replace("PerpNeg", "Perp-Neg")]
+        model = _extras_as_comfyui_loads(comfy_dir, "nodes_mahiro").Mahiro.execute(shapes_patcher).args[0]
+    assert smp.batch_coupled_patches(model) == [patch]
     assert smp.batch_coupled_patches(shapes_patcher) == []
     smp._warned_coupled.clear()
     with caplog.at_level(logging.WARNING):
-        assert items_equal_to_singles(model, *conds, "euler", batch=4, steps=12) == [True] * 4
+        assert items_equal_to_singles(model, *conds, "euler", batch=4, steps=steps) == [True] * 4
     assert sum("couples the items of a batch" in r.getMessage() for r in caplog.records) == 1
     monkeypatch.setattr(smp, "batch_coupled_patches", lambda m: [])  # the negative control: sampled as one batch
-    assert items_equal_to_singles(model, *conds, "euler", batch=4, steps=12) != [True] * 4
+    assert items_equal_to_singles(model, *conds, "euler", batch=4, steps=steps) != [True] * 4
+
+
+def test_coupling_patches_are_told_apart_from_per_item_ones(comfy_dir, shapes_patcher):
+    """Skip Layer Guidance DiT couples the batch only with a rescaling_scale (one std over the batch); Video Linear
+    CFG Guidance is named (a cfg per batch row by design); RescaleCFG (per-item std) is neither."""
+    from jetdet.comfy import sampling as smp
+
+    slg = _extras_as_comfyui_loads(comfy_dir, "nodes_slg").SkipLayerGuidanceDiT
+    plain = slg.execute(shapes_patcher, 3.0, 0.01, 0.15, double_layers="1", rescaling_scale=0.0).args[0]
+    rescaled = slg.execute(shapes_patcher, 3.0, 0.01, 0.15, double_layers="1", rescaling_scale=0.5).args[0]
+    assert smp.batch_coupled_patches(plain) == []
+    assert smp.batch_coupled_patches(rescaled) == ["Skip Layer Guidance DiT (rescaling_scale)"]
+    video = _extras_as_comfyui_loads(comfy_dir, "nodes_video_model").VideoLinearCFGGuidance().patch(shapes_patcher,
+                                                                                                   1.0)[0]
+    assert smp.batch_position_patches(video) and not smp.batch_coupled_patches(video)
+    rescale = _extras_as_comfyui_loads(comfy_dir, "nodes_model_advanced").RescaleCFG().patch(shapes_patcher, 0.7)[0]
+    assert not smp.batch_coupled_patches(rescale) and not smp.batch_position_patches(rescale)
 
 
 def test_checksums_and_fingerprint_outputs(shapes_patcher, shapes_conds, monkeypatch):
