@@ -395,10 +395,44 @@ WEIGHT_MAJOR_MIN_K = 256
 WEIGHT_MAJOR_MIN_N = 512
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...), or "" where it cannot be read."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    text = platform.processor() or ""  # Windows: "... GenuineIntel" / "... AuthenticAMD"
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), "")
+
+
+def _weight_major_default() -> bool:
+    """Whether the weight-major form is used: its premise (a column's bits do not depend on the number of columns
+    of its problem) held on the Intel Xeon it was built on (0 of 200 shapes differed) and fails on an AMD EPYC (92
+    cases in ``bench/tile_heights.py``, and ``tests/test_cpu_sweep.py``'s invariance test: single rows differed from
+    the whole call even at 1 thread). So it is on with MKL on an Intel CPU only; elsewhere uncached weights are
+    copied row-major at every call (slower, the premise the rest of the path rests on). ``JETDET_CPU_WEIGHT_MAJOR``
+    = 1 or 0 overrides (after ``python bench/tile_heights.py`` passes on the machine)."""
+    import os
+
+    env = os.environ.get("JETDET_CPU_WEIGHT_MAJOR", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel"
+
+
+#: Whether uncached large weights take the weight-major form on this machine (_weight_major_default, at import).
+WEIGHT_MAJOR = _weight_major_default()
+
+
 def weight_rows(b: torch.Tensor) -> torch.Tensor | None:
     """w [N, K] when b [K, N] is its transpose with w row-major, K x N >= WEIGHT_MAJOR_MIN_KN, K >= WEIGHT_MAJOR_MIN_K
-    and N >= WEIGHT_MAJOR_MIN_N (WEIGHT_MAJOR); else None."""
-    if b.dim() != 2:
+    and N >= WEIGHT_MAJOR_MIN_N, on a CPU where the form is used (WEIGHT_MAJOR); else None."""
+    if b.dim() != 2 or not WEIGHT_MAJOR:
         return None
     k, n = b.shape
     if k < WEIGHT_MAJOR_MIN_K or n < WEIGHT_MAJOR_MIN_N or k * n < WEIGHT_MAJOR_MIN_KN or b.stride() != (1, k):
