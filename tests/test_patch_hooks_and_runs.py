@@ -278,3 +278,95 @@ def test_a_mode_context_exited_on_another_thread_can_still_exit_where_it_was_ent
     assert jetdet.get_mode().value == "deterministic"  # still open here
     ctx.__exit__(None, None, None)  # raised IndexError before
     assert jetdet.get_mode().value == "off" and mode_module.torch_flags() == flags
+
+
+class _Guided(nn.Module):
+    """A flow model whose condition may be left out: CFG as two forwards, the uncond one with ``y=None``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.emb = nn.Linear(16, 16), nn.Embedding(4, 16)
+
+    def forward(self, x, t, y=None, context=None):
+        h = x + t.view(-1, 1) * 0.1 + (self.emb(y) if y is not None else 0)
+        return self.lin(torch.tanh(h + (context.mean(1) if context is not None else 0)))
+
+
+def test_calls_with_and_without_a_cond_alternating_keep_the_cache():
+    """CFG as two forwards with the uncond call passing y=None: calls with and without cond alternate. A review found
+    the per-shape stream keys made each switch look like a shape change (60 of 60 calls ran, 59 resets)."""
+    m = _Guided().eval()
+    y = torch.tensor([1, 2])
+    x0 = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        x, ts = x0.clone(), torch.linspace(1, 0, 31)
+        for a, b in zip(ts, ts[1:]):
+            c, u = m(x, a.expand(2), y), m(x, a.expand(2), None)
+            x = x + (b - a) * (u + 3 * (c - u))
+        return x
+
+    with torch.no_grad():
+        ref = run()
+        with jetdet.patch(m, mode="fast", quality="fast") as h:
+            out = run()
+            st = h.stats()["cache"]
+    assert st["calls"] == 60 and st["calls_run"] < 30 and st["resets"]["shape"] == 0, st
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_an_input_other_than_the_latent_and_the_cond_needing_grad_keeps_the_graph():
+    """The prompt embedding optimised through the model (inversion-style) while ``y`` is the cond the controller sees:
+    the call runs with the graph. A review found only the latent and the first cond argument were checked."""
+    m = _Guided().eval()
+    x, t, y = torch.randn(2, 16), torch.full((2,), 0.5), torch.tensor([1, 2])
+    ctx = torch.randn(2, 3, 16, requires_grad=True)
+    ref = torch.autograd.grad(m(x, t, y, context=ctx).square().mean(), ctx)[0]
+    with jetdet.patch(m, mode="fast", quality="fast"), pytest.warns(UserWarning, match="requires grad"):
+        out = m(x, t, y, context=[ctx][0])
+        assert out.requires_grad
+        assert torch.equal(torch.autograd.grad(out.square().mean(), ctx)[0], ref)
+
+
+def test_a_layer_with_a_forward_wrapper_of_its_own_keeps_it_under_a_deterministic_patch():
+    """diffusers' enable_layerwise_casting keeps fp8 weights and casts them in a forward wrapper on each layer; the
+    layer forward jetdet installed replaced that wrapper without calling it, and the fp8 weight reached the matmul (a
+    review: "mat1 and mat2 must have the same dtype"). Such layers are left to the router now."""
+    m = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)).eval()
+    inner = m[2].forward
+    m[2].forward = lambda x: 2 * inner(x)  # a wrapper of the user's
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = m(x)
+        with jetdet.patch(m, mode="deterministic") as h:
+            out = m(x)
+            skipped = h.stats()["layers_left_to_router"]
+    assert torch.allclose(out, ref, atol=1e-6) and any("forward wrapper of its own" in k for k in skipped), skipped
+    diffusers = pytest.importorskip("diffusers")
+    unet = _unet(diffusers)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 7, 16))
+    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with torch.no_grad():
+        ref = unet(*args).sample
+        with jetdet.patch(unet, mode="deterministic"):
+            out = unet(*args).sample
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+
+
+def test_a_removed_patchs_forward_put_back_by_another_wrapper_is_not_a_patch():
+    """A wrapper added after the patch keeps jetdet's forward; after remove() the wrapper is taken off and puts that
+    forward back. It passes calls through, and patch() and unpatch() clear it (patch() refused before, naming
+    another jetdet patch, and unpatch() returned False)."""
+    model = TinyDiT().eval()
+    x, t, y = make_toy_inputs(2)
+    h = jetdet.patch(model, mode="deterministic")
+    held = model.__dict__["forward"]
+    model.forward = lambda *a, **k: held(*a, **k)  # another library's wrapper
+    h.remove()
+    model.forward = held  # that library removes its wrapper, restoring what it wrapped
+    assert jetdet.unpatch(model) and "forward" not in model.__dict__
+    model.forward = held
+    with jetdet.patch(model, mode="fast", budget=0.0), torch.no_grad():
+        model(x, t, y)
+    assert "forward" not in model.__dict__

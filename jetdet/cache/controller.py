@@ -392,6 +392,7 @@ class StepCacheController:
         self._out_item = None  # the output row (shape, dtype, device) of the current call's input shape
         self._out_items: dict = {}  # per-row input shape -> its output row
         self._shape = None
+        self._free_shape = None  # the per-row shape of the last call without cond
         self._batch = None
         self._prev_call_t = None
         self._calls_at_t = 0
@@ -481,7 +482,8 @@ class StepCacheController:
         B = x.shape[0]
         self._n["calls"] += 1
         self._n["rows"] += B
-        grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in (x, call.cond))
+        grad = torch.is_grad_enabled() and (call.extra.get("needs_grad", False) or any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in (x, call.cond)))
         if self.budget == 0.0 or self.max_consecutive_skips == 0 or B == 0 or grad:
             if grad and self.budget != 0.0 and not self._warned_grad:
                 self._warned_grad = True
@@ -517,6 +519,7 @@ class StepCacheController:
         self._streams = {}
         self._pending = []
         self.manager.clear()
+        self._prev_max_t = None  # the next call starts afresh, not "above the last one" (a trajectory counted twice)
         self._prev_call_t = None
         self._calls_at_t = 0
         self._branches = None
@@ -526,6 +529,7 @@ class StepCacheController:
         if reason in ("shape", "model", "output_shape", "manual"):
             self._out_item = None
             self._out_items = {}
+            self._free_shape = None
         if reason == "model":
             self._blocks_state = None
 
@@ -770,12 +774,14 @@ class StepCacheController:
         shapes keep their streams side by side: ComfyUI runs an area prompt's rows on a crop of the latent, in calls
         of their own between the full-size ones (each change reset everything before, and nothing was skipped)."""
         shape = tuple(x.shape[1:])
-        env = (call.model_id, None if call.cond is not None else shape, x.dtype, x.device)
+        env = (call.model_id, x.dtype, x.device)
         if self._env is not None and env != self._env:
-            old = self._env
-            reason = "model" if old[0] != env[0] else "shape"
-            self._reset_all(reason)
+            self._reset_all("model" if self._env[0] != env[0] else "shape")
+        elif call.cond is None and self._free_shape is not None and shape != self._free_shape:
+            self._reset_all("shape")  # the branch streams of calls without cond hold one shape
         self._env = env
+        if call.cond is None:  # (calls with and without cond may alternate: CFG as two forwards, uncond y=None)
+            self._free_shape = shape
         self._shape = shape
         self._out_item = self._out_items.get(shape)
 

@@ -173,6 +173,7 @@ class PatchHandle:
         if wrapped is not None:  # inspect.signature(model.forward) keeps the model's own signature
             functools.update_wrapper(forward, wrapped)
         setattr(forward, _JETDET_ATTR, (module, prev))
+        forward.__jetdet_owner__ = weakref.ref(self)  # a forward whose handle is removed (or gone) is dead
         self._saved.append((module, forward, prev))
         module.__dict__[slot] = types.MethodType(forward, module)
 
@@ -225,6 +226,36 @@ def _previous_forward(this: nn.Module, orig: nn.Module, prev):
     return _rebound(prev, orig, this, functools.partial)
 
 
+def _wrapped(module: nn.Module) -> bool:
+    """Whether ``module`` has an instance forward that does more than its class's (not accelerate's hook, whose
+    wrapped forward jetdet takes the place of; not the class's own forward bound to it, as ``torch.load`` of a
+    patched model leaves)."""
+    f = module.__dict__.get("forward")
+    if f is None or _slot(module) != "forward":
+        return False
+    return not (isinstance(f, types.MethodType) and f.__self__ is module
+                and f.__func__ is getattr(type(module).forward, "__func__", type(module).forward))
+
+
+def _dead(module: nn.Module, slot: str) -> bool:
+    """Whether the jetdet forward in ``module``'s ``slot`` belongs to a removed (or freed) handle: another wrapper
+    kept it past ``remove()`` and put it back later (a diffusers hook removed after the patch)."""
+    owner = getattr(getattr(module.__dict__.get(slot), "__func__", None), "__jetdet_owner__", None)
+    h = owner() if owner is not None else None
+    return owner is not None and (h is None or h.removed)
+
+
+def _strip_dead(model: nn.Module) -> int:
+    """Take out the dead jetdet forwards (:func:`_dead`) of ``model``'s modules; how many there were."""
+    n = 0
+    for m in model.modules():
+        meta = _jetdet_forward(m)
+        if meta is not None and meta[0] is m and _dead(m, meta[2]):
+            _put_back(m, meta[2], meta[1])
+            n += 1
+    return n
+
+
 def _jetdet_forward(module: nn.Module):
     """``(module it was installed on, previous value of the slot, slot)`` when ``module`` carries a jetdet forward
     (in ``forward``, or in ``_old_forward`` under an accelerate hook)."""
@@ -272,7 +303,12 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
     check_warn_only(warn_only)
     for module in model.modules():
         fwd = layers.deterministic_forward(module)
-        if fwd is not None:
+        if fwd is not None and _wrapped(module):
+            # a forward of its own (diffusers' layerwise casting hook, a user's wrapper): a layer forward would replace
+            # it without calling it (casting skipped: an fp8 weight then reached the matmul); the model's forward runs
+            # in deterministic mode, so the router takes the layer's torch calls inside the wrapper instead
+            handle._skipped[f"{type(module).__name__} (has a forward wrapper of its own: left to the router)"] += 1
+        elif fwd is not None:
             handle._set_forward(module, lambda this, inner, *args, _f=fwd, **kwargs: _f(this, *args, **kwargs))
             handle._layers[type(module).__name__] += 1
         elif type(module).__name__ in layers.SUPPORTED:
@@ -463,6 +499,7 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
         if any(sub is model for sub in m.modules()):
             raise RuntimeError(f"model: it is a submodule of a {type(m).__name__} already patched by jetdet "
                                f"(mode={h.mode!r}); remove that patch first, or patch only one of them")
+    _strip_dead(model)  # a removed patch's forward that another wrapper put back is not a patch
     for name, m in model.named_modules():
         meta = _jetdet_forward(m)
         if meta is None:
@@ -505,4 +542,4 @@ def unpatch(model: nn.Module) -> bool:
     inherited = _inherited(model)
     for m in inherited:
         _strip(m)
-    return bool(inherited)
+    return bool(inherited) | bool(_strip_dead(model))

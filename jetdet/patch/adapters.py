@@ -97,8 +97,9 @@ class TorchAdapter:
         finish = _identity
         if self.param is not None:  # a VP model: the controller sees the flow model it is equivalent to
             x, t, run, finish = self.param.wrap(x, t, run)
-        call = ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond,
-                         extra={"latent_arg": self.latent, "timestep_arg": self.timestep, "blocks": self.blocks_reason},
+        extra = {"latent_arg": self.latent, "timestep_arg": self.timestep, "blocks": self.blocks_reason,
+                 "needs_grad": torch.is_grad_enabled() and any(_needs_grad(v) for v in a.values())}
+        call = ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond, extra=extra,
                          blocks=self.hooks.runner(run) if self.hooks is not None else None)
         return call, finish
 
@@ -163,6 +164,17 @@ class TorchAdapter:
         if kind == "tuple":
             return (tensor,)
         return info(sample=tensor)
+
+
+def _needs_grad(v) -> bool:
+    """Whether an argument holds a tensor that requires grad (also inside lists, tuples and dicts)."""
+    if isinstance(v, torch.Tensor):
+        return v.requires_grad
+    if isinstance(v, (list, tuple)):
+        return any(_needs_grad(e) for e in v)
+    if isinstance(v, dict):
+        return any(_needs_grad(e) for e in v.values())
+    return False
 
 
 def _identity(out):
