@@ -588,6 +588,11 @@ def test_a_model_in_training_mode_is_refused_and_the_callers_rng_left_alone(tmp_
     model = bundled.load_bundled().train()
     with pytest.raises(RenderError, match=r"model: .* training mode .* model.eval\(\)"):
         _render({"items": 1, "steps": 1, "model": "mine"}, tmp_path / "a", model=model)
+    model.eval()
+    sub = next(m for m in model.modules() if m is not model)
+    sub.train()  # one submodule left in training mode is enough to change the bytes
+    with pytest.raises(RenderError, match="training mode"):
+        _render({"items": 1, "steps": 1, "model": "mine"}, tmp_path / "a", model=model)
     assert not (tmp_path / "a").exists()
     torch.manual_seed(0)
     want = torch.rand(3)

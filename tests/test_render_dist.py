@@ -163,7 +163,7 @@ def test_sigkill_a_worker_then_rerun(kill_ref, tmp_path):
 
     assert main(["run", "--out", str(out), "--count", "12", "--steps", str(KILL_STEPS), "--batch-size", "1",
                  "--threads", "1", "--no-progress"]) == 0
-    assert files(out).keys() == set(kill_ref) | {"manifest.json"}  # no temp file, nothing extra
+    assert files(out).keys() == set(kill_ref) | {"manifest.json", ".jetdet-run"}  # no temp file, nothing extra
     assert items(out) == kill_ref
     m = manifest(out)
     assert sorted(m["items"], key=int) == [str(i) for i in range(12)] and m["complete"]
@@ -184,7 +184,7 @@ def test_sigkill_rank0_torchrun_restarts_and_finishes(kill_ref, tmp_path):
     stdout, stderr = _finish(proc)
     assert proc.returncode == 0, _job_output(stdout, stderr)
     assert items(out) == kill_ref
-    assert files(out).keys() == set(kill_ref) | {"manifest.json"}
+    assert files(out).keys() == set(kill_ref) | {"manifest.json", ".jetdet-run"}
     m = manifest(out)
     assert m["complete"] and len(m["runs"]) == 1  # the killed group never finished its run
     kept, rendered = m["runs"][0]["kept"], m["runs"][0]["rendered"]

@@ -163,10 +163,11 @@ def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
         from .spec import check_model_contract, probe_model
 
         check_model_contract(model, "the model passed to render()")
-        if model.training:
-            raise RenderError("model: the model passed to render() is in training mode (model.training is True: "
-                              "dropout and batch-norm statistics would change its output from call to call); call "
-                              "model.eval() first")
+        training = next((name or type(model).__name__ for name, m in model.named_modules() if m.training), None)
+        if training is not None:
+            raise RenderError(f"model: the model passed to render() is in training mode ({training!r}.training is "
+                              "True: dropout and batch-norm statistics would change its output from call to call); "
+                              "call model.eval() first")
         p = next(model.parameters())
         if p.dtype != DTYPES[spec.dtype]:
             raise RenderError(f"dtype: the spec says {spec.dtype}, the model passed to render() is "
@@ -321,6 +322,7 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
             raise RenderError(f"out: cannot create the folder {str(out)!r}: {e.strerror or e}") from None
     try:
         store.save_manifest(out, new)
+        store.atomic_write(out / store.RUN_TOKEN, new["run_token"].encode())
     except OSError as e:
         _remove_empty(created)
         raise RenderError(f"out: cannot write in {str(out)!r}: {e.strerror or e}") from None
@@ -336,18 +338,19 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
 
 
 def _check_shared_folder(group: _Group, out: Path, token: str) -> None:
-    """Every rank sees the manifest rank 0 just wrote in ``out`` (its run token): the ranks write one folder. Ranks
+    """Every rank sees the run token rank 0 just wrote in ``out`` (store.RUN_TOKEN): the ranks write one folder. Ranks
     given node-local folders would each write their share apart, and rank 0 would list items it does not hold."""
     if group.world == 1:
         return
     problem = None
     if group.rank != 0:
         try:
-            m = store.load_manifest(out)
-            if m is None or m.get("run_token") != token:
-                problem = "it does not hold the manifest rank 0 wrote for this run"
-        except (RenderError, OSError) as e:
-            problem = str(e)
+            if (out / store.RUN_TOKEN).read_text(encoding="ascii", errors="replace") != token:
+                problem = "it does not hold the run token rank 0 wrote for this run"
+        except FileNotFoundError:
+            problem = f"no {store.RUN_TOKEN} there"
+        except OSError as e:
+            problem = e.strerror or str(e)
     for r, p in enumerate(group.all_gather(problem)):
         if p is not None:
             raise RenderError(f"out: rank {r} does not see rank 0's folder at {str(out)!r} ({p}); every worker must "

@@ -28,11 +28,14 @@ import torch
 from .spec import RenderError
 
 MANIFEST = "manifest.json"
+#: The current run's token, written by rank 0 after the manifest and read back by every rank (one shared folder): a
+#: few bytes, where the manifest grows with the job (332 MB at a million items)
+RUN_TOKEN = ".jetdet-run"
 #: default least time between two saves of the manifest while a job renders (``jetdet.render.run._render_rounds``)
 MANIFEST_EVERY_S = 10.0
 MANIFEST_FORMAT = "jetdet.render.manifest/1"
 _ITEM_RE = re.compile(r"^item-(\d+)\.safetensors$")
-_TMP_RE = re.compile(r"^(item-\d+\.safetensors|manifest\.json)\.tmp-[0-9]+-[0-9a-f]+$")
+_TMP_RE = re.compile(r"^(item-\d+\.safetensors|manifest\.json|\.jetdet-run)\.tmp-[0-9]+-[0-9a-f]+$")
 
 
 def item_name(index: int) -> str:
@@ -209,6 +212,6 @@ def scan_folder(folder) -> tuple[list[str], dict[int, str], list[str]]:
             temps.append(name)
         elif (m := _ITEM_RE.match(name)) is not None:
             items[int(m.group(1))] = name
-        elif name != MANIFEST:
+        elif name not in (MANIFEST, RUN_TOKEN):
             other.append(name)
     return temps, items, other
