@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_render_dist.py: every rank calls render() with one argument of its own, which
-the ranks must agree on; each prints the error it got.
+the ranks must agree on; each writes the error it got to ROOT/rank<r>.txt.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/_render_mismatch.py out|batch ROOT
 """
@@ -16,6 +16,7 @@ if __name__ == "__main__":
     what, root = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    said = "did not finish"
     try:
         out, bs = root / "job", 2
         if what == "out":  # node-local folders, as on nodes without a shared file system
@@ -24,8 +25,9 @@ if __name__ == "__main__":
         else:
             bs = 1 + rank
         render({"items": 6, "steps": 1, "batch_size": bs}, out, progress=False)
-        print(f"rank {rank}: no error", flush=True)
+        said = "no error"
     except RenderError as e:
-        print(f"rank {rank}: RenderError: {e}", flush=True)
+        said = f"RenderError: {e}"
     finally:
+        (root / f"rank{rank}.txt").write_text(said)  # a file each: the ranks' prints interleave on one pipe
         dist.destroy_process_group()

@@ -212,8 +212,9 @@ def test_workers_given_their_own_folder_or_batch_size_stop_with_an_error(tmp_pat
     half the items; ranks given different batch sizes hung until the process group's timeout (30 min). Both are now
     an error on every rank, before anything is rendered."""
     p = run(torchrun(2, [str(TESTS / "_render_mismatch.py"), what, str(tmp_path)], module=False), timeout=240)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("rank ")]
-    assert p.returncode == 0 and len(lines) == 2, _job_output(p.stdout, p.stderr)
+    said = [tmp_path / f"rank{r}.txt" for r in range(2)]
+    assert p.returncode == 0 and all(f.exists() for f in said), _job_output(p.stdout, p.stderr)
+    lines = [f.read_text() for f in said]
     want = "does not see rank 0's folder" if what == "out" else "batch_size: the workers were given different"
     assert all("RenderError" in ln and want in ln for ln in lines), lines
     if what == "out":
