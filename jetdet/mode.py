@@ -308,18 +308,17 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
             f = f.parent
         if f is not None:  # an exit elsewhere removes nothing: the entering thread's own exit still finds its frame
             self._frames = [x for x in self._frames if x is not f]
-        frame = f
         if f is not None and lowest_open is None:
             # the usual, nested exit (set_mode calls made inside are discarded with it, as a ContextVar reset did)
-            _current.set(frame.parent)
-            _transition(_effective(cur), _effective(frame.parent), frame.parent.warn_only)
+            _current.set(f.parent)
+            _transition(_effective(cur), _effective(f.parent), f.parent.warn_only)
         elif f is not None:
             # Out of order: a context entered after this one is still open (interleaved generators, a manual
             # __exit__). The current mode stays that context's; this frame (and set_mode frames made inside it)
             # leaves the chain, so the later context restores what this one replaced when it exits. The transitions
             # made and still to come then walk from this context's outer mode back to it, so the router and torch's
             # flags end as they started.
-            lowest_open.parent = frame.parent
+            lowest_open.parent = f.parent
         else:
             _warn_once("exit elsewhere", "a jetdet.mode context exited in a context (thread or task) where it was not "
                        "entered: the mode there is left as it is, and the context stays open where it was entered "

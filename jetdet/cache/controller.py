@@ -389,8 +389,7 @@ class StepCacheController:
         self._pending: list = []
         self._gen = 0
         self._env = None
-        self._out_item = None  # the output row (shape, dtype, device) of the current call's input shape
-        self._out_items: dict = {}  # per-row input shape -> its output row
+        self._out_items: dict = {}  # per-row input shape -> its output row (shape, dtype, device)
         self._shape = None
         self._free_shape = None  # the per-row shape of the last call without cond
         self._batch = None
@@ -527,7 +526,6 @@ class StepCacheController:
         self._skip_t = None
         self._cfg_prev = {}
         if reason in ("shape", "model", "output_shape", "manual"):
-            self._out_item = None
             self._out_items = {}
             self._free_shape = None
         if reason == "model":
@@ -783,7 +781,6 @@ class StepCacheController:
         if call.cond is None:  # (calls with and without cond may alternate: CFG as two forwards, uncond y=None)
             self._free_shape = shape
         self._shape = shape
-        self._out_item = self._out_items.get(shape)
 
     def _start_trajectory(self, keys, t_rows) -> None:
         """New trajectory: a row's timestep went up against its stream's, or a new stream starts above the
@@ -941,11 +938,12 @@ class StepCacheController:
             raise ValueError(f"call.run: expected a tensor with {len(model_rows)} rows, got "
                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
         item = (tuple(y.shape[1:]), y.dtype, y.device)
-        if self._out_item is not None and item != self._out_item:
+        known = self._out_items.get(self._shape)
+        if known is not None and item != known:
             self._reset_all("output_shape")
-            self._out_item = self._out_items[self._shape] = item
+            self._out_items[self._shape] = item
             return None, None
-        self._out_item = self._out_items[self._shape] = item
+        self._out_items[self._shape] = item
         return y, plan
 
     @staticmethod
@@ -963,7 +961,7 @@ class StepCacheController:
         """The ``[B, ...]`` output: the model's rows and the forecast ones in place."""
         if y is not None and len(model_rows) == B:
             return y
-        shape, dtype, device = self._out_item
+        shape, dtype, device = self._out_items[self._shape]
         out = torch.empty((B, *shape), dtype=dtype, device=device)
         if y is not None:
             out.index_copy_(0, self._index(model_rows, device), y)

@@ -197,6 +197,10 @@ def batch_position_patches(model) -> list[str]:
 
 
 _warned_coupled: set = set()
+_COUPLED_WHY = ("whose math couples the items of a batch; the deterministic sampler samples the items one at a time so "
+                "that each is what it is alone (slower)")
+_POSITION_WHY = ("which gives each batch row (a video frame) a cfg of its own: an item sampled in this batch is not "
+                 "what it is alone, whatever the sampler")
 
 
 #: Samplers whose steps depend on the whole batch (``dpm_adaptive`` accepts or rejects a step by the error norm
@@ -262,17 +266,13 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
                          f"{tuple(latent_image.shape)}")
     latent_image = check_latent(model, comfy.sample.fix_empty_latent_channels(model, latent_image))
     ids = item_ids(latent_image.shape[0], batch_offset, latent.get("batch_index"))
-    coupled = batch_coupled_patches(model) if len(ids) > 1 else []
-    for name in coupled:
+    coupled = position = []
+    if len(ids) > 1:
+        coupled, position = batch_coupled_patches(model), batch_position_patches(model)
+    for name, why in [(n, _COUPLED_WHY) for n in coupled] + [(n, _POSITION_WHY) for n in position]:
         if name not in _warned_coupled:
             _warned_coupled.add(name)
-            logging.warning("jetdet: the model carries %s, whose math couples the items of a batch; the deterministic "
-                            "sampler samples the items one at a time so that each is what it is alone (slower)", name)
-    for name in batch_position_patches(model) if len(ids) > 1 else []:
-        if name not in _warned_coupled:
-            _warned_coupled.add(name)
-            logging.warning("jetdet: the model carries %s, which gives each batch row (a video frame) a cfg of its "
-                            "own: an item sampled in this batch is not what it is alone, whatever the sampler", name)
+            logging.warning("jetdet: the model carries %s, %s", name, why)
     if (sampler_name in BATCH_COUPLED or coupled) and len(ids) > 1:
         # dpm_adaptive's step-size control measures the error over the whole batch, so the steps an item gets depend
         # on the other items, and so does a coupled patch's output: only a batch-1 run is per item

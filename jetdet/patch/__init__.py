@@ -56,8 +56,8 @@ from .call import ModelCall
 
 __all__ = ["patch", "unpatch", "PatchHandle", "UnsupportedModelError", "ModelCall"]
 
-# model -> weakref to its live PatchHandle. The handle is kept alive by the model's installed forward (see patch()),
-# so a patched model that the user drops without remove() is freed with its handle.
+# model -> weakref to its live PatchHandle. The handle is kept alive by the model's installed forward
+# (PatchHandle._set_forward), so a patched model that the user drops without remove() is freed with its handle.
 _handles: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -173,7 +173,9 @@ class PatchHandle:
         if wrapped is not None:  # inspect.signature(model.forward) keeps the model's own signature
             functools.update_wrapper(forward, wrapped)
         setattr(forward, _JETDET_ATTR, (module, prev))
-        forward.__jetdet_owner__ = weakref.ref(self)  # a forward whose handle is removed (or gone) is dead
+        # the handle, for _dead; the forward keeps it alive anyway (the closure above), and the patched model's
+        # forward keeps it as long as the model (a cycle the collector frees with the model)
+        forward.__jetdet_handle__ = self
         self._saved.append((module, forward, prev))
         module.__dict__[slot] = types.MethodType(forward, module)
 
@@ -238,11 +240,10 @@ def _wrapped(module: nn.Module) -> bool:
 
 
 def _dead(module: nn.Module, slot: str) -> bool:
-    """Whether the jetdet forward in ``module``'s ``slot`` belongs to a removed (or freed) handle: another wrapper
-    kept it past ``remove()`` and put it back later (a diffusers hook removed after the patch)."""
-    owner = getattr(getattr(module.__dict__.get(slot), "__func__", None), "__jetdet_owner__", None)
-    h = owner() if owner is not None else None
-    return owner is not None and (h is None or h.removed)
+    """Whether the jetdet forward in ``module``'s ``slot`` belongs to a removed handle: another wrapper kept it past
+    ``remove()`` and put it back later (a diffusers hook removed after the patch)."""
+    h = getattr(getattr(module.__dict__.get(slot), "__func__", None), "__jetdet_handle__", None)
+    return h is not None and h.removed
 
 
 def _strip_dead(model: nn.Module) -> int:
@@ -526,8 +527,6 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     except BaseException:
         handle.remove()  # nothing of the user's model stays changed after an error
         raise
-    # the handle lives as long as the model's patched forward (a cycle the collector frees with the model)
-    next(fn for m, fn, _ in reversed(handle._saved) if m is model).__jetdet_handle__ = handle
     _handles[model] = weakref.ref(handle)
     return handle
 

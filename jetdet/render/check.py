@@ -23,10 +23,10 @@ def _load(path, what: str) -> tuple[dict, Path | None]:
     """A manifest from a folder or a manifest file; ``(manifest, folder or None)``."""
     p = Path(path)
     try:
-        p.is_dir()
+        is_dir = p.is_dir()
     except OSError as e:  # a name too long, a parent that cannot be searched
         raise RenderError(f"{what}: {str(p)!r}: {e.strerror or e}") from None
-    if p.is_dir():
+    if is_dir:
         m = store.load_manifest(p, what)
         if m is None:
             raise RenderError(f"{what}: {str(p)!r} holds no render manifest ({store.MANIFEST})")

@@ -309,7 +309,6 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
         new["items"] = keep
         new["spec"] = spec_dict  # batch_size/device may differ: the latest run's
     new["complete"] = not todo
-    new["run_token"] = secrets.token_hex(8)  # every rank reads it back: one folder, shared (see render())
     new["fingerprints"] = {fp: v for fp, v in new.get("fingerprints", {}).items()
                            if fp in {e.get("fingerprint") for e in new["items"].values()}}
 
@@ -322,7 +321,8 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
             raise RenderError(f"out: cannot create the folder {str(out)!r}: {e.strerror or e}") from None
     try:
         store.save_manifest(out, new)
-        store.atomic_write(out / store.RUN_TOKEN, new["run_token"].encode())
+        token = secrets.token_hex(8)  # every rank reads it back: one folder, shared (_check_shared_folder)
+        store.atomic_write(out / store.RUN_TOKEN, token.encode())
     except OSError as e:
         _remove_empty(created)
         raise RenderError(f"out: cannot write in {str(out)!r}: {e.strerror or e}") from None
@@ -334,7 +334,7 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
         except FileNotFoundError:
             pass
     return {"todo": todo, "why": {i: why[i] for i in todo}, "kept": len(keep), "temp_removed": removed,
-            "manifest": new, "token": new["run_token"]}
+            "manifest": new, "token": token}
 
 
 def _check_shared_folder(group: _Group, out: Path, token: str) -> None:
