@@ -570,6 +570,8 @@ def test_half_precision_outputs(dtype):
     ({"drift_gain": -1}, "drift_gain: expected a finite number >= 0"),
     ({"piggyback": 1.5}, r"piggyback: expected a finite number in \[0.0, 1.0\]"),
     ({"log_limit": -1}, "log_limit: expected an int >= 0"),
+    ({"forecast_space": "eps"}, r"forecast_space: expected one of \('output', 'x0'\)"),
+    ({"forecast_space": "x0", "t_end": 0.1}, "forecast_space='x0' is for flow time, which ends at t_end=0"),
 ])
 def test_option_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -587,6 +589,85 @@ def test_bad_calls():
         ctl(ModelCall(x=x, t=torch.ones(2), run=lambda rows: x[:1]))
     with pytest.raises(ValueError, match="call.x: expected a tensor"):
         ctl(ModelCall(x=None, t=torch.ones(2), run=lambda rows: x))
+    x0 = StepCacheController(budget=0.02, forecast_space="x0")
+    with pytest.raises(ValueError, match=r"call.flow_x: forecast_space='x0' needs the latent in flow form, a tensor "
+                                         r"shaped like call.x \(2, 4, 8, 8\), got NoneType"):
+        x0(ModelCall(x=x, t=torch.ones(2), run=lambda rows: x))
+    with pytest.raises(ValueError, match=r"call.flow_x: .* got \(1, 4, 8, 8\)"):
+        x0(ModelCall(x=x, t=torch.ones(2), run=lambda rows: x, flow_x=x[:1]))
+
+
+def _noisy_flow_run(ctl, steps=20, batch=3, seed=0):
+    """An SDE-like loop on a flow model whose denoised image ``x0(t)`` is linear in t: every step the sampler
+    draws a new latent ``(1 − t)·x0(t) + t·noise`` (fresh noise), and the model's output is the velocity
+    ``noise − x0(t)`` at that latent. Returns (controller outputs, exact outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(batch, *SHAPE, generator=g), torch.randn(batch, *SHAPE, generator=g)
+    outs, refs = [], []
+    for i in range(steps):
+        t = 1.0 - i / steps
+        x0 = a + t * b
+        x = (1.0 - t) * x0 + t * torch.randn(batch, *SHAPE, generator=g)
+
+        def run(rows, x=x, x0=x0, t=t):
+            y = (x - x0) / t
+            return y if rows is None else y.index_select(0, rows)
+
+        outs.append(ctl(ModelCall(x=x, t=torch.full((batch,), t), run=run, flow_x=x)))
+        refs.append(run(None))
+    return outs, refs
+
+
+def test_x0_space_forecasts_through_new_noise_every_step():
+    """A sampler that adds noise every step (ancestral, SDE): the velocity carries the new noise and cannot be
+    forecast in time, the denoised image can. In forecast_space "x0" the controller forecasts ``x0 = flow_x − t·y``
+    and returns ``(flow_x − x̂0) / t`` at the row's own latent: exact here once it has two points (x0 is linear in
+    t), so it skips most calls, each within its prediction; computed rows are the model's output bit for bit.
+    Negative control: forecasting the output, as before, skips nothing at the same budget (every back-test misses
+    by the noise)."""
+    ctl = StepCacheController(budget=0.05, forecast_space="x0")
+    outs, refs = _noisy_flow_run(ctl)
+    st = ctl.stats()
+    assert st["calls_saved"] >= 10 and st["forecast_space"] == "x0", st
+    for e, o, r in zip(ctl.decision_log, outs, refs):
+        row, miss = e["rows"][0], float(rel_l1(o, r).max())
+        if row["decision"] == "forecast":  # the prediction holds; the order-1 forecasts are exact
+            assert miss <= 1.2 * row["est"] + 1e-5 and (row["order"] == 0 or miss < 1e-4), (e, miss)
+    ran = [e["call"] - 1 for e in ctl.decision_log if e["run"]]
+    assert all(torch.equal(outs[i], refs[i]) for i in ran)
+    plain = StepCacheController(budget=0.05)
+    _noisy_flow_run(plain)
+    assert plain.stats()["calls_saved"] == 0, plain.stats()
+
+
+def test_x0_space_prediction_grows_as_t_falls():
+    """A miss of the forecast x0 reaches the output divided by t: the prediction at t is the back-tested rate
+    times the node polynomial times ``t_k / t``. With x0 quadratic in t (an order-1 forecast misses), the same
+    history predicts a larger error the smaller t, and the prediction matches the actual miss within 2x."""
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(1, *SHAPE, generator=g) for _ in range(3))
+    noise = torch.randn(1, *SHAPE, generator=g)
+
+    def step(ctl, t):
+        x0 = a + t * b + 4.0 * t * t * c
+        x = (1.0 - t) * x0 + t * noise
+
+        def run(rows):
+            return (x - x0) / t
+
+        return ctl(ModelCall(x=x, t=torch.full((1,), t), run=run, flow_x=x)), run(None)
+
+    ests = {}
+    for t_next in (0.5, 0.2):
+        ctl = StepCacheController(budget=10.0, forecast_space="x0", drift_gain=0.0)
+        for t in (0.8, 0.7, 0.6):
+            step(ctl, t)
+        out, ref = step(ctl, t_next)
+        row = ctl.decision_log[-1]["rows"][0]
+        assert row["decision"] == "forecast"
+        ests[t_next] = (row["est"], float(rel_l1(out, ref)))
+    (e5, a5), (e2, a2) = ests[0.5], ests[0.2]
+    assert e2 > e5 and 0.5 < e5 / a5 < 2.0 and 0.5 < e2 / a2 < 2.0, ests
 
 
 # ------------------------------------------------------------------------------------- the bundled model

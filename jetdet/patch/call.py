@@ -35,6 +35,11 @@ class ModelCall:
     extra: dict = field(default_factory=dict)
     """Adapter-specific facts for logs (e.g. which argument was the latent; ``"blocks"``: why there is no block
     runner)."""
+    flow_x: torch.Tensor | None = None
+    """Optional: the latent in flow form ``[B, ...]``, for a call whose ``t`` is flow time in ``[0, 1]`` (the latent
+    is ``(1 − t)·x0 + t·noise``) and whose output is the flow velocity ``noise − x0``, so that the model's denoised
+    estimate is ``flow_x − t·output``. Read only by a controller with ``forecast_space="x0"``, which forecasts that
+    estimate instead of the output (for samplers that add noise every step)."""
     blocks: object | None = None
     """Optional block-level access for partial rows (block-level and token-level reuse): an object with
     ``num_blocks``, ``head``, ``tail``, ``residual``, ``describe`` and ``run(rows, plan) -> (output, split_done)``;
