@@ -1,6 +1,6 @@
 """Everything a GPU session has to measure, in one command of at most 5 minutes on one H100/H200:
 
-    PYTHONPATH=. python bench/gpu_check.py [--quick] [--budget-s 290] [--sweep] [--out-dir bench/results]
+    PYTHONPATH=. python bench/gpu_check.py [--quick] [--budget-s 240] [--sweep] [--compiled] [--out-dir DIR]
                                            [--only SECTION [--only SECTION ...]] [--ops linear,conv3x3,...]
                                            [--no-precompile]
 
@@ -40,13 +40,25 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
    with ``piggyback=0`` (no row compaction: the whole batch runs whenever the model runs).
 8. ``sparse``: block_sparse_attention at densities 0.3-0.9 against jetdet's dense attention and SDPA;
    linear_attention against SDPA.
-9. ``sweep`` (``--sweep`` only): a small tile sweep for linear / attention / conv per shape class, the best
-   fixed config per class, for the next session to put in the tables (with PROVENANCE.json).
+9. ``compiled`` (not in the default run: ``--compiled`` adds it after ``sparse``, ``--only compiled`` runs it
+   alone): the deterministic DiT stack under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs; bitwise item ==
+   batch, time against off and compiled off) and a UNet stage compiled with no eager call first. It makes up to six
+   cold Inductor + CUDA-graph compiles, which would eat the budget the sections above need.
+10. ``sweep`` (``--sweep``, or ``--only sweep``): a small tile sweep for linear / attention / conv per shape
+   class, the best fixed config per class, for the next session to put in the tables (with PROVENANCE.json).
+   ``bench/apply_sweep.py`` compares each row with the ``speed`` rows of the same JSON, so a sweep run of its own is
+   ``--only speed --only sweep``; run ``apply_sweep.py`` on the CPU machine, not in the device session.
 
-Writes ``<out-dir>/gpu_<device>.json`` and ``gpu_<device>.md`` and prints a summary. Exit status: 1 when any
-correctness or invariance check failed, 2 when a correctness section did not finish (error or time budget),
-else 0. Each section records its own errors and the run goes on. ``--budget-s`` stops starting new work
-when the budget is spent (the sections left are marked skipped).
+Writes ``<out-dir>/gpu_<device>.json`` and ``gpu_<device>.md`` and prints their paths and a summary; with
+``--only`` the names carry the sections (``gpu_<device>_only-speed-sweep.json``), so a partial run does not
+overwrite the full run's files. ``--out-dir`` defaults to ``$OUT`` when that environment variable is set and not
+empty (the device tool brings back only what is written there), else ``bench/results``. Both files are rewritten
+after every section (the JSON atomically), so a run killed by a timeout or an OOM keeps the sections it finished.
+Exit status: 1 when any correctness or invariance check failed, 2 when a correctness section did not finish
+(error or time budget), else 0. Each section records its own errors and the run goes on. ``--budget-s`` (default
+240) is counted from the start of the process (before ``import torch``) and stops starting new work when it is
+spent (the sections left are marked skipped); one item started just before that still runs to its end, so the
+default leaves a minute of the 5 for that and for writing the files.
 
 ``--dry-run`` runs every section on CPU with tiny shapes (the torch path, CPU timers) so the script is tested
 without a GPU (``tests/test_gpu_check.py``); ``--inject-fault`` perturbs jetdet's outputs for batches above 1
@@ -55,18 +67,24 @@ without a GPU (``tests/test_gpu_check.py``); ``--inject-fault`` perturbs jetdet'
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import gc
-import json
-import math
-import os
-import random
-import statistics
-import sys
 import time
-import traceback
-import zlib
+
+#: when this module started to run (before ``import torch``): the time budget is counted from here
+_T0 = time.monotonic()
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+import zlib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,6 +101,9 @@ CASE_DTYPES = {"linear_tf32x3": (torch.float32,), "conv3x3_tf32x3": (torch.float
 # issue 13's targets: jetdet time / torch time at most this
 TARGETS = {"linear": 1.10, "linear_m512": 1.25, "linear_fp32": 1.3, "attention": 1.15, "conv": 1.5}
 CORRECTNESS_SECTIONS = ("noise", "ops", "models")
+#: sections a plain run leaves out: ``compiled`` (``--compiled``) and ``sweep`` (``--sweep``); ``--only`` takes them too
+OPTIONAL_SECTIONS = ("compiled", "sweep")
+DEFAULT_BUDGET_S = 240.0
 
 
 def _dn(dtype: torch.dtype) -> str:
@@ -93,21 +114,46 @@ def _dn(dtype: torch.dtype) -> str:
 
 
 class Run:
-    """Results, time budget, failures. ``dev`` is "cuda" on a GPU, "cpu" in a dry run."""
+    """Results, time budget, failures. ``dev`` is the current CUDA device (with its index) on a GPU, "cpu" in a dry
+    run. The budget is counted from ``t0`` (``time.monotonic()``; default: when this module started). With ``base``
+    (a path without extension) :meth:`save` writes ``base.json`` and ``base.md``; without it, it writes nothing."""
 
-    def __init__(self, args):
+    def __init__(self, args, t0: float | None = None, base: str | None = None):
         self.args = args
         self.quick = args.quick or args.dry_run
         self.dry = args.dry_run
-        self.dev = torch.device("cpu" if args.dry_run else "cuda")
-        self.t0 = time.perf_counter()
+        # with its index: configs.device_identity caches only indexed devices (an index-less one asks the driver)
+        self.dev = torch.device("cpu") if args.dry_run else torch.device("cuda", torch.cuda.current_device())
+        self.t0 = _T0 if t0 is None else t0
         self.budget = args.budget_s
+        self.base = base
         self.failures: list[str] = []
         self.incomplete: list[str] = []
         self.result: dict = {"sections": {}, "failures": self.failures, "incomplete": self.incomplete}
 
     def left(self) -> float:
-        return self.budget - (time.perf_counter() - self.t0)
+        return self.budget - (time.monotonic() - self.t0)
+
+    def save(self) -> tuple[str, str] | None:
+        """Write the results so far to ``base.json`` (atomically) and ``base.md``; the paths, or None without a
+        ``base``. A Markdown report that fails is replaced by a note pointing at the JSON."""
+        if not self.base:
+            return None
+        res = self.result
+        res.setdefault("argv", sys.argv[1:])
+        res["seconds"] = time.monotonic() - self.t0
+        res["when"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        folder = os.path.dirname(os.path.abspath(self.base))
+        os.makedirs(folder, exist_ok=True)
+        write_json(self.base + ".json", res)
+        try:
+            text = markdown(res)
+        except Exception as e:  # noqa: BLE001 - the JSON holds the results; the run and its verdict must go on
+            text = (f"# bench/gpu_check.py\n\nThe Markdown report failed ({type(e).__name__}: {e}); see "
+                    f"{self.base}.json\n")
+            print(f"Markdown report failed: {type(e).__name__}: {e}")
+        _write_atomic(self.base + ".md", text)
+        return self.base + ".json", self.base + ".md"
 
     def fail(self, what: str) -> None:
         self.failures.append(what)
@@ -178,12 +224,15 @@ class Run:
         return graph.replay, out
 
     def section(self, name: str, fn, min_s: float = 5.0) -> None:
+        """Run ``fn(out)`` as section ``name`` (not started with less than ``min_s`` of the budget left), record
+        its errors, then :meth:`save` what the run has so far."""
         print(f"\n== {name} " + "=" * max(0, 90 - len(name)), flush=True)
         if self.left() < min_s:
             self.result["sections"][name] = {"skipped": f"time budget spent ({self.left():.0f} s left)"}
             print(f"  skipped: time budget spent ({self.left():.0f} s left)")
             if name in CORRECTNESS_SECTIONS:
                 self.incomplete.append(f"{name}: skipped (time budget)")
+            self._save_after(name)
             return
         t = time.perf_counter()
         out: dict = {}
@@ -197,10 +246,24 @@ class Run:
             print(f"  ERROR {type(e).__name__}: {e}", flush=True)
             if name in CORRECTNESS_SECTIONS:
                 self.incomplete.append(f"{name}: {type(e).__name__}: {e}")
+        except BaseException as e:  # interrupted (SIGTERM from a time limit, Ctrl-C): keep what it had, then stop
+            out["interrupted"] = f"{type(e).__name__}: {e}"
+            out["seconds"] = round(time.perf_counter() - t, 2)
+            self.incomplete.append(f"{name}: interrupted ({type(e).__name__})")
+            self._save_after(name)
+            raise
         out["seconds"] = round(time.perf_counter() - t, 2)
         out["new_variants"] = _variants() - before
         print(f"  ({out['seconds']:.1f} s, {out['new_variants']} kernel variants compiled or loaded, "
               f"{self.left():.0f} s of the budget left)", flush=True)
+        self._save_after(name)
+
+    def _save_after(self, name: str) -> None:
+        """:meth:`save` after a section; a failed write is reported and the run goes on (the end writes again)."""
+        try:
+            self.save()
+        except Exception as e:  # noqa: BLE001 - losing one intermediate write must not lose the run
+            print(f"  writing the results after {name} failed: {type(e).__name__}: {e}", flush=True)
 
 
 def _variants() -> int:
@@ -214,7 +277,7 @@ class _Record(Run):
     """The record pass of ``precompile``: the same sections with nothing timed or judged, on its own budget."""
 
     def __init__(self, args, budget: float):
-        super().__init__(args)
+        super().__init__(args, t0=time.monotonic())  # its own budget, from now; no base: it writes nothing
         self.budget = budget
 
     def fail(self, what: str) -> None:
@@ -1503,6 +1566,57 @@ def sweep(run: Run, out: dict) -> None:
 # ------------------------------------------------------------------------------------------------ output
 
 
+def _finite(obj):
+    """``obj`` with every non-finite float (inf, -inf, nan) replaced by None, tuples as lists (what JSON has)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file in ``path``'s folder, then ``os.replace`` it onto ``path``: a reader (or a
+    run killed while writing) sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))  # fmt: skip
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, res: dict) -> None:
+    """Write ``res`` to ``path`` as strict JSON, atomically (:func:`_write_atomic`). Non-finite floats (an infinite
+    PSNR when the outputs are identical, a NaN error from a kernel that wrote NaN) are written as ``null``: bare
+    ``Infinity``/``NaN`` tokens are not JSON and strict readers (jq, JavaScript) reject the whole file. The dump uses
+    ``allow_nan=False``, so a non-finite value that escaped the conversion fails loudly instead. Values JSON has no
+    type for (a dtype, a device) are written as their ``str``."""
+    _write_atomic(path, json.dumps(_finite(res), indent=1, default=str, allow_nan=False))
+
+
+def default_out_dir(environ=None) -> str:
+    """``$OUT`` when it is set and not empty (the device tool brings back only the files written under it), else
+    ``bench/results`` next to this script."""
+    environ = os.environ if environ is None else environ
+    return environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def out_base(out_dir: str, device: str, only=None) -> str:
+    """``<out_dir>/gpu_<device>``, and ``_only-<sections>`` after it when ``--only`` chose sections (in the order
+    given, each once), so that a partial run does not overwrite the full run's files."""
+    name = f"gpu_{device}"
+    if only:
+        name += "_only-" + "-".join(dict.fromkeys(only))
+    return os.path.join(out_dir, name)
+
+
 def markdown(res: dict) -> str:
     s = res["sections"]
     env = s.get("environment", {})
@@ -1630,33 +1744,66 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer seeds, shapes and repeats")
-    p.add_argument("--budget-s", type=float, default=290.0, help="stop starting new work after this (default 290)")
-    p.add_argument("--sweep", action="store_true", help="also sweep a few tiles per shape class")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                   help="stop starting new work this many seconds after the process started "
+                        f"(default {DEFAULT_BUDGET_S:.0f})")
+    p.add_argument("--sweep", action="store_true", help="also sweep a few tiles per shape class (last)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also run the torch.compile section (several cold compiles; after sparse)")
     pre = p.add_mutually_exclusive_group()
     pre.add_argument("--precompile", dest="precompile", action="store_true", default=None,
                      help="compile the kernel variants ahead in a thread pool (default on a GPU)")
     pre.add_argument("--no-precompile", dest="precompile", action="store_false",
                      help="compile each variant at its first launch")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out-dir", default=None,
+                   help="where the JSON and Markdown go (default: $OUT when set and not empty, else bench/results)")
     p.add_argument("--only", action="append", help="run only these sections (repeatable)")
     p.add_argument("--ops", default=None, help="ops section: only these ops (comma-separated names)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, torch path: tests the script itself")
     p.add_argument("--inject-fault", action="store_true", help="negative control: perturb jetdet's outputs")
+    return p
+
+
+def planned_sections(args) -> list:
+    """``(name, function)`` of every section this run may run, in order (before ``--only`` picks): the default
+    ones, then ``compiled`` and ``sweep`` when their flag is given or ``--only`` names them."""
+    sections = [("environment", environment), ("noise", noise), ("ops", ops_check), ("models", models_check),
+                ("speed", speed), ("model_speed", model_speed), ("fast_path", fast_path), ("sparse", sparse)]
+    only = args.only or ()
+    if args.compiled or "compiled" in only:
+        sections.append(("compiled", compiled))
+    if args.sweep or "sweep" in only:
+        sections.append(("sweep", sweep))
+    return sections
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM (what ``timeout`` sends first) raise SystemExit, so that the section it interrupts is recorded
+    as interrupted and the results are written once more. Returns a function that puts the old handler back (it
+    does nothing where handlers cannot be set: not the main thread)."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.budget_s <= 0:
         p.error("--budget-s: expected a positive number of seconds")
     if not args.dry_run and not torch.cuda.is_available():
         p.error("no CUDA device: run on a GPU, or pass --dry-run to exercise the script on CPU")
-    run = Run(args)
-    sections = [("environment", environment), ("noise", noise), ("ops", ops_check), ("models", models_check),
-                ("speed", speed), ("model_speed", model_speed), ("compiled", compiled), ("fast_path", fast_path),
-                ("sparse", sparse)]
-    if args.sweep:
-        sections.append(("sweep", sweep))
-    names = [n for n, _ in sections]
+    sections = planned_sections(args)
+    names = [n for n, _ in sections] + [n for n in OPTIONAL_SECTIONS if n not in dict(sections)]
     for name in args.only or ():
         if name not in names:
             p.error(f"--only: unknown section {name!r} (expected one of {', '.join(names)})")
@@ -1667,7 +1814,14 @@ def main(argv=None) -> int:
             p.error(f"--ops: unknown op(s) {unknown} (expected some of {', '.join(known)})")
     if args.precompile is None:
         args.precompile = not args.dry_run
+    dev = "dry-run_cpu" if args.dry_run else torch.cuda.get_device_name().replace(" ", "_")
+    base = out_base(args.out_dir or default_out_dir(), dev, args.only)
+    run = Run(args, base=base)
+    run.result["argv"] = list(argv if argv is not None else sys.argv[1:])
+    print(f"results: {base}.json and {base}.md, rewritten after each section "
+          f"({run.left():.0f} s of the {args.budget_s:.0f} s budget left)", flush=True)
     saved_threads = torch.get_num_threads()
+    restore_sigterm = _exit_on_sigterm()
     try:
         with torch.no_grad():
             todo = [(n, f) for n, f in sections if n in RECORDED and (not args.only or n in args.only)]
@@ -1676,26 +1830,13 @@ def main(argv=None) -> int:
                     continue
                 if args.precompile and todo and name == todo[0][0]:  # before the first section it records
                     run.section("precompile", lambda out, _t=todo: precompile(run, out, _t))
-                run.section(name, lambda out, _fn=fn: _fn(run, out))
+                # compiled: up to six cold torch.compile + CUDA-graph compiles; not worth starting with a minute left
+                run.section(name, lambda out, _fn=fn: _fn(run, out), min_s=60.0 if name == "compiled" else 5.0)
     finally:
         torch.set_num_threads(saved_threads)
-    res = run.result
-    res["argv"] = list(argv if argv is not None else sys.argv[1:])
-    res["seconds"] = time.perf_counter() - run.t0
-    res["when"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    dev = "dry-run_cpu" if args.dry_run else torch.cuda.get_device_name().replace(" ", "_")
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"gpu_{dev}")
-    with open(base + ".json", "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    try:
-        text = markdown(res)
-    except Exception as e:  # noqa: BLE001 - the JSON holds the results; the verdict below must still print
-        text = f"# bench/gpu_check.py\n\nThe Markdown report failed ({type(e).__name__}: {e}); see {base}.json\n"
-        print(f"Markdown report failed: {type(e).__name__}: {e}")
-    with open(base + ".md", "w") as f:
-        f.write(text)
-    print(f"\nwrote {base}.json and {base}.md ({res['seconds']:.0f} s)")
+        restore_sigterm()
+    json_path, md_path = run.save()
+    print(f"\nwrote {json_path} and {md_path} ({run.result['seconds']:.0f} s since the process started)")
     if run.failures:
         print(f"FAILED: {len(run.failures)} check(s):\n  " + "\n  ".join(run.failures))
         return 1

@@ -40,7 +40,7 @@ def _gpu_check():
 
 
 def test_dry_run_goes_through_every_section(tmp_path):
-    out = _run(tmp_path, "--budget-s", "1000", "--sweep")
+    out = _run(tmp_path, "--budget-s", "1000", "--sweep", "--compiled")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_dry-run_cpu.json").read_text())
     for name in SECTIONS:
@@ -108,10 +108,10 @@ def test_injected_fault_fails_the_run(tmp_path):
     """Negative control: jetdet's outputs perturbed for batches above 1 -> noise and invariance failures, exit 1."""
     out = _run(tmp_path, "--inject-fault", "--only", "noise", "--only", "ops", "--ops", "linear,softmax")
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_dry-run_cpu.json").read_text())
+    res = json.loads((tmp_path / "gpu_dry-run_cpu_only-noise-ops.json").read_text())
     assert any(f.startswith("noise") and "!= CPU" in f for f in res["failures"]), res["failures"]
     assert any(f.startswith("ops linear") and "not batch invariant" in f for f in res["failures"]), res["failures"]
-    assert "FAILED" in out.stdout and "**FAILED**" in (tmp_path / "gpu_dry-run_cpu.md").read_text()
+    assert "FAILED" in out.stdout and "**FAILED**" in (tmp_path / "gpu_dry-run_cpu_only-noise-ops.md").read_text()
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
@@ -138,13 +138,13 @@ def test_precompile_record_pass(tmp_path):
     assert skipped.returncode == 0 and "not done: the Triton interpreter is on" in skipped.stdout, skipped.stdout
     out = _run(tmp_path, *args, interpreter=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_dry-run_cpu.json").read_text())
+    res = json.loads((tmp_path / "gpu_dry-run_cpu_only-noise-ops.json").read_text())
     assert list(res["sections"]) == ["precompile", "noise", "ops"]
     pre = res["sections"]["precompile"]
     assert pre["record_stopped"] == {} and pre["launches"] == 0 and "error" not in pre, pre
     assert all(sec["new_variants"] == 0 for sec in res["sections"].values())
     assert out.stdout.count("GPU == CPU") == len(res["sections"]["noise"]["rows"])  # the record pass printed none
-    assert "Precompile: 0 launches recorded" in (tmp_path / "gpu_dry-run_cpu.md").read_text()
+    assert "Precompile: 0 launches recorded" in (tmp_path / "gpu_dry-run_cpu_only-noise-ops.md").read_text()
 
 
 def test_markdown_reports_an_op_that_raised(tmp_path):
@@ -215,3 +215,130 @@ def test_an_error_in_the_compiled_unet_stage_fails_the_run(monkeypatch):
     gpu_check.compiled(run, out)
     assert "cudagraph pool" in out["unet"]["error"]
     assert any("compiled deterministic UNet stage: RuntimeError" in f for f in run.failures), run.failures
+
+
+# ------------------------------------------------------------------ what a device session gets back (in process)
+
+
+def _strict(text: str):
+    """``json.loads`` that refuses the bare ``NaN``/``Infinity``/``-Infinity`` tokens, as jq or JavaScript do."""
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """bench/gpu_check.py with every section replaced by a stub that records that it ran (and puts one non-finite
+    value in its results, as an infinite PSNR would), so ``main`` runs in a moment."""
+    gpu_check = _gpu_check()
+    ran: list[str] = []
+    for name in ("environment", "noise", "ops_check", "models_check", "speed", "model_speed", "compiled",
+                 "fast_path", "sparse", "sweep"):  # fmt: skip
+
+        def stub(run, out, _name=name):
+            ran.append(_name)
+            out["psnr_mean_db"] = float("inf")
+
+        monkeypatch.setattr(gpu_check, name, stub)
+    monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setattr(gpu_check, "ran", ran, raising=False)
+    return gpu_check
+
+
+def _main(gpu_check, *args):
+    return gpu_check.main(["--dry-run", "--no-precompile", "--budget-s", "100000", *args])
+
+
+def test_json_is_strict_non_finite_floats_become_null(stubbed, tmp_path):
+    """An infinite PSNR (fast path identical to full compute) or a NaN error used to reach the file as the bare
+    tokens ``Infinity``/``NaN``, which strict JSON readers reject. They are written as null."""
+    assert _main(stubbed, "--out-dir", str(tmp_path), "--only", "fast_path") == 0
+    (written,) = tmp_path.glob("gpu_*.json")
+    res = _strict(written.read_text())
+    assert res["sections"]["fast_path"]["psnr_mean_db"] is None
+    path = tmp_path / "direct.json"
+    stubbed.write_json(str(path), {"a": [float("nan"), 1.5, (float("-inf"), 2)], "b": {"c": float("inf")}})
+    assert _strict(path.read_text()) == {"a": [None, 1.5, [None, 2]], "b": {"c": None}}
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left
+
+
+def test_out_dir_defaults_to_the_device_tools_out(stubbed, tmp_path, monkeypatch):
+    """The device tool brings back only what is written under $OUT: with $OUT set (and not empty) and no
+    ``--out-dir``, the files go there; otherwise to bench/results next to the script. (``__file__`` is pointed into
+    tmp_path so that the fallback never writes into the checkout.)"""
+    fake_bench = tmp_path / "checkout" / "bench"
+    fake_bench.mkdir(parents=True)
+    monkeypatch.setattr(stubbed, "__file__", str(fake_bench / "gpu_check.py"))
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    assert _main(stubbed, "--only", "environment") == 0
+    assert not (fake_bench / "results").exists()
+    assert sorted(p.suffix for p in out.glob("gpu_dry-run_cpu*")) == [".json", ".md"]
+    monkeypatch.setenv("OUT", "")
+    assert _main(stubbed, "--only", "environment") == 0
+    assert (fake_bench / "results" / "gpu_dry-run_cpu_only-environment.json").is_file()
+
+
+def test_only_keeps_the_full_runs_files(stubbed, tmp_path, capsys):
+    """A run with ``--only`` writes files named after its sections; the full run's files stay as they were."""
+    full = tmp_path / "gpu_dry-run_cpu.json"
+    full.write_text('{"the full run": true}')
+    assert _main(stubbed, "--out-dir", str(tmp_path), "--only", "speed", "--only", "fast_path") == 0
+    assert full.read_text() == '{"the full run": true}'
+    part = tmp_path / "gpu_dry-run_cpu_only-speed-fast_path.json"
+    assert list(_strict(part.read_text())["sections"]) == ["speed", "fast_path"]
+    assert str(part) in capsys.readouterr().out  # the paths written are printed
+
+
+def test_compiled_is_not_in_the_default_run(stubbed, tmp_path):
+    """``compiled`` (several cold torch.compile + CUDA-graph compiles) is left out of the default run, which must get
+    to fast_path and sparse; ``--compiled`` adds it after sparse, ``--only compiled`` runs it alone."""
+    assert _main(stubbed, "--out-dir", str(tmp_path)) == 0
+    assert stubbed.ran == ["environment", "noise", "ops_check", "models_check", "speed", "model_speed", "fast_path",
+                           "sparse"]  # fmt: skip
+    stubbed.ran.clear()
+    assert _main(stubbed, "--out-dir", str(tmp_path), "--compiled") == 0
+    assert stubbed.ran[-3:] == ["fast_path", "sparse", "compiled"]
+    stubbed.ran.clear()
+    assert _main(stubbed, "--out-dir", str(tmp_path), "--only", "compiled") == 0
+    assert stubbed.ran == ["compiled"]
+    assert (tmp_path / "gpu_dry-run_cpu_only-compiled.json").is_file()
+
+
+def test_results_are_written_after_each_section(stubbed, tmp_path, monkeypatch):
+    """A run killed part way (a time limit, an OOM: here an exception no section catches) keeps, as valid JSON,
+    every section that finished before it; the interrupted one is marked."""
+
+    class Killed(BaseException):
+        pass
+
+    def killed(run, out):
+        out["rows"] = ["half"]
+        raise Killed("time limit")
+
+    monkeypatch.setattr(stubbed, "speed", killed)
+    with pytest.raises(Killed):
+        _main(stubbed, "--out-dir", str(tmp_path))
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["gpu_dry-run_cpu.json", "gpu_dry-run_cpu.md"], files  # and no temporary file left behind
+    res = _strict((tmp_path / "gpu_dry-run_cpu.json").read_text())
+    assert list(res["sections"])[:4] == ["environment", "noise", "ops", "models"]
+    assert all("seconds" in res["sections"][n] for n in ("environment", "noise", "ops", "models"))
+    assert "interrupted" in res["sections"]["speed"] and "fast_path" not in res["sections"]
+
+
+def test_budget_counts_from_the_process_start(stubbed):
+    """The budget clock starts when the module starts, before ``import torch`` (not when the run object is made),
+    and its default leaves a minute of the 5 for an item started just before it ran out and for writing files."""
+    import argparse
+    import time
+
+    assert stubbed.build_parser().parse_args([]).budget_s <= 250
+    src = SCRIPT.read_text()
+    assert src.index("\n_T0 = time.monotonic()") < src.index("\nimport torch")
+    run = stubbed.Run(argparse.Namespace(quick=True, dry_run=True, budget_s=1000))
+    assert run.left() <= 1000 - (time.monotonic() - stubbed._T0) + 1e-3
