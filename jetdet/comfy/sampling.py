@@ -239,11 +239,14 @@ def make_sampler(name: str, seed: int, ids: list[int], like: torch.Tensor):
 
 def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
            latent: dict, denoise: float = 1.0, batch_offset: int = 0, callback=None, disable_pbar: bool = True,
-           noise_seed_step: int = 0) -> torch.Tensor:
+           noise_seed_step: int = 0, *, split_coupled: bool = True) -> torch.Tensor:
     """ComfyUI's ``KSampler`` with per-item noise: returns the sampled ``samples`` (see the module docstring).
 
     ``model`` is sampled as given (wrap it with :func:`jetdet.comfy.wrappers.with_deterministic` for
-    batch-invariant model calls). ``noise_seed_step`` is the ``jetdet.randn`` step of the starting noise (0)."""
+    batch-invariant model calls). ``noise_seed_step`` is the ``jetdet.randn`` step of the starting noise (0).
+    ``split_coupled=False`` samples the batch as one even when the sampler or a patch of the model couples its items
+    (then an item depends on the others, as in ComfyUI's own KSampler): for benchmarks that time such patches as
+    ComfyUI runs them."""
     import comfy.sample
     import comfy.samplers
 
@@ -267,13 +270,13 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
     latent_image = check_latent(model, comfy.sample.fix_empty_latent_channels(model, latent_image))
     ids = item_ids(latent_image.shape[0], batch_offset, latent.get("batch_index"))
     coupled = position = []
-    if len(ids) > 1:
+    if len(ids) > 1 and split_coupled:
         coupled, position = batch_coupled_patches(model), batch_position_patches(model)
     for name, why in [(n, _COUPLED_WHY) for n in coupled] + [(n, _POSITION_WHY) for n in position]:
         if name not in _warned_coupled:
             _warned_coupled.add(name)
             logging.warning("jetdet: the model carries %s, %s", name, why)
-    if (sampler_name in BATCH_COUPLED or coupled) and len(ids) > 1:
+    if (sampler_name in BATCH_COUPLED or coupled) and len(ids) > 1 and split_coupled:
         # dpm_adaptive's step-size control measures the error over the whole batch, so the steps an item gets depend
         # on the other items, and so does a coupled patch's output: only a batch-1 run is per item
         mask = latent.get("noise_mask")
@@ -283,7 +286,7 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
             if isinstance(mask, torch.Tensor):
                 one["noise_mask"] = item_mask(mask, latent_image.dim(), i)
             outs.append(sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, one, denoise,
-                               item, callback, disable_pbar, noise_seed_step))
+                               item, callback, disable_pbar, noise_seed_step, split_coupled=split_coupled))
         return torch.cat(outs)
     noise = item_noise(latent_image.shape, seed, ids, noise_seed_step, latent_image.dtype)
     ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,

@@ -345,6 +345,25 @@ def test_patches_that_couple_the_batch_are_sampled_one_item_at_a_time(comfy_dir,
     assert items_equal_to_singles(model, *conds, "euler", batch=4, steps=steps) != [True] * 4
 
 
+def test_split_coupled_false_samples_the_batch_as_one(comfy_dir, shapes_patcher, shapes_conds):
+    """bench/comfy_peers.py times EasyCache and LazyCache as ComfyUI's KSampler runs them, one batch: sampled one item
+    at a time (the deterministic sampler's default for them) they ran 8x the forwards (240 per batch of 8 at 30
+    steps, in a rerun after the item-by-item rule came in), and the table would have charged them for it."""
+    from jetdet.comfy import sampling as smp
+    from jetdet.comfy import shapes_model as sm
+    from jetdet.comfy import wrappers as wr
+
+    node = _extras_as_comfyui_loads(comfy_dir, "nodes_easycache").LazyCacheNode
+    lazy = node.execute(shapes_patcher, 0.2, 0.15, 0.95, False).args[0]
+    latent = {"samples": torch.zeros(4, sm.LATENT_CHANNELS, sm.LATENT_SIZE, sm.LATENT_SIZE)}
+    rows = {}
+    for split in (True, False):
+        counted, counter = wr.with_counter(lazy)
+        smp.sample(counted, 3, 4, 4.0, "euler", "simple", *shapes_conds, latent, split_coupled=split)
+        rows[split] = counter.rows / counter.calls
+    assert rows == {True: 2.0, False: 8.0}, rows  # [cond; uncond] of one item, or of all four
+
+
 def test_coupling_patches_are_told_apart_from_per_item_ones(comfy_dir, shapes_patcher):
     """Skip Layer Guidance DiT couples the batch only with a rescaling_scale (one std over the batch); Video Linear
     CFG Guidance is named (a cfg per batch row by design); RescaleCFG (per-item std) is neither."""
