@@ -195,7 +195,7 @@ def test_skip_layer_guidance_calls_get_streams_of_their_own(shapes_patcher, shap
     """Skip Layer Guidance makes an extra cond-branch call per step with blocks replaced: another function of x than
     the sampler's own call. Filed under the cond rows' streams, the forecasts mixed the two and the guidance was
     mostly lost (an acceptance run: 12.7 dB against mode off at budget 0.05; here 19.8 dB, with SLG's effect 4.4 dB).
-    Each kind of call now has its own streams (here 63.1 dB, 2 of 40 calls saved)."""
+    Each kind of call now has its own streams (here 63.1 dB, 4 of 40 calls saved)."""
     from comfy_extras.nodes_sd3 import SkipLayerGuidanceSD3
 
     slg = SkipLayerGuidanceSD3.execute(shapes_patcher, layers="1", scale=3.0, start_percent=0.0,
