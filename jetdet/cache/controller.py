@@ -72,7 +72,8 @@ Rows of one timestep are kept in step: with ``piggyback < 1``, when the model ru
 timestep (in this call, or in the previous call at the same timestep, as with CFG as two forwards), the
 rows whose prediction exceeds ``piggyback · budget`` run with them; and when the previous call at the same
 timestep was served from the cache entirely, this call is too if no row's prediction exceeds
-``budget / piggyback`` (reason ``"follow"``). With CFG as two forwards on the bundled DiT (Euler, 4 seeds x 4
+``budget / piggyback``, at most ``2 · budget`` (reason ``"follow"``). With CFG as two forwards on the bundled DiT
+(Euler, 4 seeds x 4
 classes) that second rule moved budget 0.07 from 2.16x fewer calls at 28.5 dB to 2.31x at 30.3 dB, and 0.1
 from 2.67x at 28.7 dB to 2.82x at 30.9 dB. Without it the CFG branches of an item
 can fall out of step, and then every computed output sees a latent moved by the other branch's forecast
@@ -711,6 +712,8 @@ class StepCacheController:
         or (None, None, None) when no prediction can be made yet."""
         n = len(s.ts)
         g = self.drift_gain
+        if self._xf is not None and t <= 0.0:  # x0 space: the output (flow_x - x0) / t has no forecast at t = 0
+            return (math.inf, None, None) if s.ts else (None, None, None)
         to_end = abs(t - self.t_end)
         drift = 0.0
         if g:
@@ -909,7 +912,7 @@ class StepCacheController:
                 reason = "max_skips"
             else:
                 reason = "budget"
-        d = _Decision(run=reason != "budget" or est > self.budget, reason=reason, est=est, order=q, node=node)
+        d = _Decision(run=reason != "budget" or not est <= self.budget, reason=reason, est=est, order=q, node=node)
         if not d.run:
             d.history = self._history(s)
             if d.history is None:  # dropped by the memory budget meanwhile
@@ -927,11 +930,13 @@ class StepCacheController:
                     here or (self._run_t is not None and _same_t(t_rows[i], self._run_t))):
                 d.run, d.reason = True, "piggyback"
         # ... and the other way round: when the previous call at this timestep was served from the cache
-        # entirely, this call follows it if every row it would run is within budget / piggyback
+        # entirely, this call follows it if every row it would run is within budget / piggyback (2 x budget at
+        # most: with piggyback 0 the bound would be none)
         running = [d for d in decisions if d.run]
+        follow = self.budget / max(self.piggyback, 0.5)
         if (running and self._skip_t is not None and all(_same_t(t, self._skip_t) for t in t_rows)
                 and not (self._run_t is not None and _same_t(t_rows[0], self._run_t))
-                and all(d.reason == "budget" and d.est * self.piggyback <= self.budget for d in running)):
+                and all(d.reason == "budget" and d.est <= follow for d in running)):
             for i, d in enumerate(decisions):
                 if d.run:
                     tensors = self._history(streams[i])
@@ -1125,18 +1130,20 @@ class StepCacheController:
                 _, nodes, t, q = gk
                 val = _forecast(stacked, list(nodes), t, order=q)
             if self._xf is not None:  # a forecast denoised estimate: the output at these rows' own latent
-                xf, _ = self._flow_rows(members, val.dtype)
-                val = (xf - val) / gk[2]
+                xf, _ = self._flow_rows(members)
+                val = ((xf - val) / gk[2]).to(self._out_items.get(self._shape, (None, val.dtype))[1])
             out.append((members, val))
         return out
 
-    def _flow_rows(self, rows: list[int], dtype):
-        """``(flow_x, t)`` of these rows of the call (forecast_space "x0"), ``t`` shaped to broadcast per row."""
+    def _flow_rows(self, rows: list[int]):
+        """``(flow_x, t)`` of these rows of the call (forecast_space "x0") in float32 at least (a bf16 output's
+        ``flow_x − t·y`` loses the forecast's precision), ``t`` shaped to broadcast per row."""
         xf, tt = self._xf
         if len(rows) != xf.shape[0]:
             idx = self._index(rows, xf.device)
             xf, tt = xf.index_select(0, idx), tt.index_select(0, idx)
-        return xf.to(dtype), tt.to(dtype).reshape((-1,) + (1,) * (xf.dim() - 1))
+        dt = torch.promote_types(xf.dtype, torch.float32)
+        return xf.to(dt), tt.to(dt).reshape((-1,) + (1,) * (xf.dim() - 1))
 
     def _push(self, rows, streams, t_rows, y) -> None:
         """Push the computed output rows ``y`` (the caller's tensor unless already a copy) into the histories: as
@@ -1144,8 +1151,12 @@ class StepCacheController:
         if self._xf is None:
             self._update(rows, streams, t_rows, y)
             return
-        xf, tt = self._flow_rows(rows, y.dtype)
-        self._update(rows, streams, t_rows, xf - tt * y, back=(xf, y))
+        xf, tt = self._flow_rows(rows)
+        if y.shape != xf.shape:  # (a learned variance, an inpainting model's extra latent channels)
+            raise ValueError(f"call.flow_x: forecast_space='x0' needs outputs shaped like the latent; output rows "
+                             f"{tuple(y.shape[1:])}, flow_x rows {tuple(xf.shape[1:])}")
+        yf = y.to(xf.dtype)
+        self._update(rows, streams, t_rows, xf - tt * yf, back=(xf, yf))
 
     def _update(self, run_rows, streams, t_rows, stored, back=None) -> None:
         """Push the computed outputs into their streams' histories and queue the back-tests. With ``back`` =
