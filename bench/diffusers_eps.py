@@ -38,8 +38,9 @@ if str(ROOT) not in sys.path:
 SCHEDULERS = ("euler", "euler_karras", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "pndm", "heun")
 #: run only when named: LMS (4th-order multistep, warned), KDPM2 ancestral (computes every call with scheduler=),
 #: DDIM on a zero-terminal-SNR schedule (use --prediction v_prediction), and DEIS, DPM-Solver single-step and KDPM2
-#: (the README's last three rows; jetdet.patch warns once for a scheduler outside prediction.MEASURED)
-MORE = ("lms", "kdpm2_a", "ddim_zsnr", "deis", "dpm_single", "kdpm2")
+#: (the README's last three rows; jetdet.patch warns once for a scheduler outside prediction.MEASURED), and three that
+#: add noise at every step (Euler ancestral, DPM++ 2M SDE, DPM++ SDE: jetdet forecasts their denoised image)
+MORE = ("lms", "kdpm2_a", "ddim_zsnr", "deis", "dpm_single", "kdpm2", "euler_a", "dpmpp_2m_sde", "dpmpp_sde")
 
 
 def make_scheduler(name: str, prediction: str):
@@ -62,6 +63,9 @@ def make_scheduler(name: str, prediction: str):
         "deis": lambda: diffusers.DEISMultistepScheduler(**kw),
         "dpm_single": lambda: diffusers.DPMSolverSinglestepScheduler(**kw),
         "kdpm2": lambda: diffusers.KDPM2DiscreteScheduler(**kw),
+        "euler_a": lambda: diffusers.EulerAncestralDiscreteScheduler(**kw),
+        "dpmpp_2m_sde": lambda: diffusers.DPMSolverMultistepScheduler(**kw, algorithm_type="sde-dpmsolver++"),
+        "dpmpp_sde": lambda: diffusers.DPMSolverSDEScheduler(**kw),
         "ddim_zsnr": lambda: diffusers.DDIMScheduler(**kw, rescale_betas_zero_snr=True, timestep_spacing="trailing",
                                                      clip_sample=False),
     }

@@ -474,7 +474,9 @@ _warned_renoising: set = set()
 #: time, so fast mode forecasts it instead (``forecast_space="x0"``) and returns the velocity at the row's own noisy
 #: latent; a call's rows run or are forecast together (``piggyback=0``): forecasting one CFG branch of an item alone
 #: cost 9 dB there. Measured on the shapes model (``python bench/comfy_peers.py --sampler ...``, README "Fast mode
-#: with ancestral and SDE samplers"). A sampler node's ``eta`` or ``s_noise`` of 0 makes them deterministic samplers.
+#: with ancestral and SDE samplers"). A sampler node's ``eta`` or ``s_noise`` of 0 makes them deterministic samplers
+#: (except SA-Solver's node, which passes its eta inside a function: taken as adding noise); dpm_adaptive adds noise
+#: with an ``eta`` above 0 (:data:`_NOISE_WITH_ETA`).
 _ADDS_NOISE = frozenset(
     "sample_" + n for n in (
         "euler_ancestral", "euler_ancestral_RF", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpm_2_ancestral_RF",
@@ -484,12 +486,20 @@ _ADDS_NOISE = frozenset(
         "seeds_3", "sa_solver", "sa_solver_pece"))
 
 
+#: Sampler functions that add noise only with an ``eta`` above 0 (0 by default): dpm_adaptive, as ComfyUI wraps it
+#: (its SamplerDPMAdaptative node sets eta; ComfyUI's dpm_fast wrapper passes none)
+_NOISE_WITH_ETA = frozenset({"dpm_adaptive_function", "sample_dpm_adaptive"})
+
+
 def _adds_noise(sampler) -> bool:
-    if _sampler_name(sampler) not in _ADDS_NOISE:
+    name = _sampler_name(sampler)
+    if name not in _ADDS_NOISE and name not in _NOISE_WITH_ETA:
         return False
     extra = getattr(sampler, "extra_options", None) or {}
     fn = getattr(sampler, "sampler_function", None)
     kw = dict(getattr(fn, "keywords", None) or {}, **extra)  # a functools.partial's arguments, then the node's
+    if name in _NOISE_WITH_ETA and not (isinstance(kw.get("eta"), (int, float)) and kw["eta"] > 0):
+        return False
     return not any(kw.get(k) == 0 for k in ("eta", "s_noise"))
 
 

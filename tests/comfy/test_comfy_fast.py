@@ -450,3 +450,5 @@ def test_which_samplers_add_noise(comfy_dir):
     assert not wr._adds_noise(cs.ksampler("euler_ancestral", {"eta": 0.0}))
     assert not wr._adds_noise(cs.ksampler("dpmpp_sde", {"eta": 1.0, "s_noise": 0.0}))
     assert wr._adds_noise(cs.ksampler("dpmpp_sde", {"eta": 1.0, "s_noise": 1.0}))
+    assert not wr._adds_noise(cs.ksampler("dpm_fast")) and not wr._adds_noise(cs.ksampler("dpm_adaptive"))
+    assert wr._adds_noise(cs.ksampler("dpm_adaptive", {"eta": 0.5}))
