@@ -50,7 +50,8 @@ Needs only torch, triton, numpy and safetensors (no diffusers, no network). Sect
    ``--only speed --only sweep``; run ``apply_sweep.py`` on the CPU machine, not in the device session.
 
 Writes ``<out-dir>/gpu_<device>.json`` and ``gpu_<device>.md`` and prints their paths and a summary; with
-``--only`` the names carry the sections (``gpu_<device>_only-speed-sweep.json``), so a partial run does not
+``--only`` the names carry the sections, sorted (``gpu_<device>_only-speed-sweep.json``), and ``--ops``/``--quick``
+add ``_ops-<ops>``/``_quick``, so a partial run does not
 overwrite the full run's files. ``--out-dir`` defaults to ``$OUT`` when that environment variable is set and not
 empty (the device tool brings back only what is written there), else ``bench/results``. Both files are rewritten
 after every section (the JSON atomically), so a run killed by a timeout or an OOM keeps the sections it finished.
@@ -71,6 +72,7 @@ import time
 
 #: when this module started to run (before ``import torch``): the time budget is counted from here
 _T0 = time.monotonic()
+_MAINS = 0  # main() calls in this process (the first one's budget counts from _T0)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -1585,6 +1587,9 @@ def _write_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; a results file is as open() would make it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1608,12 +1613,17 @@ def default_out_dir(environ=None) -> str:
     return environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def out_base(out_dir: str, device: str, only=None) -> str:
-    """``<out_dir>/gpu_<device>``, and ``_only-<sections>`` after it when ``--only`` chose sections (in the order
-    given, each once), so that a partial run does not overwrite the full run's files."""
+def out_base(out_dir: str, device: str, only=None, ops=None, quick=False) -> str:
+    """``<out_dir>/gpu_<device>``, with ``_only-<sections>`` (sorted) after it when ``--only`` chose sections,
+    ``_ops-<ops>`` (sorted) for ``--ops`` and ``_quick`` for ``--quick``, so that a partial run does not overwrite
+    the full run's files."""
     name = f"gpu_{device}"
     if only:
-        name += "_only-" + "-".join(dict.fromkeys(only))
+        name += "_only-" + "-".join(sorted(set(only)))
+    if ops:
+        name += "_ops-" + "-".join(sorted(set(ops.split(","))))
+    if quick:
+        name += "_quick"
     return os.path.join(out_dir, name)
 
 
@@ -1815,8 +1825,10 @@ def main(argv=None) -> int:
     if args.precompile is None:
         args.precompile = not args.dry_run
     dev = "dry-run_cpu" if args.dry_run else torch.cuda.get_device_name().replace(" ", "_")
-    base = out_base(args.out_dir or default_out_dir(), dev, args.only)
-    run = Run(args, base=base)
+    base = out_base(args.out_dir or default_out_dir(), dev, args.only, args.ops, args.quick and not args.dry_run)
+    global _MAINS
+    _MAINS += 1  # the budget counts from the process start for the first run, from its own start for a later one
+    run = Run(args, base=base, t0=None if _MAINS == 1 else time.monotonic())
     run.result["argv"] = list(argv if argv is not None else sys.argv[1:])
     print(f"results: {base}.json and {base}.md, rewritten after each section "
           f"({run.left():.0f} s of the {args.budget_s:.0f} s budget left)", flush=True)
@@ -1832,10 +1844,10 @@ def main(argv=None) -> int:
                     run.section("precompile", lambda out, _t=todo: precompile(run, out, _t))
                 # compiled: up to six cold torch.compile + CUDA-graph compiles; not worth starting with a minute left
                 run.section(name, lambda out, _fn=fn: _fn(run, out), min_s=60.0 if name == "compiled" else 5.0)
+        json_path, md_path = run.save()
     finally:
         torch.set_num_threads(saved_threads)
         restore_sigterm()
-    json_path, md_path = run.save()
     print(f"\nwrote {json_path} and {md_path} ({run.result['seconds']:.0f} s since the process started)")
     if run.failures:
         print(f"FAILED: {len(run.failures)} check(s):\n  " + "\n  ".join(run.failures))

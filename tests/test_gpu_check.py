@@ -108,10 +108,11 @@ def test_injected_fault_fails_the_run(tmp_path):
     """Negative control: jetdet's outputs perturbed for batches above 1 -> noise and invariance failures, exit 1."""
     out = _run(tmp_path, "--inject-fault", "--only", "noise", "--only", "ops", "--ops", "linear,softmax")
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_dry-run_cpu_only-noise-ops.json").read_text())
+    res = json.loads((tmp_path / "gpu_dry-run_cpu_only-noise-ops_ops-linear-softmax.json").read_text())
     assert any(f.startswith("noise") and "!= CPU" in f for f in res["failures"]), res["failures"]
     assert any(f.startswith("ops linear") and "not batch invariant" in f for f in res["failures"]), res["failures"]
-    assert "FAILED" in out.stdout and "**FAILED**" in (tmp_path / "gpu_dry-run_cpu_only-noise-ops.md").read_text()
+    md = tmp_path / "gpu_dry-run_cpu_only-noise-ops_ops-linear-softmax.md"
+    assert "FAILED" in out.stdout and "**FAILED**" in md.read_text()
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
@@ -138,13 +139,14 @@ def test_precompile_record_pass(tmp_path):
     assert skipped.returncode == 0 and "not done: the Triton interpreter is on" in skipped.stdout, skipped.stdout
     out = _run(tmp_path, *args, interpreter=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_dry-run_cpu_only-noise-ops.json").read_text())
+    res = json.loads((tmp_path / "gpu_dry-run_cpu_only-noise-ops_ops-linear-softmax.json").read_text())
     assert list(res["sections"]) == ["precompile", "noise", "ops"]
     pre = res["sections"]["precompile"]
     assert pre["record_stopped"] == {} and pre["launches"] == 0 and "error" not in pre, pre
     assert all(sec["new_variants"] == 0 for sec in res["sections"].values())
     assert out.stdout.count("GPU == CPU") == len(res["sections"]["noise"]["rows"])  # the record pass printed none
-    assert "Precompile: 0 launches recorded" in (tmp_path / "gpu_dry-run_cpu_only-noise-ops.md").read_text()
+    md = tmp_path / "gpu_dry-run_cpu_only-noise-ops_ops-linear-softmax.md"
+    assert "Precompile: 0 launches recorded" in md.read_text()
 
 
 def test_markdown_reports_an_op_that_raised(tmp_path):
@@ -289,9 +291,21 @@ def test_only_keeps_the_full_runs_files(stubbed, tmp_path, capsys):
     full.write_text('{"the full run": true}')
     assert _main(stubbed, "--out-dir", str(tmp_path), "--only", "speed", "--only", "fast_path") == 0
     assert full.read_text() == '{"the full run": true}'
-    part = tmp_path / "gpu_dry-run_cpu_only-speed-fast_path.json"
+    part = tmp_path / "gpu_dry-run_cpu_only-fast_path-speed.json"
     assert list(_strict(part.read_text())["sections"]) == ["speed", "fast_path"]
     assert str(part) in capsys.readouterr().out  # the paths written are printed
+    assert oct(part.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+    # the same sections in another order, --ops and --quick name their files too
+    assert stubbed.out_base("d", "X", ["speed", "fast_path"]) == stubbed.out_base("d", "X", ["fast_path", "speed"])
+    named = stubbed.out_base("d", "X", None, "linear,conv3x3", True)
+    assert named == os.path.join("d", "gpu_X_ops-conv3x3-linear_quick")
+    assert stubbed.out_base("d", "X") == os.path.join("d", "gpu_X")
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 def test_compiled_is_not_in_the_default_run(stubbed, tmp_path):
