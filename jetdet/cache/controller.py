@@ -476,8 +476,11 @@ class StepCacheController:
         ``model_equivalents`` is the work done in full-model evaluations of one row (block evaluations run /
         blocks per row: a row that runs 2 of 12 blocks counts 2/12; a token-level saving inside a computed block
         is not counted, see ``tokens``), ``fme_ratio`` = ``rows / model_equivalents`` (the reduction in
-        full-model equivalents). ``blocks``: whether block-level reuse is used and on which block list, or why
-        not. ``forecast_space``, ``piggyback``: the options in use (ComfyUI's Fast Optimizer sets them by sampler).
+        full-model equivalents). The ratios are over the calls this run saw: a sampler that adapts its step count
+        (dpm_adaptive) may take another number of steps than it would without the cache, so compare model calls
+        against a run without it for the saving. ``blocks``: whether block-level reuse is used and on which block
+        list, or why not. ``forecast_space``, ``piggyback``: the options in use (ComfyUI's Fast Optimizer sets them
+        by sampler).
         ``tokens``: token-wise module calls in computed body blocks, tokens in them and tokens recomputed,
         anchors stored, and per module whether token reuse applies.
 

@@ -791,7 +791,7 @@ class JetDetCacheManager(io.ComfyNode):
 
 def _stats_text(s: dict) -> str:
     keys = ("runs", "calls", "calls_run", "calls_saved", "calls_partial", "rows", "rows_run", "rows_saved", "hits",
-            "call_ratio", "row_ratio", "syncs")
+            "call_ratio", "row_ratio", "syncs", "budget", "forecast_space", "piggyback")
     parts = [f"{k} {s[k]:.3g}" if isinstance(s.get(k), float) else f"{k} {s[k]}" for k in keys if k in s]
     if "bytes" in s:
         parts.append("bytes per tier " + json.dumps(s["bytes"]))

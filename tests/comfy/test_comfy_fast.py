@@ -95,6 +95,7 @@ def test_cache_manager_stats_and_clear(shapes_patcher, shapes_conds):
     _plain(fast, *shapes_conds, steps=8)
     report = JetDetCacheManager.execute("stats", fast).args[3]
     assert "calls 8" in report and "hits" in report and "bytes per tier" in report
+    assert "budget 0.2, forecast_space output, piggyback 0.5" in report  # the options the run used (by sampler)
     report = JetDetCacheManager.execute("clear", fast).args[3]
     assert report.startswith("cleared")
     with pytest.raises(ValueError, match="no jetdet step cache"):
@@ -438,8 +439,8 @@ def test_rows_of_a_noisy_samplers_call_are_decided_together(shapes_patcher):
 
 
 def test_which_samplers_add_noise(comfy_dir):
-    """The sampler functions named as adding noise exist in this ComfyUI, and a node's eta or s_noise of 0 makes
-    them deterministic (velocity forecast, as for euler)."""
+    """The sampler functions named as adding noise exist in this ComfyUI, and a node's eta of 0 (s_noise of 0 for
+    er_sde, which has no eta) makes them deterministic (velocity forecast, as for euler)."""
     import comfy.k_diffusion.sampling as kds
     import comfy.samplers as cs
 
@@ -448,7 +449,8 @@ def test_which_samplers_add_noise(comfy_dir):
     assert wr._adds_noise(cs.ksampler("euler_ancestral")) and wr._adds_noise(cs.ksampler("dpmpp_2m_sde_gpu"))
     assert not wr._adds_noise(cs.ksampler("euler")) and not wr._adds_noise(cs.ksampler("dpmpp_2m"))
     assert not wr._adds_noise(cs.ksampler("euler_ancestral", {"eta": 0.0}))
-    assert not wr._adds_noise(cs.ksampler("dpmpp_sde", {"eta": 1.0, "s_noise": 0.0}))
+    assert wr._adds_noise(cs.ksampler("dpmpp_sde", {"eta": 1.0, "s_noise": 0.0}))  # still jumps to sigma_down
+    assert not wr._adds_noise(cs.ksampler("er_sde", {"s_noise": 0.0}))
     assert wr._adds_noise(cs.ksampler("dpmpp_sde", {"eta": 1.0, "s_noise": 1.0}))
     assert not wr._adds_noise(cs.ksampler("dpm_fast")) and not wr._adds_noise(cs.ksampler("dpm_adaptive"))
     assert wr._adds_noise(cs.ksampler("dpm_adaptive", {"eta": 0.5}))
