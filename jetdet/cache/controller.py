@@ -241,6 +241,13 @@ def _floats(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_floating_point() else t.to(torch.float64)
 
 
+def _rows_at(t: torch.Tensor, pos: list[int]) -> torch.Tensor:
+    """Rows ``pos`` of ``t``: a view when they are consecutive (no copy), else stacked."""
+    if pos == list(range(pos[0], pos[0] + len(pos))):
+        return t[pos[0]:pos[0] + len(pos)]
+    return torch.stack([t[p] for p in pos])
+
+
 def _same_t(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-6 * max(abs(a), abs(b), 1e-12)
 
@@ -1023,14 +1030,12 @@ class StepCacheController:
 
     def _store(self, y, computed, model_rows, streams, t_rows, plan, B: int) -> None:
         """Push the computed rows' outputs (and body nodes) into their streams' caches."""
-        if len(computed) == B:
-            stored = y.detach() if self._xf is not None else y.detach().clone()  # the caller owns `out`
-        elif len(computed) == len(model_rows):
-            stored = y.detach()
+        if len(computed) == len(model_rows):
+            stored = y.detach()  # the caller's `out` itself when every row ran (_assemble)
         else:
             pos = {r: p for p, r in enumerate(model_rows)}
             stored = y.detach().index_select(0, self._index([pos[i] for i in computed], y.device))
-        self._push(computed, streams, t_rows, stored)
+        self._push(computed, streams, t_rows, stored, owned=len(computed) == B)
         if plan is not None:
             self._update_body(plan, computed, streams, t_rows)
 
@@ -1092,7 +1097,7 @@ class StepCacheController:
         streams = [self._new_stream(k) for k in keys]
         for s, ti in zip(streams, t_rows):
             s.t_start = s.last_t = ti
-        self._push(list(range(B)), streams, t_rows, y.detach() if self._xf is not None else y.detach().clone())
+        self._push(list(range(B)), streams, t_rows, y.detach(), owned=True)
         self._n["rows_run"] += B
         self._n["model_equivalents"] += B
         self._n["calls_run"] += 1
@@ -1148,11 +1153,12 @@ class StepCacheController:
         dt = torch.promote_types(xf.dtype, torch.float32)
         return xf.to(dt), tt.to(dt).reshape((-1,) + (1,) * (xf.dim() - 1))
 
-    def _push(self, rows, streams, t_rows, y) -> None:
-        """Push the computed output rows ``y`` (the caller's tensor unless already a copy) into the histories: as
-        they are, or (forecast_space "x0") as the denoised estimates ``flow_x − t·y``, back-tested on the output."""
+    def _push(self, rows, streams, t_rows, y, owned: bool) -> None:
+        """Push the computed output rows ``y`` into the histories: as they are (a copy when ``owned``: ``y`` is the
+        caller's output), or (forecast_space "x0") as the denoised estimates ``flow_x − t·y``, a new tensor,
+        back-tested on the output."""
         if self._xf is None:
-            self._update(rows, streams, t_rows, y)
+            self._update(rows, streams, t_rows, y.clone() if owned else y)
             return
         xf, tt = self._flow_rows(rows)
         if y.shape != xf.shape:  # (a learned variance, an inpainting model's extra latent channels)
@@ -1185,7 +1191,7 @@ class StepCacheController:
                 if len(ts) < q + 1:
                     break
                 nodes = tuple(ts[len(ts) - 1 - q:])
-                jobs.setdefault((nodes, ti, q), []).append((s, prev[len(prev) - 1 - q:], yi, p))
+                jobs.setdefault((nodes, ti, q), []).append((s, prev[len(prev) - 1 - q:], p))
             s.ts = (ts + [ti])[-(self.order + 1):]
             s.rates = {}
             s.skips = 0
@@ -1193,19 +1199,14 @@ class StepCacheController:
             self.manager.set(s.key, (prev + [yi])[-(self.order + 1):])
         for (nodes, ti, q), members in jobs.items():
             stacked = [torch.stack([m[1][j] for m in members]) for j in range(q + 1)]
-            first = members[0][3]
-            if all(m[3] == first + n for n, m in enumerate(members)):  # consecutive rows: a view, no copy
-                sel = slice(first, first + len(members))
-                truth = stored[sel]
-            else:
-                sel = self._index([m[3] for m in members], stored.device)
-                truth = torch.stack([m[2] for m in members])
+            pos = [m[2] for m in members]
             pred = stacked[-1] if q == 0 else _forecast(stacked, list(nodes), ti, order=q)
-            if back is not None:  # the miss on the output: (flow_x - x0_forecast) / t against the output
+            if back is None:
+                truth = _rows_at(stored, pos)
+            else:  # the miss on the output: (flow_x - x0_forecast) / t against the output
                 xf, y = back
-                xf, truth = (xf[sel], y[sel]) if isinstance(sel, slice) else (xf.index_select(0, sel),
-                                                                              y.index_select(0, sel))
-                pred = (xf - pred) / ti
+                truth = _rows_at(y, pos)
+                pred = (_rows_at(xf, pos) - pred) / ti
             prod = 1.0
             for tj in nodes:
                 prod *= abs(ti - tj)
