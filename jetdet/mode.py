@@ -124,6 +124,30 @@ def get_mode() -> Mode:
 # ----------------------------------------------------------------------------------------- torch flags
 
 
+def _cudnn_tf32() -> tuple:
+    """cuDNN's TF32 state: the conv and rnn ``fp32_precision`` and the legacy ``allow_tf32``, a flag of its own that
+    torch (>= 2.9) keeps beside them. Reading ``allow_tf32`` raises while it disagrees with them ("a mix of the legacy
+    and new APIs"); it is None then."""
+    c = torch.backends.cudnn
+    try:
+        legacy = c.allow_tf32
+    except RuntimeError:
+        legacy = None
+    return c.conv.fp32_precision, c.rnn.fp32_precision, legacy
+
+
+def _set_cudnn_tf32(value: tuple) -> None:
+    """Sets :func:`_cudnn_tf32`'s state. The legacy flag first (its setter also writes conv and rnn), and only while it
+    is readable: setting conv and rnn to "ieee" alone left it True, and code that reads ``cudnn.allow_tf32`` during a
+    deterministic call (``torch.backends.cudnn.flags()``, a ComfyUI node) raised; a state the user mixed is left
+    mixed."""
+    conv, rnn, legacy = value
+    c = torch.backends.cudnn
+    if legacy is not None and _cudnn_tf32()[2] is not None:
+        c.allow_tf32 = legacy
+    c.conv.fp32_precision, c.rnn.fp32_precision = conv, rnn
+
+
 def _flag_specs():
     """(name, getter, setter, deterministic value) for every global flag deterministic mode sets."""
     b = torch.backends
@@ -154,10 +178,9 @@ def _flag_specs():
         specs.append(("cuda.fp16_bf16_reduction_math_sdp", b.cuda.fp16_bf16_reduction_math_sdp_allowed,
                       b.cuda.allow_fp16_bf16_reduction_math_sdp, False))
     if hasattr(b, "fp32_precision"):  # torch >= 2.9: the fp32_precision API replaces allow_tf32
-        for name, obj in (("cuda.matmul", b.cuda.matmul), ("cudnn.conv", b.cudnn.conv),
-                          ("cudnn.rnn", b.cudnn.rnn)):
-            specs.append((f"{name}.fp32_precision", lambda o=obj: o.fp32_precision,
-                          lambda v, o=obj: setattr(o, "fp32_precision", v), "ieee"))
+        specs.append(("cuda.matmul.fp32_precision", lambda: b.cuda.matmul.fp32_precision,
+                      lambda v: setattr(b.cuda.matmul, "fp32_precision", v), "ieee"))
+        specs.append(("cudnn.tf32", _cudnn_tf32, _set_cudnn_tf32, ("ieee", "ieee", False)))
     else:  # pragma: no cover - older torch
         specs += [
             ("cuda.matmul.allow_tf32", lambda: b.cuda.matmul.allow_tf32,

@@ -65,6 +65,35 @@ def test_flags_set_inside_and_restored():
         torch.backends.cudnn.benchmark = False
 
 
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9: allow_tf32 is the only API")
+def test_cudnn_allow_tf32_reads_inside_the_mode():
+    """Deterministic mode turns TF32 off for cuDNN conv and rnn through the fp32_precision API. torch keeps the legacy
+    ``cudnn.allow_tf32`` as a flag of its own, and reading it raises while it disagrees with them; it was left True, so
+    code reading it during a deterministic call (``torch.backends.cudnn.flags()``, a third-party ComfyUI node) raised
+    (a review's find). Now it reads False inside, everything comes back after, and a state the user mixed themselves is
+    left as it was. Negative control: conv and rnn set to "ieee" alone make the read raise."""
+    c = torch.backends.cudnn
+    before = torch_flags()
+    with jetdet.mode("deterministic"):
+        assert c.allow_tf32 is False and (c.conv.fp32_precision, c.rnn.fp32_precision) == ("ieee", "ieee")
+        with c.flags(enabled=c.enabled, benchmark=False, deterministic=True, allow_tf32=False):
+            pass
+    assert torch_flags() == before and c.allow_tf32 is True
+
+    saved = c.conv.fp32_precision, c.rnn.fp32_precision
+    c.conv.fp32_precision = c.rnn.fp32_precision = "ieee"  # the negative control, and a mixed user state
+    try:
+        with pytest.raises(RuntimeError, match="legacy and new APIs"):
+            _ = c.allow_tf32
+        mixed = torch_flags()
+        with jetdet.mode("deterministic"):
+            pass
+        assert torch_flags() == mixed
+    finally:
+        c.conv.fp32_precision, c.rnn.fp32_precision = saved
+    assert c.allow_tf32 is True
+
 def test_flags_comfyui_sets_are_off_inside_and_restored():
     """ComfyUI turns on fp16 accumulation in cuBLAS (``--fast fp16_accumulation``) and reduced-precision reductions in
     the math SDPA kernel (on every torch >= 2.5). Off inside deterministic mode (a fallback may reach either), back on
