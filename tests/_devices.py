@@ -12,6 +12,7 @@ import contextlib
 import os
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 #: "cuda" when the kernel tests run the compiled kernels on a GPU, "cpu" when they run in the interpreter.
@@ -19,19 +20,41 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cp
 ON_GPU = KERNEL_DEVICE == "cuda"
 
 
+#: The factories a test calls with a CPU generator (``torch.randn(..., generator=g)``).
+_RANDOM_FACTORIES = frozenset({torch.randn, torch.rand, torch.randint, torch.randperm})
+
+
+class _DrawOnCpu(TorchFunctionMode):
+    """Inside :func:`on_device` of a GPU: a random factory given a CPU generator and no ``device`` draws on the
+    CPU and moves the result. Under a CUDA default device torch refuses the pair ("Expected a 'cuda' device type
+    for generator but found 'cpu'"), and the tests (and the ops' ``sample`` functions they call) draw that way
+    throughout; drawn on the CPU, the inputs are also the CPU run's, value for value."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        g = kwargs.get("generator")
+        if (func in _RANDOM_FACTORIES and g is not None and g.device.type == "cpu" and kwargs.get("device") is None
+                and kwargs.get("out") is None):
+            grad = kwargs.pop("requires_grad", False)
+            return func(*args, **kwargs, device="cpu").to(self.device).requires_grad_(grad)
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def on_device(device):
-    """New tensors default to ``device`` inside (nothing to do for CPU); the previous default comes back."""
+    """New tensors default to ``device`` inside (nothing to do for CPU), random draws with a CPU generator made on
+    the CPU and moved (:class:`_DrawOnCpu`). Both are torch-function modes, popped on the way out: the stack is as it
+    was (``torch.set_default_device(previous)`` would leave a CPU device mode on it for the rest of the session)."""
     device = torch.device(device)
     if device.type == "cpu":
         yield device
         return
-    saved = torch.get_default_device()
-    torch.set_default_device(device)
-    try:
+    with device, _DrawOnCpu(device):
         yield device
-    finally:
-        torch.set_default_device(saved)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,30 @@ import torch  # noqa: E402
 from _devices import KERNEL_DEVICE, on_backend, on_device  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ieee_fp32_convolutions_on_gpu():
+    """On a GPU, torch's fp32 convolutions run TF32 by default (cuDNN: ``torch.backends.cudnn.conv.fp32_precision``
+    is "tf32"), about 1e-3 relative error, so the fp32 references that call ``F.conv2d`` on CUDA tensors (conv2d,
+    depthwise conv2d) would be farther from the exact result than the kernels checked against them at 1e-5. IEEE
+    fp32 for the session, the setting put back afterwards; on CPU nothing changes."""
+    if KERNEL_DEVICE != "cuda":
+        yield
+        return
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9: both APIs, kept in agreement as the mode does
+        from jetdet.mode import _cudnn_tf32, _set_cudnn_tf32
+
+        get, put, value = _cudnn_tf32, _set_cudnn_tf32, ("ieee", "ieee", False)
+    else:  # pragma: no cover - older torch
+        c = torch.backends.cudnn
+        get, put, value = (lambda: c.allow_tf32), (lambda v: setattr(c, "allow_tf32", v)), False
+    saved = get()
+    put(value)
+    try:
+        yield
+    finally:
+        put(saved)
+
+
 @pytest.fixture
 def kernel_device():
     """The device the kernel tests run on ("cuda" on a GPU, else "cpu"); new tensors default to it."""

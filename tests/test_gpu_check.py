@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 def _run(tmp_path, *args, timeout=1200, interpreter=True):
     env = dict(os.environ)
-    if not interpreter:
+    if interpreter:  # set, not inherited: on a GPU machine this suite runs without it (tests/_devices.py)
+        env["TRITON_INTERPRET"] = "1"
+    else:
         env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out-dir", str(tmp_path), *args]
