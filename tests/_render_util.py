@@ -14,8 +14,11 @@ TESTS = REPO / "tests"
 
 
 def env(**extra) -> dict:
-    """The environment for a child process: this checkout's jetdet (and the test helpers) first on the path."""
+    """The environment for a child process: this checkout's jetdet (and the test helpers) first on the path, and no
+    GPU: the workers run on the CPU with gloo, as the in-process references in the tests do (on a one-GPU machine
+    two workers would otherwise share that GPU, which nccl refuses)."""
     e = dict(os.environ)
+    e["CUDA_VISIBLE_DEVICES"] = ""
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
     e.setdefault("PYTHONFAULTHANDLER", "1")  # a worker that dies of a signal prints where its threads were
     e.update(extra)

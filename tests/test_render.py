@@ -549,6 +549,28 @@ def test_each_worker_gets_a_gpu_of_its_own(monkeypatch):
     assert render_run._device("cuda", None) == torch.device("cuda", 0)
 
 
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_workers_group_is_gloo_on_gpus_too(monkeypatch, device):
+    """The group ``render`` creates under torchrun is gloo also for GPU workers: its collectives are a few pickled
+    objects, gloo is what the multi-process tests run, and nccl refused two workers sharing one GPU ("Duplicate GPU
+    detected") at the first collective. ``init_process_group`` is faked (no group is made); negative control (run
+    by hand): with the old choice (nccl for a CUDA device) the cuda case fails."""
+    import torch.distributed as dist
+
+    from jetdet.render import run as render_run
+
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: made.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    group = render_run._Group(torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
+    assert made == ["gloo"] and (group.rank, group.world, group.owned) == (1, 2, True)
+
 # ------------------------------------------------------------------------------- a review's finds, 2026-12-06
 
 

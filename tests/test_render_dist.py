@@ -1,6 +1,7 @@
 """jetdet.render across real processes (``python -m torch.distributed.run``, gloo on CPU, a free port through
 ``--standalone``): 1, 2 and 3 workers at batch 1, 4 and 5 give byte-identical files; a worker SIGKILLed mid-job
-loses nothing, whether a plain rerun or torchrun's own restart finishes the job."""
+loses nothing, whether a plain rerun or torchrun's own restart finishes the job. Everything on the CPU, also on a
+GPU machine (``_render_util.env`` hides the GPU from the workers)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def one_worker(tmp_path_factory):
     """The 1-worker row, in this process: batch 1, 4 and 5."""
     root = tmp_path_factory.mktemp("one_worker")
     for bs in (1, 4, 5):
-        render({"items": 12, "steps": STEPS, "batch_size": bs}, root / f"b{bs}", threads=1, progress=False)
+        render({"items": 12, "steps": STEPS, "batch_size": bs, "device": "cpu"}, root / f"b{bs}", threads=1,
+               progress=False)
     return root
 
 
@@ -52,7 +54,7 @@ def one_worker(tmp_path_factory):
 def kill_ref(tmp_path_factory):
     """The uninterrupted fault job, in this process (one worker, batch 4)."""
     out = tmp_path_factory.mktemp("kill_ref") / "job"
-    render({"items": 12, "steps": KILL_STEPS, "batch_size": 4}, out, threads=1, progress=False)
+    render({"items": 12, "steps": KILL_STEPS, "batch_size": 4, "device": "cpu"}, out, threads=1, progress=False)
     return items(out)
 
 
@@ -162,7 +164,7 @@ def test_sigkill_a_worker_then_rerun(kill_ref, tmp_path):
     (out / (item_name(missing[-1]) + ".tmp-99-beef")).write_bytes(b"half")
 
     assert main(["run", "--out", str(out), "--count", "12", "--steps", str(KILL_STEPS), "--batch-size", "1",
-                 "--threads", "1", "--no-progress"]) == 0
+                 "--threads", "1", "--device", "cpu", "--no-progress"]) == 0
     assert files(out).keys() == set(kill_ref) | {"manifest.json", ".jetdet-run"}  # no temp file, nothing extra
     assert items(out) == kill_ref
     m = manifest(out)

@@ -7,7 +7,7 @@ Python::
     result = render({"items": {"count": 64, "seed": 0}, "steps": 30, "batch_size": 4}, "out/")
     report = verify("out/", against="other/manifest.json")   # bool(report): all items there and matching
 
-Command line (the same code; ``torchrun`` runs one worker per process, gloo on CPU, nccl on CUDA)::
+Command line (the same code; ``torchrun`` runs one worker per process; their group is gloo, also on GPUs)::
 
     python -m jetdet.render run --out out/ --count 64 --steps 30 --batch-size 4
     torchrun --standalone --nproc-per-node 4 -m jetdet.render run --spec job.json --out out/

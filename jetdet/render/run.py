@@ -22,7 +22,10 @@ batch of that round that was written but not yet reported (those files are recom
 worker dies the others fail in the next collective; ``torchrun --max-restarts N`` then restarts the whole group
 (rank 0 included), and the restarted job resumes from the manifest exactly as a plain rerun does.
 
-Backends: gloo when the worker's device is the CPU, nccl on CUDA (device ``cuda:LOCAL_RANK``). A process group
+Backend: the group the runner creates is gloo on CPU and GPU workers alike (a GPU worker's device is
+``cuda:LOCAL_RANK``). Its collectives carry a few pickled Python objects per batch, which gloo moves through host
+memory; nccl would need each rank on a GPU of its own (two workers sharing a machine's one GPU fail at the first
+collective), and gloo is the backend the tests run. A process group
 that is already initialised (a user's own ``torchrun`` script calling :func:`render`) is used and left as it is;
 with no ``torchrun`` environment the job runs in this process as a world of one.
 """
@@ -76,7 +79,7 @@ class _Group:
         if dist.is_available() and dist.is_initialized():
             self.dist = True
         elif all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-            backend = "nccl" if device.type == "cuda" else "gloo"
+            backend = "gloo"  # also for GPU workers (module docstring, "Backend")
             # torch._dynamo (which deterministic mode and the step cache import) keeps references to the process
             # group that exists when it is first imported (torch 2.13: 10 of them). destroy_process_group() then
             # leaves the group alive, gloo's worker threads run on into interpreter exit, and one still releasing
@@ -135,8 +138,9 @@ def _device(name: str, model) -> torch.device:
         if not torch.cuda.is_available():
             raise RenderError("device: 'cuda' requested, but torch.cuda.is_available() is False")
         count = torch.cuda.device_count()
-        # several GPUs visible and more workers than GPUs: two workers would share one, which nccl refuses
-        # obscurely. One visible GPU is the one-GPU-per-task setup (CUDA_VISIBLE_DEVICES, SLURM --gpus-per-task=1)
+        # several GPUs visible and more workers than GPUs: two workers would share one GPU (never faster than one
+        # worker on it), surely a launch mistake. One visible GPU is the one-GPU-per-task setup
+        # (CUDA_VISIBLE_DEVICES, SLURM --gpus-per-task=1)
         if count > 1 and local >= count:
             raise RenderError(f"device: worker LOCAL_RANK={local} has no GPU of its own (this machine shows "
                               f"{count}); start at most that many workers per machine (torchrun --nproc-per-node)")
@@ -504,7 +508,7 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
                 raise RenderError(f"threads: expected an int >= 1, got {threads!r}")
             torch.set_num_threads(threads)
         device = _device(spec.device, model)
-        if device.type == "cuda":  # nccl's object collectives use the current device; put it back afterwards
+        if device.type == "cuda":  # Triton launches on the current device; put it back afterwards
             saved_cuda = torch.cuda.current_device()
             torch.cuda.set_device(device)
         group = _Group(device)
