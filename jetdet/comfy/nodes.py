@@ -39,12 +39,14 @@ def _samplers():
     return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
 
 
-def _ksampler_inputs() -> list:
+def _ksampler_inputs(offset: bool = True) -> list:
+    """KSampler's inputs; ``offset``: the node has a ``batch_offset`` (the seed's tooltip names it)."""
     samplers, schedulers = _samplers()
+    item = "batch_offset + i" if offset else "i"
     return [
         io.Model.Input("model", tooltip="The model to sample (it is not changed)."),
         io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
-                     tooltip="Seed of the noise. Item i's noise depends only on (seed, batch_offset + i, step)."),
+                     tooltip=f"Seed of the noise. Item i's noise depends only on (seed, {item}, step)."),
         io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampler steps."),
         io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="Classifier-free guidance scale."),
@@ -915,7 +917,7 @@ class JetDetBenchmark(io.ComfyNode):
                         "Every setting first runs once untimed (2 steps), so model loading and first-call costs are "
                         "in no timed run.",
             is_output_node=True,
-            inputs=_ksampler_inputs() + [
+            inputs=_ksampler_inputs(offset=False) + [
                 io.String.Input("fast_budgets", default="0.05, 0.1",
                                 tooltip="Comma-separated step-cache budgets to run in fast mode (empty: only off "
                                         "and deterministic)."),

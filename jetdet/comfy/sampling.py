@@ -108,7 +108,11 @@ class ItemNoiseSampler:
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         s0, s1 = float(sigma), float(sigma_next)
         if s0 == s1:
-            raise ValueError(f"noise_sampler: sigma and sigma_next are equal ({s0}); no interval to draw noise for")
+            # a schedule that repeats a sigma (ComfyUI's "simple" at steps / denoise > 1000): a step of length 0.
+            # The normalised increment over a vanishing interval is a fresh standard normal, independent of the
+            # path, and every sampler scales it by 0 there (euler_ancestral's sigma_up, the SDE samplers' sqrt(1 -
+            # e^(-2h))); k-diffusion's Brownian tree divides 0 by 0 instead, and those steps give NaN.
+            return self._z().to(self.dtype)
         w0, w1 = self._reveal(s0), self._reveal(s1)
         return ((w1 - w0) / math.sqrt(abs(s1 - s0))).to(self.dtype)
 
@@ -197,6 +201,22 @@ def batch_position_patches(model) -> list[str]:
 
 
 _warned_coupled: set = set()
+_warned_repeat: set = set()
+
+
+def _warn_repeated_sigma(sigmas: torch.Tensor, scheduler: str, steps: int, denoise) -> None:
+    """Once per (scheduler, steps, denoise): the schedule repeats a sigma, a step of length 0 (ComfyUI's "simple" at
+    steps / denoise > 1000). The per-item noise is defined there; some samplers' own step math is not."""
+    vals = [float(v) for v in sigmas.reshape(-1).tolist()]
+    same = next((a for a, b in zip(vals, vals[1:]) if a == b and a > 0), None)
+    key = (scheduler, steps, float(denoise))
+    if same is None or key in _warned_repeat:
+        return
+    _warned_repeat.add(key)
+    logging.warning("jetdet: the %s schedule at steps=%d, denoise=%s repeats sigma %.6g (a step of length 0). Samplers "
+                    "whose step divides by its length (dpmpp_2m_sde, dpmpp_3m_sde, er_sde; euler_ancestral on flow "
+                    "models) give NaN there, as ComfyUI's KSampler does; fewer steps, a higher denoise or another "
+                    "scheduler avoid it", scheduler, steps, denoise, same)
 _COUPLED_WHY = ("whose math couples the items of a batch; the deterministic sampler samples the items one at a time so "
                 "that each is what it is alone (slower)")
 _POSITION_WHY = ("which gives each batch row (a video frame) a cfg of its own: an item sampled in this batch is not "
@@ -291,6 +311,7 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
     noise = item_noise(latent_image.shape, seed, ids, noise_seed_step, latent_image.dtype)
     ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                  scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+    _warn_repeated_sigma(ks.sigmas, scheduler, steps, denoise)
     like = torch.empty(noise.shape, dtype=torch.float32, device=model.load_device)
     sampler, _ = make_sampler(sampler_name, seed, ids, like)
     samples = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler, ks.sigmas,

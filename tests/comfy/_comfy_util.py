@@ -13,11 +13,12 @@ def empty_latent(batch: int) -> dict:
     return {"samples": torch.zeros(batch, sm.LATENT_CHANNELS, sm.LATENT_SIZE, sm.LATENT_SIZE)}
 
 
-def det_sample(model, pos, neg, batch, sampler="euler", steps=4, seed=7, offset=0, cfg=4.0, scheduler="simple"):
+def det_sample(model, pos, neg, batch, sampler="euler", steps=4, seed=7, offset=0, cfg=4.0, scheduler="simple",
+               denoise=1.0):
     from jetdet.comfy.nodes import JetDetDeterministicSampler
 
     out, sums, fp = JetDetDeterministicSampler.execute(model, seed, steps, cfg, sampler, scheduler, pos, neg,
-                                                       empty_latent(batch), 1.0, offset).args
+                                                       empty_latent(batch), denoise, offset).args
     return out["samples"], sums
 
 

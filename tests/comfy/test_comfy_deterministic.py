@@ -259,6 +259,42 @@ def test_every_noise_drawing_sampler_is_per_item(shapes_patcher, shapes_conds):
     assert not bad, f"samplers whose items differ from their batch-1 runs: {bad}"
 
 
+
+@pytest.mark.parametrize("sampler", ["dpmpp_sde", "ddpm", "lcm"])
+def test_a_schedule_that_repeats_a_sigma(shapes_patcher, shapes_conds, sampler, caplog):
+    """ComfyUI's "simple" scheduler repeats a sigma when steps / denoise > 1000 (20 steps at denoise 0.01): a step
+    of length 0. The per-item noise sampler raised for it ("sigma and sigma_next are equal", an input the artist
+    does not have: a review's find); it now gives a fresh standard normal there, which the samplers scale by 0.
+    Finite output, every item equal to its batch-1 run, and a warning naming the repeat once (dpmpp_2m_sde, er_sde
+    and, on flow models, euler_ancestral divide by the step's length in ComfyUI's own code and give NaN there, with
+    ComfyUI's KSampler too; ComfyUI's dpmpp_sde stops in a RecursionError)."""
+    import comfy.samplers
+
+    sig = comfy.samplers.KSampler(shapes_patcher, 20, "cpu", sampler, "simple", 0.01).sigmas.tolist()
+    assert any(a == b for a, b in zip(sig, sig[1:])), sig  # the case under test is really there
+    from jetdet.comfy import sampling
+
+    sampling._warned_repeat.clear()
+    with caplog.at_level("WARNING"):
+        full, _ = det_sample(shapes_patcher, *shapes_conds, 2, sampler, steps=20, denoise=0.01)
+    said = [r.getMessage() for r in caplog.records if "repeats sigma" in r.getMessage()]
+    assert len(said) == 1 and "simple schedule at steps=20, denoise=0.01" in said[0], said
+    assert torch.isfinite(full).all()
+    for i in range(2):
+        alone, _ = det_sample(shapes_patcher, *shapes_conds, 1, sampler, steps=20, denoise=0.01, offset=i)
+        assert torch.equal(full[i], alone[0]), i
+
+
+def test_noise_over_a_zero_length_step_is_a_fresh_standard_normal():
+    from jetdet.comfy.sampling import ItemNoiseSampler
+
+    ns = ItemNoiseSampler(torch.zeros(2, 4, 64, 64), seed=3, ids=[0, 1])
+    z = ns(0.5, 0.5)
+    assert z.shape == (2, 4, 64, 64) and torch.isfinite(z).all() and ns.points == []  # no point on the path
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+    again = ItemNoiseSampler(torch.zeros(1, 4, 64, 64), seed=3, ids=[1])
+    assert torch.equal(again(0.5, 0.5)[0], z[1])  # per item, as every other draw
+
 def test_batch_index_keeps_an_items_noise(shapes_patcher, shapes_conds):
     # an item picked out of a batch (LatentFromBatch sets batch_index) samples as it did inside the batch
     from _comfy_util import empty_latent

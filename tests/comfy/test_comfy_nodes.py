@@ -34,6 +34,22 @@ def test_schemas_ids_category_and_tooltips(comfy_dir):
         s.validate()
 
 
+
+def test_input_tooltips_name_only_inputs_the_node_has(comfy_dir):
+    """An input's tooltip that names another jetdet input (a snake_case id such as ``batch_offset``) names one of its
+    own node's inputs: the Benchmark's seed tooltip named a ``batch_offset`` it does not have (a review's find)."""
+    import re
+
+    schemas = [cls.define_schema() for cls in N.NODES]
+    ids = {i.id for s in schemas for i in s.inputs or [] if "_" in i.id}
+    bad = []
+    for s in schemas:
+        own = {i.id for i in s.inputs or []}
+        for i in s.inputs or []:
+            named = set(re.findall(r"[a-z0-9]+(?:_[a-z0-9]+)+", i.tooltip or "")) & ids
+            bad += [f"{s.node_id}.{i.id} names {n}" for n in sorted(named - own)]
+    assert not bad, bad
+
 def test_checksum_node_matches_jetdet_checksum(comfy_dir):
     lat = {"samples": torch.randn(3, 4, 5, 5)}
     text = N.JetDetChecksum.execute(latent=lat).args[0]
