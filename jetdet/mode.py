@@ -125,27 +125,50 @@ def get_mode() -> Mode:
 
 
 def _cudnn_tf32() -> tuple:
-    """cuDNN's TF32 state: the conv and rnn ``fp32_precision`` and the legacy ``allow_tf32``, a flag of its own that
+    """cuDNN's TF32 state: conv's and rnn's ``fp32_precision`` and the legacy ``allow_tf32``, a flag of its own that
     torch (>= 2.9) keeps beside them. Reading ``allow_tf32`` raises while it disagrees with them ("a mix of the legacy
-    and new APIs"); it is None then."""
+    and new APIs"); it is then read by setting both to "tf32" for a moment (the read succeeds exactly when the flag
+    is True) and putting them back."""
     c = torch.backends.cudnn
+    conv, rnn = c.conv.fp32_precision, c.rnn.fp32_precision
     try:
         legacy = c.allow_tf32
     except RuntimeError:
-        legacy = None
-    return c.conv.fp32_precision, c.rnn.fp32_precision, legacy
+        c.conv.fp32_precision = c.rnn.fp32_precision = "tf32"
+        try:
+            legacy = c.allow_tf32
+        except RuntimeError:
+            legacy = False
+        finally:
+            c.conv.fp32_precision, c.rnn.fp32_precision = conv, rnn
+    return conv, rnn, legacy
 
 
 def _set_cudnn_tf32(value: tuple) -> None:
-    """Sets :func:`_cudnn_tf32`'s state. The legacy flag first (its setter also writes conv and rnn), and only while it
-    is readable: setting conv and rnn to "ieee" alone left it True, and code that reads ``cudnn.allow_tf32`` during a
-    deterministic call (``torch.backends.cudnn.flags()``, a ComfyUI node) raised; a state the user mixed is left
-    mixed."""
+    """Sets :func:`_cudnn_tf32`'s state: the legacy flag first (its setter also writes conv and rnn), then conv and
+    rnn. Setting conv and rnn to "ieee" alone left the flag True, and code reading ``cudnn.allow_tf32`` during a
+    deterministic call (``torch.backends.cudnn.flags()``, a ComfyUI node) raised."""
     conv, rnn, legacy = value
     c = torch.backends.cudnn
-    if legacy is not None and _cudnn_tf32()[2] is not None:
-        c.allow_tf32 = legacy
+    c.allow_tf32 = legacy
     c.conv.fp32_precision, c.rnn.fp32_precision = conv, rnn
+
+
+def _matmul_precision() -> tuple:
+    """The fp32 matmul state: ``torch.get_float32_matmul_precision()`` (a setting of its own, which the legacy
+    ``cuda.matmul.allow_tf32`` reads) and the cuda and mkldnn matmul ``fp32_precision``."""
+    b = torch.backends
+    return torch.get_float32_matmul_precision(), b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
+
+
+def _set_matmul_precision(value: tuple) -> None:
+    """Sets :func:`_matmul_precision`'s state: the precision first (it also writes both ``fp32_precision``), then
+    them. Setting ``cuda.matmul`` to "ieee" alone after a user's ``set_float32_matmul_precision("high")`` left
+    ``cuda.matmul.allow_tf32`` raising on read during a deterministic call."""
+    prec, cuda, mkldnn = value
+    b = torch.backends
+    torch.set_float32_matmul_precision(prec)
+    b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = cuda, mkldnn
 
 
 def _flag_specs():
@@ -178,9 +201,9 @@ def _flag_specs():
         specs.append(("cuda.fp16_bf16_reduction_math_sdp", b.cuda.fp16_bf16_reduction_math_sdp_allowed,
                       b.cuda.allow_fp16_bf16_reduction_math_sdp, False))
     if hasattr(b, "fp32_precision"):  # torch >= 2.9: the fp32_precision API replaces allow_tf32
-        specs.append(("cuda.matmul.fp32_precision", lambda: b.cuda.matmul.fp32_precision,
-                      lambda v: setattr(b.cuda.matmul, "fp32_precision", v), "ieee"))
-        specs.append(("cudnn.tf32", _cudnn_tf32, _set_cudnn_tf32, ("ieee", "ieee", False)))
+        specs.append(("matmul.fp32 (precision, cuda, mkldnn)", _matmul_precision, _set_matmul_precision,
+                      ("highest", "ieee", "ieee")))
+        specs.append(("cudnn.tf32 (conv, rnn, allow_tf32)", _cudnn_tf32, _set_cudnn_tf32, ("ieee", "ieee", False)))
     else:  # pragma: no cover - older torch
         specs += [
             ("cuda.matmul.allow_tf32", lambda: b.cuda.matmul.allow_tf32,

@@ -55,8 +55,8 @@ def test_flags_set_inside_and_restored():
             assert f["use_deterministic_algorithms"] == (True, False)
             assert f["cudnn.deterministic"] is True and f["cudnn.benchmark"] is False
             assert f["cuda.matmul.allow_fp16_reduced_precision_reduction"] is False
-            if "cuda.matmul.fp32_precision" in f:
-                assert f["cuda.matmul.fp32_precision"] == "ieee"
+            if "matmul.fp32 (precision, cuda, mkldnn)" in f:
+                assert f["matmul.fp32 (precision, cuda, mkldnn)"] == ("highest", "ieee", "ieee")
             else:
                 assert f["cuda.matmul.allow_tf32"] is False
         assert torch_flags() == before
@@ -66,33 +66,75 @@ def test_flags_set_inside_and_restored():
 
 
 
-@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9: allow_tf32 is the only API")
-def test_cudnn_allow_tf32_reads_inside_the_mode():
-    """Deterministic mode turns TF32 off for cuDNN conv and rnn through the fp32_precision API. torch keeps the legacy
-    ``cudnn.allow_tf32`` as a flag of its own, and reading it raises while it disagrees with them; it was left True, so
-    code reading it during a deterministic call (``torch.backends.cudnn.flags()``, a third-party ComfyUI node) raised
-    (a review's find). Now it reads False inside, everything comes back after, and a state the user mixed themselves is
-    left as it was. Negative control: conv and rnn set to "ieee" alone make the read raise."""
-    c = torch.backends.cudnn
-    before = torch_flags()
-    with jetdet.mode("deterministic"):
-        assert c.allow_tf32 is False and (c.conv.fp32_precision, c.rnn.fp32_precision) == ("ieee", "ieee")
-        with c.flags(enabled=c.enabled, benchmark=False, deterministic=True, allow_tf32=False):
-            pass
-    assert torch_flags() == before and c.allow_tf32 is True
+def _legacy_reads() -> tuple:
+    """What code reading the legacy TF32 flags gets: a value, or "raises"."""
+    out = []
+    for read in (lambda: torch.backends.cudnn.allow_tf32, lambda: torch.backends.cuda.matmul.allow_tf32):
+        try:
+            out.append(read())
+        except RuntimeError as e:
+            assert "legacy and new APIs" in str(e) or "mix" in str(e), e
+            out.append("raises")
+    return tuple(out)
 
-    saved = c.conv.fp32_precision, c.rnn.fp32_precision
-    c.conv.fp32_precision = c.rnn.fp32_precision = "ieee"  # the negative control, and a mixed user state
+
+def _mixed_conv():
+    torch.backends.cudnn.conv.fp32_precision = "ieee"  # the new API only: allow_tf32 stays True
+
+
+def _mixed_legacy_false():
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def _global_ieee():
+    torch.backends.fp32_precision = "ieee"
+
+
+STARTS = {
+    "default": lambda: None,
+    "legacy allow_tf32 False": lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
+    "conv ieee by the new API (mixed)": _mixed_conv,
+    "legacy False, conv tf32 (mixed)": _mixed_legacy_false,
+    "global fp32_precision ieee": _global_ieee,
+    "float32 matmul precision high": lambda: torch.set_float32_matmul_precision("high"),
+    "float32 matmul precision medium": lambda: torch.set_float32_matmul_precision("medium"),
+}
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9: allow_tf32 is the only API")
+@pytest.mark.parametrize("start", sorted(STARTS))
+def test_legacy_tf32_flags_read_inside_the_mode_and_every_state_comes_back(start):
+    """Deterministic mode turns TF32 off through the fp32_precision API. torch keeps the legacy ``cudnn.allow_tf32``
+    and ``float32_matmul_precision`` as settings of their own, and reading ``cudnn.allow_tf32`` or
+    ``cuda.matmul.allow_tf32`` raises while they disagree with it. They were left as they were, so code reading them
+    during a deterministic call (``torch.backends.cudnn.flags()``, ComfyUI's ``tf32_mode``, a third-party node) raised
+    (a review's find). Now both read False inside, from every starting state, and each state comes back exactly: the
+    legacy flag included, probed where torch refuses to read it. Negative control: the mixed starting states raise
+    on read before the mode."""
+    import importlib
+
+    mode_module = importlib.import_module("jetdet.mode")  # (``jetdet.mode`` is also the context function)
+    b = torch.backends
+    saved = (mode_module._cudnn_tf32(), mode_module._matmul_precision(), b.fp32_precision, b.cudnn.fp32_precision)
+    mode_module._set_cudnn_tf32(("tf32", "tf32", True))  # torch's defaults (a GPU session fixture changes them)
+    mode_module._set_matmul_precision(("highest", "none", "none"))
     try:
-        with pytest.raises(RuntimeError, match="legacy and new APIs"):
-            _ = c.allow_tf32
-        mixed = torch_flags()
+        STARTS[start]()
+        before, reads = torch_flags(), _legacy_reads()
+        if "mixed" in start:
+            assert reads[0] == "raises", reads  # the negative control: this state cannot be read as it is
         with jetdet.mode("deterministic"):
-            pass
-        assert torch_flags() == mixed
+            assert _legacy_reads() == (False, False)
+            c = b.cudnn
+            with c.flags(enabled=c.enabled, benchmark=False, deterministic=True, allow_tf32=False):
+                pass
+        assert torch_flags() == before and _legacy_reads() == reads
     finally:
-        c.conv.fp32_precision, c.rnn.fp32_precision = saved
-    assert c.allow_tf32 is True
+        b.fp32_precision, b.cudnn.fp32_precision = saved[2], saved[3]
+        mode_module._set_cudnn_tf32(saved[0])
+        mode_module._set_matmul_precision(saved[1])
+
 
 def test_flags_comfyui_sets_are_off_inside_and_restored():
     """ComfyUI turns on fp16 accumulation in cuBLAS (``--fast fp16_accumulation``) and reduced-precision reductions in
