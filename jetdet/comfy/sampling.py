@@ -110,8 +110,9 @@ class ItemNoiseSampler:
         if s0 == s1:
             # a schedule that repeats a sigma (ComfyUI's "simple" at steps / denoise > 1000): a step of length 0.
             # The normalised increment over a vanishing interval is a fresh standard normal, independent of the
-            # path, and every sampler scales it by 0 there (euler_ancestral's sigma_up, the SDE samplers' sqrt(1 -
-            # e^(-2h))); k-diffusion's Brownian tree divides 0 by 0 instead, and those steps give NaN.
+            # path. The ancestral and SDE samplers scale it by 0 there (euler_ancestral's sigma_up, the SDE
+            # samplers' sqrt(1 - e^(-2h))); LCM, which draws fresh noise every step, adds it at sigma_next.
+            # k-diffusion's Brownian tree divides 0 by 0 instead, and those steps give NaN.
             return self._z().to(self.dtype)
         w0, w1 = self._reveal(s0), self._reveal(s1)
         return ((w1 - w0) / math.sqrt(abs(s1 - s0))).to(self.dtype)
@@ -214,8 +215,8 @@ def _warn_repeated_sigma(sigmas: torch.Tensor, scheduler: str, steps: int, denoi
         return
     _warned_repeat.add(key)
     logging.warning("jetdet: the %s schedule at steps=%d, denoise=%s repeats sigma %.6g (a step of length 0). Samplers "
-                    "whose step divides by its length (dpmpp_2m_sde, dpmpp_3m_sde, er_sde; euler_ancestral on flow "
-                    "models) give NaN there, as ComfyUI's KSampler does; fewer steps, a higher denoise or another "
+                    "whose step divides by its length (dpmpp_2m_sde, dpmpp_3m_sde, er_sde; the ancestral samplers on "
+                    "flow models) give NaN there, as ComfyUI's KSampler does; fewer steps, a higher denoise or another "
                     "scheduler avoid it", scheduler, steps, denoise, same)
 _COUPLED_WHY = ("whose math couples the items of a batch; the deterministic sampler samples the items one at a time so "
                 "that each is what it is alone (slower)")
