@@ -84,7 +84,6 @@ import random  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import traceback  # noqa: E402
 import zlib  # noqa: E402
 
@@ -93,6 +92,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from jetdet.render.store import atomic_write  # noqa: E402
 
 # max |out - ref| / max(1, max |ref|) per dtype against the fp32 reference (the README's "Accuracy")
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -154,7 +155,7 @@ class Run:
             text = (f"# bench/gpu_check.py\n\nThe Markdown report failed ({type(e).__name__}: {e}); see "
                     f"{self.base}.json\n")
             print(f"Markdown report failed: {type(e).__name__}: {e}")
-        _write_atomic(self.base + ".md", text)
+        atomic_write(self.base + ".md", text.encode())
         return self.base + ".json", self.base + ".md"
 
     def fail(self, what: str) -> None:
@@ -1579,31 +1580,15 @@ def _finite(obj):
     return obj
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file in ``path``'s folder, then ``os.replace`` it onto ``path``: a reader (or a
-    run killed while writing) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))  # fmt: skip
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; a results file is as open() would make it
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: str, res: dict) -> None:
-    """Write ``res`` to ``path`` as strict JSON, atomically (:func:`_write_atomic`). Non-finite floats (an infinite
+    """Write ``res`` to ``path`` as strict JSON, atomically (``jetdet.render.store.atomic_write``: a temporary file
+    in the same folder, fsynced and renamed, so a reader or a run killed while writing sees the old file or the new
+    one, never half of one, with the permissions ``open()`` gives). Non-finite floats (an infinite
     PSNR when the outputs are identical, a NaN error from a kernel that wrote NaN) are written as ``null``: bare
     ``Infinity``/``NaN`` tokens are not JSON and strict readers (jq, JavaScript) reject the whole file. The dump uses
     ``allow_nan=False``, so a non-finite value that escaped the conversion fails loudly instead. Values JSON has no
     type for (a dtype, a device) are written as their ``str``."""
-    _write_atomic(path, json.dumps(_finite(res), indent=1, default=str, allow_nan=False))
+    atomic_write(path, json.dumps(_finite(res), indent=1, default=str, allow_nan=False).encode())
 
 
 def default_out_dir(environ=None) -> str:
