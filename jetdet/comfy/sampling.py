@@ -208,7 +208,7 @@ _warned_repeat: set = set()
 def _warn_repeated_sigma(sigmas: torch.Tensor, scheduler: str, steps: int, denoise) -> None:
     """Once per (scheduler, steps, denoise): the schedule repeats a sigma, a step of length 0 (ComfyUI's "simple" at
     steps / denoise > 1000). The per-item noise is defined there; some samplers' own step math is not."""
-    vals = [float(v) for v in sigmas.reshape(-1).tolist()]
+    vals = sigmas.reshape(-1).tolist()  # Python floats
     same = next((a for a, b in zip(vals, vals[1:]) if a == b and a > 0), None)
     key = (scheduler, steps, float(denoise))
     if same is None or key in _warned_repeat:
