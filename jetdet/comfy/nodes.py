@@ -135,16 +135,53 @@ def _fast_options(budget, start_percent, end_percent, forecast, max_consecutive_
                 attention_cache=bool(attention_cache))
 
 
-def _combos_valid(cls, **values) -> bool | str:
+def _combos_valid(cls, input_types=None, **values) -> bool | str:
     """A node's ``validate_inputs`` for its combo inputs: ComfyUI 0.3.64 checks a V3 combo's options only when the
     node runs, after everything upstream; this runs when the prompt is queued. A linked input (None here) is
     checked when the node runs. Declaring these inputs skips ComfyUI's own checks for them only (its range checks
-    of the other inputs stay)."""
+    of the other inputs stay).
+
+    ``input_types`` (the output type of each linked input, which ComfyUI passes because the node's
+    ``validate_inputs`` names it) turns off ComfyUI's type check of the node's links: :func:`_links_valid` does it
+    here, and also lets a combo take a link from an output whose type is a list of choices, as the stock KSampler
+    does (a sampler or scheduler selector from another node pack). ComfyUI 0.3.64 refuses such a link into a V3
+    combo ("Return type mismatch", input type ``COMBO``)."""
     options = {i.id: list(i.options) for i in cls.define_schema().inputs if isinstance(i, io.Combo.Input)}
     for name, value in values.items():
         if value is not None and value not in options[name]:
             return f"{name}: expected one of {options[name]}, got {value!r}"
+    return _links_valid(cls, input_types or {}, options)
+
+
+def _links_valid(cls, received: dict, options: dict) -> bool | str:
+    """ComfyUI's check that each linked input gets an output of its type (``validate_node_input``, the function
+    ComfyUI itself uses), except that a combo input also takes an output whose type is a list (or tuple) of
+    choices sharing at least one with the input's options; the value that arrives is checked against the options
+    when the node runs."""
+    from comfy_execution.validation import validate_node_input
+
+    declared = {}
+    for group in ("required", "optional"):
+        declared.update({k: v[0] for k, v in cls.INPUT_TYPES().get(group, {}).items()})
+    for name, got in received.items():
+        want = declared.get(name)
+        if want is None or validate_node_input(got, want):
+            continue
+        if name in options and isinstance(got, (list, tuple)):
+            if any(o in options[name] for o in got):
+                continue
+            return (f"{name}: the linked output's choices {_short(got)} share none with this input's "
+                    f"{_short(options[name])}")
+        if name in options:
+            want = "COMBO (an output that lists choices, such as a sampler selector's)"
+        return f"{name}: the linked output's type is {_short(got)}, expected {want}"
     return True
+
+
+def _short(values) -> str:
+    if isinstance(values, (list, tuple)):
+        return str(list(values)) if len(values) <= 8 else f"{list(values)[:8]} (and {len(values) - 8} more)"
+    return str(values)
 
 
 class JetDetModeSwitch(io.ComfyNode):
@@ -173,8 +210,8 @@ class JetDetModeSwitch(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode=None):
-        return _combos_valid(cls, mode=mode)
+    def validate_inputs(cls, mode=None, input_types=None):
+        return _combos_valid(cls, input_types, mode=mode)
 
     @classmethod
     def execute(cls, model, mode, budget, strict):
@@ -223,11 +260,12 @@ class JetDetFastOptimizer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, forecast=None, linear_attention=None, start_percent=None, end_percent=None):
+    def validate_inputs(cls, forecast=None, linear_attention=None, start_percent=None, end_percent=None,
+                        input_types=None):
         """The combos, and the two percents together (each is checked alone by ComfyUI's range checks, which
         declaring them here turns off for them, so their ranges are checked here too): a prompt whose guards
         cover more than the whole schedule is refused when it is queued, not when the node runs."""
-        ok = _combos_valid(cls, forecast=forecast, linear_attention=linear_attention)
+        ok = _combos_valid(cls, input_types, forecast=forecast, linear_attention=linear_attention)
         if ok is not True:
             return ok
         for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
@@ -272,8 +310,8 @@ class JetDetDeterministicSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name=None, scheduler=None):
-        return _combos_valid(cls, sampler_name=sampler_name, scheduler=scheduler)
+    def validate_inputs(cls, sampler_name=None, scheduler=None, input_types=None):
+        return _combos_valid(cls, input_types, sampler_name=sampler_name, scheduler=scheduler)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
@@ -509,8 +547,8 @@ class JetDetOutputMatcher(io.ComfyNode):
         return file_state(_resolve_path(reference_file)) if reference_file.strip() else ""
 
     @classmethod
-    def validate_inputs(cls, tolerance=None):
-        return _combos_valid(cls, tolerance=tolerance)
+    def validate_inputs(cls, tolerance=None, input_types=None):
+        return _combos_valid(cls, input_types, tolerance=tolerance)
 
     @classmethod
     def execute(cls, latent=None, image=None, tolerance="exact", reference_checksums="", reference_latent=None,
@@ -753,8 +791,8 @@ class JetDetCacheManager(io.ComfyNode):
         return out
 
     @classmethod
-    def validate_inputs(cls, action=None):
-        return _combos_valid(cls, action=action)
+    def validate_inputs(cls, action=None, input_types=None):
+        return _combos_valid(cls, input_types, action=action)
 
     @classmethod
     def execute(cls, action, model=None, device_budget_mb=-1.0, cpu_budget_mb=-1.0, disk_budget_mb=0.0, key="",
@@ -933,8 +971,8 @@ class JetDetBenchmark(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name=None, scheduler=None):
-        return _combos_valid(cls, sampler_name=sampler_name, scheduler=scheduler)
+    def validate_inputs(cls, sampler_name=None, scheduler=None, input_types=None):
+        return _combos_valid(cls, input_types, sampler_name=sampler_name, scheduler=scheduler)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
@@ -1094,8 +1132,8 @@ class JetDetMultiPassRefiner(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name=None, scheduler=None, start_pass=None, end_pass=None):
-        return _combos_valid(cls, sampler_name=sampler_name, scheduler=scheduler, start_pass=start_pass,
+    def validate_inputs(cls, sampler_name=None, scheduler=None, start_pass=None, end_pass=None, input_types=None):
+        return _combos_valid(cls, input_types, sampler_name=sampler_name, scheduler=scheduler, start_pass=start_pass,
                              end_pass=end_pass)
 
     @classmethod

@@ -68,6 +68,88 @@ def test_widget_ranges_are_enforced_by_validation(engine):
                for e in res["node_errors"]["7"]["errors"])
 
 
+def _selector(samplers, schedulers):
+    """A V1 node as sampler/scheduler selectors of node packs write it: outputs typed as lists of choices."""
+
+    class Selector:
+        RETURN_TYPES = (samplers, schedulers, "INT")
+        FUNCTION = "pick"
+        CATEGORY = "test"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"sampler_name": (samplers,), "scheduler": (schedulers,)}}
+
+        def pick(self, sampler_name, scheduler):
+            return sampler_name, scheduler, 3
+
+    return Selector
+
+
+def _linked(p: dict, node: str, sampler: str = "euler", scheduler_slot: int = 1) -> dict:
+    p = copy.deepcopy(p)
+    p["9"] = {"class_type": "TestSelector", "inputs": {"sampler_name": sampler, "scheduler": "simple"}}
+    p[node]["inputs"].update(sampler_name=["9", 0], scheduler=["9", scheduler_slot])
+    return p
+
+
+def test_a_combo_takes_a_link_from_an_output_listing_choices(engine, monkeypatch):
+    """Sampler and scheduler selectors of node packs output their lists as the type (the stock KSampler accepts
+    the link); ComfyUI 0.3.64 refuses such a link into a V3 combo unless the node checks its links itself. The
+    other link checks stay."""
+    import comfy.samplers
+    import nodes
+
+    ks = comfy.samplers.KSampler
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TestSelector", _selector(ks.SAMPLERS, ks.SCHEDULERS))
+    p = _base(batch=1, width=128, sampler="dpmpp_2m")
+    p["4"]["inputs"]["steps"] = 2
+    stock = {"class_type": "KSampler", "inputs": {k: v for k, v in p["4"]["inputs"].items() if k != "batch_offset"}}
+    control_prompt = copy.deepcopy(p)
+    control_prompt["6"]["inputs"]["reference_checksums"] = ["5", 0]  # the checksum node's (KSampler has none)
+    control = run_prompt(_linked(control_prompt | {"4": stock}, "4", "dpmpp_2m"))
+    assert control["valid"] and control["success"]  # ComfyUI's own KSampler takes the link
+    widget = run_prompt(p)
+    linked = run_prompt(_linked(p, "4", "dpmpp_2m"))
+    assert linked["valid"] and linked["success"], linked["node_errors"] or execution_error(linked)
+    assert linked["outputs"]["6"]["text"] == widget["outputs"]["6"]["text"]  # the linked value was used
+    assert run_prompt(_linked(p, "4", "euler"))["outputs"]["6"]["text"] != widget["outputs"]["6"]["text"]
+    # the other jetdet nodes with these combos
+    refiner = {"class_type": "JetDetMultiPassRefiner", "inputs": {
+        **{k: v for k, v in p["4"]["inputs"].items() if k not in ("denoise", "batch_offset")}, "coarse_denoise": 1.0,
+        "refine_denoise": 0.5, "detail_denoise": 0.25, "start_pass": "coarse", "end_pass": "coarse",
+        "batch_offset": 0}}
+    res = run_prompt(_linked(control_prompt | {"4": refiner}, "4"))
+    assert res["valid"] and res["success"], res["node_errors"] or execution_error(res)
+    bench = {"class_type": "JetDetBenchmark", "inputs": {
+        **{k: v for k, v in p["4"]["inputs"].items() if k != "batch_offset"}, "fast_budgets": "0.1"}}
+    q = _linked({k: p[k] for k in ("1", "2", "3")} | {"4": bench}, "4")
+    assert run_prompt(q)["valid"]
+
+    # an INT output into a combo, a LATENT into the model: refused when queued, naming the input
+    res = run_prompt(_linked(p, "4", scheduler_slot=2))
+    assert not res["valid"]
+    details = [e["details"] for e in res["node_errors"]["4"]["errors"]]
+    assert any("scheduler: the linked output's type is INT, expected COMBO" in d for d in details), details
+    q = copy.deepcopy(p)
+    q["4"]["inputs"]["model"] = ["3", 0]
+    res = run_prompt(q)
+    assert not res["valid"]
+    details = [e["details"] for e in res["node_errors"]["4"]["errors"]]
+    assert any("model: the linked output's type is LATENT, expected MODEL" in d for d in details), details
+    # a list sharing no choice with the input's is refused; one that shares some runs, and a value outside the
+    # input's options stops the node with the input named
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TestSelector", _selector(["my_sampler"], ["simple"]))
+    res = run_prompt(_linked(p, "4", "my_sampler"))
+    assert not res["valid"]
+    assert any("sampler_name: the linked output's choices ['my_sampler'] share none" in e["details"]
+               for e in res["node_errors"]["4"]["errors"])
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TestSelector", _selector(["euler", "my_sampler"], ["simple"]))
+    res = run_prompt(_linked(p, "4", "my_sampler"))
+    assert res["valid"] and not res["success"]
+    assert "sampler_name: expected one of" in execution_error(res)["exception_message"]
+
+
 def test_a_wrong_latent_shape_is_a_clear_execution_error(engine):
     res = run_prompt(_base(width=512))  # 64 x 64 latents: past the model's 32 x 32 position table
     err = execution_error(res)
