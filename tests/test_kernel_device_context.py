@@ -67,3 +67,19 @@ def test_negative_control_a_bare_default_device_does_not_draw_on_the_cpu():
 
     after = _state_after(bare)
     assert torch.equal(after, untouched) and not torch.equal(after, on_cpu)
+
+
+def test_model_input_helpers_draw_on_the_cpu_under_a_users_default_device():
+    """``make_toy_inputs`` and ``make_shapes`` draw from a CPU generator: under a user's
+    ``torch.set_default_device("cuda")`` torch would refuse that (the meta device, standing in, silently gives meta
+    tensors instead). They return the CPU tensors they return outside it."""
+    from jetdet.models.shapes import make_shapes
+    from jetdet.models.toy import make_toy_inputs
+
+    for make in (lambda: make_toy_inputs(5, seed=3), lambda: make_shapes(4, seed=3, edge_noise=0.5),
+                 lambda: make_shapes(3, seed=1, labels=[0, 4, 9])):
+        want = make()
+        with torch.device(META):
+            got = make()
+        for w, g in zip(want, got):
+            assert g.device.type == "cpu" and torch.equal(w, g)

@@ -105,13 +105,19 @@ def make_shapes(
             with or without it.
 
     Returns:
-        ``(images [n, 3, 32, 32] float32 in [-1, 1], labels [n] long)``.
+        ``(images [n, 3, 32, 32] float32 in [-1, 1], labels [n] long)``, on the CPU (also under a
+        ``torch.set_default_device``).
     """
+    with torch.device("cpu"):
+        return _make_shapes(n, seed, labels, edge_noise)
+
+
+def _make_shapes(n: int, seed: int, labels, edge_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(int(seed))
     if labels is None:
         labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
     else:
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        labels = torch.as_tensor(labels, dtype=torch.long, device="cpu").reshape(-1)
         if labels.numel() != n:
             raise ValueError(f"labels: expected {n} labels, got {labels.numel()}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):

@@ -162,10 +162,12 @@ class TinyDiT(nn.Module):
 
 
 def make_toy_inputs(batch: int, seed: int = 0, size: int = 16, channels: int = 4):
-    """Per-item inputs that do not depend on ``batch``: item i is the same for every batch size."""
+    """Per-item inputs that do not depend on ``batch``: item i is the same for every batch size. CPU tensors (move
+    them to the model's device)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(8, channels, size, size, generator=g)
-    t = torch.rand(8, generator=g)
-    y = torch.randint(0, 10, (8,), generator=g)
+    cpu = dict(generator=g, device="cpu")  # on the CPU also under a user's torch.set_default_device("cuda")
+    x = torch.randn(8, channels, size, size, **cpu)
+    t = torch.rand(8, **cpu)
+    y = torch.randint(0, 10, (8,), **cpu)
     reps = -(-batch // 8)
     return x.repeat(reps, 1, 1, 1)[:batch], t.repeat(reps)[:batch], y.repeat(reps)[:batch]
