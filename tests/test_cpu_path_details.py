@@ -48,6 +48,34 @@ def test_op_bodies_restore_the_fill_flag_and_never_read_unwritten_memory(monkeyp
         assert torch.equal(a, b) and a.isfinite().all()
 
 
+def test_a_float64_default_dtype_changes_nothing():
+    """A user's ``torch.set_default_dtype(torch.float64)`` (scientific code does this) must not reach the op bodies'
+    own buffers: fp32 inputs give the same fp32 bits as under the float32 default. Before, the exact-size conv
+    failed ("Expected out tensor to have dtype float, but got double") and gelu_gate computed in float64."""
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(5, 7, 19, generator=g), torch.randn(16, 19, generator=g), torch.randn(16, generator=g)
+    img, q = torch.randn(2, 6, 8, 8, generator=g), torch.randn(2, 3, 17, 8, generator=g)
+    cw3, cw1 = torch.randn(5, 6, 3, 3, generator=g), torch.randn(8, 6, 1, 1, generator=g)  # padded; exact buffers
+    h = torch.randn(3, 10, 64, generator=g)
+
+    def run():
+        with jetdet.mode("deterministic"):
+            return [ops.linear(x, w, b), ops.bmm(x, x.transpose(1, 2)),
+                    ops.conv2d(img, cw3, stride=2, padding=1), ops.conv2d(img, cw1), ops.attention(q, q, q),
+                    ops.layer_norm(x, (19,)), ops.group_norm(img, 3), ops.softmax(x, -1), ops.sum(x),
+                    ops.gelu_gate(h)]
+
+    want = run()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(prev)
+    for a, c in zip(want, got):
+        assert a.dtype == c.dtype == torch.float32 and torch.equal(a, c)
+
+
 def test_results_never_alias_scratch_buffers():
     """conv2d and the GEMMs reuse per-thread scratch buffers; a later call must not change an earlier result."""
     g = torch.Generator().manual_seed(1)

@@ -34,7 +34,10 @@ def conv2d(x, w, bias, stride, padding):
     else:
         wm = cached_pack(w, "conv", lambda: F.pad(f32(w).reshape(o, k), (0, 0, 0, op - o)).contiguous())
     exact = op == o and lp == ll and x.dtype == torch.float32
-    out = torch.empty((bsz, op, lp), device=x.device) if exact else scratch_buffer("conv.out", (bsz, op, lp), x)
+    if exact:
+        out = torch.empty((bsz, op, lp), dtype=torch.float32, device=x.device)
+    else:
+        out = scratch_buffer("conv.out", (bsz, op, lp), x)
     bcol = None if bias is None else cached_pack(bias, "conv.bias", lambda: F.pad(f32(bias), (0, op - o)).view(op, 1))
     direct = (kh, kw, sh, sw) == (1, 1, 1, 1) and lp == ll  # the padded input is the columns
     sizes = [bsz] if direct else item_groups(bsz, k * lp * 4)

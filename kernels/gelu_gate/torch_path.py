@@ -24,8 +24,8 @@ def gelu_gate(h: torch.Tensor, approximate: str) -> torch.Tensor:
     out = torch.empty(r, n, dtype=h.dtype, device=h.device)
     cols = min(-(-n // LANES) * LANES, TILE_ELEMS)  # columns per tile
     tr = max(1, TILE_ELEMS // cols)  # rows per tile
-    xb = torch.zeros(tr, cols, device=h.device)
-    gb = torch.zeros(tr, cols, device=h.device)
+    xb = torch.zeros(tr, cols, dtype=torch.float32, device=h.device)
+    gb = torch.zeros(tr, cols, dtype=torch.float32, device=h.device)
     for c0 in range(0, n, cols):
         c1 = min(n, c0 + cols)
         w = c1 - c0
