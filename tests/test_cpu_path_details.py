@@ -267,6 +267,11 @@ def test_router_direct_cpu_route_keeps_clear_errors():
             F.layer_norm(torch.randn(2, 6), 5)
 
 
+def _probed_positions(w: torch.Tensor) -> torch.Tensor:
+    view, _ = mm_torch._probe(w)
+    return view.storage_offset() - w.storage_offset() + torch.arange(view.numel()) * view.stride(0)
+
+
 def test_packed_weights_follow_every_kind_of_weight_update():
     # the matmul torch path caches the packed right-hand side of a Parameter; a stale pack would be silently
     # wrong numbers
@@ -290,8 +295,17 @@ def test_packed_weights_follow_every_kind_of_weight_update():
     assert close(det(), ref())
     lin.weight.data = torch.randn(40, 24)  # new data, same shape
     assert close(det(), ref())
-    lin.weight.data.copy_(torch.randn(40, 24))  # bypasses the version counter (documented): clear the cache
-    mm_torch.clear_weight_cache()
+    lin.weight.data.copy_(torch.randn(40, 24))  # bypasses the version counter: the sampled elements see it
+    assert close(det(), ref())
+    lin.weight.data += 0.1 * torch.randn(40, 2) @ torch.randn(2, 24)  # a LoRA fused as PEFT does, through .data
+    lin.bias.data += 1.0
+    assert close(det(), ref())
+    # one element outside the sample (documented): not seen until jetdet.clear_weight_cache()
+    probed = {int(i) for i in _probed_positions(lin.weight)}
+    far = next(i for i in range(lin.weight.numel()) if i not in probed)
+    lin.weight.data.view(-1)[far] += 5.0
+    assert not close(det(), ref())
+    jetdet.clear_weight_cache()
     assert close(det(), ref())
     with torch.inference_mode():  # ComfyUI loads models under inference mode: such weights are never cached
         inf = torch.nn.Linear(24, 40)
@@ -300,6 +314,14 @@ def test_packed_weights_follow_every_kind_of_weight_update():
         y2 = jetdet.ops.linear(x, inf.weight, inf.bias)
         assert close(y2, torch.nn.functional.linear(x, inf.weight, inf.bias))
         assert not torch.equal(y1, y2)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)  # 5 output channels: packed (padded to 8)
+    img = torch.randn(2, 6, 7, 7)
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        conv(img)
+        conv.weight.data += 0.1 * torch.randn_like(conv.weight)  # through .data: the sampled elements see it
+        got = conv(img)
+    want = torch.nn.functional.conv2d(img.double(), conv.weight.double(), conv.bias.double(), padding=1).float()
+    assert close(got, want)
 
 
 def test_scratch_buffers_work_in_and_out_of_inference_mode():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import threading
 import weakref
 
@@ -62,28 +63,44 @@ def pad_cols(b: torch.Tensor) -> torch.Tensor:
 # checked against its data pointer and version counter, so an in-place update (optimizer step, load_state_dict,
 # `param.copy_`) or new data (`param.data = t`) repacks. Re-packing a DiT linear's weight on every call cost
 # ~25 us of ~200 us (measured, 1 thread). Not cached: inference tensors (created under torch.inference_mode(), as
-# ComfyUI loads every model), which keep no version counter, so an in-place update could not be seen. A write
-# through `param.data.copy_()` bypasses the version counter too; call clear_weight_cache() after one.
+# ComfyUI loads every model), which keep no version counter, so an in-place update could not be seen.
+# A write through `param.data` (`param.data += delta`, as PEFT's fuse_lora merges a LoRA; `param.data.copy_(w)`)
+# moves neither the pointer nor the version counter, and comparing the whole weight at every call costs most of what
+# the cache saves. So each CPU copy also keeps PROBES elements of the weight, spread over it, and is made again when
+# any of them differs bit for bit: a write that changes the whole weight is seen, one that changes only elements
+# outside the sample is not (clear_weight_cache() after it). CUDA copies are not probed (the comparison would be a
+# host sync per call).
 _packed: dict[int, tuple] = {}
+PROBES = 256
 
 
 def clear_weight_cache() -> None:
-    """Drop every packed weight (needed only after in-place writes through ``param.data``)."""
+    """Drop every packed weight copy, so the next call packs each weight again: needed after a write through
+    ``param.data`` that changes only a few elements of a weight (such a write moves neither its data pointer nor
+    its version counter; one that changes the whole weight is found by the copies' sampled elements on the CPU)."""
     _packed.clear()
 
 
-# On a GPU two more things matter (the conv launcher packs CUDA weights here), both from CUDA graphs:
-# - Inside a capture (torch.cuda.graph, or torch.compile(mode="reduce-overhead") recording) the copy is made by
-#   the captured graph, at every replay, and nothing is cached: a replay then reads the weight as it is at that
-#   replay, as a graph of torch's own conv does (a cached copy would be stale after an in-place change such as
-#   a LoRA being applied), and nothing made inside the capture outlives the call in the graph's memory pool.
-# - Outside a capture, a new copy is made on a short-lived thread of its own. torch.compile's CUDA-graph trees
-#   run a compiled function's first call (its warm-up, not a capture) with every allocation of the calling
-#   thread routed into the graph pool, and then refuse any tensor left in that pool that is not an output; a
-#   cached copy made there would be one. Allocations of other threads are not routed (a pool is entered per
-#   thread), and a thread per new copy costs ~0.1 ms once per weight. Each stream that uses a copy first waits for
-#   the event after it, and is recorded on it (record_stream), so a copy is neither read before it is made nor
-#   freed (when the weight changes) while another stream's queued work still reads it.
+_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _probe(owner: torch.Tensor) -> tuple | None:
+    """``(view, bits)``: a view of the raw bits of PROBES elements of ``owner`` at a fixed stride through it, and a
+    copy of them; None for a non-contiguous owner. The stride is made coprime with the last dimension, so the
+    elements fall on that many different columns as well as rows; the view, kept with the packed copy, makes the
+    check one comparison."""
+    if not owner.is_contiguous() or owner.numel() == 0:
+        return None
+    flat = owner.detach().reshape(-1)
+    if flat.dtype.is_floating_point or flat.dtype.is_complex:
+        flat = flat.view(_INT_OF[flat.element_size()])  # bits: NaN equals itself, -0.0 differs from 0.0
+    n, cols = flat.numel(), owner.shape[-1] if owner.dim() >= 2 else 1
+    k = min(n, PROBES)
+    step = max(1, n // k)
+    while step > 1 and math.gcd(step, cols) != 1:
+        step -= 1
+    view = flat[step // 2 :: step][:k]
+    return view, view.clone()
 
 
 def _graph_aware(b: torch.Tensor) -> bool:
@@ -167,7 +184,9 @@ def cached_pack(b: torch.Tensor, tag: str, make):
     if ent is not None and ent[0]() is owner and ent[1] == sig:
         if graph_aware:
             _use_on_stream(b, ent[2], ent[3], ent[4])
-        return ent[2]
+            return ent[2]
+        if torch.equal(*ent[5]):  # the sampled elements as packed
+            return ent[2]
     done, streams = None, set()
     if graph_aware:
         packed, done = _make_on_own_thread(b, make)
@@ -177,8 +196,12 @@ def cached_pack(b: torch.Tensor, tag: str, make):
             packed = make()
     if len(_packed) > 1024:
         _packed.clear()
+    probe = None if graph_aware else _probe(owner)
+    if probe is None and not graph_aware:
+        return packed  # nothing to check a later call against: not kept
     # the default argument keeps the dict reachable at interpreter exit, when module globals are None
-    _packed[key] = (weakref.ref(owner, lambda _r, k=key, d=_packed: d.pop(k, None)), sig, packed, done, streams)
+    _packed[key] = (weakref.ref(owner, lambda _r, k=key, d=_packed: d.pop(k, None)), sig, packed, done, streams,
+                    probe)
     return packed
 
 
