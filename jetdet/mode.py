@@ -730,6 +730,20 @@ def _h_fallback_named(why):
     return handler
 
 
+def _h_dropout(name: str, training_default: bool):
+    """Dropout in training mode draws its mask from torch's generator for the whole batch, so an item's mask depends
+    on the batch: it runs as torch's with the one-time fallback warning. With ``training=False`` or ``p=0`` it is
+    the identity and passes silently."""
+    def handler(func, args, kwargs):
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        training = args[2] if len(args) > 2 else kwargs.get("training", training_default)
+        if training and p:
+            return _fallback(func, args, kwargs, f"{name} in training mode draws one random mask for the whole batch")
+        return func(*args, **kwargs)
+
+    return handler
+
+
 def _einsum_operands(args):
     if args and isinstance(args[0], str):
         eq, ops_ = args[0], args[1:]
@@ -1232,6 +1246,9 @@ _HANDLERS = {
     F.conv_transpose3d: _h_conv_transpose(3),
     torch.einsum: _h_einsum,
     torch.tensordot: _h_fallback_named("tensordot is not routed"),
+    **{getattr(F, n): _h_dropout(n, t) for n, t in (("dropout", True), ("dropout1d", True), ("dropout2d", True),
+                                                   ("dropout3d", True), ("alpha_dropout", False),
+                                                   ("feature_alpha_dropout", False))},
     F.layer_norm: _h_layer_norm,
     torch.layer_norm: _h_layer_norm,
     F.group_norm: _h_group_norm,

@@ -98,3 +98,21 @@ def test_negative_control_torch_einsum_and_conv3d_depend_on_the_batch():
     x, w = torch.randn(8, 3, 5, 8, 8), torch.randn(6, 3, 1, 2, 2)
     assert not torch.equal(F.conv3d(x[:1], w, stride=(1, 2, 2))[0], F.conv3d(x, w, stride=(1, 2, 2))[0])
     assert torch.equal(_det(F.conv3d, x[:1], w, stride=(1, 2, 2))[0], _det(F.conv3d, x, w, stride=(1, 2, 2))[0])
+
+
+def test_dropout_in_training_mode_warns_and_is_the_identity_otherwise():
+    """Dropout in training mode draws one mask for the whole batch (an item's mask depends on the batch): torch's,
+    with the one-time fallback warning. In eval mode, or with p=0, it is the identity: no warning."""
+    sys.modules["jetdet.mode"]._warned.clear()
+    x = torch.randn(4, 8)
+    drop = torch.nn.Dropout(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(_det(lambda t: drop.eval()(t), x), x)
+        assert torch.equal(_det(F.dropout, x, p=0.0, training=True), x)
+        assert torch.equal(_det(F.alpha_dropout, x, 0.5), x)  # training defaults to False there
+    for fn, kw in ((lambda t: drop.train()(t), {}), (F.dropout2d, {"p": 0.3}), (F.feature_alpha_dropout,
+                                                                               {"p": 0.3, "training": True})):
+        with pytest.warns(UserWarning, match="draws one random mask for the whole batch"):
+            _det(fn, torch.randn(2, 3, 4, 4), **kw)
+
