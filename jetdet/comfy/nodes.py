@@ -184,6 +184,21 @@ def _short(values) -> str:
     return str(values)
 
 
+def _note_replaced(model, node: str, new: str) -> None:
+    """Log when a node's output mode replaces a jetdet mode the input model already had: jetdet's modes do not
+    combine (a step cache's per-row choices are not batch invariant), so a chain of these nodes keeps the last."""
+    had = "deterministic" if wr.is_deterministic(model) else "fast" if wr.fast_state(model) is not None else None
+    if had is None:
+        return
+    if had == new:
+        what = f"its {had} mode's settings (strict, budget, ...) are replaced by this node's"
+    else:
+        what = f"the output model is in {new} mode only (jetdet's modes do not combine)"
+        if had == "deterministic":
+            what += ": its model calls are no longer batch invariant"
+    logging.warning(f"jetdet {node}: the model it was given is already in jetdet's {had} mode; {what}")
+
+
 class JetDetModeSwitch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -219,6 +234,7 @@ class JetDetModeSwitch(io.ComfyNode):
         smp.check_choice("mode", mode, MODES)
         if mode == "off":
             return io.NodeOutput(wr.without_jetdet(model))
+        _note_replaced(model, "Mode Switch", mode)
         if mode == "deterministic":
             return io.NodeOutput(wr.with_deterministic(model, warn_only=not strict))
         m, _ = wr.with_fast(model, budget=budget)
@@ -281,6 +297,7 @@ class JetDetFastOptimizer(io.ComfyNode):
         wr.check_model(model)
         smp.check_choice("forecast", forecast, FORECASTS)
         smp.check_choice("linear_attention", linear_attention, LINEAR_ATTENTION)
+        _note_replaced(model, "Fast Optimizer", "fast")
         m, _ = wr.with_fast(model, **_fast_options(budget, start_percent, end_percent, forecast,
                                                    max_consecutive_skips, linear_attention, attention_cache))
         return io.NodeOutput(m)
@@ -298,7 +315,10 @@ class JetDetDeterministicSampler(io.ComfyNode):
                         "per-item noise (start and step noise), batch-invariant model ops and attention.",
             inputs=_ksampler_inputs() + [
                 io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX,
-                             tooltip="Item id of the first latent in the batch (item i uses id batch_offset + i)."),
+                             tooltip="Item id of the first latent in the batch (item i uses id batch_offset + i). A "
+                                     "latent from Latent From Batch or Repeat Latent Batch carries its items' ids "
+                                     "(batch_index): item i then uses batch_offset + batch_index[i], so leave 0 "
+                                     "there."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT",
@@ -569,7 +589,8 @@ class JetDetOutputMatcher(io.ComfyNode):
                 raise ValueError(f"tolerance: a checksum reference can only be matched exactly, got {tolerance!r}")
             want = parse_checksums(reference_checksums)
             ok, lines = match_checksums(t, _ids_of(t, batch_offset, latent if kind == "latent" else None), want)
-            report = f"{'MATCH' if ok else 'MISMATCH'} exact against {len(want)} checksums\n" + "\n".join(lines)
+            n = sum(len(v) for v in want.values())  # lines: an id repeats in a batch from Latent Batch
+            report = f"{'MATCH' if ok else 'MISMATCH'} exact against {n} checksums\n" + "\n".join(lines)
         else:
             if ref == "reference_file":
                 rkind, r = load_reference(reference_file)
@@ -826,14 +847,17 @@ class JetDetCacheManager(io.ComfyNode):
             report = "budgets (bytes, None = unlimited): " + json.dumps(budgets)
         elif action == "clear":
             state.clear()
-            report = "cleared; last run: " + _stats_text(state.stats())
+            report = "cleared; " + _stats_text(state.stats())
         else:
             report = _stats_text(state.stats())
         return io.NodeOutput(*cls._outputs(action, key, out_model, None, None), report, ui={"text": [report]})
 
 
 def _stats_text(s: dict) -> str:
-    keys = ("runs", "calls", "calls_run", "calls_saved", "calls_partial", "rows", "rows_run", "rows_saved", "hits",
+    """``runs N (so far); last run: calls ...``: the counts are those of the model's last sampling run (the step
+    cache starts each run afresh), ``runs`` counts every run of the model."""
+    head = f"runs {s['runs']} (so far); last run: " if "runs" in s else ""
+    keys = ("calls", "calls_run", "calls_saved", "calls_partial", "rows", "rows_run", "rows_saved", "hits",
             "call_ratio", "row_ratio", "syncs", "budget", "forecast_space", "piggyback")
     parts = [f"{k} {s[k]:.3g}" if isinstance(s.get(k), float) else f"{k} {s[k]}" for k in keys if k in s]
     if "bytes" in s:
@@ -842,7 +866,7 @@ def _stats_text(s: dict) -> str:
     for k in ("spilled_to_cpu", "spilled_to_disk", "evicted", "peak_device_bytes"):
         if k in m:
             parts.append(f"{k} {m[k]}")
-    return ", ".join(parts)
+    return head + ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
@@ -1123,7 +1147,9 @@ class JetDetMultiPassRefiner(io.ComfyNode):
                                tooltip="First pass to run (its input is latent_image)."),
                 io.Combo.Input("end_pass", options=PASSES, default="detail", tooltip="Last pass to run."),
                 io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX,
-                             tooltip="Item id of the first latent in the batch."),
+                             tooltip="Item id of the first latent in the batch (item i uses batch_offset + i, or "
+                                     "batch_offset + batch_index[i] for a latent from Latent From Batch or Repeat "
+                                     "Latent Batch, which carries its items' ids: leave 0 there)."),
             ],
             outputs=[
                 io.Latent.Output(tooltip="The latent after end_pass."),

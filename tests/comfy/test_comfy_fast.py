@@ -94,7 +94,9 @@ def test_cache_manager_stats_and_clear(shapes_patcher, shapes_conds):
     fast = _fast(shapes_patcher, 0.2)
     _plain(fast, *shapes_conds, steps=8)
     report = JetDetCacheManager.execute("stats", fast).args[3]
-    assert "calls 8" in report and "hits" in report and "bytes per tier" in report
+    assert report.startswith("runs 1 (so far); last run: calls 8,") and "hits" in report and "bytes per tier" in report
+    _plain(fast, *shapes_conds, steps=4)  # the counts are the last run's, the runs every run's
+    assert JetDetCacheManager.execute("stats", fast).args[3].startswith("runs 2 (so far); last run: calls 4,")
     assert "budget 0.2, forecast_space output, piggyback 0.5" in report  # the options the run used (by sampler)
     report = JetDetCacheManager.execute("clear", fast).args[3]
     assert report.startswith("cleared")
@@ -129,12 +131,27 @@ def test_recall_is_bit_exact_and_detects_a_changed_file(tmp_path):
         JetDetCacheManager.execute("recall", key="never", folder=folder)
 
 
-def test_mode_switch_modes(shapes_patcher, shapes_conds):
-    det = JetDetModeSwitch.execute(shapes_patcher, "deterministic", 0.05, True).args[0]
-    assert wr.is_deterministic(det) and wr.fast_state(det) is None
-    fast = JetDetModeSwitch.execute(det, "fast", 0.1, True).args[0]
-    assert wr.fast_state(fast) is not None and not wr.is_deterministic(fast)
-    off = JetDetModeSwitch.execute(fast, "off", 0.1, True).args[0]
+def test_mode_switch_modes(shapes_patcher, shapes_conds, caplog):
+    """The modes replace each other (a step cache's per-row choices are not batch invariant), and the log says so
+    when a node replaces one the model already had; a model with no jetdet mode, or mode off, logs nothing."""
+    fast_opts = dict(budget=0.0, start_percent=0.0, end_percent=0.0, forecast="order1", max_consecutive_skips=8)
+    with caplog.at_level("WARNING"):
+        det = JetDetModeSwitch.execute(shapes_patcher, "deterministic", 0.05, True).args[0]
+        assert not caplog.records
+        assert wr.is_deterministic(det) and wr.fast_state(det) is None
+        fast = JetDetModeSwitch.execute(det, "fast", 0.1, True).args[0]
+        assert wr.fast_state(fast) is not None and not wr.is_deterministic(fast)
+        assert "already in jetdet's deterministic mode; the output model is in fast mode only" in caplog.text
+        assert "no longer batch invariant" in caplog.text
+        caplog.clear()
+        JetDetFastOptimizer.execute(fast, **fast_opts)
+        assert "already in jetdet's fast mode; its fast mode's settings" in caplog.text
+        caplog.clear()
+        JetDetFastOptimizer.execute(det, **fast_opts)
+        assert "Fast Optimizer: the model it was given is already in jetdet's deterministic mode" in caplog.text
+        caplog.clear()
+        off = JetDetModeSwitch.execute(fast, "off", 0.1, True).args[0]
+        assert not caplog.records
     assert wr.jetdet_keys(off) == {}
     assert wr.jetdet_keys(shapes_patcher) == {}
 
