@@ -305,6 +305,10 @@ def _switch(new: Mode, warn_only: bool, ctx: bool) -> tuple[_Frame, Mode]:
     and the mode it replaced."""
     cur = _current.get()
     old = _effective(cur)
+    if new is Mode.FAST:
+        _warn_once("fast context", "mode 'fast' changes nothing by itself: models run as in mode 'off' (and a "
+                   "deterministic context around it is suspended). Fast mode's step cache is applied to a model with "
+                   "jetdet.patch(model, mode='fast', scheduler=pipe.scheduler) (in ComfyUI: the Fast Optimizer node)")
     if new is old is Mode.DETERMINISTIC and warn_only != cur.warn_only:
         _warn_kept_warn_only(warn_only)
     _transition(old, new, warn_only)

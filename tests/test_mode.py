@@ -3,6 +3,7 @@
 import asyncio
 import contextvars
 import importlib
+import sys
 import threading
 
 import pytest
@@ -29,6 +30,21 @@ def test_nesting_restores_outer():
             assert jetdet.get_mode() is Mode.DETERMINISTIC
         assert jetdet.get_mode() is Mode.FAST
     assert jetdet.get_mode() is Mode.OFF
+
+
+def test_fast_mode_as_a_context_says_it_changes_nothing():
+    """``jetdet.mode("fast")`` selects no kernels (the step cache is jetdet.patch's): it warns once, naming what to
+    use, and models run as with mode off."""
+    import warnings
+
+    sys.modules["jetdet.mode"]._warned.discard("mode: fast context")
+    with pytest.warns(UserWarning, match=r"mode 'fast' changes nothing by itself.*jetdet.patch\(model, mode='fast'"):
+        with jetdet.mode("fast"):
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with jetdet.mode("fast"):  # once
+            pass
 
 
 def test_exception_restores_everything():
