@@ -39,8 +39,10 @@ SCHEDULERS = ("euler", "euler_karras", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "u
 #: run only when named: LMS (4th-order multistep, warned), KDPM2 ancestral (computes every call with scheduler=),
 #: DDIM on a zero-terminal-SNR schedule (use --prediction v_prediction), and DEIS, DPM-Solver single-step and KDPM2
 #: (the README's last three rows; jetdet.patch warns once for a scheduler outside prediction.MEASURED), and three that
-#: add noise at every step (Euler ancestral, DPM++ 2M SDE, DPM++ SDE: jetdet forecasts their denoised image)
-MORE = ("lms", "kdpm2_a", "ddim_zsnr", "deis", "dpm_single", "kdpm2", "euler_a", "dpmpp_2m_sde", "dpmpp_sde")
+#: add noise at every step (Euler ancestral, DPM++ 2M SDE, DPM++ SDE, DDPM, LCM: jetdet forecasts their denoised
+#: image)
+MORE = ("lms", "kdpm2_a", "ddim_zsnr", "deis", "dpm_single", "kdpm2", "euler_a", "dpmpp_2m_sde", "dpmpp_sde", "ddpm",
+        "lcm")
 
 
 def make_scheduler(name: str, prediction: str):
@@ -66,6 +68,8 @@ def make_scheduler(name: str, prediction: str):
         "euler_a": lambda: diffusers.EulerAncestralDiscreteScheduler(**kw),
         "dpmpp_2m_sde": lambda: diffusers.DPMSolverMultistepScheduler(**kw, algorithm_type="sde-dpmsolver++"),
         "dpmpp_sde": lambda: diffusers.DPMSolverSDEScheduler(**kw),
+        "ddpm": lambda: diffusers.DDPMScheduler(**kw),
+        "lcm": lambda: diffusers.LCMScheduler(**kw),
         "ddim_zsnr": lambda: diffusers.DDIMScheduler(**kw, rescale_betas_zero_snr=True, timestep_spacing="trailing",
                                                      clip_sample=False),
     }

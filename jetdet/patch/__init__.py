@@ -287,6 +287,12 @@ def _check_model(model):
             raise TypeError(f"model: got a {type(model).__name__} (a pipeline); patch its denoiser: "
                             f"jetdet.patch(pipe.{den}, mode='fast', scheduler=pipe.scheduler), or mode='deterministic'")
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            f"model: got a torch.compile'd module (wrapping {type(model._orig_mod).__name__}); a graph compiled "
+            "before the patch would not see it. Patch the model, then compile it: handle = jetdet.patch(model, ...); "
+            "compiled = torch.compile(model)"
+        )
     if type(model).__name__ == "ModelPatcher" or hasattr(model, "model_patches_to"):
         raise UnsupportedModelError(
             "model: a ComfyUI ModelPatcher is patched through the jetdet ComfyUI nodes (jetdet.comfy: 'jetdet Mode "
@@ -331,6 +337,28 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
     handle._set_forward(model, forward)
 
 
+def _x0_forecast_blocker(model: nn.Module, param, options: dict) -> str | None:
+    """Why ``jetdet.patch(mode="fast")`` cannot forecast the denoised image for a scheduler that adds noise (None: it
+    can). It needs flow time (a VP model mapped through ``scheduler=``: a flow-matching model's timesteps are not
+    known to be in ``[0, 1]``) and an output shaped like the latent (the model's ``config`` says so: in_channels ==
+    out_channels, or no out_channels; an inpainting U-Net's extra latent channels or a learned variance do not)."""
+    if options.get("forecast_space") not in (None, "x0"):
+        return f"forecast_space={options['forecast_space']!r} was asked for"
+    if param is None:
+        return "the model is forecast as it is (a flow-matching scheduler, or prediction='flow')"
+    cfg = getattr(model, "config", None)
+
+    def get(key):
+        return cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
+
+    c_in, c_out = get("in_channels"), get("out_channels")
+    if c_in is None:
+        return f"{type(model).__name__} has no config.in_channels to say that its output is shaped like the latent"
+    if c_out is not None and c_out != c_in:
+        return f"its output has {c_out} channels and the latent {c_in}"
+    return None
+
+
 def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,
                 linear_attention_check: int = 1, linear_attention_state_refresh: int = 1, attention_cache=False,
                 blocks="auto", head_blocks: int = 1, tail_blocks: int | None = None, scheduler=None,
@@ -356,6 +384,19 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
                    "added between the calls, so the second output cannot be forecast from the first (measured: 17 dB "
                    "at any budget); fast mode computes every call with it (budget 0)")
         options["budget"] = 0.0  # every call runs
+    if sname in pred_map.RENOISE_ALL and options.get("budget") != 0.0:
+        _warn_once(sname + ":renoise", f"{sname} replaces the latent with the model's denoised estimate plus new "
+                   "noise at every step, so no call's output can be forecast from the earlier ones (measured with "
+                   "LCM: 13.8 dB mean after one forecast call); fast mode computes every call with it (budget 0)")
+        options["budget"] = 0.0
+    noisy = None  # why a scheduler that adds noise every step does not get the denoised-image forecast
+    if pred_map.adds_noise(scheduler) and sname not in pred_map.RENOISE_SAME_T and options.get("budget") != 0.0:
+        noisy = _x0_forecast_blocker(model, param, options)
+        if noisy is None:
+            # new noise in the latent at every step: forecast the denoised image (smooth in time) and give each
+            # forecast row the velocity at its own noisy latent; the branches of a call are decided together
+            options.setdefault("forecast_space", "x0")
+            options.setdefault("piggyback", 0.0)
     if param is not None:  # the controller works in flow time: map the schedule hints given in model timesteps
         if options.get("timesteps") is not None:
             hint = StepCacheController._check_schedule(options["timesteps"])
@@ -369,11 +410,16 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         _warn_once(name, f"{name} is patched without scheduler=; its output (for SD1.5/SDXL/SD2, the noise or v "
                    "prediction) is forecast as it is, which keeps far less quality at the same budget. Pass "
                    "scheduler=pipe.scheduler (or prediction='flow' if the model is a flow-matching one)")
-    if scheduler is not None and sname not in (pred_map.MEASURED | pred_map.MULTISTEP_WARN | pred_map.RENOISE_SAME_T):
+    if scheduler is not None and sname not in (pred_map.MEASURED | pred_map.MULTISTEP_WARN | pred_map.RENOISE_SAME_T
+                                               | pred_map.RENOISE_ALL):
         _warn_once(sname + ":unmeasured", f"fast mode has not been measured with {sname}: the error budget bounds "
                    "each forecast, not the image, and how a scheduler's formula carries a forecast's error differs "
                    "(README 'eps and v models in diffusers'). Compare a few images with mode off (jetdet.match), "
                    "or use quality='high'")
+    if noisy is not None:
+        _warn_once(sname + ":noisy", f"{sname} adds new noise to the latent at every step, which a forecast of the "
+                   f"model output cannot follow, so fast mode will compute nearly every call; it forecasts the "
+                   f"denoised image instead where it can, not here: {noisy}")
     if sname in pred_map.MULTISTEP_WARN:
         _warn_once(sname, f"{sname} reuses each model output in the next steps' 4th-order multistep formula, and the "
                    "budget does not bound the result (measured at the default quality: PNDM one image at 20.8 dB, "
@@ -471,6 +517,10 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     ``timesteps=`` and ``t_end=`` hints are given in the model's timesteps and mapped too (``t_end=0``, the default,
     stays the flow trajectory's end); without a hint, ``start_percent``/``end_percent`` count flow-time progress, so
     pass ``num_steps=`` for step-based guards. PNDM and LMS warn once; KDPM2 ancestral runs every call (warned).
+    LCM and TCD run every call (warned). With a scheduler that adds noise every step (Euler a, DPM++ SDE and 2M SDE,
+    DDPM) and a VP model
+    whose output is shaped like its latent, the controller forecasts the denoised image (``forecast_space="x0"``,
+    ``piggyback=0``, as ComfyUI's Fast Optimizer does for such samplers); otherwise it warns once, saying why.
     ``linear_attention`` (opt-in, **approximate**: ``True``/``"relu"``, ``"elu1"`` or ``"identity"``) replaces the
     model's softmax ``F.scaled_dot_product_attention`` calls by :func:`jetdet.ops.linear_attention`; during the
     first ``linear_attention_check`` forwards (default 1) each replaced call is also computed exactly and the

@@ -100,7 +100,8 @@ class TorchAdapter:
         extra = {"latent_arg": self.latent, "timestep_arg": self.timestep, "blocks": self.blocks_reason,
                  "needs_grad": torch.is_grad_enabled() and any(_needs_grad(v) for v in a.values())}
         call = ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond, extra=extra,
-                         blocks=self.hooks.runner(run) if self.hooks is not None else None)
+                         blocks=self.hooks.runner(run) if self.hooks is not None else None,
+                         flow_x=x if self.param is not None else None)  # a VP model's call is in flow form
         return call, finish
 
     def _timestep_tensor(self, t, bsz, device):

@@ -54,7 +54,7 @@ def _prediction_of(scheduler) -> str | None:
 MULTISTEP_WARN = frozenset({"PNDMScheduler", "LMSDiscreteScheduler", "IPNDMScheduler"})
 #: diffusers schedulers fast mode has been measured with (README, "eps and v models in diffusers": ``python
 #: bench/diffusers_eps.py``; the flow-matching Euler on SD3/Flux-type models; and those that add noise every step,
-#: with which the back-test computes every call by itself). With any other scheduler ``jetdet.patch`` warns once
+#: whose denoised image is forecast: :data:`ADDS_NOISE`). With any other scheduler ``jetdet.patch`` warns once
 #: that the budget's result is unmeasured there.
 MEASURED = frozenset({
     "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler", "UniPCMultistepScheduler",
@@ -65,6 +65,22 @@ MEASURED = frozenset({
 #: diffusers schedulers that call the model twice at (nearly) the same timestep with fresh noise added between the
 #: calls: the second output is not a smooth function of the first, so fast mode computes every call with them
 RENOISE_SAME_T = frozenset({"KDPM2AncestralDiscreteScheduler"})
+#: diffusers schedulers that add fresh noise to the latent at every step (ancestral and SDE schedulers, DDPM);
+#: DPM-Solver also with an ``sde-`` algorithm type
+ADDS_NOISE = frozenset({"EulerAncestralDiscreteScheduler", "DPMSolverSDEScheduler", "DDPMScheduler"})
+#: consistency-model schedulers: every step replaces the latent with the model's denoised estimate plus new noise, so
+#: a call's output is no smooth function of the earlier ones (a forecast output cost LCM 13.8 dB mean, 6.0 min, in
+#: ``bench/diffusers_eps.py --schedulers lcm`` as is; ComfyUI's lcm sampler, 24 dB): fast mode computes every call
+RENOISE_ALL = frozenset({"LCMScheduler", "TCDScheduler"})
+
+
+def adds_noise(scheduler) -> bool:
+    """A scheduler that adds new noise to the latent at every step (:data:`ADDS_NOISE`, or an SDE algorithm type)."""
+    if scheduler is None:
+        return False
+    if type(scheduler).__name__ in ADDS_NOISE:
+        return True
+    return str(_config(scheduler, "algorithm_type", "") or "").startswith("sde-")
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -78,6 +94,12 @@ def from_options(scheduler=None, prediction=None):
     the output as it is) or a :class:`VPParametrization`. Raises ``ValueError``/``TypeError`` naming the argument."""
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction: expected one of {PREDICTIONS} or None, got {prediction!r}")
+    if isinstance(scheduler, (str, bytes, int, float)):
+        raise TypeError("scheduler: expected the scheduler object the pipeline samples with "
+                        f"(scheduler=pipe.scheduler), got {type(scheduler).__name__} {scheduler!r}")
+    if scheduler is not None and hasattr(scheduler, "scheduler") and not hasattr(scheduler, "set_timesteps"):
+        raise TypeError(f"scheduler: got a {type(scheduler).__name__}, which holds a scheduler (a pipeline?); pass "
+                        "that: scheduler=pipe.scheduler")
     if scheduler is None:
         if prediction in (None, "flow"):
             return None
