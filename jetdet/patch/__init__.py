@@ -285,7 +285,7 @@ def _check_model(model):
         den = next((n for n in ("unet", "transformer") if isinstance(getattr(model, n, None), nn.Module)), None)
         if den is not None and hasattr(model, "scheduler"):  # a diffusers pipeline: name its denoiser
             raise TypeError(f"model: got a {type(model).__name__} (a pipeline); patch its denoiser: "
-                            f"jetdet.patch(pipe.{den}, mode='fast', scheduler=pipe.scheduler), or mode='deterministic'")
+                            f"jetdet.patch(pipe.{den}, mode='fast', scheduler=pipe), or mode='deterministic'")
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise TypeError(
@@ -359,6 +359,24 @@ def _x0_forecast_blocker(model: nn.Module, param, options: dict) -> str | None:
     return None
 
 
+def _same_rules(a, b) -> bool:
+    """Whether fast mode treats schedulers ``a`` and ``b`` alike: the same output map (prediction type, flow or VP,
+    the same ``alphas_cumprod``, continuous timesteps or not) and the same noise rule (adds noise every step,
+    re-noises, neither)."""
+    from . import prediction as pm
+
+    def rules(x):
+        return (pm._prediction_of(x), pm.is_flow_scheduler(x), pm._config(x, "timestep_type"), pm.adds_noise(x),
+                type(x).__name__ in pm.RENOISE_SAME_T | pm.RENOISE_ALL)
+
+    if rules(a) != rules(b):
+        return False
+    ac_a, ac_b = getattr(a, "alphas_cumprod", None), getattr(b, "alphas_cumprod", None)
+    if ac_a is None or ac_b is None:
+        return ac_a is ac_b
+    return torch.equal(torch.as_tensor(ac_a).detach().cpu().double(), torch.as_tensor(ac_b).detach().cpu().double())
+
+
 def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,
                 linear_attention_check: int = 1, linear_attention_state_refresh: int = 1, attention_cache=False,
                 blocks="auto", head_blocks: int = 1, tail_blocks: int | None = None, scheduler=None,
@@ -370,6 +388,10 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     from .linattn import LinearAttentionSwap, parse_option
 
     inner = _inner(model)  # the forward the installed one wraps, not an accelerate hook's around it
+    pipe = None
+    if scheduler is not None and not hasattr(scheduler, "set_timesteps") and hasattr(
+            getattr(scheduler, "scheduler", None), "set_timesteps"):
+        pipe, scheduler = scheduler, scheduler.scheduler  # a pipeline: follow pipe.scheduler (_same_rules)
     adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
     accepted = [n for n in inspect.signature(StepCacheController).parameters if n != "self"]
     unknown = sorted(set(options) - set(accepted))
@@ -445,16 +467,28 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     adapter.blocks_reason = reason
 
     seen = [getattr(scheduler, "timesteps", None)]  # the schedule the last call saw
+    cur = [scheduler, False]  # the scheduler followed, and whether a pipeline's new one left the patch unconfigured
 
     def forward(this, inner, *args, **kwargs):
         if this is not model:  # a copy.deepcopy of the model: the cache is the original's
             _warn_fast_copy(model)
             return inner(*args, **kwargs)
-        if scheduler is not None:
+        if pipe is not None and pipe.scheduler is not cur[0]:
+            new = pipe.scheduler  # replaced since (pipe.scheduler = X.from_config(...))
+            if not cur[1] and not _same_rules(cur[0], new):
+                cur[1] = True
+                warnings.warn(f"jetdet.patch(mode='fast'): pipe.scheduler is now a {type(new).__name__}, whose "
+                              f"output map or noise differs from the {type(cur[0]).__name__} the patch was made "
+                              "for; the model now runs every call as it is (no step cache) until it is patched "
+                              "again with the new scheduler", stacklevel=3)
+            cur[0] = new
+        if cur[1]:
+            return inner(*args, **kwargs)
+        if cur[0] is not None:
             # a diffusers pipeline calls scheduler.set_timesteps, which makes a new timesteps tensor, at the start of
             # every run: a new run even where it starts below where the last one stopped (an interrupted txt2img,
             # then img2img), which the controller cannot tell from the timesteps alone
-            ts = getattr(scheduler, "timesteps", None)
+            ts = getattr(cur[0], "timesteps", None)
             if ts is not seen[0]:
                 seen[0] = ts
                 controller._reset_all("trajectory")
@@ -509,7 +543,9 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     of the model's ``nn.ModuleList`` of blocks), ``head_blocks`` (default 1) and ``tail_blocks`` (default 0, 1 for
     U-Nets) say where the controller may run rows partly (:mod:`jetdet.patch.blocks`);
     ``handle.stats()["cache"]["blocks"]`` says which list was found, or why none was.
-    ``scheduler`` (a diffusers scheduler: ``pipe.scheduler``) and ``prediction`` (``"flow"``, ``"epsilon"``,
+    ``scheduler`` (a diffusers scheduler: ``pipe.scheduler``; or the pipeline itself, whose ``pipe.scheduler`` is
+    then followed: a later ``pipe.scheduler = X.from_config(...)`` is seen, and one with another output map or noise
+    rule makes the patch run every call as the model, warned once) and ``prediction`` (``"flow"``, ``"epsilon"``,
     ``"v_prediction"``, ``"sample"``; default: the scheduler's ``prediction_type``) say what the model outputs. For
     an eps/v/sample (VP) model, SD1.5, SDXL or SD2 say, the controller then sees the flow model it is equivalent to
     (:mod:`jetdet.patch.prediction`), so the budget means what it means on flow models; without ``scheduler`` the

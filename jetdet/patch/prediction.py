@@ -97,9 +97,6 @@ def from_options(scheduler=None, prediction=None):
     if isinstance(scheduler, (str, bytes, int, float)):
         raise TypeError("scheduler: expected the scheduler object the pipeline samples with "
                         f"(scheduler=pipe.scheduler), got {type(scheduler).__name__} {scheduler!r}")
-    if scheduler is not None and hasattr(scheduler, "scheduler") and not hasattr(scheduler, "set_timesteps"):
-        raise TypeError(f"scheduler: got a {type(scheduler).__name__}, which holds a scheduler (a pipeline?); pass "
-                        "that: scheduler=pipe.scheduler")
     if scheduler is None:
         if prediction in (None, "flow"):
             return None
