@@ -236,3 +236,20 @@ def test_conv_forms_and_scans_compile_in_the_mode_as_one_batch_invariant_graph()
         full = compiled(x)
         torch.testing.assert_close(full, eager, atol=1e-5, rtol=0)
         assert batch_mismatches(compiled, [x], prefixes=(1, 2), slots=(3,), full=full) == []
+
+
+def test_a_compiled_module_patched_afterwards_is_deterministic():
+    """``jetdet.patch(torch.compile(model), mode="deterministic")``, even after the compiled module ran: the same bits
+    as deterministic mode on the plain model, item == batch row (a review found a refusal added for fast mode had
+    caught this working case too; fast mode still refuses a compiled module, test_patch_prediction.py)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64)).eval()
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        with jetdet.mode("deterministic"):
+            want = m(x)
+        compiled = torch.compile(m, backend="eager")
+        compiled(x)  # compiled and run before the patch
+        with jetdet.patch(compiled, mode="deterministic"):
+            full, one = compiled(x), compiled(x[4:5])
+    assert torch.equal(full, want) and torch.equal(one, full[4:5])

@@ -287,12 +287,6 @@ def _check_model(model):
             raise TypeError(f"model: got a {type(model).__name__} (a pipeline); patch its denoiser: "
                             f"jetdet.patch(pipe.{den}, mode='fast', scheduler=pipe), or mode='deterministic'")
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        raise TypeError(
-            f"model: got a torch.compile'd module (wrapping {type(model._orig_mod).__name__}); a graph compiled "
-            "before the patch would not see it. Patch the model, then compile it: handle = jetdet.patch(model, ...); "
-            "compiled = torch.compile(model)"
-        )
     if type(model).__name__ == "ModelPatcher" or hasattr(model, "model_patches_to"):
         raise UnsupportedModelError(
             "model: a ComfyUI ModelPatcher is patched through the jetdet ComfyUI nodes (jetdet.comfy: 'jetdet Mode "
@@ -359,6 +353,20 @@ def _x0_forecast_blocker(model: nn.Module, param, options: dict) -> str | None:
     return None
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued here that names the first caller outside jetdet and torch (a patched
+    forward is called through ``nn.Module.__call__`` and a pipeline's own code)."""
+    import sys
+
+    level, f = 1, sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename.replace("\\", "/")
+        if not any(part in name for part in ("/jetdet/", "/torch/", "/diffusers/")):
+            return level
+        f, level = f.f_back, level + 1
+    return 1
+
+
 def _same_rules(a, b) -> bool:
     """Whether fast mode treats schedulers ``a`` and ``b`` alike: the same output map (prediction type, flow or VP,
     the same ``alphas_cumprod``, continuous timesteps or not) and the same noise rule (adds noise every step,
@@ -381,6 +389,12 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
                 linear_attention_check: int = 1, linear_attention_state_refresh: int = 1, attention_cache=False,
                 blocks="auto", head_blocks: int = 1, tail_blocks: int | None = None, scheduler=None,
                 prediction=None, **options):
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            f"model: got a torch.compile'd module (wrapping {type(model._orig_mod).__name__}), whose forward takes "
+            "(*args, **kwargs): the step cache cannot find the latent and timestep there. Patch the model, then "
+            "compile it: handle = jetdet.patch(model, mode='fast', ...); compiled = torch.compile(model)"
+        )
     from ..cache import StepCacheController
     from . import attncache
     from . import prediction as pred_map
@@ -392,6 +406,10 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     if scheduler is not None and not hasattr(scheduler, "set_timesteps") and hasattr(
             getattr(scheduler, "scheduler", None), "set_timesteps"):
         pipe, scheduler = scheduler, scheduler.scheduler  # a pipeline: follow pipe.scheduler (_same_rules)
+    elif scheduler is not None and not hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "scheduler"):
+        raise TypeError(f"scheduler: got a {type(scheduler).__name__} whose .scheduler is "
+                        f"{type(scheduler.scheduler).__name__}, not a diffusers scheduler; pass the scheduler the "
+                        "pipeline samples with (scheduler=pipe.scheduler)")
     adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
     accepted = [n for n in inspect.signature(StepCacheController).parameters if n != "self"]
     unknown = sorted(set(options) - set(accepted))
@@ -467,7 +485,9 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     adapter.blocks_reason = reason
 
     seen = [getattr(scheduler, "timesteps", None)]  # the schedule the last call saw
-    cur = [scheduler, False]  # the scheduler followed, and whether a pipeline's new one left the patch unconfigured
+    # the scheduler followed, and whether it is one the patch was not configured for (a pipeline's new scheduler
+    # with another output map or noise rule than ``configured``, the one given at patch time)
+    cur, configured, warned = [scheduler, False], scheduler, []
 
     def forward(this, inner, *args, **kwargs):
         if this is not model:  # a copy.deepcopy of the model: the cache is the original's
@@ -475,13 +495,13 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
             return inner(*args, **kwargs)
         if pipe is not None and pipe.scheduler is not cur[0]:
             new = pipe.scheduler  # replaced since (pipe.scheduler = X.from_config(...))
-            if not cur[1] and not _same_rules(cur[0], new):
-                cur[1] = True
+            cur[0], cur[1] = new, new is None or not _same_rules(configured, new)
+            if cur[1] and type(new) not in warned:
+                warned.append(type(new))
                 warnings.warn(f"jetdet.patch(mode='fast'): pipe.scheduler is now a {type(new).__name__}, whose "
-                              f"output map or noise differs from the {type(cur[0]).__name__} the patch was made "
-                              "for; the model now runs every call as it is (no step cache) until it is patched "
-                              "again with the new scheduler", stacklevel=3)
-            cur[0] = new
+                              f"output map or noise differs from the {type(configured).__name__} the patch was "
+                              "made for; the model runs every call as it is (no step cache) while it is, or until "
+                              "the model is patched again with it", stacklevel=_user_stacklevel())
         if cur[1]:
             return inner(*args, **kwargs)
         if cur[0] is not None:
