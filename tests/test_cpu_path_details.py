@@ -267,17 +267,17 @@ def test_router_direct_cpu_route_keeps_clear_errors():
             F.layer_norm(torch.randn(2, 6), 5)
 
 
-def _probed_positions(w: torch.Tensor) -> torch.Tensor:
-    view, _ = mm_torch._probe(w)
-    return view.storage_offset() - w.storage_offset() + torch.arange(view.numel()) * view.stride(0)
+def _probed_positions(w: torch.Tensor) -> set[int]:
+    k, step, offset, _ = mm_torch._probe(w)
+    return {offset - w.storage_offset() + i * step for i in range(k)}
 
 
 def test_packed_weights_follow_every_kind_of_weight_update():
     # the matmul torch path caches the packed right-hand side of a Parameter; a stale pack would be silently
     # wrong numbers
 
-    lin = torch.nn.Linear(24, 40)
-    x = torch.randn(5, 24)
+    lin = torch.nn.Linear(96, 80)  # 7680 elements: above PROBE_ALL, so sampled
+    x = torch.randn(5, 96)
 
     def det():
         with torch.no_grad(), jetdet.mode("deterministic"):
@@ -293,15 +293,17 @@ def test_packed_weights_follow_every_kind_of_weight_update():
     with torch.no_grad():
         lin.weight.mul_(2)  # in place: the version counter moves
     assert close(det(), ref())
-    lin.weight.data = torch.randn(40, 24)  # new data, same shape
+    lin.weight.data = torch.randn(80, 96)  # new data, same shape
     assert close(det(), ref())
-    lin.weight.data.copy_(torch.randn(40, 24))  # bypasses the version counter: the sampled elements see it
+    lin.weight.data.copy_(torch.randn(80, 96))  # bypasses the version counter: the sampled elements see it
     assert close(det(), ref())
-    lin.weight.data += 0.1 * torch.randn(40, 2) @ torch.randn(2, 24)  # a LoRA fused as PEFT does, through .data
-    lin.bias.data += 1.0
+    lin.weight.data += 0.1 * torch.randn(80, 2) @ torch.randn(2, 96)  # a LoRA fused as PEFT does, through .data
+    lin.bias.data += 1.0  # 80 elements: all of them compared
     assert close(det(), ref())
+    # the sample: 256 elements on 256 different columns (of 96: each column) and rows spread over the weight
+    probed = _probed_positions(lin.weight)
+    assert len(probed) == 256 and len({i % 96 for i in probed}) == 96 and len({i // 96 for i in probed}) >= 60
     # one element outside the sample (documented): not seen until jetdet.clear_weight_cache()
-    probed = {int(i) for i in _probed_positions(lin.weight)}
     far = next(i for i in range(lin.weight.numel()) if i not in probed)
     lin.weight.data.view(-1)[far] += 5.0
     assert not close(det(), ref())
@@ -309,19 +311,34 @@ def test_packed_weights_follow_every_kind_of_weight_update():
     assert close(det(), ref())
     with torch.inference_mode():  # ComfyUI loads models under inference mode: such weights are never cached
         inf = torch.nn.Linear(24, 40)
-        y1 = jetdet.ops.linear(x, inf.weight, inf.bias)
+        y1 = jetdet.ops.linear(x[:, :24], inf.weight, inf.bias)
         inf.weight.add_(1.0)  # an in-place update with no version counter to see it by
-        y2 = jetdet.ops.linear(x, inf.weight, inf.bias)
-        assert close(y2, torch.nn.functional.linear(x, inf.weight, inf.bias))
+        y2 = jetdet.ops.linear(x[:, :24], inf.weight, inf.bias)
+        assert close(y2, torch.nn.functional.linear(x[:, :24], inf.weight, inf.bias))
         assert not torch.equal(y1, y2)
-    conv = torch.nn.Conv2d(6, 5, 3, padding=1)  # 5 output channels: packed (padded to 8)
-    img = torch.randn(2, 6, 7, 7)
+    img = torch.randn(2, 24, 7, 7)
+    for layout in (torch.contiguous_format, torch.channels_last):  # channels-last weights are cached and sampled too
+        conv = torch.nn.Conv2d(24, 20, 3, padding=1).to(memory_format=layout)  # 20 channels: packed (padded to 24)
+        with torch.no_grad(), jetdet.mode("deterministic"):
+            conv(img)
+            assert mm_torch._packed.get((id(conv.weight), "conv")) is not None  # the copy was kept
+            conv.weight.data += 0.1 * torch.randn_like(conv.weight)  # through .data: the sampled elements see it
+            got = conv(img)
+        want = torch.nn.functional.conv2d(img.double(), conv.weight.double(), conv.bias.double(), padding=1).float()
+        assert close(got, want)
+
+
+def test_a_replaced_weight_is_not_kept_alive_by_its_packed_copys_sample():
+    """The sample is read through a new view at each check: after ``param.data = other`` (``model.half()``, a move to
+    another device) nothing of the cache holds the old storage but the packed copy itself."""
+    import weakref
+
+    lin = torch.nn.Linear(96, 80)
     with torch.no_grad(), jetdet.mode("deterministic"):
-        conv(img)
-        conv.weight.data += 0.1 * torch.randn_like(conv.weight)  # through .data: the sampled elements see it
-        got = conv(img)
-    want = torch.nn.functional.conv2d(img.double(), conv.weight.double(), conv.bias.double(), padding=1).float()
-    assert close(got, want)
+        lin(torch.randn(3, 96))
+    old = weakref.ref(lin.weight.data.untyped_storage())
+    lin.weight.data = torch.randn(80, 96)
+    assert old() is None
 
 
 def test_scratch_buffers_work_in_and_out_of_inference_mode():

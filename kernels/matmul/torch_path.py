@@ -66,12 +66,14 @@ def pad_cols(b: torch.Tensor) -> torch.Tensor:
 # ComfyUI loads every model), which keep no version counter, so an in-place update could not be seen.
 # A write through `param.data` (`param.data += delta`, as PEFT's fuse_lora merges a LoRA; `param.data.copy_(w)`)
 # moves neither the pointer nor the version counter, and comparing the whole weight at every call costs most of what
-# the cache saves. So each CPU copy also keeps PROBES elements of the weight, spread over it, and is made again when
-# any of them differs bit for bit: a write that changes the whole weight is seen, one that changes only elements
-# outside the sample is not (clear_weight_cache() after it). CUDA copies are not probed (the comparison would be a
-# host sync per call).
+# the cache saves. So each CPU copy also keeps the bits of PROBES elements of the weight (all of a weight of at most
+# PROBE_ALL elements), at a fixed stride through its memory, and is made again when any of them differs: a write
+# that changes the whole weight is seen, one that changes only elements outside the sample is not
+# (clear_weight_cache() after it). The sample is read through a new view at each check (a kept view would keep the
+# old storage alive after `param.data = other`). CUDA copies are not probed (a host sync per call).
 _packed: dict[int, tuple] = {}
 PROBES = 256
+PROBE_ALL = 4096
 
 
 def clear_weight_cache() -> None:
@@ -85,22 +87,35 @@ _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _probe(owner: torch.Tensor) -> tuple | None:
-    """``(view, bits)``: a view of the raw bits of PROBES elements of ``owner`` at a fixed stride through it, and a
-    copy of them; None for a non-contiguous owner. The stride is made coprime with the last dimension, so the
-    elements fall on that many different columns as well as rows; the view, kept with the packed copy, makes the
-    check one comparison."""
-    if not owner.is_contiguous() or owner.numel() == 0:
+    """``(k, step, offset, bits)``: where :func:`_probe_bits` reads the sample of ``owner``, and its bits now; None
+    for a tensor that is not dense (its elements do not fill one span of memory). A dense tensor in another layout
+    (a channels-last conv weight) is sampled in memory order. The stride is coprime with a row's length (the
+    elements per index of the outermost dimension in memory: a GEMM's K for a weight), so the sample falls on that
+    many different columns as well as on rows spread over the weight."""
+    t, n = owner.detach(), owner.numel()
+    if n == 0:
         return None
-    flat = owner.detach().reshape(-1)
-    if flat.dtype.is_floating_point or flat.dtype.is_complex:
-        flat = flat.view(_INT_OF[flat.element_size()])  # bits: NaN equals itself, -0.0 differs from 0.0
-    n, cols = flat.numel(), owner.shape[-1] if owner.dim() >= 2 else 1
-    k = min(n, PROBES)
-    step = max(1, n // k)
-    while step > 1 and math.gcd(step, cols) != 1:
-        step -= 1
-    view = flat[step // 2 :: step][:k]
-    return view, view.clone()
+    dims = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.size(d)))
+    span = 1
+    for d in dims:
+        if t.size(d) != 1 and t.stride(d) != span:
+            return None
+        span *= t.size(d)
+    if n <= PROBE_ALL:
+        k, step = n, 1
+    else:
+        k, step = PROBES, n // PROBES
+        row = n // t.size(dims[-1])
+        while step > 1 and math.gcd(step, row) != 1:
+            step -= 1
+    spec = (k, step, t.storage_offset() + step // 2 if k < n else t.storage_offset())
+    return (*spec, _probe_bits(t, *spec).clone())
+
+
+def _probe_bits(owner: torch.Tensor, k: int, step: int, offset: int) -> torch.Tensor:
+    v = owner.detach().as_strided((k,), (step,), offset)
+    size = v.element_size()
+    return v.view(_INT_OF[size]) if v.dtype.is_floating_point and size in _INT_OF else v  # NaN == NaN, -0.0 != 0.0
 
 
 def _graph_aware(b: torch.Tensor) -> bool:
@@ -185,7 +200,8 @@ def cached_pack(b: torch.Tensor, tag: str, make):
         if graph_aware:
             _use_on_stream(b, ent[2], ent[3], ent[4])
             return ent[2]
-        if torch.equal(*ent[5]):  # the sampled elements as packed
+        k, step, offset, bits = ent[5]
+        if torch.equal(_probe_bits(owner, k, step, offset), bits):  # the sampled elements as when packed
             return ent[2]
     done, streams = None, set()
     if graph_aware:
