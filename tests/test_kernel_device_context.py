@@ -81,5 +81,11 @@ def test_model_input_helpers_draw_on_the_cpu_under_a_users_default_device():
         want = make()
         with torch.device(META):
             got = make()
-        for w, g in zip(want, got):
-            assert g.device.type == "cpu" and torch.equal(w, g)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # and float32 values under a float64 default dtype (as documented)
+        try:
+            got64 = make()
+        finally:
+            torch.set_default_dtype(prev)
+        for w, g, g64 in zip(want, got, got64):
+            assert g.device.type == "cpu" and torch.equal(w, g) and torch.equal(w, g64) and w.dtype == g64.dtype

@@ -112,6 +112,9 @@ def make_shapes(
         return _make_shapes(n, seed, labels, edge_noise)
 
 
+F32 = torch.float32  # whatever the default dtype (make_shapes promises float32)
+
+
 def _make_shapes(n: int, seed: int, labels, edge_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(int(seed))
     if labels is None:
@@ -123,16 +126,16 @@ def _make_shapes(n: int, seed: int, labels, edge_noise: float) -> tuple[torch.Te
         if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
             raise ValueError(f"labels: expected values in [0, {NUM_CLASSES})")
     size = IMAGE_SIZE
-    s = 7.5 + 4.0 * torch.rand(n, generator=g)
+    s = 7.5 + 4.0 * torch.rand(n, generator=g, dtype=F32)
     # Centre jitter: up to +-3 px, less where the shape would leave the frame.
     reach = (size / 2 - 1.15 * s - 1.0).clamp(min=0.0).clamp(max=3.0)
-    cx = size / 2 + reach * (2 * torch.rand(n, generator=g) - 1)
-    cy = size / 2 + reach * (2 * torch.rand(n, generator=g) - 1)
-    ang = math.radians(8.0) * (2 * torch.rand(n, generator=g) - 1)
-    sign = torch.where(torch.rand(n, 3, generator=g) < 0.5, -1.0, 1.0)
-    fg = sign * (0.3 + 0.7 * torch.rand(n, 3, generator=g))
-    bg = -0.6 * fg + 0.4 * (2 * torch.rand(n, 3, generator=g) - 1)
-    grad = 0.15 * (2 * torch.rand(n, 2, generator=g) - 1)
+    cx = size / 2 + reach * (2 * torch.rand(n, generator=g, dtype=F32) - 1)
+    cy = size / 2 + reach * (2 * torch.rand(n, generator=g, dtype=F32) - 1)
+    ang = math.radians(8.0) * (2 * torch.rand(n, generator=g, dtype=F32) - 1)
+    sign = torch.where(torch.rand(n, 3, generator=g, dtype=F32) < 0.5, -1.0, 1.0).to(F32)
+    fg = sign * (0.3 + 0.7 * torch.rand(n, 3, generator=g, dtype=F32))
+    bg = -0.6 * fg + 0.4 * (2 * torch.rand(n, 3, generator=g, dtype=F32) - 1)
+    grad = 0.15 * (2 * torch.rand(n, 2, generator=g, dtype=F32) - 1)
 
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # [H, W]
@@ -142,15 +145,17 @@ def _make_shapes(n: int, seed: int, labels, edge_noise: float) -> tuple[torch.Te
     px = cos * dx + sin * dy
     py = -sin * dx + cos * dy
 
-    sdf = torch.empty(n, size, size)
+    sdf = torch.empty(n, size, size, dtype=F32)
     for c in range(NUM_CLASSES):
         idx = (labels == c).nonzero().flatten()
         if idx.numel():
             sdf[idx] = _sdf(c, px[idx], py[idx], s[idx, None, None])
     if edge_noise > 0:
-        amp = edge_noise * torch.rand(n, 1, 1, generator=g)
-        coarse = torch.randn(n, size // 4, size // 4, generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
-        fine = torch.randn(n, size // 2, size // 2, generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        amp = edge_noise * torch.rand(n, 1, 1, generator=g, dtype=F32)
+        coarse = torch.randn(n, size // 4, size // 4, generator=g, dtype=F32)
+        coarse = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)
+        fine = torch.randn(n, size // 2, size // 2, generator=g, dtype=F32)
+        fine = fine.repeat_interleave(2, 1).repeat_interleave(2, 2)
         sdf = sdf + amp * (0.8 * coarse + 0.6 * fine)
     cover = (0.5 - sdf).clamp(0.0, 1.0)[:, None]  # [n, 1, H, W]
 

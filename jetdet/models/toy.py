@@ -166,8 +166,8 @@ def make_toy_inputs(batch: int, seed: int = 0, size: int = 16, channels: int = 4
     them to the model's device)."""
     g = torch.Generator().manual_seed(seed)
     cpu = dict(generator=g, device="cpu")  # on the CPU also under a user's torch.set_default_device("cuda")
-    x = torch.randn(8, channels, size, size, **cpu)
-    t = torch.rand(8, **cpu)
+    x = torch.randn(8, channels, size, size, dtype=torch.float32, **cpu)  # and float32 under any default dtype
+    t = torch.rand(8, dtype=torch.float32, **cpu)
     y = torch.randint(0, 10, (8,), **cpu)
     reps = -(-batch // 8)
     return x.repeat(reps, 1, 1, 1)[:batch], t.repeat(reps)[:batch], y.repeat(reps)[:batch]
