@@ -8,6 +8,7 @@ Public API::
     jetdet.ops.linear(x, w, b)               # batch-invariant ops (torch.library: jetdet::<op>)
     jetdet.randn(shape, seed, item_offset=0, step=0)
     jetdet.checksum(y); jetdet.match(a, b, "exact"); jetdet.fingerprint()
+    jetdet.clear_weight_cache()              # after a few elements of a weight were written through .data
 
 Importing jetdet probes no device and does not import triton; kernels load on first use.
 """
