@@ -20,19 +20,11 @@ _paths.install()
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
+from .kernels.matmul.torch_path import clear_weight_cache  # noqa: E402
 from .mode import Mode, get_mode, mode, set_mode  # noqa: E402
 from .noise import randn  # noqa: E402
 from .patch import PatchHandle, patch, unpatch  # noqa: E402
 from .verify import checksum, fingerprint, match  # noqa: E402
-
-
-def clear_weight_cache() -> None:
-    """Drop the deterministic path's packed copies of weights (see ``jetdet.kernels.matmul.torch_path``): call it
-    after writing a few elements of a weight through ``param.data``, which torch's version counter does not see."""
-    from .kernels.matmul.torch_path import clear_weight_cache as clear
-
-    clear()
-
 
 __all__ = [
     "Mode", "mode", "set_mode", "get_mode", "ops", "randn", "checksum", "fingerprint", "match",

@@ -340,12 +340,9 @@ def _x0_forecast_blocker(model: nn.Module, param, options: dict) -> str | None:
         return f"forecast_space={options['forecast_space']!r} was asked for"
     if param is None:
         return "the model is forecast as it is (a flow-matching scheduler, or prediction='flow')"
-    cfg = getattr(model, "config", None)
+    from .prediction import _config
 
-    def get(key):
-        return cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
-
-    c_in, c_out = get("in_channels"), get("out_channels")
+    c_in, c_out = _config(model, "in_channels"), _config(model, "out_channels")
     if c_in is None:
         return f"{type(model).__name__} has no config.in_channels to say that its output is shaped like the latent"
     if c_out is not None and c_out != c_in:
@@ -378,7 +375,7 @@ def _same_rules(a, b) -> bool:
 
     def rules(x):
         return (pm._prediction_of(x), pm.is_flow_scheduler(x), pm._config(x, "timestep_type"), pm.adds_noise(x),
-                type(x).__name__ in pm.RENOISE_SAME_T | pm.RENOISE_ALL)
+                type(x).__name__ in pm.RENOISE)
 
     if rules(a) != rules(b):
         return False
@@ -406,13 +403,12 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
 
     inner = _inner(model)  # the forward the installed one wraps, not an accelerate hook's around it
     pipe = None
-    if scheduler is not None and not hasattr(scheduler, "set_timesteps") and hasattr(
-            getattr(scheduler, "scheduler", None), "set_timesteps"):
+    if scheduler is not None and not hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "scheduler"):
+        if not hasattr(scheduler.scheduler, "set_timesteps"):
+            raise TypeError(f"scheduler: got a {type(scheduler).__name__} whose .scheduler is "
+                            f"{type(scheduler.scheduler).__name__}, not a diffusers scheduler; pass the scheduler the "
+                            "pipeline samples with (scheduler=pipe.scheduler)")
         pipe, scheduler = scheduler, scheduler.scheduler  # a pipeline: follow pipe.scheduler (_same_rules)
-    elif scheduler is not None and not hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "scheduler"):
-        raise TypeError(f"scheduler: got a {type(scheduler).__name__} whose .scheduler is "
-                        f"{type(scheduler.scheduler).__name__}, not a diffusers scheduler; pass the scheduler the "
-                        "pipeline samples with (scheduler=pipe.scheduler)")
     adapter = make_adapter(model, inner, latent_arg=latent_arg, timestep_arg=timestep_arg)
     accepted = [n for n in inspect.signature(StepCacheController).parameters if n != "self"]
     unknown = sorted(set(options) - set(accepted))
@@ -422,18 +418,17 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
                         f"blocks, head_blocks, tail_blocks, scheduler, prediction, {', '.join(accepted)}")
     param = pred_map.from_options(scheduler, prediction)
     sname = type(scheduler).__name__
-    if sname in pred_map.RENOISE_SAME_T and options.get("budget") != 0.0:
-        _warn_once(sname + ":renoise", f"{sname} calls the model twice at nearly the same timestep with new noise "
-                   "added between the calls, so the second output cannot be forecast from the first (measured: 17 dB "
-                   "at any budget); fast mode computes every call with it (budget 0)")
+    if sname in pred_map.RENOISE and options.get("budget") != 0.0:
+        why = ("calls the model twice at nearly the same timestep with new noise added between the calls, so the "
+               "second output cannot be forecast from the first (measured: 17 dB at any budget)"
+               if sname in pred_map.RENOISE_SAME_T else
+               "replaces the latent with the model's denoised estimate plus new noise at every step, so no call's "
+               "output can be forecast from the earlier ones (measured with LCM: 13.8 dB mean after one forecast "
+               "call)")
+        _warn_once(sname + ":renoise", f"{sname} {why}; fast mode computes every call with it (budget 0)")
         options["budget"] = 0.0  # every call runs
-    if sname in pred_map.RENOISE_ALL and options.get("budget") != 0.0:
-        _warn_once(sname + ":renoise", f"{sname} replaces the latent with the model's denoised estimate plus new "
-                   "noise at every step, so no call's output can be forecast from the earlier ones (measured with "
-                   "LCM: 13.8 dB mean after one forecast call); fast mode computes every call with it (budget 0)")
-        options["budget"] = 0.0
     noisy = None  # why a scheduler that adds noise every step does not get the denoised-image forecast
-    if pred_map.adds_noise(scheduler) and sname not in pred_map.RENOISE_SAME_T and options.get("budget") != 0.0:
+    if pred_map.adds_noise(scheduler) and options.get("budget") != 0.0:
         noisy = _x0_forecast_blocker(model, param, options)
         if noisy is None:
             # new noise in the latent at every step: forecast the denoised image (smooth in time) and give each
@@ -453,8 +448,7 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         _warn_once(name, f"{name} is patched without scheduler=; its output (for SD1.5/SDXL/SD2, the noise or v "
                    "prediction) is forecast as it is, which keeps far less quality at the same budget. Pass "
                    "scheduler=pipe.scheduler (or prediction='flow' if the model is a flow-matching one)")
-    if scheduler is not None and sname not in (pred_map.MEASURED | pred_map.MULTISTEP_WARN | pred_map.RENOISE_SAME_T
-                                               | pred_map.RENOISE_ALL):
+    if scheduler is not None and sname not in (pred_map.MEASURED | pred_map.MULTISTEP_WARN | pred_map.RENOISE):
         _warn_once(sname + ":unmeasured", f"fast mode has not been measured with {sname}: the error budget bounds "
                    "each forecast, not the image, and how a scheduler's formula carries a forecast's error differs "
                    "(README 'eps and v models in diffusers'). Compare a few images with mode off (jetdet.match), "

@@ -72,6 +72,8 @@ ADDS_NOISE = frozenset({"EulerAncestralDiscreteScheduler", "DPMSolverSDESchedule
 #: a call's output is no smooth function of the earlier ones (a forecast output cost LCM 13.8 dB mean, 6.0 min, in
 #: ``bench/diffusers_eps.py --schedulers lcm`` as is; ComfyUI's lcm sampler, 24 dB): fast mode computes every call
 RENOISE_ALL = frozenset({"LCMScheduler", "TCDScheduler"})
+#: every scheduler fast mode computes every call with (budget 0)
+RENOISE = RENOISE_SAME_T | RENOISE_ALL
 
 
 def adds_noise(scheduler) -> bool:
