@@ -734,13 +734,14 @@ def _h_fallback_named(why):
     return handler
 
 
-def _h_dropout(name: str, training_default: bool):
+def _h_dropout(name: str, training_default: bool, train_kw: str = "training"):
     """Dropout in training mode draws its mask from torch's generator for the whole batch, so an item's mask depends
     on the batch: it runs as torch's with the one-time fallback warning. With ``training=False`` or ``p=0`` it is
-    the identity and passes silently."""
+    the identity and passes silently. ``train_kw`` is the flag's keyword: ``training`` in ``torch.nn.functional``,
+    ``train`` in the low-level ``torch.dropout`` family."""
     def handler(func, args, kwargs):
         p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-        training = args[2] if len(args) > 2 else kwargs.get("training", training_default)
+        training = args[2] if len(args) > 2 else kwargs.get(train_kw, training_default)
         if training and p:
             return _fallback(func, args, kwargs, f"{name} in training mode draws one random mask for the whole batch")
         return func(*args, **kwargs)
@@ -1253,6 +1254,9 @@ _HANDLERS = {
     **{getattr(F, n): _h_dropout(n, t) for n, t in (("dropout", True), ("dropout1d", True), ("dropout2d", True),
                                                    ("dropout3d", True), ("alpha_dropout", False),
                                                    ("feature_alpha_dropout", False))},
+    # the low-level calls under them, which some models call directly: (input, p, train), in place with a "_"
+    **{getattr(torch, n + ip): _h_dropout(f"torch.{n}{ip}", True, "train")
+       for n in ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout") for ip in ("", "_")},
     F.layer_norm: _h_layer_norm,
     torch.layer_norm: _h_layer_norm,
     F.group_norm: _h_group_norm,

@@ -116,3 +116,19 @@ def test_dropout_in_training_mode_warns_and_is_the_identity_otherwise():
         with pytest.warns(UserWarning, match="draws one random mask for the whole batch"):
             _det(fn, torch.randn(2, 3, 4, 4), **kw)
 
+
+@pytest.mark.parametrize("name", ["dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_low_level_dropout_calls_warn_in_training_mode(name, inplace):
+    """``torch.dropout(input, p, train)`` and its family (what ``F.dropout`` calls, and what some models call
+    directly) warn by name when they draw a mask, and pass silently as the identity."""
+    sys.modules["jetdet.mode"]._warned.clear()
+    fn = getattr(torch, name + ("_" if inplace else ""))
+    x = torch.randn(2, 3, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(_det(fn, x.clone(), 0.5, False), x)
+        assert torch.equal(_det(fn, x.clone(), 0.0, train=True), x)
+    with pytest.warns(UserWarning, match=f"torch.{fn.__name__} in training mode draws one random mask"):
+        _det(fn, x.clone(), 0.5, train=True)
+
