@@ -33,6 +33,23 @@ def _alias(subname: str, folder: str) -> None:
         setattr(parent, subname, mod)
 
 
+def user_stacklevel(*modules) -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function name the first frame outside
+    jetdet (its package and ``kernels/``), torch, triton and the given ``modules``' packages: the user's line (or
+    their model's) instead of ``torch/overrides.py`` or a jetdet helper, whatever the depth in between."""
+    import torch
+
+    skip = [PKG_DIR, os.path.join(REPO_DIR, "kernels"), os.path.dirname(torch.__file__)]
+    skip += [os.path.dirname(m.__file__) for m in (sys.modules.get("triton"), *modules) if getattr(m, "__file__", None)]
+    level, f = 1, sys._getframe(1)
+    while f is not None:
+        name = os.path.abspath(f.f_code.co_filename)
+        if not any(name.startswith(p + os.sep) for p in skip):
+            return level
+        f, level = f.f_back, level + 1
+    return 1
+
+
 def install() -> None:
     _alias("kernels", "kernels")
     _alias("autotune_configs", "autotune_configs")

@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 
 from . import backend as _backend
 from . import conv_forms as _conv_forms
+from ._paths import user_stacklevel
 from .kernels.attention import torch_path as _attention_torch
 from .kernels.conv2d.op import out_size as _conv_out_size
 from .kernels.matmul import torch_path as _matmul_torch
@@ -383,8 +384,9 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
 
 
 def _warn_fallback(func, why: str) -> None:
-    """The fallback warning for ``func`` and ``why``, once per pair. Called from a handler's helper: the warning
-    points at the frame that made the torch call's router frame (the stack depth is the same for both callers)."""
+    """The fallback warning for ``func`` and ``why``, once per pair. It points at the line that made the torch call
+    (the user's or their model's), past torch's dispatch (``torch/overrides.py`` for a Python function such as
+    ``F.dropout``, nothing for a builtin) and jetdet's handlers."""
     name = getattr(func, "__name__", str(func))
     key = f"{name}: {why}"
     if key not in _warned:
@@ -392,7 +394,7 @@ def _warn_fallback(func, why: str) -> None:
         warnings.warn(
             f"jetdet deterministic mode: {name} falls back to torch ({why}); this call is not covered by "
             "the batch-invariance guarantee",
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -132,3 +132,19 @@ def test_the_low_level_dropout_calls_warn_in_training_mode(name, inplace):
     with pytest.warns(UserWarning, match=f"torch.{fn.__name__} in training mode draws one random mask"):
         _det(fn, x.clone(), 0.5, train=True)
 
+
+
+def test_a_fallback_warning_names_the_line_that_made_the_call():
+    """The one-time fallback warning points at the model's own line (here: this file), past torch's dispatch
+    (``torch/overrides.py`` for ``F.dropout``, none for the builtin ``torch.tensordot``) and jetdet's handlers."""
+    import inspect
+
+    sys.modules["jetdet.mode"]._warned.clear()
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        _det(lambda t: (F.dropout(t, 0.5, True), torch.tensordot(t, t, dims=([1], [1]))), x)
+    mine = [w for w in seen if "falls back to torch" in str(w.message)]
+    assert len(mine) == 2, [str(w.message) for w in seen]
+    assert all((w.filename, w.lineno) == (__file__, line) for w in mine), [(w.filename, w.lineno) for w in mine]

@@ -353,18 +353,11 @@ def _x0_forecast_blocker(model: nn.Module, param, options: dict) -> str | None:
 def _user_stacklevel() -> int:
     """The ``stacklevel`` of a warning issued here that names the first caller outside jetdet, torch and diffusers
     (a patched forward is called through ``nn.Module.__call__`` and a pipeline's own code)."""
-    import os
     import sys
 
-    pkgs = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__)]
-    pkgs += [os.path.dirname(m.__file__) for m in (sys.modules.get("diffusers"),) if getattr(m, "__file__", None)]
-    level, f = 1, sys._getframe(1)
-    while f is not None:
-        name = os.path.abspath(f.f_code.co_filename)
-        if not any(name.startswith(p + os.sep) for p in pkgs):
-            return level
-        f, level = f.f_back, level + 1
-    return 1
+    from .._paths import user_stacklevel
+
+    return user_stacklevel(sys.modules.get("diffusers")) - 1
 
 
 def _same_rules(a, b) -> bool:
