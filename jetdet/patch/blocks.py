@@ -67,6 +67,8 @@ as the full call before it reuses any token of it.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 
@@ -256,13 +258,28 @@ class BlockHooks:
 
     def __init__(self, split: BlockSplit, set_forward):
         self.split = split
-        self._active: _Run | None = None
-        self._templates: dict[int, tuple] = {}  # block index -> (structure, [_Meta or non-tensor leaf])
+        self._local = threading.local()  # the run and templates of the calling thread (each has its step cache)
         for i, mod in enumerate(split.modules):
             set_forward(mod, self._wrap(i, mod))
         for i, mods in split.token_modules.items():
             for key, mod in mods:
                 set_forward(mod, self._wrap_token(i, key, mod))
+
+    @property
+    def _active(self) -> _Run | None:
+        return getattr(self._local, "active", None)
+
+    @_active.setter
+    def _active(self, run: _Run | None) -> None:
+        self._local.active = run
+
+    @property
+    def _templates(self) -> dict[int, tuple]:
+        """Block index -> (structure, [_Meta or non-tensor leaf]) of the calling thread's last run of it."""
+        t = getattr(self._local, "templates", None)
+        if t is None:
+            t = self._local.templates = {}
+        return t
 
     @property
     def num_blocks(self) -> int:
