@@ -1,6 +1,8 @@
 """jetdet.patch(mode="fast") wires the step-cache controller into a model's forward: budget 0 is bitwise
 the model, a budget saves calls, removal restores the model, bad options leave it untouched."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -93,3 +95,66 @@ def test_diffusers_flux_fast_patch_budget_zero_bitwise():
                     img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(7, 3))
         assert h.stats()["adapter"] == "diffusers" and h.stats()["latent_arg"] == "hidden_states"
     assert type(out) is type(ref) and torch.equal(out.sample, ref.sample)
+
+
+def _partial_call(model, x, t_steps, extra, rows=2):
+    """Five calls on every row, then one where row 1 restarts (a new trajectory: it must be computed) while row 0 is
+    forecast: the model runs on row 1 alone. Returns that call's output and its timesteps."""
+    with torch.no_grad():
+        h = jetdet.patch(model, mode="fast", budget=1e3, piggyback=1.0)
+        try:
+            for i in range(5):
+                model(x, t_steps[i].expand(rows).clone(), **extra)
+            t = t_steps[5].expand(rows).clone()
+            t[1] = t_steps[0]
+            out = model(x, t, **extra)
+            assert h.stats()["cache"]["rows_run"] < h.stats()["cache"]["rows"]
+        finally:
+            h.remove()
+        return out, t
+
+
+def test_an_argument_with_its_batch_in_another_dim_is_never_merged_into_fewer_rows():
+    """A call computing some rows slices every batch-first argument. Per-layer features stacked in front of the batch
+    ([layers, B, D], as HiDream's Llama features) were left whole, so the model merged both rows' features into the
+    one row it ran, silently. HiDream's argument is now sliced on its batch dim; one of an unknown name makes such a
+    call compute every row (warned once), and the rows asked for equal the model's."""
+    class Stacked(torch.nn.Module):
+        def forward(self, x, t, feats):  # x [B, D], feats [n, B, D]
+            f = feats.permute(1, 0, 2).reshape(x.shape[0], -1, x.shape[1]).mean(1)
+            return x * t.view(-1, 1) + f
+
+    g = torch.Generator().manual_seed(0)
+    x, feats = torch.randn(2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    ts = torch.linspace(1, 0, 11)
+    with pytest.warns(UserWarning, match="'feats' has shape \\(3, 2, 8\\), whose batch \\(2\\) is not its first dim"):
+        out, t = _partial_call(Stacked(), x, ts, {"feats": feats})
+    assert torch.equal(out[1], Stacked()(x, t, feats)[1])  # all rows ran: row 1 of the whole batch's output
+
+
+def test_hidream_llama_features_are_sliced_on_their_batch_dim():
+    diffusers = pytest.importorskip("diffusers")
+    cls = getattr(diffusers, "HiDreamImageTransformer2DModel", None)
+    if cls is None:
+        pytest.skip("this diffusers has no HiDream transformer")
+    torch.manual_seed(0)
+    m = cls(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
+            num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    extra = {"encoder_hidden_states_t5": torch.randn(2, 5, 8, generator=g),
+             "encoder_hidden_states_llama3": torch.randn(5, 2, 5, 4, generator=g),  # 5 layers, batch on dim 1
+             "pooled_embeds": torch.randn(2, 8, generator=g), "return_dict": False}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # sliced, not the every-row fallback
+        out, t = _partial_call(m, x, torch.linspace(1000, 0, 11), extra)
+    with torch.no_grad():  # the model on row 1 alone, its llama features sliced by hand
+        ref = m(x[1:], t[1:], encoder_hidden_states_t5=extra["encoder_hidden_states_t5"][1:],
+                encoder_hidden_states_llama3=extra["encoder_hidden_states_llama3"][:, 1:],
+                pooled_embeds=extra["pooled_embeds"][1:], return_dict=False)
+    assert torch.equal(out[0][1], ref[0][0])

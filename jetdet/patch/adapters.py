@@ -16,14 +16,20 @@ in execution order, e.g. ComfyUI's ``joint_blocks`` or ``double_blocks`` + ``sin
 from __future__ import annotations
 
 import inspect
+import sys
+import warnings
 
 import torch
 
+from .._paths import user_stacklevel
 from .call import ModelCall
 
 LATENT_NAMES = ("x", "sample", "hidden_states", "latent", "latents", "x_t", "noisy", "z")
 TIMESTEP_NAMES = ("t", "timestep", "timesteps", "sigma", "sigmas", "time")
 COND_NAMES = ("y", "class_labels", "labels", "pooled_projections", "encoder_hidden_states", "context", "cond")
+#: arguments whose batch is their second dim: HiDream's per-layer Llama features ``[layers, B, L, D]``
+BATCH_DIM1_ARGS = ("encoder_hidden_states_llama3",)
+_warned_layout: set = set()
 
 
 class UnsupportedModelError(TypeError):
@@ -91,6 +97,9 @@ class TorchAdapter:
                 break
 
         def run(rows):
+            if rows is not None and self._unsliceable(a, bsz):  # every row runs; the asked-for ones are returned
+                out = self._unpack(self.forward(*ba.args, **ba.kwargs))
+                return out.index_select(0, rows.to(out.device))
             sub = inspect.BoundArguments(self.sig, self._slice_arguments(dict(a), bsz, rows))
             return self._unpack(self.forward(*sub.args, **sub.kwargs))
 
@@ -123,8 +132,31 @@ class TorchAdapter:
         for k, v in a.items():
             if k in self.no_batch:
                 continue
-            a[k] = _slice(v, bsz, rows)
+            if k in BATCH_DIM1_ARGS and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == bsz:
+                a[k] = v.index_select(1, rows.to(v.device))
+            else:
+                a[k] = _slice(v, bsz, rows)
         return a
+
+    def _unsliceable(self, a, bsz) -> bool:
+        """Whether an argument holds a tensor of 3 or more dims whose first dim is not the batch and a later one is
+        (per-layer features stacked in front of the batch, say): which dim is the batch is not known, so such a call
+        cannot run on some rows only (once per argument name, a warning says why it saves less)."""
+        for k, v in a.items():
+            if k in self.no_batch or k in BATCH_DIM1_ARGS or k == self.latent:
+                continue
+            for leaf in _tensor_leaves(v):
+                if leaf.dim() >= 3 and leaf.shape[0] != bsz and bsz in leaf.shape[1:]:
+                    key = (type(self.model).__name__, k)
+                    if key not in _warned_layout:
+                        _warned_layout.add(key)
+                        warnings.warn(
+                            f"jetdet.patch(mode='fast'): {type(self.model).__name__}'s argument {k!r} has shape "
+                            f"{tuple(leaf.shape)}, whose batch ({bsz}) is not its first dim; a call that must compute "
+                            "some rows computes all of them (correct, but it saves only whole calls)",
+                            stacklevel=user_stacklevel(sys.modules.get("diffusers")))
+                    return True
+        return False
 
     # ----------------------------------------------------------------------------------- outputs
     def _unpack(self, out):
@@ -192,6 +224,17 @@ def _slice(v, bsz, rows):
     if isinstance(v, dict):  # e.g. SDXL's added_cond_kwargs {"text_embeds": [B, D], "time_ids": [B, 6]}
         return {k: _slice(e, bsz, rows) for k, e in v.items()}
     return v
+
+
+def _tensor_leaves(v):
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, (list, tuple)):
+        for e in v:
+            yield from _tensor_leaves(e)
+    elif isinstance(v, dict):
+        for e in v.values():
+            yield from _tensor_leaves(e)
 
 
 class DiffusersAdapter(TorchAdapter):
