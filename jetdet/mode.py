@@ -1158,6 +1158,160 @@ def _h_sdpa(func, args, kwargs):
     return out.reshape(*lead, q.shape[-2], v.shape[-1])
 
 
+def _h_log_softmax(func, args, kwargs):
+    """``log_softmax`` along an int dim: ``x - (m + log(sum(exp(x - m))))`` in fp32 with ``m`` the max (a
+    selection) and the sum jetdet's fixed-order row reduction (as :func:`_h_logsumexp`), rounded once. ``F.log_softmax``
+    is a Python function that torch hands to the router whole: without this, its reduction ran as torch's."""
+    x, dim = call_arg(args, kwargs, 0, "input", kwargs.get("self")), call_arg(args, kwargs, 1, "dim")
+    dtype = kwargs.get("dtype", call_arg(args, kwargs, 3 if func is F.log_softmax else 2, "dtype"))
+    if not isinstance(x, torch.Tensor) or type(dim) is not int or not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
+        return _torch_or_fallback(func, args, kwargs, "dim is not one int dim")
+    if dtype is not None:
+        if dtype not in _FLOATS:
+            return _fallback(func, args, kwargs, f"dtype {dtype}")
+        x = x.to(dtype)
+    why = _ok(x)
+    if why or not x.numel() or x.dim() == 0:
+        return _fallback(func, args, kwargs, why) if why else func(*args, **kwargs)
+    xf = x.float()
+    m = xf.amax(dim, keepdim=True)
+    m = torch.where(m.isinf(), 0.0, m)
+    lse = _ops().sum((xf - m).exp(), (dim % x.dim(),), True).log() + m
+    return (xf - lse).to(x.dtype)
+
+
+def _h_softmin(func, args, kwargs):
+    """``F.softmin`` is ``softmax`` of ``-x`` (torch's own definition), through the routed softmax."""
+    x, dim = call_arg(args, kwargs, 0, "input"), call_arg(args, kwargs, 1, "dim")
+    dtype = call_arg(args, kwargs, 3, "dtype")
+    if not isinstance(x, torch.Tensor) or type(dim) is not int:
+        return _torch_or_fallback(func, args, kwargs, "dim is not one int dim")
+    return _h_softmax(F.softmax, (-x, dim), {} if dtype is None else {"dtype": dtype})
+
+
+def _h_rmatmul(func, args, kwargs):
+    """``other @ tensor`` where ``other`` is not a tensor's own ``__matmul__`` (a subclass or NumPy first)."""
+    this, other = call_arg(args, kwargs, 0, "self"), call_arg(args, kwargs, 1, "other")
+    if not isinstance(other, torch.Tensor):
+        return func(*args, **kwargs)
+    return _h_matmul(torch.matmul, (other, this), {})
+
+
+_MHA_SIG = None
+
+
+def _h_mha(func, args, kwargs):
+    """``F.multi_head_attention_forward``, the body of ``nn.MultiheadAttention``: a Python function that torch hands
+    to the router as one call, so none of the products inside it were routed and an item alone differed from the
+    same item in a batch, silently (an acceptance sweep: HunyuanDiT's text pooler in diffusers). Rebuilt from the
+    routed ops in torch's own order of operations: the input projections (one GEMM for self-attention), the masks
+    made additive and merged as torch does (a True in a boolean mask is a position left out), then attention
+    through the routed scaled_dot_product_attention, or, when the weights are asked for (``need_weights``, the
+    module's default), the scores by ``bmm``/``baddbmm``, the routed softmax, the weights times the values by
+    ``bmm``, and the heads averaged by the routed mean; then the output projection. ``bias_k``/``bias_v``,
+    ``add_zero_attn``, ``static_k``/``static_v`` and dropout in training mode fall back to torch with the warning."""
+    global _MHA_SIG
+    if _MHA_SIG is None:
+        import inspect
+
+        _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
+    try:
+        bound = _MHA_SIG.bind(*args, **kwargs)
+    except TypeError:
+        return func(*args, **kwargs)  # torch's own error
+    bound.apply_defaults()
+    p = bound.arguments
+    q_in, k_in, v_in, nh = p["query"], p["key"], p["value"], p["num_heads"]
+    sep = p["use_separate_proj_weight"]
+    ws = (p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]) if sep else (p["in_proj_weight"],)
+    masks = [m for m in (p["attn_mask"], p["key_padding_mask"]) if isinstance(m, torch.Tensor)]
+    why = None
+    if p["bias_k"] is not None or p["bias_v"] is not None:
+        why = "bias_k/bias_v"
+    elif p["add_zero_attn"]:
+        why = "add_zero_attn"
+    elif p["static_k"] is not None or p["static_v"] is not None:
+        why = "static_k/static_v"
+    elif p["training"] and p["dropout_p"]:
+        why = f"dropout_p={p['dropout_p']} in training mode"
+    else:
+        why = _ok(q_in, k_in, v_in, *ws, p["in_proj_bias"], p["out_proj_weight"], p["out_proj_bias"],
+                  *(m for m in masks if m.dtype != torch.bool))
+    shapes_ok = (not why and q_in.dim() in (2, 3) and k_in.dim() == q_in.dim() == v_in.dim()
+                 and type(nh) is int and nh > 0 and q_in.shape[-1] == p["embed_dim_to_check"]
+                 and q_in.shape[-1] % nh == 0 and k_in.shape[:-1] == v_in.shape[:-1]
+                 and q_in.shape[1:-1] == k_in.shape[1:-1] and all(w is not None for w in ws))
+    if why or not shapes_ok:
+        return _torch_or_fallback(func, args, kwargs, why or "argument shapes")
+    batched = q_in.dim() == 3
+    kpm, am = p["key_padding_mask"], p["attn_mask"]
+    if not batched:
+        q_in, k_in, v_in = q_in.unsqueeze(1), k_in.unsqueeze(1), v_in.unsqueeze(1)
+        kpm = kpm.unsqueeze(0) if kpm is not None else None
+    L, N, E = q_in.shape
+    S, hd = k_in.shape[0], E // nh
+    need_weights, causal = p["need_weights"], p["is_causal"]
+    if causal and am is None:
+        return func(*args, **kwargs)  # torch's error: is_causal is a hint that attn_mask is the causal mask
+
+    def lin(x, w, b):
+        return _h_linear(F.linear, (x, w, b), {})
+
+    bias = p["in_proj_bias"]
+    bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
+    if sep:
+        q, k, v = lin(q_in, ws[0], bq), lin(k_in, ws[1], bk), lin(v_in, ws[2], bv)
+    elif q_in is k_in and k_in is v_in:
+        q, k, v = lin(q_in, ws[0], bias).unflatten(-1, (3, E)).unbind(-2)
+    else:
+        wq, wk, wv = ws[0].chunk(3)
+        q, k, v = lin(q_in, wq, bq), lin(k_in, wk, bk), lin(v_in, wv, bv)
+
+    def additive(m):
+        if m is None or m.dtype != torch.bool:
+            return m
+        return torch.zeros(m.shape, dtype=q.dtype, device=m.device).masked_fill_(m, float("-inf"))
+
+    am, kpm = additive(am), additive(kpm)
+    if causal and kpm is None and not need_weights:
+        am = None  # the kernel's own causal mask, as torch's
+    else:
+        causal = False
+    if am is not None:
+        if am.dim() == 2 and am.shape == (L, S):
+            am = am.unsqueeze(0)
+        elif not (am.dim() == 3 and am.shape == (N * nh, L, S)):
+            return func(*args, **kwargs)  # torch's error for the mask's shape
+    if kpm is not None:
+        if kpm.shape != (N, S):
+            return func(*args, **kwargs)
+        kpm = kpm.view(N, 1, 1, S).expand(-1, nh, -1, -1).reshape(N * nh, 1, S)
+        am = kpm if am is None else am + kpm
+    q = q.reshape(L, N * nh, hd).transpose(0, 1)
+    k = k.reshape(S, N * nh, hd).transpose(0, 1)
+    v = v.reshape(S, N * nh, hd).transpose(0, 1)
+    if need_weights:
+        qs = q * math.sqrt(1.0 / float(hd))
+        kt = k.transpose(-2, -1)
+        scores = (_h_baddbmm(torch.baddbmm, (am, qs, kt), {}) if am is not None
+                  else _h_bmm(torch.bmm, (qs, kt), {}))
+        weights = _h_softmax(F.softmax, (scores, -1), {})
+        out = _h_bmm(torch.bmm, (weights, v), {})
+        out = out.transpose(0, 1).contiguous().view(L * N, E)
+        out = lin(out, p["out_proj_weight"], p["out_proj_bias"]).view(L, N, -1)
+        weights = weights.view(N, nh, L, S)
+        if p["average_attn_weights"]:
+            weights = _HANDLERS[torch.mean](torch.mean, (weights,), {"dim": 1})
+        return (out, weights) if batched else (out.squeeze(1), weights.squeeze(0))
+    if am is not None:
+        am = am.unsqueeze(0) if am.shape[0] == 1 else am.view(N, nh, -1, S)
+    q4, k4, v4 = q.view(N, nh, L, hd), k.view(N, nh, S, hd), v.view(N, nh, S, hd)
+    out = _h_sdpa(F.scaled_dot_product_attention, (q4, k4, v4), {"attn_mask": am, "is_causal": causal})
+    out = out.permute(2, 0, 1, 3).contiguous().view(L * N, E)
+    out = lin(out, p["out_proj_weight"], p["out_proj_bias"]).view(L, N, -1)
+    return (out, None) if batched else (out.squeeze(1), None)
+
+
 # Elementwise activations on CPU. torch's vectorized CPU kernels compute a tensor's last elements (the loop's scalar
 # tail) with another implementation than the body, so an element's bits depended on where it sat in the tensor: on
 # an Intel Xeon with AVX-512, silu, gelu (both), sigmoid, elu, softplus and mish of an item alone differed from the
@@ -1266,6 +1420,16 @@ _HANDLERS = {
     F.softmax: _h_softmax,
     torch.softmax: _h_softmax,
     torch.Tensor.softmax: _h_softmax,
+    torch.special.softmax: _h_softmax,
+    F.log_softmax: _h_log_softmax,
+    torch.log_softmax: _h_log_softmax,
+    torch.Tensor.log_softmax: _h_log_softmax,
+    torch.special.log_softmax: _h_log_softmax,
+    F.softmin: _h_softmin,
+    torch.Tensor.__rmatmul__: _h_rmatmul,
+    F.multi_head_attention_forward: _h_mha,
+    torch.trace: _h_unrouted("trace is not routed"),
+    torch.Tensor.trace: _h_unrouted("trace is not routed"),
     F.scaled_dot_product_attention: _h_sdpa,
     torch.sum: _h_reduce("sum"),
     torch.Tensor.sum: _h_reduce("sum"),
