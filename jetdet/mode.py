@@ -751,6 +751,17 @@ def _h_dropout(name: str, training_default: bool, train_kw: str = "training"):
     return handler
 
 
+def _h_batch_norm(func, args, kwargs):
+    """``F.batch_norm`` in training mode (or without running statistics) normalises each item with statistics of the
+    whole batch, so an item's output depends on the batch by definition: torch's, with the one-time fallback warning.
+    With running statistics in eval mode it is elementwise per item and passes silently."""
+    training = call_arg(args, kwargs, 5, "training", False)
+    if training or call_arg(args, kwargs, 1, "running_mean") is None:
+        return _fallback(func, args, kwargs, "batch_norm in training mode normalises with the whole batch's "
+                                             "statistics")
+    return func(*args, **kwargs)
+
+
 def _einsum_operands(args):
     if args and isinstance(args[0], str):
         eq, ops_ = args[0], args[1:]
@@ -1448,6 +1459,7 @@ _HANDLERS = {
     torch.prod: _h_prod,
     torch.Tensor.prod: _h_prod,
     F.instance_norm: _h_instance_norm,
+    F.batch_norm: _h_batch_norm,
     **{f: _h_unrouted(f"{getattr(f, '__name__', f)} is a reduction jetdet does not route") for f in (
         torch.cosine_similarity, torch.cdist, torch.pdist, torch.pairwise_distance, torch.mv, torch.Tensor.mv,
         torch.dot, torch.Tensor.dot, torch.vdot, torch.inner, torch.addmv, torch.addbmm, torch.nansum,

@@ -173,3 +173,20 @@ def test_rmatmul_and_trace():
     mode_module._warned.clear()
     with pytest.warns(UserWarning, match="trace falls back to torch \\(trace is not routed\\)"):
         assert torch.equal(_det(torch.trace, a[:5, :5]), torch.trace(a[:5, :5]))
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.BatchNorm2d(3).train(),
+                                  lambda: torch.nn.BatchNorm2d(3, track_running_stats=False).eval()])
+def test_batch_norm_with_batch_statistics_warns_and_with_running_statistics_passes(make):
+    """Batch statistics make an item's output depend on the batch by definition: the named warning. In eval mode
+    with running statistics it is elementwise per item: silent, torch's own result."""
+    x = torch.randn(4, 3, 5, 5)
+    bn = torch.nn.BatchNorm2d(3).eval()
+    bn.running_mean.uniform_(-1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert torch.equal(_det(bn, x), bn(x))
+    mode_module._warned.clear()
+    with pytest.warns(UserWarning, match="batch_norm in training mode normalises with the whole batch's statistics"):
+        _det(make(), x)
