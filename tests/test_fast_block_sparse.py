@@ -63,6 +63,25 @@ def test_mask_shared_by_batch_and_empty_rows(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_a_nan_in_the_input_stays_a_nan(backend, where, monkeypatch):
+    """A NaN in q, k or v (an fp16 overflow upstream, say) reaches the output as dense attention's does; only a query
+    block with no kept key block is zeros. The torch path turned every NaN into 0 before (a state audit)."""
+    monkeypatch.setenv("JETDET_BACKEND", backend)
+    q, k, v = _qkv(1, 2, 64, 64, 16, 16, torch.float32)
+    t = {"q": q, "k": k, "v": v}
+    t[where][0, 0, 5, 3] = float("nan")
+    full = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    out = fast.block_sparse_attention(q, k, v, full, block_size=16)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out.isnan(), dense.isnan()) and out.isnan().any()
+    empty = full.clone()
+    empty[0, 0, 0] = False
+    out = fast.block_sparse_attention(q, k, v, empty, block_size=16)
+    assert torch.equal(out[0, 0, :16], torch.zeros_like(out[0, 0, :16]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("mass,pool_size", [(0.5, None), (0.9, None), (1.0, None), (0.9, 8)])
 def test_block_mask_matches_reference(backend, mass, pool_size, monkeypatch):
     monkeypatch.setenv("JETDET_BACKEND", backend)
@@ -142,6 +161,10 @@ def test_bad_inputs():
         fast.attention_block_mask(q, k, mass=0.0)
     with pytest.raises(ValueError, match="min_blocks"):
         fast.attention_block_mask(q, k, min_blocks=0)
+    with pytest.raises(ValueError, match="min_blocks: expected an int >= 1, got 1.5"):
+        fast.attention_block_mask(q, k, min_blocks=1.5)
+    with pytest.raises(ValueError, match="batch: expected a positive int multiple"):
+        fast.block_sparse_work(bm, batch=-1)
     with pytest.raises(ValueError, match="pool_size"):
         fast.attention_block_mask(q, k, block_size=16, pool_size=32)
     with pytest.raises(TypeError, match="k: expected dtype"):

@@ -198,10 +198,10 @@ def _check_block_mask_args(q, k, block_size, mass, min_blocks, pool_size) -> Non
     _checks.check_same("k", k, "q", q)
     _check_head_dim("q", q)
     _check_block_size(block_size)
-    if not (0.0 < mass <= 1.0):
-        raise ValueError(f"mass: expected 0 < mass <= 1, got {mass!r}")
-    if min_blocks < 1:
-        raise ValueError(f"min_blocks: expected >= 1, got {min_blocks!r}")
+    if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not (0.0 < mass <= 1.0):
+        raise ValueError(f"mass: expected a number with 0 < mass <= 1, got {mass!r}")
+    if type(min_blocks) is not int or min_blocks < 1:
+        raise ValueError(f"min_blocks: expected an int >= 1, got {min_blocks!r}")
     if pool_size not in POOL_SIZES or pool_size > block_size:
         raise ValueError(f"pool_size: expected one of {POOL_SIZES} and <= block_size={block_size}, "
                          f"got {pool_size!r}")
@@ -324,6 +324,9 @@ def block_sparse_work(block_mask: BlockMask | torch.Tensor, batch: int | None = 
         counts, nkb = block_mask.counts, block_mask.indices.shape[-1]
     else:
         counts, nkb = block_mask.sum(dim=-1), block_mask.shape[-1]
+    if batch is not None and (type(batch) is not int or batch < 1 or batch % counts.shape[0]):
+        raise ValueError(f"batch: expected a positive int multiple of the mask's batch {counts.shape[0]}, "
+                         f"got {batch!r}")
     rep = (batch // counts.shape[0]) if batch else 1
     programs = counts.numel() * rep
     visited = int(counts.sum()) * rep

@@ -107,7 +107,11 @@ def block_sparse_attention(q, k, v, indices, counts, block_size: int, scale: flo
         ok = (slot_ok[..., None] & tok_ok[idx])[:, :, :, None]  # [B, H, G, 1, C, bs]
         s = s.masked_fill(~ok, float("-inf"))
         G = g1 - g0
-        p = s.reshape(B, H, G, bs, c_max * bs).softmax(dim=-1).nan_to_num(0.0)
+        p = s.reshape(B, H, G, bs, c_max * bs).softmax(dim=-1)
+        # a query block with no kept key gives zeros (its softmax is 0/0); a NaN from the input stays a NaN
+        kept = ok.reshape(B, H, G, 1, c_max * bs).any(dim=-1, keepdim=True)
+        p = torch.where(kept, p, torch.zeros((), dtype=p.dtype, device=p.device))
         o = torch.einsum("bhgin,bhgne->bhgie", p, vg.reshape(B, H, G, c_max * bs, DV))
+        o = torch.where(kept, o, torch.zeros((), dtype=o.dtype, device=o.device))  # not 0 * a NaN in v
         out[:, :, g0 * bs:g1 * bs] = o.reshape(B, H, G * bs, DV)
     return out[:, :, :N].to(q.dtype).contiguous()
