@@ -1552,6 +1552,18 @@ def _autocast_route(func, handler, args, kwargs):
         return handler(func, args, kwargs)
 
 
+def _refused(func, args, kwargs, error: Exception):
+    """A call whose jetdet op refused its arguments: where torch takes them (jetdet's checks are stricter in places: a
+    broadcast linear bias, a conv stride as a 1-tuple), torch's own result with the one-time fallback warning naming
+    why; where torch refuses them too, jetdet's error, which names the argument."""
+    try:
+        out = func(*args, **kwargs)
+    except Exception:
+        raise error from None
+    _warn_fallback(func, f"jetdet's op does not take these arguments: {error}")
+    return out
+
+
 def _route(func, args, kwargs):
     """A torch call under the router: its handler (under ``torch.autocast``, with autocast's casts first) when
     ``func`` is routed, else ``func`` itself."""
@@ -1590,9 +1602,12 @@ class _Router(TorchFunctionMode):
         if frame.mode is Mode.DETERMINISTIC and frame.thread is getattr(_tls, "me", None):
             handler = _HANDLERS.get(func)
             if handler is not None:  # _route's body, inlined: one Python call less on every routed call
-                if torch._C._is_any_autocast_enabled():
-                    return _autocast_route(func, handler, args, kwargs)
-                return handler(func, args, kwargs)
+                try:
+                    if torch._C._is_any_autocast_enabled():
+                        return _autocast_route(func, handler, args, kwargs)
+                    return handler(func, args, kwargs)
+                except (ValueError, TypeError) as e:
+                    return _refused(func, args, kwargs, e)
         return func(*args, **kwargs)
 
 

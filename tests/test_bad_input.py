@@ -250,3 +250,40 @@ def test_triton_kernels_without_triton_installed_are_a_clear_error():
     r = subprocess.run([sys.executable, "-c", _NO_TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:2] == ["randn RuntimeError True", "linear RuntimeError True"], r.stdout + r.stderr
+
+
+def test_reductions_and_addmm_name_what_is_wrong():
+    """``dim=()`` (torch reads it as every dim; jetdet's default is every dim but the batch) and a repeated dim are
+    refused instead of returning the input unchanged or reducing once; a non-bool keepdim is refused; addmm names
+    mat1 when mat1 is wrong (it called it "input", the addend's name)."""
+    x = torch.randn(4, 16)
+    for fn in (jetdet.ops.sum, jetdet.ops.mean):
+        with pytest.raises(ValueError, match=r"dim: expected an int or a non-empty tuple of ints"):
+            fn(x, dim=())
+        with pytest.raises(ValueError, match=r"dim: each dim at most once, got \(1, 1\)"):
+            fn(x, dim=(1, 1))
+        with pytest.raises(TypeError, match="keepdim: expected a bool, got 1"):
+            fn(x, 1, keepdim=1)
+    with pytest.raises(TypeError, match="mat1: expected dtype"):
+        jetdet.ops.addmm(torch.randn(4, 8), x.double(), torch.randn(16, 8))
+    with pytest.raises(ValueError, match="mat2: expected 16 rows to match mat1's last dim"):
+        jetdet.ops.addmm(torch.randn(4, 8), x, torch.randn(15, 8))
+
+
+def test_a_call_torch_takes_and_a_jetdet_op_refuses_falls_back_with_the_warning():
+    """Under the mode, a broadcast linear bias (0-dim, [1, N]) and a conv stride given as a 1-tuple ran into jetdet's
+    stricter checks and raised, where the model runs without the mode: torch's result with the one-time fallback
+    warning naming why. A call torch refuses too keeps jetdet's error, which names the argument."""
+    import sys
+
+    sys.modules["jetdet.mode"]._warned.clear()
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    cases = [(F.linear, (x, w, torch.tensor(0.5)), {}), (F.linear, (x, w, torch.randn(1, 8)), {}),
+             (F.conv2d, (torch.randn(2, 3, 8, 8), torch.randn(8, 3, 3, 3)), {"stride": (1,)})]
+    for fn, a, k in cases:
+        with pytest.warns(UserWarning, match=r"falls back to torch \(jetdet's op does not take these arguments"):
+            with jetdet.mode("deterministic"):
+                got = fn(*a, **k)
+        assert torch.equal(got, fn(*a, **k))
+    with jetdet.mode("deterministic"), pytest.raises(ValueError, match="weight"):
+        F.linear(x, torch.randn(8, 15))

@@ -43,14 +43,13 @@ __all__ = [
 _OPS = registry.OPS
 
 
-def _check_mm(input, mat2):
-    check_tensor("input", input, ndim=2)
-    check_tensor("mat2", mat2, ndim=2)
-    check_same("mat2", mat2, "input", input)
+def _check_mm(input, mat2, names=("input", "mat2")):
+    a, b = names
+    check_tensor(a, input, ndim=2)
+    check_tensor(b, mat2, ndim=2)
+    check_same(b, mat2, a, input)
     if input.shape[1] != mat2.shape[0]:
-        raise ValueError(
-            f"mat2: expected {input.shape[1]} rows to match input's last dim, got shape {tuple(mat2.shape)}"
-        )
+        raise ValueError(f"{b}: expected {input.shape[1]} rows to match {a}'s last dim, got shape {tuple(mat2.shape)}")
 
 
 def mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
@@ -63,7 +62,7 @@ def mm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
 
 def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
     """``beta * input + alpha * (mat1 @ mat2)``; the product is batch invariant, the rest is elementwise."""
-    _check_mm(mat1, mat2)
+    _check_mm(mat1, mat2, names=("mat1", "mat2"))
     check_tensor("input", input)
     check_same("input", input, "mat1", mat1)
     out_shape = (mat1.shape[0], mat2.shape[1])
@@ -318,8 +317,16 @@ def _reduce(op, input, dim, keepdim):
     if dim is None:
         dims = list(range(1, input.dim())) if input.dim() > 1 else [0]
     else:
-        dims = [dim] if isinstance(dim, int) else list(dim)
-        dims = sorted({_dim("dim", d, input.dim()) for d in dims})
+        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
+        if not dims:  # torch reads an empty dim list as every dim; say which dims instead
+            raise ValueError(f"dim: expected an int or a non-empty tuple of ints (None: every dim but the batch dim "
+                             f"0), got {dim!r}")
+        norm = [_dim("dim", d, input.dim()) for d in dims]
+        if len(set(norm)) != len(norm):
+            raise ValueError(f"dim: each dim at most once, got {dim!r}")
+        dims = sorted(norm)
+    if type(keepdim) is not bool:
+        raise TypeError(f"keepdim: expected a bool, got {keepdim!r}")
     keep = [d for d in range(input.dim()) if d not in dims]
     x = input.permute(*keep, *dims)
     kept_shape = [input.shape[d] for d in keep]
