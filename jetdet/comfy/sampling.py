@@ -154,6 +154,78 @@ def item_mask(mask: torch.Tensor, latent_dims: int, row: int) -> torch.Tensor:
     return mask[row % n:row % n + 1]
 
 
+#: conditioning entries ComfyUI fits to the latent batch with ``resize_to_batch_size`` (an inpainting or pix2pix model's
+#: concat inputs, in ``BaseModel.concat_cond`` and its kin); the cross-attention tensor, ``pooled_output`` and the
+#: entries ComfyUI wraps as model conds are repeated (``repeat_to_batch_size``); ``mask`` is cut to the batch
+_RESIZED = frozenset({"concat_latent_image", "concat_mask", "concat_image"})
+_REPEATED = frozenset({"pooled_output"})
+_warned_item_cond: set = set()
+
+
+def _item_rows(t, i: int, n: int, resize: bool = False):
+    """Row ``i`` (kept 1-D batch) of tensor ``t`` as ComfyUI fits it to an ``n``-row batch."""
+    import comfy.utils
+
+    if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] <= 1:
+        return t
+    if resize:
+        return comfy.utils.resize_to_batch_size(t, n)[i:i + 1]
+    return comfy.utils.repeat_to_batch_size(t, n)[i:i + 1]
+
+
+def _item_control(control, i: int, n: int, memo: dict):
+    """A copy of a control chain (ControlNet, T2I adapter, ...) whose hint images are those row ``i`` gets in an
+    ``n``-row batch: ComfyUI broadcasts a batch of hints over the rows (row r gets hint r mod the hint count)."""
+    if control is None:
+        return None
+    if id(control) in memo:
+        return memo[id(control)]
+    hint = getattr(control, "cond_hint_original", None)
+    extra = list(getattr(control, "extra_concat_orig", None) or [])
+    prev = _item_control(getattr(control, "previous_controlnet", None), i, n, memo)
+    batched = (isinstance(hint, torch.Tensor) and hint.dim() >= 1 and hint.shape[0] > 1) or any(
+        isinstance(e, torch.Tensor) and e.dim() >= 1 and e.shape[0] > 1 for e in extra)
+    if not batched and prev is getattr(control, "previous_controlnet", None):
+        memo[id(control)] = control
+        return control
+    c = control.copy()
+    if isinstance(hint, torch.Tensor) and hint.dim() >= 1 and hint.shape[0] > 1:
+        c.cond_hint_original = hint[i % hint.shape[0]:i % hint.shape[0] + 1]
+    c.extra_concat_orig = [e[i % e.shape[0]:i % e.shape[0] + 1]
+                           if isinstance(e, torch.Tensor) and e.dim() >= 1 and e.shape[0] > 1 else e for e in extra]
+    c.set_previous_controlnet(prev)
+    memo[id(control)] = c
+    return c
+
+
+def item_conditioning(conditioning, i: int, n: int, memo: dict | None = None):
+    """What batch row ``i`` of an ``n``-item run gets of a CONDITIONING, as a conditioning for that item alone.
+
+    A batch-1 run takes the first of every batch of per-item tensors (masks, ControlNet hints, an inpainting model's
+    concat image, a batch of text embeddings), where the batch gives row ``i`` its own: each is cut to row ``i`` by
+    ComfyUI's own rule for it (see :data:`_RESIZED`). A batched tensor under another key is passed whole, with a
+    one-time log line naming it (a batch-1 run then reads it as ComfyUI's model code does for one row)."""
+    memo = {} if memo is None else memo
+    out = []
+    for entry in conditioning:
+        t, d = entry[0], dict(entry[1])
+        t = _item_rows(t, i, n)
+        for k, v in entry[1].items():
+            if k == "control":
+                d[k] = _item_control(v, i, n, memo)
+            elif k == "mask" and isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+                d[k] = v[:n][i % min(n, v.shape[0]):i % min(n, v.shape[0]) + 1]
+            elif k in _RESIZED or k in _REPEATED:
+                d[k] = _item_rows(v, i, n, resize=k in _RESIZED)
+            elif (isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1 and v.shape[0] in (n, 2 * n)
+                  and k not in _warned_item_cond):
+                _warned_item_cond.add(k)
+                logging.warning("jetdet: the conditioning's %r holds %d rows; sampling one item at a time passes it "
+                                "whole, and ComfyUI's model code decides which row an item alone reads", k, v.shape[0])
+        out.append([t, d])
+    return out
+
+
 def _origin(f) -> str:
     """The base name of the module that defined ``f``: ComfyUI loads ``comfy_extras`` by file path, so a node's
     function there has the path as its ``__module__`` (``.../comfy_extras/nodes_perpneg``), not the dotted name."""
@@ -300,13 +372,18 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
     if (sampler_name in BATCH_COUPLED or coupled) and len(ids) > 1 and split_coupled:
         # dpm_adaptive's step-size control measures the error over the whole batch, so the steps an item gets depend
         # on the other items, and so does a coupled patch's output: only a batch-1 run is per item
+        # each item alone gets what its row gets in the batch: its noise mask, and its rows of the conditionings'
+        # per-item tensors (a batch-1 run would give every item the first mask or ControlNet hint)
         mask = latent.get("noise_mask")
         outs = []
         for i, item in enumerate(ids):
             one = {"samples": latent["samples"][i:i + 1]}
             if isinstance(mask, torch.Tensor):
                 one["noise_mask"] = item_mask(mask, latent_image.dim(), i)
-            outs.append(sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, one, denoise,
+            memo: dict = {}
+            pos_i = item_conditioning(positive, i, len(ids), memo)
+            neg_i = item_conditioning(negative, i, len(ids), memo)
+            outs.append(sample(model, seed, steps, cfg, sampler_name, scheduler, pos_i, neg_i, one, denoise,
                                item, callback, disable_pbar, noise_seed_step, split_coupled=split_coupled))
         return torch.cat(outs)
     noise = item_noise(latent_image.shape, seed, ids, noise_seed_step, latent_image.dtype)

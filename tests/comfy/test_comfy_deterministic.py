@@ -536,3 +536,63 @@ def test_a_partial_load_with_weight_patches_is_named_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         w(Executor(True, 3), torch.zeros(1))  # once
+
+
+def test_one_item_at_a_time_gives_each_item_its_own_conditioning_rows(shapes_patcher, shapes_conds):
+    """With dpm_adaptive (sampled item by item) every item got the first of a conditioning's batch of masks, as a
+    batch-1 run takes it, where the batch gives row i mask i (a user trial: ConditioningSetMask with 3 masks; the same
+    for ControlNet hints). Row i of the batch now equals row i of a run with mask i everywhere, as with euler."""
+    import nodes
+
+    from jetdet.comfy import shapes_model as sm
+
+    size = sm.LATENT_SIZE
+    masks = torch.zeros(3, size, size)
+    masks[0, :, : size // 2] = 1
+    masks[1, :, size // 2:] = 1
+    masks[2, : size // 2, :] = 1
+
+    def cond(m):
+        return nodes.ConditioningSetMask().append(shapes_conds[0], m, "default", 1.0)[0]
+
+    def run(m, sampler):
+        return det_sample(shapes_patcher, cond(m), shapes_conds[1], 3, sampler, steps=6)[0]
+
+    for sampler in ("euler", "dpm_adaptive"):
+        full = run(masks, sampler)
+        for i in (1, 2):
+            assert torch.equal(full[i], run(masks[i:i + 1].repeat(3, 1, 1), sampler)[i]), (sampler, i)
+            assert not torch.equal(full[i], run(masks[:1].repeat(3, 1, 1), sampler)[i]), (sampler, i)
+
+
+def test_item_conditioning_cuts_hints_masks_and_embeddings_by_comfyuis_rules(comfy_dir):
+    """Row i of an n-item batch: ControlNet hints r mod their count (a chain copied, the original left alone, one copy
+    shared by positive and negative), masks cut to the batch, concat images resized as ComfyUI resizes them, text
+    embeddings and pooled outputs repeated."""
+    import comfy.controlnet
+    import comfy.utils
+
+    from jetdet.comfy.sampling import item_conditioning
+
+    hints, first = torch.rand(2, 3, 8, 8), torch.rand(1, 3, 8, 8)
+
+    def controlnet():  # ComfyUI's ControlNet around a stand-in control model (never run here)
+        return comfy.controlnet.ControlNet(torch.nn.Linear(1, 1), load_device=torch.device("cpu"))
+
+    prev = controlnet().set_cond_hint(first)
+    cn = controlnet().set_cond_hint(hints).set_previous_controlnet(prev)
+    emb, pooled, mask, concat = torch.rand(2, 4, 8), torch.rand(2, 8), torch.rand(3, 8, 8), torch.rand(2, 4, 8, 8)
+    pos = [[emb, {"control": cn, "pooled_output": pooled, "mask": mask, "concat_latent_image": concat}]]
+    neg = [[emb[:1], {"control": cn}]]
+    for i in range(3):
+        memo: dict = {}
+        p, q = item_conditioning(pos, i, 3, memo), item_conditioning(neg, i, 3, memo)
+        c = p[0][1]["control"]
+        assert c is not cn and q[0][1]["control"] is c
+        assert torch.equal(c.cond_hint_original, hints[i % 2:i % 2 + 1])
+        assert c.previous_controlnet is prev  # its single hint needs no copy
+        assert torch.equal(p[0][0], emb[i % 2:i % 2 + 1]) and torch.equal(q[0][0], emb[:1])
+        assert torch.equal(p[0][1]["pooled_output"], pooled[i % 2:i % 2 + 1])
+        assert torch.equal(p[0][1]["mask"], mask[i:i + 1])
+        assert torch.equal(p[0][1]["concat_latent_image"], comfy.utils.resize_to_batch_size(concat, 3)[i:i + 1])
+    assert cn.cond_hint_original is hints and pos[0][1]["mask"] is mask  # the user's conditioning is unchanged
