@@ -260,6 +260,22 @@ def _patch_signature(transformer_options: dict) -> tuple:
             tuple(sorted((str(k), len(v) if isinstance(v, (list, tuple)) else 1) for k, v in pat.items())))
 
 
+def _hook_state(executor) -> tuple:
+    """The weights a call runs with, as far as ComfyUI's conditioning hooks change them: each hook applied to the model
+    now and its strength at this step (a hook LoRA's strength times its keyframe's). A keyframe that changes the
+    strength mid-run changes the model: calls after it are another function of the input than those before."""
+    model = getattr(executor, "class_obj", None)
+    hooks = getattr(getattr(model, "current_patcher", None), "current_hooks", None)
+    out = []
+    for h in getattr(hooks, "hooks", None) or ():
+        try:
+            strength = float(h.strength)
+        except (AttributeError, TypeError, ValueError):
+            strength = None
+        out.append((id(getattr(h, "hook_ref", h)), strength))
+    return tuple(out)
+
+
 class FastState:
     """jetdet's step cache for one fast-mode MODEL (shared by its clones; one sampling run at a time).
 
@@ -303,6 +319,7 @@ class FastState:
         self.last_stats: dict | None = None
         self._kinds: dict = {}  # call kind (block replacements and patches, see _patch_signature) -> its number
         self._conds: dict = {}  # a cond's uuid (ComfyUI's, one per cond per sampling run) -> its number
+        self._hooked: dict = {}  # a cond's number -> the hook state of its last call
         self._ve = False  # this run's model has variance-exploding sigma (see apply_model)
         self._lock = threading.Lock()
 
@@ -365,6 +382,7 @@ class FastState:
             self._ve = ve  # set with its run's controller, under the lock
             self._kinds = {}
             self._conds = {}
+            self._hooked = {}  # a cond's number -> the hook state its last call ran with (see _hook_state)
             self.swap = (LinearAttentionSwap(self.linear_attention, 1, 1, epoch_fn=ctl.epoch)
                          if self.linear_attention else None)
             self.cache = AttentionCache(self.attention_cache, epoch_fn=ctl.epoch) if self.attention_cache else None
@@ -411,6 +429,15 @@ class FastState:
         if not isinstance(uuids, (list, tuple)) or len(uuids) != len(chunks):
             uuids = [None] * len(chunks)
         ids = [self._conds.setdefault(u, len(self._conds)) for u in uuids]
+        # the weights a cond runs with: a hook LoRA's keyframe that changes its strength mid-run changes the model, and
+        # the whole latent's path with it (through CFG), so every stream starts over and is computed until it has a
+        # history again (forecast across the change, a user trial lost 13-17 dB at the same budget)
+        hooks = _hook_state(executor)
+        for c in set(ids):
+            if self._hooked.setdefault(c, hooks) != hooks:
+                self._hooked = {c: hooks}
+                ctl._reset_all("model")
+                break
         cond = torch.tensor([[float(chunks[c]), float(kind), float(ids[c])]
                              for c in (min(r // per, len(chunks) - 1) for r in range(bsz))])
         shape = (-1,) + (1,) * (x.dim() - 1)
