@@ -209,6 +209,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--scheduler", default="simple")
+    ap.add_argument("--cfg", type=float, default=4.0,
+                    help="CFG scale (4 is what the model was sampled at; the CFG++ samplers take theirs near 1)")
     ap.add_argument("--sampling", choices=tuple(SAMPLINGS), default="flow",
                     help="flow: the model as trained (SD3 sigma); eps/edm: the same ODE sampled in an eps model's "
                          "(SD1.5 table) or an EDM model's (0.002-80) variance-exploding sigma")
@@ -226,8 +228,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     res = run(items=args.items, seed=args.seed, classes=tuple(args.classes), steps=args.steps, sampler=args.sampler,
-              scheduler=args.scheduler, budgets=args.budgets, thresholds=args.thresholds, weights=args.weights,
-              sampling=args.sampling)
+              scheduler=args.scheduler, cfg=args.cfg, budgets=args.budgets, thresholds=args.thresholds,
+              weights=args.weights, sampling=args.sampling)
     command = "python bench/comfy_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = format_markdown(res, command.strip())
     print(md)
