@@ -250,7 +250,8 @@ class JetDetFastOptimizer(io.ComfyNode):
                         "forecast within the error budget. State resets for every sampling run. Saves most with "
                         "deterministic samplers (euler, dpmpp_2m); with ancestral and SDE samplers it forecasts the "
                         "denoised image and saves less (README: 1.1-1.3x at the default budget on the shapes model at "
-                        "30 steps, nothing at 20, against 2.3x with euler); CFG++ samplers save little.",
+                        "30 steps, nothing at 20, against 2.3x with euler); with CFG++ samplers and lcm it computes "
+                        "every call (a forecast's error goes into their latent whole), with a warning.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to speed up (it is not changed; the output is a clone)."),
                 io.Float.Input("budget", default=0.05, min=0.0, max=1.0, step=0.005, round=0.0001,

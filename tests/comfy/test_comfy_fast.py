@@ -511,3 +511,29 @@ def test_a_hook_keyframe_that_changes_the_weights_mid_run_starts_the_cache_over(
     assert psnr_db(out, ref) > 39.5
     monkeypatch.setattr(wr, "_hook_state", lambda executor: ())  # the negative control: the change is not seen
     assert psnr_db(_plain(fast, pos, neg, batch=8, steps=20), ref) < 37.0
+
+
+def test_cfg_pp_samplers_compute_every_call_with_a_warning(shapes_patcher, monkeypatch):
+    """A CFG++ sampler builds each step from the denoised images themselves, so a forecast's error goes into the
+    latent whole: at CFG 1 (what they are made for) dpmpp_2m_cfg_pp at budget 0.05 kept 17.7 dB mean on the bench.
+    Fast mode now computes every call with them and says so once; the negative control forecasts as before."""
+    from _comfy_util import stock_ksampler
+
+    from jetdet.comfy import shapes_model as sm
+
+    conds = sm.class_conditioning(3), sm.null_conditioning()
+
+    def run(model):
+        return stock_ksampler(model, *conds, empty_latent(8), "dpmpp_2m_cfg_pp", steps=30, seed=0, cfg=1.0)
+
+    ref = run(shapes_patcher)
+    monkeypatch.setattr(wr, "_warned_renoising", set())
+    fast = _fast(shapes_patcher, 0.05)
+    with pytest.warns(UserWarning, match=r"dpmpp_2m_cfg_pp sampler \(CFG\+\+\) builds each step"):
+        out = run(fast)
+    assert torch.equal(out, ref) and wr.fast_state(fast).stats()["calls_saved"] == 0
+    monkeypatch.setattr(wr, "_cfg_pp", lambda sampler: False)  # negative control: forecast as any other sampler
+    old = _fast(shapes_patcher, 0.05)
+    out_old = run(old)
+    s = wr.fast_state(old).stats()
+    assert s["rows_saved"] > 0 and psnr_db(out_old, ref) < 32, (psnr_db(out_old, ref), s)  # 28.4 dB here
