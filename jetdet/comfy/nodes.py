@@ -848,26 +848,29 @@ class JetDetCacheManager(io.ComfyNode):
             report = "budgets (bytes, None = unlimited): " + json.dumps(budgets)
         elif action == "clear":
             state.clear()
-            report = "cleared; " + _stats_text(state.stats())
+            report = "cleared; " + _stats_text(state.stats(), state.held_bytes())
         else:
-            report = _stats_text(state.stats())
+            report = _stats_text(state.stats(), state.held_bytes())
         return io.NodeOutput(*cls._outputs(action, key, out_model, None, None), report, ui={"text": [report]})
 
 
-def _stats_text(s: dict) -> str:
+def _stats_text(s: dict, held: dict | None = None) -> str:
     """``runs N (so far); last run: calls ...``: the counts are those of the model's last sampling run (the step
-    cache starts each run afresh), ``runs`` counts every run of the model."""
+    cache starts each run afresh), ``runs`` counts every run of the model; its ``bytes per tier`` are what that run
+    held at its end, and ``held now`` what is held when the report is made (nothing between runs: a run frees its
+    cache when it ends)."""
     head = f"runs {s['runs']} (so far); last run: " if "runs" in s else ""
     keys = ("calls", "calls_run", "calls_saved", "calls_partial", "rows", "rows_run", "rows_saved", "hits",
             "call_ratio", "row_ratio", "syncs", "budget", "forecast_space", "piggyback")
     parts = [f"{k} {s[k]:.3g}" if isinstance(s.get(k), float) else f"{k} {s[k]}" for k in keys if k in s]
     if "bytes" in s:
-        parts.append("bytes per tier " + json.dumps(s["bytes"]))
+        parts.append("bytes per tier at its end " + json.dumps(s["bytes"]))
     m = s.get("manager") or {}
     for k in ("spilled_to_cpu", "spilled_to_disk", "evicted", "peak_device_bytes"):
         if k in m:
             parts.append(f"{k} {m[k]}")
-    return head + ", ".join(parts)
+    text = head + ", ".join(parts)
+    return text if held is None else f"{text}; held now {json.dumps(held)}"
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
@@ -1083,7 +1086,17 @@ def conditioning_checksum(cond) -> str:
             v = entry[1][k]
             if isinstance(v, torch.Tensor):
                 h.update(f"{k}={jetdet.checksum(v)}".encode())
+            elif _plain_value(v):  # an area, a strength, a timestep range, Flux's guidance: they change the image
+                h.update(f"{k}={v!r}".encode())
     return h.hexdigest()
+
+
+def _plain_value(v) -> bool:
+    """A number, string, bool or None, or a tuple/list of them: hashed by ``repr`` (objects such as a ControlNet or
+    hooks are not: their ``repr`` holds a memory address)."""
+    if isinstance(v, (tuple, list)):
+        return all(_plain_value(e) for e in v)
+    return v is None or isinstance(v, (bool, int, float, str))
 
 
 class JetDetExpertSelector(io.ComfyNode):

@@ -341,6 +341,13 @@ class FastState:
             self.last_stats = self.stats()
             ctl.clear()
 
+    def held_bytes(self) -> dict:
+        """Bytes of cached tensors held now, per tier: nothing outside a sampling run (each run's are freed when it
+        ends, and by :meth:`clear`)."""
+        ctl = self.controller
+        held = dict(ctl.stats()["bytes"]) if ctl is not None else {}
+        return {tier: held.get(tier, 0) for tier in ("device", "cpu", "disk")}
+
     def stats(self) -> dict:
         if self.controller is None:
             return dict(self.last_stats or {"runs": self.runs, "calls": 0})

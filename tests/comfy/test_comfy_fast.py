@@ -98,8 +98,12 @@ def test_cache_manager_stats_and_clear(shapes_patcher, shapes_conds):
     _plain(fast, *shapes_conds, steps=4)  # the counts are the last run's, the runs every run's
     assert JetDetCacheManager.execute("stats", fast).args[3].startswith("runs 2 (so far); last run: calls 4,")
     assert "budget 0.2, forecast_space output, piggyback 0.5" in report  # the options the run used (by sampler)
+    # the last run's bytes are labelled as its; what is held now (nothing: a run frees its cache) is said apart
+    end = 'bytes per tier at its end {"device": '
+    assert end in report and end + "0," not in report
+    assert report.endswith('; held now {"device": 0, "cpu": 0, "disk": 0}'), report
     report = JetDetCacheManager.execute("clear", fast).args[3]
-    assert report.startswith("cleared")
+    assert report.startswith("cleared") and report.endswith('held now {"device": 0, "cpu": 0, "disk": 0}')
     with pytest.raises(ValueError, match="no jetdet step cache"):
         JetDetCacheManager.execute("stats", shapes_patcher)
 

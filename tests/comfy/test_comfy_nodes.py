@@ -146,6 +146,18 @@ def test_expert_selector_is_a_stable_sha256_choice(comfy_dir, shapes_patcher, sh
     assert len(picks) > 1
     with pytest.raises(ValueError, match="give a prompt text or connect a conditioning"):
         N.JetDetExpertSelector.execute(*models)
+    # an area, a strength or a timestep range gives another image: another checksum (a trial found them hashed
+    # alike); a ControlNet-like object in the dict is left out (its repr holds an address)
+    import nodes
+
+    base = N.conditioning_checksum(shapes_conds[0])
+    variants = [nodes.ConditioningSetArea().append(shapes_conds[0], 64, 64, 0, 0, 1.0)[0],
+                nodes.ConditioningSetAreaStrength().append(shapes_conds[0], 3.0)[0],
+                nodes.ConditioningSetTimestepRange().set_range(shapes_conds[0], 0.0, 0.5)[0]]
+    sums = {N.conditioning_checksum(v) for v in variants}
+    assert base not in sums and len(sums) == 3
+    with_object = [[shapes_conds[0][0][0], dict(shapes_conds[0][0][1], control=object())]]
+    assert N.conditioning_checksum(with_object) == N.conditioning_checksum(with_object) == base
 
 
 def test_multipass_rerunning_one_pass_alone_is_bit_exact(shapes_patcher, shapes_conds):
