@@ -20,7 +20,7 @@ NODE_IDS = (
     "JetDetModeSwitch", "JetDetDeterministicSampler", "JetDetChecksum", "JetDetOutputMatcher", "JetDetFastOptimizer",
     "JetDetCacheManager", "JetDetBenchmark", "JetDetExpertSelector", "JetDetMultiPassRefiner",
     "JetDetClassConditioning", "JetDetShapesModelLoader", "JetDetShapesDecode", "JetDetDeterministicVAEDecode",
-    "JetDetDeterministicVAEEncode", "JetDetDeterministicVAEDecodeAudio",
+    "JetDetDeterministicVAEEncode", "JetDetDeterministicVAEDecodeAudio", "JetDetDeterministicSamplerAdvanced",
 )
 
 

@@ -77,8 +77,9 @@ def _a(noun: str) -> str:
 
 
 def _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise, batch_offset,
-                progress=True, note_fast=True):
-    """One deterministic sampling run; returns a new LATENT dict."""
+                progress=True, note_fast=True, **advanced):
+    """One deterministic sampling run; returns a new LATENT dict. ``advanced``: KSamplerAdvanced's options, as
+    :func:`jetdet.comfy.sampling.sample` takes them."""
     model = wr.check_model(model)
     if note_fast and wr.fast_state(model) is not None:
         logging.warning("jetdet: the model given to a deterministic sampling node is in fast mode; this node runs "
@@ -86,7 +87,7 @@ def _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, nega
     det = wr.with_deterministic(model)
     samples = smp.sample(det, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise,
                          batch_offset, callback=_callback(det, steps) if progress else None,
-                         disable_pbar=_disable_pbar())
+                         disable_pbar=_disable_pbar(), **advanced)
     out = {k: v for k, v in latent.items() if k != "samples"}
     out["samples"] = samples
     return out
@@ -213,7 +214,8 @@ class JetDetModeSwitch(io.ComfyNode):
                                        "budget. deterministic: model calls whose bits do not depend on the batch. "
                                        "With ComfyUI's KSampler, ancestral and SDE samplers still draw their step "
                                        "noise for the whole batch: for the same bits per item whatever the batch, "
-                                       "sample with the jetdet Deterministic Sampler."),
+                                       "sample with the jetdet Deterministic Sampler (its Advanced node for the "
+                                       "stages of a handoff)."),
                 io.Float.Input("budget", default=0.05, min=0.0, max=1.0, step=0.005, round=0.0001,
                                tooltip="fast: largest predicted relative L1 error of a skipped model call "
                                        "(0 = never skip)."),
@@ -339,6 +341,73 @@ class JetDetDeterministicSampler(io.ComfyNode):
                 batch_offset):
         out = _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                           denoise, batch_offset)
+        lines = _item_checksums(out["samples"], _ids_of(out["samples"], batch_offset, latent_image))
+        return io.NodeOutput(out, "\n".join(lines), _fingerprint_json(model.load_device))
+
+
+class JetDetDeterministicSamplerAdvanced(io.ComfyNode):
+    """KSamplerAdvanced's inputs with the Deterministic Sampler's guarantee: the stages of a handoff (a base model's
+    first steps with the leftover noise, a refiner's last steps with no new noise) each per item."""
+
+    @classmethod
+    def define_schema(cls):
+        samplers, schedulers = _samplers()
+        return io.Schema(
+            node_id="JetDetDeterministicSamplerAdvanced", display_name="jetdet Deterministic Sampler (Advanced)",
+            category=CATEGORY,
+            description="KSampler (Advanced) whose item i is bit-identical to a batch-1 run of that item with "
+                        "batch_offset=i: a stage of a two-stage handoff (start/end step, leftover noise, no added "
+                        "noise) with per-item noise, also with ancestral and SDE samplers.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample (it is not changed)."),
+                io.Combo.Input("add_noise", options=["enable", "disable"], default="enable",
+                               tooltip="Add the starting noise (disable for the second stage of a handoff, whose "
+                                       "latent carries the first stage's leftover noise)."),
+                io.Int.Input("noise_seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                             tooltip="Seed of the noise. Item i's noise (the starting noise and every step's) depends "
+                                     "only on (seed, batch_offset + i, step)."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampler steps of the whole schedule."),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=samplers, default="euler", tooltip="ComfyUI's sampler."),
+                io.Combo.Input("scheduler", options=schedulers, default="simple", tooltip="ComfyUI's sigma schedule."),
+                io.Conditioning.Input("positive", tooltip="The conditioning to move towards."),
+                io.Conditioning.Input("negative", tooltip="The conditioning to move away from (the CFG uncond "
+                                                          "branch)."),
+                io.Latent.Input("latent_image", tooltip="The latent batch to denoise."),
+                io.Int.Input("start_at_step", default=0, min=0, max=10000,
+                             tooltip="First step of the schedule this stage runs."),
+                io.Int.Input("end_at_step", default=10000, min=0, max=10000,
+                             tooltip="Step where this stage stops (10000: the end)."),
+                io.Combo.Input("return_with_leftover_noise", options=["disable", "enable"], default="disable",
+                               tooltip="enable: stop at end_at_step's noise level, for a next stage to finish; "
+                                       "disable: denoise fully at end_at_step."),
+                io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX,
+                             tooltip="Item id of the first latent in the batch (item i uses id batch_offset + i); give "
+                                     "every stage of a handoff the same one. A latent from Latent From Batch carries "
+                                     "its items' ids (batch_index): leave 0 there."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="The latents after this stage."),
+                io.String.Output(display_name="checksums", tooltip="SHA-256 of every item's latent, one per line."),
+                io.String.Output(display_name="fingerprint", tooltip="What produced it (device, versions), JSON."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None, add_noise=None, return_with_leftover_noise=None,
+                        input_types=None):
+        return _combos_valid(cls, input_types, sampler_name=sampler_name, scheduler=scheduler, add_noise=add_noise,
+                             return_with_leftover_noise=return_with_leftover_noise)
+
+    @classmethod
+    def execute(cls, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                latent_image, start_at_step, end_at_step, return_with_leftover_noise, batch_offset):
+        smp.check_choice("add_noise", add_noise, ("enable", "disable"))
+        smp.check_choice("return_with_leftover_noise", return_with_leftover_noise, ("disable", "enable"))
+        out = _det_sample(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                          1.0, batch_offset, add_noise=add_noise == "enable", start_step=start_at_step,
+                          last_step=end_at_step, force_full_denoise=return_with_leftover_noise == "disable")
         lines = _item_checksums(out["samples"], _ids_of(out["samples"], batch_offset, latent_image))
         return io.NodeOutput(out, "\n".join(lines), _fingerprint_json(model.load_device))
 
@@ -1321,7 +1390,7 @@ NODES = [
     JetDetModeSwitch, JetDetDeterministicSampler, JetDetChecksum, JetDetOutputMatcher, JetDetFastOptimizer,
     JetDetCacheManager, JetDetBenchmark, JetDetExpertSelector, JetDetMultiPassRefiner, JetDetClassConditioning,
     JetDetShapesModelLoader, JetDetShapesDecode, JetDetDeterministicVAEDecode, JetDetDeterministicVAEEncode,
-    JetDetDeterministicVAEDecodeAudio,
+    JetDetDeterministicVAEDecodeAudio, JetDetDeterministicSamplerAdvanced,
 ]
 
 

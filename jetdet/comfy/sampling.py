@@ -332,8 +332,15 @@ def make_sampler(name: str, seed: int, ids: list[int], like: torch.Tensor):
 
 def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
            latent: dict, denoise: float = 1.0, batch_offset: int = 0, callback=None, disable_pbar: bool = True,
-           noise_seed_step: int = 0, *, split_coupled: bool = True) -> torch.Tensor:
+           noise_seed_step: int = 0, *, split_coupled: bool = True, add_noise: bool = True,
+           start_step: int | None = None, last_step: int | None = None,
+           force_full_denoise: bool = False) -> torch.Tensor:
     """ComfyUI's ``KSampler`` with per-item noise: returns the sampled ``samples`` (see the module docstring).
+
+    ``add_noise``, ``start_step``, ``last_step`` and ``force_full_denoise`` are ``KSamplerAdvanced``'s, with ComfyUI's
+    rules for them (``comfy.samplers.KSampler.sample``): the schedule's steps from ``start_step`` to ``last_step``, the
+    last sigma set to 0 with ``force_full_denoise``, no starting noise without ``add_noise`` (the second stage of a
+    handoff); a ``start_step`` at or past the last step returns the latent as it is.
 
     ``model`` is sampled as given (wrap it with :func:`jetdet.comfy.wrappers.with_deterministic` for
     batch-invariant model calls). ``noise_seed_step`` is the ``jetdet.randn`` step of the starting noise (0).
@@ -352,6 +359,9 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed: expected an int in [0, 2^64), got {seed!r}")
+    for name, v in (("start_step", start_step), ("last_step", last_step)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"{name}: expected an int >= 0 or None, got {v!r}")
     if not isinstance(denoise, (int, float)) or not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise: expected a number in [0, 1], got {denoise!r}")
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
@@ -384,15 +394,29 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
             pos_i = item_conditioning(positive, i, len(ids), memo)
             neg_i = item_conditioning(negative, i, len(ids), memo)
             outs.append(sample(model, seed, steps, cfg, sampler_name, scheduler, pos_i, neg_i, one, denoise,
-                               item, callback, disable_pbar, noise_seed_step, split_coupled=split_coupled))
+                               item, callback, disable_pbar, noise_seed_step, split_coupled=split_coupled,
+                               add_noise=add_noise, start_step=start_step, last_step=last_step,
+                               force_full_denoise=force_full_denoise))
         return torch.cat(outs)
     noise = item_noise(latent_image.shape, seed, ids, noise_seed_step, latent_image.dtype)
+    if not add_noise:
+        noise = torch.zeros_like(noise)
     ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                  scheduler=scheduler, denoise=denoise, model_options=model.model_options)
-    _warn_repeated_sigma(ks.sigmas, scheduler, steps, denoise)
+    sigmas = ks.sigmas
+    if last_step is not None and last_step < len(sigmas) - 1:  # KSampler.sample's rules
+        sigmas = sigmas[:last_step + 1]
+        if force_full_denoise:
+            sigmas = sigmas.clone()
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step >= len(sigmas) - 1:
+            return latent_image.to(comfy.model_management.intermediate_device())
+        sigmas = sigmas[start_step:]
+    _warn_repeated_sigma(sigmas, scheduler, steps, denoise)
     like = torch.empty(noise.shape, dtype=torch.float32, device=model.load_device)
     sampler, _ = make_sampler(sampler_name, seed, ids, like)
-    samples = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler, ks.sigmas,
+    samples = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler, sigmas,
                                     model_options=model.model_options, latent_image=latent_image,
                                     denoise_mask=latent.get("noise_mask"), callback=callback,
                                     disable_pbar=disable_pbar, seed=seed)

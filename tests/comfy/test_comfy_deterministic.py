@@ -596,3 +596,47 @@ def test_item_conditioning_cuts_hints_masks_and_embeddings_by_comfyuis_rules(com
         assert torch.equal(p[0][1]["mask"], mask[i:i + 1])
         assert torch.equal(p[0][1]["concat_latent_image"], comfy.utils.resize_to_batch_size(concat, 3)[i:i + 1])
     assert cn.cond_hint_original is hints and pos[0][1]["mask"] is mask  # the user's conditioning is unchanged
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde"])
+def test_advanced_sampler_handoff_is_per_item(shapes_patcher, shapes_conds, sampler):
+    """A two-stage handoff (steps 0-6 with the leftover noise, then 6-12 with no new noise), as KSamplerAdvanced runs
+    one: with ancestral and SDE samplers ComfyUI draws the step noise for the whole batch, so a deterministic model in
+    KSamplerAdvanced gave an item other bits than alone (a user trial: up to 1.7), and the Deterministic Sampler had no
+    start or end step. The Advanced node's two stages give item i the bits of item i run alone (batch_offset i); one
+    stage over the whole schedule is the Deterministic Sampler's output."""
+    import nodes
+
+    from jetdet.comfy.nodes import JetDetDeterministicSampler as DS
+    from jetdet.comfy.nodes import JetDetDeterministicSamplerAdvanced as ADV
+    from jetdet.comfy.nodes import JetDetModeSwitch
+
+    def stage(latent, offset, add, start, end, leftover):
+        return ADV.execute(shapes_patcher, add, 7, 12, 4.0, sampler, "simple", *shapes_conds, latent, start, end,
+                           leftover, offset).args[0]
+
+    def handoff(latent, offset):
+        mid = stage(latent, offset, "enable", 0, 6, "enable")
+        return stage(mid, offset, "disable", 6, 10000, "disable")["samples"]
+
+    from _comfy_util import empty_latent
+
+    full = handoff(empty_latent(3), 0)
+    for i in range(3):
+        assert torch.equal(full[i], handoff(empty_latent(1), i)[0]), i
+    one = stage(empty_latent(3), 0, "enable", 0, 10000, "disable")["samples"]
+    ref = DS.execute(shapes_patcher, 7, 12, 4.0, sampler, "simple", *shapes_conds, empty_latent(3), 1.0, 0).args[0]
+    assert torch.equal(one, ref["samples"])
+    # the negative control: KSamplerAdvanced on the deterministic model, the same two stages
+    det = JetDetModeSwitch.execute(shapes_patcher, "deterministic", 0.05, False).args[0]
+
+    def stock(latent):
+        mid = nodes.KSamplerAdvanced().sample(det, "enable", 7, 12, 4.0, sampler, "simple", *shapes_conds, latent, 0,
+                                              6, "enable")[0]
+        return nodes.KSamplerAdvanced().sample(det, "disable", 7, 12, 4.0, sampler, "simple", *shapes_conds, mid, 6,
+                                               10000, "disable")[0]["samples"]
+
+    batch = stock(empty_latent(3))
+    lat = empty_latent(3)
+    lat["batch_index"] = [0, 1, 2]
+    assert not all(torch.equal(batch[i], stock(nodes.LatentFromBatch().frombatch(lat, i, 1)[0])[0]) for i in range(3))

@@ -132,6 +132,15 @@ def _every_node_prompt() -> dict:
         "25": {"class_type": "JetDetOutputMatcher", "inputs": {"latent": ["23", 0], "tolerance": "exact",
                                                                 "reference_checksums": ["24", 0],
                                                                 "stop_on_mismatch": True}},
+        # the Advanced sampler over the whole schedule is the Deterministic Sampler: the same checksums
+        "26": {"class_type": "JetDetDeterministicSamplerAdvanced", "inputs": {
+            "model": ["6", 0], "add_noise": "enable", "noise_seed": ks["seed"],
+            **{k: v for k, v in ks.items() if k != "seed"}, "positive": ["4", 0], "negative": ["4", 1],
+            "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable", "batch_offset": 0}},
+        "27": {"class_type": "JetDetOutputMatcher", "inputs": {"latent": ["26", 0], "tolerance": "exact",
+                                                                "reference_checksums": ["8", 0],
+                                                                "stop_on_mismatch": True}},
     }
 
 
@@ -158,6 +167,7 @@ def test_a_prompt_with_every_node_runs_through_the_server(server):
     assert out["9"]["text"][0].startswith("MATCH exact against 2 checksums")
     assert out["20"]["text"][0].startswith("MATCH exact")
     assert out["25"]["text"][0].startswith("MATCH exact against 2 checksums")  # the VAE nodes ran on both items
+    assert out["27"]["text"][0].startswith("MATCH exact against 2 checksums")
     assert "calls 8" in out["12"]["text"][0]
     assert out["16"]["text"][0].splitlines()[0].startswith("run")
     for node in ("15", "17"):
