@@ -231,3 +231,15 @@ def test_torch_save_of_a_patched_model_loads_unpatched(mode):
             assert not torch.equal(patched, plain)
             with jetdet.patch(loaded, mode=mode):
                 assert torch.equal(loaded(*x), patched)
+
+
+def test_a_layer_class_of_its_own_named_like_torchs_is_left_to_the_router_and_said_so():
+    """ComfyUI's comfy.ops layers are classes named Linear, Conv2d, ... that are not torch's: the patch leaves them
+    (their forward casts or patches weights) and the error or the stats say why, where the error listed "Linear x45"
+    as found beside "has no supported layer (Linear, ...)" (a model-family sweep)."""
+    Linear = type("Linear", (nn.Linear,), {})
+    with pytest.raises(UnsupportedModelError, match=r"not taken: Linear \(.*Linear, not torch's: its own forward"):
+        jetdet.patch(nn.Sequential(Linear(2, 2), nn.ReLU()), mode="deterministic")
+    with jetdet.patch(nn.Sequential(Linear(2, 2), nn.Linear(2, 2)), mode="deterministic") as h:
+        st = h.stats()
+    assert st["layers_patched"] == {"Linear": 1} and any("not torch's" in k for k in st["layers_left_to_router"])

@@ -328,10 +328,13 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
         elif type(module).__name__ in layers.SUPPORTED:
             handle._skipped[f"{type(module).__name__} ({layers.unsupported_reason(module)})"] += 1
     if not handle._layers:
+        why = "; ".join(f"{k} x{v}" for k, v in handle._skipped.items())
         raise UnsupportedModelError(
-            f"jetdet.patch(mode='deterministic'): {type(model).__name__} has no supported layer "
-            f"({', '.join(layers.SUPPORTED)}); found: {_found_summary(model)}. For a model built from functional "
-            "calls only, use `with jetdet.mode('deterministic'):` instead."
+            f"jetdet.patch(mode='deterministic'): {type(model).__name__} has no layer of torch's "
+            f"{', '.join(layers.SUPPORTED)} that it can take; found: {_found_summary(model)}"
+            + (f"; not taken: {why}" if why else "") + ". For a model built from functional calls or from layer "
+            "classes of its own (ComfyUI's comfy.ops, say), use `with jetdet.mode('deterministic'):` around its "
+            "calls instead (the router takes their torch calls)."
         )
 
     def forward(this, inner, *args, **kwargs):  # inner: the (possibly user-overridden) forward from before

@@ -63,6 +63,11 @@ SUPPORTED = ("Linear", "Conv2d", "LayerNorm", "GroupNorm", "RMSNorm")
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
+    cls = type(module)
+    if cls.__name__ in SUPPORTED and cls is not getattr(nn, cls.__name__, None):
+        # a class of the same name from elsewhere (ComfyUI's comfy.ops layers, a library's own Linear): its forward
+        # may cast or patch weights, so it keeps it, and the router takes its torch calls
+        return f"{cls.__module__}.{cls.__qualname__}, not torch's: its own forward runs under the router"
     if type(module) is nn.Conv2d:
         if module.groups != 1:
             return f"groups={module.groups}"
