@@ -287,3 +287,27 @@ def test_a_call_torch_takes_and_a_jetdet_op_refuses_falls_back_with_the_warning(
         assert torch.equal(got, fn(*a, **k))
     with jetdet.mode("deterministic"), pytest.raises(ValueError, match="weight"):
         F.linear(x, torch.randn(8, 15))
+
+
+def test_argument_types_are_named():
+    """A float or None stride/padding, a string eps and a None normalized_shape said "'float' object is not iterable"
+    or "could not convert string to float"; unpatch('x') a weakref error (a bad-input audit). numpy ints and floats
+    are still numbers."""
+    import numpy as np
+
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    for kw in ({"stride": 1.5}, {"stride": None}, {"padding": 1.5}, {"padding": None}):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=f"{name}: expected an int or a pair of ints"):
+            jetdet.ops.conv2d(x, w, **kw)
+    assert torch.equal(jetdet.ops.conv2d(x, w, stride=np.int64(1)), jetdet.ops.conv2d(x, w))
+    t = torch.randn(2, 4, 3)
+    for call in (lambda: jetdet.ops.layer_norm(t, (3,), eps="x"), lambda: jetdet.ops.group_norm(t, 2, eps="x"),
+                 lambda: jetdet.ops.rms_norm(t, (3,), eps="x")):
+        with pytest.raises(TypeError, match="eps: expected a number, got 'x'"):
+            call()
+    assert torch.equal(jetdet.ops.layer_norm(t, (3,), eps=np.float32(1e-5)), jetdet.ops.layer_norm(t, (3,)))
+    with pytest.raises(TypeError, match="normalized_shape: expected an int or a sequence of ints, got None"):
+        jetdet.ops.layer_norm(t, None)
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got str"):
+        jetdet.unpatch("x")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,9 +43,16 @@ def check_shape(name: str, t: torch.Tensor, shape, what: str = "") -> None:
 
 
 def pair(name: str, v) -> tuple[int, int]:
-    if isinstance(v, int):
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
         v = (v, v)
-    v = tuple(int(x) for x in v)
-    if len(v) != 2:
-        raise ValueError(f"{name}: expected an int or a pair of ints, got {v}")
-    return v
+    if not isinstance(v, (tuple, list, torch.Size)) or len(v) != 2 or not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v):
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    return tuple(int(x) for x in v)
+
+
+def number(name: str, v) -> float:
+    """``v`` as a float, or a TypeError naming ``name`` (an ``eps`` of ``'x'`` said "could not convert string")."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {v!r}")
+    return float(v)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..kernels.conv2d.op import out_size
 from . import registry
-from ._checks import check_same, check_shape, check_tensor, pair
+from ._checks import check_same, check_shape, check_tensor, number, pair
 
 __all__ = [
     "linear",
@@ -217,6 +217,9 @@ def attention(q, k, v, attn_mask=None, scale=None) -> torch.Tensor:
 def _norm_shape(name, normalized_shape, x):
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in normalized_shape):
+        raise TypeError(f"{name}: expected an int or a sequence of ints, got {normalized_shape!r}")
     normalized_shape = tuple(int(s) for s in normalized_shape)
     if len(normalized_shape) == 0 or tuple(x.shape[-len(normalized_shape) :]) != normalized_shape:
         raise ValueError(
@@ -251,7 +254,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> tor
         return F.layer_norm(input, ns, weight, bias, eps)
     c = math.prod(ns)
     x2 = input.reshape(-1, c)
-    return _OPS["layer_norm"](x2, w, b, float(eps)).reshape(input.shape)
+    return _OPS["layer_norm"](x2, w, b, number("eps", eps)).reshape(input.shape)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
@@ -266,7 +269,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None) -> torch.Tensor:
     if input.numel() == 0:
         return input.clone()
     c = math.prod(ns)
-    return _OPS["rms_norm"](input.reshape(-1, c), w, float(eps)).reshape(input.shape)
+    return _OPS["rms_norm"](input.reshape(-1, c), w, number("eps", eps)).reshape(input.shape)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Tensor:
@@ -282,7 +285,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> torch.Ten
     if input.numel() == 0:
         return F.group_norm(input, num_groups, weight, bias, eps)
     # the op takes [B, C, *spatial] as it is: a [B, C, H*W] view of channels-last input would be neither layout
-    return _OPS["group_norm"](input, num_groups, w, b, float(eps))
+    return _OPS["group_norm"](input, num_groups, w, b, number("eps", eps))
 
 
 # ------------------------------------------------------------------------------- softmax and reductions

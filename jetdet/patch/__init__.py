@@ -750,6 +750,8 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
 def unpatch(model: nn.Module) -> bool:
     """Remove jetdet's patch from ``model``, or the jetdet forwards a copy (``copy.deepcopy``) of a patched model
     inherited; returns False when there was neither."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     handle = _handle_of(model)
     if handle is not None:
         handle.remove()
