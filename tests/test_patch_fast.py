@@ -97,11 +97,11 @@ def test_diffusers_flux_fast_patch_budget_zero_bitwise():
     assert type(out) is type(ref) and torch.equal(out.sample, ref.sample)
 
 
-def _partial_call(model, x, t_steps, extra, rows=2):
+def _partial_call(model, x, t_steps, extra, rows=2, **options):
     """Five calls on every row, then one where row 1 restarts (a new trajectory: it must be computed) while row 0 is
     forecast: the model runs on row 1 alone. Returns that call's output and its timesteps."""
     with torch.no_grad():
-        h = jetdet.patch(model, mode="fast", budget=1e3, piggyback=1.0)
+        h = jetdet.patch(model, mode="fast", budget=1e3, piggyback=1.0, **options)
         try:
             for i in range(5):
                 model(x, t_steps[i].expand(rows).clone(), **extra)
@@ -130,6 +130,23 @@ def test_an_argument_with_its_batch_in_another_dim_is_never_merged_into_fewer_ro
     with pytest.warns(UserWarning, match="'feats' has shape \\(3, 2, 8\\), whose batch \\(2\\) is not its first dim"):
         out, t = _partial_call(Stacked(), x, ts, {"feats": feats})
     assert torch.equal(out[1], Stacked()(x, t, feats)[1])  # all rows ran: row 1 of the whole batch's output
+
+    class Blocks(torch.nn.Module):  # with a block list, block-level reuse must not plan per row either (a review)
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(6))
+
+        def forward(self, x, t, feats):
+            h = x * t.view(-1, 1)
+            for b in self.blocks:
+                h = h + torch.tanh(b(h) + feats.mean(0))
+            return h
+
+    model = Blocks().eval()
+    out, t = _partial_call(model, x, ts, {"feats": feats}, block_reuse=True)
+    with torch.no_grad():
+        assert torch.equal(out[1], model(x, t, feats)[1])
 
 
 def test_hidream_llama_features_are_sliced_on_their_batch_dim():

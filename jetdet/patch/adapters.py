@@ -96,8 +96,10 @@ class TorchAdapter:
                 cond = c
                 break
 
+        whole = bsz > 1 and self._unsliceable(a, bsz)  # no call on some rows only (see _unsliceable)
+
         def run(rows):
-            if rows is not None and self._unsliceable(a, bsz):  # every row runs; the asked-for ones are returned
+            if rows is not None and whole:  # every row runs; the asked-for ones are returned
                 out = self._unpack(self.forward(*ba.args, **ba.kwargs))
                 return out.index_select(0, rows.to(out.device))
             sub = inspect.BoundArguments(self.sig, self._slice_arguments(dict(a), bsz, rows))
@@ -106,10 +108,13 @@ class TorchAdapter:
         finish = _identity
         if self.param is not None:  # a VP model: the controller sees the flow model it is equivalent to
             x, t, run, finish = self.param.wrap(x, t, run)
-        extra = {"latent_arg": self.latent, "timestep_arg": self.timestep, "blocks": self.blocks_reason,
+        reason = ("an argument's batch is not its first dim: whole calls only" if whole and self.hooks is not None
+                  else self.blocks_reason)
+        extra = {"latent_arg": self.latent, "timestep_arg": self.timestep, "blocks": reason,
                  "needs_grad": torch.is_grad_enabled() and any(_needs_grad(v) for v in a.values())}
         call = ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond, extra=extra,
-                         blocks=self.hooks.runner(run) if self.hooks is not None else None,
+                         # block-level reuse plans per row, which a call that must run every row cannot follow
+                         blocks=self.hooks.runner(run) if self.hooks is not None and not whole else None,
                          flow_x=x if self.param is not None else None)  # a VP model's call is in flow form
         return call, finish
 
@@ -139,14 +144,15 @@ class TorchAdapter:
         return a
 
     def _unsliceable(self, a, bsz) -> bool:
-        """Whether an argument holds a tensor of 3 or more dims whose first dim is not the batch and a later one is
-        (per-layer features stacked in front of the batch, say): which dim is the batch is not known, so such a call
-        cannot run on some rows only (once per argument name, a warning says why it saves less)."""
+        """Whether an argument holds a tensor of 3 or more dims whose first dim is neither the batch nor 1 (shared by
+        the rows) and a later one is the batch (per-layer features stacked in front of the batch, say): which dim is
+        the batch is not known, so such a call cannot run on some rows only, nor partly (block-level reuse); once per
+        argument name, a warning says why it saves less."""
         for k, v in a.items():
             if k in self.no_batch or k in BATCH_DIM1_ARGS or k == self.latent:
                 continue
             for leaf in _tensor_leaves(v):
-                if leaf.dim() >= 3 and leaf.shape[0] != bsz and bsz in leaf.shape[1:]:
+                if leaf.dim() >= 3 and leaf.shape[0] not in (1, bsz) and bsz in leaf.shape[1:]:
                     key = (type(self.model).__name__, k)
                     if key not in _warned_layout:
                         _warned_layout.add(key)
