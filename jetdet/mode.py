@@ -383,12 +383,12 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
 # ---------------------------------------------------------------------------------------------- router
 
 
-def _warn_fallback(func, why: str) -> None:
+def _warn_fallback(func, why: str, key: str | None = None) -> None:
     """The fallback warning for ``func`` and ``why``, once per pair. It points at the line that made the torch call
     (the user's or their model's), past torch's dispatch (``torch/overrides.py`` for a Python function such as
     ``F.dropout``, nothing for a builtin) and jetdet's handlers."""
     name = getattr(func, "__name__", str(func))
-    key = f"{name}: {why}"
+    key = f"{name}: {why if key is None else key}"
     if key not in _warned:
         _warned.add(key)
         warnings.warn(
@@ -1170,7 +1170,7 @@ def _h_sdpa(func, args, kwargs):
 
 
 def _h_log_softmax(func, args, kwargs):
-    """``log_softmax`` along an int dim: ``x - (m + log(sum(exp(x - m))))`` in fp32 with ``m`` the max (a
+    """``log_softmax`` along an int dim: ``(x - m) - log(sum(exp(x - m)))`` in fp32 with ``m`` the max (a
     selection) and the sum jetdet's fixed-order row reduction (as :func:`_h_logsumexp`), rounded once. ``F.log_softmax``
     is a Python function that torch hands to the router whole: without this, its reduction ran as torch's."""
     x, dim = call_arg(args, kwargs, 0, "input", kwargs.get("self")), call_arg(args, kwargs, 1, "dim")
@@ -1187,8 +1187,8 @@ def _h_log_softmax(func, args, kwargs):
     xf = x.float()
     m = xf.amax(dim, keepdim=True)
     m = torch.where(m.isinf(), 0.0, m)
-    lse = _ops().sum((xf - m).exp(), (dim % x.dim(),), True).log() + m
-    return (xf - lse).to(x.dtype)
+    shifted = xf - m  # subtracted first: x - (m + log s) loses m's ulp (1.2e-4 at logits of 3000)
+    return (shifted - _ops().sum(shifted.exp(), (dim % x.dim(),), True).log()).to(x.dtype)
 
 
 def _h_softmin(func, args, kwargs):
@@ -1248,6 +1248,9 @@ def _h_mha(func, args, kwargs):
     else:
         why = _ok(q_in, k_in, v_in, *ws, p["in_proj_bias"], p["out_proj_weight"], p["out_proj_bias"],
                   *(m for m in masks if m.dtype != torch.bool))
+    if not why and p["need_weights"] and any(m.dtype != torch.bool and m.dtype != q_in.dtype for m in masks):
+        # torch refuses a float mask of another dtype than the query's in baddbmm: its own error, or its result
+        return _torch_or_fallback(func, args, kwargs, "a float mask of another dtype than the query's")
     shapes_ok = (not why and q_in.dim() in (2, 3) and k_in.dim() == q_in.dim() == v_in.dim()
                  and type(nh) is int and nh > 0 and q_in.shape[-1] == p["embed_dim_to_check"]
                  and q_in.shape[-1] % nh == 0 and k_in.shape[:-1] == v_in.shape[:-1]
@@ -1560,7 +1563,9 @@ def _refused(func, args, kwargs, error: Exception):
         out = func(*args, **kwargs)
     except Exception:
         raise error from None
-    _warn_fallback(func, f"jetdet's op does not take these arguments: {error}")
+    # once per op and argument named (the message holds shapes, which would warn again for every shape); a jetdet bug
+    # that raises one of these errors shows here too, named, instead of stopping the model
+    _warn_fallback(func, f"jetdet's op does not take these arguments: {error}", key=str(error).split(":")[0])
     return out
 
 

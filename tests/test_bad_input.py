@@ -281,6 +281,7 @@ def test_a_call_torch_takes_and_a_jetdet_op_refuses_falls_back_with_the_warning(
     cases = [(F.linear, (x, w, torch.tensor(0.5)), {}), (F.linear, (x, w, torch.randn(1, 8)), {}),
              (F.conv2d, (torch.randn(2, 3, 8, 8), torch.randn(8, 3, 3, 3)), {"stride": (1,)})]
     for fn, a, k in cases:
+        sys.modules["jetdet.mode"]._warned.clear()  # once per op and argument: the two bias cases share one
         with pytest.warns(UserWarning, match=r"falls back to torch \(jetdet's op does not take these arguments"):
             with jetdet.mode("deterministic"):
                 got = fn(*a, **k)

@@ -79,6 +79,11 @@ def test_a_nan_in_the_input_stays_a_nan(backend, where, monkeypatch):
     empty[0, 0, 0] = False
     out = fast.block_sparse_attention(q, k, v, empty, block_size=16)
     assert torch.equal(out[0, 0, :16], torch.zeros_like(out[0, 0, :16]))
+    # a NaN in a block a query block does not visit stays out of it (a padded slot gathered block 0: a review)
+    diag = torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4).clone()
+    diag[0, :, 3, 2] = True  # query block 3 visits two blocks, so the others' steps have padded slots
+    out = fast.block_sparse_attention(q, k, v, diag, block_size=16)
+    assert out[0, 0, :16].isnan().any() and not out[0, 0, 16:].isnan().any()  # only query block 0 visits block 0
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -190,3 +190,19 @@ def test_batch_norm_with_batch_statistics_warns_and_with_running_statistics_pass
     mode_module._warned.clear()
     with pytest.warns(UserWarning, match="batch_norm in training mode normalises with the whole batch's statistics"):
         _det(make(), x)
+
+
+def test_log_softmax_of_large_logits_keeps_torchs_precision_and_mha_keeps_torchs_dtype_error():
+    """(x - m) - log(s), not x - (m + log s), which lost m's ulp (1.2e-4 at logits near 3000; a review); a float mask
+    of another dtype than the query's gets torch's own error, not one naming jetdet's internal mat2."""
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(5)) + 3000.0
+    exact = torch.log_softmax(x.double(), -1)
+    assert (_det(F.log_softmax, x, -1).double() - exact).abs().max() < 2e-6
+    m = torch.nn.MultiheadAttention(16, 2).eval().half()
+    q = torch.randn(5, 2, 16).half()
+    with pytest.raises(RuntimeError) as plain:
+        with torch.no_grad():
+            m(q, q, q, attn_mask=torch.zeros(5, 5))
+    with pytest.raises(RuntimeError) as routed:
+        _det(m, q, q, q, attn_mask=torch.zeros(5, 5))
+    assert str(routed.value) == str(plain.value)

@@ -561,7 +561,7 @@ def _cfg_pp(sampler) -> bool:
     at 0.05 13.0 forwards for 27.29 dB (20.90 min), where euler gave 33.86 dB with 11.0; so fast mode computes every
     call with them."""
     name = _sampler_name(sampler)
-    if name.endswith("_cfg_pp"):
+    if name.endswith("_cfg_pp") or name == "sample_euler_pp":  # SamplerEulerCFG++'s "alternative" version
         return True
     fn = getattr(sampler, "sampler_function", None)
     kw = dict(getattr(fn, "keywords", None) or {}, **(getattr(sampler, "extra_options", None) or {}))

@@ -103,6 +103,8 @@ def block_sparse_attention(q, k, v, indices, counts, block_size: int, scale: flo
         idx = torch.where(slot_ok & (idx >= 0) & (idx < nkb), idx, torch.zeros_like(idx))
         kg = kp[bi, hi, idx]  # [B, H, G, C, bs, D]
         vg = vp[bi, hi, idx]
+        # a padded slot gathers block 0: its weights are 0, and 0 * a NaN in that block would still be NaN
+        vg = torch.where(slot_ok[..., None, None], vg, torch.zeros((), dtype=vg.dtype, device=vg.device))
         s = torch.einsum("bhgid,bhgcjd->bhgicj", qp[:, :, g0:g1], kg) * scale
         ok = (slot_ok[..., None] & tok_ok[idx])[:, :, :, None]  # [B, H, G, 1, C, bs]
         s = s.masked_fill(~ok, float("-inf"))

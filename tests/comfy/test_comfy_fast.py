@@ -541,3 +541,16 @@ def test_cfg_pp_samplers_compute_every_call_with_a_warning(shapes_patcher, monke
     out_old = run(old)
     s = wr.fast_state(old).stats()
     assert s["rows_saved"] > 0 and psnr_db(out_old, ref) < 32, (psnr_db(out_old, ref), s)  # 28.4 dB here
+
+
+def test_every_cfg_pp_sampler_is_recognised(comfy_dir):
+    """The *_cfg_pp samplers, gradient_estimation with cfg_pp, and SamplerEulerCFG++'s "alternative" version, whose
+    function is sample_euler_pp (a review found it missed)."""
+    import comfy.samplers
+    from comfy_extras.nodes_advanced_samplers import SamplerEulerCFGpp
+
+    names = [n for n in comfy.samplers.KSampler.SAMPLERS if n.endswith("_cfg_pp")]
+    assert names and all(wr._cfg_pp(comfy.samplers.ksampler(n)) for n in names)
+    for version in ("regular", "alternative"):
+        assert wr._cfg_pp(SamplerEulerCFGpp.execute(version).args[0]), version
+    assert not wr._cfg_pp(comfy.samplers.ksampler("euler")) and not wr._cfg_pp(comfy.samplers.ksampler("lcm"))
