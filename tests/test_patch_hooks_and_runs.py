@@ -426,3 +426,45 @@ def test_two_threads_sampling_at_once_on_one_patched_model_each_get_their_own_ca
             st = h.stats()
             assert [p["ended"] for p in st["threads"]] == [True, True, False]
             assert st["cache"]["calls"] == 12 and st["cache_total"]["calls"] == 36
+
+
+def test_threads_one_after_another_and_a_run_in_the_middle_of_another():
+    """Threads that end and new ones (which may get an ended thread's id) each get a fresh state, counted apart; and a
+    pipeline run started on another thread while one is mid-run (its scheduler.set_timesteps) does not reset that run:
+    with threads, the patch follows a new run by its timestep going up (a review: the run in the middle reset the
+    other, 0.42 off its run alone)."""
+    diffusers = pytest.importorskip("diffusers")
+    pipe_a = _pipe(diffusers)
+    pipe_b = _pipe(diffusers, components=dict(pipe_a.components, scheduler=diffusers.EulerDiscreteScheduler.from_config(
+        pipe_a.scheduler.config)))
+    with torch.no_grad():
+        with jetdet.patch(pipe_a.unet, mode="fast", scheduler=pipe_a.scheduler):
+            alone = _txt2img(pipe_b, steps=12)
+        with jetdet.patch(pipe_a.unet, mode="fast", scheduler=pipe_a.scheduler) as h:
+            for _ in range(3):
+                t = threading.Thread(target=_txt2img, args=(pipe_b,), kwargs={"steps": 12})
+                t.start()
+                t.join()
+            st = h.stats()
+            assert [p["ended"] for p in st["threads"]] == [True, True, False]
+            assert [p["cache"]["calls"] for p in st["threads"]] == [12, 12, 12]
+            out, errors = {}, []
+
+            def b_run():
+                def step_end(p, i, t, kw):
+                    if i == 5:  # mid-run: a whole run of pipeline A on another thread
+                        a = threading.Thread(target=_txt2img, args=(pipe_a,), kwargs={"steps": 12})
+                        a.start()
+                        a.join()
+                    return kw
+                try:
+                    out["b"] = _txt2img(pipe_b, steps=12, callback_on_step_end=step_end)
+                except BaseException as e:  # noqa: BLE001 (re-raised below)
+                    errors.append(e)
+
+            t = threading.Thread(target=b_run)
+            t.start()
+            t.join()
+            if errors:
+                raise errors[0]
+            assert torch.equal(out["b"], alone)

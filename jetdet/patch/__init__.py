@@ -420,43 +420,58 @@ class _PerThread:
         self._make = make
         self._first = make()  # validates the options when patching, before anything is changed
         self._by_thread: dict[int, _Bundle] = {}
+        self._owner: dict[int, weakref.ref] = {}  # ident -> the thread it belongs to (idents are reused)
         self._ended: list[dict] = []  # stats of the states of threads that ended
         self._last = self._first  # the state of the last call
         self._lock = threading.Lock()
 
     def get(self) -> _Bundle:
         """The calling thread's state (made on its first call)."""
-        b = self._by_thread.get(threading.get_ident())
-        if b is None:
+        ident = threading.get_ident()
+        b, owner = self._by_thread.get(ident), self._owner.get(ident)
+        if b is None or owner is None or owner() is not threading.current_thread():
             b = self._claim()
         self._last = b
         return b
 
     def _claim(self) -> _Bundle:
+        # threading.current_thread() gives a thread threading did not start (a C or _thread one) a dummy that
+        # threading.enumerate() lists, so its state is not taken for that of an ended thread
+        me = threading.current_thread()
         with self._lock:
             ident = threading.get_ident()
             if not self._by_thread and not self._ended:
                 b = self._first
             else:
-                alive = {t.ident for t in threading.enumerate()}
-                for other in [i for i in self._by_thread if i not in alive]:
-                    done = self._by_thread.pop(other)
-                    self._ended.append(self._stats_of(done))
-                    self._clear_one(done)
+                alive = {t.ident: t for t in threading.enumerate()}
+                for other in list(self._by_thread):
+                    ref = self._owner.get(other)
+                    owner = ref() if ref is not None else None
+                    if owner is None or alive.get(other) is not owner or (other == ident and owner is not me):
+                        done = self._by_thread.pop(other)  # its thread ended (its ident may be this one's now)
+                        self._owner.pop(other, None)
+                        self._ended.append(self._stats_of(done))
+                        self._clear_one(done)
                 b = self._make()
             self._by_thread[ident] = b
+            self._owner[ident] = weakref.ref(me)
             return b
+
+    def _states(self) -> list[_Bundle]:
+        with self._lock:
+            return list(self._by_thread.values())
 
     def current(self) -> _Bundle:
         """The calling thread's state if it has one, else that of the last call (the first one before any)."""
         return self._by_thread.get(threading.get_ident(), self._last)
 
     def count(self) -> int:
-        return len(self._by_thread) + len(self._ended)
+        with self._lock:
+            return len(self._by_thread) + len(self._ended)
 
     def new_trajectory(self) -> None:
         b = self._by_thread.get(threading.get_ident())
-        for x in ([b] if b is not None else list(self._by_thread.values()) or [self._first]):
+        for x in ([b] if b is not None else self._states() or [self._first]):
             x.controller.new_trajectory()
 
     @staticmethod
@@ -466,7 +481,7 @@ class _PerThread:
                 part.clear()
 
     def clear(self) -> None:
-        for b in {id(b): b for b in (self._first, *self._by_thread.values())}.values():
+        for b in {id(b): b for b in (self._first, *self._states())}.values():
             self._clear_one(b)
 
     @staticmethod
@@ -481,8 +496,9 @@ class _PerThread:
     def stats(self) -> dict:
         """``threads``: each thread's ``cache`` (and ``linear_attention``/``attention_cache``) stats, those of
         threads that ended first (``ended: True``); ``cache_total``: their step-cache counters summed."""
-        per = [dict(s, ended=True) for s in self._ended]
-        per += [dict(self._stats_of(b), ended=False) for b in self._by_thread.values()]
+        with self._lock:
+            ended, live = list(self._ended), list(self._by_thread.values())
+        per = [dict(s, ended=True) for s in ended] + [dict(self._stats_of(b), ended=False) for b in live]
         total = {k: sum(p["cache"][k] for p in per) for k in _TOTAL_KEYS}
         ratio = {"call_ratio": ("calls", "calls_run"), "row_ratio": ("rows", "rows_run"),
                  "fme_ratio": ("rows", "model_equivalents")}
@@ -621,7 +637,10 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
             me = threading.get_ident()
             if ts is not seen.setdefault(me, seen0):
                 seen[me] = ts
-                controller._reset_all("trajectory")
+                # only where this thread alone uses the patch: the schedule is one pipeline's, and another thread's
+                # run would reset this one mid-run (with threads, a new run is seen by its timestep going up)
+                if threads.count() == 1:
+                    controller._reset_all("trajectory")
         call, finish = adapter.bind(args, kwargs)
         if swap is not None:
             with swap.mode(call.t):
