@@ -158,7 +158,9 @@ def item_mask(mask: torch.Tensor, latent_dims: int, row: int) -> torch.Tensor:
 #: concat inputs, in ``BaseModel.concat_cond`` and its kin); the cross-attention tensor, ``pooled_output`` and the
 #: entries ComfyUI wraps as model conds are repeated (``repeat_to_batch_size``); ``mask`` is cut to the batch
 _RESIZED = frozenset({"concat_latent_image", "concat_mask", "concat_image"})
-_REPEATED = frozenset({"pooled_output"})
+_REPEATED = frozenset({"pooled_output", "attention_mask"})
+#: entries holding a list of batched tensors, each repeated (Flux Kontext's and Qwen's reference latents: CONDList)
+_REPEATED_LISTS = frozenset({"reference_latents"})
 _warned_item_cond: set = set()
 
 
@@ -189,13 +191,31 @@ def _item_control(control, i: int, n: int, memo: dict):
         memo[id(control)] = control
         return control
     c = control.copy()
-    if isinstance(hint, torch.Tensor) and hint.dim() >= 1 and hint.shape[0] > 1:
-        c.cond_hint_original = hint[i % hint.shape[0]:i % hint.shape[0] + 1]
-    c.extra_concat_orig = [e[i % e.shape[0]:i % e.shape[0] + 1]
+    nh = hint.shape[0] if isinstance(hint, torch.Tensor) and hint.dim() >= 1 else 1
+    if nh > 1:
+        c.cond_hint_original = hint[i % nh:i % nh + 1]
+    # ComfyUI repeats each extra concat image to the hint's batch, then broadcasts the whole hint over the rows
+    c.extra_concat_orig = [e[(i % nh) % e.shape[0]:(i % nh) % e.shape[0] + 1]
                            if isinstance(e, torch.Tensor) and e.dim() >= 1 and e.shape[0] > 1 else e for e in extra]
     c.set_previous_controlnet(prev)
     memo[id(control)] = c
     return c
+
+
+def _batched(v, n: int, depth: int = 0) -> bool:
+    """Whether ``v`` holds a tensor of ``n`` or ``2n`` rows (n > 1), also inside lists, dicts and objects' attributes
+    (unCLIP's list of dicts around a CLIP vision output), a few levels deep."""
+    if isinstance(v, torch.Tensor):
+        return n > 1 and v.dim() >= 1 and v.shape[0] in (n, 2 * n)
+    if depth >= 3:
+        return False
+    if isinstance(v, (list, tuple)):
+        return any(_batched(e, n, depth + 1) for e in v)
+    if isinstance(v, dict):
+        return any(_batched(e, n, depth + 1) for e in v.values())
+    attrs = getattr(v, "__dict__", None)
+    return isinstance(attrs, dict) and any(_batched(e, n, depth + 1) for e in attrs.values()
+                                           if isinstance(e, (torch.Tensor, list, tuple, dict)))
 
 
 def item_conditioning(conditioning, i: int, n: int, memo: dict | None = None):
@@ -213,15 +233,20 @@ def item_conditioning(conditioning, i: int, n: int, memo: dict | None = None):
         for k, v in entry[1].items():
             if k == "control":
                 d[k] = _item_control(v, i, n, memo)
-            elif k == "mask" and isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+            elif k == "mask" and isinstance(v, torch.Tensor) and v.dim() >= 3 and v.shape[0] > 1:
                 d[k] = v[:n][i % min(n, v.shape[0]):i % min(n, v.shape[0]) + 1]
+                if entry[1].get("set_area_to_bounds") and "mask bounds" not in _warned_item_cond:
+                    _warned_item_cond.add("mask bounds")  # ComfyUI takes the area around all the masks at once
+                    logging.warning("jetdet: a conditioning sets its area to the bounds of a batch of %d masks; an "
+                                    "item sampled alone gets the bounds of its own mask", v.shape[0])
             elif k in _RESIZED or k in _REPEATED:
                 d[k] = _item_rows(v, i, n, resize=k in _RESIZED)
-            elif (isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1 and v.shape[0] in (n, 2 * n)
-                  and k not in _warned_item_cond):
+            elif k in _REPEATED_LISTS and isinstance(v, (list, tuple)):
+                d[k] = type(v)(_item_rows(e, i, n) for e in v)
+            elif _batched(v, n) and k not in _warned_item_cond:
                 _warned_item_cond.add(k)
-                logging.warning("jetdet: the conditioning's %r holds %d rows; sampling one item at a time passes it "
-                                "whole, and ComfyUI's model code decides which row an item alone reads", k, v.shape[0])
+                logging.warning("jetdet: the conditioning's %r holds a batch of rows; sampling one item at a time "
+                                "passes it whole, and ComfyUI's model code decides which row an item alone reads", k)
         out.append([t, d])
     return out
 

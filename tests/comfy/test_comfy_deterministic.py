@@ -640,3 +640,34 @@ def test_advanced_sampler_handoff_is_per_item(shapes_patcher, shapes_conds, samp
     lat = empty_latent(3)
     lat["batch_index"] = [0, 1, 2]
     assert not all(torch.equal(batch[i], stock(nodes.LatentFromBatch().frombatch(lat, i, 1)[0])[0]) for i in range(3))
+
+
+def test_item_conditioning_reference_latents_attention_masks_and_extra_concats(comfy_dir, caplog):
+    """A review's cases: Flux Kontext's reference latents (a list, each repeated over the rows), an attention mask
+    paired with its embedding row, a ControlNet's extra concat images repeated to the hint's batch first (one hint:
+    every row gets the first), a 2-D mask left whole, and a batched tensor inside another entry named in the log."""
+    import logging
+
+    import comfy.controlnet
+
+    from jetdet.comfy import sampling as smp
+
+    emb, am = torch.rand(2, 4, 8), torch.ones(2, 4)
+    refs = [torch.rand(2, 4, 8, 8), torch.rand(1, 4, 8, 8)]
+    cn = comfy.controlnet.ControlNet(torch.nn.Linear(1, 1), load_device=torch.device("cpu"))
+    cn.set_cond_hint(torch.rand(1, 3, 8, 8), extra_concat=[torch.rand(2, 1, 8, 8)])
+    mask2d = torch.rand(8, 8)
+    out = type("Output", (), {})()  # ComfyUI's CLIP vision output object
+    out.image_embeds = torch.rand(2, 8)
+    unclip = [{"clip_vision_output": out, "strength": 1.0}]
+    cond = [[emb, {"attention_mask": am, "reference_latents": refs, "control": cn, "mask": mask2d,
+                   "unclip_conditioning": unclip}]]
+    smp._warned_item_cond.clear()
+    with caplog.at_level(logging.WARNING):
+        for i in range(2):
+            t, d = smp.item_conditioning(cond, i, 2)[0]
+            assert torch.equal(d["attention_mask"], am[i:i + 1]) and torch.equal(t, emb[i:i + 1])
+            assert torch.equal(d["reference_latents"][0], refs[0][i:i + 1]) and d["reference_latents"][1] is refs[1]
+            assert torch.equal(d["control"].extra_concat_orig[0], cn.extra_concat_orig[0][:1])  # one hint: row 0's
+            assert d["mask"] is mask2d
+    assert sum("'unclip_conditioning' holds a batch of rows" in r.getMessage() for r in caplog.records) == 1
