@@ -276,6 +276,14 @@ def _hook_state(executor) -> tuple:
     return tuple(out)
 
 
+def _control_state(control) -> bool:
+    """Whether a ControlNet (or T2I adapter) acts at this call: ComfyUI passes ``APPLY_MODEL`` the control's residuals,
+    or None before the control's ``start_percent`` and after its ``end_percent``, where the model's function changes,
+    as at a hook keyframe. (One control of a chain stopping while another acts is not seen: the residuals are summed
+    before they arrive here.)"""
+    return control is not None
+
+
 class FastState:
     """jetdet's step cache for one fast-mode MODEL (shared by its clones; one sampling run at a time).
 
@@ -438,8 +446,9 @@ class FastState:
         ids = [self._conds.setdefault(u, len(self._conds)) for u in uuids]
         # the weights a cond runs with: a hook LoRA's keyframe that changes its strength mid-run changes the model, and
         # the whole latent's path with it (through CFG), so every stream starts over and is computed until it has a
-        # history again (forecast across the change, a user trial lost 13-17 dB at the same budget)
-        hooks = _hook_state(executor)
+        # history again (forecast across the change, a user trial lost 13-17 dB at the same budget); so does a
+        # ControlNet that starts or stops acting (its start/end percent)
+        hooks = (_hook_state(executor), _control_state(control))  # the weights, and whether a control acts
         for c in set(ids):
             if self._hooked.setdefault(c, hooks) != hooks:
                 self._hooked = {c: hooks}

@@ -554,3 +554,35 @@ def test_every_cfg_pp_sampler_is_recognised(comfy_dir):
     for version in ("regular", "alternative"):
         assert wr._cfg_pp(SamplerEulerCFGpp.execute(version).args[0]), version
     assert not wr._cfg_pp(comfy.samplers.ksampler("euler")) and not wr._cfg_pp(comfy.samplers.ksampler("lcm"))
+
+
+def test_a_controlnet_that_stops_acting_mid_run_starts_the_cache_over(shapes_patcher, shapes_conds):
+    """A ControlNet with an end_percent below 1 (a common setting) stops acting there and the model's function
+    changes, as at a hook keyframe: ComfyUI then passes no control residuals, and the step cache starts over (a
+    'model' reset) instead of forecasting across the change. A stand-in control whose residuals add nothing shows the
+    reset alone: the output stays the model's, bit for bit, at budget 0."""
+    import comfy.controlnet
+
+    class Probe(comfy.controlnet.ControlBase):  # ComfyUI's own range rule; residuals that add nothing
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
+                return None
+            return {"input": [], "middle": [], "output": []}
+
+        def copy(self):
+            c = Probe()
+            self.copy_to(c)
+            return c
+
+    pos, neg = shapes_conds
+    resets = {}
+    for end in (1.0, 0.5):
+        probe = Probe().set_cond_hint(torch.zeros(1, 3, 8, 8), 1.0, (0.0, end))
+        cpos = [[t, dict(d, control=probe)] for t, d in pos]
+        fast = _fast(shapes_patcher, 0.05)
+        _plain(fast, cpos, neg, batch=2, steps=12)
+        resets[end] = wr.fast_state(fast).stats()["resets"]["model"]
+        if end == 0.5:
+            zero = _fast(shapes_patcher, 0.0)
+            assert torch.equal(_plain(zero, cpos, neg, batch=2, steps=12), _plain(shapes_patcher, cpos, neg, steps=12))
+    assert resets == {1.0: 0, 0.5: 1}, resets
