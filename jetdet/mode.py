@@ -1014,11 +1014,19 @@ def _h_logsumexp(func, args, kwargs):
     dims = _reduce_dims(dim, x.dim())
     if dims is None:
         return func(*args, **kwargs)
-    xf = x.float()
+    shifted, m, log_sum = _shifted_log_sum(x.float(), dims)
+    out = log_sum + m
+    return (out if keepdim else out.squeeze(dims)).to(x.dtype)
+
+
+def _shifted_log_sum(xf: torch.Tensor, dims: tuple):
+    """``(x - m, m, log(sum(exp(x - m))))`` over ``dims`` (kept), with ``m`` the max (a selection, the same in any
+    order; an infinite max is not subtracted, as torch's) and the sum jetdet's fixed-order row reduction: the parts
+    of logsumexp (``m + log s``) and of log_softmax (``(x - m) - log s``)."""
     m = xf.amax(dims, keepdim=True)
     m = torch.where(m.isinf(), 0.0, m)
-    out = _ops().sum((xf - m).exp(), dims, True).log() + m
-    return (out if keepdim else out.squeeze(dims)).to(x.dtype)
+    shifted = xf - m
+    return shifted, m, _ops().sum(shifted.exp(), dims, True).log()
 
 
 _SCAN = _signature(("input", None), ("dim", None), ("dtype", None), positional=2)
@@ -1184,11 +1192,8 @@ def _h_log_softmax(func, args, kwargs):
     why = _ok(x)
     if why or not x.numel() or x.dim() == 0:
         return _fallback(func, args, kwargs, why) if why else func(*args, **kwargs)
-    xf = x.float()
-    m = xf.amax(dim, keepdim=True)
-    m = torch.where(m.isinf(), 0.0, m)
-    shifted = xf - m  # subtracted first: x - (m + log s) loses m's ulp (1.2e-4 at logits of 3000)
-    return (shifted - _ops().sum(shifted.exp(), (dim % x.dim(),), True).log()).to(x.dtype)
+    shifted, _, log_sum = _shifted_log_sum(x.float(), (dim % x.dim(),))
+    return (shifted - log_sum).to(x.dtype)  # not x - (m + log s), which loses m's ulp (1.2e-4 at logits of 3000)
 
 
 def _h_softmin(func, args, kwargs):

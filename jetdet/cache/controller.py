@@ -287,6 +287,16 @@ class _Decision:
     history: list | None = None  # the stream's cached outputs, read when the row is forecast
 
 
+def ratios(n: dict) -> dict:
+    """``call_ratio``, ``row_ratio`` and ``fme_ratio`` of a counter dict (see :meth:`StepCacheController.stats`): what
+    was asked over what was run (inf when nothing ran, 1 when nothing was asked)."""
+    def ratio(a, b):
+        return a / b if b else math.inf if a else 1.0
+
+    return {"call_ratio": ratio(n["calls"], n["calls_run"]), "row_ratio": ratio(n["rows"], n["rows_run"]),
+            "fme_ratio": ratio(n["rows"], n["model_equivalents"])}
+
+
 class StepCacheController:
     """Skip model evaluations per batch row by forecasting their outputs (see the module docstring).
 
@@ -498,10 +508,7 @@ class StepCacheController:
         m = self.manager.stats()
         n = dict(self._n)
         n["hits"] = n["rows_saved"]
-        n["call_ratio"] = n["calls"] / n["calls_run"] if n["calls_run"] else math.inf if n["calls"] else 1.0
-        n["row_ratio"] = n["rows"] / n["rows_run"] if n["rows_run"] else math.inf if n["rows"] else 1.0
-        me = n["model_equivalents"]
-        n["fme_ratio"] = n["rows"] / me if me else math.inf if n["rows"] else 1.0
+        n.update(ratios(n))
         st = self._blocks_state
         blocks = "not used yet" if st is None else (f"used: {st[1]}" if st[0] == "on" else f"not used: {st[1]}")
         tokens = {**self._tok_n, "modules": dict(self._tok_checked),

@@ -341,8 +341,13 @@ class JetDetDeterministicSampler(io.ComfyNode):
                 batch_offset):
         out = _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                           denoise, batch_offset)
-        lines = _item_checksums(out["samples"], _ids_of(out["samples"], batch_offset, latent_image))
-        return io.NodeOutput(out, "\n".join(lines), _fingerprint_json(model.load_device))
+        return _sampled(out, model, batch_offset, latent_image)
+
+
+def _sampled(out: dict, model, batch_offset: int, latent_image: dict) -> io.NodeOutput:
+    """A deterministic sampler node's outputs: the LATENT, its items' checksums, the fingerprint."""
+    lines = _item_checksums(out["samples"], _ids_of(out["samples"], batch_offset, latent_image))
+    return io.NodeOutput(out, "\n".join(lines), _fingerprint_json(model.load_device))
 
 
 class JetDetDeterministicSamplerAdvanced(io.ComfyNode):
@@ -351,7 +356,7 @@ class JetDetDeterministicSamplerAdvanced(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        samplers, schedulers = _samplers()
+        base = _ksampler_inputs()  # model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, ...
         return io.Schema(
             node_id="JetDetDeterministicSamplerAdvanced", display_name="jetdet Deterministic Sampler (Advanced)",
             category=CATEGORY,
@@ -359,7 +364,7 @@ class JetDetDeterministicSamplerAdvanced(io.ComfyNode):
                         "batch_offset=i: a stage of a two-stage handoff (start/end step, leftover noise, no added "
                         "noise) with per-item noise, also with ancestral and SDE samplers.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to sample (it is not changed)."),
+                base[0],
                 io.Combo.Input("add_noise", options=["enable", "disable"], default="enable",
                                tooltip="Add the starting noise (disable for the second stage of a handoff, whose "
                                        "latent carries the first stage's leftover noise)."),
@@ -367,14 +372,7 @@ class JetDetDeterministicSamplerAdvanced(io.ComfyNode):
                              tooltip="Seed of the noise. Item i's noise (the starting noise and every step's) depends "
                                      "only on (seed, batch_offset + i, step)."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampler steps of the whole schedule."),
-                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale."),
-                io.Combo.Input("sampler_name", options=samplers, default="euler", tooltip="ComfyUI's sampler."),
-                io.Combo.Input("scheduler", options=schedulers, default="simple", tooltip="ComfyUI's sigma schedule."),
-                io.Conditioning.Input("positive", tooltip="The conditioning to move towards."),
-                io.Conditioning.Input("negative", tooltip="The conditioning to move away from (the CFG uncond "
-                                                          "branch)."),
-                io.Latent.Input("latent_image", tooltip="The latent batch to denoise."),
+                *base[3:9],  # cfg .. latent_image, as the Deterministic Sampler's
                 io.Int.Input("start_at_step", default=0, min=0, max=10000,
                              tooltip="First step of the schedule this stage runs."),
                 io.Int.Input("end_at_step", default=10000, min=0, max=10000,
@@ -408,8 +406,7 @@ class JetDetDeterministicSamplerAdvanced(io.ComfyNode):
         out = _det_sample(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                           1.0, batch_offset, add_noise=add_noise == "enable", start_step=start_at_step,
                           last_step=end_at_step, force_full_denoise=return_with_leftover_noise == "disable")
-        lines = _item_checksums(out["samples"], _ids_of(out["samples"], batch_offset, latent_image))
-        return io.NodeOutput(out, "\n".join(lines), _fingerprint_json(model.load_device))
+        return _sampled(out, model, batch_offset, latent_image)
 
 
 # ------------------------------------------------------------------------------------------- checksum, matcher

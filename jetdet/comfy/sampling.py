@@ -164,11 +164,16 @@ _REPEATED_LISTS = frozenset({"reference_latents"})
 _warned_item_cond: set = set()
 
 
+def _nrows(t) -> int:
+    """The rows of a batched tensor; 1 for anything else (shared by every row)."""
+    return t.shape[0] if isinstance(t, torch.Tensor) and t.dim() >= 1 else 1
+
+
 def _item_rows(t, i: int, n: int, resize: bool = False):
     """Row ``i`` (kept 1-D batch) of tensor ``t`` as ComfyUI fits it to an ``n``-row batch."""
     import comfy.utils
 
-    if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] <= 1:
+    if _nrows(t) <= 1:
         return t
     if resize:
         return comfy.utils.resize_to_batch_size(t, n)[i:i + 1]
@@ -185,18 +190,15 @@ def _item_control(control, i: int, n: int, memo: dict):
     hint = getattr(control, "cond_hint_original", None)
     extra = list(getattr(control, "extra_concat_orig", None) or [])
     prev = _item_control(getattr(control, "previous_controlnet", None), i, n, memo)
-    batched = (isinstance(hint, torch.Tensor) and hint.dim() >= 1 and hint.shape[0] > 1) or any(
-        isinstance(e, torch.Tensor) and e.dim() >= 1 and e.shape[0] > 1 for e in extra)
-    if not batched and prev is getattr(control, "previous_controlnet", None):
+    nh = _nrows(hint)
+    if nh == 1 and all(_nrows(e) == 1 for e in extra) and prev is getattr(control, "previous_controlnet", None):
         memo[id(control)] = control
         return control
     c = control.copy()
-    nh = hint.shape[0] if isinstance(hint, torch.Tensor) and hint.dim() >= 1 else 1
     if nh > 1:
         c.cond_hint_original = hint[i % nh:i % nh + 1]
     # ComfyUI repeats each extra concat image to the hint's batch, then broadcasts the whole hint over the rows
-    c.extra_concat_orig = [e[(i % nh) % e.shape[0]:(i % nh) % e.shape[0] + 1]
-                           if isinstance(e, torch.Tensor) and e.dim() >= 1 and e.shape[0] > 1 else e for e in extra]
+    c.extra_concat_orig = [e[(i % nh) % _nrows(e):(i % nh) % _nrows(e) + 1] if _nrows(e) > 1 else e for e in extra]
     c.set_previous_controlnet(prev)
     memo[id(control)] = c
     return c

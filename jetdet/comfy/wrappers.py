@@ -276,14 +276,6 @@ def _hook_state(executor) -> tuple:
     return tuple(out)
 
 
-def _control_state(control) -> bool:
-    """Whether a ControlNet (or T2I adapter) acts at this call: ComfyUI passes ``APPLY_MODEL`` the control's residuals,
-    or None before the control's ``start_percent`` and after its ``end_percent``, where the model's function changes,
-    as at a hook keyframe. (One control of a chain stopping while another acts is not seen: the residuals are summed
-    before they arrive here.)"""
-    return control is not None
-
-
 class FastState:
     """jetdet's step cache for one fast-mode MODEL (shared by its clones; one sampling run at a time).
 
@@ -327,7 +319,7 @@ class FastState:
         self.last_stats: dict | None = None
         self._kinds: dict = {}  # call kind (block replacements and patches, see _patch_signature) -> its number
         self._conds: dict = {}  # a cond's uuid (ComfyUI's, one per cond per sampling run) -> its number
-        self._hooked: dict = {}  # a cond's number -> the hook state of its last call
+        self._hooked: dict = {}  # a cond's number -> (its hook state, whether a control acted) at its last call
         self._ve = False  # this run's model has variance-exploding sigma (see apply_model)
         self._lock = threading.Lock()
 
@@ -397,7 +389,7 @@ class FastState:
             self._ve = ve  # set with its run's controller, under the lock
             self._kinds = {}
             self._conds = {}
-            self._hooked = {}  # a cond's number -> the hook state its last call ran with (see _hook_state)
+            self._hooked = {}
             self.swap = (LinearAttentionSwap(self.linear_attention, 1, 1, epoch_fn=ctl.epoch)
                          if self.linear_attention else None)
             self.cache = AttentionCache(self.attention_cache, epoch_fn=ctl.epoch) if self.attention_cache else None
@@ -447,11 +439,12 @@ class FastState:
         # the weights a cond runs with: a hook LoRA's keyframe that changes its strength mid-run changes the model, and
         # the whole latent's path with it (through CFG), so every stream starts over and is computed until it has a
         # history again (forecast across the change, a user trial lost 13-17 dB at the same budget); so does a
-        # ControlNet that starts or stops acting (its start/end percent)
-        hooks = (_hook_state(executor), _control_state(control))  # the weights, and whether a control acts
+        # ControlNet that starts or stops acting (its start/end percent): ComfyUI then passes its residuals, or None
+        # (one control of a chain stopping while another acts is not seen: the residuals come summed)
+        state = (_hook_state(executor), control is not None)
         for c in set(ids):
-            if self._hooked.setdefault(c, hooks) != hooks:
-                self._hooked = {c: hooks}
+            if self._hooked.setdefault(c, state) != state:
+                self._hooked = {c: state}
                 ctl._reset_all("model")
                 break
         cond = torch.tensor([[float(chunks[c]), float(kind), float(ids[c])]
@@ -538,9 +531,7 @@ def _adds_noise(sampler) -> bool:
     name = _sampler_name(sampler)
     if name not in _ADDS_NOISE and name not in _NOISE_WITH_ETA:
         return False
-    extra = getattr(sampler, "extra_options", None) or {}
-    fn = getattr(sampler, "sampler_function", None)
-    kw = dict(getattr(fn, "keywords", None) or {}, **extra)  # a functools.partial's arguments, then the node's
+    kw = _sampler_options(sampler)
     if name in _NOISE_WITH_ETA and not (isinstance(kw.get("eta"), (int, float)) and kw["eta"] > 0):
         return False
     # eta 0 is the deterministic sampler; with eta above 0 and s_noise 0 the latent still jumps to the ancestral step's
@@ -549,6 +540,12 @@ def _adds_noise(sampler) -> bool:
     if "eta" in kw:
         return kw["eta"] != 0
     return kw.get("s_noise") != 0
+
+
+def _sampler_options(sampler) -> dict:
+    """A sampler's options: its function's (a ``functools.partial``'s arguments), then its node's ``extra_options``."""
+    fn = getattr(sampler, "sampler_function", None)
+    return dict(getattr(fn, "keywords", None) or {}, **(getattr(sampler, "extra_options", None) or {}))
 
 
 def _sampler_name(sampler) -> str:
@@ -572,9 +569,7 @@ def _cfg_pp(sampler) -> bool:
     name = _sampler_name(sampler)
     if name.endswith("_cfg_pp") or name == "sample_euler_pp":  # SamplerEulerCFG++'s "alternative" version
         return True
-    fn = getattr(sampler, "sampler_function", None)
-    kw = dict(getattr(fn, "keywords", None) or {}, **(getattr(sampler, "extra_options", None) or {}))
-    return name == "sample_gradient_estimation" and bool(kw.get("cfg_pp"))
+    return name == "sample_gradient_estimation" and bool(_sampler_options(sampler).get("cfg_pp"))
 
 
 def _warn_renoising(sampler) -> None:

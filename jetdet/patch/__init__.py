@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import threading
 import types
 import warnings
@@ -499,12 +498,10 @@ class _PerThread:
         with self._lock:
             ended, live = list(self._ended), list(self._by_thread.values())
         per = [dict(s, ended=True) for s in ended] + [dict(self._stats_of(b), ended=False) for b in live]
+        from ..cache.controller import ratios
+
         total = {k: sum(p["cache"][k] for p in per) for k in _TOTAL_KEYS}
-        ratio = {"call_ratio": ("calls", "calls_run"), "row_ratio": ("rows", "rows_run"),
-                 "fme_ratio": ("rows", "model_equivalents")}
-        for k, (a, b) in ratio.items():
-            total[k] = total[a] / total[b] if total[b] else math.inf if total[a] else 1.0
-        return {"threads": per, "cache_total": total}
+        return {"threads": per, "cache_total": {**total, **ratios(total)}}
 
 
 def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,

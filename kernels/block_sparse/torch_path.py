@@ -113,7 +113,6 @@ def block_sparse_attention(q, k, v, indices, counts, block_size: int, scale: flo
         # a query block with no kept key gives zeros (its softmax is 0/0); a NaN from the input stays a NaN
         kept = ok.reshape(B, H, G, 1, c_max * bs).any(dim=-1, keepdim=True)
         p = torch.where(kept, p, torch.zeros((), dtype=p.dtype, device=p.device))
-        o = torch.einsum("bhgin,bhgne->bhgie", p, vg.reshape(B, H, G, c_max * bs, DV))
-        o = torch.where(kept, o, torch.zeros((), dtype=o.dtype, device=o.device))  # not 0 * a NaN in v
+        o = torch.einsum("bhgin,bhgne->bhgie", p, vg.reshape(B, H, G, c_max * bs, DV))  # a keyless block: 0 @ 0
         out[:, :, g0 * bs:g1 * bs] = o.reshape(B, H, G * bs, DV)
     return out[:, :, :N].to(q.dtype).contiguous()
