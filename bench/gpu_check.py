@@ -100,7 +100,8 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # op cases that only mean something in some dtypes (every other case runs in DTYPES)
 CASE_DTYPES = {"linear_tf32x3": (torch.float32,), "conv3x3_tf32x3": (torch.float32,),
-               "attention_tma_d72": (torch.float16, torch.bfloat16), "conv3x3_tma": (torch.float16, torch.bfloat16)}
+               "attention_tma_d72": (torch.float16, torch.bfloat16), "conv3x3_tma": (torch.float16, torch.bfloat16),
+               "linear_tma": (torch.float16, torch.bfloat16)}  # the TMA kernels take 16-bit calls only
 # issue 13's targets: jetdet time / torch time at most this
 TARGETS = {"linear": 1.10, "linear_m512": 1.25, "linear_fp32": 1.3, "attention": 1.15, "conv": 1.5}
 CORRECTNESS_SECTIONS = ("noise", "ops", "models")
@@ -364,7 +365,7 @@ def precompile(run: Run, out: dict, sections) -> None:
     """Run ``sections`` once with every jetdet kernel launch turned into a compile in a thread pool
     (:func:`jetdet.warmup.compile_ahead`): their outputs are uninitialised, their checks and timings are thrown
     away, their prints are silenced. The record pass stops starting sections after 40% of what is left of the
-    budget; the compiles it started finish before this returns."""
+    budget, and the wait for its compiles at 55%: compiles still running then finish beside the sections."""
     from jetdet import warmup
 
     why = warmup.unavailable()
@@ -375,7 +376,9 @@ def precompile(run: Run, out: dict, sections) -> None:
     before = warmup.cached_variants()
     rec = _Record(run.args, budget=0.4 * run.left())
     errors = {}
-    with warmup.compile_ahead() as stats:
+    # the wait for the compiles ends too: what is still compiling then goes on beside the sections, and a launch
+    # that needs such a variant waits for that one only
+    with warmup.compile_ahead(deadline=time.perf_counter() + 0.55 * run.left()) as stats:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             for name, fn in sections:
                 if rec.left() < 5:
@@ -385,11 +388,12 @@ def precompile(run: Run, out: dict, sections) -> None:
                     fn(rec, {})
                 except Exception as e:  # noqa: BLE001 - garbage in, anything out: the real pass will tell
                     errors[name] = f"{type(e).__name__}: {str(e)[:200]}"
-    out.update({k: stats[k] for k in ("launches", "compiles", "seconds")})
+    out.update({k: stats[k] for k in ("launches", "compiles", "pending", "seconds")})
     out["variants"] = warmup.cached_variants() - before
     out["record_stopped"] = errors
     print(f"  {stats['launches']} launches recorded, {stats['compiles']} variants compiled ahead "
-          f"({out['variants']} in the caches now) in {stats['seconds']:.1f} s")
+          f"({out['variants']} in the caches now) in {stats['seconds']:.1f} s"
+          + (f"; {stats['pending']} still compiling, beside the sections" if stats["pending"] else ""))
     for name, why in errors.items():
         print(f"  record pass, {name}: {why}")
 

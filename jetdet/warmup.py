@@ -110,14 +110,17 @@ def _parse_owner():
 
 
 @contextlib.contextmanager
-def compile_ahead(kernels=None, workers: int | None = None):
+def compile_ahead(kernels=None, workers: int | None = None, deadline: float | None = None):
     """Inside, each launch of ``kernels`` (default: every jetdet ``@triton.jit`` kernel,
     :func:`jetdet.static_report.all_kernels`) compiles its variant in a pool of ``workers`` threads (default: the
-    CPU count) instead of running; leaving waits for the compiles. Yields a dict: ``launches`` (recorded),
-    ``compiles`` (distinct variants handed to the pool; a variant in Triton's disk cache is loaded, not
-    compiled), ``seconds`` (filled on exit) and ``skipped`` (why nothing was compiled ahead, or None: with the
-    interpreter, or a Triton without ``AsyncCompileMode``, the launches run as usual)."""
-    stats = {"launches": 0, "compiles": 0, "seconds": 0.0, "skipped": unavailable()}
+    CPU count) instead of running; leaving waits for the compiles, until ``deadline`` (a ``time.perf_counter()``
+    value; None: for all of them). Compiles still running then go on in the background: a later launch that needs
+    one waits for that one only, and one not yet started is compiled by its launch as usual. Yields a dict:
+    ``launches`` (recorded), ``compiles`` (distinct variants handed to the pool; a variant in Triton's disk cache is
+    loaded, not compiled), ``pending`` (compiles not finished when the wait ended), ``seconds`` (filled on exit) and
+    ``skipped`` (why nothing was compiled ahead, or None: with the interpreter, or a Triton without
+    ``AsyncCompileMode``, the launches run as usual)."""
+    stats = {"launches": 0, "compiles": 0, "pending": 0, "seconds": 0.0, "skipped": unavailable()}
     if stats["skipped"]:
         yield stats
         return
@@ -126,31 +129,82 @@ def compile_ahead(kernels=None, workers: int | None = None):
 
     t0 = time.perf_counter()
     patched = []
-    workers = workers or os.cpu_count() or 1
-    with serial_parse(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jetdet-compile") as pool:
-        mode = AsyncCompileMode(pool, ignore_errors=True)
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="jetdet-compile")
+    parse = contextlib.ExitStack()
+    parse.enter_context(serial_parse())  # left when the last compile ends, which may be after this block
+    mode = AsyncCompileMode(pool, ignore_errors=True)
+    try:
+        for kernel in _kernels(kernels):
+            if "run" in vars(kernel):
+                continue  # already wrapped (e.g. by static_report.capture_launches)
+
+            def run(*args, _orig=kernel.run, grid=None, warmup=False, **kwargs):
+                # Triton's AsyncCompileMode is per context (a ContextVar); the kernels are shared. A launch
+                # from another thread (or a context outside this block) runs as it would have, instead of
+                # compiling and skipping its launch (uninitialised outputs, no error)
+                if _async_compile.active_mode.get() is not mode:
+                    return _orig(*args, grid=grid, warmup=warmup, **kwargs)
+                stats["launches"] += 1
+                return _orig(*args, grid=grid, warmup=True, **kwargs)
+
+            kernel.run = run
+            patched.append(kernel)
+        mode.__enter__()
         try:
-            for kernel in _kernels(kernels):
-                if "run" in vars(kernel):
-                    continue  # already wrapped (e.g. by static_report.capture_launches)
-
-                def run(*args, _orig=kernel.run, grid=None, warmup=False, **kwargs):
-                    # Triton's AsyncCompileMode is per context (a ContextVar); the kernels are shared. A launch
-                    # from another thread (or a context outside this block) runs as it would have, instead of
-                    # compiling and skipping its launch (uninitialised outputs, no error)
-                    if _async_compile.active_mode.get() is not mode:
-                        return _orig(*args, grid=grid, warmup=warmup, **kwargs)
-                    stats["launches"] += 1
-                    return _orig(*args, grid=grid, warmup=True, **kwargs)
-
-                kernel.run = run
-                patched.append(kernel)
-            with mode:
-                try:
-                    yield stats
-                finally:
-                    stats["compiles"] = len(mode.future_kernels)  # counted before the exit clears them (3.9)
+            yield stats
         finally:
-            for kernel in patched:
-                vars(kernel).pop("run", None)
-            stats["seconds"] = time.perf_counter() - t0
+            _async_compile.active_mode.set(None)
+            stats["compiles"] = len(mode.future_kernels)
+            stats["pending"] = _finish(mode, deadline, patched, parse)
+    finally:
+        for kernel in patched:
+            vars(kernel).pop("run", None)
+        if not stats["pending"]:
+            parse.close()
+        pool.shutdown(wait=False)  # the pending compiles run on; nothing is left queued that no one waits for
+        stats["seconds"] = time.perf_counter() - t0
+
+
+def _finish(mode, deadline, kernels, parse) -> int:
+    """Wait for ``mode``'s compiles until ``deadline`` and put the finished ones in their kernels' caches, as
+    leaving ``AsyncCompileMode`` does (failed ones are dropped: the real launch reports the error). Returns how many
+    are still running. Where Triton's placeholder can stand in for its kernel (it forwards attributes to the
+    finished compile, triton >= 3.9), a pending one stays in the cache and the launch that needs it waits for it;
+    otherwise (3.6) it is taken out and cancelled if not started, so its launch compiles it. ``parse`` is closed when
+    the last pending compile ends."""
+    from concurrent.futures import wait
+
+    from triton.runtime._async_compile import FutureKernel
+
+    futures, placeholders = mode.raw_futures, mode.future_kernels
+    mode.raw_futures, mode.future_kernels = [], {}  # as Triton's own exit leaves them
+    timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+    done, pending = wait(futures, timeout=timeout)
+    for future in done:
+        fk = placeholders[future._key]
+        if fk.future is not None:
+            fk.result(True)
+    if not pending:
+        return 0
+    if "__getattr__" not in FutureKernel.__dict__:
+        stale = {id(placeholders[f._key]) for f in pending}
+        for kernel in kernels:
+            for entry in getattr(kernel, "device_caches", {}).values():
+                cache = entry[0]
+                for key in [k for k, v in cache.items() if id(v) in stale]:
+                    del cache[key]
+        for future in pending:
+            future.cancel()
+    left = {"n": len(pending)}
+    lock = threading.Lock()
+
+    def ended(_future):
+        with lock:
+            left["n"] -= 1
+            last = left["n"] == 0
+        if last:
+            parse.close()
+
+    for future in pending:
+        future.add_done_callback(ended)
+    return len(pending)

@@ -20,8 +20,8 @@ SECTIONS = ("environment", "noise", "ops", "models", "speed", "model_speed", "co
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, *args, timeout=1200, interpreter=True):
-    env = dict(os.environ)
+def _run(tmp_path, *args, timeout=1200, interpreter=True, env=None):
+    env = dict(os.environ, **(env or {}))
     if interpreter:  # set, not inherited: on a GPU machine this suite runs without it (tests/_devices.py)
         env["TRITON_INTERPRET"] = "1"
     else:
@@ -50,11 +50,11 @@ def test_dry_run_goes_through_every_section(tmp_path):
         assert "error" not in sec and "skipped" not in sec, (name, sec.get("error") or sec.get("skipped"))
     assert res["failures"] == [] and res["incomplete"] == []
     ops = res["sections"]["ops"]["rows"]
-    # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only, the two TMA ones (attention, conv) in 16 bits only
-    assert len(ops) == 25 * 3 + 2 + 2 * 2
+    # the two JETDET_FP32_DOT=tf32x3 cases run in fp32 only, the three TMA ones (linear, attention, conv) in 16 bits
+    assert len(ops) == 24 * 3 + 2 + 3 * 2
     assert {(r["op"], r["dtype"]) for r in ops if "tf32x3" in r["op"]} == {("linear_tf32x3", "float32"),
                                                                           ("conv3x3_tf32x3", "float32")}
-    for name in ("attention_tma_d72", "conv3x3_tma"):
+    for name in ("linear_tma", "attention_tma_d72", "conv3x3_tma"):
         assert {r["dtype"] for r in ops if r["op"] == name} == {"float16", "bfloat16"}, name
     assert all(r["accurate"] and not r["prefix_differs"] and not r["needle_differs"] for r in ops)
     assert {"linear", "conv3x3", "attention_d128_mask", "attention_d72_mask", "attention_d512", "group_norm",
@@ -104,6 +104,19 @@ def test_dry_run_goes_through_every_section(tmp_path):
                   "## Deterministic mode under torch.compile", "## Fast path", "## Block-sparse", "## Tile sweep"):
         assert title in md, title
     assert "all checks passed" in md
+
+
+def test_tma_cases_through_the_triton_host_path(tmp_path):
+    """The dry run above takes the torch path on CPU, so the host side of the TMA kernels (descriptors, their
+    eligibility, copies of strides a descriptor cannot take) would first run on the GPU. Here the three TMA cases go
+    through it, and through the kernels in the interpreter, at the dry run's shapes."""
+    out = _run(tmp_path, "--only", "ops", "--ops", "linear_tma,attention_tma_d72,conv3x3_tma",
+               env={"JETDET_BACKEND": "triton"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_dry-run_cpu_only-ops_ops-attention_tma_d72-conv3x3_tma-linear_tma.json")
+                     .read_text())
+    rows = res["sections"]["ops"]["rows"]
+    assert len(rows) == 6 and all(r["accurate"] and not r["prefix_differs"] for r in rows), rows
 
 
 def test_injected_fault_fails_the_run(tmp_path):

@@ -99,6 +99,64 @@ def test_compile_ahead_then_no_compile(fake_gpu):
 
 
 @needs_interpreter
+def test_the_wait_for_compiles_ends_at_the_deadline_and_the_rest_finish_later(fake_gpu):
+    """``bench/gpu_check.py`` gives its record pass a share of a fixed time budget; leaving the block used to wait
+    for every compile, however long, out of the later sections' time. With ``deadline`` the wait ends there, the
+    compiles still running go on, and a launch that needs one gets it. Negative control: without a deadline,
+    leaving waits for a compile that cannot finish yet."""
+    import threading
+    import time
+
+    jits = list({id(j): j for j, *_ in fake_gpu}.values())
+    gate = threading.Event()
+    for jit in jits:
+        jit.device_caches[0]  # makes the kernel's compile function, which the gate then wraps
+
+        def gated(*args, _orig=jit.compile, **kwargs):
+            assert gate.wait(60), "the gate was never opened"
+            return _orig(*args, **kwargs)
+
+        jit.compile = gated
+
+    def launch_all():
+        for jit, args, kwargs, grid in fake_gpu:
+            jit[grid](*args, **kwargs)
+
+    # negative control: no deadline, so leaving blocks while the gate is shut
+    left = threading.Event()
+
+    def no_deadline():
+        with warmup.compile_ahead(kernels=jits, workers=2):
+            launch_all()
+        left.set()
+
+    t = threading.Thread(target=no_deadline, daemon=True)
+    t.start()
+    assert not left.wait(1.0), "left the block before its compiles could finish"
+    gate.set()
+    t.join(120)
+    assert left.is_set()
+    for jit in jits:  # a fresh start: nothing cached in memory (the disk cache keeps the compiled variants)
+        jit.device_caches[0][0].clear()
+    gate.clear()
+
+    t0 = time.perf_counter()
+    with warmup.compile_ahead(kernels=jits, workers=2, deadline=time.perf_counter() + 0.3) as stats:
+        launch_all()
+    assert time.perf_counter() - t0 < 10
+    assert stats["compiles"] == 3 and stats["pending"] == 3, stats
+    assert all("run" not in vars(j) for j in jits)
+    gate.set()
+    for jit, args, kwargs, grid in fake_gpu:  # each launch gets its variant, compiled by the pool
+        kernel = jit.run(*args, grid=grid, warmup=True, **kwargs)
+        assert kernel is not None and kernel.asm.get("cubin")
+    end = time.perf_counter() + 10
+    while warmup._patch["users"] and time.perf_counter() < end:  # the last compile's callback may still be running
+        time.sleep(0.01)
+    assert warmup._patch["users"] == 0  # serial parsing lasted as long as the compiles, and Triton's parse is back
+
+
+@needs_interpreter
 def test_a_launch_from_another_thread_runs_as_usual_inside_compile_ahead(fake_gpu):
     """Triton's AsyncCompileMode is per context, but compile_ahead patches the shared kernel objects: a launch from
     another thread during the block compiled and skipped its launch (uninitialised outputs, no error). It now runs

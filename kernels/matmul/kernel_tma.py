@@ -5,8 +5,9 @@ C [M, N], all row-major with 16-byte aligned rows.
 ...``); each tile is computed by one program from a zeroed fp32 accumulator over the whole K range in order,
 ``BLOCK_K`` at a time: no split-K, no atomics, and nothing a tile computes depends on M, on which program owns it
 or on how many tiles there are, so a row's result is the same in any batch. Tiles are loaded through tensor
-descriptors (``tl.make_tensor_descriptor``: TMA on sm_90, out-of-bounds rows and columns read as zero) and the
-result is written through one (out-of-bounds parts are not written).
+descriptors made on the host (``triton.tools.tensor_descriptor.TensorDescriptor``, so no device-side scratch
+allocator is needed; TMA on sm_90, out-of-bounds rows and columns read as zero) and the result is written through
+one (out-of-bounds parts are not written).
 """
 
 import triton
