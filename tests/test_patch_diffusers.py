@@ -108,3 +108,35 @@ def test_diffusers_vae_decode_and_encode_are_batch_invariant_patched():
         assert torch.equal(dec(lat), ref_dec)  # removed: the VAE is as before
     if not stock:
         pytest.skip("the unpatched VAE happened to be batch invariant on this CPU (the negative control)")
+
+
+def test_text_encoder_with_projection_is_batch_invariant_patched():
+    """SDXL's second text encoder (``CLIPTextModelWithProjection``) gives the pooled ``text_embeds`` the U-Net takes
+    as a condition; its last linear runs on one row per prompt, and unpatched its rows depend on how many prompts
+    came together (a user trial: an SDXL pipeline with only the U-Net and the VAE patched gave 0 of 4 images equal
+    to the image made alone). Patched, each prompt's embeddings equal the prompt's alone. Negative control: the
+    unpatched encoder (5 of 5 pooled rows differ on this CPU; skipped where torch happens to be invariant)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.CLIPTextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=16, eos_token_id=2,
+                                      bos_token_id=0, pad_token_id=1, projection_dim=64)
+    enc = transformers.CLIPTextModelWithProjection(cfg).eval()
+    ids = torch.randint(3, 1000, (5, 16), generator=torch.Generator().manual_seed(1))
+    ids[:, -1] = 2
+
+    def pooled(i):
+        return enc(input_ids=i).text_embeds
+
+    def hidden(i):
+        return enc(input_ids=i).last_hidden_state
+
+    with torch.no_grad():
+        ref = pooled(ids)
+        stock = batch_mismatches(pooled, [ids], slots=range(5))
+        with jetdet.patch(enc, mode="deterministic"):
+            assert not batch_mismatches(pooled, [ids], slots=range(5)), "pooled: prompts alone differ from the batch"
+            assert not batch_mismatches(hidden, [ids], slots=range(5)), "hidden: prompts alone differ from the batch"
+            torch.testing.assert_close(pooled(ids), ref, atol=1e-4, rtol=0)
+    if not stock:
+        pytest.skip("the unpatched text encoder happened to be batch invariant on this CPU (the negative control)")
