@@ -235,7 +235,7 @@ def test_a_pipeline_is_refused_with_the_call_that_works():
         jetdet.patch(model, mode="fast", scheduler=pipe)
     pipe.scheduler = _Sched("epsilon")
     compiled = torch.compile(model)
-    with pytest.raises(TypeError, match=r"torch.compile'd module \(wrapping VPModel\).*Patch the model, then"):
+    with pytest.raises(TypeError, match=r"torch.compile'd module \(wrapping VPModel\).*Patch the model itself"):
         jetdet.patch(compiled, mode="fast")
     assert jetdet.patch(model, mode="fast", scheduler=pipe.scheduler).remove() is None  # nothing was left patched
 
@@ -440,6 +440,32 @@ def test_a_pipeline_as_scheduler_follows_a_swap(flow):
         assert torch.equal(img2img(pipe), want) and h.stats()["cache"]["calls"] == 20  # through the cache again
 
 
+@pytest.mark.parametrize("first,then", [("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"),
+                                        ("PNDMScheduler", "EulerDiscreteScheduler"),
+                                        ("DDIMScheduler", "UniPCMultistepScheduler")])
+def test_a_swap_between_schedulers_with_the_same_rules_keeps_the_cache(flow, first, then):
+    """The commonest swaps (SD1.5's default PNDM to Euler, Euler to DPM++ 2M) are between schedulers with the same
+    output map and noise rule. Only Euler's config names ``timestep_type`` ("discrete", its default), so a user
+    trial saw such a swap warned as "another output map or noise" and the model then run every call (0 saved).
+    A scheduler that does not name it uses discrete timesteps too: the patch follows the swap, without a warning."""
+    import warnings
+
+    diffusers = pytest.importorskip("diffusers")
+    from jetdet.models.vp import SD_SCHEDULE
+
+    vp = VPModel(flow, sd_alphas_cumprod(), "epsilon")
+    noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    pipe = _LoopPipe(vp, getattr(diffusers, first)(**SD_SCHEDULE))
+    with jetdet.patch(vp, mode="fast", scheduler=pipe, budget=0.2) as h:
+        pipe.scheduler = getattr(diffusers, then).from_config(pipe.scheduler.config)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            pipe(noise * pipe.scheduler.init_noise_sigma)
+        assert not [x for x in w if "scheduler is now" in str(x.message)], [str(x.message) for x in w]
+        st = h.stats()["cache"]
+        assert st["calls"] == 20 and st["calls_saved"] > 0, st
+
+
 def _unet_channels(cin, cout):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -500,6 +526,9 @@ def test_schedulers_jetdet_cannot_map_are_named():
     with pytest.raises(TypeError, match="prediction='flow'"):
         pm.from_options(diffusers.IPNDMScheduler())
     assert pm.from_options(diffusers.IPNDMScheduler(), "flow") is None
+    # the class instead of the object (a user trial: the old message blamed a missing prediction type)
+    with pytest.raises(TypeError, match=r"scheduler: got the class EulerDiscreteScheduler; pass the scheduler object"):
+        pm.from_options(diffusers.EulerDiscreteScheduler)
 
 
 def _sdxl_unet():

@@ -96,6 +96,9 @@ def from_options(scheduler=None, prediction=None):
     the output as it is) or a :class:`VPParametrization`. Raises ``ValueError``/``TypeError`` naming the argument."""
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction: expected one of {PREDICTIONS} or None, got {prediction!r}")
+    if isinstance(scheduler, type):
+        raise TypeError(f"scheduler: got the class {scheduler.__name__}; pass the scheduler object the pipeline "
+                        "samples with (scheduler=pipe.scheduler, or the pipeline: scheduler=pipe)")
     if isinstance(scheduler, (str, bytes, int, float)):
         raise TypeError("scheduler: expected the scheduler object the pipeline samples with "
                         f"(scheduler=pipe.scheduler), got {type(scheduler).__name__} {scheduler!r}")
