@@ -138,7 +138,9 @@ def check_latent(model, samples: torch.Tensor) -> torch.Tensor:
         p = patch[0] if isinstance(patch, (tuple, list)) else patch
         if max((samples.shape[-2] + 1) // p, (samples.shape[-1] + 1) // p) > limit:
             raise ValueError(f"latent_image: {name} samples latents up to {limit * p} x {limit * p} (its position "
-                             f"table); got {samples.shape[-2]} x {samples.shape[-1]}")
+                             f"table; {limit * p * 8} x {limit * p * 8} pixels through its VAE); got "
+                             f"{samples.shape[-2]} x {samples.shape[-1]} ({samples.shape[-2] * 8} x "
+                             f"{samples.shape[-1] * 8} pixels)")
     return samples
 
 
@@ -251,6 +253,46 @@ def item_conditioning(conditioning, i: int, n: int, memo: dict | None = None):
                                 "passes it whole, and ComfyUI's model code decides which row an item alone reads", k)
         out.append([t, d])
     return out
+
+
+def per_item_entries(conditioning) -> dict[str, int]:
+    """The entries of a CONDITIONING that hold one row per item (text embeddings, masks, concat images, ControlNet
+    hints, the repeated ones) with more than one row: name -> rows."""
+    found: dict[str, int] = {}
+    for entry in conditioning or []:
+        if _nrows(entry[0]) > 1:
+            found["the text embeddings"] = _nrows(entry[0])
+        for k, v in entry[1].items():
+            if k == "control":
+                c, rows = v, 1
+                while c is not None:
+                    rows = max(rows, _nrows(getattr(c, "cond_hint_original", None)))
+                    c = getattr(c, "previous_controlnet", None)
+            elif k == "mask":
+                rows = _nrows(v) if isinstance(v, torch.Tensor) and v.dim() >= 3 else 1
+            elif k in _RESIZED or k in _REPEATED:
+                rows = _nrows(v)
+            else:
+                continue
+            if rows > 1:
+                found[repr(k)] = rows
+    return found
+
+
+def _warn_item_of_a_batch(item: int, positive, negative) -> None:
+    """A one-row latent that is item ``item`` > 0 of a batch (``batch_index`` from LatentFromBatch, or
+    ``batch_offset``) sampled with conditioning made for the whole batch: ComfyUI gives a batch-1 run the first row of
+    each per-item entry, not row ``item``, so the item does not get what its row got in the batch."""
+    found = {**per_item_entries(negative), **per_item_entries(positive)}
+    key = ("item of a batch", tuple(sorted(found)))
+    if item == 0 or not found or key in _warned_item_cond:
+        return
+    _warned_item_cond.add(key)
+    what = ", ".join(f"{k} ({n} rows)" for k, n in found.items())
+    logging.warning("jetdet: the latent is item %d of a batch, alone, and the conditioning holds a row per item: %s. "
+                    "A batch-1 run reads their first row, not row %d, so this item does not match its row of the "
+                    "batch; make the conditioning from this item's inputs alone (ImageFromBatch before the node that "
+                    "builds it), with batch_offset %d", item, what, item, item)
 
 
 def _origin(f) -> str:
@@ -425,6 +467,8 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
                                add_noise=add_noise, start_step=start_step, last_step=last_step,
                                force_full_denoise=force_full_denoise))
         return torch.cat(outs)
+    if len(ids) == 1:
+        _warn_item_of_a_batch(ids[0], positive, negative)
     noise = item_noise(latent_image.shape, seed, ids, noise_seed_step, latent_image.dtype)
     if not add_noise:
         noise = torch.zeros_like(noise)

@@ -671,3 +671,39 @@ def test_item_conditioning_reference_latents_attention_masks_and_extra_concats(c
             assert torch.equal(d["control"].extra_concat_orig[0], cn.extra_concat_orig[0][:1])  # one hint: row 0's
             assert d["mask"] is mask2d
     assert sum("'unclip_conditioning' holds a batch of rows" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_item_taken_out_of_a_batch_with_batch_wide_conditioning_is_named(shapes_patcher, shapes_conds, caplog):
+    """A user trial: an inpainting batch (3 images and masks through InpaintModelConditioning), one item taken out with
+    LatentFromBatch, did not match its row of the batch: the conditioning still held 3 rows, and a batch-1 run reads
+    the first. ComfyUI's rule, so it stays; the run now says so, naming the entries, once. Here with a batch of 3
+    conditioning masks; the batch itself, and item 0 alone, say nothing."""
+    import logging
+
+    import nodes
+    from _comfy_util import empty_latent
+
+    from jetdet.comfy import sampling as smp
+    from jetdet.comfy.nodes import JetDetDeterministicSampler as DS
+
+    pos, neg = shapes_conds
+    masks = torch.zeros(3, 16, 16)
+    for i in range(3):
+        masks[i, :, i * 5:i * 5 + 6] = 1
+    pos = [[t, dict(d, mask=masks, set_area_to_bounds=False, mask_strength=1.0)] for t, d in pos]
+    batch = empty_latent(3)
+    batch["batch_index"] = [0, 1, 2]
+
+    def run(latent):
+        return DS.execute(shapes_patcher, 7, 4, 4.0, "euler", "simple", pos, neg, latent, 1.0, 0).args[0]["samples"]
+
+    smp._warned_item_cond.clear()
+    with caplog.at_level(logging.WARNING):
+        full = run(batch)
+        run(nodes.LatentFromBatch().frombatch(batch, 0, 1)[0])
+        assert not [r for r in caplog.records if "item 0 of a batch" in r.getMessage()]
+        alone = run(nodes.LatentFromBatch().frombatch(batch, 2, 1)[0])
+        run(nodes.LatentFromBatch().frombatch(batch, 2, 1)[0])
+    said = [r.getMessage() for r in caplog.records if "of a batch, alone" in r.getMessage()]
+    assert len(said) == 1 and "item 2" in said[0] and "'mask' (3 rows)" in said[0], said
+    assert not torch.equal(alone[0], full[2])  # what the line warns of: the first mask, not the third

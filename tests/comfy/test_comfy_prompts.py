@@ -155,6 +155,7 @@ def test_a_wrong_latent_shape_is_a_clear_execution_error(engine):
     err = execution_error(res)
     assert not res["success"] and err["node_type"] == "JetDetDeterministicSampler"
     assert "latent_image: SD3 samples latents up to 32 x 32" in err["exception_message"]
+    assert "256 x 256 pixels" in err["exception_message"] and "(512 x 512 pixels)" in err["exception_message"]
     p = _base()
     p["3"] = {"class_type": "EmptyHunyuanLatentVideo",
               "inputs": {"width": 256, "height": 256, "length": 1, "batch_size": 1}}
