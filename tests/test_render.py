@@ -643,3 +643,103 @@ def test_an_out_path_the_os_refuses_is_a_render_error(tmp_path, capsys):
         assert _render({"items": 1, "steps": 1}, tmp_path / "c").complete
     finally:
         store.os.open = real_open
+
+
+# ------------------------------------------------------------------------------------- a user trial's cases
+
+
+def test_a_second_job_on_a_folder_in_use_is_refused(ref, tmp_path):
+    """A user trial ran a second job (--force, another seed) into the folder of a running one: both exited 0 with
+    "done", and the folder held the second job's files under the first one's manifest. The running job now holds a
+    lock on the folder (flock on the folder itself: no file, and it ends with the process however it ends), and a
+    second job is refused with the folder unchanged. Here the test holds the lock as a running job would."""
+    from jetdet.render import store
+
+    out = _copy(ref, tmp_path / "job")
+    before = snapshot(out)
+    held = store.acquire_lock(out)
+    if held is None:
+        pytest.skip("no flock on this platform or file system")
+    try:
+        with pytest.raises(RenderError, match="another render job is writing in"):
+            _render({**JOB, "seed": 1}, out, force=True)
+        with pytest.raises(RenderError, match="another render job is writing in"):
+            _render(JOB, out)  # the same job too: two writers of one folder
+        assert snapshot(out) == before
+    finally:
+        store.release_lock(held)
+    r = _render(JOB, out)  # the first job ended: the folder is free again, and the job is whole
+    assert r.complete and r.kept == 12
+    held = store.acquire_lock(out)  # and render() released its own lock
+    store.release_lock(held)
+
+
+def test_force_and_model_arguments_are_checked(tmp_path):
+    """force='no' (a string from a config) replaced the folder's job: it was read as true. model='bundled' (the
+    spec's name for it) failed with an AttributeError."""
+    with pytest.raises(RenderError, match="force: expected True or False, got 'no'"):
+        _render(JOB, tmp_path / "a", force="no")
+    with pytest.raises(RenderError, match="model: expected the model object .*got str 'bundled'"):
+        _render(JOB, tmp_path / "b", model="bundled")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_refused_list_job_names_the_item_that_changed(tmp_path):
+    """A 12-item list with its last item changed was refused with the same cut-off JSON on both sides; the refusal
+    now names the item and the key."""
+    listed = [{"class": i % 4} for i in range(12)]
+    _render({"items": listed, "steps": STEPS}, tmp_path / "job")
+    changed = listed[:11] + [{"class": 3, "seed": 7}]
+    with pytest.raises(RenderError, match=r'items\[11\]: \{"class": 3\} in the folder, \{"class": 3, "seed": 7\} now'):
+        _render({"items": changed, "steps": STEPS}, tmp_path / "job")
+    with pytest.raises(RenderError, match=r"items \(length\): 12 in the folder, 13 now"):
+        _render({"items": listed + [{"class": 0}], "steps": STEPS}, tmp_path / "job")
+
+
+def test_a_fast_job_resumed_with_other_batches_says_so(tmp_path, capsys):
+    """In fast mode an item depends on the batch it was made in; a resume with another batch size gave a folder of
+    mixed items, and nothing said so. The resume now warns, naming both compositions; deterministic mode does not
+    (its items are the same bytes in any batch)."""
+    spec = {"items": 6, "steps": 4, "mode": "fast", "budget": 0.5, "batch_size": 3}
+    out = tmp_path / "fast"
+    _render(spec, out)
+    (out / item_name(5)).unlink()
+    capsys.readouterr()
+    _render({**spec, "batch_size": 1}, out, progress=True)
+    err = capsys.readouterr().err
+    assert "warning: 5 items kept were made with batch 3 x 1 worker(s), this run with batch 1 x 1 worker(s)" in err
+    det = tmp_path / "det"
+    _render({**spec, "mode": "deterministic", "budget": None}, det)
+    (det / item_name(5)).unlink()
+    _render({**spec, "mode": "deterministic", "budget": None, "batch_size": 1}, det, progress=True)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_sigterm_keeps_the_finished_items(tmp_path):
+    """SIGTERM (a scheduler's pre-emption) killed the job without saving the manifest, so the items finished since
+    the last save (here: all, with saves spaced 1000 s apart) were rendered again by the next run; Ctrl-C kept them.
+    SIGTERM now stops the job as Ctrl-C does: exit 143, every finished item listed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "job"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    cmd = [sys.executable, "-m", "jetdet.render", "run", "--out", str(out), "--count", "2000", "--steps", "2",
+           "--batch-size", "1", "--threads", "1", "--manifest-every", "1000", "--no-progress"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 240
+        while len(items(out) if out.exists() else {}) < 3 and time.monotonic() < end and p.poll() is None:
+            time.sleep(0.2)
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert "terminated; the items finished are listed in the manifest" in err
+    listed = manifest(out)["items"]
+    assert len(listed) >= 3 and {v["file"] for v in listed.values()} == set(items(out)), (len(listed), len(items(out)))

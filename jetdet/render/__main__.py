@@ -1,13 +1,15 @@
 """``python -m jetdet.render run ...`` / ``torchrun ... -m jetdet.render run ...`` / ``python -m jetdet.render verify``.
 
 Exit status: 0 done (``verify``: everything checks out), 1 ``verify`` found a problem, 2 bad input (the message
-names the argument; the output folder is left as it was).
+names the argument; the output folder is left as it was), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an
+interrupted or terminated job keeps what it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .spec import DEVICES, DTYPES, MODES, RenderError, _is_int
@@ -125,13 +127,33 @@ def main(argv=None) -> int:
         if "items" not in base or (isinstance(items, dict) and "count" not in items):
             raise RenderError("--count: required, or a --spec file with 'items' (a count, a range object or a list "
                               "of items)")
-        render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress, threads=a.threads,
-               manifest_every_s=a.manifest_every)
+        # SIGTERM (a scheduler's pre-emption, torchrun passing one on) stops the job as Ctrl-C does: the items finished
+        # since the last manifest save are saved, not lost
+        previous = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress,
+                   threads=a.threads, manifest_every_s=a.manifest_every)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return 0
     except RenderError as e:
         if _is_rank0():  # every rank raises the same error; one message is enough
             print(f"jetdet.render: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if _is_rank0():
+            how = "terminated" if isinstance(e, _Terminated) else "interrupted"
+            print(f"jetdet.render: {how}; the items finished are listed in the manifest, and the same command "
+                  "resumes the job", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the job is, so that it unwinds as an interrupt does."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
 
 
 if __name__ == "__main__":

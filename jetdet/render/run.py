@@ -132,7 +132,14 @@ class _Group:
 
 def _device(name: str, model) -> torch.device:
     if model is not None:
-        return next(model.parameters()).device
+        if not isinstance(model, torch.nn.Module):
+            raise RenderError(f"model: expected the model object (a torch.nn.Module), got {type(model).__name__} "
+                              f"{model!r}; a model to load by name goes in the spec ('model': 'bundled' or "
+                              "'package.module:factory')")
+        p = next(model.parameters(), None)
+        if p is None:
+            raise RenderError(f"model: the {type(model).__name__} passed to render() has no parameters")
+        return p.device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -241,12 +248,23 @@ def _remove_empty(folders: list[Path]) -> None:
             pass
 
 
-def _plan(out: Path, job: _Job, force: bool) -> dict:
-    """Rank 0: check the folder, decide what to render, write the manifest. Raises RenderError with the folder
-    unchanged."""
-    spec_dict = job.spec.to_dict()
+def _plan(out: Path, job: _Job, force: bool, world: int = 1) -> dict:
+    """Rank 0: take the folder's lock, check the folder, decide what to render, write the manifest. Raises
+    RenderError with the folder unchanged (and the lock released); otherwise the returned ``lock`` is held until
+    :func:`store.release_lock`."""
     if out.exists() and not out.is_dir():
         raise RenderError(f"out: {str(out)!r} exists and is not a folder")
+    lock = store.acquire_lock(out) if out.is_dir() else None
+    try:
+        plan = _plan_locked(out, job, force, world, lock)
+    except BaseException:
+        store.release_lock(lock)
+        raise
+    return plan
+
+
+def _plan_locked(out: Path, job: _Job, force: bool, world: int, lock) -> dict:
+    spec_dict = job.spec.to_dict()
     manifest, created = None, []
     temps, files, other = [], {}, []
     if out.is_dir():
@@ -323,11 +341,22 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
         except OSError as e:
             _remove_empty(created)
             raise RenderError(f"out: cannot create the folder {str(out)!r}: {e.strerror or e}") from None
+        try:
+            lock = store.acquire_lock(out)  # another job may have made the folder too, a moment before
+        except RenderError:
+            _remove_empty(created)
+            raise
+    # fast and off items depend on the batch they were made in: a resume with other batches mixes them
+    now = (job.spec.batch_size, world)
+    made = {(e.get("batch_size"), e.get("world_size")) for e in keep.values()} - {now}
+    mixed = [f"batch {b} x {w} worker(s)" for b, w in sorted(made, key=str)] if job.spec.mode != "deterministic" \
+        else []
     try:
         store.save_manifest(out, new)
         token = secrets.token_hex(8)  # every rank reads it back: one folder, shared (_check_shared_folder)
         store.atomic_write(out / store.RUN_TOKEN, token.encode())
     except OSError as e:
+        store.release_lock(lock)
         _remove_empty(created)
         raise RenderError(f"out: cannot write in {str(out)!r}: {e.strerror or e}") from None
     removed = 0
@@ -338,7 +367,8 @@ def _plan(out: Path, job: _Job, force: bool) -> dict:
         except FileNotFoundError:
             pass
     return {"todo": todo, "why": {i: why[i] for i in todo}, "kept": len(keep), "temp_removed": removed,
-            "manifest": new, "token": token}
+            "manifest": new, "token": token, "lock": lock, "mixed": mixed if todo else [],
+            "now": f"batch {now[0]} x {now[1]} worker(s)", "mode": job.spec.mode}
 
 
 def _check_shared_folder(group: _Group, out: Path, token: str) -> None:
@@ -493,6 +523,8 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
     Bad input raises :class:`RenderError` on every rank, with the folder unchanged.
     """
     spec = load_spec(spec)
+    if not isinstance(force, bool):
+        raise RenderError(f"force: expected True or False, got {force!r}")
     if (isinstance(manifest_every_s, bool) or not isinstance(manifest_every_s, (int, float))
             or not 0 <= manifest_every_s < math.inf):
         raise RenderError(f"manifest_every_s: expected a finite number of seconds >= 0, got {manifest_every_s!r}")
@@ -502,6 +534,7 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
     saved_threads = torch.get_num_threads()
     saved_cuda = None
     group = None
+    lock = None
     try:
         if threads is not None:
             if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -518,12 +551,13 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
         plan = None
         if group.rank == 0:
             try:
-                plan = _plan(out, job, force)
+                plan = _plan(out, job, force, group.world)
+                lock = plan["lock"]
             except RenderError as e:
                 plan = {"error": str(e)}
             except OSError as e:  # the path itself (a name too long, a folder that cannot be searched)
                 plan = {"error": f"out: {str(out)!r}: {e.strerror or e}"}
-        shared = group.broadcast({k: v for k, v in plan.items() if k != "manifest"} if plan else None)
+        shared = group.broadcast({k: v for k, v in plan.items() if k not in ("manifest", "lock")} if plan else None)
         if "error" in shared:
             raise RenderError(shared["error"])
         _check_shared_folder(group, out, shared["token"])
@@ -572,6 +606,7 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
             _log_summary(result)
         return result
     finally:
+        store.release_lock(lock)
         torch.set_num_threads(saved_threads)
         if group is not None:
             group.close()
@@ -589,6 +624,11 @@ def _log_plan(out: Path, total: int, plan: dict) -> None:
         lines.append(f"render: recomputing {len(redo)}: {shown}{more}")
     if plan["temp_removed"]:
         lines.append(f"render: removed {plan['temp_removed']} temp file(s) left by an interrupted run")
+    if plan.get("mixed"):
+        lines.append(f"render: warning: {plan['kept']} items kept were made with {', '.join(plan['mixed'])}, this run "
+                     f"with {plan['now']}; in mode {plan['mode']!r} an item depends on the batch it was in, so the "
+                     "folder will hold items from different batches (README 'Render farm'); rerun with the same "
+                     "batch size and workers, or --force for one composition")
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
 

@@ -429,10 +429,32 @@ def spec_differences(old: dict, new: dict, where: tuple[str, str] = ("in the fol
             continue
         a, b = old.get(k), new.get(k)
         if a != b:
-            sa, sb = json.dumps(a), json.dumps(b)
-            if len(sa) > 60:
-                sa = sa[:57] + "..."
-            if len(sb) > 60:
-                sb = sb[:57] + "..."
-            out.append(f"{k}: {sa} {where[0]}, {sb} {where[1]}")
+            key, a, b = _first_difference(k, a, b)
+            out.append(f"{key}: {_short(a)} {where[0]}, {_short(b)} {where[1]}")
     return out
+
+
+def _first_difference(key: str, a, b):
+    """Where ``a`` and ``b`` first differ, down through lists and dicts: (``key[3].seed``-style path, a's value there,
+    b's). A list that only grew or shrank is named by its length."""
+    while True:
+        if isinstance(a, list) and isinstance(b, list):
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            if i is None:
+                return f"{key} (length)", len(a), len(b)
+            key, a, b = f"{key}[{i}]", a[i], b[i]
+        elif isinstance(a, dict) and isinstance(b, dict):
+            diff = sorted(k for k in set(a) | set(b) if a.get(k, _NONE) != b.get(k, _NONE))
+            if len(diff) != 1 or diff[0] not in a or diff[0] not in b:
+                return key, {k: a[k] for k in sorted(a)}, {k: b[k] for k in sorted(b)}
+            key, a, b = f"{key}.{diff[0]}", a[diff[0]], b[diff[0]]
+        else:
+            return key, a, b
+
+
+_NONE = object()
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."

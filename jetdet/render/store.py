@@ -215,3 +215,38 @@ def scan_folder(folder) -> tuple[list[str], dict[int, str], list[str]]:
         elif name not in (MANIFEST, RUN_TOKEN):
             other.append(name)
     return temps, items, other
+
+
+
+def acquire_lock(folder):
+    """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself: no file is made, and the lock ends with
+    the process that holds it, however it ends), or raise RenderError if another job holds it. Returns what
+    :func:`release_lock` takes; None where the platform or the file system has no such locks (the folder is then not
+    guarded)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RenderError(f"out: another render job is writing in {str(folder)!r} (it holds the folder's lock); wait "
+                          "for it to end, or choose another folder") from None
+    except OSError:  # a file system without locks
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_lock(fd) -> None:
+    """End a lock :func:`acquire_lock` took."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
