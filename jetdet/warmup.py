@@ -48,10 +48,14 @@ def cached_variants(kernels=None) -> int:
     """How many compiled variants the given (default: every jetdet) kernels hold in Triton's in-memory
     caches, over all devices. A count taken before and after some work says how many variants it compiled or
     loaded."""
+    try:
+        from triton.runtime._async_compile import FutureKernel
+    except ImportError:
+        FutureKernel = ()  # noqa: N806 - isinstance(x, ()) is False
     n = 0
     for k in _kernels(kernels):
         for entry in getattr(k, "device_caches", {}).values():
-            n += len(entry[0])
+            n += sum(not isinstance(v, FutureKernel) for v in entry[0].values())  # a compile still running: not yet
     return n
 
 
@@ -114,8 +118,9 @@ def compile_ahead(kernels=None, workers: int | None = None, deadline: float | No
     """Inside, each launch of ``kernels`` (default: every jetdet ``@triton.jit`` kernel,
     :func:`jetdet.static_report.all_kernels`) compiles its variant in a pool of ``workers`` threads (default: the
     CPU count) instead of running; leaving waits for the compiles, until ``deadline`` (a ``time.perf_counter()``
-    value; None: for all of them). Compiles still running then go on in the background: a later launch that needs
-    one waits for that one only, and one not yet started is compiled by its launch as usual. Yields a dict:
+    value; None: for all of them). Compiles running then finish in the background, and a later launch that needs one
+    waits for that one only; those not started yet are cancelled, and compiled by their launch as usual. Yields a
+    dict:
     ``launches`` (recorded), ``compiles`` (distinct variants handed to the pool; a variant in Triton's disk cache is
     loaded, not compiled), ``pending`` (compiles not finished when the wait ended), ``seconds`` (filled on exit) and
     ``skipped`` (why nothing was compiled ahead, or None: with the interpreter, or a Triton without
@@ -168,10 +173,9 @@ def compile_ahead(kernels=None, workers: int | None = None, deadline: float | No
 def _finish(mode, deadline, kernels, parse) -> int:
     """Wait for ``mode``'s compiles until ``deadline`` and put the finished ones in their kernels' caches, as
     leaving ``AsyncCompileMode`` does (failed ones are dropped: the real launch reports the error). Returns how many
-    are still running. Where Triton's placeholder can stand in for its kernel (it forwards attributes to the
-    finished compile, triton >= 3.9), a pending one stays in the cache and the launch that needs it waits for it;
-    otherwise (3.6) it is taken out and cancelled if not started, so its launch compiles it. ``parse`` is closed when
-    the last pending compile ends."""
+    were still pending. A running one's placeholder stays in the cache where it can stand in for its kernel (triton
+    >= 3.9), and the launch that needs it waits for that compile only; one not started is cancelled, and its launch
+    compiles it. ``parse`` is closed when the last pending compile ends."""
     from concurrent.futures import wait
 
     from triton.runtime._async_compile import FutureKernel
@@ -186,15 +190,21 @@ def _finish(mode, deadline, kernels, parse) -> int:
             fk.result(True)
     if not pending:
         return 0
-    if "__getattr__" not in FutureKernel.__dict__:
-        stale = {id(placeholders[f._key]) for f in pending}
+    # a compile not started yet is cancelled and its placeholder taken out first, so that its launch compiles it
+    # instead of waiting for every compile queued ahead of it; a running one's placeholder stays where Triton's can
+    # stand in for its kernel (>= 3.9: it forwards attributes to the finished compile; 3.6 keeps no placeholder in
+    # the cache, so there its launch compiles anyway)
+    forwards = "__getattr__" in FutureKernel.__dict__
+    stale = {id(placeholders[f._key]) for f in pending if not forwards or not f.running()}
+    if stale:
         for kernel in kernels:
             for entry in getattr(kernel, "device_caches", {}).values():
                 cache = entry[0]
                 for key in [k for k, v in cache.items() if id(v) in stale]:
                     del cache[key]
-        for future in pending:
-            future.cancel()
+    for future in pending:
+        if id(placeholders[future._key]) in stale:
+            future.cancel()  # one that started meanwhile finishes unused; its launch compiled it again
     left = {"n": len(pending)}
     lock = threading.Lock()
 

@@ -288,4 +288,8 @@ def test_compiled_fast_model_runs_the_cache_eagerly_and_warns_once():
             got = euler(compiled)
         assert sum("torch.compile over" in str(m.message) for m in w) == 1
         assert torch.equal(got, want) and h.stats()["cache"]["calls_saved"] == saved
-    assert counters["stats"]["unique_graphs"] <= 1, dict(counters["stats"])
+        assert counters["stats"]["unique_graphs"] <= 1, dict(counters["stats"])
+        # fullgraph=True cannot break the graph there: torch's error carries jetdet's reason
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="jetdet fast mode: the step cache decides in Python"):
+            euler(torch.compile(model, fullgraph=True), steps=1)

@@ -157,6 +157,50 @@ def test_the_wait_for_compiles_ends_at_the_deadline_and_the_rest_finish_later(fa
 
 
 @needs_interpreter
+def test_a_variant_still_queued_at_the_deadline_is_compiled_by_its_launch(fake_gpu):
+    """One compile thread: at the deadline the first variant is compiling and two are queued behind it. A review
+    found the launch of a queued one waiting for every compile ahead of it (its placeholder stayed in the cache);
+    it now compiles its variant itself, at once, while the first is still held."""
+    import threading
+    import time
+
+    jits = list({id(j): j for j, *_ in fake_gpu}.values())
+    gates = {}
+    for jit in jits:
+        jit.device_caches[0]
+        gates[id(jit)] = gate = threading.Event()
+
+        def gated(*args, _orig=jit.compile, _gate=gate, **kwargs):
+            assert _gate.wait(60), "the gate was never opened"
+            return _orig(*args, **kwargs)
+
+        jit.compile = gated
+    try:
+        with warmup.compile_ahead(kernels=jits, workers=1, deadline=time.perf_counter() + 0.3) as stats:
+            for jit, args, kwargs, grid in fake_gpu:
+                jit[grid](*args, **kwargs)
+        assert stats["compiles"] == 3 and stats["pending"] == 3, stats
+        jit, args, kwargs, grid = fake_gpu[-1]  # a variant queued behind the first
+        gates[id(jit)].set()
+        got = {}
+        def launch():  # a real launch reads the kernel's attributes, which waits for a placeholder's compile
+            got["cubin"] = jit.run(*args, grid=grid, warmup=True, **kwargs).asm.get("cubin")
+
+        t = threading.Thread(target=launch, daemon=True)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the launch waited for the compiles queued ahead of it"
+        assert got["cubin"]
+    finally:
+        for gate in gates.values():
+            gate.set()
+    end = time.perf_counter() + 30
+    while warmup._patch["users"] and time.perf_counter() < end:
+        time.sleep(0.01)
+    assert warmup._patch["users"] == 0
+
+
+@needs_interpreter
 def test_a_launch_from_another_thread_runs_as_usual_inside_compile_ahead(fake_gpu):
     """Triton's AsyncCompileMode is per context, but compile_ahead patches the shared kernel objects: a launch from
     another thread during the block compiled and skipped its launch (uninitialised outputs, no error). It now runs

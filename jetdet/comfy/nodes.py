@@ -504,9 +504,13 @@ def match_checksums(t: torch.Tensor, ids: list[int], want: dict[int, list[str]])
             lines.append(f"item {i}: match {a[:16]}{which}" if a == b else
                          f"item {i}: MISMATCH {a[:16]} != {b[:16]}{which}")
         if a != b and a in owner:
-            lines[-1] += (f" (the same bits as the reference's item {i}: the input holds item {i} more times than "
-                          "the reference)" if owner[a] == i else
-                          f" (it is the reference's item {owner[a]}: is batch_offset right?)")
+            if owner[a] != i:
+                lines[-1] += f" (it is the reference's item {owner[a]}: is batch_offset right?)"
+            elif b is None:
+                lines[-1] += (f" (the same bits as the reference's item {i}: the input holds item {i} more times "
+                              "than the reference)")
+            else:
+                lines[-1] += f" (the same bits as another line for item {i}: its rows are in another order)"
         ok = ok and b is not None and a == b
     if not ids:
         lines.append("no items to compare")

@@ -292,7 +292,8 @@ def _warn_item_of_a_batch(item: int, positive, negative) -> None:
     logging.warning("jetdet: the latent is item %d of a batch, alone, and the conditioning holds a row per item: %s. "
                     "A batch-1 run reads their first row, not row %d, so this item does not match its row of the "
                     "batch; make the conditioning from this item's inputs alone (ImageFromBatch before the node that "
-                    "builds it), with batch_offset %d", item, what, item, item)
+                    "builds it), and keep the item id %d (a LatentFromBatch latent keeps it; a latent made anew from "
+                    "the item needs batch_offset %d)", item, what, item, item, item)
 
 
 def _origin(f) -> str:

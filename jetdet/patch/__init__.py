@@ -619,13 +619,22 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
             return eager(this, inner, *args, **kwargs)
         return run(this, inner, *args, **kwargs)
 
+    compiled_warned = []
+
     def compiled_call(this, inner, *args, **kwargs):
-        _warn_compiled_fast(model)
+        if this is model and not compiled_warned:
+            compiled_warned.append(True)
+            _warn_compiled_fast(model)
         return run(this, inner, *args, **kwargs)
 
     # Dynamo traced the controller before: a new graph at every step as its state changed, then its recompile limit
     # (a user trial: the first 20-step run took 45-119 s against 0.2 s eager, and its bits differed from eager's)
-    eager = torch.compiler.disable(compiled_call)
+    why = ("jetdet fast mode: the step cache decides in Python at every step; drop fullgraph=True, or compile the "
+           "model's blocks instead (block.compile() for each)")
+    try:
+        eager = torch.compiler.disable(compiled_call, reason=why)
+    except TypeError:  # torch before reason=
+        eager = torch.compiler.disable(compiled_call)
 
     def run(this, inner, *args, **kwargs):
         if this is not model:  # a copy.deepcopy of the model: the cache is the original's
@@ -683,20 +692,15 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(f"jetdet.patch(mode='fast'): {message}", stacklevel=4)
 
 
-_warned_compiled: set = set()
-
-
 def _warn_compiled_fast(model: nn.Module) -> None:
-    key = id(model)
-    if key not in _warned_compiled:
-        _warned_compiled.add(key)
-        warnings.warn(
-            f"jetdet: torch.compile over a {type(model).__name__} patched with mode='fast' runs the step cache and "
-            "the model under it eagerly (the cache decides in Python at every step, which a compiled graph cannot "
-            "follow). To compile the model under the cache, compile its blocks instead (regional compilation: "
-            "block.compile() for each block, before or after the patch)",
-            stacklevel=4,
-        )
+    """Once per patch (the caller keeps the flag)."""
+    warnings.warn(
+        f"jetdet: torch.compile over a {type(model).__name__} patched with mode='fast' runs the step cache and the "
+        "model under it eagerly (the cache decides in Python at every step, which a compiled graph cannot follow). To "
+        "compile the model under the cache, compile its blocks instead (regional compilation: block.compile() for "
+        "each block), with block_reuse off (the default: its hooks on the blocks are Python too)",
+        stacklevel=4,
+    )
 
 
 def _warn_fast_copy(model: nn.Module) -> None:

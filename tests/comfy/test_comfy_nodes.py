@@ -359,6 +359,7 @@ def test_matcher_compares_each_item_with_the_line_labelled_with_its_id(shapes_pa
     ok, report = N.JetDetOutputMatcher.execute(latent={"samples": twice[[2, 1, 0, 3]], "batch_index": ids},
                                                reference_checksums=sums).args
     assert not ok and "item 0: MISMATCH" in report  # the two rows of item 0 swapped
+    assert "its rows are in another order" in report and "more times" not in report, report
     # the input repeats items the reference holds once (Latent Batch of a batch with itself, a user trial): the rows
     # past the reference's lines are named as repeats, not blamed on batch_offset (item 0 "is the reference's item 0")
     ok, report = N.JetDetOutputMatcher.execute(latent={"samples": torch.cat([batch, batch]), "batch_index": ids},
