@@ -357,7 +357,7 @@ def test_a_model_that_breaks_the_contract_is_refused_before_anything_is_written(
 
 def test_cli_and_folder_mistakes_are_named(ref, tmp_path, capsys):
     """A spec file's count with --count, a missing count, an empty --out, an item name taken by a folder and a
-    damaged --against manifest: exit 2 with the argument named, nothing written."""
+    damaged --against manifest: exit 1 (a problem found) with the argument named, nothing written."""
     spec = tmp_path / "job.json"
     spec.write_text(json.dumps({"items": 12, "steps": STEPS, "seed": 3}))
     out = tmp_path / "count"
@@ -394,7 +394,7 @@ def test_cli_and_folder_mistakes_are_named(ref, tmp_path, capsys):
     bad_key.write_text(json.dumps({**good, "items": {"\u00b2": good["items"]["0"]}}))  # isdigit(), not int()
     for against, want in ((damaged, "cannot be read as a render manifest"), (no_items, "is damaged"),
                           (bad_fps, "is damaged (its fingerprints or runs)"), (bad_key, "is damaged (item keys")):
-        assert main(["verify", str(ref), "--against", str(against)]) == 2
+        assert main(["verify", str(ref), "--against", str(against)]) == 1  # a problem found, not bad input
         err = capsys.readouterr().err
         assert f"against: {str(against / 'manifest.json') if against.is_dir() else str(against)!r} {want}" in err, err
 
@@ -597,7 +597,7 @@ def test_force_removes_a_killed_runs_unreported_files_and_replaces_a_damaged_man
         (out / "manifest.json").write_text(json.dumps(damaged))
         with pytest.raises(RenderError, match="is damaged"):
             store.load_manifest(out)  # was a KeyError from run and verify
-        assert main(["verify", str(out)]) == 2
+        assert main(["verify", str(out)]) == 1  # README: verify exits 1 when something is wrong
 
     (out / "manifest.json").unlink()  # item files and no manifest: refused, unless forced
     with pytest.raises(RenderError, match="--force replaces the item files"):

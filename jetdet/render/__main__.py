@@ -1,8 +1,8 @@
 """``python -m jetdet.render run ...`` / ``torchrun ... -m jetdet.render run ...`` / ``python -m jetdet.render verify``.
 
-Exit status: 0 done (``verify``: everything checks out), 1 ``verify`` found a problem, 2 bad input (the message
-names the argument; the output folder is left as it was), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an
-interrupted or terminated job keeps what it finished.
+Exit status: 0 done (``verify``: everything checks out), 1 ``verify`` found a problem (a damaged manifest too), 2 bad
+input (the message names the argument; the output folder is left as it was), 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM); an interrupted or terminated job keeps what it finished.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from .spec import DEVICES, DTYPES, MODES, RenderError, _is_int
+from .spec import DEVICES, DTYPES, MODES, ManifestDamaged, RenderError, _is_int
 from .store import MANIFEST_EVERY_S
 
 _EPILOG = """\
@@ -114,8 +114,16 @@ def main(argv=None) -> int:
             if a.against == "":
                 raise RenderError("--against: expected a render folder or manifest file, got ''")
 
-            report = verify(a.out, against=a.against)
-            print("\n".join(report.lines()))
+            try:
+                report = verify(a.out, against=a.against)
+            except ManifestDamaged as e:  # something wrong in the folder, as a bad item file is
+                print(f"jetdet.render: verify: {e}", file=sys.stderr)
+                return 1
+            try:
+                print("\n".join(report.lines()))
+                sys.stdout.flush()
+            except BrokenPipeError:  # verify ... | head
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0 if report else 1
         from .run import render
         from .spec import load_spec

@@ -74,6 +74,11 @@ class RenderError(ValueError):
     cannot take the job. Raised before anything in the output folder is changed."""
 
 
+class ManifestDamaged(RenderError):
+    """A render folder's manifest that cannot be read, or is not whole: ``verify`` reports it as a problem found
+    (exit status 1), not as bad input."""
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 

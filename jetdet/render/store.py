@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .spec import RenderError
+from .spec import ManifestDamaged, RenderError
 
 MANIFEST = "manifest.json"
 #: The current run's token, written by rank 0 after the manifest and read back by every rank (one shared folder): a
@@ -148,24 +148,24 @@ def read_manifest(path, what: str, advice: str = "") -> dict:
     try:
         m = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RenderError(f"{what}: {str(path)!r} cannot be read as a render manifest ({e}){advice}") from None
+        raise ManifestDamaged(f"{what}: {str(path)!r} cannot be read as a render manifest ({e}){advice}") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        raise RenderError(f"{what}: {str(path)!r} is not a jetdet render manifest (format "
+        raise ManifestDamaged(f"{what}: {str(path)!r} is not a jetdet render manifest (format "
                           f"{MANIFEST_FORMAT!r}){advice}")
     items = m.get("items")
     if not isinstance(items, dict) or not isinstance(m.get("spec"), dict):
-        raise RenderError(f"{what}: {str(path)!r} is damaged (no item table or no spec){advice}")
+        raise ManifestDamaged(f"{what}: {str(path)!r} is damaged (no item table or no spec){advice}")
     bad = [k for k, v in items.items() if not (k.isascii() and k.isdigit() and isinstance(v, dict))]
     if bad:
-        raise RenderError(f"{what}: {str(path)!r} is damaged (item keys {bad[:3]}){advice}")
+        raise ManifestDamaged(f"{what}: {str(path)!r} is damaged (item keys {bad[:3]}){advice}")
     listed = m["spec"].get("items")
     if not (_count(m.get("total")) and isinstance(m.get("spec_hash"), str)
             and (isinstance(listed, list) or isinstance(listed, dict) and _count(listed.get("start"))
                  and _count(listed.get("count")))):
-        raise RenderError(f"{what}: {str(path)!r} is damaged (its total, spec hash or item list){advice}")
+        raise ManifestDamaged(f"{what}: {str(path)!r} is damaged (its total, spec hash or item list){advice}")
     fps, runs = m.setdefault("fingerprints", {}), m.setdefault("runs", [])
     if not (isinstance(fps, dict) and all(isinstance(v, dict) for v in fps.values())) or not isinstance(runs, list):
-        raise RenderError(f"{what}: {str(path)!r} is damaged (its fingerprints or runs){advice}")
+        raise ManifestDamaged(f"{what}: {str(path)!r} is damaged (its fingerprints or runs){advice}")
     return m
 
 
