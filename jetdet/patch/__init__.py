@@ -699,7 +699,7 @@ def _warn_compiled_fast(model: nn.Module) -> None:
         "model under it eagerly (the cache decides in Python at every step, which a compiled graph cannot follow). To "
         "compile the model under the cache, compile its blocks instead (regional compilation: block.compile() for "
         "each block), with block_reuse off (the default: its hooks on the blocks are Python too)",
-        stacklevel=4,
+        stacklevel=_user_stacklevel() + 1,  # the caller's line, past torch's compile frames and the pipeline's
     )
 
 
