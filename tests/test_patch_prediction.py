@@ -436,6 +436,7 @@ def test_a_pipeline_as_scheduler_follows_a_swap(flow):
         mine = [x for x in w if "pipe.scheduler is now" in str(x.message)]
         assert mine[0].filename == __file__  # it points at the caller, not into torch
         assert h.stats()["cache"]["calls"] == 10  # the 10 stopped-run calls only: the img2img calls bypassed it
+        assert h.stats()["calls_bypassed"] == 10  # and stats say so (a walkthrough read the old run's 11 saved alone)
         pipe.scheduler = euler()  # back to one like the patch's (a web app picking per request): cached again
         assert torch.equal(img2img(pipe), want) and h.stats()["cache"]["calls"] == 20  # through the cache again
 

@@ -84,6 +84,8 @@ class PatchHandle:
         self._saved: list[tuple[nn.Module, object, object]] = []
         self._layers: Counter = Counter()
         self._skipped: Counter = Counter()
+        self._bypassed = 0  # fast mode: calls run past the cache (pipe.scheduler with other rules)
+        self._lock_bypassed = threading.Lock()
         self.removed = False
 
     # the calling thread's fast-mode state (the first thread's before any call, None for a deterministic patch)
@@ -115,6 +117,8 @@ class PatchHandle:
             s["prediction"] = self.adapter.param.describe() if self.adapter.param is not None else "as is"
         if self.controller is not None:
             s["cache"] = self.controller.stats()
+            # calls run as the model, past the cache, while pipe.scheduler has other rules than the patch's
+            s["calls_bypassed"] = self._bypassed
         if self.linear_attention is not None:
             s["linear_attention"] = self.linear_attention.stats()
         if self.attention_cache is not None:
@@ -650,6 +654,8 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
                               "made for; the model runs every call as it is (no step cache) while it is, or until "
                               "the model is patched again with it", stacklevel=_user_stacklevel())
         if cur[1]:
+            with handle._lock_bypassed:
+                handle._bypassed += 1
             return inner(*args, **kwargs)
         controller, swap, cache = threads.get()
         if cur[0] is not None:
