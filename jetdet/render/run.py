@@ -254,16 +254,15 @@ def _plan(out: Path, job: _Job, force: bool, world: int = 1) -> dict:
     :func:`store.release_lock`."""
     if out.exists() and not out.is_dir():
         raise RenderError(f"out: {str(out)!r} exists and is not a folder")
-    lock = store.acquire_lock(out) if out.is_dir() else None
+    held = [store.acquire_lock(out) if out.is_dir() else None]  # a new folder's is taken once it is made
     try:
-        plan = _plan_locked(out, job, force, world, lock)
+        return _plan_locked(out, job, force, world, held)
     except BaseException:
-        store.release_lock(lock)
+        store.release_lock(held[0])
         raise
-    return plan
 
 
-def _plan_locked(out: Path, job: _Job, force: bool, world: int, lock) -> dict:
+def _plan_locked(out: Path, job: _Job, force: bool, world: int, held: list) -> dict:
     spec_dict = job.spec.to_dict()
     manifest, created = None, []
     temps, files, other = [], {}, []
@@ -342,7 +341,7 @@ def _plan_locked(out: Path, job: _Job, force: bool, world: int, lock) -> dict:
             _remove_empty(created)
             raise RenderError(f"out: cannot create the folder {str(out)!r}: {e.strerror or e}") from None
         try:
-            lock = store.acquire_lock(out)  # another job may have made the folder too, a moment before
+            held[0] = store.acquire_lock(out)  # another job may have made the folder too, a moment before
         except RenderError:
             _remove_empty(created)
             raise
@@ -356,7 +355,6 @@ def _plan_locked(out: Path, job: _Job, force: bool, world: int, lock) -> dict:
         token = secrets.token_hex(8)  # every rank reads it back: one folder, shared (_check_shared_folder)
         store.atomic_write(out / store.RUN_TOKEN, token.encode())
     except OSError as e:
-        store.release_lock(lock)
         _remove_empty(created)
         raise RenderError(f"out: cannot write in {str(out)!r}: {e.strerror or e}") from None
     removed = 0
@@ -367,7 +365,7 @@ def _plan_locked(out: Path, job: _Job, force: bool, world: int, lock) -> dict:
         except FileNotFoundError:
             pass
     return {"todo": todo, "why": {i: why[i] for i in todo}, "kept": len(keep), "temp_removed": removed,
-            "manifest": new, "token": token, "lock": lock, "mixed": mixed if todo else [],
+            "manifest": new, "token": token, "lock": held[0], "mixed": mixed if todo else [],
             "now": f"batch {now[0]} x {now[1]} worker(s)", "mode": job.spec.mode}
 
 
@@ -628,7 +626,7 @@ def _log_plan(out: Path, total: int, plan: dict) -> None:
         lines.append(f"render: warning: {plan['kept']} items kept were made with {', '.join(plan['mixed'])}, this run "
                      f"with {plan['now']}; in mode {plan['mode']!r} an item depends on the batch it was in, so the "
                      "folder will hold items from different batches (README 'Render farm'); rerun with the same "
-                     "batch size and workers, or --force for one composition")
+                     "batch size and workers to keep one composition")
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
 
