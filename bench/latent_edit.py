@@ -13,15 +13,15 @@ the calls fast mode saved. Needs diffusers (``pip install '.[diffusers]'``).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
 
 import jetdet
+from jetdet.models import vp
+from jetdet.verify import psnr_db
 
-SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                   steps_offset=1)
+SD_SCHEDULE = {**vp.SD_SCHEDULE, "steps_offset": 1}  # SD1.5's, as its pipelines configure Euler
 
 
 def _unet():
@@ -32,12 +32,6 @@ def _unet():
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4).eval()
-
-
-def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    mse = ((a.double() - ref.double()) ** 2).mean().item()
-    span = (ref.max() - ref.min()).item() or 1.0
-    return math.inf if mse == 0 else 10 * math.log10(span ** 2 / mse)
 
 
 def sample(unet, steps: int, edit_at: int | None, handle=None, restart: bool = False) -> torch.Tensor:
@@ -91,7 +85,7 @@ def measure(steps: int, edit_at: int) -> list[tuple[str, float, int]]:
         with jetdet.patch(unet, mode="fast", scheduler=diffusers.EulerDiscreteScheduler(**SD_SCHEDULE)) as h:
             fast = sample(unet, steps, edit, h, restart)
             saved = h.stats()["cache"]["calls_saved"]
-        rows.append((label, psnr(fast, off), saved))
+        rows.append((label, psnr_db(fast, off), saved))
     return rows
 
 

@@ -219,6 +219,14 @@ def _int_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                         dtype=torch.float64)
 
 
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of ``a`` against the reference ``b``, peak-to-peak = the reference's range (inf where they are equal)."""
+    a, b = a.double(), b.double()
+    mse = (a - b).pow(2).mean().item()
+    rng = (b.max() - b.min()).item() or 1.0
+    return math.inf if mse == 0 else 10 * math.log10(rng * rng / mse)
+
+
 def match(a: torch.Tensor, b: torch.Tensor, tolerance: str = "exact") -> MatchResult:
     """Compare ``a`` with the reference ``b``, on CPU in float64 (complex128 for complex tensors).
 

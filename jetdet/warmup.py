@@ -195,16 +195,16 @@ def _finish(mode, deadline, kernels, parse) -> int:
     # stand in for its kernel (>= 3.9: it forwards attributes to the finished compile; 3.6 keeps no placeholder in
     # the cache, so there its launch compiles anyway)
     forwards = "__getattr__" in FutureKernel.__dict__
-    stale = {id(placeholders[f._key]) for f in pending if not forwards or not f.running()}
+    queued = [f for f in pending if not forwards or not f.running()]
+    stale = {id(placeholders[f._key]) for f in queued}
     if stale:
         for kernel in kernels:
             for entry in getattr(kernel, "device_caches", {}).values():
                 cache = entry[0]
                 for key in [k for k, v in cache.items() if id(v) in stale]:
                     del cache[key]
-    for future in pending:
-        if id(placeholders[future._key]) in stale:
-            future.cancel()  # one that started meanwhile finishes unused; its launch compiled it again
+    for future in queued:
+        future.cancel()  # one that started meanwhile finishes unused; its launch compiled it again
     left = {"n": len(pending)}
     lock = threading.Lock()
 

@@ -98,6 +98,19 @@ def test_compile_ahead_then_no_compile(fake_gpu):
         jit.run(*args, grid=grid, warmup=True, **kwargs)
 
 
+def _gate_compiles(jits, gate_of) -> None:
+    """Make each kernel's compile wait for its gate (``gate_of(jit)``, a ``threading.Event``) before compiling."""
+    for jit in jits:
+        jit.device_caches[0]  # makes the kernel's compile function, which the gate then wraps
+        gate = gate_of(jit)
+
+        def gated(*args, _orig=jit.compile, _gate=gate, **kwargs):
+            assert _gate.wait(60), "the gate was never opened"
+            return _orig(*args, **kwargs)
+
+        jit.compile = gated
+
+
 @needs_interpreter
 def test_the_wait_for_compiles_ends_at_the_deadline_and_the_rest_finish_later(fake_gpu):
     """``bench/gpu_check.py`` gives its record pass a share of a fixed time budget; leaving the block used to wait
@@ -109,14 +122,7 @@ def test_the_wait_for_compiles_ends_at_the_deadline_and_the_rest_finish_later(fa
 
     jits = list({id(j): j for j, *_ in fake_gpu}.values())
     gate = threading.Event()
-    for jit in jits:
-        jit.device_caches[0]  # makes the kernel's compile function, which the gate then wraps
-
-        def gated(*args, _orig=jit.compile, **kwargs):
-            assert gate.wait(60), "the gate was never opened"
-            return _orig(*args, **kwargs)
-
-        jit.compile = gated
+    _gate_compiles(jits, lambda jit: gate)
 
     def launch_all():
         for jit, args, kwargs, grid in fake_gpu:
@@ -165,16 +171,8 @@ def test_a_variant_still_queued_at_the_deadline_is_compiled_by_its_launch(fake_g
     import time
 
     jits = list({id(j): j for j, *_ in fake_gpu}.values())
-    gates = {}
-    for jit in jits:
-        jit.device_caches[0]
-        gates[id(jit)] = gate = threading.Event()
-
-        def gated(*args, _orig=jit.compile, _gate=gate, **kwargs):
-            assert _gate.wait(60), "the gate was never opened"
-            return _orig(*args, **kwargs)
-
-        jit.compile = gated
+    gates = {id(jit): threading.Event() for jit in jits}
+    _gate_compiles(jits, lambda jit: gates[id(jit)])
     try:
         with warmup.compile_ahead(kernels=jits, workers=1, deadline=time.perf_counter() + 0.3) as stats:
             for jit, args, kwargs, grid in fake_gpu:

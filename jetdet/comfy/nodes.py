@@ -19,6 +19,7 @@ import time
 import torch
 from comfy_api.latest import ComfyExtension, io
 
+from ..verify import psnr_db  # noqa: F401 - the Benchmark node's figure, and the tests'
 from . import sampling as smp
 from . import shapes_model as sm
 from . import vae as dvae
@@ -946,14 +947,6 @@ def _stats_text(s: dict, held: dict | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
-
-
-def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR of ``a`` against the reference ``b``, peak-to-peak = the reference's range."""
-    a, b = a.double(), b.double()
-    mse = (a - b).pow(2).mean().item()
-    rng = (b.max() - b.min()).item() or 1.0
-    return math.inf if mse == 0 else 10 * math.log10(rng * rng / mse)
 
 
 _warned_plot = False

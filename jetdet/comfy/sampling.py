@@ -283,9 +283,11 @@ def _warn_item_of_a_batch(item: int, positive, negative) -> None:
     """A one-row latent that is item ``item`` > 0 of a batch (``batch_index`` from LatentFromBatch, or
     ``batch_offset``) sampled with conditioning made for the whole batch: ComfyUI gives a batch-1 run the first row of
     each per-item entry, not row ``item``, so the item does not get what its row got in the batch."""
+    if item == 0:
+        return
     found = {**per_item_entries(negative), **per_item_entries(positive)}
     key = ("item of a batch", tuple(sorted(found)))
-    if item == 0 or not found or key in _warned_item_cond:
+    if not found or key in _warned_item_cond:
         return
     _warned_item_cond.add(key)
     what = ", ".join(f"{k} ({n} rows)" for k, n in found.items())

@@ -345,11 +345,7 @@ def _plan_locked(out: Path, job: _Job, force: bool, world: int, held: list) -> d
         except RenderError:
             _remove_empty(created)
             raise
-    # fast and off items depend on the batch they were made in: a resume with other batches mixes them
-    now = (job.spec.batch_size, world)
-    made = {(e.get("batch_size"), e.get("world_size")) for e in keep.values()} - {now}
-    mixed = [f"batch {b} x {w} worker(s)" for b, w in sorted(made, key=str)] if job.spec.mode != "deterministic" \
-        else []
+    mixed = _mixed_batches(job, world, keep) if todo else None
     try:
         store.save_manifest(out, new)
         token = secrets.token_hex(8)  # every rank reads it back: one folder, shared (_check_shared_folder)
@@ -365,8 +361,23 @@ def _plan_locked(out: Path, job: _Job, force: bool, world: int, held: list) -> d
         except FileNotFoundError:
             pass
     return {"todo": todo, "why": {i: why[i] for i in todo}, "kept": len(keep), "temp_removed": removed,
-            "manifest": new, "token": token, "lock": held[0], "mixed": mixed if todo else [],
-            "now": f"batch {now[0]} x {now[1]} worker(s)", "mode": job.spec.mode}
+            "manifest": new, "token": token, "lock": held[0], "mixed": mixed}
+
+
+def _mixed_batches(job: _Job, world: int, keep: dict) -> str | None:
+    """The resume's warning when the kept items were made in other batches (batch size, workers) than this run makes:
+    fast and off items depend on the batch they were in, so the folder will mix them. None otherwise."""
+    if job.spec.mode == "deterministic":
+        return None
+    now = (job.spec.batch_size, world)
+    made = {(e.get("batch_size"), e.get("world_size")) for e in keep.values()} - {now}
+    if not made:
+        return None
+    what = ", ".join(f"batch {b} x {w} worker(s)" for b, w in sorted(made, key=str))
+    return (f"{len(keep)} items kept were made with {what}, this run with batch {now[0]} x {now[1]} worker(s); in "
+            f"mode {job.spec.mode!r} an item depends on the batch it was in, so the folder will hold items from "
+            "different batches (README 'Render farm'); rerun with the same batch size and workers to keep one "
+            "composition")
 
 
 def _check_shared_folder(group: _Group, out: Path, token: str) -> None:
@@ -623,10 +634,7 @@ def _log_plan(out: Path, total: int, plan: dict) -> None:
     if plan["temp_removed"]:
         lines.append(f"render: removed {plan['temp_removed']} temp file(s) left by an interrupted run")
     if plan.get("mixed"):
-        lines.append(f"render: warning: {plan['kept']} items kept were made with {', '.join(plan['mixed'])}, this run "
-                     f"with {plan['now']}; in mode {plan['mode']!r} an item depends on the batch it was in, so the "
-                     "folder will hold items from different batches (README 'Render farm'); rerun with the same "
-                     "batch size and workers to keep one composition")
+        lines.append(f"render: warning: {plan['mixed']}")
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
 

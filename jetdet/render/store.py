@@ -217,7 +217,6 @@ def scan_folder(folder) -> tuple[list[str], dict[int, str], list[str]]:
     return temps, items, other
 
 
-
 def acquire_lock(folder):
     """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself: no file is made, and the lock ends with
     the process that holds it, however it ends), or raise RenderError if another job holds it. Returns what
