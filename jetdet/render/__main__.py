@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"save the manifest at most once per SECONDS while rendering, and at the end (default "
                         f"{MANIFEST_EVERY_S:g}; "
                         "after a crash the items since the last save are rendered again; 0: after every round)")
+    r.add_argument("--join-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="workers started by hand (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, no torchrun): how long "
+                        "they wait for one another before stopping with an error (default 600)")
     r.add_argument("--force", action="store_true", help="replace a job of another spec in the folder")
     r.add_argument("--no-progress", action="store_true", help="no progress line and no resume/summary lines")
 
@@ -130,6 +133,8 @@ def main(argv=None) -> int:
 
         if not 0 <= a.manifest_every < float("inf"):
             raise RenderError(f"--manifest-every: expected a finite number of seconds >= 0, got {a.manifest_every}")
+        if not 0 < a.join_timeout < float("inf"):
+            raise RenderError(f"--join-timeout: expected a finite number of seconds > 0, got {a.join_timeout}")
         base, overrides = _spec_from_args(a)
         items = base.get("items")
         if "items" not in base or (isinstance(items, dict) and "count" not in items):
@@ -140,12 +145,12 @@ def main(argv=None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress,
-                   threads=a.threads, manifest_every_s=a.manifest_every)
+                   threads=a.threads, manifest_every_s=a.manifest_every, join_timeout_s=a.join_timeout)
         finally:
             signal.signal(signal.SIGTERM, previous)
         return 0
     except RenderError as e:
-        if _is_rank0():  # every rank raises the same error; one message is enough
+        if _is_rank0() or getattr(e, "every_rank", False):  # the group's errors are every rank's: say them once
             print(f"jetdet.render: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

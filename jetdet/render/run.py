@@ -74,11 +74,12 @@ class RenderResult:
 class _Group:
     """This process's place in the job and the three collectives the runner uses."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, join_timeout_s: float = 600.0):
         self.owned = False
+        env = _worker_env()
         if dist.is_available() and dist.is_initialized():
             self.dist = True
-        elif all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        elif env is not None:
             backend = "gloo"  # also for GPU workers (module docstring, "Backend")
             # torch._dynamo (which deterministic mode and the step cache import) keeps references to the process
             # group that exists when it is first imported (torch 2.13: 10 of them). destroy_process_group() then
@@ -86,17 +87,21 @@ class _Group:
             # a collective's tensors there aborts the process ("terminate called without an active exception":
             # 1 in ~20 torchrun restarts in tests/test_render_dist.py). Imported before the group, it holds none.
             import torch._dynamo  # noqa: F401
+            rank, world, addr, port = env
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
                 # torchrun's agent keeps one TCPStore for every restart of the group, so after a restart a plain
                 # init_process_group finds the dead group's addresses under the same keys and gloo waits on them
                 # forever (torch 2.13: a 2-worker job hung in connectFullMesh after --max-restarts restarted it;
-                # pytorch/pytorch#135712). Keys under the restart count keep each attempt apart.
+                # pytorch/pytorch#135712). Keys under the restart count keep each attempt apart. torchrun's own
+                # rendezvous has already waited for every worker.
                 store, rank, world = next(dist.rendezvous("env://"))
                 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
                 store = dist.PrefixStore(f"jetdet.render/attempt_{attempt}", store)
-                dist.init_process_group(backend, store=store, rank=rank, world_size=world)
             else:
-                dist.init_process_group(backend)
+                # workers started by hand (or by a launcher that leaves the store to rank 0): env:// would wait in
+                # C++ for the missing ones for gloo's 30 minutes without a word, deaf to Ctrl-C and SIGTERM
+                store = _join(rank, world, addr, port, join_timeout_s)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
             self.owned = self.dist = True
         else:
             self.dist = False
@@ -128,6 +133,143 @@ class _Group:
     def close(self) -> None:
         if self.owned:
             dist.destroy_process_group()
+
+
+_WORKER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _worker_env() -> tuple[int, int, str, int] | None:
+    """(rank, world size, address, port) of a multi-worker job from the environment, None for a world of one.
+
+    A partial set (RANK and WORLD_SIZE 2 with no MASTER_ADDR, as a user starting workers by hand may write) is
+    an error: run as a world of one, each such process would render the whole job on its own."""
+    have = {k: os.environ.get(k, "") for k in _WORKER_VARS}
+    if not any(have.values()):
+        return None
+    world_s = have["WORLD_SIZE"] or "1"
+    try:
+        world = int(world_s)
+        rank = int(have["RANK"] or "0")
+    except ValueError:
+        raise _SetupError(f"RANK={have['RANK']!r}, WORLD_SIZE={have['WORLD_SIZE']!r}: expected integers "
+                          "(set by torchrun, or by hand for every worker)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise _SetupError(f"RANK={rank}, WORLD_SIZE={world}: expected WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+    if world == 1:
+        return None
+    missing = [k for k in _WORKER_VARS if not have[k]]
+    if missing:
+        raise _SetupError(
+            f"{', '.join(missing)}: not set, but {', '.join(k for k in _WORKER_VARS if have[k])} are: a job over "
+            "several workers needs all four (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) in every worker's "
+            "environment; torchrun sets them (README, Render farm). To run in one process, unset them")
+    try:
+        port = int(have["MASTER_PORT"])
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise _SetupError(f"MASTER_PORT={have['MASTER_PORT']!r}: expected a TCP port number 1-65535")
+    return rank, world, have["MASTER_ADDR"], port
+
+
+class _SetupError(RenderError):
+    """Raised in one worker before the group exists: the other workers may not see it, so every rank says it."""
+
+    every_rank = True
+
+
+def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
+    """The group's store, once all ``world`` workers have joined it; rank 0 hosts it at ``addr:port``.
+
+    Waits in Python (so Ctrl-C and SIGTERM work), says what it is waiting for after a few seconds and then every
+    half minute, and gives up after ``timeout_s`` naming the missing ranks. Two workers with the same RANK stop
+    every worker with an error."""
+    import datetime
+    import socket
+
+    where = f"{addr}:{port}"
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    start = "" if under_torchrun else (" with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE (or run the job with "
+                                       "torchrun: README, Render farm)")
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    next_note = t0 + 5.0
+
+    def note(msg: str) -> None:
+        nonlocal next_note
+        if time.monotonic() >= next_note:
+            sys.stderr.write(f"jetdet.render: rank {rank} of {world}: {msg} ({time.monotonic() - t0:.0f} s of "
+                             f"{timeout_s:g}; --join-timeout sets the limit)\n")
+            sys.stderr.flush()
+            next_note = time.monotonic() + 30.0
+
+    store_timeout = datetime.timedelta(minutes=30)  # the store's own operations (gloo's connect, collectives)
+    if rank == 0:
+        try:
+            store = dist.TCPStore(addr, port, world, True, store_timeout, wait_for_workers=False)
+        except (RuntimeError, OSError) as e:
+            raise _SetupError(f"MASTER_PORT={port}: rank 0 could not listen on it ({str(e).splitlines()[0]}); "
+                              "another job may hold it: choose a free port for every worker") from None
+    else:
+        while True:  # probe with a plain socket first: a TCPStore client that cannot connect logs C++ traces
+            try:
+                socket.create_connection((addr, port), timeout=2.0).close()
+                break
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    raise _SetupError(f"rank {rank} of {world}: rank 0 never answered at MASTER_ADDR:MASTER_PORT = "
+                                      f"{where} within {timeout_s:g} s ({e.strerror or e}); start rank 0{start}"
+                                      ) from None
+                note(f"waiting for rank 0 at {where}")
+                time.sleep(0.5)
+        store = dist.TCPStore(addr, port, world, False, store_timeout)
+    key = "jetdet.render/join/"
+    if store.add(f"{key}rank_{rank}", 1) > 1:
+        msg = (f"RANK={rank}: two workers were started with this rank; each of the {world} workers needs its own "
+               f"RANK, 0 to {world - 1}")
+        store.set(f"{key}error", msg)
+        raise _SetupError(msg)
+    store.add(f"{key}count", 1)
+    try:
+        while True:
+            if store.check([f"{key}error"]):
+                raise _SetupError(store.get(f"{key}error").decode())
+            joined = store.add(f"{key}count", 0)
+            if joined >= world:
+                return dist.PrefixStore("jetdet.render/group", store)
+            if time.monotonic() >= deadline or time.monotonic() >= next_note:
+                missing = [r for r in range(world) if not store.check([f"{key}rank_{r}"])]
+                shown = ", ".join(map(str, missing[:16])) + (f" and {len(missing) - 16} more" if len(missing) > 16
+                                                             else "")
+                if time.monotonic() >= deadline:
+                    msg = (f"{joined} of {world} workers joined at {where} within {timeout_s:g} s; missing RANK "
+                           f"{shown}: start them{start}")
+                    if rank == 0:  # the others stop with this message too, not with a closed connection
+                        store.set(f"{key}error", msg)
+                    raise _SetupError(f"rank {rank} of {world}: {msg}")
+                note(f"{joined} of {world} workers joined at {where}; waiting for RANK {shown}")
+            time.sleep(0.2)
+    except _SetupError:
+        if rank == 0:  # keep the store up until the workers that joined have read the error (at most 3 s)
+            until = time.monotonic() + 3.0
+            while store.add(f"{key}read", 0) < store.add(f"{key}count", 0) - 1 and time.monotonic() < until:
+                time.sleep(0.05)
+        else:
+            _quietly(lambda: store.add(f"{key}read", 1))
+        raise
+    except dist.DistError:
+        raise _SetupError(f"rank {rank} of {world}: rank 0 at {where} left before every worker joined; its own "
+                          "message says why") from None
+    except BaseException:  # Ctrl-C, SIGTERM: leave the count, so the others do not start a group without this one
+        _quietly(lambda: (store.add(f"{key}count", -1), store.delete_key(f"{key}rank_{rank}")))
+        raise
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:  # the store may be gone already; leaving is best effort
+        pass
 
 
 def _device(name: str, model) -> torch.device:
@@ -513,7 +655,8 @@ def _render_rounds(group: _Group, job: _Job, out: Path, todo: list[int], manifes
 
 
 def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
-           threads: int | None = None, manifest_every_s: float = store.MANIFEST_EVERY_S) -> RenderResult:
+           threads: int | None = None, manifest_every_s: float = store.MANIFEST_EVERY_S,
+           join_timeout_s: float = 600.0) -> RenderResult:
     """Render a job into the folder ``out``; resume it if ``out`` holds the same job.
 
     Args:
@@ -527,6 +670,9 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
         manifest_every_s: while rendering, the manifest is saved at most once per this many seconds (and at the
             end). After a crash the items finished since the last save are rendered again; 0 saves after every
             round, which costs a rewrite of the whole manifest per round.
+        join_timeout_s: workers started by hand (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set in each
+            worker's environment, no torchrun) wait at most this long for one another, then stop with an error
+            naming the missing ranks; while they wait they say so on stderr.
 
     Run under ``torchrun`` (or in an initialised process group) every rank calls this with the same arguments.
     Bad input raises :class:`RenderError` on every rank, with the folder unchanged.
@@ -537,6 +683,9 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
     if (isinstance(manifest_every_s, bool) or not isinstance(manifest_every_s, (int, float))
             or not 0 <= manifest_every_s < math.inf):
         raise RenderError(f"manifest_every_s: expected a finite number of seconds >= 0, got {manifest_every_s!r}")
+    if (isinstance(join_timeout_s, bool) or not isinstance(join_timeout_s, (int, float))
+            or not 0 < join_timeout_s < math.inf):
+        raise RenderError(f"join_timeout_s: expected a finite number of seconds > 0, got {join_timeout_s!r}")
     if not isinstance(out, (str, os.PathLike)) or not str(out):
         raise RenderError(f"out: expected a folder path, got {out!r}")
     out = Path(out)
@@ -553,7 +702,7 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
         if device.type == "cuda":  # Triton launches on the current device; put it back afterwards
             saved_cuda = torch.cuda.current_device()
             torch.cuda.set_device(device)
-        group = _Group(device)
+        group = _Group(device, join_timeout_s)
         job = _check_everywhere(group, spec, device, model)
         show = progress and group.rank == 0
 
