@@ -34,6 +34,10 @@ def check_model(model, inputs, mode: str = "deterministic", max_batch: int = 8, 
     * a shuffled batch against the same items in order,
     * each thread count in ``threads`` against the first.
 
+    Every call runs inside ``jetdet.mode(mode)``. To check a model patched with ``jetdet.patch`` (or a pipeline
+    part) the way it is called in use, with no context around it, pass ``mode="off"``: with the default the context
+    would route calls that the patch alone might not reach.
+
     Returns the comparisons and the SHA-256 checksum of the reference output.
     """
     rng = random.Random(seed)

@@ -110,6 +110,63 @@ def test_diffusers_vae_decode_and_encode_are_batch_invariant_patched():
         pytest.skip("the unpatched VAE happened to be batch invariant on this CPU (the negative control)")
 
 
+class _ModeSpy(torch.overrides.TorchFunctionMode):
+    """Records the jetdet mode each functional call of interest ran in."""
+
+    NAMES = ("silu", "scaled_dot_product_attention", "interpolate", "group_norm")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.calls.append((name, jetdet.get_mode().value))
+        return func(*args, **(kwargs or {}))
+
+
+def test_patched_vae_decode_and_encode_run_their_functional_calls_in_the_mode():
+    """A user trial: pipelines call ``vae.decode``/``vae.encode``, never ``vae.forward``, and only the patched
+    model's ``forward`` entered the mode, so inside them ``F.silu``, the attention processor's SDPA and
+    ``F.interpolate`` ran as torch's: with 16 channels and 7x9 latents 4 of 5 items decoded alone differed from
+    their rows in a batch of 5. Every submodule's forward now enters the mode: each such call runs in it (a check
+    that holds on any CPU), and the items equal their rows. Negative control: the same VAE unpatched (skipped where
+    torch happens to be invariant), and the spy sees the calls outside the mode there."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4).eval()
+    lat = torch.randn(5, 4, 7, 9, generator=torch.Generator().manual_seed(1))
+    px = torch.rand(5, 3, 14, 18, generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+    def dec(x):
+        return vae.decode(x).sample
+
+    def enc(x):
+        return vae.encode(x).latent_dist.mean
+
+    with torch.no_grad():
+        with _ModeSpy() as spy:
+            dec(lat[:1]), enc(px[:1])
+        assert {m for _, m in spy.calls} == {"off"}  # the control: torch's own calls, unpatched
+        stock = batch_mismatches(dec, [lat], slots=range(5)) + batch_mismatches(enc, [px], slots=range(5))
+        with jetdet.patch(vae, mode="deterministic") as handle:
+            with _ModeSpy() as spy:
+                dec(lat[:1]), enc(px[:1])
+            names = {n for n, _ in spy.calls}
+            assert names == set(_ModeSpy.NAMES), names
+            assert {m for _, m in spy.calls} == {"deterministic"}, [c for c in spy.calls if c[1] != "deterministic"]
+            assert not batch_mismatches(dec, [lat], slots=range(5)), "decode: items alone differ from the batch's rows"
+            assert not batch_mismatches(enc, [px], slots=range(5)), "encode: items alone differ from the batch's rows"
+            assert handle.stats()["modules_entering_mode"] > 20
+        assert all("forward" not in m.__dict__ for m in vae.modules())  # removed: nothing of the patch is left
+    if not stock:
+        pytest.skip("the unpatched VAE happened to be batch invariant on this CPU (the negative control)")
+
+
 def test_text_encoder_with_projection_is_batch_invariant_patched():
     """SDXL's second text encoder (``CLIPTextModelWithProjection``) gives the pooled ``text_embeds`` the U-Net takes
     as a condition; its last linear runs on one row per prompt, and unpatched its rows depend on how many prompts

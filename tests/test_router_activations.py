@@ -1,5 +1,6 @@
-"""Deterministic mode computes CPU activations (silu, gelu, sigmoid, elu, softplus, mish) from exp/expm1/tanh/erf/log1p
-(jetdet/mode.py, ``_h_act``): torch's own vectorized CPU kernels compute a tensor's scalar tail with another
+"""Deterministic mode computes CPU activations (silu, gelu, sigmoid, elu, softplus, mish, selu, celu) from
+exp/expm1/tanh/erf/log1p (jetdet/mode.py, ``_h_act``), and rsqrt, pow and exp2 from IEEE operations and fp64 exp/log
+(``_h_rsqrt``, ``_h_pow``, ``_h_exp2``): torch's own vectorized CPU kernels compute a tensor's scalar tail with another
 implementation, so on an Intel Xeon with AVX-512 an item alone differed from the same item in a batch whenever its
 size was not a multiple of the vector width."""
 
@@ -24,6 +25,21 @@ ACTS = {
     "mish": F.mish,
     "nn.SiLU": torch.nn.SiLU(),
     "nn.GELU": torch.nn.GELU(approximate="tanh"),
+    # found batch dependent on an AMD EPYC (Zen 4) by an adversarial trial while jetdet passed them as torch's
+    "sigmoid_inplace": lambda x: x.clone().sigmoid_(),
+    "expit": torch.special.expit,
+    "selu": F.selu,
+    "celu": lambda x: F.celu(x, 0.8),
+    "rsqrt": lambda x: torch.rsqrt(x.abs() + 0.1),
+    "pow_1.7": lambda x: (x.abs() + 0.1).pow(1.7),
+    "pow_-0.5": lambda x: (x.abs() + 0.1) ** -0.5,
+    "pow_4": lambda x: x.pow(4),
+    "pow_-3": lambda x: torch.pow(x, -3),
+    "pow_tensor": lambda x: torch.pow(x.abs() + 0.1, x / 4),
+    "rpow": lambda x: 2.0 ** x,
+    "pow_scalar_base": lambda x: torch.pow(10000.0, x / 8),
+    "pow_inplace": lambda x: (x.abs() + 0.1).pow_(1.3),
+    "exp2": torch.exp2,
 }
 SIZES = (7, 24, 888, 1776, 4099)
 
@@ -62,6 +78,28 @@ def test_activations_match_torch(name):
     torch.testing.assert_close(ours, ACTS[name](x), rtol=1e-5, atol=2e-6)
 
 
+def test_pow_special_values_match_torch():
+    """jetdet's pow (fp64 exp and log, or squaring for integer exponents) against torch's on the special cases:
+    negative bases (NaN for non-integer exponents, the sign for odd ones), signed zeros, infinities, NaN, 1 ** y."""
+    vals = [-2.0, -0.0, 0.0, 1.0, 2.0, 0.5, float("inf"), -float("inf"), float("nan"), -1.0]
+    exps = [-3.0, -2.5, -1.0, 0.0, 0.5, 1.7, 2.0, 3.0, 4.0, float("inf"), -float("inf"), float("nan")]
+    x = torch.tensor(vals).repeat_interleave(len(exps))
+    y = torch.tensor(exps).repeat(len(vals))
+    with jetdet.mode("deterministic"):
+        both = torch.pow(x, y)
+        each = [torch.pow(x[y == e], e) for e in exps]
+    torch.testing.assert_close(both, torch.pow(x, y), equal_nan=True, rtol=1e-6, atol=0)
+    for e, got in zip(exps, each):
+        torch.testing.assert_close(got, torch.pow(x[y == e], e), equal_nan=True, rtol=1e-6, atol=0, msg=str(e))
+    with jetdet.mode("deterministic"):  # dtypes and the forms torch keeps as they are
+        for dt in (torch.float16, torch.bfloat16):
+            z = torch.linspace(0.1, 9, 50).to(dt)
+            assert (z ** 1.7).dtype == dt and (2 ** z).dtype == dt and torch.rsqrt(z).dtype == dt
+            torch.testing.assert_close(z ** 1.7, (z.float() ** 1.7).to(dt))
+        i = torch.arange(6)
+        assert torch.equal(i ** 2, torch.tensor([0, 1, 4, 9, 16, 25]))  # integer tensors: torch's
+
+
 def test_inplace_and_gradients():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 37, generator=g)
@@ -86,3 +124,31 @@ def test_negative_control_torch_activations_on_this_cpu(restore_threads):
         cpu = platform.processor() or platform.machine()
         pytest.skip(f"torch's CPU activations were batch invariant on this CPU ({cpu})")
     assert failing
+
+
+def test_negative_control_torch_rsqrt_pow_exp2_on_this_cpu(restore_threads):
+    """The same check on torch's rsqrt (bf16), pow (1.7, 4, 10000 ** x) and exp2: on an AMD EPYC (Zen 4) each
+    failed it. Skipped where this CPU's kernels happen to be position invariant."""
+    checks = {"rsqrt": torch.bfloat16, "pow_1.7": torch.float32, "pow_4": torch.float32,
+              "pow_scalar_base": torch.float32, "exp2": torch.float32}
+    failing = [name for name, dt in checks.items() if _mismatches(ACTS[name], dt)]
+    if not failing:
+        pytest.skip(f"torch's rsqrt/pow/exp2 were batch invariant on this CPU ({platform.processor()})")
+    assert failing
+
+
+def test_recurrent_layers_and_position_dependent_functions_warn():
+    """nn.GRU and nn.RNN were batch dependent with no warning (0 of 7 items equal to their batch-1 runs); sinh,
+    cosh and atan2 on CPU compute a tensor's last elements another way. They are not rebuilt: they warn, once."""
+    import warnings
+
+    gru, x = torch.nn.GRU(8, 6), torch.randn(5, 3, 8)
+    cases = {"gru": lambda: gru(x), "sinh": lambda: torch.sinh(x), "atan2": lambda: torch.atan2(x, x + 1)}
+    import sys
+
+    for name, call in cases.items():
+        sys.modules["jetdet.mode"]._warned.clear()  # once per process: another test may have had it
+        with warnings.catch_warnings(record=True) as w, jetdet.mode("deterministic"):
+            warnings.simplefilter("always")
+            call()
+        assert any(f"{name} falls back to torch" in str(m.message) for m in w), (name, [str(m.message) for m in w])

@@ -12,7 +12,10 @@ What patching changes, and what ``remove()`` puts back exactly:
   dilation=1, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``) gets an instance-level ``forward`` that
   calls the batch-invariant ``jetdet.ops``, and the model's own ``forward`` runs inside
   ``jetdet.mode("deterministic")`` so functional calls in model code (``F.scaled_dot_product_attention``,
-  ``@``, ``softmax``) are routed as well. Determinism then holds without a ``with`` block.
+  ``@``, ``softmax``) are routed as well. Every other submodule's ``forward`` enters the mode too when it is
+  called outside it, so the model's other entry points (a VAE's ``decode``/``encode``, a block called on its own)
+  are routed as well; only code in such a method's own body, outside any submodule, is not. Determinism then
+  holds without a ``with`` block.
 * ``mode="fast"``: the model's ``forward`` is wrapped by a step-cache controller
   (:class:`jetdet.cache.StepCacheController`) that decides per batch row whether to run the model or forecast
   its output, and runs the model only on the rows that need it.
@@ -50,7 +53,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ..mode import check_warn_only, compiled_router
+from ..mode import check_warn_only, compiled_router, in_deterministic_mode
 from ..mode import mode as _mode
 from . import layers
 from .adapters import UnsupportedModelError, make_adapter
@@ -84,6 +87,7 @@ class PatchHandle:
         self._saved: list[tuple[nn.Module, object, object]] = []
         self._layers: Counter = Counter()
         self._skipped: Counter = Counter()
+        self._entered = 0
         self._bypassed = 0  # fast mode: calls run past the cache (pipe.scheduler with other rules)
         self._lock_bypassed = threading.Lock()
         self.removed = False
@@ -110,6 +114,8 @@ class PatchHandle:
             "layers_patched": dict(self._layers),
             "layers_left_to_router": dict(self._skipped),
         }
+        if self.mode == "deterministic":  # the other submodules, whose forward enters the mode when called alone
+            s["modules_entering_mode"] = self._entered
         if self.adapter is not None:
             s["adapter"] = self.adapter.kind
             s["latent_arg"] = self.adapter.latent
@@ -196,6 +202,7 @@ class PatchHandle:
         module.__dict__[slot] = types.MethodType(forward, module)
 
 
+_NO_FORWARD = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)  # containers: nothing to call
 _JETDET_ATTR = "__jetdet_forward__"  # (module it was installed on, that module's previous value of the slot)
 # where a jetdet forward can be: the instance forward, or under an accelerate hook the forward the hook wraps
 _SLOTS = ("forward", "_old_forward")
@@ -318,6 +325,7 @@ def _found_summary(model) -> str:
 
 def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool = False):
     check_warn_only(warn_only)
+    layered = set()  # ids of the layers given a jetdet forward (their ops are jetdet's, mode or not)
     for module in model.modules():
         fwd = layers.deterministic_forward(module)
         if fwd is not None and _wrapped(module):
@@ -328,6 +336,7 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
         elif fwd is not None:
             handle._set_forward(module, lambda this, inner, *args, _f=fwd, **kwargs: _f(this, *args, **kwargs))
             handle._layers[type(module).__name__] += 1
+            layered.add(id(module))
         elif type(module).__name__ in layers.SUPPORTED:
             handle._skipped[f"{type(module).__name__} ({layers.unsupported_reason(module)})"] += 1
     if not handle._layers:
@@ -347,6 +356,24 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
         with _mode("deterministic", warn_only=warn_only):
             return inner(*args, **kwargs)
 
+    def enter(this, inner, *args, **kwargs):  # a submodule: the mode unless the call is inside it already
+        if torch.compiler.is_compiling() or in_deterministic_mode(warn_only):  # (compiling: the root routes)
+            return inner(*args, **kwargs)
+        with _mode("deterministic", warn_only=warn_only):
+            return inner(*args, **kwargs)
+
+    # Every other submodule's forward enters the mode too, so that the model's other entry points (a VAE's
+    # decode() and encode(), which diffusers pipelines call instead of forward(), a block called on its own) run
+    # their functional calls (F.silu, the attention processor's SDPA, F.interpolate) routed: before, only
+    # forward() did, and a patched VAE's decode of an item alone differed from its row in a batch (a user trial:
+    # 4 of 5 items). Inside the model's forward each costs a check of the current mode.
+    entered = 0
+    for module in model.modules():
+        if module is model or id(module) in layered or isinstance(module, _NO_FORWARD):
+            continue
+        handle._set_forward(module, enter)
+        entered += 1
+    handle._entered = entered
     handle._set_forward(model, forward)
 
 
