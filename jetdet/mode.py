@@ -753,6 +753,7 @@ def _h_fallback_named(why):
     def handler(func, args, kwargs):
         return _fallback(func, args, kwargs, why)
 
+    handler.torch_itself = True  # under autocast: torch's call as torch runs it (_autocast_route)
     return handler
 
 
@@ -1134,6 +1135,7 @@ def _h_unrouted(why: str):
             return _fallback(func, args, kwargs, why)
         return func(*args, **kwargs)
 
+    handler.torch_itself = True
     return handler
 
 
@@ -1537,6 +1539,7 @@ def _h_cpu_elementwise_unrouted(why: str):
             return _fallback(func, args, kwargs, why)
         return func(*args, **kwargs)
 
+    handler.torch_itself = True
     return handler
 
 
@@ -1691,7 +1694,10 @@ _AUTOCAST_LOW = frozenset({
     torch.conv2d,
     torch.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.einsum,
     F.scaled_dot_product_attention,
+    F.multi_head_attention_forward,  # (torch's linears and SDPA inside it run in the autocast dtype: so does its body)
 })
+# on torch's CPU autocast "float32" list (a trial: jetdet's prod under CPU autocast came out bf16, torch's fp32)
+_AUTOCAST_FP32_CPU = frozenset({torch.prod, torch.Tensor.prod})
 _AUTOCAST_FP32_CUDA = frozenset({F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax,
                                  torch.softmax, torch.Tensor.softmax, torch.sum, torch.Tensor.sum, torch.norm,
                                  torch.Tensor.norm, torch.linalg.vector_norm,
@@ -1730,10 +1736,14 @@ def _autocast_route(func, handler, args, kwargs):
     dev = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
     if dev is None or not torch.is_autocast_enabled(dev):
         return handler(func, args, kwargs)
+    if getattr(handler, "torch_itself", False):  # a warned fallback: torch's call, under autocast as torch runs it
+        return handler(func, args, kwargs)
     to = None
     if func in _AUTOCAST_LOW:
         to = torch.get_autocast_dtype(dev)
     elif dev == "cuda" and func in _AUTOCAST_FP32_CUDA and kwargs.get("dtype") is None:
+        to = torch.float32
+    elif dev == "cpu" and func in _AUTOCAST_FP32_CPU and kwargs.get("dtype") is None:
         to = torch.float32
     if to is not None:
         args = tuple(_autocast_cast(a, to) for a in args)

@@ -192,6 +192,8 @@ class MatchResult:
             s += f", rel-RMS {self.rel_rms:.3g} (limit {STRUCTURAL_REL_RMS:g})"
         if self.first_mismatch is not None:
             s += f", first at {self.first_mismatch}"
+        if self.tolerance == "exact" and self.mismatches and self.max_abs_err == 0 and self.max_rel_err == 0:
+            s += " (the bits differ where the values are equal: 0.0 against -0.0, or NaNs of other bit patterns)"
         return s
 
 

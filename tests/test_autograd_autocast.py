@@ -7,6 +7,8 @@ Under ``torch.autocast`` routed calls and patched layers take autocast's dtypes 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -146,7 +148,12 @@ def test_autocast_reaches_routed_calls_and_patched_layers():
         "sdpa": lambda n: F.scaled_dot_product_attention(q[:n], q[:n], q[:n]),
         "layer_norm_bf16": lambda n: F.layer_norm(x[:n].bfloat16(), (16,)),
         "softmax": lambda n: torch.softmax(x[:n], -1),
+        # a trial's finds: MultiheadAttention ran in fp32 (torch: bf16), prod in bf16 (torch's CPU list: fp32)
+        "mha": lambda n: mha(x[:n], x[:n], x[:n], need_weights=False)[0],
+        "mha_weights": lambda n: mha(x[:n], x[:n], x[:n])[0],
+        "prod": lambda n: torch.prod(x[:n].bfloat16(), -1),
     }
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
     for name, fn in calls.items():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             want = fn(3)
@@ -155,6 +162,13 @@ def test_autocast_reaches_routed_calls_and_patched_layers():
         assert got.dtype == want.dtype, (name, got.dtype, want.dtype)
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"{n}: {m}")
         assert torch.equal(one, got[:1]), name
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a warned fallback: torch's call, autocast
+        want = torch.addbmm(torch.zeros(5, 12), x, w.t().expand(6, 16, 12))
+        with jetdet.mode("deterministic"), pytest.warns(UserWarning, match="addbmm falls back"):
+            sys.modules["jetdet.mode"]._warned.clear()
+            got = torch.addbmm(torch.zeros(5, 12), x, w.t().expand(6, 16, 12))
+    assert got.dtype == want.dtype == torch.bfloat16
 
     model = TinyDiT().eval()
     xs, t, y = make_toy_inputs(4)

@@ -293,3 +293,17 @@ def test_match_argument_errors():
         match(x, x, "1e-5")
     with pytest.raises(ValueError, match="tolerance"):
         match(x, x, 1e-4)
+
+
+def test_exact_mismatch_of_equal_values_says_why():
+    """A trial: ``match`` said "MISMATCH ... max abs 0" for 0.0 against -0.0 (or NaNs of other bits) and nothing
+    more. It now says what differs; a mismatch of values (the control) does not get the note."""
+    import jetdet
+
+    zeros = str(jetdet.match(torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0])))
+    assert zeros.startswith("MISMATCH exact: 1 of 2") and "0.0 against -0.0" in zeros, zeros
+    a = torch.tensor([float("nan")])
+    b = a.clone()
+    b.view(torch.int32)[0] ^= 1
+    assert "NaNs of other bit patterns" in str(jetdet.match(a, b))
+    assert "against -0.0" not in str(jetdet.match(torch.tensor([1.0]), torch.tensor([2.0])))
