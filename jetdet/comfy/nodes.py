@@ -89,7 +89,7 @@ def _det_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, nega
     samples = smp.sample(det, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise,
                          batch_offset, callback=_callback(det, steps) if progress else None,
                          disable_pbar=_disable_pbar(), **advanced)
-    out = {k: v for k, v in latent.items() if k != "samples"}
+    out = {k: v for k, v in latent.items() if k != "samples" and k not in smp.LATENT_SIZING_KEYS}
     out["samples"] = samples
     return out
 
@@ -1379,7 +1379,8 @@ class JetDetDeterministicVAEDecodeAudio(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples, vae, strict):
-        return io.NodeOutput(dvae.decode_audio(vae, _latent_tensor(samples, "samples"), warn_only=not strict))
+        return io.NodeOutput(dvae.decode_audio(vae, _latent_tensor(samples, "samples"), warn_only=not strict,
+                                               latent=samples))
 
 
 NODES = [

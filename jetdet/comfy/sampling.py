@@ -402,6 +402,27 @@ def make_sampler(name: str, seed: int, ids: list[int], like: torch.Tensor):
     return comfy.samplers.ksampler(name, {"noise_sampler": ns}), ns
 
 
+# What an empty-latent node tells the sampler about the latent it made, for ComfyUI to size an empty latent for the
+# model (newer ComfyUI: "Empty Latent Image" says its downscale ratio, and a 16x or 32x model's sampler makes the
+# latent that many times smaller); KSampler drops them from its output, and so do jetdet's samplers.
+LATENT_SIZING_KEYS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def fix_empty_latent(model, latent_image: torch.Tensor, latent: dict) -> torch.Tensor:
+    """``comfy.sample.fix_empty_latent_channels`` as KSampler calls it: with the LATENT's downscale ratios where this
+    ComfyUI takes them (ComfyUI 0.3.64 takes none; a trial on a newer one found jetdet's samplers sampling a 16x
+    model's empty latent at twice the width and height KSampler did)."""
+    import comfy.sample
+
+    fn = comfy.sample.fix_empty_latent_channels
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    extra = {k: latent[k] for k in LATENT_SIZING_KEYS if k in params and latent.get(k) is not None}
+    return fn(model, latent_image, **extra)
+
+
 def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
            latent: dict, denoise: float = 1.0, batch_offset: int = 0, callback=None, disable_pbar: bool = True,
            noise_seed_step: int = 0, *, split_coupled: bool = True, add_noise: bool = True,
@@ -442,7 +463,7 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
     if latent_image.dim() < 3 or latent_image.shape[0] < 1:
         raise ValueError(f"latent_image: expected a batch of latents [B, C, ...] with B >= 1, got shape "
                          f"{tuple(latent_image.shape)}")
-    latent_image = check_latent(model, comfy.sample.fix_empty_latent_channels(model, latent_image))
+    latent_image = check_latent(model, fix_empty_latent(model, latent_image, latent))
     ids = item_ids(latent_image.shape[0], batch_offset, latent.get("batch_index"))
     coupled = position = []
     if len(ids) > 1 and split_coupled:

@@ -139,15 +139,20 @@ def decode(vae, samples, warn_only: bool = False):
     return images
 
 
-def decode_audio(vae, samples, warn_only: bool = False) -> dict:
+def decode_audio(vae, samples, warn_only: bool = False, latent: dict | None = None) -> dict:
     """An audio VAE's ``vae.decode(samples)`` with batch-invariant ops, as ComfyUI's VAE Decode Audio node makes
-    its AUDIO: ``[batch, channels, samples]`` at 44.1 kHz, each item divided by ``max(1, 5 * its std)`` (that std
-    in deterministic mode too, so it is the item's own whatever the batch)."""
+    its AUDIO: ``[batch, channels, samples]``, each item divided by ``max(1, 5 * its std)`` (that std in deterministic
+    mode too, so it is the item's own whatever the batch). The sample rate is ComfyUI's: the LATENT's
+    ``sample_rate`` if it has one, else the VAE's output rate (newer ComfyUI gives 48 kHz and 32 kHz VAEs one), else
+    44.1 kHz (a trial on a newer ComfyUI: labelled 44.1 kHz, a 48 kHz VAE's audio played 8 % slow)."""
     _check_kind(vae, audio=True)
     with _deterministic(vae, "decoding", "VAE Decode Audio (Tiled)", warn_only):
         audio = vae.decode(samples).movedim(-1, 1)
         audio = audio / (torch.std(audio, dim=[1, 2], keepdim=True) * 5.0).clamp_min(1.0)
-    return {"waveform": audio, "sample_rate": 44100}
+    rate = getattr(vae, "audio_sample_rate_output", getattr(vae, "audio_sample_rate", 44100))
+    if isinstance(latent, dict) and "sample_rate" in latent:
+        rate = latent["sample_rate"]
+    return {"waveform": audio, "sample_rate": rate}
 
 
 def encode(vae, pixels, warn_only: bool = False):

@@ -529,7 +529,7 @@ _NOISE_WITH_ETA = frozenset({"dpm_adaptive_function", "sample_dpm_adaptive"})
 
 def _adds_noise(sampler) -> bool:
     name = _sampler_name(sampler)
-    if name not in _ADDS_NOISE and name not in _NOISE_WITH_ETA:
+    if name not in _ADDS_NOISE and name not in _NOISE_WITH_ETA and not _named_as_adding_noise(name):
         return False
     kw = _sampler_options(sampler)
     if name in _NOISE_WITH_ETA and not (isinstance(kw.get("eta"), (int, float)) and kw["eta"] > 0):
@@ -540,6 +540,12 @@ def _adds_noise(sampler) -> bool:
     if "eta" in kw:
         return kw["eta"] != 0
     return kw.get("s_noise") != 0
+
+
+def _named_as_adding_noise(name: str) -> bool:
+    """A sampler function jetdet does not know (a newer ComfyUI's) whose name says it adds noise, as ComfyUI's names
+    it: ``sample_..._ancestral...`` or ``sample_..._sde...`` (a trial on ComfyUI 0.33: ``exp_heun_2_x0_sde``)."""
+    return name.startswith("sample_") and any(w in name.split("_") for w in ("ancestral", "sde"))
 
 
 def _sampler_options(sampler) -> dict:

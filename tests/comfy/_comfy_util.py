@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -113,7 +114,11 @@ class Engine:
         import execution
 
         self.server = FakeServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=cache_type, cache_size=cache_size)
+        if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:  # newer ComfyUI (0.33)
+            args = {"cache_args": {"lru": cache_size or 0, "ram": 0, "ram_inactive": 0}}
+        else:
+            args = {"cache_size": cache_size}
+        self.executor = execution.PromptExecutor(self.server, cache_type=cache_type, **args)
 
     def run(self, prompt: dict) -> dict:
         """Validate and execute an API-format prompt (a copy: ComfyUI writes into the prompt it runs).

@@ -436,6 +436,7 @@ def test_samplers_that_add_noise_forecast_the_denoised_image(shapes_patcher, mon
     assert s["forecast_space"] == "x0" and s["piggyback"] == 0.0, s
     assert s["fme_ratio"] > 1.35 and psnr_db(out, ref) > 32, (psnr_db(out, ref), s)
     monkeypatch.setattr(wr, "_ADDS_NOISE", frozenset())  # negative control: forecast the velocity
+    monkeypatch.setattr(wr, "_named_as_adding_noise", lambda name: False)
     old = _fast(shapes_patcher, 0.1)
     assert torch.equal(_stock(old, sampler), ref)
     assert wr.fast_state(old).stats()["calls_saved"] == 0
@@ -475,6 +476,13 @@ def test_which_samplers_add_noise(comfy_dir):
     assert wr._adds_noise(cs.ksampler("dpmpp_sde", {"eta": 1.0, "s_noise": 1.0}))
     assert not wr._adds_noise(cs.ksampler("dpm_fast")) and not wr._adds_noise(cs.ksampler("dpm_adaptive"))
     assert wr._adds_noise(cs.ksampler("dpm_adaptive", {"eta": 0.5}))
+
+    def sample_exp_heun_2_x0_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0):
+        return x  # a newer ComfyUI's sampler, by its name (its eta rules as the known ones')
+
+    assert wr._adds_noise(cs.KSAMPLER(sample_exp_heun_2_x0_sde))
+    assert not wr._adds_noise(cs.KSAMPLER(sample_exp_heun_2_x0_sde, extra_options={"eta": 0.0}))
+    assert not wr._named_as_adding_noise("sample_euler") and not wr._named_as_adding_noise("sample_lcm")
 
 
 def _hooked_positive(pos, strength_after: float):

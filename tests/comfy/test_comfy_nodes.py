@@ -524,3 +524,31 @@ def test_files_of_the_wrong_kind_are_clear_errors_naming_the_input(comfy_dir, tm
     with pytest.raises(ValueError, match=f"path: {sd15} is not jetdet's shapes model: ComfyUI detects it as SD15, "
                                          "in_channels 4"):
         N.JetDetShapesModelLoader.execute(str(sd15))
+
+
+def test_the_empty_latents_downscale_ratio_reaches_comfyui_and_leaves_the_output(shapes_patcher, shapes_conds,
+                                                                                  monkeypatch):
+    """Newer ComfyUI (a trial on 0.33): "Empty Latent Image" puts ``downscale_ratio_spacial`` in its LATENT and
+    KSampler passes it to ``fix_empty_latent_channels``, which sizes the empty latent for a 16x or 32x model, then
+    drops it from its output. jetdet's samplers called it without the ratio (a 16x stand-in: 32x32 sampled where
+    KSampler sampled 16x16) and passed the key on. Here a ``fix_empty_latent_channels`` of the newer signature
+    (ComfyUI 0.3.64 has none) records what it gets."""
+    import comfy.sample
+
+    got = []
+    stock = comfy.sample.fix_empty_latent_channels
+
+    def newer(model, latent_image, downscale_ratio_spacial=None, downscale_ratio_temporal=None):
+        got.append((downscale_ratio_spacial, downscale_ratio_temporal))
+        return stock(model, latent_image)
+
+    latent = dict(empty_latent(1), downscale_ratio_spacial=8)
+    monkeypatch.setattr(comfy.sample, "fix_empty_latent_channels", newer)
+    out = N.JetDetDeterministicSampler.execute(shapes_patcher, 1, 2, 4.0, "euler", "simple", *shapes_conds, latent,
+                                               1.0, 0).args[0]
+    assert got == [(8, None)]
+    assert set(out) == {"samples"}
+    monkeypatch.setattr(comfy.sample, "fix_empty_latent_channels", stock)  # ComfyUI 0.3.64's: called as before
+    out = N.JetDetDeterministicSampler.execute(shapes_patcher, 1, 2, 4.0, "euler", "simple", *shapes_conds, latent,
+                                               1.0, 0).args[0]
+    assert set(out) == {"samples"}

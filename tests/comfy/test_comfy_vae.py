@@ -184,6 +184,18 @@ def test_audio_decode_items_equal_the_item_decoded_alone():
         "ComfyUI's own audio decode was batch invariant here: this test shows nothing"
 
 
+def test_audio_decode_says_the_vaes_sample_rate_or_the_latents(monkeypatch):
+    """ComfyUI's rule (newer ComfyUI gives 48 kHz and 32 kHz VAEs ``audio_sample_rate_output``; a trial there found
+    the node labelling a 48 kHz VAE's audio 44.1 kHz): the LATENT's ``sample_rate``, else the VAE's, else 44.1 kHz
+    (ComfyUI 0.3.64's VAEs say none: the test above)."""
+    vae = tm.oobleck_vae(0)
+    z = torch.randn(1, 64, 4, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(vae, "audio_sample_rate_output", 48000, raising=False)
+    assert N.JetDetDeterministicVAEDecodeAudio.execute({"samples": z}, vae, True).args[0]["sample_rate"] == 48000
+    out = N.JetDetDeterministicVAEDecodeAudio.execute({"samples": z, "sample_rate": 32000}, vae, True).args[0]
+    assert out["sample_rate"] == 32000
+
+
 def test_each_node_refuses_the_other_kind_of_vae(vae):
     audio = tm.oobleck_vae(0)
     with pytest.raises(ValueError, match=r"vae: an audio VAE; .*Decode \(Audio\)"):
