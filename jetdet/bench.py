@@ -335,23 +335,35 @@ def main(argv=None) -> int:
             p.error(f"--plot: cannot write {args.plot!r}: {e.strerror or e}")
         if not existed:
             os.unlink(args.plot)
+    started = time.perf_counter()
     environment()
     ok = True
+    sections = {}
+
+    def timed(name, fn, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            sections[name] = time.perf_counter() - t0
+
     if args.only in (None, "determinism"):
-        ok &= determinism(quick=args.quick)
+        ok &= timed("determinism", determinism, quick=args.quick)
     if args.only in (None, "speed"):
         saved = torch.get_num_threads()
         try:
             if args.threads is not None:
                 torch.set_num_threads(args.threads)
-            speed(repeats=3 if args.quick else args.repeats)
+            timed("speed", speed, repeats=3 if args.quick else args.repeats)
         finally:
             torch.set_num_threads(saved)
     if args.only in (None, "static") and not args.skip_static:
-        ok &= static(full=args.full_static)
+        ok &= timed("static", static, full=args.full_static)
     if args.only in (None, "fast"):
-        fast_mode(seeds=min(2, args.seeds) if args.quick else args.seeds, plot=args.plot or None)
-    print(f"\njetdet.bench: {'OK' if ok else 'FAILED'}")
+        timed("fast", fast_mode, seeds=min(2, args.seeds) if args.quick else args.seeds, plot=args.plot or None)
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in sections.items())
+    print(f"\njetdet.bench: {'OK' if ok else 'FAILED'} in {time.perf_counter() - started:.0f} s ({took}; "
+          "imports and start-up not counted)")
     return 0 if ok else 1
 
 
