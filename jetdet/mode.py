@@ -116,11 +116,10 @@ def _as_mode(m) -> Mode:
         raise ValueError(f"mode: expected one of 'off', 'fast', 'deterministic', got {m!r}") from None
 
 
-def in_deterministic_mode(warn_only: bool = False) -> bool:
-    """Whether the current thread is in deterministic mode with this ``warn_only`` (a nested enter would change
-    nothing)."""
+def in_deterministic_mode() -> bool:
+    """Whether the current thread is in deterministic mode (with either ``warn_only``)."""
     f = _current.get()
-    return f.thread is _me() and f.mode is Mode.DETERMINISTIC and f.warn_only == warn_only
+    return f.thread is _me() and f.mode is Mode.DETERMINISTIC
 
 
 def get_mode() -> Mode:
@@ -624,6 +623,8 @@ def _h_in_place(handler, out_of_place):
         target = call_arg(args, kwargs, 0, "input", kwargs.get("self"))
         if not isinstance(target, torch.Tensor) or "self" in kwargs:
             return func(*args, **kwargs)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            args = (target.clone(), *args[1:])  # the handler may keep its input for backward: not the one written to
         return target.copy_(handler(out_of_place, args, kwargs))
 
     return h
@@ -636,8 +637,8 @@ def _h_matmul(func, args, kwargs):
     why = _ok(a, b) or ("out= given" if "out" in kwargs else None)
     if why:
         return _fallback(func, args, kwargs, why)
-    if a.dim() and b.dim() and a.shape[-1] == 0 and b.shape[-2 if b.dim() > 1 else 0] == 0:
-        return func(*args, **kwargs)  # an empty sum: zeros, the same whatever the batch
+    if a.dim() and b.dim() and (a.shape[-1] != b.shape[-2 if b.dim() > 1 else 0] or a.shape[-1] == 0):
+        return func(*args, **kwargs)  # torch's own shape error; or an empty sum: zeros, the same whatever the batch
     if b.dim() == 2 and a.dim() >= 2:
         lead = a.shape[:-1]
         return ops.mm(a.reshape(-1, a.shape[-1]), b).reshape(*lead, b.shape[-1])
@@ -1417,7 +1418,7 @@ def _h_act(kind: str, in_place: bool = False):
         p = dict(defaults)
         p.update(zip(names, args[1:]))
         p.update({k: v for k, v in kwargs.items() if k in names})
-        if kind == "gelu" and p["approximate"] not in ("none", "tanh"):
+        if (kind == "gelu" and p["approximate"] not in ("none", "tanh")) or (kind == "celu" and p["alpha"] == 0):
             return func(*args, **kwargs)  # torch's own error
         out = _act_math(kind, x.to(torch.float32), p).to(x.dtype)  # differentiable as it is
         if p.get("inplace") or in_place:
@@ -1494,16 +1495,78 @@ def _h_pow(in_place: bool = False, reflected: bool = False):
             return func(*args, **kwargs)  # torch's own error
         if dtype not in _FLOATS or (in_place and tuple(shape) != tuple(base.shape)):
             return func(*args, **kwargs)
-        x = base.to(torch.float64) if isinstance(base, torch.Tensor) else torch.tensor(float(base), dtype=torch.float64)
-        if not isinstance(e, torch.Tensor) and float(e).is_integer() and abs(e) <= 64:
-            out = _powi64(x, int(e))
-        else:
-            out = _pow64(x, e.to(torch.float64) if isinstance(e, torch.Tensor) else e)
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (base, e)):
+            if in_place:
+                return func(*args, **kwargs)  # torch's own error (a leaf) or its result, as torch would
+            return _ExactPow.apply(base, e, dtype)
         if in_place:
-            return base.copy_(out)
-        return out.to(dtype)
+            return base.copy_(_pow_chunked(base, e, base.dtype))
+        return _pow_chunked(base, e, dtype)
 
     return handler
+
+
+_CHUNK = 1 << 20  # elements per fp64 pass: the fp64 copies of a large tensor at once took 22x its size
+
+
+def _as64(t):
+    return t.to(torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
+
+
+def _pow_value(x: torch.Tensor, e) -> torch.Tensor:
+    """``x ** e`` in fp64 (``x`` fp64; ``e`` a Python number or an fp64 tensor)."""
+    if not isinstance(e, torch.Tensor) and float(e).is_integer() and abs(e) <= 64:
+        return _powi64(x, int(e))
+    return _pow64(x, e)
+
+
+def _pow_chunked(base, e, dtype) -> torch.Tensor:
+    """``base ** e`` rounded to ``dtype``, in passes of :data:`_CHUNK` elements where one operand is a number."""
+    scalar_e, scalar_b = not isinstance(e, torch.Tensor), not isinstance(base, torch.Tensor)
+    t = e if scalar_b else base
+    if not (scalar_e or scalar_b) or t.numel() <= _CHUNK:
+        return _pow_value(_as64(base), e if scalar_e else _as64(e)).to(dtype)
+    flat = t.reshape(-1)
+    out = torch.empty(flat.shape, dtype=dtype)
+    for i in range(0, flat.numel(), _CHUNK):
+        part = flat[i:i + _CHUNK].to(torch.float64)
+        out[i:i + _CHUNK] = _pow_value(part, e) if scalar_e else _pow_value(_as64(base), part)
+    return out.reshape(t.shape)
+
+
+class _ExactPow(torch.autograd.Function):
+    """The exact pow with torch's derivatives (``d/dx = e x^(e-1)``, 0 where ``e == 0``; ``d/de = x^e log x``, 0 where
+    ``x == 0`` and ``e >= 0``), computed the same exact way: differentiating the fp64 formula through its special-case
+    ``where``s gave 0 for ``x ** 1.5`` at ``x == 1`` (a review)."""
+
+    @staticmethod
+    def forward(ctx, base, e, dtype):
+        x, y = _as64(base), (e if not isinstance(e, torch.Tensor) else _as64(e))
+        out = _pow_value(x, y)
+        ctx.base_t, ctx.e_t = isinstance(base, torch.Tensor), isinstance(e, torch.Tensor)
+        ctx.shapes = (base.shape if ctx.base_t else None, e.shape if ctx.e_t else None)
+        ctx.dtypes = (base.dtype if ctx.base_t else None, e.dtype if ctx.e_t else None)
+        ctx.e_num, ctx.base_num = (None if ctx.e_t else e), (None if ctx.base_t else base)
+        ctx.save_for_backward(x if ctx.base_t else None, y if ctx.e_t else None, out)
+        return out.to(dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, y, out = ctx.saved_tensors
+        x = x if x is not None else _as64(ctx.base_num)
+        y = y if y is not None else ctx.e_num
+        g = g.to(torch.float64)
+        gb = ge = None
+        if ctx.base_t and ctx.needs_input_grad[0]:
+            ym1 = y - 1
+            d = g * y * _pow_value(x, ym1)
+            d = torch.where(torch.as_tensor(y) == 0, 0.0, d)
+            gb = d.sum_to_size(ctx.shapes[0]).to(ctx.dtypes[0])
+        if ctx.e_t and ctx.needs_input_grad[1]:
+            d = g * torch.where((x == 0) & (y >= 0), 0.0, out * torch.log(x))
+            ge = d.sum_to_size(ctx.shapes[1]).to(ctx.dtypes[1])
+        return gb, ge, None
 
 
 def _h_rsqrt(in_place: bool = False):
@@ -1518,12 +1581,23 @@ def _h_rsqrt(in_place: bool = False):
     return handler
 
 
+def _exp2_64(x: torch.Tensor) -> torch.Tensor:
+    """``2 ** x`` in fp64: ``exp(frac(x) ln 2)`` times ``2 ** floor(x)`` made from its exponent bits, so integer inputs
+    give exact powers of two (``exp(x ln 2)`` gave 2^-149 for ``exp2(-150.)`` in fp32 where torch gives 0: a review)."""
+    n = torch.floor(x)
+    finite = torch.isfinite(x)
+    n_safe = torch.where(finite, n, 0.0).clamp(-1000, 1000)
+    two_n = ((n_safe.to(torch.int64) + 1023) << 52).view(torch.float64)
+    out = torch.exp((torch.where(finite, x, 0.0) - n_safe) * 0.6931471805599453) * two_n
+    return torch.where(finite, out, torch.where(x > 0, x, torch.where(x < 0, 0.0, x)))  # inf, 0, NaN
+
+
 def _h_exp2(in_place: bool = False):
     def handler(func, args, kwargs):
         x = call_arg(args, kwargs, 0, "input", kwargs.get("self"))
         if "out" in kwargs or len(args) > 1 or not _cpu_floats(x):
             return func(*args, **kwargs)
-        out = torch.exp(x.to(torch.float64) * 0.6931471805599453).to(x.dtype)
+        out = _exp2_64(x.to(torch.float64)).to(x.dtype)
         return x.copy_(out) if in_place else out
 
     return handler

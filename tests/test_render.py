@@ -743,3 +743,21 @@ def test_sigterm_keeps_the_finished_items(tmp_path):
     assert "terminated; the items finished are listed in the manifest" in err
     listed = manifest(out)["items"]
     assert len(listed) >= 3 and {v["file"] for v in listed.values()} == set(items(out)), (len(listed), len(items(out)))
+
+
+def test_render_in_a_group_the_user_made_without_master_variables(tmp_path, monkeypatch):
+    """A user's own group made through ``file://`` (RANK and WORLD_SIZE in the environment, no MASTER_ADDR/PORT): the
+    runner uses it as it is. A review found the check for hand-started workers refusing this case, which had worked."""
+    import torch.distributed as dist
+
+    for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # what the user's launcher left in the environment: not read now
+        r = render({"items": 2, "steps": 1, "device": "cpu"}, tmp_path / "job", progress=False)
+        assert r.complete and r.world_size == 1 and dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -341,3 +341,23 @@ def test_rank_and_world_size_without_the_address(tmp_path, monkeypatch, capsys, 
         return
     assert rc == 2 and not out.exists()
     assert "MASTER_ADDR, MASTER_PORT: not set, but RANK, WORLD_SIZE are" in err, err
+
+
+def test_a_worker_that_gives_up_waiting_stops_the_others(tmp_path):
+    """A review: rank 1 left at its own --join-timeout still counted as joined, so when the last worker came, rank 0
+    and it started the group without rank 1 and waited in gloo for it. Now a worker that gives up stops every
+    worker, saying which one gave up."""
+    port, out = _free_port(), tmp_path / "job"
+    w0 = _by_hand(0, 3, port, out, tmp_path / "r0.txt", "--join-timeout", "120")
+    try:
+        _wait_for_text(tmp_path / "r0.txt", "1 of 3 workers joined", w0)
+        w1 = _by_hand(1, 3, port, out, tmp_path / "r1.txt", "--join-timeout", "3")
+        assert w1.wait(timeout=90) == 2, (tmp_path / "r1.txt").read_text()
+        assert w0.wait(timeout=30) == 2, (tmp_path / "r0.txt").read_text()
+    finally:
+        for w in (w0, locals().get("w1")):
+            if w is not None and w.poll() is None:
+                w.kill()
+    said0 = (tmp_path / "r0.txt").read_text()
+    assert "rank 1 of 3 gave up: 2 of 3 workers joined" in said0 and "missing RANK 2" in said0, said0
+    assert not out.exists()

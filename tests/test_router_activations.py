@@ -152,3 +152,29 @@ def test_recurrent_layers_and_position_dependent_functions_warn():
             warnings.simplefilter("always")
             call()
         assert any(f"{name} falls back to torch" in str(m.message) for m in w), (name, [str(m.message) for m in w])
+
+
+def test_pow_exp2_and_in_place_addmm_gradients_match_torch():
+    """A review: gradients through the exact pow came from its special-case ``where``s (``d/dx x ** 1.5`` at 1: 0,
+    not 1.5; ``2 ** x`` at 0: 0) and backward through ``c.addmm_(x, w)`` failed (its input was written to). Now
+    torch's derivatives, computed the same exact way; exp2 of integers gives exact powers of two (2^-150 -> 0)."""
+    def grads(f, *ts):
+        ts = [t.clone().requires_grad_() for t in ts]
+        f(*ts).sum().backward()
+        return [t.grad for t in ts]
+
+    x = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0])
+    y = torch.tensor([0.0, 1.5, -1.0, 2.5, 0.7])
+    cases = [(lambda a: a ** 1.5, (x,)), (lambda a: 2 ** a, (x,)), (lambda a: a ** 3, (x,)),
+             (lambda a, b: torch.pow(a + 0.1, b), (x, y)), (lambda a, b: torch.pow(a[:, None] + 0.1, b), (x, y)),
+             (torch.exp2, (x - 1,)), (lambda c, a: c.clone().addmm_(a, torch.ones(5, 3)), (torch.ones(4, 3),
+                                                                                         torch.randn(4, 5)))]
+    for i, (f, ts) in enumerate(cases):
+        want = grads(f, *ts)
+        with jetdet.mode("deterministic"):
+            got = grads(f, *ts)
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"case {i}: {m}")
+    ints = torch.tensor([-150.0, -149.0, -126.0, 0.0, 1.0, 127.0, 128.0, float("inf"), -float("inf")])
+    with jetdet.mode("deterministic"):
+        assert torch.equal(torch.exp2(ints), torch.exp2(ints.double()).float())

@@ -480,7 +480,7 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
         mask = latent.get("noise_mask")
         outs = []
         for i, item in enumerate(ids):
-            one = {"samples": latent["samples"][i:i + 1]}
+            one = {"samples": latent["samples"][i:i + 1], **{k: latent[k] for k in LATENT_SIZING_KEYS if k in latent}}
             if isinstance(mask, torch.Tensor):
                 one["noise_mask"] = item_mask(mask, latent_image.dim(), i)
             memo: dict = {}

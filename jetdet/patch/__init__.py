@@ -357,7 +357,9 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
             return inner(*args, **kwargs)
 
     def enter(this, inner, *args, **kwargs):  # a submodule: the mode unless the call is inside it already
-        if torch.compiler.is_compiling() or in_deterministic_mode(warn_only):  # (compiling: the root routes)
+        # (an outer context's warn_only stands inside it: re-entering at every submodule cost ~20 % of a forward;
+        # compiling: the root's compiled_router routes, when the root is what was compiled)
+        if torch.compiler.is_compiling() or in_deterministic_mode():
             return inner(*args, **kwargs)
         with _mode("deterministic", warn_only=warn_only):
             return inner(*args, **kwargs)

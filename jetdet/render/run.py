@@ -76,8 +76,9 @@ class _Group:
 
     def __init__(self, device: torch.device, join_timeout_s: float = 600.0):
         self.owned = False
-        env = _worker_env()
-        if dist.is_available() and dist.is_initialized():
+        initialised = dist.is_available() and dist.is_initialized()
+        env = None if initialised else _worker_env()  # (a user's group, made by file:// or tcp://: no MASTER_*)
+        if initialised:
             self.dist = True
         elif env is not None:
             backend = "gloo"  # also for GPU workers (module docstring, "Backend")
@@ -244,8 +245,9 @@ def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
                 if time.monotonic() >= deadline:
                     msg = (f"{joined} of {world} workers joined at {where} within {timeout_s:g} s; missing RANK "
                            f"{shown}: start them{start}")
-                    if rank == 0:  # the others stop with this message too, not with a closed connection
-                        store.set(f"{key}error", msg)
+                    # every worker stops with this message: one that left while still counted would make the
+                    # others start the group without it when the last one came, and wait in gloo for it
+                    store.set(f"{key}error", f"rank {rank} of {world} gave up: {msg}")
                     raise _SetupError(f"rank {rank} of {world}: {msg}")
                 note(f"{joined} of {world} workers joined at {where}; waiting for RANK {shown}")
             time.sleep(0.2)

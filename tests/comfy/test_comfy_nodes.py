@@ -548,6 +548,10 @@ def test_the_empty_latents_downscale_ratio_reaches_comfyui_and_leaves_the_output
                                                1.0, 0).args[0]
     assert got == [(8, None)]
     assert set(out) == {"samples"}
+    got.clear()  # dpm_adaptive samples a batch item by item (a review: the items lost the ratio)
+    N.JetDetDeterministicSampler.execute(shapes_patcher, 1, 2, 4.0, "dpm_adaptive", "simple", *shapes_conds,
+                                         dict(empty_latent(2), downscale_ratio_spacial=8), 1.0, 0)
+    assert got and set(got) == {(8, None)}, got
     monkeypatch.setattr(comfy.sample, "fix_empty_latent_channels", stock)  # ComfyUI 0.3.64's: called as before
     out = N.JetDetDeterministicSampler.execute(shapes_patcher, 1, 2, 4.0, "euler", "simple", *shapes_conds, latent,
                                                1.0, 0).args[0]
