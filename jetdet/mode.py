@@ -1500,13 +1500,13 @@ def _h_pow(in_place: bool = False, reflected: bool = False):
             return func(*args, **kwargs)  # torch's own error
         if dtype not in _FLOATS or (in_place and tuple(shape) != tuple(base.shape)):
             return func(*args, **kwargs)
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (base, e)):
-            if in_place:
-                return func(*args, **kwargs)  # torch's own error (a leaf) or its result, as torch would
-            return _ExactPow.apply(base, e, dtype)
         if in_place:
-            return base.copy_(_pow_chunked(base, e, base.dtype))
-        return _pow_chunked(base, e, dtype)
+            if base.is_leaf and base.requires_grad and torch.is_grad_enabled():
+                return func(*args, **kwargs)  # torch's own error: a leaf that requires grad used in place
+            # computed from a copy: autograd may keep the input, and the input is what is written to
+            grad = torch.is_grad_enabled() and (base.requires_grad or isinstance(e, torch.Tensor) and e.requires_grad)
+            return base.copy_(_pow_any(base.clone() if grad else base, e, base.dtype))
+        return _pow_any(base, e, dtype)
 
     return handler
 
@@ -1545,41 +1545,55 @@ def _pow_chunked(base, e, dtype) -> torch.Tensor:
     for i in range(0, flat.numel(), _CHUNK):
         part = _as64(flat[i:i + _CHUNK])
         out[i:i + _CHUNK] = _from64(_pow_value(part, e) if scalar_e else _pow_value(_as64(base), part), dtype)
-    return out.reshape(t.shape)
+    out = out.reshape(t.shape)
+    if not t.is_contiguous():  # the input's layout (channels_last, say), as torch's elementwise result has it
+        return torch.empty_like(t, dtype=dtype).copy_(out)
+    return out
+
+
+def _pow_any(base, e, dtype=None) -> torch.Tensor:
+    """The exact ``base ** e`` (either one a tensor), differentiable when autograd needs it."""
+    dtype = torch.result_type(base, e) if dtype is None else dtype
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (base, e)):
+        return _ExactPow.apply(base, e, dtype)
+    return _pow_chunked(base, e, dtype)
 
 
 class _ExactPow(torch.autograd.Function):
     """The exact pow with torch's derivatives (``d/dx = e x^(e-1)``, 0 where ``e == 0``; ``d/de = x^e log x``, 0 where
-    ``x == 0`` and ``e >= 0``), computed the same exact way: differentiating the fp64 formula through its special-case
-    ``where``s gave 0 for ``x ** 1.5`` at ``x == 1`` (a review)."""
+    ``x == 0`` and ``e >= 0``), written with differentiable calls (the exact pow again for ``x^(e-1)``), so second
+    derivatives are right too. Reviews: differentiating the fp64 formula through its special-case ``where``s gave 0
+    for ``x ** 1.5`` at ``x == 1``; a once-differentiable backward silently dropped the pow term of a Hessian-vector
+    product."""
 
     @staticmethod
-    def forward(ctx, base, e, dtype):
-        x, y = _as64(base), (e if not isinstance(e, torch.Tensor) else _as64(e))
-        out = _pow_value(x, y)
-        ctx.base_t, ctx.e_t = isinstance(base, torch.Tensor), isinstance(e, torch.Tensor)
-        ctx.shapes = (base.shape if ctx.base_t else None, e.shape if ctx.e_t else None)
-        ctx.dtypes = (base.dtype if ctx.base_t else None, e.dtype if ctx.e_t else None)
-        ctx.e_num, ctx.base_num = (None if ctx.e_t else e), (None if ctx.base_t else base)
-        ctx.save_for_backward(x if ctx.base_t else None, y if ctx.e_t else None, out)
-        return _from64(out, dtype)
+    def forward(base, e, dtype):
+        return _pow_chunked(base, e, dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        base, e, _ = inputs
+        ctx.base_num = None if isinstance(base, torch.Tensor) else base
+        ctx.e_num = None if isinstance(e, torch.Tensor) else e
+        ctx.save_for_backward(base if ctx.base_num is None else None, e if ctx.e_num is None else None, output)
+
+    @staticmethod
     def backward(ctx, g):
-        x, y, out = ctx.saved_tensors
-        x = x if x is not None else _as64(ctx.base_num)
-        y = y if y is not None else ctx.e_num
-        g = _as64(g)
+        base, e, out = ctx.saved_tensors
+        b = base if base is not None else ctx.base_num
+        y = e if e is not None else ctx.e_num
         gb = ge = None
-        if ctx.base_t and ctx.needs_input_grad[0]:
-            ym1 = y - 1
-            d = g * y * _pow_value(x, ym1)
-            d = torch.where(torch.as_tensor(y) == 0, 0.0, d)
-            gb = _from64(d.sum_to_size(ctx.shapes[0]), ctx.dtypes[0])
-        if ctx.e_t and ctx.needs_input_grad[1]:
-            d = g * torch.where((x == 0) & (y >= 0), 0.0, out * torch.log(x))
-            ge = _from64(d.sum_to_size(ctx.shapes[1]), ctx.dtypes[1])
+        if ctx.needs_input_grad[0]:
+            if isinstance(y, torch.Tensor):
+                d = g * y * _pow_any(b, y - 1)
+                d = torch.where(y == 0, torch.zeros_like(d), d)
+            else:
+                d = torch.zeros_like(g) if y == 0 else g * y * _pow_any(b, y - 1)
+            gb = d.sum_to_size(base.shape).to(base.dtype)
+        if ctx.needs_input_grad[1]:
+            bt = b if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=out.dtype)
+            d = g * torch.where((bt == 0) & (e >= 0), torch.zeros_like(out), out * torch.log(bt))
+            ge = d.sum_to_size(e.shape).to(e.dtype)
         return gb, ge, None
 
 
@@ -1603,7 +1617,8 @@ def _exp2_64(x: torch.Tensor) -> torch.Tensor:
     n_safe = torch.where(finite, n, 0.0).clamp(-1000, 1000)
     two_n = ((n_safe.to(torch.int64) + 1023) << 52).view(torch.float64)
     out = torch.exp((torch.where(finite, x, 0.0) - n_safe) * 0.6931471805599453) * two_n
-    return torch.where(finite, out, torch.where(x > 0, x, torch.where(x < 0, 0.0, x)))  # inf, 0, NaN
+    # inf, 0 and NaN, with torch's gradients there (inf, 0, NaN): torch's exp2 is exact on them
+    return torch.where(finite, out, torch.exp2(torch.where(finite, 0.0, x)))
 
 
 def _h_exp2(in_place: bool = False):

@@ -178,3 +178,31 @@ def test_pow_exp2_and_in_place_addmm_gradients_match_torch():
     ints = torch.tensor([-150.0, -149.0, -126.0, 0.0, 1.0, 127.0, 128.0, float("inf"), -float("inf")])
     with jetdet.mode("deterministic"):
         assert torch.equal(torch.exp2(ints), torch.exp2(ints.double()).float())
+
+
+def test_pow_second_derivatives_in_place_and_layout():
+    """A second review: with a once-differentiable backward a Hessian-vector product through the exact pow silently
+    lost its pow term (jetdet [2, 2, 2] against torch's [8, 14, 20]); ``pow_`` on a non-leaf under autograd ran as
+    torch's (batch dependent, no warning); a large channels_last input came back contiguous; exp2's gradient at inf
+    and NaN was 1."""
+    def hvp(f, x):
+        x = x.clone().requires_grad_()
+        g, = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.sum(), x)[0]
+
+    x = torch.tensor([1.0, 2.0, 3.0])
+    for f in (lambda a: a ** 3 + a * a, lambda a: a ** 1.5, lambda a: torch.pow(a, a / 2), lambda a: 2 ** a):
+        want = hvp(f, x)
+        with jetdet.mode("deterministic"):
+            torch.testing.assert_close(hvp(f, x), want)
+    with jetdet.mode("deterministic"):
+        torch.testing.assert_close(torch.func.grad(lambda a: (a ** 1.7).sum())(x), 1.7 * x ** 0.7)
+        rows = torch.rand(9, 77) + 0.1
+        full = (rows.clone().requires_grad_() * 1).pow_(1.3)
+        alone = [(rows[i:i + 1].clone().requires_grad_() * 1).pow_(1.3) for i in range(9)]
+        assert all(torch.equal(a, full[i:i + 1]) for i, a in enumerate(alone))
+        cl = (torch.rand(2, 3, 600, 600) + 0.1).to(memory_format=torch.channels_last)  # > 1M elements: in passes
+        assert (cl ** 1.7).is_contiguous(memory_format=torch.channels_last)
+        g = torch.tensor([float("inf"), float("nan"), 1.0], requires_grad=True)
+        torch.exp2(g).sum().backward()
+    assert g.grad[0] == float("inf") and g.grad[1].isnan()

@@ -231,6 +231,7 @@ def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
         store.set(f"{key}error", msg)
         raise _SetupError(msg)
     store.add(f"{key}count", 1)
+    left = 0  # 1 once this worker has left the count
     try:
         while True:
             if store.check([f"{key}error"]):
@@ -243,6 +244,13 @@ def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
                 shown = ", ".join(map(str, missing[:16])) + (f" and {len(missing) - 16} more" if len(missing) > 16
                                                              else "")
                 if time.monotonic() >= deadline:
+                    # leave the count in one step: if every worker had joined by then, the others may be starting
+                    # the group already, so this one joins after all (a review: between reading the count and
+                    # leaving, the last worker could come, and the others then waited in gloo for this one)
+                    if store.add(f"{key}count", -1) + 1 >= world:
+                        store.add(f"{key}count", 1)
+                        return dist.PrefixStore("jetdet.render/group", store)
+                    left = 1
                     msg = (f"{joined} of {world} workers joined at {where} within {timeout_s:g} s; missing RANK "
                            f"{shown}: start them{start}")
                     # every worker stops with this message: one that left while still counted would make the
@@ -254,7 +262,7 @@ def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
     except _SetupError:
         if rank == 0:  # keep the store up until the workers that joined have read the error (at most 3 s)
             until = time.monotonic() + 3.0
-            while store.add(f"{key}read", 0) < store.add(f"{key}count", 0) - 1 and time.monotonic() < until:
+            while store.add(f"{key}read", 0) < store.add(f"{key}count", 0) - 1 + left and time.monotonic() < until:
                 time.sleep(0.05)
         else:
             _quietly(lambda: store.add(f"{key}read", 1))
