@@ -568,8 +568,11 @@ def test_the_workers_group_is_gloo_on_gpus_too(monkeypatch, device):
     for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    joined = []  # the workers' own join (rank 0's store) is faked too: no rank 0 runs here
+    monkeypatch.setattr(render_run, "_join", lambda *a: joined.append(a) or "store")
     group = render_run._Group(torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
     assert made == ["gloo"] and (group.rank, group.world, group.owned) == (1, 2, True)
+    assert joined == [(1, 2, "127.0.0.1", 29500, 600.0)]
 
 # ------------------------------------------------------------------------------- a review's finds, 2026-12-06
 
