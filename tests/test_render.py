@@ -288,7 +288,12 @@ def test_manifest_saves_are_spaced_out(ref, tmp_path, monkeypatch):
         real(folder, m)
 
     monkeypatch.setattr(store, "save_manifest", counted)
-    _render({**JOB, "batch_size": 4}, tmp_path / "spaced")
+    import inspect
+
+    # the default spacing is 10 s; spaced out here by an hour, so that a loaded machine's slow rounds (over 10 s for
+    # the job when three test runs shared the 2 cores) do not add a timed save
+    assert inspect.signature(render).parameters["manifest_every_s"].default == store.MANIFEST_EVERY_S == 10
+    _render({**JOB, "batch_size": 4}, tmp_path / "spaced", manifest_every_s=3600)
     assert saves == [0, 12], saves  # the plan, the end: not one per round
     saves.clear()
     _render({**JOB, "batch_size": 1}, tmp_path / "every", manifest_every_s=0)
