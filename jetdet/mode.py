@@ -116,12 +116,6 @@ def _as_mode(m) -> Mode:
         raise ValueError(f"mode: expected one of 'off', 'fast', 'deterministic', got {m!r}") from None
 
 
-def in_deterministic_mode() -> bool:
-    """Whether the current thread is in deterministic mode (with either ``warn_only``)."""
-    f = _current.get()
-    return f.thread is _me() and f.mode is Mode.DETERMINISTIC
-
-
 def get_mode() -> Mode:
     """The mode of the current thread / asyncio task (``off`` in a thread that inherited another thread's context:
     nothing is routed there until that thread enters a mode itself)."""
@@ -1125,14 +1119,17 @@ def _h_instance_norm(func, args, kwargs):
     return _h_group_norm(F.group_norm, (x, x.shape[1], w, b, float(eps)), {})
 
 
-def _h_unrouted(why: str):
+def _h_unrouted(why: str, cpu_only: bool = False):
     """A reduction or contraction jetdet does not route: the named fallback warning when a tensor argument is floating
     point (where torch's kernels may sum in another order for another batch; also inside a list, as
     ``torch.linalg.multi_dot`` takes them, and when the first tensor is integer indices, as ``embedding_bag``'s),
-    silence when every one is integer or boolean (exact)."""
+    silence when every one is integer or boolean (exact). ``cpu_only``: an elementwise function whose CPU kernel
+    computes a tensor's last elements another way than the rest (found batch dependent, not rebuilt here); CUDA's
+    kernels apply one function to every element, so CUDA tensors pass silently."""
     def handler(func, args, kwargs):
         flat = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else (a,))]
-        if any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in flat):
+        if any(isinstance(a, torch.Tensor) and a.is_floating_point() and (not cpu_only or a.device.type == "cpu")
+               for a in flat):
             return _fallback(func, args, kwargs, why)
         return func(*args, **kwargs)
 
@@ -1597,18 +1594,6 @@ class _ExactPow(torch.autograd.Function):
         return gb, ge, None
 
 
-def _h_rsqrt(in_place: bool = False):
-    """``rsqrt`` on CPU as ``1 / sqrt`` in fp32 (two IEEE operations), rounded once to the input's dtype."""
-    def handler(func, args, kwargs):
-        x = call_arg(args, kwargs, 0, "input", kwargs.get("self"))
-        if "out" in kwargs or len(args) > 1 or not _cpu_floats(x):
-            return func(*args, **kwargs)
-        out = (1.0 / torch.sqrt(x.to(torch.float32))).to(x.dtype)
-        return x.copy_(out) if in_place else out
-
-    return handler
-
-
 def _exp2_64(x: torch.Tensor) -> torch.Tensor:
     """``2 ** x`` in fp64: ``exp(frac(x) ln 2)`` times ``2 ** floor(x)`` made from its exponent bits, so integer inputs
     give exact powers of two (``exp(x ln 2)`` gave 2^-149 for ``exp2(-150.)`` in fp32 where torch gives 0: a review)."""
@@ -1621,28 +1606,25 @@ def _exp2_64(x: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, out, torch.exp2(torch.where(finite, 0.0, x)))
 
 
-def _h_exp2(in_place: bool = False):
+def _rsqrt_exact(x: torch.Tensor) -> torch.Tensor:
+    """``rsqrt`` as ``1 / sqrt`` in fp32 (two IEEE operations), rounded once to the input's dtype."""
+    return (1.0 / torch.sqrt(x.to(torch.float32))).to(x.dtype)
+
+
+def _exp2_exact(x: torch.Tensor) -> torch.Tensor:
+    return _from64(_exp2_64(_as64(x)), x.dtype)
+
+
+def _h_cpu_unary(exact, in_place: bool = False):
+    """A one-tensor elementwise function on a CPU float tensor as ``exact(x)`` (``x.copy_`` of it for the in-place
+    spelling); CUDA tensors, ``out=`` and other dtypes pass as they are."""
     def handler(func, args, kwargs):
         x = call_arg(args, kwargs, 0, "input", kwargs.get("self"))
         if "out" in kwargs or len(args) > 1 or not _cpu_floats(x):
             return func(*args, **kwargs)
-        out = _from64(_exp2_64(_as64(x)), x.dtype)
+        out = exact(x)
         return x.copy_(out) if in_place else out
 
-    return handler
-
-
-def _h_cpu_elementwise_unrouted(why: str):
-    """An elementwise function whose CPU kernel computes a tensor's last elements another way than the rest (found
-    batch dependent, and not rebuilt here): the named fallback warning for CPU float tensors; CUDA's kernels apply
-    one function to every element, so CUDA tensors pass silently."""
-    def handler(func, args, kwargs):
-        if any(isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == "cpu"
-               for a in (*args, *kwargs.values())):
-            return _fallback(func, args, kwargs, why)
-        return func(*args, **kwargs)
-
-    handler.torch_itself = True
     return handler
 
 
@@ -1664,22 +1646,22 @@ _HANDLERS = {
     torch.sigmoid_: _h_act("sigmoid", in_place=True),
     torch.Tensor.sigmoid_: _h_act("sigmoid", in_place=True),
     torch.special.expit: _h_act("sigmoid"),
-    torch.rsqrt: _h_rsqrt(),
-    torch.Tensor.rsqrt: _h_rsqrt(),
-    torch.rsqrt_: _h_rsqrt(in_place=True),
-    torch.Tensor.rsqrt_: _h_rsqrt(in_place=True),
+    torch.rsqrt: _h_cpu_unary(_rsqrt_exact),
+    torch.Tensor.rsqrt: _h_cpu_unary(_rsqrt_exact),
+    torch.rsqrt_: _h_cpu_unary(_rsqrt_exact, in_place=True),
+    torch.Tensor.rsqrt_: _h_cpu_unary(_rsqrt_exact, in_place=True),
     torch.pow: _h_pow(),
     torch.Tensor.pow: _h_pow(),
     torch.Tensor.__pow__: _h_pow(),
     torch.Tensor.__rpow__: _h_pow(reflected=True),
     torch.Tensor.pow_: _h_pow(in_place=True),
     torch.Tensor.__ipow__: _h_pow(in_place=True),
-    torch.exp2: _h_exp2(),
-    torch.Tensor.exp2: _h_exp2(),
-    torch.special.exp2: _h_exp2(),
-    torch.Tensor.exp2_: _h_exp2(in_place=True),
-    **{f: _h_cpu_elementwise_unrouted(f"{getattr(f, '__name__', f)} computes a CPU tensor's last elements another "
-                                      "way than the rest (so an item's bits depend on its place in the batch)")
+    torch.exp2: _h_cpu_unary(_exp2_exact),
+    torch.Tensor.exp2: _h_cpu_unary(_exp2_exact),
+    torch.special.exp2: _h_cpu_unary(_exp2_exact),
+    torch.Tensor.exp2_: _h_cpu_unary(_exp2_exact, in_place=True),
+    **{f: _h_unrouted(f"{getattr(f, '__name__', f)} computes a CPU tensor's last elements another way than the "
+                      "rest (so an item's bits depend on its place in the batch)", cpu_only=True)
        for f in (torch.sinh, torch.Tensor.sinh, torch.cosh, torch.Tensor.cosh, torch.atan2, torch.Tensor.atan2,
                  torch.arctan2)},
     F.linear: _h_linear,
@@ -1881,9 +1863,11 @@ def _route(func, args, kwargs):
 
 
 def _routes_here() -> bool:
-    """Whether this thread's router routes an eager torch call made now (a deterministic context is current)."""
+    """Whether this thread's router routes an eager torch call made now (a deterministic context is current, with
+    either ``warn_only``)."""
     frame = _current.get()
     return frame.mode is Mode.DETERMINISTIC and frame.thread is getattr(_tls, "me", None)
+
 
 
 class _Router(TorchFunctionMode):

@@ -72,13 +72,18 @@ def test_diffusers_deterministic_patch(make):
         assert torch.equal(fn(*inputs), ref)
 
 
-def _vae():
+def _vae(widths=(32, 64, 128, 128), groups=32):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
-                         norm_num_groups=32).eval()
+    return AutoencoderKL(block_out_channels=widths, down_block_types=("DownEncoderBlock2D",) * len(widths),
+                         up_block_types=("UpDecoderBlock2D",) * len(widths), layers_per_block=1, latent_channels=4,
+                         norm_num_groups=groups).eval()
+
+
+def _codec(vae):
+    """The VAE's decode and encode as a pipeline calls them: latents -> pixels, pixels -> the latent mean."""
+    return (lambda z: vae.decode(z).sample), (lambda x: vae.encode(x).latent_dist.mean)
 
 
 def test_diffusers_vae_decode_and_encode_are_batch_invariant_patched():
@@ -89,12 +94,7 @@ def test_diffusers_vae_decode_and_encode_are_batch_invariant_patched():
     vae = _vae()
     lat = torch.randn(5, 4, 12, 16, generator=torch.Generator().manual_seed(1))
     px = torch.rand(5, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
-
-    def dec(x):
-        return vae.decode(x).sample
-
-    def enc(x):
-        return vae.encode(x).latent_dist.mean
+    dec, enc = _codec(vae)
 
     with torch.no_grad():
         ref_dec, ref_enc = dec(lat), enc(px)
@@ -133,20 +133,10 @@ def test_patched_vae_decode_and_encode_run_their_functional_calls_in_the_mode():
     their rows in a batch of 5. Every submodule's forward now enters the mode: each such call runs in it (a check
     that holds on any CPU), and the items equal their rows. Negative control: the same VAE unpatched (skipped where
     torch happens to be invariant), and the spy sees the calls outside the mode there."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=4).eval()
+    vae = _vae(widths=(16, 16), groups=4)
     lat = torch.randn(5, 4, 7, 9, generator=torch.Generator().manual_seed(1))
     px = torch.rand(5, 3, 14, 18, generator=torch.Generator().manual_seed(2)) * 2 - 1
-
-    def dec(x):
-        return vae.decode(x).sample
-
-    def enc(x):
-        return vae.encode(x).latent_dist.mean
+    dec, enc = _codec(vae)
 
     with torch.no_grad():
         with _ModeSpy() as spy:

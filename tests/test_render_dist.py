@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from _render_util import (
@@ -229,24 +231,35 @@ def test_workers_given_their_own_folder_or_batch_size_stop_with_an_error(tmp_pat
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _by_hand(rank: int, world: int, port: int, out, log, *extra: str) -> subprocess.Popen:
-    """``python -m jetdet.render run`` as a user starts worker ``rank`` by hand: the four variables, no torchrun."""
-    cmd = [sys.executable, "-m", "jetdet.render", "run", "--out", str(out), "--count", "12", "--steps", str(STEPS),
-           "--batch-size", "4", "--threads", "1", "--no-progress", *extra]
-    e = env(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=open(log, "w"), text=True, cwd=str(REPO))
+@pytest.fixture
+def by_hand():
+    """``start(rank, world, port, out, log, *extra)``: ``python -m jetdet.render run`` as a user starts worker
+    ``rank`` by hand (the four variables, no torchrun), its stderr in ``log``. Workers still running when the test
+    ends are killed."""
+    started = []
+
+    def start(rank: int, world: int, port: int, out, log, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "jetdet.render", "run", "--out", str(out), "--count", "12", "--steps",
+               str(STEPS), "--batch-size", "4", "--threads", "1", "--no-progress", *extra]
+        e = env(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        with open(log, "w") as err:  # the worker keeps its own copy of the file
+            started.append(subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                            cwd=str(REPO)))
+        return started[-1]
+
+    yield start
+    for w in started:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
 
 
 def _wait_for_text(log, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import time
-
     end = time.monotonic() + timeout
     while text not in log.read_text():
         assert proc.poll() is None, f"exited {proc.returncode} before saying {text!r}: {log.read_text()}"
@@ -254,37 +267,27 @@ def _wait_for_text(log, text: str, proc: subprocess.Popen, timeout: float = 120)
         time.sleep(0.2)
 
 
-def test_workers_started_by_hand_wait_for_rank0_and_give_the_same_bytes(one_worker, tmp_path):
+def test_workers_started_by_hand_wait_for_rank0_and_give_the_same_bytes(one_worker, by_hand, tmp_path):
     """RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by hand in two shells: rank 1, started first, says it is
     waiting for rank 0; once rank 0 comes the job runs and its items are the one-process run's bytes."""
     port, out = _free_port(), tmp_path / "job"
-    w1 = _by_hand(1, 2, port, out, tmp_path / "r1.txt")
-    try:
-        _wait_for_text(tmp_path / "r1.txt", f"rank 1 of 2: waiting for rank 0 at 127.0.0.1:{port}", w1)
-        w0 = _by_hand(0, 2, port, out, tmp_path / "r0.txt")
-        assert w0.wait(timeout=240) == 0, (tmp_path / "r0.txt").read_text()
-        assert w1.wait(timeout=60) == 0, (tmp_path / "r1.txt").read_text()
-    finally:
-        for w in (w1, locals().get("w0")):
-            if w is not None and w.poll() is None:
-                w.kill()
+    w1 = by_hand(1, 2, port, out, tmp_path / "r1.txt")
+    _wait_for_text(tmp_path / "r1.txt", f"rank 1 of 2: waiting for rank 0 at 127.0.0.1:{port}", w1)
+    w0 = by_hand(0, 2, port, out, tmp_path / "r0.txt")
+    assert w0.wait(timeout=240) == 0, (tmp_path / "r0.txt").read_text()
+    assert w1.wait(timeout=60) == 0, (tmp_path / "r1.txt").read_text()
     assert items(out) == items(one_worker / "b4")
     assert manifest(out)["runs"][0]["world_size"] == 2
 
 
-def test_a_missing_worker_is_named_after_the_join_timeout(tmp_path):
+def test_a_missing_worker_is_named_after_the_join_timeout(by_hand, tmp_path):
     """Rank 0 of 3 started alone, and rank 2: before, rank 0 waited in C++ for gloo's 30 minutes without a word
     (still waiting, silent, after 75 s when tried), deaf to Ctrl-C and to ``timeout``'s SIGTERM. Now both say
     who is missing and stop at ``--join-timeout``, with nothing written."""
     port, out = _free_port(), tmp_path / "job"
-    w0 = _by_hand(0, 3, port, out, tmp_path / "r0.txt", "--join-timeout", "8")
-    w2 = _by_hand(2, 3, port, out, tmp_path / "r2.txt")
-    try:
-        assert w0.wait(timeout=120) == 2 and w2.wait(timeout=30) == 2
-    finally:
-        for w in (w0, w2):
-            if w.poll() is None:
-                w.kill()
+    w0 = by_hand(0, 3, port, out, tmp_path / "r0.txt", "--join-timeout", "8")
+    w2 = by_hand(2, 3, port, out, tmp_path / "r2.txt")
+    assert w0.wait(timeout=120) == 2 and w2.wait(timeout=30) == 2
     said0, said2 = (tmp_path / "r0.txt").read_text(), (tmp_path / "r2.txt").read_text()
     assert "2 of 3 workers joined; waiting for RANK 1" not in said0  # (the wording below, with the address)
     assert f"2 of 3 workers joined at 127.0.0.1:{port} within 8 s; missing RANK 1: start them" in said0, said0
@@ -293,31 +296,21 @@ def test_a_missing_worker_is_named_after_the_join_timeout(tmp_path):
     assert not out.exists()
 
 
-def test_sigterm_while_waiting_for_workers_stops_at_once(tmp_path):
-    port = _free_port()
-    w0 = _by_hand(0, 2, port, tmp_path / "job", tmp_path / "r0.txt")
-    try:
-        _wait_for_text(tmp_path / "r0.txt", "1 of 2 workers joined", w0)
-        w0.send_signal(signal.SIGTERM)
-        assert w0.wait(timeout=20) == 143, (tmp_path / "r0.txt").read_text()
-    finally:
-        if w0.poll() is None:
-            w0.kill()
+def test_sigterm_while_waiting_for_workers_stops_at_once(by_hand, tmp_path):
+    w0 = by_hand(0, 2, _free_port(), tmp_path / "job", tmp_path / "r0.txt")
+    _wait_for_text(tmp_path / "r0.txt", "1 of 2 workers joined", w0)
+    w0.send_signal(signal.SIGTERM)
+    assert w0.wait(timeout=20) == 143, (tmp_path / "r0.txt").read_text()
 
 
-def test_two_workers_with_one_rank_stop_every_worker(tmp_path):
+def test_two_workers_with_one_rank_stop_every_worker(by_hand, tmp_path):
     port, out = _free_port(), tmp_path / "job"
-    w = [_by_hand(0, 3, port, out, tmp_path / "a.txt")]
+    w = [by_hand(0, 3, port, out, tmp_path / "a.txt")]
     _wait_for_text(tmp_path / "a.txt", "1 of 3 workers joined", w[0])
-    w.append(_by_hand(1, 3, port, out, tmp_path / "b.txt"))
-    try:
-        _wait_for_text(tmp_path / "a.txt", "2 of 3 workers joined", w[0])
-        w.append(_by_hand(1, 3, port, out, tmp_path / "c.txt"))
-        assert [p.wait(timeout=120) for p in w] == [2, 2, 2]
-    finally:
-        for p in w:
-            if p.poll() is None:
-                p.kill()
+    w.append(by_hand(1, 3, port, out, tmp_path / "b.txt"))
+    _wait_for_text(tmp_path / "a.txt", "2 of 3 workers joined", w[0])
+    w.append(by_hand(1, 3, port, out, tmp_path / "c.txt"))
+    assert [p.wait(timeout=120) for p in w] == [2, 2, 2]
     for name in ("a", "b", "c"):
         said = (tmp_path / f"{name}.txt").read_text()
         assert "RANK=1: two workers were started with this rank" in said and "Traceback" not in said, said
@@ -343,21 +336,16 @@ def test_rank_and_world_size_without_the_address(tmp_path, monkeypatch, capsys, 
     assert "MASTER_ADDR, MASTER_PORT: not set, but RANK, WORLD_SIZE are" in err, err
 
 
-def test_a_worker_that_gives_up_waiting_stops_the_others(tmp_path):
+def test_a_worker_that_gives_up_waiting_stops_the_others(by_hand, tmp_path):
     """A review: rank 1 left at its own --join-timeout still counted as joined, so when the last worker came, rank 0
     and it started the group without rank 1 and waited in gloo for it. Now a worker that gives up stops every
     worker, saying which one gave up."""
     port, out = _free_port(), tmp_path / "job"
-    w0 = _by_hand(0, 3, port, out, tmp_path / "r0.txt", "--join-timeout", "120")
-    try:
-        _wait_for_text(tmp_path / "r0.txt", "1 of 3 workers joined", w0)
-        w1 = _by_hand(1, 3, port, out, tmp_path / "r1.txt", "--join-timeout", "3")
-        assert w1.wait(timeout=90) == 2, (tmp_path / "r1.txt").read_text()
-        assert w0.wait(timeout=30) == 2, (tmp_path / "r0.txt").read_text()
-    finally:
-        for w in (w0, locals().get("w1")):
-            if w is not None and w.poll() is None:
-                w.kill()
+    w0 = by_hand(0, 3, port, out, tmp_path / "r0.txt", "--join-timeout", "120")
+    _wait_for_text(tmp_path / "r0.txt", "1 of 3 workers joined", w0)
+    w1 = by_hand(1, 3, port, out, tmp_path / "r1.txt", "--join-timeout", "3")
+    assert w1.wait(timeout=90) == 2, (tmp_path / "r1.txt").read_text()
+    assert w0.wait(timeout=30) == 2, (tmp_path / "r0.txt").read_text()
     said0 = (tmp_path / "r0.txt").read_text()
     assert "rank 1 of 3 gave up: 2 of 3 workers joined" in said0 and "missing RANK 2" in said0, said0
     assert not out.exists()

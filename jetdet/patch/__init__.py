@@ -53,7 +53,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ..mode import check_warn_only, compiled_router, in_deterministic_mode
+from ..mode import _routes_here, check_warn_only, compiled_router
 from ..mode import mode as _mode
 from . import layers
 from .adapters import UnsupportedModelError, make_adapter
@@ -359,7 +359,7 @@ def _patch_deterministic(handle: PatchHandle, model: nn.Module, warn_only: bool 
     def enter(this, inner, *args, **kwargs):  # a submodule: the mode unless the call is inside it already
         # (an outer context's warn_only stands inside it: re-entering at every submodule cost ~20 % of a forward;
         # compiling: the root's compiled_router routes, when the root is what was compiled)
-        if torch.compiler.is_compiling() or in_deterministic_mode():
+        if torch.compiler.is_compiling() or _routes_here():
             return inner(*args, **kwargs)
         with _mode("deterministic", warn_only=warn_only):
             return inner(*args, **kwargs)
