@@ -31,6 +31,7 @@ from _render_util import (
 from jetdet.models import bundled
 from jetdet.render import render
 from jetdet.render.__main__ import main
+from jetdet.render.run import _C10dTraces
 from jetdet.render.store import item_name
 
 STEPS = 2  # the determinism runs
@@ -315,6 +316,30 @@ def test_two_workers_with_one_rank_stop_every_worker(by_hand, tmp_path):
         said = (tmp_path / f"{name}.txt").read_text()
         assert "RANK=1: two workers were started with this rank" in said and "Traceback" not in said, said
     assert not out.exists()
+
+
+def test_a_worker_whose_rank0_dies_says_so_in_one_line(by_hand, tmp_path):
+    """Rank 0 killed while rank 1 waits for a third worker: before, rank 1 printed c10d's logged C++ stack trace
+    (some 30 lines, "Exception raised from recvBytes", "frame #0" ...) above jetdet's one-line error. Now only the
+    line, and rank 1's own waiting notes still come while it waits."""
+    port, out = _free_port(), tmp_path / "job"
+    w0 = by_hand(0, 3, port, out, tmp_path / "r0.txt")
+    _wait_for_text(tmp_path / "r0.txt", "1 of 3 workers joined", w0)
+    w1 = by_hand(1, 3, port, out, tmp_path / "r1.txt")
+    _wait_for_text(tmp_path / "r1.txt", "rank 1 of 3: 2 of 3 workers joined", w1)  # a note while held back
+    w0.kill()
+    assert w1.wait(timeout=60) == 2, (tmp_path / "r1.txt").read_text()
+    said = (tmp_path / "r1.txt").read_text()
+    assert f"rank 0 at 127.0.0.1:{port} left before every worker joined" in said, said
+    assert "frame #" not in said and "Exception raised from" not in said and "[c10d]" not in said, said
+
+
+def test_c10d_traces_are_dropped_and_everything_else_kept():
+    text = ("before\n[W1207 14:32:05.316364429 TCPStore.cpp:125] [c10d] recvValue failed: Connection reset\n"
+            "Exception raised from recvBytes at Utils.hpp:784 (most recent call first):\nframe #0: c10::Error\n"
+            "<omitting python frames>\nframe #28: _start\n\nafter\n[W1207 12:00:00.1 x.cpp:1] [c10d] one line\n"
+            "a line of something else\n")
+    assert _C10dTraces.without_traces(text) == "before\nafter\na line of something else\n"
 
 
 @pytest.mark.parametrize("world", ["2", "1"])

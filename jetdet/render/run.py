@@ -35,8 +35,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import secrets
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +186,78 @@ def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
 
     Waits in Python (so Ctrl-C and SIGTERM work), says what it is waiting for after a few seconds and then every
     half minute, and gives up after ``timeout_s`` naming the missing ranks. Two workers with the same RANK stop
-    every worker with an error."""
+    every worker with an error. c10d's own logging meanwhile is held back, and its stack traces dropped: each of
+    its errors becomes one line here."""
+    with _C10dTraces() as traces:
+        return _join_held(rank, world, addr, port, timeout_s, traces.say)
+
+
+class _C10dTraces:
+    """While workers join, what C++ writes to fd 2 goes to a temporary file and is passed on at the end, less c10d's
+    logged errors: when rank 0 goes away, every waiting worker's TCPStore client logs a C++ stack trace of some 30
+    lines before raising, and ``_join`` says the same in one line. ``say`` writes past the capture."""
+
+    _START = re.compile(r"\[[IWE]\d{4} [^\]]*\] \[c10d\]")
+    _TRACE = ("Exception raised from ", "frame #", "<omitting python frames>")
+
+    def __init__(self):
+        self._saved: int | None = None
+        self._file = None
+
+    def say(self, text: str) -> None:
+        sys.stderr.flush()
+        if self._saved is not None and _fileno(sys.stderr) == 2:
+            os.write(self._saved, text.encode())
+        else:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    def __enter__(self) -> _C10dTraces:
+        try:
+            self._file = tempfile.TemporaryFile()
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except OSError:  # no fd 2 to hold back (a closed stderr): c10d then writes where it would have
+            self._restore()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._saved = None
+            self._file.seek(0)
+            kept = self.without_traces(self._file.read().decode(errors="replace"))
+            if kept:
+                os.write(2, kept.encode())
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @classmethod
+    def without_traces(cls, text: str) -> str:
+        kept, in_trace = [], False
+        for line in text.splitlines(keepends=True):
+            if cls._START.match(line):
+                in_trace = True
+            elif not (in_trace and (line.startswith(cls._TRACE) or not line.strip())):
+                in_trace = False
+                kept.append(line)
+        return "".join(kept)
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a notebook's or pytest's stream
+        return None
+
+
+def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float, say):
     import datetime
     import socket
 
@@ -199,9 +272,8 @@ def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
     def note(msg: str) -> None:
         nonlocal next_note
         if time.monotonic() >= next_note:
-            sys.stderr.write(f"jetdet.render: rank {rank} of {world}: {msg} ({time.monotonic() - t0:.0f} s of "
-                             f"{timeout_s:g}; --join-timeout sets the limit)\n")
-            sys.stderr.flush()
+            say(f"jetdet.render: rank {rank} of {world}: {msg} ({time.monotonic() - t0:.0f} s of {timeout_s:g}; "
+                "--join-timeout sets the limit)\n")
             next_note = time.monotonic() + 30.0
 
     store_timeout = datetime.timedelta(minutes=30)  # the store's own operations (gloo's connect, collectives)
@@ -268,8 +340,8 @@ def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
             _quietly(lambda: store.add(f"{key}read", 1))
         raise
     except dist.DistError:
-        raise _SetupError(f"rank {rank} of {world}: rank 0 at {where} left before every worker joined; its own "
-                          "message says why") from None
+        raise _SetupError(f"rank {rank} of {world}: rank 0 at {where} left before every worker joined (its own "
+                          "output says why, unless it was killed)") from None
     except BaseException:  # Ctrl-C, SIGTERM: leave the count, so the others do not start a group without this one
         _quietly(lambda: (store.add(f"{key}count", -1), store.delete_key(f"{key}rank_{rank}")))
         raise
