@@ -14,7 +14,8 @@ attention function a custom node holds under another name, or calls through a re
 For the same span ComfyUI's fp8 matrix multiply (``comfy.ops.fp8_linear``: ``torch._scaled_mm``, which jetdet does not
 route) is off, so its fp8 layers cast their weights and call ``F.linear``, which it does; and the linears of scaled fp8
 checkpoints always scale their weight (they scale the weight or the input, whichever has fewer elements, which
-depends on the batch).
+depends on the batch); in newer ComfyUI the layers with quantized weights (``mixed_precision_ops``) take their
+full-precision path, since an nvfp4 layer scales its input by the whole batch's maximum.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def _swap_in() -> None:
         if ".scaled_fp8_op." in cls.__qualname__ and "forward_comfy_cast_weights" in vars(cls):
             _saved.append((cls, "forward_comfy_cast_weights", vars(cls)["forward_comfy_cast_weights"]))
             cls.forward_comfy_cast_weights = _scaled_fp8_forward
+    # newer ComfyUI (0.7, 0.33): checkpoints with quantized weights (fp8, nvfp4, mxfp8, int8: ``QuantizedTensor``) load
+    # as ``mixed_precision_ops`` layers, which quantize their input too where the device computes in that format. An
+    # nvfp4 layer without an ``input_scale`` scales its input by the absolute maximum of the whole input, batch
+    # included, so an item alone and in a batch were rounded differently (a trial on 0.33: 3 of 4 items differed,
+    # silently). For the span they take ComfyUI's own full-precision path (``_full_precision_mm``, what ComfyUI runs
+    # on a device without that format's compute): the weight dequantized, the input as it is, F.linear, routed
+    for cls in _mixed_precision_classes():
+        _saved.append((cls, _FPMM, vars(cls).get(_FPMM, _ABSENT)))
+        setattr(cls, _FPMM, _FULL_PRECISION)
+        _note_full_precision()
     for name, mod in _modules_with_bindings():
         ours = name == "comfy.ldm" or name.startswith("comfy.ldm.")
         d = getattr(mod, "__dict__", {})
@@ -76,6 +87,59 @@ def _swap_in() -> None:
             if callable(f) and f is not target and (ours or any(f is c for c in comfy_fns)):
                 _saved.append((mod, g, f))
                 setattr(mod, g, target)
+
+
+_FPMM = "_full_precision_mm"
+_ABSENT = object()
+
+
+class _AlwaysFullPrecision:
+    """Installed on ComfyUI's mixed-precision layer classes for the span: every instance reads ``_full_precision_mm``
+    as True (a data descriptor wins over the instance's own attribute); writes still go to the instance, so its own
+    setting holds again once the descriptor is taken off."""
+
+    def __get__(self, obj, objtype=None):
+        return True
+
+    def __set__(self, obj, value):
+        obj.__dict__[_FPMM] = value
+
+    def __delete__(self, obj):
+        obj.__dict__.pop(_FPMM, None)
+
+
+_FULL_PRECISION = _AlwaysFullPrecision()
+_noted: list = []
+
+
+def _mixed_precision_classes() -> list:
+    """ComfyUI's ``mixed_precision_ops`` layer classes now defined (one set per loaded quantized model; none in
+    ComfyUI 0.3.64): the subclasses of ``comfy.ops.CastWeightBiasOp`` defined inside a ``MixedPrecisionOps``."""
+    import comfy.ops
+
+    base = getattr(comfy.ops, "CastWeightBiasOp", None)
+    if base is None:
+        return []
+    found, todo, seen = [], list(base.__subclasses__()), set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo.extend(cls.__subclasses__())
+        if ".MixedPrecisionOps." in cls.__qualname__:
+            found.append(cls)
+    return found
+
+
+def _note_full_precision() -> None:
+    if not _noted:
+        _noted.append(True)
+        import logging
+
+        logging.info("jetdet: in deterministic model calls, layers with quantized weights (fp8, nvfp4, mxfp8, int8) "
+                     "run ComfyUI's full-precision path (weight dequantized, input not quantized), so that an item "
+                     "is rounded the same alone and in a batch")
 
 
 def _no_fp8_linear(layer, input):
@@ -93,7 +157,10 @@ def _scaled_fp8_forward(self, input):
 def _swap_out() -> None:
     while _saved:
         mod, g, f = _saved.pop()
-        setattr(mod, g, f)
+        if f is _ABSENT:
+            delattr(mod, g)
+        else:
+            setattr(mod, g, f)
 
 
 @contextlib.contextmanager

@@ -174,6 +174,10 @@ def test_comfyuis_fp8_matrix_multiply_is_off_in_deterministic_calls(comfy_dir, m
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if hasattr(comfy.ops, "mixed_precision_ops"):  # newer ComfyUI (0.7, 0.33): fp8_linear multiplies through
+        # comfy_kitchen's QuantizedTensor, so count the calls of fp8_linear itself
+        real_fp8 = comfy.ops.fp8_linear
+        monkeypatch.setattr(comfy.ops, "fp8_linear", lambda *a, **k: calls.append(1) or real_fp8(*a, **k))
     layer = comfy.ops.fp8_ops.Linear(32, 16, bias=True, dtype=torch.float8_e4m3fn).eval()
     with torch.no_grad():
         layer.weight.copy_((torch.randn(16, 32) * 0.1).to(torch.float8_e4m3fn))
@@ -202,6 +206,8 @@ def test_scaled_fp8_linears_round_the_same_alone_and_in_a_batch(comfy_dir, fp8_m
     import jetdet
     from jetdet.comfy.attention import sdpa_attention
 
+    if not hasattr(comfy.ops, "scaled_fp8_ops"):
+        pytest.skip("this ComfyUI loads scaled fp8 checkpoints as mixed_precision_ops layers (tested above)")
     g = torch.Generator().manual_seed(0)
     layer = comfy.ops.scaled_fp8_ops(fp8_matrix_mult=fp8_matrix_mult).Linear(32, 16, dtype=torch.float8_e4m3fn).eval()
     own = vars(type(layer))["forward_comfy_cast_weights"]
@@ -217,6 +223,86 @@ def test_scaled_fp8_linears_round_the_same_alone_and_in_a_batch(comfy_dir, fp8_m
         if not fp8_matrix_mult:  # (with it, ComfyUI's own path is torch._scaled_mm, for both, on this CPU)
             assert not torch.equal(layer(x[:1].clone())[0], layer(x.clone())[0])
     assert vars(type(layer))["forward_comfy_cast_weights"] is own
+
+
+def _stand_in_mixed_precision_ops():
+    """A small stand-in of newer ComfyUI's ``comfy.ops.mixed_precision_ops`` (0.7, 0.33; not in 0.3.64): a layer
+    class defined inside a ``MixedPrecisionOps`` class, ``CastWeightBiasOp`` among its bases, that reads its instance
+    attribute ``_full_precision_mm`` in ``forward``. Off, it rounds its input on a grid scaled by the absolute
+    maximum of the whole input (what an nvfp4 layer without an ``input_scale`` does); on, the plain F.linear."""
+    import comfy.ops
+
+    class MixedPrecisionOps(comfy.ops.manual_cast):
+        class Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
+            def __init__(self, w, b):
+                super().__init__()
+                self.weight, self.bias = torch.nn.Parameter(w, False), torch.nn.Parameter(b, False)
+                self._full_precision_mm = False  # ComfyUI sets it per instance, at init and at load
+
+            def forward(self, x):
+                if not self._full_precision_mm:
+                    scale = x.abs().amax() / 6.0  # the whole input's maximum: the batch's
+                    x = (x / scale).round().clamp(-6, 6) * scale
+                return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    return MixedPrecisionOps
+
+
+def test_mixed_precision_layers_take_the_full_precision_path_in_deterministic_calls(comfy_dir):
+    """Newer ComfyUI loads quantized checkpoints as ``mixed_precision_ops`` layers, which quantize their input where
+    the device computes in that format; nvfp4 without an ``input_scale`` scales it by the whole batch's maximum, so an
+    item alone and in a batch were rounded differently, silently (a trial on 0.33 and 0.7: 3 of 4 items). During
+    deterministic calls the layers take ComfyUI's full-precision path (``_full_precision_mm``), here on a stand-in of
+    that API. Negative control: in deterministic mode without the swap the items differ; afterwards each layer reads
+    its own setting again and its class is as it was."""
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    ops = _stand_in_mixed_precision_ops()
+    g = torch.Generator().manual_seed(0)
+    layer = ops.Linear(torch.randn(16, 32, generator=g) * 0.1, torch.randn(16, generator=g) * 0.1)
+    x = torch.randn(4, 3, 32, generator=g)
+    x[3] *= 50  # one item with a large range sets the batch's scale
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        plain = [torch.equal(layer(x)[i], layer(x[i:i + 1])[0]) for i in range(4)]
+        with sdpa_attention():
+            swapped = [torch.equal(layer(x)[i], layer(x[i:i + 1])[0]) for i in range(4)]
+            full = layer(x)
+    assert plain == [False, False, False, True]  # the negative control
+    assert swapped == [True] * 4
+    assert torch.equal(full, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert layer._full_precision_mm is False and "_full_precision_mm" not in vars(ops.Linear)
+
+
+def test_real_mixed_precision_nvfp4_layer_items_equal_alone_and_in_a_batch(comfy_dir):
+    """The same on newer ComfyUI's own ``mixed_precision_ops`` with an nvfp4 weight (compute enabled, as on a GPU
+    that has it; comfy_kitchen computes it on the CPU too). Skipped on ComfyUI 0.3.64, which has no such layers."""
+    import json
+
+    import comfy.ops
+
+    if not hasattr(comfy.ops, "mixed_precision_ops"):
+        pytest.skip("this ComfyUI has no mixed_precision_ops (newer than 0.3.64)")
+    import comfy.quant_ops as q
+
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    layer = comfy.ops.mixed_precision_ops({}, torch.bfloat16, disabled=set()).Linear(64, 32, dtype=torch.bfloat16)
+    qdata, params = q.get_layout_class(q.QUANT_ALGOS["nvfp4"]["comfy_tensor_layout"]).quantize(
+        (torch.randn(32, 64, generator=g) * 0.1).to(torch.bfloat16))
+    conf = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+    layer.load_state_dict({"weight": qdata, "weight_scale": params.block_scale, "weight_scale_2": params.scale,
+                           "comfy_quant": conf, "bias": torch.randn(32, generator=g).to(torch.bfloat16)}, strict=False)
+    x = torch.randn(4, 16, 64, generator=g).to(torch.bfloat16)
+    x[3] *= 50
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        plain = [torch.equal(layer(x)[i], layer(x[i:i + 1])[0]) for i in range(4)]
+        with sdpa_attention():
+            swapped = [torch.equal(layer(x)[i], layer(x[i:i + 1])[0]) for i in range(4)]
+    assert plain == [False, False, False, True]  # ComfyUI's own quantized path (the negative control)
+    assert swapped == [True] * 4
 
 
 def test_stock_sampling_under_memory_pressure_differs_negative_control(shapes_patcher, shapes_conds):
