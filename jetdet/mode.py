@@ -1763,6 +1763,22 @@ if hasattr(F, "rms_norm"):
 ROUTED = sorted({getattr(f, "__name__", str(f)) for f in _HANDLERS})
 
 
+def route_op(func, handler=None, *, unrouted: str | None = None) -> None:
+    """Route ``func`` (a torch function or a custom op, e.g. an ``OpOverloadPacket``) in deterministic mode: through
+    ``handler(func, args, kwargs)``, which computes it with routed calls (:func:`routed`); or, with ``unrouted`` (the
+    reason) and no handler, torch's own call with the named fallback warning, once, when a floating-point tensor is
+    among its arguments. For integrations (``jetdet.comfy``) whose library ops the router cannot otherwise see."""
+    if (handler is None) == (unrouted is None):
+        raise TypeError("route_op: give a handler or an unrouted reason, not both")
+    _HANDLERS[func] = handler if handler is not None else _h_unrouted(unrouted)
+
+
+def routed(func, *args, **kwargs):
+    """``func(*args, **kwargs)`` as deterministic mode runs it: its handler when it is routed, else ``func`` itself.
+    For handlers given to :func:`route_op` (inside a handler the router does not see the torch calls it makes)."""
+    return _route(func, args, kwargs)
+
+
 def handler_for(func):
     """The handler deterministic mode runs for the torch function ``func`` (called as ``handler(func, args,
     kwargs)``), or None when ``func`` passes through unrouted; for benchmarks and audits of the router."""

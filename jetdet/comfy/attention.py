@@ -79,6 +79,14 @@ def _swap_in() -> None:
         _saved.append((cls, _FPMM, vars(cls).get(_FPMM, _ABSENT)))
         setattr(cls, _FPMM, _FULL_PRECISION)
         _note_full_precision()
+    # newer ComfyUI's MLPs (Wan, LTX) call ``linear_input_act``, which hands an int8 layer's input straight to
+    # comfy_kitchen's int8 kernel (unseen by the router): for the span ComfyUI's own plain path, ``linear(act(x))``
+    if callable(getattr(comfy.ops, "linear_input_act", None)) and hasattr(comfy.ops, "INPUT_ACT_EAGER"):
+        _saved.append((comfy.ops, "linear_input_act", comfy.ops.linear_input_act))
+        comfy.ops.linear_input_act = _plain_linear_input_act
+    from . import kitchen
+
+    kitchen.install()  # comfy_kitchen's fused norms routed (once)
     for name, mod in _modules_with_bindings():
         ours = name == "comfy.ldm" or name.startswith("comfy.ldm.")
         d = getattr(mod, "__dict__", {})
@@ -140,6 +148,12 @@ def _note_full_precision() -> None:
         logging.info("jetdet: in deterministic model calls, layers with quantized weights (fp8, nvfp4, mxfp8, int8) "
                      "run ComfyUI's full-precision path (weight dequantized, input not quantized), so that an item "
                      "is rounded the same alone and in a batch")
+
+
+def _plain_linear_input_act(linear, x, input_act):
+    import comfy.ops
+
+    return linear(comfy.ops.INPUT_ACT_EAGER[input_act](x))
 
 
 def _no_fp8_linear(layer, input):

@@ -793,3 +793,88 @@ def test_an_item_taken_out_of_a_batch_with_batch_wide_conditioning_is_named(shap
     said = [r.getMessage() for r in caplog.records if "of a batch, alone" in r.getMessage()]
     assert len(said) == 1 and "item 2" in said[0] and "'mask' (3 rows)" in said[0], said
     assert not torch.equal(alone[0], full[2])  # what the line warns of: the first mask, not the third
+
+
+def _stand_in_kitchen():
+    """A small stand-in of comfy_kitchen's custom ops (``torch.ops.comfy_kitchen.*``; newer ComfyUI requires that
+    package, CI's 0.3.64 does not) under a namespace of its own: ``rms_adaln`` whose result depends on the batch size
+    (as a fused kernel's may), ``apply_rope1`` (elementwise) and ``na3d`` (an op jetdet does not route)."""
+    ns = "jetdet_test_kitchen"
+    if not hasattr(torch.ops, ns) or not hasattr(getattr(torch.ops, ns), "rms_adaln"):
+        @torch.library.custom_op(f"{ns}::rms_adaln", mutates_args=())
+        def rms_adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+            n = torch.nn.functional.rms_norm(x, x.shape[-1:], eps=eps * x.shape[0] * 1e4)  # batch dependent
+            return n * (1 + scale) + shift
+
+        @torch.library.custom_op(f"{ns}::apply_rope1", mutates_args=())
+        def apply_rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+            t = x.reshape(*x.shape[:-1], -1, 1, 2).to(freqs_cis.dtype)
+            return (freqs_cis[..., 0] * t[..., 0] + freqs_cis[..., 1] * t[..., 1]).reshape(x.shape).type_as(x)
+
+        @torch.library.custom_op(f"{ns}::na3d", mutates_args=())
+        def na3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return getattr(torch.ops, ns)
+
+
+def test_comfy_kitchen_fused_norms_are_routed_and_its_contractions_warned(comfy_dir):
+    """Newer ComfyUI's models call comfy_kitchen's fused ops (LTX's ``rms_adaln``, Lumina's ``rms_rope1``, ...),
+    custom ops that the router saw as one unknown call and ran as they are, silently outside the guarantee.
+    ``jetdet.comfy.kitchen.install`` computes the fused norms from their definitions with jetdet's routed norms and
+    names the ones it does not route in the fallback warning. Here on a stand-in namespace whose ``rms_adaln`` depends
+    on the batch size. Negative control: in deterministic mode before ``install`` its items differ alone and in a
+    batch, with no warning."""
+    import jetdet
+    from jetdet.comfy import kitchen
+
+    ns = _stand_in_kitchen()
+    g = torch.Generator().manual_seed(0)
+    x, scale, shift = (torch.randn(4, 8, 64, generator=g) for _ in range(3))
+    freqs = torch.randn(1, 8, 32, 2, 2, generator=g)
+    q = torch.randn(4, 8, 64, generator=g)
+
+    def items(f, *ts):
+        full = f(*ts)
+        return [torch.equal(full[i], f(*(t[i:i + 1] for t in ts))[0]) for i in range(4)]
+
+    adaln = lambda a, b, c: ns.rms_adaln(a, b, c, 1e-6)  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught, jetdet.mode("deterministic"):
+        warnings.simplefilter("always")
+        before = items(adaln, x, scale, shift)
+    assert before == [False] * 4 and not caught  # the negative control: silently batch dependent
+    assert kitchen.install(ns) == ["rms_adaln", "na3d"]
+    assert kitchen.install(ns) == []  # once
+    with warnings.catch_warnings(record=True) as caught, jetdet.mode("deterministic"):
+        warnings.simplefilter("always")
+        after = items(adaln, x, scale, shift)
+        out = adaln(x, scale, shift)
+        ns.na3d(q[:, None], q[:, None], q[:, None], 3)
+    assert after == [True] * 4
+    ref = torch.nn.functional.rms_norm(x, (64,), eps=1e-6) * (1 + scale) + shift
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert [str(w.message) for w in caught if "na3d" in str(w.message)], [str(w.message) for w in caught]
+    assert ns.apply_rope1(q, freqs).shape == q.shape  # elementwise: left as it is
+
+
+def test_linear_input_act_takes_the_plain_path_in_deterministic_calls(comfy_dir, monkeypatch):
+    """Newer ComfyUI's Wan and LTX MLPs call ``comfy.ops.linear_input_act(linear, x, act)``, which hands an int8
+    layer's input straight to comfy_kitchen's int8 kernel, unseen by the router. During deterministic calls it is
+    ComfyUI's plain path, ``linear(act(x))``; afterwards ComfyUI's again. On 0.3.64 (no such function) a stand-in;
+    negative control: the stand-in itself, outside the span, is not the plain path."""
+    import comfy.ops
+
+    from jetdet.comfy.attention import sdpa_attention
+
+    if not hasattr(comfy.ops, "linear_input_act"):
+        monkeypatch.setattr(comfy.ops, "INPUT_ACT_EAGER", {"gelu_tanh": lambda t: torch.nn.functional.gelu(
+            t, approximate="tanh")}, raising=False)
+        monkeypatch.setattr(comfy.ops, "linear_input_act", lambda lin, t, act: lin(t) * 0, raising=False)
+    own = comfy.ops.linear_input_act
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    plain = lin(comfy.ops.INPUT_ACT_EAGER["gelu_tanh"](x))
+    with torch.no_grad(), sdpa_attention():
+        assert torch.equal(comfy.ops.linear_input_act(lin, x, "gelu_tanh"), plain.detach())
+    assert comfy.ops.linear_input_act is own
+    if getattr(own, "__name__", "") == "<lambda>":
+        assert not torch.equal(own(lin, x, "gelu_tanh"), plain)  # the negative control
