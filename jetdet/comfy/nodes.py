@@ -121,8 +121,9 @@ def _fingerprint_json(device=None) -> str:
 
 
 def _latent_tensor(latent, name: str) -> torch.Tensor:
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise ValueError(f"{name}: expected a LATENT (a dict with a 'samples' tensor)")
+    why = smp.latent_problem(latent, name)
+    if why:
+        raise ValueError(why)
     return latent["samples"]
 
 

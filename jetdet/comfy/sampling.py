@@ -423,6 +423,19 @@ def fix_empty_latent(model, latent_image: torch.Tensor, latent: dict) -> torch.T
     return fn(model, latent_image, **extra)
 
 
+def latent_problem(latent, name: str) -> str | None:
+    """Why ``latent`` is not a LATENT these nodes take, naming ``name``; None when it is. Newer ComfyUI's nested
+    latents (several latents in one, as LTX-2's video + audio: ``samples`` a ``comfy.nested_tensor.NestedTensor``)
+    are named as such: no jetdet node takes them yet."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if samples is not None and getattr(samples, "is_nested", False) and hasattr(samples, "tensors"):
+        return (f"{name}: a nested LATENT (several latents in one, as LTX-2's video + audio latent) is not supported "
+                "by jetdet's nodes; sample it with ComfyUI's own sampler (no per-item guarantee)")
+    if not isinstance(samples, torch.Tensor):
+        return f"{name}: expected a LATENT (a dict with a 'samples' tensor)"
+    return None
+
+
 def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
            latent: dict, denoise: float = 1.0, batch_offset: int = 0, callback=None, disable_pbar: bool = True,
            noise_seed_step: int = 0, *, split_coupled: bool = True, add_noise: bool = True,
@@ -457,8 +470,9 @@ def sample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedule
             raise ValueError(f"{name}: expected an int >= 0 or None, got {v!r}")
     if not isinstance(denoise, (int, float)) or not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise: expected a number in [0, 1], got {denoise!r}")
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise ValueError("latent_image: expected a LATENT (a dict with a 'samples' tensor)")
+    why = latent_problem(latent, "latent_image")
+    if why:
+        raise ValueError(why)
     latent_image = latent["samples"]
     if latent_image.dim() < 3 or latent_image.shape[0] < 1:
         raise ValueError(f"latent_image: expected a batch of latents [B, C, ...] with B >= 1, got shape "

@@ -556,3 +556,31 @@ def test_the_empty_latents_downscale_ratio_reaches_comfyui_and_leaves_the_output
     out = N.JetDetDeterministicSampler.execute(shapes_patcher, 1, 2, 4.0, "euler", "simple", *shapes_conds, latent,
                                                1.0, 0).args[0]
     assert set(out) == {"samples"}
+
+
+def test_nested_latents_are_refused_by_name(shapes_patcher, shapes_conds):
+    """Newer ComfyUI (0.7, 0.33) has nested latents (LTX-2's video + audio in one LATENT: ``samples`` is a
+    ``comfy.nested_tensor.NestedTensor``, not a tensor). jetdet's nodes do not take them: the error says so, naming
+    the input, instead of "expected a LATENT" for what is one (a trial on 0.7.0). A stand-in of the nested tensor,
+    which 0.3.64 lacks; on newer ComfyUI its own class too."""
+    from jetdet.comfy.nodes import JetDetChecksum, JetDetDeterministicSampler
+
+    class StandInNested:  # what the nodes can see of comfy.nested_tensor.NestedTensor
+        def __init__(self, tensors):
+            self.tensors, self.is_nested = list(tensors), True
+
+    kinds = [StandInNested]
+    try:
+        import comfy.nested_tensor
+
+        kinds.append(comfy.nested_tensor.NestedTensor)
+    except ImportError:
+        pass
+    for kind in kinds:
+        lat = {"samples": kind([torch.zeros(2, 16, 32, 32), torch.zeros(2, 8, 4, 4)])}
+        with pytest.raises(ValueError, match=r"^latent_image: a nested LATENT .* not supported"):
+            JetDetDeterministicSampler.execute(shapes_patcher, 7, 2, 4.0, "euler", "simple", *shapes_conds, lat, 1.0, 0)
+        with pytest.raises(ValueError, match=r"^latent: a nested LATENT .* not supported"):
+            JetDetChecksum.execute(lat)
+    with pytest.raises(ValueError, match=r"^latent: expected a LATENT"):  # not nested: the message as before
+        JetDetChecksum.execute({"samples": [torch.zeros(1)]})
