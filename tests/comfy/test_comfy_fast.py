@@ -594,3 +594,20 @@ def test_a_controlnet_that_stops_acting_mid_run_starts_the_cache_over(shapes_pat
             zero = _fast(shapes_patcher, 0.0)
             assert torch.equal(_plain(zero, cpos, neg, batch=2, steps=12), _plain(shapes_patcher, cpos, neg, steps=12))
     assert resets == {1.0: 0, 0.5: 1}, resets
+
+
+def test_fast_controls_bench_runs(comfy_dir, capsys):
+    """bench/comfy_fast_controls.py (the README's figures for these fixes against their controls) runs; its
+    quickest case, lcm, stands for the rest (each case exits 1 when the fix does not beat its control)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "comfy_fast_controls.py"
+    spec = importlib.util.spec_from_file_location("jetdet_bench_comfy_fast_controls", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    assert mod.main(["--comfyui", comfy_dir, "--cases", "lcm"]) == 0
+    out = capsys.readouterr().out
+    assert "lcm: eps sigma, budget 0.05: bit-identical to mode off: True" in out and "lcm: ok" in out
