@@ -38,7 +38,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,40 +185,44 @@ def _join(rank: int, world: int, addr: str, port: int, timeout_s: float):
 
     Waits in Python (so Ctrl-C and SIGTERM work), says what it is waiting for after a few seconds and then every
     half minute, and gives up after ``timeout_s`` naming the missing ranks. Two workers with the same RANK stop
-    every worker with an error. c10d's own logging meanwhile is held back, and its stack traces dropped: each of
-    its errors becomes one line here."""
-    with _C10dTraces() as traces:
-        return _join_held(rank, world, addr, port, timeout_s, traces.say)
+    every worker with an error. The C++ stack traces c10d logs meanwhile are dropped: each of its errors becomes one
+    line here."""
+    with _C10dTraces():
+        return _join_held(rank, world, addr, port, timeout_s)
 
 
 class _C10dTraces:
-    """While workers join, what C++ writes to fd 2 goes to a temporary file and is passed on at the end, less c10d's
-    logged errors: when rank 0 goes away, every waiting worker's TCPStore client logs a C++ stack trace of some 30
-    lines before raising, and ``_join`` says the same in one line. ``say`` writes past the capture."""
-
-    _START = re.compile(r"\[[IWE]\d{4} [^\]]*\] \[c10d\]")
-    _TRACE = ("Exception raised from ", "frame #", "<omitting python frames>")
+    """While workers join, fd 2 runs through a pipe to a thread that passes every line on as it comes, less the C++
+    stack traces c10d logs with its errors: when rank 0 goes away, every waiting worker's TCPStore client logs one of
+    some 30 lines before raising, and ``_join`` says the same in one line. c10d's log lines themselves pass (with
+    ``TORCH_CPP_LOG_LEVEL`` or ``TORCH_DISTRIBUTED_DEBUG`` set, nothing is filtered at all). Other threads' output is
+    not held back."""
 
     def __init__(self):
         self._saved: int | None = None
-        self._file = None
-
-    def say(self, text: str) -> None:
-        sys.stderr.flush()
-        if self._saved is not None and _fileno(sys.stderr) == 2:
-            os.write(self._saved, text.encode())
-        else:
-            sys.stderr.write(text)
-            sys.stderr.flush()
+        self._thread = None
 
     def __enter__(self) -> _C10dTraces:
+        if os.environ.get("TORCH_CPP_LOG_LEVEL") or os.environ.get("TORCH_DISTRIBUTED_DEBUG"):
+            return self  # the user asked for c10d's logs, traces included
+        import threading
+
+        r = w = None
         try:
-            self._file = tempfile.TemporaryFile()
             sys.stderr.flush()
+            r, w = os.pipe()
             self._saved = os.dup(2)
-            os.dup2(self._file.fileno(), 2)
-        except OSError:  # no fd 2 to hold back (a closed stderr): c10d then writes where it would have
+            self._thread = threading.Thread(target=_forward_without_traces, args=(r, self._saved), daemon=True,
+                                            name="jetdet.render: c10d traces")
+            self._thread.start()
+            os.dup2(w, 2)
+            os.close(w)
+        except BaseException as e:  # Ctrl-C in here too: fd 2 must not stay on the pipe
+            if w is not None:
+                _quietly(lambda: os.close(w))
             self._restore()
+            if not isinstance(e, OSError):  # no fd 2 to filter (a closed stderr): c10d writes where it would have
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,37 +230,84 @@ class _C10dTraces:
 
     def _restore(self) -> None:
         if self._saved is not None:
-            os.dup2(self._saved, 2)
-            os.close(self._saved)
+            _quietly(lambda: os.dup2(self._saved, 2))  # the pipe's last write end closes: the thread sees its end
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            if self._thread.is_alive():  # a child process still holds the pipe: leave the thread its fds
+                self._saved = self._thread = None
+                return
+            self._thread = None
+        if self._saved is not None:
+            _quietly(lambda: os.close(self._saved))
             self._saved = None
-            self._file.seek(0)
-            kept = self.without_traces(self._file.read().decode(errors="replace"))
-            if kept:
-                os.write(2, kept.encode())
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    @classmethod
-    def without_traces(cls, text: str) -> str:
-        kept, in_trace = [], False
-        for line in text.splitlines(keepends=True):
-            if cls._START.match(line):
-                in_trace = True
-            elif not (in_trace and (line.startswith(cls._TRACE) or not line.strip())):
-                in_trace = False
-                kept.append(line)
-        return "".join(kept)
 
 
-def _fileno(stream) -> int | None:
+class _TraceFilter:
+    """Lines in, lines out, less c10d's C++ stack traces: a c10d log line (``[W1207 14:32:05.3 TCPStore.cpp:125]
+    [c10d] ...``) followed by ``Exception raised from ...`` is dropped with the trace's ``frame #`` lines; any other
+    line passes, a c10d line as soon as the next line shows it is not a trace's head (or ``flush``)."""
+
+    _START = re.compile(rb"\[[IWE]\d{4} [^\]]*\] \[c10d\]")
+    _TRACE = (b"Exception raised from ", b"frame #", b"<omitting python frames>")
+
+    def __init__(self):
+        self._held: bytes | None = None
+        self._in_trace = False
+
+    def feed(self, line: bytes) -> list[bytes]:
+        if self._in_trace and (line.startswith(self._TRACE) or not line.strip()):
+            return []
+        self._in_trace = False
+        out = []
+        if self._held is not None:
+            if line.startswith(self._TRACE[0]):
+                self._held, self._in_trace = None, True
+                return []
+            out.append(self._held)
+            self._held = None
+        if self._START.match(line):
+            self._held = line
+        else:
+            out.append(line)
+        return out
+
+    def flush(self) -> list[bytes]:
+        held, self._held = self._held, None
+        return [held] if held is not None else []
+
+
+def _forward_without_traces(r: int, out: int) -> None:
+    """The capture's thread: reads the pipe ``r`` until every write end is closed, writes to ``out``."""
+    import select
+
+    f, rest = _TraceFilter(), b""
     try:
-        return stream.fileno()
-    except (AttributeError, OSError, ValueError):  # a notebook's or pytest's stream
-        return None
+        while True:
+            if not select.select([r], [], [], 0.2)[0]:  # quiet for a moment: a held line or a partial one goes on
+                pending, rest = f.flush() + ([rest] if rest else []), b""
+                _write_all(out, pending)
+                continue
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                _write_all(out, f.feed(line + b"\n"))
+        _write_all(out, f.flush() + ([rest] if rest else []))
+    finally:
+        _quietly(lambda: os.close(r))
 
 
-def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float, say):
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    for data in parts:
+        while data:
+            try:
+                data = data[os.write(fd, data):]
+            except OSError:  # the terminal is gone: nothing more to show
+                return
+
+
+def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
     import datetime
     import socket
 
@@ -272,8 +322,9 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float, sa
     def note(msg: str) -> None:
         nonlocal next_note
         if time.monotonic() >= next_note:
-            say(f"jetdet.render: rank {rank} of {world}: {msg} ({time.monotonic() - t0:.0f} s of {timeout_s:g}; "
-                "--join-timeout sets the limit)\n")
+            sys.stderr.write(f"jetdet.render: rank {rank} of {world}: {msg} ({time.monotonic() - t0:.0f} s of "
+                             f"{timeout_s:g}; --join-timeout sets the limit)\n")
+            sys.stderr.flush()
             next_note = time.monotonic() + 30.0
 
     store_timeout = datetime.timedelta(minutes=30)  # the store's own operations (gloo's connect, collectives)
