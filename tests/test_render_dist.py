@@ -369,6 +369,68 @@ def test_other_output_is_not_held_back_while_workers_join():
         assert seen_during > 0 and real.read() == b"a line from another thread\nafter\n"
 
 
+def test_a_worker_leaving_at_its_timeout_as_the_last_one_comes_joins_after_all(monkeypatch):
+    """The window a review found: rank 1 of 3 reaches its --join-timeout and leaves the count just as rank 2 comes.
+    Had it left, rank 0 and rank 2 (who saw all three) would start the group and wait in gloo for it. Its leave is
+    one ``add(-1)``: seeing that everyone had come by then, it joins after all. Here the store is slowed so that
+    rank 2 always comes inside that window: rank 1's ``add(count, -1)`` first waits for the count to reach 3. Three
+    threads of this process, each ``_join_held`` as a worker. Negative control: a leave that does not look at what
+    ``add(-1)`` returns (the code before the review) gives up with an error here."""
+    import threading
+
+    from jetdet.render import run as run_mod
+
+    port, key = _free_port(), "jetdet.render/join/count"
+    real_store = run_mod.dist.TCPStore
+    started = threading.Event()
+
+    class SlowLeave:  # rank 1's client: its leave waits until rank 2 has joined
+        def __init__(self, real):
+            self._real = real
+
+        def add(self, k, v):
+            if k == key and v == -1:
+                t = threading.Thread(target=worker, args=(2, 30.0))
+                threads.append(t)
+                t.start()
+                end = time.monotonic() + 20
+                while self._real.add(key, 0) < 3 and time.monotonic() < end:
+                    time.sleep(0.02)
+            return self._real.add(k, v)
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+    def store(addr, p, world, master, *a, **kw):
+        s = real_store(addr, p, world, master, *a, **kw)
+        if master:
+            started.set()
+        return SlowLeave(s) if threading.current_thread().name == "rank 1" else s
+
+    monkeypatch.setattr(run_mod.dist, "TCPStore", store)
+    monkeypatch.setattr(run_mod.dist, "PrefixStore", lambda prefix, s: ("joined", prefix))
+    results, threads = {}, []
+
+    def worker(rank, timeout):
+        threading.current_thread().name = f"rank {rank}"
+        try:
+            results[rank] = run_mod._join_held(rank, 3, "127.0.0.1", port, timeout)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results[rank] = e
+
+    threads.append(threading.Thread(target=worker, args=(0, 30.0)))
+    threads[0].start()
+    assert started.wait(20)
+    threads.append(threading.Thread(target=worker, args=(1, 1.0)))
+    threads[1].start()
+    end = time.monotonic() + 60
+    while len(results) < 3 and time.monotonic() < end:
+        time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=5)
+    assert results == {r: ("joined", "jetdet.render/group") for r in range(3)}, results
+
+
 @pytest.mark.parametrize("world", ["2", "1"])
 def test_rank_and_world_size_without_the_address(tmp_path, monkeypatch, capsys, world):
     """RANK=1 WORLD_SIZE=2 and no MASTER_ADDR/MASTER_PORT: before, each such process ran the whole job as a world
