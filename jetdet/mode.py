@@ -1769,7 +1769,7 @@ def route_op(func, handler=None, *, unrouted: str | None = None) -> None:
     reason) and no handler, torch's own call with the named fallback warning, once, when a floating-point tensor is
     among its arguments. For integrations (``jetdet.comfy``) whose library ops the router cannot otherwise see."""
     if (handler is None) == (unrouted is None):
-        raise TypeError("route_op: give a handler or an unrouted reason, not both")
+        raise TypeError("route_op: give exactly one of a handler and an unrouted reason")
     _HANDLERS[func] = handler if handler is not None else _h_unrouted(unrouted)
 
 

@@ -528,3 +528,15 @@ def test_the_users_torch_function_modes_keep_working_across_jetdet_contexts():
     finally:
         jetdet.set_mode("off")
     assert stack() == before
+
+
+def test_route_op_takes_exactly_one_of_a_handler_and_a_reason():
+    """``route_op`` with neither a handler nor an unrouted reason, or with both, is refused; the error says what it
+    takes ("exactly one of", not "not both", which was wrong for neither). Nothing is registered."""
+    from jetdet.mode import handler_for, route_op
+
+    f = torch.ops.aten.special_entr
+    for kw in ({}, {"handler": lambda func, args, kwargs: None, "unrouted": "why"}):
+        with pytest.raises(TypeError, match="exactly one of a handler and an unrouted reason"):
+            route_op(f, **kw)
+    assert handler_for(f) is None
