@@ -15,12 +15,15 @@ For the same span ComfyUI's fp8 matrix multiply (``comfy.ops.fp8_linear``: ``tor
 route) is off, so its fp8 layers cast their weights and call ``F.linear``, which it does; and the linears of scaled fp8
 checkpoints always scale their weight (they scale the weight or the input, whichever has fewer elements, which
 depends on the batch); in newer ComfyUI the layers with quantized weights (``mixed_precision_ops``) take their
-full-precision path, since an nvfp4 layer scales its input by the whole batch's maximum.
+full-precision path in deterministic calls, since an nvfp4 layer scales its input by the whole batch's maximum. The
+layer classes are scanned again at every entry, nested ones included, so a model loaded during the span is swapped
+from its first deterministic call on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 
@@ -62,23 +65,9 @@ def _swap_in() -> None:
     if callable(getattr(comfy.ops, "fp8_linear", None)) and comfy.ops.fp8_linear is not _no_fp8_linear:
         _saved.append((comfy.ops, "fp8_linear", comfy.ops.fp8_linear))
         comfy.ops.fp8_linear = _no_fp8_linear
-    # scaled fp8 checkpoints' linears (``*_fp8_scaled``) apply their scale to the weight or to the input, whichever
-    # has fewer elements: the input's count includes the batch, so an item alone and in a batch were rounded
-    # differently. For the span they always scale the weight (ComfyUI's choice for large inputs)
-    for cls in comfy.ops.manual_cast.Linear.__subclasses__():
-        if ".scaled_fp8_op." in cls.__qualname__ and "forward_comfy_cast_weights" in vars(cls):
-            _saved.append((cls, "forward_comfy_cast_weights", vars(cls)["forward_comfy_cast_weights"]))
-            cls.forward_comfy_cast_weights = _scaled_fp8_forward
-    # newer ComfyUI (0.7, 0.33): checkpoints with quantized weights (fp8, nvfp4, mxfp8, int8: ``QuantizedTensor``) load
-    # as ``mixed_precision_ops`` layers, which quantize their input too where the device computes in that format. An
-    # nvfp4 layer without an ``input_scale`` scales its input by the absolute maximum of the whole input, batch
-    # included, so an item alone and in a batch were rounded differently (a trial on 0.33: 3 of 4 items differed,
-    # silently). For the span they take ComfyUI's own full-precision path (``_full_precision_mm``, what ComfyUI runs
-    # on a device without that format's compute): the weight dequantized, the input as it is, F.linear, routed
-    for cls in _mixed_precision_classes():
-        _saved.append((cls, _FPMM, vars(cls).get(_FPMM, _ABSENT)))
-        setattr(cls, _FPMM, _FULL_PRECISION)
-        _note_full_precision()
+    # the layers of scaled fp8 and of quantized (mixed-precision) checkpoints: see _swap_layer_classes
+    _swap_layer_classes()
+    _hook_new_classes()
     # newer ComfyUI's MLPs (Wan, LTX) call ``linear_input_act``, which hands an int8 layer's input straight to
     # comfy_kitchen's int8 kernel (unseen by the router): for the span ComfyUI's own plain path, ``linear(act(x))``
     if callable(getattr(comfy.ops, "linear_input_act", None)) and hasattr(comfy.ops, "INPUT_ACT_EAGER"):
@@ -86,7 +75,7 @@ def _swap_in() -> None:
         comfy.ops.linear_input_act = _plain_linear_input_act
     from . import kitchen
 
-    kitchen.install()  # comfy_kitchen's fused norms routed (once)
+    kitchen.install()  # comfy_kitchen's ops routed or warned (once each; ops registered since then too)
     for name, mod in _modules_with_bindings():
         ours = name == "comfy.ldm" or name.startswith("comfy.ldm.")
         d = getattr(mod, "__dict__", {})
@@ -97,27 +86,102 @@ def _swap_in() -> None:
                 setattr(mod, g, target)
 
 
+def _swap_layer_classes() -> None:
+    """The layer classes' part of the swap, at every entry (nested ones too): a quantized model loaded after the
+    outermost entry (a model built during sampling, then called through a deterministic call of its own) has layer
+    classes of its own, created after that entry's scan. Classes already swapped are left as they are; all are put
+    back when the outermost call returns."""
+    import comfy.ops
+
+    # scaled fp8 checkpoints' linears (``*_fp8_scaled``) apply their scale to the weight or to the input, whichever
+    # has fewer elements: the input's count includes the batch, so an item alone and in a batch were rounded
+    # differently. For the span they always scale the weight (ComfyUI's choice for large inputs)
+    for cls in comfy.ops.manual_cast.Linear.__subclasses__():
+        own = vars(cls).get("forward_comfy_cast_weights")
+        if ".scaled_fp8_op." in cls.__qualname__ and own is not None and own is not _scaled_fp8_forward:
+            _saved.append((cls, "forward_comfy_cast_weights", own))
+            cls.forward_comfy_cast_weights = _scaled_fp8_forward
+    # newer ComfyUI (0.7, 0.33): checkpoints with quantized weights (fp8, nvfp4, mxfp8, int8: ``QuantizedTensor``) load
+    # as ``mixed_precision_ops`` layers, which quantize their input too where the device computes in that format. An
+    # nvfp4 layer without an ``input_scale`` scales its input by the absolute maximum of the whole input, batch
+    # included, so an item alone and in a batch were rounded differently (a trial on 0.33: 3 of 4 items differed,
+    # silently). For the span their compute methods take ComfyUI's own full-precision path (``_full_precision_mm``,
+    # what ComfyUI runs on a device without that format's compute): the weight dequantized, the input as it is,
+    # F.linear, routed
+    for cls in _mixed_precision_classes():
+        _swap_mixed_precision(cls)
+
+
+def _swap_mixed_precision(cls) -> None:
+    for name in _FPMM_READERS:
+        own = vars(cls).get(name)
+        if callable(own) and getattr(own, "_jetdet_own", None) is None:
+            _saved.append((cls, name, own))
+            setattr(cls, name, _full_precision_call(own))
+            _note_full_precision()
+
+
+def _hook_new_classes() -> None:
+    """For the span, a mixed-precision layer class created inside it (a model loaded during sampling and called in the
+    same deterministic call, with no entry of its own to scan) is swapped as Python creates it: an
+    ``__init_subclass__`` on ``comfy.ops.CastWeightBiasOp`` (chained to the one it had, if any), taken off with the
+    rest."""
+    import comfy.ops
+
+    base = getattr(comfy.ops, "CastWeightBiasOp", None)
+    if base is None:
+        return
+    prior = vars(base).get("__init_subclass__", _ABSENT)
+
+    def __init_subclass__(cls, **kwargs):  # noqa: N807 - Python's hook
+        if prior is _ABSENT:
+            super(base, cls).__init_subclass__(**kwargs)
+        else:
+            prior.__get__(None, cls)(**kwargs)
+        if ".MixedPrecisionOps." in cls.__qualname__:
+            with _lock:
+                if _depth > 0:
+                    _swap_mixed_precision(cls)
+
+    _saved.append((base, "__init_subclass__", prior))
+    base.__init_subclass__ = classmethod(__init_subclass__)
+
+
 _FPMM = "_full_precision_mm"
+# the methods of ComfyUI's mixed-precision layer classes that read ``_full_precision_mm`` while computing: ``forward``
+# (0.7.0 and 0.33: Linear) and ``_expert_linear_impl`` (0.33: MoEExperts, whose model code calls ``expert_linear``).
+# Their load code (``_load_from_state_dict``) reads it too, as the value to keep: it is not wrapped
+_FPMM_READERS = ("forward", "_expert_linear_impl")
 _ABSENT = object()
-
-
-class _AlwaysFullPrecision:
-    """Installed on ComfyUI's mixed-precision layer classes for the span: every instance reads ``_full_precision_mm``
-    as True (a data descriptor wins over the instance's own attribute); writes still go to the instance, so its own
-    setting holds again once the descriptor is taken off."""
-
-    def __get__(self, obj, objtype=None):
-        return True
-
-    def __set__(self, obj, value):
-        obj.__dict__[_FPMM] = value
-
-    def __delete__(self, obj):
-        obj.__dict__.pop(_FPMM, None)
-
-
-_FULL_PRECISION = _AlwaysFullPrecision()
 _noted: list = []
+
+
+def _full_precision_call(own):
+    """``own`` (a layer method that reads ``_full_precision_mm``) with the instance's ``_full_precision_mm`` True for
+    the duration of the call, when this thread routes (a deterministic call; others, and every thread outside
+    deterministic mode, run ``own`` as it is): ComfyUI's full-precision path. The instance's own value is put back in
+    ``finally`` (unless the call itself wrote another), so load code, which runs outside these methods, reads and
+    keeps the layer's real setting (a checkpoint's ``full_precision_matrix_mult``)."""
+    from jetdet.mode import _routes_here
+
+    @functools.wraps(own)
+    def call(self, *args, **kwargs):
+        if not _routes_here():
+            return own(self, *args, **kwargs)
+        d = self.__dict__
+        before = d.get(_FPMM, _ABSENT)
+        d[_FPMM] = True
+        try:
+            return own(self, *args, **kwargs)
+        finally:
+            if d.get(_FPMM, _ABSENT) is True:  # not rewritten by the call
+                if before is _ABSENT:
+                    d.pop(_FPMM, None)
+                else:
+                    d[_FPMM] = before
+
+    call._jetdet_own = own
+    return call
 
 
 def _mixed_precision_classes() -> list:
@@ -188,6 +252,11 @@ def sdpa_attention():
             except BaseException:
                 _swap_out()
                 raise
+        else:  # nested: layer classes and comfy_kitchen ops that appeared since the outer entry (put back with it)
+            from . import kitchen
+
+            _swap_layer_classes()
+            kitchen.install()
         _depth += 1
     try:
         yield

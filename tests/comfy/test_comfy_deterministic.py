@@ -226,11 +226,18 @@ def test_scaled_fp8_linears_round_the_same_alone_and_in_a_batch(comfy_dir, fp8_m
 
 
 def _stand_in_mixed_precision_ops():
-    """A small stand-in of newer ComfyUI's ``comfy.ops.mixed_precision_ops`` (0.7, 0.33; not in 0.3.64): a layer
-    class defined inside a ``MixedPrecisionOps`` class, ``CastWeightBiasOp`` among its bases, that reads its instance
-    attribute ``_full_precision_mm`` in ``forward``. Off, it rounds its input on a grid scaled by the absolute
-    maximum of the whole input (what an nvfp4 layer without an ``input_scale`` does); on, the plain F.linear."""
+    """A small stand-in of newer ComfyUI's ``comfy.ops.mixed_precision_ops`` (0.7, 0.33; not in 0.3.64): layer classes
+    defined inside a ``MixedPrecisionOps`` class, ``CastWeightBiasOp`` among their bases, that read their instance
+    attribute ``_full_precision_mm`` where ComfyUI's do: ``Linear.forward`` and ``Experts._expert_linear_impl`` (0.33's
+    MoEExperts, which model code calls through ``expert_linear``). Off, they round their input on a grid scaled by the
+    absolute maximum of the whole input (what an nvfp4 layer without an ``input_scale`` does); on, the plain F.linear.
+    ``load`` keeps a checkpoint's ``full_precision_matrix_mult`` as ComfyUI's loader does (``if not
+    module._full_precision_mm: module._full_precision_mm = config``)."""
     import comfy.ops
+
+    def rounded(x):
+        scale = x.abs().amax() / 6.0  # the whole input's maximum: the batch's
+        return (x / scale).round().clamp(-6, 6) * scale
 
     class MixedPrecisionOps(comfy.ops.manual_cast):
         class Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
@@ -239,44 +246,167 @@ def _stand_in_mixed_precision_ops():
                 self.weight, self.bias = torch.nn.Parameter(w, False), torch.nn.Parameter(b, False)
                 self._full_precision_mm = False  # ComfyUI sets it per instance, at init and at load
 
+            def load(self, full_precision_matrix_mult):
+                self._full_precision_mm_config = full_precision_matrix_mult
+                if not self._full_precision_mm:
+                    self._full_precision_mm = self._full_precision_mm_config
+
             def forward(self, x):
                 if not self._full_precision_mm:
-                    scale = x.abs().amax() / 6.0  # the whole input's maximum: the batch's
-                    x = (x / scale).round().clamp(-6, 6) * scale
+                    x = rounded(x)
                 return torch.nn.functional.linear(x, self.weight, self.bias)
 
+        class Experts(torch.nn.Module, comfy.ops.CastWeightBiasOp):
+            def __init__(self, w):
+                super().__init__()
+                self.weight = torch.nn.Parameter(w, False)  # (experts, out, in)
+                self._full_precision_mm = False
+
+            def expert_linear(self, x, i):
+                return self._expert_linear_impl(x, self.weight, i)
+
+            def _expert_linear_impl(self, x, weight, i):
+                if not self._full_precision_mm:
+                    x = rounded(x)
+                return torch.nn.functional.linear(x, weight[i])
+
     return MixedPrecisionOps
+
+
+def _items_alone(f, x):
+    """For each item of ``x``: whether ``f`` of the batch holds the same bits as ``f`` of the item alone."""
+    full = f(x)
+    return [torch.equal(full[i], f(x[i:i + 1])[0]) for i in range(x.shape[0])]
+
+
+def _standin_layers(ops):
+    g = torch.Generator().manual_seed(0)
+    layer = ops.Linear(torch.randn(16, 32, generator=g) * 0.1, torch.randn(16, generator=g) * 0.1)
+    experts = ops.Experts(torch.randn(2, 16, 32, generator=g) * 0.1)
+    x = torch.randn(4, 3, 32, generator=g)
+    x[3] *= 50  # one item with a large range sets the batch's scale
+    return layer, experts, x
 
 
 def test_mixed_precision_layers_take_the_full_precision_path_in_deterministic_calls(comfy_dir):
     """Newer ComfyUI loads quantized checkpoints as ``mixed_precision_ops`` layers, which quantize their input where
     the device computes in that format; nvfp4 without an ``input_scale`` scales it by the whole batch's maximum, so an
     item alone and in a batch were rounded differently, silently (a trial on 0.33 and 0.7: 3 of 4 items). During
-    deterministic calls the layers take ComfyUI's full-precision path (``_full_precision_mm``), here on a stand-in of
-    that API. Negative control: in deterministic mode without the swap the items differ; afterwards each layer reads
-    its own setting again and its class is as it was."""
+    deterministic calls the layers' compute methods (``forward``, and 0.33's ``_expert_linear_impl``) take ComfyUI's
+    full-precision path (``_full_precision_mm``), here on a stand-in of that API. Negative controls: in deterministic
+    mode without the swap the items differ; within the span but outside deterministic mode (this thread does not
+    route) the layer is ComfyUI's. Afterwards each layer reads its own setting again and its class is as it was."""
     import jetdet
     from jetdet.comfy.attention import sdpa_attention
 
     ops = _stand_in_mixed_precision_ops()
-    g = torch.Generator().manual_seed(0)
-    layer = ops.Linear(torch.randn(16, 32, generator=g) * 0.1, torch.randn(16, generator=g) * 0.1)
-    x = torch.randn(4, 3, 32, generator=g)
-    x[3] *= 50  # one item with a large range sets the batch's scale
-    with torch.no_grad(), jetdet.mode("deterministic"):
-        plain = [torch.equal(layer(x)[i], layer(x[i:i + 1])[0]) for i in range(4)]
-        with sdpa_attention():
-            swapped = [torch.equal(layer(x)[i], layer(x[i:i + 1])[0]) for i in range(4)]
-            full = layer(x)
-    assert plain == [False, False, False, True]  # the negative control
-    assert swapped == [True] * 4
+    own = (vars(ops.Linear)["forward"], vars(ops.Experts)["_expert_linear_impl"])
+    layer, experts, x = _standin_layers(ops)
+    expert = lambda t: experts.expert_linear(t, 1)  # noqa: E731
+    with torch.no_grad():
+        with jetdet.mode("deterministic"):
+            plain = _items_alone(layer, x), _items_alone(expert, x)
+            with sdpa_attention():
+                swapped = _items_alone(layer, x), _items_alone(expert, x)
+                full = layer(x)
+                assert layer._full_precision_mm is False  # outside the call: the layer's own value
+        with sdpa_attention():  # this thread does not route: ComfyUI's own (rounded) path
+            other = torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert plain == ([False, False, False, True],) * 2  # the negative control
+    assert other is False
+    assert swapped == ([True] * 4,) * 2
     assert torch.equal(full, torch.nn.functional.linear(x, layer.weight, layer.bias))
-    assert layer._full_precision_mm is False and "_full_precision_mm" not in vars(ops.Linear)
+    assert layer._full_precision_mm is False and "_full_precision_mm" not in vars(layer.__class__)
+    assert (vars(ops.Linear)["forward"], vars(ops.Experts)["_expert_linear_impl"]) == own
 
 
-def test_real_mixed_precision_nvfp4_layer_items_equal_alone_and_in_a_batch(comfy_dir):
-    """The same on newer ComfyUI's own ``mixed_precision_ops`` with an nvfp4 weight (compute enabled, as on a GPU
-    that has it; comfy_kitchen computes it on the CPU too). Skipped on ComfyUI 0.3.64, which has no such layers."""
+def test_a_mixed_precision_layer_loaded_in_a_deterministic_call_keeps_its_checkpoints_setting(comfy_dir):
+    """ComfyUI's loader keeps a checkpoint's ``full_precision_matrix_mult`` with ``if not module._full_precision_mm:
+    module._full_precision_mm = config``. A layer loaded while the span is active (a model loaded during sampling, or
+    on another thread while one samples) must store it: once the span ends the layer runs its checkpoint's
+    full-precision path. With the class-wide descriptor of 90d68bb that read returned True, so the layer stored
+    nothing and took the quantized path afterwards (this test failed there: ``_full_precision_mm`` False). On the
+    stand-in; ``test_real_...`` below on ComfyUI's own layer."""
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    ops = _stand_in_mixed_precision_ops()
+    with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
+        (on, _, x), (off, _, _), (off2, _, _) = (_standin_layers(ops) for _ in range(3))
+        on.load(True)
+        off.load(False)
+        with sdpa_attention():  # nested: the same
+            off2.load(False)
+        during = _items_alone(on, x), _items_alone(off, x)
+    assert during == ([True] * 4,) * 2  # the span's full-precision path
+    assert on._full_precision_mm is True and (off._full_precision_mm, off2._full_precision_mm) == (False, False)
+    with torch.no_grad(), jetdet.mode("deterministic"):  # outside the span: each its checkpoint's path
+        after = _items_alone(on, x), _items_alone(off, x)
+    assert after == ([True] * 4, [False, False, False, True])
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_mixed_precision_classes_created_during_the_span_are_swapped(comfy_dir, monkeypatch, nested):
+    """A quantized model built while a deterministic call runs (a node or patch that loads one during sampling) has
+    layer classes of its own, created after the outermost entry's scan: they were not swapped, so its layers kept the
+    quantized path in deterministic calls, silently. Now a class created during the span is swapped as Python creates
+    it (``__init_subclass__`` on ``CastWeightBiasOp``), and every entry, nested ones included, scans again.
+    ``nested=False``: the layer called in the same call that built it; ``nested=True``: through a nested
+    deterministic call. Negative control: without the ``__init_subclass__`` hook the same call's items differ, while
+    the nested call's rescan alone still covers the nested case."""
+    import comfy.ops
+
+    import jetdet
+    from jetdet.comfy import attention
+    from jetdet.comfy.attention import sdpa_attention
+
+    def run():
+        with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
+            ops = _stand_in_mixed_precision_ops()
+            layer, experts, x = _standin_layers(ops)
+            if nested:
+                with jetdet.mode("deterministic"), sdpa_attention():
+                    return _items_alone(layer, x), _items_alone(lambda t: experts.expert_linear(t, 0), x), ops
+
+            return _items_alone(layer, x), _items_alone(lambda t: experts.expert_linear(t, 0), x), ops
+
+    *items, ops = run()
+    assert items == [[True] * 4] * 2
+    assert "__init_subclass__" not in vars(comfy.ops.CastWeightBiasOp)  # the hook is taken off with the rest
+    assert not hasattr(vars(ops.Linear)["forward"], "_jetdet_own")
+    monkeypatch.setattr(attention, "_hook_new_classes", lambda: None)
+    *items, ops = run()
+    assert items == ([[True] * 4] * 2 if nested else [[False, False, False, True]] * 2)  # the negative control
+
+
+def test_mixed_precision_readers_of_full_precision_mm_are_all_wrapped(comfy_dir):
+    """Every method of ComfyUI's own mixed-precision layer classes that reads ``_full_precision_mm`` while computing is
+    one jetdet wraps for the span (``_FPMM_READERS``; 0.7.0: ``Linear.forward``; 0.33: also
+    ``MoEExperts._expert_linear_impl``); the others that read it are ``__init__`` and load code, which must see the
+    layer's own value. A newer ComfyUI that reads it somewhere else fails here. Skipped on 0.3.64 (no such layers)."""
+    import comfy.ops
+
+    from jetdet.comfy import attention
+
+    if not hasattr(comfy.ops, "mixed_precision_ops"):
+        pytest.skip("this ComfyUI has no mixed_precision_ops (newer than 0.3.64)")
+
+    def reads(code):
+        return "_full_precision_mm" in code.co_names or any(
+            reads(c) for c in code.co_consts if hasattr(c, "co_names"))
+
+    ops = comfy.ops.mixed_precision_ops({}, torch.bfloat16, disabled=set())
+    readers = {(c.__name__, name) for c in vars(ops).values() if isinstance(c, type)
+               for name, f in vars(c).items() if hasattr(f, "__code__") and reads(f.__code__)}
+    compute = {(c, n) for c, n in readers if n != "__init__" and "load" not in n and "state_dict" not in n}
+    assert ("Linear", "forward") in compute
+    assert {n for _, n in compute} <= set(attention._FPMM_READERS), compute
+
+
+def _real_nvfp4_layer(full_precision_matrix_mult=None, layer=None):
+    """Newer ComfyUI's own ``mixed_precision_ops`` Linear (``layer``, else a new one of a new ops class) with an
+    nvfp4 weight (compute enabled, as on a GPU that has it; comfy_kitchen computes it on the CPU too), loaded through
+    ComfyUI's loader; skips on 0.3.64."""
     import json
 
     import comfy.ops
@@ -285,24 +415,81 @@ def test_real_mixed_precision_nvfp4_layer_items_equal_alone_and_in_a_batch(comfy
         pytest.skip("this ComfyUI has no mixed_precision_ops (newer than 0.3.64)")
     import comfy.quant_ops as q
 
+    g = torch.Generator().manual_seed(0)
+    if layer is None:
+        layer = comfy.ops.mixed_precision_ops({}, torch.bfloat16, disabled=set()).Linear(64, 32, dtype=torch.bfloat16)
+    qdata, params = q.get_layout_class(q.QUANT_ALGOS["nvfp4"]["comfy_tensor_layout"]).quantize(
+        (torch.randn(32, 64, generator=g) * 0.1).to(torch.bfloat16))
+    conf = {"format": "nvfp4"}
+    if full_precision_matrix_mult is not None:
+        conf["full_precision_matrix_mult"] = full_precision_matrix_mult
+    conf = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    layer.load_state_dict({"weight": qdata, "weight_scale": params.block_scale, "weight_scale_2": params.scale,
+                           "comfy_quant": conf, "bias": torch.randn(32, generator=g).to(torch.bfloat16)}, strict=False)
+    return layer
+
+
+def _real_x():
+    x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x[3] *= 50
+    return x
+
+
+def test_real_mixed_precision_nvfp4_layer_items_equal_alone_and_in_a_batch(comfy_dir):
+    """The same on newer ComfyUI's own ``mixed_precision_ops`` with an nvfp4 weight. Skipped on ComfyUI 0.3.64, which
+    has no such layers."""
     import jetdet
     from jetdet.comfy.attention import sdpa_attention
 
-    g = torch.Generator().manual_seed(0)
-    layer = comfy.ops.mixed_precision_ops({}, torch.bfloat16, disabled=set()).Linear(64, 32, dtype=torch.bfloat16)
-    qdata, params = q.get_layout_class(q.QUANT_ALGOS["nvfp4"]["comfy_tensor_layout"]).quantize(
-        (torch.randn(32, 64, generator=g) * 0.1).to(torch.bfloat16))
-    conf = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
-    layer.load_state_dict({"weight": qdata, "weight_scale": params.block_scale, "weight_scale_2": params.scale,
-                           "comfy_quant": conf, "bias": torch.randn(32, generator=g).to(torch.bfloat16)}, strict=False)
-    x = torch.randn(4, 16, 64, generator=g).to(torch.bfloat16)
-    x[3] *= 50
+    layer = _real_nvfp4_layer()
+    x = _real_x()
     with torch.no_grad(), jetdet.mode("deterministic"):
-        plain = [torch.equal(layer(x)[i], layer(x[i:i + 1])[0]) for i in range(4)]
+        plain = _items_alone(layer, x)
         with sdpa_attention():
-            swapped = [torch.equal(layer(x)[i], layer(x[i:i + 1])[0]) for i in range(4)]
+            swapped = _items_alone(layer, x)
     assert plain == [False, False, False, True]  # ComfyUI's own quantized path (the negative control)
     assert swapped == [True] * 4
+
+
+def test_real_mixed_precision_layer_loaded_in_a_deterministic_call_keeps_its_checkpoints_setting(comfy_dir):
+    """ComfyUI's own loader, run inside a deterministic call, on a checkpoint layer that says
+    ``full_precision_matrix_mult: true``: afterwards the layer holds it and takes the full-precision path (on 90d68bb
+    it held False). One without it keeps the quantized path."""
+    import comfy.ops
+
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    if not hasattr(comfy.ops, "mixed_precision_ops"):
+        pytest.skip("this ComfyUI has no mixed_precision_ops (newer than 0.3.64)")
+    x = _real_x()
+    ops = comfy.ops.mixed_precision_ops({}, torch.bfloat16, disabled=set())  # the class exists before the span
+    on, off = (ops.Linear(64, 32, dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
+        _real_nvfp4_layer(True, on)
+        _real_nvfp4_layer(None, off)
+    assert (on._full_precision_mm, on._full_precision_mm_config, off._full_precision_mm) == (True, True, False)
+    with torch.no_grad(), jetdet.mode("deterministic"):  # outside the span: each its checkpoint's path
+        assert (_items_alone(on, x), _items_alone(off, x)) == ([True] * 4, [False, False, False, True])
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_real_mixed_precision_layer_built_during_the_span_is_swapped(comfy_dir, nested):
+    """ComfyUI's own nvfp4 layer whose ops class was created inside a deterministic call, called in that call or in
+    a nested one: items equal alone and in a batch (on 90d68bb, ``[False, False, False, True]`` in the nested case,
+    silently)."""
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    x = _real_x()
+    with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
+        layer = _real_nvfp4_layer()
+        if nested:
+            with jetdet.mode("deterministic"), sdpa_attention():
+                items = _items_alone(layer, x)
+        else:
+            items = _items_alone(layer, x)
+    assert items == [True] * 4
 
 
 def test_stock_sampling_under_memory_pressure_differs_negative_control(shapes_patcher, shapes_conds):
