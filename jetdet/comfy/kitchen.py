@@ -2,19 +2,33 @@
 
 Newer ComfyUI calls the fused kernels of ``comfy_kitchen`` (a package it requires) from its models: Flux's RoPE
 (``apply_rope``), LTX's and LTX-2's RMS-norm adaptive layer norm (``rms_adaln``), the RMS norm + RoPE of Lumina,
-Cosmos, Ernie and others (``rms_rope*``), and quantized matrix multiplies. They are custom ops
+Cosmos, Ernie and others (``rms_rope*``), quantized matrix multiplies and int8 attention. They are custom ops
 (``torch.ops.comfy_kitchen.*``): the deterministic router sees each as one call and, not knowing it, ran the library's
 kernel (its own CUDA kernel on a GPU) with no warning, so the batch-invariance guarantee silently did not cover it.
-:func:`install` tells the router about them:
+:func:`install` tells the router about every op of the namespace, with an explicit allow-list, so that an op added to
+comfy_kitchen later warns until it is looked at:
 
 - ``adaln``, ``rms_adaln``, ``rms_rope*`` (a norm over the last dimension, a reduction): computed from their
   definitions with jetdet's routed ``layer_norm`` / ``rms_norm`` and elementwise arithmetic (the RoPE part through
-  comfy_kitchen's own elementwise op), in the input's dtype, as the library's op returns it;
-- ``apply_rope*``, ``quantize_*``/``dequantize_*``: elementwise (each output element from its own inputs), left as
-  they are;
-- the quantized matrix multiplies and ``na3d`` (neighbourhood attention): not routed, the named fallback warning.
+  comfy_kitchen's own elementwise op). The result is in the input's dtype, as comfy_kitchen's CUDA and Triton kernels
+  and the op's registered fake return it; its eager (CPU) backend returns the promoted dtype instead where the
+  modulation's dtype is wider (``rms_adaln``/``adaln`` of a bf16 ``x`` with fp32 ``scale``/``shift``: fp32), so
+  there jetdet's result is bf16 where the library's is fp32;
+- left as they are (the allow-list, each checked against comfy_kitchen 0.2.31's eager source, :data:`_ALLOWED`): the
+  elementwise ops, ``apply_rope*`` (each output element from its own pair and frequencies), the ``dequantize_*`` of
+  fp8, nvfp4, mxfp8 and int8 (stored values times their scales), ``quantize_fp8`` (by the scale it is given); the
+  quantizers whose scales come from one row alone, ``quantize_nvfp4`` / ``quantize_mxfp8`` (a maximum over each
+  block of 16 or 32 elements of a row, exact in any order) and ``quantize_int8_rowwise`` (each row's maximum); the
+  ConvRot weight (de)quantizers, whose Hadamard rotation is a product over a weight, which has no batch;
+  ``dequantize_int8_embedding`` without ConvRot (a row gather and its scale; with it, a product over the looked-up
+  rows, which are the batch's: warned);
+- every other op, the named fallback warning: the quantized matrix multiplies (``scaled_mm_*``, ``int8_linear``,
+  ``gemv_awq_w4a16``), the int8 attention (``int8_attention*``), ``na3d`` (neighbourhood attention),
+  ``quantize_svdquant_w4a4`` (its low-rank branch is a product of the input), ``quantize_int8_tensorwise`` (one
+  scale from the whole input's maximum, batch included), and any op not named here.
 
-It runs once comfy_kitchen is imported (ComfyUI imports it at start-up), at the first deterministic model call.
+It runs once comfy_kitchen is imported (ComfyUI imports it at start-up), at every deterministic model call: an op is
+handled once; an op registered since (the namespace grew) is handled at the next call.
 """
 
 from __future__ import annotations
@@ -25,14 +39,36 @@ import torch
 import torch.nn.functional as F
 
 _done: set = set()
+_sizes: dict = {}  # id(namespace) -> its number of attributes when install last looked
 
-_UNROUTED = {
-    "scaled_mm_nvfp4": "a quantized matrix multiply",
-    "scaled_mm_mxfp8": "a quantized matrix multiply",
-    "scaled_mm_svdquant_w4a4": "a quantized matrix multiply",
-    "gemv_awq_w4a16": "a quantized matrix multiply",
-    "na3d": "neighbourhood attention",
+# comfy_kitchen's ops that pass as they are, with why (comfy_kitchen 0.2.31's eager source)
+_ALLOWED = {
+    **{n: "elementwise: each output element from its own pair and frequencies" for n in (
+        "apply_rope", "apply_rope_", "apply_rope1", "apply_rope1_", "apply_rope_split_half", "apply_rope_split_half_",
+        "apply_rope_split_half1", "apply_rope_split_half1_")},
+    **{n: "elementwise: the stored values times their scales" for n in (
+        "dequantize_fp8", "dequantize_nvfp4", "dequantize_mxfp8", "dequantize_int8_simple",
+        "dequantize_int8_simple_dtype")},
+    "quantize_fp8": "elementwise: by the scale it is given",
+    "quantize_nvfp4": "row-local: the given scale and the maximum of each block of 16 elements of a row",
+    "quantize_mxfp8": "row-local: the maximum of each block of 32 elements of a row",
+    "quantize_int8_rowwise": "row-local: each row's own maximum",
+    **{n: "a weight's: the Hadamard rotation is a product over the weight, which has no batch" for n in (
+        "quantize_int8_convrot_weight", "dequantize_int8_convrot_weight", "dequantize_int8_convrot_weight_dtype")},
 }
+
+# the reasons the fallback warning names, for the ops known to need it (any other: _UNKNOWN)
+_UNROUTED = {
+    **{n: "a quantized matrix multiply" for n in (
+        "scaled_mm_nvfp4", "scaled_mm_mxfp8", "scaled_mm_svdquant_w4a4", "gemv_awq_w4a16", "int8_linear")},
+    "int8_attention": "an int8 attention",
+    "int8_attention_masked": "an int8 attention",
+    "na3d": "neighbourhood attention",
+    "quantize_svdquant_w4a4": "a quantizer whose low-rank branch is a matrix multiply of its input",
+    "quantize_int8_tensorwise": "a quantizer scaled by the whole input's maximum, batch included",
+    "dequantize_int8_embedding": "with ConvRot a matrix multiply over the looked-up rows",
+}
+_UNKNOWN = "an op jetdet does not know to be elementwise"
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -87,41 +123,60 @@ def _rms_rope(ns, pair: bool, split_half: bool, in_place: bool):
     return handler
 
 
+def _embedding_lookup(warned):
+    """``dequantize_int8_embedding``: without ConvRot (``group_size <= 0``) a row gather and its scale, left as it is;
+    with it the looked-up rows are rotated by a matrix multiply, so the fallback warning."""
+    def handler(func, args, kwargs):
+        if _arg(args, kwargs, 3, "group_size", 0) <= 0:
+            return func(*args, **kwargs)
+        return warned(func, args, kwargs)
+
+    handler.torch_itself = True
+    return handler
+
+
+def _ops(ns) -> list:
+    return [n for n, v in list(vars(ns).items()) if isinstance(v, torch._ops.OpOverloadPacket)]
+
+
 def install(ns=None) -> list:
-    """Route comfy_kitchen's ops in deterministic mode (see the module docstring); once per op. ``ns``: the ops'
-    namespace (``torch.ops.comfy_kitchen`` by default; nothing is done while comfy_kitchen is not imported). Returns
-    the names newly routed."""
+    """Tell the router about comfy_kitchen's ops (see the module docstring): each op once, those registered since the
+    last call too. ``ns``: the ops' namespace (``torch.ops.comfy_kitchen`` by default; nothing is done while
+    comfy_kitchen is not imported). Returns the names newly routed or warned, sorted (the allowed ones are not
+    listed)."""
     if ns is None:
         if "comfy_kitchen" not in sys.modules:
             return []
         ns = torch.ops.comfy_kitchen
-    from jetdet.mode import route_op
+    size = len(vars(ns))
+    if _sizes.get(id(ns)) == size:
+        return []  # nothing registered since (the common case: one len() per deterministic call)
+    from jetdet.mode import _h_unrouted, route_op
 
-    new = []
     handlers = {"adaln": lambda: _modulated(F.layer_norm), "rms_adaln": lambda: _modulated(F.rms_norm)}
     for base, pair, split in (("rms_rope", True, False), ("rms_rope1", False, False),
                               ("rms_rope_split_half", True, True), ("rms_rope_split_half1", False, True)):
         for in_place in (False, True):
             handlers[base + ("_" if in_place else "")] = (
                 lambda p=pair, sp=split, ip=in_place: _rms_rope(ns, p, sp, ip))
-    for name, make in handlers.items():
+    new = []
+    for name in _ops(ns):
         key = (id(ns), name)
-        if key in _done or not hasattr(ns, name):
+        if key in _done:
+            continue
+        _done.add(key)
+        if name in _ALLOWED:
             continue
         packet = getattr(ns, name)
-        h = make()
+        if name in handlers:
+            h = handlers[name]()
+        else:
+            why = f"comfy_kitchen's {name} is {_UNROUTED.get(name, _UNKNOWN)} jetdet does not route"
+            h = _h_unrouted(why)
+            if name == "dequantize_int8_embedding":
+                h = _embedding_lookup(h)
         for f in (packet, *(getattr(packet, o) for o in packet.overloads())):
             route_op(f, h)
-        _done.add(key)
         new.append(name)
-    for name, what in _UNROUTED.items():
-        key = (id(ns), name)
-        if key in _done or not hasattr(ns, name):
-            continue
-        packet = getattr(ns, name)
-        why = f"comfy_kitchen's {name} is {what} jetdet does not route"
-        for f in (packet, *(getattr(packet, o) for o in packet.overloads())):
-            route_op(f, unrouted=why)
-        _done.add(key)
-        new.append(name)
-    return new
+    _sizes[id(ns)] = size
+    return sorted(new)

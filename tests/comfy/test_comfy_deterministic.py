@@ -985,7 +985,8 @@ def test_an_item_taken_out_of_a_batch_with_batch_wide_conditioning_is_named(shap
 def _stand_in_kitchen():
     """A small stand-in of comfy_kitchen's custom ops (``torch.ops.comfy_kitchen.*``; newer ComfyUI requires that
     package, CI's 0.3.64 does not) under a namespace of its own: ``rms_adaln`` whose result depends on the batch size
-    (as a fused kernel's may), ``apply_rope1`` (elementwise) and ``na3d`` (an op jetdet does not route)."""
+    (as a fused kernel's may), ``apply_rope1`` (elementwise, on the allow-list), ``na3d`` (an op jetdet names) and
+    ``mystery_mm`` (a matrix multiply under a name jetdet has never seen)."""
     ns = "jetdet_test_kitchen"
     if not hasattr(torch.ops, ns) or not hasattr(getattr(torch.ops, ns), "rms_adaln"):
         @torch.library.custom_op(f"{ns}::rms_adaln", mutates_args=())
@@ -1001,16 +1002,21 @@ def _stand_in_kitchen():
         @torch.library.custom_op(f"{ns}::na3d", mutates_args=())
         def na3d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        @torch.library.custom_op(f"{ns}::mystery_mm", mutates_args=())
+        def mystery_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a @ b
     return getattr(torch.ops, ns)
 
 
-def test_comfy_kitchen_fused_norms_are_routed_and_its_contractions_warned(comfy_dir):
+def test_comfy_kitchen_fused_norms_are_routed_and_its_other_ops_warned(comfy_dir):
     """Newer ComfyUI's models call comfy_kitchen's fused ops (LTX's ``rms_adaln``, Lumina's ``rms_rope1``, ...),
     custom ops that the router saw as one unknown call and ran as they are, silently outside the guarantee.
-    ``jetdet.comfy.kitchen.install`` computes the fused norms from their definitions with jetdet's routed norms and
-    names the ones it does not route in the fallback warning. Here on a stand-in namespace whose ``rms_adaln`` depends
-    on the batch size. Negative control: in deterministic mode before ``install`` its items differ alone and in a
-    batch, with no warning."""
+    ``jetdet.comfy.kitchen.install`` computes the fused norms from their definitions with jetdet's routed norms,
+    leaves an allow-list of elementwise ops as they are, and names every other op in the fallback warning, including
+    one it has never heard of and one registered after the first ``install``. Here on a stand-in namespace whose
+    ``rms_adaln`` depends on the batch size. Negative controls: in deterministic mode before ``install`` its items
+    differ alone and in a batch, with no warning; the allow-listed ``apply_rope1`` does not warn."""
     import jetdet
     from jetdet.comfy import kitchen
 
@@ -1024,23 +1030,80 @@ def test_comfy_kitchen_fused_norms_are_routed_and_its_contractions_warned(comfy_
         full = f(*ts)
         return [torch.equal(full[i], f(*(t[i:i + 1] for t in ts))[0]) for i in range(4)]
 
+    def said(caught, name):
+        return [str(w.message) for w in caught if f" {name} falls back" in str(w.message)]
+
     adaln = lambda a, b, c: ns.rms_adaln(a, b, c, 1e-6)  # noqa: E731
     with warnings.catch_warnings(record=True) as caught, jetdet.mode("deterministic"):
         warnings.simplefilter("always")
         before = items(adaln, x, scale, shift)
+        ns.mystery_mm(q[0], q[0].T)
     assert before == [False] * 4 and not caught  # the negative control: silently batch dependent
-    assert kitchen.install(ns) == ["rms_adaln", "na3d"]
+    assert kitchen.install(ns) == ["mystery_mm", "na3d", "rms_adaln"]
     assert kitchen.install(ns) == []  # once
     with warnings.catch_warnings(record=True) as caught, jetdet.mode("deterministic"):
         warnings.simplefilter("always")
         after = items(adaln, x, scale, shift)
         out = adaln(x, scale, shift)
         ns.na3d(q[:, None], q[:, None], q[:, None], 3)
+        ns.mystery_mm(q[0], q[0].T)
+        assert ns.apply_rope1(q, freqs).shape == q.shape  # elementwise: left as it is
     assert after == [True] * 4
     ref = torch.nn.functional.rms_norm(x, (64,), eps=1e-6) * (1 + scale) + shift
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert [str(w.message) for w in caught if "na3d" in str(w.message)], [str(w.message) for w in caught]
-    assert ns.apply_rope1(q, freqs).shape == q.shape  # elementwise: left as it is
+    assert said(caught, "na3d") and said(caught, "mystery_mm") and not said(caught, "apply_rope1"), [
+        str(w.message) for w in caught]
+    assert "does not know to be elementwise" in said(caught, "mystery_mm")[0]
+    if not hasattr(ns, "later_mm"):  # an op registered after install: handled at the next install
+        @torch.library.custom_op("jetdet_test_kitchen::later_mm", mutates_args=())
+        def later_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a @ b
+    assert kitchen.install(ns) == ["later_mm"]
+    with warnings.catch_warnings(record=True) as caught, jetdet.mode("deterministic"):
+        warnings.simplefilter("always")
+        ns.later_mm(q[0], q[0].T)
+    assert said(caught, "later_mm")
+
+
+def test_real_comfy_kitchen_ops_are_routed_allowed_or_warned(comfy_dir):
+    """On comfy_kitchen itself (newer ComfyUI; skipped where it is not installed): after ``install`` every op of the
+    namespace is routed, warned, or on the allow-list; the contractions that passed silently before
+    (``int8_linear``, ``int8_attention*``, ``quantize_svdquant_w4a4``, whose low-rank branch is a matrix multiply of
+    the input) now warn, in a deterministic call too. The routed ``rms_adaln`` returns ``x``'s dtype, as the op's
+    registered fake does, while comfy_kitchen's eager CPU backend promotes a bf16 ``x`` with fp32 modulation to fp32
+    (what the README says)."""
+    ck = pytest.importorskip("comfy_kitchen")
+    assert ck is not None
+    import jetdet
+    from jetdet.comfy import kitchen
+    from jetdet.mode import handler_for
+
+    kitchen.install()
+    ns = torch.ops.comfy_kitchen
+    names = [n for n, v in vars(ns).items() if isinstance(v, torch._ops.OpOverloadPacket)]
+    unhandled = [n for n in names if handler_for(getattr(ns, n)) is None]
+    assert sorted(unhandled) == sorted(n for n in names if n in kitchen._ALLOWED)
+    for n in ("int8_linear", "int8_attention", "int8_attention_masked", "quantize_svdquant_w4a4",
+              "quantize_int8_tensorwise", "scaled_mm_nvfp4"):
+        if n in names:
+            assert getattr(handler_for(getattr(ns, n)), "torch_itself", False), n
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g).bfloat16()
+    smooth = torch.rand(256, generator=g).bfloat16() + 0.5
+    down = torch.randn(256, 32, generator=g).bfloat16()
+    with warnings.catch_warnings(record=True) as caught, jetdet.mode("deterministic"):
+        warnings.simplefilter("always")
+        ns.quantize_svdquant_w4a4(x, smooth, down, 256, False, None)
+    assert [w for w in caught if "quantize_svdquant_w4a4 falls back" in str(w.message)]
+    xb, sc, sh = torch.randn(2, 5, 64, generator=g).bfloat16(), torch.randn(2, 1, 64), torch.randn(2, 1, 64)
+    with jetdet.mode("deterministic"):
+        ours = ns.rms_adaln(xb, sc, sh, 1e-6)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as fm:
+        fake = ns.rms_adaln(fm.from_tensor(xb), fm.from_tensor(sc), fm.from_tensor(sh), 1e-6)
+    assert ours.dtype == fake.dtype == torch.bfloat16
+    assert ns.rms_adaln(xb, sc, sh, 1e-6).dtype == torch.float32  # the eager CPU backend: promoted
 
 
 def test_linear_input_act_takes_the_plain_path_in_deterministic_calls(comfy_dir, monkeypatch):
