@@ -1108,23 +1108,51 @@ def test_real_comfy_kitchen_ops_are_routed_allowed_or_warned(comfy_dir):
 
 def test_linear_input_act_takes_the_plain_path_in_deterministic_calls(comfy_dir, monkeypatch):
     """Newer ComfyUI's Wan and LTX MLPs call ``comfy.ops.linear_input_act(linear, x, act)``, which hands an int8
-    layer's input straight to comfy_kitchen's int8 kernel, unseen by the router. During deterministic calls it is
-    ComfyUI's plain path, ``linear(act(x))``; afterwards ComfyUI's again. On 0.3.64 (no such function) a stand-in;
-    negative control: the stand-in itself, outside the span, is not the plain path."""
+    layer's input straight to comfy_kitchen's int8 kernel (``int8_linear``), unseen by the router. During
+    deterministic calls it is ComfyUI's plain path, ``linear(act(x))``, and the kernel is not called; outside the span
+    ComfyUI's again, and the kernel is called (the negative control; a test that compared outputs on a plain
+    ``nn.Linear`` could not fail on 0.33, where both paths give ``linear(act(x))``). On 0.33/0.7 a real int8
+    ``mixed_precision_ops`` layer with comfy_kitchen's ``int8_linear`` counted; on 0.3.64 (no such function) a
+    stand-in ``linear_input_act`` whose "kernel" is counted the same way."""
     import comfy.ops
 
+    import jetdet
     from jetdet.comfy.attention import sdpa_attention
 
-    if not hasattr(comfy.ops, "linear_input_act"):
+    calls = []
+    g = torch.Generator().manual_seed(0)
+    if hasattr(comfy.ops, "linear_input_act") and hasattr(comfy.ops, "mixed_precision_ops"):
+        import json
+
+        import comfy.quant_ops as q
+
+        real = q.ck.int8_linear
+        monkeypatch.setattr(q.ck, "int8_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+        lin = comfy.ops.mixed_precision_ops({}, torch.bfloat16, disabled=set()).Linear(64, 32, dtype=torch.bfloat16)
+        qdata, params = q.get_layout_class(q.QUANT_ALGOS["int8_tensorwise"]["comfy_tensor_layout"]).quantize(
+            (torch.randn(32, 64, generator=g) * 0.1).to(torch.bfloat16), scale="recalculate")
+        conf = torch.tensor(list(json.dumps({"format": "int8_tensorwise"}).encode()), dtype=torch.uint8)
+        lin.load_state_dict({"weight": qdata, "weight_scale": params.scale, "comfy_quant": conf,
+                             "bias": torch.randn(32, generator=g).to(torch.bfloat16)}, strict=False)
+        x = torch.randn(4, 8, 64, generator=g).to(torch.bfloat16)
+    else:
         monkeypatch.setattr(comfy.ops, "INPUT_ACT_EAGER", {"gelu_tanh": lambda t: torch.nn.functional.gelu(
             t, approximate="tanh")}, raising=False)
-        monkeypatch.setattr(comfy.ops, "linear_input_act", lambda lin, t, act: lin(t) * 0, raising=False)
+
+        def kernel(linear, t, act):  # stands for int8_linear: the activation fused, the router does not see it
+            calls.append(1)
+            return linear(comfy.ops.INPUT_ACT_EAGER[act](t)).round()
+
+        monkeypatch.setattr(comfy.ops, "linear_input_act", kernel, raising=False)
+        lin = torch.nn.Linear(64, 32)
+        x = torch.randn(4, 8, 64, generator=g)
     own = comfy.ops.linear_input_act
-    lin = torch.nn.Linear(8, 4)
-    x = torch.randn(2, 8)
-    plain = lin(comfy.ops.INPUT_ACT_EAGER["gelu_tanh"](x))
-    with torch.no_grad(), sdpa_attention():
-        assert torch.equal(comfy.ops.linear_input_act(lin, x, "gelu_tanh"), plain.detach())
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        with sdpa_attention():
+            out = comfy.ops.linear_input_act(lin, x, "gelu_tanh")
+            plain = lin(comfy.ops.INPUT_ACT_EAGER["gelu_tanh"](x))
+        inside = len(calls)
+        comfy.ops.linear_input_act(lin, x, "gelu_tanh")  # outside the span: ComfyUI's (the negative control)
+    assert inside == 0 and len(calls) == 1
+    assert torch.equal(out, plain)
     assert comfy.ops.linear_input_act is own
-    if getattr(own, "__name__", "") == "<lambda>":
-        assert not torch.equal(own(lin, x, "gelu_tanh"), plain)  # the negative control
