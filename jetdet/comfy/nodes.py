@@ -524,6 +524,67 @@ def match_checksums(t: torch.Tensor, ids: list[int], want: dict[int, list[str]])
     return ok, lines
 
 
+def _n(k: int, word: str, what=None) -> str:
+    """``3 rows`` / ``1 row``; with ``what``: ``items 3, 4`` / ``item 3``."""
+    return f"{word}{'' if k == 1 else 's'} {what}" if what is not None else f"{k} {word}{'' if k == 1 else 's'}"
+
+
+def match_rows(t: torch.Tensor, ids: list[int], r: torch.Tensor, tolerance: str, batch_offset: int, where: str,
+               ref_index=None) -> tuple[bool, str]:
+    """Compare ``t`` (row ``i`` is item ``ids[i]``) with the reference tensor ``r``. With as many rows as the
+    input, the reference holds the same items: row against row (``batch_offset`` only labels them). With more
+    rows, it is a batch whose row ``j`` is item ``j`` (its ``batch_index[j]`` when a reference latent has one: a
+    batch sampled with batch_offset 0), and each input row is compared with the reference row of its item id, the
+    k-th row of an id with the k-th reference row of it; an input item the reference does not hold is a mismatch
+    that names batch_offset and both row counts. Returns (every compared row matches, report)."""
+    import jetdet
+
+    n, m = (t.shape[0], r.shape[0]) if t.dim() and r.dim() else (0, 0)
+    if m <= n or tuple(t.shape[1:]) != tuple(r.shape[1:]):
+        res = jetdet.match(t, r, tolerance)
+        lines = [f"{res} (reference: {where})"]
+        if t.shape == r.shape:
+            lines += [f"item {i}: {'match' if jetdet.match(t[k:k + 1], r[k:k + 1], tolerance) else 'MISMATCH'}"
+                      for k, i in enumerate(ids)]
+        elif m < n and tuple(t.shape[1:]) == tuple(r.shape[1:]):
+            lines.append(f"the input has {n} rows, the reference {m}: a reference must hold every item of the input "
+                         "(a reference with more rows than the input is a batch, compared by item id: batch_offset)")
+        return res.ok, "\n".join(lines)
+    try:
+        ref_ids = smp.item_ids(m, 0, ref_index)
+    except ValueError as e:
+        raise ValueError(f"reference_latent: {e}") from e
+    rows: dict[int, list[int]] = {}
+    for j, i in enumerate(ref_ids):
+        rows.setdefault(i, []).append(j)
+    seen: dict[int, int] = {}
+    pick: list[int | None] = []
+    for i in ids:
+        k = seen.get(i, 0)
+        seen[i] = k + 1
+        pick.append(rows[i][k] if k < len(rows.get(i, [])) else None)
+    found = [k for k, j in enumerate(pick) if j is not None]
+    same = [k for k in found if jetdet.match(t[k:k + 1], r[pick[k]:pick[k] + 1], tolerance)]
+    per = [f"item {ids[k]}: " + ("MISMATCH, not in the reference" if pick[k] is None else
+                                 f"{'match' if k in same else 'MISMATCH'} (reference row {pick[k]})")
+           for k in range(n)]
+    held = f"items {_id_list(ref_ids)}" if ref_index is not None else f"items 0 to {m - 1}"
+    unused = sorted(set(range(m)) - set(pick))
+    rest = [f"reference rows not compared: {_id_list(unused)}"] if unused else []
+    if len(found) < n:
+        out = sorted({ids[k] for k in range(n) if pick[k] is None})
+        head = (f"MISMATCH {tolerance}: batch_offset {batch_offset} makes the input's {_n(n, 'row')} "
+                f"{_n(len(ids), 'item', _id_list(ids))}, but the reference's {_n(m, 'row')} hold {held} (a batch "
+                f"sampled with batch_offset 0), not {_n(len(out), 'item', _id_list(out))}: is batch_offset right?"
+                f" (reference: {where})")
+        return False, "\n".join([head, *per, *rest])
+    res = jetdet.match(t, r[pick], tolerance)
+    head = (f"{res} (reference: {where}; the input's {_n(n, 'row')}, {_n(len(ids), 'item', _id_list(ids))} at "
+            f"batch_offset {batch_offset}, against reference {_n(len(pick), 'row', _id_list(pick))} of {m}, which "
+            f"hold {held})")
+    return res.ok, "\n".join([head, *per, *rest])
+
+
 def _resolve_path(path: str) -> str:
     p = os.path.expanduser(path.strip())
     if not os.path.isabs(p):
@@ -624,9 +685,13 @@ class JetDetOutputMatcher(io.ComfyNode):
                 io.Boolean.Input("stop_on_mismatch", default=False,
                                  tooltip="Raise an error (stopping the workflow) when the output does not match."),
                 io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX, optional=True,
-                             tooltip=f"reference_checksums: item id of the input's first row, the batch_offset it "
-                                     f"was sampled with ({ITEM_IDS}). A batch-1 run of item 3 with batch_offset 3 "
-                                     "is checked here with batch_offset 3 against the batch's checksums."),
+                             tooltip=f"Item id of the input's first row, the batch_offset it was sampled with "
+                                     f"({ITEM_IDS}). reference_checksums: each row against the line of its id. A "
+                                     "reference latent, image or file with more rows than the input is a batch "
+                                     "sampled with batch_offset 0 (row j is item j, or its batch_index): each row "
+                                     "against the reference row of its id; with as many rows, row against row. A "
+                                     "batch-1 run of item 3 with batch_offset 3 is checked here with batch_offset 3 "
+                                     "against the batch's checksums, latent, image or file."),
             ],
             outputs=[
                 io.Boolean.Output(display_name="match", tooltip="True when every item matches."),
@@ -648,8 +713,6 @@ class JetDetOutputMatcher(io.ComfyNode):
     @classmethod
     def execute(cls, latent=None, image=None, tolerance="exact", reference_checksums="", reference_latent=None,
                 reference_image=None, reference_file="", stop_on_mismatch=False, batch_offset=0):
-        import jetdet
-
         smp.check_choice("tolerance", tolerance, TOLERANCES)
         kind, t = _one_input(latent, image, "JetDetOutputMatcher")
         refs = [n for n, v in (("reference_checksums", (reference_checksums or "").strip()),
@@ -676,13 +739,9 @@ class JetDetOutputMatcher(io.ComfyNode):
                 where = ref
             if rkind != kind:
                 raise ValueError(f"{ref}: the reference is {_a(rkind)}, the input {_a(kind)}; compare like with like")
-            res = jetdet.match(t, r, tolerance)
-            ok = res.ok
-            per = []
-            if t.shape == r.shape:
-                per = [f"item {i}: {'match' if jetdet.match(t[i:i + 1], r[i:i + 1], tolerance) else 'MISMATCH'}"
-                       for i in range(t.shape[0])]
-            report = f"{res} (reference: {where})\n" + "\n".join(per)
+            ref_index = reference_latent.get("batch_index") if ref == "reference_latent" else None
+            ok, report = match_rows(t, _ids_of(t, batch_offset, latent if kind == "latent" else None), r, tolerance,
+                                    batch_offset, where, ref_index)
         if not ok and stop_on_mismatch:
             raise RuntimeError(f"jetdet Output Matcher: output does not match the reference\n{report}")
         return io.NodeOutput(ok, report.strip(), ui={"text": [report.strip()]})

@@ -368,6 +368,59 @@ def test_matcher_compares_each_item_with_the_line_labelled_with_its_id(shapes_pa
     assert "batch_offset right" not in report
 
 
+def test_matcher_compares_a_sub_batch_with_its_rows_of_a_larger_reference(shapes_patcher, shapes_conds, tmp_path):
+    """Row r of the input is item batch_offset + r for reference_latent, reference_image and reference_file as for
+    checksums: an item sampled alone (batch_offset 2) against the batch of 4's latent, image or Save Latent file is
+    compared with the reference's row 2 (a user trial got 'MISMATCH exact: shape (1, ...) vs (4, ...)' though the
+    bits were equal). An item the reference does not hold is a mismatch naming batch_offset and both row counts."""
+    import folder_paths
+    import nodes
+
+    batch, _ = det_sample(shapes_patcher, *shapes_conds, 4, steps=2, seed=8)
+    one, _ = det_sample(shapes_patcher, *shapes_conds, 1, steps=2, seed=8, offset=2)
+    assert torch.equal(one[0], batch[2])
+    saved_dir = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    try:
+        f = nodes.SaveLatent().save({"samples": batch}, filename_prefix="refs/batch")["ui"]["latents"][0]
+    finally:
+        folder_paths.set_output_directory(saved_dir)
+    path = str(tmp_path / f["subfolder"] / f["filename"])
+
+    def check(samples, offset, **ref):
+        return N.JetDetOutputMatcher.execute(latent={"samples": samples}, batch_offset=offset, **ref).args
+
+    for ref in ({"reference_latent": {"samples": batch}}, {"reference_file": path}):
+        ok, report = check(one, 2, **ref)
+        assert ok and report.startswith("MATCH exact"), report
+        assert "item 2: match (reference row 2)" in report and "reference rows not compared: 0, 1, 3" in report
+        assert "against reference row 2 of 4" in report, report
+        ok, report = check(one, 1, **ref)  # the wrong id: compared with row 1, which it is not
+        assert not ok and "item 1: MISMATCH (reference row 1)" in report, report
+        ok, report = check(batch[2:], 2, **ref)  # items 2, 3 of a batch of 4
+        assert ok and "reference rows not compared: 0, 1" in report, report
+        ok, report = check(batch[2:], 3, **ref)  # items 3, 4: item 4 is past the reference's rows
+        assert not ok and "batch_offset 3 makes the input's 2 rows items 3, 4" in report, report
+        assert "the reference's 4 rows hold items 0 to 3" in report, report
+        assert "not item 4: is batch_offset right?" in report, report
+        assert "item 3: MISMATCH (reference row 3)" in report, report
+    # an image, and a latent from Latent From Batch (batch_index [2], batch_offset 0): the same rule
+    img = torch.rand(4, 8, 8, 3)
+    assert N.JetDetOutputMatcher.execute(image=img[1:2], batch_offset=1, reference_image=img).args[0]
+    assert not N.JetDetOutputMatcher.execute(image=img[1:2], batch_offset=0, reference_image=img).args[0]
+    ok, report = N.JetDetOutputMatcher.execute(latent={"samples": one, "batch_index": [2]},
+                                               reference_latent={"samples": batch}).args
+    assert ok and "item 2: match (reference row 2)" in report, report
+    # a reference latent with a batch_index holds those items: items 2, 3 of the batch, item 3 against its row 1
+    ok, report = check(batch[3:], 3, reference_latent={"samples": batch[2:], "batch_index": [2, 3]})
+    assert ok and "item 3: match (reference row 1)" in report, report
+    # as many rows as the input: the same items, row against row (batch_offset only labels them)
+    ok, report = check(one, 2, reference_latent={"samples": batch[2:3]})
+    assert ok and "item 2: match" in report, report
+    # fewer rows than the input: a shape mismatch that says why
+    ok, report = check(batch, 0, reference_latent={"samples": one})
+    assert not ok and "the input has 4 rows, the reference 1" in report, report
+
 def test_checksum_labels_follow_the_samplers_item_ids(comfy_dir):
     lat = {"samples": torch.randn(2, 4, 5, 5), "batch_index": [3, 5]}
     text = N.JetDetChecksum.execute(latent=lat).args[0]
