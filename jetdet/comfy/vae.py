@@ -127,11 +127,29 @@ def _check_kind(vae, audio: bool):
             "(jetdet.comfy.vae.decode)")
 
 
+def check_latent(vae, samples) -> None:
+    """``samples`` has the channel count (dim 1) the VAE decodes (ComfyUI's ``VAE.latent_channels``), checked
+    before decoding: a latent of another model family (a 16-channel SD3 or Flux latent into a 4-channel SD1.5 VAE)
+    is an error naming the node's inputs, not one from inside the VAE naming a weight (a user trial got 'weight:
+    expected 16 input channels (dim 1) to match input, got (4, 4, 1, 1)')."""
+    want = getattr(vae, "latent_channels", None)
+    if not isinstance(samples, torch.Tensor) or samples.dim() < 2 or not isinstance(want, int):
+        return
+    got = samples.shape[1]
+    if got != want:
+        raise ValueError(
+            f"samples: the latent has {got} channels (shape {tuple(samples.shape)}), but the vae decodes "
+            f"{want}-channel latents: the VAE belongs to another model family than the latent (SD1.5 and SDXL "
+            "latents have 4 channels, SD3 and Flux 16, Stable Audio 64); connect the VAE of the model that made "
+            "the latent")
+
+
 def decode(vae, samples, warn_only: bool = False):
     """``vae.decode(samples)`` with batch-invariant ops (see the module docstring); the images as ComfyUI's VAE
     Decode node returns them (a video's frames as one batch of images). ``warn_only``: warn instead of raising on a
     torch op with no deterministic implementation."""
     _check_kind(vae, audio=False)
+    check_latent(vae, samples)
     with _deterministic(vae, "decoding", "VAE Decode (Tiled)", warn_only):
         images = vae.decode(samples)
     if images.dim() == 5:  # a video VAE: frames of all items as one image batch, as VAE Decode does
@@ -146,6 +164,7 @@ def decode_audio(vae, samples, warn_only: bool = False, latent: dict | None = No
     ``sample_rate`` if it has one, else the VAE's output rate (newer ComfyUI gives 48 kHz and 32 kHz VAEs one), else
     44.1 kHz (a trial on a newer ComfyUI: labelled 44.1 kHz, a 48 kHz VAE's audio played 8 % slow)."""
     _check_kind(vae, audio=True)
+    check_latent(vae, samples)
     with _deterministic(vae, "decoding", "VAE Decode Audio (Tiled)", warn_only):
         audio = vae.decode(samples).movedim(-1, 1)
         audio = audio / (torch.std(audio, dim=[1, 2], keepdim=True) * 5.0).clamp_min(1.0)

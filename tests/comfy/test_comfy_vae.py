@@ -208,6 +208,20 @@ def test_each_node_refuses_the_other_kind_of_vae(vae):
         dvae.encode(vae, torch.zeros(1, 3, 2, 32, 32))  # a 5-D video batch: the function checks too
 
 
+def test_a_latent_of_another_model_family_names_samples_and_vae(vae):
+    """A 16-channel SD3/shapes latent into a 4-channel SD1.5 VAE (and a 4-channel one into an audio VAE) is refused
+    before decoding, naming the node's inputs: a user trial got 'weight: expected 16 input channels (dim 1) to
+    match input, got (4, 4, 1, 1)' from inside the VAE. Negative control: without the check the error names
+    'weight'."""
+    with pytest.raises(ValueError, match=r"^samples: the latent has 16 channels \(shape \(1, 16, 8, 8\)\), but the "
+                                         r"vae decodes 4-channel latents"):
+        N.JetDetDeterministicVAEDecode.execute({"samples": torch.zeros(1, 16, 8, 8)}, vae, True)
+    with pytest.raises(ValueError, match=r"^samples: the latent has 4 channels .* the vae decodes 64-channel"):
+        N.JetDetDeterministicVAEDecodeAudio.execute({"samples": torch.zeros(1, 4, 8)}, tm.oobleck_vae(0), True)
+    with pytest.raises(ValueError, match=r"^samples: the latent has 4 channels .* the vae decodes 16-channel"):
+        N.JetDetDeterministicVAEDecode.execute({"samples": torch.zeros(1, 4, 2, 4, 4)}, tm.wan21_vae(0), True)
+
+
 @pytest.mark.parametrize("node,args,match", [
     ("decode", ({"samples": torch.zeros(1, 4, 8, 8)}, None, True), "vae: expected a ComfyUI VAE"),
     ("decode", (torch.zeros(1, 4, 8, 8), "vae", True), "samples: expected a LATENT"),
