@@ -141,6 +141,9 @@ def load_model(path=None):
     import comfy.utils
 
     p = Path(path) if path is not None else MODEL_FILE
+    if p.is_dir():  # a user trial: "no shapes model at <a folder>" read as if the folder were empty
+        raise IsADirectoryError(f"path: {p} is a folder, not a file; give the path of the shapes model's .safetensors "
+                                "file (leave path empty for the one jetdet ships)")
     if not p.is_file():
         raise FileNotFoundError(f"path: no shapes model at {p} (train it with bench/train_comfy_native.py)")
     try:

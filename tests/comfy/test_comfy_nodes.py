@@ -577,6 +577,9 @@ def test_files_of_the_wrong_kind_are_clear_errors_naming_the_input(comfy_dir, tm
     with pytest.raises(ValueError, match=f"path: {sd15} is not jetdet's shapes model: ComfyUI detects it as SD15, "
                                          "in_channels 4"):
         N.JetDetShapesModelLoader.execute(str(sd15))
+    # a folder (a user trial got "no shapes model at <folder>"): says it is a folder, not a file
+    with pytest.raises(IsADirectoryError, match=f"^path: {tmp_path} is a folder, not a file"):
+        N.JetDetShapesModelLoader.execute(str(tmp_path))
 
 
 def test_the_empty_latents_downscale_ratio_reaches_comfyui_and_leaves_the_output(shapes_patcher, shapes_conds,
