@@ -56,6 +56,11 @@ def _bytes_2d(t: torch.Tensor) -> torch.Tensor:
 def checksum(tensor: torch.Tensor) -> str:
     """SHA-256 hex digest of ``dtype``, ``shape`` and the row-major bytes of ``tensor``.
 
+    Exactly: ``sha256(f"jetdet.checksum.v1|{dtype}|{shape}|".encode() + bytes)``, where ``dtype`` is torch's name
+    without ``torch.`` (``float32``, ``bfloat16``), ``shape`` Python's repr of the shape tuple (``(1, 16, 32, 32)``,
+    ``(5,)``, ``()``), and ``bytes`` the values in C order in the machine's byte order (little-endian on x86-64 and
+    ARM64); none for an empty tensor. Not the SHA-256 of the bytes alone.
+
     The same for the same values on any device or memory layout (the tensor is copied to CPU and made
     contiguous). Bitwise: any flipped bit, ``-0.0`` vs ``0.0``, or a different NaN payload changes it.
     """

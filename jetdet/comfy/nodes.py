@@ -438,7 +438,10 @@ class JetDetChecksum(io.ComfyNode):
                 io.Int.Input("batch_offset", default=0, min=0, max=SEED_MAX, optional=True,
                              tooltip=f"Item id of the first row, for the labels: {ITEM_IDS}."),
             ],
-            outputs=[io.String.Output(display_name="checksums", tooltip="One line per item: 'item i: sha256'.")],
+            outputs=[io.String.Output(display_name="checksums",
+                                      tooltip="One line per item: 'item i: sha256', the SHA-256 of "
+                                              "'jetdet.checksum.v1|<dtype>|<shape>|' and the item's bytes (its "
+                                              "row, shape (1, ...)): not of the bytes alone; see the README.")],
         )
 
     @classmethod

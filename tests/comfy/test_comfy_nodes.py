@@ -421,6 +421,46 @@ def test_matcher_compares_a_sub_batch_with_its_rows_of_a_larger_reference(shapes
     ok, report = check(batch, 0, reference_latent={"samples": one})
     assert not ok and "the input has 4 rows, the reference 1" in report, report
 
+def test_item_checksums_are_the_readmes_format_recomputed_from_saved_bytes(shapes_patcher, shapes_conds, tmp_path):
+    """The README documents the checksum's exact format (it said "one SHA-256 per item", and sha256 of an item's raw
+    bytes does not give it: a user trial). Each item's checksum of the Deterministic Sampler (float32) and of jetdet
+    Checksum (a bfloat16 latent) is recomputed here with hashlib alone, filling in the header template the README
+    gives, from the bytes of the file ComfyUI's Save Latent wrote (read without torch). Negative controls: without
+    the README's template the test fails at its first assert; the SHA-256 of the bytes alone differs."""
+    import json
+    import re
+    from pathlib import Path
+
+    import folder_paths
+    import nodes
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    templates = set(re.findall(r"`(jetdet\.checksum\.v1\|<dtype>\|<shape>\|)`", readme))
+    assert templates == {"jetdet.checksum.v1|<dtype>|<shape>|"}, templates
+    template = templates.pop()
+    batch, sampler_sums = det_sample(shapes_patcher, *shapes_conds, 3, steps=1, seed=5)
+    half = {"samples": batch.to(torch.bfloat16)}
+    cases = [(batch, sampler_sums), (half["samples"], N.JetDetChecksum.execute(latent=half).args[0])]
+    names = {"F32": "float32", "BF16": "bfloat16"}
+    saved_dir = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    try:
+        for k, (samples, sums) in enumerate(cases):
+            f = nodes.SaveLatent().save({"samples": samples}, filename_prefix=f"sums/{k}")["ui"]["latents"][0]
+            raw = (tmp_path / f["subfolder"] / f["filename"]).read_bytes()
+            n = int.from_bytes(raw[:8], "little")
+            info = json.loads(raw[8:8 + n])["latent_tensor"]
+            start, end = info["data_offsets"]
+            data, shape = raw[8 + n + start:8 + n + end], info["shape"]
+            size = len(data) // shape[0]
+            head = template.replace("<dtype>", names[info["dtype"]]).replace("<shape>", repr(tuple([1] + shape[1:])))
+            want = [f"item {r}: {hashlib.sha256(head.encode() + data[r * size:(r + 1) * size]).hexdigest()}"
+                    for r in range(shape[0])]
+            assert sums.splitlines() == want, (k, head)
+            assert hashlib.sha256(data[:size]).hexdigest() not in sums  # the bytes alone: another digest
+    finally:
+        folder_paths.set_output_directory(saved_dir)
+
 def test_checksum_labels_follow_the_samplers_item_ids(comfy_dir):
     lat = {"samples": torch.randn(2, 4, 5, 5), "batch_index": [3, 5]}
     text = N.JetDetChecksum.execute(latent=lat).args[0]
