@@ -611,3 +611,37 @@ def test_fast_controls_bench_runs(comfy_dir, capsys):
     assert mod.main(["--comfyui", comfy_dir, "--cases", "lcm"]) == 0
     out = capsys.readouterr().out
     assert "lcm: eps sigma, budget 0.05: bit-identical to mode off: True" in out and "lcm: ok" in out
+
+
+def test_a_noisy_samplers_fast_run_that_saved_nothing_says_so(shapes_patcher, caplog):
+    """A fast run with an ancestral/SDE sampler that saved no model call logs one line naming why and what to do (a
+    user trial: at the default budget euler_ancestral saved nothing, and only the Cache Manager showed it). No line
+    for a run that saved calls, for euler, for budget 0 (nothing asked), or in the Benchmark (its table shows the
+    calls). Negative control: before, no line at all."""
+    import logging
+
+    from jetdet.comfy.nodes import JetDetBenchmark
+
+    def lines(model, sampler, steps=6):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            _stock(model, sampler, steps=steps, batch=1)
+        return [r.getMessage() for r in caplog.records if "saved none" in r.getMessage()]
+
+    tiny = _fast(shapes_patcher, 1e-6)  # a budget that skips nothing
+    got = lines(tiny, "euler_ancestral")
+    assert wr.fast_state(tiny).stats()["calls_saved"] == 0
+    assert len(got) == 1 and got[0].startswith("jetdet fast mode: the euler_ancestral run computed all 6 model calls "
+                                               "at budget 1e-06 (it saved none)"), got
+    assert "Raise the Fast Optimizer's budget" in got[0] and "README, ComfyUI > Limits" in got[0], got
+    assert lines(tiny, "euler") == []  # a sampler without step noise: not this line's case
+    assert lines(_fast(shapes_patcher, 0.0), "dpmpp_2m_sde") == []
+    saving = _fast(shapes_patcher, 0.1)
+    assert lines(saving, "euler_ancestral", steps=20) == [] and wr.fast_state(saving).stats()["calls_saved"] > 0
+    caplog.clear()
+    from jetdet.comfy import shapes_model as sm
+
+    with caplog.at_level(logging.INFO):
+        JetDetBenchmark.execute(shapes_patcher, 7, 3, 4.0, "euler_ancestral", "simple", sm.class_conditioning(3),
+                                sm.null_conditioning(), empty_latent(1), 1.0, "0.000001")
+    assert not [r for r in caplog.records if "saved none" in r.getMessage()]
