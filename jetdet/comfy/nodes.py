@@ -539,9 +539,15 @@ def match_rows(t: torch.Tensor, ids: list[int], r: torch.Tensor, tolerance: str,
     rows, it is a batch whose row ``j`` is item ``j`` (its ``batch_index[j]`` when a reference latent has one: a
     batch sampled with batch_offset 0), and each input row is compared with the reference row of its item id, the
     k-th row of an id with the k-th reference row of it; an input item the reference does not hold is a mismatch
-    that names batch_offset and both row counts. Returns (every compared row matches, report)."""
+    that names batch_offset and both row counts. An input with no rows (or no elements) has no items to compare:
+    a mismatch, as with a checksum reference (before, 0 rows against a batch compared two empty tensors: 'MATCH
+    exact: 0 of 0 differ', and stop_on_mismatch did not stop). Returns (every compared row matches, report)."""
     import jetdet
 
+    if t.dim() and (t.shape[0] == 0 or t.numel() == 0):
+        rows = f"{t.shape[0]} rows" if t.shape[0] == 0 else f"no elements in its {_n(t.shape[0], 'row')}"
+        return False, (f"MISMATCH {tolerance}: no items to compare: the input has {rows} (shape {tuple(t.shape)}), "
+                       f"the reference {_n(r.shape[0], 'row') if r.dim() else 'no rows'} (reference: {where})")
     n, m = (t.shape[0], r.shape[0]) if t.dim() and r.dim() else (0, 0)
     if m <= n or tuple(t.shape[1:]) != tuple(r.shape[1:]):
         res = jetdet.match(t, r, tolerance)

@@ -461,6 +461,29 @@ def test_item_checksums_are_the_readmes_format_recomputed_from_saved_bytes(shape
     finally:
         folder_paths.set_output_directory(saved_dir)
 
+def test_matcher_an_input_with_no_rows_is_a_mismatch(comfy_dir):
+    """An input with 0 rows (or no elements) against a reference latent, image or file has no items to compare: a
+    MISMATCH saying so, as against checksums, and stop_on_mismatch stops. Negative control: before, 0 rows against a
+    batch of 4 was 'MATCH exact: 0 of 0 differ' (the by-item branch picked no rows) and stop_on_mismatch let it
+    through; 0 rows against 0 rows was a MATCH too."""
+    img = torch.rand(4, 8, 8, 3)
+    lat = torch.randn(4, 4, 8, 8)
+    for kw in ({"image": img[:0], "reference_image": img}, {"image": img[:0], "reference_image": img[:0]},
+               {"latent": {"samples": lat[:0]}, "reference_latent": {"samples": lat}},
+               {"image": img[:, :0], "reference_image": img[:, :0]}):
+        for tol in ("exact", "1e-4", "structural"):
+            ok, report = N.JetDetOutputMatcher.execute(tolerance=tol, **kw).args
+            assert not ok and report.startswith(f"MISMATCH {tol}: no items to compare: the input has "), report
+            with pytest.raises(RuntimeError, match="no items to compare"):
+                N.JetDetOutputMatcher.execute(tolerance=tol, stop_on_mismatch=True, **kw)
+    ok, report = N.JetDetOutputMatcher.execute(image=img[:0], reference_image=img).args
+    assert report == ("MISMATCH exact: no items to compare: the input has 0 rows (shape (0, 8, 8, 3)), the "
+                      "reference 4 rows (reference: reference_image)"), report
+    ok, report = N.JetDetOutputMatcher.execute(image=img[:0], reference_checksums=N.JetDetChecksum.execute(
+        image=img).args[0]).args
+    assert not ok and "no items to compare" in report, report  # as it was against checksums
+
+
 def test_checksum_labels_follow_the_samplers_item_ids(comfy_dir):
     lat = {"samples": torch.randn(2, 4, 5, 5), "batch_index": [3, 5]}
     text = N.JetDetChecksum.execute(latent=lat).args[0]
