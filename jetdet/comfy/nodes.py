@@ -532,35 +532,65 @@ def _n(k: int, word: str, what=None) -> str:
     return f"{word}{'' if k == 1 else 's'} {what}" if what is not None else f"{k} {word}{'' if k == 1 else 's'}"
 
 
+def _ranges(rows) -> str:
+    """``5 to 9, 15 to 19``: sorted row numbers as runs."""
+    rows, runs = sorted(rows), []
+    for j in rows:
+        if runs and j == runs[-1][1] + 1:
+            runs[-1][1] = j
+        else:
+            runs.append([j, j])
+    return ", ".join(str(x) if x == y else f"{x} to {y}" for x, y in runs)
+
+
 def match_rows(t: torch.Tensor, ids: list[int], r: torch.Tensor, tolerance: str, batch_offset: int, where: str,
-               ref_index=None) -> tuple[bool, str]:
-    """Compare ``t`` (row ``i`` is item ``ids[i]``) with the reference tensor ``r``. With as many rows as the
-    input, the reference holds the same items: row against row (``batch_offset`` only labels them). With more
-    rows, it is a batch whose row ``j`` is item ``j`` (its ``batch_index[j]`` when a reference latent has one: a
-    batch sampled with batch_offset 0), and each input row is compared with the reference row of its item id, the
-    k-th row of an id with the k-th reference row of it; an input item the reference does not hold is a mismatch
-    that names batch_offset and both row counts. An input with no rows (or no elements) has no items to compare:
-    a mismatch, as with a checksum reference (before, 0 rows against a batch compared two empty tensors: 'MATCH
-    exact: 0 of 0 differ', and stop_on_mismatch did not stop). Returns (every compared row matches, report)."""
+               ref_index=None, frames: int = 1) -> tuple[bool, str]:
+    """Compare ``t`` (its item ``k``, rows ``k*frames`` to ``k*frames + frames - 1``, is item ``ids[k]``) with the
+    reference tensor ``r``. ``frames`` > 1: an IMAGE decoded from a video, whose rows are each item's frames, item
+    after item (VAE Decode's layout); 1: a row is an item. With as many rows as the input, the reference holds
+    the same items: row against row (``batch_offset`` only labels them). With more rows, it is a batch whose item
+    ``j`` (rows ``j*frames`` on) is item ``j`` (its ``batch_index[j]`` when a reference latent has one: a batch
+    sampled with batch_offset 0), and each input item is compared with the reference rows of its item id, the
+    k-th item of an id with the k-th reference item of it; an input item the reference does not hold is a
+    mismatch that names batch_offset and both row counts. An input with no rows (or no elements) has no items to
+    compare: a mismatch, as with a checksum reference (before, 0 rows against a batch compared two empty tensors:
+    'MATCH exact: 0 of 0 differ', and stop_on_mismatch did not stop). Returns (every compared row matches,
+    report)."""
     import jetdet
 
     if t.dim() and (t.shape[0] == 0 or t.numel() == 0):
         rows = f"{t.shape[0]} rows" if t.shape[0] == 0 else f"no elements in its {_n(t.shape[0], 'row')}"
         return False, (f"MISMATCH {tolerance}: no items to compare: the input has {rows} (shape {tuple(t.shape)}), "
                        f"the reference {_n(r.shape[0], 'row') if r.dim() else 'no rows'} (reference: {where})")
+    F = frames
     n, m = (t.shape[0], r.shape[0]) if t.dim() and r.dim() else (0, 0)
+
+    def part(x, k):  # item k's rows
+        return x[k * F:(k + 1) * F]
+
+    def rows_of(js):  # reference rows of the reference items js
+        return [j * F + f for j in js for f in range(F)]
+
+    def at(js):
+        return f"row {js[0]}" if F == 1 else f"rows {_ranges(rows_of(js))}"
+
+    each = "" if F == 1 else f" of {F} frames (frames_per_item)"
     if m <= n or tuple(t.shape[1:]) != tuple(r.shape[1:]):
         res = jetdet.match(t, r, tolerance)
         lines = [f"{res} (reference: {where})"]
         if t.shape == r.shape:
-            lines += [f"item {i}: {'match' if jetdet.match(t[k:k + 1], r[k:k + 1], tolerance) else 'MISMATCH'}"
-                      for k, i in enumerate(ids)]
+            lines += [f"item {i}: {'match' if jetdet.match(part(t, k), part(r, k), tolerance) else 'MISMATCH'}"
+                      + ("" if F == 1 else f" (rows {k * F} to {k * F + F - 1})") for k, i in enumerate(ids)]
         elif m < n and tuple(t.shape[1:]) == tuple(r.shape[1:]):
             lines.append(f"the input has {n} rows, the reference {m}: a reference must hold every item of the input "
                          "(a reference with more rows than the input is a batch, compared by item id: batch_offset)")
         return res.ok, "\n".join(lines)
+    if m % F:
+        return False, (f"MISMATCH {tolerance}: frames_per_item {F}: the reference's {m} rows are not whole items of "
+                       f"{F} frames, the input's {n} rows are {_n(len(ids), 'item', _id_list(ids))} (reference: "
+                       f"{where})")
     try:
-        ref_ids = smp.item_ids(m, 0, ref_index)
+        ref_ids = smp.item_ids(m // F, 0, ref_index)
     except ValueError as e:
         raise ValueError(f"reference_latent: {e}") from e
     rows: dict[int, list[int]] = {}
@@ -572,26 +602,49 @@ def match_rows(t: torch.Tensor, ids: list[int], r: torch.Tensor, tolerance: str,
         k = seen.get(i, 0)
         seen[i] = k + 1
         pick.append(rows[i][k] if k < len(rows.get(i, [])) else None)
+    N_ = len(ids)
     found = [k for k, j in enumerate(pick) if j is not None]
-    same = [k for k in found if jetdet.match(t[k:k + 1], r[pick[k]:pick[k] + 1], tolerance)]
+    same = [k for k in found if jetdet.match(part(t, k), part(r, pick[k]), tolerance)]
     per = [f"item {ids[k]}: " + ("MISMATCH, not in the reference" if pick[k] is None else
-                                 f"{'match' if k in same else 'MISMATCH'} (reference row {pick[k]})")
-           for k in range(n)]
-    held = f"items {_id_list(ref_ids)}" if ref_index is not None else f"items 0 to {m - 1}"
-    unused = sorted(set(range(m)) - set(pick))
-    rest = [f"reference rows not compared: {_id_list(unused)}"] if unused else []
-    if len(found) < n:
-        out = sorted({ids[k] for k in range(n) if pick[k] is None})
+                                 f"{'match' if k in same else 'MISMATCH'} (reference {at([pick[k]])})")
+           for k in range(N_)]
+    M = m // F
+    held = (f"items {_id_list(ref_ids)}" if ref_index is not None else f"items 0 to {M - 1}") + (
+        "" if F == 1 else f", {F} frames each")
+    unused = sorted(set(range(M)) - set(pick))
+    rest = [f"reference rows not compared: {_id_list(unused) if F == 1 else _ranges(rows_of(unused))}"] if unused \
+        else []
+    if len(found) < N_:
+        out = sorted({ids[k] for k in range(N_) if pick[k] is None})
         head = (f"MISMATCH {tolerance}: batch_offset {batch_offset} makes the input's {_n(n, 'row')} "
-                f"{_n(len(ids), 'item', _id_list(ids))}, but the reference's {_n(m, 'row')} hold {held} (a batch "
+                f"{_n(N_, 'item', _id_list(ids))}{each}, but the reference's {_n(m, 'row')} hold {held} (a batch "
                 f"sampled with batch_offset 0), not {_n(len(out), 'item', _id_list(out))}: is batch_offset right?"
                 f" (reference: {where})")
         return False, "\n".join([head, *per, *rest])
-    res = jetdet.match(t, r[pick], tolerance)
-    head = (f"{res} (reference: {where}; the input's {_n(n, 'row')}, {_n(len(ids), 'item', _id_list(ids))} at "
-            f"batch_offset {batch_offset}, against reference {_n(len(pick), 'row', _id_list(pick))} of {m}, which "
+    res = jetdet.match(t, r[rows_of(pick)], tolerance)
+    picked = _id_list(pick) if F == 1 else _ranges(rows_of(pick))
+    head = (f"{res} (reference: {where}; the input's {_n(n, 'row')}, {_n(N_, 'item', _id_list(ids))}{each} at "
+            f"batch_offset {batch_offset}, against reference {_n(len(pick) * F, 'row', picked)} of {m}, which "
             f"hold {held})")
     return res.ok, "\n".join([head, *per, *rest])
+
+
+def _frames_hint(t: torch.Tensor, r: torch.Tensor, batch_offset: int, tolerance: str) -> str:
+    """For an IMAGE that did not match a larger reference by row (frames_per_item 1), batch_offset > 0: a line
+    saying that rows may be frames (an image decoded from a video), and, when the input's n rows match reference
+    rows batch_offset*n to batch_offset*n + n - 1 (item batch_offset's frames if each item has n), that they do."""
+    import jetdet
+
+    n, m = t.shape[0], r.shape[0]
+    if not batch_offset or n < 2 or m <= n or tuple(t.shape[1:]) != tuple(r.shape[1:]):
+        return ""
+    a = batch_offset * n
+    if a + n <= m and jetdet.match(t, r[a:a + n], tolerance):
+        return (f"\nthe input's {n} rows match reference rows {a} to {a + n - 1}: item {batch_offset}'s rows if "
+                f"each item has {n} frames. An IMAGE decoded from a video has a row per frame, not per item: set "
+                f"frames_per_item to the frames per video ({n} if the input is one video)")
+    return ("\nif this IMAGE was decoded from a video, its rows are frames, not items (VAE Decode gives each video's "
+            "frames as rows, item after item): set frames_per_item to the frames per video")
 
 
 def _resolve_path(path: str) -> str:
@@ -700,7 +753,15 @@ class JetDetOutputMatcher(io.ComfyNode):
                                      "sampled with batch_offset 0 (row j is item j, or its batch_index): each row "
                                      "against the reference row of its id; with as many rows, row against row. A "
                                      "batch-1 run of item 3 with batch_offset 3 is checked here with batch_offset 3 "
-                                     "against the batch's checksums, latent, image or file."),
+                                     "against the batch's checksums, latent, image or file. An IMAGE decoded from a "
+                                     "video has a row per frame: see frames_per_item."),
+                io.Int.Input("frames_per_item", default=1, min=1, max=1 << 20, optional=True,
+                             tooltip="For an IMAGE decoded from a video: VAE Decode gives each video's frames as "
+                                     "rows, item after item (2 videos of 5 frames: 10 rows), so a row is a frame, "
+                                     "not an item. Set the frames per video (5): rows k*5 to k*5+4 are item "
+                                     "batch_offset + k, and a larger reference's item j is its rows j*5 to j*5+4 "
+                                     "(checksum lines: the batch's row labels, batch_offset*5 + row). 1: a row is "
+                                     "an item (images, and latents, whose frames are in dim 2)."),
             ],
             outputs=[
                 io.Boolean.Output(display_name="match", tooltip="True when every item matches."),
@@ -721,9 +782,18 @@ class JetDetOutputMatcher(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent=None, image=None, tolerance="exact", reference_checksums="", reference_latent=None,
-                reference_image=None, reference_file="", stop_on_mismatch=False, batch_offset=0):
+                reference_image=None, reference_file="", stop_on_mismatch=False, batch_offset=0, frames_per_item=1):
         smp.check_choice("tolerance", tolerance, TOLERANCES)
         kind, t = _one_input(latent, image, "JetDetOutputMatcher")
+        F = frames_per_item
+        if isinstance(F, bool) or not isinstance(F, int) or F < 1:
+            raise ValueError(f"frames_per_item: expected an int >= 1, got {F!r}")
+        if F > 1 and kind == "latent":
+            raise ValueError(f"frames_per_item: {F} is for an IMAGE decoded from a video (a row per frame); a "
+                             "latent's rows are items (a video latent holds its frames in dim 2): set it to 1")
+        if F > 1 and t.shape[0] % F:
+            raise ValueError(f"frames_per_item: the image's {t.shape[0]} rows are not whole items of {F} frames "
+                             f"(VAE Decode gives each video's frames as rows, item after item)")
         refs = [n for n, v in (("reference_checksums", (reference_checksums or "").strip()),
                                ("reference_latent", reference_latent), ("reference_image", reference_image),
                                ("reference_file", (reference_file or "").strip())) if v is not None and v != ""]
@@ -735,7 +805,11 @@ class JetDetOutputMatcher(io.ComfyNode):
             if tolerance != "exact":
                 raise ValueError(f"tolerance: a checksum reference can only be matched exactly, got {tolerance!r}")
             want = parse_checksums(reference_checksums)
-            ok, lines = match_checksums(t, _ids_of(t, batch_offset, latent if kind == "latent" else None), want)
+            # an image's checksum lines are labelled by row (jetdet Checksum): frames_per_item F makes input row r
+            # the batch's row batch_offset*F + r
+            ids = _ids_of(t, batch_offset, latent if kind == "latent" else None) if F == 1 else \
+                smp.item_ids(t.shape[0], batch_offset * F)
+            ok, lines = match_checksums(t, ids, want)
             n = sum(len(v) for v in want.values())  # lines: an id repeats in a batch from Latent Batch
             report = f"{'MATCH' if ok else 'MISMATCH'} exact against {n} checksums\n" + "\n".join(lines)
         else:
@@ -749,8 +823,11 @@ class JetDetOutputMatcher(io.ComfyNode):
             if rkind != kind:
                 raise ValueError(f"{ref}: the reference is {_a(rkind)}, the input {_a(kind)}; compare like with like")
             ref_index = reference_latent.get("batch_index") if ref == "reference_latent" else None
-            ok, report = match_rows(t, _ids_of(t, batch_offset, latent if kind == "latent" else None), r, tolerance,
-                                    batch_offset, where, ref_index)
+            ids = _ids_of(t, batch_offset, latent if kind == "latent" else None) if F == 1 else \
+                smp.item_ids(t.shape[0] // F, batch_offset)
+            ok, report = match_rows(t, ids, r, tolerance, batch_offset, where, ref_index, F)
+            if not ok and kind == "image" and F == 1:
+                report += _frames_hint(t, r, batch_offset, tolerance)
         if not ok and stop_on_mismatch:
             raise RuntimeError(f"jetdet Output Matcher: output does not match the reference\n{report}")
         return io.NodeOutput(ok, report.strip(), ui={"text": [report.strip()]})

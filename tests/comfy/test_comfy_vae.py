@@ -208,6 +208,56 @@ def test_each_node_refuses_the_other_kind_of_vae(vae):
         dvae.encode(vae, torch.zeros(1, 3, 2, 32, 32))  # a 5-D video batch: the function checks too
 
 
+def test_matcher_frames_per_item_for_a_videos_images(comfy_dir):
+    """An IMAGE decoded from a video has a row per frame (2 videos of 5 frames: 10 rows). With frames_per_item 5,
+    item 1 decoded alone is compared with the batch's rows 5 to 9 (reference image or checksums), and the report
+    speaks of items and frames. With the default 1, rows are items, and the mismatch says that the rows match where
+    item 1's frames are and names frames_per_item. Negative control: before, item 1 alone with batch_offset 1 was
+    compared with rows 1 to 5 ('items 1, 2, 3, 4, 5'), a false MISMATCH with nothing pointing at frames."""
+    vae = tm.wan21_vae(0)
+    lat = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    batch = N.JetDetDeterministicVAEDecode.execute({"samples": lat}, vae, True).args[0]
+    one = N.JetDetDeterministicVAEDecode.execute({"samples": lat[1:2]}, vae, True).args[0]
+    assert batch.shape[0] == 10 and one.shape[0] == 5 and torch.equal(one, batch[5:])
+
+    def check(x, offset, frames=1, **ref):
+        return N.JetDetOutputMatcher.execute(image=x, batch_offset=offset, frames_per_item=frames,
+                                             **(ref or {"reference_image": batch})).args
+
+    ok, report = check(one, 1, 5)
+    assert ok and report.startswith("MATCH exact"), report
+    assert "the input's 5 rows, item 1 of 5 frames (frames_per_item) at batch_offset 1, against reference rows 5 " \
+           "to 9 of 10, which hold items 0 to 1, 5 frames each" in report, report
+    assert "item 1: match (reference rows 5 to 9)" in report and "reference rows not compared: 0 to 4" in report
+    assert check(batch[:5], 0, 5)[0]  # item 0 at batch_offset 0
+    ok, report = check(one, 0, 5)  # the wrong id: item 0's frames
+    assert not ok and "item 0: MISMATCH (reference rows 0 to 4)" in report, report
+    ok, report = check(one, 2, 5)
+    assert not ok and "batch_offset 2 makes the input's 5 rows item 2 of 5 frames" in report, report
+    assert "hold items 0 to 1, 5 frames each" in report, report
+    ok, report = check(batch, 0, 5)  # as many rows: row against row, reported per item
+    assert ok and "item 0: match (rows 0 to 4)" in report and "item 1: match (rows 5 to 9)" in report, report
+    sums = N.JetDetChecksum.execute(image=batch).args[0]  # labelled by row: 0 to 9
+    ok, report = check(one, 1, 5, reference_checksums=sums)
+    assert ok and "item 5: match" in report and "item 9: match" in report, report
+    # the default: rows are items; the mismatch says where the rows do match, and names frames_per_item
+    ok, report = check(one, 1)
+    assert not ok and "against reference rows 1, 2, 3, 4, 5 of 10" in report, report
+    assert "the input's 5 rows match reference rows 5 to 9: item 1's rows if each item has 5 frames" in report
+    assert "set frames_per_item to the frames per video (5 if the input is one video)" in report, report
+    ok, report = check(batch[5:7], 1)  # two frames that are not item 1's rows for 2 frames per item: the hint only
+    assert not ok and "rows are frames, not items" in report and "match reference rows" not in report, report
+    assert "frames_per_item" not in check(torch.rand(4, 8, 8, 3), 1)[1]  # not for a mismatch of another kind
+    # what frames_per_item cannot be
+    with pytest.raises(ValueError, match=r"^frames_per_item: 2 is for an IMAGE decoded from a video .* a latent's "
+                                         r"rows are items"):
+        N.JetDetOutputMatcher.execute(latent={"samples": lat}, reference_latent={"samples": lat}, frames_per_item=2)
+    with pytest.raises(ValueError, match=r"^frames_per_item: the image's 5 rows are not whole items of 2 frames"):
+        check(one, 1, 2)
+    ok, report = check(batch[:3], 0, 3)
+    assert not ok and "frames_per_item 3: the reference's 10 rows are not whole items of 3 frames" in report, report
+
+
 def test_a_latent_of_another_model_family_names_samples_and_vae(vae):
     """A 16-channel SD3/shapes latent into a 4-channel SD1.5 VAE (and a 4-channel one into an audio VAE) is refused
     before decoding, naming the node's inputs: a user trial got 'weight: expected 16 input channels (dim 1) to
