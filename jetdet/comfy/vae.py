@@ -127,21 +127,45 @@ def _check_kind(vae, audio: bool):
             "(jetdet.comfy.vae.decode)")
 
 
-def check_latent(vae, samples) -> None:
-    """``samples`` has the channel count (dim 1) the VAE decodes (ComfyUI's ``VAE.latent_channels``), checked
-    before decoding: a latent of another model family (a 16-channel SD3 or Flux latent into a 4-channel SD1.5 VAE)
-    is an error naming the node's inputs, not one from inside the VAE naming a weight (a user trial got 'weight:
-    expected 16 input channels (dim 1) to match input, got (4, 4, 1, 1)')."""
-    want = getattr(vae, "latent_channels", None)
-    if not isinstance(samples, torch.Tensor) or samples.dim() < 2 or not isinstance(want, int):
-        return
-    got = samples.shape[1]
-    if got != want:
+def decoder_channels(vae) -> tuple[int | None, set[int]]:
+    """``(count, counts)``: the channel count (dim 1) of the latents the VAE decodes, and every count that may be
+    right. ComfyUI's ``latent_channels`` is not always it: a VAE built from a config (``VAE(sd, config=...)``, a
+    checkpoint with a yaml) keeps the default 4 whatever its ``z_channels``, the count its ``post_quant_conv`` (the
+    first op of an ``AutoencodingEngineLegacy`` decode) takes; while in newer ComfyUI a Flux2 VAE's 128-channel
+    latents are unpatchified to its ``post_quant_conv``'s 32 inside the decode. So ``count`` is the
+    ``post_quant_conv``'s where ``latent_channels`` is the default 4 and that conv takes another count, else
+    ``latent_channels``; ``counts`` holds both."""
+    n = getattr(vae, "latent_channels", None)
+    n = n if isinstance(n, int) and not isinstance(n, bool) else None
+    pq = getattr(getattr(getattr(vae, "first_stage_model", None), "post_quant_conv", None), "in_channels", None)
+    pq = pq if isinstance(pq, int) and not isinstance(pq, bool) else None
+    counts = {c for c in (n, pq) if c is not None}
+    return (pq if pq is not None and n in (None, 4) else n), counts
+
+
+@contextlib.contextmanager
+def _latent_named(vae, samples):
+    """A decode that fails on a latent whose channel count (dim 1) is none of the VAE's (:func:`decoder_channels`)
+    raises an error naming the node's inputs, chained from the VAE's own: a latent of another model family (a
+    16-channel SD3 or Flux latent into a 4-channel SD1.5 VAE; a user trial got 'weight: expected 16 input
+    channels (dim 1) to match input, got (4, 4, 1, 1)'). Nothing is refused before decoding:
+    ComfyUI's ``latent_channels`` is not always the decoder's (see :func:`decoder_channels`), and a check on it
+    refused a yaml checkpoint's 16-channel VAE that ComfyUI's VAE Decode decodes (review M2)."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        want, counts = decoder_channels(vae)
+        oom = tuple(c for c in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                    if isinstance(c, type))
+        if (isinstance(e, (TiledFallbackError, *oom)) or want is None
+                or not isinstance(samples, torch.Tensor) or samples.dim() < 2 or samples.shape[1] in counts):
+            raise
+        got = samples.shape[1]
         raise ValueError(
             f"samples: the latent has {got} channels (shape {tuple(samples.shape)}), but the vae decodes "
             f"{want}-channel latents: the VAE belongs to another model family than the latent (SD1.5 and SDXL "
             "latents have 4 channels, SD3 and Flux 16, Stable Audio 64); connect the VAE of the model that made "
-            "the latent")
+            f"the latent (the VAE's own error: {type(e).__name__}: {str(e)[:200]})") from e
 
 
 def decode(vae, samples, warn_only: bool = False):
@@ -149,8 +173,7 @@ def decode(vae, samples, warn_only: bool = False):
     Decode node returns them (a video's frames as one batch of images). ``warn_only``: warn instead of raising on a
     torch op with no deterministic implementation."""
     _check_kind(vae, audio=False)
-    check_latent(vae, samples)
-    with _deterministic(vae, "decoding", "VAE Decode (Tiled)", warn_only):
+    with _latent_named(vae, samples), _deterministic(vae, "decoding", "VAE Decode (Tiled)", warn_only):
         images = vae.decode(samples)
     if images.dim() == 5:  # a video VAE: frames of all items as one image batch, as VAE Decode does
         images = images.reshape(-1, *images.shape[-3:])
@@ -164,8 +187,7 @@ def decode_audio(vae, samples, warn_only: bool = False, latent: dict | None = No
     ``sample_rate`` if it has one, else the VAE's output rate (newer ComfyUI gives 48 kHz and 32 kHz VAEs one), else
     44.1 kHz (a trial on a newer ComfyUI: labelled 44.1 kHz, a 48 kHz VAE's audio played 8 % slow)."""
     _check_kind(vae, audio=True)
-    check_latent(vae, samples)
-    with _deterministic(vae, "decoding", "VAE Decode Audio (Tiled)", warn_only):
+    with _latent_named(vae, samples), _deterministic(vae, "decoding", "VAE Decode Audio (Tiled)", warn_only):
         audio = vae.decode(samples).movedim(-1, 1)
         audio = audio / (torch.std(audio, dim=[1, 2], keepdim=True) * 5.0).clamp_min(1.0)
     rate = getattr(vae, "audio_sample_rate_output", getattr(vae, "audio_sample_rate", 44100))

@@ -259,17 +259,44 @@ def test_matcher_frames_per_item_for_a_videos_images(comfy_dir):
 
 
 def test_a_latent_of_another_model_family_names_samples_and_vae(vae):
-    """A 16-channel SD3/shapes latent into a 4-channel SD1.5 VAE (and a 4-channel one into an audio VAE) is refused
-    before decoding, naming the node's inputs: a user trial got 'weight: expected 16 input channels (dim 1) to
-    match input, got (4, 4, 1, 1)' from inside the VAE. Negative control: without the check the error names
+    """A 16-channel SD3/shapes latent into a 4-channel SD1.5 VAE (and a 4-channel one into an audio VAE) is an error
+    naming the node's inputs, chained from the VAE's own: a user trial got 'weight: expected 16 input channels (dim
+    1) to match input, got (4, 4, 1, 1)' from inside the VAE. Negative control: without it the error names
     'weight'."""
     with pytest.raises(ValueError, match=r"^samples: the latent has 16 channels \(shape \(1, 16, 8, 8\)\), but the "
-                                         r"vae decodes 4-channel latents"):
+                                         r"vae decodes 4-channel latents") as e:
         N.JetDetDeterministicVAEDecode.execute({"samples": torch.zeros(1, 16, 8, 8)}, vae, True)
+    assert e.value.__cause__ is not None and "the VAE's own error" in str(e.value)
     with pytest.raises(ValueError, match=r"^samples: the latent has 4 channels .* the vae decodes 64-channel"):
         N.JetDetDeterministicVAEDecodeAudio.execute({"samples": torch.zeros(1, 4, 8)}, tm.oobleck_vae(0), True)
     with pytest.raises(ValueError, match=r"^samples: the latent has 4 channels .* the vae decodes 16-channel"):
         N.JetDetDeterministicVAEDecode.execute({"samples": torch.zeros(1, 4, 2, 4, 4)}, tm.wan21_vae(0), True)
+
+
+def test_a_vae_built_from_a_config_decodes_its_own_channel_count(comfy_dir):
+    """ComfyUI's ``VAE(sd, config=...)`` (a checkpoint with a yaml) keeps ``latent_channels`` 4 whatever its
+    z_channels, and ComfyUI's VAE Decode never reads it: a 16-channel config VAE decodes a 16-channel latent, here
+    as there, and a 4-channel latent into it is the error naming samples and the 16 its decoder takes. Negative
+    control: the check before decoding on ``latent_channels`` (ea20403) refused the 16-channel latent ('the vae
+    decodes 4-channel latents'; review M2)."""
+    import comfy.sd
+    import nodes
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    cfg = {"params": {"embed_dim": 16, "ddconfig": dict(tm.VAE_CONFIG["params"]["ddconfig"], z_channels=16)}}
+    v = comfy.sd.VAE(sd=tm._finish(AutoencoderKL(**cfg["params"]), 0), config=cfg)
+    assert v.latent_channels == 4
+    lat = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
+    got = N.JetDetDeterministicVAEDecode.execute(lat, v, True).args[0]
+    assert dvae.decoder_channels(v) == (16, {4, 16})
+    stock = nodes.VAEDecode().decode(v, lat)[0]
+    assert got.shape == stock.shape == (2, 64, 64, 3) and (got - stock).abs().max() < 1e-3
+    with pytest.raises(ValueError, match=r"^samples: the latent has 8 channels .* the vae decodes 16-channel"):
+        N.JetDetDeterministicVAEDecode.execute({"samples": torch.zeros(1, 8, 8, 8)}, v, True)
+    # 4 is its latent_channels: the VAE's own error, not a claim that may be wrong
+    with pytest.raises((RuntimeError, ValueError)) as e:
+        N.JetDetDeterministicVAEDecode.execute({"samples": torch.zeros(1, 4, 8, 8)}, v, True)
+    assert not str(e.value).startswith("samples:")
 
 
 @pytest.mark.parametrize("node,args,match", [
