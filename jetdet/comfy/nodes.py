@@ -218,7 +218,7 @@ class JetDetModeSwitch(io.ComfyNode):
                                        "noise for the whole batch: for the same bits per item whatever the batch, "
                                        "sample with the jetdet Deterministic Sampler (its Advanced node for the "
                                        "stages of a handoff)."),
-                io.Float.Input("budget", default=0.05, min=0.0, max=1.0, step=0.005, round=0.0001,
+                io.Float.Input("budget", default=0.05, min=0.0, max=wr.MAX_BUDGET, step=0.005, round=0.0001,
                                tooltip="fast: largest predicted relative L1 error of a skipped model call "
                                        "(0 = never skip)."),
                 io.Boolean.Input("strict", default=True,
@@ -258,7 +258,7 @@ class JetDetFastOptimizer(io.ComfyNode):
                         "every call (a forecast's error goes into their latent whole), with a warning.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to speed up (it is not changed; the output is a clone)."),
-                io.Float.Input("budget", default=0.05, min=0.0, max=1.0, step=0.005, round=0.0001,
+                io.Float.Input("budget", default=0.05, min=0.0, max=wr.MAX_BUDGET, step=0.005, round=0.0001,
                                tooltip="Largest predicted relative L1 error of a forecast model output "
                                        "(0 = never skip, bit-identical to the model)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=0.99, step=0.01,

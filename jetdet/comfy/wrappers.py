@@ -309,6 +309,7 @@ class FastState:
         StepCacheController(**controller_options)  # validate now, in the node, not at the first step
         self.options = dict(controller_options)
         self.note_nothing_saved = True  # log a noisy sampler's run that saved nothing (the Benchmark's table says so)
+        self._noted: set = set()  # (sampler, budget) already logged: once each, not once per run, tile or pass
         self.linear_attention = linattn.parse_option(linear_attention)
         self.attention_cache = attncache.parse_option(attention_cache)
         if self.linear_attention and self.attention_cache:
@@ -407,9 +408,16 @@ class FastState:
                     self.controller = self.swap = self.cache = None
             s = ctl.stats()
             ctl.clear()  # free the cached tensors; the statistics stay readable in last_stats
+        # only where the budget decided: some row was eligible (past the guards: start/end percent, warm-up) and its
+        # forecast was over budget; a run with no such row could not have saved a call at any budget
         if noisy and self.note_nothing_saved and ctl.budget > 0 and ctl.max_consecutive_skips > 0 and s["calls"] \
-                and not s["rows_saved"]:
-            _note_nothing_saved(sampler, ctl.budget, s["calls"])
+                and not s["rows_saved"] and s["reasons"].get("budget", 0):
+            key = (_sampler_name(sampler), ctl.budget)
+            with self._lock:
+                first = key not in self._noted
+                self._noted.add(key)
+            if first:
+                _note_nothing_saved(sampler, ctl.budget, s["calls"])
         return out
 
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
@@ -600,16 +608,24 @@ def _warn_renoising(sampler) -> None:
         warnings.warn(f"jetdet fast mode: {why}; fast mode computes every call with it", stacklevel=2)
 
 
+#: The Fast Optimizer's largest budget (its widget's maximum): no budget to raise past it.
+MAX_BUDGET = 1.0
+
+
 def _note_nothing_saved(sampler, budget: float, calls: int) -> None:
-    """One log line for a fast run with a sampler that adds noise at every step that saved no model call: nothing
-    else outside the Cache Manager says so (a user trial)."""
+    """One log line for a fast run with a sampler that adds noise at every step that saved no model call though
+    the budget decided some (a user trial: nothing else outside the Cache Manager said so); once per Fast
+    Optimizer, sampler and budget. It advises raising the budget only below :data:`MAX_BUDGET`."""
     name = _sampler_name(sampler).removeprefix("sample_") or "this"
+    todo = ("Raise the Fast Optimizer's budget, or sample with a sampler that adds no noise, for a speed-up"
+            if budget < MAX_BUDGET else
+            f"The budget is at its maximum ({MAX_BUDGET:g}): sample with a sampler that adds no noise for a speed-up")
     logging.info(
-        "jetdet fast mode: the %s run computed all %d model calls at budget %g (it saved none). Samplers that add "
-        "noise at every step (ancestral, SDE) leave the step cache less to reuse than euler or dpmpp_2m do: on the "
-        "shapes model at 20 steps euler_ancestral saved nothing at 0.05 and 26%% of its calls at 0.1 (27 dB). "
-        "Raise the Fast Optimizer's budget, or sample with a sampler that adds no noise, for a speed-up (README, "
-        "ComfyUI > Limits: 'The Fast Optimizer saves less with samplers that add noise')", name, calls, budget)
+        "jetdet fast mode: the %s run computed all %d model calls at budget %g (it saved none; logged once per Fast "
+        "Optimizer, sampler and budget). Samplers that add noise at every step (ancestral, SDE) leave the step cache "
+        "less to reuse than euler or dpmpp_2m do: on the shapes model at 20 steps euler_ancestral saved nothing at "
+        "0.05 and 26%% of its calls at 0.1 (27 dB). %s (README, ComfyUI > Limits: 'The Fast Optimizer saves less "
+        "with samplers that add noise')", name, calls, budget, todo)
 
 
 def _flow_time(sigma):

@@ -632,7 +632,7 @@ def test_a_noisy_samplers_fast_run_that_saved_nothing_says_so(shapes_patcher, ca
     got = lines(tiny, "euler_ancestral")
     assert wr.fast_state(tiny).stats()["calls_saved"] == 0
     assert len(got) == 1 and got[0].startswith("jetdet fast mode: the euler_ancestral run computed all 6 model calls "
-                                               "at budget 1e-06 (it saved none)"), got
+                                               "at budget 1e-06 (it saved none; "), got
     assert "Raise the Fast Optimizer's budget" in got[0] and "README, ComfyUI > Limits" in got[0], got
     assert lines(tiny, "euler") == []  # a sampler without step noise: not this line's case
     assert lines(_fast(shapes_patcher, 0.0), "dpmpp_2m_sde") == []
@@ -645,3 +645,44 @@ def test_a_noisy_samplers_fast_run_that_saved_nothing_says_so(shapes_patcher, ca
         JetDetBenchmark.execute(shapes_patcher, 7, 3, 4.0, "euler_ancestral", "simple", sm.class_conditioning(3),
                                 sm.null_conditioning(), empty_latent(1), 1.0, "0.000001")
     assert not [r for r in caplog.records if "saved none" in r.getMessage()]
+
+
+def test_the_saved_nothing_line_only_where_the_budget_decided_and_once(shapes_patcher, caplog):
+    """The 'saved none' line (review L1): not for a run in which no call was eligible to skip (budget 1, start_percent
+    0.99: every step inside the always-compute window, so no budget could have saved one); once per Fast Optimizer,
+    sampler and budget, not once per sampling run (5 runs, as tiles or passes, one line); and no advice to raise a
+    budget already at its maximum. Negative control: before, the first case logged 'Raise the Fast Optimizer's
+    budget' and the 5 runs logged 5 lines."""
+    import logging
+
+    from jetdet.comfy.nodes import JetDetFastOptimizer
+
+    def fast(budget, start=0.0):
+        return JetDetFastOptimizer.execute(shapes_patcher, budget=budget, start_percent=start, end_percent=0.0,
+                                           forecast="order1", max_consecutive_skips=8).args[0]
+
+    def lines(model, sampler, runs=1, steps=6):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            for _ in range(runs):
+                _stock(model, sampler, steps=steps, batch=1)
+        return [r.getMessage() for r in caplog.records if "saved none" in r.getMessage()]
+
+    window = fast(1.0, start=0.99)
+    assert lines(window, "euler_ancestral", steps=20) == []
+    st = wr.fast_state(window).last_stats
+    assert st["calls_saved"] == 0 and not st["reasons"].get("budget"), st["reasons"]
+    tiny = fast(1e-6)
+    got = lines(tiny, "euler_ancestral", runs=5)
+    assert len(got) == 1 and "logged once per Fast Optimizer, sampler and budget" in got[0], got
+    assert lines(tiny, "euler_ancestral") == []  # the same state, sampler and budget: said already
+    assert len(lines(tiny, "dpmpp_2m_sde")) == 1  # another sampler: its own line
+    assert len(lines(fast(1e-6), "euler_ancestral")) == 1  # another Fast Optimizer: its own line
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        wr._note_nothing_saved(None, wr.MAX_BUDGET, 6)
+        wr._note_nothing_saved(None, 0.5, 6)
+    top, mid = (r.getMessage() for r in caplog.records)
+    assert "Raise" not in top and "The budget is at its maximum (1): sample with a sampler that adds no noise" in top
+    assert "Raise the Fast Optimizer's budget" in mid
+
