@@ -29,6 +29,8 @@ import threading
 
 import torch
 
+from jetdet.mode import _routes_here
+
 _NAMES = ("optimized_attention", "optimized_attention_masked")
 _lock = threading.RLock()
 _depth = 0
@@ -105,20 +107,26 @@ def _swap_layer_classes() -> None:
     # as ``mixed_precision_ops`` layers, which quantize their input too where the device computes in that format. An
     # nvfp4 layer without an ``input_scale`` scales its input by the absolute maximum of the whole input, batch
     # included, so an item alone and in a batch were rounded differently (a trial on 0.33: 3 of 4 items differed,
-    # silently). For the span their compute methods take ComfyUI's own full-precision path (``_full_precision_mm``,
-    # what ComfyUI runs on a device without that format's compute): the weight dequantized, the input as it is,
-    # F.linear, routed
+    # silently). For the span, on threads in deterministic calls, they take ComfyUI's own full-precision path
+    # (``_full_precision_mm`` read as True, see _FullPrecisionFlag; what ComfyUI runs on a device without that format's
+    # compute): the weight dequantized, the input as it is, F.linear, routed
     for cls in _mixed_precision_classes():
         _swap_mixed_precision(cls)
 
 
 def _swap_mixed_precision(cls) -> None:
-    for name in _FPMM_READERS:
-        own = vars(cls).get(name)
-        if callable(own) and getattr(own, "_jetdet_own", None) is None:
-            _saved.append((cls, name, own))
-            setattr(cls, name, _full_precision_call(own))
-            _note_full_precision()
+    """``cls`` (a mixed-precision layer class) for the span: ``_full_precision_mm`` read through
+    :class:`_FullPrecisionFlag`, and its load code (``_load_from_state_dict``) marked as loading on its thread."""
+    own = vars(cls).get(_FPMM, _ABSENT)
+    if not isinstance(own, _FullPrecisionFlag):
+        _saved.append((cls, _FPMM, own))
+        setattr(cls, _FPMM, _FullPrecisionFlag(own))
+        _note_full_precision()
+    for name in _LOADERS:
+        load = vars(cls).get(name)
+        if callable(load) and getattr(load, "_jetdet_own", None) is None:
+            _saved.append((cls, name, load))
+            setattr(cls, name, _loading_call(load))
 
 
 def _hook_new_classes() -> None:
@@ -148,39 +156,69 @@ def _hook_new_classes() -> None:
 
 
 _FPMM = "_full_precision_mm"
-# the methods of ComfyUI's mixed-precision layer classes that read ``_full_precision_mm`` while computing: ``forward``
-# (0.7.0 and 0.33: Linear) and ``_expert_linear_impl`` (0.33: MoEExperts, whose model code calls ``expert_linear``).
-# Their load code (``_load_from_state_dict``) reads it too, as the value to keep: it is not wrapped
-_FPMM_READERS = ("forward", "_expert_linear_impl")
+# ComfyUI's load code of the mixed-precision layers, which reads ``_full_precision_mm`` as the value to keep
+# (``if not module._full_precision_mm: module._full_precision_mm = config``; 0.7.0 inline, 0.33 through
+# ``_load_quantized_module``): there the layer's own value
+_LOADERS = ("_load_from_state_dict",)
 _ABSENT = object()
 _noted: list = []
+_loading = threading.local()  # .depth: this thread's calls into _LOADERS now running
 
 
-def _full_precision_call(own):
-    """``own`` (a layer method that reads ``_full_precision_mm``) with the instance's ``_full_precision_mm`` True for
-    the duration of the call, when this thread routes (a deterministic call; others, and every thread outside
-    deterministic mode, run ``own`` as it is): ComfyUI's full-precision path. The instance's own value is put back in
-    ``finally`` (unless the call itself wrote another), so load code, which runs outside these methods, reads and
-    keeps the layer's real setting (a checkpoint's ``full_precision_matrix_mult``)."""
-    from jetdet.mode import _routes_here
+class _FullPrecisionFlag:
+    """Installed for the span as ``_full_precision_mm`` on ComfyUI's mixed-precision layer classes (a data
+    descriptor: it wins over the instance's own attribute, and subclasses inherit it). Read on a thread that routes
+    (a deterministic call) and outside the layer's load code, it is True: ComfyUI's full-precision path, whichever
+    method reads it and however it is reached (an instance-level ``forward`` such as the LoRA bypass hook's, which
+    holds the class's unwrapped forward, included). Elsewhere (another thread, fast mode, no mode, and load code on
+    any thread) it is the layer's own value: the instance's, else the class's own attribute as it was. Writes and
+    deletes go to the instance, so nothing shared is changed while a layer computes (two threads in one layer each
+    read their own answer), and the instance's value holds again once the descriptor is taken off."""
 
-    @functools.wraps(own)
+    def __init__(self, own):
+        self.own = own  # the class's own attribute it replaced, or _ABSENT
+
+    def __get__(self, obj, objtype=None):
+        if obj is not None:
+            if _routes_here() and not getattr(_loading, "depth", 0):
+                return True
+            d = obj.__dict__
+            if _FPMM in d:
+                return d[_FPMM]
+        return self._inherited(obj, objtype if objtype is not None else type(obj))
+
+    @staticmethod
+    def _inherited(obj, objtype):
+        for klass in objtype.__mro__:
+            v = vars(klass).get(_FPMM, _ABSENT)
+            if isinstance(v, _FullPrecisionFlag):
+                v = v.own
+            if v is not _ABSENT:
+                return v.__get__(obj, objtype) if hasattr(type(v), "__get__") else v
+        raise AttributeError(_FPMM)
+
+    def __set__(self, obj, value):
+        obj.__dict__[_FPMM] = value
+
+    def __delete__(self, obj):
+        if obj.__dict__.pop(_FPMM, _ABSENT) is _ABSENT:
+            raise AttributeError(_FPMM)
+
+
+def _loading_call(load):
+    """``load`` (a layer's ``_load_from_state_dict``) counted as load code on its thread for the duration of the
+    call, so that ComfyUI's loader reads the layer's real ``_full_precision_mm`` and keeps a checkpoint's
+    ``full_precision_matrix_mult`` when a model loads during the span."""
+
+    @functools.wraps(load)
     def call(self, *args, **kwargs):
-        if not _routes_here():
-            return own(self, *args, **kwargs)
-        d = self.__dict__
-        before = d.get(_FPMM, _ABSENT)
-        d[_FPMM] = True
+        _loading.depth = getattr(_loading, "depth", 0) + 1
         try:
-            return own(self, *args, **kwargs)
+            return load(self, *args, **kwargs)
         finally:
-            if d.get(_FPMM, _ABSENT) is True:  # not rewritten by the call
-                if before is _ABSENT:
-                    d.pop(_FPMM, None)
-                else:
-                    d[_FPMM] = before
+            _loading.depth -= 1
 
-    call._jetdet_own = own
+    call._jetdet_own = load
     return call
 
 

@@ -4,6 +4,8 @@ thread counts; ComfyUI's own KSampler is not (negative control)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 
 import pytest
@@ -231,8 +233,10 @@ def _stand_in_mixed_precision_ops():
     attribute ``_full_precision_mm`` where ComfyUI's do: ``Linear.forward`` and ``Experts._expert_linear_impl`` (0.33's
     MoEExperts, which model code calls through ``expert_linear``). Off, they round their input on a grid scaled by the
     absolute maximum of the whole input (what an nvfp4 layer without an ``input_scale`` does); on, the plain F.linear.
-    ``load`` keeps a checkpoint's ``full_precision_matrix_mult`` as ComfyUI's loader does (``if not
-    module._full_precision_mm: module._full_precision_mm = config``)."""
+    ``load`` keeps a checkpoint's ``full_precision_matrix_mult`` as ComfyUI's loader does, in
+    ``_load_from_state_dict`` (``if not module._full_precision_mm: module._full_precision_mm = config``).
+    ``Linear.forward`` first calls this thread's gate in ``_GATES``, if any (what 0.33's ``run_every_op()`` is to its
+    layers: a point before the flag is read, where a test holds one thread while another runs)."""
     import comfy.ops
 
     def rounded(x):
@@ -247,11 +251,21 @@ def _stand_in_mixed_precision_ops():
                 self._full_precision_mm = False  # ComfyUI sets it per instance, at init and at load
 
             def load(self, full_precision_matrix_mult):
-                self._full_precision_mm_config = full_precision_matrix_mult
-                if not self._full_precision_mm:
-                    self._full_precision_mm = self._full_precision_mm_config
+                self.load_state_dict({"full_precision_matrix_mult": torch.tensor(full_precision_matrix_mult)},
+                                     strict=False)
+
+            def _load_from_state_dict(self, state_dict, prefix, *args):
+                conf = state_dict.pop(prefix + "full_precision_matrix_mult", None)
+                if conf is not None:
+                    self._full_precision_mm_config = bool(conf)
+                    if not self._full_precision_mm:
+                        self._full_precision_mm = self._full_precision_mm_config
+                super()._load_from_state_dict(state_dict, prefix, *args)
 
             def forward(self, x):
+                gate = _GATES.get(threading.current_thread().name)
+                if gate is not None:
+                    gate()
                 if not self._full_precision_mm:
                     x = rounded(x)
                 return torch.nn.functional.linear(x, self.weight, self.bias)
@@ -273,6 +287,9 @@ def _stand_in_mixed_precision_ops():
     return MixedPrecisionOps
 
 
+_GATES: dict = {}  # thread name -> what the stand-in's Linear.forward calls first on that thread
+
+
 def _items_alone(f, x):
     """For each item of ``x``: whether ``f`` of the batch holds the same bits as ``f`` of the item alone."""
     full = f(x)
@@ -292,15 +309,17 @@ def test_mixed_precision_layers_take_the_full_precision_path_in_deterministic_ca
     """Newer ComfyUI loads quantized checkpoints as ``mixed_precision_ops`` layers, which quantize their input where
     the device computes in that format; nvfp4 without an ``input_scale`` scales it by the whole batch's maximum, so an
     item alone and in a batch were rounded differently, silently (a trial on 0.33 and 0.7: 3 of 4 items). During
-    deterministic calls the layers' compute methods (``forward``, and 0.33's ``_expert_linear_impl``) take ComfyUI's
-    full-precision path (``_full_precision_mm``), here on a stand-in of that API. Negative controls: in deterministic
-    mode without the swap the items differ; within the span but outside deterministic mode (this thread does not
-    route) the layer is ComfyUI's. Afterwards each layer reads its own setting again and its class is as it was."""
+    deterministic calls the layers read ``_full_precision_mm`` as True (in ``forward``, and 0.33's
+    ``_expert_linear_impl``) and take ComfyUI's full-precision path, here on a stand-in of that API; the layer's own
+    value is not touched. Negative controls: in deterministic mode without the swap the items differ; within the span
+    but outside deterministic mode (this thread does not route) the layer is ComfyUI's. Afterwards each layer reads
+    its own setting again and its class is as it was."""
     import jetdet
     from jetdet.comfy.attention import sdpa_attention
 
     ops = _stand_in_mixed_precision_ops()
-    own = (vars(ops.Linear)["forward"], vars(ops.Experts)["_expert_linear_impl"])
+    own = (vars(ops.Linear)["forward"], vars(ops.Experts)["_expert_linear_impl"],
+           vars(ops.Linear)["_load_from_state_dict"])
     layer, experts, x = _standin_layers(ops)
     expert = lambda t: experts.expert_linear(t, 1)  # noqa: E731
     with torch.no_grad():
@@ -309,7 +328,7 @@ def test_mixed_precision_layers_take_the_full_precision_path_in_deterministic_ca
             with sdpa_attention():
                 swapped = _items_alone(layer, x), _items_alone(expert, x)
                 full = layer(x)
-                assert layer._full_precision_mm is False  # outside the call: the layer's own value
+                assert layer._full_precision_mm is True and vars(layer)["_full_precision_mm"] is False
         with sdpa_attention():  # this thread does not route: ComfyUI's own (rounded) path
             other = torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
     assert plain == ([False, False, False, True],) * 2  # the negative control
@@ -317,32 +336,43 @@ def test_mixed_precision_layers_take_the_full_precision_path_in_deterministic_ca
     assert swapped == ([True] * 4,) * 2
     assert torch.equal(full, torch.nn.functional.linear(x, layer.weight, layer.bias))
     assert layer._full_precision_mm is False and "_full_precision_mm" not in vars(layer.__class__)
-    assert (vars(ops.Linear)["forward"], vars(ops.Experts)["_expert_linear_impl"]) == own
+    assert (vars(ops.Linear)["forward"], vars(ops.Experts)["_expert_linear_impl"],
+            vars(ops.Linear)["_load_from_state_dict"]) == own
 
 
-def test_a_mixed_precision_layer_loaded_in_a_deterministic_call_keeps_its_checkpoints_setting(comfy_dir):
+def test_a_mixed_precision_layer_loaded_in_a_deterministic_call_keeps_its_checkpoints_setting(comfy_dir, monkeypatch):
     """ComfyUI's loader keeps a checkpoint's ``full_precision_matrix_mult`` with ``if not module._full_precision_mm:
     module._full_precision_mm = config``. A layer loaded while the span is active (a model loaded during sampling, or
     on another thread while one samples) must store it: once the span ends the layer runs its checkpoint's
     full-precision path. With the class-wide descriptor of 90d68bb that read returned True, so the layer stored
-    nothing and took the quantized path afterwards (this test failed there: ``_full_precision_mm`` False). On the
+    nothing and took the quantized path afterwards (this test failed there: ``_full_precision_mm`` False). The class
+    descriptor is back, so the load code (``_load_from_state_dict``) is marked for the span and reads the layer's own
+    value there. Negative control: without that mark (``_LOADERS`` empty) the layer stores nothing again. On the
     stand-in; ``test_real_...`` below on ComfyUI's own layer."""
     import jetdet
+    from jetdet.comfy import attention
     from jetdet.comfy.attention import sdpa_attention
 
-    ops = _stand_in_mixed_precision_ops()
-    with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
-        (on, _, x), (off, _, _), (off2, _, _) = (_standin_layers(ops) for _ in range(3))
-        on.load(True)
-        off.load(False)
-        with sdpa_attention():  # nested: the same
-            off2.load(False)
-        during = _items_alone(on, x), _items_alone(off, x)
+    def load_in_span():
+        ops = _stand_in_mixed_precision_ops()
+        with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
+            (on, _, x), (off, _, _), (off2, _, _) = (_standin_layers(ops) for _ in range(3))
+            on.load(True)
+            off.load(False)
+            with sdpa_attention():  # nested: the same
+                off2.load(False)
+            during = _items_alone(on, x), _items_alone(off, x)
+        return on, off, off2, x, during
+
+    on, off, off2, x, during = load_in_span()
     assert during == ([True] * 4,) * 2  # the span's full-precision path
     assert on._full_precision_mm is True and (off._full_precision_mm, off2._full_precision_mm) == (False, False)
     with torch.no_grad(), jetdet.mode("deterministic"):  # outside the span: each its checkpoint's path
         after = _items_alone(on, x), _items_alone(off, x)
     assert after == ([True] * 4, [False, False, False, True])
+    monkeypatch.setattr(attention, "_LOADERS", ())
+    on, *_ = load_in_span()
+    assert on._full_precision_mm is False  # the negative control: the loader read True and stored nothing
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -373,34 +403,161 @@ def test_mixed_precision_classes_created_during_the_span_are_swapped(comfy_dir, 
     *items, ops = run()
     assert items == [[True] * 4] * 2
     assert "__init_subclass__" not in vars(comfy.ops.CastWeightBiasOp)  # the hook is taken off with the rest
-    assert not hasattr(vars(ops.Linear)["forward"], "_jetdet_own")
+    assert "_full_precision_mm" not in vars(ops.Linear) and "_full_precision_mm" not in vars(ops.Experts)
+    assert not hasattr(vars(ops.Linear)["_load_from_state_dict"], "_jetdet_own")
     monkeypatch.setattr(attention, "_hook_new_classes", lambda: None)
     *items, ops = run()
     assert items == ([[True] * 4] * 2 if nested else [[False, False, False, True]] * 2)  # the negative control
 
 
-def test_mixed_precision_readers_of_full_precision_mm_are_all_wrapped(comfy_dir):
-    """Every method of ComfyUI's own mixed-precision layer classes that reads ``_full_precision_mm`` while computing is
-    one jetdet wraps for the span (``_FPMM_READERS``; 0.7.0: ``Linear.forward``; 0.33: also
-    ``MoEExperts._expert_linear_impl``); the others that read it are ``__init__`` and load code, which must see the
-    layer's own value. A newer ComfyUI that reads it somewhere else fails here. Skipped on 0.3.64 (no such layers)."""
+def test_a_mixed_precision_layer_with_its_own_forward_takes_the_full_precision_path(comfy_dir):
+    """ComfyUI's "Load LoRA (Bypass)" (0.33's ``BypassForwardHook.inject``, at model load, outside any deterministic
+    call) does ``original_forward = module.forward; module.forward = bypass_forward``: the layer then runs the class's
+    forward through a bound method taken before the span. With a481b2a's wrapped class methods that forward was the
+    unwrapped one, so the layer read its own False in deterministic calls: items ``[False, False, False, True]``,
+    silently (this test failed there). The flag is read through the class's descriptor whatever forward runs. On the
+    stand-in; ``test_real_..._bypass_lora_...`` on ComfyUI's own hook. Negative control: without the swap the
+    items differ."""
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    ops = _stand_in_mixed_precision_ops()
+    layer, _, x = _standin_layers(ops)
+    original_forward = layer.forward  # as the bypass hook holds it
+
+    def bypass_forward(t, *args, **kwargs):
+        return original_forward(t, *args, **kwargs) + 0.0  # a LoRA whose delta is zero
+
+    layer.forward = bypass_forward
+    with torch.no_grad(), jetdet.mode("deterministic"):
+        plain = _items_alone(layer, x)
+        with sdpa_attention():
+            swapped = _items_alone(layer, x)
+    assert plain == [False, False, False, True]  # the negative control
+    assert swapped == [True] * 4
+
+
+def _two_threads(layer, x, b_mode, gates):
+    """``layer(x)`` on thread A (a deterministic call) and on thread B (``b_mode``: "off", no jetdet mode;
+    "deterministic", a deterministic call of its own), interleaved by events at the point where the layer's forward
+    is about to read ``_full_precision_mm`` (``gates``: thread name -> what runs there, installed by the caller).
+    "off": A enters first and waits there while B runs its whole forward. "deterministic": B enters while A waits
+    there, then waits there itself until A's forward has returned. A's span stays open until B is through. Returns
+    (A's output, B's output)."""
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    a_in, b_in, a_done, b_done = (threading.Event() for _ in range(4))
+    waited, out, errors = [], {}, []
+
+    def wait(e):
+        waited.append(e.wait(30))
+
+    names = ("jetdet-test-A", "jetdet-test-B")
+    if b_mode == "off":
+        gates.update({names[0]: lambda: (a_in.set(), wait(b_done))})
+    else:
+        gates.update({names[0]: lambda: (a_in.set(), wait(b_in)), names[1]: lambda: (b_in.set(), wait(a_done))})
+
+    def a():
+        try:
+            with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
+                out["A"] = layer(x)
+                a_done.set()
+                wait(b_done)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            a_in.set(), a_done.set()
+
+    def b():
+        try:
+            wait(a_in)
+            det = b_mode != "off"
+            with torch.no_grad(), (jetdet.mode("deterministic") if det else contextlib.nullcontext()), (
+                    sdpa_attention() if det else contextlib.nullcontext()):
+                out["B"] = layer(x)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            b_in.set(), b_done.set()
+
+    threads = [threading.Thread(target=f, name=n) for f, n in zip((a, b), names)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for n in names:
+            gates.pop(n, None)
+    assert not errors, errors
+    assert all(waited) and not any(t.is_alive() for t in threads), "the interleaving did not happen"
+    return out["A"], out["B"]
+
+
+@pytest.mark.parametrize("b_mode", ["off", "deterministic"])
+def test_mixed_precision_layers_read_their_flag_per_thread(comfy_dir, b_mode):
+    """Two threads in one layer during the span. a481b2a wrote ``_full_precision_mm = True`` on the shared layer for
+    a deterministic call's duration: a thread outside deterministic mode running the layer meanwhile took the
+    full-precision path (jetdet changed a call it does not own), and of two overlapping deterministic calls the
+    first one's ``finally`` put back False while the second was inside, which then took the quantized, batch-dependent
+    path, silently (both cases failed there). Now each thread reads its own answer and nothing shared is written.
+    Forced interleavings (events, at the point before the flag is read); on the stand-in, ``test_real_...`` on
+    ComfyUI's own layer."""
+    ops = _stand_in_mixed_precision_ops()
+    layer, _, x = _standin_layers(ops)
+    with torch.no_grad():
+        quantized = layer(x)  # ComfyUI's own path
+        full = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert not torch.equal(quantized, full)
+    a, b = _two_threads(layer, x, b_mode, _GATES)
+    assert torch.equal(a, full)
+    assert torch.equal(b, quantized if b_mode == "off" else full)
+    assert vars(layer)["_full_precision_mm"] is False
+
+
+def test_mixed_precision_readers_of_full_precision_mm_are_load_code_or_see_the_descriptor(comfy_dir):
+    """Every reader of ``_full_precision_mm`` in ComfyUI's own ``comfy.ops`` (0.7.0: ``Linear.__init__``,
+    ``_load_from_state_dict``, ``forward``; 0.33: also ``MoEExperts._expert_linear_impl`` and the module-level
+    ``_load_quantized_module``) is one of: ``__init__`` (which only sets it); load code, which must read the layer's
+    own value and runs under a method jetdet marks as loading for the span (``_LOADERS``), module-level helpers
+    included (called from those methods alone); or compute code, which reads the class's descriptor (installed on
+    every such class, inherited by subclasses). A newer ComfyUI that reads it in load code elsewhere fails here.
+    Skipped on 0.3.64 (no such layers)."""
+    import inspect
+    import types
+
     import comfy.ops
 
+    import jetdet
     from jetdet.comfy import attention
+    from jetdet.comfy.attention import sdpa_attention
 
     if not hasattr(comfy.ops, "mixed_precision_ops"):
         pytest.skip("this ComfyUI has no mixed_precision_ops (newer than 0.3.64)")
 
-    def reads(code):
-        return "_full_precision_mm" in code.co_names or any(
-            reads(c) for c in code.co_consts if hasattr(c, "co_names"))
+    def names(code):
+        return set(code.co_names).union(*(names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
 
     ops = comfy.ops.mixed_precision_ops({}, torch.bfloat16, disabled=set())
-    readers = {(c.__name__, name) for c in vars(ops).values() if isinstance(c, type)
-               for name, f in vars(c).items() if hasattr(f, "__code__") and reads(f.__code__)}
-    compute = {(c, n) for c, n in readers if n != "__init__" and "load" not in n and "state_dict" not in n}
-    assert ("Linear", "forward") in compute
-    assert {n for _, n in compute} <= set(attention._FPMM_READERS), compute
+    classes = [c for c in vars(ops).values() if isinstance(c, type)]
+    methods = {(c.__name__, n): f for c in classes for n, f in vars(c).items() if hasattr(f, "__code__")}
+    readers = {k for k, f in methods.items() if "_full_precision_mm" in names(f.__code__)}
+    helpers = {n for n, f in vars(comfy.ops).items() if isinstance(f, types.FunctionType)
+               and n != "mixed_precision_ops" and "_full_precision_mm" in names(f.__code__)}  # (its classes: above)
+    assert ("Linear", "forward") in readers
+    load = {k for k in readers if "load" in k[1] or "state_dict" in k[1]}
+    assert {n for _, n in load} <= set(attention._LOADERS), load
+    for h in helpers:  # module-level readers (0.33's _load_quantized_module): called from load methods alone
+        callers = {k for k, f in methods.items() if h in names(f.__code__)}
+        callers |= {n for n, f in vars(comfy.ops).items() if isinstance(f, types.FunctionType) and n != h
+                    and n != "mixed_precision_ops" and h in names(f.__code__)}
+        assert callers and {c[1] if isinstance(c, tuple) else c for c in callers} <= set(attention._LOADERS), (
+            h, callers)
+    with jetdet.mode("deterministic"), sdpa_attention():
+        for c in {c for c in classes for k in readers if k[0] == c.__name__}:
+            assert isinstance(inspect.getattr_static(c, "_full_precision_mm"), attention._FullPrecisionFlag), c
 
 
 def _real_nvfp4_layer(full_precision_matrix_mult=None, layer=None):
@@ -490,6 +647,77 @@ def test_real_mixed_precision_layer_built_during_the_span_is_swapped(comfy_dir, 
         else:
             items = _items_alone(layer, x)
     assert items == [True] * 4
+
+
+def test_real_mixed_precision_layer_with_a_bypass_lora_takes_the_full_precision_path(comfy_dir):
+    """ComfyUI's own LoRA bypass hook (0.33's ``comfy.weight_adapter.bypass.BypassForwardHook``, what "Load LoRA
+    (Bypass)" injects at model load) on its own nvfp4 layer, here with a LoRA whose delta is zero: in a deterministic
+    call the items equal alone and in a batch (on a481b2a ``[False, False, False, True]``, silently: the hook holds the
+    class's unwrapped forward). Skipped where ComfyUI has no bypass hook (0.3.64, 0.7.0)."""
+    bypass = pytest.importorskip("comfy.weight_adapter.bypass")
+    from comfy.weight_adapter.base import WeightAdapterBase
+
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    class ZeroLora(WeightAdapterBase):
+        name = "jetdet_zero"
+
+        def __init__(self):
+            self.weights = ()
+
+        def h(self, x, base_out):
+            return torch.zeros_like(base_out)
+
+        def g(self, y):
+            return y
+
+    layer, x = _real_nvfp4_layer(), _real_x()
+    hook = bypass.BypassForwardHook(layer, ZeroLora())
+    hook.inject()
+    try:
+        assert "forward" in vars(layer)  # the hook's own forward, on the instance
+        with torch.no_grad(), jetdet.mode("deterministic"):
+            plain = _items_alone(layer, x)
+            with sdpa_attention():
+                swapped = _items_alone(layer, x)
+    finally:
+        hook.eject()
+    assert plain == [False, False, False, True]  # the negative control
+    assert swapped == [True] * 4
+
+
+@pytest.mark.parametrize("b_mode", ["off", "deterministic"])
+def test_real_mixed_precision_layer_reads_its_flag_per_thread(comfy_dir, monkeypatch, b_mode):
+    """The two-thread cases of ``test_mixed_precision_layers_read_their_flag_per_thread`` on ComfyUI's own nvfp4
+    layer, held at ``run_every_op()`` (the first thing its forward does, before it reads the flag): a thread outside
+    deterministic mode keeps ComfyUI's quantized path, and two overlapping deterministic calls both take the
+    full-precision path (on a481b2a: full-precision, and quantized for the second deterministic thread)."""
+    import comfy.ops
+
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    layer, x = _real_nvfp4_layer(), _real_x()
+    if not hasattr(comfy.ops, "run_every_op"):
+        pytest.skip("this ComfyUI's layers call no run_every_op")
+    with torch.no_grad():
+        quantized = layer(x)
+        with jetdet.mode("deterministic"), sdpa_attention():
+            full = layer(x)
+    assert not torch.equal(quantized, full)
+    gates, run_every_op = {}, comfy.ops.run_every_op
+
+    def gated():
+        gate = gates.get(threading.current_thread().name)
+        if gate is not None:
+            gate()
+        return run_every_op()
+
+    monkeypatch.setattr(comfy.ops, "run_every_op", gated)
+    a, b = _two_threads(layer, x, b_mode, gates)
+    assert torch.equal(a, full)
+    assert torch.equal(b, quantized if b_mode == "off" else full)
 
 
 def test_stock_sampling_under_memory_pressure_differs_negative_control(shapes_patcher, shapes_conds):
