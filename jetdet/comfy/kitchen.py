@@ -28,7 +28,11 @@ comfy_kitchen later warns until it is looked at:
   scale from the whole input's maximum, batch included), and any op not named here.
 
 It runs once comfy_kitchen is imported (ComfyUI imports it at start-up), at every deterministic model call: an op is
-handled once; an op registered since (the namespace grew) is handled at the next call.
+handled once; an op registered since is handled at the next call. The namespace's ops are listed from torch's
+dispatcher (``torch.ops.comfy_kitchen``'s attributes hold only the ops looked up so far: an op registered by
+``Library.define`` or C++ and first called inside a deterministic call would otherwise run unseen that once), again
+only when something may have been registered since the last look (a module imported, a library loaded, an op defined
+from Python, the namespace's attributes changed).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 _done: set = set()
-_sizes: dict = {}  # id(namespace) -> its number of attributes when install last looked
+_sizes: dict = {}  # id(namespace) -> _registrations() when install last looked
 
 # comfy_kitchen's ops that pass as they are, with why (comfy_kitchen 0.2.31's eager source)
 _ALLOWED = {
@@ -136,7 +140,25 @@ def _embedding_lookup(warned):
 
 
 def _ops(ns) -> list:
-    return [n for n, v in list(vars(ns).items()) if isinstance(v, torch._ops.OpOverloadPacket)]
+    """The names of the namespace's ops, sorted: every op the dispatcher has under its name (``vars(ns)`` holds only
+    those looked up so far: torch makes an op's packet on its first attribute access), and those in ``vars(ns)``."""
+    names = {n for n, v in list(vars(ns).items()) if isinstance(v, torch._ops.OpOverloadPacket)}
+    prefix = f"{getattr(ns, 'name', '')}::"
+    if prefix != "::" and hasattr(torch._C, "_dispatch_get_all_op_names"):
+        names.update(q[len(prefix):].split(".", 1)[0] for q in torch._C._dispatch_get_all_op_names()
+                     if q.startswith(prefix))
+    return sorted(names)
+
+
+def _registrations(ns) -> tuple:
+    """Cheap signs that an op may have been registered since they were last read: the namespace's attributes, the
+    modules imported (a C++ extension registers its ops on import), the libraries loaded through ``torch.ops``, and
+    the ops defined from Python (``torch.library`` keeps their names). Listing the dispatcher's ops takes about a
+    millisecond; this, microseconds."""
+    import torch.library
+
+    return (len(vars(ns)), len(sys.modules), len(getattr(torch.ops, "loaded_libraries", ())),
+            len(getattr(torch.library, "_defs", ())))
 
 
 def install(ns=None) -> list:
@@ -148,9 +170,8 @@ def install(ns=None) -> list:
         if "comfy_kitchen" not in sys.modules:
             return []
         ns = torch.ops.comfy_kitchen
-    size = len(vars(ns))
-    if _sizes.get(id(ns)) == size:
-        return []  # nothing registered since (the common case: one len() per deterministic call)
+    if _sizes.get(id(ns)) == _registrations(ns):
+        return []  # nothing registered since (the common case: a few len() per deterministic call)
     from jetdet.mode import _h_unrouted, route_op
 
     handlers = {"adaln": lambda: _modulated(F.layer_norm), "rms_adaln": lambda: _modulated(F.rms_norm)}
@@ -164,10 +185,14 @@ def install(ns=None) -> list:
         key = (id(ns), name)
         if key in _done:
             continue
-        _done.add(key)
         if name in _ALLOWED:
+            _done.add(key)
             continue
-        packet = getattr(ns, name)
+        try:
+            packet = getattr(ns, name)
+        except (AttributeError, RuntimeError):  # a name with kernels but no schema yet: looked at again later
+            continue
+        _done.add(key)
         if name in handlers:
             h = handlers[name]()
         else:
@@ -178,5 +203,5 @@ def install(ns=None) -> list:
         for f in (packet, *(getattr(packet, o) for o in packet.overloads())):
             route_op(f, h)
         new.append(name)
-    _sizes[id(ns)] = size
+    _sizes[id(ns)] = _registrations(ns)  # after the loop, whose look-ups added attributes
     return sorted(new)

@@ -1293,6 +1293,37 @@ def test_comfy_kitchen_fused_norms_are_routed_and_its_other_ops_warned(comfy_dir
     assert said(caught, "later_mm")
 
 
+_LAZY_LIBS: list = []  # the library of the op below, kept alive for the session
+
+
+def test_comfy_kitchen_ops_not_looked_up_yet_are_handled(comfy_dir):
+    """``install`` listed the namespace's ops from its attributes (``vars(torch.ops.comfy_kitchen)``), which hold only
+    the ops looked up so far: torch makes an op's packet on its first attribute access. An op defined with
+    ``Library.define`` (or in C++) and first called inside a deterministic call ran unrouted and unwarned that once
+    (this test failed there: ``install`` returned ``[]``). Now the names come from torch's dispatcher, listed again
+    when an op may have been registered since. Negative control: the op is not among the namespace's attributes when
+    ``install`` runs."""
+    import jetdet
+    from jetdet.comfy import kitchen
+
+    name = "jetdet_test_kitchen_lazy"
+    ns = getattr(torch.ops, name)
+    kitchen.install(ns)
+    if not _LAZY_LIBS:
+        lib = torch.library.Library(name, "FRAGMENT")
+        lib.define("lazy_mm(Tensor a, Tensor b) -> Tensor")
+        lib.impl("lazy_mm", lambda a, b: a @ b, "CompositeExplicitAutograd")
+        _LAZY_LIBS.append(lib)
+    assert "lazy_mm" not in vars(ns)  # the negative control: invisible to a scan of the attributes
+    assert kitchen.install(ns) == ["lazy_mm"]
+    assert kitchen.install(ns) == []  # once
+    q = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught, jetdet.mode("deterministic"):
+        warnings.simplefilter("always")
+        ns.lazy_mm(q, q.T)
+    assert [w for w in caught if " lazy_mm falls back" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_real_comfy_kitchen_ops_are_routed_allowed_or_warned(comfy_dir):
     """On comfy_kitchen itself (newer ComfyUI; skipped where it is not installed): after ``install`` every op of the
     namespace is routed, warned, or on the allow-list; the contractions that passed silently before
@@ -1308,7 +1339,7 @@ def test_real_comfy_kitchen_ops_are_routed_allowed_or_warned(comfy_dir):
 
     kitchen.install()
     ns = torch.ops.comfy_kitchen
-    names = [n for n, v in vars(ns).items() if isinstance(v, torch._ops.OpOverloadPacket)]
+    names = kitchen._ops(ns)  # every op registered, looked up or not
     unhandled = [n for n in names if handler_for(getattr(ns, n)) is None]
     assert sorted(unhandled) == sorted(n for n in names if n in kitchen._ALLOWED)
     for n in ("int8_linear", "int8_attention", "int8_attention_masked", "quantize_svdquant_w4a4",
