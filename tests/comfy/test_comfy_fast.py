@@ -485,27 +485,27 @@ def test_which_samplers_add_noise(comfy_dir):
     assert not wr._named_as_adding_noise("sample_euler") and not wr._named_as_adding_noise("sample_lcm")
 
 
+def _controls():
+    """bench/comfy_fast_controls.py as a module (the README's figures for the Fast Optimizer's fixes come from it;
+    its hook-LoRA positive is the one these tests use too)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    name = "jetdet_bench_comfy_fast_controls"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "comfy_fast_controls.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 def _hooked_positive(pos, strength_after: float):
     """The positive with a hook LoRA (ComfyUI's conditioning hooks) whose keyframe sets its strength to
     ``strength_after`` from 50 % of the run: the model's weights for that prompt change mid-run."""
-    import comfy.hooks
-
-    g = torch.Generator().manual_seed(0)
-    lora = {}
-    for b in (0, 1):
-        for part, (o, i) in (("x_block.attn.qkv", (384, 128)), ("x_block.attn.proj", (128, 128)),
-                             ("context_block.attn.qkv", (384, 128))):
-            k = f"diffusion_model.joint_blocks.{b}.{part}"
-            lora[k + ".lora_up.weight"] = torch.randn(o, 4, generator=g) * 0.12
-            lora[k + ".lora_down.weight"] = torch.randn(4, i, generator=g) * 0.12
-            lora[k + ".alpha"] = torch.tensor(4.0)
-    hooks = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=1.0)
-    kf = comfy.hooks.HookKeyframeGroup()
-    kf.add(comfy.hooks.HookKeyframe(strength=1.0, start_percent=0.0))
-    kf.add(comfy.hooks.HookKeyframe(strength=strength_after, start_percent=0.5))
-    hooks = hooks.clone()
-    hooks.set_keyframes_on_hooks(hook_kf=kf)
-    return comfy.hooks.set_conds_props([pos], 1.0, "default", hooks=hooks)[0]
+    return _controls()._hooked_positive(pos, strength_after)
 
 
 def test_a_hook_keyframe_that_changes_the_weights_mid_run_starts_the_cache_over(shapes_patcher, shapes_conds,
@@ -599,15 +599,7 @@ def test_a_controlnet_that_stops_acting_mid_run_starts_the_cache_over(shapes_pat
 def test_fast_controls_bench_runs(comfy_dir, capsys):
     """bench/comfy_fast_controls.py (the README's figures for these fixes against their controls) runs; its
     quickest case, lcm, stands for the rest (each case exits 1 when the fix does not beat its control)."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "comfy_fast_controls.py"
-    spec = importlib.util.spec_from_file_location("jetdet_bench_comfy_fast_controls", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = _controls()
     assert mod.main(["--comfyui", comfy_dir, "--cases", "lcm"]) == 0
     out = capsys.readouterr().out
     assert "lcm: eps sigma, budget 0.05: bit-identical to mode off: True" in out and "lcm: ok" in out
