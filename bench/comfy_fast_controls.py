@@ -31,11 +31,11 @@ quotes. Exits 1 when a fix does not beat its control.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -47,16 +47,6 @@ from jetdet.comfy.runtime import import_comfyui  # noqa: E402
 from jetdet.verify import psnr_db  # noqa: E402
 
 CASES = ("slg", "ve", "noisy", "rows", "hook", "cfgpp", "lcm")
-
-
-@contextlib.contextmanager
-def patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def _latent(n):
@@ -109,7 +99,7 @@ def case_slg(model, conds):
     f = fast(slg, 0.05)
     now = psnr_db(per_item(f, conds, **kw), ref)
     now_s = stats(f)
-    with patched(wr, "_patch_signature", lambda transformer_options: ()):  # every call kind one stream
+    with patch.object(wr, "_patch_signature", lambda transformer_options: ()):  # every call kind one stream
         c = fast(slg, 0.05)
         old = psnr_db(per_item(c, conds, **kw), ref)
         old_s = stats(c)
@@ -135,7 +125,7 @@ def case_ve(model, conds):
         f = fast(ve, 0.05)
         now = psnr_db(per_item(f, conds, **kw), ref)
         now_s = stats(f)
-        with patched(wr, "_variance_exploding", lambda executor: False):  # forecast the noise prediction in sigma
+        with patch.object(wr, "_variance_exploding", lambda executor: False):  # forecast the noise prediction in sigma
             c = fast(ve, 0.05)
             old = psnr_db(per_item(c, conds, **kw), ref)
             old_s = stats(c)
@@ -156,7 +146,8 @@ def case_noisy(model, conds):
         f = fast(model, 0.1)
         now = psnr_db(stock(f, conds, **kw), ref)
         now_s, now_n = stats(f), calls_run(f)[0]
-        with patched(wr, "_ADDS_NOISE", frozenset()), patched(wr, "_named_as_adding_noise", lambda name: False):
+        with (patch.object(wr, "_ADDS_NOISE", frozenset()),
+              patch.object(wr, "_named_as_adding_noise", lambda name: False)):
             c = fast(model, 0.1)  # the velocity forecast, as for a sampler that adds no noise
             old = psnr_db(stock(c, conds, **kw), ref)
             old_s, old_n = stats(c), calls_run(c)[0]
@@ -222,7 +213,7 @@ def case_hook(model, conds, budgets=(0.02, 0.05, 0.1)):
             f = fast(model, b)
             rows[(label, "seen", b)] = psnr_db(stock(f, hc, **kw), ref)
             if label == "change":
-                with patched(wr, "_hook_state", lambda executor: ()):  # the change is not seen
+                with patch.object(wr, "_hook_state", lambda executor: ()):  # the change is not seen
                     rows[(label, "hidden", b)] = psnr_db(stock(fast(model, b), hc, **kw), ref)
     def line(label, how):
         return " / ".join(f"{rows[(label, how, b)]:.1f}" for b in budgets)
@@ -236,50 +227,41 @@ def case_hook(model, conds, budgets=(0.02, 0.05, 0.1)):
     return ok
 
 
-def case_cfgpp(model, conds):
+def _every_call(label, model, conds, kw, control):
+    """A sampler the Fast Optimizer computes every call with (bit-identical to mode off), against ``control``: a
+    context in which it forecasts as for other samplers; prints both, with the PSNR that forecasting cost."""
     import warnings
 
-    from jetdet.comfy import wrappers as wr
-
-    kw = dict(batch=8, steps=30, sampler="dpmpp_2m_cfg_pp", seed=0, cfg=1.0)
     ref = stock(model, conds, **kw)
     f = fast(model, 0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the one-time notice that it computes every call
         out = stock(f, conds, **kw)
     now_s = stats(f)
-    with patched(wr, "_cfg_pp", lambda sampler: False):  # forecast as for any other sampler
+    with control:
         c = fast(model, 0.05)
         old = psnr_db(stock(c, conds, **kw), ref)
         old_s = stats(c)
-    print(f"cfgpp: dpmpp_2m_cfg_pp, CFG 1, budget 0.05: bit-identical to mode off: {torch.equal(out, ref)} "
-          f"({now_s})")
-    print(f"cfgpp: dpmpp_2m_cfg_pp, CFG 1, budget 0.05, control, forecast as other samplers: {old:.1f} dB "
-          f"({old_s})")
+    print(f"{label}, budget 0.05: bit-identical to mode off: {torch.equal(out, ref)} ({now_s})")
+    print(f"{label}, budget 0.05, control, forecast as other samplers: {old:.1f} dB ({old_s})")
     return torch.equal(out, ref) and old < math.inf
+
+
+def case_cfgpp(model, conds):
+    from jetdet.comfy import wrappers as wr
+
+    return _every_call("cfgpp: dpmpp_2m_cfg_pp, CFG 1", model, conds,
+                       dict(batch=8, steps=30, sampler="dpmpp_2m_cfg_pp", seed=0, cfg=1.0),
+                       patch.object(wr, "_cfg_pp", lambda sampler: False))  # forecast as for any other sampler
 
 
 def case_lcm(model, conds):
-    import warnings
-
     from jetdet.comfy import shapes_model as sm
     from jetdet.comfy import wrappers as wr
 
-    eps = sm.as_variance_exploding(model, "eps")
-    kw = dict(batch=2, steps=12, sampler="lcm", scheduler="karras", seed=3)
-    ref = stock(eps, conds, **kw)
-    f = fast(eps, 0.05)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the one-time notice that it computes every call
-        out = stock(f, conds, **kw)
-    now_s = stats(f)
-    with patched(wr, "_RENOISING", frozenset()):  # forecast as for any other sampler
-        c = fast(eps, 0.05)
-        old = psnr_db(stock(c, conds, **kw), ref)
-        old_s = stats(c)
-    print(f"lcm: eps sigma, budget 0.05: bit-identical to mode off: {torch.equal(out, ref)} ({now_s})")
-    print(f"lcm: eps sigma, budget 0.05, control, forecast as other samplers: {old:.1f} dB ({old_s})")
-    return torch.equal(out, ref) and old < math.inf
+    return _every_call("lcm: eps sigma", sm.as_variance_exploding(model, "eps"), conds,
+                       dict(batch=2, steps=12, sampler="lcm", scheduler="karras", seed=3),
+                       patch.object(wr, "_RENOISING", frozenset()))  # forecast as for any other sampler
 
 
 def main(argv=None):

@@ -29,10 +29,10 @@ own that is batch invariant by itself (tests/test_cpu_sweep.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
+from unittest.mock import patch
 
 import torch
 import torch.nn as nn
@@ -71,16 +71,6 @@ def _ms(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-@contextlib.contextmanager
-def _setting(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
 def parts(repeats: int) -> int:
     from jetdet.kernels.attention import torch_path as at
     from jetdet.kernels.matmul import torch_path as mm
@@ -90,14 +80,14 @@ def parts(repeats: int) -> int:
     print(f"{torch.get_num_threads()} threads, median of {repeats}; ms")
     x = torch.randn(1024, 3072, generator=g)
     w = nn.Parameter(torch.randn(12288, 3072, generator=g) * 3072**-0.5, requires_grad=False)  # its pack is cached
-    with _setting(mm, "BIG_TILE_MIN_KN", off):
+    with patch.object(mm, "BIG_TILE_MIN_KN", off):
         t32 = _ms(lambda: mm.mm_f32(x, w.t()), repeats)
     t128 = _ms(lambda: mm.mm_f32(x, w.t()), repeats)
     print(f"  [1024, 3072] @ [3072, 12288]: F.linear {_ms(lambda: F.linear(x, w), repeats):7.1f}   CPU path, 32-row "
           f"tiles only {t32:7.1f}   with 128-row tiles {t128:7.1f}")
     for rows in (24, 96, 200):
         xs = torch.randn(rows, 3072, generator=g)
-        with _setting(mm, "CHUNK_BELOW_ROWS", 0):
+        with patch.object(mm, "CHUNK_BELOW_ROWS", 0):
             t_tiles = _ms(lambda xs=xs: mm.mm_f32(xs, w.t()), repeats)
         t_chunks = _ms(lambda xs=xs: mm.mm_f32(xs, w.t()), repeats)
         print(f"  [{rows}, 3072] @ [3072, 12288]: F.linear {_ms(lambda xs=xs: F.linear(xs, w), repeats):7.1f}   "
@@ -106,14 +96,14 @@ def parts(repeats: int) -> int:
         wi = torch.randn(12288, 3072, generator=g) * 3072**-0.5
         for rows in (24, 96, 200, 1024):
             xs = torch.randn(rows, 3072, generator=g)
-            with _setting(mm, "WEIGHT_MAJOR_MIN_KN", off):
+            with patch.object(mm, "WEIGHT_MAJOR_MIN_KN", off):
                 t_copy = _ms(lambda xs=xs: mm.mm_f32(xs, wi.t()), repeats)
             t_major = _ms(lambda xs=xs: mm.mm_f32(xs, wi.t()), repeats)
             t_lin = _ms(lambda xs=xs: F.linear(xs, wi), repeats)
             print(f"  [{rows}, 3072] @ [3072, 12288], inference-tensor weight: F.linear {t_lin:7.1f}   CPU path, "
                   f"weight copied per call {t_copy:7.1f}   read in place (w @ x^T) {t_major:7.1f}")
     a, b = torch.randn(24, 1024, 1024, generator=g), torch.randn(24, 1024, 128, generator=g)
-    with _setting(mm, "GROUP_LOOP_ELEMS", off):
+    with patch.object(mm, "GROUP_LOOP_ELEMS", off):
         t_copy = _ms(lambda: mm.bmm_f32(a, b), repeats)
     t_loop = _ms(lambda: mm.bmm_f32(a, b), repeats)
     print(f"  [24, 1024, 1024] @ [24, 1024, 128]: torch.bmm {_ms(lambda: torch.bmm(a, b), repeats):7.1f}   CPU path, "
@@ -122,7 +112,7 @@ def parts(repeats: int) -> int:
 
     x, w = torch.randn(8, 960, 64, 64, generator=g), torch.randn(320, 960, 3, 3, generator=g) * (960 * 9) ** -0.5
     with torch.inference_mode():  # an SD1.5 up-block conv at a 64x64 latent, batch 8 (4 items with CFG)
-        with _setting(cv, "COLS_GROUP_BYTES", off):
+        with patch.object(cv, "COLS_GROUP_BYTES", off):
             t_whole = _ms(lambda: cv.conv2d(x, w, None, (1, 1), (1, 1)), repeats)
         t_groups = _ms(lambda: cv.conv2d(x, w, None, (1, 1), (1, 1)), repeats)
         t_conv = _ms(lambda: F.conv2d(x, w, None, 1, 1), repeats)
@@ -132,7 +122,7 @@ def parts(repeats: int) -> int:
           f"{t_whole:7.1f} ({8 * cols:.0f} MB)   {g_items} items at a time {t_groups:7.1f} ({g_items * cols:.0f} MB)")
     for shape in ((2, 8, 4096, 40), (1, 24, 1024, 128)):
         qkv = [torch.randn(*shape, generator=g) for _ in range(3)]
-        with _setting(at, "SCORE_CHUNK_ELEMS", off):
+        with patch.object(at, "SCORE_CHUNK_ELEMS", off):
             t_whole = _ms(lambda qkv=qkv: at.attention(*qkv), repeats)
         t_chunks = _ms(lambda qkv=qkv: at.attention(*qkv), repeats)
         t_sdpa = _ms(lambda qkv=qkv: F.scaled_dot_product_attention(*qkv), repeats)
