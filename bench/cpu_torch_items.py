@@ -20,7 +20,6 @@ Exits 1 when an op jetdet rebuilds differs under the mode.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import warnings
 from pathlib import Path
@@ -62,9 +61,11 @@ REDUCTIONS = {
 }
 
 
-def elementwise_mismatches(fn, dtype) -> tuple[int, int]:
+def elementwise_cases(fn, dtype) -> list:
+    """The checks where an item alone differs bitwise from its row of the whole call, as ``(n, threads, item)``
+    (``item`` "prefix" for the first two rows together); ``tests/test_router_activations.py`` asserts on them."""
     g = torch.Generator().manual_seed(0)
-    bad = total = 0
+    bad = []
     saved = torch.get_num_threads()
     try:
         for n in SIZES:
@@ -73,13 +74,17 @@ def elementwise_mismatches(fn, dtype) -> tuple[int, int]:
                 torch.set_num_threads(th)
                 full = fn(x)
                 for i in (0, 3, 4):
-                    total += 1
-                    bad += not torch.equal(fn(x[i:i + 1].clone()), full[i:i + 1])
-                total += 1
-                bad += not torch.equal(fn(x[:2]), full[:2])
+                    if not torch.equal(fn(x[i:i + 1].clone()), full[i:i + 1]):
+                        bad.append((n, th, i))
+                if not torch.equal(fn(x[:2]), full[:2]):
+                    bad.append((n, th, "prefix"))
     finally:
         torch.set_num_threads(saved)
-    return bad, total
+    return bad
+
+
+def elementwise_mismatches(fn, dtype) -> tuple[int, int]:
+    return len(elementwise_cases(fn, dtype)), len(SIZES) * 2 * 4  # 2 thread counts x (3 items + the prefix)
 
 
 def reduction_mismatches(fn) -> tuple[int, int]:
@@ -97,22 +102,12 @@ def recurrent_mismatches(kind) -> tuple[int, int]:
         return sum(not torch.equal(layer(x[:, i:i + 1].clone())[0], full[:, i:i + 1]) for i in range(7)), 7
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.parse_args(argv)
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads by default, torch {torch.__version__}; checks where an "
-          "item alone differs from its row of the batch")
+    fp = jetdet.fingerprint("cpu")
+    print(f"{fp['cpu']}, {fp['num_threads']} threads by default, torch {fp['torch']}; checks where an item alone "
+          "differs from its row of the batch")
     print(f"{'op':<22} {'torch':>12} {'jetdet':>12}")
     failed = []
 

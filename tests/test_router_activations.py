@@ -41,23 +41,28 @@ ACTS = {
     "pow_inplace": lambda x: (x.abs() + 0.1).pow_(1.3),
     "exp2": torch.exp2,
 }
-SIZES = (7, 24, 888, 1776, 4099)
+
+
+def _bench():
+    """bench/cpu_torch_items.py as a module: its item-alone checks are the ones asserted here, and it prints their
+    counts for the README."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    name = "jetdet_bench_cpu_torch_items"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "cpu_torch_items.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
 
 def _mismatches(fn, dtype):
-    g = torch.Generator().manual_seed(0)
-    bad = []
-    for n in SIZES:
-        x = (torch.randn(5, n, generator=g) * 3).to(dtype)
-        for th in (1, 2):
-            torch.set_num_threads(th)
-            full = fn(x)
-            for i in (0, 3, 4):
-                if not torch.equal(fn(x[i:i + 1].clone()), full[i:i + 1]):
-                    bad.append((n, th, i))
-            if not torch.equal(fn(x[:2]), full[:2]):
-                bad.append((n, th, "prefix"))
-    return bad
+    """The checks (size, threads, item) where an item alone differs from its row of the batch."""
+    return _bench().elementwise_cases(fn, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -211,15 +216,7 @@ def test_pow_second_derivatives_in_place_and_layout():
 def test_cpu_torch_items_bench_runs(capsys, restore_threads):
     """bench/cpu_torch_items.py (the README's counts of torch's own CPU kernels against jetdet's) runs end to end and
     finds no rebuilt op batch dependent under the mode; torch's own counts depend on the CPU and are not checked."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "cpu_torch_items.py"
-    spec = importlib.util.spec_from_file_location("jetdet_bench_cpu_torch_items", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = _bench()
     assert mod.main([]) == 0
     out = capsys.readouterr().out
     for name in ("silu", "rsqrt bf16", "var dim 1", "nn.GRU"):
