@@ -354,7 +354,10 @@ class FastState:
     def stats(self) -> dict:
         if self.controller is None:
             return dict(self.last_stats or {"runs": self.runs, "calls": 0})
-        s = self.controller.stats()
+        return self._with_parts(self.controller.stats())
+
+    def _with_parts(self, s: dict) -> dict:
+        """The controller's statistics ``s`` with the run count and the attention swaps' own."""
         s["runs"] = self.runs
         if self.swap is not None:
             s["linear_attention"] = self.swap.stats()
@@ -402,11 +405,11 @@ class FastState:
         try:
             out = executor(*args, **kwargs)
         finally:
+            s = ctl.stats()
             with self._lock:
                 if self.controller is ctl:
-                    self.last_stats = self.stats()
+                    self.last_stats = self._with_parts(dict(s))
                     self.controller = self.swap = self.cache = None
-            s = ctl.stats()
             ctl.clear()  # free the cached tensors; the statistics stay readable in last_stats
         # only where the budget decided: some row was eligible (past the guards: start/end percent, warm-up) and its
         # forecast was over budget; a run with no such row could not have saved a call at any budget
