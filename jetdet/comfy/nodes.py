@@ -486,6 +486,17 @@ def _id_list(ids, limit: int = 12) -> str:
     return ", ".join(map(str, ids[:limit])) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
+def _nth(ids: list[int]) -> list[int]:
+    """For each position of ``ids``, how many times its id came before it: where an id repeats (Latent Batch's
+    batches), the k-th row with an id goes with the reference's k-th row or line of it."""
+    seen: dict[int, int] = {}
+    out = []
+    for i in ids:
+        out.append(seen.get(i, 0))
+        seen[i] = out[-1] + 1
+    return out
+
+
 def match_checksums(t: torch.Tensor, ids: list[int], want: dict[int, list[str]]) -> tuple[bool, list[str]]:
     """Row ``r`` of ``t`` (item ``ids[r]``) against the reference digest of the same item; where an id repeats, the
     k-th row with that id against the k-th line with it. Reference items the input does not hold are listed, not
@@ -494,10 +505,7 @@ def match_checksums(t: torch.Tensor, ids: list[int], want: dict[int, list[str]])
 
     ok, lines, missing = bool(ids), [], []
     owner = {d: j for j, ds in sorted(want.items(), reverse=True) for d in ds}
-    seen: dict[int, int] = {}
-    for r, i in enumerate(ids):
-        k = seen.get(i, 0)
-        seen[i] = k + 1
+    for r, (i, k) in enumerate(zip(ids, _nth(ids))):
         refs = want.get(i, [])
         a, b = jetdet.checksum(t[r:r + 1]), refs[k] if k < len(refs) else None
         which = f" (line {k + 1} of {len(refs)} for item {i})" if len(refs) > 1 else ""
@@ -596,12 +604,7 @@ def match_rows(t: torch.Tensor, ids: list[int], r: torch.Tensor, tolerance: str,
     rows: dict[int, list[int]] = {}
     for j, i in enumerate(ref_ids):
         rows.setdefault(i, []).append(j)
-    seen: dict[int, int] = {}
-    pick: list[int | None] = []
-    for i in ids:
-        k = seen.get(i, 0)
-        seen[i] = k + 1
-        pick.append(rows[i][k] if k < len(rows.get(i, [])) else None)
+    pick = [rows[i][k] if k < len(rows.get(i, [])) else None for i, k in zip(ids, _nth(ids))]
     N_ = len(ids)
     found = [k for k, j in enumerate(pick) if j is not None]
     same = [k for k in found if jetdet.match(part(t, k), part(r, pick[k]), tolerance)]
