@@ -369,6 +369,75 @@ def test_other_output_is_not_held_back_while_workers_join():
         assert seen_during > 0 and real.read() == b"a line from another thread\nafter\n"
 
 
+def test_output_during_the_join_reaches_fd_2_in_a_process_with_many_files_open():
+    """The capture's thread waited on its pipe with ``select.select``, which refuses an fd past 1023: in a process
+    with that many files open the thread died at once, fd 2 stayed on a pipe with no reader for the whole join, and
+    every write to it was lost (a Python write raised BrokenPipeError). It polls now. Negative control: the code
+    before (select) loses the line here and raises."""
+    import resource
+    import tempfile
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200 and (hard == resource.RLIM_INFINITY or hard >= 1200):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("this process may not open 1200 files")
+    hold = []
+    try:
+        while not hold or hold[-1] < 1030:
+            hold.append(os.open(os.devnull, os.O_RDONLY))
+        with tempfile.TemporaryFile() as real:
+            saved = os.dup(2)
+            os.dup2(real.fileno(), 2)
+            try:
+                with _C10dTraces():
+                    time.sleep(0.3)  # the thread is up (before, it had died by now)
+                    os.write(2, b"a line written while workers join\n")
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            real.seek(0)
+            assert real.read() == b"a line written while workers join\n"
+    finally:
+        for fd in hold:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_closed_fd_2_stays_closed_while_workers_join():
+    """A worker started with stderr closed (``2>&-``): ``os.pipe()`` took the free fd 2 as its read end, so during the
+    join fd 2 was the pipe's write end with no one reading it, and a write past the pipe's 64 KiB blocked for good
+    (c10d, Python's warnings: a hang instead of output dropped). Now fd 2 stays closed: a write fails at once, as it
+    did without jetdet, and no fd is left behind. Negative control: before, fd 2 was open inside."""
+    def open_fds():  # (listing them opens one more: the lowest free fd, 2 here)
+        return sorted(int(f) for f in os.listdir("/proc/self/fd"))
+
+    def closed(fd):
+        try:
+            os.fstat(fd)
+        except OSError:
+            return True
+        return False
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd")
+    saved = os.dup(2)
+    os.close(2)
+    try:
+        before = open_fds()
+        with _C10dTraces():
+            time.sleep(0.3)
+            during, closed_during = open_fds(), closed(2)
+            with pytest.raises(OSError):
+                os.write(2, b"x")
+        after, closed_after = open_fds(), closed(2)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert closed_during and closed_after
+    assert during == before and after == before, (before, during, after)
+
+
 def test_a_worker_leaving_at_its_timeout_as_the_last_one_comes_joins_after_all(monkeypatch):
     """The window a review found: rank 1 of 3 reaches its --join-timeout and leaves the count just as rank 2 comes.
     Had it left, rank 0 and rank 2 (who saw all three) would start the group and wait in gloo for it. Its leave is

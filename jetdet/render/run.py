@@ -205,21 +205,28 @@ class _C10dTraces:
     def __enter__(self) -> _C10dTraces:
         if os.environ.get("TORCH_CPP_LOG_LEVEL") or os.environ.get("TORCH_DISTRIBUTED_DEBUG"):
             return self  # the user asked for c10d's logs, traces included
+        import select
         import threading
 
+        if not hasattr(select, "poll"):  # Windows: no poll, and its select takes sockets alone, not a pipe
+            return self
         r = w = None
         try:
             sys.stderr.flush()
-            r, w = os.pipe()
+            # fd 2 first: with fd 2 closed, os.pipe() would return it as the read end, then fd 2 became the pipe's
+            # write end with no reader (a write past the pipe's 64 KiB blocked for good); now a closed fd 2 is left
             self._saved = os.dup(2)
+            r, w = os.pipe()
             self._thread = threading.Thread(target=_forward_without_traces, args=(r, self._saved), daemon=True,
                                             name="jetdet.render: c10d traces")
             self._thread.start()
+            r = None  # the thread's now: it closes it
             os.dup2(w, 2)
             os.close(w)
         except BaseException as e:  # Ctrl-C in here too: fd 2 must not stay on the pipe
-            if w is not None:
-                _quietly(lambda: os.close(w))
+            for fd in (w, r):
+                if fd is not None:
+                    _quietly(lambda fd=fd: os.close(fd))
             self._restore()
             if not isinstance(e, OSError):  # no fd 2 to filter (a closed stderr): c10d writes where it would have
                 raise
@@ -281,9 +288,11 @@ def _forward_without_traces(r: int, out: int) -> None:
     import select
 
     f, rest = _TraceFilter(), b""
+    poll = select.poll()  # not select.select: it refuses an fd past 1023 (a process with many files open), and the
+    poll.register(r, select.POLLIN)  # thread then died with fd 2 on its pipe: every write to it broken
     try:
         while True:
-            if not select.select([r], [], [], 0.2)[0]:  # quiet for a moment: a held line or a partial one goes on
+            if not poll.poll(200):  # quiet for a moment: a held line or a partial one goes on
                 pending, rest = f.flush() + ([rest] if rest else []), b""
                 _write_all(out, pending)
                 continue
