@@ -171,9 +171,11 @@ class _FullPrecisionFlag:
     (a deterministic call) and outside the layer's load code, it is True: ComfyUI's full-precision path, whichever
     method reads it and however it is reached (an instance-level ``forward`` such as the LoRA bypass hook's, which
     holds the class's unwrapped forward, included). Elsewhere (another thread, fast mode, no mode, and load code on
-    any thread) it is the layer's own value: the instance's, else the class's own attribute as it was. Writes and
-    deletes go to the instance, so nothing shared is changed while a layer computes (two threads in one layer each
-    read their own answer), and the instance's value holds again once the descriptor is taken off."""
+    any thread) it is the layer's own value: the instance's, else the class's own attribute as it was (a data
+    descriptor of the class's own, such as a property, first, as Python reads it). Writes and deletes go to the
+    instance (through that data descriptor where the class has one), so nothing shared is changed while a layer
+    computes (two threads in one layer each read their own answer), and the instance's value holds again once the
+    descriptor is taken off."""
 
     def __init__(self, own):
         self.own = own  # the class's own attribute it replaced, or _ABSENT
@@ -183,26 +185,48 @@ class _FullPrecisionFlag:
             if _routes_here() and not getattr(_loading, "depth", 0):
                 return True
             d = obj.__dict__
-            if _FPMM in d:
+            if _FPMM in d and not _is_data_descriptor(self._own(type(obj))):
                 return d[_FPMM]
         return self._inherited(obj, objtype if objtype is not None else type(obj))
 
     @staticmethod
-    def _inherited(obj, objtype):
+    def _own(objtype):
+        """The attribute the layer has without jetdet: the first in ``objtype``'s MRO, a flag's ``own`` for a flag
+        (or _ABSENT)."""
         for klass in objtype.__mro__:
             v = vars(klass).get(_FPMM, _ABSENT)
             if isinstance(v, _FullPrecisionFlag):
                 v = v.own
             if v is not _ABSENT:
-                return v.__get__(obj, objtype) if hasattr(type(v), "__get__") else v
-        raise AttributeError(_FPMM)
+                return v
+        return _ABSENT
 
+    @classmethod
+    def _inherited(cls, obj, objtype):
+        v = cls._own(objtype)
+        if v is _ABSENT:
+            raise AttributeError(_FPMM)
+        return v.__get__(obj, objtype) if hasattr(type(v), "__get__") else v
+
+    # a class's own data descriptor (a property with a setter) keeps its reads and writes: a write to the instance's
+    # __dict__ instead (a checkpoint's setting stored by load code in the span) was lost once the property was back
     def __set__(self, obj, value):
-        obj.__dict__[_FPMM] = value
+        own = self._own(type(obj))
+        if hasattr(type(own), "__set__"):
+            own.__set__(obj, value)
+        else:
+            obj.__dict__[_FPMM] = value
 
     def __delete__(self, obj):
-        if obj.__dict__.pop(_FPMM, _ABSENT) is _ABSENT:
+        own = self._own(type(obj))
+        if hasattr(type(own), "__delete__"):
+            own.__delete__(obj)
+        elif obj.__dict__.pop(_FPMM, _ABSENT) is _ABSENT:
             raise AttributeError(_FPMM)
+
+
+def _is_data_descriptor(v) -> bool:
+    return hasattr(type(v), "__set__") or hasattr(type(v), "__delete__")
 
 
 def _loading_call(load):

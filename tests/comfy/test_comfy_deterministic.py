@@ -437,6 +437,48 @@ def test_a_mixed_precision_layer_with_its_own_forward_takes_the_full_precision_p
     assert swapped == [True] * 4
 
 
+def test_a_mixed_precision_class_with_its_own_full_precision_mm_property_keeps_it(comfy_dir):
+    """A layer class that defines ``_full_precision_mm`` itself as a property with a setter (a data descriptor, which
+    Python reads before the instance's ``__dict__``). During the span jetdet's descriptor stands in for it; a write
+    then (load code storing a checkpoint's ``full_precision_matrix_mult``) went to the instance's ``__dict__``, not
+    through the setter, so once the property was back the layer read its old value: the checkpoint's setting lost,
+    silently (this test failed there: False after the span). Now writes and reads go through the class's own data
+    descriptor; in the span the flag still reads True; afterwards the class is as it was."""
+    import comfy.ops
+
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    class MixedPrecisionOps(comfy.ops.manual_cast):
+        class Linear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
+            def __init__(self):
+                super().__init__()
+                self._fpmm = False
+
+            @property
+            def _full_precision_mm(self):
+                return self._fpmm
+
+            @_full_precision_mm.setter
+            def _full_precision_mm(self, v):
+                self._fpmm = v
+
+            def _load_from_state_dict(self, *args):
+                if not self._full_precision_mm:
+                    self._full_precision_mm = True  # the checkpoint's full_precision_matrix_mult
+
+    own = vars(MixedPrecisionOps.Linear)["_full_precision_mm"]
+    with jetdet.mode("deterministic"), sdpa_attention():
+        layer = MixedPrecisionOps.Linear()
+        layer._load_from_state_dict({}, "", {}, True, [], [], [])
+        during = layer._full_precision_mm
+        other = MixedPrecisionOps.Linear()  # its setter ran in __init__, not written to its __dict__
+    assert during is True and other._fpmm is False and "_full_precision_mm" not in vars(other)
+    assert vars(MixedPrecisionOps.Linear)["_full_precision_mm"] is own
+    assert layer._full_precision_mm is True and "_full_precision_mm" not in vars(layer)
+    assert other._full_precision_mm is False
+
+
 def _two_threads(layer, x, b_mode, gates):
     """``layer(x)`` on thread A (a deterministic call) and on thread B (``b_mode``: "off", no jetdet mode;
     "deterministic", a deterministic call of its own), interleaved by events at the point where the layer's forward
