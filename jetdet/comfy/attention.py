@@ -74,7 +74,7 @@ def _swap_in() -> None:
     # comfy_kitchen's int8 kernel (unseen by the router): for the span ComfyUI's own plain path, ``linear(act(x))``
     if callable(getattr(comfy.ops, "linear_input_act", None)) and hasattr(comfy.ops, "INPUT_ACT_EAGER"):
         _saved.append((comfy.ops, "linear_input_act", comfy.ops.linear_input_act))
-        comfy.ops.linear_input_act = _plain_linear_input_act
+        comfy.ops.linear_input_act = functools.partial(_plain_linear_input_act, comfy.ops.linear_input_act)
     from . import kitchen
 
     kitchen.install()  # comfy_kitchen's ops routed or warned (once each; ops registered since then too)
@@ -276,7 +276,12 @@ def _note_full_precision() -> None:
                      "is rounded the same alone and in a batch")
 
 
-def _plain_linear_input_act(linear, x, input_act):
+def _plain_linear_input_act(own, linear, x, input_act):
+    """ComfyUI's plain path on a thread that routes (a deterministic call); elsewhere (another thread, fast mode, no
+    mode) ``own``, ComfyUI's ``linear_input_act``, as for ``_full_precision_mm``: the swap is process-wide, and an
+    off thread's int8 layers took the plain path while a deterministic call ran."""
+    if not _routes_here():
+        return own(linear, x, input_act)
     import comfy.ops
 
     return linear(comfy.ops.INPUT_ACT_EAGER[input_act](x))

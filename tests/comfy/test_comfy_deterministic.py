@@ -1412,7 +1412,8 @@ def test_linear_input_act_takes_the_plain_path_in_deterministic_calls(comfy_dir,
     layer's input straight to comfy_kitchen's int8 kernel (``int8_linear``), unseen by the router. During
     deterministic calls it is ComfyUI's plain path, ``linear(act(x))``, and the kernel is not called; outside the span
     ComfyUI's again, and the kernel is called (the negative control; a test that compared outputs on a plain
-    ``nn.Linear`` could not fail on 0.33, where both paths give ``linear(act(x))``). On 0.33/0.7 a real int8
+    ``nn.Linear`` could not fail on 0.33, where both paths give ``linear(act(x))``); and on another thread outside
+    deterministic mode while the span is open (it failed there before: 0 calls). On 0.33/0.7 a real int8
     ``mixed_precision_ops`` layer with comfy_kitchen's ``int8_linear`` counted; on 0.3.64 (no such function) a
     stand-in ``linear_input_act`` whose "kernel" is counted the same way."""
     import comfy.ops
@@ -1457,3 +1458,10 @@ def test_linear_input_act_takes_the_plain_path_in_deterministic_calls(comfy_dir,
     assert inside == 0 and len(calls) == 1
     assert torch.equal(out, plain)
     assert comfy.ops.linear_input_act is own
+    # another thread, in no jetdet mode, while this thread's deterministic call runs: ComfyUI's own, the kernel
+    # called (a review: the process-wide swap gave it the plain path, 0 calls, as the per-thread flag no longer does)
+    with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
+        other = threading.Thread(target=lambda: comfy.ops.linear_input_act(lin, x, "gelu_tanh"))
+        other.start()
+        other.join(60)
+    assert len(calls) == 2
