@@ -369,6 +369,30 @@ def test_other_output_is_not_held_back_while_workers_join():
         assert seen_during > 0 and real.read() == b"a line from another thread\nafter\n"
 
 
+def test_a_progress_bar_on_fd_2_is_not_held_back_while_workers_join():
+    """A progress bar (another thread's tqdm) redraws its line with \\r and no \\n: the capture's thread split lines
+    at \\n alone and, with updates coming faster than its 0.2 s quiet time, held every one of them until the join
+    ended (2 s of updates: nothing on the real fd 2). A line now also ends at \\r: each update goes on when the next
+    one comes; the bytes are the same. Negative control: the code before held all of them."""
+    import tempfile
+
+    updates = [f"\rrendering {i}/40".encode() for i in range(40)]
+    with tempfile.TemporaryFile() as real:
+        saved = os.dup(2)
+        os.dup2(real.fileno(), 2)
+        try:
+            with _C10dTraces():
+                for u in updates:  # never quiet for 0.2 s: measured before the old code's timed flush
+                    os.write(2, u)
+                    time.sleep(0.05)
+                seen_during = os.fstat(real.fileno()).st_size
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        real.seek(0)
+        assert seen_during > 0 and real.read() == b"".join(updates)
+
+
 def test_output_during_the_join_reaches_fd_2_in_a_process_with_many_files_open():
     """The capture's thread waited on its pipe with ``select.select``, which refuses an fd past 1023: in a process
     with that many files open the thread died at once, fd 2 stayed on a pipe with no reader for the whole join, and

@@ -299,9 +299,12 @@ def _forward_without_traces(r: int, out: int) -> None:
             chunk = os.read(r, 65536)
             if not chunk:
                 break
-            *lines, rest = (rest + chunk).split(b"\n")
+            # a line ends at \n or at \r: a progress bar redraws its line with \r alone, and held until a \n it
+            # stood still while workers joined, its updates all written at the end
+            lines = (rest + chunk).splitlines(keepends=True)
+            rest = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else b""
             for line in lines:
-                _write_all(out, f.feed(line + b"\n"))
+                _write_all(out, f.feed(line))
         _write_all(out, f.flush() + ([rest] if rest else []))
     finally:
         _quietly(lambda: os.close(r))
