@@ -157,9 +157,21 @@ def _set_cudnn_tf32(value: tuple) -> None:
 
 def _matmul_precision() -> tuple:
     """The fp32 matmul state: ``torch.get_float32_matmul_precision()`` (a setting of its own, which the legacy
-    ``cuda.matmul.allow_tf32`` reads) and the cuda and mkldnn matmul ``fp32_precision``."""
+    ``cuda.matmul.allow_tf32`` reads) and the cuda and mkldnn matmul ``fp32_precision``. torch refuses to read the
+    precision while the new API disagrees with it ("a mix of the legacy and new APIs"), as after
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, the new API's way to turn TF32 on: it is then read with
+    both ``fp32_precision`` set to "none" for a moment, and them put back."""
     b = torch.backends
-    return torch.get_float32_matmul_precision(), b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
+    cuda, mkldnn = b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
+    try:
+        prec = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        b.cuda.matmul.fp32_precision = b.mkldnn.matmul.fp32_precision = "none"
+        try:
+            prec = torch.get_float32_matmul_precision()
+        finally:
+            b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = cuda, mkldnn
+    return prec, cuda, mkldnn
 
 
 def _set_matmul_precision(value: tuple) -> None:

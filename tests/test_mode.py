@@ -107,6 +107,14 @@ def _global_ieee():
     torch.backends.fp32_precision = "ieee"
 
 
+def _matmul_tf32_new_api():
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # TF32 on by the new API only: the precision stays "highest"
+
+
+def _mkldnn_matmul_tf32_new_api():
+    torch.backends.mkldnn.matmul.fp32_precision = "tf32"
+
+
 STARTS = {
     "default": lambda: None,
     "legacy allow_tf32 False": lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
@@ -115,6 +123,10 @@ STARTS = {
     "global fp32_precision ieee": _global_ieee,
     "float32 matmul precision high": lambda: torch.set_float32_matmul_precision("high"),
     "float32 matmul precision medium": lambda: torch.set_float32_matmul_precision("medium"),
+    # torch refuses torch.get_float32_matmul_precision() in these two, which jetdet read to save the state: entering
+    # the mode raised torch's "mix of the legacy and new APIs" error (a user trial)
+    "cuda matmul tf32 by the new API": _matmul_tf32_new_api,
+    "mkldnn matmul tf32 by the new API": _mkldnn_matmul_tf32_new_api,
 }
 
 
