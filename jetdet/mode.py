@@ -159,14 +159,15 @@ def _matmul_precision() -> tuple:
     """The fp32 matmul state: ``torch.get_float32_matmul_precision()`` (a setting of its own, which the legacy
     ``cuda.matmul.allow_tf32`` reads) and the cuda and mkldnn matmul ``fp32_precision``. torch refuses to read the
     precision while the new API disagrees with it ("a mix of the legacy and new APIs"), as after
-    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, the new API's way to turn TF32 on: it is then read with
-    both ``fp32_precision`` set to "none" for a moment, and them put back."""
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (or the global ``torch.backends.fp32_precision``), the new
+    API's way to turn TF32 on: it is then read with both set to "ieee" for a moment, which torch reads with every
+    precision, and put back."""
     b = torch.backends
     cuda, mkldnn = b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
     try:
         prec = torch.get_float32_matmul_precision()
     except RuntimeError:
-        b.cuda.matmul.fp32_precision = b.mkldnn.matmul.fp32_precision = "none"
+        b.cuda.matmul.fp32_precision = b.mkldnn.matmul.fp32_precision = "ieee"
         try:
             prec = torch.get_float32_matmul_precision()
         finally:

@@ -164,6 +164,31 @@ def test_legacy_tf32_flags_read_inside_the_mode_and_every_state_comes_back(start
         mode_module._set_matmul_precision(saved[1])
 
 
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9: allow_tf32 is the only API")
+def test_mode_enters_with_tf32_on_through_the_global_fp32_precision():
+    """``torch.backends.fp32_precision = "tf32"`` (every backend's "none" inherits it) leaves
+    ``torch.get_float32_matmul_precision()`` unreadable, with the matmul settings at "none" too: the mode reads it with
+    them at "ieee" for a moment. TF32 is off inside, and every setting comes back. (``cudnn.flags()`` is not probed
+    here: torch's own raises in this state, without jetdet.)"""
+    import importlib
+
+    mode_module = importlib.import_module("jetdet.mode")
+    b = torch.backends
+    saved = (mode_module._cudnn_tf32(), mode_module._matmul_precision(), b.fp32_precision, b.cudnn.fp32_precision)
+    mode_module._set_matmul_precision(("highest", "none", "none"))
+    try:
+        b.fp32_precision = "tf32"
+        before = torch_flags()
+        with jetdet.mode("deterministic"):
+            assert (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == ("ieee", "ieee")
+            assert _legacy_reads() == (False, False)
+        assert torch_flags() == before and b.fp32_precision == "tf32"
+    finally:
+        b.fp32_precision, b.cudnn.fp32_precision = saved[2], saved[3]
+        mode_module._set_cudnn_tf32(saved[0])
+        mode_module._set_matmul_precision(saved[1])
+
+
 def test_flags_comfyui_sets_are_off_inside_and_restored():
     """ComfyUI turns on fp16 accumulation in cuBLAS (``--fast fp16_accumulation``) and reduced-precision reductions in
     the math SDPA kernel (on every torch >= 2.5). Off inside deterministic mode (a fallback may reach either), back on
