@@ -1188,8 +1188,15 @@ def _h_sdpa(func, args, kwargs):
     why = _ok(q, k, v, mask if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool else None)
     if not why and dropout:
         why = f"dropout_p={dropout}"
-    if not why and kwargs.get("enable_gqa", False) and k.shape[-3] != q.shape[-3]:
-        why = "grouped-query attention"
+    gqa = kwargs.get("enable_gqa", False) and min(q.dim(), k.dim(), v.dim()) >= 3 and k.shape[-3] != q.shape[-3]
+    if not why and gqa:
+        hq, hk = q.shape[-3], k.shape[-3]
+        if hk and v.shape[-3] == hk and hq % hk == 0:
+            # torch's rule for enable_gqa: each key/value head serves hq // hk query heads in a row, exactly as if
+            # repeated; ACE-Step's and Cosmos 3's attention ask for it (they fell back to torch here before)
+            k, v = k.repeat_interleave(hq // hk, dim=-3), v.repeat_interleave(hq // hk, dim=-3)
+        else:
+            why = "grouped-query attention"
     if not why and (q.dim() < 2 or q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1]):
         why = "broadcast batch dims"
     if why:

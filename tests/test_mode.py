@@ -491,6 +491,33 @@ def test_fallback_warns_once_and_is_correct():
     assert torch.equal(y, F.conv2d(x, w, groups=2))
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_attention_is_routed(monkeypatch, kv_heads):
+    """``F.scaled_dot_product_attention(..., enable_gqa=True)`` with fewer key/value heads than query heads (diffusers'
+    ACE-Step and Cosmos 3 attention) is torch's attention with each key/value head repeated for its group of query
+    heads: routed so, within 1e-5 of torch, each item alone equal to its row in the batch. It fell back to torch
+    before (a user trial); the fallback raises here, so the test fails where it would be taken."""
+    mode_module = importlib.import_module("jetdet.mode")
+
+    def no_fallback(func, args, kwargs, why):
+        raise AssertionError(f"fell back: {why}")
+
+    monkeypatch.setattr(mode_module, "_fallback", no_fallback)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 4, 13, 16, generator=g)
+    k, v = torch.randn(4, kv_heads, 11, 16, generator=g), torch.randn(4, kv_heads, 11, 16, generator=g)
+    mask = torch.rand(4, 1, 13, 11, generator=g) > 0.3
+    for kw in ({}, {"attn_mask": mask}, {"scale": 0.2}):
+        ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+        with jetdet.mode("deterministic"):
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+            for i in (0, 3):
+                one = {n: (t[i:i + 1] if n == "attn_mask" else t) for n, t in kw.items()}
+                alone = F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], enable_gqa=True, **one)
+                assert torch.equal(alone[0], out[i])
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_routed_results_match_torch_closely():
     x = torch.randn(2, 3, 10, 10)
     conv = torch.nn.Conv2d(3, 5, 3, padding=1)
