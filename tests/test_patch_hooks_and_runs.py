@@ -216,6 +216,38 @@ def test_fast_mode_keeps_the_graph_when_the_input_needs_gradients():
         assert h.stats()["cache"]["calls_run"] == 3
 
 
+def test_fast_mode_keeps_the_graph_when_the_parameters_need_gradients():
+    """A loss through sampling that trains the model (gradients on, the input without grad, the weights with it): the
+    calls run in full with the model's graph (warned once), so the weights' gradients are the unpatched model's.
+    Before, with a budget above 0 every output came back without its graph, even from calls that ran in full, and
+    the weights got no gradient, silently (a new user's trial). A frozen model (``requires_grad_(False)``) with
+    gradients on uses the cache as before."""
+    model = TinyDiT().eval()
+    x, t, y = make_toy_inputs(2)
+
+    def loss_of():
+        return sum(model(x * (1 - 0.1 * i), t * (1 - 0.1 * i), y).square().mean() for i in range(4))
+
+    ref = torch.autograd.grad(loss_of(), list(model.parameters()))
+    with jetdet.patch(model, mode="fast", quality="fast") as h:
+        with pytest.warns(UserWarning, match="a parameter requires grad"):
+            loss = loss_of()
+        assert loss.requires_grad
+        got = torch.autograd.grad(loss, list(model.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+        assert h.stats()["cache"]["reasons"].get("grad") == 8  # rows: 4 calls of 2
+    model.requires_grad_(False)
+    try:
+        with jetdet.patch(model, mode="fast", quality="fast") as h:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for i in range(12):
+                    model(x, t * (1 - 0.05 * i), y)
+            assert h.stats()["cache"]["calls_run"] < 12 and "grad" not in h.stats()["cache"]["reasons"]
+    finally:
+        model.requires_grad_(True)
+
+
 def test_deterministic_patch_of_a_float64_model_falls_back_with_a_warning():
     """jetdet's ops take fp32/fp16/bf16; a patched float64 layer takes torch's call with the router's one-time
     fallback warning, as ``jetdet.mode`` does, instead of raising at every call."""

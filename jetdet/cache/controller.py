@@ -532,9 +532,10 @@ class StepCacheController:
         if self.budget == 0.0 or self.max_consecutive_skips == 0 or B == 0 or grad:
             if grad and self.budget != 0.0 and not self._warned_grad:
                 self._warned_grad = True
-                warnings.warn("jetdet fast mode: the model's input requires grad (with gradients on), and a forecast "
-                              "output has no gradient, so the step cache runs such calls in full with the model's "
-                              "graph and leaves them out of its history; sample under torch.no_grad() to skip calls",
+                warnings.warn("jetdet fast mode: the model's input or a parameter requires grad (with "
+                              "gradients on), and a forecast output has no gradient, so the step cache runs such "
+                              "calls in full with the model's graph and leaves them out of its history; sample under "
+                              "torch.no_grad() (or with the model's requires_grad_(False)) to skip calls",
                               stacklevel=3)
             y = call.run(None)
             self._n["calls_run"] += 1

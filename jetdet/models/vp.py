@@ -73,6 +73,7 @@ class VPModel(nn.Module):
         return out.to(sample.dtype)
 
 
+@torch.no_grad()
 def sample(model, scheduler, labels, seed: int, null_label: int, steps: int = 30, cfg: float = 4.0) -> torch.Tensor:
     """Images in ``[-1, 1]`` from ``model(sample, timestep, class_labels)`` (a :class:`VPModel`, patched or not) and a
     diffusers ``scheduler``, in a StableDiffusionPipeline-style loop: ``scale_model_input``, one batched CFG call per

@@ -111,7 +111,8 @@ class TorchAdapter:
         reason = ("an argument's batch is not its first dim: whole calls only" if whole and self.hooks is not None
                   else self.blocks_reason)
         extra = {"latent_arg": self.latent, "timestep_arg": self.timestep, "blocks": reason,
-                 "needs_grad": torch.is_grad_enabled() and any(_needs_grad(v) for v in a.values())}
+                 "needs_grad": torch.is_grad_enabled() and (any(_needs_grad(v) for v in a.values())
+                                                             or _params_need_grad(self.model))}
         call = ModelCall(x=x, t=t, run=run, model_id=id(self.model), cond=cond, extra=extra,
                          # block-level reuse plans per row, which a call that must run every row cannot follow
                          blocks=self.hooks.runner(run) if self.hooks is not None and not whole else None,
@@ -203,6 +204,12 @@ class TorchAdapter:
         if kind == "tuple":
             return (tensor,)
         return info(sample=tensor)
+
+
+def _params_need_grad(model) -> bool:
+    """Whether a parameter of ``model`` requires grad: with gradients on, its output's graph then reaches the weights
+    (a loss through sampling that trains the model), which a forecast output would cut."""
+    return isinstance(model, torch.nn.Module) and any(p.requires_grad for p in model.parameters())
 
 
 def _needs_grad(v) -> bool:
