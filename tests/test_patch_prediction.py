@@ -323,6 +323,9 @@ def test_a_scheduler_that_adds_noise_gets_the_denoised_image_forecast(flow):
         assert h.controller.forecast_space == "x0"
     with jetdet.patch(vp, mode="fast", scheduler=diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULE)) as h:
         assert h.controller.forecast_space == "output"
+    # DDPM's parallel-sampling twin (its step is DDPM's, new noise every step; a user trial: it was not on the list)
+    with jetdet.patch(vp, mode="fast", scheduler=diffusers.DDPMParallelScheduler(**SD_SCHEDULE)) as h:
+        assert h.controller.forecast_space == "x0"
 
 
 def test_where_the_denoised_image_forecast_cannot_be_used_it_says_why():
@@ -369,6 +372,20 @@ def test_consistency_schedulers_compute_every_call(name):
         assert h.controller.budget == 0.0
         h.remove()
         _warned_unmapped.discard(f"{name}:renoise")
+
+
+def test_the_flow_matching_lcm_scheduler_computes_every_call():
+    """FlowMatchLCMScheduler (LCM for flow models) replaces the latent with the denoised estimate plus new noise at
+    every step, as LCM does: fast mode runs it at budget 0, and says so once (a user trial: it had only the
+    "not measured" warning and kept the budget)."""
+    diffusers = pytest.importorskip("diffusers")
+    from jetdet.patch import _warned_unmapped
+
+    _warned_unmapped.discard("FlowMatchLCMScheduler:renoise")
+    with pytest.warns(UserWarning, match="fast mode computes every call with it"):
+        h = jetdet.patch(bundled.BundledDiT(), mode="fast", scheduler=diffusers.FlowMatchLCMScheduler())
+    assert h.controller.budget == 0.0
+    h.remove()
 
 
 class _LoopPipe:

@@ -65,13 +65,14 @@ MEASURED = frozenset({
 #: diffusers schedulers that call the model twice at (nearly) the same timestep with fresh noise added between the
 #: calls: the second output is not a smooth function of the first, so fast mode computes every call with them
 RENOISE_SAME_T = frozenset({"KDPM2AncestralDiscreteScheduler"})
-#: diffusers schedulers that add fresh noise to the latent at every step (ancestral and SDE schedulers, DDPM);
-#: DPM-Solver also with an ``sde-`` algorithm type
-ADDS_NOISE = frozenset({"EulerAncestralDiscreteScheduler", "DPMSolverSDEScheduler", "DDPMScheduler"})
+#: diffusers schedulers that add fresh noise to the latent at every step (ancestral and SDE schedulers, DDPM and its
+#: parallel-sampling twin, whose ``step`` is DDPM's); DPM-Solver also with an ``sde-`` algorithm type
+ADDS_NOISE = frozenset({"EulerAncestralDiscreteScheduler", "DPMSolverSDEScheduler", "DDPMScheduler",
+                        "DDPMParallelScheduler"})
 #: consistency-model schedulers: every step replaces the latent with the model's denoised estimate plus new noise, so
 #: a call's output is no smooth function of the earlier ones (a forecast output cost LCM 13.8 dB mean, 6.0 min, in
 #: ``bench/diffusers_eps.py --schedulers lcm`` as is; ComfyUI's lcm sampler, 24 dB): fast mode computes every call
-RENOISE_ALL = frozenset({"LCMScheduler", "TCDScheduler"})
+RENOISE_ALL = frozenset({"LCMScheduler", "TCDScheduler", "FlowMatchLCMScheduler"})
 #: every scheduler fast mode computes every call with (budget 0)
 RENOISE = RENOISE_SAME_T | RENOISE_ALL
 
