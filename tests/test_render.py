@@ -753,6 +753,30 @@ def test_sigterm_keeps_the_finished_items(tmp_path):
     assert len(listed) >= 3 and {v["file"] for v in listed.values()} == set(items(out)), (len(listed), len(items(out)))
 
 
+def test_a_full_disk_mid_job_is_one_line_and_the_same_command_resumes(tmp_path):
+    """The folder stops taking files once the job renders (here a file size limit: EFBIG, as ENOSPC on a full
+    disk): before, a raw OSError traceback (23 lines) naming only a temp file, or no file at all. Now one line naming
+    the item file, exit 1, and the same command then finishes the job."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "job"
+    args = ["run", "--out", str(out), "--count", "2", "--steps", "1", "--threads", "1", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    def limit():  # 8 KiB: the first manifest fits, an item file (12.5 KB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    p = subprocess.run([sys.executable, "-m", "jetdet.render", *args], env=env, capture_output=True, text=True,
+                       timeout=300, preexec_fn=limit)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"error: File too large ({out / item_name(0)}); the job stopped" in p.stderr, p.stderr
+    assert manifest(out)["items"] == {} and set(files(out)) == {"manifest.json", ".jetdet-run"}
+    assert main(args) == 0 and len(manifest(out)["items"]) == 2
+
+
 def test_render_in_a_group_the_user_made_without_master_variables(tmp_path, monkeypatch):
     """A user's own group made through ``file://`` (RANK and WORLD_SIZE in the environment, no MASTER_ADDR/PORT): the
     runner uses it as it is. A review found the check for hand-started workers refusing this case, which had worked."""

@@ -32,7 +32,7 @@ from jetdet.models import bundled
 from jetdet.render import render
 from jetdet.render.__main__ import main
 from jetdet.render.run import _C10dTraces, _TraceFilter
-from jetdet.render.store import item_name
+from jetdet.render.store import check_item, item_name
 
 STEPS = 2  # the determinism runs
 KILL_STEPS = 8  # the fault runs: slow enough per batch that a kill lands mid-job
@@ -332,6 +332,26 @@ def test_a_worker_whose_rank0_dies_says_so_in_one_line(by_hand, tmp_path):
     said = (tmp_path / "r1.txt").read_text()
     assert f"rank 0 at 127.0.0.1:{port} left before every worker joined" in said, said
     assert "frame #" not in said and "Exception raised from" not in said and "[c10d]" not in said, said
+
+
+def test_a_worker_that_dies_mid_job_is_one_line_on_the_others(by_hand, tmp_path):
+    """Rank 1 killed while the job renders: rank 0 failed in its next collective with gloo's Python traceback (some
+    30 lines, exit 1). Now one line saying another worker left and that the same command resumes; the items it
+    listed are whole."""
+    port, out = _free_port(), tmp_path / "job"
+    args = ("--count", "400", "--batch-size", "1", "--manifest-every", "0")
+    w0 = by_hand(0, 2, port, out, tmp_path / "r0.txt", *args)
+    w1 = by_hand(1, 2, port, out, tmp_path / "r1.txt", *args)
+    wait_for_items(out, 2, w0)
+    w1.kill()
+    assert w0.wait(timeout=120) == 1, (tmp_path / "r0.txt").read_text()
+    said = (tmp_path / "r0.txt").read_text()
+    assert "Traceback" not in said and "rank 0 of 2: another worker left the job (" in said, said
+    assert "the same command resumes the job" in said, said
+    listed = manifest(out)["items"]
+    assert len(listed) >= 2
+    assert main(["verify", str(out)]) == 1  # incomplete, but every listed item is whole:
+    assert all(check_item(out, int(k), e) is None for k, e in listed.items())
 
 
 def test_c10d_traces_are_dropped_and_everything_else_kept():

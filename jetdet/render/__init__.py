@@ -20,8 +20,8 @@ Command line (the same code; ``torchrun`` runs one worker per process; their gro
 """
 
 from .check import Comparison, VerifyReport, compare, verify
-from .run import RenderResult, render
+from .run import RenderResult, WorkerLost, render
 from .spec import Item, JobSpec, RenderError, load_spec
 
 __all__ = ["render", "verify", "compare", "load_spec", "JobSpec", "Item", "RenderError", "RenderResult",
-           "VerifyReport", "Comparison"]
+           "VerifyReport", "Comparison", "WorkerLost"]

@@ -1,6 +1,7 @@
 """``python -m jetdet.render run ...`` / ``torchrun ... -m jetdet.render run ...`` / ``python -m jetdet.render verify``.
 
-Exit status: 0 done (``verify``: everything checks out), 1 ``verify`` found a problem (a damaged manifest too), 2 bad
+Exit status: 0 done (``verify``: everything checks out), 1 ``verify`` found a problem (a damaged manifest too), or
+a job stopped by a failed write (a full disk) or a worker that left mid-job (one line, on each rank that saw it), 2 bad
 input (the message names the argument; the output folder is left as it was), 130 interrupted (Ctrl-C), 143
 terminated (SIGTERM); an interrupted or terminated job keeps what it finished.
 """
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
             except BrokenPipeError:  # verify ... | head
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0 if report else 1
-        from .run import render
+        from .run import WorkerLost, render
         from .spec import load_spec
 
         if not 0 <= a.manifest_every < float("inf"):
@@ -146,6 +147,15 @@ def main(argv=None) -> int:
         try:
             render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress,
                    threads=a.threads, manifest_every_s=a.manifest_every, join_timeout_s=a.join_timeout)
+        except WorkerLost as e:  # gloo's traceback says no more than this line (another worker's output says why)
+            print(f"jetdet.render: error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:  # the job stopped on a write (a full disk, a quota): one line, on the rank that hit it
+            rank = f"rank {os.environ['RANK']}: " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"jetdet.render: error: {rank}{e.strerror or e}{where}; the job stopped. The items listed in the "
+                  "manifest are kept: the same command resumes the job", file=sys.stderr)
+            return 1
         finally:
             signal.signal(signal.SIGTERM, previous)
         return 0

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from . import store
 from .spec import DTYPES, Item, JobSpec, RenderError, load_model, load_spec, model_digest, spec_differences, spec_hash
 
-__all__ = ["render", "RenderResult"]
+__all__ = ["render", "RenderResult", "WorkerLost"]
 
 
 @dataclass
@@ -114,7 +114,7 @@ class _Group:
         if not self.dist:
             return [obj]
         out = [None] * self.world
-        dist.all_gather_object(out, obj)
+        self._collective(dist.all_gather_object, out, obj)
         return out
 
     def gather(self, obj) -> list | None:
@@ -122,19 +122,41 @@ class _Group:
         if not self.dist:
             return [obj]
         out = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
+        self._collective(dist.gather_object, obj, out, dst=0)
         return out
 
     def broadcast(self, obj):
         if not self.dist:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        self._collective(dist.broadcast_object_list, box, src=0)
         return box[0]
+
+    def _collective(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except RuntimeError as e:  # gloo: "Connection closed by peer", a timeout: a worker went away
+            raise WorkerLost(f"rank {self.rank} of {self.world}: another worker left the job ({_gloo_reason(e)}); its "
+                             "own output says why. The items listed in the manifest are kept: the same command "
+                             "resumes the job") from e
 
     def close(self) -> None:
         if self.owned:
             dist.destroy_process_group()
+
+
+class WorkerLost(RuntimeError):
+    """A collective of the job's group failed: another worker stopped (killed, interrupted, a failed write) or the
+    connection between them broke. The command line says so in one line on every rank that sees it (exit status 1)
+    instead of gloo's traceback."""
+
+
+def _gloo_reason(e: BaseException) -> str:
+    """The first sentence of a gloo/c10d error, without its source location: ``Connection closed by peer
+    [127.0.0.1]:3486``."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
 
 
 _WORKER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -69,11 +69,13 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):  # a failed write (a full disk) names no file: name the one being written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     if sync_dir:
         fsync_dir(path.parent)
