@@ -157,6 +157,22 @@ def test_verify_a_header_byte_and_an_incomplete_job(ref, tmp_path):
     assert "corrupt" in report.problems[0] and "not rendered yet" in report.problems[4]
 
 
+def test_verify_names_item_files_that_are_not_of_the_job(ref, tmp_path, capsys):
+    """Item files whose index the job does not have (here one copied in as item 12, and item 99): verify said OK,
+    so a folder of 12 items holding 14 item files passed, as would two range jobs (``start``) merged by copying
+    into one folder. Now they are named and verify fails; other files (a note) are left alone."""
+    out = _copy(ref, tmp_path / "job")
+    (out / "notes.txt").write_text("mine")
+    assert verify(out)  # control: an intact folder with a file of the user's own passes
+    for i in (12, 99):
+        shutil.copy(out / item_name(3), out / item_name(i))
+    report = verify(out)
+    assert not report and report.not_of_the_job == [12, 99] and not report.problems
+    assert main(["verify", str(out)]) == 1
+    assert "2 item file(s) not of this job (the manifest's item list has no such index): items 12, 99" in (
+        capsys.readouterr().out)
+
+
 def test_manifest_names_never_leave_the_folder(ref, tmp_path):
     """File names are derived from item indices, never read from the manifest: an entry pointing outside the folder
     is neither checked nor deleted by --force. A damaged manifest is refused, not half-read."""

@@ -85,14 +85,18 @@ class VerifyReport:
     problems: dict[int, str]
     temp_files: list[str] = field(default_factory=list)
     comparison: Comparison | None = None
+    not_of_the_job: list[int] = field(default_factory=list)  # item files whose index the job does not have
 
     def __bool__(self) -> bool:
-        return not self.problems and (self.comparison is None or self.comparison.ok)
+        return not self.problems and not self.not_of_the_job and (self.comparison is None or self.comparison.ok)
 
     def lines(self) -> list[str]:
         out = [f"verify: {self.out}: {self.total} items, {len(self.ok)} ok, {len(self.problems)} with problems"]
         for i, p in sorted(self.problems.items()):
             out.append(f"  item {i} ({store.item_name(i)}): {p}")
+        if self.not_of_the_job:
+            out.append(f"  {len(self.not_of_the_job)} item file(s) not of this job (the manifest's item list has no "
+                       f"such index): items {_ranges(self.not_of_the_job)}; move them away")
         if self.temp_files:
             out.append(f"  {len(self.temp_files)} temp file(s) of an interrupted run (ignored; the next run removes "
                        "them)")
@@ -163,7 +167,8 @@ def verify(out, against=None) -> VerifyReport:
     temps, files, _ = store.scan_folder(folder)
     ok, problems = [], {}
     entries = manifest["items"]
-    for idx in _indices(manifest["spec"]["items"]):
+    indices = _indices(manifest["spec"]["items"])
+    for idx in indices:
         entry = entries.get(str(idx))
         if entry is None:
             problems[idx] = ("not in the manifest (its file is there but was never reported: the job was "
@@ -177,4 +182,4 @@ def verify(out, against=None) -> VerifyReport:
             problems[idx] = p + " (a rerun of the job recomputes it)"
     comparison = compare(out, against) if against is not None else None
     return VerifyReport(out=str(out), total=len(ok) + len(problems), ok=ok, problems=problems, temp_files=temps,
-                        comparison=comparison)
+                        comparison=comparison, not_of_the_job=sorted(set(files) - set(indices)))
