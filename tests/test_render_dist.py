@@ -354,6 +354,22 @@ def test_a_worker_that_dies_mid_job_is_one_line_on_the_others(by_hand, tmp_path)
     assert all(check_item(out, int(k), e) is None for k, e in listed.items())
 
 
+def test_a_worker_given_a_running_jobs_port_is_told_so(by_hand, tmp_path):
+    """A second job started by hand on the MASTER_PORT of a job still running: its rank 1 reached the first job's
+    store and was told "RANK=1: two workers were started with this rank". Now it names the port as another job's,
+    as does a worker whose rank the first job does not have; the first job runs on."""
+    port = _free_port()
+    args = ("--count", "400", "--batch-size", "1", "--manifest-every", "0")
+    a = [by_hand(r, 2, port, tmp_path / "a", tmp_path / f"a{r}.txt", *args) for r in (0, 1)]
+    wait_for_items(tmp_path / "a", 2, a[0])
+    b = [by_hand(r, w, port, tmp_path / "b", tmp_path / f"b{r}.txt") for r, w in ((1, 2), (2, 3))]
+    assert [p.wait(timeout=60) for p in b] == [2, 2]
+    for r in (1, 2):
+        said = (tmp_path / f"b{r}.txt").read_text()
+        assert f"MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port}: another job's workers, already running" in said, said
+    assert not (tmp_path / "b").exists() and [p.poll() for p in a] == [None, None]
+
+
 def test_c10d_traces_are_dropped_and_everything_else_kept():
     text = (b"before\n[W1207 14:32:05.316364429 TCPStore.cpp:125] [c10d] recvValue failed: Connection reset\n"
             b"Exception raised from recvBytes at Utils.hpp:784 (most recent call first):\nframe #0: c10::Error\n"

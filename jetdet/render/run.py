@@ -382,6 +382,9 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
                 time.sleep(0.5)
         store = dist.TCPStore(addr, port, world, False, store_timeout)
     key = "jetdet.render/join/"
+    if store.check([f"{key}started"]):  # a job whose workers have all joined: this worker is not one of them
+        raise _SetupError(f"MASTER_ADDR:MASTER_PORT = {where}: another job's workers, already running, listen there "
+                          "(their rank 0 holds the port); give each job a MASTER_PORT of its own")
     if store.add(f"{key}rank_{rank}", 1) > 1:
         msg = (f"RANK={rank}: two workers were started with this rank; each of the {world} workers needs its own "
                f"RANK, 0 to {world - 1}")
@@ -395,6 +398,7 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
                 raise _SetupError(store.get(f"{key}error").decode())
             joined = store.add(f"{key}count", 0)
             if joined >= world:
+                store.set(f"{key}started", "1")  # for a worker of another job given this port later
                 return dist.PrefixStore("jetdet.render/group", store)
             if time.monotonic() >= deadline or time.monotonic() >= next_note:
                 missing = [r for r in range(world) if not store.check([f"{key}rank_{r}"])]
@@ -406,6 +410,7 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
                     # leaving, the last worker could come, and the others then waited in gloo for this one)
                     if store.add(f"{key}count", -1) + 1 >= world:
                         store.add(f"{key}count", 1)
+                        store.set(f"{key}started", "1")
                         return dist.PrefixStore("jetdet.render/group", store)
                     left = 1
                     msg = (f"{joined} of {world} workers joined at {where} within {timeout_s:g} s; missing RANK "
