@@ -370,6 +370,20 @@ def test_a_worker_given_a_running_jobs_port_is_told_so(by_hand, tmp_path):
     assert not (tmp_path / "b").exists() and [p.poll() for p in a] == [None, None]
 
 
+@pytest.mark.parametrize("addr", ["nohost.invalid", "198.51.100.1"])
+def test_rank0_given_an_address_not_its_own_says_so(tmp_path, addr):
+    """Rank 0 with a MASTER_ADDR that does not resolve, or that is not this machine's (198.51.100.1: TEST-NET-2): its
+    store's own connection waited in C++, silent, past --join-timeout and deaf to SIGTERM (a user trial: still
+    waiting after 10 minutes). Now one line naming MASTER_ADDR, at once, nothing written."""
+    cmd = [sys.executable, "-m", "jetdet.render", "run", "--out", str(tmp_path / "job"), "--count", "2", "--steps",
+           "1", "--threads", "1", "--join-timeout", "5"]
+    e = env(RANK="0", WORLD_SIZE="2", MASTER_ADDR=addr, MASTER_PORT=str(_free_port()))
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=90, cwd=str(REPO))
+    assert p.returncode == 2, p.stderr
+    assert f"error: MASTER_ADDR={addr!r}: " in p.stderr and "rank 0 runs on the machine MASTER_ADDR names" in p.stderr
+    assert not (tmp_path / "job").exists()
+
+
 def test_c10d_traces_are_dropped_and_everything_else_kept():
     text = (b"before\n[W1207 14:32:05.316364429 TCPStore.cpp:125] [c10d] recvValue failed: Connection reset\n"
             b"Exception raised from recvBytes at Utils.hpp:784 (most recent call first):\nframe #0: c10::Error\n"

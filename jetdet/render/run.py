@@ -363,6 +363,7 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
 
     store_timeout = datetime.timedelta(minutes=30)  # the store's own operations (gloo's connect, collectives)
     if rank == 0:
+        _check_own_address(addr)
         try:
             store = dist.TCPStore(addr, port, world, True, store_timeout, wait_for_workers=False)
         except (RuntimeError, OSError) as e:
@@ -435,6 +436,29 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
     except BaseException:  # Ctrl-C, SIGTERM: leave the count, so the others do not start a group without this one
         _quietly(lambda: (store.add(f"{key}count", -1), store.delete_key(f"{key}rank_{rank}")))
         raise
+
+
+def _check_own_address(addr: str) -> None:
+    """Rank 0 hosts the store at MASTER_ADDR and connects to it there: an address that does not resolve, or is not
+    this machine's, made it wait in C++ past --join-timeout, deaf to Ctrl-C and SIGTERM (a user trial: a typo in
+    MASTER_ADDR, still silent after 10 minutes)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise _SetupError(f"MASTER_ADDR={addr!r}: cannot be resolved ({e.strerror or e}); rank 0 runs on the machine "
+                          "MASTER_ADDR names (its host name or IP address)") from None
+    problem = None
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((sockaddr[0], 0))
+            return
+        except OSError as e:
+            problem = e.strerror or str(e)
+    raise _SetupError(f"MASTER_ADDR={addr!r}: not an address of this machine ({problem}); rank 0 runs on the "
+                      "machine MASTER_ADDR names (its host name or IP address)")
 
 
 def _quietly(fn) -> None:
