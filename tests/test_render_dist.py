@@ -384,6 +384,19 @@ def test_rank0_given_an_address_not_its_own_says_so(tmp_path, addr):
     assert not (tmp_path / "job").exists()
 
 
+def test_rank0_accepts_an_address_that_leads_back_to_it(monkeypatch):
+    """An address not on one of this machine's interfaces that still leads back to it (a NAT's public address, a
+    cluster service in front of rank 0) works with torch's store: the check lets it through when a connection to it on
+    MASTER_PORT arrives here, and refuses one whose connection does not. Stand-in: 127.0.0.1 with the interface test
+    answering no."""
+    from jetdet.render import run as render_run
+
+    monkeypatch.setattr(render_run, "_binds_here", lambda infos: False)
+    render_run._check_own_address("127.0.0.1", _free_port())  # comes back here: no error
+    with pytest.raises(render_run._SetupError, match="did not come back here within 0.5 s"):
+        render_run._check_own_address("198.51.100.1", _free_port(), probe_s=0.5)
+
+
 def test_c10d_traces_are_dropped_and_everything_else_kept():
     text = (b"before\n[W1207 14:32:05.316364429 TCPStore.cpp:125] [c10d] recvValue failed: Connection reset\n"
             b"Exception raised from recvBytes at Utils.hpp:784 (most recent call first):\nframe #0: c10::Error\n"

@@ -363,7 +363,7 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
 
     store_timeout = datetime.timedelta(minutes=30)  # the store's own operations (gloo's connect, collectives)
     if rank == 0:
-        _check_own_address(addr)
+        _check_own_address(addr, port)
         try:
             store = dist.TCPStore(addr, port, world, True, store_timeout, wait_for_workers=False)
         except (RuntimeError, OSError) as e:
@@ -438,10 +438,12 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
         raise
 
 
-def _check_own_address(addr: str) -> None:
-    """Rank 0 hosts the store at MASTER_ADDR and connects to it there: an address that does not resolve, or is not
-    this machine's, made it wait in C++ past --join-timeout, deaf to Ctrl-C and SIGTERM (a user trial: a typo in
-    MASTER_ADDR, still silent after 10 minutes)."""
+def _check_own_address(addr: str, port: int, probe_s: float = 3.0) -> None:
+    """Rank 0 hosts the store at MASTER_ADDR and connects to it there: an address that does not resolve, or does not
+    lead back to this machine, made it wait in C++ past --join-timeout, deaf to Ctrl-C and SIGTERM (a user trial: a
+    typo in MASTER_ADDR, still silent after 10 minutes). An address of one of this machine's interfaces passes at
+    once; any other (a NAT's public address, a cluster service's) passes when a connection to it on MASTER_PORT
+    reaches a socket listening here within ``probe_s``, as the store's own connection would."""
     import socket
 
     try:
@@ -449,16 +451,52 @@ def _check_own_address(addr: str) -> None:
     except OSError as e:
         raise _SetupError(f"MASTER_ADDR={addr!r}: cannot be resolved ({e.strerror or e}); rank 0 runs on the machine "
                           "MASTER_ADDR names (its host name or IP address)") from None
-    problem = None
+    if _binds_here(infos) or _reaches_here(infos[0], port, probe_s):
+        return
+    raise _SetupError(f"MASTER_ADDR={addr!r}: not an address of this machine, and a connection to it on MASTER_PORT "
+                      f"{port} did not come back here within {probe_s:g} s; rank 0 runs on the machine MASTER_ADDR "
+                      "names (its host name or IP address)")
+
+
+def _binds_here(infos) -> bool:
+    """Whether one of ``infos``' addresses (``socket.getaddrinfo``'s) is one of this machine's interfaces."""
+    import socket
+
     for family, _, _, _, sockaddr in infos:
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
                 s.bind((sockaddr[0], 0))
-            return
-        except OSError as e:
-            problem = e.strerror or str(e)
-    raise _SetupError(f"MASTER_ADDR={addr!r}: not an address of this machine ({problem}); rank 0 runs on the "
-                      "machine MASTER_ADDR names (its host name or IP address)")
+            return True
+        except OSError:
+            pass
+    return False
+
+
+def _reaches_here(info, port: int, timeout_s: float) -> bool:
+    """Whether a connection to ``info``'s address on ``port`` arrives at a socket listening on this machine (True too
+    where the port cannot be listened on here: the store's own error says why then)."""
+    import socket
+
+    family, _, _, _, sockaddr = info
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+            listener.listen(1)
+        except OSError:
+            return True
+        try:
+            with socket.create_connection((sockaddr[0], port), timeout=timeout_s):
+                pass
+        except OSError:
+            return False
+        listener.settimeout(timeout_s)
+        try:  # the connection came here, not to another machine listening on that port
+            conn, _ = listener.accept()
+            conn.close()
+            return True
+        except OSError:
+            return False
 
 
 def _quietly(fn) -> None:
