@@ -229,8 +229,11 @@ def _flag_specs():
 
 
 def torch_flags() -> dict:
-    """A snapshot of every torch flag deterministic mode touches (for tests and reports)."""
-    return {name: get() for name, get, _, _ in _flag_specs()}
+    """A snapshot of every torch flag deterministic mode touches (for tests and reports). Read under the mode's lock:
+    the TF32 getters set some flags for a moment, which a mode entered meanwhile on another thread saved as the
+    user's (and put back on exit), and two such reads at once saw each other's moment."""
+    with _lock:
+        return {name: get() for name, get, _, _ in _flag_specs()}
 
 
 def _warn_kept_warn_only(warn_only: bool) -> None:

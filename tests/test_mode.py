@@ -189,6 +189,44 @@ def test_mode_enters_with_tf32_on_through_the_global_fp32_precision():
         mode_module._set_matmul_precision(saved[1])
 
 
+def test_torch_flags_does_not_race_a_mode_entry_on_another_thread(monkeypatch):
+    """``torch_flags()`` reads the matmul precision with both ``fp32_precision`` at "ieee" for a moment (TF32 on
+    through the new API alone); a deterministic context entered on another thread meanwhile saved that moment's
+    "ieee" as the user's setting and put it back on exit: TF32 was off for good (2 in 20000 entries with a thread
+    calling torch_flags() in a loop; a concurrent read also raised torch's "mix of the legacy and new APIs").
+    Here the other thread enters while the first one's read is held open at the flip."""
+    mode_module = importlib.import_module("jetdet.mode")
+    b = torch.backends
+    saved = mode_module._matmul_precision()
+    real_get = torch.get_float32_matmul_precision
+    entered, done = threading.Event(), threading.Event()
+
+    def enter_elsewhere():
+        entered.set()
+        with jetdet.mode("deterministic"):
+            pass
+        done.set()
+
+    def held_get():
+        if b.cuda.matmul.fp32_precision == "ieee" and threading.current_thread() is threading.main_thread() \
+                and not entered.is_set():
+            threading.Thread(target=enter_elsewhere, daemon=True).start()
+            done.wait(1.0)  # without the fix the entry completes here, inside the flip
+        return real_get()
+
+    mode_module._set_matmul_precision(("highest", "none", "none"))
+    try:
+        b.cuda.matmul.fp32_precision = "tf32"
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", held_get)
+        assert torch_flags()["matmul.fp32 (precision, cuda, mkldnn)"] == ("highest", "tf32", "none")
+        assert done.wait(10.0)
+        monkeypatch.undo()
+        assert mode_module._matmul_precision() == ("highest", "tf32", "none")
+    finally:
+        monkeypatch.undo()
+        mode_module._set_matmul_precision(saved)
+
+
 def test_flags_comfyui_sets_are_off_inside_and_restored():
     """ComfyUI turns on fp16 accumulation in cuBLAS (``--fast fp16_accumulation``) and reduced-precision reductions in
     the math SDPA kernel (on every torch >= 2.5). Off inside deterministic mode (a fallback may reach either), back on
