@@ -397,6 +397,28 @@ def test_rank0_accepts_an_address_that_leads_back_to_it(monkeypatch):
         render_run._check_own_address("198.51.100.1", _free_port(), probe_s=0.5)
 
 
+def test_rank0_with_an_ipv6_master_addr_on_a_host_without_ipv6_is_told_so(monkeypatch):
+    """A host with IPv6 off (``ipv6.disable=1``: an AF_INET6 socket cannot be made) and a MASTER_ADDR resolving to
+    an IPv6 address first (another machine's name with an AAAA record): the probe's listener socket raised a bare
+    OSError ("Address family not supported by protocol"), which the command line printed as a failed write that the
+    same command resumes (exit 1). It is the check's one-line setup error now."""
+    import errno
+
+    from jetdet.render import run as render_run
+
+    real = socket.socket
+
+    class NoIPv6(real):
+        def __init__(self, family=-1, *args, **kwargs):
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    with pytest.raises(render_run._SetupError, match="did not come back here"):
+        render_run._check_own_address("2001:db8::1", _free_port(), probe_s=0.5)
+
+
 def test_c10d_traces_are_dropped_and_everything_else_kept():
     text = (b"before\n[W1207 14:32:05.316364429 TCPStore.cpp:125] [c10d] recvValue failed: Connection reset\n"
             b"Exception raised from recvBytes at Utils.hpp:784 (most recent call first):\nframe #0: c10::Error\n"

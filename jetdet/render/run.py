@@ -478,7 +478,11 @@ def _reaches_here(info, port: int, timeout_s: float) -> bool:
     import socket
 
     family, _, _, _, sockaddr = info
-    with socket.socket(family, socket.SOCK_STREAM) as listener:
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:  # no such sockets here (IPv6 off): no connection to that address can be made from here either
+        return False
+    with listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             listener.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
