@@ -64,9 +64,11 @@ def _swap_in() -> None:
     # fp8 linears under --fast fp8_matrix_mult (or an fp8-optimised checkpoint) multiply through torch._scaled_mm,
     # which jetdet does not route (a fallback: cuBLASLt's own tiling). Without it ComfyUI casts the weight and calls
     # F.linear, which it routes
-    if callable(getattr(comfy.ops, "fp8_linear", None)) and comfy.ops.fp8_linear is not _no_fp8_linear:
-        _saved.append((comfy.ops, "fp8_linear", comfy.ops.fp8_linear))
-        comfy.ops.fp8_linear = _no_fp8_linear
+    # (on threads in deterministic calls; elsewhere ComfyUI's own, see _no_fp8_linear)
+    fp8 = getattr(comfy.ops, "fp8_linear", None)
+    if callable(fp8) and getattr(fp8, "func", None) is not _no_fp8_linear:
+        _saved.append((comfy.ops, "fp8_linear", fp8))
+        comfy.ops.fp8_linear = functools.partial(_no_fp8_linear, fp8)
     # the layers of scaled fp8 and of quantized (mixed-precision) checkpoints: see _swap_layer_classes
     _swap_layer_classes()
     _hook_new_classes()
@@ -287,8 +289,13 @@ def _plain_linear_input_act(own, linear, x, input_act):
     return linear(comfy.ops.INPUT_ACT_EAGER[input_act](x))
 
 
-def _no_fp8_linear(layer, input):
-    return None  # ComfyUI's fp8 layers then take their cast-weight F.linear path
+def _no_fp8_linear(own, layer, input):
+    """None on a thread that routes (a deterministic call): ComfyUI's fp8 layers then take their cast-weight F.linear
+    path. Elsewhere (another thread, fast mode, no mode) ``own``, ComfyUI's ``fp8_linear``: the swap is process-wide,
+    and an off thread's fp8 layers lost ComfyUI's ``torch._scaled_mm`` while a deterministic call ran."""
+    if not _routes_here():
+        return own(layer, input)
+    return None
 
 
 def _scaled_fp8_forward(self, input):

@@ -164,13 +164,41 @@ def test_custom_nodes_bindings_of_comfyuis_attention_are_swapped_and_put_back(co
         del sys.modules[node.__name__], sys.modules[own.__name__]
 
 
-def test_comfyuis_fp8_matrix_multiply_is_off_in_deterministic_calls(comfy_dir, monkeypatch):
+def _on_another_thread(f, b_mode):
+    """``f()`` on another thread, in jetdet mode ``b_mode`` (None: no mode), while this thread's deterministic call
+    (``jetdet.mode("deterministic")`` and the span of :func:`sdpa_attention`) is open; its result."""
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    out, errors = [], []
+
+    def b():
+        try:
+            with torch.no_grad(), (jetdet.mode(b_mode) if b_mode else contextlib.nullcontext()):
+                out.append(f())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with torch.no_grad(), jetdet.mode("deterministic"), sdpa_attention():
+        other = threading.Thread(target=b)
+        other.start()
+        other.join(60)
+    assert not errors and out, errors
+    return out[0]
+
+
+@pytest.mark.parametrize("b_mode", [None, "fast"])
+@pytest.mark.filterwarnings("ignore:jetdet. mode 'fast' changes nothing by itself")
+def test_comfyuis_fp8_matrix_multiply_is_off_in_deterministic_calls(comfy_dir, monkeypatch, b_mode):
     """ComfyUI's fp8 layers (``--fast fp8_matrix_mult``, fp8-optimised checkpoints) multiply through
     ``torch._scaled_mm``, which jetdet does not route. While a deterministic call runs they take ComfyUI's own
     cast-weight ``F.linear`` path instead, which it routes; afterwards ``_scaled_mm`` again. Negative control: outside
-    the call the layer does call ``_scaled_mm`` (it runs on this CPU)."""
+    the call the layer does call ``_scaled_mm`` (it runs on this CPU). On another thread outside deterministic mode
+    (no mode, fast mode) while the call runs, ComfyUI's own path (a review: the process-wide swap took it away there,
+    0 calls)."""
     import comfy.ops
 
+    import jetdet
     from jetdet.comfy.attention import sdpa_attention
 
     calls = []
@@ -189,11 +217,14 @@ def test_comfyuis_fp8_matrix_multiply_is_off_in_deterministic_calls(comfy_dir, m
     layer(x.clone())
     assert calls  # ComfyUI's fp8 path
     calls.clear()
-    with sdpa_attention():
-        out = layer(x.clone())
+    with jetdet.mode("deterministic"):
+        with sdpa_attention():
+            out = layer(x.clone())
+        w = layer.weight.to(torch.bfloat16)
+        assert torch.equal(out, torch.nn.functional.linear(x, w, layer.bias))
     assert calls == [] and comfy.ops.fp8_linear is before
-    w = layer.weight.to(torch.bfloat16)
-    assert torch.equal(out, torch.nn.functional.linear(x, w, layer.bias))
+    _on_another_thread(lambda: layer(x.clone()), b_mode)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("fp8_matrix_mult", [False, True])
