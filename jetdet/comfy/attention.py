@@ -102,9 +102,9 @@ def _swap_layer_classes() -> None:
     # differently. For the span they always scale the weight (ComfyUI's choice for large inputs)
     for cls in comfy.ops.manual_cast.Linear.__subclasses__():
         own = vars(cls).get("forward_comfy_cast_weights")
-        if ".scaled_fp8_op." in cls.__qualname__ and own is not None and own is not _scaled_fp8_forward:
+        if ".scaled_fp8_op." in cls.__qualname__ and own is not None and getattr(own, "_jetdet_own", None) is None:
             _saved.append((cls, "forward_comfy_cast_weights", own))
-            cls.forward_comfy_cast_weights = _scaled_fp8_forward
+            cls.forward_comfy_cast_weights = _scaled_fp8_forward(own)
     # newer ComfyUI (0.7, 0.33): checkpoints with quantized weights (fp8, nvfp4, mxfp8, int8: ``QuantizedTensor``) load
     # as ``mixed_precision_ops`` layers, which quantize their input too where the device computes in that format. An
     # nvfp4 layer without an ``input_scale`` scales its input by the absolute maximum of the whole input, batch
@@ -298,12 +298,21 @@ def _no_fp8_linear(own, layer, input):
     return None
 
 
-def _scaled_fp8_forward(self, input):
-    import comfy.ops
+def _scaled_fp8_forward(own):
+    """A scaled fp8 linear's ``forward_comfy_cast_weights`` for the span: the weight scaled on a thread that routes (a
+    deterministic call); elsewhere ``own``, the class's, which scales the weight or the input as ComfyUI chooses."""
 
-    weight, bias = comfy.ops.cast_bias_weight(self, input)
-    return torch.nn.functional.linear(input, weight * self.scale_weight.to(device=weight.device, dtype=weight.dtype),
-                                      bias)
+    def forward_comfy_cast_weights(self, input):
+        if not _routes_here():
+            return own(self, input)
+        import comfy.ops
+
+        weight, bias = comfy.ops.cast_bias_weight(self, input)
+        scale = self.scale_weight.to(device=weight.device, dtype=weight.dtype)
+        return torch.nn.functional.linear(input, weight * scale, bias)
+
+    forward_comfy_cast_weights._jetdet_own = own
+    return forward_comfy_cast_weights
 
 
 def _swap_out() -> None:

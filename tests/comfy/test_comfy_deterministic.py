@@ -256,6 +256,16 @@ def test_scaled_fp8_linears_round_the_same_alone_and_in_a_batch(comfy_dir, fp8_m
         if not fp8_matrix_mult:  # (with it, ComfyUI's own path is torch._scaled_mm, for both, on this CPU)
             assert not torch.equal(layer(x[:1].clone())[0], layer(x.clone())[0])
     assert vars(type(layer))["forward_comfy_cast_weights"] is own
+    # another thread outside deterministic mode while a deterministic call runs: ComfyUI's own choice, the input
+    # scaled for an item alone (a review: the process-wide swap scaled the weight there too)
+    if not fp8_matrix_mult:
+        with torch.no_grad():
+            w, s = layer.weight.to(torch.bfloat16), layer.scale_weight.to(torch.bfloat16)
+            by_input = torch.nn.functional.linear(x[:1] * s, w, layer.bias)
+            by_weight = torch.nn.functional.linear(x[:1], w * s, layer.bias)
+        assert not torch.equal(by_input, by_weight)
+        assert torch.equal(layer(x[:1].clone()), by_input)  # ComfyUI's own, no call open
+        assert torch.equal(_on_another_thread(lambda: layer(x[:1].clone()), None), by_input)
 
 
 def _stand_in_mixed_precision_ops():
