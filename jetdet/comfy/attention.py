@@ -7,17 +7,20 @@ and batch size; on a GPU it may be sage, xformers or flash attention, none of th
 :func:`sdpa_attention` makes every one of those bindings ComfyUI's own ``attention_pytorch`` (the
 ``F.scaled_dot_product_attention`` path ComfyUI uses by default on NVIDIA GPUs) while a deterministic model call
 runs, so jetdet's router sends attention to the batch-invariant :func:`jetdet.ops.attention`; the bindings are
-put back when the outermost call returns or raises. It is process-wide while active (ComfyUI runs one prompt at
-a time), reentrant, and safe to nest. Other modules' globals of those names that hold one of ComfyUI's attention
-functions (a custom node's ``from comfy.ldm.modules.attention import optimized_attention``) are swapped too; an
-attention function a custom node holds under another name, or calls through a reference of its own, is not seen.
+put back when the outermost call returns or raises. The swap is process-wide while active, reentrant, and safe to
+nest, but each swapped binding decides per thread: ``attention_pytorch`` on a thread inside the block, the function
+it replaced on any other (a thread outside jetdet's calls keeps the attention the user chose). Other modules'
+globals of those names that hold one of ComfyUI's attention functions (a custom node's
+``from comfy.ldm.modules.attention import optimized_attention``) are swapped too; an attention function a custom
+node holds under another name, or calls through a reference of its own, is not seen.
 For the same span ComfyUI's fp8 matrix multiply (``comfy.ops.fp8_linear``: ``torch._scaled_mm``, which jetdet does not
 route) is off, so its fp8 layers cast their weights and call ``F.linear``, which it does; and the linears of scaled fp8
 checkpoints always scale their weight (they scale the weight or the input, whichever has fewer elements, which
 depends on the batch); in newer ComfyUI the layers with quantized weights (``mixed_precision_ops``) take their
 full-precision path in deterministic calls, since an nvfp4 layer scales its input by the whole batch's maximum. The
 layer classes are scanned again at every entry, nested ones included, so a model loaded during the span is swapped
-from its first deterministic call on.
+from its first deterministic call on. Those replacements, too, hold ComfyUI's own and call it on a thread outside
+deterministic mode.
 """
 
 from __future__ import annotations
@@ -80,14 +83,20 @@ def _swap_in() -> None:
     from . import kitchen
 
     kitchen.install()  # comfy_kitchen's ops routed or warned (once each; ops registered since then too)
+    # each binding becomes ``target`` on the threads inside this block, and stays what it was on the others (see
+    # _span_attention): one stand-in per function, shared by the modules that bound it
+    stand_ins: dict = {}
     for name, mod in _modules_with_bindings():
         ours = name == "comfy.ldm" or name.startswith("comfy.ldm.")
         d = getattr(mod, "__dict__", {})
         for g in _NAMES:
             f = d.get(g)
-            if callable(f) and f is not target and (ours or any(f is c for c in comfy_fns)):
+            if (callable(f) and f is not target and getattr(f, "_jetdet_own", None) is None
+                    and (ours or any(f is c for c in comfy_fns))):
+                if id(f) not in stand_ins:
+                    stand_ins[id(f)] = _span_attention(f, target)
                 _saved.append((mod, g, f))
-                setattr(mod, g, target)
+                setattr(mod, g, stand_ins[id(f)])
 
 
 def _swap_layer_classes() -> None:
@@ -315,6 +324,23 @@ def _scaled_fp8_forward(own):
     return forward_comfy_cast_weights
 
 
+_here = threading.local()  # .depth: this thread's sdpa_attention blocks now open
+
+
+def _span_attention(own, target):
+    """A binding of ComfyUI's attention for the span: ``target`` (``attention_pytorch``) on a thread inside
+    :func:`sdpa_attention` (a deterministic call, or fast mode's attention swap and cache, which intercept SDPA too);
+    elsewhere ``own``, the function that was bound (the user's xformers, sage or sub-quadratic choice). The swap is
+    process-wide, and another thread's attention went to SDPA while a call ran."""
+
+    @functools.wraps(own)
+    def attention(*args, **kwargs):
+        return (target if getattr(_here, "depth", 0) else own)(*args, **kwargs)
+
+    attention._jetdet_own = own
+    return attention
+
+
 def _swap_out() -> None:
     while _saved:
         mod, g, f = _saved.pop()
@@ -326,7 +352,7 @@ def _swap_out() -> None:
 
 @contextlib.contextmanager
 def sdpa_attention():
-    """Within this block ComfyUI's models use ``attention_pytorch`` (see the module docstring)."""
+    """Within this block, on this thread, ComfyUI's models use ``attention_pytorch`` (see the module docstring)."""
     global _depth
     with _lock:
         if _depth == 0:
@@ -341,9 +367,11 @@ def sdpa_attention():
             _swap_layer_classes()
             kitchen.install()
         _depth += 1
+    _here.depth = getattr(_here, "depth", 0) + 1
     try:
         yield
     finally:
+        _here.depth -= 1
         with _lock:
             _depth -= 1
             if _depth == 0:

@@ -129,17 +129,26 @@ def test_an_attention_override_set_by_another_node_is_not_used_in_deterministic_
     assert calls  # without jetdet, ComfyUI uses it
 
 
-def test_custom_nodes_bindings_of_comfyuis_attention_are_swapped_and_put_back(comfy_dir):
+def _stand_in_attention(monkeypatch):
+    """ComfyUI's ``attention_pytorch`` and the process's ``optimized_attention`` replaced by stand-ins that name
+    themselves ("sdpa", "chosen": the user's xformers, sage or sub-quadratic attention)."""
+    import comfy.ldm.modules.attention as attn
+
+    monkeypatch.setattr(attn, "attention_pytorch", lambda *a, **k: "sdpa")
+    monkeypatch.setattr(attn, "optimized_attention", lambda *a, **k: "chosen")
+    return attn
+
+
+def test_custom_nodes_bindings_of_comfyuis_attention_are_swapped_and_put_back(comfy_dir, monkeypatch):
     """While a deterministic call runs, ComfyUI's attention bindings are its SDPA path, and so is a custom node's own
     import of ``optimized_attention`` (IPAdapter's attention patch calls it); a function of the node's own under that
     name is left alone. Everything is put back afterwards."""
     import sys
     import types
 
-    import comfy.ldm.modules.attention as attn
-
     from jetdet.comfy.attention import sdpa_attention
 
+    attn = _stand_in_attention(monkeypatch)
     before = attn.optimized_attention
     node = types.ModuleType("custom_nodes.jetdet_test_ipadapter")
     exec("from comfy.ldm.modules.attention import optimized_attention", node.__dict__)
@@ -149,19 +158,49 @@ def test_custom_nodes_bindings_of_comfyuis_attention_are_swapped_and_put_back(co
     sys.modules[node.__name__], sys.modules[own.__name__] = node, own
     try:
         with sdpa_attention():
-            assert attn.optimized_attention is attn.attention_pytorch
-            assert node.optimized_attention is attn.attention_pytorch
+            assert attn.optimized_attention() == "sdpa"
+            assert node.optimized_attention() == "sdpa"
             assert own.optimized_attention is own_fn
         assert attn.optimized_attention is before and node.optimized_attention is before
         reloaded = types.ModuleType(node.__name__)  # a reload: a new module under the same name, as many modules
         exec("from comfy.ldm.modules.attention import optimized_attention", reloaded.__dict__)
         sys.modules[node.__name__] = reloaded
         with sdpa_attention():
-            assert reloaded.optimized_attention is attn.attention_pytorch
+            assert reloaded.optimized_attention() == "sdpa"
             assert node.optimized_attention is before  # the old module object is not the one in use any more
         assert reloaded.optimized_attention is before
     finally:
         del sys.modules[node.__name__], sys.modules[own.__name__]
+
+
+@pytest.mark.parametrize("b_mode", [None, "fast"])
+@pytest.mark.filterwarnings("ignore:jetdet. mode 'fast' changes nothing by itself")
+def test_attention_on_another_thread_is_the_users_while_a_deterministic_call_runs(comfy_dir, monkeypatch, b_mode):
+    """The swap of the attention bindings is process-wide, and another thread outside the call (no mode, fast mode)
+    got SDPA too, in place of the attention the user chose (a review: "sdpa" there, for ComfyUI's binding and a
+    custom node's import of it alike). Now each binding is ComfyUI's SDPA on a thread inside ``sdpa_attention`` and
+    what it was elsewhere; a thread that opens ``sdpa_attention`` of its own (fast mode's attention swap and cache,
+    which intercept SDPA) gets SDPA, whatever the other thread does."""
+    import sys
+    import types
+
+    from jetdet.comfy.attention import sdpa_attention
+
+    attn = _stand_in_attention(monkeypatch)
+    node = types.ModuleType("custom_nodes.jetdet_test_ipadapter")
+    exec("from comfy.ldm.modules.attention import optimized_attention", node.__dict__)
+    sys.modules[node.__name__] = node
+    try:
+        assert _on_another_thread(lambda: (attn.optimized_attention(), node.optimized_attention()),
+                                  b_mode) == ("chosen", "chosen")
+
+        def in_a_block():
+            with sdpa_attention():
+                return attn.optimized_attention(), node.optimized_attention()
+
+        assert _on_another_thread(in_a_block, b_mode) == ("sdpa", "sdpa")
+    finally:
+        del sys.modules[node.__name__]
 
 
 def _on_another_thread(f, b_mode):
