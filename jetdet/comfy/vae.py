@@ -17,7 +17,8 @@ ComfyUI's own ``VAE.decode`` / ``VAE.encode`` with:
 * the tiled fallback refused: if ComfyUI runs out of memory and turns to tiled decoding or encoding, the call
   raises an error that says so instead of returning pixels that depend on the free memory.
 
-Nothing of the VAE stays changed after the call returns or raises.
+Nothing of the VAE stays changed after the call returns or raises, and while it runs the swapped blocks and methods
+are ComfyUI's own on any other thread using the same VAE outside deterministic mode.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from jetdet.mode import _routes_here
 
 from .attention import sdpa_attention
 
@@ -46,19 +49,30 @@ def check_vae(vae, what: str = "vae"):
 
 @contextlib.contextmanager
 def _no_tiled_fallback(vae, verb: str, tiled_node: str):
-    def refuse(*args, **kwargs):
+    """For the call, the VAE's tiled methods refuse on a thread in a deterministic call; on another thread using the
+    same VAE meanwhile (no mode, fast mode) they are the VAE's own."""
+
+    def refuse():
         raise TiledFallbackError(
             f"jetdet deterministic VAE {verb}: ComfyUI ran out of memory and would retry with tiled {verb}, whose "
             f"tiles change the pixels (they would then depend on the free memory), so jetdet stops instead. Free "
             f"memory or pass fewer items at once and run it again; ComfyUI's {tiled_node} node tiles on purpose, "
             "with tile settings you choose.")
 
+    def refusing(tiled):
+        def call(*args, **kwargs):
+            if not _routes_here():
+                return tiled(*args, **kwargs)
+            refuse()
+
+        return call
+
     own = vars(vae)
     saved = {n: own[n] for n in _TILED if n in own}
     try:
         for n in _TILED:
             if hasattr(vae, n):
-                setattr(vae, n, refuse)
+                setattr(vae, n, refusing(getattr(vae, n)))
         yield
     finally:
         for n in _TILED:
@@ -82,20 +96,31 @@ def vae_sdpa(q, k, v):
     return sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False).transpose(2, 3).reshape(shape)
 
 
+def _on_sdpa(own):
+    """A VAE block's attention for the call: :func:`vae_sdpa` on a thread in a deterministic call; elsewhere ``own``,
+    the block's (another thread decoding with the same VAE meanwhile keeps ComfyUI's attention)."""
+
+    def attention(q, k, v, *args, **kwargs):
+        if not _routes_here():
+            return own(q, k, v, *args, **kwargs)
+        return vae_sdpa(q, k, v)
+
+    return attention
+
+
 @contextlib.contextmanager
 def _blocks_on_sdpa(vae):
     """Each attention block of the VAE built by ComfyUI's ``diffusionmodules.model`` (SD/SDXL/SD3/Flux-type VAEs) on
     :func:`vae_sdpa` while the call runs; the blocks' own bindings are put back afterwards."""
     from comfy.ldm.modules.diffusionmodules import model as dm
 
-    target = vae_sdpa
     swapped = []
     try:
         for m in vae.first_stage_model.modules():
             f = vars(m).get("optimized_attention")
-            if callable(f) and f is not target and getattr(f, "__module__", None) == dm.__name__:
+            if callable(f) and f is not vae_sdpa and getattr(f, "__module__", None) == dm.__name__:
                 swapped.append((m, f))
-                m.optimized_attention = target
+                m.optimized_attention = _on_sdpa(f)
         yield
     finally:
         for m, f in reversed(swapped):

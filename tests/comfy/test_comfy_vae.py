@@ -137,6 +137,43 @@ def test_tiled_fallback_is_refused_and_nothing_stays_changed(vae, latents, monke
     assert torch.equal(_decode(vae, latents[:1]), _decode(vae, latents[:1]))
 
 
+def test_another_thread_using_the_vae_meanwhile_keeps_comfyuis_attention_and_tiled_retry(vae, monkeypatch):
+    """A deterministic call swaps the VAE's attention blocks and tiled methods on the VAE object itself: another thread
+    using the same VAE meanwhile, outside deterministic mode, got jetdet's vae_sdpa and the refusal of ComfyUI's tiled
+    retry (a review: 1 vae_sdpa call and a TiledFallbackError there). Now ComfyUI's own on that thread; this thread
+    still gets vae_sdpa and the refusal."""
+    import threading
+
+    calls = []
+    orig = dvae.vae_sdpa
+    monkeypatch.setattr(dvae, "vae_sdpa", lambda q, k, v: calls.append(1) or orig(q, k, v))
+    monkeypatch.setattr(type(vae), "decode_tiled_", lambda self, *a, **k: "tiled")
+    block = next(m for m in vae.first_stage_model.modules() if "optimized_attention" in vars(m))
+    q, k, v = torch.randn(3, 1, 8, 4, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
+    with torch.no_grad():
+        own = block.optimized_attention(q, k, v)
+    out = {}
+
+    def other():
+        with torch.no_grad():
+            out["attention"] = block.optimized_attention(q, k, v)
+        try:
+            out["tiled"] = vae.decode_tiled_(None)
+        except dvae.TiledFallbackError as e:
+            out["tiled"] = e
+
+    with dvae._deterministic(vae, "decoding", "VAE Decode (Tiled)", False):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(60)
+        assert calls == [] and out["tiled"] == "tiled" and torch.equal(out["attention"], own)
+        with torch.no_grad():
+            block.optimized_attention(q, k, v)
+        assert calls == [1]
+        with pytest.raises(dvae.TiledFallbackError):
+            vae.decode_tiled_(None)
+
+
 @pytest.mark.parametrize("build,latent,frames", [
     ("hunyuan_video_vae", (3, 16, 2, 4, 4), 5),  # conv3d and the mid block's attention: it crashed before
     ("wan21_vae", (3, 16, 2, 4, 4), 5),          # causal conv3d and F.normalize RMS norms
