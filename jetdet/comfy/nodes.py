@@ -168,13 +168,15 @@ def _links_valid(cls, received: dict, options: dict) -> bool | str:
         declared.update({k: v[0] for k, v in cls.INPUT_TYPES().get(group, {}).items()})
     for name, got in received.items():
         want = declared.get(name)
-        if want is None or validate_node_input(got, want):
-            continue
+        # before ComfyUI's rule, which in newer ComfyUI (0.33) takes any list into a combo: a list sharing no
+        # choice then failed only when the node ran, after everything upstream
         if name in options and isinstance(got, (list, tuple)):
             if any(o in options[name] for o in got):
                 continue
             return (f"{name}: the linked output's choices {_short(got)} share none with this input's "
                     f"{_short(options[name])}")
+        if want is None or validate_node_input(got, want):
+            continue
         if name in options:
             want = "COMBO (an output that lists choices, such as a sampler selector's)"
         return f"{name}: the linked output's type is {_short(got)}, expected {want}"
