@@ -1784,6 +1784,12 @@ if hasattr(F, "rms_norm"):
         _HANDLERS[torch.rms_norm] = _h_rms_norm
 
 ROUTED = sorted({getattr(f, "__name__", str(f)) for f in _HANDLERS})
+# the routed Tensor operators torch defines in Python (``Tensor.__pow__``, ``__rpow__``, ``__rmatmul__``: wrappers in
+# torch._tensor). Dynamo (torch 2.13) finds such an operator, handed to a torch function mode as ``func``, absent from a
+# dict that holds it, then guards on it being absent: "Guard failed on the same frame it was created" (``x ** 2`` under
+# torch.compile in deterministic mode crashed; ComfyUI's Flux RoPE has ``theta ** scale``). Traced lookups take the
+# key from here, by identity
+_PY_OPERATORS = tuple(f for f in _HANDLERS if getattr(f, "__module__", None) == "torch._tensor")
 
 
 def route_op(func, handler=None, *, unrouted: str | None = None) -> None:
@@ -1893,6 +1899,8 @@ def _refused(func, args, kwargs, error: Exception):
 def _route(func, args, kwargs):
     """A torch call under the router: its handler (under ``torch.autocast``, with autocast's casts first) when
     ``func`` is routed, else ``func`` itself."""
+    if torch.compiler.is_compiling():
+        func = next((f for f in _PY_OPERATORS if f is func), func)  # see _PY_OPERATORS
     handler = _HANDLERS.get(func)
     if handler is None:
         return func(*args, **kwargs)

@@ -294,3 +294,23 @@ def test_compiled_fast_model_runs_the_cache_eagerly_and_warns_once():
         torch._dynamo.reset()
         with pytest.raises(Exception, match="jetdet fast mode: the step cache decides in Python"):
             euler(torch.compile(model, fullgraph=True), steps=1)
+
+
+_POWERS = {"x ** 2": lambda x: x ** 2, "2 ** x": lambda x: 2 ** x, "10000 ** x.double()": lambda x: 10000 ** x.double()}
+
+
+@pytest.mark.parametrize("expr", list(_POWERS))
+def test_tensor_power_operators_compile_in_the_mode(expr):
+    """``**`` reaches the router as ``Tensor.__pow__`` / ``__rpow__``, wrappers torch defines in Python. Dynamo
+    looked such an operator up in the handler table as absent and guarded on that, which failed at once: "Guard
+    failed on the same frame it was created" (a crash, found on ComfyUI's compiled Flux, whose RoPE computes
+    ``theta ** scale``). Now it runs, batch invariant."""
+    def f(x):
+        return torch.nn.functional.linear(_POWERS[expr](x).float(), torch.eye(8) * 0.5)
+
+    x = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    with jetdet.mode("deterministic"), torch.no_grad():
+        compiled = torch.compile(f, backend="aot_eager")
+        full = compiled(x)
+        assert [torch.equal(compiled(x[i:i + 1])[0], full[i]) for i in range(4)] == [True] * 4
+    torch.testing.assert_close(full, f(x))
