@@ -1916,6 +1916,12 @@ def _routes_here() -> bool:
     return frame.mode is Mode.DETERMINISTIC and frame.thread is getattr(_tls, "me", None)
 
 
+def _router_on_stack() -> bool:
+    """Whether a router is on this thread's torch function mode stack: what routes a traced call (see :class:`_Router`).
+    Dynamo traces it (and guards on the stack), where it cannot read the mode's ``ContextVar``."""
+    return any(isinstance(m, (_Router, compiled_router)) for m in torch.overrides._get_current_function_mode_stack())
+
+
 
 class _Router(TorchFunctionMode):
     """The deterministic router of one thread: on its torch function mode stack while a deterministic context is

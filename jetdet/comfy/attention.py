@@ -32,7 +32,7 @@ import threading
 
 import torch
 
-from jetdet.mode import _routes_here
+from jetdet.mode import _router_on_stack, _routes_here
 
 _NAMES = ("optimized_attention", "optimized_attention_masked")
 _lock = threading.RLock()
@@ -183,8 +183,10 @@ class _FullPrecisionFlag:
     method reads it and however it is reached (an instance-level ``forward`` such as the LoRA bypass hook's, which
     holds the class's unwrapped forward, included). Elsewhere (another thread, fast mode, no mode, and load code on
     any thread) it is the layer's own value: the instance's, else the class's own attribute as it was (a data
-    descriptor of the class's own, such as a property, first, as Python reads it). Writes and deletes go to the
-    instance (through that data descriptor where the class has one), so nothing shared is changed while a layer
+    descriptor of the class's own, such as a property, first, as Python reads it). In code that ``torch.compile``
+    traces (ComfyUI's TorchCompileModel), which cannot read the mode's ContextVar, it is True where a router is on the
+    torch function mode stack, the rule for traced routed calls (Dynamo guards on the stack). Writes and deletes go to
+    the instance (through that data descriptor where the class has one), so nothing shared is changed while a layer
     computes (two threads in one layer each read their own answer), and the instance's value holds again once the
     descriptor is taken off."""
 
@@ -193,7 +195,12 @@ class _FullPrecisionFlag:
 
     def __get__(self, obj, objtype=None):
         if obj is not None:
-            if _routes_here() and not getattr(_loading, "depth", 0):
+            if torch.compiler.is_compiling():
+                # traced code cannot read the mode's ContextVar (Dynamo broke the graph there, and ComfyUI's compiled
+                # Flux then failed in the resumed frame): True where traced calls are routed, as the router decides
+                if _router_on_stack():
+                    return True
+            elif _routes_here() and not getattr(_loading, "depth", 0):
                 return True
             d = obj.__dict__
             if _FPMM in d and not _is_data_descriptor(self._own(type(obj))):

@@ -343,7 +343,7 @@ def _stand_in_mixed_precision_ops():
                 super()._load_from_state_dict(state_dict, prefix, *args)
 
             def forward(self, x):
-                gate = _GATES.get(threading.current_thread().name)
+                gate = None if torch.compiler.is_compiling() else _GATES.get(threading.current_thread().name)
                 if gate is not None:
                     gate()
                 if not self._full_precision_mm:
@@ -418,6 +418,34 @@ def test_mixed_precision_layers_take_the_full_precision_path_in_deterministic_ca
     assert layer._full_precision_mm is False and "_full_precision_mm" not in vars(layer.__class__)
     assert (vars(ops.Linear)["forward"], vars(ops.Experts)["_expert_linear_impl"],
             vars(ops.Linear)["_load_from_state_dict"]) == own
+
+
+def test_mixed_precision_layers_compiled_in_deterministic_calls_take_the_full_precision_path(comfy_dir):
+    """``torch.compile`` of a mixed-precision layer (ComfyUI's "TorchCompileModel" compiles the diffusion model) inside
+    a deterministic call: the traced read of ``_full_precision_mm`` cannot read the mode's ContextVar. It broke the
+    graph there (``fullgraph=True`` refused; on 0.33's compiled Flux with int8 layers the frame resumed after the
+    break then failed in Dynamo: "Cannot access accelerator device"). Now it reads whether the router is on the
+    mode stack, as traced routed calls do: one graph, the full-precision path, items equal alone and in a batch; the
+    same compiled layer outside deterministic mode is ComfyUI's (rounded) path again (Dynamo guards on the stack)."""
+    import jetdet
+    from jetdet.comfy.attention import sdpa_attention
+
+    torch._dynamo.reset()
+    ops = _stand_in_mixed_precision_ops()
+    layer, _, x = _standin_layers(ops)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    try:
+        with torch.no_grad():
+            with jetdet.mode("deterministic"), sdpa_attention():
+                swapped = _items_alone(compiled, x)
+                full = compiled(x)
+            with sdpa_attention():  # outside deterministic mode
+                other = torch.equal(compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    finally:
+        torch._dynamo.reset()
+    assert swapped == [True] * 4
+    torch.testing.assert_close(full, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert other is False
 
 
 def test_a_mixed_precision_layer_loaded_in_a_deterministic_call_keeps_its_checkpoints_setting(comfy_dir, monkeypatch):
