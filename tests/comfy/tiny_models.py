@@ -67,6 +67,61 @@ def hunyuan_video_state_dict(seed: int = 0) -> dict:
     return _finish(model, seed)
 
 
+
+def flux_state_dict(seed: int = 0) -> dict:
+    """A Flux DiT: hidden 128 (one head, rotary axes 16/56/56), one double and one single block, text dim 32, pooled
+    dim 32, guidance embedding. Its RoPE goes through comfy_kitchen's ``apply_rope`` in newer ComfyUI (0.33). Load it
+    within :func:`small_detection`."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    newer = {"txt_ids_dims": []} if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)} else {}
+    model = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                 hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, dtype=torch.float32,
+                 operations=_ops(), **newer)
+    return _finish(model, seed)
+
+
+#: the head layout of the tiny Lumina 2 (ComfyUI's detection knows it for dims 2304 and 3840 only)
+LUMINA2_HEADS = dict(n_heads=2, n_kv_heads=2, axes_dims=[16, 24, 24], axes_lens=[300, 512, 512], rope_theta=10000.0,
+                     ffn_dim_multiplier=4.0)
+
+
+def lumina2_state_dict(seed: int = 0) -> dict:
+    """A Lumina 2 NextDiT: dim 128 (2 heads of 64, as many key/value heads), one layer and ComfyUI's two refiner
+    layers of each kind, caption dim 64. Its q/k norms + RoPE are comfy_kitchen's fused ``rms_rope`` in newer
+    ComfyUI (0.33). Load it within :func:`small_detection`."""
+    from comfy.ldm.lumina.model import NextDiT
+
+    model = NextDiT(patch_size=2, in_channels=16, dim=128, n_layers=1, qk_norm=True, cap_feat_dim=64,
+                    dtype=torch.float32, operations=_ops(), **LUMINA2_HEADS)
+    return _finish(model, seed)
+
+
+def small_detection():
+    """ComfyUI's own model detection, with the sizes it assumes filled in from the weights for the tiny models here:
+    :data:`LUMINA2_HEADS` for a Lumina 2 of dim 128; a Flux's hidden and text sizes (ComfyUI 0.3.64 takes 3072 and
+    4096 for every Flux, newer ComfyUI reads them)."""
+    from unittest import mock
+
+    import comfy.model_detection as md
+
+    detect = md.detect_unet_config
+
+    def detect_small(state_dict, key_prefix, *args, **kwargs):
+        config = detect(state_dict, key_prefix, *args, **kwargs)
+        if config and config.get("image_model") == "lumina2" and config.get("dim") == 128:
+            config.update(LUMINA2_HEADS)
+        txt_in = state_dict.get(f"{key_prefix}txt_in.weight")
+        if config and config.get("image_model") == "flux" and txt_in is not None and txt_in.shape[0] == 128:
+            config.update(hidden_size=128, context_in_dim=txt_in.shape[1], num_heads=1)
+        return config
+
+    return mock.patch.object(md, "detect_unet_config", detect_small)
+
+
 def load(state_dict: dict):
     import comfy.sd
 
