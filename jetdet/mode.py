@@ -1916,6 +1916,14 @@ def _routes_here() -> bool:
     return frame.mode is Mode.DETERMINISTIC and frame.thread is getattr(_tls, "me", None)
 
 
+def _routes_call() -> bool:
+    """:func:`_routes_here` in eager code; in code ``torch.compile`` traces, which cannot read the mode's
+    ``ContextVar``, :func:`_router_on_stack` (the rule traced routed calls follow)."""
+    if torch.compiler.is_compiling():
+        return _router_on_stack()
+    return _routes_here()
+
+
 def _router_on_stack() -> bool:
     """Whether a router is on this thread's torch function mode stack: what routes a traced call (see :class:`_Router`).
     Dynamo traces it (and guards on the stack), where it cannot read the mode's ``ContextVar``."""

@@ -32,7 +32,7 @@ import threading
 
 import torch
 
-from jetdet.mode import _router_on_stack, _routes_here
+from jetdet.mode import _router_on_stack, _routes_call, _routes_here
 
 _NAMES = ("optimized_attention", "optimized_attention_masked")
 _lock = threading.RLock()
@@ -298,7 +298,7 @@ def _plain_linear_input_act(own, linear, x, input_act):
     """ComfyUI's plain path on a thread that routes (a deterministic call); elsewhere (another thread, fast mode, no
     mode) ``own``, ComfyUI's ``linear_input_act``, as for ``_full_precision_mm``: the swap is process-wide, and an
     off thread's int8 layers took the plain path while a deterministic call ran."""
-    if not _routes_here():
+    if not _routes_call():
         return own(linear, x, input_act)
     import comfy.ops
 
@@ -309,7 +309,7 @@ def _no_fp8_linear(own, layer, input):
     """None on a thread that routes (a deterministic call): ComfyUI's fp8 layers then take their cast-weight F.linear
     path. Elsewhere (another thread, fast mode, no mode) ``own``, ComfyUI's ``fp8_linear``: the swap is process-wide,
     and an off thread's fp8 layers lost ComfyUI's ``torch._scaled_mm`` while a deterministic call ran."""
-    if not _routes_here():
+    if not _routes_call():
         return own(layer, input)
     return None
 
@@ -319,7 +319,7 @@ def _scaled_fp8_forward(own):
     deterministic call); elsewhere ``own``, the class's, which scales the weight or the input as ComfyUI chooses."""
 
     def forward_comfy_cast_weights(self, input):
-        if not _routes_here():
+        if not _routes_call():
             return own(self, input)
         import comfy.ops
 

@@ -27,7 +27,7 @@ import contextlib
 
 import torch
 
-from jetdet.mode import _routes_here
+from jetdet.mode import _routes_call
 
 from .attention import sdpa_attention
 
@@ -61,7 +61,7 @@ def _no_tiled_fallback(vae, verb: str, tiled_node: str):
 
     def refusing(tiled):
         def call(*args, **kwargs):
-            if not _routes_here():
+            if not _routes_call():
                 return tiled(*args, **kwargs)
             refuse()
 
@@ -101,7 +101,7 @@ def _on_sdpa(own):
     the block's (another thread decoding with the same VAE meanwhile keeps ComfyUI's attention)."""
 
     def attention(q, k, v, *args, **kwargs):
-        if not _routes_here():
+        if not _routes_call():
             return own(q, k, v, *args, **kwargs)
         return vae_sdpa(q, k, v)
 

@@ -448,6 +448,32 @@ def test_mixed_precision_layers_compiled_in_deterministic_calls_take_the_full_pr
     assert other is False
 
 
+def test_the_per_thread_swaps_compile_in_one_graph(comfy_dir):
+    """The swaps that decide per thread (``fp8_linear``, ``linear_input_act``, the scaled fp8 and VAE ones) asked the
+    mode's ContextVar, which code ``torch.compile`` traces cannot read: a compiled model reaching them broke its graph
+    there (``fullgraph=True`` refused: "ContextVar.get"), as ``_full_precision_mm`` did. Traced, they ask whether the
+    router is on the mode stack: inside deterministic mode the swapped answer, outside it ComfyUI's own."""
+    import jetdet
+    from jetdet.comfy import attention
+
+    own = lambda layer, x: 2 * x  # noqa: E731  stands in for ComfyUI's fp8_linear
+
+    def fn(x):
+        y = attention._no_fp8_linear(own, None, x)
+        return x + 1 if y is None else y
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    x = torch.ones(2)
+    try:
+        with jetdet.mode("deterministic"):
+            inside = compiled(x)
+        outside = compiled(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(inside, x + 1) and torch.equal(outside, 2 * x)
+
+
 def test_a_mixed_precision_layer_loaded_in_a_deterministic_call_keeps_its_checkpoints_setting(comfy_dir, monkeypatch):
     """ComfyUI's loader keeps a checkpoint's ``full_precision_matrix_mult`` with ``if not module._full_precision_mm:
     module._full_precision_mm = config``. A layer loaded while the span is active (a model loaded during sampling, or
