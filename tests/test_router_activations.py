@@ -11,6 +11,7 @@ import platform
 import pytest
 import torch
 import torch.nn.functional as F
+from _bench import load_bench
 
 import jetdet
 
@@ -46,18 +47,7 @@ ACTS = {
 def _bench():
     """bench/cpu_torch_items.py as a module: its item-alone checks are the ones asserted here, and it prints their
     counts for the README."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    name = "jetdet_bench_cpu_torch_items"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "cpu_torch_items.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_bench("cpu_torch_items")
 
 
 def _mismatches(fn, dtype):

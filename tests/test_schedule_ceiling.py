@@ -2,30 +2,16 @@
 nothing is skipped (else its PSNR figures would measure a different trajectory), and must differ when a step is
 skipped (negative control)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _bench import load_bench
 
 from jetdet.models import bundled, sampling
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_bench(name: str):
-    """A bench/ script as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"jetdet_bench_{name}", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def ceiling():
-    return _load_bench("schedule_ceiling")
+    return load_bench("schedule_ceiling")
 
 
 @pytest.mark.skipif(not bundled.DIT_FILE.exists(), reason="bundled weights not shipped")
@@ -52,7 +38,7 @@ def test_power_schedule(ceiling):
 
 def test_cpu_costs_script_runs(tmp_path):
     """bench/cpu_costs.py (the README's piece-by-piece figures) runs end to end and writes every section."""
-    mod = _load_bench("cpu_costs")
+    mod = load_bench("cpu_costs")
     threads = torch.get_num_threads()
     try:
         mod.main(["--repeats", "1", "--markdown", str(tmp_path / "c.md")])

@@ -488,18 +488,9 @@ def test_which_samplers_add_noise(comfy_dir):
 def _controls():
     """bench/comfy_fast_controls.py as a module (the README's figures for the Fast Optimizer's fixes come from it;
     its hook-LoRA positive is the one these tests use too)."""
-    import importlib.util
-    import pathlib
-    import sys
+    from _bench import load_bench
 
-    name = "jetdet_bench_comfy_fast_controls"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "comfy_fast_controls.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_bench("comfy_fast_controls")
 
 
 def _hooked_positive(pos, strength_after: float):
