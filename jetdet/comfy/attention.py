@@ -32,7 +32,7 @@ import threading
 
 import torch
 
-from jetdet.mode import _router_on_stack, _routes_call, _routes_here
+from jetdet.mode import _routes_call
 
 _NAMES = ("optimized_attention", "optimized_attention_masked")
 _lock = threading.RLock()
@@ -67,11 +67,11 @@ def _swap_in() -> None:
     # fp8 linears under --fast fp8_matrix_mult (or an fp8-optimised checkpoint) multiply through torch._scaled_mm,
     # which jetdet does not route (a fallback: cuBLASLt's own tiling). Without it ComfyUI casts the weight and calls
     # F.linear, which it routes
-    # (on threads in deterministic calls; elsewhere ComfyUI's own, see _no_fp8_linear)
+    # (on threads in deterministic calls; elsewhere ComfyUI's own, see _per_thread)
     fp8 = getattr(comfy.ops, "fp8_linear", None)
-    if callable(fp8) and getattr(fp8, "func", None) is not _no_fp8_linear:
+    if callable(fp8) and getattr(fp8, "_jetdet_own", None) is None:
         _saved.append((comfy.ops, "fp8_linear", fp8))
-        comfy.ops.fp8_linear = functools.partial(_no_fp8_linear, fp8)
+        comfy.ops.fp8_linear = _per_thread(fp8, _no_fp8_linear)
     # the layers of scaled fp8 and of quantized (mixed-precision) checkpoints: see _swap_layer_classes
     _swap_layer_classes()
     _hook_new_classes()
@@ -79,12 +79,12 @@ def _swap_in() -> None:
     # comfy_kitchen's int8 kernel (unseen by the router): for the span ComfyUI's own plain path, ``linear(act(x))``
     if callable(getattr(comfy.ops, "linear_input_act", None)) and hasattr(comfy.ops, "INPUT_ACT_EAGER"):
         _saved.append((comfy.ops, "linear_input_act", comfy.ops.linear_input_act))
-        comfy.ops.linear_input_act = functools.partial(_plain_linear_input_act, comfy.ops.linear_input_act)
+        comfy.ops.linear_input_act = _per_thread(comfy.ops.linear_input_act, _plain_linear_input_act)
     from . import kitchen
 
     kitchen.install()  # comfy_kitchen's ops routed or warned (once each; ops registered since then too)
     # each binding becomes ``target`` on the threads inside this block, and stays what it was on the others (see
-    # _span_attention): one stand-in per function, shared by the modules that bound it
+    # _in_block): one stand-in per function, shared by the modules that bound it
     stand_ins: dict = {}
     for name, mod in _modules_with_bindings():
         ours = name == "comfy.ldm" or name.startswith("comfy.ldm.")
@@ -94,7 +94,7 @@ def _swap_in() -> None:
             if (callable(f) and f is not target and getattr(f, "_jetdet_own", None) is None
                     and (ours or any(f is c for c in comfy_fns))):
                 if id(f) not in stand_ins:
-                    stand_ins[id(f)] = _span_attention(f, target)
+                    stand_ins[id(f)] = _per_thread(f, target, when=_in_block)
                 _saved.append((mod, g, f))
                 setattr(mod, g, stand_ins[id(f)])
 
@@ -113,7 +113,7 @@ def _swap_layer_classes() -> None:
         own = vars(cls).get("forward_comfy_cast_weights")
         if ".scaled_fp8_op." in cls.__qualname__ and own is not None and getattr(own, "_jetdet_own", None) is None:
             _saved.append((cls, "forward_comfy_cast_weights", own))
-            cls.forward_comfy_cast_weights = _scaled_fp8_forward(own)
+            cls.forward_comfy_cast_weights = _per_thread(own, _scaled_fp8_forward)
     # newer ComfyUI (0.7, 0.33): checkpoints with quantized weights (fp8, nvfp4, mxfp8, int8: ``QuantizedTensor``) load
     # as ``mixed_precision_ops`` layers, which quantize their input too where the device computes in that format. An
     # nvfp4 layer without an ``input_scale`` scales its input by the absolute maximum of the whole input, batch
@@ -195,12 +195,10 @@ class _FullPrecisionFlag:
 
     def __get__(self, obj, objtype=None):
         if obj is not None:
-            if torch.compiler.is_compiling():
-                # traced code cannot read the mode's ContextVar (Dynamo broke the graph there, and ComfyUI's compiled
-                # Flux then failed in the resumed frame): True where traced calls are routed, as the router decides
-                if _router_on_stack():
-                    return True
-            elif _routes_here() and not getattr(_loading, "depth", 0):
+            # traced code cannot read the mode's ContextVar (Dynamo broke the graph there, and ComfyUI's compiled Flux
+            # then failed in the resumed frame): _routes_call asks the router on the mode stack there, and traced code
+            # is no load code
+            if _routes_call() and (torch.compiler.is_compiling() or not getattr(_loading, "depth", 0)):
                 return True
             d = obj.__dict__
             if _FPMM in d and not _is_data_descriptor(self._own(type(obj))):
@@ -294,58 +292,49 @@ def _note_full_precision() -> None:
                      "is rounded the same alone and in a batch")
 
 
-def _plain_linear_input_act(own, linear, x, input_act):
-    """ComfyUI's plain path on a thread that routes (a deterministic call); elsewhere (another thread, fast mode, no
-    mode) ``own``, ComfyUI's ``linear_input_act``, as for ``_full_precision_mm``: the swap is process-wide, and an
-    off thread's int8 layers took the plain path while a deterministic call ran."""
-    if not _routes_call():
-        return own(linear, x, input_act)
+def _per_thread(own, ours, when=_routes_call):
+    """A process-wide swap that changes nothing for other threads: ``ours`` where ``when()`` (by default a thread that
+    routes, a deterministic call, eager or traced: :func:`jetdet.mode._routes_call`), elsewhere ``own``, what it
+    replaced (another thread, fast mode, no mode keep ComfyUI's own: an off thread's fp8 layers lost ComfyUI's
+    ``torch._scaled_mm``, its int8 layers their kernel, its attention the user's choice while a call ran). Marked
+    with ``own`` so that a swap is never swapped again."""
+
+    @functools.wraps(own)
+    def call(*args, **kwargs):
+        return (ours if when() else own)(*args, **kwargs)
+
+    call._jetdet_own = own
+    return call
+
+
+def _plain_linear_input_act(linear, x, input_act):
+    """ComfyUI's plain path for ``linear_input_act``: ``linear(act(x))``."""
     import comfy.ops
 
     return linear(comfy.ops.INPUT_ACT_EAGER[input_act](x))
 
 
-def _no_fp8_linear(own, layer, input):
-    """None on a thread that routes (a deterministic call): ComfyUI's fp8 layers then take their cast-weight F.linear
-    path. Elsewhere (another thread, fast mode, no mode) ``own``, ComfyUI's ``fp8_linear``: the swap is process-wide,
-    and an off thread's fp8 layers lost ComfyUI's ``torch._scaled_mm`` while a deterministic call ran."""
-    if not _routes_call():
-        return own(layer, input)
-    return None
+def _no_fp8_linear(layer, input):
+    return None  # ComfyUI's fp8 layers then take their cast-weight F.linear path
 
 
-def _scaled_fp8_forward(own):
-    """A scaled fp8 linear's ``forward_comfy_cast_weights`` for the span: the weight scaled on a thread that routes (a
-    deterministic call); elsewhere ``own``, the class's, which scales the weight or the input as ComfyUI chooses."""
+def _scaled_fp8_forward(self, input):
+    """A scaled fp8 linear's ``forward_comfy_cast_weights`` with the scale always on the weight (ComfyUI's own scales
+    the weight or the input, whichever has fewer elements)."""
+    import comfy.ops
 
-    def forward_comfy_cast_weights(self, input):
-        if not _routes_call():
-            return own(self, input)
-        import comfy.ops
-
-        weight, bias = comfy.ops.cast_bias_weight(self, input)
-        scale = self.scale_weight.to(device=weight.device, dtype=weight.dtype)
-        return torch.nn.functional.linear(input, weight * scale, bias)
-
-    forward_comfy_cast_weights._jetdet_own = own
-    return forward_comfy_cast_weights
+    weight, bias = comfy.ops.cast_bias_weight(self, input)
+    return torch.nn.functional.linear(input, weight * self.scale_weight.to(device=weight.device, dtype=weight.dtype),
+                                      bias)
 
 
 _here = threading.local()  # .depth: this thread's sdpa_attention blocks now open
 
 
-def _span_attention(own, target):
-    """A binding of ComfyUI's attention for the span: ``target`` (``attention_pytorch``) on a thread inside
-    :func:`sdpa_attention` (a deterministic call, or fast mode's attention swap and cache, which intercept SDPA too);
-    elsewhere ``own``, the function that was bound (the user's xformers, sage or sub-quadratic choice). The swap is
-    process-wide, and another thread's attention went to SDPA while a call ran."""
-
-    @functools.wraps(own)
-    def attention(*args, **kwargs):
-        return (target if getattr(_here, "depth", 0) else own)(*args, **kwargs)
-
-    attention._jetdet_own = own
-    return attention
+def _in_block() -> bool:
+    """Whether this thread is inside :func:`sdpa_attention` (a deterministic call, or fast mode's attention swap and
+    cache, which intercept SDPA too): where ComfyUI's attention bindings are ``attention_pytorch``."""
+    return bool(getattr(_here, "depth", 0))
 
 
 def _swap_out() -> None:

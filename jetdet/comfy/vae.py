@@ -27,9 +27,7 @@ import contextlib
 
 import torch
 
-from jetdet.mode import _routes_call
-
-from .attention import sdpa_attention
+from .attention import _per_thread, sdpa_attention
 
 #: The VAE methods ComfyUI falls back to when a whole decode or encode runs out of memory.
 _TILED = ("decode_tiled_", "decode_tiled_1d", "decode_tiled_3d", "encode_tiled_", "encode_tiled_1d",
@@ -52,27 +50,19 @@ def _no_tiled_fallback(vae, verb: str, tiled_node: str):
     """For the call, the VAE's tiled methods refuse on a thread in a deterministic call; on another thread using the
     same VAE meanwhile (no mode, fast mode) they are the VAE's own."""
 
-    def refuse():
+    def refuse(*args, **kwargs):
         raise TiledFallbackError(
             f"jetdet deterministic VAE {verb}: ComfyUI ran out of memory and would retry with tiled {verb}, whose "
             f"tiles change the pixels (they would then depend on the free memory), so jetdet stops instead. Free "
             f"memory or pass fewer items at once and run it again; ComfyUI's {tiled_node} node tiles on purpose, "
             "with tile settings you choose.")
 
-    def refusing(tiled):
-        def call(*args, **kwargs):
-            if not _routes_call():
-                return tiled(*args, **kwargs)
-            refuse()
-
-        return call
-
     own = vars(vae)
     saved = {n: own[n] for n in _TILED if n in own}
     try:
         for n in _TILED:
             if hasattr(vae, n):
-                setattr(vae, n, refusing(getattr(vae, n)))
+                setattr(vae, n, _per_thread(getattr(vae, n), refuse))
         yield
     finally:
         for n in _TILED:
@@ -96,16 +86,9 @@ def vae_sdpa(q, k, v):
     return sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False).transpose(2, 3).reshape(shape)
 
 
-def _on_sdpa(own):
-    """A VAE block's attention for the call: :func:`vae_sdpa` on a thread in a deterministic call; elsewhere ``own``,
-    the block's (another thread decoding with the same VAE meanwhile keeps ComfyUI's attention)."""
-
-    def attention(q, k, v, *args, **kwargs):
-        if not _routes_call():
-            return own(q, k, v, *args, **kwargs)
-        return vae_sdpa(q, k, v)
-
-    return attention
+def _vae_sdpa_call(q, k, v, *args, **kwargs):
+    """A VAE block's attention call on :func:`vae_sdpa` (the block's own takes more arguments)."""
+    return vae_sdpa(q, k, v)
 
 
 @contextlib.contextmanager
@@ -118,9 +101,12 @@ def _blocks_on_sdpa(vae):
     try:
         for m in vae.first_stage_model.modules():
             f = vars(m).get("optimized_attention")
-            if callable(f) and f is not vae_sdpa and getattr(f, "__module__", None) == dm.__name__:
+            if (callable(f) and getattr(f, "_jetdet_own", None) is None
+                    and getattr(f, "__module__", None) == dm.__name__):
                 swapped.append((m, f))
-                m.optimized_attention = _on_sdpa(f)
+                # vae_sdpa on a thread in a deterministic call; another thread decoding with the same VAE meanwhile
+                # keeps ComfyUI's attention
+                m.optimized_attention = _per_thread(f, _vae_sdpa_call)
         yield
     finally:
         for m, f in reversed(swapped):

@@ -457,9 +457,10 @@ def test_the_per_thread_swaps_compile_in_one_graph(comfy_dir):
     from jetdet.comfy import attention
 
     own = lambda layer, x: 2 * x  # noqa: E731  stands in for ComfyUI's fp8_linear
+    fp8 = attention._per_thread(own, attention._no_fp8_linear)
 
     def fn(x):
-        y = attention._no_fp8_linear(own, None, x)
+        y = fp8(None, x)
         return x + 1 if y is None else y
 
     torch._dynamo.reset()
