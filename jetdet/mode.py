@@ -35,6 +35,7 @@ Deterministic mode
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import math
@@ -131,18 +132,30 @@ def _cudnn_tf32() -> tuple:
     and new APIs"); it is then read by setting both to "tf32" for a moment (the read succeeds exactly when the flag
     is True) and putting them back."""
     c = torch.backends.cudnn
-    conv, rnn = c.conv.fp32_precision, c.rnn.fp32_precision
     try:
         legacy = c.allow_tf32
     except RuntimeError:
-        c.conv.fp32_precision = c.rnn.fp32_precision = "tf32"
-        try:
-            legacy = c.allow_tf32
-        except RuntimeError:
-            legacy = False
-        finally:
-            c.conv.fp32_precision, c.rnn.fp32_precision = conv, rnn
-    return conv, rnn, legacy
+        with _fp32_precision_for_a_moment((c.conv, c.rnn), "tf32"):
+            try:
+                legacy = c.allow_tf32
+            except RuntimeError:
+                legacy = False
+    return c.conv.fp32_precision, c.rnn.fp32_precision, legacy
+
+
+@contextlib.contextmanager
+def _fp32_precision_for_a_moment(backends, value: str):
+    """``fp32_precision = value`` on each of ``backends`` for the block, each one's own put back after it: how a TF32
+    state torch refuses to read while the legacy and new APIs disagree is read (:func:`_cudnn_tf32`,
+    :func:`_matmul_precision`)."""
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = value
+    try:
+        yield
+    finally:
+        for b, v in zip(backends, saved):
+            b.fp32_precision = v
 
 
 def _set_cudnn_tf32(value: tuple) -> None:
@@ -163,16 +176,12 @@ def _matmul_precision() -> tuple:
     API's way to turn TF32 on: it is then read with both set to "ieee" for a moment, which torch reads with every
     precision, and put back."""
     b = torch.backends
-    cuda, mkldnn = b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
     try:
         prec = torch.get_float32_matmul_precision()
     except RuntimeError:
-        b.cuda.matmul.fp32_precision = b.mkldnn.matmul.fp32_precision = "ieee"
-        try:
+        with _fp32_precision_for_a_moment((b.cuda.matmul, b.mkldnn.matmul), "ieee"):
             prec = torch.get_float32_matmul_precision()
-        finally:
-            b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = cuda, mkldnn
-    return prec, cuda, mkldnn
+    return prec, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
 
 
 def _set_matmul_precision(value: tuple) -> None:
