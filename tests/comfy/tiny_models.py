@@ -54,16 +54,42 @@ def wan21_state_dict(seed: int = 0) -> dict:
     return _finish(model, seed)
 
 
+def wan22_state_dict(seed: int = 0) -> dict:
+    """A Wan 2.2 text/image-to-video DiT (the 5B's layout: 48 latent channels in and out, which ComfyUI detects as
+    Wan 2.2 with its per-frame timesteps): dim 256 (2 heads of 128), 2 layers, ffn 512."""
+    from comfy.ldm.wan.model import WanModel
+
+    model = WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=48, dim=256, ffn_dim=512, freq_dim=256,
+                     text_dim=4096, out_dim=48, num_heads=2, num_layers=2, dtype=torch.float32, operations=_ops())
+    return _finish(model, seed)
+
+
+def ltxv_state_dict(seed: int = 0) -> dict:
+    """An LTX-Video DiT: 32 heads of 4 (inner dim 128; ComfyUI's detection takes 32 heads), 2 layers, 128 latent
+    channels, caption dim 4096. Its blocks' RMS-norm adaptive layer norm is comfy_kitchen's fused ``rms_adaln`` in
+    newer ComfyUI (0.33)."""
+    from comfy.ldm.lightricks.model import LTXVModel
+
+    model = LTXVModel(in_channels=128, cross_attention_dim=128, attention_head_dim=4, num_attention_heads=32,
+                      caption_channels=4096, num_layers=2, dtype=torch.float32, operations=_ops())
+    return _finish(model, seed)
+
+
 def hunyuan_video_state_dict(seed: int = 0) -> dict:
     """A HunyuanVideo DiT: hidden 128 (one head, rotary axes 16/56/56), one double and one single block, text dim 32,
     pooled CLIP 768, guidance embedding. It pools its text tokens with ``sum`` (a reduction inside one item)."""
-    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+    import dataclasses
 
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo, HunyuanVideoParams
+
+    # HunyuanVideo 1.5's fields (newer ComfyUI), as its detection sets them for a 1.0 checkpoint
+    v15 = {"use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False}
+    fields = {f.name for f in dataclasses.fields(HunyuanVideoParams)}
     model = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
                          context_in_dim=32, hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=1,
                          depth_single_blocks=1, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2],
                          qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, dtype=torch.float32,
-                         operations=_ops())
+                         operations=_ops(), **{k: v for k, v in v15.items() if k in fields})
     return _finish(model, seed)
 
 
