@@ -70,16 +70,15 @@ def _swap_in() -> None:
     # (on threads in deterministic calls; elsewhere ComfyUI's own, see _per_thread)
     fp8 = getattr(comfy.ops, "fp8_linear", None)
     if callable(fp8) and getattr(fp8, "_jetdet_own", None) is None:
-        _saved.append((comfy.ops, "fp8_linear", fp8))
-        comfy.ops.fp8_linear = _per_thread(fp8, _no_fp8_linear)
+        _install(comfy.ops, "fp8_linear", fp8, _per_thread(fp8, _no_fp8_linear))
     # the layers of scaled fp8 and of quantized (mixed-precision) checkpoints: see _swap_layer_classes
     _swap_layer_classes()
     _hook_new_classes()
     # newer ComfyUI's MLPs (Wan, LTX) call ``linear_input_act``, which hands an int8 layer's input straight to
     # comfy_kitchen's int8 kernel (unseen by the router): for the span ComfyUI's own plain path, ``linear(act(x))``
     if callable(getattr(comfy.ops, "linear_input_act", None)) and hasattr(comfy.ops, "INPUT_ACT_EAGER"):
-        _saved.append((comfy.ops, "linear_input_act", comfy.ops.linear_input_act))
-        comfy.ops.linear_input_act = _per_thread(comfy.ops.linear_input_act, _plain_linear_input_act)
+        own = comfy.ops.linear_input_act
+        _install(comfy.ops, "linear_input_act", own, _per_thread(own, _plain_linear_input_act))
     from . import kitchen
 
     kitchen.install()  # comfy_kitchen's ops routed or warned (once each; ops registered since then too)
@@ -95,8 +94,7 @@ def _swap_in() -> None:
                     and (ours or any(f is c for c in comfy_fns))):
                 if id(f) not in stand_ins:
                     stand_ins[id(f)] = _per_thread(f, target, when=_in_block)
-                _saved.append((mod, g, f))
-                setattr(mod, g, stand_ins[id(f)])
+                _install(mod, g, f, stand_ins[id(f)])
 
 
 def _swap_layer_classes() -> None:
@@ -112,8 +110,7 @@ def _swap_layer_classes() -> None:
     for cls in comfy.ops.manual_cast.Linear.__subclasses__():
         own = vars(cls).get("forward_comfy_cast_weights")
         if ".scaled_fp8_op." in cls.__qualname__ and own is not None and getattr(own, "_jetdet_own", None) is None:
-            _saved.append((cls, "forward_comfy_cast_weights", own))
-            cls.forward_comfy_cast_weights = _per_thread(own, _scaled_fp8_forward)
+            _install(cls, "forward_comfy_cast_weights", own, _per_thread(own, _scaled_fp8_forward))
     # newer ComfyUI (0.7, 0.33): checkpoints with quantized weights (fp8, nvfp4, mxfp8, int8: ``QuantizedTensor``) load
     # as ``mixed_precision_ops`` layers, which quantize their input too where the device computes in that format. An
     # nvfp4 layer without an ``input_scale`` scales its input by the absolute maximum of the whole input, batch
@@ -130,14 +127,12 @@ def _swap_mixed_precision(cls) -> None:
     :class:`_FullPrecisionFlag`, and its load code (``_load_from_state_dict``) marked as loading on its thread."""
     own = vars(cls).get(_FPMM, _ABSENT)
     if not isinstance(own, _FullPrecisionFlag):
-        _saved.append((cls, _FPMM, own))
-        setattr(cls, _FPMM, _FullPrecisionFlag(own))
+        _install(cls, _FPMM, own, _FullPrecisionFlag(own))
         _note_full_precision()
     for name in _LOADERS:
         load = vars(cls).get(name)
         if callable(load) and getattr(load, "_jetdet_own", None) is None:
-            _saved.append((cls, name, load))
-            setattr(cls, name, _loading_call(load))
+            _install(cls, name, load, _loading_call(load))
 
 
 def _hook_new_classes() -> None:
@@ -162,8 +157,7 @@ def _hook_new_classes() -> None:
                 if _depth > 0:
                     _swap_mixed_precision(cls)
 
-    _saved.append((base, "__init_subclass__", prior))
-    base.__init_subclass__ = classmethod(__init_subclass__)
+    _install(base, "__init_subclass__", prior, classmethod(__init_subclass__))
 
 
 _FPMM = "_full_precision_mm"
@@ -337,13 +331,25 @@ def _in_block() -> bool:
     return bool(getattr(_here, "depth", 0))
 
 
+def _install(obj, name: str, old, new) -> None:
+    """``obj.name = new`` for the span; :func:`_swap_out` puts ``old`` back (what ``obj`` itself held, or _ABSENT)."""
+    _saved.append((obj, name, old, new))
+    setattr(obj, name, new)
+
+
 def _swap_out() -> None:
+    """Put back what :func:`_install` replaced, where it still holds jetdet's replacement. Where another extension
+    (another thread, a wrapper inside the call) set the attribute during the span, its value stays: putting jetdet's
+    saved one back lost that extension's patch (or brought back one it had taken off). A replacement of jetdet's that
+    it wrapped is ComfyUI's own outside deterministic calls (see _per_thread)."""
     while _saved:
-        mod, g, f = _saved.pop()
-        if f is _ABSENT:
-            delattr(mod, g)
+        obj, name, old, new = _saved.pop()
+        if vars(obj).get(name, _ABSENT) is not new:
+            continue  # set by someone else since: theirs
+        if old is _ABSENT:
+            delattr(obj, name)
         else:
-            setattr(mod, g, f)
+            setattr(obj, name, old)
 
 
 @contextlib.contextmanager

@@ -226,6 +226,33 @@ def _on_another_thread(f, b_mode):
     return out[0]
 
 
+def test_a_patch_another_extension_makes_during_the_span_is_kept(comfy_dir, monkeypatch):
+    """The swaps are put back where they still hold jetdet's replacement only. An extension that sets ComfyUI's
+    attention binding or ``fp8_linear`` while a deterministic call runs (another thread, a wrapper inside the call)
+    keeps its patch afterwards, and one that takes its patch off during the call does not get it back (a review: the
+    saved functions were set back over the extension's, both times)."""
+    import comfy.ops
+
+    from jetdet.comfy.attention import sdpa_attention
+
+    attn = _stand_in_attention(monkeypatch)
+    monkeypatch.setattr(comfy.ops, "fp8_linear", lambda *a, **k: None)
+    before = attn.optimized_attention
+
+    def sage(*a, **k):
+        return "sage"
+
+    def fp8(*a, **k):
+        return None
+
+    with sdpa_attention():
+        attn.optimized_attention, comfy.ops.fp8_linear = sage, fp8
+    assert attn.optimized_attention is sage and comfy.ops.fp8_linear is fp8
+    with sdpa_attention():
+        attn.optimized_attention = before  # the extension takes its patch off
+    assert attn.optimized_attention is before
+
+
 @pytest.mark.parametrize("b_mode", [None, "fast"])
 @pytest.mark.filterwarnings("ignore:jetdet. mode 'fast' changes nothing by itself")
 def test_comfyuis_fp8_matrix_multiply_is_off_in_deterministic_calls(comfy_dir, monkeypatch, b_mode):
