@@ -24,10 +24,11 @@ are ComfyUI's own on any other thread using the same VAE outside deterministic m
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
-from .attention import _per_thread, sdpa_attention
+from .attention import _ABSENT, _per_thread, sdpa_attention
 
 #: The VAE methods ComfyUI falls back to when a whole decode or encode runs out of memory.
 _TILED = ("decode_tiled_", "decode_tiled_1d", "decode_tiled_3d", "encode_tiled_", "encode_tiled_1d",
@@ -45,29 +46,23 @@ def check_vae(vae, what: str = "vae"):
     return vae
 
 
-@contextlib.contextmanager
-def _no_tiled_fallback(vae, verb: str, tiled_node: str):
-    """For the call, the VAE's tiled methods refuse on a thread in a deterministic call; on another thread using the
-    same VAE meanwhile (no mode, fast mode) they are the VAE's own."""
+_call = threading.local()  # .what: this thread's open deterministic VAE calls' (verb, tiled node), innermost last
+
+
+def _refuse(name: str):
+    """The stand-in of the tiled method ``name`` on a thread in a deterministic call: an error naming the call."""
 
     def refuse(*args, **kwargs):
+        what = getattr(_call, "what", None)
+        verb, tiled_node = what[-1] if what else (
+            ("decoding", "VAE Decode (Tiled)") if name.startswith("decode") else ("encoding", "VAE Encode (Tiled)"))
         raise TiledFallbackError(
             f"jetdet deterministic VAE {verb}: ComfyUI ran out of memory and would retry with tiled {verb}, whose "
             f"tiles change the pixels (they would then depend on the free memory), so jetdet stops instead. Free "
             f"memory or pass fewer items at once and run it again; ComfyUI's {tiled_node} node tiles on purpose, "
             "with tile settings you choose.")
 
-    own = vars(vae)
-    saved = {n: own[n] for n in _TILED if n in own}
-    try:
-        for n in _TILED:
-            if hasattr(vae, n):
-                setattr(vae, n, _per_thread(getattr(vae, n), refuse))
-        yield
-    finally:
-        for n in _TILED:
-            own.pop(n, None)
-        own.update(saved)
+    return refuse
 
 
 def vae_sdpa(q, k, v):
@@ -75,7 +70,7 @@ def vae_sdpa(q, k, v):
     channels) without its out-of-memory retry. That retry runs ``slice_attention``, whose slices follow the free
     memory and which on a GPU rounds differently from jetdet's attention, so a decode that ran out of memory inside
     attention would have returned pixels that depend on the free memory, with only a log line. Here the error goes
-    up to ComfyUI's VAE call, whose tiled retry jetdet refuses by name (:func:`_no_tiled_fallback`)."""
+    up to ComfyUI's VAE call, whose tiled retry jetdet refuses by name (:func:`_swapped`)."""
     import comfy.ops
     import torch.nn.functional as F
 
@@ -91,26 +86,69 @@ def _vae_sdpa_call(q, k, v, *args, **kwargs):
     return vae_sdpa(q, k, v)
 
 
-@contextlib.contextmanager
-def _blocks_on_sdpa(vae):
-    """Each attention block of the VAE built by ComfyUI's ``diffusionmodules.model`` (SD/SDXL/SD3/Flux-type VAEs) on
-    :func:`vae_sdpa` while the call runs; the blocks' own bindings are put back afterwards."""
-    from comfy.ldm.modules.diffusionmodules import model as dm
+_swaps_lock = threading.Lock()
+_swaps: dict = {}  # id(vae) -> [vae, calls now open on any thread, what to put back]: the VAEs swapped now
 
-    swapped = []
+
+@contextlib.contextmanager
+def _swapped(vae, verb: str, tiled_node: str):
+    """For the call, on threads in deterministic calls, each attention block of the VAE built by ComfyUI's
+    ``diffusionmodules.model`` (SD/SDXL/SD3/Flux-type VAEs) on :func:`vae_sdpa`, and the VAE's tiled methods refused
+    (with ``verb`` and ``tiled_node`` in the error on this thread); on another thread using the same VAE meanwhile
+    (no mode, fast mode) ComfyUI's own. The swap is the VAE's while any thread's deterministic call of it runs: made
+    by the first, put back by the last (each call put back what it saw, so a second thread's call on the same VAE lost
+    vae_sdpa and the refusal when the first returned, and left the first's stand-ins on the VAE for good), and only
+    where the VAE still holds jetdet's stand-in."""
+    with _swaps_lock:
+        entry = _swaps.get(id(vae))
+        if entry is None:
+            undo = []
+            try:
+                _swap_vae(vae, undo)
+            except BaseException:
+                _put_back(undo)
+                raise
+            entry = _swaps[id(vae)] = [vae, 0, undo]
+        entry[1] += 1
+    what = _call.what = getattr(_call, "what", None) or []
+    what.append((verb, tiled_node))
     try:
-        for m in vae.first_stage_model.modules():
-            f = vars(m).get("optimized_attention")
-            if (callable(f) and getattr(f, "_jetdet_own", None) is None
-                    and getattr(f, "__module__", None) == dm.__name__):
-                swapped.append((m, f))
-                # vae_sdpa on a thread in a deterministic call; another thread decoding with the same VAE meanwhile
-                # keeps ComfyUI's attention
-                m.optimized_attention = _per_thread(f, _vae_sdpa_call)
         yield
     finally:
-        for m, f in reversed(swapped):
-            m.optimized_attention = f
+        what.pop()
+        with _swaps_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _swaps[id(vae)]
+                _put_back(entry[2])
+
+
+def _swap_vae(vae, undo: list) -> None:
+    from comfy.ldm.modules.diffusionmodules import model as dm
+
+    for m in vae.first_stage_model.modules():
+        f = vars(m).get("optimized_attention")
+        if callable(f) and getattr(f, "_jetdet_own", None) is None and getattr(f, "__module__", None) == dm.__name__:
+            new = _per_thread(f, _vae_sdpa_call)
+            undo.append((m, "optimized_attention", f, new))
+            m.optimized_attention = new
+    own = vars(vae)
+    for n in _TILED:
+        if hasattr(vae, n):
+            new = _per_thread(getattr(vae, n), _refuse(n))
+            undo.append((vae, n, own.get(n, _ABSENT), new))
+            setattr(vae, n, new)
+
+
+def _put_back(undo: list) -> None:
+    while undo:
+        obj, name, old, new = undo.pop()
+        if vars(obj).get(name, _ABSENT) is not new:
+            continue  # set by someone else meanwhile: theirs
+        if old is _ABSENT:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, old)
 
 
 @contextlib.contextmanager
@@ -118,8 +156,7 @@ def _deterministic(vae, verb: str, tiled_node: str, warn_only: bool):
     import jetdet
 
     check_vae(vae)
-    with (jetdet.mode("deterministic", warn_only=warn_only), sdpa_attention(), _blocks_on_sdpa(vae),
-          _no_tiled_fallback(vae, verb, tiled_node)):
+    with jetdet.mode("deterministic", warn_only=warn_only), sdpa_attention(), _swapped(vae, verb, tiled_node):
         yield
 
 

@@ -174,6 +174,45 @@ def test_another_thread_using_the_vae_meanwhile_keeps_comfyuis_attention_and_til
             vae.decode_tiled_(None)
 
 
+def test_two_threads_deterministic_calls_on_one_vae_each_keep_the_swap_to_their_end(vae, monkeypatch):
+    """Two deterministic calls on the same VAE from two threads (two prompts), the first returning while the second
+    runs: each call put back what it had seen, so the second lost vae_sdpa and the refusal of the tiled retry as the
+    first returned (ComfyUI's attention and its tiled decode, silently), and the first's stand-ins stayed on the VAE
+    for good (a review: no vae_sdpa call, "tiled", six tiled methods left). Now the swap lasts until the last call
+    returns, the refusal names the second's own call, and nothing stays."""
+    import threading
+
+    calls = []
+    orig = dvae.vae_sdpa
+    monkeypatch.setattr(dvae, "vae_sdpa", lambda q, k, v: calls.append(1) or orig(q, k, v))
+    monkeypatch.setattr(type(vae), "encode_tiled_", lambda self, *a, **k: "tiled")
+    before = _state(vae)
+    block = next(m for m in vae.first_stage_model.modules() if "optimized_attention" in vars(m))
+    q, k, v = torch.randn(3, 1, 8, 4, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
+    a_in, a_out, out = threading.Event(), threading.Event(), {}
+
+    def first():
+        with dvae._deterministic(vae, "decoding", "VAE Decode (Tiled)", False):
+            a_in.set()
+            a_out.wait(60)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert a_in.wait(60)
+    with dvae._deterministic(vae, "encoding", "VAE Encode (Tiled)", False):
+        a_out.set()
+        t.join(60)
+        with torch.no_grad():
+            block.optimized_attention(q, k, v)
+        try:
+            out["tiled"] = vae.encode_tiled_(None)
+        except dvae.TiledFallbackError as e:
+            out["tiled"] = str(e)
+    assert calls == [1]
+    assert "tiled encoding" in out["tiled"] and "VAE Encode (Tiled)" in out["tiled"]
+    assert _state(vae) == before
+
+
 @pytest.mark.parametrize("build,latent,frames", [
     ("hunyuan_video_vae", (3, 16, 2, 4, 4), 5),  # conv3d and the mid block's attention: it crashed before
     ("wan21_vae", (3, 16, 2, 4, 4), 5),          # causal conv3d and F.normalize RMS norms
