@@ -1809,6 +1809,9 @@ def route_op(func, handler=None, *, unrouted: str | None = None) -> None:
     if (handler is None) == (unrouted is None):
         raise TypeError("route_op: give exactly one of a handler and an unrouted reason")
     _HANDLERS[func] = handler if handler is not None else _h_unrouted(unrouted)
+    global _PY_OPERATORS
+    if getattr(func, "__module__", None) == "torch._tensor" and not any(f is func for f in _PY_OPERATORS):
+        _PY_OPERATORS += (func,)  # (``1 - x`` under torch.compile crashed once Tensor.__rsub__ was routed here)
 
 
 def routed(func, *args, **kwargs):

@@ -314,3 +314,27 @@ def test_tensor_power_operators_compile_in_the_mode(expr):
         full = compiled(x)
         assert [torch.equal(compiled(x[i:i + 1])[0], full[i]) for i in range(4)] == [True] * 4
     torch.testing.assert_close(full, f(x))
+
+
+def test_a_python_tensor_operator_routed_with_route_op_compiles_in_the_mode():
+    """An operator torch defines in Python (``Tensor.__rsub__``) routed through ``route_op`` after import was missing
+    from the router's identity lookup for traced code, so ``1 - x`` under torch.compile crashed Dynamo as ``**`` did
+    ("Guard failed on the same frame it was created", a review). Now it runs through its handler."""
+    from jetdet.mode import _HANDLERS, route_op
+
+    seen = []
+
+    def rsub(func, args, kwargs):
+        seen.append(1)
+        return torch.sub(args[1], args[0])
+
+    x = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    route_op(torch.Tensor.__rsub__, rsub)
+    try:
+        torch._dynamo.reset()
+        with jetdet.mode("deterministic"), torch.no_grad():
+            out = torch.compile(lambda t: 1.0 - t, backend="aot_eager")(x)
+    finally:
+        del _HANDLERS[torch.Tensor.__rsub__]
+        torch._dynamo.reset()
+    assert seen and torch.equal(out, 1.0 - x)
