@@ -809,3 +809,28 @@ def test_render_in_a_group_the_user_made_without_master_variables(tmp_path, monk
         assert r.complete and r.world_size == 1 and dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("redirect", ["2>&-", "2</dev/null"])
+@pytest.mark.parametrize("args,code", [
+    (["--count", "2", "--steps", "1", "--threads", "1"], 0),  # progress line, plan and summary on
+    (["--count", "2", "--steps", "0", "--threads", "1"], 2),  # bad input: the error line has nowhere to go
+])
+def test_a_job_started_with_stderr_closed_runs_and_keeps_its_exit_status(tmp_path, args, code, redirect):
+    """A job started with stderr closed (``2>&-``, a daemon: Python's sys.stderr is None) or not writable (fd 2 open
+    for reading, as a launcher can leave it): the plan line's write raised (AttributeError, EBADF) before the first
+    item, so the job stopped with nothing rendered (exit 1, the second time as if a write of its own had failed), and
+    a bad argument's error line raised EBADF too (exit 1, not 2) (a review). Now a line that cannot be shown is
+    dropped: the job renders, and the exit status says what happened."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "job"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    shell = f'exec "$0" -m jetdet.render run --out "$1" {" ".join(args)} {redirect}'
+    p = subprocess.run(["/bin/sh", "-c", shell, sys.executable, str(out)], env=env, stdout=subprocess.PIPE, text=True,
+                       timeout=300)
+    assert p.returncode == code, p.stdout
+    if code == 0:
+        assert len(manifest(out)["items"]) == 2

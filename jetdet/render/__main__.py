@@ -108,6 +108,8 @@ def _is_rank0() -> bool:
 
 
 def main(argv=None) -> int:
+    from .run import say  # (a line stderr cannot take is dropped: the exit status still says what happened)
+
     a = _parser().parse_args(argv)
     try:
         if a.command == "verify":
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
             try:
                 report = verify(a.out, against=a.against)
             except ManifestDamaged as e:  # something wrong in the folder, as a bad item file is
-                print(f"jetdet.render: verify: {e}", file=sys.stderr)
+                say(f"jetdet.render: verify: {e}\n")
                 return 1
             try:
                 print("\n".join(report.lines()))
@@ -148,26 +150,26 @@ def main(argv=None) -> int:
             render(load_spec(base, **overrides), a.out, force=a.force, progress=not a.no_progress,
                    threads=a.threads, manifest_every_s=a.manifest_every, join_timeout_s=a.join_timeout)
         except WorkerLost as e:  # gloo's traceback says no more than this line (another worker's output says why)
-            print(f"jetdet.render: error: {e}", file=sys.stderr)
+            say(f"jetdet.render: error: {e}\n")
             return 1
         except OSError as e:  # the job stopped on a write (a full disk, a quota): one line, on the rank that hit it
             rank = f"rank {os.environ['RANK']}: " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
             where = f" ({e.filename})" if e.filename else ""
-            print(f"jetdet.render: error: {rank}{e.strerror or e}{where}; the job stopped. The items listed in the "
-                  "manifest are kept: the same command resumes the job", file=sys.stderr)
+            say(f"jetdet.render: error: {rank}{e.strerror or e}{where}; the job stopped. The items listed in the "
+                "manifest are kept: the same command resumes the job\n")
             return 1
         finally:
             signal.signal(signal.SIGTERM, previous)
         return 0
     except RenderError as e:
         if _is_rank0() or getattr(e, "every_rank", False):  # the group's errors are every rank's: say them once
-            print(f"jetdet.render: error: {e}", file=sys.stderr)
+            say(f"jetdet.render: error: {e}\n")
         return 2
     except KeyboardInterrupt as e:
         if _is_rank0():
             how = "terminated" if isinstance(e, _Terminated) else "interrupted"
-            print(f"jetdet.render: {how}; the items finished are listed in the manifest, and the same command "
-                  "resumes the job", file=sys.stderr)
+            say(f"jetdet.render: {how}; the items finished are listed in the manifest, and the same command resumes "
+                "the job\n")
         return 143 if isinstance(e, _Terminated) else 130
 
 

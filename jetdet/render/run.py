@@ -234,7 +234,8 @@ class _C10dTraces:
             return self
         r = w = None
         try:
-            sys.stderr.flush()
+            if sys.stderr is not None:  # (None: Python started with fd 2 closed, which the dup below finds)
+                sys.stderr.flush()
             # fd 2 first: with fd 2 closed, os.pipe() would return it as the read end, then fd 2 became the pipe's
             # write end with no reader (a write past the pipe's 64 KiB blocked for good); now a closed fd 2 is left
             self._saved = os.dup(2)
@@ -356,9 +357,8 @@ def _join_held(rank: int, world: int, addr: str, port: int, timeout_s: float):
     def note(msg: str) -> None:
         nonlocal next_note
         if time.monotonic() >= next_note:
-            sys.stderr.write(f"jetdet.render: rank {rank} of {world}: {msg} ({time.monotonic() - t0:.0f} s of "
-                             f"{timeout_s:g}; --join-timeout sets the limit)\n")
-            sys.stderr.flush()
+            say(f"jetdet.render: rank {rank} of {world}: {msg} ({time.monotonic() - t0:.0f} s of {timeout_s:g}; "
+                "--join-timeout sets the limit)\n")
             next_note = time.monotonic() + 30.0
 
     store_timeout = datetime.timedelta(minutes=30)  # the store's own operations (gloo's connect, collectives)
@@ -501,6 +501,37 @@ def _reaches_here(info, port: int, timeout_s: float) -> bool:
             return True
         except OSError:
             return False
+
+
+def say(text: str) -> None:
+    """``text`` on stderr, where it can be shown. With stderr closed (``2>&-``, a daemon: ``sys.stderr`` is None) or
+    not writable (fd 2 open for reading), a write raised before the first item and stopped the job, as if a write of
+    its own (an item, the manifest) had failed; a line that cannot be shown is dropped instead."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def stderr_usable() -> bool:
+    """Whether stderr takes writes: False where it is None, closed, or its fd is gone or open for reading only."""
+    import io
+
+    try:
+        fd = sys.stderr.fileno()
+    except io.UnsupportedOperation:  # no fd of its own (a capture, a StringIO): it takes writes
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+    try:
+        import fcntl
+
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except ImportError:  # Windows: no fcntl
+        return True
+    except OSError:
+        return False
 
 
 def _quietly(fn) -> None:
@@ -796,14 +827,14 @@ class _PlainProgress:
         if not self.disable and (now - self.last >= 1.0 or self.n >= self.total):
             self.last = now
             rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
-            sys.stderr.write(f"render: {self.n}/{self.total} items, {rate:.2f} items/s\n")
-            sys.stderr.flush()
+            say(f"render: {self.n}/{self.total} items, {rate:.2f} items/s\n")
 
     def close(self) -> None:
         pass
 
 
 def _progress(total: int, initial: int, disable: bool):
+    disable = disable or not stderr_usable()  # (tqdm raised on a closed fd 2, stopping the job)
     try:
         from tqdm import tqdm
     except ImportError:
@@ -1022,14 +1053,11 @@ def _log_plan(out: Path, total: int, plan: dict) -> None:
         lines.append(f"render: removed {plan['temp_removed']} temp file(s) left by an interrupted run")
     if plan.get("mixed"):
         lines.append(f"render: warning: {plan['mixed']}")
-    sys.stderr.write("\n".join(lines) + "\n")
-    sys.stderr.flush()
+    say("\n".join(lines) + "\n")
 
 
 def _log_summary(r: RenderResult) -> None:
     rate = f"{r.items_per_s:.3f} items/s" if r.rendered else "nothing to render"
-    sys.stderr.write(
-        f"render: done: {r.kept + r.rendered}/{r.total} items in {r.out}; this run rendered {r.rendered} in "
+    say(f"render: done: {r.kept + r.rendered}/{r.total} items in {r.out}; this run rendered {r.rendered} in "
         f"{r.seconds:.2f} s: {rate} ({r.world_size} worker(s), batch {r.batch_size}; sampling and writing only, "
         "process start and model load not counted)\n")
-    sys.stderr.flush()
