@@ -1425,14 +1425,36 @@ class JetDetShapesModelLoader(io.ComfyNode):
                         "ComfyUI's own model detection. The same file also loads with Load Diffusion Model.",
             inputs=[io.String.Input("path", default="", optional=True,
                                     tooltip="Another weights file of the same model, e.g. from "
-                                            "bench/train_comfy_native.py (empty: the one shipped with jetdet); "
+                                            "bench/train_comfy_native.py (empty: the one shipped with jetdet): "
+                                            "absolute, or a name in ComfyUI's models/diffusion_models folder; "
                                             "checked to be this architecture before it is loaded.")],
             outputs=[io.Model.Output(tooltip="The shapes model (ComfyUI detects it as SD3).")],
         )
 
     @classmethod
     def execute(cls, path=""):
-        return io.NodeOutput(sm.load_model(path.strip() or None))
+        return io.NodeOutput(sm.load_model(_shapes_model_path(path)))
+
+
+def _shapes_model_path(path: str):
+    """The loader's ``path`` as a file to open (None: the shipped one). A relative path that exists from the
+    process's folder is taken as before; otherwise it is looked up in ComfyUI's ``diffusion_models`` folders, where
+    the README copies the file for Load Diffusion Model (a user trial typed that name and got "no shapes model at
+    <the name>": it had been looked for only relative to the folder the server was started in). Found nowhere: an
+    error naming each absolute place tried."""
+    p = os.path.expanduser(path.strip())
+    if not p or os.path.isabs(p) or os.path.exists(p):
+        return p or None
+    import folder_paths
+
+    found = folder_paths.get_full_path("diffusion_models", p)
+    if found:
+        return found
+    name = os.path.relpath(os.path.join("/", p), "/")  # as get_full_path joins it
+    tried = [os.path.join(d, name) for d in folder_paths.get_folder_paths("diffusion_models")] + [os.path.abspath(p)]
+    raise FileNotFoundError(f"path: no shapes model {p!r}: not at " + ", ".join(tried)
+                            + " (a name in ComfyUI's models/diffusion_models folder, or an absolute path; empty: the "
+                              "one jetdet ships; train another with bench/train_comfy_native.py)")
 
 
 class JetDetClassConditioning(io.ComfyNode):

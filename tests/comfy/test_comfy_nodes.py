@@ -645,6 +645,40 @@ def test_files_of_the_wrong_kind_are_clear_errors_naming_the_input(comfy_dir, tm
         N.JetDetShapesModelLoader.execute(str(tmp_path))
 
 
+def test_shapes_loader_finds_a_relative_path_in_diffusion_models_and_names_where_it_looked(comfy_dir, tmp_path,
+                                                                                          monkeypatch):
+    """A user trial over the HTTP server: the README has the shapes model copied into ``models/diffusion_models/``
+    for Load Diffusion Model; its name typed into the loader's ``path`` was looked up relative to the folder the
+    server process was started in (invisible in the page), and the error repeated the name as typed: "path: no
+    shapes model at comfy_shapes_sd3.safetensors"."""
+    import shutil
+
+    import folder_paths
+
+    models = tmp_path / "diffusion_models"
+    (models / "sub").mkdir(parents=True)
+    shutil.copy(sm.MODEL_FILE, models / "sub" / "shapes_copy.safetensors")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(models)], {".safetensors"}))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # a name in ComfyUI's diffusion_models folder loads, as Load Diffusion Model lists it (sub/...)
+    model = N.JetDetShapesModelLoader.execute("sub/shapes_copy.safetensors").args[0]
+    assert type(model.model).__name__ == "SD3"
+    # a relative path that exists from the process's folder keeps loading as before
+    shutil.copy(sm.MODEL_FILE, elsewhere / "here.safetensors")
+    assert type(N.JetDetShapesModelLoader.execute("here.safetensors").args[0].model).__name__ == "SD3"
+    # found nowhere: the error names every absolute place it looked
+    with pytest.raises(FileNotFoundError) as e:
+        N.JetDetShapesModelLoader.execute("missing.safetensors")
+    msg = str(e.value)
+    assert msg.startswith("path: no shapes model 'missing.safetensors'"), msg
+    assert str(models / "missing.safetensors") in msg and str(elsewhere / "missing.safetensors") in msg, msg
+    # an absolute path is taken as it is
+    with pytest.raises(FileNotFoundError, match=f"^path: no shapes model at {tmp_path / 'nope.safetensors'} "):
+        N.JetDetShapesModelLoader.execute(str(tmp_path / "nope.safetensors"))
+
+
 def test_the_empty_latents_downscale_ratio_reaches_comfyui_and_leaves_the_output(shapes_patcher, shapes_conds,
                                                                                   monkeypatch):
     """Newer ComfyUI (a trial on 0.33): "Empty Latent Image" puts ``downscale_ratio_spacial`` in its LATENT and
