@@ -18,6 +18,7 @@ branch of the graph that uses the original MODEL samples exactly as if jetdet we
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -86,8 +87,47 @@ class DeterministicWrapper:
         self.calls += 1
         _check_full_load(getattr(executor, "class_obj", None))
         args, kwargs = _without_attention_override(args, kwargs)
-        with jetdet.mode("deterministic", warn_only=self.warn_only), sdpa_attention():
-            return executor(*args, **kwargs)
+        with _conditioning_named(getattr(executor, "class_obj", None), args, kwargs):
+            with jetdet.mode("deterministic", warn_only=self.warn_only), sdpa_attention():
+                return executor(*args, **kwargs)
+
+
+def text_width(base_model) -> int | None:
+    """The width of the text tokens (``c_crossattn``'s last dim) a ComfyUI model takes, where it says: the MMDiT's
+    ``context_embedder`` (SD3), else its config's ``context_dim`` (SD1.5/SDXL UNets), ``context_in_dim`` (Flux) or
+    ``text_dim`` (Wan); None where none is found."""
+    lin = getattr(getattr(base_model, "diffusion_model", None), "context_embedder", None)
+    n = getattr(lin, "in_features", None)
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    cfg = getattr(getattr(base_model, "model_config", None), "unet_config", None)
+    for key in ("context_dim", "context_in_dim", "text_dim"):
+        n = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+    return None
+
+
+@contextlib.contextmanager
+def _conditioning_named(base_model, args: tuple, kwargs: dict):
+    """A deterministic model call that fails on text tokens whose width is not the model's (a text encoder of
+    another model family) raises an error naming the conditionings and both widths, chained from the model's own.
+    A user trial over the HTTP server got jetdet's linear's own check instead, "weight: expected shape (N, 24) to
+    match input's last dim, got (128, 16)", which the page shows as if it named an input of the node. Nothing is
+    refused before the call: any other failure, and one with tokens of the model's width, is raised as it is."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        ctx = kwargs.get("c_crossattn", args[3] if len(args) > 3 else None)
+        want = text_width(base_model)
+        if not isinstance(ctx, torch.Tensor) or ctx.dim() < 2 or want is None or ctx.shape[-1] == want:
+            raise
+        raise ValueError(
+            f"positive, negative: the conditioning's text tokens are {ctx.shape[-1]} wide (shape "
+            f"{tuple(ctx.shape)} for this model call), but the model takes {want}: the conditioning comes from "
+            "the text encoder of another model family (SD1.5: 768, SD2: 1024, SDXL: 2048, SD3, Flux, Wan: 4096); "
+            "connect the conditioning of this model's own text encoder (the model's own error: "
+            f"{type(e).__name__}: {str(e)[:200]})") from e
 
 
 _warned_partial_load = [False]

@@ -679,6 +679,37 @@ def test_shapes_loader_finds_a_relative_path_in_diffusion_models_and_names_where
         N.JetDetShapesModelLoader.execute(str(tmp_path / "nope.safetensors"))
 
 
+def test_a_conditioning_of_another_width_is_an_error_naming_the_conditionings(shapes_patcher, shapes_conds):
+    """A user trial over the HTTP server: a conditioning whose tokens are wider than the model's text input (a text
+    encoder of another model family; here 24 wide into the shapes model's 16) stopped the Deterministic Sampler with
+    jetdet's linear's own check, "weight: expected shape (N, 24) to match input's last dim, got (128, 16)", read in
+    the page as the name of an input the node does not have (ComfyUI's KSampler: "mat1 and mat2 shapes cannot be
+    multiplied"). Now the error names the conditionings and both widths, chained from the model's own."""
+    import comfy.sample
+
+    from jetdet.comfy import wrappers as wr
+
+    pos, neg = shapes_conds
+    wide = [[torch.randn(1, 1, 24), dict(pos[0][1])]]
+    for p_, n_ in ((wide, neg), (pos, [[torch.zeros(1, 1, 24), dict(neg[0][1])]])):
+        with pytest.raises(ValueError) as e:
+            det_sample(shapes_patcher, p_, n_, 1, steps=1)
+        msg = str(e.value)
+        assert msg.startswith("positive, negative: the conditioning's text tokens are 24 wide"), msg
+        assert "the model takes 16" in msg and "weight: expected shape (N, 24)" in msg, msg
+        assert e.value.__cause__ is not None
+    # ComfyUI's own KSampler with a model in deterministic mode: the same error
+    det = wr.with_deterministic(shapes_patcher)
+    lat = empty_latent(1)["samples"]
+    with pytest.raises(ValueError, match="^positive, negative: the conditioning's text tokens are 24 wide"):
+        comfy.sample.sample(det, torch.zeros_like(lat), 1, 4.0, "euler", "simple", wide, neg, lat)
+    # the conditionings of the model's width: another error in the model is left as it is
+    with pytest.raises(Exception) as e:
+        comfy.sample.sample(det, torch.zeros(1, 3, 32, 32), 1, 4.0, "euler", "simple", pos, neg,
+                            torch.zeros(1, 3, 32, 32))
+    assert "conditioning's text tokens" not in str(e.value), e.value
+
+
 def test_the_empty_latents_downscale_ratio_reaches_comfyui_and_leaves_the_output(shapes_patcher, shapes_conds,
                                                                                   monkeypatch):
     """Newer ComfyUI (a trial on 0.33): "Empty Latent Image" puts ``downscale_ratio_spacial`` in its LATENT and
