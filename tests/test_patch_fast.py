@@ -175,3 +175,25 @@ def test_hidream_llama_features_are_sliced_on_their_batch_dim():
                 encoder_hidden_states_llama3=extra["encoder_hidden_states_llama3"][:, 1:],
                 pooled_embeds=extra["pooled_embeds"][1:], return_dict=False)
     assert torch.equal(out[0][1], ref[0][0])
+
+
+def test_a_model_on_the_meta_device_passes_through_and_keeps_the_cache():
+    """A meta call (shape inference: a model built under ``torch.device("meta")`` or accelerate's
+    ``init_empty_weights``) has no values to decide on: it runs as the model, untouched by the step cache, and the
+    same patch then caches the model once its weights are loaded. Before, it stopped inside the controller with
+    torch's "Cannot copy out of meta tensor; no data!" (a user trial)."""
+    torch.manual_seed(0)
+    real = TinyDiT().eval()
+    with torch.device("meta"):
+        meta = TinyDiT().eval()
+    x, t, y = make_toy_inputs(3)
+    with jetdet.patch(meta, mode="fast", budget=0.5) as h:
+        with torch.no_grad():
+            out = meta(x.to("meta"), t.to("meta"), y.to("meta"))
+        assert out.is_meta and out.shape == x.shape
+        assert h.stats()["cache"]["calls"] == 0  # not seen by the cache
+        meta.load_state_dict(real.state_dict(), assign=True)
+        got = _euler(meta, x, y, steps=20)
+        assert h.stats()["cache"]["rows_saved"] > 0
+    assert torch.equal(_euler(meta, x, y, steps=20), _euler(real, x, y, steps=20))
+    assert not torch.equal(got, _euler(real, x, y, steps=20))

@@ -673,6 +673,9 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         if this is not model:  # a copy.deepcopy of the model: the cache is the original's
             _warn_fast_copy(model)
             return inner(*args, **kwargs)
+        if any(isinstance(v, torch.Tensor) and v.is_meta for v in (*args, *kwargs.values())):
+            # a meta call (shape inference) has no values to decide on: the model's own, the cache untouched
+            return inner(*args, **kwargs)
         if pipe is not None and pipe.scheduler is not cur[0]:
             new = pipe.scheduler  # replaced since (pipe.scheduler = X.from_config(...))
             cur[0], cur[1] = new, new is None or not _same_rules(configured, new)
