@@ -484,6 +484,36 @@ def test_a_swap_between_schedulers_with_the_same_rules_keeps_the_cache(flow, fir
         assert st["calls"] == 20 and st["calls_saved"] > 0, st
 
 
+
+@pytest.mark.parametrize("then,says", [("PNDMScheduler", "4th-order multistep formula"),
+                                       ("DDIMParallelScheduler", "not been measured with DDIMParallelScheduler")])
+def test_a_swap_to_a_scheduler_patching_warns_about_warns_too(flow, then, says):
+    """``scheduler=pipe`` follows a swap to a scheduler with the same rules, so it caches with it: a scheduler that
+    ``jetdet.patch`` warns about (PNDM's multistep formula amplifies a forecast's error; an unmeasured one) gets the
+    same warning, once, when the pipeline first samples with it. Before, only a patch made with it warned, and a swap
+    from Euler to PNDM cached silently (a user trial)."""
+    diffusers = pytest.importorskip("diffusers")
+    from jetdet.models.vp import SD_SCHEDULE
+    from jetdet.patch import _warned_unmapped
+
+    vp = VPModel(flow, sd_alphas_cumprod(), "epsilon")
+    noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    pipe = _LoopPipe(vp, diffusers.EulerDiscreteScheduler(**SD_SCHEDULE))
+    _warned_unmapped.difference_update({then, then + ":unmeasured"})
+    with jetdet.patch(vp, mode="fast", scheduler=pipe, budget=0.2) as h:
+        pipe.scheduler = getattr(diffusers, then).from_config(pipe.scheduler.config)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            pipe(noise * pipe.scheduler.init_noise_sigma)
+        mine = [x for x in w if says in str(x.message)]
+        assert len(mine) == 1 and mine[0].filename == __file__, [str(x.message) for x in w]
+        assert h.stats()["cache"]["calls_saved"] > 0  # still cached: the same rules
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            pipe.scheduler = getattr(diffusers, then).from_config(pipe.scheduler.config)
+            pipe(noise * pipe.scheduler.init_noise_sigma)
+        assert not [x for x in w if says in str(x.message)]  # once
+
 def _unet_channels(cin, cout):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)

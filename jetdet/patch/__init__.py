@@ -617,20 +617,13 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
         _warn_once(name, f"{name} is patched without scheduler=; its output (for SD1.5/SDXL/SD2, the noise or v "
                    "prediction) is forecast as it is, which keeps far less quality at the same budget. Pass "
                    "scheduler=pipe.scheduler (or prediction='flow' if the model is a flow-matching one)")
-    if scheduler is not None and sname not in (pred_map.MEASURED | pred_map.MULTISTEP_WARN | pred_map.RENOISE):
-        _warn_once(sname + ":unmeasured", f"fast mode has not been measured with {sname}: the error budget bounds "
-                   "each forecast, not the image, and how a scheduler's formula carries a forecast's error differs "
-                   "(README 'eps and v models in diffusers'). Compare a few images with mode off (jetdet.match), "
-                   "or use quality='high'")
+    if scheduler is not None:
+        _warn_scheduler(sname, "unmeasured")
     if noisy is not None:
         _warn_once(sname + ":noisy", f"{sname} adds new noise to the latent at every step, which a forecast of the "
                    f"model output cannot follow, so fast mode will compute nearly every call; it forecasts the "
                    f"denoised image instead where it can, not here: {noisy}")
-    if sname in pred_map.MULTISTEP_WARN:
-        _warn_once(sname, f"{sname} reuses each model output in the next steps' 4th-order multistep formula, and the "
-                   "budget does not bound the result (measured at the default quality: PNDM one image at 20.8 dB, "
-                   "LMS 23.6 dB mean; README 'eps and v models in diffusers'); use Euler, DPM++ 2M, DDIM or UniPC "
-                   "with fast mode")
+    _warn_scheduler(sname, "multistep")
     split, reason = find_blocks(model, blocks, head_blocks, tail_blocks)
     adapter.param = param
     handle.adapter, handle._threads = adapter, threads
@@ -685,6 +678,9 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
                               f"output map or noise differs from the {type(configured).__name__} the patch was "
                               "made for; the model runs every call as it is (no step cache) while it is, or until "
                               "the model is patched again with it", stacklevel=_user_stacklevel())
+            elif not cur[1]:  # cached with it: what a patch made with it would have said
+                for what in ("unmeasured", "multistep"):
+                    _warn_scheduler(type(new).__name__, what, stacklevel=None)
         if cur[1]:
             with handle._lock_bypassed:
                 handle._bypassed += 1
@@ -722,12 +718,32 @@ _warned_copies: set = set()
 _warned_unmapped: set = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def _warn_once(key: str, message: str, stacklevel: int | None = 4) -> None:
     """A fast-mode patch warning about the model or its scheduler, once per ``key`` (a class name) per process; called
-    from :func:`_patch_fast`, so it points at the caller of :func:`patch`."""
+    from :func:`_patch_fast`, so it points at the caller of :func:`patch` (``stacklevel=None``: at the first caller
+    outside jetdet, torch and diffusers, for a warning issued while the patched model runs)."""
     if key not in _warned_unmapped:
         _warned_unmapped.add(key)
-        warnings.warn(f"jetdet.patch(mode='fast'): {message}", stacklevel=4)
+        warnings.warn(f"jetdet.patch(mode='fast'): {message}",
+                      stacklevel=_user_stacklevel() if stacklevel is None else stacklevel)
+
+
+def _warn_scheduler(sname: str, what: str, stacklevel: int | None = 5) -> None:
+    """The once-per-process warnings about a diffusers scheduler the step cache runs with: ``what="unmeasured"``, one
+    fast mode has not been measured with; ``"multistep"``, PNDM-type formulas. Given at :func:`patch`, and for a
+    scheduler a ``scheduler=pipe`` patch follows to, when the pipeline first samples with it."""
+    from . import prediction as pred_map
+
+    if what == "unmeasured" and sname not in (pred_map.MEASURED | pred_map.MULTISTEP_WARN | pred_map.RENOISE):
+        _warn_once(sname + ":unmeasured", f"fast mode has not been measured with {sname}: the error budget bounds "
+                   "each forecast, not the image, and how a scheduler's formula carries a forecast's error differs "
+                   "(README 'eps and v models in diffusers'). Compare a few images with mode off (jetdet.match), "
+                   "or use quality='high'", stacklevel)
+    if what == "multistep" and sname in pred_map.MULTISTEP_WARN:
+        _warn_once(sname, f"{sname} reuses each model output in the next steps' 4th-order multistep formula, and the "
+                   "budget does not bound the result (measured at the default quality: PNDM one image at 20.8 dB, "
+                   "LMS 23.6 dB mean; README 'eps and v models in diffusers'); use Euler, DPM++ 2M, DDIM or UniPC "
+                   "with fast mode", stacklevel)
 
 
 def _warn_compiled_fast(model: nn.Module) -> None:
