@@ -69,12 +69,15 @@ class _Frame:
     ``contextvars.copy_context().run``) starts ``off``, as every new thread does, and its own ``mode(...)`` works
     there. ``parent`` is rewritten when a context exits out of order (:meth:`mode.__exit__`). ``ctx``: made by a
     ``mode`` context (else by :func:`set_mode`, whose frame a later ``set_mode`` replaces and a context's exit
-    discards, as a ``ContextVar`` reset would)."""
+    discards, as a ``ContextVar`` reset would). ``closed``: its context has exited (with the frames it discarded); an
+    asyncio task created inside the block still holds it in its copied context, and reads through it to the first
+    open frame below (:func:`_open`), since the router and torch's flags it stood for are gone."""
 
-    __slots__ = ("mode", "thread", "parent", "warn_only", "ctx")
+    __slots__ = ("mode", "thread", "parent", "warn_only", "ctx", "closed")
 
     def __init__(self, m: Mode, thread: object, parent: _Frame | None, warn_only: bool = False, ctx: bool = False):
         self.mode, self.thread, self.parent, self.warn_only, self.ctx = m, thread, parent, warn_only, ctx
+        self.closed = False
 
 
 _ROOT = _Frame(Mode.OFF, None, None)
@@ -91,8 +94,17 @@ def _me() -> object:
     return me
 
 
+def _open(frame: _Frame) -> _Frame:
+    """``frame``, or the first frame below it whose context has not exited (see ``_Frame.closed``)."""
+    while frame.closed:
+        frame = frame.parent
+    return frame
+
+
 def _effective(frame: _Frame) -> Mode:
-    """``frame``'s mode on the calling thread: its own, on the thread that set it; ``off`` on any other."""
+    """``frame``'s mode on the calling thread: its own, on the thread that set it; ``off`` on any other (and that of
+    the first open frame below it, for a frame whose context has exited)."""
+    frame = _open(frame)
     return frame.mode if frame.thread is _me() else Mode.OFF
 _lock = threading.Lock()
 _global_users = 0
@@ -329,7 +341,7 @@ def _switch(new: Mode, warn_only: bool, ctx: bool) -> tuple[_Frame, Mode]:
     """Make ``new`` the current context's mode on this thread (``ctx``: for a ``mode`` context, else for
     :func:`set_mode`): the router and torch's flags follow, and a new frame goes on the chain. Returns the frame
     and the mode it replaced."""
-    cur = _current.get()
+    cur = _open(_current.get())  # a task that outlived the block it was created in: the mode below that block
     old = _effective(cur)
     if new is Mode.FAST:
         _warn_once("fast context", "mode 'fast' changes nothing by itself: models run as in mode 'off' (and a "
@@ -379,15 +391,20 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
         # (``DET = jetdet.mode(...)`` shared like ``torch.no_grad()``), so not simply the last one it entered
         f, lowest_open = cur, None  # walk down to that frame; the open context nearest above it, if any
         while f is not None and not any(f is mine for mine in self._frames):
-            if f.ctx:
+            if f.ctx and not f.closed:
                 lowest_open = f
             f = f.parent
+        was = _effective(cur)  # before the frames below close
         if f is not None:  # an exit elsewhere removes nothing: the entering thread's own exit still finds its frame
             self._frames = [x for x in self._frames if x is not f]
+            # closed for a task created inside the block that runs after it (it holds these frames in its context)
+            g = lowest_open.parent if lowest_open is not None else cur
+            while g is not f.parent:
+                g.closed, g = True, g.parent
         if f is not None and lowest_open is None:
             # the usual, nested exit (set_mode calls made inside are discarded with it, as a ContextVar reset did)
             _current.set(f.parent)
-            _transition(_effective(cur), _effective(f.parent), f.parent.warn_only)
+            _transition(was, _effective(f.parent), _open(f.parent).warn_only)
         elif f is not None:
             # Out of order: a context entered after this one is still open (interleaved generators, a manual
             # __exit__). The current mode stays that context's; this frame (and set_mode frames made inside it)
@@ -1925,6 +1942,8 @@ def _routes_here() -> bool:
     """Whether this thread's router routes an eager torch call made now (a deterministic context is current, with
     either ``warn_only``)."""
     frame = _current.get()
+    if frame.closed:
+        frame = _open(frame)
     return frame.mode is Mode.DETERMINISTIC and frame.thread is getattr(_tls, "me", None)
 
 
@@ -1961,6 +1980,8 @@ class _Router(TorchFunctionMode):
         if torch.compiler.is_compiling():  # first: Dynamo cannot read the ContextVar below
             return _route(func, args, kwargs)
         frame = _current.get()
+        if frame.closed:  # a task that outlived the block it was created in (see _Frame)
+            frame = _open(frame)
         if frame.mode is Mode.DETERMINISTIC and frame.thread is getattr(_tls, "me", None):
             handler = _HANDLERS.get(func)
             if handler is not None:  # _route's body, inlined: one Python call less on every routed call

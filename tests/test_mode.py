@@ -374,6 +374,48 @@ def test_a_thread_that_inherits_the_context_starts_off(monkeypatch):
     assert torch._C._len_torch_function_stack() == 0
 
 
+
+def test_a_task_that_outlives_the_block_it_was_created_in_reads_the_mode_outside(monkeypatch):
+    """An asyncio task created inside ``with jetdet.mode("deterministic"):`` copies the context, and may run after
+    the block has exited (the router and torch's flags gone). It reads the mode outside the block (``off`` here),
+    is not routed, and a ``mode("deterministic")`` of its own routes its calls; the thread's state ends as it
+    started. Before, it read ``deterministic`` while nothing was routed, and its own deterministic context did
+    nothing (``get_mode()`` said deterministic, and an item alone differed from the batch: a user trial)."""
+    calls = _det_call_count(monkeypatch)
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+    seen = []
+
+    async def job():
+        await asyncio.sleep(0)
+        seen.append(jetdet.get_mode())
+        F.linear(x, w)  # not routed
+        with jetdet.mode("off"):
+            seen.append(jetdet.get_mode())
+        with jetdet.mode("deterministic"):
+            seen.append(jetdet.get_mode())
+            F.linear(x, w)  # routed
+        seen.append(jetdet.get_mode())
+
+    async def main():
+        with jetdet.mode("deterministic"):
+            task = asyncio.create_task(job())
+        await task
+        with jetdet.mode("deterministic"):  # a context inside another, exited first, inherited by a task
+            with jetdet.mode("off"):
+                inner = asyncio.create_task(asyncio.sleep(0, result=0))
+                await inner
+                task = asyncio.create_task(job())
+            await task  # runs inside the outer deterministic block: reads it
+        return seen
+
+    before = torch_flags()
+    det, off = Mode.DETERMINISTIC, Mode.OFF
+    first, second = [off, off, det, off], [det, off, det, det]
+    assert asyncio.run(main()) == first + second
+    assert len(calls) == 3  # the first job's own context, the second job's plain call and its own context
+    assert jetdet.get_mode() is Mode.OFF and torch_flags() == before
+    assert torch._C._len_torch_function_stack() == 0
+
 def _hold(m, **kw):
     with jetdet.mode(m, **kw):
         yield jetdet.get_mode()
