@@ -224,6 +224,16 @@ def test_a_pipeline_is_refused_with_the_call_that_works():
 
     with pytest.raises(TypeError, match=r"jetdet.patch\(pipe.unet, mode='fast', scheduler=pipe\)"):
         jetdet.patch(Pipe(), mode="fast")
+    # in deterministic mode every module that sees the batch, or the whole call in the mode (README "Prompts too");
+    # before, deterministic mode was told the fast-mode call (a user trial)
+    det = Pipe()
+    det.vae, det.text_encoder, det.tokenizer = torch.nn.Conv2d(1, 1, 1), torch.nn.Linear(1, 1), object()
+    want = (r"patch each module that sees the batch: pipe.text_encoder, pipe.unet, pipe.vae "
+            r"\(jetdet.patch\(pipe.unet, mode='deterministic'\), ...\), or run the call in "
+            r"`with jetdet.mode\('deterministic'\):`")
+    with pytest.raises(TypeError, match=want) as e:
+        jetdet.patch(det, mode="deterministic")
+    assert "fast" not in str(e.value)
     # the scheduler argument given something else than a scheduler; a compiled model in fast mode (a user trial's
     # misleading messages: "str says neither a prediction type...", and latent_arg= for the compiled module's
     # forward(*args)); deterministic mode patches a compiled module as before (tests/test_compile.py)

@@ -303,10 +303,20 @@ def _strip(module: nn.Module) -> None:
     _put_back(module, slot, prev if prev is _MISSING else _rebound(prev, orig, module, types.MethodType))
 
 
-def _check_model(model):
+#: a diffusers pipeline's modules that see the batch, in the order a deterministic run needs them patched
+_PIPE_MODULES = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
+
+
+def _check_model(model, mode=None):
     if not isinstance(model, nn.Module):
         den = next((n for n in ("unet", "transformer") if isinstance(getattr(model, n, None), nn.Module)), None)
         if den is not None and hasattr(model, "scheduler"):  # a diffusers pipeline: name its denoiser
+            if isinstance(mode, str) and mode.lower() == "deterministic":  # README "Prompts too"
+                names = [n for n in _PIPE_MODULES if isinstance(getattr(model, n, None), nn.Module)]
+                raise TypeError(f"model: got a {type(model).__name__} (a pipeline); patch each module that sees the "
+                                f"batch: {', '.join('pipe.' + n for n in names)} (jetdet.patch(pipe.{den}, "
+                                "mode='deterministic'), ...), or run the call in "
+                                "`with jetdet.mode('deterministic'):`, which routes every module the pipeline runs")
             raise TypeError(f"model: got a {type(model).__name__} (a pipeline); patch its denoiser: "
                             f"jetdet.patch(pipe.{den}, mode='fast', scheduler=pipe), or mode='deterministic'")
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -805,7 +815,7 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     branches; its counters and measured error are in ``stats()["attention_cache"]``
     (:mod:`jetdet.patch.attncache`).
     """
-    _check_model(model)
+    _check_model(model, mode)
     if isinstance(mode, str):
         mode = mode.lower()  # as jetdet.mode() reads it
     if mode not in MODES:
