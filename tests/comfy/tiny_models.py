@@ -224,3 +224,22 @@ def oobleck_vae(seed: int = 0):
     cfg = dict(in_channels=2, channels=4, latent_dim=64, c_mults=[1, 2, 4, 8, 16], strides=[2, 4, 4, 8, 8],
                use_snake=True, antialias_activation=False, use_nearest_upsample=False, final_tanh=False)
     return _vae_built_small(comfy.sd, "AudioOobleckVAE", lambda: AudioOobleckVAE(**cfg), seed)
+
+
+#: the first layer of each video family's timestep MLP (input: 256 sinusoidal features, cos half then sin half)
+TIME_IN = ("time_embedding.0.weight", "adaln_single.emb.timestep_embedder.linear_1.weight", "time_in.in_layer.weight")
+
+
+def smooth_in_time(sd: dict, keep_from: int = 72) -> dict:
+    """``sd`` with the weights on the high-frequency features of its timestep embedding zeroed (frequencies
+    ``10000 ** (-k / 128)`` for ``k < keep_from``, in both halves). The timestep is ``1000 · sigma``, so a random
+    model answers those features with noise from step to step, which a trained model learns not to; without them the
+    model's output is a smooth function of time, as the step cache's forecasts assume."""
+    sd = dict(sd)
+    key = next(k for k in TIME_IN if k in sd)
+    w = sd[key].clone()
+    half = w.shape[1] // 2
+    w[:, :keep_from] = 0
+    w[:, half:half + keep_from] = 0
+    sd[key] = w
+    return sd
