@@ -519,10 +519,8 @@ class FastState:
                 if rows is not None:
                     den, xs, ss = den.index_select(0, rows), x.index_select(0, rows), sig.index_select(0, rows)
             else:
-                a = [_rows_of(v, bsz, rows) for v in (x, t, c_concat, c_crossattn)]
-                kw = {k: _rows_of(v, bsz, rows) for k, v in kwargs.items()}
-                den = self._call(executor, a[0], a[1], (a[2], a[3], control, transformer_options), kw)
-                xs, ss = a[0], sig.index_select(0, rows)
+                den = self._call_rows(executor, x, t, args, kwargs, rows, per if bsz % len(chunks) == 0 else 0)
+                xs, ss = _rows_of(x, bsz, rows), sig.index_select(0, rows)
             ran["rows"], ran["den"] = rows, den
             if scale is None:
                 return (xs - den) / ss.reshape(shape)
@@ -541,6 +539,47 @@ class FastState:
         if "den" in ran:
             out.index_copy_(0, ran["rows"].to(out.device), ran["den"].to(out.dtype))
         return out
+
+    def _call_rows(self, executor, x, t, args, kwargs, rows, per):
+        """The model's output for the batch rows ``rows`` (in that order) alone, with ``transformer_options`` that
+        describe those rows: ``cond_or_uncond`` (and ``uuids``, ``sigmas``) cut to the chunks they come from, for the
+        models and attention patches that split the batch by it (ComfyUI's SeedVR2 and Trellis2, Self-Attention
+        Guidance; given the whole batch's, a call of two uncond rows read as [uncond, cond]). ComfyUI's chunks have
+        one size, so rows that take different items from different chunks run as one call per item set."""
+        c_concat, c_crossattn, control, topts = args
+        bsz = x.shape[0]
+        labels = topts.get("cond_or_uncond")
+        wanted = [int(r) for r in rows.tolist()]
+        if not per or not isinstance(labels, (list, tuple)) or len(labels) * per != bsz:
+            groups = [(wanted, None)]
+        else:
+            items: dict = {}
+            for r in wanted:
+                items.setdefault(r // per, []).append(r % per)
+            by_items: dict = {}
+            for c in sorted(items):
+                by_items.setdefault(tuple(sorted(items[c])), []).append(c)
+            groups = [([c * per + i for c in cs for i in its], cs) for its, cs in by_items.items()]
+        outs, order = [], []
+        for rs, cs in groups:
+            idx = torch.tensor(rs, dtype=torch.long)
+            to = topts
+            if cs is not None:
+                to = dict(topts, cond_or_uncond=[labels[c] for c in cs])
+                uuids = topts.get("uuids")
+                if isinstance(uuids, (list, tuple)) and len(uuids) == len(labels):
+                    to["uuids"] = [uuids[c] for c in cs]
+                if isinstance(topts.get("sigmas"), torch.Tensor):
+                    to["sigmas"] = _rows_of(topts["sigmas"], bsz, idx)
+            a = [_rows_of(v, bsz, idx) for v in (x, t, c_concat, c_crossattn)]
+            kw = {k: _rows_of(v, bsz, idx) for k, v in kwargs.items()}
+            outs.append(self._call(executor, a[0], a[1], (a[2], a[3], control, to), kw))
+            order += rs
+        den = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if order != wanted:
+            at = {r: i for i, r in enumerate(order)}
+            den = den.index_select(0, torch.tensor([at[r] for r in wanted], device=den.device))
+        return den
 
     def _call(self, executor, x, t, args, kwargs):
         if self.swap is None and self.cache is None:

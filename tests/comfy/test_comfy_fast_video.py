@@ -3,7 +3,8 @@ batch, channels, frames, height, width), written as safetensors and loaded by Co
 ``test_comfy_video_models.py``. Budget 0 is ComfyUI's KSampler bit for bit; the default budget skips model
 evaluations (counted at the diffusion model's first layer) and stays close to full compute; the model the user
 passed is unchanged; the Wan 2.2 14B two-model handoff (a Fast Optimizer on each model, KSamplerAdvanced start/end
-steps) resets its state per model and per run.
+steps) resets its state per model and per run; a call that runs only some rows of a batch is described to the model
+(``cond_or_uncond``, ``uuids``, ``sigmas`` in ``transformer_options``) as the rows it gets.
 
 The models here are :func:`tiny_models.smooth_in_time`: random weights answer the high-frequency part of the
 sinusoidal timestep embedding with noise that no trained model has (measured: Wan 2.1 random, 10 euler steps, every
@@ -132,6 +133,22 @@ def test_budget_zero_is_ksampler_bitwise_default_skips_and_the_model_is_unchange
     assert torch.equal(_ks(model, family, 2), ref)  # the model passed in is unchanged
 
 
+def test_rows_run_alone_are_described_as_those_rows(models):
+    """HunyuanVideo, batch 2, CFG 2, image-to-video noise mask (the first frame kept): the step cache runs some
+    calls on a subset of the batch. Each such call's ``cond_or_uncond`` must name the rows it gets (ComfyUI's
+    SeedVR2 and Trellis2 models and attention patches such as SAG split the batch by it): the old code passed the
+    whole batch's (measured: 4 of 9 calls, two uncond rows labelled [uncond, cond])."""
+    model = models("hunyuan_video")
+    fast = _fast(model)
+    with _Evals(model) as ev:
+        out = _ks(fast, "hunyuan_video", 2, mask=True)
+    s = wr.fast_state(fast).stats()
+    assert s["rows_run"] < s["rows"] and ev.n < STEPS  # some calls ran part of the batch
+    assert ev.mislabelled == []
+    ref = _ks(model, "hunyuan_video", 2, mask=True)
+    assert 0 < _rel(out, ref) < 0.02
+
+
 def test_wan22_two_model_handoff_resets_per_model_and_per_run(models):
     """Wan 2.2 14B's workflow: a high-noise and a low-noise model (two checkpoints of the Wan 2.1 layout), each with
     its own Fast Optimizer, through KSamplerAdvanced steps 0-5 (returning the leftover noise) and 5-10. Budget 0: the
@@ -179,3 +196,28 @@ def test_opt_in_attention_options_on_a_video_model_warn_and_report(models):
         assert torch.isfinite(out).all() and st["forwards"] > 0
         assert st.get("replaced", st.get("refreshed", 0)) > 0
 
+
+def test_rows_from_different_items_of_each_chunk_run_as_one_call_per_item_set(comfy_dir):
+    """ComfyUI's chunks (one per cond_or_uncond entry) have one size, so rows 0, 1 (cond, items 0 and 1) and 3
+    (uncond, item 1) of a [cond; uncond] batch of 2 items cannot be one call: they run as [cond x2] and [uncond x1],
+    each described as such, and come back in the order asked for."""
+    st = wr.FastState(budget=0.05)
+    calls = []
+
+    def executor(x, t, c_concat, c_crossattn, control, to, **kw):
+        calls.append((x[:, 0, 0].tolist(), list(to["cond_or_uncond"]), list(to["uuids"]), to["sigmas"].tolist(),
+                      kw["denoise_mask"][:, 0].tolist()))
+        return x * 10
+
+    x = torch.arange(4.0).reshape(4, 1, 1).expand(4, 1, 3).clone()
+    to = {"cond_or_uncond": [0, 1], "uuids": ["c", "u"], "sigmas": torch.tensor([0.5, 0.25, 0.125, 0.75])}
+    args = (None, None, None, to)
+    kw = {"denoise_mask": torch.arange(4.0).reshape(4, 1)}
+    den = st._call_rows(executor, x, to["sigmas"], args, kw, torch.tensor([3, 0, 1]), 2)
+    assert calls == [([0.0, 1.0], [0], ["c"], [0.5, 0.25], [0.0, 1.0]), ([3.0], [1], ["u"], [0.75], [3.0])]
+    assert den[:, 0, 0].tolist() == [30.0, 0.0, 10.0]
+    calls.clear()  # the same item of both chunks: one call, [cond; uncond]
+    den = st._call_rows(executor, x, to["sigmas"], args, kw, torch.tensor([3, 1]), 2)
+    assert calls == [([1.0, 3.0], [0, 1], ["c", "u"], [0.25, 0.75], [1.0, 3.0])]
+    assert den[:, 0, 0].tolist() == [30.0, 10.0]
+    assert to["cond_or_uncond"] == [0, 1]  # the caller's options are not changed
