@@ -442,6 +442,7 @@ class FastState:
                          if self.linear_attention else None)
             self.cache = AttentionCache(self.attention_cache, epoch_fn=ctl.epoch) if self.attention_cache else None
             self.runs += 1
+            swap, cache = self.swap, self.cache
         try:
             out = executor(*args, **kwargs)
         finally:
@@ -451,6 +452,7 @@ class FastState:
                     self.last_stats = self._with_parts(dict(s))
                     self.controller = self.swap = self.cache = None
             ctl.clear()  # free the cached tensors; the statistics stay readable in last_stats
+        self._note_attention_unused(swap, cache)
         # only where the budget decided: some row was eligible (past the guards: start/end percent, warm-up) and its
         # forecast was over budget; a run with no such row could not have saved a call at any budget
         if noisy and self.note_nothing_saved and ctl.budget > 0 and ctl.max_consecutive_skips > 0 and s["calls"] \
@@ -462,6 +464,25 @@ class FastState:
             if first:
                 _note_nothing_saved(sampler, ctl.budget, s["calls"])
         return out
+
+    def _note_attention_unused(self, swap, cache) -> None:
+        """One warning per Fast Optimizer when its opt-in attention replacement replaced none of a run's attention
+        calls: all left exact (a mask, dropout, ...: HunyuanVideo with a text attention mask, where every call
+        carries it) or none reaching ``F.scaled_dot_product_attention``. The approximation warnings fire only on a
+        replaced call, so the user who turned it on was told nothing."""
+        for name, part in (("linear_attention", swap), ("attention_cache", cache)):
+            if part is None or not part.forwards:
+                continue
+            st = part.stats()
+            done = st["replaced"] if "replaced" in st else st.get("refreshed", 0) + st.get("reused", 0)
+            with self._lock:
+                if done or ("unused", name) in self._noted:
+                    continue
+                self._noted.add(("unused", name))
+            left = ", ".join(f"{k} {v}" for k, v in sorted(st.get("left_exact", {}).items()))
+            warnings.warn(f"jetdet fast mode: {name} replaced none of the model's attention calls in {part.forwards} "
+                          f"model calls (left exact: {left or 'none reached F.scaled_dot_product_attention'}); the "
+                          f"model ran with its softmax attention (said once per Fast Optimizer)", stacklevel=3)
 
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                     **kwargs):
