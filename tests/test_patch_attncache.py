@@ -35,7 +35,7 @@ class TwoAttentions(nn.Module):
         for layer in range(2):
             q, k, v = self.qkv(layer, x)
             self.seen.append((layer, q, k, v))
-            m = torch.zeros(64, 64) if self.mask and layer == 1 else None
+            m = torch.zeros(64, 64) if self.mask == "all" or (self.mask and layer == 1) else None
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
             x = x + o.transpose(1, 2).reshape(x.shape)
         return x * (1 + t[:, None, None])
@@ -167,6 +167,38 @@ def test_masked_calls_left_exact_and_error_reported_once():
     msgs = [str(x.message) for x in w if "cached block masks" in str(x.message)]
     assert len(msgs) == 1 and "relative L2 error" in msgs[0]
     h.remove()
+
+
+class OwnSoftmax(nn.Module):
+    """Attention written out (matmul, softmax): nothing reaches F.scaled_dot_product_attention."""
+
+    def forward(self, x, t):  # x [B, 64, 16]
+        a = torch.softmax(x @ x.transpose(1, 2) / 4.0, -1)
+        return (a @ x) * (1 + t[:, None, None])
+
+
+@pytest.mark.parametrize("option", ["attention_cache", "linear_attention"])
+def test_an_attention_option_that_replaces_nothing_says_so_once(option):
+    """Turned on for a model whose attention calls all carry a mask, or that computes its softmax itself, the option
+    replaced nothing, and the user was told nothing (its approximation warning comes from replaced calls only): a
+    helper's trial of ComfyUI's HunyuanVideo with a text mask. Now one warning per patch, at the user's line, naming
+    why; none where it replaces calls (the control)."""
+    value = SET if option == "attention_cache" else True
+    cases = [(TwoAttentions(mask="all"), "left exact: attn_mask 2"),
+             (OwnSoftmax(), "none reached F.scaled_dot_product_attention"), (TwoAttentions(), None)]
+    for model, why in cases:
+        h = jetdet.patch(model.eval(), mode="fast", budget=0.0, **{option: value})
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            _run_steps(model, [0.9, 0.8, 0.7], _inputs())
+        got = [x for x in w if "replaced none" in str(x.message)]
+        if why is None:
+            assert got == [] and h.stats()[option]["forwards"] == 3
+        else:
+            assert len(got) == 1 and option in str(got[0].message) and why in str(got[0].message), (
+                [str(x.message) for x in w])
+            assert got[0].filename == __file__  # _run_steps's call, here
+        h.remove()
 
 
 def test_rows_run_alone_use_the_mask_merged_over_the_batch():

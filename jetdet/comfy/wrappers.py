@@ -467,22 +467,16 @@ class FastState:
 
     def _note_attention_unused(self, swap, cache) -> None:
         """One warning per Fast Optimizer when its opt-in attention replacement replaced none of a run's attention
-        calls: all left exact (a mask, dropout, ...: HunyuanVideo with a text attention mask, where every call
-        carries it) or none reaching ``F.scaled_dot_product_attention``. The approximation warnings fire only on a
-        replaced call, so the user who turned it on was told nothing."""
+        calls (:func:`jetdet.patch.attention_replaced_nothing`)."""
+        from ..patch import attention_replaced_nothing
+
         for name, part in (("linear_attention", swap), ("attention_cache", cache)):
-            if part is None or not part.forwards:
-                continue
-            st = part.stats()
-            done = st["replaced"] if "replaced" in st else st.get("refreshed", 0) + st.get("reused", 0)
+            msg = attention_replaced_nothing(name, part)
             with self._lock:
-                if done or ("unused", name) in self._noted:
+                if msg is None or ("unused", name) in self._noted:
                     continue
                 self._noted.add(("unused", name))
-            left = ", ".join(f"{k} {v}" for k, v in sorted(st.get("left_exact", {}).items()))
-            warnings.warn(f"jetdet fast mode: {name} replaced none of the model's attention calls in {part.forwards} "
-                          f"model calls (left exact: {left or 'none reached F.scaled_dot_product_attention'}); the "
-                          f"model ran with its softmax attention (said once per Fast Optimizer)", stacklevel=3)
+            warnings.warn(f"jetdet fast mode: {msg} (said once per Fast Optimizer)", stacklevel=3)
 
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                     **kwargs):

@@ -90,6 +90,7 @@ class PatchHandle:
         self._entered = 0
         self._bypassed = 0  # fast mode: calls run past the cache (pipe.scheduler with other rules)
         self._lock_bypassed = threading.Lock()
+        self._attention_noted = False  # fast mode: linear_attention/attention_cache checked for replacing nothing
         self.removed = False
 
     # the calling thread's fast-mode state (the first thread's before any call, None for a deterministic patch)
@@ -713,10 +714,14 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
             with swap.mode(call.t):
                 out = controller(call)
             swap.after_forward()
+            if not handle._attention_noted:
+                _note_attention_unused(handle, "linear_attention", swap)
         elif cache is not None:
             with cache.mode(call.t) as m:
                 out = controller(call)
             cache.after_forward(m)
+            if not handle._attention_noted:
+                _note_attention_unused(handle, "attention_cache", cache)
         else:
             out = controller(call)
         return adapter.pack(finish(out), kwargs)
@@ -726,6 +731,37 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
 
 _warned_copies: set = set()
 _warned_unmapped: set = set()
+
+
+def attention_replaced_nothing(name: str, part) -> str | None:
+    """What to tell the user whose opt-in attention replacement ``name`` (``linear_attention``, ``attention_cache``;
+    ``part`` its swap or cache) replaced none of the model's attention calls in the forwards so far: every call left
+    exact (a mask, dropout, a sequence too short: HunyuanVideo in ComfyUI with a text attention mask) or none reaching
+    ``F.scaled_dot_product_attention`` (a model with its own softmax); None where it replaced some, or ran no forward.
+    Its own approximation warning comes only from a replaced call, so the user who turned it on was told nothing."""
+    if part is None or not part.forwards:
+        return None
+    st = part.stats()
+    if st["replaced"] if "replaced" in st else st.get("refreshed", 0) + st.get("reused", 0):
+        return None
+    left = ", ".join(f"{k} {v}" for k, v in sorted(st.get("left_exact", {}).items()))
+    n = part.forwards
+    return (f"{name} replaced none of the model's attention calls in {n} model call{'s' if n != 1 else ''} "
+            f"(left exact: {left or 'none reached F.scaled_dot_product_attention'}); the model ran with its softmax "
+            "attention")
+
+
+def _note_attention_unused(handle: PatchHandle, name: str, part) -> None:
+    """After a patch's first model call (always computed: the step cache's warm-up), once per patch: the warning of
+    :func:`attention_replaced_nothing` where it applies. A model's attention calls are the same at every step, so
+    the first call decides, and later calls pay nothing for the check."""
+    with handle._lock_bypassed:
+        if handle._attention_noted:
+            return
+        handle._attention_noted = True
+    msg = attention_replaced_nothing(name, part)
+    if msg:
+        warnings.warn(f"jetdet.patch(mode='fast'): {msg} (said once per patch)", stacklevel=_user_stacklevel())
 
 
 def _warn_once(key: str, message: str, stacklevel: int | None = 4) -> None:
