@@ -71,13 +71,19 @@ class _Frame:
     ``mode`` context (else by :func:`set_mode`, whose frame a later ``set_mode`` replaces and a context's exit
     discards, as a ``ContextVar`` reset would). ``closed``: its context has exited (with the frames it discarded); an
     asyncio task created inside the block still holds it in its copied context, and reads through it to the first
-    open frame below (:func:`_open`), since the router and torch's flags it stood for are gone."""
+    open frame below (:func:`_open`), since the router and torch's flags it stood for are gone. ``held``: what making
+    it did to its thread's hold on the router and torch's flags (+1 acquired, -1 released, 0 neither; with that of the
+    ``set_mode`` frame it replaced, and of the frames an out-of-order exit took out below it). An exit undoes exactly
+    the ``held`` of the frames it removes: reading the modes before and after, as it did, took a task's frame whose
+    parent had closed meanwhile for one that held nothing or held twice (the counts went negative, or torch's flags
+    stayed set after every context had exited)."""
 
-    __slots__ = ("mode", "thread", "parent", "warn_only", "ctx", "closed")
+    __slots__ = ("mode", "thread", "parent", "warn_only", "ctx", "closed", "held")
 
-    def __init__(self, m: Mode, thread: object, parent: _Frame | None, warn_only: bool = False, ctx: bool = False):
+    def __init__(self, m: Mode, thread: object, parent: _Frame | None, warn_only: bool = False, ctx: bool = False,
+                 held: int = 0):
         self.mode, self.thread, self.parent, self.warn_only, self.ctx = m, thread, parent, warn_only, ctx
-        self.closed = False
+        self.closed, self.held = False, held
 
 
 _ROOT = _Frame(Mode.OFF, None, None)
@@ -350,10 +356,13 @@ def _switch(new: Mode, warn_only: bool, ctx: bool) -> tuple[_Frame, Mode]:
     if new is old is Mode.DETERMINISTIC and warn_only != cur.warn_only:
         _warn_kept_warn_only(warn_only)
     _transition(old, new, warn_only)
+    held = (new is Mode.DETERMINISTIC) - (old is Mode.DETERMINISTIC)
     # a set_mode frame replaces an earlier set_mode frame (no chain grows); a frame that keeps its parent's mode keeps
     # its warn_only too: that is what holds meanwhile
     parent = cur if ctx or cur.ctx or cur.parent is None else cur.parent
-    frame = _Frame(new, _me(), parent, cur.warn_only if new is old else warn_only, ctx)
+    if parent is not cur and cur.thread is _me():
+        held += cur.held  # the replaced frame's hold, which the exit that discards this one undoes
+    frame = _Frame(new, _me(), parent, cur.warn_only if new is old else warn_only, ctx, held)
     _current.set(frame)
     return frame, old
 
@@ -394,24 +403,29 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
             if f.ctx and not f.closed:
                 lowest_open = f
             f = f.parent
-        was = _effective(cur)  # before the frames below close
+        held = 0  # what the frames this exit removes did to this thread's hold (see _Frame.held)
         if f is not None:  # an exit elsewhere removes nothing: the entering thread's own exit still finds its frame
             self._frames = [x for x in self._frames if x is not f]
             # closed for a task created inside the block that runs after it (it holds these frames in its context)
             g = lowest_open.parent if lowest_open is not None else cur
             while g is not f.parent:
+                if not g.closed and g.thread is _me():
+                    held += g.held
                 g.closed, g = True, g.parent
         if f is not None and lowest_open is None:
             # the usual, nested exit (set_mode calls made inside are discarded with it, as a ContextVar reset did)
             _current.set(f.parent)
-            _transition(was, _effective(f.parent), _open(f.parent).warn_only)
+            for _ in range(held):
+                _release()
+            for _ in range(-held):
+                _acquire(_open(f.parent).warn_only)
         elif f is not None:
             # Out of order: a context entered after this one is still open (interleaved generators, a manual
             # __exit__). The current mode stays that context's; this frame (and set_mode frames made inside it)
-            # leaves the chain, so the later context restores what this one replaced when it exits. The transitions
-            # made and still to come then walk from this context's outer mode back to it, so the router and torch's
-            # flags end as they started.
+            # leaves the chain, so the later context restores what this one replaced when it exits: it takes over
+            # their hold, so the router and torch's flags end as they started.
             lowest_open.parent = f.parent
+            lowest_open.held += held
         else:
             _warn_once("exit elsewhere", "a jetdet.mode context exited in a context (thread or task) where it was not "
                        "entered: the mode there is left as it is, and the context stays open where it was entered "

@@ -416,6 +416,53 @@ def test_a_task_that_outlives_the_block_it_was_created_in_reads_the_mode_outside
     assert jetdet.get_mode() is Mode.OFF and torch_flags() == before
     assert torch._C._len_torch_function_stack() == 0
 
+def test_a_task_whose_own_context_outlives_the_block_it_was_created_in_leaves_the_counts_as_they_started():
+    """A task's own context entered inside an outer block and exited after that block: its exit undoes what its entry
+    did, not what the modes read then (the outer block's frames are closed by then). Before, a deterministic context
+    entered inside a deterministic block released a hold it never took (depth and users -1: every later deterministic
+    context on the thread did nothing), and an ``off`` context entered inside a nested ``off`` took one it never gave
+    back (torch's flags stayed set after every context had exited)."""
+    mode_mod = importlib.import_module("jetdet.mode")
+
+    def counts():
+        return (getattr(mode_mod._tls, "depth", 0), mode_mod._global_users, mode_mod._router_on_stack())
+
+    def job(inner, entered, go):
+        async def run():
+            with jetdet.mode(inner):
+                entered.set()
+                await go.wait()
+        return run()
+
+    async def det_inside_det():
+        entered, go = asyncio.Event(), asyncio.Event()
+        with jetdet.mode("deterministic"):
+            task = asyncio.create_task(job("deterministic", entered, go))
+            await entered.wait()
+        go.set()
+        await task
+
+    async def off_inside_nested_off():
+        entered, go = asyncio.Event(), asyncio.Event()
+        with jetdet.mode("deterministic"):
+            with jetdet.mode("off"):
+                task = asyncio.create_task(job("off", entered, go))
+                await entered.wait()
+            go.set()
+            await task
+            assert counts() == (1, 1, True)
+
+    before = torch_flags()
+    asyncio.run(det_inside_det())
+    assert counts() == (0, 0, False) and torch_flags() == before
+    with jetdet.mode("deterministic"):  # a later context still routes
+        assert counts() == (1, 1, True)
+    assert counts() == (0, 0, False) and torch_flags() == before
+    asyncio.run(off_inside_nested_off())
+    assert counts() == (0, 0, False) and torch_flags() == before
+    assert jetdet.get_mode() is Mode.OFF and torch._C._len_torch_function_stack() == 0
+
+
 def _hold(m, **kw):
     with jetdet.mode(m, **kw):
         yield jetdet.get_mode()
