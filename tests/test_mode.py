@@ -468,7 +468,7 @@ def test_random_interleavings_of_tasks_contexts_leave_the_counts_as_they_started
     """Asyncio tasks on one thread, created inside each other's blocks at random and switching at random, each with
     nested ``mode`` contexts: once every task and block has exited, the thread's depth, the process's users, the
     router and torch's flags are as they started (on the code before, 143 of 400 such seeds ended
-    with the counts off on the code before)."""
+    with the counts off)."""
     import random
 
     mode_mod = importlib.import_module("jetdet.mode")
