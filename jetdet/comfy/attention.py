@@ -342,10 +342,16 @@ def _swap_out() -> None:
     (another thread, a wrapper inside the call) set the attribute during the span, its value stays: putting jetdet's
     saved one back lost that extension's patch (or brought back one it had taken off). A replacement of jetdet's that
     it wrapped is ComfyUI's own outside deterministic calls (see _per_thread)."""
-    while _saved:
-        obj, name, old, new = _saved.pop()
+    put_back(_saved)
+
+
+def put_back(undo: list) -> None:
+    """Undo ``(obj, name, old, new)`` swaps, last first, where ``obj`` still holds ``new`` (set by someone else
+    since: theirs stays); ``old`` _ABSENT: the attribute was not ``obj``'s own, and is deleted."""
+    while undo:
+        obj, name, old, new = undo.pop()
         if vars(obj).get(name, _ABSENT) is not new:
-            continue  # set by someone else since: theirs
+            continue
         if old is _ABSENT:
             delattr(obj, name)
         else:

@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from .attention import _ABSENT, _per_thread, sdpa_attention
+from .attention import _ABSENT, _per_thread, put_back, sdpa_attention
 
 #: The VAE methods ComfyUI falls back to when a whole decode or encode runs out of memory.
 _TILED = ("decode_tiled_", "decode_tiled_1d", "decode_tiled_3d", "encode_tiled_", "encode_tiled_1d",
@@ -106,7 +106,7 @@ def _swapped(vae, verb: str, tiled_node: str):
             try:
                 _swap_vae(vae, undo)
             except BaseException:
-                _put_back(undo)
+                put_back(undo)
                 raise
             entry = _swaps[id(vae)] = [vae, 0, undo]
         entry[1] += 1
@@ -120,7 +120,7 @@ def _swapped(vae, verb: str, tiled_node: str):
             entry[1] -= 1
             if entry[1] == 0:
                 del _swaps[id(vae)]
-                _put_back(entry[2])
+                put_back(entry[2])
 
 
 def _swap_vae(vae, undo: list) -> None:
@@ -138,17 +138,6 @@ def _swap_vae(vae, undo: list) -> None:
             new = _per_thread(getattr(vae, n), _refuse(n))
             undo.append((vae, n, own.get(n, _ABSENT), new))
             setattr(vae, n, new)
-
-
-def _put_back(undo: list) -> None:
-    while undo:
-        obj, name, old, new = undo.pop()
-        if vars(obj).get(name, _ABSENT) is not new:
-            continue  # set by someone else meanwhile: theirs
-        if old is _ABSENT:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, old)
 
 
 @contextlib.contextmanager

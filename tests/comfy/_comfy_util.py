@@ -160,3 +160,29 @@ def execution_error(result: dict) -> dict | None:
         if event == "execution_error":
             return data
     return None
+
+
+@contextlib.contextmanager
+def counting_kitchen_calls(op_name: str, counts: dict):
+    """Count the calls that jetdet's router hands to its handler of ``torch.ops.comfy_kitchen.<op_name>``."""
+    import sys
+
+    from jetdet.comfy import kitchen
+
+    kitchen.install()
+    table = sys.modules["jetdet.mode"]._HANDLERS
+    packet = getattr(torch.ops.comfy_kitchen, op_name)
+    saved = {f: table[f] for f in (packet, *(getattr(packet, o) for o in packet.overloads())) if f in table}
+    assert saved, f"comfy_kitchen's {op_name} is not routed"
+
+    def counted(handler):
+        def run(func, args, kwargs):
+            counts[op_name] = counts.get(op_name, 0) + 1
+            return handler(func, args, kwargs)
+        return run
+
+    table.update({f: counted(h) for f, h in saved.items()})
+    try:
+        yield
+    finally:
+        table.update(saved)

@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+from _comfy_util import counting_kitchen_calls
 from conftest import require_comfyui
 
 require_comfyui()
@@ -140,32 +141,6 @@ def _stock_items(model, pos, neg):
     return [_sha(full[i]) == _sha(_stock(model, pos, neg, 1, index=i)[0]) for i in range(BATCH)]
 
 
-@contextlib.contextmanager
-def _counting(op_name: str, counts: dict):
-    """Count the calls that jetdet's router hands to its handler of ``torch.ops.comfy_kitchen.<op_name>``."""
-    import sys
-
-    from jetdet.comfy import kitchen
-
-    kitchen.install()
-    table = sys.modules["jetdet.mode"]._HANDLERS
-    packet = getattr(torch.ops.comfy_kitchen, op_name)
-    saved = {f: table[f] for f in (packet, *(getattr(packet, o) for o in packet.overloads())) if f in table}
-    assert saved, f"comfy_kitchen's {op_name} is not routed"
-
-    def counted(handler):
-        def run(func, args, kwargs):
-            counts[op_name] = counts.get(op_name, 0) + 1
-            return handler(func, args, kwargs)
-        return run
-
-    table.update({f: counted(h) for f, h in saved.items()})
-    try:
-        yield
-    finally:
-        table.update(saved)
-
-
 @pytest.mark.parametrize("fmt", ["fp32", "float8_e4m3fn", "nvfp4", "int8_tensorwise"])
 @pytest.mark.parametrize("family", ["flux", "lumina2"])
 def test_small_models_from_quantized_checkpoints_give_each_item_alone_and_in_a_batch(comfy_dir, tmp_path, family,
@@ -182,7 +157,7 @@ def test_small_models_from_quantized_checkpoints_give_each_item_alone_and_in_a_b
     pos, neg = _conds(family)
     counts = {}
     fused = family == "lumina2" and "ck.rms_rope(" in inspect.getsource(comfy.ldm.lumina.model)  # 0.33; not 0.7.0
-    with _counting("rms_rope", counts) if fused else contextlib.nullcontext():
+    with counting_kitchen_calls("rms_rope", counts) if fused else contextlib.nullcontext():
         _, items = _det_items(model, pos, neg)
     assert items == [True] * BATCH
     if fused:

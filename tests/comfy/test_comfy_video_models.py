@@ -21,6 +21,7 @@ import warnings
 
 import pytest
 import torch
+from _comfy_util import counting_kitchen_calls
 from conftest import require_comfyui
 
 require_comfyui()
@@ -134,33 +135,6 @@ def _items(full, alone) -> list[bool]:
     return [_sha(full[i]) == _sha(alone(i)[0]) for i in range(BATCH)]
 
 
-@contextlib.contextmanager
-def _counting_rms_adaln(counts: dict):
-    """Count the calls jetdet's router hands to its handler of comfy_kitchen's ``rms_adaln``."""
-    import sys
-
-    from jetdet.comfy import kitchen
-
-    kitchen.install()
-    table = sys.modules["jetdet.mode"]._HANDLERS
-    packet = torch.ops.comfy_kitchen.rms_adaln
-    saved = {f: table[f] for f in (packet, *(getattr(packet, o) for o in packet.overloads())) if f in table}
-    assert saved, "comfy_kitchen's rms_adaln is not routed"
-
-    def counted(handler):
-        def run(func, args, kwargs):
-            counts["rms_adaln"] = counts.get("rms_adaln", 0) + 1
-            return handler(func, args, kwargs)
-
-        return run
-
-    table.update({f: counted(h) for f, h in saved.items()})
-    try:
-        yield
-    finally:
-        table.update(saved)
-
-
 def _fused_rms_adaln() -> bool:
     """Whether this ComfyUI's LTX-Video calls comfy_kitchen's ``rms_adaln`` (0.33; not 0.7.0 or 0.3.64)."""
     import comfy.ldm.lightricks.model as ltx
@@ -189,7 +163,7 @@ def test_video_models_give_each_item_alone_and_in_a_batch(comfy_dir, tmp_path, f
     model = _load(tmp_path, family, fmt)
     counts = {}
     fused = family == "ltxv" and _fused_rms_adaln()
-    with _counting_rms_adaln(counts) if fused else contextlib.nullcontext(), _no_jetdet_warning():
+    with counting_kitchen_calls("rms_adaln", counts) if fused else contextlib.nullcontext(), _no_jetdet_warning():
         full = _det(model, family, BATCH)
         items = _items(full, lambda i: _det(model, family, 1, offset=i))
     assert torch.isfinite(full).all() and full.abs().max() > 0
