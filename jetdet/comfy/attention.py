@@ -331,9 +331,10 @@ def _in_block() -> bool:
     return bool(getattr(_here, "depth", 0))
 
 
-def _install(obj, name: str, old, new) -> None:
-    """``obj.name = new`` for the span; :func:`_swap_out` puts ``old`` back (what ``obj`` itself held, or _ABSENT)."""
-    _saved.append((obj, name, old, new))
+def _install(obj, name: str, old, new, undo: list | None = None) -> None:
+    """``obj.name = new``, noted in ``undo`` (the span's ``_saved`` by default) for :func:`put_back`, which puts
+    ``old`` back (what ``obj`` itself held, or _ABSENT)."""
+    (_saved if undo is None else undo).append((obj, name, old, new))
     setattr(obj, name, new)
 
 

@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from .attention import _ABSENT, _per_thread, put_back, sdpa_attention
+from .attention import _ABSENT, _install, _per_thread, put_back, sdpa_attention
 
 #: The VAE methods ComfyUI falls back to when a whole decode or encode runs out of memory.
 _TILED = ("decode_tiled_", "decode_tiled_1d", "decode_tiled_3d", "encode_tiled_", "encode_tiled_1d",
@@ -129,15 +129,11 @@ def _swap_vae(vae, undo: list) -> None:
     for m in vae.first_stage_model.modules():
         f = vars(m).get("optimized_attention")
         if callable(f) and getattr(f, "_jetdet_own", None) is None and getattr(f, "__module__", None) == dm.__name__:
-            new = _per_thread(f, _vae_sdpa_call)
-            undo.append((m, "optimized_attention", f, new))
-            m.optimized_attention = new
+            _install(m, "optimized_attention", f, _per_thread(f, _vae_sdpa_call), undo)
     own = vars(vae)
     for n in _TILED:
         if hasattr(vae, n):
-            new = _per_thread(getattr(vae, n), _refuse(n))
-            undo.append((vae, n, own.get(n, _ABSENT), new))
-            setattr(vae, n, new)
+            _install(vae, n, own.get(n, _ABSENT), _per_thread(getattr(vae, n), _refuse(n)), undo)
 
 
 @contextlib.contextmanager

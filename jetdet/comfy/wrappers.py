@@ -534,7 +534,7 @@ class FastState:
                 if rows is not None:
                     den, xs, ss = den.index_select(0, rows), x.index_select(0, rows), sig.index_select(0, rows)
             else:
-                den = self._call_rows(executor, x, t, args, kwargs, rows, per if bsz % len(chunks) == 0 else 0)
+                den = self._call_rows(executor, x, t, args, kwargs, rows, per)
                 xs, ss = _rows_of(x, bsz, rows), sig.index_select(0, rows)
             ran["rows"], ran["den"] = rows, den
             if scale is None:
@@ -560,7 +560,8 @@ class FastState:
         describe those rows: ``cond_or_uncond`` (and ``uuids``, ``sigmas``) cut to the chunks they come from, for the
         models and attention patches that split the batch by it (ComfyUI's SeedVR2 and Trellis2, Self-Attention
         Guidance; given the whole batch's, a call of two uncond rows read as [uncond, cond]). ComfyUI's chunks have
-        one size, so rows that take different items from different chunks run as one call per item set."""
+        one size, so rows that take different items from different chunks run as one call per item set. ``per``:
+        the rows of a chunk (the whole batch where the batch is not ``cond_or_uncond``'s chunks of one size)."""
         c_concat, c_crossattn, control, topts = args
         bsz = x.shape[0]
         labels = topts.get("cond_or_uncond")
