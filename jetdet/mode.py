@@ -39,6 +39,7 @@ import contextlib
 import contextvars
 import enum
 import math
+import sys
 import threading
 import warnings
 from typing import NamedTuple
@@ -76,14 +77,19 @@ class _Frame:
     ``set_mode`` frame it replaced, and of the frames an out-of-order exit took out below it). An exit undoes exactly
     the ``held`` of the frames it removes: reading the modes before and after, as it did, took a task's frame whose
     parent had closed meanwhile for one that held nothing or held twice (the counts went negative, or torch's flags
-    stayed set after every context had exited)."""
+    stayed set after every context had exited). ``task``: the asyncio task that made it (None outside one). A hold
+    is its maker's (:func:`_mine`): a task that inherits a deterministic frame from the code that created it
+    (``asyncio.gather``, ``create_task`` inside the block) takes a hold of its own when it enters deterministic mode,
+    and releases none when it turns the mode off (``mode("off")``, ``set_mode("off")``): releasing the creator's
+    hold took the router and torch's flags away from the creator and the task's siblings, which still read
+    ``deterministic`` (their calls ran unrouted), and a later release by the creator drove the counts negative."""
 
-    __slots__ = ("mode", "thread", "parent", "warn_only", "ctx", "closed", "held")
+    __slots__ = ("mode", "thread", "task", "parent", "warn_only", "ctx", "closed", "held")
 
     def __init__(self, m: Mode, thread: object, parent: _Frame | None, warn_only: bool = False, ctx: bool = False,
-                 held: int = 0):
+                 held: int = 0, task: object = None):
         self.mode, self.thread, self.parent, self.warn_only, self.ctx = m, thread, parent, warn_only, ctx
-        self.closed, self.held = False, held
+        self.closed, self.held, self.task = False, held, task
 
 
 _ROOT = _Frame(Mode.OFF, None, None)
@@ -98,6 +104,22 @@ def _me() -> object:
     if me is None:
         me = _tls.me = object()
     return me
+
+
+def _task() -> object:
+    """The running asyncio task, or None (no event loop runs on this thread, or asyncio was never imported)."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:
+        return None
+    try:
+        return aio.current_task()
+    except RuntimeError:  # no running event loop on this thread
+        return None
+
+
+def _mine(frame: _Frame) -> bool:
+    """Whether ``frame`` was made by the calling thread and asyncio task: whose hold (``_Frame.held``) it carries."""
+    return frame.thread is _me() and frame.task is _task()
 
 
 def _open(frame: _Frame) -> _Frame:
@@ -355,14 +377,17 @@ def _switch(new: Mode, warn_only: bool, ctx: bool) -> tuple[_Frame, Mode]:
                    "jetdet.patch(model, mode='fast', scheduler=pipe.scheduler) (in ComfyUI: the Fast Optimizer node)")
     if new is old is Mode.DETERMINISTIC and warn_only != cur.warn_only:
         _warn_kept_warn_only(warn_only)
-    _transition(old, new, warn_only)
-    held = (new is Mode.DETERMINISTIC) - (old is Mode.DETERMINISTIC)
+    mine = _mine(cur)
+    # what this context holds through cur: nothing through a frame inherited from another task (see _Frame)
+    _transition(old if mine else Mode.OFF, new, warn_only)
+    held = (new is Mode.DETERMINISTIC) - (mine and old is Mode.DETERMINISTIC)
     # a set_mode frame replaces an earlier set_mode frame (no chain grows); a frame that keeps its parent's mode keeps
     # its warn_only too: that is what holds meanwhile
     parent = cur if ctx or cur.ctx or cur.parent is None else cur.parent
-    if parent is not cur and cur.thread is _me():
+    if parent is not cur and mine:
         held += cur.held  # the replaced frame's hold, which the exit that discards this one undoes
-    frame = _Frame(new, _me(), parent, cur.warn_only if new is old else warn_only, ctx, held)
+        cur.closed = True  # for a task created since, which holds it in its context: its hold is gone
+    frame = _Frame(new, _me(), parent, cur.warn_only if new is old else warn_only, ctx, held, _task())
     _current.set(frame)
     return frame, old
 
@@ -409,7 +434,7 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
             # closed for a task created inside the block that runs after it (it holds these frames in its context)
             g = lowest_open.parent if lowest_open is not None else cur
             while g is not f.parent:
-                if not g.closed and g.thread is _me():
+                if not g.closed and _mine(g):
                     held += g.held
                 g.closed, g = True, g.parent
         if f is not None and lowest_open is None:
