@@ -434,7 +434,9 @@ class mode:  # noqa: N801 - used like a function: ``with jetdet.mode("determinis
             # closed for a task created inside the block that runs after it (it holds these frames in its context)
             g = lowest_open.parent if lowest_open is not None else cur
             while g is not f.parent:
-                if not g.closed and _mine(g):
+                # (on this thread, whichever task exits: an async generator left suspended in a block is closed by
+                # asyncio.run's shutdown, in a task of its own)
+                if not g.closed and g.thread is _me():
                     held += g.held
                 g.closed, g = True, g.parent
         if f is not None and lowest_open is None:

@@ -541,6 +541,27 @@ def test_a_tasks_own_deterministic_context_keeps_routing_after_the_block_it_was_
     assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
 
 
+def test_an_async_generator_left_inside_a_block_restores_everything_when_asyncio_run_closes_it():
+    """``async for ... : break`` leaves an async generator suspended inside its ``with jetdet.mode(...)`` block;
+    ``asyncio.run`` closes it at shutdown in a task of its own, whose exit undoes the block's hold (a hold is undone
+    on its thread by whichever task exits the block)."""
+    mode_mod = importlib.import_module("jetdet.mode")
+
+    async def stream():
+        with jetdet.mode("deterministic"):
+            yield 1
+            yield 2
+
+    async def main():
+        async for _ in stream():
+            break
+
+    before = torch_flags()
+    asyncio.run(main())
+    assert (getattr(mode_mod._tls, "depth", 0), mode_mod._global_users, mode_mod._router_on_stack()) == (0, 0, False)
+    assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
+
+
 def test_random_interleavings_with_set_mode_and_exceptions_leave_the_counts_as_they_started():
     """As the test below, with ``set_mode`` calls (inside blocks, and ``off``/``fast`` at a task's top) and blocks
     left by an exception: everything ends as it started. On the code before, 111 of 300 such seeds ended with the
