@@ -541,6 +541,43 @@ def test_a_tasks_own_deterministic_context_keeps_routing_after_the_block_it_was_
     assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
 
 
+def test_a_task_reads_what_holds_after_its_creator_replaces_its_set_mode():
+    """A task created after ``set_mode("deterministic")`` reads deterministic; once its creator calls
+    ``set_mode("off")`` (the hold gone), it reads off, and a deterministic context of its own entered before keeps
+    routing. Before, it read deterministic with no router on the stack and torch's flags off."""
+    mode_mod = importlib.import_module("jetdet.mode")
+    seen = []
+
+    def state():
+        return (jetdet.get_mode(), mode_mod._router_on_stack(), torch.are_deterministic_algorithms_enabled())
+
+    async def reads(ev, go):
+        ev.set()
+        await go.wait()
+        seen.append(state())
+
+    async def own_block(ev, go):
+        with jetdet.mode("deterministic"):
+            ev.set()
+            await go.wait()
+            seen.append(state())
+
+    async def main(job):
+        ev, go = asyncio.Event(), asyncio.Event()
+        jetdet.set_mode("deterministic")
+        task = asyncio.create_task(job(ev, go))
+        await ev.wait()
+        jetdet.set_mode("off")
+        go.set()
+        await task
+
+    before = torch_flags()
+    for job in (reads, own_block):
+        asyncio.run(main(job))
+    assert seen == [(Mode.OFF, False, False), (Mode.DETERMINISTIC, True, True)]
+    assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
+
+
 def test_an_async_generator_left_inside_a_block_restores_everything_when_asyncio_run_closes_it():
     """``async for ... : break`` leaves an async generator suspended inside its ``with jetdet.mode(...)`` block;
     ``asyncio.run`` closes it at shutdown in a task of its own, whose exit undoes the block's hold (a hold is undone
