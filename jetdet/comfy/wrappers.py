@@ -557,9 +557,10 @@ class FastState:
 
     def _call_rows(self, executor, x, t, args, kwargs, rows, per):
         """The model's output for the batch rows ``rows`` (in that order) alone, with ``transformer_options`` that
-        describe those rows: ``cond_or_uncond`` (and ``uuids``, ``sigmas``) cut to the chunks they come from, for the
-        models and attention patches that split the batch by it (ComfyUI's SeedVR2 and Trellis2, Self-Attention
-        Guidance; given the whole batch's, a call of two uncond rows read as [uncond, cond]). ComfyUI's chunks have
+        describe those rows: ``cond_or_uncond`` (and ``uuids``) cut to the chunks they come from, for the models and
+        attention patches that split the batch by it (ComfyUI's SeedVR2 and Trellis2, Self-Attention Guidance; given
+        the whole batch's, a call of two uncond rows read as [uncond, cond]), and ``sigmas`` (ComfyUI's has one per
+        item, not per row) cut to the items they come from. ComfyUI's chunks have
         one size, so rows that take different items from different chunks run as one call per item set. ``per``:
         the rows of a chunk (the whole batch where the batch is not ``cond_or_uncond``'s chunks of one size)."""
         c_concat, c_crossattn, control, topts = args
@@ -567,7 +568,7 @@ class FastState:
         labels = topts.get("cond_or_uncond")
         wanted = [int(r) for r in rows.tolist()]
         if not per or not isinstance(labels, (list, tuple)) or len(labels) * per != bsz:
-            groups = [(wanted, None)]
+            groups = [(wanted, None, None)]
         else:
             items: dict = {}
             for r in wanted:
@@ -575,9 +576,9 @@ class FastState:
             by_items: dict = {}
             for c in sorted(items):
                 by_items.setdefault(tuple(sorted(items[c])), []).append(c)
-            groups = [([c * per + i for c in cs for i in its], cs) for its, cs in by_items.items()]
+            groups = [([c * per + i for c in cs for i in its], cs, its) for its, cs in by_items.items()]
         outs, order = [], []
-        for rs, cs in groups:
+        for rs, cs, its in groups:
             idx = torch.tensor(rs, dtype=torch.long)
             to = topts
             if cs is not None:
@@ -585,8 +586,14 @@ class FastState:
                 uuids = topts.get("uuids")
                 if isinstance(uuids, (list, tuple)) and len(uuids) == len(labels):
                     to["uuids"] = [uuids[c] for c in cs]
-                if isinstance(topts.get("sigmas"), torch.Tensor):
-                    to["sigmas"] = _rows_of(topts["sigmas"], bsz, idx)
+                sg = topts.get("sigmas")
+                if isinstance(sg, torch.Tensor) and sg.dim() >= 1:
+                    # ComfyUI's is the latent's, one sigma per item (every chunk's rows share it); one per row is cut
+                    # as the rows are
+                    if sg.shape[0] == per and per != bsz:
+                        to["sigmas"] = sg.index_select(0, torch.tensor(its, dtype=torch.long, device=sg.device))
+                    else:
+                        to["sigmas"] = _rows_of(sg, bsz, idx)
             a = [_rows_of(v, bsz, idx) for v in (x, t, c_concat, c_crossattn)]
             kw = {k: _rows_of(v, bsz, idx) for k, v in kwargs.items()}
             outs.append(self._call(executor, a[0], a[1], (a[2], a[3], control, to), kw))

@@ -200,7 +200,8 @@ def test_opt_in_attention_options_on_a_video_model_warn_and_report(models):
 def test_rows_from_different_items_of_each_chunk_run_as_one_call_per_item_set(comfy_dir):
     """ComfyUI's chunks (one per cond_or_uncond entry) have one size, so rows 0, 1 (cond, items 0 and 1) and 3
     (uncond, item 1) of a [cond; uncond] batch of 2 items cannot be one call: they run as [cond x2] and [uncond x1],
-    each described as such, and come back in the order asked for."""
+    each described as such (``sigmas``, as ComfyUI passes it, has one entry per item: cut to the call's items), and
+    come back in the order asked for."""
     st = wr.FastState(budget=0.05)
     calls = []
 
@@ -210,15 +211,16 @@ def test_rows_from_different_items_of_each_chunk_run_as_one_call_per_item_set(co
         return x * 10
 
     x = torch.arange(4.0).reshape(4, 1, 1).expand(4, 1, 3).clone()
-    to = {"cond_or_uncond": [0, 1], "uuids": ["c", "u"], "sigmas": torch.tensor([0.5, 0.25, 0.125, 0.75])}
+    to = {"cond_or_uncond": [0, 1], "uuids": ["c", "u"], "sigmas": torch.tensor([0.5, 0.25])}
+    t = torch.tensor([0.5, 0.25, 0.5, 0.25])
     args = (None, None, None, to)
     kw = {"denoise_mask": torch.arange(4.0).reshape(4, 1)}
-    den = st._call_rows(executor, x, to["sigmas"], args, kw, torch.tensor([3, 0, 1]), 2)
-    assert calls == [([0.0, 1.0], [0], ["c"], [0.5, 0.25], [0.0, 1.0]), ([3.0], [1], ["u"], [0.75], [3.0])]
+    den = st._call_rows(executor, x, t, args, kw, torch.tensor([3, 0, 1]), 2)
+    assert calls == [([0.0, 1.0], [0], ["c"], [0.5, 0.25], [0.0, 1.0]), ([3.0], [1], ["u"], [0.25], [3.0])]
     assert den[:, 0, 0].tolist() == [30.0, 0.0, 10.0]
     calls.clear()  # the same item of both chunks: one call, [cond; uncond]
-    den = st._call_rows(executor, x, to["sigmas"], args, kw, torch.tensor([3, 1]), 2)
-    assert calls == [([1.0, 3.0], [0, 1], ["c", "u"], [0.25, 0.75], [1.0, 3.0])]
+    den = st._call_rows(executor, x, t, args, kw, torch.tensor([3, 1]), 2)
+    assert calls == [([1.0, 3.0], [0, 1], ["c", "u"], [0.25], [1.0, 3.0])]
     assert den[:, 0, 0].tolist() == [30.0, 10.0]
     assert to["cond_or_uncond"] == [0, 1]  # the caller's options are not changed
 
