@@ -461,6 +461,22 @@ def test_spec_file_and_flags(ref, tmp_path):
     assert manifest(out)["spec"]["batch_size"] == 5
 
 
+def test_a_spec_file_giving_a_key_twice_is_refused(tmp_path, capsys):
+    """A user trial: a spec file with "steps" given twice (one added at the end of a file that had one) rendered with
+    the last value and said nothing. Now every object (the spec, its items) is checked; exit 2, nothing written."""
+    out = tmp_path / "job"
+    for text, key in (('{"items": 2, "steps": 30, "batch_size": 2, "steps": 1}', "steps"),
+                      ('{"items": {"count": 2, "seed": 5, "seed": 6}, "steps": 1}', "seed")):
+        spec = tmp_path / "job.json"
+        spec.write_text(text)
+        assert main(["run", "--spec", str(spec), "--out", str(out), "--threads", "1", "--no-progress"]) == 2
+        assert f"spec: {str(spec)!r} gives the key {key!r} twice" in capsys.readouterr().err
+        assert not out.exists()
+    spec.write_text('{"items": 1, "steps": 1, "steps": 1}')  # the same value twice too, through the API
+    with pytest.raises(RenderError, match="gives the key 'steps' twice"):
+        load_spec(str(spec))
+
+
 # ---------------------------------------------------------------------------------------- a user's model
 
 

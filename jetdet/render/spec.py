@@ -257,15 +257,33 @@ def _expand(items, job_seed: int, class_names, num_classes: int) -> list[Item]:
     return out
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """``json.load``'s object hook: a key given twice in one object is an error (a spec file edited by hand, a
+    ``"steps"`` added at the end while one was already there: json keeps the last one and the job ran with it)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k, "{" + ", ".join(json.dumps(key) + ": ..." for key, _ in pairs) + "}")
+        out[k] = v
+    return out
+
+
 def read_spec_file(path) -> dict:
     """The JSON object in a spec file, not yet validated."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            raw = json.load(f, object_pairs_hook=_no_duplicate_keys)
     except OSError as e:
         raise RenderError(f"spec: cannot read {str(path)!r}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise RenderError(f"spec: {str(path)!r} is not valid JSON: {e}") from None
+    except _DuplicateKey as e:
+        raise RenderError(f"spec: {str(path)!r} gives the key {e.args[0]!r} twice (in {e.args[1]}); expected each "
+                          "key once (JSON readers keep one of the two silently)") from None
     if not isinstance(raw, dict):
         raise RenderError(f"spec: expected a JSON object in {str(path)!r}, got {type(raw).__name__}")
     return raw
