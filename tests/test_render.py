@@ -19,6 +19,7 @@ from jetdet.models import bundled
 from jetdet.models.sampling import sample
 from jetdet.render import RenderError, compare, load_spec, render, verify
 from jetdet.render.__main__ import main
+from jetdet.render.check import _ranges
 from jetdet.render.spec import Item, spec_hash
 from jetdet.render.store import item_name, read_item
 
@@ -93,7 +94,10 @@ def test_mode_off_differs_negative_control(tmp_path):
     assert differ, "mode off gave the same bytes at batch 1 and 5: the determinism test could not fail"
     report = verify(a, against=b)
     assert not report and report.comparison.differ
-    assert f"item {report.comparison.differ[0]}: checksum differs" in "\n".join(report.lines())
+    d = report.comparison.differ
+    text = "\n".join(report.lines())
+    assert (f"item {d[0]}: checksum differs" if len(d) <= 10 else f"items {_ranges(d)}: checksum differs") in text
+    assert f"{len(d)} differ" in report.lines()[1]
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -171,6 +175,41 @@ def test_verify_names_item_files_that_are_not_of_the_job(ref, tmp_path, capsys):
     assert main(["verify", str(out)]) == 1
     assert "2 item file(s) not of this job (the manifest's item list has no such index): items 12, 99" in (
         capsys.readouterr().out)
+
+
+def test_verify_against_a_folder_rechecks_its_files_too(ref, tmp_path, capsys):
+    """A user trial: ``verify A --against B`` with one of B's item files damaged and one deleted said "64 identical
+    checksums ... verify: OK": the comparison read B's checksums from B's manifest alone. A folder given as
+    ``against`` has its files rechecked too; a manifest file alone is still compared as it is."""
+    other = _copy(ref, tmp_path / "other")
+    assert main(["verify", str(ref), "--against", str(other)]) == 0  # control: an intact copy passes
+    path = other / item_name(5)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # in the image data
+    path.write_bytes(bytes(data))
+    (other / item_name(9)).unlink()
+    report = verify(ref, against=other)
+    assert not report and not report.problems and report.comparison.ok  # the manifests alone agree
+    assert sorted(report.against_problems) == [5, 9] and "file missing" in report.against_problems[9]
+    capsys.readouterr()
+    assert main(["verify", str(ref), "--against", str(other)]) == 1
+    text = capsys.readouterr().out
+    assert f"2 item file(s) of {other} do not match its manifest" in text and "verify: FAILED" in text
+    assert "item 5 (item-000005.safetensors): file corrupt" in text
+    assert verify(ref, against=other / "manifest.json")  # a manifest alone: compared by its checksums
+
+
+def test_compare_of_two_item_lists_counts_the_items_that_are_not_the_same(ref, tmp_path):
+    """Two jobs whose items differ (other seeds): the head line said "12 items in both, 0 identical checksums, 0
+    differ", then one line per item. Now it counts them and lists them as ranges past ten."""
+    m = manifest(ref)
+    for entry in m["items"].values():
+        entry["seed"] += 1
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(m))
+    lines = verify(ref, against=other).lines()
+    assert lines[1].endswith("0 identical checksums, 0 differ, 12 not the same item"), lines[1]
+    assert "  items 0-11: not the same item (label, seed or stream differ)" in lines and len(lines) == 6, lines
 
 
 def test_manifest_names_never_leave_the_folder(ref, tmp_path):

@@ -36,6 +36,10 @@ def _load(path, what: str) -> tuple[dict, Path | None]:
     raise RenderError(f"{what}: {str(p)!r} is neither a render folder nor a manifest file")
 
 
+#: up to this many items that differ are listed one a line; more are listed as ranges on one line
+_ONE_LINE_EACH = 10
+
+
 @dataclass
 class Comparison:
     """Two manifests, item by item (by index): checksums equal, different, or the items themselves differ."""
@@ -59,13 +63,17 @@ class Comparison:
         n = len(self.equal) + len(self.differ) + len(self.not_same_item)
         head = (f"compare: {self.here} vs {self.other}: {n} items in both, {len(self.equal)} identical checksums, "
                 f"{len(self.differ)} differ")
+        if self.not_same_item:  # (the head said "0 differ" of two jobs whose items all differ)
+            head += f", {len(self.not_same_item)} not the same item"
         out = [head]
         out.append("  spec: the same job (same spec hash)" if self.same_spec else
                    "  spec: different spec hashes" + (": " + "; ".join(self.spec_notes) if self.spec_notes else ""))
-        for i in self.differ:
-            out.append(f"  item {i}: checksum differs")
-        for i in self.not_same_item:
-            out.append(f"  item {i}: not the same item (label, seed or stream differ)")
+        for xs, what in ((self.differ, "checksum differs"),
+                         (self.not_same_item, "not the same item (label, seed or stream differ)")):
+            if len(xs) <= _ONE_LINE_EACH:
+                out += [f"  item {i}: {what}" for i in xs]
+            else:  # two jobs of 100k items: one line, not 100k
+                out.append(f"  items {_ranges(xs)}: {what}")
         if self.only_here:
             out.append(f"  only in {self.here}: items {_ranges(self.only_here)}")
         if self.only_other:
@@ -86,9 +94,11 @@ class VerifyReport:
     temp_files: list[str] = field(default_factory=list)
     comparison: Comparison | None = None
     not_of_the_job: list[int] = field(default_factory=list)  # item files whose index the job does not have
+    against_problems: dict = field(default_factory=dict)  # ``against`` a folder: its item files that fail its manifest
 
     def __bool__(self) -> bool:
-        return not self.problems and not self.not_of_the_job and (self.comparison is None or self.comparison.ok)
+        return (not self.problems and not self.not_of_the_job and not self.against_problems
+                and (self.comparison is None or self.comparison.ok))
 
     def lines(self) -> list[str]:
         out = [f"verify: {self.out}: {self.total} items, {len(self.ok)} ok, {len(self.problems)} with problems"]
@@ -102,6 +112,11 @@ class VerifyReport:
                        "them)")
         if self.comparison is not None:
             out += self.comparison.lines()
+            if self.against_problems:
+                out.append(f"  {len(self.against_problems)} item file(s) of {self.comparison.other} do not match its "
+                           "manifest (the comparison read its checksums from there):")
+            for i, p in sorted(self.against_problems.items()):
+                out.append(f"    item {i} ({store.item_name(i)}): {p}")
         out.append("verify: OK" if self else "verify: FAILED")
         return out
 
@@ -180,6 +195,18 @@ def verify(out, against=None) -> VerifyReport:
             ok.append(idx)
         else:
             problems[idx] = p + " (a rerun of the job recomputes it)"
-    comparison = compare(out, against) if against is not None else None
+    comparison, against_problems = None, {}
+    if against is not None:
+        comparison = compare(out, against)
+        # the comparison reads the other folder's checksums from its manifest: a folder's own files are rechecked
+        # too, or a damaged or missing file there passed as "the same" (a user trial); a manifest file alone is
+        # compared as it is
+        other, other_folder = _load(against, "against")
+        if other_folder is not None:
+            for k, entry in other["items"].items():
+                p = store.check_item(other_folder, int(k), entry)
+                if p is not None:
+                    against_problems[int(k)] = p
     return VerifyReport(out=str(out), total=len(ok) + len(problems), ok=ok, problems=problems, temp_files=temps,
-                        comparison=comparison, not_of_the_job=sorted(set(files) - set(indices)))
+                        comparison=comparison, not_of_the_job=sorted(set(files) - set(indices)),
+                        against_problems=against_problems)
