@@ -46,3 +46,10 @@ def rank1_differs():
         with torch.no_grad():
             model.out.bias.add_(1e-3)
     return model
+
+
+def one_name_too_many():
+    """Four class names for three classes: the fourth, "white", would be label 3, the null (CFG) label."""
+    model = TinyVelocity()
+    model.class_names = ["red", "green", "blue", "white"]
+    return model

@@ -546,6 +546,26 @@ def test_user_model_entry_point(tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_class_names_past_num_classes_are_refused(tmp_path, capsys):
+    """A user trial: a model listing one class name more than its config's num_classes rendered that name's items
+    with the unconditional label (label num_classes, what CFG uses for "no class"), silently; two more names failed
+    mid-job with a traceback, the folder already written. Now the model is refused before anything is written."""
+    import _render_model
+
+    out = tmp_path / "job"
+    args = ["run", "--model", "_render_model:one_name_too_many", "--out", str(out), "--count", "2", "--classes",
+            "red,white", "--steps", "1", "--threads", "1", "--no-progress"]
+    assert main(args) == 2
+    assert "has 4 class_names" in capsys.readouterr().err and not out.exists()
+    model = _render_model.one_name_too_many().eval()
+    with pytest.raises(RenderError, match=r"but num_classes 3 in its config \(label 3 is the unconditional one\)"):
+        _render({"items": {"count": 2, "classes": ["white"]}, "steps": 1}, out, model=model)
+    assert not out.exists()
+    model.class_names = model.class_names[:3]  # control: the same model with its three names renders
+    assert _render({"items": {"count": 2, "classes": ["blue"]}, "steps": 1}, out, model=model).complete
+    assert {e["label"] for e in manifest(out)["items"].values()} == {2}
+
+
 def test_model_object_and_the_callers_state_left_alone(tmp_path):
     """render(model=...) uses the caller's model without changing it, restores the thread count and torch's
     flags, and leaves no process group behind; also when it raises."""

@@ -583,6 +583,7 @@ def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
         model, class_names = load_model(spec.model, device, DTYPES[spec.dtype], guided=spec.cfg != 1.0)
     else:
         from .spec import check_model_contract, probe_model
+        from .spec import class_names as _class_names
 
         check_model_contract(model, "the model passed to render()")
         training = next((name or type(model).__name__ for name, m in model.named_modules() if m.training), None)
@@ -595,7 +596,7 @@ def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
             raise RenderError(f"dtype: the spec says {spec.dtype}, the model passed to render() is "
                               f"{str(p.dtype).replace('torch.', '')}")
         probe_model(model, "the model passed to render()", guided=spec.cfg != 1.0)
-        class_names = getattr(model, "class_names", None)
+        class_names = _class_names(model, "the model passed to render()")
     items = spec.expand(class_names, model.config["num_classes"])
     if spec.mode == "deterministic":
         import jetdet

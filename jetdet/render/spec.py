@@ -419,8 +419,25 @@ def load_model(name: str, device, dtype: torch.dtype, guided: bool = True):
     check_model_contract(model, f"entry point {name!r}")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     probe_model(model, f"entry point {name!r}", guided)
+    return model, class_names(model, f"entry point {name!r}")
+
+
+def class_names(model, name: str) -> list[str] | None:
+    """``model.class_names`` as a list, checked against ``model.config["num_classes"]``: a name past the last class
+    would be the unconditional (CFG) label, which rendered silently as an unguided image (or, further on, failed
+    mid-job with the folder already written)."""
     names = getattr(model, "class_names", None)
-    return model, (list(names) if names is not None else None)
+    if names is None:
+        return None
+    n = model.config["num_classes"]
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise RenderError(f"model: {name} has class_names {names!r}; expected a list of {n} class names (strings)")
+    names = list(names)
+    if len(names) > n or not all(isinstance(c, str) and c for c in names):
+        raise RenderError(f"model: {name} has {len(names)} class_names {_short(names)} but num_classes {n} in its "
+                          f"config (label {n} is the unconditional one); expected at most {n} non-empty strings, "
+                          "name i for label i")
+    return names
 
 
 def model_digest(model) -> str:
