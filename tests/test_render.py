@@ -268,6 +268,20 @@ def test_bad_spec_is_refused_and_the_folder_left_alone(ref, tmp_path, case, caps
     assert snapshot(out) == before
 
 
+def test_a_step_count_the_sampler_cannot_take_is_refused_before_the_folder_is_made(tmp_path, capsys):
+    """A user trial: "steps": 10**30 in a spec file passed the spec check (an int >= 1), the folder and its manifest
+    were written, and the sampler then failed with an OverflowError traceback (10**14: a failed 800 TB allocation)."""
+    out = tmp_path / "job"
+    for steps in (10**30, 10**14):
+        with pytest.raises(RenderError, match=f"steps: expected a number of steps the sampler can take, got {steps}"):
+            _render({"items": 1, "steps": steps}, out)
+        assert not out.exists()
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"items": 1, "steps": 10**30}))
+    assert main(["run", "--spec", str(spec), "--out", str(out)]) == 2 and not out.exists()
+    assert "steps: expected a number of steps" in capsys.readouterr().err
+
+
 def test_a_folder_of_another_spec_is_refused_unless_forced(ref, tmp_path, capsys):
     out = _copy(ref, tmp_path / "job")
     before = snapshot(out)

@@ -579,6 +579,13 @@ class _Job:
 
 
 def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
+    from ..models.sampling import timestep_grid
+
+    try:  # the sampler's first step: a count of steps it cannot take failed mid-job, the folder already written
+        timestep_grid(spec.steps, spec.shift)
+    except (OverflowError, RuntimeError, MemoryError) as e:
+        raise RenderError(f"steps: expected a number of steps the sampler can take, got {spec.steps} (its timestep "
+                          f"grid: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if model is None:
         model, class_names = load_model(spec.model, device, DTYPES[spec.dtype], guided=spec.cfg != 1.0)
     else:
