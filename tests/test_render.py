@@ -161,6 +161,21 @@ def test_verify_a_header_byte_and_an_incomplete_job(ref, tmp_path):
     assert "corrupt" in report.problems[0] and "not rendered yet" in report.problems[4]
 
 
+def test_verify_of_a_job_stopped_early_is_a_line_per_problem_not_per_item(ref, tmp_path):
+    """verify printed one line per item not rendered yet: 90k lines for a 100k-item job stopped at 10%. More than ten
+    items with one problem are one line of ranges; a few are still named one a line."""
+    out = _copy(ref, tmp_path / "job")
+    m = manifest(out)
+    m["items"] = {k: v for k, v in m["items"].items() if k == "0"}
+    (out / "manifest.json").write_text(json.dumps(m))
+    for i in range(1, 12):
+        (out / item_name(i)).unlink()
+    (out / item_name(0)).write_bytes(b"torn")
+    lines = verify(out).lines()
+    assert lines[1].startswith("  item 0 (item-000000.safetensors): file corrupt: "), lines
+    assert lines[2:] == ["  items 1-11 (11): not rendered yet (the job is incomplete: rerun it)", "verify: FAILED"]
+
+
 def test_verify_names_item_files_that_are_not_of_the_job(ref, tmp_path, capsys):
     """Item files whose index the job does not have (here one copied in as item 12, and item 99): verify said OK,
     so a folder of 12 items holding 14 item files passed, as would two range jobs (``start``) merged by copying

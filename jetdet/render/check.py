@@ -102,8 +102,14 @@ class VerifyReport:
 
     def lines(self) -> list[str]:
         out = [f"verify: {self.out}: {self.total} items, {len(self.ok)} ok, {len(self.problems)} with problems"]
+        by_problem: dict[str, list[int]] = {}
         for i, p in sorted(self.problems.items()):
-            out.append(f"  item {i} ({store.item_name(i)}): {p}")
+            by_problem.setdefault(p, []).append(i)
+        for i, p in sorted(self.problems.items()):
+            if len(by_problem[p]) <= _ONE_LINE_EACH:
+                out.append(f"  item {i} ({store.item_name(i)}): {p}")
+            elif by_problem[p][0] == i:  # a job stopped at 10% of 100k items: one line, not 90k
+                out.append(f"  items {_ranges(by_problem[p])} ({len(by_problem[p])}): {p}")
         if self.not_of_the_job:
             out.append(f"  {len(self.not_of_the_job)} item file(s) not of this job (the manifest's item list has no "
                        f"such index): items {_ranges(self.not_of_the_job)}; move them away")
