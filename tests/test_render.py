@@ -595,6 +595,35 @@ def test_class_names_past_num_classes_are_refused(tmp_path, capsys):
     assert {e["label"] for e in manifest(out)["items"].values()} == {2}
 
 
+def test_force_renders_a_job_of_the_same_spec_again(tmp_path, monkeypatch):
+    """README: after changing a model's forward without changing its weights, "render into a new folder or pass
+    --force". --force with the same spec resumed instead, keeping every item the old forward had made (a user trial:
+    0 rendered, and verify against a fresh folder found all 4 items different). Now --force renders them again; a
+    torchrun restart of that forced run (same TORCHELASTIC_RUN_ID, restart count > 0) resumes it."""
+    import _render_model
+
+    model = _render_model.TinyVelocity().eval()
+    spec = {"items": 4, "steps": 2, "model": "mine"}
+    out, fresh = tmp_path / "job", tmp_path / "fresh"
+    assert _render(spec, out, model=model).rendered == 4
+    old = items(out)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, t, y: 0.5 * forward(x, t, y))  # new code, the same weights
+    assert _render(spec, out, model=model).rendered == 0  # a rerun resumes (the spec hash does not see code)
+    r = _render(spec, out, model=model, force=True)
+    assert r.rendered == 4 and r.kept == 0
+    _render(spec, fresh, model=model)
+    assert items(out) == items(fresh) != old and verify(out, against=fresh)
+    # under torchrun: the first attempt of a forced run replaces, a restart of it resumes, a new run replaces again
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job17")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert _render(spec, out, model=model, force=True).rendered == 4
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert _render(spec, out, model=model, force=True).kept == 4
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert _render(spec, out, model=model, force=True).rendered == 4
+
+
 def test_model_object_and_the_callers_state_left_alone(tmp_path):
     """render(model=...) uses the caller's model without changing it, restores the thread count and torch's
     flags, and leaves no process group behind; also when it raises."""

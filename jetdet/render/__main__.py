@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--join-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="workers started by hand (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, no torchrun): how long "
                         "they wait for one another before stopping with an error (default 600)")
-    r.add_argument("--force", action="store_true", help="replace a job of another spec in the folder")
+    r.add_argument("--force", action="store_true", help="replace the folder's job: one of another spec, or this "
+                   "one (every item is rendered again; a torchrun restart of the forced run resumes it)")
     r.add_argument("--no-progress", action="store_true", help="no progress line and no resume/summary lines")
 
     v = sub.add_parser("verify", help="recheck every item file against the folder's manifest")

@@ -704,7 +704,14 @@ def _plan_locked(out: Path, job: _Job, force: bool, world: int, held: list) -> d
         if not_files:  # an item's file is written over by a rename, which a folder (or a device) would refuse midway
             raise RenderError(f"out: {str(out / not_files[0])!r} is not a file (an item's name, which this job "
                               "writes); move it away")
-    replaced = manifest is not None and manifest.get("spec_hash") != job.hash
+    # --force replaces the folder's job, also one of this spec: its items are rendered again (it resumed a job of the
+    # same spec, keeping the items a model's old forward had made, which is what README advises --force for). A
+    # torchrun restart of a forced run (same run id, restart count > 0) resumes what that run rendered instead
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+    forced_before = (manifest is not None and run_id is not None and restarted
+                     and manifest.get("forced_by") == run_id)
+    replaced = manifest is not None and (manifest.get("spec_hash") != job.hash or (force and not forced_before))
     if replaced and not force:
         diffs = spec_differences(manifest.get("spec", {}), spec_dict) or [
             "the same spec text, but a different model (its weights) or item list"]
@@ -744,6 +751,8 @@ def _plan_locked(out: Path, job: _Job, force: bool, world: int, held: list) -> d
         if manifest is not None:
             new["runs"] = manifest.get("runs", [])
             new["replaced"] = manifest.get("replaced", []) + [manifest.get("spec_hash")]
+        if force and run_id is not None:
+            new["forced_by"] = run_id
     else:
         new = dict(manifest)
         new["items"] = keep
@@ -939,7 +948,8 @@ def render(spec, out, *, force: bool = False, model=None, progress: bool = True,
     Args:
         spec: a dict, a JSON file path or a :class:`JobSpec` (keys in :mod:`jetdet.render.spec`).
         out: the output folder (created if missing).
-        force: replace a job of another spec in ``out`` instead of refusing.
+        force: replace the job in ``out`` instead of refusing one of another spec or resuming one of this spec
+            (every item is rendered again; under torchrun a restart of the forced run resumes it).
         model: a model object to use instead of loading ``spec["model"]`` (same contract; used on its own device,
             not moved; its dtype must be the spec's). Under ``torchrun`` each rank passes its own.
         progress: the progress line and the resume/summary lines on rank 0 (stderr).
