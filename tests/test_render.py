@@ -297,6 +297,17 @@ def test_a_step_count_the_sampler_cannot_take_is_refused_before_the_folder_is_ma
     assert "steps: expected a number of steps" in capsys.readouterr().err
 
 
+def test_missing_bundled_weights_are_bad_input_not_a_failed_write(tmp_path, capsys, monkeypatch):
+    """The bundled model's weights file missing (a broken install): the command line said "the job stopped. The items
+    listed in the manifest are kept: the same command resumes the job", exit status 1, as for a full disk mid-job."""
+    monkeypatch.setattr(bundled, "DIT_FILE", tmp_path / "missing.safetensors")
+    out = tmp_path / "job"
+    assert main(["run", "--out", str(out), "--count", "1", "--steps", "1", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "model: 'bundled': cannot load its weights" in err and "missing.safetensors" in err, err
+    assert "the job stopped" not in err and not out.exists()
+
+
 def test_a_folder_of_another_spec_is_refused_unless_forced(ref, tmp_path, capsys):
     out = _copy(ref, tmp_path / "job")
     before = snapshot(out)

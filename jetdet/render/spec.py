@@ -406,7 +406,11 @@ def load_model(name: str, device, dtype: torch.dtype, guided: bool = True):
     if name == "bundled":
         from ..models import BUNDLED_CLASSES, load_bundled
 
-        return load_bundled(device=device, dtype=dtype), list(BUNDLED_CLASSES)
+        try:
+            return load_bundled(device=device, dtype=dtype), list(BUNDLED_CLASSES)
+        except OSError as e:  # its weights file missing or unreadable: on the command line this read as a failed
+            # write mid-job ("the job stopped. The items listed in the manifest are kept"), exit status 1
+            raise RenderError(f"model: 'bundled': cannot load its weights ({e})") from None
     if not _is_entry_point(name):
         raise RenderError(f"model: expected 'bundled' or an entry point 'package.module:factory', got {name!r} "
                           "(any other name is only a label, for a model object passed to render(model=...))")
