@@ -472,6 +472,11 @@ def test_cli_and_folder_mistakes_are_named(ref, tmp_path, capsys):
     assert "out: expected a folder path, got ''" in capsys.readouterr().err
     assert main(["run", "--out", str(tmp_path / "none"), "--start", "2"]) == 2
     assert "--count: required" in capsys.readouterr().err
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps({"items": [{"class": 1}], "steps": 1}))
+    for flag, value in (("--classes", "3"), ("--start", "2"), ("--count", "4")):  # the flag given is named
+        assert main(["run", "--spec", str(listed), "--out", str(tmp_path / "none"), flag, value]) == 2
+        assert f"{flag}: the spec file lists its items one by one" in capsys.readouterr().err
     assert main(["run", "--out", str(tmp_path / "none"), "--count", "1", "--manifest-every", "nan"]) == 2
     assert "--manifest-every: expected a finite number of seconds >= 0" in capsys.readouterr().err
     assert main(["verify", ""]) == 2 and "out: expected a render folder, got ''" in capsys.readouterr().err

@@ -88,8 +88,9 @@ def _spec_from_args(a) -> tuple[object, dict]:
     if any(v is not None for v in range_flags.values()):
         items = base.get("items")
         if isinstance(items, list):
-            raise RenderError("--count: the spec file lists its items one by one; --count/--start/--classes set the "
-                              "range form only")
+            given = next(k for k, v in range_flags.items() if v is not None)  # the flag the user gave, not --count
+            raise RenderError(f"--{given}: the spec file lists its items one by one; --count/--start/--classes set "
+                              "the range form only")
         if _is_int(items):  # "items": 12 is the range form's count
             items = {"count": items}
         elif items is not None and not isinstance(items, dict):
