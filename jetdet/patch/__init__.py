@@ -91,6 +91,7 @@ class PatchHandle:
         self._bypassed = 0  # fast mode: calls run past the cache (pipe.scheduler with other rules)
         self._lock_bypassed = threading.Lock()
         self._attention_noted = False  # fast mode: linear_attention/attention_cache checked for replacing nothing
+        self._sana = None  # fast mode, sana_linear_attention=True: the SanaRoute
         self.removed = False
 
     # the calling thread's fast-mode state (the first thread's before any call, None for a deterministic patch)
@@ -130,6 +131,8 @@ class PatchHandle:
             s["linear_attention"] = self.linear_attention.stats()
         if self.attention_cache is not None:
             s["attention_cache"] = self.attention_cache.stats()
+        if self._sana is not None:
+            s["sana_linear_attention"] = self._sana.stats()
         if self._threads is not None and self._threads.count() > 1:
             s.update(self._threads.stats())
         return s
@@ -553,8 +556,8 @@ class _PerThread:
 
 def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep_arg=None, linear_attention=False,
                 linear_attention_check: int = 1, linear_attention_state_refresh: int = 1, attention_cache=False,
-                blocks="auto", head_blocks: int = 1, tail_blocks: int | None = None, scheduler=None,
-                prediction=None, **options):
+                sana_linear_attention=False, blocks="auto", head_blocks: int = 1, tail_blocks: int | None = None,
+                scheduler=None, prediction=None, **options):
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise TypeError(
             f"model: got a torch.compile'd module (wrapping {type(model._orig_mod).__name__}), whose forward takes "
@@ -567,6 +570,8 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     from . import prediction as pred_map
     from .blocks import BlockHooks, find_blocks
     from .linattn import LinearAttentionSwap, parse_option
+    from .sana import SanaRoute
+    from .sana import parse_option as parse_sana
 
     inner = _inner(model)  # the forward the installed one wraps, not an accelerate hook's around it
     pipe = None
@@ -582,7 +587,8 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     if unknown:
         raise TypeError(f"jetdet.patch(mode='fast'): unknown option(s) {unknown}; accepted: latent_arg, timestep_arg, "
                         "linear_attention, linear_attention_check, linear_attention_state_refresh, attention_cache, "
-                        f"blocks, head_blocks, tail_blocks, scheduler, prediction, {', '.join(accepted)}")
+                        "sana_linear_attention, blocks, head_blocks, tail_blocks, scheduler, prediction, "
+                        f"{', '.join(accepted)}")
     param = pred_map.from_options(scheduler, prediction)
     sname = type(scheduler).__name__
     if sname in pred_map.RENOISE and options.get("budget") != 0.0:
@@ -610,6 +616,7 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
             options["t_end"] = param.flow_time(options["t_end"])
     fmap = parse_option(linear_attention)
     ac = attncache.parse_option(attention_cache)
+    sana = parse_sana(sana_linear_attention)
     if fmap and ac:
         raise ValueError("attention_cache, linear_attention: both replace the model's softmax attention; "
                          "choose one")
@@ -644,6 +651,12 @@ def _patch_fast(handle: PatchHandle, model: nn.Module, latent_arg=None, timestep
     elif split is not None:
         reason = "block_reuse=False: whole-call skipping only"
     adapter.blocks_reason = reason
+    if sana:
+        handle._sana = SanaRoute()
+        if not handle._sana.install(model, handle._set_forward):
+            warnings.warn(f"jetdet.patch(mode='fast'): sana_linear_attention=True, but no attention module of "
+                          f"{type(model).__name__} has diffusers' SanaLinearAttnProcessor2_0 (or a PAG variant of it); "
+                          "nothing is routed", stacklevel=3)
 
     seen: dict = {}  # per thread: the schedule its last call saw (at first, the one at patch time)
     seen0 = getattr(scheduler, "timesteps", None)
@@ -850,6 +863,9 @@ def patch(model: nn.Module, mode: str = "deterministic", **options) -> PatchHand
     attention calls in between as block-sparse attention over them, one mask for all rows and both CFG
     branches; its counters and measured error are in ``stats()["attention_cache"]``
     (:mod:`jetdet.patch.attncache`).
+    ``sana_linear_attention`` (opt-in, **exact**: ``True``) runs the linear attention of diffusers' SANA models
+    (``SanaLinearAttnProcessor2_0`` and its PAG variants) through :func:`jetdet.ops.linear_attention`, the same math
+    as diffusers' processor; ``stats()["sana_linear_attention"]`` counts the calls (:mod:`jetdet.patch.sana`).
     """
     _check_model(model, mode)
     if isinstance(mode, str):
