@@ -7,7 +7,7 @@ itself (``relu`` feature map, fp32 math, ``1e-15`` added to the denominator) as 
 call: the Triton kernel on CUDA, its torch path on CPU. It is not an approximation: the same math, summed in
 another order (``tests/test_patch_sana.py`` compares it with diffusers' processor).
 
-What the processor does, and so what this does (diffusers 0.3x-0.4x, ``attention_processor.py``):
+What the processor does, and so what this does (diffusers 0.42, ``attention_processor.py``):
 q, k, v from ``to_q``/``to_k``/``to_v`` (k and v from ``encoder_hidden_states`` when given), ``norm_q``/``norm_k``
 where the module has them (not in the PAG variants), split into ``attn.heads`` heads, relu on q and k, everything
 in fp32, ``out = relu(q)(relu(k)ᵀv) / (relu(q)·Σrelu(k) + 1e-15)``, cast to the input's dtype, ``to_out[0]``,
