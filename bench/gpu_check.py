@@ -1461,6 +1461,46 @@ def sparse(run: Run, out: dict) -> None:
         la.append({"shape": [bb, hh, nn_, d], "linear_attention_ms": t_la, "sdpa_ms": t_sd})
         print(f"  linear_attention B{bb} H{hh} N{nn_} D{d}: {t_la:8.3f} ms  SDPA {t_sd:8.3f} ms")
     out["linear_attention"] = la
+    out["sana"] = _sana_rows(run, g)
+
+
+def _sana_processor_core(q, k, v, heads):
+    """What diffusers' SanaLinearAttnProcessor2_0 computes between its projections and ``to_out`` (diffusers 0.42;
+    written out here: the GPU machine has no diffusers): ``[B, N, C]`` q, k, v to ``[B, N, C]``."""
+    q = F.relu(q.transpose(1, 2).unflatten(1, (heads, -1))).float()
+    k = F.relu(k.transpose(1, 2).unflatten(1, (heads, -1)).transpose(2, 3)).float()
+    v = F.pad(v.transpose(1, 2).unflatten(1, (heads, -1)).float(), (0, 0, 0, 1), mode="constant", value=1.0)
+    h = torch.matmul(torch.matmul(v, k), q)
+    return (h[:, :, :-1] / (h[:, :, -1:] + 1e-15)).flatten(1, 2).transpose(1, 2).to(q.dtype)
+
+
+def _sana_rows(run: Run, g) -> list[dict]:
+    """``sana_linear_attention=True``'s attention (jetdet/patch/sana.py: fp32 ``jetdet.ops.linear_attention``, eps
+    1e-15) against the processor's torch ops, bf16 projections in, at SANA 1600M's heads (70 of 32) and the token
+    counts of 1024 / 2048 px images (DC-AE f32: 1024, 4096 tokens): the figure that decides whether the route could be
+    on by default."""
+    import jetdet
+
+    rows = []
+    for n in ((64,) if run.dry else (1024, 4096)):
+        if run.left() < 10:
+            break
+        b, heads, d = (1, 2, 32) if run.dry else (2, 70, 32)
+        q, k, v = (torch.randn(b, n, heads * d, generator=g, device=run.dev).to(torch.bfloat16) for _ in range(3))
+
+        def route(q=q, k=k, v=v, heads=heads):
+            qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2).float() for t in (q, k, v))
+            o = jetdet.ops.linear_attention(qh, kh, vh, feature_map="relu", eps=1e-15)
+            return o.transpose(1, 2).flatten(2)
+
+        ref = _sana_processor_core(q, k, v, heads)
+        err = float((route() - ref).norm() / ref.norm())
+        t_p = run.time_ms(lambda a=(q, k, v, heads): _sana_processor_core(*a))
+        t_j = run.time_ms(route)
+        rows.append({"shape": [b, heads, n, d], "processor_ms": t_p, "jetdet_ms": t_j, "rel_err": err})
+        print(f"  SANA linear attention B{b} H{heads} N{n} D{d}: jetdet {t_j:8.3f} ms  diffusers' processor ops "
+              f"{t_p:8.3f} ms  ({t_p / t_j:4.2f}x)  rel err {err:.1e}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- sweep
@@ -1727,6 +1767,9 @@ def markdown(res: dict) -> str:
                   f"{r['dense_jetdet_ms']:.3f} | {r['sdpa_ms']:.3f} |" for r in s["sparse"]["block_sparse"]]
         lines += [f"| linear_attention {r['shape']} | {r['linear_attention_ms']:.3f} | | {r['sdpa_ms']:.3f} |"
                   for r in s["sparse"].get("linear_attention", [])]
+        lines += [f"| SANA linear attention {r['shape']} (dense column: diffusers' processor ops; rel err "
+                  f"{r['rel_err']:.1e}) | {r['jetdet_ms']:.3f} | {r['processor_ms']:.3f} | |"
+                  for r in s["sparse"].get("sana", [])]
         lines.append("")
     if s.get("sweep", {}).get("rows"):
         lines += ["## Tile sweep (best fixed config per shape)", "", "| shape | op | dtype | best ms | config |",
