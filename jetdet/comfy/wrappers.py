@@ -122,12 +122,39 @@ def _conditioning_named(base_model, args: tuple, kwargs: dict):
         want = text_width(base_model)
         if not isinstance(ctx, torch.Tensor) or ctx.dim() < 2 or want is None or ctx.shape[-1] == want:
             raise
-        raise ValueError(
-            f"positive, negative: the conditioning's text tokens are {ctx.shape[-1]} wide (shape "
-            f"{tuple(ctx.shape)} for this model call), but the model takes {want}: the conditioning comes from "
-            "the text encoder of another model family (SD1.5: 768, SD2: 1024, SDXL: 2048, SD3, Flux, Wan: 4096); "
-            "connect the conditioning of this model's own text encoder (the model's own error: "
-            f"{type(e).__name__}: {str(e)[:200]})") from e
+        raise _width_error(ctx, "for this model call", want, e) from e
+
+
+def _width_error(ctx: torch.Tensor, where: str, want: int, e: BaseException) -> ValueError:
+    return ValueError(
+        f"positive, negative: the conditioning's text tokens are {ctx.shape[-1]} wide (shape "
+        f"{tuple(ctx.shape)} {where}), but the model takes {want}: the conditioning comes from "
+        "the text encoder of another model family (SD1.5: 768, SD2: 1024, SDXL: 2048, SD3, Flux, Wan: 4096); "
+        "connect the conditioning of this model's own text encoder (the model's own error: "
+        f"{type(e).__name__}: {str(e)[:200]})")
+
+
+@contextlib.contextmanager
+def conditionings_named(model, positive, negative):
+    """For a node that samples its ``positive``/``negative`` in any mode (the Benchmark's off and fast runs come
+    before its deterministic one): a sampling run that fails while a conditioning's text tokens are not as wide as
+    the model takes raises the same error as a deterministic model call does, naming the conditionings and both
+    widths, chained from the model's own. Outside jetdet's mode the failure was ComfyUI's own, "mat1 and mat2
+    shapes cannot be multiplied (4x16 and 768x320)", from inside the model (a user trial over the HTTP server).
+    Nothing is refused before the run: any other failure, and one with tokens of the model's width, is raised as
+    it is."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        if str(e).startswith("positive, negative: the conditioning's text tokens"):
+            raise
+        want = text_width(getattr(model, "model", None))
+        for name, cond in (("positive", positive), ("negative", negative)):
+            for entry in cond if isinstance(cond, list) else ():
+                ctx = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+                if isinstance(ctx, torch.Tensor) and ctx.dim() >= 2 and want is not None and ctx.shape[-1] != want:
+                    raise _width_error(ctx, f"in {name}", want, e) from e
+        raise
 
 
 _warned_partial_load = [False]

@@ -710,6 +710,24 @@ def test_a_conditioning_of_another_width_is_an_error_naming_the_conditionings(sh
     assert "conditioning's text tokens" not in str(e.value), e.value
 
 
+def test_benchmark_names_a_conditioning_of_another_width(shapes_patcher, shapes_conds):
+    """A user trial over the HTTP server: the Benchmark samples off first, outside jetdet's mode, so a conditioning
+    of another model family stopped it with ComfyUI's own "mat1 and mat2 shapes cannot be multiplied" from inside
+    the model. Now it is the Deterministic Sampler's error, naming the conditioning, both widths and the model's own
+    error; a budget typed "-0" is labelled 0."""
+    pos, neg = shapes_conds
+    wide = [[torch.randn(1, 1, 24), dict(neg[0][1])]]
+    with pytest.raises(ValueError) as e:
+        N.JetDetBenchmark.execute(shapes_patcher, 2, 1, 4.0, "euler", "simple", pos, wide, empty_latent(1), 1.0, "")
+    msg = str(e.value)
+    assert msg.startswith("positive, negative: the conditioning's text tokens are 24 wide (shape (1, 1, 24) in "
+                          "negative), but the model takes 16"), msg
+    assert "mat1 and mat2" in msg and e.value.__cause__ is not None, msg
+    table = N.JetDetBenchmark.execute(shapes_patcher, 2, 1, 4.0, "euler", "simple", pos, neg, empty_latent(1), 1.0,
+                                      "-0").args[0]
+    assert table.splitlines()[2].split()[:2] == ["fast", "0"], table
+
+
 def test_the_empty_latents_downscale_ratio_reaches_comfyui_and_leaves_the_output(shapes_patcher, shapes_conds,
                                                                                   monkeypatch):
     """Newer ComfyUI (a trial on 0.33): "Empty Latent Image" puts ``downscale_ratio_spacial`` in its LATENT and
