@@ -1199,7 +1199,10 @@ class JetDetBenchmark(io.ComfyNode):
                         "Every setting first runs once untimed (2 steps), so model loading and first-call costs are "
                         "in no timed run.",
             is_output_node=True,
-            inputs=_ksampler_inputs(offset=False) + [
+            inputs=[io.Model.Input("model", tooltip="The model to sample (it is not changed). A model from the Fast "
+                                                    "Optimizer keeps its settings in the fast runs (only the budget "
+                                                    "is each of fast_budgets).")]
+            + _ksampler_inputs(offset=False)[1:] + [
                 io.String.Input("fast_budgets", default="0.05, 0.1",
                                 tooltip="Comma-separated step-cache budgets to run in fast mode (empty: only off "
                                         "and deterministic)."),
@@ -1233,8 +1236,15 @@ class JetDetBenchmark(io.ComfyNode):
             if not 0.0 <= b <= 1.0:
                 raise ValueError(f"fast_budgets: every budget must be in [0, 1], got {b}")
         runs = [("off", wr.without_jetdet(model))]
+        # a model from the Fast Optimizer keeps its settings (forecast, max_consecutive_skips, start/end_percent,
+        # attention options) in the fast runs, only the budget is each of fast_budgets; before, they were dropped
+        # for the defaults, and a model set never to skip skipped calls here (a user trial)
+        given = wr.fast_state(model)
+        fast_opts = {} if given is None else {
+            k: v for k, v in dict(given.options, linear_attention=given.linear_attention,
+                                  attention_cache=given.attention_cache).items() if k != "budget"}
         for b in budgets:
-            runs.append((f"fast {b:g}", wr.with_fast(model, budget=b)[0]))
+            runs.append((f"fast {b:g}", wr.with_fast(model, **fast_opts, budget=b)[0]))
             wr.fast_state(runs[-1][1]).note_nothing_saved = False  # its table shows the calls
         runs.append(("deterministic", wr.with_deterministic(model)))
         # an untimed warm-up of every setting before any timed run: ComfyUI loads the model on the first sampling
@@ -1281,6 +1291,10 @@ class JetDetBenchmark(io.ComfyNode):
         how = (f"the median of {repeats} interleaved runs per setting" if repeats > 1 else
                "one run per setting; it moves with the machine's load (raise repeats), the model calls do not")
         lines.append(f"wall s: {how}" + ("" if budgets else ". No fast budgets given (fast_budgets is empty)"))
+        if budgets and given is not None:
+            shown = {k: v for k, v in fast_opts.items() if v is not None and v is not False}  # 0 is shown
+            lines.append("fast: the given model's Fast Optimizer settings at each budget: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(shown.items())))
         table = "\n".join(lines)
         return io.NodeOutput(table, _plot(points), ui={"text": [table]})
 

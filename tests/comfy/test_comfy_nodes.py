@@ -710,6 +710,18 @@ def test_a_conditioning_of_another_width_is_an_error_naming_the_conditionings(sh
     assert "conditioning's text tokens" not in str(e.value), e.value
 
 
+def test_benchmark_keeps_the_fast_optimizers_settings(shapes_patcher, shapes_conds):
+    """A user trial: the Benchmark given a Fast Optimizer's model ran its fast rows with the default settings, only
+    the budget its own, so a model set never to skip (max_consecutive_skips 0) skipped calls there. Now its
+    settings are kept and the table names them; a plain model's fast rows skip (the control)."""
+    never = N.JetDetFastOptimizer.execute(shapes_patcher, 0.05, 0.0, 0.0, "order1", 0, "off", False).args[0]
+    tables = [N.JetDetBenchmark.execute(m, 2, 6, 4.0, "euler", "simple", *shapes_conds, empty_latent(1), 1.0,
+                                        "0.3").args[0].splitlines() for m in (shapes_patcher, never)]
+    assert int(tables[0][2].split()[5]) < 6, tables[0]  # columns: fast, 0.3, wall, speed-up, fewer, calls
+    assert tables[1][2].split()[5] == "6" and tables[1][2].split()[7] == "inf", tables[1]
+    assert "max_consecutive_skips 0" in tables[1][-1] and "Fast Optimizer" not in "\n".join(tables[0])
+
+
 def test_benchmark_names_a_conditioning_of_another_width(shapes_patcher, shapes_conds):
     """A user trial over the HTTP server: the Benchmark samples off first, outside jetdet's mode, so a conditioning
     of another model family stopped it with ComfyUI's own "mat1 and mat2 shapes cannot be multiplied" from inside
