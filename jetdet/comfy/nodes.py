@@ -43,7 +43,7 @@ def _samplers():
 def _ksampler_inputs(offset: bool = True) -> list:
     """KSampler's inputs; ``offset``: the node has a ``batch_offset`` (the seed's tooltip names it)."""
     samplers, schedulers = _samplers()
-    item = "batch_offset + i" if offset else "i"
+    item = "batch_offset + i" if offset else "i, or batch_index[i] for a latent from ComfyUI's batch nodes"
     return [
         io.Model.Input("model", tooltip="The model to sample (it is not changed)."),
         io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
@@ -1196,8 +1196,9 @@ class JetDetBenchmark(io.ComfyNode):
             node_id="JetDetBenchmark", display_name="jetdet Benchmark", category=CATEGORY,
             description="Samples the latent with the model in off, fast (each budget) and deterministic mode, from "
                         "the same per-item noise; reports wall time, model calls, PSNR against off and checksums. "
-                        "Every setting first runs once untimed (2 steps), so model loading and first-call costs are "
-                        "in no timed run.",
+                        "Every setting first runs once untimed (2 steps; the fast setting with the largest budget all "
+                        "its steps, so the step cache's own first calls are warm too), so model loading and "
+                        "first-call costs are in no timed run.",
             is_output_node=True,
             inputs=[io.Model.Input("model", tooltip="The model to sample (it is not changed). A model from the Fast "
                                                     "Optimizer keeps its settings in the fast runs (only the budget "

@@ -593,6 +593,26 @@ def test_benchmark_warm_up_launches_the_step_caches_kernels(shapes_patcher, shap
     assert at_first_timed_run[0].get("forecast") and at_first_timed_run[0].get("relative_change"), at_first_timed_run
 
 
+def test_benchmark_schema_says_what_it_does(shapes_patcher, shapes_conds):
+    """The page's texts were wrong in two places: the description said every setting warms up with 2 steps (the
+    largest budget's fast setting runs all its steps, above), and the seed's tooltip that item i's noise depends on
+    (seed, i, step), where a latent from ComfyUI's batch nodes gives its batch_index instead (as here: item 1 alone
+    by its batch_index is row 1 of the batch in the deterministic run; the off run is not batch invariant)."""
+    schema = N.JetDetBenchmark.define_schema()
+    assert "largest budget all its steps" in schema.description, schema.description
+    seed = next(i for i in schema.inputs if i.id == "seed")
+    assert "batch_index[i]" in seed.tooltip, seed.tooltip
+
+    def det_sums(latent):
+        table = N.JetDetBenchmark.execute(shapes_patcher, 2, 2, 4.0, "euler", "simple", *shapes_conds, latent, 1.0,
+                                          "").args[0]
+        row = table.splitlines()[2].split()
+        assert row[0] == "deterministic", table
+        return row[7:]
+
+    assert det_sums(dict(empty_latent(1), batch_index=[1])) == det_sums(empty_latent(2))[1:]
+
+
 def _dot_heights(img: torch.Tensor) -> list[float]:
     """Mean pixel row of the PIL plot's blue dots, left to right (one dot per column band)."""
     blue = torch.tensor([31, 119, 180], dtype=torch.float32) / 255.0
