@@ -861,9 +861,9 @@ def recall_path(key: str, folder: str = "") -> str:
 
 
 def _mb(name: str, v) -> int | None:
-    if v is None or v < 0:
+    if v is None or v == -1:
         return None
-    if not math.isfinite(v):
+    if not math.isfinite(v) or v < 0:  # -0.5 read as unlimited before: only -1 says that
         raise ValueError(f"{name}: expected megabytes >= 0, or -1 for unlimited, got {v!r}")
     return int(v * 1024 * 1024)
 
@@ -1060,8 +1060,9 @@ class JetDetCacheManager(io.ComfyNode):
             raise ValueError(f"model: action {action!r} needs a model from jetdet Fast Optimizer")
         state = wr.fast_state(wr.check_model(model))
         if state is None:
-            raise ValueError(f"model: {type(model.model).__name__} has no jetdet step cache; connect the output of "
-                             "jetdet Fast Optimizer (or Mode Switch in fast mode)")
+            how = " (it is in jetdet's deterministic mode, which caches nothing)" if wr.is_deterministic(model) else ""
+            raise ValueError(f"model: {type(model.model).__name__} has no jetdet step cache{how}; connect the output "
+                             "of jetdet Fast Optimizer (or Mode Switch in fast mode)")
         out_model = model
         if action == "set_budget":
             budgets = dict(device=_mb("device_budget_mb", device_budget_mb), cpu=_mb("cpu_budget_mb", cpu_budget_mb),

@@ -104,8 +104,17 @@ def test_cache_manager_stats_and_clear(shapes_patcher, shapes_conds):
     assert report.endswith('; held now {"device": 0, "cpu": 0, "disk": 0}'), report
     report = JetDetCacheManager.execute("clear", fast).args[3]
     assert report.startswith("cleared") and report.endswith('held now {"device": 0, "cpu": 0, "disk": 0}')
-    with pytest.raises(ValueError, match="no jetdet step cache"):
+    with pytest.raises(ValueError, match="no jetdet step cache; connect"):
         JetDetCacheManager.execute("stats", shapes_patcher)
+    # a model in deterministic mode is named as such (a user trial read only "SD3 has no jetdet step cache")
+    with pytest.raises(ValueError, match="no jetdet step cache \\(it is in jetdet's deterministic mode"):
+        JetDetCacheManager.execute("stats", wr.with_deterministic(shapes_patcher))
+    # only -1 means unlimited: -0.5 is an error naming the input (it was read as unlimited)
+    for name in ("device_budget_mb", "cpu_budget_mb", "disk_budget_mb"):
+        with pytest.raises(ValueError, match=f"{name}: expected megabytes >= 0, or -1 for unlimited, got -0.5"):
+            JetDetCacheManager.execute("set_budget", fast, **{name: -0.5})
+    assert JetDetCacheManager.execute("set_budget", fast, device_budget_mb=-1, cpu_budget_mb=-1.0,
+                                      disk_budget_mb=-1).args[3].startswith("budgets (bytes, None = unlimited): ")
 
 
 def test_recall_is_bit_exact_and_detects_a_changed_file(tmp_path):
