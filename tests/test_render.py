@@ -640,6 +640,32 @@ def test_force_renders_a_job_of_the_same_spec_again(tmp_path, monkeypatch):
     assert _render(spec, out, model=model, force=True).rendered == 4
 
 
+def test_force_under_torchruns_default_run_id_is_not_a_restart(tmp_path, monkeypatch):
+    """torchrun gives its workers the run id "none" unless --rdzv-id is given (with --master-port, or on several
+    nodes): every such launch has it. A forced run whose first attempt was lost before its plan (a worker died loading
+    the model) and restarted found an earlier forced run's "none" in the manifest and resumed that run's items, made
+    by the old forward: --force did nothing (rendered 0, verify --against a fresh folder: 4 differ)."""
+    import _render_model
+
+    model = _render_model.TinyVelocity().eval()
+    spec = {"items": 4, "steps": 2, "model": "mine"}
+    out = tmp_path / "job"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert _render(spec, out, model=model, force=True).rendered == 4  # an earlier forced launch
+    old = items(out)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, t, y: 0.5 * forward(x, t, y))  # new code, the same weights
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a new forced launch's restart, its attempt 0 lost early
+    r = _render(spec, out, model=model, force=True)
+    assert r.rendered == 4 and r.kept == 0 and items(out) != old
+    # control: a run id torchrun makes per launch (one node, or --rdzv-id) still resumes its own forced run
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "4df1a220-d983")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert _render(spec, out, model=model, force=True).rendered == 4
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert _render(spec, out, model=model, force=True).kept == 4
+
 def test_model_object_and_the_callers_state_left_alone(tmp_path):
     """render(model=...) uses the caller's model without changing it, restores the thread count and torch's
     flags, and leaves no process group behind; also when it raises."""

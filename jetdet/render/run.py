@@ -706,8 +706,13 @@ def _plan_locked(out: Path, job: _Job, force: bool, world: int, held: list) -> d
                               "writes); move it away")
     # --force replaces the folder's job, also one of this spec: its items are rendered again (it resumed a job of the
     # same spec, keeping the items a model's old forward had made, which is what README advises --force for). A
-    # torchrun restart of a forced run (same run id, restart count > 0) resumes what that run rendered instead
+    # torchrun restart of a forced run (same run id, restart count > 0) resumes what that run rendered instead.
+    # torchrun's default run id "none" (--master-port, or several nodes, without --rdzv-id) is every such launch's:
+    # it names no run, or a forced run whose first attempt was lost before this plan resumed an earlier forced run's
+    # items (those of the old forward) instead of replacing them
     run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
+    if run_id == "none":
+        run_id = None
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
     forced_before = (manifest is not None and run_id is not None and restarted
                      and manifest.get("forced_by") == run_id)
