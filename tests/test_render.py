@@ -214,6 +214,17 @@ def test_verify_against_a_folder_rechecks_its_files_too(ref, tmp_path, capsys):
     assert verify(ref, against=other / "manifest.json")  # a manifest alone: compared by its checksums
 
 
+def test_verify_against_a_half_copied_folder_is_a_line_per_problem(ref, tmp_path):
+    """``--against`` a folder missing many of its files (a copy stopped halfway) printed a line per missing file (1000
+    lines for 1000 of 2000); its problems are grouped as the folder's own are: ranges past ten."""
+    other = _copy(ref, tmp_path / "other")
+    for i in range(11):
+        (other / item_name(i)).unlink()
+    report = verify(ref, against=other)
+    assert sorted(report.against_problems) == list(range(11))
+    lines = report.lines()
+    assert lines[-2:] == ["    items 0-10 (11): file missing", "verify: FAILED"], lines
+
 def test_compare_of_two_item_lists_counts_the_items_that_are_not_the_same(ref, tmp_path):
     """Two jobs whose items differ (other seeds): the head line said "12 items in both, 0 identical checksums, 0
     differ", then one line per item. Now it counts them and lists them as ranges past ten."""

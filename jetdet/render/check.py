@@ -102,14 +102,7 @@ class VerifyReport:
 
     def lines(self) -> list[str]:
         out = [f"verify: {self.out}: {self.total} items, {len(self.ok)} ok, {len(self.problems)} with problems"]
-        by_problem: dict[str, list[int]] = {}
-        for i, p in sorted(self.problems.items()):
-            by_problem.setdefault(p, []).append(i)
-        for i, p in sorted(self.problems.items()):
-            if len(by_problem[p]) <= _ONE_LINE_EACH:
-                out.append(f"  item {i} ({store.item_name(i)}): {p}")
-            elif by_problem[p][0] == i:  # a job stopped at 10% of 100k items: one line, not 90k
-                out.append(f"  items {_ranges(by_problem[p])} ({len(by_problem[p])}): {p}")
+        out += _problem_lines(self.problems, "  ")
         if self.not_of_the_job:
             out.append(f"  {len(self.not_of_the_job)} item file(s) not of this job (the manifest's item list has no "
                        f"such index): items {_ranges(self.not_of_the_job)}; move them away")
@@ -121,10 +114,23 @@ class VerifyReport:
             if self.against_problems:
                 out.append(f"  {len(self.against_problems)} item file(s) of {self.comparison.other} do not match its "
                            "manifest (the comparison read its checksums from there):")
-            for i, p in sorted(self.against_problems.items()):
-                out.append(f"    item {i} ({store.item_name(i)}): {p}")
+            out += _problem_lines(self.against_problems, "    ")  # (a half-copied folder: a line each, 1000 lines)
         out.append("verify: OK" if self else "verify: FAILED")
         return out
+
+
+def _problem_lines(problems: dict, indent: str) -> list[str]:
+    """``{index: problem}`` as lines: an item a line, or one line of ranges for more than ten with one problem."""
+    by_problem: dict[str, list[int]] = {}
+    for i, p in sorted(problems.items()):
+        by_problem.setdefault(p, []).append(i)
+    out = []
+    for i, p in sorted(problems.items()):
+        if len(by_problem[p]) <= _ONE_LINE_EACH:
+            out.append(f"{indent}item {i} ({store.item_name(i)}): {p}")
+        elif by_problem[p][0] == i:  # a job stopped at 10% of 100k items: one line, not 90k
+            out.append(f"{indent}items {_ranges(by_problem[p])} ({len(by_problem[p])}): {p}")
+    return out
 
 
 def _ranges(xs: list[int]) -> str:
