@@ -378,6 +378,11 @@ def _switch(new: Mode, warn_only: bool, ctx: bool) -> tuple[_Frame, Mode]:
     if new is old is Mode.DETERMINISTIC and warn_only != cur.warn_only:
         _warn_kept_warn_only(warn_only)
     mine = _mine(cur)
+    if not ctx and not cur.ctx and cur.parent is not None and mine and new is old and _current.get() is cur:
+        # set_mode with the mode its own last set_mode set (an init run twice): nothing changes, so the frame stays.
+        # Replacing it closed it for the tasks and copied contexts holding it: they read off while the process held
+        # deterministic mode (their calls ran unrouted)
+        return cur, old
     # what this context holds through cur: nothing through a frame inherited from another task (see _Frame)
     _transition(old if mine else Mode.OFF, new, warn_only)
     held = (new is Mode.DETERMINISTIC) - (mine and old is Mode.DETERMINISTIC)

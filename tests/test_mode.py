@@ -578,6 +578,41 @@ def test_a_task_reads_what_holds_after_its_creator_replaces_its_set_mode():
     assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
 
 
+def test_set_mode_again_with_the_same_mode_leaves_tasks_and_copied_contexts_reading_it():
+    """``set_mode("deterministic")`` called again (an init run twice) replaced the first call's frame and closed it:
+    a task created in between, or a ``contextvars.copy_context()`` taken then, read off while its creator and
+    torch's flags stayed deterministic (its calls ran unrouted). 30c6152 read deterministic; so does this."""
+    mode_mod = importlib.import_module("jetdet.mode")
+    before = torch_flags()
+    for m in (Mode.DETERMINISTIC, Mode.FAST):
+        jetdet.set_mode(m)
+        ctx = contextvars.copy_context()
+        jetdet.set_mode(m)
+        assert ctx.run(jetdet.get_mode) is m and jetdet.get_mode() is m
+        jetdet.set_mode("off")
+    assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
+    seen = []
+
+    async def reads(go):
+        await go.wait()
+        seen.append((jetdet.get_mode(), mode_mod._router_on_stack(), torch.are_deterministic_algorithms_enabled()))
+
+    async def main():
+        go = asyncio.Event()
+        jetdet.set_mode("deterministic")
+        task = asyncio.create_task(reads(go))
+        await asyncio.sleep(0)
+        jetdet.set_mode("deterministic")
+        go.set()
+        await task
+        jetdet.set_mode("off")  # control: the one hold is released, as after one set_mode call
+        seen.append((jetdet.get_mode(), mode_mod._router_on_stack(), torch.are_deterministic_algorithms_enabled()))
+
+    asyncio.run(main())
+    assert seen == [(Mode.DETERMINISTIC, True, True), (Mode.OFF, False, False)]
+    assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
+
+
 def test_an_async_generator_left_inside_a_block_restores_everything_when_asyncio_run_closes_it():
     """``async for ... : break`` leaves an async generator suspended inside its ``with jetdet.mode(...)`` block;
     ``asyncio.run`` closes it at shutdown in a task of its own, whose exit undoes the block's hold (a hold is undone
