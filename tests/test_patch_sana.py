@@ -158,3 +158,31 @@ def test_off_by_default_and_warns_when_nothing_to_route():
         warnings.simplefilter("always")
         jetdet.patch(m, mode="fast", sana_linear_attention=True).remove()
     assert any("sana_linear_attention=True, but no attention module" in str(x.message) for x in w)
+
+
+def test_calls_the_op_does_not_take_run_as_diffusers_runs_them():
+    """The processor broadcasts a one-row ``encoder_hidden_states`` over the batch and takes empty token lists
+    (no keys: out is ``to_out`` of zeros); the route raised on both (the op's ValueError "k: expected shape (3, 2,
+    M, 16)", its torch path's RuntimeError on 0 tokens). They are left to diffusers and counted by why; so are
+    fewer rows than a PAG processor's chunks (counted as "head dim > 128" before). Control: the same module routes
+    a call of matching batch sizes."""
+    m = _sana()
+    attn = m.transformer_blocks[0].attn1
+    g = torch.Generator().manual_seed(3)
+    calls = [(torch.randn(3, 7, 32, generator=g), torch.randn(1, 5, 32, generator=g)),
+             (torch.randn(2, 4, 32, generator=g), torch.randn(2, 0, 32, generator=g)),
+             (torch.randn(2, 0, 32, generator=g), None),
+             (torch.randn(3, 7, 32, generator=g), torch.randn(3, 5, 32, generator=g))]
+    with torch.no_grad():
+        refs = [attn(hs, encoder_hidden_states=e) for hs, e in calls]
+        with jetdet.patch(m, mode="fast", budget=0.0, sana_linear_attention=True) as h:
+            for (hs, e), ref in zip(calls, refs):
+                got = attn(hs, encoder_hidden_states=e)
+                assert got.shape == ref.shape and (not ref.numel() or _rel(got, ref) <= FP32_TOL)
+            st = h.stats()["sana_linear_attention"]
+            assert st["routed"] == {"SanaLinearAttnProcessor2_0": 1}
+            assert st["left_to_diffusers"] == {"encoder_hidden_states of another batch size": 1, "no tokens": 2}
+            attn.set_processor(PAGCFGSanaLinearAttnProcessor2_0())
+            with pytest.raises(ValueError):  # diffusers' own error: 2 rows make 2 chunks, not 3
+                attn(torch.randn(2, 4, 32, generator=g))
+            assert h.stats()["sana_linear_attention"]["left_to_diffusers"]["fewer rows than PAG chunks"] == 1

@@ -17,7 +17,8 @@ The processor is looked up at every call, so a processor set after the patch (``
 pipeline's) is what runs: one of the three classes above through jetdet, anything else as diffusers runs it.
 Calls it does not take run diffusers' own code unchanged and are counted in ``stats()["sana_linear_attention"]``:
 extra keyword arguments (diffusers warns about and drops them), head dims over ``jetdet.ops.fast.MAX_HEAD_DIM``,
-query and key head dims that differ.
+query and key head dims that differ, an ``encoder_hidden_states`` of another batch size (one row for all, which
+the processor broadcasts), no tokens, fewer rows than a PAG processor's chunks.
 
 Off by default: on CPU the op's torch path (row-tiled for batch invariance) is not faster than the processor's two
 ``torch.matmul`` calls (``python bench/sana_linear_attention.py``), and no GPU has timed the kernel on SANA's
@@ -54,7 +55,7 @@ def _classes() -> dict:
 
 
 def _attention(attn, hidden_states: torch.Tensor, encoder_hidden_states, norms: bool):
-    """The processors' linear attention through ``to_out``, or None where the call does not fit the op."""
+    """The processors' linear attention through ``to_out``, or why the call does not fit the op (a str)."""
     from ..ops import linear_attention
 
     original_dtype = hidden_states.dtype
@@ -70,7 +71,13 @@ def _attention(attn, hidden_states: torch.Tensor, encoder_hidden_states, norms: 
     # [B, N, heads * D] -> [B, heads, N, D]: the channel split the processor's transpose(1, 2).unflatten(1, ...) makes
     q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (query, key, value))
     if q.shape[-1] != k.shape[-1] or q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return None
+        return f"head dim > {MAX_HEAD_DIM} or q/k head dims differ"
+    # the processor's matmuls broadcast a batch-1 encoder_hidden_states over the rows and take no tokens (0 keys:
+    # out 0); the op takes neither (a ValueError, a RuntimeError)
+    if k.shape[0] != q.shape[0]:
+        return "encoder_hidden_states of another batch size"
+    if not (q.shape[2] and k.shape[2]):
+        return "no tokens"
     # the processor upcasts q, k, v to fp32 (after its relu, which commutes with the exact upcast): so does this, and
     # the kernel then runs its fp32 dots (no TF32, which it uses for fp16/bf16 inputs)
     out = linear_attention(q.float(), k.float(), v.float(), feature_map="relu", eps=EPS)
@@ -84,7 +91,7 @@ def _attention(attn, hidden_states: torch.Tensor, encoder_hidden_states, norms: 
 
 def _plain(attn, hidden_states, encoder_hidden_states):
     out = _attention(attn, hidden_states, encoder_hidden_states, norms=True)
-    if out is not None and hidden_states.dtype == torch.float16:
+    if not isinstance(out, str) and hidden_states.dtype == torch.float16:
         out = out.clip(-65504, 65504)
     return out
 
@@ -97,11 +104,11 @@ def _pag(n_chunks: int):
         original_dtype = hidden_states.dtype
         parts = hidden_states.chunk(n_chunks)
         if len(parts) != n_chunks:
-            return None  # fewer rows than chunks: the processor's own unpacking error
+            return "fewer rows than PAG chunks"  # the processor's own unpacking error
         org, ptb = torch.cat(parts[:-1]) if n_chunks == 3 else parts[0], parts[-1]
         out = _attention(attn, org, None, norms=False)
-        if out is None:
-            return None
+        if isinstance(out, str):
+            return out
         ptb = attn.to_out[1](attn.to_out[0](attn.to_v(ptb).to(original_dtype)))
         out = torch.cat([out, ptb])
         return out.clip(-65504, 65504) if original_dtype == torch.float16 else out
@@ -158,8 +165,8 @@ class SanaRoute:
             self._count(self.left, "not a [B, N, C] tensor")
             return inner(*args, **kwargs)
         out = _ROUTES[name](this, hs, ehs)
-        if out is None:
-            self._count(self.left, f"head dim > {MAX_HEAD_DIM} or q/k head dims differ")
+        if isinstance(out, str):  # why the op does not take it
+            self._count(self.left, out)
             return inner(*args, **kwargs)
         self._count(self.routed, name)
         return out
