@@ -319,6 +319,23 @@ def test_missing_bundled_weights_are_bad_input_not_a_failed_write(tmp_path, caps
     assert "the job stopped" not in err and not out.exists()
 
 
+def test_damaged_bundled_weights_are_bad_input_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """A truncated or empty weights file (an interrupted download or copy), or the classifier's in its place: the
+    command line raised safetensors' SafetensorError / a ValueError as a traceback. Now exit status 2, naming the
+    model and the file, with the folder not made."""
+    out = tmp_path / "job"
+    data = bundled.DIT_FILE.read_bytes()
+    classifier = bundled.CLASSIFIER_FILE.read_bytes()
+    for name, content in (("truncated", data[:5000]), ("empty", b""), ("classifier", classifier)):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        monkeypatch.setattr(bundled, "DIT_FILE", path)
+        assert main(["run", "--out", str(out), "--count", "1", "--steps", "1", "--threads", "1"]) == 2, name
+        err = capsys.readouterr().err
+        assert "model: 'bundled': cannot load its weights" in err and str(path) in err, err
+        assert not out.exists()
+
+
 def test_a_folder_of_another_spec_is_refused_unless_forced(ref, tmp_path, capsys):
     out = _copy(ref, tmp_path / "job")
     before = snapshot(out)

@@ -404,13 +404,17 @@ def load_model(name: str, device, dtype: torch.dtype, guided: bool = True):
     It is moved to ``device``/``dtype`` and put in eval mode.
     """
     if name == "bundled":
-        from ..models import BUNDLED_CLASSES, load_bundled
+        from safetensors import SafetensorError
+
+        from ..models import BUNDLED_CLASSES, bundled, load_bundled
 
         try:
             return load_bundled(device=device, dtype=dtype), list(BUNDLED_CLASSES)
-        except OSError as e:  # its weights file missing or unreadable: on the command line this read as a failed
-            # write mid-job ("the job stopped. The items listed in the manifest are kept"), exit status 1
-            raise RenderError(f"model: 'bundled': cannot load its weights ({e})") from None
+        except (OSError, ValueError, SafetensorError) as e:  # its weights file missing or unreadable: on the command
+            # line this read as a failed write mid-job ("the job stopped. The items listed in the manifest are kept"),
+            # exit status 1; a truncated or empty one (SafetensorError) or another model's was a traceback
+            why = str(e) if str(bundled.DIT_FILE) in str(e) else f"{bundled.DIT_FILE}: {e}"
+            raise RenderError(f"model: 'bundled': cannot load its weights ({why})") from None
     if not _is_entry_point(name):
         raise RenderError(f"model: expected 'bundled' or an entry point 'package.module:factory', got {name!r} "
                           "(any other name is only a label, for a model object passed to render(model=...))")
