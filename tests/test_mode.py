@@ -994,3 +994,50 @@ def test_route_op_takes_exactly_one_of_a_handler_and_a_reason():
         with pytest.raises(TypeError, match="exactly one of a handler and an unrouted reason"):
             route_op(f, **kw)
     assert handler_for(f) is None
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.create_task(context=) is Python 3.11's")
+def test_set_mode_across_cells_each_its_own_task_over_one_context():
+    """Jupyter (ipykernel 7) runs each cell in an asyncio task of its own over one persistent context. A cell's
+    ``set_mode("off")`` after an earlier cell's ``set_mode("deterministic")`` read off but kept the hold: torch's
+    flags stayed deterministic and the router on (30c6152 released it). Same for "deterministic" set twice, then off.
+    Control: a task the creator is still awaiting (not finished) turns it off for itself only, as before."""
+    mode_mod = importlib.import_module("jetdet.mode")
+    before = torch_flags()
+    ctx = contextvars.copy_context()
+    loop = asyncio.new_event_loop()
+
+    def cell(fn):
+        async def body():
+            out = fn()
+            return await out if asyncio.iscoroutine(out) else out
+        return loop.run_until_complete(loop.create_task(body(), context=ctx))
+
+    def state():
+        return (jetdet.get_mode(), mode_mod._router_on_stack(), torch.are_deterministic_algorithms_enabled())
+
+    try:
+        for sets in (["deterministic"], ["deterministic", "deterministic"], ["deterministic", "fast"]):
+            for m in sets:
+                cell(lambda m=m: jetdet.set_mode(m))
+            assert cell(state)[0] is Mode(sets[-1])
+            cell(lambda: jetdet.set_mode("off"))
+            assert cell(state) == (Mode.OFF, False, False), sets
+            assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
+
+        async def creator():  # control: the creator still runs while its task turns the mode off
+            jetdet.set_mode("deterministic")
+            seen = await asyncio.create_task(child())
+            seen.append(state())
+            jetdet.set_mode("off")
+            return seen
+
+        async def child():
+            jetdet.set_mode("off")
+            return [state()]
+
+        assert cell(creator) == [(Mode.OFF, True, True), (Mode.DETERMINISTIC, True, True)]
+        assert cell(state) == (Mode.OFF, False, False)
+    finally:
+        loop.close()
+    assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
