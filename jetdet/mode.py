@@ -384,12 +384,12 @@ def _switch(new: Mode, warn_only: bool, ctx: bool) -> tuple[_Frame, Mode]:
     if new is old is Mode.DETERMINISTIC and warn_only != cur.warn_only:
         _warn_kept_warn_only(warn_only)
     mine = _mine(cur)
-    if not mine and not ctx and not cur.ctx and cur.parent is not None and cur.thread is _me() and _ended(cur.task):
-        # a set_mode frame whose task has finished, held by this one's context: Jupyter runs each cell in a task of
-        # its own over one persistent context, so a cell's set_mode("off") met the last cell's set_mode frame. No
-        # task is left to own its hold: this set_mode replaces the frame (closed, for any other task holding it) and
-        # undoes its hold (kept, it left torch's flags deterministic and the router on after set_mode("off"))
-        mine = True
+    if not mine and cur.thread is _me() and _ended(cur.task):
+        # a frame whose task has finished, held by this one's context: Jupyter runs each cell in a task of its own
+        # over one persistent context, so a cell's set_mode("off") or mode("off") met an earlier cell's frame. No task
+        # is left to own its hold: this one takes it over (kept, set_mode("off") left torch's flags deterministic and
+        # the router on, and a mode("off") block ran with torch's flags deterministic)
+        cur.task, mine = _task(), True
     if not ctx and not cur.ctx and cur.parent is not None and mine and new is old and _current.get() is cur:
         # set_mode with the mode its own last set_mode set (an init run twice): nothing changes, so the frame stays.
         # Replacing it closed it for the tasks and copied contexts holding it: they read off while the process held

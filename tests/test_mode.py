@@ -1000,7 +1000,8 @@ def test_route_op_takes_exactly_one_of_a_handler_and_a_reason():
 def test_set_mode_across_cells_each_its_own_task_over_one_context():
     """Jupyter (ipykernel 7) runs each cell in an asyncio task of its own over one persistent context. A cell's
     ``set_mode("off")`` after an earlier cell's ``set_mode("deterministic")`` read off but kept the hold: torch's
-    flags stayed deterministic and the router on (30c6152 released it). Same for "deterministic" set twice, then off.
+    flags stayed deterministic and the router on (30c6152 released it), and a ``mode("off")`` block ran with torch's
+    flags deterministic. Same for "deterministic" set twice, then off.
     Control: a task the creator is still awaiting (not finished) turns it off for itself only, as before."""
     mode_mod = importlib.import_module("jetdet.mode")
     before = torch_flags()
@@ -1021,6 +1022,14 @@ def test_set_mode_across_cells_each_its_own_task_over_one_context():
             for m in sets:
                 cell(lambda m=m: jetdet.set_mode(m))
             assert cell(state)[0] is Mode(sets[-1])
+            if sets[-1] == "deterministic":  # a block turning it off in a later cell: torch's flags too, meanwhile
+
+                def off_block():
+                    with jetdet.mode("off"):
+                        return state()
+
+                assert cell(off_block) == (Mode.OFF, False, False)
+                assert cell(state) == (Mode.DETERMINISTIC, True, True)
             cell(lambda: jetdet.set_mode("off"))
             assert cell(state) == (Mode.OFF, False, False), sets
             assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
