@@ -308,6 +308,22 @@ def test_a_step_count_the_sampler_cannot_take_is_refused_before_the_folder_is_ma
     assert "steps: expected a number of steps" in capsys.readouterr().err
 
 
+def test_a_shift_whose_grid_does_not_run_from_1_to_0_is_refused(tmp_path, capsys):
+    """``"shift": 1e-17`` (an accepted positive float) made a timestep grid starting at inf: the job wrote an all-NaN
+    image, exit status 0, and verify said OK (1e-16: a grid starting at 0.9, not from noise). Refused now, naming
+    the shift, before the folder is made. Control: a shift of 1e-9 still renders."""
+    out = tmp_path / "job"
+    for shift in (1e-17, 1e-16, 1e-300):
+        with pytest.raises(RenderError, match=f"shift: {shift!r} gives a timestep grid that does not run from 1"):
+            _render({"items": 1, "steps": 2, "shift": shift}, out)
+        assert not out.exists()
+    assert main(["run", "--out", str(out), "--count", "1", "--steps", "2", "--shift", "1e-17", "--threads", "1"]) == 2
+    assert "shift: 1e-17 gives a timestep grid" in capsys.readouterr().err and not out.exists()
+    assert _render({"items": 1, "steps": 2, "shift": 1e-9}, out).complete
+    from jetdet.render.store import parse_item
+
+    assert all(bool(torch.isfinite(parse_item(data)[0]).all()) for data in items(out).values())
+
 def test_missing_bundled_weights_are_bad_input_not_a_failed_write(tmp_path, capsys, monkeypatch):
     """The bundled model's weights file missing (a broken install): the command line said "the job stopped. The items
     listed in the manifest are kept: the same command resumes the job", exit status 1, as for a full disk mid-job."""

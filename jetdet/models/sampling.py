@@ -39,8 +39,13 @@ def timestep_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     if not shift > 0:
         raise ValueError(f"shift: expected a float > 0, got {shift!r}")
     u = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
-    t = shift * u / (1.0 + (shift - 1.0) * u)
-    return t.to(device=device, dtype=torch.float32)
+    t = (shift * u / (1.0 + (shift - 1.0) * u)).to(torch.float32)
+    # a tiny shift (below about 1e-9) rounds the first time away from 1, or to inf (1 + (shift - 1) = 0): the
+    # sampler then started from another time, or made NaN images silently
+    if not (t[0] == 1.0 and t[-1] == 0.0 and bool(torch.isfinite(t).all()) and bool((t[1:] <= t[:-1]).all())):
+        raise ValueError(f"shift: {shift!r} gives a timestep grid that does not run from 1 down to 0 in float32 "
+                         f"(its first time {t[0].item()!r}); expected a shift of about 1e-9 or more")
+    return t.to(device=device)
 
 
 def num_evaluations(steps: int, sampler: str = "euler") -> int:

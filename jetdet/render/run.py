@@ -586,6 +586,8 @@ def _load_job(spec: JobSpec, device: torch.device, model) -> _Job:
     except (OverflowError, RuntimeError, MemoryError) as e:
         raise RenderError(f"steps: expected a number of steps the sampler can take, got {spec.steps} (its timestep "
                           f"grid: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except ValueError as e:  # a shift whose grid does not run from 1 to 0 (a NaN image, rendered silently)
+        raise RenderError(str(e)) from None
     if model is None:
         model, class_names = load_model(spec.model, device, DTYPES[spec.dtype], guided=spec.cfg != 1.0)
     else:
