@@ -349,7 +349,8 @@ def test_lcm_sampler_computes_every_call_with_a_warning(shapes_patcher, monkeypa
     """lcm replaces the whole latent with the denoised image plus new noise at every step: a call's output is not a
     smooth function of the earlier ones. A break-it run forecast one call at a predicted 3 % error and lost 24 dB
     (eps sigma, 12 karras steps; the negative control below). Fast mode now computes every call with it and says
-    so once."""
+    so once. On ComfyUI 0.33, whose step noise is not the initial noise again, the error estimate forecasts no lcm
+    call by itself: there the control checks that it still does not."""
     from _comfy_util import stock_ksampler
 
     from jetdet.comfy import shapes_model as sm
@@ -369,7 +370,10 @@ def test_lcm_sampler_computes_every_call_with_a_warning(shapes_patcher, monkeypa
     monkeypatch.setattr(wr, "_RENOISING", frozenset())  # negative control: forecast as any other sampler
     old = _fast(eps, 0.05)
     out_old = run(old)
-    assert wr.fast_state(old).stats()["calls_saved"] > 0 and psnr_db(out_old, ref) < 30, psnr_db(out_old, ref)
+    if _controls().step_noise_repeats_initial_noise():  # ComfyUI 0.3.64
+        assert wr.fast_state(old).stats()["calls_saved"] > 0 and psnr_db(out_old, ref) < 30, psnr_db(out_old, ref)
+    else:  # fresh step noise: no call smooth enough to forecast, with or without the rule
+        assert wr.fast_state(old).stats()["calls_saved"] == 0 and torch.equal(out_old, ref)
 
 
 @pytest.mark.parametrize("sampling", ["eps", "edm"])
