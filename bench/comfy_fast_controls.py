@@ -23,7 +23,7 @@ same run in mode off (whole batch, peak-to-peak the reference's range: the Bench
   every call (ComfyUI's output bit for bit); the control forecasts as for any other sampler.
 * ``lcm``: the lcm sampler in eps sigma, 12 karras steps, batch 2 (stock KSampler, seed 3), budget 0.05. The same
   rule (every call computed) and the same control. On a ComfyUI whose step noise is not the initial noise again
-  (0.33) the control forecasts nothing either: it says so, and only the fix is checked.
+  (0.7, 0.33) the control forecasts nothing either: it says so, and only the fix is checked.
 
 ``tests/comfy/test_comfy_fast.py`` asserts the same comparisons with margins; this prints the figures the README
 quotes. Exits 1 when a fix does not beat its control.
@@ -231,8 +231,8 @@ def case_hook(model, conds, budgets=(0.02, 0.05, 0.1)):
 def step_noise_repeats_initial_noise() -> bool:
     """Whether this ComfyUI's samplers draw their first step noise equal to the initial noise of the same seed.
     ComfyUI 0.3.64 seeds both with the seed (so lcm's first step adds the initial noise again, and the step cache's
-    error estimate finds lcm's calls smooth enough to forecast one); newer ComfyUI (0.33) draws the step noise from
-    seed + 1 on a CPU, and the error estimate forecasts no lcm call at any budget up to 0.5."""
+    error estimate finds lcm's calls smooth enough to forecast one); newer ComfyUI (0.7, 0.33) draws the step noise
+    from seed + 1 on a CPU, and the error estimate forecasts no lcm call at any budget up to 0.5 (0.33)."""
     import comfy.k_diffusion.sampling as ks
     import comfy.sample
 

@@ -349,8 +349,8 @@ def test_lcm_sampler_computes_every_call_with_a_warning(shapes_patcher, monkeypa
     """lcm replaces the whole latent with the denoised image plus new noise at every step: a call's output is not a
     smooth function of the earlier ones. A break-it run forecast one call at a predicted 3 % error and lost 24 dB
     (eps sigma, 12 karras steps; the negative control below). Fast mode now computes every call with it and says
-    so once. On ComfyUI 0.33, whose step noise is not the initial noise again, the error estimate forecasts no lcm
-    call by itself: there the control checks that it still does not."""
+    so once. On ComfyUI 0.7 and 0.33, whose step noise is not the initial noise again, the error estimate forecasts no
+    lcm call by itself: there the control checks that it still does not."""
     from _comfy_util import stock_ksampler
 
     from jetdet.comfy import shapes_model as sm
