@@ -161,8 +161,11 @@ def _fingerprint_notes(a: dict, b: dict) -> list[str]:
 
 def compare(here, other) -> Comparison:
     """Compare the manifests of two folders (or manifest files) item by item."""
-    a, _ = _load(here, "out")
-    b, _ = _load(other, "against")
+    return _compare(here, _load(here, "out")[0], other, _load(other, "against")[0])
+
+
+def _compare(here, a: dict, other, b: dict) -> Comparison:
+    """:func:`compare` of the manifests ``a`` (read from ``here``) and ``b`` (from ``other``)."""
     ia, ib = a["items"], b["items"]
     both = sorted(set(ia) & set(ib), key=int)
     equal, differ, not_same = [], [], []
@@ -209,11 +212,11 @@ def verify(out, against=None) -> VerifyReport:
             problems[idx] = p + " (a rerun of the job recomputes it)"
     comparison, against_problems = None, {}
     if against is not None:
-        comparison = compare(out, against)
+        other, other_folder = _load(against, "against")
+        comparison = _compare(out, manifest, against, other)
         # the comparison reads the other folder's checksums from its manifest: a folder's own files are rechecked
         # too, or a damaged or missing file there passed as "the same" (a user trial); a manifest file alone is
         # compared as it is
-        other, other_folder = _load(against, "against")
         if other_folder is not None:
             for k, entry in other["items"].items():
                 p = store.check_item(other_folder, int(k), entry)
