@@ -634,13 +634,26 @@ def test_an_async_generator_left_inside_a_block_restores_everything_when_asyncio
     assert torch_flags() == before and torch._C._len_torch_function_stack() == 0
 
 
+def _run_seeds_and_check_restored(main, seeds: int = 60) -> None:
+    """``asyncio.run(main(seed))`` for each seed: after each, the thread's depth, the process's users, the router and
+    torch's flags are as they started, and no torch function mode is left on the stack."""
+    mode_mod = importlib.import_module("jetdet.mode")
+    before = torch_flags()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(seeds):
+            asyncio.run(main(seed))
+            state = (getattr(mode_mod._tls, "depth", 0), mode_mod._global_users, mode_mod._router_on_stack())
+            assert state == (0, 0, False) and torch_flags() == before, f"seed {seed}: {state}"
+    assert torch._C._len_torch_function_stack() == 0
+
+
 def test_random_interleavings_with_set_mode_and_exceptions_leave_the_counts_as_they_started():
     """As the test below, with ``set_mode`` calls (inside blocks, and ``off``/``fast`` at a task's top) and blocks
     left by an exception: everything ends as it started. On the code before, 111 of 300 such seeds ended with the
     counts negative (a task's ``off`` released its creator's hold)."""
     import random
 
-    mode_mod = importlib.import_module("jetdet.mode")
     modes = ["off", "deterministic", "deterministic", "fast"]
 
     class Boom(Exception):
@@ -673,14 +686,7 @@ def test_random_interleavings_with_set_mode_and_exceptions_leave_the_counts_as_t
         while spawned:
             await spawned.pop()
 
-    before = torch_flags()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for seed in range(60):
-            asyncio.run(main(seed))
-            state = (getattr(mode_mod._tls, "depth", 0), mode_mod._global_users, mode_mod._router_on_stack())
-            assert state == (0, 0, False) and torch_flags() == before, f"seed {seed}: {state}"
-    assert torch._C._len_torch_function_stack() == 0
+    _run_seeds_and_check_restored(main)
 
 
 def test_random_interleavings_of_tasks_contexts_leave_the_counts_as_they_started():
@@ -690,7 +696,6 @@ def test_random_interleavings_of_tasks_contexts_leave_the_counts_as_they_started
     with the counts off)."""
     import random
 
-    mode_mod = importlib.import_module("jetdet.mode")
     modes = ["off", "deterministic", "deterministic", "fast"]
 
     async def actor(rng, depth, spawned):
@@ -716,14 +721,7 @@ def test_random_interleavings_of_tasks_contexts_leave_the_counts_as_they_started
         while spawned:
             await spawned.pop()
 
-    before = torch_flags()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for seed in range(60):
-            asyncio.run(main(seed))
-            state = (getattr(mode_mod._tls, "depth", 0), mode_mod._global_users, mode_mod._router_on_stack())
-            assert state == (0, 0, False) and torch_flags() == before, f"seed {seed}: {state}"
-    assert torch._C._len_torch_function_stack() == 0
+    _run_seeds_and_check_restored(main)
 
 
 def _hold(m, **kw):
