@@ -125,8 +125,12 @@ def _conditioning_named(base_model, args: tuple, kwargs: dict):
         raise _width_error(ctx, "for this model call", want, e) from e
 
 
+class _WidthError(ValueError):
+    """A conditioning whose text tokens are not as wide as the model takes, named (a ValueError to the user)."""
+
+
 def _width_error(ctx: torch.Tensor, where: str, want: int, e: BaseException) -> ValueError:
-    return ValueError(
+    return _WidthError(
         f"positive, negative: the conditioning's text tokens are {ctx.shape[-1]} wide (shape "
         f"{tuple(ctx.shape)} {where}), but the model takes {want}: the conditioning comes from "
         "the text encoder of another model family (SD1.5: 768, SD2: 1024, SDXL: 2048, SD3, Flux, Wan: 4096); "
@@ -145,9 +149,9 @@ def conditionings_named(model, positive, negative):
     it is."""
     try:
         yield
+    except _WidthError:
+        raise  # a deterministic model call's, named already
     except (RuntimeError, ValueError) as e:
-        if str(e).startswith("positive, negative: the conditioning's text tokens"):
-            raise
         want = text_width(getattr(model, "model", None))
         for name, cond in (("positive", positive), ("negative", negative)):
             for entry in cond if isinstance(cond, list) else ():
