@@ -1475,11 +1475,11 @@ def _sana_processor_core(q, k, v, heads):
 
 
 def _sana_rows(run: Run, g) -> list[dict]:
-    """``sana_linear_attention=True``'s attention (jetdet/patch/sana.py: fp32 ``jetdet.ops.linear_attention``, eps
-    1e-15) against the processor's torch ops, bf16 projections in, at SANA 1600M's heads (70 of 32) and the token
+    """``sana_linear_attention=True``'s attention (``jetdet.patch.sana.attend``: fp32 ``jetdet.ops.linear_attention``,
+    eps 1e-15) against the processor's torch ops, bf16 projections in, at SANA 1600M's heads (70 of 32) and the token
     counts of 1024 / 2048 px images (DC-AE f32: 1024, 4096 tokens): the figure that decides whether the route could be
     on by default."""
-    import jetdet
+    from jetdet.patch.sana import attend
 
     rows = []
     for n in ((64,) if run.dry else (1024, 4096)):
@@ -1489,9 +1489,7 @@ def _sana_rows(run: Run, g) -> list[dict]:
         q, k, v = (torch.randn(b, n, heads * d, generator=g, device=run.dev).to(torch.bfloat16) for _ in range(3))
 
         def route(q=q, k=k, v=v, heads=heads):
-            qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2).float() for t in (q, k, v))
-            o = jetdet.ops.linear_attention(qh, kh, vh, feature_map="relu", eps=1e-15)
-            return o.transpose(1, 2).flatten(2)
+            return attend(q, k, v, heads, torch.float32)
 
         ref = _sana_processor_core(q, k, v, heads)
         err = float((route() - ref).norm() / ref.norm())

@@ -56,8 +56,6 @@ def _classes() -> dict:
 
 def _attention(attn, hidden_states: torch.Tensor, encoder_hidden_states, norms: bool):
     """The processors' linear attention through ``to_out``, or why the call does not fit the op (a str)."""
-    from ..ops import linear_attention
-
     original_dtype = hidden_states.dtype
     if encoder_hidden_states is None:
         encoder_hidden_states = hidden_states
@@ -68,8 +66,21 @@ def _attention(attn, hidden_states: torch.Tensor, encoder_hidden_states, norms: 
         query = attn.norm_q(query)
     if norms and attn.norm_k is not None:
         key = attn.norm_k(key)
+    out = attend(query, key, value, attn.heads, original_dtype)
+    if isinstance(out, str):
+        return out
+    out = attn.to_out[0](out)
+    return attn.to_out[1](out)
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, dtype: torch.dtype):
+    """The processors' attention between their projections and ``to_out``: ``[B, N, heads * D]`` query, key, value
+    to ``[B, N, heads * Dv]`` in ``dtype``, through one :func:`jetdet.ops.linear_attention` call; or why the call
+    does not fit the op (a str). ``bench/gpu_check.py`` times this against the processor's torch ops."""
+    from ..ops import linear_attention
+
     # [B, N, heads * D] -> [B, heads, N, D]: the channel split the processor's transpose(1, 2).unflatten(1, ...) makes
-    q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (query, key, value))
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (query, key, value))
     if q.shape[-1] != k.shape[-1] or q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return f"head dim > {MAX_HEAD_DIM} or q/k head dims differ"
     # the processor's matmuls broadcast a batch-1 encoder_hidden_states over the rows and take no tokens (0 keys:
@@ -84,9 +95,7 @@ def _attention(attn, hidden_states: torch.Tensor, encoder_hidden_states, norms: 
     # [B, heads, N, Dv] -> [B, N, heads * Dv] laid out as the processor's is ([B, heads * Dv, N] in memory): to_out's
     # matmul then sums in the order it sums the processor's in (a contiguous input took another kernel, other bits)
     B, H, N, DV = out.shape
-    out = out.transpose(2, 3).reshape(B, H * DV, N).transpose(1, 2).to(original_dtype)
-    out = attn.to_out[0](out)
-    return attn.to_out[1](out)
+    return out.transpose(2, 3).reshape(B, H * DV, N).transpose(1, 2).to(dtype)
 
 
 def _plain(attn, hidden_states, encoder_hidden_states):
